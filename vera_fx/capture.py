@@ -1,0 +1,323 @@
+"""Capture: nn.Module -> torch.fx.GraphModule through torch.export (non-strict).
+
+The captured graph
+- has a dynamic size on every dimension of every tensor input (``Dim.AUTO``; a dimension of size 1 in the
+  example is specialised by export, so the default example uses batch 2 and length 8);
+- keeps the model's output structure (a ``CausalLMOutputWithPast`` stays one);
+- follows ``.train()`` / ``.eval()``: it is exported in training mode and every dropout (``native_dropout``'s
+  ``train`` flag, ``scaled_dot_product_attention``'s ``dropout_p``) reads the module's ``training`` attribute
+  through a ``get_attr`` node, so switching mode never re-captures (torch.compile recompiles once per mode);
+- shares the model's parameter storage but owns frozen ``nn.Parameter`` objects, so freezing or training the
+  graph never changes ``requires_grad`` on the user's model;
+- takes the keyword set of the example; constant (non-tensor) keywords such as ``use_cache=False`` are
+  filled in when left out, and a call with other keywords fails with a TypeError listing the expected ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from torch.export import Dim
+from torch.fx import GraphModule, Node
+
+__all__ = ["capture", "train_only", "CaptureError", "default_example_inputs", "Signature"]
+
+logger = logging.getLogger(__name__)
+
+ExampleInputs = Union[tuple, list, dict, None]
+
+
+class CaptureError(RuntimeError):
+    """torch.export could not capture the model; the message says what export reported."""
+
+
+def train_only(p: float, training: bool) -> float:
+    """``p`` in training mode, else 0.0: the dropout probability that follows the module's mode."""
+    return p if training else 0.0
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The call signature the graph was captured with."""
+
+    names: tuple[str, ...]  # every placeholder, in order
+    constants: tuple[tuple[str, Any], ...]  # non-tensor inputs and their captured values
+
+    def describe(self) -> str:
+        consts = dict(self.constants)
+        return ", ".join(f"{n}={consts[n]!r}" if n in consts else n for n in self.names)
+
+
+class _InputCheck:
+    """Forward pre-hook: fills captured constants that were left out and names the expected keywords."""
+
+    def __init__(self, signature: Signature) -> None:
+        self.signature = signature
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        sig = self.signature
+        given = set(sig.names[: len(args)]) | set(kwargs)
+        missing = [n for n in sig.names if n not in given]
+        unexpected = [k for k in kwargs if k not in sig.names] + (
+            [f"<{len(args) - len(sig.names)} extra positional>"] if len(args) > len(sig.names) else [])
+        consts = dict(sig.constants)
+        fill = [n for n in missing if n in consts]
+        missing = [n for n in missing if n not in consts]
+        if missing or unexpected:
+            raise TypeError(
+                f"this graph was captured for the inputs ({sig.describe()}); missing: {missing or 'none'}, "
+                f"unexpected: {unexpected or 'none'}. Call it with those keywords, or capture again with "
+                f"example_inputs holding the keywords you want to pass")
+        if fill:
+            kwargs = {**kwargs, **{n: consts[n] for n in fill}}
+        return args, kwargs
+
+
+def _is_pretrained(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def _forward_params(model: nn.Module) -> set[str]:
+    return set(inspect.signature(model.forward).parameters)
+
+
+def default_example_inputs(model: nn.Module, batch: int = 2, length: int = 8) -> dict[str, Any]:
+    """A small input for a transformers model, built from its config and main input name.
+
+    Adds ``labels`` for language-modelling and classification heads (so the graph returns a loss) and
+    ``use_cache=False`` for decoders.
+    """
+    if not _is_pretrained(model):
+        raise ValueError(f"example_inputs=None needs a transformers PreTrainedModel, got {type(model).__name__}: "
+                         "pass example_inputs as a tuple of positional arguments or a dict of keyword arguments")
+    cfg = model.config
+    params = _forward_params(model)
+    main = getattr(model, "main_input_name", "input_ids")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    cls = type(model).__name__
+    kw: dict[str, Any] = {}
+    if main == "input_ids":
+        vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+        if vocab <= 0:
+            raise ValueError(f"cannot build an example for {cls}: config.vocab_size is missing; pass example_inputs")
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (batch, length), generator=gen).to(device)
+        kw["input_ids"] = ids
+        if "attention_mask" in params:
+            kw["attention_mask"] = torch.ones_like(ids)
+        if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+            kw["decoder_input_ids"] = ids.clone()
+        if "labels" in params:
+            if cls.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration")):
+                kw["labels"] = ids.clone()
+            elif cls.endswith("ForSequenceClassification") and getattr(cfg, "problem_type", None) in (
+                    None, "single_label_classification") and int(getattr(cfg, "num_labels", 2)) > 1:
+                kw["labels"] = torch.arange(batch, device=device) % int(cfg.num_labels)
+    elif main == "pixel_values":
+        size = getattr(cfg, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        channels = int(getattr(cfg, "num_channels", 3))
+        gen = torch.Generator().manual_seed(0)
+        kw["pixel_values"] = torch.randn(batch, channels, size, size, generator=gen).to(device)
+        if "labels" in params and cls.endswith("ForImageClassification") and int(getattr(cfg, "num_labels", 2)) > 1:
+            kw["labels"] = torch.arange(batch, device=device) % int(cfg.num_labels)
+    else:
+        raise ValueError(f"cannot build an example for {cls} with main input {main!r}: pass example_inputs")
+    if "use_cache" in params and (getattr(cfg, "is_decoder", False) or hasattr(cfg, "use_cache")):
+        kw["use_cache"] = False
+    return kw
+
+
+def _clone_inputs(obj: Any) -> Any:
+    """Clone every tensor so that no two inputs alias (export would wire both uses to one placeholder)."""
+    return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, obj)
+
+
+def _dynamic_shapes(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def spec(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return {i: Dim.AUTO for i in range(v.dim())} if v.dim() else None
+        if isinstance(v, (list, tuple)):
+            return type(v)(spec(x) for x in v)
+        if isinstance(v, dict):
+            return {k: spec(x) for k, x in v.items()}
+        return None
+
+    return tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}
+
+
+def _normalise_example(model: nn.Module, example_inputs: ExampleInputs) -> tuple[tuple, dict]:
+    if example_inputs is None:
+        kwargs = default_example_inputs(model)
+        return (), kwargs
+    if isinstance(example_inputs, dict):
+        kwargs = dict(example_inputs)
+        if _is_pretrained(model) and "use_cache" in _forward_params(model) and "use_cache" not in kwargs \
+                and getattr(model.config, "use_cache", False):
+            kwargs["use_cache"] = False  # a KV cache object cannot leave an exported graph
+        return (), kwargs
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    raise TypeError(f"example_inputs must be a tuple of positional arguments or a dict of keyword arguments, "
+                    f"got {type(example_inputs).__name__}")
+
+
+def _rewrite_mode_flags(gm: GraphModule) -> int:
+    """Make dropout read ``self.training``; returns how many nodes now follow the mode."""
+    graph = gm.graph
+    training: Optional[Node] = None
+
+    def flag(before: Node) -> Node:
+        nonlocal training
+        if training is None:
+            first = next(n for n in graph.nodes if n.op != "placeholder")
+            with graph.inserting_before(first), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # a bool attribute, not a tensor: intended
+                training = graph.get_attr("training")
+        return training
+
+    count = 0
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in (aten.native_dropout.default, aten.dropout.default, aten.feature_dropout.default,
+                           aten.alpha_dropout.default, aten.feature_alpha_dropout.default):
+            args = list(node.args)
+            train = args[2] if len(args) > 2 else node.kwargs.get("train", True)
+            if train is True:
+                args[2:3] = [flag(node)]
+                node.args = tuple(args)
+                node.kwargs = {k: v for k, v in node.kwargs.items() if k != "train"}
+                count += 1
+        elif node.target is aten.scaled_dot_product_attention.default:
+            args = list(node.args)
+            p = args[4] if len(args) > 4 else node.kwargs.get("dropout_p", 0.0)
+            if isinstance(p, float) and p > 0.0:
+                with graph.inserting_before(node):
+                    p_node = graph.call_function(train_only, (p, flag(node)))
+                if len(args) > 4:
+                    args[4] = p_node
+                    node.args = tuple(args)
+                else:
+                    node.kwargs = {**node.kwargs, "dropout_p": p_node}
+                count += 1
+    return count
+
+
+def _own_frozen_parameters(gm: GraphModule) -> None:
+    """Give the graph its own frozen Parameter objects over the model's storage (ties preserved)."""
+    replaced: dict[int, nn.Parameter] = {}
+    for mod_name, mod in list(gm.named_modules(remove_duplicate=False)):
+        for pname, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            new = replaced.get(id(p))
+            if new is None:
+                new = nn.Parameter(p.detach(), requires_grad=False)
+                replaced[id(p)] = new
+            mod._parameters[pname] = new
+
+
+def _inline_set_grad(gm: GraphModule) -> None:
+    """Drop ``wrap_with_set_grad_enabled`` wrappers left after decomposition (their body is already inlined)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and "wrap_with_set_grad_enabled" in str(node.target):
+            raise CaptureError("torch.export left a wrap_with_set_grad_enabled region in the graph; "
+                               "torch.compile would break on it")
+
+
+def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> GraphModule:
+    """Capture ``model`` as a GraphModule with dynamic shapes and train/eval support; no adapters.
+
+    ``example_inputs`` is a tuple of positional arguments or a dict of keyword arguments; for a transformers
+    model it may be left out. Every tensor is cloned before export. The model's modules, their training
+    flags and their parameters' ``requires_grad`` are left as they were.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    args, kwargs = _normalise_example(model, example_inputs)
+    args, kwargs = _clone_inputs(args), _clone_inputs(kwargs)
+    for path, t in list(enumerate(args)) + list(kwargs.items()):
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and 1 in t.shape[:2]:
+            logger.warning("example input %r has shape %s: a dimension of size 1 is fixed by torch.export; "
+                           "use an example of batch >= 2 and length >= 2 to keep it dynamic", path, tuple(t.shape))
+    modes = {name: m.training for name, m in model.named_modules()}
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs)
+    dynamic_shapes: Any = dyn_kwargs if not args else (dyn_args if not kwargs else None)
+    if args and kwargs:
+        dynamic_shapes = {**{n: s for n, s in zip(_positional_names(model, len(args)), dyn_args)}, **dyn_kwargs}
+    try:
+        model.train()
+        ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+        ep = ep.run_decompositions({})
+    except Exception as e:  # export raises many types; name the model and keep the cause
+        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    finally:
+        for name, m in model.named_modules():
+            m.training = modes[name]
+        for name, p in model.named_parameters():
+            p.requires_grad_(grads[name])
+    exported = ep.module()
+    gm = GraphModule(exported, exported.graph)
+    _inline_set_grad(gm)
+    n_flags = _rewrite_mode_flags(gm)
+    _own_frozen_parameters(gm)
+    gm.graph.lint()
+    gm.recompile()
+    placeholders = tuple(n.target for n in gm.graph.nodes if n.op == "placeholder")
+    flat_inputs = list(args) + [kwargs[k] for k in kwargs]
+    names_in_order = list(_positional_names(model, len(args))) + list(kwargs)
+    constants = tuple((n, v) for n, v in zip(names_in_order, flat_inputs)
+                      if not isinstance(v, torch.Tensor) and n in placeholders)
+    signature = Signature(names=placeholders, constants=constants)
+    gm.meta["vera_fx_signature"] = signature
+    gm.meta["vera_fx_model"] = _model_info(model)
+    gm.register_forward_pre_hook(_InputCheck(signature), with_kwargs=True)
+    gm.train(model.training)
+    logger.info("captured %s: %d nodes, %d mode-dependent dropout nodes", type(model).__name__,
+                len(gm.graph.nodes), n_flags)
+    return gm
+
+
+def _model_info(model: nn.Module) -> dict[str, Any]:
+    """What the match pass needs to know of the model: its architecture, output head and module types."""
+    cfg = getattr(model, "config", None)
+    head = None
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            out_emb = get_out()
+        except (NotImplementedError, AttributeError):
+            out_emb = None
+        if out_emb is not None:
+            head = next((n for n, m in model.named_modules() if m is out_emb), None)
+    return {
+        "class": type(model).__name__,
+        "model_type": getattr(cfg, "model_type", None),
+        "output_head": head,
+        "modules": {n: type(m).__name__ for n, m in model.named_modules() if n},
+    }
+
+
+def _positional_names(model: nn.Module, n: int) -> tuple[str, ...]:
+    names = [p.name for p in inspect.signature(model.forward).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(names) < n:
+        names += [f"arg{i}" for i in range(len(names), n)]
+    return tuple(names[:n])
+

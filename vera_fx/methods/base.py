@@ -1,0 +1,198 @@
+"""What every adapter method provides, the per-adapter state module, and the node emitter.
+
+A method says: its projection shapes and init, the per-site parameters, the nodes it emits at a site, its
+delta weight for merging and its state-dict key names. Passes only ask the method.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+from torch import nn
+from torch.fx import Graph, GraphModule, Node
+
+from ..config import AdapterConfig
+from ..sites import ADAPTER_KEY, Site
+
+__all__ = ["Method", "AdapterState", "Emitter", "kaiming_uniform", "CONTAINER"]
+
+# Attribute of the GraphModule holding one AdapterState per adapter name.
+CONTAINER = "vera_fx_adapters"
+
+
+def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """Kaiming-uniform (gain sqrt(2), fan_in = shape[1]) drawn from ``generator``."""
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+def _site_ident(site: str) -> str:
+    return site.replace(".", "_").replace("-", "_") or "root"
+
+
+class AdapterState(nn.Module):
+    """One adapter's state on the graph: the shared projections and a tree of per-site parameters.
+
+    Layout: ``<prefix>_A`` / ``<prefix>_B`` buffers, and ``sites.<site path>.<prefix>_lambda_b`` parameters,
+    so a PEFT key is a prefix rename of ours.
+    """
+
+    def __init__(self, config: AdapterConfig, method: "Method") -> None:
+        super().__init__()
+        self.config = config
+        self.method_name = method.name
+        self.sites = nn.Module()
+        self.site_names: list[str] = []
+        # Run-time switches the graph reads (e.g. sampling per site), kept as plain attributes.
+        self.switches: dict[str, Any] = {}
+
+    @property
+    def method(self) -> "Method":
+        from . import method_by_name
+
+        return method_by_name(self.method_name)
+
+    def site_module(self, site: str, create: bool = False) -> nn.Module:
+        mod = self.sites
+        for part in site.split(".") if site else ["_root"]:
+            child = mod._modules.get(part)
+            if child is None:
+                if not create:
+                    raise KeyError(site)
+                child = nn.Module()
+                mod.add_module(part, child)
+            mod = child
+        return mod
+
+    def site_parameters(self, site: str) -> dict[str, nn.Parameter]:
+        mod = self.site_module(site)
+        return {k: v for k, v in mod._parameters.items() if v is not None}
+
+    def site_target(self, adapter_name: str, site: str, param: str) -> str:
+        return f"{CONTAINER}.{adapter_name}.sites.{site or '_root'}.{param}"
+
+    def projection(self, which: str) -> torch.Tensor:
+        return getattr(self, f"{self.method.prefix}_{which}")
+
+    def extra_repr(self) -> str:
+        return f"method={self.method_name}, r={self.config.r}, sites={len(self.site_names)}"
+
+
+class Emitter:
+    """Creates adapter nodes after a point in the graph, tagged with their site, adapter and role."""
+
+    def __init__(self, graph: Graph, after: Node, site: Site, adapter: str) -> None:
+        self.graph = graph
+        self.cursor = after
+        self.site = site
+        self.adapter = adapter
+        self.ident = f"{_site_ident(site.name)}_{adapter}"
+
+    def _tag(self, node: Node, role: str) -> Node:
+        node.meta[ADAPTER_KEY] = {"site": self.site.name, "adapter": self.adapter, "role": role,
+                                  "base": self.site.base.name}
+        self.cursor = node
+        return node
+
+    def get_attr(self, target: str, role: str, name: str) -> Node:
+        with self.graph.inserting_after(self.cursor):
+            node = self.graph.create_node("get_attr", target, name=f"{self.ident}_{name}")
+        return self._tag(node, role)
+
+    def call(self, fn: Callable[..., Any], args: tuple, role: str, name: str,
+             kwargs: Optional[dict[str, Any]] = None) -> Node:
+        with self.graph.inserting_after(self.cursor):
+            node = self.graph.create_node("call_function", fn, args, kwargs or {}, name=f"{self.ident}_{name}")
+        return self._tag(node, role)
+
+
+class Method:
+    """Base of adapter methods: VeRA-style shared projections with per-site lambda vectors."""
+
+    name: ClassVar[str]
+    prefix: ClassVar[str]
+    config_type: ClassVar[type]
+
+    def latent_rows(self, config: AdapterConfig) -> int:
+        """Rows of the shared A (r for VeRA, 2r for PVeRA)."""
+        return config.r
+
+    def init_projections(self, config: AdapterConfig, in_max: int, out_max: int) -> tuple[torch.Tensor,
+                                                                                            torch.Tensor]:
+        """A (latent_rows x in_max) then B (out_max x r), drawn from one generator seeded with the key."""
+        gen = torch.Generator(device="cpu").manual_seed(config.projection_prng_key)
+        a = kaiming_uniform((self.latent_rows(config), in_max), gen)
+        b = kaiming_uniform((out_max, config.r), gen)
+        return a, b
+
+    def init_site(self, config: AdapterConfig, site: Site, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The per-site trainable vectors: lambda_b (out) and lambda_d (latent rows)."""
+        if config.init_weights:
+            lam_b = torch.zeros(site.out_features)
+            lam_d = torch.full((self.latent_rows(config),), float(config.d_initial))
+        else:
+            lam_b = torch.ones(site.out_features)
+            lam_d = torch.randn(self.latent_rows(config))
+        return {f"{self.prefix}_lambda_b": lam_b.to(dtype), f"{self.prefix}_lambda_d": lam_d.to(dtype)}
+
+    def emit(self, em: Emitter, state: AdapterState, x: Node, y: Node, training: Node) -> Node:
+        """Emit the adapter's nodes for one site and return the node holding ``y + delta``."""
+        raise NotImplementedError
+
+    def delta_weight(self, state: AdapterState, site: Site) -> torch.Tensor:
+        """The (out, in) weight update equal to the deterministic adapter path."""
+        raise NotImplementedError
+
+    # Checkpoint key names (PEFT's layout).
+    def peft_site_key(self, site: str, param: str) -> str:
+        return f"base_model.model.{site}.{param}"
+
+    def peft_projection_key(self, which: str) -> str:
+        return f"base_model.{self.prefix}_{which}"
+
+    def init_switches(self, state: AdapterState) -> None:
+        """Set the run-time switches the emitted nodes read (none for deterministic methods)."""
+
+    def sampling_sites(self, state: AdapterState) -> tuple[str, ...]:
+        """Sites whose adapter samples at inference (those cannot be merged)."""
+        return ()
+
+
+def emit_projection(method: Method, em: Emitter, state: AdapterState, x: Node, training: Node) -> tuple[
+        Node, Node, Node, Node]:
+    """The shared front of VeRA-style methods: cast, dropout, ``x @ A[:, :in].T`` and the lambdas.
+
+    Returns (h, lambda_d, lambda_b, B sliced to the site's outputs).
+    """
+    aten = torch.ops.aten
+    site, cfg, adapter = em.site, state.config, em.adapter
+    p = method.prefix
+    lam_d = em.get_attr(state.site_target(adapter, site.name, f"{p}_lambda_d"), "lambda", "lambda_d")
+    lam_b = em.get_attr(state.site_target(adapter, site.name, f"{p}_lambda_b"), "lambda", "lambda_b")
+    a = em.get_attr(f"{CONTAINER}.{adapter}.{p}_A", "projection", "A")
+    b = em.get_attr(f"{CONTAINER}.{adapter}.{p}_B", "projection", "B")
+    if site.in_features < state.projection("A").shape[1]:
+        a = em.call(aten.slice.Tensor, (a, 1, 0, site.in_features), "projection", "A_slice")
+    if site.out_features < state.projection("B").shape[0]:
+        b = em.call(aten.slice.Tensor, (b, 0, 0, site.out_features), "projection", "B_slice")
+    lam_dtype = state.site_parameters(site.name)[f"{p}_lambda_d"].dtype
+    x_val = x.meta.get("val")
+    if isinstance(x_val, torch.Tensor) and x_val.dtype != lam_dtype:
+        x = em.call(aten._to_copy.default, (x,), "adapter", "x_cast", {"dtype": lam_dtype})
+    if cfg.dropout > 0.0:
+        x = em.call(aten.dropout.default, (x, cfg.dropout, training), "adapter", "dropout")
+    h = em.call(aten.linear.default, (x, a), "projection", "xA")
+    return h, lam_d, lam_b, b
+
+
+def finish_output(em: Emitter, y: Node, delta: Node, lam_dtype: torch.dtype) -> Node:
+    """``y + delta`` in y's dtype, tagged as the site's adapter output."""
+    aten = torch.ops.aten
+    out = em.call(aten.add.Tensor, (y, delta), "adapter", "add")
+    y_val = y.meta.get("val")
+    if isinstance(y_val, torch.Tensor) and y_val.dtype != lam_dtype:
+        out = em.call(aten._to_copy.default, (out,), "adapter", "out_cast", {"dtype": y_val.dtype})
+    out.meta[ADAPTER_KEY]["role"] = "output"
+    return out

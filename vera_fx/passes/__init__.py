@@ -1,0 +1,6 @@
+"""Graph passes, one per file: match, inject (and the pipeline that composes them)."""
+
+from .inject import InjectPass
+from .match import MatchPass, select_sites
+
+__all__ = ["MatchPass", "InjectPass", "select_sites"]

@@ -1,0 +1,179 @@
+"""Inject pass: add one adapter's state to the GraphModule and its nodes after every targeted site.
+
+State: one ``AdapterState`` at ``gm.vera_fx_adapters[adapter_name]`` holding the shared projections (sized
+to the largest targeted site, sliced per site in the graph) and per-site lambda parameters. Nodes: whatever
+the method emits after each site's output, reached through get_attr nodes. Only the lambdas (plus biases for
+``bias="all"`` / ``"<method>_only"`` and ``modules_to_save`` copies) are trainable; those base parameters are
+cloned first, so training never writes into the user's model.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..config import AdapterConfig
+from ..methods import CONTAINER, AdapterState, Emitter, method_for
+from ..sites import ADAPTER_KEY, Site, read_sites
+from .match import select_sites
+
+__all__ = ["InjectPass", "training_node", "adapter_container"]
+
+logger = logging.getLogger(__name__)
+
+
+def training_node(gm: GraphModule) -> Node:
+    """The graph's ``get_attr('training')`` node, created before the first non-input node if missing."""
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target == "training":
+            return n
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    with gm.graph.inserting_before(first), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return gm.graph.get_attr("training")
+
+
+def adapter_container(gm: GraphModule) -> nn.ModuleDict:
+    container = getattr(gm, CONTAINER, None)
+    if container is None:
+        container = nn.ModuleDict()
+        gm.add_module(CONTAINER, container)
+    return container
+
+
+def _float_dtype(gm: GraphModule, site: Site) -> torch.dtype:
+    if site.weight is not None:
+        w = gm.get_parameter(site.weight) if _is_param(gm, site.weight) else gm.get_buffer(site.weight)
+        if w.is_floating_point():
+            return w.dtype
+    return torch.float32
+
+
+def _device(gm: GraphModule, site: Site) -> torch.device:
+    if site.weight is not None:
+        try:
+            return gm.get_parameter(site.weight).device
+        except AttributeError:
+            pass
+    return next((p.device for p in gm.parameters()), torch.device("cpu"))
+
+
+def _is_param(gm: GraphModule, target: str) -> bool:
+    mod_path, _, name = target.rpartition(".")
+    return name in gm.get_submodule(mod_path)._parameters
+
+
+def _make_trainable_copy(gm: GraphModule, qualname: str) -> None:
+    """Replace a base parameter by a trainable clone (the user's model keeps its own storage)."""
+    mod_path, _, name = qualname.rpartition(".")
+    mod = gm.get_submodule(mod_path)
+    p = mod._parameters[name]
+    if p is not None and not p.requires_grad:
+        mod._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=True)
+
+
+class InjectPass(PassBase):
+    """Attach adapter ``adapter_name`` with ``config`` to the sites it targets."""
+
+    def __init__(self, config: AdapterConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.config = config
+        self.adapter_name = adapter_name
+        self.method = method_for(config)
+
+    def requires(self, graph_module: GraphModule) -> None:
+        if not isinstance(self.adapter_name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.adapter_name):
+            raise ValueError(f"adapter_name={self.adapter_name!r} is invalid: use a Python identifier such as "
+                             "'default' or 'task_a'")
+        container = getattr(graph_module, CONTAINER, None)
+        if container is not None and self.adapter_name in container:
+            raise ValueError(f"adapter_name={self.adapter_name!r} already exists on this graph; choose another "
+                             "name or delete it first")
+
+    def call(self, graph_module: GraphModule) -> PassResult:
+        gm, cfg, method, name = graph_module, self.config, self.method, self.adapter_name
+        chosen = select_sites(gm, cfg)
+        for s in chosen:
+            if s.fan_in_fan_out != cfg.fan_in_fan_out:
+                warnings.warn(f"fan_in_fan_out={cfg.fan_in_fan_out} does not fit site {s.name!r} (kind {s.kind!r} "
+                              f"stores its weight {'(in, out)' if s.fan_in_fan_out else '(out, in)'}); vera_fx uses "
+                              f"fan_in_fan_out={s.fan_in_fan_out} there. Your config object is left unchanged.",
+                              UserWarning, stacklevel=4)
+                break
+        in_max = max(s.in_features for s in chosen)
+        out_max = max(s.out_features for s in chosen)
+        device = _device(gm, chosen[0])
+        a, b = method.init_projections(cfg, in_max, out_max)
+        state = AdapterState(cfg, method)
+        dtype = _float_dtype(gm, chosen[0])
+        state.register_buffer(f"{method.prefix}_A", a.to(device=device, dtype=dtype))
+        state.register_buffer(f"{method.prefix}_B", b.to(device=device, dtype=dtype))
+        for s in chosen:
+            mod = state.site_module(s.name, create=True)
+            for pname, value in method.init_site(cfg, s, _float_dtype(gm, s)).items():
+                mod.register_parameter(pname, nn.Parameter(value.to(_device(gm, s)), requires_grad=True))
+            state.site_names.append(s.name)
+        method.init_switches(state)
+        adapter_container(gm)[name] = state
+
+        training = training_node(gm)
+        chosen_names = set(state.site_names)
+        count = 0
+        for site in read_sites(gm):  # every call of a chosen site, shared layers included
+            if site.name not in chosen_names:
+                continue
+            y = self._adapted_output(gm, site)
+            em = Emitter(gm.graph, y, site, name)
+            out = method.emit(em, state, site.input, y, training)
+            y.replace_all_uses_with(out, delete_user_cb=lambda u, out=out, em=em: u is not out
+                                    and not _is_own_node(u, site.name, name))
+            count += 1
+        self._mark_trainable(gm, cfg, chosen)
+        gm.graph.lint()
+        gm.recompile()
+        logger.info("inject %s (%s): %d sites, %d calls, A %s, B %s", name, method.name, len(chosen), count,
+                    tuple(a.shape), tuple(b.shape))
+        return PassResult(gm, True)
+
+    @staticmethod
+    def _adapted_output(gm: GraphModule, site: Site) -> Node:
+        """The node holding this call's current output: the last adapter output added to it, else the base."""
+        last = site.output
+        for n in gm.graph.nodes:
+            tag = n.meta.get(ADAPTER_KEY)
+            if tag and tag.get("role") == "output" and tag.get("base") == site.base.name:
+                last = n
+        return last
+
+    def _mark_trainable(self, gm: GraphModule, cfg: AdapterConfig, chosen: list[Site]) -> None:
+        if cfg.bias == "all":
+            for qualname, _ in list(gm.named_parameters()):
+                if qualname.split(".")[-1] == "bias" and not qualname.startswith(CONTAINER + "."):
+                    _make_trainable_copy(gm, qualname)
+        elif cfg.bias != "none":  # "<method>_only": the biases of adapted sites
+            for s in chosen:
+                if s.bias is not None and _is_param(gm, s.bias):
+                    _make_trainable_copy(gm, s.bias)
+        for module_name in cfg.modules_to_save or []:
+            paths = [n for n, _ in gm.named_modules() if n == module_name or n.endswith("." + module_name)]
+            paths = [p for p in paths if not p.startswith(CONTAINER)]
+            if not paths:
+                raise ValueError(f"modules_to_save={cfg.modules_to_save!r}: {module_name!r} names no module of "
+                                 "the graph")
+            for path in paths:
+                for pname, _ in list(gm.get_submodule(path).named_parameters()):
+                    _make_trainable_copy(gm, f"{path}.{pname}")
+                getattr(gm, CONTAINER)[self.adapter_name].modules_to_save_paths = sorted(
+                    set(getattr(getattr(gm, CONTAINER)[self.adapter_name], "modules_to_save_paths", [])) | {path})
+
+
+def _is_own_node(node: Node, site: str, adapter: str) -> bool:
+    tag = node.meta.get(ADAPTER_KEY)
+    return bool(tag) and tag.get("site") == site and tag.get("adapter") == adapter

@@ -1,0 +1,233 @@
+"""Match pass: tag every linear-like call as a site, and select the sites a config targets.
+
+Recognisers (one per site kind) look at a node and say whether it is a linear-like call; the quantized
+kinds add theirs to ``RECOGNISERS``. Module paths come from ``node.meta["nn_module_stack"]``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..config import DEFAULT_TARGET_MODULES, AdapterConfig
+from ..sites import SITE_KEY, Site, read_sites
+
+__all__ = ["MatchPass", "Candidate", "RECOGNISERS", "select_sites", "module_path", "resolve_targets"]
+
+logger = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+
+@dataclass
+class Candidate:
+    """A linear-like call found by a recogniser, before it is named."""
+
+    node: Node
+    kind: str
+    owner: str  # innermost module path
+    owner_type: str
+    in_features: int
+    out_features: int
+    weight: Optional[str]
+    bias: Optional[str]
+
+
+def module_path(node: Node) -> tuple[str, str]:
+    """(path, type name) of the innermost module a node was traced in; ('', '') at the root."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, typ = list(stack.values())[-1]
+    path = path.split("@")[0]
+    if path.startswith("L['self']"):
+        path = path[len("L['self']"):].lstrip(".")
+    typ = typ if isinstance(typ, str) else f"{typ.__module__}.{typ.__qualname__}"
+    return path, typ.rsplit(".", 1)[-1]
+
+
+def _attr_target(node: object) -> Optional[str]:
+    return node.target if isinstance(node, Node) and node.op == "get_attr" else None
+
+
+def _shape(node: object) -> Optional[tuple[int, ...]]:
+    val = node.meta.get("val") if isinstance(node, Node) else None
+    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _linear(node: Node) -> Optional[Candidate]:
+    if node.op != "call_function" or node.target is not aten.linear.default:
+        return None
+    w_shape = _shape(node.args[1])
+    if w_shape is None or len(w_shape) != 2:
+        return None
+    owner, typ = module_path(node)
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return Candidate(node, "linear", owner, typ, w_shape[1], w_shape[0], _attr_target(node.args[1]),
+                     _attr_target(bias))
+
+
+def _conv1d(node: Node) -> Optional[Candidate]:
+    # transformers' Conv1D: view(x, [-1, in]) -> addmm(bias, ., weight[in, out]) -> view(., [..., out])
+    if node.op != "call_function" or node.target is not aten.addmm.default:
+        return None
+    owner, typ = module_path(node)
+    if typ != "Conv1D":
+        return None
+    flat = node.args[1]
+    users = list(node.users)
+    w_shape = _shape(node.args[2])
+    if not (isinstance(flat, Node) and flat.target is aten.view.default and len(users) == 1
+            and users[0].target is aten.view.default and w_shape is not None):
+        return None
+    return Candidate(node, "conv1d", owner, typ, w_shape[0], w_shape[1], _attr_target(node.args[2]),
+                     _attr_target(node.args[0]))
+
+
+# The seam for more site kinds: each recogniser maps a node to a Candidate or None.
+RECOGNISERS: list[Callable[[Node], Optional[Candidate]]] = [_linear, _conv1d]
+
+_LINEAR_TYPES = {"Linear", "Conv1D", "NonDynamicallyQuantizableLinear", "Linear8bitLt", "Linear4bit"}
+
+
+def _name_candidates(cands: list[Candidate]) -> dict[Node, str]:
+    """Site names: the module path of a linear layer; for functional calls, the owner's path, plus the
+    weight's attribute name when the owner calls several weights."""
+    by_owner: dict[str, list[Candidate]] = {}
+    for c in cands:
+        by_owner.setdefault(c.owner, []).append(c)
+    names: dict[Node, str] = {}
+    for owner, group in by_owner.items():
+        weights = list(dict.fromkeys(c.weight or f"<call {i}>" for i, c in enumerate(group)))
+        for i, c in enumerate(group):
+            if len(weights) == 1 and owner:
+                names[c.node] = owner
+                continue
+            key = c.weight or f"<call {i}>"
+            if c.weight and (not owner or c.weight.startswith(owner + ".")):
+                rel = c.weight[len(owner) + 1:] if owner else c.weight
+                rel = rel[: -len(".weight")] if rel.endswith(".weight") and rel != ".weight" else rel
+                names[c.node] = f"{owner}.{rel}" if owner else rel
+            else:
+                names[c.node] = f"{owner}.linear_{weights.index(key)}" if owner else f"linear_{weights.index(key)}"
+    return names
+
+
+class MatchPass(PassBase):
+    """Tag every linear-like call with ``node.meta[SITE_KEY]`` (name, kind, shapes, weight, bias)."""
+
+    def call(self, graph_module: GraphModule) -> PassResult:
+        cands = []
+        for node in graph_module.graph.nodes:
+            if SITE_KEY in node.meta:
+                continue
+            for recognise in RECOGNISERS:
+                c = recognise(node)
+                if c is not None:
+                    cands.append(c)
+                    break
+        names = _name_candidates(cands)
+        for c in cands:
+            c.node.meta[SITE_KEY] = {"name": names[c.node], "kind": c.kind, "in_features": c.in_features,
+                                     "out_features": c.out_features, "weight": c.weight, "bias": c.bias,
+                                     "owner_type": c.owner_type}
+        logger.debug("match: %d linear-like calls", len(cands))
+        return PassResult(graph_module, bool(cands))
+
+
+def resolve_targets(config: AdapterConfig, model_info: dict) -> object:
+    """The effective target_modules: the config's, or the architecture's default when None."""
+    if config.target_modules is not None:
+        return config.target_modules
+    model_type = model_info.get("model_type")
+    if model_type in DEFAULT_TARGET_MODULES:
+        return list(DEFAULT_TARGET_MODULES[model_type])
+    known = ", ".join(sorted(DEFAULT_TARGET_MODULES))
+    raise ValueError(f"target_modules=None but model_type={model_type!r} has no default targets; pass "
+                     f"target_modules (module-name suffixes, a regex or 'all-linear'). Defaults exist for: {known}")
+
+
+def _layer_index(key: str, patterns: Optional[list[str]]) -> Optional[int]:
+    """The layer number in a module path: the first integer component after a layers_pattern name (or,
+    with no pattern, after any component that is not the first)."""
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if not part.isdigit() or i == 0:
+            continue
+        if patterns is None:
+            if i >= 2:
+                return int(part)
+        elif parts[i - 1] in patterns:
+            return int(part)
+    return None
+
+
+def _excluded_by_modules_to_save(key: str, modules_to_save: Optional[list[str]]) -> bool:
+    return bool(modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save)
+
+
+def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]:
+    """The sites of ``graph_module`` that ``config`` targets, in graph order (one entry per site name).
+
+    Raises ValueError naming a target that matches no linear layer, with the closest module names.
+    """
+    info = graph_module.meta.get("vera_fx_model", {})
+    all_sites = read_sites(graph_module)
+    targets = resolve_targets(config, info)
+    names = list(dict.fromkeys(s.name for s in all_sites))
+    names = [n for n in names if not _excluded_by_modules_to_save(n, config.modules_to_save)]
+
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        head = info.get("output_head")
+        chosen = [n for n in names if n != head]
+    elif isinstance(targets, str):
+        chosen = [n for n in names if re.fullmatch(targets, n)]
+        if not chosen:
+            raise ValueError(f"target_modules={targets!r} (a regex, matched against full module paths) matched "
+                             f"no linear layer; linear layers are, e.g.: {', '.join(names[:6])}")
+    else:
+        chosen = []
+        for t in targets:
+            hit = [n for n in names if n == t or n.endswith("." + t)]
+            if not hit:
+                raise ValueError(_unmatched_message(t, targets, names, info))
+            chosen.extend(hit)
+        chosen = [n for n in names if n in set(chosen)]
+        ltt = config.layers_to_transform
+        if ltt is not None:
+            wanted = {ltt} if isinstance(ltt, int) else set(ltt)
+            pats = config.layers_pattern
+            pats = [pats] if isinstance(pats, str) else pats
+            chosen = [n for n in chosen if _layer_index(n, pats or None) in wanted]
+            if not chosen:
+                raise ValueError(f"layers_to_transform={ltt!r} (layers_pattern={config.layers_pattern!r}) left no "
+                                 f"site of target_modules={targets!r}; check the layer indices and the pattern")
+    if not chosen:
+        raise ValueError(f"target_modules={targets!r} matched no linear layer in {info.get('class', 'the model')}")
+    first: dict[str, Site] = {}
+    for s in all_sites:
+        if s.name in chosen and s.name not in first:
+            first[s.name] = s
+    return [first[n] for n in chosen]
+
+
+def _unmatched_message(target: str, targets: list, names: list[str], info: dict) -> str:
+    modules: dict[str, str] = info.get("modules", {})
+    not_linear = [(n, t) for n, t in modules.items() if (n == target or n.endswith("." + target))]
+    msg = f"target_modules={targets!r}: {target!r} matched no linear layer"
+    if not_linear:
+        n, t = not_linear[0]
+        msg += f" ({n!r} is a {t}, not a linear layer; target its linear children instead)"
+    pool = sorted({n.rsplit(".", 1)[-1] for n in names} | {n for n in names})
+    close = difflib.get_close_matches(target, pool, n=5, cutoff=0.5)
+    if close:
+        msg += f"; close names: {', '.join(close)}"
+    else:
+        msg += f"; linear layers are named, e.g.: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in names})[:8])}"
+    return msg

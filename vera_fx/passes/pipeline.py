@@ -1,0 +1,48 @@
+"""The pipeline: capture, then match and inject composed with torch.fx's PassManager."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from torch import nn
+from torch.fx import GraphModule
+from torch.fx.passes.infra.pass_manager import PassManager
+
+from ..capture import ExampleInputs, capture
+from ..config import AdapterConfig
+from ..methods import method_for
+from .inject import InjectPass
+from .match import MatchPass
+
+__all__ = ["transform", "add_adapter_passes"]
+
+logger = logging.getLogger(__name__)
+
+
+def _run(gm: GraphModule, passes: list[Any]) -> GraphModule:
+    manager = PassManager(passes=passes, run_checks_after_each_pass=False)
+    try:
+        return manager(gm).graph_module
+    except Exception as e:
+        # PassManager wraps errors in a generic Exception; surface our own message and type.
+        cause = e.__cause__ or e
+        if isinstance(cause, (ValueError, TypeError)):
+            raise cause
+        raise
+
+
+def add_adapter_passes(config: AdapterConfig, adapter_name: str) -> list[Any]:
+    return [MatchPass(), InjectPass(config, adapter_name)]
+
+
+def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleInputs = None,
+              adapter_name: str = "default") -> GraphModule:
+    """Capture ``model`` and attach a VeRA / PVeRA adapter to every linear-like call ``config`` targets.
+
+    Returns a new GraphModule; ``model`` is left as it was (on failure too). Only the adapter's parameters
+    are trainable.
+    """
+    method_for(config)  # type check before the (slow) capture
+    gm = capture(model, example_inputs)
+    return _run(gm, add_adapter_passes(config, adapter_name))

@@ -1,0 +1,119 @@
+"""The Site record: one linear-like call in the graph, and how to read sites back from a graph.
+
+The match pass tags each site's base call node with ``node.meta["vera_fx_site"]`` (a small dict of plain
+values, so it survives ``Graph.node_copy``); everything else (the input and output nodes) is derived from
+the graph's structure, so a Site is always in step with the graph it was read from.
+Adapter nodes carry ``node.meta["vera_fx"] = {"site", "adapter", "role"}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+__all__ = ["Site", "SITE_KEY", "ADAPTER_KEY", "read_sites", "site_of", "site_output", "site_input",
+           "adapter_nodes", "LINEAR_KINDS"]
+
+SITE_KEY = "vera_fx_site"
+ADAPTER_KEY = "vera_fx"
+
+# Kinds of site: dense kinds are merged by adding to the weight; quantized kinds come from bitsandbytes.
+LINEAR_KINDS = ("linear", "conv1d", "int8", "nf4", "fp4")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A linear-like call that an adapter can attach to.
+
+    ``name`` is the module path as in ``model.named_modules()`` (for a functional ``F.linear`` call, its
+    owner's path, plus the weight's attribute name when the owner makes several calls). ``weight`` is the
+    qualified name of the weight parameter when the graph reads it directly (needed to merge).
+    """
+
+    name: str
+    kind: str
+    in_features: int
+    out_features: int
+    weight: Optional[str]
+    bias: Optional[str]
+    base: Node = field(compare=False, repr=False)
+    input: Node = field(compare=False, repr=False)
+    output: Node = field(compare=False, repr=False)
+    adapters: tuple[str, ...] = ()
+    merged: tuple[str, ...] = ()
+    sampling: tuple[str, ...] = ()
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """True when the weight is stored (in_features, out_features), as in GPT-2's Conv1D."""
+        return self.kind == "conv1d"
+
+
+def site_input(base: Node, kind: str) -> Node:
+    """The tensor the site reads: the argument before Conv1D's flattening view, else the first argument."""
+    if kind == "conv1d":
+        return base.args[1].args[0]  # addmm(bias, view(x), weight)
+    return base.args[0]
+
+
+def site_output(base: Node, kind: str) -> Node:
+    """The node whose value is the site's output (before any adapter is added)."""
+    if kind == "conv1d":
+        users = list(base.users)
+        if len(users) == 1 and users[0].target is torch.ops.aten.view.default:
+            return users[0]
+    return base
+
+
+def site_of(node: Node) -> Optional[dict[str, Any]]:
+    return node.meta.get(SITE_KEY)
+
+
+def adapter_nodes(gm: GraphModule, site: Optional[str] = None, adapter: Optional[str] = None) -> list[Node]:
+    """Nodes that adapters added, optionally only those of one site and/or adapter."""
+    out = []
+    for n in gm.graph.nodes:
+        tag = n.meta.get(ADAPTER_KEY)
+        if tag is None:
+            continue
+        if site is not None and tag.get("site") != site:
+            continue
+        if adapter is not None and tag.get("adapter") != adapter:
+            continue
+        out.append(n)
+    return out
+
+
+def read_sites(gm: GraphModule) -> list[Site]:
+    """Every tagged site of ``gm`` in graph order, with the adapters attached to it."""
+    attached: dict[str, list[str]] = {}
+    for n in gm.graph.nodes:
+        tag = n.meta.get(ADAPTER_KEY)
+        if tag and tag.get("role") == "output":
+            attached.setdefault(tag["site"], []).append(tag["adapter"])
+    merged: dict[str, tuple[str, ...]] = gm.meta.get("vera_fx_merged", {})
+    sampling: dict[str, tuple[str, ...]] = {}
+    for adapter_name, state in _adapter_states(gm):
+        for site_name in state.method.sampling_sites(state):
+            sampling.setdefault(site_name, ())
+            sampling[site_name] += (adapter_name,)
+    result = []
+    for n in gm.graph.nodes:
+        tag = site_of(n)
+        if tag is None:
+            continue
+        result.append(Site(name=tag["name"], kind=tag["kind"], in_features=tag["in_features"],
+                           out_features=tag["out_features"], weight=tag.get("weight"), bias=tag.get("bias"),
+                           base=n, input=site_input(n, tag["kind"]), output=site_output(n, tag["kind"]),
+                           adapters=tuple(attached.get(tag["name"], ())),
+                           merged=tuple(merged.get(tag["name"], ())),
+                           sampling=sampling.get(tag["name"], ())))
+    return result
+
+
+def _adapter_states(gm: GraphModule) -> list[tuple[str, Any]]:
+    container = getattr(gm, "vera_fx_adapters", None)
+    return list(container.items()) if container is not None else []
