@@ -90,22 +90,22 @@ class Emitter:
         self.adapter = adapter
         self.ident = f"{_site_ident(site.name)}_{adapter}"
 
-    def _tag(self, node: Node, role: str) -> Node:
+    def _tag(self, node: Node, role: str, name: str = "") -> Node:
         node.meta[ADAPTER_KEY] = {"site": self.site.name, "adapter": self.adapter, "role": role,
-                                  "base": self.site.base.name}
+                                  "base": self.site.base.name, "name": name}
         self.cursor = node
         return node
 
     def get_attr(self, target: str, role: str, name: str) -> Node:
         with self.graph.inserting_after(self.cursor):
             node = self.graph.create_node("get_attr", target, name=f"{self.ident}_{name}")
-        return self._tag(node, role)
+        return self._tag(node, role, name)
 
     def call(self, fn: Callable[..., Any], args: tuple, role: str, name: str,
              kwargs: Optional[dict[str, Any]] = None) -> Node:
         with self.graph.inserting_after(self.cursor):
             node = self.graph.create_node("call_function", fn, args, kwargs or {}, name=f"{self.ident}_{name}")
-        return self._tag(node, role)
+        return self._tag(node, role, name)
 
 
 class Method:

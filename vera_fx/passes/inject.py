@@ -24,7 +24,7 @@ from ..methods import CONTAINER, AdapterState, Emitter, method_for
 from ..sites import ADAPTER_KEY, Site, read_sites
 from .match import select_sites
 
-__all__ = ["InjectPass", "training_node", "adapter_container"]
+__all__ = ["InjectPass", "training_node", "adapter_container", "emit_adapter", "remove_adapter_nodes"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,34 +123,13 @@ class InjectPass(PassBase):
         method.init_switches(state)
         adapter_container(gm)[name] = state
 
-        training = training_node(gm)
-        chosen_names = set(state.site_names)
-        count = 0
-        for site in read_sites(gm):  # every call of a chosen site, shared layers included
-            if site.name not in chosen_names:
-                continue
-            y = self._adapted_output(gm, site)
-            em = Emitter(gm.graph, y, site, name)
-            out = method.emit(em, state, site.input, y, training)
-            y.replace_all_uses_with(out, delete_user_cb=lambda u, out=out, em=em: u is not out
-                                    and not _is_own_node(u, site.name, name))
-            count += 1
+        count = emit_adapter(gm, name)
         self._mark_trainable(gm, cfg, chosen)
         gm.graph.lint()
         gm.recompile()
         logger.info("inject %s (%s): %d sites, %d calls, A %s, B %s", name, method.name, len(chosen), count,
                     tuple(a.shape), tuple(b.shape))
         return PassResult(gm, True)
-
-    @staticmethod
-    def _adapted_output(gm: GraphModule, site: Site) -> Node:
-        """The node holding this call's current output: the last adapter output added to it, else the base."""
-        last = site.output
-        for n in gm.graph.nodes:
-            tag = n.meta.get(ADAPTER_KEY)
-            if tag and tag.get("role") == "output" and tag.get("base") == site.base.name:
-                last = n
-        return last
 
     def _mark_trainable(self, gm: GraphModule, cfg: AdapterConfig, chosen: list[Site]) -> None:
         if cfg.bias == "all":
@@ -177,3 +156,63 @@ class InjectPass(PassBase):
 def _is_own_node(node: Node, site: str, adapter: str) -> bool:
     tag = node.meta.get(ADAPTER_KEY)
     return bool(tag) and tag.get("site") == site and tag.get("adapter") == adapter
+
+
+def _adapted_output(gm: GraphModule, site: Site) -> Node:
+    """The node holding this call's current output: the last adapter output added to it, else the base."""
+    last = site.output
+    for n in gm.graph.nodes:
+        tag = n.meta.get(ADAPTER_KEY)
+        if tag and tag.get("role") == "output" and tag.get("base") == site.base.name:
+            last = n
+    return last
+
+
+def emit_adapter(gm: GraphModule, adapter_name: str, site_names: Optional[set[str]] = None) -> int:
+    """Emit ``adapter_name``'s nodes after every call of its sites (or of ``site_names`` only).
+
+    The adapter's state must already be registered; sites that already carry its nodes are skipped.
+    Returns the number of calls adapted. Recompiles ``gm``.
+    """
+    state = getattr(gm, CONTAINER)[adapter_name]
+    method = state.method
+    wanted = set(state.site_names) if site_names is None else set(site_names) & set(state.site_names)
+    training = training_node(gm)
+    count = 0
+    for site in read_sites(gm):  # every call of a chosen site, shared layers included
+        if site.name not in wanted or adapter_name in site.adapters:
+            continue
+        y = _adapted_output(gm, site)
+        em = Emitter(gm.graph, y, site, adapter_name)
+        out = method.emit(em, state, site.input, y, training)
+        y.replace_all_uses_with(out, delete_user_cb=lambda u, out=out, s=site.name: u is not out
+                                and not _is_own_node(u, s, adapter_name))
+        count += 1
+    gm.graph.lint()
+    gm.recompile()
+    return count
+
+
+def remove_adapter_nodes(gm: GraphModule, adapter_name: str, site_names: Optional[set[str]] = None) -> int:
+    """Erase ``adapter_name``'s nodes (at ``site_names`` only, when given), rewiring each site's users to the
+    output the adapter was added to. Returns the number of calls cleared. Recompiles ``gm``."""
+    graph = gm.graph
+    cleared = 0
+    for out in [n for n in graph.nodes if (n.meta.get(ADAPTER_KEY) or {}).get("role") == "output"
+                and n.meta[ADAPTER_KEY]["adapter"] == adapter_name]:
+        tag = out.meta[ADAPTER_KEY]
+        if site_names is not None and tag["site"] not in site_names:
+            continue
+        add = out
+        while (add.meta.get(ADAPTER_KEY) or {}).get("name") != "add":
+            add = add.args[0]
+        y = add.args[0]
+        out.replace_all_uses_with(y)
+        own = [n for n in graph.nodes if (n.meta.get(ADAPTER_KEY) or {}).get("adapter") == adapter_name
+               and n.meta[ADAPTER_KEY].get("base") == tag["base"]]
+        for n in reversed(own):
+            graph.erase_node(n)
+        cleared += 1
+    graph.lint()
+    gm.recompile()
+    return cleared
