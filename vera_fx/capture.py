@@ -262,8 +262,10 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> GraphModu
         dynamic_shapes = {**{n: s for n, s in zip(_positional_names(model, len(args)), dyn_args)}, **dyn_kwargs}
     try:
         model.train()
-        ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
-        ep = ep.run_decompositions({})
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
+            ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+            ep = ep.run_decompositions({})
     except Exception as e:  # export raises many types; name the model and keep the cause
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}") from e
