@@ -1,0 +1,97 @@
+"""VeraConfig / PveraConfig: PEFT's fields and defaults, validation errors, dict round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import vera_fx
+from vera_fx.config import config_from_dict, config_to_dict
+
+
+def _peft_defaults(cls) -> dict:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out
+
+
+@pytest.mark.parametrize("ours, theirs", [("VeraConfig", "VeraConfig"), ("PveraConfig", "PveraConfig")])
+def test_fields_and_defaults_match_peft(ours, theirs):
+    peft = pytest.importorskip("peft")
+    ref = _peft_defaults(getattr(peft, theirs))
+    mine = _peft_defaults(getattr(vera_fx, ours))
+    method_fields = {"r", "target_modules", "projection_prng_key", "save_projection", "vera_dropout", "pvera_dropout",
+                     "d_initial", "fan_in_fan_out", "bias", "modules_to_save", "init_weights", "layers_to_transform",
+                     "layers_pattern", "sample_at_inference", "generator_seed"}
+    expected = {k: v for k, v in ref.items() if k in method_fields}
+    assert expected, "peft's config lost its fields"
+    for name, value in expected.items():
+        assert name in mine, f"missing field {name}"
+        assert mine[name] == value, f"{name}: ours {mine[name]!r}, peft {value!r}"
+    assert vera_fx.VeraConfig().r == 256 and vera_fx.VeraConfig().d_initial == 0.1
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"r": 0}, "r"), ({"r": -4}, "r"), ({"r": 2.5}, "r"), ({"r": True}, "r"),
+    ({"vera_dropout": 1.0}, "vera_dropout"), ({"vera_dropout": -0.1}, "vera_dropout"),
+    ({"bias": "some"}, "bias"), ({"bias": "pvera_only"}, "bias"),
+    ({"target_modules": []}, "target_modules"), ({"target_modules": [""]}, "target_modules"),
+    ({"target_modules": "q_proj("}, "target_modules"), ({"target_modules": 3}, "target_modules"),
+    ({"projection_prng_key": "seed"}, "projection_prng_key"), ({"d_initial": "big"}, "d_initial"),
+    ({"save_projection": "yes"}, "save_projection"), ({"init_weights": 1}, "init_weights"),
+    ({"modules_to_save": "classifier"}, "modules_to_save"),
+    ({"layers_to_transform": -1}, "layers_to_transform"), ({"layers_to_transform": [0, "1"]}, "layers_to_transform"),
+    ({"layers_pattern": "layers"}, "layers_pattern"),
+    ({"layers_to_transform": [0], "target_modules": "q.*"}, "layers_to_transform"),
+    ({"layers_pattern": 5, "layers_to_transform": 0}, "layers_pattern"),
+])
+def test_vera_config_errors_name_field_and_value(kwargs, field):
+    with pytest.raises(ValueError) as err:
+        vera_fx.VeraConfig(**kwargs)
+    msg = str(err.value)
+    assert field in msg
+    assert repr(kwargs[field])[:10] in msg or str(kwargs[field])[:10] in msg
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"pvera_dropout": 1.5}, "pvera_dropout"), ({"bias": "vera_only"}, "bias"),
+    ({"sample_at_inference": "yes"}, "sample_at_inference"), ({"sample_at_inference": {"a": 1}}, "sample_at_inference"),
+    ({"generator_seed": 1.5}, "generator_seed"),
+])
+def test_pvera_config_errors(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        vera_fx.PveraConfig(**kwargs)
+
+
+def test_bias_error_lists_allowed_values():
+    with pytest.raises(ValueError, match="'none', 'all', 'vera_only'"):
+        vera_fx.VeraConfig(bias="lora_only")
+
+
+def test_sets_are_normalised_and_dict_round_trip():
+    cfg = vera_fx.VeraConfig(r=8, target_modules={"v_proj", "q_proj"}, layers_to_transform=(0, 1))
+    assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.layers_to_transform == [0, 1]
+    data = config_to_dict(cfg)
+    assert data["peft_type"] == "VERA" and data["r"] == 8
+    assert config_from_dict(data) == cfg
+    p = vera_fx.PveraConfig(r=4, sample_at_inference={"a.b": True}, generator_seed=3)
+    assert config_from_dict(config_to_dict(p)) == p
+
+
+def test_from_dict_errors():
+    data = config_to_dict(vera_fx.VeraConfig(r=8))
+    with pytest.raises(ValueError, match="unknown fields.*lora_alpha"):
+        config_from_dict({**data, "lora_alpha": 16})
+    with pytest.raises(ValueError, match="peft_type='LORA'"):
+        config_from_dict({**data, "peft_type": "LORA"})
+    with pytest.raises(ValueError, match="JSON object"):
+        config_from_dict([1, 2])
+    with pytest.raises(ValueError, match="newer"):
+        config_from_dict({**data, "vera_fx_version": 99})
+    with pytest.raises(ValueError, match="r=0"):
+        config_from_dict({**data, "r": 0})
