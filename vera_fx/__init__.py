@@ -10,6 +10,7 @@ from .capture import CaptureError, capture
 from .checkpoint import adapter_state_dict, load_adapter_state_dict
 from .config import PveraConfig, VeraConfig
 from .passes.pipeline import transform
+from . import passes
 from .sites import Site, read_sites
 
 __all__ = [

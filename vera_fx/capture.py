@@ -26,6 +26,8 @@ from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule, Node
 
+from . import quantized
+
 __all__ = ["capture", "train_only", "CaptureError", "default_example_inputs", "Signature"]
 
 logger = logging.getLogger(__name__)
@@ -224,6 +226,9 @@ def _own_frozen_parameters(gm: GraphModule) -> None:
         for pname, p in list(mod._parameters.items()):
             if p is None:
                 continue
+            if quantized.is_quantized_parameter(p):  # Int8Params / Params4bit carry quant state: keep
+                p.requires_grad_(False)
+                continue
             new = replaced.get(id(p))
             if new is None:
                 new = nn.Parameter(p.detach(), requires_grad=False)
@@ -254,6 +259,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> GraphModu
         if isinstance(t, torch.Tensor) and t.dim() >= 2 and 1 in t.shape[:2]:
             logger.warning("example input %r has shape %s: a dimension of size 1 is fixed by torch.export; "
                            "use an example of batch >= 2 and length >= 2 to keep it dynamic", path, tuple(t.shape))
+    qlayers = quantized.quantized_layers(model)  # bitsandbytes linears stay opaque (ImportError without bnb)
     modes = {name: m.training for name, m in model.named_modules()}
     grads = {name: p.requires_grad for name, p in model.named_parameters()}
     dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs)
@@ -262,7 +268,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> GraphModu
         dynamic_shapes = {**{n: s for n, s in zip(_positional_names(model, len(args)), dyn_args)}, **dyn_kwargs}
     try:
         model.train()
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quantized.stand_ins(model, qlayers):
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
             ep = ep.run_decompositions({})
@@ -277,6 +283,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> GraphModu
     exported = ep.module()
     gm = GraphModule(exported, exported.graph)
     _inline_set_grad(gm)
+    quantized.restore_quantized(gm, qlayers)
     n_flags = _rewrite_mode_flags(gm)
     _own_frozen_parameters(gm)
     gm.graph.lint()

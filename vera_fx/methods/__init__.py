@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..config import AdapterConfig
 from .base import CONTAINER, AdapterState, Emitter, Method
+from .pvera import PveraMethod
 from .vera import VeraMethod
 
 __all__ = ["Method", "AdapterState", "Emitter", "CONTAINER", "method_for", "method_by_name", "register"]
@@ -31,3 +32,4 @@ def method_by_name(name: str) -> Method:
 
 
 register(VeraMethod())
+register(PveraMethod())

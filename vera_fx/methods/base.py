@@ -24,7 +24,8 @@ CONTAINER = "vera_fx_adapters"
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     """Kaiming-uniform (gain sqrt(2), fan_in = shape[1]) drawn from ``generator``."""
-    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+    # Same float operations, in the same order, as torch.nn.init.kaiming_uniform_ (bit-identical bounds).
+    bound = math.sqrt(3.0) * (math.sqrt(2.0) / math.sqrt(shape[1]))
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 

@@ -17,6 +17,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..config import DEFAULT_TARGET_MODULES, AdapterConfig
+from .. import quantized
 from ..sites import SITE_KEY, Site, read_sites
 
 __all__ = ["MatchPass", "Candidate", "RECOGNISERS", "select_sites", "module_path", "resolve_targets"]
@@ -91,7 +92,7 @@ def _conv1d(node: Node) -> Optional[Candidate]:
 
 
 # The seam for more site kinds: each recogniser maps a node to a Candidate or None.
-RECOGNISERS: list[Callable[[Node], Optional[Candidate]]] = [_linear, _conv1d]
+RECOGNISERS: list[Callable[[Node], Optional[Candidate]]] = [_linear, _conv1d, quantized.recognise]
 
 _LINEAR_TYPES = {"Linear", "Conv1D", "NonDynamicallyQuantizableLinear", "Linear8bitLt", "Linear4bit"}
 
@@ -141,6 +142,9 @@ class MatchPass(PassBase):
         return PassResult(graph_module, bool(cands))
 
 
+_DEFAULT_ALTERNATIVES = (["q_proj", "v_proj"], ["query", "value"], ["q", "v"], ["c_attn"])
+
+
 def resolve_targets(config: AdapterConfig, model_info: dict) -> object:
     """The effective target_modules: the config's, or the architecture's default when None."""
     if config.target_modules is not None:
@@ -182,6 +186,15 @@ def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]
     targets = resolve_targets(config, info)
     names = list(dict.fromkeys(s.name for s in all_sites))
     names = [n for n in names if not _excluded_by_modules_to_save(n, config.modules_to_save)]
+    if config.target_modules is None:
+        # Architectures rename their projections across transformers releases (ViT's query/value became
+        # q_proj/v_proj): take the first naming of the attention projections the model has.
+        for option in [targets, *_DEFAULT_ALTERNATIVES]:
+            if all(any(n == t or n.endswith("." + t) for n in names) for t in option):
+                if option is not targets:
+                    logger.info("default targets %s not in this model; using %s", targets, option)
+                targets = option
+                break
 
     if isinstance(targets, str) and targets.lower() == "all-linear":
         head = info.get("output_head")

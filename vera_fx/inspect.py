@@ -1,0 +1,379 @@
+"""Views of an adapted graph for people: a site table, parameter counts, a networkx graph, DOT and SVG.
+
+Everything is read from the graph itself (``node.meta`` tags set by the match pass and the method's emitter,
+and the adapter state on the GraphModule), so a view is always in step with the graph it shows.
+Roles of nodes: ``base`` (a linear-like call), ``projection`` (the shared A / B and ``x @ A.T``), ``lambda``
+(the per-site vectors), ``sampling`` (PVeRA's noise), ``adapter`` (the rest of the adapter's arithmetic)
+and ``output`` (the node that adds the adapter to the base output).
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import networkx as nx
+import torch
+from torch.fx import GraphModule, Node
+
+from .sites import ADAPTER_KEY, SITE_KEY, Site, read_sites
+
+__all__ = ["summary", "summary_rows", "summary_html", "trainable_parameters", "print_trainable_parameters", "to_networkx",
+           "to_dot", "view", "GraphView", "ROLE_COLORS"]
+
+logger = logging.getLogger(__name__)
+
+# Fill colour of each node role in DOT / SVG output.
+ROLE_COLORS: dict[str, str] = {
+    "base": "#9ecae1",
+    "projection": "#c7e9c0",
+    "lambda": "#fdd0a2",
+    "sampling": "#dadaeb",
+    "adapter": "#fff7bc",
+    "output": "#fc9272",
+}
+_CONTAINER = "vera_fx_adapters"
+
+
+# --------------------------------------------------------------------------------------------- parameters
+
+def trainable_parameters(gm: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts of ``gm``; tied parameters count once, buffers not at all
+    (as PEFT counts them, so the shared frozen projections A and B are not included)."""
+    trainable = total = 0
+    for p in gm.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def _trainable_line(gm: torch.nn.Module) -> str:
+    trainable, total = trainable_parameters(gm)
+    pct = 100.0 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
+
+
+def print_trainable_parameters(gm: torch.nn.Module) -> None:
+    """Print PEFT's one-line report: ``trainable params: X || all params: Y || trainable%: Z``."""
+    print(_trainable_line(gm))
+
+
+# --------------------------------------------------------------------------------------------- summary
+
+def _adapter_states(gm: GraphModule) -> dict[str, Any]:
+    container = getattr(gm, _CONTAINER, None)
+    return dict(container.items()) if container is not None else {}
+
+
+def _site_param_count(states: dict[str, Any], site: Site) -> tuple[int, int]:
+    """(all, trainable) adapter parameters at ``site`` over every adapter attached to or merged into it."""
+    n_all = n_train = 0
+    for name in dict.fromkeys(site.adapters + site.merged):
+        state = states.get(name)
+        if state is None:
+            continue
+        try:
+            params = state.site_parameters(site.name)
+        except KeyError:
+            continue
+        for p in params.values():
+            n_all += p.numel()
+            n_train += p.numel() if p.requires_grad else 0
+    return n_all, n_train
+
+
+def _state_word(site: Site) -> str:
+    words = []
+    for a in site.adapters:
+        words.append(f"{a}:sampling" if a in site.sampling else f"{a}:active")
+    words += [f"{a}:merged" for a in site.merged]
+    if not words:
+        return "-"
+    if len({w.split(":", 1)[0] for w in words}) == 1:  # one adapter: the adapter name adds nothing
+        return words[0].split(":", 1)[1]
+    return ", ".join(words)
+
+
+def summary_rows(gm: GraphModule, include_unadapted: bool = False) -> list[dict[str, Any]]:
+    """One dict per site (name, kind, in_features, out_features, adapters, params, trainable, state)."""
+    states = _adapter_states(gm)
+    seen: dict[str, dict[str, Any]] = {}
+    for s in read_sites(gm):
+        if s.name in seen or not (include_unadapted or s.adapters or s.merged):
+            continue
+        n_all, n_train = _site_param_count(states, s)
+        seen[s.name] = {"name": s.name, "kind": s.kind, "in_features": s.in_features,
+                        "out_features": s.out_features, "adapters": tuple(dict.fromkeys(s.adapters + s.merged)),
+                        "params": n_all, "trainable": n_train, "state": _state_word(s)}
+    return list(seen.values())
+
+
+def _projection_notes(gm: GraphModule) -> list[str]:
+    notes = []
+    for name, state in _adapter_states(gm).items():
+        shapes, count = [], 0
+        for which in ("A", "B"):
+            try:
+                t = state.projection(which)
+            except (AttributeError, KeyError):
+                continue
+            shapes.append(f"{which} {'x'.join(map(str, t.shape))}")
+            count += t.numel()
+        method = getattr(state, "method_name", "?")
+        r = getattr(getattr(state, "config", None), "r", "?")
+        notes.append(f"adapter {name!r} ({method}, r={r}): shared frozen projections {', '.join(shapes)} "
+                     f"({count:,d} values, buffers)")
+    return notes
+
+
+def _table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    header = ["site", "kind", "shape", "adapters", "params", "state"]
+    body = [[r["name"], r["kind"], f"{r['in_features']} -> {r['out_features']}", ",".join(r["adapters"]) or "-",
+             f"{r['params']:,d}", r["state"]] for r in rows]
+    return header, body
+
+
+def summary(gm: GraphModule, include_unadapted: bool = False) -> str:
+    """A text table of the adapted sites (name, kind, shape, adapter parameters, state) with totals.
+
+    ``include_unadapted=True`` lists every linear-like call of the graph, adapted or not.
+    """
+    rows = summary_rows(gm, include_unadapted)
+    header, body = _table(rows)
+    widths = [max(len(c) for c in col) for col in zip(header, *body)]
+    right = {4}  # numbers right-aligned
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    model = gm.meta.get("vera_fx_model", {}).get("class", type(gm).__name__)
+    adapted = sum(1 for r in rows if r["adapters"])
+    lines = [f"vera_fx summary of {model}: {adapted} adapted site(s)", fmt(header),
+             "  ".join("-" * w for w in widths)]
+    lines += [fmt(b).rstrip() for b in body]
+    lines.append("  ".join("-" * w for w in widths))
+    total_params = sum(r["params"] for r in rows)
+    total_train = sum(r["trainable"] for r in rows)
+    lines.append(f"total: {adapted} site(s), {total_params:,d} adapter parameters ({total_train:,d} trainable)")
+    lines += _projection_notes(gm)
+    lines.append(_trainable_line(gm))
+    return "\n".join(lines)
+
+
+def summary_html(gm: GraphModule, include_unadapted: bool = False) -> str:
+    """The summary as an HTML table (for notebooks)."""
+    rows = summary_rows(gm, include_unadapted)
+    header, body = _table(rows)
+    esc = html.escape
+    out = ["<table>", "<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead>", "<tbody>"]
+    for cells in body:
+        out.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
+    out.append("</tbody></table>")
+    notes = [f"{len(rows)} site(s), {sum(r['params'] for r in rows):,d} adapter parameters",
+             *_projection_notes(gm), _trainable_line(gm)]
+    out.append("<pre>" + esc("\n".join(notes)) + "</pre>")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------- graph
+
+def _target_str(node: Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(t)
+    return getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or str(t)
+
+
+def _role(node: Node) -> tuple[Optional[str], Optional[str], Optional[str]]:
+    """(role, site, adapter) of a node from its tags; (None, None, None) for the rest of the model."""
+    tag = node.meta.get(ADAPTER_KEY)
+    if tag:
+        return tag.get("role"), tag.get("site"), tag.get("adapter")
+    site = node.meta.get(SITE_KEY)
+    if site:
+        return "base", site.get("name"), None
+    return None, None, None
+
+
+def _shape_dtype(node: Node) -> tuple[Optional[tuple], Optional[str]]:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        shape = tuple(int(d) if isinstance(d, int) else str(d) for d in val.shape)
+        return shape, str(val.dtype).replace("torch.", "")
+    return None, None
+
+
+def to_networkx(gm: GraphModule) -> nx.DiGraph:
+    """The graph as a ``networkx.DiGraph``: one node per FX node (keyed by its name), an edge per data use.
+
+    Node attributes: ``op``, ``target`` (a string), ``role`` (see the module docstring; None for the rest
+    of the model), ``site``, ``adapter`` and ``base`` (an adapter node's base call; None where not
+    applicable), ``label`` (the adapter's name for the node, else the node name), ``shape`` and ``dtype`` where the node's ``meta["val"]`` holds a tensor (dynamic
+    dimensions as strings such as ``'s43'``), else None.
+    """
+    g = nx.DiGraph(name=gm.meta.get("vera_fx_model", {}).get("class", type(gm).__name__))
+    for node in gm.graph.nodes:
+        role, site, adapter = _role(node)
+        shape, dtype = _shape_dtype(node)
+        tag = node.meta.get(ADAPTER_KEY) or {}
+        g.add_node(node.name, op=node.op, target=_target_str(node), role=role, site=site, adapter=adapter,
+                   base=tag.get("base"), shape=shape, dtype=dtype, label=tag.get("name") or node.name)
+    for node in gm.graph.nodes:
+        for src in node.all_input_nodes:
+            g.add_edge(src.name, node.name)
+    return g
+
+
+def _q(text: str) -> str:
+    """A DOT double-quoted string."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _short_target(target: str) -> str:
+    if target.startswith("aten."):
+        target = target[len("aten."):]
+        for suffix in (".default", ".Tensor"):
+            if target.endswith(suffix):
+                target = target[: -len(suffix)]
+    if len(target) > 48:
+        target = "..." + ".".join(target.split(".")[-2:])[-45:]
+    return target
+
+
+def _node_stmt(name: str, attrs: dict[str, Any], context: bool) -> str:
+    lines = [attrs["label"]]
+    if attrs["op"] in ("call_function", "call_method", "call_module", "get_attr"):
+        lines.append(_short_target(attrs["target"]))
+    if attrs["shape"] is not None:
+        lines.append(f"{'x'.join(map(str, attrs['shape'])) or 'scalar'} {attrs['dtype']}")
+    role = attrs["role"]
+    parts = [f"label={_q(chr(10).join(lines))}"]
+    if role in ROLE_COLORS:
+        parts.append(f"fillcolor={_q(ROLE_COLORS[role])}")
+        tip = f"{role}: {attrs['site']}" + (f" ({attrs['adapter']})" if attrs["adapter"] else "")
+        parts.append(f"tooltip={_q(tip)}")
+    if context:
+        parts.append('style="rounded,dashed"')
+        parts.append('color="#999999"')
+    if attrs["op"] in ("placeholder", "output"):
+        parts.append("shape=ellipse")
+    return f"{_q(name)} [{', '.join(parts)}];"
+
+
+def to_dot(gm: GraphModule, adapters_only: bool = False) -> str:
+    """DOT text of the graph, adapter nodes filled by role (``ROLE_COLORS``) and grouped per site and adapter.
+
+    ``adapters_only=True`` keeps the adapter nodes, the base calls of their sites and the nodes one edge
+    away from them (drawn dashed), which is what one wants to look at in a large model. The text has one
+    line per node and per edge.
+    """
+    g = to_networkx(gm)
+    if adapters_only:
+        core = {n for n, a in g.nodes(data=True) if a["role"] not in (None, "base")}
+        core |= {g.nodes[n]["base"] for n in core if g.nodes[n]["base"] in g}
+        keep = set(core)
+        for n in core:
+            keep |= set(g.predecessors(n)) | set(g.successors(n))
+        g = g.subgraph([n for n in g.nodes if n in keep])
+    else:
+        core = set(g.nodes)
+    lines = [f"digraph {_q(g.graph.get('name') or 'graph')} {{",
+             '  graph [rankdir=TB, fontname="Helvetica", fontsize=10];',
+             '  node [shape=box, style="rounded,filled", fillcolor="white", fontname="Helvetica", fontsize=9];',
+             '  edge [color="#555555", arrowsize=0.6];']
+    clusters: dict[tuple[str, str], list[str]] = {}
+    plain: list[str] = []
+    for name, attrs in g.nodes(data=True):
+        stmt = _node_stmt(name, attrs, context=name not in core)
+        if attrs["role"] not in (None, "base") and attrs["site"] is not None:
+            clusters.setdefault((attrs["site"], attrs["adapter"] or ""), []).append(stmt)
+        else:
+            plain.append(stmt)
+    lines += ["  " + s for s in plain]
+    for i, ((site, adapter), stmts) in enumerate(clusters.items()):
+        label = f"{site} ({adapter})" if adapter else site
+        lines.append(f"  subgraph {_q(f'cluster_{i}')} {{")
+        lines.append(f'    graph [label={_q(label)}, style="dashed", color="#888888"];')
+        lines += ["    " + s for s in stmts]
+        lines.append("  }")
+    lines += [f"  {_q(u)} -> {_q(v)};" for u, v in g.edges]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------- notebook view
+
+def render_svg(dot_source: str, timeout: float = 120.0) -> Optional[str]:
+    """SVG text from graphviz's ``dot`` binary, or None when it is not installed or fails."""
+    exe = shutil.which("dot")
+    if exe is None:
+        return None
+    try:
+        done = subprocess.run([exe, "-Tsvg"], input=dot_source.encode(), capture_output=True, timeout=timeout,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        logger.warning("graphviz dot failed (%s); showing the summary table instead", e)
+        return None
+    if done.returncode != 0:
+        logger.warning("graphviz dot exited %d: %s", done.returncode, done.stderr.decode(errors="replace")[:200])
+        return None
+    return done.stdout.decode("utf-8", errors="replace")
+
+
+@dataclass
+class GraphView:
+    """What ``view`` returns: shows itself in a notebook (SVG when graphviz is installed, else the site
+    table as HTML) and as the text summary in a terminal."""
+
+    source: str  # DOT text
+    text: str  # the text summary
+    html_table: str  # the summary as HTML
+    _svg: Optional[str] = field(default=None, repr=False)
+    _rendered: bool = field(default=False, repr=False)
+
+    def svg(self) -> Optional[str]:
+        """The graph as SVG text, or None without graphviz's ``dot`` binary (rendered once, then cached)."""
+        if not self._rendered:
+            self._svg = render_svg(self.source)
+            self._rendered = True
+        return self._svg
+
+    def _repr_svg_(self) -> Optional[str]:
+        return self.svg()
+
+    def _repr_html_(self) -> str:
+        svg = self.svg()
+        if svg is not None:
+            return f"<div>{svg}</div>"
+        return (self.html_table + "<p><i>Install graphviz (the <code>dot</code> binary) to see the graph; "
+                "<code>.source</code> holds its DOT text.</i></p>")
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write the view to ``path``: SVG for a ``.svg`` name (needs graphviz), DOT text otherwise."""
+        path = Path(path)
+        if path.suffix.lower() == ".svg":
+            svg = self.svg()
+            if svg is None:
+                raise ValueError(f"path={str(path)!r} asks for SVG, but graphviz's dot binary is not installed: "
+                                 "install graphviz, or save to a .dot file")
+            path.write_text(svg, encoding="utf-8")
+        else:
+            path.write_text(self.source, encoding="utf-8")
+        return path
+
+
+def view(gm: GraphModule, adapters_only: bool = True) -> GraphView:
+    """A notebook view of ``gm``: the graph (adapter part by default) and the site table."""
+    return GraphView(source=to_dot(gm, adapters_only=adapters_only), text=summary(gm),
+                     html_table=summary_html(gm))

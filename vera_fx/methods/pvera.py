@@ -1,0 +1,178 @@
+"""PVeRA, the probabilistic VeRA.
+
+At a site: ``h = lambda_d * (A[:, :in] @ dropout(x))`` with 2r rows, split into ``mu = h[..., :r]`` and
+``logvar = h[..., r:]``; the latent is ``z = mu + eps * exp(logvar / 2)`` when the graph is in training mode or
+the site samples at inference, else ``z = mu``; the output is ``y + lambda_b * (B[:out] @ z)``.
+
+Run-time state the graph reads (flipping it never re-captures; torch.compile recompiles once per value):
+
+- ``sites.<site>.pvera_sample_at_inference``: a bool per site (``vera_fx.set_sample_at_inference``);
+- ``sites.<site>.pvera_generator_state``: with ``generator_seed``, the CPU Mersenne-Twister state of the
+  site's noise stream as a uint8 buffer (non-persistent). The noise is drawn on CPU by the custom op
+  ``vera_fx::pvera_noise`` (which torch.compile traces as one opaque, state-mutating node, where a
+  ``torch.Generator`` argument would graph-break) and moved to the activations' device, so moving the model
+  between devices or dtypes never breaks it. Every site starts from ``generator_seed``, as in PEFT, so a
+  seeded run reproduces PEFT's sampled outputs call for call;
+- ``pvera_noise_groups`` on the adapter: how many Monte Carlo samples the batch holds (1 outside
+  ``vera_fx.monte_carlo``); with a seed, each sample's noise is drawn separately, so results do not depend on
+  how the samples are chunked;
+- ``pvera_kl``: the per-call KL scalars of the last forward, replaced at every forward (``kl_divergence``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.fx import Node
+from torch.fx.node import has_side_effect
+
+from ..config import PveraConfig
+from ..sites import Site
+from .base import CONTAINER, AdapterState, Emitter, Method, emit_projection, finish_output
+
+__all__ = ["PveraMethod", "KLRecord", "pvera_reparametrize", "pvera_record_kl", "SAMPLE_SWITCH", "GENERATOR_STATE",
+           "NOISE_GROUPS", "KL_RECORD"]
+
+SAMPLE_SWITCH = "pvera_sample_at_inference"
+GENERATOR_STATE = "pvera_generator_state"
+NOISE_GROUPS = "pvera_noise_groups"
+KL_RECORD = "pvera_kl"
+
+
+class KLRecord:
+    """Per-call KL scalars of the last forward, keyed by the graph node that computed them.
+
+    Each key is overwritten at every forward, so memory does not grow. Copies and pickles start empty (the
+    tensors carry an autograd graph that cannot be copied and should not be saved).
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, Tensor] = {}
+
+    def __deepcopy__(self, memo: dict) -> "KLRecord":
+        return KLRecord()
+
+    def __getstate__(self) -> dict:
+        return {"values": {}}
+
+    def __repr__(self) -> str:
+        return f"KLRecord({len(self.values)} calls)"
+
+
+@torch.library.custom_op("vera_fx::pvera_noise", mutates_args=("generator_state",))
+def pvera_noise(generator_state: Tensor, shape: Sequence[int], groups: int, dtype: torch.dtype) -> Tensor:
+    """Standard normal noise of ``shape`` on CPU from the generator whose state is ``generator_state``.
+
+    With ``groups > 1`` the leading dimension is ``groups`` equal blocks, each drawn by its own call, so the
+    draws equal those of ``groups`` forwards of one block each. The advanced state is written back.
+    """
+    gen = torch.Generator(device="cpu")
+    gen.set_state(generator_state.detach().to("cpu"))
+    shape = [int(s) for s in shape]
+    if groups > 1 and shape and shape[0] % groups == 0:
+        block = [shape[0] // groups, *shape[1:]]
+        noise = torch.cat([torch.randn(block, generator=gen, dtype=dtype) for _ in range(groups)])
+    else:
+        noise = torch.randn(shape, generator=gen, dtype=dtype)
+    generator_state.copy_(gen.get_state())
+    return noise
+
+
+@pvera_noise.register_fake
+def _pvera_noise_fake(generator_state: Tensor, shape: Sequence[int], groups: int, dtype: torch.dtype) -> Tensor:
+    return torch.empty(list(shape), dtype=dtype, device="cpu")
+
+
+@has_side_effect
+def pvera_reparametrize(mu: Tensor, logvar: Tensor, training: bool, sample: bool,
+                        generator_state: Optional[Tensor], groups: int) -> Tensor:
+    """``mu + eps * exp(logvar / 2)`` in training mode or when the site samples at inference, else ``mu``."""
+    if not (training or sample):
+        return mu
+    std = torch.exp(0.5 * logvar)
+    if generator_state is None:
+        eps = torch.randn_like(std)
+    else:
+        eps = torch.ops.vera_fx.pvera_noise(generator_state, std.shape, groups, std.dtype).to(std.device)
+    return mu + eps * std
+
+
+@has_side_effect
+def pvera_record_kl(mu: Tensor, logvar: Tensor, record: KLRecord, key: str) -> None:
+    """Store ``mean(-0.5 * (1 + logvar - mu^2 - exp(logvar)))`` (float32) for this call, replacing the last one."""
+    mu, logvar = mu.float(), logvar.float()
+    record.values[key] = -0.5 * torch.mean(1.0 + logvar - mu.pow(2) - logvar.exp())
+
+
+class PveraMethod(Method):
+    name = "pvera"
+    prefix = "pvera"
+    config_type = PveraConfig
+
+    def latent_rows(self, config: PveraConfig) -> int:  # type: ignore[override]
+        return 2 * config.r
+
+    def emit(self, em: Emitter, state: AdapterState, x: Node, y: Node, training: Node) -> Node:
+        aten = torch.ops.aten
+        site, adapter, r = em.site, em.adapter, state.config.r
+        h, lam_d, lam_b, b = emit_projection(self, em, state, x, training)
+        h = em.call(aten.mul.Tensor, (h, lam_d), "adapter", "scale_d")
+        mu = em.call(aten.slice.Tensor, (h, -1, 0, r), "sampling", "mu")
+        logvar = em.call(aten.slice.Tensor, (h, -1, r, 2 * r), "sampling", "logvar")
+        sample = em.get_attr(state.site_target(adapter, site.name, SAMPLE_SWITCH), "sampling", "sample_switch")
+        gen: Optional[Node] = None
+        if GENERATOR_STATE in state.site_module(site.name)._buffers:
+            gen = em.get_attr(state.site_target(adapter, site.name, GENERATOR_STATE), "sampling", "generator")
+        groups = em.get_attr(f"{CONTAINER}.{adapter}.{NOISE_GROUPS}", "sampling", "noise_groups")
+        z = em.call(pvera_reparametrize, (mu, logvar, training, sample, gen, groups), "sampling", "sample")
+        record = em.get_attr(f"{CONTAINER}.{adapter}.{KL_RECORD}", "sampling", "kl_record")
+        kl = em.call(pvera_record_kl, (mu, logvar, record), "sampling", "kl")
+        kl.args = (*kl.args, kl.name)  # one record slot per call, so shared layers keep every call's term
+        u = em.call(aten.linear.default, (z, b), "adapter", "xAB")
+        u = em.call(aten.mul.Tensor, (u, lam_b), "adapter", "scale_b")
+        return finish_output(em, y, u, state.site_parameters(site.name)["pvera_lambda_d"].dtype)
+
+    def delta_weight(self, state: AdapterState, site: Site) -> torch.Tensor:
+        """The mean path's update: ``(lambda_b * B[:out]) @ (lambda_d[:r] * A[:r, :in])`` in float32."""
+        r = state.config.r
+        params = state.site_parameters(site.name)
+        lam_b, lam_d = params["pvera_lambda_b"], params["pvera_lambda_d"][:r]
+        a = state.projection("A")[:r, : site.in_features]
+        b = state.projection("B")[: site.out_features]
+        return (lam_b.float()[:, None] * b.float()) @ (lam_d.float()[:, None] * a.float())
+
+    def init_switches(self, state: AdapterState) -> None:
+        """Per-site sampling switches and generator states, the noise-group count and the KL record."""
+        cfg: PveraConfig = state.config
+        wanted = cfg.sample_at_inference
+        if isinstance(wanted, dict):
+            unknown = sorted(set(wanted) - set(state.site_names))
+            if unknown:
+                raise ValueError(f"sample_at_inference names unknown sites {unknown}; the adapted sites are "
+                                 f"{state.site_names}")
+        for site in state.site_names:
+            mod = state.site_module(site)
+            on = wanted.get(site, False) if isinstance(wanted, dict) else bool(wanted)
+            setattr(mod, SAMPLE_SWITCH, on)
+            if cfg.generator_seed is not None:
+                seed_state = torch.Generator(device="cpu").manual_seed(cfg.generator_seed).get_state()
+                mod.register_buffer(GENERATOR_STATE, seed_state, persistent=False)
+        setattr(state, NOISE_GROUPS, 1)
+        setattr(state, KL_RECORD, KLRecord())
+        state.switches["sample_at_inference"] = {s: getattr(state.site_module(s), SAMPLE_SWITCH)
+                                                 for s in state.site_names}
+
+    def sampling_sites(self, state: AdapterState) -> tuple[str, ...]:
+        return tuple(s for s in state.site_names if getattr(state.site_module(s), SAMPLE_SWITCH, False))
+
+
+def reseed(state: AdapterState, seed: int) -> None:
+    """Reset every site's noise stream of a seeded adapter to ``seed``."""
+    for site in state.site_names:
+        mod: nn.Module = state.site_module(site)
+        if GENERATOR_STATE in mod._buffers:
+            fresh = torch.Generator(device="cpu").manual_seed(seed).get_state()
+            mod._buffers[GENERATOR_STATE].copy_(fresh)

@@ -1,0 +1,230 @@
+"""Quantized bases: bitsandbytes 8-bit and 4-bit linears as opaque ``call_module`` sites.
+
+torch.export cannot trace inside bitsandbytes' layers. Capture therefore swaps each one for a stand-in
+(a plain linear over a zero-size weight expanded to the layer's shape) while exporting, restores the
+originals, then replaces every stand-in ``aten.linear`` node by a ``call_module`` node that calls a graph-owned
+shallow copy of the bnb layer (same quantized weight objects, its own parameter dicts and hooks, so the
+user's model is never touched). The match pass recognises those nodes as sites of kind ``"int8"``,
+``"nf4"`` or ``"fp4"``.
+
+bitsandbytes stays optional: layers are recognised by class name and defining module, and bitsandbytes is
+imported only when a model holds such a layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import logging
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .passes.match import Candidate
+    from .sites import Site
+
+__all__ = ["QUANTIZED_KINDS", "QUANT_KEY", "is_quantized_layer", "layer_kind", "quantized_layers",
+           "stand_ins", "restore_quantized", "is_quantized_parameter", "recognise", "mergeable"]
+
+logger = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+QUANTIZED_KINDS = ("int8", "nf4", "fp4")
+# node.meta key on the call_module nodes of quantized layers: {"kind", "class", "in_features", ...}
+QUANT_KEY = "vera_fx_quantized"
+
+_BNB_LINEARS = ("Linear8bitLt", "Linear4bit")  # LinearNF4 / LinearFP4 subclass Linear4bit
+_QUANT_PARAMS = ("Int8Params", "Params4bit")
+
+
+def _bnb_base(cls: type, names: tuple[str, ...]) -> Optional[str]:
+    for c in cls.__mro__:
+        if c.__name__ in names and c.__module__.split(".")[0] == "bitsandbytes":
+            return c.__name__
+    return None
+
+
+def is_quantized_layer(module: nn.Module) -> bool:
+    """True for bitsandbytes' Linear8bitLt / Linear4bit (and subclasses); never imports bitsandbytes."""
+    return _bnb_base(type(module), _BNB_LINEARS) is not None
+
+
+def is_quantized_parameter(p: Any) -> bool:
+    """True for bitsandbytes' Int8Params / Params4bit: Parameter subclasses carrying quantization state."""
+    return _bnb_base(type(p), _QUANT_PARAMS) is not None
+
+
+def layer_kind(module: nn.Module) -> str:
+    """``"int8"`` for Linear8bitLt, the 4-bit quant type (``"nf4"`` / ``"fp4"``) for Linear4bit."""
+    base = _bnb_base(type(module), _BNB_LINEARS)
+    if base == "Linear8bitLt":
+        return "int8"
+    weight = getattr(module, "weight", None)
+    quant_type = getattr(getattr(weight, "quant_state", None), "quant_type", None) or getattr(
+        weight, "quant_type", None)
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"{type(module).__name__} has quant_type={quant_type!r}; vera_fx supports 'nf4' and "
+                         "'fp4' 4-bit layers")
+    return quant_type
+
+
+def _require_bitsandbytes(layers: dict[str, nn.Module]) -> None:
+    try:
+        importlib.import_module("bitsandbytes")
+    except ImportError as e:
+        path, layer = next(iter(layers.items()))
+        raise ImportError(
+            f"the model holds {len(layers)} bitsandbytes layer(s) (e.g. {path!r}, a {type(layer).__name__}) but "
+            f"bitsandbytes cannot be imported ({e}); install it with `pip install 'vera_fx[quant]'` "
+            "(or `pip install bitsandbytes`), or load the model without a BitsAndBytesConfig") from e
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> bitsandbytes linear layer of ``model``; ImportError when bitsandbytes is missing."""
+    layers = {path: m for path, m in model.named_modules() if path and is_quantized_layer(m)}
+    if layers:
+        _require_bitsandbytes(layers)
+        for path, layer in layers.items():
+            layer_kind(layer)  # fail early on an unknown 4-bit type
+    return layers
+
+
+class _StandIn(nn.Module):
+    """A linear of the bnb layer's shape, for export only: its weight is a stride-0 view of one zero."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        zero = torch.zeros((), dtype=dtype, device=device).expand(out_features, in_features)
+        self.weight = nn.Parameter(zero, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return nn.functional.linear(x, w)
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    parent._modules[leaf] = module
+
+
+def _stand_in_dtype(layer: nn.Module) -> torch.dtype:
+    bias = getattr(layer, "bias", None)
+    if isinstance(bias, torch.Tensor) and bias.is_floating_point():
+        return bias.dtype
+    compute = getattr(layer, "compute_dtype", None)
+    return compute if isinstance(compute, torch.dtype) else torch.get_default_dtype()
+
+
+@contextlib.contextmanager
+def stand_ins(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[None]:
+    """Put a stand-in at every path of ``layers`` for the duration of the block; the originals are always
+    restored, whatever the block raises."""
+    try:
+        for path, layer in layers.items():
+            weight = layer.weight
+            _set_submodule(model, path, _StandIn(layer.in_features, layer.out_features, _stand_in_dtype(layer),
+                                                 weight.device))
+        yield
+    finally:
+        for path, layer in layers.items():
+            _set_submodule(model, path, layer)
+
+
+def _graph_copy(layer: nn.Module) -> nn.Module:
+    """A shallow copy of a bnb layer that shares its weight objects (and quantization state) but owns its
+    parameter, buffer, module and hook dicts, so the graph can freeze or replace entries independently."""
+    new = copy.copy(layer)
+    for key, value in vars(layer).items():
+        if isinstance(value, dict):
+            new.__dict__[key] = copy.copy(value)
+    return new
+
+
+def _weight_path(node: Node) -> Optional[str]:
+    w = node.args[1] if len(node.args) > 1 else None
+    if isinstance(w, Node) and w.op == "call_function" and w.target in (aten._to_copy.default, aten.to.dtype):
+        w = w.args[0]
+    if isinstance(w, Node) and w.op == "get_attr" and str(w.target).endswith(".weight"):
+        return str(w.target)[: -len(".weight")]
+    return None
+
+
+def restore_quantized(gm: GraphModule, layers: dict[str, nn.Module]) -> int:
+    """Replace each stand-in's ``aten.linear`` node of ``gm`` by a ``call_module`` node of a graph-owned copy
+    of the bnb layer, and drop the stand-ins' weights. Returns the number of calls rewritten."""
+    if not layers:
+        return 0
+    graph = gm.graph
+    count = 0
+    dead: list[Node] = []
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.linear.default:
+            continue
+        path = _weight_path(node)
+        if path not in layers:
+            continue
+        layer = layers[path]
+        with graph.inserting_before(node):
+            call = graph.call_module(path, (node.args[0],))
+        call.meta = dict(node.meta)
+        call.meta[QUANT_KEY] = {"kind": layer_kind(layer), "class": type(layer).__name__,
+                                "in_features": int(layer.in_features), "out_features": int(layer.out_features),
+                                "bias": getattr(layer, "bias", None) is not None}
+        stack = dict(call.meta.get("nn_module_stack") or {})
+        if stack:
+            key = list(stack)[-1]
+            stack[key] = (stack[key][0], f"{type(layer).__module__}.{type(layer).__qualname__}")
+            call.meta["nn_module_stack"] = stack
+        weight_node = node.args[1]
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+        dead.append(weight_node)
+        count += 1
+    for n in dead:
+        while isinstance(n, Node) and not n.users and n.graph is graph:
+            src = n.args[0] if n.op == "call_function" else None
+            graph.erase_node(n)
+            n = src
+    for path, layer in layers.items():
+        used = [n for n in graph.nodes if n.op == "get_attr" and str(n.target).startswith(path + ".")]
+        if used:
+            raise ValueError(f"bitsandbytes layer {path!r} ({type(layer).__name__}): the model reads its weight "
+                             f"outside the layer's forward ({used[0].format_node()}); vera_fx can only capture "
+                             "quantized layers that are called as modules")
+        _set_submodule(gm, path, _graph_copy(layer))
+    graph.lint()
+    logger.info("quantized: %d bitsandbytes calls kept opaque (%d layers)", count, len(layers))
+    return count
+
+
+def recognise(node: Node) -> Optional["Candidate"]:
+    """Recogniser for the match pass: a ``call_module`` node of a bitsandbytes linear."""
+    info = node.meta.get(QUANT_KEY) if node.op == "call_module" else None
+    if info is None:
+        return None
+    from .passes.match import Candidate
+
+    path = str(node.target)
+    return Candidate(node, info["kind"], path, info["class"], info["in_features"], info["out_features"],
+                     f"{path}.weight", f"{path}.bias" if info["bias"] else None)
+
+
+def mergeable(site: "Site") -> tuple[bool, str]:
+    """Whether an adapter can be merged into ``site``'s weight, and why not.
+
+    Quantized sites are refused: adding a delta to a dequantized weight and requantizing changes the base
+    by the rounding (often more than the delta itself), and it would write into weights shared with the user's
+    model. Keep the adapter unmerged, or merge into a dense copy of the model.
+    """
+    if site.kind in QUANTIZED_KINDS:
+        return False, (f"site {site.name!r} is a bitsandbytes {site.kind} layer: merging would requantize its "
+                       "weight and add rounding error larger than most adapter updates; keep the adapter "
+                       "unmerged (it runs as extra graph nodes), or load the base model unquantized, transform it, "
+                       "load the adapter state and merge there")
+    return True, ""
