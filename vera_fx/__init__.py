@@ -10,12 +10,19 @@ from .capture import CaptureError, capture
 from .checkpoint import adapter_state_dict, load_adapter_state_dict
 from .config import PveraConfig, VeraConfig
 from .passes.pipeline import transform
+from .passes.merge import merge, merge_into, unmerge
 from . import passes
 from .sites import Site, read_sites
+from .sampling import kl_divergence, set_sample_at_inference
+from .uncertainty import confidence_interval, monte_carlo
+from .inspect import print_trainable_parameters, summary, to_dot, to_networkx, trainable_parameters, view
 
 __all__ = [
     "VeraConfig", "PveraConfig", "transform", "capture", "CaptureError", "sites", "Site",
     "adapter_state_dict", "load_adapter_state_dict",
+    "set_sample_at_inference", "kl_divergence", "monte_carlo", "confidence_interval",
+    "merge", "unmerge", "merge_into",
+    "summary", "trainable_parameters", "print_trainable_parameters", "to_networkx", "to_dot", "view",
 ]
 
 __version__ = "0.1.0"

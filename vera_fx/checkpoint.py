@@ -1,27 +1,46 @@
-"""Adapter state in PEFT's checkpoint layout.
+"""Adapter checkpoints in PEFT's layout: adapter_model.safetensors + adapter_config.json.
 
 Our parameter names map to PEFT's keys by a rename: ``vera_fx_adapters.<adapter>.sites.<site>.<p>`` is
 ``base_model.model.<site>.<p>`` and ``vera_fx_adapters.<adapter>.<prefix>_A`` is ``base_model.<prefix>_A``.
 Trainable biases and ``modules_to_save`` copies use PEFT's names for them too.
+
+Files are written atomically (a temporary file in the same folder, flushed and fsynced, then renamed) and
+read with safetensors only (nothing is unpickled). Loading checks the folder, the JSON, the file and every
+key and shape before it changes anything.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from typing import Optional
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Union
 
+import safetensors.torch
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .methods import CONTAINER, AdapterState
+from .config import AdapterConfig, config_from_dict, config_to_dict
+from .methods import CONTAINER, AdapterState, method_for
 from .sites import read_sites
 
-__all__ = ["adapter_state_dict", "load_adapter_state_dict", "adapter_state", "state_dict_targets"]
+__all__ = ["adapter_state_dict", "load_adapter_state_dict", "adapter_state", "state_dict_targets",
+           "save_adapter", "load_adapter", "from_pretrained", "read_checkpoint", "peft_config_dict",
+           "CONFIG_NAME", "WEIGHTS_NAME"]
 
 logger = logging.getLogger(__name__)
 
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_ROOT = "base_model.model."
+_DIGEST_KEY = "vera_fx_sha256"  # safetensors metadata: sha256 of the data section (PEFT ignores it)
+
+PathLike = Union[str, os.PathLike]
 
 
 def adapter_state(gm: GraphModule, adapter_name: str = "default") -> AdapterState:
@@ -34,14 +53,47 @@ def adapter_state(gm: GraphModule, adapter_name: str = "default") -> AdapterStat
     return container[adapter_name]
 
 
+def _wrapped_sites(gm: GraphModule) -> set[str]:
+    """Sites any adapter targets: PEFT wraps those modules, so their bias sits under ``base_layer``."""
+    container = getattr(gm, CONTAINER, None) or {}
+    return {s for state in container.values() for s in state.site_names}
+
+
 def _bias_key(qualname: str, wrapped: set[str]) -> str:
-    """PEFT's key of a base bias: adapted layers are wrapped, so their bias sits under ``base_layer``."""
     path, _, name = qualname.rpartition(".")
     return f"{_PEFT_ROOT}{path}.base_layer.{name}" if path in wrapped else f"{_PEFT_ROOT}{qualname}"
 
 
+def bias_targets(gm: GraphModule, state: AdapterState) -> dict[str, tuple[nn.Module, str]]:
+    """PEFT key -> (module, attribute) of the base biases ``state``'s ``bias`` mode trains.
+
+    ``"all"``: every parameter named ``bias`` outside the adapters and ``modules_to_save`` copies;
+    ``"<method>_only"``: the biases of the adapter's own sites.
+    """
+    mode = state.config.bias
+    if mode == "none":
+        return {}
+    wrapped = _wrapped_sites(gm)
+    mts_paths = list(getattr(state, "modules_to_save_paths", []))
+    if mode == "all":
+        names = [q for q, _ in gm.named_parameters() if q.rpartition(".")[2] == "bias"
+                 and not q.startswith(CONTAINER + ".") and not any(q.startswith(m + ".") for m in mts_paths)]
+    else:
+        own = set(state.site_names)
+        names = list(dict.fromkeys(s.bias for s in read_sites(gm) if s.name in own and s.bias is not None))
+    out: dict[str, tuple[nn.Module, str]] = {}
+    for qualname in names:
+        path, _, leaf = qualname.rpartition(".")
+        mod = gm.get_submodule(path)
+        if isinstance(mod._parameters.get(leaf), nn.Parameter):
+            out[_bias_key(qualname, wrapped)] = (mod, leaf)
+    return out
+
+
 def state_dict_targets(gm: GraphModule, adapter_name: str = "default") -> dict[str, tuple[nn.Module, str]]:
     """PEFT key -> (module, attribute) of every tensor the adapter's checkpoint holds, in PEFT's order."""
+    from .adapters import modules_to_save_copy
+
     state = adapter_state(gm, adapter_name)
     cfg, method = state.config, state.method
     targets: dict[str, tuple[nn.Module, str]] = {}
@@ -49,25 +101,15 @@ def state_dict_targets(gm: GraphModule, adapter_name: str = "default") -> dict[s
         mod = state.site_module(site)
         for pname in mod._parameters:
             targets[method.peft_site_key(site, pname)] = (mod, pname)
-    mts_paths: list[str] = list(getattr(state, "modules_to_save_paths", []))
-    if cfg.bias != "none":
-        wrapped = {s.name for s in read_sites(gm) if s.adapters}
-        wrapped |= set(state.site_names)
-        for qualname, p in gm.named_parameters(remove_duplicate=False):
-            if qualname.startswith(CONTAINER + ".") or qualname.rpartition(".")[2] != "bias" or not p.requires_grad:
-                continue
-            if any(qualname.startswith(m + ".") for m in mts_paths):
-                continue
-            path, _, name = qualname.rpartition(".")
-            targets[_bias_key(qualname, wrapped)] = (gm.get_submodule(path), name)
+    targets.update(bias_targets(gm, state))
     if cfg.save_projection:
         for which in ("A", "B"):
             targets[method.peft_projection_key(which)] = (state, f"{method.prefix}_{which}")
-    for path in mts_paths:
-        mod = gm.get_submodule(path)
-        for pname, _ in mod.named_parameters():
+    for path in getattr(state, "modules_to_save_paths", []):
+        copy = modules_to_save_copy(state, path)
+        for pname, _ in copy.named_parameters():
             sub, _, leaf = pname.rpartition(".")
-            targets[f"{_PEFT_ROOT}{path}.{pname}"] = (mod.get_submodule(sub) if sub else mod, leaf)
+            targets[f"{_PEFT_ROOT}{path}.{pname}"] = (copy.get_submodule(sub) if sub else copy, leaf)
     return targets
 
 
@@ -77,46 +119,45 @@ def adapter_state_dict(gm: GraphModule, adapter_name: str = "default") -> dict[s
 
 
 def _normalise_peft_key(key: str) -> Optional[str]:
-    """Map PEFT's variant keys onto ours: drop a ``.<adapter>`` suffix on projections and the
-    ``modules_to_save`` wrappers' extra level; None for keys that carry no state of ours."""
+    """Map PEFT's variant keys onto ours (``modules_to_save`` wrappers' extra level); None for keys that
+    carry no state of ours (the wrapped original module)."""
     if ".original_module." in key:
         return None
-    key = key.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
-    return key
+    return key.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
 
 
-def load_adapter_state_dict(gm: GraphModule, state_dict: dict[str, torch.Tensor],
-                            adapter_name: str = "default") -> None:
-    """Copy ``state_dict`` (PEFT's keys) into the adapter; every key and shape is checked first.
+def _fmt_keys(keys: list[str]) -> str:
+    return f"{keys[:5] or 'none'}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
 
-    Missing or unexpected keys and shape mismatches raise ValueError naming them; nothing changes then.
-    Projections may be absent when the config has ``save_projection=False`` (they come from the PRNG key).
-    """
+
+def _plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
+               source: str) -> tuple[list[tuple[nn.Module, str, torch.Tensor]], list[str]]:
+    """Check ``state_dict`` against the adapter and return the copies to make and the projection keys it
+    lacks; ValueError naming every problem, before anything changes."""
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
     state = adapter_state(gm, adapter_name)
+    method = state.method
     targets = state_dict_targets(gm, adapter_name)
-    projection_keys = {state.method.peft_projection_key(w) for w in ("A", "B")}
-    incoming: dict[str, torch.Tensor] = {}
-    ignored = []
+    projection_keys = {method.peft_projection_key(w): f"{method.prefix}_{w}" for w in ("A", "B")}
+    incoming: dict[str, Any] = {}
     for key, value in state_dict.items():
-        norm = _normalise_peft_key(key)
+        norm = _normalise_peft_key(str(key))
         if norm is None:
-            ignored.append(key)
             continue
-        if norm.endswith(f".{adapter_name}") and norm.rsplit(".", 1)[0] in projection_keys:
-            norm = norm.rsplit(".", 1)[0]
+        base, _, last = norm.rpartition(".")
+        if last == adapter_name and base in projection_keys:  # PEFT's in-memory "base_model.vera_A.<adapter>"
+            norm = base
         incoming[norm] = value
-    for key in projection_keys:
-        if key in incoming and key not in targets:  # save_projection=False but the file has them: use them
-            targets[key] = (state, key.rsplit(".", 1)[1])
+    for key, attr in projection_keys.items():
+        if key in incoming:  # save_projection=False but the file has them: use them, as PEFT does
+            targets[key] = (state, attr)
     missing = [k for k in targets if k not in incoming and k not in projection_keys]
     unexpected = [k for k in incoming if k not in targets]
     if missing or unexpected:
-        raise ValueError(f"adapter {adapter_name!r}: state dict does not fit this graph; missing keys: "
-                         f"{missing[:5] or 'none'}{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected "
-                         f"keys: {unexpected[:5] or 'none'}{' ...' if len(unexpected) > 5 else ''} "
-                         f"({len(unexpected)}). Check target_modules, r and the model")
+        raise ValueError(f"{source}: does not fit adapter {adapter_name!r} of this graph; missing keys: "
+                         f"{_fmt_keys(missing)}, unexpected keys: {_fmt_keys(unexpected)}. Check target_modules, "
+                         "modules_to_save, bias and the model")
     bad = []
     for key, value in incoming.items():
         mod, attr = targets[key]
@@ -124,19 +165,262 @@ def load_adapter_state_dict(gm: GraphModule, state_dict: dict[str, torch.Tensor]
         if not isinstance(value, torch.Tensor):
             bad.append(f"{key}: not a tensor ({type(value).__name__})")
         elif tuple(value.shape) != tuple(current.shape):
-            bad.append(f"{key}: shape {tuple(value.shape)} in the state dict, {tuple(current.shape)} on the graph")
-        elif not (value.is_floating_point() or value.is_complex()):
+            bad.append(f"{key}: shape {tuple(value.shape)} in the checkpoint, {tuple(current.shape)} on the graph")
+        elif not value.is_floating_point():
             bad.append(f"{key}: dtype {value.dtype} is not a floating dtype")
     if bad:
-        raise ValueError(f"adapter {adapter_name!r}: state dict does not fit: " + "; ".join(bad[:5]) +
-                         (" ..." if len(bad) > 5 else ""))
-    missing_proj = [k for k in projection_keys if k not in incoming]
+        raise ValueError(f"{source}: does not fit adapter {adapter_name!r}: " + "; ".join(bad[:5]) +
+                         (" ..." if len(bad) > 5 else "") + ". Check r and the model the adapter was trained on")
+    peers = [n for n, s in getattr(gm, CONTAINER).items() if n != adapter_name and s.method_name == state.method_name]
+    for key, attr in projection_keys.items():
+        if key in incoming and peers:
+            current = getattr(state, attr)
+            if not torch.equal(incoming[key].to(device=current.device, dtype=current.dtype), current):
+                raise ValueError(f"{source}: {key} differs from the projections adapter {adapter_name!r} shares "
+                                 f"with {peers}; loading it would change those adapters. Load this checkpoint "
+                                 "into a graph of its own (vera_fx.from_pretrained)")
+    plan = [(*targets[k], v) for k, v in incoming.items()]
+    return plan, [k for k in projection_keys if k not in incoming]
+
+
+def _apply(plan: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for mod, attr, value in plan:
+            current = getattr(mod, attr)
+            current.copy_(value.to(device=current.device, dtype=current.dtype))
+
+
+def load_adapter_state_dict(gm: GraphModule, state_dict: dict[str, torch.Tensor],
+                            adapter_name: str = "default") -> None:
+    """Copy ``state_dict`` (PEFT's keys) into the adapter; every key and shape is checked first.
+
+    Missing or unexpected keys and shape mismatches raise ValueError naming them; nothing changes then.
+    Projections may be absent (the adapter keeps those regenerated from ``projection_prng_key``).
+    """
+    plan, missing_proj = _plan_load(gm, state_dict, adapter_name, "state dict")
+    state = adapter_state(gm, adapter_name)
     if missing_proj and state.config.save_projection:
         logger.warning("adapter %r: the state dict has no %s; keeping the projections regenerated from "
-                       "projection_prng_key=%d", adapter_name, sorted(missing_proj), state.config.projection_prng_key)
-    with torch.no_grad():
-        for key, value in incoming.items():
-            mod, attr = targets[key]
-            getattr(mod, attr).copy_(value.to(getattr(mod, attr).dtype))
-    if ignored:
-        logger.debug("ignored PEFT keys without state here: %s", ignored)
+                       "projection_prng_key=%d", adapter_name, missing_proj, state.config.projection_prng_key)
+    _apply(plan)
+
+
+# --- files ---------------------------------------------------------------------------------------------------
+
+def peft_config_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str, Any]:
+    """adapter_config.json's content for ``adapter_name``, with PEFT's keys (no others)."""
+    state = adapter_state(gm, adapter_name)
+    data = config_to_dict(state.config)
+    data.pop("vera_fx_version", None)
+    if data.get("target_modules") is None:  # PEFT writes the targets it resolved
+        data["target_modules"] = sorted({s.rpartition(".")[2] for s in state.site_names})
+    info = gm.meta.get("vera_fx_model", {})
+    data.update(peft_type=state.config.peft_type, task_type=None, inference_mode=True, revision=None,
+                base_model_name_or_path=info.get("name_or_path"), auto_mapping=None, peft_version=None)
+    return dict(sorted(data.items()))
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_temp(directory: Path, final_name: str, data: bytes) -> Path:
+    """Write ``data`` to a new temporary file beside ``final_name``, flushed and fsynced."""
+    tmp = directory / f".{final_name}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _serialise(tensors: dict[str, torch.Tensor]) -> bytes:
+    """safetensors bytes with PEFT's metadata plus a sha256 of the data section (checked on load)."""
+    plain = safetensors.torch.save(tensors, metadata={"format": "pt"})
+    n = int.from_bytes(plain[:8], "little")
+    digest = hashlib.sha256(plain[8 + n:]).hexdigest()
+    out = safetensors.torch.save(tensors, metadata={"format": "pt", _DIGEST_KEY: digest})
+    m = int.from_bytes(out[:8], "little")
+    return out if out[8 + m:] == plain[8 + n:] else plain
+
+
+def _standalone_projections_differ(gm: GraphModule, state: AdapterState) -> bool:
+    """True when the adapter's projections are not what its config's PRNG key gives it on its own (it shares
+    sliced projections with a larger adapter), so a checkpoint without them would not rebuild it."""
+    sites = [s for s in read_sites(gm) if s.name in set(state.site_names)]
+    if not sites:
+        return False
+    in_max, out_max = max(s.in_features for s in sites), max(s.out_features for s in sites)
+    a, b = state.method.init_projections(state.config, in_max, out_max)
+    cur_a, cur_b = state.projection("A"), state.projection("B")
+    if cur_a.shape[0] != a.shape[0] or cur_b.shape[1] != b.shape[1]:
+        return True
+    return not (torch.equal(cur_a[:, :in_max].cpu().float(), a.float().to(cur_a.dtype).float())
+                and torch.equal(cur_b[:out_max].cpu().float(), b.float().to(cur_b.dtype).float()))
+
+
+def save_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "default") -> None:
+    """Write ``adapter_name`` to ``directory`` as PEFT does: adapter_model.safetensors and adapter_config.json.
+
+    ``peft.PeftModel.from_pretrained(base_model, directory)`` loads it. With ``save_projection=False`` the
+    shared projections are left out. Each file is written to a temporary file in ``directory``, fsynced and
+    renamed, so a failed save leaves any earlier checkpoint there intact.
+    """
+    state = adapter_state(gm, adapter_name)
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"directory={str(path)!r} is a file; give a folder to write the adapter into")
+    if not state.config.save_projection and _standalone_projections_differ(gm, state):
+        warnings.warn(f"adapter {adapter_name!r} uses projections shared with a larger adapter of this graph, and "
+                      "save_projection=False leaves them out: loading this checkpoint on its own (PEFT or "
+                      "vera_fx.from_pretrained) regenerates other projections. Save with save_projection=True, or "
+                      "from a graph where it is the first adapter", UserWarning, stacklevel=2)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(gm, adapter_name).items()}
+    weights = _serialise(tensors)
+    config = (json.dumps(peft_config_dict(gm, adapter_name), indent=2, sort_keys=True) + "\n").encode()
+    path.mkdir(parents=True, exist_ok=True)
+    temps: list[Path] = []
+    try:
+        temps.append(_write_temp(path, WEIGHTS_NAME, weights))
+        temps.append(_write_temp(path, CONFIG_NAME, config))
+        os.replace(temps[0], path / WEIGHTS_NAME)
+        os.replace(temps[1], path / CONFIG_NAME)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+    _fsync_dir(path)
+    logger.info("saved adapter %r to %s: %d tensors", adapter_name, path, len(tensors))
+
+
+def _read_config(path: Path) -> AdapterConfig:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e}); write it again with vera_fx.save_adapter") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from e
+    try:
+        return config_from_dict(data)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    data = path.read_bytes()
+    hint = "the file is truncated or corrupted: save the adapter again"
+    if len(data) < 8:
+        raise ValueError(f"{path} is not a safetensors file ({len(data)} bytes): {hint}")
+    n = int.from_bytes(data[:8], "little")
+    if 8 + n > len(data):
+        raise ValueError(f"{path}: its header claims {n} bytes but the file has {len(data) - 8}: {hint}")
+    try:
+        header = json.loads(data[8:8 + n])
+        tensors = safetensors.torch.load(data)
+    except Exception as e:  # safetensors raises its own error type; report it as a bad file
+        raise ValueError(f"{path} is not a valid safetensors file ({type(e).__name__}: {e}): {hint}") from e
+    digest = (header.get("__metadata__") or {}).get(_DIGEST_KEY) if isinstance(header, dict) else None
+    if digest is not None and hashlib.sha256(data[8 + n:]).hexdigest() != digest:
+        raise ValueError(f"{path}: the tensor data does not match its checksum: {hint}")
+    return tensors
+
+
+def read_checkpoint(directory: PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The config and tensors of a PEFT / vera_fx adapter folder, checked; ValueError naming any problem."""
+    path = Path(directory)
+    if not path.exists():
+        raise ValueError(f"adapter folder {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"{str(path)!r} is a file, not an adapter folder (one holding {CONFIG_NAME} and "
+                         f"{WEIGHTS_NAME})")
+    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not config_path.is_file():
+        raise ValueError(f"{path} has no {CONFIG_NAME}: not an adapter folder (write one with vera_fx.save_adapter "
+                         "or PEFT's save_pretrained)")
+    if not weights_path.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise ValueError(f"{path} holds adapter_model.bin, a pickle, which vera_fx does not read: save it "
+                             "again with safe_serialization=True (PEFT's default) to get adapter_model.safetensors")
+        raise ValueError(f"{path} has no {WEIGHTS_NAME}; the adapter's weights are missing")
+    config = _read_config(config_path)
+    return config, _read_weights(weights_path)
+
+
+def _load_checked(gm: GraphModule, adapter_name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor],
+                  source: str) -> None:
+    """Check then copy ``tensors`` into the adapter, with PEFT's rules for absent projections."""
+    plan, missing_proj = _plan_load(gm, tensors, adapter_name, source)
+    state = adapter_state(gm, adapter_name)
+    if missing_proj and config.save_projection:
+        raise ValueError(f"{source}: save_projection=True but the file has no {missing_proj}; the checkpoint is "
+                         "incomplete: save it again")
+    if missing_proj:
+        warnings.warn(f"{source} has no projections (save_projection=False): adapter {adapter_name!r} uses those "
+                      f"regenerated from projection_prng_key={config.projection_prng_key}, which may differ across "
+                      "platforms", UserWarning, stacklevel=3)
+        if _standalone_projections_differ(gm, state):
+            warnings.warn(f"adapter {adapter_name!r} shares projections with a larger adapter of this graph, which "
+                          "differ from those its checkpoint was trained with; load it into a graph of its own "
+                          "(vera_fx.from_pretrained)", UserWarning, stacklevel=3)
+    _apply(plan)
+
+
+def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "default") -> None:
+    """Load the adapter saved in ``directory`` (by vera_fx or PEFT) into ``adapter_name`` of ``gm``.
+
+    When ``gm`` has no adapter of that name it is added first from the saved config (``add_adapter``: it is
+    then inactive when the graph already had an adapter; ``set_adapter`` activates it). Everything is checked
+    before anything changes; on any error the graph is left as it was.
+    """
+    from .adapters import ACTIVE_KEY, add_adapter, remove_adapter
+
+    config, tensors = read_checkpoint(directory)
+    source = str(Path(directory) / WEIGHTS_NAME)
+    container = getattr(gm, CONTAINER, None)
+    if container is not None and adapter_name in container:
+        have = container[adapter_name].config
+        if type(have) is not type(config):
+            raise ValueError(f"{directory}: peft_type={config.peft_type!r}, but adapter {adapter_name!r} on this "
+                             f"graph is {have.peft_type!r}: load it under another adapter_name")
+        _load_checked(gm, adapter_name, config, tensors, source)
+    else:
+        old_active = gm.meta.get(ACTIVE_KEY)
+        add_adapter(gm, adapter_name, config)
+        try:
+            _load_checked(gm, adapter_name, config, tensors, source)
+        except Exception:
+            remove_adapter(gm, adapter_name)
+            if old_active is None:
+                gm.meta.pop(ACTIVE_KEY, None)
+            else:
+                gm.meta[ACTIVE_KEY] = old_active
+            raise
+    logger.info("loaded adapter %r from %s", adapter_name, directory)
+
+
+def from_pretrained(model: nn.Module, directory: PathLike, *, example_inputs: Any = None,
+                    adapter_name: str = "default") -> GraphModule:
+    """Capture ``model`` and attach the adapter saved in ``directory`` (by vera_fx or PEFT) with its config.
+
+    The folder is checked before the (slow) capture; ``model`` is left unchanged.
+    """
+    from .passes.pipeline import transform
+
+    config, tensors = read_checkpoint(directory)
+    method_for(config)
+    gm = transform(model, config, example_inputs, adapter_name)
+    _load_checked(gm, adapter_name, config, tensors, str(Path(directory) / WEIGHTS_NAME))
+    return gm

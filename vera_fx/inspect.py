@@ -154,7 +154,7 @@ def summary(gm: GraphModule, include_unadapted: bool = False) -> str:
 
     model = gm.meta.get("vera_fx_model", {}).get("class", type(gm).__name__)
     adapted = sum(1 for r in rows if r["adapters"])
-    lines = [f"vera_fx summary of {model}: {adapted} adapted site(s)", fmt(header),
+    lines = [f"vera_fx summary of {model}: {adapted} adapted site(s)", fmt(header).rstrip(),
              "  ".join("-" * w for w in widths)]
     lines += [fmt(b).rstrip() for b in body]
     lines.append("  ".join("-" * w for w in widths))

@@ -136,13 +136,51 @@ def stand_ins(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[None]:
             _set_submodule(model, path, layer)
 
 
-def _graph_copy(layer: nn.Module) -> nn.Module:
+def _is_cpu_packed(weight: Any) -> bool:
+    return bool(getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
+def _unpack_cpu_weight(path: str, layer: nn.Module) -> None:
+    """Undo bnb's CPU inference packing of a 4-bit weight (done by an eval forward of the original model),
+    so that the graph's training path, which needs the canonical layout, can run."""
+    weight = layer.weight
+    if not _is_cpu_packed(weight):
+        return
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    logger.info("quantized: %s: unpacked the 4-bit weight that bitsandbytes had packed for CPU inference", path)
+
+
+def _refuse_packed_weight(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of graph-owned 4-bit layers: bnb's packed CPU kernel has no backward, so a weight
+    packed by an eval forward of the original model would silently stop gradients at this layer."""
+    x = args[0] if args else None
+    if (isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()
+            and _is_cpu_packed(module.weight)):
+        raise RuntimeError(
+            f"a bitsandbytes 4-bit layer ({module.in_features} -> {module.out_features}) has its weight packed "
+            "for CPU inference, because the original model ran in eval mode after vera_fx captured it; "
+            "bitsandbytes' packed kernel has no backward, so gradients would stop here. Do not run the original "
+            "model in eval mode while training the graph, or capture the model again")
+
+
+def _graph_copy(path: str, layer: nn.Module) -> nn.Module:
     """A shallow copy of a bnb layer that shares its weight objects (and quantization state) but owns its
-    parameter, buffer, module and hook dicts, so the graph can freeze or replace entries independently."""
+    parameter, buffer, module and hook dicts, so the graph can freeze or replace entries independently.
+
+    4-bit copies never take bnb's CPU inference packing (``support_avx512bf16_for_cpu``): packing rewrites the
+    shared weight in place, rounds its scales to bfloat16 (eval would then differ from training), fails with a
+    reshape error when in_features is not a multiple of the blocksize, and its kernel has no backward.
+    """
     new = copy.copy(layer)
     for key, value in vars(layer).items():
         if isinstance(value, dict):
             new.__dict__[key] = copy.copy(value)
+    if _bnb_base(type(layer), ("Linear4bit",)) is not None:
+        _unpack_cpu_weight(path, layer)
+        new.support_avx512bf16_for_cpu = False
+        new.register_forward_pre_hook(_refuse_packed_weight)
     return new
 
 
@@ -197,7 +235,7 @@ def restore_quantized(gm: GraphModule, layers: dict[str, nn.Module]) -> int:
             raise ValueError(f"bitsandbytes layer {path!r} ({type(layer).__name__}): the model reads its weight "
                              f"outside the layer's forward ({used[0].format_node()}); vera_fx can only capture "
                              "quantized layers that are called as modules")
-        _set_submodule(gm, path, _graph_copy(layer))
+        _set_submodule(gm, path, _graph_copy(path, layer))
     graph.lint()
     logger.info("quantized: %d bitsandbytes calls kept opaque (%d layers)", count, len(layers))
     return count

@@ -14,11 +14,13 @@ from typing import Any, Optional
 import torch
 from torch.fx import GraphModule, Node
 
-__all__ = ["Site", "SITE_KEY", "ADAPTER_KEY", "read_sites", "site_of", "site_output", "site_input",
+__all__ = ["Site", "SITE_KEY", "ADAPTER_KEY", "MERGED_KEY", "read_sites", "site_of", "site_output", "site_input",
            "adapter_nodes", "LINEAR_KINDS"]
 
 SITE_KEY = "vera_fx_site"
 ADAPTER_KEY = "vera_fx"
+# gm.meta key written by the merge pass: site name -> names of the adapters folded into its weight.
+MERGED_KEY = "vera_fx_merged"
 
 # Kinds of site: dense kinds are merged by adding to the weight; quantized kinds come from bitsandbytes.
 LINEAR_KINDS = ("linear", "conv1d", "int8", "nf4", "fp4")
@@ -94,7 +96,7 @@ def read_sites(gm: GraphModule) -> list[Site]:
         tag = n.meta.get(ADAPTER_KEY)
         if tag and tag.get("role") == "output":
             attached.setdefault(tag["site"], []).append(tag["adapter"])
-    merged: dict[str, tuple[str, ...]] = gm.meta.get("vera_fx_merged", {})
+    merged: dict[str, tuple[str, ...]] = gm.meta.get(MERGED_KEY) or {}
     sampling: dict[str, tuple[str, ...]] = {}
     for adapter_name, state in _adapter_states(gm):
         for site_name in state.method.sampling_sites(state):

@@ -2,5 +2,6 @@
 
 from .inject import InjectPass
 from .match import MatchPass, select_sites
+from .merge import MergePass, UnmergePass
 
-__all__ = ["MatchPass", "InjectPass", "select_sites"]
+__all__ = ["MatchPass", "InjectPass", "select_sites", "MergePass", "UnmergePass"]

@@ -1,0 +1,419 @@
+"""Merge pass: fold deterministic adapters into their sites' base weights; unmerge; write into the model.
+
+``MergePass`` computes ``W + delta`` for every site it folds (``Method.delta_weight``, transposed where the
+weight is stored (in, out) as in Conv1D; float32 arithmetic, cast back to the weight's dtype), then swaps the
+new weights in and erases the adapter nodes, so the graph is node for node the captured base graph.
+
+Copy-on-merge: the captured graph shares weight storage with the user's model, so merge never writes into
+a weight; it installs a new tensor at the weight's name and keeps the original object, which ``UnmergePass``
+puts back (exactly, unless the merged weight was changed in the meantime). The user's model is untouched;
+``merge_into`` is the explicit way to bake the adapters into it.
+
+Both passes are atomic: every new weight is computed (and, with ``safe_merge``, checked) before anything
+changes, and a failure while rewriting the graph restores the previous graph and weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..adapters import _MTS_TAG, active_adapters, adapters_disabled
+from ..methods import CONTAINER, AdapterState
+from ..sites import ADAPTER_KEY, MERGED_KEY, Site, read_sites
+from .inject import emit_adapter, remove_adapter_nodes
+
+__all__ = ["MergePass", "UnmergePass", "merge", "unmerge", "merge_into", "FOLDED_KEY"]
+
+logger = logging.getLogger(__name__)
+
+# gm.meta key: weight qualname -> _Folded, what unmerge needs to put the original weight back.
+FOLDED_KEY = "vera_fx_folded"
+
+_DENSE_KINDS = ("linear", "conv1d")
+
+
+@dataclass
+class _Fold:
+    """One weight to fold: its qualified name, its site (first call) and the adapters added to it."""
+
+    weight: str
+    site: Site
+    adapters: tuple[str, ...]
+
+
+@dataclass
+class _Folded:
+    """A merged weight: the tensor it replaced (restored by unmerge) and the one merge installed."""
+
+    site: str
+    adapters: tuple[str, ...]
+    original: torch.Tensor
+    merged: torch.Tensor
+    version: int  # merged._version when installed: a later in-place change shows up here
+
+
+def _get_tensor(module: nn.Module, qualname: str) -> torch.Tensor:
+    path, _, name = qualname.rpartition(".")
+    mod = module.get_submodule(path)
+    if name in mod._parameters and mod._parameters[name] is not None:
+        return mod._parameters[name]
+    if name in mod._buffers and mod._buffers[name] is not None:
+        return mod._buffers[name]
+    raise AttributeError(f"{qualname!r} is neither a parameter nor a buffer")
+
+
+def _set_tensor(module: nn.Module, qualname: str, value: torch.Tensor) -> None:
+    """Install ``value`` at ``qualname`` (a new object: whatever else held the old one keeps it)."""
+    path, _, name = qualname.rpartition(".")
+    mod = module.get_submodule(path)
+    if name in mod._parameters:
+        mod._parameters[name] = value
+    else:
+        mod._buffers[name] = value
+
+
+def _like(old: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """``data`` wrapped as ``old`` is: a Parameter with its requires_grad, or a plain tensor."""
+    if isinstance(old, nn.Parameter):
+        return nn.Parameter(data, requires_grad=old.requires_grad)
+    return data
+
+
+def _check_names(gm: GraphModule, adapter_names: Optional[Iterable[str]]) -> tuple[str, ...]:
+    container = getattr(gm, CONTAINER, None)
+    if container is None or len(container) == 0:
+        raise ValueError("this graph has no adapter to merge: create one with vera_fx.transform(model, config)")
+    if adapters_disabled(gm):
+        raise ValueError("the adapters are disabled (inside `with vera_fx.disable_adapters(gm)`): the graph computes "
+                         "the base model, so there is nothing to merge; merge after the block")
+    if adapter_names is None:
+        return tuple(active_adapters(gm))
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple, set)):
+        raise TypeError(f"adapter_names must be a list of adapter names or None, got {adapter_names!r}; "
+                        f"e.g. adapter_names=[{next(iter(container))!r}]")
+    unknown = [a for a in adapter_names if a not in container]
+    if unknown:
+        raise ValueError(f"adapter_names={list(adapter_names)!r}: {unknown} not on this graph; adapters: "
+                         f"{sorted(container)}")
+    return tuple(dict.fromkeys(adapter_names))
+
+
+def _unmergeable(gm: GraphModule, calls: list[Site], adapters: tuple[str, ...]) -> Optional[str]:
+    """Why the weight of a site (all its calls) cannot take ``adapters``, or None when it can."""
+    site = calls[0]
+    if site.kind not in _DENSE_KINDS:
+        return f"its kind {site.kind!r} has no dense weight (dequantize the model to merge)"
+    if site.weight is None or any(c.weight != site.weight for c in calls):
+        return "its weight is computed in the graph, not read from a parameter"
+    missing = [a for a in adapters for c in calls if a not in c.adapters]
+    if missing:
+        return f"adapter(s) {sorted(set(missing))} are attached to only some of its calls"
+    bases = {c.base for c in calls}
+    others = [u.name for n in gm.graph.nodes if n.op == "get_attr" and n.target == site.weight
+              for u in n.users if u not in bases]
+    if others:
+        return (f"its weight {site.weight!r} is also read by {others[:3]} (tied weights); untie it or leave the "
+                "site out of target_modules")
+    return None
+
+
+def _plan(gm: GraphModule, names: tuple[str, ...]) -> tuple[list[_Fold], dict[str, str]]:
+    """The weights to fold for ``names`` (adapters attached and not sampling), and skipped site -> reason."""
+    container = getattr(gm, CONTAINER)
+    calls_by_site: dict[str, list[Site]] = {}
+    for s in read_sites(gm):
+        calls_by_site.setdefault(s.name, []).append(s)
+    sampling = {a: set(container[a].method.sampling_sites(container[a])) for a in names}
+    folds: list[_Fold] = []
+    skipped: dict[str, str] = {}
+    for name, calls in calls_by_site.items():
+        attached = tuple(a for a in names if any(a in c.adapters for c in calls))
+        samples = tuple(a for a in attached if name in sampling[a])
+        if samples:
+            skipped[name] = f"adapter(s) {list(samples)} sample at inference"
+        deterministic = tuple(a for a in attached if a not in samples)
+        if not deterministic:
+            continue
+        reason = _unmergeable(gm, calls, deterministic)
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        folds.append(_Fold(calls[0].weight, calls[0], deterministic))
+    return folds, skipped
+
+
+def _delta(state: AdapterState, site: Site, like: torch.Tensor) -> torch.Tensor:
+    """The adapter's update in the weight's layout, float32, on the weight's device."""
+    with torch.no_grad():
+        delta = state.method.delta_weight(state, site).detach()
+    if site.fan_in_fan_out:
+        delta = delta.T
+    if tuple(delta.shape) != tuple(like.shape):
+        raise ValueError(f"site {site.name!r}: the adapter's delta has shape {tuple(delta.shape)} but the weight "
+                         f"{site.weight!r} has shape {tuple(like.shape)}; the graph's weight was replaced by one of "
+                         "another shape: capture and transform the model again")
+    return delta.to(device=like.device, dtype=torch.float32)
+
+
+def _folded_weight(gm: GraphModule, fold: _Fold, weight: torch.Tensor, safe_merge: bool,
+                   sign: float = 1.0) -> torch.Tensor:
+    """``weight + sign * sum(deltas)`` as a new tensor of the weight's dtype, computed in float32."""
+    container = getattr(gm, CONTAINER)
+    acc = weight.detach().to(torch.float32, copy=True)
+    for a in fold.adapters:
+        acc.add_(_delta(container[a], fold.site, acc), alpha=sign)
+    if safe_merge and not bool(torch.isfinite(acc).all()):
+        raise ValueError(f"safe_merge=True: merging adapter(s) {list(fold.adapters)} into site {fold.site.name!r} "
+                         f"gives non-finite values in {fold.weight!r}; nothing was changed. Check that adapter's "
+                         "lambdas (vera_fx_adapters.<adapter>.sites.<site>) for NaN/inf, e.g. from a diverged run")
+    return acc.to(weight.dtype)
+
+
+def _warn_skipped(skipped: dict[str, str], what: str) -> None:
+    if skipped:
+        detail = "; ".join(f"{name!r}: {why}" for name, why in skipped.items())
+        warnings.warn(f"{what} at {len(skipped)} site(s), left as adapter nodes: {detail}", UserWarning,
+                      stacklevel=4)
+
+
+def _drop_unused_training(gm: GraphModule) -> None:
+    """Erase the ``get_attr('training')`` node the adapters added when nothing reads it any more."""
+    for n in list(gm.graph.nodes):
+        if n.op == "get_attr" and n.target == "training" and not n.users:
+            gm.graph.erase_node(n)
+
+
+class _Atomic:
+    """Restores ``gm``'s graph and the given tensors when the block raises."""
+
+    def __init__(self, gm: GraphModule, qualnames: Iterable[str]) -> None:
+        self.gm = gm
+        self.qualnames = list(qualnames)
+
+    def __enter__(self) -> "_Atomic":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's pytree spec deprecation inside deepcopy
+            self.graph = copy.deepcopy(self.gm.graph)
+        self.tensors = {q: _get_tensor(self.gm, q) for q in self.qualnames}
+        self.meta = {k: copy.copy(self.gm.meta.get(k)) for k in (MERGED_KEY, FOLDED_KEY)}
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
+        if exc_type is not None:
+            self.gm.graph = self.graph  # the setter recompiles
+            for q, t in self.tensors.items():
+                _set_tensor(self.gm, q, t)
+            for k, v in self.meta.items():
+                if v is None:
+                    self.gm.meta.pop(k, None)
+                else:
+                    self.gm.meta[k] = v
+        return False
+
+
+def _graph_module(gm: object, fn: str) -> GraphModule:
+    """``gm`` itself, or the GraphModule inside a ``torch.compile`` wrapper (changed in place: it recompiles)."""
+    inner = getattr(gm, "_orig_mod", gm)
+    if not isinstance(inner, GraphModule):
+        raise TypeError(f"{fn} takes the GraphModule from vera_fx.transform (or torch.compile of it), got "
+                        f"{type(gm).__name__}")
+    return inner
+
+
+class MergePass(PassBase):
+    """Fold ``adapter_names`` (default: the active adapters) into their sites' weights; erase their nodes."""
+
+    def __init__(self, adapter_names: Optional[Iterable[str]] = None, safe_merge: bool = False) -> None:
+        super().__init__()
+        self.adapter_names = adapter_names
+        self.safe_merge = safe_merge
+
+    def requires(self, graph_module: GraphModule) -> None:
+        _graph_module(graph_module, "merge")
+        if not isinstance(self.safe_merge, bool):
+            raise TypeError(f"safe_merge must be a bool, got {self.safe_merge!r}")
+        _check_names(graph_module, self.adapter_names)
+
+    def call(self, graph_module: GraphModule) -> PassResult:
+        gm = graph_module
+        names = _check_names(gm, self.adapter_names)
+        folds, skipped = _plan(gm, names)
+        _warn_skipped(skipped, "merge cannot fold")
+        if not folds:
+            already = sorted({a for ads in (gm.meta.get(MERGED_KEY) or {}).values() for a in ads} & set(names))
+            (warnings.warn if self.adapter_names is not None else logger.info)(
+                f"merge: nothing to fold for adapters {list(names)}" +
+                (f" ({already} already merged: call vera_fx.unmerge first to merge again)" if already else ""))
+            return PassResult(gm, False)
+        new = {f.weight: _folded_weight(gm, f, _get_tensor(gm, f.weight), self.safe_merge) for f in folds}
+
+        with _Atomic(gm, new):
+            merged_meta: dict[str, tuple[str, ...]] = dict(gm.meta.get(MERGED_KEY) or {})
+            folded: dict[str, _Folded] = dict(gm.meta.get(FOLDED_KEY) or {})
+            for f in folds:
+                old = _get_tensor(gm, f.weight)
+                value = _like(old, new[f.weight])
+                _set_tensor(gm, f.weight, value)
+                prev = folded.get(f.weight)
+                folded[f.weight] = _Folded(f.site.name, (prev.adapters if prev else ()) + f.adapters,
+                                           prev.original if prev else old, value, value._version)
+                merged_meta[f.site.name] = merged_meta.get(f.site.name, ()) + f.adapters
+            for a in names:
+                sites = {f.site.name for f in folds if a in f.adapters}
+                if sites:
+                    remove_adapter_nodes(gm, a, sites)
+            _drop_unused_training(gm)
+            gm.meta[MERGED_KEY] = merged_meta
+            gm.meta[FOLDED_KEY] = folded
+            gm.graph.lint()
+            gm.recompile()
+        logger.info("merge: folded %s into %d weights", sorted({a for f in folds for a in f.adapters}), len(folds))
+        return PassResult(gm, True)
+
+    def ensures(self, graph_module: GraphModule) -> None:
+        graph_module.graph.lint()
+
+
+class UnmergePass(PassBase):
+    """Put back every merged weight and re-emit the merged adapters' nodes."""
+
+    def requires(self, graph_module: GraphModule) -> None:
+        _graph_module(graph_module, "unmerge")
+
+    def call(self, graph_module: GraphModule) -> PassResult:
+        gm = graph_module
+        folded: dict[str, _Folded] = dict(gm.meta.get(FOLDED_KEY) or {})
+        if not folded:
+            logger.info("unmerge: nothing is merged")
+            return PassResult(gm, False)
+        restored = {q: self._restored(gm, q, rec) for q, rec in folded.items()}
+        merged_meta: dict[str, tuple[str, ...]] = dict(gm.meta.get(MERGED_KEY) or {})
+        with _Atomic(gm, restored):
+            for q, value in restored.items():
+                _set_tensor(gm, q, value)
+            for a in getattr(gm, CONTAINER):
+                sites = {s for s, ads in merged_meta.items() if a in ads}
+                if sites:
+                    emit_adapter(gm, a, sites)
+            gm.meta.pop(MERGED_KEY, None)
+            gm.meta.pop(FOLDED_KEY, None)
+            gm.graph.lint()
+            gm.recompile()
+        logger.info("unmerge: restored %d weights", len(restored))
+        return PassResult(gm, True)
+
+    @staticmethod
+    def _restored(gm: GraphModule, qualname: str, rec: _Folded) -> torch.Tensor:
+        """The original tensor when the merged one is untouched; else the current one minus the deltas."""
+        current = _get_tensor(gm, qualname)
+        orig = rec.original
+        if current is rec.merged and current._version == rec.version and orig.shape == current.shape:
+            if orig.dtype == current.dtype and orig.device == current.device:
+                return orig
+            return _like(current, orig.detach().to(device=current.device, dtype=current.dtype))
+        warnings.warn(f"unmerge: the merged weight {qualname!r} (site {rec.site!r}) was changed after merge; "
+                      "restoring it by subtracting the adapters' current delta (exact only up to rounding)",
+                      UserWarning, stacklevel=4)
+        site = next(s for s in read_sites(gm) if s.name == rec.site)
+        fold = _Fold(qualname, site, rec.adapters)
+        return _like(current, _folded_weight(gm, fold, current, safe_merge=False, sign=-1.0))
+
+    def ensures(self, graph_module: GraphModule) -> None:
+        graph_module.graph.lint()
+
+
+def merge(gm: GraphModule, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> GraphModule:
+    """Fold the active (or the named) deterministic adapters into the base weights; returns ``gm`` changed.
+
+    The graph becomes node for node the captured base graph at the folded sites. Sites that sample at
+    inference, quantized sites and tied weights stay as adapter nodes, with a warning naming them.
+    Copy-on-merge: folded weights are new tensors, so the model ``gm`` was captured from is never changed.
+    ``safe_merge=True`` raises ValueError naming the site when a merged weight is not finite. Atomic: on any
+    error ``gm`` is left as it was. Merging an already merged adapter is a no-op (nothing is added twice).
+    """
+    MergePass(adapter_names, safe_merge)(_graph_module(gm, "merge"))
+    return gm
+
+
+def unmerge(gm: GraphModule) -> GraphModule:
+    """Undo every merge: the original weight tensors go back (exact) and the adapter nodes are re-emitted.
+
+    A merged weight changed in the meantime (e.g. by ``load_state_dict``) is restored by subtraction instead,
+    with a warning. A graph with nothing merged is returned unchanged.
+    """
+    UnmergePass()(_graph_module(gm, "unmerge"))
+    return gm
+
+
+def _tied_names(model: nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
+def merge_into(model: nn.Module, gm: GraphModule, safe_merge: bool = False) -> nn.Module:
+    """Write ``gm``'s adapted weights into ``model`` (the module ``gm`` was captured from); returns ``model``.
+
+    Afterwards ``model`` alone computes what ``gm`` computes in eval mode (so ``generate()`` and
+    ``save_pretrained()`` carry the adapters): merged weights are copied over; active adapters not merged in
+    ``gm`` are folded on the way (``gm`` itself is not changed); trained base parameters (``bias="all"``,
+    ``modules_to_save``) are copied too. Matching is by parameter name; every name, shape and tie is
+    checked before anything is written. The model's Parameter objects are kept, with new storage, so ``gm``
+    (which may share storage with them) keeps its values.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"merge_into takes the nn.Module gm was captured from as model, got {type(model).__name__}")
+    _require_graph_module(gm, "merge_into")
+    if not isinstance(safe_merge, bool):
+        raise TypeError(f"safe_merge must be a bool, got {safe_merge!r}")
+    names = active_adapters(gm)
+    folds, skipped = _plan(gm, names) if names else ([], {})
+    _warn_skipped(skipped, "merge_into cannot bake the adapters into the model")
+    new: dict[str, torch.Tensor] = {f.weight: _folded_weight(gm, f, _get_tensor(gm, f.weight), safe_merge)
+                                    for f in folds}
+    problems: list[str] = []
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        if name.startswith(CONTAINER + ".") or name in new:
+            continue
+        try:
+            mp = model.get_parameter(name)
+        except AttributeError:
+            continue  # checked below only when it holds something to write
+        if p.data_ptr() != mp.data_ptr() or p.shape != mp.shape:
+            new[name] = p.detach()
+    ties = _tied_names(model)
+    captured_from = (gm.meta.get("vera_fx_model") or {}).get("class")
+    for name, value in new.items():
+        try:
+            mp = model.get_parameter(name)
+        except AttributeError:
+            problems.append(f"{name!r}: no such parameter on {type(model).__name__}")
+            continue
+        if tuple(mp.shape) != tuple(value.shape):
+            problems.append(f"{name!r}: shape {tuple(mp.shape)} on the model, {tuple(value.shape)} on the graph")
+        others = [n for n in ties.get(id(mp), []) if n != name and n not in new]
+        if others:
+            problems.append(f"{name!r} is tied to {others}: writing it would change those too; untie the weights "
+                            "(e.g. tie_word_embeddings=False) or leave that site out of target_modules")
+    if problems:
+        raise ValueError(f"merge_into: the graph does not fit {type(model).__name__} (captured from "
+                         f"{captured_from}); nothing was written: " + "; ".join(problems[:5]) +
+                         (" ..." if len(problems) > 5 else ""))
+    with torch.no_grad():
+        for name, value in new.items():
+            mp = model.get_parameter(name)
+            mp.data = value.detach().to(device=mp.device, dtype=mp.dtype, copy=True)
+    logger.info("merge_into: wrote %d parameters into %s (%d folded from adapters %s)", len(new),
+                type(model).__name__, len(folds), list(names))
+    return model
+

@@ -1,0 +1,116 @@
+"""PVeRA's run-time sampling switches and its KL term.
+
+``set_sample_at_inference`` flips the per-site bools that the graph's sampling nodes read (no re-capture;
+torch.compile recompiles once per new value). ``kl_divergence`` sums the KL scalars the graph recorded in
+the last forward, so it is differentiable and needs no extra switch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from .methods import CONTAINER, AdapterState
+from .methods.pvera import KL_RECORD, SAMPLE_SWITCH, PveraMethod, pvera_record_kl
+from .sites import ADAPTER_KEY
+
+__all__ = ["set_sample_at_inference", "kl_divergence", "pvera_states", "unwrap"]
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap(gm: nn.Module) -> GraphModule:
+    """The GraphModule behind ``gm`` (``torch.compile`` wraps it in an OptimizedModule)."""
+    inner = getattr(gm, "_orig_mod", gm)
+    if not isinstance(inner, GraphModule):
+        raise TypeError(f"gm must be a GraphModule made by vera_fx.transform, got {type(gm).__name__}")
+    return inner
+
+
+def pvera_states(gm: nn.Module, adapter_name: Optional[str] = None) -> dict[str, AdapterState]:
+    """The PVeRA adapters of ``gm`` by name (only ``adapter_name`` when given).
+
+    ValueError when there is none, when ``adapter_name`` is missing or when it is not a PVeRA adapter.
+    """
+    container = getattr(unwrap(gm), CONTAINER, None)
+    states = dict(container.items()) if container is not None else {}
+    pvera = {k: s for k, s in states.items() if isinstance(s.method, PveraMethod)}
+    if adapter_name is not None:
+        if adapter_name not in states:
+            raise ValueError(f"adapter_name={adapter_name!r} is not on this graph; adapters: {sorted(states)}")
+        if adapter_name not in pvera:
+            raise ValueError(f"adapter_name={adapter_name!r} is a {states[adapter_name].method_name} adapter; "
+                             f"sampling and the KL term exist for PVeRA adapters only: {sorted(pvera) or 'none'}")
+        return {adapter_name: pvera[adapter_name]}
+    if not pvera:
+        raise ValueError(f"this graph has no PVeRA adapter (adapters: {sorted(states) or 'none'}); create one with "
+                         "vera_fx.transform(model, vera_fx.PveraConfig(...))")
+    return pvera
+
+
+def set_sample_at_inference(gm: nn.Module, value: Union[bool, dict[str, bool]],
+                            adapter_name: str = "default") -> None:
+    """Switch sampling at inference on or off for every site (``True`` / ``False``) or for the named sites
+    (``{site name: bool}``; sites left out keep their setting). Training mode always samples.
+
+    The graph reads the switches at run time: nothing is re-captured, and a compiled graph recompiles once
+    per new combination. Everything is checked before anything changes.
+    """
+    state = pvera_states(gm, adapter_name)[adapter_name]
+    sites = state.site_names
+    if isinstance(value, bool):
+        wanted = {s: value for s in sites}
+    elif isinstance(value, dict):
+        unknown = sorted(k for k in value if k not in sites)
+        if unknown:
+            raise ValueError(f"set_sample_at_inference: unknown sites {unknown} for adapter {adapter_name!r}; its "
+                             f"sites are {sites}")
+        bad = {k: v for k, v in value.items() if not isinstance(v, bool)}
+        if bad:
+            raise ValueError(f"set_sample_at_inference: values must be True or False, got {bad}")
+        wanted = dict(value)
+    else:
+        raise TypeError(f"set_sample_at_inference: value must be True, False or a dict {{site name: bool}}, got "
+                        f"{type(value).__name__} {value!r}")
+    for site, on in wanted.items():
+        setattr(state.site_module(site), SAMPLE_SWITCH, on)
+    state.switches["sample_at_inference"] = {s: getattr(state.site_module(s), SAMPLE_SWITCH) for s in sites}
+    logger.debug("adapter %r samples at inference at %d of %d sites", adapter_name,
+                 sum(state.switches["sample_at_inference"].values()), len(sites))
+
+
+def kl_divergence(gm: nn.Module, adapter_name: Optional[str] = None) -> torch.Tensor:
+    """The KL term of the last forward: per site the mean over every element of
+    ``-0.5 * (1 + logvar - mu^2 - exp(logvar))`` (the mean over the calls of a shared layer), summed over
+    sites and over the PVeRA adapters (only ``adapter_name``'s when given).
+
+    Differentiable when the forward ran with gradients; add ``beta * kl_divergence(gm)`` to the loss. The
+    graph records one scalar per call and replaces it at every forward, so memory does not grow.
+    """
+    inner = unwrap(gm)
+    states = pvera_states(inner, adapter_name)
+    per_site: dict[tuple[str, str], list[torch.Tensor]] = {}
+    missing = []
+    for node in inner.graph.nodes:
+        if node.op != "call_function" or node.target is not pvera_record_kl:
+            continue
+        tag = node.meta.get(ADAPTER_KEY) or {}
+        name = tag.get("adapter")
+        if name not in states:
+            continue
+        value = getattr(states[name], KL_RECORD).values.get(node.args[3])
+        if value is None:
+            missing.append(tag.get("site"))
+            continue
+        per_site.setdefault((name, tag["site"]), []).append(value)
+    if missing or not per_site:
+        which = repr(adapter_name) if adapter_name is not None else f"{sorted(states)}"
+        raise ValueError(f"kl_divergence: no KL term recorded for adapter {which}"
+                         f"{f' at sites {sorted(set(missing))[:5]}' if missing else ' (no PVeRA nodes in the graph)'}"
+                         "; run a forward pass first (merged adapters have no KL term)")
+    terms = [torch.stack(v).mean() if len(v) > 1 else v[0] for v in per_site.values()]
+    return torch.stack(terms).sum() if len(terms) > 1 else terms[0]
