@@ -3,8 +3,9 @@
 State: one ``AdapterState`` at ``gm.vera_fx_adapters[adapter_name]`` holding the shared projections (sized
 to the largest targeted site, sliced per site in the graph) and per-site lambda parameters. Nodes: whatever
 the method emits after each site's output, reached through get_attr nodes. Only the lambdas (plus biases for
-``bias="all"`` / ``"<method>_only"`` and ``modules_to_save`` copies) are trainable; those base parameters are
-cloned first, so training never writes into the user's model.
+``bias="all"`` / ``"<method>_only"`` and ``modules_to_save`` copies) are trainable; biases are cloned first and
+``modules_to_save`` copies belong to the adapter (vera_fx/adapters.py), so training never writes into the
+user's model. Later adapters of a method share the first one's projections (``shared_projections``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ def training_node(gm: GraphModule) -> Node:
     first = next(n for n in gm.graph.nodes if n.op != "placeholder")
     with gm.graph.inserting_before(first), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return gm.graph.get_attr("training")
+        node = gm.graph.get_attr("training")
+    # Added for the adapters (the base graph had no dropout): removed again with the last adapter node.
+    node.meta[ADAPTER_KEY] = {"site": None, "adapter": None, "role": "mode", "base": None, "name": "training"}
+    return node
 
 
 def adapter_container(gm: GraphModule) -> nn.ModuleDict:
@@ -110,7 +114,11 @@ class InjectPass(PassBase):
         in_max = max(s.in_features for s in chosen)
         out_max = max(s.out_features for s in chosen)
         device = _device(gm, chosen[0])
-        a, b = method.init_projections(cfg, in_max, out_max)
+        from ..adapters import shared_projections  # late import: adapters builds on this pass
+
+        # Adapters of one method share the first one's projections (views, sliced to a lower r).
+        shared = shared_projections(gm, cfg, method, in_max, out_max)
+        a, b = shared if shared is not None else method.init_projections(cfg, in_max, out_max)
         state = AdapterState(cfg, method)
         dtype = _float_dtype(gm, chosen[0])
         state.register_buffer(f"{method.prefix}_A", a.to(device=device, dtype=dtype))
@@ -132,25 +140,18 @@ class InjectPass(PassBase):
         return PassResult(gm, True)
 
     def _mark_trainable(self, gm: GraphModule, cfg: AdapterConfig, chosen: list[Site]) -> None:
-        if cfg.bias == "all":
-            for qualname, _ in list(gm.named_parameters()):
-                if qualname.split(".")[-1] == "bias" and not qualname.startswith(CONTAINER + "."):
-                    _make_trainable_copy(gm, qualname)
-        elif cfg.bias != "none":  # "<method>_only": the biases of adapted sites
-            for s in chosen:
-                if s.bias is not None and _is_param(gm, s.bias):
-                    _make_trainable_copy(gm, s.bias)
-        for module_name in cfg.modules_to_save or []:
-            paths = [n for n, _ in gm.named_modules() if n == module_name or n.endswith("." + module_name)]
-            paths = [p for p in paths if not p.startswith(CONTAINER)]
-            if not paths:
-                raise ValueError(f"modules_to_save={cfg.modules_to_save!r}: {module_name!r} names no module of "
-                                 "the graph")
-            for path in paths:
-                for pname, _ in list(gm.get_submodule(path).named_parameters()):
-                    _make_trainable_copy(gm, f"{path}.{pname}")
-                getattr(gm, CONTAINER)[self.adapter_name].modules_to_save_paths = sorted(
-                    set(getattr(getattr(gm, CONTAINER)[self.adapter_name], "modules_to_save_paths", [])) | {path})
+        # modules_to_save: trainable copies owned by the adapter (the graph reads them while it is active).
+        if cfg.modules_to_save:
+            from ..adapters import attach_modules_to_save  # late import: adapters builds on this pass
+
+            attach_modules_to_save(gm, self.adapter_name, cfg.modules_to_save)
+        if cfg.bias != "none":  # "all", or "<method>_only": the biases of adapted sites (PEFT's checkpoint keys)
+            from ..checkpoint import bias_targets
+
+            for mod, leaf in bias_targets(gm, getattr(gm, CONTAINER)[self.adapter_name]).values():
+                p = mod._parameters[leaf]
+                if not p.requires_grad:
+                    mod._parameters[leaf] = nn.Parameter(p.detach().clone(), requires_grad=True)
 
 
 def _is_own_node(node: Node, site: str, adapter: str) -> bool:
@@ -188,6 +189,9 @@ def emit_adapter(gm: GraphModule, adapter_name: str, site_names: Optional[set[st
         y.replace_all_uses_with(out, delete_user_cb=lambda u, out=out, s=site.name: u is not out
                                 and not _is_own_node(u, s, adapter_name))
         count += 1
+    from .share import share_projections  # late import: share builds on the nodes emitted here
+
+    share_projections(gm)
     gm.graph.lint()
     gm.recompile()
     return count
@@ -209,10 +213,18 @@ def remove_adapter_nodes(gm: GraphModule, adapter_name: str, site_names: Optiona
         y = add.args[0]
         out.replace_all_uses_with(y)
         own = [n for n in graph.nodes if (n.meta.get(ADAPTER_KEY) or {}).get("adapter") == adapter_name
-               and n.meta[ADAPTER_KEY].get("base") == tag["base"]]
+               and tag["base"] in (n.meta[ADAPTER_KEY].get("bases") or [n.meta[ADAPTER_KEY].get("base")])]
         for n in reversed(own):
-            graph.erase_node(n)
+            if n.users:  # shared with another site (share pass): that site still reads it
+                bases = n.meta[ADAPTER_KEY].get("bases") or [n.meta[ADAPTER_KEY]["base"]]
+                n.meta[ADAPTER_KEY]["bases"] = [b for b in bases if b != tag["base"]]
+            else:
+                graph.erase_node(n)
         cleared += 1
+    for n in graph.nodes:
+        if (n.meta.get(ADAPTER_KEY) or {}).get("role") == "mode" and not n.users:
+            graph.erase_node(n)
+            break
     graph.lint()
     gm.recompile()
     return cleared
