@@ -35,7 +35,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="VeRA on a small GPT-2 (Conv1D sites).")
     parser.add_argument("--steps", type=int, default=80, help="training steps (default 80)")
     parser.add_argument("--r", type=int, default=64, help="VeRA rank (default 64)")
-    parser.add_argument("--lr", type=float, default=2e-2, help="AdamW learning rate (default 2e-2)")
+    parser.add_argument("--lr", type=float, default=5e-2, help="AdamW learning rate (default 5e-2)")
     parser.add_argument("--quick", action="store_true", help="5 steps: a smoke test")
     args = parser.parse_args(argv)
     steps = 5 if args.quick else args.steps
@@ -49,8 +49,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         eos_token_id=0)
     model = GPT2LMHeadModel(config).eval()
 
-    # c_proj names both the attention output and the MLP output projection: three Conv1D sites per block.
-    vera_config = vera_fx.VeraConfig(r=args.r, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    # Every Conv1D of the blocks; c_proj names both the attention and the MLP output projections.
+    vera_config = vera_fx.VeraConfig(r=args.r, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
     start = time.perf_counter()
     gm = vera_fx.transform(model, vera_config)
     print(f"capture + transform: {time.perf_counter() - start:.1f} s")

@@ -7,7 +7,8 @@ from typing import Optional
 from torch.fx import GraphModule
 
 from .capture import CaptureError, capture
-from .checkpoint import adapter_state_dict, load_adapter_state_dict
+from .adapters import active_adapters, add_adapter, delete_adapter, disable_adapters, set_adapter
+from .checkpoint import adapter_state_dict, from_pretrained, load_adapter, load_adapter_state_dict, save_adapter
 from .config import PveraConfig, VeraConfig
 from .passes.pipeline import transform
 from .passes.merge import merge, merge_into, unmerge
@@ -19,7 +20,8 @@ from .inspect import print_trainable_parameters, summary, to_dot, to_networkx, t
 
 __all__ = [
     "VeraConfig", "PveraConfig", "transform", "capture", "CaptureError", "sites", "Site",
-    "adapter_state_dict", "load_adapter_state_dict",
+    "adapter_state_dict", "load_adapter_state_dict", "save_adapter", "load_adapter", "from_pretrained",
+    "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "active_adapters",
     "set_sample_at_inference", "kl_divergence", "monte_carlo", "confidence_interval",
     "merge", "unmerge", "merge_into",
     "summary", "trainable_parameters", "print_trainable_parameters", "to_networkx", "to_dot", "view",

@@ -24,10 +24,11 @@ from torch.fx import GraphModule
 
 from .config import AdapterConfig
 from .methods import CONTAINER, AdapterState, Method, method_for
-from .sites import ADAPTER_KEY, SITE_KEY
+from .sites import ADAPTER_KEY, MERGED_KEY, SITE_KEY
 
 __all__ = ["add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "active_adapters",
-           "shared_projections", "attach_modules_to_save", "resolve_modules_to_save"]
+           "adapters_disabled", "shared_projections", "attach_modules_to_save", "resolve_modules_to_save",
+           "modules_to_save_copy", "remove_adapter"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def adapters_disabled(gm: GraphModule) -> bool:
 
 
 def _merged_adapters(gm: GraphModule) -> set[str]:
-    return {a for names in gm.meta.get("vera_fx_merged", {}).values() for a in names}
+    return {a for names in (gm.meta.get(MERGED_KEY) or {}).values() for a in names}
 
 
 def _check_not_merged(gm: GraphModule, names: Sequence[str], action: str) -> None:
@@ -221,8 +222,11 @@ def _sync(gm: GraphModule) -> None:
     merged = _merged_adapters(gm)
     _mts_owners(gm, live)  # conflicts raise before anything changes
     changed = False
+    missing = [n for n in live if n not in merged and not _has_nodes(gm, n)]
     for name in container:
-        if name not in live and name not in merged and _has_nodes(gm, name):
+        # Re-emitting every live adapter when one is missing keeps the sum in the active list's order, so one
+        # active list always gives one graph (and bit-identical outputs).
+        if name not in merged and (name not in live or missing) and _has_nodes(gm, name):
             remove_adapter_nodes(gm, name)
             changed = True
     for name in live:
@@ -309,6 +313,8 @@ def add_adapter(gm: GraphModule, adapter_name: str, config: AdapterConfig) -> No
     old = gm.meta.get(ACTIVE_KEY)
     if had:
         gm.meta[ACTIVE_KEY] = active_adapters(gm)  # the new adapter stays out of the active list
+    else:
+        gm.meta.pop(ACTIVE_KEY, None)  # the first adapter is active
     try:
         _run(gm, passes)
     except Exception:
@@ -352,6 +358,8 @@ def remove_adapter(gm: GraphModule, adapter_name: str) -> None:
     _route_modules_to_save(gm, [n for n in ([] if adapters_disabled(gm) else active_adapters(gm))
                                 if n != adapter_name])
     del container[adapter_name]
+    if len(container) == 0:
+        gm.meta.pop(ACTIVE_KEY, None)  # the next adapter added is active again
     gm.graph.lint()
     gm.recompile()
     _sync(gm)

@@ -214,6 +214,9 @@ def peft_config_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str
     data.pop("vera_fx_version", None)
     if data.get("target_modules") is None:  # PEFT writes the targets it resolved
         data["target_modules"] = sorted({s.rpartition(".")[2] for s in state.site_names})
+    kinds = {s.fan_in_fan_out for s in read_sites(gm) if s.name in set(state.site_names)}
+    if len(kinds) == 1:  # what the sites store, as PEFT writes it after correcting the config
+        data["fan_in_fan_out"] = kinds.pop()
     info = gm.meta.get("vera_fx_model", {})
     data.update(peft_type=state.config.peft_type, task_type=None, inference_mode=True, revision=None,
                 base_model_name_or_path=info.get("name_or_path"), auto_mapping=None, peft_version=None)

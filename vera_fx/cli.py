@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="show progress logs")
 
-    p = sub.add_parser("inspect", parents=[common], help="transform a local transformers model and print its adapter sites",
+    p = sub.add_parser("inspect", parents=[common],
+                       help="transform a local transformers model and print its adapter sites",
                        description="Load a saved transformers model folder, attach a VeRA / PVeRA adapter and "
                                    "print the table of adapted sites with parameter counts.",
                        epilog="example: vera-fx inspect ./my-model --target-modules query,value --r 64")
@@ -137,6 +138,13 @@ def _load_model(model_dir: str) -> Any:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    dot = Path(args.dot) if args.dot else None
+    if dot is not None:  # checked before the (slow) load and capture
+        if not dot.parent.is_dir():
+            raise UsageError(f"--dot={args.dot!r}: the folder {str(dot.parent)!r} does not exist; create it first")
+        if dot.suffix.lower() == ".svg" and shutil.which("dot") is None:
+            raise UsageError(f"--dot={args.dot!r} asks for SVG, but graphviz's dot binary is not installed: "
+                             "install graphviz, or write a .dot file")
     model = _load_model(args.model_dir)
     import vera_fx
 
@@ -144,13 +152,9 @@ def _inspect(args: argparse.Namespace) -> int:
     config = config_cls(r=args.r, target_modules=args.target_modules)
     gm = vera_fx.transform(model, config)
     print(vera_fx.summary(gm, include_unadapted=args.all_sites))
-    if args.dot:
-        out = Path(args.dot)
-        if out.parent and not out.parent.is_dir():
-            raise UsageError(f"--dot={args.dot!r}: the folder {str(out.parent)!r} does not exist; create it first")
-        view = vera_fx.view(gm, adapters_only=args.adapters_only)
-        view.save(out)
-        print(f"wrote the graph to {out}")
+    if dot is not None:
+        vera_fx.view(gm, adapters_only=args.adapters_only).save(dot)
+        print(f"wrote the graph to {dot}")
     return 0
 
 

@@ -3,8 +3,9 @@
 Everything is read from the graph itself (``node.meta`` tags set by the match pass and the method's emitter,
 and the adapter state on the GraphModule), so a view is always in step with the graph it shows.
 Roles of nodes: ``base`` (a linear-like call), ``projection`` (the shared A / B and ``x @ A.T``), ``lambda``
-(the per-site vectors), ``sampling`` (PVeRA's noise), ``adapter`` (the rest of the adapter's arithmetic)
-and ``output`` (the node that adds the adapter to the base output).
+(the per-site vectors), ``sampling`` (PVeRA's noise), ``adapter`` (the rest of the adapter's arithmetic),
+``output`` (the node that adds the adapter to the base output) and ``mode`` (the graph's ``training`` flag
+that dropout and sampling read).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import networkx as nx
 import torch
 from torch.fx import GraphModule, Node
 
+from .adapters import active_adapters, adapters_disabled
+from .methods import CONTAINER
 from .sites import ADAPTER_KEY, SITE_KEY, Site, read_sites
 
-__all__ = ["summary", "summary_rows", "summary_html", "trainable_parameters", "print_trainable_parameters", "to_networkx",
-           "to_dot", "view", "GraphView", "ROLE_COLORS"]
+__all__ = ["summary", "summary_rows", "summary_html", "trainable_parameters", "print_trainable_parameters",
+           "to_networkx", "to_dot", "view", "render_svg", "GraphView", "ROLE_COLORS"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +39,8 @@ ROLE_COLORS: dict[str, str] = {
     "sampling": "#dadaeb",
     "adapter": "#fff7bc",
     "output": "#fc9272",
+    "mode": "#e0e0e0",
 }
-_CONTAINER = "vera_fx_adapters"
 
 
 # --------------------------------------------------------------------------------------------- parameters
@@ -67,19 +70,19 @@ def print_trainable_parameters(gm: torch.nn.Module) -> None:
 # --------------------------------------------------------------------------------------------- summary
 
 def _adapter_states(gm: GraphModule) -> dict[str, Any]:
-    container = getattr(gm, _CONTAINER, None)
+    container = getattr(gm, CONTAINER, None)
     return dict(container.items()) if container is not None else {}
 
 
-def _site_param_count(states: dict[str, Any], site: Site) -> tuple[int, int]:
-    """(all, trainable) adapter parameters at ``site`` over every adapter attached to or merged into it."""
+def _site_param_count(states: dict[str, Any], site: str, adapters: tuple[str, ...]) -> tuple[int, int]:
+    """(all, trainable) adapter parameters at ``site`` over ``adapters``."""
     n_all = n_train = 0
-    for name in dict.fromkeys(site.adapters + site.merged):
+    for name in adapters:
         state = states.get(name)
         if state is None:
             continue
         try:
-            params = state.site_parameters(site.name)
+            params = state.site_parameters(site)
         except KeyError:
             continue
         for p in params.values():
@@ -88,47 +91,70 @@ def _site_param_count(states: dict[str, Any], site: Site) -> tuple[int, int]:
     return n_all, n_train
 
 
-def _state_word(site: Site) -> str:
-    words = []
-    for a in site.adapters:
-        words.append(f"{a}:sampling" if a in site.sampling else f"{a}:active")
-    words += [f"{a}:merged" for a in site.merged]
-    if not words:
-        return "-"
-    if len({w.split(":", 1)[0] for w in words}) == 1:  # one adapter: the adapter name adds nothing
-        return words[0].split(":", 1)[1]
-    return ", ".join(words)
+def _state_word(adapter: str, site: Site, attached: set[str], active: list[str], disabled: bool) -> str:
+    """merged / disabled / inactive / sampling / active, for one adapter at one site."""
+    if adapter in site.merged:
+        return "merged"
+    if adapter not in active:
+        return "inactive"
+    if disabled or adapter not in attached:
+        return "disabled"
+    return "sampling" if adapter in site.sampling else "active"
 
 
 def summary_rows(gm: GraphModule, include_unadapted: bool = False) -> list[dict[str, Any]]:
-    """One dict per site (name, kind, in_features, out_features, adapters, params, trainable, state)."""
+    """One dict per site (name, kind, in_features, out_features, adapters, params, trainable, state).
+
+    A site is listed when an adapter covers it (active, inactive, disabled or merged), or always with
+    ``include_unadapted=True``.
+    """
     states = _adapter_states(gm)
-    seen: dict[str, dict[str, Any]] = {}
-    for s in read_sites(gm):
-        if s.name in seen or not (include_unadapted or s.adapters or s.merged):
+    covering: dict[str, list[str]] = {}
+    for adapter, state in states.items():
+        for site_name in getattr(state, "site_names", ()):
+            covering.setdefault(site_name, []).append(adapter)
+    attached: dict[str, set[str]] = {}
+    first: dict[str, Site] = {}
+    for s in read_sites(gm):  # a shared layer is called more than once: one row per name
+        first.setdefault(s.name, s)
+        attached.setdefault(s.name, set()).update(s.adapters)
+    active, disabled = active_adapters(gm), adapters_disabled(gm)
+    rows = []
+    for name, s in first.items():
+        adapters = tuple(dict.fromkeys([*covering.get(name, ()), *sorted(attached[name]), *s.merged]))
+        if not (adapters or include_unadapted):
             continue
-        n_all, n_train = _site_param_count(states, s)
-        seen[s.name] = {"name": s.name, "kind": s.kind, "in_features": s.in_features,
-                        "out_features": s.out_features, "adapters": tuple(dict.fromkeys(s.adapters + s.merged)),
-                        "params": n_all, "trainable": n_train, "state": _state_word(s)}
-    return list(seen.values())
+        words = [(a, _state_word(a, s, attached[name], active, disabled)) for a in adapters]
+        state = (words[0][1] if len(words) == 1 else ", ".join(f"{a}:{w}" for a, w in words)) if words else "-"
+        n_all, n_train = _site_param_count(states, name, adapters)
+        rows.append({"name": name, "kind": s.kind, "in_features": s.in_features, "out_features": s.out_features,
+                     "adapters": adapters, "params": n_all, "trainable": n_train, "state": state})
+    return rows
 
 
 def _projection_notes(gm: GraphModule) -> list[str]:
+    """One line per adapter: its method, rank and shared frozen projections (views of another's noted)."""
     notes = []
+    owners: dict[int, str] = {}
     for name, state in _adapter_states(gm).items():
-        shapes, count = [], 0
+        shapes, count, views = [], 0, set()
         for which in ("A", "B"):
             try:
                 t = state.projection(which)
             except (AttributeError, KeyError):
                 continue
             shapes.append(f"{which} {'x'.join(map(str, t.shape))}")
-            count += t.numel()
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in owners:
+                views.add(owners[ptr])
+            else:
+                owners[ptr] = name
+                count += t.numel()
         method = getattr(state, "method_name", "?")
         r = getattr(getattr(state, "config", None), "r", "?")
+        where = f"views of {', '.join(map(repr, sorted(views)))}'s" if views and not count else f"{count:,d} values"
         notes.append(f"adapter {name!r} ({method}, r={r}): shared frozen projections {', '.join(shapes)} "
-                     f"({count:,d} values, buffers)")
+                     f"({where}, buffers)")
     return notes
 
 
@@ -142,7 +168,9 @@ def _table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
 def summary(gm: GraphModule, include_unadapted: bool = False) -> str:
     """A text table of the adapted sites (name, kind, shape, adapter parameters, state) with totals.
 
-    ``include_unadapted=True`` lists every linear-like call of the graph, adapted or not.
+    The state of an adapter at a site is ``active``, ``sampling`` (PVeRA sampling at inference),
+    ``inactive`` (not the active adapter), ``disabled`` (inside ``disable_adapters``) or ``merged``; with
+    several adapters it reads ``name:state, ...``. ``include_unadapted=True`` lists every linear-like call.
     """
     rows = summary_rows(gm, include_unadapted)
     header, body = _table(rows)
@@ -216,8 +244,9 @@ def to_networkx(gm: GraphModule) -> nx.DiGraph:
 
     Node attributes: ``op``, ``target`` (a string), ``role`` (see the module docstring; None for the rest
     of the model), ``site``, ``adapter`` and ``base`` (an adapter node's base call; None where not
-    applicable), ``label`` (the adapter's name for the node, else the node name), ``shape`` and ``dtype`` where the node's ``meta["val"]`` holds a tensor (dynamic
-    dimensions as strings such as ``'s43'``), else None.
+    applicable), ``label`` (the adapter's name for the node, else the node name), ``shape`` and ``dtype``
+    where the node's ``meta["val"]`` holds a tensor (dynamic dimensions as strings such as ``'s43'``),
+    else None.
     """
     g = nx.DiGraph(name=gm.meta.get("vera_fx_model", {}).get("class", type(gm).__name__))
     for node in gm.graph.nodes:
@@ -255,10 +284,12 @@ def _node_stmt(name: str, attrs: dict[str, Any], context: bool) -> str:
     if attrs["shape"] is not None:
         lines.append(f"{'x'.join(map(str, attrs['shape'])) or 'scalar'} {attrs['dtype']}")
     role = attrs["role"]
-    parts = [f"label={_q(chr(10).join(lines))}"]
+    label = "\n".join(lines)
+    parts = [f"label={_q(label)}"]
     if role in ROLE_COLORS:
         parts.append(f"fillcolor={_q(ROLE_COLORS[role])}")
-        tip = f"{role}: {attrs['site']}" + (f" ({attrs['adapter']})" if attrs["adapter"] else "")
+        tip = role + (f": {attrs['site']}" if attrs["site"] else "") + (
+            f" ({attrs['adapter']})" if attrs["adapter"] else "")
         parts.append(f"tooltip={_q(tip)}")
     if context:
         parts.append('style="rounded,dashed"')
@@ -277,7 +308,7 @@ def to_dot(gm: GraphModule, adapters_only: bool = False) -> str:
     """
     g = to_networkx(gm)
     if adapters_only:
-        core = {n for n, a in g.nodes(data=True) if a["role"] not in (None, "base")}
+        core = {n for n, a in g.nodes(data=True) if a["role"] not in (None, "base", "mode")}
         core |= {g.nodes[n]["base"] for n in core if g.nodes[n]["base"] in g}
         keep = set(core)
         for n in core:

@@ -224,17 +224,25 @@ def restore_quantized(gm: GraphModule, layers: dict[str, nn.Module]) -> int:
         graph.erase_node(node)
         dead.append(weight_node)
         count += 1
-    for n in dead:
-        while isinstance(n, Node) and not n.users and n.graph is graph:
+    erased: set[Node] = set()
+    for n in dead:  # the stand-in's weight (and a cast of it, and export's checks of it), once unread
+        while isinstance(n, Node) and n not in erased:
+            for check in [u for u in n.users if u.target is aten._assert_tensor_metadata.default]:
+                graph.erase_node(check)
+            if n.users:
+                break
             src = n.args[0] if n.op == "call_function" else None
             graph.erase_node(n)
+            erased.add(n)
             n = src
     for path, layer in layers.items():
         used = [n for n in graph.nodes if n.op == "get_attr" and str(n.target).startswith(path + ".")]
         if used:
             raise ValueError(f"bitsandbytes layer {path!r} ({type(layer).__name__}): the model reads its weight "
                              f"outside the layer's forward ({used[0].format_node()}); vera_fx can only capture "
-                             "quantized layers that are called as modules")
+                             "quantized layers that are called as modules, so keep this layer unquantized "
+                             "(BitsAndBytesConfig(llm_int8_skip_modules=[...]))")
+    for path, layer in layers.items():
         _set_submodule(gm, path, _graph_copy(path, layer))
     graph.lint()
     logger.info("quantized: %d bitsandbytes calls kept opaque (%d layers)", count, len(layers))

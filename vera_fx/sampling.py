@@ -15,10 +15,10 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .methods import CONTAINER, AdapterState
-from .methods.pvera import KL_RECORD, SAMPLE_SWITCH, PveraMethod, pvera_record_kl
+from .methods.pvera import GENERATOR_STATE, KL_RECORD, SAMPLE_SWITCH, PveraMethod, pvera_record_kl, reseed_state
 from .sites import ADAPTER_KEY
 
-__all__ = ["set_sample_at_inference", "kl_divergence", "pvera_states", "unwrap"]
+__all__ = ["set_sample_at_inference", "kl_divergence", "reseed", "pvera_states", "unwrap"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,21 @@ def set_sample_at_inference(gm: nn.Module, value: Union[bool, dict[str, bool]],
     state.switches["sample_at_inference"] = {s: getattr(state.site_module(s), SAMPLE_SWITCH) for s in sites}
     logger.debug("adapter %r samples at inference at %d of %d sites", adapter_name,
                  sum(state.switches["sample_at_inference"].values()), len(sites))
+
+
+def reseed(gm: nn.Module, seed: Optional[int] = None, adapter_name: str = "default") -> None:
+    """Restart the noise streams of a seeded adapter (``generator_seed`` set), from ``seed`` or from the
+    config's ``generator_seed``: the next sampled forwards repeat those of a fresh transform."""
+    state = pvera_states(gm, adapter_name)[adapter_name]
+    if not any(GENERATOR_STATE in state.site_module(s)._buffers for s in state.site_names):
+        raise ValueError(f"adapter {adapter_name!r} was created with generator_seed=None and samples from torch's "
+                         "global generator (use torch.manual_seed); set PveraConfig(generator_seed=...) to get "
+                         "per-site noise streams")
+    if seed is None:
+        seed = state.config.generator_seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed={seed!r} is invalid: expected an int or None")
+    reseed_state(state, seed)
 
 
 def kl_divergence(gm: nn.Module, adapter_name: Optional[str] = None) -> torch.Tensor:

@@ -212,7 +212,7 @@ def confidence_interval(samples: torch.Tensor, level: float = 0.95, dim: int = 0
         raise ValueError(f"dim={dim!r} is invalid for samples of shape {tuple(samples.shape)}")
     n = samples.shape[dim] if samples.dim() else 1
     if n < 2:
-        raise ValueError(f"confidence_interval needs at least 2 samples along dim={dim}, got {n}: use "
+        raise ValueError(f"samples has {n} entry along dim={dim}; an interval needs at least 2 samples: use "
                          "monte_carlo(..., n_samples=16) or more")
     x = samples if samples.is_floating_point() else samples.to(torch.get_default_dtype())
     mean = x.mean(dim)

@@ -11,8 +11,9 @@ Run-time state the graph reads (flipping it never re-captures; torch.compile rec
   site's noise stream as a uint8 buffer (non-persistent). The noise is drawn on CPU by the custom op
   ``vera_fx::pvera_noise`` (which torch.compile traces as one opaque, state-mutating node, where a
   ``torch.Generator`` argument would graph-break) and moved to the activations' device, so moving the model
-  between devices or dtypes never breaks it. Every site starts from ``generator_seed``, as in PEFT, so a
-  seeded run reproduces PEFT's sampled outputs call for call;
+  between devices or dtypes never breaks it. Each site's stream is seeded from ``(generator_seed, site
+  name)``, so the sites draw independent noise. (PEFT seeds every layer with ``generator_seed`` itself, so
+  all its same-shaped layers draw the same noise, which correlates them; unseeded, both libraries agree.);
 - ``pvera_noise_groups`` on the adapter: how many Monte Carlo samples the batch holds (1 outside
   ``vera_fx.monte_carlo``); with a seed, each sample's noise is drawn separately, so results do not depend on
   how the samples are chunked;
@@ -21,6 +22,7 @@ Run-time state the graph reads (flipping it never re-captures; torch.compile rec
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Optional
 
@@ -34,12 +36,18 @@ from ..sites import Site
 from .base import CONTAINER, AdapterState, Emitter, Method, emit_projection, finish_output
 
 __all__ = ["PveraMethod", "KLRecord", "pvera_reparametrize", "pvera_record_kl", "SAMPLE_SWITCH", "GENERATOR_STATE",
-           "NOISE_GROUPS", "KL_RECORD"]
+           "NOISE_GROUPS", "KL_RECORD", "reseed_state", "site_seed"]
 
 SAMPLE_SWITCH = "pvera_sample_at_inference"
 GENERATOR_STATE = "pvera_generator_state"
 NOISE_GROUPS = "pvera_noise_groups"
 KL_RECORD = "pvera_kl"
+
+
+def site_seed(seed: int, site: str) -> int:
+    """The seed of one site's noise stream: a stable 63-bit hash of ``(seed, site name)``."""
+    digest = hashlib.sha256(f"{seed}:{site}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class KLRecord:
@@ -158,8 +166,8 @@ class PveraMethod(Method):
             on = wanted.get(site, False) if isinstance(wanted, dict) else bool(wanted)
             setattr(mod, SAMPLE_SWITCH, on)
             if cfg.generator_seed is not None:
-                seed_state = torch.Generator(device="cpu").manual_seed(cfg.generator_seed).get_state()
-                mod.register_buffer(GENERATOR_STATE, seed_state, persistent=False)
+                seed_state = torch.Generator(device="cpu").manual_seed(site_seed(cfg.generator_seed, site))
+                mod.register_buffer(GENERATOR_STATE, seed_state.get_state(), persistent=False)
         setattr(state, NOISE_GROUPS, 1)
         setattr(state, KL_RECORD, KLRecord())
         state.switches["sample_at_inference"] = {s: getattr(state.site_module(s), SAMPLE_SWITCH)
@@ -169,10 +177,10 @@ class PveraMethod(Method):
         return tuple(s for s in state.site_names if getattr(state.site_module(s), SAMPLE_SWITCH, False))
 
 
-def reseed(state: AdapterState, seed: int) -> None:
-    """Reset every site's noise stream of a seeded adapter to ``seed``."""
+def reseed_state(state: AdapterState, seed: int) -> None:
+    """Restart every site's noise stream of a seeded adapter from ``seed``."""
     for site in state.site_names:
         mod: nn.Module = state.site_module(site)
         if GENERATOR_STATE in mod._buffers:
-            fresh = torch.Generator(device="cpu").manual_seed(seed).get_state()
+            fresh = torch.Generator(device="cpu").manual_seed(site_seed(seed, site)).get_state()
             mod._buffers[GENERATOR_STATE].copy_(fresh)

@@ -28,6 +28,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..adapters import _MTS_TAG, active_adapters, adapters_disabled
 from ..methods import CONTAINER, AdapterState
+from ..quantized import mergeable
 from ..sites import ADAPTER_KEY, MERGED_KEY, Site, read_sites
 from .inject import emit_adapter, remove_adapter_nodes
 
@@ -39,6 +40,9 @@ logger = logging.getLogger(__name__)
 FOLDED_KEY = "vera_fx_folded"
 
 _DENSE_KINDS = ("linear", "conv1d")
+# warnings.warn stacklevel from a pass's call() to the caller of merge() / unmerge(): call, PassBase.__call__,
+# merge, user.
+_USER_LEVEL = 4
 
 
 @dataclass
@@ -59,6 +63,11 @@ class _Folded:
     original: torch.Tensor
     merged: torch.Tensor
     version: int  # merged._version when installed: a later in-place change shows up here
+
+    def __deepcopy__(self, memo: dict) -> "_Folded":
+        merged = copy.deepcopy(self.merged, memo)  # a copy starts a fresh version counter
+        return _Folded(self.site, self.adapters, copy.deepcopy(self.original, memo), merged,
+                       merged._version if self.merged._version == self.version else -1)
 
 
 def _get_tensor(module: nn.Module, qualname: str) -> torch.Tensor:
@@ -110,6 +119,9 @@ def _check_names(gm: GraphModule, adapter_names: Optional[Iterable[str]]) -> tup
 def _unmergeable(gm: GraphModule, calls: list[Site], adapters: tuple[str, ...]) -> Optional[str]:
     """Why the weight of a site (all its calls) cannot take ``adapters``, or None when it can."""
     site = calls[0]
+    ok, why = mergeable(site)
+    if not ok:
+        return why
     if site.kind not in _DENSE_KINDS:
         return f"its kind {site.kind!r} has no dense weight (dequantize the model to merge)"
     if site.weight is None or any(c.weight != site.weight for c in calls):
@@ -178,11 +190,11 @@ def _folded_weight(gm: GraphModule, fold: _Fold, weight: torch.Tensor, safe_merg
     return acc.to(weight.dtype)
 
 
-def _warn_skipped(skipped: dict[str, str], what: str) -> None:
+def _warn_skipped(skipped: dict[str, str], what: str, stacklevel: int) -> None:
     if skipped:
         detail = "; ".join(f"{name!r}: {why}" for name, why in skipped.items())
         warnings.warn(f"{what} at {len(skipped)} site(s), left as adapter nodes: {detail}", UserWarning,
-                      stacklevel=4)
+                      stacklevel=stacklevel + 1)
 
 
 def _drop_unused_training(gm: GraphModule) -> None:
@@ -247,12 +259,16 @@ class MergePass(PassBase):
         gm = graph_module
         names = _check_names(gm, self.adapter_names)
         folds, skipped = _plan(gm, names)
-        _warn_skipped(skipped, "merge cannot fold")
+        _warn_skipped(skipped, "merge cannot fold", _USER_LEVEL)
         if not folds:
             already = sorted({a for ads in (gm.meta.get(MERGED_KEY) or {}).values() for a in ads} & set(names))
-            (warnings.warn if self.adapter_names is not None else logger.info)(
-                f"merge: nothing to fold for adapters {list(names)}" +
-                (f" ({already} already merged: call vera_fx.unmerge first to merge again)" if already else ""))
+            msg = f"merge: nothing to fold for adapters {list(names)}" + (
+                f" ({already} already merged: call vera_fx.unmerge first to merge again)" if already else
+                " (an inactive adapter has no nodes: vera_fx.set_adapter it first)")
+            if self.adapter_names is not None:
+                warnings.warn(msg, UserWarning, stacklevel=_USER_LEVEL)
+            else:
+                logger.info(msg)
             return PassResult(gm, False)
         new = {f.weight: _folded_weight(gm, f, _get_tensor(gm, f.weight), self.safe_merge) for f in folds}
 
@@ -322,7 +338,7 @@ class UnmergePass(PassBase):
             return _like(current, orig.detach().to(device=current.device, dtype=current.dtype))
         warnings.warn(f"unmerge: the merged weight {qualname!r} (site {rec.site!r}) was changed after merge; "
                       "restoring it by subtracting the adapters' current delta (exact only up to rounding)",
-                      UserWarning, stacklevel=4)
+                      UserWarning, stacklevel=_USER_LEVEL + 1)
         site = next(s for s in read_sites(gm) if s.name == rec.site)
         fold = _Fold(qualname, site, rec.adapters)
         return _like(current, _folded_weight(gm, fold, current, safe_merge=False, sign=-1.0))
@@ -361,59 +377,71 @@ def _tied_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
+def _graph_reads(gm: GraphModule) -> dict[str, str]:
+    """Model parameter name -> the name of the tensor the graph reads in its place, for every parameter the
+    base graph reads (a ``modules_to_save`` copy stands in for the parameter it was copied from)."""
+    reads: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        if n.op != "get_attr" or n.meta.get(ADAPTER_KEY) or n.target == "training":
+            continue
+        mts = n.meta.get(_MTS_TAG)
+        model_name = mts["target"] if mts else n.target
+        try:
+            if isinstance(_get_tensor(gm, n.target), nn.Parameter):
+                reads[model_name] = n.target
+        except AttributeError:
+            continue  # not a tensor attribute
+    return reads
+
+
 def merge_into(model: nn.Module, gm: GraphModule, safe_merge: bool = False) -> nn.Module:
     """Write ``gm``'s adapted weights into ``model`` (the module ``gm`` was captured from); returns ``model``.
 
-    Afterwards ``model`` alone computes what ``gm`` computes in eval mode (so ``generate()`` and
-    ``save_pretrained()`` carry the adapters): merged weights are copied over; active adapters not merged in
-    ``gm`` are folded on the way (``gm`` itself is not changed); trained base parameters (``bias="all"``,
-    ``modules_to_save``) are copied too. Matching is by parameter name; every name, shape and tie is
-    checked before anything is written. The model's Parameter objects are kept, with new storage, so ``gm``
-    (which may share storage with them) keeps its values.
+    Afterwards ``model`` alone computes what ``gm`` computes in eval mode, so ``generate()`` and
+    ``save_pretrained()`` carry the adapters: merged weights are copied over, active adapters not merged in
+    ``gm`` are folded on the way (``gm`` itself is not changed), and trained base parameters (``bias``,
+    ``modules_to_save``) are copied too. Matching is by parameter name; every name, shape and tie is checked
+    before anything is written. The model keeps its Parameter objects, with new storage, so ``gm`` (which
+    may share storage with them) keeps computing what it computed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"merge_into takes the nn.Module gm was captured from as model, got {type(model).__name__}")
-    _require_graph_module(gm, "merge_into")
+    gm = _graph_module(gm, "merge_into")
     if not isinstance(safe_merge, bool):
         raise TypeError(f"safe_merge must be a bool, got {safe_merge!r}")
-    names = active_adapters(gm)
+    names = () if adapters_disabled(gm) or getattr(gm, CONTAINER, None) is None else tuple(active_adapters(gm))
     folds, skipped = _plan(gm, names) if names else ([], {})
-    _warn_skipped(skipped, "merge_into cannot bake the adapters into the model")
-    new: dict[str, torch.Tensor] = {f.weight: _folded_weight(gm, f, _get_tensor(gm, f.weight), safe_merge)
-                                    for f in folds}
+    _warn_skipped(skipped, "merge_into cannot bake the adapters into the model", 2)
+    folded = {f.weight: _folded_weight(gm, f, _get_tensor(gm, f.weight), safe_merge) for f in folds}
+    new: dict[str, torch.Tensor] = {}
     problems: list[str] = []
-    for name, p in gm.named_parameters(remove_duplicate=False):
-        if name.startswith(CONTAINER + ".") or name in new:
-            continue
+    for model_name, graph_name in _graph_reads(gm).items():
+        value = folded[graph_name] if graph_name in folded else _get_tensor(gm, graph_name).detach()
         try:
-            mp = model.get_parameter(name)
+            mp = model.get_parameter(model_name)
         except AttributeError:
-            continue  # checked below only when it holds something to write
-        if p.data_ptr() != mp.data_ptr() or p.shape != mp.shape:
-            new[name] = p.detach()
-    ties = _tied_names(model)
-    captured_from = (gm.meta.get("vera_fx_model") or {}).get("class")
-    for name, value in new.items():
-        try:
-            mp = model.get_parameter(name)
-        except AttributeError:
-            problems.append(f"{name!r}: no such parameter on {type(model).__name__}")
+            problems.append(f"{model_name!r}: no such parameter on {type(model).__name__}")
             continue
         if tuple(mp.shape) != tuple(value.shape):
-            problems.append(f"{name!r}: shape {tuple(mp.shape)} on the model, {tuple(value.shape)} on the graph")
-        others = [n for n in ties.get(id(mp), []) if n != name and n not in new]
+            problems.append(f"{model_name!r}: shape {tuple(mp.shape)} on the model, {tuple(value.shape)} on the "
+                            "graph")
+        elif graph_name in folded or value.data_ptr() != mp.data_ptr() or value.dtype != mp.dtype:
+            new[model_name] = value
+    ties = _tied_names(model)
+    for model_name in new:
+        others = [n for n in ties.get(id(model.get_parameter(model_name)), []) if n != model_name and n not in new]
         if others:
-            problems.append(f"{name!r} is tied to {others}: writing it would change those too; untie the weights "
-                            "(e.g. tie_word_embeddings=False) or leave that site out of target_modules")
+            problems.append(f"{model_name!r} is tied to {others}: writing it would change those too; untie the "
+                            "weights (e.g. tie_word_embeddings=False) or leave that site out of target_modules")
     if problems:
-        raise ValueError(f"merge_into: the graph does not fit {type(model).__name__} (captured from "
-                         f"{captured_from}); nothing was written: " + "; ".join(problems[:5]) +
-                         (" ..." if len(problems) > 5 else ""))
+        captured_from = (gm.meta.get("vera_fx_model") or {}).get("class")
+        raise ValueError(f"merge_into: the graph (captured from {captured_from}) does not fit "
+                         f"{type(model).__name__}; nothing was written: " + "; ".join(problems[:5]) +
+                         (f" ... ({len(problems)} problems)" if len(problems) > 5 else ""))
     with torch.no_grad():
-        for name, value in new.items():
-            mp = model.get_parameter(name)
+        for model_name, value in new.items():
+            mp = model.get_parameter(model_name)
             mp.data = value.detach().to(device=mp.device, dtype=mp.dtype, copy=True)
     logger.info("merge_into: wrote %d parameters into %s (%d folded from adapters %s)", len(new),
                 type(model).__name__, len(folds), list(names))
     return model
-

@@ -1,0 +1,187 @@
+"""Graph inspection: sites, summary, parameter counts, networkx, DOT and the notebook view."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import warnings
+
+import networkx as nx
+import pytest
+
+import vera_fx
+from vera_fx.inspect import ROLE_COLORS
+from vera_fx.sites import read_sites
+
+from conftest import tiny_gpt2, tiny_llama
+
+R = 8
+ROLES = {"base", "projection", "lambda", "sampling", "adapter", "output", "mode"}
+NODE_LINE = re.compile(r'^\s*"((?:[^"\\]|\\.)*)" \[.*\];$')
+EDGE_LINE = re.compile(r'^\s*"((?:[^"\\]|\\.)*)" -> "((?:[^"\\]|\\.)*)";$')
+
+
+def _transform(model, config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # GPT-2's fan_in_fan_out note
+        return vera_fx.transform(model, config)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    model = tiny_gpt2()
+    gm = _transform(model, vera_fx.VeraConfig(r=R))  # default targets: c_attn (Conv1D)
+    names = [f"transformer.h.{i}.attn.c_attn" for i in range(2)]
+    trainable = 2 * (3 * 32 + R)  # per site: lambda_b (out = 3 * n_embd) + lambda_d (r)
+    return model, gm, names, trainable
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = tiny_llama()
+    gm = _transform(model, vera_fx.VeraConfig(r=R))  # default targets: q_proj, v_proj
+    names = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    trainable = 2 * ((32 + R) + (16 + R))  # q_proj out 32, v_proj out 2 kv heads x 8 = 16
+    return model, gm, names, trainable
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def case(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_sites_and_summary_list_every_site(case):
+    model, gm, names, _ = case
+    sites = vera_fx.sites(gm)
+    assert [s.name for s in sites] == names
+    assert all(s.adapters == ("default",) and not s.merged for s in sites)
+    text = vera_fx.summary(gm)
+    rows = [line for line in text.splitlines() if line.split() and line.split()[0] in names]
+    assert [r.split()[0] for r in rows] == names
+    assert all(r.split()[-1] == "active" for r in rows)
+    assert f"{len(names)} adapted site(s)" in text
+    every = vera_fx.summary(gm, include_unadapted=True)
+    for s in read_sites(gm):  # unadapted linear-like calls too (lm_head, MLP layers)
+        assert s.name in every
+
+
+def test_summary_kinds_and_shapes(gpt2, llama):
+    assert "conv1d" in vera_fx.summary(gpt2[1]) and "32 -> 96" in vera_fx.summary(gpt2[1])
+    assert "linear" in vera_fx.summary(llama[1]) and "32 -> 16" in vera_fx.summary(llama[1])
+
+
+def test_trainable_parameters_match_hand_count(case, capsys):
+    model, gm, _, trainable = case
+    base_total = sum(p.numel() for p in model.parameters())  # tied weights once, as gm counts them
+    assert vera_fx.trainable_parameters(gm) == (trainable, base_total + trainable)
+    vera_fx.print_trainable_parameters(gm)
+    line = capsys.readouterr().out.strip()
+    pct = 100 * trainable / (base_total + trainable)
+    assert line == (f"trainable params: {trainable:,d} || all params: {base_total + trainable:,d} || "
+                    f"trainable%: {pct:.4f}")
+    assert f"total: {len(case[2])} site(s), {trainable:,d} adapter parameters" in vera_fx.summary(gm)
+
+
+def test_networkx_one_node_per_fx_node(case):
+    _, gm, names, _ = case
+    g = vera_fx.to_networkx(gm)
+    fx_nodes = list(gm.graph.nodes)
+    assert g.number_of_nodes() == len(fx_nodes)
+    assert set(g.nodes) == {n.name for n in fx_nodes}
+    assert nx.is_directed_acyclic_graph(g)
+    assert g.number_of_edges() == sum(len(set(n.all_input_nodes)) for n in fx_nodes)
+    for n in fx_nodes:
+        attrs = g.nodes[n.name]
+        assert attrs["op"] == n.op and isinstance(attrs["target"], str)
+        assert attrs["role"] is None or attrs["role"] in ROLES
+    roles_by_site: dict[str, set] = {}
+    for _, a in g.nodes(data=True):
+        if a["role"] not in (None, "mode") and a["adapter"] == "default":
+            roles_by_site.setdefault(a["site"], set()).add(a["role"])
+    assert sorted(roles_by_site) == sorted(names)
+    # The share pass computes x @ A.T once per input, so a projection node may carry another site's tag.
+    assert all({"lambda", "adapter", "output"} <= r for r in roles_by_site.values())
+    assert any("projection" in r for r in roles_by_site.values())
+    bases = {a["site"] for _, a in g.nodes(data=True) if a["role"] == "base"}
+    assert set(names) <= bases
+    ids = g.nodes["input_ids"]
+    assert len(ids["shape"]) == 2 and ids["dtype"] == "int64"
+
+
+def _structural_dot_check(text: str, g: nx.DiGraph) -> None:
+    assert text.startswith("digraph ") and text.rstrip().endswith("}")
+    depth = 0
+    for ch in re.sub(r'"(?:[^"\\]|\\.)*"', '""', text):  # braces outside quoted strings
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        assert depth >= 0
+    assert depth == 0
+    lines = text.splitlines()
+    nodes = [m.group(1) for m in map(NODE_LINE.match, lines) if m]
+    edges = [(m.group(1), m.group(2)) for m in map(EDGE_LINE.match, lines) if m]
+    assert sorted(nodes) == sorted(g.nodes)
+    assert sorted(edges) == sorted(g.edges)
+
+
+@pytest.mark.parametrize("adapters_only", [False, True])
+def test_dot_parses(case, adapters_only):
+    _, gm, names, _ = case
+    text = vera_fx.to_dot(gm, adapters_only=adapters_only)
+    full = vera_fx.to_networkx(gm)
+    adapter_nodes = {n for n, a in full.nodes(data=True) if a["role"] not in (None, "base", "mode")}
+    expected = full if not adapters_only else full.subgraph(
+        {m for n in adapter_nodes | {full.nodes[a]["base"] for a in adapter_nodes}
+         for m in [n, *full.predecessors(n), *full.successors(n)]})
+    _structural_dot_check(text, expected)
+    for role in ("base", "projection", "lambda", "adapter", "output"):
+        assert ROLE_COLORS[role] in text
+    for name in names:
+        assert name in text  # the site clusters are labelled with the site name
+    pydot = pytest.importorskip("pydot")
+    graphs = pydot.graph_from_dot_data(text)
+    assert graphs is not None and len(graphs) == 1
+    parsed = nx.nx_pydot.from_pydot(graphs[0])
+    assert set(parsed.nodes) == set(expected.nodes)
+    assert parsed.number_of_edges() == expected.number_of_edges()
+
+
+def test_view_shows_in_a_notebook(gpt2, tmp_path):
+    _, gm, names, _ = gpt2
+    v = vera_fx.view(gm)
+    assert names[0] in repr(v)
+    html = v._repr_html_()
+    if shutil.which("dot") is None:
+        assert v._repr_svg_() is None
+        assert "<table>" in html and names[0] in html
+        with pytest.raises(ValueError, match="graphviz"):
+            v.save(tmp_path / "g.svg")
+    else:
+        assert "<svg" in v._repr_svg_() and "<svg" in html
+    out = v.save(tmp_path / "g.dot")
+    assert out.read_text() == v.source and v.source.startswith("digraph")
+
+
+def test_states_follow_sampling_and_adapter_switches():
+    gm = _transform(tiny_llama(), vera_fx.PveraConfig(r=R, sample_at_inference=True))
+    vera_fx.add_adapter(gm, "other", vera_fx.VeraConfig(r=4, target_modules=["k_proj"]))
+    qv_sites = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    k_sites = [f"model.layers.{i}.self_attn.k_proj" for i in range(2)]
+
+    def states(names: list[str]) -> list[str]:
+        rows = {r["name"]: r["state"] for r in vera_fx.inspect.summary_rows(gm)}
+        return [rows[n] for n in names]
+
+    assert [s.name for s in vera_fx.sites(gm, "default")] == qv_sites
+    assert states(qv_sites) == ["sampling"] * 4 and states(k_sites) == ["inactive"] * 2
+    g = vera_fx.to_networkx(gm)
+    assert any(a["role"] == "sampling" for _, a in g.nodes(data=True))
+    assert nx.is_directed_acyclic_graph(g) and g.number_of_nodes() == len(gm.graph.nodes)
+    assert ROLE_COLORS["sampling"] in vera_fx.to_dot(gm, adapters_only=True)
+
+    vera_fx.set_adapter(gm, "other")  # inactive adapters have no nodes, but their sites stay listed
+    assert states(k_sites) == ["active"] * 2 and states(qv_sites) == ["inactive"] * 4
+    with vera_fx.disable_adapters(gm):
+        assert states(k_sites) == ["disabled"] * 2
+        assert all(n in vera_fx.summary(gm) for n in k_sites + qv_sites)
+    vera_fx.merge(gm)
+    assert states(k_sites) == ["merged"] * 2
+    assert vera_fx.to_networkx(gm).number_of_nodes() == len(gm.graph.nodes)
