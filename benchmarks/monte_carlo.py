@@ -6,7 +6,7 @@ all-MiniLM-L6-v2 (one sentence and a batch of four) and on a small Llama config.
 ratio is peft loop time / vera_fx time (higher is better). Also shows a loop of 16 forwards of our graph,
 which separates the gain of the graph from the gain of batching.
 
-    python benchmarks/monte_carlo.py [--repeats 5] [--threads N]
+    python benchmarks/monte_carlo.py [--repeats 5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -31,14 +31,18 @@ logger = logging.getLogger("benchmarks.monte_carlo")
 N_SAMPLES = 16
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _median_ms(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median wall time of each function, measured in interleaved rounds so that load from other processes
+    falls on all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def _minilm() -> torch.nn.Module:
@@ -92,16 +96,15 @@ def bench(name: str, builder: Callable[[], torch.nn.Module], batch: int, length:
     def mc() -> None:
         vera_fx.monte_carlo(gm, **x, n_samples=N_SAMPLES)
 
-    t_peft = _median_ms(peft_loop, repeats)
-    t_loop = _median_ms(graph_loop, repeats)
-    t_mc = _median_ms(mc, repeats)
-    return {"model": name, "input": f"{batch}x{length}", "r": r, "peft": t_peft, "loop": t_loop, "mc": t_mc}
+    ms = _median_ms({"peft": peft_loop, "loop": graph_loop, "mc": mc}, repeats)
+    return {"model": name, "input": f"{batch}x{length}", "r": r, **ms}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: stable on a shared machine; 0 = torch's choice)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")

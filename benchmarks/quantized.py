@@ -3,7 +3,9 @@
 Compares, in one run and on one machine, vera_fx on the quantized model against vera_fx on the fp32 model
 and against PEFT on the same quantized model. Each configuration runs in its own process (so peak memory
 is not polluted by the others): peak memory is the process's resident set during the training steps above
-its resident set after imports; step time is the median of forward + backward + AdamW step.
+its resident set after imports ("in step": above its resident set just before the first step); step time
+is the median of forward + backward + AdamW step. Ratios: time/fp32 and mem/fp32 against vera_fx on the
+fp32 model, time/peft and mem/peft against PEFT on the same base.
 
     python benchmarks/quantized.py [--hidden 512] [--layers 4] [--batch 4] [--length 64] [--steps 6]
 
@@ -31,6 +33,7 @@ logger = logging.getLogger("benchmarks.quantized")
 
 CONFIGS = [  # (base, library)
     ("fp32", "vera_fx"),
+    ("fp32", "peft"),
     ("int8", "vera_fx"),
     ("int8", "peft"),
     ("nf4", "vera_fx"),
@@ -124,6 +127,7 @@ def run_one(base: str, library: str, path: str, args: argparse.Namespace) -> dic
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     _trim()
+    before_steps = _rss()
     times = []
     with _PeakRss() as peak:
         for i in range(args.steps + 1):
@@ -135,22 +139,25 @@ def run_one(base: str, library: str, path: str, args: argparse.Namespace) -> dic
             if i:  # the first step warms up (bnb's int8 state, allocator)
                 times.append(time.perf_counter() - t0)
     return {"base": base, "library": library, "step_s": statistics.median(times),
-            "peak_mb": (peak.peak - baseline) / 2**20, "weights_mb": weights / 2**20,
+            "peak_mb": (peak.peak - baseline) / 2**20, "step_mb": (peak.peak - before_steps) / 2**20,
+            "weights_mb": weights / 2**20,
             "trainable": sum(p.numel() for p in params), "loss": float(loss)}
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
     by = {(r["base"], r["library"]): r for r in rows}
     fp32 = by.get(("fp32", "vera_fx"))
-    lines = [f"{'base':<5} {'library':<8} {'step ms':>8} {'peak MB':>8} {'weights MB':>10} "
+    lines = [f"{'base':<5} {'library':<8} {'step ms':>8} {'peak MB':>8} {'in step':>8} {'weights MB':>10} "
              f"{'time/fp32':>9} {'mem/fp32':>8} {'time/peft':>9} {'mem/peft':>8}"]
     for r in rows:
         def ratio(other: Any, key: str) -> str:
             return f"{r[key] / other[key]:.2f}" if other and other is not r and other[key] > 0 else "-"
 
         peft_row = by.get((r["base"], "peft")) if r["library"] == "vera_fx" else None
+        fp32_row = fp32 if r["library"] == "vera_fx" else by.get(("fp32", "peft"))
         lines.append(f"{r['base']:<5} {r['library']:<8} {r['step_s'] * 1e3:>8.1f} {r['peak_mb']:>8.1f} "
-                     f"{r['weights_mb']:>10.1f} {ratio(fp32, 'step_s'):>9} {ratio(fp32, 'peak_mb'):>8} "
+                     f"{r['step_mb']:>8.1f} "
+                     f"{r['weights_mb']:>10.1f} {ratio(fp32_row, 'step_s'):>9} {ratio(fp32_row, 'peak_mb'):>8} "
                      f"{ratio(peft_row, 'step_s'):>9} {ratio(peft_row, 'peak_mb'):>8}")
     return "\n".join(lines)
 
@@ -178,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+    passthrough = list(argv if argv is not None else sys.argv[1:])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)

@@ -62,7 +62,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 80, quick 12)")
     parser.add_argument("--samples", type=int, default=16, help="Monte Carlo samples per prediction")
     parser.add_argument("--beta", type=float, default=1e-3, help="weight of the KL term in the loss")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: 1 with --quick, which stays fast on a busy shared machine "
+                             "where several threads wait on each other; else torch's choice)")
     args = parser.parse_args(argv)
+    threads = args.threads if args.threads is not None else (1 if args.quick else None)
+    if threads:
+        torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     steps = args.steps if args.steps is not None else (12 if args.quick else 80)
     torch.manual_seed(0)

@@ -125,13 +125,13 @@ def test_round_trip_with_peft(env, method, save_projection, tmp_path):
 
 def test_no_projections_warns_and_regenerates(tmp_path):
     m = tiny_llama()
-    pm = peft.get_peft_model(m, peft.VeraConfig(r=4, target_modules=["q_proj"], save_projection=False))
-    randomise(pm)
     x = text_inputs(m, labels=False)
-    with torch.no_grad():
-        ref = _out(pm.eval()(**x))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # PEFT's own notes on save_projection=False
+        pm = peft.get_peft_model(m, peft.VeraConfig(r=4, target_modules=["q_proj"], save_projection=False))
+        randomise(pm)
+        with torch.no_grad():
+            ref = _out(pm.eval()(**x))
         pm.save_pretrained(str(tmp_path))
     with pytest.warns(UserWarning, match="regenerated from projection_prng_key=0"):
         gm = vera_fx.from_pretrained(tiny_llama(), tmp_path, example_inputs=x)

@@ -1,7 +1,8 @@
 """torch.compile(fullgraph=True) on adapted and merged graphs: eager parity, no graph breaks.
 
-Each compile costs seconds to tens of seconds on a CPU, so the file compiles four times in all: the adapted
-graph in training and in eval mode, and the merged graph at a first and at a second (dynamic) shape.
+Each inductor compile costs seconds to tens of seconds on a CPU, so the file compiles four times with inductor:
+the adapted graph in training and in eval mode, and the merged graph at a first and at a second (dynamic)
+shape; adapter switches are checked with the cheap aot_eager backend.
 """
 
 from __future__ import annotations
@@ -83,3 +84,35 @@ def test_merged_graph_compiles_across_shapes():
             torch.testing.assert_close(compiled(**x).logits, ref, atol=1e-5, rtol=1e-5)
     assert cnt.frame_count == 2  # the first shape, then one dynamic graph for every other shape
     assert not counters["graph_break"]
+
+
+def test_switching_adapters_and_merging_recompiles_without_breaks():
+    """Cheap (aot_eager, a small MLP): every graph rewrite is a new plain graph for dynamo, never a break."""
+    from torch import nn
+
+    from vera_fx.adapters import add_adapter, set_adapter
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    x = torch.randn(4, 16)
+    gm = vera_fx.transform(model, vera_fx.VeraConfig(r=4, target_modules=["0", "2"]), (x,))
+    add_adapter(gm, "other", vera_fx.VeraConfig(r=4, target_modules=["2"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in gm.named_parameters():
+            if "lambda" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    gm.eval()
+    cnt = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(gm, fullgraph=True, backend=cnt)
+    outs = []
+    for switch in (lambda: None, lambda: set_adapter(gm, "other"), lambda: set_adapter(gm, ["default", "other"]),
+                   lambda: vera_fx.merge(gm)):
+        switch()
+        with torch.no_grad():
+            out = compiled(x)
+            torch.testing.assert_close(out, gm(x), atol=1e-6, rtol=1e-6)
+        outs.append(out)
+    assert not torch.allclose(outs[0], outs[1])
+    torch.testing.assert_close(outs[3], outs[2], atol=1e-5, rtol=1e-5)
+    assert cnt.frame_count == 4 and not counters["graph_break"]

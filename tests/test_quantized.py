@@ -92,21 +92,9 @@ def quantized_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _pvera_available() -> bool:
-    from vera_fx.methods import method_for
-
-    try:
-        method_for(vera_fx.PveraConfig(r=8))
-    except TypeError:
-        return False
-    return True
-
-
 def configs(method: str, targets):
     """(vera_fx config, peft config) with the same fields."""
     if method == "pvera":
-        if not _pvera_available():
-            pytest.skip("the PVeRA method (vera_fx/methods/pvera.py) is not registered yet")
         return (vera_fx.PveraConfig(r=8, target_modules=targets),
                 peft.PveraConfig(r=8, target_modules=targets))
     return vera_fx.VeraConfig(r=8, target_modules=targets), peft.VeraConfig(r=8, target_modules=targets)
@@ -145,7 +133,8 @@ def test_parity_with_peft_on_quantized_model(adapted, kind, method):
             assert out.dtype == ref.dtype
             torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=f"{kind} {method} {mode} {batch}x{length}")
 
-    # gradients reach every lambda through the quantized bases, as PEFT's do
+    # gradients reach every lambda through the quantized bases, as PEFT's do (in the last mode compared:
+    # training for VeRA, eval for PVeRA, both deterministic)
     kw = inputs(2, 7, seed=5)
     gm(**kw).loss.backward()
     pm(**kw).loss.backward()
@@ -318,6 +307,17 @@ def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
     with pytest.raises(ImportError, match=r"'0'.*Linear8bitLt.*pip install"):
         vera_fx.transform(net, vera_fx.VeraConfig(r=4, target_modules=["0"]), example_inputs=(torch.randn(2, 64),))
     assert type(net[0]) is fake  # the model is left as it was
+
+
+@pytest.mark.parametrize("layer, message", [
+    (lambda: bnb.nn.Linear4bit(64, 64, quant_type="nf4"), r"'1'.*not quantized yet.*\.to\(device\)"),
+    (lambda: bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=True).to("cpu"),
+     r"'1'.*has_fp16_weights=True.*llm_int8_has_fp16_weights=False"),
+])
+def test_unsupported_bnb_layers_are_named(layer, message):
+    net = nn.Sequential(nn.Linear(64, 64), layer())
+    with pytest.raises(ValueError, match=message):
+        vera_fx.transform(net, vera_fx.VeraConfig(r=4, target_modules=["0"]), example_inputs=(torch.randn(2, 64),))
 
 
 def test_importing_vera_fx_does_not_import_bitsandbytes():

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
-from torch.fx import GraphModule
-
 from .capture import CaptureError, capture
 from .adapters import active_adapters, add_adapter, delete_adapter, disable_adapters, set_adapter
 from .checkpoint import adapter_state_dict, from_pretrained, load_adapter, load_adapter_state_dict, save_adapter
@@ -13,7 +9,7 @@ from .config import PveraConfig, VeraConfig
 from .passes.pipeline import transform
 from .passes.merge import merge, merge_into, unmerge
 from . import passes
-from .sites import Site, read_sites
+from .sites import Site, adapted_sites as sites, read_sites
 from .sampling import kl_divergence, set_sample_at_inference
 from .uncertainty import confidence_interval, monte_carlo
 from .inspect import print_trainable_parameters, summary, to_dot, to_networkx, trainable_parameters, view
@@ -29,14 +25,3 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-
-def sites(gm: GraphModule, adapter_name: Optional[str] = None) -> list[Site]:
-    """The adapted sites of ``gm`` (those of ``adapter_name`` only, when given), one per site name."""
-    seen: dict[str, Site] = {}
-    for s in read_sites(gm):
-        if s.name in seen or not (s.adapters or s.merged):
-            continue
-        if adapter_name is not None and adapter_name not in s.adapters + s.merged:
-            continue
-        seen[s.name] = s
-    return list(seen.values())

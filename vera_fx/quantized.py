@@ -1,11 +1,16 @@
 """Quantized bases: bitsandbytes 8-bit and 4-bit linears as opaque ``call_module`` sites.
 
 torch.export cannot trace inside bitsandbytes' layers. Capture therefore swaps each one for a stand-in
-(a plain linear over a zero-size weight expanded to the layer's shape) while exporting, restores the
-originals, then replaces every stand-in ``aten.linear`` node by a ``call_module`` node that calls a graph-owned
-shallow copy of the bnb layer (same quantized weight objects, its own parameter dicts and hooks, so the
-user's model is never touched). The match pass recognises those nodes as sites of kind ``"int8"``,
-``"nf4"`` or ``"fp4"``.
+(a plain linear whose weight is one zero expanded to the layer's shape, so nothing is allocated) while
+exporting, restores the originals, then replaces every stand-in ``aten.linear`` node by a ``call_module`` node
+that calls a graph-owned shallow copy of the bnb layer (same quantized weight objects, its own parameter dicts
+and hooks, so the user's model is never touched). The match pass recognises those nodes as sites of kind
+``"int8"``, ``"nf4"`` or ``"fp4"``. The adapter computes in its lambdas' dtype (float32) and its output is
+cast back to the base output's dtype. Merging is refused (``mergeable``).
+
+4-bit copies never take bitsandbytes' CPU inference packing, which an eval forward otherwise applies to the
+shared weight in place: it rounds the scales to bfloat16 (eval would differ from training), fails with a bare
+reshape error when in_features is not a multiple of the blocksize, and its kernel has no backward.
 
 bitsandbytes stays optional: layers are recognised by class name and defining module, and bitsandbytes is
 imported only when a model holds such a layer.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib
 import logging
 from typing import TYPE_CHECKING, Any, Iterator, Optional
@@ -85,12 +91,26 @@ def _require_bitsandbytes(layers: dict[str, nn.Module]) -> None:
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Module path -> bitsandbytes linear layer of ``model``; ImportError when bitsandbytes is missing."""
-    layers = {path: m for path, m in model.named_modules() if path and is_quantized_layer(m)}
+    layers = {path: m for path, m in model.named_modules(remove_duplicate=False)
+              if path and is_quantized_layer(m)}
     if layers:
         _require_bitsandbytes(layers)
         for path, layer in layers.items():
-            layer_kind(layer)  # fail early on an unknown 4-bit type
+            _check_layer(path, layer)
     return layers
+
+
+def _check_layer(path: str, layer: nn.Module) -> None:
+    """Refuse layers the graph cannot run as a frozen quantized base, naming the layer and the fix."""
+    kind = layer_kind(layer)
+    if kind == "int8" and getattr(getattr(layer, "state", None), "has_fp16_weights", False):
+        raise ValueError(f"bitsandbytes layer {path!r} has has_fp16_weights=True (trainable half-precision "
+                         "weights); vera_fx adapts frozen int8 bases: load with llm_int8_has_fp16_weights=False "
+                         "(the default) or pass has_fp16_weights=False to Linear8bitLt")
+    if kind != "int8" and getattr(layer.weight, "quant_state", None) is None:
+        raise ValueError(f"bitsandbytes layer {path!r} ({type(layer).__name__}) is not quantized yet (its weight "
+                         f"is {layer.weight.dtype}); call .to(device) on the model or the layer first, which "
+                         "quantizes it")
 
 
 class _StandIn(nn.Module):
@@ -152,15 +172,15 @@ def _unpack_cpu_weight(path: str, layer: nn.Module) -> None:
     logger.info("quantized: %s: unpacked the 4-bit weight that bitsandbytes had packed for CPU inference", path)
 
 
-def _refuse_packed_weight(module: nn.Module, args: tuple) -> None:
+def _refuse_packed_weight(path: str, module: nn.Module, args: tuple) -> None:
     """Forward pre-hook of graph-owned 4-bit layers: bnb's packed CPU kernel has no backward, so a weight
     packed by an eval forward of the original model would silently stop gradients at this layer."""
     x = args[0] if args else None
     if (isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()
             and _is_cpu_packed(module.weight)):
         raise RuntimeError(
-            f"a bitsandbytes 4-bit layer ({module.in_features} -> {module.out_features}) has its weight packed "
-            "for CPU inference, because the original model ran in eval mode after vera_fx captured it; "
+            f"site {path!r}: its bitsandbytes 4-bit weight is packed for CPU inference, because the original "
+            "model ran in eval mode after vera_fx captured it; "
             "bitsandbytes' packed kernel has no backward, so gradients would stop here. Do not run the original "
             "model in eval mode while training the graph, or capture the model again")
 
@@ -168,11 +188,7 @@ def _refuse_packed_weight(module: nn.Module, args: tuple) -> None:
 def _graph_copy(path: str, layer: nn.Module) -> nn.Module:
     """A shallow copy of a bnb layer that shares its weight objects (and quantization state) but owns its
     parameter, buffer, module and hook dicts, so the graph can freeze or replace entries independently.
-
-    4-bit copies never take bnb's CPU inference packing (``support_avx512bf16_for_cpu``): packing rewrites the
-    shared weight in place, rounds its scales to bfloat16 (eval would then differ from training), fails with a
-    reshape error when in_features is not a multiple of the blocksize, and its kernel has no backward.
-    """
+    4-bit copies get ``support_avx512bf16_for_cpu = False`` (no CPU packing, see the module docstring)."""
     new = copy.copy(layer)
     for key, value in vars(layer).items():
         if isinstance(value, dict):
@@ -180,7 +196,7 @@ def _graph_copy(path: str, layer: nn.Module) -> nn.Module:
     if _bnb_base(type(layer), ("Linear4bit",)) is not None:
         _unpack_cpu_weight(path, layer)
         new.support_avx512bf16_for_cpu = False
-        new.register_forward_pre_hook(_refuse_packed_weight)
+        new.register_forward_pre_hook(functools.partial(_refuse_packed_weight, path))
     return new
 
 

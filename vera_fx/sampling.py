@@ -109,6 +109,7 @@ def kl_divergence(gm: nn.Module, adapter_name: Optional[str] = None) -> torch.Te
     inner = unwrap(gm)
     states = pvera_states(inner, adapter_name)
     per_site: dict[tuple[str, str], list[torch.Tensor]] = {}
+    live: dict[str, set[str]] = {name: set() for name in states}
     missing = []
     for node in inner.graph.nodes:
         if node.op != "call_function" or node.target is not pvera_record_kl:
@@ -117,15 +118,22 @@ def kl_divergence(gm: nn.Module, adapter_name: Optional[str] = None) -> torch.Te
         name = tag.get("adapter")
         if name not in states:
             continue
+        live[name].add(node.args[3])
         value = getattr(states[name], KL_RECORD).values.get(node.args[3])
         if value is None:
             missing.append(tag.get("site"))
             continue
         per_site.setdefault((name, tag["site"]), []).append(value)
+    for name, keys in live.items():  # drop terms of calls no longer in the graph (merged or switched off)
+        record = getattr(states[name], KL_RECORD)
+        for stale in [k for k in record.values if k not in keys]:
+            del record.values[stale]
     if missing or not per_site:
         which = repr(adapter_name) if adapter_name is not None else f"{sorted(states)}"
-        raise ValueError(f"kl_divergence: no KL term recorded for adapter {which}"
-                         f"{f' at sites {sorted(set(missing))[:5]}' if missing else ' (no PVeRA nodes in the graph)'}"
-                         "; run a forward pass first (merged adapters have no KL term)")
+        if missing:
+            why = f" at sites {sorted(set(missing))[:5]}; run a forward pass first"
+        else:
+            why = ": it has no nodes in the graph (inactive or merged adapters have no KL term)"
+        raise ValueError(f"kl_divergence: no KL term recorded for adapter {which}{why}")
     terms = [torch.stack(v).mean() if len(v) > 1 else v[0] for v in per_site.values()]
     return torch.stack(terms).sum() if len(terms) > 1 else terms[0]

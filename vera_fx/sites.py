@@ -15,7 +15,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 __all__ = ["Site", "SITE_KEY", "ADAPTER_KEY", "MERGED_KEY", "read_sites", "site_of", "site_output", "site_input",
-           "adapter_nodes", "LINEAR_KINDS"]
+           "adapter_nodes", "LINEAR_KINDS", "adapted_sites"]
 
 SITE_KEY = "vera_fx_site"
 ADAPTER_KEY = "vera_fx"
@@ -119,3 +119,21 @@ def read_sites(gm: GraphModule) -> list[Site]:
 def _adapter_states(gm: GraphModule) -> list[tuple[str, Any]]:
     container = getattr(gm, "vera_fx_adapters", None)
     return list(container.items()) if container is not None else []
+
+
+def adapted_sites(gm: GraphModule, adapter_name: Optional[str] = None) -> list[Site]:
+    """The sites that carry an adapter (of ``adapter_name`` only, when given), one per site name.
+
+    An adapter counts whether it is active, inactive (no nodes while switched off) or merged.
+    """
+    owners: dict[str, list[str]] = {}
+    for name, state in _adapter_states(gm):
+        for site_name in state.site_names:
+            owners.setdefault(site_name, []).append(name)
+    seen: dict[str, Site] = {}
+    for s in read_sites(gm):
+        names = set(s.adapters) | set(s.merged) | set(owners.get(s.name, ()))
+        if s.name in seen or not names or (adapter_name is not None and adapter_name not in names):
+            continue
+        seen[s.name] = s
+    return list(seen.values())

@@ -9,6 +9,7 @@ the samples equal those of ``n_samples`` sampled forwards one after the other an
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, Optional
@@ -161,6 +162,7 @@ def _t_central(t: float, df: float) -> float:
     return 0.5 * _betainc(0.5, df / 2.0, t * t / (df + t * t))
 
 
+@functools.lru_cache(maxsize=256)
 def student_t_quantile(p: float, df: float) -> float:
     """The ``p`` quantile of Student's t with ``df`` degrees of freedom (float64, relative error ~1e-12).
 

@@ -13,7 +13,7 @@ Run-time state the graph reads (flipping it never re-captures; torch.compile rec
   ``torch.Generator`` argument would graph-break) and moved to the activations' device, so moving the model
   between devices or dtypes never breaks it. Each site's stream is seeded from ``(generator_seed, site
   name)``, so the sites draw independent noise. (PEFT seeds every layer with ``generator_seed`` itself, so
-  all its same-shaped layers draw the same noise, which correlates them; unseeded, both libraries agree.);
+  all its same-shaped layers draw the same noise, which correlates them; unseeded, both libraries agree.)
 - ``pvera_noise_groups`` on the adapter: how many Monte Carlo samples the batch holds (1 outside
   ``vera_fx.monte_carlo``); with a seed, each sample's noise is drawn separately, so results do not depend on
   how the samples are chunked;
@@ -32,7 +32,7 @@ from torch.fx import Node
 from torch.fx.node import has_side_effect
 
 from ..config import PveraConfig
-from ..sites import Site
+from ..sites import ADAPTER_KEY, Site
 from .base import CONTAINER, AdapterState, Emitter, Method, emit_projection, finish_output
 
 __all__ = ["PveraMethod", "KLRecord", "pvera_reparametrize", "pvera_record_kl", "SAMPLE_SWITCH", "GENERATOR_STATE",
@@ -51,7 +51,7 @@ def site_seed(seed: int, site: str) -> int:
 
 
 class KLRecord:
-    """Per-call KL scalars of the last forward, keyed by the graph node that computed them.
+    """Per-call KL scalars of the last forward, keyed by ``"<site>#<call index>"``.
 
     Each key is overwritten at every forward, so memory does not grow. Copies and pickles start empty (the
     tensors carry an autograd graph that cannot be copied and should not be saved).
@@ -136,9 +136,13 @@ class PveraMethod(Method):
             gen = em.get_attr(state.site_target(adapter, site.name, GENERATOR_STATE), "sampling", "generator")
         groups = em.get_attr(f"{CONTAINER}.{adapter}.{NOISE_GROUPS}", "sampling", "noise_groups")
         z = em.call(pvera_reparametrize, (mu, logvar, training, sample, gen, groups), "sampling", "sample")
+        # One record slot per call of the site (a shared layer is called several times), keyed by the call's
+        # index so that re-emitting the adapter (adapter switches) reuses the same slots.
+        calls = sum(1 for n in em.graph.nodes if n.op == "call_function" and n.target is pvera_record_kl
+                    and (n.meta.get(ADAPTER_KEY) or {}).get("adapter") == adapter
+                    and n.meta[ADAPTER_KEY].get("site") == site.name)
         record = em.get_attr(f"{CONTAINER}.{adapter}.{KL_RECORD}", "sampling", "kl_record")
-        kl = em.call(pvera_record_kl, (mu, logvar, record), "sampling", "kl")
-        kl.args = (*kl.args, kl.name)  # one record slot per call, so shared layers keep every call's term
+        em.call(pvera_record_kl, (mu, logvar, record, f"{site.name}#{calls}"), "sampling", "kl")
         u = em.call(aten.linear.default, (z, b), "adapter", "xAB")
         u = em.call(aten.mul.Tensor, (u, lam_b), "adapter", "scale_b")
         return finish_output(em, y, u, state.site_parameters(site.name)["pvera_lambda_d"].dtype)
