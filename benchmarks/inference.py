@@ -4,7 +4,7 @@ A Llama-like model (hidden 256, 4 layers, batch 4, sequence 128, r=256, VeRA on 
 every variant. The timings are interleaved (one call of each variant, eager and compiled, per round), so
 load from other processes spreads evenly over them; the table shows the fastest round (noise on a shared
 machine only adds time) and the median's ratio. The goal: the merged graph within 2% of the base graph.
-Run: python benchmarks/inference.py [--quick] [--all-linear]
+Run: python benchmarks/inference.py [--quick] [--all-linear] [--threads 1 (steadier on a shared machine)]
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Compares, in one run and on one machine, vera_fx on the quantized model against 
 and against PEFT on the same quantized model. Each configuration runs in its own process (so peak memory
 is not polluted by the others): peak memory is the process's resident set during the training steps above
 its resident set after imports ("in step": above its resident set just before the first step); step time
-is the median of forward + backward + AdamW step. Ratios: time/fp32 and mem/fp32 against vera_fx on the
+is the fastest of ``--steps`` forward + backward + AdamW steps after a warm-up step (the least disturbed
+by other processes on a shared machine). Ratios: time/fp32 and mem/fp32 against vera_fx on the
 fp32 model, time/peft and mem/peft against PEFT on the same base.
 
     python benchmarks/quantized.py [--hidden 512] [--layers 4] [--batch 4] [--length 64] [--steps 6]
@@ -20,7 +21,6 @@ import gc
 import json
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -138,7 +138,7 @@ def run_one(base: str, library: str, path: str, args: argparse.Namespace) -> dic
             opt.zero_grad(set_to_none=True)
             if i:  # the first step warms up (bnb's int8 state, allocator)
                 times.append(time.perf_counter() - t0)
-    return {"base": base, "library": library, "step_s": statistics.median(times),
+    return {"base": base, "library": library, "step_s": min(times),
             "peak_mb": (peak.peak - baseline) / 2**20, "step_mb": (peak.peak - before_steps) / 2**20,
             "weights_mb": weights / 2**20,
             "trainable": sum(p.numel() for p in params), "loss": float(loss)}
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(json.loads(line[len("RESULT "):]))
             logger.warning("%s / %s: %.1f ms per step", base, library, rows[-1]["step_s"] * 1e3)
     print(f"Llama-like: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; VeRA r={args.r} on all "
-          f"linears but lm_head; batch {args.batch} x {args.length}; {args.threads} threads; median of "
+          f"linears but lm_head; batch {args.batch} x {args.length}; {args.threads} threads; fastest of "
           f"{args.steps} steps (forward + backward + AdamW)")
     print(_table(rows))
 

@@ -64,7 +64,7 @@ def is_quantized_parameter(p: Any) -> bool:
     return _bnb_base(type(p), _QUANT_PARAMS) is not None
 
 
-def layer_kind(module: nn.Module) -> str:
+def layer_kind(module: nn.Module, path: str = "") -> str:
     """``"int8"`` for Linear8bitLt, the 4-bit quant type (``"nf4"`` / ``"fp4"``) for Linear4bit."""
     base = _bnb_base(type(module), _BNB_LINEARS)
     if base == "Linear8bitLt":
@@ -73,8 +73,8 @@ def layer_kind(module: nn.Module) -> str:
     quant_type = getattr(getattr(weight, "quant_state", None), "quant_type", None) or getattr(
         weight, "quant_type", None)
     if quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"{type(module).__name__} has quant_type={quant_type!r}; vera_fx supports 'nf4' and "
-                         "'fp4' 4-bit layers")
+        raise ValueError(f"bitsandbytes layer {path!r} ({type(module).__name__}) has quant_type={quant_type!r}; "
+                         "vera_fx supports 'nf4' and 'fp4' 4-bit layers: quantize with one of those")
     return quant_type
 
 
@@ -102,7 +102,7 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def _check_layer(path: str, layer: nn.Module) -> None:
     """Refuse layers the graph cannot run as a frozen quantized base, naming the layer and the fix."""
-    kind = layer_kind(layer)
+    kind = layer_kind(layer, path)
     if kind == "int8" and getattr(getattr(layer, "state", None), "has_fp16_weights", False):
         raise ValueError(f"bitsandbytes layer {path!r} has has_fp16_weights=True (trainable half-precision "
                          "weights); vera_fx adapts frozen int8 bases: load with llm_int8_has_fp16_weights=False "

@@ -1,4 +1,4 @@
-"""Graph passes, one per file: match, inject (and the pipeline that composes them)."""
+"""Graph passes, one per file: match, inject, merge / unmerge (and the pipeline that composes them)."""
 
 from .inject import InjectPass
 from .match import MatchPass, select_sites

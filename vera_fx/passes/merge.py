@@ -23,7 +23,7 @@ from typing import Iterable, Optional
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..adapters import _MTS_TAG, active_adapters, adapters_disabled
@@ -116,8 +116,9 @@ def _check_names(gm: GraphModule, adapter_names: Optional[Iterable[str]]) -> tup
     return tuple(dict.fromkeys(adapter_names))
 
 
-def _unmergeable(gm: GraphModule, calls: list[Site], adapters: tuple[str, ...]) -> Optional[str]:
-    """Why the weight of a site (all its calls) cannot take ``adapters``, or None when it can."""
+def _unmergeable(readers: dict[str, list[Node]], calls: list[Site], adapters: tuple[str, ...]) -> Optional[str]:
+    """Why the weight of a site (all its calls) cannot take ``adapters`` (None when it can); ``readers`` maps
+    each get_attr target to the nodes that use it."""
     site = calls[0]
     ok, why = mergeable(site)
     if not ok:
@@ -130,8 +131,7 @@ def _unmergeable(gm: GraphModule, calls: list[Site], adapters: tuple[str, ...]) 
     if missing:
         return f"adapter(s) {sorted(set(missing))} are attached to only some of its calls"
     bases = {c.base for c in calls}
-    others = [u.name for n in gm.graph.nodes if n.op == "get_attr" and n.target == site.weight
-              for u in n.users if u not in bases]
+    others = [u.name for u in readers.get(site.weight, []) if u not in bases]
     if others:
         return (f"its weight {site.weight!r} is also read by {others[:3]} (tied weights); untie it or leave the "
                 "site out of target_modules")
@@ -145,6 +145,10 @@ def _plan(gm: GraphModule, names: tuple[str, ...]) -> tuple[list[_Fold], dict[st
     for s in read_sites(gm):
         calls_by_site.setdefault(s.name, []).append(s)
     sampling = {a: set(container[a].method.sampling_sites(container[a])) for a in names}
+    readers: dict[str, list[Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            readers.setdefault(str(n.target), []).extend(n.users)
     folds: list[_Fold] = []
     skipped: dict[str, str] = {}
     for name, calls in calls_by_site.items():
@@ -155,7 +159,7 @@ def _plan(gm: GraphModule, names: tuple[str, ...]) -> tuple[list[_Fold], dict[st
         deterministic = tuple(a for a in attached if a not in samples)
         if not deterministic:
             continue
-        reason = _unmergeable(gm, calls, deterministic)
+        reason = _unmergeable(readers, calls, deterministic)
         if reason is not None:
             skipped[name] = reason
             continue
