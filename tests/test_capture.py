@@ -147,3 +147,13 @@ def test_default_example_needs_transformers_model():
     assert set(kw) == {"input_ids", "attention_mask", "labels"} and kw["input_ids"].shape == (2, 8)
     with pytest.raises(ValueError, match="PreTrainedModel"):
         default_example_inputs(TwoLayer())
+
+
+def test_deepcopy_keeps_keyword_handling(llama, llama_graph):
+    import copy
+
+    twin = copy.deepcopy(llama_graph)
+    kw = text_inputs(llama, 2, 4)  # no use_cache: filled in on the copy too
+    torch.testing.assert_close(twin(**kw).logits, llama(**kw).logits)
+    with pytest.raises(TypeError, match="expected|missing"):
+        twin(input_ids=kw["input_ids"])

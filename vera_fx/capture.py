@@ -81,6 +81,11 @@ class _InputCheck:
         return args, kwargs
 
 
+def _install_input_check(gm: GraphModule) -> None:
+    """Register the keyword check for the signature recorded in ``gm.meta``."""
+    gm.register_forward_pre_hook(_InputCheck(gm.meta["vera_fx_signature"]), with_kwargs=True)
+
+
 def _is_pretrained(model: nn.Module) -> bool:
     try:
         from transformers import PreTrainedModel
@@ -296,7 +301,8 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> GraphModu
     signature = Signature(names=placeholders, constants=constants)
     gm.meta["vera_fx_signature"] = signature
     gm.meta["vera_fx_model"] = _model_info(model)
-    gm.register_forward_pre_hook(_InputCheck(signature), with_kwargs=True)
+    _install_input_check(gm)
+    gm._register_deepcopy_hook(_install_input_check)  # copy.deepcopy(gm) keeps the keyword check
     gm.train(model.training)
     logger.info("captured %s: %d nodes, %d mode-dependent dropout nodes", type(model).__name__,
                 len(gm.graph.nodes), n_flags)
