@@ -48,3 +48,14 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+
+
+def llama_like(hidden: int, layers: int, vocab: int):
+    """A Llama-like causal LM from a config (intermediate 2.6875 x hidden, 8 heads), seeded, in train mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.6875),
+                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
+                      max_position_embeddings=512)
+    return LlamaForCausalLM(cfg)

@@ -22,19 +22,13 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import print_table  # noqa: E402
+from _common import llama_like, print_table  # noqa: E402
 
 import vera_fx  # noqa: E402
 
 
 def build(hidden: int, layers: int, vocab: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.6875),
-                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
-                      max_position_embeddings=512)
-    return LlamaForCausalLM(cfg).eval()
+    return llama_like(hidden, layers, vocab).eval()
 
 
 def interleaved_times(fns: dict[Hashable, Callable[[], object]], rounds: int) -> dict[Hashable, list[float]]:

@@ -16,19 +16,13 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import median_time, print_table, saved_activation_bytes  # noqa: E402
+from _common import llama_like, median_time, print_table, saved_activation_bytes  # noqa: E402
 
 import vera_fx  # noqa: E402
 
 
 def build(hidden: int, layers: int, vocab: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.6875),
-                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
-                      max_position_embeddings=512)
-    return LlamaForCausalLM(cfg)
+    return llama_like(hidden, layers, vocab)
 
 
 def step_fn(model, inputs, params):
