@@ -93,5 +93,8 @@ def test_from_dict_errors():
         config_from_dict([1, 2])
     with pytest.raises(ValueError, match="newer"):
         config_from_dict({**data, "vera_fx_version": 99})
+    with pytest.raises(ValueError, match="exclude_modules"):
+        config_from_dict({**data, "exclude_modules": ["lm_head"]})
+    assert config_from_dict({**data, "exclude_modules": None, "target_parameters": []}).r == 8
     with pytest.raises(ValueError, match="r=0"):
         config_from_dict({**data, "r": 0})

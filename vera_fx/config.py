@@ -188,6 +188,10 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
                          "upgrade vera_fx")
     cls = _CONFIG_TYPES[peft_type]
     names = {f.name for f in dataclasses.fields(cls)}
+    unsupported = {k: data[k] for k in ("exclude_modules", "target_parameters") if data.get(k)}
+    if unsupported:
+        raise ValueError(f"adapter config sets {unsupported}, which vera_fx does not support (it would select "
+                         "other layers than PEFT); remove those fields or list the targets in target_modules")
     unknown = sorted(k for k in data if k not in names and k not in _PEFT_ONLY_KEYS)
     if unknown:
         raise ValueError(f"adapter config has unknown fields {unknown} for peft_type={peft_type!r}; "

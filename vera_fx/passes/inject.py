@@ -74,15 +74,6 @@ def _is_param(gm: GraphModule, target: str) -> bool:
     return name in gm.get_submodule(mod_path)._parameters
 
 
-def _make_trainable_copy(gm: GraphModule, qualname: str) -> None:
-    """Replace a base parameter by a trainable clone (the user's model keeps its own storage)."""
-    mod_path, _, name = qualname.rpartition(".")
-    mod = gm.get_submodule(mod_path)
-    p = mod._parameters[name]
-    if p is not None and not p.requires_grad:
-        mod._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=True)
-
-
 class InjectPass(PassBase):
     """Attach adapter ``adapter_name`` with ``config`` to the sites it targets."""
 
