@@ -144,7 +144,7 @@ def test_default_example_needs_transformers_model():
     from vera_fx.capture import default_example_inputs
 
     kw = default_example_inputs(tiny_bert())
-    assert set(kw) == {"input_ids", "attention_mask", "labels"} and kw["input_ids"].shape == (2, 8)
+    assert set(kw) == {"input_ids", "attention_mask", "token_type_ids", "labels"} and kw["input_ids"].shape == (2, 8)
     with pytest.raises(ValueError, match="PreTrainedModel"):
         default_example_inputs(TwoLayer())
 
@@ -157,3 +157,18 @@ def test_deepcopy_keeps_keyword_handling(llama, llama_graph):
     torch.testing.assert_close(twin(**kw).logits, llama(**kw).logits)
     with pytest.raises(TypeError, match="expected|missing"):
         twin(input_ids=kw["input_ids"])
+
+
+def test_inputs_the_model_fills_itself_may_be_left_out():
+    """Tokenizer output (with token_type_ids) and a bare input_ids call both work on a BERT graph."""
+    bert = tiny_bert()
+    gm = vera_fx.capture(bert)
+    sig = gm.meta["vera_fx_signature"]
+    assert {n for n, _, _ in sig.defaults} == {"attention_mask", "token_type_ids"}
+    kw = text_inputs(bert, 2, 5)
+    for call in ({"input_ids": kw["input_ids"], "labels": kw["labels"]},
+                 {**kw, "token_type_ids": torch.zeros_like(kw["input_ids"])},
+                 {**kw, "token_type_ids": torch.ones_like(kw["input_ids"])}):
+        torch.testing.assert_close(gm(**call).logits, bert(**call).logits)
+    with pytest.raises(TypeError, match="missing: \\['labels'\\]"):
+        gm(input_ids=kw["input_ids"])

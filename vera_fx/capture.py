@@ -50,10 +50,15 @@ class Signature:
 
     names: tuple[str, ...]  # every placeholder, in order
     constants: tuple[tuple[str, Any], ...]  # non-tensor inputs and their captured values
+    # Tensor inputs a transformers model fills itself when they are None, and the value it uses then:
+    # (name, "ones" | "zeros", dtype), shaped like input_ids.
+    defaults: tuple[tuple[str, str, torch.dtype], ...] = ()
 
     def describe(self) -> str:
         consts = dict(self.constants)
-        return ", ".join(f"{n}={consts[n]!r}" if n in consts else n for n in self.names)
+        optional = {n for n, _, _ in self.defaults}
+        return ", ".join(f"{n}={consts[n]!r}" if n in consts else f"{n}=<model default>" if n in optional else n
+                         for n in self.names)
 
 
 class _InputCheck:
@@ -70,15 +75,42 @@ class _InputCheck:
             [f"<{len(args) - len(sig.names)} extra positional>"] if len(args) > len(sig.names) else [])
         consts = dict(sig.constants)
         fill = [n for n in missing if n in consts]
-        missing = [n for n in missing if n not in consts]
+        ids = kwargs.get("input_ids", args[sig.names.index("input_ids")] if "input_ids" in sig.names[:len(args)]
+                         else None)
+        made = {}
+        if isinstance(ids, torch.Tensor):
+            for name, kind, dtype in sig.defaults:
+                if name in missing:
+                    made[name] = (torch.ones_like if kind == "ones" else torch.zeros_like)(ids, dtype=dtype)
+        missing = [n for n in missing if n not in consts and n not in made]
         if missing or unexpected:
             raise TypeError(
                 f"this graph was captured for the inputs ({sig.describe()}); missing: {missing or 'none'}, "
                 f"unexpected: {unexpected or 'none'}. Call it with those keywords, or capture again with "
                 f"example_inputs holding the keywords you want to pass")
-        if fill:
-            kwargs = {**kwargs, **{n: consts[n] for n in fill}}
+        if fill or made:
+            kwargs = {**kwargs, **{n: consts[n] for n in fill}, **made}
         return args, kwargs
+
+
+# Inputs transformers models fill themselves when None: all-ones attention, segment 0.
+_MODEL_DEFAULTS = {"attention_mask": "ones", "token_type_ids": "zeros"}
+
+
+def _model_filled_inputs(model: nn.Module, placeholders: tuple[str, ...], args: tuple,
+                         kwargs: dict) -> tuple[tuple[str, str, torch.dtype], ...]:
+    """The captured inputs that may be left out because the model itself would fill them the same way."""
+    if not _is_pretrained(model) or "input_ids" not in placeholders:
+        return ()
+    params = inspect.signature(model.forward).parameters
+    values = dict(zip(_positional_names(model, len(args)), args)) | kwargs
+    out = []
+    for name, kind in _MODEL_DEFAULTS.items():
+        value = values.get(name)
+        if name in placeholders and name in params and params[name].default is None \
+                and isinstance(value, torch.Tensor) and value.shape == values["input_ids"].shape:
+            out.append((name, kind, value.dtype))
+    return tuple(out)
 
 
 def _install_input_check(gm: GraphModule) -> None:
@@ -122,6 +154,8 @@ def default_example_inputs(model: nn.Module, batch: int = 2, length: int = 8) ->
         kw["input_ids"] = ids
         if "attention_mask" in params:
             kw["attention_mask"] = torch.ones_like(ids)
+        if "token_type_ids" in params and int(getattr(cfg, "type_vocab_size", 0) or 0) > 0:
+            kw["token_type_ids"] = torch.zeros_like(ids)  # tokenizers of such models return it
         if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
             kw["decoder_input_ids"] = ids.clone()
         if "labels" in params:
@@ -298,7 +332,8 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> GraphModu
     names_in_order = list(_positional_names(model, len(args))) + list(kwargs)
     constants = tuple((n, v) for n, v in zip(names_in_order, flat_inputs)
                       if not isinstance(v, torch.Tensor) and n in placeholders)
-    signature = Signature(names=placeholders, constants=constants)
+    signature = Signature(names=placeholders, constants=constants,
+                          defaults=_model_filled_inputs(model, placeholders, args, kwargs))
     gm.meta["vera_fx_signature"] = signature
     gm.meta["vera_fx_model"] = _model_info(model)
     _install_input_check(gm)
