@@ -172,3 +172,12 @@ def test_inputs_the_model_fills_itself_may_be_left_out():
         torch.testing.assert_close(gm(**call).logits, bert(**call).logits)
     with pytest.raises(TypeError, match="missing: \\['labels'\\]"):
         gm(input_ids=kw["input_ids"])
+
+
+def test_dtype_or_device_change_is_a_clear_error():
+    m = tiny_llama()
+    gm = vera_fx.capture(m).to(torch.float64)
+    with pytest.raises(TypeError, match="torch.float32 weights on cpu and now holds torch.float64.*transform"):
+        gm(**text_inputs(m, 2, 4))
+    half = vera_fx.capture(tiny_llama().to(torch.bfloat16))  # captured in bf16: runs in bf16
+    assert half(**text_inputs(m, 2, 4)).logits.dtype == torch.bfloat16

@@ -53,6 +53,8 @@ class Signature:
     # Tensor inputs a transformers model fills itself when they are None, and the value it uses then:
     # (name, "ones" | "zeros", dtype), shaped like input_ids.
     defaults: tuple[tuple[str, str, torch.dtype], ...] = ()
+    # A floating base parameter and the dtype / device type it had at capture: the graph is specialised to them.
+    probe: Optional[tuple[str, torch.dtype, str]] = None
 
     def describe(self) -> str:
         consts = dict(self.constants)
@@ -69,6 +71,14 @@ class _InputCheck:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         sig = self.signature
+        if sig.probe is not None:
+            name, dtype, device = sig.probe
+            p = module.get_parameter(name)
+            if p.dtype != dtype or p.device.type != device:
+                raise TypeError(
+                    f"this graph was captured with {dtype} weights on {device} and now holds {p.dtype} on "
+                    f"{p.device.type} ({name}); a torch.export graph is specialised to both. Move or cast the "
+                    f"model first, then call vera_fx.transform / vera_fx.capture on it")
         given = set(sig.names[: len(args)]) | set(kwargs)
         missing = [n for n in sig.names if n not in given]
         unexpected = [k for k in kwargs if k not in sig.names] + (
@@ -111,6 +121,26 @@ def _model_filled_inputs(model: nn.Module, placeholders: tuple[str, ...], args: 
                 and isinstance(value, torch.Tensor) and value.shape == values["input_ids"].shape:
             out.append((name, kind, value.dtype))
     return tuple(out)
+
+
+def _specialised(gm: GraphModule) -> bool:
+    """Whether the graph hard-codes a floating dtype or a device (export bakes in casts, dtype assertions and
+    factory devices, as transformers' norms and masks have)."""
+    for node in gm.graph.nodes:
+        for a in (*node.args, *node.kwargs.values()):
+            if isinstance(a, torch.device) or (isinstance(a, torch.dtype) and a.is_floating_point):
+                return True
+    return False
+
+
+def _probe(gm: GraphModule) -> Optional[tuple[str, torch.dtype, str]]:
+    """For a graph specialised to a dtype / device: its first floating parameter, dtype and device type."""
+    if not _specialised(gm):
+        return None
+    for name, p in gm.named_parameters():
+        if p.is_floating_point():
+            return name, p.dtype, p.device.type
+    return None
 
 
 def _install_input_check(gm: GraphModule) -> None:
@@ -333,7 +363,8 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> GraphModu
     constants = tuple((n, v) for n, v in zip(names_in_order, flat_inputs)
                       if not isinstance(v, torch.Tensor) and n in placeholders)
     signature = Signature(names=placeholders, constants=constants,
-                          defaults=_model_filled_inputs(model, placeholders, args, kwargs))
+                          defaults=_model_filled_inputs(model, placeholders, args, kwargs),
+                          probe=_probe(gm))
     gm.meta["vera_fx_signature"] = signature
     gm.meta["vera_fx_model"] = _model_info(model)
     _install_input_check(gm)
