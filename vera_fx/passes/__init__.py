@@ -1,7 +1,8 @@
-"""Graph passes, one per file: match, inject, merge / unmerge (and the pipeline that composes them)."""
+"""Graph passes, one per file: match, inject, share, merge / unmerge (and the pipeline that composes them)."""
 
 from .inject import InjectPass
 from .match import MatchPass, select_sites
 from .merge import MergePass, UnmergePass
+from .share import SharePass
 
-__all__ = ["MatchPass", "InjectPass", "select_sites", "MergePass", "UnmergePass"]
+__all__ = ["MatchPass", "InjectPass", "select_sites", "MergePass", "UnmergePass", "SharePass"]
