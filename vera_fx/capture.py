@@ -291,7 +291,7 @@ def _rewrite_mode_flags(gm: GraphModule) -> int:
 def _own_frozen_parameters(gm: GraphModule) -> None:
     """Give the graph its own frozen Parameter objects over the model's storage (ties preserved)."""
     replaced: dict[int, nn.Parameter] = {}
-    for mod_name, mod in list(gm.named_modules(remove_duplicate=False)):
+    for _, mod in list(gm.named_modules(remove_duplicate=False)):
         for pname, p in list(mod._parameters.items()):
             if p is None:
                 continue
@@ -305,8 +305,9 @@ def _own_frozen_parameters(gm: GraphModule) -> None:
             mod._parameters[pname] = new
 
 
-def _inline_set_grad(gm: GraphModule) -> None:
-    """Drop ``wrap_with_set_grad_enabled`` wrappers left after decomposition (their body is already inlined)."""
+def _check_no_set_grad_regions(gm: GraphModule) -> None:
+    """``run_decompositions`` inlines ``wrap_with_set_grad_enabled`` regions (Llama's rotary embedding); one
+    left behind would graph-break torch.compile on recompiles, so refuse it here."""
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and "wrap_with_set_grad_enabled" in str(node.target):
             raise CaptureError("torch.export left a wrap_with_set_grad_enabled region in the graph; "
@@ -351,7 +352,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> GraphModu
             p.requires_grad_(grads[name])
     exported = ep.module()
     gm = GraphModule(exported, exported.graph)
-    _inline_set_grad(gm)
+    _check_no_set_grad_regions(gm)
     quantized.restore_quantized(gm, qlayers)
     n_flags = _rewrite_mode_flags(gm)
     _own_frozen_parameters(gm)
