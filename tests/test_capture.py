@@ -181,3 +181,20 @@ def test_dtype_or_device_change_is_a_clear_error():
         gm(**text_inputs(m, 2, 4))
     half = vera_fx.capture(tiny_llama().to(torch.bfloat16))  # captured in bf16: runs in bf16
     assert half(**text_inputs(m, 2, 4)).logits.dtype == torch.bfloat16
+
+
+def test_attention_dropout_follows_mode_and_matches_eager():
+    """scaled_dot_product_attention's dropout_p reads the mode: same seed, same outputs as eager in train."""
+    m = tiny_llama(attention_dropout=0.3)
+    gm = vera_fx.capture(m)
+    kw = text_inputs(m, 2, 6)
+    m.train()
+    gm.train()
+    torch.manual_seed(4)
+    a = gm(**kw).logits
+    torch.manual_seed(4)
+    torch.testing.assert_close(a, m(**kw).logits)
+    gm.eval()
+    m.eval()
+    assert (a - gm(**kw).logits).abs().max() > 1e-3
+    torch.testing.assert_close(gm(**kw).logits, m(**kw).logits)
