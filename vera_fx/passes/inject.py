@@ -150,13 +150,13 @@ def _is_own_node(node: Node, site: str, adapter: str) -> bool:
     return bool(tag) and tag.get("site") == site and tag.get("adapter") == adapter
 
 
-def _adapted_output(gm: GraphModule, site: Site) -> Node:
-    """The node holding this call's current output: the last adapter output added to it, else the base."""
-    last = site.output
+def _adapted_outputs(gm: GraphModule) -> dict[str, Node]:
+    """Base call name -> the last adapter output added to that call (one walk of the graph)."""
+    last: dict[str, Node] = {}
     for n in gm.graph.nodes:
         tag = n.meta.get(ADAPTER_KEY)
-        if tag and tag.get("role") == "output" and tag.get("base") == site.base.name:
-            last = n
+        if tag and tag.get("role") == "output":
+            last[tag["base"]] = n
     return last
 
 
@@ -170,11 +170,12 @@ def emit_adapter(gm: GraphModule, adapter_name: str, site_names: Optional[set[st
     method = state.method
     wanted = set(state.site_names) if site_names is None else set(site_names) & set(state.site_names)
     training = training_node(gm)
+    outputs = _adapted_outputs(gm)
     count = 0
     for site in read_sites(gm):  # every call of a chosen site, shared layers included
         if site.name not in wanted or adapter_name in site.adapters:
             continue
-        y = _adapted_output(gm, site)
+        y = outputs.get(site.base.name, site.output)
         em = Emitter(gm.graph, y, site, adapter_name)
         out = method.emit(em, state, site.input, y, training)
         y.replace_all_uses_with(out, delete_user_cb=lambda u, out=out, s=site.name: u is not out
