@@ -24,7 +24,6 @@ weights are replaced by the graph's (by parameter name), so ``merge_into`` or tr
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -120,8 +119,12 @@ def check_can_generate(model: nn.Module) -> None:
 
 
 def cache_bucket(length: int) -> int:
-    """The cache length used for ``length`` positions: the next power of two, at least 64."""
-    return max(_MIN_BUCKET, 1 << max(0, math.ceil(math.log2(max(1, length)))))
+    """The cache length used for ``length`` positions: the next of 64, 96, 128, 192, 256, 384, ... (powers of
+    two and 1.5x them), so at most a third of the cache is unused and few lengths need their own graph."""
+    size = _MIN_BUCKET
+    while size < length:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    return size
 
 
 def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len: int) -> GraphModule:
@@ -318,7 +321,9 @@ def _token_ids(value: Any, name: str) -> Optional[list[int]]:
     if value is None:
         return None
     values = [value] if isinstance(value, int) else list(value.tolist() if isinstance(value, torch.Tensor) else value)
-    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+    if not values:  # an empty list: no stop token
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
         raise ValueError(f"{name}={value!r} is invalid: expected a token id or a list of token ids")
     return values
 
