@@ -37,7 +37,7 @@ from transformers.configuration_utils import get_head_shapes
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from .adapters import active_adapters, adapters_disabled, modules_to_save_copy
+from .state import active_adapters, adapters_disabled, modules_to_save_copy
 from .capture import SOURCE_MODEL_KEY, CaptureError
 from .methods import CONTAINER
 from .methods.pvera import KL_RECORD, pvera_record_kl
