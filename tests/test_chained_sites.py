@@ -185,3 +185,22 @@ def test_chained_sites_follow_set_adapter():
         _close(gm, pm, model)
     with vera_fx.disable_adapters(gm), pm.disable_adapter(), torch.no_grad():
         torch.testing.assert_close(gm(_x()), model(_x()))
+
+
+def test_opt_project_out_feeding_lm_head_matches_peft():
+    """The transformers case of the issue: OPT's project_out feeds lm_head, both targeted."""
+    from conftest import text_inputs, tiny_opt
+
+    model = tiny_opt(word_embed_proj_dim=16)
+    cfg = dict(r=4, target_modules=["project_out", "lm_head"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(model), peft.VeraConfig(**cfg)).eval()
+    _randomise(pm, 2)
+    gm = vera_fx.transform(model, vera_fx.VeraConfig(**cfg)).eval()
+    vera_fx.load_adapter_state_dict(gm, peft.get_peft_model_state_dict(pm))
+    inputs = text_inputs(model)
+    with torch.no_grad():
+        out, ref, base = gm(**inputs), pm(**inputs), model(**inputs)
+    assert (ref.logits - base.logits).abs().max() > 1e-2
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
