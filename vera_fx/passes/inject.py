@@ -23,6 +23,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..config import AdapterConfig
 from ..methods import CONTAINER, AdapterState, Emitter, method_for
 from ..sites import ADAPTER_KEY, Site, read_sites
+from .lower import lower_adapters
 from .match import select_sites
 
 __all__ = ["InjectPass", "training_node", "adapter_container", "emit_adapter", "remove_adapter_nodes"]
@@ -155,7 +156,7 @@ def _adapted_outputs(gm: GraphModule) -> dict[str, Node]:
     last: dict[str, Node] = {}
     for n in gm.graph.nodes:
         tag = n.meta.get(ADAPTER_KEY)
-        if tag and tag.get("role") == "output":
+        if tag and tag.get("role") == "output" and tag.get("path") != "weight":  # a weight-path fold is no output
             last[tag["base"]] = n
     return last
 
@@ -184,6 +185,7 @@ def emit_adapter(gm: GraphModule, adapter_name: str, site_names: Optional[set[st
     from .share import share_projections  # late import: share builds on the nodes emitted here
 
     share_projections(gm)
+    lower_adapters(gm)
     gm.graph.lint()
     gm.recompile()
     return count
