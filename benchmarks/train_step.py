@@ -9,7 +9,8 @@ gradient, ``x·Aᵀ`` and its input gradient once per shared input, ``z·Bᵀ`` 
 "floor ms" = the frozen base's measured time scaled by floor / base multiply-adds.
 
 vera_fx rows: ``lowering="auto"`` (the lower pass's choice: the lean path at these shapes) and
-``lowering="activation"`` (the plain nodes). ``--compile`` adds torch.compile rows on today's shape.
+``lowering="activation"`` (the plain nodes). ``--compile`` adds torch.compile rows (VeRA, all-linear) on
+today's shape.
 Run: python benchmarks/train_step.py [--quick] [--shapes today,realistic] [--methods vera,pvera] [--compile]
 """
 
@@ -138,7 +139,7 @@ def lean_extra(model, tokens: int, r: int) -> int:
                if n.meta["vera_fx"].get("path") == "lean")
 
 
-def run_shape(name: str, methods: list[str], repeat: int, compile_rows: bool) -> None:
+def run_shape(name: str, methods: list[str], targets_shown: list[str], repeat: int, compile_rows: bool) -> None:
     import peft
 
     hidden, inter, layers, batch, seq, ranks = SHAPES[name]
@@ -162,6 +163,8 @@ def run_shape(name: str, methods: list[str], repeat: int, compile_rows: bool) ->
             our_cfg = vera_fx.VeraConfig if method == "vera" else vera_fx.PveraConfig
             rows_a = r if method == "vera" else 2 * r
             for label, targets in TARGETS.items():
+                if label not in targets_shown:
+                    continue
                 models: dict[str, tuple[Callable, list]] = {"frozen base": (frozen, [p for p in frozen.parameters()
                                                                                      if p.requires_grad])}
                 pm = peft.get_peft_model(copy.deepcopy(base), peft_cfg(r=r, target_modules=targets)).train()
@@ -170,7 +173,7 @@ def run_shape(name: str, methods: list[str], repeat: int, compile_rows: bool) ->
                     gm = vera_fx.transform(base, our_cfg(r=r, target_modules=targets), lowering=lowering,
                                            tokens=tokens).train()
                     models[f"vera_fx {lowering}"] = (gm, [p for p in gm.parameters() if p.requires_grad])
-                if compile_rows:
+                if compile_rows and method == "vera" and label == "all-linear":
                     for key in ("peft", "vera_fx auto"):
                         mod, params = models[key]
                         models[f"{key} compiled"] = (torch.compile(mod), params)
@@ -206,6 +209,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke run)")
     parser.add_argument("--shapes", default="today,realistic")
     parser.add_argument("--methods", default="vera,pvera")
+    parser.add_argument("--targets", default="q/v,all-linear")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (today's shape only)")
     args = parser.parse_args()
@@ -215,7 +219,7 @@ def main() -> None:
         shapes = ["quick" if s == "today" else "quick-realistic" for s in shapes]
     repeat = 2 if args.quick else args.repeat
     for s in shapes:
-        run_shape(s, args.methods.split(","), repeat, args.compile and s in ("today", "quick"))
+        run_shape(s, args.methods.split(","), args.targets.split(","), repeat, args.compile and s in ("today", "quick"))
 
 
 if __name__ == "__main__":
