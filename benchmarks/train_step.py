@@ -3,7 +3,9 @@
 Shapes: today's Llama-like (hidden 512, 4 layers, batch 4 x 128, r=256) and a realistic one (hidden 2048,
 intermediate 5632, 2 layers, batch 2 x 512, r=256 and r=1024). For each: the median step time (forward +
 backward + AdamW), timed interleaved (one step of every row per round) so machine load hits all rows alike;
-the adapters' saved activations (bytes autograd keeps for backward, minus the frozen base's); and the
+the saved activations (bytes autograd keeps for backward) in total and minus the frozen base's (whose
+gradient flows from layer 0's input norm, so at q/v it keeps some layer-0 tensors an adapted model does not:
+the difference can then go negative, and the totals are the robust comparison); and the
 arithmetic floor: counted multiply-adds of exact VeRA with shared projections (frozen base forward and input
 gradient, ``x·Aᵀ`` and its input gradient once per shared input, ``z·Bᵀ`` and its gradient per site), shown as
 "floor ms" = the frozen base's measured time scaled by floor / base multiply-adds.
@@ -178,7 +180,7 @@ def run_shape(name: str, methods: list[str], targets_shown: list[str], repeat: i
                         mod, params = models[key]
                         models[f"{key} compiled"] = (torch.compile(mod), params)
                 steps = {k: step_fn(m, inputs, params) for k, (m, params) in models.items()}
-                times = interleaved(steps, repeat)
+                times = interleaved(steps, repeat) if repeat > 0 else {k: float("nan") for k in models}
                 mems = {k: saved_activation_bytes(lambda m=m: m(**inputs).loss) - m_base
                         for k, (m, _) in models.items() if "compiled" not in k and k != "frozen base"}
                 floor = b_macs + adapter_macs(hidden, inter, layers, tokens, r, rows_a, targets, shared=True)
@@ -196,11 +198,12 @@ def run_shape(name: str, methods: list[str], targets_shown: list[str], repeat: i
                         macs += lean_extra(models[k][0], tokens, r)
                     rows.append([k, paths(models[k][0]), f"{t * 1e3:.0f}", f"{t / ref:.2f}" if k != "frozen base" else "-",
                                  f"{macs / 1e9:.1f}" if macs else "-", f"{t * 1e3 / floor_ms:.2f}",
+                                 f"{(mem + m_base) / 2**20:.1f}" if mem is not None else "-",
                                  f"{mem / 2**20:.2f}" if mem is not None else "-",
                                  f"{mem / mems['peft']:.2f}" if mem is not None else "-"])
                 print_table(f"{method} r={r} {label} (median of {repeat}, interleaved; floor {floor / 1e9:.1f} GMAC "
                             f"= {floor_ms:.0f} ms at the base's rate; base saves {m_base / 2**20:.1f} MiB)",
-                            ["model", "paths", "step ms", "x peft", "GMAC", "x floor", "adapter act. MiB", "x peft"], rows)
+                            ["model", "paths", "step ms", "x peft", "GMAC", "x floor", "saved MiB", "minus base MiB", "x peft"], rows)
                 del models, steps, pm, gm
 
 
@@ -210,14 +213,14 @@ def main() -> None:
     parser.add_argument("--shapes", default="today,realistic")
     parser.add_argument("--methods", default="vera,pvera")
     parser.add_argument("--targets", default="q/v,all-linear")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=5, help="timed rounds; 0: saved activations only")
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (today's shape only)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     shapes = args.shapes.split(",")
     if args.quick:
         shapes = ["quick" if s == "today" else "quick-realistic" for s in shapes]
-    repeat = 2 if args.quick else args.repeat
+    repeat = min(2, args.repeat) if args.quick else args.repeat
     for s in shapes:
         run_shape(s, args.methods.split(","), args.targets.split(","), repeat, args.compile and s in ("today", "quick"))
 
