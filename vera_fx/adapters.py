@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence, Union
 
@@ -24,7 +25,7 @@ from torch.fx import GraphModule
 
 from .config import AdapterConfig
 from .methods import CONTAINER, AdapterState, Method, method_for
-from .sites import ADAPTER_KEY, MERGED_KEY, SITE_KEY
+from .sites import ADAPTER_KEY, MERGED_KEY, SITE_KEY, as_graph_module
 
 __all__ = ["add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "active_adapters",
            "adapters_disabled", "shared_projections", "attach_modules_to_save", "resolve_modules_to_save",
@@ -47,6 +48,7 @@ def active_adapters(gm: GraphModule) -> list[str]:
 
     The list does not change inside ``disable_adapters``; use ``adapters_disabled(gm)`` for that.
     """
+    gm = as_graph_module(gm, "active_adapters")
     names = list(_container(gm).keys())
     chosen = gm.meta.get(ACTIVE_KEY)
     if chosen is None:
@@ -56,6 +58,7 @@ def active_adapters(gm: GraphModule) -> list[str]:
 
 def adapters_disabled(gm: GraphModule) -> bool:
     """True inside ``with disable_adapters(gm):``."""
+    gm = as_graph_module(gm, "adapters_disabled")
     return bool(gm.meta.get(DISABLED_KEY, False))
 
 
@@ -267,6 +270,7 @@ def set_adapter(gm: GraphModule, adapter_name: Union[str, Sequence[str]]) -> Non
     Only the active adapters' lambdas (and ``modules_to_save`` copies) are trainable. No re-capture: the
     graph's adapter nodes are rewritten and the GraphModule recompiled.
     """
+    gm = as_graph_module(gm, "set_adapter")
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     if not names or not all(isinstance(n, str) for n in names):
         raise TypeError(f"adapter_name={adapter_name!r}: expected an adapter name or a non-empty list of names")
@@ -299,6 +303,7 @@ def add_adapter(gm: GraphModule, adapter_name: str, config: AdapterConfig) -> No
     As in PEFT, the new adapter is inactive when the graph already has one (``set_adapter`` activates it);
     it shares the existing adapters' projections (see ``shared_projections`` for the rules).
     """
+    gm = as_graph_module(gm, "add_adapter")
     from .passes.inject import InjectPass
     from .passes.match import MatchPass
     from .passes.pipeline import _run
@@ -331,13 +336,21 @@ def delete_adapter(gm: GraphModule, adapter_name: str) -> None:
     The other adapters keep their values and their active state. Biases it trained (bias='all' /
     '<method>_only') keep their trained values, as in PEFT, and are frozen again.
     """
+    gm = as_graph_module(gm, "delete_adapter")
     _check_names(gm, [adapter_name])
     _check_not_merged(gm, [adapter_name], f"delete adapter {adapter_name!r}")
     bias = _container(gm)[adapter_name].config.bias
     if bias != "none":
         logger.warning("adapter %r trained biases (bias=%r); they keep their values after deletion",
                        adapter_name, bias)
+    was_active = adapter_name in active_adapters(gm)
     remove_adapter(gm, adapter_name)
+    left = list(_container(gm).keys())
+    if was_active and left and not active_adapters(gm):
+        # PEFT activates a remaining adapter (and says so) rather than leaving nothing to train.
+        warnings.warn(f"adapter {adapter_name!r} was active and is now deleted; the active adapter is now "
+                      f"{left[0]!r}", UserWarning, stacklevel=2)
+        set_adapter(gm, left[0])
     logger.info("deleted adapter %r", adapter_name)
 
 
@@ -369,6 +382,7 @@ def remove_adapter(gm: GraphModule, adapter_name: str) -> None:
 def disable_adapters(gm: GraphModule) -> Iterator[GraphModule]:
     """Inside the block the graph computes the base model: adapter nodes are removed and ``modules_to_save``
     reads the base parameters; on exit the active adapters come back. Trained biases stay (as in PEFT)."""
+    gm = as_graph_module(gm, "disable_adapters")
     if adapters_disabled(gm):
         yield gm
         return

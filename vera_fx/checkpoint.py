@@ -27,7 +27,7 @@ from torch.fx import GraphModule
 
 from .config import AdapterConfig, config_from_dict, config_to_dict
 from .methods import CONTAINER, AdapterState, method_for
-from .sites import read_sites
+from .sites import as_graph_module, read_sites
 
 __all__ = ["adapter_state_dict", "load_adapter_state_dict", "adapter_state", "state_dict_targets",
            "save_adapter", "load_adapter", "from_pretrained", "read_checkpoint", "peft_config_dict",
@@ -45,6 +45,7 @@ PathLike = Union[str, os.PathLike]
 
 def adapter_state(gm: GraphModule, adapter_name: str = "default") -> AdapterState:
     """The AdapterState of ``adapter_name``; ValueError listing the adapters when it is missing."""
+    gm = as_graph_module(gm, "adapter_state")
     container = getattr(gm, CONTAINER, None)
     if container is None or len(container) == 0:
         raise ValueError("this graph has no adapter: create one with vera_fx.transform(model, config)")
@@ -92,6 +93,7 @@ def bias_targets(gm: GraphModule, state: AdapterState) -> dict[str, tuple[nn.Mod
 
 def state_dict_targets(gm: GraphModule, adapter_name: str = "default") -> dict[str, tuple[nn.Module, str]]:
     """PEFT key -> (module, attribute) of every tensor the adapter's checkpoint holds, in PEFT's order."""
+    gm = as_graph_module(gm, "state_dict_targets")
     from .adapters import modules_to_save_copy
 
     state = adapter_state(gm, adapter_name)
@@ -115,6 +117,7 @@ def state_dict_targets(gm: GraphModule, adapter_name: str = "default") -> dict[s
 
 def adapter_state_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The tensors PEFT writes to adapter_model.safetensors for this adapter, under PEFT's keys."""
+    gm = as_graph_module(gm, "adapter_state_dict")
     return {k: getattr(mod, attr).detach() for k, (mod, attr) in state_dict_targets(gm, adapter_name).items()}
 
 
@@ -197,6 +200,7 @@ def load_adapter_state_dict(gm: GraphModule, state_dict: dict[str, torch.Tensor]
     Missing or unexpected keys and shape mismatches raise ValueError naming them; nothing changes then.
     Projections may be absent (the adapter keeps those regenerated from ``projection_prng_key``).
     """
+    gm = as_graph_module(gm, "load_adapter_state_dict")
     plan, missing_proj = _plan_load(gm, state_dict, adapter_name, "state dict")
     state = adapter_state(gm, adapter_name)
     if missing_proj and state.config.save_projection:
@@ -209,6 +213,7 @@ def load_adapter_state_dict(gm: GraphModule, state_dict: dict[str, torch.Tensor]
 
 def peft_config_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str, Any]:
     """adapter_config.json's content for ``adapter_name``, with PEFT's keys (no others)."""
+    gm = as_graph_module(gm, "peft_config_dict")
     state = adapter_state(gm, adapter_name)
     data = config_to_dict(state.config)
     data.pop("vera_fx_version", None)
@@ -283,6 +288,7 @@ def save_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
     shared projections are left out. Each file is written to a temporary file in ``directory``, fsynced and
     renamed, so a failed save leaves any earlier checkpoint there intact.
     """
+    gm = as_graph_module(gm, "save_adapter")
     state = adapter_state(gm, adapter_name)
     path = Path(directory)
     if path.exists() and not path.is_dir():
@@ -388,6 +394,7 @@ def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
     then inactive when the graph already had an adapter; ``set_adapter`` activates it). Everything is checked
     before anything changes; on any error the graph is left as it was.
     """
+    gm = as_graph_module(gm, "load_adapter")
     from .adapters import ACTIVE_KEY, add_adapter, remove_adapter
 
     config, tensors = read_checkpoint(directory)
