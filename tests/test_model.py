@@ -327,6 +327,6 @@ def test_module_functions_take_the_object(llama_pair):
     assert "q_proj" in vera_fx.summary(ours)
     assert vera_fx.trainable_parameters(ours) == ours.get_nb_trainable_parameters()
     assert set(vera_fx.adapter_state_dict(ours)) == set(vera_fx.adapter_state_dict(ours.graph_module))
-    with pytest.raises(TypeError, match="vera_fx.transform returns"):
+    with pytest.raises(TypeError, match="vera_fx.transform returns.*GraphModule"):
         vera_fx.summary(torch.nn.Linear(2, 2))
     assert MTS_TAG == vera_fx.adapters._MTS_TAG

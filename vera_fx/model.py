@@ -491,7 +491,11 @@ class VeraFxModel(nn.Module):
         graphs = self._graphs.get(key)
         if graphs is None:
             return self._capture(key, call)(**call)
-        if len(graphs) == 1 or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            # Through the class attribute: dynamo then guards on the function, which recompile() replaces.
+            gm = self._fresh(graphs[0])
+            return type(gm).forward(gm, **call)
+        if len(graphs) == 1:
             return self._fresh(graphs[0])(**call)
         return self._call_siblings(key, graphs, call)
 

@@ -146,6 +146,6 @@ def as_graph_module(obj: Any, fn: str = "this function") -> GraphModule:
     if not isinstance(inner, GraphModule):
         inner = getattr(type(inner), "_vera_fx_source_graph", None) is not None and inner._vera_fx_source_graph
     if not isinstance(inner, GraphModule):
-        raise TypeError(f"{fn} takes the model vera_fx.transform returns (or its graph_module, or torch.compile "
-                        f"of either), got {type(obj).__name__}")
+        raise TypeError(f"{fn} takes the model vera_fx.transform returns (a VeraFxModel), its GraphModule "
+                        f"(m.graph_module) or torch.compile of either; got {type(obj).__name__}")
     return inner
