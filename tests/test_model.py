@@ -13,7 +13,6 @@ import torch
 
 import vera_fx
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
-from vera_fx.passes.attach import MTS_TAG
 
 peft = pytest.importorskip("peft")
 
@@ -329,4 +328,3 @@ def test_module_functions_take_the_object(llama_pair):
     assert set(vera_fx.adapter_state_dict(ours)) == set(vera_fx.adapter_state_dict(ours.graph_module))
     with pytest.raises(TypeError, match="vera_fx.transform returns.*GraphModule"):
         vera_fx.summary(torch.nn.Linear(2, 2))
-    assert MTS_TAG == vera_fx.adapters._MTS_TAG

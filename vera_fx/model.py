@@ -48,7 +48,7 @@ from .methods import CONTAINER, method_for
 from .passes.attach import attach_adapters, state_fingerprint
 from .passes.match import MatchPass
 from .passes.merge import merge_into
-from .passes.pipeline import _run, transform as transform_graph
+from .passes.pipeline import run_passes, transform as transform_graph
 from .sites import as_graph_module
 
 __all__ = ["VeraFxModel", "transform", "from_pretrained", "count_parameters", "DEFAULT_MAX_GRAPHS",
@@ -469,7 +469,7 @@ class VeraFxModel(nn.Module):
             raise CaptureError(f"a call with a new signature ({describe_key(key)}) needs a new graph, and {e}. "
                                "Call the model with the keywords it was transformed with, or pass example_inputs "
                                "that export can capture") from e
-        gm = _run(gm, [MatchPass()])
+        gm = run_passes(gm, [MatchPass()])
         attach_adapters(gm, self._source)
         gm.meta[_FINGERPRINT] = state_fingerprint(self._source)
         self._store(key, gm)

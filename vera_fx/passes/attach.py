@@ -25,6 +25,7 @@ from torch.fx import GraphModule
 
 from ..methods import CONTAINER
 from ..sites import ADAPTER_KEY, read_sites
+from ..state import MTS_TAG
 from .inject import emit_adapter, remove_adapter_nodes
 
 __all__ = ["attach_adapters", "strip_adapters", "state_fingerprint", "GRAPH_OWN_META"]
@@ -33,8 +34,6 @@ logger = logging.getLogger(__name__)
 
 # gm.meta keys that describe the graph itself (its capture), not the adapter state: never copied.
 GRAPH_OWN_META = ("vera_fx_signature", "vera_fx_model", "vera_fx_call_key")
-# node.meta key of get_attr nodes that read a modules_to_save parameter (written by vera_fx/adapters.py).
-MTS_TAG = "vera_fx_modules_to_save"
 # gm.meta keys of the adapter state that decide the graph's structure (vera_fx/adapters.py, merge pass).
 _STRUCTURE_META = ("vera_fx_active", "vera_fx_disabled", "vera_fx_merged")
 
