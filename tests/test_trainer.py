@@ -70,7 +70,7 @@ def test_trainer_matches_peft_and_checkpoints_hold_the_adapter(arch, tmp_path):
     ours = vera_fx.transform(model, vera_fx.VeraConfig(r=8, **kw))
     _, losses = _train(ours, tmp_path / "ours", save_strategy="steps", save_steps=2)
     _, ref = _train(_peft(model, kw), tmp_path / "peft", save_strategy="steps", save_steps=2)
-    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert len(losses) == 4
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), atol=1e-5, rtol=1e-5)
     ckpt = tmp_path / "ours" / "checkpoint-2"
     ours_size = (ckpt / "model.safetensors").stat().st_size
@@ -81,6 +81,7 @@ def test_trainer_matches_peft_and_checkpoints_hold_the_adapter(arch, tmp_path):
                                                                        tmp_path / "peft" / "checkpoint-2"))
     for k, v in vera_fx.adapter_state_dict(back).items():
         torch.testing.assert_close(v, sd[k], atol=1e-5, rtol=1e-5)
+    assert any(v.abs().sum() > 0 for k, v in sd.items() if "lambda_b" in k)  # trained (lambda_b starts at 0)
 
 
 def test_resume_continues_with_the_uninterrupted_losses(tmp_path):
@@ -90,7 +91,9 @@ def test_resume_continues_with_the_uninterrupted_losses(tmp_path):
                      save_strategy="steps", save_steps=2)
     _, resumed = _train(vera_fx.transform(model, vera_fx.VeraConfig(r=8, **kw)), tmp_path / "b",
                         resume=str(tmp_path / "a" / "checkpoint-2"))
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(full[2:]), atol=1e-6, rtol=1e-6)
+    # The resumed log starts with the checkpoint's history; the last two steps are computed again.
+    assert len(resumed) == 4
+    torch.testing.assert_close(torch.tensor(resumed[2:]), torch.tensor(full[2:]), atol=1e-6, rtol=1e-6)
 
 
 def test_epoch_saves_on_tied_weights_save_model_evaluate_predict(tmp_path):

@@ -215,6 +215,20 @@ class VeraFxModel(nn.Module):
             logger.info("weights are now %s on %s: graphs are captured again on their next call", *after)
         return self
 
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_base_model")
+            if name.startswith("__") or base is None or not hasattr(base, name):
+                raise
+        value = getattr(base, name)
+        if callable(value):  # a method of the eager model would run without the adapters: refuse it
+            raise AttributeError(f"{type(self).__name__} has no {name!r}: {type(base).__name__}.{name} would run the "
+                                 "model without its adapters. Use m.merge_and_unload() to get the model with the "
+                                 "adapters folded in, then call it there")
+        return value  # plain attributes (loss_type, name_or_path, ...) read as on the model, as PEFT does
+
     def __reduce_ex__(self, protocol: int) -> Any:
         raise TypeError("a VeraFxModel cannot be pickled (it holds torch.export graphs): save the adapter with "
                         "m.save_pretrained(directory) and rebuild it with vera_fx.from_pretrained(model, directory)")
@@ -343,7 +357,7 @@ class VeraFxModel(nn.Module):
         """The user's model with the active adapters folded into its weights (``merge_into``); returned."""
         return merge_into(self._base_model, self._source, safe_merge=safe_merge)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any) -> None:
         raise NotImplementedError(
             "gradient_checkpointing_enable: vera_fx recomputes per block once the capture keeps the model's blocks "
             "as submodules (block-structured capture); this graph is one flat graph. Train without gradient "
