@@ -19,7 +19,7 @@ peft = pytest.importorskip("peft")
 LLAMA_KW = dict(target_modules=["q_proj", "v_proj", "down_proj"])
 
 
-def pair(model, kw, r=8, seed=5):
+def pair(model, kw, r=8, seed=5, max_graphs=8):
     """(ours, PEFT's) on ``model`` with the same random lambdas."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -29,7 +29,7 @@ def pair(model, kw, r=8, seed=5):
         for name, p in pm.named_parameters():
             if "vera_lambda" in name:
                 p.normal_(0, 0.5)
-    ours = vera_fx.transform(model, vera_fx.VeraConfig(r=r, **kw))
+    ours = vera_fx.transform(model, vera_fx.VeraConfig(r=r, **kw), max_graphs=max_graphs)
     vera_fx.load_adapter_state_dict(ours, peft.get_peft_model_state_dict(pm))
     return ours, pm
 
@@ -37,7 +37,7 @@ def pair(model, kw, r=8, seed=5):
 @pytest.fixture(scope="module")
 def llama_pair():
     model = tiny_llama()
-    ours, pm = pair(model, LLAMA_KW)
+    ours, pm = pair(model, LLAMA_KW, max_graphs=16)  # every keyword test below adds a signature
     return model, ours.eval(), pm.eval()
 
 
@@ -225,7 +225,7 @@ def test_another_image_size_captures_for_it():
     model = Dinov2ForImageClassification(Dinov2Config(image_size=16, patch_size=4, hidden_size=32,
                                                       num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
                                                       num_labels=3)).eval()
-    ours, pm = pair(model, dict(target_modules=["query", "value"]))
+    ours, pm = pair(model, dict(target_modules=["q_proj", "v_proj"]))
     ours.eval()
     pm.eval()
     g = torch.Generator().manual_seed(0)

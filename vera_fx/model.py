@@ -409,7 +409,7 @@ class VeraFxModel(nn.Module):
         plans = [ckpt._plan_load(self._source, sd, name, f"state dict of adapter {name!r}")[0]
                  for name, sd in per_adapter.items()]
         for plan in plans:
-            ckpt._apply(plan)
+            ckpt._apply(self._source, plan)
         return _IncompatibleKeys(missing, unexpected)
 
     # --- calls -------------------------------------------------------------------------------------------
