@@ -105,7 +105,8 @@ def test_issue_repro_two_linears():
     m = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3)).eval()
     cfg = dict(r=4, target_modules=["0", "1"], init_weights=False)
     pm = peft.get_peft_model(copy.deepcopy(m), peft.VeraConfig(**cfg)).eval()
-    gm = vera_fx.transform(copy.deepcopy(m), vera_fx.VeraConfig(**cfg), example_inputs=(torch.randn(2, 4),)).eval()
+    gm = vera_fx.transform(copy.deepcopy(m), vera_fx.VeraConfig(**cfg), example_inputs=(torch.randn(2, 4),),
+                           lowering="activation").eval()  # the plain nodes, to read the wiring below
     vera_fx.load_adapter_state_dict(gm, peft.get_peft_model_state_dict(pm))
     x = torch.randn(5, 4)
     with torch.no_grad():

@@ -223,7 +223,7 @@ def test_errors_name_the_problem(pairs):
     del orphan.meta[SOURCE_MODEL_KEY]
     with pytest.raises(ValueError, match="model=<that model>"):
         vera_fx.generate(orphan, ids)
-    with pytest.raises(TypeError, match="GraphModule made by vera_fx.transform"):
+    with pytest.raises(TypeError, match="generate takes the model vera_fx.transform returns"):
         vera_fx.generate(model, ids)
     encoder = vera_fx.transform(tiny_bert(), vera_fx.VeraConfig(r=4, target_modules=["query", "value"]))
     with pytest.raises(ValueError, match="BertForSequenceClassification cannot generate text.*decoder-only"):

@@ -306,10 +306,10 @@ def test_transform_refuses_bad_lowering_before_capture():
 
 def test_lower_pass_is_a_no_op_on_a_lowered_graph():
     net, x = _net(), _x()
-    gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering="lean")
+    gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering="lean").graph_module
     code = gm.code
     assert lower_adapters(gm) == 0 and not LowerPass()(gm).modified and gm.code == code
-    gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering="activation")
+    gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering="activation").graph_module
     assert LowerPass("lean")(gm).modified and _paths(gm) == {"lean": 5}
 
 
