@@ -238,16 +238,40 @@ def _kl_records(gm: GraphModule) -> list[KLRecord]:
     return [v for state in container.values() for v in vars(state).values() if isinstance(v, KLRecord)]
 
 
+class _Constants(nn.Module):
+    """Calls ``inner`` with its captured non-tensor keywords (``use_cache=False``) fixed, through a forward
+    with one named parameter per tensor input, so the exported program takes the tensor inputs only."""
+
+    def __init__(self, inner: nn.Module, n_args: int, names: Sequence[str], constants: dict[str, Any],
+                 plain: bool) -> None:
+        super().__init__()
+        self.inner = inner
+        self.constants = constants
+        self.plain = plain
+        params = [f"arg{i}" for i in range(n_args)] + list(names)
+        call = [f"arg{i}" for i in range(n_args)] + [f"{n}={n}" for n in names]
+        scope: dict[str, Any] = {}
+        exec(f"def forward(self, {', '.join(params)}):\n"
+             f"    return self.finish(self.inner({', '.join(call + ['**self.constants'])}))\n", scope)
+        self.forward = scope["forward"].__get__(self)  # type: ignore[method-assign]
+
+    def finish(self, out: Any) -> Any:
+        # A transformers ModelOutput is a dict subclass: a plain dict loads without transformers.
+        return dict(out.items()) if self.plain and isinstance(out, Mapping) and type(out) is not dict else out
+
+
 def export(gm: nn.Module, example_inputs: Any, *, adapter_names: Optional[Sequence[str]] = None,
-           dynamic: bool = True) -> torch.export.ExportedProgram:
+           dynamic: bool = True, plain_outputs: bool = True) -> torch.export.ExportedProgram:
     """A ``torch.export.ExportedProgram`` of ``gm`` as it is now: adapted, merged, or (with
     ``adapter_names``, one per example row) its mixed-adapter graph, whose program then takes the extra
     keyword ``vera_fx_adapter_index`` (``adapter_index(gm, names)``; row value ``k`` is the ``k``-th loaded
     adapter, the count of adapters is the base model).
 
-    ``example_inputs``: a dict of keyword inputs (or a tuple of positional ones) as the graph takes them.
+    ``example_inputs``: a dict of keyword inputs (or a tuple of positional ones) as the graph takes them;
+    non-tensor inputs (``use_cache=False``) are fixed at their values, the program takes the tensors only.
     With ``dynamic`` every tensor dimension is ``Dim.AUTO`` (export keeps it dynamic where it can). The mode
-    (train / eval) and the sampling switches are fixed at export. ``torch.export.save`` / ``load`` round-trip
+    (train / eval) and the sampling switches are fixed at export. With ``plain_outputs`` a transformers
+    output object comes back as a plain dict (``out["logits"]``), so loading needs no transformers. ``torch.export.save`` / ``load`` round-trip
     it; running it needs only torch and ``vera_fx/runtime.py`` (PVeRA's noise ops).
     """
     inner = unwrap(gm)
@@ -268,10 +292,14 @@ def export(gm: nn.Module, example_inputs: Any, *, adapter_names: Optional[Sequen
                              f"{first.shape[0]} rows: give one name per example row")
         module = mixed_graph(inner)
         kwargs = {**kwargs, INDEX_INPUT: index}
-    dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs) if dynamic else (None, None)
+    constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+    kwargs = {k: v for k, v in kwargs.items() if k not in constants}
+    module = _Constants(module, len(args), list(kwargs), constants, plain_outputs)
     dynamic_shapes: Any = None
     if dynamic:
-        dynamic_shapes = dyn_args if not kwargs else (dyn_kwargs if not args else None)
+        dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs)
+        dynamic_shapes = {**{f"arg{i}": d for i, d in enumerate(dyn_args)}, **dyn_kwargs}
+    args = tuple(args)
     records = [(r, dict(r.values)) for r in _kl_records(inner)]
     try:
         ep = torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
