@@ -4,67 +4,39 @@ Switching rewrites the graph: an inactive adapter has no nodes (``remove_adapter
 gets them back (``emit_adapter``), so inactive adapters cost nothing at run time and ``torch.compile`` sees a
 plain graph (a switch recompiles it; it never graph-breaks). Several active adapters add up, as in PEFT.
 
-State: the active list lives in ``gm.meta["vera_fx_active"]`` (absent: every adapter on the graph is active)
-and the disabled flag in ``gm.meta["vera_fx_disabled"]``. Adapters of one method share one pair of
-projections: a later adapter's ``<prefix>_A`` / ``<prefix>_B`` buffers are views of the largest existing
-adapter's tensors, sliced to its own rank. ``modules_to_save`` copies belong to their adapter; the graph's
-get_attr nodes point at the active adapter's copy, or back at the base parameters.
+The state these functions switch (active list, disabled flag, shared projections, ``modules_to_save`` copies,
+trained biases) lives in vera_fx/state.py, below the passes; its readers are re-exported here.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence, Union
 
-import torch
 from torch import nn
 from torch.fx import GraphModule
 
 from .config import AdapterConfig
-from .methods import CONTAINER, AdapterState, Method, method_for
-from .sites import ADAPTER_KEY, MERGED_KEY, SITE_KEY
+from .methods import AdapterState, method_for
+from .passes.inject import InjectPass, emit_adapter, remove_adapter_nodes
+from .passes.match import MatchPass
+from .passes.pipeline import run_passes
+from .sites import ADAPTER_KEY, SITE_KEY
+from .state import (ACTIVE_KEY, DISABLED_KEY, _container, active_adapters, adapters_disabled,
+                    attach_modules_to_save, bias_targets, merged_adapters, modules_to_save_copy,
+                    modules_to_save_owners, resolve_modules_to_save, route_modules_to_save, shared_projections)
 
+# active_adapters ... modules_to_save_copy live in vera_fx/state.py (below the passes) and stay importable here.
 __all__ = ["add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "active_adapters",
            "adapters_disabled", "shared_projections", "attach_modules_to_save", "resolve_modules_to_save",
-           "modules_to_save_copy", "remove_adapter"]
+           "modules_to_save_copy", "remove_adapter", "ACTIVE_KEY", "DISABLED_KEY"]
 
 logger = logging.getLogger(__name__)
 
-ACTIVE_KEY = "vera_fx_active"
-DISABLED_KEY = "vera_fx_disabled"
-_MTS_TAG = "vera_fx_modules_to_save"  # node.meta of get_attr nodes reading a modules_to_save parameter
-
-
-def _container(gm: GraphModule) -> nn.ModuleDict:
-    container = getattr(gm, CONTAINER, None)
-    return container if container is not None else nn.ModuleDict()
-
-
-def active_adapters(gm: GraphModule) -> list[str]:
-    """The names of the active adapters, in the order they were set (default: every adapter on the graph).
-
-    The list does not change inside ``disable_adapters``; use ``adapters_disabled(gm)`` for that.
-    """
-    names = list(_container(gm).keys())
-    chosen = gm.meta.get(ACTIVE_KEY)
-    if chosen is None:
-        return names
-    return [n for n in chosen if n in names]
-
-
-def adapters_disabled(gm: GraphModule) -> bool:
-    """True inside ``with disable_adapters(gm):``."""
-    return bool(gm.meta.get(DISABLED_KEY, False))
-
-
-def _merged_adapters(gm: GraphModule) -> set[str]:
-    return {a for names in (gm.meta.get(MERGED_KEY) or {}).values() for a in names}
-
 
 def _check_not_merged(gm: GraphModule, names: Sequence[str], action: str) -> None:
-    merged = sorted(set(names) & _merged_adapters(gm))
+    merged = sorted(set(names) & merged_adapters(gm))
     if merged:
         raise ValueError(f"cannot {action}: adapters {merged} are merged into the base weights; unmerge them "
                          "first (vera_fx.unmerge)")
@@ -74,153 +46,19 @@ def _has_nodes(gm: GraphModule, name: str) -> bool:
     return any((n.meta.get(ADAPTER_KEY) or {}).get("adapter") == name for n in gm.graph.nodes)
 
 
-# --- shared projections --------------------------------------------------------------------------------------
-
-def shared_projections(gm: GraphModule, config: AdapterConfig, method: Method, in_max: int,
-                       out_max: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """The projections a new adapter of ``method`` reuses, or None when it is the first of its method.
-
-    Every adapter uses views of the largest existing adapter's A and B, sliced to its own rank (A's first
-    ``latent_rows`` rows, B's first ``r`` columns). Raises ValueError, before anything changes, when the
-    new config's ``projection_prng_key`` or ``save_projection`` differs, when another adapter already trains
-    biases, or when the new adapter needs larger projections or a higher ``r`` than exist.
-    """
-    container = _container(gm)
-    others = [(n, s) for n, s in container.items()]
-    for name, state in others:
-        if config.bias != "none" and state.config.bias != "none":
-            raise ValueError(f"bias={config.bias!r}: adapter {name!r} already trains biases (bias="
-                             f"{state.config.bias!r}) and only one adapter per graph may; use bias='none'")
-    peers = [(n, s) for n, s in others if s.method_name == method.name]
-    if not peers:
-        return None
-    ref_name, ref = max(peers, key=lambda p: tuple(p[1].projection("A").shape) + tuple(p[1].projection("B").shape))
-    first = ref.config
-    if first.projection_prng_key != config.projection_prng_key:
-        raise ValueError(f"projection_prng_key={config.projection_prng_key} differs from adapter {ref_name!r}'s "
-                         f"({first.projection_prng_key}): all adapters of a graph share one pair of projections; "
-                         f"use projection_prng_key={first.projection_prng_key}")
-    if first.save_projection != config.save_projection:
-        raise ValueError(f"save_projection={config.save_projection} differs from adapter {ref_name!r}'s "
-                         f"({first.save_projection}): the shared projections are saved for all adapters or none; "
-                         f"use save_projection={first.save_projection}")
-    a, b = ref.projection("A"), ref.projection("B")
-    if a.shape[1] < in_max or b.shape[0] < out_max:
-        raise ValueError(f"the new adapter's layers need projections of at least {in_max} inputs x {out_max} "
-                         f"outputs, but the shared ones (adapter {ref_name!r}) have {a.shape[1]} x {b.shape[0]}: "
-                         "add the adapter that targets the largest layers first, or target the same modules")
-    rows = method.latent_rows(config)
-    if a.shape[0] < rows or b.shape[1] < config.r:
-        raise ValueError(f"r={config.r} is higher than r={first.r} of adapter {ref_name!r}, whose projections "
-                         f"all adapters share: add the adapter with the highest r first, or use r <= {first.r}")
-    return a[:rows], b[:, : config.r]
-
-
-# --- modules_to_save ------------------------------------------------------------------------------------------
-
-def resolve_modules_to_save(gm: GraphModule, module_names: Sequence[str]) -> list[str]:
-    """Module paths of ``gm`` named by ``modules_to_save`` (a path or its last components).
-
-    Names that match nothing are skipped with a warning (PEFT's task types add names such as 'score' that
-    a model may lack); ValueError when none matches.
-    """
-    found: list[str] = []
-    for module_name in module_names:
-        paths = [n for n, _ in gm.named_modules() if n and not n.startswith(CONTAINER)
-                 and (n == module_name or n.endswith("." + module_name))]
-        if not paths:
-            logger.warning("modules_to_save: %r names no module of the graph; skipped", module_name)
-        found.extend(p for p in paths if p not in found)
-    if module_names and not found:
-        raise ValueError(f"modules_to_save={list(module_names)!r} names no module of the graph; give module "
-                         "names such as 'classifier' or 'score'")
-    # A path inside another saved path is covered by it.
-    return sorted(p for p in found if not any(p.startswith(q + ".") for q in found if q != p))
-
-
-def _mts_key(path: str) -> str:
-    return path.replace(".", "__")
-
-
-def attach_modules_to_save(gm: GraphModule, adapter_name: str, module_names: Sequence[str]) -> list[str]:
-    """Give adapter ``adapter_name`` trainable copies of the modules ``module_names`` names.
-
-    The copies live at ``vera_fx_adapters.<adapter>.modules_to_save.<path with '__'>``; the graph reads them
-    while the adapter is active, and the frozen base parameters otherwise. Returns the module paths.
-    """
-    paths = resolve_modules_to_save(gm, module_names)
-    state = _container(gm)[adapter_name]
-    copies = nn.ModuleDict()
-    for path in paths:
-        clone = copy.deepcopy(gm.get_submodule(path))
-        for p in clone.parameters():
-            p.requires_grad_(True)
-        copies[_mts_key(path)] = clone
-    state.modules_to_save = copies
-    state.modules_to_save_paths = paths
-    for node in gm.graph.nodes:
-        if node.op != "get_attr" or _MTS_TAG in node.meta:
-            continue
-        owner = next((p for p in paths if str(node.target).startswith(p + ".")), None)
-        if owner is not None:
-            node.meta[_MTS_TAG] = {"path": owner, "target": node.target}
-    _route_modules_to_save(gm, [] if adapters_disabled(gm) else active_adapters(gm))
-    return paths
-
-
-def modules_to_save_copy(state: AdapterState, path: str) -> nn.Module:
-    """The adapter's trainable copy of the module at ``path``."""
-    return state.modules_to_save[_mts_key(path)]
-
-
-def _mts_owners(gm: GraphModule, live: Sequence[str]) -> dict[str, str]:
-    """Module path -> the live adapter whose copy the graph should read; ValueError on a conflict."""
-    container = _container(gm)
-    owners: dict[str, str] = {}
-    for name in live:
-        for path in getattr(container[name], "modules_to_save_paths", []):
-            if path in owners:
-                raise ValueError(f"adapters {owners[path]!r} and {name!r} both have a trainable copy of {path!r} "
-                                 "(modules_to_save); only one of them can be active at a time")
-            owners[path] = name
-    return owners
-
-
-def _route_modules_to_save(gm: GraphModule, live: Sequence[str]) -> bool:
-    owners = _mts_owners(gm, live)
-    changed = False
-    for node in gm.graph.nodes:
-        tag = node.meta.get(_MTS_TAG)
-        if tag is None:
-            continue
-        owner = owners.get(tag["path"])
-        target = tag["target"]
-        if owner is not None:
-            rel = target[len(tag["path"]) + 1:]
-            target = f"{CONTAINER}.{owner}.modules_to_save.{_mts_key(tag['path'])}.{rel}"
-        if node.target != target:
-            node.target = target
-            changed = True
-    return changed
-
-
 # --- switching -------------------------------------------------------------------------------------------------
 
 def _bias_params(gm: GraphModule, state: AdapterState) -> list[nn.Parameter]:
-    from .checkpoint import bias_targets
-
     return [getattr(mod, attr) for mod, attr in bias_targets(gm, state).values()]
 
 
 def _sync(gm: GraphModule) -> None:
     """Make the graph and ``requires_grad`` follow the active list and the disabled flag."""
-    from .passes.inject import emit_adapter, remove_adapter_nodes
-
     container = _container(gm)
     active = active_adapters(gm)
     live = [] if adapters_disabled(gm) else active
-    merged = _merged_adapters(gm)
-    _mts_owners(gm, live)  # conflicts raise before anything changes
+    merged = merged_adapters(gm)
+    modules_to_save_owners(gm, live)  # conflicts raise before anything changes
     changed = False
     missing = [n for n in live if n not in merged and not _has_nodes(gm, n)]
     for name in container:
@@ -233,7 +71,7 @@ def _sync(gm: GraphModule) -> None:
         if name not in merged and not _has_nodes(gm, name):
             emit_adapter(gm, name)
             changed = True
-    if _route_modules_to_save(gm, live) or changed:
+    if route_modules_to_save(gm, live) or changed:
         gm.graph.lint()
         gm.recompile()
     trainable_bias: set[int] = set()
@@ -275,7 +113,7 @@ def set_adapter(gm: GraphModule, adapter_name: Union[str, Sequence[str]]) -> Non
     _check_names(gm, names)
     before = active_adapters(gm)
     _check_not_merged(gm, sorted(set(before) ^ set(names)), "switch adapters")
-    _mts_owners(gm, names)
+    modules_to_save_owners(gm, names)
     old = gm.meta.get(ACTIVE_KEY)
     gm.meta[ACTIVE_KEY] = names
     try:
@@ -299,10 +137,6 @@ def add_adapter(gm: GraphModule, adapter_name: str, config: AdapterConfig) -> No
     As in PEFT, the new adapter is inactive when the graph already has one (``set_adapter`` activates it);
     it shares the existing adapters' projections (see ``shared_projections`` for the rules).
     """
-    from .passes.inject import InjectPass
-    from .passes.match import MatchPass
-    from .passes.pipeline import _run
-
     method_for(config)
     if config.modules_to_save:
         resolve_modules_to_save(gm, config.modules_to_save)  # fail before anything changes
@@ -316,7 +150,7 @@ def add_adapter(gm: GraphModule, adapter_name: str, config: AdapterConfig) -> No
     else:
         gm.meta.pop(ACTIVE_KEY, None)  # the first adapter is active
     try:
-        _run(gm, passes)
+        run_passes(gm, passes)
     except Exception:
         _restore_active(gm, old)
         raise
@@ -343,8 +177,6 @@ def delete_adapter(gm: GraphModule, adapter_name: str) -> None:
 
 def remove_adapter(gm: GraphModule, adapter_name: str) -> None:
     """``delete_adapter`` without checks or messages (also undoes a failed ``load_adapter``)."""
-    from .passes.inject import remove_adapter_nodes
-
     container = _container(gm)
     state = container[adapter_name]
     if state.config.bias != "none":
@@ -355,7 +187,7 @@ def remove_adapter(gm: GraphModule, adapter_name: str) -> None:
     old = gm.meta.get(ACTIVE_KEY)
     if old is not None:
         gm.meta[ACTIVE_KEY] = [n for n in old if n != adapter_name]
-    _route_modules_to_save(gm, [n for n in ([] if adapters_disabled(gm) else active_adapters(gm))
+    route_modules_to_save(gm, [n for n in ([] if adapters_disabled(gm) else active_adapters(gm))
                                 if n != adapter_name])
     del container[adapter_name]
     if len(container) == 0:

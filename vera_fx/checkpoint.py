@@ -25,11 +25,15 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from .adapters import add_adapter, remove_adapter
 from .config import AdapterConfig, config_from_dict, config_to_dict
 from .methods import CONTAINER, AdapterState, method_for
+from .passes.pipeline import transform
 from .sites import read_sites
+from .state import ACTIVE_KEY, PEFT_ROOT, bias_targets, modules_to_save_copy
 
-__all__ = ["adapter_state_dict", "load_adapter_state_dict", "adapter_state", "state_dict_targets",
+# bias_targets lives in vera_fx/state.py (the inject pass uses it too) and stays importable here.
+__all__ = ["adapter_state_dict", "load_adapter_state_dict", "adapter_state", "state_dict_targets", "bias_targets",
            "save_adapter", "load_adapter", "from_pretrained", "read_checkpoint", "peft_config_dict",
            "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -37,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_PEFT_ROOT = "base_model.model."
 _DIGEST_KEY = "vera_fx_sha256"  # safetensors metadata: sha256 of the data section (PEFT ignores it)
 
 PathLike = Union[str, os.PathLike]
@@ -53,47 +56,8 @@ def adapter_state(gm: GraphModule, adapter_name: str = "default") -> AdapterStat
     return container[adapter_name]
 
 
-def _wrapped_sites(gm: GraphModule) -> set[str]:
-    """Sites any adapter targets: PEFT wraps those modules, so their bias sits under ``base_layer``."""
-    container = getattr(gm, CONTAINER, None) or {}
-    return {s for state in container.values() for s in state.site_names}
-
-
-def _bias_key(qualname: str, wrapped: set[str]) -> str:
-    path, _, name = qualname.rpartition(".")
-    return f"{_PEFT_ROOT}{path}.base_layer.{name}" if path in wrapped else f"{_PEFT_ROOT}{qualname}"
-
-
-def bias_targets(gm: GraphModule, state: AdapterState) -> dict[str, tuple[nn.Module, str]]:
-    """PEFT key -> (module, attribute) of the base biases ``state``'s ``bias`` mode trains.
-
-    ``"all"``: every parameter named ``bias`` outside the adapters and ``modules_to_save`` copies;
-    ``"<method>_only"``: the biases of the adapter's own sites.
-    """
-    mode = state.config.bias
-    if mode == "none":
-        return {}
-    wrapped = _wrapped_sites(gm)
-    mts_paths = list(getattr(state, "modules_to_save_paths", []))
-    if mode == "all":
-        names = [q for q, _ in gm.named_parameters() if q.rpartition(".")[2] == "bias"
-                 and not q.startswith(CONTAINER + ".") and not any(q.startswith(m + ".") for m in mts_paths)]
-    else:
-        own = set(state.site_names)
-        names = list(dict.fromkeys(s.bias for s in read_sites(gm) if s.name in own and s.bias is not None))
-    out: dict[str, tuple[nn.Module, str]] = {}
-    for qualname in names:
-        path, _, leaf = qualname.rpartition(".")
-        mod = gm.get_submodule(path)
-        if isinstance(mod._parameters.get(leaf), nn.Parameter):
-            out[_bias_key(qualname, wrapped)] = (mod, leaf)
-    return out
-
-
 def state_dict_targets(gm: GraphModule, adapter_name: str = "default") -> dict[str, tuple[nn.Module, str]]:
     """PEFT key -> (module, attribute) of every tensor the adapter's checkpoint holds, in PEFT's order."""
-    from .adapters import modules_to_save_copy
-
     state = adapter_state(gm, adapter_name)
     cfg, method = state.config, state.method
     targets: dict[str, tuple[nn.Module, str]] = {}
@@ -109,7 +73,7 @@ def state_dict_targets(gm: GraphModule, adapter_name: str = "default") -> dict[s
         copy = modules_to_save_copy(state, path)
         for pname, _ in copy.named_parameters():
             sub, _, leaf = pname.rpartition(".")
-            targets[f"{_PEFT_ROOT}{path}.{pname}"] = (copy.get_submodule(sub) if sub else copy, leaf)
+            targets[f"{PEFT_ROOT}{path}.{pname}"] = (copy.get_submodule(sub) if sub else copy, leaf)
     return targets
 
 
@@ -388,8 +352,6 @@ def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
     then inactive when the graph already had an adapter; ``set_adapter`` activates it). Everything is checked
     before anything changes; on any error the graph is left as it was.
     """
-    from .adapters import ACTIVE_KEY, add_adapter, remove_adapter
-
     config, tensors = read_checkpoint(directory)
     source = str(Path(directory) / WEIGHTS_NAME)
     container = getattr(gm, CONTAINER, None)
@@ -420,8 +382,6 @@ def from_pretrained(model: nn.Module, directory: PathLike, *, example_inputs: An
 
     The folder is checked before the (slow) capture; ``model`` is left unchanged.
     """
-    from .passes.pipeline import transform
-
     config, tensors = read_checkpoint(directory)
     method_for(config)
     gm = transform(model, config, example_inputs, adapter_name)

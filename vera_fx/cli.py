@@ -15,6 +15,10 @@ import warnings
 from pathlib import Path
 from typing import Any, NoReturn, Optional, Sequence
 
+import vera_fx
+
+from .demo import main as demo_main
+
 __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger(__name__)
@@ -58,7 +62,7 @@ def _target_modules(text: str) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``vera-fx`` and its subcommands."""
-    from . import __version__
+    __version__ = vera_fx.__version__
 
     parser = _Parser(prog="vera-fx", description="VeRA and PVeRA adapters as a torch.fx graph-rewriting pass.",
                      epilog="Run 'vera-fx COMMAND --help' for a command's options.")
@@ -146,8 +150,6 @@ def _inspect(args: argparse.Namespace) -> int:
             raise UsageError(f"--dot={args.dot!r} asks for SVG, but graphviz's dot binary is not installed: "
                              "install graphviz, or write a .dot file")
     model = _load_model(args.model_dir)
-    import vera_fx
-
     config_cls = vera_fx.PveraConfig if args.method == "pvera" else vera_fx.VeraConfig
     config = config_cls(r=args.r, target_modules=args.target_modules)
     gm = vera_fx.transform(model, config)
@@ -168,8 +170,6 @@ def _merge(args: argparse.Namespace) -> int:
         raise UsageError(f"OUT_DIR={args.out_dir!r} is not empty: choose a new folder or pass --overwrite")
     if Path(args.model_dir).resolve() == out.resolve():
         raise UsageError(f"OUT_DIR={args.out_dir!r} is MODEL_DIR: write the merged model to another folder")
-    import vera_fx
-
     missing = [n for n in ("from_pretrained", "merge_into") if not hasattr(vera_fx, n)]
     if missing:
         raise RuntimeError(f"this vera_fx has no {', '.join(missing)}: 'vera-fx merge' needs the checkpoint and "
@@ -193,8 +193,6 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _demo(rest: list[str]) -> int:
-    from .demo import main as demo_main
-
     return int(demo_main(rest) or 0)
 
 

@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+import vera_fx
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["main", "load_reviews"]
@@ -81,8 +83,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     import transformers
     from tqdm.auto import tqdm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    import vera_fx
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)

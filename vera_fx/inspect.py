@@ -22,9 +22,9 @@ import networkx as nx
 import torch
 from torch.fx import GraphModule, Node
 
-from .adapters import active_adapters, adapters_disabled
 from .methods import CONTAINER
 from .sites import ADAPTER_KEY, SITE_KEY, Site, read_sites
+from .state import active_adapters, adapters_disabled
 
 __all__ = ["summary", "summary_rows", "summary_html", "trainable_parameters", "print_trainable_parameters",
            "to_networkx", "to_dot", "view", "render_svg", "GraphView", "ROLE_COLORS"]

@@ -23,15 +23,13 @@ import copy
 import functools
 import importlib
 import logging
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .passes.match import Candidate
-    from .sites import Site
+from .sites import Candidate, Site
 
 __all__ = ["QUANTIZED_KINDS", "QUANT_KEY", "is_quantized_layer", "layer_kind", "quantized_layers",
            "stand_ins", "restore_quantized", "is_quantized_parameter", "recognise", "mergeable"]
@@ -265,19 +263,17 @@ def restore_quantized(gm: GraphModule, layers: dict[str, nn.Module]) -> int:
     return count
 
 
-def recognise(node: Node) -> Optional["Candidate"]:
+def recognise(node: Node) -> Optional[Candidate]:
     """Recogniser for the match pass: a ``call_module`` node of a bitsandbytes linear."""
     info = node.meta.get(QUANT_KEY) if node.op == "call_module" else None
     if info is None:
         return None
-    from .passes.match import Candidate
-
     path = str(node.target)
     return Candidate(node, info["kind"], path, info["class"], info["in_features"], info["out_features"],
                      f"{path}.weight", f"{path}.bias" if info["bias"] else None)
 
 
-def mergeable(site: "Site") -> tuple[bool, str]:
+def mergeable(site: Site) -> tuple[bool, str]:
     """Whether an adapter can be merged into ``site``'s weight, and why not.
 
     Quantized sites are refused: adding a delta to a dequantized weight and requantizing changes the base

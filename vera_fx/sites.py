@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 from torch.fx import GraphModule, Node
 
-__all__ = ["Site", "SITE_KEY", "ADAPTER_KEY", "MERGED_KEY", "read_sites", "site_of", "site_output", "site_input",
+__all__ = ["Site", "Candidate", "SITE_KEY", "ADAPTER_KEY", "MERGED_KEY", "read_sites", "site_of", "site_output", "site_input",
            "adapter_nodes", "LINEAR_KINDS", "adapted_sites"]
 
 SITE_KEY = "vera_fx_site"
@@ -24,6 +24,25 @@ MERGED_KEY = "vera_fx_merged"
 
 # Kinds of site: dense kinds are merged by adding to the weight; quantized kinds come from bitsandbytes.
 LINEAR_KINDS = ("linear", "conv1d", "int8", "nf4", "fp4")
+
+
+@dataclass
+class Candidate:
+    """A linear-like call found by a recogniser of the match pass, before it is named.
+
+    Recognisers (``vera_fx.passes.match.RECOGNISERS``: dense linears, Conv1D, the quantized kinds of
+    vera_fx/quantized.py) map a node to a Candidate or None; the record lives here so that a recogniser
+    outside the passes needs nothing from them.
+    """
+
+    node: Node
+    kind: str
+    owner: str  # innermost module path
+    owner_type: str
+    in_features: int
+    out_features: int
+    weight: Optional[str]
+    bias: Optional[str]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from torch.fx import Graph, GraphModule, Node
 from ..config import AdapterConfig
 from ..sites import ADAPTER_KEY, Site
 
-__all__ = ["Method", "AdapterState", "Emitter", "kaiming_uniform", "CONTAINER"]
+__all__ = ["Method", "AdapterState", "Emitter", "kaiming_uniform", "CONTAINER", "register", "method_for",
+           "method_by_name"]
 
 # Attribute of the GraphModule holding one AdapterState per adapter name.
 CONTAINER = "vera_fx_adapters"
@@ -51,8 +52,6 @@ class AdapterState(nn.Module):
 
     @property
     def method(self) -> "Method":
-        from . import method_by_name
-
         return method_by_name(self.method_name)
 
     def site_module(self, site: str, create: bool = False) -> nn.Module:
@@ -203,3 +202,29 @@ def finish_output(em: Emitter, y: Node, delta: Node, lam_dtype: torch.dtype) -> 
         out = em.call(aten._to_copy.default, (out,), "adapter", "out_cast", {"dtype": y_val.dtype})
     out.meta[ADAPTER_KEY]["role"] = "output"
     return out
+
+
+# --- the registry: methods by config type and by name (vera_fx/methods/__init__.py registers the built-ins) ---
+
+_BY_CONFIG: dict[type, Method] = {}
+_BY_NAME: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Register a method instance for its config type."""
+    _BY_CONFIG[method.config_type] = method
+    _BY_NAME[method.name] = method
+    return method
+
+
+def method_for(config: AdapterConfig) -> Method:
+    """The method registered for ``config``'s type; TypeError for any other object."""
+    method = _BY_CONFIG.get(type(config))
+    if method is None:
+        raise TypeError(f"config must be a VeraConfig or PveraConfig, got {type(config).__name__}")
+    return method
+
+
+def method_by_name(name: str) -> Method:
+    """The method registered under ``name`` ('vera', 'pvera')."""
+    return _BY_NAME[name]

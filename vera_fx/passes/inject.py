@@ -4,7 +4,7 @@ State: one ``AdapterState`` at ``gm.vera_fx_adapters[adapter_name]`` holding the
 to the largest targeted site, sliced per site in the graph) and per-site lambda parameters. Nodes: whatever
 the method emits after each site's output, reached through get_attr nodes. Only the lambdas (plus biases for
 ``bias="all"`` / ``"<method>_only"`` and ``modules_to_save`` copies) are trainable; biases are cloned first and
-``modules_to_save`` copies belong to the adapter (vera_fx/adapters.py), so training never writes into the
+``modules_to_save`` copies belong to the adapter (vera_fx/state.py), so training never writes into the
 user's model. Later adapters of a method share the first one's projections (``shared_projections``).
 """
 
@@ -23,7 +23,9 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..config import AdapterConfig
 from ..methods import CONTAINER, AdapterState, Emitter, method_for
 from ..sites import ADAPTER_KEY, Site, read_sites
+from ..state import adapter_container, attach_modules_to_save, bias_targets, shared_projections
 from .match import select_sites
+from .share import share_projections
 
 __all__ = ["InjectPass", "training_node", "adapter_container", "emit_adapter", "remove_adapter_nodes"]
 
@@ -42,14 +44,6 @@ def training_node(gm: GraphModule) -> Node:
     # Added for the adapters (the base graph had no dropout): removed again with the last adapter node.
     node.meta[ADAPTER_KEY] = {"site": None, "adapter": None, "role": "mode", "base": None, "name": "training"}
     return node
-
-
-def adapter_container(gm: GraphModule) -> nn.ModuleDict:
-    container = getattr(gm, CONTAINER, None)
-    if container is None:
-        container = nn.ModuleDict()
-        gm.add_module(CONTAINER, container)
-    return container
 
 
 def _float_dtype(gm: GraphModule, site: Site) -> torch.dtype:
@@ -105,8 +99,6 @@ class InjectPass(PassBase):
         in_max = max(s.in_features for s in chosen)
         out_max = max(s.out_features for s in chosen)
         device = _device(gm, chosen[0])
-        from ..adapters import shared_projections  # late import: adapters builds on this pass
-
         # Adapters of one method share the first one's projections (views, sliced to a lower r).
         shared = shared_projections(gm, cfg, method, in_max, out_max)
         a, b = shared if shared is not None else method.init_projections(cfg, in_max, out_max)
@@ -133,12 +125,8 @@ class InjectPass(PassBase):
     def _mark_trainable(self, gm: GraphModule, cfg: AdapterConfig, chosen: list[Site]) -> None:
         # modules_to_save: trainable copies owned by the adapter (the graph reads them while it is active).
         if cfg.modules_to_save:
-            from ..adapters import attach_modules_to_save  # late import: adapters builds on this pass
-
             attach_modules_to_save(gm, self.adapter_name, cfg.modules_to_save)
         if cfg.bias != "none":  # "all", or "<method>_only": the biases of adapted sites (PEFT's checkpoint keys)
-            from ..checkpoint import bias_targets
-
             for mod, leaf in bias_targets(gm, getattr(gm, CONTAINER)[self.adapter_name]).values():
                 p = mod._parameters[leaf]
                 if not p.requires_grad:
@@ -181,8 +169,6 @@ def emit_adapter(gm: GraphModule, adapter_name: str, site_names: Optional[set[st
         y.replace_all_uses_with(out, delete_user_cb=lambda u, out=out, s=site.name: u is not out
                                 and not _is_own_node(u, s, adapter_name))
         count += 1
-    from .share import share_projections  # late import: share builds on the nodes emitted here
-
     share_projections(gm)
     gm.graph.lint()
     gm.recompile()

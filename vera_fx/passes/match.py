@@ -1,7 +1,9 @@
 """Match pass: tag every linear-like call as a site, and select the sites a config targets.
 
-Recognisers (one per site kind) look at a node and say whether it is a linear-like call; the quantized
-kinds add theirs to ``RECOGNISERS``. Module paths come from ``node.meta["nn_module_stack"]``.
+Recognisers (one per site kind) look at a node and say whether it is a linear-like call (a ``Candidate``,
+vera_fx/sites.py); ``RECOGNISERS`` is the seam, and the quantized kinds plug in theirs
+(``vera_fx.quantized.recognise``, which needs nothing from the passes). Module paths come from
+``node.meta["nn_module_stack"]``.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import difflib
 import logging
 import re
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -18,26 +19,12 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..config import DEFAULT_TARGET_MODULES, AdapterConfig
 from .. import quantized
-from ..sites import SITE_KEY, Site, read_sites
+from ..sites import SITE_KEY, Candidate, Site, read_sites
 
 __all__ = ["MatchPass", "Candidate", "RECOGNISERS", "select_sites", "module_path", "resolve_targets"]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
-
-
-@dataclass
-class Candidate:
-    """A linear-like call found by a recogniser, before it is named."""
-
-    node: Node
-    kind: str
-    owner: str  # innermost module path
-    owner_type: str
-    in_features: int
-    out_features: int
-    weight: Optional[str]
-    bias: Optional[str]
 
 
 def module_path(node: Node) -> tuple[str, str]:

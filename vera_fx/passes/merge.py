@@ -26,10 +26,10 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..adapters import _MTS_TAG, active_adapters, adapters_disabled
 from ..methods import CONTAINER, AdapterState
 from ..quantized import mergeable
 from ..sites import ADAPTER_KEY, MERGED_KEY, Site, read_sites
+from ..state import MTS_TAG, active_adapters, adapters_disabled
 from .inject import emit_adapter, remove_adapter_nodes
 
 __all__ = ["MergePass", "UnmergePass", "merge", "unmerge", "merge_into", "FOLDED_KEY"]
@@ -388,7 +388,7 @@ def _graph_reads(gm: GraphModule) -> dict[str, str]:
     for n in gm.graph.nodes:
         if n.op != "get_attr" or n.meta.get(ADAPTER_KEY) or n.target == "training":
             continue
-        mts = n.meta.get(_MTS_TAG)
+        mts = n.meta.get(MTS_TAG)
         model_name = mts["target"] if mts else n.target
         try:
             if isinstance(_get_tensor(gm, n.target), nn.Parameter):

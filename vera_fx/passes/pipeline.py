@@ -15,12 +15,13 @@ from ..methods import method_for
 from .inject import InjectPass
 from .match import MatchPass
 
-__all__ = ["transform", "add_adapter_passes"]
+__all__ = ["transform", "add_adapter_passes", "run_passes"]
 
 logger = logging.getLogger(__name__)
 
 
-def _run(gm: GraphModule, passes: list[Any]) -> GraphModule:
+def run_passes(gm: GraphModule, passes: list[Any]) -> GraphModule:
+    """Run ``passes`` on ``gm`` with torch.fx's PassManager, re-raising our ValueError / TypeError as is."""
     manager = PassManager(passes=passes, run_checks_after_each_pass=False)
     try:
         return manager(gm).graph_module
@@ -45,4 +46,7 @@ def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleIn
     """
     method_for(config)  # type check before the (slow) capture
     gm = capture(model, example_inputs)
-    return _run(gm, add_adapter_passes(config, adapter_name))
+    return run_passes(gm, add_adapter_passes(config, adapter_name))
+
+
+_run = run_passes  # the former private name

@@ -1,0 +1,249 @@
+"""Adapter state on a graph, below the passes: the container, the active list, and the trainable extras.
+
+The inject and merge passes, the adapter API (vera_fx/adapters.py) and checkpoints (vera_fx/checkpoint.py) all
+read and write this state, so it lives here, one layer below the passes:
+
+- the container of ``AdapterState`` modules at ``gm.vera_fx_adapters`` (``adapter_container``);
+- the active list in ``gm.meta["vera_fx_active"]`` (absent: every adapter on the graph is active) and the
+  disabled flag in ``gm.meta["vera_fx_disabled"]`` (``active_adapters``, ``adapters_disabled``);
+- shared projections: a later adapter of a method uses views of the largest existing adapter's A and B
+  (``shared_projections``);
+- the trainable extras an adapter may own besides its lambdas: ``modules_to_save`` copies (the graph's
+  get_attr nodes point at the active adapter's copy, or back at the base parameters) and the base biases its
+  ``bias`` mode trains (``bias_targets``, under PEFT's checkpoint keys).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from .config import AdapterConfig
+from .methods import CONTAINER, AdapterState, Method
+from .sites import MERGED_KEY, read_sites
+
+__all__ = ["ACTIVE_KEY", "DISABLED_KEY", "MTS_TAG", "PEFT_ROOT", "adapter_container", "active_adapters",
+           "adapters_disabled", "merged_adapters", "shared_projections", "resolve_modules_to_save",
+           "attach_modules_to_save", "modules_to_save_copy", "modules_to_save_owners", "route_modules_to_save",
+           "bias_targets"]
+
+logger = logging.getLogger(__name__)
+
+ACTIVE_KEY = "vera_fx_active"
+DISABLED_KEY = "vera_fx_disabled"
+MTS_TAG = "vera_fx_modules_to_save"  # node.meta of get_attr nodes reading a modules_to_save parameter
+
+
+def _container(gm: GraphModule) -> nn.ModuleDict:
+    container = getattr(gm, CONTAINER, None)
+    return container if container is not None else nn.ModuleDict()
+
+
+def adapter_container(gm: GraphModule) -> nn.ModuleDict:
+    """The graph's container of AdapterState modules, created (empty) when missing."""
+    container = getattr(gm, CONTAINER, None)
+    if container is None:
+        container = nn.ModuleDict()
+        gm.add_module(CONTAINER, container)
+    return container
+
+
+def active_adapters(gm: GraphModule) -> list[str]:
+    """The names of the active adapters, in the order they were set (default: every adapter on the graph).
+
+    The list does not change inside ``disable_adapters``; use ``adapters_disabled(gm)`` for that.
+    """
+    names = list(_container(gm).keys())
+    chosen = gm.meta.get(ACTIVE_KEY)
+    if chosen is None:
+        return names
+    return [n for n in chosen if n in names]
+
+
+def adapters_disabled(gm: GraphModule) -> bool:
+    """True inside ``with disable_adapters(gm):``."""
+    return bool(gm.meta.get(DISABLED_KEY, False))
+
+
+def merged_adapters(gm: GraphModule) -> set[str]:
+    """Adapters merged into the base weights at one site or more."""
+    return {a for names in (gm.meta.get(MERGED_KEY) or {}).values() for a in names}
+
+
+# --- shared projections --------------------------------------------------------------------------------------
+
+def shared_projections(gm: GraphModule, config: AdapterConfig, method: Method, in_max: int,
+                       out_max: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The projections a new adapter of ``method`` reuses, or None when it is the first of its method.
+
+    Every adapter uses views of the largest existing adapter's A and B, sliced to its own rank (A's first
+    ``latent_rows`` rows, B's first ``r`` columns). Raises ValueError, before anything changes, when the
+    new config's ``projection_prng_key`` or ``save_projection`` differs, when another adapter already trains
+    biases, or when the new adapter needs larger projections or a higher ``r`` than exist.
+    """
+    container = _container(gm)
+    others = [(n, s) for n, s in container.items()]
+    for name, state in others:
+        if config.bias != "none" and state.config.bias != "none":
+            raise ValueError(f"bias={config.bias!r}: adapter {name!r} already trains biases (bias="
+                             f"{state.config.bias!r}) and only one adapter per graph may; use bias='none'")
+    peers = [(n, s) for n, s in others if s.method_name == method.name]
+    if not peers:
+        return None
+    ref_name, ref = max(peers, key=lambda p: tuple(p[1].projection("A").shape) + tuple(p[1].projection("B").shape))
+    first = ref.config
+    if first.projection_prng_key != config.projection_prng_key:
+        raise ValueError(f"projection_prng_key={config.projection_prng_key} differs from adapter {ref_name!r}'s "
+                         f"({first.projection_prng_key}): all adapters of a graph share one pair of projections; "
+                         f"use projection_prng_key={first.projection_prng_key}")
+    if first.save_projection != config.save_projection:
+        raise ValueError(f"save_projection={config.save_projection} differs from adapter {ref_name!r}'s "
+                         f"({first.save_projection}): the shared projections are saved for all adapters or none; "
+                         f"use save_projection={first.save_projection}")
+    a, b = ref.projection("A"), ref.projection("B")
+    if a.shape[1] < in_max or b.shape[0] < out_max:
+        raise ValueError(f"the new adapter's layers need projections of at least {in_max} inputs x {out_max} "
+                         f"outputs, but the shared ones (adapter {ref_name!r}) have {a.shape[1]} x {b.shape[0]}: "
+                         "add the adapter that targets the largest layers first, or target the same modules")
+    rows = method.latent_rows(config)
+    if a.shape[0] < rows or b.shape[1] < config.r:
+        raise ValueError(f"r={config.r} is higher than r={first.r} of adapter {ref_name!r}, whose projections "
+                         f"all adapters share: add the adapter with the highest r first, or use r <= {first.r}")
+    return a[:rows], b[:, : config.r]
+
+
+# --- modules_to_save ------------------------------------------------------------------------------------------
+
+def resolve_modules_to_save(gm: GraphModule, module_names: Sequence[str]) -> list[str]:
+    """Module paths of ``gm`` named by ``modules_to_save`` (a path or its last components).
+
+    Names that match nothing are skipped with a warning (PEFT's task types add names such as 'score' that
+    a model may lack); ValueError when none matches.
+    """
+    found: list[str] = []
+    for module_name in module_names:
+        paths = [n for n, _ in gm.named_modules() if n and not n.startswith(CONTAINER)
+                 and (n == module_name or n.endswith("." + module_name))]
+        if not paths:
+            logger.warning("modules_to_save: %r names no module of the graph; skipped", module_name)
+        found.extend(p for p in paths if p not in found)
+    if module_names and not found:
+        raise ValueError(f"modules_to_save={list(module_names)!r} names no module of the graph; give module "
+                         "names such as 'classifier' or 'score'")
+    # A path inside another saved path is covered by it.
+    return sorted(p for p in found if not any(p.startswith(q + ".") for q in found if q != p))
+
+
+def _mts_key(path: str) -> str:
+    return path.replace(".", "__")
+
+
+def attach_modules_to_save(gm: GraphModule, adapter_name: str, module_names: Sequence[str]) -> list[str]:
+    """Give adapter ``adapter_name`` trainable copies of the modules ``module_names`` names.
+
+    The copies live at ``vera_fx_adapters.<adapter>.modules_to_save.<path with '__'>``; the graph reads them
+    while the adapter is active, and the frozen base parameters otherwise. Returns the module paths.
+    """
+    paths = resolve_modules_to_save(gm, module_names)
+    state = _container(gm)[adapter_name]
+    copies = nn.ModuleDict()
+    for path in paths:
+        clone = copy.deepcopy(gm.get_submodule(path))
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        copies[_mts_key(path)] = clone
+    state.modules_to_save = copies
+    state.modules_to_save_paths = paths
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or MTS_TAG in node.meta:
+            continue
+        owner = next((p for p in paths if str(node.target).startswith(p + ".")), None)
+        if owner is not None:
+            node.meta[MTS_TAG] = {"path": owner, "target": node.target}
+    route_modules_to_save(gm, [] if adapters_disabled(gm) else active_adapters(gm))
+    return paths
+
+
+def modules_to_save_copy(state: AdapterState, path: str) -> nn.Module:
+    """The adapter's trainable copy of the module at ``path``."""
+    return state.modules_to_save[_mts_key(path)]
+
+
+def modules_to_save_owners(gm: GraphModule, live: Sequence[str]) -> dict[str, str]:
+    """Module path -> the live adapter whose copy the graph should read; ValueError on a conflict."""
+    container = _container(gm)
+    owners: dict[str, str] = {}
+    for name in live:
+        for path in getattr(container[name], "modules_to_save_paths", []):
+            if path in owners:
+                raise ValueError(f"adapters {owners[path]!r} and {name!r} both have a trainable copy of {path!r} "
+                                 "(modules_to_save); only one of them can be active at a time")
+            owners[path] = name
+    return owners
+
+
+def route_modules_to_save(gm: GraphModule, live: Sequence[str]) -> bool:
+    """Point the graph's modules_to_save get_attr nodes at the copies of the ``live`` adapters (else at the
+    base parameters). Returns whether a target changed; the caller recompiles."""
+    owners = modules_to_save_owners(gm, live)
+    changed = False
+    for node in gm.graph.nodes:
+        tag = node.meta.get(MTS_TAG)
+        if tag is None:
+            continue
+        owner = owners.get(tag["path"])
+        target = tag["target"]
+        if owner is not None:
+            rel = target[len(tag["path"]) + 1:]
+            target = f"{CONTAINER}.{owner}.modules_to_save.{_mts_key(tag['path'])}.{rel}"
+        if node.target != target:
+            node.target = target
+            changed = True
+    return changed
+
+
+# --- trainable biases -----------------------------------------------------------------------------------------
+
+PEFT_ROOT = "base_model.model."
+
+
+def _wrapped_sites(gm: GraphModule) -> set[str]:
+    """Sites any adapter targets: PEFT wraps those modules, so their bias sits under ``base_layer``."""
+    container = getattr(gm, CONTAINER, None) or {}
+    return {s for state in container.values() for s in state.site_names}
+
+
+def _bias_key(qualname: str, wrapped: set[str]) -> str:
+    path, _, name = qualname.rpartition(".")
+    return f"{PEFT_ROOT}{path}.base_layer.{name}" if path in wrapped else f"{PEFT_ROOT}{qualname}"
+
+
+def bias_targets(gm: GraphModule, state: AdapterState) -> dict[str, tuple[nn.Module, str]]:
+    """PEFT key -> (module, attribute) of the base biases ``state``'s ``bias`` mode trains.
+
+    ``"all"``: every parameter named ``bias`` outside the adapters and ``modules_to_save`` copies;
+    ``"<method>_only"``: the biases of the adapter's own sites.
+    """
+    mode = state.config.bias
+    if mode == "none":
+        return {}
+    wrapped = _wrapped_sites(gm)
+    mts_paths = list(getattr(state, "modules_to_save_paths", []))
+    if mode == "all":
+        names = [q for q, _ in gm.named_parameters() if q.rpartition(".")[2] == "bias"
+                 and not q.startswith(CONTAINER + ".") and not any(q.startswith(m + ".") for m in mts_paths)]
+    else:
+        own = set(state.site_names)
+        names = list(dict.fromkeys(s.bias for s in read_sites(gm) if s.name in own and s.bias is not None))
+    out: dict[str, tuple[nn.Module, str]] = {}
+    for qualname in names:
+        path, _, leaf = qualname.rpartition(".")
+        mod = gm.get_submodule(path)
+        if isinstance(mod._parameters.get(leaf), nn.Parameter):
+            out[_bias_key(qualname, wrapped)] = (mod, leaf)
+    return out
