@@ -21,17 +21,18 @@ from torch import nn
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
-from .adapters import ACTIVE_KEY, set_adapter, shared_projections
+from .adapters import set_adapter
 from .capture import _clone_inputs, _dynamic_shapes, _InputCheck
 from .checkpoint import WEIGHTS_NAME, PathLike, _plan_load, _apply, read_checkpoint
 from .config import AdapterConfig
 from .methods import CONTAINER, AdapterState, method_for
 from .methods.pvera import KLRecord
 from .passes.bank import BASE_ADAPTER, INDEX_INPUT, bank_order, build_mixed_graph, check_bankable
-from .passes.inject import _device, _float_dtype, adapter_container
+from .passes.inject import _device, _float_dtype
 from .passes.match import MatchPass, select_sites
 from .sampling import unwrap
 from .sites import SITE_KEY
+from .state import ACTIVE_KEY, adapter_container, shared_projections
 
 __all__ = ["mixed_adapter_forward", "mixed_graph", "adapter_index", "load_adapters", "export", "BASE_ADAPTER",
            "INDEX_INPUT"]
