@@ -89,7 +89,8 @@ def main() -> None:
         base = vera_fx.capture(model, example).eval()
 
         # PEFT: every adapter loaded, one set_adapter + forward per adapter's sub-batch (one row each here).
-        pm = peft.PeftModel.from_pretrained(model, str(root / names[0]), adapter_name=names[0]).eval()
+        pm = peft.PeftModel.from_pretrained(llama_like(hidden, layers, vocab).eval(), str(root / names[0]),
+                                            adapter_name=names[0]).eval()  # PEFT changes the model it wraps
         for n in names[1:]:
             pm.load_adapter(str(root / n), adapter_name=n)
 
@@ -105,16 +106,19 @@ def main() -> None:
             got = vera_fx.mixed_adapter_forward(gm, names, **x).logits
             err = (got - want).abs().max().item()
             vera_fx.set_adapter(gm, names[0])
+            n = n_adapters
+            one_name = f"vera_fx one adapter (set_adapter), {n} rows"
             fns = {
-                "vera_fx mixed: 64 rows, 64 adapters": lambda: vera_fx.mixed_adapter_forward(gm, names, **x),
-                "vera_fx one adapter (set_adapter), 64 rows": lambda: gm(**x),
-                "vera_fx mixed: 64 rows, 1 adapter": lambda: vera_fx.mixed_adapter_forward(gm, [names[0]] * len(names), **x),
-                "vera_fx merged base, 64 rows": lambda: merged(**x),
-                "base graph, 64 rows": lambda: base(**x),
+                f"vera_fx mixed: {n} rows, {n} adapters": lambda: vera_fx.mixed_adapter_forward(gm, names, **x),
+                one_name: lambda: gm(**x),
+                f"vera_fx mixed: {n} rows, 1 adapter": lambda: vera_fx.mixed_adapter_forward(
+                    gm, [names[0]] * len(names), **x),
+                f"vera_fx merged, {n} rows": lambda: merged(**x),
+                f"base graph, {n} rows": lambda: base(**x),
                 "PEFT: set_adapter + forward per row": peft_way,
             }
             times = interleaved(fns, rounds)
-        ref = times["vera_fx one adapter (set_adapter), 64 rows"]
+        ref = times[one_name]
         print_table(f"hidden {hidden}, {layers} layers, r={r}, q/v, batch {n_adapters} x {seq}, "
                     f"{torch.get_num_threads()} threads (median of {rounds} interleaved rounds)",
                     ["variant", "ms", "/ one adapter"],

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -58,7 +59,9 @@ class _MixedCache:
 def _adapter_key(gm: GraphModule) -> tuple:
     container = getattr(gm, CONTAINER, None)
     states = list(container.items()) if container is not None else []
-    return tuple((name, id(state), len(state.site_names)) for name, state in states)
+    # The mixed graph reads the adapters by name at call time, so their structure is all it depends on.
+    return (id(container),) + tuple((name, state.method_name, state.config.r, tuple(state.site_names))
+                                    for name, state in states)
 
 
 def mixed_graph(gm: nn.Module) -> GraphModule:
@@ -140,7 +143,7 @@ def mixed_adapter_forward(gm: nn.Module, adapter_names: Sequence[str], *args: An
 
 # --- loading many adapters ----------------------------------------------------------------------------------
 
-def _new_state(gm: GraphModule, config: AdapterConfig, sites_cache: dict) -> AdapterState:
+def _new_state(gm: GraphModule, config: AdapterConfig, sites_cache: dict, projections_cache: dict) -> AdapterState:
     """An adapter's state (projections shared with its method's other adapters, lambdas at their init),
     frozen, without graph nodes; ValueError when its config cannot share the graph's projections."""
     method = method_for(config)
@@ -151,7 +154,16 @@ def _new_state(gm: GraphModule, config: AdapterConfig, sites_cache: dict) -> Ada
     chosen = sites_cache[key]
     in_max = max(s.in_features for s in chosen)
     out_max = max(s.out_features for s in chosen)
-    shared = shared_projections(gm, config, method, in_max, out_max)
+    # Within one load_adapters call the shared projections of a method do not change (a later adapter gets
+    # views of the same largest tensors, or is refused), so equal requests reuse the first answer:
+    # shared_projections looks at every adapter on the graph, which would make loading K adapters O(K^2).
+    proj_key = (method.name, config.projection_prng_key, config.save_projection, method.latent_rows(config),
+                config.r, in_max, out_max)
+    shared = projections_cache.get(proj_key)
+    if shared is None:
+        shared = shared_projections(gm, config, method, in_max, out_max)
+        if shared is not None:
+            projections_cache[proj_key] = shared
     a, b = shared if shared is not None else method.init_projections(config, in_max, out_max)
     device, dtype = _device(gm, chosen[0]), _float_dtype(gm, chosen[0])
     state = AdapterState(config, method)
@@ -193,6 +205,9 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
     old_active = inner.meta.get(ACTIVE_KEY)
     added: list[str] = []
     sites_cache: dict = {}
+    projections_cache: dict = {}
+    gc_was_on = gc.isenabled()
+    gc.disable()  # thousands of small modules: the cyclic collector's passes would dominate
     try:
         for name, folder in tqdm(folders.items(), desc="load adapters", disable=not progress or len(folders) < 50):
             config, tensors = read_checkpoint(folder)
@@ -202,7 +217,7 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
                                  "load_adapters takes adapters of lambdas only; load this one with "
                                  "vera_fx.load_adapter")
             try:
-                state = _new_state(inner, config, sites_cache)
+                state = _new_state(inner, config, sites_cache, projections_cache)
             except ValueError as e:
                 raise ValueError(f"{folder}: {e}") from e
             container[name] = state
@@ -222,6 +237,9 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
         else:
             inner.meta[ACTIVE_KEY] = old_active
         raise
+    finally:
+        if gc_was_on:
+            gc.enable()
     if existing:
         inner.meta[ACTIVE_KEY] = [n for n in (old_active if old_active is not None else existing) if n in existing]
     else:

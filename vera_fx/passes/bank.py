@@ -236,7 +236,7 @@ def build_mixed_graph(gm: GraphModule) -> GraphModule:
     share_projections(mixed)
     graph.lint()
     mixed.recompile()
-    mixed.eval()
+    mixed.training = False  # the root flag the graph reads; the shared submodules keep theirs
     mixed.meta[BANK_META] = {"order": order, "banks": groups}
     logger.info("mixed-adapter graph: %d adapters in %d banks, %d site calls", len(order), len(groups), count)
     return mixed
