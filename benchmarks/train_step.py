@@ -1,8 +1,19 @@
-"""Training step: frozen base model vs peft VeRA vs vera_fx, measured side by side in one run.
+"""Training step: frozen base model vs peft vs vera_fx (VeRA and PVeRA), measured side by side in one run.
 
-A Llama-like model (hidden 512, 4 layers, batch 4, sequence 128, r=256), targets q/v and all-linear.
-Prints the median step time (forward + backward + AdamW step) and the saved-activation memory, with ratios.
-Run: python benchmarks/train_step.py [--quick]
+Shapes: today's Llama-like (hidden 512, 4 layers, batch 4 x 128, r=256) and a realistic one (hidden 2048,
+intermediate 5632, 2 layers, batch 2 x 512, r=256 and r=1024). For each: the median step time (forward +
+backward + AdamW), timed interleaved (one step of every row per round) so machine load hits all rows alike;
+the saved activations (bytes autograd keeps for backward) in total and minus the frozen base's (whose
+gradient flows from layer 0's input norm, so at q/v it keeps some layer-0 tensors an adapted model does not:
+the difference can then go negative, and the totals are the robust comparison); and the
+arithmetic floor: counted multiply-adds of exact VeRA with shared projections (frozen base forward and input
+gradient, ``x·Aᵀ`` and its input gradient once per shared input, ``z·Bᵀ`` and its gradient per site), shown as
+"floor ms" = the frozen base's measured time scaled by floor / base multiply-adds.
+
+vera_fx rows: ``lowering="auto"`` (the lower pass's choice: the lean path at these shapes) and
+``lowering="activation"`` (the plain nodes). ``--compile`` adds torch.compile rows (VeRA, all-linear) on
+today's shape.
+Run: python benchmarks/train_step.py [--quick] [--shapes today,realistic] [--methods vera,pvera] [--compile]
 """
 
 from __future__ import annotations
@@ -10,22 +21,40 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
+import time
 import warnings
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import llama_like, median_time, print_table, saved_activation_bytes  # noqa: E402
+from _common import print_table, saved_activation_bytes  # noqa: E402
 
 import vera_fx  # noqa: E402
 
+# name: (hidden, intermediate, layers, batch, seq, ranks)
+SHAPES = {
+    "today": (512, 1376, 4, 4, 128, (256,)),
+    "realistic": (2048, 5632, 2, 2, 512, (256, 1024)),
+    "quick": (128, 344, 2, 2, 32, (64,)),
+    "quick-realistic": (256, 704, 2, 2, 64, (32, 128)),
+}
+VOCAB = 4096
+TARGETS = {"q/v": ["q_proj", "v_proj"], "all-linear": "all-linear"}
 
-def build(hidden: int, layers: int, vocab: int):
-    return llama_like(hidden, layers, vocab)
+
+def build(hidden: int, inter: int, layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024)
+    return LlamaForCausalLM(cfg).train()
 
 
-def step_fn(model, inputs, params):
+def step_fn(model: Callable, inputs: dict, params: list) -> Callable[[], object]:
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step():
@@ -38,51 +67,162 @@ def step_fn(model, inputs, params):
     return step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smaller model and fewer repeats")
-    parser.add_argument("--repeat", type=int, default=8)
-    args = parser.parse_args()
-    hidden, layers, batch, seq, r = (128, 2, 2, 32, 64) if args.quick else (512, 4, 4, 128, 256)
-    repeat = 2 if args.quick else args.repeat
-    warnings.filterwarnings("ignore")
+def interleaved(fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, one call of every function per round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def site_shapes(hidden: int, inter: int, targets) -> list[tuple[str, int, list[int]]]:
+    """Per layer: (input, in_features, [out_features of the targeted sites reading it])."""
+    groups = [("x", hidden, {"q_proj": hidden, "k_proj": hidden, "v_proj": hidden}),
+              ("attn", hidden, {"o_proj": hidden}),
+              ("x2", hidden, {"gate_proj": inter, "up_proj": inter}),
+              ("mlp", inter, {"down_proj": hidden})]
+    out = []
+    for name, fan_in, sites in groups:
+        outs = [o for s, o in sites.items() if targets == "all-linear" or s in targets]
+        if outs:
+            out.append((name, fan_in, outs))
+    return out
+
+
+def base_macs(hidden: int, inter: int, layers: int, batch: int, seq: int) -> int:
+    """Frozen base step: linear layers and LM head forward + input gradient, attention forward + backward."""
+    t = batch * seq
+    linear = t * (4 * hidden * hidden + 3 * hidden * inter)
+    attn = 2 * batch * seq * seq * hidden
+    return layers * (2 * linear + 3 * attn) + 2 * t * hidden * VOCAB
+
+
+def adapter_macs(hidden: int, inter: int, layers: int, tokens: int, r: int, rows: int, targets,
+                 shared: bool, lean: bool = False) -> int:
+    """Adapter multiply-adds of a step: 2 T in rows per input (per site when not shared) + 2 T r out per site
+    (+ T r out per site for the lean path's recomputed product)."""
+    total = 0
+    for _, fan_in, outs in site_shapes(hidden, inter, targets):
+        proj = 2 * tokens * fan_in * rows
+        total += proj * (1 if shared else len(outs)) + sum((3 if lean else 2) * tokens * r * o for o in outs)
+    return layers * total
+
+
+def _adapter_calls(model) -> list:
+    inner = getattr(model, "_orig_mod", model)
+    if not hasattr(inner, "graph"):
+        return []
+    return [n for n in inner.graph.nodes if (n.meta.get("vera_fx") or {}).get("role") == "output"]
+
+
+def paths(model) -> str:
+    """How the lower pass computed each site: counts per path."""
+    calls = _adapter_calls(model)
+    if not calls:
+        return "-"
+    counts: dict[str, int] = {}
+    for n in calls:
+        p = n.meta["vera_fx"].get("path") or "activation"
+        counts[p] = counts.get(p, 0) + 1
+    return " ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+
+def lean_extra(model, tokens: int, r: int) -> int:
+    """The lean path's extra tokens x r x out product, summed over its sites."""
+    inner = getattr(model, "_orig_mod", model)
+    sites = {s.base.name: s for s in vera_fx.read_sites(inner)}
+    return sum(tokens * r * sites[n.meta["vera_fx"]["base"]].out_features for n in _adapter_calls(model)
+               if n.meta["vera_fx"].get("path") == "lean")
+
+
+def run_shape(name: str, methods: list[str], targets_shown: list[str], repeat: int, compile_rows: bool) -> None:
     import peft
 
-    base = build(hidden, layers, vocab=4096)
-    base.train()
+    hidden, inter, layers, batch, seq, ranks = SHAPES[name]
+    base = build(hidden, inter, layers)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 4096, (batch, seq), generator=g)
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    print(f"Llama-like: hidden {hidden}, {layers} layers, batch {batch}, sequence {seq}, r={r}, "
+    tokens = batch * seq
+    print(f"\n== {name}: Llama-like hidden {hidden}, intermediate {inter}, {layers} layers, batch {batch} x {seq}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-
-    # The frozen base: only the final norm trains, so backward runs through every layer as with adapters.
+    # The frozen base: only the first layer's input norm trains, so backward runs through every layer (and the
+    # base saves what its input gradients need) as with adapters.
     frozen = copy.deepcopy(base)
     for n, p in frozen.named_parameters():
-        p.requires_grad_(n == "model.norm.weight")
-    base_params = [p for p in frozen.parameters() if p.requires_grad]
-    t_base = median_time(step_fn(frozen, inputs, base_params), repeat=repeat)
+        p.requires_grad_(n == "model.layers.0.input_layernorm.weight")
     m_base = saved_activation_bytes(lambda: frozen(**inputs).loss)
+    b_macs = base_macs(hidden, inter, layers, batch, seq)
+    for r in ranks:
+        for method in methods:
+            peft_cfg = peft.VeraConfig if method == "vera" else peft.PveraConfig
+            our_cfg = vera_fx.VeraConfig if method == "vera" else vera_fx.PveraConfig
+            rows_a = r if method == "vera" else 2 * r
+            for label, targets in TARGETS.items():
+                if label not in targets_shown:
+                    continue
+                models: dict[str, tuple[Callable, list]] = {"frozen base": (frozen, [p for p in frozen.parameters()
+                                                                                     if p.requires_grad])}
+                pm = peft.get_peft_model(copy.deepcopy(base), peft_cfg(r=r, target_modules=targets)).train()
+                models["peft"] = (pm, [p for p in pm.parameters() if p.requires_grad])
+                for lowering in ("auto", "activation"):
+                    gm = vera_fx.transform(base, our_cfg(r=r, target_modules=targets), lowering=lowering,
+                                           tokens=tokens).train()
+                    models[f"vera_fx {lowering}"] = (gm, [p for p in gm.parameters() if p.requires_grad])
+                if compile_rows and method == "vera" and label == "all-linear":
+                    for key in ("peft", "vera_fx auto"):
+                        mod, params = models[key]
+                        models[f"{key} compiled"] = (torch.compile(mod), params)
+                steps = {k: step_fn(m, inputs, params) for k, (m, params) in models.items()}
+                times = interleaved(steps, repeat) if repeat > 0 else {k: float("nan") for k in models}
+                mems = {k: saved_activation_bytes(lambda m=m: m(**inputs).loss) - m_base
+                        for k, (m, _) in models.items() if "compiled" not in k and k != "frozen base"}
+                floor = b_macs + adapter_macs(hidden, inter, layers, tokens, r, rows_a, targets, shared=True)
+                t_base, t_peft = times["frozen base"], times["peft"]
+                floor_ms = t_base * floor / b_macs * 1e3
+                rows = []
+                for k in models:
+                    t = times[k]
+                    ref = times["peft compiled"] if "compiled" in k else t_peft
+                    mem = mems.get(k)
+                    macs = {"frozen base": b_macs,
+                            "peft": b_macs + adapter_macs(hidden, inter, layers, tokens, r, rows_a, targets, False),
+                            "vera_fx activation": floor, "vera_fx auto": floor}.get(k.replace(" compiled", ""))
+                    if k.startswith("vera_fx"):
+                        macs += lean_extra(models[k][0], tokens, r)
+                    rows.append([k, paths(models[k][0]), f"{t * 1e3:.0f}", f"{t / ref:.2f}" if k != "frozen base" else "-",
+                                 f"{macs / 1e9:.1f}" if macs else "-", f"{t * 1e3 / floor_ms:.2f}",
+                                 f"{(mem + m_base) / 2**20:.1f}" if mem is not None else "-",
+                                 f"{mem / 2**20:.2f}" if mem is not None else "-",
+                                 f"{mem / mems['peft']:.2f}" if mem is not None else "-"])
+                print_table(f"{method} r={r} {label} (median of {repeat}, interleaved; floor {floor / 1e9:.1f} GMAC "
+                            f"= {floor_ms:.0f} ms at the base's rate; base saves {m_base / 2**20:.1f} MiB)",
+                            ["model", "paths", "step ms", "x peft", "GMAC", "x floor", "saved MiB", "minus base MiB", "x peft"], rows)
+                del models, steps, pm, gm
 
-    rows = [["frozen base", "-", f"{t_base * 1e3:.1f}", "1.00", f"{m_base / 2**20:.1f}", "1.00", "-", "-"]]
-    for label, targets in (("q/v", ["q_proj", "v_proj"]), ("all-linear", "all-linear")):
-        pm = peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(r=r, target_modules=targets))
-        pm.train()
-        t_peft = median_time(step_fn(pm, inputs, [p for p in pm.parameters() if p.requires_grad]), repeat=repeat)
-        m_peft = saved_activation_bytes(lambda: pm(**inputs).loss)
-        gm = vera_fx.transform(base, vera_fx.VeraConfig(r=r, target_modules=targets))
-        gm.train()
-        t_ours = median_time(step_fn(gm, inputs, [p for p in gm.parameters() if p.requires_grad]), repeat=repeat)
-        m_ours = saved_activation_bytes(lambda: gm(**inputs).loss)
-        rows.append([f"peft VeRA", label, f"{t_peft * 1e3:.1f}", f"{t_peft / t_base:.2f}",
-                     f"{m_peft / 2**20:.1f}", f"{m_peft / m_base:.2f}", "1.00", "1.00"])
-        rows.append([f"vera_fx", label, f"{t_ours * 1e3:.1f}", f"{t_ours / t_base:.2f}",
-                     f"{m_ours / 2**20:.1f}", f"{m_ours / m_base:.2f}", f"{t_ours / t_peft:.2f}",
-                     f"{m_ours / m_peft:.2f}"])
-        del pm, gm
-    print_table("training step (median of %d)" % repeat,
-                ["model", "targets", "step ms", "x base", "saved act. MiB", "x base", "time x peft", "mem x peft"],
-                rows)
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke run)")
+    parser.add_argument("--shapes", default="today,realistic")
+    parser.add_argument("--methods", default="vera,pvera")
+    parser.add_argument("--targets", default="q/v,all-linear")
+    parser.add_argument("--repeat", type=int, default=5, help="timed rounds; 0: saved activations only")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rows (today's shape only)")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    shapes = args.shapes.split(",")
+    if args.quick:
+        shapes = ["quick" if s == "today" else "quick-realistic" for s in shapes]
+    repeat = min(2, args.repeat) if args.quick else args.repeat
+    for s in shapes:
+        run_shape(s, args.methods.split(","), args.targets.split(","), repeat, args.compile and s in ("today", "quick"))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ def test_fields_and_defaults_match_peft(ours, theirs):
     ({"modules_to_save": "classifier"}, "modules_to_save"),
     ({"layers_to_transform": -1}, "layers_to_transform"), ({"layers_to_transform": [0, "1"]}, "layers_to_transform"),
     ({"layers_pattern": "layers"}, "layers_pattern"),
-    ({"layers_to_transform": [0], "target_modules": "q.*"}, "layers_to_transform"),
     ({"layers_pattern": 5, "layers_to_transform": 0}, "layers_pattern"),
 ])
 def test_vera_config_errors_name_field_and_value(kwargs, field):

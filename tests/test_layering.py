@@ -28,12 +28,13 @@ LAYERS: dict[str, int] = {
     "vera_fx.state": 2,
     "vera_fx.passes": 3, "vera_fx.passes.": 3,
     "vera_fx.adapters": 4, "vera_fx.checkpoint": 4, "vera_fx.sampling": 4, "vera_fx.uncertainty": 4,
-    "vera_fx.model": 4, "vera_fx.serving": 4,
+    "vera_fx.model": 4, "vera_fx.generation": 4, "vera_fx.serving": 4,
     "vera_fx.inspect": 5,
     "vera_fx.cli": 6, "vera_fx.demo": 6, "vera_fx": 6,
 }
 LAYER_NAMES = ["config, sites, runtime", "methods, quantized, capture", "state", "passes",
-               "adapters, checkpoint, sampling, uncertainty, model, serving", "inspect", "cli, demo, vera_fx"]
+               "adapters, checkpoint, sampling, uncertainty, model, generation, serving", "inspect",
+               "cli, demo, vera_fx"]
 
 
 def _module_name(path: Path) -> str:

@@ -85,8 +85,11 @@ def test_unmatched_target_names_close_modules(graphs):
         _names(gm, vera_fx.VeraConfig(r=4, target_modules=["qproj"]))
     msg = str(err.value)
     assert "'qproj' matched no linear layer" in msg and "q_proj" in msg
-    with pytest.raises(ValueError, match="LlamaMLP, not a linear layer"):
-        _names(gm, vera_fx.VeraConfig(r=4, target_modules=["mlp"]))
+    with pytest.raises(ValueError, match="LlamaRMSNorm, not a linear layer, and holds none"):
+        _names(gm, vera_fx.VeraConfig(r=4, target_modules=["q_proj", "input_layernorm"]))
+    # A container module (PEFT refuses it): our extension adapts the linear layers inside it.
+    assert _names(gm, vera_fx.VeraConfig(r=4, target_modules=["mlp"]))[:3] == [
+        "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]
     with pytest.raises(ValueError, match="layers_to_transform=7"):
         _names(gm, vera_fx.VeraConfig(r=4, target_modules=["q_proj"], layers_to_transform=7))
 

@@ -10,6 +10,7 @@ trained biases) lives in vera_fx/state.py, below the passes; its readers are re-
 
 from __future__ import annotations
 
+import copy
 import logging
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence, Union
@@ -20,6 +21,7 @@ from torch.fx import GraphModule
 from .config import AdapterConfig
 from .methods import AdapterState, method_for
 from .passes.inject import InjectPass, emit_adapter, remove_adapter_nodes
+from .passes.lower import LOWERING_KEY, check_lowering
 from .passes.match import MatchPass
 from .passes.pipeline import run_passes
 from .sites import ADAPTER_KEY, SITE_KEY
@@ -28,7 +30,7 @@ from .state import (ACTIVE_KEY, DISABLED_KEY, _container, active_adapters, adapt
                     modules_to_save_owners, resolve_modules_to_save, route_modules_to_save, shared_projections)
 
 # active_adapters ... modules_to_save_copy live in vera_fx/state.py (below the passes) and stay importable here.
-__all__ = ["add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "active_adapters",
+__all__ = ["set_lowering", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "active_adapters",
            "adapters_disabled", "shared_projections", "attach_modules_to_save", "resolve_modules_to_save",
            "modules_to_save_copy", "remove_adapter", "ACTIVE_KEY", "DISABLED_KEY"]
 
@@ -216,3 +218,42 @@ def disable_adapters(gm: GraphModule) -> Iterator[GraphModule]:
     finally:
         gm.meta[DISABLED_KEY] = False
         _sync(gm)
+
+
+# --- lowering --------------------------------------------------------------------------------------------------
+
+def set_lowering(gm: GraphModule, lowering: Union[str, dict] = "auto", tokens: Optional[int] = None) -> GraphModule:
+    """Choose how the adapters are computed in a step: ``"auto"``, ``"activation"``, ``"lean"``, ``"weight"`` or
+    ``{site name: mode}`` (others ``auto``), with ``tokens`` per step for the cost model (vera_fx/passes/lower.py).
+
+    Every adapter with nodes is re-emitted under the new setting (outputs are unchanged; torch.compile
+    recompiles). The setting belongs to the graph, never to an adapter's config. Returns ``gm``.
+    """
+    inner = getattr(gm, "_orig_mod", gm)
+    if not isinstance(inner, GraphModule):
+        raise TypeError(f"set_lowering takes the GraphModule from vera_fx.transform, got {type(gm).__name__}")
+    setting = check_lowering(lowering, tokens)
+    with_nodes: dict[str, set[str]] = {}
+    for n in inner.graph.nodes:
+        tag = n.meta.get(ADAPTER_KEY)
+        if tag and tag.get("role") == "output" and tag.get("adapter"):
+            with_nodes.setdefault(tag["adapter"], set()).add(tag["site"])
+    old = inner.meta.get(LOWERING_KEY)
+    saved = copy.deepcopy(inner.graph)
+    inner.meta[LOWERING_KEY] = setting
+    order = [a for a in active_adapters(inner) if a in with_nodes] + [a for a in with_nodes
+                                                                       if a not in active_adapters(inner)]
+    try:
+        for name in order:
+            remove_adapter_nodes(inner, name, with_nodes[name])
+        for name in order:
+            emit_adapter(inner, name, with_nodes[name])
+    except Exception:
+        inner.graph = saved  # the setter recompiles
+        if old is None:
+            inner.meta.pop(LOWERING_KEY, None)
+        else:
+            inner.meta[LOWERING_KEY] = old
+        raise
+    logger.info("set_lowering %r: re-emitted %s", setting["mode"], order)
+    return gm

@@ -28,7 +28,8 @@ from torch.fx import GraphModule, Node
 
 from . import quantized
 
-__all__ = ["capture", "train_only", "CaptureError", "default_example_inputs", "Signature"]
+__all__ = ["capture", "train_only", "CaptureError", "default_example_inputs", "Signature", "SourceModel",
+           "SOURCE_MODEL_KEY"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,24 @@ ExampleInputs = Union[tuple, list, dict, None]
 
 class CaptureError(RuntimeError):
     """torch.export could not capture the model; the message says what export reported."""
+
+
+# gm.meta key: the model a graph was captured from (generation re-exports its architecture with a KV cache).
+SOURCE_MODEL_KEY = "vera_fx_source_model"
+
+
+class SourceModel:
+    """A reference to the captured model, kept by ``copy.deepcopy`` (the copy refers to the same model, whose
+    architecture is all that is used) and dropped by pickling."""
+
+    def __init__(self, model: Optional[nn.Module]) -> None:
+        self.model = model
+
+    def __deepcopy__(self, memo: dict) -> "SourceModel":
+        return self
+
+    def __getstate__(self) -> dict:
+        return {"model": None}
 
 
 def train_only(p: float, training: bool) -> float:
@@ -368,6 +387,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> GraphModu
                           probe=_probe(gm))
     gm.meta["vera_fx_signature"] = signature
     gm.meta["vera_fx_model"] = _model_info(model)
+    gm.meta[SOURCE_MODEL_KEY] = SourceModel(model)
     _install_input_check(gm)
     gm._register_deepcopy_hook(_install_input_check)  # copy.deepcopy(gm) keeps the keyword check
     gm.train(model.training)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import uuid
 import warnings
 from pathlib import Path
@@ -28,12 +29,14 @@ from torch.fx import GraphModule
 from .adapters import add_adapter, remove_adapter
 from .config import AdapterConfig, config_from_dict, config_to_dict
 from .methods import CONTAINER, AdapterState, method_for
+from .passes.match import peft_selection
 from .passes.pipeline import transform
-from .sites import read_sites
+from .sites import MERGED_KEY, read_sites
 from .state import ACTIVE_KEY, PEFT_ROOT, bias_targets, modules_to_save_copy
 
 # bias_targets lives in vera_fx/state.py (the inject pass uses it too) and stays importable here.
 __all__ = ["adapter_state_dict", "load_adapter_state_dict", "adapter_state", "state_dict_targets", "bias_targets",
+           "base_layer_targets", "peft_target_modules",
            "save_adapter", "load_adapter", "from_pretrained", "read_checkpoint", "peft_config_dict",
            "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -77,9 +80,64 @@ def state_dict_targets(gm: GraphModule, adapter_name: str = "default") -> dict[s
     return targets
 
 
+_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's names for save_embedding_layers="auto"
+
+
+def _embedding_targeted(gm: GraphModule, config: AdapterConfig) -> bool:
+    """PEFT's save_embedding_layers='auto' test: an embedding-layer name among the targets."""
+    targets = config.target_modules
+    if isinstance(targets, str):
+        if targets.lower() == "all-linear":
+            return False
+        modules = gm.meta.get("vera_fx_model", {}).get("modules", {})
+        return any(re.fullmatch(targets, k) for k in modules
+                   if any(re.match(rf"(.*\.)?{e}$", k) for e in _EMBEDDING_LAYER_NAMES))
+    return bool(targets) and any(e in targets for e in _EMBEDDING_LAYER_NAMES)
+
+
+def base_layer_targets(gm: GraphModule, adapter_name: str = "default") -> dict[str, str]:
+    """PEFT key -> graph qualname of the base weights PEFT also saves for this adapter (save_embedding_layers:
+    the output head's ``<path>.base_layer.weight`` / ``.bias`` when an embedding-layer name is targeted)."""
+    state = adapter_state(gm, adapter_name)
+    head = gm.meta.get("vera_fx_model", {}).get("output_head")
+    if not head or head not in state.site_names or not _embedding_targeted(gm, state.config):
+        return {}
+    out: dict[str, str] = {}
+    for leaf in ("weight", "bias"):
+        if _base_tensor(gm, f"{head}.{leaf}") is not None:
+            out[f"{PEFT_ROOT}{head}.base_layer.{leaf}"] = f"{head}.{leaf}"
+    return out
+
+
+def _base_tensor(gm: GraphModule, qualname: str) -> Optional[torch.Tensor]:
+    """The graph's base parameter or buffer at ``qualname`` (None for adapter state and missing names)."""
+    if qualname.startswith(CONTAINER + "."):
+        return None
+    path, _, leaf = qualname.rpartition(".")
+    try:
+        mod = gm.get_submodule(path)
+    except AttributeError:
+        return None
+    value = mod._parameters.get(leaf) if leaf in mod._parameters else mod._buffers.get(leaf)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _base_qualname(gm: GraphModule, key: str) -> Optional[str]:
+    """The graph qualname a PEFT base-weight key (``base_model.model.<path>.base_layer.<leaf>``, or a plain
+    ``<path>.<leaf>`` of a saved embedding) names, or None when it names no base tensor of the graph."""
+    if not key.startswith(PEFT_ROOT):
+        return None
+    qualname = key[len(PEFT_ROOT):].replace(".base_layer.", ".")
+    return qualname if _base_tensor(gm, qualname) is not None else None
+
+
 def adapter_state_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The tensors PEFT writes to adapter_model.safetensors for this adapter, under PEFT's keys."""
-    return {k: getattr(mod, attr).detach() for k, (mod, attr) in state_dict_targets(gm, adapter_name).items()}
+    """The tensors PEFT writes to adapter_model.safetensors for this adapter, under PEFT's keys (with the base
+    weights PEFT's save_embedding_layers='auto' adds when an embedding-layer name is targeted)."""
+    out = {k: getattr(mod, attr).detach() for k, (mod, attr) in state_dict_targets(gm, adapter_name).items()}
+    for key, qualname in base_layer_targets(gm, adapter_name).items():
+        out.setdefault(key, _base_tensor(gm, qualname).detach())
+    return out
 
 
 def _normalise_peft_key(key: str) -> Optional[str]:
@@ -95,7 +153,7 @@ def _fmt_keys(keys: list[str]) -> str:
 
 
 def _plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
-               source: str) -> tuple[list[tuple[nn.Module, str, torch.Tensor]], list[str]]:
+               source: str) -> tuple[list[tuple[nn.Module, str, torch.Tensor, bool]], list[str]]:
     """Check ``state_dict`` against the adapter and return the copies to make and the projection keys it
     lacks; ValueError naming every problem, before anything changes."""
     if not isinstance(state_dict, dict):
@@ -116,6 +174,11 @@ def _plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
     for key, attr in projection_keys.items():
         if key in incoming:  # save_projection=False but the file has them: use them, as PEFT does
             targets[key] = (state, attr)
+    # Base weights PEFT saves beside the adapter (save_embedding_layers): they apply to the graph only.
+    base_keys = {k: q for k in incoming if k not in targets and (q := _base_qualname(gm, k)) is not None}
+    for key, qualname in base_keys.items():
+        path, _, leaf = qualname.rpartition(".")
+        targets[key] = (gm.get_submodule(path), leaf)
     missing = [k for k in targets if k not in incoming and k not in projection_keys]
     unexpected = [k for k in incoming if k not in targets]
     if missing or unexpected:
@@ -143,15 +206,40 @@ def _plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
                 raise ValueError(f"{source}: {key} differs from the projections adapter {adapter_name!r} shares "
                                  f"with {peers}; loading it would change those adapters. Load this checkpoint "
                                  "into a graph of its own (vera_fx.from_pretrained)")
-    plan = [(*targets[k], v) for k, v in incoming.items()]
+    merged = sorted((gm.meta.get(MERGED_KEY) or {}))
+    if base_keys and merged:
+        raise ValueError(f"{source}: holds base weights ({_fmt_keys(sorted(base_keys))}) but sites {merged[:3]} are "
+                         "merged; vera_fx.unmerge(gm) first, then load")
+    plan = [(*targets[k], v, k in base_keys) for k, v in incoming.items()]
     return plan, [k for k in projection_keys if k not in incoming]
 
 
-def _apply(plan: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
+def _apply(gm: GraphModule, plan: list[tuple[nn.Module, str, torch.Tensor, bool]]) -> None:
+    """Copy adapter tensors in place; install base weights as new tensors of the graph (every slot that holds
+    the same tensor, so tied weights stay tied), never writing into the storage the graph shares with the
+    user's model."""
+    slots: dict[int, list[tuple[nn.Module, str]]] = {}
+    if any(replace for *_, replace in plan):
+        for path, mod in gm.named_modules(remove_duplicate=False):
+            if path == CONTAINER or path.startswith(CONTAINER + "."):
+                continue
+            for leaf, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+                if t is not None:
+                    slots.setdefault(id(t), []).append((mod, leaf))
     with torch.no_grad():
-        for mod, attr, value in plan:
+        for mod, attr, value, replace in plan:
             current = getattr(mod, attr)
-            current.copy_(value.to(device=current.device, dtype=current.dtype))
+            data = value.detach().to(device=current.device, dtype=current.dtype).clone()
+            if not replace:
+                current.copy_(data)
+                continue
+            new = nn.Parameter(data, requires_grad=current.requires_grad) if isinstance(current, nn.Parameter) \
+                else data
+            for owner, leaf in slots.get(id(current), [(mod, attr)]):
+                if leaf in owner._parameters:
+                    owner._parameters[leaf] = new
+                else:
+                    owner._buffers[leaf] = new
 
 
 def load_adapter_state_dict(gm: GraphModule, state_dict: dict[str, torch.Tensor],
@@ -166,18 +254,36 @@ def load_adapter_state_dict(gm: GraphModule, state_dict: dict[str, torch.Tensor]
     if missing_proj and state.config.save_projection:
         logger.warning("adapter %r: the state dict has no %s; keeping the projections regenerated from "
                        "projection_prng_key=%d", adapter_name, missing_proj, state.config.projection_prng_key)
-    _apply(plan)
+    _apply(gm, plan)
 
 
 # --- files ---------------------------------------------------------------------------------------------------
+
+def peft_target_modules(gm: GraphModule, state: AdapterState) -> Union[list[str], str]:
+    """``target_modules`` for adapter_config.json that PEFT resolves to exactly the adapter's sites.
+
+    The config's own value when PEFT's rules select the same modules; otherwise (our extensions: a target
+    naming a container module, default targets PEFT lacks, 'all-linear', which PEFT also writes expanded) the
+    sorted list of the adapted module paths, which PEFT matches exactly whatever ``layers_to_transform`` says.
+    """
+    sites = set(state.site_names)
+    info = gm.meta.get("vera_fx_model", {})
+    targets = state.config.target_modules
+    if targets is None:  # PEFT writes the targets it resolved
+        targets = sorted({s.rpartition(".")[2] for s in sites})
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        return sorted(sites)
+    if not info.get("modules") or peft_selection(info, targets, state.config) == sites:
+        return targets
+    return sorted(sites)
+
 
 def peft_config_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str, Any]:
     """adapter_config.json's content for ``adapter_name``, with PEFT's keys (no others)."""
     state = adapter_state(gm, adapter_name)
     data = config_to_dict(state.config)
     data.pop("vera_fx_version", None)
-    if data.get("target_modules") is None:  # PEFT writes the targets it resolved
-        data["target_modules"] = sorted({s.rpartition(".")[2] for s in state.site_names})
+    data["target_modules"] = peft_target_modules(gm, state)
     kinds = {s.fan_in_fan_out for s in read_sites(gm) if s.name in set(state.site_names)}
     if len(kinds) == 1:  # what the sites store, as PEFT writes it after correcting the config
         data["fan_in_fan_out"] = kinds.pop()
@@ -342,7 +448,7 @@ def _load_checked(gm: GraphModule, adapter_name: str, config: AdapterConfig, ten
             warnings.warn(f"adapter {adapter_name!r} shares projections with a larger adapter of this graph, which "
                           "differ from those its checkpoint was trained with; load it into a graph of its own "
                           "(vera_fx.from_pretrained)", UserWarning, stacklevel=3)
-    _apply(plan)
+    _apply(gm, plan)
 
 
 def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "default") -> None:

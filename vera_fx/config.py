@@ -117,9 +117,6 @@ class _BaseConfig:
         if lp and ltt is None:
             raise ValueError(f"layers_pattern={lp!r} needs layers_to_transform: set the layer indices to adapt, "
                              "or drop layers_pattern")
-        if ltt is not None and isinstance(tm, str):
-            raise ValueError(f"layers_to_transform={ltt!r} works only with a list of target_modules, not with "
-                             f"target_modules={tm!r}: give a list of names, or put the layer indices in the regex")
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)

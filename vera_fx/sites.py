@@ -61,11 +61,16 @@ class Site:
     weight: Optional[str]
     bias: Optional[str]
     base: Node = field(compare=False, repr=False)
-    input: Node = field(compare=False, repr=False)
     output: Node = field(compare=False, repr=False)
     adapters: tuple[str, ...] = ()
     merged: tuple[str, ...] = ()
     sampling: tuple[str, ...] = ()
+
+    @property
+    def input(self) -> Node:
+        """The tensor the site reads *now*: read from the base call each time, so that after an upstream site's
+        adapter was added (and the base call rewired to read it) this is the adapted value, not a stale node."""
+        return site_input(self.base, self.kind)
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -128,7 +133,7 @@ def read_sites(gm: GraphModule) -> list[Site]:
             continue
         result.append(Site(name=tag["name"], kind=tag["kind"], in_features=tag["in_features"],
                            out_features=tag["out_features"], weight=tag.get("weight"), bias=tag.get("bias"),
-                           base=n, input=site_input(n, tag["kind"]), output=site_output(n, tag["kind"]),
+                           base=n, output=site_output(n, tag["kind"]),
                            adapters=tuple(attached.get(tag["name"], ())),
                            merged=tuple(merged.get(tag["name"], ())),
                            sampling=sampling.get(tag["name"], ())))

@@ -114,6 +114,9 @@ class Method:
     name: ClassVar[str]
     prefix: ClassVar[str]
     config_type: ClassVar[type]
+    #: True when the latent is sampled (``mu`` / ``logvar`` halves of ``h``, PVeRA); the lower pass asks this to
+    #: pick the lean op's form, and never folds such an adapter into the weight during training.
+    probabilistic: ClassVar[bool] = False
 
     def latent_rows(self, config: AdapterConfig) -> int:
         """Rows of the shared A (r for VeRA, 2r for PVeRA)."""

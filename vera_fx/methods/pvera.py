@@ -109,8 +109,14 @@ def pvera_bank_reparametrize(mu: Tensor, logvar: Tensor, training: bool, samples
 
 
 @has_side_effect
-def pvera_record_kl(mu: Tensor, logvar: Tensor, record: KLRecord, key: str) -> None:
-    """Store ``mean(-0.5 * (1 + logvar - mu^2 - exp(logvar)))`` (float32) for this call, replacing the last one."""
+def pvera_record_kl(mu: Tensor, logvar: Optional[Tensor], record: KLRecord, key: str) -> None:
+    """Store ``mean(-0.5 * (1 + logvar - mu^2 - exp(logvar)))`` (float32) for this call, replacing the last one.
+
+    With ``logvar=None``, ``mu`` is that KL value already (the lower pass's lean path computes it in one op).
+    """
+    if logvar is None:
+        record.values[key] = mu
+        return
     mu, logvar = mu.float(), logvar.float()
     record.values[key] = -0.5 * torch.mean(1.0 + logvar - mu.pow(2) - logvar.exp())
 
@@ -119,6 +125,7 @@ class PveraMethod(Method):
     name = "pvera"
     prefix = "pvera"
     config_type = PveraConfig
+    probabilistic = True
 
     def latent_rows(self, config: PveraConfig) -> int:  # type: ignore[override]
         return 2 * config.r

@@ -24,6 +24,7 @@ from ..config import AdapterConfig
 from ..methods import CONTAINER, AdapterState, Emitter, method_for
 from ..sites import ADAPTER_KEY, Site, read_sites
 from ..state import adapter_container, attach_modules_to_save, bias_targets, shared_projections
+from .lower import lower_adapters
 from .match import select_sites
 from .share import share_projections
 
@@ -143,7 +144,7 @@ def _adapted_outputs(gm: GraphModule) -> dict[str, Node]:
     last: dict[str, Node] = {}
     for n in gm.graph.nodes:
         tag = n.meta.get(ADAPTER_KEY)
-        if tag and tag.get("role") == "output":
+        if tag and tag.get("role") == "output" and tag.get("path") != "weight":  # a weight-path fold is no output
             last[tag["base"]] = n
     return last
 
@@ -170,6 +171,7 @@ def emit_adapter(gm: GraphModule, adapter_name: str, site_names: Optional[set[st
                                 and not _is_own_node(u, s, adapter_name))
         count += 1
     share_projections(gm)
+    lower_adapters(gm)
     gm.graph.lint()
     gm.recompile()
     return count

@@ -11,7 +11,8 @@ from __future__ import annotations
 import difflib
 import logging
 import re
-from typing import Callable, Optional
+import warnings
+from typing import Callable, Optional, Union
 
 import torch
 from torch.fx import GraphModule, Node
@@ -21,7 +22,8 @@ from ..config import DEFAULT_TARGET_MODULES, AdapterConfig
 from .. import quantized
 from ..sites import SITE_KEY, Candidate, Site, read_sites
 
-__all__ = ["MatchPass", "Candidate", "RECOGNISERS", "select_sites", "module_path", "resolve_targets"]
+__all__ = ["MatchPass", "Candidate", "RECOGNISERS", "select_sites", "module_path", "resolve_targets",
+           "layer_index", "peft_selection"]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -144,29 +146,74 @@ def resolve_targets(config: AdapterConfig, model_info: dict) -> object:
                      f"target_modules (module-name suffixes, a regex or 'all-linear'). Defaults exist for: {known}")
 
 
-def _layer_index(key: str, patterns: Optional[list[str]]) -> Optional[int]:
-    """The layer number in a module path: the first integer component after a layers_pattern name (or,
-    with no pattern, after any component that is not the first)."""
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if not part.isdigit() or i == 0:
-            continue
-        if patterns is None:
-            if i >= 2:
-                return int(part)
-        elif parts[i - 1] in patterns:
-            return int(part)
-    return None
+def layer_index(key: str, layers_pattern: Optional[Union[str, list[str]]]) -> Optional[int]:
+    """The layer number PEFT reads from a module path: the first integer component after a layers_pattern
+    name, or with no pattern the first integer component after at least two others (PEFT's regexes)."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        match = None
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match is not None:
+                break
+    return int(match.group("idx")) if match else None
 
 
 def _excluded_by_modules_to_save(key: str, modules_to_save: Optional[list[str]]) -> bool:
     return bool(modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save)
 
 
+def _layer_filter(config: AdapterConfig) -> Optional[set[int]]:
+    """The layer indices ``layers_to_transform`` keeps, or None for no filter (None or [], as in PEFT)."""
+    ltt = config.layers_to_transform
+    if ltt is None or (isinstance(ltt, list) and not ltt):
+        return None
+    return {ltt} if isinstance(ltt, int) else set(ltt)
+
+
+def _list_matches(key: str, targets: list[str], config: AdapterConfig) -> bool:
+    """PEFT's rule for a list: an exact name is targeted whatever the layer filter says; a suffix match
+    (``key`` ends with ``.<entry>``) only in the layers ``layers_to_transform`` keeps."""
+    if key in targets:
+        return True
+    if not any(key.endswith("." + t) for t in targets):
+        return False
+    wanted = _layer_filter(config)
+    return wanted is None or layer_index(key, config.layers_pattern) in wanted
+
+
+def _containers(info: dict, site_names: list[str], config: AdapterConfig) -> dict[str, list[str]]:
+    """Module path -> the site names inside it, for modules that are not sites themselves (our extension:
+    a target naming such a module adapts the linear layers inside it)."""
+    sites = set(site_names)
+    out: dict[str, list[str]] = {}
+    for path in info.get("modules", {}):
+        if path in sites or _excluded_by_modules_to_save(path, config.modules_to_save):
+            continue
+        inside = [n for n in site_names if n.startswith(path + ".")]
+        if inside:
+            out[path] = inside
+    return out
+
+
+def peft_selection(info: dict, targets: object, config: AdapterConfig) -> set[str]:
+    """The module paths PEFT's own rules select for ``targets`` (a list or a regex; not 'all-linear') over the
+    model's modules, without our extensions: what PEFT adapts, or refuses when one of them is not linear."""
+    keys = [k for k in info.get("modules", {}) if not _excluded_by_modules_to_save(k, config.modules_to_save)]
+    if isinstance(targets, str):
+        return {k for k in keys if re.fullmatch(targets, k)}
+    return {k for k in keys if _list_matches(k, list(targets), config)}
+
+
 def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]:
     """The sites of ``graph_module`` that ``config`` targets, in graph order (one entry per site name).
 
-    Raises ValueError naming a target that matches no linear layer, with the closest module names.
+    PEFT's rules: a list entry is a module name or path suffix; an exact name is targeted whatever
+    ``layers_to_transform`` says; an entry that matches nothing next to ones that do is skipped with a warning
+    (ValueError only when nothing matches); a string is a regex fully matched against module paths, or
+    'all-linear'. Our extension: a name or regex that matches a module holding linear layers (a container,
+    which PEFT refuses) adapts the linear layers inside it.
     """
     info = graph_module.meta.get("vera_fx_model", {})
     all_sites = read_sites(graph_module)
@@ -182,37 +229,47 @@ def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]
                     logger.info("default targets %s not in this model; using %s", targets, option)
                 targets = option
                 break
+    containers = _containers(info, names, config)
 
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        head = info.get("output_head")
-        chosen = [n for n in names if n != head]
-    elif isinstance(targets, str):
-        chosen = [n for n in names if re.fullmatch(targets, n)]
-        if not chosen:
-            raise ValueError(f"target_modules={targets!r} (a regex, matched against full module paths) matched "
-                             f"no linear layer; linear layers are, e.g.: {', '.join(names[:6])}")
+    if isinstance(targets, str):
+        if _layer_filter(config) is not None:
+            warnings.warn(f"layers_to_transform={config.layers_to_transform!r} has no effect with "
+                          f"target_modules={targets!r} (a string), as in PEFT: give a list of module names to "
+                          "filter by layer, or put the layer indices in the regex", UserWarning, stacklevel=4)
+        if targets.lower() == "all-linear":
+            head = info.get("output_head")
+            picked = {n for n in names if n != head}
+        else:
+            picked = {n for n in names if re.fullmatch(targets, n)}
+            picked |= {n for path, inside in containers.items() if re.fullmatch(targets, path) for n in inside}
+            if not picked:
+                raise ValueError(f"target_modules={targets!r} (a regex, matched against full module paths) "
+                                 f"matched no linear layer; linear layers are, e.g.: {', '.join(names[:6])}")
     else:
-        chosen = []
-        for t in targets:
-            hit = [n for n in names if n == t or n.endswith("." + t)]
-            if not hit:
-                raise ValueError(_unmatched_message(t, targets, names, info))
-            chosen.extend(hit)
-        chosen = [n for n in names if n in set(chosen)]
-        ltt = config.layers_to_transform
-        if ltt is not None:
-            wanted = {ltt} if isinstance(ltt, int) else set(ltt)
-            pats = config.layers_pattern
-            pats = [pats] if isinstance(pats, str) else pats
-            chosen = [n for n in chosen if _layer_index(n, pats or None) in wanted]
-            if not chosen:
-                raise ValueError(f"layers_to_transform={ltt!r} (layers_pattern={config.layers_pattern!r}) left no "
-                                 f"site of target_modules={targets!r}; check the layer indices and the pattern")
+        targets = list(targets)
+        picked = {n for n in names if _list_matches(n, targets, config)}
+        picked |= {n for path, inside in containers.items() if _list_matches(path, targets, config) for n in inside}
+        modules: dict[str, str] = info.get("modules", {})
+        pool = set(names) | set(containers)
+        unmatched = [t for t in targets if not any(k == t or k.endswith("." + t) for k in pool)]
+        refused = [t for t in unmatched if any(k == t or k.endswith("." + t) for k in modules)]
+        if refused:  # PEFT refuses a target that names a module it cannot adapt (no linear layer inside)
+            raise ValueError(_unmatched_message(refused[0], targets, names, info))
+        if len(unmatched) == len(targets):
+            raise ValueError(_unmatched_message(unmatched[0], targets, names, info))
+        for t in unmatched:
+            warnings.warn(_unmatched_message(t, targets, names, info) + "; the other entries are adapted (as in "
+                          "PEFT)", UserWarning, stacklevel=4)
+        if not picked:
+            raise ValueError(f"layers_to_transform={config.layers_to_transform!r} (layers_pattern="
+                             f"{config.layers_pattern!r}) left no site of target_modules={targets!r}; check the "
+                             "layer indices and the pattern")
+    chosen = [n for n in names if n in picked]
     if not chosen:
         raise ValueError(f"target_modules={targets!r} matched no linear layer in {info.get('class', 'the model')}")
     first: dict[str, Site] = {}
     for s in all_sites:
-        if s.name in chosen and s.name not in first:
+        if s.name in picked and s.name not in first:
             first[s.name] = s
     return [first[n] for n in chosen]
 
@@ -223,7 +280,8 @@ def _unmatched_message(target: str, targets: list, names: list[str], info: dict)
     msg = f"target_modules={targets!r}: {target!r} matched no linear layer"
     if not_linear:
         n, t = not_linear[0]
-        msg += f" ({n!r} is a {t}, not a linear layer; target its linear children instead)"
+        msg += (f" ({n!r} is a {t}, not a linear layer, and holds none; PEFT refuses it too: drop it or target "
+                "linear layers instead)")
     pool = sorted({n.rsplit(".", 1)[-1] for n in names} | {n for n in names})
     close = difflib.get_close_matches(target, pool, n=5, cutoff=0.5)
     if close:

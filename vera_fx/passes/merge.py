@@ -131,7 +131,7 @@ def _unmergeable(readers: dict[str, list[Node]], calls: list[Site], adapters: tu
     if missing:
         return f"adapter(s) {sorted(set(missing))} are attached to only some of its calls"
     bases = {c.base for c in calls}
-    others = [u.name for u in readers.get(site.weight, []) if u not in bases]
+    others = [u.name for u in readers.get(site.weight, []) if u not in bases and not u.meta.get(ADAPTER_KEY)]
     if others:
         return (f"its weight {site.weight!r} is also read by {others[:3]} (tied weights); untie it or leave the "
                 "site out of target_modules")

@@ -13,6 +13,7 @@ from ..capture import ExampleInputs, capture
 from ..config import AdapterConfig
 from ..methods import method_for
 from .inject import InjectPass
+from .lower import LOWERING_KEY, LowerPass, check_lowering
 from .match import MatchPass
 
 __all__ = ["transform", "add_adapter_passes", "run_passes"]
@@ -34,18 +35,22 @@ def run_passes(gm: GraphModule, passes: list[Any]) -> GraphModule:
 
 
 def add_adapter_passes(config: AdapterConfig, adapter_name: str) -> list[Any]:
-    return [MatchPass(), InjectPass(config, adapter_name)]
+    return [MatchPass(), InjectPass(config, adapter_name), LowerPass()]
 
 
 def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleInputs = None,
-              adapter_name: str = "default") -> GraphModule:
+              adapter_name: str = "default", lowering: Any = "auto", tokens: Optional[int] = None) -> GraphModule:
     """Capture ``model`` and attach a VeRA / PVeRA adapter to every linear-like call ``config`` targets.
 
     Returns a new GraphModule; ``model`` is left as it was (on failure too). Only the adapter's parameters
-    are trainable.
+    are trainable. ``lowering`` ("auto", "activation", "lean", "weight" or ``{site: mode}``) and ``tokens``
+    (per step, for the cost model) choose how each site group is computed (vera_fx/passes/lower.py); they are
+    a property of the graph, not of the adapter, and change later with ``vera_fx.set_lowering``.
     """
     method_for(config)  # type check before the (slow) capture
+    setting = check_lowering(lowering, tokens)
     gm = capture(model, example_inputs)
+    gm.meta[LOWERING_KEY] = setting
     return run_passes(gm, add_adapter_passes(config, adapter_name))
 
 

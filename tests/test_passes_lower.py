@@ -1,0 +1,400 @@
+"""Lower pass: each path against the plain (activation) path and peft, forced choices, the cost model, merge,
+several adapters, dropout, a quantized site, PVeRA's KL term and one torch.compile check of the lean op."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import vera_fx
+from conftest import text_inputs, tiny_llama
+from vera_fx.passes.lower import (DEFAULT_TOKENS, LOWERING_KEY, GroupShape, LowerPass, choose_path, lower_adapters,
+                                  path_costs)
+
+peft = pytest.importorskip("peft")
+
+
+class Net(nn.Module):
+    """q/k/v read one input (one site group), o reads another, and q is called twice (a shared layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(16, 24)
+        self.k = nn.Linear(16, 24)
+        self.v = nn.Linear(16, 16)
+        self.o = nn.Linear(24, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.q(x)) * self.k(x) + self.q(0.5 * x)
+        return self.o(h) + self.v(x)
+
+
+def _net() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+def _x(seed: int = 1) -> torch.Tensor:
+    return torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def _config(method: str, **kw):
+    base = dict(r=8, target_modules=["q", "k", "v", "o"])
+    base.update(kw)
+    return vera_fx.VeraConfig(**base) if method == "vera" else vera_fx.PveraConfig(**base)
+
+
+def _randomize(gm: nn.Module, seed: int = 3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(gm.named_parameters()):
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _paths(gm) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        tag = n.meta.get("vera_fx") or {}
+        if tag.get("role") == "output":
+            p = tag.get("path") or "activation"
+            counts[p] = counts.get(p, 0) + 1
+    return counts
+
+
+def _step(gm, x: torch.Tensor, kl: bool = False, seed: int = 0):
+    """Output, lambda gradients and input gradient of one training forward/backward."""
+    x = x.clone().requires_grad_(True)
+    gm.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = gm(x)
+    loss = out.pow(2).mean() + (vera_fx.kl_divergence(gm) if kl else 0.0)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.requires_grad}
+    return out.detach(), grads, x.grad.clone(), loss.detach()
+
+
+def _assert_same(a, b) -> None:
+    out_a, grads_a, gx_a, loss_a = a
+    out_b, grads_b, gx_b, loss_b = b
+    torch.testing.assert_close(out_a, out_b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx_a, gx_b, atol=1e-5, rtol=1e-5)
+    assert set(grads_a) == set(grads_b) and grads_a
+    for k in grads_a:
+        torch.testing.assert_close(grads_a[k], grads_b[k], atol=1e-5, rtol=1e-5, msg=k)
+    assert any(g.abs().max() > 1e-4 for g in grads_a.values())
+
+
+# --- parity with the plain path ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,seed", [("vera", None), ("pvera", 0), ("pvera", None)])
+def test_lean_matches_activation_path(method, seed):
+    """Outputs, lambda gradients, input gradients and (PVeRA) the KL term and its gradient, in training mode
+    with sampling: the lean op reuses the forward's noise in backward."""
+    net, x = _net(), _x()
+    kw = {} if method == "vera" else {"generator_seed": seed}
+    runs = {}
+    for lowering in ("activation", "lean"):
+        gm = vera_fx.transform(net, _config(method, **kw), example_inputs=(x,), lowering=lowering).train()
+        _randomize(gm)
+        runs[lowering] = _step(gm, x, kl=method == "pvera")
+        assert _paths(gm) == {lowering: 5}  # 4 sites, q called twice
+    _assert_same(runs["lean"], runs["activation"])
+
+
+def test_weight_path_matches_activation_path():
+    net, x = _net(), _x()
+    runs = {}
+    for lowering in ("activation", "weight"):
+        gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering=lowering).train()
+        _randomize(gm)
+        runs[lowering] = _step(gm, x)
+    assert _paths(gm) == {"weight": 5}
+    base_weights = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.linear.default
+                    and n.meta.get("vera_fx_site")]
+    assert all((n.args[1].meta.get("vera_fx") or {}).get("path") == "weight" for n in base_weights)
+    _assert_same(runs["weight"], runs["activation"])
+
+
+def test_pvera_eval_mean_path_and_sampling_switch_on_lean_graph():
+    net, x = _net(), _x()
+    graphs = {}
+    for lowering in ("activation", "lean"):
+        gm = vera_fx.transform(net, _config("pvera", generator_seed=1), example_inputs=(x,), lowering=lowering)
+        _randomize(gm)
+        graphs[lowering] = gm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(graphs["lean"](x), graphs["activation"](x), atol=1e-6, rtol=1e-6)
+        for gm in graphs.values():
+            vera_fx.set_sample_at_inference(gm, {"q": True})
+        a, b = graphs["lean"](x), graphs["activation"](x)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(a, graphs["lean"].eval()(x))  # the stream moved on: it samples
+
+
+def test_dropout_same_seed_same_mask():
+    """Dropout stays a plain node in front of x·Aᵀ on every path, so the same seed gives the same mask."""
+    net, x = _net(), _x()
+    runs = {}
+    for lowering in ("activation", "lean"):
+        gm = vera_fx.transform(net, _config("vera", vera_dropout=0.3), example_inputs=(x,), lowering=lowering).train()
+        _randomize(gm)
+        runs[lowering] = _step(gm, x, seed=7)
+    _assert_same(runs["lean"], runs["activation"])
+    with pytest.warns(UserWarning, match="dropout"):
+        gm = vera_fx.transform(net, _config("vera", vera_dropout=0.3), example_inputs=(x,), lowering="weight")
+    assert _paths(gm) == {"lean": 5}
+
+
+def test_several_adapters():
+    net, x = _net(), _x()
+    runs = {}
+    for lowering in ("activation", "lean", "weight"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering=lowering)
+            vera_fx.add_adapter(gm, "second", _config("pvera", r=4, target_modules=["q", "o"], generator_seed=2))
+            vera_fx.add_adapter(gm, "third", _config("vera", r=4, target_modules=["k", "v"]))
+            vera_fx.set_adapter(gm, ["default", "second", "third"])
+        gm.train()
+        _randomize(gm)
+        runs[lowering] = _step(gm, x, kl=True)
+    _assert_same(runs["lean"], runs["activation"])
+    _assert_same(runs["weight"], runs["activation"])
+    assert _paths(gm) == {"weight": 5 + 2, "lean": 3}  # PVeRA falls back to lean
+
+
+def test_quantized_site_lean_matches_activation():
+    bnb = pytest.importorskip("bitsandbytes")
+    net, x = _net(), _x()
+    new = bnb.nn.Linear8bitLt(16, 24, True, has_fp16_weights=False)
+    new.load_state_dict(net.k.state_dict())
+    net.k = new.to("cpu")
+    runs = {}
+    for lowering in ("activation", "lean"):
+        gm = vera_fx.transform(net, _config("pvera", generator_seed=0), example_inputs=(x,), lowering=lowering)
+        assert {s.name: s.kind for s in vera_fx.sites(gm)}["k"] == "int8"
+        gm.train()
+        _randomize(gm)
+        runs[lowering] = _step(gm, x, kl=True)
+    _assert_same(runs["lean"], runs["activation"])
+
+
+# --- parity with peft ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["vera", "pvera"])
+def test_lean_matches_peft(method):
+    """The lean path against peft on a tiny Llama: outputs and lambda gradients (eval mode: no sampling)."""
+    model = tiny_llama()
+    kw = dict(r=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
+    cfg = (peft.VeraConfig if method == "vera" else peft.PveraConfig)(**kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(model), cfg)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lambda" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    ours = (vera_fx.VeraConfig if method == "vera" else vera_fx.PveraConfig)(**kw)
+    gm = vera_fx.transform(model, ours, lowering="lean")
+    assert _paths(gm) == {"lean": 8}
+    vera_fx.load_adapter_state_dict(gm, peft.get_peft_model_state_dict(pm))
+    gm.eval()
+    pm.eval()
+    inputs = text_inputs(model, batch=2, length=6)
+    results = []
+    for m in (gm, pm):
+        m.zero_grad(set_to_none=True)
+        out = m(**inputs)
+        out.loss.backward()
+        results.append((out.logits.detach(), {n.split("default.")[-1] if "default." in n else n: p.grad
+                                              for n, p in m.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    ours_grads = {k: v for k, v in results[0][1].items()}
+    theirs = {}
+    for n, p in pm.named_parameters():
+        if p.requires_grad:  # base_model.model.<path>.<prefix>_lambda_b.default
+            theirs[n.removeprefix("base_model.model.").removesuffix(".default")] = p.grad
+    for n, p in gm.named_parameters():
+        if p.requires_grad:
+            key = n.removeprefix("vera_fx_adapters.default.sites.")
+            torch.testing.assert_close(p.grad, theirs[key], atol=1e-5, rtol=1e-5, msg=key)
+    assert ours_grads
+
+
+# --- the cost model and forced choices ------------------------------------------------------------------------
+
+def test_cost_model_counts():
+    g = GroupShape(tokens=10, in_features=4, rows=2, r=2, outs=(3, 5))
+    c = path_costs(g)
+    assert c["activation"] == 2 * 10 * 4 * 2 + 2 * 10 * 2 * 3 + 2 * 10 * 2 * 5
+    assert c["lean"] == c["activation"] + 10 * 2 * 3 + 10 * 2 * 5
+    assert c["weight"] == (3 * 3 * 2 * 4 + 10 * 3 * 4) + (3 * 5 * 2 * 4 + 10 * 5 * 4)
+
+
+def test_cost_model_decisions():
+    h, inter = 2048, 5632
+    blocks = ((h, (h, h, h)), (h, (h,)), (h, (inter, inter)), (inter, (h,)))
+    for r in (16, 256, 1024):
+        # a Llama block up to r = hidden / 2: lean everywhere (the extra product is under 16% of the arithmetic)
+        for fan_in, outs in blocks:
+            assert choose_path(GroupShape(1024, fan_in, r, r, outs), weight_allowed=True) == "lean"
+    # r = 2 x hidden: the extra product for q/k/v and gate/up passes 20%; single sites stay lean
+    assert [choose_path(GroupShape(1024, i, 4096, 4096, o), True) for i, o in blocks] == [
+        "activation", "lean", "activation", "lean"]
+    # many tokens and a large rank against a single square site: folding into W is fewer operations
+    assert choose_path(GroupShape(1 << 16, 512, 1024, 1024, (512,)), weight_allowed=True) == "weight"
+    assert choose_path(GroupShape(1 << 16, 512, 1024, 1024, (512,)), weight_allowed=False) == "lean"
+    # an output much wider than the input with r >= hidden (an LM head): the recompute costs too much
+    assert choose_path(GroupShape(1024, 256, 1024, 1024, (32000,)), weight_allowed=False) == "activation"
+
+
+def test_auto_follows_tokens_and_site_overrides():
+    net, x = _net(), _x()
+    # widths of 16-24 against r=8: with few tokens per step the activation work is small (lean), with the
+    # default 1024 tokens folding into W costs fewer operations
+    gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), tokens=16)
+    assert _paths(gm) == {"lean": 5} and gm.meta[LOWERING_KEY] == {"mode": "auto", "tokens": 16}
+    gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,))
+    assert _paths(gm) == {"weight": 5} and gm.meta[LOWERING_KEY] == {"mode": "auto", "tokens": None}
+    gm = vera_fx.transform(net, _config("pvera"), example_inputs=(x,))
+    assert _paths(gm) == {"lean": 5}  # never folded: it samples
+    gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering={"o": "activation", "v": "weight"},
+                           tokens=16)
+    paths = {(n.meta["vera_fx"]["site"], n.meta["vera_fx"].get("path")) for n in gm.graph.nodes
+             if (n.meta.get("vera_fx") or {}).get("role") == "output"}
+    assert paths == {("q", "lean"), ("k", "lean"), ("o", None), ("v", "weight")}
+    assert DEFAULT_TOKENS == 1024
+
+
+def test_set_lowering_switches_paths_and_keeps_outputs():
+    net, x = _net(), _x()
+    gm = vera_fx.transform(net, _config("pvera", generator_seed=0), example_inputs=(x,))
+    _randomize(gm)
+    gm.eval()
+    with torch.no_grad():
+        ref = gm(x)
+    for lowering in ("activation", "lean", "auto"):
+        vera_fx.set_lowering(gm, lowering)
+        assert _paths(gm) == {"activation" if lowering == "activation" else "lean": 5}
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), ref, atol=1e-6, rtol=1e-6)
+    code = gm.code
+    with pytest.raises(ValueError, match="lowering='fast' is not one of"):
+        vera_fx.set_lowering(gm, "fast")
+    with pytest.raises(TypeError, match="lowering must be one of"):
+        vera_fx.set_lowering(gm, 3)
+    with pytest.raises(ValueError, match="tokens=0 is invalid"):
+        vera_fx.set_lowering(gm, "auto", tokens=0)
+    with pytest.raises(ValueError, match="entries"):
+        vera_fx.set_lowering(gm, {"q": "fast"})
+    with pytest.raises(TypeError, match="set_lowering takes"):
+        vera_fx.set_lowering(net, "lean")
+    assert gm.code == code
+
+
+def test_transform_refuses_bad_lowering_before_capture():
+    with pytest.raises(ValueError, match="lowering='plain' is not one of"):
+        vera_fx.transform(_net(), _config("vera"), example_inputs=(_x(),), lowering="plain")
+
+
+def test_lower_pass_is_a_no_op_on_a_lowered_graph():
+    net, x = _net(), _x()
+    gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering="lean")
+    code = gm.code
+    assert lower_adapters(gm) == 0 and not LowerPass()(gm).modified and gm.code == code
+    gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering="activation")
+    assert LowerPass("lean")(gm).modified and _paths(gm) == {"lean": 5}
+
+
+def test_lean_saves_less_for_backward():
+    """Counted bytes autograd keeps: the lean path keeps no per-site (tokens x out) tensor."""
+    net = _net()
+    x = torch.randn(4, 64, 16, requires_grad=True)
+    saved = {}
+    for lowering in ("activation", "lean"):
+        gm = vera_fx.transform(net, _config("pvera", r=8), example_inputs=(x,), lowering=lowering).train()
+        seen: dict[int, int] = {}
+
+        def pack(t, seen=seen):
+            if not isinstance(t, nn.Parameter) and not (t.requires_grad and t.is_leaf):
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            gm(x)
+        saved[lowering] = sum(seen.values())
+    assert saved["lean"] < 0.5 * saved["activation"]
+
+
+# --- merge, checkpoints, inspection, compile ----------------------------------------------------------------
+
+@pytest.mark.parametrize("lowering", ["lean", "weight"])
+def test_merge_and_unmerge_lowered_graph(lowering):
+    net, x = _net(), _x()
+    gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering=lowering)
+    _randomize(gm)
+    gm.eval()
+    with torch.no_grad():
+        ref = gm(x)
+    vera_fx.merge(gm)
+    assert not any(n.meta.get("vera_fx") for n in gm.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), ref, atol=1e-5, rtol=1e-5)
+    vera_fx.unmerge(gm)
+    assert _paths(gm) == {lowering: 5}
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), ref, atol=1e-6, rtol=1e-6)
+
+
+def test_lowering_is_not_in_adapter_config_and_peft_loads_it(tmp_path):
+    model = tiny_llama()
+    gm = vera_fx.transform(model, vera_fx.VeraConfig(r=8, target_modules=["q_proj", "v_proj"]), lowering="lean")
+    vera_fx.save_adapter(gm, tmp_path / "a")
+    text = (tmp_path / "a" / "adapter_config.json").read_text()
+    assert "lower" not in text and "tokens" not in json.loads(text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "a")
+    assert pm.peft_config["default"].r == 8
+
+
+def test_inspection_reads_lowered_nodes():
+    net, x = _net(), _x()
+    gm = vera_fx.transform(net, _config("pvera", generator_seed=0), example_inputs=(x,), lowering="lean")
+    names = {n.name for n in gm.graph.nodes}
+    assert {"q_default_sample", "q_default_kl", "q_default_lean_delta"} <= names
+    rows = {r["name"]: r["state"] for r in vera_fx.inspect.summary_rows(gm)}
+    assert set(rows) == {"q", "k", "v", "o"}
+    roles = {a.get("role") for _, a in vera_fx.to_networkx(gm).nodes(data=True)}
+    assert {"projection", "lambda", "sampling", "adapter", "output"} <= roles
+    vera_fx.delete_adapter(gm, "default")
+    assert not any(n.meta.get("vera_fx") for n in gm.graph.nodes)
+
+
+def test_compile_fullgraph_lean_path():
+    net, x = _net(), _x()
+    gm = vera_fx.transform(net, _config("pvera", generator_seed=0), example_inputs=(x,), lowering="lean").train()
+    _randomize(gm)
+    eager = _step(gm, x, kl=True)
+    vera_fx.sampling.reseed(gm)
+    ref = _step(gm, x, kl=True)
+    _assert_same(eager, ref)  # reseeding restarts the streams
+    vera_fx.sampling.reseed(gm)
+    compiled = torch.compile(gm, fullgraph=True, backend="aot_eager")
+    x2 = x.clone().requires_grad_(True)
+    gm.zero_grad(set_to_none=True)
+    out = compiled(x2)
+    loss = out.pow(2).mean() + vera_fx.kl_divergence(gm)
+    loss.backward()
+    torch.testing.assert_close(out.detach(), ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x2.grad, ref[2], atol=1e-5, rtol=1e-5)
+    for n, p in gm.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, ref[1][n], atol=1e-5, rtol=1e-5)
