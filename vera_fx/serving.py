@@ -226,7 +226,10 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
             if missing and config.save_projection:
                 raise ValueError(f"{source}: save_projection=True but the file has no {missing}; the checkpoint "
                                  "is incomplete: save it again")
-            _apply(plan)  # writes only the new adapter (shared projections were checked to be equal)
+            if any(replace for *_, replace in plan):
+                raise ValueError(f"{source} holds base-model weights besides the adapter; load_adapters takes "
+                                 "adapters of lambdas only: load this one with vera_fx.load_adapter")
+            _apply(inner, plan)  # writes only the new adapter (shared projections were checked to be equal)
     except Exception:
         for name in added:
             del container[name]
