@@ -328,6 +328,10 @@ def export(gm: nn.Module, example_inputs: Any, *, adapter_names: Optional[Sequen
     finally:  # tracing ran the KL recorders on fake tensors: keep the last real forward's terms
         for record, values in records:
             record.values = values
+    # Drop what no output needs (e.g. the KL term's op, recorded by a Python side effect at export time), so
+    # the program calls only the ops it uses.
+    if ep.graph_module.graph.eliminate_dead_code():
+        ep.graph_module.recompile()
     logger.info("exported %s graph: %d nodes", "mixed" if adapter_names is not None else "adapted",
                 len(ep.graph.nodes))
     return ep
