@@ -32,7 +32,8 @@ def test_removing_one_sharing_site_keeps_the_others():
     from vera_fx.passes.inject import remove_adapter_nodes
 
     m = tiny_llama()
-    gm = vera_fx.transform(m, vera_fx.VeraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj"]))
+    # A pass-level function: it takes the graph that holds the adapter state.
+    gm = vera_fx.transform(m, vera_fx.VeraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj"])).graph_module
     with torch.no_grad():
         for n, p in gm.named_parameters():
             if "lambda" in n:

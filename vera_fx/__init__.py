@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from .capture import CaptureError, capture
 from .adapters import active_adapters, add_adapter, delete_adapter, disable_adapters, set_adapter, set_lowering
-from .checkpoint import adapter_state_dict, from_pretrained, load_adapter, load_adapter_state_dict, save_adapter
+from .checkpoint import adapter_state_dict, load_adapter, load_adapter_state_dict, save_adapter
 from .config import PveraConfig, VeraConfig
-from .passes.pipeline import transform
+from .model import VeraFxModel, from_pretrained, transform
 from .passes.merge import merge, merge_into, unmerge
 from . import passes
 from .sites import Site, adapted_sites as sites, read_sites
@@ -17,7 +17,7 @@ from .serving import adapter_index, export, load_adapters, mixed_adapter_forward
 from .inspect import print_trainable_parameters, summary, to_dot, to_networkx, trainable_parameters, view
 
 __all__ = [
-    "VeraConfig", "PveraConfig", "transform", "capture", "CaptureError", "sites", "Site",
+    "VeraConfig", "PveraConfig", "transform", "VeraFxModel", "capture", "CaptureError", "sites", "Site",
     "adapter_state_dict", "load_adapter_state_dict", "save_adapter", "load_adapter", "from_pretrained",
     "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "active_adapters",
     "set_sample_at_inference", "kl_divergence", "monte_carlo", "confidence_interval",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence, Union
 
@@ -24,7 +25,7 @@ from .passes.inject import InjectPass, emit_adapter, remove_adapter_nodes
 from .passes.lower import LOWERING_KEY, check_lowering
 from .passes.match import MatchPass
 from .passes.pipeline import run_passes
-from .sites import ADAPTER_KEY, SITE_KEY
+from .sites import ADAPTER_KEY, SITE_KEY, as_graph_module
 from .state import (ACTIVE_KEY, DISABLED_KEY, _container, active_adapters, adapters_disabled,
                     attach_modules_to_save, bias_targets, merged_adapters, modules_to_save_copy,
                     modules_to_save_owners, resolve_modules_to_save, route_modules_to_save, shared_projections)
@@ -107,6 +108,7 @@ def set_adapter(gm: GraphModule, adapter_name: Union[str, Sequence[str]]) -> Non
     Only the active adapters' lambdas (and ``modules_to_save`` copies) are trainable. No re-capture: the
     graph's adapter nodes are rewritten and the GraphModule recompiled.
     """
+    gm = as_graph_module(gm, "set_adapter")
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     if not names or not all(isinstance(n, str) for n in names):
         raise TypeError(f"adapter_name={adapter_name!r}: expected an adapter name or a non-empty list of names")
@@ -139,6 +141,7 @@ def add_adapter(gm: GraphModule, adapter_name: str, config: AdapterConfig) -> No
     As in PEFT, the new adapter is inactive when the graph already has one (``set_adapter`` activates it);
     it shares the existing adapters' projections (see ``shared_projections`` for the rules).
     """
+    gm = as_graph_module(gm, "add_adapter")
     method_for(config)
     if config.modules_to_save:
         resolve_modules_to_save(gm, config.modules_to_save)  # fail before anything changes
@@ -167,13 +170,21 @@ def delete_adapter(gm: GraphModule, adapter_name: str) -> None:
     The other adapters keep their values and their active state. Biases it trained (bias='all' /
     '<method>_only') keep their trained values, as in PEFT, and are frozen again.
     """
+    gm = as_graph_module(gm, "delete_adapter")
     _check_names(gm, [adapter_name])
     _check_not_merged(gm, [adapter_name], f"delete adapter {adapter_name!r}")
     bias = _container(gm)[adapter_name].config.bias
     if bias != "none":
         logger.warning("adapter %r trained biases (bias=%r); they keep their values after deletion",
                        adapter_name, bias)
+    was_active = adapter_name in active_adapters(gm)
     remove_adapter(gm, adapter_name)
+    left = list(_container(gm).keys())
+    if was_active and left and not active_adapters(gm):
+        # PEFT activates a remaining adapter (and says so) rather than leaving nothing to train.
+        warnings.warn(f"adapter {adapter_name!r} was active and is now deleted; the active adapter is now "
+                      f"{left[0]!r}", UserWarning, stacklevel=2)
+        set_adapter(gm, left[0])
     logger.info("deleted adapter %r", adapter_name)
 
 
@@ -203,6 +214,7 @@ def remove_adapter(gm: GraphModule, adapter_name: str) -> None:
 def disable_adapters(gm: GraphModule) -> Iterator[GraphModule]:
     """Inside the block the graph computes the base model: adapter nodes are removed and ``modules_to_save``
     reads the base parameters; on exit the active adapters come back. Trained biases stay (as in PEFT)."""
+    gm = as_graph_module(gm, "disable_adapters")
     if adapters_disabled(gm):
         yield gm
         return
@@ -229,9 +241,7 @@ def set_lowering(gm: GraphModule, lowering: Union[str, dict] = "auto", tokens: O
     Every adapter with nodes is re-emitted under the new setting (outputs are unchanged; torch.compile
     recompiles). The setting belongs to the graph, never to an adapter's config. Returns ``gm``.
     """
-    inner = getattr(gm, "_orig_mod", gm)
-    if not isinstance(inner, GraphModule):
-        raise TypeError(f"set_lowering takes the GraphModule from vera_fx.transform, got {type(gm).__name__}")
+    inner = as_graph_module(gm, "set_lowering")
     setting = check_lowering(lowering, tokens)
     with_nodes: dict[str, set[str]] = {}
     for n in inner.graph.nodes:

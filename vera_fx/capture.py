@@ -18,8 +18,9 @@ from __future__ import annotations
 import inspect
 import logging
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from torch.fx import GraphModule, Node
 from . import quantized
 
 __all__ = ["capture", "train_only", "CaptureError", "default_example_inputs", "Signature", "SourceModel",
-           "SOURCE_MODEL_KEY"]
+           "SOURCE_MODEL_KEY", "strip_metadata_asserts"]
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +247,35 @@ def _dynamic_shapes(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}
 
 
+@contextmanager
+def _explicit_keywords(model: nn.Module, kwargs: dict[str, Any]) -> Iterator[None]:
+    """While exporting, give ``model.forward`` a signature that names the keywords it takes through
+    ``**kwargs`` (``output_hidden_states``, the Trainer's ``num_items_in_batch``): torch.export's dynamic-shape
+    check mis-orders such keywords. An instance attribute, removed on exit; nothing else changes."""
+    params = inspect.signature(model.forward).parameters
+    extra = [k for k in kwargs if k not in params]
+    if not extra or not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        yield
+        return
+    named = [p for p in params.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    sig = inspect.Signature(named + [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in extra])
+    original = model.forward
+    own = model.__dict__.get("forward")
+
+    def forward(*args: Any, **kw: Any) -> Any:
+        return original(*args, **kw)
+
+    forward.__signature__ = sig  # type: ignore[attr-defined]
+    model.__dict__["forward"] = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            model.__dict__.pop("forward", None)
+        else:
+            model.__dict__["forward"] = own
+
+
 def _normalise_example(model: nn.Module, example_inputs: ExampleInputs) -> tuple[tuple, dict]:
     if example_inputs is None:
         kwargs = default_example_inputs(model)
@@ -324,6 +354,20 @@ def _own_frozen_parameters(gm: GraphModule) -> None:
             mod._parameters[pname] = new
 
 
+def strip_metadata_asserts(gm: GraphModule) -> int:
+    """Erase export's ``aten._assert_tensor_metadata`` checks (the dtype each cast saw at capture).
+
+    They make a graph fail under ``torch.autocast`` or with a mask of another dtype, although the ops around
+    them compute what eager does; the model object keys its graphs by input dtypes and autocast state
+    instead. Returns how many were erased.
+    """
+    target = torch.ops.aten._assert_tensor_metadata.default
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target and not n.users]
+    for n in nodes:
+        gm.graph.erase_node(n)
+    return len(nodes)
+
+
 def _check_no_set_grad_regions(gm: GraphModule) -> None:
     """``run_decompositions`` inlines ``wrap_with_set_grad_enabled`` regions (Llama's rotary embedding); one
     left behind would graph-break torch.compile on recompiles, so refuse it here."""
@@ -357,7 +401,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> GraphModu
         dynamic_shapes = {**{n: s for n, s in zip(_positional_names(model, len(args)), dyn_args)}, **dyn_kwargs}
     try:
         model.train()
-        with warnings.catch_warnings(), quantized.stand_ins(model, qlayers):
+        with warnings.catch_warnings(), quantized.stand_ins(model, qlayers), _explicit_keywords(model, kwargs):
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
             ep = ep.run_decompositions({})
@@ -372,6 +416,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> GraphModu
     exported = ep.module()
     gm = GraphModule(exported, exported.graph)
     _check_no_set_grad_regions(gm)
+    strip_metadata_asserts(gm)
     quantized.restore_quantized(gm, qlayers)
     n_flags = _rewrite_mode_flags(gm)
     _own_frozen_parameters(gm)

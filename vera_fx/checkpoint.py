@@ -31,7 +31,7 @@ from .config import AdapterConfig, config_from_dict, config_to_dict
 from .methods import CONTAINER, AdapterState, method_for
 from .passes.match import peft_selection
 from .passes.pipeline import transform
-from .sites import MERGED_KEY, read_sites
+from .sites import MERGED_KEY, as_graph_module, read_sites
 from .state import ACTIVE_KEY, PEFT_ROOT, bias_targets, modules_to_save_copy
 
 # bias_targets lives in vera_fx/state.py (the inject pass uses it too) and stays importable here.
@@ -51,6 +51,7 @@ PathLike = Union[str, os.PathLike]
 
 def adapter_state(gm: GraphModule, adapter_name: str = "default") -> AdapterState:
     """The AdapterState of ``adapter_name``; ValueError listing the adapters when it is missing."""
+    gm = as_graph_module(gm, "adapter_state")
     container = getattr(gm, CONTAINER, None)
     if container is None or len(container) == 0:
         raise ValueError("this graph has no adapter: create one with vera_fx.transform(model, config)")
@@ -61,6 +62,7 @@ def adapter_state(gm: GraphModule, adapter_name: str = "default") -> AdapterStat
 
 def state_dict_targets(gm: GraphModule, adapter_name: str = "default") -> dict[str, tuple[nn.Module, str]]:
     """PEFT key -> (module, attribute) of every tensor the adapter's checkpoint holds, in PEFT's order."""
+    gm = as_graph_module(gm, "state_dict_targets")
     state = adapter_state(gm, adapter_name)
     cfg, method = state.config, state.method
     targets: dict[str, tuple[nn.Module, str]] = {}
@@ -134,6 +136,7 @@ def _base_qualname(gm: GraphModule, key: str) -> Optional[str]:
 def adapter_state_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The tensors PEFT writes to adapter_model.safetensors for this adapter, under PEFT's keys (with the base
     weights PEFT's save_embedding_layers='auto' adds when an embedding-layer name is targeted)."""
+    gm = as_graph_module(gm, "adapter_state_dict")
     out = {k: getattr(mod, attr).detach() for k, (mod, attr) in state_dict_targets(gm, adapter_name).items()}
     for key, qualname in base_layer_targets(gm, adapter_name).items():
         out.setdefault(key, _base_tensor(gm, qualname).detach())
@@ -249,6 +252,7 @@ def load_adapter_state_dict(gm: GraphModule, state_dict: dict[str, torch.Tensor]
     Missing or unexpected keys and shape mismatches raise ValueError naming them; nothing changes then.
     Projections may be absent (the adapter keeps those regenerated from ``projection_prng_key``).
     """
+    gm = as_graph_module(gm, "load_adapter_state_dict")
     plan, missing_proj = _plan_load(gm, state_dict, adapter_name, "state dict")
     state = adapter_state(gm, adapter_name)
     if missing_proj and state.config.save_projection:
@@ -280,6 +284,7 @@ def peft_target_modules(gm: GraphModule, state: AdapterState) -> Union[list[str]
 
 def peft_config_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str, Any]:
     """adapter_config.json's content for ``adapter_name``, with PEFT's keys (no others)."""
+    gm = as_graph_module(gm, "peft_config_dict")
     state = adapter_state(gm, adapter_name)
     data = config_to_dict(state.config)
     data.pop("vera_fx_version", None)
@@ -353,6 +358,7 @@ def save_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
     shared projections are left out. Each file is written to a temporary file in ``directory``, fsynced and
     renamed, so a failed save leaves any earlier checkpoint there intact.
     """
+    gm = as_graph_module(gm, "save_adapter")
     state = adapter_state(gm, adapter_name)
     path = Path(directory)
     if path.exists() and not path.is_dir():
@@ -458,6 +464,7 @@ def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
     then inactive when the graph already had an adapter; ``set_adapter`` activates it). Everything is checked
     before anything changes; on any error the graph is left as it was.
     """
+    gm = as_graph_module(gm, "load_adapter")
     config, tensors = read_checkpoint(directory)
     source = str(Path(directory) / WEIGHTS_NAME)
     container = getattr(gm, CONTAINER, None)

@@ -43,7 +43,7 @@ from .methods import CONTAINER
 from .methods.pvera import KL_RECORD, pvera_record_kl
 from .passes.inject import emit_adapter, remove_adapter_nodes
 from .passes.match import MatchPass
-from .sites import ADAPTER_KEY, MERGED_KEY, SITE_KEY, LINEAR_KINDS, read_sites
+from .sites import ADAPTER_KEY, MERGED_KEY, SITE_KEY, LINEAR_KINDS, as_graph_module, read_sites
 
 __all__ = ["generate", "decode_graph", "bind_adapter_state", "capture_decode_graph", "SUPPORTED_KWARGS",
            "cache_bucket"]
@@ -296,10 +296,7 @@ class DecodeGraphs:
 
 
 def _training_graph(gm: nn.Module) -> GraphModule:
-    inner = getattr(gm, "_orig_mod", gm)
-    if not isinstance(inner, GraphModule):
-        raise TypeError(f"gm must be a GraphModule made by vera_fx.transform, got {type(gm).__name__}")
-    return inner
+    return as_graph_module(gm, "generate")
 
 
 def _source_model(gm: GraphModule, model: Optional[nn.Module]) -> PreTrainedModel:

@@ -23,7 +23,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .methods import CONTAINER
-from .sites import ADAPTER_KEY, SITE_KEY, Site, read_sites
+from .model import count_parameters
+from .sites import ADAPTER_KEY, SITE_KEY, Site, as_graph_module, read_sites
 from .state import active_adapters, adapters_disabled
 
 __all__ = ["summary", "summary_rows", "summary_html", "trainable_parameters", "print_trainable_parameters",
@@ -46,14 +47,10 @@ ROLE_COLORS: dict[str, str] = {
 # --------------------------------------------------------------------------------------------- parameters
 
 def trainable_parameters(gm: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts of ``gm``; tied parameters count once, buffers not at all
-    (as PEFT counts them, so the shared frozen projections A and B are not included)."""
-    trainable = total = 0
-    for p in gm.parameters():
-        total += p.numel()
-        if p.requires_grad:
-            trainable += p.numel()
-    return trainable, total
+    """(trainable, total) parameter counts of ``gm``; tied parameters count once, buffers not at all and a
+    4-bit weight as the parameters it packs (as PEFT counts them, so the shared frozen projections A and B
+    are not included)."""
+    return count_parameters(gm)
 
 
 def _trainable_line(gm: torch.nn.Module) -> str:
@@ -108,6 +105,7 @@ def summary_rows(gm: GraphModule, include_unadapted: bool = False) -> list[dict[
     A site is listed when an adapter covers it (active, inactive, disabled or merged), or always with
     ``include_unadapted=True``.
     """
+    gm = as_graph_module(gm, "summary_rows")
     states = _adapter_states(gm)
     covering: dict[str, list[str]] = {}
     for adapter, state in states.items():
@@ -172,6 +170,7 @@ def summary(gm: GraphModule, include_unadapted: bool = False) -> str:
     ``inactive`` (not the active adapter), ``disabled`` (inside ``disable_adapters``) or ``merged``; with
     several adapters it reads ``name:state, ...``. ``include_unadapted=True`` lists every linear-like call.
     """
+    gm = as_graph_module(gm, "summary")
     rows = summary_rows(gm, include_unadapted)
     header, body = _table(rows)
     widths = [max(len(c) for c in col) for col in zip(header, *body)]
@@ -196,6 +195,7 @@ def summary(gm: GraphModule, include_unadapted: bool = False) -> str:
 
 def summary_html(gm: GraphModule, include_unadapted: bool = False) -> str:
     """The summary as an HTML table (for notebooks)."""
+    gm = as_graph_module(gm, "summary_html")
     rows = summary_rows(gm, include_unadapted)
     header, body = _table(rows)
     esc = html.escape
@@ -248,6 +248,7 @@ def to_networkx(gm: GraphModule) -> nx.DiGraph:
     where the node's ``meta["val"]`` holds a tensor (dynamic dimensions as strings such as ``'s43'``),
     else None.
     """
+    gm = as_graph_module(gm, "to_networkx")
     g = nx.DiGraph(name=gm.meta.get("vera_fx_model", {}).get("class", type(gm).__name__))
     for node in gm.graph.nodes:
         role, site, adapter = _role(node)
@@ -306,6 +307,7 @@ def to_dot(gm: GraphModule, adapters_only: bool = False) -> str:
     away from them (drawn dashed), which is what one wants to look at in a large model. The text has one
     line per node and per edge.
     """
+    gm = as_graph_module(gm, "to_dot")
     g = to_networkx(gm)
     if adapters_only:
         core = {n for n, a in g.nodes(data=True) if a["role"] not in (None, "base", "mode")}
@@ -406,5 +408,6 @@ class GraphView:
 
 def view(gm: GraphModule, adapters_only: bool = True) -> GraphView:
     """A notebook view of ``gm``: the graph (adapter part by default) and the site table."""
+    gm = as_graph_module(gm, "view")
     return GraphView(source=to_dot(gm, adapters_only=adapters_only), text=summary(gm),
                      html_table=summary_html(gm))

@@ -16,7 +16,7 @@ from torch.fx import GraphModule
 
 from .methods import CONTAINER, AdapterState
 from .methods.pvera import GENERATOR_STATE, KL_RECORD, SAMPLE_SWITCH, PveraMethod, pvera_record_kl, reseed_state
-from .sites import ADAPTER_KEY
+from .sites import ADAPTER_KEY, as_graph_module
 
 __all__ = ["set_sample_at_inference", "kl_divergence", "reseed", "pvera_states", "unwrap"]
 
@@ -25,10 +25,7 @@ logger = logging.getLogger(__name__)
 
 def unwrap(gm: nn.Module) -> GraphModule:
     """The GraphModule behind ``gm`` (``torch.compile`` wraps it in an OptimizedModule)."""
-    inner = getattr(gm, "_orig_mod", gm)
-    if not isinstance(inner, GraphModule):
-        raise TypeError(f"gm must be a GraphModule made by vera_fx.transform, got {type(gm).__name__}")
-    return inner
+    return as_graph_module(gm, "gm")
 
 
 def pvera_states(gm: nn.Module, adapter_name: Optional[str] = None) -> dict[str, AdapterState]:

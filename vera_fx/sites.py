@@ -14,7 +14,8 @@ from typing import Any, Optional
 import torch
 from torch.fx import GraphModule, Node
 
-__all__ = ["Site", "Candidate", "SITE_KEY", "ADAPTER_KEY", "MERGED_KEY", "read_sites", "site_of", "site_output", "site_input",
+__all__ = ["as_graph_module", "Site", "Candidate", "SITE_KEY", "ADAPTER_KEY", "MERGED_KEY", "read_sites", "site_of",
+           "site_output", "site_input",
            "adapter_nodes", "LINEAR_KINDS", "adapted_sites"]
 
 SITE_KEY = "vera_fx_site"
@@ -161,3 +162,15 @@ def adapted_sites(gm: GraphModule, adapter_name: Optional[str] = None) -> list[S
             continue
         seen[s.name] = s
     return list(seen.values())
+
+
+def as_graph_module(obj: Any, fn: str = "this function") -> GraphModule:
+    """The GraphModule that holds the adapter state of ``obj``: ``obj`` itself, the GraphModule inside a
+    ``torch.compile`` wrapper, or the source graph of the model object ``vera_fx.transform`` returns."""
+    inner = getattr(obj, "_orig_mod", obj)
+    if not isinstance(inner, GraphModule):
+        inner = getattr(type(inner), "_vera_fx_source_graph", None) is not None and inner._vera_fx_source_graph
+    if not isinstance(inner, GraphModule):
+        raise TypeError(f"{fn} takes the model vera_fx.transform returns (a VeraFxModel), its GraphModule "
+                        f"(m.graph_module) or torch.compile of either; got {type(obj).__name__}")
+    return inner

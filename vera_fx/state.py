@@ -25,7 +25,7 @@ from torch.fx import GraphModule
 
 from .config import AdapterConfig
 from .methods import CONTAINER, AdapterState, Method
-from .sites import MERGED_KEY, read_sites
+from .sites import MERGED_KEY, as_graph_module, read_sites
 
 __all__ = ["ACTIVE_KEY", "DISABLED_KEY", "MTS_TAG", "PEFT_ROOT", "adapter_container", "active_adapters",
            "adapters_disabled", "merged_adapters", "shared_projections", "resolve_modules_to_save",
@@ -58,6 +58,7 @@ def active_adapters(gm: GraphModule) -> list[str]:
 
     The list does not change inside ``disable_adapters``; use ``adapters_disabled(gm)`` for that.
     """
+    gm = as_graph_module(gm, "active_adapters")
     names = list(_container(gm).keys())
     chosen = gm.meta.get(ACTIVE_KEY)
     if chosen is None:
@@ -67,6 +68,7 @@ def active_adapters(gm: GraphModule) -> list[str]:
 
 def adapters_disabled(gm: GraphModule) -> bool:
     """True inside ``with disable_adapters(gm):``."""
+    gm = as_graph_module(gm, "adapters_disabled")
     return bool(gm.meta.get(DISABLED_KEY, False))
 
 

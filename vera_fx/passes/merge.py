@@ -28,7 +28,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..methods import CONTAINER, AdapterState
 from ..quantized import mergeable
-from ..sites import ADAPTER_KEY, MERGED_KEY, Site, read_sites
+from ..sites import ADAPTER_KEY, MERGED_KEY, Site, as_graph_module, read_sites
 from ..state import MTS_TAG, active_adapters, adapters_disabled
 from .inject import emit_adapter, remove_adapter_nodes
 
@@ -238,11 +238,7 @@ class _Atomic:
 
 def _graph_module(gm: object, fn: str) -> GraphModule:
     """``gm`` itself, or the GraphModule inside a ``torch.compile`` wrapper (changed in place: it recompiles)."""
-    inner = getattr(gm, "_orig_mod", gm)
-    if not isinstance(inner, GraphModule):
-        raise TypeError(f"{fn} takes the GraphModule from vera_fx.transform (or torch.compile of it), got "
-                        f"{type(gm).__name__}")
-    return inner
+    return as_graph_module(gm, fn)
 
 
 class MergePass(PassBase):

@@ -27,11 +27,11 @@ def run_passes(gm: GraphModule, passes: list[Any]) -> GraphModule:
     try:
         return manager(gm).graph_module
     except Exception as e:
-        # PassManager wraps errors in a generic Exception; surface our own message and type.
+        # PassManager wraps errors in a generic Exception; surface our own message and type, without it.
         cause = e.__cause__ or e
-        if isinstance(cause, (ValueError, TypeError)):
-            raise cause
-        raise
+        if not isinstance(cause, (ValueError, TypeError)):
+            raise
+    raise cause.with_traceback(cause.__traceback__) from None
 
 
 def add_adapter_passes(config: AdapterConfig, adapter_name: str) -> list[Any]:

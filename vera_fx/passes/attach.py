@@ -1,0 +1,136 @@
+"""Attach pass: bind a freshly captured and matched graph to the adapter state of an existing graph.
+
+The model object (vera_fx/model.py) keeps one captured graph per call signature. One of them, the *source*,
+owns the adapter state; every other graph is made equal to it by ``attach_adapters``:
+
+- its base parameters and buffers become the source's objects, by qualified name (trained biases, merged
+  weights and ``.to()`` conversions are therefore the source's, and an optimizer sees one set of tensors);
+- it holds the very same adapter container (``vera_fx_adapters``: the same ``AdapterState`` modules and
+  ``nn.Parameter`` objects, so a lambda trained through one graph is the lambda of every other);
+- it gets the source's run-time state (active adapters, disabled, merged: everything in ``gm.meta`` but the
+  graph's own signature), ``modules_to_save`` routing, and the adapter nodes of every site in the source's
+  order, so the two graphs compute the same function.
+
+A graph that was attached before (its adapter nodes are stale) is cleared first, so attaching again after
+the source changed (``set_adapter``, ``merge``, ...) rebuilds it without a new capture.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from ..methods import CONTAINER
+from ..sites import ADAPTER_KEY, read_sites
+from ..state import MTS_TAG
+from .inject import emit_adapter, remove_adapter_nodes
+
+__all__ = ["attach_adapters", "strip_adapters", "state_fingerprint", "GRAPH_OWN_META"]
+
+logger = logging.getLogger(__name__)
+
+# gm.meta keys that describe the graph itself (its capture), not the adapter state: never copied.
+GRAPH_OWN_META = ("vera_fx_signature", "vera_fx_model", "vera_fx_call_key")
+# gm.meta keys of the adapter state that decide the graph's structure (vera_fx/adapters.py, merge pass).
+_STRUCTURE_META = ("vera_fx_active", "vera_fx_disabled", "vera_fx_merged", "vera_fx_lowering")
+
+
+def state_fingerprint(gm: GraphModule) -> tuple:
+    """A cheap value that changes whenever the adapter nodes ``gm`` should carry change (adapters added or
+    deleted, the active list, disabled, merged). Sampling switches and values are read at run time: no change."""
+    container = getattr(gm, CONTAINER, None)
+    names = tuple((n, id(s)) for n, s in container.items()) if container is not None else ()
+    return names, tuple(repr(gm.meta.get(k)) for k in _STRUCTURE_META)
+
+
+def strip_adapters(gm: GraphModule) -> int:
+    """Remove every adapter's nodes from ``gm`` (whether or not its state is still there); returns how many
+    adapters had nodes."""
+    names = list(dict.fromkeys((n.meta.get(ADAPTER_KEY) or {}).get("adapter") for n in gm.graph.nodes))
+    names = [n for n in names if n is not None]
+    for name in names:
+        remove_adapter_nodes(gm, name)
+    return len(names)
+
+
+def _set_tensor(gm: GraphModule, qualname: str, value: torch.Tensor) -> bool:
+    path, _, leaf = qualname.rpartition(".")
+    try:
+        mod = gm.get_submodule(path)
+    except AttributeError:
+        return False
+    for store in (mod._parameters, mod._buffers):
+        old = store.get(leaf)
+        if leaf in store:
+            if old is value:
+                return False
+            if old is not None and (type(old) is not type(value) or old.shape != value.shape):
+                return False
+            store[leaf] = value
+            return True
+    return False
+
+
+def _rebind(gm: GraphModule, source: GraphModule) -> int:
+    """Make ``gm``'s base parameters and buffers the source's objects, name by name."""
+    count = 0
+    for name, t in list(source.named_parameters(remove_duplicate=False)) + \
+            list(source.named_buffers(remove_duplicate=False)):
+        if name.startswith(CONTAINER + "."):
+            continue
+        count += _set_tensor(gm, name, t)
+    return count
+
+
+def _route_modules_to_save(gm: GraphModule, source: GraphModule) -> None:
+    """Give ``gm``'s get_attr nodes the source's ``modules_to_save`` tags and current targets."""
+    routes = {}
+    for n in source.graph.nodes:
+        tag = n.meta.get(MTS_TAG)
+        if n.op == "get_attr" and tag is not None:
+            routes[tag["target"]] = (tag, n.target)
+    if not routes:
+        return
+    for n in gm.graph.nodes:
+        if n.op != "get_attr":
+            continue
+        original = (n.meta.get(MTS_TAG) or {}).get("target", n.target)
+        if original in routes:
+            tag, target = routes[original]
+            n.meta[MTS_TAG] = dict(tag)
+            n.target = target
+
+
+def attach_adapters(gm: GraphModule, source: GraphModule) -> GraphModule:
+    """Make ``gm`` (captured and matched from the same model as ``source``) compute what ``source`` computes,
+    over ``source``'s adapter state; returns ``gm``, changed in place and recompiled."""
+    strip_adapters(gm)
+    container = getattr(source, CONTAINER, None)
+    rebound = _rebind(gm, source)
+    if container is not None:
+        if CONTAINER in gm._modules:
+            del gm._modules[CONTAINER]
+        gm.add_module(CONTAINER, container)
+    for key in list(gm.meta):
+        if key.startswith("vera_fx_") and key not in GRAPH_OWN_META:
+            del gm.meta[key]
+    for key, value in source.meta.items():
+        if key.startswith("vera_fx_") and key not in GRAPH_OWN_META:
+            gm.meta[key] = value.copy() if isinstance(value, (dict, list)) else value
+    _route_modules_to_save(gm, source)
+    # The source's adapters per site, in graph order: emitting adapter by adapter in first-seen order gives the
+    # same chain (and the same summation order) at every site.
+    order: dict[str, set[str]] = {}
+    for site in read_sites(source):
+        for name in site.adapters:
+            order.setdefault(name, set()).add(site.name)
+    for name, sites in order.items():
+        emit_adapter(gm, name, sites)
+    gm.train(source.training)
+    gm.graph.lint()
+    gm.recompile()
+    logger.debug("attach: %d tensors rebound, adapters %s", rebound, list(order))
+    return gm
