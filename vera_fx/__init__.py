@@ -13,6 +13,7 @@ from .sites import Site, adapted_sites as sites, read_sites
 from .sampling import kl_divergence, set_sample_at_inference
 from .uncertainty import confidence_interval, monte_carlo
 from .generation import generate
+from .serving import adapter_index, export, load_adapters, mixed_adapter_forward
 from .inspect import print_trainable_parameters, summary, to_dot, to_networkx, trainable_parameters, view
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "active_adapters",
     "set_sample_at_inference", "kl_divergence", "monte_carlo", "confidence_interval",
     "merge", "unmerge", "merge_into", "generate", "set_lowering",
+    "mixed_adapter_forward", "load_adapters", "adapter_index", "export",
     "summary", "trainable_parameters", "print_trainable_parameters", "to_networkx", "to_dot", "view",
 ]
 

@@ -162,6 +162,12 @@ class Method:
         """Sites whose adapter samples at inference (those cannot be merged)."""
         return ()
 
+    def per_row_function(self, fn: Callable[..., Any]) -> Optional[Callable[..., Any]]:
+        """For mixed-adapter batches (passes/bank.py): the per-row version of a function ``emit`` calls with
+        per-adapter state (it gets lists of the bank members' values and ``index=`` the rows' bank index),
+        None to leave the call out, or ``fn`` itself when it needs no change (the default)."""
+        return fn
+
 
 def emit_projection(method: Method, em: Emitter, state: AdapterState, x: Node, training: Node) -> tuple[
         Node, Node, Node, Node]:

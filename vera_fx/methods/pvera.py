@@ -32,10 +32,11 @@ from torch.fx import Node
 from torch.fx.node import has_side_effect
 
 from ..config import PveraConfig
+from ..runtime import pvera_bank_noise, pvera_noise  # noqa: F401  (the ops the graph calls)
 from ..sites import ADAPTER_KEY, Site
 from .base import CONTAINER, AdapterState, Emitter, Method, emit_projection, finish_output
 
-__all__ = ["PveraMethod", "KLRecord", "pvera_reparametrize", "pvera_record_kl", "SAMPLE_SWITCH", "GENERATOR_STATE",
+__all__ = ["PveraMethod", "KLRecord", "pvera_reparametrize", "pvera_bank_reparametrize", "pvera_record_kl", "SAMPLE_SWITCH", "GENERATOR_STATE",
            "NOISE_GROUPS", "KL_RECORD", "reseed_state", "site_seed"]
 
 SAMPLE_SWITCH = "pvera_sample_at_inference"
@@ -70,30 +71,6 @@ class KLRecord:
         return f"KLRecord({len(self.values)} calls)"
 
 
-@torch.library.custom_op("vera_fx::pvera_noise", mutates_args=("generator_state",))
-def pvera_noise(generator_state: Tensor, shape: Sequence[int], groups: int, dtype: torch.dtype) -> Tensor:
-    """Standard normal noise of ``shape`` on CPU from the generator whose state is ``generator_state``.
-
-    With ``groups > 1`` the leading dimension is ``groups`` equal blocks, each drawn by its own call, so the
-    draws equal those of ``groups`` forwards of one block each. The advanced state is written back.
-    """
-    gen = torch.Generator(device="cpu")
-    gen.set_state(generator_state.detach().to("cpu"))
-    shape = [int(s) for s in shape]
-    if groups > 1 and shape and shape[0] % groups == 0:
-        block = [shape[0] // groups, *shape[1:]]
-        noise = torch.cat([torch.randn(block, generator=gen, dtype=dtype) for _ in range(groups)])
-    else:
-        noise = torch.randn(shape, generator=gen, dtype=dtype)
-    generator_state.copy_(gen.get_state())
-    return noise
-
-
-@pvera_noise.register_fake
-def _pvera_noise_fake(generator_state: Tensor, shape: Sequence[int], groups: int, dtype: torch.dtype) -> Tensor:
-    return torch.empty(list(shape), dtype=dtype, device="cpu")
-
-
 @has_side_effect
 def pvera_reparametrize(mu: Tensor, logvar: Tensor, training: bool, sample: bool,
                         generator_state: Optional[Tensor], groups: int) -> Tensor:
@@ -106,6 +83,29 @@ def pvera_reparametrize(mu: Tensor, logvar: Tensor, training: bool, sample: bool
     else:
         eps = torch.ops.vera_fx.pvera_noise(generator_state, std.shape, groups, std.dtype).to(std.device)
     return mu + eps * std
+
+
+@has_side_effect
+def pvera_bank_reparametrize(mu: Tensor, logvar: Tensor, training: bool, samples: Sequence[bool],
+                             generator_states: Optional[Sequence[Optional[Tensor]]], groups: int, *,
+                             index: Tensor) -> Tensor:
+    """``pvera_reparametrize`` for a mixed-adapter batch: row ``i`` belongs to bank member ``index[i]`` (an
+    index past the members is a row without one) and samples when training or that member's switch is on.
+
+    With every member seeded, each row draws from its own adapter's stream (``vera_fx::pvera_bank_noise``),
+    so a row equals that row run alone; otherwise the noise comes from torch's global generator.
+    """
+    flags = [bool(training or s) for s in samples]
+    if not any(flags):
+        return mu
+    std = torch.exp(0.5 * logvar)
+    if generator_states is not None and all(g is not None for g in generator_states):
+        eps = torch.ops.vera_fx.pvera_bank_noise(list(generator_states), index, flags, std.shape,
+                                                 std.dtype).to(std.device)
+    else:
+        eps = torch.randn_like(std)
+    mask = torch.tensor(flags + [False], device=mu.device)[index].view(-1, *([1] * (mu.dim() - 1)))
+    return torch.where(mask, mu + eps * std, mu)
 
 
 @has_side_effect
@@ -186,6 +186,12 @@ class PveraMethod(Method):
 
     def sampling_sites(self, state: AdapterState) -> tuple[str, ...]:
         return tuple(s for s in state.site_names if getattr(state.site_module(s), SAMPLE_SWITCH, False))
+
+    def per_row_function(self, fn):  # type: ignore[no-untyped-def]
+        """Mixed batches sample per row and record no KL term."""
+        if fn is pvera_record_kl:
+            return None
+        return pvera_bank_reparametrize if fn is pvera_reparametrize else fn
 
 
 def reseed_state(state: AdapterState, seed: int) -> None:

@@ -1,0 +1,242 @@
+"""Bank pass: a mixed-adapter graph, in which every row of the batch runs with its own adapter.
+
+Built from an adapted graph (it is left unchanged): the base graph is copied without adapter nodes and a new
+input ``vera_fx_adapter_index`` (one int64 per row) is added. Adapters are grouped into banks by (method,
+r); all adapters of a method share one pair of projections (``shared_projections``), so at every site each
+bank emits the method's own nodes once, over the whole batch -- ``x @ A.T`` and ``B @ (...)`` are shared by
+all rows -- and each lambda get_attr becomes one gather from a bank stacked in the graph:
+``index_select(stack([lambda of member 0, ..., member n-1, zeros]), 0, row_index)``. Stacking at call time
+reads the very ``nn.Parameter`` objects of the adapters, so training an adapter (through the ordinary
+graph) changes what the mixed graph computes, with no re-build. Row ``k`` of the index is adapter ``k`` of
+``bank_order(gm)``; ``len(order)`` is the base model (PEFT's ``"__base__"``). A row whose adapter is not a
+member of a bank (another method or r, or an adapter that does not target the site) gathers the zero row
+there, so its delta is exactly zero and it equals its own adapter's single-adapter output.
+
+Per-site run-time state that is not a lambda (PVeRA's sampling switches and noise streams) is passed to the
+method's per-row function (``Method.per_row_function``) as one value per member. The mixed graph is for
+inference: it shares the adapters' state and the base weights with the adapted graph it was built from.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+
+from ..methods import CONTAINER, AdapterState, Emitter
+from ..sites import ADAPTER_KEY, MERGED_KEY, Site, read_sites
+from .inject import training_node
+from .share import share_projections
+
+__all__ = ["BASE_ADAPTER", "INDEX_INPUT", "bank_order", "bank_groups", "build_mixed_graph", "check_bankable"]
+
+logger = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+BASE_ADAPTER = "__base__"  # PEFT's name for rows that run the base model
+INDEX_INPUT = "vera_fx_adapter_index"  # the mixed graph's extra input: one adapter index per row
+BANK_META = "vera_fx_bank"  # mixed graph's meta: {"order": [...], "banks": {label: members}}
+
+
+def _states(gm: GraphModule) -> dict[str, AdapterState]:
+    container = getattr(gm, CONTAINER, None)
+    return dict(container.items()) if container is not None else {}
+
+
+def bank_order(gm: GraphModule) -> list[str]:
+    """The adapters in index order: row index ``k`` is ``bank_order(gm)[k]``; ``len(order)`` is the base."""
+    return list(_states(gm))
+
+
+def bank_groups(gm: GraphModule) -> dict[str, list[str]]:
+    """Bank label (``"<method>_r<r>"``) -> its member adapters, in index order."""
+    groups: dict[str, list[str]] = {}
+    for name, state in _states(gm).items():
+        groups.setdefault(f"{state.method_name}_r{state.config.r}", []).append(name)
+    return groups
+
+
+def check_bankable(gm: GraphModule) -> None:
+    """ValueError when the adapters of ``gm`` cannot run as a mixed batch (none, merged, or with state that
+    is not per row: ``modules_to_save`` copies and trained biases)."""
+    states = _states(gm)
+    if not states:
+        raise ValueError("this graph has no adapter: load some with vera_fx.load_adapter / load_adapters first")
+    merged = sorted({a for names in (gm.meta.get(MERGED_KEY) or {}).values() for a in names})
+    if merged:
+        raise ValueError(f"adapters {merged} are merged into the base weights, so rows cannot choose their "
+                         "adapter: call vera_fx.unmerge(gm) before a mixed-adapter batch")
+    for name, state in states.items():
+        if getattr(state, "modules_to_save_paths", None):
+            raise ValueError(f"adapter {name!r} has modules_to_save copies {state.modules_to_save_paths}, which "
+                             "cannot differ per row: run it with set_adapter, or delete it for mixed batches")
+        if state.config.bias != "none":
+            raise ValueError(f"adapter {name!r} trains biases (bias={state.config.bias!r}), which every row would "
+                             "share: run it with set_adapter, or delete it for mixed batches")
+
+
+class BankEmitter(Emitter):
+    """An Emitter that turns a method's per-adapter reads into per-row reads over a bank's members.
+
+    Lambda get_attrs become a gather from the stacked lambdas (rows broadcast over the middle dims); other
+    per-site state becomes a list with one node (or None) per member; calls go through the method's
+    ``per_row_function``, which gets the rows' bank index as ``index=``.
+    """
+
+    def __init__(self, graph: Graph, after: Node, site: Site, label: str, states: dict[str, AdapterState],
+                 members: list[str], index: Node, ndim: int) -> None:
+        super().__init__(graph, after, site, label)
+        self.states, self.members, self.index, self.ndim = states, members, index, ndim
+        self.rep = members[0]
+        self.method = states[self.rep].method
+
+    def get_attr(self, target: str, role: str, name: str) -> Any:
+        # The method names targets after ``em.adapter`` (the bank's label): read them from the members.
+        rest = next((target[len(p):] for p in (f"{CONTAINER}.{self.adapter}.", f"{CONTAINER}.{self.rep}.")
+                     if target.startswith(p)), None)
+        if rest is None:
+            return super().get_attr(target, role, name)
+        if not rest.startswith("sites."):  # shared projections and per-adapter scalars: the first member's
+            return super().get_attr(f"{CONTAINER}.{self.rep}.{rest}", role, name)
+        if role == "lambda":
+            nodes = [super(BankEmitter, self).get_attr(f"{CONTAINER}.{m}.{rest}", role, f"{name}_{m}")
+                     for m in self.members]
+            zero = self.call(aten.zeros_like.default, (nodes[0],), role, f"{name}_zero")
+            stacked = self.call(aten.stack.default, ([*nodes, zero], 0), role, f"{name}_bank")
+            rows = self.call(aten.index_select.default, (stacked, 0, self.index), role, f"{name}_rows")
+            for _ in range(self.ndim - 2):
+                rows = self.call(aten.unsqueeze.default, (rows, 1), role, f"{name}_rows")
+            return rows
+        site_path, _, attr = rest[len("sites."):].rpartition(".")
+        out: list[Optional[Node]] = []
+        for m in self.members:
+            mod = self.states[m].sites.get_submodule(site_path)
+            has = attr in mod._buffers or attr in mod._parameters or attr in mod.__dict__
+            out.append(super(BankEmitter, self).get_attr(f"{CONTAINER}.{m}.{rest}", role, f"{name}_{m}")
+                       if has else None)
+        return out
+
+    def call(self, fn: Callable[..., Any], args: tuple, role: str, name: str,
+             kwargs: Optional[dict[str, Any]] = None) -> Node:
+        per_row = self.method.per_row_function(fn)
+        if per_row is None:
+            return self.cursor
+        if per_row is not fn:
+            kwargs = {**(kwargs or {}), "index": self.index}
+        return super().call(per_row, args, role, name, kwargs)
+
+
+def _copy_without_adapters(gm: GraphModule) -> tuple[Graph, Node]:
+    """A copy of ``gm``'s graph with every adapter node left out and the index input added."""
+    graph = Graph()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree spec deprecation notice
+        graph._codegen = copy.deepcopy(gm.graph._codegen)
+    env: dict[Node, Node] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    index: Optional[Node] = None
+    for n in gm.graph.nodes:
+        tag = n.meta.get(ADAPTER_KEY)
+        if tag is not None:
+            if tag.get("role") == "output":  # the site's users read what the adapter was added to
+                add = n
+                while (add.meta.get(ADAPTER_KEY) or {}).get("name") != "add":
+                    add = add.args[0]
+                env[n] = env[add.args[0]]
+            continue
+        if n.op == "output" and index is None:
+            index = graph.placeholder(INDEX_INPUT)
+        env[n] = graph.node_copy(n, lambda a: env[a])
+        if placeholders and n is placeholders[-1]:
+            index = graph.placeholder(INDEX_INPUT)
+    assert index is not None
+    index.meta[ADAPTER_KEY] = {"site": None, "adapter": None, "role": "mode", "base": None, "name": INDEX_INPUT}
+    cg = graph._codegen
+    if isinstance(cg, _PyTreeCodeGen):
+        info = cg.pytree_info
+        args, kwargs = pytree.tree_unflatten([0] * info.in_spec.num_leaves, info.in_spec)
+        spec = pytree.tree_flatten((args, {**kwargs, INDEX_INPUT: 0}))[1]
+        cg.pytree_info = _PyTreeInfo([*info.orig_args, INDEX_INPUT], spec, info.out_spec)
+    return graph, index
+
+
+def _batch_size(graph: Graph) -> Any:
+    for n in graph.nodes:
+        val = n.meta.get("val")
+        if n.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() >= 1:
+            return val.shape[0]
+    return None
+
+
+def build_mixed_graph(gm: GraphModule) -> GraphModule:
+    """The mixed-adapter graph of ``gm``: its inputs plus ``vera_fx_adapter_index`` (int64, one per row).
+
+    Shares the base weights and the adapter state with ``gm`` (nothing is copied); ``gm`` is unchanged.
+    ValueError when ``check_bankable`` refuses, or when a site's input does not start with the batch
+    dimension (its rows could not choose an adapter).
+    """
+    check_bankable(gm)
+    states = _states(gm)
+    order = list(states)
+    graph, index = _copy_without_adapters(gm)
+    mixed = GraphModule(gm, graph)
+    mixed.add_module(CONTAINER, getattr(gm, CONTAINER))  # the same state objects
+    mixed.meta.update({k: v for k, v in gm.meta.items() if k in ("vera_fx_signature", "vera_fx_model")})
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    batch = _batch_size(graph)
+    training = training_node(mixed)
+    first_op = index.next  # the bank index nodes go right after the index input
+    local_index: dict[tuple[int, ...], Node] = {}
+    groups = bank_groups(gm)
+
+    def rows_of(members: list[str]) -> Node:
+        table = tuple(members.index(a) if a in members else len(members) for a in order) + (len(members),)
+        if table not in local_index:
+            buf = f"vera_fx_bank_map_{len(local_index)}"
+            mixed.register_buffer(buf, torch.tensor(table, dtype=torch.long, device=device), persistent=False)
+            with graph.inserting_before(first_op):
+                mapping = graph.get_attr(buf)
+                rows = graph.call_function(aten.index_select.default, (mapping, 0, index))
+            for node in (mapping, rows):
+                node.meta[ADAPTER_KEY] = {"site": None, "adapter": None, "role": "mode", "base": None,
+                                          "name": "bank_index"}
+            local_index[table] = rows
+        return local_index[table]
+
+    count = 0
+    for site in read_sites(mixed):
+        x_val = site.input.meta.get("val")
+        ndim = x_val.dim() if isinstance(x_val, torch.Tensor) else 3
+        if isinstance(x_val, torch.Tensor) and batch is not None and (
+                ndim < 2 or str(x_val.shape[0]) != str(batch)):
+            raise ValueError(f"site {site.name!r} reads a tensor of shape {tuple(x_val.shape)} whose first "
+                             f"dimension is not the batch ({batch}), so its rows cannot choose an adapter; "
+                             "leave it out of target_modules for mixed-adapter batches")
+        cur = site.output
+        for label, names in groups.items():
+            members = [a for a in names if site.name in states[a].site_names]
+            if not members:
+                continue
+            em = BankEmitter(graph, cur, site, f"bank_{label}", states, members, rows_of(members), ndim)
+            state = states[members[0]]
+            out = state.method.emit(em, state, site.input, cur, training)
+            own = f"bank_{label}"
+            cur.replace_all_uses_with(out, delete_user_cb=lambda u, out=out, s=site.name, own=own: u is not out
+                                      and not ((u.meta.get(ADAPTER_KEY) or {}).get("adapter") == own
+                                               and u.meta[ADAPTER_KEY].get("site") == s))
+            cur = out
+        count += 1
+    share_projections(mixed)
+    graph.lint()
+    mixed.recompile()
+    mixed.training = False  # the root flag the graph reads; the shared submodules keep theirs
+    mixed.meta[BANK_META] = {"order": order, "banks": groups}
+    logger.info("mixed-adapter graph: %d adapters in %d banks, %d site calls", len(order), len(groups), count)
+    return mixed
