@@ -52,7 +52,7 @@ def main() -> None:
     show("before training")
     opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=2e-2)
     gen = torch.Generator().manual_seed(0)
-    steps = 30 if args.quick else 300
+    steps = 12 if args.quick else 300
     for step in range(1, steps + 1):
         x = batch(16, 16, gen)
         loss = gm(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss

@@ -74,6 +74,8 @@ def test_mixed_rows_equal_single_adapter_runs(llama):
     names = ["a", "__base__", "c", "b", "a"]
     got = mixed(gm, x, names)
     torch.testing.assert_close(got, alone(gm, x, names), atol=1e-5, rtol=0)
+    with torch.no_grad():  # the model object's keyword, as in PEFT
+        torch.testing.assert_close(gm(**x, adapter_names=names).logits, got, atol=0, rtol=0)
     with vera_fx.disable_adapters(gm), torch.no_grad():
         torch.testing.assert_close(got[1:2], gm(**rows(x, 1)).logits, atol=1e-5, rtol=0)
     built = mixed_graph(gm)

@@ -49,6 +49,7 @@ from .generation import generate
 from .passes.attach import attach_adapters, state_fingerprint
 from .passes.match import MatchPass
 from .passes.merge import merge_into
+from .serving import mixed_adapter_forward
 from .passes.pipeline import run_passes, transform as transform_graph
 from .sites import as_graph_module
 
@@ -508,9 +509,13 @@ class VeraFxModel(nn.Module):
         return gm
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        adapter_names = kwargs.pop("adapter_names", None)
         call = self._normalise_call(args, kwargs)
         key = self._key(call)
         graphs = self._graphs.get(key)
+        if adapter_names is not None:  # one adapter per row: the mixed graph of this signature's graph
+            gm = self._capture(key, call) if graphs is None else self._fresh(graphs[0])
+            return mixed_adapter_forward(gm, adapter_names, **call)
         if graphs is None:
             return self._capture(key, call)(**call)
         if torch.compiler.is_compiling():
