@@ -43,9 +43,16 @@ def round_trip(ep, path):
 
 def test_adapted_merged_and_mixed_round_trip(graph, tmp_path):
     gm, example, x = graph
+    paths = lambda: sorted(str((n.meta.get("vera_fx") or {}).get("path")) for n in gm.graph_module.graph.nodes
+                           if (n.meta.get("vera_fx") or {}).get("path"))
+    before = paths()
+    assert "lean" in before  # the training graph's own lowering ...
     with torch.no_grad():
         want = gm(**x).logits
-        loaded = round_trip(vera_fx.export(gm, example), tmp_path / "adapted.pt2")
+        ep = vera_fx.export(gm, example)
+        assert "lean_delta" not in str(ep.graph)  # ... is left out of the program (plain nodes: torch + runtime)
+        assert paths() == before  # and restored on the graph
+        loaded = round_trip(ep, tmp_path / "adapted.pt2")
         torch.testing.assert_close(loaded(**x)["logits"], want, atol=1e-5, rtol=0)  # other batch and length
 
         names = ["b", "__base__", "a", "b"]
@@ -75,9 +82,6 @@ def test_export_errors(graph):
         vera_fx.export(gm, example, adapter_names=["a", "c", "a"])
 
 
-@pytest.mark.xfail(strict=True, reason="the lower pass (methods/lean.py, merged from main) emits its own custom op "
-                   "vera_fx::lean_delta in eval graphs; it must be defined in vera_fx/runtime.py for a program to load "
-                   "with torch and runtime.py only (integrator: move lean.py's op definitions there)")
 def test_pvera_sampling_program_runs_with_torch_and_runtime_only(tmp_path):
     """A seeded PVeRA graph sampling in eval, exported, runs in a process where vera_fx (but runtime.py),
     transformers, safetensors and peft cannot be imported, and draws the same noise as the graph."""

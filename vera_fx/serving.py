@@ -22,7 +22,7 @@ from torch import nn
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
-from .adapters import set_adapter
+from .adapters import set_adapter, set_lowering
 from .capture import _clone_inputs, _dynamic_shapes, _InputCheck
 from .checkpoint import WEIGHTS_NAME, PathLike, _plan_load, _apply, read_checkpoint
 from .config import AdapterConfig
@@ -32,7 +32,8 @@ from .passes.bank import BASE_ADAPTER, INDEX_INPUT, bank_order, build_mixed_grap
 from .passes.inject import _device, _float_dtype
 from .passes.match import MatchPass, select_sites
 from .sampling import unwrap
-from .sites import SITE_KEY
+from .passes.lower import LOWERING_KEY
+from .sites import ADAPTER_KEY, SITE_KEY
 from .state import ACTIVE_KEY, adapter_container, shared_projections
 
 __all__ = ["mixed_adapter_forward", "mixed_graph", "adapter_index", "load_adapters", "export", "BASE_ADAPTER",
@@ -297,6 +298,16 @@ def export(gm: nn.Module, example_inputs: Any, *, adapter_names: Optional[Sequen
     it; running it needs only torch and ``vera_fx/runtime.py`` (PVeRA's noise ops).
     """
     inner = unwrap(gm)
+    lowered = any((n.meta.get(ADAPTER_KEY) or {}).get("path") not in (None, "activation")
+                  for n in inner.graph.nodes)
+    if lowered:  # the lean / weight paths only change backward: a program runs the plain nodes (torch + runtime)
+        setting = inner.meta.get(LOWERING_KEY)
+        set_lowering(inner, "activation")
+        try:
+            return export(inner, example_inputs, adapter_names=adapter_names, dynamic=dynamic,
+                          plain_outputs=plain_outputs)
+        finally:
+            set_lowering(inner, setting["mode"] if setting else "auto", setting.get("tokens") if setting else None)
     if isinstance(example_inputs, dict):
         args, kwargs = (), dict(example_inputs)
     elif isinstance(example_inputs, (tuple, list)):
