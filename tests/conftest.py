@@ -85,3 +85,27 @@ def text_inputs(model, batch: int = 3, length: int = 7, labels: bool = True, see
 
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "opt": tiny_opt, "bert": tiny_bert}
+
+
+def all_nodes(gm):
+    """Every node of the captured graph tree: the top graph, then each block's graph."""
+    from vera_fx.sites import graph_modules
+
+    return [n for g in graph_modules(gm) for n in g.graph.nodes]
+
+
+def shown_nodes(gm):
+    """(key, node) for what inspection shows: the top graph, and the first block of each group."""
+    from vera_fx.sites import block_groups, block_prefix
+
+    out = [(n.name, n) for n in gm.graph.nodes]
+    for members in block_groups(gm).values():
+        out += [(f"{block_prefix(members[0])}/{n.name}", n) for n in members[0].graph.nodes]
+    return out
+
+
+def tree_code(gm):
+    """The generated code of every graph of the tree, top graph first."""
+    from vera_fx.sites import graph_modules
+
+    return "\n".join(g.code for g in graph_modules(gm))

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vera_fx
-from conftest import minilm, text_inputs, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import all_nodes, minilm, text_inputs, tiny_bert, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -219,7 +219,7 @@ BAD = {
 
 def _signature(gm) -> list[tuple[str, str]]:
     """The graph's computation (an unused ``self.training`` read may come and go)."""
-    return [(n.op, str(n.target)) for n in gm.graph.nodes if n.target != "training"]
+    return [(n.op, str(n.target)) for n in all_nodes(gm) if n.target != "training"]
 
 
 @pytest.mark.parametrize("target", ["default", "new"])

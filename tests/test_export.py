@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import vera_fx
+from vera_fx.sites import graph_modules
 from conftest import text_inputs, tiny_llama
 
 RUNTIME = Path(vera_fx.__file__).parent / "runtime.py"
@@ -43,8 +44,8 @@ def round_trip(ep, path):
 
 def test_adapted_merged_and_mixed_round_trip(graph, tmp_path):
     gm, example, x = graph
-    paths = lambda: sorted(str((n.meta.get("vera_fx") or {}).get("path")) for n in gm.graph_module.graph.nodes
-                           if (n.meta.get("vera_fx") or {}).get("path"))
+    paths = lambda: sorted(str((n.meta.get("vera_fx") or {}).get("path")) for g in graph_modules(gm.graph_module)
+                           for n in g.graph.nodes if (n.meta.get("vera_fx") or {}).get("path"))
     before = paths()
     assert "lean" in before  # the training graph's own lowering ...
     with torch.no_grad():

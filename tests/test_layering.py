@@ -24,17 +24,18 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 # submodules. Keep this table and README's Architecture section in step.
 LAYERS: dict[str, int] = {
     "vera_fx.config": 0, "vera_fx.sites": 0, "vera_fx.runtime": 0,
-    "vera_fx.methods": 1, "vera_fx.methods.": 1, "vera_fx.quantized": 1, "vera_fx.capture": 1,
+    "vera_fx.methods": 1, "vera_fx.methods.": 1, "vera_fx.quantized": 1, "vera_fx.capture": 1, "vera_fx.blocks": 1,
     "vera_fx.state": 2,
     "vera_fx.passes": 3, "vera_fx.passes.": 3,
     "vera_fx.adapters": 4, "vera_fx.checkpoint": 4, "vera_fx.sampling": 4, "vera_fx.uncertainty": 4,
-    "vera_fx.model": 4, "vera_fx.generation": 4, "vera_fx.serving": 4,
+    "vera_fx.model": 4, "vera_fx.generation": 4, "vera_fx.serving": 4, "vera_fx.blockwise": 4,
+    "vera_fx.distributed": 4,
     "vera_fx.inspect": 5,
     "vera_fx.cli": 6, "vera_fx.demo": 6, "vera_fx": 6,
 }
-LAYER_NAMES = ["config, sites, runtime", "methods, quantized, capture", "state", "passes",
-               "adapters, checkpoint, sampling, uncertainty, model, generation, serving", "inspect",
-               "cli, demo, vera_fx"]
+LAYER_NAMES = ["config, sites, runtime", "methods, quantized, capture, blocks", "state", "passes",
+               "adapters, checkpoint, sampling, uncertainty, model, generation, serving, blockwise, distributed",
+               "inspect", "cli, demo, vera_fx"]
 
 
 def _module_name(path: Path) -> str:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 import vera_fx
-from conftest import minilm, text_inputs, tiny_gpt2, tiny_llama
+from conftest import all_nodes, minilm, text_inputs, tiny_gpt2, tiny_llama
 from vera_fx.adapters import add_adapter, disable_adapters, set_adapter
 from vera_fx.methods import CONTAINER
 from vera_fx.passes import merge as merge_module
@@ -72,9 +72,10 @@ def _mlp(config: vera_fx.VeraConfig | None = None, **kw) -> tuple[nn.Module, Gra
 
 def _calls(gm: GraphModule) -> list:
     """Every node as (op, target, args, kwargs) with nodes replaced by their position: node for node."""
-    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    nodes = all_nodes(gm)  # every graph of the tree
+    index = {n: i for i, n in enumerate(nodes)}
     pos = lambda a: torch.fx.node.map_arg(a, lambda n: ("%", index[n]))  # noqa: E731
-    return [(n.op, str(n.target), pos(n.args), pos(n.kwargs)) for n in gm.graph.nodes]
+    return [(n.op, str(n.target), pos(n.args), pos(n.kwargs)) for n in nodes]
 
 
 def _snapshot(module: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
@@ -149,7 +150,7 @@ def test_merge_real_minilm():
     with torch.no_grad():
         torch.testing.assert_close(gm(**x).last_hidden_state, ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model(**x).last_hidden_state, base)  # the model is untouched
-    assert not any((n.meta.get("vera_fx") or {}) for n in gm.graph.nodes)
+    assert not any((n.meta.get("vera_fx") or {}) for n in all_nodes(gm))
 
 
 def test_merge_into_gives_the_model_the_adapter(tmp_path):
@@ -173,7 +174,7 @@ def test_merge_into_gives_the_model_the_adapter(tmp_path):
     assert model.get_parameter("model.layers.0.self_attn.q_proj.weight") is q  # same Parameter, new values
     torch.testing.assert_close(_logits(model, x), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(_logits(gm, x), ref)  # the graph keeps computing what it computed
-    assert any(n.meta.get("vera_fx") for n in gm.graph.nodes)  # and keeps its adapter nodes
+    assert any(n.meta.get("vera_fx") for n in all_nodes(gm))  # and keeps its adapter nodes
 
     ids = x["input_ids"][:1, :4]
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)

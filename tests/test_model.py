@@ -247,14 +247,55 @@ def test_model_surface(llama_pair, tmp_path, capsys):
     assert mine == theirs
     assert ours.active_adapters == ["default"]
     assert "def forward" in ours.code and ours.graph is ours.graph_module.graph
-    with pytest.raises(NotImplementedError, match="block"):
-        ours.gradient_checkpointing_enable()
+    assert not ours.is_gradient_checkpointing
     with pytest.raises(TypeError, match="save_pretrained"):
         pickle.dumps(ours)
     twin = copy.deepcopy(ours)
     ids = _ids()
     with torch.no_grad():
         _close(twin(input_ids=ids).logits, ours(input_ids=ids).logits)
+
+
+def test_gradient_checkpointing_on_the_model_object():
+    """m.gradient_checkpointing_enable checkpoints the blocks of every graph (also one captured later): fewer
+    saved activations, the same gradients; disable undoes it; a model without blocks says so."""
+    model = tiny_llama(num_hidden_layers=3)
+    torch.manual_seed(0)
+    ours = vera_fx.transform(model, vera_fx.VeraConfig(r=8, init_weights=False, **LLAMA_KW)).train()
+    ids = _ids(batch=2, length=16)
+
+    def step(**kw):
+        with torch.no_grad():
+            ours(input_ids=ids, labels=ids, **kw)  # a new signature is captured here, not under the hooks
+        ours.zero_grad()
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            loss = ours(input_ids=ids, labels=ids, **kw).loss
+        loss.backward()
+        return sum(sizes), {n: p.grad.clone() for n, p in ours.named_parameters() if p.requires_grad}
+
+    plain, grads = step()
+    pos = torch.arange(16).expand(2, 16)
+    plain_other, grads_other = step(position_ids=pos)  # a second signature, captured now
+    assert ours.num_graphs == 2 and not ours.is_gradient_checkpointing
+    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert ours.is_gradient_checkpointing
+    for kw, base, ref in (({}, plain, grads), ({"position_ids": pos}, plain_other, grads_other)):
+        saved, got = step(**kw)
+        assert saved < 0.6 * base, (kw, saved, base)
+        assert set(got) == set(ref)
+        for k, g in ref.items():
+            torch.testing.assert_close(got[k], g, atol=1e-6, rtol=1e-5)
+    saved, _ = step(attention_mask=torch.ones_like(ids, dtype=torch.bool))  # captured while on: checkpointed too
+    assert ours.num_graphs == 3 and saved < 0.6 * plain
+    ours.gradient_checkpointing_disable()
+    assert not ours.is_gradient_checkpointing
+    assert step()[0] == plain
+    flat = vera_fx.transform(torch.nn.Sequential(torch.nn.Linear(4, 4)), vera_fx.VeraConfig(r=2, target_modules=["0"]),
+                             example_inputs=(torch.randn(2, 4),))
+    with pytest.raises(ValueError, match="no blocks"):
+        flat.gradient_checkpointing_enable()
 
 
 def test_save_pretrained_loads_in_peft_and_merge_and_unload(llama_pair, tmp_path):

@@ -13,6 +13,7 @@ from torch import nn
 
 import vera_fx
 from conftest import text_inputs, tiny_llama
+from vera_fx.sites import as_graph_module, graph_modules
 from vera_fx.passes.lower import (DEFAULT_TOKENS, LOWERING_KEY, GroupShape, LowerPass, choose_path, lower_adapters,
                                   path_costs)
 
@@ -58,8 +59,9 @@ def _randomize(gm: nn.Module, seed: int = 3) -> None:
 
 
 def _paths(gm) -> dict[str, int]:
+    """Adapter outputs by lowering path, over every graph of the tree (the root and its blocks)."""
     counts: dict[str, int] = {}
-    for n in gm.graph.nodes:
+    for n in (n for g in graph_modules(as_graph_module(gm)) for n in g.graph.nodes):
         tag = n.meta.get("vera_fx") or {}
         if tag.get("role") == "output":
             p = tag.get("path") or "activation"

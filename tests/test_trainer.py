@@ -133,10 +133,16 @@ def test_bf16_trainer_matches_peft(tmp_path):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), atol=2e-2, rtol=1e-2)
 
 
-def test_gradient_checkpointing_says_what_to_do(tmp_path):
-    ours = vera_fx.transform(tiny_llama(), vera_fx.VeraConfig(r=4))
-    with pytest.raises(NotImplementedError, match="gradient_checkpointing=False"):
-        _train(ours, tmp_path, gradient_checkpointing=True)
+def test_trainer_gradient_checkpointing_checkpoints_the_blocks(tmp_path):
+    """TrainingArguments(gradient_checkpointing=True) reaches m.gradient_checkpointing_enable: the blocks are
+    checkpointed and the losses are those of training without it."""
+    model = tiny_llama()
+    plain = vera_fx.transform(model, vera_fx.VeraConfig(r=4))
+    _, ref = _train(plain, tmp_path / "plain")
+    ours = vera_fx.transform(model, vera_fx.VeraConfig(r=4))
+    _, losses = _train(ours, tmp_path / "ckpt", gradient_checkpointing=True)
+    assert ours.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), atol=1e-5, rtol=1e-5)
 
 
 def test_accelerate_bf16_matches_peft():

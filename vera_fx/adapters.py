@@ -21,11 +21,11 @@ from torch.fx import GraphModule
 
 from .config import AdapterConfig
 from .methods import AdapterState, method_for
-from .passes.inject import InjectPass, emit_adapter, remove_adapter_nodes
+from .passes.inject import InjectPass, detach_state, emit_adapter, remove_adapter_nodes
 from .passes.lower import LOWERING_KEY, check_lowering
 from .passes.match import MatchPass
 from .passes.pipeline import run_passes
-from .sites import ADAPTER_KEY, SITE_KEY, as_graph_module
+from .sites import ADAPTER_KEY, SITE_KEY, as_graph_module, graph_modules
 from .state import (ACTIVE_KEY, DISABLED_KEY, _container, active_adapters, adapters_disabled,
                     attach_modules_to_save, bias_targets, merged_adapters, modules_to_save_copy,
                     modules_to_save_owners, resolve_modules_to_save, route_modules_to_save, shared_projections)
@@ -46,7 +46,8 @@ def _check_not_merged(gm: GraphModule, names: Sequence[str], action: str) -> Non
 
 
 def _has_nodes(gm: GraphModule, name: str) -> bool:
-    return any((n.meta.get(ADAPTER_KEY) or {}).get("adapter") == name for n in gm.graph.nodes)
+    return any((n.meta.get(ADAPTER_KEY) or {}).get("adapter") == name
+               for g in graph_modules(gm) for n in g.graph.nodes)
 
 
 # --- switching -------------------------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ def add_adapter(gm: GraphModule, adapter_name: str, config: AdapterConfig) -> No
     if config.modules_to_save:
         resolve_modules_to_save(gm, config.modules_to_save)  # fail before anything changes
     passes: list = [InjectPass(config, adapter_name)]
-    if not any(SITE_KEY in n.meta for n in gm.graph.nodes):
+    if not any(SITE_KEY in n.meta for g in graph_modules(gm) for n in g.graph.nodes):
         passes.insert(0, MatchPass())
     had = list(_container(gm).keys())
     old = gm.meta.get(ACTIVE_KEY)
@@ -202,7 +203,7 @@ def remove_adapter(gm: GraphModule, adapter_name: str) -> None:
         gm.meta[ACTIVE_KEY] = [n for n in old if n != adapter_name]
     route_modules_to_save(gm, [n for n in ([] if adapters_disabled(gm) else active_adapters(gm))
                                 if n != adapter_name])
-    del container[adapter_name]
+    detach_state(gm, adapter_name)
     if len(container) == 0:
         gm.meta.pop(ACTIVE_KEY, None)  # the next adapter added is active again
     gm.graph.lint()
@@ -244,12 +245,13 @@ def set_lowering(gm: GraphModule, lowering: Union[str, dict] = "auto", tokens: O
     inner = as_graph_module(gm, "set_lowering")
     setting = check_lowering(lowering, tokens)
     with_nodes: dict[str, set[str]] = {}
-    for n in inner.graph.nodes:
+    graphs = graph_modules(inner)  # the root and its blocks
+    for n in (n for g in graphs for n in g.graph.nodes):
         tag = n.meta.get(ADAPTER_KEY)
         if tag and tag.get("role") == "output" and tag.get("adapter"):
             with_nodes.setdefault(tag["adapter"], set()).add(tag["site"])
     old = inner.meta.get(LOWERING_KEY)
-    saved = copy.deepcopy(inner.graph)
+    saved = [copy.deepcopy(g.graph) for g in graphs]
     inner.meta[LOWERING_KEY] = setting
     order = [a for a in active_adapters(inner) if a in with_nodes] + [a for a in with_nodes
                                                                        if a not in active_adapters(inner)]
@@ -259,7 +261,8 @@ def set_lowering(gm: GraphModule, lowering: Union[str, dict] = "auto", tokens: O
         for name in order:
             emit_adapter(inner, name, with_nodes[name])
     except Exception:
-        inner.graph = saved  # the setter recompiles
+        for g, graph in zip(graphs, saved):
+            g.graph = graph  # the setter recompiles
         if old is None:
             inner.meta.pop(LOWERING_KEY, None)
         else:

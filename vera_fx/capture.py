@@ -27,7 +27,9 @@ from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule, Node
 
+from . import blocks as _blocks
 from . import quantized
+from .sites import graph_modules
 
 __all__ = ["capture", "train_only", "CaptureError", "default_example_inputs", "Signature", "SourceModel",
            "SOURCE_MODEL_KEY", "strip_metadata_asserts"]
@@ -93,7 +95,7 @@ class _InputCheck:
         sig = self.signature
         if sig.probe is not None:
             name, dtype, device = sig.probe
-            p = module.get_parameter(name)
+            p = _lookup(module, name)
             if p.dtype != dtype or p.device.type != device:
                 raise TypeError(
                     f"this graph was captured with {dtype} weights on {device} and now holds {p.dtype} on "
@@ -127,6 +129,14 @@ class _InputCheck:
 _MODEL_DEFAULTS = {"attention_mask": "ones", "token_type_ids": "zeros"}
 
 
+def _lookup(module: nn.Module, name: str) -> torch.Tensor:
+    """The tensor at a dotted name, whatever wraps it (FSDP swaps plain tensors in for parameters)."""
+    obj: Any = module
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _model_filled_inputs(model: nn.Module, placeholders: tuple[str, ...], args: tuple,
                          kwargs: dict) -> tuple[tuple[str, str, torch.dtype], ...]:
     """The captured inputs that may be left out because the model itself would fill them the same way."""
@@ -144,9 +154,9 @@ def _model_filled_inputs(model: nn.Module, placeholders: tuple[str, ...], args: 
 
 
 def _specialised(gm: GraphModule) -> bool:
-    """Whether the graph hard-codes a floating dtype or a device (export bakes in casts, dtype assertions and
-    factory devices, as transformers' norms and masks have)."""
-    for node in gm.graph.nodes:
+    """Whether the graph tree hard-codes a floating dtype or a device (export bakes in casts, dtype assertions
+    and factory devices, as transformers' norms and masks have)."""
+    for node in (n for g in graph_modules(gm) for n in g.graph.nodes):
         for a in (*node.args, *node.kwargs.values()):
             if isinstance(a, torch.device) or (isinstance(a, torch.dtype) and a.is_floating_point):
                 return True
@@ -371,21 +381,28 @@ def strip_metadata_asserts(gm: GraphModule) -> int:
 def _check_no_set_grad_regions(gm: GraphModule) -> None:
     """``run_decompositions`` inlines ``wrap_with_set_grad_enabled`` regions (Llama's rotary embedding); one
     left behind would graph-break torch.compile on recompiles, so refuse it here."""
-    for node in list(gm.graph.nodes):
+    for node in [n for g in graph_modules(gm) for n in g.graph.nodes]:
         if node.op == "call_function" and "wrap_with_set_grad_enabled" in str(node.target):
             raise CaptureError("torch.export left a wrap_with_set_grad_enabled region in the graph; "
                                "torch.compile would break on it")
 
 
-def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> GraphModule:
+def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Optional[bool] = None) -> GraphModule:
     """Capture ``model`` as a GraphModule with dynamic shapes and train/eval support; no adapters.
 
     ``example_inputs`` is a tuple of positional arguments or a dict of keyword arguments; for a transformers
     model it may be left out. Every tensor is cloned before export. The model's modules, their training
     flags and their parameters' ``requires_grad`` are left as they were.
+
+    ``blocks``: keep the layers of the model's layer list (``nn.ModuleList`` of one class) as GraphModule
+    submodules, each distinct layer exported once (vera_fx/blocks.py). ``None`` (default) does so for
+    transformers models and falls back to one graph when the layers cannot be blocks; ``True`` raises then;
+    ``False`` captures one flat graph.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if blocks not in (None, True, False):
+        raise TypeError(f"blocks must be None, True or False, got {blocks!r}")
     args, kwargs = _normalise_example(model, example_inputs)
     args, kwargs = _clone_inputs(args), _clone_inputs(kwargs)
     for path, t in list(enumerate(args)) + list(kwargs.items()):
@@ -399,12 +416,25 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> GraphModu
     dynamic_shapes: Any = dyn_kwargs if not args else (dyn_args if not kwargs else None)
     if args and kwargs:
         dynamic_shapes = {**{n: s for n, s in zip(_positional_names(model, len(args)), dyn_args)}, **dyn_kwargs}
+    layer_paths = [p for paths in _blocks.find_layer_lists(model).values() for p in paths] \
+        if (blocks is True or (blocks is None and _is_pretrained(model))) else []
+    gm: Optional[GraphModule] = None
     try:
         model.train()
         with warnings.catch_warnings(), quantized.stand_ins(model, qlayers), _explicit_keywords(model, kwargs):
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
-            ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
-            ep = ep.run_decompositions({})
+            if layer_paths:
+                try:
+                    gm = _capture_blocks(model, args, kwargs, dynamic_shapes, layer_paths, qlayers)
+                except Exception as e:  # the layers cannot be blocks: one graph, as before
+                    if blocks is True:
+                        raise
+                    logger.info("capture: layers of %s kept in one graph (%s: %s)", type(model).__name__,
+                                type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                    gm = None
+            if gm is None:
+                ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+                ep = ep.run_decompositions({})
     except Exception as e:  # export raises many types; name the model and keep the cause
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}") from e
@@ -413,15 +443,18 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> GraphModu
             m.training = modes[name]
         for name, p in model.named_parameters():
             p.requires_grad_(grads[name])
-    exported = ep.module()
-    gm = GraphModule(exported, exported.graph)
+    if gm is None:
+        exported = ep.module()
+        gm = GraphModule(exported, exported.graph)
+        strip_metadata_asserts(gm)
+        quantized.restore_quantized(gm, qlayers)
+        n_flags = _rewrite_mode_flags(gm)
+    else:  # the block path stripped the metadata asserts of every graph before binding (_capture_blocks)
+        n_flags = _rewrite_mode_flags(gm) + sum(g.meta.pop("vera_fx_flags", 0) for g in graph_modules(gm)[1:])
     _check_no_set_grad_regions(gm)
-    strip_metadata_asserts(gm)
-    quantized.restore_quantized(gm, qlayers)
-    n_flags = _rewrite_mode_flags(gm)
     _own_frozen_parameters(gm)
     gm.graph.lint()
-    gm.recompile()
+    gm.recompile()  # blocks were compiled when bound (their template was final)
     placeholders = tuple(n.target for n in gm.graph.nodes if n.op == "placeholder")
     flat_inputs = list(args) + [kwargs[k] for k in kwargs]
     names_in_order = list(_positional_names(model, len(args))) + list(kwargs)
@@ -436,8 +469,84 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None) -> GraphModu
     _install_input_check(gm)
     gm._register_deepcopy_hook(_install_input_check)  # copy.deepcopy(gm) keeps the keyword check
     gm.train(model.training)
-    logger.info("captured %s: %d nodes, %d mode-dependent dropout nodes", type(model).__name__,
-                len(gm.graph.nodes), n_flags)
+    n_blocks = len(graph_modules(gm)) - 1
+    logger.info("captured %s: %d nodes in the top graph, %d blocks, %d mode-dependent dropout nodes",
+                type(model).__name__, len(gm.graph.nodes), n_blocks, n_flags)
+    return gm
+
+
+def _capture_blocks(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any, layer_paths: list[str],
+                    qlayers: dict[str, nn.Module]) -> GraphModule:
+    """The block-structured capture (vera_fx/blocks.py): top level and one export per distinct block."""
+    config = getattr(model, "config", None)
+    recorded = [k for k in ("output_hidden_states", "output_attentions")
+                if kwargs.get(k) or (kwargs.get(k) is None and getattr(config, k, False) is True)]
+    if recorded:  # transformers collects these with hooks on the layer classes, which the stand-ins are not
+        raise _blocks.BlockCaptureError(f"{recorded[0]}=True records the layers' outputs with hooks on the layers")
+    records = _blocks.record_calls(model, layer_paths, args, kwargs)
+    _blocks.check_records(model, layer_paths, records)
+    plan = _blocks.BlockPlan(layer_paths, records)
+    with _blocks.stand_ins(model, layer_paths, records, plan.calls):
+        ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+    missing = [p for i, p in enumerate(layer_paths) if i not in plan.calls]
+    if missing:
+        raise _blocks.BlockCaptureError(f"layers {missing[:3]} are not called by the forward")
+    groups: dict[tuple, list[int]] = {}
+    for i, path in enumerate(layer_paths):
+        groups.setdefault(_blocks.block_key(model, path, plan.calls[i]), []).append(i)
+    graphs = {}
+    for gid, members in enumerate(groups.values()):
+        first = layer_paths[members[0]]
+        layer = model.get_submodule(first)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            b_ep = _blocks.export_block(layer, plan.calls[members[0]], records[first])
+        b_mod = b_ep.module()
+        _blocks.drop_guards(b_mod)
+        _blocks.inline_wrappers(b_mod)
+        left = _blocks.remaining_wrappers(b_mod)
+        if left or any(n.op == "get_attr" and not _has_attr(layer, str(n.target)) for n in b_mod.graph.nodes):
+            raise _blocks.BlockCaptureError(f"block {first!r} keeps {left[:1] or 'attributes of its own'}")
+        strip_metadata_asserts(b_mod)  # on the template, before restore_quantized, as the flat path does
+        flags = _rewrite_mode_flags(b_mod)  # on the template: every copy reads its own block's flag
+        graphs[gid] = (b_mod.graph, members, flags)
+    exported = ep.module()
+    gm = GraphModule(exported, exported.graph)
+    _blocks.inline_wrappers(gm)
+    if _blocks.remaining_wrappers(gm):
+        ep = ep.run_decompositions({})
+        exported = ep.module()
+        gm = GraphModule(exported, exported.graph)
+    strip_metadata_asserts(gm)
+    return _assemble(model, gm, graphs, plan, qlayers)
+
+
+def _has_attr(module: nn.Module, target: str) -> bool:
+    try:
+        _lookup(module, target)
+    except AttributeError:
+        return False
+    return True
+
+
+def _assemble(model: nn.Module, gm: GraphModule, graphs: dict[int, tuple[Any, list[int], int]],
+              plan: "_blocks.BlockPlan", qlayers: dict[str, nn.Module]) -> GraphModule:
+    """Bind a copy of each block graph to its layer, restore quantized layers, attach the blocks."""
+    bound: dict[str, GraphModule] = {}
+    for gid, (graph, members, flags) in graphs.items():
+        for i in members:
+            path = plan.paths[i]
+            layer = model.get_submodule(path)
+            block = _blocks.bind_block(layer, graph, path, gid)
+            block.meta["vera_fx_flags"] = flags
+            inner = {q[len(path) + 1:]: m for q, m in qlayers.items() if q.startswith(path + ".")}
+            if inner:
+                quantized.restore_quantized(block, inner)
+                block.recompile()
+            bound[path] = block
+    outer = {q: m for q, m in qlayers.items() if not any(q.startswith(p + ".") for p in plan.paths)}
+    quantized.restore_quantized(gm, outer)
+    _blocks.attach_blocks(gm, bound, plan)
     return gm
 
 

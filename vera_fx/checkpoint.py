@@ -28,6 +28,7 @@ from torch.fx import GraphModule
 
 from .adapters import add_adapter, remove_adapter
 from .config import AdapterConfig, config_from_dict, config_to_dict
+from .distributed import barrier, full_tensor, gathered, is_writer, unwrap_parallel
 from .methods import CONTAINER, AdapterState, method_for
 from .passes.match import peft_selection
 from .passes.pipeline import transform
@@ -357,7 +358,11 @@ def save_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
     ``peft.PeftModel.from_pretrained(base_model, directory)`` loads it. With ``save_projection=False`` the
     shared projections are left out. Each file is written to a temporary file in ``directory``, fsynced and
     renamed, so a failed save leaves any earlier checkpoint there intact.
+
+    Under torch.distributed (a DDP / FSDP1 wrapper or an FSDP2-sharded graph, vera_fx.distributed), call it on
+    every rank: the full tensors are gathered on all ranks and rank 0 alone writes the folder.
     """
+    wrapper, gm = gm, unwrap_parallel(gm)  # a DDP / FSDP1 wrapper first, then the model object or compile
     gm = as_graph_module(gm, "save_adapter")
     state = adapter_state(gm, adapter_name)
     path = Path(directory)
@@ -368,7 +373,17 @@ def save_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
                       "save_projection=False leaves them out: loading this checkpoint on its own (PEFT or "
                       "vera_fx.from_pretrained) regenerates other projections. Save with save_projection=True, or "
                       "from a graph where it is the first adapter", UserWarning, stacklevel=2)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(gm, adapter_name).items()}
+    with gathered(wrapper):  # FSDP1: full parameters; FSDP2: full_tensor() gathers each shard
+        tensors = {k: full_tensor(v.detach()).to("cpu").contiguous().clone()
+                   for k, v in adapter_state_dict(gm, adapter_name).items()}
+    try:
+        if is_writer():  # rank 0 writes; the others wait for the folder
+            _write_folder(gm, path, adapter_name, tensors)
+    finally:
+        barrier()
+
+
+def _write_folder(gm: GraphModule, path: Path, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
     weights = _serialise(tensors)
     config = (json.dumps(peft_config_dict(gm, adapter_name), indent=2, sort_keys=True) + "\n").encode()
     path.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,8 @@ from torch.fx import GraphModule, Node
 
 from .methods import CONTAINER
 from .model import count_parameters
-from .sites import ADAPTER_KEY, SITE_KEY, Site, as_graph_module, read_sites
+from .sites import (ADAPTER_KEY, BLOCK_CALL_KEY, SITE_KEY, Site, as_graph_module, block_groups, block_prefix,
+                    read_sites)
 from .state import active_adapters, adapters_disabled
 
 __all__ = ["summary", "summary_rows", "summary_html", "trainable_parameters", "print_trainable_parameters",
@@ -189,8 +190,20 @@ def summary(gm: GraphModule, include_unadapted: bool = False) -> str:
     total_train = sum(r["trainable"] for r in rows)
     lines.append(f"total: {adapted} site(s), {total_params:,d} adapter parameters ({total_train:,d} trainable)")
     lines += _projection_notes(gm)
+    lines += _block_notes(gm)
     lines.append(_trainable_line(gm))
     return "\n".join(lines)
+
+
+def _block_notes(gm: GraphModule) -> list[str]:
+    """One line per group of blocks (layers running copies of one captured graph)."""
+    notes = []
+    for members in block_groups(gm).values():
+        paths = [block_prefix(b) for b in members]
+        span = paths[0] if len(paths) == 1 else f"{paths[0]} .. {paths[-1]}"
+        notes.append(f"block {type(members[0]).__name__}: {len(paths)} x ({span}), "
+                     f"{len(members[0].graph.nodes)} nodes each")
+    return notes
 
 
 def summary_html(gm: GraphModule, include_unadapted: bool = False) -> str:
@@ -247,18 +260,34 @@ def to_networkx(gm: GraphModule) -> nx.DiGraph:
     applicable), ``label`` (the adapter's name for the node, else the node name), ``shape`` and ``dtype``
     where the node's ``meta["val"]`` holds a tensor (dynamic dimensions as strings such as ``'s43'``),
     else None.
+
+    Blocks (repeated layers) are shown once per group: the first block's nodes are keyed
+    ``"<block path>/<node name>"`` with ``block`` (that path) and ``multiplicity`` (how many layers run this
+    graph); the top graph's node that calls a block has ``block`` set to the shown block's path.
+    ``G.graph["blocks"]`` maps each shown block to ``{"count", "paths"}``.
     """
     gm = as_graph_module(gm, "to_networkx")
     g = nx.DiGraph(name=gm.meta.get("vera_fx_model", {}).get("class", type(gm).__name__))
-    for node in gm.graph.nodes:
-        role, site, adapter = _role(node)
-        shape, dtype = _shape_dtype(node)
-        tag = node.meta.get(ADAPTER_KEY) or {}
-        g.add_node(node.name, op=node.op, target=_target_str(node), role=role, site=site, adapter=adapter,
-                   base=tag.get("base"), shape=shape, dtype=dtype, label=tag.get("name") or node.name)
-    for node in gm.graph.nodes:
-        for src in node.all_input_nodes:
-            g.add_edge(src.name, node.name)
+    groups = block_groups(gm)
+    shown = {block_prefix(m[0]): [block_prefix(b) for b in m] for m in groups.values()}
+    rep_of = {p: rep for rep, paths in shown.items() for p in paths}
+    g.graph["blocks"] = {rep: {"count": len(paths), "paths": paths} for rep, paths in shown.items()}
+    graphs = [("", gm)] + [(block_prefix(m[0]), m[0]) for m in groups.values()]
+    for prefix, graph_module in graphs:
+        key = (lambda n, p=prefix: f"{p}/{n.name}") if prefix else (lambda n: n.name)
+        for node in graph_module.graph.nodes:
+            role, site, adapter = _role(node)
+            shape, dtype = _shape_dtype(node)
+            tag = node.meta.get(ADAPTER_KEY) or {}
+            called = node.meta.get(BLOCK_CALL_KEY)
+            g.add_node(key(node), op=node.op, target=_target_str(node), role=role, site=site, adapter=adapter,
+                       base=f"{prefix}/{tag['base']}" if prefix and tag.get("base") else tag.get("base"),
+                       shape=shape, dtype=dtype, label=tag.get("name") or node.name,
+                       block=prefix or (rep_of.get(called) if called else None),
+                       multiplicity=len(shown[prefix]) if prefix else None)
+        for node in graph_module.graph.nodes:
+            for src in node.all_input_nodes:
+                g.add_edge(key(src), key(node))
     return g
 
 
@@ -322,20 +351,42 @@ def to_dot(gm: GraphModule, adapters_only: bool = False) -> str:
              '  graph [rankdir=TB, fontname="Helvetica", fontsize=10];',
              '  node [shape=box, style="rounded,filled", fillcolor="white", fontname="Helvetica", fontsize=9];',
              '  edge [color="#555555", arrowsize=0.6];']
-    clusters: dict[tuple[str, str], list[str]] = {}
-    plain: list[str] = []
+    blocks = g.graph.get("blocks", {})
+    clusters: dict[tuple[str, str, str], list[str]] = {}
+    plain: dict[str, list[str]] = {}
     for name, attrs in g.nodes(data=True):
         stmt = _node_stmt(name, attrs, context=name not in core)
+        inside = attrs.get("block") if attrs.get("multiplicity") else ""
         if attrs["role"] not in (None, "base") and attrs["site"] is not None:
-            clusters.setdefault((attrs["site"], attrs["adapter"] or ""), []).append(stmt)
+            clusters.setdefault((inside or "", attrs["site"], attrs["adapter"] or ""), []).append(stmt)
         else:
-            plain.append(stmt)
-    lines += ["  " + s for s in plain]
-    for i, ((site, adapter), stmts) in enumerate(clusters.items()):
-        label = f"{site} ({adapter})" if adapter else site
-        lines.append(f"  subgraph {_q(f'cluster_{i}')} {{")
-        lines.append(f'    graph [label={_q(label)}, style="dashed", color="#888888"];')
-        lines += ["    " + s for s in stmts]
+            plain.setdefault(inside or "", []).append(stmt)
+    n_cluster = 0
+
+    def site_clusters(block: str, indent: str) -> list[str]:
+        nonlocal n_cluster
+        out = []
+        for (b, site, adapter), stmts in clusters.items():
+            if b != block:
+                continue
+            label = f"{site} ({adapter})" if adapter else site
+            out.append(f"{indent}subgraph {_q(f'cluster_{n_cluster}')} {{")
+            out.append(f'{indent}  graph [label={_q(label)}, style="dashed", color="#888888"];')
+            out += [f"{indent}  " + s for s in stmts]
+            out.append(f"{indent}}}")
+            n_cluster += 1
+        return out
+
+    lines += ["  " + s for s in plain.get("", [])]
+    lines += site_clusters("", "  ")
+    for block in sorted({b for b in plain if b} | {k[0] for k in clusters if k[0]}):
+        info = blocks.get(block, {"count": 1, "paths": [block]})
+        label = f"block {block} (x{info['count']}: {info['paths'][0]} .. {info['paths'][-1]})"
+        lines.append(f"  subgraph {_q(f'cluster_block_{n_cluster}')} {{")
+        lines.append(f'    graph [label={_q(label)}, style="solid", color="#444444"];')
+        n_cluster += 1
+        lines += ["    " + s for s in plain.get(block, [])]
+        lines += site_clusters(block, "    ")
         lines.append("  }")
     lines += [f"  {_q(u)} -> {_q(v)};" for u, v in g.edges]
     lines.append("}")

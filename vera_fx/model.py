@@ -40,6 +40,7 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.nn.modules.module import _IncompatibleKeys
 
+from . import blockwise
 from . import checkpoint as ckpt
 from .adapters import active_adapters, add_adapter
 from .capture import CaptureError, ExampleInputs, _normalise_example, capture
@@ -367,17 +368,24 @@ class VeraFxModel(nn.Module):
         return generate(self, input_ids, attention_mask, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any) -> None:
-        raise NotImplementedError(
-            "gradient_checkpointing_enable: vera_fx recomputes per block once the capture keeps the model's blocks "
-            "as submodules (block-structured capture); this graph is one flat graph. Train without gradient "
-            "checkpointing (TrainingArguments(gradient_checkpointing=False)) or with a smaller batch for now")
+        """Checkpoint every block call of every graph, and of graphs captured later
+        (``vera_fx.blockwise.gradient_checkpointing_enable``): backward keeps the block inputs and recomputes each
+        block once; gradients are unchanged. A model captured as one graph (no blocks) raises ValueError.
+        ``gradient_checkpointing_kwargs`` (transformers' Trainer passes ``use_reentrant``) are accepted: the
+        blocks always use non-reentrant checkpointing."""
+        blockwise.gradient_checkpointing_enable(self._source)
+        for gm in self._all_graphs():
+            if gm is not self._source and blockwise.block_calls(gm):
+                blockwise.gradient_checkpointing_enable(gm)
 
     def gradient_checkpointing_disable(self) -> None:
-        """Nothing to undo: gradient checkpointing is never on."""
+        """Call the blocks directly again in every graph."""
+        for gm in {id(g): g for g in [self._source, *self._all_graphs()]}.values():
+            blockwise.gradient_checkpointing_disable(gm)
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return False
+        return blockwise.is_gradient_checkpointing(self._source)
 
     # --- state dict: the adapters only -------------------------------------------------------------------
 
@@ -494,6 +502,8 @@ class VeraFxModel(nn.Module):
                                "that export can capture") from e
         gm = run_passes(gm, [MatchPass()])
         attach_adapters(gm, self._source)
+        if blockwise.is_gradient_checkpointing(self._source) and blockwise.block_calls(gm):
+            blockwise.gradient_checkpointing_enable(gm)
         gm.meta[_FINGERPRINT] = state_fingerprint(self._source)
         self._store(key, gm)
         return gm

@@ -16,7 +16,7 @@ from torch.fx import GraphModule
 
 from .methods import CONTAINER, AdapterState
 from .methods.pvera import GENERATOR_STATE, KL_RECORD, SAMPLE_SWITCH, PveraMethod, pvera_record_kl, reseed_state
-from .sites import ADAPTER_KEY, as_graph_module
+from .sites import ADAPTER_KEY, as_graph_module, graph_modules
 
 __all__ = ["set_sample_at_inference", "kl_divergence", "reseed", "pvera_states", "unwrap"]
 
@@ -108,7 +108,7 @@ def kl_divergence(gm: nn.Module, adapter_name: Optional[str] = None) -> torch.Te
     per_site: dict[tuple[str, str], list[torch.Tensor]] = {}
     live: dict[str, set[str]] = {name: set() for name in states}
     missing = []
-    for node in inner.graph.nodes:
+    for node in (n for g in graph_modules(inner) for n in g.graph.nodes):
         if node.op != "call_function" or node.target is not pvera_record_kl:
             continue
         tag = node.meta.get(ADAPTER_KEY) or {}

@@ -29,11 +29,11 @@ from .config import AdapterConfig
 from .methods import CONTAINER, AdapterState, method_for
 from .methods.pvera import KLRecord
 from .passes.bank import BASE_ADAPTER, INDEX_INPUT, bank_order, build_mixed_graph, check_bankable
-from .passes.inject import _device, _float_dtype
+from .passes.inject import _device, _float_dtype, attach_state, detach_state
 from .passes.match import MatchPass, select_sites
 from .sampling import unwrap
 from .passes.lower import LOWERING_KEY
-from .sites import ADAPTER_KEY, SITE_KEY
+from .sites import ADAPTER_KEY, SITE_KEY, graph_modules
 from .state import ACTIVE_KEY, adapter_container, shared_projections
 
 __all__ = ["mixed_adapter_forward", "mixed_graph", "adapter_index", "load_adapters", "export", "BASE_ADAPTER",
@@ -201,7 +201,7 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
         if name in container or name == BASE_ADAPTER:
             raise ValueError(f"adapter name {name!r} is already on this graph (or reserved); choose another name "
                              "or delete it first")
-    if not any(SITE_KEY in n.meta for n in inner.graph.nodes):
+    if not any(SITE_KEY in n.meta for g in graph_modules(inner) for n in g.graph.nodes):
         MatchPass()(inner)
     old_active = inner.meta.get(ACTIVE_KEY)
     added: list[str] = []
@@ -221,7 +221,7 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
                 state = _new_state(inner, config, sites_cache, projections_cache)
             except ValueError as e:
                 raise ValueError(f"{folder}: {e}") from e
-            container[name] = state
+            attach_state(inner, name, state)  # the root's state and the blocks' views of it
             added.append(name)
             plan, missing = _plan_load(inner, tensors, name, source)
             if missing and config.save_projection:
@@ -233,9 +233,11 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
             _apply(inner, plan)  # writes only the new adapter (shared projections were checked to be equal)
     except Exception:
         for name in added:
-            del container[name]
+            detach_state(inner, name)
         if not had_container:
-            delattr(inner, CONTAINER)
+            for g in graph_modules(inner):
+                if CONTAINER in g._modules:
+                    delattr(g, CONTAINER)
         if old_active is None:
             inner.meta.pop(ACTIVE_KEY, None)
         else:
@@ -299,7 +301,7 @@ def export(gm: nn.Module, example_inputs: Any, *, adapter_names: Optional[Sequen
     """
     inner = unwrap(gm)
     lowered = any((n.meta.get(ADAPTER_KEY) or {}).get("path") not in (None, "activation")
-                  for n in inner.graph.nodes)
+                  for g in graph_modules(inner) for n in g.graph.nodes)
     if lowered:  # the lean / weight paths only change backward: a program runs the plain nodes (torch + runtime)
         setting = inner.meta.get(LOWERING_KEY)
         set_lowering(inner, "activation")

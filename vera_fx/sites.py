@@ -15,13 +15,18 @@ import torch
 from torch.fx import GraphModule, Node
 
 __all__ = ["as_graph_module", "Site", "Candidate", "SITE_KEY", "ADAPTER_KEY", "MERGED_KEY", "read_sites", "site_of",
-           "site_output", "site_input",
-           "adapter_nodes", "LINEAR_KINDS", "adapted_sites"]
+           "site_output", "site_input", "adapter_nodes", "LINEAR_KINDS", "adapted_sites", "BLOCK_KEY",
+           "BLOCK_CALL_KEY", "graph_modules", "block_prefix", "read_graph_sites", "block_groups"]
 
 SITE_KEY = "vera_fx_site"
 ADAPTER_KEY = "vera_fx"
 # gm.meta key written by the merge pass: site name -> names of the adapters folded into its weight.
 MERGED_KEY = "vera_fx_merged"
+
+# gm.meta key of a block graph (a repeated layer kept as a GraphModule submodule): {"path", "group"}.
+BLOCK_KEY = "vera_fx_block"
+# node.meta key of the root graph's node that calls a block: the block's path.
+BLOCK_CALL_KEY = "vera_fx_block_call"
 
 # Kinds of site: dense kinds are merged by adding to the weight; quantized kinds come from bitsandbytes.
 LINEAR_KINDS = ("linear", "conv1d", "int8", "nf4", "fp4")
@@ -95,14 +100,37 @@ def site_output(base: Node, kind: str) -> Node:
     return base
 
 
+def block_prefix(gm: GraphModule) -> str:
+    """The module path of a block graph in the tree ('' for the root graph)."""
+    return (gm.meta.get(BLOCK_KEY) or {}).get("path", "")
+
+
+def graph_modules(gm: torch.nn.Module) -> list[GraphModule]:
+    """Every graph of the tree: the root graph, then its blocks in module order (one per layer). For the model
+    object ``vera_fx.transform`` returns, the tree of its source graph."""
+    if not isinstance(gm, GraphModule) and getattr(type(gm), "_vera_fx_source_graph", None) is not None:
+        gm = gm._vera_fx_source_graph
+    blocks = [m for _, m in gm.named_modules() if m is not gm and isinstance(m, GraphModule) and BLOCK_KEY in m.meta]
+    return [gm, *blocks] if isinstance(gm, GraphModule) else blocks
+
+
+def block_groups(gm: GraphModule) -> dict[int, list[GraphModule]]:
+    """Blocks by group (blocks of one group run copies of one exported graph)."""
+    groups: dict[int, list[GraphModule]] = {}
+    for g in graph_modules(gm)[1:]:
+        groups.setdefault(g.meta[BLOCK_KEY]["group"], []).append(g)
+    return groups
+
+
 def site_of(node: Node) -> Optional[dict[str, Any]]:
     return node.meta.get(SITE_KEY)
 
 
 def adapter_nodes(gm: GraphModule, site: Optional[str] = None, adapter: Optional[str] = None) -> list[Node]:
-    """Nodes that adapters added, optionally only those of one site and/or adapter."""
+    """Nodes that adapters added (in every graph of the tree), optionally only those of one site and/or
+    adapter."""
     out = []
-    for n in gm.graph.nodes:
+    for n in (n for g in graph_modules(gm) for n in g.graph.nodes):
         tag = n.meta.get(ADAPTER_KEY)
         if tag is None:
             continue
@@ -114,21 +142,53 @@ def adapter_nodes(gm: GraphModule, site: Optional[str] = None, adapter: Optional
     return out
 
 
-def read_sites(gm: GraphModule) -> list[Site]:
-    """Every tagged site of ``gm`` in graph order, with the adapters attached to it."""
-    attached: dict[str, list[str]] = {}
+def _graph_order(gm: GraphModule) -> list[GraphModule]:
+    """The tree's graphs in call order: each block where the root graph calls it (others at the end)."""
+    by_path = {block_prefix(g): g for g in graph_modules(gm)[1:]}
+    order: list[GraphModule] = []
     for n in gm.graph.nodes:
-        tag = n.meta.get(ADAPTER_KEY)
-        if tag and tag.get("role") == "output":
-            attached.setdefault(tag["site"], []).append(tag["adapter"])
+        path = n.meta.get(BLOCK_CALL_KEY)
+        if path in by_path and by_path[path] not in order:
+            order.append(by_path[path])
+    return order + [g for g in by_path.values() if g not in order]
+
+
+def read_sites(gm: GraphModule) -> list[Site]:
+    """Every tagged site of ``gm``'s graph tree in call order (a block's sites where the root calls it), with
+    the adapters attached to it. Merge state and sampling switches are the root's."""
     merged: dict[str, tuple[str, ...]] = gm.meta.get(MERGED_KEY) or {}
     sampling: dict[str, tuple[str, ...]] = {}
     for adapter_name, state in _adapter_states(gm):
         for site_name in state.method.sampling_sites(state):
             sampling.setdefault(site_name, ())
             sampling[site_name] += (adapter_name,)
-    result = []
+    blocks = {block_prefix(g): g for g in _graph_order(gm)}
+    own = {s.base: s for s in read_graph_sites(gm, merged, sampling)}
+    result: list[Site] = []
     for n in gm.graph.nodes:
+        path = n.meta.get(BLOCK_CALL_KEY)
+        if path in blocks:
+            result.extend(read_graph_sites(blocks.pop(path), merged, sampling))
+        elif n in own:
+            result.append(own[n])
+    for g in blocks.values():
+        result.extend(read_graph_sites(g, merged, sampling))
+    return result
+
+
+def read_graph_sites(gm: GraphModule, merged: Optional[dict] = None, sampling: Optional[dict] = None) -> list[Site]:
+    """The tagged sites of ``gm``'s own graph only (not its blocks), in graph order."""
+    return _sites_of_nodes(gm, list(gm.graph.nodes), merged or {}, sampling or {})
+
+
+def _sites_of_nodes(gm: GraphModule, nodes: list[Node], merged: dict, sampling: dict) -> list[Site]:
+    attached: dict[str, list[str]] = {}
+    for n in gm.graph.nodes:
+        tag = n.meta.get(ADAPTER_KEY)
+        if tag and tag.get("role") == "output":
+            attached.setdefault(tag["site"], []).append(tag["adapter"])
+    result = []
+    for n in nodes:
         tag = site_of(n)
         if tag is None:
             continue

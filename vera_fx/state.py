@@ -24,8 +24,8 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .config import AdapterConfig
-from .methods import CONTAINER, AdapterState, Method
-from .sites import MERGED_KEY, as_graph_module, read_sites
+from .methods import CONTAINER, AdapterState, AdapterView, Method
+from .sites import MERGED_KEY, as_graph_module, block_prefix, graph_modules, read_sites
 
 __all__ = ["ACTIVE_KEY", "DISABLED_KEY", "MTS_TAG", "PEFT_ROOT", "adapter_container", "active_adapters",
            "adapters_disabled", "merged_adapters", "shared_projections", "resolve_modules_to_save",
@@ -129,7 +129,7 @@ def resolve_modules_to_save(gm: GraphModule, module_names: Sequence[str]) -> lis
     """
     found: list[str] = []
     for module_name in module_names:
-        paths = [n for n, _ in gm.named_modules() if n and not n.startswith(CONTAINER)
+        paths = [n for n, _ in gm.named_modules() if n and CONTAINER not in n.split(".")
                  and (n == module_name or n.endswith("." + module_name))]
         if not paths:
             logger.warning("modules_to_save: %r names no module of the graph; skipped", module_name)
@@ -161,14 +161,26 @@ def attach_modules_to_save(gm: GraphModule, adapter_name: str, module_names: Seq
         copies[_mts_key(path)] = clone
     state.modules_to_save = copies
     state.modules_to_save_paths = paths
-    for node in gm.graph.nodes:
-        if node.op != "get_attr" or MTS_TAG in node.meta:
-            continue
-        owner = next((p for p in paths if str(node.target).startswith(p + ".")), None)
-        if owner is not None:
-            node.meta[MTS_TAG] = {"path": owner, "target": node.target}
+    for g in graph_modules(gm):  # the root graph and its blocks (a block's targets are relative to it)
+        prefix = block_prefix(g)
+        tagged = False
+        for node in g.graph.nodes:
+            if node.op != "get_attr" or MTS_TAG in node.meta:
+                continue
+            full = _qualify(prefix, str(node.target))
+            owner = next((p for p in paths if full.startswith(p + ".")), None)
+            if owner is not None:
+                node.meta[MTS_TAG] = {"path": owner, "target": node.target}
+                tagged = True
+        if tagged and g is not gm and adapter_name not in adapter_container(g):
+            # the block reads the copies through a view of the adapter's state
+            adapter_container(g)[adapter_name] = AdapterView(state, [], prefix)
     route_modules_to_save(gm, [] if adapters_disabled(gm) else active_adapters(gm))
     return paths
+
+
+def _qualify(prefix: str, target: str) -> str:
+    return f"{prefix}.{target}" if prefix else target
 
 
 def modules_to_save_copy(state: AdapterState, path: str) -> nn.Module:
@@ -194,18 +206,24 @@ def route_modules_to_save(gm: GraphModule, live: Sequence[str]) -> bool:
     base parameters). Returns whether a target changed; the caller recompiles."""
     owners = modules_to_save_owners(gm, live)
     changed = False
-    for node in gm.graph.nodes:
-        tag = node.meta.get(MTS_TAG)
-        if tag is None:
-            continue
-        owner = owners.get(tag["path"])
-        target = tag["target"]
-        if owner is not None:
-            rel = target[len(tag["path"]) + 1:]
-            target = f"{CONTAINER}.{owner}.modules_to_save.{_mts_key(tag['path'])}.{rel}"
-        if node.target != target:
-            node.target = target
-            changed = True
+    for g in graph_modules(gm):
+        prefix = block_prefix(g)
+        here = False
+        for node in g.graph.nodes:
+            tag = node.meta.get(MTS_TAG)
+            if tag is None:
+                continue
+            owner = owners.get(tag["path"])
+            target = tag["target"]
+            if owner is not None:
+                rel = _qualify(prefix, target)[len(tag["path"]) + 1:]
+                target = f"{CONTAINER}.{owner}.modules_to_save.{_mts_key(tag['path'])}.{rel}"
+            if node.target != target:
+                node.target = target
+                here = True
+        if here and g is not gm:
+            g.recompile()  # the caller recompiles the root
+        changed = changed or here
     return changed
 
 

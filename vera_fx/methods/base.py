@@ -14,10 +14,10 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from ..config import AdapterConfig
-from ..sites import ADAPTER_KEY, Site
+from ..sites import ADAPTER_KEY, Site, block_prefix
 
-__all__ = ["Method", "AdapterState", "Emitter", "kaiming_uniform", "CONTAINER", "register", "method_for",
-           "method_by_name"]
+__all__ = ["Method", "AdapterState", "AdapterView", "Emitter", "kaiming_uniform", "CONTAINER", "register",
+           "method_for", "method_by_name"]
 
 # Attribute of the GraphModule holding one AdapterState per adapter name.
 CONTAINER = "vera_fx_adapters"
@@ -80,6 +80,57 @@ class AdapterState(nn.Module):
         return f"method={self.method_name}, r={self.config.r}, sites={len(self.site_names)}"
 
 
+class AdapterView(AdapterState):
+    """A block's window on the root's AdapterState: the SAME site modules for the block's sites (so
+    ``fully_shard(block)`` shards that layer's lambdas with its weights, and the block graph's get_attr
+    nodes resolve inside the block); everything else (projections, run-time records) is read from the root
+    state, so it exists once and follows ``.to()``."""
+
+    def __init__(self, root: AdapterState, site_names: list[str], prefix: str) -> None:
+        nn.Module.__init__(self)
+        object.__setattr__(self, "_root_state", root)  # a plain reference, not a submodule
+        self.config = root.config
+        self.method_name = root.method_name
+        self.switches = root.switches
+        self.prefix = prefix
+        self.sites = nn.Module()
+        self.site_names = [s for s in root.site_names if s in set(site_names)]
+        for site in self.site_names:
+            parent_path, _, leaf = (self._relative(site) or "_root").rpartition(".")
+            parent = self.sites
+            for part in parent_path.split(".") if parent_path else []:
+                child = parent._modules.get(part)
+                if child is None:
+                    child = nn.Module()
+                    parent.add_module(part, child)
+                parent = child
+            parent.add_module(leaf, root.site_module(site))
+
+    def _relative(self, site: str) -> str:
+        """A site's path inside the block (the view's tree is relative, so every layer's code is the same)."""
+        if site == self.prefix:
+            return ""
+        return site[len(self.prefix) + 1:] if site.startswith(self.prefix + ".") else site
+
+    def site_module(self, site: str, create: bool = False) -> nn.Module:
+        return self._root_state.site_module(site, create)
+
+    def site_target(self, adapter_name: str, site: str, param: str) -> str:
+        return f"{CONTAINER}.{adapter_name}.sites.{self._relative(site) or '_root'}.{param}"
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            root = self.__dict__.get("_root_state")
+            if root is None:
+                raise
+            return getattr(root, name)
+
+    def extra_repr(self) -> str:
+        return f"view of {self.method_name}, sites={len(self.site_names)}"
+
+
 class Emitter:
     """Creates adapter nodes after a point in the graph, tagged with their site, adapter and role."""
 
@@ -88,7 +139,10 @@ class Emitter:
         self.cursor = after
         self.site = site
         self.adapter = adapter
-        self.ident = f"{_site_ident(site.name)}_{adapter}"
+        # node names relative to the block (if any), so that every layer's generated code is the same
+        prefix = block_prefix(graph.owning_module) if graph.owning_module is not None else ""
+        rel = site.name[len(prefix) + 1:] if prefix and site.name.startswith(prefix + ".") else site.name
+        self.ident = f"{_site_ident(rel)}_{adapter}"
 
     def _tag(self, node: Node, role: str, name: str = "") -> Node:
         node.meta[ADAPTER_KEY] = {"site": self.site.name, "adapter": self.adapter, "role": role,

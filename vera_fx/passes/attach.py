@@ -24,9 +24,9 @@ from torch import nn
 from torch.fx import GraphModule
 
 from ..methods import CONTAINER
-from ..sites import ADAPTER_KEY, read_sites
+from ..sites import ADAPTER_KEY, block_prefix, graph_modules, read_sites
 from ..state import MTS_TAG
-from .inject import emit_adapter, remove_adapter_nodes
+from .inject import attach_state, emit_adapter, remove_adapter_nodes
 
 __all__ = ["attach_adapters", "strip_adapters", "state_fingerprint", "GRAPH_OWN_META"]
 
@@ -47,9 +47,10 @@ def state_fingerprint(gm: GraphModule) -> tuple:
 
 
 def strip_adapters(gm: GraphModule) -> int:
-    """Remove every adapter's nodes from ``gm`` (whether or not its state is still there); returns how many
-    adapters had nodes."""
-    names = list(dict.fromkeys((n.meta.get(ADAPTER_KEY) or {}).get("adapter") for n in gm.graph.nodes))
+    """Remove every adapter's nodes from every graph of ``gm``'s tree (whether or not its state is still
+    there); returns how many adapters had nodes."""
+    names = list(dict.fromkeys((n.meta.get(ADAPTER_KEY) or {}).get("adapter")
+                               for g in graph_modules(gm) for n in g.graph.nodes))
     names = [n for n in names if n is not None]
     for name in names:
         remove_adapter_nodes(gm, name)
@@ -79,41 +80,48 @@ def _rebind(gm: GraphModule, source: GraphModule) -> int:
     count = 0
     for name, t in list(source.named_parameters(remove_duplicate=False)) + \
             list(source.named_buffers(remove_duplicate=False)):
-        if name.startswith(CONTAINER + "."):
+        if CONTAINER in name.split("."):  # the root's adapter container or a block's views of it
             continue
         count += _set_tensor(gm, name, t)
     return count
 
 
 def _route_modules_to_save(gm: GraphModule, source: GraphModule) -> None:
-    """Give ``gm``'s get_attr nodes the source's ``modules_to_save`` tags and current targets."""
-    routes = {}
-    for n in source.graph.nodes:
-        tag = n.meta.get(MTS_TAG)
-        if n.op == "get_attr" and tag is not None:
-            routes[tag["target"]] = (tag, n.target)
+    """Give the get_attr nodes of every graph of ``gm``'s tree the ``modules_to_save`` tags and current targets
+    of the source's graph at the same path (a block's targets are relative to the block)."""
+    routes: dict[tuple[str, str], tuple[dict, str]] = {}
+    for g in graph_modules(source):
+        for n in g.graph.nodes:
+            tag = n.meta.get(MTS_TAG)
+            if n.op == "get_attr" and tag is not None:
+                routes[(block_prefix(g), tag["target"])] = (tag, n.target)
     if not routes:
         return
-    for n in gm.graph.nodes:
-        if n.op != "get_attr":
-            continue
-        original = (n.meta.get(MTS_TAG) or {}).get("target", n.target)
-        if original in routes:
-            tag, target = routes[original]
-            n.meta[MTS_TAG] = dict(tag)
-            n.target = target
+    for g in graph_modules(gm):
+        prefix = block_prefix(g)
+        for n in g.graph.nodes:
+            if n.op != "get_attr":
+                continue
+            original = (n.meta.get(MTS_TAG) or {}).get("target", n.target)
+            if (prefix, original) in routes:
+                tag, target = routes[(prefix, original)]
+                n.meta[MTS_TAG] = dict(tag)
+                n.target = target
 
 
 def attach_adapters(gm: GraphModule, source: GraphModule) -> GraphModule:
     """Make ``gm`` (captured and matched from the same model as ``source``) compute what ``source`` computes,
     over ``source``'s adapter state; returns ``gm``, changed in place and recompiled."""
     strip_adapters(gm)
+    for g in graph_modules(gm):  # stale block views (and the root container) of an earlier attach
+        if CONTAINER in g._modules:
+            del g._modules[CONTAINER]
     container = getattr(source, CONTAINER, None)
     rebound = _rebind(gm, source)
     if container is not None:
-        if CONTAINER in gm._modules:
-            del gm._modules[CONTAINER]
         gm.add_module(CONTAINER, container)
+        for name, state in container.items():  # the same states; views of them in gm's own blocks
+            attach_state(gm, name, state)
     for key in list(gm.meta):
         if key.startswith("vera_fx_") and key not in GRAPH_OWN_META:
             del gm.meta[key]

@@ -31,7 +31,8 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
 from ..methods import CONTAINER, AdapterState, Emitter
-from ..sites import ADAPTER_KEY, MERGED_KEY, Site, read_sites
+from ..sites import (ADAPTER_KEY, BLOCK_CALL_KEY, BLOCK_KEY, MERGED_KEY, Site, block_prefix, graph_modules,
+                     read_graph_sites)
 from .inject import training_node
 from .share import share_projections
 
@@ -175,9 +176,91 @@ def _batch_size(graph: Graph) -> Any:
     return None
 
 
+def _batch_of_block(call: Node, block_graph: Graph, batch: Any) -> Any:
+    """The batch dimension as the block sees it: the first dimension of the block input at the position of
+    the first call argument whose first dimension is the caller's batch (blocks export with fresh symbols)."""
+    placeholders = [n for n in block_graph.nodes if n.op == "placeholder"]
+    for arg, ph in zip(call.args, placeholders):
+        val, own = (arg.meta.get("val") if isinstance(arg, Node) else None), ph.meta.get("val")
+        if isinstance(val, torch.Tensor) and isinstance(own, torch.Tensor) and val.dim() >= 1 and own.dim() >= 1 \
+                and str(val.shape[0]) == str(batch):
+            return own.shape[0]
+    return None
+
+
+class _Banker:
+    """Emits the banks of one graph of the tree (the root or a block) into its mixed copy."""
+
+    def __init__(self, mixed: GraphModule, index: Node, batch: Any, order: list[str],
+                 groups: dict[str, list[str]]) -> None:
+        self.mixed, self.graph, self.index, self.batch = mixed, mixed.graph, index, batch
+        self.order, self.groups = order, groups
+        self.states = _states(mixed)  # the root's states, or a block's views of them
+        self.device = next((p.device for p in mixed.parameters()), torch.device("cpu"))
+        self.first_op = index.next  # the bank index nodes go right after the index input
+        self.local_index: dict[tuple[int, ...], Node] = {}
+
+    def rows_of(self, members: list[str]) -> Node:
+        """The rows' index into the bank of ``members`` (``len(members)``: the zero row)."""
+        table = tuple(members.index(a) if a in members else len(members) for a in self.order) + (len(members),)
+        if table not in self.local_index:
+            buf = f"vera_fx_bank_map_{len(self.local_index)}"
+            self.mixed.register_buffer(buf, torch.tensor(table, dtype=torch.long, device=self.device),
+                                       persistent=False)
+            with self.graph.inserting_before(self.first_op):
+                mapping = self.graph.get_attr(buf)
+                rows = self.graph.call_function(aten.index_select.default, (mapping, 0, self.index))
+            for node in (mapping, rows):
+                node.meta[ADAPTER_KEY] = {"site": None, "adapter": None, "role": "mode", "base": None,
+                                          "name": "bank_index"}
+            self.local_index[table] = rows
+        return self.local_index[table]
+
+    def emit(self, merged: dict, sampling: dict) -> int:
+        """Bank every site of the graph's own nodes; returns the number of site calls."""
+        training = training_node(self.mixed)
+        count = 0
+        for site in read_graph_sites(self.mixed, merged, sampling):
+            x_val = site.input.meta.get("val")
+            ndim = x_val.dim() if isinstance(x_val, torch.Tensor) else 3
+            if isinstance(x_val, torch.Tensor) and self.batch is not None and (
+                    ndim < 2 or str(x_val.shape[0]) != str(self.batch)):
+                raise ValueError(f"site {site.name!r} reads a tensor of shape {tuple(x_val.shape)} whose first "
+                                 f"dimension is not the batch ({self.batch}), so its rows cannot choose an "
+                                 "adapter; leave it out of target_modules for mixed-adapter batches")
+            cur = site.output
+            for label, names in self.groups.items():
+                members = [a for a in names if a in self.states and site.name in self.states[a].site_names]
+                if not members:
+                    continue
+                own = f"bank_{label}"
+                em = BankEmitter(self.graph, cur, site, own, self.states, members, self.rows_of(members), ndim)
+                state = self.states[members[0]]
+                out = state.method.emit(em, state, site.input, cur, training)
+                cur.replace_all_uses_with(out, delete_user_cb=lambda u, out=out, s=site.name, own=own: u is not out
+                                          and not ((u.meta.get(ADAPTER_KEY) or {}).get("adapter") == own
+                                                   and u.meta[ADAPTER_KEY].get("site") == s))
+                cur = out
+            count += 1
+        share_projections(self.mixed, recompile=False)
+        self.graph.lint()
+        self.mixed.recompile()
+        self.mixed.training = False  # the flag the graph reads; the shared submodules keep theirs
+        return count
+
+
+def _sampling(gm: GraphModule) -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    for name, state in _states(gm).items():
+        for site_name in state.method.sampling_sites(state):
+            out[site_name] = out.get(site_name, ()) + (name,)
+    return out
+
+
 def build_mixed_graph(gm: GraphModule) -> GraphModule:
     """The mixed-adapter graph of ``gm``: its inputs plus ``vera_fx_adapter_index`` (int64, one per row).
 
+    Block-structured graphs get a mixed copy of every block, called with the index as one more argument.
     Shares the base weights and the adapter state with ``gm`` (nothing is copied); ``gm`` is unchanged.
     ValueError when ``check_bankable`` refuses, or when a site's input does not start with the batch
     dimension (its rows could not choose an adapter).
@@ -185,58 +268,38 @@ def build_mixed_graph(gm: GraphModule) -> GraphModule:
     check_bankable(gm)
     states = _states(gm)
     order = list(states)
+    groups = bank_groups(gm)
+    merged: dict = gm.meta.get(MERGED_KEY) or {}
+    sampling = _sampling(gm)
     graph, index = _copy_without_adapters(gm)
     mixed = GraphModule(gm, graph)
     mixed.add_module(CONTAINER, getattr(gm, CONTAINER))  # the same state objects
     mixed.meta.update({k: v for k, v in gm.meta.items() if k in ("vera_fx_signature", "vera_fx_model")})
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     batch = _batch_size(graph)
-    training = training_node(mixed)
-    first_op = index.next  # the bank index nodes go right after the index input
-    local_index: dict[tuple[int, ...], Node] = {}
-    groups = bank_groups(gm)
-
-    def rows_of(members: list[str]) -> Node:
-        table = tuple(members.index(a) if a in members else len(members) for a in order) + (len(members),)
-        if table not in local_index:
-            buf = f"vera_fx_bank_map_{len(local_index)}"
-            mixed.register_buffer(buf, torch.tensor(table, dtype=torch.long, device=device), persistent=False)
-            with graph.inserting_before(first_op):
-                mapping = graph.get_attr(buf)
-                rows = graph.call_function(aten.index_select.default, (mapping, 0, index))
-            for node in (mapping, rows):
-                node.meta[ADAPTER_KEY] = {"site": None, "adapter": None, "role": "mode", "base": None,
-                                          "name": "bank_index"}
-            local_index[table] = rows
-        return local_index[table]
-
+    blocks = {block_prefix(b): b for b in graph_modules(gm)[1:]}
     count = 0
-    for site in read_sites(mixed):
-        x_val = site.input.meta.get("val")
-        ndim = x_val.dim() if isinstance(x_val, torch.Tensor) else 3
-        if isinstance(x_val, torch.Tensor) and batch is not None and (
-                ndim < 2 or str(x_val.shape[0]) != str(batch)):
-            raise ValueError(f"site {site.name!r} reads a tensor of shape {tuple(x_val.shape)} whose first "
-                             f"dimension is not the batch ({batch}), so its rows cannot choose an adapter; "
-                             "leave it out of target_modules for mixed-adapter batches")
-        cur = site.output
-        for label, names in groups.items():
-            members = [a for a in names if site.name in states[a].site_names]
-            if not members:
-                continue
-            em = BankEmitter(graph, cur, site, f"bank_{label}", states, members, rows_of(members), ndim)
-            state = states[members[0]]
-            out = state.method.emit(em, state, site.input, cur, training)
-            own = f"bank_{label}"
-            cur.replace_all_uses_with(out, delete_user_cb=lambda u, out=out, s=site.name, own=own: u is not out
-                                      and not ((u.meta.get(ADAPTER_KEY) or {}).get("adapter") == own
-                                               and u.meta[ADAPTER_KEY].get("site") == s))
-            cur = out
-        count += 1
-    share_projections(mixed)
-    graph.lint()
-    mixed.recompile()
-    mixed.training = False  # the root flag the graph reads; the shared submodules keep theirs
+    for node in list(graph.nodes):
+        path = node.meta.get(BLOCK_CALL_KEY)
+        if node.op != "call_module" or path not in blocks:
+            continue
+        block = blocks.pop(path)
+        b_graph, b_index = _copy_without_adapters(block)
+        b_mixed = GraphModule(block, b_graph, class_name=type(block).__name__)
+        b_mixed.meta.update({k: v for k, v in block.meta.items() if k == BLOCK_KEY})
+        if CONTAINER in block._modules:
+            b_mixed.add_module(CONTAINER, block._modules[CONTAINER])  # the block's views of the states
+            count += _Banker(b_mixed, b_index, _batch_of_block(node, b_graph, batch), order, groups).emit(
+                merged, sampling)
+        else:
+            b_mixed.recompile()
+            b_mixed.training = False
+        parent_path, _, leaf = path.rpartition(".")
+        parent = mixed.get_submodule(parent_path) if parent_path else mixed
+        if parent_path and parent is gm.get_submodule(parent_path):
+            raise RuntimeError(f"mixed graph would replace block {path!r} inside the adapted graph's own tree")
+        parent._modules[leaf] = b_mixed
+        node.args = (*node.args, index)
+    count += _Banker(mixed, index, batch, order, groups).emit(merged, sampling)
     mixed.meta[BANK_META] = {"order": order, "banks": groups}
     logger.info("mixed-adapter graph: %d adapters in %d banks, %d site calls", len(order), len(groups), count)
     return mixed

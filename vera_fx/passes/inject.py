@@ -21,14 +21,15 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..config import AdapterConfig
-from ..methods import CONTAINER, AdapterState, Emitter, method_for
-from ..sites import ADAPTER_KEY, Site, read_sites
+from ..methods import CONTAINER, AdapterState, AdapterView, Emitter, method_for
+from ..sites import ADAPTER_KEY, Site, block_prefix, graph_modules, read_graph_sites
 from ..state import adapter_container, attach_modules_to_save, bias_targets, shared_projections
-from .lower import lower_adapters
+from .lower import lower_adapters, lowering_setting
 from .match import select_sites
 from .share import share_projections
 
-__all__ = ["InjectPass", "training_node", "adapter_container", "emit_adapter", "remove_adapter_nodes"]
+__all__ = ["InjectPass", "training_node", "adapter_container", "emit_adapter", "remove_adapter_nodes", "attach_state",
+           "detach_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class InjectPass(PassBase):
                 mod.register_parameter(pname, nn.Parameter(value.to(_device(gm, s)), requires_grad=True))
             state.site_names.append(s.name)
         method.init_switches(state)
-        adapter_container(gm)[name] = state
+        attach_state(gm, name, state)
 
         count = emit_adapter(gm, name)
         self._mark_trainable(gm, cfg, chosen)
@@ -134,6 +135,40 @@ class InjectPass(PassBase):
                     mod._parameters[leaf] = nn.Parameter(p.detach().clone(), requires_grad=True)
 
 
+def attach_state(gm: GraphModule, adapter_name: str, state: AdapterState) -> None:
+    """Register ``state`` at the root of ``gm``'s tree, and in every block holding some of its sites a view
+    (``AdapterView``) that holds the same site modules. Emits nothing (``emit_adapter`` does)."""
+    adapter_container(gm)[adapter_name] = state
+    _container_first(gm)
+    wanted = set(state.site_names)
+    saved = getattr(state, "modules_to_save_paths", None) or []
+    for g in graph_modules(gm)[1:]:
+        own = {s.name for s in read_graph_sites(g)} & wanted
+        prefix = block_prefix(g)
+        if own or any(p == prefix or p.startswith(prefix + ".") for p in saved):
+            adapter_container(g)[adapter_name] = AdapterView(state, sorted(own), block_prefix(g))
+
+
+def _container_first(gm: GraphModule) -> None:
+    """Put the root's adapter container first among its children, so that ``named_parameters()`` (which
+    lists a shared parameter once, under its first name) names the lambdas ``vera_fx_adapters.<adapter>.
+    sites.<site>.<param>`` rather than by the block views that hold them too."""
+    mods = gm._modules
+    if next(iter(mods)) != CONTAINER:
+        items = list(mods.items())
+        mods.clear()
+        mods[CONTAINER] = dict(items)[CONTAINER]
+        mods.update((k, v) for k, v in items if k != CONTAINER)
+
+
+def detach_state(gm: GraphModule, adapter_name: str) -> None:
+    """Remove ``adapter_name``'s state from the root and its views from the blocks."""
+    for g in graph_modules(gm):
+        container = getattr(g, CONTAINER, None)
+        if container is not None and adapter_name in container:
+            del container[adapter_name]
+
+
 def _is_own_node(node: Node, site: str, adapter: str) -> bool:
     tag = node.meta.get(ADAPTER_KEY)
     return bool(tag) and tag.get("site") == site and tag.get("adapter") == adapter
@@ -150,18 +185,33 @@ def _adapted_outputs(gm: GraphModule) -> dict[str, Node]:
 
 
 def emit_adapter(gm: GraphModule, adapter_name: str, site_names: Optional[set[str]] = None) -> int:
-    """Emit ``adapter_name``'s nodes after every call of its sites (or of ``site_names`` only).
+    """Emit ``adapter_name``'s nodes after every call of its sites (or of ``site_names`` only), in every graph
+    of the tree that holds its state (``attach_state``).
 
-    The adapter's state must already be registered; sites that already carry its nodes are skipped.
-    Returns the number of calls adapted. Recompiles ``gm``.
+    Sites that already carry its nodes are skipped. Returns the number of calls adapted. Recompiles the
+    graphs it changed.
     """
+    count = 0
+    setting = lowering_setting(gm)  # the root's lowering setting, for every graph of the tree
+    for g in graph_modules(gm):
+        container = getattr(g, CONTAINER, None)
+        if container is not None and adapter_name in container:
+            count += _emit_graph(g, adapter_name, site_names, setting)
+    return count
+
+
+def _emit_graph(gm: GraphModule, adapter_name: str, site_names: Optional[set[str]],
+                setting: Optional[dict] = None) -> int:
+    """``emit_adapter`` on one graph (its own nodes only)."""
     state = getattr(gm, CONTAINER)[adapter_name]
     method = state.method
     wanted = set(state.site_names) if site_names is None else set(site_names) & set(state.site_names)
+    if not wanted:
+        return 0
     training = training_node(gm)
     outputs = _adapted_outputs(gm)
     count = 0
-    for site in read_sites(gm):  # every call of a chosen site, shared layers included
+    for site in read_graph_sites(gm):  # every call of a chosen site, shared layers included
         if site.name not in wanted or adapter_name in site.adapters:
             continue
         y = outputs.get(site.base.name, site.output)
@@ -170,16 +220,22 @@ def emit_adapter(gm: GraphModule, adapter_name: str, site_names: Optional[set[st
         y.replace_all_uses_with(out, delete_user_cb=lambda u, out=out, s=site.name: u is not out
                                 and not _is_own_node(u, s, adapter_name))
         count += 1
-    share_projections(gm)
-    lower_adapters(gm)
+    share_projections(gm, recompile=False)  # linted and recompiled below
+    lower_adapters(gm, setting, recompile=False)  # linted and recompiled below
     gm.graph.lint()
     gm.recompile()
     return count
 
 
 def remove_adapter_nodes(gm: GraphModule, adapter_name: str, site_names: Optional[set[str]] = None) -> int:
-    """Erase ``adapter_name``'s nodes (at ``site_names`` only, when given), rewiring each site's users to the
-    output the adapter was added to. Returns the number of calls cleared. Recompiles ``gm``."""
+    """Erase ``adapter_name``'s nodes (at ``site_names`` only, when given) in every graph of the tree,
+    rewiring each site's users to the output the adapter was added to. Returns the number of calls cleared.
+    Recompiles the graphs."""
+    return sum(_remove_graph(g, adapter_name, site_names) for g in graph_modules(gm))
+
+
+def _remove_graph(gm: GraphModule, adapter_name: str, site_names: Optional[set[str]]) -> int:
+    """``remove_adapter_nodes`` on one graph."""
     graph = gm.graph
     cleared = 0
     for out in [n for n in graph.nodes if (n.meta.get(ADAPTER_KEY) or {}).get("role") == "output"

@@ -48,7 +48,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..methods import CONTAINER, Emitter
 from ..methods.lean import pvera_lean_noise
-from ..sites import ADAPTER_KEY, SITE_KEY, Site, read_sites
+from ..sites import ADAPTER_KEY, SITE_KEY, Site, as_graph_module, block_prefix, graph_modules, read_graph_sites
 
 __all__ = ["LowerPass", "lower_adapters", "path_costs", "choose_path", "lowering_setting", "check_lowering",
            "LOWERING_KEY", "PATHS", "MODES", "DEFAULT_TOKENS", "LEAN_OVERHEAD", "GroupShape"]
@@ -142,7 +142,7 @@ def _chains(gm: GraphModule) -> list[_Chain]:
     container = getattr(gm, CONTAINER, None)
     if container is None:
         return []
-    sites = {s.base.name: s for s in read_sites(gm)}
+    sites = {s.base.name: s for s in read_graph_sites(gm)}  # this graph's own sites (a block's too)
     found: dict[tuple[str, str], dict[str, Node]] = {}
     for n in gm.graph.nodes:
         tag = n.meta.get(ADAPTER_KEY)
@@ -175,14 +175,16 @@ def _weight_blocker(gm: GraphModule, c: _Chain) -> Optional[str]:
     if s.kind != "linear" or s.base.target is not aten.linear.default or len(s.base.args) < 2:
         return f"site kind {s.kind!r} has no dense (out, in) weight argument"
     root = _weight_root(s.base.args[1])
-    if root.op != "get_attr" or root.target != s.weight:
+    prefix = block_prefix(gm)  # a block's get_attr targets are relative to the block; site weights are full
+    local = s.weight[len(prefix) + 1:] if prefix and s.weight and s.weight.startswith(prefix + ".") else s.weight
+    if root.op != "get_attr" or root.target != local:
         return "its weight is computed in the graph"
     if c.h.args[0] is not s.input:
         return "its adapter input is cast or changed"
     if any(not u.meta.get(ADAPTER_KEY) and (u.meta.get(SITE_KEY) or {}).get("name") != s.name for u in root.users):
         return f"its weight {s.weight!r} is read by other calls (tied weights)"
     try:
-        w: Optional[torch.Tensor] = gm.get_parameter(s.weight)
+        w: Optional[torch.Tensor] = gm.get_parameter(local)
     except AttributeError:
         w = None
     lam = c.state.site_parameters(s.name)[f"{c.state.method.prefix}_lambda_b"]
@@ -257,7 +259,8 @@ def _lower_weight(gm: GraphModule, c: _Chain) -> None:
 
     def copy(n: Node, role: str, name: str) -> Node:  # a get_attr (+ slice) copied in front of the base call
         if n.op == "get_attr":
-            with graph.inserting_before(base):
+            with graph.inserting_before(base), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # a block view's projections live in the root state
                 new = graph.get_attr(n.target)
             return _tag(new, c, role, name, "weight")
         src = copy(n.args[0], role, name)
@@ -286,15 +289,17 @@ def _lower_weight(gm: GraphModule, c: _Chain) -> None:
     _drop_unused(gm, [h, lam_d, lam_b, b, a], base.name)
 
 
-def lower_adapters(gm: GraphModule) -> int:
-    """Lower every plain adapter chain of ``gm`` by its group's path; returns how many site calls changed.
+def lower_adapters(gm: GraphModule, setting: Optional[dict[str, Any]] = None, recompile: bool = True) -> int:
+    """Lower every plain adapter chain of ``gm``'s own graph by its group's path; returns how many site calls
+    changed.
 
-    Reads the setting from ``gm.meta["vera_fx_lowering"]``. Recompiles ``gm`` when anything changed.
+    Reads the setting from ``gm.meta["vera_fx_lowering"]`` unless ``setting`` is given (a block graph gets its
+    root's). Recompiles ``gm`` when anything changed, unless ``recompile=False`` (the caller does).
     """
     chains = _chains(gm)
     if not chains:
         return 0
-    setting = lowering_setting(gm)
+    setting = setting or lowering_setting(gm)
     mode, tokens = setting["mode"], setting.get("tokens") or DEFAULT_TOKENS
     groups: dict[tuple[str, str, str], list[_Chain]] = {}
     for c in chains:  # a per-site override splits its group: each part is decided on its own
@@ -323,7 +328,7 @@ def lower_adapters(gm: GraphModule) -> int:
         detail = "; ".join(f"{s!r}: {why}" for s, why in list(fallbacks.items())[:5])
         warnings.warn(f"lowering='weight' cannot fold {len(fallbacks)} site(s), lowered to the lean path instead: "
                       f"{detail}", UserWarning, stacklevel=3)
-    if changed:
+    if changed and recompile:
         gm.graph.lint()
         gm.recompile()
     return changed
@@ -339,7 +344,9 @@ class LowerPass(PassBase):
     def call(self, graph_module: GraphModule) -> PassResult:
         if self.setting is not None:
             graph_module.meta[LOWERING_KEY] = self.setting
-        return PassResult(graph_module, lower_adapters(graph_module) > 0)
+        setting = lowering_setting(graph_module)  # the root's setting, for every graph of the tree
+        changed = sum(lower_adapters(g, setting) for g in graph_modules(as_graph_module(graph_module, "LowerPass")))
+        return PassResult(graph_module, changed > 0)
 
     def ensures(self, graph_module: GraphModule) -> None:
         graph_module.graph.lint()

@@ -20,7 +20,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..config import DEFAULT_TARGET_MODULES, AdapterConfig
 from .. import quantized
-from ..sites import SITE_KEY, Candidate, Site, read_sites
+from ..sites import SITE_KEY, Candidate, Site, block_prefix, graph_modules, read_sites
 
 __all__ = ["MatchPass", "Candidate", "RECOGNISERS", "select_sites", "module_path", "resolve_targets",
            "layer_index", "peft_selection"]
@@ -113,6 +113,17 @@ class MatchPass(PassBase):
     """Tag every linear-like call with ``node.meta[SITE_KEY]`` (name, kind, shapes, weight, bias)."""
 
     def call(self, graph_module: GraphModule) -> PassResult:
+        """Tag the sites of every graph of the tree (a block's sites get the block's path in front)."""
+        found = [self._match_graph(g) for g in graph_modules(graph_module)]
+        return PassResult(graph_module, any(found))
+
+    @staticmethod
+    def _match_graph(graph_module: GraphModule) -> bool:
+        prefix = block_prefix(graph_module)
+
+        def full(name: Optional[str]) -> Optional[str]:
+            return None if name is None else (f"{prefix}.{name}" if name else prefix) if prefix else name
+
         cands = []
         for node in graph_module.graph.nodes:
             if SITE_KEY in node.meta:
@@ -120,6 +131,7 @@ class MatchPass(PassBase):
             for recognise in RECOGNISERS:
                 c = recognise(node)
                 if c is not None:
+                    c.owner, c.weight, c.bias = full(c.owner), full(c.weight), full(c.bias)
                     cands.append(c)
                     break
         names = _name_candidates(cands)
@@ -127,8 +139,8 @@ class MatchPass(PassBase):
             c.node.meta[SITE_KEY] = {"name": names[c.node], "kind": c.kind, "in_features": c.in_features,
                                      "out_features": c.out_features, "weight": c.weight, "bias": c.bias,
                                      "owner_type": c.owner_type}
-        logger.debug("match: %d linear-like calls", len(cands))
-        return PassResult(graph_module, bool(cands))
+        logger.debug("match: %d linear-like calls in %s", len(cands), prefix or "the top graph")
+        return bool(cands)
 
 
 _DEFAULT_ALTERNATIVES = (["q_proj", "v_proj"], ["query", "value"], ["q", "v"], ["c_attn"])

@@ -28,7 +28,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..methods import CONTAINER, AdapterState
 from ..quantized import mergeable
-from ..sites import ADAPTER_KEY, MERGED_KEY, Site, as_graph_module, read_sites
+from ..sites import ADAPTER_KEY, MERGED_KEY, Site, as_graph_module, block_prefix, graph_modules, read_sites
 from ..state import MTS_TAG, active_adapters, adapters_disabled
 from .inject import emit_adapter, remove_adapter_nodes
 
@@ -146,9 +146,10 @@ def _plan(gm: GraphModule, names: tuple[str, ...]) -> tuple[list[_Fold], dict[st
         calls_by_site.setdefault(s.name, []).append(s)
     sampling = {a: set(container[a].method.sampling_sites(container[a])) for a in names}
     readers: dict[str, list[Node]] = {}
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            readers.setdefault(str(n.target), []).extend(n.users)
+    for g in graph_modules(gm):
+        for n in g.graph.nodes:
+            if n.op == "get_attr":
+                readers.setdefault(_qualified(g, str(n.target)), []).extend(n.users)
     folds: list[_Fold] = []
     skipped: dict[str, str] = {}
     for name, calls in calls_by_site.items():
@@ -194,6 +195,12 @@ def _folded_weight(gm: GraphModule, fold: _Fold, weight: torch.Tensor, safe_merg
     return acc.to(weight.dtype)
 
 
+def _qualified(g: GraphModule, target: str) -> str:
+    """A get_attr target of graph ``g`` as a name in the root module of its tree."""
+    prefix = block_prefix(g)
+    return f"{prefix}.{target}" if prefix else target
+
+
 def _warn_skipped(skipped: dict[str, str], what: str, stacklevel: int) -> None:
     if skipped:
         detail = "; ".join(f"{name!r}: {why}" for name, why in skipped.items())
@@ -202,10 +209,12 @@ def _warn_skipped(skipped: dict[str, str], what: str, stacklevel: int) -> None:
 
 
 def _drop_unused_training(gm: GraphModule) -> None:
-    """Erase the ``get_attr('training')`` node the adapters added when nothing reads it any more."""
-    for n in list(gm.graph.nodes):
-        if n.op == "get_attr" and n.target == "training" and not n.users:
-            gm.graph.erase_node(n)
+    """Erase the ``get_attr('training')`` nodes the adapters added when nothing reads them any more."""
+    for g in graph_modules(gm):
+        for n in list(g.graph.nodes):
+            if n.op == "get_attr" and n.target == "training" and not n.users:
+                g.graph.erase_node(n)
+        g.recompile()
 
 
 class _Atomic:
@@ -218,14 +227,15 @@ class _Atomic:
     def __enter__(self) -> "_Atomic":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's pytree spec deprecation inside deepcopy
-            self.graph = copy.deepcopy(self.gm.graph)
+            self.graphs = [(g, copy.deepcopy(g.graph)) for g in graph_modules(self.gm)]
         self.tensors = {q: _get_tensor(self.gm, q) for q in self.qualnames}
         self.meta = {k: copy.copy(self.gm.meta.get(k)) for k in (MERGED_KEY, FOLDED_KEY)}
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
         if exc_type is not None:
-            self.gm.graph = self.graph  # the setter recompiles
+            for g, graph in self.graphs:
+                g.graph = graph  # the setter recompiles
             for q, t in self.tensors.items():
                 _set_tensor(self.gm, q, t)
             for k, v in self.meta.items():
@@ -381,14 +391,14 @@ def _graph_reads(gm: GraphModule) -> dict[str, str]:
     """Model parameter name -> the name of the tensor the graph reads in its place, for every parameter the
     base graph reads (a ``modules_to_save`` copy stands in for the parameter it was copied from)."""
     reads: dict[str, str] = {}
-    for n in gm.graph.nodes:
+    for n, target in ((n, _qualified(g, str(n.target))) for g in graph_modules(gm) for n in g.graph.nodes):
         if n.op != "get_attr" or n.meta.get(ADAPTER_KEY) or n.target == "training":
             continue
         mts = n.meta.get(MTS_TAG)
-        model_name = mts["target"] if mts else n.target
+        model_name = _qualified(g, str(mts["target"])) if mts else target
         try:
-            if isinstance(_get_tensor(gm, n.target), nn.Parameter):
-                reads[model_name] = n.target
+            if isinstance(_get_tensor(gm, target), nn.Parameter):
+                reads[model_name] = target
         except AttributeError:
             continue  # not a tensor attribute
     return reads

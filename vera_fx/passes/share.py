@@ -15,7 +15,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..sites import ADAPTER_KEY
+from ..sites import ADAPTER_KEY, graph_modules
 
 __all__ = ["SharePass", "share_projections"]
 
@@ -39,8 +39,9 @@ def _key(node: Node) -> Hashable:
     return node.op, node.target, freeze(node.args), freeze(node.kwargs)
 
 
-def share_projections(gm: GraphModule) -> int:
-    """Merge identical deterministic adapter nodes in place; returns how many nodes were removed."""
+def share_projections(gm: GraphModule, recompile: bool = True) -> int:
+    """Merge identical deterministic adapter nodes in place; returns how many nodes were removed.
+    ``recompile=False`` leaves linting and recompiling to the caller (who changes the graph anyway)."""
     seen: dict[Hashable, Node] = {}
     removed = 0
     for node in list(gm.graph.nodes):
@@ -62,7 +63,7 @@ def share_projections(gm: GraphModule) -> int:
         node.replace_all_uses_with(first)
         gm.graph.erase_node(node)
         removed += 1
-    if removed:
+    if removed and recompile:
         gm.graph.lint()
         gm.recompile()
     logger.debug("share: %d duplicate adapter nodes removed", removed)
@@ -73,4 +74,5 @@ class SharePass(PassBase):
     """The share pass as a torch.fx pass."""
 
     def call(self, graph_module: GraphModule) -> PassResult:
-        return PassResult(graph_module, share_projections(graph_module) > 0)
+        removed = sum(share_projections(g) for g in graph_modules(graph_module))
+        return PassResult(graph_module, removed > 0)

@@ -1,0 +1,182 @@
+"""Block-structured capture: layers as GraphModule submodules, one export per distinct block; activation
+checkpointing and regional compile per block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.testing import CompileCounter
+from torch.fx import GraphModule
+
+import vera_fx
+from conftest import text_inputs, tiny_gpt2, tiny_llama
+from vera_fx.blockwise import (compile_blocks, gradient_checkpointing_disable, gradient_checkpointing_enable,
+                               is_gradient_checkpointing)
+from vera_fx.passes.pipeline import add_adapter_passes, run_passes
+from vera_fx.sites import BLOCK_KEY, block_groups, graph_modules
+
+
+def _randomise(gm):
+    with torch.no_grad():
+        for n, p in gm.named_parameters():
+            if "lambda" in n:
+                p.normal_(0, 0.5)
+
+
+def test_layers_are_blocks_bound_to_their_own_weights():
+    m = tiny_llama(num_hidden_layers=3)
+    gm = vera_fx.transform(m, vera_fx.VeraConfig(r=4, target_modules=["q_proj", "v_proj"])).graph_module
+    blocks = graph_modules(gm)[1:]
+    assert [b.meta[BLOCK_KEY]["path"] for b in blocks] == [f"model.layers.{i}" for i in range(3)]
+    assert len(block_groups(gm)) == 1  # one distinct block: exported once, copied per layer
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith("model.layers.")]
+    assert [str(n.target) for n in calls] == [f"model.layers.{i}" for i in range(3)]
+    for i, b in enumerate(blocks):
+        assert isinstance(b, GraphModule) and gm.get_submodule(f"model.layers.{i}") is b
+        w = b.get_parameter("self_attn.q_proj.weight")  # the layer's own storage, a graph-owned frozen Parameter
+        assert w.data_ptr() == m.model.layers[i].self_attn.q_proj.weight.data_ptr() and not w.requires_grad
+        assert w is not m.model.layers[i].self_attn.q_proj.weight
+        # the layer's lambdas are reachable inside the block (FSDP2 shards them with the block)
+        own = {n for n, p in b.named_parameters() if p.requires_grad}
+        assert own == {f"vera_fx_adapters.default.sites.self_attn.{p}.vera_lambda_{x}" for p in ("q_proj", "v_proj")
+                       for x in ("b", "d")}
+    names = [s.name for s in vera_fx.sites(gm)]
+    assert names == [f"model.layers.{i}.self_attn.{p}" for i in range(3) for p in ("q_proj", "v_proj")]
+    # state_dict / PEFT naming is the root's
+    trainable = [n for n, p in gm.named_parameters() if p.requires_grad]
+    assert trainable[0] == "vera_fx_adapters.default.sites.model.layers.0.self_attn.q_proj.vera_lambda_b"
+    assert len(trainable) == 12 and all(n.startswith("vera_fx_adapters.default.sites.model.layers.") for n in trainable)
+    _randomise(gm)
+    kw = text_inputs(m)
+    gm.eval()
+    flat = run_passes(vera_fx.capture(m, blocks=False),
+                      add_adapter_passes(vera_fx.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]), "default"))
+    assert len(graph_modules(flat)) == 1
+    vera_fx.load_adapter_state_dict(flat, vera_fx.adapter_state_dict(gm))
+    flat.eval()
+    torch.testing.assert_close(gm(**kw).logits, flat(**kw).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_each_block_follows_its_own_mode():
+    m = tiny_gpt2(embd_pdrop=0.0, resid_pdrop=0.2, attn_pdrop=0.2)
+    gm = vera_fx.transform(m, vera_fx.VeraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)).graph_module
+    kw = text_inputs(m)
+    gm.eval()
+    assert not any(b.training for b in graph_modules(gm))  # .eval() on the root reaches every block
+    ref = gm(**kw).logits
+    gm.train()
+    assert all(b.training for b in graph_modules(gm))
+    assert not torch.allclose(gm(**kw).logits, ref)  # dropout in the blocks is live
+    for b in graph_modules(gm)[1:]:
+        b.eval()  # the top graph stays in training mode; each block reads its own flag
+    torch.testing.assert_close(gm(**kw).logits, ref)
+
+
+class _Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[1](self.layers[0](self.layers[0](x)))  # layer 0 called twice: not a block
+
+
+def test_layers_that_cannot_be_blocks():
+    net = _Shared()
+    x = torch.randn(2, 3, 8)
+    gm = vera_fx.capture(net, (x,))  # a plain nn.Module: one graph, as before
+    assert len(graph_modules(gm)) == 1
+    with pytest.raises(vera_fx.CaptureError, match="called 2 times"):
+        vera_fx.capture(net, (x,), blocks=True)
+    with pytest.raises(TypeError, match="blocks must be"):
+        vera_fx.capture(net, (x,), blocks="yes")
+
+
+def test_gradient_checkpointing_per_block():
+    m = tiny_llama(num_hidden_layers=4)
+    gm = vera_fx.transform(m, vera_fx.VeraConfig(r=8, target_modules="all-linear", init_weights=False)).graph_module
+    kw = text_inputs(m, batch=2, length=16)
+
+    def step():
+        gm.zero_grad()
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            loss = gm(**kw).loss
+        loss.backward()
+        saved = sum(sizes)
+        return saved, {n: p.grad.clone() for n, p in gm.named_parameters() if p.requires_grad}
+
+    def calls():
+        return [(n.op, str(n.target)) for n in gm.graph.nodes]
+
+    before = calls()
+    plain, grads = step()
+    assert gradient_checkpointing_enable(gm) is gm and is_gradient_checkpointing(gm)
+    ckpt, ckpt_grads = step()
+    assert ckpt < 0.4 * plain  # block inputs plus the top graph's activations, not every block's
+    for k, g in grads.items():
+        torch.testing.assert_close(ckpt_grads[k], g, atol=1e-6, rtol=1e-5)
+    gradient_checkpointing_disable(gm)
+    assert not is_gradient_checkpointing(gm) and calls() == before
+    flat = vera_fx.capture(nn.Linear(4, 4), (torch.randn(2, 4),))
+    with pytest.raises(ValueError, match="no blocks"):
+        gradient_checkpointing_enable(flat)
+
+
+def test_regional_compile_once_per_block_signature():
+    m = tiny_llama(num_hidden_layers=3)
+    gm = vera_fx.transform(m, vera_fx.VeraConfig(r=8, target_modules="all-linear", init_weights=False)).graph_module
+    kw = text_inputs(m)
+    gm.eval()
+    with torch.no_grad():
+        ref = gm(**kw).logits
+    cnt = CompileCounter()
+    torch._dynamo.reset()
+    compile_blocks(gm, backend=cnt)
+    with torch.no_grad():
+        out = gm(**kw).logits
+    assert cnt.frame_count == 1  # three layers, one compilation
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(ValueError, match="no blocks"):
+        compile_blocks(vera_fx.capture(nn.Linear(4, 4), (torch.randn(2, 4),)))
+
+
+def test_modules_to_save_inside_blocks_match_peft(tmp_path):
+    """A modules_to_save entry naming a module inside the layers (each layer's input norm) trains a copy per
+    layer, read by that layer's block; outputs, gradients and the PEFT checkpoint match peft."""
+    import peft
+
+    m = tiny_llama(num_hidden_layers=2)
+    kw = text_inputs(m)
+    cfg = dict(r=4, target_modules=["q_proj"], modules_to_save=["input_layernorm"])
+    gm = vera_fx.transform(m, vera_fx.VeraConfig(**cfg))
+    assert len(graph_modules(gm.graph_module)) == 3
+    state = gm.graph_module.vera_fx_adapters.default
+    assert state.modules_to_save_paths == ["model.layers.0.input_layernorm", "model.layers.1.input_layernorm"]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in gm.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    folder = tmp_path / "a"
+    vera_fx.save_adapter(gm, folder)
+    ref = peft.PeftModel.from_pretrained(tiny_llama(num_hidden_layers=2), folder, is_trainable=True)
+    gm.train(), ref.train()
+    ours, theirs = gm(**kw), ref(**kw)
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+    ours.loss.backward()
+    theirs.loss.backward()
+    want = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad and "input_layernorm" in n}
+    assert len(want) == 2
+    got = state.modules_to_save
+    for i in range(2):
+        w = want[f"base_model.model.model.layers.{i}.input_layernorm.modules_to_save.default.weight"]
+        torch.testing.assert_close(got[f"model__layers__{i}__input_layernorm"].weight.grad, w, atol=1e-5, rtol=0)
+    # the base norms stay frozen and unchanged; disabling reads them again
+    with vera_fx.disable_adapters(gm), torch.no_grad():
+        torch.testing.assert_close(gm(**kw).logits, m(**kw).logits, atol=1e-5, rtol=0)
+    vera_fx.merge(gm)  # a merged graph keeps reading the copies
+    with torch.no_grad():
+        torch.testing.assert_close(gm(**kw).logits, theirs.logits.detach(), atol=1e-4, rtol=0)

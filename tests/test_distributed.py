@@ -1,0 +1,91 @@
+"""torchrun with 2 CPU processes (gloo): DDP, FSDP2 per block and FSDP1 against a single-process run."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+import vera_fx
+from vera_fx.distributed import shard
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "torchrun_fsdp.py"
+STEPS = 2
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("torchrun_fsdp", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reference(ex, name: str):
+    """One process, the whole batch: the mean of the per-rank losses, the same SGD steps."""
+    gm = ex.transformed(name)
+    ids = ex.batch(2)
+    opt = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.5)
+    grads, losses = None, []
+    for step in range(STEPS):
+        halves = [gm(input_ids=ids[i:i + 2], attention_mask=torch.ones_like(ids[i:i + 2]), labels=ids[i:i + 2]).loss
+                  for i in (0, 2)]
+        loss = sum(halves) / 2
+        loss.backward()
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.requires_grad}
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(halves[0].detach()))  # rank 0 loss
+    return grads, losses, vera_fx.adapter_state_dict(gm)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+@pytest.mark.parametrize("name,modes", [("llama", "ddp,fsdp2,fsdp1"), ("gpt2", "ddp,fsdp2")])
+def test_torchrun_matches_single_process(name, modes, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = ["torchrun", "--nproc_per_node=2", f"--master_port={_free_port()}", str(SCRIPT), "--model", name,
+           "--modes", modes, "--steps", str(STEPS), "--out", str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ex = _example()
+    grads, losses, final = _reference(ex, name)
+    for mode in modes.split(","):
+        rec = torch.load(tmp_path / f"{mode}.pt")
+        assert rec["world"] == 2
+        torch.testing.assert_close(torch.tensor(rec["losses"]), torch.tensor(losses), atol=1e-5, rtol=1e-5)
+        if rec["grads"] is not None:  # DDP and FSDP2: the mean over ranks, as one process on the whole batch
+            assert set(rec["grads"]) == set(grads)
+            for k, g in grads.items():
+                torch.testing.assert_close(rec["grads"][k], g, atol=1e-5, rtol=1e-5, msg=f"{mode}: {k}")
+        if mode == "fsdp2":
+            assert abs(rec["fraction"] - 0.5) < 0.01  # each rank holds half of the frozen block weights
+        folder = tmp_path / f"adapter_{mode}"
+        saved = safetensors.torch.load_file(str(folder / "adapter_model.safetensors"))
+        assert set(saved) == set(final) and (folder / "adapter_config.json").exists()
+        for k, v in final.items():  # full tensors (not one rank's shard) after the same steps
+            torch.testing.assert_close(saved[k], v, atol=1e-5, rtol=1e-5, msg=f"{mode}: {k}")
+
+
+def test_shard_needs_a_process_group():
+    gm = _example().transformed("llama")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        shard(gm)
+
+
+def test_save_adapter_refuses_other_modules(tmp_path):
+    with pytest.raises(TypeError, match="GraphModule"):
+        vera_fx.save_adapter(torch.nn.Linear(2, 2), tmp_path)

@@ -1,0 +1,399 @@
+"""Block-structured capture: the model's repeated layers as GraphModule submodules of the captured graph.
+
+A transformers model keeps its decoder / encoder layers in an ``nn.ModuleList`` (Llama's ``model.layers``,
+GPT-2's ``transformer.h``, BERT's ``encoder.layer``). Capture keeps them as blocks:
+
+1. one eager forward (no grad, RNG forked) records each layer's call and output structure (forward hooks);
+2. the top level (embeddings, masks, norms, head, loss) is exported with every layer swapped for a stand-in
+   whose call is one opaque custom-op node (``vera_fx::block_call``); the stand-in also records the call
+   exactly as export sees it (the structure of its arguments, and their fake shapes);
+3. each distinct block (layer class, call structure, parameter shapes) is exported ONCE with arguments built
+   from those records (``Dim.AUTO`` on every dimension) and its graph copied for every layer of that kind,
+   each copy a GraphModule bound to its own layer's weights;
+4. every ``block_call`` node becomes a ``call_module`` node of the block at the layer's path.
+
+No ``run_decompositions``: the graphs stay in export's training IR, and the only higher-order ops
+transformers models leave (``wrap_with_set_grad_enabled`` around the rotary embedding,
+``wrap_with_autocast(enabled=False)``) are inlined by ``inline_wrappers``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.export import Dim
+from torch.fx import Graph, GraphModule, Node
+from torch.utils import _pytree as pytree
+
+from .sites import BLOCK_CALL_KEY, BLOCK_KEY
+
+__all__ = ["BlockPlan", "find_layer_lists", "record_calls", "stand_ins", "inline_wrappers", "BlockCaptureError",
+           "block_call", "build_example", "attach_blocks", "positional_names", "bind_block", "check_records",
+           "block_key", "export_block", "remaining_wrappers", "drop_guards"]
+
+logger = logging.getLogger(__name__)
+
+
+class BlockCaptureError(RuntimeError):
+    """The model's layers cannot be kept as blocks (capture falls back to one graph)."""
+
+
+@torch.library.custom_op("vera_fx::block_call", mutates_args=())
+def block_call(tensors: list[Tensor], index: int, out: int) -> Tensor:
+    """Stands for one layer call while the top level is exported; replaced by a ``call_module`` node."""
+    raise RuntimeError("vera_fx::block_call is a capture-time placeholder and never runs")
+
+
+@block_call.register_fake
+def _block_call_fake(tensors: list[Tensor], index: int, out: int) -> Tensor:
+    return torch.empty_like(tensors[out])
+
+
+def positional_names(fn: Any, n: int) -> tuple[str, ...]:
+    names = [p.name for p in inspect.signature(fn).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(names) < n:
+        names += [f"arg{i}" for i in range(len(names), n)]
+    return tuple(names[:n])
+
+
+def find_layer_lists(model: nn.Module) -> dict[str, list[str]]:
+    """ModuleList path -> its entries' paths, for lists of one class (the outermost lists only)."""
+    found: dict[str, list[str]] = {}
+    for path, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if any(path.startswith(p + ".") for p in found):
+            continue
+        kinds = {type(m) for m in mod}
+        if len(kinds) != 1 or not any(True for _ in mod[0].parameters()):
+            continue
+        found[path] = [f"{path}.{i}" if path else str(i) for i in range(len(mod))]
+    return found
+
+
+@dataclass
+class LayerCall:
+    """What one eager call of a layer looked like."""
+
+    args: tuple
+    kwargs: dict
+    out_spec: Any = None
+    out_leaves: list = field(default_factory=list)
+    calls: int = 0
+
+
+def record_calls(model: nn.Module, layer_paths: list[str], args: tuple, kwargs: dict) -> dict[str, LayerCall]:
+    """Run ``model`` once (no grad, forked RNG) and record every layer's arguments and output structure."""
+    records: dict[str, LayerCall] = {}
+    handles = []
+
+    def pre(path: str, mod: nn.Module, a: tuple, kw: dict) -> None:
+        rec = records.setdefault(path, LayerCall(a, kw))
+        rec.calls += 1
+
+    def post(path: str, mod: nn.Module, a: tuple, kw: dict, out: Any) -> None:
+        leaves, spec = pytree.tree_flatten(out)
+        records[path].out_spec, records[path].out_leaves = spec, leaves
+
+    try:
+        for path in layer_paths:
+            layer = model.get_submodule(path)
+            handles.append(layer.register_forward_pre_hook(
+                lambda m, a, kw, p=path: pre(p, m, a, kw), with_kwargs=True))
+            handles.append(layer.register_forward_hook(
+                lambda m, a, kw, o, p=path: post(p, m, a, kw, o), with_kwargs=True))
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return records
+
+
+def _hint(s: Any) -> int:
+    if isinstance(s, torch.SymInt):
+        hint = s.node.hint
+        if hint is None:
+            raise BlockCaptureError(f"a block input has a dimension without a hint ({s})")
+        return int(hint)
+    return int(s)
+
+
+@dataclass
+class ExportCall:
+    """A layer call as export saw it: the argument structure, tensor metas and constant leaves."""
+
+    spec: Any
+    leaves: list  # ("t", dtype, shape) for tensors, ("c", value) for constants
+    paths: list  # keystr of every leaf
+
+
+class _StandIn(nn.Module):
+    """Takes a layer's place while the top level is exported: one ``block_call`` node per call."""
+
+    def __init__(self, index: int, record: LayerCall, calls: dict[int, ExportCall]) -> None:
+        super().__init__()
+        self.index = index
+        self.record = record
+        self.calls = calls
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        flat, spec = pytree.tree_flatten_with_path((args, kwargs))
+        leaves = [v for _, v in flat]
+        metas = []
+        for v in leaves:
+            if isinstance(v, torch.Tensor):
+                metas.append(("t", v.dtype, tuple(_hint(s) for s in v.shape)))
+            elif isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                raise BlockCaptureError(f"layer {self.index} takes a symbolic number; keep it in the top graph")
+            else:
+                metas.append(("c", v))
+        self.calls[self.index] = ExportCall(spec, metas, [pytree.keystr(p) for p, _ in flat])
+        tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
+        out_leaf = self.record.out_leaves[_output_leaf(self.record)]
+        # the input tensor the output is shaped like (the hidden states)
+        like = next(i for i, t in enumerate(tensors) if t.dtype == out_leaf.dtype and t.dim() == out_leaf.dim()
+                    and all(_hint(a) == b for a, b in zip(t.shape, out_leaf.shape)))
+        y = torch.ops.vera_fx.block_call(tensors, self.index, like)
+        out = [y if isinstance(v, torch.Tensor) else v for v in self.record.out_leaves]
+        return pytree.tree_unflatten(out, self.record.out_spec)
+
+
+def _output_leaf(record: LayerCall) -> int:
+    tensors = [i for i, v in enumerate(record.out_leaves) if isinstance(v, torch.Tensor)]
+    if len(tensors) != 1:
+        raise BlockCaptureError(f"a layer returns {len(tensors)} tensors; blocks need exactly one")
+    return tensors[0]
+
+
+def check_records(model: nn.Module, paths: list[str], records: dict[str, LayerCall]) -> None:
+    """Blocks need every layer called exactly once, returning one tensor shaped like one of its inputs."""
+    for path in paths:
+        rec = records.get(path)
+        if rec is None or rec.calls != 1:
+            raise BlockCaptureError(f"layer {path!r} is called {0 if rec is None else rec.calls} times")
+        i = _output_leaf(rec)
+        out = rec.out_leaves[i]
+        inputs = [v for v in pytree.tree_leaves((rec.args, rec.kwargs)) if isinstance(v, torch.Tensor)]
+        if not any(t.shape == out.shape and t.dtype == out.dtype for t in inputs):
+            raise BlockCaptureError(f"layer {path!r} returns a tensor shaped unlike its inputs")
+
+
+@contextlib.contextmanager
+def stand_ins(model: nn.Module, paths: list[str], records: dict[str, LayerCall],
+              calls: dict[int, ExportCall]) -> Iterator[None]:
+    """Swap every layer at ``paths`` for a stand-in during the block; the layers always come back."""
+    originals = {}
+    try:
+        for i, path in enumerate(paths):
+            parent_path, _, leaf = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            originals[path] = (parent, leaf, parent._modules[leaf])
+            parent._modules[leaf] = _StandIn(i, records[path], calls)
+        yield
+    finally:
+        for parent, leaf, mod in originals.values():
+            parent._modules[leaf] = mod
+
+
+def block_key(model: nn.Module, path: str, call: ExportCall) -> tuple:
+    """What makes two layers share one block graph: class, call structure, constants, parameter shapes."""
+    layer = model.get_submodule(path)
+    leaves = tuple((m[0], str(m[1]), len(m[2])) if m[0] == "t" else ("c", repr(m[1])) for m in call.leaves)
+    params = tuple((n, tuple(p.shape), str(p.dtype), type(p).__name__) for n, p in layer.named_parameters())
+    bufs = tuple((n, tuple(b.shape), str(b.dtype)) for n, b in layer.named_buffers())
+    mods = tuple((n, type(m).__qualname__, m.training) for n, m in layer.named_modules())
+    return (type(layer).__qualname__, str(call.spec), tuple(call.paths), leaves, params, bufs, mods)
+
+
+def build_example(call: ExportCall, record: LayerCall) -> list[torch.Tensor]:
+    """Real tensors for exporting one block (its tensor inputs, in order): the eager values where they fit
+    what export saw, else zeros (ones for bool) of the example's shapes."""
+    eager = {pytree.keystr(p): v for p, v in pytree.tree_flatten_with_path((record.args, record.kwargs))[0]}
+    device = next((t.device for t in eager.values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    tensors = []
+    for path, meta in zip(call.paths, call.leaves):
+        if meta[0] == "c":
+            continue
+        _, dtype, shape = meta
+        v = eager.get(path)
+        if isinstance(v, torch.Tensor) and v.dtype == dtype and tuple(v.shape) == shape:
+            tensors.append(v.detach().clone())
+        else:
+            tensors.append((torch.ones if dtype == torch.bool else torch.zeros)(shape, dtype=dtype, device=device))
+    return tensors
+
+
+def export_block(layer: nn.Module, call: ExportCall, record: LayerCall) -> Any:
+    """Export ``layer`` as a function of its tensor inputs only (constants of the call baked in), with
+    ``Dim.AUTO`` on every dimension. The layer's own ``forward`` is shadowed for the duration, so module
+    paths in the graph stay relative to the layer."""
+    tensors = build_example(call, record)
+    forward = layer.forward
+
+    def flat_forward(*inputs: torch.Tensor) -> Any:
+        it = iter(inputs)
+        leaves = [next(it) if m[0] == "t" else m[1] for m in call.leaves]
+        a, kw = pytree.tree_unflatten(leaves, call.spec)
+        return forward(*a, **kw)
+
+    shapes = {"inputs": tuple({i: Dim.AUTO for i in range(t.dim())} if t.dim() else None for t in tensors)}
+    layer.forward = flat_forward
+    # export warns for every input dimension of size 1 it specialises (a broadcast mask head, the rotary
+    # batch): expected for a block, so keep those notes at debug level
+    quiet = logging.getLogger("torch._export.non_strict_utils")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return torch.export.export(layer, tuple(tensors), {}, strict=False, dynamic_shapes=shapes)
+    finally:
+        quiet.setLevel(level)
+        del layer.forward
+
+
+# --------------------------------------------------------------------------------------------- HOP inlining
+
+def _is_wrapper(node: Node, name: str) -> bool:
+    return node.op == "call_function" and getattr(node.target, "__name__", "") == name
+
+
+def inline_wrappers(gm: GraphModule) -> int:
+    """Inline ``wrap_with_set_grad_enabled`` and disabled ``wrap_with_autocast`` regions (the rotary
+    embedding's ``no_grad`` / ``autocast(enabled=False)``) into the graph; returns how many were inlined.
+
+    Their bodies compute from inputs that need no gradient, so inlining keeps values and gradients. An
+    enabled autocast region is left alone (the caller falls back to ``run_decompositions``).
+    """
+    graph = gm.graph
+    count = 0
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph.nodes):
+            if _is_wrapper(node, "wrap_with_set_grad_enabled"):
+                sub_at, operands = 1, node.args[2:]
+            elif _is_wrapper(node, "wrap_with_autocast") and node.args[2] is False:
+                sub_at, operands = 4, node.args[5:]
+            else:
+                continue
+            sub_node = node.args[sub_at]
+            body: GraphModule = getattr(gm, sub_node.target)
+            env: dict[Node, Any] = {}
+            placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+            for ph, a in zip(placeholders, operands):
+                env[ph] = a
+            result: Any = None
+            with graph.inserting_before(node):
+                for bn in body.graph.nodes:
+                    if bn.op == "placeholder":
+                        continue
+                    if bn.op == "output":
+                        result = torch.fx.map_arg(bn.args[0], lambda n: env[n])
+                        continue
+                    if bn.op == "get_attr":
+                        name = f"{sub_node.target}_{bn.target}".replace(".", "_")
+                        setattr(gm, name, getattr(body, bn.target))
+                        env[bn] = graph.get_attr(name)
+                        continue
+                    new = graph.node_copy(bn, lambda n: env[n])
+                    if "nn_module_stack" not in new.meta and "nn_module_stack" in node.meta:
+                        new.meta["nn_module_stack"] = node.meta["nn_module_stack"]
+                    env[bn] = new
+            outs = result if isinstance(result, (tuple, list)) else (result,)
+            for user in list(node.users):
+                if user.op == "call_function" and user.target is operator.getitem:
+                    user.replace_all_uses_with(outs[user.args[1]])
+                    graph.erase_node(user)
+            if node.users:
+                raise BlockCaptureError(f"cannot inline {node.format_node()}: its result is used whole")
+            graph.erase_node(node)
+            if not sub_node.users:
+                graph.erase_node(sub_node)
+                delattr(gm, sub_node.target)
+            count += 1
+            changed = True
+            break
+    graph.lint()
+    return count
+
+
+def remaining_wrappers(gm: GraphModule) -> list[Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function"
+            and isinstance(n.target, torch._ops.HigherOrderOperator)]
+
+
+# --------------------------------------------------------------------------------------------- the tree
+
+@dataclass
+class BlockPlan:
+    """The layers kept as blocks: their paths and the export-time calls."""
+
+    paths: list[str]
+    records: dict[str, LayerCall]
+    calls: dict[int, ExportCall] = field(default_factory=dict)
+
+
+def bind_block(layer: nn.Module, graph: Graph, path: str, group: int) -> GraphModule:
+    """A GraphModule running ``graph`` (copied) on ``layer``'s own weights, tagged with its path and group."""
+    g = _copy_graph(graph)
+    block = GraphModule(layer, g, class_name=type(layer).__name__ + "Block")
+    block.meta[BLOCK_KEY] = {"path": path, "group": group}
+    block.train(layer.training)
+    return block
+
+
+def drop_guards(gm: GraphModule) -> None:
+    """Erase export's ``_guards_fn`` calls (input checks of the exported module; the block is called by the
+    root graph with inputs that already passed the root's)."""
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and str(n.target).startswith("_guards"):
+            gm.graph.erase_node(n)
+
+
+def _copy_graph(graph: Graph) -> Graph:
+    new = Graph()
+    out = new.graph_copy(graph, {})
+    new.output(out)
+    new._codegen = copy.deepcopy(graph._codegen)
+    return new
+
+
+def attach_blocks(gm: GraphModule, blocks: dict[str, GraphModule], plan: BlockPlan) -> None:
+    """Register every block at its layer path and turn the ``block_call`` nodes into ``call_module`` nodes."""
+    for path, block in blocks.items():
+        gm.add_submodule(path, block)
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.vera_fx.block_call.default:
+            continue
+        tensors, index, _ = node.args
+        path = plan.paths[index]
+        record = plan.records[path]
+        with graph.inserting_before(node):
+            new = graph.call_module(path, tuple(tensors))
+            new.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
+            new.meta[BLOCK_CALL_KEY] = path
+            out: Node = new
+            leaf_path = pytree.tree_flatten_with_path(
+                pytree.tree_unflatten(list(range(len(record.out_leaves))), record.out_spec))[0][
+                _output_leaf(record)][0]
+            for key in leaf_path:
+                idx = getattr(key, "idx", getattr(key, "key", None))
+                out = graph.call_function(operator.getitem, (out, idx))
+            out.meta["val"] = node.meta.get("val")
+            if out is not new:
+                new.meta["val"] = None
+            else:
+                new.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    graph.lint()
