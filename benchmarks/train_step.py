@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import print_table, saved_activation_bytes  # noqa: E402
 
 import vera_fx  # noqa: E402
+from vera_fx.sites import graph_modules  # noqa: E402
 
 # name: (hidden, intermediate, layers, batch, seq, ranks)
 SHAPES = {
@@ -68,13 +69,16 @@ def step_fn(model: Callable, inputs: dict, params: list) -> Callable[[], object]
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, one call of every function per round."""
+    """Median seconds per step of each function, every function once per round. Each turn runs two steps and
+    times the second: a step right after another model's pays for that model's memory (page faults, caches),
+    while training runs one model's steps back to back."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeat):
         for k, fn in fns.items():
+            fn()
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
@@ -115,10 +119,12 @@ def adapter_macs(hidden: int, inter: int, layers: int, tokens: int, r: int, rows
 
 
 def _adapter_calls(model) -> list:
+    """The adapter output nodes of every graph of the model's tree (the root graph and its blocks)."""
     inner = getattr(model, "_orig_mod", model)
-    if not hasattr(inner, "graph"):
-        return []
-    return [n for n in inner.graph.nodes if (n.meta.get("vera_fx") or {}).get("role") == "output"]
+    if not (hasattr(inner, "graph") or hasattr(inner, "graph_module")):
+        return []  # peft or the eager base
+    return [n for g in graph_modules(inner) for n in g.graph.nodes
+            if (n.meta.get("vera_fx") or {}).get("role") == "output"]
 
 
 def paths(model) -> str:

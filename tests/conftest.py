@@ -109,3 +109,23 @@ def tree_code(gm):
     from vera_fx.sites import graph_modules
 
     return "\n".join(g.code for g in graph_modules(gm))
+
+
+def peft_pair(model, kw, r=8, seed=5, **transform_kw):
+    """(ours, PEFT's) VeRA on ``model`` (PEFT's on a deep copy) with the same random, non-zero lambdas."""
+    import copy
+
+    import peft
+    import vera_fx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(model), peft.VeraConfig(r=r, **kw))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "vera_lambda" in name:
+                p.normal_(0, 0.5)
+    ours = vera_fx.transform(model, vera_fx.VeraConfig(r=r, **kw), **transform_kw)
+    vera_fx.load_adapter_state_dict(ours, peft.get_peft_model_state_dict(pm))
+    return ours, pm

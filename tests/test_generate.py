@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import pickle
-import warnings
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch
 import vera_fx
 from vera_fx.capture import SOURCE_MODEL_KEY, SourceModel
 from vera_fx.generation import DecodeGraphs, cache_bucket
-from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_opt
+from conftest import peft_pair, tiny_bert, tiny_gpt2, tiny_llama, tiny_opt
 
 peft = pytest.importorskip("peft")
 
@@ -27,16 +26,7 @@ def _pair(arch, r=8, seed=5):
     """A model, its vera_fx graph and a PEFT model with the same random (non-zero) lambdas, in eval mode."""
     build, kw = CASES[arch]
     model = build()
-    gm = vera_fx.transform(model, vera_fx.VeraConfig(r=r, **kw))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(copy.deepcopy(model), peft.VeraConfig(r=r, **kw))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "vera_lambda" in name:
-                p.normal_(0, 0.5)
-    vera_fx.load_adapter_state_dict(gm, peft.get_peft_model_state_dict(pm))
+    gm, pm = peft_pair(model, kw, r=r, seed=seed)
     return model, gm.eval(), pm.eval()
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import vera_fx
-from conftest import tiny_bert, tiny_gpt2, tiny_llama
+from conftest import peft_pair, tiny_bert, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -21,17 +21,7 @@ LLAMA_KW = dict(target_modules=["q_proj", "v_proj", "down_proj"])
 
 def pair(model, kw, r=8, seed=5, max_graphs=8):
     """(ours, PEFT's) on ``model`` with the same random lambdas."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(copy.deepcopy(model), peft.VeraConfig(r=r, **kw))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "vera_lambda" in name:
-                p.normal_(0, 0.5)
-    ours = vera_fx.transform(model, vera_fx.VeraConfig(r=r, **kw), max_graphs=max_graphs)
-    vera_fx.load_adapter_state_dict(ours, peft.get_peft_model_state_dict(pm))
-    return ours, pm
+    return peft_pair(model, kw, r=r, seed=seed, max_graphs=max_graphs)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ The captured graph
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import warnings
@@ -31,7 +32,7 @@ from . import blocks as _blocks
 from . import quantized
 from .sites import graph_modules
 
-__all__ = ["capture", "train_only", "CaptureError", "default_example_inputs", "Signature", "SourceModel",
+__all__ = ["capture", "model_flags_kept", "train_only", "CaptureError", "default_example_inputs", "Signature", "SourceModel",
            "SOURCE_MODEL_KEY", "strip_metadata_asserts"]
 
 logger = logging.getLogger(__name__)
@@ -387,6 +388,23 @@ def _check_no_set_grad_regions(gm: GraphModule) -> None:
                                "torch.compile would break on it")
 
 
+@contextlib.contextmanager
+def model_flags_kept(model: nn.Module) -> Iterator[None]:
+    """Restore every module's ``training`` flag and every parameter's ``requires_grad`` on exit (export
+    switches them), whatever happens inside."""
+    modes = {name: m.training for name, m in model.named_modules()}
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        yield
+    finally:
+        for name, m in model.named_modules():
+            if name in modes:
+                m.training = modes[name]
+        for name, p in model.named_parameters():
+            if name in grads:
+                p.requires_grad_(grads[name])
+
+
 def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Optional[bool] = None) -> GraphModule:
     """Capture ``model`` as a GraphModule with dynamic shapes and train/eval support; no adapters.
 
@@ -410,8 +428,6 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Opti
             logger.warning("example input %r has shape %s: a dimension of size 1 is fixed by torch.export; "
                            "use an example of batch >= 2 and length >= 2 to keep it dynamic", path, tuple(t.shape))
     qlayers = quantized.quantized_layers(model)  # bitsandbytes linears stay opaque (ImportError without bnb)
-    modes = {name: m.training for name, m in model.named_modules()}
-    grads = {name: p.requires_grad for name, p in model.named_parameters()}
     dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs)
     dynamic_shapes: Any = dyn_kwargs if not args else (dyn_args if not kwargs else None)
     if args and kwargs:
@@ -420,8 +436,9 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Opti
         if (blocks is True or (blocks is None and _is_pretrained(model))) else []
     gm: Optional[GraphModule] = None
     try:
-        model.train()
-        with warnings.catch_warnings(), quantized.stand_ins(model, qlayers), _explicit_keywords(model, kwargs):
+        with model_flags_kept(model), warnings.catch_warnings(), quantized.stand_ins(model, qlayers), \
+                _explicit_keywords(model, kwargs):
+            model.train()
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
             if layer_paths:
                 try:
@@ -438,11 +455,6 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Opti
     except Exception as e:  # export raises many types; name the model and keep the cause
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}") from e
-    finally:
-        for name, m in model.named_modules():
-            m.training = modes[name]
-        for name, p in model.named_parameters():
-            p.requires_grad_(grads[name])
     if gm is None:
         exported = ep.module()
         gm = GraphModule(exported, exported.graph)

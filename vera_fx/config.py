@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 __all__ = ["VeraConfig", "PveraConfig", "AdapterConfig", "config_to_dict", "config_from_dict"]

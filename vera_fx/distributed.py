@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
-from torch.fx import GraphModule
 
 from .sites import as_graph_module, graph_modules
 

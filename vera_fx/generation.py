@@ -38,9 +38,9 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
 from .state import active_adapters, adapters_disabled, modules_to_save_copy
-from .capture import SOURCE_MODEL_KEY, CaptureError
+from .capture import SOURCE_MODEL_KEY, CaptureError, model_flags_kept
 from .methods import CONTAINER
-from .methods.pvera import KL_RECORD, pvera_record_kl
+from .methods.pvera import pvera_record_kl
 from .passes.inject import emit_adapter, remove_adapter_nodes
 from .passes.match import MatchPass
 from .sites import ADAPTER_KEY, MERGED_KEY, SITE_KEY, LINEAR_KINDS, as_graph_module, read_sites
@@ -135,33 +135,27 @@ def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len:
     The model's modes and ``requires_grad`` flags are left as they were.
     """
     check_can_generate(model)
-    modes = {n: m.training for n, m in model.named_modules()}
-    grads = {n: p.requires_grad for n, p in model.named_parameters()}
     device = next(p.device for p in model.parameters())
-    try:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        wrapper = _DecodeModule(model, batch_size, max_cache_len)
-        q = 2
-        example = {"input_ids": torch.zeros(batch_size, q, dtype=torch.long, device=device),
-                   "attention_mask": torch.ones(batch_size, max_cache_len, dtype=torch.long, device=device),
-                   "position_ids": torch.arange(q, device=device).expand(batch_size, q).clone(),
-                   "cache_position": torch.arange(q, device=device)}
-        qdim = Dim("q", min=1, max=max_cache_len)
-        dynamic = {"input_ids": {1: qdim}, "attention_mask": None, "position_ids": {1: qdim},
-                   "cache_position": {0: qdim}}
-        ep = torch.export.export(wrapper, (), example, strict=False, dynamic_shapes=dynamic)
-    except ValueError:
-        raise
-    except Exception as e:
-        raise CaptureError(f"torch.export could not capture {type(model).__name__} with a static KV cache: "
-                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    finally:
-        for n, m in model.named_modules():
-            m.training = modes[n]
-        for n, p in model.named_parameters():
-            p.requires_grad_(grads[n])
+    with model_flags_kept(model):
+        try:
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            wrapper = _DecodeModule(model, batch_size, max_cache_len)
+            q = 2
+            example = {"input_ids": torch.zeros(batch_size, q, dtype=torch.long, device=device),
+                       "attention_mask": torch.ones(batch_size, max_cache_len, dtype=torch.long, device=device),
+                       "position_ids": torch.arange(q, device=device).expand(batch_size, q).clone(),
+                       "cache_position": torch.arange(q, device=device)}
+            qdim = Dim("q", min=1, max=max_cache_len)
+            dynamic = {"input_ids": {1: qdim}, "attention_mask": None, "position_ids": {1: qdim},
+                       "cache_position": {0: qdim}}
+            ep = torch.export.export(wrapper, (), example, strict=False, dynamic_shapes=dynamic)
+        except ValueError:
+            raise
+        except Exception as e:
+            raise CaptureError(f"torch.export could not capture {type(model).__name__} with a static KV cache: "
+                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     decode = ep.module()
     decode.training = False  # what the adapter nodes' dropout / sampling read: generation is inference
     decode.validate_inputs = False  # generate builds the inputs itself; skips export's per-call shape checks

@@ -52,7 +52,6 @@ from .passes.match import MatchPass
 from .passes.merge import merge_into
 from .serving import mixed_adapter_forward
 from .passes.pipeline import run_passes, transform as transform_graph
-from .sites import as_graph_module
 
 __all__ = ["VeraFxModel", "transform", "from_pretrained", "count_parameters", "DEFAULT_MAX_GRAPHS",
            "CONFIG_KEY_PREFIX", "STATE_KEY_PREFIX"]

@@ -29,7 +29,7 @@ from .config import AdapterConfig
 from .methods import CONTAINER, AdapterState, method_for
 from .methods.pvera import KLRecord
 from .passes.bank import BASE_ADAPTER, INDEX_INPUT, bank_order, build_mixed_graph, check_bankable
-from .passes.inject import _device, _float_dtype, attach_state, detach_state
+from .passes.inject import attach_state, detach_state, new_state
 from .passes.match import MatchPass, select_sites
 from .sampling import unwrap
 from .passes.lower import LOWERING_KEY
@@ -165,18 +165,7 @@ def _new_state(gm: GraphModule, config: AdapterConfig, sites_cache: dict, projec
         shared = shared_projections(gm, config, method, in_max, out_max)
         if shared is not None:
             projections_cache[proj_key] = shared
-    a, b = shared if shared is not None else method.init_projections(config, in_max, out_max)
-    device, dtype = _device(gm, chosen[0]), _float_dtype(gm, chosen[0])
-    state = AdapterState(config, method)
-    state.register_buffer(f"{method.prefix}_A", a.to(device=device, dtype=dtype))
-    state.register_buffer(f"{method.prefix}_B", b.to(device=device, dtype=dtype))
-    for s in chosen:
-        mod = state.site_module(s.name, create=True)
-        for pname, value in method.init_site(config, s, _float_dtype(gm, s)).items():
-            mod.register_parameter(pname, nn.Parameter(value.to(_device(gm, s)), requires_grad=False))
-        state.site_names.append(s.name)
-    method.init_switches(state)
-    return state
+    return new_state(gm, config, chosen, shared, trainable=False)
 
 
 def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool = True) -> list[str]:

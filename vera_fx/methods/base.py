@@ -11,7 +11,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch import nn
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import Graph, Node
 
 from ..config import AdapterConfig
 from ..sites import ADAPTER_KEY, Site, block_prefix

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch import nn
 from torch.fx import GraphModule
 
 from ..methods import CONTAINER

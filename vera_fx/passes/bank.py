@@ -22,11 +22,10 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import torch
 import torch.utils._pytree as pytree
-from torch import nn
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 

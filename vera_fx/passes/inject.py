@@ -29,7 +29,7 @@ from .match import select_sites
 from .share import share_projections
 
 __all__ = ["InjectPass", "training_node", "adapter_container", "emit_adapter", "remove_adapter_nodes", "attach_state",
-           "detach_state"]
+           "detach_state", "new_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,22 +98,10 @@ class InjectPass(PassBase):
                               f"fan_in_fan_out={s.fan_in_fan_out} there. Your config object is left unchanged.",
                               UserWarning, stacklevel=4)
                 break
-        in_max = max(s.in_features for s in chosen)
-        out_max = max(s.out_features for s in chosen)
-        device = _device(gm, chosen[0])
         # Adapters of one method share the first one's projections (views, sliced to a lower r).
-        shared = shared_projections(gm, cfg, method, in_max, out_max)
-        a, b = shared if shared is not None else method.init_projections(cfg, in_max, out_max)
-        state = AdapterState(cfg, method)
-        dtype = _float_dtype(gm, chosen[0])
-        state.register_buffer(f"{method.prefix}_A", a.to(device=device, dtype=dtype))
-        state.register_buffer(f"{method.prefix}_B", b.to(device=device, dtype=dtype))
-        for s in chosen:
-            mod = state.site_module(s.name, create=True)
-            for pname, value in method.init_site(cfg, s, _float_dtype(gm, s)).items():
-                mod.register_parameter(pname, nn.Parameter(value.to(_device(gm, s)), requires_grad=True))
-            state.site_names.append(s.name)
-        method.init_switches(state)
+        shared = shared_projections(gm, cfg, method, max(s.in_features for s in chosen),
+                                    max(s.out_features for s in chosen))
+        state = new_state(gm, cfg, chosen, shared, trainable=True)
         attach_state(gm, name, state)
 
         count = emit_adapter(gm, name)
@@ -121,7 +109,7 @@ class InjectPass(PassBase):
         gm.graph.lint()
         gm.recompile()
         logger.info("inject %s (%s): %d sites, %d calls, A %s, B %s", name, method.name, len(chosen), count,
-                    tuple(a.shape), tuple(b.shape))
+                    tuple(getattr(state, f"{method.prefix}_A").shape), tuple(getattr(state, f"{method.prefix}_B").shape))
         return PassResult(gm, True)
 
     def _mark_trainable(self, gm: GraphModule, cfg: AdapterConfig, chosen: list[Site]) -> None:
@@ -133,6 +121,28 @@ class InjectPass(PassBase):
                 p = mod._parameters[leaf]
                 if not p.requires_grad:
                     mod._parameters[leaf] = nn.Parameter(p.detach().clone(), requires_grad=True)
+
+
+def new_state(gm: GraphModule, config: AdapterConfig, chosen: list[Site],
+              shared: Optional[tuple[torch.Tensor, torch.Tensor]], trainable: bool) -> AdapterState:
+    """An adapter's state over the sites ``chosen``: the projections (``shared``, or drawn from the config's
+    seed), the lambdas at their initial values (``requires_grad=trainable``) and the method's switches, on the
+    sites' device and float dtype. Registers and emits nothing."""
+    method = method_for(config)
+    in_max = max(s.in_features for s in chosen)
+    out_max = max(s.out_features for s in chosen)
+    a, b = shared if shared is not None else method.init_projections(config, in_max, out_max)
+    device, dtype = _device(gm, chosen[0]), _float_dtype(gm, chosen[0])
+    state = AdapterState(config, method)
+    state.register_buffer(f"{method.prefix}_A", a.to(device=device, dtype=dtype))
+    state.register_buffer(f"{method.prefix}_B", b.to(device=device, dtype=dtype))
+    for s in chosen:
+        mod = state.site_module(s.name, create=True)
+        for pname, value in method.init_site(config, s, _float_dtype(gm, s)).items():
+            mod.register_parameter(pname, nn.Parameter(value.to(_device(gm, s)), requires_grad=trainable))
+        state.site_names.append(s.name)
+    method.init_switches(state)
+    return state
 
 
 def attach_state(gm: GraphModule, adapter_name: str, state: AdapterState) -> None:

@@ -391,7 +391,7 @@ def _graph_reads(gm: GraphModule) -> dict[str, str]:
     """Model parameter name -> the name of the tensor the graph reads in its place, for every parameter the
     base graph reads (a ``modules_to_save`` copy stands in for the parameter it was copied from)."""
     reads: dict[str, str] = {}
-    for n, target in ((n, _qualified(g, str(n.target))) for g in graph_modules(gm) for n in g.graph.nodes):
+    for g, n, target in ((g, n, _qualified(g, str(n.target))) for g in graph_modules(gm) for n in g.graph.nodes):
         if n.op != "get_attr" or n.meta.get(ADAPTER_KEY) or n.target == "training":
             continue
         mts = n.meta.get(MTS_TAG)
