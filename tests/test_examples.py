@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-SCRIPTS = sorted(EXAMPLES.glob("*.py"))
+# torchrun_fsdp.py is run under torchrun, with 2 processes, by tests/test_distributed.py
+SCRIPTS = sorted(p for p in EXAMPLES.glob("*.py") if p.name != "torchrun_fsdp.py")
 
 
 def _env() -> dict[str, str]:

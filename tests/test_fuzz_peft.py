@@ -8,7 +8,7 @@ vera_fx refuses it too, with a ValueError naming the field, and the graph is lef
 documented extensions accept it (a target naming a container module, ViT's default targets), the saved
 folder must load into PEFT onto the same sites with the same outputs.
 
-CI runs the first ``VERA_FX_FUZZ_CASES`` cases (default 24, well under two minutes); set it to 200 or 1000
+CI runs the first ``VERA_FX_FUZZ_CASES`` cases (default 16, well under two minutes); set it to 200 or 1000
 for the whole run. Cases mix many cheap plain ``nn.Module`` models (random shapes, chains, a diamond, a layer
 called twice) with a few tiny transformers models that are captured once and copied per case.
 """
@@ -35,7 +35,7 @@ from vera_fx.methods import CONTAINER
 
 peft = pytest.importorskip("peft")
 
-N_CASES = int(os.environ.get("VERA_FX_FUZZ_CASES", "24"))
+N_CASES = int(os.environ.get("VERA_FX_FUZZ_CASES", "16"))
 SEED = int(os.environ.get("VERA_FX_FUZZ_SEED", "0"))
 HF_SHARE = 0.25  # fraction of cases on transformers models (capture is slow; the rest are plain modules)
 
