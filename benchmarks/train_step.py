@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import print_table, saved_activation_bytes  # noqa: E402
 
 import vera_fx  # noqa: E402
-from vera_fx.sites import graph_modules  # noqa: E402
+from vera_fx.sites import graph_modules, read_graph_sites  # noqa: E402
 
 # name: (hidden, intermediate, layers, batch, seq, ranks)
 SHAPES = {
@@ -142,9 +142,13 @@ def paths(model) -> str:
 def lean_extra(model, tokens: int, r: int) -> int:
     """The lean path's extra tokens x r x out product, summed over its sites."""
     inner = getattr(model, "_orig_mod", model)
-    sites = {s.base.name: s for s in vera_fx.read_sites(inner)}
-    return sum(tokens * r * sites[n.meta["vera_fx"]["base"]].out_features for n in _adapter_calls(model)
-               if n.meta["vera_fx"].get("path") == "lean")
+    total = 0
+    for g in graph_modules(inner):  # node names repeat across block graphs: look each site up in its own graph
+        sites = {s.base.name: s for s in read_graph_sites(g)}
+        total += sum(tokens * r * sites[n.meta["vera_fx"]["base"]].out_features for n in g.graph.nodes
+                     if (n.meta.get("vera_fx") or {}).get("role") == "output"
+                     and n.meta["vera_fx"].get("path") == "lean")
+    return total
 
 
 def run_shape(name: str, methods: list[str], targets_shown: list[str], repeat: int, compile_rows: bool) -> None:

@@ -180,3 +180,33 @@ def test_modules_to_save_inside_blocks_match_peft(tmp_path):
     vera_fx.merge(gm)  # a merged graph keeps reading the copies
     with torch.no_grad():
         torch.testing.assert_close(gm(**kw).logits, theirs.logits.detach(), atol=1e-4, rtol=0)
+
+
+def test_pvera_blocks_share_code_and_record_their_kl():
+    """PVeRA blocks run the same code (the KL record key is block-relative, each block writes its own record),
+    so regional compile compiles a signature once; kl_divergence equals the one-graph capture's."""
+    m = tiny_llama(num_hidden_layers=3)
+    cfg = dict(r=4, target_modules=["q_proj", "v_proj"], init_weights=False)
+    gm = vera_fx.transform(m, vera_fx.PveraConfig(**cfg)).graph_module
+    flat = run_passes(vera_fx.capture(m, blocks=False), add_adapter_passes(vera_fx.PveraConfig(**cfg), "default"))
+    vera_fx.load_adapter_state_dict(flat, vera_fx.adapter_state_dict(gm))
+    blocks = graph_modules(gm)[1:]
+    assert len({b.code for b in blocks}) == 1
+    kw = text_inputs(m)
+    gm.eval(), flat.eval()  # the mean path: the KL term is deterministic (training samples every layer's input)
+    gm(**kw)
+    flat(**kw)
+    want = vera_fx.kl_divergence(flat)
+    torch.testing.assert_close(vera_fx.kl_divergence(gm), want, atol=1e-6, rtol=1e-6)
+    cnt = CompileCounter()
+    torch._dynamo.reset()
+    compile_blocks(gm, backend=cnt)
+    gm(**kw)  # the compiled blocks record the terms too
+    torch.testing.assert_close(vera_fx.kl_divergence(gm), want, atol=1e-6, rtol=1e-6)
+    assert cnt.frame_count == 2  # three layers: layer 0 (its input needs no grad) and the two others
+    gm.train()
+    gm(**kw)
+    kl = vera_fx.kl_divergence(gm)
+    assert cnt.frame_count == 4  # the same two in training mode (one per block would be 6)
+    kl.backward()
+    assert all(p.grad is not None for n, p in gm.named_parameters() if "lambda_d" in n)

@@ -8,7 +8,7 @@ the last forward, so it is differentiable and needs no extra switch.
 from __future__ import annotations
 
 import logging
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -106,23 +106,27 @@ def kl_divergence(gm: nn.Module, adapter_name: Optional[str] = None) -> torch.Te
     inner = unwrap(gm)
     states = pvera_states(inner, adapter_name)
     per_site: dict[tuple[str, str], list[torch.Tensor]] = {}
-    live: dict[str, set[str]] = {name: set() for name in states}
+    # Each graph of the tree records into its own state's record (a block's view has one per block path).
+    live: dict[int, tuple[Any, set[str]]] = {id(getattr(s, KL_RECORD)): (getattr(s, KL_RECORD), set())
+                                             for s in states.values()}
     missing = []
-    for node in (n for g in graph_modules(inner) for n in g.graph.nodes):
-        if node.op != "call_function" or node.target is not pvera_record_kl:
-            continue
-        tag = node.meta.get(ADAPTER_KEY) or {}
-        name = tag.get("adapter")
-        if name not in states:
-            continue
-        live[name].add(node.args[3])
-        value = getattr(states[name], KL_RECORD).values.get(node.args[3])
-        if value is None:
-            missing.append(tag.get("site"))
-            continue
-        per_site.setdefault((name, tag["site"]), []).append(value)
-    for name, keys in live.items():  # drop terms of calls no longer in the graph (merged or switched off)
-        record = getattr(states[name], KL_RECORD)
+    for g in graph_modules(inner):
+        container = getattr(g, CONTAINER, None) or {}
+        for node in g.graph.nodes:
+            if node.op != "call_function" or node.target is not pvera_record_kl:
+                continue
+            tag = node.meta.get(ADAPTER_KEY) or {}
+            name = tag.get("adapter")
+            if name not in states or name not in container:
+                continue
+            record = getattr(container[name], KL_RECORD)
+            live.setdefault(id(record), (record, set()))[1].add(node.args[3])
+            value = record.values.get(node.args[3])
+            if value is None:
+                missing.append(tag.get("site"))
+                continue
+            per_site.setdefault((name, tag["site"]), []).append(value)
+    for record, keys in live.values():  # drop terms of calls no longer in the graph (merged or switched off)
         for stale in [k for k in record.values if k not in keys]:
             del record.values[stale]
     if missing or not per_site:

@@ -246,10 +246,14 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
 # --- export ---------------------------------------------------------------------------------------------------
 
 def _kl_records(gm: GraphModule) -> list[KLRecord]:
-    container = getattr(gm, CONTAINER, None)
-    if container is None:
-        return []
-    return [v for state in container.values() for v in vars(state).values() if isinstance(v, KLRecord)]
+    """Every KL record the graphs of ``gm``'s tree write (the root states' and the block views')."""
+    found: dict[int, KLRecord] = {}
+    for g in graph_modules(gm):
+        for state in (getattr(g, CONTAINER, None) or {}).values():
+            for v in vars(state).values():
+                if isinstance(v, KLRecord):
+                    found[id(v)] = v
+    return list(found.values())
 
 
 class _Constants(nn.Module):

@@ -105,6 +105,7 @@ class AdapterView(AdapterState):
                     parent.add_module(part, child)
                 parent = child
             parent.add_module(leaf, root.site_module(site))
+        root.method.init_view(self, root)
 
     def _relative(self, site: str) -> str:
         """A site's path inside the block (the view's tree is relative, so every layer's code is the same)."""
@@ -142,6 +143,7 @@ class Emitter:
         # node names relative to the block (if any), so that every layer's generated code is the same
         prefix = block_prefix(graph.owning_module) if graph.owning_module is not None else ""
         rel = site.name[len(prefix) + 1:] if prefix and site.name.startswith(prefix + ".") else site.name
+        self.relative_site = rel  # the site's path inside the block ('' names none: the block is the site)
         self.ident = f"{_site_ident(rel)}_{adapter}"
 
     def _tag(self, node: Node, role: str, name: str = "") -> Node:
@@ -211,6 +213,10 @@ class Method:
 
     def init_switches(self, state: AdapterState) -> None:
         """Set the run-time switches the emitted nodes read (none for deterministic methods)."""
+
+    def init_view(self, view: "AdapterView", root: AdapterState) -> None:
+        """Give a block's view the run-time objects of its own that the block's nodes read (none by default:
+        everything else is read from the root state)."""
 
     def sampling_sites(self, state: AdapterState) -> tuple[str, ...]:
         """Sites whose adapter samples at inference (those cannot be merged)."""

@@ -43,6 +43,7 @@ SAMPLE_SWITCH = "pvera_sample_at_inference"
 GENERATOR_STATE = "pvera_generator_state"
 NOISE_GROUPS = "pvera_noise_groups"
 KL_RECORD = "pvera_kl"
+BLOCK_KL_RECORDS = "pvera_kl_blocks"  # root state: block path -> that block's KLRecord
 
 
 def site_seed(seed: int, site: str) -> int:
@@ -149,7 +150,9 @@ class PveraMethod(Method):
                     and (n.meta.get(ADAPTER_KEY) or {}).get("adapter") == adapter
                     and n.meta[ADAPTER_KEY].get("site") == site.name)
         record = em.get_attr(f"{CONTAINER}.{adapter}.{KL_RECORD}", "sampling", "kl_record")
-        em.call(pvera_record_kl, (mu, logvar, record, f"{site.name}#{calls}"), "sampling", "kl")
+        # keyed by the site's path inside its block: every layer's block runs the same code (regional compile
+        # compiles once) and writes its own record (init_view)
+        em.call(pvera_record_kl, (mu, logvar, record, f"{em.relative_site or '_root'}#{calls}"), "sampling", "kl")
         u = em.call(aten.linear.default, (z, b), "adapter", "xAB")
         u = em.call(aten.mul.Tensor, (u, lam_b), "adapter", "scale_b")
         return finish_output(em, y, u, state.site_parameters(site.name)["pvera_lambda_d"].dtype)
@@ -183,6 +186,12 @@ class PveraMethod(Method):
         setattr(state, KL_RECORD, KLRecord())
         state.switches["sample_at_inference"] = {s: getattr(state.site_module(s), SAMPLE_SWITCH)
                                                  for s in state.site_names}
+
+    def init_view(self, view: AdapterState, root: AdapterState) -> None:
+        """A block's KL record: one per block path, kept by the root state, so that every graph capturing
+        that block (one per call signature) writes the record ``kl_divergence`` reads."""
+        records = root.__dict__.setdefault(BLOCK_KL_RECORDS, {})
+        setattr(view, KL_RECORD, records.setdefault(getattr(view, "prefix", ""), KLRecord()))
 
     def sampling_sites(self, state: AdapterState) -> tuple[str, ...]:
         return tuple(s for s in state.site_names if getattr(state.site_module(s), SAMPLE_SWITCH, False))
