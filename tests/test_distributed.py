@@ -14,7 +14,7 @@ import safetensors.torch
 import torch
 
 import vera_fx
-from vera_fx.distributed import shard
+from vera_fx.distributed import full_tensor, shard
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "torchrun_fsdp.py"
@@ -89,3 +89,47 @@ def test_shard_needs_a_process_group():
 def test_save_adapter_refuses_other_modules(tmp_path):
     with pytest.raises(TypeError, match="GraphModule"):
         vera_fx.save_adapter(torch.nn.Linear(2, 2), tmp_path)
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo group of one process (FSDP2 then holds whole tensors, as DTensors)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_load_adapter_into_an_fsdp2_sharded_graph(one_process_group, tmp_path):
+    """Loading into a sharded graph writes each rank's shard of the saved lambdas; a checkpoint that would
+    replace sharded base weights is refused with the graph unchanged."""
+    gm = _example().transformed("llama")
+    vera_fx.save_adapter(gm, tmp_path / "a")
+    want = {k: v.clone() for k, v in vera_fx.adapter_state_dict(gm).items()}
+    shard(gm)
+    lambdas = {n: p for n, p in gm.named_parameters() if p.requires_grad}
+    assert lambdas and all(hasattr(p, "device_mesh") for p in lambdas.values())  # DTensors
+    with torch.no_grad():
+        for p in lambdas.values():
+            p.zero_()
+    vera_fx.load_adapter(gm, tmp_path / "a")
+    got = {n: full_tensor(p) for n, p in gm.named_parameters() if p.requires_grad}
+    saved = {"vera_fx_adapters.default.sites." + k[len("base_model.model."):]: v for k, v in want.items()
+             if "vera_lambda" in k}
+    assert saved.keys() == got.keys()
+    for name, value in saved.items():
+        torch.testing.assert_close(got[name], value, atol=0, rtol=0)
+    # a PEFT folder carrying a base weight of a sharded layer
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((tmp_path / "a" / "adapter_config.json").read_text())
+    tensors = safetensors.torch.load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"] = torch.zeros(32, 32)
+    safetensors.torch.save_file(tensors, str(bad / "adapter_model.safetensors"))
+    before = {n: full_tensor(p).clone() for n, p in gm.named_parameters()}
+    with pytest.raises(ValueError, match="sharded with FSDP2.*before vera_fx.distributed.shard"):
+        vera_fx.load_adapter(gm, bad)
+    assert all(torch.equal(full_tensor(p), before[n]) for n, p in gm.named_parameters())

@@ -28,7 +28,7 @@ from torch.fx import GraphModule
 
 from .adapters import add_adapter, remove_adapter
 from .config import AdapterConfig, config_from_dict, config_to_dict
-from .distributed import barrier, full_tensor, gathered, is_writer, unwrap_parallel
+from .distributed import barrier, full_tensor, gathered, is_writer, placed_like, unwrap_parallel
 from .methods import CONTAINER, AdapterState, method_for
 from .passes.match import peft_selection
 from .passes.pipeline import transform
@@ -222,6 +222,10 @@ def _apply(gm: GraphModule, plan: list[tuple[nn.Module, str, torch.Tensor, bool]
     """Copy adapter tensors in place; install base weights as new tensors of the graph (every slot that holds
     the same tensor, so tied weights stay tied), never writing into the storage the graph shares with the
     user's model."""
+    sharded = [attr for mod, attr, _, replace in plan if replace and hasattr(getattr(mod, attr), "device_mesh")]
+    if sharded:
+        raise ValueError(f"the checkpoint replaces base weights ({sharded[:3]}) of a graph sharded with FSDP2: "
+                         "load it before vera_fx.distributed.shard(...)")
     slots: dict[int, list[tuple[nn.Module, str]]] = {}
     if any(replace for *_, replace in plan):
         for path, mod in gm.named_modules(remove_duplicate=False):
@@ -235,7 +239,7 @@ def _apply(gm: GraphModule, plan: list[tuple[nn.Module, str, torch.Tensor, bool]
             current = getattr(mod, attr)
             data = value.detach().to(device=current.device, dtype=current.dtype).clone()
             if not replace:
-                current.copy_(data)
+                current.copy_(placed_like(data, current))  # an FSDP2-sharded lambda gets this rank's shard
                 continue
             new = nn.Parameter(data, requires_grad=current.requires_grad) if isinstance(current, nn.Parameter) \
                 else data

@@ -26,10 +26,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import distribute_tensor
 
 from .sites import as_graph_module, graph_modules
 
-__all__ = ["shard", "unwrap_parallel", "gathered", "full_tensor", "is_writer", "barrier", "sharded_fraction"]
+__all__ = ["shard", "unwrap_parallel", "gathered", "full_tensor", "placed_like", "is_writer", "barrier",
+           "sharded_fraction"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +109,14 @@ def gathered(wrapper: nn.Module) -> Iterator[None]:
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A DTensor (FSDP2 shard) gathered to the full tensor (collective), anything else as it is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def placed_like(value: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """``value`` (a full tensor, the same on every rank) laid out as ``current``: this rank's shard when
+    ``current`` is a DTensor (FSDP2; sliced locally, no communication), else ``value`` itself."""
+    if not hasattr(current, "device_mesh"):
+        return value
+    return distribute_tensor(value, current.device_mesh, current.placements, src_data_rank=None)
 
 
 def is_writer() -> bool:
