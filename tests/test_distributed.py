@@ -133,3 +133,8 @@ def test_load_adapter_into_an_fsdp2_sharded_graph(one_process_group, tmp_path):
     with pytest.raises(ValueError, match="sharded with FSDP2.*before vera_fx.distributed.shard"):
         vera_fx.load_adapter(gm, bad)
     assert all(torch.equal(full_tensor(p), before[n]) for n, p in gm.named_parameters())
+    for add in (lambda: vera_fx.add_adapter(gm, "b", vera_fx.VeraConfig(r=4, target_modules=["q_proj"])),
+                lambda: vera_fx.load_adapter(gm, tmp_path / "a", adapter_name="b")):
+        with pytest.raises(ValueError, match="sharded with FSDP2.*add every adapter before"):
+            add()
+        assert list(gm.vera_fx_adapters) == ["default"]

@@ -83,6 +83,9 @@ class InjectPass(PassBase):
         if not isinstance(self.adapter_name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.adapter_name):
             raise ValueError(f"adapter_name={self.adapter_name!r} is invalid: use a Python identifier such as "
                              "'default' or 'task_a'")
+        if any(hasattr(p, "device_mesh") for p in graph_module.parameters()):
+            raise ValueError(f"cannot add adapter {self.adapter_name!r}: the graph is sharded with FSDP2 (its new "
+                             "lambdas would not be sharded); add every adapter before vera_fx.distributed.shard(...)")
         container = getattr(graph_module, CONTAINER, None)
         if container is not None and self.adapter_name in container:
             raise ValueError(f"adapter_name={self.adapter_name!r} already exists on this graph; choose another "
