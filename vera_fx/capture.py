@@ -32,8 +32,9 @@ from . import blocks as _blocks
 from . import quantized
 from .sites import graph_modules
 
-__all__ = ["capture", "model_flags_kept", "train_only", "CaptureError", "default_example_inputs", "Signature", "SourceModel",
-           "SOURCE_MODEL_KEY", "strip_metadata_asserts"]
+__all__ = ["capture", "model_flags_kept", "train_only", "CaptureError", "default_example_inputs", "Signature",
+           "SourceModel", "SOURCE_MODEL_KEY", "strip_metadata_asserts", "normalise_example", "clone_inputs",
+           "dynamic_shapes_of", "InputCheck"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class Signature:
                          for n in self.names)
 
 
-class _InputCheck:
+class InputCheck:
     """Forward pre-hook: fills captured constants that were left out and names the expected keywords."""
 
     def __init__(self, signature: Signature) -> None:
@@ -176,7 +177,7 @@ def _probe(gm: GraphModule) -> Optional[tuple[str, torch.dtype, str]]:
 
 def _install_input_check(gm: GraphModule) -> None:
     """Register the keyword check for the signature recorded in ``gm.meta``."""
-    gm.register_forward_pre_hook(_InputCheck(gm.meta["vera_fx_signature"]), with_kwargs=True)
+    gm.register_forward_pre_hook(InputCheck(gm.meta["vera_fx_signature"]), with_kwargs=True)
 
 
 def _is_pretrained(model: nn.Module) -> bool:
@@ -240,12 +241,12 @@ def default_example_inputs(model: nn.Module, batch: int = 2, length: int = 8) ->
     return kw
 
 
-def _clone_inputs(obj: Any) -> Any:
+def clone_inputs(obj: Any) -> Any:
     """Clone every tensor so that no two inputs alias (export would wire both uses to one placeholder)."""
     return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, obj)
 
 
-def _dynamic_shapes(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def dynamic_shapes_of(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     def spec(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
             return {i: Dim.AUTO for i in range(v.dim())} if v.dim() else None
@@ -287,7 +288,7 @@ def _explicit_keywords(model: nn.Module, kwargs: dict[str, Any]) -> Iterator[Non
             model.__dict__["forward"] = own
 
 
-def _normalise_example(model: nn.Module, example_inputs: ExampleInputs) -> tuple[tuple, dict]:
+def normalise_example(model: nn.Module, example_inputs: ExampleInputs) -> tuple[tuple, dict]:
     if example_inputs is None:
         kwargs = default_example_inputs(model)
         return (), kwargs
@@ -421,14 +422,14 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Opti
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if blocks not in (None, True, False):
         raise TypeError(f"blocks must be None, True or False, got {blocks!r}")
-    args, kwargs = _normalise_example(model, example_inputs)
-    args, kwargs = _clone_inputs(args), _clone_inputs(kwargs)
+    args, kwargs = normalise_example(model, example_inputs)
+    args, kwargs = clone_inputs(args), clone_inputs(kwargs)
     for path, t in list(enumerate(args)) + list(kwargs.items()):
         if isinstance(t, torch.Tensor) and t.dim() >= 2 and 1 in t.shape[:2]:
             logger.warning("example input %r has shape %s: a dimension of size 1 is fixed by torch.export; "
                            "use an example of batch >= 2 and length >= 2 to keep it dynamic", path, tuple(t.shape))
     qlayers = quantized.quantized_layers(model)  # bitsandbytes linears stay opaque (ImportError without bnb)
-    dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs)
+    dyn_args, dyn_kwargs = dynamic_shapes_of(args, kwargs)
     dynamic_shapes: Any = dyn_kwargs if not args else (dyn_args if not kwargs else None)
     if args and kwargs:
         dynamic_shapes = {**{n: s for n, s in zip(_positional_names(model, len(args)), dyn_args)}, **dyn_kwargs}

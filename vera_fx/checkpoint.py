@@ -39,7 +39,7 @@ from .state import ACTIVE_KEY, PEFT_ROOT, bias_targets, modules_to_save_copy
 __all__ = ["adapter_state_dict", "load_adapter_state_dict", "adapter_state", "state_dict_targets", "bias_targets",
            "base_layer_targets", "peft_target_modules",
            "save_adapter", "load_adapter", "from_pretrained", "read_checkpoint", "peft_config_dict",
-           "CONFIG_NAME", "WEIGHTS_NAME"]
+           "plan_load", "apply_plan", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def _fmt_keys(keys: list[str]) -> str:
     return f"{keys[:5] or 'none'}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
 
 
-def _plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
+def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
                source: str) -> tuple[list[tuple[nn.Module, str, torch.Tensor, bool]], list[str]]:
     """Check ``state_dict`` against the adapter and return the copies to make and the projection keys it
     lacks; ValueError naming every problem, before anything changes."""
@@ -218,7 +218,7 @@ def _plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
     return plan, [k for k in projection_keys if k not in incoming]
 
 
-def _apply(gm: GraphModule, plan: list[tuple[nn.Module, str, torch.Tensor, bool]]) -> None:
+def apply_plan(gm: GraphModule, plan: list[tuple[nn.Module, str, torch.Tensor, bool]]) -> None:
     """Copy adapter tensors in place; install base weights as new tensors of the graph (every slot that holds
     the same tensor, so tied weights stay tied), never writing into the storage the graph shares with the
     user's model."""
@@ -258,12 +258,12 @@ def load_adapter_state_dict(gm: GraphModule, state_dict: dict[str, torch.Tensor]
     Projections may be absent (the adapter keeps those regenerated from ``projection_prng_key``).
     """
     gm = as_graph_module(gm, "load_adapter_state_dict")
-    plan, missing_proj = _plan_load(gm, state_dict, adapter_name, "state dict")
+    plan, missing_proj = plan_load(gm, state_dict, adapter_name, "state dict")
     state = adapter_state(gm, adapter_name)
     if missing_proj and state.config.save_projection:
         logger.warning("adapter %r: the state dict has no %s; keeping the projections regenerated from "
                        "projection_prng_key=%d", adapter_name, missing_proj, state.config.projection_prng_key)
-    _apply(gm, plan)
+    apply_plan(gm, plan)
 
 
 # --- files ---------------------------------------------------------------------------------------------------
@@ -460,7 +460,7 @@ def read_checkpoint(directory: PathLike) -> tuple[AdapterConfig, dict[str, torch
 def _load_checked(gm: GraphModule, adapter_name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor],
                   source: str) -> None:
     """Check then copy ``tensors`` into the adapter, with PEFT's rules for absent projections."""
-    plan, missing_proj = _plan_load(gm, tensors, adapter_name, source)
+    plan, missing_proj = plan_load(gm, tensors, adapter_name, source)
     state = adapter_state(gm, adapter_name)
     if missing_proj and config.save_projection:
         raise ValueError(f"{source}: save_projection=True but the file has no {missing_proj}; the checkpoint is "
@@ -473,7 +473,7 @@ def _load_checked(gm: GraphModule, adapter_name: str, config: AdapterConfig, ten
             warnings.warn(f"adapter {adapter_name!r} shares projections with a larger adapter of this graph, which "
                           "differ from those its checkpoint was trained with; load it into a graph of its own "
                           "(vera_fx.from_pretrained)", UserWarning, stacklevel=3)
-    _apply(gm, plan)
+    apply_plan(gm, plan)
 
 
 def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "default") -> None:

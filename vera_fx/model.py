@@ -43,7 +43,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from . import blockwise
 from . import checkpoint as ckpt
 from .adapters import active_adapters, add_adapter
-from .capture import CaptureError, ExampleInputs, _normalise_example, capture
+from .capture import CaptureError, ExampleInputs, normalise_example, capture
 from .config import AdapterConfig, config_from_dict
 from .methods import CONTAINER, method_for
 from .generation import generate
@@ -422,10 +422,10 @@ class VeraFxModel(nn.Module):
             raise ValueError(f"load_state_dict: the state dict does not fit this model's adapters {names}; missing: "
                              f"{missing or 'none'}, unexpected: {unexpected[:5] or 'none'}. Give it what "
                              "state_dict() returns (or load a PEFT folder with vera_fx.load_adapter)")
-        plans = [ckpt._plan_load(self._source, sd, name, f"state dict of adapter {name!r}")[0]
+        plans = [ckpt.plan_load(self._source, sd, name, f"state dict of adapter {name!r}")[0]
                  for name, sd in per_adapter.items()]
         for plan in plans:
-            ckpt._apply(self._source, plan)
+            ckpt.apply_plan(self._source, plan)
         return _IncompatibleKeys(missing, unexpected)
 
     # --- calls -------------------------------------------------------------------------------------------
@@ -603,7 +603,7 @@ def _forward_parameters_of_class(cls: type) -> Optional[inspect.Signature]:
 
 def _example_key(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, Any]:
     """The captured example as the keyword call the object normalises it to."""
-    args, kwargs = _normalise_example(model, example_inputs)
+    args, kwargs = normalise_example(model, example_inputs)
     params = _forward_parameters(model)
     positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return {**dict(zip(positional, args)), **kwargs}

@@ -23,8 +23,8 @@ from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
 from .adapters import set_adapter, set_lowering
-from .capture import _clone_inputs, _dynamic_shapes, _InputCheck
-from .checkpoint import WEIGHTS_NAME, PathLike, _plan_load, _apply, read_checkpoint
+from .capture import InputCheck, clone_inputs, dynamic_shapes_of
+from .checkpoint import WEIGHTS_NAME, PathLike, apply_plan, plan_load, read_checkpoint
 from .config import AdapterConfig
 from .methods import CONTAINER, AdapterState, method_for
 from .methods.pvera import KLRecord
@@ -107,7 +107,7 @@ def _first_tensor(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
 def _filled(inner: GraphModule, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """The inputs with the graph's keyword check applied (constants and model defaults filled in)."""
     signature = inner.meta.get("vera_fx_signature")
-    return _InputCheck(signature)(inner, args, kwargs) if signature is not None else (args, kwargs)
+    return InputCheck(signature)(inner, args, kwargs) if signature is not None else (args, kwargs)
 
 
 def mixed_adapter_forward(gm: nn.Module, adapter_names: Sequence[str], *args: Any, **kwargs: Any) -> Any:
@@ -212,14 +212,14 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
                 raise ValueError(f"{folder}: {e}") from e
             attach_state(inner, name, state)  # the root's state and the blocks' views of it
             added.append(name)
-            plan, missing = _plan_load(inner, tensors, name, source)
+            plan, missing = plan_load(inner, tensors, name, source)
             if missing and config.save_projection:
                 raise ValueError(f"{source}: save_projection=True but the file has no {missing}; the checkpoint "
                                  "is incomplete: save it again")
             if any(replace for *_, replace in plan):
                 raise ValueError(f"{source} holds base-model weights besides the adapter; load_adapters takes "
                                  "adapters of lambdas only: load this one with vera_fx.load_adapter")
-            _apply(inner, plan)  # writes only the new adapter (shared projections were checked to be equal)
+            apply_plan(inner, plan)  # writes only the new adapter (shared projections were checked to be equal)
     except Exception:
         for name in added:
             detach_state(inner, name)
@@ -310,7 +310,7 @@ def export(gm: nn.Module, example_inputs: Any, *, adapter_names: Optional[Sequen
     else:
         raise TypeError(f"example_inputs must be a dict of keyword inputs or a tuple, got "
                         f"{type(example_inputs).__name__}")
-    args, kwargs = _filled(inner, _clone_inputs(args), _clone_inputs(kwargs))
+    args, kwargs = _filled(inner, clone_inputs(args), clone_inputs(kwargs))
     module: nn.Module = inner
     if adapter_names is not None:
         index = adapter_index(inner, adapter_names)
@@ -325,7 +325,7 @@ def export(gm: nn.Module, example_inputs: Any, *, adapter_names: Optional[Sequen
     module = _Constants(module, len(args), list(kwargs), constants, plain_outputs)
     dynamic_shapes: Any = None
     if dynamic:
-        dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs)
+        dyn_args, dyn_kwargs = dynamic_shapes_of(args, kwargs)
         dynamic_shapes = {**{f"arg{i}": d for i, d in enumerate(dyn_args)}, **dyn_kwargs}
     args = tuple(args)
     records = [(r, dict(r.values)) for r in _kl_records(inner)]

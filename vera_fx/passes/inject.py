@@ -112,7 +112,7 @@ class InjectPass(PassBase):
         gm.graph.lint()
         gm.recompile()
         logger.info("inject %s (%s): %d sites, %d calls, A %s, B %s", name, method.name, len(chosen), count,
-                    tuple(getattr(state, f"{method.prefix}_A").shape), tuple(getattr(state, f"{method.prefix}_B").shape))
+                    tuple(state.projection("A").shape), tuple(state.projection("B").shape))
         return PassResult(gm, True)
 
     def _mark_trainable(self, gm: GraphModule, cfg: AdapterConfig, chosen: list[Site]) -> None:
