@@ -105,7 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: stable on a shared machine; 0 = torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="one timed run per measurement (a smoke run)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats = 1
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
     if args.threads:

@@ -172,8 +172,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--r", type=int, default=256)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1: stable on a shared machine)")
+    parser.add_argument("--quick", action="store_true", help="hidden 128, 2 layers, 2 steps (a smoke run)")
     parser.add_argument("--one", nargs=3, metavar=("BASE", "LIBRARY", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.hidden, args.layers, args.steps, args.r = 128, 2, 2, 64
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
