@@ -210,3 +210,29 @@ def test_pvera_blocks_share_code_and_record_their_kl():
     assert cnt.frame_count == 4  # the same two in training mode (one per block would be 6)
     kl.backward()
     assert all(p.grad is not None for n, p in gm.named_parameters() if "lambda_d" in n)
+
+
+def test_output_hidden_states_keep_the_blocks():
+    """transformers records hidden states with hooks on the layers: the stand-ins carry those hooks, so the
+    graph of an output_hidden_states call keeps its blocks and returns every layer's output; attention weights
+    (hooks inside the layers) fall back to one graph."""
+    m = tiny_llama(num_hidden_layers=2).eval()
+    ours = vera_fx.transform(m, vera_fx.VeraConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False))
+    ours.eval()
+    ids = text_inputs(m, labels=False)["input_ids"]
+    with torch.no_grad():
+        out = ours(input_ids=ids, output_hidden_states=True)
+        with vera_fx.disable_adapters(ours):
+            base = ours(input_ids=ids, output_hidden_states=True)
+        ref = m(input_ids=ids, output_hidden_states=True)
+    assert len(out.hidden_states) == len(ref.hidden_states) == 3
+    for a, b in zip(base.hidden_states, ref.hidden_states):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(out.hidden_states[2], ref.hidden_states[2])  # the adapters act inside the blocks
+    graphs = [g for gs in ours.graphs.values() for g in (gs if isinstance(gs, list) else [gs])]
+    assert all(len(graph_modules(g)) == 3 for g in graphs)
+    with torch.no_grad():
+        att = ours(input_ids=ids, output_attentions=True)
+        ref_att = m(input_ids=ids, output_attentions=True)
+    assert len(att.attentions) == len(ref_att.attentions)  # () under sdpa, as the eager model gives
+    torch.testing.assert_close(att.logits, out.logits, atol=1e-5, rtol=1e-5)

@@ -198,11 +198,29 @@ def stand_ins(model: nn.Module, paths: list[str], records: dict[str, LayerCall],
             parent_path, _, leaf = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
             originals[path] = (parent, leaf, parent._modules[leaf])
-            parent._modules[leaf] = _StandIn(i, records[path], calls)
+            stand_in = _StandIn(i, records[path], calls)
+            _carry_output_hooks(parent._modules[leaf], stand_in)
+            parent._modules[leaf] = stand_in
         yield
     finally:
         for parent, leaf, mod in originals.values():
             parent._modules[leaf] = mod
+
+
+# transformers' output recorders (output_hidden_states): forward hooks on the layers whose closure is named so
+_OUTPUT_HOOKS = ("output_capturing_hook",)
+
+
+def _carry_output_hooks(layer: nn.Module, stand_in: nn.Module) -> None:
+    """Give the stand-in the layer's transformers output-capturing hooks, so that the hidden states a layer
+    returns are recorded (and exported) from its block call; other hooks stay with the layer."""
+    for key, hook in layer._forward_hooks.items():
+        if getattr(hook, "__name__", "") in _OUTPUT_HOOKS:
+            stand_in._forward_hooks[key] = hook
+            if key in layer._forward_hooks_with_kwargs:
+                stand_in._forward_hooks_with_kwargs[key] = True
+            if key in layer._forward_hooks_always_called:
+                stand_in._forward_hooks_always_called[key] = True
 
 
 def block_key(model: nn.Module, path: str, call: ExportCall) -> tuple:

@@ -492,10 +492,11 @@ def _capture_blocks(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes:
                     qlayers: dict[str, nn.Module]) -> GraphModule:
     """The block-structured capture (vera_fx/blocks.py): top level and one export per distinct block."""
     config = getattr(model, "config", None)
-    recorded = [k for k in ("output_hidden_states", "output_attentions")
-                if kwargs.get(k) or (kwargs.get(k) is None and getattr(config, k, False) is True)]
-    if recorded:  # transformers collects these with hooks on the layer classes, which the stand-ins are not
-        raise _blocks.BlockCaptureError(f"{recorded[0]}=True records the layers' outputs with hooks on the layers")
+    # transformers collects attention weights with hooks on modules inside the layers, which a block hides
+    # (hidden states come from hooks on the layers themselves: the stand-ins carry those, see blocks.stand_ins)
+    if kwargs.get("output_attentions") or (kwargs.get("output_attentions") is None
+                                           and getattr(config, "output_attentions", False) is True):
+        raise _blocks.BlockCaptureError("output_attentions=True records modules inside the layers with hooks")
     records = _blocks.record_calls(model, layer_paths, args, kwargs)
     _blocks.check_records(model, layer_paths, records)
     plan = _blocks.BlockPlan(layer_paths, records)
