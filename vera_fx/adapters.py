@@ -21,13 +21,13 @@ from torch.fx import GraphModule
 
 from .config import AdapterConfig
 from .methods import AdapterState, method_for
-from .passes.inject import InjectPass, detach_state, emit_adapter, remove_adapter_nodes
+from .passes.inject import InjectPass, emit_adapter, remove_adapter_nodes
 from .passes.lower import LOWERING_KEY, check_lowering
 from .passes.match import MatchPass
 from .passes.pipeline import run_passes
 from .sites import ADAPTER_KEY, SITE_KEY, as_graph_module, graph_modules
 from .state import (ACTIVE_KEY, DISABLED_KEY, _container, active_adapters, adapters_disabled,
-                    attach_modules_to_save, bias_targets, merged_adapters, modules_to_save_copy,
+                    attach_modules_to_save, bias_targets, detach_state, merged_adapters, modules_to_save_copy,
                     modules_to_save_owners, resolve_modules_to_save, route_modules_to_save, shared_projections)
 
 # active_adapters ... modules_to_save_copy live in vera_fx/state.py (below the passes) and stay importable here.

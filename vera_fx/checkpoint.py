@@ -33,7 +33,7 @@ from .methods import CONTAINER, AdapterState, method_for
 from .passes.match import peft_selection
 from .passes.pipeline import transform
 from .sites import MERGED_KEY, as_graph_module, read_sites
-from .state import ACTIVE_KEY, PEFT_ROOT, bias_targets, modules_to_save_copy
+from .state import ACTIVE_KEY, PEFT_ROOT, bias_targets, modules_to_save_copy, restore_active
 
 # bias_targets lives in vera_fx/state.py (the inject pass uses it too) and stays importable here.
 __all__ = ["adapter_state_dict", "load_adapter_state_dict", "adapter_state", "state_dict_targets", "bias_targets",
@@ -500,10 +500,7 @@ def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
             _load_checked(gm, adapter_name, config, tensors, source)
         except Exception:
             remove_adapter(gm, adapter_name)
-            if old_active is None:
-                gm.meta.pop(ACTIVE_KEY, None)
-            else:
-                gm.meta[ACTIVE_KEY] = old_active
+            restore_active(gm, old_active)
             raise
     logger.info("loaded adapter %r from %s", adapter_name, directory)
 

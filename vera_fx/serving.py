@@ -29,12 +29,13 @@ from .config import AdapterConfig
 from .methods import CONTAINER, AdapterState, method_for
 from .methods.pvera import KLRecord
 from .passes.bank import BASE_ADAPTER, INDEX_INPUT, bank_order, build_mixed_graph, check_bankable
-from .passes.inject import attach_state, detach_state, new_state
+from .passes.inject import new_state
 from .passes.match import MatchPass, select_sites
 from .sampling import unwrap
 from .passes.lower import LOWERING_KEY
 from .sites import ADAPTER_KEY, SITE_KEY, graph_modules
-from .state import ACTIVE_KEY, adapter_container, shared_projections
+from .state import (ACTIVE_KEY, adapter_container, attach_state, block_site_names, detach_state, restore_active,
+                    shared_projections)
 
 __all__ = ["mixed_adapter_forward", "mixed_graph", "adapter_index", "load_adapters", "export", "BASE_ADAPTER",
            "INDEX_INPUT"]
@@ -196,6 +197,7 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
     added: list[str] = []
     sites_cache: dict = {}
     projections_cache: dict = {}
+    blocks = block_site_names(inner)  # one walk of the blocks for every adapter loaded
     gc_was_on = gc.isenabled()
     gc.disable()  # thousands of small modules: the cyclic collector's passes would dominate
     try:
@@ -210,7 +212,7 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
                 state = _new_state(inner, config, sites_cache, projections_cache)
             except ValueError as e:
                 raise ValueError(f"{folder}: {e}") from e
-            attach_state(inner, name, state)  # the root's state and the blocks' views of it
+            attach_state(inner, name, state, blocks)  # the root's state and the blocks' views of it
             added.append(name)
             plan, missing = plan_load(inner, tensors, name, source)
             if missing and config.save_projection:
@@ -227,10 +229,7 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
             for g in graph_modules(inner):
                 if CONTAINER in g._modules:
                     delattr(g, CONTAINER)
-        if old_active is None:
-            inner.meta.pop(ACTIVE_KEY, None)
-        else:
-            inner.meta[ACTIVE_KEY] = old_active
+        restore_active(inner, old_active)
         raise
     finally:
         if gc_was_on:
@@ -289,8 +288,9 @@ def export(gm: nn.Module, example_inputs: Any, *, adapter_names: Optional[Sequen
     non-tensor inputs (``use_cache=False``) are fixed at their values, the program takes the tensors only.
     With ``dynamic`` every tensor dimension is ``Dim.AUTO`` (export keeps it dynamic where it can). The mode
     (train / eval) and the sampling switches are fixed at export. With ``plain_outputs`` a transformers
-    output object comes back as a plain dict (``out["logits"]``), so loading needs no transformers. ``torch.export.save`` / ``load`` round-trip
-    it; running it needs only torch and ``vera_fx/runtime.py`` (PVeRA's noise ops).
+    output object comes back as a plain dict (``out["logits"]``), so loading needs no transformers.
+    ``torch.export.save`` / ``load`` round-trip it; running it needs only torch and ``vera_fx/runtime.py``
+    (PVeRA's noise ops).
     """
     inner = unwrap(gm)
     lowered = any((n.meta.get(ADAPTER_KEY) or {}).get("path") not in (None, "activation")

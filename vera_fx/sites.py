@@ -16,7 +16,7 @@ from torch.fx import GraphModule, Node
 
 __all__ = ["as_graph_module", "Site", "Candidate", "SITE_KEY", "ADAPTER_KEY", "MERGED_KEY", "read_sites", "site_of",
            "site_output", "site_input", "adapter_nodes", "LINEAR_KINDS", "adapted_sites", "BLOCK_KEY",
-           "BLOCK_CALL_KEY", "graph_modules", "block_prefix", "read_graph_sites", "block_groups"]
+           "BLOCK_CALL_KEY", "graph_modules", "block_prefix", "read_graph_sites", "block_groups", "sampling_by_site"]
 
 SITE_KEY = "vera_fx_site"
 ADAPTER_KEY = "vera_fx"
@@ -157,11 +157,7 @@ def read_sites(gm: GraphModule) -> list[Site]:
     """Every tagged site of ``gm``'s graph tree in call order (a block's sites where the root calls it), with
     the adapters attached to it. Merge state and sampling switches are the root's."""
     merged: dict[str, tuple[str, ...]] = gm.meta.get(MERGED_KEY) or {}
-    sampling: dict[str, tuple[str, ...]] = {}
-    for adapter_name, state in _adapter_states(gm):
-        for site_name in state.method.sampling_sites(state):
-            sampling.setdefault(site_name, ())
-            sampling[site_name] += (adapter_name,)
+    sampling = sampling_by_site(gm)
     blocks = {block_prefix(g): g for g in _graph_order(gm)}
     own = {s.base: s for s in read_graph_sites(gm, merged, sampling)}
     result: list[Site] = []
@@ -199,6 +195,15 @@ def _sites_of_nodes(gm: GraphModule, nodes: list[Node], merged: dict, sampling: 
                            merged=tuple(merged.get(tag["name"], ())),
                            sampling=sampling.get(tag["name"], ())))
     return result
+
+
+def sampling_by_site(gm: GraphModule) -> dict[str, tuple[str, ...]]:
+    """Site name -> the adapters of ``gm`` that sample there at inference (``Site.sampling``)."""
+    sampling: dict[str, tuple[str, ...]] = {}
+    for adapter_name, state in _adapter_states(gm):
+        for site_name in state.method.sampling_sites(state):
+            sampling[site_name] = sampling.get(site_name, ()) + (adapter_name,)
+    return sampling
 
 
 def _adapter_states(gm: GraphModule) -> list[tuple[str, Any]]:

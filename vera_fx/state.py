@@ -25,12 +25,12 @@ from torch.fx import GraphModule
 
 from .config import AdapterConfig
 from .methods import CONTAINER, AdapterState, AdapterView, Method
-from .sites import MERGED_KEY, as_graph_module, block_prefix, graph_modules, read_sites
+from .sites import MERGED_KEY, as_graph_module, block_prefix, graph_modules, read_graph_sites, read_sites
 
 __all__ = ["ACTIVE_KEY", "DISABLED_KEY", "MTS_TAG", "PEFT_ROOT", "adapter_container", "active_adapters",
            "adapters_disabled", "merged_adapters", "shared_projections", "resolve_modules_to_save",
            "attach_modules_to_save", "modules_to_save_copy", "modules_to_save_owners", "route_modules_to_save",
-           "bias_targets"]
+           "bias_targets", "attach_state", "detach_state", "block_site_names", "restore_active"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,56 @@ def shared_projections(gm: GraphModule, config: AdapterConfig, method: Method, i
     return a[:rows], b[:, : config.r]
 
 
+def block_site_names(gm: GraphModule) -> list[tuple[GraphModule, str, set[str]]]:
+    """(block graph, its path, the names of its own sites) for every block of ``gm``'s tree: one walk of the
+    blocks, for callers that attach many adapters (``attach_state(..., blocks=...)``)."""
+    return [(g, block_prefix(g), {s.name for s in read_graph_sites(g)}) for g in graph_modules(gm)[1:]]
+
+
+def attach_state(gm: GraphModule, adapter_name: str, state: AdapterState,
+                 blocks: Optional[list[tuple[GraphModule, str, set[str]]]] = None) -> None:
+    """Register ``state`` at the root of ``gm``'s tree, and give every block holding some of its sites (or a
+    ``modules_to_save`` copy of a module inside it) a view (``AdapterView``) over the same site modules; a view
+    already there is kept. ``blocks``: ``block_site_names(gm)``, when the caller has it. Emits nothing."""
+    adapter_container(gm)[adapter_name] = state
+    _container_first(gm)
+    wanted = set(state.site_names)
+    saved = getattr(state, "modules_to_save_paths", None) or []
+    for g, prefix, names in blocks if blocks is not None else block_site_names(gm):
+        own = names & wanted
+        if adapter_name not in adapter_container(g) and (
+                own or any(p == prefix or p.startswith(prefix + ".") for p in saved)):
+            adapter_container(g)[adapter_name] = AdapterView(state, sorted(own), prefix)
+
+
+def _container_first(gm: GraphModule) -> None:
+    """Put the root's adapter container first among its children, so that ``named_parameters()`` (which
+    lists a shared parameter once, under its first name) names the lambdas ``vera_fx_adapters.<adapter>.
+    sites.<site>.<param>`` rather than by the block views that hold them too."""
+    mods = gm._modules
+    if next(iter(mods)) != CONTAINER:
+        items = list(mods.items())
+        mods.clear()
+        mods[CONTAINER] = dict(items)[CONTAINER]
+        mods.update((k, v) for k, v in items if k != CONTAINER)
+
+
+def detach_state(gm: GraphModule, adapter_name: str) -> None:
+    """Remove ``adapter_name``'s state from the root and its views from the blocks."""
+    for g in graph_modules(gm):
+        container = getattr(g, CONTAINER, None)
+        if container is not None and adapter_name in container:
+            del container[adapter_name]
+
+
+def restore_active(gm: GraphModule, old: Optional[list[str]]) -> None:
+    """Put back the active list read before a failed change (``None``: there was none)."""
+    if old is None:
+        gm.meta.pop(ACTIVE_KEY, None)
+    else:
+        gm.meta[ACTIVE_KEY] = old
+
+
 # --- modules_to_save ------------------------------------------------------------------------------------------
 
 def resolve_modules_to_save(gm: GraphModule, module_names: Sequence[str]) -> list[str]:
@@ -163,7 +213,6 @@ def attach_modules_to_save(gm: GraphModule, adapter_name: str, module_names: Seq
     state.modules_to_save_paths = paths
     for g in graph_modules(gm):  # the root graph and its blocks (a block's targets are relative to it)
         prefix = block_prefix(g)
-        tagged = False
         for node in g.graph.nodes:
             if node.op != "get_attr" or MTS_TAG in node.meta:
                 continue
@@ -171,10 +220,7 @@ def attach_modules_to_save(gm: GraphModule, adapter_name: str, module_names: Seq
             owner = next((p for p in paths if full.startswith(p + ".")), None)
             if owner is not None:
                 node.meta[MTS_TAG] = {"path": owner, "target": node.target}
-                tagged = True
-        if tagged and g is not gm and adapter_name not in adapter_container(g):
-            # the block reads the copies through a view of the adapter's state
-            adapter_container(g)[adapter_name] = AdapterView(state, [], prefix)
+    attach_state(gm, adapter_name, state)  # a block holding a copied module reads it through a view
     route_modules_to_save(gm, [] if adapters_disabled(gm) else active_adapters(gm))
     return paths
 

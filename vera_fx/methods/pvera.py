@@ -34,7 +34,7 @@ from torch.fx.node import has_side_effect
 from ..config import PveraConfig
 from ..runtime import pvera_bank_noise, pvera_noise  # noqa: F401  (the ops the graph calls)
 from ..sites import ADAPTER_KEY, Site
-from .base import CONTAINER, AdapterState, Emitter, Method, emit_projection, finish_output
+from .base import CONTAINER, AdapterState, AdapterView, Emitter, Method, emit_projection, finish_output
 
 __all__ = ["PveraMethod", "KLRecord", "pvera_reparametrize", "pvera_bank_reparametrize", "pvera_record_kl", "SAMPLE_SWITCH", "GENERATOR_STATE",
            "NOISE_GROUPS", "KL_RECORD", "reseed_state", "site_seed"]
@@ -187,11 +187,11 @@ class PveraMethod(Method):
         state.switches["sample_at_inference"] = {s: getattr(state.site_module(s), SAMPLE_SWITCH)
                                                  for s in state.site_names}
 
-    def init_view(self, view: AdapterState, root: AdapterState) -> None:
+    def init_view(self, view: AdapterView, root: AdapterState) -> None:
         """A block's KL record: one per block path, kept by the root state, so that every graph capturing
         that block (one per call signature) writes the record ``kl_divergence`` reads."""
         records = root.__dict__.setdefault(BLOCK_KL_RECORDS, {})
-        setattr(view, KL_RECORD, records.setdefault(getattr(view, "prefix", ""), KLRecord()))
+        setattr(view, KL_RECORD, records.setdefault(view.prefix, KLRecord()))
 
     def sampling_sites(self, state: AdapterState) -> tuple[str, ...]:
         return tuple(s for s in state.site_names if getattr(state.site_module(s), SAMPLE_SWITCH, False))

@@ -24,8 +24,8 @@ from torch.fx import GraphModule
 
 from ..methods import CONTAINER
 from ..sites import ADAPTER_KEY, block_prefix, graph_modules, read_sites
-from ..state import MTS_TAG
-from .inject import attach_state, emit_adapter, remove_adapter_nodes
+from ..state import MTS_TAG, attach_state
+from .inject import emit_adapter, remove_adapter_nodes
 
 __all__ = ["attach_adapters", "strip_adapters", "state_fingerprint", "GRAPH_OWN_META"]
 

@@ -31,7 +31,7 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
 from ..methods import CONTAINER, AdapterState, Emitter
 from ..sites import (ADAPTER_KEY, BLOCK_CALL_KEY, BLOCK_KEY, MERGED_KEY, Site, block_prefix, graph_modules,
-                     read_graph_sites)
+                     read_graph_sites, sampling_by_site)
 from .inject import training_node
 from .share import share_projections
 
@@ -248,14 +248,6 @@ class _Banker:
         return count
 
 
-def _sampling(gm: GraphModule) -> dict[str, tuple[str, ...]]:
-    out: dict[str, tuple[str, ...]] = {}
-    for name, state in _states(gm).items():
-        for site_name in state.method.sampling_sites(state):
-            out[site_name] = out.get(site_name, ()) + (name,)
-    return out
-
-
 def build_mixed_graph(gm: GraphModule) -> GraphModule:
     """The mixed-adapter graph of ``gm``: its inputs plus ``vera_fx_adapter_index`` (int64, one per row).
 
@@ -269,7 +261,7 @@ def build_mixed_graph(gm: GraphModule) -> GraphModule:
     order = list(states)
     groups = bank_groups(gm)
     merged: dict = gm.meta.get(MERGED_KEY) or {}
-    sampling = _sampling(gm)
+    sampling = sampling_by_site(gm)
     graph, index = _copy_without_adapters(gm)
     mixed = GraphModule(gm, graph)
     mixed.add_module(CONTAINER, getattr(gm, CONTAINER))  # the same state objects

@@ -21,9 +21,10 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..config import AdapterConfig
-from ..methods import CONTAINER, AdapterState, AdapterView, Emitter, method_for
-from ..sites import ADAPTER_KEY, Site, block_prefix, graph_modules, read_graph_sites
-from ..state import adapter_container, attach_modules_to_save, bias_targets, shared_projections
+from ..methods import CONTAINER, AdapterState, Emitter, method_for
+from ..sites import ADAPTER_KEY, Site, graph_modules, read_graph_sites
+from ..state import (adapter_container, attach_modules_to_save, attach_state, bias_targets, detach_state,
+                     shared_projections)
 from .lower import lower_adapters, lowering_setting
 from .match import select_sites
 from .share import share_projections
@@ -146,40 +147,6 @@ def new_state(gm: GraphModule, config: AdapterConfig, chosen: list[Site],
         state.site_names.append(s.name)
     method.init_switches(state)
     return state
-
-
-def attach_state(gm: GraphModule, adapter_name: str, state: AdapterState) -> None:
-    """Register ``state`` at the root of ``gm``'s tree, and in every block holding some of its sites a view
-    (``AdapterView``) that holds the same site modules. Emits nothing (``emit_adapter`` does)."""
-    adapter_container(gm)[adapter_name] = state
-    _container_first(gm)
-    wanted = set(state.site_names)
-    saved = getattr(state, "modules_to_save_paths", None) or []
-    for g in graph_modules(gm)[1:]:
-        own = {s.name for s in read_graph_sites(g)} & wanted
-        prefix = block_prefix(g)
-        if own or any(p == prefix or p.startswith(prefix + ".") for p in saved):
-            adapter_container(g)[adapter_name] = AdapterView(state, sorted(own), block_prefix(g))
-
-
-def _container_first(gm: GraphModule) -> None:
-    """Put the root's adapter container first among its children, so that ``named_parameters()`` (which
-    lists a shared parameter once, under its first name) names the lambdas ``vera_fx_adapters.<adapter>.
-    sites.<site>.<param>`` rather than by the block views that hold them too."""
-    mods = gm._modules
-    if next(iter(mods)) != CONTAINER:
-        items = list(mods.items())
-        mods.clear()
-        mods[CONTAINER] = dict(items)[CONTAINER]
-        mods.update((k, v) for k, v in items if k != CONTAINER)
-
-
-def detach_state(gm: GraphModule, adapter_name: str) -> None:
-    """Remove ``adapter_name``'s state from the root and its views from the blocks."""
-    for g in graph_modules(gm):
-        container = getattr(g, CONTAINER, None)
-        if container is not None and adapter_name in container:
-            del container[adapter_name]
 
 
 def _is_own_node(node: Node, site: str, adapter: str) -> bool:
