@@ -10,7 +10,8 @@ arithmetic floor: counted multiply-adds of exact VeRA with shared projections (f
 gradient, ``x·Aᵀ`` and its input gradient once per shared input, ``z·Bᵀ`` and its gradient per site), shown as
 "floor ms" = the frozen base's measured time scaled by floor / base multiply-adds.
 
-vera_fx rows: ``lowering="auto"`` (the lower pass's choice: the lean path at these shapes) and
+vera_fx rows: ``lowering="auto"`` (the lower pass's choice: within PEFT's arithmetic, lean where the share
+pass's saving pays for it), ``lowering="lean"`` (every site lean: the least memory) and
 ``lowering="activation"`` (the plain nodes). ``--compile`` adds torch.compile rows (VeRA, all-linear) on
 today's shape.
 Run: python benchmarks/train_step.py [--quick] [--shapes today,realistic] [--methods vera,pvera] [--compile]
@@ -181,7 +182,7 @@ def run_shape(name: str, methods: list[str], targets_shown: list[str], repeat: i
                                                                                      if p.requires_grad])}
                 pm = peft.get_peft_model(copy.deepcopy(base), peft_cfg(r=r, target_modules=targets)).train()
                 models["peft"] = (pm, [p for p in pm.parameters() if p.requires_grad])
-                for lowering in ("auto", "activation"):
+                for lowering in ("auto", "lean", "activation"):
                     gm = vera_fx.transform(base, our_cfg(r=r, target_modules=targets), lowering=lowering,
                                            tokens=tokens).train()
                     models[f"vera_fx {lowering}"] = (gm, [p for p in gm.parameters() if p.requires_grad])
@@ -203,7 +204,8 @@ def run_shape(name: str, methods: list[str], targets_shown: list[str], repeat: i
                     mem = mems.get(k)
                     macs = {"frozen base": b_macs,
                             "peft": b_macs + adapter_macs(hidden, inter, layers, tokens, r, rows_a, targets, False),
-                            "vera_fx activation": floor, "vera_fx auto": floor}.get(k.replace(" compiled", ""))
+                            "vera_fx activation": floor, "vera_fx auto": floor,
+                            "vera_fx lean": floor}.get(k.replace(" compiled", ""))
                     if k.startswith("vera_fx"):
                         macs += lean_extra(models[k][0], tokens, r)
                     rows.append([k, paths(models[k][0]), f"{t * 1e3:.0f}", f"{t / ref:.2f}" if k != "frozen base" else "-",

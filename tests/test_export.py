@@ -51,7 +51,7 @@ def test_adapted_merged_and_mixed_round_trip(graph, tmp_path):
     with torch.no_grad():
         want = gm(**x).logits
         ep = vera_fx.export(gm, example)
-        assert "lean_delta" not in str(ep.graph)  # ... is left out of the program (plain nodes: torch + runtime)
+        assert "lean_add" not in str(ep.graph)  # ... is left out of the program (plain nodes: torch + runtime)
         assert paths() == before  # and restored on the graph
         loaded = round_trip(ep, tmp_path / "adapted.pt2")
         torch.testing.assert_close(loaded(**x)["logits"], want, atol=1e-5, rtol=0)  # other batch and length

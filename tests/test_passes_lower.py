@@ -14,8 +14,8 @@ from torch import nn
 import vera_fx
 from conftest import text_inputs, tiny_llama
 from vera_fx.sites import as_graph_module, graph_modules
-from vera_fx.passes.lower import (DEFAULT_TOKENS, LOWERING_KEY, GroupShape, LowerPass, choose_path, lower_adapters,
-                                  path_costs)
+from vera_fx.passes.lower import (DEFAULT_TOKENS, LOWERING_KEY, GroupShape, LowerPass, choose_lean, choose_path,
+                                  lower_adapters, path_costs, plan_auto)
 
 peft = pytest.importorskip("peft")
 
@@ -238,40 +238,70 @@ def test_cost_model_counts():
     assert c["activation"] == 2 * 10 * 4 * 2 + 2 * 10 * 2 * 3 + 2 * 10 * 2 * 5
     assert c["lean"] == c["activation"] + 10 * 2 * 3 + 10 * 2 * 5
     assert c["weight"] == (3 * 3 * 2 * 4 + 10 * 3 * 4) + (3 * 5 * 2 * 4 + 10 * 5 * 4)
+    assert c["peft"] == 2 * (2 * 10 * 4 * 2) + 2 * 10 * 2 * 3 + 2 * 10 * 2 * 5  # x-A per site
 
 
 def test_cost_model_decisions():
     h, inter = 2048, 5632
-    blocks = ((h, (h, h, h)), (h, (h,)), (h, (inter, inter)), (inter, (h,)))
-    for r in (16, 256, 1024):
-        # a Llama block up to r = hidden / 2: lean everywhere (the extra product is under 16% of the arithmetic)
-        for fan_in, outs in blocks:
-            assert choose_path(GroupShape(1024, fan_in, r, r, outs), weight_allowed=True) == "lean"
-    # r = 2 x hidden: the extra product for q/k/v and gate/up passes 20%; single sites stay lean
-    assert [choose_path(GroupShape(1024, i, 4096, 4096, o), True) for i, o in blocks] == [
-        "activation", "lean", "activation", "lean"]
-    # many tokens and a large rank against a single square site: folding into W is fewer operations
-    assert choose_path(GroupShape(1 << 16, 512, 1024, 1024, (512,)), weight_allowed=True) == "weight"
-    assert choose_path(GroupShape(1 << 16, 512, 1024, 1024, (512,)), weight_allowed=False) == "lean"
-    # an output much wider than the input with r >= hidden (an LM head): the recompute costs too much
-    assert choose_path(GroupShape(1024, 256, 1024, 1024, (32000,)), weight_allowed=False) == "activation"
+    block = ((h, (h, h, h)), (h, (h,)), (h, (inter, inter)), (inter, (h,)))  # q/k/v, o, gate/up, down
+    for r in (16, 256, 1024, 4096):  # every term is linear in r and T: one plan at every rank and batch
+        for tokens in (512, 4096):
+            shapes = [GroupShape(tokens, i, r, r, outs) for i, outs in block]
+            # VeRA: the share pass saves 2 x-A products of q/k/v and 1 of gate/up (12288 T r); the most out-width
+            # whose extra products fit is gate + three 2048-wide sites (11776), not gate + up (11264)
+            assert plan_auto(shapes, [False] * 4) == [["lean"] * 3, ["activation"], ["lean", "activation"],
+                                                      ["activation"]]
+            costs = [path_costs(g) for g in shapes]
+            budget = sum(c["peft"] - c["activation"] for c in costs)
+            assert budget == 12288 * tokens * r
+            # PVeRA: A has 2r rows, so the saving doubles and pays for every site
+            shapes = [GroupShape(tokens, i, 2 * r, r, outs) for i, outs in block]
+            assert plan_auto(shapes, [False] * 4) == [["lean"] * 3, ["lean"], ["lean"] * 2, ["lean"]]
+    # q/v: the one saved x-A product pays for both extra products exactly
+    assert plan_auto([GroupShape(1024, h, 256, 256, (h, h))], [False]) == [["lean", "lean"]]
+    # a single site saves nothing against PEFT: it keeps the activation path
+    assert plan_auto([GroupShape(1024, 256, 1024, 1024, (32000,))], [False]) == [["activation"]]
+    # many tokens and a large rank against a single square site: folding into W is fewer operations, and what
+    # it saves against PEFT pays for other sites' extra products
+    fold = GroupShape(1 << 16, 512, 1024, 1024, (512,))
+    assert choose_path(fold, weight_allowed=True) == "weight"
+    assert choose_path(fold, weight_allowed=False) == "activation"
+    assert plan_auto([fold, GroupShape(1 << 16, 512, 1024, 1024, (512,))], [True, False]) == [["weight"], ["lean"]]
+
+
+def test_choose_lean_is_exact():
+    # subset sum: 5 + 4 + 3 fill 12 where largest-first takes 5 + 5 and stops at 10
+    assert sorted(choose_lean([(5, 5), (5, 5), (4, 4), (3, 3)], 12)) in ([0, 2, 3], [1, 2, 3])
+    # the most saved values, not the most work: (2, 3) + (2, 3) beats (4, 4); ties go to the earlier sites
+    assert choose_lean([(4, 4), (2, 3), (2, 3), (2, 3)], 4) == {1, 2}
+    assert choose_lean([(1, 1)] * 3, 0) == set() and choose_lean([], 10) == set()
+    assert choose_lean([(3, 1), (20, 9)], 10) == {0}  # an item over the budget is never taken
+
+
+def _site_paths(gm) -> set[tuple[str, str]]:
+    return {(n.meta["vera_fx"]["site"], n.meta["vera_fx"].get("path") or "activation") for n in gm.graph.nodes
+            if (n.meta.get("vera_fx") or {}).get("role") == "output"}
 
 
 def test_auto_follows_tokens_and_site_overrides():
     net, x = _net(), _x()
-    # widths of 16-24 against r=8: with few tokens per step the activation work is small (lean), with the
-    # default 1024 tokens folding into W costs fewer operations
+    # widths of 16-24 against r=8. With few tokens per step: x feeds q/k/v, so the share pass saves two x-A
+    # products (2 * 2 * T * 16 * 8 = 512 T); the lean extras are T * 8 * out (192 T for q, k and q's second
+    # call, 128 T for v and o): two 24-wide sites and one 16-wide fill the budget exactly
     gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), tokens=16)
-    assert _paths(gm) == {"lean": 5} and gm.meta[LOWERING_KEY] == {"mode": "auto", "tokens": 16}
+    assert _paths(gm) == {"lean": 3, "activation": 2} and gm.meta[LOWERING_KEY] == {"mode": "auto", "tokens": 16}
+    assert _site_paths(gm) == {("q", "lean"), ("k", "lean"), ("v", "lean"), ("q", "activation"), ("o", "activation")}
+    # with the default 1024 tokens folding into W costs fewer operations
     gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,))
     assert _paths(gm) == {"weight": 5} and gm.meta[LOWERING_KEY] == {"mode": "auto", "tokens": None}
     gm = vera_fx.transform(net, _config("pvera"), example_inputs=(x,))
-    assert _paths(gm) == {"lean": 5}  # never folded: it samples
+    assert _paths(gm) == {"lean": 5}  # never folded (it samples); 2r rows of A: the saving pays for every site
+    # overrides: o and v are forced; q/k keep one auto group whose saving (one x-A product, 256 T) pays for one
+    # 24-wide extra product; q's second call (its own group) saves nothing
     gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering={"o": "activation", "v": "weight"},
                            tokens=16)
-    paths = {(n.meta["vera_fx"]["site"], n.meta["vera_fx"].get("path")) for n in gm.graph.nodes
-             if (n.meta.get("vera_fx") or {}).get("role") == "output"}
-    assert paths == {("q", "lean"), ("k", "lean"), ("o", None), ("v", "weight")}
+    assert _site_paths(gm) == {("q", "lean"), ("q", "activation"), ("k", "activation"), ("o", "activation"),
+                               ("v", "weight")}
     assert DEFAULT_TOKENS == 1024
 
 
@@ -371,11 +401,13 @@ def test_inspection_reads_lowered_nodes():
     net, x = _net(), _x()
     gm = vera_fx.transform(net, _config("pvera", generator_seed=0), example_inputs=(x,), lowering="lean")
     names = {n.name for n in gm.graph.nodes}
-    assert {"q_default_sample", "q_default_kl", "q_default_lean_delta"} <= names
+    assert {"q_default_sample", "q_default_kl", "q_default_add"} <= names
     rows = {r["name"]: r["state"] for r in vera_fx.inspect.summary_rows(gm)}
     assert set(rows) == {"q", "k", "v", "o"}
     roles = {a.get("role") for _, a in vera_fx.to_networkx(gm).nodes(data=True)}
-    assert {"projection", "lambda", "sampling", "adapter", "output"} <= roles
+    assert {"projection", "lambda", "sampling", "output"} <= roles
+    add = next(n for n in gm.graph.nodes if n.name == "q_default_add")
+    assert add.target is torch.ops.vera_fx.lean_add.default and add.meta["vera_fx"]["role"] == "output"
     vera_fx.delete_adapter(gm, "default")
     assert not any(n.meta.get("vera_fx") for n in gm.graph.nodes)
 

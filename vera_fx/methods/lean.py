@@ -1,18 +1,20 @@
 """The memory-lean adapter tail: custom ops with their own backward, used by the lower pass.
 
-The plain (activation) path of a site is ``z = f(h * lambda_d)``, ``u = z @ B.T``, ``delta = u * lambda_b`` with
+The plain (activation) path of a site is ``z = f(h * lambda_d)``, ``u = z @ B.T``, ``y + u * lambda_b`` with
 ``h = x @ A.T`` shared by the sites that read ``x``; autograd keeps ``h * lambda_d`` and ``z`` (r or 2r values per
-token) and ``u`` (out values per token) for every site. ``vera_fx::lean_delta`` computes the same ``delta`` in
-one node and keeps only what it was given: ``h`` (one tensor for the whole group of sites reading ``x``, so it
-is stored once) and, for PVeRA, the noise ``eps`` it was handed (so backward uses exactly the forward's draw).
+token) and ``u`` (out values per token) for every site. ``vera_fx::lean_add`` computes the same ``y + delta`` in
+one node (one ``addmm`` against ``lambda_b * B``, ``* lambda_d`` too for VeRA: no pass over a token x out
+tensor besides the product) and keeps only what it was given: ``h`` (one tensor for the whole group of sites
+reading ``x``, so it is stored once) and, for PVeRA, the noise ``eps`` it was handed (so backward uses exactly
+the forward's draw). Not ``y``: its gradient is the output's.
 
-Backward (``g = d loss / d delta``, sums over every leading (token) dimension, ``hd = h * lambda_d``):
+Backward (``g = d loss / d output``, sums over every leading (token) dimension, ``hd = h * lambda_d``):
 
 - VeRA: ``z = hd``. PVeRA: ``mu, lv = hd[..., :r], hd[..., r:]``, ``s = exp(lv / 2)``, ``z = mu + eps * s``
   (``z = mu`` without noise);
 - ``d lambda_b[o] = sum_t g[t, o] * u[t, o] = sum_k B[o, k] * M[o, k]`` with ``M = g.T @ z`` (out x r): one extra
-  token x r x out product instead of keeping ``u``;
-- ``gz = (g * lambda_b) @ B`` (token x r), as in the plain path;
+  token x r x out product instead of keeping ``u`` (VeRA: ``M = g.T @ h`` against ``B * lambda_d``);
+- ``gz = g @ (lambda_b * B)`` (token x r), the plain path's product with the scale folded in;
 - ``d hd = gz`` (VeRA); ``d mu = gz``, ``d lv = gz * eps * s / 2`` (PVeRA; zero without noise);
 - ``d lambda_d = sum_t d hd * h``, ``d h = d hd * lambda_d`` (autograd carries ``d h`` on into ``x @ A.T``).
 
@@ -32,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.fx.node import has_side_effect
 
-__all__ = ["lean_delta", "pvera_kl", "pvera_lean_noise"]
+__all__ = ["lean_add", "pvera_kl", "pvera_lean_noise"]
 
 
 def _latent(hd: Tensor, eps: Optional[Tensor], r: int, probabilistic: bool) -> tuple[Tensor, Optional[Tensor]]:
@@ -46,48 +48,87 @@ def _latent(hd: Tensor, eps: Optional[Tensor], r: int, probabilistic: bool) -> t
     return mu + eps * std, std
 
 
-@torch.library.custom_op("vera_fx::lean_delta", mutates_args=())
-def lean_delta(h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor], r: int,
-               probabilistic: bool) -> Tensor:
-    """``lambda_b * (z @ B.T)`` with ``z`` from ``h * lambda_d`` (VeRA) or its reparametrised sample (PVeRA)."""
-    z, _ = _latent(h * lambda_d, eps, r, probabilistic)
-    return torch.nn.functional.linear(z, b) * lambda_b
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
-@lean_delta.register_fake
-def _lean_delta_fake(h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor], r: int,
-                     probabilistic: bool) -> Tensor:
-    return h.new_empty((*h.shape[:-1], b.shape[0]), dtype=torch.result_type(h, lambda_b))
+def _lean_add_impl(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor],
+                   r: int, probabilistic: bool) -> Tensor:
+    if torch.is_autocast_enabled(h.device.type):  # the plain chain's own ops, so autocast casts them alike
+        z, _ = _latent(h * lambda_d, eps, r, probabilistic)
+        return y + torch.nn.functional.linear(z, b) * lambda_b
+    m = b * lambda_b.unsqueeze(-1)  # (out, r): the scales fold into the small matrix, not the token tensors
+    if probabilistic:
+        z, _ = _latent(h * lambda_d, eps, r, True)
+    else:
+        z, m = h, m * lambda_d
+    out = m.shape[0]
+    lead = z.shape[:-1]
+    if y.dtype == z.dtype == m.dtype and y.shape == (*lead, out):
+        return torch.addmm(y.reshape(-1, out), z.reshape(-1, z.shape[-1]), m.T).view(*lead, out)
+    return y + torch.nn.functional.linear(z.to(m.dtype), m)
+
+
+@torch.library.custom_op("vera_fx::lean_add", mutates_args=())
+def lean_add(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor], r: int,
+             probabilistic: bool) -> Tensor:
+    """``y + lambda_b * (z @ B.T)`` with ``z`` from ``h * lambda_d`` (VeRA) or its reparametrised sample (PVeRA),
+    as one ``addmm`` against ``lambda_b * B`` (``* lambda_d`` too for VeRA, so ``h`` is read as it is); under
+    autocast the plain chain's ops, so the result has the plain path's dtype."""
+    return _lean_add_impl(y, h, lambda_d, b, lambda_b, eps, r, probabilistic)
+
+
+@lean_add.register_fake
+def _lean_add_fake(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor],
+                   r: int, probabilistic: bool) -> Tensor:
+    return _lean_add_impl(y, h, lambda_d, b, lambda_b, eps, r, probabilistic)  # on fake tensors: shape, dtype
 
 
 def _lean_setup(ctx, inputs, output) -> None:  # noqa: ANN001 (torch.library's context object)
-    h, lambda_d, b, lambda_b, eps, r, probabilistic = inputs
+    y, h, lambda_d, b, lambda_b, eps, r, probabilistic = inputs
     ctx.save_for_backward(h, lambda_d, b, lambda_b, eps)
-    ctx.r, ctx.probabilistic = r, probabilistic
+    ctx.r, ctx.probabilistic, ctx.y_shape, ctx.y_dtype = r, probabilistic, y.shape, y.dtype
 
 
 def _lean_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
     h, lambda_d, b, lambda_b, eps = ctx.saved_tensors
     r, probabilistic = ctx.r, ctx.probabilistic
-    hd = h * lambda_d
-    z, std = _latent(hd, eps, r, probabilistic)
-    g2 = grad.reshape(-1, grad.shape[-1])
-    grad_lambda_b = None
-    if ctx.needs_input_grad[3]:
-        m = g2.T @ z.reshape(-1, z.shape[-1])  # (out, r)
-        grad_lambda_b = (m * b).sum(1).to(lambda_b.dtype)
-    gz = torch.nn.functional.linear(grad * lambda_b, b.T)  # (..., r)
+    need = ctx.needs_input_grad
+    grad_y = None
+    if need[0]:
+        grad_y = grad if grad.shape == ctx.y_shape else grad.sum_to_size(ctx.y_shape)
+        grad_y = grad_y.to(ctx.y_dtype)
+    dtype = _compute_dtype(h, lambda_d, b, lambda_b)  # in backward autocast is off: one dtype for all
+    g = grad.to(dtype)
+    if g.shape[:-1] != h.shape[:-1]:
+        g = g.sum_to_size((*h.shape[:-1], g.shape[-1]))
+    g2 = g.reshape(-1, g.shape[-1])
+    hc, lambda_dc, b, lambda_bc = h.to(dtype), lambda_d.to(dtype), b.to(dtype), lambda_b.to(dtype)
     if probabilistic:
-        glv = gz * eps * std * 0.5 if std is not None else torch.zeros_like(gz)
+        z, std = _latent(hc * lambda_dc, None if eps is None else eps.to(dtype), r, True)
+        b_z = b  # lambda_b's gradient pairs B with z
+    else:
+        z, std = hc, None
+        b_z = b * lambda_dc  # z = h * lambda_d: the scale moves onto B's columns
+    grad_lambda_b = None
+    if need[4]:
+        m = g2.T @ z.reshape(-1, z.shape[-1])  # (out, r): the one extra product, instead of keeping z @ B.T
+        grad_lambda_b = (m * b_z).sum(1).to(lambda_b.dtype)
+    gz = g @ (b * lambda_bc.unsqueeze(-1))  # (..., r)
+    if probabilistic:
+        glv = gz * eps.to(dtype) * std * 0.5 if std is not None else torch.zeros_like(gz)
         ghd = torch.cat([gz, glv], dim=-1)
     else:
         ghd = gz
-    grad_lambda_d = (ghd * h).reshape(-1, h.shape[-1]).sum(0).to(lambda_d.dtype) if ctx.needs_input_grad[1] else None
-    grad_h = ghd * lambda_d if ctx.needs_input_grad[0] else None
-    return grad_h, grad_lambda_d, None, grad_lambda_b, None, None, None
+    grad_lambda_d = (ghd * hc).reshape(-1, h.shape[-1]).sum(0).to(lambda_d.dtype) if need[2] else None
+    grad_h = (ghd * lambda_dc).to(h.dtype) if need[1] else None
+    return grad_y, grad_h, grad_lambda_d, None, grad_lambda_b, None, None, None
 
 
-lean_delta.register_autograd(_lean_backward, setup_context=_lean_setup)
+lean_add.register_autograd(_lean_backward, setup_context=_lean_setup)
 
 
 @torch.library.custom_op("vera_fx::pvera_kl", mutates_args=())

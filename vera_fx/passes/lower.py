@@ -5,9 +5,10 @@ they share ``h = x @ A.T``. Each group gets one of three paths:
 
 - ``activation``: the emitter's plain nodes (``h * lambda_d -> @ B.T -> * lambda_b``); autograd keeps ``u = z @
   B.T`` (out values per token) per site, PVeRA also its latent, noise and KL intermediates.
-- ``lean``: one ``vera_fx::lean_delta`` custom op per site (vera_fx/methods/lean.py) that keeps only the
-  group's shared ``h`` (and PVeRA's noise) and recomputes the rest in backward: one extra tokens x r x out
-  product per site, for out (+ 5 r for PVeRA) fewer saved values per token and site.
+- ``lean``: one ``vera_fx::lean_add`` custom op per site (vera_fx/methods/lean.py; it replaces the site's
+  ``y + delta`` node) that keeps only the group's shared ``h`` (and PVeRA's noise) and recomputes the rest in
+  backward: one extra tokens x r x out product per site, for out (+ 5 r for PVeRA) fewer saved values per token
+  and site.
 - ``weight``: ``W' = W + (lambda_b * B) @ (lambda_d * A)`` folded for the step in front of the base call, so the
   base matmul computes both (VeRA without dropout on dense ``linear`` sites only: the fold is exact there).
 
@@ -15,18 +16,23 @@ The cost model (``path_costs``) counts multiply-adds of one training step (forwa
 work ignored) for ``T`` tokens, a group's ``in`` and its sites' ``out``, with ``rows`` rows of A (r; 2r for
 PVeRA) and rank ``r``:
 
+- peft (PEFT's modules, the reference): ``sum (2 T in rows + 2 T r out)``: x·Aᵀ per site;
 - activation: ``2 T in rows`` (x·Aᵀ and its input gradient, once per group) ``+ sum 2 T r out`` (z·Bᵀ and its
   gradient, per site);
 - lean: activation ``+ sum T r out`` (the ``gᵀ z`` product for lambda_b's gradient);
 - weight: ``sum (3 out r in + T out in)`` (the fold, the gradients of its two factors, and ``gᵀ x`` for the
   folded weight's gradient); the input gradient goes through ``W'`` at the base's own cost.
 
-``auto`` takes the weight path where allowed and cheaper than the activation path, else the lean path where
-its extra product is at most ``LEAN_OVERHEAD`` (20%) of the group's arithmetic including the frozen base's
-(``sum 2 T in out``), else the activation path. In a Llama block (hidden 2048) the extra is under 16% up to r = hidden / 2
-(lean everywhere); from r = hidden on, groups of several sites (q/k/v, gate/up) keep the plain path, and so does
-a site much wider than its input (an LM head) at r >= hidden. ``T`` is ``DEFAULT_TOKENS`` (1024) unless the setting names it;
-only the weight decision depends on it. Lean-vs-activation goes by ratios, so it holds at any batch size.
+``auto`` keeps a graph's step within PEFT's arithmetic and spends what is left on memory. It takes the weight
+path for a group where allowed and cheaper than the activation path; every other group starts on the
+activation path. What a graph's auto groups save against PEFT (the share pass's x·Aᵀ, the weight path's
+difference) is its *budget*; ``choose_lean`` then makes lean the sites whose extra products fit the budget and
+drop the most saved values (out per token for VeRA, out + 5 r for PVeRA): a small knapsack, solved exactly.
+In a Llama block this makes q/k/v and q/v lean (their share saving pays for their extra products exactly) and
+at all-linear about half the block's out-width; ``lowering="lean"`` makes every site lean (the fewest saved
+values, a few percent more arithmetic than PEFT at all-linear). Every term is linear in ``T``, so the lean
+choice holds at any batch size; ``T`` (``DEFAULT_TOKENS``, 1024, unless the setting names it) only moves the
+weight decision. A block graph decides on its own sites, so blocks with one structure keep one code.
 
 The setting lives in ``gm.meta["vera_fx_lowering"]`` (``transform(..., lowering=...)``,
 ``vera_fx.set_lowering``), never in the adapter's config, so adapter_config.json stays PEFT's. Lowered nodes
@@ -50,8 +56,8 @@ from ..methods import CONTAINER, Emitter
 from ..methods.lean import pvera_lean_noise
 from ..sites import ADAPTER_KEY, SITE_KEY, Site, as_graph_module, block_prefix, graph_modules, read_graph_sites
 
-__all__ = ["LowerPass", "lower_adapters", "path_costs", "choose_path", "lowering_setting", "check_lowering",
-           "LOWERING_KEY", "PATHS", "MODES", "DEFAULT_TOKENS", "LEAN_OVERHEAD", "GroupShape"]
+__all__ = ["LowerPass", "lower_adapters", "path_costs", "choose_path", "choose_lean", "plan_auto", "lowering_setting",
+           "check_lowering", "LOWERING_KEY", "PATHS", "MODES", "DEFAULT_TOKENS", "GroupShape"]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -60,7 +66,6 @@ LOWERING_KEY = "vera_fx_lowering"
 PATHS = ("activation", "lean", "weight")
 MODES = ("auto", *PATHS)
 DEFAULT_TOKENS = 1024
-LEAN_OVERHEAD = 0.20
 
 # Tag names of the emitter's per-site chain after h (vera_fx/methods/{vera,pvera}.py).
 _CHAIN = {"scale_d", "mu", "logvar", "sample", "kl", "xAB", "scale_b"}
@@ -80,23 +85,69 @@ class GroupShape:
 
 
 def path_costs(g: GroupShape) -> dict[str, int]:
-    """Multiply-adds of one training step (forward + backward) of the group's adapter work, per path."""
+    """Multiply-adds of one training step (forward + backward) of the group's adapter work, per path, and
+    PEFT's for the same sites (``"peft"``)."""
     t, i, rows, r = g.tokens, g.in_features, g.rows, g.r
-    activation = 2 * t * i * rows + sum(2 * t * r * o for o in g.outs)
+    b_side = sum(2 * t * r * o for o in g.outs)
+    activation = 2 * t * i * rows + b_side
     lean = activation + sum(t * r * o for o in g.outs)
     weight = sum(3 * o * r * i + t * o * i for o in g.outs)
-    return {"activation": activation, "lean": lean, "weight": weight}
+    peft = len(g.outs) * 2 * t * i * rows + b_side
+    return {"activation": activation, "lean": lean, "weight": weight, "peft": peft}
 
 
 def choose_path(g: GroupShape, weight_allowed: bool) -> str:
-    """``auto``'s choice for a group (see the module docstring)."""
+    """``auto``'s first choice for a group: ``"weight"`` where allowed and cheaper than the activation path,
+    else ``"activation"`` (``choose_lean`` then moves sites to the lean path within the graph's budget)."""
     c = path_costs(g)
-    if weight_allowed and c["weight"] < c["activation"]:
-        return "weight"
-    base = sum(2 * g.tokens * g.in_features * o for o in g.outs)
-    if c["lean"] - c["activation"] <= LEAN_OVERHEAD * (c["activation"] + base):
-        return "lean"
-    return "activation"
+    return "weight" if weight_allowed and c["weight"] < c["activation"] else "activation"
+
+
+def plan_auto(shapes: list[GroupShape], weight_allowed: list[bool]) -> list[list[str]]:
+    """``auto``'s path for every site of one graph's auto groups (``shapes[i].outs`` order): ``choose_path`` per
+    group, then ``choose_lean`` over the activation sites within the budget of what the groups save against
+    PEFT."""
+    firsts = [choose_path(g, allowed) for g, allowed in zip(shapes, weight_allowed)]
+    budget = sum(path_costs(g)["peft"] - path_costs(g)[first] for g, first in zip(shapes, firsts))
+    plan = [[first] * len(g.outs) for g, first in zip(shapes, firsts)]
+    where: list[tuple[int, int]] = []
+    items: list[tuple[int, int]] = []
+    for gi, (g, first) in enumerate(zip(shapes, firsts)):
+        if first != "activation":
+            continue
+        latent = 5 * g.r if g.rows > g.r else 0  # PVeRA's lean op keeps none of its latent, noise and KL values
+        for si, o in enumerate(g.outs):
+            where.append((gi, si))
+            items.append((g.tokens * g.r * o, o + latent))
+    for idx in choose_lean(items, budget):
+        gi, si = where[idx]
+        plan[gi][si] = "lean"
+    return plan
+
+
+def choose_lean(items: list[tuple[int, int]], budget: int, max_states: int = 4096) -> set[int]:
+    """Indices of ``items`` (extra multiply-adds, saved values) to make lean: the most saved values whose extra
+    work sums to at most ``budget``. Exact over the distinct item kinds (a site repeats per layer), by a Pareto
+    frontier of (work, saved) pairs; ties go to less work, then to the earlier sites."""
+    kinds: dict[tuple[int, int], list[int]] = {}
+    for idx, item in enumerate(items):
+        if 0 <= item[0] <= budget and item[1] > 0:
+            kinds.setdefault(item, []).append(idx)
+    order = sorted(kinds, key=lambda k: (-k[1] / max(k[0], 1), k))
+    frontier: list[tuple[int, int, tuple[int, ...]]] = [(0, 0, ())]  # (work, saved, count per kind so far)
+    for cost, value in order:
+        n = len(kinds[(cost, value)])
+        grown = [(w + k * cost, v + k * value, counts + (k,)) for w, v, counts in frontier for k in range(n + 1)
+                 if w + k * cost <= budget]
+        grown.sort(key=lambda s: (s[0], -s[1]))
+        frontier = []
+        for state in grown:  # keep a state only if it saves more than every cheaper one
+            if not frontier or state[1] > frontier[-1][1]:
+                frontier.append(state)
+        if len(frontier) > max_states:  # never reached by a model's few site kinds; bounds a pathological case
+            frontier = frontier[-max_states:]
+    best = max(frontier, key=lambda s: (s[1], -s[0]))
+    return {idx for kind, k in zip(order, best[2]) for idx in kinds[kind][:k]}
 
 
 def check_lowering(lowering: Lowering, tokens: Optional[int] = None) -> dict[str, Any]:
@@ -138,7 +189,9 @@ class _Chain:
         return next(iter(self.nodes["scale_b"].users))
 
 
-def _chains(gm: GraphModule) -> list[_Chain]:
+def _chains(gm: GraphModule, redecide: bool = False) -> list[_Chain]:
+    """The plain chains of ``gm``'s own graph not yet decided (with ``redecide``: those kept on the activation
+    path by an earlier run too)."""
     container = getattr(gm, CONTAINER, None)
     if container is None:
         return []
@@ -146,7 +199,8 @@ def _chains(gm: GraphModule) -> list[_Chain]:
     found: dict[tuple[str, str], dict[str, Node]] = {}
     for n in gm.graph.nodes:
         tag = n.meta.get(ADAPTER_KEY)
-        if tag and tag.get("name") in _CHAIN and not tag.get("path") and tag.get("adapter") in container:
+        if tag and tag.get("name") in _CHAIN and tag.get("adapter") in container and (
+                not tag.get("path") or (redecide and tag["path"] == "activation")):
             found.setdefault((tag["base"], tag["adapter"]), {})[tag["name"]] = n
     out = []
     for (base, adapter), nodes in found.items():
@@ -240,11 +294,9 @@ def _lower_lean(gm: GraphModule, c: _Chain) -> None:
         kl.args = (kl_value, None, *kl.args[2:])
         for n in (eps, kl, kl_value):
             n.meta[ADAPTER_KEY]["path"] = "lean"
-    em = Emitter(graph, add.prev, c.site, c.adapter)
-    delta = em.call(torch.ops.vera_fx.lean_delta.default, (h, lam_d, b, lam_b, eps, r, c.state.method.probabilistic),
-                    "adapter", "lean_delta")
-    delta.meta[ADAPTER_KEY]["path"] = "lean"
-    add.replace_input_with(nd["scale_b"], delta)
+    y = add.args[0]  # the add node becomes the op (its name and tags stay: walkers read y as its args[0])
+    add.target = torch.ops.vera_fx.lean_add.default
+    add.args, add.kwargs = (y, h, lam_d, b, lam_b, eps, r, c.state.method.probabilistic), {}
     add.meta[ADAPTER_KEY]["path"] = "lean"
     for name in ("scale_b", "xAB", "logvar", "mu", "scale_d"):
         if name in nd:
@@ -289,14 +341,17 @@ def _lower_weight(gm: GraphModule, c: _Chain) -> None:
     _drop_unused(gm, [h, lam_d, lam_b, b, a], base.name)
 
 
-def lower_adapters(gm: GraphModule, setting: Optional[dict[str, Any]] = None, recompile: bool = True) -> int:
-    """Lower every plain adapter chain of ``gm``'s own graph by its group's path; returns how many site calls
-    changed.
+def lower_adapters(gm: GraphModule, setting: Optional[dict[str, Any]] = None, recompile: bool = True,
+                   redecide: bool = False) -> int:
+    """Lower every undecided plain adapter chain of ``gm``'s own graph by its group's path; returns how many
+    site calls changed.
 
     Reads the setting from ``gm.meta["vera_fx_lowering"]`` unless ``setting`` is given (a block graph gets its
-    root's). Recompiles ``gm`` when anything changed, unless ``recompile=False`` (the caller does).
+    root's). Chains kept on the activation path are tagged so, and a later run (another adapter's emission)
+    leaves them alone, since a subset of a graph's sites would get another plan; ``redecide`` plans them again
+    (a new setting). Recompiles ``gm`` when anything changed, unless ``recompile=False`` (the caller does).
     """
-    chains = _chains(gm)
+    chains = _chains(gm, redecide)
     if not chains:
         return 0
     setting = setting or lowering_setting(gm)
@@ -305,25 +360,36 @@ def lower_adapters(gm: GraphModule, setting: Optional[dict[str, Any]] = None, re
     for c in chains:  # a per-site override splits its group: each part is decided on its own
         want = mode.get(c.site.name, "auto") if isinstance(mode, dict) else mode
         groups.setdefault((c.h.name, c.adapter, want), []).append(c)
-    changed = 0
+    decided: list[tuple[list[_Chain], str]] = []
+    auto: list[tuple[list[_Chain], GroupShape, bool]] = []
     fallbacks: dict[str, str] = {}
-    for (_, adapter, want), members in groups.items():
+    for (_, _, want), members in groups.items():
         blockers = [b for b in (_weight_blocker(gm, c) for c in members) if b is not None]
         if want == "auto":
             st = members[0].state
             shape = GroupShape(tokens, members[0].site.in_features, st.method.latent_rows(st.config), st.config.r,
                                tuple(c.site.out_features for c in members))
-            want = choose_path(shape, weight_allowed=not blockers)
-        elif want == "weight" and blockers:
+            auto.append((members, shape, not blockers))
+            continue
+        if want == "weight" and blockers:
             for c in members:
                 fallbacks[c.site.name] = blockers[0]
             want = "lean"
-        if want == "activation":
+        decided.append((members, want))
+    plan = plan_auto([shape for _, shape, _ in auto], [allowed for _, _, allowed in auto])
+    decided.extend(([c], path) for (members, _, _), paths in zip(auto, plan) for c, path in zip(members, paths))
+    changed = 0
+    for members, want in decided:
+        if want == "activation":  # decided: a later run (another adapter's emission) leaves these chains alone
+            for c in members:
+                for n in (*c.nodes.values(), c.add):
+                    n.meta[ADAPTER_KEY]["path"] = "activation"
             continue
         for c in members:
             (_lower_weight if want == "weight" else _lower_lean)(gm, c)
             changed += 1
-        logger.debug("lower: %s at %s (%d sites): %s path", adapter, members[0].site.name, len(members), want)
+        logger.debug("lower: %s at %s (%d sites): %s path", members[0].adapter, members[0].site.name, len(members),
+                     want)
     if fallbacks:
         detail = "; ".join(f"{s!r}: {why}" for s, why in list(fallbacks.items())[:5])
         warnings.warn(f"lowering='weight' cannot fold {len(fallbacks)} site(s), lowered to the lean path instead: "
@@ -342,10 +408,12 @@ class LowerPass(PassBase):
         self.setting = None if lowering is None else check_lowering(lowering, tokens)
 
     def call(self, graph_module: GraphModule) -> PassResult:
+        redecide = self.setting is not None and self.setting != lowering_setting(graph_module)
         if self.setting is not None:
             graph_module.meta[LOWERING_KEY] = self.setting
         setting = lowering_setting(graph_module)  # the root's setting, for every graph of the tree
-        changed = sum(lower_adapters(g, setting) for g in graph_modules(as_graph_module(graph_module, "LowerPass")))
+        changed = sum(lower_adapters(g, setting, redecide=redecide)
+                      for g in graph_modules(as_graph_module(graph_module, "LowerPass")))
         return PassResult(graph_module, changed > 0)
 
     def ensures(self, graph_module: GraphModule) -> None:
