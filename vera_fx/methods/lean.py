@@ -107,24 +107,42 @@ def _lean_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
         g = g.sum_to_size((*h.shape[:-1], g.shape[-1]))
     g2 = g.reshape(-1, g.shape[-1])
     hc, lambda_dc, b, lambda_bc = h.to(dtype), lambda_d.to(dtype), b.to(dtype), lambda_b.to(dtype)
-    if probabilistic:
-        z, std = _latent(hc * lambda_dc, None if eps is None else eps.to(dtype), r, True)
+    es: Optional[Tensor] = None
+    if probabilistic:  # z = mu + eps * exp(lv / 2), from the halves (no 2r-wide temporaries)
+        h_mu, h_lv, ld_mu, ld_lv = hc[..., :r], hc[..., r:], lambda_dc[:r], lambda_dc[r:]
+        z = h_mu * ld_mu
+        if eps is not None:
+            es = torch.exp(h_lv * (0.5 * ld_lv)).mul_(eps.to(dtype))
+            z.add_(es)
         b_z = b  # lambda_b's gradient pairs B with z
     else:
-        z, std = hc, None
+        z = hc
         b_z = b * lambda_dc  # z = h * lambda_d: the scale moves onto B's columns
     grad_lambda_b = None
     if need[4]:
         m = g2.T @ z.reshape(-1, z.shape[-1])  # (out, r): the one extra product, instead of keeping z @ B.T
         grad_lambda_b = (m * b_z).sum(1).to(lambda_b.dtype)
     gz = g @ (b * lambda_bc.unsqueeze(-1))  # (..., r)
-    if probabilistic:
-        glv = gz * eps.to(dtype) * std * 0.5 if std is not None else torch.zeros_like(gz)
-        ghd = torch.cat([gz, glv], dim=-1)
+    if not probabilistic:
+        grad_lambda_d = (gz * hc).reshape(-1, h.shape[-1]).sum(0).to(lambda_d.dtype) if need[2] else None
+        grad_h = (gz * lambda_dc).to(h.dtype) if need[1] else None
     else:
-        ghd = gz
-    grad_lambda_d = (ghd * hc).reshape(-1, h.shape[-1]).sum(0).to(lambda_d.dtype) if need[2] else None
-    grad_h = (ghd * lambda_dc).to(h.dtype) if need[1] else None
+        # d mu = gz, d lv = gz * eps * s / 2 (zero without noise); d lambda_d, d h per half
+        ges = gz * es if es is not None else None
+        grad_lambda_d = None
+        if need[2]:
+            d_mu = (gz * h_mu).reshape(-1, r).sum(0)
+            d_lv = (ges * h_lv).reshape(-1, r).sum(0) * 0.5 if ges is not None else torch.zeros_like(d_mu)
+            grad_lambda_d = torch.cat([d_mu, d_lv]).to(lambda_d.dtype)
+        grad_h = None
+        if need[1]:
+            grad_h = torch.empty(h.shape, dtype=dtype, device=h.device)
+            torch.mul(gz, ld_mu, out=grad_h[..., :r])
+            if ges is not None:
+                torch.mul(ges, 0.5 * ld_lv, out=grad_h[..., r:])
+            else:
+                grad_h[..., r:].zero_()
+            grad_h = grad_h.to(h.dtype)
     return grad_y, grad_h, grad_lambda_d, None, grad_lambda_b, None, None, None
 
 
@@ -153,12 +171,21 @@ def _kl_setup(ctx, inputs, output) -> None:  # noqa: ANN001
 def _kl_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
     h, lambda_d = ctx.saved_tensors
     r = ctx.r
-    hd = h * lambda_d
-    mu, lv = hd[..., :r].float(), hd[..., r:].float()
-    n = mu.numel()
-    ghd = torch.cat([grad * mu / n, -0.5 * grad * (1.0 - lv.exp()) / n], dim=-1).to(h.dtype)
-    grad_lambda_d = (ghd * h).reshape(-1, h.shape[-1]).sum(0).to(lambda_d.dtype) if ctx.needs_input_grad[1] else None
-    grad_h = ghd * lambda_d if ctx.needs_input_grad[0] else None
+    h32, ld32 = h.float(), lambda_d.float()
+    h_mu, h_lv, ld_mu, ld_lv = h32[..., :r], h32[..., r:], ld32[:r], ld32[r:]
+    c = grad.float() / h_mu.numel()
+    g_mu = (h_mu * ld_mu).mul_(c)  # d mu = g mu / N
+    g_lv = torch.exp(h_lv * ld_lv).sub_(1.0).mul_(0.5 * c)  # d lv = -g (1 - exp(lv)) / (2 N)
+    grad_lambda_d = None
+    if ctx.needs_input_grad[1]:
+        grad_lambda_d = torch.cat([(g_mu * h_mu).reshape(-1, r).sum(0),
+                                   (g_lv * h_lv).reshape(-1, r).sum(0)]).to(lambda_d.dtype)
+    grad_h = None
+    if ctx.needs_input_grad[0]:
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+        torch.mul(g_mu, ld_mu, out=grad_h[..., :r])
+        torch.mul(g_lv, ld_lv, out=grad_h[..., r:])
+        grad_h = grad_h.to(h.dtype)
     return grad_h, grad_lambda_d, None
 
 
