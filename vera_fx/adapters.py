@@ -239,7 +239,7 @@ def set_lowering(gm: GraphModule, lowering: Union[str, dict] = "auto", tokens: O
     """Choose how the adapters are computed in a step: ``"auto"``, ``"activation"``, ``"lean"``, ``"weight"`` or
     ``{site name: mode}`` (others ``auto``), with ``tokens`` per step for the cost model (vera_fx/passes/lower.py).
 
-    Every adapter with nodes is re-emitted under the new setting (outputs are unchanged; torch.compile
+    Every adapter with nodes is re-emitted under the new setting (outputs are unchanged up to float rounding; torch.compile
     recompiles). The setting belongs to the graph, never to an adapter's config. Returns ``gm``.
     """
     inner = as_graph_module(gm, "set_lowering")
