@@ -343,6 +343,21 @@ def test_lower_pass_is_a_no_op_on_a_lowered_graph():
     assert lower_adapters(gm) == 0 and not LowerPass()(gm).modified and gm.code == code
     gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering="activation").graph_module
     assert LowerPass("lean")(gm).modified and _paths(gm) == {"lean": 5}
+    # auto: the sites it kept plain stay plain on a second run (alone, q's second call and o would be re-planned
+    # as groups of their own), and another adapter's emission plans its own sites only
+    gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), tokens=16)
+    before = _site_paths(gm)
+    assert lower_adapters(gm.graph_module) == 0 and _site_paths(gm) == before
+    def by_adapter():
+        return sorted((t["adapter"], t["site"], t.get("path")) for n in gm.graph.nodes
+                      if (t := n.meta.get("vera_fx") or {}).get("role") == "output")
+    first = by_adapter()
+    vera_fx.add_adapter(gm, "second", _config("vera"))
+    assert by_adapter() == first  # inactive: no nodes yet, the first adapter's plan untouched
+    vera_fx.set_adapter(gm, ["default", "second"])
+    after = by_adapter()
+    assert [p for p in after if p[0] == "default"] == first
+    assert [p[1:] for p in after if p[0] == "second"] == [p[1:] for p in first]  # the same plan for its sites
 
 
 def test_lean_saves_less_for_backward():
