@@ -37,15 +37,15 @@ from torch.fx.node import has_side_effect
 __all__ = ["lean_add", "pvera_kl", "pvera_lean_noise"]
 
 
-def _latent(hd: Tensor, eps: Optional[Tensor], r: int, probabilistic: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """z from ``hd = h * lambda_d``, and ``s = exp(lv / 2)`` when noise was drawn."""
-    if not probabilistic:
-        return hd, None
-    mu = hd[..., :r]
+def _pvera_latent(h: Tensor, lambda_d: Tensor, eps: Optional[Tensor], r: int) -> tuple[Tensor, Optional[Tensor]]:
+    """PVeRA's ``z`` from the halves of ``h``: ``mu = h[..., :r] * lambda_d[:r]``, plus ``es = eps * exp(lv / 2)``
+    when noise was drawn (returned too: backward needs it). Forward and backward both call this, so backward
+    sees the forward's values bit for bit, without a 2r-wide ``h * lambda_d``."""
+    z = h[..., :r] * lambda_d[:r]
     if eps is None:
-        return mu, None
-    std = torch.exp(0.5 * hd[..., r:])
-    return mu + eps * std, std
+        return z, None
+    es = torch.exp(h[..., r:] * (0.5 * lambda_d[r:])).mul_(eps)
+    return z.add_(es), es
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -58,11 +58,11 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
 def _lean_add_impl(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor],
                    r: int, probabilistic: bool) -> Tensor:
     if torch.is_autocast_enabled(h.device.type):  # the plain chain's own ops, so autocast casts them alike
-        z, _ = _latent(h * lambda_d, eps, r, probabilistic)
+        z = _pvera_latent(h, lambda_d, eps, r)[0] if probabilistic else h * lambda_d
         return y + torch.nn.functional.linear(z, b) * lambda_b
     m = b * lambda_b.unsqueeze(-1)  # (out, r): the scales fold into the small matrix, not the token tensors
     if probabilistic:
-        z, _ = _latent(h * lambda_d, eps, r, True)
+        z, _ = _pvera_latent(h, lambda_d, eps, r)
     else:
         z, m = h, m * lambda_d
     out = m.shape[0]
@@ -97,23 +97,14 @@ def _lean_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
     h, lambda_d, b, lambda_b, eps = ctx.saved_tensors
     r, probabilistic = ctx.r, ctx.probabilistic
     need = ctx.needs_input_grad
-    grad_y = None
-    if need[0]:
-        grad_y = grad if grad.shape == ctx.y_shape else grad.sum_to_size(ctx.y_shape)
-        grad_y = grad_y.to(ctx.y_dtype)
+    grad_y = grad.sum_to_size(ctx.y_shape).to(ctx.y_dtype) if need[0] else None
     dtype = _compute_dtype(h, lambda_d, b, lambda_b)  # in backward autocast is off: one dtype for all
-    g = grad.to(dtype)
-    if g.shape[:-1] != h.shape[:-1]:
-        g = g.sum_to_size((*h.shape[:-1], g.shape[-1]))
+    g = grad.to(dtype).sum_to_size((*h.shape[:-1], grad.shape[-1]))
     g2 = g.reshape(-1, g.shape[-1])
     hc, lambda_dc, b, lambda_bc = h.to(dtype), lambda_d.to(dtype), b.to(dtype), lambda_b.to(dtype)
-    es: Optional[Tensor] = None
-    if probabilistic:  # z = mu + eps * exp(lv / 2), from the halves (no 2r-wide temporaries)
+    if probabilistic:
+        z, es = _pvera_latent(hc, lambda_dc, None if eps is None else eps.to(dtype), r)
         h_mu, h_lv, ld_mu, ld_lv = hc[..., :r], hc[..., r:], lambda_dc[:r], lambda_dc[r:]
-        z = h_mu * ld_mu
-        if eps is not None:
-            es = torch.exp(h_lv * (0.5 * ld_lv)).mul_(eps.to(dtype))
-            z.add_(es)
         b_z = b  # lambda_b's gradient pairs B with z
     else:
         z = hc

@@ -108,7 +108,8 @@ def plan_auto(shapes: list[GroupShape], weight_allowed: list[bool]) -> list[list
     group, then ``choose_lean`` over the activation sites within the budget of what the groups save against
     PEFT."""
     firsts = [choose_path(g, allowed) for g, allowed in zip(shapes, weight_allowed)]
-    budget = sum(path_costs(g)["peft"] - path_costs(g)[first] for g, first in zip(shapes, firsts))
+    costs = [path_costs(g) for g in shapes]
+    budget = sum(c["peft"] - c[first] for c, first in zip(costs, firsts))
     plan = [[first] * len(g.outs) for g, first in zip(shapes, firsts)]
     where: list[tuple[int, int]] = []
     items: list[tuple[int, int]] = []
