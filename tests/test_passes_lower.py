@@ -382,6 +382,58 @@ def test_lean_saves_less_for_backward():
 
 # --- merge, checkpoints, inspection, compile ----------------------------------------------------------------
 
+def test_lean_kl_is_computed_when_read():
+    """A lean site records its KL term unevaluated (a forward whose loss has no KL term does not pay for it);
+    reading it gives the plain path's value and gradients, a read under no_grad stays re-readable with
+    gradients, saved-tensor hooks (checkpointing) get it computed in the forward, and old terms are freed."""
+    import gc
+    import weakref
+
+    from torch.utils.checkpoint import checkpoint
+
+    from vera_fx.methods.pvera import KL_RECORD, LazyKL
+
+    net, x = _net(), _x()
+    grads = {}
+    for lowering in ("activation", "lean"):
+        gm = vera_fx.transform(net, _config("pvera", generator_seed=0), example_inputs=(x,),
+                               lowering=lowering).train()
+        _randomize(gm)
+        gm(x)
+        record = getattr(gm.vera_fx_adapters.default, KL_RECORD)
+        lazy = [v for v in record.values.values() if isinstance(v, LazyKL)]
+        assert len(lazy) == (5 if lowering == "lean" else 0), record.values
+        if lowering == "lean":
+            assert all(repr(v) == "LazyKL(pending)" for v in lazy)
+            with torch.no_grad():
+                first = vera_fx.kl_divergence(gm)
+            assert first.grad_fn is None and all(repr(v) == "LazyKL(pending)" for v in lazy)
+        kl = vera_fx.kl_divergence(gm)
+        assert kl.grad_fn is not None
+        if lowering == "lean":
+            torch.testing.assert_close(first, kl.detach(), atol=0, rtol=0)
+            assert all(repr(v) == "LazyKL(computed)" for v in lazy)
+            assert vera_fx.kl_divergence(gm) is not kl  # a fresh sum over the same cached terms
+        gm.zero_grad(set_to_none=True)
+        kl.backward()
+        grads[lowering] = (kl.detach(), {n: p.grad.clone() for n, p in gm.named_parameters()
+                                         if p.grad is not None})
+    torch.testing.assert_close(grads["lean"][0], grads["activation"][0], atol=1e-6, rtol=1e-5)
+    assert set(grads["lean"][1]) == set(grads["activation"][1]) and any("lambda_d" in n for n in grads["lean"][1])
+    for n, g in grads["activation"][1].items():
+        torch.testing.assert_close(grads["lean"][1][n], g, atol=1e-6, rtol=1e-5, msg=n)
+    # under activation checkpointing the term is computed in the (recomputed) forward: nothing holds h
+    out = checkpoint(gm, x.clone().requires_grad_(True), use_reentrant=False)
+    assert not any(isinstance(v, LazyKL) for v in record.values.values())
+    (out.pow(2).mean() + vera_fx.kl_divergence(gm)).backward()
+    # each forward replaces the last terms: a term (and the h it holds) is freed with its step
+    gm(x)
+    old = [weakref.ref(v) for v in record.values.values()]
+    gm(x)
+    gc.collect()
+    assert all(ref() is None for ref in old)
+
+
 @pytest.mark.parametrize("lowering", ["lean", "weight"])
 def test_merge_and_unmerge_lowered_graph(lowering):
     net, x = _net(), _x()

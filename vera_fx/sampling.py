@@ -121,7 +121,7 @@ def kl_divergence(gm: nn.Module, adapter_name: Optional[str] = None) -> torch.Te
                 continue
             record = getattr(container[name], KL_RECORD)
             live.setdefault(id(record), (record, set()))[1].add(node.args[3])
-            value = record.values.get(node.args[3])
+            value = record.get(node.args[3])
             if value is None:
                 missing.append(tag.get("site"))
                 continue

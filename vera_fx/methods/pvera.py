@@ -18,6 +18,9 @@ Run-time state the graph reads (flipping it never re-captures; torch.compile rec
   ``vera_fx.monte_carlo``); with a seed, each sample's noise is drawn separately, so results do not depend on
   how the samples are chunked;
 - ``pvera_kl``: the per-call KL scalars of the last forward, replaced at every forward (``kl_divergence``).
+  A lean site (the lower pass's memory-lean path) records a ``LazyKL`` instead: the term is computed when
+  ``kl_divergence`` first reads it, from the ``h`` the lean op keeps for backward anyway, so a forward whose
+  loss has no KL term (PEFT's PVeRA has none) does not pay for one.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ from ..config import PveraConfig
 from ..runtime import pvera_bank_noise, pvera_noise  # noqa: F401  (the ops the graph calls)
 from ..sites import ADAPTER_KEY, Site
 from .base import CONTAINER, AdapterState, AdapterView, Emitter, Method, emit_projection, finish_output
+from .lean import pvera_kl
 
-__all__ = ["PveraMethod", "KLRecord", "pvera_reparametrize", "pvera_bank_reparametrize", "pvera_record_kl", "SAMPLE_SWITCH", "GENERATOR_STATE",
+__all__ = ["PveraMethod", "KLRecord", "LazyKL", "pvera_reparametrize", "pvera_bank_reparametrize", "pvera_record_kl", "SAMPLE_SWITCH", "GENERATOR_STATE",
            "NOISE_GROUPS", "KL_RECORD", "reseed_state", "site_seed"]
 
 SAMPLE_SWITCH = "pvera_sample_at_inference"
@@ -60,7 +64,12 @@ class KLRecord:
     """
 
     def __init__(self) -> None:
-        self.values: dict[str, Tensor] = {}
+        self.values: dict[str, "Tensor | LazyKL"] = {}
+
+    def get(self, key: str) -> Optional[Tensor]:
+        """The KL scalar of call ``key`` (a lazy term is computed now), or None when none is recorded."""
+        value = self.values.get(key)
+        return value.value() if isinstance(value, LazyKL) else value
 
     def __deepcopy__(self, memo: dict) -> "KLRecord":
         return KLRecord()
@@ -109,14 +118,57 @@ def pvera_bank_reparametrize(mu: Tensor, logvar: Tensor, training: bool, samples
     return torch.where(mask, mu + eps * std, mu)
 
 
+class LazyKL:
+    """A lean site's KL term, computed on first read (``vera_fx::pvera_kl`` of ``h`` and ``lambda_d``).
+
+    It holds ``h``, which the lean op keeps for backward anyway, and a copy of ``lambda_d`` (2r values: a
+    sharded trainer may free the parameter's own storage after the forward). Once computed with gradients
+    on, the value replaces them (a read under ``no_grad`` leaves them for a later differentiable read).
+    """
+
+    __slots__ = ("_h", "_lambda_d", "_r", "_value", "__weakref__")
+
+    def __init__(self, h: Tensor, lambda_d: Tensor, r: int) -> None:
+        self._h: Optional[Tensor] = h
+        self._lambda_d: Optional[Tensor] = lambda_d
+        self._r = r
+        self._value: Optional[Tensor] = None
+
+    def value(self) -> Tensor:
+        if self._value is not None:
+            return self._value
+        assert self._h is not None and self._lambda_d is not None
+        value = pvera_kl(self._h, self._lambda_d, self._r)
+        if torch.is_grad_enabled() or not (self._h.requires_grad or self._lambda_d.requires_grad):
+            self._value, self._h, self._lambda_d = value, None, None
+        return value
+
+    def __repr__(self) -> str:
+        return f"LazyKL({'computed' if self._value is not None else 'pending'})"
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether autograd's saved tensors go through hooks (activation checkpointing, offloading): a lazy term
+    would then keep ``h`` alive that the hooks meant to drop."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, TypeError, RuntimeError):  # a torch without this query: assume hooks
+        return True
+
+
 @has_side_effect
-def pvera_record_kl(mu: Tensor, logvar: Optional[Tensor], record: KLRecord, key: str) -> None:
+def pvera_record_kl(mu: Tensor, logvar: Tensor, record: KLRecord, key: str, lean_r: Optional[int] = None) -> None:
     """Store ``mean(-0.5 * (1 + logvar - mu^2 - exp(logvar)))`` (float32) for this call, replacing the last one.
 
-    With ``logvar=None``, ``mu`` is that KL value already (the lower pass's lean path computes it in one op).
+    With ``lean_r`` (the lower pass's lean path) the arguments are ``h`` and ``lambda_d`` instead, with
+    ``mu, logvar`` the halves of ``h * lambda_d``: the term is recorded as a ``LazyKL``, or computed now while
+    torch.compile traces (it fuses into the graph) or saved-tensor hooks are active.
     """
-    if logvar is None:
-        record.values[key] = mu
+    if lean_r is not None:
+        if torch.compiler.is_compiling() or _saved_tensor_hooks_active():
+            record.values[key] = pvera_kl(mu, logvar, lean_r)
+        else:
+            record.values[key] = LazyKL(mu, logvar.clone(), lean_r)
         return
     mu, logvar = mu.float(), logvar.float()
     record.values[key] = -0.5 * torch.mean(1.0 + logvar - mu.pow(2) - logvar.exp())

@@ -52,7 +52,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..methods import CONTAINER, Emitter
+from ..methods import CONTAINER
 from ..methods.lean import pvera_lean_noise
 from ..sites import ADAPTER_KEY, SITE_KEY, Site, as_graph_module, block_prefix, graph_modules, read_graph_sites
 
@@ -289,11 +289,9 @@ def _lower_lean(gm: GraphModule, c: _Chain) -> None:
         eps = nd["sample"]
         _, _, training, switch, gen, groups = eps.args
         eps.target, eps.args = pvera_lean_noise, (h, r, training, switch, gen, groups)
-        kl = nd["kl"]
-        em = Emitter(graph, kl.prev, c.site, c.adapter)
-        kl_value = em.call(torch.ops.vera_fx.pvera_kl.default, (h, lam_d, r), "sampling", "kl_value")
-        kl.args = (kl_value, None, *kl.args[2:])
-        for n in (eps, kl, kl_value):
+        kl = nd["kl"]  # records a term computed on first read (LazyKL) from h, which the lean op keeps
+        kl.args = (h, lam_d, *kl.args[2:4], r)
+        for n in (eps, kl):
             n.meta[ADAPTER_KEY]["path"] = "lean"
     y = add.args[0]  # the add node becomes the op (its name and tags stay: walkers read y as its args[0])
     add.target = torch.ops.vera_fx.lean_add.default
