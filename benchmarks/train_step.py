@@ -187,7 +187,7 @@ def run_shape(name: str, methods: list[str], targets_shown: list[str], repeat: i
                                            tokens=tokens).train()
                     models[f"vera_fx {lowering}"] = (gm, [p for p in gm.parameters() if p.requires_grad])
                 if compile_rows and method == "vera" and label == "all-linear":
-                    for key in ("peft", "vera_fx auto"):
+                    for key in ("peft", "vera_fx auto", "vera_fx activation"):
                         mod, params = models[key]
                         models[f"{key} compiled"] = (torch.compile(mod), params)
                 steps = {k: step_fn(m, inputs, params) for k, (m, params) in models.items()}

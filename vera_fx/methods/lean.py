@@ -17,6 +17,8 @@ Backward (``g = d loss / d output``, sums over every leading (token) dimension, 
 - ``gz = g @ (lambda_b * B)`` (token x r), the plain path's product with the scale folded in;
 - ``d hd = gz`` (VeRA); ``d mu = gz``, ``d lv = gz * eps * s / 2`` (PVeRA; zero without noise);
 - ``d lambda_d = sum_t d hd * h``, ``d h = d hd * lambda_d`` (autograd carries ``d h`` on into ``x @ A.T``).
+  For VeRA ``M = g.T @ h`` gives ``d lambda_d = sum_o (lambda_b * B) * M`` as well, and ``d h`` is one product
+  ``g @ (lambda_b * B * lambda_d)``: no pass over a tokens x r tensor besides the products.
 
 ``vera_fx::pvera_kl`` is PVeRA's KL term from the same ``h`` and ``lambda_d`` (float32, as the plain path):
 ``kl = -0.5 * mean(1 + lv - mu^2 - exp(lv))``, so ``d mu = g * mu / N`` and ``d lv = -0.5 * g * (1 - exp(lv)) / N``
@@ -109,15 +111,21 @@ def _lean_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
     else:
         z = hc
         b_z = b * lambda_dc  # z = h * lambda_d: the scale moves onto B's columns
-    grad_lambda_b = None
-    if need[4]:
+    grad_lambda_b = grad_lambda_d = None
+    b_scaled = b * lambda_bc.unsqueeze(-1)  # lambda_b * B, (out, r)
+    m: Optional[Tensor] = None
+    if need[4] or (need[2] and not probabilistic):
         m = g2.T @ z.reshape(-1, z.shape[-1])  # (out, r): the one extra product, instead of keeping z @ B.T
+    if need[4]:
         grad_lambda_b = (m * b_z).sum(1).to(lambda_b.dtype)
-    gz = g @ (b * lambda_bc.unsqueeze(-1))  # (..., r)
     if not probabilistic:
-        grad_lambda_d = (gz * hc).reshape(-1, h.shape[-1]).sum(0).to(lambda_d.dtype) if need[2] else None
-        grad_h = (gz * lambda_dc).to(h.dtype) if need[1] else None
+        # VeRA: d lambda_d = sum_t (g @ lambda_b B) * h = sum_o (lambda_b B) * (g.T @ h), the same M; d h is one
+        # product against lambda_b B lambda_d: no tokens x r pass besides the products
+        if need[2]:
+            grad_lambda_d = (m * b_scaled).sum(0).to(lambda_d.dtype)
+        grad_h = (g @ (b_scaled * lambda_dc)).to(h.dtype) if need[1] else None
     else:
+        gz = g @ b_scaled  # (..., r)
         # d mu = gz, d lv = gz * eps * s / 2 (zero without noise); d lambda_d, d h per half
         ges = gz * es if es is not None else None
         grad_lambda_d = None
