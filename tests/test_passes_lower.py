@@ -13,6 +13,7 @@ from torch import nn
 
 import vera_fx
 from conftest import text_inputs, tiny_llama
+from vera_fx.methods.lean import lean_site
 from vera_fx.sites import as_graph_module, graph_modules
 from vera_fx.passes.lower import (DEFAULT_TOKENS, LOWERING_KEY, GroupShape, LowerPass, choose_lean, choose_path,
                                   lower_adapters, path_costs, plan_auto)
@@ -474,7 +475,8 @@ def test_inspection_reads_lowered_nodes():
     roles = {a.get("role") for _, a in vera_fx.to_networkx(gm).nodes(data=True)}
     assert {"projection", "lambda", "sampling", "output"} <= roles
     add = next(n for n in gm.graph.nodes if n.name == "q_default_add")
-    assert add.target is torch.ops.vera_fx.lean_add.default and add.meta["vera_fx"]["role"] == "output"
+    assert add.target is lean_site and add.meta["vera_fx"]["role"] == "output"
+    assert add.args[-1] is False  # forced lean: the op stays under torch.compile too
     vera_fx.delete_adapter(gm, "default")
     assert not any(n.meta.get("vera_fx") for n in gm.graph.nodes)
 
@@ -499,6 +501,33 @@ def test_compile_fullgraph_lean_path():
     for n, p in gm.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, ref[1][n], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["vera", "pvera"])
+def test_auto_lean_sites_trace_plain_under_compile(method):
+    """torch.compile traces the sites auto made lean as the plain chain (inductor fuses it), the sites forced
+    lean as the op; outputs and gradients equal eager's."""
+    kw = {} if method == "vera" else {"generator_seed": 0}
+    for lowering, want_op in (("auto", False), ("lean", True)):
+        net, x = _net(), _x()
+        gm = vera_fx.transform(net, _config(method, **kw), example_inputs=(x,), lowering=lowering,
+                               tokens=1).train()  # few tokens: VeRA's q/k/v group is lean, not folded
+        _randomize(gm)
+        assert _paths(gm).get("lean"), _paths(gm)
+        ref = _step(gm, x, kl=method == "pvera")
+        vera_fx.sampling.reseed(gm) if method == "pvera" else None
+        graphs = []
+
+        def backend(g, example_inputs, graphs=graphs):
+            graphs.append(g)
+            return g.forward
+
+        torch._dynamo.reset()
+        out, grads, gx, loss = _step(torch.compile(gm, fullgraph=True, backend=backend), x, kl=method == "pvera")
+        got = out, {k.removeprefix("_orig_mod."): v for k, v in grads.items()}, gx, loss
+        ops = [n for g in graphs for n in g.graph.nodes if "lean_add" in str(n.target)]
+        assert bool(ops) == want_op, (lowering, ops)
+        _assert_same(got, ref)
 
 
 @pytest.mark.parametrize("probabilistic, noise", [(False, False), (True, False), (True, True)],

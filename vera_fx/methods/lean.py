@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.fx.node import has_side_effect
 
-__all__ = ["lean_add", "pvera_kl", "pvera_lean_noise"]
+__all__ = ["lean_add", "lean_site", "pvera_kl", "pvera_lean_noise"]
 
 
 def _pvera_latent(h: Tensor, lambda_d: Tensor, eps: Optional[Tensor], r: int) -> tuple[Tensor, Optional[Tensor]]:
@@ -146,6 +146,23 @@ def _lean_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
 
 
 lean_add.register_autograd(_lean_backward, setup_context=_lean_setup)
+
+
+def lean_site(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor], r: int,
+              probabilistic: bool, plain_when_compiled: bool) -> Tensor:
+    """A lean site's graph node: ``vera_fx::lean_add``, except while torch.compile traces a site ``auto`` made
+    lean (``plain_when_compiled``): then the plain chain's ops, which inductor fuses and whose saved tensors
+    its partitioner chooses (an opaque op's extra product made a compiled step slower than the plain one's).
+    A site forced lean keeps the op, and its memory, under torch.compile too."""
+    if plain_when_compiled and torch.compiler.is_compiling():
+        if not probabilistic:
+            z = h * lambda_d
+        else:  # out of place (autograd differentiates these ops): _pvera_latent's values
+            z = h[..., :r] * lambda_d[:r]
+            if eps is not None:
+                z = z + eps * torch.exp(h[..., r:] * (0.5 * lambda_d[r:]))
+        return y + torch.nn.functional.linear(z, b) * lambda_b
+    return torch.ops.vera_fx.lean_add(y, h, lambda_d, b, lambda_b, eps, r, probabilistic)
 
 
 @torch.library.custom_op("vera_fx::pvera_kl", mutates_args=())

@@ -53,7 +53,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..methods import CONTAINER
-from ..methods.lean import pvera_lean_noise
+from ..methods.lean import lean_site, pvera_lean_noise
 from ..sites import ADAPTER_KEY, SITE_KEY, Site, as_graph_module, block_prefix, graph_modules, read_graph_sites
 
 __all__ = ["LowerPass", "lower_adapters", "path_costs", "choose_path", "choose_lean", "plan_auto", "lowering_setting",
@@ -278,7 +278,7 @@ def _drop_unused(gm: GraphModule, nodes: list[Node], base: str) -> None:
         gm.graph.erase_node(n)
 
 
-def _lower_lean(gm: GraphModule, c: _Chain) -> None:
+def _lower_lean(gm: GraphModule, c: _Chain, plain_when_compiled: bool = False) -> None:
     graph, nd, add = gm.graph, c.nodes, c.add
     h, lam_d = nd["scale_d"].args
     b, lam_b = nd["xAB"].args[1], nd["scale_b"].args[1]
@@ -294,8 +294,8 @@ def _lower_lean(gm: GraphModule, c: _Chain) -> None:
         for n in (eps, kl):
             n.meta[ADAPTER_KEY]["path"] = "lean"
     y = add.args[0]  # the add node becomes the op (its name and tags stay: walkers read y as its args[0])
-    add.target = torch.ops.vera_fx.lean_add.default
-    add.args, add.kwargs = (y, h, lam_d, b, lam_b, eps, r, c.state.method.probabilistic), {}
+    add.target = lean_site
+    add.args, add.kwargs = (y, h, lam_d, b, lam_b, eps, r, c.state.method.probabilistic, plain_when_compiled), {}
     add.meta[ADAPTER_KEY]["path"] = "lean"
     for name in ("scale_b", "xAB", "logvar", "mu", "scale_d"):
         if name in nd:
@@ -359,7 +359,7 @@ def lower_adapters(gm: GraphModule, setting: Optional[dict[str, Any]] = None, re
     for c in chains:  # a per-site override splits its group: each part is decided on its own
         want = mode.get(c.site.name, "auto") if isinstance(mode, dict) else mode
         groups.setdefault((c.h.name, c.adapter, want), []).append(c)
-    decided: list[tuple[list[_Chain], str]] = []
+    decided: list[tuple[list[_Chain], str, bool]] = []  # (chains, path, chosen by auto)
     auto: list[tuple[list[_Chain], GroupShape, bool]] = []
     fallbacks: dict[str, str] = {}
     for (_, _, want), members in groups.items():
@@ -374,18 +374,21 @@ def lower_adapters(gm: GraphModule, setting: Optional[dict[str, Any]] = None, re
             for c in members:
                 fallbacks[c.site.name] = blockers[0]
             want = "lean"
-        decided.append((members, want))
+        decided.append((members, want, False))
     plan = plan_auto([shape for _, shape, _ in auto], [allowed for _, _, allowed in auto])
-    decided.extend(([c], path) for (members, _, _), paths in zip(auto, plan) for c, path in zip(members, paths))
+    decided.extend(([c], path, True) for (members, _, _), paths in zip(auto, plan) for c, path in zip(members, paths))
     changed = 0
-    for members, want in decided:
+    for members, want, by_auto in decided:
         if want == "activation":  # decided: a later run (another adapter's emission) leaves these chains alone
             for c in members:
                 for n in (*c.nodes.values(), c.add):
                     n.meta[ADAPTER_KEY]["path"] = "activation"
             continue
         for c in members:
-            (_lower_weight if want == "weight" else _lower_lean)(gm, c)
+            if want == "weight":
+                _lower_weight(gm, c)
+            else:  # auto's lean sites trace as the plain chain under torch.compile (faster there, see lean_site)
+                _lower_lean(gm, c, plain_when_compiled=by_auto)
             changed += 1
         logger.debug("lower: %s at %s (%d sites): %s path", members[0].adapter, members[0].site.name, len(members),
                      want)
