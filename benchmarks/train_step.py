@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
 import statistics
 import sys
@@ -72,17 +73,23 @@ def step_fn(model: Callable, inputs: dict, params: list) -> Callable[[], object]
 def interleaved(fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds per step of each function, every function once per round. Each turn runs two steps and
     times the second: a step right after another model's pays for that model's memory (page faults, caches),
-    while training runs one model's steps back to back."""
+    while training runs one model's steps back to back. The garbage collector runs between rounds only."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for k, fn in fns.items():
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+    gc.collect()
+    gc.disable()  # as timeit does: a collection of the graphs' many Python objects lands on a random row
+    try:
+        for _ in range(repeat):
+            for k, fn in fns.items():
+                fn()
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+            gc.collect()
+    finally:
+        gc.enable()
     return {k: statistics.median(v) for k, v in times.items()}
 
 
