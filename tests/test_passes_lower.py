@@ -427,6 +427,9 @@ def test_lean_kl_is_computed_when_read():
     out = checkpoint(gm, x.clone().requires_grad_(True), use_reentrant=False)
     assert not any(isinstance(v, LazyKL) for v in record.values.values())
     (out.pow(2).mean() + vera_fx.kl_divergence(gm)).backward()
+    # reentrant checkpointing re-runs the forward inside backward: that run computes its terms too
+    checkpoint(gm, x.clone().requires_grad_(True), use_reentrant=True).pow(2).mean().backward()
+    assert record.values and not any(isinstance(v, LazyKL) for v in record.values.values())
     # each forward replaces the last terms: a term (and the h it holds) is freed with its step
     gm(x)
     old = [weakref.ref(v) for v in record.values.values()]

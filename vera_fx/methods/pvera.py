@@ -147,12 +147,17 @@ class LazyKL:
         return f"LazyKL({'computed' if self._value is not None else 'pending'})"
 
 
-def _saved_tensor_hooks_active() -> bool:
-    """Whether autograd's saved tensors go through hooks (activation checkpointing, offloading): a lazy term
-    would then keep ``h`` alive that the hooks meant to drop."""
+def _compute_kl_now() -> bool:
+    """Whether a lean site's KL term is computed in the forward rather than on read: while torch.compile
+    traces (it fuses into the graph), when autograd's saved tensors go through hooks (activation
+    checkpointing, offloading: a lazy term would keep alive the ``h`` they meant to drop), or in a forward
+    re-run inside backward (reentrant checkpointing's recompute, after which a lazy term would hold ``h``)."""
+    if torch.compiler.is_compiling():
+        return True
     try:
-        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-    except (AttributeError, TypeError, RuntimeError):  # a torch without this query: assume hooks
+        return (torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+                or torch._C._current_graph_task_id() != -1)
+    except (AttributeError, TypeError, RuntimeError):  # a torch without these queries: compute now
         return True
 
 
@@ -161,11 +166,11 @@ def pvera_record_kl(mu: Tensor, logvar: Tensor, record: KLRecord, key: str, lean
     """Store ``mean(-0.5 * (1 + logvar - mu^2 - exp(logvar)))`` (float32) for this call, replacing the last one.
 
     With ``lean_r`` (the lower pass's lean path) the arguments are ``h`` and ``lambda_d`` instead, with
-    ``mu, logvar`` the halves of ``h * lambda_d``: the term is recorded as a ``LazyKL``, or computed now while
-    torch.compile traces (it fuses into the graph) or saved-tensor hooks are active.
+    ``mu, logvar`` the halves of ``h * lambda_d``: the term is recorded as a ``LazyKL``, or computed now where
+    holding ``h`` would cost (``_compute_kl_now``).
     """
     if lean_r is not None:
-        if torch.compiler.is_compiling() or _saved_tensor_hooks_active():
+        if _compute_kl_now():
             record.values[key] = pvera_kl(mu, logvar, lean_r)
         else:
             record.values[key] = LazyKL(mu, logvar.clone(), lean_r)
