@@ -57,11 +57,23 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
+def _plain_add(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor], r: int,
+               probabilistic: bool) -> Tensor:
+    """The plain chain's ops for ``y + delta`` (out of place, so autograd can differentiate them too), with
+    ``_pvera_latent``'s values."""
+    if not probabilistic:
+        z = h * lambda_d
+    else:
+        z = h[..., :r] * lambda_d[:r]
+        if eps is not None:
+            z = z + torch.exp(h[..., r:] * (0.5 * lambda_d[r:])) * eps
+    return y + torch.nn.functional.linear(z, b) * lambda_b
+
+
 def _lean_add_impl(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor],
                    r: int, probabilistic: bool) -> Tensor:
     if torch.is_autocast_enabled(h.device.type):  # the plain chain's own ops, so autocast casts them alike
-        z = _pvera_latent(h, lambda_d, eps, r)[0] if probabilistic else h * lambda_d
-        return y + torch.nn.functional.linear(z, b) * lambda_b
+        return _plain_add(y, h, lambda_d, b, lambda_b, eps, r, probabilistic)
     m = b * lambda_b.unsqueeze(-1)  # (out, r): the scales fold into the small matrix, not the token tensors
     if probabilistic:
         z, _ = _pvera_latent(h, lambda_d, eps, r)
@@ -155,13 +167,7 @@ def lean_site(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tenso
     its partitioner chooses (an opaque op's extra product made a compiled step slower than the plain one's).
     A site forced lean keeps the op, and its memory, under torch.compile too."""
     if plain_when_compiled and torch.compiler.is_compiling():
-        if not probabilistic:
-            z = h * lambda_d
-        else:  # out of place (autograd differentiates these ops): _pvera_latent's values
-            z = h[..., :r] * lambda_d[:r]
-            if eps is not None:
-                z = z + eps * torch.exp(h[..., r:] * (0.5 * lambda_d[r:]))
-        return y + torch.nn.functional.linear(z, b) * lambda_b
+        return _plain_add(y, h, lambda_d, b, lambda_b, eps, r, probabilistic)
     return torch.ops.vera_fx.lean_add(y, h, lambda_d, b, lambda_b, eps, r, probabilistic)
 
 

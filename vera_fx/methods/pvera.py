@@ -137,9 +137,9 @@ class LazyKL:
     def value(self) -> Tensor:
         if self._value is not None:
             return self._value
-        assert self._h is not None and self._lambda_d is not None
-        value = pvera_kl(self._h, self._lambda_d, self._r)
-        if torch.is_grad_enabled() or not (self._h.requires_grad or self._lambda_d.requires_grad):
+        h, lambda_d = self._h, self._lambda_d  # set until a value is kept
+        value = pvera_kl(h, lambda_d, self._r)
+        if torch.is_grad_enabled() or not (h.requires_grad or lambda_d.requires_grad):
             self._value, self._h, self._lambda_d = value, None, None
         return value
 
