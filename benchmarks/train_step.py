@@ -12,8 +12,10 @@ gradient, ``x·Aᵀ`` and its input gradient once per shared input, ``z·Bᵀ`` 
 
 vera_fx rows: ``lowering="auto"`` (the lower pass's choice: within PEFT's arithmetic, lean where the share
 pass's saving pays for it), ``lowering="lean"`` (every site lean: the least memory) and
-``lowering="activation"`` (the plain nodes). ``--compile`` adds torch.compile rows (VeRA, all-linear) on
-today's shape.
+``lowering="activation"`` (the plain nodes). ``--compile`` adds torch.compile rows (all-linear, today's
+shape: the frozen base, peft and the three vera_fx rows compiled, their saved tensors measured as well).
+Step times: "x peft" is the median (and quartiles) of the per-round ratios, the steadier measure on a machine
+whose speed drifts.
 Run: python benchmarks/train_step.py [--quick] [--shapes today,realistic] [--methods vera,pvera] [--compile]
 """
 
@@ -70,10 +72,11 @@ def step_fn(model: Callable, inputs: dict, params: list) -> Callable[[], object]
     return step
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per step of each function, every function once per round. Each turn runs two steps and
-    times the second: a step right after another model's pays for that model's memory (page faults, caches),
-    while training runs one model's steps back to back. The garbage collector runs between rounds only."""
+def interleaved(fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per step of each function, one per round (every function once per round). Each turn runs two
+    steps and times the second: a step right after another model's pays for that model's memory (page faults,
+    caches), while training runs one model's steps back to back. The garbage collector runs between rounds
+    only."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -90,7 +93,15 @@ def interleaved(fns: dict[str, Callable[[], object]], repeat: int, warmup: int =
             gc.collect()
     finally:
         gc.enable()
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def ratio(times: list[float], ref: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round ratios ``times[i] / ref[i]``: rows timed in one round share the
+    machine's state of the moment (this machine's speed drifts by more than the effects measured), so the
+    ratio within a round is steadier than the ratio of two medians."""
+    rs = sorted(a / b for a, b in zip(times, ref))
+    return statistics.median(rs), rs[len(rs) // 4], rs[(3 * len(rs)) // 4]
 
 
 def site_shapes(hidden: int, inter: int, targets) -> list[tuple[str, int, list[int]]]:
@@ -175,7 +186,6 @@ def run_shape(name: str, methods: list[str], targets_shown: list[str], repeat: i
     frozen = copy.deepcopy(base)
     for n, p in frozen.named_parameters():
         p.requires_grad_(n == "model.layers.0.input_layernorm.weight")
-    m_base = saved_activation_bytes(lambda: frozen(**inputs).loss)
     b_macs = base_macs(hidden, inter, layers, batch, seq)
     for r in ranks:
         for method in methods:
@@ -193,36 +203,43 @@ def run_shape(name: str, methods: list[str], targets_shown: list[str], repeat: i
                     gm = vera_fx.transform(base, our_cfg(r=r, target_modules=targets), lowering=lowering,
                                            tokens=tokens).train()
                     models[f"vera_fx {lowering}"] = (gm, [p for p in gm.parameters() if p.requires_grad])
-                if compile_rows and method == "vera" and label == "all-linear":
-                    for key in ("peft", "vera_fx auto", "vera_fx activation"):
+                if compile_rows and label == "all-linear":
+                    for key in ("frozen base", "peft", "vera_fx auto", "vera_fx lean", "vera_fx activation"):
                         mod, params = models[key]
                         models[f"{key} compiled"] = (torch.compile(mod), params)
                 steps = {k: step_fn(m, inputs, params) for k, (m, params) in models.items()}
-                times = interleaved(steps, repeat) if repeat > 0 else {k: float("nan") for k in models}
-                mems = {k: saved_activation_bytes(lambda m=m: m(**inputs).loss) - m_base
-                        for k, (m, _) in models.items() if "compiled" not in k and k != "frozen base"}
+                times = interleaved(steps, repeat) if repeat > 0 else {k: [float("nan")] for k in models}
+                # saved tensors of compiled rows too: a compiled graph keeps its partitioner's choice
+                mems = {k: saved_activation_bytes(lambda m=m: m(**inputs).loss) for k, (m, _) in models.items()}
                 floor = b_macs + adapter_macs(hidden, inter, layers, tokens, r, rows_a, targets, shared=True)
-                t_base, t_peft = times["frozen base"], times["peft"]
+                t_base = statistics.median(times["frozen base"])
                 floor_ms = t_base * floor / b_macs * 1e3
                 rows = []
                 for k in models:
-                    t = times[k]
-                    ref = times["peft compiled"] if "compiled" in k else t_peft
-                    mem = mems.get(k)
+                    compiled = "compiled" in k
+                    t = statistics.median(times[k])
+                    ref_key = "peft compiled" if compiled else "peft"
+                    base_key = "frozen base compiled" if compiled else "frozen base"
+                    med, q1, q3 = ratio(times[k], times[ref_key])
+                    mem = mems[k] - mems[base_key]
                     macs = {"frozen base": b_macs,
                             "peft": b_macs + adapter_macs(hidden, inter, layers, tokens, r, rows_a, targets, False),
                             "vera_fx activation": floor, "vera_fx auto": floor,
                             "vera_fx lean": floor}.get(k.replace(" compiled", ""))
                     if k.startswith("vera_fx"):
                         macs += lean_extra(models[k][0], tokens, r)
-                    rows.append([k, paths(models[k][0]), f"{t * 1e3:.0f}", f"{t / ref:.2f}" if k != "frozen base" else "-",
+                    adapted = k != base_key
+                    rows.append([k, paths(models[k][0]), f"{t * 1e3:.0f}",
+                                 f"{med:.2f} ({q1:.2f}-{q3:.2f})" if adapted else "-",
                                  f"{macs / 1e9:.1f}" if macs else "-", f"{t * 1e3 / floor_ms:.2f}",
-                                 f"{(mem + m_base) / 2**20:.1f}" if mem is not None else "-",
-                                 f"{mem / 2**20:.2f}" if mem is not None else "-",
-                                 f"{mem / mems['peft']:.2f}" if mem is not None else "-"])
-                print_table(f"{method} r={r} {label} (median of {repeat}, interleaved; floor {floor / 1e9:.1f} GMAC "
-                            f"= {floor_ms:.0f} ms at the base's rate; base saves {m_base / 2**20:.1f} MiB)",
-                            ["model", "paths", "step ms", "x peft", "GMAC", "x floor", "saved MiB", "minus base MiB", "x peft"], rows)
+                                 f"{mems[k] / 2**20:.1f}", f"{mem / 2**20:.2f}" if adapted else "-",
+                                 f"{mem / (mems[ref_key] - mems[base_key]):.2f}" if adapted else "-"])
+                print_table(f"{method} r={r} {label} ({repeat} rounds, interleaved; x peft: median (quartiles) of the "
+                            f"per-round ratios, compiled rows against compiled peft and base; floor "
+                            f"{floor / 1e9:.1f} GMAC = {floor_ms:.0f} ms at the base's rate; base saves "
+                            f"{mems['frozen base'] / 2**20:.1f} MiB)",
+                            ["model", "paths", "step ms", "x peft", "GMAC", "x floor", "saved MiB", "minus base MiB",
+                             "x peft"], rows)
                 del models, steps, pm, gm
 
 

@@ -507,10 +507,25 @@ def test_compile_fullgraph_lean_path():
             torch.testing.assert_close(p.grad, ref[1][n], atol=1e-5, rtol=1e-5)
 
 
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``fn`` runs (parameters excluded)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
 @pytest.mark.parametrize("method", ["vera", "pvera"])
-def test_auto_lean_sites_trace_plain_under_compile(method):
-    """torch.compile traces the sites auto made lean as the plain chain (inductor fuses it), the sites forced
-    lean as the op; outputs and gradients equal eager's."""
+def test_auto_lean_sites_trace_the_lean_backward_under_compile(method):
+    """torch.compile traces the sites auto made lean as the op's own forward and backward (an autograd.Function
+    dynamo traces, so inductor can fuse it), the sites forced lean as the opaque op; outputs and gradients
+    equal eager's, and the compiled auto graph keeps less for backward than the compiled plain chain."""
     kw = {} if method == "vera" else {"generator_seed": 0}
     for lowering, want_op in (("auto", False), ("lean", True)):
         net, x = _net(), _x()
@@ -530,9 +545,21 @@ def test_auto_lean_sites_trace_plain_under_compile(method):
         torch._dynamo.reset()
         out, grads, gx, loss = _step(torch.compile(gm, fullgraph=True, backend=backend), x, kl=method == "pvera")
         got = out, {k.removeprefix("_orig_mod."): v for k, v in grads.items()}, gx, loss
-        ops = [n for g in graphs for n in g.graph.nodes if "lean_add" in str(n.target)]
-        assert bool(ops) == want_op, (lowering, ops)
+        targets = [str(n.target) for g in graphs for n in g.graph.nodes]
+        ops = [t for t in targets if "lean_add" in t]
+        traced = [t for t in targets if "autograd_function_apply" in t]
+        assert bool(ops) == want_op and bool(traced) != want_op, (lowering, ops, traced)
         _assert_same(got, ref)
+    saved = {}
+    for lowering in ("auto", "activation"):
+        net, x = _net(), _x()
+        gm = vera_fx.transform(net, _config(method, **kw), example_inputs=(x,), lowering=lowering,
+                               tokens=1).train()
+        torch._dynamo.reset()
+        compiled = torch.compile(gm, fullgraph=True, backend="aot_eager")
+        compiled(x).sum().backward()
+        saved[lowering] = _saved_bytes(lambda: compiled(x.clone().requires_grad_(True)))
+    assert saved["auto"] < saved["activation"], saved
 
 
 @pytest.mark.parametrize("probabilistic, noise", [(False, False), (True, False), (True, True)],

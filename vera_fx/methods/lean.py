@@ -39,14 +39,18 @@ from torch.fx.node import has_side_effect
 __all__ = ["lean_add", "lean_site", "pvera_kl", "pvera_lean_noise"]
 
 
-def _pvera_latent(h: Tensor, lambda_d: Tensor, eps: Optional[Tensor], r: int) -> tuple[Tensor, Optional[Tensor]]:
+def _pvera_latent(h: Tensor, lambda_d: Tensor, eps: Optional[Tensor], r: int,
+                  again: bool = False) -> tuple[Tensor, Optional[Tensor]]:
     """PVeRA's ``z`` from the halves of ``h``: ``mu = h[..., :r] * lambda_d[:r]``, plus ``es = eps * exp(lv / 2)``
     when noise was drawn (returned too: backward needs it). Forward and backward both call this, so backward
-    sees the forward's values bit for bit, without a 2r-wide ``h * lambda_d``."""
-    z = h[..., :r] * lambda_d[:r]
+    sees the forward's values bit for bit, without a 2r-wide ``h * lambda_d``. Backward passes ``again``: the
+    products' operands swap (bit for bit the same values), so that a traced graph's common-subexpression pass
+    does not merge them with the forward's, which would make them saved tensors instead of recomputed ones."""
+    h_mu, ld_mu, h_lv, ld_lv = h[..., :r], lambda_d[:r], h[..., r:], 0.5 * lambda_d[r:]
+    z = ld_mu * h_mu if again else h_mu * ld_mu
     if eps is None:
         return z, None
-    es = torch.exp(h[..., r:] * (0.5 * lambda_d[r:])).mul_(eps)
+    es = torch.exp(ld_lv * h_lv if again else h_lv * ld_lv).mul_(eps)
     return z.add_(es), es
 
 
@@ -117,14 +121,15 @@ def _lean_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
     g2 = g.reshape(-1, g.shape[-1])
     hc, lambda_dc, b, lambda_bc = h.to(dtype), lambda_d.to(dtype), b.to(dtype), lambda_b.to(dtype)
     if probabilistic:
-        z, es = _pvera_latent(hc, lambda_dc, None if eps is None else eps.to(dtype), r)
+        z, es = _pvera_latent(hc, lambda_dc, None if eps is None else eps.to(dtype), r, again=True)
         h_mu, h_lv, ld_mu, ld_lv = hc[..., :r], hc[..., r:], lambda_dc[:r], lambda_dc[r:]
         b_z = b  # lambda_b's gradient pairs B with z
     else:
         z = hc
-        b_z = b * lambda_dc  # z = h * lambda_d: the scale moves onto B's columns
+        b_z = lambda_dc * b  # z = h * lambda_d: the scale moves onto B's columns
     grad_lambda_b = grad_lambda_d = None
-    b_scaled = b * lambda_bc.unsqueeze(-1)  # lambda_b * B, (out, r)
+    # lambda_b * B, (out, r); operands in the other order than the forward's (see _pvera_latent's ``again``)
+    b_scaled = lambda_bc.unsqueeze(-1) * b
     m: Optional[Tensor] = None
     if need[4] or (need[2] and not probabilistic):
         m = g2.T @ z.reshape(-1, z.shape[-1])  # (out, r): the one extra product, instead of keeping z @ B.T
@@ -135,7 +140,7 @@ def _lean_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
         # product against lambda_b B lambda_d: no tokens x r pass besides the products
         if need[2]:
             grad_lambda_d = (m * b_scaled).sum(0).to(lambda_d.dtype)
-        grad_h = (g @ (b_scaled * lambda_dc)).to(h.dtype) if need[1] else None
+        grad_h = (g @ (lambda_dc * b_scaled)).to(h.dtype) if need[1] else None
     else:
         gz = g @ b_scaled  # (..., r)
         # d mu = gz, d lv = gz * eps * s / 2 (zero without noise); d lambda_d, d h per half
@@ -146,7 +151,10 @@ def _lean_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
             d_lv = (ges * h_lv).reshape(-1, r).sum(0) * 0.5 if ges is not None else torch.zeros_like(d_mu)
             grad_lambda_d = torch.cat([d_mu, d_lv]).to(lambda_d.dtype)
         grad_h = None
-        if need[1]:
+        if need[1] and torch.compiler.is_compiling():  # traced (_TracedLeanAdd): a cat inductor fuses
+            d_lv_h = ges * (0.5 * ld_lv) if ges is not None else torch.zeros_like(gz)
+            grad_h = torch.cat([gz * ld_mu, d_lv_h], -1).to(h.dtype)
+        elif need[1]:  # eager: both halves written into one buffer, no temporaries to copy
             grad_h = torch.empty(h.shape, dtype=dtype, device=h.device)
             torch.mul(gz, ld_mu, out=grad_h[..., :r])
             if ges is not None:
@@ -160,14 +168,34 @@ def _lean_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
 lean_add.register_autograd(_lean_backward, setup_context=_lean_setup)
 
 
+class _TracedLeanAdd(torch.autograd.Function):
+    """``vera_fx::lean_add``'s forward and backward as an autograd.Function, for torch.compile: dynamo traces
+    both into the graph, so inductor fuses the backward's elementwise work with the graph around it, while
+    what backward reads stays the op's (``h``, the noise, the parameters): the partitioner cannot keep
+    ``z @ B.T``, which nothing in backward uses. (The backward's products take their operands in the other
+    order than the forward's, so the joint graph's common-subexpression pass keeps the weight-sized scaled
+    ``B`` recomputed rather than saved.)"""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor,  # noqa: ANN001
+                eps: Optional[Tensor], r: int, probabilistic: bool) -> Tensor:
+        _lean_setup(ctx, (y, h, lambda_d, b, lambda_b, eps, r, probabilistic), None)
+        return _lean_add_impl(y, h, lambda_d, b, lambda_b, eps, r, probabilistic)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        return _lean_backward(ctx, grad)
+
+
 def lean_site(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor], r: int,
-              probabilistic: bool, plain_when_compiled: bool) -> Tensor:
+              probabilistic: bool, traced_when_compiled: bool) -> Tensor:
     """A lean site's graph node: ``vera_fx::lean_add``, except while torch.compile traces a site ``auto`` made
-    lean (``plain_when_compiled``): then the plain chain's ops, which inductor fuses and whose saved tensors
-    its partitioner chooses (an opaque op's extra product made a compiled step slower than the plain one's).
-    A site forced lean keeps the op, and its memory, under torch.compile too."""
-    if plain_when_compiled and torch.compiler.is_compiling():
-        return _plain_add(y, h, lambda_d, b, lambda_b, eps, r, probabilistic)
+    lean (``traced_when_compiled``): then ``_TracedLeanAdd``, the op's own forward and backward traced into
+    the compiled graph (the opaque op's backward, unfused, made a compiled step slower than the plain
+    chain's; the traced one keeps the lean memory at about the plain chain's speed). A site forced lean keeps
+    the opaque op under torch.compile too."""
+    if traced_when_compiled and torch.compiler.is_compiling():
+        return _TracedLeanAdd.apply(y, h, lambda_d, b, lambda_b, eps, r, probabilistic)
     return torch.ops.vera_fx.lean_add(y, h, lambda_d, b, lambda_b, eps, r, probabilistic)
 
 

@@ -278,7 +278,7 @@ def _drop_unused(gm: GraphModule, nodes: list[Node], base: str) -> None:
         gm.graph.erase_node(n)
 
 
-def _lower_lean(gm: GraphModule, c: _Chain, plain_when_compiled: bool = False) -> None:
+def _lower_lean(gm: GraphModule, c: _Chain, traced_when_compiled: bool = False) -> None:
     graph, nd, add = gm.graph, c.nodes, c.add
     h, lam_d = nd["scale_d"].args
     b, lam_b = nd["xAB"].args[1], nd["scale_b"].args[1]
@@ -295,7 +295,7 @@ def _lower_lean(gm: GraphModule, c: _Chain, plain_when_compiled: bool = False) -
             n.meta[ADAPTER_KEY]["path"] = "lean"
     y = add.args[0]  # the add node becomes the op (its name and tags stay: walkers read y as its args[0])
     add.target = lean_site
-    add.args, add.kwargs = (y, h, lam_d, b, lam_b, eps, r, c.state.method.probabilistic, plain_when_compiled), {}
+    add.args, add.kwargs = (y, h, lam_d, b, lam_b, eps, r, c.state.method.probabilistic, traced_when_compiled), {}
     add.meta[ADAPTER_KEY]["path"] = "lean"
     for name in ("scale_b", "xAB", "logvar", "mu", "scale_d"):
         if name in nd:
@@ -387,8 +387,8 @@ def lower_adapters(gm: GraphModule, setting: Optional[dict[str, Any]] = None, re
         for c in members:
             if want == "weight":
                 _lower_weight(gm, c)
-            else:  # auto's lean sites trace as the plain chain under torch.compile (faster there, see lean_site)
-                _lower_lean(gm, c, plain_when_compiled=by_auto)
+            else:  # under torch.compile auto's lean sites trace the op's forward and backward (see lean_site)
+                _lower_lean(gm, c, traced_when_compiled=by_auto)
             changed += 1
         logger.debug("lower: %s at %s (%d sites): %s path", members[0].adapter, members[0].site.name, len(members),
                      want)
