@@ -1,7 +1,9 @@
-"""Every example runs: each examples/*.py with --quick as a subprocess, and the notebook top to bottom."""
+"""Every example runs: each examples/*.py with --quick (one subprocess runs them all), and the notebook top to
+bottom."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,12 +23,40 @@ def _env() -> dict[str, str]:
     return env
 
 
+# One interpreter runs every script in turn (each as __main__, with --quick, in a folder of its own): a fresh
+# process per script would pay torch's and transformers' import for each.
+_DRIVER = """
+import json, os, runpy, sys, tempfile, traceback
+out, scripts = sys.argv[1], sys.argv[2:]
+results = {}
+for path in scripts:
+    os.chdir(tempfile.mkdtemp(dir=out))
+    sys.argv = [path, "--quick"]
+    try:
+        runpy.run_path(path, run_name="__main__")
+        results[path] = None
+    except SystemExit as e:
+        results[path] = None if e.code in (0, None) else "exited %r" % (e.code,)
+    except BaseException:
+        results[path] = traceback.format_exc()
+with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(results, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def example_results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("examples")
+    done = subprocess.run([sys.executable, "-c", _DRIVER, str(out), *map(str, SCRIPTS)], cwd=out, env=_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and (out / "results.json").is_file(), done.stderr[-3000:]
+    return {"results": json.loads((out / "results.json").read_text()), "stdout": done.stdout, "stderr": done.stderr}
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_example_runs_quick(script: Path, tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, str(script), "--quick"], cwd=tmp_path, env=_env(), capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, (f"{script.name} exited {done.returncode}:\n{done.stdout[-2000:]}\n"
-                                  f"{done.stderr[-3000:]}")
+def test_example_runs_quick(script: Path, example_results: dict) -> None:
+    error = example_results["results"].get(str(script), "did not run")
+    assert error is None, f"{script.name}: {error}\n{example_results['stderr'][-2000:]}"
 
 
 def test_notebook_executes(tmp_path: Path) -> None:

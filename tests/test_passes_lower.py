@@ -550,6 +550,8 @@ def test_auto_lean_sites_trace_the_lean_backward_under_compile(method):
         traced = [t for t in targets if "autograd_function_apply" in t]
         assert bool(ops) == want_op and bool(traced) != want_op, (lowering, ops, traced)
         _assert_same(got, ref)
+    if method == "vera":
+        return  # the memory check once: PVeRA's backward has VeRA's scaled-B products and more
     saved = {}
     for lowering in ("auto", "activation"):
         net, x = _net(), _x()
