@@ -184,8 +184,8 @@ def test_imports_go_down_the_layers():
 
 
 def test_importing_vera_fx_has_no_side_effects():
-    """``import vera_fx`` and ``from vera_fx import *`` print nothing, warn nothing and leave torch's and
-    logging's global settings as they were."""
+    """``import vera_fx`` and ``from vera_fx import *`` print nothing, warn nothing, leave torch's and logging's
+    global settings as they were and import no bitsandbytes (not even ``vera_fx.quantized`` does)."""
     code = textwrap.dedent("""
         import logging, warnings
         warnings.simplefilter("error")
@@ -196,8 +196,9 @@ def test_importing_vera_fx_has_no_side_effects():
                     logging.getLogger("vera_fx").level, list(logging.getLogger("vera_fx").handlers))
         before = settings()
         from vera_fx import *
-        import vera_fx, vera_fx.cli
+        import sys, vera_fx, vera_fx.cli, vera_fx.quantized
         assert settings() == before, (before, settings())
+        assert "bitsandbytes" not in sys.modules
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=ROOT.parent)
