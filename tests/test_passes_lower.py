@@ -361,6 +361,21 @@ def test_lower_pass_is_a_no_op_on_a_lowered_graph():
     assert [p[1:] for p in after if p[0] == "second"] == [p[1:] for p in first]  # the same plan for its sites
 
 
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``fn`` runs (parameters and inputs
+    that are leaves excluded)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, nn.Parameter) and not (t.requires_grad and t.is_leaf):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
 def test_lean_saves_less_for_backward():
     """Counted bytes autograd keeps: the lean path keeps no per-site (tokens x out) tensor."""
     net = _net()
@@ -368,16 +383,7 @@ def test_lean_saves_less_for_backward():
     saved = {}
     for lowering in ("activation", "lean"):
         gm = vera_fx.transform(net, _config("pvera", r=8), example_inputs=(x,), lowering=lowering).train()
-        seen: dict[int, int] = {}
-
-        def pack(t, seen=seen):
-            if not isinstance(t, nn.Parameter) and not (t.requires_grad and t.is_leaf):
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            gm(x)
-        saved[lowering] = sum(seen.values())
+        saved[lowering] = _saved_bytes(lambda: gm(x))
     assert saved["lean"] < 0.5 * saved["activation"]
 
 
@@ -505,20 +511,6 @@ def test_compile_fullgraph_lean_path():
     for n, p in gm.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, ref[1][n], atol=1e-5, rtol=1e-5)
-
-
-def _saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while ``fn`` runs (parameters excluded)."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if not isinstance(t, nn.Parameter):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 @pytest.mark.parametrize("method", ["vera", "pvera"])

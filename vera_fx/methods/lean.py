@@ -61,23 +61,16 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
-def _plain_add(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor], r: int,
-               probabilistic: bool) -> Tensor:
-    """The plain chain's ops for ``y + delta`` (out of place, so autograd can differentiate them too), with
-    ``_pvera_latent``'s values."""
-    if not probabilistic:
-        z = h * lambda_d
-    else:
-        z = h[..., :r] * lambda_d[:r]
-        if eps is not None:
-            z = z + torch.exp(h[..., r:] * (0.5 * lambda_d[r:])) * eps
-    return y + torch.nn.functional.linear(z, b) * lambda_b
-
-
 def _lean_add_impl(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor],
                    r: int, probabilistic: bool) -> Tensor:
     if torch.is_autocast_enabled(h.device.type):  # the plain chain's own ops, so autocast casts them alike
-        return _plain_add(y, h, lambda_d, b, lambda_b, eps, r, probabilistic)
+        if not probabilistic:  # (out of place: an in-place exp would keep its dtype where the plain one promotes)
+            z = h * lambda_d
+        else:
+            z = h[..., :r] * lambda_d[:r]
+            if eps is not None:
+                z = z + torch.exp(h[..., r:] * (0.5 * lambda_d[r:])) * eps
+        return y + torch.nn.functional.linear(z, b) * lambda_b
     m = b * lambda_b.unsqueeze(-1)  # (out, r): the scales fold into the small matrix, not the token tensors
     if probabilistic:
         z, _ = _pvera_latent(h, lambda_d, eps, r)
