@@ -10,9 +10,11 @@ arithmetic floor: counted multiply-adds of exact VeRA with shared projections (f
 gradient, ``x·Aᵀ`` and its input gradient once per shared input, ``z·Bᵀ`` and its gradient per site), shown as
 "floor ms" = the frozen base's measured time scaled by floor / base multiply-adds.
 
-vera_fx rows: ``lowering="auto"`` (the lower pass's choice: within PEFT's arithmetic, lean where the share
-pass's saving pays for it), ``lowering="lean"`` (every site lean: the least memory) and
-``lowering="activation"`` (the plain nodes). ``--compile`` adds torch.compile rows (all-linear, today's
+vera_fx rows: ``lowering="auto"`` (the lower pass's choice: within PEFT's arithmetic, the most values kept
+off the saved tensors that the share pass's saving pays for), ``lowering="lean"`` (every site lean: the least
+memory), ``lowering="weight"`` (VeRA: every site a folding call, lean where it cannot fold) and
+``lowering="activation"`` (the plain nodes). Where folding costs less than the plain adapter (VeRA, tokens
+large against in) the floor counts the fold. ``--compile`` adds torch.compile rows (all-linear, today's
 shape: the frozen base, peft and the three vera_fx rows compiled, their saved tensors measured as well).
 Step times: "x peft" is the median (and quartiles) of the per-round ratios, the steadier measure on a machine
 whose speed drifts.
@@ -38,6 +40,7 @@ from _common import print_table, saved_activation_bytes  # noqa: E402
 
 import vera_fx  # noqa: E402
 from vera_fx.sites import graph_modules, read_graph_sites  # noqa: E402
+from vera_fx.passes.lower import GroupShape, path_costs  # noqa: E402
 
 # name: (hidden, intermediate, layers, batch, seq, ranks)
 SHAPES = {
@@ -137,6 +140,13 @@ def adapter_macs(hidden: int, inter: int, layers: int, tokens: int, r: int, rows
     return layers * total
 
 
+def fold_saving(hidden: int, inter: int, layers: int, tokens: int, r: int, targets) -> int:
+    """What folding saves against the activation path where it is cheaper (VeRA; <= 0): the floor's part."""
+    return layers * sum(min(0, c["weight"] - c["activation"]) for c in (
+        path_costs(GroupShape(tokens, fan_in, r, r, tuple(outs)))
+        for _, fan_in, outs in site_shapes(hidden, inter, targets)))
+
+
 def _adapter_calls(model) -> list:
     """The adapter output nodes of every graph of the model's tree (the root graph and its blocks)."""
     inner = getattr(model, "_orig_mod", model)
@@ -158,15 +168,27 @@ def paths(model) -> str:
     return " ".join(f"{k} {v}" for k, v in sorted(counts.items()))
 
 
-def lean_extra(model, tokens: int, r: int) -> int:
-    """The lean path's extra tokens x r x out product, summed over its sites."""
+def path_extra(model, tokens: int, r: int) -> int:
+    """Multiply-adds the lowered paths add to the activation path's (negative where they save some): per lean
+    site the tokens x r x out product; per weight-path call that folds (tokens >= in) the two out x r x in folds
+    and gᵀ·h instead of z·Bᵀ and its gradient, and for an input whose every site folds no d h @ A (the lean
+    product when it does not fold)."""
     inner = getattr(model, "_orig_mod", model)
     total = 0
     for g in graph_modules(inner):  # node names repeat across block graphs: look each site up in its own graph
         sites = {s.base.name: s for s in read_graph_sites(g)}
-        total += sum(tokens * r * sites[n.meta["vera_fx"]["base"]].out_features for n in g.graph.nodes
-                     if (n.meta.get("vera_fx") or {}).get("role") == "output"
-                     and n.meta["vera_fx"].get("path") == "lean")
+        for n in g.graph.nodes:
+            tag = n.meta.get("vera_fx") or {}
+            if tag.get("role") != "output" or tag.get("path") not in ("lean", "weight"):
+                continue
+            s = sites[tag["base"]]
+            folds = tag["path"] == "weight" and tokens >= s.in_features
+            o, i = s.out_features, s.in_features
+            total += 2 * o * r * i + tokens * o * r - 2 * tokens * r * o if folds else tokens * r * o
+            h = n.args[1] if tag["path"] == "weight" else None
+            if folds and h is not None and n is next(iter(h.users)) and all(
+                    (u.meta.get("vera_fx") or {}).get("path") == "weight" for u in h.users):
+                total -= tokens * i * r  # counted once per input, at its first fold
     return total
 
 
@@ -199,7 +221,8 @@ def run_shape(name: str, methods: list[str], targets_shown: list[str], repeat: i
                                                                                      if p.requires_grad])}
                 pm = peft.get_peft_model(copy.deepcopy(base), peft_cfg(r=r, target_modules=targets)).train()
                 models["peft"] = (pm, [p for p in pm.parameters() if p.requires_grad])
-                for lowering in ("auto", "lean", "activation"):
+                for lowering in ("auto", "lean", "weight", "activation") if method == "vera" else (
+                        "auto", "lean", "activation"):
                     gm = vera_fx.transform(base, our_cfg(r=r, target_modules=targets), lowering=lowering,
                                            tokens=tokens).train()
                     models[f"vera_fx {lowering}"] = (gm, [p for p in gm.parameters() if p.requires_grad])
@@ -211,7 +234,8 @@ def run_shape(name: str, methods: list[str], targets_shown: list[str], repeat: i
                 times = interleaved(steps, repeat) if repeat > 0 else {k: [float("nan")] for k in models}
                 # saved tensors of compiled rows too: a compiled graph keeps its partitioner's choice
                 mems = {k: saved_activation_bytes(lambda m=m: m(**inputs).loss) for k, (m, _) in models.items()}
-                floor = b_macs + adapter_macs(hidden, inter, layers, tokens, r, rows_a, targets, shared=True)
+                plain = b_macs + adapter_macs(hidden, inter, layers, tokens, r, rows_a, targets, shared=True)
+                floor = plain + fold_saving(hidden, inter, layers, tokens, r, targets) * (method == "vera")
                 t_base = statistics.median(times["frozen base"])
                 floor_ms = t_base * floor / b_macs * 1e3
                 rows = []
@@ -224,10 +248,9 @@ def run_shape(name: str, methods: list[str], targets_shown: list[str], repeat: i
                     mem = mems[k] - mems[base_key]
                     macs = {"frozen base": b_macs,
                             "peft": b_macs + adapter_macs(hidden, inter, layers, tokens, r, rows_a, targets, False),
-                            "vera_fx activation": floor, "vera_fx auto": floor,
-                            "vera_fx lean": floor}.get(k.replace(" compiled", ""))
+                            }.get(k.replace(" compiled", ""), plain if k.startswith("vera_fx") else None)
                     if k.startswith("vera_fx"):
-                        macs += lean_extra(models[k][0], tokens, r)
+                        macs += path_extra(models[k][0], tokens, r)
                     adapted = k != base_key
                     rows.append([k, paths(models[k][0]), f"{t * 1e3:.0f}",
                                  f"{med:.2f} ({q1:.2f}-{q3:.2f})" if adapted else "-",

@@ -104,10 +104,12 @@ def test_networkx_one_node_per_fx_node(case):
     assert sorted(roles_by_site) == sorted(set(names) & shown_sites) and roles_by_site
     assert all(a["multiplicity"] == 2 and a["block"] == k.split("/")[0] for k, a in g.nodes(data=True) if "/" in k)
     # The share pass computes x @ A.T once per input, so a projection node may carry another site's tag.
-    # A lean site's arithmetic is its output node (lean_site: vera_fx::lean_add); a plain site has "adapter" nodes.
+    # A lean site's arithmetic is its output node (lean_site: vera_fx::lean_add), a weight-path site's its call
+    # (weight_site, handed the weight_fold output node); a plain site has "adapter" nodes.
     assert all({"lambda", "output"} <= r for r in roles_by_site.values())
-    lean = {a["site"] for _, a in g.nodes(data=True) if a["role"] == "output" and "lean_site" in a["target"]}
-    assert all("adapter" in r for s, r in roles_by_site.items() if s not in lean)
+    lowered = {a["site"] for _, a in g.nodes(data=True) if a["role"] == "output"
+               and ("lean_site" in a["target"] or "weight_fold" in a["target"])}
+    assert all("adapter" in r for s, r in roles_by_site.items() if s not in lowered)
     assert any("projection" in r for r in roles_by_site.values())
     bases = {a["site"] for _, a in g.nodes(data=True) if a["role"] == "base"}
     assert set(names) & shown_sites <= bases

@@ -65,10 +65,12 @@ def _sync(gm: GraphModule) -> None:
     modules_to_save_owners(gm, live)  # conflicts raise before anything changes
     changed = False
     missing = [n for n in live if n not in merged and not _has_nodes(gm, n)]
+    leaving = [n for n in container if n not in merged and n not in live and _has_nodes(gm, n)]
     for name in container:
-        # Re-emitting every live adapter when one is missing keeps the sum in the active list's order, so one
+        # Re-emitting every live adapter when one is missing or leaves keeps the sum in the active list's order
+        # and each adapter's lowering what the list gives it (a call folds its first adapter only), so one
         # active list always gives one graph (and bit-identical outputs).
-        if name not in merged and (name not in live or missing) and _has_nodes(gm, name):
+        if name not in merged and (name not in live or missing or leaving) and _has_nodes(gm, name):
             remove_adapter_nodes(gm, name)
             changed = True
     for name in live:
@@ -198,6 +200,9 @@ def remove_adapter(gm: GraphModule, adapter_name: str) -> None:
             p.requires_grad_(False)
     if _has_nodes(gm, adapter_name):
         remove_adapter_nodes(gm, adapter_name)
+        for other in container:  # the others are re-emitted (_sync): their lowering may have followed this one
+            if other != adapter_name and other not in merged_adapters(gm) and _has_nodes(gm, other):
+                remove_adapter_nodes(gm, other)
     old = gm.meta.get(ACTIVE_KEY)
     if old is not None:
         gm.meta[ACTIVE_KEY] = [n for n in old if n != adapter_name]

@@ -30,6 +30,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
 from ..methods import CONTAINER, AdapterState, Emitter
+from ..methods.fold import restore_linear
 from ..sites import (ADAPTER_KEY, BLOCK_CALL_KEY, BLOCK_KEY, MERGED_KEY, Site, block_prefix, graph_modules,
                      read_graph_sites, sampling_by_site)
 from .inject import training_node
@@ -154,6 +155,7 @@ def _copy_without_adapters(gm: GraphModule) -> tuple[Graph, Node]:
         if n.op == "output" and index is None:
             index = graph.placeholder(INDEX_INPUT)
         env[n] = graph.node_copy(n, lambda a: env[a])
+        restore_linear(env[n])  # a weight-path call, its fold left out: the plain linear
         if placeholders and n is placeholders[-1]:
             index = graph.placeholder(INDEX_INPUT)
     assert index is not None

@@ -22,6 +22,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..config import AdapterConfig
 from ..methods import CONTAINER, AdapterState, Emitter, method_for
+from ..methods.fold import restore_linear
 from ..sites import ADAPTER_KEY, Site, graph_modules, read_graph_sites
 from ..state import (adapter_container, attach_modules_to_save, attach_state, bias_targets, detach_state,
                      shared_projections)
@@ -227,7 +228,10 @@ def _remove_graph(gm: GraphModule, adapter_name: str, site_names: Optional[set[s
         while (add.meta.get(ADAPTER_KEY) or {}).get("name") != "add":
             add = add.args[0]
         y = add.args[0]
+        users = list(out.users)
         out.replace_all_uses_with(y)
+        for u in users:  # a weight-path call reads its weight again: the plain linear
+            restore_linear(u)
         own = [n for n in graph.nodes if (n.meta.get(ADAPTER_KEY) or {}).get("adapter") == adapter_name
                and tag["base"] in (n.meta[ADAPTER_KEY].get("bases") or [n.meta[ADAPTER_KEY].get("base")])]
         for n in reversed(own):

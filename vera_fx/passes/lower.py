@@ -9,8 +9,11 @@ they share ``h = x @ A.T``. Each group gets one of three paths:
   ``y + delta`` node) that keeps only the group's shared ``h`` (and PVeRA's noise) and recomputes the rest in
   backward: one extra tokens x r x out product per site, for out (+ 5 r for PVeRA) fewer saved values per token
   and site.
-- ``weight``: ``W' = W + (lambda_b * B) @ (lambda_d * A)`` folded for the step in front of the base call, so the
-  base matmul computes both (VeRA without dropout on dense ``linear`` sites only: the fold is exact there).
+- ``weight``: the base call and its adapter as one call (vera_fx/methods/fold.py): with ``T >= in`` tokens it
+  folds ``W' = W + (lambda_b * B * lambda_d) @ A`` for the call and its backward, so the base's products carry
+  the adapter (``d h @ A`` skipped too) and the lambdas' gradients cost one ``gᵀ h`` product; with fewer tokens
+  (decoding) it is the lean op with the base call inside. It keeps only ``h``, like the lean path (VeRA without
+  dropout on dense ``linear`` sites whose weight is frozen: the fold is exact there).
 
 The cost model (``path_costs``) counts multiply-adds of one training step (forward + backward, elementwise
 work ignored) for ``T`` tokens, a group's ``in`` and its sites' ``out``, with ``rows`` rows of A (r; 2r for
@@ -20,19 +23,19 @@ PVeRA) and rank ``r``:
 - activation: ``2 T in rows`` (x·Aᵀ and its input gradient, once per group) ``+ sum 2 T r out`` (z·Bᵀ and its
   gradient, per site);
 - lean: activation ``+ sum T r out`` (the ``gᵀ z`` product for lambda_b's gradient);
-- weight: ``sum (3 out r in + T out in)`` (the fold, the gradients of its two factors, and ``gᵀ x`` for the
-  folded weight's gradient); the input gradient goes through ``W'`` at the base's own cost.
+- weight, ``T >= in``: ``T in rows + sum (2 out r in + T out r)`` (x·Aᵀ, the two folds, ``gᵀ h``); the input
+  gradient goes through ``W'`` at the base's own cost. With ``T < in`` it costs what lean does.
 
-``auto`` keeps a graph's step within PEFT's arithmetic and spends what is left on memory. It takes the weight
-path for a group where allowed and cheaper than the activation path; every other group starts on the
-activation path. What a graph's auto groups save against PEFT (the share pass's x·Aᵀ, the weight path's
-difference) is its *budget*; ``choose_lean`` then makes lean the sites whose extra products fit the budget and
-drop the most saved values (out per token for VeRA, out + 5 r for PVeRA): a small knapsack, solved exactly.
-In a Llama block this makes q/k/v and q/v lean (their share saving pays for their extra products exactly) and
-at all-linear about half the block's out-width; ``lowering="lean"`` makes every site lean (the fewest saved
-values, a few percent more arithmetic than PEFT at all-linear). Every term is linear in ``T``, so the lean
-choice holds at any batch size; ``T`` (``DEFAULT_TOKENS``, 1024, unless the setting names it) only moves the
-weight decision. A block graph decides on its own sites, so blocks with one structure keep one code.
+``auto`` keeps a graph's step within PEFT's arithmetic and spends what is left on memory: what the
+activation path saves against PEFT (the share pass's x·Aᵀ) is the graph's *budget*, and ``choose_options``
+picks per group one of its Pareto-best plans (``group_options``: which sites leave the activation path, to the
+weight path where allowed, else lean) that keep the most values per token off the saved tensors (out per
+site for VeRA, out + 5 r for PVeRA) with the extra work within the budget: a multiple-choice knapsack, solved
+exactly. On today's Llama-like shape (hidden 512, 512 tokens) that is o_proj, q/k/v and gate (weight) and
+down_proj (lean, ``T < in`` there) at VeRA all-linear; ``lowering="lean"`` makes every site lean (the fewest
+saved values, a few percent more arithmetic than PEFT at all-linear). ``T`` (``DEFAULT_TOKENS``, 1024, unless
+the setting names it) moves the plan; the weight call decides fold or not from the tokens it sees. A block
+graph decides on its own sites, so blocks with one structure keep one code.
 
 The setting lives in ``gm.meta["vera_fx_lowering"]`` (``transform(..., lowering=...)``,
 ``vera_fx.set_lowering``), never in the adapter's config, so adapter_config.json stays PEFT's. Lowered nodes
@@ -53,10 +56,12 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..methods import CONTAINER
+from ..methods.fold import weight_fold, weight_site
 from ..methods.lean import lean_site, pvera_lean_noise
 from ..sites import ADAPTER_KEY, SITE_KEY, Site, as_graph_module, block_prefix, graph_modules, read_graph_sites
 
-__all__ = ["LowerPass", "lower_adapters", "path_costs", "choose_path", "choose_lean", "plan_auto", "lowering_setting",
+__all__ = ["LowerPass", "lower_adapters", "path_costs", "group_options", "choose_options", "plan_auto",
+           "lowering_setting",
            "check_lowering", "LOWERING_KEY", "PATHS", "MODES", "DEFAULT_TOKENS", "GroupShape"]
 
 logger = logging.getLogger(__name__)
@@ -85,70 +90,111 @@ class GroupShape:
 
 
 def path_costs(g: GroupShape) -> dict[str, int]:
-    """Multiply-adds of one training step (forward + backward) of the group's adapter work, per path, and
-    PEFT's for the same sites (``"peft"``)."""
+    """Multiply-adds of one training step (forward + backward) of the group's adapter work, per path (every site
+    of the group on it), and PEFT's for the same sites (``"peft"``)."""
     t, i, rows, r = g.tokens, g.in_features, g.rows, g.r
     b_side = sum(2 * t * r * o for o in g.outs)
     activation = 2 * t * i * rows + b_side
     lean = activation + sum(t * r * o for o in g.outs)
-    weight = sum(3 * o * r * i + t * o * i for o in g.outs)
+    weight = t * i * rows + sum(2 * o * r * i + t * o * r for o in g.outs) if t >= i else lean
     peft = len(g.outs) * 2 * t * i * rows + b_side
     return {"activation": activation, "lean": lean, "weight": weight, "peft": peft}
 
 
-def choose_path(g: GroupShape, weight_allowed: bool) -> str:
-    """``auto``'s first choice for a group: ``"weight"`` where allowed and cheaper than the activation path,
-    else ``"activation"`` (``choose_lean`` then moves sites to the lean path within the graph's budget)."""
-    c = path_costs(g)
-    return "weight" if weight_allowed and c["weight"] < c["activation"] else "activation"
+def group_options(g: GroupShape, weight_allowed: bool, max_sites: int = 8) -> list[tuple[int, int, tuple[str, ...]]]:
+    """``auto``'s candidate plans for one group: ``(extra multiply-adds over the activation path, values per
+    token not kept for backward, path per site)``, the Pareto-best ones (more kept off only for more work),
+    cheapest first. A site either stays on the activation path or moves to the weight path (where allowed) or
+    the lean one; a group wholly on the weight path with ``T >= in`` also skips ``d h @ A``."""
+    t, i, rows, r = g.tokens, g.in_features, g.rows, g.r
+    low = "weight" if weight_allowed else "lean"
+    folds = low == "weight" and t >= i
+    extras = [2 * o * r * i + t * o * r - 2 * t * r * o if folds else t * r * o for o in g.outs]
+    latent = 5 * r if rows > r else 0  # PVeRA's lean op keeps none of its latent, noise and KL values
+    values = [o + latent for o in g.outs]
+    n = len(g.outs)
+    if n <= max_sites:
+        masks = sorted(range(1 << n), key=lambda m: (bin(m).count("1"), m))
+    else:  # many sites on one input: the prefixes of the best value-for-work order
+        order = sorted(range(n), key=lambda k: (-values[k] / max(extras[k], 1), k))
+        masks = [sum(1 << k for k in order[:j]) for j in range(n + 1)]
+    found: dict[tuple[int, int], int] = {}
+    for mask in masks:
+        chosen = [k for k in range(n) if mask >> k & 1]
+        work = sum(extras[k] for k in chosen) - (t * i * rows if folds and len(chosen) == n else 0)
+        found.setdefault((work, sum(values[k] for k in chosen)), mask)
+    options = []
+    for (work, saved), mask in sorted(found.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        if not options or saved > options[-1][1]:
+            options.append((work, saved, tuple(low if mask >> k & 1 else "activation" for k in range(n))))
+    return options
+
+
+def _frontier(groups: list[list[tuple[int, int]]], limit: int, max_states: int
+              ) -> tuple[list[tuple[int, int, int, int]], list[list[tuple[int, int, int, int]]]]:
+    """The Pareto frontier of ``(work, saved)`` over one option per group with the work at most ``limit``, and
+    the states of every stage (``(work, saved, parent state, option)``) to read a choice back."""
+    rest = [0] * (len(groups) + 1)  # the least work the groups after each one can add (options may save work)
+    for k in range(len(groups) - 1, -1, -1):
+        rest[k] = rest[k + 1] + min(w for w, _ in groups[k])
+    frontier: list[tuple[int, int, int, int]] = [(0, 0, -1, -1)]
+    stages = []
+    for k, options in enumerate(groups):
+        grown = [(w + ow, s + os, si, oi) for si, (w, s, _, _) in enumerate(frontier)
+                 for oi, (ow, os) in enumerate(options) if w + ow + rest[k + 1] <= limit]
+        grown.sort(key=lambda st: (st[0], -st[1]))
+        frontier = []
+        for st in grown:  # keep a state only if it saves more than every cheaper one
+            if not frontier or st[1] > frontier[-1][1]:
+                frontier.append(st)
+        if len(frontier) > max_states:  # a pathological case: an even thinning of the frontier (the best kept)
+            frontier = frontier[::-(-len(frontier) // max_states)] + frontier[-1:]
+        stages.append(frontier)
+    return frontier, stages
+
+
+def _read_back(stages: list[list[tuple[int, int, int, int]]], best: int) -> list[int]:
+    picks = [0] * len(stages)
+    for k in range(len(stages) - 1, -1, -1):
+        _, _, parent, option = stages[k][best]
+        picks[k], best = option, parent
+    return picks
+
+
+def choose_options(groups: list[list[tuple[int, int]]], budget: int, max_states: int = 4096) -> list[int]:
+    """One option index per group (options ``(work, saved)``) that keeps the most saved values with the summed
+    work at most ``budget``: a multiple-choice knapsack, solved exactly by Pareto frontiers of (work, saved)
+    states. Groups with the same options (a layer's groups repeat per layer) are first combined into one
+    frontier per kind, then the kinds; ties go to less work, then to earlier options."""
+    if not groups:
+        return []
+    kinds: dict[tuple[tuple[int, int], ...], list[int]] = {}
+    for k, options in enumerate(groups):
+        kinds.setdefault(tuple(options), []).append(k)
+    least = {key: len(members) * min(w for w, _ in key) for key, members in kinds.items()}
+    combined = []  # per kind: its frontier over its copies and the stages to read each copy's option back
+    for key, members in kinds.items():
+        limit = budget - sum(v for other, v in least.items() if other != key)
+        combined.append(_frontier([list(key)] * len(members), limit, max_states))
+    if any(not final for final, _ in combined):  # nothing fits the budget: the least work
+        return [min(range(len(options)), key=lambda j: (options[j][0], j)) for options in groups]
+    top, top_stages = _frontier([[(w, s) for w, s, _, _ in final] for final, _ in combined], budget, max_states)
+    best = max(range(len(top)), key=lambda j: (top[j][1], -top[j][0]))
+    picks = [0] * len(groups)
+    for (key, members), (_, stages), point in zip(kinds.items(), combined, _read_back(top_stages, best)):
+        for k, option in zip(members, sorted(_read_back(stages, point), reverse=True)):
+            picks[k] = option  # the copies of one kind are interchangeable: the earlier get the later options
+    return picks
 
 
 def plan_auto(shapes: list[GroupShape], weight_allowed: list[bool]) -> list[list[str]]:
-    """``auto``'s path for every site of one graph's auto groups (``shapes[i].outs`` order): ``choose_path`` per
-    group, then ``choose_lean`` over the activation sites within the budget of what the groups save against
-    PEFT."""
-    firsts = [choose_path(g, allowed) for g, allowed in zip(shapes, weight_allowed)]
-    costs = [path_costs(g) for g in shapes]
-    budget = sum(c["peft"] - c[first] for c, first in zip(costs, firsts))
-    plan = [[first] * len(g.outs) for g, first in zip(shapes, firsts)]
-    where: list[tuple[int, int]] = []
-    items: list[tuple[int, int]] = []
-    for gi, (g, first) in enumerate(zip(shapes, firsts)):
-        if first != "activation":
-            continue
-        latent = 5 * g.r if g.rows > g.r else 0  # PVeRA's lean op keeps none of its latent, noise and KL values
-        for si, o in enumerate(g.outs):
-            where.append((gi, si))
-            items.append((g.tokens * g.r * o, o + latent))
-    for idx in choose_lean(items, budget):
-        gi, si = where[idx]
-        plan[gi][si] = "lean"
-    return plan
-
-
-def choose_lean(items: list[tuple[int, int]], budget: int, max_states: int = 4096) -> set[int]:
-    """Indices of ``items`` (extra multiply-adds, saved values) to make lean: the most saved values whose extra
-    work sums to at most ``budget``. Exact over the distinct item kinds (a site repeats per layer), by a Pareto
-    frontier of (work, saved) pairs; ties go to less work, then to the earlier sites."""
-    kinds: dict[tuple[int, int], list[int]] = {}
-    for idx, item in enumerate(items):
-        if 0 <= item[0] <= budget and item[1] > 0:
-            kinds.setdefault(item, []).append(idx)
-    order = sorted(kinds, key=lambda k: (-k[1] / max(k[0], 1), k))
-    frontier: list[tuple[int, int, tuple[int, ...]]] = [(0, 0, ())]  # (work, saved, count per kind so far)
-    for cost, value in order:
-        n = len(kinds[(cost, value)])
-        grown = [(w + k * cost, v + k * value, counts + (k,)) for w, v, counts in frontier for k in range(n + 1)
-                 if w + k * cost <= budget]
-        grown.sort(key=lambda s: (s[0], -s[1]))
-        frontier = []
-        for state in grown:  # keep a state only if it saves more than every cheaper one
-            if not frontier or state[1] > frontier[-1][1]:
-                frontier.append(state)
-        if len(frontier) > max_states:  # never reached by a model's few site kinds; bounds a pathological case
-            frontier = frontier[-max_states:]
-    best = max(frontier, key=lambda s: (s[1], -s[0]))
-    return {idx for kind, k in zip(order, best[2]) for idx in kinds[kind][:k]}
+    """``auto``'s path for every site of one graph's auto groups (``shapes[i].outs`` order): the plan that
+    keeps the most values off the saved tensors within the budget of what the activation path saves against
+    PEFT (the share pass's x·Aᵀ), so the step stays within PEFT's multiply-adds."""
+    options = [group_options(g, allowed) for g, allowed in zip(shapes, weight_allowed)]
+    budget = sum(c["peft"] - c["activation"] for c in map(path_costs, shapes))
+    picks = choose_options([[(w, s) for w, s, _ in opts] for opts in options], budget)
+    return [list(opts[k][2]) for opts, k in zip(options, picks)]
 
 
 def check_lowering(lowering: Lowering, tokens: Optional[int] = None) -> dict[str, Any]:
@@ -213,13 +259,6 @@ def _chains(gm: GraphModule, redecide: bool = False) -> list[_Chain]:
     return out
 
 
-def _weight_root(node: Node) -> Node:
-    """The get_attr under a stack of weight-path folds (``W + dW1 + dW2`` -> ``W``)."""
-    while (node.meta.get(ADAPTER_KEY) or {}).get("path") == "weight":
-        node = node.args[0]
-    return node
-
-
 def _weight_blocker(gm: GraphModule, c: _Chain) -> Optional[str]:
     """Why chain ``c`` cannot take the weight path (None when it can)."""
     s, cfg = c.site, c.state.config
@@ -227,9 +266,12 @@ def _weight_blocker(gm: GraphModule, c: _Chain) -> Optional[str]:
         return "the adapter samples its latent (PVeRA), which no fixed weight reproduces"
     if cfg.dropout > 0.0:
         return f"dropout={cfg.dropout} acts on the adapter's input only"
+    if s.base.target is weight_site:
+        first = (s.base.args[1].meta.get(ADAPTER_KEY) or {}).get("adapter")
+        return f"its call folds adapter {first!r} already (one adapter folds per call)"
     if s.kind != "linear" or s.base.target is not aten.linear.default or len(s.base.args) < 2:
         return f"site kind {s.kind!r} has no dense (out, in) weight argument"
-    root = _weight_root(s.base.args[1])
+    root = s.base.args[1]
     prefix = block_prefix(gm)  # a block's get_attr targets are relative to the block; site weights are full
     local = s.weight[len(prefix) + 1:] if prefix and s.weight and s.weight.startswith(prefix + ".") else s.weight
     if root.op != "get_attr" or root.target != local:
@@ -245,6 +287,8 @@ def _weight_blocker(gm: GraphModule, c: _Chain) -> Optional[str]:
     lam = c.state.site_parameters(s.name)[f"{c.state.method.prefix}_lambda_b"]
     if w is None or w.dtype != lam.dtype:
         return "its weight is not a parameter of the adapter's dtype"
+    if w.requires_grad:
+        return f"its weight {s.weight!r} trains (requires_grad=True)"
     return None
 
 
@@ -257,25 +301,6 @@ def _tag(node: Node, c: _Chain, role: str, name: str, path: str) -> Node:
 def _erase_chain(gm: GraphModule, c: _Chain) -> None:
     for name in ("scale_b", "xAB", "scale_d"):
         gm.graph.erase_node(c.nodes[name])
-
-
-def _drop_unused(gm: GraphModule, nodes: list[Node], base: str) -> None:
-    """Erase adapter nodes among ``nodes`` (and their inputs) that nothing reads any more; a shared node that
-    is still read forgets ``base``."""
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        tag = n.meta.get(ADAPTER_KEY)
-        if n.graph is not gm.graph or not tag or n.op not in ("get_attr", "call_function"):
-            continue
-        if n.op == "call_function" and n.target not in (aten.slice.Tensor, aten.linear.default, aten._to_copy.default):
-            continue
-        if n.users:
-            if "bases" in tag:
-                tag["bases"] = [b for b in tag["bases"] if b != base]
-            continue
-        stack.extend(a for a in n.all_input_nodes)
-        gm.graph.erase_node(n)
 
 
 def _lower_lean(gm: GraphModule, c: _Chain, traced_when_compiled: bool = False) -> None:
@@ -302,42 +327,30 @@ def _lower_lean(gm: GraphModule, c: _Chain, traced_when_compiled: bool = False) 
             graph.erase_node(nd[name])
 
 
+def _hoist(graph: Any, node: Node, before: Node) -> None:
+    """Move ``node`` (and the inputs it needs) in front of ``before`` when it comes after it."""
+    order = {n: k for k, n in enumerate(graph.nodes)}
+    if order[node] < order[before]:
+        return
+    for arg in node.all_input_nodes:
+        _hoist(graph, arg, before)
+    before.prepend(node)
+
+
 def _lower_weight(gm: GraphModule, c: _Chain) -> None:
     graph, nd, base, add = gm.graph, c.nodes, c.site.base, c.add
-    h = c.h
-    lam_d, lam_b = nd["scale_d"].args[1], nd["scale_b"].args[1]
-    a, b = h.args[1], nd["xAB"].args[1]
-
-    def copy(n: Node, role: str, name: str) -> Node:  # a get_attr (+ slice) copied in front of the base call
-        if n.op == "get_attr":
-            with graph.inserting_before(base), warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # a block view's projections live in the root state
-                new = graph.get_attr(n.target)
-            return _tag(new, c, role, name, "weight")
-        src = copy(n.args[0], role, name)
-        with graph.inserting_before(base):
-            new = graph.call_function(n.target, (src, *n.args[1:]))
-        return _tag(new, c, role, f"{name}_slice", "weight")
-
-    def call(fn: Any, args: tuple, role: str, name: str) -> Node:
-        with graph.inserting_before(base):
-            new = graph.call_function(fn, args)
-        return _tag(new, c, role, name, "weight")
-
-    lb, ld = copy(lam_b, "lambda", "lambda_b"), copy(lam_d, "lambda", "lambda_d")
-    a2, b2 = copy(a, "projection", "A"), copy(b, "projection", "B")
-    bs = call(aten.mul.Tensor, (b2, call(aten.unsqueeze.default, (lb, -1), "adapter", "lambda_b_col")),
-              "adapter", "scaled_B")
-    ad = call(aten.mul.Tensor, (a2, call(aten.unsqueeze.default, (ld, -1), "adapter", "lambda_d_col")),
-              "adapter", "scaled_A")
-    dw = call(aten.mm.default, (bs, ad), "adapter", "delta_weight")
-    folded = call(aten.add.Tensor, (base.args[1], dw), "output", "add")
-    base.args = (base.args[0], folded, *base.args[2:])
-    y = add.args[0]
-    add.replace_all_uses_with(y)
+    h, lam_d = nd["scale_d"].args
+    b, lam_b = nd["xAB"].args[1], nd["scale_b"].args[1]
+    for n in (h, b, lam_d, lam_b):  # emitted after the base call (h after the group's first site): now its inputs
+        _hoist(graph, n, base)
+    with graph.inserting_before(base):
+        fold = graph.call_function(weight_fold, (base.args[1], h, h.args[1], b, lam_d, lam_b))
+    _tag(fold, c, "output", "add", "weight")
+    bias = base.args[2] if len(base.args) > 2 else base.kwargs.get("bias")
+    base.target, base.args, base.kwargs = weight_site, (base.args[0], fold, bias), {}
+    add.replace_all_uses_with(add.args[0])
     graph.erase_node(add)
     _erase_chain(gm, c)
-    _drop_unused(gm, [h, lam_d, lam_b, b, a], base.name)
 
 
 def lower_adapters(gm: GraphModule, setting: Optional[dict[str, Any]] = None, recompile: bool = True,
