@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Optional, Callable
 
 import torch
 
@@ -21,18 +21,23 @@ def median_time(fn: Callable[[], object], warmup: int = 2, repeat: int = 8) -> f
     return statistics.median(times)
 
 
-def saved_activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
+def saved_activation_bytes(fn: Callable[[], torch.Tensor], model: Optional[torch.nn.Module] = None) -> int:
     """Bytes of the distinct tensors autograd saves for backward while ``fn`` runs its forward.
 
     This is the training memory that grows with batch and sequence (weights excluded), counted exactly
-    rather than read from a noisy process RSS.
+    rather than read from a noisy process RSS. Weights are excluded also when saved as views (a linear's
+    backward keeps ``W.t()``): with ``model``, any tensor on the storage of one of its parameters or buffers.
     """
     seen: dict[int, int] = {}
+    weights = set()
+    if model is not None:
+        weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if not isinstance(t, torch.nn.Parameter) and not (t.requires_grad and t.is_leaf):
             st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
+            if st.data_ptr() not in weights:
+                seen[st.data_ptr()] = st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -3,7 +3,7 @@
 Shapes: today's Llama-like (hidden 512, 4 layers, batch 4 x 128, r=256) and a realistic one (hidden 2048,
 intermediate 5632, 2 layers, batch 2 x 512, r=256 and r=1024). For each: the median step time (forward +
 backward + AdamW), timed interleaved (one step of every row per round) so machine load hits all rows alike;
-the saved activations (bytes autograd keeps for backward) in total and minus the frozen base's (whose
+the saved activations (bytes autograd keeps for backward, weights and buffers excluded also when kept as views) in total and minus the frozen base's (whose
 gradient flows from layer 0's input norm, so at q/v it keeps some layer-0 tensors an adapted model does not:
 the difference can then go negative, and the totals are the robust comparison); and the
 arithmetic floor: counted multiply-adds of exact VeRA with shared projections (frozen base forward and input
@@ -233,7 +233,8 @@ def run_shape(name: str, methods: list[str], targets_shown: list[str], repeat: i
                 steps = {k: step_fn(m, inputs, params) for k, (m, params) in models.items()}
                 times = interleaved(steps, repeat) if repeat > 0 else {k: [float("nan")] for k in models}
                 # saved tensors of compiled rows too: a compiled graph keeps its partitioner's choice
-                mems = {k: saved_activation_bytes(lambda m=m: m(**inputs).loss) for k, (m, _) in models.items()}
+                mems = {k: saved_activation_bytes(lambda m=m: m(**inputs).loss, getattr(m, "_orig_mod", m))
+                        for k, (m, _) in models.items()}
                 plain = b_macs + adapter_macs(hidden, inter, layers, tokens, r, rows_a, targets, shared=True)
                 floor = plain + fold_saving(hidden, inter, layers, tokens, r, targets) * (method == "vera")
                 t_base = statistics.median(times["frozen base"])

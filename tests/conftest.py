@@ -11,7 +11,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*copy construct from a tensor.*")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two threads; under pytest-xdist the cores are shared out among the workers (no oversubscription), and the
+# subprocesses tests start inherit the same share.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+torch.set_num_threads(_THREADS)
 
 
 def tiny_llama(**kw):

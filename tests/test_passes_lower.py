@@ -18,8 +18,9 @@ from conftest import text_inputs, tiny_llama
 from vera_fx.methods.fold import weight_fold, weight_site
 from vera_fx.methods.lean import lean_site
 from vera_fx.sites import as_graph_module, graph_modules
-from vera_fx.passes.lower import (DEFAULT_TOKENS, LOWERING_KEY, GroupShape, LowerPass, choose_options,
-                                  group_options, lower_adapters, path_costs, plan_auto)
+from vera_fx.passes.lower import (CACHE_BYTES, DEFAULT_TOKENS, LOWERING_KEY, PASS_COST, PASS_COST_CACHED,
+                                  GroupShape, LowerPass, choose_options, group_options, lower_adapters, pass_cost,
+                                  path_costs, plan_auto)
 
 peft = pytest.importorskip("peft")
 
@@ -293,7 +294,15 @@ def test_lean_matches_peft(method):
 
 # --- the cost model and forced choices ------------------------------------------------------------------------
 
-def test_cost_model_counts():
+@pytest.fixture
+def products_only(monkeypatch):
+    """The cost model without its elementwise-pass term: multiply-adds alone decide (the reasoning below)."""
+    import vera_fx.passes.lower as lower
+    monkeypatch.setattr(lower, "PASS_COST", 0)
+    monkeypatch.setattr(lower, "PASS_COST_CACHED", 0)
+
+
+def test_cost_model_counts(products_only):
     for tokens in (10, 3):  # weight: folded with T >= in; below that the lean op with the base call inside
         g = GroupShape(tokens=tokens, in_features=4, rows=2, r=2, outs=(3, 5))
         c = path_costs(g)
@@ -316,7 +325,7 @@ def test_cost_model_counts():
     assert pvera == [(0, 0, ("activation",)), (10 * 2 * 3, 3 + 10, ("lean",))]
 
 
-def test_cost_model_decisions():
+def test_cost_model_decisions(products_only):
     h, inter = 2048, 5632
     block = ((h, (h, h, h)), (h, (h,)), (h, (inter, inter)), (inter, (h,)))  # q/k/v, o, gate/up, down
     for r in (16, 256, 1024):
@@ -356,6 +365,26 @@ def test_cost_model_decisions():
         path_costs(g)["peft"] - path_costs(g)["activation"] for g in shapes)
 
 
+def test_elementwise_passes_count():
+    """The activation path's passes over each tokens x out tensor are work the lean and weight paths skip:
+    64 multiply-add equivalents per value while a tensor fits in 4 MiB, 256 above."""
+    small, large = GroupShape(512, 2048, 256, 256, (2048,)), GroupShape(512, 2048, 256, 256, (5632,))
+    assert pass_cost(small, 2048) == PASS_COST_CACHED == 64 and pass_cost(large, 5632) == PASS_COST == 256
+    assert CACHE_BYTES == 512 * 2048 * 4  # exactly 4 MiB: still cached
+    assert group_options(small, False)[-1][0] == 512 * 256 * 2048 - 64 * 512 * 2048
+    assert group_options(large, False)[-1][0] == 0  # r = 256: its lean product costs what its passes do
+    # realistic Llama (hidden 2048, 5632, 1024 tokens): at r=256 every site's lean product is paid by the passes
+    # it skips; at r=1024 all but one up_proj fit the share pass's saving
+    h, inter = 2048, 5632
+    block = ((h, (h, h, h)), (h, (h,)), (h, (inter, inter)), (inter, (h,)))
+    plan = plan_auto([GroupShape(1024, i, 256, 256, outs) for i, outs in block], [True] * 4)
+    assert plan == [["weight"] * 3, ["weight"], ["weight"] * 2, ["weight"]]
+    plan = plan_auto([GroupShape(1024, i, 1024, 1024, outs) for i, outs in block], [True] * 4)
+    assert plan == [["weight"] * 3, ["weight"], ["weight", "activation"], ["weight"]]
+    # half precision values are half the bytes: 8192 tokens x 256 in bfloat16 stay cached
+    assert pass_cost(GroupShape(8192, 64, 8, 8, (256,), value_bytes=2), 256) == PASS_COST_CACHED
+
+
 def test_choose_options_is_exact():
     # subset sum: 5 + 4 + 3 fill 12 where largest-first takes 5 + 5 and stops at 10
     groups = [[(0, 0), (5, 5)], [(0, 0), (5, 5)], [(0, 0), (4, 4)], [(0, 0), (3, 3)]]
@@ -386,7 +415,7 @@ def _site_paths(gm) -> set[tuple[str, str]]:
             if (n.meta.get("vera_fx") or {}).get("role") == "output"}
 
 
-def test_auto_follows_tokens_and_site_overrides():
+def test_auto_follows_tokens_and_site_overrides(products_only):
     net, x = _net(), _x()
     # widths of 16-24 against r=8. With one token per step nothing folds (the weight call is the lean op): x
     # feeds q/k/v, so the share pass saves two x-A products (2 * 2 * T * 16 * 8 = 512 T); the extras are
@@ -445,7 +474,7 @@ def test_transform_refuses_bad_lowering_before_capture():
         vera_fx.transform(_net(), _config("vera"), example_inputs=(_x(),), lowering="plain")
 
 
-def test_lower_pass_is_a_no_op_on_a_lowered_graph():
+def test_lower_pass_is_a_no_op_on_a_lowered_graph(products_only):
     net, x = _net(), _x()
     gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering="lean").graph_module
     code = gm.code

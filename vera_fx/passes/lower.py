@@ -62,7 +62,8 @@ from ..sites import ADAPTER_KEY, SITE_KEY, Site, as_graph_module, block_prefix, 
 
 __all__ = ["LowerPass", "lower_adapters", "path_costs", "group_options", "choose_options", "plan_auto",
            "lowering_setting",
-           "check_lowering", "LOWERING_KEY", "PATHS", "MODES", "DEFAULT_TOKENS", "GroupShape"]
+           "check_lowering", "LOWERING_KEY", "PATHS", "MODES", "DEFAULT_TOKENS", "GroupShape", "pass_cost",
+           "PASS_COST", "PASS_COST_CACHED", "CACHE_BYTES"]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -87,6 +88,23 @@ class GroupShape:
     rows: int
     r: int
     outs: tuple[int, ...]
+    value_bytes: int = 4
+
+
+# Elementwise passes: per tokens x out value the activation path reads and writes it a few times (lambda_b's
+# scale and its gradient, the add, lambda_b's gradient product) where the lean op and the folding call only run
+# products. Counted as multiply-add equivalents per value, measured on a 2-core EPYC (L2 1 MiB per core, L3 32
+# MiB; benchmarks/train_step.py and per-site timings): about 100-200 for a tensor that stays in cache, 250-600
+# for one that does not. GPUs pay relatively more for a pass. The model takes the low ends.
+PASS_COST_CACHED = 64
+PASS_COST = 256
+CACHE_BYTES = 4 << 20
+
+
+def pass_cost(g: GroupShape, out: int) -> int:
+    """Multiply-add equivalents the activation path spends per value of a site's tokens x out tensor beyond
+    its products (see ``PASS_COST``)."""
+    return PASS_COST_CACHED if g.tokens * out * g.value_bytes <= CACHE_BYTES else PASS_COST
 
 
 def path_costs(g: GroupShape) -> dict[str, int]:
@@ -102,14 +120,16 @@ def path_costs(g: GroupShape) -> dict[str, int]:
 
 
 def group_options(g: GroupShape, weight_allowed: bool, max_sites: int = 8) -> list[tuple[int, int, tuple[str, ...]]]:
-    """``auto``'s candidate plans for one group: ``(extra multiply-adds over the activation path, values per
-    token not kept for backward, path per site)``, the Pareto-best ones (more kept off only for more work),
-    cheapest first. A site either stays on the activation path or moves to the weight path (where allowed) or
-    the lean one; a group wholly on the weight path with ``T >= in`` also skips ``d h @ A``."""
+    """``auto``'s candidate plans for one group: ``(extra work over the activation path, values per token not
+    kept for backward, path per site)``, the Pareto-best ones (more kept off only for more work), cheapest
+    first. A site either stays on the activation path or moves to the weight path (where allowed) or the lean
+    one; a group wholly on the weight path with ``T >= in`` also skips ``d h @ A``. Work is multiply-adds less
+    the elementwise passes the activation path runs and the others do not (``pass_cost``)."""
     t, i, rows, r = g.tokens, g.in_features, g.rows, g.r
     low = "weight" if weight_allowed else "lean"
     folds = low == "weight" and t >= i
-    extras = [2 * o * r * i + t * o * r - 2 * t * r * o if folds else t * r * o for o in g.outs]
+    extras = [(2 * o * r * i + t * o * r - 2 * t * r * o if folds else t * r * o) - pass_cost(g, o) * t * o
+              for o in g.outs]
     latent = 5 * r if rows > r else 0  # PVeRA's lean op keeps none of its latent, noise and KL values
     values = [o + latent for o in g.outs]
     n = len(g.outs)
@@ -379,8 +399,9 @@ def lower_adapters(gm: GraphModule, setting: Optional[dict[str, Any]] = None, re
         blockers = [b for b in (_weight_blocker(gm, c) for c in members) if b is not None]
         if want == "auto":
             st = members[0].state
+            lam = st.site_parameters(members[0].site.name)[f"{st.method.prefix}_lambda_b"]
             shape = GroupShape(tokens, members[0].site.in_features, st.method.latent_rows(st.config), st.config.r,
-                               tuple(c.site.out_features for c in members))
+                               tuple(c.site.out_features for c in members), lam.element_size())
             auto.append((members, shape, not blockers))
             continue
         if want == "weight" and blockers:
