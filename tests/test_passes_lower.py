@@ -367,11 +367,14 @@ def test_cost_model_decisions(products_only):
 
 def test_elementwise_passes_count():
     """The activation path's passes over each tokens x out tensor are work the lean and weight paths skip:
-    64 multiply-add equivalents per value while a tensor fits in 4 MiB, 256 above."""
+    256 multiply-add equivalents per value beyond 4 MiB; within it 64 for the folding call, none for the lean
+    op (measured: its call costs what the passes do)."""
     small, large = GroupShape(512, 2048, 256, 256, (2048,)), GroupShape(512, 2048, 256, 256, (5632,))
-    assert pass_cost(small, 2048) == PASS_COST_CACHED == 64 and pass_cost(large, 5632) == PASS_COST == 256
+    assert pass_cost(small, 2048) == PASS_COST_CACHED == 64 and pass_cost(small, 2048, "lean") == 0
+    assert pass_cost(large, 5632) == pass_cost(large, 5632, "lean") == PASS_COST == 256
     assert CACHE_BYTES == 512 * 2048 * 4  # exactly 4 MiB: still cached
-    assert group_options(small, False)[-1][0] == 512 * 256 * 2048 - 64 * 512 * 2048
+    assert group_options(small, True)[-1][0] == 512 * 256 * 2048 - 64 * 512 * 2048  # T < in: not folded
+    assert group_options(small, False)[-1][0] == 512 * 256 * 2048
     assert group_options(large, False)[-1][0] == 0  # r = 256: its lean product costs what its passes do
     # realistic Llama (hidden 2048, 5632, 1024 tokens): at r=256 every site's lean product is paid by the passes
     # it skips; at r=1024 all but one up_proj fit the share pass's saving

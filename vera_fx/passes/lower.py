@@ -15,8 +15,7 @@ they share ``h = x @ A.T``. Each group gets one of three paths:
   (decoding) it is the lean op with the base call inside. It keeps only ``h``, like the lean path (VeRA without
   dropout on dense ``linear`` sites whose weight is frozen: the fold is exact there).
 
-The cost model (``path_costs``) counts multiply-adds of one training step (forward + backward, elementwise
-work ignored) for ``T`` tokens, a group's ``in`` and its sites' ``out``, with ``rows`` rows of A (r; 2r for
+The cost model (``path_costs``) counts multiply-adds of one training step (forward + backward) for ``T`` tokens, a group's ``in`` and its sites' ``out``, with ``rows`` rows of A (r; 2r for
 PVeRA) and rank ``r``:
 
 - peft (PEFT's modules, the reference): ``sum (2 T in rows + 2 T r out)``: x·Aᵀ per site;
@@ -26,14 +25,19 @@ PVeRA) and rank ``r``:
 - weight, ``T >= in``: ``T in rows + sum (2 out r in + T out r)`` (x·Aᵀ, the two folds, ``gᵀ h``); the input
   gradient goes through ``W'`` at the base's own cost. With ``T < in`` it costs what lean does.
 
-``auto`` keeps a graph's step within PEFT's arithmetic and spends what is left on memory: what the
-activation path saves against PEFT (the share pass's x·Aᵀ) is the graph's *budget*, and ``choose_options``
-picks per group one of its Pareto-best plans (``group_options``: which sites leave the activation path, to the
-weight path where allowed, else lean) that keep the most values per token off the saved tensors (out per
-site for VeRA, out + 5 r for PVeRA) with the extra work within the budget: a multiple-choice knapsack, solved
-exactly. On today's Llama-like shape (hidden 512, 512 tokens) that is o_proj, q/k/v and gate (weight) and
-down_proj (lean, ``T < in`` there) at VeRA all-linear; ``lowering="lean"`` makes every site lean (the fewest
-saved values, a few percent more arithmetic than PEFT at all-linear). ``T`` (``DEFAULT_TOKENS``, 1024, unless
+Besides the products, the activation path makes a few elementwise passes over each site's tokens x out
+tensor (lambda_b's scale and its gradient, the add, lambda_b's gradient product) that the lean and weight
+paths do not: ``pass_cost`` prices them in multiply-add equivalents per value (256 beyond 4 MiB; within it 64
+for the folding call and none for the lean op, whose call costs about what the passes do; measured 100-600 on
+the 2-core machine, and a GPU pays relatively more).
+
+``auto`` keeps a graph's step within PEFT's work and spends what is left on memory: what the activation path
+saves against PEFT (the share pass's x·Aᵀ) is the graph's *budget*, and ``choose_options`` picks per group one
+of its Pareto-best plans (``group_options``: which sites leave the activation path, to the weight path where
+allowed, else lean) that keep the most values per token off the saved tensors (out per site for VeRA, out + 5
+r for PVeRA) with the extra work, less the passes skipped, within the budget: a multiple-choice knapsack,
+solved exactly. On a Llama-like block at r=256 that lowers every site (hidden 512 with 512 tokens, hidden
+2048 with 1024); at r=1024 and hidden 2048 all but one up_proj. ``lowering="lean"`` makes every site lean. ``T`` (``DEFAULT_TOKENS``, 1024, unless
 the setting names it) moves the plan; the weight call decides fold or not from the tokens it sees. A block
 graph decides on its own sites, so blocks with one structure keep one code.
 
@@ -93,18 +97,21 @@ class GroupShape:
 
 # Elementwise passes: per tokens x out value the activation path reads and writes it a few times (lambda_b's
 # scale and its gradient, the add, lambda_b's gradient product) where the lean op and the folding call only run
-# products. Counted as multiply-add equivalents per value, measured on a 2-core EPYC (L2 1 MiB per core, L3 32
-# MiB; benchmarks/train_step.py and per-site timings): about 100-200 for a tensor that stays in cache, 250-600
-# for one that does not. GPUs pay relatively more for a pass. The model takes the low ends.
+# products. Counted as multiply-add equivalents per value a path saves against the activation path, measured
+# on a 2-core EPYC (L2 1 MiB per core, L3 32 MiB; benchmarks/train_step.py and per-site timings): 250-600 for
+# a tensor beyond the cache; for one within it about 150 for the folding call and none for the lean op (its
+# custom-op call costs what the passes do). GPUs pay relatively more for a pass. The model takes the low ends.
 PASS_COST_CACHED = 64
 PASS_COST = 256
 CACHE_BYTES = 4 << 20
 
 
-def pass_cost(g: GroupShape, out: int) -> int:
-    """Multiply-add equivalents the activation path spends per value of a site's tokens x out tensor beyond
-    its products (see ``PASS_COST``)."""
-    return PASS_COST_CACHED if g.tokens * out * g.value_bytes <= CACHE_BYTES else PASS_COST
+def pass_cost(g: GroupShape, out: int, path: str = "weight") -> int:
+    """Multiply-add equivalents ``path`` (``"lean"`` or ``"weight"``) saves per value of a site's tokens x out
+    tensor against the activation path's elementwise passes (see ``PASS_COST``)."""
+    if g.tokens * out * g.value_bytes > CACHE_BYTES:
+        return PASS_COST
+    return PASS_COST_CACHED if path == "weight" else 0
 
 
 def path_costs(g: GroupShape) -> dict[str, int]:
@@ -128,7 +135,7 @@ def group_options(g: GroupShape, weight_allowed: bool, max_sites: int = 8) -> li
     t, i, rows, r = g.tokens, g.in_features, g.rows, g.r
     low = "weight" if weight_allowed else "lean"
     folds = low == "weight" and t >= i
-    extras = [(2 * o * r * i + t * o * r - 2 * t * r * o if folds else t * r * o) - pass_cost(g, o) * t * o
+    extras = [(2 * o * r * i + t * o * r - 2 * t * r * o if folds else t * r * o) - pass_cost(g, o, low) * t * o
               for o in g.outs]
     latent = 5 * r if rows > r else 0  # PVeRA's lean op keeps none of its latent, noise and KL values
     values = [o + latent for o in g.outs]
