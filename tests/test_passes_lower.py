@@ -17,7 +17,7 @@ import vera_fx
 from conftest import text_inputs, tiny_llama
 from vera_fx.methods.fold import weight_fold, weight_site
 from vera_fx.methods.lean import lean_site
-from vera_fx.sites import as_graph_module, graph_modules
+from vera_fx.sites import as_graph_module, graph_modules, read_sites
 from vera_fx.passes.lower import (CACHE_BYTES, DEFAULT_TOKENS, LOWERING_KEY, PASS_COST, PASS_COST_CACHED,
                                   GroupShape, LowerPass, choose_options, group_options, lower_adapters, pass_cost,
                                   path_costs, plan_auto)
@@ -252,9 +252,12 @@ def test_quantized_site_lean_matches_activation():
 
 # --- parity with peft ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["vera", "pvera"])
-def test_lean_matches_peft(method):
-    """The lean path against peft on a tiny Llama: outputs and lambda gradients (eval mode: no sampling)."""
+@pytest.mark.parametrize("method,lowering,length", [("vera", "lean", 6), ("pvera", "lean", 6),
+                                                    ("vera", "weight", 24)],
+                         ids=["vera-lean", "pvera-lean", "vera-folded"])
+def test_lowered_paths_match_peft(method, lowering, length):
+    """The lean path, and the weight path with every call folded (48 tokens >= in 32 / 48), against peft on a
+    tiny Llama: outputs and lambda gradients (eval mode: no sampling)."""
     model = tiny_llama()
     kw = dict(r=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
     cfg = (peft.VeraConfig if method == "vera" else peft.PveraConfig)(**kw)
@@ -266,12 +269,14 @@ def test_lean_matches_peft(method):
             if "lambda" in name:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
     ours = (vera_fx.VeraConfig if method == "vera" else vera_fx.PveraConfig)(**kw)
-    gm = vera_fx.transform(model, ours, lowering="lean")
-    assert _paths(gm) == {"lean": 8}
+    gm = vera_fx.transform(model, ours, lowering=lowering)
+    assert _paths(gm) == {lowering: 8}
     vera_fx.load_adapter_state_dict(gm, peft.get_peft_model_state_dict(pm))
     gm.eval()
     pm.eval()
-    inputs = text_inputs(model, batch=2, length=6)
+    inputs = text_inputs(model, batch=2, length=length)
+    if lowering == "weight":  # every call folds: its tokens reach its in_features
+        assert all(2 * length >= site.in_features for site in read_sites(as_graph_module(gm)))
     results = []
     for m in (gm, pm):
         m.zero_grad(set_to_none=True)
