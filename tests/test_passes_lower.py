@@ -138,6 +138,40 @@ def test_weight_path_matches_activation_path(shape):
     _assert_same(_step(gm, x), runs["activation"])
 
 
+@pytest.mark.parametrize("length", [6, 64], ids=["lean-calls", "folded-calls"])
+def test_weight_path_folds_gpt2_conv1d(length):
+    """GPT-2's Conv1D sites (addmm(bias, view(x), W), W stored (in, out)) fold too: 12 tokens (lean form
+    against in 32 / 128) and 128 (every call folds); outputs and lambda gradients equal the plain path's, and
+    switching back gives each call its addmm."""
+    from conftest import tiny_gpt2
+    model = tiny_gpt2()
+    inputs = text_inputs(model, batch=2, length=length)
+    runs = {}
+    for lowering in ("activation", "weight"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # fan_in_fan_out is set for Conv1D
+            gm = vera_fx.transform(model, _config("vera", target_modules=["c_attn", "c_proj", "c_fc"]),
+                                   lowering=lowering).eval()  # eval: GPT-2's own dropout off; gradients still flow
+        _randomize(gm)
+        gm.zero_grad(set_to_none=True)
+        out = gm(**inputs)
+        out.loss.backward()
+        runs[lowering] = out.logits.detach(), {n: p.grad for n, p in gm.named_parameters() if p.requires_grad}
+        with torch.autocast("cpu", torch.bfloat16):  # the plain chain's ops there (h keeps x's 3-D shape)
+            runs[lowering + " autocast"] = gm(**inputs).logits.detach().float()
+    assert _paths(gm) == {"weight": 8}
+    got, want = runs["weight autocast"], runs["activation autocast"]
+    assert (got - want).norm() <= 1e-2 * want.norm()
+    torch.testing.assert_close(runs["weight"][0], runs["activation"][0], atol=1e-5, rtol=1e-5)
+    assert runs["weight"][1].keys() == runs["activation"][1].keys()
+    for n, g in runs["activation"][1].items():
+        torch.testing.assert_close(runs["weight"][1][n], g, atol=1e-5, rtol=1e-5, msg=n)
+    vera_fx.set_lowering(gm, "activation")
+    calls = [n for g in graph_modules(as_graph_module(gm)) for n in g.graph.nodes
+             if (n.meta.get("vera_fx_site") or {}).get("kind") == "conv1d"]
+    assert len(calls) == 8 and all(n.target is torch.ops.aten.addmm.default for n in calls)  # 2 layers x 4
+
+
 @pytest.mark.parametrize("tokens", [5, 12], ids=["lean-call", "folded-call"])
 def test_weight_call_gradients_are_exact(tokens):
     """The weight call's hand-written backward against finite differences (float64), in both forms, with a

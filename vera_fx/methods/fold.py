@@ -23,7 +23,8 @@ too (``x`` is then kept, as the plain linear keeps it).
 In the graph a weight-path site is ``fold = weight_fold(W, h, A, B, lambda_d, lambda_b)`` (the adapter's output
 node: it only bundles its inputs) and ``y = weight_site(x, fold, bias)``; with the fold node replaced by ``W``
 (removing the adapter) ``weight_site`` is the plain linear, and ``restore_linear`` gives the node its
-``aten.linear`` back.
+``aten.linear`` back. A GPT-2 Conv1D site (``addmm(bias, view(x), W)``, W stored (in, out)) is the same call on
+``W.T``: ``weight_site_t(bias, view(x), fold)``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.fx import Node
 
-__all__ = ["weight_fold", "weight_site", "restore_linear"]
+__all__ = ["weight_fold", "weight_site", "weight_site_t", "restore_linear"]
 
 Fold = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
@@ -63,8 +64,9 @@ class _FoldedLinear(torch.autograd.Function):
         ctx.cast, ctx.x_shape, ctx.x_dtype, ctx.has_bias = cast, x.shape, x.dtype, bias is not None
         keep_x = w.requires_grad or (bias is not None and bias.requires_grad)
         ctx.save_for_backward(h, w, a, b, lambda_d, lambda_b, x if keep_x else None)
-        if cast is not None:  # the plain chain's own ops, so autocast casts them alike
-            return torch.nn.functional.linear(x, w, bias) + torch.nn.functional.linear(h * lambda_d, b) * lambda_b
+        if cast is not None:  # the plain chain's own ops, so autocast casts them alike (h has the site input's
+            y = torch.nn.functional.linear(x, w, bias)  # shape, x a Conv1D's flattened view of it)
+            return y + (torch.nn.functional.linear(h * lambda_d, b) * lambda_b).reshape(y.shape)
         m = _scaled_b(b, lambda_d, lambda_b)
         if ctx.fold:
             return torch.nn.functional.linear(x, torch.addmm(w, m, a), bias)
@@ -117,14 +119,27 @@ def weight_site(x: Tensor, fold: Union[Fold, Tensor], bias: Optional[Tensor] = N
     return _FoldedLinear.apply(x, w, bias, h, a, b, lambda_d, lambda_b)
 
 
+def weight_site_t(bias: Tensor, x: Tensor, fold: Union[Fold, Tensor]) -> Tensor:
+    """``weight_site`` for a weight stored (in, out) (GPT-2's Conv1D: ``addmm(bias, x, W)``, ``x`` flattened to
+    2-D; ``h`` keeps the site input's shape)."""
+    if isinstance(fold, Tensor):
+        return torch.addmm(bias, x, fold)
+    w, h, a, b, lambda_d, lambda_b = fold
+    return _FoldedLinear.apply(x, w.T, bias, h, a, b, lambda_d, lambda_b)
+
+
 def restore_linear(node: Node) -> bool:
-    """Give a ``weight_site`` node whose fold was replaced by its weight its ``aten.linear`` back; returns whether
-    it did."""
-    if node.op != "call_function" or node.target is not weight_site:
+    """Give a ``weight_site`` / ``weight_site_t`` node whose fold was replaced by its weight its ``aten.linear``
+    / ``aten.addmm`` back; returns whether it did."""
+    if node.op != "call_function" or node.target not in (weight_site, weight_site_t):
         return False
-    fold = node.args[1]
+    transposed = node.target is weight_site_t
+    fold = node.args[2] if transposed else node.args[1]
     if isinstance(fold, Node) and fold.target is weight_fold:
         return False
+    if transposed:
+        node.target, node.args = torch.ops.aten.addmm.default, (node.args[0], node.args[1], fold)
+        return True
     bias = node.args[2] if len(node.args) > 2 else None
     node.target = torch.ops.aten.linear.default
     node.args = (node.args[0], fold) if bias is None else (node.args[0], fold, bias)

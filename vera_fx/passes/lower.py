@@ -13,7 +13,7 @@ they share ``h = x @ A.T``. Each group gets one of three paths:
   folds ``W' = W + (lambda_b * B * lambda_d) @ A`` for the call and its backward, so the base's products carry
   the adapter (``d h @ A`` skipped too) and the lambdas' gradients cost one ``gᵀ h`` product; with fewer tokens
   (decoding) it is the lean op with the base call inside. It keeps only ``h``, like the lean path (VeRA without
-  dropout on dense ``linear`` sites whose weight is frozen: the fold is exact there).
+  dropout on dense ``linear`` and GPT-2 ``Conv1D`` sites whose weight is frozen: the fold is exact there).
 
 The cost model (``path_costs``) counts multiply-adds of one training step (forward + backward) for ``T`` tokens, a group's ``in`` and its sites' ``out``, with ``rows`` rows of A (r; 2r for
 PVeRA) and rank ``r``:
@@ -60,7 +60,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..methods import CONTAINER
-from ..methods.fold import weight_fold, weight_site
+from ..methods.fold import weight_fold, weight_site, weight_site_t
 from ..methods.lean import lean_site, pvera_lean_noise
 from ..sites import ADAPTER_KEY, SITE_KEY, Site, as_graph_module, block_prefix, graph_modules, read_graph_sites
 
@@ -293,12 +293,15 @@ def _weight_blocker(gm: GraphModule, c: _Chain) -> Optional[str]:
         return "the adapter samples its latent (PVeRA), which no fixed weight reproduces"
     if cfg.dropout > 0.0:
         return f"dropout={cfg.dropout} acts on the adapter's input only"
-    if s.base.target is weight_site:
-        first = (s.base.args[1].meta.get(ADAPTER_KEY) or {}).get("adapter")
+    if s.base.target in (weight_site, weight_site_t):
+        fold = s.base.args[2] if s.base.target is weight_site_t else s.base.args[1]
+        first = (fold.meta.get(ADAPTER_KEY) or {}).get("adapter")
         return f"its call folds adapter {first!r} already (one adapter folds per call)"
-    if s.kind != "linear" or s.base.target is not aten.linear.default or len(s.base.args) < 2:
-        return f"site kind {s.kind!r} has no dense (out, in) weight argument"
-    root = s.base.args[1]
+    dense = s.kind == "linear" and s.base.target is aten.linear.default and len(s.base.args) >= 2
+    conv1d = s.kind == "conv1d" and s.base.target is aten.addmm.default and len(s.base.args) == 3
+    if not (dense or conv1d):
+        return f"site kind {s.kind!r} has no dense weight argument"
+    root = s.base.args[2] if conv1d else s.base.args[1]
     prefix = block_prefix(gm)  # a block's get_attr targets are relative to the block; site weights are full
     local = s.weight[len(prefix) + 1:] if prefix and s.weight and s.weight.startswith(prefix + ".") else s.weight
     if root.op != "get_attr" or root.target != local:
@@ -370,11 +373,16 @@ def _lower_weight(gm: GraphModule, c: _Chain) -> None:
     b, lam_b = nd["xAB"].args[1], nd["scale_b"].args[1]
     for n in (h, b, lam_d, lam_b):  # emitted after the base call (h after the group's first site): now its inputs
         _hoist(graph, n, base)
+    conv1d = c.site.kind == "conv1d"  # addmm(bias, view(x), W) with W stored (in, out)
     with graph.inserting_before(base):
-        fold = graph.call_function(weight_fold, (base.args[1], h, h.args[1], b, lam_d, lam_b))
+        fold = graph.call_function(weight_fold, (base.args[2] if conv1d else base.args[1], h, h.args[1], b, lam_d,
+                                                 lam_b))
     _tag(fold, c, "output", "add", "weight")
-    bias = base.args[2] if len(base.args) > 2 else base.kwargs.get("bias")
-    base.target, base.args, base.kwargs = weight_site, (base.args[0], fold, bias), {}
+    if conv1d:
+        base.target, base.args, base.kwargs = weight_site_t, (base.args[0], base.args[1], fold), {}
+    else:
+        bias = base.args[2] if len(base.args) > 2 else base.kwargs.get("bias")
+        base.target, base.args, base.kwargs = weight_site, (base.args[0], fold, bias), {}
     add.replace_all_uses_with(add.args[0])
     graph.erase_node(add)
     _erase_chain(gm, c)
