@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Optional, Callable
+from typing import Callable, Optional
 
 import torch
 

@@ -3,10 +3,10 @@
 Shapes: today's Llama-like (hidden 512, 4 layers, batch 4 x 128, r=256) and a realistic one (hidden 2048,
 intermediate 5632, 2 layers, batch 2 x 512, r=256 and r=1024). For each: the median step time (forward +
 backward + AdamW), timed interleaved (one step of every row per round) so machine load hits all rows alike;
-the saved activations (bytes autograd keeps for backward, weights and buffers excluded also when kept as views) in total and minus the frozen base's (whose
-gradient flows from layer 0's input norm, so at q/v it keeps some layer-0 tensors an adapted model does not:
-the difference can then go negative, and the totals are the robust comparison); and the
-arithmetic floor: counted multiply-adds of exact VeRA with shared projections (frozen base forward and input
+the saved activations (bytes autograd keeps for backward, weights and buffers excluded also when kept as
+views) in total and minus the frozen base's (whose gradient flows from layer 0's input norm, so at q/v it
+keeps some layer-0 tensors an adapted model does not: the difference can then go negative, and the totals
+are the robust comparison); and the arithmetic floor: counted multiply-adds of exact VeRA with shared projections (frozen base forward and input
 gradient, ``x·Aᵀ`` and its input gradient once per shared input, ``z·Bᵀ`` and its gradient per site), shown as
 "floor ms" = the frozen base's measured time scaled by floor / base multiply-adds.
 
@@ -40,7 +40,7 @@ from _common import print_table, saved_activation_bytes  # noqa: E402
 
 import vera_fx  # noqa: E402
 from vera_fx.sites import graph_modules, read_graph_sites  # noqa: E402
-from vera_fx.passes.lower import GroupShape, path_costs  # noqa: E402
+from vera_fx.passes.lower import GroupShape, extra_products, path_costs  # noqa: E402
 
 # name: (hidden, intermediate, layers, batch, seq, ranks)
 SHAPES = {
@@ -184,7 +184,7 @@ def path_extra(model, tokens: int, r: int) -> int:
             s = sites[tag["base"]]
             folds = tag["path"] == "weight" and tokens >= s.in_features
             o, i = s.out_features, s.in_features
-            total += 2 * o * r * i + tokens * o * r - 2 * tokens * r * o if folds else tokens * r * o
+            total += extra_products(GroupShape(tokens, i, r, r, (o,)), o, tag["path"])
             h = n.args[1] if tag["path"] == "weight" else None
             if folds and h is not None and n is next(iter(h.users)) and all(
                     (u.meta.get("vera_fx") or {}).get("path") == "weight" for u in h.users):

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.fx import Node
 
-__all__ = ["weight_fold", "weight_site", "weight_site_t", "restore_linear"]
+__all__ = ["weight_fold", "weight_site", "weight_site_t", "fold_argument", "restore_linear"]
 
 Fold = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
@@ -128,16 +128,21 @@ def weight_site_t(bias: Tensor, x: Tensor, fold: Union[Fold, Tensor]) -> Tensor:
     return _FoldedLinear.apply(x, w.T, bias, h, a, b, lambda_d, lambda_b)
 
 
+def fold_argument(node: Node) -> Optional[object]:
+    """The fold (or, once its adapter is removed, the weight) a ``weight_site`` / ``weight_site_t`` call reads;
+    None for any other node."""
+    if node.op != "call_function" or node.target not in (weight_site, weight_site_t):
+        return None
+    return node.args[2] if node.target is weight_site_t else node.args[1]
+
+
 def restore_linear(node: Node) -> bool:
     """Give a ``weight_site`` / ``weight_site_t`` node whose fold was replaced by its weight its ``aten.linear``
     / ``aten.addmm`` back; returns whether it did."""
-    if node.op != "call_function" or node.target not in (weight_site, weight_site_t):
+    fold = fold_argument(node)
+    if fold is None or (isinstance(fold, Node) and fold.target is weight_fold):
         return False
-    transposed = node.target is weight_site_t
-    fold = node.args[2] if transposed else node.args[1]
-    if isinstance(fold, Node) and fold.target is weight_fold:
-        return False
-    if transposed:
+    if node.target is weight_site_t:
         node.target, node.args = torch.ops.aten.addmm.default, (node.args[0], node.args[1], fold)
         return True
     bias = node.args[2] if len(node.args) > 2 else None

@@ -15,8 +15,9 @@ they share ``h = x @ A.T``. Each group gets one of three paths:
   (decoding) it is the lean op with the base call inside. It keeps only ``h``, like the lean path (VeRA without
   dropout on dense ``linear`` and GPT-2 ``Conv1D`` sites whose weight is frozen: the fold is exact there).
 
-The cost model (``path_costs``) counts multiply-adds of one training step (forward + backward) for ``T`` tokens, a group's ``in`` and its sites' ``out``, with ``rows`` rows of A (r; 2r for
-PVeRA) and rank ``r``:
+The cost model (``path_costs``, ``extra_products``) counts multiply-adds of one training step (forward +
+backward) for ``T`` tokens, a group's ``in`` and its sites' ``out``, with ``rows`` rows of A (r; 2r for PVeRA)
+and rank ``r``:
 
 - peft (PEFT's modules, the reference): ``sum (2 T in rows + 2 T r out)``: x·Aᵀ per site;
 - activation: ``2 T in rows`` (x·Aᵀ and its input gradient, once per group) ``+ sum 2 T r out`` (z·Bᵀ and its
@@ -37,9 +38,10 @@ of its Pareto-best plans (``group_options``: which sites leave the activation pa
 allowed, else lean) that keep the most values per token off the saved tensors (out per site for VeRA, out + 5
 r for PVeRA) with the extra work, less the passes skipped, within the budget: a multiple-choice knapsack,
 solved exactly. On a Llama-like block at r=256 that lowers every site (hidden 512 with 512 tokens, hidden
-2048 with 1024); at r=1024 and hidden 2048 all but one up_proj. ``lowering="lean"`` makes every site lean. ``T`` (``DEFAULT_TOKENS``, 1024, unless
-the setting names it) moves the plan; the weight call decides fold or not from the tokens it sees. A block
-graph decides on its own sites, so blocks with one structure keep one code.
+2048 with 1024); at r=1024 and hidden 2048 all but one up_proj. ``lowering="lean"`` makes every site lean.
+``T`` (``DEFAULT_TOKENS``, 1024, unless the setting names it) moves the plan; the weight call decides fold or
+not from the tokens it sees. A block graph decides on its own sites, so blocks with one structure keep one
+code.
 
 The setting lives in ``gm.meta["vera_fx_lowering"]`` (``transform(..., lowering=...)``,
 ``vera_fx.set_lowering``), never in the adapter's config, so adapter_config.json stays PEFT's. Lowered nodes
@@ -60,14 +62,13 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..methods import CONTAINER
-from ..methods.fold import weight_fold, weight_site, weight_site_t
+from ..methods.fold import fold_argument, weight_fold, weight_site, weight_site_t
 from ..methods.lean import lean_site, pvera_lean_noise
 from ..sites import ADAPTER_KEY, SITE_KEY, Site, as_graph_module, block_prefix, graph_modules, read_graph_sites
 
-__all__ = ["LowerPass", "lower_adapters", "path_costs", "group_options", "choose_options", "plan_auto",
-           "lowering_setting",
-           "check_lowering", "LOWERING_KEY", "PATHS", "MODES", "DEFAULT_TOKENS", "GroupShape", "pass_cost",
-           "PASS_COST", "PASS_COST_CACHED", "CACHE_BYTES"]
+__all__ = ["LowerPass", "lower_adapters", "path_costs", "extra_products", "group_options", "choose_options",
+           "plan_auto", "lowering_setting", "check_lowering", "LOWERING_KEY", "PATHS", "MODES", "DEFAULT_TOKENS",
+           "GroupShape", "pass_cost", "PASS_COST", "PASS_COST_CACHED", "CACHE_BYTES"]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -114,14 +115,25 @@ def pass_cost(g: GroupShape, out: int, path: str = "weight") -> int:
     return PASS_COST_CACHED if path == "weight" else 0
 
 
+def extra_products(g: GroupShape, out: int, path: str) -> int:
+    """Multiply-adds one site (``out`` wide) of ``g`` adds when it leaves the activation path for ``path``
+    (negative where it saves some): the lean op's ``gᵀ z``; a folding call's two out x r x in folds and ``gᵀ h``
+    instead of ``z·Bᵀ`` and its gradient (with ``T < in`` it is the lean op). A group whose every site folds
+    also skips ``d h @ A`` (``T in rows``, not counted here)."""
+    t, i, r = g.tokens, g.in_features, g.r
+    if path == "weight" and t >= i:
+        return 2 * out * r * i + t * out * r - 2 * t * r * out
+    return t * r * out
+
+
 def path_costs(g: GroupShape) -> dict[str, int]:
     """Multiply-adds of one training step (forward + backward) of the group's adapter work, per path (every site
     of the group on it), and PEFT's for the same sites (``"peft"``)."""
     t, i, rows, r = g.tokens, g.in_features, g.rows, g.r
     b_side = sum(2 * t * r * o for o in g.outs)
     activation = 2 * t * i * rows + b_side
-    lean = activation + sum(t * r * o for o in g.outs)
-    weight = t * i * rows + sum(2 * o * r * i + t * o * r for o in g.outs) if t >= i else lean
+    lean = activation + sum(extra_products(g, o, "lean") for o in g.outs)
+    weight = activation + sum(extra_products(g, o, "weight") for o in g.outs) - (t * i * rows if t >= i else 0)
     peft = len(g.outs) * 2 * t * i * rows + b_side
     return {"activation": activation, "lean": lean, "weight": weight, "peft": peft}
 
@@ -135,8 +147,7 @@ def group_options(g: GroupShape, weight_allowed: bool, max_sites: int = 8) -> li
     t, i, rows, r = g.tokens, g.in_features, g.rows, g.r
     low = "weight" if weight_allowed else "lean"
     folds = low == "weight" and t >= i
-    extras = [(2 * o * r * i + t * o * r - 2 * t * r * o if folds else t * r * o) - pass_cost(g, o, low) * t * o
-              for o in g.outs]
+    extras = [extra_products(g, o, low) - pass_cost(g, o, low) * t * o for o in g.outs]
     latent = 5 * r if rows > r else 0  # PVeRA's lean op keeps none of its latent, noise and KL values
     values = [o + latent for o in g.outs]
     n = len(g.outs)
@@ -293,9 +304,9 @@ def _weight_blocker(gm: GraphModule, c: _Chain) -> Optional[str]:
         return "the adapter samples its latent (PVeRA), which no fixed weight reproduces"
     if cfg.dropout > 0.0:
         return f"dropout={cfg.dropout} acts on the adapter's input only"
-    if s.base.target in (weight_site, weight_site_t):
-        fold = s.base.args[2] if s.base.target is weight_site_t else s.base.args[1]
-        first = (fold.meta.get(ADAPTER_KEY) or {}).get("adapter")
+    fold = fold_argument(s.base)
+    if fold is not None:
+        first = (fold.meta.get(ADAPTER_KEY) or {}).get("adapter") if isinstance(fold, Node) else None
         return f"its call folds adapter {first!r} already (one adapter folds per call)"
     dense = s.kind == "linear" and s.base.target is aten.linear.default and len(s.base.args) >= 2
     conv1d = s.kind == "conv1d" and s.base.target is aten.addmm.default and len(s.base.args) == 3
@@ -357,22 +368,24 @@ def _lower_lean(gm: GraphModule, c: _Chain, traced_when_compiled: bool = False) 
             graph.erase_node(nd[name])
 
 
-def _hoist(graph: Any, node: Node, before: Node) -> None:
-    """Move ``node`` (and the inputs it needs) in front of ``before`` when it comes after it."""
-    order = {n: k for k, n in enumerate(graph.nodes)}
-    if order[node] < order[before]:
+def _hoist(node: Node, before: Node, order: dict[Node, int], moved: set[Node]) -> None:
+    """Move ``node`` (and the inputs it needs) in front of ``before`` when it comes after it (``order``: the
+    graph's node positions before any move; ``moved``: the nodes moved since)."""
+    if order[node] < order[before] or node in moved:
         return
     for arg in node.all_input_nodes:
-        _hoist(graph, arg, before)
+        _hoist(arg, before, order, moved)
     before.prepend(node)
+    moved.add(node)
 
 
 def _lower_weight(gm: GraphModule, c: _Chain) -> None:
     graph, nd, base, add = gm.graph, c.nodes, c.site.base, c.add
     h, lam_d = nd["scale_d"].args
     b, lam_b = nd["xAB"].args[1], nd["scale_b"].args[1]
+    order, moved = {n: k for k, n in enumerate(graph.nodes)}, set()
     for n in (h, b, lam_d, lam_b):  # emitted after the base call (h after the group's first site): now its inputs
-        _hoist(graph, n, base)
+        _hoist(n, base, order, moved)
     conv1d = c.site.kind == "conv1d"  # addmm(bias, view(x), W) with W stored (in, out)
     with graph.inserting_before(base):
         fold = graph.call_function(weight_fold, (base.args[2] if conv1d else base.args[1], h, h.args[1], b, lam_d,
