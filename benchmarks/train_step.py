@@ -50,6 +50,7 @@ SHAPES = {
     "quick-realistic": (256, 704, 2, 2, 64, (32, 128)),
 }
 VOCAB = 4096
+LOWERINGS = ("auto", "fused", "lean", "weight", "activation")  # the vera_fx rows ("weight": VeRA only)
 TARGETS = {"q/v": ["q_proj", "v_proj"], "all-linear": "all-linear"}
 
 
@@ -156,6 +157,12 @@ def _adapter_calls(model) -> list:
             if (n.meta.get("vera_fx") or {}).get("role") == "output"]
 
 
+def _path(node) -> str:
+    """A site output's lowering path ("kept": the weight path keeping W')."""
+    tag = node.meta["vera_fx"]
+    return "kept" if tag.get("keep") else tag.get("path") or "activation"
+
+
 def paths(model) -> str:
     """How the lower pass computed each site: counts per path."""
     calls = _adapter_calls(model)
@@ -163,7 +170,7 @@ def paths(model) -> str:
         return "-"
     counts: dict[str, int] = {}
     for n in calls:
-        p = n.meta["vera_fx"].get("path") or "activation"
+        p = _path(n)
         counts[p] = counts.get(p, 0) + 1
     return " ".join(f"{k} {v}" for k, v in sorted(counts.items()))
 
@@ -184,7 +191,7 @@ def path_extra(model, tokens: int, r: int) -> int:
             s = sites[tag["base"]]
             folds = tag["path"] == "weight" and tokens >= s.in_features
             o, i = s.out_features, s.in_features
-            total += extra_products(GroupShape(tokens, i, r, r, (o,)), o, tag["path"])
+            total += extra_products(GroupShape(tokens, i, r, r, (o,)), o, _path(n))
             h = n.args[1] if tag["path"] == "weight" else None
             if folds and h is not None and n is next(iter(h.users)) and all(
                     (u.meta.get("vera_fx") or {}).get("path") == "weight" for u in h.users):
@@ -192,7 +199,8 @@ def path_extra(model, tokens: int, r: int) -> int:
     return total
 
 
-def run_shape(name: str, methods: list[str], targets_shown: list[str], repeat: int, compile_rows: bool) -> None:
+def run_shape(name: str, methods: list[str], targets_shown: list[str], repeat: int, compile_rows: bool,
+              lowerings: tuple[str, ...] = LOWERINGS) -> None:
     import peft
 
     hidden, inter, layers, batch, seq, ranks = SHAPES[name]
@@ -221,13 +229,13 @@ def run_shape(name: str, methods: list[str], targets_shown: list[str], repeat: i
                                                                                      if p.requires_grad])}
                 pm = peft.get_peft_model(copy.deepcopy(base), peft_cfg(r=r, target_modules=targets)).train()
                 models["peft"] = (pm, [p for p in pm.parameters() if p.requires_grad])
-                for lowering in ("auto", "lean", "weight", "activation") if method == "vera" else (
-                        "auto", "lean", "activation"):
+                for lowering in [m for m in lowerings if method == "vera" or m != "weight"]:
                     gm = vera_fx.transform(base, our_cfg(r=r, target_modules=targets), lowering=lowering,
                                            tokens=tokens).train()
                     models[f"vera_fx {lowering}"] = (gm, [p for p in gm.parameters() if p.requires_grad])
                 if compile_rows and label == "all-linear":
-                    for key in ("frozen base", "peft", "vera_fx auto", "vera_fx lean", "vera_fx activation"):
+                    for key in [k for k in ("frozen base", "peft", "vera_fx auto", "vera_fx fused", "vera_fx lean",
+                                            "vera_fx activation") if k in models]:
                         mod, params = models[key]
                         models[f"{key} compiled"] = (torch.compile(mod), params)
                 steps = {k: step_fn(m, inputs, params) for k, (m, params) in models.items()}
@@ -274,6 +282,7 @@ def main() -> None:
     parser.add_argument("--methods", default="vera,pvera")
     parser.add_argument("--targets", default="q/v,all-linear")
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds; 0: saved activations only")
+    parser.add_argument("--lowerings", default=",".join(LOWERINGS), help="the vera_fx rows")
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (today's shape only)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -282,7 +291,8 @@ def main() -> None:
         shapes = ["quick" if s == "today" else "quick-realistic" for s in shapes]
     repeat = min(2, args.repeat) if args.quick else args.repeat
     for s in shapes:
-        run_shape(s, args.methods.split(","), args.targets.split(","), repeat, args.compile and s in ("today", "quick"))
+        run_shape(s, args.methods.split(","), args.targets.split(","), repeat, args.compile and s in ("today", "quick"),
+                  tuple(args.lowerings.split(",")))
 
 
 if __name__ == "__main__":

@@ -16,10 +16,11 @@ from torch import nn
 import vera_fx
 from conftest import text_inputs, tiny_llama
 from vera_fx.methods.fold import weight_fold, weight_site
+from vera_fx.methods.fused import fused_site
 from vera_fx.methods.lean import lean_site
 from vera_fx.sites import as_graph_module, graph_modules, read_sites
 from vera_fx.passes.lower import (CACHE_BYTES, DEFAULT_TOKENS, LOWERING_KEY, PASS_COST, PASS_COST_CACHED,
-                                  GroupShape, LowerPass, choose_options, group_options, lower_adapters, pass_cost,
+                                  PASS_COST_FUSED, PASS_COST_FUSED_CACHED, GroupShape, LowerPass, choose_options, group_options, lower_adapters, pass_cost,
                                   path_costs, plan_auto)
 
 peft = pytest.importorskip("peft")
@@ -100,19 +101,24 @@ def _assert_same(a, b) -> None:
 
 # --- parity with the plain path ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("lowering", ["lean", "fused"])
 @pytest.mark.parametrize("method,seed", [("vera", None), ("pvera", 0), ("pvera", None)])
-def test_lean_matches_activation_path(method, seed):
+def test_lean_and_fused_match_activation_path(method, seed, lowering):
     """Outputs, lambda gradients, input gradients and (PVeRA) the KL term and its gradient, in training mode
-    with sampling: the lean op reuses the forward's noise in backward."""
+    with sampling: the lean op reuses the forward's noise in backward; the fused tail adds into the base
+    output in place."""
     net, x = _net(), _x()
     kw = {} if method == "vera" else {"generator_seed": seed}
     runs = {}
-    for lowering in ("activation", "lean"):
-        gm = vera_fx.transform(net, _config(method, **kw), example_inputs=(x,), lowering=lowering).train()
+    for path in ("activation", lowering):
+        gm = vera_fx.transform(net, _config(method, **kw), example_inputs=(x,), lowering=path).train()
         _randomize(gm)
-        runs[lowering] = _step(gm, x, kl=method == "pvera")
-        assert _paths(gm) == {lowering: 5}  # 4 sites, q called twice
-    _assert_same(runs["lean"], runs["activation"])
+        runs[path] = _step(gm, x, kl=method == "pvera")
+        assert _paths(gm) == {path: 5}  # 4 sites, q called twice
+    _assert_same(runs[lowering], runs["activation"])
+    if lowering == "fused":  # every base output has one reader here: each tail writes into it
+        calls = [n for n in gm.graph.nodes if n.target is fused_site]
+        assert len(calls) == 5 and all(n.args[-1] is True for n in calls)
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 16), (4, 8, 16)], ids=["lean-calls", "folded-calls"])
@@ -184,13 +190,13 @@ def test_weight_call_gradients_are_exact(tokens):
 
     a, b = t(r, fan_in, grad=False), t(out, r, grad=False)
     lam_d, lam_b = t(r), t(out)
-    for trained_base in (False, True):
+    for trained_base, keep in ((False, False), (True, False), (False, True)):  # keep: W' kept for backward
         w, bias = t(out, fan_in, grad=trained_base), t(out, grad=trained_base)
         x = t(1, tokens, fan_in)
 
         def f(x, w, bias, lam_d, lam_b):
             h = x @ a.T
-            return weight_site(x, weight_fold(w, h, a, b, lam_d, lam_b), bias)
+            return weight_site(x, weight_fold(w, h, a, b, lam_d, lam_b, keep), bias)
 
         def plain(x, w, bias, lam_d, lam_b):
             return torch.nn.functional.linear(x, w, bias) + ((x @ a.T) * lam_d) @ b.T * lam_b
@@ -219,6 +225,53 @@ def test_weight_call_gradients_are_exact(tokens):
         assert (got - want).norm() <= 1e-2 * want.norm(), (got, want)
 
 
+@pytest.mark.parametrize("probabilistic", [False, True], ids=["vera", "pvera"])
+def test_fused_tail_gradients_and_fallbacks(probabilistic):
+    """The fused tail's hand-written backward against finite differences (float64), in place and not; it
+    writes into y only where allowed; under autocast, with mixed dtypes and broadcasting y it is the plain
+    chain's ops (same values and dtype)."""
+    g = torch.Generator().manual_seed(0)
+    r, out = 3, 4
+
+    def t(*shape, grad=True, dtype=torch.float64):
+        return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(grad)
+
+    b, lam_b = t(out, r, grad=False), t(out)
+    lam_d = None if probabilistic else t(r)
+
+    def plain(y, z, lam_d, lam_b):
+        return y + torch.nn.functional.linear(z if lam_d is None else z * lam_d, b) * lam_b
+
+    for inplace in (False, True):
+        def f(y, z, lam_d, lam_b):
+            return fused_site(y * 1.0, z, lam_d, b, lam_b, inplace)  # y * 1.0: a fresh, writable tensor
+
+        args = (t(2, 5, out), t(2, 5, r), lam_d, lam_b)
+        assert torch.autograd.gradcheck(f, args)
+        torch.testing.assert_close(f(*args), plain(*args))
+    # in place only where the tensor allows it: a fresh output is written into, a view or a trained leaf is not
+    y, z = torch.randn(2, 5, out, dtype=torch.float64), t(2, 5, r)
+    assert fused_site(y, z, lam_d, b, lam_b, True) is y
+    view = torch.randn(5, 2, out, dtype=torch.float64).transpose(0, 1)
+    before = view.clone()
+    assert fused_site(view, z, lam_d, b, lam_b, True) is not view and torch.equal(view, before)
+    leaf = t(2, 5, out)
+    res = fused_site(leaf, z, lam_d, b, lam_b, True)
+    assert res is not leaf and res.grad_fn is not None
+    # fallbacks: broadcast y, float32 y against float64 parameters, autocast
+    small = torch.randn(1, 1, out, dtype=torch.float64)
+    torch.testing.assert_close(fused_site(small, z, lam_d, b, lam_b, True), plain(small, z, lam_d, lam_b))
+    y32 = torch.randn(2, 5, out)
+    got = fused_site(y32, z, lam_d, b, lam_b, True)
+    assert got.dtype == plain(y32, z, lam_d, lam_b).dtype and torch.equal(got, plain(y32, z, lam_d, lam_b))
+    f32 = [v.float().detach() if v is not None else None for v in (z, lam_d, b, lam_b)]
+    with torch.autocast("cpu", torch.bfloat16):
+        y16 = torch.nn.functional.linear(torch.randn(2, 5, 6), torch.randn(out, 6))
+        got = fused_site(y16, f32[0], f32[1], f32[2], f32[3], True)
+        want = y16 + torch.nn.functional.linear(f32[0] if f32[1] is None else f32[0] * f32[1], f32[2]) * f32[3]
+    assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+
+
 def test_pvera_eval_mean_path_and_sampling_switch_on_lean_graph():
     net, x = _net(), _x()
     graphs = {}
@@ -239,11 +292,12 @@ def test_dropout_same_seed_same_mask():
     """Dropout stays a plain node in front of x·Aᵀ on every path, so the same seed gives the same mask."""
     net, x = _net(), _x()
     runs = {}
-    for lowering in ("activation", "lean"):
+    for lowering in ("activation", "lean", "fused"):
         gm = vera_fx.transform(net, _config("vera", vera_dropout=0.3), example_inputs=(x,), lowering=lowering).train()
         _randomize(gm)
         runs[lowering] = _step(gm, x, seed=7)
     _assert_same(runs["lean"], runs["activation"])
+    _assert_same(runs["fused"], runs["activation"])
     with pytest.warns(UserWarning, match="dropout"):
         gm = vera_fx.transform(net, _config("vera", vera_dropout=0.3), example_inputs=(x,), lowering="weight")
     assert _paths(gm) == {"lean": 5}
@@ -252,7 +306,8 @@ def test_dropout_same_seed_same_mask():
 def test_several_adapters():
     net, x = _net(), _x()
     runs = {}
-    for lowering in ("activation", "lean", "weight"):
+    paths = {}
+    for lowering in ("activation", "lean", "weight", "fused", "fast"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering=lowering)
@@ -262,10 +317,15 @@ def test_several_adapters():
         gm.train()
         _randomize(gm)
         runs[lowering] = _step(gm, x, kl=True)
-    _assert_same(runs["lean"], runs["activation"])
-    _assert_same(runs["weight"], runs["activation"])
+        paths[lowering] = _paths(gm)
+        if lowering == "fused":
+            inplace = [n.args[-1] for n in gm.graph.nodes if n.target is fused_site]
+    for lowering in ("lean", "weight", "fused", "fast"):
+        _assert_same(runs[lowering], runs["activation"])
     # PVeRA ("second") falls back to lean, and so does "third" at k and v, whose calls fold "default" already
-    assert _paths(gm) == {"weight": 5, "lean": 2 + 3}
+    assert paths["weight"] == {"weight": 5, "lean": 2 + 3}
+    # fused: a site's second and third adapters add into the first one's sum, in place too
+    assert paths["fused"] == {"fused": 10} and inplace == [True] * 10
 
 
 def test_quantized_site_lean_matches_activation():
@@ -275,23 +335,28 @@ def test_quantized_site_lean_matches_activation():
     new.load_state_dict(net.k.state_dict())
     net.k = new.to("cpu")
     runs = {}
-    for lowering in ("activation", "lean"):
+    for lowering in ("activation", "lean", "fused"):
         gm = vera_fx.transform(net, _config("pvera", generator_seed=0), example_inputs=(x,), lowering=lowering)
         assert {s.name: s.kind for s in vera_fx.sites(gm)}["k"] == "int8"
         gm.train()
         _randomize(gm)
         runs[lowering] = _step(gm, x, kl=True)
     _assert_same(runs["lean"], runs["activation"])
+    _assert_same(runs["fused"], runs["activation"])
+    inplace = {n.meta["vera_fx"]["site"]: n.args[-1] for n in gm.graph.nodes if n.target is fused_site}
+    assert inplace["k"] is False and inplace["v"] is True  # the 8-bit call's output is not written into
 
 
 # --- parity with peft ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method,lowering,length", [("vera", "lean", 6), ("pvera", "lean", 6),
-                                                    ("vera", "weight", 24)],
-                         ids=["vera-lean", "pvera-lean", "vera-folded"])
+                                                    ("vera", "weight", 24), ("pvera", "fused", 6),
+                                                    ("vera", "fast", 24)],
+                         ids=["vera-lean", "pvera-lean", "vera-folded", "pvera-fused", "vera-fast"])
 def test_lowered_paths_match_peft(method, lowering, length):
-    """The lean path, and the weight path with every call folded (48 tokens >= in 32 / 48), against peft on a
-    tiny Llama: outputs and lambda gradients (eval mode: no sampling)."""
+    """The lean path, the weight path with every call folded (48 tokens >= in 32 / 48), the fused tail, and
+    ``fast`` (calls that fold keep W', down_proj fused), against peft on a tiny Llama: outputs and lambda
+    gradients (eval mode: no sampling)."""
     model = tiny_llama()
     kw = dict(r=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
     cfg = (peft.VeraConfig if method == "vera" else peft.PveraConfig)(**kw)
@@ -303,13 +368,16 @@ def test_lowered_paths_match_peft(method, lowering, length):
             if "lambda" in name:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
     ours = (vera_fx.VeraConfig if method == "vera" else vera_fx.PveraConfig)(**kw)
-    gm = vera_fx.transform(model, ours, lowering=lowering)
-    assert _paths(gm) == {lowering: 8}
+    gm = vera_fx.transform(model, ours, lowering=lowering, tokens=2 * length)
+    if lowering == "fast":  # q/k/v (in 32) fold and keep W'; down_proj (in 48 = the tokens) too
+        assert _paths(gm) == {"weight": 8} and len(_kept(gm)) == 8
+    else:
+        assert _paths(gm) == {lowering: 8}
     vera_fx.load_adapter_state_dict(gm, peft.get_peft_model_state_dict(pm))
     gm.eval()
     pm.eval()
     inputs = text_inputs(model, batch=2, length=length)
-    if lowering == "weight":  # every call folds: its tokens reach its in_features
+    if lowering in ("weight", "fast"):  # every call folds: its tokens reach its in_features
         assert all(2 * length >= site.in_features for site in read_sites(as_graph_module(gm)))
     results = []
     for m in (gm, pm):
@@ -337,8 +405,8 @@ def test_lowered_paths_match_peft(method, lowering, length):
 def products_only(monkeypatch):
     """The cost model without its elementwise-pass term: multiply-adds alone decide (the reasoning below)."""
     import vera_fx.passes.lower as lower
-    monkeypatch.setattr(lower, "PASS_COST", 0)
-    monkeypatch.setattr(lower, "PASS_COST_CACHED", 0)
+    for name in ("PASS_COST", "PASS_COST_CACHED", "PASS_COST_FUSED", "PASS_COST_FUSED_CACHED"):
+        monkeypatch.setattr(lower, name, 0)
 
 
 def test_cost_model_counts(products_only):
@@ -346,22 +414,30 @@ def test_cost_model_counts(products_only):
         g = GroupShape(tokens=tokens, in_features=4, rows=2, r=2, outs=(3, 5))
         c = path_costs(g)
         t = tokens
-        assert c["activation"] == 2 * t * 4 * 2 + 2 * t * 2 * 3 + 2 * t * 2 * 5
+        assert c["activation"] == c["fused"] == 2 * t * 4 * 2 + 2 * t * 2 * 3 + 2 * t * 2 * 5
         assert c["lean"] == c["activation"] + t * 2 * 3 + t * 2 * 5
         assert c["peft"] == 2 * (2 * t * 4 * 2) + 2 * t * 2 * 3 + 2 * t * 2 * 5  # x-A per site
         folded = t * 4 * 2 + (2 * 3 * 2 * 4 + t * 3 * 2) + (2 * 5 * 2 * 4 + t * 5 * 2)
         assert c["weight"] == (folded if t >= 4 else c["lean"])
-    # a group's options: extra work over the activation path, values kept off, paths; Pareto-best, cheapest first
+        assert c["kept"] == (folded - 3 * 2 * 4 - 5 * 2 * 4 if t >= 4 else c["lean"])  # one fold per site less
+    # a group's options: extra work over the activation path, values per step kept off, paths; Pareto-best,
+    # cheapest first. Without the weight path: fused (the activation path's products) or lean per site
     g = GroupShape(tokens=10, in_features=4, rows=2, r=2, outs=(3, 5))
     opts = group_options(g, weight_allowed=False)
-    assert opts == [(0, 0, ("activation", "activation")), (60, 3, ("lean", "activation")),
-                    (100, 5, ("activation", "lean")), (160, 8, ("lean", "lean"))]
+    assert opts == [(0, 0, ("fused", "fused")), (60, 30, ("lean", "fused")), (100, 50, ("fused", "lean")),
+                    (160, 80, ("lean", "lean"))]
+    # with it: a fold costs -4 out (two folds + g.T h - z B.T, d z), keeping W' 8 out less (one fold) for 4 out
+    # values kept (out x in against 10 out); wholly folded groups skip d h @ A (80)
     opts = group_options(g, weight_allowed=True)
-    extra = {o: 2 * o * 2 * 4 + 10 * o * 2 - 2 * 10 * 2 * o for o in (3, 5)}  # two folds + g.T h - z B.T, d z
-    assert (extra[3] + extra[5] - 10 * 4 * 2, 8, ("weight", "weight")) in opts  # all folded: no d h @ A either
-    assert all(p in ("weight", "activation") for o in opts for p in o[2])
+    assert opts == [(-36 - 60 - 80, 18 + 30, ("kept", "kept")), (-12 - 60 - 80, 30 + 30, ("weight", "kept")),
+                    (-36 - 20 - 80, 18 + 50, ("kept", "weight")), (-12 - 20 - 80, 80, ("weight", "weight"))]
     pvera = group_options(GroupShape(10, 4, 4, 2, (3,)), weight_allowed=False)  # never folded; 5 r latent values
-    assert pvera == [(0, 0, ("activation",)), (10 * 2 * 3, 3 + 10, ("lean",))]
+    assert pvera == [(0, 0, ("fused",)), (10 * 2 * 3, 10 * (3 + 10), ("lean",))]
+    # many sites on one input: exact (a frontier per site), not an enumeration of every combination
+    wide = GroupShape(64, 16, 4, 4, tuple(range(8, 40)))
+    opts = group_options(wide, weight_allowed=True)
+    assert opts[0][2] == ("kept",) * 32 and opts[-1][2] == ("weight",) * 32
+    assert all(a[0] < b[0] and a[1] < b[1] for a, b in zip(opts, opts[1:]))
 
 
 def test_cost_model_decisions(products_only):
@@ -375,24 +451,31 @@ def test_cost_model_decisions(products_only):
         for allowed, low in ((False, "lean"), (True, "weight")):
             plan = plan_auto(shapes, [allowed] * 4)
             assert sum(p == low for paths in plan for p in paths) == 4
-            assert plan[2].count(low) == 1 and set(p for paths in plan for p in paths) == {low, "activation"}
+            assert plan[2].count(low) == 1 and set(p for paths in plan for p in paths) == {low, "fused"}
+            assert plan_auto(shapes, [allowed] * 4, "time") == [["fused"] * len(outs) for _, outs in block]
         costs = [path_costs(g) for g in shapes]
         assert sum(c["peft"] - c["activation"] for c in costs) == 12288 * 512 * r
-        # 4096 tokens: folding is cheaper than the activation path everywhere, so every site folds
+        # 4096 tokens: folding is cheaper than the activation path everywhere, so every site folds; for the
+        # least work every call keeps W' (one fold less), for the least memory none does
         shapes = [GroupShape(4096, i, r, r, outs) for i, outs in block]
         assert plan_auto(shapes, [True] * 4) == [["weight"] * 3, ["weight"], ["weight"] * 2, ["weight"]]
+        assert plan_auto(shapes, [True] * 4, "time") == [["kept"] * 3, ["kept"], ["kept"] * 2, ["fused"]]  # T < 5632
         # PVeRA: A has 2r rows, so the saving doubles and pays for every site (and it never folds)
         shapes = [GroupShape(512, i, 2 * r, r, outs) for i, outs in block]
         assert plan_auto(shapes, [False] * 4) == [["lean"] * 3, ["lean"], ["lean"] * 2, ["lean"]]
     # today's benchmark shape (hidden 512, 1376, 512 tokens, r=256): o folds for free (its fold and g.T h cost
-    # what z B.T and its gradient do), q/k/v fold for one x-A product, down is lean (T < 1376) and gate folds
+    # what z B.T and its gradient do), q/k/v fold for one x-A product, down is lean (T < 1376) and gate folds;
+    # the least work keeps W' where it folds (T = in: as many values as u) and down fused
     today = ((512, (512, 512, 512)), (512, (512,)), (512, (1376, 1376)), (1376, (512,)))
     shapes = [GroupShape(512, i, 256, 256, outs) for i, outs in today]
-    assert plan_auto(shapes, [True] * 4) == [["weight"] * 3, ["weight"], ["weight", "activation"], ["weight"]]
+    # (counted without passes: W' kept by q and k saves nothing at T = in, but their group then folds wholly and
+    # its d h @ A saving pays for up's fold, more values than q's and k's)
+    assert plan_auto(shapes, [True] * 4) == [["kept", "kept", "weight"], ["weight"], ["weight"] * 2, ["weight"]]
+    assert plan_auto(shapes, [True] * 4, "time") == [["kept"] * 3, ["kept"], ["kept"] * 2, ["fused"]]
     # q/v: the one saved x-A product pays for both extra products exactly
     assert plan_auto([GroupShape(1024, h, 256, 256, (h, h))], [False]) == [["lean", "lean"]]
-    # a single site saves nothing against PEFT: it keeps the activation path ...
-    assert plan_auto([GroupShape(1024, 256, 1024, 1024, (32000,))], [False]) == [["activation"]]
+    # a single site saves nothing against PEFT: it keeps its activations (fused) ...
+    assert plan_auto([GroupShape(1024, 256, 1024, 1024, (32000,))], [False]) == [["fused"]]
     # ... unless folding it is fewer operations than the activation path: then it folds and pays for others
     fold = GroupShape(1 << 16, 512, 1024, 1024, (512,))
     assert plan_auto([fold, fold], [True, False]) == [["weight"], ["lean"]]
@@ -405,24 +488,28 @@ def test_cost_model_decisions(products_only):
 
 
 def test_elementwise_passes_count():
-    """The activation path's passes over each tokens x out tensor are work the lean and weight paths skip:
-    256 multiply-add equivalents per value beyond 4 MiB; within it 64 for the folding call, none for the lean
-    op (measured: its call costs what the passes do)."""
+    """The activation path's passes over each tokens x out tensor are work the other paths skip: 256
+    multiply-add equivalents per value beyond 4 MiB for the lean and weight paths, 192 for the fused tail (it
+    runs two of the four); within 4 MiB 64 for the folding call and the fused tail, none for the lean op
+    (measured: its call costs what the passes do)."""
     small, large = GroupShape(512, 2048, 256, 256, (2048,)), GroupShape(512, 2048, 256, 256, (5632,))
     assert pass_cost(small, 2048) == PASS_COST_CACHED == 64 and pass_cost(small, 2048, "lean") == 0
+    assert pass_cost(small, 2048, "fused") == PASS_COST_FUSED_CACHED == 64
     assert pass_cost(large, 5632) == pass_cost(large, 5632, "lean") == PASS_COST == 256
+    assert pass_cost(large, 5632, "fused") == PASS_COST_FUSED == 192
     assert CACHE_BYTES == 512 * 2048 * 4  # exactly 4 MiB: still cached
     assert group_options(small, True)[-1][0] == 512 * 256 * 2048 - 64 * 512 * 2048  # T < in: not folded
+    assert group_options(small, True)[0] == (-64 * 512 * 2048, 0, ("fused",))
     assert group_options(small, False)[-1][0] == 512 * 256 * 2048
     assert group_options(large, False)[-1][0] == 0  # r = 256: its lean product costs what its passes do
     # realistic Llama (hidden 2048, 5632, 1024 tokens): at r=256 every site's lean product is paid by the passes
-    # it skips; at r=1024 all but one up_proj fit the share pass's saving
+    # it skips; at r=1024 all but q and k fit the share pass's saving with the fused tails' passes
     h, inter = 2048, 5632
     block = ((h, (h, h, h)), (h, (h,)), (h, (inter, inter)), (inter, (h,)))
     plan = plan_auto([GroupShape(1024, i, 256, 256, outs) for i, outs in block], [True] * 4)
     assert plan == [["weight"] * 3, ["weight"], ["weight"] * 2, ["weight"]]
     plan = plan_auto([GroupShape(1024, i, 1024, 1024, outs) for i, outs in block], [True] * 4)
-    assert plan == [["weight"] * 3, ["weight"], ["weight", "activation"], ["weight"]]
+    assert plan == [["weight", "fused", "fused"], ["weight"], ["weight"] * 2, ["weight"]]
     # half precision values are half the bytes: 8192 tokens x 256 in bfloat16 stay cached
     assert pass_cost(GroupShape(8192, 64, 8, 8, (256,), value_bytes=2), 256) == PASS_COST_CACHED
 
@@ -457,31 +544,38 @@ def _site_paths(gm) -> set[tuple[str, str]]:
             if (n.meta.get("vera_fx") or {}).get("role") == "output"}
 
 
+def _kept(gm) -> list[str]:
+    """The sites whose folding call keeps W' (the weight path's ``"kept"`` plan)."""
+    return sorted(n.meta["vera_fx"]["site"] for g in graph_modules(as_graph_module(gm)) for n in g.graph.nodes
+                  if (n.meta.get("vera_fx") or {}).get("keep"))
+
+
 def test_auto_follows_tokens_and_site_overrides(products_only):
     net, x = _net(), _x()
     # widths of 16-24 against r=8. With one token per step nothing folds (the weight call is the lean op): x
     # feeds q/k/v, so the share pass saves two x-A products (2 * 2 * T * 16 * 8 = 512 T); the extras are
     # T * 8 * out (192 T for q, k and q's second call, 128 T for v and o): two 24-wide sites and one 16-wide fill
-    # the budget exactly (ties: the earlier groups' options)
+    # the budget exactly (ties: the earlier groups' options); the others keep their activations (fused tails)
     gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), tokens=1)
-    assert _paths(gm) == {"weight": 3, "activation": 2} and gm.meta[LOWERING_KEY] == {"mode": "auto", "tokens": 1}
-    assert _site_paths(gm) == {("q", "weight"), ("k", "activation"), ("v", "activation"), ("o", "weight")}
+    assert _paths(gm) == {"weight": 3, "fused": 2} and gm.meta[LOWERING_KEY] == {"mode": "auto", "tokens": 1}
+    assert _site_paths(gm) == {("q", "weight"), ("k", "fused"), ("v", "fused"), ("o", "weight")}
     # 16 tokens: q/k/v fold (T >= in 16); wholly folded the group skips d h @ A: 3 * (2 * 8 * 16 * out) + 16 * 8
-    # * 64 - 2 * 16 * 8 * 64 - 16 * 16 * 8 = 6144 of the budget's 8192, q's second call 1024; o (in 24) would be
-    # lean at 2048
+    # * 64 - 2 * 16 * 8 * 64 - 16 * 16 * 8 = 6144 of the budget's 8192, q's second call 1024; o (in 24, lean)
+    # 2048 more fits once v keeps its W' (16 x 16 values, as many as its u: one fold, 2048, less)
     gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), tokens=16)
-    assert _site_paths(gm) == {("q", "weight"), ("k", "weight"), ("v", "weight"), ("o", "activation")}
+    assert _site_paths(gm) == {("q", "weight"), ("k", "weight"), ("v", "weight"), ("o", "weight")}
+    assert _kept(gm) == ["v"]
     # with the default 1024 tokens folding costs fewer operations than the activation path: every site folds
     gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,))
     assert _paths(gm) == {"weight": 5} and gm.meta[LOWERING_KEY] == {"mode": "auto", "tokens": None}
     gm = vera_fx.transform(net, _config("pvera"), example_inputs=(x,))
     assert _paths(gm) == {"lean": 5}  # never folded (it samples); 2r rows of A: the saving pays for every site
     # overrides: o and v are forced; q/k keep one auto group whose saving (one x-A product, 4096 at 16 tokens)
-    # pays for q (3072) and q's second call (1024), or for q and k folded (4096): the tie goes to the earlier
+    # pays for q and k folded (4096) once q keeps its W' (one fold less), and q's second call with it
     gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering={"o": "activation", "v": "weight"},
                            tokens=16)
-    assert _site_paths(gm) == {("q", "weight"), ("k", "activation"), ("o", "activation"), ("v", "weight")}
-    assert _paths(gm) == {"weight": 3, "activation": 2}
+    assert _site_paths(gm) == {("q", "weight"), ("k", "weight"), ("o", "activation"), ("v", "weight")}
+    assert _paths(gm) == {"weight": 4, "activation": 1} and _kept(gm) == ["q"]
     assert DEFAULT_TOKENS == 1024
 
 
@@ -498,14 +592,14 @@ def test_set_lowering_switches_paths_and_keeps_outputs():
         with torch.no_grad():
             torch.testing.assert_close(gm(x), ref, atol=1e-6, rtol=1e-6)
     code = gm.code
-    with pytest.raises(ValueError, match="lowering='fast' is not one of"):
-        vera_fx.set_lowering(gm, "fast")
+    with pytest.raises(ValueError, match="lowering='quick' is not one of"):
+        vera_fx.set_lowering(gm, "quick")
     with pytest.raises(TypeError, match="lowering must be one of"):
         vera_fx.set_lowering(gm, 3)
     with pytest.raises(ValueError, match="tokens=0 is invalid"):
         vera_fx.set_lowering(gm, "auto", tokens=0)
     with pytest.raises(ValueError, match="entries"):
-        vera_fx.set_lowering(gm, {"q": "fast"})
+        vera_fx.set_lowering(gm, {"q": "quick"})
     with pytest.raises(TypeError, match="set_lowering takes"):
         vera_fx.set_lowering(net, "lean")
     assert gm.code == code
@@ -523,11 +617,11 @@ def test_lower_pass_is_a_no_op_on_a_lowered_graph(products_only):
     assert lower_adapters(gm) == 0 and not LowerPass()(gm).modified and gm.code == code
     gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering="activation").graph_module
     assert LowerPass("lean")(gm).modified and _paths(gm) == {"lean": 5}
-    # auto: the sites it kept plain stay plain on a second run (alone, q's second call and o would be re-planned
-    # as groups of their own), and another adapter's emission plans its own sites only
-    gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), tokens=16)
+    # auto: a second run leaves its plan (the sites it kept on their activations are fused tails), and another
+    # adapter's emission plans its own sites only
+    gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), tokens=1)
     before = _site_paths(gm)
-    assert ("o", "activation") in before
+    assert ("v", "fused") in before
     assert lower_adapters(gm.graph_module) == 0 and _site_paths(gm) == before
     def by_adapter():
         return sorted((t["adapter"], t["site"], t.get("path")) for n in gm.graph.nodes
@@ -538,9 +632,9 @@ def test_lower_pass_is_a_no_op_on_a_lowered_graph(products_only):
     vera_fx.set_adapter(gm, ["default", "second"])
     after = by_adapter()
     assert [p for p in after if p[0] == "default"] == first
-    # its own plan: one adapter folds per call, so at default's folded q/k/v calls it is lean or plain; o folds
-    assert [p[1:] for p in after if p[0] == "second"] == [("k", "activation"), ("o", "weight"), ("q", "lean"),
-                                                          ("q", "lean"), ("v", "activation")]
+    # its own plan: one adapter folds per call, so at default's folding calls (q, o) it is lean, elsewhere fused
+    assert [p[1:] for p in after if p[0] == "second"] == [("k", "fused"), ("o", "lean"), ("q", "lean"),
+                                                          ("q", "lean"), ("v", "fused")]
 
 
 def _saved_bytes(fn) -> int:
@@ -562,14 +656,20 @@ def test_lean_saves_less_for_backward():
     """Counted bytes autograd keeps: the lean and weight paths keep no per-site (tokens x out) tensor."""
     net = _net()
     x = torch.randn(4, 64, 16, requires_grad=True)
-    for method, paths in (("pvera", ("activation", "lean")), ("vera", ("activation", "lean", "weight"))):
+    for method, paths in (("pvera", ("activation", "lean", "fused")),
+                          ("vera", ("activation", "lean", "weight", "fused", "fast"))):
         saved = {}
         for lowering in paths:
-            gm = vera_fx.transform(net, _config(method, r=8), example_inputs=(x,), lowering=lowering).train()
+            gm = vera_fx.transform(net, _config(method, r=8), example_inputs=(x,), lowering=lowering,
+                                   tokens=256).train()
             saved[lowering] = _saved_bytes(lambda: gm(x))
         assert saved["lean"] < 0.5 * saved["activation"], (method, saved)
+        assert saved["fused"] <= saved["activation"], (method, saved)  # u per site, as the plain chain
         if method == "vera":  # folded calls (256 tokens) keep only the shared x @ A.T, as the lean op does
             assert saved["weight"] <= saved["lean"], saved  # (the lean path's base linears keep views of W)
+            # fast: every call folds and keeps its W' (out x in floats: q twice, k, v, o), far less than its u
+            assert _paths(gm) == {"weight": 5} and len(_kept(gm)) == 5
+            assert saved["fast"] == saved["weight"] + 4 * (24 * 16 * 3 + 16 * 16 + 16 * 24), saved
 
 
 # --- merge, checkpoints, inspection, compile ----------------------------------------------------------------

@@ -13,14 +13,16 @@ direction from the call's token count ``T`` (``x.numel() / in``):
 
 Either way backward keeps only ``h`` (besides parameters and buffers) and the lambdas' gradients come from
 one out x r product ``N = g.T @ h``: ``d lambda_b = sum_k N * B * lambda_d`` and ``d lambda_d = sum_o N * lambda_b
-* B``. Nothing token x out sized is kept, where the plain path keeps ``h @ (lambda_d B).T`` per site.
+* B``. Nothing token x out sized is kept, where the plain path keeps ``h @ (lambda_d B).T`` per site. With
+``keep`` a folding call keeps its ``W'`` (out x in values: with ``T >= in`` no more than the plain path's
+tokens x out ``u``) and backward reuses it instead of folding again: one out x r x in product less per step.
 
 Under autocast the forward is the plain chain's own ops (a weight folded in bfloat16 would round ``dW`` away
 against ``W``; a half-precision weight is never folded either) and backward computes the base's input gradient in the autocast dtype, as autograd does for the
 plain linear, the adapter's part in the parameters' dtype. A trainable base weight or bias gets its gradient
 too (``x`` is then kept, as the plain linear keeps it).
 
-In the graph a weight-path site is ``fold = weight_fold(W, h, A, B, lambda_d, lambda_b)`` (the adapter's output
+In the graph a weight-path site is ``fold = weight_fold(W, h, A, B, lambda_d, lambda_b, keep)`` (the adapter's output
 node: it only bundles its inputs) and ``y = weight_site(x, fold, bias)``; with the fold node replaced by ``W``
 (removing the adapter) ``weight_site`` is the plain linear, and ``restore_linear`` gives the node its
 ``aten.linear`` back. A GPT-2 Conv1D site (``addmm(bias, view(x), W)``, W stored (in, out)) is the same call on
@@ -37,12 +39,14 @@ from torch.fx import Node
 
 __all__ = ["weight_fold", "weight_site", "weight_site_t", "fold_argument", "restore_linear"]
 
-Fold = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+Fold = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool]
 
 
-def weight_fold(w: Tensor, h: Tensor, a: Tensor, b: Tensor, lambda_d: Tensor, lambda_b: Tensor) -> Fold:
-    """The weight-path adapter's graph node: its inputs, bundled for ``weight_site`` (no computation)."""
-    return w, h, a, b, lambda_d, lambda_b
+def weight_fold(w: Tensor, h: Tensor, a: Tensor, b: Tensor, lambda_d: Tensor, lambda_b: Tensor,
+                keep: bool = False) -> Fold:
+    """The weight-path adapter's graph node: its inputs, bundled for ``weight_site`` (no computation); ``keep``:
+    a call that folds keeps ``W'`` for backward."""
+    return w, h, a, b, lambda_d, lambda_b, keep
 
 
 def _scaled_b(b: Tensor, lambda_d: Tensor, lambda_b: Tensor) -> Tensor:
@@ -55,7 +59,7 @@ class _FoldedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, bias: Optional[Tensor], h: Tensor, a: Tensor, b: Tensor,  # noqa: ANN001
-                lambda_d: Tensor, lambda_b: Tensor) -> Tensor:
+                lambda_d: Tensor, lambda_b: Tensor, keep: bool = False) -> Tensor:
         out, fan_in = w.shape
         device = x.device.type
         cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
@@ -63,20 +67,23 @@ class _FoldedLinear(torch.autograd.Function):
         ctx.fold = cast is None and w.dtype in (torch.float32, torch.float64) and x.numel() >= fan_in * fan_in
         ctx.cast, ctx.x_shape, ctx.x_dtype, ctx.has_bias = cast, x.shape, x.dtype, bias is not None
         keep_x = w.requires_grad or (bias is not None and bias.requires_grad)
-        ctx.save_for_backward(h, w, a, b, lambda_d, lambda_b, x if keep_x else None)
-        if cast is not None:  # the plain chain's own ops, so autocast casts them alike (h has the site input's
+        if cast is not None:
+            ctx.save_for_backward(h, w, a, b, lambda_d, lambda_b, x if keep_x else None, None)  # the plain chain's own ops, so autocast casts them alike (h has the site input's
             y = torch.nn.functional.linear(x, w, bias)  # shape, x a Conv1D's flattened view of it)
             return y + (torch.nn.functional.linear(h * lambda_d, b) * lambda_b).reshape(y.shape)
         m = _scaled_b(b, lambda_d, lambda_b)
         if ctx.fold:
-            return torch.nn.functional.linear(x, torch.addmm(w, m, a), bias)
+            folded = torch.addmm(w, m, a)
+            ctx.save_for_backward(h, w, a, b, lambda_d, lambda_b, x if keep_x else None, folded if keep else None)
+            return torch.nn.functional.linear(x, folded, bias)
+        ctx.save_for_backward(h, w, a, b, lambda_d, lambda_b, x if keep_x else None, None)
         y = torch.nn.functional.linear(x, w, bias)
         y.view(-1, out).addmm_(h.reshape(-1, h.shape[-1]).to(m.dtype), m.T)
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
-        h, w, a, b, lambda_d, lambda_b, x = ctx.saved_tensors
+        h, w, a, b, lambda_d, lambda_b, x, folded = ctx.saved_tensors
         need = ctx.needs_input_grad
         out, fan_in = w.shape
         dtype = w.dtype
@@ -90,8 +97,10 @@ class _FoldedLinear(torch.autograd.Function):
         if need[0]:
             if ctx.cast is not None:  # the base's input gradient in the autocast dtype, as for the plain linear
                 grad_x = (g.to(ctx.cast) @ w.to(ctx.cast)).to(ctx.x_dtype)
-            elif ctx.fold:  # through W' = W + M @ A: the adapter's share of d x included
-                grad_x = (gc @ torch.addmm(w, lambda_d * b_scaled, a)).to(ctx.x_dtype)
+            elif ctx.fold:  # through W' = W + M @ A (kept, or folded again): the adapter's share of d x included
+                if folded is None:
+                    folded = torch.addmm(w, lambda_d * b_scaled, a)
+                grad_x = (gc @ folded).to(ctx.x_dtype)
             else:
                 grad_x = (gc @ w).to(ctx.x_dtype)
             grad_x = grad_x.view(ctx.x_shape)
@@ -107,7 +116,7 @@ class _FoldedLinear(torch.autograd.Function):
             grad_w = (gc.T @ x.reshape(-1, fan_in).to(dtype)).to(w.dtype)
         if need[2] and ctx.has_bias:
             grad_bias = gc.sum(0).to(dtype)
-        return grad_x, grad_w, grad_bias, grad_h, None, None, grad_ld, grad_lb
+        return grad_x, grad_w, grad_bias, grad_h, None, None, grad_ld, grad_lb, None
 
 
 def weight_site(x: Tensor, fold: Union[Fold, Tensor], bias: Optional[Tensor] = None) -> Tensor:
@@ -115,8 +124,8 @@ def weight_site(x: Tensor, fold: Union[Fold, Tensor], bias: Optional[Tensor] = N
     ``fold`` is a weight (its adapter was removed)."""
     if isinstance(fold, Tensor):
         return torch.nn.functional.linear(x, fold, bias)
-    w, h, a, b, lambda_d, lambda_b = fold
-    return _FoldedLinear.apply(x, w, bias, h, a, b, lambda_d, lambda_b)
+    w, h, a, b, lambda_d, lambda_b, keep = fold
+    return _FoldedLinear.apply(x, w, bias, h, a, b, lambda_d, lambda_b, keep)
 
 
 def weight_site_t(bias: Tensor, x: Tensor, fold: Union[Fold, Tensor]) -> Tensor:
@@ -124,8 +133,8 @@ def weight_site_t(bias: Tensor, x: Tensor, fold: Union[Fold, Tensor]) -> Tensor:
     2-D; ``h`` keeps the site input's shape)."""
     if isinstance(fold, Tensor):
         return torch.addmm(bias, x, fold)
-    w, h, a, b, lambda_d, lambda_b = fold
-    return _FoldedLinear.apply(x, w.T, bias, h, a, b, lambda_d, lambda_b)
+    w, h, a, b, lambda_d, lambda_b, keep = fold
+    return _FoldedLinear.apply(x, w.T, bias, h, a, b, lambda_d, lambda_b, keep)
 
 
 def fold_argument(node: Node) -> Optional[object]:

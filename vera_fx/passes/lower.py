@@ -63,19 +63,21 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..methods import CONTAINER
 from ..methods.fold import fold_argument, weight_fold, weight_site, weight_site_t
+from ..methods.fused import fused_site
 from ..methods.lean import lean_site, pvera_lean_noise
 from ..sites import ADAPTER_KEY, SITE_KEY, Site, as_graph_module, block_prefix, graph_modules, read_graph_sites
 
 __all__ = ["LowerPass", "lower_adapters", "path_costs", "extra_products", "group_options", "choose_options",
            "plan_auto", "lowering_setting", "check_lowering", "LOWERING_KEY", "PATHS", "MODES", "DEFAULT_TOKENS",
-           "GroupShape", "pass_cost", "PASS_COST", "PASS_COST_CACHED", "CACHE_BYTES"]
+           "GroupShape", "pass_cost", "site_choices", "PASS_COST", "PASS_COST_CACHED", "PASS_COST_FUSED",
+           "PASS_COST_FUSED_CACHED", "CACHE_BYTES"]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 LOWERING_KEY = "vera_fx_lowering"
-PATHS = ("activation", "lean", "weight")
-MODES = ("auto", *PATHS)
+PATHS = ("activation", "fused", "lean", "weight")
+MODES = ("auto", "fast", *PATHS)
 DEFAULT_TOKENS = 1024
 
 # Tag names of the emitter's per-site chain after h (vera_fx/methods/{vera,pvera}.py).
@@ -98,74 +100,105 @@ class GroupShape:
 
 # Elementwise passes: per tokens x out value the activation path reads and writes it a few times (lambda_b's
 # scale and its gradient, the add, lambda_b's gradient product) where the lean op and the folding call only run
-# products. Counted as multiply-add equivalents per value a path saves against the activation path, measured
-# on a 2-core EPYC (L2 1 MiB per core, L3 32 MiB; benchmarks/train_step.py and per-site timings): 250-600 for
-# a tensor beyond the cache; for one within it about 150 for the folding call and none for the lean op (its
-# custom-op call costs what the passes do). GPUs pay relatively more for a pass. The model takes the low ends.
+# products and the fused tail runs two passes of the four. Counted as multiply-add equivalents per value a path
+# saves against the activation path, measured on a 2-core EPYC (L2 1 MiB per core, L3 32 MiB;
+# benchmarks/train_step.py and per-site timings): 250-600 for a tensor beyond the cache (the fused tail about
+# 400); for one within it about 150 for the folding call, 90-190 for the fused tail and none for the lean op
+# (its call costs what the passes do). GPUs pay relatively more for a pass. The model takes the low ends.
 PASS_COST_CACHED = 64
 PASS_COST = 256
+PASS_COST_FUSED_CACHED = 64
+PASS_COST_FUSED = 192
 CACHE_BYTES = 4 << 20
 
 
 def pass_cost(g: GroupShape, out: int, path: str = "weight") -> int:
-    """Multiply-add equivalents ``path`` (``"lean"`` or ``"weight"``) saves per value of a site's tokens x out
-    tensor against the activation path's elementwise passes (see ``PASS_COST``)."""
-    if g.tokens * out * g.value_bytes > CACHE_BYTES:
+    """Multiply-add equivalents ``path`` (``"fused"``, ``"lean"``, ``"weight"`` or ``"kept"``) saves per value of a
+    site's tokens x out tensor against the activation path's elementwise passes (see ``PASS_COST``)."""
+    cached = g.tokens * out * g.value_bytes <= CACHE_BYTES
+    if path == "fused":
+        return PASS_COST_FUSED_CACHED if cached else PASS_COST_FUSED
+    if not cached:
         return PASS_COST
-    return PASS_COST_CACHED if path == "weight" else 0
+    return 0 if path == "lean" else PASS_COST_CACHED
 
 
 def extra_products(g: GroupShape, out: int, path: str) -> int:
     """Multiply-adds one site (``out`` wide) of ``g`` adds when it leaves the activation path for ``path``
-    (negative where it saves some): the lean op's ``gᵀ z``; a folding call's two out x r x in folds and ``gᵀ h``
-    instead of ``z·Bᵀ`` and its gradient (with ``T < in`` it is the lean op). A group whose every site folds
-    also skips ``d h @ A`` (``T in rows``, not counted here)."""
+    (negative where it saves some): none for the fused tail; the lean op's ``gᵀ z``; a folding call's two out x r
+    x in folds and ``gᵀ h`` instead of ``z·Bᵀ`` and its gradient, one fold for a call that keeps ``W'``
+    (``"kept"``; with ``T < in`` either is the lean op). A group whose every site folds also skips ``d h @ A``
+    (``T in rows``, not counted here)."""
     t, i, r = g.tokens, g.in_features, g.r
-    if path == "weight" and t >= i:
-        return 2 * out * r * i + t * out * r - 2 * t * r * out
+    if path in ("weight", "kept") and t >= i:
+        return (1 if path == "kept" else 2) * out * r * i + t * out * r - 2 * t * r * out
+    if path == "fused":
+        return 0
     return t * r * out
 
 
 def path_costs(g: GroupShape) -> dict[str, int]:
     """Multiply-adds of one training step (forward + backward) of the group's adapter work, per path (every site
-    of the group on it), and PEFT's for the same sites (``"peft"``)."""
+    of the group on it; ``"kept"``: the folding call keeping ``W'``), and PEFT's for the same sites (``"peft"``)."""
     t, i, rows, r = g.tokens, g.in_features, g.rows, g.r
     b_side = sum(2 * t * r * o for o in g.outs)
     activation = 2 * t * i * rows + b_side
-    lean = activation + sum(extra_products(g, o, "lean") for o in g.outs)
-    weight = activation + sum(extra_products(g, o, "weight") for o in g.outs) - (t * i * rows if t >= i else 0)
-    peft = len(g.outs) * 2 * t * i * rows + b_side
-    return {"activation": activation, "lean": lean, "weight": weight, "peft": peft}
+    costs = {"activation": activation, "fused": activation}
+    for path in ("lean", "weight", "kept"):
+        bonus = t * i * rows if path != "lean" and t >= i else 0
+        costs[path] = activation + sum(extra_products(g, o, path) for o in g.outs) - bonus
+    costs["peft"] = len(g.outs) * 2 * t * i * rows + b_side
+    return costs
 
 
-def group_options(g: GroupShape, weight_allowed: bool, max_sites: int = 8) -> list[tuple[int, int, tuple[str, ...]]]:
-    """``auto``'s candidate plans for one group: ``(extra work over the activation path, values per token not
-    kept for backward, path per site)``, the Pareto-best ones (more kept off only for more work), cheapest
-    first. A site either stays on the activation path or moves to the weight path (where allowed) or the lean
-    one; a group wholly on the weight path with ``T >= in`` also skips ``d h @ A``. Work is multiply-adds less
-    the elementwise passes the activation path runs and the others do not (``pass_cost``)."""
-    t, i, rows, r = g.tokens, g.in_features, g.rows, g.r
-    low = "weight" if weight_allowed else "lean"
-    folds = low == "weight" and t >= i
-    extras = [extra_products(g, o, low) - pass_cost(g, o, low) * t * o for o in g.outs]
-    latent = 5 * r if rows > r else 0  # PVeRA's lean op keeps none of its latent, noise and KL values
-    values = [o + latent for o in g.outs]
-    n = len(g.outs)
-    if n <= max_sites:
-        masks = sorted(range(1 << n), key=lambda m: (bin(m).count("1"), m))
-    else:  # many sites on one input: the prefixes of the best value-for-work order
-        order = sorted(range(n), key=lambda k: (-values[k] / max(extras[k], 1), k))
-        masks = [sum(1 << k for k in order[:j]) for j in range(n + 1)]
-    found: dict[tuple[int, int], int] = {}
-    for mask in masks:
-        chosen = [k for k in range(n) if mask >> k & 1]
-        work = sum(extras[k] for k in chosen) - (t * i * rows if folds and len(chosen) == n else 0)
-        found.setdefault((work, sum(values[k] for k in chosen)), mask)
-    options = []
-    for (work, saved), mask in sorted(found.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
-        if not options or saved > options[-1][1]:
-            options.append((work, saved, tuple(low if mask >> k & 1 else "activation" for k in range(n))))
-    return options
+def site_choices(g: GroupShape, out: int, weight_allowed: bool) -> list[tuple[str, int, int]]:
+    """One site's candidate paths as ``(path, work, saved)``: work in multiply-adds over the activation path less
+    the elementwise passes it skips (``pass_cost``), saved in values per step kept off the saved tensors against
+    the activation path. The fused tail keeps what the activation path keeps; the weight path keeps nothing
+    (``h`` is the group's), ``"kept"`` (``T >= in`` only) its out x in ``W'``; the lean op nothing (PVeRA: nor its
+    ``5 r`` latent, noise and KL values per token). Where the weight path is allowed it replaces the lean op
+    (with ``T < in`` the folding call is the lean op)."""
+    t, i, r = g.tokens, g.in_features, g.r
+    choices = [("fused", -pass_cost(g, out, "fused") * t * out, 0)]
+    if weight_allowed:
+        work = extra_products(g, out, "weight") - pass_cost(g, out, "weight") * t * out
+        choices.append(("weight", work, t * out))
+        if t >= i:
+            choices.append(("kept", work - out * r * i, t * out - out * i))
+    else:
+        latent = 5 * r if g.rows > r else 0
+        choices.append(("lean", extra_products(g, out, "lean") - pass_cost(g, out, "lean") * t * out,
+                        t * (out + latent)))
+    return choices
+
+
+def _pareto(options: list[tuple[int, int, tuple[str, ...]]]) -> list[tuple[int, int, tuple[str, ...]]]:
+    """The options that save more than every cheaper one, cheapest first (ties: the one that moves the earlier
+    sites off the fused tail)."""
+    best: list[tuple[int, int, tuple[str, ...]]] = []
+    for opt in sorted(options, key=lambda o: (o[0], -o[1], tuple(p == "fused" for p in o[2]))):
+        if not best or opt[1] > best[-1][1]:
+            best.append(opt)
+    return best
+
+
+def group_options(g: GroupShape, weight_allowed: bool) -> list[tuple[int, int, tuple[str, ...]]]:
+    """A group's candidate plans ``(work, saved, path per site)`` (``site_choices`` per site), the Pareto-best ones
+    (more saved only for more work), cheapest first; a group whose every site folds (``T >= in``) also skips
+    ``d h @ A`` (``T in rows`` less work). Exact for any number of sites: a frontier per site, kept apart for
+    the plans in which every site so far folds."""
+    t, i, rows = g.tokens, g.in_features, g.rows
+    folding = {"weight", "kept"} if t >= i else set()
+    states: dict[bool, list[tuple[int, int, tuple[str, ...]]]] = {True: [(0, 0, ())], False: []}
+    for out in g.outs:
+        grown: dict[bool, list[tuple[int, int, tuple[str, ...]]]] = {True: [], False: []}
+        for all_fold, options in states.items():
+            for work, saved, paths in options:
+                for path, w, sv in site_choices(g, out, weight_allowed):
+                    grown[all_fold and path in folding].append((work + w, saved + sv, (*paths, path)))
+        states = {k: _pareto(v) for k, v in grown.items()}
+    bonus = t * i * rows if folding else 0
+    return _pareto([(w - bonus, sv, p) for w, sv, p in states[True]] + states[False])
 
 
 def _frontier(groups: list[list[tuple[int, int]]], limit: int, max_states: int
@@ -225,11 +258,15 @@ def choose_options(groups: list[list[tuple[int, int]]], budget: int, max_states:
     return picks
 
 
-def plan_auto(shapes: list[GroupShape], weight_allowed: list[bool]) -> list[list[str]]:
-    """``auto``'s path for every site of one graph's auto groups (``shapes[i].outs`` order): the plan that
-    keeps the most values off the saved tensors within the budget of what the activation path saves against
-    PEFT (the share pass's x·Aᵀ), so the step stays within PEFT's multiply-adds."""
+def plan_auto(shapes: list[GroupShape], weight_allowed: list[bool], objective: str = "memory") -> list[list[str]]:
+    """The path of every site of one graph's planned groups (``shapes[i].outs`` order). ``"memory"`` (``auto``):
+    the plan that keeps the most values off the saved tensors within the budget of what the activation path
+    saves against PEFT (the share pass's x·Aᵀ), so the step stays within PEFT's work. ``"time"`` (``fast``):
+    per group the least work. Paths: ``fused``, ``lean``, ``weight`` and ``kept`` (the weight path keeping
+    ``W'``)."""
     options = [group_options(g, allowed) for g, allowed in zip(shapes, weight_allowed)]
+    if objective == "time":
+        return [list(opts[0][2]) for opts in options]
     budget = sum(c["peft"] - c["activation"] for c in map(path_costs, shapes))
     picks = choose_options([[(w, s) for w, s, _ in opts] for opts in options], budget)
     return [list(opts[k][2]) for opts, k in zip(options, picks)]
@@ -368,6 +405,33 @@ def _lower_lean(gm: GraphModule, c: _Chain, traced_when_compiled: bool = False) 
             graph.erase_node(nd[name])
 
 
+# Calls whose output a fused tail may write into: their backward does not read their output (the base linear,
+# a folding call, an earlier adapter's sum).
+_INPLACE_BASES = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.add.Tensor, weight_site,
+                  weight_site_t, lean_site, fused_site}
+
+
+def _lower_fused(gm: GraphModule, c: _Chain) -> None:
+    """The chain after ``h`` (VeRA) or after the sample (PVeRA) as one ``fused_site`` call (the add node becomes
+    it, as for the lean op)."""
+    graph, nd, add = gm.graph, c.nodes, c.add
+    h, lam_d = nd["scale_d"].args
+    b, lam_b = nd["xAB"].args[1], nd["scale_b"].args[1]
+    y = add.args[0]
+    inplace = len(y.users) == 1 and y.op == "call_function" and y.target in _INPLACE_BASES
+    if c.state.method.probabilistic:  # from the sampled latent: the sampling and KL nodes stay
+        z, lam_d = nd["xAB"].args[0], None
+        erase = ("scale_b", "xAB")
+    else:
+        z = h
+        erase = ("scale_b", "xAB", "scale_d")
+    add.target = fused_site
+    add.args, add.kwargs = (y, z, lam_d, b, lam_b, inplace), {}
+    add.meta[ADAPTER_KEY]["path"] = "fused"
+    for name in erase:
+        graph.erase_node(nd[name])
+
+
 def _hoist(node: Node, before: Node, order: dict[Node, int], moved: set[Node]) -> None:
     """Move ``node`` (and the inputs it needs) in front of ``before`` when it comes after it (``order``: the
     graph's node positions before any move; ``moved``: the nodes moved since)."""
@@ -379,7 +443,7 @@ def _hoist(node: Node, before: Node, order: dict[Node, int], moved: set[Node]) -
     moved.add(node)
 
 
-def _lower_weight(gm: GraphModule, c: _Chain) -> None:
+def _lower_weight(gm: GraphModule, c: _Chain, keep: bool = False) -> None:
     graph, nd, base, add = gm.graph, c.nodes, c.site.base, c.add
     h, lam_d = nd["scale_d"].args
     b, lam_b = nd["xAB"].args[1], nd["scale_b"].args[1]
@@ -389,8 +453,9 @@ def _lower_weight(gm: GraphModule, c: _Chain) -> None:
     conv1d = c.site.kind == "conv1d"  # addmm(bias, view(x), W) with W stored (in, out)
     with graph.inserting_before(base):
         fold = graph.call_function(weight_fold, (base.args[2] if conv1d else base.args[1], h, h.args[1], b, lam_d,
-                                                 lam_b))
+                                                 lam_b, keep))
     _tag(fold, c, "output", "add", "weight")
+    fold.meta[ADAPTER_KEY]["keep"] = keep
     if conv1d:
         base.target, base.args, base.kwargs = weight_site_t, (base.args[0], base.args[1], fold), {}
     else:
@@ -421,24 +486,27 @@ def lower_adapters(gm: GraphModule, setting: Optional[dict[str, Any]] = None, re
         want = mode.get(c.site.name, "auto") if isinstance(mode, dict) else mode
         groups.setdefault((c.h.name, c.adapter, want), []).append(c)
     decided: list[tuple[list[_Chain], str, bool]] = []  # (chains, path, chosen by auto)
-    auto: list[tuple[list[_Chain], GroupShape, bool]] = []
+    planned: dict[str, list[tuple[list[_Chain], GroupShape, bool]]] = {"auto": [], "fast": []}
     fallbacks: dict[str, str] = {}
     for (_, _, want), members in groups.items():
         blockers = [b for b in (_weight_blocker(gm, c) for c in members) if b is not None]
-        if want == "auto":
+        if want in planned:
             st = members[0].state
             lam = st.site_parameters(members[0].site.name)[f"{st.method.prefix}_lambda_b"]
             shape = GroupShape(tokens, members[0].site.in_features, st.method.latent_rows(st.config), st.config.r,
                                tuple(c.site.out_features for c in members), lam.element_size())
-            auto.append((members, shape, not blockers))
+            planned[want].append((members, shape, not blockers))
             continue
         if want == "weight" and blockers:
             for c in members:
                 fallbacks[c.site.name] = blockers[0]
             want = "lean"
         decided.append((members, want, False))
-    plan = plan_auto([shape for _, shape, _ in auto], [allowed for _, _, allowed in auto])
-    decided.extend(([c], path, True) for (members, _, _), paths in zip(auto, plan) for c, path in zip(members, paths))
+    for mode, groups_of_mode in planned.items():
+        plan = plan_auto([shape for _, shape, _ in groups_of_mode], [ok for _, _, ok in groups_of_mode],
+                         "memory" if mode == "auto" else "time")
+        decided.extend(([c], path, True) for (members, _, _), paths in zip(groups_of_mode, plan)
+                       for c, path in zip(members, paths))
     changed = 0
     for members, want, by_auto in decided:
         if want == "activation":  # decided: a later run (another adapter's emission) leaves these chains alone
@@ -447,8 +515,10 @@ def lower_adapters(gm: GraphModule, setting: Optional[dict[str, Any]] = None, re
                     n.meta[ADAPTER_KEY]["path"] = "activation"
             continue
         for c in members:
-            if want == "weight":
-                _lower_weight(gm, c)
+            if want in ("weight", "kept"):
+                _lower_weight(gm, c, keep=want == "kept")
+            elif want == "fused":
+                _lower_fused(gm, c)
             else:  # under torch.compile auto's lean sites trace the op's forward and backward (see lean_site)
                 _lower_lean(gm, c, traced_when_compiled=by_auto)
             changed += 1
