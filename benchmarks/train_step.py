@@ -10,15 +10,18 @@ are the robust comparison); and the arithmetic floor: counted multiply-adds of e
 gradient, ``x·Aᵀ`` and its input gradient once per shared input, ``z·Bᵀ`` and its gradient per site), shown as
 "floor ms" = the frozen base's measured time scaled by floor / base multiply-adds.
 
-vera_fx rows: ``lowering="auto"`` (the lower pass's choice: within PEFT's arithmetic, the most values kept
-off the saved tensors that the share pass's saving pays for), ``lowering="lean"`` (every site lean: the least
-memory), ``lowering="weight"`` (VeRA: every site a folding call, lean where it cannot fold) and
-``lowering="activation"`` (the plain nodes). Where folding costs less than the plain adapter (VeRA, tokens
-large against in) the floor counts the fold. ``--compile`` adds torch.compile rows (all-linear, today's
-shape: the frozen base, peft and the three vera_fx rows compiled, their saved tensors measured as well).
+vera_fx rows (``--lowerings``, all by default): ``lowering="auto"`` (the lower pass's choice: within PEFT's
+arithmetic, the most values kept off the saved tensors that the share pass's saving pays for), ``"fast"`` (per
+group the least work: fused tails, folding calls that keep W'), ``"fused"`` (every site a fused tail: the plain
+path's products and memory, fewer passes), ``"lean"`` (every site lean: the least memory), ``"weight"`` (VeRA:
+every site a folding call, lean where it cannot fold) and ``"activation"`` (the plain nodes). Where folding
+costs less than the plain adapter (VeRA, tokens at least in) the floor counts the cheaper fold (W' kept or
+folded again). ``--compile`` adds torch.compile rows (all-linear, today's shape: the frozen base, peft and the
+vera_fx rows but weight compiled, their saved tensors measured as well).
 Step times: "x peft" is the median (and quartiles) of the per-round ratios, the steadier measure on a machine
 whose speed drifts.
-Run: python benchmarks/train_step.py [--quick] [--shapes today,realistic] [--methods vera,pvera] [--compile]
+Run: python benchmarks/train_step.py [--quick] [--shapes today,realistic] [--methods vera,pvera]
+[--lowerings auto,fast,...] [--compile]
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ SHAPES = {
     "quick-realistic": (256, 704, 2, 2, 64, (32, 128)),
 }
 VOCAB = 4096
-LOWERINGS = ("auto", "fused", "lean", "weight", "activation")  # the vera_fx rows ("weight": VeRA only)
+LOWERINGS = ("auto", "fast", "fused", "lean", "weight", "activation")  # the vera_fx rows ("weight": VeRA only)
 TARGETS = {"q/v": ["q_proj", "v_proj"], "all-linear": "all-linear"}
 
 
@@ -142,8 +145,9 @@ def adapter_macs(hidden: int, inter: int, layers: int, tokens: int, r: int, rows
 
 
 def fold_saving(hidden: int, inter: int, layers: int, tokens: int, r: int, targets) -> int:
-    """What folding saves against the activation path where it is cheaper (VeRA; <= 0): the floor's part."""
-    return layers * sum(min(0, c["weight"] - c["activation"]) for c in (
+    """What folding (W' folded again in backward, or kept) saves against the activation path where it is cheaper
+    (VeRA; <= 0): the floor's part."""
+    return layers * sum(min(0, c["weight"] - c["activation"], c["kept"] - c["activation"]) for c in (
         path_costs(GroupShape(tokens, fan_in, r, r, tuple(outs)))
         for _, fan_in, outs in site_shapes(hidden, inter, targets)))
 
@@ -234,8 +238,8 @@ def run_shape(name: str, methods: list[str], targets_shown: list[str], repeat: i
                                            tokens=tokens).train()
                     models[f"vera_fx {lowering}"] = (gm, [p for p in gm.parameters() if p.requires_grad])
                 if compile_rows and label == "all-linear":
-                    for key in [k for k in ("frozen base", "peft", "vera_fx auto", "vera_fx fused", "vera_fx lean",
-                                            "vera_fx activation") if k in models]:
+                    for key in [k for k in ("frozen base", "peft", "vera_fx auto", "vera_fx fast", "vera_fx fused",
+                                            "vera_fx lean", "vera_fx activation") if k in models]:
                         mod, params = models[key]
                         models[f"{key} compiled"] = (torch.compile(mod), params)
                 steps = {k: step_fn(m, inputs, params) for k, (m, params) in models.items()}

@@ -1,10 +1,13 @@
 """Lower pass: per site group, pick how the adapter is computed in a training step.
 
 A *site group* is the sites that read one tensor ``x`` with one adapter (q/k/v, gate/up): after the share pass
-they share ``h = x @ A.T``. Each group gets one of three paths:
+they share ``h = x @ A.T``. Each site gets one of these paths:
 
-- ``activation``: the emitter's plain nodes (``h * lambda_d -> @ B.T -> * lambda_b``); autograd keeps ``u = z @
-  B.T`` (out values per token) per site, PVeRA also its latent, noise and KL intermediates.
+- ``activation``: the emitter's plain nodes (``h * lambda_d -> @ B.T -> * lambda_b -> + y``); autograd keeps
+  ``u = z @ B.T`` (out values per token) per site, PVeRA also its latent, noise and KL intermediates.
+- ``fused``: the same products as one ``fused_site`` call (vera_fx/methods/fused.py) with its own backward: one
+  in-place pass over the tokens x out tensor where the plain nodes make two, two fewer in backward; it keeps
+  what the plain path keeps (under torch.compile and autocast it is the plain nodes' ops).
 - ``lean``: one ``vera_fx::lean_add`` custom op per site (vera_fx/methods/lean.py; it replaces the site's
   ``y + delta`` node) that keeps only the group's shared ``h`` (and PVeRA's noise) and recomputes the rest in
   backward: one extra tokens x r x out product per site, for out (+ 5 r for PVeRA) fewer saved values per token
@@ -13,35 +16,40 @@ they share ``h = x @ A.T``. Each group gets one of three paths:
   folds ``W' = W + (lambda_b * B * lambda_d) @ A`` for the call and its backward, so the base's products carry
   the adapter (``d h @ A`` skipped too) and the lambdas' gradients cost one ``gᵀ h`` product; with fewer tokens
   (decoding) it is the lean op with the base call inside. It keeps only ``h``, like the lean path (VeRA without
-  dropout on dense ``linear`` and GPT-2 ``Conv1D`` sites whose weight is frozen: the fold is exact there).
+  dropout on dense ``linear`` and GPT-2 ``Conv1D`` sites whose weight is frozen: the fold is exact there). A
+  planned call may keep its ``W'`` for backward instead of folding again (``"kept"`` in a plan; the fold node's
+  tag says ``keep``): out x in values, with ``T >= in`` no more than the plain path's ``u``, for one fold less.
 
 The cost model (``path_costs``, ``extra_products``) counts multiply-adds of one training step (forward +
 backward) for ``T`` tokens, a group's ``in`` and its sites' ``out``, with ``rows`` rows of A (r; 2r for PVeRA)
 and rank ``r``:
 
 - peft (PEFT's modules, the reference): ``sum (2 T in rows + 2 T r out)``: x·Aᵀ per site;
-- activation: ``2 T in rows`` (x·Aᵀ and its input gradient, once per group) ``+ sum 2 T r out`` (z·Bᵀ and its
-  gradient, per site);
+- activation and fused: ``2 T in rows`` (x·Aᵀ and its input gradient, once per group) ``+ sum 2 T r out`` (z·Bᵀ
+  and its gradient, per site);
 - lean: activation ``+ sum T r out`` (the ``gᵀ z`` product for lambda_b's gradient);
-- weight, ``T >= in``: ``T in rows + sum (2 out r in + T out r)`` (x·Aᵀ, the two folds, ``gᵀ h``); the input
-  gradient goes through ``W'`` at the base's own cost. With ``T < in`` it costs what lean does.
+- weight, ``T >= in``: ``T in rows + sum (2 out r in + T out r)`` (x·Aᵀ, the two folds, ``gᵀ h``; one fold when
+  ``W'`` is kept); the input gradient goes through ``W'`` at the base's own cost. With ``T < in`` it costs what
+  lean does.
 
 Besides the products, the activation path makes a few elementwise passes over each site's tokens x out
-tensor (lambda_b's scale and its gradient, the add, lambda_b's gradient product) that the lean and weight
-paths do not: ``pass_cost`` prices them in multiply-add equivalents per value (256 beyond 4 MiB; within it 64
-for the folding call and none for the lean op, whose call costs about what the passes do; measured 100-600 on
-the 2-core machine, and a GPU pays relatively more).
+tensor (lambda_b's scale and its gradient, the add, lambda_b's gradient product) that the other paths make
+fewer of: ``pass_cost`` prices them in multiply-add equivalents per value (beyond 4 MiB 256 for the lean and
+weight paths, 192 for the fused tail; within it 64 for the folding call and the fused tail, none for the lean
+op, whose call costs about what the passes do; measured 100-600 on the 2-core machine, and a GPU pays
+relatively more).
 
 ``auto`` keeps a graph's step within PEFT's work and spends what is left on memory: what the activation path
 saves against PEFT (the share pass's x·Aᵀ) is the graph's *budget*, and ``choose_options`` picks per group one
-of its Pareto-best plans (``group_options``: which sites leave the activation path, to the weight path where
-allowed, else lean) that keep the most values per token off the saved tensors (out per site for VeRA, out + 5
-r for PVeRA) with the extra work, less the passes skipped, within the budget: a multiple-choice knapsack,
-solved exactly. On a Llama-like block at r=256 that lowers every site (hidden 512 with 512 tokens, hidden
-2048 with 1024); at r=1024 and hidden 2048 all but one up_proj. ``lowering="lean"`` makes every site lean.
-``T`` (``DEFAULT_TOKENS``, 1024, unless the setting names it) moves the plan; the weight call decides fold or
-not from the tokens it sees. A block graph decides on its own sites, so blocks with one structure keep one
-code.
+of its Pareto-best plans (``group_options`` over ``site_choices``: per site fused, or weight / kept where the
+weight path is allowed, else lean) that keep the most values off the saved tensors with the extra work, less
+the passes skipped, within the budget: a multiple-choice knapsack, solved exactly. On a Llama-like block at
+r=256 that lowers every site (hidden 512 with 512 tokens, hidden 2048 with 1024); at r=1024 and hidden 2048
+all but q and k, which stay fused. ``fast`` takes per group the plan of least work (memory: at most the
+activation path's): at hidden 512 with 512 tokens folding calls that keep ``W'`` and a fused down_proj.
+``lowering="lean"`` makes every site lean, ``"fused"`` every site fused. ``T`` (``DEFAULT_TOKENS``, 1024, unless
+the setting names it) moves the plan; the weight call decides fold or not from the tokens it sees. A block
+graph decides on its own sites, so blocks with one structure keep one code.
 
 The setting lives in ``gm.meta["vera_fx_lowering"]`` (``transform(..., lowering=...)``,
 ``vera_fx.set_lowering``), never in the adapter's config, so adapter_config.json stays PEFT's. Lowered nodes

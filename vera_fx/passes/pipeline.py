@@ -43,9 +43,10 @@ def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleIn
     """Capture ``model`` and attach a VeRA / PVeRA adapter to every linear-like call ``config`` targets.
 
     Returns a new GraphModule; ``model`` is left as it was (on failure too). Only the adapter's parameters
-    are trainable. ``lowering`` ("auto", "activation", "lean", "weight" or ``{site: mode}``) and ``tokens``
-    (per step, for the cost model) choose how each site group is computed (vera_fx/passes/lower.py); they are
-    a property of the graph, not of the adapter, and change later with ``vera_fx.set_lowering``.
+    are trainable. ``lowering`` ("auto", "fast", "activation", "fused", "lean", "weight" or ``{site: mode}``)
+    and ``tokens`` (per step, for the cost model) choose how each site group is computed
+    (vera_fx/passes/lower.py); they are a property of the graph, not of the adapter, and change later with
+    ``vera_fx.set_lowering``.
     """
     method_for(config)  # type check before the (slow) capture
     setting = check_lowering(lowering, tokens)
