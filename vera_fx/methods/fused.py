@@ -13,7 +13,8 @@ output:
   = gz``. ``y``'s gradient is the output's.
 
 It keeps ``u`` and, for VeRA, ``h`` (the group's shared tensor, stored once): what the plain path keeps, with
-its multiply-adds and about half its elementwise work. The lean op
+its multiply-adds and about half its elementwise work. (For PVeRA the lower pass also records the site's KL
+term from ``h``, computed when read, as on the lean path.) The lean op
 (methods/lean.py) keeps less and computes one more product; which a site gets is the lower pass's choice.
 
 The call falls back to the plain chain's own ops wherever those are the better form: under torch.compile

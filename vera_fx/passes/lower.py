@@ -7,7 +7,8 @@ they share ``h = x @ A.T``. Each site gets one of these paths:
   ``u = z @ B.T`` (out values per token) per site, PVeRA also its latent, noise and KL intermediates.
 - ``fused``: the same products as one ``fused_site`` call (vera_fx/methods/fused.py) with its own backward: one
   in-place pass over the tokens x out tensor where the plain nodes make two, two fewer in backward; it keeps
-  what the plain path keeps (under torch.compile and autocast it is the plain nodes' ops).
+  what the plain path keeps, PVeRA less: its KL term is recorded as on the lean path, from ``h`` when read
+  (under torch.compile and autocast the tail is the plain nodes' ops).
 - ``lean``: one ``vera_fx::lean_add`` custom op per site (vera_fx/methods/lean.py; it replaces the site's
   ``y + delta`` node) that keeps only the group's shared ``h`` (and PVeRA's noise) and recomputes the rest in
   backward: one extra tokens x r x out product per site, for out (+ 5 r for PVeRA) fewer saved values per token
@@ -427,9 +428,12 @@ def _lower_fused(gm: GraphModule, c: _Chain) -> None:
     b, lam_b = nd["xAB"].args[1], nd["scale_b"].args[1]
     y = add.args[0]
     inplace = len(y.users) == 1 and y.op == "call_function" and y.target in _INPLACE_BASES
-    if c.state.method.probabilistic:  # from the sampled latent: the sampling and KL nodes stay
+    if c.state.method.probabilistic:  # from the sampled latent: the sampling nodes stay
         z, lam_d = nd["xAB"].args[0], None
         erase = ("scale_b", "xAB")
+        kl = nd["kl"]  # the KL term as the lean path records it: from h, computed when read (LazyKL)
+        kl.args = (h, nd["scale_d"].args[1], *kl.args[2:4], c.state.config.r)
+        kl.meta[ADAPTER_KEY]["path"] = "fused"
     else:
         z = h
         erase = ("scale_b", "xAB", "scale_d")
