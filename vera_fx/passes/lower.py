@@ -37,8 +37,8 @@ Besides the products, the activation path makes a few elementwise passes over ea
 tensor (lambda_b's scale and its gradient, the add, lambda_b's gradient product) that the other paths make
 fewer of: ``pass_cost`` prices them in multiply-add equivalents per value (beyond 4 MiB 256 for the lean and
 weight paths, 192 for the fused tail; within it 64 for the folding call and the fused tail, none for the lean
-op, whose call costs about what the passes do; measured 100-600 on the 2-core machine, and a GPU pays
-relatively more).
+op, whose call costs about what the passes do, nor for a weight call that does not fold; measured 100-600 on
+the 2-core machine, and a GPU pays relatively more), and a fold's own pass over ``W'`` (32 per value).
 
 ``auto`` keeps a graph's step within PEFT's work and spends what is left on memory: what the activation path
 saves against PEFT (the share pass's x·Aᵀ) is the graph's *budget*, and ``choose_options`` picks per group one
@@ -79,7 +79,7 @@ from ..sites import ADAPTER_KEY, SITE_KEY, Site, as_graph_module, block_prefix, 
 __all__ = ["LowerPass", "lower_adapters", "path_costs", "extra_products", "group_options", "choose_options",
            "plan_auto", "lowering_setting", "check_lowering", "LOWERING_KEY", "PATHS", "MODES", "DEFAULT_TOKENS",
            "GroupShape", "pass_cost", "site_choices", "PASS_COST", "PASS_COST_CACHED", "PASS_COST_FUSED",
-           "PASS_COST_FUSED_CACHED", "CACHE_BYTES"]
+           "PASS_COST_FUSED_CACHED", "FOLD_PASS_COST", "CACHE_BYTES"]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -119,12 +119,18 @@ PASS_COST = 256
 PASS_COST_FUSED_CACHED = 64
 PASS_COST_FUSED = 192
 CACHE_BYTES = 4 << 20
+# A fold reads W and writes a fresh W' (out x in values) besides its product: measured 40-165 multiply-add
+# equivalents per value of W' on the same machine (a fold costs about 1.3x its product there); the model takes 32
+# (a step of today's benchmark shape planned with 0, 16, 32 and 64 measured 1.02, 0.98, 0.97 and 0.96x PEFT).
+FOLD_PASS_COST = 32
 
 
 def pass_cost(g: GroupShape, out: int, path: str = "weight") -> int:
     """Multiply-add equivalents ``path`` (``"fused"``, ``"lean"``, ``"weight"`` or ``"kept"``) saves per value of a
     site's tokens x out tensor against the activation path's elementwise passes (see ``PASS_COST``)."""
     cached = g.tokens * out * g.value_bytes <= CACHE_BYTES
+    if path in ("weight", "kept") and g.tokens < g.in_features:
+        path = "lean"  # a call that does not fold is the lean op with the base call inside
     if path == "fused":
         return PASS_COST_FUSED_CACHED if cached else PASS_COST_FUSED
     if not cached:
@@ -170,10 +176,11 @@ def site_choices(g: GroupShape, out: int, weight_allowed: bool) -> list[tuple[st
     t, i, r = g.tokens, g.in_features, g.r
     choices = [("fused", -pass_cost(g, out, "fused") * t * out, 0)]
     if weight_allowed:
-        work = extra_products(g, out, "weight") - pass_cost(g, out, "weight") * t * out
+        folds = FOLD_PASS_COST * out * i if t >= i else 0  # per fold: W' written, W read
+        work = extra_products(g, out, "weight") - pass_cost(g, out, "weight") * t * out + 2 * folds
         choices.append(("weight", work, t * out))
         if t >= i:
-            choices.append(("kept", work - out * r * i, t * out - out * i))
+            choices.append(("kept", work - out * r * i - folds, t * out - out * i))
     else:
         latent = 5 * r if g.rows > r else 0
         choices.append(("lean", extra_products(g, out, "lean") - pass_cost(g, out, "lean") * t * out,
