@@ -586,6 +586,24 @@ def test_auto_follows_tokens_and_site_overrides(products_only):
     assert DEFAULT_TOKENS == 1024
 
 
+def test_fast_plans_least_work_per_site_override_too():
+    """``fast`` as the mode and as a per-site override: at r=8 on 16-24 wide sites the passes the fused tails skip
+    outweigh any fold, so fast fuses every site; beside it the other sites follow their own modes (v lean, q
+    auto: folded). Outputs and gradients equal the plain path's."""
+    net, x = _net(), _x()
+    gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering="fast", tokens=16)
+    assert _paths(gm) == {"fused": 5} and gm.meta[LOWERING_KEY]["mode"] == "fast"
+    mixed = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering={"o": "fast", "v": "lean"},
+                              tokens=16)
+    assert _site_paths(mixed) == {("q", "weight"), ("k", "fused"), ("o", "fused"), ("v", "lean")}
+    plain = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering="activation")
+    for g in (gm, mixed, plain):
+        g.train()
+        _randomize(g)
+    _assert_same(_step(gm, x), _step(plain, x))
+    _assert_same(_step(mixed, x), _step(plain, x))
+
+
 def test_set_lowering_switches_paths_and_keeps_outputs():
     net, x = _net(), _x()
     gm = vera_fx.transform(net, _config("pvera", generator_seed=0), example_inputs=(x,))
