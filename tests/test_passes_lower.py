@@ -20,7 +20,8 @@ from vera_fx.methods.fused import fused_site
 from vera_fx.methods.lean import lean_site
 from vera_fx.sites import as_graph_module, graph_modules, read_sites
 from vera_fx.passes.lower import (CACHE_BYTES, DEFAULT_TOKENS, LOWERING_KEY, PASS_COST, PASS_COST_CACHED,
-                                  PASS_COST_FUSED, PASS_COST_FUSED_CACHED, GroupShape, LowerPass, choose_options, group_options, lower_adapters, pass_cost,
+                                  PASS_COST_FUSED, PASS_COST_FUSED_CACHED, GroupShape, LowerPass, choose_options,
+                                  group_options, lower_adapters, pass_cost,
                                   path_costs, plan_auto)
 
 peft = pytest.importorskip("peft")
@@ -258,6 +259,7 @@ def test_fused_tail_gradients_and_fallbacks(probabilistic):
     leaf = t(2, 5, out)
     res = fused_site(leaf, z, lam_d, b, lam_b, True)
     assert res is not leaf and res.grad_fn is not None
+    torch.testing.assert_close(res, plain(leaf, z, lam_d, lam_b))
     # fallbacks: broadcast y, float32 y against float64 parameters, autocast
     small = torch.randn(1, 1, out, dtype=torch.float64)
     torch.testing.assert_close(fused_site(small, z, lam_d, b, lam_b, True), plain(small, z, lam_d, lam_b))

@@ -67,16 +67,14 @@ class _FoldedLinear(torch.autograd.Function):
         ctx.fold = cast is None and w.dtype in (torch.float32, torch.float64) and x.numel() >= fan_in * fan_in
         ctx.cast, ctx.x_shape, ctx.x_dtype, ctx.has_bias = cast, x.shape, x.dtype, bias is not None
         keep_x = w.requires_grad or (bias is not None and bias.requires_grad)
-        if cast is not None:
-            ctx.save_for_backward(h, w, a, b, lambda_d, lambda_b, x if keep_x else None, None)  # the plain chain's own ops, so autocast casts them alike (h has the site input's
+        m = None if cast is not None else _scaled_b(b, lambda_d, lambda_b)
+        folded = torch.addmm(w, m, a) if ctx.fold else None  # (ctx.fold implies no autocast)
+        ctx.save_for_backward(h, w, a, b, lambda_d, lambda_b, x if keep_x else None, folded if keep else None)
+        if cast is not None:  # the plain chain's own ops, so autocast casts them alike (h has the site input's
             y = torch.nn.functional.linear(x, w, bias)  # shape, x a Conv1D's flattened view of it)
             return y + (torch.nn.functional.linear(h * lambda_d, b) * lambda_b).reshape(y.shape)
-        m = _scaled_b(b, lambda_d, lambda_b)
-        if ctx.fold:
-            folded = torch.addmm(w, m, a)
-            ctx.save_for_backward(h, w, a, b, lambda_d, lambda_b, x if keep_x else None, folded if keep else None)
+        if folded is not None:
             return torch.nn.functional.linear(x, folded, bias)
-        ctx.save_for_backward(h, w, a, b, lambda_d, lambda_b, x if keep_x else None, None)
         y = torch.nn.functional.linear(x, w, bias)
         y.view(-1, out).addmm_(h.reshape(-1, h.shape[-1]).to(m.dtype), m.T)
         return y

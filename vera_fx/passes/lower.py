@@ -421,10 +421,10 @@ def _lower_lean(gm: GraphModule, c: _Chain, traced_when_compiled: bool = False) 
             graph.erase_node(nd[name])
 
 
-# Calls whose output a fused tail may write into: their backward does not read their output (the base linear,
-# a folding call, an earlier adapter's sum).
-_INPLACE_BASES = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.add.Tensor, weight_site,
-                  weight_site_t, lean_site, fused_site}
+# Calls whose output a fused tail may write into: their backward does not read their output (the base linear
+# or Conv1D addmm, a folding call, an earlier adapter's sum).
+_INPLACE_BASES = {aten.linear.default, aten.addmm.default, aten.add.Tensor, weight_site, weight_site_t, lean_site,
+                  fused_site}
 
 
 def _lower_fused(gm: GraphModule, c: _Chain) -> None:
@@ -436,11 +436,11 @@ def _lower_fused(gm: GraphModule, c: _Chain) -> None:
     y = add.args[0]
     inplace = len(y.users) == 1 and y.op == "call_function" and y.target in _INPLACE_BASES
     if c.state.method.probabilistic:  # from the sampled latent: the sampling nodes stay
+        kl = nd["kl"]  # the KL term as the lean path records it: from h, computed when read (LazyKL)
+        kl.args = (h, lam_d, *kl.args[2:4], c.state.config.r)
+        kl.meta[ADAPTER_KEY]["path"] = "fused"
         z, lam_d = nd["xAB"].args[0], None
         erase = ("scale_b", "xAB")
-        kl = nd["kl"]  # the KL term as the lean path records it: from h, computed when read (LazyKL)
-        kl.args = (h, nd["scale_d"].args[1], *kl.args[2:4], c.state.config.r)
-        kl.meta[ADAPTER_KEY]["path"] = "fused"
     else:
         z = h
         erase = ("scale_b", "xAB", "scale_d")
@@ -504,7 +504,7 @@ def lower_adapters(gm: GraphModule, setting: Optional[dict[str, Any]] = None, re
     for c in chains:  # a per-site override splits its group: each part is decided on its own
         want = mode.get(c.site.name, "auto") if isinstance(mode, dict) else mode
         groups.setdefault((c.h.name, c.adapter, want), []).append(c)
-    decided: list[tuple[list[_Chain], str, bool]] = []  # (chains, path, chosen by auto)
+    decided: list[tuple[list[_Chain], str, bool]] = []  # (chains, path, planned by auto or fast)
     planned: dict[str, list[tuple[list[_Chain], GroupShape, bool]]] = {"auto": [], "fast": []}
     fallbacks: dict[str, str] = {}
     for (_, _, want), members in groups.items():
