@@ -130,7 +130,9 @@ def test_parity_with_peft_on_quantized_model(adapted, kind, method):
                 ref = pm(**kw).logits
                 out = gm(**kw).logits
             assert out.dtype == ref.dtype
-            torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=f"{kind} {method} {mode} {batch}x{length}")
+            # int8 casts its inputs to float16: a 1e-7 difference in x can flip a rounding there
+            tol = 5e-4 if kind == "int8" else 1e-4
+            torch.testing.assert_close(out, ref, atol=tol, rtol=tol, msg=lambda m: f"{kind} {method} {mode} {batch}x{length} {m}")
 
     # gradients reach every lambda through the quantized bases, as PEFT's do (in the last mode compared:
     # training for VeRA, eval for PVeRA, both deterministic)
