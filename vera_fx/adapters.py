@@ -21,13 +21,14 @@ from torch.fx import GraphModule
 
 from .config import AdapterConfig
 from .methods import AdapterState, method_for
+from .passes.attach import state_fingerprint
 from .passes.inject import InjectPass, emit_adapter, remove_adapter_nodes
 from .passes.lower import LOWERING_KEY, check_lowering
 from .passes.match import MatchPass
 from .passes.pipeline import run_passes
 from .sites import ADAPTER_KEY, SITE_KEY, as_graph_module, graph_modules
-from .state import (ACTIVE_KEY, DISABLED_KEY, _container, active_adapters, adapters_disabled,
-                    attach_modules_to_save, bias_targets, detach_state, merged_adapters, modules_to_save_copy,
+from .state import (ACTIVE_KEY, DISABLED_KEY, _container, active_adapters, adapter_container, adapters_disabled,
+                    attach_modules_to_save, mutation, state_lock, bias_targets, detach_state, merged_adapters, modules_to_save_copy,
                     modules_to_save_owners, resolve_modules_to_save, route_modules_to_save, shared_projections)
 
 # active_adapters ... modules_to_save_copy live in vera_fx/state.py (below the passes) and stay importable here.
@@ -56,30 +57,16 @@ def _bias_params(gm: GraphModule, state: AdapterState) -> list[nn.Parameter]:
     return [getattr(mod, attr) for mod, attr in bias_targets(gm, state).values()]
 
 
-def _sync(gm: GraphModule) -> None:
-    """Make the graph and ``requires_grad`` follow the active list and the disabled flag."""
+def _sync(gm: GraphModule, before: Optional[tuple] = None) -> None:
+    """Make the graph and ``requires_grad`` follow the active list and the disabled flag. The graph tree's
+    version for the new state is put back when it was built before (``GraphVersions``: no re-emission, no code
+    generation); ``before`` is the state key the tree was built for (``state_fingerprint`` before the change)."""
     container = _container(gm)
     active = active_adapters(gm)
     live = [] if adapters_disabled(gm) else active
-    merged = merged_adapters(gm)
     modules_to_save_owners(gm, live)  # conflicts raise before anything changes
-    changed = False
-    missing = [n for n in live if n not in merged and not _has_nodes(gm, n)]
-    leaving = [n for n in container if n not in merged and n not in live and _has_nodes(gm, n)]
-    for name in container:
-        # Re-emitting every live adapter when one is missing or leaves keeps the sum in the active list's order
-        # and each adapter's lowering what the list gives it (a call folds its first adapter only), so one
-        # active list always gives one graph (and bit-identical outputs).
-        if name not in merged and (name not in live or missing or leaving) and _has_nodes(gm, name):
-            remove_adapter_nodes(gm, name)
-            changed = True
-    for name in live:
-        if name not in merged and not _has_nodes(gm, name):
-            emit_adapter(gm, name)
-            changed = True
-    if route_modules_to_save(gm, live) or changed:
-        gm.graph.lint()
-        gm.recompile()
+    adapter_container(gm).versions.switch(gm, graph_modules(gm), before, state_fingerprint(gm),
+                                          lambda: _emit_live(gm, live))
     trainable_bias: set[int] = set()
     for name in active:
         state = container[name]
@@ -98,6 +85,29 @@ def _sync(gm: GraphModule) -> None:
                 p.requires_grad_(id(p) in trainable_bias)
 
 
+def _emit_live(gm: GraphModule, live: list[str]) -> None:
+    """Give the graph tree the nodes of exactly the live adapters that are not merged."""
+    container = _container(gm)
+    merged = merged_adapters(gm)
+    changed = False
+    missing = [n for n in live if n not in merged and not _has_nodes(gm, n)]
+    leaving = [n for n in container if n not in merged and n not in live and _has_nodes(gm, n)]
+    for name in container:
+        # Re-emitting every live adapter when one is missing or leaves keeps the sum in the active list's order
+        # and each adapter's lowering what the list gives it (a call folds its first adapter only), so one
+        # active list always gives one graph (and bit-identical outputs).
+        if name not in merged and (name not in live or missing or leaving) and _has_nodes(gm, name):
+            remove_adapter_nodes(gm, name)
+            changed = True
+    for name in live:
+        if name not in merged and not _has_nodes(gm, name):
+            emit_adapter(gm, name)
+            changed = True
+    if route_modules_to_save(gm, live) or changed:
+        gm.graph.lint()
+        gm.recompile()
+
+
 def _check_names(gm: GraphModule, names: Sequence[str]) -> None:
     known = list(_container(gm).keys())
     unknown = [n for n in names if n not in known]
@@ -105,6 +115,7 @@ def _check_names(gm: GraphModule, names: Sequence[str]) -> None:
         raise ValueError(f"adapters {unknown} are not on this graph; adapters: {known or 'none'}")
 
 
+@mutation
 def set_adapter(gm: GraphModule, adapter_name: Union[str, Sequence[str]]) -> None:
     """Make ``adapter_name`` (one name or a list) the active adapters; several active adapters add up.
 
@@ -122,9 +133,10 @@ def set_adapter(gm: GraphModule, adapter_name: Union[str, Sequence[str]]) -> Non
     _check_not_merged(gm, sorted(set(before) ^ set(names)), "switch adapters")
     modules_to_save_owners(gm, names)
     old = gm.meta.get(ACTIVE_KEY)
+    before = state_fingerprint(gm)
     gm.meta[ACTIVE_KEY] = names
     try:
-        _sync(gm)
+        _sync(gm, before)
     except Exception:
         _restore_active(gm, old)
         raise
@@ -138,6 +150,7 @@ def _restore_active(gm: GraphModule, old: Optional[list[str]]) -> None:
         gm.meta[ACTIVE_KEY] = old
 
 
+@mutation
 def add_adapter(gm: GraphModule, adapter_name: str, config: AdapterConfig) -> None:
     """Add adapter ``adapter_name`` with ``config`` to a transformed graph, without re-capture.
 
@@ -167,6 +180,7 @@ def add_adapter(gm: GraphModule, adapter_name: str, config: AdapterConfig) -> No
                 "" if not had else "; inactive until set_adapter")
 
 
+@mutation
 def delete_adapter(gm: GraphModule, adapter_name: str) -> None:
     """Remove adapter ``adapter_name``: its nodes, lambdas and ``modules_to_save`` copies.
 
@@ -229,17 +243,27 @@ def disable_adapters(gm: GraphModule) -> Iterator[GraphModule]:
     if biased:
         logger.warning("adapters %s train biases; disabling adapters keeps the trained biases, so outputs are not "
                        "the base model's", biased)
-    gm.meta[DISABLED_KEY] = True
+    lock = state_lock(gm)
+    with lock.write():
+        before = state_fingerprint(gm)
+        gm.meta[DISABLED_KEY] = True
+        try:
+            _sync(gm, before)
+        except Exception:
+            gm.meta[DISABLED_KEY] = False
+            raise
     try:
-        _sync(gm)
         yield gm
     finally:
-        gm.meta[DISABLED_KEY] = False
-        _sync(gm)
+        with lock.write():
+            before = state_fingerprint(gm)
+            gm.meta[DISABLED_KEY] = False
+            _sync(gm, before)
 
 
 # --- lowering --------------------------------------------------------------------------------------------------
 
+@mutation
 def set_lowering(gm: GraphModule, lowering: Union[str, dict] = "auto", tokens: Optional[int] = None) -> GraphModule:
     """Choose how the adapters are computed in a step: ``"auto"``, ``"activation"``, ``"lean"``, ``"weight"`` or
     ``{site name: mode}`` (others ``auto``), with ``tokens`` per step for the cost model (vera_fx/passes/lower.py).

@@ -127,6 +127,17 @@ class InputCheck:
         return args, kwargs
 
 
+def _restore_input_names(gm: GraphModule, names: list[str]) -> None:
+    """Give the graph's inputs the model's own argument names: torch.export lower-cases them (``forward(self,
+    X)`` becomes an input ``x``), and callers pass the model's names. Placeholders come in call order."""
+    nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(nodes) != len(names):
+        return
+    for node, name in zip(nodes, names):
+        if node.target != name and node.target == name.lower():
+            node.target = name
+
+
 # Inputs transformers models fill themselves when None: all-ones attention, segment 0.
 _MODEL_DEFAULTS = {"attention_mask": "ones", "token_type_ids": "zeros"}
 
@@ -466,11 +477,12 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Opti
         n_flags = _rewrite_mode_flags(gm) + sum(g.meta.pop("vera_fx_flags", 0) for g in graph_modules(gm)[1:])
     _check_no_set_grad_regions(gm)
     _own_frozen_parameters(gm)
+    flat_inputs = list(args) + [kwargs[k] for k in kwargs]
+    names_in_order = list(_positional_names(model, len(args))) + list(kwargs)
+    _restore_input_names(gm, names_in_order)
     gm.graph.lint()
     gm.recompile()  # blocks were compiled when bound (their template was final)
     placeholders = tuple(n.target for n in gm.graph.nodes if n.op == "placeholder")
-    flat_inputs = list(args) + [kwargs[k] for k in kwargs]
-    names_in_order = list(_positional_names(model, len(args))) + list(kwargs)
     constants = tuple((n, v) for n, v in zip(names_in_order, flat_inputs)
                       if not isinstance(v, torch.Tensor) and n in placeholders)
     signature = Signature(names=placeholders, constants=constants,

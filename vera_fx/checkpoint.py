@@ -19,7 +19,7 @@ import re
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import safetensors.torch
 import torch
@@ -31,9 +31,11 @@ from .config import AdapterConfig, config_from_dict, config_to_dict
 from .distributed import barrier, full_tensor, gathered, is_writer, placed_like, unwrap_parallel
 from .methods import CONTAINER, AdapterState, method_for
 from .passes.match import peft_selection
+from .passes.merge import merge, unmerge
 from .passes.pipeline import transform
 from .sites import MERGED_KEY, as_graph_module, read_sites
-from .state import ACTIVE_KEY, PEFT_ROOT, bias_targets, modules_to_save_copy, restore_active
+from .state import (ACTIVE_KEY, PEFT_ROOT, bias_targets, merged_adapters, modules_to_save_copy, mutation,
+                    restore_active)
 
 # bias_targets lives in vera_fx/state.py (the inject pass uses it too) and stays importable here.
 __all__ = ["adapter_state_dict", "load_adapter_state_dict", "adapter_state", "state_dict_targets", "bias_targets",
@@ -218,10 +220,26 @@ def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
     return plan, [k for k in projection_keys if k not in incoming]
 
 
-def apply_plan(gm: GraphModule, plan: list[tuple[nn.Module, str, torch.Tensor, bool]]) -> None:
+@mutation
+def apply_plan(gm: GraphModule, plan: list[tuple[nn.Module, str, torch.Tensor, bool]],
+               adapter_names: Sequence[str] = ()) -> None:
     """Copy adapter tensors in place; install base weights as new tensors of the graph (every slot that holds
     the same tensor, so tied weights stay tied), never writing into the storage the graph shares with the
-    user's model."""
+    user's model. When one of ``adapter_names`` (the adapters written) is merged, the merge is undone first and
+    redone after, so the weights carry the new values (and on failure the old ones)."""
+    merged = merged_adapters(gm)
+    if not merged & set(adapter_names):
+        _apply_plan(gm, plan)
+        return
+    logger.info("adapters %s are merged: unmerging, loading, merging again", sorted(merged))
+    unmerge(gm)
+    try:
+        _apply_plan(gm, plan)
+    finally:
+        merge(gm, sorted(merged))
+
+
+def _apply_plan(gm: GraphModule, plan: list[tuple[nn.Module, str, torch.Tensor, bool]]) -> None:
     sharded = [attr for mod, attr, _, replace in plan if replace and hasattr(getattr(mod, attr), "device_mesh")]
     if sharded:
         raise ValueError(f"the checkpoint replaces base weights ({sharded[:3]}) of a graph sharded with FSDP2: "
@@ -250,6 +268,7 @@ def apply_plan(gm: GraphModule, plan: list[tuple[nn.Module, str, torch.Tensor, b
                     owner._buffers[leaf] = new
 
 
+@mutation
 def load_adapter_state_dict(gm: GraphModule, state_dict: dict[str, torch.Tensor],
                             adapter_name: str = "default") -> None:
     """Copy ``state_dict`` (PEFT's keys) into the adapter; every key and shape is checked first.
@@ -263,7 +282,7 @@ def load_adapter_state_dict(gm: GraphModule, state_dict: dict[str, torch.Tensor]
     if missing_proj and state.config.save_projection:
         logger.warning("adapter %r: the state dict has no %s; keeping the projections regenerated from "
                        "projection_prng_key=%d", adapter_name, missing_proj, state.config.projection_prng_key)
-    apply_plan(gm, plan)
+    apply_plan(gm, plan, [adapter_name])
 
 
 # --- files ---------------------------------------------------------------------------------------------------
@@ -473,9 +492,10 @@ def _load_checked(gm: GraphModule, adapter_name: str, config: AdapterConfig, ten
             warnings.warn(f"adapter {adapter_name!r} shares projections with a larger adapter of this graph, which "
                           "differ from those its checkpoint was trained with; load it into a graph of its own "
                           "(vera_fx.from_pretrained)", UserWarning, stacklevel=3)
-    apply_plan(gm, plan)
+    apply_plan(gm, plan, [adapter_name])
 
 
+@mutation
 def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "default") -> None:
     """Load the adapter saved in ``directory`` (by vera_fx or PEFT) into ``adapter_name`` of ``gm``.
 

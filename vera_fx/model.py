@@ -30,6 +30,7 @@ import inspect
 import json
 import logging
 import os
+import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,6 +52,7 @@ from .passes.attach import attach_adapters, state_fingerprint
 from .passes.match import MatchPass
 from .passes.merge import merge_into
 from .serving import mixed_adapter_forward
+from .state import state_lock
 from .passes.pipeline import run_passes, transform as transform_graph
 
 __all__ = ["VeraFxModel", "transform", "from_pretrained", "count_parameters", "DEFAULT_MAX_GRAPHS",
@@ -175,6 +177,7 @@ class VeraFxModel(nn.Module):
         d["_order"] = []  # keys in capture order, for messages
         d["_forward_params"] = _forward_parameters(model)
         d["_warned_cache"] = False
+        d["_build_lock"] = threading.RLock()  # captures and re-attaches of this object's graphs, one at a time
         self.max_graphs = max_graphs
         if source_key is not None:
             self._store(source_key, source)
@@ -422,10 +425,11 @@ class VeraFxModel(nn.Module):
             raise ValueError(f"load_state_dict: the state dict does not fit this model's adapters {names}; missing: "
                              f"{missing or 'none'}, unexpected: {unexpected[:5] or 'none'}. Give it what "
                              "state_dict() returns (or load a PEFT folder with vera_fx.load_adapter)")
-        plans = [ckpt.plan_load(self._source, sd, name, f"state dict of adapter {name!r}")[0]
+        plans = [(name, ckpt.plan_load(self._source, sd, name, f"state dict of adapter {name!r}")[0])
                  for name, sd in per_adapter.items()]
-        for plan in plans:
-            ckpt.apply_plan(self._source, plan)
+        with state_lock(self._source).write():
+            for name, plan in plans:
+                ckpt.apply_plan(self._source, plan, [name])
         return _IncompatibleKeys(missing, unexpected)
 
     # --- calls -------------------------------------------------------------------------------------------
@@ -500,33 +504,54 @@ class VeraFxModel(nn.Module):
                                "Call the model with the keywords it was transformed with, or pass example_inputs "
                                "that export can capture") from e
         gm = run_passes(gm, [MatchPass()])
-        attach_adapters(gm, self._source)
         if blockwise.is_gradient_checkpointing(self._source) and blockwise.block_calls(gm):
             blockwise.gradient_checkpointing_enable(gm)
-        gm.meta[_FINGERPRINT] = state_fingerprint(self._source)
+        fp = state_fingerprint(self._source)
+        attach_adapters(gm, self._source)
+        gm.meta[_FINGERPRINT] = fp
         self._store(key, gm)
         return gm
 
+    def _graph_for(self, key: CallKey, call: dict[str, Any]) -> GraphModule:
+        """The first graph of ``key``, captured when there is none: once, whichever threads ask at once."""
+        graphs = self._graphs.get(key)
+        if graphs is None:
+            with self._build_lock:
+                graphs = self._graphs.get(key)
+                if graphs is None:
+                    return self._capture(key, call)
+        return self._fresh(graphs[0])
+
     def _fresh(self, gm: GraphModule) -> GraphModule:
+        """``gm`` bound to the current adapter state (the caller holds the state's read lock, so the state cannot
+        change meanwhile; a graph is refreshed by one thread, the others wait for it)."""
         if gm is not self._source and not torch.compiler.is_compiling():
             fp = state_fingerprint(self._source)
             if gm.meta.get(_FINGERPRINT) != fp:
-                attach_adapters(gm, self._source)
-                gm.meta[_FINGERPRINT] = fp
+                with self._build_lock:
+                    if gm.meta.get(_FINGERPRINT) != fp:
+                        attach_adapters(gm, self._source, gm.meta.get(_FINGERPRINT))
+                        gm.meta[_FINGERPRINT] = fp
         if gm.training != self._source.training:
             gm.train(self._source.training)
         return gm
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return self._forward(args, kwargs)
+        with state_lock(self._source).read():  # one consistent adapter state for the whole call
+            return self._forward(args, kwargs)
+
+    def _forward(self, args: tuple, kwargs: dict) -> Any:
         adapter_names = kwargs.pop("adapter_names", None)
         call = self._normalise_call(args, kwargs)
         key = self._key(call)
         graphs = self._graphs.get(key)
         if adapter_names is not None:  # one adapter per row: the mixed graph of this signature's graph
-            gm = self._capture(key, call) if graphs is None else self._fresh(graphs[0])
+            gm = self._graph_for(key, call)
             return mixed_adapter_forward(gm, adapter_names, **call)
         if graphs is None:
-            return self._capture(key, call)(**call)
+            return self._graph_for(key, call)(**call)
         if torch.compiler.is_compiling():
             # Through the class attribute: dynamo then guards on the function, which recompile() replaces.
             gm = self._fresh(graphs[0])
@@ -542,7 +567,8 @@ class VeraFxModel(nn.Module):
             except AssertionError as e:  # an export guard (a shape export specialised) rejected the call
                 if not any(s in str(e) for s in _GUARD_ERRORS):
                     raise
-        return self._capture(key, call)(**call)
+        with self._build_lock:
+            return self._capture(key, call)(**call)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
@@ -556,7 +582,8 @@ class VeraFxModel(nn.Module):
             key = self._key(call)
             logger.info("vera_fx: the graph for %s rejected the call (%s); capturing another",
                         describe_key(key), str(e).splitlines()[0][:200])
-            return self._capture(key, call)(**call)
+            with state_lock(self._source).read(), self._build_lock:
+                return self._capture(key, call)(**call)
 
 
 def describe_key(key: CallKey) -> str:

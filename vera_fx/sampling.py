@@ -17,6 +17,7 @@ from torch.fx import GraphModule
 from .methods import CONTAINER, AdapterState
 from .methods.pvera import GENERATOR_STATE, KL_RECORD, SAMPLE_SWITCH, PveraMethod, pvera_record_kl, reseed_state
 from .sites import ADAPTER_KEY, as_graph_module, graph_modules
+from .state import mutation
 
 __all__ = ["set_sample_at_inference", "kl_divergence", "reseed", "pvera_states", "unwrap"]
 
@@ -49,6 +50,7 @@ def pvera_states(gm: nn.Module, adapter_name: Optional[str] = None) -> dict[str,
     return pvera
 
 
+@mutation
 def set_sample_at_inference(gm: nn.Module, value: Union[bool, dict[str, bool]],
                             adapter_name: str = "default") -> None:
     """Switch sampling at inference on or off for every site (``True`` / ``False``) or for the named sites
@@ -80,6 +82,7 @@ def set_sample_at_inference(gm: nn.Module, value: Union[bool, dict[str, bool]],
                  sum(state.switches["sample_at_inference"].values()), len(sites))
 
 
+@mutation
 def reseed(gm: nn.Module, seed: Optional[int] = None, adapter_name: str = "default") -> None:
     """Restart the noise streams of a seeded adapter (``generator_seed`` set), from ``seed`` or from the
     config's ``generator_seed``: the next sampled forwards repeat those of a fresh transform."""

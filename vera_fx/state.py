@@ -16,23 +16,26 @@ read and write this state, so it lives here, one layer below the passes:
 from __future__ import annotations
 
 import copy
+import functools
 import logging
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
 from .config import AdapterConfig
-from .methods import CONTAINER, AdapterState, AdapterView, Method
+from .methods import CONTAINER, AdapterSet, AdapterState, AdapterView, Method
+from .versions import StateLock
 from .sites import MERGED_KEY, as_graph_module, block_prefix, graph_modules, read_graph_sites, read_sites
 
-__all__ = ["ACTIVE_KEY", "DISABLED_KEY", "MTS_TAG", "PEFT_ROOT", "adapter_container", "active_adapters",
+__all__ = ["state_lock", "mutation", "ACTIVE_KEY", "DISABLED_KEY", "MTS_TAG", "PEFT_ROOT", "adapter_container", "active_adapters",
            "adapters_disabled", "merged_adapters", "shared_projections", "resolve_modules_to_save",
            "attach_modules_to_save", "modules_to_save_copy", "modules_to_save_owners", "route_modules_to_save",
            "bias_targets", "attach_state", "detach_state", "block_site_names", "restore_active"]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ACTIVE_KEY = "vera_fx_active"
 DISABLED_KEY = "vera_fx_disabled"
@@ -44,13 +47,44 @@ def _container(gm: GraphModule) -> nn.ModuleDict:
     return container if container is not None else nn.ModuleDict()
 
 
-def adapter_container(gm: GraphModule) -> nn.ModuleDict:
+def adapter_container(gm: GraphModule) -> AdapterSet:
     """The graph's container of AdapterState modules, created (empty) when missing."""
     container = getattr(gm, CONTAINER, None)
     if container is None:
-        container = nn.ModuleDict()
+        container = AdapterSet()
         gm.add_module(CONTAINER, container)
     return container
+
+
+def state_lock(gm: Any) -> StateLock:
+    """The lock of the adapter state ``gm`` (a model object or its graph) computes over."""
+    gm = as_graph_module(gm, "state_lock")
+    container = getattr(gm, CONTAINER, None)
+    if not isinstance(container, AdapterSet):  # a graph pickled before AdapterSet existed, or no adapters yet
+        container = adapter_container_set(gm)
+    return container.lock
+
+
+def adapter_container_set(gm: GraphModule) -> AdapterSet:
+    """The root container as an AdapterSet (a plain ModuleDict is converted in place, same adapters)."""
+    container = getattr(gm, CONTAINER, None)
+    if isinstance(container, AdapterSet):
+        return container
+    new = AdapterSet()
+    for name, state in (container or {}).items():
+        new[name] = state
+    gm._modules[CONTAINER] = new
+    return new
+
+
+def mutation(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run ``fn(gm, ...)`` holding the write side of ``gm``'s state lock: no forward of the same adapter state
+    runs while it changes (forwards hold the read side)."""
+    @functools.wraps(fn)
+    def locked(gm: Any, *args: Any, **kwargs: Any) -> T:
+        with state_lock(gm).write():
+            return fn(gm, *args, **kwargs)
+    return locked
 
 
 def active_adapters(gm: GraphModule) -> list[str]:

@@ -15,8 +15,9 @@ from torch.fx import Graph, Node
 
 from ..config import AdapterConfig
 from ..sites import ADAPTER_KEY, Site, block_prefix
+from ..versions import GraphVersions, StateLock
 
-__all__ = ["Method", "AdapterState", "AdapterView", "Emitter", "kaiming_uniform", "CONTAINER", "register",
+__all__ = ["Method", "AdapterSet", "AdapterState", "AdapterView", "Emitter", "kaiming_uniform", "CONTAINER", "register",
            "method_for", "method_by_name"]
 
 # Attribute of the GraphModule holding one AdapterState per adapter name.
@@ -32,6 +33,17 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch
 
 def _site_ident(site: str) -> str:
     return site.replace(".", "_").replace("-", "_") or "root"
+
+
+class AdapterSet(nn.ModuleDict):
+    """The container of a graph's adapters (one AdapterState per name; a block's holds AdapterViews), with the
+    lock every forward reads and every switch writes, and the graph versions built per adapter state. Every
+    graph computing over these adapters (each call signature's) holds this very object."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = StateLock()
+        self.versions = GraphVersions()
 
 
 class AdapterState(nn.Module):

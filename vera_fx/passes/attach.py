@@ -18,6 +18,7 @@ the source changed (``set_adapter``, ``merge``, ...) rebuilds it without a new c
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 from torch.fx import GraphModule
@@ -27,14 +28,15 @@ from ..sites import ADAPTER_KEY, block_prefix, graph_modules, read_sites
 from ..state import MTS_TAG, attach_state
 from .inject import emit_adapter, remove_adapter_nodes
 
-__all__ = ["attach_adapters", "strip_adapters", "state_fingerprint", "GRAPH_OWN_META"]
+__all__ = ["attach_adapters", "strip_adapters", "state_fingerprint", "STATE_META"]
 
 logger = logging.getLogger(__name__)
 
-# gm.meta keys that describe the graph itself (its capture), not the adapter state: never copied.
-GRAPH_OWN_META = ("vera_fx_signature", "vera_fx_model", "vera_fx_call_key")
 # gm.meta keys of the adapter state that decide the graph's structure (vera_fx/adapters.py, merge pass).
 _STRUCTURE_META = ("vera_fx_active", "vera_fx_disabled", "vera_fx_merged", "vera_fx_lowering")
+# The adapter state a graph carries in gm.meta, copied from the source (the merge pass's originals too); any
+# other key (the graph's signature, caches of derived graphs) belongs to the graph itself and is never copied.
+STATE_META = _STRUCTURE_META + ("vera_fx_folded",)
 
 
 def state_fingerprint(gm: GraphModule) -> tuple:
@@ -108,25 +110,40 @@ def _route_modules_to_save(gm: GraphModule, source: GraphModule) -> None:
                 n.target = target
 
 
-def attach_adapters(gm: GraphModule, source: GraphModule) -> GraphModule:
+def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple] = None) -> GraphModule:
     """Make ``gm`` (captured and matched from the same model as ``source``) compute what ``source`` computes,
-    over ``source``'s adapter state; returns ``gm``, changed in place and recompiled."""
-    strip_adapters(gm)
-    for g in graph_modules(gm):  # stale block views (and the root container) of an earlier attach
+    over ``source``'s adapter state; returns ``gm``, changed in place. ``before``: the source's
+    ``state_fingerprint`` ``gm`` was attached at last (None: never). Tensors are bound every time; the adapter
+    nodes come from the tree's version for the source's state when one was built (``GraphVersions``)."""
+    container = getattr(source, CONTAINER, None)
+    for g in graph_modules(gm)[1:]:  # stale block views of an earlier attach
         if CONTAINER in g._modules:
             del g._modules[CONTAINER]
-    container = getattr(source, CONTAINER, None)
     rebound = _rebind(gm, source)
-    if container is not None:
-        gm.add_module(CONTAINER, container)
-        for name, state in container.items():  # the same states; views of them in gm's own blocks
-            attach_state(gm, name, state)
-    for key in list(gm.meta):
-        if key.startswith("vera_fx_") and key not in GRAPH_OWN_META:
-            del gm.meta[key]
-    for key, value in source.meta.items():
-        if key.startswith("vera_fx_") and key not in GRAPH_OWN_META:
+    for key in [k for k in gm.meta if k in STATE_META]:
+        del gm.meta[key]
+    for key in STATE_META:
+        if key in source.meta:
+            value = source.meta[key]
             gm.meta[key] = value.copy() if isinstance(value, (dict, list)) else value
+    if container is None:
+        gm._modules.pop(CONTAINER, None)
+        strip_adapters(gm)
+        gm.recompile()
+        return gm
+    gm.add_module(CONTAINER, container)
+    for name, state in container.items():  # the same states; views of them in gm's own blocks
+        attach_state(gm, name, state)
+    container.versions.switch(gm, graph_modules(gm), before, state_fingerprint(source),
+                              lambda: _emit_like(gm, source))
+    gm.train(source.training)
+    logger.debug("attach: %d tensors rebound", rebound)
+    return gm
+
+
+def _emit_like(gm: GraphModule, source: GraphModule) -> None:
+    """Give ``gm``'s tree the adapter nodes the source's tree has, site by site, in the same order."""
+    strip_adapters(gm)
     _route_modules_to_save(gm, source)
     # The source's adapters per site, in graph order: emitting adapter by adapter in first-seen order gives the
     # same chain (and the same summation order) at every site.
@@ -136,8 +153,5 @@ def attach_adapters(gm: GraphModule, source: GraphModule) -> GraphModule:
             order.setdefault(name, set()).add(site.name)
     for name, sites in order.items():
         emit_adapter(gm, name, sites)
-    gm.train(source.training)
     gm.graph.lint()
     gm.recompile()
-    logger.debug("attach: %d tensors rebound, adapters %s", rebound, list(order))
-    return gm

@@ -29,7 +29,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..methods import CONTAINER, AdapterState
 from ..quantized import mergeable
 from ..sites import ADAPTER_KEY, MERGED_KEY, Site, as_graph_module, block_prefix, graph_modules, read_sites
-from ..state import MTS_TAG, active_adapters, adapters_disabled
+from ..state import MTS_TAG, active_adapters, adapters_disabled, mutation
 from .inject import emit_adapter, remove_adapter_nodes
 
 __all__ = ["MergePass", "UnmergePass", "merge", "unmerge", "merge_into", "FOLDED_KEY"]
@@ -357,6 +357,7 @@ class UnmergePass(PassBase):
         graph_module.graph.lint()
 
 
+@mutation
 def merge(gm: GraphModule, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> GraphModule:
     """Fold the active (or the named) deterministic adapters into the base weights; returns ``gm`` changed.
 
@@ -370,6 +371,7 @@ def merge(gm: GraphModule, adapter_names: Optional[list[str]] = None, safe_merge
     return gm
 
 
+@mutation
 def unmerge(gm: GraphModule) -> GraphModule:
     """Undo every merge: the original weight tensors go back (exact) and the adapter nodes are re-emitted.
 
