@@ -37,7 +37,7 @@ from transformers.configuration_utils import get_head_shapes
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from .state import active_adapters, adapters_disabled, modules_to_save_copy
+from .state import active_adapters, adapters_disabled, modules_to_save_copy, reads_state
 from .capture import SOURCE_MODEL_KEY, CaptureError, model_flags_kept
 from .methods import CONTAINER
 from .methods.pvera import pvera_record_kl
@@ -351,6 +351,7 @@ def _check_inputs(input_ids: Any, attention_mask: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
+@reads_state
 def generate(gm: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
              max_new_tokens: int = 20, do_sample: bool = False, temperature: Optional[float] = None,
              top_k: Optional[int] = None, top_p: Optional[float] = None,

@@ -29,7 +29,7 @@ from .methods import CONTAINER, AdapterSet, AdapterState, AdapterView, Method
 from .versions import StateLock
 from .sites import MERGED_KEY, as_graph_module, block_prefix, graph_modules, read_graph_sites, read_sites
 
-__all__ = ["state_lock", "mutation", "ACTIVE_KEY", "DISABLED_KEY", "MTS_TAG", "PEFT_ROOT", "adapter_container", "active_adapters",
+__all__ = ["state_lock", "mutation", "reads_state", "ACTIVE_KEY", "DISABLED_KEY", "MTS_TAG", "PEFT_ROOT", "adapter_container", "active_adapters",
            "adapters_disabled", "merged_adapters", "shared_projections", "resolve_modules_to_save",
            "attach_modules_to_save", "modules_to_save_copy", "modules_to_save_owners", "route_modules_to_save",
            "bias_targets", "attach_state", "detach_state", "block_site_names", "restore_active"]
@@ -56,9 +56,10 @@ def adapter_container(gm: GraphModule) -> AdapterSet:
     return container
 
 
-def state_lock(gm: Any) -> StateLock:
-    """The lock of the adapter state ``gm`` (a model object or its graph) computes over."""
-    gm = as_graph_module(gm, "state_lock")
+def state_lock(gm: Any, fn: str = "state_lock") -> StateLock:
+    """The lock of the adapter state ``gm`` (a model object or its graph) computes over; ``fn`` names the
+    caller in the error for anything else."""
+    gm = as_graph_module(gm, fn)
     container = getattr(gm, CONTAINER, None)
     if not isinstance(container, AdapterSet):  # a graph pickled before AdapterSet existed, or no adapters yet
         container = adapter_container_set(gm)
@@ -82,7 +83,17 @@ def mutation(fn: Callable[..., T]) -> Callable[..., T]:
     runs while it changes (forwards hold the read side)."""
     @functools.wraps(fn)
     def locked(gm: Any, *args: Any, **kwargs: Any) -> T:
-        with state_lock(gm).write():
+        with state_lock(gm, fn.__name__).write():
+            return fn(gm, *args, **kwargs)
+    return locked
+
+
+def reads_state(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run ``fn(gm, ...)`` holding the read side of ``gm``'s state lock (a call that runs several forwards, such
+    as ``generate``, sees one adapter state throughout)."""
+    @functools.wraps(fn)
+    def locked(gm: Any, *args: Any, **kwargs: Any) -> T:
+        with state_lock(gm, fn.__name__).read():
             return fn(gm, *args, **kwargs)
     return locked
 
