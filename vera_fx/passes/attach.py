@@ -24,7 +24,7 @@ from torch.fx import GraphModule
 
 from ..methods import CONTAINER
 from ..sites import ADAPTER_KEY, block_prefix, graph_modules, read_sites
-from ..state import MTS_TAG, attach_state
+from ..state import MTS_TAG, adapters_training, attach_state, set_adapters_training
 from .inject import emit_adapter, remove_adapter_nodes
 
 __all__ = ["attach_adapters", "strip_adapters", "state_fingerprint", "GRAPH_OWN_META"]
@@ -137,6 +137,7 @@ def attach_adapters(gm: GraphModule, source: GraphModule) -> GraphModule:
     for name, sites in order.items():
         emit_adapter(gm, name, sites)
     gm.train(source.training)
+    set_adapters_training(gm, adapters_training(source))  # the adapters' own flag may differ (vera_fx/state.py)
     gm.graph.lint()
     gm.recompile()
     logger.debug("attach: %d tensors rebound, adapters %s", rebound, list(order))
