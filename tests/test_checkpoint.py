@@ -50,7 +50,7 @@ class Env:
 
     def run(self) -> torch.Tensor:
         with torch.no_grad():
-            return _out(self.gm(**self.x))
+            return _out(self.gm.eval()(**self.x))  # new adapters start in training mode, as in PEFT
 
     def peft_out(self, pm) -> torch.Tensor:
         with torch.no_grad():

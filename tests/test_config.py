@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
+import torch
 
 import vera_fx
-from vera_fx.config import config_from_dict, config_to_dict
+from vera_fx.config import as_config, config_from_dict, config_to_dict
+from vera_fx.methods import method_for
 
 
 def _peft_defaults(cls) -> dict:
@@ -97,3 +100,73 @@ def test_from_dict_errors():
     assert config_from_dict({**data, "exclude_modules": None, "target_parameters": []}).r == 8
     with pytest.raises(ValueError, match="r=0"):
         config_from_dict({**data, "r": 0})
+
+
+# --- PEFT's PeftConfig fields and PEFT config objects -----------------------------------------------------------
+
+def test_peft_fields_accepted_kept_and_keyword_only():
+    cfg = vera_fx.VeraConfig(task_type="SEQ_CLS", inference_mode=False, base_model_name_or_path="org/model",
+                             revision="v1", auto_mapping=None, peft_version="0.21.2")
+    assert (cfg.task_type, cfg.inference_mode, cfg.base_model_name_or_path, cfg.revision, cfg.peft_version) == \
+        ("SEQ_CLS", False, "org/model", "v1", "0.21.2")
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    # keyword-only: the method's own fields keep their positions
+    assert vera_fx.VeraConfig(256, None, 0, True, 0.1, False, "none", None, True, None, None, 0.3).vera_dropout == 0.3
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("task_type", "SEQ_CLASSIFICATION", "task_type='SEQ_CLASSIFICATION' is invalid: expected None or one of"),
+    ("inference_mode", "no", "inference_mode='no' is invalid"),
+    ("revision", 3, "revision=3 is invalid: expected None or a string"),
+    ("auto_mapping", ["x"], "auto_mapping=\\['x'\\] is invalid"),
+])
+def test_peft_fields_invalid(field, value, words):
+    with pytest.raises(ValueError, match=words):
+        vera_fx.PveraConfig(**{field: value})
+
+
+def test_task_type_adds_its_heads_to_modules_to_save_as_peft():
+    peft = pytest.importorskip("peft")
+    from conftest import tiny_bert
+
+    pm = peft.get_peft_model(tiny_bert(), peft.VeraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS",
+                                                          modules_to_save=["pooler"]))
+    ours = vera_fx.VeraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS", modules_to_save=["pooler"])
+    assert ours.modules_to_save == list(pm.peft_config["default"].modules_to_save) == ["pooler", "classifier", "score"]
+    assert vera_fx.VeraConfig(task_type="QUESTION_ANS").modules_to_save == ["qa_outputs"]
+    assert vera_fx.VeraConfig(task_type="CAUSAL_LM").modules_to_save is None
+
+
+def test_peft_config_object_is_converted_and_saved_as_peft_saves_it(tmp_path):
+    peft = pytest.importorskip("peft")
+    from conftest import text_inputs, tiny_bert
+
+    kw = dict(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", revision="main")
+    x = text_inputs(tiny_bert(), labels=False)
+    m = vera_fx.transform(tiny_bert(), peft.VeraConfig(**kw), example_inputs=x)
+    assert isinstance(m.peft_config["default"], vera_fx.VeraConfig)
+    pm = peft.get_peft_model(tiny_bert(), peft.VeraConfig(**kw))
+    vera_fx.load_adapter_state_dict(m, peft.get_peft_model_state_dict(pm))
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(**x).logits, pm.eval()(**x).logits, atol=1e-5, rtol=0)
+    m.save_pretrained(tmp_path / "ours")
+    pm.save_pretrained(str(tmp_path / "peft"))
+    ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert ours == theirs  # peft_version included: the PEFT config's own value is kept
+
+
+def test_as_config_refuses_other_objects_by_name():
+    peft = pytest.importorskip("peft")
+    with pytest.raises(TypeError, match="peft.tuners.lora.config.LoraConfig \\(peft_type='LORA'\\): vera_fx adds VeRA "
+                                        "and PVeRA adapters only; pass vera_fx.VeraConfig"):
+        as_config(peft.LoraConfig())
+    with pytest.raises(TypeError, match="config must be a vera_fx.VeraConfig .* got builtins.dict"):
+        as_config({"r": 4})
+    with pytest.raises(TypeError, match="a PEFT config is converted by vera_fx.transform"):
+        method_for(peft.VeraConfig())
+    cfg = vera_fx.PveraConfig(r=4)
+    assert as_config(cfg) is cfg
+    converted = as_config(peft.PveraConfig(r=4, target_modules={"b", "a"}, sample_at_inference=True))
+    assert isinstance(converted, vera_fx.PveraConfig) and converted.target_modules == ["a", "b"]
+    assert converted.sample_at_inference is True

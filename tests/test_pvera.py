@@ -188,6 +188,8 @@ def test_switches_train_eval_and_no_recapture():
     x = x_one()
     code = gm.code
     with torch.no_grad():
+        assert not torch.equal(gm(x), gm(x))  # the adapters start in training mode (PEFT's new layers do)
+        gm.eval()
         mean1, mean2 = gm(x), gm(x)
         assert torch.equal(mean1, mean2)  # eval, sampling off: deterministic
         gm.train()

@@ -19,7 +19,7 @@ from typing import Iterator, Optional, Sequence, Union
 from torch import nn
 from torch.fx import GraphModule
 
-from .config import AdapterConfig
+from .config import AdapterConfig, as_config
 from .methods import AdapterState, method_for
 from .passes.attach import state_fingerprint
 from .passes.inject import InjectPass, emit_adapter, remove_adapter_nodes
@@ -33,6 +33,7 @@ from .state import (ACTIVE_KEY, DISABLED_KEY, _container, active_adapters, adapt
 
 # active_adapters ... modules_to_save_copy live in vera_fx/state.py (below the passes) and stay importable here.
 __all__ = ["set_lowering", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "active_adapters",
+           "set_adapters_disabled",
            "adapters_disabled", "shared_projections", "attach_modules_to_save", "resolve_modules_to_save",
            "modules_to_save_copy", "remove_adapter", "ACTIVE_KEY", "DISABLED_KEY"]
 
@@ -158,6 +159,7 @@ def add_adapter(gm: GraphModule, adapter_name: str, config: AdapterConfig) -> No
     it shares the existing adapters' projections (see ``shared_projections`` for the rules).
     """
     gm = as_graph_module(gm, "add_adapter")
+    config = as_config(config)  # ours, or PEFT's read by its fields
     method_for(config)
     if config.modules_to_save:
         resolve_modules_to_save(gm, config.modules_to_save)  # fail before anything changes
@@ -228,6 +230,31 @@ def remove_adapter(gm: GraphModule, adapter_name: str) -> None:
     gm.graph.lint()
     gm.recompile()
     _sync(gm)
+
+
+def set_adapters_disabled(gm: GraphModule, disabled: bool) -> None:
+    """Disable (``True``) or enable (``False``) every adapter until the next call: the lasting form of
+    ``disable_adapters`` (PEFT's ``disable_adapter_layers`` / ``enable_adapter_layers``). The active list is
+    kept; trained biases stay (as in PEFT, with a warning)."""
+    gm = as_graph_module(gm, "set_adapters_disabled")
+    if not isinstance(disabled, bool):
+        raise TypeError(f"disabled={disabled!r}: expected True or False")
+    if disabled == adapters_disabled(gm):
+        return
+    if disabled:
+        _check_not_merged(gm, active_adapters(gm), "disable adapters")
+        biased = [n for n in active_adapters(gm) if _container(gm)[n].config.bias != "none"]
+        if biased:
+            warnings.warn(f"adapters {biased} train biases; disabling adapters keeps the trained biases, so outputs "
+                          "are not the base model's", UserWarning, stacklevel=3)
+    gm.meta[DISABLED_KEY] = disabled
+    try:
+        _sync(gm)
+    except Exception:
+        gm.meta[DISABLED_KEY] = not disabled
+        _sync(gm)
+        raise
+    logger.info("adapters %s", "disabled" if disabled else "enabled")
 
 
 @contextmanager

@@ -590,6 +590,8 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
             head = next((n for n, m in model.named_modules() if m is out_emb), None)
     return {
         "class": type(model).__name__,
+        "module": type(model).__module__,
+        "name_or_path": model.__dict__.get("name_or_path") or None,  # where PEFT reads it
         "model_type": getattr(cfg, "model_type", None),
         "output_head": head,
         "modules": {n: type(m).__name__ for n, m in model.named_modules() if n},

@@ -317,8 +317,14 @@ def peft_config_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str
     if len(kinds) == 1:  # what the sites store, as PEFT writes it after correcting the config
         data["fan_in_fan_out"] = kinds.pop()
     info = gm.meta.get("vera_fx_model", {})
-    data.update(peft_type=state.config.peft_type, task_type=None, inference_mode=True, revision=None,
-                base_model_name_or_path=info.get("name_or_path"), auto_mapping=None, peft_version=None)
+    # As PEFT's save_pretrained: inference_mode true, the model's name_or_path when the config has none, and
+    # without a task type the model's class (PEFT's auto_mapping); peft_version stays the config's (None unless
+    # the config came from PEFT: vera_fx does not claim a PEFT version).
+    cfg = state.config
+    auto = cfg.auto_mapping if cfg.task_type is not None else (
+        {"base_model_class": info["class"], "parent_library": info.get("module")} if info.get("class") else None)
+    data.update(peft_type=cfg.peft_type, inference_mode=True, auto_mapping=auto,
+                base_model_name_or_path=cfg.base_model_name_or_path or info.get("name_or_path"))
     return dict(sorted(data.items()))
 
 

@@ -1,12 +1,14 @@
 """The ``vera-fx`` command: inspect a model's adapter sites, run the demo, merge an adapter into a model.
 
 Bad paths and arguments end with a one-line error on stderr and exit status 2 (never a traceback);
-``-v`` shows progress logs.
+``-v`` shows progress logs. Arguments are parsed before torch is imported: ``--help``, ``--version`` and usage
+errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import shutil
@@ -15,9 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any, NoReturn, Optional, Sequence
 
-import vera_fx
-
-from .demo import main as demo_main
+import vera_fx  # cheap: its names load on first use, so --help / --version never import torch
 
 __all__ = ["main", "build_parser"]
 
@@ -193,7 +193,8 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _demo(rest: list[str]) -> int:
-    return int(demo_main(rest) or 0)
+    demo = importlib.import_module("vera_fx.demo")  # imported for this command only (it imports torch)
+    return int(demo.main(rest) or 0)
 
 
 def _one_line_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,

@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-__all__ = ["VeraConfig", "PveraConfig", "AdapterConfig", "config_to_dict", "config_from_dict"]
+__all__ = ["VeraConfig", "PveraConfig", "AdapterConfig", "config_to_dict", "config_from_dict", "as_config",
+           "TASK_TYPES", "TASK_MODULES_TO_SAVE"]
 
 CONFIG_VERSION = 1
 
@@ -41,6 +42,11 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 
 _BIAS_MODES = ("none", "all")
 
+# PEFT's task types, and the heads each one trains as modules_to_save (PEFT's PeftModelFor<Task> adds them).
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+TASK_MODULES_TO_SAVE: dict[str, list[str]] = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
+                                              "QUESTION_ANS": ["qa_outputs"]}
+
 
 def _check(cond: bool, field_name: str, value: Any, allowed: str) -> None:
     if not cond:
@@ -62,6 +68,14 @@ class _BaseConfig:
     init_weights: bool = True
     layers_to_transform: Optional[Union[list[int], int]] = None
     layers_pattern: Optional[Union[list[str], str]] = None
+    # PEFT's PeftConfig fields, keyword-only (they follow the method's own fields): kept and written to
+    # adapter_config.json as PEFT writes them. ``task_type`` adds its heads to ``modules_to_save`` as PEFT does.
+    task_type: Optional[str] = dataclasses.field(default=None, kw_only=True)
+    inference_mode: bool = dataclasses.field(default=False, kw_only=True)
+    base_model_name_or_path: Optional[str] = dataclasses.field(default=None, kw_only=True)
+    revision: Optional[str] = dataclasses.field(default=None, kw_only=True)
+    auto_mapping: Optional[dict] = dataclasses.field(default=None, kw_only=True)
+    peft_version: Optional[str] = dataclasses.field(default=None, kw_only=True)
 
     # What the method calls its dropout field and its "only adapter biases" bias mode.
     _dropout_field = "vera_dropout"
@@ -117,6 +131,22 @@ class _BaseConfig:
         if lp and ltt is None:
             raise ValueError(f"layers_pattern={lp!r} needs layers_to_transform: set the layer indices to adapt, "
                              "or drop layers_pattern")
+        self._check_peft_fields()
+
+    def _check_peft_fields(self) -> None:
+        tt = getattr(self.task_type, "value", self.task_type)  # PEFT's TaskType enum reads as its value
+        _check(tt is None or tt in TASK_TYPES, "task_type", self.task_type,
+               f"expected None or one of {', '.join(map(repr, TASK_TYPES))}")
+        self.task_type = tt
+        _check(isinstance(self.inference_mode, bool), "inference_mode", self.inference_mode, "expected True or False")
+        for name in ("base_model_name_or_path", "revision", "peft_version"):
+            value = getattr(self, name)
+            _check(value is None or isinstance(value, str), name, value, "expected None or a string")
+        _check(self.auto_mapping is None or isinstance(self.auto_mapping, dict), "auto_mapping", self.auto_mapping,
+               "expected None or a dict such as {'base_model_class': 'BertModel', 'parent_library': ...}")
+        heads = [h for h in TASK_MODULES_TO_SAVE.get(tt or "", []) if h not in (self.modules_to_save or [])]
+        if heads:  # as PEFT's PeftModelForSequenceClassification (...) extends the config
+            self.modules_to_save = [*(self.modules_to_save or []), *heads]
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
@@ -155,19 +185,14 @@ class PveraConfig(_BaseConfig):
 AdapterConfig = Union[VeraConfig, PveraConfig]
 _CONFIG_TYPES: dict[str, type] = {"VERA": VeraConfig, "PVERA": PveraConfig}
 
-# Keys PEFT writes to adapter_config.json that carry no meaning for vera_fx; accepted and ignored on load.
-_PEFT_ONLY_KEYS = {
-    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-    "peft_version", "target_parameters", "exclude_modules", "vera_fx_version", "runtime_config",
-}
+# Keys of adapter_config.json that are no config field; accepted (and ignored) on load.
+_PEFT_ONLY_KEYS = {"peft_type", "target_parameters", "exclude_modules", "vera_fx_version", "runtime_config"}
 
 
 def config_to_dict(config: AdapterConfig) -> dict[str, Any]:
     """The JSON-ready dict of a config, in adapter_config.json's layout (PEFT's keys plus our version)."""
     out: dict[str, Any] = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     out["peft_type"] = config.peft_type
-    out["task_type"] = None
-    out["inference_mode"] = False
     out["vera_fx_version"] = CONFIG_VERSION
     return out
 
@@ -194,3 +219,36 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
         raise ValueError(f"adapter config has unknown fields {unknown} for peft_type={peft_type!r}; "
                          f"known fields: {sorted(names)}")
     return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def as_config(config: Any) -> AdapterConfig:
+    """``config`` as a vera_fx config: ours as it is; a PEFT ``VeraConfig`` / ``PveraConfig`` (or any object
+    with PEFT's ``peft_type`` and ``to_dict()``) read by its fields. Anything else raises TypeError naming it."""
+    if isinstance(config, (VeraConfig, PveraConfig)):
+        return config
+    name = type(config).__name__
+    peft_type = getattr(config, "peft_type", None)
+    peft_type = getattr(peft_type, "value", peft_type)
+    to_dict = getattr(config, "to_dict", None)
+    if isinstance(peft_type, str) and callable(to_dict):
+        if peft_type not in _CONFIG_TYPES:
+            raise TypeError(f"config is a {type(config).__module__}.{name} (peft_type={peft_type!r}): vera_fx adds "
+                            "VeRA and PVeRA adapters only; pass vera_fx.VeraConfig(...) / vera_fx.PveraConfig(...) "
+                            "or PEFT's VeraConfig / PveraConfig")
+        data = {k: _plain(v) for k, v in to_dict().items()}
+        data["peft_type"] = peft_type
+        try:
+            return config_from_dict(data)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"config {type(config).__module__}.{name} cannot be read as vera_fx's {peft_type} config: "
+                          f"{e}") from e
+    raise TypeError(f"config must be a vera_fx.VeraConfig or vera_fx.PveraConfig (or PEFT's VeraConfig / "
+                    f"PveraConfig), got {type(config).__module__}.{name}")
+
+
+def _plain(value: Any) -> Any:
+    """A PEFT config value as JSON-like data: enums as their values, sets as sorted lists."""
+    value = getattr(value, "value", value) if not isinstance(value, (bool, int, float, str)) else value
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return value

@@ -37,7 +37,8 @@ from transformers.configuration_utils import get_head_shapes
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from .state import active_adapters, adapters_disabled, modules_to_save_copy, reads_state
+from .state import (active_adapters, adapters_disabled, modules_to_save_copy, reads_state,
+                    set_adapters_training)
 from .capture import SOURCE_MODEL_KEY, CaptureError, model_flags_kept
 from .methods import CONTAINER
 from .methods.pvera import pvera_record_kl
@@ -157,7 +158,7 @@ def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len:
             raise CaptureError(f"torch.export could not capture {type(model).__name__} with a static KV cache: "
                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     decode = ep.module()
-    decode.training = False  # what the adapter nodes' dropout / sampling read: generation is inference
+    decode.training = False  # the base model's dropout: generation is inference
     decode.validate_inputs = False  # generate builds the inputs itself; skips export's per-call shape checks
     _strip_checks(decode)
     MatchPass()(decode)
@@ -252,6 +253,7 @@ def bind_adapter_state(decode: GraphModule, gm: GraphModule) -> bool:
                              f"{decode.meta['vera_fx_model']['class']}; pass model= the model the graph was "
                              "transformed from")
         emit_adapter(decode, name, set(sites))
+    set_adapters_training(decode, False)  # generation is inference: no adapter dropout or sampling
     _drop_kl_records(decode)
     decode.meta[_BOUND_KEY] = key
     logger.debug("decode graph bound to adapters %s", live)

@@ -45,15 +45,15 @@ from . import blockwise
 from . import checkpoint as ckpt
 from .adapters import active_adapters, add_adapter
 from .capture import CaptureError, ExampleInputs, normalise_example, capture
-from .config import AdapterConfig, config_from_dict
+from .config import AdapterConfig, as_config, config_from_dict
 from .methods import CONTAINER, method_for
 from .generation import generate
 from .passes.attach import attach_adapters, state_fingerprint
 from .passes.match import MatchPass
-from .passes.merge import merge_into
 from .serving import mixed_adapter_forward
 from .state import state_lock
 from .passes.pipeline import run_passes, transform as transform_graph
+from .surface import PeftSurface
 
 __all__ = ["VeraFxModel", "transform", "from_pretrained", "count_parameters", "DEFAULT_MAX_GRAPHS",
            "CONFIG_KEY_PREFIX", "STATE_KEY_PREFIX"]
@@ -157,10 +157,12 @@ def _swapped_in(model: nn.Module, source: GraphModule) -> Iterator[None]:
             store[leaf] = t
 
 
-class VeraFxModel(nn.Module):
+class VeraFxModel(PeftSurface, nn.Module):
     """A model with VeRA / PVeRA adapters, computed by captured torch.fx graphs (see the module docstring).
 
     Call it as the model (any keyword set the model takes); train, evaluate, ``.to()``, save and inspect it.
+    PEFT's model methods (``add_adapter``, ``set_adapter``, ``disable_adapter()``, ``merge_and_unload``, ``unload``,
+    ``peft_config``, ...) come from ``PeftSurface`` (vera_fx/surface.py).
     ``graph_module`` is the source graph (adapter state, ``code``); ``graphs`` every cached graph by signature.
     """
 
@@ -357,10 +359,6 @@ class VeraFxModel(nn.Module):
         for name in chosen:
             ckpt.save_adapter(self._source, save_directory if name == "default" else Path(save_directory) / name,
                               name)
-
-    def merge_and_unload(self, safe_merge: bool = False) -> nn.Module:
-        """The user's model with the active adapters folded into its weights (``merge_into``); returned."""
-        return merge_into(self._base_model, self._source, safe_merge=safe_merge)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  **kwargs: Any) -> torch.Tensor:
@@ -650,6 +648,7 @@ def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleIn
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
         raise ValueError(f"max_graphs={max_graphs!r} is invalid: expected an int >= 1, e.g. max_graphs=8")
+    config = as_config(config)  # ours, or PEFT's VeraConfig / PveraConfig read by its fields
     method_for(config)
     call = _example_key(model, example_inputs)
     gm = transform_graph(model, config, call, adapter_name, lowering, tokens)

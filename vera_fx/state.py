@@ -4,6 +4,9 @@ The inject and merge passes, the adapter API (vera_fx/adapters.py) and checkpoin
 read and write this state, so it lives here, one layer below the passes:
 
 - the container of ``AdapterState`` modules at ``gm.vera_fx_adapters`` (``adapter_container``);
+- the adapters' own train / eval flag per graph (``AdapterMode`` at ``gm.vera_fx_adapter_mode``), apart from
+  the base model's ``training`` so that, as PEFT's new adapter layers, it starts in training mode whatever
+  mode the model was in, and follows every ``.train()`` / ``.eval()`` afterwards;
 - the active list in ``gm.meta["vera_fx_active"]`` (absent: every adapter on the graph is active) and the
   disabled flag in ``gm.meta["vera_fx_disabled"]`` (``active_adapters``, ``adapters_disabled``);
 - shared projections: a later adapter of a method uses views of the largest existing adapter's A and B
@@ -32,7 +35,8 @@ from .sites import MERGED_KEY, as_graph_module, block_prefix, graph_modules, rea
 __all__ = ["state_lock", "mutation", "reads_state", "ACTIVE_KEY", "DISABLED_KEY", "MTS_TAG", "PEFT_ROOT", "adapter_container", "active_adapters",
            "adapters_disabled", "merged_adapters", "shared_projections", "resolve_modules_to_save",
            "attach_modules_to_save", "modules_to_save_copy", "modules_to_save_owners", "route_modules_to_save",
-           "bias_targets", "attach_state", "detach_state", "block_site_names", "restore_active"]
+           "bias_targets", "attach_state", "detach_state", "block_site_names", "restore_active",
+           "ADAPTER_MODE", "AdapterMode", "adapter_mode_module", "adapters_training", "set_adapters_training"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,6 +44,45 @@ T = TypeVar("T")
 ACTIVE_KEY = "vera_fx_active"
 DISABLED_KEY = "vera_fx_disabled"
 MTS_TAG = "vera_fx_modules_to_save"  # node.meta of get_attr nodes reading a modules_to_save parameter
+ADAPTER_MODE = "vera_fx_adapter_mode"  # the submodule of each graph whose ``training`` the adapter nodes read
+
+
+class AdapterMode(nn.Module):
+    """The adapters' train / eval flag of one graph: its ``training`` attribute, read by the adapter nodes'
+    dropout and sampling (``get_attr('vera_fx_adapter_mode.training')``). A submodule of its own, so
+    ``gm.train()`` / ``gm.eval()`` set it with the rest, while it can start in training mode in a model that
+    is in eval mode (PEFT's new adapter layers do: a model from ``from_pretrained`` trains its adapters)."""
+
+    def forward(self) -> None:  # pragma: no cover - never called: a flag holder
+        raise TypeError("AdapterMode holds the adapters' train / eval flag and is not called")
+
+
+def adapter_mode_module(gm: GraphModule, training: bool = True) -> AdapterMode:
+    """``gm``'s AdapterMode (this graph only, not its blocks), created with ``training`` when missing."""
+    mode = gm._modules.get(ADAPTER_MODE)
+    if mode is None:
+        mode = AdapterMode()
+        mode.training = training
+        gm.add_module(ADAPTER_MODE, mode)
+    return mode
+
+
+def adapters_training(gm: nn.Module) -> bool:
+    """Whether the adapters of ``gm`` (a graph or the object ``transform`` returns) are in training mode: its
+    root's AdapterMode flag, or the graph's own ``training`` when no adapter was ever emitted."""
+    gm = as_graph_module(gm, "adapters_training")
+    mode = gm._modules.get(ADAPTER_MODE)
+    return bool(mode.training) if mode is not None else bool(gm.training)
+
+
+def set_adapters_training(gm: nn.Module, training: bool) -> None:
+    """Set the adapters' train / eval flag in every graph of ``gm``'s tree, leaving the base model's mode."""
+    if not isinstance(training, bool):
+        raise TypeError(f"training={training!r}: expected True or False")
+    for g in graph_modules(as_graph_module(gm, "set_adapters_training")):
+        mode = g._modules.get(ADAPTER_MODE)
+        if mode is not None:
+            mode.training = training
 
 
 def _container(gm: GraphModule) -> nn.ModuleDict:

@@ -296,7 +296,9 @@ def method_for(config: AdapterConfig) -> Method:
     """The method registered for ``config``'s type; TypeError for any other object."""
     method = _BY_CONFIG.get(type(config))
     if method is None:
-        raise TypeError(f"config must be a VeraConfig or PveraConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a vera_fx.VeraConfig or vera_fx.PveraConfig, got "
+                        f"{type(config).__module__}.{type(config).__name__}; a PEFT config is converted by "
+                        "vera_fx.transform / add_adapter, or by vera_fx.config.as_config(config)")
     return method
 
 

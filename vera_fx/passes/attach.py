@@ -25,7 +25,7 @@ from torch.fx import GraphModule
 
 from ..methods import CONTAINER
 from ..sites import ADAPTER_KEY, block_prefix, graph_modules, read_sites
-from ..state import MTS_TAG, attach_state
+from ..state import MTS_TAG, adapters_training, attach_state, set_adapters_training
 from .inject import emit_adapter, remove_adapter_nodes
 
 __all__ = ["attach_adapters", "strip_adapters", "state_fingerprint", "STATE_META"]
@@ -137,6 +137,7 @@ def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple
     container.versions.switch(gm, graph_modules(gm), before, state_fingerprint(source),
                               lambda: _emit_like(gm, source))
     gm.train(source.training)
+    set_adapters_training(gm, adapters_training(source))  # the adapters' own flag may differ (vera_fx/state.py)
     logger.debug("attach: %d tensors rebound", rebound)
     return gm
 

@@ -20,17 +20,17 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, as_config
 from ..methods import CONTAINER, AdapterState, Emitter, method_for
 from ..methods.fold import restore_linear
 from ..sites import ADAPTER_KEY, Site, graph_modules, read_graph_sites
-from ..state import (adapter_container, attach_modules_to_save, attach_state, bias_targets, detach_state,
+from ..state import (ADAPTER_MODE, adapter_container, adapter_mode_module, attach_modules_to_save, attach_state, bias_targets, detach_state,
                      shared_projections)
 from .lower import lower_adapters, lowering_setting
 from .match import select_sites
 from .share import share_projections
 
-__all__ = ["InjectPass", "training_node", "adapter_container", "emit_adapter", "remove_adapter_nodes", "attach_state",
+__all__ = ["InjectPass", "training_node", "adapter_mode_node", "adapter_container", "emit_adapter", "remove_adapter_nodes", "attach_state",
            "detach_state", "new_state"]
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,23 @@ def training_node(gm: GraphModule) -> Node:
         node = gm.graph.get_attr("training")
     # Added for the adapters (the base graph had no dropout): removed again with the last adapter node.
     node.meta[ADAPTER_KEY] = {"site": None, "adapter": None, "role": "mode", "base": None, "name": "training"}
+    return node
+
+
+def adapter_mode_node(gm: GraphModule, training: bool = True) -> Node:
+    """The node reading the adapters' own train / eval flag (``vera_fx_adapter_mode.training``, see
+    vera_fx/state.py), created with its module when missing: the adapter nodes' dropout and sampling read it,
+    the base model's dropout keeps reading ``training``. A new module starts with ``training``."""
+    adapter_mode_module(gm, training)
+    target = f"{ADAPTER_MODE}.training"
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target == target:
+            return n
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    with gm.graph.inserting_before(first), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a bool attribute, not a tensor: intended
+        node = gm.graph.get_attr(target)
+    node.meta[ADAPTER_KEY] = {"site": None, "adapter": None, "role": "mode", "base": None, "name": "adapter_mode"}
     return node
 
 
@@ -77,9 +94,9 @@ class InjectPass(PassBase):
 
     def __init__(self, config: AdapterConfig, adapter_name: str = "default") -> None:
         super().__init__()
-        self.config = config
+        self.config = as_config(config)
         self.adapter_name = adapter_name
-        self.method = method_for(config)
+        self.method = method_for(self.config)
 
     def requires(self, graph_module: GraphModule) -> None:
         if not isinstance(self.adapter_name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.adapter_name):
@@ -174,22 +191,24 @@ def emit_adapter(gm: GraphModule, adapter_name: str, site_names: Optional[set[st
     """
     count = 0
     setting = lowering_setting(gm)  # the root's lowering setting, for every graph of the tree
+    # The root's adapter flag (training mode for a first adapter, as PEFT's new layers) for every graph.
+    training = adapter_mode_module(gm).training
     for g in graph_modules(gm):
         container = getattr(g, CONTAINER, None)
         if container is not None and adapter_name in container:
-            count += _emit_graph(g, adapter_name, site_names, setting)
+            count += _emit_graph(g, adapter_name, site_names, setting, training)
     return count
 
 
 def _emit_graph(gm: GraphModule, adapter_name: str, site_names: Optional[set[str]],
-                setting: Optional[dict] = None) -> int:
+                setting: Optional[dict] = None, training: bool = True) -> int:
     """``emit_adapter`` on one graph (its own nodes only)."""
     state = getattr(gm, CONTAINER)[adapter_name]
     method = state.method
     wanted = set(state.site_names) if site_names is None else set(site_names) & set(state.site_names)
     if not wanted:
         return 0
-    training = training_node(gm)
+    training = adapter_mode_node(gm, training)
     outputs = _adapted_outputs(gm)
     count = 0
     for site in read_graph_sites(gm):  # every call of a chosen site, shared layers included
@@ -241,10 +260,9 @@ def _remove_graph(gm: GraphModule, adapter_name: str, site_names: Optional[set[s
             else:
                 graph.erase_node(n)
         cleared += 1
-    for n in graph.nodes:
+    for n in list(graph.nodes):  # the flags the adapters added (``training``, the adapter mode) once unread
         if (n.meta.get(ADAPTER_KEY) or {}).get("role") == "mode" and not n.users:
             graph.erase_node(n)
-            break
     graph.lint()
     gm.recompile()
     return cleared

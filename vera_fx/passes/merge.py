@@ -29,7 +29,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..methods import CONTAINER, AdapterState
 from ..quantized import mergeable
 from ..sites import ADAPTER_KEY, MERGED_KEY, Site, as_graph_module, block_prefix, graph_modules, read_sites
-from ..state import MTS_TAG, active_adapters, adapters_disabled, mutation
+from ..state import ADAPTER_MODE, MTS_TAG, active_adapters, adapters_disabled, mutation
 from .inject import emit_adapter, remove_adapter_nodes
 
 __all__ = ["MergePass", "UnmergePass", "merge", "unmerge", "merge_into", "FOLDED_KEY"]
@@ -208,11 +208,14 @@ def _warn_skipped(skipped: dict[str, str], what: str, stacklevel: int) -> None:
                       stacklevel=stacklevel + 1)
 
 
+ADAPTER_MODE_FLAG = f"{ADAPTER_MODE}.training"
+
+
 def _drop_unused_training(gm: GraphModule) -> None:
-    """Erase the ``get_attr('training')`` nodes the adapters added when nothing reads them any more."""
+    """Erase the ``get_attr('training')`` / adapter-mode nodes when nothing reads them any more."""
     for g in graph_modules(gm):
         for n in list(g.graph.nodes):
-            if n.op == "get_attr" and n.target == "training" and not n.users:
+            if n.op == "get_attr" and n.target in ("training", ADAPTER_MODE_FLAG) and not n.users:
                 g.graph.erase_node(n)
         g.recompile()
 
@@ -394,7 +397,7 @@ def _graph_reads(gm: GraphModule) -> dict[str, str]:
     base graph reads (a ``modules_to_save`` copy stands in for the parameter it was copied from)."""
     reads: dict[str, str] = {}
     for g, n, target in ((g, n, _qualified(g, str(n.target))) for g in graph_modules(gm) for n in g.graph.nodes):
-        if n.op != "get_attr" or n.meta.get(ADAPTER_KEY) or n.target == "training":
+        if n.op != "get_attr" or n.meta.get(ADAPTER_KEY) or n.target in ("training", ADAPTER_MODE_FLAG):
             continue
         mts = n.meta.get(MTS_TAG)
         model_name = _qualified(g, str(mts["target"])) if mts else target

@@ -10,7 +10,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from ..capture import ExampleInputs, capture
-from ..config import AdapterConfig
+from ..config import AdapterConfig, as_config
 from ..methods import method_for
 from .inject import InjectPass
 from .lower import LOWERING_KEY, LowerPass, check_lowering
@@ -48,6 +48,7 @@ def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleIn
     (vera_fx/passes/lower.py); they are a property of the graph, not of the adapter, and change later with
     ``vera_fx.set_lowering``.
     """
+    config = as_config(config)  # ours, or PEFT's read by its fields
     method_for(config)  # type check before the (slow) capture
     setting = check_lowering(lowering, tokens)
     gm = capture(model, example_inputs)
