@@ -4,8 +4,8 @@
 
 ``fsdp2`` shards with ``vera_fx.distributed.shard``; ``plain`` is the standard FSDP2 recipe on the object
 ``vera_fx.transform`` returns, as PEFT and accelerate users write it (``fully_shard`` each layer of
-``m.model.layers``, then ``m``), with ``mean_gradients`` for gloo, where FSDP2 sums gradients instead of
-averaging them (pytorch issue 162338).
+``m.model.layers``, then ``m``), nothing else: on torch 2.13 gloo averages the gradients as DDP does (torch
+builds that sum instead, pytorch issue 162338, need ``vera_fx.distributed.mean_gradients(m)``).
 
 Each mode transforms a small model from the same seed, splits a fixed batch across the ranks, trains a few
 SGD steps and saves the adapter from rank 0 (``vera_fx.save_adapter`` gathers the shards on every rank).
@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 import vera_fx
-from vera_fx.distributed import full_tensor, mean_gradients, shard, sharded_fraction
+from vera_fx.distributed import full_tensor, shard, sharded_fraction
 
 
 def build(name: str) -> torch.nn.Module:
@@ -83,7 +83,6 @@ def run(mode: str, name: str, steps: int, out: Path, device: torch.device) -> No
         for layer in layers(model):
             fully_shard(layer)
         fully_shard(model)
-        mean_gradients(model)  # gloo sums FSDP2 gradients: make them the mean, as DDP's
     elif mode == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel
 

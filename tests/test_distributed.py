@@ -91,27 +91,28 @@ def _torchrun(script: Path, *args: str) -> None:
 @pytest.mark.parametrize("variant", ["graph", "object"])
 def test_plain_fsdp2_recipe_and_state_dict(variant, tmp_path):
     """fully_shard(layer) for each layer, then fully_shard(m): each tensor is registered once, so FSDP2 wraps
-    it. Without mean_gradients, gloo sums the gradients (world x DDP's, pytorch issue 162338); with it they are
-    DDP's. state_dict() gives full tensors on every rank, and load_state_dict writes each rank's shard."""
+    it. The gradients are DDP's (torch 2.13's gloo averages; where it sums, pytorch issue 162338, they are
+    world x DDP's until mean_gradients). state_dict() gives full tensors on every rank, and load_state_dict
+    writes each rank's shard, from full tensors or from DTensors."""
     _torchrun(ROOT / "tests" / "torchrun_fsdp_plain.py", "--variant", variant, "--steps", str(STEPS),
               "--out", str(tmp_path))
     rec = torch.load(tmp_path / f"{variant}.pt")
     ex = _example()
     grads, losses, final = _reference(ex, "llama")
     assert rec["world"] == 2 and rec["duplicates"] == []
-    scale = 1.0 if variant == "object" else 2.0  # gloo sums over the 2 ranks unless mean_gradients
-    assert rec["averaged"] is (True if variant == "object" else None)
+    # torch 2.13 (the pinned range): gloo averages, so the plain recipe needs nothing else and mean_gradients
+    # changes nothing (on a torch that sums, this fails first: see mean_gradients)
+    assert rec["sums"] is False and rec["averaged"] is (False if variant == "object" else None)
     assert set(rec["grads"]) == set(grads)
     for k, g in grads.items():
-        torch.testing.assert_close(rec["grads"][k], scale * g, atol=1e-5, rtol=1e-5, msg=k)
-    torch.testing.assert_close(rec["losses"][0], losses[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rec["grads"][k], g, atol=1e-5, rtol=1e-5, msg=k)
     state = rec["state"]
-    assert rec["sharded"] == [] and {k[len("vera_fx.default."):] for k in state if k.startswith("vera_fx.default.")} \
+    assert rec["sharded"] == [] and rec["same_on_ranks"] and {k[len("vera_fx.default."):] for k in state if k.startswith("vera_fx.default.")} \
         == set(final)
-    if variant == "object":  # the same steps as one process: the trained adapter, full tensors
-        torch.testing.assert_close(torch.tensor(rec["losses"]), torch.tensor(losses), atol=1e-5, rtol=1e-5)
-        for k, v in final.items():
-            torch.testing.assert_close(state[f"vera_fx.default.{k}"], v, atol=1e-5, rtol=1e-5, msg=k)
+    # the same steps as one process: the trained adapter, as full tensors on every rank
+    torch.testing.assert_close(torch.tensor(rec["losses"]), torch.tensor(losses), atol=1e-5, rtol=1e-5)
+    for k, v in final.items():
+        torch.testing.assert_close(state[f"vera_fx.default.{k}"], v, atol=1e-5, rtol=1e-5, msg=k)
     assert set(rec["local"]) == set(grads)  # every lambda sharded: each rank holds half
     assert all(2 * here == full for here, full in rec["local"].values())
     assert rec["reloaded"] and rec["reloaded_shards"]
@@ -173,3 +174,25 @@ def test_load_adapter_into_an_fsdp2_sharded_graph(one_process_group, tmp_path):
         with pytest.raises(ValueError, match="sharded with FSDP2.*add every adapter before"):
             add()
         assert list(gm.vera_fx_adapters) == ["default"]
+
+
+def test_mean_gradients_needs_a_sharded_module(one_process_group):
+    """mean_gradients looks for FSDP2 modules in the tree it is given; the probe averages on torch 2.13."""
+    from torch.distributed.fsdp import fully_shard
+
+    from vera_fx.distributed import fsdp2_sums_gradients, mean_gradients
+
+    m = _example().adapted("llama")
+    with pytest.raises(ValueError, match="no module of this .* is sharded with FSDP2; call fully_shard"):
+        mean_gradients(m)
+    for layer in m.model.layers:
+        fully_shard(layer)
+    fully_shard(m)
+    assert mean_gradients(m) is False and fsdp2_sums_gradients() is False
+
+
+def test_mean_gradients_needs_a_process_group():
+    from vera_fx.distributed import mean_gradients
+
+    with pytest.raises(RuntimeError, match="mean_gradients needs an initialised process group"):
+        mean_gradients(torch.nn.Linear(2, 2))

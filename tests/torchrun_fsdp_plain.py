@@ -1,10 +1,10 @@
 """Run by tests/test_distributed.py under torchrun (2 processes, gloo): the standard FSDP2 recipe on what
 ``vera_fx.transform`` returns, then ``state_dict()`` / ``load_state_dict()`` of the sharded model.
 
-``--variant graph``: ``fully_shard`` each layer of ``m.graph_module.model.layers``, then ``m``, nothing else
-(on gloo FSDP2 then sums the gradients over the ranks). ``--variant object``: each layer of
-``m.model.layers``, then ``m``, then ``vera_fx.distributed.mean_gradients(m)``. Rank 0 writes
-``<out>/<variant>.pt``.
+``--variant graph``: ``fully_shard`` each layer of ``m.graph_module.model.layers``, then ``m``, nothing else.
+``--variant object``: each layer of ``m.model.layers``, then ``m``, then
+``vera_fx.distributed.mean_gradients(m)``. Both record whether FSDP2 on gloo sums the gradients (pytorch
+issue 162338) on this torch. Rank 0 writes ``<out>/<variant>.pt``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import torchrun_fsdp as ex  # noqa: E402
 
 from vera_fx.checkpoint import state_dict_targets  # noqa: E402
-from vera_fx.distributed import full_tensor, mean_gradients  # noqa: E402
+from vera_fx.distributed import fsdp2_sums_gradients, full_tensor, mean_gradients  # noqa: E402
 
 
 def run(variant: str, steps: int, out: Path) -> None:
@@ -35,6 +35,7 @@ def run(variant: str, steps: int, out: Path) -> None:
     for layer in layers:
         fully_shard(layer)
     fully_shard(m)
+    sums = fsdp2_sums_gradients()
     averaged = mean_gradients(m) if variant == "object" else None
     ids = ex.batch(world)[2 * rank: 2 * rank + 2]
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
@@ -49,6 +50,10 @@ def run(variant: str, steps: int, out: Path) -> None:
         losses.append(float(loss))
     state = m.state_dict()  # every rank calls it, as the Trainer does: a collective under FSDP2
     sharded = [k for k, v in state.items() if hasattr(v, "device_mesh")]
+    every = [None] * world
+    dist.all_gather_object(every, {k: v.clone() for k, v in state.items()})
+    same_on_ranks = all(o.keys() == state.keys() and all(torch.equal(o[k], v) for k, v in state.items())
+                        for o in every)
     lambdas = {n: p for n, p in m.named_parameters() if p.requires_grad}
     trained = {n: full_tensor(p).clone() for n, p in lambdas.items()}
     with torch.no_grad():
@@ -69,9 +74,9 @@ def run(variant: str, steps: int, out: Path) -> None:
     reloaded_shards = all(torch.equal(full_tensor(p), trained[n]) for n, p in lambdas.items())
     if rank == 0:
         torch.save({"grads": grads, "losses": losses, "state": {k: v.clone() for k, v in state.items()},
-                    "sharded": sharded, "reloaded": reloaded,
+                    "sharded": sharded, "same_on_ranks": same_on_ranks, "reloaded": reloaded,
                     "reloaded_shards": reloaded_shards, "local": local, "duplicates": duplicates,
-                    "averaged": averaged, "world": world}, out / f"{variant}.pt")
+                    "averaged": averaged, "sums": sums, "world": world}, out / f"{variant}.pt")
 
 
 def main() -> None:

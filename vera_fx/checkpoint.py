@@ -1,7 +1,9 @@
 """Adapter checkpoints in PEFT's layout: adapter_model.safetensors + adapter_config.json.
 
-Our parameter names map to PEFT's keys by a rename: ``vera_fx_adapters.<adapter>.sites.<site>.<p>`` is
+Our parameter names map to PEFT's keys by a rename: ``vera_fx_adapters.<adapter>.sites.<site>.<p>`` (the root
+state's path; a block's site is registered in the block and reached there through a link) is
 ``base_model.model.<site>.<p>`` and ``vera_fx_adapters.<adapter>.<prefix>_A`` is ``base_model.<prefix>_A``.
+Under FSDP2 the tensors are gathered to full ones on every rank (``adapter_state_dict`` is a collective).
 Trainable biases and ``modules_to_save`` copies use PEFT's names for them too.
 
 Files are written atomically (a temporary file in the same folder, flushed and fsynced, then renamed) and

@@ -7,16 +7,17 @@ accelerate write it::
     for layer in m.model.layers:        # the object's attribute path (or m.graph_module.model.layers)
         fully_shard(layer)
     fully_shard(m)
-    mean_gradients(m)                   # gloo only (pytorch issue 162338); a no-op elsewhere
+    mean_gradients(m)                   # only where gloo sums (pytorch issue 162338); else a no-op
 
 ``shard(gm, mesh)`` does exactly that: ``fully_shard`` on every block (each layer's frozen weights and its
 lambdas), then on the root (embeddings, head, the root's own sites). Between forwards each rank keeps
 1/world of every block's weights; a block's hooks gather them when the top graph calls it.
 
-FSDP2 on gloo (CPU) sums gradients across ranks instead of averaging them (pytorch issue 162338): after the
-plain recipe the gradients are ``world`` times DDP's. ``mean_gradients(model)`` measures this once with a
-probe and sets every FSDP2 module's gradient divide factor, so that gradients are the mean, as with DDP and
-on NCCL; ``shard`` calls it.
+FSDP2 on gloo (CPU) summed gradients across ranks instead of averaging them on some torch builds (pytorch
+issue 162338: ``world`` times DDP's). On torch 2.13 (the pinned range) it averages: the plain recipe gives
+DDP's gradients (tests/test_distributed.py). ``mean_gradients(model)`` measures it once with a probe
+(``fsdp2_sums_gradients``) and, where it sums, sets every FSDP2 module's gradient divide factor so that
+gradients are the mean; ``shard`` calls it.
 
 ``m.state_dict()`` of a sharded model gathers the full tensors (a collective: every rank calls it, as the
 Trainer does), and ``m.load_state_dict(full)`` writes each rank's shard.
@@ -42,7 +43,7 @@ from torch.distributed.tensor import distribute_tensor
 
 from .sites import as_graph_module, graph_modules
 
-__all__ = ["shard", "mean_gradients", "unwrap_parallel", "gathered", "full_tensor", "placed_like", "is_writer",
+__all__ = ["shard", "mean_gradients", "fsdp2_sums_gradients", "unwrap_parallel", "gathered", "full_tensor", "placed_like", "is_writer",
            "barrier", "sharded_fraction"]
 
 logger = logging.getLogger(__name__)
@@ -54,9 +55,11 @@ def _require_group(fn: str) -> None:
                            "torch.distributed.init_process_group (torchrun sets the environment)")
 
 
-def _gloo_sums(mesh: Any) -> bool:
-    """Whether FSDP2's reduce-scatter on this process group sums instead of averaging (gloo, issue 162338):
-    one tiny sharded Linear, every rank's gradient set to 1, look at the result."""
+def fsdp2_sums_gradients(mesh: Any = None) -> bool:
+    """Whether FSDP2's gradient reduction on this process group sums instead of averaging (gloo on some torch
+    builds, pytorch issue 162338; torch 2.13 averages: measured False): one tiny sharded Linear, every rank's
+    gradient 1, look at the result. A collective: call it on every rank."""
+    _require_group("fsdp2_sums_gradients")
     world = dist.get_world_size()
     probe = nn.Linear(world, world, bias=False)
     fully_shard(probe, mesh=mesh)
@@ -69,9 +72,9 @@ def _gloo_sums(mesh: Any) -> bool:
 def mean_gradients(model: nn.Module, mesh: Any = None) -> bool:
     """Make every FSDP2 module of ``model``'s tree average gradients over the ranks, as DDP does.
 
-    Needed after ``fully_shard`` on gloo, where FSDP2 sums instead (pytorch issue 162338): a probe measures
-    it once (collective: call on every rank), and when it sums every FSDP2 module gets the gradient divide
-    factor ``world``. Returns whether it changed anything (False on NCCL, or where the sum is fixed).
+    For gloo on torch builds where FSDP2 sums instead (pytorch issue 162338): a probe measures it once
+    (collective: call on every rank), and when it sums every FSDP2 module gets the gradient divide factor
+    ``world``. Returns whether it changed anything (False on NCCL and on torch 2.13, which averages).
     ``model`` is what was sharded: the object ``transform`` returns, its graph, or any module.
     """
     _require_group("mean_gradients")
@@ -79,7 +82,7 @@ def mean_gradients(model: nn.Module, mesh: Any = None) -> bool:
     if not sharded:
         raise ValueError(f"mean_gradients: no module of this {type(model).__name__} is sharded with FSDP2; call "
                          "fully_shard(layer) for each layer and fully_shard(model) first")
-    if dist.get_backend() != "gloo" or not _gloo_sums(mesh):
+    if dist.get_backend() != "gloo" or not fsdp2_sums_gradients(mesh):
         return False
     world = float(dist.get_world_size())
     for mod in sharded:

@@ -100,7 +100,9 @@ class AdapterState(nn.Module):
             return found
         mod: nn.Module = self.sites
         for part in site.split(".") if site else ["_root"]:
-            child = mod._modules.get(part) or (mod.__dict__.get("_links") or {}).get(part)
+            child = mod._modules.get(part)
+            if child is None:
+                child = (mod.__dict__.get("_links") or {}).get(part)
             if child is None:
                 if not create:
                     raise KeyError(site)
