@@ -50,7 +50,7 @@ def _signature(gm) -> list[tuple[str, str]]:
 
 
 def trainable(gm) -> set[str]:
-    """Adapters with a trainable parameter, by name (a block's lambdas are named ``<block>.vera_fx_adapters.<a>...``)."""
+    """Adapters with a trainable parameter (a block's lambdas are named ``<block>.vera_fx_adapters.<a>...``)."""
     parts = [n.split(".") for n, p in gm.named_parameters() if p.requires_grad]
     return {q[q.index("vera_fx_adapters") + 1] for q in parts if "vera_fx_adapters" in q}
 

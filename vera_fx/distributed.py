@@ -43,8 +43,8 @@ from torch.distributed.tensor import distribute_tensor
 
 from .sites import as_graph_module, graph_modules
 
-__all__ = ["shard", "mean_gradients", "fsdp2_sums_gradients", "unwrap_parallel", "gathered", "full_tensor", "placed_like", "is_writer",
-           "barrier", "sharded_fraction"]
+__all__ = ["shard", "mean_gradients", "fsdp2_sums_gradients", "unwrap_parallel", "gathered", "full_tensor",
+           "placed_like", "is_writer", "barrier", "sharded_fraction"]
 
 logger = logging.getLogger(__name__)
 
