@@ -1,6 +1,11 @@
 """Data-parallel VeRA training under torchrun: DDP, FSDP2 per decoder layer, FSDP1.
 
-    torchrun --nproc_per_node=2 examples/torchrun_fsdp.py --model llama --modes ddp,fsdp2,fsdp1 --out /tmp/run
+    torchrun --nproc_per_node=2 examples/torchrun_fsdp.py --model llama --modes ddp,fsdp2,plain,fsdp1 --out /tmp/run
+
+``fsdp2`` shards with ``vera_fx.distributed.shard``; ``plain`` is the standard FSDP2 recipe on the object
+``vera_fx.transform`` returns, as PEFT and accelerate users write it (``fully_shard`` each layer of
+``m.model.layers``, then ``m``), nothing else: on torch 2.13 gloo averages the gradients as DDP does (torch
+builds that sum instead, pytorch issue 162338, need ``vera_fx.distributed.mean_gradients(m)``).
 
 Each mode transforms a small model from the same seed, splits a fixed batch across the ranks, trains a few
 SGD steps and saves the adapter from rank 0 (``vera_fx.save_adapter`` gathers the shards on every rank).
@@ -17,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
 
 import vera_fx
 from vera_fx.distributed import full_tensor, shard, sharded_fraction
@@ -42,11 +48,21 @@ def batch(world: int, rows_per_rank: int = 2, length: int = 8) -> torch.Tensor:
     return torch.randint(0, 96, (world * rows_per_rank, length), generator=g)
 
 
-def transformed(name: str) -> torch.fx.GraphModule:
+def adapted(name: str) -> vera_fx.VeraFxModel:
+    """The object ``vera_fx.transform`` returns, the same on every rank."""
     torch.manual_seed(0)
     targets = ["q_proj", "v_proj", "down_proj"] if name == "llama" else ["c_attn", "c_fc"]
     config = vera_fx.VeraConfig(r=8, target_modules=targets, init_weights=False, fan_in_fan_out=name == "gpt2")
-    return vera_fx.transform(build(name), config).graph_module  # the graph: DDP / FSDP1 wrap it as any module
+    return vera_fx.transform(build(name), config)
+
+
+def transformed(name: str) -> torch.fx.GraphModule:
+    return adapted(name).graph_module  # the graph: DDP / FSDP1 wrap it as any module
+
+
+def layers(m: vera_fx.VeraFxModel) -> torch.nn.ModuleList:
+    """The model's layer list, through the object's attribute path (each entry is a block of the graph)."""
+    return m.model.layers if hasattr(m, "model") else m.transformer.h
 
 
 def lambda_grads(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -62,12 +78,17 @@ def run(mode: str, name: str, steps: int, out: Path, device: torch.device) -> No
         model: torch.nn.Module = torch.nn.parallel.DistributedDataParallel(gm)
     elif mode == "fsdp2":
         model = shard(gm)
+    elif mode == "plain":  # the standard FSDP2 recipe, on the object
+        model = adapted(name)
+        for layer in layers(model):
+            fully_shard(layer)
+        fully_shard(model)
     elif mode == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         model = FullyShardedDataParallel(gm, use_orig_params=True, device_id=device)
     else:
-        raise ValueError(f"--modes: unknown mode {mode!r}; use ddp, fsdp2 or fsdp1")
+        raise ValueError(f"--modes: unknown mode {mode!r}; use ddp, fsdp2, plain or fsdp1")
     ids = batch(world)[2 * rank: 2 * rank + 2].to(device)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     losses, grads, fraction = [], None, None
@@ -79,7 +100,7 @@ def run(mode: str, name: str, steps: int, out: Path, device: torch.device) -> No
         opt.step()
         opt.zero_grad()
         losses.append(float(loss))
-        if mode == "fsdp2":
+        if mode in ("fsdp2", "plain"):
             fraction = sharded_fraction(model)
     vera_fx.save_adapter(model, out / f"adapter_{mode}")
     if rank == 0:
@@ -90,7 +111,7 @@ def run(mode: str, name: str, steps: int, out: Path, device: torch.device) -> No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["llama", "gpt2"], default="llama")
-    parser.add_argument("--modes", default="ddp,fsdp2,fsdp1")
+    parser.add_argument("--modes", default="ddp,fsdp2,plain,fsdp1")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("torchrun_out"))
     parser.add_argument("--backend", default="gloo")

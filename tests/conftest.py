@@ -110,6 +110,19 @@ def shown_nodes(gm):
     return out
 
 
+def adapter_parameters(module):
+    """Every parameter of ``module`` and those its adapter site trees reach: a block's lambdas are registered
+    in the block's view only, so ``gm.vera_fx_adapters.a.sites.parameters()`` lists the root-level ones."""
+    from vera_fx.methods import SiteTree
+
+    found = {id(p): p for p in module.parameters()}
+    for m in module.modules():
+        if isinstance(m, SiteTree):
+            for p in m.all_parameters():
+                found.setdefault(id(p), p)
+    return list(found.values())
+
+
 def tree_code(gm):
     """The generated code of every graph of the tree, top graph first."""
     from vera_fx.sites import graph_modules

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vera_fx
-from conftest import all_nodes, text_inputs, tiny_bert, tiny_llama, tree_code
+from conftest import adapter_parameters, all_nodes, text_inputs, tiny_bert, tiny_llama, tree_code
 
 QV = ["q_proj", "v_proj"]
 
@@ -14,7 +14,7 @@ QV = ["q_proj", "v_proj"]
 def randomise(module: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in module.parameters():
+        for p in adapter_parameters(module):
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
@@ -50,7 +50,9 @@ def _signature(gm) -> list[tuple[str, str]]:
 
 
 def trainable(gm) -> set[str]:
-    return {n.split(".")[1] for n, p in gm.named_parameters() if p.requires_grad and n.startswith("vera_fx_adapters.")}
+    """Adapters with a trainable parameter (a block's lambdas are named ``<block>.vera_fx_adapters.<a>...``)."""
+    parts = [n.split(".") for n, p in gm.named_parameters() if p.requires_grad]
+    return {q[q.index("vera_fx_adapters") + 1] for q in parts if "vera_fx_adapters" in q}
 
 
 def test_switch_add_up_disable_delete(two, tmp_path):

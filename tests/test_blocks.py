@@ -43,10 +43,18 @@ def test_layers_are_blocks_bound_to_their_own_weights():
                        for x in ("b", "d")}
     names = [s.name for s in vera_fx.sites(gm)]
     assert names == [f"model.layers.{i}.self_attn.{p}" for i in range(3) for p in ("q_proj", "v_proj")]
-    # state_dict / PEFT naming is the root's
+    # each lambda is registered once, under its block; the root state reaches it through the block
     trainable = [n for n, p in gm.named_parameters() if p.requires_grad]
-    assert trainable[0] == "vera_fx_adapters.default.sites.model.layers.0.self_attn.q_proj.vera_lambda_b"
-    assert len(trainable) == 12 and all(n.startswith("vera_fx_adapters.default.sites.model.layers.") for n in trainable)
+    assert trainable[0] == "model.layers.0.vera_fx_adapters.default.sites.self_attn.q_proj.vera_lambda_b"
+    assert len(trainable) == 12 and all(".vera_fx_adapters.default.sites.self_attn." in n for n in trainable)
+    state = gm.vera_fx_adapters.default
+    assert gm.get_parameter("vera_fx_adapters.default.sites.model.layers.2.self_attn.v_proj.vera_lambda_d") is \
+        gm.get_parameter("model.layers.2.vera_fx_adapters.default.sites.self_attn.v_proj.vera_lambda_d")
+    assert list(state.parameters()) == [] and len(state.lambda_parameters()) == 12
+    # PEFT naming (adapter_state_dict) is unchanged
+    assert sorted(vera_fx.adapter_state_dict(gm)) == sorted(["base_model.vera_A", "base_model.vera_B"] + [
+        f"base_model.model.model.layers.{i}.self_attn.{p}.vera_lambda_{x}" for i in range(3)
+        for p in ("q_proj", "v_proj") for x in ("b", "d")])
     _randomise(gm)
     kw = text_inputs(m)
     gm.eval()

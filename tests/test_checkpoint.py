@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vera_fx
-from conftest import all_nodes, minilm, text_inputs, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import adapter_parameters, all_nodes, minilm, text_inputs, tiny_bert, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -32,7 +32,7 @@ def randomise(module: torch.nn.Module, seed: int = 3) -> None:
     """Random values for every trainable parameter (lambdas, modules_to_save copies, trained biases)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in module.parameters():
+        for p in adapter_parameters(module):
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 

@@ -54,7 +54,7 @@ def _reference(ex, name: str):
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
-@pytest.mark.parametrize("name,modes", [("llama", "ddp,fsdp2,fsdp1"), ("gpt2", "ddp,fsdp2")])
+@pytest.mark.parametrize("name,modes", [("llama", "ddp,fsdp2,plain,fsdp1"), ("gpt2", "ddp,plain")])
 def test_torchrun_matches_single_process(name, modes, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = ["torchrun", "--nproc_per_node=2", f"--master_port={_free_port()}", str(SCRIPT), "--model", name,
@@ -71,13 +71,51 @@ def test_torchrun_matches_single_process(name, modes, tmp_path):
             assert set(rec["grads"]) == set(grads)
             for k, g in grads.items():
                 torch.testing.assert_close(rec["grads"][k], g, atol=1e-5, rtol=1e-5, msg=f"{mode}: {k}")
-        if mode == "fsdp2":
+        if mode in ("fsdp2", "plain"):
             assert abs(rec["fraction"] - 0.5) < 0.01  # each rank holds half of the frozen block weights
         folder = tmp_path / f"adapter_{mode}"
         saved = safetensors.torch.load_file(str(folder / "adapter_model.safetensors"))
         assert set(saved) == set(final) and (folder / "adapter_config.json").exists()
         for k, v in final.items():  # full tensors (not one rank's shard) after the same steps
             torch.testing.assert_close(saved[k], v, atol=1e-5, rtol=1e-5, msg=f"{mode}: {k}")
+
+
+def _torchrun(script: Path, *args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = ["torchrun", "--nproc_per_node=2", f"--master_port={_free_port()}", str(script), *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+@pytest.mark.parametrize("variant", ["graph", "object"])
+def test_plain_fsdp2_recipe_and_state_dict(variant, tmp_path):
+    """fully_shard(layer) for each layer, then fully_shard(m): each tensor is registered once, so FSDP2 wraps
+    it. The gradients are DDP's (torch 2.13's gloo averages; where it sums, pytorch issue 162338, they are
+    world x DDP's until mean_gradients). state_dict() gives full tensors on every rank, and load_state_dict
+    writes each rank's shard, from full tensors or from DTensors."""
+    _torchrun(ROOT / "tests" / "torchrun_fsdp_plain.py", "--variant", variant, "--steps", str(STEPS),
+              "--out", str(tmp_path))
+    rec = torch.load(tmp_path / f"{variant}.pt")
+    ex = _example()
+    grads, losses, final = _reference(ex, "llama")
+    assert rec["world"] == 2 and rec["duplicates"] == []
+    # torch 2.13 (the pinned range): gloo averages, so the plain recipe needs nothing else and mean_gradients
+    # changes nothing (on a torch that sums, this fails first: see mean_gradients)
+    assert rec["sums"] is False and rec["averaged"] is (False if variant == "object" else None)
+    assert set(rec["grads"]) == set(grads)
+    for k, g in grads.items():
+        torch.testing.assert_close(rec["grads"][k], g, atol=1e-5, rtol=1e-5, msg=k)
+    state = rec["state"]
+    assert rec["sharded"] == [] and rec["same_on_ranks"]  # plain tensors, the same on both ranks
+    assert {k[len("vera_fx.default."):] for k in state if k.startswith("vera_fx.default.")} == set(final)
+    # the same steps as one process: the trained adapter, as full tensors on every rank
+    torch.testing.assert_close(torch.tensor(rec["losses"]), torch.tensor(losses), atol=1e-5, rtol=1e-5)
+    for k, v in final.items():
+        torch.testing.assert_close(state[f"vera_fx.default.{k}"], v, atol=1e-5, rtol=1e-5, msg=k)
+    assert set(rec["local"]) == set(grads)  # every lambda sharded: each rank holds half
+    assert all(2 * here == full for here, full in rec["local"].values())
+    assert rec["reloaded"] and rec["reloaded_shards"]
 
 
 def test_shard_needs_a_process_group():
@@ -116,11 +154,9 @@ def test_load_adapter_into_an_fsdp2_sharded_graph(one_process_group, tmp_path):
         for p in lambdas.values():
             p.zero_()
     vera_fx.load_adapter(gm, tmp_path / "a")
-    got = {n: full_tensor(p) for n, p in gm.named_parameters() if p.requires_grad}
-    saved = {"vera_fx_adapters.default.sites." + k[len("base_model.model."):]: v for k, v in want.items()
-             if "vera_lambda" in k}
-    assert saved.keys() == got.keys()
-    for name, value in saved.items():
+    got = vera_fx.adapter_state_dict(gm)  # full tensors, gathered
+    assert got.keys() == want.keys()
+    for name, value in want.items():
         torch.testing.assert_close(got[name], value, atol=0, rtol=0)
     # a PEFT folder carrying a base weight of a sharded layer
     bad = tmp_path / "bad"
@@ -138,3 +174,25 @@ def test_load_adapter_into_an_fsdp2_sharded_graph(one_process_group, tmp_path):
         with pytest.raises(ValueError, match="sharded with FSDP2.*add every adapter before"):
             add()
         assert list(gm.vera_fx_adapters) == ["default"]
+
+
+def test_mean_gradients_needs_a_sharded_module(one_process_group):
+    """mean_gradients looks for FSDP2 modules in the tree it is given; the probe averages on torch 2.13."""
+    from torch.distributed.fsdp import fully_shard
+
+    from vera_fx.distributed import fsdp2_sums_gradients, mean_gradients
+
+    m = _example().adapted("llama")
+    with pytest.raises(ValueError, match="no module of this .* is sharded with FSDP2; call fully_shard"):
+        mean_gradients(m)
+    for layer in m.model.layers:
+        fully_shard(layer)
+    fully_shard(m)
+    assert mean_gradients(m) is False and fsdp2_sums_gradients() is False
+
+
+def test_mean_gradients_needs_a_process_group():
+    from vera_fx.distributed import mean_gradients
+
+    with pytest.raises(RuntimeError, match="mean_gradients needs an initialised process group"):
+        mean_gradients(torch.nn.Linear(2, 2))

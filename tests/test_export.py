@@ -13,7 +13,7 @@ import torch
 
 import vera_fx
 from vera_fx.sites import graph_modules
-from conftest import text_inputs, tiny_llama
+from conftest import adapter_parameters, text_inputs, tiny_llama
 
 RUNTIME = Path(vera_fx.__file__).parent / "runtime.py"
 
@@ -21,7 +21,7 @@ RUNTIME = Path(vera_fx.__file__).parent / "runtime.py"
 def randomise(module, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in module.parameters():
+        for p in adapter_parameters(module):
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 

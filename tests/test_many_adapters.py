@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import vera_fx
-from conftest import text_inputs, tiny_gpt2, tiny_llama
+from conftest import adapter_parameters, text_inputs, tiny_gpt2, tiny_llama
 from vera_fx.sites import graph_modules
 from vera_fx.serving import load_adapters, mixed_adapter_forward, mixed_graph
 
@@ -19,7 +19,7 @@ from vera_fx.serving import load_adapters, mixed_adapter_forward, mixed_graph
 def randomise(module: nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in module.parameters():
+        for p in adapter_parameters(module):
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 

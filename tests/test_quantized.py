@@ -139,7 +139,8 @@ def test_parity_with_peft_on_quantized_model(adapted, kind, method):
     kw = inputs(2, 7, seed=5)
     gm(**kw).loss.backward()
     pm(**kw).loss.backward()
-    ours = {n.rsplit("sites.", 1)[1]: p.grad for n, p in gm.named_parameters() if p.requires_grad}
+    ours = {n.replace("vera_fx_adapters.default.sites.", ""): p.grad  # a block's: <block>.vera_fx_adapters...
+            for n, p in gm.named_parameters() if p.requires_grad}
     theirs = {n.split("base_model.model.", 1)[1].replace(".default", ""): p.grad for n, p in pm.named_parameters()
               if p.requires_grad}
     assert ours.keys() == theirs.keys()

@@ -75,7 +75,7 @@ def _sync(gm: GraphModule, before: Optional[tuple] = None) -> None:
             trainable_bias |= {id(p) for p in _bias_params(gm, state)}
     for name, state in container.items():
         on = name in active
-        for p in state.sites.parameters():
+        for p in state.lambda_parameters():
             p.requires_grad_(on)
         mts = getattr(state, "modules_to_save", None)
         if mts is not None:

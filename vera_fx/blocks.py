@@ -386,7 +386,17 @@ def _copy_graph(graph: Graph) -> Graph:
 
 
 def attach_blocks(gm: GraphModule, blocks: dict[str, GraphModule], plan: BlockPlan) -> None:
-    """Register every block at its layer path and turn the ``block_call`` nodes into ``call_module`` nodes."""
+    """Register every block at its layer path and turn the ``block_call`` nodes into ``call_module`` nodes.
+
+    The blocks' parent is an ``nn.ModuleList``, as in the model, so ``for layer in m.model.layers:
+    fully_shard(layer)`` reads as it does on the model."""
+    for list_path in dict.fromkeys(path.rpartition(".")[0] for path in blocks):
+        try:
+            held = gm.get_submodule(list_path)
+        except AttributeError:
+            held = None
+        if held is None or (type(held) is nn.Module and not held._modules and not held._parameters):
+            gm.add_submodule(list_path, nn.ModuleList())  # replaces an empty placeholder
     for path, block in blocks.items():
         gm.add_submodule(path, block)
     graph = gm.graph

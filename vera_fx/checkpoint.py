@@ -1,7 +1,9 @@
 """Adapter checkpoints in PEFT's layout: adapter_model.safetensors + adapter_config.json.
 
-Our parameter names map to PEFT's keys by a rename: ``vera_fx_adapters.<adapter>.sites.<site>.<p>`` is
+Our parameter names map to PEFT's keys by a rename: ``vera_fx_adapters.<adapter>.sites.<site>.<p>`` (the root
+state's path; a block's site is registered in the block and reached there through a link) is
 ``base_model.model.<site>.<p>`` and ``vera_fx_adapters.<adapter>.<prefix>_A`` is ``base_model.<prefix>_A``.
+Under FSDP2 the tensors are gathered to full ones on every rank (``adapter_state_dict`` is a collective).
 Trainable biases and ``modules_to_save`` copies use PEFT's names for them too.
 
 Files are written atomically (a temporary file in the same folder, flushed and fsynced, then renamed) and
@@ -138,11 +140,15 @@ def _base_qualname(gm: GraphModule, key: str) -> Optional[str]:
 
 def adapter_state_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The tensors PEFT writes to adapter_model.safetensors for this adapter, under PEFT's keys (with the base
-    weights PEFT's save_embedding_layers='auto' adds when an embedding-layer name is targeted)."""
+    weights PEFT's save_embedding_layers='auto' adds when an embedding-layer name is targeted).
+
+    Full tensors always: on a graph sharded with FSDP2 each shard is gathered (``full_tensor``, a collective:
+    call it on every rank, as transformers' Trainer calls ``state_dict()``)."""
     gm = as_graph_module(gm, "adapter_state_dict")
-    out = {k: getattr(mod, attr).detach() for k, (mod, attr) in state_dict_targets(gm, adapter_name).items()}
+    out = {k: full_tensor(getattr(mod, attr).detach())
+           for k, (mod, attr) in state_dict_targets(gm, adapter_name).items()}
     for key, qualname in base_layer_targets(gm, adapter_name).items():
-        out.setdefault(key, _base_tensor(gm, qualname).detach())
+        out.setdefault(key, full_tensor(_base_tensor(gm, qualname).detach()))
     return out
 
 
@@ -176,7 +182,8 @@ def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
         base, _, last = norm.rpartition(".")
         if last == adapter_name and base in projection_keys:  # PEFT's in-memory "base_model.vera_A.<adapter>"
             norm = base
-        incoming[norm] = value
+        # a DTensor (one rank's shard of a sharded state dict) stands for its full tensor: gathered (collective)
+        incoming[norm] = full_tensor(value) if isinstance(value, torch.Tensor) else value
     for key, attr in projection_keys.items():
         if key in incoming:  # save_projection=False but the file has them: use them, as PEFT does
             targets[key] = (state, attr)

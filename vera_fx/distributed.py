@@ -1,19 +1,32 @@
 """Data-parallel and sharded training of a block-structured graph: FSDP2 per block, DDP, FSDP1.
 
-``shard(gm, mesh)`` applies FSDP2's ``fully_shard`` to every block (each layer's frozen weights and its
-lambdas, which the block's adapter view holds), then to the root (embeddings, head, the root's own sites),
-leaving the block-held parameters to the blocks. Between forwards each rank keeps 1/world of every block's
-weights; a block's hooks gather them when the top graph calls it.
+Every tensor of a transformed model is registered once: a block's lambdas belong to the block (its adapter
+view), the root reaches them through the block. So the standard FSDP2 recipe works as PEFT users and
+accelerate write it::
 
-FSDP2 on gloo (CPU) sums gradients across ranks instead of averaging them (pytorch issue 162338); ``shard``
-measures this once with a probe and sets the gradient divide factor so that gradients are the mean, as with
-DDP and on NCCL.
+    for layer in m.model.layers:        # the object's attribute path (or m.graph_module.model.layers)
+        fully_shard(layer)
+    fully_shard(m)
+    mean_gradients(m)                   # only where gloo sums (pytorch issue 162338); else a no-op
+
+``shard(gm, mesh)`` does exactly that: ``fully_shard`` on every block (each layer's frozen weights and its
+lambdas), then on the root (embeddings, head, the root's own sites). Between forwards each rank keeps
+1/world of every block's weights; a block's hooks gather them when the top graph calls it.
+
+FSDP2 on gloo (CPU) summed gradients across ranks instead of averaging them on some torch builds (pytorch
+issue 162338: ``world`` times DDP's). On torch 2.13 (the pinned range) it averages: the plain recipe gives
+DDP's gradients (tests/test_distributed.py). ``mean_gradients(model)`` measures it once with a probe
+(``fsdp2_sums_gradients``) and, where it sums, sets every FSDP2 module's gradient divide factor so that
+gradients are the mean; ``shard`` calls it.
+
+``m.state_dict()`` of a sharded model gathers the full tensors (a collective: every rank calls it, as the
+Trainer does), and ``m.load_state_dict(full)`` writes each rank's shard.
 
 DDP needs no helper: ``torch.nn.parallel.DistributedDataParallel(gm)`` (only the lambdas require grad, so
 only they are reduced). FSDP1 works with ``FullyShardedDataParallel(gm, use_orig_params=True)``.
 
-``full_tensors(wrapper, tensors)`` and ``is_writer()`` are what ``save_adapter`` uses to gather a sharded or
-wrapped graph's adapter on every rank and write it from rank 0 only.
+``full_tensor`` and ``is_writer()`` are what ``save_adapter`` uses to gather a sharded or wrapped graph's
+adapter on every rank and write it from rank 0 only.
 """
 
 from __future__ import annotations
@@ -25,59 +38,80 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import distribute_tensor
 
 from .sites import as_graph_module, graph_modules
 
-__all__ = ["shard", "unwrap_parallel", "gathered", "full_tensor", "placed_like", "is_writer", "barrier",
-           "sharded_fraction"]
+__all__ = ["shard", "mean_gradients", "fsdp2_sums_gradients", "unwrap_parallel", "gathered", "full_tensor",
+           "placed_like", "is_writer", "barrier", "sharded_fraction"]
 
 logger = logging.getLogger(__name__)
 
 
-def _gloo_sums(mesh: Any) -> bool:
-    """Whether FSDP2's reduce-scatter on this process group sums instead of averaging (gloo, issue 162338):
-    one tiny sharded Linear, every rank's gradient set to 1, look at the result."""
+def _require_group(fn: str) -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"vera_fx.distributed.{fn} needs an initialised process group: call "
+                           "torch.distributed.init_process_group (torchrun sets the environment)")
+
+
+def fsdp2_sums_gradients(mesh: Any = None) -> bool:
+    """Whether FSDP2's gradient reduction on this process group sums instead of averaging (gloo on some torch
+    builds, pytorch issue 162338; torch 2.13 averages: measured False): one tiny sharded Linear, every rank's
+    gradient 1, look at the result. A collective: call it on every rank."""
+    _require_group("fsdp2_sums_gradients")
     world = dist.get_world_size()
     probe = nn.Linear(world, world, bias=False)
     fully_shard(probe, mesh=mesh)
     x = torch.ones(1, world)
     probe(x).sum().backward()
-    grad = probe.weight.grad.full_tensor() if hasattr(probe.weight.grad, "full_tensor") else probe.weight.grad
-    return bool(torch.allclose(grad, torch.full_like(grad, float(world))))
+    grad = full_tensor(probe.weight.grad)
+    return bool(world > 1 and torch.allclose(grad, torch.full_like(grad, float(world))))
+
+
+def mean_gradients(model: nn.Module, mesh: Any = None) -> bool:
+    """Make every FSDP2 module of ``model``'s tree average gradients over the ranks, as DDP does.
+
+    For gloo on torch builds where FSDP2 sums instead (pytorch issue 162338): a probe measures it once
+    (collective: call on every rank), and when it sums every FSDP2 module gets the gradient divide factor
+    ``world``. Returns whether it changed anything (False on NCCL and on torch 2.13, which averages).
+    ``model`` is what was sharded: the object ``transform`` returns, its graph, or any module.
+    """
+    _require_group("mean_gradients")
+    sharded = [mod for mod in {id(m): m for m in [model, *model.modules()]}.values() if isinstance(mod, FSDPModule)]
+    if not sharded:
+        raise ValueError(f"mean_gradients: no module of this {type(model).__name__} is sharded with FSDP2; call "
+                         "fully_shard(layer) for each layer and fully_shard(model) first")
+    if dist.get_backend() != "gloo" or not fsdp2_sums_gradients(mesh):
+        return False
+    world = float(dist.get_world_size())
+    for mod in sharded:
+        mod.set_gradient_divide_factor(world)
+    logger.info("mean_gradients: gloo sums FSDP2 gradients (pytorch issue 162338); divide factor %d set on %d "
+                "modules", world, len(sharded))
+    return True
 
 
 def shard(gm: nn.Module, mesh: Any = None, **fsdp_kwargs: Any) -> nn.Module:
-    """FSDP2 per block: ``fully_shard`` every block of ``gm``, then ``gm`` itself; returns ``gm``.
+    """FSDP2 per block: ``fully_shard`` every block of ``gm``, then ``gm`` itself, then ``mean_gradients``;
+    returns ``gm``.
 
     ``gm`` is the model ``vera_fx.transform`` returns (its source graph, ``m.graph_module``, is sharded: call
-    the model with the keyword set it was transformed with) or a GraphModule.
-
-    ``mesh`` (default: the world, one dimension) and ``fsdp_kwargs`` (``reshard_after_forward``,
-    ``mp_policy``, ...) go to every ``fully_shard`` call. Needs an initialised process group. A graph
-    without blocks (captured as one graph) is sharded as one unit, with a warning: no per-layer saving.
+    the model with the keyword set it was transformed with) or a GraphModule. ``mesh`` (default: the world,
+    one dimension) and ``fsdp_kwargs`` (``reshard_after_forward``, ``mp_policy``, ``ignored_params``, ...) go
+    to every ``fully_shard`` call. Needs an initialised process group. A graph without blocks (captured as one
+    graph) is sharded as one unit, with a warning: no per-layer saving.
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("vera_fx.distributed.shard needs an initialised process group: call "
-                           "torch.distributed.init_process_group (torchrun sets the environment)")
+    _require_group("shard")
     given, gm = gm, as_graph_module(gm, "shard")
-    if "ignored_params" in fsdp_kwargs:
-        raise ValueError("shard computes ignored_params itself (the parameters the blocks manage); leave it out")
-    sums = _gloo_sums(mesh) if dist.get_backend() == "gloo" else False
     blocks = graph_modules(gm)[1:]
     if not blocks:
         logger.warning("shard: this graph has no blocks (captured as one graph): sharding it as one unit, so "
                        "every rank gathers all weights at each forward")
     for block in blocks:
         fully_shard(block, mesh=mesh, **fsdp_kwargs)
-    in_blocks = {p for b in blocks for p in b.parameters()}
-    fully_shard(gm, mesh=mesh, ignored_params=in_blocks or None, **fsdp_kwargs)
-    if sums:
-        world = float(dist.get_world_size())
-        for mod in [*blocks, gm]:
-            mod.set_gradient_divide_factor(world)
-        logger.info("shard: gloo sums FSDP2 gradients (pytorch issue 162338); divide factor set to %d", world)
+    fully_shard(gm, mesh=mesh, **fsdp_kwargs)  # each block parameter is registered once: the blocks keep theirs
+    mean_gradients(gm, mesh)
     logger.info("shard: %d blocks and the root sharded over %d ranks", len(blocks), dist.get_world_size())
     return given
 

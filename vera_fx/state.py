@@ -217,9 +217,14 @@ def attach_state(gm: GraphModule, adapter_name: str, state: AdapterState,
                  blocks: Optional[list[tuple[GraphModule, str, set[str]]]] = None) -> None:
     """Register ``state`` at the root of ``gm``'s tree, and give every block holding some of its sites (or a
     ``modules_to_save`` copy of a module inside it) a view (``AdapterView``) over the same site modules; a view
-    already there is kept. ``blocks``: ``block_site_names(gm)``, when the caller has it. Emits nothing."""
+    already there is kept. ``blocks``: ``block_site_names(gm)``, when the caller has it. Emits nothing.
+
+    The first graph a state is attached to owns it: there a block's sites are registered in the block's view
+    only (the root state links to them), so ``named_parameters()``, ``state_dict()`` and FSDP2 see each
+    tensor once, under its block. Graphs attached later (other call signatures) register their own views."""
     adapter_container(gm)[adapter_name] = state
     _container_first(gm)
+    owner = not state.__dict__.get(_PLACED, False)
     wanted = set(state.site_names)
     saved = getattr(state, "modules_to_save_paths", None) or []
     for g, prefix, names in blocks if blocks is not None else block_site_names(gm):
@@ -227,12 +232,18 @@ def attach_state(gm: GraphModule, adapter_name: str, state: AdapterState,
         if adapter_name not in adapter_container(g) and (
                 own or any(p == prefix or p.startswith(prefix + ".") for p in saved)):
             adapter_container(g)[adapter_name] = AdapterView(state, sorted(own), prefix)
+            if owner:
+                for site in own:
+                    state.unregister_site(site)
+    state.__dict__[_PLACED] = True
+
+
+_PLACED = "_vera_fx_placed"  # AdapterState.__dict__: its sites have their owner (the first graph attached)
 
 
 def _container_first(gm: GraphModule) -> None:
-    """Put the root's adapter container first among its children, so that ``named_parameters()`` (which
-    lists a shared parameter once, under its first name) names the lambdas ``vera_fx_adapters.<adapter>.
-    sites.<site>.<param>`` rather than by the block views that hold them too."""
+    """Put the root's adapter container first among its children, so that ``named_parameters()`` lists the
+    root-level sites' lambdas first, whenever the container was added (a stable order for optimizers)."""
     mods = gm._modules
     if next(iter(mods)) != CONTAINER:
         items = list(mods.items())

@@ -7,7 +7,7 @@ delta weight for merging and its state-dict key names. Passes only ask the metho
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 from torch import nn
@@ -17,8 +17,8 @@ from ..config import AdapterConfig
 from ..sites import ADAPTER_KEY, Site, block_prefix
 from ..versions import GraphVersions, StateLock
 
-__all__ = ["Method", "AdapterSet", "AdapterState", "AdapterView", "Emitter", "kaiming_uniform", "CONTAINER", "register",
-           "method_for", "method_by_name"]
+__all__ = ["Method", "AdapterSet", "AdapterState", "AdapterView", "SiteTree", "Emitter", "kaiming_uniform",
+           "CONTAINER", "register", "method_for", "method_by_name"]
 
 # Attribute of the GraphModule holding one AdapterState per adapter name.
 CONTAINER = "vera_fx_adapters"
@@ -46,37 +46,105 @@ class AdapterSet(nn.ModuleDict):
         self.versions = GraphVersions()
 
 
+class SiteTree(nn.Module):
+    """A node of an adapter's tree of per-site modules.
+
+    Besides its registered children it may hold *links* (``_links``): site modules registered elsewhere (in a
+    block's ``AdapterView``) that attribute lookup still finds, so a get_attr path through the root state
+    resolves, while ``named_parameters()`` / ``state_dict()`` / FSDP2 see each tensor once, where it is
+    registered."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            links = self.__dict__.get("_links")
+            if links is not None and name in links:
+                return links[name]
+            raise
+
+    def link(self, name: str, module: nn.Module) -> None:
+        """Reach ``module`` as attribute ``name`` without registering it (it is registered elsewhere)."""
+        self._modules.pop(name, None)
+        self.__dict__.setdefault("_links", {})[name] = module
+
+    def all_parameters(self) -> list[nn.Parameter]:
+        """The parameters of this tree's sites, registered here or linked (held by a block's view), each once."""
+        found: dict[int, nn.Parameter] = {}
+        for child in [*self._modules.values(), *(self.__dict__.get("_links") or {}).values()]:
+            params = child.all_parameters() if isinstance(child, SiteTree) else child.parameters()
+            for p in params:
+                found.setdefault(id(p), p)
+        for p in self._parameters.values():
+            if p is not None:
+                found.setdefault(id(p), p)
+        return list(found.values())
+
+
 class AdapterState(nn.Module):
     """One adapter's state on the graph: the shared projections and a tree of per-site parameters.
 
     Layout: ``<prefix>_A`` / ``<prefix>_B`` buffers, and ``sites.<site path>.<prefix>_lambda_b`` parameters,
-    so a PEFT key is a prefix rename of ours.
+    so a PEFT key is a prefix rename of ours. A site inside a block is registered in that block's
+    ``AdapterView`` only (``sites`` links to it, see ``SiteTree``): ``site_module`` and
+    ``named_site_parameters`` reach every site, wherever it is registered.
     """
 
     def __init__(self, config: AdapterConfig, method: "Method") -> None:
         super().__init__()
         self.config = config
         self.method_name = method.name
-        self.sites = nn.Module()
+        self.sites = SiteTree()
         self.site_names: list[str] = []
         # Run-time switches the graph reads (e.g. sampling per site), kept as plain attributes.
         self.switches: dict[str, Any] = {}
+        self.__dict__["_site_index"] = {}  # site name -> its module (plain dict: registers nothing)
 
     @property
     def method(self) -> "Method":
         return method_by_name(self.method_name)
 
     def site_module(self, site: str, create: bool = False) -> nn.Module:
-        mod = self.sites
+        """The module holding ``site``'s parameters (created, registered in ``sites``, when ``create``)."""
+        index = self.__dict__.setdefault("_site_index", {})
+        found = index.get(site)
+        if found is not None:
+            return found
+        mod: nn.Module = self.sites
         for part in site.split(".") if site else ["_root"]:
             child = mod._modules.get(part)
             if child is None:
+                child = (mod.__dict__.get("_links") or {}).get(part)
+            if child is None:
                 if not create:
                     raise KeyError(site)
-                child = nn.Module()
+                child = SiteTree()
                 mod.add_module(part, child)
             mod = child
+        index[site] = mod
         return mod
+
+    def unregister_site(self, site: str) -> None:
+        """Keep ``site``'s module out of this state's registered tree (a block's view registers it instead);
+        ``sites.<path>`` still reaches it through a link."""
+        parts = site.split(".") if site else ["_root"]
+        mod = self.site_module(site)
+        parent: nn.Module = self.sites
+        for part in parts[:-1]:
+            parent = getattr(parent, part)
+        if isinstance(parent, SiteTree) and parent._modules.get(parts[-1]) is mod:
+            parent.link(parts[-1], mod)
+
+    def named_site_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(``<site>.<param>``, parameter) for every site, registered here or in a block's view."""
+        for site in self.site_names:
+            for pname, p in self.site_module(site)._parameters.items():
+                if p is not None:
+                    yield f"{site}.{pname}", p
+
+    def lambda_parameters(self) -> list[nn.Parameter]:
+        """Every site's parameters, each once (``named_site_parameters`` without the names)."""
+        return [p for _, p in self.named_site_parameters()]
 
     def site_parameters(self, site: str) -> dict[str, nn.Parameter]:
         mod = self.site_module(site)
@@ -93,10 +161,11 @@ class AdapterState(nn.Module):
 
 
 class AdapterView(AdapterState):
-    """A block's window on the root's AdapterState: the SAME site modules for the block's sites (so
-    ``fully_shard(block)`` shards that layer's lambdas with its weights, and the block graph's get_attr
-    nodes resolve inside the block); everything else (projections, run-time records) is read from the root
-    state, so it exists once and follows ``.to()``."""
+    """A block's window on the root's AdapterState: it registers the block's site modules under block-relative
+    paths (in the graph that owns the state, only here: the root state links to them), so ``fully_shard(block)``
+    shards that layer's lambdas with its weights and the block graph's get_attr nodes resolve inside the
+    block; everything else (projections, run-time records) is read from the root state, so it exists once and
+    follows ``.to()``."""
 
     def __init__(self, root: AdapterState, site_names: list[str], prefix: str) -> None:
         nn.Module.__init__(self)
