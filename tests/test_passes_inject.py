@@ -95,7 +95,7 @@ def test_failed_transform_leaves_model_unchanged():
         vera_fx.transform(m, vera_fx.VeraConfig(r=8, target_modules=["qproj"]))
     with pytest.raises(ValueError, match="adapter_name"):
         vera_fx.transform(m, vera_fx.VeraConfig(r=8), adapter_name="not valid")
-    with pytest.raises(TypeError, match="VeraConfig or PveraConfig"):
+    with pytest.raises(TypeError, match="VeraConfig or vera_fx.PveraConfig .or PEFT.s"):
         vera_fx.transform(m, {"r": 8})  # type: ignore[arg-type]
     after = _snapshot(m)
     assert before[1:] == after[1:]
