@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from .compat import warn_if_untested
+
+warn_if_untested()  # first: a torch outside the tested range says so even if a later import fails
+
 from .capture import CaptureError, capture
 from .adapters import active_adapters, add_adapter, delete_adapter, disable_adapters, set_adapter, set_lowering
 from .checkpoint import adapter_state_dict, load_adapter, load_adapter_state_dict, save_adapter

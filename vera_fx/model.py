@@ -38,11 +38,11 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch import nn
 from torch.fx import GraphModule
-from torch.nn.modules.module import _IncompatibleKeys
 
 from . import blockwise
 from . import checkpoint as ckpt
 from .adapters import active_adapters, add_adapter
+from .compat import IncompatibleKeys
 from .capture import CaptureError, ExampleInputs, normalise_example, capture
 from .config import AdapterConfig, config_from_dict
 from .methods import CONTAINER, method_for
@@ -426,7 +426,7 @@ class VeraFxModel(nn.Module):
                  for name, sd in per_adapter.items()]
         for plan in plans:
             ckpt.apply_plan(self._source, plan)
-        return _IncompatibleKeys(missing, unexpected)
+        return IncompatibleKeys(missing, unexpected)
 
     # --- calls -------------------------------------------------------------------------------------------
 
