@@ -20,7 +20,6 @@ transformers models leave (``wrap_with_set_grad_enabled`` around the rotary embe
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import logging
 import operator
@@ -31,8 +30,8 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 from torch.fx import Graph, GraphModule, Node
-from torch.utils import _pytree as pytree
 
+from .compat import EXPORT_NOTES_LOGGER, HigherOrderOperator, copy_codegen, copy_forward_hook, pytree
 from .sites import BLOCK_CALL_KEY, BLOCK_KEY
 
 __all__ = ["BlockPlan", "find_layer_lists", "record_calls", "stand_ins", "inline_wrappers", "BlockCaptureError",
@@ -216,11 +215,7 @@ def _carry_output_hooks(layer: nn.Module, stand_in: nn.Module) -> None:
     returns are recorded (and exported) from its block call; other hooks stay with the layer."""
     for key, hook in layer._forward_hooks.items():
         if getattr(hook, "__name__", "") in _OUTPUT_HOOKS:
-            stand_in._forward_hooks[key] = hook
-            if key in layer._forward_hooks_with_kwargs:
-                stand_in._forward_hooks_with_kwargs[key] = True
-            if key in layer._forward_hooks_always_called:
-                stand_in._forward_hooks_always_called[key] = True
+            copy_forward_hook(layer, stand_in, key)
 
 
 def block_key(model: nn.Module, path: str, call: ExportCall) -> tuple:
@@ -268,7 +263,7 @@ def export_block(layer: nn.Module, call: ExportCall, record: LayerCall) -> Any:
     layer.forward = flat_forward
     # export warns for every input dimension of size 1 it specialises (a broadcast mask head, the rotary
     # batch): expected for a block, so keep those notes at debug level
-    quiet = logging.getLogger("torch._export.non_strict_utils")
+    quiet = logging.getLogger(EXPORT_NOTES_LOGGER)
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
@@ -346,7 +341,7 @@ def inline_wrappers(gm: GraphModule) -> int:
 
 def remaining_wrappers(gm: GraphModule) -> list[Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function"
-            and isinstance(n.target, torch._ops.HigherOrderOperator)]
+            and isinstance(n.target, HigherOrderOperator)]
 
 
 # --------------------------------------------------------------------------------------------- the tree
@@ -381,7 +376,7 @@ def _copy_graph(graph: Graph) -> Graph:
     new = Graph()
     out = new.graph_copy(graph, {})
     new.output(out)
-    new._codegen = copy.deepcopy(graph._codegen)
+    copy_codegen(graph, new)
     return new
 
 

@@ -12,7 +12,6 @@ identical share one forward function, so torch.compile compiles a signature once
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from .compat import call_impl, set_compiled_call
 from .sites import BLOCK_CALL_KEY, as_graph_module, graph_modules
 
 __all__ = ["gradient_checkpointing_enable", "gradient_checkpointing_disable", "is_gradient_checkpointing",
@@ -137,7 +137,7 @@ def share_block_code(gm: nn.Module) -> int:
 
 
 def _call_block(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    return block._call_impl(*args, **kwargs)
+    return call_impl(block, *args, **kwargs)
 
 
 def compile_blocks(gm: nn.Module, **compile_kwargs: Any) -> nn.Module:
@@ -155,6 +155,6 @@ def compile_blocks(gm: nn.Module, **compile_kwargs: Any) -> nn.Module:
     n = share_block_code(root)
     compiled = torch.compile(_call_block, **compile_kwargs)  # one wrapper: one cache for every block
     for block in blocks:
-        block._compiled_call_impl = functools.partial(compiled, block)
+        set_compiled_call(block, compiled)
     logger.info("compile_blocks: %d blocks, %d distinct codes", len(blocks), len(blocks) - n)
     return gm

@@ -29,6 +29,7 @@ from torch.export import Dim
 from torch.fx import GraphModule, Node
 
 from . import blocks as _blocks
+from .compat import pytree, register_deepcopy_hook
 from . import quantized
 from .sites import graph_modules
 
@@ -254,7 +255,7 @@ def default_example_inputs(model: nn.Module, batch: int = 2, length: int = 8) ->
 
 def clone_inputs(obj: Any) -> Any:
     """Clone every tensor so that no two inputs alias (export would wire both uses to one placeholder)."""
-    return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, obj)
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, obj)
 
 
 def dynamic_shapes_of(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -492,7 +493,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Opti
     gm.meta["vera_fx_model"] = _model_info(model)
     gm.meta[SOURCE_MODEL_KEY] = SourceModel(model)
     _install_input_check(gm)
-    gm._register_deepcopy_hook(_install_input_check)  # copy.deepcopy(gm) keeps the keyword check
+    register_deepcopy_hook(gm, _install_input_check)  # copy.deepcopy(gm) keeps the keyword check
     gm.train(model.training)
     n_blocks = len(graph_modules(gm)) - 1
     logger.info("captured %s: %d nodes in the top graph, %d blocks, %d mode-dependent dropout nodes",

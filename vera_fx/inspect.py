@@ -22,6 +22,7 @@ import networkx as nx
 import torch
 from torch.fx import GraphModule, Node
 
+from .compat import OpOverload, OpOverloadPacket
 from .methods import CONTAINER
 from .model import count_parameters
 from .sites import (ADAPTER_KEY, BLOCK_CALL_KEY, SITE_KEY, Site, as_graph_module, block_groups, block_prefix,
@@ -228,7 +229,7 @@ def _target_str(node: Node) -> str:
     t = node.target
     if isinstance(t, str):
         return t
-    if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+    if isinstance(t, (OpOverload, OpOverloadPacket)):
         return str(t)
     return getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or str(t)
 

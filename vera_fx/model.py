@@ -39,11 +39,11 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch import nn
 from torch.fx import GraphModule
-from torch.nn.modules.module import _IncompatibleKeys
 
 from . import blockwise
 from . import checkpoint as ckpt
 from .adapters import active_adapters, add_adapter
+from .compat import IncompatibleKeys
 from .capture import CaptureError, ExampleInputs, normalise_example, capture
 from .config import AdapterConfig, as_config, config_from_dict
 from .methods import CONTAINER, method_for
@@ -428,7 +428,7 @@ class VeraFxModel(PeftSurface, nn.Module):
         with state_lock(self._source).write():
             for name, plan in plans:
                 ckpt.apply_plan(self._source, plan, [name])
-        return _IncompatibleKeys(missing, unexpected)
+        return IncompatibleKeys(missing, unexpected)
 
     # --- calls -------------------------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from .compat import unpack_cpu_4bit
 from .sites import Candidate, Site
 
 __all__ = ["QUANTIZED_KINDS", "QUANT_KEY", "is_quantized_layer", "layer_kind", "quantized_layers",
@@ -164,9 +165,7 @@ def _unpack_cpu_weight(path: str, layer: nn.Module) -> None:
     weight = layer.weight
     if not _is_cpu_packed(weight):
         return
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    weight.data, weight.quant_state = unpack_cpu_4bit(weight.data, weight.quant_state)
     logger.info("quantized: %s: unpacked the 4-bit weight that bitsandbytes had packed for CPU inference", path)
 
 

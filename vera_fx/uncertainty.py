@@ -16,9 +16,9 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
+from .compat import pytree
 from .methods.pvera import KL_RECORD, NOISE_GROUPS, SAMPLE_SWITCH
 from .sampling import pvera_states, unwrap
 

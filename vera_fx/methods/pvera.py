@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.fx import Node
 from torch.fx.node import has_side_effect
 
+from ..compat import backward_running, saved_tensors_hooks_active
 from ..config import PveraConfig
 from ..runtime import pvera_bank_noise, pvera_noise  # noqa: F401  (the ops the graph calls)
 from ..sites import ADAPTER_KEY, Site
@@ -154,11 +155,7 @@ def _compute_kl_now() -> bool:
     re-run inside backward (reentrant checkpointing's recompute, after which a lazy term would hold ``h``)."""
     if torch.compiler.is_compiling():
         return True
-    try:
-        return (torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-                or torch._C._current_graph_task_id() != -1)
-    except (AttributeError, TypeError, RuntimeError):  # a torch without these queries: compute now
-        return True
+    return saved_tensors_hooks_active() or backward_running()
 
 
 @has_side_effect

@@ -19,16 +19,14 @@ inference: it shares the adapters' state and the base weights with the adapted g
 
 from __future__ import annotations
 
-import copy
 import logging
 import warnings
 from typing import Any, Callable, Optional
 
 import torch
-import torch.utils._pytree as pytree
 from torch.fx import Graph, GraphModule, Node
-from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
+from ..compat import add_keyword_input, copy_codegen
 from ..methods import CONTAINER, AdapterState, Emitter
 from ..methods.fold import restore_linear
 from ..sites import (ADAPTER_KEY, BLOCK_CALL_KEY, BLOCK_KEY, MERGED_KEY, Site, block_prefix, graph_modules,
@@ -139,7 +137,7 @@ def _copy_without_adapters(gm: GraphModule) -> tuple[Graph, Node]:
     graph = Graph()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree spec deprecation notice
-        graph._codegen = copy.deepcopy(gm.graph._codegen)
+        copy_codegen(gm.graph, graph)
     env: dict[Node, Node] = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index: Optional[Node] = None
@@ -160,12 +158,7 @@ def _copy_without_adapters(gm: GraphModule) -> tuple[Graph, Node]:
             index = graph.placeholder(INDEX_INPUT)
     assert index is not None
     index.meta[ADAPTER_KEY] = {"site": None, "adapter": None, "role": "mode", "base": None, "name": INDEX_INPUT}
-    cg = graph._codegen
-    if isinstance(cg, _PyTreeCodeGen):
-        info = cg.pytree_info
-        args, kwargs = pytree.tree_unflatten([0] * info.in_spec.num_leaves, info.in_spec)
-        spec = pytree.tree_flatten((args, {**kwargs, INDEX_INPUT: 0}))[1]
-        cg.pytree_info = _PyTreeInfo([*info.orig_args, INDEX_INPUT], spec, info.out_spec)
+    add_keyword_input(graph, INDEX_INPUT)
     return graph, index
 
 

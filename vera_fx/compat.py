@@ -1,0 +1,156 @@
+"""What differs between the torch releases vera_fx supports, and every private torch / bitsandbytes name it uses.
+
+Layer 0: imports torch and the standard library only (bitsandbytes, an optional extra, inside the one function
+that needs it). The library reaches private names through here, so a release that moves one is fixed in one
+file and ``scripts/test-torch.sh VERSION`` tells which. Where torch has a public API the library uses that.
+
+Kept in the library itself, as torch's long-stable internals: ``nn.Module``'s ``_parameters`` / ``_buffers`` /
+``_modules`` dicts and ``_apply`` override, ``Tensor._version`` / ``Tensor._base``, and the aten overloads that
+export's IR holds (``aten._to_copy``, ``aten._assert_tensor_metadata``).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import re
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+from torch.fx import Graph, GraphModule
+
+# torch.fx and torch.export flatten with this module (their TreeSpec type); torch 2.13 has no public one.
+from torch.utils import _pytree as pytree
+from torch._ops import HigherOrderOperator, OpOverload, OpOverloadPacket
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+from torch.nn.modules.module import _IncompatibleKeys as IncompatibleKeys
+
+__all__ = ["TESTED_TORCH", "torch_release", "untested_torch_message", "warn_if_untested", "pytree",
+           "HigherOrderOperator", "OpOverload", "OpOverloadPacket", "IncompatibleKeys", "EXPORT_NOTES_LOGGER",
+           "copy_codegen", "add_keyword_input", "saved_tensors_hooks_active", "backward_running",
+           "copy_forward_hook", "register_deepcopy_hook", "call_impl", "set_compiled_call", "unpack_cpu_4bit"]
+
+logger = logging.getLogger(__name__)
+
+# The torch releases (major, minor) the full suite and the demo pass on; pyproject.toml pins the same range.
+TESTED_TORCH: tuple[tuple[int, int], tuple[int, int]] = ((2, 13), (2, 15))
+
+# The logger of export's notes on the input dimensions it specialises (non-strict mode).
+EXPORT_NOTES_LOGGER = "torch._export.non_strict_utils"
+
+
+# --------------------------------------------------------------------------------------------- versions
+
+def torch_release(version: str) -> tuple[int, int]:
+    """(major, minor) of a torch version string: ``"2.15.0+cu130"`` -> ``(2, 15)``."""
+    match = re.match(r"(\d+)\.(\d+)", str(version))
+    if match is None:
+        raise ValueError(f"torch version {version!r} does not start with MAJOR.MINOR; pass torch.__version__, "
+                         "e.g. '2.15.0+cpu'")
+    return int(match[1]), int(match[2])
+
+
+def untested_torch_message(version: str) -> Optional[str]:
+    """The warning for a torch outside the tested range, None inside it."""
+    release = torch_release(version)
+    low, high = TESTED_TORCH
+    if low <= release <= high:
+        return None
+    side = "newer" if release > high else "older"
+    return (f"vera_fx is tested on torch {low[0]}.{low[1]} to {high[0]}.{high[1]}; torch {version} is {side}. "
+            "It should work, but torch.export's IR and the private APIs in vera_fx/compat.py may differ: "
+            f"run scripts/test-torch.sh {version.split('+')[0]} to check")
+
+
+def warn_if_untested(version: Optional[str] = None) -> bool:
+    """Log one warning when ``version`` (default: the running torch) is outside the tested range; True if so."""
+    message = untested_torch_message(torch.__version__ if version is None else version)
+    if message is not None:
+        logger.warning(message)
+    return message is not None
+
+
+# --------------------------------------------------------------------------------------------- torch.fx
+
+def copy_codegen(source: Graph, target: Graph) -> None:
+    """Give ``target`` a copy of ``source``'s code generator (export's pytree calling convention)."""
+    target.set_codegen(copy.deepcopy(source._codegen))
+
+
+def add_keyword_input(graph: Graph, name: str) -> None:
+    """Extend a pytree-calling graph's signature by the keyword input ``name`` (its last placeholder), so the
+    generated ``forward`` accepts it; a graph with plain positional calling needs nothing."""
+    codegen = graph._codegen
+    if not isinstance(codegen, _PyTreeCodeGen):
+        return
+    info = codegen.pytree_info
+    args, kwargs = pytree.tree_unflatten([0] * info.in_spec.num_leaves, info.in_spec)
+    spec = pytree.tree_flatten((args, {**kwargs, name: 0}))[1]
+    codegen.pytree_info = _PyTreeInfo([*info.orig_args, name], spec, info.out_spec)
+
+
+def register_deepcopy_hook(gm: GraphModule, hook: Callable[[GraphModule], Any]) -> None:
+    """Run ``hook`` on every ``copy.deepcopy`` of ``gm``."""
+    gm._register_deepcopy_hook(hook)
+
+
+# --------------------------------------------------------------------------------------------- autograd
+
+def saved_tensors_hooks_active() -> bool:
+    """Whether autograd's saved tensors go through hooks now (checkpointing, offloading); True when this torch
+    cannot tell (the safe answer for its one caller)."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, TypeError, RuntimeError):
+        return True
+
+
+def backward_running() -> bool:
+    """Whether this thread runs inside a backward pass (a reentrant checkpoint's recompute); True when this
+    torch cannot tell."""
+    try:
+        return torch._C._current_graph_task_id() != -1
+    except (AttributeError, TypeError, RuntimeError):
+        return True
+
+
+# --------------------------------------------------------------------------------------------- nn.Module
+
+def copy_forward_hook(source: nn.Module, target: nn.Module, key: int) -> None:
+    """Register ``source``'s forward hook ``key`` on ``target`` too, with its kwargs / always-called flags."""
+    target._forward_hooks[key] = source._forward_hooks[key]
+    if key in source._forward_hooks_with_kwargs:
+        target._forward_hooks_with_kwargs[key] = True
+    if key in source._forward_hooks_always_called:
+        target._forward_hooks_always_called[key] = True
+
+
+def call_impl(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``module(*args, **kwargs)`` with its hooks, bypassing a compiled call set on it."""
+    return module._call_impl(*args, **kwargs)
+
+
+def set_compiled_call(module: nn.Module, compiled: Callable[..., Any]) -> None:
+    """Make ``module(...)`` run ``compiled(module, ...)``: ``nn.Module.compile`` with one shared callable, so
+    modules of one class share its compile cache."""
+    module._compiled_call_impl = functools.partial(compiled, module)
+
+
+# --------------------------------------------------------------------------------------------- bitsandbytes
+
+def unpack_cpu_4bit(data: torch.Tensor, quant_state: Any) -> tuple[torch.Tensor, Any]:
+    """Undo bitsandbytes' CPU inference packing of a 4-bit weight: (canonical data, restored quant state)."""
+    import bitsandbytes.functional as bnb_functional
+
+    inverse = getattr(bnb_functional, "_convert_weight_packed_for_cpu_inverse", None)
+    if inverse is None:
+        raise TypeError(f"bitsandbytes {getattr(bnb_functional, '__version__', '')} has no "
+                        "_convert_weight_packed_for_cpu_inverse: a 4-bit weight packed for CPU inference cannot be "
+                        "unpacked for training; capture the model before any eval forward, or install the "
+                        "bitsandbytes release this vera_fx was tested with (0.50)")
+    return inverse(data, quant_state)
+
+
+warn_if_untested()  # once, when the library first loads (every module that uses torch internals imports this one)
