@@ -64,7 +64,8 @@ class PeftSurface:
         adapter_ops.set_adapter(self, adapter_name)
         if inference_mode:
             for name in ([adapter_name] if isinstance(adapter_name, str) else adapter_name):
-                for p in self._source.get_submodule(f"{CONTAINER}.{name}").parameters():
+                state = self._source.get_submodule(f"{CONTAINER}.{name}")
+                for p in [*state.parameters(), *state.lambda_parameters()]:  # block lambdas live in the blocks
                     p.requires_grad_(False)
 
     def delete_adapter(self, adapter_name: str) -> None:
