@@ -13,6 +13,7 @@ from torch import nn
 import torch.fx.graph_module as fx_graph_module
 
 import vera_fx
+from vera_fx.sites import graph_modules
 from conftest import tiny_llama
 
 
@@ -46,7 +47,6 @@ def _reference_outputs(m, calls):
 
 
 def _adapter_names_in_graphs(m):
-    from vera_fx.sites import graph_modules
     out = []
     for gm in m.graphs.values():
         names = {(n.meta.get("vera_fx") or {}).get("adapter") for g in graph_modules(gm) for n in g.graph.nodes}
@@ -92,6 +92,70 @@ def test_forwards_during_switches_see_one_state(two_adapters):
         assert all(names == expected for names in _adapter_names_in_graphs(m)), _adapter_names_in_graphs(m)
         for out, ref in zip(outs, refs[state]):
             torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("switch", ["disable / enable", "merge / unmerge"])
+def test_forwards_during_other_mutations_see_one_state(switch, monkeypatch):
+    """Other writers than set_adapter, and readers that are mixed-adapter calls. Every graph switch is slowed
+    down (a hook), so a forward that did not wait for the writer would run on a half-changed state."""
+    switch_graphs = vera_fx.versions.GraphVersions.switch
+
+    def slow_switch(self, *args, **kwargs):
+        time.sleep(0.004)
+        return switch_graphs(self, *args, **kwargs)
+
+    monkeypatch.setattr(vera_fx.versions.GraphVersions, "switch", slow_switch)
+    cfg = dict(r=8, target_modules=["q_proj", "v_proj"], init_weights=False)
+    m = vera_fx.transform(tiny_llama(), vera_fx.VeraConfig(**cfg))
+    vera_fx.add_adapter(m, "b", vera_fx.VeraConfig(**cfg))
+    _randomise(m, 4)
+    vera_fx.set_adapter(m, "default")
+    m.eval()
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(2))
+    sibling = dict(input_ids=ids, output_hidden_states=True)  # another signature: its own graph, re-attached
+    with torch.no_grad():
+        adapted = m(input_ids=ids).logits.clone()
+        with vera_fx.disable_adapters(m):
+            base = m(input_ids=ids).logits.clone()
+        mixed = m(**sibling, adapter_names=["default", "b"]).logits.clone()
+    valid = [adapted] if switch == "merge / unmerge" else [adapted, base]
+    if switch == "merge / unmerge":
+        steps = [lambda: vera_fx.merge(m), lambda: vera_fx.unmerge(m)]
+    else:
+        steps = [m.disable_adapter_layers, m.enable_adapter_layers]
+    stop = threading.Event()
+    seen = {"calls": 0, "bad": 0}
+
+    def forwards():
+        i = 0
+        while not stop.is_set():
+            with torch.no_grad():
+                if switch == "disable / enable" and i % 3 == 2:  # mixed calls ignore the disabled flag
+                    ok = torch.allclose(m(**sibling, adapter_names=["default", "b"]).logits, mixed, atol=1e-5)
+                else:
+                    out = m(**(sibling if i % 3 else dict(input_ids=ids))).logits
+                    ok = any(torch.allclose(out, r, atol=1e-5, rtol=0) for r in valid)
+            seen["bad"] += not ok
+            seen["calls"] += 1
+            i += 1
+
+    thread = threading.Thread(target=forwards)
+    thread.start()
+    try:
+        for i in range(40):
+            steps[i % 2]()
+            time.sleep(0.003)
+    finally:
+        stop.set()
+        thread.join()
+    assert seen["calls"] > 5 and seen["bad"] == 0, seen
+    with torch.no_grad():  # no graph kept a state it was built for while the state changed
+        torch.testing.assert_close(m(input_ids=ids).logits, adapted, atol=1e-5, rtol=0)
+        torch.testing.assert_close(m(**sibling).logits, adapted, atol=1e-5, rtol=0)
+        steps[0]()  # the other state once more: its versions must be right too
+        torch.testing.assert_close(m(**sibling).logits, valid[-1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(m(input_ids=ids).logits, valid[-1], atol=1e-5, rtol=0)
+        steps[1]()
 
 
 def test_switching_back_and_forth_builds_nothing_new(two_adapters):

@@ -28,8 +28,9 @@ from .passes.match import MatchPass
 from .passes.pipeline import run_passes
 from .sites import ADAPTER_KEY, SITE_KEY, as_graph_module, graph_modules
 from .state import (ACTIVE_KEY, DISABLED_KEY, _container, active_adapters, adapter_container, adapters_disabled,
-                    attach_modules_to_save, mutation, state_lock, bias_targets, detach_state, merged_adapters, modules_to_save_copy,
-                    modules_to_save_owners, resolve_modules_to_save, route_modules_to_save, shared_projections)
+                    attach_modules_to_save, bias_targets, detach_state, merged_adapters, modules_to_save_copy,
+                    modules_to_save_owners, mutation, resolve_modules_to_save, route_modules_to_save,
+                    shared_projections)
 
 # active_adapters ... modules_to_save_copy live in vera_fx/state.py (below the passes) and stay importable here.
 __all__ = ["set_lowering", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "active_adapters",
@@ -241,19 +242,11 @@ def set_adapters_disabled(gm: GraphModule, disabled: bool) -> None:
         raise TypeError(f"disabled={disabled!r}: expected True or False")
     if disabled == adapters_disabled(gm):
         return
-    if disabled:
-        _check_not_merged(gm, active_adapters(gm), "disable adapters")
-        biased = [n for n in active_adapters(gm) if _container(gm)[n].config.bias != "none"]
-        if biased:
-            warnings.warn(f"adapters {biased} train biases; disabling adapters keeps the trained biases, so outputs "
-                          "are not the base model's", UserWarning, stacklevel=3)
-    gm.meta[DISABLED_KEY] = disabled
-    try:
-        _sync(gm)
-    except Exception:
-        gm.meta[DISABLED_KEY] = not disabled
-        _sync(gm)
-        raise
+    biased = _biased(gm) if disabled else []
+    if biased:
+        warnings.warn(f"adapters {biased} train biases; disabling adapters keeps the trained biases, so outputs "
+                      "are not the base model's", UserWarning, stacklevel=2)
+    _set_disabled(gm, disabled)
     logger.info("adapters %s", "disabled" if disabled else "enabled")
 
 
@@ -265,27 +258,35 @@ def disable_adapters(gm: GraphModule) -> Iterator[GraphModule]:
     if adapters_disabled(gm):
         yield gm
         return
-    _check_not_merged(gm, active_adapters(gm), "disable adapters")
-    biased = [n for n in active_adapters(gm) if _container(gm)[n].config.bias != "none"]
+    biased = _biased(gm)
     if biased:
         logger.warning("adapters %s train biases; disabling adapters keeps the trained biases, so outputs are not "
                        "the base model's", biased)
-    lock = state_lock(gm)
-    with lock.write():
-        before = state_fingerprint(gm)
-        gm.meta[DISABLED_KEY] = True
-        try:
-            _sync(gm, before)
-        except Exception:
-            gm.meta[DISABLED_KEY] = False
-            raise
+    _set_disabled(gm, True)
     try:
         yield gm
     finally:
-        with lock.write():
-            before = state_fingerprint(gm)
-            gm.meta[DISABLED_KEY] = False
-            _sync(gm, before)
+        _set_disabled(gm, False)
+
+
+def _biased(gm: GraphModule) -> list[str]:
+    """The active adapters that train biases (disabling keeps the trained values)."""
+    return [n for n in active_adapters(gm) if _container(gm)[n].config.bias != "none"]
+
+
+@mutation
+def _set_disabled(gm: GraphModule, disabled: bool) -> None:
+    """Set the disabled flag and make the graph follow it (merged adapters cannot be disabled)."""
+    if disabled:
+        _check_not_merged(gm, active_adapters(gm), "disable adapters")
+    before = state_fingerprint(gm)
+    gm.meta[DISABLED_KEY] = disabled
+    try:
+        _sync(gm, before)
+    except Exception:
+        gm.meta[DISABLED_KEY] = not disabled
+        _sync(gm)
+        raise
 
 
 # --- lowering --------------------------------------------------------------------------------------------------

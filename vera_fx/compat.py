@@ -29,7 +29,7 @@ from torch.nn.modules.module import _IncompatibleKeys as IncompatibleKeys
 
 __all__ = ["TESTED_TORCH", "torch_release", "untested_torch_message", "warn_if_untested", "pytree",
            "HigherOrderOperator", "OpOverload", "OpOverloadPacket", "IncompatibleKeys", "EXPORT_NOTES_LOGGER",
-           "copy_codegen", "add_keyword_input", "saved_tensors_hooks_active", "backward_running",
+           "copy_codegen", "add_keyword_input", "GeneratedCode", "replace_with_copy", "saved_tensors_hooks_active", "backward_running",
            "copy_forward_hook", "register_deepcopy_hook", "call_impl", "set_compiled_call", "unpack_cpu_4bit"]
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,55 @@ def add_keyword_input(graph: Graph, name: str) -> None:
     args, kwargs = pytree.tree_unflatten([0] * info.in_spec.num_leaves, info.in_spec)
     spec = pytree.tree_flatten((args, {**kwargs, name: 0}))[1]
     codegen.pytree_info = _PyTreeInfo([*info.orig_args, name], spec, info.out_spec)
+
+
+# What GraphModule.recompile derives from its Graph: saved and put back together, never one without the others.
+_GENERATED = ("_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec")
+
+
+class GeneratedCode:
+    """A GraphModule's Graph and the code ``recompile`` generated from it, to be put back later without
+    generating again (torch.fx keeps every source it ever executed)."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        self.gm, self.cls, self.graph = gm, type(gm), gm._graph
+        self.fields = {f: getattr(gm, f, None) for f in _GENERATED}
+        self.forward = type(gm).__dict__.get("forward")
+
+    def current(self) -> bool:
+        """``gm`` still has this Graph, class and generated code (nobody edited and recompiled it since)."""
+        return type(self.gm) is self.cls and self.gm._graph is self.graph and \
+            getattr(self.gm, "_code", None) is self.fields["_code"]
+
+    def restorable(self) -> bool:
+        return type(self.gm) is self.cls and self.forward is not None
+
+    def restore(self) -> None:
+        self.gm._graph = self.graph
+        self.graph.owning_module = self.gm
+        for name, value in self.fields.items():
+            setattr(self.gm, name, value)
+        self.cls.forward = self.forward
+
+
+def replace_with_copy(gm: GraphModule) -> None:
+    """Give ``gm`` a copy of its Graph, without generating code (the code is the same); node tags under
+    ``vera_fx*`` keys are copied too, since passes edit them in place. The old Graph object stays untouched."""
+    graph = gm._graph
+    new = Graph(tracer_cls=graph._tracer_cls)
+    copied = new.graph_copy(graph, val_map={}, return_output_node=True)
+    new._codegen = graph._codegen  # shared: never edited (a deep copy of its pytree specs warns)
+    if copied is not None:
+        value, old_output = copied
+        new.output(value, type_expr=getattr(old_output, "type", None)).meta = copy.copy(old_output.meta)
+    for node in new.nodes:
+        for key, tag in node.meta.items():
+            if key.startswith("vera_fx") and isinstance(tag, dict):
+                node.meta[key] = dict(tag)
+    if hasattr(graph, "_co_fields"):
+        new._co_fields = graph._co_fields
+    gm._graph = new
+    new.owning_module = gm
 
 
 def register_deepcopy_hook(gm: GraphModule, hook: Callable[[GraphModule], Any]) -> None:

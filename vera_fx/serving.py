@@ -34,8 +34,8 @@ from .passes.match import MatchPass, select_sites
 from .sampling import unwrap
 from .passes.lower import LOWERING_KEY
 from .sites import ADAPTER_KEY, SITE_KEY, graph_modules
-from .state import (ACTIVE_KEY, adapter_container, attach_state, block_site_names, detach_state, restore_active,
-                    shared_projections)
+from .state import (ACTIVE_KEY, adapter_container, attach_state, block_site_names, detach_state, mutation,
+                    reads_state, restore_active, shared_projections)
 
 __all__ = ["mixed_adapter_forward", "mixed_graph", "adapter_index", "load_adapters", "export", "BASE_ADAPTER",
            "INDEX_INPUT"]
@@ -111,6 +111,7 @@ def _filled(inner: GraphModule, args: tuple, kwargs: dict) -> tuple[tuple, dict]
     return InputCheck(signature)(inner, args, kwargs) if signature is not None else (args, kwargs)
 
 
+@reads_state
 def mixed_adapter_forward(gm: nn.Module, adapter_names: Sequence[str], *args: Any, **kwargs: Any) -> Any:
     """One forward of a batch in which row ``i`` uses adapter ``adapter_names[i]``.
 
@@ -169,6 +170,7 @@ def _new_state(gm: GraphModule, config: AdapterConfig, sites_cache: dict, projec
     return new_state(gm, config, chosen, shared, trainable=False)
 
 
+@mutation
 def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool = True) -> list[str]:
     """Load many adapter folders (PEFT or vera_fx) at once: ``{adapter name: folder}``.
 

@@ -32,11 +32,12 @@ from .methods import CONTAINER, AdapterSet, AdapterState, AdapterView, Method
 from .versions import StateLock
 from .sites import MERGED_KEY, as_graph_module, block_prefix, graph_modules, read_graph_sites, read_sites
 
-__all__ = ["state_lock", "mutation", "reads_state", "ACTIVE_KEY", "DISABLED_KEY", "MTS_TAG", "PEFT_ROOT", "adapter_container", "active_adapters",
-           "adapters_disabled", "merged_adapters", "shared_projections", "resolve_modules_to_save",
-           "attach_modules_to_save", "modules_to_save_copy", "modules_to_save_owners", "route_modules_to_save",
-           "bias_targets", "attach_state", "detach_state", "block_site_names", "restore_active",
-           "ADAPTER_MODE", "AdapterMode", "adapter_mode_module", "adapters_training", "set_adapters_training"]
+__all__ = ["state_lock", "mutation", "reads_state", "ACTIVE_KEY", "DISABLED_KEY", "MTS_TAG", "PEFT_ROOT",
+           "adapter_container", "active_adapters", "adapters_disabled", "merged_adapters", "shared_projections",
+           "resolve_modules_to_save", "attach_modules_to_save", "modules_to_save_copy", "modules_to_save_owners",
+           "route_modules_to_save", "bias_targets", "attach_state", "detach_state", "block_site_names",
+           "restore_active", "ADAPTER_MODE", "AdapterMode", "adapter_mode_module", "adapters_training",
+           "set_adapters_training"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -102,23 +103,8 @@ def adapter_container(gm: GraphModule) -> AdapterSet:
 def state_lock(gm: Any, fn: str = "state_lock") -> StateLock:
     """The lock of the adapter state ``gm`` (a model object or its graph) computes over; ``fn`` names the
     caller in the error for anything else."""
-    gm = as_graph_module(gm, fn)
-    container = getattr(gm, CONTAINER, None)
-    if not isinstance(container, AdapterSet):  # a graph pickled before AdapterSet existed, or no adapters yet
-        container = adapter_container_set(gm)
-    return container.lock
-
-
-def adapter_container_set(gm: GraphModule) -> AdapterSet:
-    """The root container as an AdapterSet (a plain ModuleDict is converted in place, same adapters)."""
-    container = getattr(gm, CONTAINER, None)
-    if isinstance(container, AdapterSet):
-        return container
-    new = AdapterSet()
-    for name, state in (container or {}).items():
-        new[name] = state
-    gm._modules[CONTAINER] = new
-    return new
+    container = getattr(as_graph_module(gm, fn), CONTAINER, None)
+    return container.lock if container is not None else StateLock()  # no adapter state yet: nothing to share
 
 
 def mutation(fn: Callable[..., T]) -> Callable[..., T]:

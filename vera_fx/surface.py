@@ -21,7 +21,7 @@ from . import checkpoint as ckpt
 from .config import AdapterConfig
 from .methods import CONTAINER
 from .passes.merge import merge, merge_into, unmerge
-from .state import active_adapters, merged_adapters
+from .state import active_adapters, merged_adapters, state_lock
 
 __all__ = ["PeftSurface"]
 
@@ -105,12 +105,13 @@ class PeftSurface:
         in place, as PEFT's); returned. ``progressbar`` is accepted (merging takes no visible time)."""
         if adapter_names is None or list(adapter_names) == active_adapters(self._source):
             return merge_into(self._base_model, self._source, safe_merge=safe_merge)
-        before = active_adapters(self._source)
-        adapter_ops.set_adapter(self, list(adapter_names))
-        try:
-            return merge_into(self._base_model, self._source, safe_merge=safe_merge)
-        finally:
-            adapter_ops.set_adapter(self, before)
+        with state_lock(self).write():  # no forward sees the temporary active list
+            before = active_adapters(self._source)
+            adapter_ops.set_adapter(self, list(adapter_names))
+            try:
+                return merge_into(self._base_model, self._source, safe_merge=safe_merge)
+            finally:
+                adapter_ops.set_adapter(self, before)
 
     def unload(self) -> nn.Module:
         """The base model without the adapters: the model ``transform`` was given (vera_fx never changes it)."""

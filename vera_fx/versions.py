@@ -14,14 +14,15 @@ gradient checkpointing rewrites block calls) is noticed by its generated code an
 
 from __future__ import annotations
 
-import copy
 import threading
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Callable, Hashable, Iterator, Optional
 
-from torch.fx import Graph, GraphModule
+from torch.fx import GraphModule
+
+from .compat import GeneratedCode, replace_with_copy
 
 __all__ = ["StateLock", "GraphVersions"]
 
@@ -103,52 +104,26 @@ class StateLock:
                     self._cond.notify_all()
 
 
-# What GraphModule.recompile sets from a Graph: restored together, never one without the others.
-_CODE_FIELDS = ("_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec")
-
-
 class _Version:
-    """One graph tree as built for one adapter-state key: per graph its class, Graph and generated code."""
+    """One graph tree as built for one adapter-state key: each graph's Graph and generated code."""
 
     def __init__(self, graphs: list[GraphModule]) -> None:
-        self.entries = [(g, type(g), g._graph, {f: getattr(g, f, None) for f in _CODE_FIELDS},
-                         type(g).__dict__.get("forward")) for g in graphs]
+        self.codes = [GeneratedCode(g) for g in graphs]
+
+    def _same_tree(self, graphs: list[GraphModule]) -> bool:
+        return len(graphs) == len(self.codes) and all(g is c.gm for g, c in zip(graphs, self.codes))
 
     def matches(self, graphs: list[GraphModule]) -> bool:
         """The tree is as this version left it (same graphs, classes and generated code)."""
-        return len(graphs) == len(self.entries) and all(
-            g is e[0] and type(g) is e[1] and g._graph is e[2] and getattr(g, "_code", None) is e[3]["_code"]
-            for g, e in zip(graphs, self.entries))
+        return self._same_tree(graphs) and all(c.current() for c in self.codes)
 
     def fits(self, graphs: list[GraphModule]) -> bool:
         """The version can be put back on this tree (same graphs and classes)."""
-        return len(graphs) == len(self.entries) and all(
-            g is e[0] and type(g) is e[1] and e[4] is not None for g, e in zip(graphs, self.entries))
+        return self._same_tree(graphs) and all(c.restorable() for c in self.codes)
 
     def restore(self) -> None:
-        for g, cls, graph, fields, forward in self.entries:
-            g._graph = graph
-            graph.owning_module = g
-            for name, value in fields.items():
-                setattr(g, name, value)
-            cls.forward = forward
-
-
-def copy_graph(graph: Graph) -> Graph:
-    """A copy of ``graph`` whose vera_fx node tags are copies too (passes edit tags in place)."""
-    new = Graph(tracer_cls=graph._tracer_cls)
-    copied = new.graph_copy(graph, val_map={}, return_output_node=True)
-    new._codegen = graph._codegen  # shared: never edited (a deep copy of its pytree specs warns)
-    if copied is not None:
-        value, old_output = copied
-        new.output(value, type_expr=getattr(old_output, "type", None)).meta = copy.copy(old_output.meta)
-    for node in new.nodes:
-        for key, value in node.meta.items():
-            if key.startswith("vera_fx") and isinstance(value, dict):
-                node.meta[key] = dict(value)
-    if hasattr(graph, "_co_fields"):
-        new._co_fields = graph._co_fields
-    return new
+        for code in self.codes:
+            code.restore()
 
 
 class GraphVersions:
@@ -164,18 +139,11 @@ class GraphVersions:
     def __reduce__(self) -> Any:
         return (GraphVersions, (self.limit,))
 
-    def clear(self, root: Optional[GraphModule] = None) -> None:
-        """Forget the versions of ``root``'s tree (of every tree when None)."""
-        if root is None:
-            self._trees.clear()
-        else:
-            self._trees.pop(root, None)
-
     def switch(self, root: GraphModule, graphs: list[GraphModule], before: Hashable, after: Hashable,
-               build: Callable[[], None]) -> bool:
+               build: Callable[[], None]) -> None:
         """Make the tree (``root`` and its ``graphs``, root first) the version for ``after``: put back if it was
         built before, else ``build()`` it on copies of the graphs. ``before`` is the key the tree is built for
-        now. Returns True when a built version was put back."""
+        now (None: unknown)."""
         entry = self._trees.setdefault(root, {"current": None, "built": OrderedDict()})
         built: OrderedDict = entry["built"]
         current = built.get(entry["current"])
@@ -188,14 +156,11 @@ class GraphVersions:
             version.restore()
             built.move_to_end(after)
             entry["current"] = after
-            return True
+            return
         for g in graphs:  # build on copies: the Graph objects of stored versions are never edited
-            new = copy_graph(g._graph)
-            g._graph = new
-            new.owning_module = g
+            replace_with_copy(g)
         build()
         built[after] = _Version(graphs)
         while len(built) > self.limit:
             built.popitem(last=False)
         entry["current"] = after
-        return False
