@@ -20,6 +20,7 @@ from conftest import all_nodes, minilm, text_inputs, tiny_gpt2, tiny_llama
 from vera_fx.adapters import add_adapter, disable_adapters, set_adapter
 from vera_fx.methods import CONTAINER
 from vera_fx.passes import merge as merge_module
+from vera_fx.versions import adapter_flags
 
 
 class MLP(nn.Module):
@@ -128,7 +129,7 @@ def test_merge_roundtrip(build, targets):
     vera_fx.unmerge(gm)  # the original tensors come back: exact
     assert all(p is params[n] for n, p in gm.named_parameters())
     assert torch.equal(_logits(gm, x), ref)
-    assert not gm.meta.get("vera_fx_merged")
+    assert not adapter_flags(gm).merged
     _assert_same(model, user)
 
     vera_fx.merge(gm)  # merge, unmerge, merge is stable
@@ -198,7 +199,7 @@ def test_safe_merge_refuses_nan_and_changes_nothing():
     with pytest.raises(ValueError, match=r"site 'down'.*non-finite"):
         vera_fx.merge(gm, safe_merge=True)
     assert gm.code == code and all(p is params[n] for n, p in gm.named_parameters())
-    assert not gm.meta.get("vera_fx_merged") and not vera_fx.sites(gm)[0].merged
+    assert not adapter_flags(gm).merged and not vera_fx.sites(gm)[0].merged
     with torch.no_grad():
         gm.get_parameter(f"{CONTAINER}.default.sites.down.vera_lambda_b")[0] = 0.5
     vera_fx.merge(gm, safe_merge=True)
@@ -217,7 +218,7 @@ def test_merge_is_atomic(monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         vera_fx.merge(gm)
     assert gm.code == code and all(p is params[n] for n, p in gm.named_parameters())
-    assert not gm.meta.get("vera_fx_merged") and not gm.meta.get(merge_module.FOLDED_KEY)
+    assert not adapter_flags(gm).merged and not adapter_flags(gm).folded
     assert torch.equal(gm(X), ref)
     monkeypatch.undo()
 

@@ -19,9 +19,9 @@ from vera_fx.methods.fold import weight_fold, weight_site
 from vera_fx.methods.fused import fused_site
 from vera_fx.methods.lean import lean_site
 from vera_fx.sites import as_graph_module, graph_modules, read_sites
-from vera_fx.passes.lower import (CACHE_BYTES, DEFAULT_TOKENS, LOWERING_KEY, PASS_COST, PASS_COST_CACHED,
+from vera_fx.passes.lower import (CACHE_BYTES, DEFAULT_TOKENS, PASS_COST, PASS_COST_CACHED,
                                   PASS_COST_FUSED, PASS_COST_FUSED_CACHED, GroupShape, LowerPass, choose_options,
-                                  group_options, lower_adapters, pass_cost,
+                                  group_options, lower_adapters, lowering_setting, pass_cost,
                                   path_costs, plan_auto)
 
 peft = pytest.importorskip("peft")
@@ -566,7 +566,7 @@ def test_auto_follows_tokens_and_site_overrides(products_only):
     # T * 8 * out (192 T for q, k and q's second call, 128 T for v and o): two 24-wide sites and one 16-wide fill
     # the budget exactly (ties: the earlier groups' options); the others keep their activations (fused tails)
     gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), tokens=1)
-    assert _paths(gm) == {"weight": 3, "fused": 2} and gm.meta[LOWERING_KEY] == {"mode": "auto", "tokens": 1}
+    assert _paths(gm) == {"weight": 3, "fused": 2} and lowering_setting(gm) == {"mode": "auto", "tokens": 1}
     assert _site_paths(gm) == {("q", "weight"), ("k", "fused"), ("v", "fused"), ("o", "weight")}
     # 16 tokens: q/k/v fold (T >= in 16); wholly folded the group skips d h @ A: 3 * (2 * 8 * 16 * out) + 16 * 8
     # * 64 - 2 * 16 * 8 * 64 - 16 * 16 * 8 = 6144 of the budget's 8192, q's second call 1024; o (in 24, lean)
@@ -576,7 +576,7 @@ def test_auto_follows_tokens_and_site_overrides(products_only):
     assert _kept(gm) == ["v"]
     # with the default 1024 tokens folding costs fewer operations than the activation path: every site folds
     gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,))
-    assert _paths(gm) == {"weight": 5} and gm.meta[LOWERING_KEY] == {"mode": "auto", "tokens": None}
+    assert _paths(gm) == {"weight": 5} and lowering_setting(gm) == {"mode": "auto", "tokens": None}
     gm = vera_fx.transform(net, _config("pvera"), example_inputs=(x,))
     assert _paths(gm) == {"lean": 5}  # never folded (it samples); 2r rows of A: the saving pays for every site
     # overrides: o and v are forced; q/k keep one auto group whose saving (one x-A product, 4096 at 16 tokens)
@@ -594,7 +594,7 @@ def test_fast_plans_least_work_per_site_override_too():
     auto: folded). Outputs and gradients equal the plain path's."""
     net, x = _net(), _x()
     gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering="fast", tokens=16)
-    assert _paths(gm) == {"fused": 5} and gm.meta[LOWERING_KEY]["mode"] == "fast"
+    assert _paths(gm) == {"fused": 5} and lowering_setting(gm)["mode"] == "fast"
     mixed = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering={"o": "fast", "v": "lean"},
                               tokens=16)
     assert _site_paths(mixed) == {("q", "weight"), ("k", "fused"), ("o", "fused"), ("v", "lean")}

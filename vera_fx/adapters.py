@@ -23,11 +23,11 @@ from .config import AdapterConfig, as_config
 from .methods import AdapterState, method_for
 from .passes.attach import state_fingerprint
 from .passes.inject import InjectPass, emit_adapter, remove_adapter_nodes
-from .passes.lower import LOWERING_KEY, check_lowering
+from .passes.lower import check_lowering
 from .passes.match import MatchPass
 from .passes.pipeline import run_passes
 from .sites import ADAPTER_KEY, SITE_KEY, as_graph_module, graph_modules
-from .state import (ACTIVE_KEY, DISABLED_KEY, _container, active_adapters, adapter_container, adapters_disabled,
+from .state import (adapters_of, active_adapters, adapter_container, adapters_disabled,
                     attach_modules_to_save, bias_targets, detach_state, merged_adapters, modules_to_save_copy,
                     modules_to_save_owners, mutation, resolve_modules_to_save, route_modules_to_save,
                     shared_projections)
@@ -36,7 +36,7 @@ from .state import (ACTIVE_KEY, DISABLED_KEY, _container, active_adapters, adapt
 __all__ = ["set_lowering", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "active_adapters",
            "set_adapters_disabled",
            "adapters_disabled", "shared_projections", "attach_modules_to_save", "resolve_modules_to_save",
-           "modules_to_save_copy", "remove_adapter", "ACTIVE_KEY", "DISABLED_KEY"]
+           "modules_to_save_copy", "remove_adapter"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _sync(gm: GraphModule, before: Optional[tuple] = None) -> None:
     """Make the graph and ``requires_grad`` follow the active list and the disabled flag. The graph tree's
     version for the new state is put back when it was built before (``GraphVersions``: no re-emission, no code
     generation); ``before`` is the state key the tree was built for (``state_fingerprint`` before the change)."""
-    container = _container(gm)
+    container = adapters_of(gm)
     active = active_adapters(gm)
     live = [] if adapters_disabled(gm) else active
     modules_to_save_owners(gm, live)  # conflicts raise before anything changes
@@ -89,7 +89,7 @@ def _sync(gm: GraphModule, before: Optional[tuple] = None) -> None:
 
 def _emit_live(gm: GraphModule, live: list[str]) -> None:
     """Give the graph tree the nodes of exactly the live adapters that are not merged."""
-    container = _container(gm)
+    container = adapters_of(gm)
     merged = merged_adapters(gm)
     changed = False
     missing = [n for n in live if n not in merged and not _has_nodes(gm, n)]
@@ -111,7 +111,7 @@ def _emit_live(gm: GraphModule, live: list[str]) -> None:
 
 
 def _check_names(gm: GraphModule, names: Sequence[str]) -> None:
-    known = list(_container(gm).keys())
+    known = list(adapters_of(gm).keys())
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"adapters {unknown} are not on this graph; adapters: {known or 'none'}")
@@ -134,22 +134,16 @@ def set_adapter(gm: GraphModule, adapter_name: Union[str, Sequence[str]]) -> Non
     before = active_adapters(gm)
     _check_not_merged(gm, sorted(set(before) ^ set(names)), "switch adapters")
     modules_to_save_owners(gm, names)
-    old = gm.meta.get(ACTIVE_KEY)
+    flags = adapter_container(gm).flags
+    old = flags.active
     before = state_fingerprint(gm)
-    gm.meta[ACTIVE_KEY] = names
+    flags.active = names
     try:
         _sync(gm, before)
     except Exception:
-        _restore_active(gm, old)
+        flags.active = old
         raise
     logger.info("active adapters: %s", names)
-
-
-def _restore_active(gm: GraphModule, old: Optional[list[str]]) -> None:
-    if old is None:
-        gm.meta.pop(ACTIVE_KEY, None)
-    else:
-        gm.meta[ACTIVE_KEY] = old
 
 
 @mutation
@@ -167,16 +161,15 @@ def add_adapter(gm: GraphModule, adapter_name: str, config: AdapterConfig) -> No
     passes: list = [InjectPass(config, adapter_name)]
     if not any(SITE_KEY in n.meta for g in graph_modules(gm) for n in g.graph.nodes):
         passes.insert(0, MatchPass())
-    had = list(_container(gm).keys())
-    old = gm.meta.get(ACTIVE_KEY)
-    if had:
-        gm.meta[ACTIVE_KEY] = active_adapters(gm)  # the new adapter stays out of the active list
-    else:
-        gm.meta.pop(ACTIVE_KEY, None)  # the first adapter is active
+    had = list(adapters_of(gm).keys())
+    flags = adapter_container(gm).flags
+    old = flags.active
+    # the new adapter stays out of the active list; the first adapter is active
+    flags.active = active_adapters(gm) if had else None
     try:
         run_passes(gm, passes)
     except Exception:
-        _restore_active(gm, old)
+        flags.active = old
         raise
     _sync(gm)
     logger.info("added adapter %r (%s)%s", adapter_name, type(config).__name__,
@@ -193,13 +186,13 @@ def delete_adapter(gm: GraphModule, adapter_name: str) -> None:
     gm = as_graph_module(gm, "delete_adapter")
     _check_names(gm, [adapter_name])
     _check_not_merged(gm, [adapter_name], f"delete adapter {adapter_name!r}")
-    bias = _container(gm)[adapter_name].config.bias
+    bias = adapters_of(gm)[adapter_name].config.bias
     if bias != "none":
         logger.warning("adapter %r trained biases (bias=%r); they keep their values after deletion",
                        adapter_name, bias)
     was_active = adapter_name in active_adapters(gm)
     remove_adapter(gm, adapter_name)
-    left = list(_container(gm).keys())
+    left = list(adapters_of(gm).keys())
     if was_active and left and not active_adapters(gm):
         # PEFT activates a remaining adapter (and says so) rather than leaving nothing to train.
         warnings.warn(f"adapter {adapter_name!r} was active and is now deleted; the active adapter is now "
@@ -210,7 +203,7 @@ def delete_adapter(gm: GraphModule, adapter_name: str) -> None:
 
 def remove_adapter(gm: GraphModule, adapter_name: str) -> None:
     """``delete_adapter`` without checks or messages (also undoes a failed ``load_adapter``)."""
-    container = _container(gm)
+    container = adapters_of(gm)
     state = container[adapter_name]
     if state.config.bias != "none":
         for p in _bias_params(gm, state):
@@ -220,14 +213,14 @@ def remove_adapter(gm: GraphModule, adapter_name: str) -> None:
         for other in container:  # the others are re-emitted (_sync): their lowering may have followed this one
             if other != adapter_name and other not in merged_adapters(gm) and _has_nodes(gm, other):
                 remove_adapter_nodes(gm, other)
-    old = gm.meta.get(ACTIVE_KEY)
-    if old is not None:
-        gm.meta[ACTIVE_KEY] = [n for n in old if n != adapter_name]
+    flags = container.flags
+    if flags.active is not None:
+        flags.active = [n for n in flags.active if n != adapter_name]
     route_modules_to_save(gm, [n for n in ([] if adapters_disabled(gm) else active_adapters(gm))
                                 if n != adapter_name])
     detach_state(gm, adapter_name)
     if len(container) == 0:
-        gm.meta.pop(ACTIVE_KEY, None)  # the next adapter added is active again
+        flags.active = None  # the next adapter added is active again
     gm.graph.lint()
     gm.recompile()
     _sync(gm)
@@ -271,7 +264,7 @@ def disable_adapters(gm: GraphModule) -> Iterator[GraphModule]:
 
 def _biased(gm: GraphModule) -> list[str]:
     """The active adapters that train biases (disabling keeps the trained values)."""
-    return [n for n in active_adapters(gm) if _container(gm)[n].config.bias != "none"]
+    return [n for n in active_adapters(gm) if adapters_of(gm)[n].config.bias != "none"]
 
 
 @mutation
@@ -280,11 +273,12 @@ def _set_disabled(gm: GraphModule, disabled: bool) -> None:
     if disabled:
         _check_not_merged(gm, active_adapters(gm), "disable adapters")
     before = state_fingerprint(gm)
-    gm.meta[DISABLED_KEY] = disabled
+    flags = adapter_container(gm).flags
+    flags.disabled = disabled
     try:
         _sync(gm, before)
     except Exception:
-        gm.meta[DISABLED_KEY] = not disabled
+        flags.disabled = not disabled
         _sync(gm)
         raise
 
@@ -307,9 +301,10 @@ def set_lowering(gm: GraphModule, lowering: Union[str, dict] = "auto", tokens: O
         tag = n.meta.get(ADAPTER_KEY)
         if tag and tag.get("role") == "output" and tag.get("adapter"):
             with_nodes.setdefault(tag["adapter"], set()).add(tag["site"])
-    old = inner.meta.get(LOWERING_KEY)
+    flags = adapter_container(inner).flags
+    old = flags.lowering
     saved = [copy.deepcopy(g.graph) for g in graphs]
-    inner.meta[LOWERING_KEY] = setting
+    flags.lowering = setting
     order = [a for a in active_adapters(inner) if a in with_nodes] + [a for a in with_nodes
                                                                        if a not in active_adapters(inner)]
     try:
@@ -320,10 +315,7 @@ def set_lowering(gm: GraphModule, lowering: Union[str, dict] = "auto", tokens: O
     except Exception:
         for g, graph in zip(graphs, saved):
             g.graph = graph  # the setter recompiles
-        if old is None:
-            inner.meta.pop(LOWERING_KEY, None)
-        else:
-            inner.meta[LOWERING_KEY] = old
+        flags.lowering = old
         raise
     logger.info("set_lowering %r: re-emitted %s", setting["mode"], order)
     return gm

@@ -35,8 +35,9 @@ from .methods import CONTAINER, AdapterState, method_for
 from .passes.match import peft_selection
 from .passes.merge import merge, unmerge
 from .passes.pipeline import transform
-from .sites import MERGED_KEY, as_graph_module, read_sites
-from .state import (ACTIVE_KEY, PEFT_ROOT, bias_targets, merged_adapters, modules_to_save_copy, mutation,
+from .sites import as_graph_module, read_sites
+from .versions import adapter_flags
+from .state import (PEFT_ROOT, bias_targets, merged_adapters, modules_to_save_copy, mutation,
                     restore_active)
 
 # bias_targets lives in vera_fx/state.py (the inject pass uses it too) and stays importable here.
@@ -219,7 +220,7 @@ def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
                 raise ValueError(f"{source}: {key} differs from the projections adapter {adapter_name!r} shares "
                                  f"with {peers}; loading it would change those adapters. Load this checkpoint "
                                  "into a graph of its own (vera_fx.from_pretrained)")
-    merged = sorted((gm.meta.get(MERGED_KEY) or {}))
+    merged = sorted(adapter_flags(gm).merged)
     if base_keys and merged:
         raise ValueError(f"{source}: holds base weights ({_fmt_keys(sorted(base_keys))}) but sites {merged[:3]} are "
                          "merged; vera_fx.unmerge(gm) first, then load")
@@ -527,7 +528,7 @@ def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
                              f"graph is {have.peft_type!r}: load it under another adapter_name")
         _load_checked(gm, adapter_name, config, tensors, source)
     else:
-        old_active = gm.meta.get(ACTIVE_KEY)
+        old_active = adapter_flags(gm).active
         add_adapter(gm, adapter_name, config)
         try:
             _load_checked(gm, adapter_name, config, tensors, source)

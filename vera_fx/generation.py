@@ -44,7 +44,8 @@ from .methods import CONTAINER
 from .methods.pvera import pvera_record_kl
 from .passes.inject import emit_adapter, remove_adapter_nodes
 from .passes.match import MatchPass
-from .sites import ADAPTER_KEY, MERGED_KEY, SITE_KEY, LINEAR_KINDS, as_graph_module, read_sites
+from .sites import ADAPTER_KEY, SITE_KEY, LINEAR_KINDS, as_graph_module, read_sites
+from .versions import adapter_flags
 
 __all__ = ["generate", "decode_graph", "bind_adapter_state", "capture_decode_graph", "SUPPORTED_KWARGS",
            "cache_bucket"]
@@ -191,7 +192,7 @@ def _live_layout(gm: GraphModule) -> list[tuple[str, tuple[str, ...]]]:
     container = getattr(gm, CONTAINER, None)
     if container is None or adapters_disabled(gm):
         return []
-    merged: dict[str, tuple[str, ...]] = gm.meta.get(MERGED_KEY) or {}
+    merged = adapter_flags(gm).merged
     out = []
     for name in active_adapters(gm):
         state = container[name]

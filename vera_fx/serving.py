@@ -32,9 +32,9 @@ from .passes.bank import BASE_ADAPTER, INDEX_INPUT, bank_order, build_mixed_grap
 from .passes.inject import new_state
 from .passes.match import MatchPass, select_sites
 from .sampling import unwrap
-from .passes.lower import LOWERING_KEY
 from .sites import ADAPTER_KEY, SITE_KEY, graph_modules
-from .state import (ACTIVE_KEY, adapter_container, attach_state, block_site_names, detach_state, mutation,
+from .versions import adapter_flags
+from .state import (adapter_container, attach_state, block_site_names, detach_state, mutation,
                     reads_state, restore_active, shared_projections)
 
 __all__ = ["mixed_adapter_forward", "mixed_graph", "adapter_index", "load_adapters", "export", "BASE_ADAPTER",
@@ -195,7 +195,7 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
                              "or delete it first")
     if not any(SITE_KEY in n.meta for g in graph_modules(inner) for n in g.graph.nodes):
         MatchPass()(inner)
-    old_active = inner.meta.get(ACTIVE_KEY)
+    old_active = adapter_flags(inner).active
     added: list[str] = []
     sites_cache: dict = {}
     projections_cache: dict = {}
@@ -227,17 +227,17 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
     except Exception:
         for name in added:
             detach_state(inner, name)
+        restore_active(inner, old_active)
         if not had_container:
             for g in graph_modules(inner):
                 if CONTAINER in g._modules:
                     delattr(g, CONTAINER)
-        restore_active(inner, old_active)
         raise
     finally:
         if gc_was_on:
             gc.enable()
     if existing:
-        inner.meta[ACTIVE_KEY] = [n for n in (old_active if old_active is not None else existing) if n in existing]
+        adapter_container(inner).flags.active = [n for n in (old_active if old_active is not None else existing) if n in existing]
     else:
         set_adapter(inner, added[0])
     logger.info("loaded %d adapters", len(added))
@@ -298,7 +298,7 @@ def export(gm: nn.Module, example_inputs: Any, *, adapter_names: Optional[Sequen
     lowered = any((n.meta.get(ADAPTER_KEY) or {}).get("path") not in (None, "activation")
                   for g in graph_modules(inner) for n in g.graph.nodes)
     if lowered:  # the lean / weight paths only change backward: a program runs the plain nodes (torch + runtime)
-        setting = inner.meta.get(LOWERING_KEY)
+        setting = adapter_flags(inner).lowering
         set_lowering(inner, "activation")
         try:
             return export(inner, example_inputs, adapter_names=adapter_names, dynamic=dynamic,

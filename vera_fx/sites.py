@@ -14,14 +14,15 @@ from typing import Any, Optional
 import torch
 from torch.fx import GraphModule, Node
 
-__all__ = ["as_graph_module", "Site", "Candidate", "SITE_KEY", "ADAPTER_KEY", "MERGED_KEY", "read_sites", "site_of",
+from .versions import adapter_flags
+
+__all__ = ["as_graph_module", "Site", "Candidate", "SITE_KEY", "ADAPTER_KEY", "read_sites", "site_of",
            "site_output", "site_input", "adapter_nodes", "LINEAR_KINDS", "adapted_sites", "BLOCK_KEY",
            "BLOCK_CALL_KEY", "graph_modules", "block_prefix", "read_graph_sites", "block_groups", "sampling_by_site"]
 
 SITE_KEY = "vera_fx_site"
 ADAPTER_KEY = "vera_fx"
 # gm.meta key written by the merge pass: site name -> names of the adapters folded into its weight.
-MERGED_KEY = "vera_fx_merged"
 
 # gm.meta key of a block graph (a repeated layer kept as a GraphModule submodule): {"path", "group"}.
 BLOCK_KEY = "vera_fx_block"
@@ -156,7 +157,7 @@ def _graph_order(gm: GraphModule) -> list[GraphModule]:
 def read_sites(gm: GraphModule) -> list[Site]:
     """Every tagged site of ``gm``'s graph tree in call order (a block's sites where the root calls it), with
     the adapters attached to it. Merge state and sampling switches are the root's."""
-    merged: dict[str, tuple[str, ...]] = gm.meta.get(MERGED_KEY) or {}
+    merged = adapter_flags(gm).merged
     sampling = sampling_by_site(gm)
     blocks = {block_prefix(g): g for g in _graph_order(gm)}
     own = {s.base: s for s in read_graph_sites(gm, merged, sampling)}

@@ -7,8 +7,9 @@ read and write this state, so it lives here, one layer below the passes:
 - the adapters' own train / eval flag per graph (``AdapterMode`` at ``gm.vera_fx_adapter_mode``), apart from
   the base model's ``training`` so that, as PEFT's new adapter layers, it starts in training mode whatever
   mode the model was in, and follows every ``.train()`` / ``.eval()`` afterwards;
-- the active list in ``gm.meta["vera_fx_active"]`` (absent: every adapter on the graph is active) and the
-  disabled flag in ``gm.meta["vera_fx_disabled"]`` (``active_adapters``, ``adapters_disabled``);
+- the run-time flags on that container (``AdapterFlags``, vera_fx/versions.py): the active list (None: every
+  adapter on the graph is active), disabled, merged, lowering (``active_adapters``, ``adapters_disabled``,
+  ``merged_adapters``); every graph of the model holds the same container, so nothing is copied;
 - shared projections: a later adapter of a method uses views of the largest existing adapter's A and B
   (``shared_projections``);
 - the trainable extras an adapter may own besides its lambdas: ``modules_to_save`` copies (the graph's
@@ -29,11 +30,12 @@ from torch.fx import GraphModule
 
 from .config import AdapterConfig
 from .methods import CONTAINER, AdapterSet, AdapterState, AdapterView, Method
+from .versions import adapter_flags
 from .versions import StateLock
-from .sites import MERGED_KEY, as_graph_module, block_prefix, graph_modules, read_graph_sites, read_sites
+from .sites import as_graph_module, block_prefix, graph_modules, read_graph_sites, read_sites
 
-__all__ = ["state_lock", "mutation", "reads_state", "ACTIVE_KEY", "DISABLED_KEY", "MTS_TAG", "PEFT_ROOT",
-           "adapter_container", "active_adapters", "adapters_disabled", "merged_adapters", "shared_projections",
+__all__ = ["state_lock", "mutation", "reads_state", "MTS_TAG", "PEFT_ROOT",
+           "adapter_container", "adapters_of", "active_adapters", "adapters_disabled", "merged_adapters", "shared_projections",
            "resolve_modules_to_save", "attach_modules_to_save", "modules_to_save_copy", "modules_to_save_owners",
            "route_modules_to_save", "bias_targets", "attach_state", "detach_state", "block_site_names",
            "restore_active", "ADAPTER_MODE", "AdapterMode", "adapter_mode_module", "adapters_training",
@@ -42,8 +44,6 @@ __all__ = ["state_lock", "mutation", "reads_state", "ACTIVE_KEY", "DISABLED_KEY"
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ACTIVE_KEY = "vera_fx_active"
-DISABLED_KEY = "vera_fx_disabled"
 MTS_TAG = "vera_fx_modules_to_save"  # node.meta of get_attr nodes reading a modules_to_save parameter
 ADAPTER_MODE = "vera_fx_adapter_mode"  # the submodule of each graph whose ``training`` the adapter nodes read
 
@@ -86,7 +86,8 @@ def set_adapters_training(gm: nn.Module, training: bool) -> None:
             mode.training = training
 
 
-def _container(gm: GraphModule) -> nn.ModuleDict:
+def adapters_of(gm: GraphModule) -> nn.ModuleDict:
+    """The graph's adapter set, or an empty ModuleDict when it has none (read-only use)."""
     container = getattr(gm, CONTAINER, None)
     return container if container is not None else nn.ModuleDict()
 
@@ -133,8 +134,8 @@ def active_adapters(gm: GraphModule) -> list[str]:
     The list does not change inside ``disable_adapters``; use ``adapters_disabled(gm)`` for that.
     """
     gm = as_graph_module(gm, "active_adapters")
-    names = list(_container(gm).keys())
-    chosen = gm.meta.get(ACTIVE_KEY)
+    names = list(adapters_of(gm).keys())
+    chosen = adapter_flags(gm).active
     if chosen is None:
         return names
     return [n for n in chosen if n in names]
@@ -143,12 +144,12 @@ def active_adapters(gm: GraphModule) -> list[str]:
 def adapters_disabled(gm: GraphModule) -> bool:
     """True inside ``with disable_adapters(gm):``."""
     gm = as_graph_module(gm, "adapters_disabled")
-    return bool(gm.meta.get(DISABLED_KEY, False))
+    return adapter_flags(gm).disabled
 
 
 def merged_adapters(gm: GraphModule) -> set[str]:
     """Adapters merged into the base weights at one site or more."""
-    return {a for names in (gm.meta.get(MERGED_KEY) or {}).values() for a in names}
+    return {a for names in adapter_flags(gm).merged.values() for a in names}
 
 
 # --- shared projections --------------------------------------------------------------------------------------
@@ -162,7 +163,7 @@ def shared_projections(gm: GraphModule, config: AdapterConfig, method: Method, i
     new config's ``projection_prng_key`` or ``save_projection`` differs, when another adapter already trains
     biases, or when the new adapter needs larger projections or a higher ``r`` than exist.
     """
-    container = _container(gm)
+    container = adapters_of(gm)
     others = [(n, s) for n, s in container.items()]
     for name, state in others:
         if config.bias != "none" and state.config.bias != "none":
@@ -248,10 +249,7 @@ def detach_state(gm: GraphModule, adapter_name: str) -> None:
 
 def restore_active(gm: GraphModule, old: Optional[list[str]]) -> None:
     """Put back the active list read before a failed change (``None``: there was none)."""
-    if old is None:
-        gm.meta.pop(ACTIVE_KEY, None)
-    else:
-        gm.meta[ACTIVE_KEY] = old
+    adapter_container(gm).flags.active = old
 
 
 # --- modules_to_save ------------------------------------------------------------------------------------------
@@ -287,7 +285,7 @@ def attach_modules_to_save(gm: GraphModule, adapter_name: str, module_names: Seq
     while the adapter is active, and the frozen base parameters otherwise. Returns the module paths.
     """
     paths = resolve_modules_to_save(gm, module_names)
-    state = _container(gm)[adapter_name]
+    state = adapters_of(gm)[adapter_name]
     copies = nn.ModuleDict()
     for path in paths:
         clone = copy.deepcopy(gm.get_submodule(path))
@@ -321,7 +319,7 @@ def modules_to_save_copy(state: AdapterState, path: str) -> nn.Module:
 
 def modules_to_save_owners(gm: GraphModule, live: Sequence[str]) -> dict[str, str]:
     """Module path -> the live adapter whose copy the graph should read; ValueError on a conflict."""
-    container = _container(gm)
+    container = adapters_of(gm)
     owners: dict[str, str] = {}
     for name in live:
         for path in getattr(container[name], "modules_to_save_paths", []):

@@ -18,13 +18,41 @@ import threading
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterator, Optional
 
 from torch.fx import GraphModule
 
 from .compat import GeneratedCode, replace_with_copy
 
-__all__ = ["StateLock", "GraphVersions"]
+__all__ = ["StateLock", "GraphVersions", "AdapterFlags", "adapter_flags", "CONTAINER"]
+
+CONTAINER = "vera_fx_adapters"  # the attribute of every graph holding its adapter set (vera_fx/methods/base.py)
+
+
+@dataclass
+class AdapterFlags:
+    """The adapter set's run-time state, held once by the adapter set every graph of a model shares (never in
+    ``gm.meta``): the active list (None: every adapter), disabled, the merged adapters per site with the
+    merge pass's originals, and the lowering setting (None: ``auto``)."""
+
+    active: Optional[list[str]] = None
+    disabled: bool = False
+    merged: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    folded: dict[str, Any] = field(default_factory=dict)
+    lowering: Optional[dict[str, Any]] = None
+
+    def key(self) -> tuple:
+        """A hashable value that changes whenever the adapter nodes a graph carries change."""
+        return (tuple(self.active) if self.active is not None else None, self.disabled,
+                tuple(sorted((k, tuple(v)) for k, v in self.merged.items())), repr(self.lowering))
+
+
+def adapter_flags(gm: Any) -> AdapterFlags:
+    """The flags of the adapter set ``gm`` (a root graph) holds; a graph without adapters reads the defaults
+    (a fresh object: write through the adapter set itself, ``state.adapter_container(gm).flags``)."""
+    flags = getattr(getattr(gm, CONTAINER, None), "flags", None)
+    return flags if flags is not None else AdapterFlags()
 
 
 class StateLock:

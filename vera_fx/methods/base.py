@@ -15,13 +15,11 @@ from torch.fx import Graph, Node
 
 from ..config import AdapterConfig
 from ..sites import ADAPTER_KEY, Site, block_prefix
-from ..versions import GraphVersions, StateLock
+from ..versions import CONTAINER, AdapterFlags, GraphVersions, StateLock
 
 __all__ = ["Method", "AdapterSet", "AdapterState", "AdapterView", "SiteTree", "Emitter", "kaiming_uniform",
            "CONTAINER", "register", "method_for", "method_by_name"]
 
-# Attribute of the GraphModule holding one AdapterState per adapter name.
-CONTAINER = "vera_fx_adapters"
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -37,13 +35,15 @@ def _site_ident(site: str) -> str:
 
 class AdapterSet(nn.ModuleDict):
     """The container of a graph's adapters (one AdapterState per name; a block's holds AdapterViews), with the
-    lock every forward reads and every switch writes, and the graph versions built per adapter state. Every
-    graph computing over these adapters (each call signature's) holds this very object."""
+    lock every forward reads and every switch writes, the run-time flags (active, disabled, merged, lowering)
+    and the graph versions built per adapter state. Every graph computing over these adapters (each call
+    signature's) holds this very object."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lock = StateLock()
         self.versions = GraphVersions()
+        self.flags = AdapterFlags()
 
 
 class SiteTree(nn.Module):

@@ -7,9 +7,9 @@ owns the adapter state; every other graph is made equal to it by ``attach_adapte
   weights and ``.to()`` conversions are therefore the source's, and an optimizer sees one set of tensors);
 - it holds the very same adapter container (``vera_fx_adapters``: the same ``AdapterState`` modules and
   ``nn.Parameter`` objects, so a lambda trained through one graph is the lambda of every other);
-- it gets the source's run-time state (active adapters, disabled, merged: everything in ``gm.meta`` but the
-  graph's own signature), ``modules_to_save`` routing, and the adapter nodes of every site in the source's
-  order, so the two graphs compute the same function.
+- so it reads the source's run-time state (active adapters, disabled, merged, lowering: the adapter set's
+  flags, never copied), gets its ``modules_to_save`` routing, and the adapter nodes of every site in the
+  source's order, so the two graphs compute the same function.
 
 A graph that was attached before (its adapter nodes are stale) is cleared first, so attaching again after
 the source changed (``set_adapter``, ``merge``, ...) rebuilds it without a new capture.
@@ -25,26 +25,20 @@ from torch.fx import GraphModule
 
 from ..methods import CONTAINER
 from ..sites import ADAPTER_KEY, block_prefix, graph_modules, read_sites
+from ..versions import adapter_flags
 from ..state import MTS_TAG, adapters_training, attach_state, set_adapters_training
 from .inject import emit_adapter, remove_adapter_nodes
 
-__all__ = ["attach_adapters", "strip_adapters", "state_fingerprint", "STATE_META"]
+__all__ = ["attach_adapters", "strip_adapters", "state_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
-# gm.meta keys of the adapter state that decide the graph's structure (vera_fx/adapters.py, merge pass).
-_STRUCTURE_META = ("vera_fx_active", "vera_fx_disabled", "vera_fx_merged", "vera_fx_lowering")
-# The adapter state a graph carries in gm.meta, copied from the source (the merge pass's originals too); any
-# other key (the graph's signature, caches of derived graphs) belongs to the graph itself and is never copied.
-STATE_META = _STRUCTURE_META + ("vera_fx_folded",)
-
-
 def state_fingerprint(gm: GraphModule) -> tuple:
     """A cheap value that changes whenever the adapter nodes ``gm`` should carry change (adapters added or
-    deleted, the active list, disabled, merged). Sampling switches and values are read at run time: no change."""
+    deleted, the active list, disabled, merged, lowering). Sampling switches and values are read at run time."""
     container = getattr(gm, CONTAINER, None)
     names = tuple((n, id(s)) for n, s in container.items()) if container is not None else ()
-    return names, tuple(repr(gm.meta.get(k)) for k in _STRUCTURE_META)
+    return names, adapter_flags(gm).key()
 
 
 def strip_adapters(gm: GraphModule) -> int:
@@ -120,12 +114,6 @@ def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple
         if CONTAINER in g._modules:
             del g._modules[CONTAINER]
     rebound = _rebind(gm, source)
-    for key in [k for k in gm.meta if k in STATE_META]:
-        del gm.meta[key]
-    for key in STATE_META:
-        if key in source.meta:
-            value = source.meta[key]
-            gm.meta[key] = value.copy() if isinstance(value, (dict, list)) else value
     if container is None:
         gm._modules.pop(CONTAINER, None)
         strip_adapters(gm)

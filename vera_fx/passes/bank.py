@@ -29,8 +29,10 @@ from torch.fx import Graph, GraphModule, Node
 from ..compat import add_keyword_input, copy_codegen
 from ..methods import CONTAINER, AdapterState, Emitter
 from ..methods.fold import restore_linear
-from ..sites import (ADAPTER_KEY, BLOCK_CALL_KEY, BLOCK_KEY, MERGED_KEY, Site, block_prefix, graph_modules,
+from ..sites import (ADAPTER_KEY, BLOCK_CALL_KEY, BLOCK_KEY, Site, block_prefix, graph_modules,
                      read_graph_sites, sampling_by_site)
+from ..state import merged_adapters
+from ..versions import adapter_flags
 from .inject import training_node
 from .share import share_projections
 
@@ -68,7 +70,7 @@ def check_bankable(gm: GraphModule) -> None:
     states = _states(gm)
     if not states:
         raise ValueError("this graph has no adapter: load some with vera_fx.load_adapter / load_adapters first")
-    merged = sorted({a for names in (gm.meta.get(MERGED_KEY) or {}).values() for a in names})
+    merged = sorted(merged_adapters(gm))
     if merged:
         raise ValueError(f"adapters {merged} are merged into the base weights, so rows cannot choose their "
                          "adapter: call vera_fx.unmerge(gm) before a mixed-adapter batch")
@@ -255,7 +257,7 @@ def build_mixed_graph(gm: GraphModule) -> GraphModule:
     states = _states(gm)
     order = list(states)
     groups = bank_groups(gm)
-    merged: dict = gm.meta.get(MERGED_KEY) or {}
+    merged = adapter_flags(gm).merged
     sampling = sampling_by_site(gm)
     graph, index = _copy_without_adapters(gm)
     mixed = GraphModule(gm, graph)

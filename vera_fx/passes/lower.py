@@ -52,7 +52,7 @@ activation path's): at hidden 512 with 512 tokens folding calls that keep ``W'``
 the setting names it) moves the plan; the weight call decides fold or not from the tokens it sees. A block
 graph decides on its own sites, so blocks with one structure keep one code.
 
-The setting lives in ``gm.meta["vera_fx_lowering"]`` (``transform(..., lowering=...)``,
+The setting lives in the adapter set's flags (``AdapterFlags.lowering``: ``transform(..., lowering=...)``,
 ``vera_fx.set_lowering``), never in the adapter's config, so adapter_config.json stays PEFT's. Lowered nodes
 keep their ``vera_fx`` tags (site, adapter, role, base) plus ``"path"``, so inspection, merge and
 ``remove_adapter_nodes`` work on them as on plain nodes. The pass only rewrites plain chains: re-lowering
@@ -75,16 +75,17 @@ from ..methods.fold import fold_argument, weight_fold, weight_site, weight_site_
 from ..methods.fused import fused_site
 from ..methods.lean import lean_site, pvera_lean_noise
 from ..sites import ADAPTER_KEY, SITE_KEY, Site, as_graph_module, block_prefix, graph_modules, read_graph_sites
+from ..state import adapter_container
+from ..versions import adapter_flags
 
 __all__ = ["LowerPass", "lower_adapters", "path_costs", "extra_products", "group_options", "choose_options",
-           "plan_auto", "lowering_setting", "check_lowering", "LOWERING_KEY", "PATHS", "MODES", "DEFAULT_TOKENS",
+           "plan_auto", "lowering_setting", "check_lowering", "PATHS", "MODES", "DEFAULT_TOKENS",
            "GroupShape", "pass_cost", "site_choices", "PASS_COST", "PASS_COST_CACHED", "PASS_COST_FUSED",
            "PASS_COST_FUSED_CACHED", "FOLD_PASS_COST", "CACHE_BYTES"]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 
-LOWERING_KEY = "vera_fx_lowering"
 PATHS = ("activation", "fused", "lean", "weight")
 MODES = ("auto", "fast", *PATHS)
 DEFAULT_TOKENS = 1024
@@ -306,7 +307,7 @@ def check_lowering(lowering: Lowering, tokens: Optional[int] = None) -> dict[str
 
 def lowering_setting(gm: GraphModule) -> dict[str, Any]:
     """The graph's lowering setting (``{"mode": "auto", "tokens": None}`` when none was set)."""
-    return gm.meta.get(LOWERING_KEY) or {"mode": "auto", "tokens": None}
+    return adapter_flags(gm).lowering or {"mode": "auto", "tokens": None}
 
 
 @dataclass
@@ -490,7 +491,7 @@ def lower_adapters(gm: GraphModule, setting: Optional[dict[str, Any]] = None, re
     """Lower every undecided plain adapter chain of ``gm``'s own graph by its group's path; returns how many
     site calls changed.
 
-    Reads the setting from ``gm.meta["vera_fx_lowering"]`` unless ``setting`` is given (a block graph gets its
+    Reads the root's setting (``lowering_setting``) unless ``setting`` is given (a block graph gets its
     root's). Chains kept on the activation path are tagged so, and a later run (another adapter's emission)
     leaves them alone, since a subset of a graph's sites would get another plan; ``redecide`` plans them again
     (a new setting). Recompiles ``gm`` when anything changed, unless ``recompile=False`` (the caller does).
@@ -563,7 +564,7 @@ class LowerPass(PassBase):
     def call(self, graph_module: GraphModule) -> PassResult:
         redecide = self.setting is not None and self.setting != lowering_setting(graph_module)
         if self.setting is not None:
-            graph_module.meta[LOWERING_KEY] = self.setting
+            adapter_container(graph_module).flags.lowering = self.setting
         setting = lowering_setting(graph_module)  # the root's setting, for every graph of the tree
         changed = sum(lower_adapters(g, setting, redecide=redecide)
                       for g in graph_modules(as_graph_module(graph_module, "LowerPass")))

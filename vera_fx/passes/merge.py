@@ -28,16 +28,16 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..methods import CONTAINER, AdapterState
 from ..quantized import mergeable
-from ..sites import ADAPTER_KEY, MERGED_KEY, Site, as_graph_module, block_prefix, graph_modules, read_sites
-from ..state import ADAPTER_MODE, MTS_TAG, active_adapters, adapters_disabled, mutation
+from ..sites import ADAPTER_KEY, Site, as_graph_module, block_prefix, graph_modules, read_sites
+from ..state import ADAPTER_MODE, MTS_TAG, active_adapters, adapters_disabled, merged_adapters, mutation
+from ..versions import adapter_flags
 from .inject import emit_adapter, remove_adapter_nodes
 
-__all__ = ["MergePass", "UnmergePass", "merge", "unmerge", "merge_into", "FOLDED_KEY"]
+__all__ = ["MergePass", "UnmergePass", "merge", "unmerge", "merge_into"]
 
 logger = logging.getLogger(__name__)
 
 # gm.meta key: weight qualname -> _Folded, what unmerge needs to put the original weight back.
-FOLDED_KEY = "vera_fx_folded"
 
 _DENSE_KINDS = ("linear", "conv1d")
 # warnings.warn stacklevel from a pass's call() to the caller of merge() / unmerge(): call, PassBase.__call__,
@@ -232,7 +232,8 @@ class _Atomic:
             warnings.simplefilter("ignore", FutureWarning)  # torch's pytree spec deprecation inside deepcopy
             self.graphs = [(g, copy.deepcopy(g.graph)) for g in graph_modules(self.gm)]
         self.tensors = {q: _get_tensor(self.gm, q) for q in self.qualnames}
-        self.meta = {k: copy.copy(self.gm.meta.get(k)) for k in (MERGED_KEY, FOLDED_KEY)}
+        self.flags = adapter_flags(self.gm)
+        self.saved = (dict(self.flags.merged), dict(self.flags.folded))
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
@@ -241,11 +242,7 @@ class _Atomic:
                 g.graph = graph  # the setter recompiles
             for q, t in self.tensors.items():
                 _set_tensor(self.gm, q, t)
-            for k, v in self.meta.items():
-                if v is None:
-                    self.gm.meta.pop(k, None)
-                else:
-                    self.gm.meta[k] = v
+            self.flags.merged, self.flags.folded = self.saved
         return False
 
 
@@ -274,7 +271,7 @@ class MergePass(PassBase):
         folds, skipped = _plan(gm, names)
         _warn_skipped(skipped, "merge cannot fold", _USER_LEVEL)
         if not folds:
-            already = sorted({a for ads in (gm.meta.get(MERGED_KEY) or {}).values() for a in ads} & set(names))
+            already = sorted(merged_adapters(gm) & set(names))
             msg = f"merge: nothing to fold for adapters {list(names)}" + (
                 f" ({already} already merged: call vera_fx.unmerge first to merge again)" if already else
                 " (an inactive adapter has no nodes: vera_fx.set_adapter it first)")
@@ -286,8 +283,9 @@ class MergePass(PassBase):
         new = {f.weight: _folded_weight(gm, f, _get_tensor(gm, f.weight), self.safe_merge) for f in folds}
 
         with _Atomic(gm, new):
-            merged_meta: dict[str, tuple[str, ...]] = dict(gm.meta.get(MERGED_KEY) or {})
-            folded: dict[str, _Folded] = dict(gm.meta.get(FOLDED_KEY) or {})
+            flags = adapter_flags(gm)
+            merged_meta: dict[str, tuple[str, ...]] = dict(flags.merged)
+            folded: dict[str, _Folded] = dict(flags.folded)
             for f in folds:
                 old = _get_tensor(gm, f.weight)
                 value = _like(old, new[f.weight])
@@ -301,8 +299,7 @@ class MergePass(PassBase):
                 if sites:
                     remove_adapter_nodes(gm, a, sites)
             _drop_unused_training(gm)
-            gm.meta[MERGED_KEY] = merged_meta
-            gm.meta[FOLDED_KEY] = folded
+            flags.merged, flags.folded = merged_meta, folded
             gm.graph.lint()
             gm.recompile()
         logger.info("merge: folded %s into %d weights", sorted({a for f in folds for a in f.adapters}), len(folds))
@@ -320,12 +317,13 @@ class UnmergePass(PassBase):
 
     def call(self, graph_module: GraphModule) -> PassResult:
         gm = graph_module
-        folded: dict[str, _Folded] = dict(gm.meta.get(FOLDED_KEY) or {})
+        flags = adapter_flags(gm)
+        folded: dict[str, _Folded] = dict(flags.folded)
         if not folded:
             logger.info("unmerge: nothing is merged")
             return PassResult(gm, False)
         restored = {q: self._restored(gm, q, rec) for q, rec in folded.items()}
-        merged_meta: dict[str, tuple[str, ...]] = dict(gm.meta.get(MERGED_KEY) or {})
+        merged_meta = dict(flags.merged)
         with _Atomic(gm, restored):
             for q, value in restored.items():
                 _set_tensor(gm, q, value)
@@ -333,8 +331,7 @@ class UnmergePass(PassBase):
                 sites = {s for s, ads in merged_meta.items() if a in ads}
                 if sites:
                     emit_adapter(gm, a, sites)
-            gm.meta.pop(MERGED_KEY, None)
-            gm.meta.pop(FOLDED_KEY, None)
+            flags.merged, flags.folded = {}, {}
             gm.graph.lint()
             gm.recompile()
         logger.info("unmerge: restored %d weights", len(restored))

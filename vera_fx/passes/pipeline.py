@@ -12,8 +12,9 @@ from torch.fx.passes.infra.pass_manager import PassManager
 from ..capture import ExampleInputs, capture
 from ..config import AdapterConfig, as_config
 from ..methods import method_for
+from ..state import adapter_container
 from .inject import InjectPass
-from .lower import LOWERING_KEY, LowerPass, check_lowering
+from .lower import LowerPass, check_lowering
 from .match import MatchPass
 
 __all__ = ["transform", "add_adapter_passes", "run_passes"]
@@ -52,7 +53,7 @@ def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleIn
     method_for(config)  # type check before the (slow) capture
     setting = check_lowering(lowering, tokens)
     gm = capture(model, example_inputs)
-    gm.meta[LOWERING_KEY] = setting
+    adapter_container(gm).flags.lowering = setting
     return run_passes(gm, add_adapter_passes(config, adapter_name))
 
 
