@@ -330,6 +330,18 @@ def _node_stmt(name: str, attrs: dict[str, Any], context: bool) -> str:
     return f"{_q(name)} [{', '.join(parts)}];"
 
 
+def _dot_view(g: Any, adapters_only: bool) -> tuple[Any, set]:
+    """The graph ``to_dot`` draws and its core nodes (the others are context, drawn dashed)."""
+    if not adapters_only:
+        return g, set(g.nodes)
+    core = {n for n, a in g.nodes(data=True) if a["role"] not in (None, "base", "mode")}
+    core |= {g.nodes[n]["base"] for n in core if g.nodes[n]["base"] in g}
+    keep = set(core)
+    for n in core:
+        keep |= set(g.predecessors(n)) | set(g.successors(n))
+    return g.subgraph([n for n in g.nodes if n in keep]), core
+
+
 def to_dot(gm: GraphModule, adapters_only: bool = False) -> str:
     """DOT text of the graph, adapter nodes filled by role (``ROLE_COLORS``) and grouped per site and adapter.
 
@@ -337,17 +349,7 @@ def to_dot(gm: GraphModule, adapters_only: bool = False) -> str:
     away from them (drawn dashed), which is what one wants to look at in a large model. The text has one
     line per node and per edge.
     """
-    gm = as_graph_module(gm, "to_dot")
-    g = to_networkx(gm)
-    if adapters_only:
-        core = {n for n, a in g.nodes(data=True) if a["role"] not in (None, "base", "mode")}
-        core |= {g.nodes[n]["base"] for n in core if g.nodes[n]["base"] in g}
-        keep = set(core)
-        for n in core:
-            keep |= set(g.predecessors(n)) | set(g.successors(n))
-        g = g.subgraph([n for n in g.nodes if n in keep])
-    else:
-        core = set(g.nodes)
+    g, core = _dot_view(to_networkx(as_graph_module(gm, "to_dot")), adapters_only)
     lines = [f"digraph {_q(g.graph.get('name') or 'graph')} {{",
              '  graph [rankdir=TB, fontname="Helvetica", fontsize=10];',
              '  node [shape=box, style="rounded,filled", fillcolor="white", fontname="Helvetica", fontsize=9];',

@@ -19,14 +19,9 @@ from .methods.pvera import GENERATOR_STATE, KL_RECORD, SAMPLE_SWITCH, PveraMetho
 from .sites import ADAPTER_KEY, as_graph_module, graph_modules
 from .state import mutation
 
-__all__ = ["set_sample_at_inference", "kl_divergence", "reseed", "pvera_states", "unwrap"]
+__all__ = ["set_sample_at_inference", "kl_divergence", "reseed", "pvera_states"]
 
 logger = logging.getLogger(__name__)
-
-
-def unwrap(gm: nn.Module) -> GraphModule:
-    """The GraphModule behind ``gm`` (``torch.compile`` wraps it in an OptimizedModule)."""
-    return as_graph_module(gm, "gm")
 
 
 def pvera_states(gm: nn.Module, adapter_name: Optional[str] = None) -> dict[str, AdapterState]:
@@ -34,7 +29,7 @@ def pvera_states(gm: nn.Module, adapter_name: Optional[str] = None) -> dict[str,
 
     ValueError when there is none, when ``adapter_name`` is missing or when it is not a PVeRA adapter.
     """
-    container = getattr(unwrap(gm), CONTAINER, None)
+    container = getattr(as_graph_module(gm), CONTAINER, None)
     states = dict(container.items()) if container is not None else {}
     pvera = {k: s for k, s in states.items() if isinstance(s.method, PveraMethod)}
     if adapter_name is not None:
@@ -106,7 +101,7 @@ def kl_divergence(gm: nn.Module, adapter_name: Optional[str] = None) -> torch.Te
     Differentiable when the forward ran with gradients; add ``beta * kl_divergence(gm)`` to the loss. The
     graph records one scalar per call and replaces it at every forward, so memory does not grow.
     """
-    inner = unwrap(gm)
+    inner = as_graph_module(gm)
     states = pvera_states(inner, adapter_name)
     per_site: dict[tuple[str, str], list[torch.Tensor]] = {}
     # Each graph of the tree records into its own state's record (a block's view has one per block path).

@@ -31,8 +31,7 @@ from .methods.pvera import KLRecord
 from .passes.bank import BASE_ADAPTER, INDEX_INPUT, bank_order, build_mixed_graph, check_bankable
 from .passes.inject import new_state
 from .passes.match import MatchPass, select_sites
-from .sampling import unwrap
-from .sites import ADAPTER_KEY, SITE_KEY, graph_modules
+from .sites import ADAPTER_KEY, SITE_KEY, as_graph_module, graph_modules
 from .versions import adapter_flags
 from .state import (adapter_container, attach_state, block_site_names, detach_state, mutation,
                     reads_state, restore_active, shared_projections)
@@ -41,22 +40,6 @@ __all__ = ["mixed_adapter_forward", "mixed_graph", "adapter_index", "load_adapte
            "INDEX_INPUT"]
 
 logger = logging.getLogger(__name__)
-
-_CACHE_KEY = "vera_fx_mixed"
-
-
-class _MixedCache:
-    """gm.meta entry holding the mixed graph and the adapter set it was built for; copies start empty."""
-
-    def __init__(self, key: tuple = (), graph: Optional[GraphModule] = None) -> None:
-        self.key, self.graph = key, graph
-
-    def __deepcopy__(self, memo: dict) -> "_MixedCache":
-        return _MixedCache()
-
-    def __getstate__(self) -> dict:
-        return {"key": (), "graph": None}
-
 
 def _adapter_key(gm: GraphModule) -> tuple:
     container = getattr(gm, CONTAINER, None)
@@ -73,20 +56,16 @@ def mixed_graph(gm: nn.Module) -> GraphModule:
     adapters' own lambda parameters at call time). ValueError when the adapters cannot be mixed (merged,
     ``modules_to_save``, trained biases).
     """
-    inner = unwrap(gm)
+    inner = as_graph_module(gm)
     check_bankable(inner)
-    key = _adapter_key(inner)
-    cache = inner.meta.get(_CACHE_KEY)
-    if not isinstance(cache, _MixedCache) or cache.key != key or cache.graph is None:
-        cache = _MixedCache(key, build_mixed_graph(inner))
-        inner.meta[_CACHE_KEY] = cache
-    return cache.graph
+    return getattr(inner, CONTAINER).versions.derived(inner, "mixed", _adapter_key(inner),
+                                                      lambda: build_mixed_graph(inner))
 
 
 def adapter_index(gm: nn.Module, adapter_names: Sequence[str]) -> torch.Tensor:
     """The ``vera_fx_adapter_index`` input for ``adapter_names`` (one name per row; ``"__base__"``: the base
     model): int64 on the graph's device. ValueError naming unknown names and the loaded adapters."""
-    inner = unwrap(gm)
+    inner = as_graph_module(gm)
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not all(
             isinstance(n, str) for n in adapter_names):
         raise TypeError(f"adapter_names={adapter_names!r}: expected a list of adapter names, one per row")
@@ -128,7 +107,7 @@ def mixed_adapter_forward(gm: nn.Module, adapter_names: Sequence[str], *args: An
       training mode (mixed batches are for inference, as in PEFT), merged adapters (unmerge first),
       adapters with ``modules_to_save`` or trained biases. TypeError: ``adapter_names`` not a list of str.
     """
-    inner = unwrap(gm)
+    inner = as_graph_module(gm)
     index = adapter_index(inner, adapter_names)
     if inner.training:
         raise ValueError("adapter_names= runs a mixed-adapter batch, which is for inference (as in PEFT): call "
@@ -170,6 +149,40 @@ def _new_state(gm: GraphModule, config: AdapterConfig, sites_cache: dict, projec
     return new_state(gm, config, chosen, shared, trainable=False)
 
 
+def _check_new_names(container: nn.Module, folders: Mapping[str, PathLike]) -> None:
+    for name in folders:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"adapter name {name!r} is invalid: use a Python identifier such as 'task_a'")
+        if name in container or name == BASE_ADAPTER:
+            raise ValueError(f"adapter name {name!r} is already on this graph (or reserved); choose another name "
+                             "or delete it first")
+
+
+def _load_one(inner: GraphModule, name: str, folder: PathLike, caches: tuple[dict, dict],
+              blocks: Any, added: list[str]) -> None:
+    """Read, check and attach one folder of ``load_adapters`` as adapter ``name`` (appended to ``added`` once
+    attached, so a failure later in the call detaches it)."""
+    config, tensors = read_checkpoint(folder)
+    source = str(Path(folder) / WEIGHTS_NAME)
+    if config.modules_to_save or config.bias != "none":
+        raise ValueError(f"{folder}: modules_to_save={config.modules_to_save!r}, bias={config.bias!r}: "
+                         "load_adapters takes adapters of lambdas only; load this one with vera_fx.load_adapter")
+    try:
+        state = _new_state(inner, config, *caches)
+    except ValueError as e:
+        raise ValueError(f"{folder}: {e}") from e
+    attach_state(inner, name, state, blocks)  # the root's state and the blocks' views of it
+    added.append(name)
+    plan, missing = plan_load(inner, tensors, name, source)
+    if missing and config.save_projection:
+        raise ValueError(f"{source}: save_projection=True but the file has no {missing}; the checkpoint "
+                         "is incomplete: save it again")
+    if any(replace for *_, replace in plan):
+        raise ValueError(f"{source} holds base-model weights besides the adapter; load_adapters takes "
+                         "adapters of lambdas only: load this one with vera_fx.load_adapter")
+    apply_plan(inner, plan)  # writes only the new adapter (shared projections were checked to be equal)
+
+
 @mutation
 def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool = True) -> list[str]:
     """Load many adapter folders (PEFT or vera_fx) at once: ``{adapter name: folder}``.
@@ -181,49 +194,24 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
     or ``bias`` other than "none" are refused (use ``load_adapter``). All or nothing: on any error the graph
     is as it was and the ValueError names the folder. Returns the names loaded.
     """
-    inner = unwrap(gm)
+    inner = as_graph_module(gm)
     if not isinstance(folders, Mapping) or not folders:
         raise TypeError(f"folders must be a non-empty dict {{adapter name: folder}}, got {folders!r}")
     had_container = getattr(inner, CONTAINER, None) is not None
     container = adapter_container(inner)
     existing = list(container)
-    for name in folders:
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ValueError(f"adapter name {name!r} is invalid: use a Python identifier such as 'task_a'")
-        if name in container or name == BASE_ADAPTER:
-            raise ValueError(f"adapter name {name!r} is already on this graph (or reserved); choose another name "
-                             "or delete it first")
+    _check_new_names(container, folders)
     if not any(SITE_KEY in n.meta for g in graph_modules(inner) for n in g.graph.nodes):
         MatchPass()(inner)
     old_active = adapter_flags(inner).active
     added: list[str] = []
-    sites_cache: dict = {}
-    projections_cache: dict = {}
+    caches: tuple[dict, dict] = ({}, {})  # sites per selection, shared projections per request
     blocks = block_site_names(inner)  # one walk of the blocks for every adapter loaded
     gc_was_on = gc.isenabled()
     gc.disable()  # thousands of small modules: the cyclic collector's passes would dominate
     try:
         for name, folder in tqdm(folders.items(), desc="load adapters", disable=not progress or len(folders) < 50):
-            config, tensors = read_checkpoint(folder)
-            source = str(Path(folder) / WEIGHTS_NAME)
-            if config.modules_to_save or config.bias != "none":
-                raise ValueError(f"{folder}: modules_to_save={config.modules_to_save!r}, bias={config.bias!r}: "
-                                 "load_adapters takes adapters of lambdas only; load this one with "
-                                 "vera_fx.load_adapter")
-            try:
-                state = _new_state(inner, config, sites_cache, projections_cache)
-            except ValueError as e:
-                raise ValueError(f"{folder}: {e}") from e
-            attach_state(inner, name, state, blocks)  # the root's state and the blocks' views of it
-            added.append(name)
-            plan, missing = plan_load(inner, tensors, name, source)
-            if missing and config.save_projection:
-                raise ValueError(f"{source}: save_projection=True but the file has no {missing}; the checkpoint "
-                                 "is incomplete: save it again")
-            if any(replace for *_, replace in plan):
-                raise ValueError(f"{source} holds base-model weights besides the adapter; load_adapters takes "
-                                 "adapters of lambdas only: load this one with vera_fx.load_adapter")
-            apply_plan(inner, plan)  # writes only the new adapter (shared projections were checked to be equal)
+            _load_one(inner, name, folder, caches, blocks, added)
     except Exception:
         for name in added:
             detach_state(inner, name)
@@ -279,6 +267,27 @@ class _Constants(nn.Module):
         return dict(out.items()) if self.plain and isinstance(out, Mapping) and type(out) is not dict else out
 
 
+def _export_inputs(inner: GraphModule, example_inputs: Any,
+                   adapter_names: Optional[Sequence[str]]) -> tuple[nn.Module, tuple, dict[str, Any]]:
+    """The module ``export`` traces (the graph, or its mixed-adapter graph) and its example inputs."""
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        raise TypeError(f"example_inputs must be a dict of keyword inputs or a tuple, got "
+                        f"{type(example_inputs).__name__}")
+    args, kwargs = _filled(inner, clone_inputs(args), clone_inputs(kwargs))
+    if adapter_names is None:
+        return inner, tuple(args), kwargs
+    index = adapter_index(inner, adapter_names)
+    first = _first_tensor(args, kwargs)
+    if first is not None and first.shape[0] != len(adapter_names):
+        raise ValueError(f"adapter_names has {len(adapter_names)} names but the example batch has "
+                         f"{first.shape[0]} rows: give one name per example row")
+    return mixed_graph(inner), tuple(args), {**kwargs, INDEX_INPUT: index}
+
+
 def export(gm: nn.Module, example_inputs: Any, *, adapter_names: Optional[Sequence[str]] = None,
            dynamic: bool = True, plain_outputs: bool = True) -> torch.export.ExportedProgram:
     """A ``torch.export.ExportedProgram`` of ``gm`` as it is now: adapted, merged, or (with
@@ -294,7 +303,7 @@ def export(gm: nn.Module, example_inputs: Any, *, adapter_names: Optional[Sequen
     ``torch.export.save`` / ``load`` round-trip it; running it needs only torch and ``vera_fx/runtime.py``
     (PVeRA's noise ops).
     """
-    inner = unwrap(gm)
+    inner = as_graph_module(gm)
     lowered = any((n.meta.get(ADAPTER_KEY) or {}).get("path") not in (None, "activation")
                   for g in graph_modules(inner) for n in g.graph.nodes)
     if lowered:  # the lean / weight paths only change backward: a program runs the plain nodes (torch + runtime)
@@ -305,23 +314,7 @@ def export(gm: nn.Module, example_inputs: Any, *, adapter_names: Optional[Sequen
                           plain_outputs=plain_outputs)
         finally:
             set_lowering(inner, setting["mode"] if setting else "auto", setting.get("tokens") if setting else None)
-    if isinstance(example_inputs, dict):
-        args, kwargs = (), dict(example_inputs)
-    elif isinstance(example_inputs, (tuple, list)):
-        args, kwargs = tuple(example_inputs), {}
-    else:
-        raise TypeError(f"example_inputs must be a dict of keyword inputs or a tuple, got "
-                        f"{type(example_inputs).__name__}")
-    args, kwargs = _filled(inner, clone_inputs(args), clone_inputs(kwargs))
-    module: nn.Module = inner
-    if adapter_names is not None:
-        index = adapter_index(inner, adapter_names)
-        first = _first_tensor(args, kwargs)
-        if first is not None and first.shape[0] != len(adapter_names):
-            raise ValueError(f"adapter_names has {len(adapter_names)} names but the example batch has "
-                             f"{first.shape[0]} rows: give one name per example row")
-        module = mixed_graph(inner)
-        kwargs = {**kwargs, INDEX_INPUT: index}
+    module, args, kwargs = _export_inputs(inner, example_inputs, adapter_names)
     constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
     kwargs = {k: v for k, v in kwargs.items() if k not in constants}
     module = _Constants(module, len(args), list(kwargs), constants, plain_outputs)

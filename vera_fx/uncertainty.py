@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from .compat import pytree
 from .methods.pvera import KL_RECORD, NOISE_GROUPS, SAMPLE_SWITCH
-from .sampling import pvera_states, unwrap
+from .sampling import pvera_states
+from .sites import as_graph_module
 
 __all__ = ["monte_carlo", "confidence_interval", "student_t_quantile"]
 
@@ -49,6 +50,41 @@ def _repeat(obj: Any, k: int) -> Any:
     return pytree.tree_map(rep, obj)
 
 
+def _chunks(n_samples: int, max_batch: Optional[int], batch: int) -> list[int]:
+    """Samples per forward: all at once, or as many as ``max_batch`` rows hold."""
+    if max_batch is None:
+        per_chunk = n_samples
+    elif not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < batch:
+        raise ValueError(f"max_batch={max_batch!r} is invalid: one sample needs the input's {batch} rows, so "
+                         f"max_batch must be an int >= {batch}")
+    else:
+        per_chunk = min(n_samples, max_batch // batch)
+    return [min(per_chunk, n_samples - i) for i in range(0, n_samples, per_chunk)]
+
+
+def _stacked(outputs: list[list[Any]], n_samples: int, batch: int) -> list[Any]:
+    """The flattened outputs of every forward joined per leaf, each tensor reshaped to (n_samples, batch,
+    ...); a tensor without the batch dimension becomes None (with a warning)."""
+    combined: list[Any] = []
+    dropped = []
+    for i, first in enumerate(outputs[0]):
+        leaf = first[0]
+        if not isinstance(leaf, torch.Tensor):
+            combined.append(leaf)
+            continue
+        parts = [chunk[i] for chunk in outputs]
+        if all(t.dim() >= 1 and t.shape[0] == k * batch for t, k in parts):
+            cat = torch.cat([t for t, _ in parts]) if len(parts) > 1 else leaf
+            combined.append(cat.reshape(n_samples, batch, *cat.shape[1:]))
+        else:
+            combined.append(None)
+            dropped.append(i)
+    if dropped:
+        logger.warning("monte_carlo: %d output tensor(s) have no batch dimension (e.g. a mean loss) and are "
+                       "returned as None; capture the model without labels to leave them out", len(dropped))
+    return combined
+
+
 def monte_carlo(gm: nn.Module, *args: Any, n_samples: int = 16, max_batch: Optional[int] = None,
                 **kwargs: Any) -> Any:
     """``n_samples`` sampled predictions for one input, in the model's output structure with every tensor
@@ -62,17 +98,10 @@ def monte_carlo(gm: nn.Module, *args: Any, n_samples: int = 16, max_batch: Optio
     """
     if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
         raise ValueError(f"n_samples={n_samples!r} is invalid: expected an int >= 1, e.g. n_samples=16")
-    inner = unwrap(gm)
+    inner = as_graph_module(gm)
     states = pvera_states(inner)
     batch = _batch_size(args, kwargs)
-    if max_batch is None:
-        per_chunk = n_samples
-    elif not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < batch:
-        raise ValueError(f"max_batch={max_batch!r} is invalid: one sample needs the input's {batch} rows, so "
-                         f"max_batch must be an int >= {batch}")
-    else:
-        per_chunk = min(n_samples, max_batch // batch)
-    chunks = [min(per_chunk, n_samples - i) for i in range(0, n_samples, per_chunk)]
+    chunks = _chunks(n_samples, max_batch, batch)
 
     modes = {name: m.training for name, m in inner.named_modules()}
     switches = {name: {s: getattr(st.site_module(s), SAMPLE_SWITCH) for s in st.site_names}
@@ -102,23 +131,7 @@ def monte_carlo(gm: nn.Module, *args: Any, n_samples: int = 16, max_batch: Optio
             for s, on in switches[name].items():
                 setattr(st.site_module(s), SAMPLE_SWITCH, on)
             getattr(st, KL_RECORD).values = records[name]
-    combined = []
-    dropped = []
-    for i, first in enumerate(outputs[0]):
-        leaf = first[0]
-        if not isinstance(leaf, torch.Tensor):
-            combined.append(leaf)
-            continue
-        parts = [chunk[i] for chunk in outputs]
-        if all(t.dim() >= 1 and t.shape[0] == k * batch for t, k in parts):
-            cat = torch.cat([t for t, _ in parts]) if len(parts) > 1 else leaf
-            combined.append(cat.reshape(n_samples, batch, *cat.shape[1:]))
-        else:
-            combined.append(None)
-            dropped.append(i)
-    if dropped:
-        logger.warning("monte_carlo: %d output tensor(s) have no batch dimension (e.g. a mean loss) and are "
-                       "returned as None; capture the model without labels to leave them out", len(dropped))
+    combined = _stacked(outputs, n_samples, batch)
     return pytree.tree_unflatten(combined, spec)
 
 

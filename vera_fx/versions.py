@@ -160,6 +160,17 @@ class GraphVersions:
     def __init__(self, limit: int = 16) -> None:
         self.limit = limit
         self._trees: "weakref.WeakKeyDictionary[GraphModule, dict]" = weakref.WeakKeyDictionary()
+        self._derived: "weakref.WeakKeyDictionary[GraphModule, dict]" = weakref.WeakKeyDictionary()
+
+    def derived(self, source: GraphModule, kind: str, key: Hashable, build: Callable[[], Any]) -> Any:
+        """The graph of ``kind`` (e.g. "mixed") derived from ``source`` for ``key`` (the adapter structure it
+        depends on): built by ``build()`` when ``key`` changed, kept while ``source`` lives. One per kind: a
+        stale one is dropped, so it keeps no deleted adapter alive."""
+        cache = self._derived.setdefault(source, {})
+        found = cache.get(kind)
+        if found is None or found[0] != key:
+            found = cache[kind] = (key, build())
+        return found[1]
 
     def __deepcopy__(self, memo: dict) -> "GraphVersions":
         return GraphVersions(self.limit)

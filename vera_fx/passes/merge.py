@@ -246,11 +246,6 @@ class _Atomic:
         return False
 
 
-def _graph_module(gm: object, fn: str) -> GraphModule:
-    """``gm`` itself, or the GraphModule inside a ``torch.compile`` wrapper (changed in place: it recompiles)."""
-    return as_graph_module(gm, fn)
-
-
 class MergePass(PassBase):
     """Fold ``adapter_names`` (default: the active adapters) into their sites' weights; erase their nodes."""
 
@@ -260,7 +255,7 @@ class MergePass(PassBase):
         self.safe_merge = safe_merge
 
     def requires(self, graph_module: GraphModule) -> None:
-        _graph_module(graph_module, "merge")
+        as_graph_module(graph_module, "merge")
         if not isinstance(self.safe_merge, bool):
             raise TypeError(f"safe_merge must be a bool, got {self.safe_merge!r}")
         _check_names(graph_module, self.adapter_names)
@@ -313,7 +308,7 @@ class UnmergePass(PassBase):
     """Put back every merged weight and re-emit the merged adapters' nodes."""
 
     def requires(self, graph_module: GraphModule) -> None:
-        _graph_module(graph_module, "unmerge")
+        as_graph_module(graph_module, "unmerge")
 
     def call(self, graph_module: GraphModule) -> PassResult:
         gm = graph_module
@@ -367,7 +362,7 @@ def merge(gm: GraphModule, adapter_names: Optional[list[str]] = None, safe_merge
     ``safe_merge=True`` raises ValueError naming the site when a merged weight is not finite. Atomic: on any
     error ``gm`` is left as it was. Merging an already merged adapter is a no-op (nothing is added twice).
     """
-    MergePass(adapter_names, safe_merge)(_graph_module(gm, "merge"))
+    MergePass(adapter_names, safe_merge)(as_graph_module(gm, "merge"))
     return gm
 
 
@@ -378,7 +373,7 @@ def unmerge(gm: GraphModule) -> GraphModule:
     A merged weight changed in the meantime (e.g. by ``load_state_dict``) is restored by subtraction instead,
     with a warning. A graph with nothing merged is returned unchanged.
     """
-    UnmergePass()(_graph_module(gm, "unmerge"))
+    UnmergePass()(as_graph_module(gm, "unmerge"))
     return gm
 
 
@@ -418,7 +413,7 @@ def merge_into(model: nn.Module, gm: GraphModule, safe_merge: bool = False) -> n
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"merge_into takes the nn.Module gm was captured from as model, got {type(model).__name__}")
-    gm = _graph_module(gm, "merge_into")
+    gm = as_graph_module(gm, "merge_into")
     if not isinstance(safe_merge, bool):
         raise TypeError(f"safe_merge must be a bool, got {safe_merge!r}")
     names = () if adapters_disabled(gm) or getattr(gm, CONTAINER, None) is None else tuple(active_adapters(gm))
