@@ -165,6 +165,11 @@ def _fmt_keys(keys: list[str]) -> str:
     return f"{keys[:5] or 'none'}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
 
 
+def _leading_slice(value: torch.Tensor, current: torch.Tensor) -> bool:
+    """``value`` has the shape of a leading corner of ``current`` (same rank, no dimension larger)."""
+    return value.dim() == current.dim() and all(a <= b for a, b in zip(value.shape, current.shape))
+
+
 def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
                source: str) -> tuple[list[tuple[nn.Module, str, torch.Tensor, bool]], list[str]]:
     """Check ``state_dict`` against the adapter and return the copies to make and the projection keys it
@@ -199,12 +204,15 @@ def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
         raise ValueError(f"{source}: does not fit adapter {adapter_name!r} of this graph; missing keys: "
                          f"{_fmt_keys(missing)}, unexpected keys: {_fmt_keys(unexpected)}. Check target_modules, "
                          "modules_to_save, bias and the model")
+    peers = [n for n, s in getattr(gm, CONTAINER).items() if n != adapter_name and s.method_name == state.method_name]
     bad = []
     for key, value in incoming.items():
         mod, attr = targets[key]
         current = getattr(mod, attr)
         if not isinstance(value, torch.Tensor):
             bad.append(f"{key}: not a tensor ({type(value).__name__})")
+        elif key in projection_keys and peers and _leading_slice(value, current):
+            pass  # PEFT drew this adapter's own projections for its smaller layers: the shared ones' corner
         elif tuple(value.shape) != tuple(current.shape):
             bad.append(f"{key}: shape {tuple(value.shape)} in the checkpoint, {tuple(current.shape)} on the graph")
         elif not value.is_floating_point():
@@ -212,11 +220,11 @@ def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
     if bad:
         raise ValueError(f"{source}: does not fit adapter {adapter_name!r}: " + "; ".join(bad[:5]) +
                          (" ..." if len(bad) > 5 else "") + ". Check r and the model the adapter was trained on")
-    peers = [n for n, s in getattr(gm, CONTAINER).items() if n != adapter_name and s.method_name == state.method_name]
     for key, attr in projection_keys.items():
         if key in incoming and peers:
-            current = getattr(state, attr)
-            if not torch.equal(incoming[key].to(device=current.device, dtype=current.dtype), current):
+            value = incoming[key]  # shared with peers: checked equal, never written
+            current = getattr(state, attr)[tuple(slice(0, n) for n in value.shape)]
+            if not torch.equal(value.to(device=current.device, dtype=current.dtype), current):
                 raise ValueError(f"{source}: {key} differs from the projections adapter {adapter_name!r} shares "
                                  f"with {peers}; loading it would change those adapters. Load this checkpoint "
                                  "into a graph of its own (vera_fx.from_pretrained)")
@@ -224,7 +232,8 @@ def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
     if base_keys and merged:
         raise ValueError(f"{source}: holds base weights ({_fmt_keys(sorted(base_keys))}) but sites {merged[:3]} are "
                          "merged; vera_fx.unmerge(gm) first, then load")
-    plan = [(*targets[k], v, k in base_keys) for k, v in incoming.items()]
+    shared = set(projection_keys) if peers else set()
+    plan = [(*targets[k], v, k in base_keys) for k, v in incoming.items() if k not in shared]
     return plan, [k for k in projection_keys if k not in incoming]
 
 
