@@ -344,13 +344,12 @@ class VeraFxModel(PeftSurface, nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], selected_adapters: Optional[list[str]] = None,
-                        is_main_process: bool = True, **kwargs: Any) -> None:
+                        is_main_process: Optional[bool] = None, **kwargs: Any) -> None:
         """Write the adapters as PEFT does: ``default`` in ``save_directory``, any other adapter in a subfolder
-        of its name. ``PeftModel.from_pretrained(model, save_directory)`` loads the result."""
+        of its name. ``PeftModel.from_pretrained(model, save_directory)`` loads the result. ``is_main_process``
+        as in transformers (default: rank 0); sharded with FSDP2, call it on every rank with it set."""
         if kwargs:
             logger.info("save_pretrained: ignored %s (vera_fx writes safetensors only)", sorted(kwargs))
-        if not is_main_process:
-            return
         names = list(getattr(self._source, CONTAINER, {}) or {})
         chosen = names if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in chosen if n not in names]
@@ -358,7 +357,7 @@ class VeraFxModel(PeftSurface, nn.Module):
             raise ValueError(f"selected_adapters={chosen!r}: {unknown} are not adapters of this model ({names})")
         for name in chosen:
             ckpt.save_adapter(self._source, save_directory if name == "default" else Path(save_directory) / name,
-                              name)
+                              name, is_main_process=is_main_process)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  **kwargs: Any) -> torch.Tensor:
@@ -668,9 +667,9 @@ def from_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, exa
         config, tensors = ckpt.read_checkpoint(directory)
         method_for(config)
         obj = transform(model, config, example_inputs, adapter_name, max_graphs)
-        ckpt._load_checked(obj.graph_module, adapter_name, config, tensors, str(path / ckpt.WEIGHTS_NAME))
+        ckpt.load_checked(obj.graph_module, adapter_name, config, tensors, str(path / ckpt.WEIGHTS_NAME))
         return obj
-    state = ckpt._read_weights(path / "model.safetensors")
+    state = ckpt.read_weights(path / "model.safetensors")
     configs = {k[len(CONFIG_KEY_PREFIX):]: v for k, v in state.items() if k.startswith(CONFIG_KEY_PREFIX)}
     if not configs:
         raise ValueError(f"{path}/model.safetensors holds no vera_fx adapter (no {CONFIG_KEY_PREFIX}* entry): "
