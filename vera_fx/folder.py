@@ -165,20 +165,29 @@ def write_folder(directory: os.PathLike | str, files: dict[str, bytes]) -> None:
     with _parent_lock(path.parent):
         _recover_locked(path, set(files))
         new = _write_new(path, files)
-        if not path.exists():
-            os.rename(new, path)
-            _step("new in")
-        else:
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
-            os.rename(path, old)
-            _step("old aside")
-            os.rename(new, path)
-            _step("new in")
-            _move_extras(old, path, set(files))
-            _step("extras moved")
-            shutil.rmtree(old)
-            _step("old removed")
+        try:
+            _swap(path, new, set(files))
+        except Exception:  # an error (not a kill): put things back as they were, then report it
+            shutil.rmtree(new, ignore_errors=True)
+            _recover_locked(path, set(files))
+            raise
         _fsync_dir(path.parent)
+
+
+def _swap(path: Path, new: Path, keep: set[str]) -> None:
+    if not path.exists():
+        os.rename(new, path)
+        _step("new in")
+        return
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
+    os.rename(path, old)
+    _step("old aside")
+    os.rename(new, path)
+    _step("new in")
+    _move_extras(old, path, keep)
+    _step("extras moved")
+    shutil.rmtree(old)
+    _step("old removed")
 
 
 @contextlib.contextmanager
