@@ -293,8 +293,10 @@ def _read_header(f: IO[bytes], source: str, size: int) -> tuple[dict, int]:
     if size < 8:
         raise ValueError(f"{source} is not a safetensors file ({size} bytes): {_HINT}")
     n = int.from_bytes(f.read(8), "little")
-    if n > min(size - 8, _MAX_HEADER):
+    if n > size - 8:
         raise ValueError(f"{source}: its header claims {n} bytes but the file has {size - 8}: {_HINT}")
+    if n > _MAX_HEADER:
+        raise ValueError(f"{source}: its header claims {n} bytes, over safetensors' limit of {_MAX_HEADER}: {_HINT}")
     try:
         header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
