@@ -6,8 +6,9 @@ state's path; a block's site is registered in the block and reached there throug
 Under FSDP2 the tensors are gathered to full ones on every rank (``adapter_state_dict`` is a collective).
 Trainable biases and ``modules_to_save`` copies use PEFT's names for them too.
 
-Files are written atomically (a temporary file in the same folder, flushed and fsynced, then renamed) and
-read with safetensors only (nothing is unpickled). Loading checks the folder, the JSON, the file and every
+A folder is written all at once (vera_fx/folder.py: both files into a fresh sibling folder, then swapped in)
+and read as one version, with safetensors only (nothing is unpickled). Loading checks the folder, the JSON,
+the safetensors header, every value (finite), the config's r against the shapes (vera_fx/limits.py) and every
 key and shape before it changes anything.
 """
 

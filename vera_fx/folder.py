@@ -196,7 +196,10 @@ def open_folder(directory: os.PathLike | str, names: tuple[str, ...],
     """The files ``names`` of one version of the folder, open for reading (None for a missing one): opened
     relative to one directory handle, so a concurrent save cannot mix two versions."""
     path = Path(os.path.abspath(directory))
-    recover(path, keep, blocking=False)
+    try:
+        recover(path, keep, blocking=False)
+    except OSError as e:  # a read-only location: read what is there
+        logger.debug("%s: no recovery (%s)", path, e)
     for attempt in range(5):
         where = path if path.is_dir() else next(iter(_siblings(path, "old")), None)
         if where is None:

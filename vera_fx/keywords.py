@@ -25,8 +25,9 @@ __all__ = ["known_keywords", "check_keywords", "constant_changes", "say_constant
 
 logger = logging.getLogger(__name__)
 
-# Keywords transformers' forward decorators take out of **kwargs before the model sees them.
-_DECORATOR_KEYWORDS = frozenset({"return_dict"})
+# Keywords transformers takes out of **kwargs before the model sees them: its decorators' return_dict, and
+# the deprecated cache names it renames to ``cache``.
+_DECORATOR_KEYWORDS = frozenset({"return_dict", "past_key_values", "cache_params"})
 
 
 def _typed_kwargs(param: inspect.Parameter) -> Optional[frozenset[str]]:
