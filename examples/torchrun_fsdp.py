@@ -102,7 +102,7 @@ def run(mode: str, name: str, steps: int, out: Path, device: torch.device) -> No
         losses.append(float(loss))
         if mode in ("fsdp2", "plain"):
             fraction = sharded_fraction(model)
-    vera_fx.save_adapter(model, out / f"adapter_{mode}")
+    vera_fx.save_adapter(model, out / f"adapter_{mode}", is_main_process=rank == 0)  # every rank: a gather
     if rank == 0:
         torch.save({"grads": grads, "losses": losses, "fraction": fraction, "world": world}, out / f"{mode}.pt")
         print(f"{mode}: losses {['%.4f' % v for v in losses]}, block weights held per rank: {fraction}")

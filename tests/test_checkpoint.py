@@ -258,11 +258,12 @@ def test_interrupted_save_keeps_previous_checkpoint(env, tmp_path, monkeypatch):
     def crash(src, dst):
         raise OSError("simulated crash between write and rename")
 
-    monkeypatch.setattr(os, "replace", crash)
+    monkeypatch.setattr(os, "rename", crash)  # the swap of the fresh folder with the old one fails
     with pytest.raises(OSError, match="simulated crash"):
         vera_fx.save_adapter(env.gm, tmp_path)
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == files  # no temporary file left behind, no half-written file
+    assert not [p for p in os.listdir(tmp_path.parent) if p.startswith(f".{tmp_path.name}.")]  # no sibling left
     assert torch.equal(env.run(), second)
     vera_fx.load_adapter(env.gm, tmp_path)
     assert torch.equal(env.run(), first)

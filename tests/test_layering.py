@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 # submodules. Keep this table and README's Architecture section in step.
 LAYERS: dict[str, int] = {
     "vera_fx.config": 0, "vera_fx.sites": 0, "vera_fx.runtime": 0, "vera_fx.versions": 0, "vera_fx.compat": 0,
+    "vera_fx.folder": 0, "vera_fx.keywords": 0, "vera_fx.limits": 1,
     "vera_fx.methods": 1, "vera_fx.methods.": 1, "vera_fx.quantized": 1, "vera_fx.capture": 1, "vera_fx.blocks": 1,
     "vera_fx.state": 2,
     "vera_fx.passes": 3, "vera_fx.passes.": 3,
@@ -33,7 +34,7 @@ LAYERS: dict[str, int] = {
     "vera_fx.inspect": 5,
     "vera_fx.cli": 6, "vera_fx.demo": 6, "vera_fx": 6,
 }
-LAYER_NAMES = ["config, sites, runtime, versions, compat", "methods, quantized, capture, blocks", "state", "passes",
+LAYER_NAMES = ["config, sites, runtime, versions, compat, folder, keywords", "methods, quantized, capture, blocks, limits", "state", "passes",
                "adapters, checkpoint, sampling, uncertainty, model, generation, serving, blockwise, distributed, surface",
                "inspect", "cli, demo, vera_fx"]
 

@@ -125,7 +125,8 @@ def set_adapter(gm: GraphModule, adapter_name: Union[str, Sequence[str]]) -> Non
     graph's adapter nodes are rewritten and the GraphModule recompiled.
     """
     gm = as_graph_module(gm, "set_adapter")
-    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name) \
+        if isinstance(adapter_name, (list, tuple)) else []
     if not names or not all(isinstance(n, str) for n in names):
         raise TypeError(f"adapter_name={adapter_name!r}: expected an adapter name or a non-empty list of names")
     if len(set(names)) != len(names):

@@ -6,31 +6,31 @@ state's path; a block's site is registered in the block and reached there throug
 Under FSDP2 the tensors are gathered to full ones on every rank (``adapter_state_dict`` is a collective).
 Trainable biases and ``modules_to_save`` copies use PEFT's names for them too.
 
-Files are written atomically (a temporary file in the same folder, flushed and fsynced, then renamed) and
-read with safetensors only (nothing is unpickled). Loading checks the folder, the JSON, the file and every
+A folder is written all at once (vera_fx/folder.py: both files into a fresh sibling folder, then swapped in)
+and read as one version, with safetensors only (nothing is unpickled). Loading checks the folder, the JSON,
+the safetensors header, every value (finite), the config's r against the shapes (vera_fx/limits.py) and every
 key and shape before it changes anything.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-import safetensors.torch
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
 from .adapters import add_adapter, remove_adapter
 from .config import AdapterConfig, config_from_dict, config_to_dict
-from .distributed import barrier, full_tensor, gathered, is_writer, placed_like, unwrap_parallel
+from .distributed import full_tensor, gathered, needs_gather, placed_like, save_role, unwrap_parallel
+from .folder import open_folder, read_safetensors, serialise, write_folder
+from .limits import check_file_shapes, check_same_fields
 from .methods import CONTAINER, AdapterState, method_for
 from .passes.match import peft_selection
 from .passes.merge import merge, unmerge
@@ -44,13 +44,12 @@ from .state import (PEFT_ROOT, bias_targets, merged_adapters, modules_to_save_co
 __all__ = ["adapter_state_dict", "load_adapter_state_dict", "adapter_state", "state_dict_targets", "bias_targets",
            "base_layer_targets", "peft_target_modules",
            "save_adapter", "load_adapter", "from_pretrained", "read_checkpoint", "peft_config_dict",
-           "plan_load", "apply_plan", "CONFIG_NAME", "WEIGHTS_NAME"]
+           "plan_load", "apply_plan", "read_weights", "load_checked", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_DIGEST_KEY = "vera_fx_sha256"  # safetensors metadata: sha256 of the data section (PEFT ignores it)
 
 PathLike = Union[str, os.PathLike]
 
@@ -345,44 +344,6 @@ def peft_config_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str
     return dict(sorted(data.items()))
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_temp(directory: Path, final_name: str, data: bytes) -> Path:
-    """Write ``data`` to a new temporary file beside ``final_name``, flushed and fsynced."""
-    tmp = directory / f".{final_name}.{uuid.uuid4().hex}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def _serialise(tensors: dict[str, torch.Tensor]) -> bytes:
-    """safetensors bytes with PEFT's metadata plus a sha256 of the data section (checked on load)."""
-    plain = safetensors.torch.save(tensors, metadata={"format": "pt"})
-    n = int.from_bytes(plain[:8], "little")
-    digest = hashlib.sha256(plain[8 + n:]).hexdigest()
-    out = safetensors.torch.save(tensors, metadata={"format": "pt", _DIGEST_KEY: digest})
-    m = int.from_bytes(out[:8], "little")
-    return out if out[8 + m:] == plain[8 + n:] else plain
-
-
 def _standalone_projections_differ(gm: GraphModule, state: AdapterState) -> bool:
     """True when the adapter's projections are not what its config's PRNG key gives it on its own (it shares
     sliced projections with a larger adapter), so a checkpoint without them would not rebuild it."""
@@ -398,15 +359,18 @@ def _standalone_projections_differ(gm: GraphModule, state: AdapterState) -> bool
                 and torch.equal(cur_b[:out_max].cpu().float(), b.float().to(cur_b.dtype).float()))
 
 
-def save_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "default") -> None:
+def save_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "default", *,
+                 is_main_process: Optional[bool] = None) -> None:
     """Write ``adapter_name`` to ``directory`` as PEFT does: adapter_model.safetensors and adapter_config.json.
 
     ``peft.PeftModel.from_pretrained(base_model, directory)`` loads it. With ``save_projection=False`` the
-    shared projections are left out. Each file is written to a temporary file in ``directory``, fsynced and
-    renamed, so a failed save leaves any earlier checkpoint there intact.
+    shared projections are left out. Both files are written into a fresh sibling folder that then replaces
+    ``directory`` whole (vera_fx/folder.py): a reader finds the old pair or the new one, never a mix.
 
-    Under torch.distributed (a DDP / FSDP1 wrapper or an FSDP2-sharded graph, vera_fx.distributed), call it on
-    every rank: the full tensors are gathered on all ranks and rank 0 alone writes the folder.
+    Distributed (vera_fx.distributed): DDP or single-device state needs no collective: call it on rank 0
+    only, or on every rank (rank 0 writes unless ``is_main_process`` says otherwise). A sharded graph
+    (FSDP2 DTensors, an FSDP1 wrapper) gathers its full tensors, a collective: call it on every rank with
+    ``is_main_process=(rank == 0)``; without that keyword it raises ValueError at once instead of hanging.
     """
     wrapper, gm = gm, unwrap_parallel(gm)  # a DDP / FSDP1 wrapper first, then the model object or compile
     gm = as_graph_module(gm, "save_adapter")
@@ -414,6 +378,11 @@ def save_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
     path = Path(directory)
     if path.exists() and not path.is_dir():
         raise ValueError(f"directory={str(path)!r} is a file; give a folder to write the adapter into")
+    targets = [getattr(mod, attr) for mod, attr in state_dict_targets(gm, adapter_name).values()]
+    gather = needs_gather(wrapper, targets)
+    writes = save_role(gather, is_main_process, "save_adapter")
+    if not gather and not writes:
+        return
     if not state.config.save_projection and _standalone_projections_differ(gm, state):
         warnings.warn(f"adapter {adapter_name!r} uses projections shared with a larger adapter of this graph, and "
                       "save_projection=False leaves them out: loading this checkpoint on its own (PEFT or "
@@ -422,84 +391,61 @@ def save_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
     with gathered(wrapper):  # FSDP1: full parameters; FSDP2: full_tensor() gathers each shard
         tensors = {k: full_tensor(v.detach()).to("cpu").contiguous().clone()
                    for k, v in adapter_state_dict(gm, adapter_name).items()}
+    if writes:
+        config = (json.dumps(peft_config_dict(gm, adapter_name), indent=2, sort_keys=True) + "\n").encode()
+        write_folder(path, {WEIGHTS_NAME: serialise(tensors), CONFIG_NAME: config})
+        logger.info("saved adapter %r to %s: %d tensors", adapter_name, path, len(tensors))
+
+
+def _read_config(data: bytes, path: Path) -> AdapterConfig:
     try:
-        if is_writer():  # rank 0 writes; the others wait for the folder
-            _write_folder(gm, path, adapter_name, tensors)
-    finally:
-        barrier()
-
-
-def _write_folder(gm: GraphModule, path: Path, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
-    weights = _serialise(tensors)
-    config = (json.dumps(peft_config_dict(gm, adapter_name), indent=2, sort_keys=True) + "\n").encode()
-    path.mkdir(parents=True, exist_ok=True)
-    temps: list[Path] = []
-    try:
-        temps.append(_write_temp(path, WEIGHTS_NAME, weights))
-        temps.append(_write_temp(path, CONFIG_NAME, config))
-        os.replace(temps[0], path / WEIGHTS_NAME)
-        os.replace(temps[1], path / CONFIG_NAME)
-    finally:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
-    _fsync_dir(path)
-    logger.info("saved adapter %r to %s: %d tensors", adapter_name, path, len(tensors))
-
-
-def _read_config(path: Path) -> AdapterConfig:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        parsed = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e}); write it again with vera_fx.save_adapter") from e
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from e
     try:
-        return config_from_dict(data)
+        return config_from_dict(parsed)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: {e}") from e
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    data = path.read_bytes()
-    hint = "the file is truncated or corrupted: save the adapter again"
-    if len(data) < 8:
-        raise ValueError(f"{path} is not a safetensors file ({len(data)} bytes): {hint}")
-    n = int.from_bytes(data[:8], "little")
-    if 8 + n > len(data):
-        raise ValueError(f"{path}: its header claims {n} bytes but the file has {len(data) - 8}: {hint}")
+def read_weights(path: PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file (a Trainer checkpoint's model.safetensors), checked as
+    ``read_checkpoint`` checks an adapter's."""
     try:
-        header = json.loads(data[8:8 + n])
-        tensors = safetensors.torch.load(data)
-    except Exception as e:  # safetensors raises its own error type; report it as a bad file
-        raise ValueError(f"{path} is not a valid safetensors file ({type(e).__name__}: {e}): {hint}") from e
-    digest = (header.get("__metadata__") or {}).get(_DIGEST_KEY) if isinstance(header, dict) else None
-    if digest is not None and hashlib.sha256(data[8 + n:]).hexdigest() != digest:
-        raise ValueError(f"{path}: the tensor data does not match its checksum: {hint}")
-    return tensors
+        with open(path, "rb") as f:
+            return read_safetensors(f, str(path))
+    except FileNotFoundError as e:
+        raise ValueError(f"{path} does not exist") from e
 
 
 def read_checkpoint(directory: PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-    """The config and tensors of a PEFT / vera_fx adapter folder, checked; ValueError naming any problem."""
+    """The config and tensors of a PEFT / vera_fx adapter folder, checked; ValueError naming any problem.
+
+    Both files come from one version of the folder (a save running meanwhile cannot mix two); the
+    safetensors header is checked before the data is read, every value must be finite, and the config's r must
+    fit the tensors' shapes."""
     path = Path(directory)
-    if not path.exists():
-        raise ValueError(f"adapter folder {str(path)!r} does not exist")
-    if not path.is_dir():
+    if path.is_file():
         raise ValueError(f"{str(path)!r} is a file, not an adapter folder (one holding {CONFIG_NAME} and "
                          f"{WEIGHTS_NAME})")
-    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not config_path.is_file():
-        raise ValueError(f"{path} has no {CONFIG_NAME}: not an adapter folder (write one with vera_fx.save_adapter "
-                         "or PEFT's save_pretrained)")
-    if not weights_path.is_file():
-        if (path / "adapter_model.bin").is_file():
-            raise ValueError(f"{path} holds adapter_model.bin, a pickle, which vera_fx does not read: save it "
-                             "again with safe_serialization=True (PEFT's default) to get adapter_model.safetensors")
-        raise ValueError(f"{path} has no {WEIGHTS_NAME}; the adapter's weights are missing")
-    config = _read_config(config_path)
-    return config, _read_weights(weights_path)
+    with open_folder(path, (CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin"), {CONFIG_NAME, WEIGHTS_NAME}) as files:
+        if files[CONFIG_NAME] is None:
+            raise ValueError(f"{path} has no {CONFIG_NAME}: not an adapter folder (write one with "
+                             "vera_fx.save_adapter or PEFT's save_pretrained)")
+        if files[WEIGHTS_NAME] is None:
+            if files["adapter_model.bin"] is not None:
+                raise ValueError(f"{path} holds adapter_model.bin, a pickle, which vera_fx does not read: save it "
+                                 "again with safe_serialization=True (PEFT's default) to get adapter_model.safetensors")
+            raise ValueError(f"{path} has no {WEIGHTS_NAME}; the adapter's weights are missing")
+        config = _read_config(files[CONFIG_NAME].read(), path / CONFIG_NAME)
+        tensors = read_safetensors(files[WEIGHTS_NAME], str(path / WEIGHTS_NAME))
+    check_file_shapes(config, tensors, str(path / WEIGHTS_NAME))
+    return config, tensors
 
 
-def _load_checked(gm: GraphModule, adapter_name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor],
+def load_checked(gm: GraphModule, adapter_name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor],
                   source: str) -> None:
     """Check then copy ``tensors`` into the adapter, with PEFT's rules for absent projections."""
     plan, missing_proj = plan_load(gm, tensors, adapter_name, source)
@@ -535,12 +481,14 @@ def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
         if type(have) is not type(config):
             raise ValueError(f"{directory}: peft_type={config.peft_type!r}, but adapter {adapter_name!r} on this "
                              f"graph is {have.peft_type!r}: load it under another adapter_name")
-        _load_checked(gm, adapter_name, config, tensors, source)
+        check_same_fields(have, config, source, adapter_name,
+                          container[adapter_name].method.peft_projection_key("A") in tensors)
+        load_checked(gm, adapter_name, config, tensors, source)
     else:
         old_active = adapter_flags(gm).active
         add_adapter(gm, adapter_name, config)
         try:
-            _load_checked(gm, adapter_name, config, tensors, source)
+            load_checked(gm, adapter_name, config, tensors, source)
         except Exception:
             remove_adapter(gm, adapter_name)
             restore_active(gm, old_active)
@@ -557,5 +505,5 @@ def from_pretrained(model: nn.Module, directory: PathLike, *, example_inputs: An
     config, tensors = read_checkpoint(directory)
     method_for(config)
     gm = transform(model, config, example_inputs, adapter_name)
-    _load_checked(gm, adapter_name, config, tensors, str(Path(directory) / WEIGHTS_NAME))
+    load_checked(gm, adapter_name, config, tensors, str(Path(directory) / WEIGHTS_NAME))
     return gm

@@ -7,6 +7,7 @@ adapter_config.json layout that PEFT uses, versioned so that old files keep load
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -96,8 +97,8 @@ class _BaseConfig:
         _check(self.bias in modes, "bias", self.bias, f"allowed values are {', '.join(map(repr, modes))}")
         _check(isinstance(self.projection_prng_key, int) and not isinstance(self.projection_prng_key, bool),
                "projection_prng_key", self.projection_prng_key, "expected an int seed")
-        _check(isinstance(self.d_initial, (int, float)) and not isinstance(self.d_initial, bool),
-               "d_initial", self.d_initial, "expected a float, e.g. 0.1")
+        _check(isinstance(self.d_initial, (int, float)) and not isinstance(self.d_initial, bool)
+               and math.isfinite(self.d_initial), "d_initial", self.d_initial, "expected a finite float, e.g. 0.1")
         for name in ("save_projection", "fan_in_fan_out", "init_weights"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "expected True or False")
         tm = self.target_modules

@@ -25,15 +25,18 @@ Trainer does), and ``m.load_state_dict(full)`` writes each rank's shard.
 DDP needs no helper: ``torch.nn.parallel.DistributedDataParallel(gm)`` (only the lambdas require grad, so
 only they are reduced). FSDP1 works with ``FullyShardedDataParallel(gm, use_orig_params=True)``.
 
-``full_tensor`` and ``is_writer()`` are what ``save_adapter`` uses to gather a sharded or wrapped graph's
-adapter on every rank and write it from rank 0 only.
+Saving follows transformers' conventions and never waits on a collective it does not need: DDP and
+single-device state save from whichever process calls (``if rank == 0: vera_fx.save_adapter(m, d)``); a
+sharded graph (``needs_gather``: DTensors or an FSDP1 wrapper, seen locally) is gathered with
+``full_tensor``, so ``save_role`` asks for ``is_main_process`` on every rank and refuses a call without it at
+once (a call on one rank would wait forever).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -44,7 +47,7 @@ from torch.distributed.tensor import distribute_tensor
 from .sites import as_graph_module, graph_modules
 
 __all__ = ["shard", "mean_gradients", "fsdp2_sums_gradients", "unwrap_parallel", "gathered", "full_tensor",
-           "placed_like", "is_writer", "barrier", "sharded_fraction"]
+           "placed_like", "is_writer", "barrier", "sharded_fraction", "needs_gather", "save_role"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +159,27 @@ def placed_like(value: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
 def is_writer() -> bool:
     """True on rank 0 of an initialised process group, and without one."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def needs_gather(wrapper: nn.Module, tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether saving needs a collective: an FSDP1 wrapper, or any of ``tensors`` a DTensor (FSDP2). Looked
+    up locally, so a call on one rank can refuse at once instead of waiting for the others."""
+    return type(wrapper).__name__ == "FullyShardedDataParallel" or any(hasattr(t, "device_mesh") for t in tensors)
+
+
+def save_role(gather: bool, is_main_process: Optional[bool], fn: str) -> bool:
+    """Whether this process writes the folder, transformers' ``is_main_process`` convention: the given value,
+    else rank 0. ValueError at once when a gather is needed across ranks and ``is_main_process`` is not given:
+    a call on rank 0 alone would wait forever for the others."""
+    if is_main_process is not None and not isinstance(is_main_process, bool):
+        raise TypeError(f"is_main_process={is_main_process!r} must be True, False or None (rank 0 writes)")
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if gather and world > 1 and is_main_process is None:
+        raise ValueError(f"{fn}: this model is sharded (FSDP2 DTensors or an FSDP1 wrapper), so saving gathers "
+                         f"its full tensors from all {world} ranks. Call it on every rank with "
+                         f"is_main_process=(rank == 0), e.g. vera_fx.save_adapter(m, d, is_main_process="
+                         "dist.get_rank() == 0) or m.save_pretrained(d, is_main_process=dist.get_rank() == 0)")
+    return is_writer() if is_main_process is None else is_main_process
 
 
 def barrier() -> None:

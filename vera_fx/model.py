@@ -48,6 +48,7 @@ from .capture import CaptureError, ExampleInputs, normalise_example, capture
 from .config import AdapterConfig, as_config, config_from_dict
 from .methods import CONTAINER, method_for
 from .generation import generate
+from .keywords import check_keywords, check_mask, describe_key, say_constant_changes
 from .passes.attach import attach_adapters, state_fingerprint
 from .passes.match import MatchPass
 from .serving import mixed_adapter_forward
@@ -179,6 +180,7 @@ class VeraFxModel(PeftSurface, nn.Module):
         d["_order"] = []  # keys in capture order, for messages
         d["_forward_params"] = _forward_parameters(model)
         d["_warned_cache"] = False
+        d["_warned_constants"] = set()  # constant keywords already reported as costing a graph per value
         d["_build_lock"] = threading.RLock()  # captures and re-attaches of this object's graphs, one at a time
         self.max_graphs = max_graphs
         if source_key is not None:
@@ -344,13 +346,12 @@ class VeraFxModel(PeftSurface, nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], selected_adapters: Optional[list[str]] = None,
-                        is_main_process: bool = True, **kwargs: Any) -> None:
+                        is_main_process: Optional[bool] = None, **kwargs: Any) -> None:
         """Write the adapters as PEFT does: ``default`` in ``save_directory``, any other adapter in a subfolder
-        of its name. ``PeftModel.from_pretrained(model, save_directory)`` loads the result."""
+        of its name. ``PeftModel.from_pretrained(model, save_directory)`` loads the result. ``is_main_process``
+        as in transformers (default: rank 0); sharded with FSDP2, call it on every rank with it set."""
         if kwargs:
             logger.info("save_pretrained: ignored %s (vera_fx writes safetensors only)", sorted(kwargs))
-        if not is_main_process:
-            return
         names = list(getattr(self._source, CONTAINER, {}) or {})
         chosen = names if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in chosen if n not in names]
@@ -358,7 +359,7 @@ class VeraFxModel(PeftSurface, nn.Module):
             raise ValueError(f"selected_adapters={chosen!r}: {unknown} are not adapters of this model ({names})")
         for name in chosen:
             ckpt.save_adapter(self._source, save_directory if name == "default" else Path(save_directory) / name,
-                              name)
+                              name, is_main_process=is_main_process)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  **kwargs: Any) -> torch.Tensor:
@@ -404,6 +405,9 @@ class VeraFxModel(PeftSurface, nn.Module):
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load what ``state_dict()`` gives (every adapter checked before anything changes)."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"load_state_dict: state_dict={state_dict!r:.60} is a {type(state_dict).__name__}; "
+                            "give the dict m.state_dict() returns (a folder loads with vera_fx.load_adapter)")
         names = list(getattr(self._source, CONTAINER, {}) or {})
         per_adapter: dict[str, dict[str, torch.Tensor]] = {}
         unexpected: list[str] = []
@@ -439,6 +443,7 @@ class VeraFxModel(PeftSurface, nn.Module):
             raise TypeError(f"{type(self._base_model).__name__}.forward takes {len(positional)} positional "
                             f"arguments ({positional}); {len(args)} were given")
         call = dict(zip(positional, args))
+        check_keywords(params, kwargs, type(self._base_model).__name__)
         for k, v in kwargs.items():
             if k in call:
                 raise TypeError(f"forward got multiple values for argument {k!r}")
@@ -464,6 +469,7 @@ class VeraFxModel(PeftSurface, nn.Module):
             for name, kind, dtype in sig.defaults:  # filled as the model fills them: one graph for both
                 if name not in out and name in params:
                     out[name] = (torch.ones_like if kind == "ones" else torch.zeros_like)(ids, dtype=dtype)
+        check_mask(out)
         return out
 
     def _key(self, call: dict[str, Any]) -> CallKey:
@@ -492,6 +498,8 @@ class VeraFxModel(PeftSurface, nn.Module):
 
     def _capture(self, key: CallKey, call: dict[str, Any]) -> GraphModule:
         self._check_room(key)
+        say_constant_changes([k[0] for k in self._order], key[0], self._warned_constants, self.num_graphs,
+                             self.max_graphs)
         example = {k: _expand_unit_dims(v) for k, v in call.items()}
         logger.info("vera_fx: capturing a graph for a new call signature (%s)", describe_key(key))
         try:
@@ -584,21 +592,6 @@ class VeraFxModel(PeftSurface, nn.Module):
                 return self._capture(key, call)(**call)
 
 
-def describe_key(key: CallKey) -> str:
-    """A call signature in words: ``input_ids: int64[2d], labels: int64[2d], use_cache=False; autocast
-    cpu/bfloat16; weights float32 on cpu``."""
-    inputs, autocast, weights = key
-    parts = []
-    for item in inputs:
-        if item[1] == "tensor":
-            parts.append(f"{item[0]}: {str(item[2]).replace('torch.', '')}[{item[3]}d]")
-        else:
-            parts.append(f"{item[0]}={item[2]!r}")
-    amp = ", ".join(f"{d}/{str(t).replace('torch.', '')}" for d, t in autocast) or "off"
-    w = f"{str(weights[0]).replace('torch.', '')} on {weights[1]}"
-    return f"({', '.join(parts)}); autocast {amp}; weights {w}"
-
-
 @functools.lru_cache(maxsize=None)
 def _model_class(base_cls: type) -> type:
     """A VeraFxModel subclass whose ``forward`` has the base model's signature (transformers' Trainer reads it
@@ -646,6 +639,9 @@ def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleIn
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, VeraFxModel):
+        raise TypeError(f"model is already transformed ({type(model).__name__}): add another adapter with "
+                        "m.add_adapter(name, config), or transform the original model (m.base_model)")
     if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
         raise ValueError(f"max_graphs={max_graphs!r} is invalid: expected an int >= 1, e.g. max_graphs=8")
     config = as_config(config)  # ours, or PEFT's VeraConfig / PveraConfig read by its fields
@@ -668,9 +664,9 @@ def from_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, exa
         config, tensors = ckpt.read_checkpoint(directory)
         method_for(config)
         obj = transform(model, config, example_inputs, adapter_name, max_graphs)
-        ckpt._load_checked(obj.graph_module, adapter_name, config, tensors, str(path / ckpt.WEIGHTS_NAME))
+        ckpt.load_checked(obj.graph_module, adapter_name, config, tensors, str(path / ckpt.WEIGHTS_NAME))
         return obj
-    state = ckpt._read_weights(path / "model.safetensors")
+    state = ckpt.read_weights(path / "model.safetensors")
     configs = {k[len(CONFIG_KEY_PREFIX):]: v for k, v in state.items() if k.startswith(CONFIG_KEY_PREFIX)}
     if not configs:
         raise ValueError(f"{path}/model.safetensors holds no vera_fx adapter (no {CONFIG_KEY_PREFIX}* entry): "

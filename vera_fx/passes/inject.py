@@ -21,6 +21,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..config import AdapterConfig, as_config
+from ..limits import check_rank
 from ..methods import CONTAINER, AdapterState, Emitter, method_for
 from ..methods.fold import restore_linear
 from ..sites import ADAPTER_KEY, Site, graph_modules, read_graph_sites
@@ -113,6 +114,7 @@ class InjectPass(PassBase):
     def call(self, graph_module: GraphModule) -> PassResult:
         gm, cfg, method, name = graph_module, self.config, self.method, self.adapter_name
         chosen = select_sites(gm, cfg)
+        check_rank(cfg, chosen, _device(gm, chosen[0]) if chosen else None)  # before anything is allocated
         for s in chosen:
             if s.fan_in_fan_out != cfg.fan_in_fan_out:
                 warnings.warn(f"fan_in_fan_out={cfg.fan_in_fan_out} does not fit site {s.name!r} (kind {s.kind!r} "

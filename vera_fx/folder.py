@@ -1,0 +1,344 @@
+"""All-or-nothing adapter folders: a save swaps whole directories, a read sees one complete pair.
+
+A save writes every file into a fresh hidden sibling (``.<name>.new-<id>``), fsyncs it, then swaps: the old
+folder is renamed aside (``.<name>.old-<id>``), the new one renamed in, any other entries of the old folder
+(other adapters' subfolders, a README) moved over, and the old folder removed. A kill at any point leaves
+either the old folder or the new one complete, and the next save or read finishes (or discards) what a
+killed save left. Saves into one parent directory are serialised with ``flock`` where the platform has it.
+
+A read opens the folder once and its files relative to that directory handle, so a concurrent swap cannot
+give it the config of one save and the weights of another; when the folder is missing mid-swap it reads the
+complete folder set aside.
+
+``read_safetensors`` validates a safetensors header (8-byte length, JSON, known dtypes, shapes matching their
+byte ranges, ranges within the file) before reading the data, so a large garbage file costs no memory, and
+refuses non-finite values naming the file and key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import IO, Callable, Iterator, Optional
+
+import safetensors.torch
+import torch
+
+__all__ = ["write_folder", "open_folder", "recover", "read_safetensors", "serialise", "STEP_HOOKS",
+           "DIGEST_KEY", "SAFETENSORS_DTYPES"]
+
+logger = logging.getLogger(__name__)
+
+DIGEST_KEY = "vera_fx_sha256"  # safetensors metadata: sha256 of the data section (PEFT ignores it)
+# Called with the name of each step of a save ("wrote <file>", "new complete", "old aside", "new in",
+# "extras moved", "old removed"): the fault tests kill the saving process there.
+STEP_HOOKS: list[Callable[[str], None]] = []
+
+SAFETENSORS_DTYPES: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                                      "I8": 1, "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1,
+                                      "F8_E4M3": 1, "F8_E5M2": 1}
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the header's length
+_HINT = "the file is truncated or corrupted: save the adapter again"
+
+
+def _step(name: str) -> None:
+    for hook in list(STEP_HOOKS):
+        hook(name)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _parent_lock(parent: Path, blocking: bool = True) -> Iterator[bool]:
+    """An exclusive ``flock`` on ``parent`` (saves into one directory, one at a time); yields whether it is
+    held (always True without fcntl, e.g. on Windows, where nothing is locked)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield True
+        return
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _siblings(path: Path, kind: str) -> list[Path]:
+    prefix = f".{path.name}.{kind}-"
+    try:
+        return sorted(p for p in path.parent.iterdir() if p.name.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def _move_extras(old: Path, path: Path, keep: set[str]) -> None:
+    """Move entries of ``old`` that a save does not write (and ``path`` lacks) into ``path``."""
+    for entry in sorted(old.iterdir()):
+        if entry.name in keep or entry.name.endswith(".tmp"):
+            continue
+        if not (path / entry.name).exists():
+            os.rename(entry, path / entry.name)
+
+
+def _recover_locked(path: Path, keep: set[str]) -> None:
+    """Finish or discard what killed saves left (the caller holds the parent's lock)."""
+    olds, news = _siblings(path, "old"), _siblings(path, "new")
+    if not path.exists() and olds:
+        if news:  # killed between renaming the old folder aside and the new one in: the new one is complete
+            os.rename(news.pop(), path)
+        else:  # killed after renaming the new folder away (cannot happen in write_folder): restore the old
+            os.rename(olds.pop(), path)
+    for old in olds:
+        if path.is_dir():
+            _move_extras(old, path, keep)
+        shutil.rmtree(old, ignore_errors=True)
+    for new in news:  # killed while writing: incomplete
+        shutil.rmtree(new, ignore_errors=True)
+    if path.is_dir():
+        for tmp in path.glob(".*.tmp"):  # per-file temporaries of older vera_fx saves
+            tmp.unlink(missing_ok=True)
+    if olds or news:
+        logger.info("%s: cleaned up after %d interrupted save(s)", path, len(olds) + len(news))
+        _fsync_dir(path.parent)
+
+
+def recover(directory: os.PathLike | str, keep: set[str], blocking: bool = False) -> bool:
+    """Finish or discard interrupted saves of ``directory``; returns False when another save holds the lock
+    (``blocking=False``: a reader then leaves the folder to that save)."""
+    path = Path(os.path.abspath(directory))
+    if not path.parent.is_dir():
+        return True
+    with _parent_lock(path.parent, blocking) as held:
+        if held:
+            _recover_locked(path, keep)
+        return held
+
+
+def _write_new(path: Path, files: dict[str, bytes]) -> Path:
+    new = path.parent / f".{path.name}.new-{uuid.uuid4().hex}"
+    new.mkdir()
+    try:
+        for name, data in files.items():
+            with open(new / name, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            _step(f"wrote {name}")
+        _fsync_dir(new)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    _step("new complete")
+    return new
+
+
+def write_folder(directory: os.PathLike | str, files: dict[str, bytes]) -> None:
+    """Replace the folder's ``files`` all at once (see the module docstring); other entries are kept."""
+    path = Path(os.path.abspath(directory))
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"directory={str(directory)!r} is a file; give a folder to write the adapter into")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _parent_lock(path.parent):
+        _recover_locked(path, set(files))
+        new = _write_new(path, files)
+        try:
+            _swap(path, new, set(files))
+        except Exception:  # an error (not a kill): put things back as they were, then report it
+            shutil.rmtree(new, ignore_errors=True)
+            _recover_locked(path, set(files))
+            raise
+        _fsync_dir(path.parent)
+
+
+def _swap(path: Path, new: Path, keep: set[str]) -> None:
+    if not path.exists():
+        os.rename(new, path)
+        _step("new in")
+        return
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
+    os.rename(path, old)
+    _step("old aside")
+    os.rename(new, path)
+    _step("new in")
+    _move_extras(old, path, keep)
+    _step("extras moved")
+    shutil.rmtree(old)
+    _step("old removed")
+
+
+@contextlib.contextmanager
+def open_folder(directory: os.PathLike | str, names: tuple[str, ...],
+                keep: set[str]) -> Iterator[dict[str, Optional[IO[bytes]]]]:
+    """The files ``names`` of one version of the folder, open for reading (None for a missing one): opened
+    relative to one directory handle, so a concurrent save cannot mix two versions."""
+    path = Path(os.path.abspath(directory))
+    try:
+        recover(path, keep, blocking=False)
+    except OSError as e:  # a read-only location: read what is there
+        logger.debug("%s: no recovery (%s)", path, e)
+    for attempt in range(5):
+        where = path if path.is_dir() else next(iter(_siblings(path, "old")), None)
+        if where is None:
+            raise ValueError(f"adapter folder {str(directory)!r} does not exist")
+        try:
+            with _open_files(where, names) as files:
+                yield files
+            return
+        except _Retry:
+            if attempt == 4:
+                raise ValueError(f"{path}: the folder kept changing while it was read (saves in a loop?); "
+                                 "read it again") from None
+
+
+class _Retry(Exception):
+    """The folder was swapped or removed while its files were opened."""
+
+
+@contextlib.contextmanager
+def _open_files(where: Path, names: tuple[str, ...]) -> Iterator[dict[str, Optional[IO[bytes]]]]:
+    dir_fd = None
+    if os.open in os.supports_dir_fd:
+        try:
+            dir_fd = os.open(where, os.O_RDONLY)
+        except FileNotFoundError:
+            raise _Retry from None
+        except OSError:
+            dir_fd = None
+    files: dict[str, Optional[IO[bytes]]] = {}
+    try:
+        for name in names:
+            try:
+                fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd) if dir_fd is not None else \
+                    os.open(where / name, os.O_RDONLY)
+            except FileNotFoundError:
+                fd = None
+            files[name] = os.fdopen(fd, "rb") if fd is not None else None
+        if any(f is None for f in files.values()) and _swapped(where, dir_fd):
+            raise _Retry
+        yield files
+    finally:
+        for f in files.values():
+            if f is not None:
+                f.close()
+        if dir_fd is not None:
+            os.close(dir_fd)
+
+
+def _swapped(where: Path, dir_fd: Optional[int]) -> bool:
+    """Whether the directory opened as ``dir_fd`` is no longer the one at ``where`` (a save swapped it)."""
+    try:
+        now = os.stat(where).st_ino
+    except FileNotFoundError:
+        return True
+    return dir_fd is not None and os.fstat(dir_fd).st_ino != now
+
+
+def serialise(tensors: dict[str, torch.Tensor]) -> bytes:
+    """safetensors bytes with PEFT's metadata plus a sha256 of the data section (checked on load)."""
+    plain = safetensors.torch.save(tensors, metadata={"format": "pt"})
+    n = int.from_bytes(plain[:8], "little")
+    digest = hashlib.sha256(plain[8 + n:]).hexdigest()
+    out = safetensors.torch.save(tensors, metadata={"format": "pt", DIGEST_KEY: digest})
+    m = int.from_bytes(out[:8], "little")
+    return out if out[8 + m:] == plain[8 + n:] else plain
+
+
+def _check_entry(source: str, key: str, entry: object, data_len: int) -> tuple[int, int]:
+    """(begin, end) of one tensor's bytes, after checking its dtype, shape and offsets."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise ValueError(f"{source}: tensor {key!r} has a malformed header entry ({str(entry)[:100]}): {_HINT}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{source}: tensor {key!r} has dtype {dtype!r}, which safetensors does not know: {_HINT}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise ValueError(f"{source}: tensor {key!r} has shape {shape!r}, not a list of sizes: {_HINT}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
+                                                                      for o in offsets)):
+        raise ValueError(f"{source}: tensor {key!r} has data_offsets {offsets!r}, not [begin, end]: {_HINT}")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_len:
+        raise ValueError(f"{source}: tensor {key!r} claims bytes {begin}..{end} of a {data_len}-byte data "
+                         f"section: {_HINT}")
+    if math.prod(shape) * SAFETENSORS_DTYPES[dtype] != end - begin:
+        raise ValueError(f"{source}: tensor {key!r} ({dtype}, shape {shape}) needs "
+                         f"{math.prod(shape) * SAFETENSORS_DTYPES[dtype]} bytes, its offsets give {end - begin}: "
+                         f"{_HINT}")
+    return begin, end
+
+
+def _read_header(f: IO[bytes], source: str, size: int) -> tuple[dict, int]:
+    """The parsed header and its length, checked against the file's ``size`` before any data is read."""
+    if size < 8:
+        raise ValueError(f"{source} is not a safetensors file ({size} bytes): {_HINT}")
+    n = int.from_bytes(f.read(8), "little")
+    if n > size - 8:
+        raise ValueError(f"{source}: its header claims {n} bytes but the file has {size - 8}: {_HINT}")
+    if n > _MAX_HEADER:
+        raise ValueError(f"{source}: its header claims {n} bytes, over safetensors' limit of {_MAX_HEADER}: {_HINT}")
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{source}: its header is not JSON ({e}): {_HINT}") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{source}: its header is a JSON {type(header).__name__}, not an object: {_HINT}")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise ValueError(f"{source}: its __metadata__ is not a map of strings: {_HINT}")
+    data_len = size - 8 - n
+    spans = sorted(_check_entry(source, k, v, data_len) for k, v in header.items() if k != "__metadata__")
+    covered = 0
+    for begin, end in spans:
+        if begin != covered:
+            raise ValueError(f"{source}: the tensors' byte ranges overlap or leave a gap at byte {covered}: {_HINT}")
+        covered = end
+    if covered != data_len:
+        raise ValueError(f"{source}: the tensors cover {covered} of the {data_len} data bytes: {_HINT}")
+    return header, n
+
+
+def read_safetensors(f: IO[bytes], source: str) -> dict[str, torch.Tensor]:
+    """The tensors of an open safetensors file: header checked first, then the data read, its checksum (when
+    vera_fx wrote one) compared and every float value checked finite; ValueError naming ``source`` otherwise."""
+    size = os.fstat(f.fileno()).st_size
+    header, n = _read_header(f, source, size)
+    data = f.read(size - 8 - n)
+    if len(data) != size - 8 - n:
+        raise ValueError(f"{source} changed size while it was read: {_HINT}")
+    digest = (header.get("__metadata__") or {}).get(DIGEST_KEY)
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        raise ValueError(f"{source}: the tensor data does not match its checksum: {_HINT}")
+    f.seek(0)
+    try:
+        tensors = safetensors.torch.load(f.read(8 + n) + data)
+    except Exception as e:  # safetensors raises its own error type; report it as a bad file
+        raise ValueError(f"{source} is not a valid safetensors file ({type(e).__name__}: {e}): {_HINT}") from e
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{source}: tensor {key!r} holds NaN or Inf values; an adapter must be finite. Save "
+                             "it again from a model whose training did not diverge")
+    return tensors

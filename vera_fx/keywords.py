@@ -1,0 +1,130 @@
+"""Checks of a call's keywords before a graph is looked up or captured.
+
+A keyword the model's ``forward`` does not name, nor transformers' documented keyword arguments when it takes
+``**kwargs`` (the ``TransformersKwargs`` TypedDict its signature unpacks), is refused with a TypeError listing
+the close names: each distinct unknown keyword would otherwise capture a graph of its own and take a graph
+slot. A model whose ``**kwargs`` is not typed takes any keyword, as in eager mode.
+
+``constant_changes`` names the constant keywords (``use_cache=False``, ``output_hidden_states=True``) whose new
+value is the only difference from a graph already captured, so the caller can say once that each value of
+such a keyword costs a graph.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+import typing
+from typing import Any, Iterable, Mapping, Optional
+
+import torch
+
+__all__ = ["known_keywords", "check_keywords", "constant_changes", "say_constant_changes", "check_mask",
+           "describe_key"]
+
+logger = logging.getLogger(__name__)
+
+# Keywords transformers takes out of **kwargs before the model sees them: its decorators' return_dict, and
+# the deprecated cache names it renames to ``cache``.
+_DECORATOR_KEYWORDS = frozenset({"return_dict", "past_key_values", "cache_params"})
+
+
+def _typed_kwargs(param: inspect.Parameter) -> Optional[frozenset[str]]:
+    """The keys of the TypedDict a ``**kwargs: Unpack[...]`` parameter names, or None when untyped."""
+    ann = param.annotation
+    if ann is inspect.Parameter.empty:
+        return None
+    if isinstance(ann, str):  # postponed annotations: transformers' documented keywords by name
+        if "TransformersKwargs" not in ann:
+            return None
+        try:
+            from transformers.utils import TransformersKwargs
+        except ImportError:
+            return None
+        ann = TransformersKwargs
+    args = typing.get_args(ann)
+    typed = args[0] if args else ann
+    keys = getattr(typed, "__annotations__", None)
+    return frozenset(keys) if isinstance(keys, dict) and typing.is_typeddict(typed) else None
+
+
+def known_keywords(params: Mapping[str, inspect.Parameter]) -> Optional[frozenset[str]]:
+    """Every keyword a forward with ``params`` accepts, or None when it accepts any (untyped ``**kwargs``)."""
+    names = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    var = [p for p in params.values() if p.kind is p.VAR_KEYWORD]
+    if not var:
+        return frozenset(names)
+    typed = _typed_kwargs(var[0])
+    return None if typed is None else frozenset(names | typed | _DECORATOR_KEYWORDS)
+
+
+def check_keywords(params: Mapping[str, inspect.Parameter], keywords: Iterable[str], model_name: str) -> None:
+    """TypeError naming each keyword the forward does not take, with the close names and the fix."""
+    known = known_keywords(params)
+    if known is None:
+        return
+    unknown = [k for k in keywords if k not in known]
+    if not unknown:
+        return
+    hints = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, sorted(known), n=3, cutoff=0.6)
+        hints.append(f"{k!r} (close names: {', '.join(close)})" if close else repr(k))
+    raise TypeError(f"{model_name}.forward got unexpected keyword arguments {', '.join(hints)}: neither its "
+                    "signature nor transformers' documented keyword arguments (TransformersKwargs) name them. "
+                    "Fix the spelling, or leave them out")
+
+
+def constant_changes(seen: Iterable[tuple], key: tuple) -> list[str]:
+    """The constant keywords of the call ``key`` whose value alone differs from a signature in ``seen`` (same
+    names and tensor kinds): each new value of them needs a graph of its own. Keys as the model builds them:
+    ``((name, "tensor" | "constant", ...), ...)``."""
+    items = dict((item[0], item) for item in key)
+    out: set[str] = set()
+    for other in seen:
+        theirs = dict((item[0], item) for item in other)
+        if theirs.keys() != items.keys():
+            continue
+        diff = [n for n in items if items[n] != theirs[n]]
+        if diff and all(items[n][1] == "constant" and theirs[n][1] == "constant" for n in diff):
+            out.update(diff)
+    return sorted(out)
+
+
+def check_mask(call: Mapping[str, Any]) -> None:
+    """ValueError when ``attention_mask`` does not have ``input_ids``' (batch, length): the graph would fail
+    with a raw broadcast error."""
+    ids, mask = call.get("input_ids"), call.get("attention_mask")
+    if not (isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor)) or ids.dim() != 2 or mask.dim() != 2:
+        return
+    if tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(ids.shape)}: "
+                         "give one mask value per token (attention_mask of input_ids' shape, 1 for tokens to "
+                         "attend to, 0 for padding)")
+
+
+def say_constant_changes(seen: list[tuple], key: tuple, warned: set[str], graphs: int, max_graphs: int) -> None:
+    """Log once per keyword (``warned`` remembers them) that a new value of a constant keyword needs a graph of
+    its own, with the graph slots left once this one is captured."""
+    names = set(constant_changes(seen, key)) - warned
+    if names:
+        warned.update(names)
+        logger.warning("vera_fx: %s changed value, and each value of a constant keyword needs a graph of its own "
+                       "(%d of max_graphs=%d slots left after this one); pass one value, or make it a tensor",
+                       ", ".join(sorted(names)), max_graphs - graphs - 1, max_graphs)
+
+
+def describe_key(key: tuple) -> str:
+    """A call signature (a graph cache key) in words: ``input_ids: int64[2d], labels: int64[2d],
+    use_cache=False; autocast cpu/bfloat16; weights float32 on cpu``."""
+    inputs, autocast, weights = key
+    parts = []
+    for item in inputs:
+        if item[1] == "tensor":
+            parts.append(f"{item[0]}: {str(item[2]).replace('torch.', '')}[{item[3]}d]")
+        else:
+            parts.append(f"{item[0]}={item[2]!r}")
+    amp = ", ".join(f"{d}/{str(t).replace('torch.', '')}" for d, t in autocast) or "off"
+    w = f"{str(weights[0]).replace('torch.', '')} on {weights[1]}"
+    return f"({', '.join(parts)}); autocast {amp}; weights {w}"
