@@ -292,6 +292,24 @@ def test_sampling_sites_stay_unmerged():
     torch.testing.assert_close(gm(X), ref(X), atol=1e-5, rtol=1e-5)
 
 
+def test_merge_into_refuses_a_site_it_cannot_bake():
+    """merge_into never returns a model without an adapter: a sampling site (it has no deterministic weight)
+    raises a ValueError naming it, and nothing is written, not even the sites that could be baked."""
+    model = MLP()
+    cfg = vera_fx.PveraConfig(r=4, target_modules=["up", "down"], sample_at_inference={"down": True})
+    gm = vera_fx.transform(model, cfg, (X,))
+    _randomise(gm)
+    gm.eval()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"cannot bake the adapters into 1 site.*nothing was written: 'down': "
+                                         r"adapter\(s\) \['default'\] sample at inference"):
+        vera_fx.merge_into(model, gm)
+    _assert_same(model, snap)
+    vera_fx.set_sample_at_inference(gm, False)
+    assert vera_fx.merge_into(model, gm) is model
+    torch.testing.assert_close(model(X), gm(X), atol=1e-5, rtol=1e-5)
+
+
 def test_several_adapters():
     model, gm = _mlp()
     add_adapter(gm, "other", vera_fx.VeraConfig(r=4, target_modules=["down"]))

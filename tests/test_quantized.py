@@ -7,7 +7,7 @@ same quantized layers, is the reference.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import importlib
 import re
 import sys
@@ -19,6 +19,10 @@ from torch import nn
 
 import vera_fx
 from vera_fx import quantized
+from vera_fx.adapters import add_adapter, set_adapter
+from vera_fx.methods import CONTAINER
+from vera_fx.passes import merge as merge_module
+from vera_fx.versions import adapter_flags
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'vera_fx[quant]')")
 peft = pytest.importorskip("peft")
@@ -280,25 +284,213 @@ def test_weight_packed_by_original_model_is_refused_in_training():
         torch.testing.assert_close(gm(torch.randn(3, 64)).shape, torch.Size([3, 64]))
 
 
-def test_merge_leaves_quantized_sites_unmerged(adapted):
-    """Merging is refused on quantized sites (requantizing would add rounding larger than the update): merge
-    warns naming each quantized site, and leaves its adapter nodes and the quantized weights as they were."""
-    _, gm = adapted("int8", "vera")
-    site = vera_fx.sites(gm)[0]
-    ok, reason = quantized.mergeable(site)
-    assert not ok and site.name in reason and "int8" in reason and "unmerged" in reason
-    assert quantized.mergeable(dataclasses.replace(site, kind="linear")) == (True, "")
-    before = quantized_params(gm)
-    kw = inputs(2, 4)
+def _random_lambdas(pm: nn.Module, seed: int = 3) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lambda" in name:
+                p.normal_()
+
+
+def _nearer(merged: torch.Tensor, adapted: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether merged outputs are nearer the adapted model's than the base model's (a dropped adapter gives
+    exactly the base's): requantizing nf4 rounds by up to a third of a random adapter's effect."""
+    return bool((merged - adapted).abs().max() < (merged - base).abs().max())
+
+
+def _quantized_bytes(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.data for n, p in model.named_parameters() if quantized.is_quantized_parameter(p)}
+
+
+@pytest.mark.parametrize("kind, method", [("int8", "vera"), ("nf4", "vera"), ("int8", "pvera")])
+def test_merge_and_unload_matches_peft_merged_model(checkpoint, kind, method, caplog):
+    """PEFT's recipe (get_peft_model, merge_and_unload) and vera_fx's on the same quantized model and lambdas:
+    the merged models hold the same quantized bytes, so their outputs agree far within PEFT's own merge error,
+    the adapter is kept (the outputs are the adapted model's up to rounding, far from the base model's), and
+    the rounding error is in the log."""
+    cfg, peft_cfg = configs(method, "all-linear")
+    pm = peft.get_peft_model(load_quantized(checkpoint, kind), peft_cfg)
+    _random_lambdas(pm)
+    base = load_quantized(checkpoint, kind)
+    m = vera_fx.transform(base, cfg)
+    vera_fx.load_adapter_state_dict(m, peft.get_peft_model_state_dict(pm))
+    pm.eval()
+    m.eval()
+    kw = inputs(3, 5)
+    with torch.no_grad():
+        base_out, peft_adapted = base(**kw).logits, pm(**kw).logits
+    peft_merged = pm.merge_and_unload()
+    with caplog.at_level("INFO", logger="vera_fx.passes.merge_layers"):
+        merged = m.merge_and_unload()
+    assert merged is base and isinstance(merged, type(peft_merged))
+    assert re.search(r"requantized 14 bitsandbytes site\(s\); rounding error .* [0-9.e-]+ at 'model\.layers", caplog.text)
+    ours, theirs = _quantized_bytes(merged), _quantized_bytes(peft_merged)
+    assert ours.keys() == theirs.keys() and len(ours) == 14
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+    with torch.no_grad():
+        out, ref = merged(**kw).logits, peft_merged(**kw).logits
+    peft_error = (ref - peft_adapted).abs().max()
+    assert (out - ref).abs().max() <= peft_error and peft_error > 0
+    assert _nearer(out, peft_adapted, base_out)  # the adapter is there
+
+
+def test_merge_4bit_pvera_adds_peft_s_delta():
+    """PVeRA on nf4: PEFT's own 4-bit PVeRA merge builds a layer it cannot run (peft 0.21.2), so the oracle is
+    its delta: each merged layer holds exactly bitsandbytes' quantization of dequantize(W) + PEFT's
+    get_delta_weight (the mean half)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    for i in (0, 2):
+        layer = bnb.nn.Linear4bit(net[i].in_features, net[i].out_features, quant_type="nf4",
+                                  compute_dtype=torch.float32)
+        layer.load_state_dict(net[i].state_dict())
+        net[i] = layer.to("cpu")
+    _no_cpu_packing(net)
+    pm = peft.get_peft_model(copy.deepcopy(net), peft.PveraConfig(r=8, target_modules=["0", "2"]))
+    _random_lambdas(pm)
+    gm = vera_fx.transform(net, vera_fx.PveraConfig(r=8, target_modules=["0", "2"]),
+                           example_inputs=(torch.randn(2, 64),))
+    vera_fx.load_adapter_state_dict(gm, peft.get_peft_model_state_dict(pm))
     gm.eval()
+    x = torch.randn(4, 64)
     with torch.no_grad():
-        ref = gm(**kw).logits
-    with pytest.warns(UserWarning, match=re.escape(repr(site.name))):
+        adapted, base = gm(x), net(x)
+    vera_fx.merge_into(net, gm)
+    for i in ("0", "2"):
+        layer = pm.base_model.model.get_submodule(i)
+        w = layer.get_base_layer().weight
+        expected, _ = bnb.functional.quantize_4bit(
+            bnb.functional.dequantize_4bit(w.data, w.quant_state) + layer.get_delta_weight("default"),
+            blocksize=w.blocksize, compress_statistics=w.compress_statistics, quant_type="nf4")
+        assert torch.equal(net.get_submodule(i).weight.data, expected), i
+    with torch.no_grad():
+        assert _nearer(net(x), adapted, base)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_unmerge_in_the_graph_leave_the_user_s_layers(checkpoint, kind, caplog):
+    """merge puts a new quantized layer in the graph (copy-on-merge: the user's layers, their weights and their
+    int8 state are untouched), every graph of the object uses it (a call with another signature), and unmerge
+    puts the graph's own layer back: the outputs are bitwise the unmerged ones. (A model of its own: the
+    shared fixture's model is wrapped by PEFT in the parity test.)"""
+    model = load_quantized(checkpoint, kind)
+    m = vera_fx.transform(model, configs("vera", "all-linear")[0])
+    _random_lambdas(m)
+    site = vera_fx.sites(m)[0].name
+    layers = {n: mod for n, mod in model.named_modules() if quantized.is_quantized_layer(mod)}
+    before = quantized_params(model)
+    graph_layer = m.graph_module.get_submodule(site)
+    m.eval()
+    kw = inputs(2, 4)
+    short = {k: v for k, v in kw.items() if k != "labels"}
+    with torch.no_grad():
+        ref, base = m(**kw).logits, model(**kw).logits
+    with caplog.at_level("INFO", logger="vera_fx.passes.merge_layers"):
+        vera_fx.merge(m)
+    assert "rounding error" in caplog.text
+    new_layer = m.graph_module.get_submodule(site)
+    assert new_layer is not graph_layer and type(new_layer) is type(graph_layer)
+    assert all(s.merged == ("default",) and not s.adapters for s in vera_fx.sites(m))
+    with torch.no_grad():
+        merged, merged_short = m(**kw).logits, m(**short).logits  # the second: a graph of its own
+        assert torch.equal(model(**kw).logits, base)
+    assert torch.equal(merged_short, merged)
+    assert _nearer(merged, ref, base)
+    assert {n: mod for n, mod in model.named_modules() if quantized.is_quantized_layer(mod)} == layers
+    after = quantized_params(model)
+    assert all(torch.equal(before[k], after[k]) for k in before), "a user's quantized weight changed"
+    vera_fx.unmerge(m)
+    assert m.graph_module.get_submodule(site) is graph_layer
+    with torch.no_grad():
+        assert torch.equal(m(**kw).logits, ref) and torch.equal(m(**short).logits, m(**kw).logits)
+
+
+def _hand_net(kind: str) -> tuple[nn.Module, nn.Module]:
+    """A two-layer net of bnb layers (with biases), and its graph with nonzero lambdas."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    for i in (0, 2):
+        args = (net[i].in_features, net[i].out_features, True)
+        layer = (bnb.nn.Linear8bitLt(*args, has_fp16_weights=False) if kind == "int8" else
+                 bnb.nn.Linear4bit(*args, quant_type=kind, compute_dtype=torch.float32))
+        layer.load_state_dict(net[i].state_dict())
+        net[i] = layer.to("cpu")
+    _no_cpu_packing(net)
+    gm = vera_fx.transform(net.eval(), vera_fx.VeraConfig(r=8, target_modules=["0", "2"]),
+                           example_inputs=(torch.randn(2, 64),))
+    _random_lambdas(gm)
+    return net, gm.eval()
+
+
+def test_quantized_merge_errors_change_nothing(monkeypatch):
+    """Every error path of a quantized merge leaves the graph and the model as they were: a failure half-way
+    through the graph rewrite, a non-finite merged weight (safe_merge), a model whose layer is not the graph's
+    kind, and a layer that was never quantized."""
+    net, gm = _hand_net("int8")
+    x = torch.randn(3, 64)
+    ref, layers, code = gm(x), dict(gm.named_children()), gm.code
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(merge_module, "remove_adapter_nodes", fail)  # after the new layers were installed
+    with pytest.raises(RuntimeError, match="boom"):
         vera_fx.merge(gm)
-    assert [s.name for s in vera_fx.sites(gm) if s.adapters] == [s.name for s in vera_fx.sites(gm)]
-    assert all(torch.equal(v, quantized_params(gm)[k]) for k, v in before.items())
+    monkeypatch.undo()
+    assert dict(gm.named_children()) == layers and gm.code == code and not adapter_flags(gm).folded
+    assert torch.equal(gm(x), ref)
+
     with torch.no_grad():
-        torch.testing.assert_close(gm(**kw).logits, ref)
+        gm.get_parameter(f"{CONTAINER}.default.sites.2.vera_lambda_b")[0] = float("inf")
+    with pytest.raises(ValueError, match="safe_merge=True: .* site '2' .* int8 weight; nothing was changed"):
+        vera_fx.merge(gm, safe_merge=True)
+    assert dict(gm.named_children()) == layers and gm.code == code
+    user_layers = list(net)
+    with pytest.raises(ValueError, match="site '2'"):
+        vera_fx.merge_into(net, gm, safe_merge=True)
+    assert list(net) == user_layers
+
+    dense = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    snapshot = {k: v.clone() for k, v in dense.state_dict().items()}
+    with pytest.raises(ValueError, match=r"nothing was written: '0': a Linear on the model, a Linear8bitLt 128x64"):
+        vera_fx.merge_into(dense, gm)
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in snapshot.items())
+    with pytest.raises(ValueError, match=r"'0': no such layer on Sequential"):
+        vera_fx.merge_into(nn.Sequential(), gm)
+
+    with pytest.raises(ValueError, match="no row scales .*never quantized.*call .to\\(device\\)"):
+        quantized.dequantized_weight(bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False))
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp4"])
+def test_merge_into_a_hand_built_model_and_merge_twice(kind):
+    """merge_into gives the user's model new layers of its own class (not the user's, not the graph's) that
+    compute the adapted graph up to rounding; a graph merged in two steps (two adapters) computes it too, and
+    unmerges to its own layer exactly."""
+    net, gm = _hand_net(kind)
+    add_adapter(gm, "other", vera_fx.VeraConfig(r=8, target_modules=["2"]))
+    _random_lambdas(gm, seed=4)
+    set_adapter(gm, ["default", "other"])
+    gm.eval()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        ref, base = gm(x), net(x)
+    own = gm.get_submodule("2")
+    vera_fx.merge(gm, ["default"])
+    vera_fx.merge(gm, ["other"])
+    assert vera_fx.sites(gm)[1].merged == ("default", "other")
+    with torch.no_grad():
+        twice = gm(x)
+    user_layer = net[2]
+    vera_fx.merge_into(net, gm)
+    assert type(net[2]) is type(user_layer) and net[2] is not user_layer and net[2] is not gm.get_submodule("2")
+    with torch.no_grad():
+        baked = net(x)
+    assert _nearer(baked, ref, base) and _nearer(twice, ref, base)
+    vera_fx.unmerge(gm)
+    assert gm.get_submodule("2") is own
+    with torch.no_grad():
+        assert torch.equal(gm(x), ref)
 
 
 def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -193,11 +194,9 @@ def _install_input_check(gm: GraphModule) -> None:
 
 
 def _is_pretrained(model: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return isinstance(model, PreTrainedModel)
+    """A transformers PreTrainedModel? Never imports transformers (seconds): such a model means it is loaded."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    return modeling is not None and isinstance(model, modeling.PreTrainedModel)
 
 
 def _forward_params(model: nn.Module) -> set[str]:

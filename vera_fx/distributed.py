@@ -41,8 +41,6 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import distribute_tensor
 
 from .sites import as_graph_module, graph_modules
 
@@ -50,6 +48,9 @@ __all__ = ["shard", "mean_gradients", "fsdp2_sums_gradients", "unwrap_parallel",
            "placed_like", "is_writer", "barrier", "sharded_fraction", "needs_gather", "save_role"]
 
 logger = logging.getLogger(__name__)
+
+# torch.distributed.fsdp / .tensor take about a second to import: they are imported by the functions that shard
+# or place shards, so a model that is never sharded never pays for them.
 
 
 def _require_group(fn: str) -> None:
@@ -63,6 +64,8 @@ def fsdp2_sums_gradients(mesh: Any = None) -> bool:
     builds, pytorch issue 162338; torch 2.13 averages: measured False): one tiny sharded Linear, every rank's
     gradient 1, look at the result. A collective: call it on every rank."""
     _require_group("fsdp2_sums_gradients")
+    from torch.distributed.fsdp import fully_shard
+
     world = dist.get_world_size()
     probe = nn.Linear(world, world, bias=False)
     fully_shard(probe, mesh=mesh)
@@ -81,6 +84,8 @@ def mean_gradients(model: nn.Module, mesh: Any = None) -> bool:
     ``model`` is what was sharded: the object ``transform`` returns, its graph, or any module.
     """
     _require_group("mean_gradients")
+    from torch.distributed.fsdp import FSDPModule
+
     sharded = [mod for mod in {id(m): m for m in [model, *model.modules()]}.values() if isinstance(mod, FSDPModule)]
     if not sharded:
         raise ValueError(f"mean_gradients: no module of this {type(model).__name__} is sharded with FSDP2; call "
@@ -106,6 +111,8 @@ def shard(gm: nn.Module, mesh: Any = None, **fsdp_kwargs: Any) -> nn.Module:
     graph) is sharded as one unit, with a warning: no per-layer saving.
     """
     _require_group("shard")
+    from torch.distributed.fsdp import fully_shard
+
     given, gm = gm, as_graph_module(gm, "shard")
     blocks = graph_modules(gm)[1:]
     if not blocks:
@@ -153,6 +160,8 @@ def placed_like(value: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
     ``current`` is a DTensor (FSDP2; sliced locally, no communication), else ``value`` itself."""
     if not hasattr(current, "device_mesh"):
         return value
+    from torch.distributed.tensor import distribute_tensor
+
     return distribute_tensor(value, current.device_mesh, current.placements, src_data_rank=None)
 
 

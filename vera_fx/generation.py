@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule
-from transformers import PreTrainedModel, StaticCache
-from transformers.cache_utils import DummyLayer, StaticLayer, StaticSlidingWindowLayer
-from transformers.configuration_utils import get_head_shapes
-from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                    TopKLogitsWarper, TopPLogitsWarper)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers.generation.logits_process import LogitsProcessorList
 
 from .state import (active_adapters, adapters_disabled, modules_to_save_copy, reads_state,
                     set_adapters_training)
@@ -59,6 +58,8 @@ _DECODE_CACHE_KEY = "vera_fx_decode_graphs"
 _BOUND_KEY = "vera_fx_bound"  # decode graph meta: the adapter layout its nodes were emitted for
 _PREFIX = "model."  # the user's model sits at ``model`` inside the decode wrapper
 _MIN_BUCKET = 64
+# transformers' cache, config and generation modules are imported by the functions that use them (about 2.7 s
+# on a first import): a model that is transformed and trained but never generates never loads them.
 
 
 class _DecodeModule(nn.Module):
@@ -66,6 +67,10 @@ class _DecodeModule(nn.Module):
     ``TorchExportableModuleWithStaticCache``, plus a 2D mask and position ids so left padding works)."""
 
     def __init__(self, model: PreTrainedModel, batch_size: int, max_cache_len: int) -> None:
+        from transformers import StaticCache
+        from transformers.cache_utils import DummyLayer, StaticLayer, StaticSlidingWindowLayer
+        from transformers.configuration_utils import get_head_shapes
+
         super().__init__()
         self.model = model
         config = model.config.get_text_config()
@@ -103,6 +108,9 @@ class _DecodeModule(nn.Module):
 
 def check_can_generate(model: nn.Module) -> None:
     """ValueError unless ``model`` is a decoder-only transformers causal LM vera_fx can generate with."""
+    from transformers import PreTrainedModel
+    from transformers.configuration_utils import get_head_shapes
+
     name = type(model).__name__
     if not isinstance(model, PreTrainedModel):
         raise ValueError(f"generate needs a transformers causal LM (…ForCausalLM / …LMHeadModel), got {name}")
@@ -440,6 +448,9 @@ def _warpers(do_sample: bool, temperature: Optional[float], top_k: Optional[int]
              gen_cfg: Any) -> LogitsProcessorList:
     """transformers' sampling warpers in its order (temperature, top-k, top-p); unset values from the
     model's generation_config."""
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
     processors = LogitsProcessorList()
     if not do_sample:
         return processors

@@ -6,7 +6,12 @@ exporting, restores the originals, then replaces every stand-in ``aten.linear`` 
 that calls a graph-owned shallow copy of the bnb layer (same quantized weight objects, its own parameter dicts
 and hooks, so the user's model is never touched). The match pass recognises those nodes as sites of kind
 ``"int8"``, ``"nf4"`` or ``"fp4"``. The adapter computes in its lambdas' dtype (float32) and its output is
-cast back to the base output's dtype. Merging is refused (``mergeable``).
+cast back to the base output's dtype.
+
+Merging (as PEFT merges into bitsandbytes layers): ``dequantized_weight`` gives the layer's float weight,
+the merge adds the adapters' update in float32 and ``requantized`` quantizes the sum into a NEW layer of the
+same class and settings, as bitsandbytes quantizes a loaded weight; the old layer and its quantized weight
+objects are never written. ``rounding_error`` measures what the requantization costs on a probe input.
 
 4-bit copies never take bitsandbytes' CPU inference packing, which an eval forward otherwise applies to the
 shared weight in place: it rounds the scales to bfloat16 (eval would differ from training), fails with a bare
@@ -23,6 +28,7 @@ import copy
 import functools
 import importlib
 import logging
+import warnings
 from typing import Any, Iterator, Optional
 
 import torch
@@ -30,10 +36,11 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from .compat import unpack_cpu_4bit
-from .sites import Candidate, Site
+from .sites import Candidate, block_prefix, graph_modules
 
 __all__ = ["QUANTIZED_KINDS", "QUANT_KEY", "is_quantized_layer", "layer_kind", "quantized_layers",
-           "stand_ins", "restore_quantized", "is_quantized_parameter", "recognise", "mergeable"]
+           "stand_ins", "restore_quantized", "is_quantized_parameter", "recognise", "dequantized_weight",
+           "requantized", "rounding_error", "rebind_layers", "set_layer"]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -126,10 +133,14 @@ class _StandIn(nn.Module):
         return nn.functional.linear(x, w)
 
 
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+def set_layer(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at ``path`` of ``root`` (no hooks, no checks); returns the module that was there."""
     parent_path, _, leaf = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
+    old = parent._modules.get(leaf)
     parent._modules[leaf] = module
+    return old
+
 
 
 def _stand_in_dtype(layer: nn.Module) -> torch.dtype:
@@ -147,12 +158,12 @@ def stand_ins(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[None]:
     try:
         for path, layer in layers.items():
             weight = layer.weight
-            _set_submodule(model, path, _StandIn(layer.in_features, layer.out_features, _stand_in_dtype(layer),
+            set_layer(model, path, _StandIn(layer.in_features, layer.out_features, _stand_in_dtype(layer),
                                                  weight.device))
         yield
     finally:
         for path, layer in layers.items():
-            _set_submodule(model, path, layer)
+            set_layer(model, path, layer)
 
 
 def _is_cpu_packed(weight: Any) -> bool:
@@ -182,14 +193,20 @@ def _refuse_packed_weight(path: str, module: nn.Module, args: tuple) -> None:
             "model in eval mode while training the graph, or capture the model again")
 
 
-def _graph_copy(path: str, layer: nn.Module) -> nn.Module:
-    """A shallow copy of a bnb layer that shares its weight objects (and quantization state) but owns its
-    parameter, buffer, module and hook dicts, so the graph can freeze or replace entries independently.
-    4-bit copies get ``support_avx512bf16_for_cpu = False`` (no CPU packing, see the module docstring)."""
+def _own_dicts(layer: nn.Module) -> nn.Module:
+    """A shallow copy of ``layer`` with its own parameter, buffer, module and hook dicts."""
     new = copy.copy(layer)
     for key, value in vars(layer).items():
         if isinstance(value, dict):
             new.__dict__[key] = copy.copy(value)
+    return new
+
+
+def _graph_copy(path: str, layer: nn.Module) -> nn.Module:
+    """A shallow copy of a bnb layer that shares its weight objects (and quantization state) but owns its
+    parameter, buffer, module and hook dicts, so the graph can freeze or replace entries independently.
+    4-bit copies get ``support_avx512bf16_for_cpu = False`` (no CPU packing, see the module docstring)."""
+    new = _own_dicts(layer)
     if _bnb_base(type(layer), ("Linear4bit",)) is not None:
         _unpack_cpu_weight(path, layer)
         new.support_avx512bf16_for_cpu = False
@@ -256,7 +273,7 @@ def restore_quantized(gm: GraphModule, layers: dict[str, nn.Module]) -> int:
                              "quantized layers that are called as modules, so keep this layer unquantized "
                              "(BitsAndBytesConfig(llm_int8_skip_modules=[...]))")
     for path, layer in layers.items():
-        _set_submodule(gm, path, _graph_copy(path, layer))
+        set_layer(gm, path, _graph_copy(path, layer))
     graph.lint()
     logger.info("quantized: %d bitsandbytes calls kept opaque (%d layers)", count, len(layers))
     return count
@@ -272,16 +289,81 @@ def recognise(node: Node) -> Optional[Candidate]:
                      f"{path}.weight", f"{path}.bias" if info["bias"] else None)
 
 
-def mergeable(site: Site) -> tuple[bool, str]:
-    """Whether an adapter can be merged into ``site``'s weight, and why not.
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """The (out, in) weight a bitsandbytes layer computes with, as a new float tensor: int8 rows times their
+    scales (float32), 4-bit blocks through ``dequantize_4bit`` (in the quantized weight's own dtype; a weight
+    packed for CPU inference is unpacked on a copy). ``layer`` is not changed."""
+    import bitsandbytes.functional as bnb_functional
 
-    Quantized sites are refused: adding a delta to a dequantized weight and requantizing changes the base
-    by the rounding (often more than the delta itself), and it would write into weights shared with the user's
-    model. Keep the adapter unmerged, or merge into a dense copy of the model.
-    """
-    if site.kind in QUANTIZED_KINDS:
-        return False, (f"site {site.name!r} is a bitsandbytes {site.kind} layer: merging would requantize its "
-                       "weight and add rounding error larger than most adapter updates; keep the adapter "
-                       "unmerged (it runs as extra graph nodes), or load the base model unquantized, transform it, "
-                       "load the adapter state and merge there")
-    return True, ""
+    weight = layer.weight
+    if layer_kind(layer) == "int8":
+        scb = weight.SCB if getattr(weight, "SCB", None) is not None else getattr(layer.state, "SCB", None)
+        if scb is None:
+            raise ValueError(f"bitsandbytes int8 layer ({type(layer).__name__}, {layer.out_features}x"
+                             f"{layer.in_features}) has no row scales (SCB): it was never quantized; call .to(device) "
+                             "on it first")
+        return bnb_functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device))
+    data, quant_state = weight.data, weight.quant_state
+    if _is_cpu_packed(weight):
+        data, quant_state = unpack_cpu_4bit(data.clone(), copy.deepcopy(quant_state))
+    return bnb_functional.dequantize_4bit(data, quant_state)
+
+
+def requantized(layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> nn.Module:
+    """A new layer like ``layer`` (class, settings, bias, hooks) holding ``weight`` (out, in) quantized as
+    bitsandbytes quantizes a loaded weight (PEFT's requantization after a merge): int8 by rows from float16,
+    4-bit with the layer's blocksize, quant type, nested statistics and storage. ``bias`` (optional) replaces
+    the bias. ``layer`` and its weight and state objects are not changed."""
+    import bitsandbytes as bnb
+
+    old = layer.weight
+    new = _own_dicts(layer)
+    if layer_kind(layer) == "int8":
+        param = bnb.nn.Int8Params(weight.detach().to("cpu", torch.float32), requires_grad=False,
+                                  has_fp16_weights=False).to(old.device)
+        new.state = copy.copy(layer.state)  # its own matmul state (the old one holds the old weight's rows)
+        new.state.reset_grads()
+    else:
+        qs = old.quant_state
+        param = bnb.nn.Params4bit(weight.detach().to("cpu", qs.dtype), requires_grad=False,
+                                  blocksize=getattr(old, "blocksize", None) or qs.blocksize,
+                                  compress_statistics=getattr(old, "compress_statistics", bool(qs.nested)),
+                                  quant_type=qs.quant_type, quant_storage=getattr(old, "quant_storage", old.dtype),
+                                  module=new).to(old.device)
+    new._parameters["weight"] = param
+    if bias is not None:
+        new._parameters["bias"] = bias
+    return new
+
+
+def rounding_error(original: nn.Module, merged: nn.Module, delta: torch.Tensor, rows: int = 16) -> tuple[float, float]:
+    """(max |merged(x) - (original(x) + x deltaᵀ)|, max |x deltaᵀ|) on a seeded probe ``x`` of ``rows``
+    standard-normal rows in float32: what requantizing cost, next to the size of the update itself."""
+    x = torch.randn(rows, original.in_features, generator=torch.Generator().manual_seed(0))
+    x = x.to(delta.device)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # int8: "inputs will be cast from float32 to float16"
+        update = x @ delta.to(torch.float32).T
+        reference = original(x).to(torch.float32) + update
+        error = (merged(x).to(torch.float32) - reference).abs().max()
+    return float(error), float(update.abs().max())
+
+
+def rebind_layers(gm: GraphModule, source: GraphModule) -> int:
+    """Give every graph of ``gm``'s tree the source tree's bitsandbytes layer at each quantized call's path (a
+    merge replaces those layers in the source); returns how many were replaced."""
+    count = 0
+    for g in graph_modules(gm):
+        prefix = block_prefix(g)
+        for n in g.graph.nodes:
+            if n.op != "call_module" or QUANT_KEY not in n.meta:
+                continue
+            path = f"{prefix}.{n.target}" if prefix else str(n.target)
+            try:
+                theirs = source.get_submodule(path)
+            except AttributeError:
+                continue
+            if theirs is not gm.get_submodule(path) and is_quantized_layer(theirs):
+                set_layer(gm, path, theirs)
+                count += 1
+    return count

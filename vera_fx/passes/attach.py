@@ -4,7 +4,8 @@ The model object (vera_fx/model.py) keeps one captured graph per call signature.
 owns the adapter state; every other graph is made equal to it by ``attach_adapters``:
 
 - its base parameters and buffers become the source's objects, by qualified name (trained biases, merged
-  weights and ``.to()`` conversions are therefore the source's, and an optimizer sees one set of tensors);
+  weights and ``.to()`` conversions are therefore the source's, and an optimizer sees one set of tensors),
+  and so do its bitsandbytes layers (a merge replaces a quantized site's layer);
 - it holds the very same adapter container (``vera_fx_adapters``: the same ``AdapterState`` modules and
   ``nn.Parameter`` objects, so a lambda trained through one graph is the lambda of every other);
 - so it reads the source's run-time state (active adapters, disabled, merged, lowering: the adapter set's
@@ -24,6 +25,7 @@ import torch
 from torch.fx import GraphModule
 
 from ..methods import CONTAINER
+from ..quantized import rebind_layers
 from ..sites import ADAPTER_KEY, block_prefix, graph_modules, read_sites
 from ..versions import adapter_flags
 from ..state import MTS_TAG, adapters_training, attach_state, set_adapters_training
@@ -71,8 +73,9 @@ def _set_tensor(gm: GraphModule, qualname: str, value: torch.Tensor) -> bool:
 
 
 def _rebind(gm: GraphModule, source: GraphModule) -> int:
-    """Make ``gm``'s base parameters and buffers the source's objects, name by name."""
-    count = 0
+    """Make ``gm``'s bitsandbytes layers (a merge replaces them), then its base parameters and buffers, the
+    source's objects, name by name."""
+    count = rebind_layers(gm, source)
     for name, t in list(source.named_parameters(remove_duplicate=False)) + \
             list(source.named_buffers(remove_duplicate=False)):
         if CONTAINER in name.split("."):  # the root's adapter container or a block's views of it

@@ -7,7 +7,8 @@ new weights in and erases the adapter nodes, so the graph is node for node the c
 Copy-on-merge: the captured graph shares weight storage with the user's model, so merge never writes into
 a weight; it installs a new tensor at the weight's name and keeps the original object, which ``UnmergePass``
 puts back (exactly, unless the merged weight was changed in the meantime). The user's model is untouched;
-``merge_into`` is the explicit way to bake the adapters into it.
+``merge_into`` is the explicit way to bake the adapters into it. A bitsandbytes site is merged into a new
+quantized layer instead (vera_fx/passes/merge_layers.py, with the tensor helpers and the rollback).
 
 Both passes are atomic: every new weight is computed (and, with ``safe_merge``, checked) before anything
 changes, and a failure while rewriting the graph restores the previous graph and weights.
@@ -27,17 +28,17 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..methods import CONTAINER, AdapterState
-from ..quantized import mergeable
+from ..quantized import set_layer
 from ..sites import ADAPTER_KEY, Site, as_graph_module, block_prefix, graph_modules, read_sites
 from ..state import ADAPTER_MODE, MTS_TAG, active_adapters, adapters_disabled, merged_adapters, mutation
 from ..versions import adapter_flags
 from .inject import emit_adapter, remove_adapter_nodes
+from .merge_layers import (LayerFolded, Rollback, baked_layers, get_tensor, install_layers,
+                           is_layer_site, layer_path, like, merged_layers, restore_layers, set_tensor)
 
 __all__ = ["MergePass", "UnmergePass", "merge", "unmerge", "merge_into"]
 
 logger = logging.getLogger(__name__)
-
-# gm.meta key: weight qualname -> _Folded, what unmerge needs to put the original weight back.
 
 _DENSE_KINDS = ("linear", "conv1d")
 # warnings.warn stacklevel from a pass's call() to the caller of merge() / unmerge(): call, PassBase.__call__,
@@ -70,33 +71,6 @@ class _Folded:
                        merged._version if self.merged._version == self.version else -1)
 
 
-def _get_tensor(module: nn.Module, qualname: str) -> torch.Tensor:
-    path, _, name = qualname.rpartition(".")
-    mod = module.get_submodule(path)
-    if name in mod._parameters and mod._parameters[name] is not None:
-        return mod._parameters[name]
-    if name in mod._buffers and mod._buffers[name] is not None:
-        return mod._buffers[name]
-    raise AttributeError(f"{qualname!r} is neither a parameter nor a buffer")
-
-
-def _set_tensor(module: nn.Module, qualname: str, value: torch.Tensor) -> None:
-    """Install ``value`` at ``qualname`` (a new object: whatever else held the old one keeps it)."""
-    path, _, name = qualname.rpartition(".")
-    mod = module.get_submodule(path)
-    if name in mod._parameters:
-        mod._parameters[name] = value
-    else:
-        mod._buffers[name] = value
-
-
-def _like(old: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-    """``data`` wrapped as ``old`` is: a Parameter with its requires_grad, or a plain tensor."""
-    if isinstance(old, nn.Parameter):
-        return nn.Parameter(data, requires_grad=old.requires_grad)
-    return data
-
-
 def _check_names(gm: GraphModule, adapter_names: Optional[Iterable[str]]) -> tuple[str, ...]:
     container = getattr(gm, CONTAINER, None)
     if container is None or len(container) == 0:
@@ -120,16 +94,15 @@ def _unmergeable(readers: dict[str, list[Node]], calls: list[Site], adapters: tu
     """Why the weight of a site (all its calls) cannot take ``adapters`` (None when it can); ``readers`` maps
     each get_attr target to the nodes that use it."""
     site = calls[0]
-    ok, why = mergeable(site)
-    if not ok:
-        return why
-    if site.kind not in _DENSE_KINDS:
-        return f"its kind {site.kind!r} has no dense weight (dequantize the model to merge)"
+    if site.kind not in _DENSE_KINDS and not is_layer_site(site):
+        return f"its kind {site.kind!r} has no weight vera_fx can merge into"
     if site.weight is None or any(c.weight != site.weight for c in calls):
         return "its weight is computed in the graph, not read from a parameter"
     missing = [a for a in adapters for c in calls if a not in c.adapters]
     if missing:
         return f"adapter(s) {sorted(set(missing))} are attached to only some of its calls"
+    if is_layer_site(site):
+        return None  # merged into a new bitsandbytes layer at its path (merge_layers.py)
     bases = {c.base for c in calls}
     others = [u.name for u in readers.get(site.weight, []) if u not in bases and not u.meta.get(ADAPTER_KEY)]
     if others:
@@ -220,30 +193,6 @@ def _drop_unused_training(gm: GraphModule) -> None:
         g.recompile()
 
 
-class _Atomic:
-    """Restores ``gm``'s graph and the given tensors when the block raises."""
-
-    def __init__(self, gm: GraphModule, qualnames: Iterable[str]) -> None:
-        self.gm = gm
-        self.qualnames = list(qualnames)
-
-    def __enter__(self) -> "_Atomic":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch's pytree spec deprecation inside deepcopy
-            self.graphs = [(g, copy.deepcopy(g.graph)) for g in graph_modules(self.gm)]
-        self.tensors = {q: _get_tensor(self.gm, q) for q in self.qualnames}
-        self.flags = adapter_flags(self.gm)
-        self.saved = (dict(self.flags.merged), dict(self.flags.folded))
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
-        if exc_type is not None:
-            for g, graph in self.graphs:
-                g.graph = graph  # the setter recompiles
-            for q, t in self.tensors.items():
-                _set_tensor(self.gm, q, t)
-            self.flags.merged, self.flags.folded = self.saved
-        return False
 
 
 class MergePass(PassBase):
@@ -275,20 +224,25 @@ class MergePass(PassBase):
             else:
                 logger.info(msg)
             return PassResult(gm, False)
-        new = {f.weight: _folded_weight(gm, f, _get_tensor(gm, f.weight), self.safe_merge) for f in folds}
+        dense = [f for f in folds if not is_layer_site(f.site)]
+        new = {f.weight: _folded_weight(gm, f, get_tensor(gm, f.weight), self.safe_merge) for f in dense}
+        plans = [(f.site, f.adapters, gm.get_submodule(layer_path(f.weight))) for f in folds if f not in dense]
+        layers = merged_layers(gm, plans, self.safe_merge)
 
-        with _Atomic(gm, new):
+        with Rollback(gm, new, map(layer_path, layers)):
             flags = adapter_flags(gm)
             merged_meta: dict[str, tuple[str, ...]] = dict(flags.merged)
-            folded: dict[str, _Folded] = dict(flags.folded)
+            folded: dict[str, object] = dict(flags.folded)
+            install_layers(gm, layers, plans, folded)
             for f in folds:
-                old = _get_tensor(gm, f.weight)
-                value = _like(old, new[f.weight])
-                _set_tensor(gm, f.weight, value)
+                merged_meta[f.site.name] = merged_meta.get(f.site.name, ()) + f.adapters
+            for f in dense:
+                old = get_tensor(gm, f.weight)
+                value = like(old, new[f.weight])
+                set_tensor(gm, f.weight, value)
                 prev = folded.get(f.weight)
                 folded[f.weight] = _Folded(f.site.name, (prev.adapters if prev else ()) + f.adapters,
                                            prev.original if prev else old, value, value._version)
-                merged_meta[f.site.name] = merged_meta.get(f.site.name, ()) + f.adapters
             for a in names:
                 sites = {f.site.name for f in folds if a in f.adapters}
                 if sites:
@@ -313,15 +267,17 @@ class UnmergePass(PassBase):
     def call(self, graph_module: GraphModule) -> PassResult:
         gm = graph_module
         flags = adapter_flags(gm)
-        folded: dict[str, _Folded] = dict(flags.folded)
+        folded: dict[str, object] = dict(flags.folded)
         if not folded:
             logger.info("unmerge: nothing is merged")
             return PassResult(gm, False)
-        restored = {q: self._restored(gm, q, rec) for q, rec in folded.items()}
+        layers = {q: rec for q, rec in folded.items() if isinstance(rec, LayerFolded)}
+        restored = {q: self._restored(gm, q, rec) for q, rec in folded.items() if q not in layers}
         merged_meta = dict(flags.merged)
-        with _Atomic(gm, restored):
+        with Rollback(gm, restored, map(layer_path, layers)):
             for q, value in restored.items():
-                _set_tensor(gm, q, value)
+                set_tensor(gm, q, value)
+            restore_layers(gm, layers)
             for a in getattr(gm, CONTAINER):
                 sites = {s for s, ads in merged_meta.items() if a in ads}
                 if sites:
@@ -329,24 +285,24 @@ class UnmergePass(PassBase):
             flags.merged, flags.folded = {}, {}
             gm.graph.lint()
             gm.recompile()
-        logger.info("unmerge: restored %d weights", len(restored))
+        logger.info("unmerge: restored %d weights and %d quantized layers", len(restored), len(layers))
         return PassResult(gm, True)
 
     @staticmethod
     def _restored(gm: GraphModule, qualname: str, rec: _Folded) -> torch.Tensor:
         """The original tensor when the merged one is untouched; else the current one minus the deltas."""
-        current = _get_tensor(gm, qualname)
+        current = get_tensor(gm, qualname)
         orig = rec.original
         if current is rec.merged and current._version == rec.version and orig.shape == current.shape:
             if orig.dtype == current.dtype and orig.device == current.device:
                 return orig
-            return _like(current, orig.detach().to(device=current.device, dtype=current.dtype))
+            return like(current, orig.detach().to(device=current.device, dtype=current.dtype))
         warnings.warn(f"unmerge: the merged weight {qualname!r} (site {rec.site!r}) was changed after merge; "
                       "restoring it by subtracting the adapters' current delta (exact only up to rounding)",
                       UserWarning, stacklevel=_USER_LEVEL + 1)
         site = next(s for s in read_sites(gm) if s.name == rec.site)
         fold = _Fold(qualname, site, rec.adapters)
-        return _like(current, _folded_weight(gm, fold, current, safe_merge=False, sign=-1.0))
+        return like(current, _folded_weight(gm, fold, current, safe_merge=False, sign=-1.0))
 
     def ensures(self, graph_module: GraphModule) -> None:
         graph_module.graph.lint()
@@ -394,7 +350,7 @@ def _graph_reads(gm: GraphModule) -> dict[str, str]:
         mts = n.meta.get(MTS_TAG)
         model_name = _qualified(g, str(mts["target"])) if mts else target
         try:
-            if isinstance(_get_tensor(gm, target), nn.Parameter):
+            if isinstance(get_tensor(gm, target), nn.Parameter):
                 reads[model_name] = target
         except AttributeError:
             continue  # not a tensor attribute
@@ -409,7 +365,9 @@ def merge_into(model: nn.Module, gm: GraphModule, safe_merge: bool = False) -> n
     ``gm`` are folded on the way (``gm`` itself is not changed), and trained base parameters (``bias``,
     ``modules_to_save``) are copied too. Matching is by parameter name; every name, shape and tie is checked
     before anything is written. The model keeps its Parameter objects, with new storage, so ``gm`` (which
-    may share storage with them) keeps computing what it computed.
+    may share storage with them) keeps computing what it computed; a bitsandbytes site gets a new quantized
+    layer instead (merge_layers.py). A site that cannot be baked (it samples at inference, tied weights)
+    raises ValueError naming it: the model never comes back without an adapter.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"merge_into takes the nn.Module gm was captured from as model, got {type(model).__name__}")
@@ -418,12 +376,16 @@ def merge_into(model: nn.Module, gm: GraphModule, safe_merge: bool = False) -> n
         raise TypeError(f"safe_merge must be a bool, got {safe_merge!r}")
     names = () if adapters_disabled(gm) or getattr(gm, CONTAINER, None) is None else tuple(active_adapters(gm))
     folds, skipped = _plan(gm, names) if names else ([], {})
-    _warn_skipped(skipped, "merge_into cannot bake the adapters into the model", 2)
-    folded = {f.weight: _folded_weight(gm, f, _get_tensor(gm, f.weight), safe_merge) for f in folds}
+    if skipped:  # baking the rest would return a model without the adapter at these sites
+        raise ValueError(f"merge_into cannot bake the adapters into {len(skipped)} site(s); nothing was written: "
+                         + "; ".join(f"{name!r}: {why}" for name, why in skipped.items()))
+    dense = [f for f in folds if not is_layer_site(f.site)]
+    folded = {f.weight: _folded_weight(gm, f, get_tensor(gm, f.weight), safe_merge) for f in dense}
+    layers, problems = baked_layers(model, gm, [(f.site, f.adapters, gm.get_submodule(layer_path(f.weight)))
+                                                for f in folds if f not in dense], safe_merge)
     new: dict[str, torch.Tensor] = {}
-    problems: list[str] = []
     for model_name, graph_name in _graph_reads(gm).items():
-        value = folded[graph_name] if graph_name in folded else _get_tensor(gm, graph_name).detach()
+        value = folded[graph_name] if graph_name in folded else get_tensor(gm, graph_name).detach()
         try:
             mp = model.get_parameter(model_name)
         except AttributeError:
@@ -449,6 +411,8 @@ def merge_into(model: nn.Module, gm: GraphModule, safe_merge: bool = False) -> n
         for model_name, value in new.items():
             mp = model.get_parameter(model_name)
             mp.data = value.detach().to(device=mp.device, dtype=mp.dtype, copy=True)
-    logger.info("merge_into: wrote %d parameters into %s (%d folded from adapters %s)", len(new),
-                type(model).__name__, len(folds), list(names))
+    for path, layer in layers.items():
+        set_layer(model, path, layer)
+    logger.info("merge_into: wrote %d parameters and %d quantized layers into %s (%d folded from adapters %s)",
+                len(new), len(layers), type(model).__name__, len(folds), list(names))
     return model
