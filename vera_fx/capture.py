@@ -31,6 +31,7 @@ from torch.fx import GraphModule, Node
 from . import blocks as _blocks
 from .compat import pytree, register_deepcopy_hook
 from . import quantized
+from .linear_like import linear_forwards, linear_module_paths
 from .sites import graph_modules
 
 __all__ = ["capture", "model_flags_kept", "train_only", "CaptureError", "default_example_inputs", "Signature",
@@ -450,7 +451,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Opti
     gm: Optional[GraphModule] = None
     try:
         with model_flags_kept(model), warnings.catch_warnings(), quantized.stand_ins(model, qlayers), \
-                _explicit_keywords(model, kwargs):
+                _explicit_keywords(model, kwargs), linear_forwards(model):
             model.train()
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
             if layer_paths:
@@ -596,6 +597,7 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
         "model_type": getattr(cfg, "model_type", None),
         "output_head": head,
         "modules": {n: type(m).__name__ for n, m in model.named_modules() if n},
+        "linear_modules": linear_module_paths(model),  # what PEFT's "all-linear" considers
     }
 
 

@@ -20,26 +20,13 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..config import DEFAULT_TARGET_MODULES, AdapterConfig
 from .. import quantized
-from ..sites import SITE_KEY, Candidate, Site, block_prefix, graph_modules, read_sites
+from ..sites import SITE_KEY, Candidate, Site, block_prefix, graph_modules, module_path, read_sites
 
 __all__ = ["MatchPass", "Candidate", "RECOGNISERS", "select_sites", "module_path", "resolve_targets",
            "layer_index", "peft_selection"]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
-
-
-def module_path(node: Node) -> tuple[str, str]:
-    """(path, type name) of the innermost module a node was traced in; ('', '') at the root."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return "", ""
-    path, typ = list(stack.values())[-1]
-    path = path.split("@")[0]
-    if path.startswith("L['self']"):
-        path = path[len("L['self']"):].lstrip(".")
-    typ = typ if isinstance(typ, str) else f"{typ.__module__}.{typ.__qualname__}"
-    return path, typ.rsplit(".", 1)[-1]
 
 
 def _attr_target(node: object) -> Optional[str]:
@@ -249,8 +236,7 @@ def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]
                           f"target_modules={targets!r} (a string), as in PEFT: give a list of module names to "
                           "filter by layer, or put the layer indices in the regex", UserWarning, stacklevel=4)
         if targets.lower() == "all-linear":
-            head = info.get("output_head")
-            picked = {n for n in names if n != head}
+            picked = _all_linear(info, names)
         else:
             picked = {n for n in names if re.fullmatch(targets, n)}
             picked |= {n for path, inside in containers.items() if re.fullmatch(targets, path) for n in inside}
@@ -286,12 +272,28 @@ def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]
     return [first[n] for n in chosen]
 
 
+def _all_linear(info: dict, names: list[str]) -> set[str]:
+    """PEFT's "all-linear": the sites that are ``nn.Linear`` / ``Conv1D`` modules, minus the output head; no
+    functional ``F.linear`` call (a MoE router's) that PEFT cannot target. Graphs captured without the module
+    list (older pickles) keep every site but the head."""
+    head = info.get("output_head")
+    linear = info.get("linear_modules")
+    allowed = set(linear) if linear is not None else set(names)
+    return {n for n in names if n != head and n in allowed}
+
+
 def _unmatched_message(target: str, targets: list, names: list[str], info: dict) -> str:
     modules: dict[str, str] = info.get("modules", {})
-    not_linear = [(n, t) for n, t in modules.items() if (n == target or n.endswith("." + target))]
+    linear = set(info.get("linear_modules") or ())
+    named = [(n, t) for n, t in modules.items() if (n == target or n.endswith("." + target))]
     msg = f"target_modules={targets!r}: {target!r} matched no linear layer"
-    if not_linear:
-        n, t = not_linear[0]
+    if named and named[0][0] in linear:
+        n, t = named[0]
+        msg += (f" ({n!r} is a {t}, a linear layer PEFT adapts, but the captured forward makes no linear call "
+                "of it vera_fx can adapt: it is not called with these inputs, or its own forward is not "
+                "weight @ x + bias; drop it from target_modules)")
+    elif named:
+        n, t = named[0]
         msg += (f" ({n!r} is a {t}, not a linear layer, and holds none; PEFT refuses it too: drop it or target "
                 "linear layers instead)")
     pool = sorted({n.rsplit(".", 1)[-1] for n in names} | {n for n in names})
