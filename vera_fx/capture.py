@@ -369,7 +369,9 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Opti
     ``blocks``: keep the layers of the model's layer list (``nn.ModuleList`` of one class) as GraphModule
     submodules, each distinct layer exported once (vera_fx/blocks.py). ``None`` (default) does so for
     transformers models and falls back to one graph when the layers cannot be blocks; ``True`` raises then;
-    ``False`` captures one flat graph.
+    ``False`` captures one flat graph. When export cannot capture the code around the layers (a data-dependent
+    head or loss), ``None`` and ``True`` keep the layers as blocks under the model's own top level, run
+    eagerly (vera_fx/fallback.py; logged once).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -432,9 +434,11 @@ def _export_tree(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: An
                  qlayers: dict[str, nn.Module], blocks: Optional[bool], names: list[str]) -> GraphModule:
     """The graph tree: blocks under an exported top level; else one exported graph; else, when export cannot
     capture the code around the layers, blocks under the model's own top level run eagerly (fallback.py)."""
-    def eager_or_raise(error: Exception) -> GraphModule:
+    def eager_or_raise(error: Exception, paths: list[str]) -> GraphModule:
+        if not paths:
+            raise error
         try:
-            return capture_eager_top(model, layer_paths, args, kwargs, names, qlayers, _first_line(error))
+            return capture_eager_top(model, paths, args, kwargs, names, qlayers, _first_line(error))
         except Exception as eager_error:
             logger.info("capture: no eager top level for %s (%s)", type(model).__name__, _first_line(eager_error))
             raise error from None
@@ -444,15 +448,14 @@ def _export_tree(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: An
             return _capture_blocks(model, args, kwargs, dynamic_shapes, layer_paths, qlayers)
         except Exception as e:  # the layers cannot be blocks: one graph, as before
             if blocks is True:
-                return eager_or_raise(e)
+                return eager_or_raise(e, layer_paths)
             logger.info("capture: layers of %s kept in one graph (%s)", type(model).__name__, _first_line(e))
     try:
         ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
         ep = ep.run_decompositions({})
-    except Exception as e:
-        if not layer_paths:
-            raise
-        return eager_or_raise(e)
+    except Exception as e:  # a plain module's layer list too, unless blocks=False
+        paths = layer_paths or [p for ps in _blocks.find_layer_lists(model).values() for p in ps if blocks is None]
+        return eager_or_raise(e, paths)
     exported = ep.module()
     gm = GraphModule(exported, exported.graph)
     strip_metadata_asserts(gm)

@@ -10,8 +10,9 @@ top-level code eagerly around them:
   so the root's frozen parameters, ``.train()`` / ``.eval()`` and ``.to()`` reach it, with every layer
   replaced by its block;
 - each block takes the layer's call as it comes (a forward pre-hook, ``FlatCall``, flattens it to the
-  block's tensor inputs and checks the constants it was captured with) and returns the layer's output
-  structure (a forward hook, ``LayerOutput``).
+  block's tensor inputs and checks the constants it was captured with) and returns the layer's own output
+  structure (the exported layer's), so a layer may return several tensors, and a layer the top level calls
+  several times (ALBERT's shared layer) is one block called several times.
 
 Blocks keep everything blocks give (sites, merge, regional compile, FSDP per block); the top level is plain
 eager PyTorch: no sites outside the layers, and nothing that needs the root graph (gradient checkpointing
@@ -32,7 +33,7 @@ from . import blocks as _blocks
 from .block_export import bind_layers, export_groups
 from .compat import pytree
 
-__all__ = ["EagerTop", "FlatCall", "LayerOutput", "EAGER_TOP", "eager_call", "capture_eager_top"]
+__all__ = ["EagerTop", "FlatCall", "EAGER_TOP", "eager_call", "capture_eager_top"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,23 +75,6 @@ class FlatCall:
                                  f"{i} and is now called with {leaves[i]!r}; call the model as in the example "
                                  "it was transformed with")
         return tuple(v for v in leaves if isinstance(v, torch.Tensor)), {}
-
-
-class LayerOutput:
-    """Forward hook of a block: its tensor in the layer's own output structure."""
-
-    def __init__(self, record: "_blocks.LayerCall") -> None:
-        tensors = [i for i, v in enumerate(record.out_leaves) if isinstance(v, torch.Tensor)]
-        if len(tensors) != 1:
-            raise _blocks.BlockCaptureError(f"a layer returns {len(tensors)} tensors; blocks need exactly one")
-        self.index = tensors[0]
-        self.leaves = [None if isinstance(v, torch.Tensor) else v for v in record.out_leaves]
-        self.spec = record.out_spec
-
-    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> Any:
-        leaves = list(self.leaves)
-        leaves[self.index] = output
-        return pytree.tree_unflatten(leaves, self.spec)
 
 
 class EagerTop(nn.Module):
@@ -138,12 +122,13 @@ def capture_eager_top(model: nn.Module, layer_paths: list[str], args: tuple, kwa
     if any(t is not None for t in [*model._parameters.values(), *model._buffers.values()]):
         raise _blocks.BlockCaptureError(f"{type(model).__name__} holds tensors of its own outside its modules")
     records = _blocks.record_calls(model, layer_paths, args, kwargs)
-    _blocks.check_records(model, layer_paths, records)
+    missing = [p for p in layer_paths if p not in records]
+    if missing:
+        raise _blocks.BlockCaptureError(f"layers {missing[:3]} are not called by the forward")
     calls = {i: eager_call(records[p]) for i, p in enumerate(layer_paths)}
     blocks = bind_layers(model, export_groups(model, layer_paths, calls, records), layer_paths, {})
     for i, path in enumerate(layer_paths):
         blocks[path].register_forward_pre_hook(FlatCall(path, calls[i]), with_kwargs=True)
-        blocks[path].register_forward_hook(LayerOutput(records[path]))
     shell = _shell(model, blocks)
     graph = Graph()
     inputs = [graph.placeholder(n) for n in names]

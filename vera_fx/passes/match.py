@@ -236,7 +236,7 @@ def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]
                           f"target_modules={targets!r} (a string), as in PEFT: give a list of module names to "
                           "filter by layer, or put the layer indices in the regex", UserWarning, stacklevel=4)
         if targets.lower() == "all-linear":
-            picked = _all_linear(info, names)
+            picked = _all_linear(info, names, config)
         else:
             picked = {n for n in names if re.fullmatch(targets, n)}
             picked |= {n for path, inside in containers.items() if re.fullmatch(targets, path) for n in inside}
@@ -272,13 +272,20 @@ def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]
     return [first[n] for n in chosen]
 
 
-def _all_linear(info: dict, names: list[str]) -> set[str]:
+def _all_linear(info: dict, names: list[str], config: AdapterConfig) -> set[str]:
     """PEFT's "all-linear": the sites that are ``nn.Linear`` / ``Conv1D`` modules, minus the output head; no
     functional ``F.linear`` call (a MoE router's) that PEFT cannot target. Graphs captured without the module
     list (older pickles) keep every site but the head."""
     head = info.get("output_head")
     linear = info.get("linear_modules")
     allowed = set(linear) if linear is not None else set(names)
+    missing = [p for p in linear or () if p != head and p not in names
+               and not _excluded_by_modules_to_save(p, config.modules_to_save)]
+    if missing:
+        warnings.warn(f"target_modules='all-linear': {len(missing)} linear module(s) that PEFT adapts make no linear "
+                      f"call vera_fx can adapt and are left out (e.g. {', '.join(missing[:3])}): they are not called "
+                      "with these inputs, compute something else than weight @ x + bias, or run in the model's "
+                      "eager top level (vera_fx.capture logs when it falls back to one)", UserWarning, stacklevel=5)
     return {n for n in names if n != head and n in allowed}
 
 
