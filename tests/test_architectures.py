@@ -178,6 +178,13 @@ def test_eager_top_runs_the_models_code_around_exported_blocks():
     ours = vera_fx.transform(model, vera_fx.VeraConfig(r=2, target_modules=["lin"], init_weights=False),
                              example_inputs=(x,))
     assert torch.allclose(ours(x2), pm(x2), atol=1e-6)
+    copied = copy.deepcopy(ours)  # GraphModule copies drop hooks: each block's call hook comes back
+    assert torch.equal(copied(x2), ours(x2))
+    vera_fx.merge(ours)  # sites are in the blocks: merging works as with an exported top level
+    assert torch.allclose(ours(x2), pm(x2), atol=1e-6)
+    vera_fx.unmerge(ours)
+    with ours.disable_adapter():
+        assert torch.equal(ours(x2), model(x2))
 
 
 def test_eager_top_refused_for_tensors_outside_modules_keeps_exports_error():

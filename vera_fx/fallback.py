@@ -31,7 +31,7 @@ from torch.fx import Graph, GraphModule
 
 from . import blocks as _blocks
 from .block_export import bind_layers, export_groups
-from .compat import pytree
+from .compat import pytree, register_deepcopy_hook
 
 __all__ = ["EagerTop", "FlatCall", "EAGER_TOP", "eager_call", "capture_eager_top"]
 
@@ -62,6 +62,13 @@ class FlatCall:
         self.path = path
         self.spec = call.spec
         self.constants = [(i, m[1]) for i, m in enumerate(call.leaves) if m[0] == "c"]
+
+    def install(self, block: GraphModule) -> None:
+        """Register on ``block`` (once), and on every ``copy.deepcopy`` of it (GraphModule copies drop hooks)."""
+        if not any(isinstance(h, FlatCall) for h in block._forward_pre_hooks.values()):
+            block.register_forward_pre_hook(self, with_kwargs=True)
+        if self.install not in getattr(block, "_deepcopy_hooks", []):
+            register_deepcopy_hook(block, self.install)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -128,7 +135,7 @@ def capture_eager_top(model: nn.Module, layer_paths: list[str], args: tuple, kwa
     calls = {i: eager_call(records[p]) for i, p in enumerate(layer_paths)}
     blocks = bind_layers(model, export_groups(model, layer_paths, calls, records), layer_paths, {})
     for i, path in enumerate(layer_paths):
-        blocks[path].register_forward_pre_hook(FlatCall(path, calls[i]), with_kwargs=True)
+        FlatCall(path, calls[i]).install(blocks[path])
     shell = _shell(model, blocks)
     graph = Graph()
     inputs = [graph.placeholder(n) for n in names]
