@@ -447,7 +447,9 @@ def _export_tree(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: An
         try:
             return _capture_blocks(model, args, kwargs, dynamic_shapes, layer_paths, qlayers)
         except Exception as e:  # the layers cannot be blocks: one graph, as before
-            if blocks is True:
+            if blocks is True:  # the layers cannot be blocks: refused; the top level cannot be exported: eager
+                if isinstance(e, _blocks.BlockCaptureError):
+                    raise
                 return eager_or_raise(e, layer_paths)
             logger.info("capture: layers of %s kept in one graph (%s)", type(model).__name__, _first_line(e))
     try:
