@@ -224,3 +224,31 @@ def run_row(arch: Arch, method: str, targets: str, folder: str) -> dict[str, Any
         loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), folder).eval()
     row["folder"] = _diff(main_output(loaded(**kw)), main_output(ours(**kw)))
     return row
+
+
+def _main(argv: list[str]) -> None:
+    """``python tests/arch_zoo.py [arch ...]``: the sweep as a markdown table (every architecture by default)."""
+    import tempfile
+    import time
+
+    names = argv or [a.name for a in ARCHS]
+    print("| architecture | method | targets | " + " | ".join(MEASURES) + " | seconds |")
+    print("|" + "---|" * (len(MEASURES) + 4))
+    for name in names:
+        for method in METHODS:
+            for targets in TARGETS:
+                start = time.perf_counter()
+                try:
+                    with tempfile.TemporaryDirectory() as folder:
+                        row = run_row(BY_NAME[name], method, targets, folder)
+                    cells = [f"{v:.1e}" if isinstance(v, float) else str(v) for v in row.values()]
+                except Exception as e:  # a row that fails is a row of the table
+                    cells = [f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"] + [""] * (len(MEASURES) - 1)
+                print(f"| {name} | {method} | {targets} | " + " | ".join(cells)
+                      + f" | {time.perf_counter() - start:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1:])

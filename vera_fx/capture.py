@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch import nn
 from torch.export import Dim
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 from . import blocks as _blocks
 from .compat import pytree, register_deepcopy_hook
@@ -379,10 +379,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Opti
         raise TypeError(f"blocks must be None, True or False, got {blocks!r}")
     args, kwargs = normalise_example(model, example_inputs)
     args, kwargs = clone_inputs(args), clone_inputs(kwargs)
-    for path, t in list(enumerate(args)) + list(kwargs.items()):
-        if isinstance(t, torch.Tensor) and t.dim() >= 2 and 1 in t.shape[:2]:
-            logger.warning("example input %r has shape %s: a dimension of size 1 is fixed by torch.export; "
-                           "use an example of batch >= 2 and length >= 2 to keep it dynamic", path, tuple(t.shape))
+    _warn_unit_dims(args, kwargs)
     qlayers = quantized.quantized_layers(model)  # bitsandbytes linears stay opaque (ImportError without bnb)
     dyn_args, dyn_kwargs = dynamic_shapes_of(args, kwargs)
     dynamic_shapes: Any = dyn_kwargs if not args else (dyn_args if not kwargs else None)
@@ -424,6 +421,13 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Opti
     logger.info("captured %s: %d nodes in the top graph, %d blocks, %d mode-dependent dropout nodes",
                 type(model).__name__, len(gm.graph.nodes), n_blocks, n_flags)
     return gm
+
+
+def _warn_unit_dims(args: tuple, kwargs: dict) -> None:
+    for path, t in list(enumerate(args)) + list(kwargs.items()):
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and 1 in t.shape[:2]:
+            logger.warning("example input %r has shape %s: a dimension of size 1 is fixed by torch.export; "
+                           "use an example of batch >= 2 and length >= 2 to keep it dynamic", path, tuple(t.shape))
 
 
 def _first_line(e: BaseException) -> str:
