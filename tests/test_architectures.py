@@ -206,3 +206,17 @@ def test_block_called_otherwise_than_captured_names_the_layer():
         hook(layer, (x,), {"scale": 2.0})
     with pytest.raises(ValueError, match=r"layer 'layers.0' was captured for calls structured as"):
         hook(layer, (x, x), {"scale": 0.5})
+
+
+def test_modules_to_save_in_the_eager_top_level_is_refused():
+    torch.manual_seed(0)
+    model = _DataDependentHead().eval()
+    x = torch.randn(2, 3, 6)
+    with pytest.raises(ValueError, match=r"modules_to_save=\['head'\] .* names 'head', which runs in the model's "
+                                         r"eager top level: .*GuardOnDataDependentSymNode"):
+        vera_fx.transform(model, vera_fx.VeraConfig(r=2, target_modules=["lin"], modules_to_save=["head"]),
+                          example_inputs=(x,))
+    # a module inside the layers is read through its block: allowed
+    ours = vera_fx.transform(model, vera_fx.VeraConfig(r=2, target_modules=["lin"], modules_to_save=["layers.1.lin"]),
+                             example_inputs=(x,))
+    assert ours(x).shape == (2, 3, 2)

@@ -20,6 +20,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..config import DEFAULT_TARGET_MODULES, AdapterConfig
 from .. import quantized
+from ..fallback import EAGER_TOP
 from ..sites import SITE_KEY, Candidate, Site, block_prefix, graph_modules, module_path, read_sites
 
 __all__ = ["MatchPass", "Candidate", "RECOGNISERS", "select_sites", "module_path", "resolve_targets",
@@ -215,6 +216,7 @@ def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]
     which PEFT refuses) adapts the linear layers inside it.
     """
     info = graph_module.meta.get("vera_fx_model", {})
+    _check_eager_modules_to_save(graph_module, info, config)
     all_sites = read_sites(graph_module)
     targets = resolve_targets(config, info)
     names = list(dict.fromkeys(s.name for s in all_sites))
@@ -270,6 +272,24 @@ def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]
         if s.name in picked and s.name not in first:
             first[s.name] = s
     return [first[n] for n in chosen]
+
+
+def _check_eager_modules_to_save(gm: GraphModule, info: dict, config: AdapterConfig) -> None:
+    """A graph whose top level runs eagerly (vera_fx/fallback.py) reads trainable copies only inside its blocks:
+    refuse ``modules_to_save`` naming a module of the eager top level (it would train a copy nothing reads)."""
+    reason = gm.meta.get(EAGER_TOP)
+    if reason is None or not config.modules_to_save:
+        return
+    blocks = [block_prefix(g) for g in graph_modules(gm)[1:]]
+    outside = [k for k in info.get("modules", {}) if _excluded_by_modules_to_save(k, config.modules_to_save)
+               and not any(k == b or k.startswith(b + ".") for b in blocks)]
+    if outside:
+        raise ValueError(
+            f"modules_to_save={config.modules_to_save!r} (task_type={config.task_type!r}) names {outside[0]!r}, which "
+            f"runs in the model's eager top level: torch.export could not capture the code around the layers "
+            f"({reason}), so no trainable copy of it can be swapped in. Capture with inputs export can follow (e.g. "
+            "without labels, computing the loss outside the model, or with config.problem_type set), or drop it "
+            "from modules_to_save / task_type")
 
 
 def _all_linear(info: dict, names: list[str], config: AdapterConfig) -> set[str]:
