@@ -148,3 +148,20 @@ def peft_pair(model, kw, r=8, seed=5, **transform_kw):
     ours = vera_fx.transform(model, vera_fx.VeraConfig(r=r, **kw), **transform_kw)
     vera_fx.load_adapter_state_dict(ours, peft.get_peft_model_state_dict(pm))
     return ours, pm
+
+
+# Long mode: tests marked slow (the full architecture sweep) run only with VERA_FX_LONG=1.
+LONG = os.environ.get("VERA_FX_LONG", "") not in ("", "0")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-mode test (the architecture sweep); runs with VERA_FX_LONG=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if LONG:
+        return
+    skip = pytest.mark.skip(reason="slow: set VERA_FX_LONG=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -213,3 +213,114 @@ def test_base_layer_key_for_a_missing_weight_is_refused(tmp_path):
     sd["base_model.model.lm_head.base_layer.weight"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match="lm_head.base_layer.weight: shape"):
         vera_fx.load_adapter_state_dict(gm, sd)
+
+
+# ------------------------------------------------------------------ issue 30: linear-like modules, "all-linear"
+
+class _MatmulLinear(nn.Linear):
+    """Falcon's FalconLinear: an nn.Linear whose own forward emits matmul + add, no linear call."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class _Doubled(nn.Linear):
+    """An nn.Linear whose forward is no linear map of its weight: no site."""
+
+    def forward(self, x):
+        return 2 * (x @ self.weight.T) + self.bias
+
+
+class _Router(nn.Module):
+    """A MoE router: a weight and a bare F.linear call (PEFT cannot target it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 6))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight)
+
+
+class _Mixed(nn.Module):
+    def __init__(self, odd: type = _MatmulLinear) -> None:
+        super().__init__()
+        self.proj = _MatmulLinear(6, 6)
+        self.odd = odd(6, 6)
+        self.gate = _Router()
+        self.out = nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.odd(self.proj(x))
+        return self.out(h) + self.gate(h).sum(-1, keepdim=True)
+
+
+def _mixed(odd: type = _MatmulLinear) -> nn.Module:
+    torch.manual_seed(0)
+    return _Mixed(odd).eval()
+
+
+@pytest.mark.parametrize("targets", [["proj", "odd"], "all-linear"])
+def test_linear_subclass_with_its_own_forward_is_a_site_as_in_peft(targets):
+    model = _mixed()
+    ours, pm = _pair(model, targets)
+    assert sorted(s.name for s in vera_fx.sites(ours)) == _peft_sites(model, target_modules=targets)
+    x = torch.randn(2, 3, 6)
+    assert torch.allclose(ours(x), pm(x), atol=1e-6)
+    assert "forward" not in model.proj.__dict__  # the user's module keeps its own forward
+
+
+def _pair(model, targets):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(3)
+        pm = peft.get_peft_model(copy.deepcopy(model), peft.VeraConfig(r=2, target_modules=targets,
+                                                                       init_weights=False))
+    torch.manual_seed(3)
+    ours = vera_fx.transform(model, vera_fx.VeraConfig(r=2, target_modules=targets, init_weights=False),
+                             example_inputs=_X)
+    return ours, pm
+
+
+def test_all_linear_leaves_out_routers_as_peft_does(tmp_path):
+    model = _mixed()
+    ours, pm = _pair(model, "all-linear")
+    names = sorted(s.name for s in vera_fx.sites(ours))
+    assert "gate" not in names and names == _peft_sites(model, target_modules="all-linear")
+    ours.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path)  # PEFT loads every folder we save
+    assert torch.allclose(loaded(_X[0]), ours(_X[0]), atol=1e-6)
+
+
+def test_linear_module_that_computes_something_else_is_named_truthfully():
+    model = _mixed(_Doubled)
+    with pytest.raises(ValueError, match=r"'odd' is a _Doubled, a linear layer PEFT adapts, but the captured "
+                                         r"forward makes no linear call"):
+        _our_sites(model, _X, target_modules=["odd"])
+    with pytest.warns(UserWarning, match=r"'all-linear': 1 linear module\(s\) that PEFT adapts .* left out "
+                                         r"\(e.g. odd\)"):
+        assert _our_sites(model, _X, target_modules="all-linear") == ["out", "proj"]
+
+
+def test_the_probe_refuses_a_forward_that_raises():
+    from vera_fx.linear_like import computes_linear
+
+    class NeedsMore(nn.Linear):
+        def forward(self, x, scale):
+            return scale * super().forward(x)
+
+    assert not computes_linear(NeedsMore(4, 4)) and computes_linear(_MatmulLinear(4, 4))
+    assert not computes_linear(_Doubled(4, 4))
+
+
+def test_lambdas_drawn_in_registration_order_equal_peft_with_the_same_seed():
+    model = tiny_opt()  # OPT registers k_proj and v_proj before q_proj
+    targets = ["q_proj", "k_proj", "v_proj"]
+    for ours_cfg, peft_cfg in [(vera_fx.VeraConfig, peft.VeraConfig), (vera_fx.PveraConfig, peft.PveraConfig)]:
+        torch.manual_seed(11)
+        pm = peft.get_peft_model(copy.deepcopy(model), peft_cfg(r=2, target_modules=targets, init_weights=False))
+        torch.manual_seed(11)
+        ours = vera_fx.transform(model, ours_cfg(r=2, target_modules=targets, init_weights=False))
+        theirs = {k: v for k, v in peft.get_peft_model_state_dict(pm).items() if "lambda_d" in k}
+        mine = vera_fx.adapter_state_dict(ours)
+        assert theirs and all(torch.equal(mine[k], v) for k, v in theirs.items())

@@ -27,11 +27,14 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch import nn
 from torch.export import Dim
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 from . import blocks as _blocks
 from .compat import pytree, register_deepcopy_hook
 from . import quantized
+from .block_export import assemble, export_groups, rewrite_mode_flags, strip_metadata_asserts, train_only
+from .fallback import capture_eager_top
+from .linear_like import linear_forwards, linear_module_paths
 from .sites import graph_modules
 
 __all__ = ["capture", "model_flags_kept", "train_only", "CaptureError", "default_example_inputs", "Signature",
@@ -63,11 +66,6 @@ class SourceModel:
 
     def __getstate__(self) -> dict:
         return {"model": None}
-
-
-def train_only(p: float, training: bool) -> float:
-    """``p`` in training mode, else 0.0: the dropout probability that follows the module's mode."""
-    return p if training else 0.0
 
 
 @dataclass(frozen=True)
@@ -317,49 +315,6 @@ def normalise_example(model: nn.Module, example_inputs: ExampleInputs) -> tuple[
                     f"got {type(example_inputs).__name__}")
 
 
-def _rewrite_mode_flags(gm: GraphModule) -> int:
-    """Make dropout read ``self.training``; returns how many nodes now follow the mode."""
-    graph = gm.graph
-    training: Optional[Node] = None
-
-    def flag(before: Node) -> Node:
-        nonlocal training
-        if training is None:
-            first = next(n for n in graph.nodes if n.op != "placeholder")
-            with graph.inserting_before(first), warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # a bool attribute, not a tensor: intended
-                training = graph.get_attr("training")
-        return training
-
-    count = 0
-    aten = torch.ops.aten
-    for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target in (aten.native_dropout.default, aten.dropout.default, aten.feature_dropout.default,
-                           aten.alpha_dropout.default, aten.feature_alpha_dropout.default):
-            args = list(node.args)
-            train = args[2] if len(args) > 2 else node.kwargs.get("train", True)
-            if train is True:
-                args[2:3] = [flag(node)]
-                node.args = tuple(args)
-                node.kwargs = {k: v for k, v in node.kwargs.items() if k != "train"}
-                count += 1
-        elif node.target is aten.scaled_dot_product_attention.default:
-            args = list(node.args)
-            p = args[4] if len(args) > 4 else node.kwargs.get("dropout_p", 0.0)
-            if isinstance(p, float) and p > 0.0:
-                with graph.inserting_before(node):
-                    p_node = graph.call_function(train_only, (p, flag(node)))
-                if len(args) > 4:
-                    args[4] = p_node
-                    node.args = tuple(args)
-                else:
-                    node.kwargs = {**node.kwargs, "dropout_p": p_node}
-                count += 1
-    return count
-
-
 def _own_frozen_parameters(gm: GraphModule) -> None:
     """Give the graph its own frozen Parameter objects over the model's storage (ties preserved)."""
     replaced: dict[int, nn.Parameter] = {}
@@ -375,20 +330,6 @@ def _own_frozen_parameters(gm: GraphModule) -> None:
                 new = nn.Parameter(p.detach(), requires_grad=False)
                 replaced[id(p)] = new
             mod._parameters[pname] = new
-
-
-def strip_metadata_asserts(gm: GraphModule) -> int:
-    """Erase export's ``aten._assert_tensor_metadata`` checks (the dtype each cast saw at capture).
-
-    They make a graph fail under ``torch.autocast`` or with a mask of another dtype, although the ops around
-    them compute what eager does; the model object keys its graphs by input dtypes and autocast state
-    instead. Returns how many were erased.
-    """
-    target = torch.ops.aten._assert_tensor_metadata.default
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target and not n.users]
-    for n in nodes:
-        gm.graph.erase_node(n)
-    return len(nodes)
 
 
 def _check_no_set_grad_regions(gm: GraphModule) -> None:
@@ -427,7 +368,9 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Opti
     ``blocks``: keep the layers of the model's layer list (``nn.ModuleList`` of one class) as GraphModule
     submodules, each distinct layer exported once (vera_fx/blocks.py). ``None`` (default) does so for
     transformers models and falls back to one graph when the layers cannot be blocks; ``True`` raises then;
-    ``False`` captures one flat graph.
+    ``False`` captures one flat graph. When export cannot capture the code around the layers (a data-dependent
+    head or loss), ``None`` and ``True`` keep the layers as blocks under the model's own top level, run
+    eagerly (vera_fx/fallback.py; logged once).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -435,10 +378,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Opti
         raise TypeError(f"blocks must be None, True or False, got {blocks!r}")
     args, kwargs = normalise_example(model, example_inputs)
     args, kwargs = clone_inputs(args), clone_inputs(kwargs)
-    for path, t in list(enumerate(args)) + list(kwargs.items()):
-        if isinstance(t, torch.Tensor) and t.dim() >= 2 and 1 in t.shape[:2]:
-            logger.warning("example input %r has shape %s: a dimension of size 1 is fixed by torch.export; "
-                           "use an example of batch >= 2 and length >= 2 to keep it dynamic", path, tuple(t.shape))
+    _warn_unit_dims(args, kwargs)
     qlayers = quantized.quantized_layers(model)  # bitsandbytes linears stay opaque (ImportError without bnb)
     dyn_args, dyn_kwargs = dynamic_shapes_of(args, kwargs)
     dynamic_shapes: Any = dyn_kwargs if not args else (dyn_args if not kwargs else None)
@@ -446,39 +386,21 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Opti
         dynamic_shapes = {**{n: s for n, s in zip(_positional_names(model, len(args)), dyn_args)}, **dyn_kwargs}
     layer_paths = [p for paths in _blocks.find_layer_lists(model).values() for p in paths] \
         if (blocks is True or (blocks is None and _is_pretrained(model))) else []
-    gm: Optional[GraphModule] = None
+    names_in_order = list(_positional_names(model, len(args))) + list(kwargs)
     try:
         with model_flags_kept(model), warnings.catch_warnings(), quantized.stand_ins(model, qlayers), \
-                _explicit_keywords(model, kwargs):
+                _explicit_keywords(model, kwargs), linear_forwards(model):
             model.train()
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
-            if layer_paths:
-                try:
-                    gm = _capture_blocks(model, args, kwargs, dynamic_shapes, layer_paths, qlayers)
-                except Exception as e:  # the layers cannot be blocks: one graph, as before
-                    if blocks is True:
-                        raise
-                    logger.info("capture: layers of %s kept in one graph (%s: %s)", type(model).__name__,
-                                type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-                    gm = None
-            if gm is None:
-                ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
-                ep = ep.run_decompositions({})
+            gm = _export_tree(model, args, kwargs, dynamic_shapes, layer_paths, qlayers, blocks, names_in_order)
     except Exception as e:  # export raises many types; name the model and keep the cause
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}") from e
-    if gm is None:
-        exported = ep.module()
-        gm = GraphModule(exported, exported.graph)
-        strip_metadata_asserts(gm)
-        quantized.restore_quantized(gm, qlayers)
-        n_flags = _rewrite_mode_flags(gm)
-    else:  # the block path stripped the metadata asserts of every graph before binding (_capture_blocks)
-        n_flags = _rewrite_mode_flags(gm) + sum(g.meta.pop("vera_fx_flags", 0) for g in graph_modules(gm)[1:])
+    # the block paths stripped the metadata asserts of every graph before binding (export_groups)
+    n_flags = rewrite_mode_flags(gm) + sum(g.meta.pop("vera_fx_flags", 0) for g in graph_modules(gm)[1:])
     _check_no_set_grad_regions(gm)
     _own_frozen_parameters(gm)
     flat_inputs = list(args) + [kwargs[k] for k in kwargs]
-    names_in_order = list(_positional_names(model, len(args))) + list(kwargs)
     _restore_input_names(gm, names_in_order)
     gm.graph.lint()
     gm.recompile()  # blocks were compiled when bound (their template was final)
@@ -500,6 +422,52 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Opti
     return gm
 
 
+def _warn_unit_dims(args: tuple, kwargs: dict) -> None:
+    for path, t in list(enumerate(args)) + list(kwargs.items()):
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and 1 in t.shape[:2]:
+            logger.warning("example input %r has shape %s: a dimension of size 1 is fixed by torch.export; "
+                           "use an example of batch >= 2 and length >= 2 to keep it dynamic", path, tuple(t.shape))
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _export_tree(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any, layer_paths: list[str],
+                 qlayers: dict[str, nn.Module], blocks: Optional[bool], names: list[str]) -> GraphModule:
+    """The graph tree: blocks under an exported top level; else one exported graph; else, when export cannot
+    capture the code around the layers, blocks under the model's own top level run eagerly (fallback.py)."""
+    def eager_or_raise(error: Exception, paths: list[str]) -> GraphModule:
+        if not paths:
+            raise error
+        try:
+            return capture_eager_top(model, paths, args, kwargs, names, qlayers, _first_line(error))
+        except Exception as eager_error:
+            logger.info("capture: no eager top level for %s (%s)", type(model).__name__, _first_line(eager_error))
+            raise error from None
+
+    if layer_paths:
+        try:
+            return _capture_blocks(model, args, kwargs, dynamic_shapes, layer_paths, qlayers)
+        except Exception as e:  # the layers cannot be blocks: one graph, as before
+            if blocks is True:  # the layers cannot be blocks: refused; the top level cannot be exported: eager
+                if isinstance(e, _blocks.BlockCaptureError):
+                    raise
+                return eager_or_raise(e, layer_paths)
+            logger.info("capture: layers of %s kept in one graph (%s)", type(model).__name__, _first_line(e))
+    try:
+        ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+        ep = ep.run_decompositions({})
+    except Exception as e:  # a plain module's layer list too, unless blocks=False
+        paths = layer_paths or [p for ps in _blocks.find_layer_lists(model).values() for p in ps if blocks is None]
+        return eager_or_raise(e, paths)
+    exported = ep.module()
+    gm = GraphModule(exported, exported.graph)
+    strip_metadata_asserts(gm)
+    quantized.restore_quantized(gm, qlayers)
+    return gm
+
+
 def _capture_blocks(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any, layer_paths: list[str],
                     qlayers: dict[str, nn.Module]) -> GraphModule:
     """The block-structured capture (vera_fx/blocks.py): top level and one export per distinct block."""
@@ -517,25 +485,7 @@ def _capture_blocks(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes:
     missing = [p for i, p in enumerate(layer_paths) if i not in plan.calls]
     if missing:
         raise _blocks.BlockCaptureError(f"layers {missing[:3]} are not called by the forward")
-    groups: dict[tuple, list[int]] = {}
-    for i, path in enumerate(layer_paths):
-        groups.setdefault(_blocks.block_key(model, path, plan.calls[i]), []).append(i)
-    graphs = {}
-    for gid, members in enumerate(groups.values()):
-        first = layer_paths[members[0]]
-        layer = model.get_submodule(first)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            b_ep = _blocks.export_block(layer, plan.calls[members[0]], records[first])
-        b_mod = b_ep.module()
-        _blocks.drop_guards(b_mod)
-        _blocks.inline_wrappers(b_mod)
-        left = _blocks.remaining_wrappers(b_mod)
-        if left or any(n.op == "get_attr" and not _has_attr(layer, str(n.target)) for n in b_mod.graph.nodes):
-            raise _blocks.BlockCaptureError(f"block {first!r} keeps {left[:1] or 'attributes of its own'}")
-        strip_metadata_asserts(b_mod)  # on the template, before restore_quantized, as the flat path does
-        flags = _rewrite_mode_flags(b_mod)  # on the template: every copy reads its own block's flag
-        graphs[gid] = (b_mod.graph, members, flags)
+    graphs = export_groups(model, layer_paths, plan.calls, records)
     exported = ep.module()
     gm = GraphModule(exported, exported.graph)
     _blocks.inline_wrappers(gm)
@@ -544,36 +494,7 @@ def _capture_blocks(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes:
         exported = ep.module()
         gm = GraphModule(exported, exported.graph)
     strip_metadata_asserts(gm)
-    return _assemble(model, gm, graphs, plan, qlayers)
-
-
-def _has_attr(module: nn.Module, target: str) -> bool:
-    try:
-        _lookup(module, target)
-    except AttributeError:
-        return False
-    return True
-
-
-def _assemble(model: nn.Module, gm: GraphModule, graphs: dict[int, tuple[Any, list[int], int]],
-              plan: "_blocks.BlockPlan", qlayers: dict[str, nn.Module]) -> GraphModule:
-    """Bind a copy of each block graph to its layer, restore quantized layers, attach the blocks."""
-    bound: dict[str, GraphModule] = {}
-    for gid, (graph, members, flags) in graphs.items():
-        for i in members:
-            path = plan.paths[i]
-            layer = model.get_submodule(path)
-            block = _blocks.bind_block(layer, graph, path, gid)
-            block.meta["vera_fx_flags"] = flags
-            inner = {q[len(path) + 1:]: m for q, m in qlayers.items() if q.startswith(path + ".")}
-            if inner:
-                quantized.restore_quantized(block, inner)
-                block.recompile()
-            bound[path] = block
-    outer = {q: m for q, m in qlayers.items() if not any(q.startswith(p + ".") for p in plan.paths)}
-    quantized.restore_quantized(gm, outer)
-    _blocks.attach_blocks(gm, bound, plan)
-    return gm
+    return assemble(model, gm, graphs, plan, qlayers)
 
 
 def _model_info(model: nn.Module) -> dict[str, Any]:
@@ -595,6 +516,7 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
         "model_type": getattr(cfg, "model_type", None),
         "output_head": head,
         "modules": {n: type(m).__name__ for n, m in model.named_modules() if n},
+        "linear_modules": linear_module_paths(model),  # what PEFT's "all-linear" considers
     }
 
 

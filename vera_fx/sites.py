@@ -18,7 +18,8 @@ from .versions import adapter_flags
 
 __all__ = ["as_graph_module", "Site", "Candidate", "SITE_KEY", "ADAPTER_KEY", "read_sites", "site_of",
            "site_output", "site_input", "adapter_nodes", "LINEAR_KINDS", "adapted_sites", "BLOCK_KEY",
-           "BLOCK_CALL_KEY", "graph_modules", "block_prefix", "read_graph_sites", "block_groups", "sampling_by_site"]
+           "BLOCK_CALL_KEY", "graph_modules", "block_prefix", "read_graph_sites", "block_groups", "sampling_by_site",
+           "registration_order", "module_path"]
 
 SITE_KEY = "vera_fx_site"
 ADAPTER_KEY = "vera_fx"
@@ -99,6 +100,34 @@ def site_output(base: Node, kind: str) -> Node:
         if len(users) == 1 and users[0].target is torch.ops.aten.view.default:
             return users[0]
     return base
+
+
+def module_path(node: Node) -> tuple[str, str]:
+    """(path, type name) of the innermost module a node was traced in; ('', '') at the root."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, typ = list(stack.values())[-1]
+    path = path.split("@")[0]
+    if path.startswith("L['self']"):
+        path = path[len("L['self']"):].lstrip(".")
+    typ = typ if isinstance(typ, str) else f"{typ.__module__}.{typ.__qualname__}"
+    return path, typ.rsplit(".", 1)[-1]
+
+
+def registration_order(names: list[str], modules: list[str]) -> list[str]:
+    """``names`` (site names) in the order their modules are registered (``model.named_modules()``, the
+    order PEFT creates its layers and draws their random values in); a functional call's site, which is no
+    module, goes where the module that calls it is. Ties keep ``names``' order."""
+    index = {path: i for i, path in enumerate(modules)}
+
+    def key(name: str) -> int:
+        path = name
+        while path not in index and "." in path:
+            path = path.rsplit(".", 1)[0]
+        return index.get(path, len(index))
+
+    return sorted(names, key=key)
 
 
 def block_prefix(gm: GraphModule) -> str:

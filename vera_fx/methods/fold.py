@@ -54,6 +54,18 @@ def _scaled_b(b: Tensor, lambda_d: Tensor, lambda_b: Tensor) -> Tensor:
     return b * lambda_b.unsqueeze(-1) * lambda_d
 
 
+def _linear_owned(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.linear(x, w, bias)`` into a tensor of its own: F.linear returns a view of its 2-D product for a 3-D
+    input, and a custom Function's view output cannot be modified in place (Falcon's ``mlp_output +=``)."""
+    out = x.new_empty((*x.shape[:-1], w.shape[0]))
+    flat, x2 = out.view(-1, w.shape[0]), x.reshape(-1, x.shape[-1])
+    if bias is None:
+        torch.mm(x2, w.t(), out=flat)
+    else:
+        torch.addmm(bias, x2, w.t(), out=flat)
+    return out
+
+
 class _FoldedLinear(torch.autograd.Function):
     """``linear(x, W + M @ A, bias)`` computed from ``h = x @ A.T`` (see the module docstring)."""
 
@@ -74,8 +86,8 @@ class _FoldedLinear(torch.autograd.Function):
             y = torch.nn.functional.linear(x, w, bias)  # shape, x a Conv1D's flattened view of it)
             return y + (torch.nn.functional.linear(h * lambda_d, b) * lambda_b).reshape(y.shape)
         if folded is not None:
-            return torch.nn.functional.linear(x, folded, bias)
-        y = torch.nn.functional.linear(x, w, bias)
+            return _linear_owned(x, folded, bias)
+        y = _linear_owned(x, w, bias)
         y.view(-1, out).addmm_(h.reshape(-1, h.shape[-1]).to(m.dtype), m.T)
         return y
 

@@ -24,7 +24,7 @@ from ..config import AdapterConfig, as_config
 from ..limits import check_rank
 from ..methods import CONTAINER, AdapterState, Emitter, method_for
 from ..methods.fold import restore_linear
-from ..sites import ADAPTER_KEY, Site, graph_modules, read_graph_sites
+from ..sites import ADAPTER_KEY, Site, graph_modules, read_graph_sites, registration_order
 from ..state import (ADAPTER_MODE, adapter_container, adapter_mode_module, attach_modules_to_save, attach_state, bias_targets, detach_state,
                      shared_projections)
 from .lower import lower_adapters, lowering_setting
@@ -160,9 +160,14 @@ def new_state(gm: GraphModule, config: AdapterConfig, chosen: list[Site],
     state = AdapterState(config, method)
     state.register_buffer(f"{method.prefix}_A", a.to(device=device, dtype=dtype))
     state.register_buffer(f"{method.prefix}_B", b.to(device=device, dtype=dtype))
+    # random initial values (init_weights=False) are drawn in module registration order, as PEFT draws them
+    by_name = {s.name: s for s in chosen}
+    modules = list(gm.meta.get("vera_fx_model", {}).get("modules", {}))
+    values = {n: method.init_site(config, by_name[n], _float_dtype(gm, by_name[n]))
+              for n in registration_order(list(by_name), modules)}
     for s in chosen:
         mod = state.site_module(s.name, create=True)
-        for pname, value in method.init_site(config, s, _float_dtype(gm, s)).items():
+        for pname, value in values[s.name].items():
             mod.register_parameter(pname, nn.Parameter(value.to(_device(gm, s)), requires_grad=trainable))
         state.site_names.append(s.name)
     method.init_switches(state)

@@ -20,26 +20,14 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..config import DEFAULT_TARGET_MODULES, AdapterConfig
 from .. import quantized
-from ..sites import SITE_KEY, Candidate, Site, block_prefix, graph_modules, read_sites
+from ..fallback import EAGER_TOP
+from ..sites import SITE_KEY, Candidate, Site, block_prefix, graph_modules, module_path, read_sites
 
 __all__ = ["MatchPass", "Candidate", "RECOGNISERS", "select_sites", "module_path", "resolve_targets",
            "layer_index", "peft_selection"]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
-
-
-def module_path(node: Node) -> tuple[str, str]:
-    """(path, type name) of the innermost module a node was traced in; ('', '') at the root."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return "", ""
-    path, typ = list(stack.values())[-1]
-    path = path.split("@")[0]
-    if path.startswith("L['self']"):
-        path = path[len("L['self']"):].lstrip(".")
-    typ = typ if isinstance(typ, str) else f"{typ.__module__}.{typ.__qualname__}"
-    return path, typ.rsplit(".", 1)[-1]
 
 
 def _attr_target(node: object) -> Optional[str]:
@@ -228,6 +216,7 @@ def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]
     which PEFT refuses) adapts the linear layers inside it.
     """
     info = graph_module.meta.get("vera_fx_model", {})
+    _check_eager_modules_to_save(graph_module, info, config)
     all_sites = read_sites(graph_module)
     targets = resolve_targets(config, info)
     names = list(dict.fromkeys(s.name for s in all_sites))
@@ -249,8 +238,7 @@ def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]
                           f"target_modules={targets!r} (a string), as in PEFT: give a list of module names to "
                           "filter by layer, or put the layer indices in the regex", UserWarning, stacklevel=4)
         if targets.lower() == "all-linear":
-            head = info.get("output_head")
-            picked = {n for n in names if n != head}
+            picked = _all_linear(info, names, config)
         else:
             picked = {n for n in names if re.fullmatch(targets, n)}
             picked |= {n for path, inside in containers.items() if re.fullmatch(targets, path) for n in inside}
@@ -286,12 +274,53 @@ def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]
     return [first[n] for n in chosen]
 
 
+def _check_eager_modules_to_save(gm: GraphModule, info: dict, config: AdapterConfig) -> None:
+    """A graph whose top level runs eagerly (vera_fx/fallback.py) reads trainable copies only inside its blocks:
+    refuse ``modules_to_save`` naming a module of the eager top level (it would train a copy nothing reads)."""
+    reason = gm.meta.get(EAGER_TOP)
+    if reason is None or not config.modules_to_save:
+        return
+    blocks = [block_prefix(g) for g in graph_modules(gm)[1:]]
+    outside = [k for k in info.get("modules", {}) if _excluded_by_modules_to_save(k, config.modules_to_save)
+               and not any(k == b or k.startswith(b + ".") for b in blocks)]
+    if outside:
+        raise ValueError(
+            f"modules_to_save={config.modules_to_save!r} (task_type={config.task_type!r}) names {outside[0]!r}, which "
+            f"runs in the model's eager top level: torch.export could not capture the code around the layers "
+            f"({reason}), so no trainable copy of it can be swapped in. Capture with inputs export can follow (e.g. "
+            "without labels, computing the loss outside the model, or with config.problem_type set), or drop it "
+            "from modules_to_save / task_type")
+
+
+def _all_linear(info: dict, names: list[str], config: AdapterConfig) -> set[str]:
+    """PEFT's "all-linear": the sites that are ``nn.Linear`` / ``Conv1D`` modules, minus the output head; no
+    functional ``F.linear`` call (a MoE router's) that PEFT cannot target. Graphs captured without the module
+    list (older pickles) keep every site but the head."""
+    head = info.get("output_head")
+    linear = info.get("linear_modules")
+    allowed = set(linear) if linear is not None else set(names)
+    missing = [p for p in linear or () if p != head and p not in names
+               and not _excluded_by_modules_to_save(p, config.modules_to_save)]
+    if missing:
+        warnings.warn(f"target_modules='all-linear': {len(missing)} linear module(s) that PEFT adapts make no linear "
+                      f"call vera_fx can adapt and are left out (e.g. {', '.join(missing[:3])}): they are not called "
+                      "with these inputs, compute something else than weight @ x + bias, or run in the model's "
+                      "eager top level (vera_fx.capture logs when it falls back to one)", UserWarning, stacklevel=5)
+    return {n for n in names if n != head and n in allowed}
+
+
 def _unmatched_message(target: str, targets: list, names: list[str], info: dict) -> str:
     modules: dict[str, str] = info.get("modules", {})
-    not_linear = [(n, t) for n, t in modules.items() if (n == target or n.endswith("." + target))]
+    linear = set(info.get("linear_modules") or ())
+    named = [(n, t) for n, t in modules.items() if (n == target or n.endswith("." + target))]
     msg = f"target_modules={targets!r}: {target!r} matched no linear layer"
-    if not_linear:
-        n, t = not_linear[0]
+    if named and named[0][0] in linear:
+        n, t = named[0]
+        msg += (f" ({n!r} is a {t}, a linear layer PEFT adapts, but the captured forward makes no linear call "
+                "of it vera_fx can adapt: it is not called with these inputs, or its own forward is not "
+                "weight @ x + bias; drop it from target_modules)")
+    elif named:
+        n, t = named[0]
         msg += (f" ({n!r} is a {t}, not a linear layer, and holds none; PEFT refuses it too: drop it or target "
                 "linear layers instead)")
     pool = sorted({n.rsplit(".", 1)[-1] for n in names} | {n for n in names})

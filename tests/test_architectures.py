@@ -1,0 +1,222 @@
+"""Issue 30: every architecture PEFT adapts, against PEFT (tests/arch_zoo.py builds 30 tiny models).
+
+One parametrised test over architecture x method (VeRA, PVeRA in eval: the mean) x targets (attention,
+"all-linear"): the same sites, the same initial lambdas from the same seed (init_weights=False), forward at
+the example's and another shape, trainable counts, one AdamW step, our folder loaded by PEFT. A few rows run in
+CI; the rest are marked slow and run with VERA_FX_LONG=1. The ``generate`` column of each row is None here:
+greedy generation against PEFT's is compared where generation supports the architecture (tests/test_generate.py).
+
+The eager top level (vera_fx/fallback.py): DeBERTa-v2 / BERT / RoBERTa sequence classification with labels
+(every problem_type) equal PEFT's loss and gradients, DeBERTa-v2's data-dependent loss through the eager top.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import vera_fx
+from arch_zoo import ARCHS, BY_NAME, METHODS, TARGETS, run_row
+from vera_fx.capture import CaptureError
+from vera_fx.fallback import EAGER_TOP, FlatCall, eager_call
+
+peft = pytest.importorskip("peft")
+
+# Rows CI runs (about 25 s on 2 cores): Falcon's FalconLinear, Mixtral's router under "all-linear", OPT's
+# registration order (k_proj before q_proj) with PVeRA.
+CI_ROWS = {("falcon", "vera", "attention"), ("falcon", "pvera", "all-linear"), ("mixtral", "vera", "all-linear"),
+           ("opt", "pvera", "attention")}
+# Rows another part of issue 30 owns: Swin's whole-model capture does not return in minutes (layers that
+# return several tensors, part 5).
+BLOCKED = {"swin": "issue 30 part 5: Swin's layers return several tensors and the whole-model capture runs "
+                   "for minutes"}
+
+
+def _rows() -> list:
+    rows = []
+    for arch in ARCHS:
+        for method in METHODS:
+            for targets in TARGETS:
+                marks = [] if (arch.name, method, targets) in CI_ROWS else [pytest.mark.slow]
+                if arch.name in BLOCKED:
+                    marks.append(pytest.mark.skip(reason=BLOCKED[arch.name]))
+                rows.append(pytest.param(arch.name, method, targets, marks=marks,
+                                         id=f"{arch.name}-{method}-{targets}"))
+    return rows
+
+
+@pytest.mark.parametrize("name, method, targets", _rows())
+def test_architecture_against_peft(name, method, targets, tmp_path):
+    arch = BY_NAME[name]
+    row = run_row(arch, method, targets, str(tmp_path))
+    assert row["sites"], "the adapted modules differ from PEFT's"
+    assert row["counts"], "trainable parameter counts differ from PEFT's"
+    assert row["init"] == 0.0, f"initial lambdas differ from PEFT's by {row['init']}"
+    assert row["effect"] > 1e-3, "the adapter does not change the output: the comparison would prove nothing"
+    for measure in ("forward", "shape", "step", "folder"):
+        assert row[measure] <= arch.tol, f"{measure}: {row[measure]:.3g} > {arch.tol}"
+
+
+# ------------------------------------------------------------------------------------ the eager top level
+
+def _classifier(name: str, problem_type, num_labels: int = 3) -> nn.Module:
+    arch = BY_NAME[name]
+    torch.manual_seed(0)
+    import transformers as tf
+
+    cfg = getattr(tf, arch.config)(**{**arch.kwargs, "num_labels": num_labels, "problem_type": problem_type})
+    return getattr(tf, arch.model)(cfg).eval()
+
+
+def _labels(problem_type, num_labels: int = 3) -> torch.Tensor:
+    if problem_type in (None, "single_label_classification"):
+        return torch.tensor([0, 2])
+    if problem_type == "multi_label_classification":
+        return torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    return torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, 3.0]])
+
+
+_FALLBACK_CI = {("deberta_v2", None), ("deberta_v2", "regression")}
+
+
+def _fallback_rows() -> list:
+    rows = []
+    for name in ("deberta_v2", "bert", "roberta"):
+        for pt in (None, "single_label_classification", "multi_label_classification", "regression"):
+            marks = [] if (name, pt) in _FALLBACK_CI else [pytest.mark.slow]
+            rows.append(pytest.param(name, pt, marks=marks, id=f"{name}-{pt}"))
+    return rows
+
+
+@pytest.mark.parametrize("name, problem_type", _fallback_rows())
+def test_sequence_classification_loss_and_gradients_equal_peft(name, problem_type, caplog):
+    model = _classifier(name, problem_type)
+    ids = torch.randint(3, 96, (2, 8), generator=torch.Generator().manual_seed(1))
+    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": _labels(problem_type)}
+    targets = list(BY_NAME[name].targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(7)
+        pm = peft.get_peft_model(copy.deepcopy(model), peft.VeraConfig(r=4, target_modules=targets,
+                                                                       init_weights=False)).eval()
+    torch.manual_seed(7)
+    with caplog.at_level(logging.INFO, logger="vera_fx.fallback"):
+        ours = vera_fx.transform(model, vera_fx.VeraConfig(r=4, target_modules=targets, init_weights=False),
+                                 example_inputs=kw).eval()
+    eager = EAGER_TOP in ours.graph_module.meta
+    # DeBERTa-v2's loss branches on the label values when problem_type is inferred: only that one is eager
+    assert eager == (name == "deberta_v2" and problem_type is None)
+    assert len([r for r in caplog.records if "runs eagerly" in r.getMessage()]) == int(eager)
+    lo, lp = ours(**kw).loss, pm(**kw).loss
+    lo.backward()
+    lp.backward()
+    assert abs(float(lo.detach()) - float(lp.detach())) <= 1e-5
+    ours_grads = {k: v.grad for k, v in _named_lambdas(ours)}
+    peft_grads = {k: v.grad for k, v in _named_lambdas(pm)}
+    assert ours_grads.keys() == peft_grads.keys() and ours_grads
+    for k, g in ours_grads.items():
+        assert torch.allclose(g, peft_grads[k], atol=1e-5, rtol=1e-4), k
+
+
+def _named_lambdas(model: nn.Module) -> list:
+    """(site path.lambda_x, parameter) for ours and PEFT's alike."""
+    out = []
+    for name, p in model.named_parameters():
+        if "lambda" not in name:
+            continue
+        key = name.replace("vera_fx_adapters.default.sites.", "").replace("base_model.model.", "")
+        key = key.replace(".default", "")
+        out.append((key, p))
+    return sorted(out, key=lambda kv: kv[0])
+
+
+class _Layer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return x + scale * torch.tanh(self.lin(x))
+
+
+class _DataDependentHead(nn.Module):
+    """Layers export captures, and a head whose branch depends on values (torch.export refuses it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_Layer(), _Layer()])
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, scale=0.5)
+        y = self.head(x)
+        if (y > 0).sum() > 3:
+            return y * 2
+        return y
+
+
+def test_eager_top_runs_the_models_code_around_exported_blocks():
+    torch.manual_seed(0)
+    model = _DataDependentHead().eval()
+    x = torch.randn(2, 3, 6)
+    gm = vera_fx.capture(model, (x,), blocks=True)
+    assert EAGER_TOP in gm.meta and len([g for g in gm.modules() if hasattr(g, "graph")]) == 3
+    x2 = torch.randn(4, 5, 6)
+    assert torch.equal(gm(x2), model(x2)) and torch.equal(gm(-x2), model(-x2))  # both branches, eagerly
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(7)
+        pm = peft.get_peft_model(copy.deepcopy(model), peft.VeraConfig(r=2, target_modules=["lin"],
+                                                                       init_weights=False))
+    torch.manual_seed(7)
+    ours = vera_fx.transform(model, vera_fx.VeraConfig(r=2, target_modules=["lin"], init_weights=False),
+                             example_inputs=(x,))
+    assert torch.allclose(ours(x2), pm(x2), atol=1e-6)
+    copied = copy.deepcopy(ours)  # GraphModule copies drop hooks: each block's call hook comes back
+    assert torch.equal(copied(x2), ours(x2))
+    vera_fx.merge(ours)  # sites are in the blocks: merging works as with an exported top level
+    assert torch.allclose(ours(x2), pm(x2), atol=1e-6)
+    vera_fx.unmerge(ours)
+    with ours.disable_adapter():
+        assert torch.equal(ours(x2), model(x2))
+
+
+def test_eager_top_refused_for_tensors_outside_modules_keeps_exports_error():
+    torch.manual_seed(0)
+    model = _DataDependentHead().eval()
+    model.scale = nn.Parameter(torch.ones(()))
+    with pytest.raises(CaptureError, match="could not capture _DataDependentHead: .*data-dependent"):
+        vera_fx.capture(model, (torch.randn(2, 3, 6),), blocks=True)
+
+
+def test_block_called_otherwise_than_captured_names_the_layer():
+    layer = _Layer()
+    from vera_fx.blocks import LayerCall
+
+    x = torch.randn(2, 3, 6)
+    hook = FlatCall("layers.0", eager_call(LayerCall((x,), {"scale": 0.5})))
+    assert hook(layer, (x,), {"scale": 0.5})[0][0] is x
+    with pytest.raises(ValueError, match=r"layer 'layers.0' was captured with the constant 0.5 .* now called with 2.0"):
+        hook(layer, (x,), {"scale": 2.0})
+    with pytest.raises(ValueError, match=r"layer 'layers.0' was captured for calls structured as"):
+        hook(layer, (x, x), {"scale": 0.5})
+
+
+def test_modules_to_save_in_the_eager_top_level_is_refused():
+    torch.manual_seed(0)
+    model = _DataDependentHead().eval()
+    x = torch.randn(2, 3, 6)
+    with pytest.raises(ValueError, match=r"modules_to_save=\['head'\] .* names 'head', which runs in the model's "
+                                         r"eager top level: .*GuardOnDataDependentSymNode"):
+        vera_fx.transform(model, vera_fx.VeraConfig(r=2, target_modules=["lin"], modules_to_save=["head"]),
+                          example_inputs=(x,))
+    # a module inside the layers is read through its block: allowed
+    ours = vera_fx.transform(model, vera_fx.VeraConfig(r=2, target_modules=["lin"], modules_to_save=["layers.1.lin"]),
+                             example_inputs=(x,))
+    assert ours(x).shape == (2, 3, 2)
