@@ -32,7 +32,7 @@ from .sites import LINEAR_KINDS, MERGED_KEY, SITE_KEY, Site, read_sites
 from .state import active_adapters, adapters_disabled, modules_to_save_copy, set_adapters_training
 
 __all__ = ["live_layout", "site_graph", "adapter_hooks", "weights_bound", "generate_eager", "site_base", "check_inputs",
-           "model_inputs", "eager_reason"]
+           "model_inputs", "eager_reason", "no_cpu_packing"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,15 +108,20 @@ class _SiteHook:
 
 
 def _site_modules(model: nn.Module, sites: dict[str, Site]) -> dict[str, nn.Module]:
-    """The module of every site; ValueError naming a site that is a functional call inside a module."""
+    """The module of every site: a linear layer (``nn.Linear`` and its subclasses, bitsandbytes' included) or
+    GPT-2's ``Conv1D``, whose output is the site's output. ValueError naming any other site."""
     found = {}
     for name in sites:
         try:
-            found[name] = model.get_submodule(name)
+            module = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"site {name!r} is a functional call inside a module, not a module of "
-                             f"{type(model).__name__}: generate for this model adds adapters at module outputs; "
-                             "leave that site out of target_modules, or merge it (vera_fx.merge)") from None
+            module = None
+        if not isinstance(module, nn.Linear) and type(module).__name__ != "Conv1D":
+            what = "no module" if module is None else f"a {type(module).__name__}, not a linear layer"
+            raise ValueError(f"site {name!r} is {what} of {type(model).__name__} (a functional linear call inside "
+                             "a module): generate adds adapters at linear layers' outputs for this model; leave "
+                             "that site out of target_modules, or merge it first (vera_fx.merge)")
+        found[name] = module
     return found
 
 
@@ -223,15 +228,30 @@ def eager_reason(source: nn.Module, gm: GraphModule, total: Optional[int],
     return None
 
 
+@contextlib.contextmanager
+def no_cpu_packing(model: nn.Module) -> Iterator[None]:
+    """Keep bitsandbytes from packing 4-bit weights for its CPU inference kernel during an eval forward: the
+    captured graph shares those weights and needs their canonical layout (vera_fx/quantized.py)."""
+    layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.support_avx512bf16_for_cpu = True
+
+
 def generate_eager(gm: GraphModule, model: nn.Module, inputs: dict[str, torch.Tensor], *,
                    seed: Optional[int] = None, **generate_kwargs: Any) -> torch.Tensor:
-    """``model.generate(**inputs, **generate_kwargs)`` with ``gm``'s live adapters hooked onto their sites and
-    ``gm``'s weights bound, the model in eval mode (restored after). ``seed`` seeds torch's generator for
-    sampling (inside ``torch.random.fork_rng``, so the global state is left as it was)."""
+    """``model.generate(**inputs, **generate_kwargs)`` with ``gm``'s live adapters hooked onto their sites,
+    ``gm``'s weights bound, the model in eval mode (restored after) and bitsandbytes' CPU packing off.
+    ``seed`` seeds torch's generator for sampling (inside ``torch.random.fork_rng``: the global state is kept)."""
     live = [name for name, _ in live_layout(gm)]
     device = next(p.device for p in model.parameters())
+    devices = [device] if device.type == "cuda" else []
     with model_flags_kept(model), weights_bound(model, gm, live), adapter_hooks(gm, model) as hooked, \
-            torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
+            no_cpu_packing(model), torch.random.fork_rng(devices=devices, enabled=seed is not None):
         model.eval()
         if seed is not None:
             torch.manual_seed(int(seed))
