@@ -244,3 +244,71 @@ def test_output_hidden_states_keep_the_blocks():
         ref_att = m(input_ids=ids, output_attentions=True)
     assert len(att.attentions) == len(ref_att.attentions)  # () under sdpa, as the eager model gives
     torch.testing.assert_close(att.logits, out.logits, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------ layers returning several tensors (block_call_n)
+
+def _peft_pair(model, targets, **transform_kw):
+    from conftest import peft_pair
+
+    gm, pm = peft_pair(model, dict(target_modules=targets), r=4, **transform_kw)
+    return gm.eval(), pm.eval()
+
+
+def test_t5_layers_returning_tuples_are_blocks_and_match_peft():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=3,
+                                                num_heads=4, decoder_start_token_id=0, pad_token_id=0)).eval()
+    gm, pm = _peft_pair(model, ["q", "v", "wo"])
+    blocks = graph_modules(gm)[1:]
+    assert [b.meta[BLOCK_KEY]["path"] for b in blocks] == [f"{s}.block.{i}" for s in ("encoder", "decoder")
+                                                           for i in range(3)]
+    assert len(block_groups(gm)) == 4  # per stack: the layer with the relative bias, and the others (once)
+    for batch, length, dec in ((3, 7, 5), (2, 4, 9)):  # other shapes than the capture example
+        g = torch.Generator().manual_seed(batch)
+        ids = torch.randint(2, 96, (batch, length), generator=g)
+        labels = torch.randint(2, 96, (batch, dec), generator=g)
+        kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=labels, labels=labels)
+        ours, theirs = gm(**kw), pm(**kw)
+        torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=0)
+    ours.loss.backward()
+    theirs.loss.backward()
+    # a block's lambdas live in its own view: <block path>.vera_fx_adapters.default.sites.<path in the block>
+    grads = {n.replace(".vera_fx_adapters.default.sites", ""): p.grad for n, p in gm.named_parameters()
+             if "lambda_b" in n}
+    theirs = {n.replace("base_model.model.", "").replace(".default", ""): p.grad for n, p in pm.named_parameters()
+              if "vera_lambda_b" in n}
+    assert grads.keys() == theirs.keys() and len(grads) == 24  # q, v, wo (and cross q, v in the decoder)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, theirs[n], atol=1e-5, rtol=0)
+
+
+def test_swin_stages_are_blocks_and_match_peft():
+    from transformers import SwinConfig, SwinForImageClassification
+
+    torch.manual_seed(0)
+    model = SwinForImageClassification(SwinConfig(image_size=16, patch_size=4, num_channels=3, embed_dim=16,
+                                                  depths=[1, 1], num_heads=[2, 4], window_size=2,
+                                                  num_labels=3)).eval()
+    gm, pm = _peft_pair(model, ["query", "value"])
+    assert [b.meta[BLOCK_KEY]["path"] for b in graph_modules(gm)[1:]] == ["swin.encoder.layers.0",
+                                                                           "swin.encoder.layers.1"]
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(gm(pixel_values=x).logits, pm(pixel_values=x).logits, atol=1e-5, rtol=0)
+
+
+def test_multi_output_records_and_placeholder():
+    from vera_fx.blocks import LayerCall, block_call_n, check_records, single_output
+
+    x = torch.randn(2, 3)
+    pair = LayerCall((x,), {}, out_leaves=[x.clone(), torch.zeros(4)], calls=1)
+    assert single_output(pair) is None  # two tensors: a block_call_n node stands for the call
+    assert single_output(LayerCall((x,), {}, out_leaves=[x.clone(), None], calls=1)) is not None
+    check_records(None, ["a"], {"a": pair})
+    with pytest.raises(vera_fx.blocks.BlockCaptureError, match="layer 'a' returns no tensor"):
+        check_records(None, ["a"], {"a": LayerCall((x,), {}, out_leaves=[None, 3], calls=1)})
+    with pytest.raises(RuntimeError, match="capture-time placeholder"):
+        block_call_n([x], 0, [2, 3], [2], [0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -216,5 +217,207 @@ def test_errors_name_the_problem(pairs):
     with pytest.raises(TypeError, match="generate takes the model vera_fx.transform returns"):
         vera_fx.generate(model, ids)
     encoder = vera_fx.transform(tiny_bert(), vera_fx.VeraConfig(r=4, target_modules=["query", "value"]))
-    with pytest.raises(ValueError, match="BertForSequenceClassification cannot generate text.*decoder-only"):
+    with pytest.raises(ValueError, match="BertForSequenceClassification cannot generate text.*causal LMs"):
         vera_fx.generate(encoder, ids)
+
+
+# ------------------------------------------------ transformers' loop with hooked sites (eager_generation.py)
+
+def tiny_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                               num_heads=4, decoder_start_token_id=0, pad_token_id=0,
+                                               eos_token_id=1)).eval()
+
+
+def tiny_bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    return BartForConditionalGeneration(BartConfig(
+        vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        eos_token_id=95, forced_eos_token_id=None, forced_bos_token_id=None, init_std=0.2)).eval()
+
+
+def tiny_whisper():
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    return WhisperForConditionalGeneration(WhisperConfig(
+        vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16,
+        max_target_positions=32, decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=1,
+        suppress_tokens=None, begin_suppress_tokens=None)).eval()
+
+
+def _features(batch=2):
+    return torch.randn(batch, 8, 32, generator=torch.Generator().manual_seed(0))
+
+
+SEQ2SEQ = {"t5": (tiny_t5, ["q", "v"]), "bart": (tiny_bart, ["q_proj", "v_proj", "fc1"]),
+           "whisper": (tiny_whisper, ["q_proj", "v_proj"])}
+
+
+@pytest.fixture(scope="module")
+def seq2seq():
+    made = {}
+
+    def get(arch):
+        if arch not in made:
+            build, targets = SEQ2SEQ[arch]
+            example = None
+            if arch == "whisper":
+                example = {"input_features": _features(), "decoder_input_ids": torch.tensor([[1, 5, 6], [1, 7, 8]])}
+            model = build()
+            gm, pm = peft_pair(model, dict(target_modules=targets), r=4, example_inputs=example)
+            made[arch] = model, gm.eval(), pm.eval()
+        return made[arch]
+
+    return get
+
+
+def _seq2seq_inputs(arch):
+    if arch == "whisper":
+        return (_features(),), {"input_features": _features()}
+    ids, mask = _left_padded()
+    return (ids, mask), {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("arch", list(SEQ2SEQ))
+def test_encoder_decoder_greedy_matches_peft(arch, seq2seq):
+    model, gm, pm = seq2seq(arch)
+    args, hf_inputs = _seq2seq_inputs(arch)
+    ours = vera_fx.generate(gm, *args, max_new_tokens=6)
+    theirs = pm.generate(**hf_inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(theirs, model.generate(**hf_inputs, max_new_tokens=6, do_sample=False))
+
+
+def test_encoder_runs_once_and_cross_attention_keys_are_cached(seq2seq):
+    model, gm, _ = seq2seq("t5")
+    args, _ = _seq2seq_inputs("t5")
+    calls = {"encoder": 0, "cross_k": 0, "decoder": 0}
+    hooks = [model.get_encoder().register_forward_hook(lambda *a: calls.__setitem__("encoder", calls["encoder"] + 1)),
+             model.get_submodule("decoder.block.1.layer.1.EncDecAttention.k").register_forward_hook(
+                 lambda *a: calls.__setitem__("cross_k", calls["cross_k"] + 1)),
+             model.get_decoder().register_forward_hook(lambda *a: calls.__setitem__("decoder", calls["decoder"] + 1))]
+    try:
+        vera_fx.generate(gm, *args, max_new_tokens=6)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == {"encoder": 1, "cross_k": 1, "decoder": 6}
+
+
+def test_hooked_generation_follows_the_adapter_state_and_restores_the_model(seq2seq):
+    model, gm, pm = seq2seq("bart")
+    args, hf_inputs = _seq2seq_inputs("bart")
+    params = dict(model.named_parameters())
+    adapted = vera_fx.generate(gm, *args, max_new_tokens=6)
+    with vera_fx.disable_adapters(gm):
+        assert torch.equal(vera_fx.generate(gm, *args, max_new_tokens=6),
+                           model.generate(**hf_inputs, max_new_tokens=6, do_sample=False))
+    assert all(p is params[n] for n, p in model.named_parameters())  # the graph's weights were bound, then put back
+    assert not any(m._forward_hooks for m in model.modules())
+    assert not model.training or model.training == pm.training
+    merged = copy.deepcopy(gm)
+    vera_fx.merge(merged)  # merged sites carry no hook: the merged weights are bound instead
+    assert torch.equal(vera_fx.generate(merged, *args, max_new_tokens=6), adapted)
+    assert torch.equal(vera_fx.generate(gm, *args, max_new_tokens=6), adapted)  # the model itself is unmerged
+
+
+def test_hooked_generation_errors_name_the_problem(seq2seq):
+    _, gm, _ = seq2seq("bart")
+    args, _ = _seq2seq_inputs("bart")
+    with pytest.raises(ValueError, match=r"transformers' own loop.*\(an encoder-decoder model\): compile=True"):
+        vera_fx.generate(gm, *args, compile=True)
+    with pytest.raises(ValueError, match="generator= is not supported there; pass seed="):
+        vera_fx.generate(gm, *args, do_sample=True, generator=torch.Generator())
+    _, whisper, _ = seq2seq("whisper")
+    with pytest.raises(ValueError, match=r"generates from input_features \(batch, channels, frames\)"):
+        vera_fx.generate(whisper, args[0])
+    sampled = vera_fx.generate(gm, *args, max_new_tokens=4, do_sample=True, seed=3)
+    assert torch.equal(vera_fx.generate(gm, *args, max_new_tokens=4, do_sample=True, seed=3), sampled)
+
+
+def test_hooks_refuse_a_functional_site():
+    from vera_fx.eager_generation import adapter_hooks
+    from vera_fx.sites import as_graph_module
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight) * 2
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Scaled()
+
+        def forward(self, x):
+            return self.inner(x)
+
+    toy = Toy()
+    gm = vera_fx.transform(toy, vera_fx.VeraConfig(r=2, target_modules=["inner"]), example_inputs=(torch.randn(2, 3, 8),))
+    with pytest.raises(ValueError, match="site 'inner' is a Scaled, not a linear layer of Toy"):
+        with adapter_hooks(as_graph_module(gm), toy):
+            pass
+
+
+def test_sliding_window_past_the_window_matches_peft():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"])).eval()
+    gm, pm = peft_pair(model, dict(target_modules=["q_proj", "v_proj"]), r=4)
+    ids, mask = _left_padded()
+    ours = vera_fx.generate(gm.eval(), ids, mask, max_new_tokens=8, pad_token_id=1)  # 15 positions, window 4
+    theirs = _hf(pm.eval(), ids, mask, 8, pad_token_id=1)
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(theirs, _hf(model, ids, mask, 8, pad_token_id=1))
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_bitsandbytes_greedy_matches_peft(kind, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=64)).save_pretrained(tmp_path)
+    qc = (BitsAndBytesConfig(load_in_8bit=True) if kind == "int8" else
+          BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=torch.float32))
+
+    def load():
+        m = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=qc, device_map="cpu").eval()
+        for layer in m.modules():  # bnb's CPU packing (bf16 scales) is off in vera_fx's generate: off for PEFT too
+            if hasattr(layer, "support_avx512bf16_for_cpu"):
+                layer.support_avx512bf16_for_cpu = False
+        return m
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(load(), peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "vera_lambda" in name:
+                p.normal_(0, 0.5)
+    model = load()
+    gm = vera_fx.transform(model, vera_fx.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    vera_fx.load_adapter_state_dict(gm, peft.get_peft_model_state_dict(pm))
+    ids, mask = _left_padded()
+    ours = vera_fx.generate(gm.eval(), ids, mask, max_new_tokens=6, pad_token_id=1)
+    theirs = _hf(pm.eval(), ids, mask, 6, pad_token_id=1)
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(theirs, _hf(model, ids, mask, 6, pad_token_id=1))

@@ -24,19 +24,20 @@ import inspect
 import logging
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.export import Dim
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
 from .compat import EXPORT_NOTES_LOGGER, HigherOrderOperator, copy_codegen, copy_forward_hook, pytree
 from .sites import BLOCK_CALL_KEY, BLOCK_KEY
 
 __all__ = ["BlockPlan", "find_layer_lists", "record_calls", "stand_ins", "inline_wrappers", "BlockCaptureError",
            "block_call", "build_example", "attach_blocks", "positional_names", "bind_block", "check_records",
-           "block_key", "export_block", "remaining_wrappers", "drop_guards"]
+           "block_key", "export_block", "remaining_wrappers", "drop_guards", "block_call_n", "single_output"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,29 @@ def block_call(tensors: list[Tensor], index: int, out: int) -> Tensor:
 @block_call.register_fake
 def _block_call_fake(tensors: list[Tensor], index: int, out: int) -> Tensor:
     return torch.empty_like(tensors[out])
+
+
+# dtypes a multi-output block call can return, by index (a custom op takes no list of dtypes)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool,
+           torch.uint8, torch.int8)
+
+
+@torch.library.custom_op("vera_fx::block_call_n", mutates_args=())
+def block_call_n(tensors: list[Tensor], index: int, sizes: list[int], ranks: list[int],
+                 dtypes: list[int]) -> list[Tensor]:
+    """Stands for one call of a layer that returns several tensors (or one shaped unlike its inputs): the
+    outputs' sizes (symbolic while exporting) and dtypes are arguments. Replaced by a ``call_module`` node."""
+    raise RuntimeError("vera_fx::block_call_n is a capture-time placeholder and never runs")
+
+
+@block_call_n.register_fake
+def _block_call_n_fake(tensors: list[Tensor], index: int, sizes: list[int], ranks: list[int],
+                       dtypes: list[int]) -> list[Tensor]:
+    out, at = [], 0
+    for rank, dtype in zip(ranks, dtypes):
+        out.append(tensors[0].new_empty(tuple(sizes[at:at + rank]), dtype=_DTYPES[dtype]))
+        at += rank
+    return out
 
 
 def positional_names(fn: Any, n: int) -> tuple[str, ...]:
@@ -137,15 +161,31 @@ class ExportCall:
 
 
 class _StandIn(nn.Module):
-    """Takes a layer's place while the top level is exported: one ``block_call`` node per call."""
+    """Takes a layer's place while the top level is exported: one ``block_call`` node per call (or
+    ``block_call_n`` for a layer returning several tensors, see ``single_output``)."""
 
-    def __init__(self, index: int, record: LayerCall, calls: dict[int, ExportCall]) -> None:
+    def __init__(self, index: int, record: LayerCall, calls: dict[int, ExportCall], layer: nn.Module,
+                 fixed_numbers: bool = False) -> None:
         super().__init__()
         self.index = index
+        self.fixed_numbers = fixed_numbers
         self.record = record
         self.calls = calls
+        self.__dict__["layer"] = layer  # not registered: the layer's parameters stay out of the top graph
+
+    def __getattr__(self, name: str) -> Any:
+        """The layer's attributes, for code around the layer that reads them (Swin: ``layer.downsample``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layer = self.__dict__.get("layer")
+            if layer is None:
+                raise
+            return getattr(layer, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fixed_numbers:  # an image model's layer sizes (Swin's input_dimensions): fixed at the example's
+            args, kwargs = pytree.tree_map(_fixed, (args, kwargs))
         flat, spec = pytree.tree_flatten_with_path((args, kwargs))
         leaves = [v for _, v in flat]
         metas = []
@@ -158,46 +198,78 @@ class _StandIn(nn.Module):
                 metas.append(("c", v))
         self.calls[self.index] = ExportCall(spec, metas, [pytree.keystr(p) for p, _ in flat])
         tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
-        out_leaf = self.record.out_leaves[_output_leaf(self.record)]
-        # the input tensor the output is shaped like (the hidden states)
-        like = next(i for i, t in enumerate(tensors) if t.dtype == out_leaf.dtype and t.dim() == out_leaf.dim()
-                    and all(_hint(a) == b for a, b in zip(t.shape, out_leaf.shape)))
-        y = torch.ops.vera_fx.block_call(tensors, self.index, like)
-        out = [y if isinstance(v, torch.Tensor) else v for v in self.record.out_leaves]
+        like = single_output(self.record)
+        if like is not None:
+            # the input tensor the output is shaped like (the hidden states)
+            at = next(i for i, t in enumerate(tensors) if t.dtype == like.dtype and t.dim() == like.dim()
+                      and all(_hint(a) == b for a, b in zip(t.shape, like.shape)))
+            ys = [torch.ops.vera_fx.block_call(tensors, self.index, at)]
+        else:
+            ys = self._call_n(tensors, args, kwargs)
+        it = iter(ys)
+        out = [next(it) if isinstance(v, torch.Tensor) else v for v in self.record.out_leaves]
         return pytree.tree_unflatten(out, self.record.out_spec)
 
+    def _call_n(self, tensors: list[Tensor], args: tuple, kwargs: dict) -> list[Tensor]:
+        """One ``block_call_n`` node whose outputs have the sizes the layer gives these (fake) inputs: the layer
+        runs once on fake tensors outside the trace to get them, symbolic where they depend on the inputs."""
+        mode = next((t.fake_mode for t in tensors if getattr(t, "fake_mode", None) is not None), None)
+        if mode is None:
+            raise BlockCaptureError(f"layer {self.index}: no fake tensor among its inputs")
+        layer = self.__dict__["layer"]
+        with disable_proxy_modes_tracing():
+            state = {n: mode.from_tensor(t, static_shapes=True)
+                     for n, t in [*layer.named_parameters(), *layer.named_buffers()]}
+            fake = torch.func.functional_call(layer, state, args, kwargs)
+        outs = [t for t in pytree.tree_leaves(fake) if isinstance(t, torch.Tensor)]
+        expected = sum(isinstance(v, torch.Tensor) for v in self.record.out_leaves)
+        if len(outs) != expected or any(t.dtype not in _DTYPES for t in outs):
+            raise BlockCaptureError(f"layer {self.index} returns {len(outs)} tensors on fake inputs, {expected} "
+                                    "eagerly, or a dtype a block call cannot carry")
+        sizes = [s for t in outs for s in t.shape]
+        return torch.ops.vera_fx.block_call_n(tensors, self.index, sizes, [t.dim() for t in outs],
+                                              [_DTYPES.index(t.dtype) for t in outs])
 
-def _output_leaf(record: LayerCall) -> int:
-    tensors = [i for i, v in enumerate(record.out_leaves) if isinstance(v, torch.Tensor)]
+
+def _fixed(v: Any) -> Any:
+    """A symbolic int as the int it is in the example (export records the specialisation as a guard)."""
+    return int(v) if isinstance(v, torch.SymInt) else v
+
+
+def single_output(record: LayerCall) -> Optional[Tensor]:
+    """The layer's one output tensor when it returns exactly one, shaped like one of its inputs (a
+    ``block_call`` node then stands for it), else None (``block_call_n``)."""
+    tensors = [v for v in record.out_leaves if isinstance(v, torch.Tensor)]
     if len(tensors) != 1:
-        raise BlockCaptureError(f"a layer returns {len(tensors)} tensors; blocks need exactly one")
-    return tensors[0]
+        return None
+    inputs = [v for v in pytree.tree_leaves((record.args, record.kwargs)) if isinstance(v, torch.Tensor)]
+    out = tensors[0]
+    return out if any(t.shape == out.shape and t.dtype == out.dtype for t in inputs) else None
 
 
 def check_records(model: nn.Module, paths: list[str], records: dict[str, LayerCall]) -> None:
-    """Blocks need every layer called exactly once, returning one tensor shaped like one of its inputs."""
+    """Blocks need every layer called exactly once, returning at least one tensor."""
     for path in paths:
         rec = records.get(path)
         if rec is None or rec.calls != 1:
             raise BlockCaptureError(f"layer {path!r} is called {0 if rec is None else rec.calls} times")
-        i = _output_leaf(rec)
-        out = rec.out_leaves[i]
-        inputs = [v for v in pytree.tree_leaves((rec.args, rec.kwargs)) if isinstance(v, torch.Tensor)]
-        if not any(t.shape == out.shape and t.dtype == out.dtype for t in inputs):
-            raise BlockCaptureError(f"layer {path!r} returns a tensor shaped unlike its inputs")
+        if not any(isinstance(v, torch.Tensor) for v in rec.out_leaves):
+            raise BlockCaptureError(f"layer {path!r} returns no tensor")
 
 
 @contextlib.contextmanager
 def stand_ins(model: nn.Module, paths: list[str], records: dict[str, LayerCall],
               calls: dict[int, ExportCall]) -> Iterator[None]:
-    """Swap every layer at ``paths`` for a stand-in during the block; the layers always come back."""
+    """Swap every layer at ``paths`` for a stand-in during the block; the layers always come back. An image
+    model (main input ``pixel_values``) has a fixed image size: sizes its layers take as numbers are fixed."""
+    fixed = getattr(model, "main_input_name", None) == "pixel_values"
     originals = {}
     try:
         for i, path in enumerate(paths):
             parent_path, _, leaf = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
             originals[path] = (parent, leaf, parent._modules[leaf])
-            stand_in = _StandIn(i, records[path], calls)
+            stand_in = _StandIn(i, records[path], calls, parent._modules[leaf], fixed)
             _carry_output_hooks(parent._modules[leaf], stand_in)
             parent._modules[leaf] = stand_in
         yield
@@ -395,28 +467,58 @@ def attach_blocks(gm: GraphModule, blocks: dict[str, GraphModule], plan: BlockPl
     for path, block in blocks.items():
         gm.add_submodule(path, block)
     graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.vera_fx.block_call.default:
-            continue
-        tensors, index, _ = node.args
+    ops = (torch.ops.vera_fx.block_call.default, torch.ops.vera_fx.block_call_n.default)
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in ops]:
+        tensors, index = node.args[0], node.args[1]
         path = plan.paths[index]
         record = plan.records[path]
         with graph.inserting_before(node):
             new = graph.call_module(path, tuple(tensors))
             new.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
             new.meta[BLOCK_CALL_KEY] = path
-            out: Node = new
-            leaf_path = pytree.tree_flatten_with_path(
-                pytree.tree_unflatten(list(range(len(record.out_leaves))), record.out_spec))[0][
-                _output_leaf(record)][0]
-            for key in leaf_path:
-                idx = getattr(key, "idx", getattr(key, "key", None))
-                out = graph.call_function(operator.getitem, (out, idx))
+            new.meta["val"] = None
+        leaf_paths = _tensor_leaf_paths(record)
+        if node.target is ops[0]:
+            out = _leaf_node(graph, new, leaf_paths[0], node)
             out.meta["val"] = node.meta.get("val")
-            if out is not new:
-                new.meta["val"] = None
-            else:
-                new.meta["val"] = node.meta.get("val")
-        node.replace_all_uses_with(out)
+            node.replace_all_uses_with(out)
+        else:
+            for user in list(node.users):  # getitem(node, k): the layer's k-th output tensor
+                with graph.inserting_before(user):
+                    out = _leaf_node(graph, new, leaf_paths[user.args[1]], node)
+                out.meta["val"] = user.meta.get("val")
+                user.replace_all_uses_with(out)
+                graph.erase_node(user)
         graph.erase_node(node)
+    _erase_unused_sizes(graph)
     graph.lint()
+
+
+def _tensor_leaf_paths(record: LayerCall) -> list[tuple]:
+    """The key path of each tensor leaf in the layer's output structure, in order."""
+    numbered = pytree.tree_unflatten(list(range(len(record.out_leaves))), record.out_spec)
+    paths = {leaf: path for path, leaf in pytree.tree_flatten_with_path(numbered)[0]}
+    return [paths[i] for i, v in enumerate(record.out_leaves) if isinstance(v, torch.Tensor)]
+
+
+def _leaf_node(graph: Graph, new: Node, path: tuple, old: Node) -> Node:
+    """``getitem`` nodes from the block call's output to one leaf (the call itself for an empty path)."""
+    out = new
+    for key in path:
+        idx = getattr(key, "idx", getattr(key, "key", None))
+        out = graph.call_function(operator.getitem, (out, idx))
+        out.meta["nn_module_stack"] = old.meta.get("nn_module_stack")
+    if out is new:
+        new.meta["val"] = old.meta.get("val")
+    return out
+
+
+def _erase_unused_sizes(graph: Graph) -> None:
+    """Erase the size computations only a ``block_call_n`` node read (symbolic sizes of its outputs)."""
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(list(graph.nodes)):
+            if n.op == "call_function" and not n.users and isinstance(n.meta.get("val"), torch.SymInt):
+                graph.erase_node(n)
+                changed = True

@@ -36,15 +36,14 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
     from transformers.generation.logits_process import LogitsProcessorList
 
-from .state import (active_adapters, adapters_disabled, modules_to_save_copy, reads_state,
-                    set_adapters_training)
+from .eager_generation import eager_reason, generate_eager, live_layout, model_inputs
+from .state import modules_to_save_copy, reads_state, set_adapters_training
 from .capture import SOURCE_MODEL_KEY, CaptureError, model_flags_kept
 from .methods import CONTAINER
 from .methods.pvera import pvera_record_kl
 from .passes.inject import emit_adapter, remove_adapter_nodes
 from .passes.match import MatchPass
-from .sites import ADAPTER_KEY, SITE_KEY, LINEAR_KINDS, as_graph_module, read_sites
-from .versions import adapter_flags
+from .sites import ADAPTER_KEY, SITE_KEY, as_graph_module, read_sites
 
 __all__ = ["generate", "decode_graph", "bind_adapter_state", "capture_decode_graph", "SUPPORTED_KWARGS",
            "cache_bucket"]
@@ -115,12 +114,12 @@ def check_can_generate(model: nn.Module) -> None:
     if not isinstance(model, PreTrainedModel):
         raise ValueError(f"generate needs a transformers causal LM (…ForCausalLM / …LMHeadModel), got {name}")
     cfg = model.config
-    if getattr(cfg, "is_encoder_decoder", False):
-        raise ValueError(f"generate supports decoder-only causal LMs; {name} is an encoder-decoder model")
     if not model.can_generate() or model.get_output_embeddings() is None:
         raise ValueError(f"{name} cannot generate text: it has no language-model head (it is an encoder or a "
-                         "classifier). generate supports decoder-only causal LMs (…ForCausalLM / …LMHeadModel), "
-                         "e.g. Llama, GPT-2, OPT, Mistral, Qwen2")
+                         "classifier). generate supports causal LMs (…ForCausalLM / …LMHeadModel, e.g. Llama, "
+                         "GPT-2, Mistral) and encoder-decoder models (…ForConditionalGeneration: T5, BART, Whisper)")
+    if getattr(cfg, "is_encoder_decoder", False):
+        return
     try:
         get_head_shapes(cfg.get_text_config())
     except Exception as e:  # configs without attention head counts
@@ -145,6 +144,9 @@ def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len:
     The model's modes and ``requires_grad`` flags are left as they were.
     """
     check_can_generate(model)
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"{type(model).__name__} is an encoder-decoder model: the decode graph is for decoder-only "
+                         "causal LMs; vera_fx.generate runs transformers' loop with the adapters hooked for it")
     device = next(p.device for p in model.parameters())
     with model_flags_kept(model):
         try:
@@ -195,21 +197,6 @@ def _strip_checks(decode: GraphModule) -> None:
     decode.recompile()
 
 
-def _live_layout(gm: GraphModule) -> list[tuple[str, tuple[str, ...]]]:
-    """(adapter, sites to emit) for every live adapter of ``gm``: active, not disabled, not merged there."""
-    container = getattr(gm, CONTAINER, None)
-    if container is None or adapters_disabled(gm):
-        return []
-    merged = adapter_flags(gm).merged
-    out = []
-    for name in active_adapters(gm):
-        state = container[name]
-        sites = tuple(s for s in state.site_names if name not in merged.get(s, ()))
-        if sites:
-            out.append((name, sites))
-    return out
-
-
 def _bind_weights(decode: GraphModule, gm: GraphModule, live: Sequence[str]) -> None:
     """Point every base parameter of ``decode`` at ``gm``'s parameter of the same name (merged weights and
     trained biases included), or at a live adapter's ``modules_to_save`` copy."""
@@ -243,7 +230,7 @@ def bind_adapter_state(decode: GraphModule, gm: GraphModule) -> bool:
     whether the graph changed.
     """
     container = getattr(gm, CONTAINER, None)
-    layout = _live_layout(gm)
+    layout = live_layout(gm)
     live = [name for name, _ in layout]
     _bind_weights(decode, gm, live)
     key = (id(container), tuple((name, id(container[name]), sites) for name, sites in layout))
@@ -346,21 +333,6 @@ def _token_ids(value: Any, name: str) -> Optional[list[int]]:
     return values
 
 
-def _check_inputs(input_ids: Any, attention_mask: Any) -> torch.Tensor:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
-            torch.long, torch.int32):
-        raise ValueError(f"input_ids must be an integer tensor of shape (batch, length), got "
-                         f"{type(input_ids).__name__}{tuple(getattr(input_ids, 'shape', ()))}")
-    if input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
-        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: give at least one token per sequence")
-    if attention_mask is None:
-        return torch.ones_like(input_ids, dtype=torch.long)
-    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, got "
-                         f"{tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask).__name__}")
-    return attention_mask.to(dtype=torch.long)
-
-
 @torch.no_grad()
 @reads_state
 def generate(gm: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
@@ -386,10 +358,6 @@ def generate(gm: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[to
                         "vera_fx.merge_into(model, gm) and use model.generate")
     inner = _training_graph(gm)
     source = _source_model(inner, model)
-    if any(s.kind not in ("linear", "conv1d") and s.kind in LINEAR_KINDS for s in read_sites(inner)):
-        raise ValueError("generate does not support quantized (bitsandbytes) models yet; generate with the "
-                         "unquantized model")
-    mask = _check_inputs(input_ids, attention_mask)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: expected an int >= 1")
     if seed is not None and generator is not None:
@@ -397,38 +365,70 @@ def generate(gm: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[to
     gen_cfg = getattr(source, "generation_config", None)
     eos = _token_ids(eos_token_id if eos_token_id is not None else getattr(gen_cfg, "eos_token_id", None),
                      "eos_token_id")
+    processors = _warpers(do_sample, temperature, top_k, top_p, gen_cfg)
+    inputs = model_inputs(source, input_ids, attention_mask)
+    reason = eager_reason(source, inner, inputs["input_ids"].shape[1] + max_new_tokens
+                          if "input_ids" in inputs else None, cache_bucket)
+    if reason is not None:
+        if generator is not None or compile:
+            raise ValueError(f"generate runs transformers' own loop for {type(source).__name__} ({reason}): "
+                             f"{'generator=' if generator is not None else 'compile=True'} is not supported "
+                             "there; pass seed= for reproducible sampling, and leave compile off")
+        logger.info("generate: transformers' loop with the adapters hooked at their sites (%s)", reason)
+        options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                       top_p=top_p, eos_token_id=eos, pad_token_id=pad_token_id)
+        return generate_eager(inner, source, inputs, seed=seed,
+                              **{k: v for k, v in options.items() if v is not None})
     pad = pad_token_id if pad_token_id is not None else getattr(gen_cfg, "pad_token_id", None)
     if pad is None and eos is not None:
         pad = eos[0]
-    processors = _warpers(do_sample, temperature, top_k, top_p, gen_cfg)
     if do_sample and generator is None and seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(int(seed))
-
     batch, prompt_len = input_ids.shape
     max_len = cache_bucket(prompt_len + max_new_tokens)
     graph, step = decode_graph(inner, batch, max_len, model=source, compile=compile)
-    device = next(p.device for p in source.parameters())
-    ids = input_ids.to(device=device, dtype=torch.long)
+    sampler = _Sampler(do_sample, processors, generator, eos, pad)
+    return _decode_loop(graph, step, inputs["input_ids"], inputs["attention_mask"], max_new_tokens, max_len,
+                        sampler, next(p.device for p in source.parameters()))
+
+
+@dataclass
+class _Sampler:
+    """Picks each next token: greedy, or sampled through the warpers; finished sequences get ``pad``."""
+
+    do_sample: bool
+    processors: LogitsProcessorList
+    generator: Optional[torch.Generator]
+    eos: Optional[list[int]]
+    pad: Optional[int]
+
+    def pick(self, scores: torch.Tensor, so_far: list[torch.Tensor]) -> torch.Tensor:
+        if not self.do_sample:
+            return scores.argmax(-1)
+        scores = self.processors(torch.cat(so_far, 1), scores)
+        probs = torch.softmax(scores, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(1)
+
+
+def _decode_loop(graph: GraphModule, step: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+                 max_len: int, sampler: _Sampler, device: torch.device) -> torch.Tensor:
+    """Prefill the prompt through ``graph``, then decode one token per ``step`` call."""
+    batch, prompt_len = ids.shape
+    ids = ids.to(device=device, dtype=torch.long)
     mask = mask.to(device)
     cache_mask = torch.zeros(batch, max_len, dtype=torch.long, device=device)
     cache_mask[:, :prompt_len] = mask
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # transformers' rule (left padding)
     logits = graph(input_ids=ids, attention_mask=cache_mask, position_ids=positions,
                    cache_position=torch.arange(prompt_len, device=device))
-    eos_t = torch.tensor(eos, device=device) if eos is not None else None
+    eos_t = torch.tensor(sampler.eos, device=device) if sampler.eos is not None else None
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     out = [ids]
     last_pos = positions[:, -1:]
     for t in range(max_new_tokens):
-        scores = logits[:, -1, :].float()
-        if do_sample:
-            scores = processors(torch.cat(out, 1), scores)
-            probs = torch.softmax(scores, dim=-1)
-            token = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-        else:
-            token = scores.argmax(-1)
+        token = sampler.pick(logits[:, -1, :].float(), out)
         if eos_t is not None:
-            token = torch.where(unfinished, token, torch.full_like(token, pad))
+            token = torch.where(unfinished, token, torch.full_like(token, sampler.pad))
         out.append(token[:, None])
         if eos_t is not None:
             unfinished &= ~torch.isin(token, eos_t)
