@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +55,7 @@ from .serving import mixed_adapter_forward
 from .state import state_lock
 from .passes.pipeline import run_passes, transform as transform_graph
 from .surface import PeftSurface
+from .variants import INFERENCE_FORM, INFERENCE_KEY, check_form, evict_least_recent, inference_twin, is_inference_call
 
 __all__ = ["VeraFxModel", "transform", "from_pretrained", "count_parameters", "DEFAULT_MAX_GRAPHS",
            "CONFIG_KEY_PREFIX", "STATE_KEY_PREFIX"]
@@ -175,8 +177,12 @@ class VeraFxModel(PeftSurface, nn.Module):
         d["_base_model"] = model  # the user's model: never a submodule, never changed (captures swap in)
         d["_source"] = source
         d["_parameters"], d["_buffers"], d["_modules"] = source._parameters, source._buffers, source._modules
-        d["_graphs"] = {}  # CallKey -> list of GraphModules (siblings when an export guard rejected a call)
+        d["_graphs"] = OrderedDict()  # CallKey -> GraphModules (siblings: an export guard rejected a call), LRU order
         d["_order"] = []  # keys in capture order, for messages
+        d["_twins"] = weakref.WeakKeyDictionary()  # graph -> its inference twin (vera_fx/variants.py)
+        d["_inference_form"] = INFERENCE_FORM
+        d["_warned_evict"] = False
+        d["_probe_at"] = None  # (parameter dict, name) of the dtype / device probe: read per call
         d["_forward_params"] = _forward_parameters(model)
         d["_warned_cache"] = False
         d["_build_lock"] = threading.RLock()  # captures and re-attaches of this object's graphs, one at a time
@@ -210,6 +216,8 @@ class VeraFxModel(PeftSurface, nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> "VeraFxModel":
         before = self._weights_state()
         super()._apply(fn, recurse)
+        self._twins.clear()
+        self.__dict__["_probe_at"] = None
         after = self._weights_state()
         for key in list(self._graphs):
             if key[2] != after:  # specialised to the old dtype / device: dropped, captured again on use
@@ -310,6 +318,14 @@ class VeraFxModel(PeftSurface, nn.Module):
         return bool(getattr(self._base_model, "accepts_loss_kwargs", default))
 
     def _probe(self) -> Optional[torch.Tensor]:
+        at = self._probe_at
+        if at is not None and at[1] in at[0]:  # one dict lookup per call (the object may replace the tensor)
+            return at[0][at[1]]
+        for name, p in self._source.named_parameters():
+            if not name.startswith(CONTAINER + ".") and p.is_floating_point():
+                path, _, leaf = name.rpartition(".")
+                self.__dict__["_probe_at"] = (self._source.get_submodule(path)._parameters, leaf)
+                return p
         for name, p in self._source.named_parameters():
             if not name.startswith(CONTAINER + ".") and p.is_floating_point():
                 return p
@@ -483,12 +499,31 @@ class VeraFxModel(PeftSurface, nn.Module):
         self._graphs[key].append(gm)
 
     def _check_room(self, key: CallKey) -> None:
-        if self.num_graphs >= self.max_graphs:
-            seen = "; ".join(f"[{i}] {describe_key(k)}" for i, k in enumerate(self._order))
-            raise ValueError(
-                f"this model already holds max_graphs={self.max_graphs} captured graphs, one per call signature, and "
-                f"the call ({describe_key(key)}) needs another. Signatures seen: {seen}. Call it with fewer distinct "
-                "keyword sets / dtypes, or raise the bound (m.max_graphs = N, or transform(..., max_graphs=N))")
+        """Past ``max_graphs``, evict the least recently used graph (never the source), warning once."""
+        self.__dict__["_warned_evict"] = evict_least_recent(self._graphs, self._order, self._source, self.max_graphs,
+                                                            self._warned_evict, describe_key)
+
+    @property
+    def inference_form(self) -> str:
+        """The inference variant's form: ``"batched"`` (a site group's products as one, the default) or
+        ``"site"`` (per site); set it to compare them (vera_fx/passes/infer.py)."""
+        return self._inference_form
+
+    @inference_form.setter
+    def inference_form(self, form: str) -> None:
+        self.__dict__["_inference_form"] = check_form(form)
+        self._twins.clear()
+
+    def _variant(self, gm: GraphModule) -> GraphModule:
+        """``gm``, or its inference twin for a call in eval mode or without gradients (vera_fx/variants.py)."""
+        if not is_inference_call(self._source.training) or INFERENCE_KEY in gm.meta:
+            return gm
+        twin = self._twins.get(gm)
+        if twin is None or twin.meta[INFERENCE_KEY] != self._inference_form:
+            with self._build_lock:
+                twin = inference_twin(gm, self._inference_form, (_FINGERPRINT,))
+                self._twins[gm] = twin
+        return twin
 
     def _capture(self, key: CallKey, call: dict[str, Any]) -> GraphModule:
         self._check_room(key)
@@ -518,11 +553,14 @@ class VeraFxModel(PeftSurface, nn.Module):
                 graphs = self._graphs.get(key)
                 if graphs is None:
                     return self._capture(key, call)
-        return self._fresh(graphs[0])
+        return self._fresh(graphs[0], variant=False)
 
-    def _fresh(self, gm: GraphModule) -> GraphModule:
-        """``gm`` bound to the current adapter state (the caller holds the state's read lock, so the state cannot
-        change meanwhile; a graph is refreshed by one thread, the others wait for it)."""
+    def _fresh(self, gm: GraphModule, variant: bool = True) -> GraphModule:
+        """``gm`` (with ``variant``: its inference twin for an inference call) bound to the current adapter state
+        (the caller holds the state's read lock, so the state cannot change meanwhile; a graph is refreshed by
+        one thread, the others wait for it)."""
+        if variant and not torch.compiler.is_compiling():
+            gm = self._variant(gm)
         if gm is not self._source and not torch.compiler.is_compiling():
             fp = state_fingerprint(self._source)
             if gm.meta.get(_FINGERPRINT) != fp:
@@ -545,11 +583,16 @@ class VeraFxModel(PeftSurface, nn.Module):
         call = self._normalise_call(args, kwargs)
         key = self._key(call)
         graphs = self._graphs.get(key)
+        if graphs is not None:
+            try:
+                self._graphs.move_to_end(key)  # least recently used first (eviction order)
+            except KeyError:  # evicted by another thread meanwhile: this call still runs the graph it got
+                pass
         if adapter_names is not None:  # one adapter per row: the mixed graph of this signature's graph
             gm = self._graph_for(key, call)
             return mixed_adapter_forward(gm, adapter_names, **call)
         if graphs is None:
-            return self._graph_for(key, call)(**call)
+            return self._fresh(self._graph_for(key, call))(**call)
         if torch.compiler.is_compiling():
             # Through the class attribute: dynamo then guards on the function, which recompile() replaces.
             gm = self._fresh(graphs[0])

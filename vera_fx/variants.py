@@ -1,0 +1,105 @@
+"""The graph variants the model object runs: the inference twin of each captured graph, and the LRU bound.
+
+Inference is its own variant. A call in eval mode, under ``torch.no_grad()`` or ``torch.inference_mode()``
+(``is_inference_call``) runs the *inference twin* of the captured graph for its signature: a copy of the graph
+tree (its own ``Graph`` objects and generated code; the same parameters, buffers, adapter state and leaf
+modules, never copied) whose adapters are emitted in the inference form (vera_fx/passes/infer.py: B read once
+per site group, only vectors scaled, nothing kept for backward) instead of the training plan of
+``lowering``. The twin is built once per graph and form on first use and bound to the adapter state as every
+graph is (the attach pass): a switch rebuilds it like its original. A training call never sees it.
+
+The bound: the object keeps at most ``max_graphs`` captured graphs. Past it the least recently used one is
+evicted (with its twin) and a warning says so once, as torch.compile does past its recompile limit; the
+source graph (it holds the adapter state) is never evicted. An evicted signature is captured again when
+called again.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections import OrderedDict
+from typing import Any, Hashable, Optional
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from .passes.infer import FORMS, INFERENCE_KEY
+from .sites import graph_modules
+
+__all__ = ["is_inference_call", "inference_twin", "check_form", "evict_least_recent", "INFERENCE_FORM", "INFERENCE_KEY"]
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_FORM = "batched"
+
+
+def is_inference_call(training: bool) -> bool:
+    """Whether a call runs the inference variant: eval mode, or no gradients (``no_grad``, ``inference_mode``)."""
+    return not training or not torch.is_grad_enabled()
+
+
+def check_form(form: Any) -> str:
+    """Validate an inference form (``"batched"``, or ``"site"`` for per-site products)."""
+    if form not in FORMS:
+        raise ValueError(f"inference_form={form!r} is not one of {list(FORMS)}; e.g. inference_form='batched'")
+    return form
+
+
+def inference_twin(gm: GraphModule, form: str, drop_meta: tuple[str, ...] = ()) -> GraphModule:
+    """A copy of ``gm``'s graph tree marked for the inference ``form``: new GraphModules and Graphs, the same
+    parameters, buffers and non-graph submodules (adapter state, quantized layers). The caller binds it to the
+    adapter state (its adapter nodes are re-emitted then); ``drop_meta``: meta keys of ``gm`` that the copy must
+    not keep (e.g. the fingerprint of the state it was bound to)."""
+    memo: dict[int, Any] = {}
+    for g in graph_modules(gm):
+        for t in (*g._parameters.values(), *g._buffers.values()):
+            if t is not None:
+                memo[id(t)] = t
+    holders = _graph_holders(gm)
+    for mod in gm.modules():
+        if id(mod) not in holders:  # adapter state, views, quantized layers: shared, not copied
+            memo[id(mod)] = mod
+            for t in (*mod._parameters.values(), *mod._buffers.values()):
+                if t is not None:
+                    memo[id(t)] = t
+    twin = copy.deepcopy(gm, memo)
+    for key in drop_meta:
+        twin.meta.pop(key, None)
+    twin.meta[INFERENCE_KEY] = check_form(form)
+    return twin
+
+
+def _graph_holders(gm: GraphModule) -> set[int]:
+    """The ids of ``gm``'s graphs and of every module on the path to one (a layer list): those are copied."""
+    holders: set[int] = set()
+    for name, mod in gm.named_modules():
+        if isinstance(mod, GraphModule):
+            holders.add(id(mod))
+            parts = name.split(".") if name else []
+            for k in range(len(parts)):
+                holders.add(id(gm.get_submodule(".".join(parts[:k]))))
+    return holders
+
+
+def evict_least_recent(graphs: "OrderedDict[Hashable, list[GraphModule]]", order: list, keep: nn.Module,
+                       limit: int, warned: bool, describe: Any) -> bool:
+    """Drop the least recently used signatures of ``graphs`` (oldest first; ``order`` follows) until one more
+    graph fits under ``limit``; never the one holding ``keep``. Warns once (``warned``: already did); returns
+    whether it has warned now or before."""
+    while sum(len(v) for v in graphs.values()) >= limit:
+        victim: Optional[Hashable] = next((k for k, v in graphs.items() if all(g is not keep for g in v)), None)
+        if victim is None:  # only the source is left: it stays, the bound is exceeded by the new graph
+            break
+        del graphs[victim]
+        order.remove(victim)
+        logger.info("vera_fx: evicted the least recently used graph (%s)", describe(victim))
+        if not warned:
+            warnings.warn(f"this model holds max_graphs={limit} captured graphs, one per call signature; the least "
+                          f"recently used one ({describe(victim)}) is evicted and captured again if called again. "
+                          "Raise the bound (m.max_graphs = N, or transform(..., max_graphs=N)) to keep more",
+                          UserWarning, stacklevel=5)
+            warned = True
+    return warned
