@@ -155,10 +155,10 @@ def test_max_graphs_bounds_the_cache():
     ours = vera_fx.transform(model, vera_fx.VeraConfig(r=4, **LLAMA_KW), max_graphs=2)
     ids = _ids()
     ours(input_ids=ids)
-    with pytest.raises(ValueError, match=r"max_graphs=2.*Signatures seen: \[0\].*labels.*\[1\]"):
-        ours(input_ids=ids, output_hidden_states=True)
-    ours.max_graphs = 3
-    assert ours(input_ids=ids, output_hidden_states=True).hidden_states is not None
+    ours(input_ids=ids, labels=ids)
+    with pytest.warns(UserWarning, match=r"max_graphs=2.*least recently used.*labels"):
+        assert ours(input_ids=ids, output_hidden_states=True).hidden_states is not None
+    assert ours.num_graphs == 2 and not any("labels" in str(k) for k in ours.graphs)
     with pytest.raises(ValueError, match="max_graphs=0"):
         vera_fx.transform(model, vera_fx.VeraConfig(r=4), max_graphs=0)
 
