@@ -3,7 +3,6 @@ graph an eval / no-grad call runs, its forms against PEFT, the per-call probe, a
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest

@@ -55,7 +55,7 @@ from .serving import mixed_adapter_forward
 from .state import state_lock
 from .passes.pipeline import run_passes, transform as transform_graph
 from .surface import PeftSurface
-from .variants import INFERENCE_FORM, INFERENCE_KEY, check_form, evict_least_recent, inference_twin, is_inference_call
+from .variants import FINGERPRINT_KEY, INFERENCE_FORM, GraphVariants, describe_key
 
 __all__ = ["VeraFxModel", "transform", "from_pretrained", "count_parameters", "DEFAULT_MAX_GRAPHS",
            "CONFIG_KEY_PREFIX", "STATE_KEY_PREFIX"]
@@ -67,7 +67,7 @@ DEFAULT_MAX_GRAPHS = 8
 # adapter's config as UTF-8 JSON bytes (a uint8 tensor), so a Trainer checkpoint describes itself.
 STATE_KEY_PREFIX = "vera_fx."
 CONFIG_KEY_PREFIX = "vera_fx_config."
-_FINGERPRINT = "vera_fx_fingerprint"  # gm.meta: the source's state_fingerprint a graph was attached at
+_FINGERPRINT = FINGERPRINT_KEY  # gm.meta: the source's state_fingerprint a graph was attached at
 _GUARD_ERRORS = ("Guard failed", "guard", "Expected input at")
 
 CallKey = tuple
@@ -159,7 +159,7 @@ def _swapped_in(model: nn.Module, source: GraphModule) -> Iterator[None]:
             store[leaf] = t
 
 
-class VeraFxModel(PeftSurface, nn.Module):
+class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
     """A model with VeRA / PVeRA adapters, computed by captured torch.fx graphs (see the module docstring).
 
     Call it as the model (any keyword set the model takes); train, evaluate, ``.to()``, save and inspect it.
@@ -498,33 +498,6 @@ class VeraFxModel(PeftSurface, nn.Module):
             self._order.append(key)
         self._graphs[key].append(gm)
 
-    def _check_room(self, key: CallKey) -> None:
-        """Past ``max_graphs``, evict the least recently used graph (never the source), warning once."""
-        self.__dict__["_warned_evict"] = evict_least_recent(self._graphs, self._order, self._source, self.max_graphs,
-                                                            self._warned_evict, describe_key)
-
-    @property
-    def inference_form(self) -> str:
-        """The inference variant's form: ``"batched"`` (a site group's products as one, the default) or
-        ``"site"`` (per site); set it to compare them (vera_fx/passes/infer.py)."""
-        return self._inference_form
-
-    @inference_form.setter
-    def inference_form(self, form: str) -> None:
-        self.__dict__["_inference_form"] = check_form(form)
-        self._twins.clear()
-
-    def _variant(self, gm: GraphModule) -> GraphModule:
-        """``gm``, or its inference twin for a call in eval mode or without gradients (vera_fx/variants.py)."""
-        if not is_inference_call(self._source.training) or INFERENCE_KEY in gm.meta:
-            return gm
-        twin = self._twins.get(gm)
-        if twin is None or twin.meta[INFERENCE_KEY] != self._inference_form:
-            with self._build_lock:
-                twin = inference_twin(gm, self._inference_form, (_FINGERPRINT,))
-                self._twins[gm] = twin
-        return twin
-
     def _capture(self, key: CallKey, call: dict[str, Any]) -> GraphModule:
         self._check_room(key)
         example = {k: _expand_unit_dims(v) for k, v in call.items()}
@@ -625,21 +598,6 @@ class VeraFxModel(PeftSurface, nn.Module):
                         describe_key(key), str(e).splitlines()[0][:200])
             with state_lock(self._source).read(), self._build_lock:
                 return self._capture(key, call)(**call)
-
-
-def describe_key(key: CallKey) -> str:
-    """A call signature in words: ``input_ids: int64[2d], labels: int64[2d], use_cache=False; autocast
-    cpu/bfloat16; weights float32 on cpu``."""
-    inputs, autocast, weights = key
-    parts = []
-    for item in inputs:
-        if item[1] == "tensor":
-            parts.append(f"{item[0]}: {str(item[2]).replace('torch.', '')}[{item[3]}d]")
-        else:
-            parts.append(f"{item[0]}={item[2]!r}")
-    amp = ", ".join(f"{d}/{str(t).replace('torch.', '')}" for d, t in autocast) or "off"
-    w = f"{str(weights[0]).replace('torch.', '')} on {weights[1]}"
-    return f"({', '.join(parts)}); autocast {amp}; weights {w}"
 
 
 @functools.lru_cache(maxsize=None)

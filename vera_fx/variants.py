@@ -29,11 +29,13 @@ from torch.fx import GraphModule
 from .passes.infer import FORMS, INFERENCE_KEY
 from .sites import graph_modules
 
-__all__ = ["is_inference_call", "inference_twin", "check_form", "evict_least_recent", "INFERENCE_FORM", "INFERENCE_KEY"]
+__all__ = ["GraphVariants", "is_inference_call", "inference_twin", "check_form", "evict_least_recent", "describe_key",
+           "INFERENCE_FORM", "INFERENCE_KEY", "FINGERPRINT_KEY"]
 
 logger = logging.getLogger(__name__)
 
 INFERENCE_FORM = "batched"
+FINGERPRINT_KEY = "vera_fx_fingerprint"  # gm.meta: the source's state_fingerprint a graph was attached at
 
 
 def is_inference_call(training: bool) -> bool:
@@ -103,3 +105,51 @@ def evict_least_recent(graphs: "OrderedDict[Hashable, list[GraphModule]]", order
                           UserWarning, stacklevel=5)
             warned = True
     return warned
+
+
+class GraphVariants:
+    """The model object's graph variants and bound (mixed into ``VeraFxModel``): its inference twins, the
+    inference form, and the LRU eviction past ``max_graphs``. Reads the object's ``_source``, ``_graphs``,
+    ``_order``, ``_twins``, ``_build_lock`` and ``max_graphs``."""
+
+    def _check_room(self, key: tuple) -> None:
+        """Past ``max_graphs``, evict the least recently used graph (never the source), warning once."""
+        self.__dict__["_warned_evict"] = evict_least_recent(self._graphs, self._order, self._source, self.max_graphs,
+                                                            self._warned_evict, describe_key)
+
+    @property
+    def inference_form(self) -> str:
+        """The inference variant's form: ``"batched"`` (a site group's products as one, the default) or
+        ``"site"`` (per site); set it to compare them (vera_fx/passes/infer.py)."""
+        return self._inference_form
+
+    @inference_form.setter
+    def inference_form(self, form: str) -> None:
+        self.__dict__["_inference_form"] = check_form(form)
+        self._twins.clear()
+
+    def _variant(self, gm: GraphModule) -> GraphModule:
+        """``gm``, or its inference twin for a call in eval mode or without gradients (vera_fx/variants.py)."""
+        if not is_inference_call(self._source.training) or INFERENCE_KEY in gm.meta:
+            return gm
+        twin = self._twins.get(gm)
+        if twin is None or twin.meta[INFERENCE_KEY] != self._inference_form:
+            with self._build_lock:
+                twin = inference_twin(gm, self._inference_form, (FINGERPRINT_KEY,))
+                self._twins[gm] = twin
+        return twin
+
+
+def describe_key(key: tuple) -> str:
+    """A call signature in words: ``input_ids: int64[2d], labels: int64[2d], use_cache=False; autocast
+    cpu/bfloat16; weights float32 on cpu``."""
+    inputs, autocast, weights = key
+    parts = []
+    for item in inputs:
+        if item[1] == "tensor":
+            parts.append(f"{item[0]}: {str(item[2]).replace('torch.', '')}[{item[3]}d]")
+        else:
+            parts.append(f"{item[0]}={item[2]!r}")
+    amp = ", ".join(f"{d}/{str(t).replace('torch.', '')}" for d, t in autocast) or "off"
+    w = f"{str(weights[0]).replace('torch.', '')} on {weights[1]}"
+    return f"({', '.join(parts)}); autocast {amp}; weights {w}"
