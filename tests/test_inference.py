@@ -13,7 +13,7 @@ from conftest import peft_pair, tiny_llama
 from vera_fx.methods.infer import group_products, latent_products, site_add, site_products
 from vera_fx.passes.infer import INFERENCE_KEY, inference_costs, inference_plan, lower_for_inference
 from vera_fx.sites import ADAPTER_KEY, graph_modules
-from vera_fx.variants import check_form, inference_twin
+from vera_fx.variants import check_form, inference_twin, is_sharded
 
 peft = pytest.importorskip("peft")
 
@@ -241,3 +241,38 @@ def test_least_recently_used_order():
     assert not any("labels" in k for k in kinds)
     assert any("output_hidden_states" in str(k) for k in ours.graphs)
     assert ours.num_graphs == 3
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo group of one process (FSDP2 then holds whole tensors, as DTensors)."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_sharded_model_runs_inference_on_its_own_graph(one_process_group):
+    """Under FSDP2 an eval call runs the sharded graph itself (its hooks gather the parameters; a copy would
+    have none) and equals PEFT."""
+    from torch.distributed.fsdp import fully_shard
+
+    ids = _ids()
+    ours, pm = peft_pair(tiny_llama(), QV, r=4, example_inputs={"input_ids": ids})  # sharded: this signature
+    for layer in ours.model.layers:
+        fully_shard(layer)
+    fully_shard(ours)
+    assert is_sharded(ours.graph_module)
+    ours.eval()
+    pm.eval()
+    with torch.no_grad():
+        _close(ours(input_ids=ids).logits, pm(input_ids=ids).logits)
+    assert set(ours._twins.values()) <= {"as is"} and not is_sharded(pm)

@@ -29,18 +29,25 @@ from torch.fx import GraphModule
 from .passes.infer import FORMS, INFERENCE_KEY
 from .sites import graph_modules
 
-__all__ = ["GraphVariants", "is_inference_call", "inference_twin", "check_form", "evict_least_recent", "describe_key",
+__all__ = ["GraphVariants", "is_inference_call", "is_sharded", "inference_twin", "check_form", "evict_least_recent", "describe_key",
            "INFERENCE_FORM", "INFERENCE_KEY", "FINGERPRINT_KEY"]
 
 logger = logging.getLogger(__name__)
 
 INFERENCE_FORM = "batched"
+_AS_IS = "as is"  # the twin entry of a graph that runs inference calls itself (a sharded tree)
 FINGERPRINT_KEY = "vera_fx_fingerprint"  # gm.meta: the source's state_fingerprint a graph was attached at
 
 
 def is_inference_call(training: bool) -> bool:
     """Whether a call runs the inference variant: eval mode, or no gradients (``no_grad``, ``inference_mode``)."""
     return not training or not torch.is_grad_enabled()
+
+
+def is_sharded(gm: GraphModule) -> bool:
+    """Whether ``gm``'s tree is sharded (FSDP modules or DTensor parameters): it runs only as it is."""
+    return any(any(c.__name__ in ("FSDPModule", "FullyShardedDataParallel") for c in type(m).__mro__)
+               for m in gm.modules()) or any(type(p).__name__ == "DTensor" for p in gm.parameters())
 
 
 def check_form(form: Any) -> str:
@@ -133,8 +140,14 @@ class GraphVariants:
         if not is_inference_call(self._source.training) or INFERENCE_KEY in gm.meta:
             return gm
         twin = self._twins.get(gm)
+        if twin is _AS_IS:
+            return gm
         if twin is None or twin.meta[INFERENCE_KEY] != self._inference_form:
             with self._build_lock:
+                # a sharded tree (FSDP) runs as it is: its hooks gather the parameters, a copy would have none
+                if is_sharded(gm):
+                    self._twins[gm] = _AS_IS
+                    return gm
                 twin = inference_twin(gm, self._inference_form, (FINGERPRINT_KEY,))
                 self._twins[gm] = twin
         return twin
