@@ -1,12 +1,19 @@
-"""Generation: vera_fx.generate (KV-cache decode graph, eager and torch.compile'd) vs PEFT's eager generate.
+"""Generation: ``vera_fx.generate`` (KV-cache decode graph, adapters unmerged) against PEFT's and the base
+model's ``generate``.
 
-A Llama-like model (hidden 512, 4 layers, vocab 8192, VeRA r=256 on q/v), the same adapter state in both
-libraries (random lambdas), greedy decoding of N new tokens from prompts of 16 and 512 tokens, batch 1 and 4.
-Per case the variants are interleaved (one call of each per round) and the median is reported:
-- tokens/s: batch x N / the whole generate call (prefill included);
-- ms/token: decode time per step, (time of N new tokens - time of 1 new token) / (N - 1).
-Goals: vera_fx eager at least PEFT's speed; ms/token at prefix 512 within 1.5x of prefix 16.
-Run: python benchmarks/generate.py [--quick] [--threads N]
+A Llama-like model (hidden 1024, 4 layers, intermediate 2048, vocab 4096), VeRA and PVeRA (its mean) at r=256
+on every linear layer or q/v only, random lambdas, the same adapter state in both libraries: greedy, 32 new
+tokens after a prompt of 8, batch 1 and 8. Plus the small model of issue 32 (hidden 64, 2 layers, batch 4).
+Variants per case, interleaved (one call of each per round), medians:
+
+- ``base``: the model's own ``generate``; ``peft``: PEFT's, unmerged; ``peft merged``: after
+  ``merge_and_unload``;
+- ``vera_fx``: ``vera_fx.generate`` (eager; ``--compile`` adds ``compile=True``); ``vera_fx merged``: the same
+  after ``vera_fx.merge``.
+
+The tokens equal PEFT's (asserted). Targets (issue 32, quiet machine): vera_fx <= 0.90x PEFT's time; the small
+model at least PEFT's tokens/s.
+Run: python benchmarks/generate.py [--quick] [--rounds N] [--threads N] [--compile] [--cases vera-all,...]
 """
 
 from __future__ import annotations
@@ -18,89 +25,122 @@ import statistics
 import sys
 import time
 import warnings
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import llama_like, print_table  # noqa: E402
+from _common import print_table  # noqa: E402
 
 import vera_fx  # noqa: E402
+
+CASES = {"vera-all": ("vera", "all-linear"), "vera-qv": ("vera", ["q_proj", "v_proj"]),
+         "pvera-all": ("pvera", "all-linear"), "pvera-qv": ("pvera", ["q_proj", "v_proj"])}
+
+
+def build(hidden: int, layers: int, inter: int, vocab: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=8 if hidden >= 128 else 4, num_key_value_heads=8 if hidden >= 128 else 4,
+                      max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None  # always generate N tokens
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def variants(model: torch.nn.Module, method: str, targets, r: int) -> dict[str, torch.nn.Module]:
+    import peft
+
+    peft_cfg = (peft.VeraConfig if method == "vera" else peft.PveraConfig)(r=r, target_modules=targets)
+    ours_cfg = (vera_fx.VeraConfig if method == "vera" else vera_fx.PveraConfig)(r=r, target_modules=targets)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft_cfg).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lambda" in name:
+                p.normal_(0, 0.2)
+    state = peft.get_peft_model_state_dict(pm)
+    ours = vera_fx.transform(model, ours_cfg)
+    vera_fx.load_adapter_state_dict(ours, state)
+    merged = vera_fx.transform(model, ours_cfg)
+    vera_fx.load_adapter_state_dict(merged, state)
+    vera_fx.merge(merged)
+    pmerged = peft.get_peft_model(copy.deepcopy(model), peft_cfg)
+    peft.set_peft_model_state_dict(pmerged, state)
+    return {"base": model, "peft": pm, "peft merged": pmerged.merge_and_unload().eval(), "vera_fx": ours.eval(),
+            "vera_fx merged": merged.eval()}
+
+
+def generator(name: str, m: torch.nn.Module, ids: torch.Tensor, new: int, compiled: bool = False
+              ) -> Callable[[], torch.Tensor]:
+    mask = torch.ones_like(ids)
+    if name.startswith("vera_fx"):
+        return lambda: vera_fx.generate(m, ids, mask, max_new_tokens=new, compile=compiled)
+    return lambda: m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False)
+
+
+def run_case(case: str, models: dict[str, torch.nn.Module], batches: list[int], prompt: int, new: int,
+             rounds: int, vocab: int, compile_: bool) -> list[list[str]]:
+    rows = []
+    for batch in batches:
+        ids = torch.randint(1, vocab, (batch, prompt), generator=torch.Generator().manual_seed(batch))
+        fns = {k: generator(k, m, ids, new) for k, m in models.items()}
+        if compile_:
+            fns["vera_fx compiled"] = generator("vera_fx", models["vera_fx"], ids, new, True)
+        first = {k: fn() for k, fn in fns.items()}  # warm-up: decode graphs, compile
+        for k in ("vera_fx", "vera_fx compiled"):
+            if k in first:
+                assert torch.equal(first[k], first["peft"]), f"{case}: {k}'s greedy tokens differ from PEFT's"
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for k, t in med.items():
+            rows.append([case, str(batch), k, f"{t * 1e3:.1f}", f"{batch * new / t:.0f}", f"{t / med['peft']:.2f}",
+                         f"{t / med['base']:.2f}"])
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smaller model, shorter prompts, fewer rounds")
+    parser.add_argument("--quick", action="store_true", help="a small model, few rounds (a smoke run)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true", help="add vera_fx.generate(compile=True)")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {list(CASES)}")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--no-small", action="store_true", help="skip the small-model (hidden 64) row")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    import peft
-
-    hidden, layers, vocab, r = (128, 2, 1024, 32) if args.quick else (512, 4, 8192, 256)
-    prefixes, batches = ((16, 64), (1, 2)) if args.quick else ((16, 512), (1, 4))
+    hidden, layers, inter, vocab, r = (128, 2, 256, 512, 32) if args.quick else (1024, 4, 2048, 4096, 256)
     rounds = 2 if args.quick else args.rounds
-    new = 8 if args.quick else args.new_tokens
-    model = llama_like(hidden, layers, vocab).eval()
-    model.generation_config.eos_token_id = None  # always generate N tokens
-    model.generation_config.pad_token_id = 0
-    cfg = dict(r=r, target_modules=["q_proj", "v_proj"])
-    gm = vera_fx.transform(model, vera_fx.VeraConfig(**cfg))
-    pm = peft.get_peft_model(copy.deepcopy(model), peft.VeraConfig(**cfg)).eval()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "vera_lambda" in name:
-                p.normal_(0, 0.2)
-    vera_fx.load_adapter_state_dict(gm, peft.get_peft_model_state_dict(pm))
-    gm.eval()
-
-    def ours(ids, n, compiled=False):
-        return vera_fx.generate(gm, ids, max_new_tokens=n, compile=compiled)
-
-    def theirs(ids, n):
-        return pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                           min_new_tokens=n, do_sample=False)
-
-    rows, per_token = [], {}
-    for prefix in prefixes:
-        for batch in batches:
-            ids = torch.randint(1, vocab, (batch, prefix), generator=torch.Generator().manual_seed(prefix + batch))
-            variants = {"peft eager": lambda n: theirs(ids, n), "vera_fx eager": lambda n: ours(ids, n),
-                        "vera_fx compiled": lambda n: ours(ids, n, True)}
-            first = {}
-            for name, fn in variants.items():  # warm-up: capture, compile, equal tokens
-                fn(2)
-                first[name] = fn(new)
-            assert torch.equal(first["vera_fx eager"], first["peft eager"]), "greedy tokens differ from PEFT"
-            assert torch.equal(first["vera_fx compiled"], first["peft eager"]), "compiled tokens differ"
-            full = {k: [] for k in variants}
-            one = {k: [] for k in variants}
-            for _ in range(rounds):
-                for name, fn in variants.items():
-                    t0 = time.perf_counter()
-                    fn(1)
-                    t1 = time.perf_counter()
-                    fn(new)
-                    t2 = time.perf_counter()
-                    one[name].append(t1 - t0)
-                    full[name].append(t2 - t1)
-            med = {k: statistics.median(v) for k, v in full.items()}
-            step = {k: (statistics.median(full[k]) - statistics.median(one[k])) / (new - 1) for k in variants}
-            for name in variants:
-                per_token[(name, prefix, batch)] = step[name]
-                rows.append([str(prefix), str(batch), name, f"{batch * new / med[name]:.0f}",
-                             f"{1e3 * step[name]:.2f}", f"{med['peft eager'] / med[name]:.2f}"])
-    print_table(f"generate {new} tokens, Llama-like hidden {hidden} x {layers} layers, vocab {vocab}, VeRA r={r} "
-                f"q/v, {torch.get_num_threads()} threads, median of {rounds}",
-                ["prefix", "batch", "variant", "tokens/s", "ms/token (decode)", "speed vs peft"], rows)
-    lo, hi = prefixes
-    growth = [[name, str(b), f"{per_token[(name, hi, b)] / per_token[(name, lo, b)]:.2f}"]
-              for name in ("peft eager", "vera_fx eager", "vera_fx compiled") for b in batches]
-    print_table(f"decode time per token, prefix {hi} / prefix {lo} (goal for vera_fx: <= 1.5)",
-                ["variant", "batch", "ratio"], growth)
+    prompt, new = 8, 8 if args.quick else 32
+    batches = [int(b) for b in args.batches.split(",")]
+    model = build(hidden, layers, inter, vocab)
+    print(f"Llama-like: hidden {hidden}, {layers} layers, intermediate {inter}, vocab {vocab}, r={r}; greedy, "
+          f"{new} new tokens after {prompt}; torch {torch.__version__}, {torch.get_num_threads()} threads, median "
+          f"of {rounds} interleaved rounds")
+    table = []
+    for case in args.cases.split(","):
+        method, targets = CASES[case]
+        table += run_case(case, variants(model, method, targets, r), batches, prompt, new, rounds, vocab,
+                          args.compile)
+    if not args.no_small:  # issue 32's small model: hidden 64, 2 layers, batch 4, VeRA all-linear
+        small = build(64, 2, 172, 512)
+        table += run_case("small vera-all", variants(small, "vera", "all-linear", 16), [4], prompt, new,
+                          max(rounds, 5), 512, False)
+    print_table("generate: ms per call (median), tokens/s = batch x new tokens / time; x peft / x base = time "
+                "over PEFT's unmerged / the base model's generate",
+                ["case", "batch", "variant", "ms", "tokens/s", "x peft", "x base"], table)
 
 
 if __name__ == "__main__":

@@ -32,13 +32,14 @@ LAYERS: dict[str, int] = {
     "vera_fx.adapters": 4, "vera_fx.checkpoint": 4, "vera_fx.sampling": 4, "vera_fx.uncertainty": 4,
     "vera_fx.model": 4, "vera_fx.generation": 4, "vera_fx.serving": 4, "vera_fx.blockwise": 4,
     "vera_fx.distributed": 4, "vera_fx.surface": 4, "vera_fx.eager_generation": 4,
+    "vera_fx.variants": 4,
     "vera_fx.inspect": 5,
     "vera_fx.cli": 6, "vera_fx.demo": 6, "vera_fx": 6,
 }
 LAYER_NAMES = ["config, sites, runtime, versions, compat, folder, keywords",
                "methods, quantized, capture, blocks, block_export, linear_like, fallback, limits", "state", "passes",
-               "adapters, checkpoint, sampling, uncertainty, model, generation, eager_generation, serving, blockwise, "
-               "distributed, surface",
+               "adapters, checkpoint, sampling, uncertainty, model, generation, eager_generation, variants, serving, "
+               "blockwise, distributed, surface",
                "inspect", "cli, demo, vera_fx"]
 
 

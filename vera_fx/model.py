@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,6 +57,7 @@ from .serving import mixed_adapter_forward
 from .state import state_lock
 from .passes.pipeline import run_passes, transform as transform_graph
 from .surface import PeftSurface
+from .variants import FINGERPRINT_KEY, INFERENCE_FORM, GraphVariants, describe_key
 
 __all__ = ["VeraFxModel", "transform", "from_pretrained", "count_parameters", "DEFAULT_MAX_GRAPHS",
            "CONFIG_KEY_PREFIX", "STATE_KEY_PREFIX"]
@@ -67,7 +69,7 @@ DEFAULT_MAX_GRAPHS = 8
 # adapter's config as UTF-8 JSON bytes (a uint8 tensor), so a Trainer checkpoint describes itself.
 STATE_KEY_PREFIX = "vera_fx."
 CONFIG_KEY_PREFIX = "vera_fx_config."
-_FINGERPRINT = "vera_fx_fingerprint"  # gm.meta: the source's state_fingerprint a graph was attached at
+_FINGERPRINT = FINGERPRINT_KEY  # gm.meta: the source's state_fingerprint a graph was attached at
 _GUARD_ERRORS = ("Guard failed", "guard", "Expected input at")
 
 CallKey = tuple
@@ -159,7 +161,7 @@ def _swapped_in(model: nn.Module, source: GraphModule) -> Iterator[None]:
             store[leaf] = t
 
 
-class VeraFxModel(PeftSurface, nn.Module):
+class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
     """A model with VeRA / PVeRA adapters, computed by captured torch.fx graphs (see the module docstring).
 
     Call it as the model (any keyword set the model takes); train, evaluate, ``.to()``, save and inspect it.
@@ -177,8 +179,12 @@ class VeraFxModel(PeftSurface, nn.Module):
         d["_base_model"] = model  # the user's model: never a submodule, never changed (captures swap in)
         d["_source"] = source
         d["_parameters"], d["_buffers"], d["_modules"] = source._parameters, source._buffers, source._modules
-        d["_graphs"] = {}  # CallKey -> list of GraphModules (siblings when an export guard rejected a call)
+        d["_graphs"] = OrderedDict()  # CallKey -> GraphModules (siblings: an export guard rejected a call), LRU order
         d["_order"] = []  # keys in capture order, for messages
+        d["_twins"] = weakref.WeakKeyDictionary()  # graph -> its inference twin (vera_fx/variants.py)
+        d["_inference_form"] = INFERENCE_FORM
+        d["_warned_evict"] = False
+        d["_probe_at"] = None  # (parameter dict, name) of the dtype / device probe: read per call
         d["_forward_params"] = _forward_parameters(model)
         d["_warned_cache"] = False
         d["_warned_constants"] = set()  # constant keywords already reported as costing a graph per value
@@ -213,6 +219,8 @@ class VeraFxModel(PeftSurface, nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> "VeraFxModel":
         before = self._weights_state()
         super()._apply(fn, recurse)
+        self._twins.clear()
+        self.__dict__["_probe_at"] = None
         after = self._weights_state()
         for key in list(self._graphs):
             if key[2] != after:  # specialised to the old dtype / device: dropped, captured again on use
@@ -313,6 +321,14 @@ class VeraFxModel(PeftSurface, nn.Module):
         return bool(getattr(self._base_model, "accepts_loss_kwargs", default))
 
     def _probe(self) -> Optional[torch.Tensor]:
+        at = self._probe_at
+        if at is not None and at[1] in at[0]:  # one dict lookup per call (the object may replace the tensor)
+            return at[0][at[1]]
+        for name, p in self._source.named_parameters():
+            if not name.startswith(CONTAINER + ".") and p.is_floating_point():
+                path, _, leaf = name.rpartition(".")
+                self.__dict__["_probe_at"] = (self._source.get_submodule(path)._parameters, leaf)
+                return p
         for name, p in self._source.named_parameters():
             if not name.startswith(CONTAINER + ".") and p.is_floating_point():
                 return p
@@ -489,14 +505,6 @@ class VeraFxModel(PeftSurface, nn.Module):
             self._order.append(key)
         self._graphs[key].append(gm)
 
-    def _check_room(self, key: CallKey) -> None:
-        if self.num_graphs >= self.max_graphs:
-            seen = "; ".join(f"[{i}] {describe_key(k)}" for i, k in enumerate(self._order))
-            raise ValueError(
-                f"this model already holds max_graphs={self.max_graphs} captured graphs, one per call signature, and "
-                f"the call ({describe_key(key)}) needs another. Signatures seen: {seen}. Call it with fewer distinct "
-                "keyword sets / dtypes, or raise the bound (m.max_graphs = N, or transform(..., max_graphs=N))")
-
     def _capture(self, key: CallKey, call: dict[str, Any]) -> GraphModule:
         self._check_room(key)
         say_constant_changes([k[0] for k in self._order], key[0], self._warned_constants, self.num_graphs,
@@ -527,11 +535,14 @@ class VeraFxModel(PeftSurface, nn.Module):
                 graphs = self._graphs.get(key)
                 if graphs is None:
                     return self._capture(key, call)
-        return self._fresh(graphs[0])
+        return self._fresh(graphs[0], variant=False)
 
-    def _fresh(self, gm: GraphModule) -> GraphModule:
-        """``gm`` bound to the current adapter state (the caller holds the state's read lock, so the state cannot
-        change meanwhile; a graph is refreshed by one thread, the others wait for it)."""
+    def _fresh(self, gm: GraphModule, variant: bool = True) -> GraphModule:
+        """``gm`` (with ``variant``: its inference twin for an inference call) bound to the current adapter state
+        (the caller holds the state's read lock, so the state cannot change meanwhile; a graph is refreshed by
+        one thread, the others wait for it)."""
+        if variant and not torch.compiler.is_compiling():
+            gm = self._variant(gm)
         if gm is not self._source and not torch.compiler.is_compiling():
             fp = state_fingerprint(self._source)
             if gm.meta.get(_FINGERPRINT) != fp:
@@ -554,11 +565,16 @@ class VeraFxModel(PeftSurface, nn.Module):
         call = self._normalise_call(args, kwargs)
         key = self._key(call)
         graphs = self._graphs.get(key)
+        if graphs is not None:
+            try:
+                self._graphs.move_to_end(key)  # least recently used first (eviction order)
+            except KeyError:  # evicted by another thread meanwhile: this call still runs the graph it got
+                pass
         if adapter_names is not None:  # one adapter per row: the mixed graph of this signature's graph
             gm = self._graph_for(key, call)
             return mixed_adapter_forward(gm, adapter_names, **call)
         if graphs is None:
-            return self._graph_for(key, call)(**call)
+            return self._fresh(self._graph_for(key, call))(**call)
         if torch.compiler.is_compiling():
             # Through the class attribute: dynamo then guards on the function, which recompile() replaces.
             gm = self._fresh(graphs[0])

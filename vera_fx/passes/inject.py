@@ -251,9 +251,10 @@ def _remove_graph(gm: GraphModule, adapter_name: str, site_names: Optional[set[s
         if site_names is not None and tag["site"] not in site_names:
             continue
         add = out
-        while (add.meta.get(ADAPTER_KEY) or {}).get("name") != "add":
+        while add.meta.get(ADAPTER_KEY) and add.meta[ADAPTER_KEY].get("name") != "add":
             add = add.args[0]
-        y = add.args[0]
+        # the add's y; an untagged node: a weight-path call's own output (its cast), the fold carries the adapter
+        y = add.args[0] if add.meta.get(ADAPTER_KEY) else add
         users = list(out.users)
         out.replace_all_uses_with(y)
         for u in users:  # a weight-path call reads its weight again: the plain linear

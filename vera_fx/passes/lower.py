@@ -70,13 +70,15 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..methods import CONTAINER
 from ..methods.fold import fold_argument, weight_fold, weight_site, weight_site_t
 from ..methods.fused import fused_site
 from ..methods.lean import lean_site, pvera_lean_noise
-from ..sites import ADAPTER_KEY, SITE_KEY, Site, as_graph_module, block_prefix, graph_modules, read_graph_sites
+from ..sites import ADAPTER_KEY, SITE_KEY, as_graph_module, block_prefix, graph_modules
 from ..state import adapter_container
 from ..versions import adapter_flags
+from .chains import Chain, hoist, inplace_target, plain_chains, tag_node
+from .knapsack import choose_options
+from .infer import INFERENCE_KEY, lower_for_inference
 
 __all__ = ["LowerPass", "lower_adapters", "path_costs", "extra_products", "group_options", "choose_options",
            "plan_auto", "lowering_setting", "check_lowering", "PATHS", "MODES", "DEFAULT_TOKENS",
@@ -90,8 +92,6 @@ PATHS = ("activation", "fused", "lean", "weight")
 MODES = ("auto", "fast", *PATHS)
 DEFAULT_TOKENS = 1024
 
-# Tag names of the emitter's per-site chain after h (vera_fx/methods/{vera,pvera}.py).
-_CHAIN = {"scale_d", "mu", "logvar", "sample", "kl", "xAB", "scale_b"}
 Lowering = Union[str, dict]
 
 
@@ -218,63 +218,6 @@ def group_options(g: GroupShape, weight_allowed: bool) -> list[tuple[int, int, t
     return _pareto([(w - bonus, sv, p) for w, sv, p in states[True]] + states[False])
 
 
-def _frontier(groups: list[list[tuple[int, int]]], limit: int, max_states: int
-              ) -> tuple[list[tuple[int, int, int, int]], list[list[tuple[int, int, int, int]]]]:
-    """The Pareto frontier of ``(work, saved)`` over one option per group with the work at most ``limit``, and
-    the states of every stage (``(work, saved, parent state, option)``) to read a choice back."""
-    rest = [0] * (len(groups) + 1)  # the least work the groups after each one can add (options may save work)
-    for k in range(len(groups) - 1, -1, -1):
-        rest[k] = rest[k + 1] + min(w for w, _ in groups[k])
-    frontier: list[tuple[int, int, int, int]] = [(0, 0, -1, -1)]
-    stages = []
-    for k, options in enumerate(groups):
-        grown = [(w + ow, s + os, si, oi) for si, (w, s, _, _) in enumerate(frontier)
-                 for oi, (ow, os) in enumerate(options) if w + ow + rest[k + 1] <= limit]
-        grown.sort(key=lambda st: (st[0], -st[1]))
-        frontier = []
-        for st in grown:  # keep a state only if it saves more than every cheaper one
-            if not frontier or st[1] > frontier[-1][1]:
-                frontier.append(st)
-        if len(frontier) > max_states:  # a pathological case: an even thinning of the frontier (the best kept)
-            frontier = frontier[::-(-len(frontier) // max_states)] + frontier[-1:]
-        stages.append(frontier)
-    return frontier, stages
-
-
-def _read_back(stages: list[list[tuple[int, int, int, int]]], best: int) -> list[int]:
-    picks = [0] * len(stages)
-    for k in range(len(stages) - 1, -1, -1):
-        _, _, parent, option = stages[k][best]
-        picks[k], best = option, parent
-    return picks
-
-
-def choose_options(groups: list[list[tuple[int, int]]], budget: int, max_states: int = 4096) -> list[int]:
-    """One option index per group (options ``(work, saved)``) that keeps the most saved values with the summed
-    work at most ``budget``: a multiple-choice knapsack, solved exactly by Pareto frontiers of (work, saved)
-    states. Groups with the same options (a layer's groups repeat per layer) are first combined into one
-    frontier per kind, then the kinds; ties go to less work, then to earlier options."""
-    if not groups:
-        return []
-    kinds: dict[tuple[tuple[int, int], ...], list[int]] = {}
-    for k, options in enumerate(groups):
-        kinds.setdefault(tuple(options), []).append(k)
-    least = {key: len(members) * min(w for w, _ in key) for key, members in kinds.items()}
-    combined = []  # per kind: its frontier over its copies and the stages to read each copy's option back
-    for key, members in kinds.items():
-        limit = budget - sum(v for other, v in least.items() if other != key)
-        combined.append(_frontier([list(key)] * len(members), limit, max_states))
-    if any(not final for final, _ in combined):  # nothing fits the budget: the least work
-        return [min(range(len(options)), key=lambda j: (options[j][0], j)) for options in groups]
-    top, top_stages = _frontier([[(w, s) for w, s, _, _ in final] for final, _ in combined], budget, max_states)
-    best = max(range(len(top)), key=lambda j: (top[j][1], -top[j][0]))
-    picks = [0] * len(groups)
-    for (key, members), (_, stages), point in zip(kinds.items(), combined, _read_back(top_stages, best)):
-        for k, option in zip(members, sorted(_read_back(stages, point), reverse=True)):
-            picks[k] = option  # the copies of one kind are interchangeable: the earlier get the later options
-    return picks
-
-
 def plan_auto(shapes: list[GroupShape], weight_allowed: list[bool], objective: str = "memory") -> list[list[str]]:
     """The path of every site of one graph's planned groups (``shapes[i].outs`` order). ``"memory"`` (``auto``):
     the plan that keeps the most values off the saved tensors within the budget of what the activation path
@@ -306,52 +249,14 @@ def check_lowering(lowering: Lowering, tokens: Optional[int] = None) -> dict[str
 
 
 def lowering_setting(gm: GraphModule) -> dict[str, Any]:
-    """The graph's lowering setting (``{"mode": "auto", "tokens": None}`` when none was set)."""
-    return adapter_flags(gm).lowering or {"mode": "auto", "tokens": None}
+    """The graph's lowering setting (``{"mode": "auto", "tokens": None}`` when none was set), with the
+    ``"inference"`` form of a graph built for inference (``gm.meta["vera_fx_inference"]``: the variant's own)."""
+    setting = adapter_flags(gm).lowering or {"mode": "auto", "tokens": None}
+    form = gm.meta.get(INFERENCE_KEY)
+    return {**setting, "inference": form} if form else setting
 
 
-@dataclass
-class _Chain:
-    """One site call's plain adapter nodes after h, by tag name, with its site record and adapter state."""
-
-    site: Site
-    adapter: str
-    state: Any
-    nodes: dict[str, Node]
-
-    @property
-    def h(self) -> Node:
-        return self.nodes["scale_d"].args[0]
-
-    @property
-    def add(self) -> Node:
-        return next(iter(self.nodes["scale_b"].users))
-
-
-def _chains(gm: GraphModule, redecide: bool = False) -> list[_Chain]:
-    """The plain chains of ``gm``'s own graph not yet decided (with ``redecide``: those kept on the activation
-    path by an earlier run too)."""
-    container = getattr(gm, CONTAINER, None)
-    if container is None:
-        return []
-    sites = {s.base.name: s for s in read_graph_sites(gm)}  # this graph's own sites (a block's too)
-    found: dict[tuple[str, str], dict[str, Node]] = {}
-    for n in gm.graph.nodes:
-        tag = n.meta.get(ADAPTER_KEY)
-        if tag and tag.get("name") in _CHAIN and tag.get("adapter") in container and (
-                not tag.get("path") or (redecide and tag["path"] == "activation")):
-            found.setdefault((tag["base"], tag["adapter"]), {})[tag["name"]] = n
-    out = []
-    for (base, adapter), nodes in found.items():
-        state = container[adapter]
-        need = {"scale_d", "xAB", "scale_b"} | ({"mu", "logvar", "sample", "kl"} if state.method.probabilistic
-                                                  else set())
-        if base in sites and need <= set(nodes) and len(nodes["scale_b"].users) == 1:
-            out.append(_Chain(sites[base], adapter, state, nodes))
-    return out
-
-
-def _weight_blocker(gm: GraphModule, c: _Chain) -> Optional[str]:
+def _weight_blocker(gm: GraphModule, c: Chain) -> Optional[str]:
     """Why chain ``c`` cannot take the weight path (None when it can)."""
     s, cfg = c.site, c.state.config
     if c.state.method.probabilistic:
@@ -387,18 +292,12 @@ def _weight_blocker(gm: GraphModule, c: _Chain) -> Optional[str]:
     return None
 
 
-def _tag(node: Node, c: _Chain, role: str, name: str, path: str) -> Node:
-    node.meta[ADAPTER_KEY] = {"site": c.site.name, "adapter": c.adapter, "role": role, "base": c.site.base.name,
-                              "name": name, "path": path}
-    return node
-
-
-def _erase_chain(gm: GraphModule, c: _Chain) -> None:
+def _erase_chain(gm: GraphModule, c: Chain) -> None:
     for name in ("scale_b", "xAB", "scale_d"):
         gm.graph.erase_node(c.nodes[name])
 
 
-def _lower_lean(gm: GraphModule, c: _Chain, traced_when_compiled: bool = False) -> None:
+def _lower_lean(gm: GraphModule, c: Chain, traced_when_compiled: bool = False) -> None:
     graph, nd, add = gm.graph, c.nodes, c.add
     h, lam_d = nd["scale_d"].args
     b, lam_b = nd["xAB"].args[1], nd["scale_b"].args[1]
@@ -422,20 +321,14 @@ def _lower_lean(gm: GraphModule, c: _Chain, traced_when_compiled: bool = False) 
             graph.erase_node(nd[name])
 
 
-# Calls whose output a fused tail may write into: their backward does not read their output (the base linear
-# or Conv1D addmm, a folding call, an earlier adapter's sum).
-_INPLACE_BASES = {aten.linear.default, aten.addmm.default, aten.add.Tensor, weight_site, weight_site_t, lean_site,
-                  fused_site}
-
-
-def _lower_fused(gm: GraphModule, c: _Chain) -> None:
+def _lower_fused(gm: GraphModule, c: Chain) -> None:
     """The chain after ``h`` (VeRA) or after the sample (PVeRA) as one ``fused_site`` call (the add node becomes
     it, as for the lean op)."""
     graph, nd, add = gm.graph, c.nodes, c.add
     h, lam_d = nd["scale_d"].args
     b, lam_b = nd["xAB"].args[1], nd["scale_b"].args[1]
     y = add.args[0]
-    inplace = len(y.users) == 1 and y.op == "call_function" and y.target in _INPLACE_BASES
+    inplace = inplace_target(y)
     if c.state.method.probabilistic:  # from the sampled latent: the sampling nodes stay
         kl = nd["kl"]  # the KL term as the lean path records it: from h, computed when read (LazyKL)
         kl.args = (h, lam_d, *kl.args[2:4], c.state.config.r)
@@ -452,29 +345,18 @@ def _lower_fused(gm: GraphModule, c: _Chain) -> None:
         graph.erase_node(nd[name])
 
 
-def _hoist(node: Node, before: Node, order: dict[Node, int], moved: set[Node]) -> None:
-    """Move ``node`` (and the inputs it needs) in front of ``before`` when it comes after it (``order``: the
-    graph's node positions before any move; ``moved``: the nodes moved since)."""
-    if order[node] < order[before] or node in moved:
-        return
-    for arg in node.all_input_nodes:
-        _hoist(arg, before, order, moved)
-    before.prepend(node)
-    moved.add(node)
-
-
-def _lower_weight(gm: GraphModule, c: _Chain, keep: bool = False) -> None:
+def _lower_weight(gm: GraphModule, c: Chain, keep: bool = False) -> None:
     graph, nd, base, add = gm.graph, c.nodes, c.site.base, c.add
     h, lam_d = nd["scale_d"].args
     b, lam_b = nd["xAB"].args[1], nd["scale_b"].args[1]
     order, moved = {n: k for k, n in enumerate(graph.nodes)}, set()
     for n in (h, b, lam_d, lam_b):  # emitted after the base call (h after the group's first site): now its inputs
-        _hoist(n, base, order, moved)
+        hoist(n, base, order, moved)
     conv1d = c.site.kind == "conv1d"  # addmm(bias, view(x), W) with W stored (in, out)
     with graph.inserting_before(base):
         fold = graph.call_function(weight_fold, (base.args[2] if conv1d else base.args[1], h, h.args[1], b, lam_d,
                                                  lam_b, keep))
-    _tag(fold, c, "output", "add", "weight")
+    tag_node(fold, c, "output", "add", "weight")
     fold.meta[ADAPTER_KEY]["keep"] = keep
     if conv1d:
         base.target, base.args, base.kwargs = weight_site_t, (base.args[0], base.args[1], fold), {}
@@ -492,21 +374,35 @@ def lower_adapters(gm: GraphModule, setting: Optional[dict[str, Any]] = None, re
     site calls changed.
 
     Reads the root's setting (``lowering_setting``) unless ``setting`` is given (a block graph gets its
-    root's). Chains kept on the activation path are tagged so, and a later run (another adapter's emission)
-    leaves them alone, since a subset of a graph's sites would get another plan; ``redecide`` plans them again
-    (a new setting). Recompiles ``gm`` when anything changed, unless ``recompile=False`` (the caller does).
+    root's). A graph built for inference (the setting's ``"inference"`` form, see ``lowering_setting``) gets the
+    inference form of vera_fx/passes/infer.py, never a training plan. Chains kept on the activation path are
+    tagged so, and a later run (another adapter's emission) leaves them alone, since a subset of a graph's
+    sites would get another plan; ``redecide`` plans them again (a new setting). Recompiles ``gm`` when
+    anything changed, unless ``recompile=False`` (the caller does).
     """
-    chains = _chains(gm, redecide)
+    chains = plain_chains(gm, redecide)
     if not chains:
         return 0
     setting = setting or lowering_setting(gm)
+    if setting.get("inference"):
+        changed = lower_for_inference(gm, chains, setting["inference"])
+    else:
+        changed = _lower_training(gm, chains, setting)
+    if changed and recompile:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
+def _lower_training(gm: GraphModule, chains: list[Chain], setting: dict[str, Any]) -> int:
+    """The training plan of ``chains`` by ``setting`` (see the module docstring); returns the sites changed."""
     mode, tokens = setting["mode"], setting.get("tokens") or DEFAULT_TOKENS
-    groups: dict[tuple[str, str, str], list[_Chain]] = {}
+    groups: dict[tuple[str, str, str], list[Chain]] = {}
     for c in chains:  # a per-site override splits its group: each part is decided on its own
         want = mode.get(c.site.name, "auto") if isinstance(mode, dict) else mode
         groups.setdefault((c.h.name, c.adapter, want), []).append(c)
-    decided: list[tuple[list[_Chain], str, bool]] = []  # (chains, path, planned by auto or fast)
-    planned: dict[str, list[tuple[list[_Chain], GroupShape, bool]]] = {"auto": [], "fast": []}
+    decided: list[tuple[list[Chain], str, bool]] = []  # (chains, path, planned by auto or fast)
+    planned: dict[str, list[tuple[list[Chain], GroupShape, bool]]] = {"auto": [], "fast": []}
     fallbacks: dict[str, str] = {}
     for (_, _, want), members in groups.items():
         blockers = [b for b in (_weight_blocker(gm, c) for c in members) if b is not None]
@@ -527,6 +423,16 @@ def lower_adapters(gm: GraphModule, setting: Optional[dict[str, Any]] = None, re
                          "memory" if mode == "auto" else "time")
         decided.extend(([c], path, True) for (members, _, _), paths in zip(groups_of_mode, plan)
                        for c, path in zip(members, paths))
+    changed = _apply_paths(gm, decided)
+    if fallbacks:
+        detail = "; ".join(f"{s!r}: {why}" for s, why in list(fallbacks.items())[:5])
+        warnings.warn(f"lowering='weight' cannot fold {len(fallbacks)} site(s), lowered to the lean path instead: "
+                      f"{detail}", UserWarning, stacklevel=4)
+    return changed
+
+
+def _apply_paths(gm: GraphModule, decided: list[tuple[list[Chain], str, bool]]) -> int:
+    """Rewrite each decided group's chains to its path; returns the sites changed."""
     changed = 0
     for members, want, by_auto in decided:
         if want == "activation":  # decided: a later run (another adapter's emission) leaves these chains alone
@@ -544,13 +450,6 @@ def lower_adapters(gm: GraphModule, setting: Optional[dict[str, Any]] = None, re
             changed += 1
         logger.debug("lower: %s at %s (%d sites): %s path", members[0].adapter, members[0].site.name, len(members),
                      want)
-    if fallbacks:
-        detail = "; ".join(f"{s!r}: {why}" for s, why in list(fallbacks.items())[:5])
-        warnings.warn(f"lowering='weight' cannot fold {len(fallbacks)} site(s), lowered to the lean path instead: "
-                      f"{detail}", UserWarning, stacklevel=3)
-    if changed and recompile:
-        gm.graph.lint()
-        gm.recompile()
     return changed
 
 

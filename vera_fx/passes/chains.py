@@ -1,0 +1,94 @@
+"""The plain adapter chains a lowering rewrites, shared by the training lowering (lower.py) and the inference
+form (infer.py): one site call's emitted nodes after ``h``, found by their tags, and the node moves both need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..methods import CONTAINER
+from ..methods.fold import weight_site, weight_site_t
+from ..methods.fused import fused_site
+from ..methods.lean import lean_site
+from ..sites import ADAPTER_KEY, Site, read_graph_sites
+
+__all__ = ["Chain", "plain_chains", "hoist", "tag_node", "inplace_target", "CHAIN_NAMES"]
+
+aten = torch.ops.aten
+
+# Tag names of the emitter's per-site chain after h (vera_fx/methods/{vera,pvera}.py).
+CHAIN_NAMES = frozenset({"scale_d", "mu", "logvar", "sample", "kl", "xAB", "scale_b"})
+
+# Calls whose output a site's tail may write into: their backward does not read their output (the base linear
+# or Conv1D addmm, a folding call, an earlier adapter's sum).
+_INPLACE_BASES = {aten.linear.default, aten.addmm.default, aten.add.Tensor, weight_site, weight_site_t, lean_site,
+                  fused_site}
+
+
+@dataclass
+class Chain:
+    """One site call's plain adapter nodes after h, by tag name, with its site record and adapter state."""
+
+    site: Site
+    adapter: str
+    state: Any
+    nodes: dict[str, Node]
+
+    @property
+    def h(self) -> Node:
+        return self.nodes["scale_d"].args[0]
+
+    @property
+    def add(self) -> Node:
+        return next(iter(self.nodes["scale_b"].users))
+
+
+def plain_chains(gm: GraphModule, redecide: bool = False) -> list[Chain]:
+    """The plain chains of ``gm``'s own graph not yet decided (with ``redecide``: those kept on the activation
+    path by an earlier run too)."""
+    container = getattr(gm, CONTAINER, None)
+    if container is None:
+        return []
+    sites = {s.base.name: s for s in read_graph_sites(gm)}  # this graph's own sites (a block's too)
+    found: dict[tuple[str, str], dict[str, Node]] = {}
+    for n in gm.graph.nodes:
+        tag = n.meta.get(ADAPTER_KEY)
+        if tag and tag.get("name") in CHAIN_NAMES and tag.get("adapter") in container and (
+                not tag.get("path") or (redecide and tag["path"] == "activation")):
+            found.setdefault((tag["base"], tag["adapter"]), {})[tag["name"]] = n
+    out = []
+    for (base, adapter), nodes in found.items():
+        state = container[adapter]
+        need = {"scale_d", "xAB", "scale_b"} | ({"mu", "logvar", "sample", "kl"} if state.method.probabilistic
+                                                  else set())
+        if base in sites and need <= set(nodes) and len(nodes["scale_b"].users) == 1:
+            out.append(Chain(sites[base], adapter, state, nodes))
+    return out
+
+
+def inplace_target(y: Node) -> bool:
+    """Whether a site's tail may add in place into ``y``: its only reader, and a call whose backward does not
+    read its output."""
+    return len(y.users) == 1 and y.op == "call_function" and y.target in _INPLACE_BASES
+
+
+def tag_node(node: Node, c: Chain, role: str, name: str, path: str) -> Node:
+    """Tag ``node`` as chain ``c``'s adapter node (what inspection, merge and node removal read)."""
+    node.meta[ADAPTER_KEY] = {"site": c.site.name, "adapter": c.adapter, "role": role, "base": c.site.base.name,
+                              "name": name, "path": path}
+    return node
+
+
+def hoist(node: Node, before: Node, order: dict[Node, int], moved: set[Node]) -> None:
+    """Move ``node`` (and the inputs it needs) in front of ``before`` when it comes after it (``order``: the
+    graph's node positions before any move; ``moved``: the nodes moved since)."""
+    if order[node] < order[before] or node in moved:
+        return
+    for arg in node.all_input_nodes:
+        hoist(arg, before, order, moved)
+    before.prepend(node)
+    moved.add(node)

@@ -1,0 +1,168 @@
+"""The graph variants the model object runs: the inference twin of each captured graph, and the LRU bound.
+
+Inference is its own variant. A call in eval mode, under ``torch.no_grad()`` or ``torch.inference_mode()``
+(``is_inference_call``) runs the *inference twin* of the captured graph for its signature: a copy of the graph
+tree (its own ``Graph`` objects and generated code; the same parameters, buffers, adapter state and leaf
+modules, never copied) whose adapters are emitted in the inference form (vera_fx/passes/infer.py: B read once
+per site group, only vectors scaled, nothing kept for backward) instead of the training plan of
+``lowering``. The twin is built once per graph and form on first use and bound to the adapter state as every
+graph is (the attach pass): a switch rebuilds it like its original. A training call never sees it.
+
+The bound: the object keeps at most ``max_graphs`` captured graphs. Past it the least recently used one is
+evicted (with its twin) and a warning says so once, as torch.compile does past its recompile limit; the
+source graph (it holds the adapter state) is never evicted. An evicted signature is captured again when
+called again.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections import OrderedDict
+from typing import Any, Hashable, Optional
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from .passes.infer import FORMS, INFERENCE_KEY
+from .sites import graph_modules
+
+__all__ = ["GraphVariants", "is_inference_call", "is_sharded", "inference_twin", "check_form", "evict_least_recent", "describe_key",
+           "INFERENCE_FORM", "INFERENCE_KEY", "FINGERPRINT_KEY"]
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_FORM = "batched"
+_AS_IS = "as is"  # the twin entry of a graph that runs inference calls itself (a sharded tree)
+FINGERPRINT_KEY = "vera_fx_fingerprint"  # gm.meta: the source's state_fingerprint a graph was attached at
+
+
+def is_inference_call(training: bool) -> bool:
+    """Whether a call runs the inference variant: eval mode, or no gradients (``no_grad``, ``inference_mode``)."""
+    return not training or not torch.is_grad_enabled()
+
+
+def is_sharded(gm: GraphModule) -> bool:
+    """Whether ``gm``'s tree is sharded (FSDP modules or DTensor parameters): it runs only as it is."""
+    return any(any(c.__name__ in ("FSDPModule", "FullyShardedDataParallel") for c in type(m).__mro__)
+               for m in gm.modules()) or any(type(p).__name__ == "DTensor" for p in gm.parameters())
+
+
+def check_form(form: Any) -> str:
+    """Validate an inference form (``"batched"``, or ``"site"`` for per-site products)."""
+    if form not in FORMS:
+        raise ValueError(f"inference_form={form!r} is not one of {list(FORMS)}; e.g. inference_form='batched'")
+    return form
+
+
+def inference_twin(gm: GraphModule, form: str, drop_meta: tuple[str, ...] = ()) -> GraphModule:
+    """A copy of ``gm``'s graph tree marked for the inference ``form``: new GraphModules and Graphs, the same
+    parameters, buffers and non-graph submodules (adapter state, quantized layers). The caller binds it to the
+    adapter state (its adapter nodes are re-emitted then); ``drop_meta``: meta keys of ``gm`` that the copy must
+    not keep (e.g. the fingerprint of the state it was bound to)."""
+    memo: dict[int, Any] = {}
+    for g in graph_modules(gm):
+        for t in (*g._parameters.values(), *g._buffers.values()):
+            if t is not None:
+                memo[id(t)] = t
+    holders = _graph_holders(gm)
+    for mod in gm.modules():
+        if id(mod) not in holders:  # adapter state, views, quantized layers: shared, not copied
+            memo[id(mod)] = mod
+            for t in (*mod._parameters.values(), *mod._buffers.values()):
+                if t is not None:
+                    memo[id(t)] = t
+    twin = copy.deepcopy(gm, memo)
+    for key in drop_meta:
+        twin.meta.pop(key, None)
+    twin.meta[INFERENCE_KEY] = check_form(form)
+    return twin
+
+
+def _graph_holders(gm: GraphModule) -> set[int]:
+    """The ids of ``gm``'s graphs and of every module on the path to one (a layer list): those are copied."""
+    holders: set[int] = set()
+    for name, mod in gm.named_modules():
+        if isinstance(mod, GraphModule):
+            holders.add(id(mod))
+            parts = name.split(".") if name else []
+            for k in range(len(parts)):
+                holders.add(id(gm.get_submodule(".".join(parts[:k]))))
+    return holders
+
+
+def evict_least_recent(graphs: "OrderedDict[Hashable, list[GraphModule]]", order: list, keep: nn.Module,
+                       limit: int, warned: bool, describe: Any) -> bool:
+    """Drop the least recently used signatures of ``graphs`` (oldest first; ``order`` follows) until one more
+    graph fits under ``limit``; never the one holding ``keep``. Warns once (``warned``: already did); returns
+    whether it has warned now or before."""
+    while sum(len(v) for v in graphs.values()) >= limit:
+        victim: Optional[Hashable] = next((k for k, v in graphs.items() if all(g is not keep for g in v)), None)
+        if victim is None:  # only the source is left: it stays, the bound is exceeded by the new graph
+            break
+        del graphs[victim]
+        order.remove(victim)
+        logger.info("vera_fx: evicted the least recently used graph (%s)", describe(victim))
+        if not warned:
+            warnings.warn(f"this model holds max_graphs={limit} captured graphs, one per call signature; the least "
+                          f"recently used one ({describe(victim)}) is evicted and captured again if called again. "
+                          "Raise the bound (m.max_graphs = N, or transform(..., max_graphs=N)) to keep more",
+                          UserWarning, stacklevel=5)
+            warned = True
+    return warned
+
+
+class GraphVariants:
+    """The model object's graph variants and bound (mixed into ``VeraFxModel``): its inference twins, the
+    inference form, and the LRU eviction past ``max_graphs``. Reads the object's ``_source``, ``_graphs``,
+    ``_order``, ``_twins``, ``_build_lock`` and ``max_graphs``."""
+
+    def _check_room(self, key: tuple) -> None:
+        """Past ``max_graphs``, evict the least recently used graph (never the source), warning once."""
+        self.__dict__["_warned_evict"] = evict_least_recent(self._graphs, self._order, self._source, self.max_graphs,
+                                                            self._warned_evict, describe_key)
+
+    @property
+    def inference_form(self) -> str:
+        """The inference variant's form: ``"batched"`` (a site group's products as one, the default) or
+        ``"site"`` (per site); set it to compare them (vera_fx/passes/infer.py)."""
+        return self._inference_form
+
+    @inference_form.setter
+    def inference_form(self, form: str) -> None:
+        self.__dict__["_inference_form"] = check_form(form)
+        self._twins.clear()
+
+    def _variant(self, gm: GraphModule) -> GraphModule:
+        """``gm``, or its inference twin for a call in eval mode or without gradients (vera_fx/variants.py)."""
+        if not is_inference_call(self._source.training) or INFERENCE_KEY in gm.meta:
+            return gm
+        twin = self._twins.get(gm)
+        if twin is _AS_IS:
+            return gm
+        if twin is None or twin.meta[INFERENCE_KEY] != self._inference_form:
+            with self._build_lock:
+                # a sharded tree (FSDP) runs as it is: its hooks gather the parameters, a copy would have none
+                if is_sharded(gm):
+                    self._twins[gm] = _AS_IS
+                    return gm
+                twin = inference_twin(gm, self._inference_form, (FINGERPRINT_KEY,))
+                self._twins[gm] = twin
+        return twin
+
+
+def describe_key(key: tuple) -> str:
+    """A call signature in words: ``input_ids: int64[2d], labels: int64[2d], use_cache=False; autocast
+    cpu/bfloat16; weights float32 on cpu``."""
+    inputs, autocast, weights = key
+    parts = []
+    for item in inputs:
+        if item[1] == "tensor":
+            parts.append(f"{item[0]}: {str(item[2]).replace('torch.', '')}[{item[3]}d]")
+        else:
+            parts.append(f"{item[0]}={item[2]!r}")
+    amp = ", ".join(f"{d}/{str(t).replace('torch.', '')}" for d, t in autocast) or "off"
+    w = f"{str(weights[0]).replace('torch.', '')} on {weights[1]}"
+    return f"({', '.join(parts)}); autocast {amp}; weights {w}"
