@@ -1,0 +1,182 @@
+"""The README and docs/ say what runs: every ```python block of README.md and docs/*.md runs on a tiny Llama
+(saved to a folder with a small word-level tokenizer, so ``path``, ``model``, ``tok``, ``batch``, ``m``,
+``train_ds`` and ``eval_ds`` are bound as the README says), the test command is the one .ci/run calls, and the
+paths the documents name exist.
+
+A block marked ``<!-- readme-test: skip, REASON -->`` on the line above it is skipped with REASON, which must
+say it needs a GPU or torchrun (the only allowed reasons).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import vera_fx
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SKIP_MARK = re.compile(r"<!--\s*readme-test:\s*skip,\s*(.+?)\s*-->")
+WORDS = ("VeRA trains two small vectors per layer a prompt another third Once upon The adapter is plain to see "
+         "the model learns to count one two three four five six seven eight").split()
+
+
+@dataclass
+class Block:
+    """One fenced code block of a document."""
+
+    document: Path
+    line: int  # 1-based line of the opening fence
+    language: str
+    code: str
+    skip: str | None  # the reason of a skip mark on the line above, if any
+
+    @property
+    def id(self) -> str:
+        return f"{self.document.relative_to(ROOT)}:{self.line}"
+
+
+def code_blocks(document: Path) -> list[Block]:
+    """The fenced code blocks of ``document`` in order, with the skip mark (if any) on the line above each."""
+    lines = document.read_text(encoding="utf-8").splitlines()
+    blocks: list[Block] = []
+    i = 0
+    while i < len(lines):
+        fence = re.match(r"^```(\w*)\s*$", lines[i])
+        if not fence:
+            i += 1
+            continue
+        start = i
+        i += 1
+        while i < len(lines) and lines[i] != "```":
+            i += 1
+        if i == len(lines):
+            raise ValueError(f"{document}:{start + 1}: code block without a closing fence")
+        above = lines[start - 1] if start else ""
+        mark = SKIP_MARK.search(above)
+        blocks.append(Block(document, start + 1, fence.group(1), "\n".join(lines[start + 1:i]) + "\n",
+                            mark.group(1) if mark else None))
+        i += 1
+    return blocks
+
+
+PYTHON_BLOCKS = [b for d in DOCUMENTS for b in code_blocks(d) if b.language == "python"]
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", *dict.fromkeys(WORDS)])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
+                                   eos_token="[EOS]", model_input_names=["input_ids", "attention_mask"])
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A folder holding the tiny model + tokenizer (``path``) and two saved adapters the serving block loads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("readme")
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(root / "tiny-llama")
+    tok.save_pretrained(root / "tiny-llama")
+    for name in ("user_a", "user_b"):
+        torch.manual_seed(len(name) + ord(name[-1]))
+        m = vera_fx.transform(model, vera_fx.VeraConfig(r=256))
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.normal_()
+        m.save_pretrained(root / "out" / name)
+    return root
+
+
+def _names(workdir: Path) -> dict:
+    """What the README's snippets are given: ``path`` and what its quick start makes of it, datasets too."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(workdir / "tiny-llama")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    batch = tok(["VeRA trains two small vectors per layer"], return_tensors="pt")
+    rows = tok(["the model learns to count one two three four"] * 8, return_tensors="pt")
+    data = [{"input_ids": i, "attention_mask": a, "labels": i.clone()}
+            for i, a in zip(rows["input_ids"], rows["attention_mask"])]
+    m = vera_fx.transform(model, vera_fx.VeraConfig(r=256))
+    return {"torch": torch, "vera_fx": vera_fx, "path": path, "model": model, "tok": tok, "batch": batch,
+            "train_ds": data[:6], "eval_ds": data[6:], "m": m}
+
+
+def test_documents_have_python_blocks():
+    readme = [b for b in PYTHON_BLOCKS if b.document.name == "README.md"]
+    assert len(readme) >= 8, [b.id for b in readme]
+    assert all(b.skip is None or re.search(r"\b(GPU|torchrun)\b", b.skip) for b in PYTHON_BLOCKS), \
+        [(b.id, b.skip) for b in PYTHON_BLOCKS if b.skip]
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=lambda b: b.id)
+def test_python_block_runs(block: Block, workdir: Path, monkeypatch) -> None:
+    if block.skip:
+        pytest.skip(block.skip)
+    monkeypatch.chdir(workdir)
+    namespace = _names(workdir)
+    exec(compile(block.code, block.id, "exec"), namespace)  # noqa: S102 - the documents' own code
+
+
+def test_code_blocks_parse_fences(tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text("text\n<!-- readme-test: skip, needs a GPU -->\n```python\nx = 1\n```\n```bash\nls\n```\n")
+    blocks = code_blocks(doc)
+    assert [(b.line, b.language, b.code, b.skip) for b in blocks] == [
+        (3, "python", "x = 1\n", "needs a GPU"), (6, "bash", "ls\n", None)]
+    doc.write_text("```python\nx = 1\n")
+    with pytest.raises(ValueError, match="without a closing fence"):
+        code_blocks(doc)
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    commands = [b.code.strip() for b in code_blocks(ROOT / "README.md") if b.language == "bash"]
+    test_command = [c for c in commands if "pytest" in c]
+    assert test_command == ["pip install -e '.[dev]' && python -m pytest -q -n 2 --dist loadfile"], commands
+    assert "pip install -e '.[demo]' && vera-fx demo" in commands
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert test_command[0] in ci, "the README's test command is not the one .ci/run calls"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert readme.index("pip install torch") < readme.index("```bash"), "the torch note comes before the commands"
+
+
+def test_named_paths_exist() -> None:
+    """Every repository path the documents name (examples/, benchmarks/, docs/, scripts/, tests/, vera_fx/
+    files and relative links) exists."""
+    missing = []
+    for document in DOCUMENTS:
+        text = document.read_text(encoding="utf-8")
+        named = re.findall(r"(?<![\w/.])((?:examples|benchmarks|docs|scripts|tests|vera_fx)/[\w./-]*\w)", text)
+        links = [document.parent / link.split("#")[0]
+                 for link in re.findall(r"\]\(([^)#:]+(?:#[^)]*)?)\)", text) if not link.startswith("http")]
+        for p in [ROOT / n for n in named] + links:
+            if not p.exists():
+                missing.append(f"{document.name}: {p.relative_to(ROOT) if p.is_relative_to(ROOT) else p}")
+    assert not missing, missing
+
+
+def test_architecture_lists_every_module() -> None:
+    """docs/architecture.md has a line for every module of vera_fx (the map stays complete)."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    modules = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "vera_fx").rglob("*.py"))]
+    packages = {"vera_fx/methods/__init__.py", "vera_fx/passes/__init__.py"}  # package markers, no code of their own
+    missing = [m for m in modules if m not in packages and m not in text and f"`{Path(m).name}`" not in text]
+    assert not missing, f"modules without a line in docs/architecture.md: {missing}"
+
