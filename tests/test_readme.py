@@ -157,19 +157,36 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert readme.index("pip install torch") < readme.index("```bash"), "the torch note comes before the commands"
 
 
+def _anchors(document: Path) -> set[str]:
+    """GitHub's anchors of ``document``'s headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+\s+(.+?)\s*$", document.read_text(encoding="utf-8"), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
 def test_named_paths_exist() -> None:
     """Every repository path the documents name (examples/, benchmarks/, docs/, scripts/, tests/, vera_fx/
-    files and relative links) exists."""
+    files and relative links) exists, and every link's #anchor is a heading of its target."""
     missing = []
     for document in DOCUMENTS:
         text = document.read_text(encoding="utf-8")
         named = re.findall(r"(?<![\w/.])((?:examples|benchmarks|docs|scripts|tests|vera_fx)/[\w./-]*\w)", text)
-        links = [document.parent / link.split("#")[0]
-                 for link in re.findall(r"\]\(([^)#:]+(?:#[^)]*)?)\)", text) if not link.startswith("http")]
-        for p in [ROOT / n for n in named] + links:
-            if not p.exists():
-                missing.append(f"{document.name}: {p.relative_to(ROOT) if p.is_relative_to(ROOT) else p}")
+        missing += [f"{document.name}: {n}" for n in named if not (ROOT / n).exists()]
+        for link in re.findall(r"\]\(([^)]+)\)", text):
+            if re.match(r"\w+:", link):
+                continue
+            target, _, anchor = link.partition("#")
+            path = (document.parent / target).resolve() if target else document
+            if not path.exists():
+                missing.append(f"{document.name}: link {link}")
+            elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
+                missing.append(f"{document.name}: link {link} (no such heading)")
     assert not missing, missing
+
+
+def test_anchors_follow_github() -> None:
+    doc = ROOT / "docs" / "architecture.md"
+    assert "lowering-how-each-site-group-is-computed" in _anchors(doc)
+    assert "layers-who-may-import-whom" in _anchors(doc)
 
 
 def test_architecture_lists_every_module() -> None:
