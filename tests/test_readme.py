@@ -4,12 +4,18 @@
 paths the documents name exist.
 
 A block marked ``<!-- readme-test: skip, REASON -->`` on the line above it is skipped with REASON, which must
-say it needs a GPU or torchrun (the only allowed reasons).
+say it needs a GPU or torchrun (the only allowed reasons). A block marked ``<!-- readme-test: torchrun -->`` runs
+in a subprocess with torchrun's environment for one process (RANK=0, WORLD_SIZE=1, a free MASTER_PORT), so
+its process group lives and dies there; tests/test_distributed.py runs the real two-process cases.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +27,7 @@ import vera_fx
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SKIP_MARK = re.compile(r"<!--\s*readme-test:\s*skip,\s*(.+?)\s*-->")
+TORCHRUN_MARK = re.compile(r"<!--\s*readme-test:\s*torchrun\b.*?-->")
 WORDS = ("VeRA trains two small vectors per layer a prompt another third Once upon The adapter is plain to see "
          "the model learns to count one two three four five six seven eight").split()
 
@@ -34,6 +41,7 @@ class Block:
     language: str
     code: str
     skip: str | None  # the reason of a skip mark on the line above, if any
+    torchrun: bool = False  # marked to run as one process with torchrun's environment
 
     @property
     def id(self) -> str:
@@ -59,7 +67,7 @@ def code_blocks(document: Path) -> list[Block]:
         above = lines[start - 1] if start else ""
         mark = SKIP_MARK.search(above)
         blocks.append(Block(document, start + 1, fence.group(1), "\n".join(lines[start + 1:i]) + "\n",
-                            mark.group(1) if mark else None))
+                            mark.group(1) if mark else None, bool(TORCHRUN_MARK.search(above))))
         i += 1
     return blocks
 
@@ -126,10 +134,45 @@ def test_documents_have_python_blocks():
         [(b.id, b.skip) for b in PYTHON_BLOCKS if b.skip]
 
 
+# Runs one block in a fresh interpreter: argv = tests folder, workdir, block id.
+_DRIVER = """
+import os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import test_readme
+import torch.distributed as dist
+block = next(b for b in test_readme.PYTHON_BLOCKS if b.id == sys.argv[3])
+os.chdir(sys.argv[2])
+try:
+    exec(compile(block.code, block.id, "exec"), test_readme._names(Path(sys.argv[2])))
+finally:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_as_torchrun(block: Block, workdir: Path) -> None:
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", _DRIVER, str(ROOT / "tests"), str(workdir), block.id], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{block.id} under torchrun's environment:\n{done.stderr[-3000:]}"
+
+
 @pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=lambda b: b.id)
 def test_python_block_runs(block: Block, workdir: Path, monkeypatch) -> None:
     if block.skip:
         pytest.skip(block.skip)
+    if block.torchrun:
+        _run_as_torchrun(block, workdir)
+        return
     monkeypatch.chdir(workdir)
     namespace = _names(workdir)
     exec(compile(block.code, block.id, "exec"), namespace)  # noqa: S102 - the documents' own code
@@ -137,10 +180,12 @@ def test_python_block_runs(block: Block, workdir: Path, monkeypatch) -> None:
 
 def test_code_blocks_parse_fences(tmp_path: Path) -> None:
     doc = tmp_path / "doc.md"
-    doc.write_text("text\n<!-- readme-test: skip, needs a GPU -->\n```python\nx = 1\n```\n```bash\nls\n```\n")
+    doc.write_text("text\n<!-- readme-test: skip, needs a GPU -->\n```python\nx = 1\n```\n```bash\nls\n```\n"
+                   "<!-- readme-test: torchrun -->\n```python\ny = 2\n```\n")
     blocks = code_blocks(doc)
-    assert [(b.line, b.language, b.code, b.skip) for b in blocks] == [
-        (3, "python", "x = 1\n", "needs a GPU"), (6, "bash", "ls\n", None)]
+    assert [(b.line, b.language, b.code, b.skip, b.torchrun) for b in blocks] == [
+        (3, "python", "x = 1\n", "needs a GPU", False), (6, "bash", "ls\n", None, False),
+        (10, "python", "y = 2\n", None, True)]
     doc.write_text("```python\nx = 1\n")
     with pytest.raises(ValueError, match="without a closing fence"):
         code_blocks(doc)
