@@ -242,3 +242,35 @@ def test_architecture_lists_every_module() -> None:
     missing = [m for m in modules if m not in packages and m not in text and f"`{Path(m).name}`" not in text]
     assert not missing, f"modules without a line in docs/architecture.md: {missing}"
 
+
+
+def _diagram_layers(text: str) -> dict[int, str]:
+    """Layer number -> the module names on its lines of the Layers diagram (the left column, comments dropped)."""
+    section = text[text.index("## Layers"):]
+    diagram = section[section.index("```\n") + 4:]
+    diagram = diagram[:diagram.index("```")]
+    layers: dict[int, str] = {}
+    current = None
+    for line in diagram.splitlines():
+        head = re.match(r"^(\d+)\s+", line)
+        if head:
+            current = int(head.group(1))
+        if not line.strip() or re.match(r"^\s{20,}", line):  # a comment-only line of the right column
+            continue
+        left = re.split(r"\s{3,}", line.strip())[0]
+        if current is not None:
+            layers[current] = layers.get(current, "") + " " + re.sub(r"^\d+\s+", "", left)
+    return layers
+
+
+def test_architecture_layers_match_the_layering_test() -> None:
+    """The Layers diagram of docs/architecture.md puts every module where tests/test_layering.py's LAYERS does."""
+    from test_layering import LAYERS
+
+    diagram = _diagram_layers((ROOT / "docs" / "architecture.md").read_text(encoding="utf-8"))
+    wrong = []
+    for module, layer in LAYERS.items():
+        name = module.rstrip(".").split(".")[-1]
+        if not re.search(rf"\b{re.escape(name)}\b", diagram.get(layer, "")):
+            wrong.append(f"{module}: layer {layer} in LAYERS, not on that layer's line: {diagram.get(layer, '')!r}")
+    assert not wrong, "\n".join(wrong)
