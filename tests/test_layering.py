@@ -1,5 +1,5 @@
-"""vera_fx's modules depend one way (README, Architecture): no import cycle, no import upward across layers,
-and no function-level import of a vera_fx module (the old way of hiding a cycle).
+"""vera_fx's modules depend one way (docs/architecture.md, Layers): no import cycle, no import upward across
+layers, and no function-level import of a vera_fx module (the old way of hiding a cycle).
 
 The imports are read with ``ast`` from the source files, so the test sees every import statement, also
 those under ``if TYPE_CHECKING:``. Importing ``vera_fx.passes.match`` from outside ``vera_fx.passes`` also runs
@@ -21,7 +21,7 @@ PACKAGE = "vera_fx"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 # Layer of each module (lower layers never import higher ones). A name ending in "." covers a package's
-# submodules. Keep this table and README's Architecture section in step.
+# submodules. Keep this table and docs/architecture.md (Layers) in step.
 LAYERS: dict[str, int] = {
     "vera_fx.config": 0, "vera_fx.sites": 0, "vera_fx.runtime": 0, "vera_fx.versions": 0, "vera_fx.compat": 0,
     "vera_fx.folder": 0, "vera_fx.keywords": 0, "vera_fx.limits": 1,
@@ -161,7 +161,7 @@ def test_cycle_finder_finds_a_cycle():
 def test_no_import_cycle():
     cycle = _cycle(_graph())
     assert cycle is None, ("import cycle: " + " -> ".join(cycle) + ". Move what both modules need into the lower "
-                           "one (or a new module below both); see README, Architecture")
+                           "one (or a new module below both); see docs/architecture.md, Layers")
 
 
 def test_no_function_level_import_of_vera_fx():
@@ -173,7 +173,8 @@ def test_no_function_level_import_of_vera_fx():
 
 def test_every_module_has_a_layer():
     missing = [m for m in MODULES if _layer(m) is None]
-    assert not missing, f"modules without a layer: {missing}; add them to LAYERS here and to README's Architecture"
+    assert not missing, (f"modules without a layer: {missing}; add them to LAYERS here and to docs/architecture.md "
+                         "(Layers, Modules)")
 
 
 def test_imports_go_down_the_layers():

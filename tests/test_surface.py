@@ -239,7 +239,7 @@ def test_load_adapter_argument_order_is_peft_s(pair, folders):
 
 
 def test_save_pretrained_config_matches_peft_s(pair, tmp_path):
-    """adapter_config.json: PEFT's keys and values (peft_version: the config's own, see README)."""
+    """adapter_config.json: PEFT's keys and values (peft_version: the config's own, see docs/usage.md)."""
     m, pm, _ = pair
     m.save_pretrained(tmp_path / "ours")
     pm.save_pretrained(str(tmp_path / "peft"))
