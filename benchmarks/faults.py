@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,6 +122,7 @@ def measure_reads(reads: int, root: Path) -> dict[str, int]:
     _save(8, root / "r8")
     _save(16, root / "r16")
     path, done = root / "live", root / "done"
+    shutil.copytree(root / "r8", path)  # the folder exists before the first read, as in use
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(root / "r8"), str(root / "r16"), str(path), str(done)],
                             env=env, stdout=subprocess.PIPE, text=True)

@@ -460,7 +460,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
             raise TypeError(f"{type(self._base_model).__name__}.forward takes {len(positional)} positional "
                             f"arguments ({positional}); {len(args)} were given")
         call = dict(zip(positional, args))
-        check_keywords(params, kwargs, type(self._base_model).__name__)
+        check_keywords(params, [k for k in kwargs if k != "adapter_names"], type(self._base_model).__name__)
         for k, v in kwargs.items():
             if k in call:
                 raise TypeError(f"forward got multiple values for argument {k!r}")
