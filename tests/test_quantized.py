@@ -322,7 +322,8 @@ def test_merge_and_unload_matches_peft_merged_model(checkpoint, kind, method, ca
     with caplog.at_level("INFO", logger="vera_fx.passes.merge_layers"):
         merged = m.merge_and_unload()
     assert merged is base and isinstance(merged, type(peft_merged))
-    assert re.search(r"requantized 14 bitsandbytes site\(s\); rounding error .* [0-9.e-]+ at 'model\.layers", caplog.text)
+    assert re.search(r"requantized 14 bitsandbytes site\(s\); rounding error .* [0-9.e-]+ at 'model\.layers",
+                     caplog.text)
     ours, theirs = _quantized_bytes(merged), _quantized_bytes(peft_merged)
     assert ours.keys() == theirs.keys() and len(ours) == 14
     assert all(torch.equal(ours[n], theirs[n]) for n in ours)
