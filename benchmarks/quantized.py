@@ -6,7 +6,10 @@ is not polluted by the others): peak memory is the process's resident set during
 its resident set after imports ("in step": above its resident set just before the first step); step time
 is the fastest of ``--steps`` forward + backward + AdamW steps after a warm-up step (the least disturbed
 by other processes on a shared machine). Ratios: time/fp32 and mem/fp32 against vera_fx on the
-fp32 model, time/peft and mem/peft against PEFT on the same base.
+fp32 model, time/peft and mem/peft against PEFT on the same base. After training, each run merges
+(``merge_and_unload``: on int8 / nf4 dequantize, add the update, quantize again) and reports the merge's wall
+time and its error, the largest |merged - adapted| logit on the training batch in eval mode (the rounding a
+requantization adds; on fp32 float rounding only).
 
     python benchmarks/quantized.py [--hidden 512] [--layers 4] [--batch 4] [--length 64] [--steps 6]
 
@@ -138,17 +141,33 @@ def run_one(base: str, library: str, path: str, args: argparse.Namespace) -> dic
             opt.zero_grad(set_to_none=True)
             if i:  # the first step warms up (bnb's int8 state, allocator)
                 times.append(time.perf_counter() - t0)
-    return {"base": base, "library": library, "step_s": min(times),
+    merge_s, merge_err = _merge(net, batch)
+    return {"merge_s": merge_s, "merge_err": merge_err, "base": base, "library": library, "step_s": min(times),
             "peak_mb": (peak.peak - baseline) / 2**20, "step_mb": (peak.peak - before_steps) / 2**20,
             "weights_mb": weights / 2**20,
             "trainable": sum(p.numel() for p in params), "loss": float(loss)}
+
+
+def _merge(net: Any, batch: dict[str, Any]) -> tuple[float, float]:
+    """(wall time of ``merge_and_unload``, max |merged - adapted| logit on ``batch``) in eval mode."""
+    import torch
+
+    net.eval()
+    with torch.no_grad():
+        adapted = net(**batch).logits
+    t0 = time.perf_counter()
+    merged = net.merge_and_unload()
+    elapsed = time.perf_counter() - t0
+    with torch.no_grad():
+        return elapsed, float((merged(**batch).logits - adapted).abs().max())
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
     by = {(r["base"], r["library"]): r for r in rows}
     fp32 = by.get(("fp32", "vera_fx"))
     lines = [f"{'base':<5} {'library':<8} {'step ms':>8} {'peak MB':>8} {'in step':>8} {'weights MB':>10} "
-             f"{'time/fp32':>9} {'mem/fp32':>8} {'time/peft':>9} {'mem/peft':>8}"]
+             f"{'time/fp32':>9} {'mem/fp32':>8} {'time/peft':>9} {'mem/peft':>8} {'merge ms':>8} "
+             f"{'merge/peft':>10} {'merge err':>9}"]
     for r in rows:
         def ratio(other: Any, key: str) -> str:
             return f"{r[key] / other[key]:.2f}" if other and other is not r and other[key] > 0 else "-"
@@ -158,7 +177,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{r['base']:<5} {r['library']:<8} {r['step_s'] * 1e3:>8.1f} {r['peak_mb']:>8.1f} "
                      f"{r['step_mb']:>8.1f} "
                      f"{r['weights_mb']:>10.1f} {ratio(fp32_row, 'step_s'):>9} {ratio(fp32_row, 'peak_mb'):>8} "
-                     f"{ratio(peft_row, 'step_s'):>9} {ratio(peft_row, 'peak_mb'):>8}")
+                     f"{ratio(peft_row, 'step_s'):>9} {ratio(peft_row, 'peak_mb'):>8} {r['merge_s'] * 1e3:>8.1f} "
+                     f"{ratio(peft_row, 'merge_s'):>10} {r['merge_err']:>9.2e}")
     return "\n".join(lines)
 
 
@@ -203,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
             logger.warning("%s / %s: %.1f ms per step", base, library, rows[-1]["step_s"] * 1e3)
     print(f"Llama-like: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; VeRA r={args.r} on all "
           f"linears but lm_head; batch {args.batch} x {args.length}; {args.threads} threads; fastest of "
-          f"{args.steps} steps (forward + backward + AdamW)")
+          f"{args.steps} steps (forward + backward + AdamW); then merge_and_unload")
     print(_table(rows))
 
 

@@ -323,7 +323,8 @@ def test_merge_and_unload_matches_peft_merged_model(checkpoint, kind, method, ca
     with caplog.at_level("INFO", logger="vera_fx.passes.merge_layers"):
         merged = m.merge_and_unload()
     assert merged is base and isinstance(merged, type(peft_merged))
-    assert re.search(r"requantized 14 bitsandbytes site\(s\); rounding error .* [0-9.e-]+ at 'model\.layers", caplog.text)
+    assert re.search(r"requantized 14 bitsandbytes site\(s\); rounding error .* [0-9.e-]+ at 'model\.layers",
+                     caplog.text)
     ours, theirs = _quantized_bytes(merged), _quantized_bytes(peft_merged)
     assert ours.keys() == theirs.keys() and len(ours) == 14
     assert all(torch.equal(ours[n], theirs[n]) for n in ours)
@@ -390,11 +391,14 @@ def test_merge_unmerge_in_the_graph_leave_the_user_s_layers(checkpoint, kind, ca
     assert "rounding error" in caplog.text
     new_layer = m.graph_module.get_submodule(site)
     assert new_layer is not graph_layer and type(new_layer) is type(graph_layer)
+    merged_bytes = new_layer.weight.data.clone()
     assert all(s.merged == ("default",) and not s.adapters for s in vera_fx.sites(m))
     with torch.no_grad():
         merged, merged_short = m(**kw).logits, m(**short).logits  # the second: a graph of its own
         assert torch.equal(model(**kw).logits, base)
     assert torch.equal(merged_short, merged)
+    # capturing the second graph (its stand-ins, its copies of the user's layers) left the merged layer alone
+    assert torch.equal(new_layer.weight.data, merged_bytes)
     assert _nearer(merged, ref, base)
     assert {n: mod for n, mod in model.named_modules() if quantized.is_quantized_layer(mod)} == layers
     after = quantized_params(model)

@@ -52,7 +52,6 @@ from .generation import generate
 from .keywords import check_keywords, check_mask, describe_key, say_constant_changes
 from .passes.attach import attach_adapters, state_fingerprint
 from .passes.match import MatchPass
-from .quantized import is_quantized_parameter
 from .serving import mixed_adapter_forward
 from .state import state_lock
 from .passes.pipeline import run_passes, transform as transform_graph
@@ -140,8 +139,8 @@ def _swapped_in(model: nn.Module, source: GraphModule) -> Iterator[None]:
     by_id: dict[int, torch.Tensor] = {}
     for name, t in list(model.named_parameters(remove_duplicate=False)) + \
             list(model.named_buffers(remove_duplicate=False)):
-        new = theirs.get(name)  # never a bitsandbytes weight: its layer's state belongs to the graph's layer
-        if new is None or new is t or type(new) is not type(t) or new.shape != t.shape or is_quantized_parameter(t):
+        new = theirs.get(name)
+        if new is None or new is t or type(new) is not type(t) or new.shape != t.shape:
             continue
         if new.dtype == t.dtype and new.device == t.device and new.data_ptr() == t.data_ptr():
             continue

@@ -226,7 +226,7 @@ class MergePass(PassBase):
             return PassResult(gm, False)
         dense = [f for f in folds if not is_layer_site(f.site)]
         new = {f.weight: _folded_weight(gm, f, get_tensor(gm, f.weight), self.safe_merge) for f in dense}
-        plans = [(f.site, f.adapters, gm.get_submodule(layer_path(f.weight))) for f in folds if f not in dense]
+        plans = [(f.site, f.adapters, gm.get_submodule(layer_path(f.weight))) for f in folds if is_layer_site(f.site)]
         layers = merged_layers(gm, plans, self.safe_merge)
 
         with Rollback(gm, new, map(layer_path, layers)):
@@ -313,8 +313,9 @@ def merge(gm: GraphModule, adapter_names: Optional[list[str]] = None, safe_merge
     """Fold the active (or the named) deterministic adapters into the base weights; returns ``gm`` changed.
 
     The graph becomes node for node the captured base graph at the folded sites. Sites that sample at
-    inference, quantized sites and tied weights stay as adapter nodes, with a warning naming them.
-    Copy-on-merge: folded weights are new tensors, so the model ``gm`` was captured from is never changed.
+    inference and tied weights stay as adapter nodes, with a warning naming them. Copy-on-merge: folded
+    weights are new tensors and a bitsandbytes site gets a new requantized layer (its rounding error is
+    logged), so the model ``gm`` was captured from is never changed.
     ``safe_merge=True`` raises ValueError naming the site when a merged weight is not finite. Atomic: on any
     error ``gm`` is left as it was. Merging an already merged adapter is a no-op (nothing is added twice).
     """
@@ -382,7 +383,7 @@ def merge_into(model: nn.Module, gm: GraphModule, safe_merge: bool = False) -> n
     dense = [f for f in folds if not is_layer_site(f.site)]
     folded = {f.weight: _folded_weight(gm, f, get_tensor(gm, f.weight), safe_merge) for f in dense}
     layers, problems = baked_layers(model, gm, [(f.site, f.adapters, gm.get_submodule(layer_path(f.weight)))
-                                                for f in folds if f not in dense], safe_merge)
+                                                for f in folds if is_layer_site(f.site)], safe_merge)
     new: dict[str, torch.Tensor] = {}
     for model_name, graph_name in _graph_reads(gm).items():
         value = folded[graph_name] if graph_name in folded else get_tensor(gm, graph_name).detach()

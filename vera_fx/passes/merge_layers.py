@@ -165,7 +165,7 @@ def baked_layers(model: nn.Module, gm: GraphModule, plans: list[LayerPlan],
     (one rounding), with ``model``'s own layer as the template (its settings and hooks) and the graph's bias."""
     merged = {w: rec for w, rec in adapter_flags(gm).folded.items() if isinstance(rec, LayerFolded)}
     by_weight = {site.weight: (site, adapters, layer) for site, adapters, layer in plans}
-    sites = {s.weight: s for s in read_sites(gm)}
+    sites = {s.weight: s for s in read_sites(gm)} if merged else {}
     for weight, rec in merged.items():
         site, adapters, _ = by_weight.get(weight, (sites[weight], (), None))
         by_weight[weight] = (site, rec.adapters + adapters, rec.original)
