@@ -228,3 +228,21 @@ def test_modules_to_save_in_the_eager_top_level_is_refused():
     with torch.no_grad():
         copy_params[0].add_(1.0)
     assert copy_params and not torch.equal(ours(x), before)
+
+
+@pytest.mark.slow
+def test_falcon_generates_as_peft():
+    """FalconLinear sites are in the decode graph too (capture_decode_graph exports under linear_forwards)."""
+    arch = BY_NAME["falcon"]
+    model = arch.build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(7)
+        pm = peft.get_peft_model(copy.deepcopy(model), peft.VeraConfig(r=4, target_modules=arch.targets,
+                                                                       init_weights=False)).eval()
+    torch.manual_seed(7)
+    ours = vera_fx.transform(model, vera_fx.VeraConfig(r=4, target_modules=arch.targets, init_weights=False)).eval()
+    ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(3))
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    theirs = pm.generate(**kw)
+    assert torch.equal(ours.generate(**kw), theirs) and not torch.equal(model.generate(**kw), theirs)

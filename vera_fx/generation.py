@@ -40,6 +40,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
 from .state import (active_adapters, adapters_disabled, modules_to_save_copy, reads_state,
                     set_adapters_training)
 from .capture import SOURCE_MODEL_KEY, CaptureError, model_flags_kept
+from .linear_like import linear_forwards
 from .methods import CONTAINER
 from .methods.pvera import pvera_record_kl
 from .passes.inject import emit_adapter, remove_adapter_nodes
@@ -137,7 +138,7 @@ def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len:
     """
     check_can_generate(model)
     device = next(p.device for p in model.parameters())
-    with model_flags_kept(model):
+    with model_flags_kept(model), linear_forwards(model):  # Falcon-style linears stay sites (linear_like)
         try:
             model.eval()
             for p in model.parameters():
