@@ -81,7 +81,7 @@ ARCHS: list[Arch] = [
          ["query_proj", "value_proj"]),
     Arch("vit", "ViTForImageClassification", "ViTConfig",
          dict(image_size=16, patch_size=4, num_channels=3, hidden_size=32, intermediate_size=48,
-              num_hidden_layers=2, num_attention_heads=4, num_labels=3), ["query", "value"], "vision"),
+              num_hidden_layers=2, num_attention_heads=4, num_labels=3), _QKV, "vision"),  # q_proj in transformers 5
     Arch("swin", "SwinForImageClassification", "SwinConfig",
          dict(image_size=16, patch_size=2, num_channels=3, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
               window_size=4, num_labels=3), ["query", "value"], "vision"),

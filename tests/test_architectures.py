@@ -150,12 +150,13 @@ class _DataDependentHead(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.layers = nn.ModuleList([_Layer(), _Layer()])
+        self.norm = nn.LayerNorm(6)
         self.head = nn.Linear(6, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x, scale=0.5)
-        y = self.head(x)
+        y = self.head(self.norm(x))
         if (y > 0).sum() > 3:
             return y * 2
         return y
@@ -166,7 +167,8 @@ def test_eager_top_runs_the_models_code_around_exported_blocks():
     model = _DataDependentHead().eval()
     x = torch.randn(2, 3, 6)
     gm = vera_fx.capture(model, (x,), blocks=True)
-    assert EAGER_TOP in gm.meta and len([g for g in gm.modules() if hasattr(g, "graph")]) == 3
+    # the root, a block per layer, and the head (a linear module of the top level stays a site)
+    assert EAGER_TOP in gm.meta and len([g for g in gm.modules() if hasattr(g, "graph")]) == 4
     x2 = torch.randn(4, 5, 6)
     assert torch.equal(gm(x2), model(x2)) and torch.equal(gm(-x2), model(-x2))  # both branches, eagerly
     with warnings.catch_warnings():
@@ -178,6 +180,8 @@ def test_eager_top_runs_the_models_code_around_exported_blocks():
     ours = vera_fx.transform(model, vera_fx.VeraConfig(r=2, target_modules=["lin"], init_weights=False),
                              example_inputs=(x,))
     assert torch.allclose(ours(x2), pm(x2), atol=1e-6)
+    all_linear = vera_fx.transform(model, vera_fx.VeraConfig(r=2, target_modules="all-linear"), example_inputs=(x,))
+    assert sorted(s.name for s in vera_fx.sites(all_linear)) == ["head", "layers.0.lin", "layers.1.lin"]
     copied = copy.deepcopy(ours)  # GraphModule copies drop hooks: each block's call hook comes back
     assert torch.equal(copied(x2), ours(x2))
     vera_fx.merge(ours)  # sites are in the blocks: merging works as with an exported top level
@@ -212,11 +216,33 @@ def test_modules_to_save_in_the_eager_top_level_is_refused():
     torch.manual_seed(0)
     model = _DataDependentHead().eval()
     x = torch.randn(2, 3, 6)
-    with pytest.raises(ValueError, match=r"modules_to_save=\['head'\] .* names 'head', which runs in the model's "
+    with pytest.raises(ValueError, match=r"modules_to_save=\['norm'\] .* names 'norm', which runs in the model's "
                                          r"eager top level: .*GuardOnDataDependentSymNode"):
-        vera_fx.transform(model, vera_fx.VeraConfig(r=2, target_modules=["lin"], modules_to_save=["head"]),
+        vera_fx.transform(model, vera_fx.VeraConfig(r=2, target_modules=["lin"], modules_to_save=["norm"]),
                           example_inputs=(x,))
-    # a module inside the layers is read through its block: allowed
-    ours = vera_fx.transform(model, vera_fx.VeraConfig(r=2, target_modules=["lin"], modules_to_save=["layers.1.lin"]),
+    # a module that is a block (the linear head) or inside one is read through its block: allowed, and trained
+    ours = vera_fx.transform(model, vera_fx.VeraConfig(r=2, target_modules=["lin"], modules_to_save=["head"]),
                              example_inputs=(x,))
-    assert ours(x).shape == (2, 3, 2)
+    before = ours(x).detach()
+    copy_params = [p for n, p in ours.named_parameters() if p.requires_grad and "modules_to_save" in n]
+    with torch.no_grad():
+        copy_params[0].add_(1.0)
+    assert copy_params and not torch.equal(ours(x), before)
+
+
+@pytest.mark.slow
+def test_falcon_generates_as_peft():
+    """FalconLinear sites are in the decode graph too (capture_decode_graph exports under linear_forwards)."""
+    arch = BY_NAME["falcon"]
+    model = arch.build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(7)
+        pm = peft.get_peft_model(copy.deepcopy(model), peft.VeraConfig(r=4, target_modules=arch.targets,
+                                                                       init_weights=False)).eval()
+    torch.manual_seed(7)
+    ours = vera_fx.transform(model, vera_fx.VeraConfig(r=4, target_modules=arch.targets, init_weights=False)).eval()
+    ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(3))
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    theirs = pm.generate(**kw)
+    assert torch.equal(ours.generate(**kw), theirs) and not torch.equal(model.generate(**kw), theirs)

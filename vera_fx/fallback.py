@@ -8,15 +8,17 @@ top-level code eagerly around them:
 - the root graph is one ``call_module`` of ``vera_fx_eager`` (an ``EagerTop``), which calls the model's own
   ``forward`` on a structural copy of the model (``shell``): the same module objects as the root's children,
   so the root's frozen parameters, ``.train()`` / ``.eval()`` and ``.to()`` reach it, with every layer
-  replaced by its block;
+  replaced by its block (the linear modules the top level calls, a pooler or a classifier head, are blocks
+  too, so they remain sites);
 - each block takes the layer's call as it comes (a forward pre-hook, ``FlatCall``, flattens it to the
   block's tensor inputs and checks the constants it was captured with) and returns the layer's own output
   structure (the exported layer's), so a layer may return several tensors, and a layer the top level calls
   several times (ALBERT's shared layer) is one block called several times.
 
 Blocks keep everything blocks give (sites, merge, regional compile, FSDP per block); the top level is plain
-eager PyTorch: no sites outside the layers, and nothing that needs the root graph (gradient checkpointing
-through the root's block calls, mixed-adapter batches, ``torch.export`` of the adapted model).
+eager PyTorch: nothing that needs the root graph (gradient checkpointing through the root's block calls,
+mixed-adapter batches, ``torch.export`` of the adapted model), and ``modules_to_save`` only for modules that
+are blocks (the match pass refuses the others).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch.fx import Graph, GraphModule
 from . import blocks as _blocks
 from .block_export import bind_layers, export_groups
 from .compat import pytree, register_deepcopy_hook
+from .linear_like import linear_module_paths
 
 __all__ = ["EagerTop", "FlatCall", "EAGER_TOP", "eager_call", "capture_eager_top"]
 
@@ -128,10 +131,13 @@ def capture_eager_top(model: nn.Module, layer_paths: list[str], args: tuple, kwa
         raise _blocks.BlockCaptureError("bitsandbytes layers are not supported with an eager top level")
     if any(t is not None for t in [*model._parameters.values(), *model._buffers.values()]):
         raise _blocks.BlockCaptureError(f"{type(model).__name__} holds tensors of its own outside its modules")
-    records = _blocks.record_calls(model, layer_paths, args, kwargs)
+    # linear modules of the top level (a pooler, a classifier head) are blocks too, so they stay sites
+    outside = [p for p in linear_module_paths(model) if not any(p.startswith(q + ".") for q in layer_paths)]
+    records = _blocks.record_calls(model, layer_paths + outside, args, kwargs)
     missing = [p for p in layer_paths if p not in records]
     if missing:
         raise _blocks.BlockCaptureError(f"layers {missing[:3]} are not called by the forward")
+    layer_paths = layer_paths + [p for p in outside if p in records]
     calls = {i: eager_call(records[p]) for i, p in enumerate(layer_paths)}
     blocks = bind_layers(model, export_groups(model, layer_paths, calls, records), layer_paths, {})
     for i, path in enumerate(layer_paths):

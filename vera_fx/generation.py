@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 from .eager_generation import eager_reason, generate_eager, live_layout, model_inputs
 from .state import modules_to_save_copy, reads_state, set_adapters_training
 from .capture import SOURCE_MODEL_KEY, CaptureError, model_flags_kept
+from .linear_like import linear_forwards
 from .methods import CONTAINER
 from .methods.pvera import pvera_record_kl
 from .passes.infer import INFERENCE_KEY
@@ -149,7 +150,7 @@ def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len:
         raise ValueError(f"{type(model).__name__} is an encoder-decoder model: the decode graph is for decoder-only "
                          "causal LMs; vera_fx.generate runs transformers' loop with the adapters hooked for it")
     device = next(p.device for p in model.parameters())
-    with model_flags_kept(model):
+    with model_flags_kept(model), linear_forwards(model):  # Falcon-style linears stay sites (linear_like)
         try:
             model.eval()
             for p in model.parameters():
