@@ -493,11 +493,8 @@ def _leaf_node(graph: Graph, new: Node, path: tuple, old: Node) -> Node:
 
 
 def _erase_unused_sizes(graph: Graph) -> None:
-    """Erase the size computations only a ``block_call_n`` node read (symbolic sizes of its outputs)."""
-    changed = True
-    while changed:
-        changed = False
-        for n in reversed(list(graph.nodes)):
-            if n.op == "call_function" and not n.users and isinstance(n.meta.get("val"), torch.SymInt):
-                graph.erase_node(n)
-                changed = True
+    """Erase the size computations only a ``block_call_n`` node read (symbolic sizes of its outputs); in
+    reverse order, so a size's own inputs are unused by the time they are reached."""
+    for n in reversed(list(graph.nodes)):
+        if n.op == "call_function" and not n.users and isinstance(n.meta.get("val"), torch.SymInt):
+            graph.erase_node(n)
