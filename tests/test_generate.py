@@ -364,7 +364,8 @@ def test_hooks_refuse_a_functional_site():
             return self.inner(x)
 
     toy = Toy()
-    gm = vera_fx.transform(toy, vera_fx.VeraConfig(r=2, target_modules=["inner"]), example_inputs=(torch.randn(2, 3, 8),))
+    gm = vera_fx.transform(toy, vera_fx.VeraConfig(r=2, target_modules=["inner"]),
+                           example_inputs=(torch.randn(2, 3, 8),))
     with pytest.raises(ValueError, match="site 'inner' is a Scaled, not a linear layer of Toy"):
         with adapter_hooks(as_graph_module(gm), toy):
             pass

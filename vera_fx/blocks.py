@@ -164,28 +164,14 @@ class _StandIn(nn.Module):
     """Takes a layer's place while the top level is exported: one ``block_call`` node per call (or
     ``block_call_n`` for a layer returning several tensors, see ``single_output``)."""
 
-    def __init__(self, index: int, record: LayerCall, calls: dict[int, ExportCall], layer: nn.Module,
-                 fixed_numbers: bool = False) -> None:
+    def __init__(self, index: int, record: LayerCall, calls: dict[int, ExportCall], layer: nn.Module) -> None:
         super().__init__()
         self.index = index
-        self.fixed_numbers = fixed_numbers
         self.record = record
         self.calls = calls
         self.__dict__["layer"] = layer  # not registered: the layer's parameters stay out of the top graph
 
-    def __getattr__(self, name: str) -> Any:
-        """The layer's attributes, for code around the layer that reads them (Swin: ``layer.downsample``)."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            layer = self.__dict__.get("layer")
-            if layer is None:
-                raise
-            return getattr(layer, name)
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.fixed_numbers:  # an image model's layer sizes (Swin's input_dimensions): fixed at the example's
-            args, kwargs = pytree.tree_map(_fixed, (args, kwargs))
         flat, spec = pytree.tree_flatten_with_path((args, kwargs))
         leaves = [v for _, v in flat]
         metas = []
@@ -231,11 +217,6 @@ class _StandIn(nn.Module):
                                               [_DTYPES.index(t.dtype) for t in outs])
 
 
-def _fixed(v: Any) -> Any:
-    """A symbolic int as the int it is in the example (export records the specialisation as a guard)."""
-    return int(v) if isinstance(v, torch.SymInt) else v
-
-
 def single_output(record: LayerCall) -> Optional[Tensor]:
     """The layer's one output tensor when it returns exactly one, shaped like one of its inputs (a
     ``block_call`` node then stands for it), else None (``block_call_n``)."""
@@ -260,16 +241,14 @@ def check_records(model: nn.Module, paths: list[str], records: dict[str, LayerCa
 @contextlib.contextmanager
 def stand_ins(model: nn.Module, paths: list[str], records: dict[str, LayerCall],
               calls: dict[int, ExportCall]) -> Iterator[None]:
-    """Swap every layer at ``paths`` for a stand-in during the block; the layers always come back. An image
-    model (main input ``pixel_values``) has a fixed image size: sizes its layers take as numbers are fixed."""
-    fixed = getattr(model, "main_input_name", None) == "pixel_values"
+    """Swap every layer at ``paths`` for a stand-in during the block; the layers always come back."""
     originals = {}
     try:
         for i, path in enumerate(paths):
             parent_path, _, leaf = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
             originals[path] = (parent, leaf, parent._modules[leaf])
-            stand_in = _StandIn(i, records[path], calls, parent._modules[leaf], fixed)
+            stand_in = _StandIn(i, records[path], calls, parent._modules[leaf])
             _carry_output_hooks(parent._modules[leaf], stand_in)
             parent._modules[leaf] = stand_in
         yield
@@ -514,11 +493,8 @@ def _leaf_node(graph: Graph, new: Node, path: tuple, old: Node) -> Node:
 
 
 def _erase_unused_sizes(graph: Graph) -> None:
-    """Erase the size computations only a ``block_call_n`` node read (symbolic sizes of its outputs)."""
-    changed = True
-    while changed:
-        changed = False
-        for n in reversed(list(graph.nodes)):
-            if n.op == "call_function" and not n.users and isinstance(n.meta.get("val"), torch.SymInt):
-                graph.erase_node(n)
-                changed = True
+    """Erase the size computations only a ``block_call_n`` node read (symbolic sizes of its outputs); in
+    reverse order, so a size's own inputs are unused by the time they are reached."""
+    for n in reversed(list(graph.nodes)):
+        if n.op == "call_function" and not n.users and isinstance(n.meta.get("val"), torch.SymInt):
+            graph.erase_node(n)
