@@ -236,13 +236,12 @@ def test_least_recently_used_order():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ours(input_ids=ids, output_hidden_states=True)  # [source, hidden]
-        ours(input_ids=ids, labels=ids)  # [source, hidden, labels]
-        ours(input_ids=ids, output_hidden_states=True)  # hidden used last: labels is the oldest besides source
-        ours(input_ids=ids, return_dict=False)
-    kinds = [" ".join(str(i[0]) for i in k[0]) for k in ours.graphs]
-    assert not any("labels" in k for k in kinds)
-    assert any("output_hidden_states" in str(k) for k in ours.graphs)
-    assert ours.num_graphs == 3
+        ours(input_ids=ids, output_attentions=True)  # [source, hidden, attentions]
+        ours(input_ids=ids, output_hidden_states=True)  # hidden used last: attentions is the oldest but the source
+        ours(input_ids=ids, return_dict=False)  # evicts attentions
+    keys = [str(k) for k in ours.graphs]
+    assert not any("output_attentions" in k for k in keys) and any("output_hidden_states" in k for k in keys)
+    assert ours.num_graphs == 3 and ours.graph_module in ours.graphs.values()
 
 
 @pytest.fixture
