@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vera_fx
+import vera_fx.state
 from conftest import peft_pair, tiny_llama
 from vera_fx.methods.infer import group_products, latent_products, site_add, site_products
 from vera_fx.passes.infer import INFERENCE_KEY, inference_costs, inference_plan, lower_for_inference
@@ -277,3 +278,15 @@ def test_a_sharded_model_runs_inference_on_its_own_graph(one_process_group):
     with torch.no_grad():
         _close(ours(input_ids=ids).logits, pm(input_ids=ids).logits)
     assert set(ours._twins.values()) <= {"as is"} and not is_sharded(pm)
+
+
+def test_a_model_left_in_eval_trains_its_adapters_on_the_training_graph():
+    """PEFT's recipe: the model stays in eval mode (from_pretrained) and its adapters train: with gradients
+    that is a training call (no twin); under no_grad the twin, with the adapters' own flag."""
+    ours, _ = peft_pair(tiny_llama(), QV, r=4)
+    assert not ours.training and vera_fx.state.adapters_training(ours)
+    ours(input_ids=_ids()).logits.sum().backward()
+    assert not ours._twins
+    with torch.no_grad():
+        ours(input_ids=_ids())
+    assert vera_fx.state.adapters_training(_twin(ours))
