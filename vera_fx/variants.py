@@ -7,7 +7,7 @@ tree (its own ``Graph`` objects and generated code; the same parameters, buffers
 modules, never copied) whose adapters are emitted in the inference form (vera_fx/passes/infer.py: B read once
 per site group, only vectors scaled, nothing kept for backward) instead of the training plan of
 ``lowering``. The twin is built once per graph and form on first use and bound to the adapter state as every
-graph is (the attach pass): a switch rebuilds it like its original. A training call never sees it.
+graph is (the attach pass); after a switch (a new adapter structure) it is built anew from its original. A training call never sees it.
 
 The bound: the object keeps at most ``max_graphs`` captured graphs. Past it the least recently used one is
 evicted (with its twin) and a warning says so once, as torch.compile does past its recompile limit; the
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from .passes.attach import state_fingerprint
 from .passes.infer import FORMS, INFERENCE_KEY
 from .sites import graph_modules
 from .state import ADAPTER_MODE, adapters_training, set_adapters_training
@@ -37,6 +38,7 @@ __all__ = ["GraphVariants", "is_inference_call", "is_sharded", "inference_twin",
 logger = logging.getLogger(__name__)
 
 INFERENCE_FORM = "batched"
+_TWIN_STATE = "vera_fx_twin_state"  # twin meta: the source's state_fingerprint the twin was built for
 _AS_IS = "as is"  # the twin entry of a graph that runs inference calls itself (a sharded tree)
 FINGERPRINT_KEY = "vera_fx_fingerprint"  # gm.meta: the source's state_fingerprint a graph was attached at
 
@@ -147,13 +149,16 @@ class GraphVariants:
         twin = self._twins.get(gm)
         if twin is _AS_IS:
             return gm
-        if twin is None or twin.meta[INFERENCE_KEY] != self._inference_form:
+        fp = state_fingerprint(self._source)
+        if twin is None or twin.meta[INFERENCE_KEY] != self._inference_form or twin.meta.get(_TWIN_STATE) != fp:
+            # built anew for each adapter structure (a copy of the graph as now bound), never re-attached
             with self._build_lock:
                 # a sharded tree (FSDP) runs as it is: its hooks gather the parameters, a copy would have none
                 if is_sharded(gm):
                     self._twins[gm] = _AS_IS
                     return gm
                 twin = inference_twin(gm, self._inference_form, (FINGERPRINT_KEY,))
+                twin.meta[_TWIN_STATE] = fp
                 self._twins[gm] = twin
         if twin.training != self._source.training:  # the modes as the source's (the twin's flags are its own)
             twin.train(self._source.training)
