@@ -150,7 +150,10 @@ def main() -> None:
     table = []
     for case in args.cases.split(","):
         method, targets = CASES[case]
-        table += run_case(case, variants(model, method, targets, r, args.compile), rows, rounds, vocab)
+        rows_of_case = run_case(case, variants(model, method, targets, r, args.compile), rows, rounds, vocab)
+        print_table(f"{case} (as it finishes)", ["case", "row", "batch", "variant", "ms", "x peft", "x base", "diff"],
+                    rows_of_case)
+        table += rows_of_case
     print_table("inference forward: ms (median); x peft / x base = time over PEFT's unmerged / the base model's "
                 "(compiled rows: over compiled PEFT / base)",
                 ["case", "row", "batch", "variant", "ms", "x peft", "x base", "max |diff| vs peft"], table)

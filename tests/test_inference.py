@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vera_fx
+import vera_fx.state
 from conftest import peft_pair, tiny_llama
 from vera_fx.methods.infer import group_products, latent_products, site_add, site_products
 from vera_fx.passes.infer import INFERENCE_KEY, inference_costs, inference_plan, lower_for_inference
@@ -51,7 +52,7 @@ def _targets(gm):
 def test_every_inference_form_equals_peft(kw, lowering):
     """Whatever training plan the graph has, eval and no-grad calls run the inference twin; batched and per-site
     forms, one token and many, equal PEFT's outputs."""
-    ours, pm = peft_pair(tiny_llama(), kw, r=8, lowering=lowering)
+    ours, pm = peft_pair(tiny_llama(), kw, r=128, lowering=lowering)  # out x r of gate / up's B: over a call
     pm.eval()
     for form in ("batched", "site"):
         ours.inference_form = form
@@ -136,7 +137,7 @@ def test_inference_ops_equal_the_plain_chain():
     h, b = torch.randn(2, 3, 4), torch.randn(5, 4)
     lds, lbs = [torch.randn(4) for _ in range(3)], [torch.randn(5) for _ in range(3)]
     u = group_products(h, b, *lds)
-    assert u.shape == (3, 2, 3, 5)
+    assert len(u) == 3 and all(t.shape == (2, 3, 5) for t in u)
     for k in range(3):
         y = torch.randn(2, 3, 5)
         plain = y + torch.nn.functional.linear(h * lds[k], b) * lbs[k]
@@ -152,6 +153,8 @@ def test_inference_ops_equal_the_plain_chain():
 def test_cost_model_batches_groups_only():
     assert inference_plan(1, 256, 1024, 3) == "batched"
     assert inference_plan(512, 256, 1024, 2) == "batched"
+    assert inference_plan(1, 8, 48, 2) == "site"  # B smaller than a call: two calls more cost more
+    assert inference_plan(1, 8, 48, 3) == "batched"
     assert inference_plan(1, 256, 1024, 1) == "site"
     assert inference_plan(1, 256, 1024, 3, form="site") == "site"
     costs = inference_costs(1, 256, 1024, 3)
@@ -234,13 +237,12 @@ def test_least_recently_used_order():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ours(input_ids=ids, output_hidden_states=True)  # [source, hidden]
-        ours(input_ids=ids, labels=ids)  # [source, hidden, labels]
-        ours(input_ids=ids, output_hidden_states=True)  # hidden used last: labels is the oldest besides source
-        ours(input_ids=ids, return_dict=False)
-    kinds = [" ".join(str(i[0]) for i in k[0]) for k in ours.graphs]
-    assert not any("labels" in k for k in kinds)
-    assert any("output_hidden_states" in str(k) for k in ours.graphs)
-    assert ours.num_graphs == 3
+        ours(input_ids=ids, output_attentions=True)  # [source, hidden, attentions]
+        ours(input_ids=ids, output_hidden_states=True)  # hidden used last: attentions is the oldest but the source
+        ours(input_ids=ids, return_dict=False)  # evicts attentions
+    keys = [str(k) for k in ours.graphs]
+    assert not any("output_attentions" in k for k in keys) and any("output_hidden_states" in k for k in keys)
+    assert ours.num_graphs == 3 and ours.graph_module in ours.graphs.values()
 
 
 @pytest.fixture
@@ -276,3 +278,15 @@ def test_a_sharded_model_runs_inference_on_its_own_graph(one_process_group):
     with torch.no_grad():
         _close(ours(input_ids=ids).logits, pm(input_ids=ids).logits)
     assert set(ours._twins.values()) <= {"as is"} and not is_sharded(pm)
+
+
+def test_a_model_left_in_eval_trains_its_adapters_on_the_training_graph():
+    """PEFT's recipe: the model stays in eval mode (from_pretrained) and its adapters train: with gradients
+    that is a training call (no twin); under no_grad the twin, with the adapters' own flag."""
+    ours, _ = peft_pair(tiny_llama(), QV, r=4)
+    assert not ours.training and vera_fx.state.adapters_training(ours)
+    ours(input_ids=_ids()).logits.sum().backward()
+    assert not ours._twins
+    with torch.no_grad():
+        ours(input_ids=_ids())
+    assert vera_fx.state.adapters_training(_twin(ours))

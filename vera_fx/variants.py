@@ -1,12 +1,13 @@
 """The graph variants the model object runs: the inference twin of each captured graph, and the LRU bound.
 
-Inference is its own variant. A call in eval mode, under ``torch.no_grad()`` or ``torch.inference_mode()``
-(``is_inference_call``) runs the *inference twin* of the captured graph for its signature: a copy of the graph
+Inference is its own variant. A call under ``torch.no_grad()`` or ``torch.inference_mode()``, or in eval mode
+with the adapters in eval too (``is_inference_call``; a model left in eval mode trains its adapters, as in
+PEFT's recipe), runs the *inference twin* of the captured graph for its signature: a copy of the graph
 tree (its own ``Graph`` objects and generated code; the same parameters, buffers, adapter state and leaf
 modules, never copied) whose adapters are emitted in the inference form (vera_fx/passes/infer.py: B read once
 per site group, only vectors scaled, nothing kept for backward) instead of the training plan of
 ``lowering``. The twin is built once per graph and form on first use and bound to the adapter state as every
-graph is (the attach pass): a switch rebuilds it like its original. A training call never sees it.
+graph is (the attach pass); after a switch (a new adapter structure) it is built anew from its original. A training call never sees it.
 
 The bound: the object keeps at most ``max_graphs`` captured graphs. Past it the least recently used one is
 evicted (with its twin) and a warning says so once, as torch.compile does past its recompile limit; the
@@ -26,8 +27,10 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from .passes.attach import state_fingerprint
 from .passes.infer import FORMS, INFERENCE_KEY
 from .sites import graph_modules
+from .state import ADAPTER_MODE, adapters_training, set_adapters_training
 
 __all__ = ["GraphVariants", "is_inference_call", "is_sharded", "inference_twin", "check_form", "evict_least_recent", "describe_key",
            "INFERENCE_FORM", "INFERENCE_KEY", "FINGERPRINT_KEY"]
@@ -35,13 +38,15 @@ __all__ = ["GraphVariants", "is_inference_call", "is_sharded", "inference_twin",
 logger = logging.getLogger(__name__)
 
 INFERENCE_FORM = "batched"
+_TWIN_STATE = "vera_fx_twin_state"  # twin meta: the source's state_fingerprint the twin was built for
 _AS_IS = "as is"  # the twin entry of a graph that runs inference calls itself (a sharded tree)
 FINGERPRINT_KEY = "vera_fx_fingerprint"  # gm.meta: the source's state_fingerprint a graph was attached at
 
 
-def is_inference_call(training: bool) -> bool:
-    """Whether a call runs the inference variant: eval mode, or no gradients (``no_grad``, ``inference_mode``)."""
-    return not training or not torch.is_grad_enabled()
+def is_inference_call(training: bool, adapters_training: bool) -> bool:
+    """Whether a call runs the inference variant: no gradients (``no_grad``, ``inference_mode``), or eval mode
+    with the adapters in eval too (PEFT's recipe trains a model left in eval mode: its adapters train)."""
+    return not torch.is_grad_enabled() or not (training or adapters_training)
 
 
 def is_sharded(gm: GraphModule) -> bool:
@@ -58,8 +63,8 @@ def check_form(form: Any) -> str:
 
 
 def inference_twin(gm: GraphModule, form: str, drop_meta: tuple[str, ...] = ()) -> GraphModule:
-    """A copy of ``gm``'s graph tree marked for the inference ``form``: new GraphModules and Graphs, the same
-    parameters, buffers and non-graph submodules (adapter state, quantized layers). The caller binds it to the
+    """A copy of ``gm``'s graph tree marked for the inference ``form``: new GraphModules, Graphs and adapter
+    train / eval flags, the same parameters, buffers and other submodules (adapter state, quantized layers). The caller binds it to the
     adapter state (its adapter nodes are re-emitted then); ``drop_meta``: meta keys of ``gm`` that the copy must
     not keep (e.g. the fingerprint of the state it was bound to)."""
     memo: dict[int, Any] = {}
@@ -67,7 +72,8 @@ def inference_twin(gm: GraphModule, form: str, drop_meta: tuple[str, ...] = ()) 
         for t in (*g._parameters.values(), *g._buffers.values()):
             if t is not None:
                 memo[id(t)] = t
-    holders = _graph_holders(gm)
+    holders = _graph_holders(gm)  # and each graph's own adapter train / eval flag: the twin's is its own
+    holders |= {id(g._modules[ADAPTER_MODE]) for g in graph_modules(gm) if ADAPTER_MODE in g._modules}
     for mod in gm.modules():
         if id(mod) not in holders:  # adapter state, views, quantized layers: shared, not copied
             memo[id(mod)] = mod
@@ -137,19 +143,28 @@ class GraphVariants:
 
     def _variant(self, gm: GraphModule) -> GraphModule:
         """``gm``, or its inference twin for a call in eval mode or without gradients (vera_fx/variants.py)."""
-        if not is_inference_call(self._source.training) or INFERENCE_KEY in gm.meta:
+        if INFERENCE_KEY in gm.meta or not is_inference_call(self._source.training,
+                                                             adapters_training(self._source)):
             return gm
         twin = self._twins.get(gm)
         if twin is _AS_IS:
             return gm
-        if twin is None or twin.meta[INFERENCE_KEY] != self._inference_form:
+        fp = state_fingerprint(self._source)
+        if twin is None or twin.meta[INFERENCE_KEY] != self._inference_form or twin.meta.get(_TWIN_STATE) != fp:
+            # built anew for each adapter structure (a copy of the graph as now bound), never re-attached
             with self._build_lock:
                 # a sharded tree (FSDP) runs as it is: its hooks gather the parameters, a copy would have none
                 if is_sharded(gm):
                     self._twins[gm] = _AS_IS
                     return gm
                 twin = inference_twin(gm, self._inference_form, (FINGERPRINT_KEY,))
+                twin.meta[_TWIN_STATE] = fp
                 self._twins[gm] = twin
+        if twin.training != self._source.training:  # the modes as the source's (the twin's flags are its own)
+            twin.train(self._source.training)
+        flag = adapters_training(self._source)
+        if adapters_training(twin) != flag:
+            set_adapters_training(twin, flag)
         return twin
 
 

@@ -19,7 +19,7 @@ still has a backward (it keeps what the plain path keeps).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -27,12 +27,11 @@ from torch import Tensor
 __all__ = ["group_products", "site_products", "latent_products", "site_add"]
 
 
-def group_products(h: Tensor, b: Tensor, *lambda_d: Tensor) -> Tensor:
-    """``(h * lambda_d_k) @ B.T`` for every ``k``, stacked: shape ``(n, *h.shape[:-1], out)``; one product."""
-    scales = torch.stack(lambda_d).unsqueeze(1)  # (n, 1, r)
-    z = h.reshape(1, -1, h.shape[-1]) * scales  # (n, tokens, r)
-    u = torch.nn.functional.linear(z.reshape(-1, z.shape[-1]), b)  # one mm: B read once for the group
-    return u.view(len(lambda_d), *h.shape[:-1], b.shape[0])
+def group_products(h: Tensor, b: Tensor, *lambda_d: Tensor) -> tuple[Tensor, ...]:
+    """``(h * lambda_d_k) @ B.T`` for every ``k`` (each shaped ``(*h.shape[:-1], out)``): one broadcast product
+    and one ``linear`` over the ``n x tokens`` rows, so ``B`` is read once; five torch calls for the group."""
+    scales = torch.stack(lambda_d).view(len(lambda_d), *([1] * (h.dim() - 1)), h.shape[-1])
+    return torch.nn.functional.linear(h * scales, b).unbind(0)
 
 
 def site_products(h: Tensor, b: Tensor, lambda_d: Tensor) -> Tensor:
@@ -45,7 +44,8 @@ def latent_products(b: Tensor, z: Tensor) -> Tensor:
     return torch.nn.functional.linear(z, b)
 
 
-def site_add(y: Tensor, u: Tensor, k: Optional[int], lambda_b: Tensor, inplace: bool) -> Tensor:
+def site_add(y: Tensor, u: Union[Tensor, tuple[Tensor, ...]], k: Optional[int], lambda_b: Tensor,
+             inplace: bool) -> Tensor:
     """``y + u[k] * lambda_b`` (``u`` itself when ``k`` is None): in place into ``y`` when ``inplace`` (the lower pass checked ``y`` has no other
     reader) and the sum keeps ``y``'s dtype and shape, else out of place with the plain chain's type promotion."""
     delta = u if k is None else u[k]

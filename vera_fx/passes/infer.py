@@ -11,11 +11,11 @@ allowed). PVeRA's sites keep their sampling nodes (``sample_at_inference`` is a 
 
 The cost model (``inference_costs``), per group of ``n`` sites of width ``out`` reading one ``B`` slice
 (``out x r``) with ``T`` tokens per call: both forms make the same ``n T r out`` multiply-adds; the per-site
-form reads ``B`` ``n`` times and makes ``4 n`` calls (scale, product, scale, add), the batched form reads it once
-and makes ``n + 3`` (stack, scale, product, the adds), and forms ``n r`` values more (the stacked
-``lambda_d``). At decode (``T`` = 1) the call count and the reads of ``B`` are the whole cost; at prefill the
-products dominate and the two forms tie. So ``batched`` wins for every ``n >= 2`` at every ``T``;
-``form="site"`` (per-site products, for measurement) keeps the same calls without the stacking. Folding
+form reads ``B`` ``n`` times and makes ``3 n`` calls (scale, product, add), the batched form reads it once and
+makes ``n + 5`` (stack, view, scale, product, unbind; the adds) and forms ``n r`` values more (the stacked
+``lambda_d``). A call is priced at ``CALL_COST`` multiply-add equivalents, a value of ``B`` read at one. So a
+group of three batches at any width, a pair where ``B`` is larger than a call (``out r`` above about 4096:
+every real model), never a single site. ``form="site"`` (for measurement) keeps every group per site. Folding
 ``dW`` into ``W`` per call (the training weight path) would cost ``out r in`` multiply-adds and a pass over
 ``out x in`` values: it pays only when ``T > in``, and is not an inference form here.
 """
@@ -44,8 +44,8 @@ def inference_costs(tokens: int, r: int, out: int, n: int) -> dict[str, int]:
     """Multiply-add equivalents of ``n`` sites (``out`` wide, one ``B`` slice, rank ``r``) at ``tokens`` tokens
     per call, per form: the products, one value per value of ``B`` read, ``CALL_COST`` per call."""
     products = n * tokens * r * out
-    return {"site": products + n * out * r + 4 * n * CALL_COST,
-            "batched": products + out * r + n * r + (n + 3) * CALL_COST}
+    return {"site": products + n * out * r + 3 * n * CALL_COST,
+            "batched": products + out * r + n * r + (n + 5) * CALL_COST}
 
 
 def inference_plan(tokens: int, r: int, out: int, n: int, form: str = "batched") -> str:
