@@ -47,8 +47,11 @@ def _reference_outputs(m, calls):
 
 
 def _adapter_names_in_graphs(m):
+    """The adapters each graph that runs holds nodes of: every signature's graph and, for the inference calls,
+    its inference twin for the current adapter structure (vera_fx/variants.py)."""
+    graphs = list(m.graphs.values()) + [next(reversed(b.values())) for b in m._twins.values() if b != "as is"]
     out = []
-    for gm in m.graphs.values():
+    for gm in graphs:
         names = {(n.meta.get("vera_fx") or {}).get("adapter") for g in graph_modules(gm) for n in g.graph.nodes}
         out.append(names - {None})
     return out
@@ -89,6 +92,9 @@ def test_forwards_during_switches_see_one_state(two_adapters):
         vera_fx.set_adapter(m, state)
         with torch.no_grad():
             outs = [m(**kw).logits for kw in calls]
+        m.train()
+        [m(**kw) for kw in calls]  # with gradients in train mode: the signatures' own graphs run too
+        m.eval()
         assert all(names == expected for names in _adapter_names_in_graphs(m)), _adapter_names_in_graphs(m)
         for out, ref in zip(outs, refs[state]):
             torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)

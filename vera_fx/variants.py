@@ -6,8 +6,8 @@ PEFT's recipe), runs the *inference twin* of the captured graph for its signatur
 tree (its own ``Graph`` objects and generated code; the same parameters, buffers, adapter state and leaf
 modules, never copied) whose adapters are emitted in the inference form (vera_fx/passes/infer.py: B read once
 per site group, only vectors scaled, nothing kept for backward) instead of the training plan of
-``lowering``. The twin is built once per graph and form on first use and bound to the adapter state as every
-graph is (the attach pass); after a switch (a new adapter structure) it is built anew from its original. A training call never sees it.
+``lowering``. A twin is built once per graph, form and adapter structure, on first use, and kept (the
+``TWIN_LIMIT`` most recent per graph): switching back to a structure seen before runs the twin built for it. A training call never sees it.
 
 The bound: the object keeps at most ``max_graphs`` captured graphs. Past it the least recently used one is
 evicted (with its twin) and a warning says so once, as torch.compile does past its recompile limit; the
@@ -38,7 +38,7 @@ __all__ = ["GraphVariants", "is_inference_call", "is_sharded", "inference_twin",
 logger = logging.getLogger(__name__)
 
 INFERENCE_FORM = "batched"
-_TWIN_STATE = "vera_fx_twin_state"  # twin meta: the source's state_fingerprint the twin was built for
+TWIN_LIMIT = 16  # inference twins kept per graph, one per adapter structure (as GraphVersions keeps versions)
 _AS_IS = "as is"  # the twin entry of a graph that runs inference calls itself (a sharded tree)
 FINGERPRINT_KEY = "vera_fx_fingerprint"  # gm.meta: the source's state_fingerprint a graph was attached at
 
@@ -146,20 +146,27 @@ class GraphVariants:
         if INFERENCE_KEY in gm.meta or not is_inference_call(self._source.training,
                                                              adapters_training(self._source)):
             return gm
-        twin = self._twins.get(gm)
-        if twin is _AS_IS:
+        built = self._twins.get(gm)
+        if built is _AS_IS:
             return gm
-        fp = state_fingerprint(self._source)
-        if twin is None or twin.meta[INFERENCE_KEY] != self._inference_form or twin.meta.get(_TWIN_STATE) != fp:
-            # built anew for each adapter structure (a copy of the graph as now bound), never re-attached
+        key = (self._inference_form, state_fingerprint(self._source))
+        twin = built.get(key) if built is not None else None
+        if twin is None:
+            # built once per graph, form and adapter structure (a copy of the graph as now bound): switching back
+            # to a structure seen before reuses its twin, no emission and no code generation (TWIN_LIMIT kept)
             with self._build_lock:
                 # a sharded tree (FSDP) runs as it is: its hooks gather the parameters, a copy would have none
                 if is_sharded(gm):
                     self._twins[gm] = _AS_IS
                     return gm
                 twin = inference_twin(gm, self._inference_form, (FINGERPRINT_KEY,))
-                twin.meta[_TWIN_STATE] = fp
-                self._twins[gm] = twin
+                built = self._twins.setdefault(gm, OrderedDict())
+                built[key] = twin
+                while len(built) > TWIN_LIMIT:
+                    built.popitem(last=False)
+        if next(reversed(built)) != key:  # a switch back to a structure seen before: bind its tensors again
+            built.move_to_end(key)       # (merged weights and ``.to()`` copies are new objects); nodes are kept
+            twin.meta.pop(FINGERPRINT_KEY, None)
         if twin.training != self._source.training:  # the modes as the source's (the twin's flags are its own)
             twin.train(self._source.training)
         flag = adapters_training(self._source)
