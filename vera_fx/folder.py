@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import IO, Callable, Iterator, Optional
@@ -200,18 +201,19 @@ def open_folder(directory: os.PathLike | str, names: tuple[str, ...],
         recover(path, keep, blocking=False)
     except OSError as e:  # a read-only location: read what is there
         logger.debug("%s: no recovery (%s)", path, e)
-    for attempt in range(5):
+    for attempt in range(8):
         where = path if path.is_dir() else next(iter(_siblings(path, "old")), None)
         if where is None:
             raise ValueError(f"adapter folder {str(directory)!r} does not exist")
         try:
-            with _open_files(where, names) as files:
+            with _open_files(where, names, set_aside=where != path) as files:
                 yield files
             return
         except _Retry:
-            if attempt == 4:
+            if attempt == 7:
                 raise ValueError(f"{path}: the folder kept changing while it was read (saves in a loop?); "
                                  "read it again") from None
+            time.sleep(0.001 * 2 ** attempt)  # a save is swapping it: let the swap finish
 
 
 class _Retry(Exception):
@@ -219,7 +221,11 @@ class _Retry(Exception):
 
 
 @contextlib.contextmanager
-def _open_files(where: Path, names: tuple[str, ...]) -> Iterator[dict[str, Optional[IO[bytes]]]]:
+def _open_files(where: Path, names: tuple[str, ...],
+                set_aside: bool = False) -> Iterator[dict[str, Optional[IO[bytes]]]]:
+    """``names`` opened relative to one handle of ``where``; _Retry when one is missing because a save swapped
+    the folder, or because ``where`` is a folder set aside by a save (``set_aside``), which it deletes file by
+    file."""
     dir_fd = None
     if os.open in os.supports_dir_fd:
         try:
@@ -237,7 +243,7 @@ def _open_files(where: Path, names: tuple[str, ...]) -> Iterator[dict[str, Optio
             except FileNotFoundError:
                 fd = None
             files[name] = os.fdopen(fd, "rb") if fd is not None else None
-        if any(f is None for f in files.values()) and _swapped(where, dir_fd):
+        if any(f is None for f in files.values()) and (set_aside or _swapped(where, dir_fd)):
             raise _Retry
         yield files
     finally:
