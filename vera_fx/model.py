@@ -56,7 +56,7 @@ from .serving import mixed_adapter_forward
 from .state import state_lock
 from .passes.pipeline import run_passes, transform as transform_graph
 from .surface import PeftSurface
-from .variants import FINGERPRINT_KEY, INFERENCE_FORM, GraphVariants, describe_key
+from .variants import FINGERPRINT_KEY, INFERENCE_FORM, GraphVariants
 
 __all__ = ["VeraFxModel", "transform", "from_pretrained", "count_parameters", "DEFAULT_MAX_GRAPHS",
            "CONFIG_KEY_PREFIX", "STATE_KEY_PREFIX"]

@@ -29,10 +29,11 @@ from torch.fx import GraphModule
 
 from .passes.attach import state_fingerprint
 from .passes.infer import FORMS, INFERENCE_KEY
+from .keywords import describe_key
 from .sites import graph_modules
 from .state import ADAPTER_MODE, adapters_training, set_adapters_training
 
-__all__ = ["GraphVariants", "is_inference_call", "is_sharded", "inference_twin", "check_form", "evict_least_recent", "describe_key",
+__all__ = ["GraphVariants", "is_inference_call", "is_sharded", "inference_twin", "check_form", "evict_least_recent",
            "INFERENCE_FORM", "INFERENCE_KEY", "FINGERPRINT_KEY"]
 
 logger = logging.getLogger(__name__)
@@ -173,18 +174,3 @@ class GraphVariants:
         if adapters_training(twin) != flag:
             set_adapters_training(twin, flag)
         return twin
-
-
-def describe_key(key: tuple) -> str:
-    """A call signature in words: ``input_ids: int64[2d], labels: int64[2d], use_cache=False; autocast
-    cpu/bfloat16; weights float32 on cpu``."""
-    inputs, autocast, weights = key
-    parts = []
-    for item in inputs:
-        if item[1] == "tensor":
-            parts.append(f"{item[0]}: {str(item[2]).replace('torch.', '')}[{item[3]}d]")
-        else:
-            parts.append(f"{item[0]}={item[2]!r}")
-    amp = ", ".join(f"{d}/{str(t).replace('torch.', '')}" for d, t in autocast) or "off"
-    w = f"{str(weights[0]).replace('torch.', '')} on {weights[1]}"
-    return f"({', '.join(parts)}); autocast {amp}; weights {w}"
