@@ -31,10 +31,9 @@ from .config import AdapterConfig, config_from_dict, config_to_dict
 from .distributed import full_tensor, gathered, needs_gather, placed_like, save_role, unwrap_parallel
 from .folder import open_folder, read_safetensors, serialise, write_folder
 from .limits import check_file_shapes, check_same_fields
-from .methods import CONTAINER, AdapterState, method_for
+from .methods import CONTAINER, AdapterState
 from .passes.match import peft_selection
 from .passes.merge import merge, unmerge
-from .passes.pipeline import transform
 from .sites import as_graph_module, read_sites
 from .versions import adapter_flags
 from .state import (PEFT_ROOT, bias_targets, merged_adapters, modules_to_save_copy, mutation,
@@ -43,7 +42,7 @@ from .state import (PEFT_ROOT, bias_targets, merged_adapters, modules_to_save_co
 # bias_targets lives in vera_fx/state.py (the inject pass uses it too) and stays importable here.
 __all__ = ["adapter_state_dict", "load_adapter_state_dict", "adapter_state", "state_dict_targets", "bias_targets",
            "base_layer_targets", "peft_target_modules",
-           "save_adapter", "load_adapter", "from_pretrained", "read_checkpoint", "peft_config_dict",
+           "save_adapter", "load_adapter", "read_checkpoint", "peft_config_dict",
            "plan_load", "apply_plan", "read_weights", "load_checked", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 logger = logging.getLogger(__name__)
@@ -494,16 +493,3 @@ def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
             restore_active(gm, old_active)
             raise
     logger.info("loaded adapter %r from %s", adapter_name, directory)
-
-
-def from_pretrained(model: nn.Module, directory: PathLike, *, example_inputs: Any = None,
-                    adapter_name: str = "default") -> GraphModule:
-    """Capture ``model`` and attach the adapter saved in ``directory`` (by vera_fx or PEFT) with its config.
-
-    The folder is checked before the (slow) capture; ``model`` is left unchanged.
-    """
-    config, tensors = read_checkpoint(directory)
-    method_for(config)
-    gm = transform(model, config, example_inputs, adapter_name)
-    load_checked(gm, adapter_name, config, tensors, str(Path(directory) / WEIGHTS_NAME))
-    return gm
