@@ -64,3 +64,22 @@ def llama_like(hidden: int, layers: int, vocab: int):
                       num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
                       max_position_embeddings=512)
     return LlamaForCausalLM(cfg)
+
+
+def peft_with_random_lambdas(model: torch.nn.Module, method: str, targets, r: int) -> tuple:
+    """(PEFT config, vera_fx config, PEFT's model on a copy of ``model`` with lambdas drawn N(0, 0.2) from seed 1
+    in eval mode, its adapter state dict): the adapter state every row of a case loads."""
+    import copy
+
+    import peft
+    import vera_fx
+
+    peft_cfg = (peft.VeraConfig if method == "vera" else peft.PveraConfig)(r=r, target_modules=targets)
+    ours_cfg = (vera_fx.VeraConfig if method == "vera" else vera_fx.PveraConfig)(r=r, target_modules=targets)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft_cfg).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lambda" in name:
+                p.normal_(0, 0.2)
+    return peft_cfg, ours_cfg, pm, peft.get_peft_model_state_dict(pm)

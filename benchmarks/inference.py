@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import print_table  # noqa: E402
+from _common import peft_with_random_lambdas, print_table  # noqa: E402
 
 import vera_fx  # noqa: E402
 from vera_fx.passes.attach import attach_adapters  # noqa: E402
@@ -68,15 +68,7 @@ def variants(model: torch.nn.Module, method: str, targets, r: int, compile_: boo
     """Every model of one case, with the same adapter state (random lambdas)."""
     import peft
 
-    peft_cfg = (peft.VeraConfig if method == "vera" else peft.PveraConfig)(r=r, target_modules=targets)
-    ours_cfg = (vera_fx.VeraConfig if method == "vera" else vera_fx.PveraConfig)(r=r, target_modules=targets)
-    pm = peft.get_peft_model(copy.deepcopy(model), peft_cfg).eval()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lambda" in name:
-                p.normal_(0, 0.2)
-    state = peft.get_peft_model_state_dict(pm)
+    peft_cfg, ours_cfg, pm, state = peft_with_random_lambdas(model, method, targets, r)
     example = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
     ours = vera_fx.transform(model, ours_cfg, example)
     vera_fx.load_adapter_state_dict(ours, state)

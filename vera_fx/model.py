@@ -540,10 +540,11 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         """``gm`` (with ``variant``: its inference twin for an inference call) bound to the current adapter state
         (the caller holds the state's read lock, so the state cannot change meanwhile; a graph is refreshed by
         one thread, the others wait for it)."""
-        if variant and not torch.compiler.is_compiling():
-            gm = self._variant(gm)
-        if gm is not self._source and not torch.compiler.is_compiling():
-            fp = state_fingerprint(self._source)
+        compiling = torch.compiler.is_compiling()
+        fp = None if compiling else state_fingerprint(self._source)  # once per call: the twin key and the attach check
+        if variant and not compiling:
+            gm = self._variant(gm, fp)
+        if gm is not self._source and not compiling:
             if gm.meta.get(_FINGERPRINT) != fp:
                 with self._build_lock:
                     if gm.meta.get(_FINGERPRINT) != fp:

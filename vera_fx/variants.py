@@ -27,7 +27,6 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .passes.attach import state_fingerprint
 from .passes.infer import FORMS, INFERENCE_KEY
 from .keywords import describe_key
 from .sites import graph_modules
@@ -142,15 +141,16 @@ class GraphVariants:
         self.__dict__["_inference_form"] = check_form(form)
         self._twins.clear()
 
-    def _variant(self, gm: GraphModule) -> GraphModule:
-        """``gm``, or its inference twin for a call in eval mode or without gradients (vera_fx/variants.py)."""
+    def _variant(self, gm: GraphModule, fp: tuple) -> GraphModule:
+        """``gm``, or its inference twin for a call in eval mode or without gradients (vera_fx/variants.py);
+        ``fp``: the source's ``state_fingerprint``, computed once per call by the caller."""
         if INFERENCE_KEY in gm.meta or not is_inference_call(self._source.training,
                                                              adapters_training(self._source)):
             return gm
         built = self._twins.get(gm)
         if built is _AS_IS:
             return gm
-        key = (self._inference_form, state_fingerprint(self._source))
+        key = (self._inference_form, fp)
         twin = built.get(key) if built is not None else None
         if twin is None:
             # built once per graph, form and adapter structure (a copy of the graph as now bound): switching back
