@@ -11,7 +11,7 @@ import torch
 
 import vera_fx
 from vera_fx.capture import SOURCE_MODEL_KEY, SourceModel
-from vera_fx.generation import DecodeGraphs, cache_bucket
+from vera_fx.generation import cache_bucket, decode_graphs
 from conftest import peft_pair, tiny_bert, tiny_gpt2, tiny_llama, tiny_opt
 
 peft = pytest.importorskip("peft")
@@ -74,12 +74,12 @@ def test_greedy_equals_merged_model_and_merged_graph(pairs):
     baked = copy.deepcopy(model)
     vera_fx.merge_into(baked, gm)
     assert torch.equal(ours, _hf(baked, ids, mask, 8, pad_token_id=1))
-    graphs = len(gm.meta["vera_fx_decode_graphs"].entries)
+    graphs = len(decode_graphs(gm))
     vera_fx.merge(gm)  # merged weights, no adapter nodes: the decode graph follows without re-capture
     assert torch.equal(vera_fx.generate(gm, ids, mask, max_new_tokens=8, pad_token_id=1), ours)
     vera_fx.unmerge(gm)
     assert torch.equal(vera_fx.generate(gm, ids, mask, max_new_tokens=8, pad_token_id=1), ours)
-    assert len(gm.meta["vera_fx_decode_graphs"].entries) == graphs
+    assert len(decode_graphs(gm)) == graphs
 
 
 def test_eos_stops_and_pads_like_peft(pairs):
@@ -136,7 +136,7 @@ def test_generation_follows_a_training_step_and_several_active_adapters():
     model, gm, pm = _pair("llama")
     ids, mask = _left_padded()
     before = vera_fx.generate(gm, ids, mask, max_new_tokens=8, pad_token_id=1)
-    entry = next(iter(gm.meta["vera_fx_decode_graphs"].entries.values())).graph
+    entry = decode_graphs(gm)[0]
     batch = {"input_ids": ids, "attention_mask": mask, "labels": ids}
     for m in (gm, pm):
         opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=5.0)
@@ -147,7 +147,8 @@ def test_generation_follows_a_training_step_and_several_active_adapters():
     after = vera_fx.generate(gm, ids, mask, max_new_tokens=8, pad_token_id=1)
     assert not torch.equal(after, before)
     assert torch.equal(after, _hf(pm, ids, mask, 8, pad_token_id=1))
-    assert next(iter(gm.meta["vera_fx_decode_graphs"].entries.values())).graph is entry  # not re-captured
+    assert decode_graphs(gm)[0] is entry  # not re-captured
+    emitted = (entry.graph, type(entry).forward)  # the decode graph's nodes and code for "default"
 
     # Several active adapters add up (as the merged model's weights do); one active adapter again after.
     vera_fx.add_adapter(gm, "other", vera_fx.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"],
@@ -160,6 +161,7 @@ def test_generation_follows_a_training_step_and_several_active_adapters():
     assert torch.equal(both, _hf(baked, ids, mask, 8, pad_token_id=1))
     vera_fx.set_adapter(gm, "default")
     assert torch.equal(vera_fx.generate(gm, ids, mask, max_new_tokens=8, pad_token_id=1), after)
+    assert (entry.graph, type(entry).forward) == emitted  # switching back puts the built version back
 
 
 def test_disable_adapters_generates_the_base_model(pairs):
@@ -177,10 +179,9 @@ def test_decode_graphs_are_cached_by_bucket(pairs):
     ids, mask = _left_padded()
     vera_fx.generate(gm, ids, mask, max_new_tokens=3)
     vera_fx.generate(gm, ids, mask, max_new_tokens=20)  # 27 positions: the same 64-position bucket
-    graphs: DecodeGraphs = gm.meta["vera_fx_decode_graphs"]
-    assert len(graphs.entries) == 1
+    assert len(decode_graphs(gm)) == 1
     assert [cache_bucket(n) for n in (27, 64, 65, 97, 129, 544)] == [64, 64, 96, 128, 192, 768]
-    assert len(copy.deepcopy(gm).meta["vera_fx_decode_graphs"].entries) == 0  # copies capture their own
+    assert len(decode_graphs(copy.deepcopy(gm))) == 0  # copies capture their own
 
 
 def test_compiled_decode_matches_eager(pairs):

@@ -24,7 +24,7 @@ weights are replaced by the graph's (by parameter name), so ``merge_into`` or tr
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from transformers.generation.logits_process import LogitsProcessorList
 
 from .eager_generation import eager_reason, generate_eager, live_layout, model_inputs
-from .state import modules_to_save_copy, reads_state, set_adapters_training
+from .state import adapter_container, modules_to_save_copy, reads_state, set_adapters_training
 from .capture import SOURCE_MODEL_KEY, CaptureError, model_flags_kept
 from .linear_like import linear_forwards
 from .methods import CONTAINER
@@ -47,7 +47,7 @@ from .passes.inject import emit_adapter, remove_adapter_nodes
 from .passes.match import MatchPass
 from .sites import ADAPTER_KEY, SITE_KEY, as_graph_module, read_sites
 
-__all__ = ["generate", "decode_graph", "bind_adapter_state", "capture_decode_graph", "SUPPORTED_KWARGS",
+__all__ = ["generate", "decode_graph", "decode_graphs", "bind_adapter_state", "capture_decode_graph", "SUPPORTED_KWARGS",
            "cache_bucket"]
 
 logger = logging.getLogger(__name__)
@@ -55,8 +55,6 @@ logger = logging.getLogger(__name__)
 # Keyword arguments of ``generate`` beyond input_ids / attention_mask, named in the error for any other.
 SUPPORTED_KWARGS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
                     "generator", "seed", "model", "compile")
-_DECODE_CACHE_KEY = "vera_fx_decode_graphs"
-_BOUND_KEY = "vera_fx_bound"  # decode graph meta: the adapter layout its nodes were emitted for
 _PREFIX = "model."  # the user's model sits at ``model`` inside the decode wrapper
 _MIN_BUCKET = 64
 # transformers' cache, config and generation modules are imported by the functions that use them (about 2.7 s
@@ -225,25 +223,22 @@ def _bind_weights(decode: GraphModule, gm: GraphModule, live: Sequence[str]) -> 
 
 
 def bind_adapter_state(decode: GraphModule, gm: GraphModule) -> bool:
-    """Make ``decode`` compute what ``gm`` computes: the same adapter state (``gm``'s ``vera_fx_adapters``
+    """Make ``decode`` compute what ``gm`` computes: the same adapter set (``gm``'s ``vera_fx_adapters``
     registered on ``decode``), the same base weights, and the nodes of ``gm``'s live adapters.
 
-    Adapter nodes are re-emitted only when the live layout (active adapters, disabled flag, merged sites)
-    changed since the last call. PVeRA's KL records are not emitted (generation has no loss). Returns
-    whether the graph changed.
+    The decode graph is a version tree of the adapter set's ``GraphVersions`` like any other graph: a live
+    layout (active adapters, disabled flag, merged sites) seen before puts its built graph back, a new one is
+    emitted once. PVeRA's KL records are not emitted (generation has no loss). Returns whether the graph
+    changed.
     """
-    container = getattr(gm, CONTAINER, None)
+    container = adapter_container(gm)
     layout = live_layout(gm)
     live = [name for name, _ in layout]
     _bind_weights(decode, gm, live)
-    key = (id(container), tuple((name, id(container[name]), sites) for name, sites in layout))
-    if decode.meta.get(_BOUND_KEY) == key:
+    key = ("decode", tuple((name, id(container[name]), sites) for name, sites in layout))
+    versions = container.versions
+    if versions.current(decode) == key:
         return False
-    emitted = {(n.meta.get(ADAPTER_KEY) or {}).get("adapter") for n in decode.graph.nodes} - {None}
-    for name in sorted(emitted):
-        remove_adapter_nodes(decode, name)
-    if container is not None:
-        decode._modules[CONTAINER] = container  # the training graph's AdapterState objects and parameters
     have = {s.name for s in read_sites(decode)}
     for name, sites in layout:
         missing = sorted(set(sites) - have)
@@ -251,12 +246,21 @@ def bind_adapter_state(decode: GraphModule, gm: GraphModule) -> bool:
             raise ValueError(f"adapter {name!r}: sites {missing[:5]} are not in the decode graph of "
                              f"{decode.meta['vera_fx_model']['class']}; pass model= the model the graph was "
                              "transformed from")
+    decode._modules[CONTAINER] = container  # the training graph's AdapterState objects and parameters
+    versions.switch(decode, [decode], None, key, lambda: _emit_live(decode, layout))
+    logger.debug("decode graph bound to adapters %s", live)
+    return True
+
+
+def _emit_live(decode: GraphModule, layout: Sequence[tuple[str, Any]]) -> None:
+    """Emit the nodes of ``layout``'s adapters into ``decode`` (emitted ones removed first), for inference."""
+    emitted = {(n.meta.get(ADAPTER_KEY) or {}).get("adapter") for n in decode.graph.nodes} - {None}
+    for name in sorted(emitted):
+        remove_adapter_nodes(decode, name)
+    for name, sites in layout:
         emit_adapter(decode, name, set(sites))
     set_adapters_training(decode, False)  # generation is inference: no adapter dropout or sampling
     _drop_kl_records(decode)
-    decode.meta[_BOUND_KEY] = key
-    logger.debug("decode graph bound to adapters %s", live)
-    return True
 
 
 def _drop_kl_records(decode: GraphModule) -> None:
@@ -272,22 +276,11 @@ def _drop_kl_records(decode: GraphModule) -> None:
 
 @dataclass
 class _Entry:
+    """A decode graph (kept by the adapter set's ``GraphVersions`` per training graph and decode shape; a copy
+    or an unpickled model captures its own) and its ``torch.compile`` wrapper."""
+
     graph: GraphModule
     compiled: Optional[Any] = None
-
-
-@dataclass
-class DecodeGraphs:
-    """Decode graphs of one training graph, keyed by (batch, cache length, dtype, device). Not copied by
-    ``copy.deepcopy`` and not pickled (a copy captures its own)."""
-
-    entries: dict[tuple, _Entry] = field(default_factory=dict)
-
-    def __deepcopy__(self, memo: dict) -> "DecodeGraphs":
-        return DecodeGraphs()
-
-    def __getstate__(self) -> dict:
-        return {"entries": {}}
 
 
 def _training_graph(gm: nn.Module) -> GraphModule:
@@ -308,21 +301,25 @@ def _source_model(gm: GraphModule, model: Optional[nn.Module]) -> PreTrainedMode
 def decode_graph(gm: nn.Module, batch_size: int, max_cache_len: int, model: Optional[nn.Module] = None,
                  compile: bool = False) -> tuple[GraphModule, Any]:
     """The decode graph of ``gm`` for ``batch_size`` sequences and ``max_cache_len`` cache positions, bound to
-    ``gm``'s adapter state; captured on first use and cached on ``gm``. Returns (graph, decode-step callable):
+    ``gm``'s adapter state; captured on first use and kept by ``gm``'s adapter set. Returns (graph, decode-step callable):
     the callable is the graph, or its ``torch.compile`` wrapper when ``compile``."""
     inner = _training_graph(gm)
     source = _source_model(inner, model)
     weight = next(p for p in source.parameters() if p.is_floating_point())
-    cache: DecodeGraphs = inner.meta.setdefault(_DECODE_CACHE_KEY, DecodeGraphs())
-    key = (batch_size, max_cache_len, weight.dtype, weight.device, id(source))
-    entry = cache.entries.get(key)
-    if entry is None:
-        entry = _Entry(capture_decode_graph(source, batch_size, max_cache_len))
-        cache.entries[key] = entry
+    kind = ("decode", batch_size, max_cache_len, weight.dtype, weight.device, id(source))
+    entry = adapter_container(inner).versions.derived(
+        inner, kind, None, lambda: _Entry(capture_decode_graph(source, batch_size, max_cache_len)))
     changed = bind_adapter_state(entry.graph, inner)
     if compile and (entry.compiled is None or changed):
         entry.compiled = torch.compile(entry.graph, fullgraph=True, dynamic=False)
     return entry.graph, (entry.compiled if compile else entry.graph)
+
+
+def decode_graphs(gm: nn.Module) -> list[GraphModule]:
+    """The decode graphs ``gm`` (a model object or its graph) holds now, one per decode shape."""
+    inner = _training_graph(gm)
+    derived = adapter_container(inner).versions.derived_of(inner)
+    return [entry.graph for kind, entry in derived.items() if isinstance(kind, tuple) and kind[0] == "decode"]
 
 
 def _token_ids(value: Any, name: str) -> Optional[list[int]]:

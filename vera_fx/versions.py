@@ -163,9 +163,9 @@ class GraphVersions:
         self._derived: "weakref.WeakKeyDictionary[GraphModule, dict]" = weakref.WeakKeyDictionary()
 
     def derived(self, source: GraphModule, kind: str, key: Hashable, build: Callable[[], Any]) -> Any:
-        """The graph of ``kind`` (e.g. "mixed") derived from ``source`` for ``key`` (the adapter structure it
-        depends on): built by ``build()`` when ``key`` changed, kept while ``source`` lives. One per kind: a
-        stale one is dropped, so it keeps no deleted adapter alive."""
+        """The graph of ``kind`` (e.g. "mixed", or a decode shape) derived from ``source`` for ``key`` (the adapter
+        structure it depends on): built by ``build()`` when ``key`` changed, kept while ``source`` lives. One
+        per kind: a stale one is dropped, so it keeps no deleted adapter alive."""
         cache = self._derived.setdefault(source, {})
         found = cache.get(kind)
         if found is None or found[0] != key:
@@ -177,6 +177,15 @@ class GraphVersions:
 
     def __reduce__(self) -> Any:
         return (GraphVersions, (self.limit,))
+
+    def derived_of(self, source: GraphModule) -> dict[Hashable, Any]:
+        """The graphs derived from ``source`` now, by kind."""
+        return {kind: found[1] for kind, found in self._derived.get(source, {}).items()}
+
+    def current(self, root: GraphModule) -> Optional[Hashable]:
+        """The key the tree of ``root`` was last switched to (None: never)."""
+        entry = self._trees.get(root)
+        return entry["current"] if entry is not None else None
 
     def switch(self, root: GraphModule, graphs: list[GraphModule], before: Hashable, after: Hashable,
                build: Callable[[], None]) -> None:
