@@ -29,7 +29,7 @@ LAYERS: dict[str, int] = {
     "vera_fx.linear_like": 1, "vera_fx.fallback": 1, "vera_fx.block_export": 1,
     "vera_fx.state": 2,
     "vera_fx.passes": 3, "vera_fx.passes.": 3,
-    "vera_fx.adapters": 4, "vera_fx.checkpoint": 4, "vera_fx.sampling": 4, "vera_fx.uncertainty": 4,
+    "vera_fx.adapters": 4, "vera_fx.peft_keys": 4, "vera_fx.checkpoint": 4, "vera_fx.sampling": 4, "vera_fx.uncertainty": 4,
     "vera_fx.model": 4, "vera_fx.generation": 4, "vera_fx.serving": 4, "vera_fx.blockwise": 4,
     "vera_fx.distributed": 4, "vera_fx.surface": 4, "vera_fx.eager_generation": 4,
     "vera_fx.variants": 4,
@@ -38,7 +38,7 @@ LAYERS: dict[str, int] = {
 }
 LAYER_NAMES = ["config, sites, runtime, versions, compat, folder, keywords",
                "methods, quantized, capture, blocks, block_export, linear_like, fallback, limits", "state", "passes",
-               "adapters, checkpoint, sampling, uncertainty, model, generation, eager_generation, variants, serving, "
+               "adapters, peft_keys, checkpoint, sampling, uncertainty, model, generation, eager_generation, variants, serving, "
                "blockwise, distributed, surface",
                "inspect", "cli, demo, vera_fx"]
 

@@ -1,10 +1,7 @@
 """Adapter checkpoints in PEFT's layout: adapter_model.safetensors + adapter_config.json.
 
-Our parameter names map to PEFT's keys by a rename: ``vera_fx_adapters.<adapter>.sites.<site>.<p>`` (the root
-state's path; a block's site is registered in the block and reached there through a link) is
-``base_model.model.<site>.<p>`` and ``vera_fx_adapters.<adapter>.<prefix>_A`` is ``base_model.<prefix>_A``.
-Under FSDP2 the tensors are gathered to full ones on every rank (``adapter_state_dict`` is a collective).
-Trainable biases and ``modules_to_save`` copies use PEFT's names for them too.
+Our parameter names map to PEFT's keys by a rename (vera_fx/peft_keys.py). Under FSDP2 the tensors are
+gathered to full ones on every rank (``adapter_state_dict`` is a collective).
 
 A folder is written all at once (vera_fx/folder.py: both files into a fresh sibling folder, then swapped in)
 and read as one version, with safetensors only (nothing is unpickled). Loading checks the folder, the JSON,
@@ -17,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -34,15 +30,13 @@ from .limits import check_file_shapes, check_same_fields
 from .methods import CONTAINER, AdapterState
 from .passes.match import peft_selection
 from .passes.merge import merge, unmerge
+from .peft_keys import (adapter_state, adapter_state_dict, base_layer_targets, base_qualname, normalise_peft_key,
+                        state_dict_targets)
 from .sites import as_graph_module, read_sites
 from .versions import adapter_flags
-from .state import (PEFT_ROOT, bias_targets, merged_adapters, modules_to_save_copy, mutation,
-                    restore_active)
+from .state import bias_targets, merged_adapters, mutation, restore_active
 
-# bias_targets lives in vera_fx/state.py (the inject pass uses it too) and stays importable here.
-__all__ = ["adapter_state_dict", "load_adapter_state_dict", "adapter_state", "state_dict_targets", "bias_targets",
-           "base_layer_targets", "peft_target_modules",
-           "save_adapter", "load_adapter", "read_checkpoint", "peft_config_dict",
+__all__ = ["load_adapter_state_dict", "peft_target_modules", "save_adapter", "load_adapter", "read_checkpoint", "peft_config_dict",
            "plan_load", "apply_plan", "read_weights", "load_checked", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 logger = logging.getLogger(__name__)
@@ -51,112 +45,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 PathLike = Union[str, os.PathLike]
-
-
-def adapter_state(gm: GraphModule, adapter_name: str = "default") -> AdapterState:
-    """The AdapterState of ``adapter_name``; ValueError listing the adapters when it is missing."""
-    gm = as_graph_module(gm, "adapter_state")
-    container = getattr(gm, CONTAINER, None)
-    if container is None or len(container) == 0:
-        raise ValueError("this graph has no adapter: create one with vera_fx.transform(model, config)")
-    if adapter_name not in container:
-        raise ValueError(f"adapter_name={adapter_name!r} is not on this graph; adapters: {sorted(container)}")
-    return container[adapter_name]
-
-
-def state_dict_targets(gm: GraphModule, adapter_name: str = "default") -> dict[str, tuple[nn.Module, str]]:
-    """PEFT key -> (module, attribute) of every tensor the adapter's checkpoint holds, in PEFT's order."""
-    gm = as_graph_module(gm, "state_dict_targets")
-    state = adapter_state(gm, adapter_name)
-    cfg, method = state.config, state.method
-    targets: dict[str, tuple[nn.Module, str]] = {}
-    for site in state.site_names:
-        mod = state.site_module(site)
-        for pname in mod._parameters:
-            targets[method.peft_site_key(site, pname)] = (mod, pname)
-    targets.update(bias_targets(gm, state))
-    if cfg.save_projection:
-        for which in ("A", "B"):
-            targets[method.peft_projection_key(which)] = (state, f"{method.prefix}_{which}")
-    for path in getattr(state, "modules_to_save_paths", []):
-        copy = modules_to_save_copy(state, path)
-        for pname, _ in copy.named_parameters():
-            sub, _, leaf = pname.rpartition(".")
-            targets[f"{PEFT_ROOT}{path}.{pname}"] = (copy.get_submodule(sub) if sub else copy, leaf)
-    return targets
-
-
-_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's names for save_embedding_layers="auto"
-
-
-def _embedding_targeted(gm: GraphModule, config: AdapterConfig) -> bool:
-    """PEFT's save_embedding_layers='auto' test: an embedding-layer name among the targets."""
-    targets = config.target_modules
-    if isinstance(targets, str):
-        if targets.lower() == "all-linear":
-            return False
-        modules = gm.meta.get("vera_fx_model", {}).get("modules", {})
-        return any(re.fullmatch(targets, k) for k in modules
-                   if any(re.match(rf"(.*\.)?{e}$", k) for e in _EMBEDDING_LAYER_NAMES))
-    return bool(targets) and any(e in targets for e in _EMBEDDING_LAYER_NAMES)
-
-
-def base_layer_targets(gm: GraphModule, adapter_name: str = "default") -> dict[str, str]:
-    """PEFT key -> graph qualname of the base weights PEFT also saves for this adapter (save_embedding_layers:
-    the output head's ``<path>.base_layer.weight`` / ``.bias`` when an embedding-layer name is targeted)."""
-    state = adapter_state(gm, adapter_name)
-    head = gm.meta.get("vera_fx_model", {}).get("output_head")
-    if not head or head not in state.site_names or not _embedding_targeted(gm, state.config):
-        return {}
-    out: dict[str, str] = {}
-    for leaf in ("weight", "bias"):
-        if _base_tensor(gm, f"{head}.{leaf}") is not None:
-            out[f"{PEFT_ROOT}{head}.base_layer.{leaf}"] = f"{head}.{leaf}"
-    return out
-
-
-def _base_tensor(gm: GraphModule, qualname: str) -> Optional[torch.Tensor]:
-    """The graph's base parameter or buffer at ``qualname`` (None for adapter state and missing names)."""
-    if qualname.startswith(CONTAINER + "."):
-        return None
-    path, _, leaf = qualname.rpartition(".")
-    try:
-        mod = gm.get_submodule(path)
-    except AttributeError:
-        return None
-    value = mod._parameters.get(leaf) if leaf in mod._parameters else mod._buffers.get(leaf)
-    return value if isinstance(value, torch.Tensor) else None
-
-
-def _base_qualname(gm: GraphModule, key: str) -> Optional[str]:
-    """The graph qualname a PEFT base-weight key (``base_model.model.<path>.base_layer.<leaf>``, or a plain
-    ``<path>.<leaf>`` of a saved embedding) names, or None when it names no base tensor of the graph."""
-    if not key.startswith(PEFT_ROOT):
-        return None
-    qualname = key[len(PEFT_ROOT):].replace(".base_layer.", ".")
-    return qualname if _base_tensor(gm, qualname) is not None else None
-
-
-def adapter_state_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The tensors PEFT writes to adapter_model.safetensors for this adapter, under PEFT's keys (with the base
-    weights PEFT's save_embedding_layers='auto' adds when an embedding-layer name is targeted).
-
-    Full tensors always: on a graph sharded with FSDP2 each shard is gathered (``full_tensor``, a collective:
-    call it on every rank, as transformers' Trainer calls ``state_dict()``)."""
-    gm = as_graph_module(gm, "adapter_state_dict")
-    out = {k: full_tensor(getattr(mod, attr).detach())
-           for k, (mod, attr) in state_dict_targets(gm, adapter_name).items()}
-    for key, qualname in base_layer_targets(gm, adapter_name).items():
-        out.setdefault(key, full_tensor(_base_tensor(gm, qualname).detach()))
-    return out
-
-
-def _normalise_peft_key(key: str) -> Optional[str]:
-    """Map PEFT's variant keys onto ours (``modules_to_save`` wrappers' extra level); None for keys that
-    carry no state of ours (the wrapped original module)."""
-    if ".original_module." in key:
-        return None
-    return key.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
 
 
 def _fmt_keys(keys: list[str]) -> str:
@@ -168,41 +56,24 @@ def _leading_slice(value: torch.Tensor, current: torch.Tensor) -> bool:
     return value.dim() == current.dim() and all(a <= b for a, b in zip(value.shape, current.shape))
 
 
-def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
-               source: str) -> tuple[list[tuple[nn.Module, str, torch.Tensor, bool]], list[str]]:
-    """Check ``state_dict`` against the adapter and return the copies to make and the projection keys it
-    lacks; ValueError naming every problem, before anything changes."""
-    if not isinstance(state_dict, dict):
-        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
-    state = adapter_state(gm, adapter_name)
-    method = state.method
-    targets = state_dict_targets(gm, adapter_name)
-    projection_keys = {method.peft_projection_key(w): f"{method.prefix}_{w}" for w in ("A", "B")}
+def _incoming(state_dict: dict[str, Any], adapter_name: str, projection_keys: dict[str, str]) -> dict[str, Any]:
+    """``state_dict`` under our key names (PEFT's prefixes and in-memory adapter suffixes dropped), DTensor
+    shards gathered to their full tensors (a collective)."""
     incoming: dict[str, Any] = {}
     for key, value in state_dict.items():
-        norm = _normalise_peft_key(str(key))
+        norm = normalise_peft_key(str(key))
         if norm is None:
             continue
         base, _, last = norm.rpartition(".")
         if last == adapter_name and base in projection_keys:  # PEFT's in-memory "base_model.vera_A.<adapter>"
             norm = base
-        # a DTensor (one rank's shard of a sharded state dict) stands for its full tensor: gathered (collective)
         incoming[norm] = full_tensor(value) if isinstance(value, torch.Tensor) else value
-    for key, attr in projection_keys.items():
-        if key in incoming:  # save_projection=False but the file has them: use them, as PEFT does
-            targets[key] = (state, attr)
-    # Base weights PEFT saves beside the adapter (save_embedding_layers): they apply to the graph only.
-    base_keys = {k: q for k in incoming if k not in targets and (q := _base_qualname(gm, k)) is not None}
-    for key, qualname in base_keys.items():
-        path, _, leaf = qualname.rpartition(".")
-        targets[key] = (gm.get_submodule(path), leaf)
-    missing = [k for k in targets if k not in incoming and k not in projection_keys]
-    unexpected = [k for k in incoming if k not in targets]
-    if missing or unexpected:
-        raise ValueError(f"{source}: does not fit adapter {adapter_name!r} of this graph; missing keys: "
-                         f"{_fmt_keys(missing)}, unexpected keys: {_fmt_keys(unexpected)}. Check target_modules, "
-                         "modules_to_save, bias and the model")
-    peers = [n for n, s in getattr(gm, CONTAINER).items() if n != adapter_name and s.method_name == state.method_name]
+    return incoming
+
+
+def _check_values(incoming: dict[str, Any], targets: dict[str, tuple[nn.Module, str]],
+                  projection_keys: dict[str, str], peers: list[str]) -> list[str]:
+    """The problems of each incoming value against what it replaces (type, shape, dtype)."""
     bad = []
     for key, value in incoming.items():
         mod, attr = targets[key]
@@ -215,17 +86,52 @@ def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
             bad.append(f"{key}: shape {tuple(value.shape)} in the checkpoint, {tuple(current.shape)} on the graph")
         elif not value.is_floating_point():
             bad.append(f"{key}: dtype {value.dtype} is not a floating dtype")
-    if bad:
-        raise ValueError(f"{source}: does not fit adapter {adapter_name!r}: " + "; ".join(bad[:5]) +
-                         (" ..." if len(bad) > 5 else "") + ". Check r and the model the adapter was trained on")
+    return bad
+
+
+def _check_shared(state: Any, incoming: dict[str, Any], projection_keys: dict[str, str], peers: list[str],
+                  adapter_name: str, source: str) -> None:
+    """Projections shared with ``peers`` load only when equal to the shared ones (checked, never written)."""
     for key, attr in projection_keys.items():
         if key in incoming and peers:
-            value = incoming[key]  # shared with peers: checked equal, never written
+            value = incoming[key]
             current = getattr(state, attr)[tuple(slice(0, n) for n in value.shape)]
             if not torch.equal(value.to(device=current.device, dtype=current.dtype), current):
                 raise ValueError(f"{source}: {key} differs from the projections adapter {adapter_name!r} shares "
                                  f"with {peers}; loading it would change those adapters. Load this checkpoint "
                                  "into a graph of its own (vera_fx.from_pretrained)")
+
+
+def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
+              source: str) -> tuple[list[tuple[nn.Module, str, torch.Tensor, bool]], list[str]]:
+    """Check ``state_dict`` against the adapter and return the copies to make and the projection keys it
+    lacks; ValueError naming every problem, before anything changes."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+    state = adapter_state(gm, adapter_name)
+    targets = state_dict_targets(gm, adapter_name)
+    projection_keys = {state.method.peft_projection_key(w): f"{state.method.prefix}_{w}" for w in ("A", "B")}
+    incoming = _incoming(state_dict, adapter_name, projection_keys)
+    for key, attr in projection_keys.items():
+        if key in incoming:  # save_projection=False but the file has them: use them, as PEFT does
+            targets[key] = (state, attr)
+    # Base weights PEFT saves beside the adapter (save_embedding_layers): they apply to the graph only.
+    base_keys = {k: q for k in incoming if k not in targets and (q := base_qualname(gm, k)) is not None}
+    for key, qualname in base_keys.items():
+        path, _, leaf = qualname.rpartition(".")
+        targets[key] = (gm.get_submodule(path), leaf)
+    missing = [k for k in targets if k not in incoming and k not in projection_keys]
+    unexpected = [k for k in incoming if k not in targets]
+    if missing or unexpected:
+        raise ValueError(f"{source}: does not fit adapter {adapter_name!r} of this graph; missing keys: "
+                         f"{_fmt_keys(missing)}, unexpected keys: {_fmt_keys(unexpected)}. Check target_modules, "
+                         "modules_to_save, bias and the model")
+    peers = [n for n, s in getattr(gm, CONTAINER).items() if n != adapter_name and s.method_name == state.method_name]
+    bad = _check_values(incoming, targets, projection_keys, peers)
+    if bad:
+        raise ValueError(f"{source}: does not fit adapter {adapter_name!r}: " + "; ".join(bad[:5]) +
+                         (" ..." if len(bad) > 5 else "") + ". Check r and the model the adapter was trained on")
+    _check_shared(state, incoming, projection_keys, peers, adapter_name, source)
     merged = sorted(adapter_flags(gm).merged)
     if base_keys and merged:
         raise ValueError(f"{source}: holds base weights ({_fmt_keys(sorted(base_keys))}) but sites {merged[:3]} are "
