@@ -28,15 +28,9 @@ from .passes.match import MatchPass
 from .passes.pipeline import run_passes
 from .sites import ADAPTER_KEY, SITE_KEY, as_graph_module, graph_modules
 from .state import (adapters_of, active_adapters, adapter_container, adapters_disabled,
-                    attach_modules_to_save, bias_targets, detach_state, merged_adapters, modules_to_save_copy,
-                    modules_to_save_owners, mutation, resolve_modules_to_save, route_modules_to_save,
-                    shared_projections)
+                    bias_targets, detach_state, merged_adapters, modules_to_save_owners, mutation, resolve_modules_to_save, route_modules_to_save)
 
 # active_adapters ... modules_to_save_copy live in vera_fx/state.py (below the passes) and stay importable here.
-__all__ = ["set_lowering", "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "active_adapters",
-           "set_adapters_disabled",
-           "adapters_disabled", "shared_projections", "attach_modules_to_save", "resolve_modules_to_save",
-           "modules_to_save_copy", "remove_adapter"]
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,6 @@ from torch.fx import GraphModule, Node
 from .compat import call_impl, set_compiled_call
 from .sites import BLOCK_CALL_KEY, as_graph_module, graph_modules
 
-__all__ = ["gradient_checkpointing_enable", "gradient_checkpointing_disable", "is_gradient_checkpointing",
-           "checkpoint_block", "compile_blocks", "share_block_code", "block_calls"]
-
 logger = logging.getLogger(__name__)
 
 _CKPT_KEY = "vera_fx_checkpointed"  # node.meta of a block call wrapped in checkpoint_block

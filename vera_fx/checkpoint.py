@@ -30,14 +30,11 @@ from .limits import check_file_shapes, check_same_fields
 from .methods import CONTAINER, AdapterState
 from .passes.match import peft_selection
 from .passes.merge import merge, unmerge
-from .peft_keys import (adapter_state, adapter_state_dict, base_layer_targets, base_qualname, normalise_peft_key,
+from .peft_keys import (adapter_state, adapter_state_dict, base_qualname, normalise_peft_key,
                         state_dict_targets)
 from .sites import as_graph_module, read_sites
 from .versions import adapter_flags
-from .state import bias_targets, merged_adapters, mutation, restore_active
-
-__all__ = ["load_adapter_state_dict", "peft_target_modules", "save_adapter", "load_adapter", "read_checkpoint", "peft_config_dict",
-           "plan_load", "apply_plan", "read_weights", "load_checked", "CONFIG_NAME", "WEIGHTS_NAME"]
+from .state import merged_adapters, mutation, restore_active
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,6 @@ from typing import Any, NoReturn, Optional, Sequence
 
 import vera_fx  # cheap: its names load on first use, so --help / --version never import torch
 
-__all__ = ["main", "build_parser"]
-
 logger = logging.getLogger(__name__)
 
 # Files of a tokenizer that `merge` copies next to the merged weights, so that the folder loads alone.

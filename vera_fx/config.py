@@ -12,9 +12,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-__all__ = ["VeraConfig", "PveraConfig", "AdapterConfig", "config_to_dict", "config_from_dict", "as_config",
-           "TASK_TYPES", "TASK_MODULES_TO_SAVE"]
-
 CONFIG_VERSION = 1
 
 # Default targets per `model.config.model_type` (the attention query and value projections).

@@ -20,8 +20,6 @@ import vera_fx
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["main", "load_reviews"]
-
 
 def load_reviews() -> list[tuple[str, int]]:
     """The shipped review sentences as (text, label) pairs (label 1 = positive)."""

@@ -44,9 +44,6 @@ from torch import nn
 
 from .sites import as_graph_module, graph_modules
 
-__all__ = ["shard", "mean_gradients", "fsdp2_sums_gradients", "unwrap_parallel", "gathered", "full_tensor",
-           "placed_like", "is_writer", "barrier", "sharded_fraction", "needs_gather", "save_role"]
-
 logger = logging.getLogger(__name__)
 
 # torch.distributed.fsdp / .tensor take about a second to import: they are imported by the functions that shard

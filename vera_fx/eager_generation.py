@@ -32,9 +32,6 @@ from .sites import LINEAR_KINDS, SITE_KEY, Site, read_sites
 from .versions import adapter_flags
 from .state import active_adapters, adapters_disabled, modules_to_save_copy, set_adapters_training
 
-__all__ = ["live_layout", "site_graph", "adapter_hooks", "weights_bound", "generate_eager", "site_base", "check_inputs",
-           "model_inputs", "eager_reason", "no_cpu_packing"]
-
 logger = logging.getLogger(__name__)
 
 

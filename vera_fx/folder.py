@@ -32,9 +32,6 @@ from typing import IO, Callable, Iterator, Optional
 import safetensors.torch
 import torch
 
-__all__ = ["write_folder", "open_folder", "recover", "read_safetensors", "serialise", "STEP_HOOKS",
-           "DIGEST_KEY", "SAFETENSORS_DTYPES"]
-
 logger = logging.getLogger(__name__)
 
 DIGEST_KEY = "vera_fx_sha256"  # safetensors metadata: sha256 of the data section (PEFT ignores it)

@@ -47,9 +47,6 @@ from .passes.inject import emit_adapter, remove_adapter_nodes
 from .passes.match import MatchPass
 from .sites import ADAPTER_KEY, SITE_KEY, as_graph_module, read_sites
 
-__all__ = ["generate", "decode_graph", "decode_graphs", "bind_adapter_state", "capture_decode_graph", "SUPPORTED_KWARGS",
-           "cache_bucket"]
-
 logger = logging.getLogger(__name__)
 
 # Keyword arguments of ``generate`` beyond input_ids / attention_mask, named in the error for any other.

@@ -29,9 +29,6 @@ from .sites import (ADAPTER_KEY, BLOCK_CALL_KEY, SITE_KEY, Site, as_graph_module
                     read_sites)
 from .state import active_adapters, adapters_disabled
 
-__all__ = ["summary", "summary_rows", "summary_html", "trainable_parameters", "print_trainable_parameters",
-           "to_networkx", "to_dot", "view", "render_svg", "GraphView", "ROLE_COLORS"]
-
 logger = logging.getLogger(__name__)
 
 # Fill colour of each node role in DOT / SVG output.

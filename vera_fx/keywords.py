@@ -20,9 +20,6 @@ from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
-__all__ = ["known_keywords", "check_keywords", "constant_changes", "say_constant_changes", "check_mask",
-           "describe_key"]
-
 logger = logging.getLogger(__name__)
 
 # Keywords transformers takes out of **kwargs before the model sees them: its decorators' return_dict, and

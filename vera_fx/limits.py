@@ -19,9 +19,6 @@ from .config import AdapterConfig
 from .methods import method_for
 from .sites import Site
 
-__all__ = ["check_rank", "projection_bytes", "memory_bytes", "check_file_shapes", "check_same_fields",
-           "RANK_FACTOR"]
-
 logger = logging.getLogger(__name__)
 
 # r above this many times the widest targeted layer is refused: the update's rank is at most min(in, out), so

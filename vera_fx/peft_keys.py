@@ -21,9 +21,6 @@ from .methods import CONTAINER, AdapterState
 from .sites import as_graph_module
 from .state import PEFT_ROOT, bias_targets, modules_to_save_copy
 
-__all__ = ["adapter_state", "state_dict_targets", "base_layer_targets", "base_tensor", "base_qualname",
-           "adapter_state_dict", "normalise_peft_key", "embedding_targeted", "EMBEDDING_LAYER_NAMES"]
-
 
 def adapter_state(gm: GraphModule, adapter_name: str = "default") -> AdapterState:
     """The AdapterState of ``adapter_name``; ValueError listing the adapters when it is missing."""

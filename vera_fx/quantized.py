@@ -38,10 +38,6 @@ from torch.fx import GraphModule, Node
 from .compat import unpack_cpu_4bit
 from .sites import Candidate, block_prefix, graph_modules
 
-__all__ = ["QUANTIZED_KINDS", "QUANT_KEY", "is_quantized_layer", "layer_kind", "quantized_layers",
-           "stand_ins", "restore_quantized", "is_quantized_parameter", "recognise", "dequantized_weight",
-           "requantized", "rounding_error", "rebind_layers", "set_layer"]
-
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 

@@ -14,8 +14,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["pvera_noise", "pvera_bank_noise"]
-
 
 @torch.library.custom_op("vera_fx::pvera_noise", mutates_args=("generator_state",))
 def pvera_noise(generator_state: Tensor, shape: Sequence[int], groups: int, dtype: torch.dtype) -> Tensor:

@@ -12,14 +12,11 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
 
 from .methods import CONTAINER, AdapterState
 from .methods.pvera import GENERATOR_STATE, KL_RECORD, SAMPLE_SWITCH, PveraMethod, pvera_record_kl, reseed_state
 from .sites import ADAPTER_KEY, as_graph_module, graph_modules
 from .state import mutation
-
-__all__ = ["set_sample_at_inference", "kl_divergence", "reseed", "pvera_states"]
 
 logger = logging.getLogger(__name__)
 

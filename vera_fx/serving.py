@@ -36,9 +36,6 @@ from .versions import adapter_flags
 from .state import (adapter_container, attach_state, block_site_names, detach_state, mutation,
                     reads_state, restore_active, shared_projections)
 
-__all__ = ["mixed_adapter_forward", "mixed_graph", "adapter_index", "load_adapters", "export", "BASE_ADAPTER",
-           "INDEX_INPUT"]
-
 logger = logging.getLogger(__name__)
 
 def _adapter_key(gm: GraphModule) -> tuple:

@@ -16,11 +16,6 @@ from torch.fx import GraphModule, Node
 
 from .versions import adapter_flags
 
-__all__ = ["as_graph_module", "Site", "Candidate", "SITE_KEY", "ADAPTER_KEY", "read_sites", "site_of",
-           "site_output", "site_input", "adapter_nodes", "LINEAR_KINDS", "adapted_sites", "BLOCK_KEY",
-           "BLOCK_CALL_KEY", "graph_modules", "block_prefix", "read_graph_sites", "block_groups", "sampling_by_site",
-           "registration_order", "module_path"]
-
 SITE_KEY = "vera_fx_site"
 ADAPTER_KEY = "vera_fx"
 # gm.meta key written by the merge pass: site name -> names of the adapters folded into its weight.

@@ -23,8 +23,6 @@ from .methods.pvera import KL_RECORD, NOISE_GROUPS, SAMPLE_SWITCH
 from .sampling import pvera_states
 from .sites import as_graph_module
 
-__all__ = ["monte_carlo", "confidence_interval", "student_t_quantile"]
-
 logger = logging.getLogger(__name__)
 
 

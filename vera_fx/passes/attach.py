@@ -31,8 +31,6 @@ from ..versions import adapter_flags
 from ..state import MTS_TAG, adapters_training, attach_state, set_adapters_training
 from .inject import emit_adapter, remove_adapter_nodes
 
-__all__ = ["attach_adapters", "strip_adapters", "state_fingerprint"]
-
 logger = logging.getLogger(__name__)
 
 def state_fingerprint(gm: GraphModule) -> tuple:

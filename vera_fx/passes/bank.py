@@ -36,8 +36,6 @@ from ..versions import adapter_flags
 from .inject import training_node
 from .share import share_projections
 
-__all__ = ["BASE_ADAPTER", "INDEX_INPUT", "bank_order", "bank_groups", "build_mixed_graph", "check_bankable"]
-
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 

@@ -16,8 +16,6 @@ from ..methods.fused import fused_site
 from ..methods.lean import lean_site
 from ..sites import ADAPTER_KEY, Site, read_graph_sites
 
-__all__ = ["Chain", "plain_chains", "hoist", "tag_node", "inplace_target", "CHAIN_NAMES"]
-
 aten = torch.ops.aten
 
 # Tag names of the emitter's per-site chain after h (vera_fx/methods/{vera,pvera}.py).

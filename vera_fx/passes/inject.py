@@ -25,14 +25,10 @@ from ..limits import check_rank
 from ..methods import CONTAINER, AdapterState, Emitter, method_for
 from ..methods.fold import restore_linear
 from ..sites import ADAPTER_KEY, Site, graph_modules, read_graph_sites, registration_order
-from ..state import (ADAPTER_MODE, adapter_container, adapter_mode_module, attach_modules_to_save, attach_state, bias_targets, detach_state,
-                     shared_projections)
+from ..state import (ADAPTER_MODE, adapter_mode_module, attach_modules_to_save, attach_state, bias_targets, shared_projections)
 from .lower import lower_adapters, lowering_setting
 from .match import select_sites
 from .share import share_projections
-
-__all__ = ["InjectPass", "training_node", "adapter_mode_node", "adapter_container", "emit_adapter", "remove_adapter_nodes", "attach_state",
-           "detach_state", "new_state"]
 
 logger = logging.getLogger(__name__)
 

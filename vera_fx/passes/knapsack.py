@@ -4,8 +4,6 @@ choices (exact; an even thinning only past ``max_states`` states)."""
 
 from __future__ import annotations
 
-__all__ = ["choose_options"]
-
 
 def _frontier(groups: list[list[tuple[int, int]]], limit: int, max_states: int
               ) -> tuple[list[tuple[int, int, int, int]], list[list[tuple[int, int, int, int]]]]:

@@ -80,11 +80,6 @@ from .chains import Chain, hoist, inplace_target, plain_chains, tag_node
 from .knapsack import choose_options
 from .infer import INFERENCE_KEY, lower_for_inference
 
-__all__ = ["LowerPass", "lower_adapters", "path_costs", "extra_products", "group_options", "choose_options",
-           "plan_auto", "lowering_setting", "check_lowering", "PATHS", "MODES", "DEFAULT_TOKENS",
-           "GroupShape", "pass_cost", "site_choices", "PASS_COST", "PASS_COST_CACHED", "PASS_COST_FUSED",
-           "PASS_COST_FUSED_CACHED", "FOLD_PASS_COST", "CACHE_BYTES"]
-
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 

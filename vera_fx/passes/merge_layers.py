@@ -30,9 +30,6 @@ from ..quantized import QUANTIZED_KINDS, dequantized_weight, requantized, roundi
 from ..sites import Site, graph_modules, read_sites
 from ..versions import adapter_flags
 
-__all__ = ["LayerFolded", "Rollback", "get_tensor", "set_tensor", "like", "is_layer_site",
-           "layer_path", "merged_layers", "install_layers", "restore_layers", "baked_layers"]
-
 logger = logging.getLogger(__name__)
 
 # The adapter set's ``flags.folded``: weight qualname -> the record unmerge needs to put the original back (a

@@ -17,8 +17,6 @@ from .inject import InjectPass
 from .lower import LowerPass, check_lowering
 from .match import MatchPass
 
-__all__ = ["transform", "add_adapter_passes", "run_passes"]
-
 logger = logging.getLogger(__name__)
 
 

@@ -17,8 +17,6 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..sites import ADAPTER_KEY, graph_modules
 
-__all__ = ["SharePass", "share_projections"]
-
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 
