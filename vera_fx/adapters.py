@@ -27,8 +27,8 @@ from .passes.lower import check_lowering
 from .passes.match import MatchPass
 from .passes.pipeline import run_passes
 from .sites import ADAPTER_KEY, SITE_KEY, as_graph_module, graph_modules
-from .state import (adapters_of, active_adapters, adapter_container, adapters_disabled,
-                    bias_targets, detach_state, merged_adapters, modules_to_save_owners, mutation, resolve_modules_to_save, route_modules_to_save)
+from .state import (adapters_of, active_adapters, adapter_container, adapters_disabled, bias_targets, detach_state,
+                    merged_adapters, modules_to_save_owners, mutation, resolve_modules_to_save, route_modules_to_save)
 
 # active_adapters ... modules_to_save_copy live in vera_fx/state.py (below the passes) and stay importable here.
 

@@ -32,7 +32,7 @@ from .passes.match import peft_selection
 from .passes.merge import merge, unmerge
 from .peft_keys import (adapter_state, adapter_state_dict, base_qualname, normalise_peft_key,
                         state_dict_targets)
-from .sites import as_graph_module, read_sites
+from .sites import as_graph_module, model_info, read_sites
 from .versions import adapter_flags
 from .state import merged_adapters, mutation, restore_active
 
@@ -213,7 +213,7 @@ def peft_target_modules(gm: GraphModule, state: AdapterState) -> Union[list[str]
     sorted list of the adapted module paths, which PEFT matches exactly whatever ``layers_to_transform`` says.
     """
     sites = set(state.site_names)
-    info = gm.meta.get("vera_fx_model", {})
+    info = model_info(gm)
     targets = state.config.target_modules
     if targets is None:  # PEFT writes the targets it resolved
         targets = sorted({s.rpartition(".")[2] for s in sites})
@@ -234,7 +234,7 @@ def peft_config_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str
     kinds = {s.fan_in_fan_out for s in read_sites(gm) if s.name in set(state.site_names)}
     if len(kinds) == 1:  # what the sites store, as PEFT writes it after correcting the config
         data["fan_in_fan_out"] = kinds.pop()
-    info = gm.meta.get("vera_fx_model", {})
+    info = model_info(gm)
     # As PEFT's save_pretrained: inference_mode true, the model's name_or_path when the config has none, and
     # without a task type the model's class (PEFT's auto_mapping); peft_version stays the config's (None unless
     # the config came from PEFT: vera_fx does not claim a PEFT version).

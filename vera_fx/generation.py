@@ -45,7 +45,7 @@ from .methods.pvera import pvera_record_kl
 from .passes.infer import INFERENCE_KEY
 from .passes.inject import emit_adapter, remove_adapter_nodes
 from .passes.match import MatchPass
-from .sites import ADAPTER_KEY, SITE_KEY, as_graph_module, read_sites
+from .sites import ADAPTER_KEY, MODEL_INFO_KEY, SITE_KEY, as_graph_module, model_info, read_sites
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len:
         tag = node.meta.get(SITE_KEY)
         if tag is not None and tag["name"].startswith(_PREFIX):
             tag["name"] = tag["name"][len(_PREFIX):]
-    decode.meta["vera_fx_model"] = {"class": type(model).__name__}
+    decode.meta[MODEL_INFO_KEY] = {"class": type(model).__name__}
     decode.meta[INFERENCE_KEY] = "batched"  # adapters in the inference form (vera_fx/passes/infer.py)
     logger.info("captured the decode graph of %s: batch %d, cache %d, %d nodes", type(model).__name__, batch_size,
                 max_cache_len, len(decode.graph.nodes))
@@ -241,7 +241,7 @@ def bind_adapter_state(decode: GraphModule, gm: GraphModule) -> bool:
         missing = sorted(set(sites) - have)
         if missing:
             raise ValueError(f"adapter {name!r}: sites {missing[:5]} are not in the decode graph of "
-                             f"{decode.meta['vera_fx_model']['class']}; pass model= the model the graph was "
+                             f"{model_info(decode)['class']}; pass model= the model the graph was "
                              "transformed from")
     decode._modules[CONTAINER] = container  # the training graph's AdapterState objects and parameters
     versions.switch(decode, [decode], None, key, lambda: _emit_live(decode, layout))
@@ -298,8 +298,8 @@ def _source_model(gm: GraphModule, model: Optional[nn.Module]) -> PreTrainedMode
 def decode_graph(gm: nn.Module, batch_size: int, max_cache_len: int, model: Optional[nn.Module] = None,
                  compile: bool = False) -> tuple[GraphModule, Any]:
     """The decode graph of ``gm`` for ``batch_size`` sequences and ``max_cache_len`` cache positions, bound to
-    ``gm``'s adapter state; captured on first use and kept by ``gm``'s adapter set. Returns (graph, decode-step callable):
-    the callable is the graph, or its ``torch.compile`` wrapper when ``compile``."""
+    ``gm``'s adapter state; captured on first use and kept by ``gm``'s adapter set. Returns (graph,
+    decode-step callable): the callable is the graph, or its ``torch.compile`` wrapper when ``compile``."""
     inner = _training_graph(gm)
     source = _source_model(inner, model)
     weight = next(p for p in source.parameters() if p.is_floating_point())

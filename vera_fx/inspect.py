@@ -26,7 +26,7 @@ from .compat import OpOverload, OpOverloadPacket
 from .methods import CONTAINER
 from .model import count_parameters
 from .sites import (ADAPTER_KEY, BLOCK_CALL_KEY, SITE_KEY, Site, as_graph_module, block_groups, block_prefix,
-                    read_sites)
+                    model_info, read_sites)
 from .state import active_adapters, adapters_disabled
 
 logger = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def summary(gm: GraphModule, include_unadapted: bool = False) -> str:
     def fmt(cells: list[str]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
-    model = gm.meta.get("vera_fx_model", {}).get("class", type(gm).__name__)
+    model = model_info(gm).get("class", type(gm).__name__)
     adapted = sum(1 for r in rows if r["adapters"])
     lines = [f"vera_fx summary of {model}: {adapted} adapted site(s)", fmt(header).rstrip(),
              "  ".join("-" * w for w in widths)]
@@ -265,7 +265,7 @@ def to_networkx(gm: GraphModule) -> nx.DiGraph:
     ``G.graph["blocks"]`` maps each shown block to ``{"count", "paths"}``.
     """
     gm = as_graph_module(gm, "to_networkx")
-    g = nx.DiGraph(name=gm.meta.get("vera_fx_model", {}).get("class", type(gm).__name__))
+    g = nx.DiGraph(name=model_info(gm).get("class", type(gm).__name__))
     groups = block_groups(gm)
     shown = {block_prefix(m[0]): [block_prefix(b) for b in m] for m in groups.values()}
     rep_of = {p: rep for rep, paths in shown.items() for p in paths}

@@ -18,7 +18,7 @@ from torch.fx import GraphModule
 from .config import AdapterConfig
 from .distributed import full_tensor
 from .methods import CONTAINER, AdapterState
-from .sites import as_graph_module
+from .sites import as_graph_module, model_info
 from .state import PEFT_ROOT, bias_targets, modules_to_save_copy
 
 
@@ -64,7 +64,7 @@ def embedding_targeted(gm: GraphModule, config: AdapterConfig) -> bool:
     if isinstance(targets, str):
         if targets.lower() == "all-linear":
             return False
-        modules = gm.meta.get("vera_fx_model", {}).get("modules", {})
+        modules = model_info(gm).get("modules", {})
         return any(re.fullmatch(targets, k) for k in modules
                    if any(re.match(rf"(.*\.)?{e}$", k) for e in EMBEDDING_LAYER_NAMES))
     return bool(targets) and any(e in targets for e in EMBEDDING_LAYER_NAMES)
@@ -74,7 +74,7 @@ def base_layer_targets(gm: GraphModule, adapter_name: str = "default") -> dict[s
     """PEFT key -> graph qualname of the base weights PEFT also saves for this adapter (save_embedding_layers:
     the output head's ``<path>.base_layer.weight`` / ``.bias`` when an embedding-layer name is targeted)."""
     state = adapter_state(gm, adapter_name)
-    head = gm.meta.get("vera_fx_model", {}).get("output_head")
+    head = model_info(gm).get("output_head")
     if not head or head not in state.site_names or not embedding_targeted(gm, state.config):
         return {}
     out: dict[str, str] = {}

@@ -18,9 +18,8 @@ from .versions import adapter_flags
 
 SITE_KEY = "vera_fx_site"
 ADAPTER_KEY = "vera_fx"
-# gm.meta key written by the merge pass: site name -> names of the adapters folded into its weight.
-
 # gm.meta key of a block graph (a repeated layer kept as a GraphModule submodule): {"path", "group"}.
+MODEL_INFO_KEY = "vera_fx_model"  # root gm.meta: what capture recorded of the model (class, modules, output head)
 BLOCK_KEY = "vera_fx_block"
 # node.meta key of the root graph's node that calls a block: the block's path.
 BLOCK_CALL_KEY = "vera_fx_block_call"
@@ -123,6 +122,11 @@ def registration_order(names: list[str], modules: list[str]) -> list[str]:
         return index.get(path, len(index))
 
     return sorted(names, key=key)
+
+
+def model_info(gm: GraphModule) -> dict[str, Any]:
+    """What capture recorded of the model a graph was captured from (empty for other graphs)."""
+    return gm.meta.get(MODEL_INFO_KEY) or {}
 
 
 def block_prefix(gm: GraphModule) -> str:

@@ -29,7 +29,7 @@ from torch.fx import Graph, GraphModule, Node
 from ..compat import add_keyword_input, copy_codegen
 from ..methods import CONTAINER, AdapterState, Emitter
 from ..methods.fold import restore_linear
-from ..sites import (ADAPTER_KEY, BLOCK_CALL_KEY, BLOCK_KEY, Site, block_prefix, graph_modules,
+from ..sites import (ADAPTER_KEY, BLOCK_CALL_KEY, BLOCK_KEY, MODEL_INFO_KEY, Site, block_prefix, graph_modules,
                      read_graph_sites, sampling_by_site)
 from ..state import merged_adapters
 from ..versions import adapter_flags
@@ -260,7 +260,7 @@ def build_mixed_graph(gm: GraphModule) -> GraphModule:
     graph, index = _copy_without_adapters(gm)
     mixed = GraphModule(gm, graph)
     mixed.add_module(CONTAINER, getattr(gm, CONTAINER))  # the same state objects
-    mixed.meta.update({k: v for k, v in gm.meta.items() if k in ("vera_fx_signature", "vera_fx_model")})
+    mixed.meta.update({k: v for k, v in gm.meta.items() if k in ("vera_fx_signature", MODEL_INFO_KEY)})
     batch = _batch_size(graph)
     blocks = {block_prefix(b): b for b in graph_modules(gm)[1:]}
     count = 0

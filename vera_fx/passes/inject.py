@@ -24,8 +24,9 @@ from ..config import AdapterConfig, as_config
 from ..limits import check_rank
 from ..methods import CONTAINER, AdapterState, Emitter, method_for
 from ..methods.fold import restore_linear
-from ..sites import ADAPTER_KEY, Site, graph_modules, read_graph_sites, registration_order
-from ..state import (ADAPTER_MODE, adapter_mode_module, attach_modules_to_save, attach_state, bias_targets, shared_projections)
+from ..sites import ADAPTER_KEY, Site, graph_modules, model_info, read_graph_sites, registration_order
+from ..state import (ADAPTER_MODE, adapter_mode_module, attach_modules_to_save, attach_state, bias_targets,
+                     shared_projections)
 from .lower import lower_adapters, lowering_setting
 from .match import select_sites
 from .share import share_projections
@@ -158,7 +159,7 @@ def new_state(gm: GraphModule, config: AdapterConfig, chosen: list[Site],
     state.register_buffer(f"{method.prefix}_B", b.to(device=device, dtype=dtype))
     # random initial values (init_weights=False) are drawn in module registration order, as PEFT draws them
     by_name = {s.name: s for s in chosen}
-    modules = list(gm.meta.get("vera_fx_model", {}).get("modules", {}))
+    modules = list(model_info(gm).get("modules", {}))
     values = {n: method.init_site(config, by_name[n], _float_dtype(gm, by_name[n]))
               for n in registration_order(list(by_name), modules)}
     for s in chosen:
