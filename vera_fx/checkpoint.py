@@ -34,7 +34,7 @@ from .peft_keys import (adapter_state, adapter_state_dict, base_qualname, normal
                         state_dict_targets)
 from .sites import as_graph_module, model_info, read_sites
 from .versions import adapter_flags
-from .state import merged_adapters, mutation, restore_active
+from .state import adapters_of, merged_adapters, mutation, restore_active
 
 logger = logging.getLogger(__name__)
 
@@ -377,8 +377,8 @@ def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
     gm = as_graph_module(gm, "load_adapter")
     config, tensors = read_checkpoint(directory)
     source = str(Path(directory) / WEIGHTS_NAME)
-    container = getattr(gm, CONTAINER, None)
-    if container is not None and adapter_name in container:
+    container = adapters_of(gm)
+    if adapter_name in container:
         have = container[adapter_name].config
         if type(have) is not type(config):
             raise ValueError(f"{directory}: peft_type={config.peft_type!r}, but adapter {adapter_name!r} on this "

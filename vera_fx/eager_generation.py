@@ -30,7 +30,7 @@ from .methods.pvera import pvera_record_kl
 from .passes.inject import emit_adapter
 from .sites import LINEAR_KINDS, SITE_KEY, Site, read_sites
 from .versions import adapter_flags
-from .state import active_adapters, adapters_disabled, modules_to_save_copy, set_adapters_training
+from .state import active_adapters, adapters_disabled, adapters_of, modules_to_save_copy, set_adapters_training
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ def site_base(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def live_layout(gm: GraphModule) -> list[tuple[str, tuple[str, ...]]]:
     """(adapter, sites to emit) for every live adapter of ``gm``: active, not disabled, not merged there."""
-    container = getattr(gm, CONTAINER, None)
-    if container is None or adapters_disabled(gm):
+    container = adapters_of(gm)
+    if not len(container) or adapters_disabled(gm):
         return []
     merged = adapter_flags(gm).merged
     out = []

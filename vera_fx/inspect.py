@@ -23,11 +23,10 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .compat import OpOverload, OpOverloadPacket
-from .methods import CONTAINER
 from .model import count_parameters
 from .sites import (ADAPTER_KEY, BLOCK_CALL_KEY, SITE_KEY, Site, as_graph_module, block_groups, block_prefix,
                     model_info, read_sites)
-from .state import active_adapters, adapters_disabled
+from .state import active_adapters, adapters_disabled, adapters_of
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +65,7 @@ def print_trainable_parameters(gm: torch.nn.Module) -> None:
 # --------------------------------------------------------------------------------------------- summary
 
 def _adapter_states(gm: GraphModule) -> dict[str, Any]:
-    container = getattr(gm, CONTAINER, None)
-    return dict(container.items()) if container is not None else {}
+    return dict(adapters_of(gm).items())
 
 
 def _site_param_count(states: dict[str, Any], site: str, adapters: tuple[str, ...]) -> tuple[int, int]:

@@ -19,14 +19,14 @@ from .config import AdapterConfig
 from .distributed import full_tensor
 from .methods import CONTAINER, AdapterState
 from .sites import as_graph_module, model_info
-from .state import PEFT_ROOT, bias_targets, modules_to_save_copy
+from .state import PEFT_ROOT, adapters_of, bias_targets, modules_to_save_copy
 
 
 def adapter_state(gm: GraphModule, adapter_name: str = "default") -> AdapterState:
     """The AdapterState of ``adapter_name``; ValueError listing the adapters when it is missing."""
     gm = as_graph_module(gm, "adapter_state")
-    container = getattr(gm, CONTAINER, None)
-    if container is None or len(container) == 0:
+    container = adapters_of(gm)
+    if len(container) == 0:
         raise ValueError("this graph has no adapter: create one with vera_fx.transform(model, config)")
     if adapter_name not in container:
         raise ValueError(f"adapter_name={adapter_name!r} is not on this graph; adapters: {sorted(container)}")

@@ -13,10 +13,10 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .methods import CONTAINER, AdapterState
+from .methods import AdapterState
 from .methods.pvera import GENERATOR_STATE, KL_RECORD, SAMPLE_SWITCH, PveraMethod, pvera_record_kl, reseed_state
 from .sites import ADAPTER_KEY, as_graph_module, graph_modules
-from .state import mutation
+from .state import adapters_of, mutation
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +26,7 @@ def pvera_states(gm: nn.Module, adapter_name: Optional[str] = None) -> dict[str,
 
     ValueError when there is none, when ``adapter_name`` is missing or when it is not a PVeRA adapter.
     """
-    container = getattr(as_graph_module(gm), CONTAINER, None)
-    states = dict(container.items()) if container is not None else {}
+    states = dict(adapters_of(as_graph_module(gm)).items())
     pvera = {k: s for k, s in states.items() if isinstance(s.method, PveraMethod)}
     if adapter_name is not None:
         if adapter_name not in states:
@@ -106,7 +105,7 @@ def kl_divergence(gm: nn.Module, adapter_name: Optional[str] = None) -> torch.Te
                                              for s in states.values()}
     missing = []
     for g in graph_modules(inner):
-        container = getattr(g, CONTAINER, None) or {}
+        container = adapters_of(g)
         for node in g.graph.nodes:
             if node.op != "call_function" or node.target is not pvera_record_kl:
                 continue

@@ -33,14 +33,14 @@ from .passes.inject import new_state
 from .passes.match import MatchPass, select_sites
 from .sites import ADAPTER_KEY, SITE_KEY, as_graph_module, graph_modules
 from .versions import adapter_flags
-from .state import (adapter_container, attach_state, block_site_names, detach_state, mutation,
-                    reads_state, restore_active, shared_projections)
+from .state import (adapter_container, adapters_of, attach_state, block_site_names, detach_state, mutation, reads_state,
+                    restore_active, shared_projections)
 
 logger = logging.getLogger(__name__)
 
 def _adapter_key(gm: GraphModule) -> tuple:
-    container = getattr(gm, CONTAINER, None)
-    states = list(container.items()) if container is not None else []
+    container = adapters_of(gm)
+    states = list(container.items())
     # The mixed graph reads the adapters by name at call time, so their structure is all it depends on.
     return (id(container),) + tuple((name, state.method_name, state.config.r, tuple(state.site_names))
                                     for name, state in states)
@@ -235,7 +235,7 @@ def _kl_records(gm: GraphModule) -> list[KLRecord]:
     """Every KL record the graphs of ``gm``'s tree write (the root states' and the block views')."""
     found: dict[int, KLRecord] = {}
     for g in graph_modules(gm):
-        for state in (getattr(g, CONTAINER, None) or {}).values():
+        for state in adapters_of(g).values():
             for v in vars(state).values():
                 if isinstance(v, KLRecord):
                     found[id(v)] = v

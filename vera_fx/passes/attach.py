@@ -28,7 +28,7 @@ from ..methods import CONTAINER
 from ..quantized import rebind_layers
 from ..sites import ADAPTER_KEY, block_prefix, graph_modules, read_sites
 from ..versions import adapter_flags
-from ..state import MTS_TAG, adapters_training, attach_state, set_adapters_training
+from ..state import MTS_TAG, adapters_of, adapters_training, attach_state, set_adapters_training
 from .inject import emit_adapter, remove_adapter_nodes
 
 logger = logging.getLogger(__name__)
@@ -36,8 +36,7 @@ logger = logging.getLogger(__name__)
 def state_fingerprint(gm: GraphModule) -> tuple:
     """A cheap value that changes whenever the adapter nodes ``gm`` should carry change (adapters added or
     deleted, the active list, disabled, merged, lowering). Sampling switches and values are read at run time."""
-    container = getattr(gm, CONTAINER, None)
-    names = tuple((n, id(s)) for n, s in container.items()) if container is not None else ()
+    names = tuple((n, id(s)) for n, s in adapters_of(gm).items())
     return names, adapter_flags(gm).key()
 
 

@@ -31,7 +31,7 @@ from ..methods import CONTAINER, AdapterState, Emitter
 from ..methods.fold import restore_linear
 from ..sites import (ADAPTER_KEY, BLOCK_CALL_KEY, BLOCK_KEY, MODEL_INFO_KEY, Site, block_prefix, graph_modules,
                      read_graph_sites, sampling_by_site)
-from ..state import merged_adapters
+from ..state import adapters_of, merged_adapters
 from ..versions import adapter_flags
 from .inject import training_node
 from .share import share_projections
@@ -45,8 +45,7 @@ BANK_META = "vera_fx_bank"  # mixed graph's meta: {"order": [...], "banks": {lab
 
 
 def _states(gm: GraphModule) -> dict[str, AdapterState]:
-    container = getattr(gm, CONTAINER, None)
-    return dict(container.items()) if container is not None else {}
+    return dict(adapters_of(gm).items())
 
 
 def bank_order(gm: GraphModule) -> list[str]:

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from ..methods import CONTAINER
 from ..methods.fold import weight_site, weight_site_t
 from ..methods.fused import fused_site
 from ..methods.lean import lean_site
 from ..sites import ADAPTER_KEY, Site, read_graph_sites
+from ..state import adapters_of
 
 aten = torch.ops.aten
 
@@ -48,8 +48,8 @@ class Chain:
 def plain_chains(gm: GraphModule, redecide: bool = False) -> list[Chain]:
     """The plain chains of ``gm``'s own graph not yet decided (with ``redecide``: those kept on the activation
     path by an earlier run too)."""
-    container = getattr(gm, CONTAINER, None)
-    if container is None:
+    container = adapters_of(gm)
+    if not len(container):
         return []
     sites = {s.base.name: s for s in read_graph_sites(gm)}  # this graph's own sites (a block's too)
     found: dict[tuple[str, str], dict[str, Node]] = {}

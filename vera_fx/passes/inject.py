@@ -25,7 +25,7 @@ from ..limits import check_rank
 from ..methods import CONTAINER, AdapterState, Emitter, method_for
 from ..methods.fold import restore_linear
 from ..sites import ADAPTER_KEY, Site, graph_modules, model_info, read_graph_sites, registration_order
-from ..state import (ADAPTER_MODE, adapter_mode_module, attach_modules_to_save, attach_state, bias_targets,
+from ..state import (ADAPTER_MODE, adapter_mode_module, adapters_of, attach_modules_to_save, attach_state, bias_targets,
                      shared_projections)
 from .lower import lower_adapters, lowering_setting
 from .match import select_sites
@@ -103,8 +103,7 @@ class InjectPass(PassBase):
         if any(hasattr(p, "device_mesh") for p in graph_module.parameters()):
             raise ValueError(f"cannot add adapter {self.adapter_name!r}: the graph is sharded with FSDP2 (its new "
                              "lambdas would not be sharded); add every adapter before vera_fx.distributed.shard(...)")
-        container = getattr(graph_module, CONTAINER, None)
-        if container is not None and self.adapter_name in container:
+        if self.adapter_name in adapters_of(graph_module):
             raise ValueError(f"adapter_name={self.adapter_name!r} already exists on this graph; choose another "
                              "name or delete it first")
 
@@ -198,8 +197,7 @@ def emit_adapter(gm: GraphModule, adapter_name: str, site_names: Optional[set[st
     # The root's adapter flag (training mode for a first adapter, as PEFT's new layers) for every graph.
     training = adapter_mode_module(gm).training
     for g in graph_modules(gm):
-        container = getattr(g, CONTAINER, None)
-        if container is not None and adapter_name in container:
+        if adapter_name in adapters_of(g):
             count += _emit_graph(g, adapter_name, site_names, setting, training)
     return count
 
