@@ -14,7 +14,7 @@ from ..config import AdapterConfig, as_config
 from ..methods import method_for
 from ..state import adapter_container
 from .inject import InjectPass
-from .lower import LowerPass, check_lowering
+from .lower import check_lowering
 from .match import MatchPass
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ def run_passes(gm: GraphModule, passes: list[Any]) -> GraphModule:
 
 
 def add_adapter_passes(config: AdapterConfig, adapter_name: str) -> list[Any]:
-    return [MatchPass(), InjectPass(config, adapter_name), LowerPass()]
+    """Match, then inject (which shares x·Aᵀ and lowers what it emits, by the adapter set's lowering setting)."""
+    return [MatchPass(), InjectPass(config, adapter_name)]
 
 
 def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleInputs = None,
@@ -54,5 +55,3 @@ def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleIn
     adapter_container(gm).flags.lowering = setting
     return run_passes(gm, add_adapter_passes(config, adapter_name))
 
-
-_run = run_passes  # the former private name
