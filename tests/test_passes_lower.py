@@ -20,7 +20,7 @@ from vera_fx.methods.fused import fused_site
 from vera_fx.methods.lean import lean_site
 from vera_fx.sites import as_graph_module, graph_modules, read_sites
 from vera_fx.passes.lower import (CACHE_BYTES, DEFAULT_TOKENS, PASS_COST, PASS_COST_CACHED,
-                                  PASS_COST_FUSED, PASS_COST_FUSED_CACHED, GroupShape, LowerPass, choose_options,
+                                  PASS_COST_FUSED, PASS_COST_FUSED_CACHED, GroupShape, choose_options,
                                   group_options, lower_adapters, lowering_setting, pass_cost,
                                   path_costs, plan_auto)
 
@@ -637,19 +637,17 @@ def test_transform_refuses_bad_lowering_before_capture():
         vera_fx.transform(_net(), _config("vera"), example_inputs=(_x(),), lowering="plain")
 
 
-def test_lower_pass_is_a_no_op_on_a_lowered_graph(products_only):
+def test_lowering_plans_only_what_was_just_emitted(products_only):
     net, x = _net(), _x()
     gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering="lean").graph_module
     code = gm.code
-    assert lower_adapters(gm) == 0 and not LowerPass()(gm).modified and gm.code == code
+    assert lower_adapters(gm, []) == 0 and gm.code == code  # nothing handed over: nothing searched, nothing changed
     gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), lowering="activation").graph_module
-    assert LowerPass("lean")(gm).modified and _paths(gm) == {"lean": 5}
-    # auto: a second run leaves its plan (the sites it kept on their activations are fused tails), and another
-    # adapter's emission plans its own sites only
+    assert vera_fx.set_lowering(gm, "lean") is gm and _paths(gm) == {"lean": 5}
+    # auto: another adapter's emission plans its own sites only (the first one's fused tails and folds stay)
     gm = vera_fx.transform(net, _config("vera"), example_inputs=(x,), tokens=1)
     before = _site_paths(gm)
     assert ("v", "fused") in before
-    assert lower_adapters(gm.graph_module) == 0 and _site_paths(gm) == before
     def by_adapter():
         return sorted((t["adapter"], t["site"], t.get("path")) for n in gm.graph.nodes
                       if (t := n.meta.get("vera_fx") or {}).get("role") == "output")

@@ -226,11 +226,14 @@ class Emitter:
         rel = site.name[len(prefix) + 1:] if prefix and site.name.startswith(prefix + ".") else site.name
         self.relative_site = rel  # the site's path inside the block ('' names none: the block is the site)
         self.ident = f"{_site_ident(rel)}_{adapter}"
+        self.nodes: dict[str, Node] = {}  # the nodes emitted, by name: what the lower pass rewrites
 
     def _tag(self, node: Node, role: str, name: str = "") -> Node:
         node.meta[ADAPTER_KEY] = {"site": self.site.name, "adapter": self.adapter, "role": role,
                                   "base": self.site.base.name, "name": name}
         self.cursor = node
+        if name:
+            self.nodes[name] = node
         return node
 
     def get_attr(self, target: str, role: str, name: str) -> Node:

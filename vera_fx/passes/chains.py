@@ -1,20 +1,20 @@
 """The plain adapter chains a lowering rewrites, shared by the training lowering (lower.py) and the inference
-form (infer.py): one site call's emitted nodes after ``h``, found by their tags, and the node moves both need.
+form (infer.py): one site call's emitted nodes after ``h``, handed over by the emitter that made them (never
+searched for by tag), and the node moves both need.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import Node
 
 from ..methods.fold import weight_site, weight_site_t
 from ..methods.fused import fused_site
 from ..methods.lean import lean_site
-from ..sites import ADAPTER_KEY, Site, read_graph_sites
-from ..state import adapters_of
+from ..sites import ADAPTER_KEY, Site
 
 aten = torch.ops.aten
 
@@ -45,27 +45,13 @@ class Chain:
         return next(iter(self.nodes["scale_b"].users))
 
 
-def plain_chains(gm: GraphModule, redecide: bool = False) -> list[Chain]:
-    """The plain chains of ``gm``'s own graph not yet decided (with ``redecide``: those kept on the activation
-    path by an earlier run too)."""
-    container = adapters_of(gm)
-    if not len(container):
-        return []
-    sites = {s.base.name: s for s in read_graph_sites(gm)}  # this graph's own sites (a block's too)
-    found: dict[tuple[str, str], dict[str, Node]] = {}
-    for n in gm.graph.nodes:
-        tag = n.meta.get(ADAPTER_KEY)
-        if tag and tag.get("name") in CHAIN_NAMES and tag.get("adapter") in container and (
-                not tag.get("path") or (redecide and tag["path"] == "activation")):
-            found.setdefault((tag["base"], tag["adapter"]), {})[tag["name"]] = n
-    out = []
-    for (base, adapter), nodes in found.items():
-        state = container[adapter]
-        need = {"scale_d", "xAB", "scale_b"} | ({"mu", "logvar", "sample", "kl"} if state.method.probabilistic
-                                                  else set())
-        if base in sites and need <= set(nodes) and len(nodes["scale_b"].users) == 1:
-            out.append(Chain(sites[base], adapter, state, nodes))
-    return out
+def emitted_chain(site: Site, adapter: str, state: Any, nodes: dict[str, Node]) -> Optional[Chain]:
+    """The chain of one site call's nodes as the emitter made them (``Emitter.nodes``), or None when they are
+    not a plain chain a lowering can rewrite (an output read by more than the site's add)."""
+    need = {"scale_d", "xAB", "scale_b"} | ({"mu", "logvar", "sample", "kl"} if state.method.probabilistic else set())
+    if not need <= set(nodes) or len(nodes["scale_b"].users) != 1:
+        return None
+    return Chain(site, adapter, state, {k: v for k, v in nodes.items() if k in CHAIN_NAMES})
 
 
 def inplace_target(y: Node) -> bool:

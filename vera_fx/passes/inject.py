@@ -27,6 +27,7 @@ from ..methods.fold import restore_linear
 from ..sites import ADAPTER_KEY, Site, graph_modules, model_info, read_graph_sites, registration_order
 from ..state import (ADAPTER_MODE, adapter_mode_module, adapters_of, attach_modules_to_save, attach_state, bias_targets,
                      shared_projections)
+from .chains import emitted_chain
 from .lower import lower_adapters, lowering_setting
 from .match import select_sites
 from .share import share_projections
@@ -212,7 +213,7 @@ def _emit_graph(gm: GraphModule, adapter_name: str, site_names: Optional[set[str
         return 0
     training = adapter_mode_node(gm, training)
     outputs = _adapted_outputs(gm)
-    count = 0
+    count, chains = 0, []
     for site in read_graph_sites(gm):  # every call of a chosen site, shared layers included
         if site.name not in wanted or adapter_name in site.adapters:
             continue
@@ -221,9 +222,11 @@ def _emit_graph(gm: GraphModule, adapter_name: str, site_names: Optional[set[str
         out = method.emit(em, state, site.input, y, training)
         y.replace_all_uses_with(out, delete_user_cb=lambda u, out=out, s=site.name: u is not out
                                 and not _is_own_node(u, s, adapter_name))
+        chain = emitted_chain(site, adapter_name, state, em.nodes)
+        chains += [chain] if chain is not None else []
         count += 1
     share_projections(gm, recompile=False)  # linted and recompiled below
-    lower_adapters(gm, setting, recompile=False)  # linted and recompiled below
+    lower_adapters(gm, chains, setting, recompile=False)  # what was just emitted; linted and recompiled below
     gm.graph.lint()
     gm.recompile()
     return count

@@ -55,8 +55,9 @@ graph decides on its own sites, so blocks with one structure keep one code.
 The setting lives in the adapter set's flags (``AdapterFlags.lowering``: ``transform(..., lowering=...)``,
 ``vera_fx.set_lowering``), never in the adapter's config, so adapter_config.json stays PEFT's. Lowered nodes
 keep their ``vera_fx`` tags (site, adapter, role, base) plus ``"path"``, so inspection, merge and
-``remove_adapter_nodes`` work on them as on plain nodes. The pass only rewrites plain chains: re-lowering
-with another setting re-emits the adapters (``vera_fx.set_lowering``).
+``remove_adapter_nodes`` work on them as on plain nodes. The pass rewrites only the chains the emitter hands
+it (inject runs it on what it just emitted; nothing searches a graph for chains): another setting re-emits the
+adapters (``vera_fx.set_lowering``).
 """
 
 from __future__ import annotations
@@ -68,15 +69,13 @@ from typing import Any, Optional, Union
 
 import torch
 from torch.fx import GraphModule, Node
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..methods.fold import fold_argument, weight_fold, weight_site, weight_site_t
 from ..methods.fused import fused_site
 from ..methods.lean import lean_site, pvera_lean_noise
-from ..sites import ADAPTER_KEY, SITE_KEY, as_graph_module, block_prefix, graph_modules
-from ..state import adapter_container
+from ..sites import ADAPTER_KEY, SITE_KEY, block_prefix
 from ..versions import adapter_flags
-from .chains import Chain, hoist, inplace_target, plain_chains, tag_node
+from .chains import Chain, hoist, inplace_target, tag_node
 from .knapsack import choose_options
 from .infer import INFERENCE_KEY, lower_for_inference
 
@@ -363,19 +362,18 @@ def _lower_weight(gm: GraphModule, c: Chain, keep: bool = False) -> None:
     _erase_chain(gm, c)
 
 
-def lower_adapters(gm: GraphModule, setting: Optional[dict[str, Any]] = None, recompile: bool = True,
-                   redecide: bool = False) -> int:
-    """Lower every undecided plain adapter chain of ``gm``'s own graph by its group's path; returns how many
-    site calls changed.
+def lower_adapters(gm: GraphModule, chains: list[Chain], setting: Optional[dict[str, Any]] = None,
+                   recompile: bool = True) -> int:
+    """Lower ``chains`` (the plain chains just emitted into ``gm``'s own graph, ``emitted_chain``) by their
+    groups' paths; returns how many site calls changed.
 
     Reads the root's setting (``lowering_setting``) unless ``setting`` is given (a block graph gets its
     root's). A graph built for inference (the setting's ``"inference"`` form, see ``lowering_setting``) gets the
-    inference form of vera_fx/passes/infer.py, never a training plan. Chains kept on the activation path are
-    tagged so, and a later run (another adapter's emission) leaves them alone, since a subset of a graph's
-    sites would get another plan; ``redecide`` plans them again (a new setting). Recompiles ``gm`` when
-    anything changed, unless ``recompile=False`` (the caller does).
+    inference form of vera_fx/passes/infer.py, never a training plan. Only the chains handed over are planned:
+    another adapter's emission leaves the sites lowered before alone (a subset of a graph's sites would get
+    another plan); another setting re-emits (``vera_fx.set_lowering``). Recompiles ``gm`` when anything changed,
+    unless ``recompile=False`` (the caller does).
     """
-    chains = plain_chains(gm, redecide)
     if not chains:
         return 0
     setting = setting or lowering_setting(gm)
@@ -430,7 +428,7 @@ def _apply_paths(gm: GraphModule, decided: list[tuple[list[Chain], str, bool]]) 
     """Rewrite each decided group's chains to its path; returns the sites changed."""
     changed = 0
     for members, want, by_auto in decided:
-        if want == "activation":  # decided: a later run (another adapter's emission) leaves these chains alone
+        if want == "activation":  # tagged for inspection (lowering_report reads each site's path)
             for c in members:
                 for n in (*c.nodes.values(), c.add):
                     n.meta[ADAPTER_KEY]["path"] = "activation"
@@ -446,23 +444,3 @@ def _apply_paths(gm: GraphModule, decided: list[tuple[list[Chain], str, bool]]) 
         logger.debug("lower: %s at %s (%d sites): %s path", members[0].adapter, members[0].site.name, len(members),
                      want)
     return changed
-
-
-class LowerPass(PassBase):
-    """The lower pass as a torch.fx pass (runs after inject and share; a no-op on an already lowered graph)."""
-
-    def __init__(self, lowering: Optional[Lowering] = None, tokens: Optional[int] = None) -> None:
-        super().__init__()
-        self.setting = None if lowering is None else check_lowering(lowering, tokens)
-
-    def call(self, graph_module: GraphModule) -> PassResult:
-        redecide = self.setting is not None and self.setting != lowering_setting(graph_module)
-        if self.setting is not None:
-            adapter_container(graph_module).flags.lowering = self.setting
-        setting = lowering_setting(graph_module)  # the root's setting, for every graph of the tree
-        changed = sum(lower_adapters(g, setting, redecide=redecide)
-                      for g in graph_modules(as_graph_module(graph_module, "LowerPass")))
-        return PassResult(graph_module, changed > 0)
-
-    def ensures(self, graph_module: GraphModule) -> None:
-        graph_module.graph.lint()
