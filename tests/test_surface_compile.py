@@ -107,3 +107,12 @@ def test_inductor_compiles_the_object_in_training():
     for name, p in m.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_code_that_calls_the_object_compiles_around_it_and_fullgraph_says_what_to_compile():
+    m, x = _mlp_object(2)
+    f = torch.compile(lambda t: m(t).square().sum(), backend="eager")
+    torch.testing.assert_close(f(x), m(x).square().sum())  # a graph break at the call; the graph compiles on
+    g = torch.compile(lambda t: m(t).square().sum(), backend="eager", fullgraph=True)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"compile the object itself \(torch.compile\(m\)\)"):
+        g(x)

@@ -108,3 +108,20 @@ def test_is_trainable_must_be_a_bool(folders, bad):
     with pytest.raises(TypeError, match=r"is_trainable=.* must be True or False"):
         m.load_adapter(folders["b"], "task_b", is_trainable=bad)
     assert list(m.peft_config) == ["default"] and m.training  # nothing loaded, mode unchanged
+
+
+def test_set_requires_grad_as_peft(folders):
+    m = vera_fx.from_pretrained(tiny_llama(), folders["a"])
+    pm = peft.PeftModel.from_pretrained(tiny_llama(), folders["a"])
+    for model in (m, pm):
+        model.load_adapter(folders["b"], "task_b")
+        model.set_requires_grad(["default", "task_b"])
+    _same_as_peft(m, pm)
+    for model in (m, pm):
+        model.set_requires_grad("task_b", requires_grad=False)
+    _same_as_peft(m, pm)
+    with pytest.raises(ValueError, match=r"\['nope'\] are not adapters of this model"):
+        m.set_requires_grad(["default", "nope"])
+    with pytest.raises(TypeError, match="requires_grad=1 must be True or False"):
+        m.set_requires_grad("default", 1)
+    _same_as_peft(m, pm)  # nothing changed by the refused calls

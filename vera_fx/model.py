@@ -63,7 +63,10 @@ _FINGERPRINT = FINGERPRINT_KEY  # gm.meta: the source's state_fingerprint a grap
 _GUARD_ERRORS = ("Guard failed", "guard", "Expected input at")
 # torch.compile: a frame that dynamo skips (runs eagerly) while still compiling the frames it calls, so each
 # captured graph's own generated forward is the frame dynamo compiles (vera_fx/model.py, "calls").
-_eager_frame = functools.partial(torch.compiler.disable, recursive=False)
+_eager_frame = functools.partial(
+    torch.compiler.disable, recursive=False,
+    reason="a VeraFxModel runs its own work eagerly and torch.compile compiles each captured graph's forward: "
+           "compile the object itself (torch.compile(m)), or m.graph_module, rather than code that calls it")
 
 
 class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
@@ -474,7 +477,7 @@ def from_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, exa
         obj.load_state_dict(state, strict=True)
     for name, cfg in obj.peft_config.items():
         cfg.inference_mode = not is_trainable
-        obj.set_trainable(name, is_trainable)
+    obj.set_requires_grad(list(obj.peft_config), is_trainable)
     if not is_trainable:
         obj.eval()
     return obj

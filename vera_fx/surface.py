@@ -142,11 +142,20 @@ class PeftSurface:
         state = self._source.get_submodule(f"{CONTAINER}.{adapter_name}")
         return list({id(p): p for p in [*state.parameters(), *state.lambda_parameters()]}.values())
 
-    def set_trainable(self, adapter_name: str, trainable: bool) -> None:
-        """Set ``requires_grad`` of adapter ``adapter_name``'s parameters (PEFT's ``inference_mode``: False
-        freezes it, whether active or not; the next ``set_adapter`` makes the active ones trainable again)."""
-        for p in self._adapter_parameters(adapter_name):
-            p.requires_grad_(trainable)
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """Enable or disable gradients of the named adapters' parameters, active or not, as PEFT's
+        ``set_requires_grad`` (the next ``set_adapter`` makes the active adapters trainable and the others
+        frozen again)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"set_requires_grad: adapter_names={names!r}: {unknown} are not adapters of this model "
+                             f"({list(self.peft_config)})")
+        if not isinstance(requires_grad, bool):
+            raise TypeError(f"set_requires_grad: requires_grad={requires_grad!r} must be True or False")
+        for name in names:
+            for p in self._adapter_parameters(name):
+                p.requires_grad_(requires_grad)
 
     @contextmanager
     def _keeping_trainability(self) -> Iterator[None]:
@@ -244,7 +253,7 @@ class PeftSurface:
         with self._keeping_trainability():
             ckpt.load_adapter(self, model_id, adapter_name)
         self.peft_config[adapter_name].inference_mode = not is_trainable
-        self.set_trainable(adapter_name, is_trainable)
+        self.set_requires_grad(adapter_name, is_trainable)
         if not is_trainable:
             self.eval()  # type: ignore[attr-defined]
 
