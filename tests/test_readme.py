@@ -173,8 +173,7 @@ def test_python_block_runs(block: Block, workdir: Path, monkeypatch) -> None:
     if block.torchrun:
         _run_as_torchrun(block, workdir)
         return
-    # A snippet runs as a fresh program would: without the compiled frames earlier tests left (every
-    # VeraFxModel shares one forward code object, so they count towards dynamo's recompile limit of 8).
+    # A snippet runs as a fresh program would: without the compiled frames earlier snippets left.
     torch.compiler.reset()
     monkeypatch.chdir(workdir)
     namespace = _names(workdir)

@@ -30,7 +30,7 @@ from torch.nn.modules.module import _IncompatibleKeys as IncompatibleKeys
 __all__ = ["TESTED_TORCH", "torch_release", "untested_torch_message", "warn_if_untested", "pytree",
            "HigherOrderOperator", "OpOverload", "OpOverloadPacket", "IncompatibleKeys", "EXPORT_NOTES_LOGGER",
            "copy_codegen", "add_keyword_input", "GeneratedCode", "replace_with_copy", "saved_tensors_hooks_active", "backward_running",
-           "copy_forward_hook", "register_deepcopy_hook", "call_impl", "set_compiled_call", "unpack_cpu_4bit"]
+           "eval_frame_callback", "copy_forward_hook", "register_deepcopy_hook", "call_impl", "set_compiled_call", "unpack_cpu_4bit"]
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,11 @@ def backward_running() -> bool:
         return torch._C._current_graph_task_id() != -1
     except (AttributeError, TypeError, RuntimeError):
         return True
+
+
+# dynamo's frame callback, None unless torch.compile runs around the caller (then every Python frame called
+# from an eager frame is compiled as a frame of its own). A builtin: calling it starts no Python frame.
+eval_frame_callback: Callable[[], Any] = torch._C._dynamo.eval_frame.get_eval_frame_callback
 
 
 # --------------------------------------------------------------------------------------------- nn.Module

@@ -23,7 +23,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .compat import OpOverload, OpOverloadPacket
-from .model import count_parameters
+from .surface import count_parameters
 from .sites import (ADAPTER_KEY, BLOCK_CALL_KEY, SITE_KEY, Site, as_graph_module, block_groups, block_prefix,
                     model_info, read_sites)
 from .state import active_adapters, adapters_disabled, adapters_of

@@ -12,35 +12,111 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
+import torch
 from torch import nn
 
 from . import adapters as adapter_ops
+from . import blockwise
 from . import checkpoint as ckpt
 from .config import AdapterConfig
+from .generation import generate
 from .methods import CONTAINER
 from .passes.merge import merge, merge_into, unmerge
-from .state import active_adapters, merged_adapters, state_lock
-
-__all__ = ["PeftSurface"]
+from .state import active_adapters, adapters_of, merged_adapters, state_lock
 
 logger = logging.getLogger(__name__)
 
 
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts as PEFT reports them: shared tensors once, buffers not at all, and a
+    4-bit bitsandbytes weight as the parameters it packs (two per byte of its storage type)."""
+    trainable = total = 0
+    for p in module.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            storage = getattr(p, "quant_storage", None)
+            n *= 2 * (storage.itemsize if isinstance(storage, torch.dtype) else 1)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def check_is_trainable(is_trainable: Any) -> bool:
+    """``is_trainable`` of ``from_pretrained`` / ``load_adapter``: a bool, else a TypeError saying so."""
+    if not isinstance(is_trainable, bool):
+        raise TypeError(f"is_trainable={is_trainable!r} must be True or False: False (the default) loads the "
+                        "adapter frozen for inference, True keeps it trainable")
+    return is_trainable
+
+
 class PeftSurface:
     """PEFT's model methods over ``self._source`` (the graph holding the adapter state) and ``self._base_model``
-    (the user's model, never changed by the object)."""
+    (the user's model, never changed by the object), and the transformers model's own surface the Trainer and
+    PEFT users read (``config``, ``generate``, gradient checkpointing)."""
 
     _source: Any
     _base_model: nn.Module
+    _forward_params: dict
+
+    # --- the model's own surface ---------------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> Any:
+        """The model's config (transformers models), or None."""
+        return getattr(self._base_model, "config", None)
+
+    @property
+    def main_input_name(self) -> str:
+        return getattr(self._base_model, "main_input_name", "input_ids")
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether the Trainer may pass ``num_items_in_batch`` (as it decides for the model itself)."""
+        default = any(p.kind is p.VAR_KEYWORD for p in self._forward_params.values())
+        return bool(getattr(self._base_model, "accepts_loss_kwargs", default))
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return active_adapters(self._source)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 **kwargs: Any) -> torch.Tensor:
+        """Generate with the adapters unmerged through a KV-cache decode graph over this object's adapter state
+        (``vera_fx.generate``; the same keywords)."""
+        kwargs.setdefault("model", self._base_model)
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any) -> None:
+        """Checkpoint every block call of every graph, and of graphs captured later
+        (``vera_fx.blockwise.gradient_checkpointing_enable``): backward keeps the block inputs and recomputes each
+        block once; gradients are unchanged. A model captured as one graph (no blocks) raises ValueError.
+        ``gradient_checkpointing_kwargs`` (transformers' Trainer passes ``use_reentrant``) are accepted: the
+        blocks always use non-reentrant checkpointing."""
+        blockwise.gradient_checkpointing_enable(self._source)
+        for gm in self._all_graphs():
+            if gm is not self._source and blockwise.block_calls(gm):
+                blockwise.gradient_checkpointing_enable(gm)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Call the blocks directly again in every graph."""
+        for gm in {id(g): g for g in [self._source, *self._all_graphs()]}.values():
+            blockwise.gradient_checkpointing_disable(gm)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return blockwise.is_gradient_checkpointing(self._source)
+
 
     # --- adapters --------------------------------------------------------------------------------------------
 
     @property
     def peft_config(self) -> dict[str, AdapterConfig]:
         """Adapter name -> its config, as PEFT's ``peft_config`` (a new dict of the live config objects)."""
-        return {name: state.config for name, state in (getattr(self._source, CONTAINER, None) or {}).items()}
+        return {name: state.config for name, state in adapters_of(self._source).items()}
 
     @property
     def active_adapter(self) -> Union[str, list[str]]:
@@ -56,7 +132,41 @@ class PeftSurface:
         if adapter_name in self.peft_config:  # PEFT's check and words
             raise ValueError(f"Adapter with name '{adapter_name}' already exists: choose another adapter_name or "
                              f"delete_adapter('{adapter_name}') first")
-        adapter_ops.add_adapter(self, adapter_name, peft_config)
+        with self._keeping_trainability():  # as PEFT's: the others keep their requires_grad
+            adapter_ops.add_adapter(self, adapter_name, peft_config)
+
+    def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """The adapter's own parameters: its lambdas (block lambdas live in the blocks) and modules_to_save."""
+        state = self._source.get_submodule(f"{CONTAINER}.{adapter_name}")
+        return list({id(p): p for p in [*state.parameters(), *state.lambda_parameters()]}.values())
+
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """Enable or disable gradients of the named adapters' parameters, active or not, as PEFT's
+        ``set_requires_grad`` (the next ``set_adapter`` makes the active adapters trainable and the others
+        frozen again)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"set_requires_grad: adapter_names={names!r}: {unknown} are not adapters of this model "
+                             f"({list(self.peft_config)})")
+        if not isinstance(requires_grad, bool):
+            raise TypeError(f"set_requires_grad: requires_grad={requires_grad!r} must be True or False")
+        for name in names:
+            for p in self._adapter_parameters(name):
+                p.requires_grad_(requires_grad)
+
+    @contextmanager
+    def _keeping_trainability(self) -> Iterator[None]:
+        """The adapters present on entry keep their ``requires_grad`` through the block (an added adapter
+        re-syncs them to the active list)."""
+        kept = {name: [(p, p.requires_grad) for p in self._adapter_parameters(name)] for name in self.peft_config}
+        try:
+            yield
+        finally:
+            for name, flags in kept.items():
+                if name in self.peft_config:
+                    for p, flag in flags:
+                        p.requires_grad_(flag)
 
     def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
         """Make ``adapter_name`` (or a list: they add up) the active adapters; only their lambdas train, and
@@ -130,13 +240,43 @@ class PeftSurface:
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
                      torch_device: Optional[str] = None, **kwargs: Any) -> None:
-        """Load the adapter saved in folder ``model_id`` (PEFT's or vera_fx's layout) as ``adapter_name``; as in
-        PEFT it is not made active, and unless ``is_trainable`` the model is put in eval mode. Local folders
-        only; ``torch_device`` and PEFT's other keywords are accepted and ignored (the weights' device is used)."""
+        """Load the adapter saved in folder ``model_id`` (PEFT's or vera_fx's layout) as ``adapter_name``. As in
+        PEFT it is not made active, the other adapters keep their ``requires_grad``, and unless ``is_trainable``
+        it is frozen (its config's ``inference_mode`` True) and the model is put in eval mode; with
+        ``is_trainable=True`` its parameters train even while it is inactive. Local folders only; ``torch_device``
+        and PEFT's other keywords are accepted and ignored (the weights' device is used)."""
+        check_is_trainable(is_trainable)
         if kwargs:
             logger.info("load_adapter: ignored %s", sorted(kwargs))
-        ckpt.load_adapter(self, model_id, adapter_name)
+        with self._keeping_trainability():
+            ckpt.load_adapter(self, model_id, adapter_name)
+        self.peft_config[adapter_name].inference_mode = not is_trainable
+        self.set_requires_grad(adapter_name, is_trainable)
         if not is_trainable:
             self.eval()  # type: ignore[attr-defined]
 
-    # save_pretrained, print_trainable_parameters and get_nb_trainable_parameters are VeraFxModel's own.
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameters, as PEFT counts them."""
+        return count_parameters(self)  # type: ignore[arg-type]
+
+    def print_trainable_parameters(self) -> None:
+        """PEFT's line: ``trainable params: X || all params: Y || trainable%: Z``."""
+        trainable, total = count_parameters(self)  # type: ignore[arg-type]
+        pct = 100.0 * trainable / total if total else 0.0
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], selected_adapters: Optional[list[str]] = None,
+                        is_main_process: Optional[bool] = None, **kwargs: Any) -> None:
+        """Write the adapters as PEFT does: ``default`` in ``save_directory``, any other adapter in a subfolder
+        of its name. ``PeftModel.from_pretrained(model, save_directory)`` loads the result. ``is_main_process``
+        as in transformers (default: rank 0); sharded with FSDP2, call it on every rank with it set."""
+        if kwargs:
+            logger.info("save_pretrained: ignored %s (vera_fx writes safetensors only)", sorted(kwargs))
+        names = list(self.peft_config)
+        chosen = names if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in chosen if n not in names]
+        if unknown:
+            raise ValueError(f"selected_adapters={chosen!r}: {unknown} are not adapters of this model ({names})")
+        for name in chosen:
+            ckpt.save_adapter(self._source, save_directory if name == "default" else Path(save_directory) / name,
+                              name, is_main_process=is_main_process)
