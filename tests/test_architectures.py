@@ -246,3 +246,36 @@ def test_falcon_generates_as_peft():
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
     theirs = pm.generate(**kw)
     assert torch.equal(ours.generate(**kw), theirs) and not torch.equal(model.generate(**kw), theirs)
+
+
+# ------------------------------------------------------------------- targets PEFT refuses: MoE routers
+
+_ROUTER_TARGETS = [["gate"], r".*\.mlp\.gate", ["gate", "q_proj"]]
+
+
+@pytest.mark.parametrize("name", ["mixtral", pytest.param("qwen3_moe", marks=pytest.mark.slow)])
+def test_router_targets_are_refused_as_peft_refuses_them(name):
+    """A MoE router (``MixtralTopKRouter``: an ``F.linear`` call, no ``nn.Linear``) selected by an explicit
+    target: PEFT refuses it, alone or next to linear layers, so we do (a folder adapting it would not load)."""
+    from vera_fx.passes import MatchPass
+    from vera_fx.passes.match import select_sites
+
+    model = BY_NAME[name].build()
+    router = type(model.model.layers[0].mlp.gate).__name__
+    gm = vera_fx.capture(model)
+    MatchPass()(gm)
+    assert "model.layers.0.mlp.gate" in {s.name for s in vera_fx.read_sites(gm)}  # the call is there
+    for targets in _ROUTER_TARGETS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises((TypeError, ValueError)):
+                peft.get_peft_model(copy.deepcopy(model), peft.VeraConfig(r=4, target_modules=targets))
+        with pytest.raises(ValueError, match=rf"selects 'model.layers.0.mlp.gate' \(and 1 more\), a {router}, not an "
+                                             rf"nn.Linear or Conv1D: PEFT refuses it .*Target the linear"):
+            select_sites(gm, vera_fx.VeraConfig(r=4, target_modules=targets))
+    assert len(select_sites(gm, vera_fx.VeraConfig(r=4, target_modules=["q_proj"]))) == 2  # linear targets work
+    params = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=router):  # the public path, and nothing half-applied on the model
+        vera_fx.transform(model, vera_fx.PveraConfig(r=4, target_modules=["gate", "q_proj"]))
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    assert not any("vera" in n for n, _ in model.named_modules())
