@@ -84,7 +84,7 @@ ARCHS: list[Arch] = [
               num_hidden_layers=2, num_attention_heads=4, num_labels=3), _QKV, "vision"),  # q_proj in transformers 5
     Arch("swin", "SwinForImageClassification", "SwinConfig",
          dict(image_size=16, patch_size=2, num_channels=3, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
-              window_size=4, num_labels=3), ["query", "value"], "vision"),
+              window_size=4, num_labels=3), _QKV, "vision"),  # q_proj in transformers 5
     Arch("t5", "T5ForConditionalGeneration", "T5Config",
          dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0),
          ["q", "v"], "seq2seq", tol=5e-5),

@@ -13,6 +13,7 @@ The eager top level (vera_fx/fallback.py): DeBERTa-v2 / BERT / RoBERTa sequence 
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import warnings
 
@@ -27,14 +28,10 @@ from vera_fx.fallback import EAGER_TOP, FlatCall, eager_call
 
 peft = pytest.importorskip("peft")
 
-# Rows CI runs (about 25 s on 2 cores): Falcon's FalconLinear, Mixtral's router under "all-linear", OPT's
-# registration order (k_proj before q_proj) with PVeRA.
+# Rows CI runs (about 30 s on 2 cores): Falcon's FalconLinear, Mixtral's router under "all-linear", OPT's
+# registration order (k_proj before q_proj) with PVeRA, Swin's stages (sizes as Python numbers, stochastic depth).
 CI_ROWS = {("falcon", "vera", "attention"), ("falcon", "pvera", "all-linear"), ("mixtral", "vera", "all-linear"),
-           ("opt", "pvera", "attention")}
-# Rows another part of issue 30 owns: Swin's whole-model capture does not return in minutes (layers that
-# return several tensors, part 5).
-BLOCKED = {"swin": "issue 30 part 5: Swin's layers return several tensors and the whole-model capture runs "
-                   "for minutes"}
+           ("opt", "pvera", "attention"), ("swin", "pvera", "all-linear")}
 
 
 def _rows() -> list:
@@ -43,8 +40,6 @@ def _rows() -> list:
         for method in METHODS:
             for targets in TARGETS:
                 marks = [] if (arch.name, method, targets) in CI_ROWS else [pytest.mark.slow]
-                if arch.name in BLOCKED:
-                    marks.append(pytest.mark.skip(reason=BLOCKED[arch.name]))
                 rows.append(pytest.param(arch.name, method, targets, marks=marks,
                                          id=f"{arch.name}-{method}-{targets}"))
     return rows
@@ -279,3 +274,53 @@ def test_router_targets_are_refused_as_peft_refuses_them(name):
         vera_fx.transform(model, vera_fx.PveraConfig(r=4, target_modules=["gate", "q_proj"]))
     assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
     assert not any("vera" in n for n, _ in model.named_modules())
+
+
+# ------------------------------------------------------------ Swin: sizes as Python numbers, a time budget
+
+def test_swin_stages_are_blocks_and_another_image_size_matches_peft(caplog):
+    """Swin's stages take the patch grid's height and width as numbers: captured with static sizes but the
+    batch (logged), as blocks; another image size captures another graph; stochastic depth (drop_path_rate 0.1)
+    follows eval mode."""
+    arch = BY_NAME["swin"]
+    model = arch.build()
+    assert model.config.drop_path_rate > 0
+    cfg = dict(r=4, target_modules=arch.targets, init_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(7)
+        pm = peft.get_peft_model(copy.deepcopy(model), peft.VeraConfig(**cfg)).eval()
+    torch.manual_seed(7)
+    with caplog.at_level(logging.INFO, logger="vera_fx.capture"):
+        ours = vera_fx.transform(model, vera_fx.VeraConfig(**cfg)).eval()
+    assert "takes a size as a Python number" in caplog.text
+    assert len([g for g in ours.graph_module.modules() if hasattr(g, "graph")]) == 3  # the top and 2 stages
+    g = torch.Generator().manual_seed(5)
+    for size in (16, 24):
+        x = torch.randn(3, 3, size, size, generator=g)
+        assert torch.allclose(ours(pixel_values=x).logits, pm(pixel_values=x).logits, atol=1e-5)
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x))
+
+
+def test_whole_model_capture_past_its_time_budget_is_stopped_with_the_reason(monkeypatch):
+    capture_module = importlib.import_module("vera_fx.capture")  # vera_fx.capture is the function
+    x = torch.randn(2, 3, 6)
+    monkeypatch.setattr(capture_module, "WHOLE_MODEL_BUDGET_S", 1e-3)  # no export finishes in a millisecond
+    with pytest.raises(CaptureError, match=r"did not capture _Tiny as one graph within 0 s \(stopped after \d+ s\): "
+                                           r"the layers were not captured as blocks \(not a transformers model.*"
+                                           r"VERA_FX_CAPTURE_BUDGET_S"):
+        vera_fx.capture(_Tiny(), (x,))
+    monkeypatch.setenv("VERA_FX_CAPTURE_BUDGET_S", "0")  # no budget: the same capture works (no timer left)
+    model = _Tiny().eval()
+    assert torch.allclose(vera_fx.capture(model, (x,), blocks=False)(x), model(x))
+    monkeypatch.setenv("VERA_FX_CAPTURE_BUDGET_S", "soon")
+    with pytest.raises(ValueError, match=r"VERA_FX_CAPTURE_BUDGET_S='soon' is not a number of seconds"):
+        vera_fx.capture(model, (x,))
