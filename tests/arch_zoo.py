@@ -176,11 +176,25 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().float() - b.detach().float()).abs().max())
 
 
-def run_row(arch: Arch, method: str, targets: str, folder: str) -> dict[str, Any]:
+def generates(arch: Arch) -> bool:
+    """Whether the sweep compares greedy generation: text decoders and text encoder-decoders (Whisper's
+    generate needs its feature extractor's conventions: compared in tests/test_generate.py instead)."""
+    return arch.model.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) \
+        and arch.inputs in ("text", "seq2seq")
+
+
+def _same_generation(ours: Any, pm: Any, kw: dict) -> bool:
+    """Greedy tokens (6 new) of ours and PEFT's from the example's first 5 positions."""
+    ids = kw["input_ids"][:, :5]
+    gen = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    return bool(torch.equal(ours.generate(**gen), pm.generate(**gen)))
+
+
+def run_row(arch: Arch, method: str, targets: str, folder: str, generate: bool = True) -> dict[str, Any]:
     """Our adapter against PEFT's on ``arch``: both built from the same seed (init_weights=False), in eval
-    mode (PVeRA: the mean). Returns each measure: bools for equal site sets / counts, max abs differences
-    for the rest (``effect``: ours against the base model, which must not be 0); ``generate`` is None (filled
-    where generation is compared)."""
+    mode (PVeRA: the mean). Returns each measure: bools for equal site sets / counts / greedy tokens, max abs
+    differences for the rest (``effect``: ours against the base model, which must not be 0); ``generate`` is
+    None where not compared (``generates``, or ``generate=False``)."""
     import copy
     import warnings
 
@@ -213,6 +227,8 @@ def run_row(arch: Arch, method: str, targets: str, folder: str) -> dict[str, Any
     row["shape"] = _diff(main_output(ours(**kw2)), main_output(pm(**kw2)))
     trainable = lambda mod: sum(p.numel() for p in mod.parameters() if p.requires_grad)  # noqa: E731
     row["counts"] = trainable(ours) == trainable(pm)
+    if generate and generates(arch):
+        row["generate"] = _same_generation(ours, pm, kw)
     for mod in (ours, pm):
         opt = torch.optim.AdamW([p for p in mod.parameters() if p.requires_grad], lr=1e-2)
         _loss(mod(**kw)).backward()

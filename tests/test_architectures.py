@@ -3,8 +3,8 @@
 One parametrised test over architecture x method (VeRA, PVeRA in eval: the mean) x targets (attention,
 "all-linear"): the same sites, the same initial lambdas from the same seed (init_weights=False), forward at
 the example's and another shape, trainable counts, one AdamW step, our folder loaded by PEFT. A few rows run in
-CI; the rest are marked slow and run with VERA_FX_LONG=1. The ``generate`` column of each row is None here:
-greedy generation against PEFT's is compared where generation supports the architecture (tests/test_generate.py).
+CI; the rest are marked slow and run with VERA_FX_LONG=1; those also compare greedy generation (6 tokens) with
+PEFT's on every text decoder and text encoder-decoder (Whisper's is in tests/test_generate.py).
 
 The eager top level (vera_fx/fallback.py): DeBERTa-v2 / BERT / RoBERTa sequence classification with labels
 (every problem_type) equal PEFT's loss and gradients, DeBERTa-v2's data-dependent loss through the eager top.
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import vera_fx
-from arch_zoo import ARCHS, BY_NAME, METHODS, TARGETS, run_row
+from arch_zoo import ARCHS, BY_NAME, METHODS, TARGETS, generates, run_row
 from vera_fx.capture import CaptureError
 from vera_fx.fallback import EAGER_TOP, FlatCall, eager_call
 
@@ -46,9 +46,12 @@ def _rows() -> list:
 
 
 @pytest.mark.parametrize("name, method, targets", _rows())
-def test_architecture_against_peft(name, method, targets, tmp_path):
+def test_architecture_against_peft(name, method, targets, tmp_path, record_property):
     arch = BY_NAME[name]
-    row = run_row(arch, method, targets, str(tmp_path))
+    compare_generation = (name, method, targets) not in CI_ROWS  # a decode graph per row: long mode only
+    row = run_row(arch, method, targets, str(tmp_path), generate=compare_generation)
+    record_property("row", row)  # the sweep table: pytest --junitxml=FILE keeps every row's measures
+    assert row["generate"] is (True if compare_generation and generates(arch) else None), "greedy tokens differ"
     assert row["sites"], "the adapted modules differ from PEFT's"
     assert row["counts"], "trainable parameter counts differ from PEFT's"
     assert row["init"] == 0.0, f"initial lambdas differ from PEFT's by {row['init']}"
