@@ -181,6 +181,11 @@ def test_regional_compile_then_merge_unmerge_and_merge_and_unload():
     torch.testing.assert_close(logits(ours), ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(logits(copy.deepcopy(ours)), ref, atol=1e-6, rtol=0)  # copies subclass the blocks
     torch.testing.assert_close(logits(ours.merge_and_unload()), merged, atol=1e-6, rtol=0)
+    gm = plain.graph_module  # the bare graph: merge rewrites its blocks in place (each unshared on recompile)
+    vera_fx.unmerge(gm)
+    compile_blocks(gm, backend=cnt)
+    vera_fx.merge(gm)
+    torch.testing.assert_close(logits(gm), merged, atol=1e-6, rtol=0)
 
 
 def test_modules_to_save_inside_blocks_match_peft(tmp_path):

@@ -101,7 +101,7 @@ _MODEL_DEFAULTS = {"attention_mask": "ones", "token_type_ids": "zeros"}
 
 
 def model_filled_inputs(model: nn.Module, placeholders: tuple[str, ...], args: tuple,
-                         kwargs: dict) -> tuple[tuple[str, str, torch.dtype], ...]:
+                        kwargs: dict) -> tuple[tuple[str, str, torch.dtype], ...]:
     """The captured inputs that may be left out because the model itself would fill them the same way."""
     if not is_pretrained(model) or "input_ids" not in placeholders:
         return ()
