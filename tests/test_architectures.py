@@ -302,6 +302,8 @@ def test_swin_stages_are_blocks_and_another_image_size_matches_peft(caplog):
     for size in (16, 24):
         x = torch.randn(3, 3, size, size, generator=g)
         assert torch.allclose(ours(pixel_values=x).logits, pm(pixel_values=x).logits, atol=1e-5)
+    ours.train()  # stochastic depth is Swin's only random op here (dropout probabilities are 0): on in training
+    assert not torch.allclose(ours(pixel_values=x).logits, ours(pixel_values=x).logits)
 
 
 class _Tiny(nn.Module):
