@@ -84,7 +84,7 @@ ARCHS: list[Arch] = [
               num_hidden_layers=2, num_attention_heads=4, num_labels=3), _QKV, "vision"),  # q_proj in transformers 5
     Arch("swin", "SwinForImageClassification", "SwinConfig",
          dict(image_size=16, patch_size=2, num_channels=3, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
-              window_size=4, num_labels=3), ["query", "value"], "vision"),
+              window_size=4, num_labels=3), _QKV, "vision"),  # q_proj in transformers 5
     Arch("t5", "T5ForConditionalGeneration", "T5Config",
          dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0),
          ["q", "v"], "seq2seq", tol=5e-5),
@@ -151,7 +151,11 @@ BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {a.name: a.build for a in A
 
 METHODS = ("vera", "pvera")
 TARGETS = ("attention", "all-linear")
-MEASURES = ("sites", "init", "effect", "forward", "shape", "counts", "step", "folder", "generate")
+# step: one plain SGD step (lr 1) of both models; the outputs after it, relative (|a - b| / (1 + |b|)); moved: how
+# far the step moved our outputs (a step that moves nothing would prove nothing). AdamW's first step divides each
+# gradient by its own magnitude, so a lambda whose gradient is float noise (|g| near eps) moves by a different
+# lr-sized amount in the two libraries: it compares the noise, not the gradients.
+MEASURES = ("sites", "init", "effect", "forward", "shape", "counts", "step", "moved", "folder", "generate")
 
 
 def configs(arch: Arch, method: str, targets: str, seed_free: bool = False) -> tuple[Any, Any]:
@@ -176,11 +180,25 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().float() - b.detach().float()).abs().max())
 
 
-def run_row(arch: Arch, method: str, targets: str, folder: str) -> dict[str, Any]:
+def generates(arch: Arch) -> bool:
+    """Whether the sweep compares greedy generation: text decoders and text encoder-decoders (Whisper's
+    generate needs its feature extractor's conventions: compared in tests/test_generate.py instead)."""
+    return arch.model.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) \
+        and arch.inputs in ("text", "seq2seq")
+
+
+def _same_generation(ours: Any, pm: Any, kw: dict) -> bool:
+    """Greedy tokens (6 new) of ours and PEFT's from the example's first 5 positions."""
+    ids = kw["input_ids"][:, :5]
+    gen = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    return bool(torch.equal(ours.generate(**gen), pm.generate(**gen)))
+
+
+def run_row(arch: Arch, method: str, targets: str, folder: str, generate: bool = True) -> dict[str, Any]:
     """Our adapter against PEFT's on ``arch``: both built from the same seed (init_weights=False), in eval
-    mode (PVeRA: the mean). Returns each measure: bools for equal site sets / counts, max abs differences
-    for the rest (``effect``: ours against the base model, which must not be 0); ``generate`` is None (filled
-    where generation is compared)."""
+    mode (PVeRA: the mean). Returns each measure: bools for equal site sets / counts / greedy tokens, max abs
+    differences for the rest (``effect``: ours against the base model, which must not be 0); ``generate`` is
+    None where not compared (``generates``, or ``generate=False``)."""
     import copy
     import warnings
 
@@ -213,11 +231,15 @@ def run_row(arch: Arch, method: str, targets: str, folder: str) -> dict[str, Any
     row["shape"] = _diff(main_output(ours(**kw2)), main_output(pm(**kw2)))
     trainable = lambda mod: sum(p.numel() for p in mod.parameters() if p.requires_grad)  # noqa: E731
     row["counts"] = trainable(ours) == trainable(pm)
+    if generate and generates(arch):
+        row["generate"] = _same_generation(ours, pm, kw)
     for mod in (ours, pm):
-        opt = torch.optim.AdamW([p for p in mod.parameters() if p.requires_grad], lr=1e-2)
+        opt = torch.optim.SGD([p for p in mod.parameters() if p.requires_grad], lr=1.0)
         _loss(mod(**kw)).backward()
         opt.step()
-    row["step"] = _diff(main_output(ours(**kw)), main_output(pm(**kw)))
+    after, theirs_after = main_output(ours(**kw)), main_output(pm(**kw))
+    row["step"] = float(((after - theirs_after).abs() / (1 + theirs_after.abs())).max().detach())
+    row["moved"] = _diff(after, out)
     ours.save_pretrained(folder)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -151,6 +151,43 @@ def test_regional_compile_once_per_block_signature():
         compile_blocks(vera_fx.capture(nn.Linear(4, 4), (torch.randn(2, 4),)))
 
 
+def test_regional_compile_then_merge_unmerge_and_merge_and_unload():
+    """Merging rewrites (or copies) the blocks whose class compile_blocks shared: each gets a class of its own and
+    no class keeps GraphModule's generated __call__ (a subclass inheriting it recursed without end). Training
+    mode with autograd on: the graph itself runs (eval / no_grad calls run an inference copy)."""
+    import copy
+
+    m = tiny_llama(num_hidden_layers=3)
+    ours = vera_fx.transform(m, vera_fx.VeraConfig(r=8, target_modules=["q_proj", "v_proj"], init_weights=False))
+    kw = text_inputs(m)
+    plain = copy.deepcopy(ours)
+    logits = lambda model: model(**kw).logits.detach()  # noqa: E731
+    ref = logits(ours)
+    cnt = CompileCounter()
+    torch._dynamo.reset()
+    compile_blocks(ours, backend=cnt)
+    torch.testing.assert_close(logits(ours), ref, atol=0, rtol=0)
+    before = cnt.frame_count  # layer 0 (its input needs no grad) and the others
+    assert before > 0
+    vera_fx.merge(ours)
+    vera_fx.merge(plain)
+    merged = logits(plain)
+    assert (merged - ref).abs().max() < 1e-5
+    torch.testing.assert_close(logits(ours), merged, atol=0, rtol=0)
+    compile_blocks(ours, backend=cnt)  # the merged blocks are rewritten: compile them again
+    torch.testing.assert_close(logits(ours), merged, atol=0, rtol=0)
+    assert cnt.frame_count > before
+    vera_fx.unmerge(ours)
+    torch.testing.assert_close(logits(ours), ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(copy.deepcopy(ours)), ref, atol=1e-6, rtol=0)  # copies subclass the blocks
+    torch.testing.assert_close(logits(ours.merge_and_unload()), merged, atol=1e-6, rtol=0)
+    gm = plain.graph_module  # the bare graph: merge rewrites its blocks in place (each unshared on recompile)
+    vera_fx.unmerge(gm)
+    compile_blocks(gm, backend=cnt)
+    vera_fx.merge(gm)
+    torch.testing.assert_close(logits(gm), merged, atol=1e-6, rtol=0)
+
+
 def test_modules_to_save_inside_blocks_match_peft(tmp_path):
     """A modules_to_save entry naming a module inside the layers (each layer's input norm) trains a copy per
     layer, read by that layer's block; outputs, gradients and the PEFT checkpoint match peft."""

@@ -18,8 +18,6 @@ from torch.fx import Graph, GraphModule, Node
 from . import blocks as _blocks
 from . import quantized
 
-__all__ = ["train_only", "rewrite_mode_flags", "strip_metadata_asserts", "export_groups", "assemble", "bind_layers"]
-
 logger = logging.getLogger(__name__)
 
 

@@ -12,15 +12,13 @@ GPT-2's ``transformer.h``, BERT's ``encoder.layer``). Capture keeps them as bloc
    each copy a GraphModule bound to its own layer's weights;
 4. every ``block_call`` node becomes a ``call_module`` node of the block at the layer's path.
 
-No ``run_decompositions``: the graphs stay in export's training IR, and the only higher-order ops
-transformers models leave (``wrap_with_set_grad_enabled`` around the rotary embedding,
-``wrap_with_autocast(enabled=False)``) are inlined by ``inline_wrappers``.
+No ``run_decompositions``: the graphs stay in export's training IR; ``inline_wrappers`` inlines the no-grad /
+disabled-autocast regions transformers models leave (the rotary embedding's).
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import operator
 from dataclasses import dataclass, field
@@ -35,15 +33,15 @@ from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 from .compat import EXPORT_NOTES_LOGGER, HigherOrderOperator, copy_codegen, copy_forward_hook, pytree
 from .sites import BLOCK_CALL_KEY, BLOCK_KEY
 
-__all__ = ["BlockPlan", "find_layer_lists", "record_calls", "stand_ins", "inline_wrappers", "BlockCaptureError",
-           "block_call", "build_example", "attach_blocks", "positional_names", "bind_block", "check_records",
-           "block_key", "export_block", "remaining_wrappers", "drop_guards", "block_call_n", "single_output"]
-
 logger = logging.getLogger(__name__)
 
 
 class BlockCaptureError(RuntimeError):
     """The model's layers cannot be kept as blocks (capture falls back to one graph)."""
+
+
+class SymbolicArgumentError(BlockCaptureError):
+    """A layer takes a size as a Python number that export made symbolic (Swin's ``input_dimensions``)."""
 
 
 @torch.library.custom_op("vera_fx::block_call", mutates_args=())
@@ -80,24 +78,14 @@ def _block_call_n_fake(tensors: list[Tensor], index: int, sizes: list[int], rank
     return out
 
 
-def positional_names(fn: Any, n: int) -> tuple[str, ...]:
-    names = [p.name for p in inspect.signature(fn).parameters.values()
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(names) < n:
-        names += [f"arg{i}" for i in range(len(names), n)]
-    return tuple(names[:n])
-
-
 def find_layer_lists(model: nn.Module) -> dict[str, list[str]]:
     """ModuleList path -> its entries' paths, for lists of one class (the outermost lists only)."""
     found: dict[str, list[str]] = {}
     for path, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
             continue
-        if any(path.startswith(p + ".") for p in found):
-            continue
-        kinds = {type(m) for m in mod}
-        if len(kinds) != 1 or not any(True for _ in mod[0].parameters()):
+        if any(path.startswith(p + ".") for p in found) or len({type(m) for m in mod}) != 1 \
+                or not any(True for _ in mod[0].parameters()):
             continue
         found[path] = [f"{path}.{i}" if path else str(i) for i in range(len(mod))]
     return found
@@ -120,8 +108,7 @@ def record_calls(model: nn.Module, layer_paths: list[str], args: tuple, kwargs: 
     handles = []
 
     def pre(path: str, mod: nn.Module, a: tuple, kw: dict) -> None:
-        rec = records.setdefault(path, LayerCall(a, kw))
-        rec.calls += 1
+        records.setdefault(path, LayerCall(a, kw)).calls += 1
 
     def post(path: str, mod: nn.Module, a: tuple, kw: dict, out: Any) -> None:
         leaves, spec = pytree.tree_flatten(out)
@@ -171,6 +158,14 @@ class _StandIn(nn.Module):
         self.calls = calls
         self.__dict__["layer"] = layer  # not registered: the layer's parameters stay out of the top graph
 
+    def __getattr__(self, name: str) -> Any:  # the layer's other attributes (Swin's encoder reads .downsample)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "layer" not in self.__dict__:
+                raise
+            return getattr(self.__dict__["layer"], name)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = pytree.tree_flatten_with_path((args, kwargs))
         leaves = [v for _, v in flat]
@@ -179,7 +174,7 @@ class _StandIn(nn.Module):
             if isinstance(v, torch.Tensor):
                 metas.append(("t", v.dtype, tuple(_hint(s) for s in v.shape)))
             elif isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-                raise BlockCaptureError(f"layer {self.index} takes a symbolic number; keep it in the top graph")
+                raise SymbolicArgumentError(f"layer {self.index} takes a symbolic number (a size of the inputs)")
             else:
                 metas.append(("c", v))
         self.calls[self.index] = ExportCall(spec, metas, [pytree.keystr(p) for p, _ in flat])

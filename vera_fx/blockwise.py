@@ -107,9 +107,23 @@ def is_gradient_checkpointing(gm: nn.Module) -> bool:
 def _unsharing_recompile(self: GraphModule) -> Any:
     """``GraphModule.recompile`` for a block whose class is shared: first give it a class of its own (a
     subclass, so FSDP's wrapping class stays), so that new code never reaches the other blocks."""
-    if type(self).__dict__.get("_vera_fx_shared"):
-        self.__class__ = type(type(self).__name__, (type(self),), {"_vera_fx_shared": False})
-    return GraphModule.recompile(self)
+    cls = type(self)
+    if cls.__dict__.get("_vera_fx_shared"):
+        cls = self.__class__ = type(cls.__name__, (cls,), {"_vera_fx_shared": False})
+    code = GraphModule.recompile(self)
+    if "_vera_fx_shared" in cls.__dict__:
+        _drop_generated_call(cls)
+    return code
+
+
+def _drop_generated_call(cls: type) -> None:
+    """Remove the ``__call__`` that ``GraphModule.recompile`` puts on the class of one of our block classes.
+    A subclass (a block unshared on recompile, a deepcopy's ``GraphModuleImpl``: torch skips only classes of
+    that name when it picks the base) would inherit it; its own wrapper calls ``super().__call__``, this one,
+    which calls the subclass's wrapper again: endless recursion. Without it the class is called as any
+    ``nn.Module`` (the generated forward is unchanged)."""
+    if "__call__" in cls.__dict__:
+        delattr(cls, "__call__")
 
 
 def share_block_code(gm: nn.Module) -> int:
@@ -129,6 +143,7 @@ def share_block_code(gm: nn.Module) -> int:
         for block in members:
             block.__class__ = cls
         GraphModule.recompile(members[0])  # generates the shared forward on the shared class
+        _drop_generated_call(cls)
         shared += len(members) - 1
     return shared
 
@@ -141,8 +156,8 @@ def compile_blocks(gm: nn.Module, **compile_kwargs: Any) -> nn.Module:
     """Regional compile: ``torch.compile`` every block in place, one compilation per distinct block code.
 
     The top graph stays eager (it is small: embeddings, masks, norms, head). Keyword arguments go to
-    ``torch.compile``. A later graph rewrite (adapter switch, merge) recompiles the changed blocks'
-    Python code; call ``compile_blocks`` again after it to share code again. Returns ``gm``.
+    ``torch.compile``. A later graph rewrite (adapter switch, merge, unmerge) builds or recompiles the
+    changed blocks, which then run eagerly: call ``compile_blocks`` again after it. Returns ``gm``.
     """
     root = _root(gm, "compile_blocks")
     blocks = graph_modules(root)[1:]

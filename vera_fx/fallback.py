@@ -36,8 +36,6 @@ from .block_export import bind_layers, export_groups
 from .compat import pytree, register_deepcopy_hook
 from .linear_like import linear_module_paths
 
-__all__ = ["EagerTop", "FlatCall", "EAGER_TOP", "eager_call", "capture_eager_top"]
-
 logger = logging.getLogger(__name__)
 
 # gm.meta key of a root graph whose top level runs eagerly: the reason export gave.

@@ -20,8 +20,6 @@ from torch import nn
 
 from . import quantized
 
-__all__ = ["linear_forwards", "linear_module_paths", "is_linear_module", "computes_linear"]
-
 logger = logging.getLogger(__name__)
 
 

@@ -36,7 +36,8 @@ from torch.fx import GraphModule
 from . import blockwise
 from . import checkpoint as ckpt
 from .adapters import add_adapter
-from .capture import CaptureError, ExampleInputs, capture
+from .capture import CaptureError, capture
+from .example_inputs import ExampleInputs
 from .config import AdapterConfig, as_config
 from .methods import CONTAINER, method_for
 from .keywords import describe_key, say_constant_changes

@@ -21,10 +21,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..config import DEFAULT_TARGET_MODULES, AdapterConfig
 from .. import quantized
 from ..fallback import EAGER_TOP
-from ..sites import SITE_KEY, Candidate, Site, block_prefix, graph_modules, module_path, read_sites
-
-__all__ = ["MatchPass", "Candidate", "RECOGNISERS", "select_sites", "module_path", "resolve_targets",
-           "layer_index", "peft_selection"]
+from ..sites import SITE_KEY, Candidate, Site, block_prefix, graph_modules, model_info, module_path, read_sites
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -215,7 +212,7 @@ def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]
     'all-linear'. Our extension: a name or regex that matches a module holding linear layers (a container,
     which PEFT refuses) adapts the linear layers inside it.
     """
-    info = graph_module.meta.get("vera_fx_model", {})
+    info = model_info(graph_module)
     _check_eager_modules_to_save(graph_module, info, config)
     all_sites = read_sites(graph_module)
     targets = resolve_targets(config, info)
@@ -247,23 +244,8 @@ def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]
                                  f"matched no linear layer; linear layers are, e.g.: {', '.join(names[:6])}")
     else:
         targets = list(targets)
-        picked = {n for n in names if _list_matches(n, targets, config)}
-        picked |= {n for path, inside in containers.items() if _list_matches(path, targets, config) for n in inside}
-        modules: dict[str, str] = info.get("modules", {})
-        pool = set(names) | set(containers)
-        unmatched = [t for t in targets if not any(k == t or k.endswith("." + t) for k in pool)]
-        refused = [t for t in unmatched if any(k == t or k.endswith("." + t) for k in modules)]
-        if refused:  # PEFT refuses a target that names a module it cannot adapt (no linear layer inside)
-            raise ValueError(_unmatched_message(refused[0], targets, names, info))
-        if len(unmatched) == len(targets):
-            raise ValueError(_unmatched_message(unmatched[0], targets, names, info))
-        for t in unmatched:
-            warnings.warn(_unmatched_message(t, targets, names, info) + "; the other entries are adapted (as in "
-                          "PEFT)", UserWarning, stacklevel=4)
-        if not picked:
-            raise ValueError(f"layers_to_transform={config.layers_to_transform!r} (layers_pattern="
-                             f"{config.layers_pattern!r}) left no site of target_modules={targets!r}; check the "
-                             "layer indices and the pattern")
+        picked = _pick_from_list(info, names, containers, targets, config)
+    _refuse_non_linear(info, picked, targets)
     chosen = [n for n in names if n in picked]
     if not chosen:
         raise ValueError(f"target_modules={targets!r} matched no linear layer in {info.get('class', 'the model')}")
@@ -272,6 +254,49 @@ def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]
         if s.name in picked and s.name not in first:
             first[s.name] = s
     return [first[n] for n in chosen]
+
+
+def _pick_from_list(info: dict, names: list[str], containers: dict[str, list[str]], targets: list,
+                    config: AdapterConfig) -> set[str]:
+    """The site names a list of targets selects (PEFT's rules plus containers); an entry naming a module that
+    is no linear layer and holds none is refused, entries matching nothing are skipped with a warning."""
+    picked = {n for n in names if _list_matches(n, targets, config)}
+    picked |= {n for path, inside in containers.items() if _list_matches(path, targets, config) for n in inside}
+    modules: dict[str, str] = info.get("modules", {})
+    pool = set(names) | set(containers)
+    unmatched = [t for t in targets if not any(k == t or k.endswith("." + t) for k in pool)]
+    refused = [t for t in unmatched if any(k == t or k.endswith("." + t) for k in modules)]
+    if refused:  # PEFT refuses a target that names a module it cannot adapt (no linear layer inside)
+        raise ValueError(_unmatched_message(refused[0], targets, names, info))
+    if len(unmatched) == len(targets):
+        raise ValueError(_unmatched_message(unmatched[0], targets, names, info))
+    for t in unmatched:
+        warnings.warn(_unmatched_message(t, targets, names, info) + "; the other entries are adapted (as in "
+                      "PEFT)", UserWarning, stacklevel=5)
+    if not picked:
+        raise ValueError(f"layers_to_transform={config.layers_to_transform!r} (layers_pattern="
+                         f"{config.layers_pattern!r}) left no site of target_modules={targets!r}; check the "
+                         "layer indices and the pattern")
+    return picked
+
+
+def _refuse_non_linear(info: dict, picked: set[str], targets: object) -> None:
+    """On a transformers model, refuse a selected site that is a module PEFT cannot adapt (a MoE router:
+    ``MixtralTopKRouter`` calls ``F.linear`` but is no ``nn.Linear``). PEFT refuses such a target whether or not
+    linear layers are selected with it, so a folder adapting it would not load into PEFT. Plain models keep
+    our extension (a module's functional ``F.linear`` call is a site)."""
+    linear = info.get("linear_modules")
+    if linear is None or not str(info.get("module", "")).startswith("transformers."):
+        return
+    modules: dict[str, str] = info.get("modules", {})
+    odd = sorted(n for n in picked if n in modules and n not in set(linear))
+    if odd:
+        raise ValueError(
+            f"target_modules={targets!r} selects {odd[0]!r}{f' (and {len(odd) - 1} more)' if len(odd) > 1 else ''}, "
+            f"a {modules[odd[0]]}, not an nn.Linear or Conv1D: PEFT refuses it (\"Target module "
+            f"{modules[odd[0]]}() is not supported\"), so its folder would not load into PEFT. Target the linear "
+            "layers instead (attention / MLP projections, or 'all-linear', which leaves routers out); MoE experts "
+            "held as fused 3-D parameters are adapted by neither PEFT's VeRA nor vera_fx")
 
 
 def _check_eager_modules_to_save(gm: GraphModule, info: dict, config: AdapterConfig) -> None:

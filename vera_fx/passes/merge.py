@@ -29,14 +29,12 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..methods import CONTAINER, AdapterState
 from ..quantized import set_layer
-from ..sites import ADAPTER_KEY, Site, as_graph_module, block_prefix, graph_modules, read_sites
-from ..state import ADAPTER_MODE, MTS_TAG, active_adapters, adapters_disabled, merged_adapters, mutation
+from ..sites import ADAPTER_KEY, Site, as_graph_module, block_prefix, graph_modules, model_info, read_sites
+from ..state import ADAPTER_MODE, MTS_TAG, active_adapters, adapters_disabled, adapters_of, merged_adapters, mutation
 from ..versions import adapter_flags
 from .inject import emit_adapter, remove_adapter_nodes
 from .merge_layers import (LayerFolded, Rollback, baked_layers, get_tensor, install_layers,
                            is_layer_site, layer_path, like, merged_layers, restore_layers, set_tensor)
-
-__all__ = ["MergePass", "UnmergePass", "merge", "unmerge", "merge_into"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +70,8 @@ class _Folded:
 
 
 def _check_names(gm: GraphModule, adapter_names: Optional[Iterable[str]]) -> tuple[str, ...]:
-    container = getattr(gm, CONTAINER, None)
-    if container is None or len(container) == 0:
+    container = adapters_of(gm)
+    if len(container) == 0:
         raise ValueError("this graph has no adapter to merge: create one with vera_fx.transform(model, config)")
     if adapters_disabled(gm):
         raise ValueError("the adapters are disabled (inside `with vera_fx.disable_adapters(gm)`): the graph computes "
@@ -375,7 +373,7 @@ def merge_into(model: nn.Module, gm: GraphModule, safe_merge: bool = False) -> n
     gm = as_graph_module(gm, "merge_into")
     if not isinstance(safe_merge, bool):
         raise TypeError(f"safe_merge must be a bool, got {safe_merge!r}")
-    names = () if adapters_disabled(gm) or getattr(gm, CONTAINER, None) is None else tuple(active_adapters(gm))
+    names = () if adapters_disabled(gm) or not len(adapters_of(gm)) else tuple(active_adapters(gm))
     folds, skipped = _plan(gm, names) if names else ([], {})
     if skipped:  # baking the rest would return a model without the adapter at these sites
         raise ValueError(f"merge_into cannot bake the adapters into {len(skipped)} site(s); nothing was written: "
@@ -404,7 +402,7 @@ def merge_into(model: nn.Module, gm: GraphModule, safe_merge: bool = False) -> n
             problems.append(f"{model_name!r} is tied to {others}: writing it would change those too; untie the "
                             "weights (e.g. tie_word_embeddings=False) or leave that site out of target_modules")
     if problems:
-        captured_from = (gm.meta.get("vera_fx_model") or {}).get("class")
+        captured_from = model_info(gm).get("class")
         raise ValueError(f"merge_into: the graph (captured from {captured_from}) does not fit "
                          f"{type(model).__name__}; nothing was written: " + "; ".join(problems[:5]) +
                          (f" ... ({len(problems)} problems)" if len(problems) > 5 else ""))

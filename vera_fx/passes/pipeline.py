@@ -9,7 +9,8 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from ..capture import ExampleInputs, capture
+from ..capture import capture
+from ..example_inputs import ExampleInputs
 from ..config import AdapterConfig, as_config
 from ..methods import method_for
 from ..state import adapter_container
