@@ -181,6 +181,8 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         d["_graphs"] = OrderedDict()  # CallKey -> GraphModules (siblings: an export guard rejected a call), LRU order
         d["_order"] = []  # keys in capture order, for messages
         d["_twins"] = weakref.WeakKeyDictionary()  # graph -> its inference twin (vera_fx/variants.py)
+        d["_ready"] = {}  # CallKey -> (state stamp, graph, the graph a call runs): the per-call cache (variants.py)
+        d["_keywords_ok"] = set()  # keyword sets check_keywords accepted
         d["_inference_form"] = INFERENCE_FORM
         d["_warned_evict"] = False
         d["_probe_at"] = None  # (parameter dict, name) of the dtype / device probe: read per call
@@ -218,7 +220,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> "VeraFxModel":
         before = self._weights_state()
         super()._apply(fn, recurse)
-        self._twins.clear()
+        self._drop_variants()
         self.__dict__["_probe_at"] = None
         after = self._weights_state()
         for key in list(self._graphs):
@@ -459,7 +461,10 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
             raise TypeError(f"{type(self._base_model).__name__}.forward takes {len(positional)} positional "
                             f"arguments ({positional}); {len(args)} were given")
         call = dict(zip(positional, args))
-        check_keywords(params, [k for k in kwargs if k != "adapter_names"], type(self._base_model).__name__)
+        names = tuple(kwargs)
+        if names not in self._keywords_ok:  # checked once per keyword set
+            check_keywords(params, [k for k in kwargs if k != "adapter_names"], type(self._base_model).__name__)
+            self._keywords_ok.add(names)
         for k, v in kwargs.items():
             if k in call:
                 raise TypeError(f"forward got multiple values for argument {k!r}")
@@ -574,13 +579,13 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
             gm = self._graph_for(key, call)
             return mixed_adapter_forward(gm, adapter_names, **call)
         if graphs is None:
-            return self._fresh(self._graph_for(key, call))(**call)
+            return self._ready_graph(key, self._graph_for(key, call))(**call)
         if torch.compiler.is_compiling():
             # Through the class attribute: dynamo then guards on the function, which recompile() replaces.
             gm = self._fresh(graphs[0])
             return type(gm).forward(gm, **call)
         if len(graphs) == 1:
-            return self._fresh(graphs[0])(**call)
+            return self._ready_graph(key, graphs[0])(**call)
         return self._call_siblings(key, graphs, call)
 
     def _call_siblings(self, key: CallKey, graphs: list[GraphModule], call: dict[str, Any]) -> Any:
