@@ -2,7 +2,8 @@
 
 A small Llama-like model (hidden 64, 2 layers, VeRA r=16 on q/v), eval mode under ``torch.no_grad``, 8 tokens:
 the median of N calls of the object minus the median of N calls of the graph it runs (its inference twin),
-one call of each per round (interleaved). With ``--before DIR``, the vera_fx package of another checkout
+one call of each per round (interleaved), each timed in this thread's CPU time (one torch thread: the
+whole call runs here), which other processes' load does not inflate. With ``--before DIR``, the vera_fx package of another checkout
 (``DIR/vera_fx``, e.g. ``git worktree add /tmp/old <commit>``) is loaded under another name and timed in the
 same rounds, so the two overheads compare on the same machine state.
 Run: python benchmarks/per_call.py [--calls N] [--before DIR]
@@ -69,9 +70,9 @@ def main() -> None:
     with torch.no_grad():
         for _ in range(args.calls):
             for k, fn in fns.items():
-                t0 = time.perf_counter()
+                t0 = time.thread_time()
                 fn()
-                times[k].append(time.perf_counter() - t0)
+                times[k].append(time.thread_time() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print(f"{'row':24s} {'median ms':>10s}")
     for k, v in med.items():
