@@ -883,4 +883,14 @@ def test_lean_add_gradients_are_exact(probabilistic, noise):
     for y in (t(2, 5, out), t(out)):
         def f(y, h, lam_d, lam_b):
             return torch.ops.vera_fx.lean_add(y, h, lam_d, b, lam_b, eps, r, probabilistic)
+
+        def eager(y, h, lam_d, lam_b):  # an eager step's autograd.Function (PVeRA keeps eps * exp(lv / 2))
+            out = lean_site(y, h, lam_d, b, lam_b, eps, r, probabilistic, False)
+            assert type(out.grad_fn).__name__ == "_EagerLeanAddBackward"
+            return out
         assert torch.autograd.gradcheck(f, (y, h, lam_d, lam_b))
+        assert torch.autograd.gradcheck(eager, (y, h, lam_d, lam_b))
+        for need in ((y, h), (lam_d,), (lam_b,)):  # each gradient alone, as a frozen-lambda step asks
+            args = [a.detach().requires_grad_(any(a is n for n in need)) for a in (y, h, lam_d, lam_b)]
+            torch.testing.assert_close(torch.autograd.grad(eager(*args).sum(), [a for a in args if a.requires_grad]),
+                                       torch.autograd.grad(f(*args).sum(), [a for a in args if a.requires_grad]))

@@ -15,7 +15,7 @@ from torch import nn
 import vera_fx
 from vera_fx.methods import method_for
 from vera_fx.methods.base import kaiming_uniform
-from vera_fx.methods.pvera import GENERATOR_STATE, KL_RECORD, NOISE_GROUPS, SAMPLE_SWITCH
+from vera_fx.methods.pvera import GENERATOR_STATE, KL_RECORD, NOISE_GROUPS, SAMPLE_SWITCH, pvera_reparametrize
 from vera_fx.sampling import pvera_states, reseed
 from vera_fx.uncertainty import student_t_quantile
 
@@ -478,3 +478,27 @@ def test_error_paths():
     with pytest.raises(ValueError, match="no PVeRA adapter"):
         vera_fx.monte_carlo(vera, x)
     assert pvera_states(gm).keys() == {"default"}
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_eager_reparametrisation_equals_the_plain_ops(seeded):
+    """An eager step's sampling node (mu, logvar the halves of one tensor) runs one autograd.Function: the same
+    noise and output bit for bit as the plain ops, the same gradients, one gradient tensor for both halves."""
+    h = torch.randn(2, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    lam_d = torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+
+    def run(lam_d, halves):
+        hd = h * lam_d
+        mu, logvar = hd[..., :4], hd[..., 4:]
+        if not halves:  # separate tensors: the plain ops
+            mu, logvar = mu.clone(), logvar.clone()
+        gen = torch.Generator().manual_seed(7).get_state() if seeded else None
+        torch.manual_seed(3)
+        return pvera_reparametrize(mu, logvar, True, False, gen, 1)
+
+    fast, plain = run(lam_d, True), run(lam_d, False)
+    assert type(fast.grad_fn).__name__ == "_ReparametrizeBackward" and type(plain.grad_fn).__name__ == "AddBackward0"
+    assert torch.equal(fast, plain)
+    loss = lambda z: (z ** 2).sum()  # noqa: E731
+    torch.testing.assert_close(torch.autograd.grad(loss(fast), lam_d), torch.autograd.grad(loss(plain), lam_d))
+    assert torch.autograd.gradcheck(lambda d: run(d, True), (lam_d,))

@@ -88,6 +88,8 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         d["_graphs"] = OrderedDict()  # CallKey -> GraphModules (siblings: an export guard rejected a call), LRU order
         d["_order"] = []  # keys in capture order, for messages
         d["_twins"] = weakref.WeakKeyDictionary()  # graph -> its inference twin (vera_fx/variants.py)
+        d["_ready"] = {}  # CallKey -> (state stamp, graph, the graph a call runs): the per-call cache (variants.py)
+        d["_keywords_ok"] = set()  # keyword sets check_keywords accepted
         d["_inference_form"] = INFERENCE_FORM
         d["_warned_evict"] = False
         d["_probe_at"] = None  # (parameter dict, name) of the dtype / device probe: read per call
@@ -125,7 +127,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> "VeraFxModel":
         before = self._weights_state()
         super()._apply(fn, recurse)
-        self._twins.clear()
+        self._drop_variants()
         self.__dict__["_probe_at"] = None
         after = self._weights_state()
         for key in list(self._graphs):
@@ -253,7 +255,8 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
 
     def _normalise_call(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         call, asked_cache = normalise_call(self._forward_params, type(self._base_model).__name__,
-                                           self._source.meta.get("vera_fx_signature"), args, kwargs)
+                                           self._source.meta.get("vera_fx_signature"), args, kwargs,
+                                           self._keywords_ok)
         if asked_cache and not self._warned_cache:
             logger.warning("use_cache=True: vera_fx graphs run without a KV cache and return no past_key_values; "
                            "outputs are otherwise the model's")
@@ -338,9 +341,9 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         if adapter_names is not None:  # one adapter per row: the mixed graph of this signature's graph
             return functools.partial(mixed_adapter_forward, self._graph_for(key, call), adapter_names), call
         if graphs is None:
-            return self._fresh(self._graph_for(key, call)), call
+            return self._ready_graph(key, self._graph_for(key, call)), call
         if len(graphs) == 1:
-            return self._fresh(graphs[0]), call
+            return self._ready_graph(key, graphs[0]), call
         return functools.partial(self._call_siblings, key, graphs), call
 
     def _call_siblings(self, key: CallKey, graphs: list[GraphModule], /, **call: Any) -> Any:

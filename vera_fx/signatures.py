@@ -41,13 +41,18 @@ def _positional(params: dict[str, inspect.Parameter]) -> list[str]:
     return [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
-def _as_keywords(params: dict[str, inspect.Parameter], model_name: str, args: tuple, kwargs: dict) -> dict:
+def _as_keywords(params: dict[str, inspect.Parameter], model_name: str, args: tuple, kwargs: dict,
+                 checked: Optional[set] = None) -> dict:
     positional = _positional(params)
     if len(args) > len(positional):
         raise TypeError(f"{model_name}.forward takes {len(positional)} positional arguments ({positional}); "
                         f"{len(args)} were given")
     call = dict(zip(positional, args))
-    check_keywords(params, [k for k in kwargs if k != "adapter_names"], model_name)
+    names = tuple(kwargs)
+    if checked is None or names not in checked:  # once per keyword set when the caller keeps ``checked``
+        check_keywords(params, [k for k in kwargs if k != "adapter_names"], model_name)
+        if checked is not None:
+            checked.add(names)
     for k, v in kwargs.items():
         if k in call:
             raise TypeError(f"forward got multiple values for argument {k!r}")
@@ -56,12 +61,13 @@ def _as_keywords(params: dict[str, inspect.Parameter], model_name: str, args: tu
 
 
 def normalise_call(params: dict[str, inspect.Parameter], model_name: str, signature: Any, args: tuple,
-                   kwargs: dict) -> tuple[dict[str, Any], bool]:
+                   kwargs: dict, checked: Optional[set] = None) -> tuple[dict[str, Any], bool]:
     """The call as the keywords of one graph, and whether it asked for ``use_cache=True`` (which runs without a
     KV cache). ``signature``: the source graph's recorded input signature (its ``defaults`` are the masks the
-    model fills when they are left out: filled here, so one graph serves both)."""
+    model fills when they are left out: filled here, so one graph serves both). ``checked``: keyword sets
+    already accepted (the names are checked once per set)."""
     out = {}
-    for k, v in _as_keywords(params, model_name, args, kwargs).items():
+    for k, v in _as_keywords(params, model_name, args, kwargs, checked).items():
         p = params.get(k)
         if v is None and (p is None or p.default is None or p.kind is p.VAR_KEYWORD):
             continue  # the model treats None as absent

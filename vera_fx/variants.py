@@ -13,6 +13,11 @@ The bound: the object keeps at most ``max_graphs`` captured graphs. Past it the 
 evicted (with its twin) and a warning says so once, as torch.compile does past its recompile limit; the
 source graph (it holds the adapter state) is never evicted. An evicted signature is captured again when
 called again.
+
+The per-call path: the graph a call runs (its twin or itself, bound to the adapter state) is kept per
+signature with the *state stamp* it was chosen at (``state_stamp``: the adapter set and its lock's version,
+bumped by every mutation, the train / eval modes, grad mode and the inference form). A call whose stamp is
+unchanged runs that graph after a dictionary lookup; any change goes through the full check once.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ from torch.fx import GraphModule
 from .passes.infer import FORMS, INFERENCE_KEY
 from .keywords import describe_key
 from .sites import graph_modules
+from .methods import CONTAINER
 from .state import ADAPTER_MODE, adapters_training, set_adapters_training
 
-__all__ = ["GraphVariants", "is_inference_call", "is_sharded", "inference_twin", "check_form", "evict_least_recent",
+__all__ = ["GraphVariants", "is_inference_call", "is_sharded", "state_stamp", "inference_twin", "check_form", "evict_least_recent",
            "INFERENCE_FORM", "INFERENCE_KEY", "FINGERPRINT_KEY"]
 
 logger = logging.getLogger(__name__)
@@ -47,6 +53,16 @@ def is_inference_call(training: bool, adapters_training: bool) -> bool:
     """Whether a call runs the inference variant: no gradients (``no_grad``, ``inference_mode``), or eval mode
     with the adapters in eval too (PEFT's recipe trains a model left in eval mode: its adapters train)."""
     return not torch.is_grad_enabled() or not (training or adapters_training)
+
+
+def state_stamp(source: GraphModule) -> tuple:
+    """What the graph a call runs depends on besides its signature, cheap to read: the adapter set (compared by
+    identity) and its lock's version (every mutation bumps it), the base and adapter train / eval modes, and
+    grad mode (``no_grad`` / ``inference_mode`` choose the inference twin)."""
+    container = source._modules.get(CONTAINER)
+    mode = source._modules.get(ADAPTER_MODE)
+    return (container, container.lock.version if container is not None else -1, source.training,
+            mode.training if mode is not None else None, torch.is_grad_enabled())
 
 
 def is_sharded(gm: GraphModule) -> bool:
@@ -122,13 +138,30 @@ def evict_least_recent(graphs: "OrderedDict[Hashable, list[GraphModule]]", order
 
 class GraphVariants:
     """The model object's graph variants and bound (mixed into ``VeraFxModel``): its inference twins, the
-    inference form, and the LRU eviction past ``max_graphs``. Reads the object's ``_source``, ``_graphs``,
-    ``_order``, ``_twins``, ``_build_lock`` and ``max_graphs``."""
+    inference form, the per-call cache and the LRU eviction past ``max_graphs``. Reads the object's ``_source``,
+    ``_graphs``, ``_order``, ``_twins``, ``_ready``, ``_build_lock`` and ``max_graphs``."""
 
     def _check_room(self, key: tuple) -> None:
         """Past ``max_graphs``, evict the least recently used graph (never the source), warning once."""
         self.__dict__["_warned_evict"] = evict_least_recent(self._graphs, self._order, self._source, self.max_graphs,
                                                             self._warned_evict, describe_key)
+        self._ready.clear()  # no evicted graph stays reachable through the per-call cache
+
+    def _drop_variants(self) -> None:
+        """Forget every inference twin and the per-call choices (after ``.to()`` or a new inference form)."""
+        self._twins.clear()
+        self._ready.clear()
+
+    def _ready_graph(self, key: tuple, gm: GraphModule) -> GraphModule:
+        """The graph a call of signature ``key`` (first graph ``gm``) runs: the one chosen by the last call when the
+        state stamp is unchanged (a dictionary lookup), else ``_fresh(gm)`` (twin choice, re-attach), kept."""
+        stamp = state_stamp(self._source)
+        hit = self._ready.get(key)
+        if hit is not None and hit[1] is gm and hit[0] == stamp:
+            return hit[2]
+        run = self._fresh(gm)
+        self._ready[key] = (stamp, gm, run)
+        return run
 
     @property
     def inference_form(self) -> str:
@@ -139,7 +172,7 @@ class GraphVariants:
     @inference_form.setter
     def inference_form(self, form: str) -> None:
         self.__dict__["_inference_form"] = check_form(form)
-        self._twins.clear()
+        self._drop_variants()
 
     def _variant(self, gm: GraphModule, fp: tuple) -> GraphModule:
         """``gm``, or its inference twin for a call in eval mode or without gradients (vera_fx/variants.py);

@@ -69,6 +69,7 @@ class StateLock:
         self._write_depth = 0
         self._waiting_writers = 0
         self._local = threading.local()
+        self.version = 0  # bumped when a write ends: a reader that saw this value sees the same state
 
     def __deepcopy__(self, memo: dict) -> "StateLock":
         return StateLock()
@@ -79,30 +80,9 @@ class StateLock:
     def _depth(self) -> int:
         return getattr(self._local, "depth", 0)
 
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        """Hold the state unchanged for the duration (a forward)."""
-        me = threading.get_ident()
-        if self._depth() or self._writer == me:
-            self._local.depth = self._depth() + 1
-            try:
-                yield
-            finally:
-                self._local.depth -= 1
-            return
-        with self._cond:
-            while self._writer is not None or self._waiting_writers:
-                self._cond.wait()
-            self._readers += 1
-        self._local.depth = 1
-        try:
-            yield
-        finally:
-            self._local.depth = 0
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+    def read(self) -> "_Reading":
+        """Hold the state unchanged for the duration (a forward): ``with lock.read(): ...``."""
+        return _Reading(self)
 
     @contextmanager
     def write(self) -> Iterator[None]:
@@ -128,8 +108,45 @@ class StateLock:
             with self._cond:
                 self._write_depth -= 1
                 if not self._write_depth:
+                    self.version += 1
                     self._writer = None
                     self._cond.notify_all()
+
+
+class _Reading:
+    """The read side of a ``StateLock`` held for a ``with`` block (a class, not a generator: a forward takes it
+    on every call). Reentrant: a thread already reading, or writing, only counts the depth."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self, lock: StateLock) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        lock = self.lock
+        local = lock._local
+        depth = getattr(local, "depth", 0)
+        if depth or lock._writer == threading.get_ident():
+            local.depth = depth + 1
+            return
+        with lock._cond:
+            while lock._writer is not None or lock._waiting_writers:
+                lock._cond.wait()
+            lock._readers += 1
+        local.depth = 1
+
+    def __exit__(self, *exc: Any) -> None:
+        lock = self.lock
+        local = lock._local
+        local.depth -= 1
+        if local.depth:
+            return
+        if lock._writer == threading.get_ident():  # a read inside this thread's own write
+            return
+        with lock._cond:
+            lock._readers -= 1
+            if not lock._readers and lock._waiting_writers:  # only a writer waits for the readers to leave
+                lock._cond.notify_all()
 
 
 class _Version:

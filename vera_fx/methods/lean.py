@@ -25,7 +25,10 @@ Backward (``g = d loss / d output``, sums over every leading (token) dimension, 
 with ``N = mu.numel()``; it keeps ``h`` and ``lambda_d`` only, where the plain path keeps ``hd`` and ``exp(lv)``.
 
 Both are ``torch.library`` custom ops with ``register_autograd``, so torch.compile(fullgraph=True) traces them
-as single nodes and their backward as ordinary aten ops.
+as single nodes and their backward as ordinary aten ops. An eager training step runs the lean op's forward
+and backward as an autograd.Function instead (``lean_site``): no custom-op dispatch per call, and PVeRA keeps
+``es = eps * exp(lv / 2)`` (eps's size) rather than ``eps``, so backward forms ``z`` with one add, no exp; its
+backward builds ``d (h * lambda_d)`` in one (tokens, 2r) buffer that becomes ``d h`` in place.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def _pvera_latent(h: Tensor, lambda_d: Tensor, eps: Optional[Tensor], r: int,
     z = ld_mu * h_mu if again else h_mu * ld_mu
     if eps is None:
         return z, None
-    es = torch.exp(ld_lv * h_lv if again else h_lv * ld_lv).mul_(eps)
+    es = (torch.exp(ld_lv * h_lv) if again else torch.mul(h_lv, ld_lv).exp_()).mul_(eps)
     return z.add_(es), es
 
 
@@ -63,6 +66,13 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 def _lean_add_impl(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor],
                    r: int, probabilistic: bool) -> Tensor:
+    return _lean_forward(y, h, lambda_d, b, lambda_b, eps, r, probabilistic)[0]
+
+
+def _lean_forward(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor],
+                  r: int, probabilistic: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """The op's output and, for PVeRA with noise outside autocast, the scaled noise ``eps * exp(lv / 2)``."""
+    es = None
     if torch.is_autocast_enabled(h.device.type):  # the plain chain's own ops, so autocast casts them alike
         if not probabilistic:  # (out of place: an in-place exp would keep its dtype where the plain one promotes)
             z = h * lambda_d
@@ -70,17 +80,17 @@ def _lean_add_impl(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: 
             z = h[..., :r] * lambda_d[:r]
             if eps is not None:
                 z = z + torch.exp(h[..., r:] * (0.5 * lambda_d[r:])) * eps
-        return y + torch.nn.functional.linear(z, b) * lambda_b
+        return y + torch.nn.functional.linear(z, b) * lambda_b, None
     m = b * lambda_b.unsqueeze(-1)  # (out, r): the scales fold into the small matrix, not the token tensors
     if probabilistic:
-        z, _ = _pvera_latent(h, lambda_d, eps, r)
+        z, es = _pvera_latent(h, lambda_d, eps, r)
     else:
         z, m = h, m * lambda_d
     out = m.shape[0]
     lead = z.shape[:-1]
     if y.dtype == z.dtype == m.dtype and y.shape == (*lead, out):
-        return torch.addmm(y.reshape(-1, out), z.reshape(-1, z.shape[-1]), m.T).view(*lead, out)
-    return y + torch.nn.functional.linear(z.to(m.dtype), m)
+        return torch.addmm(y.reshape(-1, out), z.reshape(-1, z.shape[-1]), m.T).view(*lead, out), es
+    return y + torch.nn.functional.linear(z.to(m.dtype), m), es
 
 
 @torch.library.custom_op("vera_fx::lean_add", mutates_args=())
@@ -102,60 +112,78 @@ def _lean_setup(ctx, inputs, output) -> None:  # noqa: ANN001 (torch.library's c
     y, h, lambda_d, b, lambda_b, eps, r, probabilistic = inputs
     ctx.save_for_backward(h, lambda_d, b, lambda_b, eps)
     ctx.r, ctx.probabilistic, ctx.y_shape, ctx.y_dtype = r, probabilistic, y.shape, y.dtype
+    ctx.scaled_noise = False  # the fifth saved tensor is eps (``_EagerLeanAdd`` keeps eps * exp(lv / 2))
 
 
 def _lean_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
-    h, lambda_d, b, lambda_b, eps = ctx.saved_tensors
-    r, probabilistic = ctx.r, ctx.probabilistic
+    h, lambda_d, b, lambda_b, noise = ctx.saved_tensors
     need = ctx.needs_input_grad
     grad_y = grad.sum_to_size(ctx.y_shape).to(ctx.y_dtype) if need[0] else None
     dtype = _compute_dtype(h, lambda_d, b, lambda_b)  # in backward autocast is off: one dtype for all
     g = grad.to(dtype).sum_to_size((*h.shape[:-1], grad.shape[-1]))
-    g2 = g.reshape(-1, g.shape[-1])
     hc, lambda_dc, b, lambda_bc = h.to(dtype), lambda_d.to(dtype), b.to(dtype), lambda_b.to(dtype)
-    if probabilistic:
-        z, es = _pvera_latent(hc, lambda_dc, None if eps is None else eps.to(dtype), r, again=True)
-        h_mu, h_lv, ld_mu, ld_lv = hc[..., :r], hc[..., r:], lambda_dc[:r], lambda_dc[r:]
-        b_z = b  # lambda_b's gradient pairs B with z
-    else:
-        z = hc
-        b_z = lambda_dc * b  # z = h * lambda_d: the scale moves onto B's columns
-    grad_lambda_b = grad_lambda_d = None
     # lambda_b * B, (out, r); operands in the other order than the forward's (see _pvera_latent's ``again``)
     b_scaled = lambda_bc.unsqueeze(-1) * b
-    m: Optional[Tensor] = None
-    if need[4] or (need[2] and not probabilistic):
-        m = g2.T @ z.reshape(-1, z.shape[-1])  # (out, r): the one extra product, instead of keeping z @ B.T
-    if need[4]:
-        grad_lambda_b = (m * b_z).sum(1).to(lambda_b.dtype)
-    if not probabilistic:
-        # VeRA: d lambda_d = sum_t (g @ lambda_b B) * h = sum_o (lambda_b B) * (g.T @ h), the same M; d h is one
-        # product against lambda_b B lambda_d: no tokens x r pass besides the products
-        if need[2]:
-            grad_lambda_d = (m * b_scaled).sum(0).to(lambda_d.dtype)
-        grad_h = (g @ (lambda_dc * b_scaled)).to(h.dtype) if need[1] else None
+    if ctx.probabilistic:
+        noise = None if noise is None else noise.to(dtype)
+        grad_h, grad_lambda_d, grad_lambda_b = _pvera_grads(ctx, g, hc, lambda_dc, b, b_scaled, noise, need)
     else:
-        gz = g @ b_scaled  # (..., r)
-        # d mu = gz, d lv = gz * eps * s / 2 (zero without noise); d lambda_d, d h per half
-        ges = gz * es if es is not None else None
-        grad_lambda_d = None
-        if need[2]:
-            d_mu = (gz * h_mu).reshape(-1, r).sum(0)
-            d_lv = (ges * h_lv).reshape(-1, r).sum(0) * 0.5 if ges is not None else torch.zeros_like(d_mu)
-            grad_lambda_d = torch.cat([d_mu, d_lv]).to(lambda_d.dtype)
-        grad_h = None
-        if need[1] and torch.compiler.is_compiling():  # traced (_TracedLeanAdd): a cat inductor fuses
-            d_lv_h = ges * (0.5 * ld_lv) if ges is not None else torch.zeros_like(gz)
-            grad_h = torch.cat([gz * ld_mu, d_lv_h], -1).to(h.dtype)
-        elif need[1]:  # eager: both halves written into one buffer, no temporaries to copy
-            grad_h = torch.empty(h.shape, dtype=dtype, device=h.device)
-            torch.mul(gz, ld_mu, out=grad_h[..., :r])
-            if ges is not None:
-                torch.mul(ges, 0.5 * ld_lv, out=grad_h[..., r:])
-            else:
-                grad_h[..., r:].zero_()
-            grad_h = grad_h.to(h.dtype)
-    return grad_y, grad_h, grad_lambda_d, None, grad_lambda_b, None, None, None
+        grad_h, grad_lambda_d, grad_lambda_b = _vera_grads(g, hc, lambda_dc, b, b_scaled, need)
+    return (grad_y, None if grad_h is None else grad_h.to(h.dtype),
+            None if grad_lambda_d is None else grad_lambda_d.to(lambda_d.dtype), None,
+            None if grad_lambda_b is None else grad_lambda_b.to(lambda_b.dtype), None, None, None)
+
+
+def _vera_grads(g: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, b_scaled: Tensor,
+                need: tuple) -> tuple[Optional[Tensor], ...]:
+    """VeRA (``z = h * lambda_d``): ``M = g.T @ h`` (out x r, the one extra product instead of keeping ``z @ B.T``)
+    gives ``d lambda_b = sum_k (lambda_d B) * M`` and ``d lambda_d = sum_o (lambda_b B) * M``; ``d h`` is one
+    product against ``lambda_b B lambda_d``: no tokens x r pass besides the products."""
+    m = g.reshape(-1, g.shape[-1]).T @ h.reshape(-1, h.shape[-1]) if need[4] or need[2] else None
+    grad_lambda_b = (m * (lambda_d * b)).sum(1) if need[4] else None
+    grad_lambda_d = (m * b_scaled).sum(0) if need[2] else None
+    grad_h = g @ (lambda_d * b_scaled) if need[1] else None
+    return grad_h, grad_lambda_d, grad_lambda_b
+
+
+def _pvera_grads(ctx, g: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, b_scaled: Tensor,  # noqa: ANN001
+                 noise: Optional[Tensor], need: tuple) -> tuple[Optional[Tensor], ...]:
+    """PVeRA: ``d lambda_b = sum_k B * (g.T @ z)``, ``gz = g @ (lambda_b B)``, ``d mu = gz``, ``d lv = gz * es / 2``
+    (``es = eps * exp(lv / 2)``; zero without noise), then ``d lambda_d`` and ``d h`` per half. ``noise``: ``eps``,
+    or ``es`` itself where the forward kept it (``ctx.scaled_noise``)."""
+    r = ctx.r
+    if ctx.scaled_noise:  # the forward's own eps * exp(lv / 2): z without an exp
+        es = noise
+        z, _ = _pvera_latent(h, lambda_d, None, r, again=True)
+        z = z if es is None else z.add_(es)
+    else:
+        z, es = _pvera_latent(h, lambda_d, noise, r, again=True)
+    g2 = g.reshape(-1, g.shape[-1])
+    # (out, r): the one extra product, instead of keeping z @ B.T
+    grad_lambda_b = (g2.T @ z.reshape(-1, r) * b).sum(1) if need[4] else None
+    del z
+    if not (need[1] or need[2]):
+        return None, None, grad_lambda_b
+    if torch.compiler.is_compiling():  # traced (_TracedLeanAdd): plain ops and a cat, which inductor fuses
+        gz = g @ b_scaled
+        ges = gz * es if es is not None else torch.zeros_like(gz)
+        h_mu, h_lv = h[..., :r], h[..., r:]
+        grad_lambda_d = torch.cat([(gz * h_mu).reshape(-1, r).sum(0),
+                                   (ges * h_lv).reshape(-1, r).sum(0) * 0.5]) if need[2] else None
+        grad_h = torch.cat([gz * lambda_d[:r], ges * (0.5 * lambda_d[r:])], -1) if need[1] else None
+        return grad_h, grad_lambda_d, grad_lambda_b
+    # eager: d (h * lambda_d) = [gz, gz * es / 2] built in one (tokens, 2r) buffer (gz written there by the
+    # product itself), then d lambda_d = sum_t buf * h and d h = buf * lambda_d in place: one allocation of
+    # d h's size and one temporary, where per-half products allocate six
+    buf = torch.empty(g2.shape[0], 2 * r, dtype=g.dtype, device=g.device)
+    gz = torch.mm(g2, b_scaled, out=buf[:, :r])
+    if es is None:
+        buf[:, r:].zero_()
+    else:
+        torch.mul(gz, es.reshape(-1, r), out=buf[:, r:]).mul_(0.5)
+    grad_lambda_d = (buf * h.reshape(-1, 2 * r)).sum(0) if need[2] else None
+    grad_h = buf.mul_(lambda_d).view(h.shape) if need[1] else None
+    return grad_h, grad_lambda_d, grad_lambda_b
 
 
 lean_add.register_autograd(_lean_backward, setup_context=_lean_setup)
@@ -180,6 +208,32 @@ class _TracedLeanAdd(torch.autograd.Function):
         return _lean_backward(ctx, grad)
 
 
+class _EagerLeanAdd(torch.autograd.Function):
+    """``vera_fx::lean_add`` in an eager training step: the op's forward and backward without the custom op's
+    dispatch, keeping PVeRA's scaled noise ``eps * exp(lv / 2)`` (the forward computes it; it has eps's size)
+    instead of ``eps``, so backward forms ``z`` with one add rather than an exp and three passes again."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor,  # noqa: ANN001
+                eps: Optional[Tensor], r: int, probabilistic: bool) -> Tensor:
+        out, es = _lean_forward(y, h, lambda_d, b, lambda_b, eps, r, probabilistic)
+        _lean_setup(ctx, (y, h, lambda_d, b, lambda_b, es, r, probabilistic), None)
+        ctx.scaled_noise = True
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        return _lean_backward(ctx, grad)
+
+
+def _eager_step(*tensors: Tensor) -> bool:
+    """Whether a lean site runs ``_EagerLeanAdd``: an eager differentiable call on plain tensors (not while
+    torch.compile or export traces, not under autocast, not on tensor subclasses such as DTensor)."""
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled(tensors[1].device.type)
+            and all(type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors))
+
+
 def lean_site(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor], r: int,
               probabilistic: bool, traced_when_compiled: bool) -> Tensor:
     """A lean site's graph node: ``vera_fx::lean_add``, except while torch.compile traces a site ``auto`` made
@@ -189,6 +243,8 @@ def lean_site(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tenso
     the opaque op under torch.compile too."""
     if traced_when_compiled and torch.compiler.is_compiling():
         return _TracedLeanAdd.apply(y, h, lambda_d, b, lambda_b, eps, r, probabilistic)
+    if _eager_step(y, h, lambda_d, b, lambda_b):
+        return _EagerLeanAdd.apply(y, h, lambda_d, b, lambda_b, eps, r, probabilistic)
     return torch.ops.vera_fx.lean_add(y, h, lambda_d, b, lambda_b, eps, r, probabilistic)
 
 

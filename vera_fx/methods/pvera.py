@@ -88,12 +88,55 @@ def pvera_reparametrize(mu: Tensor, logvar: Tensor, training: bool, sample: bool
     """``mu + eps * exp(logvar / 2)`` in training mode or when the site samples at inference, else ``mu``."""
     if not (training or sample):
         return mu
+    base = _halves_of(mu, logvar)
+    if base is not None:  # an eager differentiable call: one node, es kept, d (mu, logvar) as one tensor
+        return _Reparametrize.apply(base, _noise(logvar, generator_state, groups))  # no autocast: std is as logvar
     std = torch.exp(0.5 * logvar)
+    return mu + _noise(std, generator_state, groups) * std
+
+
+def _noise(like: Tensor, generator_state: Optional[Tensor], groups: int) -> Tensor:
+    """Standard normal noise of ``like``'s shape, dtype and device: the site's seeded stream, or torch's."""
     if generator_state is None:
-        eps = torch.randn_like(std)
-    else:
-        eps = torch.ops.vera_fx.pvera_noise(generator_state, std.shape, groups, std.dtype).to(std.device)
-    return mu + eps * std
+        return torch.randn_like(like)
+    return torch.ops.vera_fx.pvera_noise(generator_state, like.shape, groups, like.dtype).to(like.device)
+
+
+def _halves_of(mu: Tensor, logvar: Tensor) -> Optional[Tensor]:
+    """The tensor ``mu`` and ``logvar`` are the two halves of (its last dim, as the emitted slices make them) when
+    the eager reparametrisation applies: gradients on, not traced, no autocast, plain tensors."""
+    base = mu._base
+    if (base is None or logvar._base is not base or not torch.is_grad_enabled() or not base.requires_grad
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled(base.device.type)
+            or type(base) is not Tensor or not base.is_contiguous()):
+        return None
+    r = mu.shape[-1]
+    if (base.shape[-1] != 2 * r or mu.shape != logvar.shape or mu.shape[:-1] != base.shape[:-1]
+            or mu.data_ptr() != base.data_ptr() or logvar.data_ptr() != base.data_ptr() + r * base.element_size()):
+        return None
+    return base
+
+
+class _Reparametrize(torch.autograd.Function):
+    """``z = mu + es`` with ``es = eps * exp(logvar / 2)`` from ``hd = [mu, logvar]`` (the scaled latent): keeps
+    ``es`` only (autograd's ops would keep ``exp(logvar / 2)`` and ``eps``) and returns ``d hd = [g, g * es / 2]``
+    as one tensor, where the two slices' backward would each write a zero-filled copy of ``hd`` and add them."""
+
+    @staticmethod
+    def forward(ctx, hd: Tensor, eps: Tensor) -> Tensor:  # noqa: ANN001
+        r = eps.shape[-1]
+        es = torch.exp(0.5 * hd[..., r:]).mul_(eps)  # the plain chain's values: exp(0.5 * logvar) * eps
+        ctx.save_for_backward(es)
+        return hd[..., :r] + es
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        (es,) = ctx.saved_tensors
+        r = es.shape[-1]
+        d_hd = torch.empty((*grad.shape[:-1], 2 * r), dtype=grad.dtype, device=grad.device)
+        d_hd[..., :r] = grad
+        torch.mul(grad, es, out=d_hd[..., r:]).mul_(0.5)
+        return d_hd, None
 
 
 @has_side_effect
