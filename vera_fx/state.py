@@ -34,13 +34,6 @@ from .versions import adapter_flags
 from .versions import StateLock
 from .sites import as_graph_module, block_prefix, graph_modules, read_graph_sites, read_sites
 
-__all__ = ["state_lock", "mutation", "reads_state", "MTS_TAG", "PEFT_ROOT",
-           "adapter_container", "adapters_of", "active_adapters", "adapters_disabled", "merged_adapters", "shared_projections",
-           "resolve_modules_to_save", "attach_modules_to_save", "modules_to_save_copy", "modules_to_save_owners",
-           "route_modules_to_save", "bias_targets", "attach_state", "detach_state", "block_site_names",
-           "restore_active", "ADAPTER_MODE", "AdapterMode", "adapter_mode_module", "adapters_training",
-           "set_adapters_training"]
-
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 

@@ -38,9 +38,6 @@ from .sites import graph_modules
 from .methods import CONTAINER
 from .state import ADAPTER_MODE, adapters_training, set_adapters_training
 
-__all__ = ["GraphVariants", "is_inference_call", "is_sharded", "state_stamp", "inference_twin", "check_form", "evict_least_recent",
-           "INFERENCE_FORM", "INFERENCE_KEY", "FINGERPRINT_KEY"]
-
 logger = logging.getLogger(__name__)
 
 INFERENCE_FORM = "batched"

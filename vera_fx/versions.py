@@ -25,8 +25,6 @@ from torch.fx import GraphModule
 
 from .compat import GeneratedCode, replace_with_copy
 
-__all__ = ["StateLock", "GraphVersions", "AdapterFlags", "adapter_flags", "CONTAINER"]
-
 CONTAINER = "vera_fx_adapters"  # the attribute of every graph holding its adapter set (vera_fx/methods/base.py)
 
 

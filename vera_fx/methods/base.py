@@ -17,9 +17,6 @@ from ..config import AdapterConfig
 from ..sites import ADAPTER_KEY, Site, block_prefix
 from ..versions import CONTAINER, AdapterFlags, GraphVersions, StateLock
 
-__all__ = ["Method", "AdapterSet", "AdapterState", "AdapterView", "SiteTree", "Emitter", "kaiming_uniform",
-           "CONTAINER", "register", "method_for", "method_by_name"]
-
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:

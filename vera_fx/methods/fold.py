@@ -37,8 +37,6 @@ import torch
 from torch import Tensor
 from torch.fx import Node
 
-__all__ = ["weight_fold", "weight_site", "weight_site_t", "fold_argument", "restore_linear"]
-
 Fold = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool]
 
 

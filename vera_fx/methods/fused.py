@@ -31,8 +31,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["fused_site"]
-
 
 def _plain(y: Tensor, z: Tensor, lambda_d: Optional[Tensor], b: Tensor, lambda_b: Tensor) -> Tensor:
     """The activation path's own ops (what the emitter's nodes compute)."""

@@ -24,8 +24,6 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["group_products", "site_products", "latent_products", "site_add"]
-
 
 def group_products(h: Tensor, b: Tensor, *lambda_d: Tensor) -> tuple[Tensor, ...]:
     """``(h * lambda_d_k) @ B.T`` for every ``k`` (each shaped ``(*h.shape[:-1], out)``): one broadcast product

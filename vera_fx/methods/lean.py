@@ -39,8 +39,6 @@ import torch
 from torch import Tensor
 from torch.fx.node import has_side_effect
 
-__all__ = ["lean_add", "lean_site", "pvera_kl", "pvera_lean_noise"]
-
 
 def _pvera_latent(h: Tensor, lambda_d: Tensor, eps: Optional[Tensor], r: int,
                   again: bool = False) -> tuple[Tensor, Optional[Tensor]]:

@@ -41,9 +41,6 @@ from ..sites import ADAPTER_KEY, Site
 from .base import CONTAINER, AdapterState, AdapterView, Emitter, Method, emit_projection, finish_output
 from .lean import pvera_kl
 
-__all__ = ["PveraMethod", "KLRecord", "LazyKL", "pvera_reparametrize", "pvera_bank_reparametrize", "pvera_record_kl", "SAMPLE_SWITCH", "GENERATOR_STATE",
-           "NOISE_GROUPS", "KL_RECORD", "reseed_state", "site_seed"]
-
 SAMPLE_SWITCH = "pvera_sample_at_inference"
 GENERATOR_STATE = "pvera_generator_state"
 NOISE_GROUPS = "pvera_noise_groups"

@@ -9,8 +9,6 @@ from ..config import VeraConfig
 from ..sites import Site
 from .base import AdapterState, Emitter, Method, emit_projection, finish_output
 
-__all__ = ["VeraMethod"]
-
 
 class VeraMethod(Method):
     name = "vera"

@@ -31,8 +31,6 @@ from ..methods.infer import group_products, latent_products, site_add, site_prod
 from ..sites import ADAPTER_KEY
 from .chains import Chain, hoist, inplace_target, tag_node
 
-__all__ = ["INFERENCE_KEY", "FORMS", "inference_costs", "inference_plan", "lower_for_inference"]
-
 logger = logging.getLogger(__name__)
 
 INFERENCE_KEY = "vera_fx_inference"  # root gm.meta: the inference form this graph tree is built in
