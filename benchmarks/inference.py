@@ -7,8 +7,9 @@ mode. Variants, all timed in one interleaved run (one call of each per round, so
 spreads evenly over them; medians):
 
 - ``base``: the model itself; ``peft``: PEFT's model, unmerged; ``peft merged``: ``merge_and_unload``;
-- ``vera_fx``: the object in eval (its inference variant, batched group products); ``vera_fx site``: the same
-  with per-site products (``m.inference_form = "site"``), the row that shows whether batching wins;
+- ``vera_fx``: the object in eval (its inference variant, per-site products, the default); ``vera_fx batched``:
+  the same with a site group's products batched (``m.inference_form = "batched"``), the row that shows whether
+  batching wins;
 - ``graph alone``: the inference graph called directly (the object's per-call overhead is the difference);
 - ``training plan``: the training graph (``lowering="auto"``) called in eval, what eval ran before the inference
   variant; ``vera_fx merged``: ``vera_fx.merge``;
@@ -72,17 +73,17 @@ def variants(model: torch.nn.Module, method: str, targets, r: int, compile_: boo
     example = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
     ours = vera_fx.transform(model, ours_cfg, example)
     vera_fx.load_adapter_state_dict(ours, state)
-    site = vera_fx.transform(model, ours_cfg, example)
-    vera_fx.load_adapter_state_dict(site, state)
-    site.inference_form = "site"
+    batched = vera_fx.transform(model, ours_cfg, example)
+    vera_fx.load_adapter_state_dict(batched, state)
+    batched.inference_form = "batched"
     merged = vera_fx.transform(model, ours_cfg, example)
     vera_fx.load_adapter_state_dict(merged, state)
     vera_fx.merge(merged)
-    alone = attach_adapters(inference_twin(ours.graph_module, "batched"), ours.graph_module).eval()
+    alone = attach_adapters(inference_twin(ours.graph_module, ours.inference_form), ours.graph_module).eval()
     pmerged = peft.get_peft_model(copy.deepcopy(model), peft_cfg)
     peft.set_peft_model_state_dict(pmerged, state)
     out = {"base": model, "peft": pm, "peft merged": pmerged.merge_and_unload().eval(), "vera_fx": ours.eval(),
-           "vera_fx site": site.eval(), "graph alone": alone, "training plan": ours.graph_module,
+           "vera_fx batched": batched.eval(), "graph alone": alone, "training plan": ours.graph_module,
            "vera_fx merged": merged.eval()}
     if compile_:
         out.update({"base compiled": torch.compile(model), "peft compiled": torch.compile(pm),

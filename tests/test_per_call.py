@@ -171,9 +171,9 @@ def test_inference_form_change_builds_the_other_twin(pair):
     ours, pm = pair
     with torch.no_grad():
         _logits(ours)
-        ours.inference_form = "site"
+        ours.inference_form = "batched"
         torch.testing.assert_close(_logits(ours), _logits(pm), atol=1e-5, rtol=1e-5)
-    assert ours._ready[next(iter(ours._ready))][2].meta[INFERENCE_KEY] == "site"
+    assert ours._ready[next(iter(ours._ready))][2].meta[INFERENCE_KEY] == "batched"
 
 
 def test_pvera_sampling_switch_reaches_the_cached_graph():

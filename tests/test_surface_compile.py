@@ -94,6 +94,7 @@ def test_compiled_llama_trains_evaluates_and_follows_adapter_switches():
     assert not counters["graph_break"]
 
 
+@pytest.mark.slow  # tests/test_compile.py compiles the object with inductor in CI; this MLP case in long mode
 def test_inductor_compiles_the_object_in_training():
     m, x = _mlp_object(1)
     compiled = torch.compile(m, fullgraph=True)

@@ -42,7 +42,7 @@ from .capture import SOURCE_MODEL_KEY, CaptureError, model_flags_kept
 from .linear_like import linear_forwards
 from .methods import CONTAINER
 from .methods.pvera import pvera_record_kl
-from .passes.infer import INFERENCE_KEY
+from .passes.infer import DEFAULT_FORM, INFERENCE_KEY
 from .passes.inject import emit_adapter, remove_adapter_nodes
 from .passes.match import MatchPass
 from .sites import ADAPTER_KEY, MODEL_INFO_KEY, SITE_KEY, as_graph_module, model_info, read_sites
@@ -175,7 +175,7 @@ def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len:
         if tag is not None and tag["name"].startswith(_PREFIX):
             tag["name"] = tag["name"][len(_PREFIX):]
     decode.meta[MODEL_INFO_KEY] = {"class": type(model).__name__}
-    decode.meta[INFERENCE_KEY] = "batched"  # adapters in the inference form (vera_fx/passes/infer.py)
+    decode.meta[INFERENCE_KEY] = DEFAULT_FORM  # adapters in the inference form (vera_fx/passes/infer.py)
     logger.info("captured the decode graph of %s: batch %d, cache %d, %d nodes", type(model).__name__, batch_size,
                 max_cache_len, len(decode.graph.nodes))
     return decode

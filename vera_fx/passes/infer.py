@@ -35,6 +35,11 @@ logger = logging.getLogger(__name__)
 
 INFERENCE_KEY = "vera_fx_inference"  # root gm.meta: the inference form this graph tree is built in
 FORMS = ("batched", "site")
+# The form graphs are built in unless the object says otherwise (``m.inference_form``). Per site: on the 2-core
+# CPU (quiet, benchmarks/inference.py, Llama-like hidden 1024, r=256) the batched form's stack and unbind cost
+# more than reading B once saves: per-site products ran 0.96-0.98x the batched form's time at decode, 0.99x at
+# prefill, for every group; the batched form stays selectable for measurement (and devices with costlier calls).
+DEFAULT_FORM = "site"
 CALL_COST = 4096  # multiply-add equivalents of one eager op call (~5-10 us on the 2-core CPU, ~1 GMAC/s/core)
 
 
