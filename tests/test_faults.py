@@ -481,3 +481,23 @@ def test_fuzz_corrupted_folders_are_refused_clearly_or_load_correctly(tmp_path):
         shutil.rmtree(case)
     logging.getLogger(__name__).info("fuzz outcomes: %s", outcomes)
     assert sum(outcomes.values()) == cases
+
+
+def test_a_call_while_another_thread_exports_a_new_signature():
+    """torch.export's 'exporting' flag is global: a call made in this thread while another thread captures must
+    run (torch.compiler.disable(recursive=False) on forward refused it: 'not supported with torch.export')."""
+    m = vera_fx.transform(tiny_llama(), vera_fx.VeraConfig(r=4, target_modules=["q_proj"])).eval()
+    ids = torch.randint(0, 96, (2, 6))
+    with torch.no_grad():
+        plain = m(input_ids=ids).logits
+    out = []
+    capturing = threading.Thread(target=lambda: out.append(m(input_ids=ids, output_hidden_states=True).logits))
+    capturing.start()
+    deadline = time.monotonic() + 60
+    while not torch.compiler.is_exporting() and capturing.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert torch.compiler.is_exporting(), "the other thread never reached torch.export"
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=ids).logits, plain)  # during the other thread's export
+    capturing.join()
+    torch.testing.assert_close(out[0], plain)

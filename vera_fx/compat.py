@@ -30,7 +30,7 @@ from torch.nn.modules.module import _IncompatibleKeys as IncompatibleKeys
 __all__ = ["TESTED_TORCH", "torch_release", "untested_torch_message", "warn_if_untested", "pytree",
            "HigherOrderOperator", "OpOverload", "OpOverloadPacket", "IncompatibleKeys", "EXPORT_NOTES_LOGGER",
            "copy_codegen", "add_keyword_input", "GeneratedCode", "replace_with_copy", "saved_tensors_hooks_active", "backward_running",
-           "eval_frame_callback", "copy_forward_hook", "register_deepcopy_hook", "call_impl", "set_compiled_call", "unpack_cpu_4bit"]
+           "eval_frame_callback", "eager_frame", "copy_forward_hook", "register_deepcopy_hook", "call_impl", "set_compiled_call", "unpack_cpu_4bit"]
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +168,16 @@ def backward_running() -> bool:
 # dynamo's frame callback, None unless torch.compile runs around the caller (then every Python frame called
 # from an eager frame is compiled as a frame of its own). A builtin: calling it starts no Python frame.
 eval_frame_callback: Callable[[], Any] = torch._C._dynamo.eval_frame.get_eval_frame_callback
+
+
+def eager_frame(fn: Callable[..., Any], reason: str) -> Callable[..., Any]:
+    """``fn`` itself, its own frame run eagerly under torch.compile while the frames it calls are compiled
+    (dynamo's ``skip``), and a graph break with ``reason`` where traced code calls it. Unlike
+    ``torch.compiler.disable(recursive=False)`` no wrapper is added: that wrapper refuses every call while any
+    thread runs torch.export (a global flag), so one thread capturing a signature broke the others' calls."""
+    fn = torch._dynamo.decorators.skip(fn)
+    fn._torchdynamo_disable_msg = reason
+    return fn
 
 
 # --------------------------------------------------------------------------------------------- nn.Module

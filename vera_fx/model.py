@@ -24,6 +24,7 @@ import inspect
 import logging
 import os
 import threading
+import types
 import weakref
 from collections import OrderedDict
 from pathlib import Path
@@ -50,7 +51,7 @@ from .state import state_lock
 from .state_dict import (adapters_state_dict, load_adapters_state_dict,
                          read_trainer_checkpoint)
 from .passes.pipeline import run_passes, transform as transform_graph
-from .compat import eval_frame_callback
+from .compat import eager_frame, eval_frame_callback
 from .surface import PeftSurface, check_is_trainable
 from .variants import FINGERPRINT_KEY, INFERENCE_FORM, GraphVariants
 
@@ -61,10 +62,9 @@ _FINGERPRINT = FINGERPRINT_KEY  # gm.meta: the source's state_fingerprint a grap
 _GUARD_ERRORS = ("Guard failed", "guard", "Expected input at")
 # torch.compile: a frame that dynamo skips (runs eagerly) while still compiling the frames it calls, so each
 # captured graph's own generated forward is the frame dynamo compiles (vera_fx/model.py, "calls").
-_eager_frame = functools.partial(
-    torch.compiler.disable, recursive=False,
-    reason="a VeraFxModel runs its own work eagerly and torch.compile compiles each captured graph's forward: "
-           "compile the object itself (torch.compile(m)), or m.graph_module, rather than code that calls it")
+_EAGER_REASON = ("a VeraFxModel runs its own work eagerly and torch.compile compiles each captured graph's "
+                 "forward: compile the object itself (torch.compile(m)), or m.graph_module, rather than code that "
+                 "calls it")
 
 
 class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
@@ -400,7 +400,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         finally:
             _leave(held)
 
-    forward = _eager_frame(forward)
+    forward = eager_frame(forward, _EAGER_REASON)
 
 
 @torch.compiler.disable
@@ -418,7 +418,10 @@ def _model_class(base_cls: type) -> type:
         return VeraFxModel
     if "self" not in params.parameters:
         return VeraFxModel
-    forward = _eager_frame(VeraFxModel.forward.__wrapped__)  # a wrapper of its own: the signature is the class's
+    base = VeraFxModel.forward  # a function of its own (same code, which dynamo skips): the signature is the class's
+    forward = types.FunctionType(base.__code__, base.__globals__, base.__name__, base.__defaults__, base.__closure__)
+    forward.__dict__.update(base.__dict__)  # dynamo's markers
+    forward.__qualname__, forward.__doc__ = base.__qualname__, base.__doc__
     forward.__signature__ = params  # type: ignore[attr-defined]
     return type(f"VeraFx{base_cls.__name__}", (VeraFxModel,), {"forward": forward, "__module__": __name__,
                                                                 "__reduce_ex__": VeraFxModel.__reduce_ex__})
