@@ -15,12 +15,7 @@ import vera_fx
 from conftest import text_inputs, tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest: dynamo's caches and counters reset per test
 
 
 def _mlp_object(seed: int, **kw) -> tuple[vera_fx.VeraFxModel, torch.Tensor]:
