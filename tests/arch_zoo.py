@@ -151,7 +151,7 @@ BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {a.name: a.build for a in A
 
 METHODS = ("vera", "pvera")
 TARGETS = ("attention", "all-linear")
-# step: one plain SGD step (lr 1) of both models; the outputs after it, relative (|a - b| / (1 + |b|)); moved: how
+# step: one plain gradient step of both models (learning rate: PEFT's largest gradient moves by 0.1); the outputs after it, relative (|a - b| / (1 + |b|)); moved: how
 # far the step moved our outputs (a step that moves nothing would prove nothing). AdamW's first step divides each
 # gradient by its own magnitude, so a lambda whose gradient is float noise (|g| near eps) moves by a different
 # lr-sized amount in the two libraries: it compares the noise, not the gradients.
@@ -234,9 +234,14 @@ def run_row(arch: Arch, method: str, targets: str, folder: str, generate: bool =
     if generate and generates(arch):
         row["generate"] = _same_generation(ours, pm, kw)
     for mod in (ours, pm):
-        opt = torch.optim.SGD([p for p in mod.parameters() if p.requires_grad], lr=1.0)
         _loss(mod(**kw)).backward()
-        opt.step()
+    # one plain gradient step whose largest change is 0.1 (the same learning rate for both, from PEFT's gradients)
+    lr = 0.1 / max(float(p.grad.abs().max()) for p in pm.parameters() if p.requires_grad and p.grad is not None)
+    with torch.no_grad():
+        for mod in (ours, pm):
+            for p in mod.parameters():
+                if p.requires_grad and p.grad is not None:
+                    p -= lr * p.grad
     after, theirs_after = main_output(ours(**kw)), main_output(pm(**kw))
     row["step"] = float(((after - theirs_after).abs() / (1 + theirs_after.abs())).max().detach())
     row["moved"] = _diff(after, out)
