@@ -151,7 +151,8 @@ BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {a.name: a.build for a in A
 
 METHODS = ("vera", "pvera")
 TARGETS = ("attention", "all-linear")
-# step: one plain gradient step of both models (learning rate: PEFT's largest gradient moves by 0.1); the outputs after it, relative (|a - b| / (1 + |b|)); moved: how
+# step: one plain gradient step of both models (learning rate: the parameter of PEFT's largest gradient moves by
+# 0.01); the outputs after it, relative (|a - b| / (1 + |b|)); moved: how
 # far the step moved our outputs (a step that moves nothing would prove nothing). AdamW's first step divides each
 # gradient by its own magnitude, so a lambda whose gradient is float noise (|g| near eps) moves by a different
 # lr-sized amount in the two libraries: it compares the noise, not the gradients.
@@ -235,8 +236,8 @@ def run_row(arch: Arch, method: str, targets: str, folder: str, generate: bool =
         row["generate"] = _same_generation(ours, pm, kw)
     for mod in (ours, pm):
         _loss(mod(**kw)).backward()
-    # one plain gradient step whose largest change is 0.1 (the same learning rate for both, from PEFT's gradients)
-    lr = 0.1 / max(float(p.grad.abs().max()) for p in pm.parameters() if p.requires_grad and p.grad is not None)
+    # one plain gradient step whose largest change is 0.01 (the same learning rate for both, from PEFT's gradients)
+    lr = 0.01 / max(float(p.grad.abs().max()) for p in pm.parameters() if p.requires_grad and p.grad is not None)
     with torch.no_grad():
         for mod in (ours, pm):
             for p in mod.parameters():
