@@ -350,28 +350,6 @@ def test_a_constant_keyword_that_costs_a_graph_per_value_is_said_once(llama, cap
     assert "output_hidden_states changed value" in said[0] and "slots left" in said[0]
 
 
-def test_first_calls_of_a_new_signature_from_four_threads_capture_once():
-    m = vera_fx.transform(tiny_llama(), vera_fx.VeraConfig(r=4, target_modules=["q_proj"])).eval()
-    ids = torch.randint(0, 96, (2, 6))
-    results, errors = [], []
-
-    def call():
-        try:
-            with torch.no_grad():
-                results.append(m(input_ids=ids, output_attentions=True).logits)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=call) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(results) == 4
-    assert m.num_graphs == 2
-    assert all(torch.equal(r, results[0]) for r in results)
-
-
 # --- 5. the unclear errors, now clear --------------------------------------------------------------------
 
 def test_unclear_errors_name_the_argument_value_and_fix(llama):
