@@ -186,6 +186,40 @@ def test_switching_back_and_forth_builds_nothing_new(two_adapters):
     assert grown < 5 * 2**20, f"RSS grew by {grown / 2**20:.1f} MB over 1,000 switches"
 
 
+@pytest.mark.parametrize("layers", [2, 6])
+def test_a_switch_to_a_state_seen_before_binds_nothing(layers, monkeypatch):
+    """Along model depth: once every state was seen, switching (set_adapter, disable / enable) attaches no graph
+    again, so a switch costs the same at any depth. A merge makes new base tensors (copy-on-merge): the graphs
+    are bound to them, and to the originals again after unmerge (the outputs after each switch are the
+    state's)."""
+    cfg = dict(r=8, target_modules=["q_proj", "v_proj"], init_weights=False)
+    m = vera_fx.transform(tiny_llama(num_hidden_layers=layers), vera_fx.VeraConfig(**cfg))
+    vera_fx.add_adapter(m, "b", vera_fx.VeraConfig(**cfg))
+    _randomise(m, 1)
+    m.eval()
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(0))
+    calls = [dict(input_ids=ids), dict(input_ids=ids, output_hidden_states=True)]
+    steps = {"b": lambda: vera_fx.set_adapter(m, "b"), "default": lambda: vera_fx.set_adapter(m, "default"),
+             "disable": m.disable_adapter_layers, "enable": m.enable_adapter_layers,
+             "merge": lambda: vera_fx.merge(m), "unmerge": lambda: vera_fx.unmerge(m)}
+    with torch.no_grad():
+        refs = {}
+        for name, step in steps.items():  # every state seen once, with its reference outputs
+            step()
+            refs[name] = [m(**kw).logits.clone() for kw in calls]
+        attached: dict[str, int] = {}
+        real_attach = vera_fx.model.attach_adapters
+        for _ in range(3):
+            for name, step in steps.items():
+                step()
+                monkeypatch.setattr(vera_fx.model, "attach_adapters", lambda *a, _n=name, **k: attached.update(
+                    {_n: attached.get(_n, 0) + 1}) or real_attach(*a, **k))
+                for kw, ref in zip(calls, refs[name]):
+                    torch.testing.assert_close(m(**kw).logits, ref, atol=1e-6, rtol=0)
+    assert not {k: v for k, v in attached.items() if k not in ("merge", "unmerge")}, attached
+    assert attached.get("merge"), "the new merged weights were not bound"
+
+
 def test_a_graph_edited_outside_forgets_its_versions(two_adapters):
     """Gradient checkpointing rewrites the block calls: switching afterwards must keep that rewrite."""
     m = two_adapters

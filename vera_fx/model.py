@@ -42,7 +42,7 @@ from .example_inputs import ExampleInputs
 from .config import AdapterConfig, as_config
 from .methods import CONTAINER, method_for
 from .keywords import describe_key, say_constant_changes
-from .passes.attach import attach_adapters, state_fingerprint
+from .passes.attach import attach_adapters, base_stamp, state_fingerprint
 from .passes.match import MatchPass
 from .serving import mixed_adapter_forward
 from .signatures import (CallKey, call_key, capture_example, example_call, forward_parameters, normalise_call,
@@ -296,7 +296,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
             blockwise.gradient_checkpointing_enable(gm)
         fp = state_fingerprint(self._source)
         attach_adapters(gm, self._source)
-        gm.meta[_FINGERPRINT] = fp
+        gm.meta[_FINGERPRINT] = self._binding(gm, fp)
         self._store(key, gm)
         return gm
 
@@ -310,6 +310,11 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
                     return self._capture(key, call)
         return self._fresh(graphs[0], variant=False)
 
+    def _binding(self, gm: GraphModule, fp: tuple) -> tuple:
+        """What ``gm`` is bound to: the adapter structure (``fp``) and the identities of the base tensors of the
+        source and of ``gm`` (twins of one graph share leaf modules, so binding one can change another's)."""
+        return fp, base_stamp(self._source), base_stamp(gm)
+
     def _fresh(self, gm: GraphModule, variant: bool = True) -> GraphModule:
         """``gm`` (with ``variant``: its inference twin for an inference call) bound to the current adapter state
         (the caller holds the state's read lock, so the state cannot change meanwhile; a graph is refreshed by
@@ -317,11 +322,18 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         fp = state_fingerprint(self._source)  # once per call: the twin key and the attach check
         if variant:
             gm = self._variant(gm, fp)
-        if gm is not self._source and gm.meta.get(_FINGERPRINT) != fp:
-            with self._build_lock:
-                if gm.meta.get(_FINGERPRINT) != fp:
-                    attach_adapters(gm, self._source, gm.meta.get(_FINGERPRINT))
-                    gm.meta[_FINGERPRINT] = fp
+        if gm is not self._source:
+            try:
+                current = gm.meta.get(_FINGERPRINT) == self._binding(gm, fp)
+            except RuntimeError:  # another thread is binding a graph that shares leaf modules with this one
+                current = False
+            if not current:
+                with self._build_lock:
+                    was, now = gm.meta.get(_FINGERPRINT), self._binding(gm, fp)
+                    if was != now:
+                        attach_adapters(gm, self._source, was[0] if was else None,
+                                        rebind=was is None or was[1:] != now[1:])
+                        gm.meta[_FINGERPRINT] = self._binding(gm, fp)
         if gm.training != self._source.training:
             gm.train(self._source.training)
         return gm

@@ -195,9 +195,8 @@ class GraphVariants:
                 built[key] = twin
                 while len(built) > TWIN_LIMIT:
                     built.popitem(last=False)
-        if next(reversed(built)) != key:  # a switch back to a structure seen before: bind its tensors again
-            built.move_to_end(key)       # (merged weights and ``.to()`` copies are new objects); nodes are kept
-            twin.meta.pop(FINGERPRINT_KEY, None)
+        if next(reversed(built)) != key:  # a switch back to a structure seen before: its nodes are kept, its
+            built.move_to_end(key)       # tensors bound again if the base changed meanwhile (``base_stamp``)
         if twin.training != self._source.training:  # the modes as the source's (the twin's flags are its own)
             twin.train(self._source.training)
         flag = adapters_training(self._source)

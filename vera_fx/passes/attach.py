@@ -19,6 +19,7 @@ the source changed (``set_adapter``, ``merge``, ...) rebuilds it without a new c
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Optional
 
 import torch
@@ -38,6 +39,39 @@ def state_fingerprint(gm: GraphModule) -> tuple:
     deleted, the active list, disabled, merged, lowering). Sampling switches and values are read at run time."""
     names = tuple((n, id(s)) for n, s in adapters_of(gm).items())
     return names, adapter_flags(gm).key()
+
+
+class _Slots:
+    """Every ``_modules`` / ``_parameters`` / ``_buffers`` dict of a tree (adapter containers left out), to read
+    the identities of its tensors and modules without a ``named_modules`` walk."""
+
+    def __init__(self, root: torch.nn.Module) -> None:
+        self.dicts: list[dict] = []
+        todo = [root]
+        while todo:
+            mod = todo.pop()
+            self.dicts += [mod._modules, mod._parameters, mod._buffers]
+            todo += [c for k, c in mod._modules.items() if c is not None and k != CONTAINER]
+        self.stamp = self.read()
+
+    def read(self) -> tuple:
+        return tuple(id(v) for d in self.dicts for v in d.values())
+
+
+_SLOTS: "weakref.WeakKeyDictionary[GraphModule, _Slots]" = weakref.WeakKeyDictionary()
+
+
+def base_stamp(source: GraphModule) -> tuple:
+    """A value that changes whenever a base tensor or module of ``source``'s tree is replaced (a merge, a load,
+    ``.to()``, an assignment): the identities of every module, parameter and buffer below it, adapter state
+    left out. Reads the tree's dicts (tens of microseconds), walks the tree again only after a change."""
+    slots = _SLOTS.get(source)
+    if slots is not None:
+        now = slots.read()
+        if now == slots.stamp:
+            return now
+    slots = _SLOTS[source] = _Slots(source)
+    return slots.stamp
 
 
 def strip_adapters(gm: GraphModule) -> int:
@@ -104,16 +138,26 @@ def _route_modules_to_save(gm: GraphModule, source: GraphModule) -> None:
                 n.target = target
 
 
-def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple] = None) -> GraphModule:
+def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple] = None,
+                    rebind: bool = True) -> GraphModule:
     """Make ``gm`` (captured and matched from the same model as ``source``) compute what ``source`` computes,
     over ``source``'s adapter state; returns ``gm``, changed in place. ``before``: the source's
-    ``state_fingerprint`` ``gm`` was attached at last (None: never). Tensors are bound every time; the adapter
-    nodes come from the tree's version for the source's state when one was built (``GraphVersions``)."""
+    ``state_fingerprint`` ``gm`` was attached at last (None: never); ``rebind``: bind the base tensors again
+    (False: the caller knows none was replaced since, ``base_stamp``). The adapter states are registered again
+    only when they changed; the adapter nodes come from the tree's version for the source's state when one was
+    built (``GraphVersions``)."""
     container = getattr(source, CONTAINER, None)
+    fp = state_fingerprint(source)
+    same_states = (before is not None and container is not None and before[0] == fp[0]
+                   and gm._modules.get(CONTAINER) is container)
+    rebound = _rebind(gm, source) if rebind or before is None else 0
+    if same_states:
+        container.versions.switch(gm, graph_modules(gm), before, fp, lambda: _emit_like(gm, source))
+        _follow_modes(gm, source)
+        return gm
     for g in graph_modules(gm)[1:]:  # stale block views of an earlier attach
         if CONTAINER in g._modules:
             del g._modules[CONTAINER]
-    rebound = _rebind(gm, source)
     if container is None:
         gm._modules.pop(CONTAINER, None)
         strip_adapters(gm)
@@ -122,12 +166,19 @@ def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple
     gm.add_module(CONTAINER, container)
     for name, state in container.items():  # the same states; views of them in gm's own blocks
         attach_state(gm, name, state)
-    container.versions.switch(gm, graph_modules(gm), before, state_fingerprint(source),
-                              lambda: _emit_like(gm, source))
-    gm.train(source.training)
-    set_adapters_training(gm, adapters_training(source))  # the adapters' own flag may differ (vera_fx/state.py)
+    container.versions.switch(gm, graph_modules(gm), before, fp, lambda: _emit_like(gm, source))
+    _follow_modes(gm, source, force=True)
     logger.debug("attach: %d tensors rebound", rebound)
     return gm
+
+
+def _follow_modes(gm: GraphModule, source: GraphModule, force: bool = False) -> None:
+    """The source's train / eval mode (``force``: set on every module even where the root agrees), and its
+    adapters' own flag (which may differ: vera_fx/state.py)."""
+    if force or gm.training != source.training:
+        gm.train(source.training)
+    if force or adapters_training(gm) != adapters_training(source):
+        set_adapters_training(gm, adapters_training(source))
 
 
 def _emit_like(gm: GraphModule, source: GraphModule) -> None:
