@@ -4,6 +4,19 @@ choices (exact; an even thinning only past ``max_states`` states)."""
 
 from __future__ import annotations
 
+from typing import Any, Callable, TypeVar
+
+State = TypeVar("State", bound=tuple)
+
+
+def pareto(states: list[State], key: Callable[[State], Any]) -> list[State]:
+    """The ``(work, saved, ...)`` states that save more than every cheaper one, in ``key`` order (ties by ``key``)."""
+    best: list[State] = []
+    for st in sorted(states, key=key):
+        if not best or st[1] > best[-1][1]:
+            best.append(st)
+    return best
+
 
 def _frontier(groups: list[list[tuple[int, int]]], limit: int, max_states: int
               ) -> tuple[list[tuple[int, int, int, int]], list[list[tuple[int, int, int, int]]]]:
@@ -17,11 +30,7 @@ def _frontier(groups: list[list[tuple[int, int]]], limit: int, max_states: int
     for k, options in enumerate(groups):
         grown = [(w + ow, s + os, si, oi) for si, (w, s, _, _) in enumerate(frontier)
                  for oi, (ow, os) in enumerate(options) if w + ow + rest[k + 1] <= limit]
-        grown.sort(key=lambda st: (st[0], -st[1]))
-        frontier = []
-        for st in grown:  # keep a state only if it saves more than every cheaper one
-            if not frontier or st[1] > frontier[-1][1]:
-                frontier.append(st)
+        frontier = pareto(grown, lambda st: (st[0], -st[1]))
         if len(frontier) > max_states:  # a pathological case: an even thinning of the frontier (the best kept)
             frontier = frontier[::-(-len(frontier) // max_states)] + frontier[-1:]
         stages.append(frontier)
