@@ -41,10 +41,9 @@ _QUANT_PARAMS = ("Int8Params", "Params4bit")
 
 
 def _bnb_base(cls: type, names: tuple[str, ...]) -> Optional[str]:
-    for c in cls.__mro__:
-        if c.__name__ in names and c.__module__.split(".")[0] == "bitsandbytes":
-            return c.__name__
-    return None
+    """The first of ``names`` among ``cls``'s bitsandbytes bases."""
+    return next((c.__name__ for c in cls.__mro__
+                 if c.__name__ in names and c.__module__.split(".")[0] == "bitsandbytes"), None)
 
 
 def is_quantized_layer(module: nn.Module) -> bool:
@@ -159,9 +158,7 @@ def _refuse_packed_weight(path: str, module: nn.Module, args: tuple) -> None:
 def _own_dicts(layer: nn.Module) -> nn.Module:
     """A shallow copy of ``layer`` with its own parameter, buffer, module and hook dicts."""
     new = copy.copy(layer)
-    for key, value in vars(layer).items():
-        if isinstance(value, dict):
-            new.__dict__[key] = copy.copy(value)
+    new.__dict__.update({key: copy.copy(value) for key, value in vars(layer).items() if isinstance(value, dict)})
     return new
 
 
@@ -195,8 +192,7 @@ def restore_quantized(gm: GraphModule, layers: dict[str, nn.Module]) -> int:
     if not layers:
         return 0
     graph = gm.graph
-    count = 0
-    dead: list[Node] = []
+    dead: list[Node] = []  # the stand-ins' weight nodes
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not aten.linear.default:
             continue
@@ -215,11 +211,9 @@ def restore_quantized(gm: GraphModule, layers: dict[str, nn.Module]) -> int:
             key = list(stack)[-1]
             stack[key] = (stack[key][0], f"{type(layer).__module__}.{type(layer).__qualname__}")
             call.meta["nn_module_stack"] = stack
-        weight_node = node.args[1]
+        dead.append(node.args[1])
         node.replace_all_uses_with(call)
         graph.erase_node(node)
-        dead.append(weight_node)
-        count += 1
     erased: set[Node] = set()
     for n in dead:  # the stand-in's weight (and a cast of it, and export's checks of it), once unread
         while isinstance(n, Node) and n not in erased:
@@ -241,8 +235,8 @@ def restore_quantized(gm: GraphModule, layers: dict[str, nn.Module]) -> int:
     for path, layer in layers.items():
         set_layer(gm, path, _graph_copy(path, layer))
     graph.lint()
-    logger.info("quantized: %d bitsandbytes calls kept opaque (%d layers)", count, len(layers))
-    return count
+    logger.info("quantized: %d bitsandbytes calls kept opaque (%d layers)", len(dead), len(layers))
+    return len(dead)
 
 
 def recognise(node: Node) -> Optional[Candidate]:

@@ -57,15 +57,11 @@ class SiteTree(nn.Module):
 
     def all_parameters(self) -> list[nn.Parameter]:
         """The parameters of this tree's sites, registered here or linked (held by a block's view), each once."""
-        found: dict[int, nn.Parameter] = {}
+        params: list[nn.Parameter] = []
         for child in [*self._modules.values(), *(self.__dict__.get("_links") or {}).values()]:
-            params = child.all_parameters() if isinstance(child, SiteTree) else child.parameters()
-            for p in params:
-                found.setdefault(id(p), p)
-        for p in self._parameters.values():
-            if p is not None:
-                found.setdefault(id(p), p)
-        return list(found.values())
+            params += child.all_parameters() if isinstance(child, SiteTree) else child.parameters()
+        params += [p for p in self._parameters.values() if p is not None]
+        return list({id(p): p for p in params}.values())
 
 
 class AdapterState(nn.Module):
@@ -119,17 +115,15 @@ class AdapterState(nn.Module):
     def named_site_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(``<site>.<param>``, parameter) for every site, registered here or in a block's view."""
         for site in self.site_names:
-            for pname, p in self.site_module(site)._parameters.items():
-                if p is not None:
-                    yield f"{site}.{pname}", p
+            for pname, p in self.site_parameters(site).items():
+                yield f"{site}.{pname}", p
 
     def lambda_parameters(self) -> list[nn.Parameter]:
         """Every site's parameters, each once."""
         return [p for _, p in self.named_site_parameters()]
 
     def site_parameters(self, site: str) -> dict[str, nn.Parameter]:
-        mod = self.site_module(site)
-        return {k: v for k, v in mod._parameters.items() if v is not None}
+        return {k: v for k, v in self.site_module(site)._parameters.items() if v is not None}
 
     def site_target(self, adapter_name: str, site: str, param: str) -> str:
         return f"{CONTAINER}.{adapter_name}.sites.{site or '_root'}.{param}"
@@ -201,7 +195,7 @@ class Emitter:
         # node names relative to the block (if any), so every layer's generated code is the same
         prefix = block_prefix(graph.owning_module) if graph.owning_module is not None else ""
         rel = site.name[len(prefix) + 1:] if prefix and site.name.startswith(prefix + ".") else site.name
-        self.relative_site = rel  # '' when the block is the site
+        self.relative_site = rel  # the site's path inside its block
         self.ident = f"{rel.replace('.', '_').replace('-', '_') or 'root'}_{adapter}"
         self.nodes: dict[str, Node] = {}  # the nodes emitted, by name: what the lower pass rewrites
 

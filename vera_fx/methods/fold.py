@@ -1,22 +1,16 @@
 """The weight path's site call: the base linear and its VeRA adapter as one autograd function.
 
-A VeRA site computes ``y = x W.T + bias + (h * lambda_d) @ (lambda_b * B).T`` with ``h = x @ A.T``, i.e. ``y = x (W +
-M @ A).T + bias`` with ``M = lambda_b * B * lambda_d`` (out x r). Per call, from its ``T = x.numel() / in`` tokens:
+``y = x W.T + bias + (h * lambda_d) @ (lambda_b * B).T`` with ``h = x @ A.T`` is ``x (W + M @ A).T + bias`` with ``M
+= lambda_b * B * lambda_d`` (out x r). With ``T >= in`` tokens (float32 / float64 weights) forward folds ``W' = W +
+M @ A`` (out r in multiply-adds instead of T r out) and backward folds again, or reuses ``W'`` (``keep``), for
+``d x = g @ W'``: the adapter's share of the input gradient is free and the group's ``d h @ A`` is skipped. With
+fewer tokens (decoding) it is the base linear plus one ``addmm`` of ``h`` against ``M.T``. Backward keeps only
+``h`` (and ``x`` where the base weight or bias trains); the lambdas' gradients come from one ``g.T @ h`` product.
+Under autocast it is the plain ops (a fold in half precision would round ``dW`` away against ``W``).
 
-- ``T >= in`` (a float32 / float64 weight): forward folds ``W' = W + M @ A`` (out r in multiply-adds instead of
-  T r out) and runs one linear; backward folds again (or reuses ``W'`` with ``keep``: out x in values, no more
-  than the plain path's ``u``) and computes ``d x = g @ W'``: the adapter's share of the input gradient is free,
-  ``h`` gets none, so the group's ``d h @ A`` is skipped too;
-- ``T < in`` (decoding): the base linear plus one ``addmm`` of ``h`` against ``M.T``; ``d h = g @ M``.
-
-Backward keeps only ``h`` (and ``x`` where the base weight or bias trains); the lambdas' gradients come from one
-out x r product ``g.T @ h`` (``lean.vera_grads``). Under autocast the forward is the plain ops (a fold in half
-precision would round ``dW`` away against ``W``) and the base's input gradient is taken in the autocast dtype.
-
-In the graph: ``fold = weight_fold(W, h, A, B, lambda_d, lambda_b, keep)`` (the adapter's output node, a bundle)
-and ``y = weight_site(x, fold, bias)``; with the fold node replaced by ``W`` (adapter removed) ``weight_site`` is
-the plain linear and ``restore_linear`` gives the node its ``aten.linear`` back. GPT-2's Conv1D
-(``addmm(bias, view(x), W)``, W stored (in, out)) is the same call on ``W.T``: ``weight_site_t(bias, view(x), fold)``.
+In the graph: ``fold = weight_fold(W, h, A, B, lambda_d, lambda_b, keep)`` (the adapter's output node, a bundle),
+``y = weight_site(x, fold, bias)`` (GPT-2's Conv1D: ``weight_site_t(bias, view(x), fold)`` on ``W.T``); with the
+fold replaced by ``W`` (adapter removed) it is the plain linear, and ``restore_linear`` gives the node it back.
 """
 
 from __future__ import annotations

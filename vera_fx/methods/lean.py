@@ -1,25 +1,23 @@
-"""The memory-lean adapter tail: ``vera_fx::lean_add`` and ``vera_fx::pvera_kl``, custom ops with their own
-backward, used by the lower pass (and the adapter math the fused and weight paths share).
+"""The memory-lean adapter tail, ``vera_fx::lean_add``, and PVeRA's KL term, ``vera_fx::pvera_kl``: custom ops with
+their own backward (and the adapter math the fused and weight paths share).
 
-The plain path of a site is ``z = f(h * lambda_d)``, ``u = z @ B.T``, ``y + u * lambda_b`` with ``h = x @ A.T``
-shared by the sites that read ``x``; autograd keeps ``h * lambda_d``, ``z`` and ``u`` (out values per token) per
-site. ``lean_add`` computes the same ``y + delta`` as one ``addmm`` against ``lambda_b * B`` (``* lambda_d`` too
-for VeRA) and keeps only ``h`` (stored once per group) and PVeRA's noise ``eps`` (backward uses the forward's
-draw exactly). Backward, with ``g = d loss / d output`` summed over the token dimensions, ``hd = h * lambda_d``:
+``lean_add`` computes a site's ``y + lambda_b * (z @ B.T)`` as one ``addmm`` against ``lambda_b * B`` (``*
+lambda_d`` too for VeRA) and keeps only ``h = x @ A.T`` (stored once per group) and PVeRA's noise ``eps``, where
+the plain path keeps ``h * lambda_d``, ``z`` and ``u = z @ B.T`` per site. Backward, with ``g = d loss / d output``
+summed over the token dimensions and ``hd = h * lambda_d``:
 
 - VeRA: ``z = hd``. PVeRA: ``mu, lv = hd[..., :r], hd[..., r:]``, ``s = exp(lv / 2)``, ``z = mu + eps * s``;
 - ``d lambda_b[o] = sum_k B[o, k] * M[o, k]`` with ``M = g.T @ z`` (out x r): one extra token x r x out product
   instead of keeping ``u`` (VeRA: ``M = g.T @ h`` against ``B * lambda_d``);
 - ``gz = g @ (lambda_b * B)``; ``d hd = gz`` (VeRA); ``d mu = gz``, ``d lv = gz * eps * s / 2`` (PVeRA);
-- ``d lambda_d = sum_t d hd * h``, ``d h = d hd * lambda_d``. For VeRA ``M`` gives ``d lambda_d = sum_o
-  (lambda_b * B) * M`` and ``d h = g @ (lambda_b * B * lambda_d)``: no tokens x r pass besides the products.
+- ``d lambda_d = sum_t d hd * h``, ``d h = d hd * lambda_d``; for VeRA ``d lambda_d = sum_o (lambda_b * B) * M``
+  and ``d h = g @ (lambda_b * B * lambda_d)``: no tokens x r pass besides the products.
 
-``pvera_kl`` is PVeRA's KL term from the same ``h`` and ``lambda_d`` (float32): ``kl = -0.5 * mean(1 + lv - mu^2 -
-exp(lv))``, ``d mu = g * mu / N``, ``d lv = -0.5 * g * (1 - exp(lv)) / N`` (``N = mu.numel()``); it keeps ``h`` and
-``lambda_d`` where the plain path keeps ``hd`` and ``exp(lv)``. With ``register_autograd`` both stay single nodes
-under torch.compile(fullgraph=True). An eager step (and a compiled ``auto`` site) runs the same forward and
-backward as an autograd.Function (``lean_site``); eagerly it keeps ``es = eps * s`` instead of ``eps``, so
-backward forms ``z`` with one add, no exp.
+``pvera_kl`` = ``-0.5 * mean(1 + lv - mu^2 - exp(lv))`` in float32, ``d mu = g * mu / N``, ``d lv = -0.5 * g * (1 -
+exp(lv)) / N``: it keeps ``h`` and ``lambda_d`` where the plain path keeps ``hd`` and ``exp(lv)``. With
+``register_autograd`` both stay single nodes under torch.compile(fullgraph=True); ``lean_site`` runs the same
+forward and backward as an autograd.Function in an eager step (keeping ``es = eps * s``, so backward forms ``z``
+without an exp) and for the sites ``auto`` lowered under torch.compile (traced, so inductor fuses them).
 """
 
 from __future__ import annotations

@@ -37,10 +37,10 @@ KL_RECORD = "pvera_kl"
 BLOCK_KL_RECORDS = "pvera_kl_blocks"  # root state: block path -> that block's KLRecord
 
 
-def site_seed(seed: int, site: str) -> int:
-    """The seed of one site's noise stream: a stable 63-bit hash of ``(seed, site name)``."""
+def _stream_state(seed: int, site: str) -> Tensor:
+    """The start of one site's noise stream: a CPU generator seeded with a stable 63-bit hash of ``(seed, site)``."""
     digest = hashlib.sha256(f"{seed}:{site}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1).get_state()
 
 
 class KLRecord:
@@ -162,8 +162,7 @@ class LazyKL:
     def __init__(self, h: Tensor, lambda_d: Tensor, r: int) -> None:
         self._h: Optional[Tensor] = h
         self._lambda_d: Optional[Tensor] = lambda_d
-        self._r = r
-        self._value: Optional[Tensor] = None
+        self._r, self._value = r, None
 
     def value(self) -> Tensor:
         if self._value is not None:
@@ -178,22 +177,15 @@ class LazyKL:
         return f"LazyKL({'computed' if self._value is not None else 'pending'})"
 
 
-def _compute_kl_now() -> bool:
-    """Whether a lean site's KL term is computed in the forward: while torch.compile traces, when saved tensors go
-    through hooks (checkpointing, offloading: a lazy term would keep the ``h`` they drop) or inside backward."""
-    return torch.compiler.is_compiling() or saved_tensors_hooks_active() or backward_running()
-
-
 @has_side_effect
 def pvera_record_kl(mu: Tensor, logvar: Tensor, record: KLRecord, key: str, lean_r: Optional[int] = None) -> None:
     """Store ``mean(-0.5 * (1 + logvar - mu^2 - exp(logvar)))`` (float32) for this call. With ``lean_r`` (lean and
     fused sites) the arguments are ``h`` and ``lambda_d`` (``mu, logvar``: halves of their product) and the term
-    a ``LazyKL``, unless ``_compute_kl_now``."""
+    a ``LazyKL``, except where it is computed now: while torch.compile traces, when saved tensors go through
+    hooks (checkpointing, offloading: a lazy term would keep the ``h`` they drop) or inside backward."""
     if lean_r is not None:
-        if _compute_kl_now():
-            record.values[key] = pvera_kl(mu, logvar, lean_r)
-        else:
-            record.values[key] = LazyKL(mu, logvar.clone(), lean_r)
+        now = torch.compiler.is_compiling() or saved_tensors_hooks_active() or backward_running()
+        record.values[key] = pvera_kl(mu, logvar, lean_r) if now else LazyKL(mu, logvar.clone(), lean_r)
         return
     mu, logvar = mu.float(), logvar.float()
     record.values[key] = -0.5 * torch.mean(1.0 + logvar - mu.pow(2) - logvar.exp())
@@ -244,8 +236,7 @@ class PveraMethod(Method):
             on = wanted.get(site, False) if isinstance(wanted, dict) else bool(wanted)
             setattr(mod, SAMPLE_SWITCH, on)
             if cfg.generator_seed is not None:
-                seed_state = torch.Generator(device="cpu").manual_seed(site_seed(cfg.generator_seed, site))
-                mod.register_buffer(GENERATOR_STATE, seed_state.get_state(), persistent=False)
+                mod.register_buffer(GENERATOR_STATE, _stream_state(cfg.generator_seed, site), persistent=False)
         setattr(state, NOISE_GROUPS, 1)
         setattr(state, KL_RECORD, KLRecord())
         state.switches["sample_at_inference"] = {s: getattr(state.site_module(s), SAMPLE_SWITCH)
@@ -272,5 +263,4 @@ def reseed_state(state: AdapterState, seed: int) -> None:
     for site in state.site_names:
         mod: nn.Module = state.site_module(site)
         if GENERATOR_STATE in mod._buffers:
-            fresh = torch.Generator(device="cpu").manual_seed(site_seed(seed, site)).get_state()
-            mod._buffers[GENERATOR_STATE].copy_(fresh)
+            mod._buffers[GENERATOR_STATE].copy_(_stream_state(seed, site))

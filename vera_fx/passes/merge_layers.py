@@ -1,13 +1,8 @@
-"""What a merge swaps in a graph and how it is undone: the adapters' summed update, weight tensors,
-bitsandbytes layers, the merge records and the rollback.
-
-A dense site is merged by installing a new tensor ``W + ΔW`` at its weight's name (vera_fx/passes/merge.py). A
-bitsandbytes site (int8 / nf4 / fp4) is merged as PEFT merges into 8-bit and 4-bit layers, into a NEW layer:
-the graph's layer dequantized, plus ΔW in float32, quantized again (vera_fx/quantized.py) and installed at the
-site's path. The replaced tensor or layer (which shares storage with the user's model) is kept in the adapter
-set's ``flags.folded`` record (``Folded``) and put back by unmerge, exactly. Requantizing rounds: each site's
-rounding error (max |merged - unmerged| output on a probe) is logged next to the size of the update.
-``Rollback`` restores graphs, tensors, layers and records when a merge or unmerge fails half-way.
+"""What a merge swaps in a graph and how it is undone: a dense site gets a new tensor ``W + ΔW`` at its
+weight's name (vera_fx/passes/merge.py); a bitsandbytes site, as in PEFT, a NEW layer: the graph's layer
+dequantized, plus ΔW in float32, quantized again (each site's rounding error is logged next to the size of the
+update). The replaced tensor or layer (sharing storage with the user's model) is kept in ``flags.folded``
+(``Folded``) and put back exactly by unmerge; ``Rollback`` restores everything when a merge or unmerge fails.
 """
 
 from __future__ import annotations
@@ -29,8 +24,7 @@ from ..versions import adapter_flags
 
 logger = logging.getLogger(__name__)
 
-# A quantized site to merge: (the site, the adapters to add, the layer to dequantize).
-LayerPlan = tuple[Site, tuple[str, ...], nn.Module]
+LayerPlan = tuple[Site, tuple[str, ...], nn.Module]  # a quantized site, the adapters to add, its layer
 
 
 def get_tensor(module: nn.Module, qualname: str) -> torch.Tensor:
@@ -56,7 +50,7 @@ def like(old: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
 
 
 def is_layer_site(site: Site) -> bool:
-    """True for a site merged by replacing its layer (a bitsandbytes layer), not by adding to a tensor."""
+    """True for a site merged by replacing its (bitsandbytes) layer, not by adding to a tensor."""
     return site.kind in QUANTIZED_KINDS
 
 
@@ -122,9 +116,8 @@ def record_fold(folded: dict[str, Folded], weight: str, site: str, adapters: tup
 def merged_layers(gm: GraphModule, plans: list[LayerPlan], safe_merge: bool = False,
                   templates: Optional[dict[str, nn.Module]] = None,
                   biases: Optional[dict[str, torch.Tensor]] = None) -> dict[str, nn.Module]:
-    """Site weight qualname -> its merged layer, for every plan (nothing installed): the layer dequantized plus
-    the update, quantized like ``templates[path]`` (default: the planned layer; another layer's settings and
-    hooks) with ``biases[path]``. The rounding errors are logged: the largest at INFO, each site's at DEBUG."""
+    """Site weight qualname -> its merged layer (nothing installed), quantized like ``templates[path]`` (default:
+    the planned layer) with ``biases[path]``; rounding errors logged (the largest at INFO, each at DEBUG)."""
     out: dict[str, nn.Module] = {}
     worst: tuple[float, float, str] = (-1.0, 0.0, "")
     for site, adapters, layer in plans:
@@ -149,9 +142,8 @@ def merged_layers(gm: GraphModule, plans: list[LayerPlan], safe_merge: bool = Fa
 
 def baked_layers(model: nn.Module, gm: GraphModule, plans: list[LayerPlan],
                  safe_merge: bool) -> tuple[dict[str, nn.Module], list[str]]:
-    """For ``merge_into``: (layer path -> new layer for ``model``, problems). Every quantized site merged in
-    ``gm`` or planned gets a layer quantized from the graph's unmerged layer plus all its adapters' update
-    (one rounding), with ``model``'s own layer as the template (its settings and hooks) and the graph's bias."""
+    """For ``merge_into``: (layer path -> new layer for ``model``, problems). Every quantized site merged or planned
+    gets the graph's unmerged layer plus all its adapters' update (one rounding), like ``model``'s own layer."""
     merged = {w: rec for w, rec in adapter_flags(gm).folded.items() if rec.is_layer}
     by_weight = {site.weight: (site, adapters, layer) for site, adapters, layer in plans}
     sites = {s.weight: s for s in read_sites(gm)} if merged else {}
