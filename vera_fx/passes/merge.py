@@ -139,15 +139,6 @@ def _qualified(g: GraphModule, target: str) -> str:
     return f"{prefix}.{target}" if prefix else target
 
 
-def _drop_unused_training(gm: GraphModule) -> None:
-    """Erase the ``get_attr('training')`` / adapter-mode nodes when nothing reads them any more."""
-    for g in graph_modules(gm):
-        for n in list(g.graph.nodes):
-            if n.op == "get_attr" and n.target in ("training", ADAPTER_MODE_FLAG) and not n.users:
-                g.graph.erase_node(n)
-        g.recompile()
-
-
 class _GraphPass(PassBase):
     def ensures(self, graph_module: GraphModule) -> None:
         graph_module.graph.lint()
@@ -206,7 +197,11 @@ class MergePass(_GraphPass):
                 sites = {f.site.name for f in folds if a in f.adapters}
                 if sites:
                     remove_adapter_nodes(gm, a, sites)
-            _drop_unused_training(gm)
+            for g in graph_modules(gm):  # the training / adapter-mode flags nothing reads any more
+                for n in list(g.graph.nodes):
+                    if n.op == "get_attr" and n.target in ("training", ADAPTER_MODE_FLAG) and not n.users:
+                        g.graph.erase_node(n)
+                g.recompile()
             flags.merged, flags.folded = merged_meta, folded
             gm.graph.lint()
             gm.recompile()
