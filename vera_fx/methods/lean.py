@@ -180,10 +180,9 @@ class _LeanAdd(torch.autograd.Function):
 
 def lean_site(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor], r: int,
               probabilistic: bool, traced_when_compiled: bool) -> Tensor:
-    """A lean site's graph node: under torch.compile the opaque op, or, for a site ``auto`` made lean
-    (``traced_when_compiled``), ``_LeanAdd`` traced into the graph (the opaque op's unfused backward made a
-    compiled step slower than the plain chain's); ``_LeanAdd`` in an eager differentiable call on plain tensors
-    outside autocast; the op elsewhere (export, DTensor, autocast, no grad)."""
+    """A lean site's graph node: ``_LeanAdd`` in an eager differentiable call on plain tensors outside autocast,
+    and traced under torch.compile for a site ``auto`` made lean (the opaque op's unfused backward made a compiled
+    step slower than the plain chain's); the op elsewhere (export, DTensor, autocast, no grad, forced lean)."""
     if traced_when_compiled and torch.compiler.is_compiling():
         return _LeanAdd.apply(y, h, lambda_d, b, lambda_b, eps, r, probabilistic, False)
     if (torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(h.device.type)

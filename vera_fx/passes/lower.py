@@ -350,10 +350,9 @@ def _lower_weight(gm: GraphModule, c: Chain, keep: bool = False) -> None:
 
 def lower_adapters(gm: GraphModule, chains: list[Chain], setting: Optional[dict[str, Any]] = None,
                    recompile: bool = True) -> int:
-    """Lower ``chains`` (the plain chains just emitted into ``gm``'s own graph) by their groups' paths; returns how
-    many site calls changed. ``setting``: the root's (``lowering_setting``) unless given (a block gets its
-    root's); a graph built for inference gets the inference form (passes/infer.py), never a training plan. Only
-    the chains handed over are planned. Recompiles ``gm`` when anything changed, unless ``recompile=False``."""
+    """Lower ``chains`` (just emitted into ``gm``'s own graph) by their groups' paths; returns the site calls changed.
+    ``setting``: the root's unless given (a block gets its root's); a graph built for inference gets the inference
+    form (passes/infer.py). Recompiles ``gm`` when anything changed, unless ``recompile=False``."""
     if not chains:
         return 0
     setting = setting or lowering_setting(gm)
