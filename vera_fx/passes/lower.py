@@ -162,7 +162,9 @@ def extra_products(g: GroupShape, out: int, path: str) -> int:
 
 
 def path_costs(g: GroupShape) -> dict[str, int]:
-    """Multiply-adds of one step of the group's adapter work per path (every site on it) and PEFT's (``peft``)."""
+    """Multiply-adds of one step of the group's adapter work per path (every site on it) and PEFT's: ``peft`` ``sum
+    (2 T in rows + 2 T r out)``; activation and fused ``2 T in rows + sum 2 T r out`` (x·Aᵀ once per group); lean
+    ``+ sum T r out``; weight with ``T >= in`` ``T in rows + sum (2 out r in + T out r)`` (``kept``: one fold less)."""
     t, i, rows, r = g.tokens, g.in_features, g.rows, g.r
     b_side = sum(2 * t * r * o for o in g.outs)
     activation = 2 * t * i * rows + b_side
