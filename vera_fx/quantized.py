@@ -1,24 +1,15 @@
 """Quantized bases: bitsandbytes 8-bit and 4-bit linears as opaque ``call_module`` sites.
 
-torch.export cannot trace inside bitsandbytes' layers. Capture therefore swaps each one for a stand-in
-(a plain linear whose weight is one zero expanded to the layer's shape, so nothing is allocated) while
-exporting, restores the originals, then replaces every stand-in ``aten.linear`` node by a ``call_module`` node
-that calls a graph-owned shallow copy of the bnb layer (same quantized weight objects, its own parameter dicts
-and hooks, so the user's model is never touched). The match pass recognises those nodes as sites of kind
-``"int8"``, ``"nf4"`` or ``"fp4"``. The adapter computes in its lambdas' dtype (float32) and its output is
-cast back to the base output's dtype.
-
-Merging (as PEFT merges into bitsandbytes layers): ``dequantized_weight`` gives the layer's float weight,
-the merge adds the adapters' update in float32 and ``requantized`` quantizes the sum into a NEW layer of the
-same class and settings, as bitsandbytes quantizes a loaded weight; the old layer and its quantized weight
-objects are never written. ``rounding_error`` measures what the requantization costs on a probe input.
-
-4-bit copies never take bitsandbytes' CPU inference packing, which an eval forward otherwise applies to the
-shared weight in place: it rounds the scales to bfloat16 (eval would differ from training), fails with a bare
-reshape error when in_features is not a multiple of the blocksize, and its kernel has no backward.
-
-bitsandbytes stays optional: layers are recognised by class name and defining module, and bitsandbytes is
-imported only when a model holds such a layer.
+torch.export cannot trace inside bitsandbytes' layers, so capture swaps each for a stand-in (a linear whose
+weight is one zero expanded to the layer's shape) while exporting, then turns every stand-in call into a
+``call_module`` node of a graph-owned shallow copy of the layer (same quantized weights, its own parameter
+dicts and hooks: the user's model is never touched), which match recognises as a site of kind ``"int8"``,
+``"nf4"`` or ``"fp4"``. Merging (as PEFT does): ``dequantized_weight``, the update added in float32, and
+``requantized`` into a NEW layer of the same class and settings; ``rounding_error`` measures what that costs.
+4-bit copies never take bitsandbytes' CPU inference packing (an eval forward applies it to the shared weight in
+place: it rounds the scales to bfloat16, fails when in_features is not a multiple of the blocksize, and has no
+backward). bitsandbytes stays optional: layers are recognised by class name and package, and it is imported only
+for a model that holds such a layer.
 """
 
 from __future__ import annotations
@@ -50,10 +41,9 @@ _QUANT_PARAMS = ("Int8Params", "Params4bit")
 
 
 def _bnb_base(cls: type, names: tuple[str, ...]) -> Optional[str]:
-    for c in cls.__mro__:
-        if c.__name__ in names and c.__module__.split(".")[0] == "bitsandbytes":
-            return c.__name__
-    return None
+    """The first of ``names`` among ``cls``'s bitsandbytes bases."""
+    return next((c.__name__ for c in cls.__mro__
+                 if c.__name__ in names and c.__module__.split(".")[0] == "bitsandbytes"), None)
 
 
 def is_quantized_layer(module: nn.Module) -> bool:
@@ -80,7 +70,12 @@ def layer_kind(module: nn.Module, path: str = "") -> str:
     return quant_type
 
 
-def _require_bitsandbytes(layers: dict[str, nn.Module]) -> None:
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> bitsandbytes linear layer of ``model``; ImportError when bitsandbytes is missing, ValueError
+    (naming the layer and the fix) for a layer the graph cannot run as a frozen quantized base."""
+    layers = {path: m for path, m in model.named_modules(remove_duplicate=False) if path and is_quantized_layer(m)}
+    if not layers:
+        return layers
     try:
         importlib.import_module("bitsandbytes")
     except ImportError as e:
@@ -89,39 +84,32 @@ def _require_bitsandbytes(layers: dict[str, nn.Module]) -> None:
             f"the model holds {len(layers)} bitsandbytes layer(s) (e.g. {path!r}, a {type(layer).__name__}) but "
             f"bitsandbytes cannot be imported ({e}); install it with `pip install 'vera_fx[quant]'` "
             "(or `pip install bitsandbytes`), or load the model without a BitsAndBytesConfig") from e
-
-
-def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Module path -> bitsandbytes linear layer of ``model``; ImportError when bitsandbytes is missing."""
-    layers = {path: m for path, m in model.named_modules(remove_duplicate=False)
-              if path and is_quantized_layer(m)}
-    if layers:
-        _require_bitsandbytes(layers)
-        for path, layer in layers.items():
-            _check_layer(path, layer)
+    for path, layer in layers.items():
+        kind = layer_kind(layer, path)
+        if kind == "int8" and getattr(getattr(layer, "state", None), "has_fp16_weights", False):
+            raise ValueError(f"bitsandbytes layer {path!r} has has_fp16_weights=True (trainable half-precision "
+                             "weights); vera_fx adapts frozen int8 bases: load with llm_int8_has_fp16_weights=False "
+                             "(the default) or pass has_fp16_weights=False to Linear8bitLt")
+        if kind != "int8" and getattr(layer.weight, "quant_state", None) is None:
+            raise ValueError(f"bitsandbytes layer {path!r} ({type(layer).__name__}) is not quantized yet (its "
+                             f"weight is {layer.weight.dtype}); call .to(device) on the model or the layer first, "
+                             "which quantizes it")
     return layers
 
 
-def _check_layer(path: str, layer: nn.Module) -> None:
-    """Refuse layers the graph cannot run as a frozen quantized base, naming the layer and the fix."""
-    kind = layer_kind(layer, path)
-    if kind == "int8" and getattr(getattr(layer, "state", None), "has_fp16_weights", False):
-        raise ValueError(f"bitsandbytes layer {path!r} has has_fp16_weights=True (trainable half-precision "
-                         "weights); vera_fx adapts frozen int8 bases: load with llm_int8_has_fp16_weights=False "
-                         "(the default) or pass has_fp16_weights=False to Linear8bitLt")
-    if kind != "int8" and getattr(layer.weight, "quant_state", None) is None:
-        raise ValueError(f"bitsandbytes layer {path!r} ({type(layer).__name__}) is not quantized yet (its weight "
-                         f"is {layer.weight.dtype}); call .to(device) on the model or the layer first, which "
-                         "quantizes it")
-
-
 class _StandIn(nn.Module):
-    """A linear of the bnb layer's shape, for export only: its weight is a stride-0 view of one zero."""
+    """A linear of the bnb layer's shape and compute dtype, for export only: its weight is a stride-0 view of
+    one zero."""
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, layer: nn.Module) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        zero = torch.zeros((), dtype=dtype, device=device).expand(out_features, in_features)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        bias, compute = getattr(layer, "bias", None), getattr(layer, "compute_dtype", None)
+        if isinstance(bias, torch.Tensor) and bias.is_floating_point():
+            dtype = bias.dtype
+        else:
+            dtype = compute if isinstance(compute, torch.dtype) else torch.get_default_dtype()
+        zero = torch.zeros((), dtype=dtype, device=layer.weight.device).expand(self.out_features, self.in_features)
         self.weight = nn.Parameter(zero, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,24 +126,12 @@ def set_layer(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
     return old
 
 
-
-def _stand_in_dtype(layer: nn.Module) -> torch.dtype:
-    bias = getattr(layer, "bias", None)
-    if isinstance(bias, torch.Tensor) and bias.is_floating_point():
-        return bias.dtype
-    compute = getattr(layer, "compute_dtype", None)
-    return compute if isinstance(compute, torch.dtype) else torch.get_default_dtype()
-
-
 @contextlib.contextmanager
 def stand_ins(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[None]:
-    """Put a stand-in at every path of ``layers`` for the duration of the block; the originals are always
-    restored, whatever the block raises."""
+    """A stand-in at every path of ``layers`` for the block; the originals are restored whatever it raises."""
     try:
         for path, layer in layers.items():
-            weight = layer.weight
-            set_layer(model, path, _StandIn(layer.in_features, layer.out_features, _stand_in_dtype(layer),
-                                                 weight.device))
+            set_layer(model, path, _StandIn(layer))
         yield
     finally:
         for path, layer in layers.items():
@@ -166,19 +142,9 @@ def _is_cpu_packed(weight: Any) -> bool:
     return bool(getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False))
 
 
-def _unpack_cpu_weight(path: str, layer: nn.Module) -> None:
-    """Undo bnb's CPU inference packing of a 4-bit weight (done by an eval forward of the original model),
-    so that the graph's training path, which needs the canonical layout, can run."""
-    weight = layer.weight
-    if not _is_cpu_packed(weight):
-        return
-    weight.data, weight.quant_state = unpack_cpu_4bit(weight.data, weight.quant_state)
-    logger.info("quantized: %s: unpacked the 4-bit weight that bitsandbytes had packed for CPU inference", path)
-
-
 def _refuse_packed_weight(path: str, module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook of graph-owned 4-bit layers: bnb's packed CPU kernel has no backward, so a weight
-    packed by an eval forward of the original model would silently stop gradients at this layer."""
+    """Forward pre-hook of graph-owned 4-bit layers: a weight packed since (bnb's packed kernel has no backward)
+    would silently stop gradients here."""
     x = args[0] if args else None
     if (isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()
             and _is_cpu_packed(module.weight)):
@@ -192,19 +158,20 @@ def _refuse_packed_weight(path: str, module: nn.Module, args: tuple) -> None:
 def _own_dicts(layer: nn.Module) -> nn.Module:
     """A shallow copy of ``layer`` with its own parameter, buffer, module and hook dicts."""
     new = copy.copy(layer)
-    for key, value in vars(layer).items():
-        if isinstance(value, dict):
-            new.__dict__[key] = copy.copy(value)
+    new.__dict__.update({key: copy.copy(value) for key, value in vars(layer).items() if isinstance(value, dict)})
     return new
 
 
 def _graph_copy(path: str, layer: nn.Module) -> nn.Module:
-    """A shallow copy of a bnb layer that shares its weight objects (and quantization state) but owns its
-    parameter, buffer, module and hook dicts, so the graph can freeze or replace entries independently.
-    4-bit copies get ``support_avx512bf16_for_cpu = False`` (no CPU packing, see the module docstring)."""
+    """A shallow copy of a bnb layer sharing its weight objects, with dicts of its own (the graph freezes or
+    replaces entries independently); 4-bit copies never pack for CPU (see the module docstring)."""
     new = _own_dicts(layer)
     if _bnb_base(type(layer), ("Linear4bit",)) is not None:
-        _unpack_cpu_weight(path, layer)
+        weight = layer.weight
+        if _is_cpu_packed(weight):  # packed by an eval forward of the original model: training needs the layout
+            weight.data, weight.quant_state = unpack_cpu_4bit(weight.data, weight.quant_state)
+            logger.info("quantized: %s: unpacked the 4-bit weight that bitsandbytes had packed for CPU inference",
+                        path)
         new.support_avx512bf16_for_cpu = False
         new.register_forward_pre_hook(functools.partial(_refuse_packed_weight, path))
     return new
@@ -225,8 +192,7 @@ def restore_quantized(gm: GraphModule, layers: dict[str, nn.Module]) -> int:
     if not layers:
         return 0
     graph = gm.graph
-    count = 0
-    dead: list[Node] = []
+    dead: list[Node] = []  # the stand-ins' weight nodes
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not aten.linear.default:
             continue
@@ -245,11 +211,9 @@ def restore_quantized(gm: GraphModule, layers: dict[str, nn.Module]) -> int:
             key = list(stack)[-1]
             stack[key] = (stack[key][0], f"{type(layer).__module__}.{type(layer).__qualname__}")
             call.meta["nn_module_stack"] = stack
-        weight_node = node.args[1]
+        dead.append(node.args[1])
         node.replace_all_uses_with(call)
         graph.erase_node(node)
-        dead.append(weight_node)
-        count += 1
     erased: set[Node] = set()
     for n in dead:  # the stand-in's weight (and a cast of it, and export's checks of it), once unread
         while isinstance(n, Node) and n not in erased:
@@ -271,8 +235,8 @@ def restore_quantized(gm: GraphModule, layers: dict[str, nn.Module]) -> int:
     for path, layer in layers.items():
         set_layer(gm, path, _graph_copy(path, layer))
     graph.lint()
-    logger.info("quantized: %d bitsandbytes calls kept opaque (%d layers)", count, len(layers))
-    return count
+    logger.info("quantized: %d bitsandbytes calls kept opaque (%d layers)", len(dead), len(layers))
+    return len(dead)
 
 
 def recognise(node: Node) -> Optional[Candidate]:
@@ -286,9 +250,8 @@ def recognise(node: Node) -> Optional[Candidate]:
 
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
-    """The (out, in) weight a bitsandbytes layer computes with, as a new float tensor: int8 rows times their
-    scales (float32), 4-bit blocks through ``dequantize_4bit`` (in the quantized weight's own dtype; a weight
-    packed for CPU inference is unpacked on a copy). ``layer`` is not changed."""
+    """The (out, in) weight a bitsandbytes layer computes with, as a new float tensor (int8: float32; 4-bit: the
+    quantized weight's dtype, a CPU-packed weight unpacked on a copy); ``layer`` is not changed."""
     import bitsandbytes.functional as bnb_functional
 
     weight = layer.weight
@@ -306,10 +269,9 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
 
 
 def requantized(layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> nn.Module:
-    """A new layer like ``layer`` (class, settings, bias, hooks) holding ``weight`` (out, in) quantized as
-    bitsandbytes quantizes a loaded weight (PEFT's requantization after a merge): int8 by rows from float16,
-    4-bit with the layer's blocksize, quant type, nested statistics and storage. ``bias`` (optional) replaces
-    the bias. ``layer`` and its weight and state objects are not changed."""
+    """A new layer like ``layer`` (class, settings, hooks; ``bias`` replaces its bias) holding ``weight`` (out, in)
+    quantized as bitsandbytes quantizes a loaded weight (int8 by rows; 4-bit with the layer's blocksize, quant
+    type, nested statistics and storage); ``layer`` and its weight and state objects are not changed."""
     import bitsandbytes as bnb
 
     old = layer.weight
@@ -333,10 +295,9 @@ def requantized(layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Ten
 
 
 def rounding_error(original: nn.Module, merged: nn.Module, delta: torch.Tensor, rows: int = 16) -> tuple[float, float]:
-    """(max |merged(x) - (original(x) + x deltaᵀ)|, max |x deltaᵀ|) on a seeded probe ``x`` of ``rows``
-    standard-normal rows in float32: what requantizing cost, next to the size of the update itself."""
-    x = torch.randn(rows, original.in_features, generator=torch.Generator().manual_seed(0))
-    x = x.to(delta.device)
+    """(max |merged(x) - (original(x) + x deltaᵀ)|, max |x deltaᵀ|) on a seeded float32 probe of ``rows`` rows:
+    what requantizing cost, next to the size of the update."""
+    x = torch.randn(rows, original.in_features, generator=torch.Generator().manual_seed(0)).to(delta.device)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # int8: "inputs will be cast from float32 to float16"
         update = x @ delta.to(torch.float32).T

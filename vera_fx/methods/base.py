@@ -1,8 +1,6 @@
-"""What every adapter method provides, the per-adapter state module, and the node emitter.
-
-A method says: its projection shapes and init, the per-site parameters, the nodes it emits at a site, its
-delta weight for merging and its state-dict key names. Passes only ask the method.
-"""
+"""What every adapter method provides (projections and their init, per-site parameters, the nodes it emits,
+its merge delta, its checkpoint keys: passes only ask the method), the per-adapter state modules, the node
+emitter and the method registry."""
 
 from __future__ import annotations
 
@@ -17,24 +15,19 @@ from ..config import AdapterConfig
 from ..sites import ADAPTER_KEY, Site, block_prefix
 from ..versions import CONTAINER, AdapterFlags, GraphVersions, StateLock
 
+aten = torch.ops.aten
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    """Kaiming-uniform (gain sqrt(2), fan_in = shape[1]) drawn from ``generator``."""
-    # Same float operations, in the same order, as torch.nn.init.kaiming_uniform_ (bit-identical bounds).
+    """Kaiming-uniform (gain sqrt(2), fan_in = shape[1]) drawn from ``generator``, bit-identical to
+    torch.nn.init.kaiming_uniform_ (same float operations in the same order)."""
     bound = math.sqrt(3.0) * (math.sqrt(2.0) / math.sqrt(shape[1]))
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
-def _site_ident(site: str) -> str:
-    return site.replace(".", "_").replace("-", "_") or "root"
-
-
 class AdapterSet(nn.ModuleDict):
-    """The container of a graph's adapters (one AdapterState per name; a block's holds AdapterViews), with the
-    lock every forward reads and every switch writes, the run-time flags (active, disabled, merged, lowering)
-    and the graph versions built per adapter state. Every graph computing over these adapters (each call
-    signature's) holds this very object."""
+    """A graph's adapters by name (AdapterViews in a block) with the lock forwards read and switches write, the
+    run-time flags and the graph versions per adapter state; every graph over these adapters holds this object."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -44,12 +37,9 @@ class AdapterSet(nn.ModuleDict):
 
 
 class SiteTree(nn.Module):
-    """A node of an adapter's tree of per-site modules.
-
-    Besides its registered children it may hold *links* (``_links``): site modules registered elsewhere (in a
-    block's ``AdapterView``) that attribute lookup still finds, so a get_attr path through the root state
-    resolves, while ``named_parameters()`` / ``state_dict()`` / FSDP2 see each tensor once, where it is
-    registered."""
+    """A node of an adapter's tree of per-site modules. Its *links* (``_links``) are site modules registered in a
+    block's ``AdapterView`` that attribute lookup still finds (get_attr paths through the root state resolve),
+    while ``named_parameters()`` / ``state_dict()`` / FSDP2 see each tensor once, where it is registered."""
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -67,25 +57,17 @@ class SiteTree(nn.Module):
 
     def all_parameters(self) -> list[nn.Parameter]:
         """The parameters of this tree's sites, registered here or linked (held by a block's view), each once."""
-        found: dict[int, nn.Parameter] = {}
+        params: list[nn.Parameter] = []
         for child in [*self._modules.values(), *(self.__dict__.get("_links") or {}).values()]:
-            params = child.all_parameters() if isinstance(child, SiteTree) else child.parameters()
-            for p in params:
-                found.setdefault(id(p), p)
-        for p in self._parameters.values():
-            if p is not None:
-                found.setdefault(id(p), p)
-        return list(found.values())
+            params += child.all_parameters() if isinstance(child, SiteTree) else child.parameters()
+        params += [p for p in self._parameters.values() if p is not None]
+        return list({id(p): p for p in params}.values())
 
 
 class AdapterState(nn.Module):
-    """One adapter's state on the graph: the shared projections and a tree of per-site parameters.
-
-    Layout: ``<prefix>_A`` / ``<prefix>_B`` buffers, and ``sites.<site path>.<prefix>_lambda_b`` parameters,
-    so a PEFT key is a prefix rename of ours. A site inside a block is registered in that block's
-    ``AdapterView`` only (``sites`` links to it, see ``SiteTree``): ``site_module`` and
-    ``named_site_parameters`` reach every site, wherever it is registered.
-    """
+    """One adapter's state: ``<prefix>_A`` / ``<prefix>_B`` buffers and ``sites.<site path>.<prefix>_lambda_b|d``
+    parameters (a PEFT key is a prefix rename). A site inside a block is registered in that block's
+    ``AdapterView`` only; ``site_module`` and ``named_site_parameters`` reach every site wherever it is."""
 
     def __init__(self, config: AdapterConfig, method: "Method") -> None:
         super().__init__()
@@ -93,8 +75,7 @@ class AdapterState(nn.Module):
         self.method_name = method.name
         self.sites = SiteTree()
         self.site_names: list[str] = []
-        # Run-time switches the graph reads (e.g. sampling per site), kept as plain attributes.
-        self.switches: dict[str, Any] = {}
+        self.switches: dict[str, Any] = {}  # run-time switches the graph reads (e.g. sampling per site)
         self.__dict__["_site_index"] = {}  # site name -> its module (plain dict: registers nothing)
 
     @property
@@ -122,8 +103,7 @@ class AdapterState(nn.Module):
         return mod
 
     def unregister_site(self, site: str) -> None:
-        """Keep ``site``'s module out of this state's registered tree (a block's view registers it instead);
-        ``sites.<path>`` still reaches it through a link."""
+        """Keep ``site``'s module out of this state's registered tree (a block's view registers it); a link stays."""
         parts = site.split(".") if site else ["_root"]
         mod = self.site_module(site)
         parent: nn.Module = self.sites
@@ -135,17 +115,15 @@ class AdapterState(nn.Module):
     def named_site_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(``<site>.<param>``, parameter) for every site, registered here or in a block's view."""
         for site in self.site_names:
-            for pname, p in self.site_module(site)._parameters.items():
-                if p is not None:
-                    yield f"{site}.{pname}", p
+            for pname, p in self.site_parameters(site).items():
+                yield f"{site}.{pname}", p
 
     def lambda_parameters(self) -> list[nn.Parameter]:
-        """Every site's parameters, each once (``named_site_parameters`` without the names)."""
+        """Every site's parameters, each once."""
         return [p for _, p in self.named_site_parameters()]
 
     def site_parameters(self, site: str) -> dict[str, nn.Parameter]:
-        mod = self.site_module(site)
-        return {k: v for k, v in mod._parameters.items() if v is not None}
+        return {k: v for k, v in self.site_module(site)._parameters.items() if v is not None}
 
     def site_target(self, adapter_name: str, site: str, param: str) -> str:
         return f"{CONTAINER}.{adapter_name}.sites.{site or '_root'}.{param}"
@@ -159,10 +137,8 @@ class AdapterState(nn.Module):
 
 class AdapterView(AdapterState):
     """A block's window on the root's AdapterState: it registers the block's site modules under block-relative
-    paths (in the graph that owns the state, only here: the root state links to them), so ``fully_shard(block)``
-    shards that layer's lambdas with its weights and the block graph's get_attr nodes resolve inside the
-    block; everything else (projections, run-time records) is read from the root state, so it exists once and
-    follows ``.to()``."""
+    paths (so ``fully_shard(block)`` shards that layer's lambdas with its weights and get_attr nodes resolve in
+    the block); everything else is read from the root state, so it exists once and follows ``.to()``."""
 
     def __init__(self, root: AdapterState, site_names: list[str], prefix: str) -> None:
         nn.Module.__init__(self)
@@ -174,19 +150,17 @@ class AdapterView(AdapterState):
         self.sites = nn.Module()
         self.site_names = [s for s in root.site_names if s in set(site_names)]
         for site in self.site_names:
-            parent_path, _, leaf = (self._relative(site) or "_root").rpartition(".")
+            *path, leaf = (self._relative(site) or "_root").split(".")
             parent = self.sites
-            for part in parent_path.split(".") if parent_path else []:
-                child = parent._modules.get(part)
-                if child is None:
-                    child = nn.Module()
-                    parent.add_module(part, child)
-                parent = child
+            for part in path:
+                if part not in parent._modules:
+                    parent.add_module(part, nn.Module())
+                parent = parent._modules[part]
             parent.add_module(leaf, root.site_module(site))
         root.method.init_view(self, root)
 
     def _relative(self, site: str) -> str:
-        """A site's path inside the block (the view's tree is relative, so every layer's code is the same)."""
+        """A site's path inside the block (so every layer's code is the same)."""
         if site == self.prefix:
             return ""
         return site[len(self.prefix) + 1:] if site.startswith(self.prefix + ".") else site
@@ -218,11 +192,11 @@ class Emitter:
         self.cursor = after
         self.site = site
         self.adapter = adapter
-        # node names relative to the block (if any), so that every layer's generated code is the same
+        # node names relative to the block (if any), so every layer's generated code is the same
         prefix = block_prefix(graph.owning_module) if graph.owning_module is not None else ""
         rel = site.name[len(prefix) + 1:] if prefix and site.name.startswith(prefix + ".") else site.name
-        self.relative_site = rel  # the site's path inside the block ('' names none: the block is the site)
-        self.ident = f"{_site_ident(rel)}_{adapter}"
+        self.relative_site = rel  # the site's path inside its block
+        self.ident = f"{rel.replace('.', '_').replace('-', '_') or 'root'}_{adapter}"
         self.nodes: dict[str, Node] = {}  # the nodes emitted, by name: what the lower pass rewrites
 
     def _tag(self, node: Node, role: str, name: str = "") -> Node:
@@ -251,8 +225,7 @@ class Method:
     name: ClassVar[str]
     prefix: ClassVar[str]
     config_type: ClassVar[type]
-    #: True when the latent is sampled (``mu`` / ``logvar`` halves of ``h``, PVeRA); the lower pass asks this to
-    #: pick the lean op's form, and never folds such an adapter into the weight during training.
+    #: True when the latent is sampled (``mu`` / ``logvar`` halves of ``h``, PVeRA): never folded in training.
     probabilistic: ClassVar[bool] = False
 
     def latent_rows(self, config: AdapterConfig) -> int:
@@ -263,9 +236,7 @@ class Method:
                                                                                             torch.Tensor]:
         """A (latent_rows x in_max) then B (out_max x r), drawn from one generator seeded with the key."""
         gen = torch.Generator(device="cpu").manual_seed(config.projection_prng_key)
-        a = kaiming_uniform((self.latent_rows(config), in_max), gen)
-        b = kaiming_uniform((out_max, config.r), gen)
-        return a, b
+        return kaiming_uniform((self.latent_rows(config), in_max), gen), kaiming_uniform((out_max, config.r), gen)
 
     def init_site(self, config: AdapterConfig, site: Site, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The per-site trainable vectors: lambda_b (out) and lambda_d (latent rows)."""
@@ -278,14 +249,48 @@ class Method:
         return {f"{self.prefix}_lambda_b": lam_b.to(dtype), f"{self.prefix}_lambda_d": lam_d.to(dtype)}
 
     def emit(self, em: Emitter, state: AdapterState, x: Node, y: Node, training: Node) -> Node:
-        """Emit the adapter's nodes for one site and return the node holding ``y + delta``."""
-        raise NotImplementedError
+        """Emit the site's nodes (cast, dropout, ``h = x @ A[:, :in].T``, ``h * lambda_d``, the latent,
+        ``@ B[:out].T``, ``* lambda_b``, ``y +``, cast back) and return the node holding ``y + delta``."""
+        site, p = em.site, self.prefix
+        lam_d = em.get_attr(state.site_target(em.adapter, site.name, f"{p}_lambda_d"), "lambda", "lambda_d")
+        lam_b = em.get_attr(state.site_target(em.adapter, site.name, f"{p}_lambda_b"), "lambda", "lambda_b")
+        a = em.get_attr(f"{CONTAINER}.{em.adapter}.{p}_A", "projection", "A")
+        b = em.get_attr(f"{CONTAINER}.{em.adapter}.{p}_B", "projection", "B")
+        if site.in_features < state.projection("A").shape[1]:
+            a = em.call(aten.slice.Tensor, (a, 1, 0, site.in_features), "projection", "A_slice")
+        if site.out_features < state.projection("B").shape[0]:
+            b = em.call(aten.slice.Tensor, (b, 0, 0, site.out_features), "projection", "B_slice")
+        lam_dtype = state.site_parameters(site.name)[f"{p}_lambda_d"].dtype
+        x_val = x.meta.get("val")
+        if isinstance(x_val, torch.Tensor) and x_val.dtype != lam_dtype:
+            x = em.call(aten._to_copy.default, (x,), "adapter", "x_cast", {"dtype": lam_dtype})
+        if state.config.dropout > 0.0:
+            x = em.call(aten.dropout.default, (x, state.config.dropout, training), "adapter", "dropout")
+        h = em.call(aten.linear.default, (x, a), "projection", "xA")
+        z = self.emit_latent(em, state, em.call(aten.mul.Tensor, (h, lam_d), "adapter", "scale_d"), training)
+        u = em.call(aten.linear.default, (z, b), "adapter", "xAB")
+        u = em.call(aten.mul.Tensor, (u, lam_b), "adapter", "scale_b")
+        out = em.call(aten.add.Tensor, (y, u), "adapter", "add")
+        y_val = y.meta.get("val")
+        if isinstance(y_val, torch.Tensor) and y_val.dtype != lam_dtype:
+            out = em.call(aten._to_copy.default, (out,), "adapter", "out_cast", {"dtype": y_val.dtype})
+        out.meta[ADAPTER_KEY]["role"] = "output"
+        return out
+
+    def emit_latent(self, em: Emitter, state: AdapterState, hd: Node, training: Node) -> Node:
+        """The latent ``B`` multiplies, from ``hd = h * lambda_d``: ``hd`` itself (VeRA)."""
+        return hd
 
     def delta_weight(self, state: AdapterState, site: Site) -> torch.Tensor:
-        """The (out, in) weight update equal to the deterministic adapter path."""
-        raise NotImplementedError
+        """The deterministic path's (out, in) update ``(lambda_b * B[:out]) @ (lambda_d[:r] * A[:r, :in])``,
+        float32 (PVeRA: its mean half)."""
+        r = state.config.r
+        params = state.site_parameters(site.name)
+        lam_b, lam_d = params[f"{self.prefix}_lambda_b"], params[f"{self.prefix}_lambda_d"][:r]
+        a = state.projection("A")[:r, : site.in_features]
+        b = state.projection("B")[: site.out_features]
+        return (lam_b.float()[:, None] * b.float()) @ (lam_d.float()[:, None] * a.float())
 
-    # Checkpoint key names (PEFT's layout).
     def peft_site_key(self, site: str, param: str) -> str:
         return f"base_model.model.{site}.{param}"
 
@@ -296,59 +301,19 @@ class Method:
         """Set the run-time switches the emitted nodes read (none for deterministic methods)."""
 
     def init_view(self, view: "AdapterView", root: AdapterState) -> None:
-        """Give a block's view the run-time objects of its own that the block's nodes read (none by default:
-        everything else is read from the root state)."""
+        """Give a block's view the run-time objects of its own that its nodes read (none by default)."""
 
     def sampling_sites(self, state: AdapterState) -> tuple[str, ...]:
         """Sites whose adapter samples at inference (those cannot be merged)."""
         return ()
 
     def per_row_function(self, fn: Callable[..., Any]) -> Optional[Callable[..., Any]]:
-        """For mixed-adapter batches (passes/bank.py): the per-row version of a function ``emit`` calls with
-        per-adapter state (it gets lists of the bank members' values and ``index=`` the rows' bank index),
-        None to leave the call out, or ``fn`` itself when it needs no change (the default)."""
+        """For mixed-adapter batches (passes/bank.py): the per-row version of a function ``emit`` calls (it gets
+        lists of the bank members' values and ``index=``), None to leave the call out, or ``fn`` itself."""
         return fn
 
 
-def emit_projection(method: Method, em: Emitter, state: AdapterState, x: Node, training: Node) -> tuple[
-        Node, Node, Node, Node]:
-    """The shared front of VeRA-style methods: cast, dropout, ``x @ A[:, :in].T`` and the lambdas.
-
-    Returns (h, lambda_d, lambda_b, B sliced to the site's outputs).
-    """
-    aten = torch.ops.aten
-    site, cfg, adapter = em.site, state.config, em.adapter
-    p = method.prefix
-    lam_d = em.get_attr(state.site_target(adapter, site.name, f"{p}_lambda_d"), "lambda", "lambda_d")
-    lam_b = em.get_attr(state.site_target(adapter, site.name, f"{p}_lambda_b"), "lambda", "lambda_b")
-    a = em.get_attr(f"{CONTAINER}.{adapter}.{p}_A", "projection", "A")
-    b = em.get_attr(f"{CONTAINER}.{adapter}.{p}_B", "projection", "B")
-    if site.in_features < state.projection("A").shape[1]:
-        a = em.call(aten.slice.Tensor, (a, 1, 0, site.in_features), "projection", "A_slice")
-    if site.out_features < state.projection("B").shape[0]:
-        b = em.call(aten.slice.Tensor, (b, 0, 0, site.out_features), "projection", "B_slice")
-    lam_dtype = state.site_parameters(site.name)[f"{p}_lambda_d"].dtype
-    x_val = x.meta.get("val")
-    if isinstance(x_val, torch.Tensor) and x_val.dtype != lam_dtype:
-        x = em.call(aten._to_copy.default, (x,), "adapter", "x_cast", {"dtype": lam_dtype})
-    if cfg.dropout > 0.0:
-        x = em.call(aten.dropout.default, (x, cfg.dropout, training), "adapter", "dropout")
-    h = em.call(aten.linear.default, (x, a), "projection", "xA")
-    return h, lam_d, lam_b, b
-
-
-def finish_output(em: Emitter, y: Node, delta: Node, lam_dtype: torch.dtype) -> Node:
-    """``y + delta`` in y's dtype, tagged as the site's adapter output."""
-    aten = torch.ops.aten
-    out = em.call(aten.add.Tensor, (y, delta), "adapter", "add")
-    y_val = y.meta.get("val")
-    if isinstance(y_val, torch.Tensor) and y_val.dtype != lam_dtype:
-        out = em.call(aten._to_copy.default, (out,), "adapter", "out_cast", {"dtype": y_val.dtype})
-    out.meta[ADAPTER_KEY]["role"] = "output"
-    return out
-
-
-# --- the registry: methods by config type and by name (vera_fx/methods/__init__.py registers the built-ins) ---
+# the registry (vera_fx/methods/__init__.py registers the built-ins)
 
 _BY_CONFIG: dict[type, Method] = {}
 _BY_NAME: dict[str, Method] = {}

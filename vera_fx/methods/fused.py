@@ -1,27 +1,12 @@
 """The fused activation tail: a site's ``y + lambda_b * (z @ B.T)`` as one call with its own backward.
 
-The plain (activation) path of a site runs ``z = h * lambda_d``, ``u = z @ B.T``, ``v = u * lambda_b`` and ``y +
-v`` as four nodes: two passes over a tokens x out tensor in forward (each a fresh allocation) and two more in
-backward (``g * lambda_b`` and ``g * u``), and it keeps ``z`` (r values per token) and ``u`` (out values per
-token) per site. ``fused_site`` computes the same sum with one product and one pass, in place in the base call's
-output:
-
-- forward: ``u = h @ (B * lambda_d).T`` (VeRA: the scale folds into the small out x r matrix, so ``z`` is never
-  formed; PVeRA hands the sampled ``z`` and ``B``), then ``y += u * lambda_b`` (``addcmul_``);
-- backward (``g = d loss / d y``): ``d lambda_b = sum_t g * u``, ``gz = g @ (lambda_b * B)`` (the plain path's
-  product with the scale folded in), VeRA: ``d lambda_d = sum_t gz * h``, ``d h = gz * lambda_d``; PVeRA: ``d z
-  = gz``. ``y``'s gradient is the output's.
-
-It keeps ``u`` and, for VeRA, ``h`` (the group's shared tensor, stored once): what the plain path keeps, with
-its multiply-adds and about half its elementwise work. (For PVeRA the lower pass also records the site's KL
-term from ``h``, computed when read, as on the lean path.) The lean op
-(methods/lean.py) keeps less and computes one more product; which a site gets is the lower pass's choice.
-
-The call falls back to the plain chain's own ops wherever those are the better form: under torch.compile
-(inductor fuses them itself and its partitioner chooses what to keep), under autocast (the ops' dtypes are
-autocast's), when the operands' dtypes or shapes differ (casts, broadcasting). It adds in place only where the
-lower pass said the base output has no other reader and the tensor allows it (contiguous, not a view, not a
-leaf that trains); elsewhere ``addcmul`` out of place.
+The plain path runs ``z = h * lambda_d``, ``u = z @ B.T``, ``v = u * lambda_b``, ``y + v``: two passes over a tokens
+x out tensor in forward and two in backward. ``fused_site`` runs ``u = h @ (B * lambda_d).T`` (PVeRA hands its
+sampled ``z``) and ``y += u * lambda_b`` (``addcmul_``, in place where the lower pass found no other reader and
+the tensor allows it); backward: ``d lambda_b = sum_t g * u``, ``gz = g @ (lambda_b * B)``, VeRA ``d lambda_d =
+sum_t gz * h``, ``d h = gz * lambda_d``, PVeRA ``d z = gz``. It keeps ``u`` and VeRA's ``h`` (the group's):
+what the plain path keeps, with about half its elementwise work. Under torch.compile and autocast, and for
+mixed dtypes or broadcasting, it is the plain chain's own ops.
 """
 
 from __future__ import annotations
@@ -31,16 +16,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-
-def _plain(y: Tensor, z: Tensor, lambda_d: Optional[Tensor], b: Tensor, lambda_b: Tensor) -> Tensor:
-    """The activation path's own ops (what the emitter's nodes compute)."""
-    if lambda_d is not None:
-        z = z * lambda_d
-    return y + torch.nn.functional.linear(z, b) * lambda_b
+from .lean import plain_tail
 
 
 class _FusedTail(torch.autograd.Function):
-    """``y + lambda_b * (z @ B.T)`` (``z = h * lambda_d`` when ``lambda_d`` is given); see the module docstring."""
+    """``y + lambda_b * (z @ B.T)`` (``z = h * lambda_d`` when ``lambda_d`` is given)."""
 
     @staticmethod
     def forward(ctx, y: Tensor, z: Tensor, lambda_d: Optional[Tensor], b: Tensor, lambda_b: Tensor,  # noqa: ANN001
@@ -79,13 +59,12 @@ class _FusedTail(torch.autograd.Function):
 def fused_site(y: Tensor, z: Tensor, lambda_d: Optional[Tensor], b: Tensor, lambda_b: Tensor,
                inplace: bool = False) -> Tensor:
     """A fused site's graph node: ``y + lambda_b * ((z * lambda_d) @ B.T)`` (VeRA: ``z`` is the group's ``h``;
-    PVeRA: the sampled latent, ``lambda_d`` None). ``inplace``: the lower pass found ``y`` read by this call
-    only, so the sum may be written into it."""
+    PVeRA: the sampled latent, ``lambda_d`` None); ``inplace``: ``y`` has no other reader."""
     dtype = y.dtype
     same = z.dtype == dtype and b.dtype == dtype and lambda_b.dtype == dtype and (
         lambda_d is None or lambda_d.dtype == dtype)
     if (not same or torch.compiler.is_compiling() or torch.is_autocast_enabled(y.device.type)
             or y.shape != (*z.shape[:-1], b.shape[0])):
-        return _plain(y, z, lambda_d, b, lambda_b)
+        return plain_tail(y, z, lambda_d, b, lambda_b)
     inplace = inplace and y.is_contiguous() and y._base is None and not (y.is_leaf and y.requires_grad)
     return _FusedTail.apply(y, z, lambda_d, b, lambda_b, inplace)

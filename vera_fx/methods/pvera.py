@@ -1,26 +1,15 @@
-"""PVeRA, the probabilistic VeRA.
-
-At a site: ``h = lambda_d * (A[:, :in] @ dropout(x))`` with 2r rows, split into ``mu = h[..., :r]`` and
-``logvar = h[..., r:]``; the latent is ``z = mu + eps * exp(logvar / 2)`` when the graph is in training mode or
-the site samples at inference, else ``z = mu``; the output is ``y + lambda_b * (B[:out] @ z)``.
+"""PVeRA, the probabilistic VeRA: ``h = lambda_d * (A[:, :in] @ dropout(x))`` has 2r rows, ``mu, logvar`` its
+halves; the latent is ``z = mu + eps * exp(logvar / 2)`` in training mode or where the site samples at
+inference, else ``mu``; the output is ``y + lambda_b * (B[:out] @ z)``.
 
 Run-time state the graph reads (flipping it never re-captures; torch.compile recompiles once per value):
-
-- ``sites.<site>.pvera_sample_at_inference``: a bool per site (``vera_fx.set_sample_at_inference``);
-- ``sites.<site>.pvera_generator_state``: with ``generator_seed``, the CPU Mersenne-Twister state of the
-  site's noise stream as a uint8 buffer (non-persistent). The noise is drawn on CPU by the custom op
-  ``vera_fx::pvera_noise`` (which torch.compile traces as one opaque, state-mutating node, where a
-  ``torch.Generator`` argument would graph-break) and moved to the activations' device, so moving the model
-  between devices or dtypes never breaks it. Each site's stream is seeded from ``(generator_seed, site
-  name)``, so the sites draw independent noise. (PEFT seeds every layer with ``generator_seed`` itself, so
-  all its same-shaped layers draw the same noise, which correlates them; unseeded, both libraries agree.)
-- ``pvera_noise_groups`` on the adapter: how many Monte Carlo samples the batch holds (1 outside
-  ``vera_fx.monte_carlo``); with a seed, each sample's noise is drawn separately, so results do not depend on
-  how the samples are chunked;
-- ``pvera_kl``: the per-call KL scalars of the last forward, replaced at every forward (``kl_divergence``).
-  A lean site (the lower pass's memory-lean path) records a ``LazyKL`` instead: the term is computed when
-  ``kl_divergence`` first reads it, from the ``h`` the lean op keeps for backward anyway, so a forward whose
-  loss has no KL term (PEFT's PVeRA has none) does not pay for one.
+``sites.<site>.pvera_sample_at_inference`` (a bool per site); ``sites.<site>.pvera_generator_state`` (with
+``generator_seed``: the site's CPU noise stream as a non-persistent uint8 buffer, drawn by the custom op
+``vera_fx::pvera_noise``, one opaque node for torch.compile where a ``torch.Generator`` would graph-break, and
+seeded from ``(generator_seed, site name)`` so sites draw independent noise, where PEFT gives every same-shaped
+layer the same noise); ``pvera_noise_groups`` (Monte Carlo samples in the batch, each drawn separately, so
+chunking does not change results); ``pvera_kl`` (the last forward's KL scalars; a lean or fused site records a
+``LazyKL``, computed from ``h`` when first read, so a loss without a KL term does not pay for one).
 """
 
 from __future__ import annotations
@@ -37,8 +26,8 @@ from torch.fx.node import has_side_effect
 from ..compat import backward_running, saved_tensors_hooks_active
 from ..config import PveraConfig
 from ..runtime import pvera_bank_noise, pvera_noise  # noqa: F401  (the ops the graph calls)
-from ..sites import ADAPTER_KEY, Site
-from .base import CONTAINER, AdapterState, AdapterView, Emitter, Method, emit_projection, finish_output
+from ..sites import ADAPTER_KEY
+from .base import CONTAINER, AdapterState, AdapterView, Emitter, Method
 from .lean import pvera_kl
 
 SAMPLE_SWITCH = "pvera_sample_at_inference"
@@ -48,18 +37,15 @@ KL_RECORD = "pvera_kl"
 BLOCK_KL_RECORDS = "pvera_kl_blocks"  # root state: block path -> that block's KLRecord
 
 
-def site_seed(seed: int, site: str) -> int:
-    """The seed of one site's noise stream: a stable 63-bit hash of ``(seed, site name)``."""
+def _stream_state(seed: int, site: str) -> Tensor:
+    """The start of one site's noise stream: a CPU generator seeded with a stable 63-bit hash of ``(seed, site)``."""
     digest = hashlib.sha256(f"{seed}:{site}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1).get_state()
 
 
 class KLRecord:
-    """Per-call KL scalars of the last forward, keyed by ``"<site>#<call index>"``.
-
-    Each key is overwritten at every forward, so memory does not grow. Copies and pickles start empty (the
-    tensors carry an autograd graph that cannot be copied and should not be saved).
-    """
+    """Per-call KL scalars of the last forward by ``"<site>#<call index>"`` (overwritten every forward). Copies
+    and pickles start empty: the tensors carry an autograd graph."""
 
     def __init__(self) -> None:
         self.values: dict[str, "Tensor | LazyKL"] = {}
@@ -92,11 +78,21 @@ def pvera_reparametrize(mu: Tensor, logvar: Tensor, training: bool, sample: bool
     return mu + _noise(std, generator_state, groups) * std
 
 
-def _noise(like: Tensor, generator_state: Optional[Tensor], groups: int) -> Tensor:
-    """Standard normal noise of ``like``'s shape, dtype and device: the site's seeded stream, or torch's."""
+def _noise(like: Tensor, generator_state: Optional[Tensor], groups: int, shape: Optional[tuple] = None) -> Tensor:
+    """Standard normal noise of ``like``'s dtype and device and ``shape`` (default: ``like``'s), contiguous: the
+    site's seeded stream, or torch's."""
+    shape = like.shape if shape is None else shape
     if generator_state is None:
-        return torch.randn_like(like)
-    return torch.ops.vera_fx.pvera_noise(generator_state, like.shape, groups, like.dtype).to(like.device)
+        return torch.randn(shape, dtype=like.dtype, device=like.device)
+    return torch.ops.vera_fx.pvera_noise(generator_state, shape, groups, like.dtype).to(like.device)
+
+
+@has_side_effect
+def pvera_lean_noise(h: Tensor, r: int, training: bool, sample: bool, generator_state: Optional[Tensor],
+                     groups: int) -> Optional[Tensor]:
+    """The noise ``pvera_reparametrize`` would draw at a lean site (same stream, shape and dtype), or None when
+    the site uses the mean."""
+    return _noise(h, generator_state, groups, (*h.shape[:-1], r)) if training or sample else None
 
 
 def _halves_of(mu: Tensor, logvar: Tensor) -> Optional[Tensor]:
@@ -140,12 +136,9 @@ class _Reparametrize(torch.autograd.Function):
 def pvera_bank_reparametrize(mu: Tensor, logvar: Tensor, training: bool, samples: Sequence[bool],
                              generator_states: Optional[Sequence[Optional[Tensor]]], groups: int, *,
                              index: Tensor) -> Tensor:
-    """``pvera_reparametrize`` for a mixed-adapter batch: row ``i`` belongs to bank member ``index[i]`` (an
-    index past the members is a row without one) and samples when training or that member's switch is on.
-
-    With every member seeded, each row draws from its own adapter's stream (``vera_fx::pvera_bank_noise``),
-    so a row equals that row run alone; otherwise the noise comes from torch's global generator.
-    """
+    """``pvera_reparametrize`` for a mixed batch: row ``i`` belongs to member ``index[i]`` (past the members: none)
+    and samples when training or that member's switch is on; with every member seeded each row draws from its
+    adapter's own stream (so it equals the row run alone), else from torch's global generator."""
     flags = [bool(training or s) for s in samples]
     if not any(flags):
         return mu
@@ -160,20 +153,16 @@ def pvera_bank_reparametrize(mu: Tensor, logvar: Tensor, training: bool, samples
 
 
 class LazyKL:
-    """A lean site's KL term, computed on first read (``vera_fx::pvera_kl`` of ``h`` and ``lambda_d``).
-
-    It holds ``h``, which the lean op keeps for backward anyway, and a copy of ``lambda_d`` (2r values: a
-    sharded trainer may free the parameter's own storage after the forward). Once computed with gradients
-    on, the value replaces them (a read under ``no_grad`` leaves them for a later differentiable read).
-    """
+    """A lean site's KL term, ``vera_fx::pvera_kl`` of ``h`` (kept for backward anyway) and a copy of
+    ``lambda_d`` (a sharded trainer may free the parameter's storage) on first read. A value computed with
+    gradients on replaces them (one under ``no_grad`` leaves them for a later differentiable read)."""
 
     __slots__ = ("_h", "_lambda_d", "_r", "_value", "__weakref__")
 
     def __init__(self, h: Tensor, lambda_d: Tensor, r: int) -> None:
         self._h: Optional[Tensor] = h
         self._lambda_d: Optional[Tensor] = lambda_d
-        self._r = r
-        self._value: Optional[Tensor] = None
+        self._r, self._value = r, None
 
     def value(self) -> Tensor:
         if self._value is not None:
@@ -188,29 +177,15 @@ class LazyKL:
         return f"LazyKL({'computed' if self._value is not None else 'pending'})"
 
 
-def _compute_kl_now() -> bool:
-    """Whether a lean site's KL term is computed in the forward rather than on read: while torch.compile
-    traces (it fuses into the graph), when autograd's saved tensors go through hooks (activation
-    checkpointing, offloading: a lazy term would keep alive the ``h`` they meant to drop), or in a forward
-    re-run inside backward (reentrant checkpointing's recompute, after which a lazy term would hold ``h``)."""
-    if torch.compiler.is_compiling():
-        return True
-    return saved_tensors_hooks_active() or backward_running()
-
-
 @has_side_effect
 def pvera_record_kl(mu: Tensor, logvar: Tensor, record: KLRecord, key: str, lean_r: Optional[int] = None) -> None:
-    """Store ``mean(-0.5 * (1 + logvar - mu^2 - exp(logvar)))`` (float32) for this call, replacing the last one.
-
-    With ``lean_r`` (the lower pass's lean path) the arguments are ``h`` and ``lambda_d`` instead, with
-    ``mu, logvar`` the halves of ``h * lambda_d``: the term is recorded as a ``LazyKL``, or computed now where
-    holding ``h`` would cost (``_compute_kl_now``).
-    """
+    """Store ``mean(-0.5 * (1 + logvar - mu^2 - exp(logvar)))`` (float32) for this call. With ``lean_r`` (lean and
+    fused sites) the arguments are ``h`` and ``lambda_d`` (``mu, logvar``: halves of their product) and the term
+    a ``LazyKL``, except where it is computed now: while torch.compile traces, when saved tensors go through
+    hooks (checkpointing, offloading: a lazy term would keep the ``h`` they drop) or inside backward."""
     if lean_r is not None:
-        if _compute_kl_now():
-            record.values[key] = pvera_kl(mu, logvar, lean_r)
-        else:
-            record.values[key] = LazyKL(mu, logvar.clone(), lean_r)
+        now = torch.compiler.is_compiling() or saved_tensors_hooks_active() or backward_running()
+        record.values[key] = pvera_kl(mu, logvar, lean_r) if now else LazyKL(mu, logvar.clone(), lean_r)
         return
     mu, logvar = mu.float(), logvar.float()
     record.values[key] = -0.5 * torch.mean(1.0 + logvar - mu.pow(2) - logvar.exp())
@@ -225,13 +200,12 @@ class PveraMethod(Method):
     def latent_rows(self, config: PveraConfig) -> int:  # type: ignore[override]
         return 2 * config.r
 
-    def emit(self, em: Emitter, state: AdapterState, x: Node, y: Node, training: Node) -> Node:
+    def emit_latent(self, em: Emitter, state: AdapterState, hd: Node, training: Node) -> Node:
+        """``mu + eps * exp(logvar / 2)`` (or ``mu``) from the halves of ``hd``, and the KL record node."""
         aten = torch.ops.aten
         site, adapter, r = em.site, em.adapter, state.config.r
-        h, lam_d, lam_b, b = emit_projection(self, em, state, x, training)
-        h = em.call(aten.mul.Tensor, (h, lam_d), "adapter", "scale_d")
-        mu = em.call(aten.slice.Tensor, (h, -1, 0, r), "sampling", "mu")
-        logvar = em.call(aten.slice.Tensor, (h, -1, r, 2 * r), "sampling", "logvar")
+        mu = em.call(aten.slice.Tensor, (hd, -1, 0, r), "sampling", "mu")
+        logvar = em.call(aten.slice.Tensor, (hd, -1, r, 2 * r), "sampling", "logvar")
         sample = em.get_attr(state.site_target(adapter, site.name, SAMPLE_SWITCH), "sampling", "sample_switch")
         gen: Optional[Node] = None
         if GENERATOR_STATE in state.site_module(site.name)._buffers:
@@ -239,26 +213,14 @@ class PveraMethod(Method):
         groups = em.get_attr(f"{CONTAINER}.{adapter}.{NOISE_GROUPS}", "sampling", "noise_groups")
         z = em.call(pvera_reparametrize, (mu, logvar, training, sample, gen, groups), "sampling", "sample")
         # One record slot per call of the site (a shared layer is called several times), keyed by the call's
-        # index so that re-emitting the adapter (adapter switches) reuses the same slots.
+        # index (re-emission reuses the slots) and the site's path inside its block (every layer's block runs
+        # the same code and writes its own record, init_view)
         calls = sum(1 for n in em.graph.nodes if n.op == "call_function" and n.target is pvera_record_kl
                     and (n.meta.get(ADAPTER_KEY) or {}).get("adapter") == adapter
                     and n.meta[ADAPTER_KEY].get("site") == site.name)
         record = em.get_attr(f"{CONTAINER}.{adapter}.{KL_RECORD}", "sampling", "kl_record")
-        # keyed by the site's path inside its block: every layer's block runs the same code (regional compile
-        # compiles once) and writes its own record (init_view)
         em.call(pvera_record_kl, (mu, logvar, record, f"{em.relative_site or '_root'}#{calls}"), "sampling", "kl")
-        u = em.call(aten.linear.default, (z, b), "adapter", "xAB")
-        u = em.call(aten.mul.Tensor, (u, lam_b), "adapter", "scale_b")
-        return finish_output(em, y, u, state.site_parameters(site.name)["pvera_lambda_d"].dtype)
-
-    def delta_weight(self, state: AdapterState, site: Site) -> torch.Tensor:
-        """The mean path's update: ``(lambda_b * B[:out]) @ (lambda_d[:r] * A[:r, :in])`` in float32."""
-        r = state.config.r
-        params = state.site_parameters(site.name)
-        lam_b, lam_d = params["pvera_lambda_b"], params["pvera_lambda_d"][:r]
-        a = state.projection("A")[:r, : site.in_features]
-        b = state.projection("B")[: site.out_features]
-        return (lam_b.float()[:, None] * b.float()) @ (lam_d.float()[:, None] * a.float())
+        return z
 
     def init_switches(self, state: AdapterState) -> None:
         """Per-site sampling switches and generator states, the noise-group count and the KL record."""
@@ -274,16 +236,15 @@ class PveraMethod(Method):
             on = wanted.get(site, False) if isinstance(wanted, dict) else bool(wanted)
             setattr(mod, SAMPLE_SWITCH, on)
             if cfg.generator_seed is not None:
-                seed_state = torch.Generator(device="cpu").manual_seed(site_seed(cfg.generator_seed, site))
-                mod.register_buffer(GENERATOR_STATE, seed_state.get_state(), persistent=False)
+                mod.register_buffer(GENERATOR_STATE, _stream_state(cfg.generator_seed, site), persistent=False)
         setattr(state, NOISE_GROUPS, 1)
         setattr(state, KL_RECORD, KLRecord())
         state.switches["sample_at_inference"] = {s: getattr(state.site_module(s), SAMPLE_SWITCH)
                                                  for s in state.site_names}
 
     def init_view(self, view: AdapterView, root: AdapterState) -> None:
-        """A block's KL record: one per block path, kept by the root state, so that every graph capturing
-        that block (one per call signature) writes the record ``kl_divergence`` reads."""
+        """A block's KL record, one per block path kept by the root state, so every graph of that block writes the
+        record ``kl_divergence`` reads."""
         records = root.__dict__.setdefault(BLOCK_KL_RECORDS, {})
         setattr(view, KL_RECORD, records.setdefault(view.prefix, KLRecord()))
 
@@ -302,5 +263,4 @@ def reseed_state(state: AdapterState, seed: int) -> None:
     for site in state.site_names:
         mod: nn.Module = state.site_module(site)
         if GENERATOR_STATE in mod._buffers:
-            fresh = torch.Generator(device="cpu").manual_seed(site_seed(seed, site)).get_state()
-            mod._buffers[GENERATOR_STATE].copy_(fresh)
+            mod._buffers[GENERATOR_STATE].copy_(_stream_state(seed, site))

@@ -1,16 +1,8 @@
-"""What a merge swaps in a graph, and how it is undone: weight tensors, bitsandbytes layers, the rollback.
-
-A dense site is merged by installing a new tensor ``W + ΔW`` at its weight's name (vera_fx/passes/merge.py).
-A quantized site (bitsandbytes int8 / nf4 / fp4) keeps its weight in a bitsandbytes parameter whose layer
-holds state of its own, so it is merged as PEFT merges into 8-bit and 4-bit layers, into a NEW layer:
-dequantize the graph's layer, add the adapters' ΔW in float32 (PVeRA: its mean half), quantize the sum
-again (vera_fx/quantized.py) and install that layer at the site's path. The previous layer, which shares its
-quantized weight with the user's model, is kept in the merge record (``LayerFolded``, in the record dict
-under the weight's name) and put back by unmerge, exactly. Requantizing rounds: every merged site's rounding
-error (max |merged - unmerged| output on a probe input) is logged, next to the size of the update itself.
-
-``Rollback`` restores a graph tree, tensors, layers and the merge records when a merge or unmerge fails
-half-way, so both passes are atomic.
+"""What a merge swaps in a graph and how it is undone: a dense site gets a new tensor ``W + ΔW`` at its
+weight's name (vera_fx/passes/merge.py); a bitsandbytes site, as in PEFT, a NEW layer: the graph's layer
+dequantized, plus ΔW in float32, quantized again (each site's rounding error is logged next to the size of the
+update). The replaced tensor or layer (sharing storage with the user's model) is kept in ``flags.folded``
+(``Folded``) and put back exactly by unmerge; ``Rollback`` restores everything when a merge or unmerge fails.
 """
 
 from __future__ import annotations
@@ -19,7 +11,7 @@ import copy
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -32,21 +24,16 @@ from ..versions import adapter_flags
 
 logger = logging.getLogger(__name__)
 
-# The adapter set's ``flags.folded``: weight qualname -> the record unmerge needs to put the original back (a
-# dense site's ``_Folded`` of vera_fx/passes/merge.py, a quantized site's ``LayerFolded``).
-
-# A quantized site to merge: (the site, the adapters to add, the layer to dequantize).
-LayerPlan = tuple[Site, tuple[str, ...], nn.Module]
+LayerPlan = tuple[Site, tuple[str, ...], nn.Module]  # a quantized site, the adapters to add, its layer
 
 
 def get_tensor(module: nn.Module, qualname: str) -> torch.Tensor:
     """The parameter or buffer at ``qualname``; AttributeError when it is neither."""
     path, _, name = qualname.rpartition(".")
     mod = module.get_submodule(path)
-    if name in mod._parameters and mod._parameters[name] is not None:
-        return mod._parameters[name]
-    if name in mod._buffers and mod._buffers[name] is not None:
-        return mod._buffers[name]
+    for where in (mod._parameters, mod._buffers):
+        if where.get(name) is not None:
+            return where[name]
     raise AttributeError(f"{qualname!r} is neither a parameter nor a buffer")
 
 
@@ -54,21 +41,16 @@ def set_tensor(module: nn.Module, qualname: str, value: torch.Tensor) -> None:
     """Install ``value`` at ``qualname`` (a new object: whatever else held the old one keeps it)."""
     path, _, name = qualname.rpartition(".")
     mod = module.get_submodule(path)
-    if name in mod._parameters:
-        mod._parameters[name] = value
-    else:
-        mod._buffers[name] = value
+    (mod._parameters if name in mod._parameters else mod._buffers)[name] = value
 
 
 def like(old: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     """``data`` wrapped as ``old`` is: a Parameter with its requires_grad, or a plain tensor."""
-    if isinstance(old, nn.Parameter):
-        return nn.Parameter(data, requires_grad=old.requires_grad)
-    return data
+    return nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else data
 
 
 def is_layer_site(site: Site) -> bool:
-    """True for a site merged by replacing its layer (a bitsandbytes layer), not by adding to a tensor."""
+    """True for a site merged by replacing its (bitsandbytes) layer, not by adding to a tensor."""
     return site.kind in QUANTIZED_KINDS
 
 
@@ -77,59 +59,80 @@ def layer_path(weight: str) -> str:
     return weight.rpartition(".")[0]
 
 
+def add_deltas(acc: torch.Tensor, gm: GraphModule, site: Site, adapters: tuple[str, ...],
+               sign: float = 1.0) -> torch.Tensor:
+    """``acc += sign * ΔW`` of each adapter at ``site`` in place (float32, in the weight's layout: transposed for
+    Conv1D)."""
+    container = getattr(gm, CONTAINER)
+    for a in adapters:
+        with torch.no_grad():
+            delta = container[a].method.delta_weight(container[a], site).detach()
+        delta = delta.T if site.fan_in_fan_out else delta
+        if tuple(delta.shape) != tuple(acc.shape):
+            raise ValueError(f"site {site.name!r}: the adapter's delta has shape {tuple(delta.shape)} but the weight "
+                             f"{site.weight!r} has shape {tuple(acc.shape)}; the graph's weight was replaced by one "
+                             "of another shape: capture and transform the model again")
+        acc.add_(delta.to(device=acc.device, dtype=torch.float32), alpha=sign)
+    return acc
+
+
+def check_finite(merged: torch.Tensor, site: Site, adapters: tuple[str, ...], what: str) -> None:
+    """``safe_merge``'s check: a ValueError naming the site and adapters when ``merged`` is not finite."""
+    if not bool(torch.isfinite(merged).all()):
+        raise ValueError(f"safe_merge=True: merging adapter(s) {list(adapters)} into site {site.name!r} gives "
+                         f"non-finite values in {what}; nothing was changed. Check that adapter's lambdas "
+                         "(vera_fx_adapters.<adapter>.sites.<site>) for NaN/inf, e.g. from a diverged run")
+
+
 @dataclass
-class LayerFolded:
-    """A merged quantized site: the graph's layer before the merge (put back by unmerge) and the new one."""
+class Folded:
+    """A merged weight or quantized layer: what it replaced (put back by unmerge) and what merge installed."""
 
     site: str
     adapters: tuple[str, ...]
-    original: nn.Module
-    merged: nn.Module
+    original: Union[torch.Tensor, nn.Module]
+    merged: Union[torch.Tensor, nn.Module]
+    version: int = -1  # a tensor's merged._version when installed: a later in-place change shows up here
+
+    @property
+    def is_layer(self) -> bool:
+        return isinstance(self.merged, nn.Module)
+
+    def __deepcopy__(self, memo: dict) -> "Folded":
+        merged = copy.deepcopy(self.merged, memo)  # a copy of a tensor starts a fresh version counter
+        version = merged._version if not self.is_layer and self.merged._version == self.version else -1
+        return Folded(self.site, self.adapters, copy.deepcopy(self.original, memo), merged, version)
 
 
-def _delta(gm: GraphModule, site: Site, adapters: Iterable[str], device: torch.device) -> torch.Tensor:
-    """The adapters' summed (out, in) update at ``site``, float32, on ``device``."""
-    container = getattr(gm, CONTAINER)
-    total = torch.zeros(site.out_features, site.in_features, device=device)
-    with torch.no_grad():
-        for a in adapters:
-            total += container[a].method.delta_weight(container[a], site).detach().to(device, torch.float32)
-    return total
-
-
-def _merged_layer(gm: GraphModule, plan: LayerPlan, safe_merge: bool, template: Optional[nn.Module],
-                  bias: Optional[torch.Tensor]) -> tuple[nn.Module, float, float]:
-    """(new layer, rounding error, max update) for one site: ``plan``'s layer dequantized, plus the update,
-    quantized into a layer like ``template`` (default: the planned layer)."""
-    site, adapters, layer = plan
-    dense = dequantized_weight(layer).to(torch.float32)
-    delta = _delta(gm, site, adapters, dense.device)
-    dense += delta
-    if safe_merge and not bool(torch.isfinite(dense).all()):
-        raise ValueError(f"safe_merge=True: merging adapter(s) {list(adapters)} into site {site.name!r} gives "
-                         f"non-finite values in its dequantized {site.kind} weight; nothing was changed. Check that "
-                         "adapter's lambdas for NaN/inf, e.g. from a diverged run")
-    new = requantized(template if template is not None else layer, dense, bias)
-    error, update = rounding_error(layer, new, delta)
-    logger.debug("merge: %s (%s): requantized; rounding error %.3g (update at most %.3g)", site.name, site.kind,
-                 error, update)
-    return new, error, update
+def record_fold(folded: dict[str, Folded], weight: str, site: str, adapters: tuple[str, ...],
+                old: Union[torch.Tensor, nn.Module], new: Union[torch.Tensor, nn.Module]) -> None:
+    """Record in ``folded`` that ``new`` replaced ``old`` at ``weight``; a site merged before keeps its first
+    original, so unmerge goes back to the graph's own tensor or layer."""
+    prev = folded.get(weight)
+    folded[weight] = Folded(site, (prev.adapters if prev else ()) + adapters, prev.original if prev else old, new,
+                            -1 if isinstance(new, nn.Module) else new._version)
 
 
 def merged_layers(gm: GraphModule, plans: list[LayerPlan], safe_merge: bool = False,
                   templates: Optional[dict[str, nn.Module]] = None,
                   biases: Optional[dict[str, torch.Tensor]] = None) -> dict[str, nn.Module]:
-    """Site weight qualname -> its merged layer, for every plan (nothing installed). ``templates`` / ``biases``
-    (by layer path) give a new layer another layer's settings and hooks, or a bias. The rounding errors are
-    logged: the largest at INFO, each site's at DEBUG."""
+    """Site weight qualname -> its merged layer (nothing installed), quantized like ``templates[path]`` (default:
+    the planned layer) with ``biases[path]``; rounding errors logged (the largest at INFO, each at DEBUG)."""
     out: dict[str, nn.Module] = {}
     worst: tuple[float, float, str] = (-1.0, 0.0, "")
-    for plan in plans:
-        path = layer_path(plan[0].weight)
-        new, error, update = _merged_layer(gm, plan, safe_merge, (templates or {}).get(path),
-                                           (biases or {}).get(path))
-        out[plan[0].weight] = new
-        worst = max(worst, (error, update, plan[0].name))
+    for site, adapters, layer in plans:
+        path = layer_path(site.weight)
+        dense = dequantized_weight(layer).to(torch.float32)
+        delta = add_deltas(torch.zeros(site.out_features, site.in_features, device=dense.device), gm, site, adapters)
+        dense += delta
+        if safe_merge:
+            check_finite(dense, site, adapters, f"its dequantized {site.kind} weight")
+        new = requantized((templates or {}).get(path, layer), dense, (biases or {}).get(path))
+        error, update = rounding_error(layer, new, delta)
+        logger.debug("merge: %s (%s): requantized; rounding error %.3g (update at most %.3g)", site.name, site.kind,
+                     error, update)
+        out[site.weight] = new
+        worst = max(worst, (error, update, site.name))
     if plans:
         error, update, name = worst
         logger.info("merge: requantized %d bitsandbytes site(s); rounding error (max |merged - unmerged| output on "
@@ -137,30 +140,11 @@ def merged_layers(gm: GraphModule, plans: list[LayerPlan], safe_merge: bool = Fa
     return out
 
 
-def install_layers(gm: GraphModule, layers: dict[str, nn.Module], plans: list[LayerPlan],
-                   folded: dict[str, object]) -> None:
-    """Put each merged layer at its site's path and record (in ``folded``) the layer it replaced; a site merged
-    before keeps its first original, so unmerge goes back to the graph's own layer."""
-    for site, adapters, _ in plans:
-        old = set_layer(gm, layer_path(site.weight), layers[site.weight])
-        prev = folded.get(site.weight)
-        prev = prev if isinstance(prev, LayerFolded) else None
-        folded[site.weight] = LayerFolded(site.name, (prev.adapters if prev else ()) + adapters,
-                                          prev.original if prev else old, layers[site.weight])
-
-
-def restore_layers(gm: GraphModule, records: dict[str, LayerFolded]) -> None:
-    """Put back the layers the merges replaced (the graph's own layers, sharing the user's weights)."""
-    for weight, rec in records.items():
-        set_layer(gm, layer_path(weight), rec.original)
-
-
 def baked_layers(model: nn.Module, gm: GraphModule, plans: list[LayerPlan],
                  safe_merge: bool) -> tuple[dict[str, nn.Module], list[str]]:
-    """For ``merge_into``: (layer path -> new layer for ``model``, problems). Every quantized site merged in
-    ``gm`` or planned gets a layer quantized from the graph's unmerged layer plus all its adapters' update
-    (one rounding), with ``model``'s own layer as the template (its settings and hooks) and the graph's bias."""
-    merged = {w: rec for w, rec in adapter_flags(gm).folded.items() if isinstance(rec, LayerFolded)}
+    """For ``merge_into``: (layer path -> new layer for ``model``, problems). Every quantized site merged or planned
+    gets the graph's unmerged layer plus all its adapters' update (one rounding), like ``model``'s own layer."""
+    merged = {w: rec for w, rec in adapter_flags(gm).folded.items() if rec.is_layer}
     by_weight = {site.weight: (site, adapters, layer) for site, adapters, layer in plans}
     sites = {s.weight: s for s in read_sites(gm)} if merged else {}
     for weight, rec in merged.items():
@@ -195,9 +179,7 @@ class Rollback:
     """Restores ``gm``'s graphs, the given tensors and layers and the merge records when the block raises."""
 
     def __init__(self, gm: GraphModule, qualnames: Iterable[str], layers: Iterable[str] = ()) -> None:
-        self.gm = gm
-        self.qualnames = list(qualnames)
-        self.layer_paths = list(layers)
+        self.gm, self.qualnames, self.layer_paths = gm, list(qualnames), list(layers)
 
     def __enter__(self) -> "Rollback":
         with warnings.catch_warnings():
@@ -209,7 +191,7 @@ class Rollback:
         self.saved = (dict(self.flags.merged), dict(self.flags.folded))
         return self
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
+    def __exit__(self, exc_type: object, *exc: object) -> bool:
         if exc_type is not None:
             for g, graph in self.graphs:
                 g.graph = graph  # the setter recompiles
