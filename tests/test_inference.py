@@ -11,7 +11,7 @@ import torch
 import vera_fx
 import vera_fx.state
 from conftest import peft_pair, tiny_llama
-from vera_fx.methods.infer import group_products, latent_products, site_add, site_products
+from vera_fx.methods.infer import group_products, site_add, site_apply
 from vera_fx.passes.infer import INFERENCE_KEY, inference_costs, inference_plan, lower_for_inference
 from vera_fx.sites import ADAPTER_KEY, graph_modules
 from vera_fx.variants import check_form, inference_twin, is_sharded
@@ -127,7 +127,7 @@ def test_pvera_mean_and_sampling_in_the_twin():
     with torch.no_grad():
         mean = ours(input_ids=ids).logits
         _close(mean, pm(input_ids=ids).logits)
-        assert "latent_products" in _targets(_twin(ours))
+        assert "site_apply" in _targets(_twin(ours))
         vera_fx.set_sample_at_inference(ours, True)
         assert not torch.allclose(ours(input_ids=ids).logits, mean)
 
@@ -142,9 +142,10 @@ def test_inference_ops_equal_the_plain_chain():
         y = torch.randn(2, 3, 5)
         plain = y + torch.nn.functional.linear(h * lds[k], b) * lbs[k]
         _close(site_add(y.clone(), u, k, lbs[k], True), plain)
-        _close(site_add(y, site_products(h, b, lds[k]), None, lbs[k], False), plain)
-    z = torch.randn(2, 3, 4)
-    _close(latent_products(b, z), z @ b.T)
+        _close(site_apply(y.clone(), h, b, lds[k], lbs[k], True), plain)
+        _close(site_apply(y, h, b, lds[k], lbs[k], False), plain)
+    z, y = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
+    _close(site_apply(y, z, b, None, lbs[0], False), y + (z @ b.T) * lbs[0])
     y16 = torch.randn(2, 3, 5, dtype=torch.bfloat16)  # dtypes differ: out of place, the plain chain's promotion
     out = site_add(y16, u, 0, lbs[0], True)
     assert out.dtype == torch.float32 and y16.dtype == torch.bfloat16

@@ -23,6 +23,9 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor
+from torch.fx.node import has_side_effect
+
+from .pvera import KLRecord, LazyKL, pvera_record_kl, pvera_reparametrize
 
 
 def group_products(h: Tensor, b: Tensor, *lambda_d: Tensor) -> tuple[Tensor, ...]:
@@ -32,22 +35,61 @@ def group_products(h: Tensor, b: Tensor, *lambda_d: Tensor) -> tuple[Tensor, ...
     return torch.nn.functional.linear(h * scales, b).unbind(0)
 
 
-def site_products(h: Tensor, b: Tensor, lambda_d: Tensor) -> Tensor:
-    """``(h * lambda_d) @ B.T`` for one site (VeRA)."""
-    return torch.nn.functional.linear(h * lambda_d, b)
-
-
-def latent_products(b: Tensor, z: Tensor) -> Tensor:
-    """``z @ B.T`` for one site's latent (PVeRA's sample or mean)."""
-    return torch.nn.functional.linear(z, b)
+def site_apply(y: Tensor, h: Tensor, b: Tensor, lambda_d: Optional[Tensor], lambda_b: Tensor,
+               inplace: bool) -> Tensor:
+    """One site's whole tail as one call: ``y + ((h * lambda_d) @ B.T) * lambda_b`` (VeRA), or with
+    ``lambda_d=None`` ``y + (h @ B.T) * lambda_b`` (PVeRA's sampled or mean latent ``h``); three torch ops."""
+    u = torch.nn.functional.linear(h if lambda_d is None else h * lambda_d, b)
+    return site_add(y, u, None, lambda_b, inplace)
 
 
 def site_add(y: Tensor, u: Union[Tensor, tuple[Tensor, ...]], k: Optional[int], lambda_b: Tensor,
              inplace: bool) -> Tensor:
-    """``y + u[k] * lambda_b`` (``u`` itself when ``k`` is None): in place into ``y`` when ``inplace`` (the lower pass checked ``y`` has no other
-    reader) and the sum keeps ``y``'s dtype and shape, else out of place with the plain chain's type promotion."""
+    """``y + u[k] * lambda_b`` (``u`` itself when ``k`` is None): in place into ``y`` when ``inplace`` (the lower
+    pass checked ``y`` has no other reader) and the sum keeps ``y``'s dtype and shape, else out of place with
+    the plain chain's type promotion."""
     delta = u if k is None else u[k]
     if inplace and y.dtype == delta.dtype == lambda_b.dtype and y.shape == delta.shape and not (
             y.requires_grad and y.is_leaf):
         return y.addcmul_(delta, lambda_b)
     return y + delta * lambda_b
+
+
+class InputKL(LazyKL):
+    """A PVeRA site's KL term in its mean-only inference form, computed on first read from the site's input:
+    ``h = x @ A[:2r, :in].T`` then the term of ``h * lambda_d`` (the forward computed only the mean's r rows).
+    Holds ``x`` (which the group's sites share) and the A slice until read."""
+
+    __slots__ = ("_x", "_a")
+
+    def __init__(self, x: Tensor, a: Tensor, lambda_d: Tensor, r: int) -> None:
+        super().__init__(None, lambda_d, r)  # type: ignore[arg-type]
+        self._x: Optional[Tensor] = x
+        self._a: Optional[Tensor] = a
+
+    def value(self) -> Tensor:
+        if self._value is None and self._h is None:
+            self._h = torch.nn.functional.linear(self._x, self._a)
+            self._x = self._a = None
+        return super().value()
+
+
+def pvera_group_h(x: Tensor, a: Tensor, r: int, training: bool, *samples: bool) -> Tensor:
+    """``h`` of the PVeRA sites reading one ``x``: the mean's rows only, ``x @ A[:r, :in].T``, when none of them
+    samples (eval mode, every ``sample_at_inference`` switch off, read now), else all 2r rows."""
+    return torch.nn.functional.linear(x, a if training or any(samples) else a[:r])
+
+
+def pvera_latent(h: Tensor, lambda_d: Tensor, r: int, training: bool, sample: bool, generator_state: Optional[Tensor],
+                 groups: int, record: KLRecord, key: str, x: Tensor, a: Tensor) -> Tensor:
+    """One PVeRA site's latent at inference from its group's ``h``: the mean ``h * lambda_d[:r]`` when ``h`` holds
+    the mean's rows only (its KL term recorded from ``x``, computed when read: ``InputKL``), else the plain
+    chain's ``mu + eps * exp(logvar / 2)`` or ``mu`` and its KL term."""
+    if h.shape[-1] == r:
+        record.values[key] = InputKL(x, a, lambda_d.clone(), r)
+        return h * lambda_d[:r]
+    hd = h * lambda_d
+    mu, logvar = hd[..., :r], hd[..., r:]
+    z = pvera_reparametrize(mu, logvar, training, sample, generator_state, groups)
+    pvera_record_kl(mu, logvar, record, key)
+    return z

@@ -6,8 +6,8 @@ for backward, so the lean, fused and weight paths' trade-offs do not apply. Per 
 adapter that read one ``h = x @ A.T`` and one slice of ``B``) the lower pass emits the calls of
 vera_fx/methods/infer.py: one ``group_products`` node (every site's ``h * lambda_d`` at once, one ``mm``
 against ``B``) and per site a ``site_add`` (``y + u[k] * lambda_b``, in place into the base output where
-allowed). PVeRA's sites keep their sampling nodes (``sample_at_inference`` is a run-time switch) and take
-``latent_products`` from their latent, one site at a time.
+allowed); a site alone (or every site, in the per-site form) is one ``site_apply`` node. PVeRA's sites keep
+their sampling nodes (``sample_at_inference`` is a run-time switch) and apply their latent one site at a time.
 
 The cost model (``inference_costs``), per group of ``n`` sites of width ``out`` reading one ``B`` slice
 (``out x r``) with ``T`` tokens per call: both forms make the same ``n T r out`` multiply-adds; the per-site
@@ -25,13 +25,15 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+import torch
 from torch.fx import GraphModule, Node
 
-from ..methods.infer import group_products, latent_products, site_add, site_products
+from ..methods.infer import group_products, pvera_group_h, pvera_latent, site_add, site_apply
 from ..sites import ADAPTER_KEY
 from .chains import Chain, hoist, inplace_target, tag_node
 
 logger = logging.getLogger(__name__)
+aten = torch.ops.aten
 
 INFERENCE_KEY = "vera_fx_inference"  # root gm.meta: the inference form this graph tree is built in
 FORMS = ("batched", "site")
@@ -59,48 +61,66 @@ def inference_plan(tokens: int, r: int, out: int, n: int, form: str = "batched")
     return "batched" if costs["batched"] < costs["site"] else "site"
 
 
-def _lower_batched(gm: GraphModule, members: list[Chain]) -> None:
-    """One ``group_products`` node for VeRA sites sharing ``h`` and ``B``, then a ``site_add`` per site."""
-    graph = gm.graph
+def _tail(gm: GraphModule, members: list[Chain], h: Node, lambdas: list[Node], plan: str) -> None:
+    """The group's products from ``h`` (with each site's ``lambda_d`` node in ``lambdas``) and each site's add:
+    ``plan="batched"``: one ``group_products`` node, then a ``site_add`` per site; else one ``site_apply`` per
+    site. Each site's add node becomes its tail (its name and tags stay: walkers read y as its args[0])."""
+    graph, b = gm.graph, members[0].nodes["xAB"].args[1]
+    u: Optional[Node] = None
+    if plan == "batched":
+        order = {n: k for k, n in enumerate(graph.nodes)}
+        first = min((c.add for c in members), key=order.__getitem__)
+        moved: set[Node] = set()
+        for n in (h, b, *lambdas):
+            hoist(n, first, order, moved)
+        with graph.inserting_before(first):
+            u = graph.call_function(group_products, (h, b, *lambdas))
+        tag_node(u, members[0], "adapter", "products", "inference")
+        u.meta[ADAPTER_KEY]["bases"] = [c.site.base.name for c in members]
+    for k, (c, lam_d) in enumerate(zip(members, lambdas)):
+        add = c.add
+        y, lam_b = add.args[0], c.nodes["scale_b"].args[1]
+        add.target = site_add if u is not None else site_apply
+        add.args = (y, u, k, lam_b, inplace_target(y)) if u is not None else (
+            y, h, b, lam_d, lam_b, inplace_target(y))
+        add.kwargs = {}
+        add.meta[ADAPTER_KEY]["path"] = "inference"
+
+
+def _erase(gm: GraphModule, nodes: list[Node]) -> None:
+    """Erase ``nodes`` (users first) and then the sampling switches they read, left without a reader."""
+    inputs: list[Node] = []
+    for n in nodes:
+        inputs += [a for a in n.all_input_nodes if (a.meta.get(ADAPTER_KEY) or {}).get("role") == "sampling"]
+        gm.graph.erase_node(n)
+    for a in dict.fromkeys(inputs):
+        if not a.users:
+            gm.graph.erase_node(a)
+
+
+def _lower_pvera(gm: GraphModule, chains: list[Chain]) -> None:
+    """PVeRA's sites reading one ``h`` (one ``x``): ``h`` becomes ``pvera_group_h`` (the mean's r rows when no site
+    samples, decided at run time, so ``sample_at_inference`` and Monte Carlo's switches need no other graph),
+    each site's sampling nodes one ``pvera_latent`` call and its tail one ``site_apply``."""
+    graph, h, r = gm.graph, chains[0].h, chains[0].state.config.r
+    x, a = h.args[0], h.args[1]
+    training = chains[0].nodes["sample"].args[2]
+    switches = [c.nodes["sample"].args[3] for c in chains]
     order = {n: k for k, n in enumerate(graph.nodes)}
-    first = min((c.add for c in members), key=order.__getitem__)
-    h, b = members[0].h, members[0].nodes["xAB"].args[1]
-    lambdas = [c.nodes["scale_d"].args[1] for c in members]
     moved: set[Node] = set()
-    for n in (h, b, *lambdas):
-        hoist(n, first, order, moved)
-    with graph.inserting_before(first):
-        u = graph.call_function(group_products, (h, b, *lambdas))
-    tag_node(u, members[0], "adapter", "products", "inference")
-    u.meta[ADAPTER_KEY]["bases"] = [c.site.base.name for c in members]
-    for k, c in enumerate(members):
-        _retarget_add(c, u, k)
-        for name in ("scale_b", "xAB", "scale_d"):
-            graph.erase_node(c.nodes[name])
-
-
-def _lower_site(gm: GraphModule, c: Chain) -> None:
-    """One site alone: VeRA's ``site_products``, PVeRA's ``latent_products`` of its latent."""
-    graph, nd = gm.graph, c.nodes
-    b = nd["xAB"].args[1]
-    probabilistic = c.state.method.probabilistic
-    with graph.inserting_before(c.add):
-        if probabilistic:  # the sampling nodes stay: sample_at_inference is read at run time
-            u = graph.call_function(latent_products, (b, nd["xAB"].args[0]))
-        else:
-            u = graph.call_function(site_products, (c.h, b, nd["scale_d"].args[1]))
-    tag_node(u, c, "adapter", "products", "inference")
-    _retarget_add(c, u, None)
-    for name in ("scale_b", "xAB") if probabilistic else ("scale_b", "xAB", "scale_d"):
-        graph.erase_node(nd[name])
-
-
-def _retarget_add(c: Chain, u: Node, k: Optional[int]) -> None:
-    add = c.add  # the add node becomes the site's add (its name and tags stay: walkers read y as its args[0])
-    y, lam_b = add.args[0], c.nodes["scale_b"].args[1]
-    add.target = site_add
-    add.args, add.kwargs = (y, u, k, lam_b, inplace_target(y)), {}
-    add.meta[ADAPTER_KEY]["path"] = "inference"
+    for n in (training, *switches):
+        hoist(n, h, order, moved)
+    h.target, h.args, h.kwargs = pvera_group_h, (x, a, r, training, *switches), {}
+    h.meta[ADAPTER_KEY]["path"] = "inference"
+    for c in chains:
+        nd = c.nodes
+        with graph.inserting_before(nd["xAB"]):  # after the KL record's inputs
+            z = graph.call_function(pvera_latent, (h, nd["scale_d"].args[1], r, *nd["sample"].args[2:6],
+                                                   *nd["kl"].args[2:4], x, a))
+        tag_node(z, c, "sampling", "latent", "inference")
+        nd["sample"].replace_all_uses_with(z)
+        _tail(gm, [c], z, [None], "site")  # type: ignore[list-item]
+        _erase(gm, [nd[k] for k in ("kl", "scale_b", "xAB", "sample", "mu", "logvar", "scale_d")])
 
 
 def lower_for_inference(gm: GraphModule, chains: list[Chain], form: str = "batched",
@@ -109,18 +129,21 @@ def lower_for_inference(gm: GraphModule, chains: list[Chain], form: str = "batch
     site calls changed. ``tokens``: the tokens per call the plan assumes (1, decoding, when not given)."""
     if form not in FORMS:
         raise ValueError(f"inference form {form!r} is not one of {list(FORMS)}")
-    groups: dict[tuple[str, str, str], list[Chain]] = {}
-    for c in chains:
+    groups: dict[tuple, list[Chain]] = {}
+    for c in chains:  # a group: one h, one adapter, one B slice (PVeRA: one h)
         b = c.nodes["xAB"].args[1]
-        groups.setdefault((c.h.name, c.adapter, b.name if isinstance(b, Node) else repr(b)), []).append(c)
+        probabilistic = c.state.method.probabilistic
+        key = (c.h.name, c.adapter) if probabilistic else (c.h.name, c.adapter, b.name if isinstance(b, Node) else b)
+        groups.setdefault(key, []).append(c)
     for members in groups.values():
         st = members[0].state
-        plan = inference_plan(tokens or 1, st.config.r, members[0].site.out_features, len(members), form)
-        if plan == "batched" and not st.method.probabilistic:
-            _lower_batched(gm, members)
+        if st.method.probabilistic:
+            _lower_pvera(gm, members)
+            plan = "site"
         else:
-            for c in members:
-                _lower_site(gm, c)
+            plan = inference_plan(tokens or 1, st.config.r, members[0].site.out_features, len(members), form)
+            _tail(gm, members, members[0].h, [c.nodes["scale_d"].args[1] for c in members], plan)
+            _erase(gm, [c.nodes[k] for c in members for k in ("scale_b", "xAB", "scale_d")])
         logger.debug("lower (inference): %s at %s (%d sites): %s", members[0].adapter, members[0].site.name,
                      len(members), plan)
     return len(chains)
