@@ -1,20 +1,14 @@
 """Bank pass: a mixed-adapter graph, in which every row of the batch runs with its own adapter.
 
-Built from an adapted graph (it is left unchanged): the base graph is copied without adapter nodes and a new
-input ``vera_fx_adapter_index`` (one int64 per row) is added. Adapters are grouped into banks by (method,
-r); all adapters of a method share one pair of projections (``shared_projections``), so at every site each
-bank emits the method's own nodes once, over the whole batch -- ``x @ A.T`` and ``B @ (...)`` are shared by
-all rows -- and each lambda get_attr becomes one gather from a bank stacked in the graph:
-``index_select(stack([lambda of member 0, ..., member n-1, zeros]), 0, row_index)``. Stacking at call time
-reads the very ``nn.Parameter`` objects of the adapters, so training an adapter (through the ordinary
-graph) changes what the mixed graph computes, with no re-build. Row ``k`` of the index is adapter ``k`` of
-``bank_order(gm)``; ``len(order)`` is the base model (PEFT's ``"__base__"``). A row whose adapter is not a
-member of a bank (another method or r, or an adapter that does not target the site) gathers the zero row
-there, so its delta is exactly zero and it equals its own adapter's single-adapter output.
-
-Per-site run-time state that is not a lambda (PVeRA's sampling switches and noise streams) is passed to the
-method's per-row function (``Method.per_row_function``) as one value per member. The mixed graph is for
-inference: it shares the adapters' state and the base weights with the adapted graph it was built from.
+Built from an adapted graph (left unchanged): its base graph copied without adapter nodes, plus an input
+``vera_fx_adapter_index`` (one int64 per row: ``k`` is adapter ``k`` of ``bank_order(gm)``, ``len(order)`` the
+base model, PEFT's ``"__base__"``). Adapters are grouped into banks by (method, r); a method's adapters share
+their projections, so at every site each bank emits the method's nodes once over the whole batch and each
+lambda get_attr becomes a gather from a bank stacked at call time, ``index_select(stack([lambda of member 0,
+..., zeros]), 0, rows)``: the adapters' own ``nn.Parameter`` objects, so training one through the ordinary
+graph changes the mixed graph too. A row whose adapter is not in a bank gathers the zero row (a delta of
+exactly zero). Other per-site state (PVeRA's switches and noise streams) goes to the method's
+``per_row_function`` as one value per member. For inference; weights and adapter state are shared.
 """
 
 from __future__ import annotations
@@ -44,28 +38,16 @@ INDEX_INPUT = "vera_fx_adapter_index"  # the mixed graph's extra input: one adap
 BANK_META = "vera_fx_bank"  # mixed graph's meta: {"order": [...], "banks": {label: members}}
 
 
-def _states(gm: GraphModule) -> dict[str, AdapterState]:
-    return dict(adapters_of(gm).items())
-
-
 def bank_order(gm: GraphModule) -> list[str]:
     """The adapters in index order: row index ``k`` is ``bank_order(gm)[k]``; ``len(order)`` is the base."""
-    return list(_states(gm))
-
-
-def bank_groups(gm: GraphModule) -> dict[str, list[str]]:
-    """Bank label (``"<method>_r<r>"``) -> its member adapters, in index order."""
-    groups: dict[str, list[str]] = {}
-    for name, state in _states(gm).items():
-        groups.setdefault(f"{state.method_name}_r{state.config.r}", []).append(name)
-    return groups
+    return list(adapters_of(gm))
 
 
 def check_bankable(gm: GraphModule) -> None:
     """ValueError when the adapters of ``gm`` cannot run as a mixed batch (none, merged, or with state that
     is not per row: ``modules_to_save`` copies and trained biases)."""
-    states = _states(gm)
-    if not states:
+    states = adapters_of(gm)
+    if not len(states):
         raise ValueError("this graph has no adapter: load some with vera_fx.load_adapter / load_adapters first")
     merged = sorted(merged_adapters(gm))
     if merged:
@@ -81,12 +63,9 @@ def check_bankable(gm: GraphModule) -> None:
 
 
 class BankEmitter(Emitter):
-    """An Emitter that turns a method's per-adapter reads into per-row reads over a bank's members.
-
-    Lambda get_attrs become a gather from the stacked lambdas (rows broadcast over the middle dims); other
-    per-site state becomes a list with one node (or None) per member; calls go through the method's
-    ``per_row_function``, which gets the rows' bank index as ``index=``.
-    """
+    """An Emitter that turns a method's per-adapter reads into per-row reads over a bank's members: lambdas
+    are gathered from their stack (rows broadcast over the middle dims), other per-site state is a list with
+    a node (or None) per member, and calls go through ``per_row_function`` with the rows' index as ``index=``."""
 
     def __init__(self, graph: Graph, after: Node, site: Site, label: str, states: dict[str, AdapterState],
                  members: list[str], index: Node, ndim: int) -> None:
@@ -162,11 +141,8 @@ def _copy_without_adapters(gm: GraphModule) -> tuple[Graph, Node]:
 
 
 def _batch_size(graph: Graph) -> Any:
-    for n in graph.nodes:
-        val = n.meta.get("val")
-        if n.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() >= 1:
-            return val.shape[0]
-    return None
+    vals = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
+    return next((v.shape[0] for v in vals if isinstance(v, torch.Tensor) and v.dim() >= 1), None)
 
 
 def _batch_of_block(call: Node, block_graph: Graph, batch: Any) -> Any:
@@ -188,7 +164,7 @@ class _Banker:
                  groups: dict[str, list[str]]) -> None:
         self.mixed, self.graph, self.index, self.batch = mixed, mixed.graph, index, batch
         self.order, self.groups = order, groups
-        self.states = _states(mixed)  # the root's states, or a block's views of them
+        self.states = adapters_of(mixed)  # the root's states, or a block's views of them
         self.device = next((p.device for p in mixed.parameters()), torch.device("cpu"))
         self.first_op = index.next  # the bank index nodes go right after the index input
         self.local_index: dict[tuple[int, ...], Node] = {}
@@ -243,17 +219,15 @@ class _Banker:
 
 
 def build_mixed_graph(gm: GraphModule) -> GraphModule:
-    """The mixed-adapter graph of ``gm``: its inputs plus ``vera_fx_adapter_index`` (int64, one per row).
-
-    Block-structured graphs get a mixed copy of every block, called with the index as one more argument.
-    Shares the base weights and the adapter state with ``gm`` (nothing is copied); ``gm`` is unchanged.
-    ValueError when ``check_bankable`` refuses, or when a site's input does not start with the batch
-    dimension (its rows could not choose an adapter).
-    """
+    """The mixed-adapter graph of ``gm``: its inputs plus ``vera_fx_adapter_index`` (int64, one per row); each
+    block gets a mixed copy, called with the index as one more argument. Shares the base weights and adapter
+    state with ``gm``, which is unchanged. ValueError when ``check_bankable`` refuses, or when a site's input
+    does not start with the batch dimension (its rows could not choose an adapter)."""
     check_bankable(gm)
-    states = _states(gm)
-    order = list(states)
-    groups = bank_groups(gm)
+    order = bank_order(gm)
+    groups: dict[str, list[str]] = {}  # bank label "<method>_r<r>" -> its members, in index order
+    for name, state in adapters_of(gm).items():
+        groups.setdefault(f"{state.method_name}_r{state.config.r}", []).append(name)
     merged = adapter_flags(gm).merged
     sampling = sampling_by_site(gm)
     graph, index = _copy_without_adapters(gm)
