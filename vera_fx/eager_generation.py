@@ -1,14 +1,11 @@
-"""Generation through transformers' own ``generate`` loop, with the adapters added at their sites, and the setup
-both generation paths share (inputs, the live layout, weight binding, adapter nodes for inference).
+"""Generation through transformers' own ``generate`` loop with the adapters hooked at their sites, and the
+setup both generation paths share (inputs, the live layout, weight binding, adapter nodes for inference).
 
-For the models the decode graph (vera_fx/generation.py) does not cover: encoder-decoder models (T5, BART,
-Whisper: the encoder runs once, cross-attention keys are cached), bitsandbytes models (their layers run as
-themselves) and sliding-window models past the window. The user's model runs eagerly; every site module with a
-live adapter gets a forward hook calling a *site graph* ``(x, y) -> y + adapter(x)`` whose nodes
-``emit_adapter`` emits over the training graph's own adapter state, so a training step, ``set_adapter``, a
-disabled or merged adapter or a sampling switch is seen by the next ``generate`` without re-capturing. During
-the call the model computes with the training graph's parameters (merged weights, trained biases, the live
-adapters' ``modules_to_save`` copies); they and the modules' training flags are put back on exit.
+For what the decode graph (generation.py) does not cover: encoder-decoder models (T5, BART, Whisper),
+bitsandbytes models and sliding windows past the window. Each site module with a live adapter gets a forward
+hook calling a *site graph* ``(x, y) -> y + adapter(x)`` emitted over the training graph's own adapter state, so
+training or an adapter switch is seen without re-capturing. During the call the model computes with the
+training graph's parameters (and ``modules_to_save`` copies); they and its modes are put back on exit.
 """
 
 from __future__ import annotations
@@ -120,23 +117,21 @@ def site_graph(container: nn.Module, site: Site, adapters: Sequence[str], x_dtyp
     return gm
 
 
-class _SiteHook:
+def _site_hook(container: nn.Module, site: Site, adapters: Sequence[str]) -> Callable[..., Any]:
     """Forward hook of one site module: adds the live adapters to its output (one site graph per dtypes)."""
+    graphs: dict[tuple[torch.dtype, torch.dtype], GraphModule] = {}
 
-    def __init__(self, container: nn.Module, site: Site, adapters: Sequence[str]) -> None:
-        self.container, self.site, self.adapters = container, site, tuple(adapters)
-        self.graphs: dict[tuple[torch.dtype, torch.dtype], GraphModule] = {}
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         x = args[0] if args else next(iter(kwargs.values()))
         if not isinstance(output, torch.Tensor) or not isinstance(x, torch.Tensor):
-            raise TypeError(f"site {self.site.name!r}: {type(module).__name__} takes or returns something other "
+            raise TypeError(f"site {site.name!r}: {type(module).__name__} takes or returns something other "
                             f"than one tensor ({type(x).__name__} -> {type(output).__name__}); generate adds "
                             "adapters to linear-like modules only")
-        key = (x.dtype, output.dtype)
-        if key not in self.graphs:
-            self.graphs[key] = site_graph(self.container, self.site, self.adapters, *key)
-        return self.graphs[key](x, output)
+        if (x.dtype, output.dtype) not in graphs:
+            graphs[x.dtype, output.dtype] = site_graph(container, site, adapters, x.dtype, output.dtype)
+        return graphs[x.dtype, output.dtype](x, output)
+
+    return hook
 
 
 def _site_module(model: nn.Module, name: str) -> nn.Module:
@@ -166,7 +161,7 @@ def adapter_hooks(gm: GraphModule, model: nn.Module) -> Iterator[int]:
     handles = []
     try:
         for name, module in modules.items():
-            hook = _SiteHook(getattr(gm, CONTAINER, None), records[name], per_site[name])
+            hook = _site_hook(getattr(gm, CONTAINER, None), records[name], per_site[name])
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
         yield len(handles)
     finally:
@@ -174,8 +169,16 @@ def adapter_hooks(gm: GraphModule, model: nn.Module) -> Iterator[int]:
             h.remove()
 
 
-def check_inputs(input_ids: Any, attention_mask: Any) -> torch.Tensor:
-    """ValueError unless ``input_ids`` is (batch, length) integers; returns the mask (ones when None)."""
+def model_inputs(source: nn.Module, input_ids: Any, attention_mask: Any) -> dict[str, torch.Tensor]:
+    """The model's inputs from generate's first two arguments: ``input_ids`` (batch, length) and its mask (ones
+    when None), or for a model whose main input is audio features (Whisper) those features."""
+    main = getattr(source, "main_input_name", "input_ids")
+    if main != "input_ids":
+        if not isinstance(input_ids, torch.Tensor) or not input_ids.is_floating_point() or input_ids.dim() != 3:
+            raise ValueError(f"{type(source).__name__} generates from {main} (batch, channels, frames), a float "
+                             f"tensor given as the first argument; got {type(input_ids).__name__}"
+                             f"{tuple(getattr(input_ids, 'shape', ()))}")
+        return {main: input_ids, **({"attention_mask": attention_mask} if attention_mask is not None else {})}
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
             torch.long, torch.int32):
         raise ValueError(f"input_ids must be an integer tensor of shape (batch, length), got "
@@ -183,24 +186,11 @@ def check_inputs(input_ids: Any, attention_mask: Any) -> torch.Tensor:
     if input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
         raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: give at least one token per sequence")
     if attention_mask is None:
-        return torch.ones_like(input_ids, dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids, dtype=torch.long)}
     if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, got "
                          f"{tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask).__name__}")
-    return attention_mask.to(dtype=torch.long)
-
-
-def model_inputs(source: nn.Module, input_ids: Any, attention_mask: Any) -> dict[str, torch.Tensor]:
-    """The model's inputs from generate's first two arguments: ``input_ids`` and its mask, or for a model whose
-    main input is audio features (Whisper) those features (given as the first argument)."""
-    main = getattr(source, "main_input_name", "input_ids")
-    if main == "input_ids":
-        return {"input_ids": input_ids, "attention_mask": check_inputs(input_ids, attention_mask)}
-    if not isinstance(input_ids, torch.Tensor) or not input_ids.is_floating_point() or input_ids.dim() != 3:
-        raise ValueError(f"{type(source).__name__} generates from {main} (batch, channels, frames), a float tensor "
-                         f"given as the first argument; got {type(input_ids).__name__}"
-                         f"{tuple(getattr(input_ids, 'shape', ()))}")
-    return {main: input_ids, **({"attention_mask": attention_mask} if attention_mask is not None else {})}
+    return {"input_ids": input_ids, "attention_mask": attention_mask.to(dtype=torch.long)}
 
 
 def eager_reason(source: nn.Module, gm: GraphModule, total: Optional[int],

@@ -1,19 +1,17 @@
 """Text generation through the adapted graph, with a KV cache.
 
-``generate(gm, input_ids, ...)`` runs a *decode graph*: the user's causal LM wrapped with a transformers
-``StaticCache`` held as buffers, exported once (non-strict) per batch size and cache length (a bucket), matched,
-and given the nodes of the live adapters **over the training graph's adapter state** (its ``vera_fx_adapters``
-container and base weights), so a training step or an adapter switch changes what ``generate`` produces
-without re-capturing. Its inputs are ``input_ids`` (B, q), a 2D ``attention_mask`` over the cache positions,
-``position_ids`` (B, q) and ``cache_position`` (q,), q dynamic in [1, L]: one graph serves the prefill and every
-decode step, writing keys and values in place; the 2D mask and transformers' position rule make left padding
-work. The model is ``gm.meta["vera_fx_source_model"]`` (set by ``capture``) or ``generate(..., model=...)``;
-only its architecture is used, its weights are the graph's. Models it cannot cover run transformers' own loop
-(vera_fx/eager_generation.py).
+``generate`` runs a *decode graph*: the user's causal LM with a transformers ``StaticCache`` held as buffers,
+exported once per batch size and cache length (a bucket) with the query length dynamic (one graph serves the
+prefill and every step, writing keys and values in place; a 2D mask over the cache makes left padding work),
+then given the live adapters' nodes over the training graph's adapter state and weights, so training or an
+adapter switch changes its output without re-capturing. The model is the one ``capture`` recorded
+(``gm.meta["vera_fx_source_model"]``) or ``generate(..., model=...)``; only its architecture is used. Models the
+decode graph cannot cover run transformers' own loop (vera_fx/eager_generation.py).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
@@ -39,11 +37,9 @@ from .sites import MODEL_INFO_KEY, SITE_KEY, as_graph_module, model_info, read_s
 
 logger = logging.getLogger(__name__)
 
-# Keyword arguments of ``generate`` beyond input_ids / attention_mask, named in the error for any other.
-SUPPORTED_KWARGS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
-                    "generator", "seed", "model", "compile")
 _PREFIX = "model."  # the user's model sits at ``model`` inside the decode wrapper
 _MIN_BUCKET = 64
+_CACHE_TENSORS = ("keys", "values", "cumulative_length")  # of each cache layer, registered as buffers
 # transformers' cache and generation modules are imported where used (about 2.7 s on a first import).
 
 
@@ -74,17 +70,14 @@ class _DecodeModule(nn.Module):
         weight = next(p for p in model.parameters() if p.is_floating_point())
         self.cache.early_initialization(batch_size, num_heads, head_dim, weight.dtype, weight.device)
         for i, layer in enumerate(self.cache.layers):
-            self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
-            self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
-            self.register_buffer(f"cumulative_length_{i}", layer.cumulative_length, persistent=False)
+            for attr in _CACHE_TENSORS:
+                self.register_buffer(f"{attr}_{i}", getattr(layer, attr), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 cache_position: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.cache.layers):
-            # Non-strict export swaps the module's buffers for traced ones: point the cache at them.
-            layer.keys = getattr(self, f"key_cache_{i}")
-            layer.values = getattr(self, f"value_cache_{i}")
-            layer.cumulative_length = getattr(self, f"cumulative_length_{i}")
+            for attr in _CACHE_TENSORS:  # non-strict export swaps the buffers for traced ones: use those
+                setattr(layer, attr, getattr(self, f"{attr}_{i}"))
             layer.cumulative_length.copy_(cache_position[0])
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=self.cache, use_cache=True, logits_to_keep=1)
@@ -99,15 +92,14 @@ def check_can_generate(model: nn.Module) -> None:
     name = type(model).__name__
     if not isinstance(model, PreTrainedModel):
         raise ValueError(f"generate needs a transformers causal LM (…ForCausalLM / …LMHeadModel), got {name}")
-    cfg = model.config
     if not model.can_generate() or model.get_output_embeddings() is None:
         raise ValueError(f"{name} cannot generate text: it has no language-model head (it is an encoder or a "
                          "classifier). generate supports causal LMs (…ForCausalLM / …LMHeadModel, e.g. Llama, "
                          "GPT-2, Mistral) and encoder-decoder models (…ForConditionalGeneration: T5, BART, Whisper)")
-    if getattr(cfg, "is_encoder_decoder", False):
+    if getattr(model.config, "is_encoder_decoder", False):
         return
     try:
-        get_head_shapes(cfg.get_text_config())
+        get_head_shapes(model.config.get_text_config())
     except Exception as e:  # configs without attention head counts
         raise ValueError(f"{name}: cannot size a key/value cache from its config ({e}); generate supports "
                          "attention decoders such as Llama, GPT-2, OPT, Mistral, Qwen2") from e
@@ -123,9 +115,8 @@ def cache_bucket(length: int) -> int:
 
 
 def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len: int) -> GraphModule:
-    """Export ``model`` with a static KV cache of ``batch_size`` x ``max_cache_len`` and tag its sites under the
-    model's own names (the wrapper's ``model.`` prefix removed), so the training graph's adapter state fits.
-    The model's modes and ``requires_grad`` flags are left as they were."""
+    """Export ``model`` with a static KV cache of ``batch_size`` x ``max_cache_len``; its sites are tagged under
+    the model's own names, so the training graph's adapter state fits (the model's flags are left as they were)."""
     check_can_generate(model)
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(f"{type(model).__name__} is an encoder-decoder model: the decode graph is for decoder-only "
@@ -170,10 +161,8 @@ def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len:
 
 
 def bind_adapter_state(decode: GraphModule, gm: GraphModule) -> bool:
-    """Make ``decode`` compute what ``gm`` computes: ``gm``'s adapter set registered on it, ``gm``'s base
-    weights, and the nodes of ``gm``'s live adapters for inference. A live layout (active adapters, disabled,
-    merged sites) seen before puts its built graph back (``GraphVersions``); a new one is emitted once. Returns
-    whether the graph changed."""
+    """Make ``decode`` compute what ``gm`` does (its adapter set, base weights and live adapters' nodes); a live
+    layout seen before puts its built graph back (``GraphVersions``). Returns whether the graph changed."""
     container = adapter_container(gm)
     layout = live_layout(gm)
     bind_parameters(decode, gm, [name for name, _ in layout], prefix=_PREFIX)
@@ -251,20 +240,16 @@ def generate(gm: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[to
              eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
              generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
              model: Optional[nn.Module] = None, compile: bool = False, **kwargs: Any) -> torch.Tensor:
-    """Generate up to ``max_new_tokens`` tokens per sequence with the adapted graph ``gm`` and a KV cache.
-
-    Returns the prompt followed by the new tokens, as transformers' ``generate`` does; prompts may be
-    left-padded. Greedy by default; ``do_sample=True`` samples with ``temperature`` / ``top_k`` / ``top_p``
-    (unset ones from the model's ``generation_config``) from ``generator``, a generator seeded with ``seed``,
-    or torch's global one. Sequences that produced ``eos_token_id`` (default: the model's) are padded with
-    ``pad_token_id`` (default: the model's, else eos) and generation stops when all have. ``compile=True`` runs
-    the decode steps through ``torch.compile``. Inference mode: no dropout; PVeRA samples only where
-    ``sample_at_inference`` is on (each sequence draws its own noise).
-    """
+    """Up to ``max_new_tokens`` tokens per sequence from the adapted graph ``gm`` with a KV cache, returned after
+    the (possibly left-padded) prompt as transformers' ``generate`` does. Greedy, or ``do_sample`` with
+    ``temperature`` / ``top_k`` / ``top_p`` (unset: the model's ``generation_config``) from ``generator``, a
+    generator seeded with ``seed`` or torch's. Finished sequences (``eos_token_id``) get ``pad_token_id``.
+    ``compile=True`` compiles the decode step. No dropout; PVeRA samples where ``sample_at_inference`` is on."""
     if kwargs:
-        raise TypeError(f"generate() got unsupported keyword arguments {sorted(kwargs)}; supported: input_ids, "
-                        f"attention_mask, {', '.join(SUPPORTED_KWARGS)}. For beam search or other strategies, "
-                        "vera_fx.merge_into(model, gm) and use model.generate")
+        supported = [n for n in inspect.signature(generate).parameters if n not in ("gm", "kwargs")]
+        raise TypeError(f"generate() got unsupported keyword arguments {sorted(kwargs)}; supported: "
+                        f"{', '.join(supported)}. For beam search or other strategies, vera_fx.merge_into(model, gm) "
+                        "and use model.generate")
     inner = as_graph_module(gm, "generate")
     source = _source_model(inner, model)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -301,8 +286,8 @@ def generate(gm: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[to
 def _decode_loop(graph: GraphModule, step: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
                  max_len: int, processors: Optional[LogitsProcessorList], generator: Optional[torch.Generator],
                  eos: Optional[list[int]], pad: Optional[int]) -> torch.Tensor:
-    """Prefill the prompt through ``graph``, then decode one token per ``step`` call: greedy, or sampled
-    through ``processors``; finished sequences get ``pad``."""
+    """Prefill the prompt through ``graph``, then one token per ``step`` call (greedy, or sampled through
+    ``processors``); finished sequences get ``pad``."""
     batch, prompt_len = ids.shape
     device = ids.device
     cache_mask = torch.zeros(batch, max_len, dtype=torch.long, device=device)

@@ -40,9 +40,8 @@ from .state import (adapter_container, adapters_of, attach_state, block_site_nam
 logger = logging.getLogger(__name__)
 
 def mixed_graph(gm: nn.Module) -> GraphModule:
-    """The mixed-adapter graph of ``gm`` (inputs + ``vera_fx_adapter_index``), built once per adapter set:
-    rebuilt when adapters are added or deleted, not when one trains (it stacks the adapters' own lambda
-    parameters at call time). ValueError when the adapters cannot be mixed (``check_bankable``)."""
+    """The mixed-adapter graph of ``gm`` (inputs + ``vera_fx_adapter_index``), built once per adapter set (not
+    again when one trains: it stacks the adapters' own lambdas at call time); ValueError: ``check_bankable``."""
     inner = as_graph_module(gm)
     check_bankable(inner)
     container = adapters_of(inner)  # the mixed graph reads the adapters by name: their structure is its key
@@ -91,20 +90,12 @@ def _mixed_inputs(inner: GraphModule, adapter_names: Sequence[str], args: tuple,
 
 @reads_state
 def mixed_adapter_forward(gm: nn.Module, adapter_names: Sequence[str], *args: Any, **kwargs: Any) -> Any:
-    """One forward of a batch in which row ``i`` uses adapter ``adapter_names[i]`` (what
-    ``m(**inputs, adapter_names=[...])`` routes to).
-
-    - ``gm``: an adapted graph (or its torch.compile wrapper) in eval mode; ``args`` / ``kwargs``: its inputs,
-      with ``len(adapter_names)`` rows in the first dimension.
-    - ``adapter_names``: a loaded adapter per row, or ``"__base__"`` for the base model. Each row's output
-      equals that row run alone with its adapter active (within float rounding); PVeRA rows sample with their
-      own adapter's switches and, when seeded, its own noise stream (rows of one adapter draw in row order).
-      Adapters of different methods or ranks are separate banks; a row gets zero from the others.
-    - Returns what the graph returns; the active adapter list is ignored and not changed.
-    - ValueError: unknown name (the message lists the loaded adapters), a row count that is not the batch,
-      training mode (mixed batches are for inference, as in PEFT), merged adapters (unmerge first), adapters
-      with ``modules_to_save`` or trained biases. TypeError: ``adapter_names`` not a list of str.
-    """
+    """One forward (in eval mode) of a batch in which row ``i`` uses adapter ``adapter_names[i]`` (``"__base__"``:
+    the base model), what ``m(**inputs, adapter_names=[...])`` routes to. Each row equals that row run alone
+    with its adapter active; PVeRA rows sample with their adapter's switches and, when seeded, its noise stream
+    (rows of one adapter draw in row order). The active adapter list is ignored and not changed. ValueError:
+    unknown names, a row count that is not the batch, training mode, merged adapters, adapters with
+    ``modules_to_save`` or trained biases; TypeError: ``adapter_names`` not a list of str."""
     inner = as_graph_module(gm)
     if inner.training:
         raise ValueError("adapter_names= runs a mixed-adapter batch, which is for inference (as in PEFT): call "
@@ -132,15 +123,6 @@ def _new_state(gm: GraphModule, config: AdapterConfig, sites_cache: dict, projec
     if projections_cache.get(proj_key) is None:
         projections_cache[proj_key] = shared_projections(gm, config, method, in_max, out_max)
     return new_state(gm, config, chosen, projections_cache[proj_key], trainable=False)
-
-
-def _check_new_names(container: nn.Module, folders: Mapping[str, PathLike]) -> None:
-    for name in folders:
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ValueError(f"adapter name {name!r} is invalid: use a Python identifier such as 'task_a'")
-        if name in container or name == BASE_ADAPTER:
-            raise ValueError(f"adapter name {name!r} is already on this graph (or reserved); choose another name "
-                             "or delete it first")
 
 
 def _load_one(inner: GraphModule, name: str, folder: PathLike, caches: tuple[dict, dict],
@@ -182,7 +164,12 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
     had_container = getattr(inner, CONTAINER, None) is not None
     container = adapter_container(inner)
     existing = list(container)
-    _check_new_names(container, folders)
+    for name in folders:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"adapter name {name!r} is invalid: use a Python identifier such as 'task_a'")
+        if name in container or name == BASE_ADAPTER:
+            raise ValueError(f"adapter name {name!r} is already on this graph (or reserved); choose another name "
+                             "or delete it first")
     if not any(SITE_KEY in n.meta for g in graph_modules(inner) for n in g.graph.nodes):
         MatchPass()(inner)
     old_active = adapter_flags(inner).active
@@ -216,17 +203,6 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
 
 
 # --- export ---------------------------------------------------------------------------------------------------
-
-def _kl_records(gm: GraphModule) -> list[KLRecord]:
-    """Every KL record the graphs of ``gm``'s tree write (the root states' and the block views')."""
-    found: dict[int, KLRecord] = {}
-    for g in graph_modules(gm):
-        for state in adapters_of(g).values():
-            for v in vars(state).values():
-                if isinstance(v, KLRecord):
-                    found[id(v)] = v
-    return list(found.values())
-
 
 class _Constants(nn.Module):
     """Calls ``inner`` with its captured non-tensor keywords (``use_cache=False``) fixed, through a forward
@@ -296,11 +272,14 @@ def export(gm: nn.Module, example_inputs: Any, *, adapter_names: Optional[Sequen
     if dynamic:
         dyn_args, dyn_kwargs = dynamic_shapes_of(args, kwargs)
         dynamic_shapes = {**{f"arg{i}": d for i, d in enumerate(dyn_args)}, **dyn_kwargs}
-    records = [(r, dict(r.values)) for r in _kl_records(inner)]
+    # Tracing runs the KL recorders (the root states' and the block views') on fake tensors: keep the last
+    # real forward's terms.
+    records = {id(v): (v, dict(v.values)) for g in graph_modules(inner) for state in adapters_of(g).values()
+               for v in vars(state).values() if isinstance(v, KLRecord)}
     try:
         ep = torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
-    finally:  # tracing ran the KL recorders on fake tensors: keep the last real forward's terms
-        for record, values in records:
+    finally:
+        for record, values in records.values():
             record.values = values
     # Drop what no output needs (the KL term's op, recorded by a side effect), so the program calls only its ops.
     if ep.graph_module.graph.eliminate_dead_code():

@@ -1,14 +1,11 @@
 """Bank pass: a mixed-adapter graph, in which every row of the batch runs with its own adapter.
 
-Built from an adapted graph (left unchanged): its base graph copied without adapter nodes, plus an input
-``vera_fx_adapter_index`` (one int64 per row: ``k`` is adapter ``k`` of ``bank_order(gm)``, ``len(order)`` the
-base model, PEFT's ``"__base__"``). Adapters are grouped into banks by (method, r); a method's adapters share
-their projections, so at every site each bank emits the method's nodes once over the whole batch and each
-lambda get_attr becomes a gather from a bank stacked at call time, ``index_select(stack([lambda of member 0,
-..., zeros]), 0, rows)``: the adapters' own ``nn.Parameter`` objects, so training one through the ordinary
-graph changes the mixed graph too. A row whose adapter is not in a bank gathers the zero row (a delta of
-exactly zero). Other per-site state (PVeRA's switches and noise streams) goes to the method's
-``per_row_function`` as one value per member. For inference; weights and adapter state are shared.
+A copy of an adapted graph without its adapter nodes, plus an input ``vera_fx_adapter_index`` (one int64 per
+row: ``k`` is adapter ``k`` of ``bank_order(gm)``, ``len(order)`` the base model). Adapters are grouped into
+banks by (method, r), whose members share projections: at every site a bank emits its method's nodes once over
+the batch, each lambda read a gather from the members' lambdas stacked at call time (the very parameters, so
+training changes the mixed graph too) plus a zero row for rows outside the bank. Other per-site state (PVeRA's
+switches and noise streams) goes to ``per_row_function`` as one value per member. For inference.
 """
 
 from __future__ import annotations
@@ -135,7 +132,7 @@ def _copy_without_adapters(gm: GraphModule) -> tuple[Graph, Node]:
         if placeholders and n is placeholders[-1]:
             index = graph.placeholder(INDEX_INPUT)
     assert index is not None
-    index.meta[ADAPTER_KEY] = {"site": None, "adapter": None, "role": "mode", "base": None, "name": INDEX_INPUT}
+    index.meta[ADAPTER_KEY] = _mode_tag(INDEX_INPUT)
     add_keyword_input(graph, INDEX_INPUT)
     return graph, index
 
@@ -157,65 +154,58 @@ def _batch_of_block(call: Node, block_graph: Graph, batch: Any) -> Any:
     return None
 
 
-class _Banker:
-    """Emits the banks of one graph of the tree (the root or a block) into its mixed copy."""
+def _mode_tag(name: str) -> dict[str, Any]:
+    return {"site": None, "adapter": None, "role": "mode", "base": None, "name": name}
 
-    def __init__(self, mixed: GraphModule, index: Node, batch: Any, order: list[str],
-                 groups: dict[str, list[str]]) -> None:
-        self.mixed, self.graph, self.index, self.batch = mixed, mixed.graph, index, batch
-        self.order, self.groups = order, groups
-        self.states = adapters_of(mixed)  # the root's states, or a block's views of them
-        self.device = next((p.device for p in mixed.parameters()), torch.device("cpu"))
-        self.first_op = index.next  # the bank index nodes go right after the index input
-        self.local_index: dict[tuple[int, ...], Node] = {}
 
-    def rows_of(self, members: list[str]) -> Node:
+def _emit_banks(mixed: GraphModule, index: Node, batch: Any, order: list[str], groups: dict[str, list[str]],
+                merged: dict, sampling: dict) -> int:
+    """Bank every site of one graph of the tree (the root or a block) in its mixed copy; returns the site calls."""
+    graph, states = mixed.graph, adapters_of(mixed)  # the root's states, or a block's views of them
+    device = next((p.device for p in mixed.parameters()), torch.device("cpu"))
+    first_op = index.next  # the bank index nodes go right after the index input
+    tables: dict[tuple[int, ...], Node] = {}
+
+    def rows_of(members: list[str]) -> Node:
         """The rows' index into the bank of ``members`` (``len(members)``: the zero row)."""
-        table = tuple(members.index(a) if a in members else len(members) for a in self.order) + (len(members),)
-        if table not in self.local_index:
-            buf = f"vera_fx_bank_map_{len(self.local_index)}"
-            self.mixed.register_buffer(buf, torch.tensor(table, dtype=torch.long, device=self.device),
-                                       persistent=False)
-            with self.graph.inserting_before(self.first_op):
-                mapping = self.graph.get_attr(buf)
-                rows = self.graph.call_function(aten.index_select.default, (mapping, 0, self.index))
-            for node in (mapping, rows):
-                node.meta[ADAPTER_KEY] = {"site": None, "adapter": None, "role": "mode", "base": None,
-                                          "name": "bank_index"}
-            self.local_index[table] = rows
-        return self.local_index[table]
+        table = tuple(members.index(a) if a in members else len(members) for a in order) + (len(members),)
+        if table not in tables:
+            buf = f"vera_fx_bank_map_{len(tables)}"
+            mixed.register_buffer(buf, torch.tensor(table, dtype=torch.long, device=device), persistent=False)
+            with graph.inserting_before(first_op):
+                mapping = graph.get_attr(buf)
+                tables[table] = graph.call_function(aten.index_select.default, (mapping, 0, index))
+            for node in (mapping, tables[table]):
+                node.meta[ADAPTER_KEY] = _mode_tag("bank_index")
+        return tables[table]
 
-    def emit(self, merged: dict, sampling: dict) -> int:
-        """Bank every site of the graph's own nodes; returns the number of site calls."""
-        training = training_node(self.mixed)
-        count = 0
-        for site in read_graph_sites(self.mixed, merged, sampling):
-            x_val = site.input.meta.get("val")
-            ndim = x_val.dim() if isinstance(x_val, torch.Tensor) else 3
-            if isinstance(x_val, torch.Tensor) and self.batch is not None and (
-                    ndim < 2 or str(x_val.shape[0]) != str(self.batch)):
-                raise ValueError(f"site {site.name!r} reads a tensor of shape {tuple(x_val.shape)} whose first "
-                                 f"dimension is not the batch ({self.batch}), so its rows cannot choose an "
-                                 "adapter; leave it out of target_modules for mixed-adapter batches")
-            cur = site.output
-            for label, names in self.groups.items():
-                members = [a for a in names if a in self.states and site.name in self.states[a].site_names]
-                if not members:
-                    continue
-                own = f"bank_{label}"
-                em = BankEmitter(self.graph, cur, site, own, self.states, members, self.rows_of(members), ndim)
-                state = self.states[members[0]]
-                out = state.method.emit(em, state, site.input, cur, training)
-                cur.replace_all_uses_with(out, delete_user_cb=lambda u, out=out, s=site.name, own=own: u is not out
-                                          and not ((u.meta.get(ADAPTER_KEY) or {}).get("adapter") == own
-                                                   and u.meta[ADAPTER_KEY].get("site") == s))
-                cur = out
-            count += 1
-        share_projections(self.mixed, recompile=False)
-        self.graph.lint()
-        self.mixed.recompile()
-        self.mixed.training = False  # the flag the graph reads; the shared submodules keep theirs
-        return count
+    training = training_node(mixed)
+    sites = read_graph_sites(mixed, merged, sampling)
+    for site in sites:
+        x_val = site.input.meta.get("val")
+        ndim = x_val.dim() if isinstance(x_val, torch.Tensor) else 3
+        if isinstance(x_val, torch.Tensor) and batch is not None and (ndim < 2 or str(x_val.shape[0]) != str(batch)):
+            raise ValueError(f"site {site.name!r} reads a tensor of shape {tuple(x_val.shape)} whose first "
+                             f"dimension is not the batch ({batch}), so its rows cannot choose an adapter; leave "
+                             "it out of target_modules for mixed-adapter batches")
+        cur = site.output
+        for label, names in groups.items():
+            members = [a for a in names if a in states and site.name in states[a].site_names]
+            if not members:
+                continue
+            own = f"bank_{label}"
+            state = states[members[0]]
+            out = state.method.emit(BankEmitter(graph, cur, site, own, states, members, rows_of(members), ndim),
+                                    state, site.input, cur, training)
+            cur.replace_all_uses_with(out, delete_user_cb=lambda u, out=out, s=site.name, own=own: u is not out
+                                      and not ((u.meta.get(ADAPTER_KEY) or {}).get("adapter") == own
+                                               and u.meta[ADAPTER_KEY].get("site") == s))
+            cur = out
+    share_projections(mixed, recompile=False)
+    graph.lint()
+    mixed.recompile()
+    mixed.training = False  # the flag the graph reads; the shared submodules keep theirs
+    return len(sites)
 
 
 def build_mixed_graph(gm: GraphModule) -> GraphModule:
@@ -247,8 +237,8 @@ def build_mixed_graph(gm: GraphModule) -> GraphModule:
         b_mixed.meta.update({k: v for k, v in block.meta.items() if k == BLOCK_KEY})
         if CONTAINER in block._modules:
             b_mixed.add_module(CONTAINER, block._modules[CONTAINER])  # the block's views of the states
-            count += _Banker(b_mixed, b_index, _batch_of_block(node, b_graph, batch), order, groups).emit(
-                merged, sampling)
+            count += _emit_banks(b_mixed, b_index, _batch_of_block(node, b_graph, batch), order, groups, merged,
+                                 sampling)
         else:
             b_mixed.recompile()
             b_mixed.training = False
@@ -258,7 +248,7 @@ def build_mixed_graph(gm: GraphModule) -> GraphModule:
             raise RuntimeError(f"mixed graph would replace block {path!r} inside the adapted graph's own tree")
         parent._modules[leaf] = b_mixed
         node.args = (*node.args, index)
-    count += _Banker(mixed, index, batch, order, groups).emit(merged, sampling)
+    count += _emit_banks(mixed, index, batch, order, groups, merged, sampling)
     mixed.meta[BANK_META] = {"order": order, "banks": groups}
     logger.info("mixed-adapter graph: %d adapters in %d banks, %d site calls", len(order), len(groups), count)
     return mixed
