@@ -193,11 +193,10 @@ def model_inputs(source: nn.Module, input_ids: Any, attention_mask: Any) -> dict
     return {"input_ids": input_ids, "attention_mask": attention_mask.to(dtype=torch.long)}
 
 
-def eager_reason(source: nn.Module, gm: GraphModule, total: Optional[int],
-                 cache_length: Callable[[int], int]) -> Optional[str]:
+def eager_reason(source: nn.Module, gm: GraphModule, cache_length: Optional[int]) -> Optional[str]:
     """Why ``generate`` runs transformers' loop rather than the decode graph, or None: an encoder-decoder model,
-    bitsandbytes sites, or a sliding window shorter than the decode cache for ``total`` positions (a static
-    cache cannot slide)."""
+    bitsandbytes sites, or a sliding window shorter than the decode graph's ``cache_length`` (a static cache
+    cannot slide)."""
     cfg = source.config
     if getattr(cfg, "is_encoder_decoder", False):
         return "an encoder-decoder model"
@@ -205,8 +204,8 @@ def eager_reason(source: nn.Module, gm: GraphModule, total: Optional[int],
     if quantized:
         return f"bitsandbytes {'/'.join(quantized)} layers"
     window = getattr(cfg.get_text_config(), "sliding_window", None)
-    if total is not None and isinstance(window, int) and window > 0 and cache_length(total) > window:
-        return f"sliding_window={window} is shorter than the cache of {cache_length(total)} positions"
+    if cache_length is not None and isinstance(window, int) and window > 0 and cache_length > window:
+        return f"sliding_window={window} is shorter than the cache of {cache_length} positions"
     return None
 
 

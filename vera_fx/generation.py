@@ -261,8 +261,8 @@ def generate(gm: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[to
                      "eos_token_id")
     processors = _warpers(temperature, top_k, top_p, gen_cfg) if do_sample else None
     inputs = model_inputs(source, input_ids, attention_mask)
-    reason = eager_reason(source, inner, inputs["input_ids"].shape[1] + max_new_tokens
-                          if "input_ids" in inputs else None, cache_bucket)
+    reason = eager_reason(source, inner, cache_bucket(inputs["input_ids"].shape[1] + max_new_tokens)
+                          if "input_ids" in inputs else None)
     if reason is not None:
         if generator is not None or compile:
             raise ValueError(f"generate runs transformers' own loop for {type(source).__name__} ({reason}): "
@@ -293,13 +293,13 @@ def _decode_loop(graph: GraphModule, step: Any, ids: torch.Tensor, mask: torch.T
     cache_mask = torch.zeros(batch, max_len, dtype=torch.long, device=device)
     cache_mask[:, :prompt_len] = mask
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # transformers' rule (left padding)
-    logits = graph(input_ids=ids, attention_mask=cache_mask, position_ids=positions,
-                   cache_position=torch.arange(prompt_len, device=device))
+    feed, slots = ids, torch.arange(prompt_len, device=device)
     eos_t = torch.tensor(eos, device=device) if eos is not None else None
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     out = [ids]
-    last_pos = positions[:, -1:]
     for t in range(max_new_tokens):
+        logits = (step if t else graph)(input_ids=feed, attention_mask=cache_mask, position_ids=positions,
+                                        cache_position=slots)
         scores = logits[:, -1, :].float()
         if processors is None:
             token = scores.argmax(-1)
@@ -310,12 +310,11 @@ def _decode_loop(graph: GraphModule, step: Any, ids: torch.Tensor, mask: torch.T
             token = torch.where(unfinished, token, torch.full_like(token, pad))
             unfinished &= ~torch.isin(token, eos_t)
         out.append(token[:, None])
-        if t == max_new_tokens - 1 or (eos_t is not None and not bool(unfinished.any())):
+        if eos_t is not None and not bool(unfinished.any()):
             break
         cache_mask[:, prompt_len + t] = 1
-        last_pos = last_pos + 1
-        logits = step(input_ids=token[:, None], attention_mask=cache_mask, position_ids=last_pos,
-                      cache_position=torch.tensor([prompt_len + t], device=device))
+        feed, positions = token[:, None], positions[:, -1:] + 1
+        slots = torch.tensor([prompt_len + t], device=device)
     return torch.cat(out, dim=1)
 
 

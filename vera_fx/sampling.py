@@ -1,8 +1,5 @@
-"""PVeRA's run-time sampling switches and its KL term.
-
-``set_sample_at_inference`` flips the per-site bools that the graph's sampling nodes read (no re-capture;
-torch.compile recompiles once per new value). ``kl_divergence`` sums the KL scalars the graph recorded in
-the last forward, so it is differentiable and needs no extra switch.
+"""PVeRA's run-time sampling switches (per-site bools the graph's sampling nodes read: no re-capture) and its
+KL term (the sum of the scalars the graph recorded in the last forward, so it is differentiable).
 """
 
 from __future__ import annotations

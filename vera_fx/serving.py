@@ -1,12 +1,7 @@
-"""Serving many adapters: mixed-adapter batches, loading adapters in bulk, and exported programs.
-
-- ``mixed_adapter_forward(gm, adapter_names, **inputs)``: one forward in which row ``i`` runs with adapter
-  ``adapter_names[i]`` (``"__base__"``: the base model). It runs the mixed graph of the bank pass
-  (passes/bank.py), built on first use and cached with the graph until the set of adapters changes.
-- ``load_adapters(gm, {name: folder})``: many PEFT / vera_fx folders at once, each checked as
-  ``load_adapter`` checks it, with no graph rewrite per adapter; all or nothing.
-- ``export(gm, example_inputs)``: a ``torch.export.ExportedProgram`` of the adapted, merged or mixed graph,
-  which needs only torch and ``vera_fx/runtime.py`` (the custom ops of PVeRA's noise) to run.
+"""Serving many adapters: ``mixed_adapter_forward`` (row ``i`` runs adapter ``adapter_names[i]``, through the
+bank pass's mixed graph, built once per adapter set), ``load_adapters`` (many PEFT / vera_fx folders at once, each
+checked as ``load_adapter`` does, no graph rewrite per adapter, all or nothing) and ``export`` (an
+``ExportedProgram`` of the adapted, merged or mixed graph that runs with torch and ``vera_fx/runtime.py`` alone).
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Monte Carlo predictions from PVeRA's learned distribution, and Student-t confidence intervals.
 
-``monte_carlo`` repeats the inputs along the batch and runs a few large forwards instead of many small ones
-(most of a small forward's cost is per-call overhead). With ``generator_seed`` every sample's noise is drawn as
-its own block from each site's stream, so the samples equal those of ``n_samples`` sampled forwards one after
-the other and do not depend on ``max_batch``.
+``monte_carlo`` runs a few large forwards of the repeated inputs instead of many small ones (a small forward's
+cost is mostly per-call overhead). With ``generator_seed`` each sample draws its own block of each site's
+noise stream, so the samples equal ``n_samples`` sequential sampled forwards whatever ``max_batch`` is.
 """
 
 from __future__ import annotations

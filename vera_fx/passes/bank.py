@@ -32,7 +32,6 @@ aten = torch.ops.aten
 
 BASE_ADAPTER = "__base__"  # PEFT's name for rows that run the base model
 INDEX_INPUT = "vera_fx_adapter_index"  # the mixed graph's extra input: one adapter index per row
-BANK_META = "vera_fx_bank"  # mixed graph's meta: {"order": [...], "banks": {label: members}}
 
 
 def bank_order(gm: GraphModule) -> list[str]:
@@ -249,6 +248,5 @@ def build_mixed_graph(gm: GraphModule) -> GraphModule:
         parent._modules[leaf] = b_mixed
         node.args = (*node.args, index)
     count += _emit_banks(mixed, index, batch, order, groups, merged, sampling)
-    mixed.meta[BANK_META] = {"order": order, "banks": groups}
     logger.info("mixed-adapter graph: %d adapters in %d banks, %d site calls", len(order), len(groups), count)
     return mixed
