@@ -142,8 +142,10 @@ def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len:
                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     decode = ep.module()
     decode.training = False  # the base model's dropout: generation is inference
-    decode.validate_inputs = False  # generate builds the inputs itself: no per-call shape checks, and no
-    for node in list(decode.graph.nodes):  # guard call / metadata assertions (a noticeable share of a step)
+    # generate builds every input itself: no per-call input checks, guard call or metadata assertions (at one
+    # token per call they are a noticeable share of the step)
+    decode.validate_inputs = False
+    for node in list(decode.graph.nodes):
         if not node.users and ((node.op == "call_module" and node.target == "_guards_fn") or (
                 node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default)):
             decode.graph.erase_node(node)
