@@ -107,9 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    line = text.splitlines()[0] if text else ""
-    return line or type(e).__name__
+    return next(iter(str(e).strip().splitlines()), "") or type(e).__name__
 
 
 def _check_dir(label: str, path: str, must_have: Optional[str] = None) -> Path:
