@@ -372,6 +372,31 @@ def test_hooks_refuse_a_functional_site():
             pass
 
 
+def test_both_paths_read_a_modules_to_save_copy():
+    """The decode graph and transformers' hooked loop both compute the head with the adapter's trained copy
+    (the hooked loop once swapped in the copy's parameter holder, which has no forward, and raised)."""
+    from vera_fx.eager_generation import generate_eager, model_inputs
+    from vera_fx.sites import as_graph_module
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    m = vera_fx.transform(model, vera_fx.VeraConfig(r=8, target_modules=["q_proj", "v_proj"],
+                                                    modules_to_save=["lm_head"])).eval()
+    inner = as_graph_module(m)
+    with torch.no_grad():
+        for name, p in inner.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn_like(p))
+    ids = torch.randint(2, 96, (2, 5), generator=torch.Generator().manual_seed(1))
+    head = model.lm_head.weight
+    decoded = vera_fx.generate(m, ids, max_new_tokens=4)
+    with torch.no_grad():
+        assert torch.equal(decoded[:, 5], m(input_ids=ids).logits[:, -1].argmax(-1))  # the copy's head
+    hooked = generate_eager(inner, model, model_inputs(model, ids, None), max_new_tokens=4, do_sample=False)
+    assert torch.equal(hooked, decoded)
+    assert model.lm_head.weight is head  # the model's own head is back
+
+
 def test_sliding_window_past_the_window_matches_peft():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 

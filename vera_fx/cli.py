@@ -27,6 +27,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "sentencepiece.bpe.model", "chat_template.jinja", "generation_config.json")
 
 
+# The user's input (status 2): bad folders and files (OSError), configs that do not fit the model, missing
+# optional packages. Any other RuntimeError (a CaptureError) ends with status 1.
+_USER_ERRORS = (OSError, ValueError, TypeError, KeyError, ImportError)
+
+
 class UsageError(Exception):
     """A bad path or argument: reported on one line with exit status 2."""
 
@@ -53,18 +58,14 @@ def _target_modules(text: str) -> Any:
     if not names:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected module names separated by commas, "
                                          "e.g. query,value, or all-linear")
-    if names == ["all-linear"]:
-        return "all-linear"
-    return names
+    return "all-linear" if names == ["all-linear"] else names
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``vera-fx`` and its subcommands."""
-    __version__ = vera_fx.__version__
-
     parser = _Parser(prog="vera-fx", description="VeRA and PVeRA adapters as a torch.fx graph-rewriting pass.",
                      epilog="Run 'vera-fx COMMAND --help' for a command's options.")
-    parser.add_argument("--version", action="version", version=f"vera-fx {__version__}")
+    parser.add_argument("--version", action="version", version=f"vera-fx {vera_fx.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show progress logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
@@ -106,9 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    line = text.splitlines()[0] if text else ""
-    return line or type(e).__name__
+    return next(iter(str(e).strip().splitlines()), "") or type(e).__name__
 
 
 def _check_dir(label: str, path: str, must_have: Optional[str] = None) -> Path:
@@ -168,10 +167,6 @@ def _merge(args: argparse.Namespace) -> int:
         raise UsageError(f"OUT_DIR={args.out_dir!r} is not empty: choose a new folder or pass --overwrite")
     if Path(args.model_dir).resolve() == out.resolve():
         raise UsageError(f"OUT_DIR={args.out_dir!r} is MODEL_DIR: write the merged model to another folder")
-    missing = [n for n in ("from_pretrained", "merge_into") if not hasattr(vera_fx, n)]
-    if missing:
-        raise RuntimeError(f"this vera_fx has no {', '.join(missing)}: 'vera-fx merge' needs the checkpoint and "
-                           "merge features; update vera_fx")
     model = _load_model(args.model_dir)
     gm = vera_fx.from_pretrained(model, args.adapter_dir)
     n_sites = len(vera_fx.sites(gm))
@@ -179,20 +174,13 @@ def _merge(args: argparse.Namespace) -> int:
     merged = merged if merged is not None and hasattr(merged, "save_pretrained") else model
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
-    copied = []
-    for name in _TOKENIZER_FILES:
-        src = Path(args.model_dir) / name
-        if src.is_file() and not (out / name).exists():
-            shutil.copy2(src, out / name)
-            copied.append(name)
+    copied = [name for name in _TOKENIZER_FILES
+              if (Path(args.model_dir) / name).is_file() and not (out / name).exists()]
+    for name in copied:
+        shutil.copy2(Path(args.model_dir) / name, out / name)
     print(f"merged the adapter of {args.adapter_dir} ({n_sites} sites) into {type(merged).__name__}; "
           f"wrote {out} (safetensors{', tokenizer' if copied else ''})")
     return 0
-
-
-def _demo(rest: list[str]) -> int:
-    demo = importlib.import_module("vera_fx.demo")  # imported for this command only (it imports torch)
-    return int(demo.main(rest) or 0)
 
 
 def _one_line_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
@@ -216,26 +204,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.showwarning = _one_line_warning
         try:
-            if args.command == "demo":
-                return _demo(rest)
-            if args.command == "inspect":
-                return _inspect(args)
-            return _merge(args)
+            if args.command == "demo":  # imported for this command only (it imports torch)
+                return int(importlib.import_module("vera_fx.demo").main(rest) or 0)
+            return _inspect(args) if args.command == "inspect" else _merge(args)
         except UsageError as e:
             print(f"{prog}: error: {e}", file=sys.stderr)
             return 2
-        except (OSError, ValueError, TypeError, KeyError, ImportError) as e:
-            # Bad folders and files (OSError covers FileNotFoundError / PermissionError), configs that do not
-            # fit the model (ValueError / TypeError), missing optional packages.
+        except (*_USER_ERRORS, RuntimeError) as e:
             if args.verbose:
                 raise
-            print(f"{prog}: error: {_first_line(e)}", file=sys.stderr)
-            return 2
-        except RuntimeError as e:  # capture failures (CaptureError) and missing features: not the user's input
-            if args.verbose:
-                raise
-            print(f"{prog}: error: {_first_line(e)} (run with -v for details)", file=sys.stderr)
-            return 1
+            internal = not isinstance(e, _USER_ERRORS)  # a CaptureError: not the user's input
+            print(f"{prog}: error: {_first_line(e)}{' (run with -v for details)' if internal else ''}",
+                  file=sys.stderr)
+            return 1 if internal else 2
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr)
             return 130

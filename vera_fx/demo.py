@@ -24,29 +24,23 @@ logger = logging.getLogger(__name__)
 def load_reviews() -> list[tuple[str, int]]:
     """The shipped review sentences as (text, label) pairs (label 1 = positive)."""
     text = resources.files("vera_fx").joinpath("data/sentiment.tsv").read_text(encoding="utf-8")
-    rows = []
-    for line in text.splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        label, sentence = line.split("\t", 1)
-        rows.append((sentence, int(label)))
-    return rows
+    pairs = [line.split("\t", 1) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return [(sentence, int(label)) for label, sentence in pairs]
 
 
 def _split(rows: list[tuple[str, int]], n_test_subjects: int = 3) -> tuple[list, list]:
-    subjects = sorted({" ".join(t.split()[:2]) for t, _ in rows})
-    held = set(random.Random(0).sample(subjects, n_test_subjects))
-    train = [r for r in rows if " ".join(r[0].split()[:2]) not in held]
-    test = [r for r in rows if " ".join(r[0].split()[:2]) in held]
-    return train, test
+    """(train, test): the sentences of ``n_test_subjects`` subjects (a sentence's first two words) held out."""
+    subjects = [" ".join(t.split()[:2]) for t, _ in rows]
+    held = set(random.Random(0).sample(sorted(set(subjects)), n_test_subjects))
+    return [r for r, s in zip(rows, subjects) if s not in held], [r for r, s in zip(rows, subjects) if s in held]
 
 
 def _batches(rows: list, size: int, tokenizer, shuffle: bool, seed: int = 0):
-    order = list(range(len(rows)))
+    order = list(rows)
     if shuffle:
         random.Random(seed).shuffle(order)
     for i in range(0, len(order), size):
-        chunk = [rows[j] for j in order[i:i + size]]
+        chunk = order[i:i + size]
         enc = tokenizer([t for t, _ in chunk], padding=True, return_tensors="pt")
         yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                "labels": torch.tensor([label for _, label in chunk])}
@@ -55,10 +49,8 @@ def _batches(rows: list, size: int, tokenizer, shuffle: bool, seed: int = 0):
 @torch.no_grad()
 def _accuracy(gm, rows: list, tokenizer) -> float:
     gm.eval()
-    correct = 0
-    for batch in _batches(rows, 32, tokenizer, shuffle=False):
-        correct += int((gm(**batch).logits.argmax(-1) == batch["labels"]).sum())
-    return correct / len(rows)
+    batches = _batches(rows, 32, tokenizer, shuffle=False)
+    return sum(int((gm(**b).logits.argmax(-1) == b["labels"]).sum()) for b in batches) / len(rows)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -96,8 +88,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"all-MiniLM-L6-v2 + VeRA (r={args.r}, query/value, classifier head trained): "
           f"{len(vera_fx.sites(gm))} sites, trainable params: {trainable:,} of {total:,} "
           f"({100 * trainable / total:.2f}%)")
-    before = _accuracy(gm, test, tokenizer)
-    print(f"held-out accuracy before: {before:.1%} ({len(test)} sentences, subjects unseen in training)")
+    print(f"held-out accuracy before: {_accuracy(gm, test, tokenizer):.1%} ({len(test)} sentences, subjects unseen "
+          "in training)")
     opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=args.lr)
     epochs = 1 if args.quick else args.epochs
     steps = epochs * -(-len(train) // 16)
@@ -111,8 +103,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 opt.step()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 bar.update()
-    after = _accuracy(gm, test, tokenizer)
-    print(f"held-out accuracy after:  {after:.1%}")
+    print(f"held-out accuracy after:  {_accuracy(gm, test, tokenizer):.1%}")
     print(f"time: {time.perf_counter() - start:.1f} s (capture, transform, {steps} training steps, evaluation)")
     return 0
 

@@ -1,17 +1,11 @@
-"""Generation through transformers' own ``generate`` loop, with the adapters added at their sites.
+"""Generation through transformers' own ``generate`` loop with the adapters hooked at their sites, and the
+setup both generation paths share (inputs, the live layout, weight binding, adapter nodes for inference).
 
-For the models the decode graph (vera_fx/generation.py) does not cover: encoder-decoder models (T5, BART,
-Whisper: transformers runs the encoder once and the decoder with its ``EncoderDecoderCache``, cross-attention
-keys included), bitsandbytes models (their layers run as themselves) and sliding-window models past the
-window (transformers' sliding-window cache). The user's model runs eagerly; every site module that carries a
-live adapter gets a forward hook calling a *site graph*: a two-input GraphModule ``(x, y) -> y + adapter(x)``
-whose adapter nodes are emitted by the same ``emit_adapter`` as the training graph's, over the training
-graph's own adapter state (its ``vera_fx_adapters`` container). A training step, ``set_adapter``, a disabled
-or merged adapter or a sampling switch is therefore seen by the next ``generate`` without re-capturing.
-
-During the call the model's parameters are the training graph's (merged weights and trained biases
-included) and each live adapter's ``modules_to_save`` copies take their modules' places; everything is put
-back on exit, as are the modules' training flags.
+For what the decode graph (generation.py) does not cover: encoder-decoder models (T5, BART, Whisper),
+bitsandbytes models and sliding windows past the window. Each site module with a live adapter gets a forward
+hook calling a *site graph* ``(x, y) -> y + adapter(x)`` emitted over the training graph's own adapter state, so
+training or an adapter switch is seen without re-capturing. During the call the model computes with the
+training graph's parameters (and ``modules_to_save`` copies); they and its modes are put back on exit.
 """
 
 from __future__ import annotations
@@ -27,12 +21,14 @@ from torch.fx import Graph, GraphModule
 from .capture import model_flags_kept
 from .methods import CONTAINER
 from .methods.pvera import pvera_record_kl
+from .passes.attach import strip_adapters
 from .passes.inject import emit_adapter
 from .sites import LINEAR_KINDS, SITE_KEY, Site, read_sites
 from .versions import adapter_flags
 from .state import active_adapters, adapters_disabled, adapters_of, modules_to_save_copy, set_adapters_training
 
 logger = logging.getLogger(__name__)
+Layout = Sequence[tuple[str, Sequence[str]]]
 
 
 def site_base(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -46,99 +42,126 @@ def live_layout(gm: GraphModule) -> list[tuple[str, tuple[str, ...]]]:
     if not len(container) or adapters_disabled(gm):
         return []
     merged = adapter_flags(gm).merged
-    out = []
-    for name in active_adapters(gm):
-        state = container[name]
-        sites = tuple(s for s in state.site_names if name not in merged.get(s, ()))
-        if sites:
-            out.append((name, sites))
-    return out
+    layout = [(name, tuple(s for s in container[name].site_names if name not in merged.get(s, ())))
+              for name in active_adapters(gm)]
+    return [(name, sites) for name, sites in layout if sites]
+
+
+def emit_for_inference(gm: GraphModule, layout: Layout) -> None:
+    """Give ``gm`` the nodes of ``layout``'s adapters only, for generation: adapters in eval mode (no dropout;
+    PVeRA samples only where ``sample_at_inference`` is on) and no PVeRA KL records (generation has no loss)."""
+    strip_adapters(gm)
+    for name, sites in layout:
+        emit_adapter(gm, name, set(sites))
+    set_adapters_training(gm, False)
+    graph = gm.graph
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target is pvera_record_kl]:
+        record = node.args[2]
+        graph.erase_node(node)
+        if not record.users:
+            graph.erase_node(record)
+    graph.lint()
+    gm.recompile()
+
+
+def bind_parameters(model: nn.Module, gm: GraphModule, live: Sequence[str], prefix: str = "",
+                    undo: Optional[list] = None) -> None:
+    """Point every parameter of ``model`` (named ``prefix`` + its name in ``gm``) at ``gm``'s parameter of that
+    name (merged weights, trained biases) or, inside a ``modules_to_save`` module of a ``live`` adapter, at its
+    copy's. Each change is appended to ``undo`` as (module, leaf, old parameter)."""
+    container = getattr(gm, CONTAINER, None)
+    theirs = dict(gm.named_parameters(remove_duplicate=False))
+    copies = {path: modules_to_save_copy(container[name], path) for name in live
+              for path in getattr(container[name], "modules_to_save_paths", [])}
+    for mod_path, mod in model.named_modules():
+        if mod_path.split(".")[0] == CONTAINER:
+            continue
+        for leaf, p in [(leaf, p) for leaf, p in mod._parameters.items() if p is not None]:
+            full = f"{mod_path}.{leaf}".lstrip(".").removeprefix(prefix)
+            owner = next((c for c in copies if full.startswith(c + ".")), None)
+            target = copies[owner].get_parameter(full[len(owner) + 1:]) if owner else theirs.get(full)
+            if target is not None and target is not p:
+                if undo is not None:
+                    undo.append((mod, leaf, p))
+                mod._parameters[leaf] = target
+
+
+@contextlib.contextmanager
+def weights_bound(model: nn.Module, gm: GraphModule, live: Sequence[str]) -> Iterator[None]:
+    """While inside, ``model`` computes with ``gm``'s parameters (``bind_parameters``); restored on exit."""
+    undo: list = []
+    try:
+        bind_parameters(model, gm, live, undo=undo)
+        yield
+    finally:
+        for mod, leaf, old in reversed(undo):
+            mod._parameters[leaf] = old
 
 
 def site_graph(container: nn.Module, site: Site, adapters: Sequence[str], x_dtype: torch.dtype,
                y_dtype: torch.dtype) -> GraphModule:
-    """``(x, y) -> y + sum of the adapters at site`` as a GraphModule reading ``container``'s state, in
-    inference mode (no adapter dropout; PVeRA samples only where its ``sample_at_inference`` switch is on)."""
+    """``(x, y) -> y + sum of the adapters at site`` as a GraphModule reading ``container``'s state, for
+    inference (``emit_for_inference``)."""
     graph = Graph()
-    x = graph.placeholder("x")
-    y = graph.placeholder("y")
+    x, y = graph.placeholder("x"), graph.placeholder("y")
     x.meta["val"] = torch.empty(1, site.in_features, dtype=x_dtype, device="meta")
     y.meta["val"] = torch.empty(1, site.out_features, dtype=y_dtype, device="meta")
     base = graph.call_function(site_base, (x, y))
     base.meta["val"] = y.meta["val"]
     base.meta[SITE_KEY] = {"name": site.name, "kind": "linear", "in_features": site.in_features,
-                           "out_features": site.out_features, "weight": None, "bias": None,
-                           "owner_type": "module"}
+                           "out_features": site.out_features, "weight": None, "bias": None, "owner_type": "module"}
     graph.output(base)
     gm = GraphModule(nn.Module(), graph, class_name="SiteGraph")
     gm._modules[CONTAINER] = container  # the training graph's own adapter states (registered, not copied)
-    for name in adapters:
-        emit_adapter(gm, name, {site.name})
-    set_adapters_training(gm, False)
-    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is pvera_record_kl]:
-        record = node.args[2]
-        gm.graph.erase_node(node)  # generation has no loss: no KL records
-        if not record.users:
-            gm.graph.erase_node(record)
-    gm.graph.lint()
-    gm.recompile()
+    emit_for_inference(gm, [(name, (site.name,)) for name in adapters])
     return gm
 
 
-class _SiteHook:
+def _site_hook(container: nn.Module, site: Site, adapters: Sequence[str]) -> Callable[..., Any]:
     """Forward hook of one site module: adds the live adapters to its output (one site graph per dtypes)."""
+    graphs: dict[tuple[torch.dtype, torch.dtype], GraphModule] = {}
 
-    def __init__(self, container: nn.Module, site: Site, adapters: Sequence[str]) -> None:
-        self.container, self.site, self.adapters = container, site, tuple(adapters)
-        self.graphs: dict[tuple[torch.dtype, torch.dtype], GraphModule] = {}
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         x = args[0] if args else next(iter(kwargs.values()))
         if not isinstance(output, torch.Tensor) or not isinstance(x, torch.Tensor):
-            raise TypeError(f"site {self.site.name!r}: {type(module).__name__} takes or returns something other "
+            raise TypeError(f"site {site.name!r}: {type(module).__name__} takes or returns something other "
                             f"than one tensor ({type(x).__name__} -> {type(output).__name__}); generate adds "
                             "adapters to linear-like modules only")
-        key = (x.dtype, output.dtype)
-        graph = self.graphs.get(key)
-        if graph is None:
-            graph = self.graphs[key] = site_graph(self.container, self.site, self.adapters, *key)
-        return graph(x, output)
+        if (x.dtype, output.dtype) not in graphs:
+            graphs[x.dtype, output.dtype] = site_graph(container, site, adapters, x.dtype, output.dtype)
+        return graphs[x.dtype, output.dtype](x, output)
+
+    return hook
 
 
-def _site_modules(model: nn.Module, sites: dict[str, Site]) -> dict[str, nn.Module]:
-    """The module of every site: a linear layer (``nn.Linear`` and its subclasses, bitsandbytes' included) or
-    GPT-2's ``Conv1D``, whose output is the site's output. ValueError naming any other site."""
-    found = {}
-    for name in sites:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            module = None
-        if not isinstance(module, nn.Linear) and type(module).__name__ != "Conv1D":
-            what = "no module" if module is None else f"a {type(module).__name__}, not a linear layer"
-            raise ValueError(f"site {name!r} is {what} of {type(model).__name__} (a functional linear call inside "
-                             "a module): generate adds adapters at linear layers' outputs for this model; leave "
-                             "that site out of target_modules, or merge it first (vera_fx.merge)")
-        found[name] = module
-    return found
+def _site_module(model: nn.Module, name: str) -> nn.Module:
+    """The module of a site: a linear layer (bitsandbytes' included) or GPT-2's ``Conv1D``; else ValueError."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.Linear) and type(module).__name__ != "Conv1D":
+        what = "no module" if module is None else f"a {type(module).__name__}, not a linear layer"
+        raise ValueError(f"site {name!r} is {what} of {type(model).__name__} (a functional linear call inside "
+                         "a module): generate adds adapters at linear layers' outputs for this model; leave "
+                         "that site out of target_modules, or merge it first (vera_fx.merge)")
+    return module
 
 
 @contextlib.contextmanager
 def adapter_hooks(gm: GraphModule, model: nn.Module) -> Iterator[int]:
     """Hook every live adapter site of ``gm`` onto its module in ``model`` (removed on exit); yields the
     number of hooked sites."""
-    layout = live_layout(gm)
     per_site: dict[str, list[str]] = {}
-    for name, sites in layout:
+    for name, sites in live_layout(gm):
         for s in sites:
             per_site.setdefault(s, []).append(name)
     records = {s.name: s for s in read_sites(gm) if s.name in per_site}
-    modules = _site_modules(model, records)
-    container = getattr(gm, CONTAINER, None)
+    modules = {name: _site_module(model, name) for name in records}
     handles = []
     try:
         for name, module in modules.items():
-            hook = _SiteHook(container, records[name], per_site[name])
+            hook = _site_hook(getattr(gm, CONTAINER, None), records[name], per_site[name])
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
         yield len(handles)
     finally:
@@ -146,38 +169,16 @@ def adapter_hooks(gm: GraphModule, model: nn.Module) -> Iterator[int]:
             h.remove()
 
 
-def _swap(owner: nn.Module, leaf: str, new: Any, undo: list) -> None:
-    table = owner._parameters if leaf in owner._parameters else owner._modules
-    undo.append((table, leaf, table[leaf]))
-    table[leaf] = new
-
-
-@contextlib.contextmanager
-def weights_bound(model: nn.Module, gm: GraphModule, live: Sequence[str]) -> Iterator[None]:
-    """While inside, ``model`` computes with ``gm``'s base parameters (by name) and with the ``modules_to_save``
-    copies of the adapters ``live``; every swapped entry comes back on exit."""
-    container = getattr(gm, CONTAINER, None)
-    theirs = dict(gm.named_parameters(remove_duplicate=False))
-    undo: list = []
-    try:
-        for name in live:
-            state = container[name]
-            for path in getattr(state, "modules_to_save_paths", []):
-                parent, _, leaf = path.rpartition(".")
-                _swap(model.get_submodule(parent) if parent else model, leaf, modules_to_save_copy(state, path),
-                      undo)
-        for mod_path, mod in model.named_modules():
-            for leaf, p in list(mod._parameters.items()):
-                target = theirs.get(f"{mod_path}.{leaf}" if mod_path else leaf)
-                if p is not None and target is not None and target is not p:
-                    _swap(mod, leaf, target, undo)
-        yield
-    finally:
-        for table, leaf, old in reversed(undo):
-            table[leaf] = old
-
-
-def check_inputs(input_ids: Any, attention_mask: Any) -> torch.Tensor:
+def model_inputs(source: nn.Module, input_ids: Any, attention_mask: Any) -> dict[str, torch.Tensor]:
+    """The model's inputs from generate's first two arguments: ``input_ids`` (batch, length) and its mask (ones
+    when None), or for a model whose main input is audio features (Whisper) those features."""
+    main = getattr(source, "main_input_name", "input_ids")
+    if main != "input_ids":
+        if not isinstance(input_ids, torch.Tensor) or not input_ids.is_floating_point() or input_ids.dim() != 3:
+            raise ValueError(f"{type(source).__name__} generates from {main} (batch, channels, frames), a float "
+                             f"tensor given as the first argument; got {type(input_ids).__name__}"
+                             f"{tuple(getattr(input_ids, 'shape', ()))}")
+        return {main: input_ids, **({"attention_mask": attention_mask} if attention_mask is not None else {})}
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
             torch.long, torch.int32):
         raise ValueError(f"input_ids must be an integer tensor of shape (batch, length), got "
@@ -185,51 +186,33 @@ def check_inputs(input_ids: Any, attention_mask: Any) -> torch.Tensor:
     if input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
         raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: give at least one token per sequence")
     if attention_mask is None:
-        return torch.ones_like(input_ids, dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids, dtype=torch.long)}
     if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, got "
                          f"{tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask).__name__}")
-    return attention_mask.to(dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask.to(dtype=torch.long)}
 
 
-def model_inputs(source: nn.Module, input_ids: Any, attention_mask: Any) -> dict[str, torch.Tensor]:
-    """The model's inputs from generate's first two arguments: ``input_ids`` and its mask, or for a model whose
-    main input is audio features (Whisper) those features (given as the first argument)."""
-    main = getattr(source, "main_input_name", "input_ids")
-    if main == "input_ids":
-        return {"input_ids": input_ids, "attention_mask": check_inputs(input_ids, attention_mask)}
-    if not isinstance(input_ids, torch.Tensor) or not input_ids.is_floating_point() or input_ids.dim() != 3:
-        raise ValueError(f"{type(source).__name__} generates from {main} (batch, channels, frames), a float tensor "
-                         f"given as the first argument; got {type(input_ids).__name__}"
-                         f"{tuple(getattr(input_ids, 'shape', ()))}")
-    inputs = {main: input_ids}
-    if attention_mask is not None:
-        inputs["attention_mask"] = attention_mask
-    return inputs
-
-
-def eager_reason(source: nn.Module, gm: GraphModule, total: Optional[int],
-                 cache_length: Callable[[int], int]) -> Optional[str]:
-    """Why ``generate`` runs transformers' loop (this module) rather than the decode graph, or None: an
-    encoder-decoder model, bitsandbytes sites, or a sliding window shorter than the decode graph's cache for
-    ``total`` positions (``cache_length(total)``; a static cache cannot slide)."""
+def eager_reason(source: nn.Module, gm: GraphModule, cache_length: Optional[int]) -> Optional[str]:
+    """Why ``generate`` runs transformers' loop rather than the decode graph, or None: an encoder-decoder model,
+    bitsandbytes sites, or a sliding window shorter than the decode graph's ``cache_length`` (a static cache
+    cannot slide)."""
     cfg = source.config
     if getattr(cfg, "is_encoder_decoder", False):
         return "an encoder-decoder model"
-    quantized = sorted({s.kind for s in read_sites(gm) if s.kind not in ("linear", "conv1d")
-                        and s.kind in LINEAR_KINDS})
+    quantized = sorted({s.kind for s in read_sites(gm) if s.kind in set(LINEAR_KINDS) - {"linear", "conv1d"}})
     if quantized:
         return f"bitsandbytes {'/'.join(quantized)} layers"
     window = getattr(cfg.get_text_config(), "sliding_window", None)
-    if total is not None and isinstance(window, int) and window > 0 and cache_length(total) > window:
-        return f"sliding_window={window} is shorter than the cache of {cache_length(total)} positions"
+    if cache_length is not None and isinstance(window, int) and window > 0 and cache_length > window:
+        return f"sliding_window={window} is shorter than the cache of {cache_length} positions"
     return None
 
 
 @contextlib.contextmanager
 def no_cpu_packing(model: nn.Module) -> Iterator[None]:
-    """Keep bitsandbytes from packing 4-bit weights for its CPU inference kernel during an eval forward: the
-    captured graph shares those weights and needs their canonical layout (vera_fx/quantized.py)."""
+    """Keep bitsandbytes from packing 4-bit weights for its CPU kernel during an eval forward: the captured
+    graph shares those weights and needs their canonical layout (vera_fx/quantized.py)."""
     layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
     for m in layers:
         m.support_avx512bf16_for_cpu = False
@@ -242,14 +225,13 @@ def no_cpu_packing(model: nn.Module) -> Iterator[None]:
 
 def generate_eager(gm: GraphModule, model: nn.Module, inputs: dict[str, torch.Tensor], *,
                    seed: Optional[int] = None, **generate_kwargs: Any) -> torch.Tensor:
-    """``model.generate(**inputs, **generate_kwargs)`` with ``gm``'s live adapters hooked onto their sites,
-    ``gm``'s weights bound, the model in eval mode (restored after) and bitsandbytes' CPU packing off.
-    ``seed`` seeds torch's generator for sampling (inside ``torch.random.fork_rng``: the global state is kept)."""
+    """``model.generate(**inputs, **generate_kwargs)`` with ``gm``'s live adapters hooked onto their sites and its
+    weights bound, the model in eval mode (restored after); ``seed`` seeds sampling inside ``fork_rng``."""
     live = [name for name, _ in live_layout(gm)]
     device = next(p.device for p in model.parameters())
-    devices = [device] if device.type == "cuda" else []
     with model_flags_kept(model), weights_bound(model, gm, live), adapter_hooks(gm, model) as hooked, \
-            no_cpu_packing(model), torch.random.fork_rng(devices=devices, enabled=seed is not None):
+            no_cpu_packing(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                                                         enabled=seed is not None):
         model.eval()
         if seed is not None:
             torch.manual_seed(int(seed))

@@ -1,8 +1,5 @@
-"""PVeRA's run-time sampling switches and its KL term.
-
-``set_sample_at_inference`` flips the per-site bools that the graph's sampling nodes read (no re-capture;
-torch.compile recompiles once per new value). ``kl_divergence`` sums the KL scalars the graph recorded in
-the last forward, so it is differentiable and needs no extra switch.
+"""PVeRA's run-time sampling switches (per-site bools the graph's sampling nodes read: no re-capture) and its
+KL term (the sum of the scalars the graph recorded in the last forward, so it is differentiable).
 """
 
 from __future__ import annotations
@@ -22,10 +19,8 @@ logger = logging.getLogger(__name__)
 
 
 def pvera_states(gm: nn.Module, adapter_name: Optional[str] = None) -> dict[str, AdapterState]:
-    """The PVeRA adapters of ``gm`` by name (only ``adapter_name`` when given).
-
-    ValueError when there is none, when ``adapter_name`` is missing or when it is not a PVeRA adapter.
-    """
+    """The PVeRA adapters of ``gm`` by name (only ``adapter_name`` when given); ValueError when there is none,
+    or ``adapter_name`` is missing or not a PVeRA adapter."""
     states = dict(adapters_of(as_graph_module(gm)).items())
     pvera = {k: s for k, s in states.items() if isinstance(s.method, PveraMethod)}
     if adapter_name is not None:
@@ -45,16 +40,12 @@ def pvera_states(gm: nn.Module, adapter_name: Optional[str] = None) -> dict[str,
 def set_sample_at_inference(gm: nn.Module, value: Union[bool, dict[str, bool]],
                             adapter_name: str = "default") -> None:
     """Switch sampling at inference on or off for every site (``True`` / ``False``) or for the named sites
-    (``{site name: bool}``; sites left out keep their setting). Training mode always samples.
-
-    The graph reads the switches at run time: nothing is re-captured, and a compiled graph recompiles once
-    per new combination. Everything is checked before anything changes.
-    """
+    (``{site name: bool}``; the others keep theirs). Training mode always samples. The graph reads the switches
+    at run time (a compiled graph recompiles once per combination); all is checked before anything changes."""
     state = pvera_states(gm, adapter_name)[adapter_name]
     sites = state.site_names
-    if isinstance(value, bool):
-        wanted = {s: value for s in sites}
-    elif isinstance(value, dict):
+    wanted = {s: value for s in sites} if isinstance(value, bool) else value
+    if isinstance(value, dict):
         unknown = sorted(k for k in value if k not in sites)
         if unknown:
             raise ValueError(f"set_sample_at_inference: unknown sites {unknown} for adapter {adapter_name!r}; its "
@@ -62,8 +53,7 @@ def set_sample_at_inference(gm: nn.Module, value: Union[bool, dict[str, bool]],
         bad = {k: v for k, v in value.items() if not isinstance(v, bool)}
         if bad:
             raise ValueError(f"set_sample_at_inference: values must be True or False, got {bad}")
-        wanted = dict(value)
-    else:
+    elif not isinstance(value, bool):
         raise TypeError(f"set_sample_at_inference: value must be True, False or a dict {{site name: bool}}, got "
                         f"{type(value).__name__} {value!r}")
     for site, on in wanted.items():
@@ -90,13 +80,10 @@ def reseed(gm: nn.Module, seed: Optional[int] = None, adapter_name: str = "defau
 
 
 def kl_divergence(gm: nn.Module, adapter_name: Optional[str] = None) -> torch.Tensor:
-    """The KL term of the last forward: per site the mean over every element of
-    ``-0.5 * (1 + logvar - mu^2 - exp(logvar))`` (the mean over the calls of a shared layer), summed over
-    sites and over the PVeRA adapters (only ``adapter_name``'s when given).
-
-    Differentiable when the forward ran with gradients; add ``beta * kl_divergence(gm)`` to the loss. The
-    graph records one scalar per call and replaces it at every forward, so memory does not grow.
-    """
+    """The KL term of the last forward: per site the mean over every element of ``-0.5 * (1 + logvar - mu^2 -
+    exp(logvar))`` (the mean over a shared layer's calls), summed over sites and PVeRA adapters (only
+    ``adapter_name``'s when given). Differentiable when the forward ran with gradients (add
+    ``beta * kl_divergence(gm)`` to the loss); each forward replaces the recorded scalars, so memory is flat."""
     inner = as_graph_module(gm)
     states = pvera_states(inner, adapter_name)
     per_site: dict[tuple[str, str], list[torch.Tensor]] = {}
@@ -125,10 +112,8 @@ def kl_divergence(gm: nn.Module, adapter_name: Optional[str] = None) -> torch.Te
             del record.values[stale]
     if missing or not per_site:
         which = repr(adapter_name) if adapter_name is not None else f"{sorted(states)}"
-        if missing:
-            why = f" at sites {sorted(set(missing))[:5]}; run a forward pass first"
-        else:
-            why = ": it has no nodes in the graph (inactive or merged adapters have no KL term)"
+        why = (f" at sites {sorted(set(missing))[:5]}; run a forward pass first" if missing else
+               ": it has no nodes in the graph (inactive or merged adapters have no KL term)")
         raise ValueError(f"kl_divergence: no KL term recorded for adapter {which}{why}")
     terms = [torch.stack(v).mean() if len(v) > 1 else v[0] for v in per_site.values()]
     return torch.stack(terms).sum() if len(terms) > 1 else terms[0]

@@ -1,10 +1,8 @@
 """Monte Carlo predictions from PVeRA's learned distribution, and Student-t confidence intervals.
 
-``monte_carlo`` repeats the inputs along the batch and runs a few large forwards instead of many small
-ones: on CPU and GPU alike most of the cost of a small forward is per-call overhead, which batching pays
-once. With ``generator_seed`` every sample's noise is drawn as its own block from each site's stream, so
-the samples equal those of ``n_samples`` sampled forwards one after the other and do not depend on
-``max_batch``.
+``monte_carlo`` runs a few large forwards of the repeated inputs instead of many small ones (a small forward's
+cost is mostly per-call overhead). With ``generator_seed`` each sample draws its own block of each site's
+noise stream, so the samples equal ``n_samples`` sequential sampled forwards whatever ``max_batch`` is.
 """
 
 from __future__ import annotations
@@ -27,10 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int:
-    sizes = {}
-    for path, leaf in pytree.tree_flatten_with_path((args, kwargs))[0]:
-        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1:
-            sizes[pytree.keystr(path)] = leaf.shape[0]
+    sizes = {pytree.keystr(path): leaf.shape[0] for path, leaf in pytree.tree_flatten_with_path((args, kwargs))[0]
+             if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1}
     if not sizes:
         raise ValueError("monte_carlo needs at least one tensor input with a batch dimension (dim 0)")
     if len(set(sizes.values())) > 1:
@@ -40,46 +36,38 @@ def _batch_size(args: tuple, kwargs: dict) -> int:
 
 
 def _repeat(obj: Any, k: int) -> Any:
-    def rep(t: Any) -> Any:
-        if isinstance(t, torch.Tensor) and t.dim() >= 1 and k > 1:
-            return t.repeat(k, *([1] * (t.dim() - 1)))
-        return t
-
-    return pytree.tree_map(rep, obj)
+    """Every tensor of ``obj`` repeated ``k`` times along dim 0."""
+    return pytree.tree_map(lambda t: t.repeat(k, *([1] * (t.dim() - 1)))
+                           if isinstance(t, torch.Tensor) and t.dim() >= 1 and k > 1 else t, obj)
 
 
 def _chunks(n_samples: int, max_batch: Optional[int], batch: int) -> list[int]:
     """Samples per forward: all at once, or as many as ``max_batch`` rows hold."""
-    if max_batch is None:
-        per_chunk = n_samples
-    elif not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < batch:
+    if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < batch):
         raise ValueError(f"max_batch={max_batch!r} is invalid: one sample needs the input's {batch} rows, so "
                          f"max_batch must be an int >= {batch}")
-    else:
-        per_chunk = min(n_samples, max_batch // batch)
+    per_chunk = n_samples if max_batch is None else min(n_samples, max_batch // batch)
     return [min(per_chunk, n_samples - i) for i in range(0, n_samples, per_chunk)]
 
 
 def _stacked(outputs: list[list[Any]], n_samples: int, batch: int) -> list[Any]:
-    """The flattened outputs of every forward joined per leaf, each tensor reshaped to (n_samples, batch,
-    ...); a tensor without the batch dimension becomes None (with a warning)."""
+    """The flattened outputs of every forward (``(leaf, samples)`` pairs) joined per leaf, each tensor shaped
+    (n_samples, batch, ...); a tensor without the batch dimension becomes None (with a warning)."""
     combined: list[Any] = []
-    dropped = []
-    for i, first in enumerate(outputs[0]):
-        leaf = first[0]
+    dropped = 0
+    for i, (leaf, _) in enumerate(outputs[0]):
+        parts = [chunk[i] for chunk in outputs]
         if not isinstance(leaf, torch.Tensor):
             combined.append(leaf)
-            continue
-        parts = [chunk[i] for chunk in outputs]
-        if all(t.dim() >= 1 and t.shape[0] == k * batch for t, k in parts):
+        elif all(t.dim() >= 1 and t.shape[0] == k * batch for t, k in parts):
             cat = torch.cat([t for t, _ in parts]) if len(parts) > 1 else leaf
             combined.append(cat.reshape(n_samples, batch, *cat.shape[1:]))
         else:
             combined.append(None)
-            dropped.append(i)
+            dropped += 1
     if dropped:
         logger.warning("monte_carlo: %d output tensor(s) have no batch dimension (e.g. a mean loss) and are "
-                       "returned as None; capture the model without labels to leave them out", len(dropped))
+                       "returned as None; capture the model without labels to leave them out", dropped)
     return combined
 
 
@@ -88,11 +76,10 @@ def monte_carlo(gm: nn.Module, *args: Any, n_samples: int = 16, max_batch: Optio
     """``n_samples`` sampled predictions for one input, in the model's output structure with every tensor
     stacked along a new first dimension of size ``n_samples``.
 
-    The inputs are repeated along dim 0 and run in as few forwards as ``max_batch`` (rows per forward)
-    allows, in eval mode without gradients. Sites whose ``sample_at_inference`` is on sample; when none is
-    on, every PVeRA site does. The model's modes, switches and KL records are restored afterwards, on error
-    too. Outputs without the batch dimension (a scalar ``loss``) cannot be split per sample: they come back
-    as None (capture without ``labels`` to avoid them).
+    The inputs are repeated along dim 0 and run in as few forwards as ``max_batch`` (rows per forward) allows,
+    in eval mode without gradients. Sites whose ``sample_at_inference`` is on sample; when none is, every PVeRA
+    site does. Modes, switches and KL records are restored afterwards, on error too. Outputs without the batch
+    dimension (a scalar ``loss``) come back as None (capture without ``labels`` to avoid them).
     """
     if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
         raise ValueError(f"n_samples={n_samples!r} is invalid: expected an int >= 1, e.g. n_samples=16")
@@ -100,45 +87,38 @@ def monte_carlo(gm: nn.Module, *args: Any, n_samples: int = 16, max_batch: Optio
     states = pvera_states(inner)
     batch = _batch_size(args, kwargs)
     chunks = _chunks(n_samples, max_batch, batch)
-
     modes = {name: m.training for name, m in inner.named_modules()}
-    switches = {name: {s: getattr(st.site_module(s), SAMPLE_SWITCH) for s in st.site_names}
-                for name, st in states.items()}
-    records = {name: dict(getattr(st, KL_RECORD).values) for name, st in states.items()}
-    if not any(any(sw.values()) for sw in switches.values()):
-        for st in states.values():
-            for s in st.site_names:
-                setattr(st.site_module(s), SAMPLE_SWITCH, True)
+    switches = {(st, s): getattr(st.site_module(s), SAMPLE_SWITCH) for st in states.values() for s in st.site_names}
+    records = {st: dict(getattr(st, KL_RECORD).values) for st in states.values()}
+    sample_all = not any(switches.values())
     outputs: list[list[Any]] = []
-    spec = None
     try:
         inner.eval()
+        for st, s in switches:
+            setattr(st.site_module(s), SAMPLE_SWITCH, switches[st, s] or sample_all)
         with torch.no_grad():
             for k in tqdm(chunks, desc="monte carlo", unit="forward", leave=False,
                           disable=True if len(chunks) < 2 else None):
                 for st in states.values():
                     setattr(st, NOISE_GROUPS, k)
-                out = gm(*_repeat(args, k), **_repeat(kwargs, k))
-                leaves, spec = pytree.tree_flatten(out)
+                rep_args, rep_kwargs = _repeat((args, kwargs), k)
+                leaves, spec = pytree.tree_flatten(gm(*rep_args, **rep_kwargs))
                 outputs.append([(leaf, k) for leaf in leaves])
     finally:
         for name, m in inner.named_modules():
             m.training = modes[name]
-        for name, st in states.items():
+        for (st, s), on in switches.items():
+            setattr(st.site_module(s), SAMPLE_SWITCH, on)
+        for st, values in records.items():
             setattr(st, NOISE_GROUPS, 1)
-            for s, on in switches[name].items():
-                setattr(st.site_module(s), SAMPLE_SWITCH, on)
-            getattr(st, KL_RECORD).values = records[name]
-    combined = _stacked(outputs, n_samples, batch)
-    return pytree.tree_unflatten(combined, spec)
+            getattr(st, KL_RECORD).values = values
+    return pytree.tree_unflatten(_stacked(outputs, n_samples, batch), spec)
 
 
 def _betainc(a: float, b: float, x: float) -> float:
     """Regularised incomplete beta I_x(a, b), by its continued fraction (modified Lentz)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
     if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast only below the mode: use the symmetry
         return 1.0 - _betainc(b, a, 1.0 - x)
     log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
@@ -146,67 +126,43 @@ def _betainc(a: float, b: float, x: float) -> float:
     tiny = 1e-300
     frac, c, d = tiny, tiny, 0.0
     for j in range(1, 5000):
-        m, odd = divmod(j - 1, 2)
+        m = (j - 1) // 2
         if j == 1:
             num = 1.0
-        elif odd:  # e_{2m+1}
+        elif j % 2 == 0:  # e_{2m+1}
             num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
         else:  # e_{2m}
             num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-        d = 1.0 + num * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + num / c
-        c = c if abs(c) > tiny else tiny
+        d = 1.0 / (1.0 + num * d if abs(1.0 + num * d) > tiny else tiny)
+        c = 1.0 + num / c if abs(1.0 + num / c) > tiny else tiny
         frac *= c * d
         if abs(c * d - 1.0) < 1e-16:
             break
     return math.exp(log_front) * frac / a
 
 
-def _t_upper_tail(t: float, df: float) -> float:
-    """P(T > t) for t >= 0 under Student's t with ``df`` degrees of freedom."""
-    return 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-
-
-def _t_central(t: float, df: float) -> float:
-    """P(0 < T < t) for t >= 0 (accurate where the tail form loses digits, near the centre)."""
-    return 0.5 * _betainc(0.5, df / 2.0, t * t / (df + t * t))
-
-
 @functools.lru_cache(maxsize=256)
 def student_t_quantile(p: float, df: float) -> float:
     """The ``p`` quantile of Student's t with ``df`` degrees of freedom (float64, relative error ~1e-12).
-
-    torch.distributions.StudentT has no icdf: this brackets the upper tail and bisects it, with closed
-    forms for df = 1 and 2.
-    """
+    torch.distributions.StudentT has no icdf: this bisects the t distribution's mass (closed forms for df 1, 2)."""
     if not isinstance(p, (int, float)) or not 0.0 < p < 1.0:
         raise ValueError(f"p={p!r} is invalid: expected a probability strictly between 0 and 1")
     if not isinstance(df, (int, float)) or not df > 0:
         raise ValueError(f"df={df!r} is invalid: expected degrees of freedom > 0")
-    if p == 0.5:
-        return 0.0
-    if p < 0.5:
-        return -student_t_quantile(1.0 - p, df)
-    q = 1.0 - p
-    if df == 1:
-        return math.tan(math.pi * (p - 0.5))
-    if df == 2:
-        return (2 * p - 1) / math.sqrt(2 * p * q)
-    # Bisect on whichever side is accurate: the central mass P(0 < T < t) near the centre, the tail beyond.
-    if p <= 0.75:
-        beyond = (lambda t: _t_central(t, df) < p - 0.5)
+    if p <= 0.5:
+        return 0.0 if p == 0.5 else -student_t_quantile(1.0 - p, df)
+    if df in (1, 2):
+        return math.tan(math.pi * (p - 0.5)) if df == 1 else (2 * p - 1) / math.sqrt(2 * p * (1.0 - p))
+    if p <= 0.75:  # bisect on the accurate side: the central mass P(0 < T < t) near the centre, the tail beyond
+        beyond = (lambda t: 0.5 * _betainc(0.5, df / 2.0, t * t / (df + t * t)) < p - 0.5)
     else:
-        beyond = (lambda t: _t_upper_tail(t, df) > q)
+        beyond = (lambda t: 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t)) > 1.0 - p)
     lo, hi = 0.0, 1.0
     while beyond(hi):
         lo, hi = hi, hi * 2.0
     for _ in range(200):
         mid = 0.5 * (lo + hi)
-        if beyond(mid):
-            lo = mid
-        else:
-            hi = mid
+        lo, hi = (mid, hi) if beyond(mid) else (lo, mid)
         if hi - lo <= 1e-15 * hi:
             break
     return 0.5 * (lo + hi)
@@ -228,7 +184,6 @@ def confidence_interval(samples: torch.Tensor, level: float = 0.95, dim: int = 0
         raise ValueError(f"samples has {n} entry along dim={dim}; an interval needs at least 2 samples: use "
                          "monte_carlo(..., n_samples=16) or more")
     x = samples if samples.is_floating_point() else samples.to(torch.get_default_dtype())
-    mean = x.mean(dim)
-    sem = x.std(dim, correction=1) / math.sqrt(n)
+    mean, sem = x.mean(dim), x.std(dim, correction=1) / math.sqrt(n)
     half = sem * student_t_quantile((1.0 + float(level)) / 2.0, n - 1)
     return mean - half, mean + half

@@ -1,20 +1,11 @@
 """Bank pass: a mixed-adapter graph, in which every row of the batch runs with its own adapter.
 
-Built from an adapted graph (it is left unchanged): the base graph is copied without adapter nodes and a new
-input ``vera_fx_adapter_index`` (one int64 per row) is added. Adapters are grouped into banks by (method,
-r); all adapters of a method share one pair of projections (``shared_projections``), so at every site each
-bank emits the method's own nodes once, over the whole batch -- ``x @ A.T`` and ``B @ (...)`` are shared by
-all rows -- and each lambda get_attr becomes one gather from a bank stacked in the graph:
-``index_select(stack([lambda of member 0, ..., member n-1, zeros]), 0, row_index)``. Stacking at call time
-reads the very ``nn.Parameter`` objects of the adapters, so training an adapter (through the ordinary
-graph) changes what the mixed graph computes, with no re-build. Row ``k`` of the index is adapter ``k`` of
-``bank_order(gm)``; ``len(order)`` is the base model (PEFT's ``"__base__"``). A row whose adapter is not a
-member of a bank (another method or r, or an adapter that does not target the site) gathers the zero row
-there, so its delta is exactly zero and it equals its own adapter's single-adapter output.
-
-Per-site run-time state that is not a lambda (PVeRA's sampling switches and noise streams) is passed to the
-method's per-row function (``Method.per_row_function``) as one value per member. The mixed graph is for
-inference: it shares the adapters' state and the base weights with the adapted graph it was built from.
+A copy of an adapted graph without its adapter nodes, plus an input ``vera_fx_adapter_index`` (one int64 per
+row: ``k`` is adapter ``k`` of ``bank_order(gm)``, ``len(order)`` the base model). Adapters are grouped into
+banks by (method, r), whose members share projections: at every site a bank emits its method's nodes once over
+the batch, each lambda read a gather from the members' lambdas stacked at call time (the very parameters, so
+training changes the mixed graph too) plus a zero row for rows outside the bank. Other per-site state (PVeRA's
+switches and noise streams) goes to ``per_row_function`` as one value per member. For inference.
 """
 
 from __future__ import annotations
@@ -41,31 +32,18 @@ aten = torch.ops.aten
 
 BASE_ADAPTER = "__base__"  # PEFT's name for rows that run the base model
 INDEX_INPUT = "vera_fx_adapter_index"  # the mixed graph's extra input: one adapter index per row
-BANK_META = "vera_fx_bank"  # mixed graph's meta: {"order": [...], "banks": {label: members}}
-
-
-def _states(gm: GraphModule) -> dict[str, AdapterState]:
-    return dict(adapters_of(gm).items())
 
 
 def bank_order(gm: GraphModule) -> list[str]:
     """The adapters in index order: row index ``k`` is ``bank_order(gm)[k]``; ``len(order)`` is the base."""
-    return list(_states(gm))
-
-
-def bank_groups(gm: GraphModule) -> dict[str, list[str]]:
-    """Bank label (``"<method>_r<r>"``) -> its member adapters, in index order."""
-    groups: dict[str, list[str]] = {}
-    for name, state in _states(gm).items():
-        groups.setdefault(f"{state.method_name}_r{state.config.r}", []).append(name)
-    return groups
+    return list(adapters_of(gm))
 
 
 def check_bankable(gm: GraphModule) -> None:
     """ValueError when the adapters of ``gm`` cannot run as a mixed batch (none, merged, or with state that
     is not per row: ``modules_to_save`` copies and trained biases)."""
-    states = _states(gm)
-    if not states:
+    states = adapters_of(gm)
+    if not len(states):
         raise ValueError("this graph has no adapter: load some with vera_fx.load_adapter / load_adapters first")
     merged = sorted(merged_adapters(gm))
     if merged:
@@ -81,12 +59,9 @@ def check_bankable(gm: GraphModule) -> None:
 
 
 class BankEmitter(Emitter):
-    """An Emitter that turns a method's per-adapter reads into per-row reads over a bank's members.
-
-    Lambda get_attrs become a gather from the stacked lambdas (rows broadcast over the middle dims); other
-    per-site state becomes a list with one node (or None) per member; calls go through the method's
-    ``per_row_function``, which gets the rows' bank index as ``index=``.
-    """
+    """An Emitter that turns a method's per-adapter reads into per-row reads over a bank's members: lambdas
+    are gathered from their stack (rows broadcast over the middle dims), other per-site state is a list with
+    a node (or None) per member, and calls go through ``per_row_function`` with the rows' index as ``index=``."""
 
     def __init__(self, graph: Graph, after: Node, site: Site, label: str, states: dict[str, AdapterState],
                  members: list[str], index: Node, ndim: int) -> None:
@@ -156,17 +131,14 @@ def _copy_without_adapters(gm: GraphModule) -> tuple[Graph, Node]:
         if placeholders and n is placeholders[-1]:
             index = graph.placeholder(INDEX_INPUT)
     assert index is not None
-    index.meta[ADAPTER_KEY] = {"site": None, "adapter": None, "role": "mode", "base": None, "name": INDEX_INPUT}
+    index.meta[ADAPTER_KEY] = _mode_tag(INDEX_INPUT)
     add_keyword_input(graph, INDEX_INPUT)
     return graph, index
 
 
 def _batch_size(graph: Graph) -> Any:
-    for n in graph.nodes:
-        val = n.meta.get("val")
-        if n.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() >= 1:
-            return val.shape[0]
-    return None
+    vals = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
+    return next((v.shape[0] for v in vals if isinstance(v, torch.Tensor) and v.dim() >= 1), None)
 
 
 def _batch_of_block(call: Node, block_graph: Graph, batch: Any) -> Any:
@@ -181,79 +153,70 @@ def _batch_of_block(call: Node, block_graph: Graph, batch: Any) -> Any:
     return None
 
 
-class _Banker:
-    """Emits the banks of one graph of the tree (the root or a block) into its mixed copy."""
+def _mode_tag(name: str) -> dict[str, Any]:
+    return {"site": None, "adapter": None, "role": "mode", "base": None, "name": name}
 
-    def __init__(self, mixed: GraphModule, index: Node, batch: Any, order: list[str],
-                 groups: dict[str, list[str]]) -> None:
-        self.mixed, self.graph, self.index, self.batch = mixed, mixed.graph, index, batch
-        self.order, self.groups = order, groups
-        self.states = _states(mixed)  # the root's states, or a block's views of them
-        self.device = next((p.device for p in mixed.parameters()), torch.device("cpu"))
-        self.first_op = index.next  # the bank index nodes go right after the index input
-        self.local_index: dict[tuple[int, ...], Node] = {}
 
-    def rows_of(self, members: list[str]) -> Node:
+def _emit_banks(mixed: GraphModule, index: Node, batch: Any, order: list[str], groups: dict[str, list[str]],
+                merged: dict, sampling: dict) -> int:
+    """Bank every site of one graph of the tree (the root or a block) in its mixed copy; returns the site calls."""
+    graph, states = mixed.graph, adapters_of(mixed)  # the root's states, or a block's views of them
+    device = next((p.device for p in mixed.parameters()), torch.device("cpu"))
+    first_op = index.next  # the bank index nodes go right after the index input
+    tables: dict[tuple[int, ...], Node] = {}
+
+    def rows_of(members: list[str]) -> Node:
         """The rows' index into the bank of ``members`` (``len(members)``: the zero row)."""
-        table = tuple(members.index(a) if a in members else len(members) for a in self.order) + (len(members),)
-        if table not in self.local_index:
-            buf = f"vera_fx_bank_map_{len(self.local_index)}"
-            self.mixed.register_buffer(buf, torch.tensor(table, dtype=torch.long, device=self.device),
-                                       persistent=False)
-            with self.graph.inserting_before(self.first_op):
-                mapping = self.graph.get_attr(buf)
-                rows = self.graph.call_function(aten.index_select.default, (mapping, 0, self.index))
-            for node in (mapping, rows):
-                node.meta[ADAPTER_KEY] = {"site": None, "adapter": None, "role": "mode", "base": None,
-                                          "name": "bank_index"}
-            self.local_index[table] = rows
-        return self.local_index[table]
+        table = tuple(members.index(a) if a in members else len(members) for a in order) + (len(members),)
+        if table not in tables:
+            buf = f"vera_fx_bank_map_{len(tables)}"
+            mixed.register_buffer(buf, torch.tensor(table, dtype=torch.long, device=device), persistent=False)
+            with graph.inserting_before(first_op):
+                mapping = graph.get_attr(buf)
+                tables[table] = graph.call_function(aten.index_select.default, (mapping, 0, index))
+            for node in (mapping, tables[table]):
+                node.meta[ADAPTER_KEY] = _mode_tag("bank_index")
+        return tables[table]
 
-    def emit(self, merged: dict, sampling: dict) -> int:
-        """Bank every site of the graph's own nodes; returns the number of site calls."""
-        training = training_node(self.mixed)
-        count = 0
-        for site in read_graph_sites(self.mixed, merged, sampling):
-            x_val = site.input.meta.get("val")
-            ndim = x_val.dim() if isinstance(x_val, torch.Tensor) else 3
-            if isinstance(x_val, torch.Tensor) and self.batch is not None and (
-                    ndim < 2 or str(x_val.shape[0]) != str(self.batch)):
-                raise ValueError(f"site {site.name!r} reads a tensor of shape {tuple(x_val.shape)} whose first "
-                                 f"dimension is not the batch ({self.batch}), so its rows cannot choose an "
-                                 "adapter; leave it out of target_modules for mixed-adapter batches")
-            cur = site.output
-            for label, names in self.groups.items():
-                members = [a for a in names if a in self.states and site.name in self.states[a].site_names]
-                if not members:
-                    continue
-                own = f"bank_{label}"
-                em = BankEmitter(self.graph, cur, site, own, self.states, members, self.rows_of(members), ndim)
-                state = self.states[members[0]]
-                out = state.method.emit(em, state, site.input, cur, training)
-                cur.replace_all_uses_with(out, delete_user_cb=lambda u, out=out, s=site.name, own=own: u is not out
-                                          and not ((u.meta.get(ADAPTER_KEY) or {}).get("adapter") == own
-                                                   and u.meta[ADAPTER_KEY].get("site") == s))
-                cur = out
-            count += 1
-        share_projections(self.mixed, recompile=False)
-        self.graph.lint()
-        self.mixed.recompile()
-        self.mixed.training = False  # the flag the graph reads; the shared submodules keep theirs
-        return count
+    training = training_node(mixed)
+    sites = read_graph_sites(mixed, merged, sampling)
+    for site in sites:
+        x_val = site.input.meta.get("val")
+        ndim = x_val.dim() if isinstance(x_val, torch.Tensor) else 3
+        if isinstance(x_val, torch.Tensor) and batch is not None and (ndim < 2 or str(x_val.shape[0]) != str(batch)):
+            raise ValueError(f"site {site.name!r} reads a tensor of shape {tuple(x_val.shape)} whose first "
+                             f"dimension is not the batch ({batch}), so its rows cannot choose an adapter; leave "
+                             "it out of target_modules for mixed-adapter batches")
+        cur = site.output
+        for label, names in groups.items():
+            members = [a for a in names if a in states and site.name in states[a].site_names]
+            if not members:
+                continue
+            own = f"bank_{label}"
+            state = states[members[0]]
+            out = state.method.emit(BankEmitter(graph, cur, site, own, states, members, rows_of(members), ndim),
+                                    state, site.input, cur, training)
+            cur.replace_all_uses_with(out, delete_user_cb=lambda u, out=out, s=site.name, own=own: u is not out
+                                      and not ((u.meta.get(ADAPTER_KEY) or {}).get("adapter") == own
+                                               and u.meta[ADAPTER_KEY].get("site") == s))
+            cur = out
+    share_projections(mixed, recompile=False)
+    graph.lint()
+    mixed.recompile()
+    mixed.training = False  # the flag the graph reads; the shared submodules keep theirs
+    return len(sites)
 
 
 def build_mixed_graph(gm: GraphModule) -> GraphModule:
-    """The mixed-adapter graph of ``gm``: its inputs plus ``vera_fx_adapter_index`` (int64, one per row).
-
-    Block-structured graphs get a mixed copy of every block, called with the index as one more argument.
-    Shares the base weights and the adapter state with ``gm`` (nothing is copied); ``gm`` is unchanged.
-    ValueError when ``check_bankable`` refuses, or when a site's input does not start with the batch
-    dimension (its rows could not choose an adapter).
-    """
+    """The mixed-adapter graph of ``gm``: its inputs plus ``vera_fx_adapter_index`` (int64, one per row); each
+    block gets a mixed copy, called with the index as one more argument. Shares the base weights and adapter
+    state with ``gm``, which is unchanged. ValueError when ``check_bankable`` refuses, or when a site's input
+    does not start with the batch dimension (its rows could not choose an adapter)."""
     check_bankable(gm)
-    states = _states(gm)
-    order = list(states)
-    groups = bank_groups(gm)
+    order = bank_order(gm)
+    groups: dict[str, list[str]] = {}  # bank label "<method>_r<r>" -> its members, in index order
+    for name, state in adapters_of(gm).items():
+        groups.setdefault(f"{state.method_name}_r{state.config.r}", []).append(name)
     merged = adapter_flags(gm).merged
     sampling = sampling_by_site(gm)
     graph, index = _copy_without_adapters(gm)
@@ -273,8 +236,8 @@ def build_mixed_graph(gm: GraphModule) -> GraphModule:
         b_mixed.meta.update({k: v for k, v in block.meta.items() if k == BLOCK_KEY})
         if CONTAINER in block._modules:
             b_mixed.add_module(CONTAINER, block._modules[CONTAINER])  # the block's views of the states
-            count += _Banker(b_mixed, b_index, _batch_of_block(node, b_graph, batch), order, groups).emit(
-                merged, sampling)
+            count += _emit_banks(b_mixed, b_index, _batch_of_block(node, b_graph, batch), order, groups, merged,
+                                 sampling)
         else:
             b_mixed.recompile()
             b_mixed.training = False
@@ -284,7 +247,6 @@ def build_mixed_graph(gm: GraphModule) -> GraphModule:
             raise RuntimeError(f"mixed graph would replace block {path!r} inside the adapted graph's own tree")
         parent._modules[leaf] = b_mixed
         node.args = (*node.args, index)
-    count += _Banker(mixed, index, batch, order, groups).emit(merged, sampling)
-    mixed.meta[BANK_META] = {"order": order, "banks": groups}
+    count += _emit_banks(mixed, index, batch, order, groups, merged, sampling)
     logger.info("mixed-adapter graph: %d adapters in %d banks, %d site calls", len(order), len(groups), count)
     return mixed
