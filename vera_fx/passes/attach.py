@@ -30,6 +30,7 @@ from ..quantized import rebind_layers
 from ..sites import ADAPTER_KEY, block_prefix, graph_modules, read_sites
 from ..versions import adapter_flags
 from ..state import MTS_TAG, adapters_of, adapters_training, attach_state, set_adapters_training
+from .infer import INFERENCE_KEY, bind_flat_reads, flatten_reads
 from .inject import emit_adapter, remove_adapter_nodes
 
 logger = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple
     if same_states:
         container.versions.switch(gm, graph_modules(gm), before, fp, lambda: _emit_like(gm, source))
         _follow_modes(gm, source)
+        bind_flat_reads(gm)
         return gm
     for g in graph_modules(gm)[1:]:  # stale block views of an earlier attach
         if CONTAINER in g._modules:
@@ -168,6 +170,7 @@ def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple
         attach_state(gm, name, state)
     container.versions.switch(gm, graph_modules(gm), before, fp, lambda: _emit_like(gm, source))
     _follow_modes(gm, source, force=True)
+    bind_flat_reads(gm)
     logger.debug("attach: %d tensors rebound", rebound)
     return gm
 
@@ -195,3 +198,5 @@ def _emit_like(gm: GraphModule, source: GraphModule) -> None:
         emit_adapter(gm, name, sites)
     gm.graph.lint()
     gm.recompile()
+    if INFERENCE_KEY in gm.meta:  # an inference tree: its deep reads through one lookup (the version kept)
+        flatten_reads(gm)

@@ -29,13 +29,14 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..methods.infer import group_products, pvera_group_h, pvera_latent, site_add, site_apply
-from ..sites import ADAPTER_KEY
+from ..sites import ADAPTER_KEY, graph_modules
 from .chains import Chain, hoist, inplace_target, tag_node
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 INFERENCE_KEY = "vera_fx_inference"  # root gm.meta: the inference form this graph tree is built in
+FLAT_KEY = "vera_fx_flat_reads"  # each graph's meta in an inference tree: {flat name: owner module path}
 FORMS = ("batched", "site")
 # The form graphs are built in unless the object says otherwise (``m.inference_form``). Per site: on the 2-core
 # CPU (quiet, benchmarks/inference.py, Llama-like hidden 1024, r=256) the batched form's stack and unbind cost
@@ -147,3 +148,39 @@ def lower_for_inference(gm: GraphModule, chains: list[Chain], form: str = "batch
         logger.debug("lower (inference): %s at %s (%d sites): %s", members[0].adapter, members[0].site.name,
                      len(members), plan)
     return len(chains)
+
+
+def flatten_reads(gm: GraphModule) -> None:
+    """Make each graph of the inference tree ``gm`` read a deep attribute (``self.vera_fx_adapters.default.sites.
+    self_attn.q_proj.vera_lambda_d``: six ``nn.Module.__getattr__`` calls, ~1 ms a forward of a 4-layer model
+    at one token) through its owner module kept in the graph's instance dict (``self.vera_fx_read_3.
+    vera_lambda_d``: a dict hit, then one lookup, so a replaced tensor is still read live). Call it where the
+    adapter nodes were just built (the code it generates is the version kept); ``bind_flat_reads`` after every
+    binding puts the owners in place."""
+    for g in graph_modules(gm):
+        names: dict[str, str] = g.meta.setdefault(FLAT_KEY, {})
+        by_path = {path: flat for flat, path in names.items()}
+        changed = False
+        for n in g.graph.nodes:
+            if n.op != "get_attr" or n.target.count(".") < 2:
+                continue
+            owner, _, leaf = n.target.rpartition(".")
+            flat = by_path.get(owner)
+            if flat is None:
+                flat = by_path[owner] = f"vera_fx_read_{len(names)}"
+                names[flat] = owner
+            n.target, changed = f"{flat}.{leaf}", True
+        bind_flat_reads(g, recurse=False)
+        if changed:
+            g.recompile()
+
+
+def bind_flat_reads(gm: GraphModule, recurse: bool = True) -> None:
+    """Put the owner module of every flattened read (``flatten_reads``) in its graph's instance dict, as the tree
+    holds it now (after a binding that may have replaced a module)."""
+    for g in graph_modules(gm) if recurse else [gm]:
+        for flat, path in g.meta.get(FLAT_KEY, {}).items():
+            try:
+                g.__dict__[flat] = g.get_submodule(path)
+            except AttributeError:  # a path of another version of the tree (an adapter since deleted)
+                g.__dict__.pop(flat, None)
