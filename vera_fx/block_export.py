@@ -19,13 +19,14 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.export import Dim, ExportedProgram
+from torch.export import ExportedProgram
 from torch.fx import Graph, GraphModule, Node
 
 from . import quantized
 from .blocks import BlockCaptureError, ExportCall, LayerCall, attach_blocks, record_calls
 from .compat import EXPORT_NOTES_LOGGER, HigherOrderOperator, copy_codegen, pytree, register_deepcopy_hook
 from .linear_like import linear_module_paths
+from .signatures import dynamic_shapes_of
 from .sites import BLOCK_KEY
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def export_block(layer: nn.Module, call: ExportCall, record: LayerCall) -> Expor
         a, kw = pytree.tree_unflatten([next(it) if m[0] == "t" else m[1] for m in call.leaves], call.spec)
         return forward(*a, **kw)
 
-    shapes = {"inputs": tuple({i: Dim.AUTO for i in range(t.dim())} if t.dim() else None for t in tensors)}
+    shapes = {"inputs": dynamic_shapes_of(tuple(tensors), {})[0]}
     layer.forward = flat_forward
     # export notes every input dimension of size 1 it specialises (a broadcast mask head, the rotary batch):
     # expected for a block, so those notes are silenced
@@ -220,23 +221,17 @@ def _lift_constants(layer: nn.Module, exported: GraphModule, path: str) -> dict[
     """Tensor constants export lifted out of the layer's code (DeBERTa's ``torch.tensor(head_size)``), renamed
     ``vera_fx_constant_<i>``: every block of the group gets them as buffers."""
     constants: dict[str, torch.Tensor] = {}
-    for node in exported.graph.nodes:
-        if node.op != "get_attr" or _has_attr(layer, str(node.target)):
-            continue
-        value = operator.attrgetter(str(node.target))(exported)
+    for node in [n for n in exported.graph.nodes if n.op == "get_attr"]:
+        try:
+            operator.attrgetter(str(node.target))(layer)
+            continue  # the layer's own
+        except AttributeError:
+            value = operator.attrgetter(str(node.target))(exported)
         if not isinstance(value, torch.Tensor) or isinstance(value, nn.Parameter):
             raise BlockCaptureError(f"block {path!r} keeps attributes of its own ({node.target})")
         node.target = f"vera_fx_constant_{len(constants)}"
         constants[node.target] = value
     return constants
-
-
-def _has_attr(module: nn.Module, target: str) -> bool:
-    try:
-        operator.attrgetter(target)(module)
-    except AttributeError:
-        return False
-    return True
 
 
 def bind_layers(model: nn.Module, graphs: Groups, paths: list[str],

@@ -39,42 +39,42 @@ def gradient_checkpointing_enable(gm: nn.Module) -> nn.Module:
     """Checkpoint every block: backward keeps the block inputs and recomputes each block once (gradients are
     unchanged: dropout replays its random state). A graph without blocks raises ValueError. Returns ``gm``."""
     root = _root(gm, "gradient_checkpointing_enable")
-    calls = block_calls(root)
-    if not calls:
+    if not block_calls(root):
         raise ValueError("gradient_checkpointing_enable: this graph has no blocks (the model was captured as one "
                          "graph, e.g. a plain nn.Module or capture(..., blocks=False)); capture a model with a layer "
                          "list (nn.ModuleList) to checkpoint per block")
-    graph = root.graph
-    calls = [n for n in calls if not n.meta.get(_CKPT_KEY) and n.op == "call_module"]
-    for node in calls:
-        with graph.inserting_before(node):
-            block = graph.get_attr(node.target)
-            new = graph.call_function(checkpoint_block, (block, *node.args), dict(node.kwargs))
-        new.meta = {**node.meta, _CKPT_KEY: True}
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-    graph.lint()
-    root.recompile()
-    logger.info("gradient checkpointing on for %d block calls", len(calls))
+    logger.info("gradient checkpointing on for %d block calls", _set_checkpointing(root, True))
     return gm
 
 
 def gradient_checkpointing_disable(gm: nn.Module) -> nn.Module:
     """Undo ``gradient_checkpointing_enable``. Returns ``gm``."""
-    root = _root(gm, "gradient_checkpointing_disable")
+    _set_checkpointing(_root(gm, "gradient_checkpointing_disable"), False)
+    return gm
+
+
+def _set_checkpointing(root: GraphModule, on: bool) -> int:
+    """Rewrite the block calls into (``on``) or out of ``checkpoint_block`` calls; returns how many."""
     graph = root.graph
-    for node in [n for n in block_calls(root) if n.meta.get(_CKPT_KEY)]:
+    calls = [n for n in block_calls(root) if bool(n.meta.get(_CKPT_KEY)) != on]
+    for node in calls:
         block_node = node.args[0]
         with graph.inserting_before(node):
-            new = graph.call_module(block_node.target, tuple(node.args[1:]), dict(node.kwargs))
+            if on:
+                new = graph.call_function(checkpoint_block, (graph.get_attr(node.target), *node.args),
+                                          dict(node.kwargs))
+            else:
+                new = graph.call_module(block_node.target, tuple(node.args[1:]), dict(node.kwargs))
         new.meta = {k: v for k, v in node.meta.items() if k != _CKPT_KEY}
+        if on:
+            new.meta[_CKPT_KEY] = True
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        if not block_node.users:
+        if not on and not block_node.users:
             graph.erase_node(block_node)
     graph.lint()
     root.recompile()
-    return gm
+    return len(calls)
 
 
 def is_gradient_checkpointing(gm: nn.Module) -> bool:

@@ -58,27 +58,6 @@ class SourceModel:
         return {"model": None}
 
 
-def _own_frozen_parameters(gm: GraphModule) -> None:
-    """Give the graph its own frozen Parameter objects over the model's storage (ties preserved)."""
-    replaced: dict[int, nn.Parameter] = {}
-    for _, mod in list(gm.named_modules(remove_duplicate=False)):
-        for pname, p in list(mod._parameters.items()):
-            if quantized.is_quantized_parameter(p):  # Int8Params / Params4bit carry quant state: keep
-                p.requires_grad_(False)
-            elif p is not None:
-                if id(p) not in replaced:
-                    replaced[id(p)] = nn.Parameter(p.detach(), requires_grad=False)
-                mod._parameters[pname] = replaced[id(p)]
-
-
-def _check_no_set_grad_regions(gm: GraphModule) -> None:
-    """A ``wrap_with_set_grad_enabled`` region left behind would graph-break torch.compile on recompiles."""
-    if any(n.op == "call_function" and "wrap_with_set_grad_enabled" in str(n.target)
-           for g in graph_modules(gm) for n in g.graph.nodes):
-        raise CaptureError("torch.export left a wrap_with_set_grad_enabled region in the graph; "
-                           "torch.compile would break on it")
-
-
 @contextlib.contextmanager
 def model_flags_kept(model: nn.Module) -> Iterator[None]:
     """Restore every module's ``training`` flag and parameter's ``requires_grad`` (export switches them)."""
@@ -96,15 +75,13 @@ def model_flags_kept(model: nn.Module) -> Iterator[None]:
 def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Optional[bool] = None) -> GraphModule:
     """Capture ``model`` as a GraphModule with dynamic shapes and train/eval support; no adapters.
 
-    ``example_inputs``: a tuple of positional arguments or a dict of keyword arguments (cloned before export);
-    may be left out for a transformers model. The model's modules, training flags and ``requires_grad`` are
-    left as they were. ``blocks``: keep the layers of the model's layer list as GraphModule submodules, each
-    distinct layer exported once; ``None`` (default) does so for transformers models and falls back to one graph
-    when the layers cannot be blocks, ``True`` raises then, ``False`` captures one graph. When export cannot
-    capture the code around the layers (a data-dependent head or loss), ``None`` and ``True`` keep the blocks
-    under the model's own top level, run eagerly (vera_fx/block_export.py). A whole-model export running past
-    ``whole_model_budget_s()`` seconds is stopped with a CaptureError.
-    """
+    ``example_inputs``: positional arguments (a tuple) or keyword arguments (a dict), cloned before export; may be
+    left out for a transformers model. The model is left as it was. ``blocks``: keep the layers of the model's
+    layer list as GraphModule submodules, each distinct layer exported once; ``None`` (default) does so for
+    transformers models, falling back to one graph when the layers cannot be blocks (``True`` raises then), and
+    ``False`` captures one graph. When export cannot capture the code around the layers (a data-dependent loss),
+    the blocks run under the model's own top level, eagerly. A whole-model export past ``whole_model_budget_s()``
+    seconds is stopped with a CaptureError."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if blocks not in (None, True, False):
@@ -133,8 +110,17 @@ def _finish(gm: GraphModule, model: nn.Module, args: tuple, kwargs: dict, names:
     """The captured tree made ready: dropout following the mode, own frozen parameters, the model's input names,
     the call signature and its keyword check, what the passes need to know of the model."""
     n_flags = rewrite_mode_flags(gm) + sum(g.meta.pop("vera_fx_flags", 0) for g in graph_modules(gm)[1:])
-    _check_no_set_grad_regions(gm)
-    _own_frozen_parameters(gm)
+    if any(n.op == "call_function" and "wrap_with_set_grad_enabled" in str(n.target)
+           for g in graph_modules(gm) for n in g.graph.nodes):  # torch.compile would graph-break on recompiles
+        raise CaptureError("torch.export left a wrap_with_set_grad_enabled region in the graph; "
+                           "torch.compile would break on it")
+    replaced: dict[int, nn.Parameter] = {}  # own frozen Parameters over the model's storage (ties preserved)
+    for mod in gm.modules(remove_duplicate=False):
+        for pname, p in list(mod._parameters.items()):
+            if quantized.is_quantized_parameter(p):  # Int8Params / Params4bit carry quant state: keep
+                p.requires_grad_(False)
+            elif p is not None:
+                mod._parameters[pname] = replaced.setdefault(id(p), nn.Parameter(p.detach(), requires_grad=False))
     restore_input_names(gm, names)
     gm.graph.lint()
     gm.recompile()  # blocks were compiled when bound (their template was final)

@@ -22,10 +22,10 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .compat import OpOverload, OpOverloadPacket
-from .surface import count_parameters
 from .sites import (ADAPTER_KEY, BLOCK_CALL_KEY, SITE_KEY, Site, as_graph_module, block_groups, block_prefix,
                     model_info, read_sites)
 from .state import active_adapters, adapters_disabled, adapters_of
+from .surface import count_parameters as trainable_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +35,6 @@ ROLE_COLORS: dict[str, str] = {"base": "#9ecae1", "projection": "#c7e9c0", "lamb
 
 
 # --------------------------------------------------------------------------------------------- parameters
-
-def trainable_parameters(gm: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts as PEFT counts them: tied parameters once, buffers (the shared frozen
-    projections) not at all, a 4-bit weight as the parameters it packs."""
-    return count_parameters(gm)
-
 
 def _trainable_line(gm: torch.nn.Module) -> str:
     trainable, total = trainable_parameters(gm)
@@ -66,16 +60,6 @@ def _state_word(adapter: str, site: Site, attached: set[str], active: list[str],
     return "sampling" if adapter in site.sampling else "active"
 
 
-def _site_parameters(states: dict[str, Any], site: str, adapters: tuple[str, ...]) -> list[torch.Tensor]:
-    params: list[torch.Tensor] = []
-    for name in adapters:
-        try:
-            params += states[name].site_parameters(site).values()
-        except KeyError:  # not an adapter of this graph, or none of its parameters at this site
-            continue
-    return params
-
-
 def summary_rows(gm: GraphModule, include_unadapted: bool = False) -> list[dict[str, Any]]:
     """One dict per site (name, kind, in_features, out_features, adapters, params, trainable, state) that an
     adapter covers (active, inactive, disabled or merged), or every site with ``include_unadapted``."""
@@ -98,7 +82,12 @@ def summary_rows(gm: GraphModule, include_unadapted: bool = False) -> list[dict[
             continue
         words = [(a, _state_word(a, s, attached[name], active, disabled)) for a in adapters]
         state = (words[0][1] if len(words) == 1 else ", ".join(f"{a}:{w}" for a, w in words)) if words else "-"
-        params = _site_parameters(states, name, adapters)
+        params: list[torch.Tensor] = []
+        for a in adapters:
+            try:
+                params += states[a].site_parameters(name).values()
+            except KeyError:  # not an adapter of this graph, or none of its parameters at this site
+                pass
         rows.append({"name": name, "kind": s.kind, "in_features": s.in_features, "out_features": s.out_features,
                      "adapters": adapters, "params": sum(p.numel() for p in params),
                      "trainable": sum(p.numel() for p in params if p.requires_grad), "state": state})
@@ -138,8 +127,8 @@ def _site_table(gm: GraphModule, include_unadapted: bool) -> tuple[str, list[lis
         [r["name"], r["kind"], f"{r['in_features']} -> {r['out_features']}", ",".join(r["adapters"]) or "-",
          f"{r['params']:,d}", r["state"]] for r in rows]
     adapted = sum(1 for r in rows if r["adapters"])
-    notes = [f"total: {adapted} site(s), {sum(r['params'] for r in rows):,d} adapter parameters "
-             f"({sum(r['trainable'] for r in rows):,d} trainable)", *_projection_notes(gm)]
+    notes = [(f"total: {adapted} site(s), {sum(r['params'] for r in rows):,d} adapter parameters "
+              f"({sum(r['trainable'] for r in rows):,d} trainable)"), *_projection_notes(gm)]
     for members in block_groups(gm).values():  # layers running copies of one captured graph
         paths = [block_prefix(b) for b in members]
         span = paths[0] if len(paths) == 1 else f"{paths[0]} .. {paths[-1]}"
@@ -182,24 +171,6 @@ def _target_str(node: Node) -> str:
     return getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or str(t)
 
 
-def _role(node: Node) -> tuple[Optional[str], Optional[str], Optional[str]]:
-    """(role, site, adapter) of a node from its tags; (None, None, None) for the rest of the model."""
-    tag = node.meta.get(ADAPTER_KEY)
-    if tag:
-        return tag.get("role"), tag.get("site"), tag.get("adapter")
-    site = node.meta.get(SITE_KEY)
-    if site:
-        return "base", site.get("name"), None
-    return None, None, None
-
-
-def _shape_dtype(node: Node) -> tuple[Optional[tuple], Optional[str]]:
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        return None, None
-    return tuple(int(d) if isinstance(d, int) else str(d) for d in val.shape), str(val.dtype).replace("torch.", "")
-
-
 def to_networkx(gm: GraphModule) -> nx.DiGraph:
     """The graph as a ``networkx.DiGraph``: a node per FX node (keyed by its name), an edge per data use.
 
@@ -219,13 +190,16 @@ def to_networkx(gm: GraphModule) -> nx.DiGraph:
     for prefix, graph_module in graphs:
         key = (lambda n, p=prefix: f"{p}/{n.name}") if prefix else (lambda n: n.name)
         for node in graph_module.graph.nodes:
-            role, site, adapter = _role(node)
-            shape, dtype = _shape_dtype(node)
-            tag = node.meta.get(ADAPTER_KEY) or {}
-            called = node.meta.get(BLOCK_CALL_KEY)
-            g.add_node(key(node), op=node.op, target=_target_str(node), role=role, site=site, adapter=adapter,
+            tag, site = node.meta.get(ADAPTER_KEY) or {}, node.meta.get(SITE_KEY) or {}  # adapter node, base call
+            val, called = node.meta.get("val"), node.meta.get(BLOCK_CALL_KEY)
+            shape = tuple(int(d) if isinstance(d, int) else str(d) for d in val.shape) \
+                if isinstance(val, torch.Tensor) else None
+            g.add_node(key(node), op=node.op, target=_target_str(node),
+                       role=tag.get("role") if tag else "base" if site else None,
+                       site=tag.get("site") if tag else site.get("name"), adapter=tag.get("adapter"),
+                       label=tag.get("name") or node.name,
                        base=f"{prefix}/{tag['base']}" if prefix and tag.get("base") else tag.get("base"),
-                       shape=shape, dtype=dtype, label=tag.get("name") or node.name,
+                       shape=shape, dtype=str(val.dtype).replace("torch.", "") if shape is not None else None,
                        block=prefix or (rep_of.get(called) if called else None),
                        multiplicity=len(shown[prefix]) if prefix else None)
         for node in graph_module.graph.nodes:
@@ -239,21 +213,12 @@ def _q(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def _short_target(target: str) -> str:
-    if target.startswith("aten."):
-        target = target[len("aten."):]
-        for suffix in (".default", ".Tensor"):
-            if target.endswith(suffix):
-                target = target[: -len(suffix)]
-    if len(target) > 48:
-        target = "..." + ".".join(target.split(".")[-2:])[-45:]
-    return target
-
-
 def _node_stmt(name: str, attrs: dict[str, Any], context: bool) -> str:
-    lines = [attrs["label"]]
+    lines, target = [attrs["label"]], attrs["target"]
     if attrs["op"] in ("call_function", "call_method", "call_module", "get_attr"):
-        lines.append(_short_target(attrs["target"]))
+        if target.startswith("aten."):
+            target = target[len("aten."):].removesuffix(".default").removesuffix(".Tensor")
+        lines.append(target if len(target) <= 48 else "..." + ".".join(target.split(".")[-2:])[-45:])
     if attrs["shape"] is not None:
         lines.append(f"{'x'.join(map(str, attrs['shape'])) or 'scalar'} {attrs['dtype']}")
     label = "\n".join(lines)
@@ -270,23 +235,17 @@ def _node_stmt(name: str, attrs: dict[str, Any], context: bool) -> str:
     return f"{_q(name)} [{', '.join(parts)}];"
 
 
-def _dot_view(g: Any, adapters_only: bool) -> tuple[Any, set]:
-    """The graph ``to_dot`` draws and its core nodes (the others are context, drawn dashed)."""
-    if not adapters_only:
-        return g, set(g.nodes)
-    core = {n for n, a in g.nodes(data=True) if a["role"] not in (None, "base", "mode")}
-    core |= {g.nodes[n]["base"] for n in core if g.nodes[n]["base"] in g}
-    keep = set(core)
-    for n in core:
-        keep |= set(g.predecessors(n)) | set(g.successors(n))
-    return g.subgraph([n for n in g.nodes if n in keep]), core
-
-
 def to_dot(gm: GraphModule, adapters_only: bool = False) -> str:
     """DOT text of the graph, adapter nodes filled by role (``ROLE_COLORS``) and grouped per site and adapter,
     one line per node and per edge. ``adapters_only=True`` keeps the adapter nodes, the base calls of their sites
     and the nodes one edge away from them (drawn dashed): what one wants to look at in a large model."""
-    g, core = _dot_view(to_networkx(as_graph_module(gm, "to_dot")), adapters_only)
+    g = to_networkx(as_graph_module(gm, "to_dot"))
+    core = set(g.nodes)  # the nodes drawn solid (the others are context, drawn dashed)
+    if adapters_only:
+        core = {n for n, a in g.nodes(data=True) if a["role"] not in (None, "base", "mode")}
+        core |= {g.nodes[n]["base"] for n in core if g.nodes[n]["base"] in g}
+        keep = core | {m for n in core for m in (*g.predecessors(n), *g.successors(n))}
+        g = g.subgraph([n for n in g.nodes if n in keep])
     groups: dict[str, tuple[list[str], dict[tuple[str, str], list[str]]]] = {}  # block: (plain, site clusters)
     for name, attrs in g.nodes(data=True):
         plain, sites = groups.setdefault(attrs["block"] if attrs["multiplicity"] else "", ([], {}))
@@ -337,7 +296,8 @@ class GraphView:
         if exe is None:
             return None
         try:
-            done = subprocess.run([exe, "-Tsvg"], input=self.source.encode(), capture_output=True, timeout=120.0)
+            done = subprocess.run([exe, "-Tsvg"], input=self.source.encode(), capture_output=True, timeout=120.0,
+                                  check=False)
         except (OSError, subprocess.TimeoutExpired) as e:
             logger.warning("graphviz dot failed (%s); showing the summary table instead", e)
             return None

@@ -1,10 +1,6 @@
 """Linear-like modules: the layers PEFT targets, recognised by what they are rather than by the op they emit.
-
-Some architectures subclass ``nn.Linear`` with a forward of their own (Falcon's ``FalconLinear``: ``input @
-self.weight.T + self.bias``), so no ``linear`` call reaches the captured graph. ``linear_forwards(model)`` gives
-such a module ``nn.Linear.forward`` while exporting, once a probe has shown that its own forward computes exactly
-that; a subclass computing something else keeps its forward (and is no site).
-"""
+``linear_forwards`` makes an ``nn.Linear`` subclass whose own forward is a linear map (Falcon's ``FalconLinear``:
+``input @ self.weight.T + self.bias``) export as one ``linear`` call, so it is a site."""
 
 from __future__ import annotations
 

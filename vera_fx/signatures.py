@@ -224,10 +224,6 @@ def _made_inputs(defaults: tuple, ids: Any, names: Collection[str]) -> dict[str,
             for name, kind, dtype in defaults if name in names}
 
 
-def _autocast_state() -> tuple:
-    return tuple((d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d))
-
-
 def _value_key(name: str, v: Any) -> tuple:
     if isinstance(v, torch.Tensor):
         return name, "tensor", v.dtype, v.dim(), v.device.type
@@ -243,7 +239,8 @@ def _value_key(name: str, v: Any) -> tuple:
 
 def call_key(call: dict[str, Any], weights_state: tuple) -> CallKey:
     """The signature of a normalised call: (keyword keys, autocast state, the weights' dtype and device)."""
-    return tuple(_value_key(k, call[k]) for k in sorted(call)), _autocast_state(), weights_state
+    autocast = tuple((d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d))
+    return tuple(_value_key(k, call[k]) for k in sorted(call)), autocast, weights_state
 
 
 def _expand_unit_dims(v: Any) -> Any:
@@ -335,20 +332,16 @@ class InputCheck:
         missing = [n for n in sig.names if n not in given]
         unexpected = [k for k in kwargs if k not in sig.names] + (
             [f"<{len(args) - len(sig.names)} extra positional>"] if len(args) > len(sig.names) else [])
-        consts = dict(sig.constants)
-        fill = [n for n in missing if n in consts]
         ids = kwargs.get("input_ids", args[sig.names.index("input_ids")] if "input_ids" in sig.names[:len(args)]
                          else None)
-        made = _made_inputs(sig.defaults, ids, missing)
-        missing = [n for n in missing if n not in consts and n not in made]
+        filled = {n: v for n, v in sig.constants if n in missing} | _made_inputs(sig.defaults, ids, missing)
+        missing = [n for n in missing if n not in filled]
         if missing or unexpected:
             raise TypeError(
                 f"this graph was captured for the inputs ({sig.describe()}); missing: {missing or 'none'}, "
                 f"unexpected: {unexpected or 'none'}. Call it with those keywords, or capture again with "
                 f"example_inputs holding the keywords you want to pass")
-        if fill or made:
-            kwargs = {**kwargs, **{n: consts[n] for n in fill}, **made}
-        return args, kwargs
+        return args, {**kwargs, **filled} if filled else kwargs
 
 
 def restore_input_names(gm: GraphModule, names: list[str]) -> None:
