@@ -85,18 +85,14 @@ def record_calls(model: nn.Module, layer_paths: list[str], args: tuple, kwargs: 
     """Run ``model`` once (no grad, forked RNG) and record every layer's arguments and output structure."""
     records: dict[str, LayerCall] = {}
 
-    def pre(path: str, a: tuple, kw: dict) -> None:
-        records.setdefault(path, LayerCall(a, kw)).calls += 1
+    def record(path: str, a: tuple, kw: dict, out: Any) -> None:
+        rec = records.setdefault(path, LayerCall(a, kw))
+        rec.calls += 1
+        rec.out_leaves, rec.out_spec = pytree.tree_flatten(out)
 
-    def post(path: str, out: Any) -> None:
-        records[path].out_leaves, records[path].out_spec = pytree.tree_flatten(out)
-
-    handles = []
+    handles = [model.get_submodule(path).register_forward_hook(lambda m, a, kw, o, p=path: record(p, a, kw, o),
+                                                               with_kwargs=True) for path in layer_paths]
     try:
-        for path in layer_paths:
-            layer = model.get_submodule(path)
-            handles.append(layer.register_forward_pre_hook(lambda m, a, kw, p=path: pre(p, a, kw), with_kwargs=True))
-            handles.append(layer.register_forward_hook(lambda m, a, kw, o, p=path: post(p, o), with_kwargs=True))
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             model(*args, **kwargs)
     finally:

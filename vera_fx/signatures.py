@@ -175,14 +175,17 @@ def warn_unit_dims(args: tuple, kwargs: dict) -> None:
 
 # --------------------------------------------------------------------------------------------- call signatures
 
-def _as_keywords(params: dict[str, inspect.Parameter], model_name: str, args: tuple, kwargs: dict,
-                 checked: Optional[set] = None) -> dict:
+def normalise_call(params: dict[str, inspect.Parameter], model_name: str, signature: Any, args: tuple,
+                   kwargs: dict, checked: Optional[set] = None) -> tuple[dict[str, Any], bool]:
+    """The call as the keywords of one graph, and whether it asked for ``use_cache=True`` (run without a KV cache).
+    The source graph's ``signature.defaults`` (the masks the model fills when left out) are filled, so one graph
+    serves both; ``checked``: keyword sets already accepted (names are checked once per set)."""
     names = positional(params)
     if len(args) > len(names):
         raise TypeError(f"{model_name}.forward takes {len(names)} positional arguments ({names}); "
                         f"{len(args)} were given")
     call = dict(zip(names, args))
-    if checked is None or tuple(kwargs) not in checked:  # once per keyword set when the caller keeps ``checked``
+    if checked is None or tuple(kwargs) not in checked:
         check_keywords(params, [k for k in kwargs if k != "adapter_names"], model_name)
         if checked is not None:
             checked.add(tuple(kwargs))
@@ -190,16 +193,8 @@ def _as_keywords(params: dict[str, inspect.Parameter], model_name: str, args: tu
         if k in call:
             raise TypeError(f"forward got multiple values for argument {k!r}")
         call[k] = v
-    return call
-
-
-def normalise_call(params: dict[str, inspect.Parameter], model_name: str, signature: Any, args: tuple,
-                   kwargs: dict, checked: Optional[set] = None) -> tuple[dict[str, Any], bool]:
-    """The call as the keywords of one graph, and whether it asked for ``use_cache=True`` (run without a KV cache).
-    The source graph's ``signature.defaults`` (the masks the model fills when left out) are filled, so one graph
-    serves both; ``checked``: keyword sets already accepted (names are checked once per set)."""
     out = {}
-    for k, v in _as_keywords(params, model_name, args, kwargs, checked).items():
+    for k, v in call.items():
         p = params.get(k)
         if v is None and (p is None or p.default is None or p.kind is p.VAR_KEYWORD):
             continue  # the model treats None as absent
