@@ -90,9 +90,11 @@ def record_calls(model: nn.Module, layer_paths: list[str], args: tuple, kwargs: 
         rec.calls += 1
         rec.out_leaves, rec.out_spec = pytree.tree_flatten(out)
 
-    handles = [model.get_submodule(path).register_forward_hook(lambda m, a, kw, o, p=path: record(p, a, kw, o),
-                                                               with_kwargs=True) for path in layer_paths]
+    handles = []
     try:
+        for path in layer_paths:
+            handles.append(model.get_submodule(path).register_forward_hook(
+                lambda m, a, kw, o, p=path: record(p, a, kw, o), with_kwargs=True))
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             model(*args, **kwargs)
     finally:
