@@ -6,7 +6,7 @@ the example's and another shape, trainable counts, one AdamW step, our folder lo
 CI; the rest are marked slow and run with VERA_FX_LONG=1; those also compare greedy generation (6 tokens) with
 PEFT's on every text decoder and text encoder-decoder (Whisper's is in tests/test_generate.py).
 
-The eager top level (vera_fx/fallback.py): DeBERTa-v2 / BERT / RoBERTa sequence classification with labels
+The eager top level (vera_fx/block_export.py): DeBERTa-v2 / BERT / RoBERTa sequence classification with labels
 (every problem_type) equal PEFT's loss and gradients, DeBERTa-v2's data-dependent loss through the eager top.
 """
 
@@ -24,7 +24,8 @@ from torch import nn
 import vera_fx
 from arch_zoo import ARCHS, BY_NAME, METHODS, TARGETS, generates, run_row
 from vera_fx.capture import CaptureError
-from vera_fx.fallback import EAGER_TOP, FlatCall, eager_call
+from vera_fx.block_export import EAGER_TOP, FlatCall
+from vera_fx.blocks import ExportCall
 
 peft = pytest.importorskip("peft")
 
@@ -105,7 +106,7 @@ def test_sequence_classification_loss_and_gradients_equal_peft(name, problem_typ
         pm = peft.get_peft_model(copy.deepcopy(model), peft.VeraConfig(r=4, target_modules=targets,
                                                                        init_weights=False)).eval()
     torch.manual_seed(7)
-    with caplog.at_level(logging.INFO, logger="vera_fx.fallback"):
+    with caplog.at_level(logging.INFO, logger="vera_fx.block_export"):
         ours = vera_fx.transform(model, vera_fx.VeraConfig(r=4, target_modules=targets, init_weights=False),
                                  example_inputs=kw).eval()
     eager = EAGER_TOP in ours.graph_module.meta
@@ -201,10 +202,8 @@ def test_eager_top_refused_for_tensors_outside_modules_keeps_exports_error():
 
 def test_block_called_otherwise_than_captured_names_the_layer():
     layer = _Layer()
-    from vera_fx.blocks import LayerCall
-
     x = torch.randn(2, 3, 6)
-    hook = FlatCall("layers.0", eager_call(LayerCall((x,), {"scale": 0.5})))
+    hook = FlatCall("layers.0", ExportCall.of((x,), {"scale": 0.5}))
     assert hook(layer, (x,), {"scale": 0.5})[0][0] is x
     with pytest.raises(ValueError, match=r"layer 'layers.0' was captured with the constant 0.5 .* now called with 2.0"):
         hook(layer, (x,), {"scale": 2.0})

@@ -142,7 +142,7 @@ def test_capture_errors():
 
 
 def test_default_example_needs_transformers_model():
-    from vera_fx.example_inputs import default_example_inputs
+    from vera_fx.signatures import default_example_inputs
 
     kw = default_example_inputs(tiny_bert())
     assert set(kw) == {"input_ids", "attention_mask", "token_type_ids", "labels"} and kw["input_ids"].shape == (2, 8)

@@ -1,14 +1,6 @@
-"""Per-block run-time choices on a block-structured graph: activation checkpointing and regional compile.
-
-``gradient_checkpointing_enable(gm)`` rewrites each ``call_module`` node of the top graph that calls a
-block into ``checkpoint_block(block, *inputs)`` (``torch.utils.checkpoint`` without re-entrance): backward
-keeps only each block's inputs and recomputes the block. The block is still called as a module, so FSDP2's
-per-block hooks fire (and gather again during the recomputation). ``gradient_checkpointing_disable``
-rewrites them back.
-
-``compile_blocks(gm)`` compiles every block in place (``nn.Module.compile``); blocks whose generated code is
-identical share one forward function, so torch.compile compiles a signature once for all of them.
-"""
+"""Per-block run-time choices on a block-structured graph: activation checkpointing through
+``torch.utils.checkpoint`` (the block is still called as a module, so FSDP2's per-block hooks fire) and regional
+compile (blocks with identical generated code share one class, so a signature compiles once for all)."""
 
 from __future__ import annotations
 
@@ -33,14 +25,9 @@ def checkpoint_block(block: nn.Module, *args: Any) -> Any:
 
 
 def _root(gm: nn.Module, fn: str) -> GraphModule:
+    """The source graph of ``gm``, also inside a torch.compile or DistributedDataParallel wrapper."""
     inner = getattr(gm, "_orig_mod", gm)
-    inner = getattr(inner, "module", inner)  # DistributedDataParallel
-    if not isinstance(inner, GraphModule):
-        if getattr(type(inner), "_vera_fx_source_graph", None) is not None:  # the model object: its source graph
-            return as_graph_module(inner, fn)
-        raise TypeError(f"{fn} takes the model from vera_fx.transform, its GraphModule (m.graph_module) or a "
-                        f"torch.compile / DDP wrapper of either, got {type(gm).__name__}")
-    return inner
+    return as_graph_module(getattr(inner, "module", inner), fn)
 
 
 def block_calls(gm: GraphModule) -> list[Node]:
@@ -49,54 +36,45 @@ def block_calls(gm: GraphModule) -> list[Node]:
 
 
 def gradient_checkpointing_enable(gm: nn.Module) -> nn.Module:
-    """Checkpoint every block: backward keeps the block inputs and recomputes each block once.
-
-    Gradients are unchanged (dropout replays its random state). A graph without blocks (captured as one
-    graph) raises ValueError: there is nothing to checkpoint at block granularity. Returns ``gm``.
-    """
+    """Checkpoint every block: backward keeps the block inputs and recomputes each block once (gradients are
+    unchanged: dropout replays its random state). A graph without blocks raises ValueError. Returns ``gm``."""
     root = _root(gm, "gradient_checkpointing_enable")
-    calls = block_calls(root)
-    if not calls:
+    if not block_calls(root):
         raise ValueError("gradient_checkpointing_enable: this graph has no blocks (the model was captured as one "
                          "graph, e.g. a plain nn.Module or capture(..., blocks=False)); capture a model with a layer "
                          "list (nn.ModuleList) to checkpoint per block")
-    graph = root.graph
-    changed = 0
-    for node in calls:
-        if node.meta.get(_CKPT_KEY) or node.op != "call_module":
-            continue
-        with graph.inserting_before(node):
-            block = graph.get_attr(node.target)
-            new = graph.call_function(checkpoint_block, (block, *node.args), dict(node.kwargs))
-        new.meta = dict(node.meta)
-        new.meta[_CKPT_KEY] = True
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        changed += 1
-    graph.lint()
-    root.recompile()
-    logger.info("gradient checkpointing on for %d block calls", changed)
+    logger.info("gradient checkpointing on for %d block calls", _set_checkpointing(root, True))
     return gm
 
 
 def gradient_checkpointing_disable(gm: nn.Module) -> nn.Module:
-    """Undo ``gradient_checkpointing_enable``: the blocks are called directly again. Returns ``gm``."""
-    root = _root(gm, "gradient_checkpointing_disable")
+    """Undo ``gradient_checkpointing_enable``. Returns ``gm``."""
+    _set_checkpointing(_root(gm, "gradient_checkpointing_disable"), False)
+    return gm
+
+
+def _set_checkpointing(root: GraphModule, on: bool) -> int:
+    """Rewrite the block calls into (``on``) or out of ``checkpoint_block`` calls; returns how many."""
     graph = root.graph
-    for node in block_calls(root):
-        if not node.meta.get(_CKPT_KEY):
-            continue
+    calls = [n for n in block_calls(root) if bool(n.meta.get(_CKPT_KEY)) != on]
+    for node in calls:
         block_node = node.args[0]
         with graph.inserting_before(node):
-            new = graph.call_module(block_node.target, tuple(node.args[1:]), dict(node.kwargs))
+            if on:
+                new = graph.call_function(checkpoint_block, (graph.get_attr(node.target), *node.args),
+                                          dict(node.kwargs))
+            else:
+                new = graph.call_module(block_node.target, tuple(node.args[1:]), dict(node.kwargs))
         new.meta = {k: v for k, v in node.meta.items() if k != _CKPT_KEY}
+        if on:
+            new.meta[_CKPT_KEY] = True
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        if not block_node.users:
+        if not on and not block_node.users:
             graph.erase_node(block_node)
     graph.lint()
     root.recompile()
-    return gm
+    return len(calls)
 
 
 def is_gradient_checkpointing(gm: nn.Module) -> bool:
@@ -105,8 +83,8 @@ def is_gradient_checkpointing(gm: nn.Module) -> bool:
 
 
 def _unsharing_recompile(self: GraphModule) -> Any:
-    """``GraphModule.recompile`` for a block whose class is shared: first give it a class of its own (a
-    subclass, so FSDP's wrapping class stays), so that new code never reaches the other blocks."""
+    """``GraphModule.recompile`` for a block of a shared class: first a class of its own (a subclass, so FSDP's
+    wrapping class stays), so that new code never reaches the other blocks."""
     cls = type(self)
     if cls.__dict__.get("_vera_fx_shared"):
         cls = self.__class__ = type(cls.__name__, (cls,), {"_vera_fx_shared": False})
@@ -117,19 +95,15 @@ def _unsharing_recompile(self: GraphModule) -> Any:
 
 
 def _drop_generated_call(cls: type) -> None:
-    """Remove the ``__call__`` that ``GraphModule.recompile`` puts on the class of one of our block classes.
-    A subclass (a block unshared on recompile, a deepcopy's ``GraphModuleImpl``: torch skips only classes of
-    that name when it picks the base) would inherit it; its own wrapper calls ``super().__call__``, this one,
-    which calls the subclass's wrapper again: endless recursion. Without it the class is called as any
-    ``nn.Module`` (the generated forward is unchanged)."""
+    """Remove the ``__call__`` ``GraphModule.recompile`` puts on a shared class: a subclass (an unshared block, a
+    deepcopy's ``GraphModuleImpl``) would inherit it, and its own wrapper's ``super().__call__`` would recurse."""
     if "__call__" in cls.__dict__:
         delattr(cls, "__call__")
 
 
 def share_block_code(gm: nn.Module) -> int:
-    """Make blocks with identical generated code instances of one class (torch.compile guards on the class
-    and caches by code object, so they then compile once). A block that is rewritten later gets a class of
-    its own again on its ``recompile``. Returns how many blocks now share another block's class."""
+    """Make blocks with identical generated code instances of one class (torch.compile guards on the class and
+    caches by code object); returns how many now share another block's class."""
     root = _root(gm, "share_block_code")
     by_code: dict[str, list[GraphModule]] = {}
     for block in graph_modules(root)[1:]:
@@ -153,12 +127,9 @@ def _call_block(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 def compile_blocks(gm: nn.Module, **compile_kwargs: Any) -> nn.Module:
-    """Regional compile: ``torch.compile`` every block in place, one compilation per distinct block code.
-
-    The top graph stays eager (it is small: embeddings, masks, norms, head). Keyword arguments go to
-    ``torch.compile``. A later graph rewrite (adapter switch, merge, unmerge) builds or recompiles the
-    changed blocks, which then run eagerly: call ``compile_blocks`` again after it. Returns ``gm``.
-    """
+    """Regional compile: ``torch.compile`` (with these keyword arguments) every block in place, one compilation
+    per distinct block code; the small top graph stays eager. Blocks a later rewrite (adapter switch, merge,
+    unmerge) builds or recompiles run eagerly: call ``compile_blocks`` again after it. Returns ``gm``."""
     root = _root(gm, "compile_blocks")
     blocks = graph_modules(root)[1:]
     if not blocks:

@@ -1,17 +1,8 @@
-"""Capture: nn.Module -> torch.fx.GraphModule through torch.export (non-strict).
+"""Capture: nn.Module -> torch.fx.GraphModule tree through torch.export (non-strict).
 
-The captured graph
-- has a dynamic size on every dimension of every tensor input (``Dim.AUTO``; a dimension of size 1 in the
-  example is specialised by export, so the default example uses batch 2 and length 8);
-- keeps the model's output structure (a ``CausalLMOutputWithPast`` stays one);
-- follows ``.train()`` / ``.eval()``: it is exported in training mode and every dropout (``native_dropout``'s
-  ``train`` flag, ``scaled_dot_product_attention``'s ``dropout_p``) reads the module's ``training`` attribute
-  through a ``get_attr`` node, so switching mode never re-captures (torch.compile recompiles once per mode);
-- shares the model's parameter storage but owns frozen ``nn.Parameter`` objects, so freezing or training the
-  graph never changes ``requires_grad`` on the user's model;
-- takes the keyword set of the example; constant (non-tensor) keywords such as ``use_cache=False`` are
-  filled in when left out, and a call with other keywords fails with a TypeError listing the expected ones.
-"""
+The graph has a dynamic size on every dimension of every tensor input, keeps the model's output structure,
+follows ``.train()`` / ``.eval()`` (dropout reads the module's ``training`` flag), owns frozen ``nn.Parameter``
+objects over the model's storage and takes the example's keywords (left-out constants are filled in)."""
 
 from __future__ import annotations
 
@@ -29,21 +20,20 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from . import blocks as _blocks
-from .compat import register_deepcopy_hook
 from . import quantized
-from .block_export import assemble, export_groups, rewrite_mode_flags, strip_metadata_asserts
-from .signatures import Signature, install_input_check, model_filled_inputs, probe, \
-    restore_input_names
-from .example_inputs import ExampleInputs, clone_inputs, explicit_keywords, export_dynamic_shapes, is_pretrained, normalise_example, positional_names, warn_unit_dims
-from .fallback import capture_eager_top
+from .block_export import (assemble, capture_eager_top, export_groups, inline_wrappers, remaining_wrappers,
+                           rewrite_mode_flags, strip_metadata_asserts)
+from .blocks import BlockCaptureError, SymbolicArgumentError, export_top, find_layer_paths
+from .compat import register_deepcopy_hook
 from .linear_like import linear_forwards, linear_module_paths
+from .signatures import (ExampleInputs, Signature, clone_inputs, explicit_keywords, export_dynamic_shapes,
+                         install_input_check, is_pretrained, model_filled_inputs, normalise_example, positional_names,
+                         probe, restore_input_names, warn_unit_dims)
 from .sites import MODEL_INFO_KEY, graph_modules
 
 logger = logging.getLogger(__name__)
 
-# Seconds a whole-model export may take before capture stops it (sympy on a model whose sizes are Python numbers
-# ran for over 30 minutes); the environment variable VERA_FX_CAPTURE_BUDGET_S overrides it (0: no budget).
+# Seconds a whole-model export may take (sympy on a model whose sizes are Python numbers ran for over 30 minutes).
 WHOLE_MODEL_BUDGET_S = 300.0
 
 
@@ -56,8 +46,7 @@ SOURCE_MODEL_KEY = "vera_fx_source_model"
 
 
 class SourceModel:
-    """A reference to the captured model, kept by ``copy.deepcopy`` (the copy refers to the same model, whose
-    architecture is all that is used) and dropped by pickling."""
+    """The captured model, kept by ``copy.deepcopy`` (only its architecture is used), dropped by pickling."""
 
     def __init__(self, model: Optional[nn.Module]) -> None:
         self.model = model
@@ -69,65 +58,30 @@ class SourceModel:
         return {"model": None}
 
 
-def _own_frozen_parameters(gm: GraphModule) -> None:
-    """Give the graph its own frozen Parameter objects over the model's storage (ties preserved)."""
-    replaced: dict[int, nn.Parameter] = {}
-    for _, mod in list(gm.named_modules(remove_duplicate=False)):
-        for pname, p in list(mod._parameters.items()):
-            if p is None:
-                continue
-            if quantized.is_quantized_parameter(p):  # Int8Params / Params4bit carry quant state: keep
-                p.requires_grad_(False)
-                continue
-            new = replaced.get(id(p))
-            if new is None:
-                new = nn.Parameter(p.detach(), requires_grad=False)
-                replaced[id(p)] = new
-            mod._parameters[pname] = new
-
-
-def _check_no_set_grad_regions(gm: GraphModule) -> None:
-    """``run_decompositions`` inlines ``wrap_with_set_grad_enabled`` regions (Llama's rotary embedding); one
-    left behind would graph-break torch.compile on recompiles, so refuse it here."""
-    for node in [n for g in graph_modules(gm) for n in g.graph.nodes]:
-        if node.op == "call_function" and "wrap_with_set_grad_enabled" in str(node.target):
-            raise CaptureError("torch.export left a wrap_with_set_grad_enabled region in the graph; "
-                               "torch.compile would break on it")
-
-
 @contextlib.contextmanager
 def model_flags_kept(model: nn.Module) -> Iterator[None]:
-    """Restore every module's ``training`` flag and every parameter's ``requires_grad`` on exit (export
-    switches them), whatever happens inside."""
-    modes = {name: m.training for name, m in model.named_modules()}
-    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    """Restore every module's ``training`` flag and parameter's ``requires_grad`` (export switches them)."""
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
     try:
         yield
     finally:
-        for name, m in model.named_modules():
-            if name in modes:
-                m.training = modes[name]
-        for name, p in model.named_parameters():
-            if name in grads:
-                p.requires_grad_(grads[name])
+        for m, mode in modes:
+            m.training = mode
+        for p, grad in grads:
+            p.requires_grad_(grad)
 
 
 def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Optional[bool] = None) -> GraphModule:
     """Capture ``model`` as a GraphModule with dynamic shapes and train/eval support; no adapters.
 
-    ``example_inputs`` is a tuple of positional arguments or a dict of keyword arguments; for a transformers
-    model it may be left out. Every tensor is cloned before export. The model's modules, their training
-    flags and their parameters' ``requires_grad`` are left as they were.
-
-    ``blocks``: keep the layers of the model's layer list (``nn.ModuleList`` of one class) as GraphModule
-    submodules, each distinct layer exported once (vera_fx/blocks.py). ``None`` (default) does so for
-    transformers models and falls back to one graph when the layers cannot be blocks; ``True`` raises then;
-    ``False`` captures one flat graph. Layers that take sizes as Python numbers (Swin's stages) are captured
-    with every size but the batch static (another size captures another graph). When export cannot capture
-    the code around the layers (a data-dependent head or loss), ``None`` and ``True`` keep the layers as blocks
-    under the model's own top level, run eagerly (vera_fx/fallback.py; logged once). A whole-model export
-    running past ``whole_model_budget_s()`` seconds is stopped with a CaptureError.
-    """
+    ``example_inputs``: positional arguments (a tuple) or keyword arguments (a dict), cloned before export; may be
+    left out for a transformers model. The model is left as it was. ``blocks``: keep the layers of the model's
+    layer list as GraphModule submodules, each distinct layer exported once; ``None`` (default) does so for
+    transformers models, falling back to one graph when the layers cannot be blocks (``True`` raises then), and
+    ``False`` captures one graph. When export cannot capture the code around the layers (a data-dependent loss),
+    the blocks run under the model's own top level, eagerly. A whole-model export past ``whole_model_budget_s()``
+    seconds is stopped with a CaptureError."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if blocks not in (None, True, False):
@@ -137,8 +91,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Opti
     args, kwargs = clone_inputs(args), clone_inputs(kwargs)
     warn_unit_dims(args, kwargs)
     qlayers = quantized.quantized_layers(model)  # bitsandbytes linears stay opaque (ImportError without bnb)
-    layer_paths = [p for paths in _blocks.find_layer_lists(model).values() for p in paths] \
-        if (blocks is True or (blocks is None and is_pretrained(model))) else []
+    layer_paths = find_layer_paths(model) if blocks is True or (blocks is None and is_pretrained(model)) else []
     names_in_order = list(positional_names(model, len(args))) + list(kwargs)
     try:
         with model_flags_kept(model), warnings.catch_warnings(), quantized.stand_ins(model, qlayers), \
@@ -154,18 +107,25 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Opti
 
 
 def _finish(gm: GraphModule, model: nn.Module, args: tuple, kwargs: dict, names: list[str]) -> GraphModule:
-    """The captured tree made ready: dropout following the mode, own frozen parameters, the model's input
-    names, the call signature and its keyword check, what the passes need to know of the model."""
-    # the block paths stripped the metadata asserts of every graph before binding (export_groups)
+    """The captured tree made ready: dropout following the mode, own frozen parameters, the model's input names,
+    the call signature and its keyword check, what the passes need to know of the model."""
     n_flags = rewrite_mode_flags(gm) + sum(g.meta.pop("vera_fx_flags", 0) for g in graph_modules(gm)[1:])
-    _check_no_set_grad_regions(gm)
-    _own_frozen_parameters(gm)
-    flat_inputs = list(args) + [kwargs[k] for k in kwargs]
+    if any(n.op == "call_function" and "wrap_with_set_grad_enabled" in str(n.target)
+           for g in graph_modules(gm) for n in g.graph.nodes):  # torch.compile would graph-break on recompiles
+        raise CaptureError("torch.export left a wrap_with_set_grad_enabled region in the graph; "
+                           "torch.compile would break on it")
+    replaced: dict[int, nn.Parameter] = {}  # own frozen Parameters over the model's storage (ties preserved)
+    for mod in gm.modules(remove_duplicate=False):
+        for pname, p in list(mod._parameters.items()):
+            if quantized.is_quantized_parameter(p):  # Int8Params / Params4bit carry quant state: keep
+                p.requires_grad_(False)
+            elif p is not None:
+                mod._parameters[pname] = replaced.setdefault(id(p), nn.Parameter(p.detach(), requires_grad=False))
     restore_input_names(gm, names)
     gm.graph.lint()
     gm.recompile()  # blocks were compiled when bound (their template was final)
     placeholders = tuple(n.target for n in gm.graph.nodes if n.op == "placeholder")
-    constants = tuple((n, v) for n, v in zip(names, flat_inputs)
+    constants = tuple((n, v) for n, v in zip(names, [*args, *kwargs.values()])
                       if not isinstance(v, torch.Tensor) and n in placeholders)
     gm.meta["vera_fx_signature"] = Signature(names=placeholders, constants=constants,
                                              defaults=model_filled_inputs(model, placeholders, args, kwargs),
@@ -187,9 +147,8 @@ def _drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _drop_path_as_dropout(model: nn.Module) -> Iterator[None]:
-    """While exporting, transformers' stochastic-depth modules (``*DropPath`` with ``drop_prob`` > 0: Swin,
-    BEiT, ConvNeXt) run ``_drop_path``: their own forward tests ``self.training`` in Python, which export bakes in
-    (stochastic depth in eval mode too); a dropout node is wired to ``self.training`` like every dropout."""
+    """While exporting, transformers' ``*DropPath`` modules with ``drop_prob`` > 0 (Swin, BEiT, ConvNeXt) run
+    ``_drop_path``: their forward tests ``self.training`` in Python, which export would bake in."""
     changed = []
     try:
         for module in model.modules():
@@ -209,32 +168,28 @@ def _first_line(e: BaseException) -> str:
 
 
 def whole_model_budget_s() -> float:
-    """Seconds a whole-model export may take: ``VERA_FX_CAPTURE_BUDGET_S`` if set (0 or less: none), else
-    ``WHOLE_MODEL_BUDGET_S``."""
+    """``VERA_FX_CAPTURE_BUDGET_S`` if set (0 or less: no budget), else ``WHOLE_MODEL_BUDGET_S``."""
     raw = os.environ.get("VERA_FX_CAPTURE_BUDGET_S", "").strip()
-    if not raw:
-        return WHOLE_MODEL_BUDGET_S
     try:
-        return float(raw)
+        return float(raw) if raw else WHOLE_MODEL_BUDGET_S
     except ValueError:
         raise ValueError(f"VERA_FX_CAPTURE_BUDGET_S={raw!r} is not a number of seconds; set it to e.g. 600, or 0 "
                          "for no budget") from None
 
 
 class _OverBudget(BaseException):
-    """Raised by the budget's alarm inside export; a BaseException, so no ``except Exception`` of torch or
-    sympy swallows it."""
+    """Raised by the budget's alarm inside export (a BaseException: no ``except Exception`` swallows it)."""
 
 
 @contextlib.contextmanager
 def _time_budget(seconds: float) -> Iterator[None]:
-    """Raise ``_OverBudget`` inside the block once ``seconds`` have passed (SIGALRM: in the main thread of a
-    Unix process; elsewhere the block runs without a budget). An outer timer keeps its remaining time."""
+    """Raise ``_OverBudget`` inside once ``seconds`` have passed (SIGALRM: only in the main thread of a Unix
+    process). An outer timer keeps its remaining time."""
     if seconds <= 0 or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def stop(signum: int, frame: Any) -> None:
+    def stop(*_: Any) -> None:
         raise _OverBudget()
 
     start = time.monotonic()
@@ -251,7 +206,7 @@ def _time_budget(seconds: float) -> Iterator[None]:
 
 
 def _export_whole(model: nn.Module, args: tuple, kwargs: dict, why_not_blocks: str, budget: float) -> GraphModule:
-    """One export of the whole model, stopped past ``budget`` seconds with a CaptureError that says why."""
+    """One export of the whole model, stopped past ``budget`` seconds."""
     start = time.monotonic()
     try:
         with _time_budget(budget):
@@ -268,13 +223,12 @@ def _export_whole(model: nn.Module, args: tuple, kwargs: dict, why_not_blocks: s
 
 
 def _graph_of(ep: torch.export.ExportedProgram) -> GraphModule:
-    """The exported program as a GraphModule in export's training IR, its no-grad / disabled-autocast regions
-    inlined; ``run_decompositions`` (it costs as much as export) only when a region stays (an enabled
-    autocast region), since torch.compile would break on it."""
+    """The exported program as a GraphModule, its wrapper regions inlined; ``run_decompositions`` (it costs as much
+    as export) only when one stays (an enabled autocast), since torch.compile would break on it."""
     exported = ep.module()
     gm = GraphModule(exported, exported.graph)
-    _blocks.inline_wrappers(gm)
-    if _blocks.remaining_wrappers(gm):
+    inline_wrappers(gm)
+    if remaining_wrappers(gm):
         exported = ep.run_decompositions({}).module()
         gm = GraphModule(exported, exported.graph)
     strip_metadata_asserts(gm)
@@ -283,8 +237,7 @@ def _graph_of(ep: torch.export.ExportedProgram) -> GraphModule:
 
 def _export_tree(model: nn.Module, args: tuple, kwargs: dict, layer_paths: list[str],
                  qlayers: dict[str, nn.Module], blocks: Optional[bool], names: list[str], budget: float) -> GraphModule:
-    """The graph tree: blocks under an exported top level; else one exported graph; else, when export cannot
-    capture the code around the layers, blocks under the model's own top level run eagerly (fallback.py)."""
+    """Blocks under an exported top level; else one exported graph; else blocks under an eager top level."""
     def eager_or_raise(error: Exception, paths: list[str]) -> GraphModule:
         if not paths:
             raise error
@@ -297,10 +250,10 @@ def _export_tree(model: nn.Module, args: tuple, kwargs: dict, layer_paths: list[
     why_not = "blocks=False" if blocks is False else "not a transformers model: pass blocks=True to try its layer list"
     if layer_paths:
         try:
-            return _capture_blocks_sized(model, args, kwargs, layer_paths, qlayers)
-        except Exception as e:  # the layers cannot be blocks: one graph, as before
-            if blocks is True:  # the layers cannot be blocks: refused; the top level cannot be exported: eager
-                if isinstance(e, _blocks.BlockCaptureError):
+            return _capture_blocks(model, args, kwargs, layer_paths, qlayers)
+        except Exception as e:  # the layers cannot be blocks: refused (blocks=True), else one graph, as before
+            if blocks is True:  # the top level cannot be exported: eager
+                if isinstance(e, BlockCaptureError):
                     raise
                 return eager_or_raise(e, layer_paths)
             why_not = _first_line(e)
@@ -310,64 +263,43 @@ def _export_tree(model: nn.Module, args: tuple, kwargs: dict, layer_paths: list[
     except CaptureError:
         raise
     except Exception as e:  # a plain module's layer list too, unless blocks=False
-        paths = layer_paths or [p for ps in _blocks.find_layer_lists(model).values() for p in ps if blocks is None]
-        return eager_or_raise(e, paths)
+        return eager_or_raise(e, layer_paths or (find_layer_paths(model) if blocks is None else []))
     quantized.restore_quantized(gm, qlayers)
     return gm
 
 
-def _capture_blocks_sized(model: nn.Module, args: tuple, kwargs: dict, layer_paths: list[str],
-                          qlayers: dict[str, nn.Module]) -> GraphModule:
-    """Blocks with every size dynamic; when a layer takes a size as a Python number (Swin's stages take the
-    patch grid's height and width), again with every size but the batch static, so those are constants."""
-    try:
-        return _capture_blocks(model, args, kwargs, export_dynamic_shapes(model, args, kwargs), layer_paths,
-                               qlayers)
-    except _blocks.SymbolicArgumentError as e:
-        logger.info("capture: a layer of %s takes a size as a Python number (%s); capturing with every size but "
-                    "the batch static (another size captures another graph)", type(model).__name__, e)
-        return _capture_blocks(model, args, kwargs, export_dynamic_shapes(model, args, kwargs, batch_only=True),
-                               layer_paths, qlayers)
-
-
-def _capture_blocks(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any, layer_paths: list[str],
+def _capture_blocks(model: nn.Module, args: tuple, kwargs: dict, layer_paths: list[str],
                     qlayers: dict[str, nn.Module]) -> GraphModule:
-    """The block-structured capture (vera_fx/blocks.py): top level and one export per distinct block."""
-    config = getattr(model, "config", None)
+    """Blocks under an exported top level; when a layer takes a size as a Python number (Swin's stages: the patch
+    grid), again with every size but the batch static."""
     # transformers collects attention weights with hooks on modules inside the layers, which a block hides
     # (hidden states come from hooks on the layers themselves: the stand-ins carry those, see blocks.stand_ins)
-    if kwargs.get("output_attentions") or (kwargs.get("output_attentions") is None
-                                           and getattr(config, "output_attentions", False) is True):
-        raise _blocks.BlockCaptureError("output_attentions=True records modules inside the layers with hooks")
-    records = _blocks.record_calls(model, layer_paths, args, kwargs)
-    _blocks.check_records(model, layer_paths, records)
-    plan = _blocks.BlockPlan(layer_paths, records)
-    with _blocks.stand_ins(model, layer_paths, records, plan.calls):
-        ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
-    missing = [p for i, p in enumerate(layer_paths) if i not in plan.calls]
-    if missing:
-        raise _blocks.BlockCaptureError(f"layers {missing[:3]} are not called by the forward")
-    graphs = export_groups(model, layer_paths, plan.calls, records)
-    return assemble(model, _graph_of(ep), graphs, plan, qlayers)
+    if kwargs.get("output_attentions") or (kwargs.get("output_attentions") is None and getattr(
+            getattr(model, "config", None), "output_attentions", False) is True):
+        raise BlockCaptureError("output_attentions=True records modules inside the layers with hooks")
+    try:
+        ep, records, calls = export_top(model, args, kwargs, export_dynamic_shapes(model, args, kwargs), layer_paths)
+    except SymbolicArgumentError as e:
+        logger.info("capture: a layer of %s takes a size as a Python number (%s); capturing with every size but "
+                    "the batch static (another size captures another graph)", type(model).__name__, e)
+        shapes = export_dynamic_shapes(model, args, kwargs, batch_only=True)
+        ep, records, calls = export_top(model, args, kwargs, shapes, layer_paths)
+    graphs = export_groups(model, layer_paths, calls, records)
+    return assemble(model, _graph_of(ep), graphs, layer_paths, records, qlayers)
 
 
 def _model_info(model: nn.Module) -> dict[str, Any]:
     """What the match pass needs to know of the model: its architecture, output head and module types."""
-    cfg = getattr(model, "config", None)
-    head = None
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        try:
-            out_emb = get_out()
-        except (NotImplementedError, AttributeError):
-            out_emb = None
-        if out_emb is not None:
-            head = next((n for n, m in model.named_modules() if m is out_emb), None)
+    try:
+        out_emb = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    except (NotImplementedError, AttributeError):
+        out_emb = None
+    head = next((n for n, m in model.named_modules() if m is out_emb), None) if out_emb is not None else None
     return {
         "class": type(model).__name__,
         "module": type(model).__module__,
         "name_or_path": model.__dict__.get("name_or_path") or None,  # where PEFT reads it
-        "model_type": getattr(cfg, "model_type", None),
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
         "output_head": head,
         "modules": {n: type(m).__name__ for n, m in model.named_modules() if n},
         "linear_modules": linear_module_paths(model),  # what PEFT's "all-linear" considers

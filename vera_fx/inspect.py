@@ -1,20 +1,19 @@
 """Views of an adapted graph for people: a site table, parameter counts, a networkx graph, DOT and SVG.
 
-Everything is read from the graph itself (``node.meta`` tags set by the match pass and the method's emitter,
-and the adapter state on the GraphModule), so a view is always in step with the graph it shows.
-Roles of nodes: ``base`` (a linear-like call), ``projection`` (the shared A / B and ``x @ A.T``), ``lambda``
-(the per-site vectors), ``sampling`` (PVeRA's noise), ``adapter`` (the rest of the adapter's arithmetic),
-``output`` (the node that adds the adapter to the base output) and ``mode`` (the graph's ``training`` flag
-that dropout and sampling read).
-"""
+Everything is read from the graph's ``node.meta`` tags and adapter state, so a view is always in step with it.
+Node roles: ``base`` (a linear-like call), ``projection`` (the shared A / B and ``x @ A.T``), ``lambda``,
+``sampling`` (PVeRA's noise), ``adapter`` (the rest of the adapter's arithmetic), ``output`` (the node adding the
+adapter to the base output) and ``mode`` (the ``training`` flag dropout and sampling read)."""
 
 from __future__ import annotations
 
+import functools
 import html
+import itertools
 import logging
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -23,33 +22,19 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .compat import OpOverload, OpOverloadPacket
-from .surface import count_parameters
 from .sites import (ADAPTER_KEY, BLOCK_CALL_KEY, SITE_KEY, Site, as_graph_module, block_groups, block_prefix,
                     model_info, read_sites)
 from .state import active_adapters, adapters_disabled, adapters_of
+from .surface import count_parameters as trainable_parameters
 
 logger = logging.getLogger(__name__)
 
 # Fill colour of each node role in DOT / SVG output.
-ROLE_COLORS: dict[str, str] = {
-    "base": "#9ecae1",
-    "projection": "#c7e9c0",
-    "lambda": "#fdd0a2",
-    "sampling": "#dadaeb",
-    "adapter": "#fff7bc",
-    "output": "#fc9272",
-    "mode": "#e0e0e0",
-}
+ROLE_COLORS: dict[str, str] = {"base": "#9ecae1", "projection": "#c7e9c0", "lambda": "#fdd0a2", "sampling": "#dadaeb",
+                               "adapter": "#fff7bc", "output": "#fc9272", "mode": "#e0e0e0"}
 
 
 # --------------------------------------------------------------------------------------------- parameters
-
-def trainable_parameters(gm: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts of ``gm``; tied parameters count once, buffers not at all and a
-    4-bit weight as the parameters it packs (as PEFT counts them, so the shared frozen projections A and B
-    are not included)."""
-    return count_parameters(gm)
-
 
 def _trainable_line(gm: torch.nn.Module) -> str:
     trainable, total = trainable_parameters(gm)
@@ -64,27 +49,6 @@ def print_trainable_parameters(gm: torch.nn.Module) -> None:
 
 # --------------------------------------------------------------------------------------------- summary
 
-def _adapter_states(gm: GraphModule) -> dict[str, Any]:
-    return dict(adapters_of(gm).items())
-
-
-def _site_param_count(states: dict[str, Any], site: str, adapters: tuple[str, ...]) -> tuple[int, int]:
-    """(all, trainable) adapter parameters at ``site`` over ``adapters``."""
-    n_all = n_train = 0
-    for name in adapters:
-        state = states.get(name)
-        if state is None:
-            continue
-        try:
-            params = state.site_parameters(site)
-        except KeyError:
-            continue
-        for p in params.values():
-            n_all += p.numel()
-            n_train += p.numel() if p.requires_grad else 0
-    return n_all, n_train
-
-
 def _state_word(adapter: str, site: Site, attached: set[str], active: list[str], disabled: bool) -> str:
     """merged / disabled / inactive / sampling / active, for one adapter at one site."""
     if adapter in site.merged:
@@ -97,13 +61,10 @@ def _state_word(adapter: str, site: Site, attached: set[str], active: list[str],
 
 
 def summary_rows(gm: GraphModule, include_unadapted: bool = False) -> list[dict[str, Any]]:
-    """One dict per site (name, kind, in_features, out_features, adapters, params, trainable, state).
-
-    A site is listed when an adapter covers it (active, inactive, disabled or merged), or always with
-    ``include_unadapted=True``.
-    """
+    """One dict per site (name, kind, in_features, out_features, adapters, params, trainable, state) that an
+    adapter covers (active, inactive, disabled or merged), or every site with ``include_unadapted``."""
     gm = as_graph_module(gm, "summary_rows")
-    states = _adapter_states(gm)
+    states = dict(adapters_of(gm).items())
     covering: dict[str, list[str]] = {}
     for adapter, state in states.items():
         for site_name in getattr(state, "site_names", ()):
@@ -121,9 +82,15 @@ def summary_rows(gm: GraphModule, include_unadapted: bool = False) -> list[dict[
             continue
         words = [(a, _state_word(a, s, attached[name], active, disabled)) for a in adapters]
         state = (words[0][1] if len(words) == 1 else ", ".join(f"{a}:{w}" for a, w in words)) if words else "-"
-        n_all, n_train = _site_param_count(states, name, adapters)
+        params: list[torch.Tensor] = []
+        for a in adapters:
+            try:
+                params += states[a].site_parameters(name).values()
+            except KeyError:  # not an adapter of this graph, or none of its parameters at this site
+                pass
         rows.append({"name": name, "kind": s.kind, "in_features": s.in_features, "out_features": s.out_features,
-                     "adapters": adapters, "params": n_all, "trainable": n_train, "state": state})
+                     "adapters": adapters, "params": sum(p.numel() for p in params),
+                     "trainable": sum(p.numel() for p in params if p.requires_grad), "state": state})
     return rows
 
 
@@ -131,7 +98,7 @@ def _projection_notes(gm: GraphModule) -> list[str]:
     """One line per adapter: its method, rank and shared frozen projections (views of another's noted)."""
     notes = []
     owners: dict[int, str] = {}
-    for name, state in _adapter_states(gm).items():
+    for name, state in adapters_of(gm).items():
         shapes, count, views = [], 0, set()
         for which in ("A", "B"):
             try:
@@ -153,69 +120,44 @@ def _projection_notes(gm: GraphModule) -> list[str]:
     return notes
 
 
-def _table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    header = ["site", "kind", "shape", "adapters", "params", "state"]
-    body = [[r["name"], r["kind"], f"{r['in_features']} -> {r['out_features']}", ",".join(r["adapters"]) or "-",
-             f"{r['params']:,d}", r["state"]] for r in rows]
-    return header, body
-
-
-def summary(gm: GraphModule, include_unadapted: bool = False) -> str:
-    """A text table of the adapted sites (name, kind, shape, adapter parameters, state) with totals.
-
-    The state of an adapter at a site is ``active``, ``sampling`` (PVeRA sampling at inference),
-    ``inactive`` (not the active adapter), ``disabled`` (inside ``disable_adapters``) or ``merged``; with
-    several adapters it reads ``name:state, ...``. ``include_unadapted=True`` lists every linear-like call.
-    """
-    gm = as_graph_module(gm, "summary")
+def _site_table(gm: GraphModule, include_unadapted: bool) -> tuple[str, list[list[str]], list[str]]:
+    """(title, the site table with its header row first, the notes under it)."""
     rows = summary_rows(gm, include_unadapted)
-    header, body = _table(rows)
-    widths = [max(len(c) for c in col) for col in zip(header, *body)]
-    right = {4}  # numbers right-aligned
-
-    def fmt(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    model = model_info(gm).get("class", type(gm).__name__)
+    table = [["site", "kind", "shape", "adapters", "params", "state"]] + [
+        [r["name"], r["kind"], f"{r['in_features']} -> {r['out_features']}", ",".join(r["adapters"]) or "-",
+         f"{r['params']:,d}", r["state"]] for r in rows]
     adapted = sum(1 for r in rows if r["adapters"])
-    lines = [f"vera_fx summary of {model}: {adapted} adapted site(s)", fmt(header).rstrip(),
-             "  ".join("-" * w for w in widths)]
-    lines += [fmt(b).rstrip() for b in body]
-    lines.append("  ".join("-" * w for w in widths))
-    total_params = sum(r["params"] for r in rows)
-    total_train = sum(r["trainable"] for r in rows)
-    lines.append(f"total: {adapted} site(s), {total_params:,d} adapter parameters ({total_train:,d} trainable)")
-    lines += _projection_notes(gm)
-    lines += _block_notes(gm)
-    lines.append(_trainable_line(gm))
-    return "\n".join(lines)
-
-
-def _block_notes(gm: GraphModule) -> list[str]:
-    """One line per group of blocks (layers running copies of one captured graph)."""
-    notes = []
-    for members in block_groups(gm).values():
+    notes = [(f"total: {adapted} site(s), {sum(r['params'] for r in rows):,d} adapter parameters "
+              f"({sum(r['trainable'] for r in rows):,d} trainable)"), *_projection_notes(gm)]
+    for members in block_groups(gm).values():  # layers running copies of one captured graph
         paths = [block_prefix(b) for b in members]
         span = paths[0] if len(paths) == 1 else f"{paths[0]} .. {paths[-1]}"
         notes.append(f"block {type(members[0]).__name__}: {len(paths)} x ({span}), "
                      f"{len(members[0].graph.nodes)} nodes each")
-    return notes
+    title = f"vera_fx summary of {model_info(gm).get('class', type(gm).__name__)}: {adapted} adapted site(s)"
+    return title, table, [*notes, _trainable_line(gm)]
+
+
+def summary(gm: GraphModule, include_unadapted: bool = False) -> str:
+    """A text table of the adapted sites (name, kind, shape, adapter parameters, state) with totals. An adapter's
+    state at a site: ``active``, ``sampling`` (PVeRA sampling at inference), ``inactive`` (not the active adapter),
+    ``disabled`` (inside ``disable_adapters``) or ``merged``; ``name:state, ...`` for several adapters.
+    ``include_unadapted=True`` lists every linear-like call."""
+    title, table, notes = _site_table(as_graph_module(gm, "summary"), include_unadapted)
+    widths = [max(len(c) for c in col) for col in zip(*table)]
+    rule = "  ".join("-" * w for w in widths)
+    lines = ["  ".join(c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+             for cells in table]  # params (column 4) right-aligned
+    return "\n".join([title, lines[0], rule, *lines[1:], rule, *notes])
 
 
 def summary_html(gm: GraphModule, include_unadapted: bool = False) -> str:
     """The summary as an HTML table (for notebooks)."""
-    gm = as_graph_module(gm, "summary_html")
-    rows = summary_rows(gm, include_unadapted)
-    header, body = _table(rows)
-    esc = html.escape
-    out = ["<table>", "<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead>", "<tbody>"]
-    for cells in body:
-        out.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
-    out.append("</tbody></table>")
-    notes = [f"{len(rows)} site(s), {sum(r['params'] for r in rows):,d} adapter parameters",
-             *_projection_notes(gm), _trainable_line(gm)]
-    out.append("<pre>" + esc("\n".join(notes)) + "</pre>")
-    return "\n".join(out)
+    title, table, notes = _site_table(as_graph_module(gm, "summary_html"), include_unadapted)
+    rows = ["<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>"
+            for tag, cells in zip(["th"] + ["td"] * (len(table) - 1), table)]
+    return "\n".join(["<table>", f"<thead>{rows[0]}</thead>", "<tbody>", *rows[1:], "</tbody></table>",
+                      "<pre>" + html.escape("\n".join([title, *notes])) + "</pre>"])
 
 
 # --------------------------------------------------------------------------------------------- graph
@@ -229,39 +171,15 @@ def _target_str(node: Node) -> str:
     return getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or str(t)
 
 
-def _role(node: Node) -> tuple[Optional[str], Optional[str], Optional[str]]:
-    """(role, site, adapter) of a node from its tags; (None, None, None) for the rest of the model."""
-    tag = node.meta.get(ADAPTER_KEY)
-    if tag:
-        return tag.get("role"), tag.get("site"), tag.get("adapter")
-    site = node.meta.get(SITE_KEY)
-    if site:
-        return "base", site.get("name"), None
-    return None, None, None
-
-
-def _shape_dtype(node: Node) -> tuple[Optional[tuple], Optional[str]]:
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        shape = tuple(int(d) if isinstance(d, int) else str(d) for d in val.shape)
-        return shape, str(val.dtype).replace("torch.", "")
-    return None, None
-
-
 def to_networkx(gm: GraphModule) -> nx.DiGraph:
-    """The graph as a ``networkx.DiGraph``: one node per FX node (keyed by its name), an edge per data use.
+    """The graph as a ``networkx.DiGraph``: a node per FX node (keyed by its name), an edge per data use.
 
-    Node attributes: ``op``, ``target`` (a string), ``role`` (see the module docstring; None for the rest
-    of the model), ``site``, ``adapter`` and ``base`` (an adapter node's base call; None where not
-    applicable), ``label`` (the adapter's name for the node, else the node name), ``shape`` and ``dtype``
-    where the node's ``meta["val"]`` holds a tensor (dynamic dimensions as strings such as ``'s43'``),
-    else None.
-
-    Blocks (repeated layers) are shown once per group: the first block's nodes are keyed
-    ``"<block path>/<node name>"`` with ``block`` (that path) and ``multiplicity`` (how many layers run this
-    graph); the top graph's node that calls a block has ``block`` set to the shown block's path.
-    ``G.graph["blocks"]`` maps each shown block to ``{"count", "paths"}``.
-    """
+    Node attributes: ``op``, ``target`` (a string), ``role`` (None for the rest of the model), ``site``,
+    ``adapter``, ``base`` (an adapter node's base call), ``label`` (the adapter's name for the node, else the node
+    name), ``shape`` and ``dtype`` (from a tensor ``meta["val"]``; dynamic dimensions as strings such as ``'s43'``).
+    Blocks are shown once per group: the first block's nodes are keyed ``"<block path>/<node name>"``, with
+    ``block`` (that path) and ``multiplicity`` (how many layers run this graph); a top-graph node calling a block
+    has ``block`` set to the shown block. ``G.graph["blocks"]``: each shown block's ``{"count", "paths"}``."""
     gm = as_graph_module(gm, "to_networkx")
     g = nx.DiGraph(name=model_info(gm).get("class", type(gm).__name__))
     groups = block_groups(gm)
@@ -272,13 +190,16 @@ def to_networkx(gm: GraphModule) -> nx.DiGraph:
     for prefix, graph_module in graphs:
         key = (lambda n, p=prefix: f"{p}/{n.name}") if prefix else (lambda n: n.name)
         for node in graph_module.graph.nodes:
-            role, site, adapter = _role(node)
-            shape, dtype = _shape_dtype(node)
-            tag = node.meta.get(ADAPTER_KEY) or {}
-            called = node.meta.get(BLOCK_CALL_KEY)
-            g.add_node(key(node), op=node.op, target=_target_str(node), role=role, site=site, adapter=adapter,
+            tag, site = node.meta.get(ADAPTER_KEY) or {}, node.meta.get(SITE_KEY) or {}  # adapter node, base call
+            val, called = node.meta.get("val"), node.meta.get(BLOCK_CALL_KEY)
+            shape = tuple(int(d) if isinstance(d, int) else str(d) for d in val.shape) \
+                if isinstance(val, torch.Tensor) else None
+            g.add_node(key(node), op=node.op, target=_target_str(node),
+                       role=tag.get("role") if tag else "base" if site else None,
+                       site=tag.get("site") if tag else site.get("name"), adapter=tag.get("adapter"),
+                       label=tag.get("name") or node.name,
                        base=f"{prefix}/{tag['base']}" if prefix and tag.get("base") else tag.get("base"),
-                       shape=shape, dtype=dtype, label=tag.get("name") or node.name,
+                       shape=shape, dtype=str(val.dtype).replace("torch.", "") if shape is not None else None,
                        block=prefix or (rep_of.get(called) if called else None),
                        multiplicity=len(shown[prefix]) if prefix else None)
         for node in graph_module.graph.nodes:
@@ -292,149 +213,105 @@ def _q(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def _short_target(target: str) -> str:
-    if target.startswith("aten."):
-        target = target[len("aten."):]
-        for suffix in (".default", ".Tensor"):
-            if target.endswith(suffix):
-                target = target[: -len(suffix)]
-    if len(target) > 48:
-        target = "..." + ".".join(target.split(".")[-2:])[-45:]
-    return target
-
-
 def _node_stmt(name: str, attrs: dict[str, Any], context: bool) -> str:
-    lines = [attrs["label"]]
+    lines, target = [attrs["label"]], attrs["target"]
     if attrs["op"] in ("call_function", "call_method", "call_module", "get_attr"):
-        lines.append(_short_target(attrs["target"]))
+        if target.startswith("aten."):
+            target = target[len("aten."):].removesuffix(".default").removesuffix(".Tensor")
+        lines.append(target if len(target) <= 48 else "..." + ".".join(target.split(".")[-2:])[-45:])
     if attrs["shape"] is not None:
         lines.append(f"{'x'.join(map(str, attrs['shape'])) or 'scalar'} {attrs['dtype']}")
-    role = attrs["role"]
     label = "\n".join(lines)
     parts = [f"label={_q(label)}"]
+    role = attrs["role"]
     if role in ROLE_COLORS:
-        parts.append(f"fillcolor={_q(ROLE_COLORS[role])}")
         tip = role + (f": {attrs['site']}" if attrs["site"] else "") + (
             f" ({attrs['adapter']})" if attrs["adapter"] else "")
-        parts.append(f"tooltip={_q(tip)}")
+        parts += [f"fillcolor={_q(ROLE_COLORS[role])}", f"tooltip={_q(tip)}"]
     if context:
-        parts.append('style="rounded,dashed"')
-        parts.append('color="#999999"')
+        parts += ['style="rounded,dashed"', 'color="#999999"']
     if attrs["op"] in ("placeholder", "output"):
         parts.append("shape=ellipse")
     return f"{_q(name)} [{', '.join(parts)}];"
 
 
-def _dot_view(g: Any, adapters_only: bool) -> tuple[Any, set]:
-    """The graph ``to_dot`` draws and its core nodes (the others are context, drawn dashed)."""
-    if not adapters_only:
-        return g, set(g.nodes)
-    core = {n for n, a in g.nodes(data=True) if a["role"] not in (None, "base", "mode")}
-    core |= {g.nodes[n]["base"] for n in core if g.nodes[n]["base"] in g}
-    keep = set(core)
-    for n in core:
-        keep |= set(g.predecessors(n)) | set(g.successors(n))
-    return g.subgraph([n for n in g.nodes if n in keep]), core
-
-
 def to_dot(gm: GraphModule, adapters_only: bool = False) -> str:
-    """DOT text of the graph, adapter nodes filled by role (``ROLE_COLORS``) and grouped per site and adapter.
-
-    ``adapters_only=True`` keeps the adapter nodes, the base calls of their sites and the nodes one edge
-    away from them (drawn dashed), which is what one wants to look at in a large model. The text has one
-    line per node and per edge.
-    """
-    g, core = _dot_view(to_networkx(as_graph_module(gm, "to_dot")), adapters_only)
+    """DOT text of the graph, adapter nodes filled by role (``ROLE_COLORS``) and grouped per site and adapter,
+    one line per node and per edge. ``adapters_only=True`` keeps the adapter nodes, the base calls of their sites
+    and the nodes one edge away from them (drawn dashed): what one wants to look at in a large model."""
+    g = to_networkx(as_graph_module(gm, "to_dot"))
+    core = set(g.nodes)  # the nodes drawn solid (the others are context, drawn dashed)
+    if adapters_only:
+        core = {n for n, a in g.nodes(data=True) if a["role"] not in (None, "base", "mode")}
+        core |= {g.nodes[n]["base"] for n in core if g.nodes[n]["base"] in g}
+        keep = core | {m for n in core for m in (*g.predecessors(n), *g.successors(n))}
+        g = g.subgraph([n for n in g.nodes if n in keep])
+    groups: dict[str, tuple[list[str], dict[tuple[str, str], list[str]]]] = {}  # block: (plain, site clusters)
+    for name, attrs in g.nodes(data=True):
+        plain, sites = groups.setdefault(attrs["block"] if attrs["multiplicity"] else "", ([], {}))
+        stmt = _node_stmt(name, attrs, context=name not in core)
+        if attrs["role"] not in (None, "base") and attrs["site"] is not None:
+            sites.setdefault((attrs["site"], attrs["adapter"] or ""), []).append(stmt)
+        else:
+            plain.append(stmt)
     lines = [f"digraph {_q(g.graph.get('name') or 'graph')} {{",
              '  graph [rankdir=TB, fontname="Helvetica", fontsize=10];',
              '  node [shape=box, style="rounded,filled", fillcolor="white", fontname="Helvetica", fontsize=9];',
              '  edge [color="#555555", arrowsize=0.6];']
-    blocks = g.graph.get("blocks", {})
-    clusters: dict[tuple[str, str, str], list[str]] = {}
-    plain: dict[str, list[str]] = {}
-    for name, attrs in g.nodes(data=True):
-        stmt = _node_stmt(name, attrs, context=name not in core)
-        inside = attrs.get("block") if attrs.get("multiplicity") else ""
-        if attrs["role"] not in (None, "base") and attrs["site"] is not None:
-            clusters.setdefault((inside or "", attrs["site"], attrs["adapter"] or ""), []).append(stmt)
-        else:
-            plain.setdefault(inside or "", []).append(stmt)
-    n_cluster = 0
-
-    def site_clusters(block: str, indent: str) -> list[str]:
-        nonlocal n_cluster
-        out = []
-        for (b, site, adapter), stmts in clusters.items():
-            if b != block:
-                continue
+    n_cluster = itertools.count()
+    for block in ["", *sorted(b for b in groups if b)]:
+        plain, sites = groups.get(block, ([], {}))
+        indent = "    " if block else "  "
+        if block:
+            info = g.graph.get("blocks", {}).get(block, {"count": 1, "paths": [block]})
+            label = f"block {block} (x{info['count']}: {info['paths'][0]} .. {info['paths'][-1]})"
+            lines += [f"  subgraph {_q(f'cluster_block_{next(n_cluster)}')} {{",
+                      f'    graph [label={_q(label)}, style="solid", color="#444444"];']
+        lines += [indent + s for s in plain]
+        for (site, adapter), stmts in sites.items():
             label = f"{site} ({adapter})" if adapter else site
-            out.append(f"{indent}subgraph {_q(f'cluster_{n_cluster}')} {{")
-            out.append(f'{indent}  graph [label={_q(label)}, style="dashed", color="#888888"];')
-            out += [f"{indent}  " + s for s in stmts]
-            out.append(f"{indent}}}")
-            n_cluster += 1
-        return out
-
-    lines += ["  " + s for s in plain.get("", [])]
-    lines += site_clusters("", "  ")
-    for block in sorted({b for b in plain if b} | {k[0] for k in clusters if k[0]}):
-        info = blocks.get(block, {"count": 1, "paths": [block]})
-        label = f"block {block} (x{info['count']}: {info['paths'][0]} .. {info['paths'][-1]})"
-        lines.append(f"  subgraph {_q(f'cluster_block_{n_cluster}')} {{")
-        lines.append(f'    graph [label={_q(label)}, style="solid", color="#444444"];')
-        n_cluster += 1
-        lines += ["    " + s for s in plain.get(block, [])]
-        lines += site_clusters(block, "    ")
-        lines.append("  }")
+            lines += [f"{indent}subgraph {_q(f'cluster_{next(n_cluster)}')} {{",
+                      f'{indent}  graph [label={_q(label)}, style="dashed", color="#888888"];',
+                      *(f"{indent}  {s}" for s in stmts), f"{indent}}}"]
+        if block:
+            lines.append("  }")
     lines += [f"  {_q(u)} -> {_q(v)};" for u, v in g.edges]
-    lines.append("}")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "}"]) + "\n"
 
 
 # --------------------------------------------------------------------------------------------- notebook view
 
-def render_svg(dot_source: str, timeout: float = 120.0) -> Optional[str]:
-    """SVG text from graphviz's ``dot`` binary, or None when it is not installed or fails."""
-    exe = shutil.which("dot")
-    if exe is None:
-        return None
-    try:
-        done = subprocess.run([exe, "-Tsvg"], input=dot_source.encode(), capture_output=True, timeout=timeout,
-                              check=False)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        logger.warning("graphviz dot failed (%s); showing the summary table instead", e)
-        return None
-    if done.returncode != 0:
-        logger.warning("graphviz dot exited %d: %s", done.returncode, done.stderr.decode(errors="replace")[:200])
-        return None
-    return done.stdout.decode("utf-8", errors="replace")
-
-
 @dataclass
 class GraphView:
-    """What ``view`` returns: shows itself in a notebook (SVG when graphviz is installed, else the site
-    table as HTML) and as the text summary in a terminal."""
-
+    """What ``view`` returns: SVG in a notebook when graphviz is installed (else the site table as HTML), the text
+    summary in a terminal."""
     source: str  # DOT text
     text: str  # the text summary
     html_table: str  # the summary as HTML
-    _svg: Optional[str] = field(default=None, repr=False)
-    _rendered: bool = field(default=False, repr=False)
 
+    @functools.cached_property
     def svg(self) -> Optional[str]:
-        """The graph as SVG text, or None without graphviz's ``dot`` binary (rendered once, then cached)."""
-        if not self._rendered:
-            self._svg = render_svg(self.source)
-            self._rendered = True
-        return self._svg
+        """The graph as SVG text (rendered once), or None without graphviz's ``dot`` binary."""
+        exe = shutil.which("dot")
+        if exe is None:
+            return None
+        try:
+            done = subprocess.run([exe, "-Tsvg"], input=self.source.encode(), capture_output=True, timeout=120.0,
+                                  check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            logger.warning("graphviz dot failed (%s); showing the summary table instead", e)
+            return None
+        if done.returncode != 0:
+            logger.warning("graphviz dot exited %d: %s", done.returncode, done.stderr.decode(errors="replace")[:200])
+            return None
+        return done.stdout.decode("utf-8", errors="replace")
 
     def _repr_svg_(self) -> Optional[str]:
-        return self.svg()
+        return self.svg
 
     def _repr_html_(self) -> str:
-        svg = self.svg()
-        if svg is not None:
-            return f"<div>{svg}</div>"
+        if self.svg is not None:
+            return f"<div>{self.svg}</div>"
         return (self.html_table + "<p><i>Install graphviz (the <code>dot</code> binary) to see the graph; "
                 "<code>.source</code> holds its DOT text.</i></p>")
 
@@ -444,14 +321,10 @@ class GraphView:
     def save(self, path: Union[str, Path]) -> Path:
         """Write the view to ``path``: SVG for a ``.svg`` name (needs graphviz), DOT text otherwise."""
         path = Path(path)
-        if path.suffix.lower() == ".svg":
-            svg = self.svg()
-            if svg is None:
-                raise ValueError(f"path={str(path)!r} asks for SVG, but graphviz's dot binary is not installed: "
-                                 "install graphviz, or save to a .dot file")
-            path.write_text(svg, encoding="utf-8")
-        else:
-            path.write_text(self.source, encoding="utf-8")
+        if path.suffix.lower() == ".svg" and self.svg is None:
+            raise ValueError(f"path={str(path)!r} asks for SVG, but graphviz's dot binary is not installed: "
+                             "install graphviz, or save to a .dot file")
+        path.write_text(self.svg if path.suffix.lower() == ".svg" else self.source, encoding="utf-8")
         return path
 
 

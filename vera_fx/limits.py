@@ -1,10 +1,6 @@
-"""Checks that run before any work: r against the targeted layers and memory, a file's tensors against its
-config, and a folder's fields against the adapter it is loaded into.
-
-Each raises ValueError naming the field or key, the value and the fix, before anything is allocated or
-changed (the inject pass calls ``check_rank`` before it creates the projections; checkpoint loading calls
-``check_file_shapes`` before capture and ``check_same_fields`` before copying into an existing adapter).
-"""
+"""Checks that run before any work (each raises ValueError naming the field or key, the value and the fix):
+r against the targeted layers and memory (before inject creates projections), a file's tensors against its
+config (before capture) and a folder's fields against the adapter it is loaded into (before copying)."""
 
 from __future__ import annotations
 
@@ -36,11 +32,9 @@ def _fmt_bytes(n: float) -> str:
 
 def projection_bytes(config: AdapterConfig, sites: Sequence[Site], itemsize: int = 4) -> int:
     """Bytes an adapter of ``config`` takes on ``sites``: the shared A and B and every site's lambdas."""
-    method = method_for(config)
-    rows = method.latent_rows(config)
+    rows = method_for(config).latent_rows(config)
     in_max, out_max = max(s.in_features for s in sites), max(s.out_features for s in sites)
-    lambdas = sum(rows + s.out_features for s in sites)
-    return itemsize * (rows * in_max + out_max * config.r + lambdas)
+    return itemsize * (rows * in_max + out_max * config.r + sum(rows + s.out_features for s in sites))
 
 
 def memory_bytes(device: Optional[torch.device] = None) -> Optional[int]:
@@ -81,8 +75,7 @@ def check_file_shapes(config: AdapterConfig, tensors: dict[str, Any], source: st
     want = {f"{prefix}_lambda_d": lambda s: s == (rows,), f"{prefix}_A": lambda s: len(s) == 2 and s[0] == rows,
             f"{prefix}_B": lambda s: len(s) == 2 and s[1] == config.r}
     for key, value in tensors.items():
-        leaf = str(key).rpartition(".")[2]
-        check = want.get(leaf)
+        check = want.get(str(key).rpartition(".")[2])
         shape = tuple(getattr(value, "shape", ()))
         if check is not None and not check(shape):
             raise ValueError(f"{source}: {key} has shape {shape}, but the folder's config says r={config.r} "
@@ -99,9 +92,7 @@ def check_same_fields(have: AdapterConfig, config: AdapterConfig, source: str, a
     """ValueError naming every field of the folder's ``config`` that differs from adapter ``adapter_name``'s
     ``have`` and that loading tensors cannot apply (dropout, r, bias; the PRNG key when the folder has no
     projections to load)."""
-    fields = [*_GRAPH_FIELDS, have._dropout_field]
-    if not has_projections:
-        fields.append("projection_prng_key")
+    fields = [*_GRAPH_FIELDS, have._dropout_field, *([] if has_projections else ["projection_prng_key"])]
     names = {f.name for f in dataclasses.fields(have)}
     diff = [f"{f}={getattr(config, f)!r} (the adapter has {getattr(have, f)!r})" for f in fields
             if f in names and getattr(config, f) != getattr(have, f)]

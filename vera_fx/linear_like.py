@@ -1,13 +1,6 @@
 """Linear-like modules: the layers PEFT targets, recognised by what they are rather than by the op they emit.
-
-PEFT adapts every ``nn.Linear`` (and transformers' ``Conv1D``) it is pointed at, whatever its forward does.
-Some architectures subclass ``nn.Linear`` with a forward of their own (Falcon's ``FalconLinear``:
-``input @ self.weight.T + self.bias``), so no ``linear`` call reaches the captured graph and the match pass
-would not see a site. ``linear_forwards(model)`` gives such a module ``nn.Linear.forward`` for the duration of
-an export, once a probe has shown that its own forward computes exactly that (equal outputs on a random
-input); a subclass computing something else keeps its forward (and is no site). ``linear_module_paths`` lists
-the modules PEFT's ``"all-linear"`` would consider.
-"""
+``linear_forwards`` makes an ``nn.Linear`` subclass whose own forward is a linear map (Falcon's ``FalconLinear``:
+``input @ self.weight.T + self.bias``) export as one ``linear`` call, so it is a site."""
 
 from __future__ import annotations
 
@@ -26,20 +19,13 @@ logger = logging.getLogger(__name__)
 def is_linear_module(module: nn.Module) -> bool:
     """True for what PEFT's ``"all-linear"`` takes: ``nn.Linear`` (bitsandbytes' linears included) and
     subclasses, and transformers' ``Conv1D`` (recognised by class name and package, never imported)."""
-    if isinstance(module, nn.Linear):
-        return True
-    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)
+    return isinstance(module, nn.Linear) or any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers")
+                                                for c in type(module).__mro__)
 
 
 def linear_module_paths(model: nn.Module) -> list[str]:
     """Paths of the linear modules of ``model`` (``is_linear_module``), in registration order."""
     return [path for path, m in model.named_modules() if path and is_linear_module(m)]
-
-
-def _own_forward(module: nn.Module) -> bool:
-    """An ``nn.Linear`` subclass whose class defines a forward other than ``nn.Linear``'s."""
-    return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward \
-        and "forward" not in module.__dict__ and not quantized.is_quantized_layer(module)
 
 
 def computes_linear(module: nn.Linear) -> bool:
@@ -65,12 +51,13 @@ def computes_linear(module: nn.Linear) -> bool:
 @contextlib.contextmanager
 def linear_forwards(model: nn.Module) -> Iterator[list[str]]:
     """While inside, every ``nn.Linear`` subclass of ``model`` whose own forward computes a linear map runs
-    ``nn.Linear.forward`` (one ``linear`` call in the exported graph, so it becomes a site named by its
-    path). Yields the paths changed; the modules are always restored."""
+    ``nn.Linear.forward`` (one ``linear`` call in the graph: a site). Yields the paths changed."""
     changed: list[tuple[str, nn.Module]] = []
     try:
         for path, module in model.named_modules():
-            if _own_forward(module) and computes_linear(module):
+            if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward \
+                    and "forward" not in module.__dict__ and not quantized.is_quantized_layer(module) \
+                    and computes_linear(module):
                 module.forward = nn.Linear.forward.__get__(module)
                 changed.append((path, module))
         if changed:

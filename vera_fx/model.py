@@ -38,7 +38,7 @@ from . import blockwise
 from . import checkpoint as ckpt
 from .adapters import add_adapter
 from .capture import CaptureError, capture
-from .example_inputs import ExampleInputs
+from .signatures import ExampleInputs
 from .config import AdapterConfig, as_config
 from .methods import CONTAINER, method_for
 from .keywords import describe_key, say_constant_changes

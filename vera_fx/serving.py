@@ -18,7 +18,7 @@ from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
 from .adapters import set_adapter, set_lowering
-from .example_inputs import clone_inputs, dynamic_shapes_of
+from .signatures import clone_inputs, dynamic_shapes_of
 from .signatures import InputCheck
 from .checkpoint import WEIGHTS_NAME, PathLike, apply_plan, plan_load, read_checkpoint
 from .config import AdapterConfig

@@ -1,32 +1,35 @@
-"""Call signatures: of a captured graph (what it was specialised to, and the input check that names the
-expected keywords) and of the model object (a call as keywords, its cache key, and the example a new one is
-captured from).
-
-A captured graph records its ``Signature`` (keywords, constants, model-filled inputs, dtype / device) and runs
-``InputCheck`` as a forward pre-hook: it fills left-out constants and names the expected keywords.
-``VeraFxModel`` keeps one graph per call signature, like torch.compile's guards. ``normalise_call`` turns a
-call into the keywords the model's ``forward`` takes (a ``None`` the model treats as absent dropped, masks the
-model would fill filled, ``use_cache`` off); ``call_key`` is the signature: each keyword's tensor dtype, rank and
-device type or constant value, the autocast state and the weights' dtype and device. ``capture_example`` and
-``swapped_in`` prepare the capture of a signature seen for the first time.
-"""
+"""Example inputs for capture, and call signatures: a captured graph's ``Signature`` with its input check, and
+the model object's key for a call (one graph per call signature, like torch.compile's guards)."""
 
 from __future__ import annotations
 
 import inspect
+import logging
+import operator
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Collection, Iterator, Optional, Union
 
 import torch
 from torch import nn
+from torch.export import Dim
 from torch.fx import GraphModule
 
-from .example_inputs import ExampleInputs, is_pretrained, normalise_example, positional_names
+from .compat import pytree
 from .keywords import check_keywords, check_mask
 from .sites import graph_modules
 
+logger = logging.getLogger(__name__)
+
+ExampleInputs = Union[tuple, list, dict, None]
 CallKey = tuple
+
+
+def is_pretrained(model: nn.Module) -> bool:
+    """A transformers PreTrainedModel? (never imports transformers: such a model means it is loaded)"""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    return modeling is not None and isinstance(model, modeling.PreTrainedModel)
 
 
 def forward_parameters(model: nn.Module) -> dict[str, inspect.Parameter]:
@@ -37,37 +40,161 @@ def forward_parameters(model: nn.Module) -> dict[str, inspect.Parameter]:
         return {}
 
 
-def _positional(params: dict[str, inspect.Parameter]) -> list[str]:
+def positional(params: dict[str, inspect.Parameter]) -> list[str]:
+    """The names of the parameters that may be passed by position."""
     return [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
-def _as_keywords(params: dict[str, inspect.Parameter], model_name: str, args: tuple, kwargs: dict,
-                 checked: Optional[set] = None) -> dict:
-    positional = _positional(params)
-    if len(args) > len(positional):
-        raise TypeError(f"{model_name}.forward takes {len(positional)} positional arguments ({positional}); "
+def positional_names(model: nn.Module, n: int) -> tuple[str, ...]:
+    """``n`` positional argument names of ``model.forward`` (``arg<i>`` past its parameters)."""
+    names = positional(forward_parameters(model))
+    return tuple(names[:n] + [f"arg{i}" for i in range(len(names), n)])
+
+
+def default_example_inputs(model: nn.Module, batch: int = 2, length: int = 8) -> dict[str, Any]:
+    """A small input for a transformers model from its config, with ``labels`` for language-modelling and
+    classification heads (so the graph returns a loss) and ``use_cache=False``."""
+    if not is_pretrained(model):
+        raise ValueError(f"example_inputs=None needs a transformers PreTrainedModel, got {type(model).__name__}: "
+                         "pass example_inputs as a tuple of positional arguments or a dict of keyword arguments")
+    cfg, params, cls = model.config, forward_parameters(model), type(model).__name__
+    main = getattr(model, "main_input_name", "input_ids")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    n_labels = int(getattr(cfg, "num_labels", 2))
+    kw: dict[str, Any] = {}
+    if main == "input_ids":
+        vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+        if vocab <= 0:
+            raise ValueError(f"cannot build an example for {cls}: config.vocab_size is missing; pass example_inputs")
+        kw["input_ids"] = ids = torch.randint(0, vocab, (batch, length), generator=gen).to(device)
+        if "attention_mask" in params:
+            kw["attention_mask"] = torch.ones_like(ids)
+        if "token_type_ids" in params and int(getattr(cfg, "type_vocab_size", 0) or 0) > 0:
+            kw["token_type_ids"] = torch.zeros_like(ids)  # tokenizers of such models return it
+        if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+            kw["decoder_input_ids"] = ids.clone()
+        if "labels" in params:
+            if cls.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration")):
+                kw["labels"] = ids.clone()
+            elif cls.endswith("ForSequenceClassification") and getattr(cfg, "problem_type", None) in (
+                    None, "single_label_classification") and n_labels > 1:
+                kw["labels"] = torch.arange(batch, device=device) % n_labels
+    elif main == "pixel_values":
+        size = getattr(cfg, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        channels = int(getattr(cfg, "num_channels", 3))
+        kw["pixel_values"] = torch.randn(batch, channels, size, size, generator=gen).to(device)
+        if "labels" in params and cls.endswith("ForImageClassification") and n_labels > 1:
+            kw["labels"] = torch.arange(batch, device=device) % n_labels
+    else:
+        raise ValueError(f"cannot build an example for {cls} with main input {main!r}: pass example_inputs")
+    if "use_cache" in params and (getattr(cfg, "is_decoder", False) or hasattr(cfg, "use_cache")):
+        kw["use_cache"] = False
+    return kw
+
+
+def clone_inputs(obj: Any) -> Any:
+    """Clone every tensor so that no two inputs alias (export would wire both uses to one placeholder)."""
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, obj)
+
+
+def dynamic_shapes_of(args: tuple, kwargs: dict, batch_only: bool = False) -> tuple[tuple, dict]:
+    """``Dim.AUTO`` on every dimension of every tensor (with ``batch_only`` on the first one alone)."""
+    def spec(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return ({0: Dim.AUTO} if batch_only else {i: Dim.AUTO for i in range(v.dim())}) if v.dim() else None
+        if isinstance(v, (list, tuple)):
+            return type(v)(spec(x) for x in v)
+        return {k: spec(x) for k, x in v.items()} if isinstance(v, dict) else None
+
+    return tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}
+
+
+def export_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, batch_only: bool = False) -> Any:
+    """``dynamic_shapes_of`` as export takes it: keyed by argument name when both args and kwargs are given."""
+    dyn_args, dyn_kwargs = dynamic_shapes_of(args, kwargs, batch_only)
+    if args and kwargs:
+        return {**dict(zip(positional_names(model, len(args)), dyn_args)), **dyn_kwargs}
+    return dyn_kwargs if not args else dyn_args
+
+
+@contextmanager
+def explicit_keywords(model: nn.Module, kwargs: dict[str, Any]) -> Iterator[None]:
+    """Meanwhile, ``model.forward`` (an instance attribute) names the keywords it takes through ``**kwargs``
+    (``output_hidden_states``, the Trainer's ``num_items_in_batch``): export's dynamic-shape check mis-orders them."""
+    params = inspect.signature(model.forward).parameters
+    extra = [k for k in kwargs if k not in params]
+    if not extra or not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        yield
+        return
+    named = [p for p in params.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    original, own = model.forward, model.__dict__.get("forward")
+
+    def forward(*args: Any, **kw: Any) -> Any:
+        return original(*args, **kw)
+
+    forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        named + [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in extra])
+    model.__dict__["forward"] = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            model.__dict__.pop("forward", None)
+        else:
+            model.__dict__["forward"] = own
+
+
+def normalise_example(model: nn.Module, example_inputs: ExampleInputs) -> tuple[tuple, dict]:
+    """``example_inputs`` as (args, kwargs); ``use_cache=False`` added where the model caches by default (a KV
+    cache object cannot leave an exported graph)."""
+    if example_inputs is None:
+        return (), default_example_inputs(model)
+    if isinstance(example_inputs, dict):
+        kwargs = dict(example_inputs)
+        if is_pretrained(model) and "use_cache" in forward_parameters(model) and "use_cache" not in kwargs \
+                and getattr(model.config, "use_cache", False):
+            kwargs["use_cache"] = False
+        return (), kwargs
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    raise TypeError(f"example_inputs must be a tuple of positional arguments or a dict of keyword arguments, "
+                    f"got {type(example_inputs).__name__}")
+
+
+def warn_unit_dims(args: tuple, kwargs: dict) -> None:
+    """Warn for an example dimension of size 1 among the first two (export fixes it)."""
+    for path, t in [*enumerate(args), *kwargs.items()]:
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and 1 in t.shape[:2]:
+            logger.warning("example input %r has shape %s: a dimension of size 1 is fixed by torch.export; "
+                           "use an example of batch >= 2 and length >= 2 to keep it dynamic", path, tuple(t.shape))
+
+
+# --------------------------------------------------------------------------------------------- call signatures
+
+def normalise_call(params: dict[str, inspect.Parameter], model_name: str, signature: Any, args: tuple,
+                   kwargs: dict, checked: Optional[set] = None) -> tuple[dict[str, Any], bool]:
+    """The call as the keywords of one graph, and whether it asked for ``use_cache=True`` (run without a KV cache).
+    The source graph's ``signature.defaults`` (the masks the model fills when left out) are filled, so one graph
+    serves both; ``checked``: keyword sets already accepted (names are checked once per set)."""
+    names = positional(params)
+    if len(args) > len(names):
+        raise TypeError(f"{model_name}.forward takes {len(names)} positional arguments ({names}); "
                         f"{len(args)} were given")
-    call = dict(zip(positional, args))
-    names = tuple(kwargs)
-    if checked is None or names not in checked:  # once per keyword set when the caller keeps ``checked``
+    call = dict(zip(names, args))
+    if checked is None or tuple(kwargs) not in checked:
         check_keywords(params, [k for k in kwargs if k != "adapter_names"], model_name)
         if checked is not None:
-            checked.add(names)
+            checked.add(tuple(kwargs))
     for k, v in kwargs.items():
         if k in call:
             raise TypeError(f"forward got multiple values for argument {k!r}")
         call[k] = v
-    return call
-
-
-def normalise_call(params: dict[str, inspect.Parameter], model_name: str, signature: Any, args: tuple,
-                   kwargs: dict, checked: Optional[set] = None) -> tuple[dict[str, Any], bool]:
-    """The call as the keywords of one graph, and whether it asked for ``use_cache=True`` (which runs without a
-    KV cache). ``signature``: the source graph's recorded input signature (its ``defaults`` are the masks the
-    model fills when they are left out: filled here, so one graph serves both). ``checked``: keyword sets
-    already accepted (the names are checked once per set)."""
     out = {}
-    for k, v in _as_keywords(params, model_name, args, kwargs, checked).items():
+    for k, v in call.items():
         p = params.get(k)
         if v is None and (p is None or p.default is None or p.kind is p.VAR_KEYWORD):
             continue  # the model treats None as absent
@@ -79,21 +206,17 @@ def normalise_call(params: dict[str, inspect.Parameter], model_name: str, signat
     n_items = out.get("num_items_in_batch")
     if isinstance(n_items, int) and not isinstance(n_items, bool):
         out["num_items_in_batch"] = torch.tensor(n_items)  # a tensor, so one graph serves every value
-    ids = out.get("input_ids")
-    if signature is not None and isinstance(ids, torch.Tensor):
-        for name, kind, dtype in signature.defaults:  # filled as the model fills them: one graph for both
-            if name not in out and name in params:
-                out[name] = (torch.ones_like if kind == "ones" else torch.zeros_like)(ids, dtype=dtype)
+    if signature is not None:  # filled as the model fills them: one graph for both
+        out.update(_made_inputs(signature.defaults, out.get("input_ids"), params.keys() - out.keys()))
     check_mask(out)
     return out, asked_cache
 
 
-def _autocast_state() -> tuple:
-    state = []
-    for device in ("cpu", "cuda"):
-        if torch.is_autocast_enabled(device):
-            state.append((device, torch.get_autocast_dtype(device)))
-    return tuple(state)
+def _made_inputs(defaults: tuple, ids: Any, names: Collection[str]) -> dict[str, torch.Tensor]:
+    if not isinstance(ids, torch.Tensor):
+        return {}
+    return {name: (torch.ones_like if kind == "ones" else torch.zeros_like)(ids, dtype=dtype)
+            for name, kind, dtype in defaults if name in names}
 
 
 def _value_key(name: str, v: Any) -> tuple:
@@ -111,12 +234,13 @@ def _value_key(name: str, v: Any) -> tuple:
 
 def call_key(call: dict[str, Any], weights_state: tuple) -> CallKey:
     """The signature of a normalised call: (keyword keys, autocast state, the weights' dtype and device)."""
-    return tuple(_value_key(k, call[k]) for k in sorted(call)), _autocast_state(), weights_state
+    autocast = tuple((d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d))
+    return tuple(_value_key(k, call[k]) for k in sorted(call)), autocast, weights_state
 
 
 def _expand_unit_dims(v: Any) -> Any:
-    """A capture example without dimensions of size 1 (export would fix them): the batch dim, and the
-    sequence dim of (batch, seq) / (batch, seq, hidden) tensors, are repeated to size 2."""
+    """Without dimensions of size 1 (export fixes them): the batch dim, and the sequence dim of (batch, seq) /
+    (batch, seq, hidden) tensors, repeated to size 2."""
     if not isinstance(v, torch.Tensor) or v.dim() == 0:
         return v
     reps = [1] * v.dim()
@@ -135,46 +259,34 @@ def capture_example(call: dict[str, Any]) -> dict[str, Any]:
 def example_call(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, Any]:
     """``transform``'s example as the keyword call the object normalises it to."""
     args, kwargs = normalise_example(model, example_inputs)
-    return {**dict(zip(_positional(forward_parameters(model)), args)), **kwargs}
-
-
-def _replacements(model: nn.Module, source: GraphModule) -> dict[int, torch.Tensor]:
-    """id of each tensor of ``model`` -> the source graph's tensor of the same name, where those differ."""
-    theirs = dict(source.named_parameters(remove_duplicate=False))
-    theirs.update(source.named_buffers(remove_duplicate=False))
-    by_id: dict[int, torch.Tensor] = {}
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + \
-            list(model.named_buffers(remove_duplicate=False)):
-        new: Optional[torch.Tensor] = theirs.get(name)
-        if new is None or new is t or type(new) is not type(t) or new.shape != t.shape:
-            continue
-        if new.dtype == t.dtype and new.device == t.device and new.data_ptr() == t.data_ptr():
-            continue
-        by_id[id(t)] = new
-    return by_id
+    return {**dict(zip(positional(forward_parameters(model)), args)), **kwargs}
 
 
 @contextmanager
 def swapped_in(model: nn.Module, source: GraphModule) -> Iterator[None]:
-    """Temporarily give ``model`` the source graph's tensors where they differ from its own (after ``.to()``
-    on the object, or a merge), so a new capture sees what the object computes with. Restored on exit."""
-    by_id = _replacements(model, source)
+    """Meanwhile, ``model`` holds the source graph's tensors where they differ (after ``.to()`` on the object, or
+    a merge), so a new capture sees what the object computes with."""
+    theirs = {**dict(source.named_parameters(remove_duplicate=False)), **dict(source.named_buffers(
+        remove_duplicate=False))}
+    by_id: dict[int, torch.Tensor] = {}  # id of a tensor of the model -> the source's tensor of that name
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        new = theirs.get(name)
+        if new is not None and new is not t and type(new) is type(t) and new.shape == t.shape and (
+                new.dtype != t.dtype or new.device != t.device or new.data_ptr() != t.data_ptr()):
+            by_id[id(t)] = new
     undo: list[tuple[dict, str, Any]] = []
     try:
-        if by_id:
-            for mod in model.modules():
-                for store in (mod._parameters, mod._buffers):
-                    for leaf, t in list(store.items()):
-                        if t is not None and id(t) in by_id:
-                            undo.append((store, leaf, t))
-                            store[leaf] = by_id[id(t)]
+        stores = [s for mod in model.modules() for s in (mod._parameters, mod._buffers)] if by_id else []
+        for store in stores:
+            for leaf, t in list(store.items()):
+                if t is not None and id(t) in by_id:
+                    undo.append((store, leaf, t))
+                    store[leaf] = by_id[id(t)]
         yield
     finally:
         for store, leaf, t in reversed(undo):
             store[leaf] = t
 
-
-# --- the captured graph's signature ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Signature:
@@ -196,7 +308,7 @@ class Signature:
 
 
 class InputCheck:
-    """Forward pre-hook: fills captured constants that were left out and names the expected keywords."""
+    """Forward pre-hook: fills left-out captured constants and names the expected keywords."""
 
     def __init__(self, signature: Signature) -> None:
         self.signature = signature
@@ -205,7 +317,7 @@ class InputCheck:
         sig = self.signature
         if sig.probe is not None:
             name, dtype, device = sig.probe
-            p = _lookup(module, name)
+            p = operator.attrgetter(name)(module)  # whatever wraps it (FSDP swaps plain tensors in)
             if p.dtype != dtype or p.device.type != device:
                 raise TypeError(
                     f"this graph was captured with {dtype} weights on {device} and now holds {p.dtype} on "
@@ -215,37 +327,20 @@ class InputCheck:
         missing = [n for n in sig.names if n not in given]
         unexpected = [k for k in kwargs if k not in sig.names] + (
             [f"<{len(args) - len(sig.names)} extra positional>"] if len(args) > len(sig.names) else [])
-        consts = dict(sig.constants)
-        fill = [n for n in missing if n in consts]
         ids = kwargs.get("input_ids", args[sig.names.index("input_ids")] if "input_ids" in sig.names[:len(args)]
                          else None)
-        made = {}
-        if isinstance(ids, torch.Tensor):
-            for name, kind, dtype in sig.defaults:
-                if name in missing:
-                    made[name] = (torch.ones_like if kind == "ones" else torch.zeros_like)(ids, dtype=dtype)
-        missing = [n for n in missing if n not in consts and n not in made]
+        filled = {n: v for n, v in sig.constants if n in missing} | _made_inputs(sig.defaults, ids, missing)
+        missing = [n for n in missing if n not in filled]
         if missing or unexpected:
             raise TypeError(
                 f"this graph was captured for the inputs ({sig.describe()}); missing: {missing or 'none'}, "
                 f"unexpected: {unexpected or 'none'}. Call it with those keywords, or capture again with "
                 f"example_inputs holding the keywords you want to pass")
-        if fill or made:
-            kwargs = {**kwargs, **{n: consts[n] for n in fill}, **made}
-        return args, kwargs
-
-
-def _lookup(module: nn.Module, name: str) -> torch.Tensor:
-    """The tensor at a dotted name, whatever wraps it (FSDP swaps plain tensors in for parameters)."""
-    obj: Any = module
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
+        return args, {**kwargs, **filled} if filled else kwargs
 
 
 def restore_input_names(gm: GraphModule, names: list[str]) -> None:
-    """Give the graph's inputs the model's own argument names: torch.export lower-cases them (``forward(self,
-    X)`` becomes an input ``x``), and callers pass the model's names. Placeholders come in call order."""
+    """The model's own argument names for the graph's inputs (export lower-cases ``forward(self, X)``'s ``X``)."""
     nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(nodes) != len(names):
         return
@@ -260,38 +355,23 @@ _MODEL_DEFAULTS = {"attention_mask": "ones", "token_type_ids": "zeros"}
 
 def model_filled_inputs(model: nn.Module, placeholders: tuple[str, ...], args: tuple,
                         kwargs: dict) -> tuple[tuple[str, str, torch.dtype], ...]:
-    """The captured inputs that may be left out because the model itself would fill them the same way."""
+    """The captured inputs the model would fill the same way when left out."""
     if not is_pretrained(model) or "input_ids" not in placeholders:
         return ()
-    params = inspect.signature(model.forward).parameters
+    params = forward_parameters(model)
     values = dict(zip(positional_names(model, len(args)), args)) | kwargs
-    out = []
-    for name, kind in _MODEL_DEFAULTS.items():
-        value = values.get(name)
-        if name in placeholders and name in params and params[name].default is None \
-                and isinstance(value, torch.Tensor) and value.shape == values["input_ids"].shape:
-            out.append((name, kind, value.dtype))
-    return tuple(out)
-
-
-def _specialised(gm: GraphModule) -> bool:
-    """Whether the graph tree hard-codes a floating dtype or a device (export bakes in casts, dtype assertions
-    and factory devices, as transformers' norms and masks have)."""
-    for node in (n for g in graph_modules(gm) for n in g.graph.nodes):
-        for a in (*node.args, *node.kwargs.values()):
-            if isinstance(a, torch.device) or (isinstance(a, torch.dtype) and a.is_floating_point):
-                return True
-    return False
+    return tuple((name, kind, values[name].dtype) for name, kind in _MODEL_DEFAULTS.items()
+                 if name in placeholders and name in params and params[name].default is None
+                 and isinstance(values.get(name), torch.Tensor) and values[name].shape == values["input_ids"].shape)
 
 
 def probe(gm: GraphModule) -> Optional[tuple[str, torch.dtype, str]]:
-    """For a graph specialised to a dtype / device: its first floating parameter, dtype and device type."""
-    if not _specialised(gm):
+    """Of a graph tree that hard-codes a floating dtype or a device (export bakes in casts, dtype assertions and
+    factory devices): its first floating parameter, dtype and device type."""
+    if not any(isinstance(a, torch.device) or (isinstance(a, torch.dtype) and a.is_floating_point)
+               for g in graph_modules(gm) for n in g.graph.nodes for a in (*n.args, *n.kwargs.values())):
         return None
-    for name, p in gm.named_parameters():
-        if p.is_floating_point():
-            return name, p.dtype, p.device.type
-    return None
+    return next(((name, p.dtype, p.device.type) for name, p in gm.named_parameters() if p.is_floating_point()), None)
 
 
 def install_input_check(gm: GraphModule) -> None:

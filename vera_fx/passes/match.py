@@ -20,7 +20,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..config import DEFAULT_TARGET_MODULES, AdapterConfig
 from .. import quantized
-from ..fallback import EAGER_TOP
+from ..block_export import EAGER_TOP
 from ..sites import SITE_KEY, Candidate, Site, block_prefix, graph_modules, model_info, module_path, read_sites
 
 logger = logging.getLogger(__name__)

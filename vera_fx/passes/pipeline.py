@@ -10,7 +10,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from ..capture import capture
-from ..example_inputs import ExampleInputs
+from ..signatures import ExampleInputs
 from ..config import AdapterConfig, as_config
 from ..methods import method_for
 from ..state import adapter_container
