@@ -127,9 +127,39 @@ def test_pvera_mean_and_sampling_in_the_twin():
     with torch.no_grad():
         mean = ours(input_ids=ids).logits
         _close(mean, pm(input_ids=ids).logits)
-        assert "site_apply" in _targets(_twin(ours))
+        assert {"site_apply", "pvera_group_h", "pvera_latent"} <= _targets(_twin(ours))
         vera_fx.set_sample_at_inference(ours, True)
         assert not torch.allclose(ours(input_ids=ids).logits, mean)
+        vera_fx.set_sample_at_inference(ours, {"model.layers.0.self_attn.q_proj": False})
+        assert not torch.allclose(ours(input_ids=ids).logits, mean)  # a group where one site samples
+        vera_fx.set_sample_at_inference(ours, False)
+        _close(ours(input_ids=ids).logits, mean)
+
+
+def test_pvera_mean_only_form_records_the_kl_term():
+    """The mean-only form computes r rows of h, and records the KL term from x (computed when read): it equals
+    the term of the full path (sampling at inference, and the training graph, which is differentiable). One
+    layer, q / k / v: every site reads the layer's input, so sampling changes no site's input."""
+    kw = dict(r=8, target_modules=["q_proj", "k_proj", "v_proj"], init_weights=False)
+    ours = vera_fx.transform(tiny_llama(num_hidden_layers=1), vera_fx.PveraConfig(**kw))
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "lambda" in n:
+                p.normal_(0, 0.5)
+    ids = _ids()
+    ours.eval()
+    with torch.no_grad():
+        ours(input_ids=ids)
+        kl_mean = vera_fx.kl_divergence(ours)
+        vera_fx.set_sample_at_inference(ours, True)
+        ours(input_ids=ids)
+        _close(vera_fx.kl_divergence(ours), kl_mean)
+    ours.train()
+    ours(input_ids=ids)
+    kl = vera_fx.kl_divergence(ours)
+    _close(kl.detach(), kl_mean)
+    kl.backward()
+    assert all(p.grad is not None for n, p in ours.named_parameters() if "lambda_d" in n)
 
 
 def test_inference_ops_equal_the_plain_chain():

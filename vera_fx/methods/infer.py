@@ -23,7 +23,6 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor
-from torch.fx.node import has_side_effect
 
 from .pvera import KLRecord, LazyKL, pvera_record_kl, pvera_reparametrize
 

@@ -92,7 +92,8 @@ def _erase(gm: GraphModule, nodes: list[Node]) -> None:
     """Erase ``nodes`` (users first) and then the sampling switches they read, left without a reader."""
     inputs: list[Node] = []
     for n in nodes:
-        inputs += [a for a in n.all_input_nodes if (a.meta.get(ADAPTER_KEY) or {}).get("role") == "sampling"]
+        inputs += [a for a in n.all_input_nodes
+                   if a.op == "get_attr" and (a.meta.get(ADAPTER_KEY) or {}).get("role") == "sampling"]
         gm.graph.erase_node(n)
     for a in dict.fromkeys(inputs):
         if not a.users:

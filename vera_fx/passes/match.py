@@ -300,7 +300,7 @@ def _refuse_non_linear(info: dict, picked: set[str], targets: object) -> None:
 
 
 def _check_eager_modules_to_save(gm: GraphModule, info: dict, config: AdapterConfig) -> None:
-    """A graph whose top level runs eagerly (vera_fx/fallback.py) reads trainable copies only inside its blocks:
+    """A graph whose top level runs eagerly (vera_fx/block_export.py) reads trainable copies only inside its blocks:
     refuse ``modules_to_save`` naming a module of the eager top level (it would train a copy nothing reads)."""
     reason = gm.meta.get(EAGER_TOP)
     if reason is None or not config.modules_to_save:
