@@ -132,6 +132,21 @@ def test_pvera_sampled_generation_is_reproducible_per_sequence():
     assert torch.equal(vera_fx.generate(gm, ids, max_new_tokens=10, eos_token_id=[]), mean)
 
 
+def test_generation_records_no_kl_term():
+    """The KL term is the last forward's: generating (whose decode graph is in the inference form, mean or
+    sampled) leaves it as it was, whichever PVeRA path the decode graph takes."""
+    cfg = vera_fx.PveraConfig(r=8, target_modules=["q_proj", "v_proj"], generator_seed=0, init_weights=False)
+    gm = vera_fx.transform(tiny_llama(), cfg).eval()
+    ids = torch.randint(2, 96, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        gm(input_ids=ids)
+    kl = vera_fx.kl_divergence(gm).clone()
+    for sample in (False, True):
+        vera_fx.set_sample_at_inference(gm, sample)
+        vera_fx.generate(gm, ids[:, :3], max_new_tokens=4, eos_token_id=[])
+        torch.testing.assert_close(vera_fx.kl_divergence(gm), kl, atol=0, rtol=0)
+
+
 def test_generation_follows_a_training_step_and_several_active_adapters():
     model, gm, pm = _pair("llama")
     ids, mask = _left_padded()

@@ -20,6 +20,7 @@ from torch.fx import Graph, GraphModule
 
 from .capture import model_flags_kept
 from .methods import CONTAINER
+from .methods.infer import pvera_latent
 from .methods.pvera import pvera_record_kl
 from .passes.attach import strip_adapters
 from .passes.inject import emit_adapter
@@ -55,9 +56,12 @@ def emit_for_inference(gm: GraphModule, layout: Layout) -> None:
         emit_adapter(gm, name, set(sites))
     set_adapters_training(gm, False)
     graph = gm.graph
-    for node in [n for n in graph.nodes if n.op == "call_function" and n.target is pvera_record_kl]:
-        record = node.args[2]
-        graph.erase_node(node)
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in (pvera_record_kl, pvera_latent)]:
+        record = node.args[2] if node.target is pvera_record_kl else node.args[7]
+        if node.target is pvera_record_kl:
+            graph.erase_node(node)
+        else:  # the inference form's latent: the same, recording nothing
+            node.args = (*node.args[:7], None, *node.args[8:])
         if not record.users:
             graph.erase_node(record)
     graph.lint()

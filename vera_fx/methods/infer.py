@@ -12,9 +12,12 @@ and one slice of ``B``: q/k/v, gate/up) is
 - per site ``y + u[k] * lambda_b_k`` (``site_add``: one ``addcmul``, in place into the base call's output
   where the lower pass allows it and the dtypes agree; otherwise the plain chain's own ops).
 
-A site alone takes ``site_products(h, B, lambda_d)``; PVeRA hands its (sampled or mean) latent per site:
-``latent_products(B, z)``. Both are plain torch ops, differentiable by autograd, so a graph in eval mode with gradients enabled
-still has a backward (it keeps what the plain path keeps).
+A site alone (every site, in the per-site form) is one call, ``site_apply(y, h, B, lambda_d, lambda_b)``: at
+one token a site's products are small, so what it costs is mostly its calls. PVeRA's sites that read one ``x``
+take ``h`` from ``pvera_group_h`` (the mean's r rows of ``A`` when none samples, decided at run time) and
+their latent from ``pvera_latent`` (the mean, its KL term recorded from ``x`` and computed when read:
+``InputKL``; or the sampled latent). All are plain torch ops, differentiable by autograd, so a graph in eval
+mode with gradients enabled still has a backward (it keeps what the plain path keeps).
 """
 
 from __future__ import annotations
@@ -80,15 +83,17 @@ def pvera_group_h(x: Tensor, a: Tensor, r: int, training: bool, *samples: bool) 
 
 
 def pvera_latent(h: Tensor, lambda_d: Tensor, r: int, training: bool, sample: bool, generator_state: Optional[Tensor],
-                 groups: int, record: KLRecord, key: str, x: Tensor, a: Tensor) -> Tensor:
+                 groups: int, record: Optional[KLRecord], key: str, x: Tensor, a: Tensor) -> Tensor:
     """One PVeRA site's latent at inference from its group's ``h``: the mean ``h * lambda_d[:r]`` when ``h`` holds
     the mean's rows only (its KL term recorded from ``x``, computed when read: ``InputKL``), else the plain
-    chain's ``mu + eps * exp(logvar / 2)`` or ``mu`` and its KL term."""
+    chain's ``mu + eps * exp(logvar / 2)`` or ``mu`` and its KL term (none with ``record=None``: generation)."""
     if h.shape[-1] == r:
-        record.values[key] = InputKL(x, a, lambda_d.clone(), r)
+        if record is not None:
+            record.values[key] = InputKL(x, a, lambda_d.clone(), r)
         return h * lambda_d[:r]
     hd = h * lambda_d
     mu, logvar = hd[..., :r], hd[..., r:]
     z = pvera_reparametrize(mu, logvar, training, sample, generator_state, groups)
-    pvera_record_kl(mu, logvar, record, key)
+    if record is not None:
+        pvera_record_kl(mu, logvar, record, key)
     return z
