@@ -31,7 +31,7 @@ from .state import adapter_container, reads_state
 from .capture import SOURCE_MODEL_KEY, CaptureError, model_flags_kept
 from .linear_like import linear_forwards
 from .methods import CONTAINER
-from .passes.infer import DEFAULT_FORM, INFERENCE_KEY
+from .passes.infer import DEFAULT_FORM, INFERENCE_KEY, bind_flat_reads, flatten_reads
 from .passes.match import MatchPass
 from .sites import MODEL_INFO_KEY, SITE_KEY, as_graph_module, model_info, read_sites
 
@@ -179,7 +179,9 @@ def bind_adapter_state(decode: GraphModule, gm: GraphModule) -> bool:
                              f"{model_info(decode)['class']}; pass model= the model the graph was "
                              "transformed from")
     decode._modules[CONTAINER] = container  # the training graph's AdapterState objects and parameters
-    container.versions.switch(decode, [decode], None, key, lambda: emit_for_inference(decode, layout))
+    container.versions.switch(decode, [decode], None, key,
+                              lambda: (emit_for_inference(decode, layout), flatten_reads(decode)))
+    bind_flat_reads(decode)
     logger.debug("decode graph bound to adapters %s", [name for name, _ in layout])
     return True
 
