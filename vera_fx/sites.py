@@ -151,35 +151,23 @@ def block_groups(gm: GraphModule) -> dict[int, list[GraphModule]]:
     return groups
 
 
-def site_of(node: Node) -> Optional[dict[str, Any]]:
-    return node.meta.get(SITE_KEY)
-
-
 def adapter_nodes(gm: GraphModule, site: Optional[str] = None, adapter: Optional[str] = None) -> list[Node]:
     """Nodes that adapters added (in every graph of the tree), optionally only those of one site and/or
     adapter."""
-    out = []
-    for n in (n for g in graph_modules(gm) for n in g.graph.nodes):
-        tag = n.meta.get(ADAPTER_KEY)
-        if tag is None:
-            continue
-        if site is not None and tag.get("site") != site:
-            continue
-        if adapter is not None and tag.get("adapter") != adapter:
-            continue
-        out.append(n)
-    return out
+    return [n for g in graph_modules(gm) for n in g.graph.nodes if (tag := n.meta.get(ADAPTER_KEY)) is not None
+            and site in (None, tag.get("site")) and adapter in (None, tag.get("adapter"))]
 
 
-def _graph_order(gm: GraphModule) -> list[GraphModule]:
-    """The tree's graphs in call order: each block where the root graph calls it (others at the end)."""
-    by_path = {block_prefix(g): g for g in graph_modules(gm)[1:]}
-    order: list[GraphModule] = []
-    for n in gm.graph.nodes:
-        path = n.meta.get(BLOCK_CALL_KEY)
-        if path in by_path and by_path[path] not in order:
-            order.append(by_path[path])
-    return order + [g for g in by_path.values() if g not in order]
+def qualified_name(g: GraphModule, target: str) -> str:
+    """A name relative to graph ``g`` (a get_attr target) as a name in the root module of its tree."""
+    prefix = block_prefix(g)
+    return f"{prefix}.{target}" if prefix else str(target)
+
+
+def relative_name(g: GraphModule, name: str) -> str:
+    """A root-module name (a site's path, its weight) relative to graph ``g``: the inverse of ``qualified_name``."""
+    prefix = block_prefix(g)
+    return name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else name
 
 
 def read_sites(gm: GraphModule) -> list[Site]:
@@ -187,7 +175,7 @@ def read_sites(gm: GraphModule) -> list[Site]:
     the adapters attached to it. Merge state and sampling switches are the root's."""
     merged = adapter_flags(gm).merged
     sampling = sampling_by_site(gm)
-    blocks = {block_prefix(g): g for g in _graph_order(gm)}
+    blocks = {block_prefix(g): g for g in graph_modules(gm)[1:]}
     own = {s.base: s for s in read_graph_sites(gm, merged, sampling)}
     result: list[Site] = []
     for n in gm.graph.nodes:
@@ -203,27 +191,17 @@ def read_sites(gm: GraphModule) -> list[Site]:
 
 def read_graph_sites(gm: GraphModule, merged: Optional[dict] = None, sampling: Optional[dict] = None) -> list[Site]:
     """The tagged sites of ``gm``'s own graph only (not its blocks), in graph order."""
-    return _sites_of_nodes(gm, list(gm.graph.nodes), merged or {}, sampling or {})
-
-
-def _sites_of_nodes(gm: GraphModule, nodes: list[Node], merged: dict, sampling: dict) -> list[Site]:
+    merged, sampling = merged or {}, sampling or {}
     attached: dict[str, list[str]] = {}
     for n in gm.graph.nodes:
         tag = n.meta.get(ADAPTER_KEY)
         if tag and tag.get("role") == "output":
             attached.setdefault(tag["site"], []).append(tag["adapter"])
-    result = []
-    for n in nodes:
-        tag = site_of(n)
-        if tag is None:
-            continue
-        result.append(Site(name=tag["name"], kind=tag["kind"], in_features=tag["in_features"],
-                           out_features=tag["out_features"], weight=tag.get("weight"), bias=tag.get("bias"),
-                           base=n, output=site_output(n, tag["kind"]),
-                           adapters=tuple(attached.get(tag["name"], ())),
-                           merged=tuple(merged.get(tag["name"], ())),
-                           sampling=sampling.get(tag["name"], ())))
-    return result
+    return [Site(name=tag["name"], kind=tag["kind"], in_features=tag["in_features"], out_features=tag["out_features"],
+                 weight=tag.get("weight"), bias=tag.get("bias"), base=n, output=site_output(n, tag["kind"]),
+                 adapters=tuple(attached.get(tag["name"], ())), merged=tuple(merged.get(tag["name"], ())),
+                 sampling=sampling.get(tag["name"], ()))
+            for n in gm.graph.nodes if (tag := n.meta.get(SITE_KEY)) is not None]
 
 
 def sampling_by_site(gm: GraphModule) -> dict[str, tuple[str, ...]]:
@@ -241,20 +219,17 @@ def _adapter_states(gm: GraphModule) -> list[tuple[str, Any]]:
 
 
 def adapted_sites(gm: GraphModule, adapter_name: Optional[str] = None) -> list[Site]:
-    """The sites that carry an adapter (of ``adapter_name`` only, when given), one per site name.
-
-    An adapter counts whether it is active, inactive (no nodes while switched off) or merged.
-    """
-    owners: dict[str, list[str]] = {}
+    """The sites that carry an adapter (of ``adapter_name`` only, when given), one per site name; an adapter
+    counts whether it is active, inactive (no nodes while switched off) or merged."""
+    owners: dict[str, set[str]] = {}
     for name, state in _adapter_states(gm):
         for site_name in state.site_names:
-            owners.setdefault(site_name, []).append(name)
+            owners.setdefault(site_name, set()).add(name)
     seen: dict[str, Site] = {}
     for s in read_sites(gm):
-        names = set(s.adapters) | set(s.merged) | set(owners.get(s.name, ()))
-        if s.name in seen or not names or (adapter_name is not None and adapter_name not in names):
-            continue
-        seen[s.name] = s
+        names = {*s.adapters, *s.merged, *owners.get(s.name, ())}
+        if names and (adapter_name is None or adapter_name in names):
+            seen.setdefault(s.name, s)
     return list(seen.values())
 
 
