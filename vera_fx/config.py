@@ -1,7 +1,5 @@
-"""Adapter configs: VeraConfig and PveraConfig, with PEFT's field names and defaults.
-
-Validated at construction (``raise``, never ``assert``); ``to_dict`` / ``from_dict`` read and write the
-adapter_config.json layout that PEFT uses, versioned so that old files keep loading.
+"""Adapter configs: VeraConfig and PveraConfig, with PEFT's field names and defaults, validated at construction
+(``raise``, never ``assert``), read from and written to adapter_config.json's layout (versioned).
 """
 
 from __future__ import annotations
@@ -48,31 +46,27 @@ def _is_target_modules(tm: Any) -> bool:
 
 
 _Check = tuple[str, Callable[[Any], bool], str]
-_BOOL = "expected True or False"
-# One row per field: (field, valid?, what is expected). Checked in this order at construction.
+# One row per rule: (fields, valid?, what is expected), checked in this order at construction.
 _CHECKS: tuple[_Check, ...] = (
     ("r", lambda v: _is_int(v) and v > 0, "expected a positive int, e.g. r=256"),
     ("projection_prng_key", _is_int, "expected an int seed"),
     ("d_initial", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
      "expected a finite float, e.g. 0.1"),
-    ("save_projection", lambda v: isinstance(v, bool), _BOOL),
-    ("fan_in_fan_out", lambda v: isinstance(v, bool), _BOOL),
-    ("init_weights", lambda v: isinstance(v, bool), _BOOL),
+    ("save_projection fan_in_fan_out init_weights inference_mode", lambda v: isinstance(v, bool),
+     "expected True or False"),
     ("target_modules", _is_target_modules,
      "expected a non-empty list of module-name suffixes, a regex string, 'all-linear' or None"),
     ("modules_to_save", lambda v: v is None or _is_str_list(v), "expected None or a list of module names"),
     ("layers_to_transform", lambda v: v is None or (_is_int(v) and v >= 0)
      or (isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)),
      "expected None, a layer index or a list of layer indices (ints >= 0)"),
-    ("layers_pattern", lambda v: v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str)
-                                                                                                  for s in v)),
+    ("layers_pattern", lambda v: v is None or isinstance(v, str) or (isinstance(v, list) and
+                                                                   all(isinstance(s, str) for s in v)),
      "expected None, a name such as 'layers', or a list of names"),
     ("task_type", lambda v: v is None or v in TASK_TYPES,
      f"expected None or one of {', '.join(map(repr, TASK_TYPES))}"),
-    ("inference_mode", lambda v: isinstance(v, bool), _BOOL),
-    ("base_model_name_or_path", lambda v: v is None or isinstance(v, str), "expected None or a string"),
-    ("revision", lambda v: v is None or isinstance(v, str), "expected None or a string"),
-    ("peft_version", lambda v: v is None or isinstance(v, str), "expected None or a string"),
+    ("base_model_name_or_path revision peft_version", lambda v: v is None or isinstance(v, str),
+     "expected None or a string"),
     ("auto_mapping", lambda v: v is None or isinstance(v, dict),
      "expected None or a dict such as {'base_model_class': 'BertModel', 'parent_library': ...}"),
 )
@@ -131,8 +125,9 @@ class _BaseConfig:
                self._dropout_field, p, "expected a float in [0, 1)")
         modes = ("none", "all", self._method_bias)
         _check(self.bias in modes, "bias", self.bias, f"allowed values are {', '.join(map(repr, modes))}")
-        for name, valid, expected in self._checks:
-            _check(valid(getattr(self, name)), name, getattr(self, name), expected)
+        for names, valid, expected in self._checks:
+            for name in names.split():
+                _check(valid(getattr(self, name)), name, getattr(self, name), expected)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(f"layers_pattern={self.layers_pattern!r} needs layers_to_transform: set the layer "
                              "indices to adapt, or drop layers_pattern")
@@ -210,8 +205,8 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
 
 
 def as_config(config: Any) -> AdapterConfig:
-    """``config`` as a vera_fx config: ours as it is; a PEFT ``VeraConfig`` / ``PveraConfig`` (or any object
-    with PEFT's ``peft_type`` and ``to_dict()``) read by its fields. Anything else raises TypeError naming it."""
+    """``config`` as a vera_fx config: ours as it is, PEFT's (any object with ``peft_type`` and ``to_dict()``)
+    read by its fields; anything else raises TypeError."""
     if isinstance(config, (VeraConfig, PveraConfig)):
         return config
     name = type(config).__name__
@@ -236,7 +231,6 @@ def as_config(config: Any) -> AdapterConfig:
 
 def _plain(value: Any) -> Any:
     """A PEFT config value as JSON-like data: enums as their values, sets as sorted lists."""
-    value = getattr(value, "value", value) if not isinstance(value, (bool, int, float, str)) else value
     if isinstance(value, (set, frozenset)):
         return sorted(value)
-    return value
+    return value if isinstance(value, (bool, int, float, str)) else getattr(value, "value", value)
