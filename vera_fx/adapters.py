@@ -42,6 +42,19 @@ def _has_nodes(gm: GraphModule, name: str) -> bool:
                for g in graph_modules(gm) for n in g.graph.nodes)
 
 
+@contextmanager
+def _setting(gm: GraphModule, flag: str, value: object) -> Iterator[None]:
+    """Set one of the adapter set's flags for the block's work; put back the old value when it fails."""
+    flags = adapter_container(gm).flags
+    old = getattr(flags, flag)
+    setattr(flags, flag, value)
+    try:
+        yield
+    except Exception:
+        setattr(flags, flag, old)
+        raise
+
+
 def _bias_params(gm: GraphModule, state: AdapterState) -> list[nn.Parameter]:
     return [getattr(mod, attr) for mod, attr in bias_targets(gm, state).values()]
 
@@ -108,14 +121,9 @@ def set_adapter(gm: GraphModule, adapter_name: Union[str, Sequence[str]]) -> Non
     _check_names(gm, names)
     _check_not_merged(gm, sorted(set(active_adapters(gm)) ^ set(names)), "switch adapters")
     modules_to_save_owners(gm, names)
-    flags = adapter_container(gm).flags
-    old, before = flags.active, state_fingerprint(gm)
-    flags.active = names
-    try:
+    before = state_fingerprint(gm)
+    with _setting(gm, "active", names):
         _sync(gm, before)
-    except Exception:
-        flags.active = old
-        raise
     logger.info("active adapters: %s", names)
 
 
@@ -132,14 +140,8 @@ def add_adapter(gm: GraphModule, adapter_name: str, config: AdapterConfig) -> No
     if not any(SITE_KEY in n.meta for g in graph_modules(gm) for n in g.graph.nodes):
         passes.insert(0, MatchPass())
     had = list(adapters_of(gm).keys())
-    flags = adapter_container(gm).flags
-    old = flags.active
-    flags.active = active_adapters(gm) if had else None
-    try:
+    with _setting(gm, "active", active_adapters(gm) if had else None):
         run_passes(gm, passes)
-    except Exception:
-        flags.active = old
-        raise
     _sync(gm)
     logger.info("added adapter %r (%s)%s", adapter_name, type(config).__name__,
                 "" if not had else "; inactive until set_adapter")
@@ -234,12 +236,10 @@ def _set_disabled(gm: GraphModule, disabled: bool) -> None:
     if disabled:
         _check_not_merged(gm, active_adapters(gm), "disable adapters")
     before = state_fingerprint(gm)
-    flags = adapter_container(gm).flags
-    flags.disabled = disabled
     try:
-        _sync(gm, before)
+        with _setting(gm, "disabled", disabled):
+            _sync(gm, before)
     except Exception:
-        flags.disabled = not disabled
         _sync(gm)
         raise
 
@@ -256,21 +256,18 @@ def set_lowering(gm: GraphModule, lowering: Union[str, dict] = "auto", tokens: O
     for n in adapter_nodes(inner):
         if n.meta[ADAPTER_KEY].get("role") == "output" and n.meta[ADAPTER_KEY].get("adapter"):
             with_nodes.setdefault(n.meta[ADAPTER_KEY]["adapter"], set()).add(n.meta[ADAPTER_KEY]["site"])
-    flags = adapter_container(inner).flags
-    old = flags.lowering
     saved = [copy.deepcopy(g.graph) for g in graphs]
-    flags.lowering = setting
     order = [a for a in active_adapters(inner) if a in with_nodes] + [a for a in with_nodes
                                                                        if a not in active_adapters(inner)]
     try:
-        for name in order:
-            remove_adapter_nodes(inner, name, with_nodes[name])
-        for name in order:
-            emit_adapter(inner, name, with_nodes[name])
+        with _setting(inner, "lowering", setting):
+            for name in order:
+                remove_adapter_nodes(inner, name, with_nodes[name])
+            for name in order:
+                emit_adapter(inner, name, with_nodes[name])
     except Exception:
         for g, graph in zip(graphs, saved):
             g.graph = graph  # the setter recompiles
-        flags.lowering = old
         raise
     logger.info("set_lowering %r: re-emitted %s", setting["mode"], order)
     return gm
