@@ -70,8 +70,7 @@ def copy_codegen(source: Graph, target: Graph) -> None:
 
 
 def add_keyword_input(graph: Graph, name: str) -> None:
-    """Extend a pytree-calling graph's signature by the keyword input ``name`` (its last placeholder), so the
-    generated ``forward`` accepts it; a graph with plain positional calling needs nothing."""
+    """Extend a pytree-calling graph's signature by the keyword input ``name`` (its last placeholder)."""
     codegen = graph._codegen
     if not isinstance(codegen, _PyTreeCodeGen):
         return
@@ -111,8 +110,8 @@ class GeneratedCode:
 
 
 def replace_with_copy(gm: GraphModule) -> None:
-    """Give ``gm`` a copy of its Graph, without generating code (the code is the same); node tags under
-    ``vera_fx*`` keys are copied too, since passes edit them in place. The old Graph object stays untouched."""
+    """Give ``gm`` a copy of its Graph without generating code (the code is the same), with copies of the
+    ``vera_fx*`` node tags, which passes edit in place; the old Graph stays untouched."""
     graph = gm._graph
     new = Graph(tracer_cls=graph._tracer_cls)
     copied = new.graph_copy(graph, val_map={}, return_output_node=True)
@@ -136,8 +135,7 @@ def register_deepcopy_hook(gm: GraphModule, hook: Callable[[GraphModule], Any]) 
 
 
 def saved_tensors_hooks_active() -> bool:
-    """Whether autograd's saved tensors go through hooks now (checkpointing, offloading); True when this torch
-    cannot tell (the safe answer for its one caller)."""
+    """Whether autograd's saved tensors go through hooks now (checkpointing, offloading); True if unknown."""
     try:
         return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
     except (AttributeError, TypeError, RuntimeError):
@@ -145,8 +143,7 @@ def saved_tensors_hooks_active() -> bool:
 
 
 def backward_running() -> bool:
-    """Whether this thread runs inside a backward pass (a reentrant checkpoint's recompute); True when this
-    torch cannot tell."""
+    """Whether this thread runs inside a backward pass (a reentrant checkpoint's recompute); True if unknown."""
     try:
         return torch._C._current_graph_task_id() != -1
     except (AttributeError, TypeError, RuntimeError):
@@ -171,10 +168,9 @@ def eager_frame(fn: Callable[..., Any], reason: str) -> Callable[..., Any]:
 def copy_forward_hook(source: nn.Module, target: nn.Module, key: int) -> None:
     """Register ``source``'s forward hook ``key`` on ``target`` too, with its kwargs / always-called flags."""
     target._forward_hooks[key] = source._forward_hooks[key]
-    if key in source._forward_hooks_with_kwargs:
-        target._forward_hooks_with_kwargs[key] = True
-    if key in source._forward_hooks_always_called:
-        target._forward_hooks_always_called[key] = True
+    for flags in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+        if key in getattr(source, flags):
+            getattr(target, flags)[key] = True
 
 
 def call_impl(module: nn.Module, *args: Any, **kwargs: Any) -> Any:

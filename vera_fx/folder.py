@@ -32,9 +32,8 @@ DIGEST_KEY = "vera_fx_sha256"  # safetensors metadata: sha256 of the data sectio
 # "extras moved", "old removed"): the fault tests kill the saving process there.
 STEP_HOOKS: list[Callable[[str], None]] = []
 
-SAFETENSORS_DTYPES: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
-                                      "I8": 1, "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1,
-                                      "F8_E4M3": 1, "F8_E5M2": 1}
+SAFETENSORS_DTYPES: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                                      "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the header's length
 _HINT = "the file is truncated or corrupted: save the adapter again"
 

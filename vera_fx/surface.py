@@ -30,16 +30,13 @@ logger = logging.getLogger(__name__)
 def count_parameters(module: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter counts as PEFT reports them: shared tensors once, buffers not at all, and a
     4-bit bitsandbytes weight as the parameters it packs (two per byte of its storage type)."""
-    trainable = total = 0
-    for p in module.parameters():
-        n = p.numel()
-        if p.__class__.__name__ == "Params4bit":
-            storage = getattr(p, "quant_storage", None)
-            n *= 2 * (storage.itemsize if isinstance(storage, torch.dtype) else 1)
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return trainable, total
+    def size(p: nn.Parameter) -> int:
+        storage = getattr(p, "quant_storage", None)
+        packed = 2 * (storage.itemsize if isinstance(storage, torch.dtype) else 1)
+        return p.numel() * (packed if p.__class__.__name__ == "Params4bit" else 1)
+
+    sizes = [(size(p), p.requires_grad) for p in module.parameters()]
+    return sum(n for n, trains in sizes if trains), sum(n for n, _ in sizes)
 
 
 def check_is_trainable(is_trainable: Any) -> bool:
@@ -82,7 +79,8 @@ class PeftSurface:
         kwargs.setdefault("model", self._base_model)
         return generate(self, input_ids, attention_mask, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None,
+                                      **kwargs: Any) -> None:
         """Checkpoint every block call of every graph, also those captured later (a model without blocks raises
         ValueError). ``gradient_checkpointing_kwargs`` are ignored: blocks always use non-reentrant checkpointing."""
         blockwise.gradient_checkpointing_enable(self._source)
