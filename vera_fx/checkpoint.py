@@ -58,9 +58,10 @@ def _incoming(state_dict: dict[str, Any], adapter_name: str, projection_keys: di
     return incoming
 
 
-def _check_values(incoming: dict[str, Any], targets: dict[str, tuple[nn.Module, str]],
-                  projection_keys: dict[str, str], peers: list[str]) -> list[str]:
-    """The problems of each incoming value against what it replaces (type, shape, dtype)."""
+def _check_values(state: Any, incoming: dict[str, Any], targets: dict[str, tuple[nn.Module, str]],
+                  projection_keys: dict[str, str], peers: list[str], adapter_name: str, source: str) -> None:
+    """ValueError naming the incoming values that do not fit what they replace (type, shape, dtype), then one
+    for projections shared with ``peers`` that differ from the shared ones (checked, never written)."""
     bad = []
     for key, value in incoming.items():
         mod, attr = targets[key]
@@ -74,12 +75,9 @@ def _check_values(incoming: dict[str, Any], targets: dict[str, tuple[nn.Module, 
             bad.append(f"{key}: shape {tuple(value.shape)} in the checkpoint, {tuple(current.shape)} on the graph")
         elif not value.is_floating_point():
             bad.append(f"{key}: dtype {value.dtype} is not a floating dtype")
-    return bad
-
-
-def _check_shared(state: Any, incoming: dict[str, Any], projection_keys: dict[str, str], peers: list[str],
-                  adapter_name: str, source: str) -> None:
-    """Projections shared with ``peers`` load only when equal to the shared ones (checked, never written)."""
+    if bad:
+        raise ValueError(f"{source}: does not fit adapter {adapter_name!r}: " + "; ".join(bad[:5]) +
+                         (" ..." if len(bad) > 5 else "") + ". Check r and the model the adapter was trained on")
     for key, attr in projection_keys.items():
         if key in incoming and peers:
             value = incoming[key]
@@ -114,11 +112,7 @@ def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
                          f"{_fmt_keys(missing)}, unexpected keys: {_fmt_keys(unexpected)}. Check target_modules, "
                          "modules_to_save, bias and the model")
     peers = [n for n, s in getattr(gm, CONTAINER).items() if n != adapter_name and s.method_name == state.method_name]
-    bad = _check_values(incoming, targets, projection_keys, peers)
-    if bad:
-        raise ValueError(f"{source}: does not fit adapter {adapter_name!r}: " + "; ".join(bad[:5]) +
-                         (" ..." if len(bad) > 5 else "") + ". Check r and the model the adapter was trained on")
-    _check_shared(state, incoming, projection_keys, peers, adapter_name, source)
+    _check_values(state, incoming, targets, projection_keys, peers, adapter_name, source)
     merged = sorted(adapter_flags(gm).merged)
     if base_keys and merged:
         raise ValueError(f"{source}: holds base weights ({_fmt_keys(sorted(base_keys))}) but sites {merged[:3]} are "
