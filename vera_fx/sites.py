@@ -88,9 +88,7 @@ def module_path(node: Node) -> tuple[str, str]:
     if not stack:
         return "", ""
     path, typ = list(stack.values())[-1]
-    path = path.split("@")[0]
-    if path.startswith("L['self']"):
-        path = path[len("L['self']"):].lstrip(".")
+    path = path.split("@")[0].removeprefix("L['self']").lstrip(".")
     typ = typ if isinstance(typ, str) else f"{typ.__module__}.{typ.__qualname__}"
     return path, typ.rsplit(".", 1)[-1]
 
@@ -136,8 +134,7 @@ def block_groups(gm: GraphModule) -> dict[int, list[GraphModule]]:
 
 
 def adapter_nodes(gm: GraphModule, site: Optional[str] = None, adapter: Optional[str] = None) -> list[Node]:
-    """Nodes that adapters added (in every graph of the tree), optionally only those of one site and/or
-    adapter."""
+    """Nodes that adapters added (in every graph of the tree), optionally of one site and/or adapter only."""
     return [n for g in graph_modules(gm) for n in g.graph.nodes if (tag := n.meta.get(ADAPTER_KEY)) is not None
             and site in (None, tag.get("site")) and adapter in (None, tag.get("adapter"))]
 
