@@ -1,11 +1,8 @@
 """Several adapters on one graph: add, switch, delete and disable them without re-capture.
 
-Switching rewrites the graph: an inactive adapter has no nodes (``remove_adapter_nodes``) and an active one
-gets them back (``emit_adapter``), so inactive adapters cost nothing at run time and ``torch.compile`` sees a
-plain graph (a switch recompiles it; it never graph-breaks). Several active adapters add up, as in PEFT.
-
-The state these functions switch (active list, disabled flag, shared projections, ``modules_to_save`` copies,
-trained biases) lives in vera_fx/state.py, below the passes; its readers are re-exported here.
+An inactive adapter has no nodes, so it costs nothing at run time and ``torch.compile`` sees a plain graph (a
+switch to a state not seen before recompiles; none graph-breaks). Active adapters add up, as in PEFT. The
+state switched here lives in vera_fx/state.py, below the passes.
 """
 
 from __future__ import annotations
@@ -26,11 +23,9 @@ from .passes.inject import InjectPass, emit_adapter, remove_adapter_nodes
 from .passes.lower import check_lowering
 from .passes.match import MatchPass
 from .passes.pipeline import run_passes
-from .sites import ADAPTER_KEY, SITE_KEY, as_graph_module, graph_modules
+from .sites import ADAPTER_KEY, SITE_KEY, adapter_nodes, as_graph_module, graph_modules
 from .state import (adapters_of, active_adapters, adapter_container, adapters_disabled, bias_targets, detach_state,
                     merged_adapters, modules_to_save_owners, mutation, resolve_modules_to_save, route_modules_to_save)
-
-# active_adapters ... modules_to_save_copy live in vera_fx/state.py (below the passes) and stay importable here.
 
 logger = logging.getLogger(__name__)
 
@@ -47,35 +42,39 @@ def _has_nodes(gm: GraphModule, name: str) -> bool:
                for g in graph_modules(gm) for n in g.graph.nodes)
 
 
-# --- switching -------------------------------------------------------------------------------------------------
+@contextmanager
+def _setting(gm: GraphModule, flag: str, value: object) -> Iterator[None]:
+    """Set one of the adapter set's flags for the block's work; put back the old value when it fails."""
+    flags = adapter_container(gm).flags
+    old = getattr(flags, flag)
+    setattr(flags, flag, value)
+    try:
+        yield
+    except Exception:
+        setattr(flags, flag, old)
+        raise
+
 
 def _bias_params(gm: GraphModule, state: AdapterState) -> list[nn.Parameter]:
     return [getattr(mod, attr) for mod, attr in bias_targets(gm, state).values()]
 
 
 def _sync(gm: GraphModule, before: Optional[tuple] = None) -> None:
-    """Make the graph and ``requires_grad`` follow the active list and the disabled flag. The graph tree's
-    version for the new state is put back when it was built before (``GraphVersions``: no re-emission, no code
-    generation); ``before`` is the state key the tree was built for (``state_fingerprint`` before the change)."""
+    """Make the graph and ``requires_grad`` follow the active list and the disabled flag; a tree built before for
+    the new state is put back (``GraphVersions``). ``before``: ``state_fingerprint`` before the change."""
     container = adapters_of(gm)
     active = active_adapters(gm)
     live = [] if adapters_disabled(gm) else active
     modules_to_save_owners(gm, live)  # conflicts raise before anything changes
     adapter_container(gm).versions.switch(gm, graph_modules(gm), before, state_fingerprint(gm),
                                           lambda: _emit_live(gm, live))
-    trainable_bias: set[int] = set()
-    for name in active:
-        state = container[name]
-        if state.config.bias != "none":
-            trainable_bias |= {id(p) for p in _bias_params(gm, state)}
+    trainable_bias = {id(p) for name in active if container[name].config.bias != "none"
+                      for p in _bias_params(gm, container[name])}
     for name, state in container.items():
         on = name in active
-        for p in state.lambda_parameters():
-            p.requires_grad_(on)
         mts = getattr(state, "modules_to_save", None)
-        if mts is not None:
-            for p in mts.parameters():
-                p.requires_grad_(on)
+        for p in [*state.lambda_parameters(), *(mts.parameters() if mts is not None else ())]:
+            p.requires_grad_(on)
         if state.config.bias != "none":
             for p in _bias_params(gm, state):
                 p.requires_grad_(id(p) in trainable_bias)
@@ -83,9 +82,7 @@ def _sync(gm: GraphModule, before: Optional[tuple] = None) -> None:
 
 def _emit_live(gm: GraphModule, live: list[str]) -> None:
     """Give the graph tree the nodes of exactly the live adapters that are not merged."""
-    container = adapters_of(gm)
-    merged = merged_adapters(gm)
-    changed = False
+    container, merged, changed = adapters_of(gm), merged_adapters(gm), False
     missing = [n for n in live if n not in merged and not _has_nodes(gm, n)]
     leaving = [n for n in container if n not in merged and n not in live and _has_nodes(gm, n)]
     for name in container:
@@ -113,11 +110,7 @@ def _check_names(gm: GraphModule, names: Sequence[str]) -> None:
 
 @mutation
 def set_adapter(gm: GraphModule, adapter_name: Union[str, Sequence[str]]) -> None:
-    """Make ``adapter_name`` (one name or a list) the active adapters; several active adapters add up.
-
-    Only the active adapters' lambdas (and ``modules_to_save`` copies) are trainable. No re-capture: the
-    graph's adapter nodes are rewritten and the GraphModule recompiled.
-    """
+    """Make ``adapter_name`` (one name or a list: they add up) the active adapters, the only ones trainable."""
     gm = as_graph_module(gm, "set_adapter")
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name) \
         if isinstance(adapter_name, (list, tuple)) else []
@@ -126,30 +119,20 @@ def set_adapter(gm: GraphModule, adapter_name: Union[str, Sequence[str]]) -> Non
     if len(set(names)) != len(names):
         raise ValueError(f"adapter_name={names!r} names an adapter twice")
     _check_names(gm, names)
-    before = active_adapters(gm)
-    _check_not_merged(gm, sorted(set(before) ^ set(names)), "switch adapters")
+    _check_not_merged(gm, sorted(set(active_adapters(gm)) ^ set(names)), "switch adapters")
     modules_to_save_owners(gm, names)
-    flags = adapter_container(gm).flags
-    old = flags.active
     before = state_fingerprint(gm)
-    flags.active = names
-    try:
+    with _setting(gm, "active", names):
         _sync(gm, before)
-    except Exception:
-        flags.active = old
-        raise
     logger.info("active adapters: %s", names)
 
 
 @mutation
 def add_adapter(gm: GraphModule, adapter_name: str, config: AdapterConfig) -> None:
-    """Add adapter ``adapter_name`` with ``config`` to a transformed graph, without re-capture.
-
-    As in PEFT, the new adapter is inactive when the graph already has one (``set_adapter`` activates it);
-    it shares the existing adapters' projections (see ``shared_projections`` for the rules).
-    """
+    """Add adapter ``adapter_name`` with ``config`` (ours or PEFT's), without re-capture. As in PEFT it is
+    inactive when the graph already has one; it shares the existing adapters' projections."""
     gm = as_graph_module(gm, "add_adapter")
-    config = as_config(config)  # ours, or PEFT's read by its fields
+    config = as_config(config)
     method_for(config)
     if config.modules_to_save:
         resolve_modules_to_save(gm, config.modules_to_save)  # fail before anything changes
@@ -157,15 +140,8 @@ def add_adapter(gm: GraphModule, adapter_name: str, config: AdapterConfig) -> No
     if not any(SITE_KEY in n.meta for g in graph_modules(gm) for n in g.graph.nodes):
         passes.insert(0, MatchPass())
     had = list(adapters_of(gm).keys())
-    flags = adapter_container(gm).flags
-    old = flags.active
-    # the new adapter stays out of the active list; the first adapter is active
-    flags.active = active_adapters(gm) if had else None
-    try:
+    with _setting(gm, "active", active_adapters(gm) if had else None):
         run_passes(gm, passes)
-    except Exception:
-        flags.active = old
-        raise
     _sync(gm)
     logger.info("added adapter %r (%s)%s", adapter_name, type(config).__name__,
                 "" if not had else "; inactive until set_adapter")
@@ -173,11 +149,8 @@ def add_adapter(gm: GraphModule, adapter_name: str, config: AdapterConfig) -> No
 
 @mutation
 def delete_adapter(gm: GraphModule, adapter_name: str) -> None:
-    """Remove adapter ``adapter_name``: its nodes, lambdas and ``modules_to_save`` copies.
-
-    The other adapters keep their values and their active state. Biases it trained (bias='all' /
-    '<method>_only') keep their trained values, as in PEFT, and are frozen again.
-    """
+    """Remove adapter ``adapter_name`` (nodes, lambdas, ``modules_to_save`` copies); biases it trained keep
+    their values, as in PEFT, and are frozen again."""
     gm = as_graph_module(gm, "delete_adapter")
     _check_names(gm, [adapter_name])
     _check_not_merged(gm, [adapter_name], f"delete adapter {adapter_name!r}")
@@ -222,34 +195,28 @@ def remove_adapter(gm: GraphModule, adapter_name: str) -> None:
 
 
 def set_adapters_disabled(gm: GraphModule, disabled: bool) -> None:
-    """Disable (``True``) or enable (``False``) every adapter until the next call: the lasting form of
-    ``disable_adapters`` (PEFT's ``disable_adapter_layers`` / ``enable_adapter_layers``). The active list is
-    kept; trained biases stay (as in PEFT, with a warning)."""
+    """Disable (``True``) or enable (``False``) every adapter until the next call, keeping the active list:
+    PEFT's ``disable_adapter_layers`` / ``enable_adapter_layers``. Trained biases stay (with a warning)."""
     gm = as_graph_module(gm, "set_adapters_disabled")
     if not isinstance(disabled, bool):
         raise TypeError(f"disabled={disabled!r}: expected True or False")
     if disabled == adapters_disabled(gm):
         return
-    biased = _biased(gm) if disabled else []
-    if biased:
-        warnings.warn(f"adapters {biased} train biases; disabling adapters keeps the trained biases, so outputs "
-                      "are not the base model's", UserWarning, stacklevel=2)
+    if disabled and _bias_note(gm):
+        warnings.warn(_bias_note(gm), UserWarning, stacklevel=2)
     _set_disabled(gm, disabled)
     logger.info("adapters %s", "disabled" if disabled else "enabled")
 
 
 @contextmanager
 def disable_adapters(gm: GraphModule) -> Iterator[GraphModule]:
-    """Inside the block the graph computes the base model: adapter nodes are removed and ``modules_to_save``
-    reads the base parameters; on exit the active adapters come back. Trained biases stay (as in PEFT)."""
+    """Inside the block the graph computes the base model (trained biases stay, as in PEFT)."""
     gm = as_graph_module(gm, "disable_adapters")
     if adapters_disabled(gm):
         yield gm
         return
-    biased = _biased(gm)
-    if biased:
-        logger.warning("adapters %s train biases; disabling adapters keeps the trained biases, so outputs are not "
-                       "the base model's", biased)
+    if _bias_note(gm):
+        logger.warning(_bias_note(gm))
     _set_disabled(gm, True)
     try:
         yield gm
@@ -257,60 +224,50 @@ def disable_adapters(gm: GraphModule) -> Iterator[GraphModule]:
         _set_disabled(gm, False)
 
 
-def _biased(gm: GraphModule) -> list[str]:
-    """The active adapters that train biases (disabling keeps the trained values)."""
-    return [n for n in active_adapters(gm) if adapters_of(gm)[n].config.bias != "none"]
+def _bias_note(gm: GraphModule) -> str:
+    """The warning that the active adapters train biases, which disabling keeps ('' when none does)."""
+    biased = [n for n in active_adapters(gm) if adapters_of(gm)[n].config.bias != "none"]
+    return f"adapters {biased} train biases; disabling adapters keeps the trained biases, so outputs are not " \
+        "the base model's" if biased else ""
 
 
 @mutation
 def _set_disabled(gm: GraphModule, disabled: bool) -> None:
-    """Set the disabled flag and make the graph follow it (merged adapters cannot be disabled)."""
     if disabled:
         _check_not_merged(gm, active_adapters(gm), "disable adapters")
     before = state_fingerprint(gm)
-    flags = adapter_container(gm).flags
-    flags.disabled = disabled
     try:
-        _sync(gm, before)
+        with _setting(gm, "disabled", disabled):
+            _sync(gm, before)
     except Exception:
-        flags.disabled = not disabled
         _sync(gm)
         raise
 
 
-# --- lowering --------------------------------------------------------------------------------------------------
-
 @mutation
 def set_lowering(gm: GraphModule, lowering: Union[str, dict] = "auto", tokens: Optional[int] = None) -> GraphModule:
-    """Choose how the adapters are computed in a step: ``"auto"``, ``"activation"``, ``"lean"``, ``"weight"`` or
-    ``{site name: mode}`` (others ``auto``), with ``tokens`` per step for the cost model (vera_fx/passes/lower.py).
-
-    Every adapter with nodes is re-emitted under the new setting (outputs are unchanged up to float rounding; torch.compile
-    recompiles). The setting belongs to the graph, never to an adapter's config. Returns ``gm``.
-    """
+    """Choose how the adapters are computed: ``"auto"``, ``"activation"``, ``"lean"``, ``"weight"`` or
+    ``{site name: mode}`` (others ``auto``), ``tokens`` per step for the cost model (vera_fx/passes/lower.py).
+    Every adapter with nodes is re-emitted (outputs equal up to rounding). Returns ``gm``."""
     inner = as_graph_module(gm, "set_lowering")
     setting = check_lowering(lowering, tokens)
     with_nodes: dict[str, set[str]] = {}
-    graphs = graph_modules(inner)  # the root and its blocks
-    for n in (n for g in graphs for n in g.graph.nodes):
-        tag = n.meta.get(ADAPTER_KEY)
-        if tag and tag.get("role") == "output" and tag.get("adapter"):
-            with_nodes.setdefault(tag["adapter"], set()).add(tag["site"])
-    flags = adapter_container(inner).flags
-    old = flags.lowering
+    graphs = graph_modules(inner)
+    for n in adapter_nodes(inner):
+        if n.meta[ADAPTER_KEY].get("role") == "output" and n.meta[ADAPTER_KEY].get("adapter"):
+            with_nodes.setdefault(n.meta[ADAPTER_KEY]["adapter"], set()).add(n.meta[ADAPTER_KEY]["site"])
     saved = [copy.deepcopy(g.graph) for g in graphs]
-    flags.lowering = setting
     order = [a for a in active_adapters(inner) if a in with_nodes] + [a for a in with_nodes
                                                                        if a not in active_adapters(inner)]
     try:
-        for name in order:
-            remove_adapter_nodes(inner, name, with_nodes[name])
-        for name in order:
-            emit_adapter(inner, name, with_nodes[name])
+        with _setting(inner, "lowering", setting):
+            for name in order:
+                remove_adapter_nodes(inner, name, with_nodes[name])
+            for name in order:
+                emit_adapter(inner, name, with_nodes[name])
     except Exception:
         for g, graph in zip(graphs, saved):
             g.graph = graph  # the setter recompiles
-        flags.lowering = old
         raise
     logger.info("set_lowering %r: re-emitted %s", setting["mode"], order)
     return gm

@@ -1,12 +1,8 @@
 """Adapter checkpoints in PEFT's layout: adapter_model.safetensors + adapter_config.json.
 
-Our parameter names map to PEFT's keys by a rename (vera_fx/peft_keys.py). Under FSDP2 the tensors are
-gathered to full ones on every rank (``adapter_state_dict`` is a collective).
-
-A folder is written all at once (vera_fx/folder.py: both files into a fresh sibling folder, then swapped in)
-and read as one version, with safetensors only (nothing is unpickled). Loading checks the folder, the JSON,
-the safetensors header, every value (finite), the config's r against the shapes (vera_fx/limits.py) and every
-key and shape before it changes anything.
+Keys map to PEFT's by a rename (vera_fx/peft_keys.py); a folder is written all at once and read as one version
+(vera_fx/folder.py), safetensors only. Loading checks the folder, the JSON, the header, every value (finite),
+r against the shapes (vera_fx/limits.py) and every key and shape before it changes anything.
 """
 
 from __future__ import annotations
@@ -48,14 +44,8 @@ def _fmt_keys(keys: list[str]) -> str:
     return f"{keys[:5] or 'none'}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
 
 
-def _leading_slice(value: torch.Tensor, current: torch.Tensor) -> bool:
-    """``value`` has the shape of a leading corner of ``current`` (same rank, no dimension larger)."""
-    return value.dim() == current.dim() and all(a <= b for a, b in zip(value.shape, current.shape))
-
-
 def _incoming(state_dict: dict[str, Any], adapter_name: str, projection_keys: dict[str, str]) -> dict[str, Any]:
-    """``state_dict`` under our key names (PEFT's prefixes and in-memory adapter suffixes dropped), DTensor
-    shards gathered to their full tensors (a collective)."""
+    """``state_dict`` under our key names (PEFT's in-memory adapter suffixes dropped), DTensors gathered."""
     incoming: dict[str, Any] = {}
     for key, value in state_dict.items():
         norm = normalise_peft_key(str(key))
@@ -68,27 +58,26 @@ def _incoming(state_dict: dict[str, Any], adapter_name: str, projection_keys: di
     return incoming
 
 
-def _check_values(incoming: dict[str, Any], targets: dict[str, tuple[nn.Module, str]],
-                  projection_keys: dict[str, str], peers: list[str]) -> list[str]:
-    """The problems of each incoming value against what it replaces (type, shape, dtype)."""
+def _check_values(state: Any, incoming: dict[str, Any], targets: dict[str, tuple[nn.Module, str]],
+                  projection_keys: dict[str, str], peers: list[str], adapter_name: str, source: str) -> None:
+    """ValueError naming the incoming values that do not fit what they replace (type, shape, dtype), then one
+    for projections shared with ``peers`` that differ from the shared ones (checked, never written)."""
     bad = []
     for key, value in incoming.items():
         mod, attr = targets[key]
         current = getattr(mod, attr)
         if not isinstance(value, torch.Tensor):
             bad.append(f"{key}: not a tensor ({type(value).__name__})")
-        elif key in projection_keys and peers and _leading_slice(value, current):
+        elif key in projection_keys and peers and value.dim() == current.dim() and \
+                all(a <= b for a, b in zip(value.shape, current.shape)):
             pass  # PEFT drew this adapter's own projections for its smaller layers: the shared ones' corner
         elif tuple(value.shape) != tuple(current.shape):
             bad.append(f"{key}: shape {tuple(value.shape)} in the checkpoint, {tuple(current.shape)} on the graph")
         elif not value.is_floating_point():
             bad.append(f"{key}: dtype {value.dtype} is not a floating dtype")
-    return bad
-
-
-def _check_shared(state: Any, incoming: dict[str, Any], projection_keys: dict[str, str], peers: list[str],
-                  adapter_name: str, source: str) -> None:
-    """Projections shared with ``peers`` load only when equal to the shared ones (checked, never written)."""
+    if bad:
+        raise ValueError(f"{source}: does not fit adapter {adapter_name!r}: " + "; ".join(bad[:5]) +
+                         (" ..." if len(bad) > 5 else "") + ". Check r and the model the adapter was trained on")
     for key, attr in projection_keys.items():
         if key in incoming and peers:
             value = incoming[key]
@@ -101,8 +90,7 @@ def _check_shared(state: Any, incoming: dict[str, Any], projection_keys: dict[st
 
 def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
               source: str) -> tuple[list[tuple[nn.Module, str, torch.Tensor, bool]], list[str]]:
-    """Check ``state_dict`` against the adapter and return the copies to make and the projection keys it
-    lacks; ValueError naming every problem, before anything changes."""
+    """The copies to make and the projection keys ``state_dict`` lacks; ValueError naming every problem."""
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
     state = adapter_state(gm, adapter_name)
@@ -124,11 +112,7 @@ def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
                          f"{_fmt_keys(missing)}, unexpected keys: {_fmt_keys(unexpected)}. Check target_modules, "
                          "modules_to_save, bias and the model")
     peers = [n for n, s in getattr(gm, CONTAINER).items() if n != adapter_name and s.method_name == state.method_name]
-    bad = _check_values(incoming, targets, projection_keys, peers)
-    if bad:
-        raise ValueError(f"{source}: does not fit adapter {adapter_name!r}: " + "; ".join(bad[:5]) +
-                         (" ..." if len(bad) > 5 else "") + ". Check r and the model the adapter was trained on")
-    _check_shared(state, incoming, projection_keys, peers, adapter_name, source)
+    _check_values(state, incoming, targets, projection_keys, peers, adapter_name, source)
     merged = sorted(adapter_flags(gm).merged)
     if base_keys and merged:
         raise ValueError(f"{source}: holds base weights ({_fmt_keys(sorted(base_keys))}) but sites {merged[:3]} are "
@@ -141,10 +125,9 @@ def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
 @mutation
 def apply_plan(gm: GraphModule, plan: list[tuple[nn.Module, str, torch.Tensor, bool]],
                adapter_names: Sequence[str] = ()) -> None:
-    """Copy adapter tensors in place; install base weights as new tensors of the graph (every slot that holds
-    the same tensor, so tied weights stay tied), never writing into the storage the graph shares with the
-    user's model. When one of ``adapter_names`` (the adapters written) is merged, the merge is undone first and
-    redone after, so the weights carry the new values (and on failure the old ones)."""
+    """Copy adapter tensors in place; base weights become new tensors in every slot holding the old one (tied
+    weights stay tied; the user's model is never written). A merged adapter of ``adapter_names`` is unmerged
+    first and merged again after, so the weights carry the new values (on failure the old ones)."""
     merged = merged_adapters(gm)
     if not merged & set(adapter_names):
         _apply_plan(gm, plan)
@@ -180,38 +163,24 @@ def _apply_plan(gm: GraphModule, plan: list[tuple[nn.Module, str, torch.Tensor, 
             new = nn.Parameter(data, requires_grad=current.requires_grad) if isinstance(current, nn.Parameter) \
                 else data
             for owner, leaf in slots.get(id(current), [(mod, attr)]):
-                if leaf in owner._parameters:
-                    owner._parameters[leaf] = new
-                else:
-                    owner._buffers[leaf] = new
+                (owner._parameters if leaf in owner._parameters else owner._buffers)[leaf] = new
 
 
 @mutation
 def load_adapter_state_dict(gm: GraphModule, state_dict: dict[str, torch.Tensor],
                             adapter_name: str = "default") -> None:
-    """Copy ``state_dict`` (PEFT's keys) into the adapter; every key and shape is checked first.
-
-    Missing or unexpected keys and shape mismatches raise ValueError naming them; nothing changes then.
-    Projections may be absent (the adapter keeps those regenerated from ``projection_prng_key``).
-    """
+    """Copy ``state_dict`` (PEFT's keys) into the adapter, every key and shape checked first (ValueError naming
+    them; nothing changes then). Without projections the adapter keeps those from ``projection_prng_key``."""
     gm = as_graph_module(gm, "load_adapter_state_dict")
-    plan, missing_proj = plan_load(gm, state_dict, adapter_name, "state dict")
-    state = adapter_state(gm, adapter_name)
-    if missing_proj and state.config.save_projection:
-        logger.warning("adapter %r: the state dict has no %s; keeping the projections regenerated from "
-                       "projection_prng_key=%d", adapter_name, missing_proj, state.config.projection_prng_key)
-    apply_plan(gm, plan, [adapter_name])
+    load_checked(gm, adapter_name, adapter_state(gm, adapter_name).config, state_dict, "state dict", file=False)
 
 
 # --- files ---------------------------------------------------------------------------------------------------
 
 def peft_target_modules(gm: GraphModule, state: AdapterState) -> Union[list[str], str]:
-    """``target_modules`` for adapter_config.json that PEFT resolves to exactly the adapter's sites.
-
-    The config's own value when PEFT's rules select the same modules; otherwise (our extensions: a target
-    naming a container module, default targets PEFT lacks, 'all-linear', which PEFT also writes expanded) the
-    sorted list of the adapted module paths, which PEFT matches exactly whatever ``layers_to_transform`` says.
-    """
+    """``target_modules`` for adapter_config.json that PEFT resolves to exactly the adapter's sites: the config's
+    own value when PEFT's rules select the same modules, else (our extensions, 'all-linear', which PEFT also
+    writes expanded) the sorted adapted paths, which PEFT matches whatever ``layers_to_transform`` says."""
     sites = set(state.site_names)
     info = model_info(gm)
     targets = state.config.target_modules
@@ -247,8 +216,8 @@ def peft_config_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str
 
 
 def _standalone_projections_differ(gm: GraphModule, state: AdapterState) -> bool:
-    """True when the adapter's projections are not what its config's PRNG key gives it on its own (it shares
-    sliced projections with a larger adapter), so a checkpoint without them would not rebuild it."""
+    """True when the adapter's projections are not what its PRNG key gives it alone (it shares a larger
+    adapter's), so a checkpoint without them would not rebuild it."""
     sites = [s for s in read_sites(gm) if s.name in set(state.site_names)]
     if not sites:
         return False
@@ -263,17 +232,10 @@ def _standalone_projections_differ(gm: GraphModule, state: AdapterState) -> bool
 
 def save_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "default", *,
                  is_main_process: Optional[bool] = None) -> None:
-    """Write ``adapter_name`` to ``directory`` as PEFT does: adapter_model.safetensors and adapter_config.json.
-
-    ``peft.PeftModel.from_pretrained(base_model, directory)`` loads it. With ``save_projection=False`` the
-    shared projections are left out. Both files are written into a fresh sibling folder that then replaces
-    ``directory`` whole (vera_fx/folder.py): a reader finds the old pair or the new one, never a mix.
-
-    Distributed (vera_fx.distributed): DDP or single-device state needs no collective: call it on rank 0
-    only, or on every rank (rank 0 writes unless ``is_main_process`` says otherwise). A sharded graph
-    (FSDP2 DTensors, an FSDP1 wrapper) gathers its full tensors, a collective: call it on every rank with
-    ``is_main_process=(rank == 0)``; without that keyword it raises ValueError at once instead of hanging.
-    """
+    """Write ``adapter_name`` to ``directory`` as PEFT does (``PeftModel.from_pretrained`` loads it), both files
+    at once (vera_fx/folder.py); ``save_projection=False`` leaves the projections out. Unsharded state saves
+    from any rank (rank 0 writes unless ``is_main_process`` says otherwise); a sharded graph gathers its
+    tensors, a collective: call it on every rank with ``is_main_process=(rank == 0)``."""
     wrapper, gm = gm, unwrap_parallel(gm)  # a DDP / FSDP1 wrapper first, then the model object or compile
     gm = as_graph_module(gm, "save_adapter")
     state = adapter_state(gm, adapter_name)
@@ -313,8 +275,7 @@ def _read_config(data: bytes, path: Path) -> AdapterConfig:
 
 
 def read_weights(path: PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of one safetensors file (a Trainer checkpoint's model.safetensors), checked as
-    ``read_checkpoint`` checks an adapter's."""
+    """The tensors of one safetensors file (a Trainer checkpoint's model.safetensors), checked."""
     try:
         with open(path, "rb") as f:
             return read_safetensors(f, str(path))
@@ -323,11 +284,8 @@ def read_weights(path: PathLike) -> dict[str, torch.Tensor]:
 
 
 def read_checkpoint(directory: PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-    """The config and tensors of a PEFT / vera_fx adapter folder, checked; ValueError naming any problem.
-
-    Both files come from one version of the folder (a save running meanwhile cannot mix two); the
-    safetensors header is checked before the data is read, every value must be finite, and the config's r must
-    fit the tensors' shapes."""
+    """The config and tensors of a PEFT / vera_fx adapter folder, both of one version, checked (header before
+    data, finite values, r against the shapes); ValueError naming any problem."""
     path = Path(directory)
     if path.is_file():
         raise ValueError(f"{str(path)!r} is a file, not an adapter folder (one holding {CONFIG_NAME} and "
@@ -348,11 +306,16 @@ def read_checkpoint(directory: PathLike) -> tuple[AdapterConfig, dict[str, torch
 
 
 def load_checked(gm: GraphModule, adapter_name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor],
-                  source: str) -> None:
-    """Check then copy ``tensors`` into the adapter, with PEFT's rules for absent projections."""
+                 source: str, file: bool = True) -> None:
+    """Check then copy ``tensors`` into the adapter, with PEFT's rules for absent projections (a state dict,
+    ``file=False``, may lack them)."""
     plan, missing_proj = plan_load(gm, tensors, adapter_name, source)
     state = adapter_state(gm, adapter_name)
-    if missing_proj and config.save_projection:
+    if missing_proj and not file:
+        if config.save_projection:
+            logger.warning("adapter %r: the state dict has no %s; keeping the projections regenerated from "
+                           "projection_prng_key=%d", adapter_name, missing_proj, config.projection_prng_key)
+    elif missing_proj and config.save_projection:
         raise ValueError(f"{source}: save_projection=True but the file has no {missing_proj}; the checkpoint is "
                          "incomplete: save it again")
     if missing_proj:
@@ -368,12 +331,9 @@ def load_checked(gm: GraphModule, adapter_name: str, config: AdapterConfig, tens
 
 @mutation
 def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "default") -> None:
-    """Load the adapter saved in ``directory`` (by vera_fx or PEFT) into ``adapter_name`` of ``gm``.
-
-    When ``gm`` has no adapter of that name it is added first from the saved config (``add_adapter``: it is
-    then inactive when the graph already had an adapter; ``set_adapter`` activates it). Everything is checked
-    before anything changes; on any error the graph is left as it was.
-    """
+    """Load the adapter saved in ``directory`` (by vera_fx or PEFT) into ``adapter_name`` of ``gm``, adding it
+    from the saved config when missing (inactive if the graph had an adapter, as ``add_adapter``). Everything
+    is checked first; on any error the graph is left as it was."""
     gm = as_graph_module(gm, "load_adapter")
     config, tensors = read_checkpoint(directory)
     source = str(Path(directory) / WEIGHTS_NAME)

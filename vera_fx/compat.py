@@ -1,12 +1,9 @@
 """What differs between the torch releases vera_fx supports, and every private torch / bitsandbytes name it uses.
 
-Layer 0: imports torch and the standard library only (bitsandbytes, an optional extra, inside the one function
-that needs it). The library reaches private names through here, so a release that moves one is fixed in one
-file and ``scripts/test-torch.sh VERSION`` tells which. Where torch has a public API the library uses that.
-
-Kept in the library itself, as torch's long-stable internals: ``nn.Module``'s ``_parameters`` / ``_buffers`` /
-``_modules`` dicts and ``_apply`` override, ``Tensor._version`` / ``Tensor._base``, and the aten overloads that
-export's IR holds (``aten._to_copy``, ``aten._assert_tensor_metadata``).
+Layer 0: torch and the standard library only (bitsandbytes inside the one function that needs it). A release
+that moves a private name is fixed here; ``scripts/test-torch.sh VERSION`` tells which. Long-stable internals
+stay in the library: ``nn.Module``'s ``_parameters`` / ``_buffers`` / ``_modules`` and ``_apply``,
+``Tensor._version`` / ``_base``, and the aten overloads of export's IR.
 """
 
 from __future__ import annotations
@@ -27,10 +24,7 @@ from torch._ops import HigherOrderOperator, OpOverload, OpOverloadPacket
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.nn.modules.module import _IncompatibleKeys as IncompatibleKeys
 
-__all__ = ["TESTED_TORCH", "torch_release", "untested_torch_message", "warn_if_untested", "pytree",
-           "HigherOrderOperator", "OpOverload", "OpOverloadPacket", "IncompatibleKeys", "EXPORT_NOTES_LOGGER",
-           "copy_codegen", "add_keyword_input", "GeneratedCode", "replace_with_copy", "saved_tensors_hooks_active", "backward_running",
-           "eval_frame_callback", "eager_frame", "copy_forward_hook", "register_deepcopy_hook", "call_impl", "set_compiled_call", "unpack_cpu_4bit"]
+__all__ = ["HigherOrderOperator", "IncompatibleKeys", "OpOverload", "OpOverloadPacket", "pytree"]  # re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +34,6 @@ TESTED_TORCH: tuple[tuple[int, int], tuple[int, int]] = ((2, 13), (2, 15))
 # The logger of export's notes on the input dimensions it specialises (non-strict mode).
 EXPORT_NOTES_LOGGER = "torch._export.non_strict_utils"
 
-
-# --------------------------------------------------------------------------------------------- versions
 
 def torch_release(version: str) -> tuple[int, int]:
     """(major, minor) of a torch version string: ``"2.15.0+cu130"`` -> ``(2, 15)``."""
@@ -72,16 +64,13 @@ def warn_if_untested(version: Optional[str] = None) -> bool:
     return message is not None
 
 
-# --------------------------------------------------------------------------------------------- torch.fx
-
 def copy_codegen(source: Graph, target: Graph) -> None:
     """Give ``target`` a copy of ``source``'s code generator (export's pytree calling convention)."""
     target.set_codegen(copy.deepcopy(source._codegen))
 
 
 def add_keyword_input(graph: Graph, name: str) -> None:
-    """Extend a pytree-calling graph's signature by the keyword input ``name`` (its last placeholder), so the
-    generated ``forward`` accepts it; a graph with plain positional calling needs nothing."""
+    """Extend a pytree-calling graph's signature by the keyword input ``name`` (its last placeholder)."""
     codegen = graph._codegen
     if not isinstance(codegen, _PyTreeCodeGen):
         return
@@ -96,8 +85,8 @@ _GENERATED = ("_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec"
 
 
 class GeneratedCode:
-    """A GraphModule's Graph and the code ``recompile`` generated from it, to be put back later without
-    generating again (torch.fx keeps every source it ever executed)."""
+    """A GraphModule's Graph and the code ``recompile`` generated from it, to be put back without generating
+    again (torch.fx keeps every source it ever executed)."""
 
     def __init__(self, gm: GraphModule) -> None:
         self.gm, self.cls, self.graph = gm, type(gm), gm._graph
@@ -121,8 +110,8 @@ class GeneratedCode:
 
 
 def replace_with_copy(gm: GraphModule) -> None:
-    """Give ``gm`` a copy of its Graph, without generating code (the code is the same); node tags under
-    ``vera_fx*`` keys are copied too, since passes edit them in place. The old Graph object stays untouched."""
+    """Give ``gm`` a copy of its Graph without generating code (the code is the same), with copies of the
+    ``vera_fx*`` node tags, which passes edit in place; the old Graph stays untouched."""
     graph = gm._graph
     new = Graph(tracer_cls=graph._tracer_cls)
     copied = new.graph_copy(graph, val_map={}, return_output_node=True)
@@ -145,11 +134,8 @@ def register_deepcopy_hook(gm: GraphModule, hook: Callable[[GraphModule], Any]) 
     gm._register_deepcopy_hook(hook)
 
 
-# --------------------------------------------------------------------------------------------- autograd
-
 def saved_tensors_hooks_active() -> bool:
-    """Whether autograd's saved tensors go through hooks now (checkpointing, offloading); True when this torch
-    cannot tell (the safe answer for its one caller)."""
+    """Whether autograd's saved tensors go through hooks now (checkpointing, offloading); True if unknown."""
     try:
         return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
     except (AttributeError, TypeError, RuntimeError):
@@ -157,8 +143,7 @@ def saved_tensors_hooks_active() -> bool:
 
 
 def backward_running() -> bool:
-    """Whether this thread runs inside a backward pass (a reentrant checkpoint's recompute); True when this
-    torch cannot tell."""
+    """Whether this thread runs inside a backward pass (a reentrant checkpoint's recompute); True if unknown."""
     try:
         return torch._C._current_graph_task_id() != -1
     except (AttributeError, TypeError, RuntimeError):
@@ -180,15 +165,12 @@ def eager_frame(fn: Callable[..., Any], reason: str) -> Callable[..., Any]:
     return fn
 
 
-# --------------------------------------------------------------------------------------------- nn.Module
-
 def copy_forward_hook(source: nn.Module, target: nn.Module, key: int) -> None:
     """Register ``source``'s forward hook ``key`` on ``target`` too, with its kwargs / always-called flags."""
     target._forward_hooks[key] = source._forward_hooks[key]
-    if key in source._forward_hooks_with_kwargs:
-        target._forward_hooks_with_kwargs[key] = True
-    if key in source._forward_hooks_always_called:
-        target._forward_hooks_always_called[key] = True
+    for flags in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+        if key in getattr(source, flags):
+            getattr(target, flags)[key] = True
 
 
 def call_impl(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -201,8 +183,6 @@ def set_compiled_call(module: nn.Module, compiled: Callable[..., Any]) -> None:
     modules of one class share its compile cache."""
     module._compiled_call_impl = functools.partial(compiled, module)
 
-
-# --------------------------------------------------------------------------------------------- bitsandbytes
 
 def unpack_cpu_4bit(data: torch.Tensor, quant_state: Any) -> tuple[torch.Tensor, Any]:
     """Undo bitsandbytes' CPU inference packing of a 4-bit weight: (canonical data, restored quant state)."""

@@ -1,7 +1,5 @@
-"""Adapter configs: VeraConfig and PveraConfig, with PEFT's field names and defaults.
-
-Validated at construction (``raise``, never ``assert``); ``to_dict`` / ``from_dict`` read and write the
-adapter_config.json layout that PEFT uses, versioned so that old files keep loading.
+"""Adapter configs: VeraConfig and PveraConfig, with PEFT's field names and defaults, validated at construction
+(``raise``, never ``assert``), read from and written to adapter_config.json's layout (versioned).
 """
 
 from __future__ import annotations
@@ -10,40 +8,68 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 CONFIG_VERSION = 1
 
 # Default targets per `model.config.model_type` (the attention query and value projections).
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "bart": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "vit": ["query", "value"],
-    "dinov2": ["query", "value"],
-    "t5": ["q", "v"],
-    "mt5": ["q", "v"],
-}
-
-_BIAS_MODES = ("none", "all")
+_QUERY_VALUE = {("q_proj", "v_proj"): ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi",
+                                       "opt", "bart"),
+                ("c_attn",): ("gpt2",),
+                ("query", "value"): ("bert", "roberta", "xlm-roberta", "electra", "vit", "dinov2"),
+                ("query_proj", "value_proj"): ("deberta-v2",),
+                ("q", "v"): ("t5", "mt5")}
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {model: list(names) for names, types in _QUERY_VALUE.items()
+                                                for model in types}
 
 # PEFT's task types, and the heads each one trains as modules_to_save (PEFT's PeftModelFor<Task> adds them).
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 TASK_MODULES_TO_SAVE: dict[str, list[str]] = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
                                               "QUESTION_ANS": ["qa_outputs"]}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_str_list(v: Any, non_empty: bool = False) -> bool:
+    return isinstance(v, list) and (len(v) > 0 or not non_empty) and all(isinstance(t, str) and t for t in v)
+
+
+def _is_target_modules(tm: Any) -> bool:
+    if isinstance(tm, str) and tm.lower() != "all-linear":
+        try:
+            re.compile(tm)
+        except re.error as e:
+            raise ValueError(f"target_modules={tm!r} is not a valid regular expression: {e}") from e
+    return tm is None or isinstance(tm, str) or _is_str_list(tm, non_empty=True)
+
+
+_Check = tuple[str, Callable[[Any], bool], str]
+# One row per rule: (fields, valid?, what is expected), checked in this order at construction.
+_CHECKS: tuple[_Check, ...] = (
+    ("r", lambda v: _is_int(v) and v > 0, "expected a positive int, e.g. r=256"),
+    ("projection_prng_key", _is_int, "expected an int seed"),
+    ("d_initial", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+     "expected a finite float, e.g. 0.1"),
+    ("save_projection fan_in_fan_out init_weights inference_mode", lambda v: isinstance(v, bool),
+     "expected True or False"),
+    ("target_modules", _is_target_modules,
+     "expected a non-empty list of module-name suffixes, a regex string, 'all-linear' or None"),
+    ("modules_to_save", lambda v: v is None or _is_str_list(v), "expected None or a list of module names"),
+    ("layers_to_transform", lambda v: v is None or (_is_int(v) and v >= 0)
+     or (isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)),
+     "expected None, a layer index or a list of layer indices (ints >= 0)"),
+    ("layers_pattern", lambda v: v is None or isinstance(v, str) or (isinstance(v, list) and
+                                                                   all(isinstance(s, str) for s in v)),
+     "expected None, a name such as 'layers', or a list of names"),
+    ("task_type", lambda v: v is None or v in TASK_TYPES,
+     f"expected None or one of {', '.join(map(repr, TASK_TYPES))}"),
+    ("base_model_name_or_path revision peft_version", lambda v: v is None or isinstance(v, str),
+     "expected None or a string"),
+    ("auto_mapping", lambda v: v is None or isinstance(v, dict),
+     "expected None or a dict such as {'base_model_class': 'BertModel', 'parent_library': ...}"),
+)
 
 
 def _check(cond: bool, field_name: str, value: Any, allowed: str) -> None:
@@ -80,69 +106,32 @@ class _BaseConfig:
     _method_bias = "vera_only"
     peft_type = "VERA"
 
+    _checks: ClassVar[tuple[_Check, ...]] = _CHECKS  # subclasses add rows for their own fields
+
     @property
     def dropout(self) -> float:
         return float(getattr(self, self._dropout_field))
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
-               "r", self.r, "expected a positive int, e.g. r=256")
+        # Sets and tuples are read as lists; PEFT's TaskType enum as its value.
+        for name in ("target_modules", "modules_to_save"):
+            if isinstance(getattr(self, name), (set, tuple)):
+                setattr(self, name, sorted(getattr(self, name)))
+        if isinstance(self.layers_to_transform, tuple):
+            self.layers_to_transform = list(self.layers_to_transform)
+        self.task_type = getattr(self.task_type, "value", self.task_type)
         p = getattr(self, self._dropout_field)
         _check(isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= p < 1.0,
                self._dropout_field, p, "expected a float in [0, 1)")
-        modes = (*_BIAS_MODES, self._method_bias)
+        modes = ("none", "all", self._method_bias)
         _check(self.bias in modes, "bias", self.bias, f"allowed values are {', '.join(map(repr, modes))}")
-        _check(isinstance(self.projection_prng_key, int) and not isinstance(self.projection_prng_key, bool),
-               "projection_prng_key", self.projection_prng_key, "expected an int seed")
-        _check(isinstance(self.d_initial, (int, float)) and not isinstance(self.d_initial, bool)
-               and math.isfinite(self.d_initial), "d_initial", self.d_initial, "expected a finite float, e.g. 0.1")
-        for name in ("save_projection", "fan_in_fan_out", "init_weights"):
-            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "expected True or False")
-        tm = self.target_modules
-        if isinstance(tm, (set, tuple)):
-            self.target_modules = tm = sorted(tm)
-        if isinstance(tm, str):
-            if tm.lower() != "all-linear":
-                try:
-                    re.compile(tm)
-                except re.error as e:
-                    raise ValueError(f"target_modules={tm!r} is not a valid regular expression: {e}") from e
-        elif tm is not None:
-            _check(isinstance(tm, list) and len(tm) > 0 and all(isinstance(t, str) and t for t in tm),
-                   "target_modules", tm,
-                   "expected a non-empty list of module-name suffixes, a regex string, 'all-linear' or None")
-        mts = self.modules_to_save
-        if isinstance(mts, (set, tuple)):
-            self.modules_to_save = mts = sorted(mts)
-        _check(mts is None or (isinstance(mts, list) and all(isinstance(m, str) and m for m in mts)),
-               "modules_to_save", mts, "expected None or a list of module names")
-        ltt = self.layers_to_transform
-        if isinstance(ltt, tuple):
-            self.layers_to_transform = ltt = list(ltt)
-        _check(ltt is None or (isinstance(ltt, int) and not isinstance(ltt, bool) and ltt >= 0)
-               or (isinstance(ltt, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                                 for i in ltt)),
-               "layers_to_transform", ltt, "expected None, a layer index or a list of layer indices (ints >= 0)")
-        lp = self.layers_pattern
-        _check(lp is None or isinstance(lp, str) or (isinstance(lp, list) and all(isinstance(s, str) for s in lp)),
-               "layers_pattern", lp, "expected None, a name such as 'layers', or a list of names")
-        if lp and ltt is None:
-            raise ValueError(f"layers_pattern={lp!r} needs layers_to_transform: set the layer indices to adapt, "
-                             "or drop layers_pattern")
-        self._check_peft_fields()
-
-    def _check_peft_fields(self) -> None:
-        tt = getattr(self.task_type, "value", self.task_type)  # PEFT's TaskType enum reads as its value
-        _check(tt is None or tt in TASK_TYPES, "task_type", self.task_type,
-               f"expected None or one of {', '.join(map(repr, TASK_TYPES))}")
-        self.task_type = tt
-        _check(isinstance(self.inference_mode, bool), "inference_mode", self.inference_mode, "expected True or False")
-        for name in ("base_model_name_or_path", "revision", "peft_version"):
-            value = getattr(self, name)
-            _check(value is None or isinstance(value, str), name, value, "expected None or a string")
-        _check(self.auto_mapping is None or isinstance(self.auto_mapping, dict), "auto_mapping", self.auto_mapping,
-               "expected None or a dict such as {'base_model_class': 'BertModel', 'parent_library': ...}")
-        heads = [h for h in TASK_MODULES_TO_SAVE.get(tt or "", []) if h not in (self.modules_to_save or [])]
+        for names, valid, expected in self._checks:
+            for name in names.split():
+                _check(valid(getattr(self, name)), name, getattr(self, name), expected)
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(f"layers_pattern={self.layers_pattern!r} needs layers_to_transform: set the layer "
+                             "indices to adapt, or drop layers_pattern")
+        heads = [h for h in TASK_MODULES_TO_SAVE.get(self.task_type or "", []) if h not in (self.modules_to_save or [])]
         if heads:  # as PEFT's PeftModelForSequenceClassification (...) extends the config
             self.modules_to_save = [*(self.modules_to_save or []), *heads]
 
@@ -169,15 +158,11 @@ class PveraConfig(_BaseConfig):
     _method_bias = "pvera_only"
     peft_type = "PVERA"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        s = self.sample_at_inference
-        _check(isinstance(s, bool) or (isinstance(s, dict) and all(isinstance(k, str) and isinstance(v, bool)
-                                                                    for k, v in s.items())),
-               "sample_at_inference", s, "expected True, False or a dict {site name: bool}")
-        g = self.generator_seed
-        _check(g is None or (isinstance(g, int) and not isinstance(g, bool)), "generator_seed", g,
-               "expected None or an int seed")
+    _checks: ClassVar[tuple[_Check, ...]] = (*_CHECKS, (
+        "sample_at_inference", lambda s: isinstance(s, bool) or (isinstance(s, dict) and all(
+            isinstance(k, str) and isinstance(v, bool) for k, v in s.items())),
+        "expected True, False or a dict {site name: bool}"),
+        ("generator_seed", lambda g: g is None or _is_int(g), "expected None or an int seed"))
 
 
 AdapterConfig = Union[VeraConfig, PveraConfig]
@@ -220,8 +205,8 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
 
 
 def as_config(config: Any) -> AdapterConfig:
-    """``config`` as a vera_fx config: ours as it is; a PEFT ``VeraConfig`` / ``PveraConfig`` (or any object
-    with PEFT's ``peft_type`` and ``to_dict()``) read by its fields. Anything else raises TypeError naming it."""
+    """``config`` as a vera_fx config: ours as it is, PEFT's (any object with ``peft_type`` and ``to_dict()``)
+    read by its fields; anything else raises TypeError."""
     if isinstance(config, (VeraConfig, PveraConfig)):
         return config
     name = type(config).__name__
@@ -246,7 +231,6 @@ def as_config(config: Any) -> AdapterConfig:
 
 def _plain(value: Any) -> Any:
     """A PEFT config value as JSON-like data: enums as their values, sets as sorted lists."""
-    value = getattr(value, "value", value) if not isinstance(value, (bool, int, float, str)) else value
     if isinstance(value, (set, frozenset)):
         return sorted(value)
-    return value
+    return value if isinstance(value, (bool, int, float, str)) else getattr(value, "value", value)

@@ -1,42 +1,22 @@
 """Data-parallel and sharded training of a block-structured graph: FSDP2 per block, DDP, FSDP1.
 
-Every tensor of a transformed model is registered once: a block's lambdas belong to the block (its adapter
-view), the root reaches them through the block. So the standard FSDP2 recipe works as PEFT users and
-accelerate write it::
+Every tensor is registered once (a block's lambdas belong to the block), so PEFT's / accelerate's FSDP2 recipe
+works: ``fully_shard(layer)`` for each layer, then ``fully_shard(m)``; ``shard(gm, mesh)`` does exactly that.
+Each rank keeps 1/world of every block's weights between forwards. FSDP2 on gloo summed gradients instead of
+averaging them on some torch builds (pytorch issue 162338; torch 2.13 averages): ``mean_gradients`` measures
+it once and corrects it. DDP needs no helper (only the lambdas require grad); FSDP1 works with
+``use_orig_params=True``.
 
-    for layer in m.model.layers:        # the object's attribute path (or m.graph_module.model.layers)
-        fully_shard(layer)
-    fully_shard(m)
-    mean_gradients(m)                   # only where gloo sums (pytorch issue 162338); else a no-op
-
-``shard(gm, mesh)`` does exactly that: ``fully_shard`` on every block (each layer's frozen weights and its
-lambdas), then on the root (embeddings, head, the root's own sites). Between forwards each rank keeps
-1/world of every block's weights; a block's hooks gather them when the top graph calls it.
-
-FSDP2 on gloo (CPU) summed gradients across ranks instead of averaging them on some torch builds (pytorch
-issue 162338: ``world`` times DDP's). On torch 2.13 (the pinned range) it averages: the plain recipe gives
-DDP's gradients (tests/test_distributed.py). ``mean_gradients(model)`` measures it once with a probe
-(``fsdp2_sums_gradients``) and, where it sums, sets every FSDP2 module's gradient divide factor so that
-gradients are the mean; ``shard`` calls it.
-
-``m.state_dict()`` of a sharded model gathers the full tensors (a collective: every rank calls it, as the
-Trainer does), and ``m.load_state_dict(full)`` writes each rank's shard.
-
-DDP needs no helper: ``torch.nn.parallel.DistributedDataParallel(gm)`` (only the lambdas require grad, so
-only they are reduced). FSDP1 works with ``FullyShardedDataParallel(gm, use_orig_params=True)``.
-
-Saving follows transformers' conventions and never waits on a collective it does not need: DDP and
-single-device state save from whichever process calls (``if rank == 0: vera_fx.save_adapter(m, d)``); a
-sharded graph (``needs_gather``: DTensors or an FSDP1 wrapper, seen locally) is gathered with
-``full_tensor``, so ``save_role`` asks for ``is_main_process`` on every rank and refuses a call without it at
-once (a call on one rank would wait forever).
+Saving never waits on a collective it does not need: unsharded state saves from whichever process calls; a
+sharded graph (``needs_gather``) is gathered with ``full_tensor``, so ``save_role`` asks for
+``is_main_process`` on every rank and refuses a call without it at once (one rank alone would wait forever).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, ContextManager, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -46,8 +26,7 @@ from .sites import as_graph_module, graph_modules
 
 logger = logging.getLogger(__name__)
 
-# torch.distributed.fsdp / .tensor take about a second to import: they are imported by the functions that shard
-# or place shards, so a model that is never sharded never pays for them.
+# torch.distributed.fsdp / .tensor take about a second to import: imported inside the functions that need them.
 
 
 def _require_group(fn: str) -> None:
@@ -57,9 +36,8 @@ def _require_group(fn: str) -> None:
 
 
 def fsdp2_sums_gradients(mesh: Any = None) -> bool:
-    """Whether FSDP2's gradient reduction on this process group sums instead of averaging (gloo on some torch
-    builds, pytorch issue 162338; torch 2.13 averages: measured False): one tiny sharded Linear, every rank's
-    gradient 1, look at the result. A collective: call it on every rank."""
+    """Whether FSDP2's gradient reduction on this process group sums instead of averaging, measured with one
+    tiny sharded Linear (every rank's gradient 1). A collective: call it on every rank."""
     _require_group("fsdp2_sums_gradients")
     from torch.distributed.fsdp import fully_shard
 
@@ -73,13 +51,9 @@ def fsdp2_sums_gradients(mesh: Any = None) -> bool:
 
 
 def mean_gradients(model: nn.Module, mesh: Any = None) -> bool:
-    """Make every FSDP2 module of ``model``'s tree average gradients over the ranks, as DDP does.
-
-    For gloo on torch builds where FSDP2 sums instead (pytorch issue 162338): a probe measures it once
-    (collective: call on every rank), and when it sums every FSDP2 module gets the gradient divide factor
-    ``world``. Returns whether it changed anything (False on NCCL and on torch 2.13, which averages).
-    ``model`` is what was sharded: the object ``transform`` returns, its graph, or any module.
-    """
+    """Make every FSDP2 module of ``model``'s tree (what was sharded) average gradients over the ranks, as DDP
+    does: where gloo sums (a probe, a collective) each gets the divide factor ``world``. Returns whether it
+    changed anything (False on NCCL and on torch 2.13)."""
     _require_group("mean_gradients")
     from torch.distributed.fsdp import FSDPModule
 
@@ -98,15 +72,9 @@ def mean_gradients(model: nn.Module, mesh: Any = None) -> bool:
 
 
 def shard(gm: nn.Module, mesh: Any = None, **fsdp_kwargs: Any) -> nn.Module:
-    """FSDP2 per block: ``fully_shard`` every block of ``gm``, then ``gm`` itself, then ``mean_gradients``;
-    returns ``gm``.
-
-    ``gm`` is the model ``vera_fx.transform`` returns (its source graph, ``m.graph_module``, is sharded: call
-    the model with the keyword set it was transformed with) or a GraphModule. ``mesh`` (default: the world,
-    one dimension) and ``fsdp_kwargs`` (``reshard_after_forward``, ``mp_policy``, ``ignored_params``, ...) go
-    to every ``fully_shard`` call. Needs an initialised process group. A graph without blocks (captured as one
-    graph) is sharded as one unit, with a warning: no per-layer saving.
-    """
+    """FSDP2 per block: ``fully_shard`` every block of ``gm`` (the model object or a GraphModule), then ``gm``
+    itself, then ``mean_gradients``; returns ``gm``. ``mesh`` (default: the world) and ``fsdp_kwargs`` go to
+    every ``fully_shard`` call. A graph without blocks is sharded as one unit, with a warning."""
     _require_group("shard")
     from torch.distributed.fsdp import fully_shard
 
@@ -126,25 +94,17 @@ def shard(gm: nn.Module, mesh: Any = None, **fsdp_kwargs: Any) -> nn.Module:
 def unwrap_parallel(gm: nn.Module) -> nn.Module:
     """The module inside a DDP or FSDP1 wrapper (or ``gm`` itself)."""
     inner = getattr(gm, "_orig_mod", gm)
-    for _ in range(3):
-        if isinstance(inner, nn.parallel.DistributedDataParallel):
-            inner = inner.module
-        elif type(inner).__name__ == "FullyShardedDataParallel":
-            inner = inner.module
-        else:
-            break
+    while isinstance(inner, nn.parallel.DistributedDataParallel) or type(inner).__name__ == "FullyShardedDataParallel":
+        inner = inner.module
     return inner
 
 
-@contextlib.contextmanager
-def gathered(wrapper: nn.Module) -> Iterator[None]:
+def gathered(wrapper: nn.Module) -> ContextManager[Any]:
     """Full parameters inside the block for an FSDP1 wrapper (``summon_full_params``, collective: every rank
     must enter); a no-op for anything else."""
     if type(wrapper).__name__ == "FullyShardedDataParallel":
-        with type(wrapper).summon_full_params(wrapper, writeback=False, rank0_only=False):
-            yield
-    else:
-        yield
+        return type(wrapper).summon_full_params(wrapper, writeback=False, rank0_only=False)
+    return contextlib.nullcontext()
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -162,30 +122,25 @@ def placed_like(value: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(value, current.device_mesh, current.placements, src_data_rank=None)
 
 
-def is_writer() -> bool:
-    """True on rank 0 of an initialised process group, and without one."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def needs_gather(wrapper: nn.Module, tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether saving needs a collective: an FSDP1 wrapper, or any of ``tensors`` a DTensor (FSDP2). Looked
-    up locally, so a call on one rank can refuse at once instead of waiting for the others."""
+    """Whether saving needs a collective: an FSDP1 wrapper, or any of ``tensors`` a DTensor (FSDP2); looked up
+    locally, so a call on one rank can refuse at once."""
     return type(wrapper).__name__ == "FullyShardedDataParallel" or any(hasattr(t, "device_mesh") for t in tensors)
 
 
 def save_role(gather: bool, is_main_process: Optional[bool], fn: str) -> bool:
-    """Whether this process writes the folder, transformers' ``is_main_process`` convention: the given value,
-    else rank 0. ValueError at once when a gather is needed across ranks and ``is_main_process`` is not given:
-    a call on rank 0 alone would wait forever for the others."""
+    """Whether this process writes the folder (transformers' ``is_main_process``: the given value, else rank 0).
+    ValueError at once when a gather across ranks is needed and ``is_main_process`` is not given."""
     if is_main_process is not None and not isinstance(is_main_process, bool):
         raise TypeError(f"is_main_process={is_main_process!r} must be True, False or None (rank 0 writes)")
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    grouped = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if grouped else 1
     if gather and world > 1 and is_main_process is None:
         raise ValueError(f"{fn}: this model is sharded (FSDP2 DTensors or an FSDP1 wrapper), so saving gathers "
                          f"its full tensors from all {world} ranks. Call it on every rank with "
                          f"is_main_process=(rank == 0), e.g. vera_fx.save_adapter(m, d, is_main_process="
                          "dist.get_rank() == 0) or m.save_pretrained(d, is_main_process=dist.get_rank() == 0)")
-    return is_writer() if is_main_process is None else is_main_process
+    return (not grouped or dist.get_rank() == 0) if is_main_process is None else is_main_process
 
 
 def barrier() -> None:
@@ -198,10 +153,7 @@ def sharded_fraction(gm: nn.Module, frozen_only: bool = True) -> Optional[float]
     """The fraction of the blocks' (frozen) parameter elements this rank holds locally (1/world when every
     block is sharded); None for a graph without blocks."""
     blocks = graph_modules(unwrap_parallel(gm))[1:]
-    local = full = 0
-    for p in {p for b in blocks for p in b.parameters()}:
-        if frozen_only and p.requires_grad:
-            continue
-        full += p.numel()
-        local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+    params = [p for p in {p for b in blocks for p in b.parameters()} if not (frozen_only and p.requires_grad)]
+    full = sum(p.numel() for p in params)
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
     return local / full if full else None

@@ -1,18 +1,11 @@
 """All-or-nothing adapter folders: a save swaps whole directories, a read sees one complete pair.
 
-A save writes every file into a fresh hidden sibling (``.<name>.new-<id>``), fsyncs it, then swaps: the old
-folder is renamed aside (``.<name>.old-<id>``), the new one renamed in, any other entries of the old folder
-(other adapters' subfolders, a README) moved over, and the old folder removed. A kill at any point leaves
-either the old folder or the new one complete, and the next save or read finishes (or discards) what a
-killed save left. Saves into one parent directory are serialised with ``flock`` where the platform has it.
-
-A read opens the folder once and its files relative to that directory handle, so a concurrent swap cannot
-give it the config of one save and the weights of another; when the folder is missing mid-swap it reads the
-complete folder set aside.
-
-``read_safetensors`` validates a safetensors header (8-byte length, JSON, known dtypes, shapes matching their
-byte ranges, ranges within the file) before reading the data, so a large garbage file costs no memory, and
-refuses non-finite values naming the file and key.
+A save writes every file into a fresh hidden sibling (``.<name>.new-<id>``), fsyncs it, renames the old folder
+aside (``.<name>.old-<id>``), renames the new one in, moves the old folder's other entries over and removes it.
+A kill at any point leaves one complete folder, and the next save or read finishes what it left. Saves into one
+parent are serialised with ``flock`` where the platform has it. A read opens its files relative to one
+directory handle, so it never mixes two saves. ``read_safetensors`` checks the header before reading the data
+(a large garbage file costs no memory) and refuses non-finite values.
 """
 
 from __future__ import annotations
@@ -39,9 +32,8 @@ DIGEST_KEY = "vera_fx_sha256"  # safetensors metadata: sha256 of the data sectio
 # "extras moved", "old removed"): the fault tests kill the saving process there.
 STEP_HOOKS: list[Callable[[str], None]] = []
 
-SAFETENSORS_DTYPES: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
-                                      "I8": 1, "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1,
-                                      "F8_E4M3": 1, "F8_E5M2": 1}
+SAFETENSORS_DTYPES: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                                      "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the header's length
 _HINT = "the file is truncated or corrupted: save the adapter again"
 
@@ -56,18 +48,14 @@ def _fsync_dir(directory: Path) -> None:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # e.g. Windows: directories cannot be opened
         return
-    try:
+    with contextlib.suppress(OSError):
         os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    os.close(fd)
 
 
 @contextlib.contextmanager
 def _parent_lock(parent: Path, blocking: bool = True) -> Iterator[bool]:
-    """An exclusive ``flock`` on ``parent`` (saves into one directory, one at a time); yields whether it is
-    held (always True without fcntl, e.g. on Windows, where nothing is locked)."""
+    """An exclusive ``flock`` on ``parent``; yields whether it is held (True without fcntl: nothing locked)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
@@ -96,9 +84,7 @@ def _siblings(path: Path, kind: str) -> list[Path]:
 def _move_extras(old: Path, path: Path, keep: set[str]) -> None:
     """Move entries of ``old`` that a save does not write (and ``path`` lacks) into ``path``."""
     for entry in sorted(old.iterdir()):
-        if entry.name in keep or entry.name.endswith(".tmp"):
-            continue
-        if not (path / entry.name).exists():
+        if entry.name not in keep and not entry.name.endswith(".tmp") and not (path / entry.name).exists():
             os.rename(entry, path / entry.name)
 
 
@@ -124,18 +110,6 @@ def _recover_locked(path: Path, keep: set[str]) -> None:
         _fsync_dir(path.parent)
 
 
-def recover(directory: os.PathLike | str, keep: set[str], blocking: bool = False) -> bool:
-    """Finish or discard interrupted saves of ``directory``; returns False when another save holds the lock
-    (``blocking=False``: a reader then leaves the folder to that save)."""
-    path = Path(os.path.abspath(directory))
-    if not path.parent.is_dir():
-        return True
-    with _parent_lock(path.parent, blocking) as held:
-        if held:
-            _recover_locked(path, keep)
-        return held
-
-
 def _write_new(path: Path, files: dict[str, bytes]) -> Path:
     new = path.parent / f".{path.name}.new-{uuid.uuid4().hex}"
     new.mkdir()
@@ -155,7 +129,7 @@ def _write_new(path: Path, files: dict[str, bytes]) -> Path:
 
 
 def write_folder(directory: os.PathLike | str, files: dict[str, bytes]) -> None:
-    """Replace the folder's ``files`` all at once (see the module docstring); other entries are kept."""
+    """Replace the folder's ``files`` all at once; other entries are kept."""
     path = Path(os.path.abspath(directory))
     if path.exists() and not path.is_dir():
         raise ValueError(f"directory={str(directory)!r} is a file; give a folder to write the adapter into")
@@ -191,11 +165,13 @@ def _swap(path: Path, new: Path, keep: set[str]) -> None:
 @contextlib.contextmanager
 def open_folder(directory: os.PathLike | str, names: tuple[str, ...],
                 keep: set[str]) -> Iterator[dict[str, Optional[IO[bytes]]]]:
-    """The files ``names`` of one version of the folder, open for reading (None for a missing one): opened
-    relative to one directory handle, so a concurrent save cannot mix two versions."""
+    """The files ``names`` of one version of the folder, open for reading (None for a missing one)."""
     path = Path(os.path.abspath(directory))
-    try:
-        recover(path, keep, blocking=False)
+    try:  # finish what killed saves left, unless a save holds the lock (it will)
+        if path.parent.is_dir():
+            with _parent_lock(path.parent, blocking=False) as held:
+                if held:
+                    _recover_locked(path, keep)
     except OSError as e:  # a read-only location: read what is there
         logger.debug("%s: no recovery (%s)", path, e)
     for attempt in range(8):
@@ -221,8 +197,7 @@ class _Retry(Exception):
 def _open_files(where: Path, names: tuple[str, ...],
                 set_aside: bool = False) -> Iterator[dict[str, Optional[IO[bytes]]]]:
     """``names`` opened relative to one handle of ``where``; _Retry when one is missing because a save swapped
-    the folder, or because ``where`` is a folder set aside by a save (``set_aside``), which it deletes file by
-    file."""
+    the folder or ``where`` is a folder a save set aside (and deletes file by file)."""
     dir_fd = None
     if os.open in os.supports_dir_fd:
         try:
@@ -252,7 +227,6 @@ def _open_files(where: Path, names: tuple[str, ...],
 
 
 def _swapped(where: Path, dir_fd: Optional[int]) -> bool:
-    """Whether the directory opened as ``dir_fd`` is no longer the one at ``where`` (a save swapped it)."""
     try:
         now = os.stat(where).st_ino
     except FileNotFoundError:
@@ -270,27 +244,31 @@ def serialise(tensors: dict[str, torch.Tensor]) -> bytes:
     return out if out[8 + m:] == plain[8 + n:] else plain
 
 
+def _ints(values: object, low: Optional[int] = None) -> bool:
+    return isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) and
+                                            (low is None or v >= low) for v in values)
+
+
 def _check_entry(source: str, key: str, entry: object, data_len: int) -> tuple[int, int]:
     """(begin, end) of one tensor's bytes, after checking its dtype, shape and offsets."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{source}: tensor {key!r} {what}: {_HINT}")
+
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise ValueError(f"{source}: tensor {key!r} has a malformed header entry ({str(entry)[:100]}): {_HINT}")
+        raise bad(f"has a malformed header entry ({str(entry)[:100]})")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in SAFETENSORS_DTYPES:
-        raise ValueError(f"{source}: tensor {key!r} has dtype {dtype!r}, which safetensors does not know: {_HINT}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
-        raise ValueError(f"{source}: tensor {key!r} has shape {shape!r}, not a list of sizes: {_HINT}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
-                                                                      for o in offsets)):
-        raise ValueError(f"{source}: tensor {key!r} has data_offsets {offsets!r}, not [begin, end]: {_HINT}")
+        raise bad(f"has dtype {dtype!r}, which safetensors does not know")
+    if not _ints(shape, low=0):
+        raise bad(f"has shape {shape!r}, not a list of sizes")
+    if not (_ints(offsets) and len(offsets) == 2):
+        raise bad(f"has data_offsets {offsets!r}, not [begin, end]")
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
-        raise ValueError(f"{source}: tensor {key!r} claims bytes {begin}..{end} of a {data_len}-byte data "
-                         f"section: {_HINT}")
+        raise bad(f"claims bytes {begin}..{end} of a {data_len}-byte data section")
     if math.prod(shape) * SAFETENSORS_DTYPES[dtype] != end - begin:
-        raise ValueError(f"{source}: tensor {key!r} ({dtype}, shape {shape}) needs "
-                         f"{math.prod(shape) * SAFETENSORS_DTYPES[dtype]} bytes, its offsets give {end - begin}: "
-                         f"{_HINT}")
+        raise bad(f"({dtype}, shape {shape}) needs {math.prod(shape) * SAFETENSORS_DTYPES[dtype]} bytes, its "
+                  f"offsets give {end - begin}")
     return begin, end
 
 
@@ -325,8 +303,8 @@ def _read_header(f: IO[bytes], source: str, size: int) -> tuple[dict, int]:
 
 
 def read_safetensors(f: IO[bytes], source: str) -> dict[str, torch.Tensor]:
-    """The tensors of an open safetensors file: header checked first, then the data read, its checksum (when
-    vera_fx wrote one) compared and every float value checked finite; ValueError naming ``source`` otherwise."""
+    """The tensors of an open safetensors file: header checked, data read, its checksum (when vera_fx wrote one)
+    compared and every float value checked finite; ValueError naming ``source`` otherwise."""
     size = os.fstat(f.fileno()).st_size
     header, n = _read_header(f, source, size)
     data = f.read(size - 8 - n)

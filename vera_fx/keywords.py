@@ -1,13 +1,9 @@
 """Checks of a call's keywords before a graph is looked up or captured.
 
-A keyword the model's ``forward`` does not name, nor transformers' documented keyword arguments when it takes
-``**kwargs`` (the ``TransformersKwargs`` TypedDict its signature unpacks), is refused with a TypeError listing
-the close names: each distinct unknown keyword would otherwise capture a graph of its own and take a graph
-slot. A model whose ``**kwargs`` is not typed takes any keyword, as in eager mode.
-
-``constant_changes`` names the constant keywords (``use_cache=False``, ``output_hidden_states=True``) whose new
-value is the only difference from a graph already captured, so the caller can say once that each value of
-such a keyword costs a graph.
+A keyword neither the model's ``forward`` nor transformers' documented keywords (the ``TransformersKwargs`` its
+``**kwargs`` unpacks) name is refused with the close names: each would otherwise capture a graph of its own.
+An untyped ``**kwargs`` takes any keyword, as in eager mode. A new value of a constant keyword
+(``use_cache=False``) costs a graph, which is said once per keyword.
 """
 
 from __future__ import annotations
@@ -64,29 +60,11 @@ def check_keywords(params: Mapping[str, inspect.Parameter], keywords: Iterable[s
     unknown = [k for k in keywords if k not in known]
     if not unknown:
         return
-    hints = []
-    for k in unknown:
-        close = difflib.get_close_matches(k, sorted(known), n=3, cutoff=0.6)
-        hints.append(f"{k!r} (close names: {', '.join(close)})" if close else repr(k))
+    close = {k: difflib.get_close_matches(k, sorted(known), n=3, cutoff=0.6) for k in unknown}
+    hints = [f"{k!r} (close names: {', '.join(c)})" if c else repr(k) for k, c in close.items()]
     raise TypeError(f"{model_name}.forward got unexpected keyword arguments {', '.join(hints)}: neither its "
                     "signature nor transformers' documented keyword arguments (TransformersKwargs) name them. "
                     "Fix the spelling, or leave them out")
-
-
-def constant_changes(seen: Iterable[tuple], key: tuple) -> list[str]:
-    """The constant keywords of the call ``key`` whose value alone differs from a signature in ``seen`` (same
-    names and tensor kinds): each new value of them needs a graph of its own. Keys as the model builds them:
-    ``((name, "tensor" | "constant", ...), ...)``."""
-    items = dict((item[0], item) for item in key)
-    out: set[str] = set()
-    for other in seen:
-        theirs = dict((item[0], item) for item in other)
-        if theirs.keys() != items.keys():
-            continue
-        diff = [n for n in items if items[n] != theirs[n]]
-        if diff and all(items[n][1] == "constant" and theirs[n][1] == "constant" for n in diff):
-            out.update(diff)
-    return sorted(out)
 
 
 def check_mask(call: Mapping[str, Any]) -> None:
@@ -102,9 +80,16 @@ def check_mask(call: Mapping[str, Any]) -> None:
 
 
 def say_constant_changes(seen: list[tuple], key: tuple, warned: set[str], graphs: int, max_graphs: int) -> None:
-    """Log once per keyword (``warned`` remembers them) that a new value of a constant keyword needs a graph of
-    its own, with the graph slots left once this one is captured."""
-    names = set(constant_changes(seen, key)) - warned
+    """Log once per keyword (``warned`` remembers them) that the call ``key`` differs from a signature in ``seen``
+    (same names and tensor kinds) only by a constant's value, which needs a graph of its own. Keys as the model
+    builds them: ``((name, "tensor" | "constant", ...), ...)``."""
+    items = dict((item[0], item) for item in key)
+    names: set[str] = set()
+    for theirs in (dict((item[0], item) for item in other) for other in seen):
+        diff = [n for n in items if items[n] != theirs.get(n)] if theirs.keys() == items.keys() else []
+        if diff and all(items[n][1] == "constant" and theirs[n][1] == "constant" for n in diff):
+            names.update(diff)
+    names -= warned
     if names:
         warned.update(names)
         logger.warning("vera_fx: %s changed value, and each value of a constant keyword needs a graph of its own "
@@ -116,12 +101,8 @@ def describe_key(key: tuple) -> str:
     """A call signature (a graph cache key) in words: ``input_ids: int64[2d], labels: int64[2d],
     use_cache=False; autocast cpu/bfloat16; weights float32 on cpu``."""
     inputs, autocast, weights = key
-    parts = []
-    for item in inputs:
-        if item[1] == "tensor":
-            parts.append(f"{item[0]}: {str(item[2]).replace('torch.', '')}[{item[3]}d]")
-        else:
-            parts.append(f"{item[0]}={item[2]!r}")
+    parts = [f"{item[0]}: {str(item[2]).replace('torch.', '')}[{item[3]}d]" if item[1] == "tensor"
+             else f"{item[0]}={item[2]!r}" for item in inputs]
     amp = ", ".join(f"{d}/{str(t).replace('torch.', '')}" for d, t in autocast) or "off"
     w = f"{str(weights[0]).replace('torch.', '')} on {weights[1]}"
     return f"({', '.join(parts)}); autocast {amp}; weights {w}"

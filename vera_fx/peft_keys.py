@@ -1,9 +1,8 @@
 """Our adapter tensors under PEFT's checkpoint keys, and the base weights PEFT saves beside them.
 
-``vera_fx_adapters.<adapter>.sites.<site>.<p>`` (the root state's path) is ``base_model.model.<site>.<p>``,
-``vera_fx_adapters.<adapter>.<prefix>_A`` is ``base_model.<prefix>_A``; trainable biases and
-``modules_to_save`` copies take PEFT's names for them too. Read by vera_fx/checkpoint.py (save, load) and
-vera_fx/serving.py.
+``vera_fx_adapters.<adapter>.sites.<site>.<p>`` is ``base_model.model.<site>.<p>``,
+``vera_fx_adapters.<adapter>.<prefix>_A`` is ``base_model.<prefix>_A``; biases and ``modules_to_save`` copies
+take PEFT's names too.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from .state import PEFT_ROOT, adapters_of, bias_targets, modules_to_save_copy
 
 
 def adapter_state(gm: GraphModule, adapter_name: str = "default") -> AdapterState:
-    """The AdapterState of ``adapter_name``; ValueError listing the adapters when it is missing."""
     gm = as_graph_module(gm, "adapter_state")
     container = adapters_of(gm)
     if len(container) == 0:
@@ -61,27 +59,22 @@ EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's names for save_emb
 def embedding_targeted(gm: GraphModule, config: AdapterConfig) -> bool:
     """PEFT's save_embedding_layers='auto' test: an embedding-layer name among the targets."""
     targets = config.target_modules
-    if isinstance(targets, str):
-        if targets.lower() == "all-linear":
-            return False
-        modules = model_info(gm).get("modules", {})
-        return any(re.fullmatch(targets, k) for k in modules
-                   if any(re.match(rf"(.*\.)?{e}$", k) for e in EMBEDDING_LAYER_NAMES))
-    return bool(targets) and any(e in targets for e in EMBEDDING_LAYER_NAMES)
+    if not isinstance(targets, str):
+        return bool(targets) and any(e in targets for e in EMBEDDING_LAYER_NAMES)
+    return targets.lower() != "all-linear" and any(
+        re.fullmatch(targets, k) for k in model_info(gm).get("modules", {})
+        if any(re.match(rf"(.*\.)?{e}$", k) for e in EMBEDDING_LAYER_NAMES))
 
 
 def base_layer_targets(gm: GraphModule, adapter_name: str = "default") -> dict[str, str]:
-    """PEFT key -> graph qualname of the base weights PEFT also saves for this adapter (save_embedding_layers:
-    the output head's ``<path>.base_layer.weight`` / ``.bias`` when an embedding-layer name is targeted)."""
+    """PEFT key -> graph qualname of the base weights PEFT also saves (save_embedding_layers: the output head's
+    ``<path>.base_layer.weight`` / ``.bias`` when an embedding-layer name is targeted)."""
     state = adapter_state(gm, adapter_name)
     head = model_info(gm).get("output_head")
     if not head or head not in state.site_names or not embedding_targeted(gm, state.config):
         return {}
-    out: dict[str, str] = {}
-    for leaf in ("weight", "bias"):
-        if base_tensor(gm, f"{head}.{leaf}") is not None:
-            out[f"{PEFT_ROOT}{head}.base_layer.{leaf}"] = f"{head}.{leaf}"
-    return out
+    return {f"{PEFT_ROOT}{head}.base_layer.{leaf}": f"{head}.{leaf}" for leaf in ("weight", "bias")
+            if base_tensor(gm, f"{head}.{leaf}") is not None}
 
 
 def base_tensor(gm: GraphModule, qualname: str) -> Optional[torch.Tensor]:
@@ -98,8 +91,8 @@ def base_tensor(gm: GraphModule, qualname: str) -> Optional[torch.Tensor]:
 
 
 def base_qualname(gm: GraphModule, key: str) -> Optional[str]:
-    """The graph qualname a PEFT base-weight key (``base_model.model.<path>.base_layer.<leaf>``, or a plain
-    ``<path>.<leaf>`` of a saved embedding) names, or None when it names no base tensor of the graph."""
+    """The graph qualname a PEFT base-weight key names (``base_model.model.<path>[.base_layer].<leaf>``), or
+    None."""
     if not key.startswith(PEFT_ROOT):
         return None
     qualname = key[len(PEFT_ROOT):].replace(".base_layer.", ".")
@@ -107,11 +100,8 @@ def base_qualname(gm: GraphModule, key: str) -> Optional[str]:
 
 
 def adapter_state_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The tensors PEFT writes to adapter_model.safetensors for this adapter, under PEFT's keys (with the base
-    weights PEFT's save_embedding_layers='auto' adds when an embedding-layer name is targeted).
-
-    Full tensors always: on a graph sharded with FSDP2 each shard is gathered (``full_tensor``, a collective:
-    call it on every rank, as transformers' Trainer calls ``state_dict()``)."""
+    """The tensors PEFT writes to adapter_model.safetensors for this adapter, under PEFT's keys, full: FSDP2
+    shards are gathered (a collective: call it on every rank)."""
     gm = as_graph_module(gm, "adapter_state_dict")
     out = {k: full_tensor(getattr(mod, attr).detach())
            for k, (mod, attr) in state_dict_targets(gm, adapter_name).items()}

@@ -1,10 +1,8 @@
 """vera_fx's run-time: the custom ops its graphs call, importing nothing but torch.
 
-An exported vera_fx program (``vera_fx.export``) that samples PVeRA noise calls these ops, so a serving
-process needs torch and this file only (it may be loaded on its own, e.g. with ``importlib``, without the
-rest of the package). Both ops draw standard normal noise on CPU from a Mersenne-Twister state kept in a
-uint8 tensor and write the advanced state back, so torch.compile and torch.export see one opaque,
-state-mutating node where a ``torch.Generator`` argument would break the graph.
+An exported program that samples PVeRA noise calls these ops, so serving needs torch and this file only (it
+loads on its own). Both draw standard normal noise on CPU from a generator state kept in a uint8 tensor and
+write it back: one opaque, state-mutating node where a ``torch.Generator`` argument would break the graph.
 """
 
 from __future__ import annotations
@@ -17,11 +15,8 @@ from torch import Tensor
 
 @torch.library.custom_op("vera_fx::pvera_noise", mutates_args=("generator_state",))
 def pvera_noise(generator_state: Tensor, shape: Sequence[int], groups: int, dtype: torch.dtype) -> Tensor:
-    """Standard normal noise of ``shape`` on CPU from the generator whose state is ``generator_state``.
-
-    With ``groups > 1`` the leading dimension is ``groups`` equal blocks, each drawn by its own call, so the
-    draws equal those of ``groups`` forwards of one block each. The advanced state is written back.
-    """
+    """Standard normal noise of ``shape`` from ``generator_state``; with ``groups > 1`` the leading dimension is
+    ``groups`` blocks each drawn by its own call (as ``groups`` forwards of one block each)."""
     gen = torch.Generator(device="cpu")
     gen.set_state(generator_state.detach().to("cpu"))
     shape = [int(s) for s in shape]

@@ -1,9 +1,8 @@
 """The Site record: one linear-like call in the graph, and how to read sites back from a graph.
 
-The match pass tags each site's base call node with ``node.meta["vera_fx_site"]`` (a small dict of plain
-values, so it survives ``Graph.node_copy``); everything else (the input and output nodes) is derived from
-the graph's structure, so a Site is always in step with the graph it was read from.
-Adapter nodes carry ``node.meta["vera_fx"] = {"site", "adapter", "role"}``.
+The match pass tags each site's base call node with ``node.meta["vera_fx_site"]`` (plain values: it survives
+``Graph.node_copy``); the rest is derived from the graph, so a Site is always in step with its graph. Adapter
+nodes carry ``node.meta["vera_fx"] = {"site", "adapter", "role"}``.
 """
 
 from __future__ import annotations
@@ -18,24 +17,16 @@ from .versions import adapter_flags
 
 SITE_KEY = "vera_fx_site"
 ADAPTER_KEY = "vera_fx"
-# gm.meta key of a block graph (a repeated layer kept as a GraphModule submodule): {"path", "group"}.
 MODEL_INFO_KEY = "vera_fx_model"  # root gm.meta: what capture recorded of the model (class, modules, output head)
-BLOCK_KEY = "vera_fx_block"
-# node.meta key of the root graph's node that calls a block: the block's path.
-BLOCK_CALL_KEY = "vera_fx_block_call"
-
-# Kinds of site: dense kinds are merged by adding to the weight; quantized kinds come from bitsandbytes.
+BLOCK_KEY = "vera_fx_block"  # gm.meta of a block graph (a repeated layer as a submodule): {"path", "group"}
+BLOCK_CALL_KEY = "vera_fx_block_call"  # node.meta of the root's node that calls a block: the block's path
 LINEAR_KINDS = ("linear", "conv1d", "int8", "nf4", "fp4")
 
 
 @dataclass
 class Candidate:
-    """A linear-like call found by a recogniser of the match pass, before it is named.
-
-    Recognisers (``vera_fx.passes.match.RECOGNISERS``: dense linears, Conv1D, the quantized kinds of
-    vera_fx/quantized.py) map a node to a Candidate or None; the record lives here so that a recogniser
-    outside the passes needs nothing from them.
-    """
+    """A linear-like call found by a recogniser of the match pass (``RECOGNISERS``), before it is named; here so
+    that a recogniser outside the passes (vera_fx/quantized.py) needs nothing from them."""
 
     node: Node
     kind: str
@@ -49,12 +40,9 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Site:
-    """A linear-like call that an adapter can attach to.
-
-    ``name`` is the module path as in ``model.named_modules()`` (for a functional ``F.linear`` call, its
-    owner's path, plus the weight's attribute name when the owner makes several calls). ``weight`` is the
-    qualified name of the weight parameter when the graph reads it directly (needed to merge).
-    """
+    """A linear-like call that an adapter can attach to. ``name``: the module path (a functional call's owner,
+    plus the weight's name when the owner makes several); ``weight``: the weight's qualname when the graph
+    reads it directly (needed to merge)."""
 
     name: str
     kind: str
@@ -70,13 +58,11 @@ class Site:
 
     @property
     def input(self) -> Node:
-        """The tensor the site reads *now*: read from the base call each time, so that after an upstream site's
-        adapter was added (and the base call rewired to read it) this is the adapted value, not a stale node."""
+        """The tensor the site reads *now* (after an upstream adapter rewired the base call, the adapted value)."""
         return site_input(self.base, self.kind)
 
     @property
     def fan_in_fan_out(self) -> bool:
-        """True when the weight is stored (in_features, out_features), as in GPT-2's Conv1D."""
         return self.kind == "conv1d"
 
 
@@ -102,17 +88,14 @@ def module_path(node: Node) -> tuple[str, str]:
     if not stack:
         return "", ""
     path, typ = list(stack.values())[-1]
-    path = path.split("@")[0]
-    if path.startswith("L['self']"):
-        path = path[len("L['self']"):].lstrip(".")
+    path = path.split("@")[0].removeprefix("L['self']").lstrip(".")
     typ = typ if isinstance(typ, str) else f"{typ.__module__}.{typ.__qualname__}"
     return path, typ.rsplit(".", 1)[-1]
 
 
 def registration_order(names: list[str], modules: list[str]) -> list[str]:
-    """``names`` (site names) in the order their modules are registered (``model.named_modules()``, the
-    order PEFT creates its layers and draws their random values in); a functional call's site, which is no
-    module, goes where the module that calls it is. Ties keep ``names``' order."""
+    """Site ``names`` in their modules' registration order (PEFT's order of creating layers and drawing their
+    random values); a functional call's site goes where its caller is. Ties keep ``names``' order."""
     index = {path: i for i, path in enumerate(modules)}
 
     def key(name: str) -> int:
@@ -135,8 +118,7 @@ def block_prefix(gm: GraphModule) -> str:
 
 
 def graph_modules(gm: torch.nn.Module) -> list[GraphModule]:
-    """Every graph of the tree: the root graph, then its blocks in module order (one per layer). For the model
-    object ``vera_fx.transform`` returns, the tree of its source graph."""
+    """Every graph of the tree (of the source graph for a model object): the root, then its blocks in order."""
     if not isinstance(gm, GraphModule) and getattr(type(gm), "_vera_fx_source_graph", None) is not None:
         gm = gm._vera_fx_source_graph
     blocks = [m for _, m in gm.named_modules() if m is not gm and isinstance(m, GraphModule) and BLOCK_KEY in m.meta]
@@ -151,43 +133,29 @@ def block_groups(gm: GraphModule) -> dict[int, list[GraphModule]]:
     return groups
 
 
-def site_of(node: Node) -> Optional[dict[str, Any]]:
-    return node.meta.get(SITE_KEY)
-
-
 def adapter_nodes(gm: GraphModule, site: Optional[str] = None, adapter: Optional[str] = None) -> list[Node]:
-    """Nodes that adapters added (in every graph of the tree), optionally only those of one site and/or
-    adapter."""
-    out = []
-    for n in (n for g in graph_modules(gm) for n in g.graph.nodes):
-        tag = n.meta.get(ADAPTER_KEY)
-        if tag is None:
-            continue
-        if site is not None and tag.get("site") != site:
-            continue
-        if adapter is not None and tag.get("adapter") != adapter:
-            continue
-        out.append(n)
-    return out
+    """Nodes that adapters added (in every graph of the tree), optionally of one site and/or adapter only."""
+    return [n for g in graph_modules(gm) for n in g.graph.nodes if (tag := n.meta.get(ADAPTER_KEY)) is not None
+            and site in (None, tag.get("site")) and adapter in (None, tag.get("adapter"))]
 
 
-def _graph_order(gm: GraphModule) -> list[GraphModule]:
-    """The tree's graphs in call order: each block where the root graph calls it (others at the end)."""
-    by_path = {block_prefix(g): g for g in graph_modules(gm)[1:]}
-    order: list[GraphModule] = []
-    for n in gm.graph.nodes:
-        path = n.meta.get(BLOCK_CALL_KEY)
-        if path in by_path and by_path[path] not in order:
-            order.append(by_path[path])
-    return order + [g for g in by_path.values() if g not in order]
+def qualified_name(g: GraphModule, target: str) -> str:
+    """A name relative to graph ``g`` (a get_attr target) as a name in the root module of its tree."""
+    prefix = block_prefix(g)
+    return f"{prefix}.{target}" if prefix else str(target)
+
+
+def relative_name(g: GraphModule, name: str) -> str:
+    """A root-module name (a site's path, its weight) relative to graph ``g``: the inverse of ``qualified_name``."""
+    prefix = block_prefix(g)
+    return name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else name
 
 
 def read_sites(gm: GraphModule) -> list[Site]:
-    """Every tagged site of ``gm``'s graph tree in call order (a block's sites where the root calls it), with
-    the adapters attached to it. Merge state and sampling switches are the root's."""
+    """Every tagged site of ``gm``'s tree in call order, with its adapters (merge state and sampling: the root's)."""
     merged = adapter_flags(gm).merged
     sampling = sampling_by_site(gm)
-    blocks = {block_prefix(g): g for g in _graph_order(gm)}
+    blocks = {block_prefix(g): g for g in graph_modules(gm)[1:]}
     own = {s.base: s for s in read_graph_sites(gm, merged, sampling)}
     result: list[Site] = []
     for n in gm.graph.nodes:
@@ -203,27 +171,17 @@ def read_sites(gm: GraphModule) -> list[Site]:
 
 def read_graph_sites(gm: GraphModule, merged: Optional[dict] = None, sampling: Optional[dict] = None) -> list[Site]:
     """The tagged sites of ``gm``'s own graph only (not its blocks), in graph order."""
-    return _sites_of_nodes(gm, list(gm.graph.nodes), merged or {}, sampling or {})
-
-
-def _sites_of_nodes(gm: GraphModule, nodes: list[Node], merged: dict, sampling: dict) -> list[Site]:
+    merged, sampling = merged or {}, sampling or {}
     attached: dict[str, list[str]] = {}
     for n in gm.graph.nodes:
         tag = n.meta.get(ADAPTER_KEY)
         if tag and tag.get("role") == "output":
             attached.setdefault(tag["site"], []).append(tag["adapter"])
-    result = []
-    for n in nodes:
-        tag = site_of(n)
-        if tag is None:
-            continue
-        result.append(Site(name=tag["name"], kind=tag["kind"], in_features=tag["in_features"],
-                           out_features=tag["out_features"], weight=tag.get("weight"), bias=tag.get("bias"),
-                           base=n, output=site_output(n, tag["kind"]),
-                           adapters=tuple(attached.get(tag["name"], ())),
-                           merged=tuple(merged.get(tag["name"], ())),
-                           sampling=sampling.get(tag["name"], ())))
-    return result
+    return [Site(name=tag["name"], kind=tag["kind"], in_features=tag["in_features"], out_features=tag["out_features"],
+                 weight=tag.get("weight"), bias=tag.get("bias"), base=n, output=site_output(n, tag["kind"]),
+                 adapters=tuple(attached.get(tag["name"], ())), merged=tuple(merged.get(tag["name"], ())),
+                 sampling=sampling.get(tag["name"], ()))
+            for n in gm.graph.nodes if (tag := n.meta.get(SITE_KEY)) is not None]
 
 
 def sampling_by_site(gm: GraphModule) -> dict[str, tuple[str, ...]]:
@@ -241,20 +199,17 @@ def _adapter_states(gm: GraphModule) -> list[tuple[str, Any]]:
 
 
 def adapted_sites(gm: GraphModule, adapter_name: Optional[str] = None) -> list[Site]:
-    """The sites that carry an adapter (of ``adapter_name`` only, when given), one per site name.
-
-    An adapter counts whether it is active, inactive (no nodes while switched off) or merged.
-    """
-    owners: dict[str, list[str]] = {}
+    """The sites that carry an adapter (of ``adapter_name`` only, when given), one per site name; an adapter
+    counts whether it is active, inactive (no nodes while switched off) or merged."""
+    owners: dict[str, set[str]] = {}
     for name, state in _adapter_states(gm):
         for site_name in state.site_names:
-            owners.setdefault(site_name, []).append(name)
+            owners.setdefault(site_name, set()).add(name)
     seen: dict[str, Site] = {}
     for s in read_sites(gm):
-        names = set(s.adapters) | set(s.merged) | set(owners.get(s.name, ()))
-        if s.name in seen or not names or (adapter_name is not None and adapter_name not in names):
-            continue
-        seen[s.name] = s
+        names = {*s.adapters, *s.merged, *owners.get(s.name, ())}
+        if names and (adapter_name is None or adapter_name in names):
+            seen.setdefault(s.name, s)
     return list(seen.values())
 
 

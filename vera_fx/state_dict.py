@@ -25,16 +25,11 @@ STATE_KEY_PREFIX = "vera_fx."
 CONFIG_KEY_PREFIX = "vera_fx_config."
 
 
-def _names(source: GraphModule) -> list[str]:
-    return list(getattr(source, CONTAINER, {}) or {})
-
-
 def adapters_state_dict(source: GraphModule, destination: Optional[dict] = None, prefix: str = "",
                         keep_vars: bool = False) -> dict[str, torch.Tensor]:
-    """Every adapter's tensors under PEFT's keys (cloned, so tensors that share storage can be saved with
-    safetensors) and its config as JSON bytes."""
+    """Every adapter's tensors under PEFT's keys (cloned: safetensors refuses shared storage) and its config."""
     out: dict[str, torch.Tensor] = OrderedDict() if destination is None else destination
-    for name in _names(source):
+    for name in getattr(source, CONTAINER, {}) or {}:
         for key, t in ckpt.adapter_state_dict(source, name).items():
             out[f"{prefix}{STATE_KEY_PREFIX}{name}.{key}"] = t if keep_vars else t.detach().clone()
         data = json.dumps(ckpt.peft_config_dict(source, name), sort_keys=True).encode()
@@ -51,9 +46,8 @@ def _split(state_dict: dict[str, Any], names: list[str]) -> tuple[dict[str, dict
             if key[len(CONFIG_KEY_PREFIX):] not in names:
                 unexpected.append(key)
             continue
-        adapter, _, rest = key[len(STATE_KEY_PREFIX):].partition(".") if key.startswith(STATE_KEY_PREFIX) \
-            else (None, "", "")
-        if adapter in names and rest:
+        adapter, _, rest = key.removeprefix(STATE_KEY_PREFIX).partition(".")
+        if key.startswith(STATE_KEY_PREFIX) and adapter in names and rest:
             per_adapter.setdefault(adapter, {})[rest] = value
         else:
             unexpected.append(key)
@@ -65,7 +59,7 @@ def load_adapters_state_dict(source: GraphModule, state_dict: Any, strict: bool 
     if not isinstance(state_dict, dict):
         raise TypeError(f"load_state_dict: state_dict={state_dict!r:.60} is a {type(state_dict).__name__}; "
                         "give the dict m.state_dict() returns (a folder loads with vera_fx.load_adapter)")
-    names = _names(source)
+    names = list(getattr(source, CONTAINER, {}) or {})
     per_adapter, unexpected = _split(state_dict, names)
     missing = [f"{STATE_KEY_PREFIX}{n}.*" for n in names if n not in per_adapter]
     if strict and (missing or unexpected):

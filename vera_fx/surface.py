@@ -1,10 +1,7 @@
-"""PEFT's ``PeftModel`` surface on the object ``transform`` returns: the methods a PEFT user calls, with PEFT's
-names, signatures and semantics, each delegating to the module-level function that does the work.
-
-``PeftSurface`` is a mixin of ``VeraFxModel`` (vera_fx/model.py). Its methods are class attributes, so they win
-over a same-named method of the wrapped transformers model (``add_adapter``, ``set_adapter``, ``delete_adapter``,
-``disable_adapters``, ... of transformers' own PEFT integration), which ``VeraFxModel.__getattr__`` refuses.
-Where vera_fx differs from PEFT the docstring says so.
+"""PEFT's ``PeftModel`` surface on the object ``transform`` returns: PEFT's names, signatures and semantics,
+each method delegating to the module-level function that does the work (a docstring says where vera_fx
+differs). A mixin of ``VeraFxModel``: as class attributes its methods win over the wrapped transformers model's
+same-named PEFT integration, which ``VeraFxModel.__getattr__`` refuses.
 """
 
 from __future__ import annotations
@@ -33,16 +30,13 @@ logger = logging.getLogger(__name__)
 def count_parameters(module: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter counts as PEFT reports them: shared tensors once, buffers not at all, and a
     4-bit bitsandbytes weight as the parameters it packs (two per byte of its storage type)."""
-    trainable = total = 0
-    for p in module.parameters():
-        n = p.numel()
-        if p.__class__.__name__ == "Params4bit":
-            storage = getattr(p, "quant_storage", None)
-            n *= 2 * (storage.itemsize if isinstance(storage, torch.dtype) else 1)
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return trainable, total
+    def size(p: nn.Parameter) -> int:
+        storage = getattr(p, "quant_storage", None)
+        packed = 2 * (storage.itemsize if isinstance(storage, torch.dtype) else 1)
+        return p.numel() * (packed if p.__class__.__name__ == "Params4bit" else 1)
+
+    sizes = [(size(p), p.requires_grad) for p in module.parameters()]
+    return sum(n for n, trains in sizes if trains), sum(n for n, _ in sizes)
 
 
 def check_is_trainable(is_trainable: Any) -> bool:
@@ -55,18 +49,14 @@ def check_is_trainable(is_trainable: Any) -> bool:
 
 class PeftSurface:
     """PEFT's model methods over ``self._source`` (the graph holding the adapter state) and ``self._base_model``
-    (the user's model, never changed by the object), and the transformers model's own surface the Trainer and
-    PEFT users read (``config``, ``generate``, gradient checkpointing)."""
+    (the user's model, never changed), plus the transformers surface the Trainer reads."""
 
     _source: Any
     _base_model: nn.Module
     _forward_params: dict
 
-    # --- the model's own surface ---------------------------------------------------------------------------------------
-
     @property
     def config(self) -> Any:
-        """The model's config (transformers models), or None."""
         return getattr(self._base_model, "config", None)
 
     @property
@@ -85,24 +75,20 @@ class PeftSurface:
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  **kwargs: Any) -> torch.Tensor:
-        """Generate with the adapters unmerged through a KV-cache decode graph over this object's adapter state
-        (``vera_fx.generate``; the same keywords)."""
+        """``vera_fx.generate``: a KV-cache decode graph over this object's adapter state."""
         kwargs.setdefault("model", self._base_model)
         return generate(self, input_ids, attention_mask, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any) -> None:
-        """Checkpoint every block call of every graph, and of graphs captured later
-        (``vera_fx.blockwise.gradient_checkpointing_enable``): backward keeps the block inputs and recomputes each
-        block once; gradients are unchanged. A model captured as one graph (no blocks) raises ValueError.
-        ``gradient_checkpointing_kwargs`` (transformers' Trainer passes ``use_reentrant``) are accepted: the
-        blocks always use non-reentrant checkpointing."""
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None,
+                                      **kwargs: Any) -> None:
+        """Checkpoint every block call of every graph, also those captured later (a model without blocks raises
+        ValueError). ``gradient_checkpointing_kwargs`` are ignored: blocks always use non-reentrant checkpointing."""
         blockwise.gradient_checkpointing_enable(self._source)
         for gm in self._all_graphs():
             if gm is not self._source and blockwise.block_calls(gm):
                 blockwise.gradient_checkpointing_enable(gm)
 
     def gradient_checkpointing_disable(self) -> None:
-        """Call the blocks directly again in every graph."""
         for gm in {id(g): g for g in [self._source, *self._all_graphs()]}.values():
             blockwise.gradient_checkpointing_disable(gm)
 
@@ -110,25 +96,21 @@ class PeftSurface:
     def is_gradient_checkpointing(self) -> bool:
         return blockwise.is_gradient_checkpointing(self._source)
 
-
-    # --- adapters --------------------------------------------------------------------------------------------
-
     @property
     def peft_config(self) -> dict[str, AdapterConfig]:
-        """Adapter name -> its config, as PEFT's ``peft_config`` (a new dict of the live config objects)."""
+        """Adapter name -> its live config object (a new dict each time)."""
         return {name: state.config for name, state in adapters_of(self._source).items()}
 
     @property
     def active_adapter(self) -> Union[str, list[str]]:
-        """The active adapter's name (a list when several are active), as PEFT's ``active_adapter``."""
+        """The active adapter's name (a list when several are active)."""
         names = active_adapters(self._source)
         return names[0] if len(names) == 1 else names
 
     def add_adapter(self, adapter_name: str, peft_config: Any, low_cpu_mem_usage: bool = False,
                     autocast_adapter_dtype: bool = True) -> None:
-        """Add an adapter (a vera_fx or a PEFT VeRA / PVeRA config); as in PEFT it is not made active
-        (``set_adapter``). ``low_cpu_mem_usage`` / ``autocast_adapter_dtype`` are accepted and have no effect
-        (the lambdas are created in the weights' dtype)."""
+        """Add an adapter (vera_fx's or PEFT's config), not made active; the last two keywords have no effect (the
+        lambdas take the weights' dtype)."""
         if adapter_name in self.peft_config:  # PEFT's check and words
             raise ValueError(f"Adapter with name '{adapter_name}' already exists: choose another adapter_name or "
                              f"delete_adapter('{adapter_name}') first")
@@ -136,14 +118,12 @@ class PeftSurface:
             adapter_ops.add_adapter(self, adapter_name, peft_config)
 
     def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
-        """The adapter's own parameters: its lambdas (block lambdas live in the blocks) and modules_to_save."""
+        """Its lambdas (a block's live in the block) and modules_to_save copies."""
         state = self._source.get_submodule(f"{CONTAINER}.{adapter_name}")
         return list({id(p): p for p in [*state.parameters(), *state.lambda_parameters()]}.values())
 
     def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
-        """Enable or disable gradients of the named adapters' parameters, active or not, as PEFT's
-        ``set_requires_grad`` (the next ``set_adapter`` makes the active adapters trainable and the others
-        frozen again)."""
+        """Set ``requires_grad`` of the named adapters' parameters, active or not (until the next ``set_adapter``)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -157,8 +137,7 @@ class PeftSurface:
 
     @contextmanager
     def _keeping_trainability(self) -> Iterator[None]:
-        """The adapters present on entry keep their ``requires_grad`` through the block (an added adapter
-        re-syncs them to the active list)."""
+        """The adapters present on entry keep their ``requires_grad`` (adding an adapter re-syncs them)."""
         kept = {name: [(p, p.requires_grad) for p in self._adapter_parameters(name)] for name in self.peft_config}
         try:
             yield
@@ -169,50 +148,37 @@ class PeftSurface:
                         p.requires_grad_(flag)
 
     def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
-        """Make ``adapter_name`` (or a list: they add up) the active adapters; only their lambdas train, and
-        none with ``inference_mode=True``."""
+        """Make ``adapter_name`` (or a list: they add up) active; only they train, none with ``inference_mode``."""
         adapter_ops.set_adapter(self, adapter_name)
         if inference_mode:
-            for name in ([adapter_name] if isinstance(adapter_name, str) else adapter_name):
-                state = self._source.get_submodule(f"{CONTAINER}.{name}")
-                for p in [*state.parameters(), *state.lambda_parameters()]:  # block lambdas live in the blocks
-                    p.requires_grad_(False)
+            self.set_requires_grad(adapter_name, False)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Delete an adapter; deleting the active one activates a remaining one, as in PEFT."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist; adapters: {list(self.peft_config) or 'none'}")
         adapter_ops.delete_adapter(self, adapter_name)
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Inside the block the model computes the base model (``vera_fx.disable_adapters``)."""
         with adapter_ops.disable_adapters(self):
             yield
 
     def disable_adapter_layers(self) -> None:
-        """Disable every adapter until ``enable_adapter_layers()``."""
         adapter_ops.set_adapters_disabled(self, True)
 
     def enable_adapter_layers(self) -> None:
-        """Enable the adapters again after ``disable_adapter_layers()``."""
         adapter_ops.set_adapters_disabled(self, False)
 
-    # --- merging ---------------------------------------------------------------------------------------------
-
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        """Fold the active (or the named) adapters into the graph's weights (``vera_fx.merge``); the user's
-        model is not changed (copy-on-merge) and ``unmerge_adapter()`` restores the exact weights."""
+        """``vera_fx.merge``: the user's model is not changed (copy-on-merge)."""
         merge(self, adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
-        """Undo every ``merge_adapter`` (``vera_fx.unmerge``)."""
         unmerge(self)
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Optional[list[str]] = None) -> nn.Module:
-        """The user's model with the active (or the named) adapters folded into its weights (``merge_into``,
-        in place, as PEFT's); returned. ``progressbar`` is accepted (merging takes no visible time)."""
+        """The user's model with the active (or named) adapters folded into its weights, in place as PEFT's."""
         if adapter_names is None or list(adapter_names) == active_adapters(self._source):
             return merge_into(self._base_model, self._source, safe_merge=safe_merge)
         with state_lock(self).write():  # no forward sees the temporary active list
@@ -224,7 +190,7 @@ class PeftSurface:
                 adapter_ops.set_adapter(self, before)
 
     def unload(self) -> nn.Module:
-        """The base model without the adapters: the model ``transform`` was given (vera_fx never changes it)."""
+        """The model ``transform`` was given (vera_fx never changes it)."""
         merged = sorted(merged_adapters(self._source))
         if merged:
             logger.warning("unload: adapters %s are merged in the graph only (copy-on-merge): the returned model has "
@@ -232,19 +198,14 @@ class PeftSurface:
         return self._base_model
 
     def get_base_model(self) -> nn.Module:
-        """The model ``transform`` was given. Unlike PEFT's (whose layers hold the adapters), calling it runs
-        the model without adapters; the adapters are in the graphs this object calls."""
+        """The model ``transform`` was given; unlike PEFT's, it runs without adapters (they live in the graphs)."""
         return self._base_model
-
-    # --- files -----------------------------------------------------------------------------------------------
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
                      torch_device: Optional[str] = None, **kwargs: Any) -> None:
-        """Load the adapter saved in folder ``model_id`` (PEFT's or vera_fx's layout) as ``adapter_name``. As in
-        PEFT it is not made active, the other adapters keep their ``requires_grad``, and unless ``is_trainable``
-        it is frozen (its config's ``inference_mode`` True) and the model is put in eval mode; with
-        ``is_trainable=True`` its parameters train even while it is inactive. Local folders only; ``torch_device``
-        and PEFT's other keywords are accepted and ignored (the weights' device is used)."""
+        """Load a local adapter folder as ``adapter_name``, not made active; frozen (inference_mode, eval mode)
+        unless ``is_trainable``, then it trains even while inactive. ``torch_device`` and PEFT's other keywords
+        are ignored (the weights' device is used)."""
         check_is_trainable(is_trainable)
         if kwargs:
             logger.info("load_adapter: ignored %s", sorted(kwargs))
@@ -256,7 +217,6 @@ class PeftSurface:
             self.eval()  # type: ignore[attr-defined]
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameters, as PEFT counts them."""
         return count_parameters(self)  # type: ignore[arg-type]
 
     def print_trainable_parameters(self) -> None:
@@ -267,9 +227,8 @@ class PeftSurface:
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], selected_adapters: Optional[list[str]] = None,
                         is_main_process: Optional[bool] = None, **kwargs: Any) -> None:
-        """Write the adapters as PEFT does: ``default`` in ``save_directory``, any other adapter in a subfolder
-        of its name. ``PeftModel.from_pretrained(model, save_directory)`` loads the result. ``is_main_process``
-        as in transformers (default: rank 0); sharded with FSDP2, call it on every rank with it set."""
+        """Write ``default`` in ``save_directory`` and any other adapter in a subfolder of its name, as PEFT does;
+        sharded with FSDP2, call it on every rank with ``is_main_process`` set."""
         if kwargs:
             logger.info("save_pretrained: ignored %s (vera_fx writes safetensors only)", sorted(kwargs))
         names = list(self.peft_config)
