@@ -3,8 +3,9 @@
 A Llama-like model (hidden 1024, 4 layers, intermediate 2048, vocab 4096; every linear layer or q/v only),
 VeRA and PVeRA (its mean: eval mode) at r=256 with random lambdas, the same adapter state in both libraries.
 Rows: decode (a forward of 1 token) and prefill (128 tokens), batch 1 and 8, under ``torch.no_grad`` in eval
-mode. Variants, all timed in one interleaved run (one call of each per round, so load from other processes
-spreads evenly over them; medians):
+mode. Variants, all timed in one interleaved run (per round each variant in turn: two untimed calls that bring
+its weights back into the cache, then one timed call; so load from other processes spreads evenly over them,
+and no variant gains from running after another that shares its weights; medians):
 
 - ``base``: the model itself; ``peft``: PEFT's model, unmerged; ``peft merged``: ``merge_and_unload``;
 - ``vera_fx``: the object in eval (its inference variant, per-site products, the default); ``vera_fx batched``:
@@ -17,6 +18,7 @@ spreads evenly over them; medians):
 
 Targets (issue 32, on a quiet machine): vera_fx <= 0.90x PEFT's time, decode <= 1.25x the base's.
 Run: python benchmarks/inference.py [--quick] [--rounds N] [--threads N] [--compile] [--cases vera-all,...]
+[--rows decode,prefill]
 """
 
 from __future__ import annotations
@@ -52,13 +54,16 @@ def build(hidden: int, layers: int, inter: int, vocab: int) -> torch.nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds per call of every function, one call each per round, after one warm-up call each."""
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warm: int = 2) -> dict[str, float]:
+    """Median seconds per call of every function: per round, each function in turn is called ``warm`` times
+    untimed (its weights back in the cache: the models hold 4 x 176 MB, more than the 480 MB L3, and a
+    decode loop calls one model over and over), then once timed. Without it the order decided the ratios: a
+    variant run right after another one sharing its weights ran up to 10% faster."""
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
     for _ in range(rounds):
         for name, fn in fns.items():
+            for _ in range(warm):
+                fn()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -127,6 +132,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="add compiled base / PEFT / vera_fx decode rows")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {list(CASES)}")
     parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--rows", default="decode,prefill", help="comma-separated, of decode, prefill")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -135,7 +141,8 @@ def main() -> None:
                                                                                              256, 128)
     rounds = 3 if args.quick else args.rounds
     batches = [int(b) for b in args.batches.split(",")]
-    rows = [(kind, b, t) for kind, t in (("decode", 1), ("prefill", prefill)) for b in batches]
+    rows = [(kind, b, t) for kind, t in (("decode", 1), ("prefill", prefill)) for b in batches
+            if kind in args.rows.split(",")]
     model = build(hidden, layers, inter, vocab)
     print(f"Llama-like: hidden {hidden}, {layers} layers, intermediate {inter}, vocab {vocab}, r={r}; torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, median of {rounds} interleaved rounds, eval, "

@@ -9,11 +9,9 @@
   new signature is captured on first use, matched, and bound to the source's state by the attach pass
   (vera_fx/passes/attach.py); a graph whose export guard rejects a call gets a sibling captured for it.
 
-Under torch.compile the object's own frames run eagerly (signature, capture, binding) and dynamo compiles each
-graph's generated ``forward``: one code object, hence one compile cache, per graph, so any number of objects
-and signatures compile, and a signature first seen inside a compiled call is captured eagerly.
-PEFT's methods and the model's own surface come from ``PeftSurface`` (vera_fx/surface.py); ``state_dict()`` is
-the adapters only (vera_fx/state_dict.py).
+Under torch.compile the object's own frames run eagerly and dynamo compiles each graph's generated ``forward``
+(one compile cache per graph). PEFT's methods come from ``PeftSurface`` (vera_fx/surface.py); ``state_dict()``
+is the adapters only (vera_fx/state_dict.py).
 """
 
 from __future__ import annotations
@@ -68,13 +66,8 @@ _EAGER_REASON = ("a VeraFxModel runs its own work eagerly and torch.compile comp
 
 
 class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
-    """A model with VeRA / PVeRA adapters, computed by captured torch.fx graphs (see the module docstring).
-
-    Call it as the model (any keyword set the model takes); train, evaluate, ``.to()``, save and inspect it.
-    PEFT's model methods (``add_adapter``, ``set_adapter``, ``disable_adapter()``, ``merge_and_unload``, ``unload``,
-    ``peft_config``, ...) come from ``PeftSurface`` (vera_fx/surface.py).
-    ``graph_module`` is the source graph (adapter state, ``code``); ``graphs`` every cached graph by signature.
-    """
+    """A model with VeRA / PVeRA adapters, computed by captured torch.fx graphs (see the module docstring): call
+    it as the model; ``graph_module`` is the source graph, ``graphs`` every cached graph by signature."""
 
     _keys_to_ignore_on_save = None  # read by transformers' Trainer after loading a checkpoint
 
@@ -88,7 +81,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         d["_graphs"] = OrderedDict()  # CallKey -> GraphModules (siblings: an export guard rejected a call), LRU order
         d["_order"] = []  # keys in capture order, for messages
         d["_twins"] = weakref.WeakKeyDictionary()  # graph -> its inference twin (vera_fx/variants.py)
-        d["_ready"] = {}  # CallKey -> (state stamp, graph, the graph a call runs): the per-call cache (variants.py)
+        d["_ready"] = {}  # CallKey -> (state stamp, graph, the graph a call runs) (variants.py); siblings' last
         d["_keywords_ok"] = set()  # keyword sets check_keywords accepted
         d["_inference_form"] = INFERENCE_FORM
         d["_warned_evict"] = False
@@ -311,8 +304,8 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         return self._fresh(graphs[0], variant=False)
 
     def _binding(self, gm: GraphModule, fp: tuple) -> tuple:
-        """What ``gm`` is bound to: the adapter structure (``fp``) and the identities of the base tensors of the
-        source and of ``gm`` (twins of one graph share leaf modules, so binding one can change another's)."""
+        """The adapter structure and the base tensors' identities in the source and in ``gm`` (twins share leaf
+        modules, so binding one can change another's): ``gm`` is attached again when they change."""
         return fp, base_stamp(self._source), base_stamp(gm)
 
     def _fresh(self, gm: GraphModule, variant: bool = True) -> GraphModule:
@@ -323,9 +316,9 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         if variant:
             gm = self._variant(gm, fp)
         if gm is not self._source:
-            try:
+            try:  # (a RuntimeError: another thread is binding a graph that shares leaf modules with this one)
                 current = gm.meta.get(_FINGERPRINT) == self._binding(gm, fp)
-            except RuntimeError:  # another thread is binding a graph that shares leaf modules with this one
+            except RuntimeError:
                 current = False
             if not current:
                 with self._build_lock:
@@ -359,12 +352,18 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         return functools.partial(self._call_siblings, key, graphs), call
 
     def _call_siblings(self, key: CallKey, graphs: list[GraphModule], /, **call: Any) -> Any:
-        for gm in graphs:
+        """The first of the signature's graphs whose guards accept the call (each bound through the per-call
+        cache), starting with the one that took the last call (a loop calls one shape over and over)."""
+        last = self._ready.get((key, "sibling"))
+        for gm in ([last] if last in graphs else []) + [g for g in graphs if g is not last]:
             try:
-                return self._fresh(gm)(**call)
+                out = self._ready_graph((key, id(gm)), gm)(**call)
             except AssertionError as e:  # an export guard (a shape export specialised) rejected the call
                 if not any(s in str(e) for s in _GUARD_ERRORS):
                     raise
+                continue
+            self._ready[(key, "sibling")] = gm
+            return out
         with self._build_lock:
             return self._capture(key, call)(**call)
 

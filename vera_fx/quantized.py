@@ -27,7 +27,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from .compat import unpack_cpu_4bit
-from .sites import Candidate, block_prefix, graph_modules
+from .sites import Candidate, graph_modules, qualified_name
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -311,11 +311,10 @@ def rebind_layers(gm: GraphModule, source: GraphModule) -> int:
     merge replaces those layers in the source); returns how many were replaced."""
     count = 0
     for g in graph_modules(gm):
-        prefix = block_prefix(g)
         for n in g.graph.nodes:
             if n.op != "call_module" or QUANT_KEY not in n.meta:
                 continue
-            path = f"{prefix}.{n.target}" if prefix else str(n.target)
+            path = qualified_name(g, str(n.target))
             try:
                 theirs = source.get_submodule(path)
             except AttributeError:

@@ -32,7 +32,7 @@ from .config import AdapterConfig
 from .methods import CONTAINER, AdapterSet, AdapterState, AdapterView, Method
 from .versions import adapter_flags
 from .versions import StateLock
-from .sites import as_graph_module, block_prefix, graph_modules, read_graph_sites, read_sites
+from .sites import as_graph_module, block_prefix, graph_modules, qualified_name, read_graph_sites, read_sites
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -288,21 +288,16 @@ def attach_modules_to_save(gm: GraphModule, adapter_name: str, module_names: Seq
     state.modules_to_save = copies
     state.modules_to_save_paths = paths
     for g in graph_modules(gm):  # the root graph and its blocks (a block's targets are relative to it)
-        prefix = block_prefix(g)
         for node in g.graph.nodes:
             if node.op != "get_attr" or MTS_TAG in node.meta:
                 continue
-            full = _qualify(prefix, str(node.target))
+            full = qualified_name(g, str(node.target))
             owner = next((p for p in paths if full.startswith(p + ".")), None)
             if owner is not None:
                 node.meta[MTS_TAG] = {"path": owner, "target": node.target}
     attach_state(gm, adapter_name, state)  # a block holding a copied module reads it through a view
     route_modules_to_save(gm, [] if adapters_disabled(gm) else active_adapters(gm))
     return paths
-
-
-def _qualify(prefix: str, target: str) -> str:
-    return f"{prefix}.{target}" if prefix else target
 
 
 def modules_to_save_copy(state: AdapterState, path: str) -> nn.Module:
@@ -329,7 +324,6 @@ def route_modules_to_save(gm: GraphModule, live: Sequence[str]) -> bool:
     owners = modules_to_save_owners(gm, live)
     changed = False
     for g in graph_modules(gm):
-        prefix = block_prefix(g)
         here = False
         for node in g.graph.nodes:
             tag = node.meta.get(MTS_TAG)
@@ -338,7 +332,7 @@ def route_modules_to_save(gm: GraphModule, live: Sequence[str]) -> bool:
             owner = owners.get(tag["path"])
             target = tag["target"]
             if owner is not None:
-                rel = _qualify(prefix, target)[len(tag["path"]) + 1:]
+                rel = qualified_name(g, target)[len(tag["path"]) + 1:]
                 target = f"{CONTAINER}.{owner}.modules_to_save.{_mts_key(tag['path'])}.{rel}"
             if node.target != target:
                 node.target = target

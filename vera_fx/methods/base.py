@@ -12,7 +12,7 @@ from torch import nn
 from torch.fx import Graph, Node
 
 from ..config import AdapterConfig
-from ..sites import ADAPTER_KEY, Site, block_prefix
+from ..sites import ADAPTER_KEY, Site, relative_name
 from ..versions import CONTAINER, AdapterFlags, GraphVersions, StateLock
 
 aten = torch.ops.aten
@@ -193,8 +193,7 @@ class Emitter:
         self.site = site
         self.adapter = adapter
         # node names relative to the block (if any), so every layer's generated code is the same
-        prefix = block_prefix(graph.owning_module) if graph.owning_module is not None else ""
-        rel = site.name[len(prefix) + 1:] if prefix and site.name.startswith(prefix + ".") else site.name
+        rel = relative_name(graph.owning_module, site.name) if graph.owning_module is not None else site.name
         self.relative_site = rel  # the site's path inside its block
         self.ident = f"{rel.replace('.', '_').replace('-', '_') or 'root'}_{adapter}"
         self.nodes: dict[str, Node] = {}  # the nodes emitted, by name: what the lower pass rewrites

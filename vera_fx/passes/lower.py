@@ -30,7 +30,7 @@ from ..methods.fold import fold_argument, weight_fold, weight_site, weight_site_
 from ..methods.fused import fused_site
 from ..methods.lean import lean_site
 from ..methods.pvera import pvera_lean_noise
-from ..sites import ADAPTER_KEY, SITE_KEY, block_prefix
+from ..sites import ADAPTER_KEY, SITE_KEY, relative_name
 from ..versions import adapter_flags
 from .chains import Chain, hoist, inplace_target, tag_node
 from .infer import INFERENCE_KEY, lower_for_inference
@@ -270,8 +270,7 @@ def _weight_blocker(gm: GraphModule, c: Chain) -> Optional[str]:
     if not (dense or conv1d):
         return f"site kind {s.kind!r} has no dense weight argument"
     root = s.base.args[2] if conv1d else s.base.args[1]
-    prefix = block_prefix(gm)  # a block's get_attr targets are relative to the block; site weights are full
-    local = s.weight[len(prefix) + 1:] if prefix and s.weight and s.weight.startswith(prefix + ".") else s.weight
+    local = relative_name(gm, s.weight) if s.weight else s.weight  # a block's get_attr targets are relative to it
     if root.op != "get_attr" or root.target != local:
         return "its weight is computed in the graph"
     if c.h.args[0] is not s.input:

@@ -23,7 +23,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..methods import CONTAINER
 from ..quantized import set_layer
-from ..sites import ADAPTER_KEY, Site, as_graph_module, block_prefix, graph_modules, model_info, read_sites
+from ..sites import ADAPTER_KEY, Site, as_graph_module, graph_modules, model_info, qualified_name, read_sites
 from ..state import ADAPTER_MODE, MTS_TAG, active_adapters, adapters_disabled, adapters_of, merged_adapters, mutation
 from ..versions import adapter_flags
 from .inject import emit_adapter, remove_adapter_nodes
@@ -97,7 +97,7 @@ def _plan(gm: GraphModule, names: tuple[str, ...]) -> tuple[list[_Fold], dict[st
     for g in graph_modules(gm):
         for n in g.graph.nodes:
             if n.op == "get_attr":
-                readers.setdefault(_qualified(g, str(n.target)), []).extend(n.users)
+                readers.setdefault(qualified_name(g, str(n.target)), []).extend(n.users)
     folds: list[_Fold] = []
     skipped: dict[str, str] = {}
     for name, calls in calls_by_site.items():
@@ -131,12 +131,6 @@ def _folded_weights(gm: GraphModule, folds: list[_Fold], safe_merge: bool) -> di
 
 def _layer_plans(gm: GraphModule, folds: list[_Fold]) -> list[tuple[Site, tuple[str, ...], nn.Module]]:
     return [(f.site, f.adapters, gm.get_submodule(layer_path(f.weight))) for f in folds if is_layer_site(f.site)]
-
-
-def _qualified(g: GraphModule, target: str) -> str:
-    """A get_attr target of graph ``g`` as a name in the root module of its tree."""
-    prefix = block_prefix(g)
-    return f"{prefix}.{target}" if prefix else target
 
 
 class _GraphPass(PassBase):
@@ -281,13 +275,13 @@ def _graph_reads(gm: GraphModule) -> dict[str, str]:
     """Model parameter name -> the name of the tensor the graph reads in its place, for every parameter the
     base graph reads (a ``modules_to_save`` copy stands in for the parameter it was copied from)."""
     reads: dict[str, str] = {}
-    for g, n, target in ((g, n, _qualified(g, str(n.target))) for g in graph_modules(gm) for n in g.graph.nodes):
+    for g, n, target in ((g, n, qualified_name(g, str(n.target))) for g in graph_modules(gm) for n in g.graph.nodes):
         if n.op != "get_attr" or n.meta.get(ADAPTER_KEY) or n.target in ("training", ADAPTER_MODE_FLAG):
             continue
         mts = n.meta.get(MTS_TAG)
         try:
             if isinstance(get_tensor(gm, target), nn.Parameter):
-                reads[_qualified(g, str(mts["target"])) if mts else target] = target
+                reads[qualified_name(g, str(mts["target"])) if mts else target] = target
         except AttributeError:
             continue  # not a tensor attribute
     return reads
