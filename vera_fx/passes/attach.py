@@ -12,8 +12,9 @@ owns the adapter state; every other graph is made equal to it by ``attach_adapte
   flags, never copied), gets its ``modules_to_save`` routing, and the adapter nodes of every site in the
   source's order, so the two graphs compute the same function.
 
-A graph that was attached before (its adapter nodes are stale) is cleared first, so attaching again after
-the source changed (``set_adapter``, ``merge``, ...) rebuilds it without a new capture.
+Attaching again after the source changed (``set_adapter``, ``merge``, ...) switches the graph's tree to its
+version for the new state (built once, vera_fx/versions.py); its tensors are bound again only when a base
+tensor or module was replaced (``base_stamp``), its states registered again only when they changed.
 """
 
 from __future__ import annotations

@@ -1,23 +1,18 @@
 """The inference form of a graph's adapters: what a graph run in eval mode or without gradients computes.
 
-A graph built for inference (its root's ``gm.meta["vera_fx_inference"]`` names the form; the model object
-builds such a twin of each captured graph, vera_fx/variants.py) never runs a training plan: nothing is saved
-for backward, so the lean, fused and weight paths' trade-offs do not apply. Per site group (the sites of one
-adapter that read one ``h = x @ A.T`` and one slice of ``B``) the lower pass emits the calls of
-vera_fx/methods/infer.py: one ``group_products`` node (every site's ``h * lambda_d`` at once, one ``mm``
-against ``B``) and per site a ``site_add`` (``y + u[k] * lambda_b``, in place into the base output where
-allowed); a site alone (or every site, in the per-site form) is one ``site_apply`` node. PVeRA's sites keep
-their sampling nodes (``sample_at_inference`` is a run-time switch) and apply their latent one site at a time.
+A graph built for inference (root ``gm.meta["vera_fx_inference"]`` names the form: the model object's twins,
+vera_fx/variants.py, and generation's decode graphs) never runs a training plan: nothing is kept for backward.
+Per site group (one adapter's sites that read one ``h = x @ A.T`` and one slice of ``B``) the lower pass emits
+vera_fx/methods/infer.py's calls: a ``site_apply`` per site (the default, per-site form), or one
+``group_products`` and a ``site_add`` per site (``form="batched"``: ``B`` read once per group; it measured no
+faster on the CPU). PVeRA's sites reading one ``x`` share ``pvera_group_h`` (the mean's r rows when none
+samples, decided at run time) and take ``pvera_latent`` per site. ``flatten_reads`` then makes deep attribute
+reads one lookup.
 
-The cost model (``inference_costs``), per group of ``n`` sites of width ``out`` reading one ``B`` slice
-(``out x r``) with ``T`` tokens per call: both forms make the same ``n T r out`` multiply-adds; the per-site
-form reads ``B`` ``n`` times and makes ``3 n`` calls (scale, product, add), the batched form reads it once and
-makes ``n + 5`` (stack, view, scale, product, unbind; the adds) and forms ``n r`` values more (the stacked
-``lambda_d``). A call is priced at ``CALL_COST`` multiply-add equivalents, a value of ``B`` read at one. So a
-group of three batches at any width, a pair where ``B`` is larger than a call (``out r`` above about 4096:
-every real model), never a single site. ``form="site"`` (for measurement) keeps every group per site. Folding
-``dW`` into ``W`` per call (the training weight path) would cost ``out r in`` multiply-adds and a pass over
-``out x in`` values: it pays only when ``T > in``, and is not an inference form here.
+The cost model (``inference_costs``), per group of ``n`` sites of width ``out``, rank ``r``, ``T`` tokens per
+call: both forms make ``n T r out`` multiply-adds; the per-site form reads ``B`` ``n`` times, the batched one
+once, with ``n r`` values more (the stacked ``lambda_d``) and more calls, each priced at ``CALL_COST``.
+Folding ``dW`` into ``W`` per call would cost ``out r in`` multiply-adds: it pays only when ``T > in``.
 """
 
 from __future__ import annotations
@@ -39,9 +34,8 @@ INFERENCE_KEY = "vera_fx_inference"  # root gm.meta: the inference form this gra
 FLAT_KEY = "vera_fx_flat_reads"  # each graph's meta in an inference tree: {flat name: owner module path}
 FORMS = ("batched", "site")
 # The form graphs are built in unless the object says otherwise (``m.inference_form``). Per site: on the 2-core
-# CPU (quiet, benchmarks/inference.py, Llama-like hidden 1024, r=256) the batched form's stack and unbind cost
-# more than reading B once saves: per-site products ran 0.96-0.98x the batched form's time at decode, 0.99x at
-# prefill, for every group; the batched form stays selectable for measurement (and devices with costlier calls).
+# CPU (quiet, warm, hidden 1024, r=256) the two forms measured the same (decode 1.35 vs 1.35x the base, 40
+# rounds); the batched form stays selectable for measurement (and devices with costlier calls).
 DEFAULT_FORM = "site"
 CALL_COST = 4096  # multiply-add equivalents of one eager op call (~5-10 us on the 2-core CPU, ~1 GMAC/s/core)
 
