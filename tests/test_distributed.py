@@ -57,7 +57,7 @@ def _reference(ex, name: str):
 @pytest.mark.parametrize("name,modes", [("llama", "ddp,fsdp2,plain,fsdp1"), ("gpt2", "ddp,plain")])
 def test_torchrun_matches_single_process(name, modes, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = ["torchrun", "--nproc_per_node=2", f"--master_port={_free_port()}", str(SCRIPT), "--model", name,
+    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(SCRIPT), "--model", name,
            "--modes", modes, "--steps", str(STEPS), "--out", str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -82,7 +82,7 @@ def test_torchrun_matches_single_process(name, modes, tmp_path):
 
 def _torchrun(script: Path, *args: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = ["torchrun", "--nproc_per_node=2", f"--master_port={_free_port()}", str(script), *args]
+    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(script), *args]  # it binds a free port itself
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
 

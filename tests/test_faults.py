@@ -22,10 +22,8 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from torch import nn
 
 import vera_fx
-from vera_fx import folder
 from vera_fx.checkpoint import read_checkpoint
 from vera_fx.limits import check_rank
 from vera_fx.sites import read_sites
@@ -192,13 +190,7 @@ def test_distributed_saves_follow_the_conventions_and_never_hang(tmp_path):
     a collective. FSDP2: a save on one rank without is_main_process refuses at once; on every rank it writes
     the full adapter; a Trainer-style checkpoint of state_dict() loads in one process."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = ["torchrun", "--nproc_per_node=2", f"--master_port={port}", str(ROOT / "tests" / "torchrun_saves.py"),
-           str(tmp_path)]
+    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "tests" / "torchrun_saves.py"), str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-4000:]
     rec = torch.load(tmp_path / "record.pt")
@@ -357,7 +349,6 @@ def test_unclear_errors_name_the_argument_value_and_fix(llama):
         vera_fx.set_adapter(llama, 3)
     with pytest.raises(TypeError, match=r"state_dict='x' is a str; give the dict m.state_dict\(\) returns"):
         llama.load_state_dict("x")
-    start = time.perf_counter()
     with pytest.raises(TypeError, match=r"model is already transformed.*m.add_adapter"):
         vera_fx.transform(llama, vera_fx.VeraConfig(r=4), example_inputs={"input_ids": torch.ones(2, 4).long()})
     ids = torch.randint(0, 96, (2, 6))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -173,20 +172,14 @@ def test_accelerate_bf16_matches_peft():
     torch.testing.assert_close(torch.tensor(losses["ours"]), torch.tensor(losses["peft"]), atol=2e-2, rtol=1e-2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_through_torchrun(tmp_path):
     script = Path(__file__).with_name("torchrun_trainer.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent),
                                                          os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(_free_port()), str(script), str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    # --standalone: the launcher binds a free port itself (a port picked here could be taken by a parallel test)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert states[0].keys() == states[1].keys()
