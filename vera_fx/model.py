@@ -301,7 +301,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
                 graphs = self._graphs.get(key)
                 if graphs is None:
                     return self._capture(key, call)
-        return self._fresh(graphs[0], variant=False)
+        return self._ready_graph((key, "first"), graphs[0], variant=False)  # bound once per state stamp
 
     def _binding(self, gm: GraphModule, fp: tuple) -> tuple:
         """The adapter structure and the base tensors' identities in the source and in ``gm`` (twins share leaf

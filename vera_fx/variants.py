@@ -149,14 +149,15 @@ class GraphVariants:
         self._twins.clear()
         self._ready.clear()
 
-    def _ready_graph(self, key: tuple, gm: GraphModule) -> GraphModule:
+    def _ready_graph(self, key: tuple, gm: GraphModule, variant: bool = True) -> GraphModule:
         """The graph a call of signature ``key`` (first graph ``gm``) runs: the one chosen by the last call when the
-        state stamp is unchanged (a dictionary lookup), else ``_fresh(gm)`` (twin choice, re-attach), kept."""
+        state stamp is unchanged (a dictionary lookup), else ``_fresh(gm, variant)`` (twin choice, re-attach),
+        kept."""
         stamp = state_stamp(self._source)
         hit = self._ready.get(key)
         if hit is not None and hit[1] is gm and hit[0] == stamp:
             return hit[2]
-        run = self._fresh(gm)
+        run = self._fresh(gm, variant)
         self._ready[key] = (stamp, gm, run)
         return run
 

@@ -128,8 +128,9 @@ def lower_for_inference(gm: GraphModule, chains: list[Chain], form: str = "batch
     groups: dict[tuple, list[Chain]] = {}
     for c in chains:  # a group: one h, one adapter, one B slice (PVeRA: one h)
         b = c.nodes["xAB"].args[1]
-        probabilistic = c.state.method.probabilistic
-        key = (c.h.name, c.adapter) if probabilistic else (c.h.name, c.adapter, b.name if isinstance(b, Node) else b)
+        key: tuple = (c.h.name, c.adapter)
+        if not c.state.method.probabilistic:
+            key += (b.name if isinstance(b, Node) else repr(b),)
         groups.setdefault(key, []).append(c)
     for members in groups.values():
         st = members[0].state
