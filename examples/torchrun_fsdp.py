@@ -134,6 +134,7 @@ def main() -> None:
     try:
         for mode in args.modes.split(","):
             run(mode, args.model, 2 if args.quick else args.steps, args.out, device)
+        dist.barrier()  # every rank done before any tears the process group down
     finally:
         dist.destroy_process_group()
 

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +11,7 @@ import safetensors.torch
 import torch
 
 import vera_fx
+from conftest import needs_torchrun, torchrun
 from vera_fx.distributed import full_tensor, shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,14 +51,10 @@ def _reference(ex, name: str):
     return grads, losses, vera_fx.adapter_state_dict(gm)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+@needs_torchrun
 @pytest.mark.parametrize("name,modes", [("llama", "ddp,fsdp2,plain,fsdp1"), ("gpt2", "ddp,plain")])
 def test_torchrun_matches_single_process(name, modes, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(SCRIPT), "--model", name,
-           "--modes", modes, "--steps", str(STEPS), "--out", str(tmp_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(SCRIPT, "--model", name, "--modes", modes, "--steps", str(STEPS), "--out", str(tmp_path))
     ex = _example()
     grads, losses, final = _reference(ex, name)
     for mode in modes.split(","):
@@ -80,21 +74,14 @@ def test_torchrun_matches_single_process(name, modes, tmp_path):
             torch.testing.assert_close(saved[k], v, atol=1e-5, rtol=1e-5, msg=f"{mode}: {k}")
 
 
-def _torchrun(script: Path, *args: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(script), *args]  # it binds a free port itself
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+@needs_torchrun
 @pytest.mark.parametrize("variant", ["graph", "object"])
 def test_plain_fsdp2_recipe_and_state_dict(variant, tmp_path):
     """fully_shard(layer) for each layer, then fully_shard(m): each tensor is registered once, so FSDP2 wraps
     it. The gradients are DDP's (torch 2.13's gloo averages; where it sums, pytorch issue 162338, they are
     world x DDP's until mean_gradients). state_dict() gives full tensors on every rank, and load_state_dict
     writes each rank's shard, from full tensors or from DTensors."""
-    _torchrun(ROOT / "tests" / "torchrun_fsdp_plain.py", "--variant", variant, "--steps", str(STEPS),
+    torchrun(ROOT / "tests" / "torchrun_fsdp_plain.py", "--variant", variant, "--steps", str(STEPS),
               "--out", str(tmp_path))
     rec = torch.load(tmp_path / f"{variant}.pt")
     ex = _example()

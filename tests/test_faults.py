@@ -27,7 +27,7 @@ import vera_fx
 from vera_fx.checkpoint import read_checkpoint
 from vera_fx.limits import check_rank
 from vera_fx.sites import read_sites
-from conftest import tiny_llama
+from conftest import needs_torchrun, tiny_llama, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG = os.environ.get("VERA_FX_LONG") == "1"
@@ -184,15 +184,12 @@ def test_concurrent_reader_never_sees_a_mixed_pair(tmp_path):
 
 # --- 2. distributed saves: conventions, no hang --------------------------------------------------------
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+@needs_torchrun
 def test_distributed_saves_follow_the_conventions_and_never_hang(tmp_path):
     """DDP: save_adapter on rank 0 only and save_pretrained(is_main_process=...) on every rank write without
     a collective. FSDP2: a save on one rank without is_main_process refuses at once; on every rank it writes
     the full adapter; a Trainer-style checkpoint of state_dict() loads in one process."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "tests" / "torchrun_saves.py"), str(tmp_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-4000:]
+    torchrun(ROOT / "tests" / "torchrun_saves.py", str(tmp_path), timeout=300)
     rec = torch.load(tmp_path / "record.pt")
     assert "Call it on every rank with is_main_process=(rank == 0)" in rec["fsdp2_one_rank_error"]
     assert rec["fsdp2_one_rank_seconds"] < 60  # at once: no collective was entered (a hang would time out)

@@ -89,6 +89,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     try:
         run(args.variant, args.steps, args.out)
+        dist.barrier()  # no rank tears its gloo pairs down while the other still reads from them
     finally:
         dist.destroy_process_group()
 
