@@ -179,10 +179,11 @@ def test_weight_path_folds_gpt2_conv1d(length):
     assert len(calls) == 8 and all(n.target is torch.ops.aten.addmm.default for n in calls)  # 2 layers x 4
 
 
-@pytest.mark.parametrize("tokens", [5, 12], ids=["lean-call", "folded-call"])
+@pytest.mark.parametrize("tokens", [1, 5, 12], ids=["lean-call-h-scaled", "lean-call", "folded-call"])
 def test_weight_call_gradients_are_exact(tokens):
     """The weight call's hand-written backward against finite differences (float64), in both forms, with a
-    trainable base weight and bias too (then it keeps x, as the plain linear does)."""
+    trainable base weight and bias too (then it keeps x, as the plain linear does); one token: lambda_d scales
+    h (tokens x r, the smaller) rather than lambda_b * B (out x r)."""
     g = torch.Generator().manual_seed(0)
     r, fan_in, out = 3, 6, 4
 
@@ -226,11 +227,13 @@ def test_weight_call_gradients_are_exact(tokens):
         assert (got - want).norm() <= 1e-2 * want.norm(), (got, want)
 
 
+@pytest.mark.parametrize("lead", [(2, 5), (1, 1)], ids=["b-scaled", "tokens-scaled"])
 @pytest.mark.parametrize("probabilistic", [False, True], ids=["vera", "pvera"])
-def test_fused_tail_gradients_and_fallbacks(probabilistic):
+def test_fused_tail_gradients_and_fallbacks(probabilistic, lead):
     """The fused tail's hand-written backward against finite differences (float64), in place and not; it
     writes into y only where allowed; under autocast, with mixed dtypes and broadcasting y it is the plain
-    chain's ops (same values and dtype)."""
+    chain's ops (same values and dtype). ``lead``: 10 tokens scale B (out x r, smaller than the token
+    tensors), one token scales the token tensors instead."""
     g = torch.Generator().manual_seed(0)
     r, out = 3, 4
 
@@ -247,7 +250,7 @@ def test_fused_tail_gradients_and_fallbacks(probabilistic):
         def f(y, z, lam_d, lam_b):
             return fused_site(y * 1.0, z, lam_d, b, lam_b, inplace)  # y * 1.0: a fresh, writable tensor
 
-        args = (t(2, 5, out), t(2, 5, r), lam_d, lam_b)
+        args = (t(*lead, out), t(*lead, r), lam_d, lam_b)
         assert torch.autograd.gradcheck(f, args)
         torch.testing.assert_close(f(*args), plain(*args))
     # in place only where the tensor allows it: a fresh output is written into, a view or a trained leaf is not
@@ -867,10 +870,12 @@ def test_auto_sites_trace_their_backward_under_compile(method):
     assert saved["auto"] < saved["activation"], saved
 
 
+@pytest.mark.parametrize("lead", [(2, 5), (1, 1)], ids=["b-scaled", "tokens-scaled"])
 @pytest.mark.parametrize("probabilistic, noise", [(False, False), (True, False), (True, True)],
                          ids=["vera", "pvera-mean", "pvera-sampled"])
-def test_lean_add_gradients_are_exact(probabilistic, noise):
-    """The lean op's hand-written backward against finite differences (float64), also with a broadcast y."""
+def test_lean_add_gradients_are_exact(probabilistic, noise, lead):
+    """The lean op's hand-written backward against finite differences (float64), also with a broadcast y;
+    ``lead``: 10 tokens (VeRA's lambda_d scales B, out x r the smaller) or one (it scales h)."""
     g = torch.Generator().manual_seed(0)
     r, out = 3, 4
     rows = 2 * r if probabilistic else r
@@ -878,9 +883,9 @@ def test_lean_add_gradients_are_exact(probabilistic, noise):
     def t(*shape, grad=True):
         return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
 
-    h, lam_d, b, lam_b = t(2, 5, rows), t(rows), t(out, r, grad=False), t(out)
-    eps = t(2, 5, r, grad=False) if noise else None
-    for y in (t(2, 5, out), t(out)):
+    h, lam_d, b, lam_b = t(*lead, rows), t(rows), t(out, r, grad=False), t(out)
+    eps = t(*lead, r, grad=False) if noise else None
+    for y in (t(*lead, out), t(out)):
         def f(y, h, lam_d, lam_b):
             return torch.ops.vera_fx.lean_add(y, h, lam_d, b, lam_b, eps, r, probabilistic)
 

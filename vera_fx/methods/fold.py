@@ -4,7 +4,8 @@
 = lambda_b * B * lambda_d`` (out x r). With ``T >= in`` tokens (float32 / float64 weights) forward folds ``W' = W +
 M @ A`` (out r in multiply-adds instead of T r out) and backward folds again, or reuses ``W'`` (``keep``), for
 ``d x = g @ W'``: the adapter's share of the input gradient is free and the group's ``d h @ A`` is skipped. With
-fewer tokens (decoding) it is the base linear plus one ``addmm`` of ``h`` against ``M.T``. Backward keeps only
+fewer tokens (decoding) it is the base linear plus one ``addmm`` of ``h * lambda_d`` against ``(lambda_b * B).T``
+(or ``h`` against ``M.T``, whichever scales fewer values). Backward keeps only
 ``h`` (and ``x`` where the base weight or bias trains); the lambdas' gradients come from one ``g.T @ h`` product.
 Under autocast it is the plain ops (a fold in half precision would round ``dW`` away against ``W``).
 
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.fx import Node
 
-from .lean import plain_tail, vera_grads
+from .lean import plain_tail, scale_smaller, vera_grads
 
 Fold = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool]
 
@@ -56,8 +57,7 @@ class _FoldedLinear(torch.autograd.Function):
         ctx.fold = cast is None and w.dtype in (torch.float32, torch.float64) and x.numel() >= fan_in * fan_in
         ctx.cast, ctx.x_shape, ctx.x_dtype, ctx.has_bias = cast, x.shape, x.dtype, bias is not None
         keep_x = w.requires_grad or (bias is not None and bias.requires_grad)
-        m = None if cast is not None else b * lambda_b.unsqueeze(-1) * lambda_d  # M, (out, r)
-        folded = torch.addmm(w, m, a) if ctx.fold else None
+        folded = torch.addmm(w, b * lambda_b.unsqueeze(-1) * lambda_d, a) if ctx.fold and cast is None else None
         ctx.save_for_backward(h, w, a, b, lambda_d, lambda_b, x if keep_x else None, folded if keep else None)
         if cast is not None:  # h has the site input's shape, x may be a Conv1D's flattened view of it
             return plain_tail(torch.nn.functional.linear(x, w, bias), h.reshape(*x.shape[:-1], h.shape[-1]),
@@ -65,7 +65,9 @@ class _FoldedLinear(torch.autograd.Function):
         if folded is not None:
             return _linear_owned(x, folded, bias)
         y = _linear_owned(x, w, bias)
-        y.view(-1, out).addmm_(h.reshape(-1, h.shape[-1]).to(m.dtype), m.T)
+        h2 = h.reshape(-1, h.shape[-1]).to(w.dtype)
+        z, m = scale_smaller(h2, b * lambda_b.unsqueeze(-1), lambda_d)
+        y.view(-1, out).addmm_(z, m.T)
         return y
 
     @staticmethod
@@ -88,8 +90,8 @@ class _FoldedLinear(torch.autograd.Function):
             else:
                 grad_x = (gc @ w).to(ctx.x_dtype)
             grad_x = grad_x.view(ctx.x_shape)
-        grad_h, grad_ld, grad_lb = vera_grads(gc, h.reshape(-1, h.shape[-1]).to(dtype), lambda_d, b, b_scaled,
-                                              need[3] and not ctx.fold, need[6], need[7])
+        grad_h, grad_ld, grad_lb = vera_grads(gc, h.reshape(-1, h.shape[-1]).to(dtype), lambda_d, b, lambda_b,
+                                              b_scaled, need[3] and not ctx.fold, need[6], need[7])
         if need[1]:
             grad_w = (gc.T @ x.reshape(-1, fan_in).to(dtype)).to(w.dtype)
         if need[2] and ctx.has_bias:

@@ -1,12 +1,13 @@
 """The fused activation tail: a site's ``y + lambda_b * (z @ B.T)`` as one call with its own backward.
 
 The plain path runs ``z = h * lambda_d``, ``u = z @ B.T``, ``v = u * lambda_b``, ``y + v``: two passes over a tokens
-x out tensor in forward and two in backward. ``fused_site`` runs ``u = h @ (B * lambda_d).T`` (PVeRA hands its
-sampled ``z``) and ``y += u * lambda_b`` (``addcmul_``, in place where the lower pass found no other reader and
-the tensor allows it); backward: ``d lambda_b = sum_t g * u``, ``gz = g @ (lambda_b * B)``, VeRA ``d lambda_d =
-sum_t gz * h``, ``d h = gz * lambda_d``, PVeRA ``d z = gz``. It keeps ``u`` and VeRA's ``h`` (the group's):
-what the plain path keeps, with about half its elementwise work. Under torch.compile and autocast, and for
-mixed dtypes or broadcasting, it is the plain chain's own ops.
+x out tensor in forward and two in backward. ``fused_site`` runs ``u = (h * lambda_d) @ B.T`` or ``h @ (B *
+lambda_d).T``, whichever scales fewer values (PVeRA hands its sampled ``z``), and ``y += u * lambda_b``
+(``addcmul_``, in place where the lower pass found no other reader and the tensor allows it); backward: ``d
+lambda_b = sum_t g * u``, ``gz = g @ (lambda_b * B)`` (or ``(g * lambda_b) @ B``), VeRA ``d lambda_d = sum_t gz *
+h``, ``d h = gz * lambda_d``, PVeRA ``d z = gz``. It keeps ``u`` and VeRA's ``h`` (the group's): what the plain
+path keeps, with about half its elementwise work. Under torch.compile and autocast, and for mixed dtypes or
+broadcasting, it is the plain chain's own ops.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .lean import plain_tail
+from .lean import plain_tail, scale_smaller
 
 
 class _FusedTail(torch.autograd.Function):
@@ -26,8 +27,9 @@ class _FusedTail(torch.autograd.Function):
     def forward(ctx, y: Tensor, z: Tensor, lambda_d: Optional[Tensor], b: Tensor, lambda_b: Tensor,  # noqa: ANN001
                 inplace: bool) -> Tensor:
         out = b.shape[0]
-        m = b if lambda_d is None else b * lambda_d  # (out, r)
-        u = z.reshape(-1, z.shape[-1]) @ m.T  # (tokens, out)
+        z2 = z.reshape(-1, z.shape[-1])
+        z2, m = (z2, b) if lambda_d is None else scale_smaller(z2, b, lambda_d)
+        u = z2 @ m.T  # (tokens, out)
         # PVeRA's z is not needed (d z = g @ (lambda_b * B)): only VeRA's h, which the group keeps anyway
         ctx.save_for_backward(z if lambda_d is not None else None, u, lambda_d, b, lambda_b)
         ctx.z_shape = z.shape
@@ -45,7 +47,8 @@ class _FusedTail(torch.autograd.Function):
         grad_lambda_b = (g * u).sum(0) if need[4] else None
         grad_z = grad_lambda_d = None
         if need[1] or need[2]:
-            gz = g @ (lambda_b.unsqueeze(-1) * b)  # (tokens, r): d (h * lambda_d), or d z
+            # (tokens, r): d (h * lambda_d), or d z; lambda_b scales whichever of g and B is smaller
+            gz = (g * lambda_b) @ b if g.numel() < b.numel() else g @ (lambda_b.unsqueeze(-1) * b)
             if lambda_d is None:
                 grad_z = gz.view(ctx.z_shape)
             else:

@@ -1,8 +1,8 @@
 """The memory-lean adapter tail, ``vera_fx::lean_add``, and PVeRA's KL term, ``vera_fx::pvera_kl``: custom ops with
 their own backward (and the adapter math the fused and weight paths share).
 
-``lean_add`` computes a site's ``y + lambda_b * (z @ B.T)`` as one ``addmm`` against ``lambda_b * B`` (``*
-lambda_d`` too for VeRA) and keeps only ``h = x @ A.T`` (stored once per group) and PVeRA's noise ``eps``, where
+``lean_add`` computes a site's ``y + lambda_b * (z @ B.T)`` as one ``addmm`` against ``lambda_b * B`` (VeRA's
+``lambda_d`` scales ``h`` or that matrix, whichever is smaller) and keeps only ``h = x @ A.T`` (stored once per group) and PVeRA's noise ``eps``, where
 the plain path keeps ``h * lambda_d``, ``z`` and ``u = z @ B.T`` per site. Backward, with ``g = d loss / d output``
 summed over the token dimensions and ``hd = h * lambda_d``:
 
@@ -10,8 +10,9 @@ summed over the token dimensions and ``hd = h * lambda_d``:
 - ``d lambda_b[o] = sum_k B[o, k] * M[o, k]`` with ``M = g.T @ z`` (out x r): one extra token x r x out product
   instead of keeping ``u`` (VeRA: ``M = g.T @ h`` against ``B * lambda_d``);
 - ``gz = g @ (lambda_b * B)``; ``d hd = gz`` (VeRA); ``d mu = gz``, ``d lv = gz * eps * s / 2`` (PVeRA);
-- ``d lambda_d = sum_t d hd * h``, ``d h = d hd * lambda_d``; for VeRA ``d lambda_d = sum_o (lambda_b * B) * M``
-  and ``d h = g @ (lambda_b * B * lambda_d)``: no tokens x r pass besides the products.
+- ``d lambda_d = sum_t d hd * h``, ``d h = d hd * lambda_d``; for VeRA ``M * B`` (one out x r pass) gives ``d
+  lambda_b = (M * B) @ lambda_d`` and ``d lambda_d = lambda_b @ (M * B)``, and ``d h = (g @ (lambda_b * B)) *
+  lambda_d``.
 
 ``pvera_kl`` = ``-0.5 * mean(1 + lv - mu^2 - exp(lv))`` in float32, ``d mu = g * mu / N``, ``d lv = -0.5 * g * (1 -
 exp(lv)) / N``: it keeps ``h`` and ``lambda_d`` where the plain path keeps ``hd`` and ``exp(lv)``. With
@@ -37,14 +38,26 @@ def plain_tail(y: Tensor, z: Tensor, lambda_d: Optional[Tensor], b: Tensor, lamb
     return y + torch.nn.functional.linear(z, b) * lambda_b
 
 
-def vera_grads(g: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, b_scaled: Tensor, want_h: bool, want_d: bool,
-               want_b: bool) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """VeRA's ``(d h, d lambda_d, d lambda_b)`` from ``g`` and ``h`` (``b_scaled = lambda_b * B``): ``M = g.T @ h``
-    (out x r) gives both lambdas' gradients, ``d h`` is one product against ``lambda_b * B * lambda_d``."""
-    m = g.reshape(-1, g.shape[-1]).T @ h.reshape(-1, h.shape[-1]) if want_b or want_d else None
-    grad_lambda_b = (m * (lambda_d * b)).sum(1) if want_b else None
-    grad_lambda_d = (m * b_scaled).sum(0) if want_d else None
-    grad_h = g @ (lambda_d * b_scaled) if want_h else None
+def scale_smaller(z: Tensor, m: Tensor, lambda_d: Tensor) -> tuple[Tensor, Tensor]:
+    """``(z * lambda_d, m)`` or ``(z, m * lambda_d)``, whichever scales fewer values, for ``z @ m.T`` (tokens x r
+    against out x r: at decode the tokens, at a long prefill B's rows)."""
+    if z.numel() < m.numel():
+        return z * lambda_d, m
+    return z, m * lambda_d
+
+
+def vera_grads(g: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, b_scaled: Tensor, want_h: bool,
+               want_d: bool, want_b: bool) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """VeRA's ``(d h, d lambda_d, d lambda_b)`` from ``g`` and ``h`` (``b_scaled = lambda_b * B``): ``M = (g.T @ h)
+    * B`` (out x r, one pass) gives both lambdas' gradients as matrix-vector products, ``d h`` is ``(g @ b_scaled) *
+    lambda_d``: no other out x r pass (at r ~ tokens those cost what the token tensors' passes do)."""
+    grad_h = grad_lambda_d = grad_lambda_b = None
+    if want_b or want_d:
+        m = torch.mm(g.reshape(-1, g.shape[-1]).T, h.reshape(-1, h.shape[-1])).mul_(b)
+        grad_lambda_b = torch.mv(m, lambda_d) if want_b else None
+        grad_lambda_d = torch.mv(m.T, lambda_b) if want_d else None
+    if want_h:
+        grad_h = (g @ b_scaled).mul_(lambda_d)
     return grad_h, grad_lambda_d, grad_lambda_b
 
 
@@ -76,7 +89,7 @@ def _lean_forward(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: T
     if probabilistic:
         z, es = _pvera_latent(h, lambda_d, eps, r)
     else:
-        z, m = h, m * lambda_d
+        z, m = scale_smaller(h, m, lambda_d)
     out, lead = m.shape[0], z.shape[:-1]
     if y.dtype == z.dtype == m.dtype and y.shape == (*lead, out):
         return torch.addmm(y.reshape(-1, out), z.reshape(-1, z.shape[-1]), m.T).view(*lead, out), es
@@ -115,7 +128,8 @@ def _lean_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
         noise = None if noise is None else noise.to(dtype)
         grad_h, grad_lambda_d, grad_lambda_b = _pvera_grads(ctx, g, hc, lambda_dc, b, b_scaled, noise, need)
     else:
-        grad_h, grad_lambda_d, grad_lambda_b = vera_grads(g, hc, lambda_dc, b, b_scaled, need[1], need[2], need[4])
+        grad_h, grad_lambda_d, grad_lambda_b = vera_grads(g, hc, lambda_dc, b, lambda_bc, b_scaled, need[1], need[2],
+                                                              need[4])
     return (grad_y, None if grad_h is None else grad_h.to(h.dtype),
             None if grad_lambda_d is None else grad_lambda_d.to(lambda_d.dtype), None,
             None if grad_lambda_b is None else grad_lambda_b.to(lambda_b.dtype), None, None, None)
