@@ -207,3 +207,16 @@ def torchrun(script: Path, *args: str, timeout: int = 420) -> None:
         first = done.stderr[-2000:]
         warnings.warn(f"{script.name}: a rank aborted in C++ (gloo); running it once more")
     assert done.returncode == 0, (first + "\n--- rerun ---\n" if first else "") + done.stderr[-3000:]
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo group of one process (FSDP2 then holds whole tensors, as DTensors); rendezvous through a file, so
+    no port is picked and released for another process to take."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import socket
 from pathlib import Path
 
 import pytest
@@ -24,12 +23,6 @@ def _example():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _reference(ex, name: str):
@@ -114,18 +107,6 @@ def test_shard_needs_a_process_group():
 def test_save_adapter_refuses_other_modules(tmp_path):
     with pytest.raises(TypeError, match="GraphModule"):
         vera_fx.save_adapter(torch.nn.Linear(2, 2), tmp_path)
-
-
-@pytest.fixture
-def one_process_group():
-    """A gloo group of one process (FSDP2 then holds whole tensors, as DTensors)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_load_adapter_into_an_fsdp2_sharded_graph(one_process_group, tmp_path):

@@ -276,23 +276,6 @@ def test_least_recently_used_order():
     assert ours.num_graphs == 3 and ours.graph_module in ours.graphs.values()
 
 
-@pytest.fixture
-def one_process_group():
-    """A gloo group of one process (FSDP2 then holds whole tensors, as DTensors)."""
-    import socket
-
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_a_sharded_model_runs_inference_on_its_own_graph(one_process_group):
     """Under FSDP2 an eval call runs the sharded graph itself (its hooks gather the parameters; a copy would
     have none) and equals PEFT."""
