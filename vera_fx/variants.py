@@ -1,23 +1,19 @@
 """The graph variants the model object runs: the inference twin of each captured graph, and the LRU bound.
 
-Inference is its own variant. A call under ``torch.no_grad()`` or ``torch.inference_mode()``, or in eval mode
-with the adapters in eval too (``is_inference_call``; a model left in eval mode trains its adapters, as in
-PEFT's recipe), runs the *inference twin* of the captured graph for its signature: a copy of the graph
-tree (its own ``Graph`` objects and generated code; the same parameters, buffers, adapter state and leaf
-modules, never copied) whose adapters are emitted in the inference form (vera_fx/passes/infer.py: B read once
-per site group, only vectors scaled, nothing kept for backward) instead of the training plan of
-``lowering``. A twin is built once per graph, form and adapter structure, on first use, and kept (the
-``TWIN_LIMIT`` most recent per graph): switching back to a structure seen before runs the twin built for it. A training call never sees it.
+A call under ``torch.no_grad()`` / ``torch.inference_mode()``, or in eval mode with the adapters in eval too (a
+model left in eval mode trains its adapters, as in PEFT's recipe), runs the *inference twin* of its graph: a copy
+of the graph tree (its own ``Graph`` objects and generated code; the same parameters, buffers, adapter state and
+leaf modules) whose adapters are emitted in the inference form (vera_fx/passes/infer.py: B read once per site
+group, only vectors scaled, nothing kept for backward) instead of the training plan of ``lowering``. A twin is
+built once per graph, form and adapter structure, on first use, and kept (the ``TWIN_LIMIT`` most recent per
+graph). A training call never sees it.
 
-The bound: the object keeps at most ``max_graphs`` captured graphs. Past it the least recently used one is
-evicted (with its twin) and a warning says so once, as torch.compile does past its recompile limit; the
-source graph (it holds the adapter state) is never evicted. An evicted signature is captured again when
-called again.
+The bound: at most ``max_graphs`` captured graphs; past it the least recently used one is evicted (with its
+twin) and a warning says so once, as torch.compile does past its recompile limit. The source graph (it holds
+the adapter state) is never evicted; an evicted signature is captured again when called again.
 
-The per-call path: the graph a call runs (its twin or itself, bound to the adapter state) is kept per
-signature with the *state stamp* it was chosen at (``state_stamp``: the adapter set and its lock's version,
-bumped by every mutation, the train / eval modes, grad mode and the inference form). A call whose stamp is
-unchanged runs that graph after a dictionary lookup; any change goes through the full check once.
+The per-call path: the graph a call runs (its twin or itself, bound to the adapter state) is kept per signature
+with the ``state_stamp`` it was chosen at; a call whose stamp is unchanged runs it after a dictionary lookup.
 """
 
 from __future__ import annotations
@@ -26,15 +22,13 @@ import copy
 import logging
 import warnings
 from collections import OrderedDict
-from typing import Any, Hashable, Optional
+from typing import Any
 
 import torch
-from torch import nn
 from torch.fx import GraphModule
 
 from .passes.infer import DEFAULT_FORM, FORMS, INFERENCE_KEY
 from .keywords import describe_key
-from .sites import graph_modules
 from .methods import CONTAINER
 from .state import ADAPTER_MODE, adapters_training, set_adapters_training
 
@@ -44,12 +38,6 @@ INFERENCE_FORM = DEFAULT_FORM
 TWIN_LIMIT = 16  # inference twins kept per graph, one per adapter structure (as GraphVersions keeps versions)
 _AS_IS = "as is"  # the twin entry of a graph that runs inference calls itself (a sharded tree)
 FINGERPRINT_KEY = "vera_fx_fingerprint"  # gm.meta: the source's state_fingerprint a graph was attached at
-
-
-def is_inference_call(training: bool, adapters_training: bool) -> bool:
-    """Whether a call runs the inference variant: no gradients (``no_grad``, ``inference_mode``), or eval mode
-    with the adapters in eval too (PEFT's recipe trains a model left in eval mode: its adapters train)."""
-    return not torch.is_grad_enabled() or not (training or adapters_training)
 
 
 def state_stamp(source: GraphModule) -> tuple:
@@ -76,61 +64,24 @@ def check_form(form: Any) -> str:
 
 
 def inference_twin(gm: GraphModule, form: str, drop_meta: tuple[str, ...] = ()) -> GraphModule:
-    """A copy of ``gm``'s graph tree marked for the inference ``form``: new GraphModules, Graphs and adapter
-    train / eval flags, the same parameters, buffers and other submodules (adapter state, quantized layers). The caller binds it to the
-    adapter state (its adapter nodes are re-emitted then); ``drop_meta``: meta keys of ``gm`` that the copy must
-    not keep (e.g. the fingerprint of the state it was bound to)."""
+    """A copy of ``gm``'s graph tree marked for the inference ``form``: new GraphModules, Graphs and adapter train
+    / eval flags; the same parameters, buffers and other submodules (adapter state, quantized layers). The caller
+    binds it to the adapter state (its adapter nodes are re-emitted then); ``drop_meta``: meta keys of ``gm`` the
+    copy must not keep (e.g. the fingerprint of the state it was bound to)."""
+    modules = dict(gm.named_modules())
+    graphs = [name for name, mod in modules.items() if isinstance(mod, GraphModule)]
     memo: dict[int, Any] = {}
-    for g in graph_modules(gm):
-        for t in (*g._parameters.values(), *g._buffers.values()):
-            if t is not None:
-                memo[id(t)] = t
-    holders = _graph_holders(gm)  # and each graph's own adapter train / eval flag: the twin's is its own
-    holders |= {id(g._modules[ADAPTER_MODE]) for g in graph_modules(gm) if ADAPTER_MODE in g._modules}
-    for mod in gm.modules():
-        if id(mod) not in holders:  # adapter state, views, quantized layers: shared, not copied
+    for name, mod in modules.items():
+        memo.update((id(t), t) for t in (*mod._parameters.values(), *mod._buffers.values()) if t is not None)
+        # copied: the graphs, the modules on the path to one (a layer list) and each graph's adapter mode flag
+        if name.rpartition(".")[2] != ADAPTER_MODE and not any(not name or g == name or g.startswith(name + ".")
+                                                                for g in graphs):
             memo[id(mod)] = mod
-            for t in (*mod._parameters.values(), *mod._buffers.values()):
-                if t is not None:
-                    memo[id(t)] = t
     twin = copy.deepcopy(gm, memo)
     for key in drop_meta:
         twin.meta.pop(key, None)
     twin.meta[INFERENCE_KEY] = check_form(form)
     return twin
-
-
-def _graph_holders(gm: GraphModule) -> set[int]:
-    """The ids of ``gm``'s graphs and of every module on the path to one (a layer list): those are copied."""
-    holders: set[int] = set()
-    for name, mod in gm.named_modules():
-        if isinstance(mod, GraphModule):
-            holders.add(id(mod))
-            parts = name.split(".") if name else []
-            for k in range(len(parts)):
-                holders.add(id(gm.get_submodule(".".join(parts[:k]))))
-    return holders
-
-
-def evict_least_recent(graphs: "OrderedDict[Hashable, list[GraphModule]]", order: list, keep: nn.Module,
-                       limit: int, warned: bool, describe: Any) -> bool:
-    """Drop the least recently used signatures of ``graphs`` (oldest first; ``order`` follows) until one more
-    graph fits under ``limit``; never the one holding ``keep``. Warns once (``warned``: already did); returns
-    whether it has warned now or before."""
-    while sum(len(v) for v in graphs.values()) >= limit:
-        victim: Optional[Hashable] = next((k for k, v in graphs.items() if all(g is not keep for g in v)), None)
-        if victim is None:  # only the source is left: it stays, the bound is exceeded by the new graph
-            break
-        del graphs[victim]
-        order.remove(victim)
-        logger.info("vera_fx: evicted the least recently used graph (%s)", describe(victim))
-        if not warned:
-            warnings.warn(f"this model holds max_graphs={limit} captured graphs, one per call signature; the least "
-                          f"recently used one ({describe(victim)}) is evicted and captured again if called again. "
-                          "Raise the bound (m.max_graphs = N, or transform(..., max_graphs=N)) to keep more",
-                          UserWarning, stacklevel=5)
-            warned = True
-    return warned
 
 
 class GraphVariants:
@@ -139,9 +90,21 @@ class GraphVariants:
     ``_graphs``, ``_order``, ``_twins``, ``_ready``, ``_build_lock`` and ``max_graphs``."""
 
     def _check_room(self, key: tuple) -> None:
-        """Past ``max_graphs``, evict the least recently used graph (never the source), warning once."""
-        self.__dict__["_warned_evict"] = evict_least_recent(self._graphs, self._order, self._source, self.max_graphs,
-                                                            self._warned_evict, describe_key)
+        """Past ``max_graphs``, evict the least recently used signatures (oldest first) until one more graph fits,
+        never the source's; warns once."""
+        while sum(len(v) for v in self._graphs.values()) >= self.max_graphs:
+            victim = next((k for k, v in self._graphs.items() if all(g is not self._source for g in v)), None)
+            if victim is None:  # only the source is left: it stays, the bound is exceeded by the new graph
+                break
+            del self._graphs[victim]
+            self._order.remove(victim)
+            logger.info("vera_fx: evicted the least recently used graph (%s)", describe_key(victim))
+            if not self._warned_evict:
+                warnings.warn(f"this model holds max_graphs={self.max_graphs} captured graphs, one per call signature; "
+                              f"the least recently used one ({describe_key(victim)}) is evicted and captured again if "
+                              "called again. Raise the bound (m.max_graphs = N, or transform(..., max_graphs=N)) to "
+                              "keep more", UserWarning, stacklevel=4)
+                self.__dict__["_warned_evict"] = True
         self._ready.clear()  # no evicted graph stays reachable through the per-call cache
 
     def _drop_variants(self) -> None:
@@ -150,9 +113,8 @@ class GraphVariants:
         self._ready.clear()
 
     def _ready_graph(self, key: tuple, gm: GraphModule, variant: bool = True) -> GraphModule:
-        """The graph a call of signature ``key`` (first graph ``gm``) runs: the one chosen by the last call when the
-        state stamp is unchanged (a dictionary lookup), else ``_fresh(gm, variant)`` (twin choice, re-attach),
-        kept."""
+        """The graph a call of signature ``key`` (first graph ``gm``) runs: the last call's choice when the state
+        stamp is unchanged, else ``_fresh(gm, variant)`` (twin choice, re-attach), kept."""
         stamp = state_stamp(self._source)
         hit = self._ready.get(key)
         if hit is not None and hit[1] is gm and hit[0] == stamp:
@@ -173,10 +135,10 @@ class GraphVariants:
         self._drop_variants()
 
     def _variant(self, gm: GraphModule, fp: tuple) -> GraphModule:
-        """``gm``, or its inference twin for a call in eval mode or without gradients (vera_fx/variants.py);
-        ``fp``: the source's ``state_fingerprint``, computed once per call by the caller."""
-        if INFERENCE_KEY in gm.meta or not is_inference_call(self._source.training,
-                                                             adapters_training(self._source)):
+        """``gm``, or its inference twin for a call without gradients or in eval mode with the adapters in eval
+        too; ``fp``: the source's ``state_fingerprint``, computed once per call by the caller."""
+        training = self._source.training or adapters_training(self._source)  # a model in eval trains its adapters
+        if INFERENCE_KEY in gm.meta or (torch.is_grad_enabled() and training):
             return gm
         built = self._twins.get(gm)
         if built is _AS_IS:
