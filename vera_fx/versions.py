@@ -74,9 +74,33 @@ class StateLock:
     def __reduce__(self) -> Any:
         return (StateLock, ())
 
-    def read(self) -> "_Reading":
-        """Hold the state unchanged for the duration (a forward): ``with lock.read(): ...``."""
-        return _Reading(self)
+    def read(self) -> "StateLock":
+        """Hold the state unchanged for the duration (a forward): ``with lock.read(): ...`` (the lock is its own
+        read side: a generator context manager would cost every forward more). A thread already reading, or
+        writing, only counts the depth."""
+        return self
+
+    def __enter__(self) -> None:
+        local = self._local
+        depth = getattr(local, "depth", 0)
+        if depth or self._writer == threading.get_ident():
+            local.depth = depth + 1
+            return
+        with self._cond:
+            while self._writer is not None or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+        local.depth = 1
+
+    def __exit__(self, *exc: Any) -> None:
+        local = self._local
+        local.depth -= 1
+        if local.depth or self._writer == threading.get_ident():  # still reading, or a read inside our own write
+            return
+        with self._cond:
+            self._readers -= 1
+            if not self._readers and self._waiting_writers:  # only a writer waits for the readers to leave
+                self._cond.notify_all()
 
     @contextmanager
     def write(self) -> Iterator[None]:
@@ -105,38 +129,6 @@ class StateLock:
                     self.version += 1
                     self._writer = None
                     self._cond.notify_all()
-
-
-class _Reading:
-    """The read side of a ``StateLock`` for a ``with`` block (a class, not a generator: every forward takes it).
-    A thread already reading, or writing, only counts the depth."""
-
-    __slots__ = ("lock",)
-
-    def __init__(self, lock: StateLock) -> None:
-        self.lock = lock
-
-    def __enter__(self) -> None:
-        lock, local = self.lock, self.lock._local
-        depth = getattr(local, "depth", 0)
-        if depth or lock._writer == threading.get_ident():
-            local.depth = depth + 1
-            return
-        with lock._cond:
-            while lock._writer is not None or lock._waiting_writers:
-                lock._cond.wait()
-            lock._readers += 1
-        local.depth = 1
-
-    def __exit__(self, *exc: Any) -> None:
-        lock, local = self.lock, self.lock._local
-        local.depth -= 1
-        if local.depth or lock._writer == threading.get_ident():  # still reading, or a read inside our own write
-            return
-        with lock._cond:
-            lock._readers -= 1
-            if not lock._readers and lock._waiting_writers:  # only a writer waits for the readers to leave
-                lock._cond.notify_all()
 
 
 def _on_tree(codes: list[GeneratedCode], graphs: list[GraphModule], check: Callable[[GeneratedCode], bool]) -> bool:

@@ -2,19 +2,19 @@
 and lower what it emitted.
 
 State: one ``AdapterState`` at ``gm.vera_fx_adapters[adapter_name]``: the projections (sized to the largest
-targeted site, sliced per site in the graph; later adapters of a method share the first one's) and per-site
-lambdas. Only the lambdas (plus biases for ``bias="all"`` / ``"<method>_only"`` and ``modules_to_save`` copies)
-train; biases are cloned first and ``modules_to_save`` copies belong to the adapter (vera_fx/state.py), so
-training never writes into the user's model.
+site, sliced per site; later adapters of a method share the first one's) and per-site lambdas. Only the lambdas
+(plus biases for ``bias="all"`` / ``"<method>_only"``, cloned first, and ``modules_to_save`` copies, which belong
+to the adapter) train, so training never writes into the user's model.
 
-Share: sites reading one tensor (q/k/v, gate/up) each emit ``get_attr A -> slice -> linear(x, A)``; the share
-pass keeps the first of each identical deterministic adapter node, so x·Aᵀ and, in backward, its input gradient
-are computed once per input and adapter. Dropout and sampling stay per site.
+Share: sites reading one tensor (q/k/v, gate/up) each emit ``get_attr A -> slice -> linear(x, A)``; the first
+of each identical deterministic adapter node is kept, so x·Aᵀ (and its input gradient) is computed once per
+input and adapter. Dropout and sampling stay per site.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 import re
 import warnings
 from typing import Any, Hashable, Optional
@@ -67,26 +67,16 @@ def training_node(gm: GraphModule, module: str = "") -> Node:
     return node
 
 
-def _weight(gm: GraphModule, site: Site) -> Optional[torch.Tensor]:
-    """The site's weight (a parameter or buffer of ``gm``), or None when the graph does not read it directly."""
-    if site.weight is None:
-        return None
-    mod_path, _, name = site.weight.rpartition(".")
+def _placement(gm: GraphModule, site: Site) -> tuple[torch.device, torch.dtype]:
+    """(device, float dtype) of the site's weight; for a weight the graph does not read directly, the graph's
+    device and float32."""
     try:
-        mod = gm.get_submodule(mod_path)
+        w = operator.attrgetter(site.weight)(gm) if site.weight else None
     except AttributeError:
-        return None
-    return mod._parameters.get(name, mod._buffers.get(name))
-
-
-def _float_dtype(gm: GraphModule, site: Site) -> torch.dtype:
-    w = _weight(gm, site)
-    return w.dtype if w is not None and w.is_floating_point() else torch.float32
-
-
-def _device(gm: GraphModule, site: Site) -> torch.device:
-    w = _weight(gm, site)
-    return w.device if w is not None else next((p.device for p in gm.parameters()), torch.device("cpu"))
+        w = None
+    if not isinstance(w, torch.Tensor):
+        return next((p.device for p in gm.parameters()), torch.device("cpu")), torch.float32
+    return w.device, w.dtype if w.is_floating_point() else torch.float32
 
 
 def _max_shape(sites: list[Site]) -> tuple[int, int]:
@@ -117,7 +107,7 @@ class InjectPass(PassBase):
     def call(self, graph_module: GraphModule) -> PassResult:
         gm, cfg, method, name = graph_module, self.config, self.method, self.adapter_name
         chosen = select_sites(gm, cfg)
-        check_rank(cfg, chosen, _device(gm, chosen[0]) if chosen else None)  # before anything is allocated
+        check_rank(cfg, chosen, _placement(gm, chosen[0])[0] if chosen else None)  # before anything is allocated
         odd = next((s for s in chosen if s.fan_in_fan_out != cfg.fan_in_fan_out), None)
         if odd is not None:
             warnings.warn(f"fan_in_fan_out={cfg.fan_in_fan_out} does not fit site {odd.name!r} (kind {odd.kind!r} "
@@ -143,23 +133,23 @@ class InjectPass(PassBase):
 
 def new_state(gm: GraphModule, config: AdapterConfig, chosen: list[Site],
               shared: Optional[tuple[torch.Tensor, torch.Tensor]], trainable: bool) -> AdapterState:
-    """An adapter's state over the sites ``chosen``: the projections (``shared``, or drawn from the config's
-    seed), the lambdas at their initial values (``requires_grad=trainable``) and the method's switches, on the
-    sites' device and float dtype. Registers and emits nothing."""
+    """An adapter's state over the sites ``chosen`` (projections ``shared`` or drawn from the config's seed,
+    lambdas with ``requires_grad=trainable``, the method's switches), on the sites' device and float dtype.
+    Registers and emits nothing."""
     method = method_for(config)
     a, b = shared if shared is not None else method.init_projections(config, *_max_shape(chosen))
-    device, dtype = _device(gm, chosen[0]), _float_dtype(gm, chosen[0])
+    device, dtype = _placement(gm, chosen[0])
     state = AdapterState(config, method)
     state.register_buffer(f"{method.prefix}_A", a.to(device=device, dtype=dtype))
     state.register_buffer(f"{method.prefix}_B", b.to(device=device, dtype=dtype))
     # random initial values (init_weights=False) are drawn in module registration order, as PEFT draws them
     by_name = {s.name: s for s in chosen}
-    values = {n: method.init_site(config, by_name[n], _float_dtype(gm, by_name[n]))
+    values = {n: method.init_site(config, by_name[n], _placement(gm, by_name[n])[1])
               for n in registration_order(list(by_name), list(model_info(gm).get("modules", {})))}
     for s in chosen:
         mod = state.site_module(s.name, create=True)
         for pname, value in values[s.name].items():
-            mod.register_parameter(pname, nn.Parameter(value.to(_device(gm, s)), requires_grad=trainable))
+            mod.register_parameter(pname, nn.Parameter(value.to(_placement(gm, s)[0]), requires_grad=trainable))
         state.site_names.append(s.name)
     method.init_switches(state)
     return state
