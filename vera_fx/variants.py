@@ -1,19 +1,13 @@
 """The graph variants the model object runs: the inference twin of each captured graph, and the LRU bound.
 
-A call under ``torch.no_grad()`` / ``torch.inference_mode()``, or in eval mode with the adapters in eval too (a
-model left in eval mode trains its adapters, as in PEFT's recipe), runs the *inference twin* of its graph: a copy
-of the graph tree (its own ``Graph`` objects and generated code; the same parameters, buffers, adapter state and
-leaf modules) whose adapters are emitted in the inference form (vera_fx/passes/infer.py: B read once per site
-group, only vectors scaled, nothing kept for backward) instead of the training plan of ``lowering``. A twin is
-built once per graph, form and adapter structure, on first use, and kept (the ``TWIN_LIMIT`` most recent per
-graph). A training call never sees it.
+A call under ``no_grad`` / ``inference_mode``, or in eval mode with the adapters in eval too (PEFT's recipe
+trains the adapters of a model left in eval mode), runs its graph's *inference twin*: a copy of the graph tree
+(own Graphs and code; the same tensors, adapter state and leaf modules) with the adapters in the inference form
+(vera_fx/passes/infer.py: nothing kept for backward), built once per graph, form and adapter structure.
 
-The bound: at most ``max_graphs`` captured graphs; past it the least recently used one is evicted (with its
-twin) and a warning says so once, as torch.compile does past its recompile limit. The source graph (it holds
-the adapter state) is never evicted; an evicted signature is captured again when called again.
-
-The per-call path: the graph a call runs (its twin or itself, bound to the adapter state) is kept per signature
-with the ``state_stamp`` it was chosen at; a call whose stamp is unchanged runs it after a dictionary lookup.
+The bound: past ``max_graphs`` captured graphs the least recently used one is evicted (never the source, which
+holds the adapter state), with one warning, as torch.compile does past its recompile limit. The per-call path
+keeps the graph a call runs per signature with the ``state_stamp`` it was chosen at (a dictionary lookup).
 """
 
 from __future__ import annotations
@@ -135,9 +129,8 @@ class GraphVariants:
         self._drop_variants()
 
     def _variant(self, gm: GraphModule, fp: tuple) -> GraphModule:
-        """``gm``, or its inference twin for a call without gradients or in eval mode with the adapters in eval
-        too; ``fp``: the source's ``state_fingerprint``, computed once per call by the caller."""
-        training = self._source.training or adapters_training(self._source)  # a model in eval trains its adapters
+        """``gm``, or its inference twin for an inference call; ``fp``: the source's ``state_fingerprint``."""
+        training = self._source.training or adapters_training(self._source)
         if INFERENCE_KEY in gm.meta or (torch.is_grad_enabled() and training):
             return gm
         built = self._twins.get(gm)
@@ -146,9 +139,7 @@ class GraphVariants:
         key = (self._inference_form, fp)
         twin = built.get(key) if built is not None else None
         if twin is None:
-            # built once per graph, form and adapter structure (a copy of the graph as now bound): switching back
-            # to a structure seen before reuses its twin, no emission and no code generation (TWIN_LIMIT kept)
-            with self._build_lock:
+            with self._build_lock:  # a copy of the graph as now bound; the TWIN_LIMIT most recent kept
                 # a sharded tree (FSDP) runs as it is: its hooks gather the parameters, a copy would have none
                 if is_sharded(gm):
                     self._twins[gm] = _AS_IS
@@ -158,8 +149,7 @@ class GraphVariants:
                 built[key] = twin
                 while len(built) > TWIN_LIMIT:
                     built.popitem(last=False)
-        if next(reversed(built)) != key:  # a switch back to a structure seen before: its nodes are kept, its
-            built.move_to_end(key)       # tensors bound again if the base changed meanwhile (``base_stamp``)
+        built.move_to_end(key)  # a structure seen before keeps its nodes (tensors rebound if the base changed)
         if twin.training != self._source.training:  # the modes as the source's (the twin's flags are its own)
             twin.train(self._source.training)
         flag = adapters_training(self._source)

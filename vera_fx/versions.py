@@ -1,13 +1,10 @@
-"""One adapter state, many readers: the state lock and the graph versions built for each adapter state.
+"""One adapter state, many readers: the adapter set's flags, the state lock (forwards read the state, switches
+write it) and the graph versions built for each adapter state.
 
-``StateLock``: forwards read the adapter state, switches (``set_adapter``, ``merge``, ``load_adapter``, ...)
-write it; a readers-writer lock makes every forward run on one consistent state.
-
-``GraphVersions``: emitting a switch's adapter nodes and regenerating the code costs milliseconds per graph, and
-torch.fx keeps every generated source it ever executed (a leak per switch). So each tree keeps the versions it
-was built in, per adapter-state key: a key seen before puts the built ``Graph`` and generated ``forward`` back;
-a new key is built once, on a copy, so the versions already built stay intact. A tree edited outside (e.g.
-gradient checkpointing rewrites block calls) is noticed by its generated code and its versions dropped.
+Emitting a switch's adapter nodes and generating code costs milliseconds per graph, and torch.fx keeps every
+source it ever executed (a leak per switch). So each tree keeps the versions it was built in, per adapter-state
+key: a key seen before puts the built ``Graph`` and ``forward`` back; a new key is built once, on a copy. A tree
+edited outside (e.g. gradient checkpointing rewrites block calls) is noticed by its code and its versions dropped.
 """
 
 from __future__ import annotations
@@ -52,12 +49,9 @@ def adapter_flags(gm: Any) -> AdapterFlags:
 
 
 class StateLock:
-    """A readers-writer lock: many forwards at once, one switch at a time, writers first (a switch waits for the
-    running forwards, new forwards wait for a waiting switch).
-
-    Reentrant: a thread holding the write side may read and write again; a thread holding the read side may
-    read again (a forward inside a forward), but not write (that would wait for itself): RuntimeError.
-    """
+    """A readers-writer lock: many forwards at once, one switch at a time, writers first. Reentrant: a writing
+    thread may read and write again; a reading thread may read again (a forward inside a forward), but writing
+    would wait for itself: RuntimeError."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
@@ -75,15 +69,14 @@ class StateLock:
         return (StateLock, ())
 
     def read(self) -> "StateLock":
-        """Hold the state unchanged for the duration (a forward): ``with lock.read(): ...`` (the lock is its own
-        read side: a generator context manager would cost every forward more). A thread already reading, or
-        writing, only counts the depth."""
+        """``with lock.read():`` holds the state unchanged (a forward). The lock is its own read side: a generator
+        context manager would cost every forward more."""
         return self
 
     def __enter__(self) -> None:
         local = self._local
         depth = getattr(local, "depth", 0)
-        if depth or self._writer == threading.get_ident():
+        if depth or self._writer == threading.get_ident():  # already reading or writing: only count the depth
             local.depth = depth + 1
             return
         with self._cond:

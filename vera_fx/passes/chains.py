@@ -1,7 +1,5 @@
-"""The plain adapter chains a lowering rewrites, shared by the training lowering (lower.py) and the inference
-form (infer.py): one site call's emitted nodes after ``h``, handed over by the emitter that made them (never
-searched for by tag), and the node moves both need.
-"""
+"""The plain adapter chains the training lowering (lower.py) and the inference form (infer.py) rewrite: one site
+call's emitted nodes after ``h``, handed over by the emitter (never searched for by tag), and the node moves."""
 
 from __future__ import annotations
 

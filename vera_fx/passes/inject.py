@@ -156,11 +156,10 @@ def new_state(gm: GraphModule, config: AdapterConfig, chosen: list[Site],
 
 
 def emit_adapter(gm: GraphModule, adapter_name: str, site_names: Optional[set[str]] = None) -> int:
-    """Emit ``adapter_name``'s nodes after every call of its sites (or of ``site_names`` only), in every graph
-    of the tree that holds its state (``attach_state``); sites that carry them already are skipped. Returns the
-    number of calls adapted; recompiles the graphs it changed. Every graph gets the root's lowering setting and
-    adapter train / eval flag (training for a first adapter, as PEFT's new layers)."""
-    setting, training = lowering_setting(gm), adapter_mode_module(gm).training
+    """Emit ``adapter_name``'s nodes after every call of its sites (or of ``site_names`` only) that lacks them, in
+    every graph of the tree holding its state, with the root's lowering setting and adapter train / eval flag.
+    Returns the number of calls adapted; recompiles the graphs it changed."""
+    setting, training = lowering_setting(gm), adapter_mode_module(gm).training  # a first adapter trains (PEFT)
     return sum(_emit_graph(g, adapter_name, site_names, setting, training)
                for g in graph_modules(gm) if adapter_name in adapters_of(g))
 

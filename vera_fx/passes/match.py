@@ -1,8 +1,7 @@
 """Match pass: tag every linear-like call as a site, and select the sites a config targets.
 
 A recogniser per site kind maps a node to a ``Candidate`` (vera_fx/sites.py) or None; ``RECOGNISERS`` is the
-seam, where the quantized kinds plug in ``vera_fx.quantized.recognise``. Module paths come from
-``node.meta["nn_module_stack"]``.
+seam, where the quantized kinds plug in theirs. Module paths come from ``node.meta["nn_module_stack"]``.
 """
 
 from __future__ import annotations
@@ -105,14 +104,10 @@ class MatchPass(PassBase):
 
         cands = []
         for node in graph_module.graph.nodes:
-            if SITE_KEY in node.meta:
-                continue
-            for recognise in RECOGNISERS:
-                c = recognise(node)
-                if c is not None:
-                    c.owner, c.weight, c.bias = full(c.owner), full(c.weight), full(c.bias)
-                    cands.append(c)
-                    break
+            c = None if SITE_KEY in node.meta else next(filter(None, (r(node) for r in RECOGNISERS)), None)
+            if c is not None:
+                c.owner, c.weight, c.bias = full(c.owner), full(c.weight), full(c.bias)
+                cands.append(c)
         names = _name_candidates(cands)
         for c in cands:
             c.node.meta[SITE_KEY] = {"name": names[c.node], "kind": c.kind, "in_features": c.in_features,
@@ -199,41 +194,24 @@ def peft_selection(info: dict, targets: object, config: AdapterConfig) -> set[st
 def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]:
     """The sites of ``graph_module`` that ``config`` targets, in graph order (one entry per site name).
 
-    PEFT's rules: a list entry is a module name or path suffix; an exact name is targeted whatever
-    ``layers_to_transform`` says; an entry that matches nothing next to ones that do is skipped with a warning
-    (ValueError only when nothing matches); a string is a regex fully matched against module paths, or
-    'all-linear'. Our extension: a name or regex that matches a module holding linear layers (a container,
-    which PEFT refuses) adapts the linear layers inside it.
+    PEFT's rules: a list entry is a module name or path suffix (one matching nothing next to ones that do is
+    skipped with a warning); a string is a regex fully matched against module paths, or 'all-linear'. Our
+    extension: a name or regex matching a module that holds linear layers (which PEFT refuses) adapts those.
     """
     info = model_info(graph_module)
     _check_eager_modules_to_save(graph_module, info, config)
     all_sites = read_sites(graph_module)
     names = [n for n in dict.fromkeys(s.name for s in all_sites) if not _saved(n, config)]
     targets = _targets(config, info, names)
-    # module path -> the sites inside it, for modules that are no site (our extension: a target naming one
-    # adapts the linear layers inside it)
-    containers: dict[str, list[str]] = {}
-    sites = set(names)
-    for path in info.get("modules", {}):
-        inside = [n for n in names if n.startswith(path + ".")]
-        if inside and path not in sites and not _saved(path, config):
-            containers[path] = inside
-    if isinstance(targets, str):
-        if _layer_filter(config) is not None:
-            warnings.warn(f"layers_to_transform={config.layers_to_transform!r} has no effect with "
-                          f"target_modules={targets!r} (a string), as in PEFT: give a list of module names to "
-                          "filter by layer, or put the layer indices in the regex", UserWarning, stacklevel=4)
-        if targets.lower() == "all-linear":
-            picked = _all_linear(info, names, config)
-        else:
-            picked = {n for n in names if re.fullmatch(targets, n)}
-            picked |= {n for path, inside in containers.items() if re.fullmatch(targets, path) for n in inside}
-            if not picked:
-                raise ValueError(f"target_modules={targets!r} (a regex, matched against full module paths) "
-                                 f"matched no linear layer; linear layers are, e.g.: {', '.join(names[:6])}")
+    if isinstance(targets, str) and _layer_filter(config) is not None:
+        warnings.warn(f"layers_to_transform={config.layers_to_transform!r} has no effect with "
+                      f"target_modules={targets!r} (a string), as in PEFT: give a list of module names to "
+                      "filter by layer, or put the layer indices in the regex", UserWarning, stacklevel=4)
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        picked = _all_linear(info, names, config)
     else:
-        targets = list(targets)
-        picked = _pick_from_list(info, names, containers, targets, config)
+        targets = targets if isinstance(targets, str) else list(targets)
+        picked = _pick(info, names, targets, config)
     _refuse_non_linear(info, picked, targets)
     chosen = [n for n in names if n in picked]
     if not chosen:
@@ -242,12 +220,26 @@ def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]
     return [first[n] for n in chosen]
 
 
-def _pick_from_list(info: dict, names: list[str], containers: dict[str, list[str]], targets: list,
-                    config: AdapterConfig) -> set[str]:
-    """The site names a list of targets selects (PEFT's rules plus containers); an entry naming a module that
-    is no linear layer and holds none is refused, entries matching nothing are skipped with a warning."""
-    picked = {n for n in names if _list_matches(n, targets, config)}
-    picked |= {n for path, inside in containers.items() if _list_matches(path, targets, config) for n in inside}
+def _pick(info: dict, names: list[str], targets: Union[str, list], config: AdapterConfig) -> set[str]:
+    """The site names a regex or a list selects: PEFT's rules, plus containers (a module that is no site selects
+    the sites inside it). Of a list, an entry naming a module that is no linear layer and holds none is refused,
+    entries matching nothing are skipped with a warning."""
+    containers: dict[str, list[str]] = {}
+    sites = set(names)
+    for path in info.get("modules", {}):
+        inside = [n for n in names if n.startswith(path + ".")]
+        if inside and path not in sites and not _saved(path, config):
+            containers[path] = inside
+
+    def hit(key: str) -> bool:
+        return bool(re.fullmatch(targets, key)) if isinstance(targets, str) else _list_matches(key, targets, config)
+
+    picked = {n for n in names if hit(n)} | {n for path, inside in containers.items() if hit(path) for n in inside}
+    if isinstance(targets, str):
+        if not picked:
+            raise ValueError(f"target_modules={targets!r} (a regex, matched against full module paths) "
+                             f"matched no linear layer; linear layers are, e.g.: {', '.join(names[:6])}")
+        return picked
     pool = set(names) | set(containers)
     unmatched = [t for t in targets if not any(_named(k, t) for k in pool)]
     refused = [t for t in unmatched if any(_named(k, t) for k in info.get("modules", {}))]
