@@ -80,8 +80,7 @@ class StateLock:
             local.depth = depth + 1
             return
         with self._cond:
-            while self._writer is not None or self._waiting_writers:
-                self._cond.wait()
+            self._cond.wait_for(lambda: self._writer is None and not self._waiting_writers)
             self._readers += 1
         local.depth = 1
 
@@ -108,8 +107,7 @@ class StateLock:
                                        "thread is running one): switch adapters before or after the call")
                 self._waiting_writers += 1
                 try:
-                    while self._writer is not None or self._readers:
-                        self._cond.wait()
+                    self._cond.wait_for(lambda: self._writer is None and not self._readers)
                 finally:
                     self._waiting_writers -= 1
                 self._writer, self._write_depth = me, 1

@@ -55,9 +55,9 @@ def training_node(gm: GraphModule, module: str = "") -> Node:
     """The graph's node reading ``<module>.training`` (the base model's ``training`` by default), created before
     the first non-input node if missing, tagged so that it goes with the last adapter node."""
     target = f"{module}.training" if module else "training"
-    for n in gm.graph.nodes:
-        if n.op == "get_attr" and n.target == target:
-            return n
+    found = gm.graph.find_nodes(op="get_attr", target=target)
+    if found:
+        return found[0]
     first = next(n for n in gm.graph.nodes if n.op != "placeholder")
     with gm.graph.inserting_before(first), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a bool attribute, not a tensor: intended
