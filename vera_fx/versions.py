@@ -62,10 +62,7 @@ class StateLock:
         self._local = threading.local()
         self.version = 0  # bumped when a write ends: a reader that saw this value sees the same state
 
-    def __deepcopy__(self, memo: dict) -> "StateLock":
-        return StateLock()
-
-    def __reduce__(self) -> Any:
+    def __reduce__(self) -> Any:  # a copy (deepcopy, pickle) is a fresh lock
         return (StateLock, ())
 
     def read(self) -> "StateLock":
@@ -143,10 +140,7 @@ class GraphVersions:
         self._trees: "weakref.WeakKeyDictionary[GraphModule, _Tree]" = weakref.WeakKeyDictionary()
         self._derived: "weakref.WeakKeyDictionary[GraphModule, dict]" = weakref.WeakKeyDictionary()
 
-    def __deepcopy__(self, memo: dict) -> "GraphVersions":
-        return GraphVersions(self.limit)
-
-    def __reduce__(self) -> Any:
+    def __reduce__(self) -> Any:  # a copy (deepcopy, pickle) starts empty
         return (GraphVersions, (self.limit,))
 
     def derived(self, source: GraphModule, kind: str, key: Hashable, build: Callable[[], Any]) -> Any:

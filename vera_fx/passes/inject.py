@@ -68,8 +68,7 @@ def training_node(gm: GraphModule, module: str = "") -> Node:
 
 
 def _placement(gm: GraphModule, site: Site) -> tuple[torch.device, torch.dtype]:
-    """(device, float dtype) of the site's weight; for a weight the graph does not read directly, the graph's
-    device and float32."""
+    """(device, float dtype) of the site's weight, else (the graph's device, float32)."""
     try:
         w = operator.attrgetter(site.weight)(gm) if site.weight else None
     except AttributeError:
@@ -79,8 +78,7 @@ def _placement(gm: GraphModule, site: Site) -> tuple[torch.device, torch.dtype]:
     return w.device, w.dtype if w.is_floating_point() else torch.float32
 
 
-def _max_shape(sites: list[Site]) -> tuple[int, int]:
-    """(in, out) of the projections: the largest of the sites'."""
+def _max_shape(sites: list[Site]) -> tuple[int, int]:  # (in, out) of the projections
     return max(s.in_features for s in sites), max(s.out_features for s in sites)
 
 
@@ -205,9 +203,8 @@ def _freeze(a: Any) -> Hashable:
 
 
 def share_projections(gm: GraphModule, recompile: bool = True) -> int:
-    """Merge identical deterministic adapter nodes of ``gm``'s own graph in place (of the products, only x·Aᵀ:
-    per-site products stay per site); returns how many were removed. ``recompile=False`` leaves linting and
-    recompiling to the caller (who changes the graph anyway)."""
+    """Merge identical deterministic adapter nodes of ``gm``'s own graph (of the products, only x·Aᵀ); returns how
+    many were removed. ``recompile=False`` leaves linting and recompiling to the caller."""
     seen: dict[Hashable, Node] = {}
     removed = 0
     for node in list(gm.graph.nodes):
@@ -239,9 +236,8 @@ class SharePass(PassBase):
 
 
 def remove_adapter_nodes(gm: GraphModule, adapter_name: str, site_names: Optional[set[str]] = None) -> int:
-    """Erase ``adapter_name``'s nodes (at ``site_names`` only, when given) in every graph of the tree,
-    rewiring each site's users to the output the adapter was added to. Returns the number of calls cleared;
-    recompiles the graphs."""
+    """Erase ``adapter_name``'s nodes (at ``site_names`` only, when given) in every graph of the tree, rewiring each
+    site's users to the output the adapter was added to; returns the number of calls cleared."""
     return sum(_remove_graph(g, adapter_name, site_names) for g in graph_modules(gm))
 
 

@@ -166,9 +166,9 @@ def layer_index(key: str, layers_pattern: Optional[Union[str, list[str]]]) -> Op
 def _layer_filter(config: AdapterConfig) -> Optional[set[int]]:
     """The layer indices ``layers_to_transform`` keeps, or None for no filter (None or [], as in PEFT)."""
     ltt = config.layers_to_transform
-    if ltt is None or (isinstance(ltt, list) and not ltt):
-        return None
-    return {ltt} if isinstance(ltt, int) else set(ltt)
+    if isinstance(ltt, int):
+        return {ltt}
+    return set(ltt) if ltt else None
 
 
 def _list_matches(key: str, targets: list[str], config: AdapterConfig) -> bool:
@@ -178,8 +178,8 @@ def _list_matches(key: str, targets: list[str], config: AdapterConfig) -> bool:
         return True
     if not any(_named(key, t) for t in targets):
         return False
-    wanted = _layer_filter(config)
-    return wanted is None or layer_index(key, config.layers_pattern) in wanted
+    layers = _layer_filter(config)
+    return layers is None or layer_index(key, config.layers_pattern) in layers
 
 
 def peft_selection(info: dict, targets: object, config: AdapterConfig) -> set[str]:
