@@ -58,10 +58,9 @@ def check_form(form: Any) -> str:
 
 
 def inference_twin(gm: GraphModule, form: str, drop_meta: tuple[str, ...] = ()) -> GraphModule:
-    """A copy of ``gm``'s graph tree marked for the inference ``form``: new GraphModules, Graphs and adapter train
-    / eval flags; the same parameters, buffers and other submodules (adapter state, quantized layers). The caller
-    binds it to the adapter state (its adapter nodes are re-emitted then); ``drop_meta``: meta keys of ``gm`` the
-    copy must not keep (e.g. the fingerprint of the state it was bound to)."""
+    """A copy of ``gm``'s graph tree marked for the inference ``form`` (new GraphModules, Graphs and adapter mode
+    flags; the same tensors and other submodules), less the meta keys ``drop_meta``. The caller binds it to the
+    adapter state (its adapter nodes are re-emitted then)."""
     modules = dict(gm.named_modules())
     graphs = [name for name, mod in modules.items() if isinstance(mod, GraphModule)]
     memo: dict[int, Any] = {}

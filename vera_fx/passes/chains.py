@@ -53,8 +53,7 @@ def emitted_chain(site: Site, adapter: str, state: Any, nodes: dict[str, Node]) 
 
 
 def inplace_target(y: Node) -> bool:
-    """Whether a site's tail may add in place into ``y``: its only reader, and a call whose backward does not
-    read its output."""
+    """Whether a site's tail may add in place into ``y``: its only reader, of a call whose backward ignores it."""
     return len(y.users) == 1 and y.op == "call_function" and y.target in _INPLACE_BASES
 
 

@@ -118,7 +118,7 @@ class InjectPass(PassBase):
         if cfg.modules_to_save:  # trainable copies owned by the adapter (the graph reads them while it is active)
             attach_modules_to_save(gm, name, cfg.modules_to_save)
         if cfg.bias != "none":  # "all", or "<method>_only": the biases of adapted sites (PEFT's checkpoint keys)
-            for mod, leaf in bias_targets(gm, getattr(gm, CONTAINER)[name]).values():
+            for mod, leaf in bias_targets(gm, state).values():
                 p = mod._parameters[leaf]
                 if not p.requires_grad:
                     mod._parameters[leaf] = nn.Parameter(p.detach().clone(), requires_grad=True)

@@ -294,9 +294,8 @@ def _check_eager_modules_to_save(gm: GraphModule, info: dict, config: AdapterCon
 
 
 def _all_linear(info: dict, names: list[str], config: AdapterConfig) -> set[str]:
-    """PEFT's "all-linear": the sites that are ``nn.Linear`` / ``Conv1D`` modules, minus the output head (no
-    functional ``F.linear`` call, such as a MoE router's). Graphs captured without the module list (older
-    pickles) keep every site but the head."""
+    """PEFT's "all-linear": the sites that are ``nn.Linear`` / ``Conv1D`` modules (no MoE router's ``F.linear``)
+    but the output head; every site but the head of a graph captured without the module list (older pickles)."""
     head = info.get("output_head")
     linear = info.get("linear_modules")
     allowed = set(linear) if linear is not None else set(names)
