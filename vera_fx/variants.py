@@ -129,8 +129,8 @@ class GraphVariants:
 
     def _variant(self, gm: GraphModule, fp: tuple) -> GraphModule:
         """``gm``, or its inference twin for an inference call; ``fp``: the source's ``state_fingerprint``."""
-        training = self._source.training or adapters_training(self._source)
-        if INFERENCE_KEY in gm.meta or (torch.is_grad_enabled() and training):
+        adapters_train = adapters_training(self._source)
+        if INFERENCE_KEY in gm.meta or (torch.is_grad_enabled() and (self._source.training or adapters_train)):
             return gm
         built = self._twins.get(gm)
         if built is _AS_IS:
@@ -151,7 +151,6 @@ class GraphVariants:
         built.move_to_end(key)  # a structure seen before keeps its nodes (tensors rebound if the base changed)
         if twin.training != self._source.training:  # the modes as the source's (the twin's flags are its own)
             twin.train(self._source.training)
-        flag = adapters_training(self._source)
-        if adapters_training(twin) != flag:
-            set_adapters_training(twin, flag)
+        if adapters_training(twin) != adapters_train:
+            set_adapters_training(twin, adapters_train)
         return twin
