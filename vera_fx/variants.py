@@ -66,9 +66,10 @@ def inference_twin(gm: GraphModule, form: str, drop_meta: tuple[str, ...] = ()) 
     memo: dict[int, Any] = {}
     for name, mod in modules.items():
         memo.update((id(t), t) for t in (*mod._parameters.values(), *mod._buffers.values()) if t is not None)
-        # copied: the graphs, the modules on the path to one (a layer list) and each graph's adapter mode flag
-        if name.rpartition(".")[2] != ADAPTER_MODE and not any(not name or g == name or g.startswith(name + ".")
-                                                                for g in graphs):
+        # copied: the graphs, the modules on the path to one (a layer list) and each graph's adapter mode flag;
+        # shared: adapter state, views, quantized layers
+        on_path = not name or any(g == name or g.startswith(name + ".") for g in graphs)
+        if not on_path and name.rpartition(".")[2] != ADAPTER_MODE:
             memo[id(mod)] = mod
     twin = copy.deepcopy(gm, memo)
     for key in drop_meta:
