@@ -217,7 +217,7 @@ def test_importing_vera_fx_has_no_side_effects():
 @pytest.mark.parametrize("source,expected", [
     ("from .. import quantized", ["vera_fx.quantized"]),
     ("from ..state import bias_targets", ["vera_fx.state"]),
-    ("from . import share", ["vera_fx.passes.share"]),
+    ("from . import chains", ["vera_fx.passes.chains"]),
     ("import vera_fx", ["vera_fx"]),
     ("import torch", []),
 ])

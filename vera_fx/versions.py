@@ -1,15 +1,10 @@
-"""One adapter state, many readers: the state lock and the graph versions built for each adapter state.
+"""One adapter state, many readers: the adapter set's flags, the state lock (forwards read the state, switches
+write it) and the graph versions built for each adapter state.
 
-``StateLock``: forwards read the adapter state, switches (``set_adapter``, ``merge``, ``load_adapter``, ...)
-write it. A readers-writer lock (writers first, reentrant per thread) makes every forward run on one
-consistent state: a switch waits for the running forwards and the forwards wait for the switch.
-
-``GraphVersions``: a switch changes which adapter nodes a graph tree carries. Emitting them and regenerating
-the Python code costs milliseconds per graph, and torch.fx keeps every generated source it ever executed (a
-leak per switch). So each tree keeps the versions it was built in, per adapter-state key: switching to a key
-seen before puts the built ``Graph`` and its generated ``forward`` back (no emission, no code generation);
-a new key is built once, on a copy, so the versions already built stay intact. A tree edited outside (e.g.
-gradient checkpointing rewrites block calls) is noticed by its generated code and its versions dropped.
+Emitting a switch's adapter nodes and generating code costs milliseconds per graph, and torch.fx keeps every
+source it ever executed (a leak per switch). So each tree keeps the versions it was built in, per adapter-state
+key: a key seen before puts the built ``Graph`` and ``forward`` back; a new key is built once, on a copy. A tree
+edited outside (e.g. gradient checkpointing rewrites block calls) is noticed by its code and its versions dropped.
 """
 
 from __future__ import annotations
@@ -54,11 +49,9 @@ def adapter_flags(gm: Any) -> AdapterFlags:
 
 
 class StateLock:
-    """A readers-writer lock: many forwards at once, one switch at a time, writers first.
-
-    Reentrant: a thread holding the write side may read and write again; a thread holding the read side may
-    read again (a forward inside a forward), but not write (that would wait for itself): RuntimeError.
-    """
+    """A readers-writer lock: many forwards at once, one switch at a time, writers first. Reentrant: a writing
+    thread may read and write again; a reading thread may read again (a forward inside a forward), but writing
+    would wait for itself: RuntimeError."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
@@ -69,18 +62,34 @@ class StateLock:
         self._local = threading.local()
         self.version = 0  # bumped when a write ends: a reader that saw this value sees the same state
 
-    def __deepcopy__(self, memo: dict) -> "StateLock":
-        return StateLock()
-
-    def __reduce__(self) -> Any:
+    def __reduce__(self) -> Any:  # a copy (deepcopy, pickle) is a fresh lock
         return (StateLock, ())
 
-    def _depth(self) -> int:
-        return getattr(self._local, "depth", 0)
+    def read(self) -> "StateLock":
+        """``with lock.read():`` holds the state unchanged (a forward). The lock is its own read side: a generator
+        context manager would cost every forward more."""
+        return self
 
-    def read(self) -> "_Reading":
-        """Hold the state unchanged for the duration (a forward): ``with lock.read(): ...``."""
-        return _Reading(self)
+    def __enter__(self) -> None:
+        local = self._local
+        depth = getattr(local, "depth", 0)
+        if depth or self._writer == threading.get_ident():  # already reading or writing: only count the depth
+            local.depth = depth + 1
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: self._writer is None and not self._waiting_writers)
+            self._readers += 1
+        local.depth = 1
+
+    def __exit__(self, *exc: Any) -> None:
+        local = self._local
+        local.depth -= 1
+        if local.depth or self._writer == threading.get_ident():  # still reading, or a read inside our own write
+            return
+        with self._cond:
+            self._readers -= 1
+            if not self._readers and self._waiting_writers:  # only a writer waits for the readers to leave
+                self._cond.notify_all()
 
     @contextmanager
     def write(self) -> Iterator[None]:
@@ -90,13 +99,12 @@ class StateLock:
             if self._writer == me:
                 self._write_depth += 1
             else:
-                if self._depth():
+                if getattr(self._local, "depth", 0):
                     raise RuntimeError("the adapter state cannot change inside a forward of the same model (this "
                                        "thread is running one): switch adapters before or after the call")
                 self._waiting_writers += 1
                 try:
-                    while self._writer is not None or self._readers:
-                        self._cond.wait()
+                    self._cond.wait_for(lambda: self._writer is None and not self._readers)
                 finally:
                     self._waiting_writers -= 1
                 self._writer, self._write_depth = me, 1
@@ -111,71 +119,29 @@ class StateLock:
                     self._cond.notify_all()
 
 
-class _Reading:
-    """The read side of a ``StateLock`` held for a ``with`` block (a class, not a generator: a forward takes it
-    on every call). Reentrant: a thread already reading, or writing, only counts the depth."""
-
-    __slots__ = ("lock",)
-
-    def __init__(self, lock: StateLock) -> None:
-        self.lock = lock
-
-    def __enter__(self) -> None:
-        lock = self.lock
-        local = lock._local
-        depth = getattr(local, "depth", 0)
-        if depth or lock._writer == threading.get_ident():
-            local.depth = depth + 1
-            return
-        with lock._cond:
-            while lock._writer is not None or lock._waiting_writers:
-                lock._cond.wait()
-            lock._readers += 1
-        local.depth = 1
-
-    def __exit__(self, *exc: Any) -> None:
-        lock = self.lock
-        local = lock._local
-        local.depth -= 1
-        if local.depth:
-            return
-        if lock._writer == threading.get_ident():  # a read inside this thread's own write
-            return
-        with lock._cond:
-            lock._readers -= 1
-            if not lock._readers and lock._waiting_writers:  # only a writer waits for the readers to leave
-                lock._cond.notify_all()
+def _on_tree(codes: list[GeneratedCode], graphs: list[GraphModule], check: Callable[[GeneratedCode], bool]) -> bool:
+    """Whether ``codes`` (a version: each graph's Graph and generated code) are of the tree ``graphs`` and each
+    passes ``check`` (``current``: left as built; ``restorable``: can be put back)."""
+    return len(graphs) == len(codes) and all(g is c.gm and check(c) for g, c in zip(graphs, codes))
 
 
-class _Version:
-    """One graph tree as built for one adapter-state key: each graph's Graph and generated code."""
-
-    def __init__(self, graphs: list[GraphModule]) -> None:
-        self.codes = [GeneratedCode(g) for g in graphs]
-
-    def _same_tree(self, graphs: list[GraphModule]) -> bool:
-        return len(graphs) == len(self.codes) and all(g is c.gm for g, c in zip(graphs, self.codes))
-
-    def matches(self, graphs: list[GraphModule]) -> bool:
-        """The tree is as this version left it (same graphs, classes and generated code)."""
-        return self._same_tree(graphs) and all(c.current() for c in self.codes)
-
-    def fits(self, graphs: list[GraphModule]) -> bool:
-        """The version can be put back on this tree (same graphs and classes)."""
-        return self._same_tree(graphs) and all(c.restorable() for c in self.codes)
-
-    def restore(self) -> None:
-        for code in self.codes:
-            code.restore()
+@dataclass
+class _Tree:
+    current: Optional[Hashable] = None  # the key the tree was last switched to
+    built: "OrderedDict[Hashable, list[GeneratedCode]]" = field(default_factory=OrderedDict)
 
 
 class GraphVersions:
-    """The versions of each graph tree per adapter-state key (the ``limit`` most recent per tree)."""
+    """The versions of each graph tree per adapter-state key (the ``limit`` most recent per tree), and the graphs
+    derived from a source graph per kind."""
 
     def __init__(self, limit: int = 16) -> None:
         self.limit = limit
-        self._trees: "weakref.WeakKeyDictionary[GraphModule, dict]" = weakref.WeakKeyDictionary()
+        self._trees: "weakref.WeakKeyDictionary[GraphModule, _Tree]" = weakref.WeakKeyDictionary()
         self._derived: "weakref.WeakKeyDictionary[GraphModule, dict]" = weakref.WeakKeyDictionary()
+
+    def __reduce__(self) -> Any:  # a copy (deepcopy, pickle) starts empty
+        return (GraphVersions, (self.limit,))
 
     def derived(self, source: GraphModule, kind: str, key: Hashable, build: Callable[[], Any]) -> Any:
         """The graph of ``kind`` (e.g. "mixed", or a decode shape) derived from ``source`` for ``key`` (the adapter
@@ -187,43 +153,37 @@ class GraphVersions:
             found = cache[kind] = (key, build())
         return found[1]
 
-    def __deepcopy__(self, memo: dict) -> "GraphVersions":
-        return GraphVersions(self.limit)
-
-    def __reduce__(self) -> Any:
-        return (GraphVersions, (self.limit,))
-
     def derived_of(self, source: GraphModule) -> dict[Hashable, Any]:
         """The graphs derived from ``source`` now, by kind."""
         return {kind: found[1] for kind, found in self._derived.get(source, {}).items()}
 
     def current(self, root: GraphModule) -> Optional[Hashable]:
         """The key the tree of ``root`` was last switched to (None: never)."""
-        entry = self._trees.get(root)
-        return entry["current"] if entry is not None else None
+        tree = self._trees.get(root)
+        return tree.current if tree is not None else None
 
     def switch(self, root: GraphModule, graphs: list[GraphModule], before: Hashable, after: Hashable,
                build: Callable[[], None]) -> None:
         """Make the tree (``root`` and its ``graphs``, root first) the version for ``after``: put back if it was
         built before, else ``build()`` it on copies of the graphs. ``before`` is the key the tree is built for
         now (None: unknown)."""
-        entry = self._trees.setdefault(root, {"current": None, "built": OrderedDict()})
-        built: OrderedDict = entry["built"]
-        current = built.get(entry["current"])
-        if current is not None and not current.matches(graphs):
+        tree = self._trees.setdefault(root, _Tree())
+        built = tree.built
+        codes = built.get(tree.current)
+        if codes is not None and not _on_tree(codes, graphs, GeneratedCode.current):
             built.clear()  # edited outside the versions: whatever was built may be stale
-        elif current is None and entry["current"] is None and before is not None:
-            built[before] = _Version(graphs)  # the tree as it is: built for ``before``
-        version = built.get(after)
-        if version is not None and version.fits(graphs):
-            version.restore()
+        elif codes is None and tree.current is None and before is not None:
+            built[before] = [GeneratedCode(g) for g in graphs]  # the tree as it is: built for ``before``
+        codes = built.get(after)
+        if codes is not None and _on_tree(codes, graphs, GeneratedCode.restorable):
+            for code in codes:
+                code.restore()
             built.move_to_end(after)
-            entry["current"] = after
-            return
-        for g in graphs:  # build on copies: the Graph objects of stored versions are never edited
-            replace_with_copy(g)
-        build()
-        built[after] = _Version(graphs)
-        while len(built) > self.limit:
-            built.popitem(last=False)
-        entry["current"] = after
+        else:
+            for g in graphs:  # build on copies: the Graph objects of stored versions are never edited
+                replace_with_copy(g)
+            build()
+            built[after] = [GeneratedCode(g) for g in graphs]
+            while len(built) > self.limit:
+                built.popitem(last=False)
+        tree.current = after

@@ -1,8 +1,7 @@
-"""Graph passes, one per file: match, inject, share, merge / unmerge (and the pipeline that composes them)."""
+"""Graph passes: match, inject (which shares and lowers what it emits), merge / unmerge, and their pipeline."""
 
-from .inject import InjectPass
+from .inject import InjectPass, SharePass
 from .match import MatchPass, select_sites
 from .merge import MergePass, UnmergePass
-from .share import SharePass
 
 __all__ = ["MatchPass", "InjectPass", "select_sites", "MergePass", "UnmergePass", "SharePass"]

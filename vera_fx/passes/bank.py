@@ -24,8 +24,7 @@ from ..sites import (ADAPTER_KEY, BLOCK_CALL_KEY, BLOCK_KEY, MODEL_INFO_KEY, Sit
                      read_graph_sites, sampling_by_site)
 from ..state import adapters_of, merged_adapters
 from ..versions import adapter_flags
-from .inject import training_node
-from .share import share_projections
+from .inject import share_projections, training_node
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten

@@ -1,7 +1,5 @@
-"""The plain adapter chains a lowering rewrites, shared by the training lowering (lower.py) and the inference
-form (infer.py): one site call's emitted nodes after ``h``, handed over by the emitter that made them (never
-searched for by tag), and the node moves both need.
-"""
+"""The plain adapter chains the training lowering (lower.py) and the inference form (infer.py) rewrite: one site
+call's emitted nodes after ``h``, handed over by the emitter (never searched for by tag), and the node moves."""
 
 from __future__ import annotations
 
@@ -55,8 +53,7 @@ def emitted_chain(site: Site, adapter: str, state: Any, nodes: dict[str, Node]) 
 
 
 def inplace_target(y: Node) -> bool:
-    """Whether a site's tail may add in place into ``y``: its only reader, and a call whose backward does not
-    read its output."""
+    """Whether a site's tail may add in place into ``y``: its only reader, of a call whose backward ignores it."""
     return len(y.users) == 1 and y.op == "call_function" and y.target in _INPLACE_BASES
 
 

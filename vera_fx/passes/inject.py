@@ -1,19 +1,23 @@
-"""Inject pass: add one adapter's state to the GraphModule and its nodes after every targeted site.
+"""Inject pass: add one adapter's state to the GraphModule and its nodes after every targeted site; then share
+and lower what it emitted.
 
-State: one ``AdapterState`` at ``gm.vera_fx_adapters[adapter_name]`` holding the shared projections (sized
-to the largest targeted site, sliced per site in the graph) and per-site lambda parameters. Nodes: whatever
-the method emits after each site's output, reached through get_attr nodes. Only the lambdas (plus biases for
-``bias="all"`` / ``"<method>_only"`` and ``modules_to_save`` copies) are trainable; biases are cloned first and
-``modules_to_save`` copies belong to the adapter (vera_fx/state.py), so training never writes into the
-user's model. Later adapters of a method share the first one's projections (``shared_projections``).
+State: one ``AdapterState`` at ``gm.vera_fx_adapters[adapter_name]``: the projections (sized to the largest
+site, sliced per site; later adapters of a method share the first one's) and per-site lambdas. Only the lambdas
+(plus biases for ``bias="all"`` / ``"<method>_only"``, cloned first, and ``modules_to_save`` copies, which belong
+to the adapter) train, so training never writes into the user's model.
+
+Share: sites reading one tensor (q/k/v, gate/up) each emit ``get_attr A -> slice -> linear(x, A)``; the first
+of each identical deterministic adapter node is kept, so x·Aᵀ (and its input gradient) is computed once per
+input and adapter. Dropout and sampling stay per site.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 import re
 import warnings
-from typing import Optional
+from typing import Any, Hashable, Optional
 
 import torch
 from torch import nn
@@ -30,62 +34,52 @@ from ..state import (ADAPTER_MODE, adapter_mode_module, adapters_of, attach_modu
 from .chains import emitted_chain
 from .lower import lower_adapters, lowering_setting
 from .match import select_sites
-from .share import share_projections
 
 logger = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+# Ops that give the same result for the same arguments (no RNG, no side effects): the share pass merges them.
+_PURE = {aten.slice.Tensor, aten._to_copy.default, aten.linear.default}
 
 
-def training_node(gm: GraphModule) -> Node:
-    """The graph's ``get_attr('training')`` node, created before the first non-input node if missing."""
-    for n in gm.graph.nodes:
-        if n.op == "get_attr" and n.target == "training":
-            return n
-    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-    with gm.graph.inserting_before(first), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        node = gm.graph.get_attr("training")
-    # Added for the adapters (the base graph had no dropout): removed again with the last adapter node.
-    node.meta[ADAPTER_KEY] = {"site": None, "adapter": None, "role": "mode", "base": None, "name": "training"}
-    return node
+def _tag(node: Node) -> dict[str, Any]:
+    return node.meta.get(ADAPTER_KEY) or {}
 
 
-def adapter_mode_node(gm: GraphModule, training: bool = True) -> Node:
-    """The node reading the adapters' own train / eval flag (``vera_fx_adapter_mode.training``, see
-    vera_fx/state.py), created with its module when missing: the adapter nodes' dropout and sampling read it,
-    the base model's dropout keeps reading ``training``. A new module starts with ``training``."""
-    adapter_mode_module(gm, training)
-    target = f"{ADAPTER_MODE}.training"
-    for n in gm.graph.nodes:
-        if n.op == "get_attr" and n.target == target:
-            return n
+def _bases(tag: dict[str, Any]) -> list[str]:
+    """The base calls an adapter node serves (several once the share pass merged it)."""
+    return tag.get("bases") or [tag.get("base")]
+
+
+def training_node(gm: GraphModule, module: str = "") -> Node:
+    """The graph's node reading ``<module>.training`` (the base model's ``training`` by default), created before
+    the first non-input node if missing, tagged so that it goes with the last adapter node."""
+    target = f"{module}.training" if module else "training"
+    found = gm.graph.find_nodes(op="get_attr", target=target)
+    if found:
+        return found[0]
     first = next(n for n in gm.graph.nodes if n.op != "placeholder")
     with gm.graph.inserting_before(first), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a bool attribute, not a tensor: intended
         node = gm.graph.get_attr(target)
-    node.meta[ADAPTER_KEY] = {"site": None, "adapter": None, "role": "mode", "base": None, "name": "adapter_mode"}
+    node.meta[ADAPTER_KEY] = {"site": None, "adapter": None, "role": "mode", "base": None,
+                              "name": "adapter_mode" if module else "training"}
     return node
 
 
-def _float_dtype(gm: GraphModule, site: Site) -> torch.dtype:
-    if site.weight is not None:
-        w = gm.get_parameter(site.weight) if _is_param(gm, site.weight) else gm.get_buffer(site.weight)
-        if w.is_floating_point():
-            return w.dtype
-    return torch.float32
+def _placement(gm: GraphModule, site: Site) -> tuple[torch.device, torch.dtype]:
+    """(device, float dtype) of the site's weight, else (the graph's device, float32)."""
+    try:
+        w = operator.attrgetter(site.weight)(gm) if site.weight else None
+    except AttributeError:
+        w = None
+    if not isinstance(w, torch.Tensor):
+        return next((p.device for p in gm.parameters()), torch.device("cpu")), torch.float32
+    return w.device, w.dtype if w.is_floating_point() else torch.float32
 
 
-def _device(gm: GraphModule, site: Site) -> torch.device:
-    if site.weight is not None:
-        try:
-            return gm.get_parameter(site.weight).device
-        except AttributeError:
-            pass
-    return next((p.device for p in gm.parameters()), torch.device("cpu"))
-
-
-def _is_param(gm: GraphModule, target: str) -> bool:
-    mod_path, _, name = target.rpartition(".")
-    return name in gm.get_submodule(mod_path)._parameters
+def _max_shape(sites: list[Site]) -> tuple[int, int]:  # (in, out) of the projections
+    return max(s.in_features for s in sites), max(s.out_features for s in sites)
 
 
 class InjectPass(PassBase):
@@ -111,164 +105,167 @@ class InjectPass(PassBase):
     def call(self, graph_module: GraphModule) -> PassResult:
         gm, cfg, method, name = graph_module, self.config, self.method, self.adapter_name
         chosen = select_sites(gm, cfg)
-        check_rank(cfg, chosen, _device(gm, chosen[0]) if chosen else None)  # before anything is allocated
-        for s in chosen:
-            if s.fan_in_fan_out != cfg.fan_in_fan_out:
-                warnings.warn(f"fan_in_fan_out={cfg.fan_in_fan_out} does not fit site {s.name!r} (kind {s.kind!r} "
-                              f"stores its weight {'(in, out)' if s.fan_in_fan_out else '(out, in)'}); vera_fx uses "
-                              f"fan_in_fan_out={s.fan_in_fan_out} there. Your config object is left unchanged.",
-                              UserWarning, stacklevel=4)
-                break
-        # Adapters of one method share the first one's projections (views, sliced to a lower r).
-        shared = shared_projections(gm, cfg, method, max(s.in_features for s in chosen),
-                                    max(s.out_features for s in chosen))
-        state = new_state(gm, cfg, chosen, shared, trainable=True)
+        check_rank(cfg, chosen, _placement(gm, chosen[0])[0] if chosen else None)  # before anything is allocated
+        odd = next((s for s in chosen if s.fan_in_fan_out != cfg.fan_in_fan_out), None)
+        if odd is not None:
+            warnings.warn(f"fan_in_fan_out={cfg.fan_in_fan_out} does not fit site {odd.name!r} (kind {odd.kind!r} "
+                          f"stores its weight {'(in, out)' if odd.fan_in_fan_out else '(out, in)'}); vera_fx uses "
+                          f"fan_in_fan_out={odd.fan_in_fan_out} there. Your config object is left unchanged.",
+                          UserWarning, stacklevel=4)
+        state = new_state(gm, cfg, chosen, shared_projections(gm, cfg, method, *_max_shape(chosen)), trainable=True)
         attach_state(gm, name, state)
-
         count = emit_adapter(gm, name)
-        self._mark_trainable(gm, cfg, chosen)
+        if cfg.modules_to_save:  # trainable copies owned by the adapter (the graph reads them while it is active)
+            attach_modules_to_save(gm, name, cfg.modules_to_save)
+        if cfg.bias != "none":  # "all", or "<method>_only": the biases of adapted sites (PEFT's checkpoint keys)
+            for mod, leaf in bias_targets(gm, state).values():
+                p = mod._parameters[leaf]
+                if not p.requires_grad:
+                    mod._parameters[leaf] = nn.Parameter(p.detach().clone(), requires_grad=True)
         gm.graph.lint()
         gm.recompile()
         logger.info("inject %s (%s): %d sites, %d calls, A %s, B %s", name, method.name, len(chosen), count,
                     tuple(state.projection("A").shape), tuple(state.projection("B").shape))
         return PassResult(gm, True)
 
-    def _mark_trainable(self, gm: GraphModule, cfg: AdapterConfig, chosen: list[Site]) -> None:
-        # modules_to_save: trainable copies owned by the adapter (the graph reads them while it is active).
-        if cfg.modules_to_save:
-            attach_modules_to_save(gm, self.adapter_name, cfg.modules_to_save)
-        if cfg.bias != "none":  # "all", or "<method>_only": the biases of adapted sites (PEFT's checkpoint keys)
-            for mod, leaf in bias_targets(gm, getattr(gm, CONTAINER)[self.adapter_name]).values():
-                p = mod._parameters[leaf]
-                if not p.requires_grad:
-                    mod._parameters[leaf] = nn.Parameter(p.detach().clone(), requires_grad=True)
-
 
 def new_state(gm: GraphModule, config: AdapterConfig, chosen: list[Site],
               shared: Optional[tuple[torch.Tensor, torch.Tensor]], trainable: bool) -> AdapterState:
-    """An adapter's state over the sites ``chosen``: the projections (``shared``, or drawn from the config's
-    seed), the lambdas at their initial values (``requires_grad=trainable``) and the method's switches, on the
-    sites' device and float dtype. Registers and emits nothing."""
+    """An adapter's state over the sites ``chosen`` (projections ``shared`` or drawn from the config's seed,
+    lambdas with ``requires_grad=trainable``, the method's switches), on the sites' device and float dtype.
+    Registers and emits nothing."""
     method = method_for(config)
-    in_max = max(s.in_features for s in chosen)
-    out_max = max(s.out_features for s in chosen)
-    a, b = shared if shared is not None else method.init_projections(config, in_max, out_max)
-    device, dtype = _device(gm, chosen[0]), _float_dtype(gm, chosen[0])
+    a, b = shared if shared is not None else method.init_projections(config, *_max_shape(chosen))
+    device, dtype = _placement(gm, chosen[0])
     state = AdapterState(config, method)
     state.register_buffer(f"{method.prefix}_A", a.to(device=device, dtype=dtype))
     state.register_buffer(f"{method.prefix}_B", b.to(device=device, dtype=dtype))
     # random initial values (init_weights=False) are drawn in module registration order, as PEFT draws them
     by_name = {s.name: s for s in chosen}
-    modules = list(model_info(gm).get("modules", {}))
-    values = {n: method.init_site(config, by_name[n], _float_dtype(gm, by_name[n]))
-              for n in registration_order(list(by_name), modules)}
+    values = {n: method.init_site(config, by_name[n], _placement(gm, by_name[n])[1])
+              for n in registration_order(list(by_name), list(model_info(gm).get("modules", {})))}
     for s in chosen:
         mod = state.site_module(s.name, create=True)
         for pname, value in values[s.name].items():
-            mod.register_parameter(pname, nn.Parameter(value.to(_device(gm, s)), requires_grad=trainable))
+            mod.register_parameter(pname, nn.Parameter(value.to(_placement(gm, s)[0]), requires_grad=trainable))
         state.site_names.append(s.name)
     method.init_switches(state)
     return state
 
 
-def _is_own_node(node: Node, site: str, adapter: str) -> bool:
-    tag = node.meta.get(ADAPTER_KEY)
-    return bool(tag) and tag.get("site") == site and tag.get("adapter") == adapter
-
-
-def _adapted_outputs(gm: GraphModule) -> dict[str, Node]:
-    """Base call name -> the last adapter output added to that call (one walk of the graph)."""
-    last: dict[str, Node] = {}
-    for n in gm.graph.nodes:
-        tag = n.meta.get(ADAPTER_KEY)
-        if tag and tag.get("role") == "output" and tag.get("path") != "weight":  # a weight-path fold is no output
-            last[tag["base"]] = n
-    return last
-
-
 def emit_adapter(gm: GraphModule, adapter_name: str, site_names: Optional[set[str]] = None) -> int:
-    """Emit ``adapter_name``'s nodes after every call of its sites (or of ``site_names`` only), in every graph
-    of the tree that holds its state (``attach_state``).
-
-    Sites that already carry its nodes are skipped. Returns the number of calls adapted. Recompiles the
-    graphs it changed.
-    """
-    count = 0
-    setting = lowering_setting(gm)  # the root's lowering setting, for every graph of the tree
-    # The root's adapter flag (training mode for a first adapter, as PEFT's new layers) for every graph.
-    training = adapter_mode_module(gm).training
-    for g in graph_modules(gm):
-        if adapter_name in adapters_of(g):
-            count += _emit_graph(g, adapter_name, site_names, setting, training)
-    return count
+    """Emit ``adapter_name``'s nodes after every call of its sites (or of ``site_names`` only) that lacks them, in
+    every graph of the tree holding its state, with the root's lowering setting and adapter train / eval flag.
+    Returns the number of calls adapted; recompiles the graphs it changed."""
+    setting, training = lowering_setting(gm), adapter_mode_module(gm).training  # a first adapter trains (PEFT)
+    return sum(_emit_graph(g, adapter_name, site_names, setting, training)
+               for g in graph_modules(gm) if adapter_name in adapters_of(g))
 
 
-def _emit_graph(gm: GraphModule, adapter_name: str, site_names: Optional[set[str]],
-                setting: Optional[dict] = None, training: bool = True) -> int:
+def _emit_graph(gm: GraphModule, adapter_name: str, site_names: Optional[set[str]], setting: Optional[dict],
+                training: bool) -> int:
     """``emit_adapter`` on one graph (its own nodes only)."""
     state = getattr(gm, CONTAINER)[adapter_name]
-    method = state.method
     wanted = set(state.site_names) if site_names is None else set(site_names) & set(state.site_names)
     if not wanted:
         return 0
-    training = adapter_mode_node(gm, training)
-    outputs = _adapted_outputs(gm)
+    adapter_mode_module(gm, training)
+    mode = training_node(gm, ADAPTER_MODE)  # the adapters' own flag; the base model's dropout reads ``training``
+    outputs = {}  # base call name -> the last adapter output added to it (a weight-path fold is no output)
+    for n in gm.graph.nodes:
+        if _tag(n).get("role") == "output" and _tag(n).get("path") != "weight":
+            outputs[_tag(n)["base"]] = n
     count, chains = 0, []
     for site in read_graph_sites(gm):  # every call of a chosen site, shared layers included
         if site.name not in wanted or adapter_name in site.adapters:
             continue
         y = outputs.get(site.base.name, site.output)
         em = Emitter(gm.graph, y, site, adapter_name)
-        out = method.emit(em, state, site.input, y, training)
-        y.replace_all_uses_with(out, delete_user_cb=lambda u, out=out, s=site.name: u is not out
-                                and not _is_own_node(u, s, adapter_name))
+        out = state.method.emit(em, state, site.input, y, mode)
+        y.replace_all_uses_with(out, delete_user_cb=lambda u, out=out, s=site.name: u is not out and not (
+            _tag(u).get("site") == s and _tag(u).get("adapter") == adapter_name))
         chain = emitted_chain(site, adapter_name, state, em.nodes)
         chains += [chain] if chain is not None else []
         count += 1
     share_projections(gm, recompile=False)  # linted and recompiled below
-    lower_adapters(gm, chains, setting, recompile=False)  # what was just emitted; linted and recompiled below
+    lower_adapters(gm, chains, setting, recompile=False)  # what was just emitted
     gm.graph.lint()
     gm.recompile()
     return count
 
 
+def _freeze(a: Any) -> Hashable:
+    if isinstance(a, (list, tuple)):
+        return tuple(_freeze(x) for x in a)
+    if isinstance(a, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in a.items()))
+    return str(a) if isinstance(a, torch.dtype) else a
+
+
+def share_projections(gm: GraphModule, recompile: bool = True) -> int:
+    """Merge identical deterministic adapter nodes of ``gm``'s own graph (of the products, only x·Aᵀ); returns how
+    many were removed. ``recompile=False`` leaves linting and recompiling to the caller."""
+    seen: dict[Hashable, Node] = {}
+    removed = 0
+    for node in list(gm.graph.nodes):
+        tag = _tag(node)
+        if tag.get("role") not in ("projection", "adapter") or not (node.op == "get_attr" or (
+                node.op == "call_function" and node.target in _PURE
+                and (node.target is not aten.linear.default or tag.get("name") == "xA"))):
+            continue
+        first = seen.setdefault((node.op, node.target, _freeze(node.args), _freeze(node.kwargs)), node)
+        if first is not node:
+            first.meta[ADAPTER_KEY]["bases"] = sorted({*_bases(first.meta[ADAPTER_KEY]), tag["base"],
+                                                       *tag.get("bases", [])})
+            node.replace_all_uses_with(first)
+            gm.graph.erase_node(node)
+            removed += 1
+    if removed and recompile:
+        gm.graph.lint()
+        gm.recompile()
+    logger.debug("share: %d duplicate adapter nodes removed", removed)
+    return removed
+
+
+class SharePass(PassBase):
+    """The share pass as a torch.fx pass (inject runs it on what it emits)."""
+
+    def call(self, graph_module: GraphModule) -> PassResult:
+        removed = sum(share_projections(g) for g in graph_modules(graph_module))
+        return PassResult(graph_module, removed > 0)
+
+
 def remove_adapter_nodes(gm: GraphModule, adapter_name: str, site_names: Optional[set[str]] = None) -> int:
-    """Erase ``adapter_name``'s nodes (at ``site_names`` only, when given) in every graph of the tree,
-    rewiring each site's users to the output the adapter was added to. Returns the number of calls cleared.
-    Recompiles the graphs."""
+    """Erase ``adapter_name``'s nodes (at ``site_names`` only, when given) in every graph of the tree, rewiring each
+    site's users to the output the adapter was added to; returns the number of calls cleared."""
     return sum(_remove_graph(g, adapter_name, site_names) for g in graph_modules(gm))
 
 
 def _remove_graph(gm: GraphModule, adapter_name: str, site_names: Optional[set[str]]) -> int:
     """``remove_adapter_nodes`` on one graph."""
     graph = gm.graph
-    cleared = 0
-    for out in [n for n in graph.nodes if (n.meta.get(ADAPTER_KEY) or {}).get("role") == "output"
-                and n.meta[ADAPTER_KEY]["adapter"] == adapter_name]:
-        tag = out.meta[ADAPTER_KEY]
-        if site_names is not None and tag["site"] not in site_names:
-            continue
+    outputs = [n for n in graph.nodes if _tag(n).get("role") == "output" and _tag(n)["adapter"] == adapter_name
+               and (site_names is None or _tag(n)["site"] in site_names)]
+    for out in outputs:
+        base = _tag(out)["base"]
         add = out
-        while add.meta.get(ADAPTER_KEY) and add.meta[ADAPTER_KEY].get("name") != "add":
+        while _tag(add) and _tag(add).get("name") != "add":
             add = add.args[0]
         # the add's y; an untagged node: a weight-path call's own output (its cast), the fold carries the adapter
-        y = add.args[0] if add.meta.get(ADAPTER_KEY) else add
+        y = add.args[0] if _tag(add) else add
         users = list(out.users)
         out.replace_all_uses_with(y)
         for u in users:  # a weight-path call reads its weight again: the plain linear
             restore_linear(u)
-        own = [n for n in graph.nodes if (n.meta.get(ADAPTER_KEY) or {}).get("adapter") == adapter_name
-               and tag["base"] in (n.meta[ADAPTER_KEY].get("bases") or [n.meta[ADAPTER_KEY].get("base")])]
-        for n in reversed(own):
+        for n in reversed([n for n in graph.nodes if _tag(n).get("adapter") == adapter_name
+                           and base in _bases(_tag(n))]):
             if n.users:  # shared with another site (share pass): that site still reads it
-                bases = n.meta[ADAPTER_KEY].get("bases") or [n.meta[ADAPTER_KEY]["base"]]
-                n.meta[ADAPTER_KEY]["bases"] = [b for b in bases if b != tag["base"]]
+                n.meta[ADAPTER_KEY]["bases"] = [b for b in _bases(_tag(n)) if b != base]
             else:
                 graph.erase_node(n)
-        cleared += 1
     for n in list(graph.nodes):  # the flags the adapters added (``training``, the adapter mode) once unread
-        if (n.meta.get(ADAPTER_KEY) or {}).get("role") == "mode" and not n.users:
+        if _tag(n).get("role") == "mode" and not n.users:
             graph.erase_node(n)
     graph.lint()
     gm.recompile()
-    return cleared
+    return len(outputs)

@@ -1,9 +1,7 @@
 """Match pass: tag every linear-like call as a site, and select the sites a config targets.
 
-Recognisers (one per site kind) look at a node and say whether it is a linear-like call (a ``Candidate``,
-vera_fx/sites.py); ``RECOGNISERS`` is the seam, and the quantized kinds plug in theirs
-(``vera_fx.quantized.recognise``, which needs nothing from the passes). Module paths come from
-``node.meta["nn_module_stack"]``.
+A recogniser per site kind maps a node to a ``Candidate`` (vera_fx/sites.py) or None; ``RECOGNISERS`` is the
+seam, where the quantized kinds plug in theirs. Module paths come from ``node.meta["nn_module_stack"]``.
 """
 
 from __future__ import annotations
@@ -55,9 +53,7 @@ def _conv1d(node: Node) -> Optional[Candidate]:
     owner, typ = module_path(node)
     if typ != "Conv1D":
         return None
-    flat = node.args[1]
-    users = list(node.users)
-    w_shape = _shape(node.args[2])
+    flat, users, w_shape = node.args[1], list(node.users), _shape(node.args[2])
     if not (isinstance(flat, Node) and flat.target is aten.view.default and len(users) == 1
             and users[0].target is aten.view.default and w_shape is not None):
         return None
@@ -68,8 +64,6 @@ def _conv1d(node: Node) -> Optional[Candidate]:
 # The seam for more site kinds: each recogniser maps a node to a Candidate or None.
 RECOGNISERS: list[Callable[[Node], Optional[Candidate]]] = [_linear, _conv1d, quantized.recognise]
 
-_LINEAR_TYPES = {"Linear", "Conv1D", "NonDynamicallyQuantizableLinear", "Linear8bitLt", "Linear4bit"}
-
 
 def _name_candidates(cands: list[Candidate]) -> dict[Node, str]:
     """Site names: the module path of a linear layer; for functional calls, the owner's path, plus the
@@ -79,18 +73,18 @@ def _name_candidates(cands: list[Candidate]) -> dict[Node, str]:
         by_owner.setdefault(c.owner, []).append(c)
     names: dict[Node, str] = {}
     for owner, group in by_owner.items():
-        weights = list(dict.fromkeys(c.weight or f"<call {i}>" for i, c in enumerate(group)))
-        for i, c in enumerate(group):
+        keys = [c.weight or f"<call {i}>" for i, c in enumerate(group)]
+        weights = list(dict.fromkeys(keys))
+        for c, key in zip(group, keys):
             if len(weights) == 1 and owner:
                 names[c.node] = owner
                 continue
-            key = c.weight or f"<call {i}>"
             if c.weight and (not owner or c.weight.startswith(owner + ".")):
                 rel = c.weight[len(owner) + 1:] if owner else c.weight
-                rel = rel[: -len(".weight")] if rel.endswith(".weight") and rel != ".weight" else rel
-                names[c.node] = f"{owner}.{rel}" if owner else rel
+                rel = rel.removesuffix(".weight") if rel != ".weight" else rel
             else:
-                names[c.node] = f"{owner}.linear_{weights.index(key)}" if owner else f"linear_{weights.index(key)}"
+                rel = f"linear_{weights.index(key)}"
+            names[c.node] = f"{owner}.{rel}" if owner else rel
     return names
 
 
@@ -99,8 +93,7 @@ class MatchPass(PassBase):
 
     def call(self, graph_module: GraphModule) -> PassResult:
         """Tag the sites of every graph of the tree (a block's sites get the block's path in front)."""
-        found = [self._match_graph(g) for g in graph_modules(graph_module)]
-        return PassResult(graph_module, any(found))
+        return PassResult(graph_module, any([self._match_graph(g) for g in graph_modules(graph_module)]))
 
     @staticmethod
     def _match_graph(graph_module: GraphModule) -> bool:
@@ -111,14 +104,10 @@ class MatchPass(PassBase):
 
         cands = []
         for node in graph_module.graph.nodes:
-            if SITE_KEY in node.meta:
-                continue
-            for recognise in RECOGNISERS:
-                c = recognise(node)
-                if c is not None:
-                    c.owner, c.weight, c.bias = full(c.owner), full(c.weight), full(c.bias)
-                    cands.append(c)
-                    break
+            c = None if SITE_KEY in node.meta else next(filter(None, (r(node) for r in RECOGNISERS)), None)
+            if c is not None:
+                c.owner, c.weight, c.bias = full(c.owner), full(c.weight), full(c.bias)
+                cands.append(c)
         names = _name_candidates(cands)
         for c in cands:
             c.node.meta[SITE_KEY] = {"name": names[c.node], "kind": c.kind, "in_features": c.in_features,
@@ -131,16 +120,35 @@ class MatchPass(PassBase):
 _DEFAULT_ALTERNATIVES = (["q_proj", "v_proj"], ["query", "value"], ["q", "v"], ["c_attn"])
 
 
-def resolve_targets(config: AdapterConfig, model_info: dict) -> object:
-    """The effective target_modules: the config's, or the architecture's default when None."""
+def _named(key: str, target: str) -> bool:
+    """Whether module path ``key`` is ``target`` or ends with ``.<target>`` (a list entry's rule)."""
+    return key == target or key.endswith("." + target)
+
+
+def _saved(key: str, config: AdapterConfig) -> bool:
+    """Whether ``key`` is, or is inside, a module of ``modules_to_save`` (never adapted)."""
+    return bool(config.modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", key)
+                                                for m in config.modules_to_save)
+
+
+def _targets(config: AdapterConfig, info: dict, names: list[str]) -> object:
+    """The effective target_modules: the config's, or the architecture's default when None. Architectures rename
+    their projections across transformers releases (ViT's query/value became q_proj/v_proj): a default takes the
+    first naming of the attention projections the model has."""
     if config.target_modules is not None:
         return config.target_modules
-    model_type = model_info.get("model_type")
-    if model_type in DEFAULT_TARGET_MODULES:
-        return list(DEFAULT_TARGET_MODULES[model_type])
-    known = ", ".join(sorted(DEFAULT_TARGET_MODULES))
-    raise ValueError(f"target_modules=None but model_type={model_type!r} has no default targets; pass "
-                     f"target_modules (module-name suffixes, a regex or 'all-linear'). Defaults exist for: {known}")
+    model_type = info.get("model_type")
+    if model_type not in DEFAULT_TARGET_MODULES:
+        raise ValueError(f"target_modules=None but model_type={model_type!r} has no default targets; pass "
+                         f"target_modules (module-name suffixes, a regex or 'all-linear'). Defaults exist for: "
+                         f"{', '.join(sorted(DEFAULT_TARGET_MODULES))}")
+    targets = list(DEFAULT_TARGET_MODULES[model_type])
+    for option in [targets, *_DEFAULT_ALTERNATIVES]:
+        if all(any(_named(n, t) for n in names) for t in option):
+            if option is not targets:
+                logger.info("default targets %s not in this model; using %s", targets, option)
+            return option
+    return targets
 
 
 def layer_index(key: str, layers_pattern: Optional[Union[str, list[str]]]) -> Optional[int]:
@@ -151,53 +159,33 @@ def layer_index(key: str, layers_pattern: Optional[Union[str, list[str]]]) -> Op
     else:
         match = None
         for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
-            if match is not None:
-                break
+            match = match or re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
     return int(match.group("idx")) if match else None
-
-
-def _excluded_by_modules_to_save(key: str, modules_to_save: Optional[list[str]]) -> bool:
-    return bool(modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save)
 
 
 def _layer_filter(config: AdapterConfig) -> Optional[set[int]]:
     """The layer indices ``layers_to_transform`` keeps, or None for no filter (None or [], as in PEFT)."""
     ltt = config.layers_to_transform
-    if ltt is None or (isinstance(ltt, list) and not ltt):
-        return None
-    return {ltt} if isinstance(ltt, int) else set(ltt)
+    if isinstance(ltt, int):
+        return {ltt}
+    return set(ltt) if ltt else None
 
 
 def _list_matches(key: str, targets: list[str], config: AdapterConfig) -> bool:
     """PEFT's rule for a list: an exact name is targeted whatever the layer filter says; a suffix match
-    (``key`` ends with ``.<entry>``) only in the layers ``layers_to_transform`` keeps."""
+    only in the layers ``layers_to_transform`` keeps."""
     if key in targets:
         return True
-    if not any(key.endswith("." + t) for t in targets):
+    if not any(_named(key, t) for t in targets):
         return False
-    wanted = _layer_filter(config)
-    return wanted is None or layer_index(key, config.layers_pattern) in wanted
-
-
-def _containers(info: dict, site_names: list[str], config: AdapterConfig) -> dict[str, list[str]]:
-    """Module path -> the site names inside it, for modules that are not sites themselves (our extension:
-    a target naming such a module adapts the linear layers inside it)."""
-    sites = set(site_names)
-    out: dict[str, list[str]] = {}
-    for path in info.get("modules", {}):
-        if path in sites or _excluded_by_modules_to_save(path, config.modules_to_save):
-            continue
-        inside = [n for n in site_names if n.startswith(path + ".")]
-        if inside:
-            out[path] = inside
-    return out
+    layers = _layer_filter(config)
+    return layers is None or layer_index(key, config.layers_pattern) in layers
 
 
 def peft_selection(info: dict, targets: object, config: AdapterConfig) -> set[str]:
     """The module paths PEFT's own rules select for ``targets`` (a list or a regex; not 'all-linear') over the
     model's modules, without our extensions: what PEFT adapts, or refuses when one of them is not linear."""
-    keys = [k for k in info.get("modules", {}) if not _excluded_by_modules_to_save(k, config.modules_to_save)]
+    keys = [k for k in info.get("modules", {}) if not _saved(k, config)]
     if isinstance(targets, str):
         return {k for k in keys if re.fullmatch(targets, k)}
     return {k for k in keys if _list_matches(k, list(targets), config)}
@@ -206,66 +194,55 @@ def peft_selection(info: dict, targets: object, config: AdapterConfig) -> set[st
 def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]:
     """The sites of ``graph_module`` that ``config`` targets, in graph order (one entry per site name).
 
-    PEFT's rules: a list entry is a module name or path suffix; an exact name is targeted whatever
-    ``layers_to_transform`` says; an entry that matches nothing next to ones that do is skipped with a warning
-    (ValueError only when nothing matches); a string is a regex fully matched against module paths, or
-    'all-linear'. Our extension: a name or regex that matches a module holding linear layers (a container,
-    which PEFT refuses) adapts the linear layers inside it.
+    PEFT's rules: a list entry is a module name or path suffix (one matching nothing next to ones that do is
+    skipped with a warning); a string is a regex fully matched against module paths, or 'all-linear'. Our
+    extension: a name or regex matching a module that holds linear layers (which PEFT refuses) adapts those.
     """
     info = model_info(graph_module)
     _check_eager_modules_to_save(graph_module, info, config)
     all_sites = read_sites(graph_module)
-    targets = resolve_targets(config, info)
-    names = list(dict.fromkeys(s.name for s in all_sites))
-    names = [n for n in names if not _excluded_by_modules_to_save(n, config.modules_to_save)]
-    if config.target_modules is None:
-        # Architectures rename their projections across transformers releases (ViT's query/value became
-        # q_proj/v_proj): take the first naming of the attention projections the model has.
-        for option in [targets, *_DEFAULT_ALTERNATIVES]:
-            if all(any(n == t or n.endswith("." + t) for n in names) for t in option):
-                if option is not targets:
-                    logger.info("default targets %s not in this model; using %s", targets, option)
-                targets = option
-                break
-    containers = _containers(info, names, config)
-
-    if isinstance(targets, str):
-        if _layer_filter(config) is not None:
-            warnings.warn(f"layers_to_transform={config.layers_to_transform!r} has no effect with "
-                          f"target_modules={targets!r} (a string), as in PEFT: give a list of module names to "
-                          "filter by layer, or put the layer indices in the regex", UserWarning, stacklevel=4)
-        if targets.lower() == "all-linear":
-            picked = _all_linear(info, names, config)
-        else:
-            picked = {n for n in names if re.fullmatch(targets, n)}
-            picked |= {n for path, inside in containers.items() if re.fullmatch(targets, path) for n in inside}
-            if not picked:
-                raise ValueError(f"target_modules={targets!r} (a regex, matched against full module paths) "
-                                 f"matched no linear layer; linear layers are, e.g.: {', '.join(names[:6])}")
+    names = [n for n in dict.fromkeys(s.name for s in all_sites) if not _saved(n, config)]
+    targets = _targets(config, info, names)
+    if isinstance(targets, str) and _layer_filter(config) is not None:
+        warnings.warn(f"layers_to_transform={config.layers_to_transform!r} has no effect with "
+                      f"target_modules={targets!r} (a string), as in PEFT: give a list of module names to "
+                      "filter by layer, or put the layer indices in the regex", UserWarning, stacklevel=4)
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        picked = _all_linear(info, names, config)
     else:
-        targets = list(targets)
-        picked = _pick_from_list(info, names, containers, targets, config)
+        targets = targets if isinstance(targets, str) else list(targets)
+        picked = _pick(info, names, targets, config)
     _refuse_non_linear(info, picked, targets)
     chosen = [n for n in names if n in picked]
     if not chosen:
         raise ValueError(f"target_modules={targets!r} matched no linear layer in {info.get('class', 'the model')}")
-    first: dict[str, Site] = {}
-    for s in all_sites:
-        if s.name in picked and s.name not in first:
-            first[s.name] = s
+    first = {s.name: s for s in reversed(all_sites)}
     return [first[n] for n in chosen]
 
 
-def _pick_from_list(info: dict, names: list[str], containers: dict[str, list[str]], targets: list,
-                    config: AdapterConfig) -> set[str]:
-    """The site names a list of targets selects (PEFT's rules plus containers); an entry naming a module that
-    is no linear layer and holds none is refused, entries matching nothing are skipped with a warning."""
-    picked = {n for n in names if _list_matches(n, targets, config)}
-    picked |= {n for path, inside in containers.items() if _list_matches(path, targets, config) for n in inside}
-    modules: dict[str, str] = info.get("modules", {})
+def _pick(info: dict, names: list[str], targets: Union[str, list], config: AdapterConfig) -> set[str]:
+    """The site names a regex or a list selects: PEFT's rules, plus containers (a module that is no site selects
+    the sites inside it). Of a list, an entry naming a module that is no linear layer and holds none is refused,
+    entries matching nothing are skipped with a warning."""
+    containers: dict[str, list[str]] = {}
+    sites = set(names)
+    for path in info.get("modules", {}):
+        inside = [n for n in names if n.startswith(path + ".")]
+        if inside and path not in sites and not _saved(path, config):
+            containers[path] = inside
+
+    def hit(key: str) -> bool:
+        return bool(re.fullmatch(targets, key)) if isinstance(targets, str) else _list_matches(key, targets, config)
+
+    picked = {n for n in names if hit(n)} | {n for path, inside in containers.items() if hit(path) for n in inside}
+    if isinstance(targets, str):
+        if not picked:
+            raise ValueError(f"target_modules={targets!r} (a regex, matched against full module paths) "
+                             f"matched no linear layer; linear layers are, e.g.: {', '.join(names[:6])}")
+        return picked
     pool = set(names) | set(containers)
-    unmatched = [t for t in targets if not any(k == t or k.endswith("." + t) for k in pool)]
-    refused = [t for t in unmatched if any(k == t or k.endswith("." + t) for k in modules)]
+    unmatched = [t for t in targets if not any(_named(k, t) for k in pool)]
+    refused = [t for t in unmatched if any(_named(k, t) for k in info.get("modules", {}))]
     if refused:  # PEFT refuses a target that names a module it cannot adapt (no linear layer inside)
         raise ValueError(_unmatched_message(refused[0], targets, names, info))
     if len(unmatched) == len(targets):
@@ -282,9 +259,8 @@ def _pick_from_list(info: dict, names: list[str], containers: dict[str, list[str
 
 def _refuse_non_linear(info: dict, picked: set[str], targets: object) -> None:
     """On a transformers model, refuse a selected site that is a module PEFT cannot adapt (a MoE router:
-    ``MixtralTopKRouter`` calls ``F.linear`` but is no ``nn.Linear``). PEFT refuses such a target whether or not
-    linear layers are selected with it, so a folder adapting it would not load into PEFT. Plain models keep
-    our extension (a module's functional ``F.linear`` call is a site)."""
+    ``MixtralTopKRouter`` calls ``F.linear`` but is no ``nn.Linear``), so that every folder loads into PEFT.
+    Plain models keep our extension (a module's functional ``F.linear`` call is a site)."""
     linear = info.get("linear_modules")
     if linear is None or not str(info.get("module", "")).startswith("transformers."):
         return
@@ -300,14 +276,14 @@ def _refuse_non_linear(info: dict, picked: set[str], targets: object) -> None:
 
 
 def _check_eager_modules_to_save(gm: GraphModule, info: dict, config: AdapterConfig) -> None:
-    """A graph whose top level runs eagerly (vera_fx/block_export.py) reads trainable copies only inside its blocks:
-    refuse ``modules_to_save`` naming a module of the eager top level (it would train a copy nothing reads)."""
+    """Refuse ``modules_to_save`` naming a module of an eager top level (vera_fx/block_export.py): the graph reads
+    trainable copies only inside its blocks, so the copy would train with nothing reading it."""
     reason = gm.meta.get(EAGER_TOP)
     if reason is None or not config.modules_to_save:
         return
     blocks = [block_prefix(g) for g in graph_modules(gm)[1:]]
-    outside = [k for k in info.get("modules", {}) if _excluded_by_modules_to_save(k, config.modules_to_save)
-               and not any(k == b or k.startswith(b + ".") for b in blocks)]
+    outside = [k for k in info.get("modules", {})
+               if _saved(k, config) and not any(k == b or k.startswith(b + ".") for b in blocks)]
     if outside:
         raise ValueError(
             f"modules_to_save={config.modules_to_save!r} (task_type={config.task_type!r}) names {outside[0]!r}, which "
@@ -318,14 +294,12 @@ def _check_eager_modules_to_save(gm: GraphModule, info: dict, config: AdapterCon
 
 
 def _all_linear(info: dict, names: list[str], config: AdapterConfig) -> set[str]:
-    """PEFT's "all-linear": the sites that are ``nn.Linear`` / ``Conv1D`` modules, minus the output head; no
-    functional ``F.linear`` call (a MoE router's) that PEFT cannot target. Graphs captured without the module
-    list (older pickles) keep every site but the head."""
+    """PEFT's "all-linear": the sites that are ``nn.Linear`` / ``Conv1D`` modules (no MoE router's ``F.linear``)
+    but the output head; every site but the head of a graph captured without the module list (older pickles)."""
     head = info.get("output_head")
     linear = info.get("linear_modules")
     allowed = set(linear) if linear is not None else set(names)
-    missing = [p for p in linear or () if p != head and p not in names
-               and not _excluded_by_modules_to_save(p, config.modules_to_save)]
+    missing = [p for p in linear or () if p != head and p not in names and not _saved(p, config)]
     if missing:
         warnings.warn(f"target_modules='all-linear': {len(missing)} linear module(s) that PEFT adapts make no linear "
                       f"call vera_fx can adapt and are left out (e.g. {', '.join(missing[:3])}): they are not called "
@@ -335,23 +309,17 @@ def _all_linear(info: dict, names: list[str], config: AdapterConfig) -> set[str]
 
 
 def _unmatched_message(target: str, targets: list, names: list[str], info: dict) -> str:
-    modules: dict[str, str] = info.get("modules", {})
-    linear = set(info.get("linear_modules") or ())
-    named = [(n, t) for n, t in modules.items() if (n == target or n.endswith("." + target))]
+    named = [(n, t) for n, t in info.get("modules", {}).items() if _named(n, target)]
     msg = f"target_modules={targets!r}: {target!r} matched no linear layer"
-    if named and named[0][0] in linear:
-        n, t = named[0]
-        msg += (f" ({n!r} is a {t}, a linear layer PEFT adapts, but the captured forward makes no linear call "
-                "of it vera_fx can adapt: it is not called with these inputs, or its own forward is not "
+    if named and named[0][0] in set(info.get("linear_modules") or ()):
+        msg += (f" ({named[0][0]!r} is a {named[0][1]}, a linear layer PEFT adapts, but the captured forward makes no "
+                "linear call of it vera_fx can adapt: it is not called with these inputs, or its own forward is not "
                 "weight @ x + bias; drop it from target_modules)")
     elif named:
-        n, t = named[0]
-        msg += (f" ({n!r} is a {t}, not a linear layer, and holds none; PEFT refuses it too: drop it or target "
-                "linear layers instead)")
-    pool = sorted({n.rsplit(".", 1)[-1] for n in names} | {n for n in names})
-    close = difflib.get_close_matches(target, pool, n=5, cutoff=0.5)
+        msg += (f" ({named[0][0]!r} is a {named[0][1]}, not a linear layer, and holds none; PEFT refuses it too: "
+                "drop it or target linear layers instead)")
+    leaves = {n.rsplit(".", 1)[-1] for n in names}
+    close = difflib.get_close_matches(target, sorted(leaves | set(names)), n=5, cutoff=0.5)
     if close:
-        msg += f"; close names: {', '.join(close)}"
-    else:
-        msg += f"; linear layers are named, e.g.: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in names})[:8])}"
-    return msg
+        return msg + f"; close names: {', '.join(close)}"
+    return msg + f"; linear layers are named, e.g.: {', '.join(sorted(leaves)[:8])}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Optional
 
 from torch import nn
@@ -18,16 +17,13 @@ from .inject import InjectPass
 from .lower import check_lowering
 from .match import MatchPass
 
-logger = logging.getLogger(__name__)
-
 
 def run_passes(gm: GraphModule, passes: list[Any]) -> GraphModule:
-    """Run ``passes`` on ``gm`` with torch.fx's PassManager, re-raising our ValueError / TypeError as is."""
-    manager = PassManager(passes=passes, run_checks_after_each_pass=False)
+    """Run ``passes`` on ``gm`` with torch.fx's PassManager, re-raising our ValueError / TypeError as is (the
+    manager wraps them in a generic Exception)."""
     try:
-        return manager(gm).graph_module
+        return PassManager(passes=passes, run_checks_after_each_pass=False)(gm).graph_module
     except Exception as e:
-        # PassManager wraps errors in a generic Exception; surface our own message and type, without it.
         cause = e.__cause__ or e
         if not isinstance(cause, (ValueError, TypeError)):
             raise
@@ -43,11 +39,10 @@ def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleIn
               adapter_name: str = "default", lowering: Any = "auto", tokens: Optional[int] = None) -> GraphModule:
     """Capture ``model`` and attach a VeRA / PVeRA adapter to every linear-like call ``config`` targets.
 
-    Returns a new GraphModule; ``model`` is left as it was (on failure too). Only the adapter's parameters
-    are trainable. ``lowering`` ("auto", "fast", "activation", "fused", "lean", "weight" or ``{site: mode}``)
+    Returns a new GraphModule whose only trainable parameters are the adapter's; ``model`` is left as it was
+    (on failure too). ``lowering`` ("auto", "fast", "activation", "fused", "lean", "weight" or ``{site: mode}``)
     and ``tokens`` (per step, for the cost model) choose how each site group is computed
-    (vera_fx/passes/lower.py); they are a property of the graph, not of the adapter, and change later with
-    ``vera_fx.set_lowering``.
+    (vera_fx/passes/lower.py): the graph's setting, not the adapter's (``vera_fx.set_lowering`` changes it).
     """
     config = as_config(config)  # ours, or PEFT's read by its fields
     method_for(config)  # type check before the (slow) capture
