@@ -1,9 +1,8 @@
-"""Checks of a call's keywords before a graph is looked up or captured.
+"""Checks of a call's keywords before a graph is looked up or captured, and call signatures in words.
 
-A keyword neither the model's ``forward`` nor transformers' documented keywords (the ``TransformersKwargs`` its
-``**kwargs`` unpacks) name is refused with the close names: each would otherwise capture a graph of its own.
-An untyped ``**kwargs`` takes any keyword, as in eager mode. A new value of a constant keyword
-(``use_cache=False``) costs a graph, which is said once per keyword.
+A keyword neither ``forward`` nor transformers' documented keywords (the ``TransformersKwargs`` its ``**kwargs``
+unpacks) name is refused (each would capture a graph of its own); an untyped ``**kwargs`` takes any. A new
+value of a constant keyword (``use_cache=False``) costs a graph, which is said once per keyword.
 """
 
 from __future__ import annotations
@@ -42,21 +41,15 @@ def _typed_kwargs(param: inspect.Parameter) -> Optional[frozenset[str]]:
     return frozenset(keys) if isinstance(keys, dict) and typing.is_typeddict(typed) else None
 
 
-def known_keywords(params: Mapping[str, inspect.Parameter]) -> Optional[frozenset[str]]:
-    """Every keyword a forward with ``params`` accepts, or None when it accepts any (untyped ``**kwargs``)."""
-    names = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    var = [p for p in params.values() if p.kind is p.VAR_KEYWORD]
-    if not var:
-        return frozenset(names)
-    typed = _typed_kwargs(var[0])
-    return None if typed is None else frozenset(names | typed | _DECORATOR_KEYWORDS)
-
-
 def check_keywords(params: Mapping[str, inspect.Parameter], keywords: Iterable[str], model_name: str) -> None:
-    """TypeError naming each keyword the forward does not take, with the close names and the fix."""
-    known = known_keywords(params)
-    if known is None:
-        return
+    """TypeError naming each keyword a forward with ``params`` does not take, with the close names and the fix."""
+    known = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    var = [p for p in params.values() if p.kind is p.VAR_KEYWORD]
+    if var:
+        typed = _typed_kwargs(var[0])
+        if typed is None:  # an untyped **kwargs takes any keyword
+            return
+        known |= typed | _DECORATOR_KEYWORDS
     unknown = [k for k in keywords if k not in known]
     if not unknown:
         return
@@ -83,9 +76,9 @@ def say_constant_changes(seen: list[tuple], key: tuple, warned: set[str], graphs
     """Log once per keyword (``warned`` remembers them) that the call ``key`` differs from a signature in ``seen``
     (same names and tensor kinds) only by a constant's value, which needs a graph of its own. Keys as the model
     builds them: ``((name, "tensor" | "constant", ...), ...)``."""
-    items = dict((item[0], item) for item in key)
+    items = {item[0]: item for item in key}
     names: set[str] = set()
-    for theirs in (dict((item[0], item) for item in other) for other in seen):
+    for theirs in ({item[0]: item for item in other} for other in seen):
         diff = [n for n in items if items[n] != theirs.get(n)] if theirs.keys() == items.keys() else []
         if diff and all(items[n][1] == "constant" and theirs[n][1] == "constant" for n in diff):
             names.update(diff)

@@ -23,11 +23,10 @@ RANK_FACTOR = 64
 
 
 def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB"
+    unit = 0
+    while n >= 1024 and unit < 4:
+        n, unit = n / 1024, unit + 1
+    return f"{n:.1f} {('KB', 'MB', 'GB', 'TB')[unit - 1]}" if unit else f"{int(n)} B"
 
 
 def projection_bytes(config: AdapterConfig, sites: Sequence[Site], itemsize: int = 4) -> int:

@@ -1,17 +1,11 @@
 """The object users hold: ``VeraFxModel``, one model-like nn.Module over a cache of captured graphs.
 
-``vera_fx.transform(model, config)`` returns a ``VeraFxModel``. It owns
-
-- the *source graph*: the first captured graph, which holds the adapter state every graph shares. The
-  object's module tree *is* the source graph's (the same parameter, buffer and submodule dicts), so
-  ``named_parameters()`` gives the graph's names and an optimizer sees each tensor once;
-- a bounded cache of graphs keyed by call signature (vera_fx/signatures.py), like torch.compile's guards. A
-  new signature is captured on first use, matched, and bound to the source's state by the attach pass
-  (vera_fx/passes/attach.py); a graph whose export guard rejects a call gets a sibling captured for it.
-
-Under torch.compile the object's own frames run eagerly and dynamo compiles each graph's generated ``forward``
-(one compile cache per graph). PEFT's methods come from ``PeftSurface`` (vera_fx/surface.py); ``state_dict()``
-is the adapters only (vera_fx/state_dict.py).
+It owns the *source graph* (the first captured graph, holding the adapter state every graph shares; the
+object's parameter, buffer and submodule dicts are the source's, so an optimizer sees each tensor once) and a
+bounded cache of graphs per call signature (vera_fx/signatures.py), like torch.compile's guards: a new
+signature is captured on first use and bound to the source's state (vera_fx/passes/attach.py); a graph whose
+export guard rejects a call gets a sibling. Under torch.compile the object's frames run eagerly and dynamo
+compiles each graph's generated ``forward``. PEFT's methods: vera_fx/surface.py.
 """
 
 from __future__ import annotations
@@ -36,18 +30,16 @@ from . import blockwise
 from . import checkpoint as ckpt
 from .adapters import add_adapter
 from .capture import CaptureError, capture
-from .signatures import ExampleInputs
 from .config import AdapterConfig, as_config
 from .methods import CONTAINER, method_for
 from .keywords import describe_key, say_constant_changes
 from .passes.attach import attach_adapters, base_stamp, state_fingerprint
 from .passes.match import MatchPass
 from .serving import mixed_adapter_forward
-from .signatures import (CallKey, call_key, capture_example, example_call, forward_parameters, normalise_call,
-                         swapped_in)
+from .signatures import (CallKey, ExampleInputs, call_key, capture_example, example_call, forward_parameters,
+                         normalise_call, swapped_in)
 from .state import state_lock
-from .state_dict import (adapters_state_dict, load_adapters_state_dict,
-                         read_trainer_checkpoint)
+from .state_dict import adapters_state_dict, load_adapters_state_dict, read_trainer_checkpoint
 from .passes.pipeline import run_passes, transform as transform_graph
 from .compat import eager_frame, eval_frame_callback
 from .surface import PeftSurface, check_is_trainable
@@ -56,10 +48,8 @@ from .variants import FINGERPRINT_KEY, INFERENCE_FORM, GraphVariants
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_GRAPHS = 8
-_FINGERPRINT = FINGERPRINT_KEY  # gm.meta: the source's state_fingerprint a graph was attached at
 _GUARD_ERRORS = ("Guard failed", "guard", "Expected input at")
-# torch.compile: a frame that dynamo skips (runs eagerly) while still compiling the frames it calls, so each
-# captured graph's own generated forward is the frame dynamo compiles (vera_fx/model.py, "calls").
+# dynamo skips ``forward`` (runs it eagerly) and compiles the frames it calls: each graph's generated forward
 _EAGER_REASON = ("a VeraFxModel runs its own work eagerly and torch.compile compiles each captured graph's "
                  "forward: compile the object itself (torch.compile(m)), or m.graph_module, rather than code that "
                  "calls it")
@@ -94,8 +84,6 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         if source_key is not None:
             self._store(source_key, source)
 
-    # --- nn.Module plumbing ----------------------------------------------------------------------------------
-
     @property
     def training(self) -> bool:  # type: ignore[override]
         src = self.__dict__.get("_source")
@@ -129,7 +117,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
                 self._order.remove(key)
             else:  # buffers are new objects after _apply: re-attach on next use
                 for gm in self._graphs[key]:
-                    gm.meta.pop(_FINGERPRINT, None)
+                    gm.meta.pop(FINGERPRINT_KEY, None)
         if before != after:
             logger.info("weights are now %s on %s: graphs are captured again on their next call", *after)
         return self
@@ -153,17 +141,13 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
                         "m.save_pretrained(directory) and rebuild it with vera_fx.from_pretrained(model, directory)")
 
     def __deepcopy__(self, memo: dict) -> "VeraFxModel":
-        source = copy.deepcopy(self._source, memo)
-        key = self._key_of(self._source)
-        twin = VeraFxModel(self._base_model, source, self.max_graphs, key)
-        return twin
+        key = next((k for k, v in self._graphs.items() if any(g is self._source for g in v)), None)
+        return VeraFxModel(self._base_model, copy.deepcopy(self._source, memo), self.max_graphs, key)
 
     def __repr__(self) -> str:
         names = list(getattr(self._source, CONTAINER, {}) or {})
         return (f"{type(self).__name__}(model={type(self._base_model).__name__}, adapters={names}, "
                 f"graphs={self.num_graphs})")
-
-    # --- graph-level access ----------------------------------------------------------------------------------
 
     @property
     def graph_module(self) -> GraphModule:
@@ -213,9 +197,6 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
                 path, _, leaf = name.rpartition(".")
                 self.__dict__["_probe_at"] = (self._source.get_submodule(path)._parameters, leaf)
                 return p
-        for name, p in self._source.named_parameters():
-            if not name.startswith(CONTAINER + ".") and p.is_floating_point():
-                return p
         return next((p for p in self._source.parameters()), None)
 
     def _weights_state(self) -> tuple:
@@ -232,8 +213,6 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         p = self._probe()
         return p.dtype if p is not None else torch.get_default_dtype()
 
-    # --- state dict: the adapters only (vera_fx/state_dict.py) ------------------------------------------------
-
     def state_dict(self, *args: Any, destination: Optional[dict] = None, prefix: str = "",
                    keep_vars: bool = False) -> dict[str, torch.Tensor]:
         """The adapters' state, not the frozen base: ``vera_fx.<adapter>.<PEFT key>`` tensors and
@@ -243,8 +222,6 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load what ``state_dict()`` gives (every adapter checked before anything changes)."""
         return load_adapters_state_dict(self._source, state_dict, strict)
-
-    # --- calls -------------------------------------------------------------------------------------------
 
     def _normalise_call(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         call, asked_cache = normalise_call(self._forward_params, type(self._base_model).__name__,
@@ -259,14 +236,10 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
     def _key(self, call: dict[str, Any]) -> CallKey:
         return call_key(call, self._weights_state())
 
-    def _key_of(self, gm: GraphModule) -> Optional[CallKey]:
-        return next((k for k, v in self._graphs.items() if any(g is gm for g in v)), None)
-
     def _all_graphs(self) -> list[GraphModule]:
         return [g for v in self._graphs.values() for g in v]
 
     def _store(self, key: CallKey, gm: GraphModule) -> None:
-        gm.meta["vera_fx_call_key"] = key
         if key not in self._graphs:
             self._graphs[key] = []
             self._order.append(key)
@@ -289,7 +262,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
             blockwise.gradient_checkpointing_enable(gm)
         fp = state_fingerprint(self._source)
         attach_adapters(gm, self._source)
-        gm.meta[_FINGERPRINT] = self._binding(gm, fp)
+        gm.meta[FINGERPRINT_KEY] = self._binding(gm, fp)
         self._store(key, gm)
         return gm
 
@@ -310,30 +283,29 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
 
     def _fresh(self, gm: GraphModule, variant: bool = True) -> GraphModule:
         """``gm`` (with ``variant``: its inference twin for an inference call) bound to the current adapter state
-        (the caller holds the state's read lock, so the state cannot change meanwhile; a graph is refreshed by
-        one thread, the others wait for it)."""
+        (the caller holds the read lock; one thread binds, the others wait)."""
         fp = state_fingerprint(self._source)  # once per call: the twin key and the attach check
         if variant:
             gm = self._variant(gm, fp)
         if gm is not self._source:
             try:  # (a RuntimeError: another thread is binding a graph that shares leaf modules with this one)
-                current = gm.meta.get(_FINGERPRINT) == self._binding(gm, fp)
+                current = gm.meta.get(FINGERPRINT_KEY) == self._binding(gm, fp)
             except RuntimeError:
                 current = False
             if not current:
                 with self._build_lock:
-                    was, now = gm.meta.get(_FINGERPRINT), self._binding(gm, fp)
+                    was, now = gm.meta.get(FINGERPRINT_KEY), self._binding(gm, fp)
                     if was != now:
                         attach_adapters(gm, self._source, was[0] if was else None,
                                         rebind=was is None or was[1:] != now[1:])
-                        gm.meta[_FINGERPRINT] = self._binding(gm, fp)
+                        gm.meta[FINGERPRINT_KEY] = self._binding(gm, fp)
         if gm.training != self._source.training:
             gm.train(self._source.training)
         return gm
 
     def _select(self, args: tuple, kwargs: dict) -> tuple[Callable[..., Any], dict[str, Any]]:
-        """What runs this call (its signature's graph, captured on first use and bound to the current adapter
-        state; the mixed-adapter graph with ``adapter_names``) and the call as that graph's keywords."""
+        """What runs this call (its signature's graph, bound to the current state; the mixed-adapter graph with
+        ``adapter_names``) and the call as that graph's keywords."""
         adapter_names = kwargs.pop("adapter_names", None)
         call = self._normalise_call(args, kwargs)
         key = self._key(call)
@@ -345,10 +317,8 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
                 pass
         if adapter_names is not None:  # one adapter per row: the mixed graph of this signature's graph
             return functools.partial(mixed_adapter_forward, self._graph_for(key, call), adapter_names), call
-        if graphs is None:
-            return self._ready_graph(key, self._graph_for(key, call)), call
-        if len(graphs) == 1:
-            return self._ready_graph(key, graphs[0]), call
+        if graphs is None or len(graphs) == 1:
+            return self._ready_graph(key, graphs[0] if graphs else self._graph_for(key, call)), call
         return functools.partial(self._call_siblings, key, graphs), call
 
     def _call_siblings(self, key: CallKey, graphs: list[GraphModule], /, **call: Any) -> Any:
@@ -368,8 +338,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
             return self._capture(key, call)(**call)
 
     def _run(self, args: tuple, kwargs: dict) -> Any:
-        """An eager call (the caller holds the read lock); a graph whose export guard rejects the call (a shape
-        export specialised) gets a sibling captured for it."""
+        """An eager call (the caller holds the read lock); a graph whose export guard rejects it gets a sibling."""
         run, call = self._select(args, kwargs)
         try:
             return run(**call)
@@ -384,9 +353,8 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
 
     @torch.compiler.disable
     def _enter_compiled(self, args: tuple, kwargs: dict) -> tuple[Callable[..., Any], dict[str, Any], Any]:
-        """Under torch.compile, everything but the graph runs here, eagerly (signature, capture, binding): the
-        frame dynamo compiles is the graph's own generated ``forward``, one code object per graph, so each object
-        and each signature has its own compile cache. Returns the read lock held for the call."""
+        """Under torch.compile, everything but the graph's own generated ``forward`` (one code object, so one
+        compile cache, per graph) runs here, eagerly. Returns the read lock held for the call."""
         held = state_lock(self._source).read()
         held.__enter__()
         try:
@@ -443,11 +411,8 @@ def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleIn
               tokens: Optional[int] = None) -> VeraFxModel:
     """Capture ``model`` and attach a VeRA / PVeRA adapter to every linear-like call ``config`` targets.
 
-    Returns a ``VeraFxModel``: call it as the model; a call of another signature captures its own graph on
-    first use (at most ``max_graphs``). ``model`` is left as it was, on failure too. Only the adapter's
-    parameters are trainable. Bad input raises ValueError / TypeError naming the field and the fix.
-    ``lowering`` / ``tokens`` choose how each site group is computed (vera_fx/passes/lower.py).
-    """
+    Returns a ``VeraFxModel`` (a call of another signature captures its own graph, at most ``max_graphs``);
+    ``model`` is left as it was, on failure too. ``lowering`` / ``tokens``: vera_fx/passes/lower.py."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, VeraFxModel):
@@ -471,10 +436,8 @@ def from_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, exa
     """Capture ``model`` and attach the adapter saved in ``directory``: a PEFT / vera_fx adapter folder, or a
     transformers Trainer checkpoint of a ``VeraFxModel`` (model.safetensors from ``state_dict()``).
 
-    As PEFT's ``PeftModel.from_pretrained``: the adapter is for inference unless ``is_trainable=True`` (its
-    parameters frozen, its config's ``inference_mode`` True, the object in eval mode); with ``is_trainable=True``
-    it trains and the object keeps the model's train / eval mode. The folder is checked before the (slow)
-    capture; ``model`` is left unchanged."""
+    As PEFT's: for inference (frozen, ``inference_mode`` True, eval mode) unless ``is_trainable=True`` (then the
+    model's train / eval mode is kept). The folder is checked before the (slow) capture."""
     check_is_trainable(is_trainable)
     path = Path(directory)
     if (path / ckpt.CONFIG_NAME).is_file() or not (path / "model.safetensors").is_file():
@@ -490,7 +453,7 @@ def from_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, exa
             if name != first:
                 add_adapter(obj.graph_module, name, cfg)
         obj.load_state_dict(state, strict=True)
-    for name, cfg in obj.peft_config.items():
+    for cfg in obj.peft_config.values():
         cfg.inference_mode = not is_trainable
     obj.set_requires_grad(list(obj.peft_config), is_trainable)
     if not is_trainable:

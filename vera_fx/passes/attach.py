@@ -1,20 +1,11 @@
-"""Attach pass: bind a freshly captured and matched graph to the adapter state of an existing graph.
+"""Attach pass: bind a captured and matched graph to the adapter state of the model object's source graph.
 
-The model object (vera_fx/model.py) keeps one captured graph per call signature. One of them, the *source*,
-owns the adapter state; every other graph is made equal to it by ``attach_adapters``:
-
-- its base parameters and buffers become the source's objects, by qualified name (trained biases, merged
-  weights and ``.to()`` conversions are therefore the source's, and an optimizer sees one set of tensors),
-  and so do its bitsandbytes layers (a merge replaces a quantized site's layer);
-- it holds the very same adapter container (``vera_fx_adapters``: the same ``AdapterState`` modules and
-  ``nn.Parameter`` objects, so a lambda trained through one graph is the lambda of every other);
-- so it reads the source's run-time state (active adapters, disabled, merged, lowering: the adapter set's
-  flags, never copied), gets its ``modules_to_save`` routing, and the adapter nodes of every site in the
-  source's order, so the two graphs compute the same function.
-
-Attaching again after the source changed (``set_adapter``, ``merge``, ...) switches the graph's tree to its
-version for the new state (built once, vera_fx/versions.py); its tensors are bound again only when a base
-tensor or module was replaced (``base_stamp``), its states registered again only when they changed.
+``attach_adapters`` makes the graph compute what the source computes: its base parameters, buffers and
+bitsandbytes layers become the source's objects (by qualified name), it holds the very same adapter container
+(so the same lambdas and run-time flags), the source's ``modules_to_save`` routing and the source's adapter
+nodes, site by site in the same order. Attaching again after a switch puts back the tree's version for the new
+state (built once, vera_fx/versions.py); tensors are bound again only when a base tensor or module was replaced
+(``base_stamp``), states registered again only when they changed.
 """
 
 from __future__ import annotations
@@ -35,6 +26,7 @@ from .infer import INFERENCE_KEY, bind_flat_reads, flatten_reads
 from .inject import emit_adapter, remove_adapter_nodes
 
 logger = logging.getLogger(__name__)
+
 
 def state_fingerprint(gm: GraphModule) -> tuple:
     """A cheap value that changes whenever the adapter nodes ``gm`` should carry change (adapters added or
@@ -79,9 +71,8 @@ def base_stamp(source: GraphModule) -> tuple:
 def strip_adapters(gm: GraphModule) -> int:
     """Remove every adapter's nodes from every graph of ``gm``'s tree (whether or not its state is still
     there); returns how many adapters had nodes."""
-    names = list(dict.fromkeys((n.meta.get(ADAPTER_KEY) or {}).get("adapter")
-                               for g in graph_modules(gm) for n in g.graph.nodes))
-    names = [n for n in names if n is not None]
+    names = [a for a in dict.fromkeys((n.meta.get(ADAPTER_KEY) or {}).get("adapter")
+                                      for g in graph_modules(gm) for n in g.graph.nodes) if a is not None]
     for name in names:
         remove_adapter_nodes(gm, name)
     return len(names)
@@ -94,11 +85,9 @@ def _set_tensor(gm: GraphModule, qualname: str, value: torch.Tensor) -> bool:
     except AttributeError:
         return False
     for store in (mod._parameters, mod._buffers):
-        old = store.get(leaf)
         if leaf in store:
-            if old is value:
-                return False
-            if old is not None and (type(old) is not type(value) or old.shape != value.shape):
+            old = store[leaf]
+            if old is value or (old is not None and (type(old) is not type(value) or old.shape != value.shape)):
                 return False
             store[leaf] = value
             return True
@@ -145,52 +134,39 @@ def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple
     """Make ``gm`` (captured and matched from the same model as ``source``) compute what ``source`` computes,
     over ``source``'s adapter state; returns ``gm``, changed in place. ``before``: the source's
     ``state_fingerprint`` ``gm`` was attached at last (None: never); ``rebind``: bind the base tensors again
-    (False: the caller knows none was replaced since, ``base_stamp``). The adapter states are registered again
-    only when they changed; the adapter nodes come from the tree's version for the source's state when one was
-    built (``GraphVersions``)."""
+    (False: the caller knows none was replaced since, ``base_stamp``)."""
     container = getattr(source, CONTAINER, None)
     fp = state_fingerprint(source)
     same_states = (before is not None and container is not None and before[0] == fp[0]
                    and gm._modules.get(CONTAINER) is container)
     rebound = _rebind(gm, source) if rebind or before is None else 0
-    if same_states:
-        container.versions.switch(gm, graph_modules(gm), before, fp, lambda: _emit_like(gm, source))
-        _follow_modes(gm, source)
-        bind_flat_reads(gm)
-        return gm
-    for g in graph_modules(gm)[1:]:  # stale block views of an earlier attach
-        if CONTAINER in g._modules:
-            del g._modules[CONTAINER]
-    if container is None:
-        gm._modules.pop(CONTAINER, None)
-        strip_adapters(gm)
-        gm.recompile()
-        return gm
-    gm.add_module(CONTAINER, container)
-    for name, state in container.items():  # the same states; views of them in gm's own blocks
-        attach_state(gm, name, state)
+    if not same_states:
+        for g in graph_modules(gm)[1:]:  # stale block views of an earlier attach
+            g._modules.pop(CONTAINER, None)
+        if container is None:
+            gm._modules.pop(CONTAINER, None)
+            strip_adapters(gm)
+            gm.recompile()
+            return gm
+        gm.add_module(CONTAINER, container)
+        for name, state in container.items():  # the same states; views of them in gm's own blocks
+            attach_state(gm, name, state)
     container.versions.switch(gm, graph_modules(gm), before, fp, lambda: _emit_like(gm, source))
-    _follow_modes(gm, source, force=True)
+    # the modes as the source's (new states: set on every module, even where the root agrees)
+    if not same_states or gm.training != source.training:
+        gm.train(source.training)
+    if not same_states or adapters_training(gm) != adapters_training(source):
+        set_adapters_training(gm, adapters_training(source))
     bind_flat_reads(gm)
     logger.debug("attach: %d tensors rebound", rebound)
     return gm
-
-
-def _follow_modes(gm: GraphModule, source: GraphModule, force: bool = False) -> None:
-    """The source's train / eval mode (``force``: set on every module even where the root agrees), and its
-    adapters' own flag (which may differ: vera_fx/state.py)."""
-    if force or gm.training != source.training:
-        gm.train(source.training)
-    if force or adapters_training(gm) != adapters_training(source):
-        set_adapters_training(gm, adapters_training(source))
 
 
 def _emit_like(gm: GraphModule, source: GraphModule) -> None:
     """Give ``gm``'s tree the adapter nodes the source's tree has, site by site, in the same order."""
     strip_adapters(gm)
     _route_modules_to_save(gm, source)
-    # The source's adapters per site, in graph order: emitting adapter by adapter in first-seen order gives the
-    # same chain (and the same summation order) at every site.
+    # adapter by adapter in first-seen order: the same chain (and summation order) at every site
     order: dict[str, set[str]] = {}
     for site in read_sites(source):
         for name in site.adapters:

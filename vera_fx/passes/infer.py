@@ -1,18 +1,15 @@
 """The inference form of a graph's adapters: what a graph run in eval mode or without gradients computes.
 
-A graph built for inference (root ``gm.meta["vera_fx_inference"]`` names the form: the model object's twins,
-vera_fx/variants.py, and generation's decode graphs) never runs a training plan: nothing is kept for backward.
-Per site group (one adapter's sites that read one ``h = x @ A.T`` and one slice of ``B``) the lower pass emits
-vera_fx/methods/infer.py's calls: a ``site_apply`` per site (the default, per-site form), or one
-``group_products`` and a ``site_add`` per site (``form="batched"``: ``B`` read once per group; it measured no
-faster on the CPU). PVeRA's sites reading one ``x`` share ``pvera_group_h`` (the mean's r rows when none
-samples, decided at run time) and take ``pvera_latent`` per site. ``flatten_reads`` then makes deep attribute
-reads one lookup.
+A graph built for inference (root ``gm.meta["vera_fx_inference"]`` names the form: the model object's twins and
+generation's decode graphs) keeps nothing for backward. Per site group (one adapter's sites reading one
+``h = x @ A.T`` and one slice of ``B``) it calls vera_fx/methods/infer.py: a ``site_apply`` per site (the
+default), or ``form="batched"``, one ``group_products`` (``B`` read once) and a ``site_add`` per site. PVeRA's
+sites reading one ``x`` share ``pvera_group_h`` and take ``pvera_latent`` each.
 
-The cost model (``inference_costs``), per group of ``n`` sites of width ``out``, rank ``r``, ``T`` tokens per
-call: both forms make ``n T r out`` multiply-adds; the per-site form reads ``B`` ``n`` times, the batched one
-once, with ``n r`` values more (the stacked ``lambda_d``) and more calls, each priced at ``CALL_COST``.
-Folding ``dW`` into ``W`` per call would cost ``out r in`` multiply-adds: it pays only when ``T > in``.
+Cost model (``inference_costs``), per group of ``n`` sites of width ``out``, rank ``r``, ``T`` tokens: both
+forms make ``n T r out`` multiply-adds; the per-site form reads ``B`` ``n`` times, the batched one once, with
+``n r`` values more and more calls (``CALL_COST`` each). Folding ``dW`` per call (``out r in``) pays only when
+``T > in``.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-import torch
 from torch.fx import GraphModule, Node
 
 from ..methods.infer import group_products, pvera_group_h, pvera_latent, site_add, site_apply
@@ -28,14 +24,12 @@ from ..sites import ADAPTER_KEY, graph_modules
 from .chains import Chain, hoist, inplace_target, tag_node
 
 logger = logging.getLogger(__name__)
-aten = torch.ops.aten
 
 INFERENCE_KEY = "vera_fx_inference"  # root gm.meta: the inference form this graph tree is built in
 FLAT_KEY = "vera_fx_flat_reads"  # each graph's meta in an inference tree: {flat name: owner module path}
 FORMS = ("batched", "site")
-# The form graphs are built in unless the object says otherwise (``m.inference_form``). Per site: on the 2-core
-# CPU (quiet, warm, hidden 1024, r=256) the two forms measured the same (decode 1.35 vs 1.35x the base, 40
-# rounds); the batched form stays selectable for measurement (and devices with costlier calls).
+# ``m.inference_form``'s default: on the 2-core CPU (hidden 1024, r=256) both forms measured the same (decode
+# 1.35x the base); the batched form stays selectable (devices with costlier calls).
 DEFAULT_FORM = "site"
 CALL_COST = 4096  # multiply-add equivalents of one eager op call (~5-10 us on the 2-core CPU, ~1 GMAC/s/core)
 
@@ -57,9 +51,9 @@ def inference_plan(tokens: int, r: int, out: int, n: int, form: str = "batched")
 
 
 def _tail(gm: GraphModule, members: list[Chain], h: Node, lambdas: list[Node], plan: str) -> None:
-    """The group's products from ``h`` (with each site's ``lambda_d`` node in ``lambdas``) and each site's add:
-    ``plan="batched"``: one ``group_products`` node, then a ``site_add`` per site; else one ``site_apply`` per
-    site. Each site's add node becomes its tail (its name and tags stay: walkers read y as its args[0])."""
+    """The group's products from ``h`` (each site's ``lambda_d`` node in ``lambdas``): ``plan="batched"``, one
+    ``group_products`` then a ``site_add`` per site; else a ``site_apply`` per site. Each site's add node becomes
+    its tail (name and tags kept: walkers read y as its args[0])."""
     graph, b = gm.graph, members[0].nodes["xAB"].args[1]
     u: Optional[Node] = None
     if plan == "batched":
@@ -95,9 +89,9 @@ def _erase(gm: GraphModule, nodes: list[Node]) -> None:
 
 
 def _lower_pvera(gm: GraphModule, chains: list[Chain]) -> None:
-    """PVeRA's sites reading one ``h`` (one ``x``): ``h`` becomes ``pvera_group_h`` (the mean's r rows when no site
-    samples, decided at run time, so ``sample_at_inference`` and Monte Carlo's switches need no other graph),
-    each site's sampling nodes one ``pvera_latent`` call and its tail one ``site_apply``."""
+    """PVeRA's sites reading one ``h``: ``h`` becomes ``pvera_group_h`` (the mean's r rows when no site samples,
+    decided at run time: sampling switches need no other graph), each site's sampling one ``pvera_latent`` and
+    its tail one ``site_apply``."""
     graph, h, r = gm.graph, chains[0].h, chains[0].state.config.r
     x, a = h.args[0], h.args[1]
     training = chains[0].nodes["sample"].args[2]
@@ -148,11 +142,10 @@ def lower_for_inference(gm: GraphModule, chains: list[Chain], form: str = "batch
 
 def flatten_reads(gm: GraphModule) -> None:
     """Make each graph of the inference tree ``gm`` read a deep attribute (``self.vera_fx_adapters.default.sites.
-    self_attn.q_proj.vera_lambda_d``: six ``nn.Module.__getattr__`` calls, ~1 ms a forward of a 4-layer model
-    at one token) through its owner module kept in the graph's instance dict (``self.vera_fx_read_3.
-    vera_lambda_d``: a dict hit, then one lookup, so a replaced tensor is still read live). Call it where the
-    adapter nodes were just built (the code it generates is the version kept); ``bind_flat_reads`` after every
-    binding puts the owners in place."""
+    self_attn.q_proj.vera_lambda_d``: six ``__getattr__`` calls, ~1 ms a forward of 4 layers at one token)
+    through its owner module in the graph's instance dict (``self.vera_fx_read_3.vera_lambda_d``: a replaced
+    tensor is still read live). Call it where the adapter nodes were just built; ``bind_flat_reads`` after
+    every binding puts the owners in place."""
     for g in graph_modules(gm):
         names: dict[str, str] = g.meta.setdefault(FLAT_KEY, {})
         by_path = {path: flat for flat, path in names.items()}
@@ -172,8 +165,7 @@ def flatten_reads(gm: GraphModule) -> None:
 
 
 def bind_flat_reads(gm: GraphModule, recurse: bool = True) -> None:
-    """Put the owner module of every flattened read (``flatten_reads``) in its graph's instance dict, as the tree
-    holds it now (after a binding that may have replaced a module)."""
+    """Put the owner module of every flattened read in its graph's instance dict, as the tree holds it now."""
     for g in graph_modules(gm) if recurse else [gm]:
         for flat, path in g.meta.get(FLAT_KEY, {}).items():
             try:
