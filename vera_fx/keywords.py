@@ -25,11 +25,9 @@ _DECORATOR_KEYWORDS = frozenset({"return_dict", "past_key_values", "cache_params
 def _typed_kwargs(param: inspect.Parameter) -> Optional[frozenset[str]]:
     """The keys of the TypedDict a ``**kwargs: Unpack[...]`` parameter names, or None when untyped."""
     ann = param.annotation
-    if ann is inspect.Parameter.empty:
+    if ann is inspect.Parameter.empty or (isinstance(ann, str) and "TransformersKwargs" not in ann):
         return None
     if isinstance(ann, str):  # postponed annotations: transformers' documented keywords by name
-        if "TransformersKwargs" not in ann:
-            return None
         try:
             from transformers.utils import TransformersKwargs
         except ImportError:
@@ -64,9 +62,8 @@ def check_mask(call: Mapping[str, Any]) -> None:
     """ValueError when ``attention_mask`` does not have ``input_ids``' (batch, length): the graph would fail
     with a raw broadcast error."""
     ids, mask = call.get("input_ids"), call.get("attention_mask")
-    if not (isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor)) or ids.dim() != 2 or mask.dim() != 2:
-        return
-    if tuple(mask.shape) != tuple(ids.shape):
+    if (isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor) and ids.dim() == mask.dim() == 2
+            and tuple(mask.shape) != tuple(ids.shape)):
         raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(ids.shape)}: "
                          "give one mask value per token (attention_mask of input_ids' shape, 1 for tokens to "
                          "attend to, 0 for padding)")

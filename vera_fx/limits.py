@@ -5,7 +5,6 @@ config (before capture) and a folder's fields against the adapter it is loaded i
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from typing import Any, Optional, Sequence
 
@@ -14,8 +13,6 @@ import torch
 from .config import AdapterConfig
 from .methods import method_for
 from .sites import Site
-
-logger = logging.getLogger(__name__)
 
 # r above this many times the widest targeted layer is refused: the update's rank is at most min(in, out), so
 # such an r only costs memory (VeRA uses r of 256 to 1024 on layers of 768 to 8192 features).
@@ -53,8 +50,7 @@ def check_rank(config: AdapterConfig, sites: Sequence[Site], device: Optional[to
     if not sites:
         return
     widest = max(max(s.in_features, s.out_features) for s in sites)
-    need = projection_bytes(config, sites, itemsize)
-    rank_cap = min(min(s.in_features, s.out_features) for s in sites)
+    need, rank_cap = projection_bytes(config, sites, itemsize), min(min(s.in_features, s.out_features) for s in sites)
     if config.r > RANK_FACTOR * widest:
         raise ValueError(f"r={config.r} is more than the targeted layers can use: their update's rank is at most "
                          f"{rank_cap} and the widest has {widest} features, and the adapter would take "
@@ -82,16 +78,12 @@ def check_file_shapes(config: AdapterConfig, tensors: dict[str, Any], source: st
                              "Save the adapter again")
 
 
-# Fields whose value is built into the adapter's graph or projections: a folder must agree on them.
-_GRAPH_FIELDS = ("r", "bias")
-
-
 def check_same_fields(have: AdapterConfig, config: AdapterConfig, source: str, adapter_name: str,
                       has_projections: bool) -> None:
     """ValueError naming every field of the folder's ``config`` that differs from adapter ``adapter_name``'s
-    ``have`` and that loading tensors cannot apply (dropout, r, bias; the PRNG key when the folder has no
-    projections to load)."""
-    fields = [*_GRAPH_FIELDS, have._dropout_field, *([] if has_projections else ["projection_prng_key"])]
+    ``have`` and that loading tensors cannot apply: those built into the graph or projections (r, bias,
+    dropout; the PRNG key when the folder has no projections to load)."""
+    fields = ["r", "bias", have._dropout_field, *([] if has_projections else ["projection_prng_key"])]
     names = {f.name for f in dataclasses.fields(have)}
     diff = [f"{f}={getattr(config, f)!r} (the adapter has {getattr(have, f)!r})" for f in fields
             if f in names and getattr(config, f) != getattr(have, f)]

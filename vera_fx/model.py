@@ -1,11 +1,8 @@
 """The object users hold: ``VeraFxModel``, one model-like nn.Module over a cache of captured graphs.
 
-It owns the *source graph* (the first captured graph, holding the adapter state every graph shares; the
-object's parameter, buffer and submodule dicts are the source's, so an optimizer sees each tensor once) and a
-bounded cache of graphs per call signature (vera_fx/signatures.py), like torch.compile's guards: a new
-signature is captured on first use and bound to the source's state (vera_fx/passes/attach.py); a graph whose
-export guard rejects a call gets a sibling. Under torch.compile the object's frames run eagerly and dynamo
-compiles each graph's generated ``forward``. PEFT's methods: vera_fx/surface.py.
+It owns the *source graph* (the first captured graph, holding the adapter state; the object's parameter, buffer
+and submodule dicts are the source's) and a bounded cache of graphs per call signature, like torch.compile's
+guards: a new signature is captured on first use and bound to the source's state (vera_fx/passes/attach.py).
 """
 
 from __future__ import annotations
@@ -56,8 +53,7 @@ _EAGER_REASON = ("a VeraFxModel runs its own work eagerly and torch.compile comp
 
 
 class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
-    """A model with VeRA / PVeRA adapters, computed by captured torch.fx graphs (see the module docstring): call
-    it as the model; ``graph_module`` is the source graph, ``graphs`` every cached graph by signature."""
+    """A model with VeRA / PVeRA adapters computed by captured graphs: call it as the model."""
 
     _keys_to_ignore_on_save = None  # read by transformers' Trainer after loading a checkpoint
 
@@ -73,11 +69,9 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         d["_twins"] = weakref.WeakKeyDictionary()  # graph -> its inference twin (vera_fx/variants.py)
         d["_ready"] = {}  # CallKey -> (state stamp, graph, the graph a call runs) (variants.py); siblings' last
         d["_keywords_ok"] = set()  # keyword sets check_keywords accepted
-        d["_inference_form"] = INFERENCE_FORM
-        d["_warned_evict"] = False
+        d["_inference_form"], d["_forward_params"] = INFERENCE_FORM, forward_parameters(model)
+        d["_warned_evict"] = d["_warned_cache"] = False
         d["_probe_at"] = None  # (parameter dict, name) of the dtype / device probe: read per call
-        d["_forward_params"] = forward_parameters(model)
-        d["_warned_cache"] = False
         d["_warned_constants"] = set()  # constant keywords already reported as costing a graph per value
         d["_build_lock"] = threading.RLock()  # captures and re-attaches of this object's graphs, one at a time
         self.max_graphs = max_graphs
@@ -154,9 +148,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         """The source graph: it holds the adapter state every other graph shares."""
         return self._source
 
-    @property
-    def _vera_fx_source_graph(self) -> GraphModule:  # the protocol vera_fx.sites.as_graph_module reads
-        return self._source
+    _vera_fx_source_graph = graph_module  # the protocol vera_fx.sites.as_graph_module reads
 
     @property
     def graphs(self) -> dict[CallKey, GraphModule]:
@@ -215,12 +207,12 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
 
     def state_dict(self, *args: Any, destination: Optional[dict] = None, prefix: str = "",
                    keep_vars: bool = False) -> dict[str, torch.Tensor]:
-        """The adapters' state, not the frozen base: ``vera_fx.<adapter>.<PEFT key>`` tensors and
-        ``vera_fx_config.<adapter>`` (the config as JSON bytes). transformers' Trainer saves exactly this."""
+        """The adapters only (what Trainer saves): ``vera_fx.<adapter>.<PEFT key>`` tensors and
+        ``vera_fx_config.<adapter>`` (the config as JSON bytes)."""
         return adapters_state_dict(self._source, destination, prefix, keep_vars)
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load what ``state_dict()`` gives (every adapter checked before anything changes)."""
+        """Load what ``state_dict()`` gives (all checked before anything changes)."""
         return load_adapters_state_dict(self._source, state_dict, strict)
 
     def _normalise_call(self, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -232,9 +224,6 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
                            "outputs are otherwise the model's")
             self.__dict__["_warned_cache"] = True
         return call
-
-    def _key(self, call: dict[str, Any]) -> CallKey:
-        return call_key(call, self._weights_state())
 
     def _all_graphs(self) -> list[GraphModule]:
         return [g for v in self._graphs.values() for g in v]
@@ -260,9 +249,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         gm = run_passes(gm, [MatchPass()])
         if blockwise.is_gradient_checkpointing(self._source) and blockwise.block_calls(gm):
             blockwise.gradient_checkpointing_enable(gm)
-        fp = state_fingerprint(self._source)
-        attach_adapters(gm, self._source)
-        gm.meta[FINGERPRINT_KEY] = self._binding(gm, fp)
+        self._fresh(gm, variant=False)  # attached to the source's state
         self._store(key, gm)
         return gm
 
@@ -277,8 +264,8 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         return self._ready_graph((key, "first"), graphs[0], variant=False)  # bound once per state stamp
 
     def _binding(self, gm: GraphModule, fp: tuple) -> tuple:
-        """The adapter structure and the base tensors' identities in the source and in ``gm`` (twins share leaf
-        modules, so binding one can change another's): ``gm`` is attached again when they change."""
+        """What ``gm`` is attached again when it changes: the adapter structure and the base tensors' identities
+        in the source and in ``gm`` (twins share leaf modules: binding one can change another's)."""
         return fp, base_stamp(self._source), base_stamp(gm)
 
     def _fresh(self, gm: GraphModule, variant: bool = True) -> GraphModule:
@@ -308,7 +295,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         ``adapter_names``) and the call as that graph's keywords."""
         adapter_names = kwargs.pop("adapter_names", None)
         call = self._normalise_call(args, kwargs)
-        key = self._key(call)
+        key = call_key(call, self._weights_state())
         graphs = self._graphs.get(key)
         if graphs is not None:
             try:
@@ -322,8 +309,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         return functools.partial(self._call_siblings, key, graphs), call
 
     def _call_siblings(self, key: CallKey, graphs: list[GraphModule], /, **call: Any) -> Any:
-        """The first of the signature's graphs whose guards accept the call (each bound through the per-call
-        cache), starting with the one that took the last call (a loop calls one shape over and over)."""
+        """Run the first of the signature's graphs whose guards accept the call, the last one to take it first."""
         last = self._ready.get((key, "sibling"))
         for gm in ([last] if last in graphs else []) + [g for g in graphs if g is not last]:
             try:
@@ -345,7 +331,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         except AssertionError as e:
             if not isinstance(run, GraphModule) or not any(s in str(e) for s in _GUARD_ERRORS):
                 raise
-            key = self._key(call)
+            key = call_key(call, self._weights_state())
             logger.info("vera_fx: the graph for %s rejected the call (%s); capturing another",
                         describe_key(key), str(e).splitlines()[0][:200])
             with self._build_lock:
@@ -362,10 +348,8 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         except BaseException:
             held.__exit__(None, None, None)
             raise
-        if isinstance(run, GraphModule):
-            run = functools.partial(type(run).forward, run)  # no hooks: the call was checked above
-        else:
-            run = torch.compiler.disable(run)  # the mixed-adapter or sibling paths: eager
+        # a graph's forward without hooks (the call was checked above); the mixed-adapter or sibling paths: eager
+        run = functools.partial(type(run).forward, run) if isinstance(run, GraphModule) else torch.compiler.disable(run)
         return run, call, held
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -389,8 +373,7 @@ def _leave(held: Any) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _model_class(base_cls: type) -> type:
-    """A VeraFxModel subclass whose ``forward`` has the base model's signature (transformers' Trainer reads it
-    to keep dataset columns and find the labels)."""
+    """A VeraFxModel subclass whose ``forward`` has the base model's signature (read by transformers' Trainer)."""
     try:
         params = inspect.signature(base_cls.forward)
     except (TypeError, ValueError, AttributeError):
@@ -424,9 +407,8 @@ def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleIn
     method_for(config)
     call = example_call(model, example_inputs)
     gm = transform_graph(model, config, call, adapter_name, lowering, tokens)
-    cls = _model_class(type(model))
-    obj = cls(model, gm, max_graphs)
-    obj._store(obj._key(obj._normalise_call((), call)), gm)
+    obj = _model_class(type(model))(model, gm, max_graphs)
+    obj._store(call_key(obj._normalise_call((), call), obj._weights_state()), gm)
     return obj
 
 
@@ -442,7 +424,6 @@ def from_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, exa
     path = Path(directory)
     if (path / ckpt.CONFIG_NAME).is_file() or not (path / "model.safetensors").is_file():
         config, tensors = ckpt.read_checkpoint(directory)
-        method_for(config)
         obj = transform(model, config, example_inputs, adapter_name, max_graphs)
         ckpt.load_checked(obj.graph_module, adapter_name, config, tensors, str(path / ckpt.WEIGHTS_NAME))
     else:

@@ -34,10 +34,7 @@ _PLACED = "_vera_fx_placed"  # AdapterState.__dict__: its sites have their owner
 class AdapterMode(nn.Module):
     """The adapters' train / eval flag of one graph (its ``training``, read by dropout and sampling nodes): a
     submodule, so ``gm.train()`` / ``.eval()`` set it, yet it starts in training mode in a model in eval mode,
-    as PEFT's new adapter layers do."""
-
-    def forward(self) -> None:  # pragma: no cover - never called: a flag holder
-        raise TypeError("AdapterMode holds the adapters' train / eval flag and is not called")
+    as PEFT's new adapter layers do. Never called."""
 
 
 def adapter_mode_module(gm: GraphModule, training: bool = True) -> AdapterMode:
@@ -133,14 +130,11 @@ def shared_projections(gm: GraphModule, config: AdapterConfig, method: Method, i
         return None
     ref_name, ref = max(peers, key=lambda p: tuple(p[1].projection("A").shape) + tuple(p[1].projection("B").shape))
     first = ref.config
-    if first.projection_prng_key != config.projection_prng_key:
-        raise ValueError(f"projection_prng_key={config.projection_prng_key} differs from adapter {ref_name!r}'s "
-                         f"({first.projection_prng_key}): all adapters of a graph share one pair of projections; "
-                         f"use projection_prng_key={first.projection_prng_key}")
-    if first.save_projection != config.save_projection:
-        raise ValueError(f"save_projection={config.save_projection} differs from adapter {ref_name!r}'s "
-                         f"({first.save_projection}): the shared projections are saved for all adapters or none; "
-                         f"use save_projection={first.save_projection}")
+    for field, why in (("projection_prng_key", "all adapters of a graph share one pair of projections"),
+                       ("save_projection", "the shared projections are saved for all adapters or none")):
+        if getattr(first, field) != getattr(config, field):
+            raise ValueError(f"{field}={getattr(config, field)} differs from adapter {ref_name!r}'s "
+                             f"({getattr(first, field)}): {why}; use {field}={getattr(first, field)}")
     a, b = ref.projection("A"), ref.projection("B")
     if a.shape[1] < in_max or b.shape[0] < out_max:
         raise ValueError(f"the new adapter's layers need projections of at least {in_max} inputs x {out_max} "
@@ -166,7 +160,9 @@ def attach_state(gm: GraphModule, adapter_name: str, state: AdapterState,
     In the first graph a state is attached to, a block's sites are registered in the block's view only (the
     root state links to them), so ``named_parameters()``, ``state_dict()`` and FSDP2 see each tensor once."""
     adapter_container(gm)[adapter_name] = state
-    _container_first(gm)
+    mods = gm._modules  # the container first (``named_parameters()`` order, for optimizers); the object shares it
+    if next(iter(mods)) != CONTAINER:
+        mods.update({k: mods.pop(k) for k in list(mods) if k != CONTAINER})
     owner = not state.__dict__.get(_PLACED, False)
     wanted = set(state.site_names)
     saved = getattr(state, "modules_to_save_paths", None) or []
@@ -179,13 +175,6 @@ def attach_state(gm: GraphModule, adapter_name: str, state: AdapterState,
                 for site in own:
                     state.unregister_site(site)
     state.__dict__[_PLACED] = True
-
-
-def _container_first(gm: GraphModule) -> None:
-    """The root's adapter container first among its children (``named_parameters()`` order, for optimizers)."""
-    mods = gm._modules  # reordered in place: the model object shares this dict
-    if next(iter(mods)) != CONTAINER:
-        mods.update({k: mods.pop(k) for k in list(mods) if k != CONTAINER})
 
 
 def detach_state(gm: GraphModule, adapter_name: str) -> None:
@@ -227,18 +216,11 @@ def attach_modules_to_save(gm: GraphModule, adapter_name: str, module_names: Seq
     modules ``module_names`` names, read while it is active; returns their paths."""
     paths = resolve_modules_to_save(gm, module_names)
     state = adapters_of(gm)[adapter_name]
-    copies = nn.ModuleDict()
-    for path in paths:
-        clone = copy.deepcopy(gm.get_submodule(path))
-        for p in clone.parameters():
-            p.requires_grad_(True)
-        copies[_mts_key(path)] = clone
-    state.modules_to_save = copies
+    state.modules_to_save = nn.ModuleDict({_mts_key(p): copy.deepcopy(gm.get_submodule(p)).requires_grad_(True)
+                                           for p in paths})
     state.modules_to_save_paths = paths
     for g in graph_modules(gm):  # the root graph and its blocks (a block's targets are relative to it)
-        for node in g.graph.nodes:
-            if node.op != "get_attr" or MTS_TAG in node.meta:
-                continue
+        for node in (n for n in g.graph.nodes if n.op == "get_attr" and MTS_TAG not in n.meta):
             full = qualified_name(g, str(node.target))
             owner = next((p for p in paths if full.startswith(p + ".")), None)
             if owner is not None:
@@ -273,12 +255,9 @@ def route_modules_to_save(gm: GraphModule, live: Sequence[str]) -> bool:
     changed = False
     for g in graph_modules(gm):
         here = False
-        for node in g.graph.nodes:
-            tag = node.meta.get(MTS_TAG)
-            if tag is None:
-                continue
-            owner = owners.get(tag["path"])
-            target = tag["target"]
+        for node in (n for n in g.graph.nodes if MTS_TAG in n.meta):
+            tag = node.meta[MTS_TAG]
+            owner, target = owners.get(tag["path"]), tag["target"]
             if owner is not None:
                 rel = qualified_name(g, target)[len(tag["path"]) + 1:]
                 target = f"{CONTAINER}.{owner}.modules_to_save.{_mts_key(tag['path'])}.{rel}"

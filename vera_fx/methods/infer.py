@@ -1,10 +1,6 @@
-"""The inference form of the adapter tail: B stays the shared tensor and only vectors are scaled.
-
-At inference nothing is kept for backward: what counts is how often the shared ``B`` is read and how many
-calls a site makes (at one token its products are small). A site group (the sites reading one ``h = x @ A.T``
-and one slice of ``B``) is ``group_products`` (``B`` read once, nothing out x r formed) and a ``site_add`` per
-site, or a ``site_apply`` per site; PVeRA's sites take ``pvera_group_h`` and ``pvera_latent``. All are plain
-torch ops, so a graph in eval mode with gradients enabled still has a backward.
+"""The inference form of the adapter tail (vera_fx/passes/infer.py emits it): B stays the shared tensor and only
+vectors are scaled. Nothing is kept for backward, so what counts is how often ``B`` is read and how many calls
+a site makes. Plain torch ops: a graph in eval mode with gradients enabled still has a backward.
 """
 
 from __future__ import annotations

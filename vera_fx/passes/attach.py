@@ -31,41 +31,27 @@ logger = logging.getLogger(__name__)
 def state_fingerprint(gm: GraphModule) -> tuple:
     """A cheap value that changes whenever the adapter nodes ``gm`` should carry change (adapters added or
     deleted, the active list, disabled, merged, lowering). Sampling switches and values are read at run time."""
-    names = tuple((n, id(s)) for n, s in adapters_of(gm).items())
-    return names, adapter_flags(gm).key()
+    return tuple((n, id(s)) for n, s in adapters_of(gm).items()), adapter_flags(gm).key()
 
 
-class _Slots:
-    """Every ``_modules`` / ``_parameters`` / ``_buffers`` dict of a tree (adapter containers left out), to read
-    the identities of its tensors and modules without a ``named_modules`` walk."""
-
-    def __init__(self, root: torch.nn.Module) -> None:
-        self.dicts: list[dict] = []
-        todo = [root]
-        while todo:
-            mod = todo.pop()
-            self.dicts += [mod._modules, mod._parameters, mod._buffers]
-            todo += [c for k, c in mod._modules.items() if c is not None and k != CONTAINER]
-        self.stamp = self.read()
-
-    def read(self) -> tuple:
-        return tuple(id(v) for d in self.dicts for v in d.values())
-
-
-_SLOTS: "weakref.WeakKeyDictionary[GraphModule, _Slots]" = weakref.WeakKeyDictionary()
+_SLOTS: "weakref.WeakKeyDictionary[GraphModule, tuple[list[dict], tuple]]" = weakref.WeakKeyDictionary()
 
 
 def base_stamp(source: GraphModule) -> tuple:
     """A value that changes whenever a base tensor or module of ``source``'s tree is replaced (a merge, a load,
     ``.to()``, an assignment): the identities of every module, parameter and buffer below it, adapter state
     left out. Reads the tree's dicts (tens of microseconds), walks the tree again only after a change."""
-    slots = _SLOTS.get(source)
-    if slots is not None:
-        now = slots.read()
-        if now == slots.stamp:
-            return now
-    slots = _SLOTS[source] = _Slots(source)
-    return slots.stamp
+    dicts, stamp = _SLOTS.get(source, ((), None))
+    now = tuple(id(v) for d in dicts for v in d.values())
+    if now == stamp:
+        return now
+    dicts, todo = [], [source]
+    while todo:  # every _modules / _parameters / _buffers dict of the tree, not those of adapter containers
+        mod = todo.pop()
+        dicts += [mod._modules, mod._parameters, mod._buffers]
+        todo += [c for k, c in mod._modules.items() if c is not None and k != CONTAINER]
+    _SLOTS[source] = (dicts, tuple(id(v) for d in dicts for v in d.values()))
+    return _SLOTS[source][1]
 
 
 def strip_adapters(gm: GraphModule) -> int:
@@ -98,12 +84,9 @@ def _rebind(gm: GraphModule, source: GraphModule) -> int:
     """Make ``gm``'s bitsandbytes layers (a merge replaces them), then its base parameters and buffers, the
     source's objects, name by name."""
     count = rebind_layers(gm, source)
-    for name, t in list(source.named_parameters(remove_duplicate=False)) + \
-            list(source.named_buffers(remove_duplicate=False)):
-        if CONTAINER in name.split("."):  # the root's adapter container or a block's views of it
-            continue
-        count += _set_tensor(gm, name, t)
-    return count
+    named = [*source.named_parameters(remove_duplicate=False), *source.named_buffers(remove_duplicate=False)]
+    # not the root's adapter container or a block's views of it
+    return count + sum(_set_tensor(gm, name, t) for name, t in named if CONTAINER not in name.split("."))
 
 
 def _route_modules_to_save(gm: GraphModule, source: GraphModule) -> None:
@@ -119,14 +102,10 @@ def _route_modules_to_save(gm: GraphModule, source: GraphModule) -> None:
         return
     for g in graph_modules(gm):
         prefix = block_prefix(g)
-        for n in g.graph.nodes:
-            if n.op != "get_attr":
-                continue
-            original = (n.meta.get(MTS_TAG) or {}).get("target", n.target)
-            if (prefix, original) in routes:
-                tag, target = routes[(prefix, original)]
-                n.meta[MTS_TAG] = dict(tag)
-                n.target = target
+        for n in (n for n in g.graph.nodes if n.op == "get_attr"):
+            route = routes.get((prefix, (n.meta.get(MTS_TAG) or {}).get("target", n.target)))
+            if route is not None:
+                n.meta[MTS_TAG], n.target = dict(route[0]), route[1]
 
 
 def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple] = None,

@@ -5,11 +5,6 @@ generation's decode graphs) keeps nothing for backward. Per site group (one adap
 ``h = x @ A.T`` and one slice of ``B``) it calls vera_fx/methods/infer.py: a ``site_apply`` per site (the
 default), or ``form="batched"``, one ``group_products`` (``B`` read once) and a ``site_add`` per site. PVeRA's
 sites reading one ``x`` share ``pvera_group_h`` and take ``pvera_latent`` each.
-
-Cost model (``inference_costs``), per group of ``n`` sites of width ``out``, rank ``r``, ``T`` tokens: both
-forms make ``n T r out`` multiply-adds; the per-site form reads ``B`` ``n`` times, the batched one once, with
-``n r`` values more and more calls (``CALL_COST`` each). Folding ``dW`` per call (``out r in``) pays only when
-``T > in``.
 """
 
 from __future__ import annotations
@@ -36,7 +31,9 @@ CALL_COST = 4096  # multiply-add equivalents of one eager op call (~5-10 us on t
 
 def inference_costs(tokens: int, r: int, out: int, n: int) -> dict[str, int]:
     """Multiply-add equivalents of ``n`` sites (``out`` wide, one ``B`` slice, rank ``r``) at ``tokens`` tokens
-    per call, per form: the products, one value per value of ``B`` read, ``CALL_COST`` per call."""
+    per call, per form: the products (the same), one per value of ``B`` read (``n`` times per site, once
+    batched, with ``n r`` more), ``CALL_COST`` per call. (Folding dW per call, ``out r in``, pays only when
+    ``tokens > in``.)"""
     products = n * tokens * r * out
     return {"site": products + n * out * r + 3 * n * CALL_COST,
             "batched": products + out * r + n * r + (n + 5) * CALL_COST}
@@ -44,10 +41,8 @@ def inference_costs(tokens: int, r: int, out: int, n: int) -> dict[str, int]:
 
 def inference_plan(tokens: int, r: int, out: int, n: int, form: str = "batched") -> str:
     """The form of one group: ``"site"`` when asked or when batching does not cost less (a single site)."""
-    if form == "site" or n < 2:
-        return "site"
     costs = inference_costs(tokens, r, out, n)
-    return "batched" if costs["batched"] < costs["site"] else "site"
+    return "site" if form == "site" or n < 2 or costs["batched"] >= costs["site"] else "batched"
 
 
 def _tail(gm: GraphModule, members: list[Chain], h: Node, lambdas: list[Node], plan: str) -> None:
@@ -67,12 +62,10 @@ def _tail(gm: GraphModule, members: list[Chain], h: Node, lambdas: list[Node], p
         tag_node(u, members[0], "adapter", "products", "inference")
         u.meta[ADAPTER_KEY]["bases"] = [c.site.base.name for c in members]
     for k, (c, lam_d) in enumerate(zip(members, lambdas)):
-        add = c.add
-        y, lam_b = add.args[0], c.nodes["scale_b"].args[1]
-        add.target = site_add if u is not None else site_apply
-        add.args = (y, u, k, lam_b, inplace_target(y)) if u is not None else (
-            y, h, b, lam_d, lam_b, inplace_target(y))
-        add.kwargs = {}
+        add, lam_b = c.add, c.nodes["scale_b"].args[1]
+        y = add.args[0]
+        add.target, add.kwargs = (site_add if u is not None else site_apply), {}
+        add.args = (y, u, k, lam_b, inplace_target(y)) if u is not None else (y, h, b, lam_d, lam_b, inplace_target(y))
         add.meta[ADAPTER_KEY]["path"] = "inference"
 
 
@@ -93,8 +86,7 @@ def _lower_pvera(gm: GraphModule, chains: list[Chain]) -> None:
     decided at run time: sampling switches need no other graph), each site's sampling one ``pvera_latent`` and
     its tail one ``site_apply``."""
     graph, h, r = gm.graph, chains[0].h, chains[0].state.config.r
-    x, a = h.args[0], h.args[1]
-    training = chains[0].nodes["sample"].args[2]
+    (x, a), training = h.args[:2], chains[0].nodes["sample"].args[2]
     switches = [c.nodes["sample"].args[3] for c in chains]
     order = {n: k for k, n in enumerate(graph.nodes)}
     moved: set[Node] = set()
@@ -115,8 +107,8 @@ def _lower_pvera(gm: GraphModule, chains: list[Chain]) -> None:
 
 def lower_for_inference(gm: GraphModule, chains: list[Chain], form: str = "batched",
                         tokens: Optional[int] = None) -> int:
-    """Give every chain of ``gm`` its inference form (``form``: ``"batched"`` or ``"site"``); returns how many
-    site calls changed. ``tokens``: the tokens per call the plan assumes (1, decoding, when not given)."""
+    """Give every chain of ``gm`` its inference form (``"batched"`` or ``"site"``); returns how many site calls
+    changed. ``tokens``: per call, as the plan assumes (1, decoding, when not given)."""
     if form not in FORMS:
         raise ValueError(f"inference form {form!r} is not one of {list(FORMS)}")
     groups: dict[tuple, list[Chain]] = {}
@@ -149,18 +141,15 @@ def flatten_reads(gm: GraphModule) -> None:
     for g in graph_modules(gm):
         names: dict[str, str] = g.meta.setdefault(FLAT_KEY, {})
         by_path = {path: flat for flat, path in names.items()}
-        changed = False
-        for n in g.graph.nodes:
-            if n.op != "get_attr" or n.target.count(".") < 2:
-                continue
+        reads = [n for n in g.graph.nodes if n.op == "get_attr" and n.target.count(".") >= 2]
+        for n in reads:
             owner, _, leaf = n.target.rpartition(".")
-            flat = by_path.get(owner)
-            if flat is None:
-                flat = by_path[owner] = f"vera_fx_read_{len(names)}"
-                names[flat] = owner
-            n.target, changed = f"{flat}.{leaf}", True
+            if owner not in by_path:
+                by_path[owner] = f"vera_fx_read_{len(names)}"
+                names[by_path[owner]] = owner
+            n.target = f"{by_path[owner]}.{leaf}"
         bind_flat_reads(g, recurse=False)
-        if changed:
+        if reads:
             g.recompile()
 
 
