@@ -23,13 +23,12 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from . import blockwise
-from . import checkpoint as ckpt
+from . import blockwise, checkpoint as ckpt
 from .adapters import add_adapter
 from .capture import CaptureError, capture
 from .config import AdapterConfig, as_config
 from .methods import CONTAINER, method_for
-from .keywords import describe_key, say_constant_changes
+from .checks import describe_key, say_constant_changes
 from .passes.attach import attach_adapters, base_stamp, state_fingerprint
 from .passes.match import MatchPass
 from .serving import mixed_adapter_forward
@@ -91,9 +90,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
             src.training = value
 
     def train(self, mode: bool = True) -> "VeraFxModel":
-        if not isinstance(mode, bool):
-            raise ValueError(f"training mode is expected to be boolean, got {mode!r}")
-        super().train(mode)
+        super().train(mode)  # (raises ValueError for a mode that is not a bool)
         for gm in self._all_graphs():
             if gm is not self._source:
                 gm.train(mode)
@@ -139,8 +136,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         return VeraFxModel(self._base_model, copy.deepcopy(self._source, memo), self.max_graphs, key)
 
     def __repr__(self) -> str:
-        names = list(getattr(self._source, CONTAINER, {}) or {})
-        return (f"{type(self).__name__}(model={type(self._base_model).__name__}, adapters={names}, "
+        return (f"{type(self).__name__}(model={type(self._base_model).__name__}, adapters={list(self.peft_config)}, "
                 f"graphs={self.num_graphs})")
 
     @property
@@ -189,7 +185,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
                 path, _, leaf = name.rpartition(".")
                 self.__dict__["_probe_at"] = (self._source.get_submodule(path)._parameters, leaf)
                 return p
-        return next((p for p in self._source.parameters()), None)
+        return next(self._source.parameters(), None)
 
     def _weights_state(self) -> tuple:
         p = self._probe()
@@ -207,8 +203,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
 
     def state_dict(self, *args: Any, destination: Optional[dict] = None, prefix: str = "",
                    keep_vars: bool = False) -> dict[str, torch.Tensor]:
-        """The adapters only (what Trainer saves): ``vera_fx.<adapter>.<PEFT key>`` tensors and
-        ``vera_fx_config.<adapter>`` (the config as JSON bytes)."""
+        """The adapters only (Trainer saves it): ``vera_fx.<adapter>.<PEFT key>``, ``vera_fx_config.<adapter>``."""
         return adapters_state_dict(self._source, destination, prefix, keep_vars)
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
@@ -269,8 +264,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         return fp, base_stamp(self._source), base_stamp(gm)
 
     def _fresh(self, gm: GraphModule, variant: bool = True) -> GraphModule:
-        """``gm`` (with ``variant``: its inference twin for an inference call) bound to the current adapter state
-        (the caller holds the read lock; one thread binds, the others wait)."""
+        """``gm`` (``variant``: its inference twin for an inference call) bound to the current adapter state."""
         fp = state_fingerprint(self._source)  # once per call: the twin key and the attach check
         if variant:
             gm = self._variant(gm, fp)
@@ -291,8 +285,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         return gm
 
     def _select(self, args: tuple, kwargs: dict) -> tuple[Callable[..., Any], dict[str, Any]]:
-        """What runs this call (its signature's graph, bound to the current state; the mixed-adapter graph with
-        ``adapter_names``) and the call as that graph's keywords."""
+        """What runs this call (``adapter_names``: the mixed-adapter graph) and the call as its keywords."""
         adapter_names = kwargs.pop("adapter_names", None)
         call = self._normalise_call(args, kwargs)
         key = call_key(call, self._weights_state())
@@ -392,10 +385,8 @@ def _model_class(base_cls: type) -> type:
 def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleInputs = None,
               adapter_name: str = "default", max_graphs: int = DEFAULT_MAX_GRAPHS, lowering: Any = "auto",
               tokens: Optional[int] = None) -> VeraFxModel:
-    """Capture ``model`` and attach a VeRA / PVeRA adapter to every linear-like call ``config`` targets.
-
-    Returns a ``VeraFxModel`` (a call of another signature captures its own graph, at most ``max_graphs``);
-    ``model`` is left as it was, on failure too. ``lowering`` / ``tokens``: vera_fx/passes/lower.py."""
+    """Capture ``model`` and attach a VeRA / PVeRA adapter to every linear-like call ``config`` targets, as a
+    ``VeraFxModel`` (``model`` is left as it was, on failure too; ``lowering``: vera_fx/passes/lower.py)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, VeraFxModel):
@@ -415,11 +406,9 @@ def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleIn
 def from_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, example_inputs: Any = None,
                     adapter_name: str = "default", max_graphs: int = DEFAULT_MAX_GRAPHS,
                     is_trainable: bool = False) -> VeraFxModel:
-    """Capture ``model`` and attach the adapter saved in ``directory``: a PEFT / vera_fx adapter folder, or a
-    transformers Trainer checkpoint of a ``VeraFxModel`` (model.safetensors from ``state_dict()``).
-
-    As PEFT's: for inference (frozen, ``inference_mode`` True, eval mode) unless ``is_trainable=True`` (then the
-    model's train / eval mode is kept). The folder is checked before the (slow) capture."""
+    """Capture ``model`` and attach the adapter saved in ``directory`` (a PEFT / vera_fx folder, or a Trainer
+    checkpoint of ``state_dict()``), checked before the capture. As PEFT's: for inference (frozen, eval mode)
+    unless ``is_trainable=True`` (then the model's train / eval mode is kept)."""
     check_is_trainable(is_trainable)
     path = Path(directory)
     if (path / ckpt.CONFIG_NAME).is_file() or not (path / "model.safetensors").is_file():

@@ -39,12 +39,10 @@ class AdapterMode(nn.Module):
 
 def adapter_mode_module(gm: GraphModule, training: bool = True) -> AdapterMode:
     """``gm``'s AdapterMode (this graph only, not its blocks), created with ``training`` when missing."""
-    mode = gm._modules.get(ADAPTER_MODE)
-    if mode is None:
-        mode = AdapterMode()
-        mode.training = training
-        gm.add_module(ADAPTER_MODE, mode)
-    return mode
+    if ADAPTER_MODE not in gm._modules:
+        gm.add_module(ADAPTER_MODE, AdapterMode())
+        gm._modules[ADAPTER_MODE].training = training
+    return gm._modules[ADAPTER_MODE]
 
 
 def adapters_training(gm: nn.Module) -> bool:
@@ -117,9 +115,8 @@ def merged_adapters(gm: GraphModule) -> set[str]:
 
 def shared_projections(gm: GraphModule, config: AdapterConfig, method: Method, in_max: int,
                        out_max: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """The views of the largest existing adapter's A and B (A's first ``latent_rows``, B's first ``r``) a new
-    adapter of ``method`` uses, or None for the first of its method; ValueError, before anything changes, when
-    they cannot be shared (another PRNG key, save_projection, trained biases, larger layers or r)."""
+    """The views of the largest existing adapter's A and B a new adapter of ``method`` uses (None for the first
+    of its method); ValueError, before anything changes, when they cannot be shared."""
     others = list(adapters_of(gm).items())
     for name, state in others:
         if config.bias != "none" and state.config.bias != "none":
@@ -154,26 +151,22 @@ def block_site_names(gm: GraphModule) -> list[tuple[GraphModule, str, set[str]]]
 
 def attach_state(gm: GraphModule, adapter_name: str, state: AdapterState,
                  blocks: Optional[list[tuple[GraphModule, str, set[str]]]] = None) -> None:
-    """Register ``state`` at the root of ``gm``'s tree and give every block holding some of its sites (or a
-    ``modules_to_save`` copy inside it) an ``AdapterView`` of them (one already there is kept); emits nothing.
-
-    In the first graph a state is attached to, a block's sites are registered in the block's view only (the
-    root state links to them), so ``named_parameters()``, ``state_dict()`` and FSDP2 see each tensor once."""
+    """Register ``state`` at the root of ``gm``'s tree and an ``AdapterView`` in every block holding some of its
+    sites or ``modules_to_save`` copies. In the first graph attached, a block's sites are registered in its view
+    only (the root links to them): ``named_parameters()``, ``state_dict()`` and FSDP2 see each tensor once."""
     adapter_container(gm)[adapter_name] = state
     mods = gm._modules  # the container first (``named_parameters()`` order, for optimizers); the object shares it
     if next(iter(mods)) != CONTAINER:
         mods.update({k: mods.pop(k) for k in list(mods) if k != CONTAINER})
-    owner = not state.__dict__.get(_PLACED, False)
-    wanted = set(state.site_names)
+    owner, wanted = not state.__dict__.get(_PLACED, False), set(state.site_names)
     saved = getattr(state, "modules_to_save_paths", None) or []
     for g, prefix, names in blocks if blocks is not None else block_site_names(gm):
         own = names & wanted
         if adapter_name not in adapter_container(g) and (
                 own or any(p == prefix or p.startswith(prefix + ".") for p in saved)):
             adapter_container(g)[adapter_name] = AdapterView(state, sorted(own), prefix)
-            if owner:
-                for site in own:
-                    state.unregister_site(site)
+            for site in own if owner else ():
+                state.unregister_site(site)
     state.__dict__[_PLACED] = True
 
 

@@ -33,7 +33,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .passes.infer import DEFAULT_FORM, FORMS, INFERENCE_KEY
-from .keywords import describe_key
+from .checks import describe_key
 from .sites import graph_modules
 from .methods import CONTAINER
 from .state import ADAPTER_MODE, adapters_training, set_adapters_training

@@ -38,9 +38,8 @@ _SLOTS: "weakref.WeakKeyDictionary[GraphModule, tuple[list[dict], tuple]]" = wea
 
 
 def base_stamp(source: GraphModule) -> tuple:
-    """A value that changes whenever a base tensor or module of ``source``'s tree is replaced (a merge, a load,
-    ``.to()``, an assignment): the identities of every module, parameter and buffer below it, adapter state
-    left out. Reads the tree's dicts (tens of microseconds), walks the tree again only after a change."""
+    """The identities of every module, parameter and buffer of ``source``'s tree but its adapter state: changes
+    whenever one is replaced (merge, load, ``.to()``). Tens of microseconds; walks the tree only after a change."""
     dicts, stamp = _SLOTS.get(source, ((), None))
     now = tuple(id(v) for d in dicts for v in d.values())
     if now == stamp:
@@ -55,8 +54,7 @@ def base_stamp(source: GraphModule) -> tuple:
 
 
 def strip_adapters(gm: GraphModule) -> int:
-    """Remove every adapter's nodes from every graph of ``gm``'s tree (whether or not its state is still
-    there); returns how many adapters had nodes."""
+    """Remove every adapter's nodes (state or not) from ``gm``'s tree; returns how many adapters had nodes."""
     names = [a for a in dict.fromkeys((n.meta.get(ADAPTER_KEY) or {}).get("adapter")
                                       for g in graph_modules(gm) for n in g.graph.nodes) if a is not None]
     for name in names:
@@ -81,8 +79,7 @@ def _set_tensor(gm: GraphModule, qualname: str, value: torch.Tensor) -> bool:
 
 
 def _rebind(gm: GraphModule, source: GraphModule) -> int:
-    """Make ``gm``'s bitsandbytes layers (a merge replaces them), then its base parameters and buffers, the
-    source's objects, name by name."""
+    """Make ``gm``'s bitsandbytes layers, base parameters and buffers the source's objects, name by name."""
     count = rebind_layers(gm, source)
     named = [*source.named_parameters(remove_duplicate=False), *source.named_buffers(remove_duplicate=False)]
     # not the root's adapter container or a block's views of it
@@ -110,10 +107,9 @@ def _route_modules_to_save(gm: GraphModule, source: GraphModule) -> None:
 
 def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple] = None,
                     rebind: bool = True) -> GraphModule:
-    """Make ``gm`` (captured and matched from the same model as ``source``) compute what ``source`` computes,
-    over ``source``'s adapter state; returns ``gm``, changed in place. ``before``: the source's
-    ``state_fingerprint`` ``gm`` was attached at last (None: never); ``rebind``: bind the base tensors again
-    (False: the caller knows none was replaced since, ``base_stamp``)."""
+    """Make ``gm`` (captured and matched from the same model) compute what ``source`` computes, over its adapter
+    state, in place. ``before``: the source's ``state_fingerprint`` ``gm`` was attached at last (None: never);
+    ``rebind=False``: no base tensor was replaced since (``base_stamp``)."""
     container = getattr(source, CONTAINER, None)
     fp = state_fingerprint(source)
     same_states = (before is not None and container is not None and before[0] == fp[0]

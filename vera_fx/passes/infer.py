@@ -31,9 +31,8 @@ CALL_COST = 4096  # multiply-add equivalents of one eager op call (~5-10 us on t
 
 def inference_costs(tokens: int, r: int, out: int, n: int) -> dict[str, int]:
     """Multiply-add equivalents of ``n`` sites (``out`` wide, one ``B`` slice, rank ``r``) at ``tokens`` tokens
-    per call, per form: the products (the same), one per value of ``B`` read (``n`` times per site, once
-    batched, with ``n r`` more), ``CALL_COST`` per call. (Folding dW per call, ``out r in``, pays only when
-    ``tokens > in``.)"""
+    per call, per form: the products, one per value of ``B`` read, ``CALL_COST`` per call. (Folding dW per call,
+    ``out r in``, would pay only when ``tokens > in``.)"""
     products = n * tokens * r * out
     return {"site": products + n * out * r + 3 * n * CALL_COST,
             "batched": products + out * r + n * r + (n + 5) * CALL_COST}
@@ -82,9 +81,8 @@ def _erase(gm: GraphModule, nodes: list[Node]) -> None:
 
 
 def _lower_pvera(gm: GraphModule, chains: list[Chain]) -> None:
-    """PVeRA's sites reading one ``h``: ``h`` becomes ``pvera_group_h`` (the mean's r rows when no site samples,
-    decided at run time: sampling switches need no other graph), each site's sampling one ``pvera_latent`` and
-    its tail one ``site_apply``."""
+    """PVeRA's sites reading one ``h``: ``h`` becomes ``pvera_group_h`` (no other graph for sampling switches),
+    each site's sampling one ``pvera_latent`` and its tail one ``site_apply``."""
     graph, h, r = gm.graph, chains[0].h, chains[0].state.config.r
     (x, a), training = h.args[:2], chains[0].nodes["sample"].args[2]
     switches = [c.nodes["sample"].args[3] for c in chains]
@@ -133,11 +131,9 @@ def lower_for_inference(gm: GraphModule, chains: list[Chain], form: str = "batch
 
 
 def flatten_reads(gm: GraphModule) -> None:
-    """Make each graph of the inference tree ``gm`` read a deep attribute (``self.vera_fx_adapters.default.sites.
-    self_attn.q_proj.vera_lambda_d``: six ``__getattr__`` calls, ~1 ms a forward of 4 layers at one token)
-    through its owner module in the graph's instance dict (``self.vera_fx_read_3.vera_lambda_d``: a replaced
-    tensor is still read live). Call it where the adapter nodes were just built; ``bind_flat_reads`` after
-    every binding puts the owners in place."""
+    """Make each graph of the inference tree ``gm`` read a deep attribute (six ``__getattr__`` calls, ~1 ms a
+    forward of 4 layers at one token) through its owner module in the graph's instance dict
+    (``self.vera_fx_read_3.vera_lambda_d``: a replaced tensor is still read live; ``bind_flat_reads``)."""
     for g in graph_modules(gm):
         names: dict[str, str] = g.meta.setdefault(FLAT_KEY, {})
         by_path = {path: flat for flat, path in names.items()}
