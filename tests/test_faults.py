@@ -25,7 +25,7 @@ import torch
 
 import vera_fx
 from vera_fx.checkpoint import read_checkpoint
-from vera_fx.limits import check_rank
+from vera_fx.checks import check_rank
 from vera_fx.sites import read_sites
 from conftest import needs_torchrun, tiny_llama, torchrun
 

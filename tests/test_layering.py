@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 # submodules. Keep this table and docs/architecture.md (Layers) in step.
 LAYERS: dict[str, int] = {
     "vera_fx.config": 0, "vera_fx.sites": 0, "vera_fx.runtime": 0, "vera_fx.versions": 0, "vera_fx.compat": 0,
-    "vera_fx.folder": 0, "vera_fx.keywords": 0, "vera_fx.limits": 1,
+    "vera_fx.folder": 0, "vera_fx.checks": 1,
     "vera_fx.methods": 1, "vera_fx.methods.": 1, "vera_fx.quantized": 1, "vera_fx.capture": 1, "vera_fx.blocks": 1,
     "vera_fx.linear_like": 1, "vera_fx.block_export": 1, "vera_fx.signatures": 1,
     "vera_fx.state": 2,
@@ -37,8 +37,8 @@ LAYERS: dict[str, int] = {
     "vera_fx.inspect": 5,
     "vera_fx.cli": 6, "vera_fx.demo": 6, "vera_fx": 6,
 }
-LAYER_NAMES = ["config, sites, runtime, versions, compat, folder, keywords",
-               "methods, quantized, capture, signatures, blocks, block_export, linear_like, limits",
+LAYER_NAMES = ["config, sites, runtime, versions, compat, folder",
+               "methods, quantized, capture, signatures, blocks, block_export, linear_like, checks",
                "state", "passes",
                "adapters, peft_keys, checkpoint, sampling, uncertainty, model, generation, eager_generation, variants, "
                "serving, blockwise, distributed, surface, state_dict",

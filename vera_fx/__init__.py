@@ -32,15 +32,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
                                     "trainable_parameters", "view")},
 }
 
-__all__ = [
-    "VeraConfig", "PveraConfig", "transform", "VeraFxModel", "capture", "CaptureError", "sites", "Site",
-    "adapter_state_dict", "load_adapter_state_dict", "save_adapter", "load_adapter", "from_pretrained",
-    "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "active_adapters",
-    "set_sample_at_inference", "kl_divergence", "monte_carlo", "confidence_interval",
-    "merge", "unmerge", "merge_into", "generate", "set_lowering",
-    "mixed_adapter_forward", "load_adapters", "adapter_index", "export",
-    "summary", "trainable_parameters", "print_trainable_parameters", "to_networkx", "to_dot", "view",
-]
+__all__ = [n for n in _EXPORTS if n != "read_sites"]  # read_sites: as vera_fx.read_sites only
 
 
 def __getattr__(name: str) -> Any:

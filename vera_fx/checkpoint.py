@@ -2,7 +2,7 @@
 
 Keys map to PEFT's by a rename (vera_fx/peft_keys.py); a folder is written all at once and read as one version
 (vera_fx/folder.py), safetensors only. Loading checks the folder, the JSON, the header, every value (finite),
-r against the shapes (vera_fx/limits.py) and every key and shape before it changes anything.
+r against the shapes (vera_fx/checks.py) and every key and shape before it changes anything.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .adapters import add_adapter, remove_adapter
 from .config import AdapterConfig, config_from_dict, config_to_dict
 from .distributed import full_tensor, gathered, needs_gather, placed_like, save_role, unwrap_parallel
 from .folder import open_folder, read_safetensors, serialise, write_folder
-from .limits import check_file_shapes, check_same_fields
+from .checks import check_file_shapes, check_same_fields
 from .methods import CONTAINER, AdapterState
 from .passes.match import peft_selection
 from .passes.merge import merge, unmerge

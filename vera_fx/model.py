@@ -1,17 +1,8 @@
 """The object users hold: ``VeraFxModel``, one model-like nn.Module over a cache of captured graphs.
 
-``vera_fx.transform(model, config)`` returns a ``VeraFxModel``. It owns
-
-- the *source graph*: the first captured graph, which holds the adapter state every graph shares. The
-  object's module tree *is* the source graph's (the same parameter, buffer and submodule dicts), so
-  ``named_parameters()`` gives the graph's names and an optimizer sees each tensor once;
-- a bounded cache of graphs keyed by call signature (vera_fx/signatures.py), like torch.compile's guards. A
-  new signature is captured on first use, matched, and bound to the source's state by the attach pass
-  (vera_fx/passes/attach.py); a graph whose export guard rejects a call gets a sibling captured for it.
-
-Under torch.compile the object's own frames run eagerly and dynamo compiles each graph's generated ``forward``
-(one compile cache per graph). PEFT's methods come from ``PeftSurface`` (vera_fx/surface.py); ``state_dict()``
-is the adapters only (vera_fx/state_dict.py).
+It owns the *source graph* (the first captured graph, holding the adapter state; the object's parameter, buffer
+and submodule dicts are the source's) and a bounded cache of graphs per call signature, like torch.compile's
+guards: a new signature is captured on first use and bound to the source's state (vera_fx/passes/attach.py).
 """
 
 from __future__ import annotations
@@ -32,22 +23,19 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from . import blockwise
-from . import checkpoint as ckpt
+from . import blockwise, checkpoint as ckpt
 from .adapters import add_adapter
 from .capture import CaptureError, capture
-from .signatures import ExampleInputs
 from .config import AdapterConfig, as_config
 from .methods import CONTAINER, method_for
-from .keywords import describe_key, say_constant_changes
+from .checks import describe_key, say_constant_changes
 from .passes.attach import attach_adapters, base_stamp, state_fingerprint
 from .passes.match import MatchPass
 from .serving import mixed_adapter_forward
-from .signatures import (CallKey, call_key, capture_example, example_call, forward_parameters, normalise_call,
-                         swapped_in)
+from .signatures import (CallKey, ExampleInputs, call_key, capture_example, example_call, forward_parameters,
+                         normalise_call, swapped_in)
 from .state import state_lock
-from .state_dict import (adapters_state_dict, load_adapters_state_dict,
-                         read_trainer_checkpoint)
+from .state_dict import adapters_state_dict, load_adapters_state_dict, read_trainer_checkpoint
 from .passes.pipeline import run_passes, transform as transform_graph
 from .compat import eager_frame, eval_frame_callback
 from .surface import PeftSurface, check_is_trainable
@@ -56,18 +44,15 @@ from .variants import FINGERPRINT_KEY, INFERENCE_FORM, GraphVariants
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_GRAPHS = 8
-_FINGERPRINT = FINGERPRINT_KEY  # gm.meta: the source's state_fingerprint a graph was attached at
 _GUARD_ERRORS = ("Guard failed", "guard", "Expected input at")
-# torch.compile: a frame that dynamo skips (runs eagerly) while still compiling the frames it calls, so each
-# captured graph's own generated forward is the frame dynamo compiles (vera_fx/model.py, "calls").
+# dynamo skips ``forward`` (runs it eagerly) and compiles the frames it calls: each graph's generated forward
 _EAGER_REASON = ("a VeraFxModel runs its own work eagerly and torch.compile compiles each captured graph's "
                  "forward: compile the object itself (torch.compile(m)), or m.graph_module, rather than code that "
                  "calls it")
 
 
 class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
-    """A model with VeRA / PVeRA adapters, computed by captured torch.fx graphs (see the module docstring): call
-    it as the model; ``graph_module`` is the source graph, ``graphs`` every cached graph by signature."""
+    """A model with VeRA / PVeRA adapters computed by captured graphs: call it as the model."""
 
     _keys_to_ignore_on_save = None  # read by transformers' Trainer after loading a checkpoint
 
@@ -83,18 +68,14 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         d["_twins"] = weakref.WeakKeyDictionary()  # graph -> its inference twin (vera_fx/variants.py)
         d["_ready"] = {}  # CallKey -> (state stamp, graph, the graph a call runs) (variants.py); siblings' last
         d["_keywords_ok"] = set()  # keyword sets check_keywords accepted
-        d["_inference_form"] = INFERENCE_FORM
-        d["_warned_evict"] = False
+        d["_inference_form"], d["_forward_params"] = INFERENCE_FORM, forward_parameters(model)
+        d["_warned_evict"] = d["_warned_cache"] = False
         d["_probe_at"] = None  # (parameter dict, name) of the dtype / device probe: read per call
-        d["_forward_params"] = forward_parameters(model)
-        d["_warned_cache"] = False
         d["_warned_constants"] = set()  # constant keywords already reported as costing a graph per value
         d["_build_lock"] = threading.RLock()  # captures and re-attaches of this object's graphs, one at a time
         self.max_graphs = max_graphs
         if source_key is not None:
             self._store(source_key, source)
-
-    # --- nn.Module plumbing ----------------------------------------------------------------------------------
 
     @property
     def training(self) -> bool:  # type: ignore[override]
@@ -109,9 +90,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
             src.training = value
 
     def train(self, mode: bool = True) -> "VeraFxModel":
-        if not isinstance(mode, bool):
-            raise ValueError(f"training mode is expected to be boolean, got {mode!r}")
-        super().train(mode)
+        super().train(mode)  # (raises ValueError for a mode that is not a bool)
         for gm in self._all_graphs():
             if gm is not self._source:
                 gm.train(mode)
@@ -129,7 +108,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
                 self._order.remove(key)
             else:  # buffers are new objects after _apply: re-attach on next use
                 for gm in self._graphs[key]:
-                    gm.meta.pop(_FINGERPRINT, None)
+                    gm.meta.pop(FINGERPRINT_KEY, None)
         if before != after:
             logger.info("weights are now %s on %s: graphs are captured again on their next call", *after)
         return self
@@ -153,26 +132,19 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
                         "m.save_pretrained(directory) and rebuild it with vera_fx.from_pretrained(model, directory)")
 
     def __deepcopy__(self, memo: dict) -> "VeraFxModel":
-        source = copy.deepcopy(self._source, memo)
-        key = self._key_of(self._source)
-        twin = VeraFxModel(self._base_model, source, self.max_graphs, key)
-        return twin
+        key = next((k for k, v in self._graphs.items() if any(g is self._source for g in v)), None)
+        return VeraFxModel(self._base_model, copy.deepcopy(self._source, memo), self.max_graphs, key)
 
     def __repr__(self) -> str:
-        names = list(getattr(self._source, CONTAINER, {}) or {})
-        return (f"{type(self).__name__}(model={type(self._base_model).__name__}, adapters={names}, "
+        return (f"{type(self).__name__}(model={type(self._base_model).__name__}, adapters={list(self.peft_config)}, "
                 f"graphs={self.num_graphs})")
-
-    # --- graph-level access ----------------------------------------------------------------------------------
 
     @property
     def graph_module(self) -> GraphModule:
         """The source graph: it holds the adapter state every other graph shares."""
         return self._source
 
-    @property
-    def _vera_fx_source_graph(self) -> GraphModule:  # the protocol vera_fx.sites.as_graph_module reads
-        return self._source
+    _vera_fx_source_graph = graph_module  # the protocol vera_fx.sites.as_graph_module reads
 
     @property
     def graphs(self) -> dict[CallKey, GraphModule]:
@@ -213,10 +185,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
                 path, _, leaf = name.rpartition(".")
                 self.__dict__["_probe_at"] = (self._source.get_submodule(path)._parameters, leaf)
                 return p
-        for name, p in self._source.named_parameters():
-            if not name.startswith(CONTAINER + ".") and p.is_floating_point():
-                return p
-        return next((p for p in self._source.parameters()), None)
+        return next(self._source.parameters(), None)
 
     def _weights_state(self) -> tuple:
         p = self._probe()
@@ -232,19 +201,14 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         p = self._probe()
         return p.dtype if p is not None else torch.get_default_dtype()
 
-    # --- state dict: the adapters only (vera_fx/state_dict.py) ------------------------------------------------
-
     def state_dict(self, *args: Any, destination: Optional[dict] = None, prefix: str = "",
                    keep_vars: bool = False) -> dict[str, torch.Tensor]:
-        """The adapters' state, not the frozen base: ``vera_fx.<adapter>.<PEFT key>`` tensors and
-        ``vera_fx_config.<adapter>`` (the config as JSON bytes). transformers' Trainer saves exactly this."""
+        """The adapters only (Trainer saves it): ``vera_fx.<adapter>.<PEFT key>``, ``vera_fx_config.<adapter>``."""
         return adapters_state_dict(self._source, destination, prefix, keep_vars)
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load what ``state_dict()`` gives (every adapter checked before anything changes)."""
+        """Load what ``state_dict()`` gives (all checked before anything changes)."""
         return load_adapters_state_dict(self._source, state_dict, strict)
-
-    # --- calls -------------------------------------------------------------------------------------------
 
     def _normalise_call(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         call, asked_cache = normalise_call(self._forward_params, type(self._base_model).__name__,
@@ -256,17 +220,10 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
             self.__dict__["_warned_cache"] = True
         return call
 
-    def _key(self, call: dict[str, Any]) -> CallKey:
-        return call_key(call, self._weights_state())
-
-    def _key_of(self, gm: GraphModule) -> Optional[CallKey]:
-        return next((k for k, v in self._graphs.items() if any(g is gm for g in v)), None)
-
     def _all_graphs(self) -> list[GraphModule]:
         return [g for v in self._graphs.values() for g in v]
 
     def _store(self, key: CallKey, gm: GraphModule) -> None:
-        gm.meta["vera_fx_call_key"] = key
         if key not in self._graphs:
             self._graphs[key] = []
             self._order.append(key)
@@ -287,9 +244,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         gm = run_passes(gm, [MatchPass()])
         if blockwise.is_gradient_checkpointing(self._source) and blockwise.block_calls(gm):
             blockwise.gradient_checkpointing_enable(gm)
-        fp = state_fingerprint(self._source)
-        attach_adapters(gm, self._source)
-        gm.meta[_FINGERPRINT] = self._binding(gm, fp)
+        self._fresh(gm, variant=False)  # attached to the source's state
         self._store(key, gm)
         return gm
 
@@ -304,39 +259,36 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         return self._ready_graph((key, "first"), graphs[0], variant=False)  # bound once per state stamp
 
     def _binding(self, gm: GraphModule, fp: tuple) -> tuple:
-        """The adapter structure and the base tensors' identities in the source and in ``gm`` (twins share leaf
-        modules, so binding one can change another's): ``gm`` is attached again when they change."""
+        """What ``gm`` is attached again when it changes: the adapter structure and the base tensors' identities
+        in the source and in ``gm`` (twins share leaf modules: binding one can change another's)."""
         return fp, base_stamp(self._source), base_stamp(gm)
 
     def _fresh(self, gm: GraphModule, variant: bool = True) -> GraphModule:
-        """``gm`` (with ``variant``: its inference twin for an inference call) bound to the current adapter state
-        (the caller holds the state's read lock, so the state cannot change meanwhile; a graph is refreshed by
-        one thread, the others wait for it)."""
+        """``gm`` (``variant``: its inference twin for an inference call) bound to the current adapter state."""
         fp = state_fingerprint(self._source)  # once per call: the twin key and the attach check
         if variant:
             gm = self._variant(gm, fp)
         if gm is not self._source:
             try:  # (a RuntimeError: another thread is binding a graph that shares leaf modules with this one)
-                current = gm.meta.get(_FINGERPRINT) == self._binding(gm, fp)
+                current = gm.meta.get(FINGERPRINT_KEY) == self._binding(gm, fp)
             except RuntimeError:
                 current = False
             if not current:
                 with self._build_lock:
-                    was, now = gm.meta.get(_FINGERPRINT), self._binding(gm, fp)
+                    was, now = gm.meta.get(FINGERPRINT_KEY), self._binding(gm, fp)
                     if was != now:
                         attach_adapters(gm, self._source, was[0] if was else None,
                                         rebind=was is None or was[1:] != now[1:])
-                        gm.meta[_FINGERPRINT] = self._binding(gm, fp)
+                        gm.meta[FINGERPRINT_KEY] = self._binding(gm, fp)
         if gm.training != self._source.training:
             gm.train(self._source.training)
         return gm
 
     def _select(self, args: tuple, kwargs: dict) -> tuple[Callable[..., Any], dict[str, Any]]:
-        """What runs this call (its signature's graph, captured on first use and bound to the current adapter
-        state; the mixed-adapter graph with ``adapter_names``) and the call as that graph's keywords."""
+        """What runs this call (``adapter_names``: the mixed-adapter graph) and the call as its keywords."""
         adapter_names = kwargs.pop("adapter_names", None)
         call = self._normalise_call(args, kwargs)
-        key = self._key(call)
+        key = call_key(call, self._weights_state())
         graphs = self._graphs.get(key)
         if graphs is not None:
             try:
@@ -345,15 +297,12 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
                 pass
         if adapter_names is not None:  # one adapter per row: the mixed graph of this signature's graph
             return functools.partial(mixed_adapter_forward, self._graph_for(key, call), adapter_names), call
-        if graphs is None:
-            return self._ready_graph(key, self._graph_for(key, call)), call
-        if len(graphs) == 1:
-            return self._ready_graph(key, graphs[0]), call
+        if graphs is None or len(graphs) == 1:
+            return self._ready_graph(key, graphs[0] if graphs else self._graph_for(key, call)), call
         return functools.partial(self._call_siblings, key, graphs), call
 
     def _call_siblings(self, key: CallKey, graphs: list[GraphModule], /, **call: Any) -> Any:
-        """The first of the signature's graphs whose guards accept the call (each bound through the per-call
-        cache), starting with the one that took the last call (a loop calls one shape over and over)."""
+        """Run the first of the signature's graphs whose guards accept the call, the last one to take it first."""
         last = self._ready.get((key, "sibling"))
         for gm in ([last] if last in graphs else []) + [g for g in graphs if g is not last]:
             try:
@@ -368,15 +317,14 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
             return self._capture(key, call)(**call)
 
     def _run(self, args: tuple, kwargs: dict) -> Any:
-        """An eager call (the caller holds the read lock); a graph whose export guard rejects the call (a shape
-        export specialised) gets a sibling captured for it."""
+        """An eager call (the caller holds the read lock); a graph whose export guard rejects it gets a sibling."""
         run, call = self._select(args, kwargs)
         try:
             return run(**call)
         except AssertionError as e:
             if not isinstance(run, GraphModule) or not any(s in str(e) for s in _GUARD_ERRORS):
                 raise
-            key = self._key(call)
+            key = call_key(call, self._weights_state())
             logger.info("vera_fx: the graph for %s rejected the call (%s); capturing another",
                         describe_key(key), str(e).splitlines()[0][:200])
             with self._build_lock:
@@ -384,9 +332,8 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
 
     @torch.compiler.disable
     def _enter_compiled(self, args: tuple, kwargs: dict) -> tuple[Callable[..., Any], dict[str, Any], Any]:
-        """Under torch.compile, everything but the graph runs here, eagerly (signature, capture, binding): the
-        frame dynamo compiles is the graph's own generated ``forward``, one code object per graph, so each object
-        and each signature has its own compile cache. Returns the read lock held for the call."""
+        """Under torch.compile, everything but the graph's own generated ``forward`` (one code object, so one
+        compile cache, per graph) runs here, eagerly. Returns the read lock held for the call."""
         held = state_lock(self._source).read()
         held.__enter__()
         try:
@@ -394,10 +341,8 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         except BaseException:
             held.__exit__(None, None, None)
             raise
-        if isinstance(run, GraphModule):
-            run = functools.partial(type(run).forward, run)  # no hooks: the call was checked above
-        else:
-            run = torch.compiler.disable(run)  # the mixed-adapter or sibling paths: eager
+        # a graph's forward without hooks (the call was checked above); the mixed-adapter or sibling paths: eager
+        run = functools.partial(type(run).forward, run) if isinstance(run, GraphModule) else torch.compiler.disable(run)
         return run, call, held
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -421,8 +366,7 @@ def _leave(held: Any) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _model_class(base_cls: type) -> type:
-    """A VeraFxModel subclass whose ``forward`` has the base model's signature (transformers' Trainer reads it
-    to keep dataset columns and find the labels)."""
+    """A VeraFxModel subclass whose ``forward`` has the base model's signature (read by transformers' Trainer)."""
     try:
         params = inspect.signature(base_cls.forward)
     except (TypeError, ValueError, AttributeError):
@@ -441,13 +385,8 @@ def _model_class(base_cls: type) -> type:
 def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleInputs = None,
               adapter_name: str = "default", max_graphs: int = DEFAULT_MAX_GRAPHS, lowering: Any = "auto",
               tokens: Optional[int] = None) -> VeraFxModel:
-    """Capture ``model`` and attach a VeRA / PVeRA adapter to every linear-like call ``config`` targets.
-
-    Returns a ``VeraFxModel``: call it as the model; a call of another signature captures its own graph on
-    first use (at most ``max_graphs``). ``model`` is left as it was, on failure too. Only the adapter's
-    parameters are trainable. Bad input raises ValueError / TypeError naming the field and the fix.
-    ``lowering`` / ``tokens`` choose how each site group is computed (vera_fx/passes/lower.py).
-    """
+    """Capture ``model`` and attach a VeRA / PVeRA adapter to every linear-like call ``config`` targets, as a
+    ``VeraFxModel`` (``model`` is left as it was, on failure too; ``lowering``: vera_fx/passes/lower.py)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, VeraFxModel):
@@ -459,27 +398,21 @@ def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleIn
     method_for(config)
     call = example_call(model, example_inputs)
     gm = transform_graph(model, config, call, adapter_name, lowering, tokens)
-    cls = _model_class(type(model))
-    obj = cls(model, gm, max_graphs)
-    obj._store(obj._key(obj._normalise_call((), call)), gm)
+    obj = _model_class(type(model))(model, gm, max_graphs)
+    obj._store(call_key(obj._normalise_call((), call), obj._weights_state()), gm)
     return obj
 
 
 def from_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, example_inputs: Any = None,
                     adapter_name: str = "default", max_graphs: int = DEFAULT_MAX_GRAPHS,
                     is_trainable: bool = False) -> VeraFxModel:
-    """Capture ``model`` and attach the adapter saved in ``directory``: a PEFT / vera_fx adapter folder, or a
-    transformers Trainer checkpoint of a ``VeraFxModel`` (model.safetensors from ``state_dict()``).
-
-    As PEFT's ``PeftModel.from_pretrained``: the adapter is for inference unless ``is_trainable=True`` (its
-    parameters frozen, its config's ``inference_mode`` True, the object in eval mode); with ``is_trainable=True``
-    it trains and the object keeps the model's train / eval mode. The folder is checked before the (slow)
-    capture; ``model`` is left unchanged."""
+    """Capture ``model`` and attach the adapter saved in ``directory`` (a PEFT / vera_fx folder, or a Trainer
+    checkpoint of ``state_dict()``), checked before the capture. As PEFT's: for inference (frozen, eval mode)
+    unless ``is_trainable=True`` (then the model's train / eval mode is kept)."""
     check_is_trainable(is_trainable)
     path = Path(directory)
     if (path / ckpt.CONFIG_NAME).is_file() or not (path / "model.safetensors").is_file():
         config, tensors = ckpt.read_checkpoint(directory)
-        method_for(config)
         obj = transform(model, config, example_inputs, adapter_name, max_graphs)
         ckpt.load_checked(obj.graph_module, adapter_name, config, tensors, str(path / ckpt.WEIGHTS_NAME))
     else:
@@ -490,7 +423,7 @@ def from_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, exa
             if name != first:
                 add_adapter(obj.graph_module, name, cfg)
         obj.load_state_dict(state, strict=True)
-    for name, cfg in obj.peft_config.items():
+    for cfg in obj.peft_config.values():
         cfg.inference_mode = not is_trainable
     obj.set_requires_grad(list(obj.peft_config), is_trainable)
     if not is_trainable:

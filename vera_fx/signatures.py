@@ -17,7 +17,7 @@ from torch.export import Dim
 from torch.fx import GraphModule
 
 from .compat import pytree
-from .keywords import check_keywords, check_mask
+from .checks import check_keywords, check_mask
 from .sites import graph_modules
 
 logger = logging.getLogger(__name__)

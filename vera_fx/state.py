@@ -1,20 +1,9 @@
-"""Adapter state on a graph, below the passes: the container, the active list, and the trainable extras.
+"""Adapter state on a graph, below the passes (which, the adapter API and checkpoints all read and write it).
 
-The inject and merge passes, the adapter API (vera_fx/adapters.py) and checkpoints (vera_fx/checkpoint.py) all
-read and write this state, so it lives here, one layer below the passes:
-
-- the container of ``AdapterState`` modules at ``gm.vera_fx_adapters`` (``adapter_container``);
-- the adapters' own train / eval flag per graph (``AdapterMode`` at ``gm.vera_fx_adapter_mode``), apart from
-  the base model's ``training`` so that, as PEFT's new adapter layers, it starts in training mode whatever
-  mode the model was in, and follows every ``.train()`` / ``.eval()`` afterwards;
-- the run-time flags on that container (``AdapterFlags``, vera_fx/versions.py): the active list (None: every
-  adapter on the graph is active), disabled, merged, lowering (``active_adapters``, ``adapters_disabled``,
-  ``merged_adapters``); every graph of the model holds the same container, so nothing is copied;
-- shared projections: a later adapter of a method uses views of the largest existing adapter's A and B
-  (``shared_projections``);
-- the trainable extras an adapter may own besides its lambdas: ``modules_to_save`` copies (the graph's
-  get_attr nodes point at the active adapter's copy, or back at the base parameters) and the base biases its
-  ``bias`` mode trains (``bias_targets``, under PEFT's checkpoint keys).
+The container of ``AdapterState`` modules at ``gm.vera_fx_adapters`` with its lock and run-time flags
+(vera_fx/versions.py: active list, disabled, merged, lowering; every graph of the model holds the same
+container); the adapters' own train / eval flag per graph (``AdapterMode``); the shared projections; and the
+trainable extras besides the lambdas: ``modules_to_save`` copies and the base biases ``bias`` trains.
 """
 
 from __future__ import annotations
@@ -30,8 +19,7 @@ from torch.fx import GraphModule
 
 from .config import AdapterConfig
 from .methods import CONTAINER, AdapterSet, AdapterState, AdapterView, Method
-from .versions import adapter_flags
-from .versions import StateLock
+from .versions import StateLock, adapter_flags
 from .sites import as_graph_module, block_prefix, graph_modules, qualified_name, read_graph_sites, read_sites
 
 logger = logging.getLogger(__name__)
@@ -39,31 +27,27 @@ T = TypeVar("T")
 
 MTS_TAG = "vera_fx_modules_to_save"  # node.meta of get_attr nodes reading a modules_to_save parameter
 ADAPTER_MODE = "vera_fx_adapter_mode"  # the submodule of each graph whose ``training`` the adapter nodes read
+PEFT_ROOT = "base_model.model."
+_PLACED = "_vera_fx_placed"  # AdapterState.__dict__: its sites have their owner (the first graph attached)
 
 
 class AdapterMode(nn.Module):
-    """The adapters' train / eval flag of one graph: its ``training`` attribute, read by the adapter nodes'
-    dropout and sampling (``get_attr('vera_fx_adapter_mode.training')``). A submodule of its own, so
-    ``gm.train()`` / ``gm.eval()`` set it with the rest, while it can start in training mode in a model that
-    is in eval mode (PEFT's new adapter layers do: a model from ``from_pretrained`` trains its adapters)."""
-
-    def forward(self) -> None:  # pragma: no cover - never called: a flag holder
-        raise TypeError("AdapterMode holds the adapters' train / eval flag and is not called")
+    """The adapters' train / eval flag of one graph (its ``training``, read by dropout and sampling nodes): a
+    submodule, so ``gm.train()`` / ``.eval()`` set it, yet it starts in training mode in a model in eval mode,
+    as PEFT's new adapter layers do. Never called."""
 
 
 def adapter_mode_module(gm: GraphModule, training: bool = True) -> AdapterMode:
     """``gm``'s AdapterMode (this graph only, not its blocks), created with ``training`` when missing."""
-    mode = gm._modules.get(ADAPTER_MODE)
-    if mode is None:
-        mode = AdapterMode()
-        mode.training = training
-        gm.add_module(ADAPTER_MODE, mode)
-    return mode
+    if ADAPTER_MODE not in gm._modules:
+        gm.add_module(ADAPTER_MODE, AdapterMode())
+        gm._modules[ADAPTER_MODE].training = training
+    return gm._modules[ADAPTER_MODE]
 
 
 def adapters_training(gm: nn.Module) -> bool:
-    """Whether the adapters of ``gm`` (a graph or the object ``transform`` returns) are in training mode: its
-    root's AdapterMode flag, or the graph's own ``training`` when no adapter was ever emitted."""
+    """Whether the adapters of ``gm`` (a graph or the model object) train: its root's AdapterMode flag, or the
+    graph's own ``training`` when no adapter was ever emitted."""
     gm = as_graph_module(gm, "adapters_training")
     mode = gm._modules.get(ADAPTER_MODE)
     return bool(mode.training) if mode is not None else bool(gm.training)
@@ -87,57 +71,41 @@ def adapters_of(gm: GraphModule) -> nn.ModuleDict:
 
 def adapter_container(gm: GraphModule) -> AdapterSet:
     """The graph's container of AdapterState modules, created (empty) when missing."""
-    container = getattr(gm, CONTAINER, None)
-    if container is None:
-        container = AdapterSet()
-        gm.add_module(CONTAINER, container)
-    return container
+    if getattr(gm, CONTAINER, None) is None:
+        gm.add_module(CONTAINER, AdapterSet())
+    return getattr(gm, CONTAINER)
 
 
 def state_lock(gm: Any, fn: str = "state_lock") -> StateLock:
-    """The lock of the adapter state ``gm`` (a model object or its graph) computes over; ``fn`` names the
-    caller in the error for anything else."""
+    """The lock of the adapter state ``gm`` (a model object or its graph) computes over (``fn``: for errors)."""
     container = getattr(as_graph_module(gm, fn), CONTAINER, None)
     return container.lock if container is not None else StateLock()  # no adapter state yet: nothing to share
 
 
-def mutation(fn: Callable[..., T]) -> Callable[..., T]:
-    """Run ``fn(gm, ...)`` holding the write side of ``gm``'s state lock: no forward of the same adapter state
-    runs while it changes (forwards hold the read side)."""
-    @functools.wraps(fn)
-    def locked(gm: Any, *args: Any, **kwargs: Any) -> T:
-        with state_lock(gm, fn.__name__).write():
-            return fn(gm, *args, **kwargs)
-    return locked
+def _holding(side: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def decorate(fn: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(fn)
+        def locked(gm: Any, *args: Any, **kwargs: Any) -> T:
+            with getattr(state_lock(gm, fn.__name__), side)():
+                return fn(gm, *args, **kwargs)
+        return locked
+    return decorate
 
 
-def reads_state(fn: Callable[..., T]) -> Callable[..., T]:
-    """Run ``fn(gm, ...)`` holding the read side of ``gm``'s state lock (a call that runs several forwards, such
-    as ``generate``, sees one adapter state throughout)."""
-    @functools.wraps(fn)
-    def locked(gm: Any, *args: Any, **kwargs: Any) -> T:
-        with state_lock(gm, fn.__name__).read():
-            return fn(gm, *args, **kwargs)
-    return locked
+mutation = _holding("write")  # a change: no forward of the same adapter state runs meanwhile
+reads_state = _holding("read")  # several forwards (``generate``) on one adapter state throughout
 
 
 def active_adapters(gm: GraphModule) -> list[str]:
-    """The names of the active adapters, in the order they were set (default: every adapter on the graph).
-
-    The list does not change inside ``disable_adapters``; use ``adapters_disabled(gm)`` for that.
-    """
+    """The active adapters in the order they were set (default: all); unchanged inside ``disable_adapters``."""
     gm = as_graph_module(gm, "active_adapters")
-    names = list(adapters_of(gm).keys())
-    chosen = adapter_flags(gm).active
-    if chosen is None:
-        return names
-    return [n for n in chosen if n in names]
+    names, chosen = list(adapters_of(gm).keys()), adapter_flags(gm).active
+    return names if chosen is None else [n for n in chosen if n in names]
 
 
 def adapters_disabled(gm: GraphModule) -> bool:
     """True inside ``with disable_adapters(gm):``."""
-    gm = as_graph_module(gm, "adapters_disabled")
-    return adapter_flags(gm).disabled
+    return adapter_flags(as_graph_module(gm, "adapters_disabled")).disabled
 
 
 def merged_adapters(gm: GraphModule) -> set[str]:
@@ -145,19 +113,11 @@ def merged_adapters(gm: GraphModule) -> set[str]:
     return {a for names in adapter_flags(gm).merged.values() for a in names}
 
 
-# --- shared projections --------------------------------------------------------------------------------------
-
 def shared_projections(gm: GraphModule, config: AdapterConfig, method: Method, in_max: int,
                        out_max: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """The projections a new adapter of ``method`` reuses, or None when it is the first of its method.
-
-    Every adapter uses views of the largest existing adapter's A and B, sliced to its own rank (A's first
-    ``latent_rows`` rows, B's first ``r`` columns). Raises ValueError, before anything changes, when the
-    new config's ``projection_prng_key`` or ``save_projection`` differs, when another adapter already trains
-    biases, or when the new adapter needs larger projections or a higher ``r`` than exist.
-    """
-    container = adapters_of(gm)
-    others = [(n, s) for n, s in container.items()]
+    """The views of the largest existing adapter's A and B a new adapter of ``method`` uses (None for the first
+    of its method); ValueError, before anything changes, when they cannot be shared."""
+    others = list(adapters_of(gm).items())
     for name, state in others:
         if config.bias != "none" and state.config.bias != "none":
             raise ValueError(f"bias={config.bias!r}: adapter {name!r} already trains biases (bias="
@@ -167,14 +127,11 @@ def shared_projections(gm: GraphModule, config: AdapterConfig, method: Method, i
         return None
     ref_name, ref = max(peers, key=lambda p: tuple(p[1].projection("A").shape) + tuple(p[1].projection("B").shape))
     first = ref.config
-    if first.projection_prng_key != config.projection_prng_key:
-        raise ValueError(f"projection_prng_key={config.projection_prng_key} differs from adapter {ref_name!r}'s "
-                         f"({first.projection_prng_key}): all adapters of a graph share one pair of projections; "
-                         f"use projection_prng_key={first.projection_prng_key}")
-    if first.save_projection != config.save_projection:
-        raise ValueError(f"save_projection={config.save_projection} differs from adapter {ref_name!r}'s "
-                         f"({first.save_projection}): the shared projections are saved for all adapters or none; "
-                         f"use save_projection={first.save_projection}")
+    for field, why in (("projection_prng_key", "all adapters of a graph share one pair of projections"),
+                       ("save_projection", "the shared projections are saved for all adapters or none")):
+        if getattr(first, field) != getattr(config, field):
+            raise ValueError(f"{field}={getattr(config, field)} differs from adapter {ref_name!r}'s "
+                             f"({getattr(first, field)}): {why}; use {field}={getattr(first, field)}")
     a, b = ref.projection("A"), ref.projection("B")
     if a.shape[1] < in_max or b.shape[0] < out_max:
         raise ValueError(f"the new adapter's layers need projections of at least {in_max} inputs x {out_max} "
@@ -188,48 +145,29 @@ def shared_projections(gm: GraphModule, config: AdapterConfig, method: Method, i
 
 
 def block_site_names(gm: GraphModule) -> list[tuple[GraphModule, str, set[str]]]:
-    """(block graph, its path, the names of its own sites) for every block of ``gm``'s tree: one walk of the
-    blocks, for callers that attach many adapters (``attach_state(..., blocks=...)``)."""
+    """(block graph, its path, the names of its own sites) for every block of ``gm``'s tree (``attach_state``)."""
     return [(g, block_prefix(g), {s.name for s in read_graph_sites(g)}) for g in graph_modules(gm)[1:]]
 
 
 def attach_state(gm: GraphModule, adapter_name: str, state: AdapterState,
                  blocks: Optional[list[tuple[GraphModule, str, set[str]]]] = None) -> None:
-    """Register ``state`` at the root of ``gm``'s tree, and give every block holding some of its sites (or a
-    ``modules_to_save`` copy of a module inside it) a view (``AdapterView``) over the same site modules; a view
-    already there is kept. ``blocks``: ``block_site_names(gm)``, when the caller has it. Emits nothing.
-
-    The first graph a state is attached to owns it: there a block's sites are registered in the block's view
-    only (the root state links to them), so ``named_parameters()``, ``state_dict()`` and FSDP2 see each
-    tensor once, under its block. Graphs attached later (other call signatures) register their own views."""
+    """Register ``state`` at the root of ``gm``'s tree and an ``AdapterView`` in every block holding some of its
+    sites or ``modules_to_save`` copies. In the first graph attached, a block's sites are registered in its view
+    only (the root links to them): ``named_parameters()``, ``state_dict()`` and FSDP2 see each tensor once."""
     adapter_container(gm)[adapter_name] = state
-    _container_first(gm)
-    owner = not state.__dict__.get(_PLACED, False)
-    wanted = set(state.site_names)
+    mods = gm._modules  # the container first (``named_parameters()`` order, for optimizers); the object shares it
+    if next(iter(mods)) != CONTAINER:
+        mods.update({k: mods.pop(k) for k in list(mods) if k != CONTAINER})
+    owner, wanted = not state.__dict__.get(_PLACED, False), set(state.site_names)
     saved = getattr(state, "modules_to_save_paths", None) or []
     for g, prefix, names in blocks if blocks is not None else block_site_names(gm):
         own = names & wanted
         if adapter_name not in adapter_container(g) and (
                 own or any(p == prefix or p.startswith(prefix + ".") for p in saved)):
             adapter_container(g)[adapter_name] = AdapterView(state, sorted(own), prefix)
-            if owner:
-                for site in own:
-                    state.unregister_site(site)
+            for site in own if owner else ():
+                state.unregister_site(site)
     state.__dict__[_PLACED] = True
-
-
-_PLACED = "_vera_fx_placed"  # AdapterState.__dict__: its sites have their owner (the first graph attached)
-
-
-def _container_first(gm: GraphModule) -> None:
-    """Put the root's adapter container first among its children, so that ``named_parameters()`` lists the
-    root-level sites' lambdas first, whenever the container was added (a stable order for optimizers)."""
-    mods = gm._modules
-    if next(iter(mods)) != CONTAINER:
-        items = list(mods.items())
-        mods.clear()
-        mods[CONTAINER] = dict(items)[CONTAINER]
-        mods.update((k, v) for k, v in items if k != CONTAINER)
 
 
 def detach_state(gm: GraphModule, adapter_name: str) -> None:
@@ -245,14 +183,9 @@ def restore_active(gm: GraphModule, old: Optional[list[str]]) -> None:
     adapter_container(gm).flags.active = old
 
 
-# --- modules_to_save ------------------------------------------------------------------------------------------
-
 def resolve_modules_to_save(gm: GraphModule, module_names: Sequence[str]) -> list[str]:
-    """Module paths of ``gm`` named by ``modules_to_save`` (a path or its last components).
-
-    Names that match nothing are skipped with a warning (PEFT's task types add names such as 'score' that
-    a model may lack); ValueError when none matches.
-    """
+    """Module paths of ``gm`` named by ``modules_to_save`` (a path or its last components). A name that matches
+    nothing is skipped with a warning (PEFT's task types add names such as 'score'); ValueError when none does."""
     found: list[str] = []
     for module_name in module_names:
         paths = [n for n, _ in gm.named_modules() if n and CONTAINER not in n.split(".")
@@ -272,25 +205,15 @@ def _mts_key(path: str) -> str:
 
 
 def attach_modules_to_save(gm: GraphModule, adapter_name: str, module_names: Sequence[str]) -> list[str]:
-    """Give adapter ``adapter_name`` trainable copies of the modules ``module_names`` names.
-
-    The copies live at ``vera_fx_adapters.<adapter>.modules_to_save.<path with '__'>``; the graph reads them
-    while the adapter is active, and the frozen base parameters otherwise. Returns the module paths.
-    """
+    """Give adapter ``adapter_name`` trainable copies (``<adapter>.modules_to_save.<path with '__'>``) of the
+    modules ``module_names`` names, read while it is active; returns their paths."""
     paths = resolve_modules_to_save(gm, module_names)
     state = adapters_of(gm)[adapter_name]
-    copies = nn.ModuleDict()
-    for path in paths:
-        clone = copy.deepcopy(gm.get_submodule(path))
-        for p in clone.parameters():
-            p.requires_grad_(True)
-        copies[_mts_key(path)] = clone
-    state.modules_to_save = copies
+    state.modules_to_save = nn.ModuleDict({_mts_key(p): copy.deepcopy(gm.get_submodule(p)).requires_grad_(True)
+                                           for p in paths})
     state.modules_to_save_paths = paths
     for g in graph_modules(gm):  # the root graph and its blocks (a block's targets are relative to it)
-        for node in g.graph.nodes:
-            if node.op != "get_attr" or MTS_TAG in node.meta:
-                continue
+        for node in (n for n in g.graph.nodes if n.op == "get_attr" and MTS_TAG not in n.meta):
             full = qualified_name(g, str(node.target))
             owner = next((p for p in paths if full.startswith(p + ".")), None)
             if owner is not None:
@@ -325,12 +248,9 @@ def route_modules_to_save(gm: GraphModule, live: Sequence[str]) -> bool:
     changed = False
     for g in graph_modules(gm):
         here = False
-        for node in g.graph.nodes:
-            tag = node.meta.get(MTS_TAG)
-            if tag is None:
-                continue
-            owner = owners.get(tag["path"])
-            target = tag["target"]
+        for node in (n for n in g.graph.nodes if MTS_TAG in n.meta):
+            tag = node.meta[MTS_TAG]
+            owner, target = owners.get(tag["path"]), tag["target"]
             if owner is not None:
                 rel = qualified_name(g, target)[len(tag["path"]) + 1:]
                 target = f"{CONTAINER}.{owner}.modules_to_save.{_mts_key(tag['path'])}.{rel}"
@@ -343,32 +263,14 @@ def route_modules_to_save(gm: GraphModule, live: Sequence[str]) -> bool:
     return changed
 
 
-# --- trainable biases -----------------------------------------------------------------------------------------
-
-PEFT_ROOT = "base_model.model."
-
-
-def _wrapped_sites(gm: GraphModule) -> set[str]:
-    """Sites any adapter targets: PEFT wraps those modules, so their bias sits under ``base_layer``."""
-    container = getattr(gm, CONTAINER, None) or {}
-    return {s for state in container.values() for s in state.site_names}
-
-
-def _bias_key(qualname: str, wrapped: set[str]) -> str:
-    path, _, name = qualname.rpartition(".")
-    return f"{PEFT_ROOT}{path}.base_layer.{name}" if path in wrapped else f"{PEFT_ROOT}{qualname}"
-
-
 def bias_targets(gm: GraphModule, state: AdapterState) -> dict[str, tuple[nn.Module, str]]:
-    """PEFT key -> (module, attribute) of the base biases ``state``'s ``bias`` mode trains.
-
-    ``"all"``: every parameter named ``bias`` outside the adapters and ``modules_to_save`` copies;
-    ``"<method>_only"``: the biases of the adapter's own sites.
-    """
+    """PEFT key -> (module, attribute) of the base biases ``state``'s ``bias`` mode trains: ``"all"``, every
+    ``bias`` outside the adapters and ``modules_to_save`` copies; ``"<method>_only"``, its own sites'."""
     mode = state.config.bias
     if mode == "none":
         return {}
-    wrapped = _wrapped_sites(gm)
+    # PEFT wraps every targeted module: its bias sits under ``base_layer``
+    wrapped = {s for st in adapters_of(gm).values() for s in st.site_names}
     mts_paths = list(getattr(state, "modules_to_save_paths", []))
     if mode == "all":
         names = [q for q, _ in gm.named_parameters() if q.rpartition(".")[2] == "bias"
@@ -381,5 +283,5 @@ def bias_targets(gm: GraphModule, state: AdapterState) -> dict[str, tuple[nn.Mod
         path, _, leaf = qualname.rpartition(".")
         mod = gm.get_submodule(path)
         if isinstance(mod._parameters.get(leaf), nn.Parameter):
-            out[_bias_key(qualname, wrapped)] = (mod, leaf)
+            out[f"{PEFT_ROOT}{path}.base_layer.{leaf}" if path in wrapped else PEFT_ROOT + qualname] = (mod, leaf)
     return out

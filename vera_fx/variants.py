@@ -22,7 +22,7 @@ import torch
 from torch.fx import GraphModule
 
 from .passes.infer import DEFAULT_FORM, FORMS, INFERENCE_KEY
-from .keywords import describe_key
+from .checks import describe_key
 from .methods import CONTAINER
 from .state import ADAPTER_MODE, adapters_training, set_adapters_training
 

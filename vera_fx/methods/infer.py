@@ -1,23 +1,6 @@
-"""The inference form of the adapter tail: B stays the shared tensor and only vectors are scaled.
-
-At inference (eval mode, ``no_grad``, ``inference_mode``) nothing is kept for backward, so the training paths'
-trade-offs (what to save, what to recompute) do not apply; what counts is how often the shared ``B`` is read
-and how many calls a site makes. The inference form of a site group (the sites that read one ``h = x @ A.T``
-and one slice of ``B``: q/k/v, gate/up) is
-
-- ``u = group_products(h, B, lambda_d_1, ..., lambda_d_n)``: ``Z = h * lambda_d_k`` for every site at once
-  (one broadcast product over the stacked ``lambda_d``) and one ``mm`` of the ``n x tokens`` rows against
-  ``B.T``, so ``B`` is read once per group, not once per site; nothing out x r is formed (the training paths'
-  ``lambda_b * B * lambda_d`` would be, per call);
-- per site ``y + u[k] * lambda_b_k`` (``site_add``: one ``addcmul``, in place into the base call's output
-  where the lower pass allows it and the dtypes agree; otherwise the plain chain's own ops).
-
-A site alone (every site, in the per-site form) is one call, ``site_apply(y, h, B, lambda_d, lambda_b)``: at
-one token a site's products are small, so what it costs is mostly its calls. PVeRA's sites that read one ``x``
-take ``h`` from ``pvera_group_h`` (the mean's r rows of ``A`` when none samples, decided at run time) and
-their latent from ``pvera_latent`` (the mean, its KL term recorded from ``x`` and computed when read:
-``InputKL``; or the sampled latent). All are plain torch ops, differentiable by autograd, so a graph in eval
-mode with gradients enabled still has a backward (it keeps what the plain path keeps).
+"""The inference form of the adapter tail (vera_fx/passes/infer.py emits it): B stays the shared tensor and only
+vectors are scaled. Nothing is kept for backward, so what counts is how often ``B`` is read and how many calls
+a site makes. Plain torch ops: a graph in eval mode with gradients enabled still has a backward.
 """
 
 from __future__ import annotations
@@ -31,8 +14,8 @@ from .pvera import KLRecord, LazyKL, pvera_record_kl, pvera_reparametrize
 
 
 def group_products(h: Tensor, b: Tensor, *lambda_d: Tensor) -> tuple[Tensor, ...]:
-    """``(h * lambda_d_k) @ B.T`` for every ``k`` (each shaped ``(*h.shape[:-1], out)``): one broadcast product
-    and one ``linear`` over the ``n x tokens`` rows, so ``B`` is read once; five torch calls for the group."""
+    """``(h * lambda_d_k) @ B.T`` for every ``k`` (each ``(*h.shape[:-1], out)``): one broadcast product over the
+    stacked ``lambda_d`` and one ``linear`` over the ``n x tokens`` rows, so ``B`` is read once."""
     scales = torch.stack(lambda_d).view(len(lambda_d), *([1] * (h.dim() - 1)), h.shape[-1])
     return torch.nn.functional.linear(h * scales, b).unbind(0)
 
@@ -47,9 +30,8 @@ def site_apply(y: Tensor, h: Tensor, b: Tensor, lambda_d: Optional[Tensor], lamb
 
 def site_add(y: Tensor, u: Union[Tensor, tuple[Tensor, ...]], k: Optional[int], lambda_b: Tensor,
              inplace: bool) -> Tensor:
-    """``y + u[k] * lambda_b`` (``u`` itself when ``k`` is None): in place into ``y`` when ``inplace`` (the lower
-    pass checked ``y`` has no other reader) and the sum keeps ``y``'s dtype and shape, else out of place with
-    the plain chain's type promotion."""
+    """``y + u[k] * lambda_b`` (``u`` itself when ``k`` is None): one ``addcmul_`` into ``y`` when ``inplace`` (no
+    other reader of ``y``) and the sum keeps its dtype and shape, else the plain chain's ops."""
     delta = u if k is None else u[k]
     if inplace and y.dtype == delta.dtype == lambda_b.dtype and y.shape == delta.shape and not (
             y.requires_grad and y.is_leaf):
@@ -58,9 +40,8 @@ def site_add(y: Tensor, u: Union[Tensor, tuple[Tensor, ...]], k: Optional[int], 
 
 
 class InputKL(LazyKL):
-    """A PVeRA site's KL term in its mean-only inference form, computed on first read from the site's input:
-    ``h = x @ A[:2r, :in].T`` then the term of ``h * lambda_d`` (the forward computed only the mean's r rows).
-    Holds ``x`` (which the group's sites share) and the A slice until read."""
+    """A PVeRA site's KL term in the mean-only form, computed on first read from the site's input: ``h = x @
+    A[:2r, :in].T``, then the term of ``h * lambda_d`` (the forward computed only the mean's r rows)."""
 
     __slots__ = ("_x", "_a")
 

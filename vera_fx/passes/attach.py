@@ -1,20 +1,11 @@
-"""Attach pass: bind a freshly captured and matched graph to the adapter state of an existing graph.
+"""Attach pass: bind a captured and matched graph to the adapter state of the model object's source graph.
 
-The model object (vera_fx/model.py) keeps one captured graph per call signature. One of them, the *source*,
-owns the adapter state; every other graph is made equal to it by ``attach_adapters``:
-
-- its base parameters and buffers become the source's objects, by qualified name (trained biases, merged
-  weights and ``.to()`` conversions are therefore the source's, and an optimizer sees one set of tensors),
-  and so do its bitsandbytes layers (a merge replaces a quantized site's layer);
-- it holds the very same adapter container (``vera_fx_adapters``: the same ``AdapterState`` modules and
-  ``nn.Parameter`` objects, so a lambda trained through one graph is the lambda of every other);
-- so it reads the source's run-time state (active adapters, disabled, merged, lowering: the adapter set's
-  flags, never copied), gets its ``modules_to_save`` routing, and the adapter nodes of every site in the
-  source's order, so the two graphs compute the same function.
-
-Attaching again after the source changed (``set_adapter``, ``merge``, ...) switches the graph's tree to its
-version for the new state (built once, vera_fx/versions.py); its tensors are bound again only when a base
-tensor or module was replaced (``base_stamp``), its states registered again only when they changed.
+``attach_adapters`` makes the graph compute what the source computes: its base parameters, buffers and
+bitsandbytes layers become the source's objects (by qualified name), it holds the very same adapter container
+(so the same lambdas and run-time flags), the source's ``modules_to_save`` routing and the source's adapter
+nodes, site by site in the same order. Attaching again after a switch puts back the tree's version for the new
+state (built once, vera_fx/versions.py); tensors are bound again only when a base tensor or module was replaced
+(``base_stamp``), states registered again only when they changed.
 """
 
 from __future__ import annotations
@@ -36,52 +27,36 @@ from .inject import emit_adapter, remove_adapter_nodes
 
 logger = logging.getLogger(__name__)
 
+
 def state_fingerprint(gm: GraphModule) -> tuple:
     """A cheap value that changes whenever the adapter nodes ``gm`` should carry change (adapters added or
     deleted, the active list, disabled, merged, lowering). Sampling switches and values are read at run time."""
-    names = tuple((n, id(s)) for n, s in adapters_of(gm).items())
-    return names, adapter_flags(gm).key()
+    return tuple((n, id(s)) for n, s in adapters_of(gm).items()), adapter_flags(gm).key()
 
 
-class _Slots:
-    """Every ``_modules`` / ``_parameters`` / ``_buffers`` dict of a tree (adapter containers left out), to read
-    the identities of its tensors and modules without a ``named_modules`` walk."""
-
-    def __init__(self, root: torch.nn.Module) -> None:
-        self.dicts: list[dict] = []
-        todo = [root]
-        while todo:
-            mod = todo.pop()
-            self.dicts += [mod._modules, mod._parameters, mod._buffers]
-            todo += [c for k, c in mod._modules.items() if c is not None and k != CONTAINER]
-        self.stamp = self.read()
-
-    def read(self) -> tuple:
-        return tuple(id(v) for d in self.dicts for v in d.values())
-
-
-_SLOTS: "weakref.WeakKeyDictionary[GraphModule, _Slots]" = weakref.WeakKeyDictionary()
+_SLOTS: "weakref.WeakKeyDictionary[GraphModule, tuple[list[dict], tuple]]" = weakref.WeakKeyDictionary()
 
 
 def base_stamp(source: GraphModule) -> tuple:
-    """A value that changes whenever a base tensor or module of ``source``'s tree is replaced (a merge, a load,
-    ``.to()``, an assignment): the identities of every module, parameter and buffer below it, adapter state
-    left out. Reads the tree's dicts (tens of microseconds), walks the tree again only after a change."""
-    slots = _SLOTS.get(source)
-    if slots is not None:
-        now = slots.read()
-        if now == slots.stamp:
-            return now
-    slots = _SLOTS[source] = _Slots(source)
-    return slots.stamp
+    """The identities of every module, parameter and buffer of ``source``'s tree but its adapter state: changes
+    whenever one is replaced (merge, load, ``.to()``). Tens of microseconds; walks the tree only after a change."""
+    dicts, stamp = _SLOTS.get(source, ((), None))
+    now = tuple(id(v) for d in dicts for v in d.values())
+    if now == stamp:
+        return now
+    dicts, todo = [], [source]
+    while todo:  # every _modules / _parameters / _buffers dict of the tree, not those of adapter containers
+        mod = todo.pop()
+        dicts += [mod._modules, mod._parameters, mod._buffers]
+        todo += [c for k, c in mod._modules.items() if c is not None and k != CONTAINER]
+    _SLOTS[source] = (dicts, tuple(id(v) for d in dicts for v in d.values()))
+    return _SLOTS[source][1]
 
 
 def strip_adapters(gm: GraphModule) -> int:
-    """Remove every adapter's nodes from every graph of ``gm``'s tree (whether or not its state is still
-    there); returns how many adapters had nodes."""
-    names = list(dict.fromkeys((n.meta.get(ADAPTER_KEY) or {}).get("adapter")
-                               for g in graph_modules(gm) for n in g.graph.nodes))
-    names = [n for n in names if n is not None]
+    """Remove every adapter's nodes (state or not) from ``gm``'s tree; returns how many adapters had nodes."""
+    names = [a for a in dict.fromkeys((n.meta.get(ADAPTER_KEY) or {}).get("adapter")
+                                      for g in graph_modules(gm) for n in g.graph.nodes) if a is not None]
     for name in names:
         remove_adapter_nodes(gm, name)
     return len(names)
@@ -94,11 +69,9 @@ def _set_tensor(gm: GraphModule, qualname: str, value: torch.Tensor) -> bool:
     except AttributeError:
         return False
     for store in (mod._parameters, mod._buffers):
-        old = store.get(leaf)
         if leaf in store:
-            if old is value:
-                return False
-            if old is not None and (type(old) is not type(value) or old.shape != value.shape):
+            old = store[leaf]
+            if old is value or (old is not None and (type(old) is not type(value) or old.shape != value.shape)):
                 return False
             store[leaf] = value
             return True
@@ -106,15 +79,11 @@ def _set_tensor(gm: GraphModule, qualname: str, value: torch.Tensor) -> bool:
 
 
 def _rebind(gm: GraphModule, source: GraphModule) -> int:
-    """Make ``gm``'s bitsandbytes layers (a merge replaces them), then its base parameters and buffers, the
-    source's objects, name by name."""
+    """Make ``gm``'s bitsandbytes layers, base parameters and buffers the source's objects, name by name."""
     count = rebind_layers(gm, source)
-    for name, t in list(source.named_parameters(remove_duplicate=False)) + \
-            list(source.named_buffers(remove_duplicate=False)):
-        if CONTAINER in name.split("."):  # the root's adapter container or a block's views of it
-            continue
-        count += _set_tensor(gm, name, t)
-    return count
+    named = [*source.named_parameters(remove_duplicate=False), *source.named_buffers(remove_duplicate=False)]
+    # not the root's adapter container or a block's views of it
+    return count + sum(_set_tensor(gm, name, t) for name, t in named if CONTAINER not in name.split("."))
 
 
 def _route_modules_to_save(gm: GraphModule, source: GraphModule) -> None:
@@ -130,67 +99,49 @@ def _route_modules_to_save(gm: GraphModule, source: GraphModule) -> None:
         return
     for g in graph_modules(gm):
         prefix = block_prefix(g)
-        for n in g.graph.nodes:
-            if n.op != "get_attr":
-                continue
-            original = (n.meta.get(MTS_TAG) or {}).get("target", n.target)
-            if (prefix, original) in routes:
-                tag, target = routes[(prefix, original)]
-                n.meta[MTS_TAG] = dict(tag)
-                n.target = target
+        for n in (n for n in g.graph.nodes if n.op == "get_attr"):
+            route = routes.get((prefix, (n.meta.get(MTS_TAG) or {}).get("target", n.target)))
+            if route is not None:
+                n.meta[MTS_TAG], n.target = dict(route[0]), route[1]
 
 
 def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple] = None,
                     rebind: bool = True) -> GraphModule:
-    """Make ``gm`` (captured and matched from the same model as ``source``) compute what ``source`` computes,
-    over ``source``'s adapter state; returns ``gm``, changed in place. ``before``: the source's
-    ``state_fingerprint`` ``gm`` was attached at last (None: never); ``rebind``: bind the base tensors again
-    (False: the caller knows none was replaced since, ``base_stamp``). The adapter states are registered again
-    only when they changed; the adapter nodes come from the tree's version for the source's state when one was
-    built (``GraphVersions``)."""
+    """Make ``gm`` (captured and matched from the same model) compute what ``source`` computes, over its adapter
+    state, in place. ``before``: the source's ``state_fingerprint`` ``gm`` was attached at last (None: never);
+    ``rebind=False``: no base tensor was replaced since (``base_stamp``)."""
     container = getattr(source, CONTAINER, None)
     fp = state_fingerprint(source)
     same_states = (before is not None and container is not None and before[0] == fp[0]
                    and gm._modules.get(CONTAINER) is container)
     rebound = _rebind(gm, source) if rebind or before is None else 0
-    if same_states:
-        container.versions.switch(gm, graph_modules(gm), before, fp, lambda: _emit_like(gm, source))
-        _follow_modes(gm, source)
-        bind_flat_reads(gm)
-        return gm
-    for g in graph_modules(gm)[1:]:  # stale block views of an earlier attach
-        if CONTAINER in g._modules:
-            del g._modules[CONTAINER]
-    if container is None:
-        gm._modules.pop(CONTAINER, None)
-        strip_adapters(gm)
-        gm.recompile()
-        return gm
-    gm.add_module(CONTAINER, container)
-    for name, state in container.items():  # the same states; views of them in gm's own blocks
-        attach_state(gm, name, state)
+    if not same_states:
+        for g in graph_modules(gm)[1:]:  # stale block views of an earlier attach
+            g._modules.pop(CONTAINER, None)
+        if container is None:
+            gm._modules.pop(CONTAINER, None)
+            strip_adapters(gm)
+            gm.recompile()
+            return gm
+        gm.add_module(CONTAINER, container)
+        for name, state in container.items():  # the same states; views of them in gm's own blocks
+            attach_state(gm, name, state)
     container.versions.switch(gm, graph_modules(gm), before, fp, lambda: _emit_like(gm, source))
-    _follow_modes(gm, source, force=True)
+    # the modes as the source's (new states: set on every module, even where the root agrees)
+    if not same_states or gm.training != source.training:
+        gm.train(source.training)
+    if not same_states or adapters_training(gm) != adapters_training(source):
+        set_adapters_training(gm, adapters_training(source))
     bind_flat_reads(gm)
     logger.debug("attach: %d tensors rebound", rebound)
     return gm
-
-
-def _follow_modes(gm: GraphModule, source: GraphModule, force: bool = False) -> None:
-    """The source's train / eval mode (``force``: set on every module even where the root agrees), and its
-    adapters' own flag (which may differ: vera_fx/state.py)."""
-    if force or gm.training != source.training:
-        gm.train(source.training)
-    if force or adapters_training(gm) != adapters_training(source):
-        set_adapters_training(gm, adapters_training(source))
 
 
 def _emit_like(gm: GraphModule, source: GraphModule) -> None:
     """Give ``gm``'s tree the adapter nodes the source's tree has, site by site, in the same order."""
     strip_adapters(gm)
     _route_modules_to_save(gm, source)
-    # The source's adapters per site, in graph order: emitting adapter by adapter in first-seen order gives the
-    # same chain (and the same summation order) at every site.
+    # adapter by adapter in first-seen order: the same chain (and summation order) at every site
     order: dict[str, set[str]] = {}
     for site in read_sites(source):
         for name in site.adapters:

@@ -1,18 +1,10 @@
 """The inference form of a graph's adapters: what a graph run in eval mode or without gradients computes.
 
-A graph built for inference (root ``gm.meta["vera_fx_inference"]`` names the form: the model object's twins,
-vera_fx/variants.py, and generation's decode graphs) never runs a training plan: nothing is kept for backward.
-Per site group (one adapter's sites that read one ``h = x @ A.T`` and one slice of ``B``) the lower pass emits
-vera_fx/methods/infer.py's calls: a ``site_apply`` per site (the default, per-site form), or one
-``group_products`` and a ``site_add`` per site (``form="batched"``: ``B`` read once per group; it measured no
-faster on the CPU). PVeRA's sites reading one ``x`` share ``pvera_group_h`` (the mean's r rows when none
-samples, decided at run time) and take ``pvera_latent`` per site. ``flatten_reads`` then makes deep attribute
-reads one lookup.
-
-The cost model (``inference_costs``), per group of ``n`` sites of width ``out``, rank ``r``, ``T`` tokens per
-call: both forms make ``n T r out`` multiply-adds; the per-site form reads ``B`` ``n`` times, the batched one
-once, with ``n r`` values more (the stacked ``lambda_d``) and more calls, each priced at ``CALL_COST``.
-Folding ``dW`` into ``W`` per call would cost ``out r in`` multiply-adds: it pays only when ``T > in``.
+A graph built for inference (root ``gm.meta["vera_fx_inference"]`` names the form: the model object's twins and
+generation's decode graphs) keeps nothing for backward. Per site group (one adapter's sites reading one
+``h = x @ A.T`` and one slice of ``B``) it calls vera_fx/methods/infer.py: a ``site_apply`` per site (the
+default), or ``form="batched"``, one ``group_products`` (``B`` read once) and a ``site_add`` per site. PVeRA's
+sites reading one ``x`` share ``pvera_group_h`` and take ``pvera_latent`` each.
 """
 
 from __future__ import annotations
@@ -20,7 +12,6 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-import torch
 from torch.fx import GraphModule, Node
 
 from ..methods.infer import group_products, pvera_group_h, pvera_latent, site_add, site_apply
@@ -28,21 +19,20 @@ from ..sites import ADAPTER_KEY, graph_modules
 from .chains import Chain, hoist, inplace_target, tag_node
 
 logger = logging.getLogger(__name__)
-aten = torch.ops.aten
 
 INFERENCE_KEY = "vera_fx_inference"  # root gm.meta: the inference form this graph tree is built in
 FLAT_KEY = "vera_fx_flat_reads"  # each graph's meta in an inference tree: {flat name: owner module path}
 FORMS = ("batched", "site")
-# The form graphs are built in unless the object says otherwise (``m.inference_form``). Per site: on the 2-core
-# CPU (quiet, warm, hidden 1024, r=256) the two forms measured the same (decode 1.35 vs 1.35x the base, 40
-# rounds); the batched form stays selectable for measurement (and devices with costlier calls).
+# ``m.inference_form``'s default: on the 2-core CPU (hidden 1024, r=256) both forms measured the same (decode
+# 1.35x the base); the batched form stays selectable (devices with costlier calls).
 DEFAULT_FORM = "site"
 CALL_COST = 4096  # multiply-add equivalents of one eager op call (~5-10 us on the 2-core CPU, ~1 GMAC/s/core)
 
 
 def inference_costs(tokens: int, r: int, out: int, n: int) -> dict[str, int]:
     """Multiply-add equivalents of ``n`` sites (``out`` wide, one ``B`` slice, rank ``r``) at ``tokens`` tokens
-    per call, per form: the products, one value per value of ``B`` read, ``CALL_COST`` per call."""
+    per call, per form: the products, one per value of ``B`` read, ``CALL_COST`` per call. (Folding dW per call,
+    ``out r in``, would pay only when ``tokens > in``.)"""
     products = n * tokens * r * out
     return {"site": products + n * out * r + 3 * n * CALL_COST,
             "batched": products + out * r + n * r + (n + 5) * CALL_COST}
@@ -50,16 +40,14 @@ def inference_costs(tokens: int, r: int, out: int, n: int) -> dict[str, int]:
 
 def inference_plan(tokens: int, r: int, out: int, n: int, form: str = "batched") -> str:
     """The form of one group: ``"site"`` when asked or when batching does not cost less (a single site)."""
-    if form == "site" or n < 2:
-        return "site"
     costs = inference_costs(tokens, r, out, n)
-    return "batched" if costs["batched"] < costs["site"] else "site"
+    return "site" if form == "site" or n < 2 or costs["batched"] >= costs["site"] else "batched"
 
 
 def _tail(gm: GraphModule, members: list[Chain], h: Node, lambdas: list[Node], plan: str) -> None:
-    """The group's products from ``h`` (with each site's ``lambda_d`` node in ``lambdas``) and each site's add:
-    ``plan="batched"``: one ``group_products`` node, then a ``site_add`` per site; else one ``site_apply`` per
-    site. Each site's add node becomes its tail (its name and tags stay: walkers read y as its args[0])."""
+    """The group's products from ``h`` (each site's ``lambda_d`` node in ``lambdas``): ``plan="batched"``, one
+    ``group_products`` then a ``site_add`` per site; else a ``site_apply`` per site. Each site's add node becomes
+    its tail (name and tags kept: walkers read y as its args[0])."""
     graph, b = gm.graph, members[0].nodes["xAB"].args[1]
     u: Optional[Node] = None
     if plan == "batched":
@@ -73,12 +61,10 @@ def _tail(gm: GraphModule, members: list[Chain], h: Node, lambdas: list[Node], p
         tag_node(u, members[0], "adapter", "products", "inference")
         u.meta[ADAPTER_KEY]["bases"] = [c.site.base.name for c in members]
     for k, (c, lam_d) in enumerate(zip(members, lambdas)):
-        add = c.add
-        y, lam_b = add.args[0], c.nodes["scale_b"].args[1]
-        add.target = site_add if u is not None else site_apply
-        add.args = (y, u, k, lam_b, inplace_target(y)) if u is not None else (
-            y, h, b, lam_d, lam_b, inplace_target(y))
-        add.kwargs = {}
+        add, lam_b = c.add, c.nodes["scale_b"].args[1]
+        y = add.args[0]
+        add.target, add.kwargs = (site_add if u is not None else site_apply), {}
+        add.args = (y, u, k, lam_b, inplace_target(y)) if u is not None else (y, h, b, lam_d, lam_b, inplace_target(y))
         add.meta[ADAPTER_KEY]["path"] = "inference"
 
 
@@ -95,12 +81,10 @@ def _erase(gm: GraphModule, nodes: list[Node]) -> None:
 
 
 def _lower_pvera(gm: GraphModule, chains: list[Chain]) -> None:
-    """PVeRA's sites reading one ``h`` (one ``x``): ``h`` becomes ``pvera_group_h`` (the mean's r rows when no site
-    samples, decided at run time, so ``sample_at_inference`` and Monte Carlo's switches need no other graph),
-    each site's sampling nodes one ``pvera_latent`` call and its tail one ``site_apply``."""
+    """PVeRA's sites reading one ``h``: ``h`` becomes ``pvera_group_h`` (no other graph for sampling switches),
+    each site's sampling one ``pvera_latent`` and its tail one ``site_apply``."""
     graph, h, r = gm.graph, chains[0].h, chains[0].state.config.r
-    x, a = h.args[0], h.args[1]
-    training = chains[0].nodes["sample"].args[2]
+    (x, a), training = h.args[:2], chains[0].nodes["sample"].args[2]
     switches = [c.nodes["sample"].args[3] for c in chains]
     order = {n: k for k, n in enumerate(graph.nodes)}
     moved: set[Node] = set()
@@ -121,8 +105,8 @@ def _lower_pvera(gm: GraphModule, chains: list[Chain]) -> None:
 
 def lower_for_inference(gm: GraphModule, chains: list[Chain], form: str = "batched",
                         tokens: Optional[int] = None) -> int:
-    """Give every chain of ``gm`` its inference form (``form``: ``"batched"`` or ``"site"``); returns how many
-    site calls changed. ``tokens``: the tokens per call the plan assumes (1, decoding, when not given)."""
+    """Give every chain of ``gm`` its inference form (``"batched"`` or ``"site"``); returns how many site calls
+    changed. ``tokens``: per call, as the plan assumes (1, decoding, when not given)."""
     if form not in FORMS:
         raise ValueError(f"inference form {form!r} is not one of {list(FORMS)}")
     groups: dict[tuple, list[Chain]] = {}
@@ -147,33 +131,26 @@ def lower_for_inference(gm: GraphModule, chains: list[Chain], form: str = "batch
 
 
 def flatten_reads(gm: GraphModule) -> None:
-    """Make each graph of the inference tree ``gm`` read a deep attribute (``self.vera_fx_adapters.default.sites.
-    self_attn.q_proj.vera_lambda_d``: six ``nn.Module.__getattr__`` calls, ~1 ms a forward of a 4-layer model
-    at one token) through its owner module kept in the graph's instance dict (``self.vera_fx_read_3.
-    vera_lambda_d``: a dict hit, then one lookup, so a replaced tensor is still read live). Call it where the
-    adapter nodes were just built (the code it generates is the version kept); ``bind_flat_reads`` after every
-    binding puts the owners in place."""
+    """Make each graph of the inference tree ``gm`` read a deep attribute (six ``__getattr__`` calls, ~1 ms a
+    forward of 4 layers at one token) through its owner module in the graph's instance dict
+    (``self.vera_fx_read_3.vera_lambda_d``: a replaced tensor is still read live; ``bind_flat_reads``)."""
     for g in graph_modules(gm):
         names: dict[str, str] = g.meta.setdefault(FLAT_KEY, {})
         by_path = {path: flat for flat, path in names.items()}
-        changed = False
-        for n in g.graph.nodes:
-            if n.op != "get_attr" or n.target.count(".") < 2:
-                continue
+        reads = [n for n in g.graph.nodes if n.op == "get_attr" and n.target.count(".") >= 2]
+        for n in reads:
             owner, _, leaf = n.target.rpartition(".")
-            flat = by_path.get(owner)
-            if flat is None:
-                flat = by_path[owner] = f"vera_fx_read_{len(names)}"
-                names[flat] = owner
-            n.target, changed = f"{flat}.{leaf}", True
+            if owner not in by_path:
+                by_path[owner] = f"vera_fx_read_{len(names)}"
+                names[by_path[owner]] = owner
+            n.target = f"{by_path[owner]}.{leaf}"
         bind_flat_reads(g, recurse=False)
-        if changed:
+        if reads:
             g.recompile()
 
 
 def bind_flat_reads(gm: GraphModule, recurse: bool = True) -> None:
-    """Put the owner module of every flattened read (``flatten_reads``) in its graph's instance dict, as the tree
-    holds it now (after a binding that may have replaced a module)."""
+    """Put the owner module of every flattened read in its graph's instance dict, as the tree holds it now."""
     for g in graph_modules(gm) if recurse else [gm]:
         for flat, path in g.meta.get(FLAT_KEY, {}).items():
             try:

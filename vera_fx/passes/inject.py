@@ -25,7 +25,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..config import AdapterConfig, as_config
-from ..limits import check_rank
+from ..checks import check_rank
 from ..methods import CONTAINER, AdapterState, Emitter, method_for
 from ..methods.fold import restore_linear
 from ..sites import ADAPTER_KEY, Site, graph_modules, model_info, read_graph_sites, registration_order
