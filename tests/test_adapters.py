@@ -141,6 +141,56 @@ def test_first_adapter_active_and_pvera_alongside(llama):
     assert torch.equal(run(gm, x), base) and vera_fx.active_adapters(gm) == []
 
 
+@pytest.mark.parametrize("outer_first", [True, False], ids=["outer-then-inner", "inner-then-outer"])
+def test_modules_to_save_nested_across_adapters(outer_first):
+    """One adapter copies ``head``, another only ``head.0`` (a module inside it), added in either order: each
+    active adapter's graph reads its own copies and the base elsewhere; both active at once is refused with the
+    two paths named; deleting the other adapter keeps the routing."""
+    import copy
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+            self.head = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+        def forward(self, x):
+            return self.head(self.fc(x))
+
+    torch.manual_seed(0)
+    net, x = Net().eval(), torch.randn(4, 8)
+    paths = {"outer": ["head"], "inner": ["head.0"]}
+    first, second = ("outer", "inner") if outer_first else ("inner", "outer")
+    gm = vera_fx.transform(net, vera_fx.VeraConfig(r=4, target_modules=["fc"], modules_to_save=paths[first]),
+                           example_inputs={"x": x}, adapter_name=first).eval()
+    vera_fx.add_adapter(gm, second, vera_fx.VeraConfig(r=4, target_modules=["fc"], modules_to_save=paths[second]))
+    for k, name in enumerate((first, second)):
+        randomise(getattr(gm.vera_fx_adapters, name).modules_to_save, k + 1)
+
+    def expected(name: str) -> torch.Tensor:  # lambda_b = 0: the adapters add nothing; only the heads differ
+        ref = copy.deepcopy(net)
+        copies = getattr(gm.vera_fx_adapters, name).modules_to_save
+        if name == "outer":
+            ref.head.load_state_dict(copies["head"].state_dict())
+        else:
+            ref.head[0].load_state_dict(copies["head__0"].state_dict())
+        with torch.no_grad():
+            return ref(x)
+
+    def out(m) -> torch.Tensor:
+        with torch.no_grad():
+            return m(x)
+
+    for name in (first, second, first):
+        vera_fx.set_adapter(gm, name)
+        torch.testing.assert_close(out(gm), expected(name), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"both have a trainable copy of 'head' \(modules_to_save"):
+        vera_fx.set_adapter(gm, [first, second])
+    vera_fx.set_adapter(gm, second)
+    vera_fx.delete_adapter(gm, first)
+    torch.testing.assert_close(out(gm), expected(second), atol=0, rtol=0)
+
+
 def test_modules_to_save_belong_to_their_adapter():
     model = tiny_bert()
     x = text_inputs(model, labels=False)

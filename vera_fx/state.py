@@ -215,9 +215,8 @@ def attach_modules_to_save(gm: GraphModule, adapter_name: str, module_names: Seq
     for g in graph_modules(gm):  # the root graph and its blocks (a block's targets are relative to it)
         for node in (n for n in g.graph.nodes if n.op == "get_attr" and MTS_TAG not in n.meta):
             full = qualified_name(g, str(node.target))
-            owner = next((p for p in paths if full.startswith(p + ".")), None)
-            if owner is not None:
-                node.meta[MTS_TAG] = {"path": owner, "target": node.target}
+            if any(full.startswith(p + ".") for p in paths):  # the owning path is found when routed
+                node.meta[MTS_TAG] = {"target": node.target}
     attach_state(gm, adapter_name, state)  # a block holding a copied module reads it through a view
     route_modules_to_save(gm, [] if adapters_disabled(gm) else active_adapters(gm))
     return paths
@@ -229,14 +228,18 @@ def modules_to_save_copy(state: AdapterState, path: str) -> nn.Module:
 
 
 def modules_to_save_owners(gm: GraphModule, live: Sequence[str]) -> dict[str, str]:
-    """Module path -> the live adapter whose copy the graph should read; ValueError on a conflict."""
+    """Module path -> the live adapter whose copy the graph should read; ValueError when two live adapters copy
+    one module (the same path, or one inside the other's)."""
     container = adapters_of(gm)
     owners: dict[str, str] = {}
     for name in live:
         for path in getattr(container[name], "modules_to_save_paths", []):
-            if path in owners:
-                raise ValueError(f"adapters {owners[path]!r} and {name!r} both have a trainable copy of {path!r} "
-                                 "(modules_to_save); only one of them can be active at a time")
+            clash = next((p for p in owners if p == path or path.startswith(p + ".") or p.startswith(path + ".")),
+                         None)
+            if clash is not None:
+                raise ValueError(f"adapters {owners[clash]!r} and {name!r} both have a trainable copy of "
+                                 f"{min(clash, path, key=len)!r} (modules_to_save {clash!r} and {path!r}); only "
+                                 "one of them can be active at a time")
             owners[path] = name
     return owners
 
@@ -249,11 +252,12 @@ def route_modules_to_save(gm: GraphModule, live: Sequence[str]) -> bool:
     for g in graph_modules(gm):
         here = False
         for node in (n for n in g.graph.nodes if MTS_TAG in n.meta):
-            tag = node.meta[MTS_TAG]
-            owner, target = owners.get(tag["path"]), tag["target"]
-            if owner is not None:
-                rel = qualified_name(g, target)[len(tag["path"]) + 1:]
-                target = f"{CONTAINER}.{owner}.modules_to_save.{_mts_key(tag['path'])}.{rel}"
+            target = node.meta[MTS_TAG]["target"]  # the base tensor the capture read
+            full = qualified_name(g, target)
+            path = next((p for p in owners if full.startswith(p + ".")), None)  # owners' paths never nest
+            if path is not None:
+                rel = full[len(path) + 1:]
+                target = f"{CONTAINER}.{owners[path]}.modules_to_save.{_mts_key(path)}.{rel}"
             if node.target != target:
                 node.target = target
                 here = True
