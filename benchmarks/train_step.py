@@ -21,7 +21,7 @@ vera_fx rows but weight compiled, their saved tensors measured as well).
 Step times: "x peft" is the median (and quartiles) of the per-round ratios, the steadier measure on a machine
 whose speed drifts.
 Run: python benchmarks/train_step.py [--quick] [--shapes today,realistic] [--methods vera,pvera]
-[--lowerings auto,fast,...] [--compile]
+[--lowerings auto,fast,...] [--ranks 1024] [--compile]
 """
 
 from __future__ import annotations
@@ -204,10 +204,11 @@ def path_extra(model, tokens: int, r: int) -> int:
 
 
 def run_shape(name: str, methods: list[str], targets_shown: list[str], repeat: int, compile_rows: bool,
-              lowerings: tuple[str, ...] = LOWERINGS) -> None:
+              lowerings: tuple[str, ...] = LOWERINGS, only_ranks: tuple[int, ...] = ()) -> None:
     import peft
 
     hidden, inter, layers, batch, seq, ranks = SHAPES[name]
+    ranks = tuple(r for r in ranks if r in only_ranks) if only_ranks else ranks
     base = build(hidden, inter, layers)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
@@ -288,6 +289,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds; 0: saved activations only")
     parser.add_argument("--lowerings", default=",".join(LOWERINGS), help="the vera_fx rows")
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (today's shape only)")
+    parser.add_argument("--ranks", default="", help="only these of each shape's ranks, e.g. 1024")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     shapes = args.shapes.split(",")
@@ -296,7 +298,7 @@ def main() -> None:
     repeat = min(2, args.repeat) if args.quick else args.repeat
     for s in shapes:
         run_shape(s, args.methods.split(","), args.targets.split(","), repeat, args.compile and s in ("today", "quick"),
-                  tuple(args.lowerings.split(",")))
+                  tuple(args.lowerings.split(",")), tuple(int(r) for r in args.ranks.split(",") if r))
 
 
 if __name__ == "__main__":
