@@ -1,11 +1,12 @@
-"""Generation through transformers' own ``generate`` loop with the adapters hooked at their sites, and the
-setup both generation paths share (inputs, the live layout, weight binding, adapter nodes for inference).
+"""Generation through transformers' own ``generate`` loop with the adapters hooked at their sites, and what both
+generation paths share (inputs, the live layout, weight binding, adapter nodes for inference, KL terms kept).
 
 For what the decode graph (generation.py) does not cover: encoder-decoder models (T5, BART, Whisper),
-bitsandbytes models and sliding windows past the window. Each site module with a live adapter gets a forward
-hook calling a *site graph* ``(x, y) -> y + adapter(x)`` emitted over the training graph's own adapter state, so
-training or an adapter switch is seen without re-capturing. During the call the model computes with the
-training graph's parameters (and ``modules_to_save`` copies); they and its modes are put back on exit.
+bitsandbytes models, sliding windows past the window. Each site module with a live adapter gets a forward hook
+calling a *site graph* ``(x, y) -> y + adapter(x)`` emitted in the inference form over the training graph's own
+adapter state, so training or an adapter switch is seen without re-capturing. During the call the model
+computes with the training graph's parameters (and ``modules_to_save`` copies): they and its modes are put back
+on exit.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from torch.fx import Graph, GraphModule
 
 from .capture import model_flags_kept
 from .methods import CONTAINER
-from .methods.infer import pvera_latent
-from .methods.pvera import pvera_record_kl
-from .passes.attach import strip_adapters
+from .methods.pvera import KLRecord
+from .passes.infer import DEFAULT_FORM, INFERENCE_KEY
 from .passes.inject import emit_adapter
-from .sites import LINEAR_KINDS, SITE_KEY, Site, read_sites
+from .passes.attach import strip_adapters
+from .sites import LINEAR_KINDS, SITE_KEY, Site, graph_modules, read_sites
 from .versions import adapter_flags
 from .state import active_adapters, adapters_disabled, adapters_of, modules_to_save_copy, set_adapters_training
 
@@ -49,53 +50,45 @@ def live_layout(gm: GraphModule) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def emit_for_inference(gm: GraphModule, layout: Layout) -> None:
-    """Give ``gm`` the nodes of ``layout``'s adapters only, for generation: adapters in eval mode (no dropout;
-    PVeRA samples only where ``sample_at_inference`` is on) and no PVeRA KL records (generation has no loss)."""
+    """Give ``gm`` the nodes of ``layout``'s adapters only, in the inference form (``gm.meta``) and eval mode (no
+    dropout; PVeRA samples only where ``sample_at_inference`` is on)."""
     strip_adapters(gm)
     for name, sites in layout:
         emit_adapter(gm, name, set(sites))
     set_adapters_training(gm, False)
-    graph = gm.graph
-    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in (pvera_record_kl, pvera_latent)]:
-        record = node.args[2] if node.target is pvera_record_kl else node.args[7]
-        if node.target is pvera_record_kl:
-            graph.erase_node(node)
-        else:  # the inference form's latent: the same, recording nothing
-            node.args = (*node.args[:7], None, *node.args[8:])
-        if not record.users:
-            graph.erase_node(record)
-    graph.lint()
-    gm.recompile()
 
 
-def bind_parameters(model: nn.Module, gm: GraphModule, live: Sequence[str], prefix: str = "",
-                    undo: Optional[list] = None) -> None:
-    """Point every parameter of ``model`` (named ``prefix`` + its name in ``gm``) at ``gm``'s parameter of that
-    name (merged weights, trained biases) or, inside a ``modules_to_save`` module of a ``live`` adapter, at its
-    copy's. Each change is appended to ``undo`` as (module, leaf, old parameter)."""
-    container = getattr(gm, CONTAINER, None)
-    theirs = dict(gm.named_parameters(remove_duplicate=False))
-    copies = {path: modules_to_save_copy(container[name], path) for name in live
-              for path in getattr(container[name], "modules_to_save_paths", [])}
-    for mod_path, mod in model.named_modules():
-        if mod_path.split(".")[0] == CONTAINER:
-            continue
-        for leaf, p in [(leaf, p) for leaf, p in mod._parameters.items() if p is not None]:
-            full = f"{mod_path}.{leaf}".lstrip(".").removeprefix(prefix)
-            owner = next((c for c in copies if full.startswith(c + ".")), None)
-            target = copies[owner].get_parameter(full[len(owner) + 1:]) if owner else theirs.get(full)
-            if target is not None and target is not p:
-                if undo is not None:
-                    undo.append((mod, leaf, p))
-                mod._parameters[leaf] = target
+@contextlib.contextmanager
+def kl_terms_kept(gm: GraphModule) -> Iterator[None]:
+    """The PVeRA KL terms of every graph of ``gm``'s tree as they are now, put back on exit: generation and export
+    tracing run forwards whose terms must not replace the last real forward's (``kl_divergence``)."""
+    records = {id(v): (v, dict(v.values)) for g in graph_modules(gm) for state in adapters_of(g).values()
+               for v in vars(state).values() if isinstance(v, KLRecord)}
+    try:
+        yield
+    finally:
+        for record, values in records.values():
+            record.values = values
 
 
 @contextlib.contextmanager
 def weights_bound(model: nn.Module, gm: GraphModule, live: Sequence[str]) -> Iterator[None]:
-    """While inside, ``model`` computes with ``gm``'s parameters (``bind_parameters``); restored on exit."""
-    undo: list = []
+    """While inside, every parameter of ``model`` is ``gm``'s of that name (merged weights, trained biases) or,
+    inside a ``modules_to_save`` module of a ``live`` adapter, its copy's; put back on exit."""
+    container = adapters_of(gm)
+    theirs = dict(gm.named_parameters(remove_duplicate=False))
+    copies = {path: modules_to_save_copy(container[name], path) for name in live
+              for path in getattr(container[name], "modules_to_save_paths", [])}
+    undo: list[tuple[nn.Module, str, nn.Parameter]] = []
     try:
-        bind_parameters(model, gm, live, undo=undo)
+        for mod_path, mod in model.named_modules():
+            for leaf, p in [(leaf, p) for leaf, p in mod._parameters.items() if p is not None]:
+                full = f"{mod_path}.{leaf}".lstrip(".")
+                owner = next((c for c in copies if full.startswith(c + ".")), None)
+                target = copies[owner].get_parameter(full[len(owner) + 1:]) if owner else theirs.get(full)
+                if target is not None and target is not p:
+                    undo.append((mod, leaf, p))
+                    mod._parameters[leaf] = target
         yield
     finally:
         for mod, leaf, old in reversed(undo):
@@ -104,8 +97,8 @@ def weights_bound(model: nn.Module, gm: GraphModule, live: Sequence[str]) -> Ite
 
 def site_graph(container: nn.Module, site: Site, adapters: Sequence[str], x_dtype: torch.dtype,
                y_dtype: torch.dtype) -> GraphModule:
-    """``(x, y) -> y + sum of the adapters at site`` as a GraphModule reading ``container``'s state, for
-    inference (``emit_for_inference``)."""
+    """``(x, y) -> y + sum of the adapters at site`` as a GraphModule reading ``container``'s state
+    (``emit_for_inference``)."""
     graph = Graph()
     x, y = graph.placeholder("x"), graph.placeholder("y")
     x.meta["val"] = torch.empty(1, site.in_features, dtype=x_dtype, device="meta")
@@ -116,6 +109,7 @@ def site_graph(container: nn.Module, site: Site, adapters: Sequence[str], x_dtyp
                            "out_features": site.out_features, "weight": None, "bias": None, "owner_type": "module"}
     graph.output(base)
     gm = GraphModule(nn.Module(), graph, class_name="SiteGraph")
+    gm.meta[INFERENCE_KEY] = DEFAULT_FORM
     gm._modules[CONTAINER] = container  # the training graph's own adapter states (registered, not copied)
     emit_for_inference(gm, [(name, (site.name,)) for name in adapters])
     return gm
@@ -234,7 +228,7 @@ def generate_eager(gm: GraphModule, model: nn.Module, inputs: dict[str, torch.Te
     live = [name for name, _ in live_layout(gm)]
     device = next(p.device for p in model.parameters())
     with model_flags_kept(model), weights_bound(model, gm, live), adapter_hooks(gm, model) as hooked, \
-            no_cpu_packing(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+            no_cpu_packing(model), kl_terms_kept(gm), torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
                                                          enabled=seed is not None):
         model.eval()
         if seed is not None:

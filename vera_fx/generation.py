@@ -25,14 +25,14 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
     from transformers.generation.logits_process import LogitsProcessorList
 
-from .eager_generation import (bind_parameters, eager_reason, emit_for_inference, generate_eager, live_layout,
-                               model_inputs)
-from .state import adapter_container, reads_state
 from .capture import SOURCE_MODEL_KEY, CaptureError, model_flags_kept
+from .eager_generation import (eager_reason, emit_for_inference, generate_eager, kl_terms_kept, live_layout,
+                               model_inputs, weights_bound)
 from .linear_like import linear_forwards
 from .methods import CONTAINER
 from .passes.infer import DEFAULT_FORM, INFERENCE_KEY, bind_flat_reads, flatten_reads
 from .passes.match import MatchPass
+from .state import adapter_container, reads_state
 from .sites import MODEL_INFO_KEY, SITE_KEY, as_graph_module, model_info, read_sites
 
 logger = logging.getLogger(__name__)
@@ -141,15 +141,14 @@ def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len:
             raise CaptureError(f"torch.export could not capture {type(model).__name__} with a static KV cache: "
                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     decode = ep.module()
-    decode.training = False  # the base model's dropout: generation is inference
-    # generate builds every input itself: no per-call input checks, guard call or metadata assertions (at one
-    # token per call they are a noticeable share of the step)
-    decode.validate_inputs = False
+    # generate builds every input itself: no guard call or metadata assertions (at one token per call they are a
+    # noticeable share of the step); the plain GraphModule has no input checks
     for node in list(decode.graph.nodes):
         if not node.users and ((node.op == "call_module" and node.target == "_guards_fn") or (
                 node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default)):
             decode.graph.erase_node(node)
-    decode.recompile()
+    decode = _reroot(decode)
+    decode.training = False  # the base model's dropout: generation is inference
     MatchPass()(decode)
     for node in decode.graph.nodes:
         tag = node.meta.get(SITE_KEY)
@@ -162,12 +161,25 @@ def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len:
     return decode
 
 
+def _reroot(decode: GraphModule) -> GraphModule:
+    """The exported tree as a plain GraphModule rooted at the user's model (``decode.model``), so that its tensors
+    have the names they have in the training graph (the attach pass binds them by name)."""
+    root = decode._modules["model"]
+    for node in decode.graph.nodes:
+        if node.op == "get_attr":
+            if node.target.startswith(_PREFIX):
+                node.target = node.target[len(_PREFIX):]
+            else:  # the cache buffers
+                setattr(root, node.target, getattr(decode, node.target))
+    return GraphModule(root, decode.graph)
+
+
 def bind_adapter_state(decode: GraphModule, gm: GraphModule) -> bool:
-    """Make ``decode`` compute what ``gm`` does (its adapter set, base weights and live adapters' nodes); a live
-    layout seen before puts its built graph back (``GraphVersions``). Returns whether the graph changed."""
+    """Give ``decode`` ``gm``'s adapter set and the live adapters' nodes (``emit_for_inference``; a live layout seen
+    before puts its built graph back: ``GraphVersions``); ``generate`` binds its tensors (``weights_bound``).
+    Returns whether the graph changed."""
     container = adapter_container(gm)
     layout = live_layout(gm)
-    bind_parameters(decode, gm, [name for name, _ in layout], prefix=_PREFIX)
     key = ("decode", tuple((name, id(container[name]), sites) for name, sites in layout))
     if container.versions.current(decode) == key:
         return False
@@ -283,8 +295,10 @@ def generate(gm: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[to
     graph, step = decode_graph(inner, input_ids.shape[0], max_len, model=source, compile=compile)
     device = next(p.device for p in source.parameters())
     ids, mask = inputs["input_ids"].to(device=device, dtype=torch.long), inputs["attention_mask"].to(device)
-    return _decode_loop(graph, step, ids, mask, max_new_tokens, max_len, processors, generator, eos,
-                        pad if pad is not None or eos is None else eos[0])
+    live = [name for name, _ in live_layout(inner)]
+    with weights_bound(graph, inner, live), kl_terms_kept(inner):  # a step records PVeRA's KL terms: not kept
+        return _decode_loop(graph, step, ids, mask, max_new_tokens, max_len, processors, generator, eos,
+                            pad if pad is not None or eos is None else eos[0])
 
 
 def _decode_loop(graph: GraphModule, step: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,

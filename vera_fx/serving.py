@@ -22,12 +22,14 @@ from .signatures import clone_inputs, dynamic_shapes_of
 from .signatures import InputCheck
 from .checkpoint import WEIGHTS_NAME, PathLike, apply_plan, plan_load, read_checkpoint
 from .config import AdapterConfig
+from .eager_generation import kl_terms_kept
 from .methods import CONTAINER, AdapterState, method_for
-from .methods.pvera import KLRecord
-from .passes.bank import BASE_ADAPTER, INDEX_INPUT, bank_order, build_mixed_graph, check_bankable
+from .passes.attach import strip_adapters
+from .passes.bank import BASE_ADAPTER, INDEX_INPUT, bank_order, bank_tree, check_bankable
 from .passes.inject import new_state
 from .passes.match import MatchPass, select_sites
 from .sites import ADAPTER_KEY, SITE_KEY, as_graph_module, graph_modules
+from .variants import FINGERPRINT_KEY, INFERENCE_FORM, inference_twin
 from .versions import adapter_flags
 from .state import (adapter_container, adapters_of, attach_state, block_site_names, detach_state, mutation,
                     reads_state, restore_active, shared_projections)
@@ -42,7 +44,16 @@ def mixed_graph(gm: nn.Module) -> GraphModule:
     container = adapters_of(inner)  # the mixed graph reads the adapters by name: their structure is its key
     key = (id(container),) + tuple((name, state.method_name, state.config.r, tuple(state.site_names))
                                    for name, state in container.items())
-    return container.versions.derived(inner, "mixed", key, lambda: build_mixed_graph(inner))
+    return container.versions.derived(inner, "mixed", key, lambda: _build_mixed(inner))
+
+
+def _build_mixed(inner: GraphModule) -> GraphModule:
+    """The mixed graph from the inference twin of ``inner`` (vera_fx/variants.py) with its adapter nodes stripped."""
+    twin = inference_twin(inner, INFERENCE_FORM, (FINGERPRINT_KEY,))
+    for key in [k for k, hook in twin._forward_pre_hooks.items() if isinstance(hook, InputCheck)]:
+        del twin._forward_pre_hooks[key]  # the caller checks the inputs (``_filled``): the index is one more
+    strip_adapters(twin)
+    return bank_tree(twin)
 
 
 def adapter_index(gm: nn.Module, adapter_names: Sequence[str]) -> torch.Tensor:
@@ -267,15 +278,8 @@ def export(gm: nn.Module, example_inputs: Any, *, adapter_names: Optional[Sequen
     if dynamic:
         dyn_args, dyn_kwargs = dynamic_shapes_of(args, kwargs)
         dynamic_shapes = {**{f"arg{i}": d for i, d in enumerate(dyn_args)}, **dyn_kwargs}
-    # Tracing runs the KL recorders (the root states' and the block views') on fake tensors: keep the last
-    # real forward's terms.
-    records = {id(v): (v, dict(v.values)) for g in graph_modules(inner) for state in adapters_of(g).values()
-               for v in vars(state).values() if isinstance(v, KLRecord)}
-    try:
+    with kl_terms_kept(inner):  # tracing runs the KL recorders on fake tensors: keep the last real forward's terms
         ep = torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
-    finally:
-        for record, values in records.values():
-            record.values = values
     # Drop what no output needs (the KL term's op, recorded by a side effect), so the program calls only its ops.
     if ep.graph_module.graph.eliminate_dead_code():
         ep.graph_module.recompile()

@@ -1,27 +1,26 @@
 """Bank pass: a mixed-adapter graph, in which every row of the batch runs with its own adapter.
 
-A copy of an adapted graph without its adapter nodes, plus an input ``vera_fx_adapter_index`` (one int64 per
-row: ``k`` is adapter ``k`` of ``bank_order(gm)``, ``len(order)`` the base model). Adapters are grouped into
-banks by (method, r), whose members share projections: at every site a bank emits its method's nodes once over
-the batch, each lambda read a gather from the members' lambdas stacked at call time (the very parameters, so
-training changes the mixed graph too) plus a zero row for rows outside the bank. Other per-site state (PVeRA's
-switches and noise streams) goes to ``per_row_function`` as one value per member. For inference.
+``bank_tree`` takes an adapter-free inference copy of an adapted graph tree (built by vera_fx/variants.py's twin
+builder) and adds an input ``vera_fx_adapter_index`` (one int64 per row: ``k`` is adapter ``k`` of
+``bank_order(gm)``, ``len(order)`` the base model). Adapters are grouped into banks by (method, r), whose members
+share projections: at every site a bank emits its method's nodes once over the batch, each lambda read a gather
+from the members' lambdas stacked at call time (the very parameters, so training changes the mixed graph too)
+plus a zero row for rows outside the bank. Other per-site state (PVeRA's switches and noise streams) goes to
+``per_row_function`` as one value per member. For inference.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any, Callable, Optional
 
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from ..compat import add_keyword_input, copy_codegen
+from ..compat import add_keyword_input
 from ..methods import CONTAINER, AdapterState, Emitter
-from ..methods.fold import restore_linear
-from ..sites import (ADAPTER_KEY, BLOCK_CALL_KEY, BLOCK_KEY, MODEL_INFO_KEY, Site, block_prefix, graph_modules,
-                     read_graph_sites, sampling_by_site)
+from ..sites import (ADAPTER_KEY, BLOCK_CALL_KEY, Site, block_prefix, graph_modules, read_graph_sites,
+                     sampling_by_site)
 from ..state import adapters_of, merged_adapters
 from ..versions import adapter_flags
 from .inject import training_node
@@ -106,34 +105,15 @@ class BankEmitter(Emitter):
         return super().call(per_row, args, role, name, kwargs)
 
 
-def _copy_without_adapters(gm: GraphModule) -> tuple[Graph, Node]:
-    """A copy of ``gm``'s graph with every adapter node left out and the index input added."""
-    graph = Graph()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree spec deprecation notice
-        copy_codegen(gm.graph, graph)
-    env: dict[Node, Node] = {}
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    index: Optional[Node] = None
-    for n in gm.graph.nodes:
-        tag = n.meta.get(ADAPTER_KEY)
-        if tag is not None:
-            if tag.get("role") == "output":  # the site's users read what the adapter was added to
-                add = n
-                while (add.meta.get(ADAPTER_KEY) or {}).get("name") != "add":
-                    add = add.args[0]
-                env[n] = env[add.args[0]]
-            continue
-        if n.op == "output" and index is None:
-            index = graph.placeholder(INDEX_INPUT)
-        env[n] = graph.node_copy(n, lambda a: env[a])
-        restore_linear(env[n])  # a weight-path call, its fold left out: the plain linear
-        if placeholders and n is placeholders[-1]:
-            index = graph.placeholder(INDEX_INPUT)
-    assert index is not None
+def _add_index(graph: Graph) -> Node:
+    """The index input, after the last placeholder (the graph's last keyword input)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    where = placeholders[-1] if placeholders else None
+    with (graph.inserting_after(where) if where is not None else graph.inserting_before(next(iter(graph.nodes)))):
+        index = graph.placeholder(INDEX_INPUT)
     index.meta[ADAPTER_KEY] = _mode_tag(INDEX_INPUT)
     add_keyword_input(graph, INDEX_INPUT)
-    return graph, index
+    return index
 
 
 def _batch_size(graph: Graph) -> Any:
@@ -207,45 +187,33 @@ def _emit_banks(mixed: GraphModule, index: Node, batch: Any, order: list[str], g
     return len(sites)
 
 
-def build_mixed_graph(gm: GraphModule) -> GraphModule:
-    """The mixed-adapter graph of ``gm``: its inputs plus ``vera_fx_adapter_index`` (int64, one per row); each
-    block gets a mixed copy, called with the index as one more argument. Shares the base weights and adapter
-    state with ``gm``, which is unchanged. ValueError when ``check_bankable`` refuses, or when a site's input
-    does not start with the batch dimension (its rows could not choose an adapter)."""
-    check_bankable(gm)
-    order = bank_order(gm)
+def bank_tree(mixed: GraphModule) -> GraphModule:
+    """Make ``mixed``, an inference copy of an adapted graph tree stripped of its adapter nodes (same base weights
+    and adapter state: vera_fx/variants.py's twin), the mixed-adapter graph: its inputs plus
+    ``vera_fx_adapter_index`` (int64, one per row), given to each block call as one more argument. ValueError
+    when ``check_bankable`` refuses, or when a site's input does not start with the batch dimension (its rows
+    could not choose an adapter)."""
+    check_bankable(mixed)
+    order = bank_order(mixed)
     groups: dict[str, list[str]] = {}  # bank label "<method>_r<r>" -> its members, in index order
-    for name, state in adapters_of(gm).items():
+    for name, state in adapters_of(mixed).items():
         groups.setdefault(f"{state.method_name}_r{state.config.r}", []).append(name)
-    merged = adapter_flags(gm).merged
-    sampling = sampling_by_site(gm)
-    graph, index = _copy_without_adapters(gm)
-    mixed = GraphModule(gm, graph)
-    mixed.add_module(CONTAINER, getattr(gm, CONTAINER))  # the same state objects
-    mixed.meta.update({k: v for k, v in gm.meta.items() if k in ("vera_fx_signature", MODEL_INFO_KEY)})
-    batch = _batch_size(graph)
-    blocks = {block_prefix(b): b for b in graph_modules(gm)[1:]}
+    merged, sampling = adapter_flags(mixed).merged, sampling_by_site(mixed)
+    index = _add_index(mixed.graph)
+    batch = _batch_size(mixed.graph)
+    blocks = {block_prefix(b): b for b in graph_modules(mixed)[1:]}
     count = 0
-    for node in list(graph.nodes):
-        path = node.meta.get(BLOCK_CALL_KEY)
-        if node.op != "call_module" or path not in blocks:
+    for node in list(mixed.graph.nodes):
+        block = blocks.pop(node.meta.get(BLOCK_CALL_KEY), None) if node.op == "call_module" else None
+        if block is None:
             continue
-        block = blocks.pop(path)
-        b_graph, b_index = _copy_without_adapters(block)
-        b_mixed = GraphModule(block, b_graph, class_name=type(block).__name__)
-        b_mixed.meta.update({k: v for k, v in block.meta.items() if k == BLOCK_KEY})
-        if CONTAINER in block._modules:
-            b_mixed.add_module(CONTAINER, block._modules[CONTAINER])  # the block's views of the states
-            count += _emit_banks(b_mixed, b_index, _batch_of_block(node, b_graph, batch), order, groups, merged,
+        b_index = _add_index(block.graph)
+        if CONTAINER in block._modules:  # the block's views of the states
+            count += _emit_banks(block, b_index, _batch_of_block(node, block.graph, batch), order, groups, merged,
                                  sampling)
         else:
-            b_mixed.recompile()
-            b_mixed.training = False
-        parent_path, _, leaf = path.rpartition(".")
-        parent = mixed.get_submodule(parent_path) if parent_path else mixed
-        if parent_path and parent is gm.get_submodule(parent_path):
-            raise RuntimeError(f"mixed graph would replace block {path!r} inside the adapted graph's own tree")
-        parent._modules[leaf] = b_mixed
+            block.recompile()
+            block.training = False
         node.args = (*node.args, index)
     count += _emit_banks(mixed, index, batch, order, groups, merged, sampling)
     logger.info("mixed-adapter graph: %d adapters in %d banks, %d site calls", len(order), len(groups), count)
