@@ -39,8 +39,7 @@ def bank_order(gm: GraphModule) -> list[str]:
 
 
 def check_bankable(gm: GraphModule) -> None:
-    """ValueError when the adapters of ``gm`` cannot run as a mixed batch (none, merged, or with state that
-    is not per row: ``modules_to_save`` copies and trained biases)."""
+    """ValueError when the adapters of ``gm`` cannot run as a mixed batch."""
     states = adapters_of(gm)
     if not len(states):
         raise ValueError("this graph has no adapter: load some with vera_fx.load_adapter / load_adapters first")
@@ -58,15 +57,14 @@ def check_bankable(gm: GraphModule) -> None:
 
 
 class BankEmitter(Emitter):
-    """An Emitter that turns a method's per-adapter reads into per-row reads over a bank's members: lambdas
-    are gathered from their stack (rows broadcast over the middle dims), other per-site state is a list with
-    a node (or None) per member, and calls go through ``per_row_function`` with the rows' index as ``index=``."""
+    """An Emitter turning a method's per-adapter reads into per-row reads over a bank's members: lambdas gathered
+    from their stack, other per-site state a list with a node (or None) per member, calls through
+    ``per_row_function`` with the rows' index as ``index=``."""
 
     def __init__(self, graph: Graph, after: Node, site: Site, label: str, states: dict[str, AdapterState],
                  members: list[str], index: Node, ndim: int) -> None:
         super().__init__(graph, after, site, label)
-        self.states, self.members, self.index, self.ndim = states, members, index, ndim
-        self.rep = members[0]
+        self.states, self.members, self.index, self.ndim, self.rep = states, members, index, ndim, members[0]
         self.method = states[self.rep].method
 
     def get_attr(self, target: str, role: str, name: str) -> Any:
@@ -106,10 +104,8 @@ class BankEmitter(Emitter):
 
 
 def _add_index(graph: Graph) -> Node:
-    """The index input, after the last placeholder (the graph's last keyword input)."""
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    where = placeholders[-1] if placeholders else None
-    with (graph.inserting_after(where) if where is not None else graph.inserting_before(next(iter(graph.nodes)))):
+    """The index input, after the other placeholders (the graph's last keyword input)."""
+    with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
         index = graph.placeholder(INDEX_INPUT)
     index.meta[ADAPTER_KEY] = _mode_tag(INDEX_INPUT)
     add_keyword_input(graph, INDEX_INPUT)
@@ -139,7 +135,7 @@ def _mode_tag(name: str) -> dict[str, Any]:
 
 def _emit_banks(mixed: GraphModule, index: Node, batch: Any, order: list[str], groups: dict[str, list[str]],
                 merged: dict, sampling: dict) -> int:
-    """Bank every site of one graph of the tree (the root or a block) in its mixed copy; returns the site calls."""
+    """Bank every site of one graph of the tree (the root or a block); returns the site calls."""
     graph, states = mixed.graph, adapters_of(mixed)  # the root's states, or a block's views of them
     device = next((p.device for p in mixed.parameters()), torch.device("cpu"))
     first_op = index.next  # the bank index nodes go right after the index input
@@ -188,12 +184,9 @@ def _emit_banks(mixed: GraphModule, index: Node, batch: Any, order: list[str], g
 
 
 def bank_tree(mixed: GraphModule) -> GraphModule:
-    """Make ``mixed``, an inference copy of an adapted graph tree stripped of its adapter nodes (same base weights
-    and adapter state: vera_fx/variants.py's twin), the mixed-adapter graph: its inputs plus
-    ``vera_fx_adapter_index`` (int64, one per row), given to each block call as one more argument. ValueError
-    when ``check_bankable`` refuses, or when a site's input does not start with the batch dimension (its rows
-    could not choose an adapter)."""
-    check_bankable(mixed)
+    """Make ``mixed`` (an adapted tree's inference twin stripped of its adapter nodes, whose adapters pass
+    ``check_bankable``) the mixed-adapter graph: its inputs plus ``vera_fx_adapter_index`` (int64, one per row),
+    one more argument of each block call. ValueError when a site's input does not start with the batch."""
     order = bank_order(mixed)
     groups: dict[str, list[str]] = {}  # bank label "<method>_r<r>" -> its members, in index order
     for name, state in adapters_of(mixed).items():
