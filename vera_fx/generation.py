@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
@@ -172,13 +171,6 @@ def _reroot(decode: GraphModule) -> GraphModule:
     return GraphModule(root, decode.graph)
 
 
-@dataclass
-class _Entry:
-    """A decode graph (kept by the adapter set per training graph and decode shape) and its compiled form."""
-    graph: GraphModule
-    compiled: Optional[Any] = None
-
-
 def _source_model(gm: GraphModule, model: Optional[nn.Module]) -> PreTrainedModel:
     if model is None:
         ref = gm.meta.get(SOURCE_MODEL_KEY)
@@ -192,17 +184,17 @@ def _source_model(gm: GraphModule, model: Optional[nn.Module]) -> PreTrainedMode
 
 def decode_graph(gm: nn.Module, batch_size: int, max_cache_len: int, model: Optional[nn.Module] = None,
                  compile: bool = False) -> tuple[GraphModule, Any]:
-    """The decode graph of ``gm`` for ``batch_size`` x ``max_cache_len``, kept by its adapter set, with the live
-    adapters' nodes (``emit_for_inference``; a live layout seen before puts its built graph back), and its step
-    (the graph, or with ``compile`` its compiled form). ``generate`` binds its tensors (``weights_bound``)."""
+    """The decode graph of ``gm`` for ``batch_size`` x ``max_cache_len`` with the live adapters' nodes
+    (``emit_for_inference``; a live layout seen before puts its built graph back), and its step (the graph, or
+    with ``compile`` its compiled form), both kept by the adapter set. ``generate`` binds its tensors."""
     inner = as_graph_module(gm, "generate")
     source = _source_model(inner, model)
     container = adapter_container(inner)
     weight = next(p for p in source.parameters() if p.is_floating_point())
     kind = ("decode", batch_size, max_cache_len, weight.dtype, weight.device, id(source))
-    entry = container.versions.derived(
-        inner, kind, None, lambda: _Entry(capture_decode_graph(source, batch_size, max_cache_len)))
-    decode, layout = entry.graph, live_layout(inner)
+    decode = container.versions.derived(
+        inner, kind, None, lambda: capture_decode_graph(source, batch_size, max_cache_len))
+    layout = live_layout(inner)
     key = ("decode", tuple((name, id(container[name]), sites) for name, sites in layout))
     if container.versions.current(decode) != key:
         have = {s.name for s in read_sites(decode)}
@@ -216,18 +208,18 @@ def decode_graph(gm: nn.Module, batch_size: int, max_cache_len: int, model: Opti
         container.versions.switch(decode, [decode], None, key,
                                   lambda: (emit_for_inference(decode, layout), flatten_reads(decode)))
         bind_flat_reads(decode)
-        entry.compiled = None
         logger.debug("decode graph bound to adapters %s", [name for name, _ in layout])
-    if compile and entry.compiled is None:
-        entry.compiled = torch.compile(decode, fullgraph=True, dynamic=False)
-    return decode, (entry.compiled if compile else decode)
+    if not compile:
+        return decode, decode
+    return decode, container.versions.derived(inner, ("compiled", *kind), key,
+                                              lambda: torch.compile(decode, fullgraph=True, dynamic=False))
 
 
 def decode_graphs(gm: nn.Module) -> list[GraphModule]:
     """The decode graphs ``gm`` holds now, one per decode shape."""
     inner = as_graph_module(gm, "generate")
     derived = adapter_container(inner).versions.derived_of(inner)
-    return [entry.graph for kind, entry in derived.items() if isinstance(kind, tuple) and kind[0] == "decode"]
+    return [graph for kind, graph in derived.items() if isinstance(kind, tuple) and kind[0] == "decode"]
 
 
 def _token_ids(value: Any, name: str) -> Optional[list[int]]:

@@ -104,8 +104,9 @@ class BankEmitter(Emitter):
 
 
 def _add_index(graph: Graph) -> Node:
-    """The index input, after the other placeholders (the graph's last keyword input)."""
-    with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
+    """The index input, after the last placeholder (the graph's last keyword input; get_attr nodes may come first)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(list(graph.nodes)[-1]):
         index = graph.placeholder(INDEX_INPUT)
     index.meta[ADAPTER_KEY] = _mode_tag(INDEX_INPUT)
     add_keyword_input(graph, INDEX_INPUT)
