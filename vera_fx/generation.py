@@ -139,13 +139,18 @@ def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len:
             raise CaptureError(f"torch.export could not capture {type(model).__name__} with a static KV cache: "
                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     decode = ep.module()
-    # generate builds every input itself: no guard call, metadata assertions or input checks (a noticeable share
-    # of a one-token step)
+    root = decode._modules["model"]  # the new root: the model's tensors get the names they have in training
     for node in list(decode.graph.nodes):
+        # generate builds every input itself: no guard call, metadata assertions or input checks (a noticeable
+        # share of a one-token step)
         if not node.users and ((node.op == "call_module" and node.target == "_guards_fn") or (
                 node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default)):
             decode.graph.erase_node(node)
-    decode = _reroot(decode)
+        elif node.op == "get_attr" and node.target.startswith(_PREFIX):
+            node.target = node.target[len(_PREFIX):]
+        elif node.op == "get_attr":  # the cache buffers
+            setattr(root, node.target, getattr(decode, node.target))
+    decode = GraphModule(root, decode.graph)  # a plain GraphModule: no input checks
     decode.training = False  # the base model's dropout: generation is inference
     MatchPass()(decode)
     for node in decode.graph.nodes:
@@ -157,18 +162,6 @@ def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len:
     logger.info("captured the decode graph of %s: batch %d, cache %d, %d nodes", type(model).__name__, batch_size,
                 max_cache_len, len(decode.graph.nodes))
     return decode
-
-
-def _reroot(decode: GraphModule) -> GraphModule:
-    """The exported tree as a plain GraphModule rooted at the user's model (``decode.model``)."""
-    root = decode._modules["model"]
-    for node in decode.graph.nodes:
-        if node.op == "get_attr":
-            if node.target.startswith(_PREFIX):
-                node.target = node.target[len(_PREFIX):]
-            else:  # the cache buffers
-                setattr(root, node.target, getattr(decode, node.target))
-    return GraphModule(root, decode.graph)
 
 
 def _source_model(gm: GraphModule, model: Optional[nn.Module]) -> PreTrainedModel:

@@ -186,7 +186,7 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
             gc.enable()
     if existing:
         keep = old_active if old_active is not None else existing
-        adapter_container(inner).flags.active = [n for n in keep if n in existing]
+        container.flags.active = [n for n in keep if n in existing]
     else:
         set_adapter(inner, added[0])
     logger.info("loaded %d adapters", len(added))
