@@ -1,5 +1,5 @@
 """Generation through transformers' own ``generate`` loop with the adapters hooked at their sites, and what both
-generation paths share: the inputs, the live layout, the one weight binder (``weights_bound``), the adapter
+generation paths share: the inputs, the live layout, the one weight binder (``bind_parameters``), the adapter
 nodes for inference (``emit_for_inference``), the KL terms kept (``kl_terms_kept``).
 
 For what the decode graph (generation.py) does not cover: encoder-decoder models (T5, BART, Whisper),
@@ -70,24 +70,31 @@ def kl_terms_kept(gm: GraphModule) -> Iterator[None]:
             record.values = values
 
 
-@contextlib.contextmanager
-def weights_bound(model: nn.Module, gm: GraphModule) -> Iterator[None]:
-    """While inside, every parameter of ``model`` (the eager model, or a decode graph) is ``gm``'s of that name
-    (merged weights, trained biases) or, inside a ``modules_to_save`` module of a live adapter, its copy's."""
+def bind_parameters(model: nn.Module, gm: GraphModule, undo: Optional[list] = None) -> None:
+    """Point every parameter of ``model`` (the eager model, or a decode graph) at ``gm``'s of that name (merged
+    weights, trained biases) or, inside a ``modules_to_save`` module of a live adapter, at its copy's. Each
+    change is appended to ``undo`` as (module, leaf, old parameter)."""
     container = adapters_of(gm)
     theirs = dict(gm.named_parameters(remove_duplicate=False))
     copies = {path: modules_to_save_copy(container[name], path) for name, _ in live_layout(gm)
               for path in getattr(container[name], "modules_to_save_paths", [])}
+    for mod_path, mod in model.named_modules():
+        for leaf, p in [(leaf, p) for leaf, p in mod._parameters.items() if p is not None]:
+            full = f"{mod_path}.{leaf}".lstrip(".")
+            owner = next((c for c in copies if full.startswith(c + ".")), None)
+            target = copies[owner].get_parameter(full[len(owner) + 1:]) if owner else theirs.get(full)
+            if target is not None and target is not p:
+                if undo is not None:
+                    undo.append((mod, leaf, p))
+                mod._parameters[leaf] = target
+
+
+@contextlib.contextmanager
+def weights_bound(model: nn.Module, gm: GraphModule) -> Iterator[None]:
+    """While inside, ``model`` computes with ``gm``'s parameters (``bind_parameters``); put back on exit."""
     undo: list[tuple[nn.Module, str, nn.Parameter]] = []
     try:
-        for mod_path, mod in model.named_modules():
-            for leaf, p in [(leaf, p) for leaf, p in mod._parameters.items() if p is not None]:
-                full = f"{mod_path}.{leaf}".lstrip(".")
-                owner = next((c for c in copies if full.startswith(c + ".")), None)
-                target = copies[owner].get_parameter(full[len(owner) + 1:]) if owner else theirs.get(full)
-                if target is not None and target is not p:
-                    undo.append((mod, leaf, p))
-                    mod._parameters[leaf] = target
+        bind_parameters(model, gm, undo)
         yield
     finally:
         for mod, leaf, old in reversed(undo):

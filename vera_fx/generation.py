@@ -4,7 +4,7 @@
 exported once per batch size and cache length (a bucket) with the query length dynamic (one graph serves the
 prefill and every step; a 2D mask over the cache makes left padding work), rooted at the model so that its
 tensors have the training graph's names. It gets the live adapters' nodes over the training graph's adapter
-state and, for each ``generate``, the training graph's tensors (``weights_bound``), so training or a switch is
+state and, for each ``generate``, the training graph's tensors (``bind_parameters``), so training or a switch is
 seen without re-capturing. The model is the one ``capture`` recorded or ``generate(..., model=...)``; only its
 architecture is used. Models the decode graph cannot cover run transformers' own loop (eager_generation.py).
 """
@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from transformers.generation.logits_process import LogitsProcessorList
 
 from .capture import SOURCE_MODEL_KEY, CaptureError, model_flags_kept
-from .eager_generation import (eager_reason, emit_for_inference, generate_eager, kl_terms_kept, live_layout,
-                               model_inputs, weights_bound)
+from .eager_generation import (bind_parameters, eager_reason, emit_for_inference, generate_eager, kl_terms_kept,
+                               live_layout, model_inputs)
 from .linear_like import linear_forwards
 from .methods import CONTAINER
 from .passes.infer import DEFAULT_FORM, INFERENCE_KEY, bind_flat_reads, flatten_reads
@@ -270,7 +270,8 @@ def generate(gm: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[to
     graph, step = decode_graph(inner, input_ids.shape[0], max_len, model=source, compile=compile)
     device = next(p.device for p in source.parameters())
     ids, mask = inputs["input_ids"].to(device=device, dtype=torch.long), inputs["attention_mask"].to(device)
-    with weights_bound(graph, inner), kl_terms_kept(inner):  # a step records PVeRA's KL terms: not kept
+    bind_parameters(graph, inner)  # kept bound: a generate in another thread may be running it
+    with kl_terms_kept(inner):  # a step records PVeRA's KL terms: not kept
         return _decode_loop(graph, step, ids, mask, max_new_tokens, max_len, processors, generator, eos,
                             pad if pad is not None or eos is None else eos[0])
 
