@@ -1,11 +1,11 @@
-"""Generation through transformers' own ``generate`` loop with the adapters hooked at their sites, and the
-setup both generation paths share (inputs, the live layout, weight binding, adapter nodes for inference).
+"""Generation through transformers' own ``generate`` loop with the adapters hooked at their sites, and what both
+generation paths share: the inputs, the live layout, the one weight binder (``bind_parameters``), the adapter
+nodes for inference (``emit_for_inference``), the KL terms kept (``kl_terms_kept``).
 
 For what the decode graph (generation.py) does not cover: encoder-decoder models (T5, BART, Whisper),
-bitsandbytes models and sliding windows past the window. Each site module with a live adapter gets a forward
-hook calling a *site graph* ``(x, y) -> y + adapter(x)`` emitted over the training graph's own adapter state, so
-training or an adapter switch is seen without re-capturing. During the call the model computes with the
-training graph's parameters (and ``modules_to_save`` copies); they and its modes are put back on exit.
+bitsandbytes models, sliding windows past the window. Each site module with a live adapter gets a forward hook
+calling a *site graph* ``(x, y) -> y + adapter(x)`` over the training graph's own adapter state, so training or
+a switch is seen without re-capturing; the model computes with the training graph's parameters meanwhile.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from torch.fx import Graph, GraphModule
 
 from .capture import model_flags_kept
 from .methods import CONTAINER
-from .methods.infer import pvera_latent
-from .methods.pvera import pvera_record_kl
-from .passes.attach import strip_adapters
+from .methods.pvera import KLRecord
+from .passes.infer import DEFAULT_FORM, INFERENCE_KEY
 from .passes.inject import emit_adapter
-from .sites import LINEAR_KINDS, SITE_KEY, Site, read_sites
+from .passes.attach import strip_adapters
+from .sites import LINEAR_KINDS, SITE_KEY, Site, graph_modules, read_sites
 from .versions import adapter_flags
 from .state import active_adapters, adapters_disabled, adapters_of, modules_to_save_copy, set_adapters_training
 
@@ -33,7 +33,7 @@ Layout = Sequence[tuple[str, Sequence[str]]]
 
 
 def site_base(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The site call of a site graph: its value is the module's output ``y``; ``x`` is the site's input."""
+    """The site call of a site graph: the module's output ``y`` (``x``: the site's input)."""
     return y
 
 
@@ -49,39 +49,38 @@ def live_layout(gm: GraphModule) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def emit_for_inference(gm: GraphModule, layout: Layout) -> None:
-    """Give ``gm`` the nodes of ``layout``'s adapters only, for generation: adapters in eval mode (no dropout;
-    PVeRA samples only where ``sample_at_inference`` is on) and no PVeRA KL records (generation has no loss)."""
+    """Give ``gm`` the nodes of ``layout``'s adapters only, in the inference form of ``gm.meta`` and in eval mode
+    (PVeRA samples only where ``sample_at_inference`` is on)."""
     strip_adapters(gm)
     for name, sites in layout:
         emit_adapter(gm, name, set(sites))
     set_adapters_training(gm, False)
-    graph = gm.graph
-    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in (pvera_record_kl, pvera_latent)]:
-        record = node.args[2] if node.target is pvera_record_kl else node.args[7]
-        if node.target is pvera_record_kl:
-            graph.erase_node(node)
-        else:  # the inference form's latent: the same, recording nothing
-            node.args = (*node.args[:7], None, *node.args[8:])
-        if not record.users:
-            graph.erase_node(record)
-    graph.lint()
-    gm.recompile()
 
 
-def bind_parameters(model: nn.Module, gm: GraphModule, live: Sequence[str], prefix: str = "",
-                    undo: Optional[list] = None) -> None:
-    """Point every parameter of ``model`` (named ``prefix`` + its name in ``gm``) at ``gm``'s parameter of that
-    name (merged weights, trained biases) or, inside a ``modules_to_save`` module of a ``live`` adapter, at its
-    copy's. Each change is appended to ``undo`` as (module, leaf, old parameter)."""
-    container = getattr(gm, CONTAINER, None)
+@contextlib.contextmanager
+def kl_terms_kept(gm: GraphModule) -> Iterator[None]:
+    """The PVeRA KL terms of ``gm``'s tree put back on exit: generation and export tracing must not replace the
+    last real forward's (``kl_divergence``)."""
+    records = {id(v): (v, dict(v.values)) for g in graph_modules(gm) for state in adapters_of(g).values()
+               for v in vars(state).values() if isinstance(v, KLRecord)}
+    try:
+        yield
+    finally:
+        for record, values in records.values():
+            record.values = values
+
+
+def bind_parameters(model: nn.Module, gm: GraphModule, undo: Optional[list] = None) -> None:
+    """Point every parameter of ``model`` (the eager model, or a decode graph) at ``gm``'s of that name (merged
+    weights, trained biases) or, inside a ``modules_to_save`` module of a live adapter, at its copy's. Each
+    change is appended to ``undo`` as (module, leaf, old parameter)."""
+    container = adapters_of(gm)
     theirs = dict(gm.named_parameters(remove_duplicate=False))
-    copies = {path: modules_to_save_copy(container[name], path) for name in live
+    copies = {path: modules_to_save_copy(container[name], path) for name, _ in live_layout(gm)
               for path in getattr(container[name], "modules_to_save_paths", [])}
     for mod_path, mod in model.named_modules():
-        if mod_path.split(".")[0] == CONTAINER:
-            continue
         for leaf, p in [(leaf, p) for leaf, p in mod._parameters.items() if p is not None]:
-            full = f"{mod_path}.{leaf}".lstrip(".").removeprefix(prefix)
+            full = f"{mod_path}.{leaf}".lstrip(".")
             owner = next((c for c in copies if full.startswith(c + ".")), None)
             target = copies[owner].get_parameter(full[len(owner) + 1:]) if owner else theirs.get(full)
             if target is not None and target is not p:
@@ -91,11 +90,11 @@ def bind_parameters(model: nn.Module, gm: GraphModule, live: Sequence[str], pref
 
 
 @contextlib.contextmanager
-def weights_bound(model: nn.Module, gm: GraphModule, live: Sequence[str]) -> Iterator[None]:
-    """While inside, ``model`` computes with ``gm``'s parameters (``bind_parameters``); restored on exit."""
-    undo: list = []
+def weights_bound(model: nn.Module, gm: GraphModule) -> Iterator[None]:
+    """While inside, ``model`` computes with ``gm``'s parameters (``bind_parameters``); put back on exit."""
+    undo: list[tuple[nn.Module, str, nn.Parameter]] = []
     try:
-        bind_parameters(model, gm, live, undo=undo)
+        bind_parameters(model, gm, undo)
         yield
     finally:
         for mod, leaf, old in reversed(undo):
@@ -104,8 +103,7 @@ def weights_bound(model: nn.Module, gm: GraphModule, live: Sequence[str]) -> Ite
 
 def site_graph(container: nn.Module, site: Site, adapters: Sequence[str], x_dtype: torch.dtype,
                y_dtype: torch.dtype) -> GraphModule:
-    """``(x, y) -> y + sum of the adapters at site`` as a GraphModule reading ``container``'s state, for
-    inference (``emit_for_inference``)."""
+    """``(x, y) -> y + sum of the adapters at site``, reading ``container``'s state."""
     graph = Graph()
     x, y = graph.placeholder("x"), graph.placeholder("y")
     x.meta["val"] = torch.empty(1, site.in_features, dtype=x_dtype, device="meta")
@@ -116,13 +114,14 @@ def site_graph(container: nn.Module, site: Site, adapters: Sequence[str], x_dtyp
                            "out_features": site.out_features, "weight": None, "bias": None, "owner_type": "module"}
     graph.output(base)
     gm = GraphModule(nn.Module(), graph, class_name="SiteGraph")
+    gm.meta[INFERENCE_KEY] = DEFAULT_FORM
     gm._modules[CONTAINER] = container  # the training graph's own adapter states (registered, not copied)
     emit_for_inference(gm, [(name, (site.name,)) for name in adapters])
     return gm
 
 
 def _site_hook(container: nn.Module, site: Site, adapters: Sequence[str]) -> Callable[..., Any]:
-    """Forward hook of one site module: adds the live adapters to its output (one site graph per dtypes)."""
+    """Forward hook adding the live adapters to a site module's output (one site graph per dtype pair)."""
     graphs: dict[tuple[torch.dtype, torch.dtype], GraphModule] = {}
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -139,7 +138,7 @@ def _site_hook(container: nn.Module, site: Site, adapters: Sequence[str]) -> Cal
 
 
 def _site_module(model: nn.Module, name: str) -> nn.Module:
-    """The module of a site: a linear layer (bitsandbytes' included) or GPT-2's ``Conv1D``; else ValueError."""
+    """The module of a site: a linear layer (bitsandbytes' included) or GPT-2's ``Conv1D``."""
     try:
         module = model.get_submodule(name)
     except AttributeError:
@@ -154,8 +153,7 @@ def _site_module(model: nn.Module, name: str) -> nn.Module:
 
 @contextlib.contextmanager
 def adapter_hooks(gm: GraphModule, model: nn.Module) -> Iterator[int]:
-    """Hook every live adapter site of ``gm`` onto its module in ``model`` (removed on exit); yields the
-    number of hooked sites."""
+    """Hook every live adapter site of ``gm`` onto its module in ``model`` while inside; yields their number."""
     per_site: dict[str, list[str]] = {}
     for name, sites in live_layout(gm):
         for s in sites:
@@ -174,8 +172,8 @@ def adapter_hooks(gm: GraphModule, model: nn.Module) -> Iterator[int]:
 
 
 def model_inputs(source: nn.Module, input_ids: Any, attention_mask: Any) -> dict[str, torch.Tensor]:
-    """The model's inputs from generate's first two arguments: ``input_ids`` (batch, length) and its mask (ones
-    when None), or for a model whose main input is audio features (Whisper) those features."""
+    """The model's inputs from generate's first two arguments: ``input_ids`` and its mask (ones when None), or
+    the audio features of a model whose main input they are (Whisper)."""
     main = getattr(source, "main_input_name", "input_ids")
     if main != "input_ids":
         if not isinstance(input_ids, torch.Tensor) or not input_ids.is_floating_point() or input_ids.dim() != 3:
@@ -231,11 +229,10 @@ def generate_eager(gm: GraphModule, model: nn.Module, inputs: dict[str, torch.Te
                    seed: Optional[int] = None, **generate_kwargs: Any) -> torch.Tensor:
     """``model.generate(**inputs, **generate_kwargs)`` with ``gm``'s live adapters hooked onto their sites and its
     weights bound, the model in eval mode (restored after); ``seed`` seeds sampling inside ``fork_rng``."""
-    live = [name for name, _ in live_layout(gm)]
     device = next(p.device for p in model.parameters())
-    with model_flags_kept(model), weights_bound(model, gm, live), adapter_hooks(gm, model) as hooked, \
-            no_cpu_packing(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
-                                                         enabled=seed is not None):
+    with model_flags_kept(model), weights_bound(model, gm), adapter_hooks(gm, model) as hooked, \
+            no_cpu_packing(model), kl_terms_kept(gm), \
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
         model.eval()
         if seed is not None:
             torch.manual_seed(int(seed))

@@ -2,18 +2,17 @@
 
 ``generate`` runs a *decode graph*: the user's causal LM with a transformers ``StaticCache`` held as buffers,
 exported once per batch size and cache length (a bucket) with the query length dynamic (one graph serves the
-prefill and every step, writing keys and values in place; a 2D mask over the cache makes left padding work),
-then given the live adapters' nodes over the training graph's adapter state and weights, so training or an
-adapter switch changes its output without re-capturing. The model is the one ``capture`` recorded
-(``gm.meta["vera_fx_source_model"]``) or ``generate(..., model=...)``; only its architecture is used. Models the
-decode graph cannot cover run transformers' own loop (vera_fx/eager_generation.py).
+prefill and every step; a 2D mask over the cache makes left padding work), rooted at the model so that its
+tensors have the training graph's names. It gets the live adapters' nodes over the training graph's adapter
+state and, for each ``generate``, the training graph's tensors (``bind_parameters``), so training or a switch is
+seen without re-capturing. The model is the one ``capture`` recorded or ``generate(..., model=...)``; only its
+architecture is used. Models the decode graph cannot cover run transformers' own loop (eager_generation.py).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
@@ -25,14 +24,14 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
     from transformers.generation.logits_process import LogitsProcessorList
 
-from .eager_generation import (bind_parameters, eager_reason, emit_for_inference, generate_eager, live_layout,
-                               model_inputs)
-from .state import adapter_container, reads_state
 from .capture import SOURCE_MODEL_KEY, CaptureError, model_flags_kept
+from .eager_generation import (bind_parameters, eager_reason, emit_for_inference, generate_eager, kl_terms_kept,
+                               live_layout, model_inputs)
 from .linear_like import linear_forwards
 from .methods import CONTAINER
 from .passes.infer import DEFAULT_FORM, INFERENCE_KEY, bind_flat_reads, flatten_reads
 from .passes.match import MatchPass
+from .state import adapter_container, reads_state
 from .sites import MODEL_INFO_KEY, SITE_KEY, as_graph_module, model_info, read_sites
 
 logger = logging.getLogger(__name__)
@@ -40,7 +39,7 @@ logger = logging.getLogger(__name__)
 _PREFIX = "model."  # the user's model sits at ``model`` inside the decode wrapper
 _MIN_BUCKET = 64
 _CACHE_TENSORS = ("keys", "values", "cumulative_length")  # of each cache layer, registered as buffers
-# transformers' cache and generation modules are imported where used (about 2.7 s on a first import).
+# transformers' cache and generation modules are imported where used (about 2.7 s on a first import)
 
 
 class _DecodeModule(nn.Module):
@@ -115,9 +114,8 @@ def cache_bucket(length: int) -> int:
 
 
 def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len: int) -> GraphModule:
-    """Export ``model`` with a static KV cache of ``batch_size`` x ``max_cache_len``; its sites are tagged under
-    the model's own names, so the training graph's adapter state fits (the model's flags are left as they were)."""
-    check_can_generate(model)
+    """Export ``model`` with a static KV cache of ``batch_size`` x ``max_cache_len``, its sites and tensors under the
+    model's own names (the training graph's); the model's flags are left as they were."""
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(f"{type(model).__name__} is an encoder-decoder model: the decode graph is for decoder-only "
                          "causal LMs; vera_fx.generate runs transformers' loop with the adapters hooked for it")
@@ -141,15 +139,19 @@ def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len:
             raise CaptureError(f"torch.export could not capture {type(model).__name__} with a static KV cache: "
                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     decode = ep.module()
-    decode.training = False  # the base model's dropout: generation is inference
-    # generate builds every input itself: no per-call input checks, guard call or metadata assertions (at one
-    # token per call they are a noticeable share of the step)
-    decode.validate_inputs = False
+    root = decode._modules["model"]  # the new root: the model's tensors get the names they have in training
     for node in list(decode.graph.nodes):
+        # generate builds every input itself: no guard call, metadata assertions or input checks (a noticeable
+        # share of a one-token step)
         if not node.users and ((node.op == "call_module" and node.target == "_guards_fn") or (
                 node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default)):
             decode.graph.erase_node(node)
-    decode.recompile()
+        elif node.op == "get_attr" and node.target.startswith(_PREFIX):
+            node.target = node.target[len(_PREFIX):]
+        elif node.op == "get_attr":  # the cache buffers
+            setattr(root, node.target, getattr(decode, node.target))
+    decode = GraphModule(root, decode.graph)  # a plain GraphModule: no input checks
+    decode.training = False  # the base model's dropout: generation is inference
     MatchPass()(decode)
     for node in decode.graph.nodes:
         tag = node.meta.get(SITE_KEY)
@@ -160,38 +162,6 @@ def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len:
     logger.info("captured the decode graph of %s: batch %d, cache %d, %d nodes", type(model).__name__, batch_size,
                 max_cache_len, len(decode.graph.nodes))
     return decode
-
-
-def bind_adapter_state(decode: GraphModule, gm: GraphModule) -> bool:
-    """Make ``decode`` compute what ``gm`` does (its adapter set, base weights and live adapters' nodes); a live
-    layout seen before puts its built graph back (``GraphVersions``). Returns whether the graph changed."""
-    container = adapter_container(gm)
-    layout = live_layout(gm)
-    bind_parameters(decode, gm, [name for name, _ in layout], prefix=_PREFIX)
-    key = ("decode", tuple((name, id(container[name]), sites) for name, sites in layout))
-    if container.versions.current(decode) == key:
-        return False
-    have = {s.name for s in read_sites(decode)}
-    for name, sites in layout:
-        missing = sorted(set(sites) - have)
-        if missing:
-            raise ValueError(f"adapter {name!r}: sites {missing[:5]} are not in the decode graph of "
-                             f"{model_info(decode)['class']}; pass model= the model the graph was "
-                             "transformed from")
-    decode._modules[CONTAINER] = container  # the training graph's AdapterState objects and parameters
-    container.versions.switch(decode, [decode], None, key,
-                              lambda: (emit_for_inference(decode, layout), flatten_reads(decode)))
-    bind_flat_reads(decode)
-    logger.debug("decode graph bound to adapters %s", [name for name, _ in layout])
-    return True
-
-
-@dataclass
-class _Entry:
-    """A decode graph (kept by the adapter set per training graph and decode shape) and its compiled wrapper."""
-
-    graph: GraphModule
-    compiled: Optional[Any] = None
 
 
 def _source_model(gm: GraphModule, model: Optional[nn.Module]) -> PreTrainedModel:
@@ -207,25 +177,42 @@ def _source_model(gm: GraphModule, model: Optional[nn.Module]) -> PreTrainedMode
 
 def decode_graph(gm: nn.Module, batch_size: int, max_cache_len: int, model: Optional[nn.Module] = None,
                  compile: bool = False) -> tuple[GraphModule, Any]:
-    """The decode graph of ``gm`` for ``batch_size`` x ``max_cache_len``, bound to ``gm``'s adapter state and
-    kept by its adapter set; returns (graph, step callable: the graph or, with ``compile``, its compiled form)."""
+    """The decode graph of ``gm`` for ``batch_size`` x ``max_cache_len`` with the live adapters' nodes
+    (``emit_for_inference``; a live layout seen before puts its built graph back), and its step (the graph, or
+    with ``compile`` its compiled form), both kept by the adapter set. ``generate`` binds its tensors."""
     inner = as_graph_module(gm, "generate")
     source = _source_model(inner, model)
+    container = adapter_container(inner)
     weight = next(p for p in source.parameters() if p.is_floating_point())
     kind = ("decode", batch_size, max_cache_len, weight.dtype, weight.device, id(source))
-    entry = adapter_container(inner).versions.derived(
-        inner, kind, None, lambda: _Entry(capture_decode_graph(source, batch_size, max_cache_len)))
-    changed = bind_adapter_state(entry.graph, inner)
-    if compile and (entry.compiled is None or changed):
-        entry.compiled = torch.compile(entry.graph, fullgraph=True, dynamic=False)
-    return entry.graph, (entry.compiled if compile else entry.graph)
+    decode = container.versions.derived(
+        inner, kind, None, lambda: capture_decode_graph(source, batch_size, max_cache_len))
+    layout = live_layout(inner)
+    key = ("decode", tuple((name, id(container[name]), sites) for name, sites in layout))
+    if container.versions.current(decode) != key:
+        have = {s.name for s in read_sites(decode)}
+        for name, sites in layout:
+            missing = sorted(set(sites) - have)
+            if missing:
+                raise ValueError(f"adapter {name!r}: sites {missing[:5]} are not in the decode graph of "
+                                 f"{model_info(decode)['class']}; pass model= the model the graph was "
+                                 "transformed from")
+        decode._modules[CONTAINER] = container  # the training graph's AdapterState objects and parameters
+        container.versions.switch(decode, [decode], None, key,
+                                  lambda: (emit_for_inference(decode, layout), flatten_reads(decode)))
+        bind_flat_reads(decode)
+        logger.debug("decode graph bound to adapters %s", [name for name, _ in layout])
+    if not compile:
+        return decode, decode
+    return decode, container.versions.derived(inner, ("compiled", *kind), key,
+                                              lambda: torch.compile(decode, fullgraph=True, dynamic=False))
 
 
 def decode_graphs(gm: nn.Module) -> list[GraphModule]:
-    """The decode graphs ``gm`` (a model object or its graph) holds now, one per decode shape."""
+    """The decode graphs ``gm`` holds now, one per decode shape."""
     inner = as_graph_module(gm, "generate")
     derived = adapter_container(inner).versions.derived_of(inner)
-    return [entry.graph for kind, entry in derived.items() if isinstance(kind, tuple) and kind[0] == "decode"]
+    return [graph for kind, graph in derived.items() if isinstance(kind, tuple) and kind[0] == "decode"]
 
 
 def _token_ids(value: Any, name: str) -> Optional[list[int]]:
@@ -283,8 +270,10 @@ def generate(gm: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[to
     graph, step = decode_graph(inner, input_ids.shape[0], max_len, model=source, compile=compile)
     device = next(p.device for p in source.parameters())
     ids, mask = inputs["input_ids"].to(device=device, dtype=torch.long), inputs["attention_mask"].to(device)
-    return _decode_loop(graph, step, ids, mask, max_new_tokens, max_len, processors, generator, eos,
-                        pad if pad is not None or eos is None else eos[0])
+    bind_parameters(graph, inner)  # kept bound: a generate in another thread may be running it
+    with kl_terms_kept(inner):  # a step records PVeRA's KL terms: not kept
+        return _decode_loop(graph, step, ids, mask, max_new_tokens, max_len, processors, generator, eos,
+                            pad if pad is not None or eos is None else eos[0])
 
 
 def _decode_loop(graph: GraphModule, step: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,

@@ -1,7 +1,7 @@
-"""Serving many adapters: ``mixed_adapter_forward`` (row ``i`` runs adapter ``adapter_names[i]``, through the
-bank pass's mixed graph, built once per adapter set), ``load_adapters`` (many PEFT / vera_fx folders at once, each
-checked as ``load_adapter`` does, no graph rewrite per adapter, all or nothing) and ``export`` (an
-``ExportedProgram`` of the adapted, merged or mixed graph that runs with torch and ``vera_fx/runtime.py`` alone).
+"""Serving many adapters: ``mixed_adapter_forward`` (row ``i`` runs adapter ``adapter_names[i]``: the bank pass over
+the inference twin, built once per adapter set), ``load_adapters`` (many folders at once, each checked as
+``load_adapter`` does, no graph rewrite per adapter, all or nothing) and ``export`` (an ``ExportedProgram`` of the
+adapted, merged or mixed graph that runs with torch and ``vera_fx/runtime.py`` alone).
 """
 
 from __future__ import annotations
@@ -18,36 +18,46 @@ from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
 from .adapters import set_adapter, set_lowering
-from .signatures import clone_inputs, dynamic_shapes_of
-from .signatures import InputCheck
+from .signatures import InputCheck, clone_inputs, dynamic_shapes_of
 from .checkpoint import WEIGHTS_NAME, PathLike, apply_plan, plan_load, read_checkpoint
 from .config import AdapterConfig
+from .eager_generation import kl_terms_kept
 from .methods import CONTAINER, AdapterState, method_for
-from .methods.pvera import KLRecord
-from .passes.bank import BASE_ADAPTER, INDEX_INPUT, bank_order, build_mixed_graph, check_bankable
+from .passes.attach import strip_adapters
+from .passes.bank import BASE_ADAPTER, INDEX_INPUT, bank_order, bank_tree, check_bankable
 from .passes.inject import new_state
 from .passes.match import MatchPass, select_sites
 from .sites import ADAPTER_KEY, SITE_KEY, as_graph_module, graph_modules
+from .variants import FINGERPRINT_KEY, INFERENCE_FORM, inference_twin
 from .versions import adapter_flags
 from .state import (adapter_container, adapters_of, attach_state, block_site_names, detach_state, mutation,
                     reads_state, restore_active, shared_projections)
 
 logger = logging.getLogger(__name__)
 
+
 def mixed_graph(gm: nn.Module) -> GraphModule:
-    """The mixed-adapter graph of ``gm`` (inputs + ``vera_fx_adapter_index``), built once per adapter set (not
-    again when one trains: it stacks the adapters' own lambdas at call time); ValueError: ``check_bankable``."""
+    """The mixed-adapter graph of ``gm`` (inputs + ``vera_fx_adapter_index``): the bank pass over ``gm``'s inference
+    twin stripped of its adapter nodes, built once per adapter structure (it stacks the adapters' own lambdas at
+    call time, so training needs no rebuild); ValueError: ``check_bankable``."""
     inner = as_graph_module(gm)
     check_bankable(inner)
-    container = adapters_of(inner)  # the mixed graph reads the adapters by name: their structure is its key
+    container = adapters_of(inner)
     key = (id(container),) + tuple((name, state.method_name, state.config.r, tuple(state.site_names))
                                    for name, state in container.items())
-    return container.versions.derived(inner, "mixed", key, lambda: build_mixed_graph(inner))
+    return container.versions.derived(inner, "mixed", key, lambda: _build_mixed(inner))
+
+
+def _build_mixed(inner: GraphModule) -> GraphModule:
+    twin = inference_twin(inner, INFERENCE_FORM, (FINGERPRINT_KEY,))
+    for key in [k for k, hook in twin._forward_pre_hooks.items() if isinstance(hook, InputCheck)]:
+        del twin._forward_pre_hooks[key]  # the caller fills the inputs (``_filled``), the index is one more
+    strip_adapters(twin)
+    return bank_tree(twin)
 
 
 def adapter_index(gm: nn.Module, adapter_names: Sequence[str]) -> torch.Tensor:
-    """The ``vera_fx_adapter_index`` input for ``adapter_names`` (one name per row; ``"__base__"``: the base
-    model): int64 on the graph's device. ValueError naming unknown names and the loaded adapters."""
+    """The ``vera_fx_adapter_index`` input for ``adapter_names`` (one per row; ``"__base__"``: the base model)."""
     inner = as_graph_module(gm)
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not all(
             isinstance(n, str) for n in adapter_names):
@@ -63,7 +73,6 @@ def adapter_index(gm: nn.Module, adapter_names: Sequence[str]) -> torch.Tensor:
 
 
 def _filled(inner: GraphModule, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """The inputs with the graph's keyword check applied (constants and model defaults filled in)."""
     signature = inner.meta.get("vera_fx_signature")
     return InputCheck(signature)(inner, args, kwargs) if signature is not None else (args, kwargs)
 
@@ -85,12 +94,10 @@ def _mixed_inputs(inner: GraphModule, adapter_names: Sequence[str], args: tuple,
 
 @reads_state
 def mixed_adapter_forward(gm: nn.Module, adapter_names: Sequence[str], *args: Any, **kwargs: Any) -> Any:
-    """One forward (in eval mode) of a batch in which row ``i`` uses adapter ``adapter_names[i]`` (``"__base__"``:
-    the base model), what ``m(**inputs, adapter_names=[...])`` routes to. Each row equals that row run alone
-    with its adapter active; PVeRA rows sample with their adapter's switches and, when seeded, its noise stream
-    (rows of one adapter draw in row order). The active adapter list is ignored and not changed. ValueError:
-    unknown names, a row count that is not the batch, training mode, merged adapters, adapters with
-    ``modules_to_save`` or trained biases; TypeError: ``adapter_names`` not a list of str."""
+    """One eval-mode forward of a batch in which row ``i`` uses adapter ``adapter_names[i]`` (``"__base__"``: the
+    base model), as ``m(**inputs, adapter_names=[...])``; each row equals that row run alone with its adapter
+    active (PVeRA rows sample with their adapter's switches and noise stream, in row order). The active list
+    is ignored."""
     inner = as_graph_module(gm)
     if inner.training:
         raise ValueError("adapter_names= runs a mixed-adapter batch, which is for inference (as in PEFT): call "
@@ -99,11 +106,8 @@ def mixed_adapter_forward(gm: nn.Module, adapter_names: Sequence[str], *args: An
     return mixed(*args, **kwargs)
 
 
-# --- loading many adapters ----------------------------------------------------------------------------------
-
 def _new_state(gm: GraphModule, config: AdapterConfig, sites_cache: dict, projections_cache: dict) -> AdapterState:
-    """An adapter's frozen state without graph nodes (projections shared with its method's other adapters);
-    ValueError when its config cannot share the graph's projections."""
+    """An adapter's frozen state without graph nodes, its projections shared with its method's other adapters."""
     method = method_for(config)
     key = (type(config).__name__, repr(config.target_modules), repr(config.layers_to_transform),
            repr(config.layers_pattern))
@@ -111,8 +115,7 @@ def _new_state(gm: GraphModule, config: AdapterConfig, sites_cache: dict, projec
         sites_cache[key] = select_sites(gm, config)
     chosen = sites_cache[key]
     in_max, out_max = max(s.in_features for s in chosen), max(s.out_features for s in chosen)
-    # Within one call a method's shared projections do not change, so equal requests reuse the first answer
-    # (shared_projections looks at every adapter on the graph: loading K adapters would be O(K^2)).
+    # equal requests reuse the first answer (shared_projections reads every adapter: K loads would be O(K^2))
     proj_key = (method.name, config.projection_prng_key, config.save_projection, method.latent_rows(config),
                 config.r, in_max, out_max)
     if projections_cache.get(proj_key) is None:
@@ -122,7 +125,6 @@ def _new_state(gm: GraphModule, config: AdapterConfig, sites_cache: dict, projec
 
 def _load_one(inner: GraphModule, name: str, folder: PathLike, caches: tuple[dict, dict],
               blocks: Any, added: list[str]) -> None:
-    """Read, check and attach one folder as adapter ``name`` (appended to ``added`` once attached)."""
     config, tensors = read_checkpoint(folder)
     source = str(Path(folder) / WEIGHTS_NAME)
     if config.modules_to_save or config.bias != "none":
@@ -146,13 +148,9 @@ def _load_one(inner: GraphModule, name: str, folder: PathLike, caches: tuple[dic
 
 @mutation
 def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool = True) -> list[str]:
-    """Load many adapter folders (PEFT or vera_fx) at once: ``{adapter name: folder}``; returns the names.
-
-    Each is checked as ``load_adapter`` checks it and added inactive, without graph nodes (a graph with no
-    adapter activates the first), for mixed batches or ``set_adapter``. Adapters with ``modules_to_save`` or
-    ``bias`` other than "none" are refused (use ``load_adapter``). All or nothing: on any error the graph is as
-    it was and the ValueError names the folder.
-    """
+    """Load ``{adapter name: folder}`` (PEFT or vera_fx) at once, each checked as ``load_adapter`` does and added
+    inactive without graph nodes (a graph with no adapter activates the first); returns the names. Lambdas only
+    (no ``modules_to_save``, ``bias="none"``). All or nothing: on an error the ValueError names the folder."""
     inner = as_graph_module(gm)
     if not isinstance(folders, Mapping) or not folders:
         raise TypeError(f"folders must be a non-empty dict {{adapter name: folder}}, got {folders!r}")
@@ -180,35 +178,29 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
         for name in added:
             detach_state(inner, name)
         restore_active(inner, old_active)
-        if not had_container:
-            for g in graph_modules(inner):
-                if CONTAINER in g._modules:
-                    delattr(g, CONTAINER)
+        for g in graph_modules(inner) if not had_container else []:
+            g._modules.pop(CONTAINER, None)
         raise
     finally:
         if gc_was_on:
             gc.enable()
     if existing:
         keep = old_active if old_active is not None else existing
-        adapter_container(inner).flags.active = [n for n in keep if n in existing]
+        container.flags.active = [n for n in keep if n in existing]
     else:
         set_adapter(inner, added[0])
     logger.info("loaded %d adapters", len(added))
     return added
 
 
-# --- export ---------------------------------------------------------------------------------------------------
-
 class _Constants(nn.Module):
-    """Calls ``inner`` with its captured non-tensor keywords (``use_cache=False``) fixed, through a forward
-    with one named parameter per tensor input, so the exported program takes the tensor inputs only."""
+    """``inner`` with its non-tensor keywords (``use_cache=False``) fixed, through a forward with one named
+    parameter per tensor input: the exported program takes the tensor inputs only."""
 
     def __init__(self, inner: nn.Module, n_args: int, names: Sequence[str], constants: dict[str, Any],
                  plain: bool) -> None:
         super().__init__()
-        self.inner = inner
-        self.constants = constants
-        self.plain = plain
+        self.inner, self.constants, self.plain = inner, constants, plain
         params = [f"arg{i}" for i in range(n_args)] + list(names)
         call = [f"arg{i}" for i in range(n_args)] + [f"{n}={n}" for n in names]
         scope: dict[str, Any] = {}
@@ -221,33 +213,14 @@ class _Constants(nn.Module):
         return dict(out.items()) if self.plain and isinstance(out, Mapping) and type(out) is not dict else out
 
 
-def _export_inputs(inner: GraphModule, example_inputs: Any,
-                   adapter_names: Optional[Sequence[str]]) -> tuple[nn.Module, tuple, dict[str, Any]]:
-    """The module ``export`` traces (the graph, or its mixed-adapter graph) and its example inputs."""
-    if isinstance(example_inputs, dict):
-        args, kwargs = (), clone_inputs(dict(example_inputs))
-    elif isinstance(example_inputs, (tuple, list)):
-        args, kwargs = clone_inputs(tuple(example_inputs)), {}
-    else:
-        raise TypeError(f"example_inputs must be a dict of keyword inputs or a tuple, got "
-                        f"{type(example_inputs).__name__}")
-    if adapter_names is not None:
-        return _mixed_inputs(inner, adapter_names, args, kwargs, "example batch")
-    args, kwargs = _filled(inner, args, kwargs)
-    return inner, tuple(args), kwargs
-
-
 def export(gm: nn.Module, example_inputs: Any, *, adapter_names: Optional[Sequence[str]] = None,
            dynamic: bool = True, plain_outputs: bool = True) -> torch.export.ExportedProgram:
-    """A ``torch.export.ExportedProgram`` of ``gm`` as it is now: adapted, merged, or (with ``adapter_names``,
-    one per example row) its mixed-adapter graph, whose program takes the extra keyword
-    ``vera_fx_adapter_index`` (``adapter_index(gm, names)``).
+    """A ``torch.export.ExportedProgram`` of ``gm`` as it is now: adapted, merged, or (with ``adapter_names``, one
+    per example row) its mixed-adapter graph, which takes the keyword ``vera_fx_adapter_index``.
 
-    ``example_inputs``: a dict of keyword inputs (or a tuple of positional ones); non-tensor inputs
-    (``use_cache=False``) are fixed at their values. With ``dynamic`` every tensor dimension is ``Dim.AUTO``.
-    The mode and the sampling switches are fixed at export. With ``plain_outputs`` a transformers output comes
-    back as a plain dict, so loading needs no transformers; running needs only torch and ``vera_fx/runtime.py``.
-    """
+    ``example_inputs``: a dict of keyword inputs or a tuple; non-tensor inputs (``use_cache=False``) are fixed,
+    as are the mode and the sampling switches. ``dynamic``: every tensor dimension ``Dim.AUTO``.
+    ``plain_outputs``: a transformers output comes back as a plain dict (loading needs no transformers)."""
     inner = as_graph_module(gm)
     lowered = any((n.meta.get(ADAPTER_KEY) or {}).get("path") not in (None, "activation")
                   for g in graph_modules(inner) for n in g.graph.nodes)
@@ -259,7 +232,15 @@ def export(gm: nn.Module, example_inputs: Any, *, adapter_names: Optional[Sequen
                           plain_outputs=plain_outputs)
         finally:
             set_lowering(inner, setting["mode"] if setting else "auto", setting.get("tokens") if setting else None)
-    module, args, kwargs = _export_inputs(inner, example_inputs, adapter_names)
+    if not isinstance(example_inputs, (dict, tuple, list)):
+        raise TypeError(f"example_inputs must be a dict of keyword inputs or a tuple, got "
+                        f"{type(example_inputs).__name__}")
+    args, kwargs = ((), clone_inputs(dict(example_inputs))) if isinstance(example_inputs, dict) else (
+        clone_inputs(tuple(example_inputs)), {})
+    if adapter_names is not None:
+        module, args, kwargs = _mixed_inputs(inner, adapter_names, args, kwargs, "example batch")
+    else:
+        module, (args, kwargs) = inner, _filled(inner, args, kwargs)
     constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
     kwargs = {k: v for k, v in kwargs.items() if k not in constants}
     module = _Constants(module, len(args), list(kwargs), constants, plain_outputs)
@@ -267,15 +248,8 @@ def export(gm: nn.Module, example_inputs: Any, *, adapter_names: Optional[Sequen
     if dynamic:
         dyn_args, dyn_kwargs = dynamic_shapes_of(args, kwargs)
         dynamic_shapes = {**{f"arg{i}": d for i, d in enumerate(dyn_args)}, **dyn_kwargs}
-    # Tracing runs the KL recorders (the root states' and the block views') on fake tensors: keep the last
-    # real forward's terms.
-    records = {id(v): (v, dict(v.values)) for g in graph_modules(inner) for state in adapters_of(g).values()
-               for v in vars(state).values() if isinstance(v, KLRecord)}
-    try:
+    with kl_terms_kept(inner):  # tracing runs the KL recorders on fake tensors: keep the last real forward's terms
         ep = torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
-    finally:
-        for record, values in records.values():
-            record.values = values
     # Drop what no output needs (the KL term's op, recorded by a side effect), so the program calls only its ops.
     if ep.graph_module.graph.eliminate_dead_code():
         ep.graph_module.recompile()

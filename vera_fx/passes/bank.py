@@ -1,27 +1,26 @@
 """Bank pass: a mixed-adapter graph, in which every row of the batch runs with its own adapter.
 
-A copy of an adapted graph without its adapter nodes, plus an input ``vera_fx_adapter_index`` (one int64 per
-row: ``k`` is adapter ``k`` of ``bank_order(gm)``, ``len(order)`` the base model). Adapters are grouped into
-banks by (method, r), whose members share projections: at every site a bank emits its method's nodes once over
-the batch, each lambda read a gather from the members' lambdas stacked at call time (the very parameters, so
-training changes the mixed graph too) plus a zero row for rows outside the bank. Other per-site state (PVeRA's
-switches and noise streams) goes to ``per_row_function`` as one value per member. For inference.
+``bank_tree`` takes an adapter-free inference copy of an adapted graph tree (built by vera_fx/variants.py's twin
+builder) and adds an input ``vera_fx_adapter_index`` (one int64 per row: ``k`` is adapter ``k`` of
+``bank_order(gm)``, ``len(order)`` the base model). Adapters are grouped into banks by (method, r), whose members
+share projections: at every site a bank emits its method's nodes once over the batch, each lambda read a gather
+from the members' lambdas stacked at call time (the very parameters, so training changes the mixed graph too)
+plus a zero row for rows outside the bank. Other per-site state (PVeRA's switches and noise streams) goes to
+``per_row_function`` as one value per member. For inference.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any, Callable, Optional
 
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from ..compat import add_keyword_input, copy_codegen
+from ..compat import add_keyword_input
 from ..methods import CONTAINER, AdapterState, Emitter
-from ..methods.fold import restore_linear
-from ..sites import (ADAPTER_KEY, BLOCK_CALL_KEY, BLOCK_KEY, MODEL_INFO_KEY, Site, block_prefix, graph_modules,
-                     read_graph_sites, sampling_by_site)
+from ..sites import (ADAPTER_KEY, BLOCK_CALL_KEY, Site, block_prefix, graph_modules, read_graph_sites,
+                     sampling_by_site)
 from ..state import adapters_of, merged_adapters
 from ..versions import adapter_flags
 from .inject import share_projections, training_node
@@ -39,8 +38,7 @@ def bank_order(gm: GraphModule) -> list[str]:
 
 
 def check_bankable(gm: GraphModule) -> None:
-    """ValueError when the adapters of ``gm`` cannot run as a mixed batch (none, merged, or with state that
-    is not per row: ``modules_to_save`` copies and trained biases)."""
+    """ValueError when the adapters of ``gm`` cannot run as a mixed batch."""
     states = adapters_of(gm)
     if not len(states):
         raise ValueError("this graph has no adapter: load some with vera_fx.load_adapter / load_adapters first")
@@ -58,15 +56,14 @@ def check_bankable(gm: GraphModule) -> None:
 
 
 class BankEmitter(Emitter):
-    """An Emitter that turns a method's per-adapter reads into per-row reads over a bank's members: lambdas
-    are gathered from their stack (rows broadcast over the middle dims), other per-site state is a list with
-    a node (or None) per member, and calls go through ``per_row_function`` with the rows' index as ``index=``."""
+    """An Emitter turning a method's per-adapter reads into per-row reads over a bank's members: lambdas gathered
+    from their stack, other per-site state a list with a node (or None) per member, calls through
+    ``per_row_function`` with the rows' index as ``index=``."""
 
     def __init__(self, graph: Graph, after: Node, site: Site, label: str, states: dict[str, AdapterState],
                  members: list[str], index: Node, ndim: int) -> None:
         super().__init__(graph, after, site, label)
-        self.states, self.members, self.index, self.ndim = states, members, index, ndim
-        self.rep = members[0]
+        self.states, self.members, self.index, self.ndim, self.rep = states, members, index, ndim, members[0]
         self.method = states[self.rep].method
 
     def get_attr(self, target: str, role: str, name: str) -> Any:
@@ -105,34 +102,14 @@ class BankEmitter(Emitter):
         return super().call(per_row, args, role, name, kwargs)
 
 
-def _copy_without_adapters(gm: GraphModule) -> tuple[Graph, Node]:
-    """A copy of ``gm``'s graph with every adapter node left out and the index input added."""
-    graph = Graph()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree spec deprecation notice
-        copy_codegen(gm.graph, graph)
-    env: dict[Node, Node] = {}
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    index: Optional[Node] = None
-    for n in gm.graph.nodes:
-        tag = n.meta.get(ADAPTER_KEY)
-        if tag is not None:
-            if tag.get("role") == "output":  # the site's users read what the adapter was added to
-                add = n
-                while (add.meta.get(ADAPTER_KEY) or {}).get("name") != "add":
-                    add = add.args[0]
-                env[n] = env[add.args[0]]
-            continue
-        if n.op == "output" and index is None:
-            index = graph.placeholder(INDEX_INPUT)
-        env[n] = graph.node_copy(n, lambda a: env[a])
-        restore_linear(env[n])  # a weight-path call, its fold left out: the plain linear
-        if placeholders and n is placeholders[-1]:
-            index = graph.placeholder(INDEX_INPUT)
-    assert index is not None
+def _add_index(graph: Graph) -> Node:
+    """The index input, after the last placeholder (the graph's last keyword input; get_attr nodes may come first)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(list(graph.nodes)[-1]):
+        index = graph.placeholder(INDEX_INPUT)
     index.meta[ADAPTER_KEY] = _mode_tag(INDEX_INPUT)
     add_keyword_input(graph, INDEX_INPUT)
-    return graph, index
+    return index
 
 
 def _batch_size(graph: Graph) -> Any:
@@ -158,7 +135,7 @@ def _mode_tag(name: str) -> dict[str, Any]:
 
 def _emit_banks(mixed: GraphModule, index: Node, batch: Any, order: list[str], groups: dict[str, list[str]],
                 merged: dict, sampling: dict) -> int:
-    """Bank every site of one graph of the tree (the root or a block) in its mixed copy; returns the site calls."""
+    """Bank every site of one graph of the tree (the root or a block); returns the site calls."""
     graph, states = mixed.graph, adapters_of(mixed)  # the root's states, or a block's views of them
     device = next((p.device for p in mixed.parameters()), torch.device("cpu"))
     first_op = index.next  # the bank index nodes go right after the index input
@@ -206,45 +183,30 @@ def _emit_banks(mixed: GraphModule, index: Node, batch: Any, order: list[str], g
     return len(sites)
 
 
-def build_mixed_graph(gm: GraphModule) -> GraphModule:
-    """The mixed-adapter graph of ``gm``: its inputs plus ``vera_fx_adapter_index`` (int64, one per row); each
-    block gets a mixed copy, called with the index as one more argument. Shares the base weights and adapter
-    state with ``gm``, which is unchanged. ValueError when ``check_bankable`` refuses, or when a site's input
-    does not start with the batch dimension (its rows could not choose an adapter)."""
-    check_bankable(gm)
-    order = bank_order(gm)
+def bank_tree(mixed: GraphModule) -> GraphModule:
+    """Make ``mixed`` (an adapted tree's inference twin stripped of its adapter nodes, whose adapters pass
+    ``check_bankable``) the mixed-adapter graph: its inputs plus ``vera_fx_adapter_index`` (int64, one per row),
+    one more argument of each block call. ValueError when a site's input does not start with the batch."""
+    order = bank_order(mixed)
     groups: dict[str, list[str]] = {}  # bank label "<method>_r<r>" -> its members, in index order
-    for name, state in adapters_of(gm).items():
+    for name, state in adapters_of(mixed).items():
         groups.setdefault(f"{state.method_name}_r{state.config.r}", []).append(name)
-    merged = adapter_flags(gm).merged
-    sampling = sampling_by_site(gm)
-    graph, index = _copy_without_adapters(gm)
-    mixed = GraphModule(gm, graph)
-    mixed.add_module(CONTAINER, getattr(gm, CONTAINER))  # the same state objects
-    mixed.meta.update({k: v for k, v in gm.meta.items() if k in ("vera_fx_signature", MODEL_INFO_KEY)})
-    batch = _batch_size(graph)
-    blocks = {block_prefix(b): b for b in graph_modules(gm)[1:]}
+    merged, sampling = adapter_flags(mixed).merged, sampling_by_site(mixed)
+    index = _add_index(mixed.graph)
+    batch = _batch_size(mixed.graph)
+    blocks = {block_prefix(b): b for b in graph_modules(mixed)[1:]}
     count = 0
-    for node in list(graph.nodes):
-        path = node.meta.get(BLOCK_CALL_KEY)
-        if node.op != "call_module" or path not in blocks:
+    for node in list(mixed.graph.nodes):
+        block = blocks.pop(node.meta.get(BLOCK_CALL_KEY), None) if node.op == "call_module" else None
+        if block is None:
             continue
-        block = blocks.pop(path)
-        b_graph, b_index = _copy_without_adapters(block)
-        b_mixed = GraphModule(block, b_graph, class_name=type(block).__name__)
-        b_mixed.meta.update({k: v for k, v in block.meta.items() if k == BLOCK_KEY})
-        if CONTAINER in block._modules:
-            b_mixed.add_module(CONTAINER, block._modules[CONTAINER])  # the block's views of the states
-            count += _emit_banks(b_mixed, b_index, _batch_of_block(node, b_graph, batch), order, groups, merged,
+        b_index = _add_index(block.graph)
+        if CONTAINER in block._modules:  # the block's views of the states
+            count += _emit_banks(block, b_index, _batch_of_block(node, block.graph, batch), order, groups, merged,
                                  sampling)
         else:
-            b_mixed.recompile()
-            b_mixed.training = False
-        parent_path, _, leaf = path.rpartition(".")
-        parent = mixed.get_submodule(parent_path) if parent_path else mixed
-        if parent_path and parent is gm.get_submodule(parent_path):
-            raise RuntimeError(f"mixed graph would replace block {path!r} inside the adapted graph's own tree")
-        parent._modules[leaf] = b_mixed
+            block.recompile()
+            block.training = False
         node.args = (*node.args, index)
     count += _emit_banks(mixed, index, batch, order, groups, merged, sampling)
     logger.info("mixed-adapter graph: %d adapters in %d banks, %d site calls", len(order), len(groups), count)
