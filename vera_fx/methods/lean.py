@@ -2,8 +2,8 @@
 their own backward (and the adapter math the fused and weight paths share).
 
 ``lean_add`` computes a site's ``y + lambda_b * (z @ B.T)`` as one ``addmm`` against ``lambda_b * B`` (VeRA's
-``lambda_d`` scales ``h`` or that matrix, whichever is smaller) and keeps only ``h = x @ A.T`` (stored once per group) and PVeRA's noise ``eps``, where
-the plain path keeps ``h * lambda_d``, ``z`` and ``u = z @ B.T`` per site. Backward, with ``g = d loss / d output``
+``lambda_d`` scales ``h`` or that matrix, whichever is smaller) and keeps only ``h = x @ A.T`` (stored once per
+group) and PVeRA's noise ``eps``, where the plain path keeps ``h * lambda_d``, ``z`` and ``u = z @ B.T`` per site. Backward, with ``g = d loss / d output``
 summed over the token dimensions and ``hd = h * lambda_d``:
 
 - VeRA: ``z = hd``. PVeRA: ``mu, lv = hd[..., :r], hd[..., r:]``, ``s = exp(lv / 2)``, ``z = mu + eps * s``;
