@@ -142,11 +142,14 @@ def test_first_adapter_active_and_pvera_alongside(llama):
 
 
 @pytest.mark.parametrize("outer_first", [True, False], ids=["outer-then-inner", "inner-then-outer"])
-def test_modules_to_save_nested_across_adapters(outer_first):
+def test_modules_to_save_nested_across_adapters(outer_first, tmp_path):
     """One adapter copies ``head``, another only ``head.0`` (a module inside it), added in either order: each
-    active adapter's graph reads its own copies and the base elsewhere; both active at once is refused with the
-    two paths named; deleting the other adapter keeps the routing."""
+    active adapter's graph reads its own copies and the base elsewhere, as PEFT does with each saved adapter;
+    both active at once is refused with the two paths named; deleting the other adapter keeps the routing."""
     import copy
+    import warnings
+
+    import peft
 
     class Net(torch.nn.Module):
         def __init__(self) -> None:
@@ -184,6 +187,12 @@ def test_modules_to_save_nested_across_adapters(outer_first):
     for name in (first, second, first):
         vera_fx.set_adapter(gm, name)
         torch.testing.assert_close(out(gm), expected(name), atol=0, rtol=0)
+    gm.save_pretrained(tmp_path)
+    for name in (first, second):  # each saved adapter, loaded by PEFT alone, computes what it computes here
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.PeftModel.from_pretrained(copy.deepcopy(net), str(tmp_path / name))  # not "default": a subfolder
+        torch.testing.assert_close(out(pm.eval()), expected(name), atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match=r"both have a trainable copy of 'head' \(modules_to_save"):
         vera_fx.set_adapter(gm, [first, second])
     vera_fx.set_adapter(gm, second)
