@@ -1,6 +1,6 @@
 """Generation through transformers' own ``generate`` loop with the adapters hooked at their sites, and what both
-generation paths share: the inputs, the live layout, the one weight binder (``bind_parameters``), the adapter
-nodes for inference (``emit_for_inference``), the KL terms kept (``kl_terms_kept``).
+generation paths share: the inputs, the live layout, the weight binding (``bind_parameters``, through attach's
+``bind_tensors``), the adapter nodes for inference (``emit_for_inference``), the KL terms kept (``kl_terms_kept``).
 
 For what the decode graph (generation.py) does not cover: encoder-decoder models (T5, BART, Whisper),
 bitsandbytes models, sliding windows past the window. Each site module with a live adapter gets a forward hook
@@ -23,7 +23,7 @@ from .methods import CONTAINER
 from .methods.pvera import KLRecord
 from .passes.infer import DEFAULT_FORM, INFERENCE_KEY
 from .passes.inject import emit_adapter
-from .passes.attach import strip_adapters
+from .passes.attach import bind_tensors, strip_adapters
 from .sites import LINEAR_KINDS, SITE_KEY, Site, graph_modules, read_sites
 from .versions import adapter_flags
 from .state import active_adapters, adapters_disabled, adapters_of, modules_to_save_copy, set_adapters_training
@@ -72,33 +72,27 @@ def kl_terms_kept(gm: GraphModule) -> Iterator[None]:
 
 def bind_parameters(model: nn.Module, gm: GraphModule, undo: Optional[list] = None) -> None:
     """Point every parameter of ``model`` (the eager model, or a decode graph) at ``gm``'s of that name (merged
-    weights, trained biases) or, inside a ``modules_to_save`` module of a live adapter, at its copy's. Each
-    change is appended to ``undo`` as (module, leaf, old parameter)."""
+    weights, trained biases) or, inside a ``modules_to_save`` module of a live adapter, at its copy's, through
+    attach's ``bind_tensors`` (changes appended to ``undo``)."""
     container = adapters_of(gm)
     theirs = dict(gm.named_parameters(remove_duplicate=False))
-    copies = {path: modules_to_save_copy(container[name], path) for name, _ in live_layout(gm)
-              for path in getattr(container[name], "modules_to_save_paths", [])}
-    for mod_path, mod in model.named_modules():
-        for leaf, p in [(leaf, p) for leaf, p in mod._parameters.items() if p is not None]:
-            full = f"{mod_path}.{leaf}".lstrip(".")
-            owner = next((c for c in copies if full.startswith(c + ".")), None)
-            target = copies[owner].get_parameter(full[len(owner) + 1:]) if owner else theirs.get(full)
-            if target is not None and target is not p:
-                if undo is not None:
-                    undo.append((mod, leaf, p))
-                mod._parameters[leaf] = target
+    for name, _ in live_layout(gm):
+        for path in getattr(container[name], "modules_to_save_paths", []):
+            copy = modules_to_save_copy(container[name], path)
+            theirs.update((f"{path}.{n}", p) for n, p in copy.named_parameters(remove_duplicate=False))
+    bind_tensors(model, theirs.items(), undo)
 
 
 @contextlib.contextmanager
 def weights_bound(model: nn.Module, gm: GraphModule) -> Iterator[None]:
     """While inside, ``model`` computes with ``gm``'s parameters (``bind_parameters``); put back on exit."""
-    undo: list[tuple[nn.Module, str, nn.Parameter]] = []
+    undo: list[tuple[dict, str, Optional[torch.Tensor]]] = []
     try:
         bind_parameters(model, gm, undo)
         yield
     finally:
-        for mod, leaf, old in reversed(undo):
-            mod._parameters[leaf] = old
+        for store, leaf, old in reversed(undo):
+            store[leaf] = old
 
 
 def site_graph(container: nn.Module, site: Site, adapters: Sequence[str], x_dtype: torch.dtype,

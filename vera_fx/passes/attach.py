@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch.fx import GraphModule
@@ -62,28 +62,35 @@ def strip_adapters(gm: GraphModule) -> int:
     return len(names)
 
 
-def _set_tensor(gm: GraphModule, qualname: str, value: torch.Tensor) -> bool:
-    path, _, leaf = qualname.rpartition(".")
-    try:
-        mod = gm.get_submodule(path)
-    except AttributeError:
-        return False
-    for store in (mod._parameters, mod._buffers):
-        if leaf in store:
-            old = store[leaf]
-            if old is value or (old is not None and (type(old) is not type(value) or old.shape != value.shape)):
-                return False
-            store[leaf] = value
-            return True
-    return False
+def bind_tensors(dst: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
+                 undo: Optional[list] = None) -> int:
+    """The one tensor binder: make ``dst``'s parameter or buffer of each name the given tensor, where ``dst`` has
+    that name with no tensor or one of the same type and shape (other names are skipped). Returns how many
+    changed; each change is appended to ``undo`` as (store, name, old tensor)."""
+    count = 0
+    for qualname, value in tensors:
+        path, _, leaf = qualname.rpartition(".")
+        try:
+            mod = dst.get_submodule(path)
+        except AttributeError:
+            continue
+        store = next((st for st in (mod._parameters, mod._buffers) if leaf in st), None)
+        old = None if store is None else store[leaf]
+        if store is None or old is value or (old is not None and (type(old) is not type(value)
+                                                                  or old.shape != value.shape)):
+            continue
+        if undo is not None:
+            undo.append((store, leaf, old))
+        store[leaf] = value
+        count += 1
+    return count
 
 
 def _rebind(gm: GraphModule, source: GraphModule) -> int:
     """Make ``gm``'s bitsandbytes layers, base parameters and buffers the source's objects, name by name."""
-    count = rebind_layers(gm, source)
     named = [*source.named_parameters(remove_duplicate=False), *source.named_buffers(remove_duplicate=False)]
     # not the root's adapter container or a block's views of it
-    return count + sum(_set_tensor(gm, name, t) for name, t in named if CONTAINER not in name.split("."))
+    return rebind_layers(gm, source) + bind_tensors(gm, ((n, t) for n, t in named if CONTAINER not in n.split(".")))
 
 
 def _route_modules_to_save(gm: GraphModule, source: GraphModule) -> None:
