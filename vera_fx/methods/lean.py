@@ -53,12 +53,17 @@ def vera_grads(g: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tens
     lambda_d``: no other out x r pass (at r ~ tokens those cost what the token tensors' passes do)."""
     grad_h = grad_lambda_d = grad_lambda_b = None
     if want_b or want_d:
-        m = torch.mm(g.reshape(-1, g.shape[-1]).T, h.reshape(-1, h.shape[-1])).mul_(b)
-        grad_lambda_b = torch.mv(m, lambda_d) if want_b else None
-        grad_lambda_d = torch.mv(m.T, lambda_b) if want_d else None
+        m = _scaled(torch.mm(g.reshape(-1, g.shape[-1]).T, h.reshape(-1, h.shape[-1])), b)
+        grad_lambda_b = torch.mv(m, lambda_d.to(m.dtype)) if want_b else None
+        grad_lambda_d = torch.mv(m.T, lambda_b.to(m.dtype)) if want_d else None
     if want_h:
-        grad_h = (g @ b_scaled).mul_(lambda_d)
+        grad_h = _scaled(g @ b_scaled, lambda_d)
     return grad_h, grad_lambda_d, grad_lambda_b
+
+
+def _scaled(t: Tensor, by: Tensor) -> Tensor:
+    """``t * by``, in place into ``t`` (a fresh product) where the result keeps ``t``'s dtype."""
+    return t.mul_(by) if torch.promote_types(t.dtype, by.dtype) == t.dtype else t * by
 
 
 def _pvera_latent(h: Tensor, lambda_d: Tensor, eps: Optional[Tensor], r: int,
