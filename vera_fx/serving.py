@@ -18,7 +18,7 @@ from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
 from .adapters import set_adapter, set_lowering
-from .signatures import InputCheck, clone_inputs, dynamic_shapes_of
+from .signatures import InputCheck, clone_inputs, dynamic_shapes_of, remove_input_check
 from .checkpoint import WEIGHTS_NAME, PathLike, apply_plan, plan_load, read_checkpoint
 from .config import AdapterConfig
 from .eager_generation import kl_terms_kept
@@ -50,8 +50,7 @@ def mixed_graph(gm: nn.Module) -> GraphModule:
 
 def _build_mixed(inner: GraphModule) -> GraphModule:
     twin = inference_twin(inner, INFERENCE_FORM, (FINGERPRINT_KEY,))
-    for key in [k for k, hook in twin._forward_pre_hooks.items() if isinstance(hook, InputCheck)]:
-        del twin._forward_pre_hooks[key]  # the caller fills the inputs (``_filled``), the index is one more
+    remove_input_check(twin)  # the caller fills the inputs (``_filled``), the index is one more
     strip_adapters(twin)
     return bank_tree(twin)
 

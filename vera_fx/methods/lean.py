@@ -3,8 +3,8 @@ their own backward (and the adapter math the fused and weight paths share).
 
 ``lean_add`` computes a site's ``y + lambda_b * (z @ B.T)`` as one ``addmm`` against ``lambda_b * B`` (VeRA's
 ``lambda_d`` scales ``h`` or that matrix, whichever is smaller) and keeps only ``h = x @ A.T`` (stored once per
-group) and PVeRA's noise ``eps``, where the plain path keeps ``h * lambda_d``, ``z`` and ``u = z @ B.T`` per site. Backward, with ``g = d loss / d output``
-summed over the token dimensions and ``hd = h * lambda_d``:
+group) and PVeRA's noise ``eps``, where the plain path keeps ``h * lambda_d``, ``z`` and ``u = z @ B.T`` per site.
+Backward, with ``g = d loss / d output`` summed over the token dimensions and ``hd = h * lambda_d``:
 
 - VeRA: ``z = hd``. PVeRA: ``mu, lv = hd[..., :r], hd[..., r:]``, ``s = exp(lv / 2)``, ``z = mu + eps * s``;
 - ``d lambda_b[o] = sum_k B[o, k] * M[o, k]`` with ``M = g.T @ z`` (out x r): one extra token x r x out product
@@ -151,7 +151,7 @@ def _pvera_grads(ctx, g: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, b_scale
     else:
         z, es = _pvera_latent(h, lambda_d, noise, r, again=True)
     g2 = g.reshape(-1, g.shape[-1])
-    grad_lambda_b = (g2.T @ z.reshape(-1, r) * b).sum(1) if need[4] else None  # the one extra product
+    grad_lambda_b = _scaled(g2.T @ z.reshape(-1, r), b).sum(1) if need[4] else None  # the one extra product
     del z
     if not (need[1] or need[2]):
         return None, None, grad_lambda_b
