@@ -98,6 +98,52 @@ def test_eos_stops_and_pads_like_peft(pairs):
     assert short.shape[1] == ids.shape[1] + 1
 
 
+@pytest.mark.parametrize("options", [
+    dict(num_beams=3, max_new_tokens=6),
+    dict(repetition_penalty=1.5, no_repeat_ngram_size=2, max_new_tokens=8),
+    dict(min_new_tokens=5, max_new_tokens=7, eos_token_id=3),
+    dict(max_length=12),
+    dict(return_dict_in_generate=True, output_scores=True, max_new_tokens=4),
+], ids=["beams", "penalties", "min_new_tokens", "max_length", "dict_output"])
+def test_any_transformers_option_runs_its_loop_with_the_adapters(pairs, options):
+    """Options the decode loop does not take run transformers' own loop with the adapters hooked: PEFT's tokens."""
+    model, gm, pm = pairs("llama")
+    ids, mask = _left_padded()
+    ours = gm.generate(input_ids=ids, attention_mask=mask, pad_token_id=1, **options)
+    theirs = pm.generate(input_ids=ids, attention_mask=mask, pad_token_id=1, **options)
+    if options.get("return_dict_in_generate"):
+        assert type(ours) is type(theirs) and torch.equal(ours.sequences, theirs.sequences)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours.scores, theirs.scores))
+        ours, theirs = ours.sequences, theirs.sequences
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(theirs, model.generate(input_ids=ids, attention_mask=mask, pad_token_id=1, **options)
+                           if not options.get("return_dict_in_generate") else theirs.clone() + 1)
+
+
+def test_generation_config_sets_what_is_left_unset(pairs):
+    """As in transformers: a ``generation_config`` passed or the model's own fills what the call leaves unset
+    (the length: ``max_new_tokens``, ``max_length`` less the prompt, else 20 new tokens)."""
+    from transformers import GenerationConfig
+
+    model, gm, pm = pairs("llama")
+    ids, mask = _left_padded()
+    for kw in (dict(generation_config=GenerationConfig(max_new_tokens=3, pad_token_id=1)), {}):
+        ours, theirs = gm.generate(input_ids=ids, attention_mask=mask, **kw), pm.generate(input_ids=ids,
+                                                                                          attention_mask=mask, **kw)
+        assert torch.equal(ours, theirs), kw
+    assert ours.shape[1] == ids.shape[1] + 20
+    own = model.generation_config
+    try:
+        for field, value, new in (("max_new_tokens", 4, 4), ("max_length", 11, 4)):
+            model.generation_config = pm.get_base_model().generation_config = GenerationConfig(
+                **{field: value}, pad_token_id=1, eos_token_id=[])
+            ours = vera_fx.generate(gm, ids, mask)  # the decode graph's loop, its length from the model's config
+            assert ours.shape[1] == ids.shape[1] + new
+            assert torch.equal(ours, pm.generate(input_ids=ids, attention_mask=mask))
+    finally:
+        model.generation_config = pm.get_base_model().generation_config = own
+
+
 def test_seeded_sampling_is_reproducible(pairs):
     model, gm, pm = pairs("opt")
     ids, mask = _left_padded()
@@ -209,8 +255,10 @@ def test_compiled_decode_matches_eager(pairs):
 def test_errors_name_the_problem(pairs):
     model, gm, _ = pairs("gpt2")
     ids, mask = _left_padded()
-    with pytest.raises(TypeError, match="num_beams.*supported: input_ids, attention_mask, max_new_tokens"):
-        vera_fx.generate(gm, ids, num_beams=2)
+    with pytest.raises(ValueError, match="not_an_option"):  # transformers' own check names it
+        vera_fx.generate(gm, ids, not_an_option=2)
+    with pytest.raises(ValueError, match="transformers' own loop .*num_beams.*generator= is not supported"):
+        vera_fx.generate(gm, ids, num_beams=2, generator=torch.Generator())
     with pytest.raises(ValueError, match="max_new_tokens=0"):
         vera_fx.generate(gm, ids, max_new_tokens=0)
     with pytest.raises(ValueError, match="attention_mask must be a tensor shaped like input_ids"):

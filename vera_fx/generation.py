@@ -11,7 +11,6 @@ architecture is used. Models the decode graph cannot cover run transformers' own
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
@@ -226,54 +225,80 @@ def _token_ids(value: Any, name: str) -> Optional[list[int]]:
 @torch.no_grad()
 @reads_state
 def generate(gm: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
-             max_new_tokens: int = 20, do_sample: bool = False, temperature: Optional[float] = None,
-             top_k: Optional[int] = None, top_p: Optional[float] = None,
+             max_new_tokens: Optional[int] = None, do_sample: Optional[bool] = None,
+             temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
              eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
              generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
              model: Optional[nn.Module] = None, compile: bool = False, **kwargs: Any) -> torch.Tensor:
     """Up to ``max_new_tokens`` tokens per sequence from the adapted graph ``gm`` with a KV cache, returned after
     the (possibly left-padded) prompt as transformers' ``generate`` does. Greedy, or ``do_sample`` with
-    ``temperature`` / ``top_k`` / ``top_p`` (unset: the model's ``generation_config``) from ``generator``, a
-    generator seeded with ``seed`` or torch's. Finished sequences (``eos_token_id``) get ``pad_token_id``.
-    ``compile=True`` compiles the decode step. No dropout; PVeRA samples where ``sample_at_inference`` is on."""
-    if kwargs:
-        supported = [n for n in inspect.signature(generate).parameters if n not in ("gm", "kwargs")]
-        raise TypeError(f"generate() got unsupported keyword arguments {sorted(kwargs)}; supported: "
-                        f"{', '.join(supported)}. For beam search or other strategies, vera_fx.merge_into(model, gm) "
-                        "and use model.generate")
+    ``temperature`` / ``top_k`` / ``top_p`` from ``generator``, a generator seeded with ``seed`` or torch's (unset
+    values, ``max_new_tokens`` too: the model's ``generation_config``, else transformers' defaults). Finished
+    sequences (``eos_token_id``) get ``pad_token_id``. ``compile=True`` compiles the decode step. Any other keyword of
+    transformers' ``generate`` (beam search, penalties, ``max_length``, ``generation_config``, streamers, ...)
+    runs transformers' own loop with the adapters hooked at their sites. No dropout; PVeRA samples where
+    ``sample_at_inference`` is on."""
     inner = as_graph_module(gm, "generate")
     source = _source_model(inner, model)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens < 1):
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: expected an int >= 1")
     if seed is not None and generator is not None:
         raise ValueError("pass generator= or seed=, not both")
     gen_cfg = getattr(source, "generation_config", None)
+    asked_sample = do_sample
+    if do_sample is None:
+        do_sample = bool(getattr(gen_cfg, "do_sample", False))
     eos = _token_ids(eos_token_id if eos_token_id is not None else getattr(gen_cfg, "eos_token_id", None),
                      "eos_token_id")
     processors = _warpers(temperature, top_k, top_p, gen_cfg) if do_sample else None
     inputs = model_inputs(source, input_ids, attention_mask)
-    reason = eager_reason(source, inner, cache_bucket(inputs["input_ids"].shape[1] + max_new_tokens)
-                          if "input_ids" in inputs else None)
+    prompt = inputs["input_ids"].shape[1] if "input_ids" in inputs else None  # None: an encoder's features
+    new_tokens = None if kwargs or prompt is None else _new_tokens(max_new_tokens, gen_cfg, source, prompt)
+    if kwargs:
+        reason: Optional[str] = f"keywords the decode graph's loop does not take: {', '.join(sorted(kwargs))}"
+    elif prompt is not None and new_tokens is None:
+        reason = "the model's generation_config sets a max_length the prompt reaches"
+    else:
+        reason = eager_reason(source, inner, cache_bucket(prompt + new_tokens) if new_tokens else None)
     if reason is not None:
         if generator is not None or compile:
             raise ValueError(f"generate runs transformers' own loop for {type(source).__name__} ({reason}): "
                              f"{'generator=' if generator is not None else 'compile=True'} is not supported "
                              "there; pass seed= for reproducible sampling, and leave compile off")
         logger.info("generate: transformers' loop with the adapters hooked at their sites (%s)", reason)
-        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos, pad_token_id=pad_token_id)
-        return generate_eager(inner, source, inputs, seed=seed, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                              **{k: v for k, v in options.items() if v is not None})
+        given = dict(temperature=temperature, top_k=top_k, top_p=top_p, pad_token_id=pad_token_id,
+                     eos_token_id=eos if eos_token_id is not None else None, max_new_tokens=max_new_tokens,
+                     do_sample=asked_sample)  # as the user set them: the rest is transformers' to fill
+        return generate_eager(inner, source, inputs, seed=seed, **{k: v for k, v in given.items() if v is not None},
+                              **kwargs)
     pad = pad_token_id if pad_token_id is not None else getattr(gen_cfg, "pad_token_id", None)
     if do_sample and generator is None and seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(int(seed))
-    max_len = cache_bucket(input_ids.shape[1] + max_new_tokens)
+    max_len = cache_bucket(input_ids.shape[1] + new_tokens)
     graph, step = decode_graph(inner, input_ids.shape[0], max_len, model=source, compile=compile)
     device = next(p.device for p in source.parameters())
     ids, mask = inputs["input_ids"].to(device=device, dtype=torch.long), inputs["attention_mask"].to(device)
     bind_parameters(graph, inner)  # kept bound: a generate in another thread may be running it
     with kl_terms_kept(inner):  # a step records PVeRA's KL terms: not kept
-        return _decode_loop(graph, step, ids, mask, max_new_tokens, max_len, processors, generator, eos,
+        return _decode_loop(graph, step, ids, mask, new_tokens, max_len, processors, generator, eos,
                             pad if pad is not None or eos is None else eos[0])
+
+
+def _new_tokens(max_new_tokens: Optional[int], gen_cfg: Any, source: nn.Module, prompt_len: int) -> Optional[int]:
+    """How many tokens transformers' ``generate`` would add at most: ``max_new_tokens``, else the model's
+    ``generation_config`` (``max_new_tokens``, or ``max_length`` less the prompt), else 20 within
+    ``max_position_embeddings``; None where that leaves no token (transformers' loop decides, and warns)."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    if getattr(gen_cfg, "max_new_tokens", None) is not None:
+        return int(gen_cfg.max_new_tokens)
+    if getattr(gen_cfg, "max_length", None) is not None:
+        return int(gen_cfg.max_length) - prompt_len if int(gen_cfg.max_length) > prompt_len else None
+    limit = getattr(source.config.get_text_config(), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return 20
+    return min(20, limit - prompt_len) if limit > prompt_len else None
 
 
 def _decode_loop(graph: GraphModule, step: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
