@@ -8,7 +8,8 @@ on a dense site with a frozen weight only).
 
 The cost model counts a step's multiply-adds (forward + backward) for ``T`` tokens, the group's ``in``, its
 sites' ``out``, A's ``rows`` (r; 2r for PVeRA) and rank ``r`` (``path_costs``), plus the elementwise passes a
-path skips and a fold's pass over ``W'`` in multiply-add equivalents per value (measured constants below).
+path skips, a fold's pass over ``W'`` and the passes over out x r tensors a path makes, in multiply-add
+equivalents per value (measured constants below).
 ``auto`` keeps the step within PEFT's work, spending what the share pass saves against PEFT on memory: per
 group one of its Pareto-best plans (``group_options``), chosen by an exact multiple-choice knapsack
 (``choose_options``); ``fast`` takes each group's least work. The setting lives in ``AdapterFlags.lowering``
@@ -71,6 +72,13 @@ CACHE_BYTES = 4 << 20
 # A fold reads W and writes W' besides its product: measured 40-165 per value of W' (a fold costs about 1.3x its
 # product); 32 (a step of today's benchmark shape planned with 0, 16, 32 and 64 measured 0.96-1.02x PEFT).
 FOLD_PASS_COST = 32
+# Passes over a site's out x r tensors a path makes (the activation path none): the fused tail scales B once
+# forward and once backward, the lean op and the folding call form lambda_b * B * lambda_d forward and, backward,
+# (gᵀh) * B and its two matrix-vector products (kept: one scaling less). A pass costs a quarter of the passes'
+# cost per tokens x out value (one tensor read and written; the pass costs above span four). At r ≈ tokens an
+# out x r pass costs what a tokens x out one does: without this term auto planned a realistic r=1024 step at
+# 1.02-1.03x PEFT's time, with it 0.98x (benchmarks/RESULTS.md).
+OUT_R_PASSES = {"fused": 2, "lean": 4, "weight": 4, "kept": 3}
 
 
 State = TypeVar("State", bound=tuple)  # (work, saved, ...)
@@ -151,6 +159,12 @@ def pass_cost(g: GroupShape, out: int, path: str = "weight") -> int:
     return 0 if path == "lean" else PASS_COST_CACHED
 
 
+def out_r_cost(g: GroupShape, out: int, path: str) -> int:
+    """Multiply-add equivalents of ``path``'s passes over one site's out x r tensors (``OUT_R_PASSES``)."""
+    per_value = (PASS_COST_CACHED if out * g.r * g.value_bytes <= CACHE_BYTES else PASS_COST) // 4
+    return OUT_R_PASSES[path] * per_value * out * g.r
+
+
 def extra_products(g: GroupShape, out: int, path: str) -> int:
     """Multiply-adds one site adds on ``path`` over the activation path: none fused, the lean op's ``gᵀ z``, a
     folding call's folds (one ``kept``) and ``gᵀ h`` for ``z·Bᵀ`` and its gradient (the group's skipped ``d h @ A``
@@ -192,7 +206,7 @@ def site_choices(g: GroupShape, out: int, weight_allowed: bool) -> list[tuple[st
         latent = 5 * r if g.rows > r else 0
         choices.append(("lean", extra_products(g, out, "lean") - pass_cost(g, out, "lean") * t * out,
                         t * (out + latent)))
-    return choices
+    return [(path, work + out_r_cost(g, out, path), saved) for path, work, saved in choices]
 
 
 def _pareto(plans: list[Plan]) -> list[Plan]:
