@@ -1,18 +1,15 @@
-"""Linear-like layers that export does not show as one plain linear call: bitsandbytes linears and ``nn.Linear``
-subclasses with a forward of their own; and the modules PEFT's ``"all-linear"`` considers.
+"""Linear-like layers export does not show as one plain linear call, and the modules PEFT's ``"all-linear"`` takes.
 
-torch.export cannot trace inside bitsandbytes' 8-bit and 4-bit layers, so capture swaps each for a stand-in (a
-linear whose weight is one zero expanded to the layer's shape) while exporting, then turns every stand-in call into
-a ``call_module`` node of a graph-owned shallow copy of the layer (same quantized weights, its own parameter
-dicts and hooks: the user's model is never touched), which match recognises as a site of kind ``"int8"``,
-``"nf4"`` or ``"fp4"``. Merging (as PEFT does): ``dequantized_weight``, the update added in float32, and
-``requantized`` into a NEW layer of the same class and settings; ``rounding_error`` measures what that costs.
-4-bit copies never take bitsandbytes' CPU inference packing (an eval forward applies it to the shared weight in
-place: it rounds the scales to bfloat16, fails when in_features is not a multiple of the blocksize, and has no
-backward). bitsandbytes stays optional: layers are recognised by class name and package, and it is imported only
-for a model that holds such a layer. ``linear_forwards`` makes an ``nn.Linear`` subclass whose own forward is a
-linear map (Falcon's ``FalconLinear``: ``input @ self.weight.T + self.bias``) export as one ``linear`` call, so it
-is a site.
+bitsandbytes' 8-bit / 4-bit linears: export cannot trace inside them, so capture swaps each for a stand-in (a
+linear whose weight is one zero expanded to the layer's shape), then turns every stand-in call into a
+``call_module`` node of a graph-owned shallow copy of the layer (same quantized weights, its own dicts and hooks:
+the user's model is never touched), a site of kind ``"int8"``, ``"nf4"`` or ``"fp4"``. Merging (as PEFT does):
+``dequantized_weight``, the update added in float32, ``requantized`` into a NEW layer; ``rounding_error`` measures
+what that costs. 4-bit copies never take bitsandbytes' CPU inference packing (an eval forward applies it to the
+shared weight in place: it rounds the scales to bfloat16, fails when in_features is not a multiple of the
+blocksize, and has no backward). bitsandbytes is imported only for a model that holds such a layer.
+``nn.Linear`` subclasses whose own forward is a linear map (Falcon's ``FalconLinear``) export as one ``linear``
+call under ``linear_forwards``, so they are sites.
 """
 
 from __future__ import annotations
@@ -61,8 +58,7 @@ def is_quantized_parameter(p: Any) -> bool:
 
 def layer_kind(module: nn.Module, path: str = "") -> str:
     """``"int8"`` for Linear8bitLt, the 4-bit quant type (``"nf4"`` / ``"fp4"``) for Linear4bit."""
-    base = _bnb_base(type(module), _BNB_LINEARS)
-    if base == "Linear8bitLt":
+    if _bnb_base(type(module), _BNB_LINEARS) == "Linear8bitLt":
         return "int8"
     weight = getattr(module, "weight", None)
     quant_type = getattr(getattr(weight, "quant_state", None), "quant_type", None) or getattr(

@@ -306,11 +306,6 @@ class MergePass(PassBase):
                 sites = {f.site.name for f in folds if a in f.adapters}
                 if sites:
                     remove_adapter_nodes(gm, a, sites)
-            for g in graph_modules(gm):  # the training / adapter-mode flags nothing reads any more
-                for n in list(g.graph.nodes):
-                    if n.op == "get_attr" and n.target in ("training", ADAPTER_MODE_FLAG) and not n.users:
-                        g.graph.erase_node(n)
-                g.recompile()
             flags.merged, flags.folded = merged_meta, folded
             gm.graph.lint()
             gm.recompile()
