@@ -159,9 +159,7 @@ def summary_html(gm: GraphModule, include_unadapted: bool = False) -> str:
 
 def _target_str(node: Node) -> str:
     t = node.target
-    if isinstance(t, str):
-        return t
-    if isinstance(t, (OpOverload, OpOverloadPacket)):
+    if isinstance(t, (str, OpOverload, OpOverloadPacket)):
         return str(t)
     return getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or str(t)
 

@@ -27,14 +27,13 @@ from ..methods import CONTAINER
 from ..quantized import QUANTIZED_KINDS, dequantized_weight, requantized, rounding_error, set_layer
 from ..sites import (ADAPTER_KEY, LINEAR_KINDS, Site, as_graph_module, graph_modules, model_info, qualified_name,
                      read_sites)
-from ..state import ADAPTER_MODE, MTS_TAG, active_adapters, adapters_disabled, adapters_of, merged_adapters, mutation
+from ..state import MTS_TAG, active_adapters, adapters_disabled, adapters_of, merged_adapters, mutation
 from ..versions import adapter_flags
 from .inject import emit_adapter, remove_adapter_nodes
 
 logger = logging.getLogger(__name__)
 
 _USER_LEVEL = 4  # warnings' stacklevel from a pass's call(): call, PassBase.__call__, merge, user
-ADAPTER_MODE_FLAG = f"{ADAPTER_MODE}.training"
 Slot = Union[torch.Tensor, nn.Module]  # what a merge replaces: a weight tensor, or a bitsandbytes site's layer
 
 
@@ -381,15 +380,14 @@ def _graph_reads(gm: GraphModule) -> dict[str, str]:
     """Model parameter name -> the name of the tensor the graph reads in its place, for every parameter the
     base graph reads (a ``modules_to_save`` copy stands in for the parameter it was copied from)."""
     reads: dict[str, str] = {}
-    for g, n, target in ((g, n, qualified_name(g, str(n.target))) for g in graph_modules(gm) for n in g.graph.nodes):
-        if n.op != "get_attr" or n.meta.get(ADAPTER_KEY) or n.target in ("training", ADAPTER_MODE_FLAG):
-            continue
-        mts = n.meta.get(MTS_TAG)
-        try:
-            if isinstance(get_tensor(gm, target), nn.Parameter):
-                reads[qualified_name(g, str(mts["target"])) if mts else target] = target
-        except AttributeError:
-            continue  # not a tensor attribute
+    for g in graph_modules(gm):
+        for n in g.graph.find_nodes(op="get_attr"):
+            target, mts = qualified_name(g, str(n.target)), n.meta.get(MTS_TAG)
+            try:
+                if not n.meta.get(ADAPTER_KEY) and isinstance(get_tensor(gm, target), nn.Parameter):
+                    reads[qualified_name(g, str(mts["target"])) if mts else target] = target
+            except AttributeError:
+                continue  # not a tensor attribute (the ``training`` flags)
     return reads
 
 
