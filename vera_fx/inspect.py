@@ -97,10 +97,7 @@ def _projection_notes(gm: GraphModule) -> list[str]:
     for name, state in adapters_of(gm).items():
         shapes, count, views = [], 0, set()
         for which in ("A", "B"):
-            try:
-                t = state.projection(which)
-            except (AttributeError, KeyError):
-                continue
+            t = state.projection(which)
             shapes.append(f"{which} {'x'.join(map(str, t.shape))}")
             ptr = t.untyped_storage().data_ptr()
             if ptr in owners:
