@@ -26,7 +26,7 @@ LAYERS: dict[str, int] = {
     "vera_fx.config": 0, "vera_fx.sites": 0, "vera_fx.runtime": 0, "vera_fx.versions": 0, "vera_fx.compat": 0,
     "vera_fx.folder": 0, "vera_fx.checks": 1,
     "vera_fx.methods": 1, "vera_fx.methods.": 1, "vera_fx.quantized": 1, "vera_fx.capture": 1, "vera_fx.blocks": 1,
-    "vera_fx.linear_like": 1, "vera_fx.block_export": 1, "vera_fx.signatures": 1,
+    "vera_fx.block_export": 1, "vera_fx.signatures": 1,
     "vera_fx.state": 2,
     "vera_fx.passes": 3, "vera_fx.passes.": 3,
     "vera_fx.adapters": 4, "vera_fx.peft_keys": 4, "vera_fx.checkpoint": 4, "vera_fx.sampling": 4,
@@ -38,7 +38,7 @@ LAYERS: dict[str, int] = {
     "vera_fx.cli": 6, "vera_fx.demo": 6, "vera_fx": 6,
 }
 LAYER_NAMES = ["config, sites, runtime, versions, compat, folder",
-               "methods, quantized, capture, signatures, blocks, block_export, linear_like, checks",
+               "methods, quantized, capture, signatures, blocks, block_export, checks",
                "state", "passes",
                "adapters, peft_keys, checkpoint, sampling, uncertainty, model, generation, eager_generation, variants, "
                "serving, blockwise, distributed, surface, state_dict",

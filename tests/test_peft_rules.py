@@ -303,7 +303,7 @@ def test_linear_module_that_computes_something_else_is_named_truthfully():
 
 
 def test_the_probe_refuses_a_forward_that_raises():
-    from vera_fx.linear_like import computes_linear
+    from vera_fx.quantized import computes_linear
 
     class NeedsMore(nn.Linear):
         def forward(self, x, scale):

@@ -320,7 +320,7 @@ def test_merge_and_unload_matches_peft_merged_model(checkpoint, kind, method, ca
     with torch.no_grad():
         base_out, peft_adapted = base(**kw).logits, pm(**kw).logits
     peft_merged = pm.merge_and_unload()
-    with caplog.at_level("INFO", logger="vera_fx.passes.merge_layers"):
+    with caplog.at_level("INFO", logger="vera_fx.passes.merge"):
         merged = m.merge_and_unload()
     assert merged is base and isinstance(merged, type(peft_merged))
     assert re.search(r"requantized 14 bitsandbytes site\(s\); rounding error .* [0-9.e-]+ at 'model\.layers",
@@ -386,7 +386,7 @@ def test_merge_unmerge_in_the_graph_leave_the_user_s_layers(checkpoint, kind, ca
     short = {k: v for k, v in kw.items() if k != "labels"}
     with torch.no_grad():
         ref, base = m(**kw).logits, model(**kw).logits
-    with caplog.at_level("INFO", logger="vera_fx.passes.merge_layers"):
+    with caplog.at_level("INFO", logger="vera_fx.passes.merge"):
         vera_fx.merge(m)
     assert "rounding error" in caplog.text
     new_layer = m.graph_module.get_submodule(site)

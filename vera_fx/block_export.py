@@ -25,7 +25,7 @@ from torch.fx import Graph, GraphModule, Node
 from . import quantized
 from .blocks import BlockCaptureError, ExportCall, LayerCall, attach_blocks, record_calls
 from .compat import EXPORT_NOTES_LOGGER, HigherOrderOperator, copy_codegen, pytree, register_deepcopy_hook
-from .linear_like import linear_module_paths
+from .quantized import linear_module_paths
 from .signatures import dynamic_shapes_of
 from .sites import BLOCK_KEY
 

@@ -10,7 +10,7 @@ import contextlib
 import itertools
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,7 @@ from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
 from .compat import copy_forward_hook, pytree
+from .quantized import swapped
 from .sites import BLOCK_CALL_KEY
 
 
@@ -199,27 +200,18 @@ class _StandIn(nn.Module):
                                               [t.dim() for t in outs], [_DTYPES.index(t.dtype) for t in outs])
 
 
-@contextlib.contextmanager
 def stand_ins(model: nn.Module, paths: list[str], records: dict[str, LayerCall],
-              calls: dict[int, ExportCall]) -> Iterator[None]:
+              calls: dict[int, ExportCall]) -> contextlib.AbstractContextManager:
     """Swap every layer at ``paths`` for a stand-in meanwhile. A stand-in takes its layer's transformers
     output-capturing hooks (``output_hidden_states``), so the block call's output is recorded."""
-    originals = []
-    try:
-        for i, path in enumerate(paths):
-            parent_path, _, leaf = path.rpartition(".")
-            parent = model.get_submodule(parent_path)
-            layer = parent._modules[leaf]
-            originals.append((parent, leaf, layer))
-            stand_in = _StandIn(i, records[path], calls, layer)
-            for key, hook in layer._forward_hooks.items():
-                if getattr(hook, "__name__", "") == "output_capturing_hook":
-                    copy_forward_hook(layer, stand_in, key)
-            parent._modules[leaf] = stand_in
-        yield
-    finally:
-        for parent, leaf, layer in originals:
-            parent._modules[leaf] = layer
+    swaps = {}
+    for i, path in enumerate(paths):
+        layer = model.get_submodule(path)
+        swaps[path] = _StandIn(i, records[path], calls, layer)
+        for key, hook in layer._forward_hooks.items():
+            if getattr(hook, "__name__", "") == "output_capturing_hook":
+                copy_forward_hook(layer, swaps[path], key)
+    return swapped(model, swaps)
 
 
 def export_top(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -25,7 +25,6 @@ from .block_export import (assemble, capture_eager_top, export_groups, inline_wr
                            rewrite_mode_flags, strip_metadata_asserts)
 from .blocks import BlockCaptureError, SymbolicArgumentError, export_top, find_layer_paths
 from .compat import register_deepcopy_hook
-from .linear_like import linear_forwards, linear_module_paths
 from .signatures import (ExampleInputs, Signature, clone_inputs, explicit_keywords, export_dynamic_shapes,
                          install_input_check, is_pretrained, model_filled_inputs, normalise_example, positional_names,
                          probe, restore_input_names, warn_unit_dims)
@@ -95,7 +94,8 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Opti
     names_in_order = list(positional_names(model, len(args))) + list(kwargs)
     try:
         with model_flags_kept(model), warnings.catch_warnings(), quantized.stand_ins(model, qlayers), \
-                explicit_keywords(model, kwargs), linear_forwards(model), _drop_path_as_dropout(model):
+                explicit_keywords(model, kwargs), quantized.linear_forwards(model), \
+                quantized.forwards(model, _drop_path_forward):
             model.train()
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
             gm = _export_tree(model, args, kwargs, layer_paths, qlayers, blocks, names_in_order, budget)
@@ -145,22 +145,13 @@ def _drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
     return x * nn.functional.dropout(x.new_ones((x.shape[0],) + (1,) * (x.dim() - 1)), p, True)
 
 
-@contextlib.contextmanager
-def _drop_path_as_dropout(model: nn.Module) -> Iterator[None]:
+def _drop_path_forward(module: nn.Module) -> Optional[Callable]:
     """While exporting, transformers' ``*DropPath`` modules with ``drop_prob`` > 0 (Swin, BEiT, ConvNeXt) run
     ``_drop_path``: their forward tests ``self.training`` in Python, which export would bake in."""
-    changed = []
-    try:
-        for module in model.modules():
-            p = getattr(module, "drop_prob", None)
-            if type(module).__name__.endswith("DropPath") and isinstance(p, float) and p > 0 \
-                    and "forward" not in module.__dict__:
-                module.forward = functools.partial(_drop_path, p=p)
-                changed.append(module)
-        yield
-    finally:
-        for module in changed:
-            module.__dict__.pop("forward", None)
+    p = getattr(module, "drop_prob", None)
+    if type(module).__name__.endswith("DropPath") and isinstance(p, float) and p > 0:
+        return functools.partial(_drop_path, p=p)
+    return None
 
 
 def _first_line(e: BaseException) -> str:
@@ -302,7 +293,7 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
         "output_head": head,
         "modules": {n: type(m).__name__ for n, m in model.named_modules() if n},
-        "linear_modules": linear_module_paths(model),  # what PEFT's "all-linear" considers
+        "linear_modules": quantized.linear_module_paths(model),  # what PEFT's "all-linear" considers
     }
 
 

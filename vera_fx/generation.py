@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 from .capture import SOURCE_MODEL_KEY, CaptureError, model_flags_kept
 from .eager_generation import (bind_parameters, eager_reason, emit_for_inference, generate_eager, kl_terms_kept,
                                live_layout, model_inputs)
-from .linear_like import linear_forwards
+from .quantized import linear_forwards
 from .methods import CONTAINER
 from .passes.infer import DEFAULT_FORM, INFERENCE_KEY, bind_flat_reads, flatten_reads
 from .passes.match import MatchPass

@@ -23,7 +23,7 @@ from torch.fx import GraphModule, Node
 
 from .compat import OpOverload, OpOverloadPacket
 from .sites import (ADAPTER_KEY, BLOCK_CALL_KEY, SITE_KEY, Site, as_graph_module, block_groups, block_prefix,
-                    model_info, read_sites)
+                    model_info, read_sites, site_owners)
 from .state import active_adapters, adapters_disabled, adapters_of
 from .surface import count_parameters as trainable_parameters
 
@@ -64,11 +64,7 @@ def summary_rows(gm: GraphModule, include_unadapted: bool = False) -> list[dict[
     """One dict per site (name, kind, in_features, out_features, adapters, params, trainable, state) that an
     adapter covers (active, inactive, disabled or merged), or every site with ``include_unadapted``."""
     gm = as_graph_module(gm, "summary_rows")
-    states = dict(adapters_of(gm).items())
-    covering: dict[str, list[str]] = {}
-    for adapter, state in states.items():
-        for site_name in getattr(state, "site_names", ()):
-            covering.setdefault(site_name, []).append(adapter)
+    states, covering = dict(adapters_of(gm).items()), site_owners(gm)
     attached: dict[str, set[str]] = {}
     first: dict[str, Site] = {}
     for s in read_sites(gm):  # a shared layer is called more than once: one row per name
@@ -101,10 +97,7 @@ def _projection_notes(gm: GraphModule) -> list[str]:
     for name, state in adapters_of(gm).items():
         shapes, count, views = [], 0, set()
         for which in ("A", "B"):
-            try:
-                t = state.projection(which)
-            except (AttributeError, KeyError):
-                continue
+            t = state.projection(which)
             shapes.append(f"{which} {'x'.join(map(str, t.shape))}")
             ptr = t.untyped_storage().data_ptr()
             if ptr in owners:
@@ -112,10 +105,9 @@ def _projection_notes(gm: GraphModule) -> list[str]:
             else:
                 owners[ptr] = name
                 count += t.numel()
-        method = getattr(state, "method_name", "?")
-        r = getattr(getattr(state, "config", None), "r", "?")
         where = f"views of {', '.join(map(repr, sorted(views)))}'s" if views and not count else f"{count:,d} values"
-        notes.append(f"adapter {name!r} ({method}, r={r}): shared frozen projections {', '.join(shapes)} "
+        notes.append(f"adapter {name!r} ({state.method_name}, r={state.config.r}): shared frozen projections "
+                     f"{', '.join(shapes)} "
                      f"({where}, buffers)")
     return notes
 
@@ -164,9 +156,7 @@ def summary_html(gm: GraphModule, include_unadapted: bool = False) -> str:
 
 def _target_str(node: Node) -> str:
     t = node.target
-    if isinstance(t, str):
-        return t
-    if isinstance(t, (OpOverload, OpOverloadPacket)):
+    if isinstance(t, (str, OpOverload, OpOverloadPacket)):
         return str(t)
     return getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or str(t)
 

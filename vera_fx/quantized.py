@@ -1,15 +1,15 @@
-"""Quantized bases: bitsandbytes 8-bit and 4-bit linears as opaque ``call_module`` sites.
+"""Linear-like layers export does not show as one plain linear call, and the modules PEFT's ``"all-linear"`` takes.
 
-torch.export cannot trace inside bitsandbytes' layers, so capture swaps each for a stand-in (a linear whose
-weight is one zero expanded to the layer's shape) while exporting, then turns every stand-in call into a
-``call_module`` node of a graph-owned shallow copy of the layer (same quantized weights, its own parameter
-dicts and hooks: the user's model is never touched), which match recognises as a site of kind ``"int8"``,
-``"nf4"`` or ``"fp4"``. Merging (as PEFT does): ``dequantized_weight``, the update added in float32, and
-``requantized`` into a NEW layer of the same class and settings; ``rounding_error`` measures what that costs.
-4-bit copies never take bitsandbytes' CPU inference packing (an eval forward applies it to the shared weight in
-place: it rounds the scales to bfloat16, fails when in_features is not a multiple of the blocksize, and has no
-backward). bitsandbytes stays optional: layers are recognised by class name and package, and it is imported only
-for a model that holds such a layer.
+bitsandbytes' 8-bit / 4-bit linears: export cannot trace inside them, so capture swaps each for a stand-in (a
+linear whose weight is one zero expanded to the layer's shape), then turns every stand-in call into a
+``call_module`` node of a graph-owned shallow copy of the layer (same quantized weights, its own dicts and hooks:
+the user's model is never touched), a site of kind ``"int8"``, ``"nf4"`` or ``"fp4"``. Merging (as PEFT does):
+``dequantized_weight``, the update added in float32, ``requantized`` into a NEW layer; ``rounding_error`` measures
+what that costs. 4-bit copies never take bitsandbytes' CPU inference packing (an eval forward applies it to the
+shared weight in place: it rounds the scales to bfloat16, fails when in_features is not a multiple of the
+blocksize, and has no backward). bitsandbytes is imported only for a model that holds such a layer.
+``nn.Linear`` subclasses whose own forward is a linear map (Falcon's ``FalconLinear``) export as one ``linear``
+call under ``linear_forwards``, so they are sites.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import functools
 import importlib
 import logging
 import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -40,10 +40,10 @@ _BNB_LINEARS = ("Linear8bitLt", "Linear4bit")  # LinearNF4 / LinearFP4 subclass 
 _QUANT_PARAMS = ("Int8Params", "Params4bit")
 
 
-def _bnb_base(cls: type, names: tuple[str, ...]) -> Optional[str]:
-    """The first of ``names`` among ``cls``'s bitsandbytes bases."""
-    return next((c.__name__ for c in cls.__mro__
-                 if c.__name__ in names and c.__module__.split(".")[0] == "bitsandbytes"), None)
+def _bnb_base(cls: type, names: tuple[str, ...], package: str = "bitsandbytes") -> Optional[str]:
+    """The first of ``names`` among ``cls``'s bases from ``package`` (recognised by name: nothing is imported)."""
+    return next((c.__name__ for c in cls.__mro__ if c.__name__ in names and c.__module__.split(".")[0] == package),
+                None)
 
 
 def is_quantized_layer(module: nn.Module) -> bool:
@@ -58,8 +58,7 @@ def is_quantized_parameter(p: Any) -> bool:
 
 def layer_kind(module: nn.Module, path: str = "") -> str:
     """``"int8"`` for Linear8bitLt, the 4-bit quant type (``"nf4"`` / ``"fp4"``) for Linear4bit."""
-    base = _bnb_base(type(module), _BNB_LINEARS)
-    if base == "Linear8bitLt":
+    if _bnb_base(type(module), _BNB_LINEARS) == "Linear8bitLt":
         return "int8"
     weight = getattr(module, "weight", None)
     quant_type = getattr(getattr(weight, "quant_state", None), "quant_type", None) or getattr(
@@ -127,15 +126,21 @@ def set_layer(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def stand_ins(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[None]:
-    """A stand-in at every path of ``layers`` for the block; the originals are restored whatever it raises."""
+def swapped(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
+    """``modules[path]`` at every path of ``model`` for the block; the originals are restored whatever it raises."""
+    originals: dict[str, nn.Module] = {}
     try:
-        for path, layer in layers.items():
-            set_layer(model, path, _StandIn(layer))
+        for path, module in modules.items():
+            originals[path] = set_layer(model, path, module)
         yield
     finally:
-        for path, layer in layers.items():
-            set_layer(model, path, layer)
+        for path, module in originals.items():
+            set_layer(model, path, module)
+
+
+def stand_ins(model: nn.Module, layers: dict[str, nn.Module]) -> contextlib.AbstractContextManager:
+    """A stand-in at every path of ``layers`` for the block (``swapped``)."""
+    return swapped(model, {path: _StandIn(layer) for path, layer in layers.items()})
 
 
 def _is_cpu_packed(weight: Any) -> bool:
@@ -323,3 +328,67 @@ def rebind_layers(gm: GraphModule, source: GraphModule) -> int:
                 set_layer(gm, path, theirs)
                 count += 1
     return count
+
+
+def is_linear_module(module: nn.Module) -> bool:
+    """True for what PEFT's ``"all-linear"`` takes: ``nn.Linear`` (bitsandbytes' linears included) and
+    subclasses, and transformers' ``Conv1D`` (recognised by class name and package, never imported)."""
+    return isinstance(module, nn.Linear) or _bnb_base(type(module), ("Conv1D",), "transformers") is not None
+
+
+def linear_module_paths(model: nn.Module) -> list[str]:
+    """Paths of the linear modules of ``model`` (``is_linear_module``), in registration order."""
+    return [path for path, m in model.named_modules() if path and is_linear_module(m)]
+
+
+def computes_linear(module: nn.Linear) -> bool:
+    """Whether ``module``'s own forward computes ``F.linear(x, weight, bias)`` (a probe on a random input,
+    without autograd, RNG forked); False when it raises or differs."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point() \
+            or weight.device.type == "meta":
+        return False
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        x = torch.randn(2, 3, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        try:
+            got = module(x)
+        except Exception:  # any failure means: not a plain linear map
+            return False
+        want = nn.functional.linear(x, weight, module.bias)
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+        return False
+    tol = 1e-5 if weight.dtype == torch.float32 else 1e-2
+    return bool(torch.allclose(got, want, rtol=tol, atol=tol))
+
+
+@contextlib.contextmanager
+def forwards(model: nn.Module, forward_of: Callable[[nn.Module], Optional[Callable]]) -> Iterator[list[str]]:
+    """While inside, every module of ``model`` without an instance ``forward`` of its own for which ``forward_of``
+    gives a function runs that function. Yields the paths changed."""
+    changed: list[tuple[str, nn.Module]] = []
+    try:
+        for path, module in model.named_modules():
+            forward = None if "forward" in module.__dict__ else forward_of(module)
+            if forward is not None:
+                module.forward = forward
+                changed.append((path, module))
+        if changed:
+            logger.debug("%s: %d %s modules", forward_of.__name__, len(changed), type(changed[0][1]).__name__)
+        yield [p for p, _ in changed]
+    finally:
+        for _, module in changed:
+            module.__dict__.pop("forward", None)
+
+
+def _linear_forward(module: nn.Module) -> Optional[Callable]:
+    """``nn.Linear.forward`` for an ``nn.Linear`` subclass whose own forward computes a linear map (one ``linear``
+    call in the graph: a site)."""
+    if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward \
+            and not is_quantized_layer(module) and computes_linear(module):
+        return nn.Linear.forward.__get__(module)
+    return None
+
+
+def linear_forwards(model: nn.Module) -> contextlib.AbstractContextManager:
+    """``forwards`` with ``nn.Linear.forward`` for every ``nn.Linear`` subclass computing a linear map."""
+    return forwards(model, _linear_forward)

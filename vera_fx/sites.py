@@ -58,19 +58,13 @@ class Site:
 
     @property
     def input(self) -> Node:
-        """The tensor the site reads *now* (after an upstream adapter rewired the base call, the adapted value)."""
-        return site_input(self.base, self.kind)
+        """The tensor the site reads *now* (after an upstream adapter rewired the base call, the adapted value):
+        the argument before Conv1D's flattening view, else the first argument."""
+        return self.base.args[1].args[0] if self.kind == "conv1d" else self.base.args[0]  # addmm(bias, view(x), w)
 
     @property
     def fan_in_fan_out(self) -> bool:
         return self.kind == "conv1d"
-
-
-def site_input(base: Node, kind: str) -> Node:
-    """The tensor the site reads: the argument before Conv1D's flattening view, else the first argument."""
-    if kind == "conv1d":
-        return base.args[1].args[0]  # addmm(bias, view(x), weight)
-    return base.args[0]
 
 
 def site_output(base: Node, kind: str) -> Node:
@@ -198,13 +192,18 @@ def _adapter_states(gm: GraphModule) -> list[tuple[str, Any]]:
     return list(container.items()) if container is not None else []
 
 
-def adapted_sites(gm: GraphModule, adapter_name: Optional[str] = None) -> list[Site]:
-    """The sites that carry an adapter (of ``adapter_name`` only, when given), one per site name; an adapter
-    counts whether it is active, inactive (no nodes while switched off) or merged."""
-    owners: dict[str, set[str]] = {}
+def site_owners(gm: GraphModule) -> dict[str, list[str]]:
+    """Site name -> the adapters holding state there (active, inactive: no nodes while switched off, or merged)."""
+    owners: dict[str, list[str]] = {}
     for name, state in _adapter_states(gm):
         for site_name in state.site_names:
-            owners.setdefault(site_name, set()).add(name)
+            owners.setdefault(site_name, []).append(name)
+    return owners
+
+
+def adapted_sites(gm: GraphModule, adapter_name: Optional[str] = None) -> list[Site]:
+    """The sites that carry an adapter (of ``adapter_name`` only, when given), one per site name."""
+    owners = site_owners(gm)
     seen: dict[str, Site] = {}
     for s in read_sites(gm):
         names = {*s.adapters, *s.merged, *owners.get(s.name, ())}

@@ -10,7 +10,7 @@ import difflib
 import logging
 import re
 import warnings
-from typing import Callable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch.fx import GraphModule, Node
@@ -182,13 +182,17 @@ def _list_matches(key: str, targets: list[str], config: AdapterConfig) -> bool:
     return layers is None or layer_index(key, config.layers_pattern) in layers
 
 
-def peft_selection(info: dict, targets: object, config: AdapterConfig) -> set[str]:
-    """The module paths PEFT's own rules select for ``targets`` (a list or a regex; not 'all-linear') over the
-    model's modules, without our extensions: what PEFT adapts, or refuses when one of them is not linear."""
-    keys = [k for k in info.get("modules", {}) if not _saved(k, config)]
+def _selected(keys: Iterable[str], targets: object, config: AdapterConfig) -> set[str]:
+    """The ``keys`` PEFT's rules select for ``targets``: a regex fully matched, or a list (``_list_matches``)."""
     if isinstance(targets, str):
         return {k for k in keys if re.fullmatch(targets, k)}
     return {k for k in keys if _list_matches(k, list(targets), config)}
+
+
+def peft_selection(info: dict, targets: object, config: AdapterConfig) -> set[str]:
+    """The module paths PEFT's own rules select for ``targets`` (a list or a regex; not 'all-linear') over the
+    model's modules, without our extensions: what PEFT adapts, or refuses when one of them is not linear."""
+    return _selected([k for k in info.get("modules", {}) if not _saved(k, config)], targets, config)
 
 
 def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]:
@@ -230,11 +234,8 @@ def _pick(info: dict, names: list[str], targets: Union[str, list], config: Adapt
         inside = [n for n in names if n.startswith(path + ".")]
         if inside and path not in sites and not _saved(path, config):
             containers[path] = inside
-
-    def hit(key: str) -> bool:
-        return bool(re.fullmatch(targets, key)) if isinstance(targets, str) else _list_matches(key, targets, config)
-
-    picked = {n for n in names if hit(n)} | {n for path, inside in containers.items() if hit(path) for n in inside}
+    picked = _selected(names, targets, config) | {n for path in _selected(containers, targets, config)
+                                                 for n in containers[path]}
     if isinstance(targets, str):
         if not picked:
             raise ValueError(f"target_modules={targets!r} (a regex, matched against full module paths) "

@@ -3,18 +3,20 @@
 ``MergePass`` computes ``W + ΔW`` for every site it folds (``Method.delta_weight`` in float32, cast back to the
 weight's dtype), swaps the new weights in and erases the adapter nodes, so the graph is node for node the
 captured base graph. Copy-on-merge: the graph shares weight storage with the user's model, so merge installs new
-tensors (or bitsandbytes layers, vera_fx/passes/merge_layers.py) and keeps the originals, which ``UnmergePass``
-puts back exactly; ``merge_into`` is the explicit way to bake the adapters into the model. Both passes are
-atomic: everything is computed (and, with ``safe_merge``, checked) before anything changes, and a failure while
-rewriting restores the previous graphs and weights.
+tensors and keeps the originals (in ``flags.folded``), which ``UnmergePass`` puts back exactly; a bitsandbytes site,
+as in PEFT, gets a NEW layer: the graph's layer dequantized, plus ΔW in float32, quantized again (each site's
+rounding error is logged next to the size of the update). ``merge_into`` is the explicit way to bake the adapters
+into the model. Both passes are atomic: everything is computed (and, with ``safe_merge``, checked) before anything
+changes, and a failure while rewriting restores the previous graphs, weights and layers (``Rollback``).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -22,28 +24,105 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..methods import CONTAINER
-from ..quantized import set_layer
-from ..sites import ADAPTER_KEY, Site, as_graph_module, graph_modules, model_info, qualified_name, read_sites
-from ..state import ADAPTER_MODE, MTS_TAG, active_adapters, adapters_disabled, adapters_of, merged_adapters, mutation
+from ..quantized import QUANTIZED_KINDS, dequantized_weight, requantized, rounding_error, set_layer
+from ..sites import (ADAPTER_KEY, LINEAR_KINDS, Site, as_graph_module, graph_modules, model_info, qualified_name,
+                     read_sites)
+from ..state import MTS_TAG, active_adapters, adapters_disabled, adapters_of, merged_adapters, mutation
 from ..versions import adapter_flags
 from .inject import emit_adapter, remove_adapter_nodes
-from .merge_layers import (Rollback, add_deltas, baked_layers, check_finite, get_tensor, is_layer_site, layer_path,
-                           like, merged_layers, record_fold, set_tensor)
 
 logger = logging.getLogger(__name__)
 
-_DENSE_KINDS = ("linear", "conv1d")
 _USER_LEVEL = 4  # warnings' stacklevel from a pass's call(): call, PassBase.__call__, merge, user
-ADAPTER_MODE_FLAG = f"{ADAPTER_MODE}.training"
+Slot = Union[torch.Tensor, nn.Module]  # what a merge replaces: a weight tensor, or a bitsandbytes site's layer
+
+
+def get_tensor(module: nn.Module, qualname: str) -> torch.Tensor:
+    """The parameter or buffer at ``qualname``; AttributeError when it is neither."""
+    path, _, name = qualname.rpartition(".")
+    mod = module.get_submodule(path)
+    for where in (mod._parameters, mod._buffers):
+        if where.get(name) is not None:
+            return where[name]
+    raise AttributeError(f"{qualname!r} is neither a parameter nor a buffer")
+
+
+def _layer_path(weight: str) -> str:
+    return weight.rpartition(".")[0]
+
+
+def _slot(module: nn.Module, weight: str, layer: bool) -> Slot:
+    """What a merge replaces for the weight ``weight``: its bitsandbytes layer (``layer``), else the tensor."""
+    return module.get_submodule(_layer_path(weight)) if layer else get_tensor(module, weight)
+
+
+def _install(module: nn.Module, weight: str, value: Slot) -> Slot:
+    """Put ``value`` (a new object: whatever else held the old one keeps it) in the slot of ``weight``; returns
+    what was there."""
+    if isinstance(value, nn.Module):
+        return set_layer(module, _layer_path(weight), value)
+    path, _, name = weight.rpartition(".")
+    mod = module.get_submodule(path)
+    where = mod._parameters if name in mod._parameters else mod._buffers
+    old, where[name] = where[name], value
+    return old
+
+
+def _like(old: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """``data`` wrapped as ``old`` is: a Parameter with its requires_grad, or a plain tensor."""
+    return nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else data
+
+
+def add_deltas(acc: torch.Tensor, gm: GraphModule, site: Site, adapters: tuple[str, ...],
+               sign: float = 1.0) -> torch.Tensor:
+    """``acc += sign * ΔW`` of each adapter at ``site`` in place (float32, in the weight's layout: transposed for
+    Conv1D)."""
+    container = getattr(gm, CONTAINER)
+    for a in adapters:
+        with torch.no_grad():
+            delta = container[a].method.delta_weight(container[a], site).detach()
+        delta = delta.T if site.fan_in_fan_out else delta
+        if tuple(delta.shape) != tuple(acc.shape):
+            raise ValueError(f"site {site.name!r}: the adapter's delta has shape {tuple(delta.shape)} but the weight "
+                             f"{site.weight!r} has shape {tuple(acc.shape)}; the graph's weight was replaced by one "
+                             "of another shape: capture and transform the model again")
+        acc.add_(delta.to(device=acc.device, dtype=torch.float32), alpha=sign)
+    return acc
+
+
+@dataclass
+class Folded:
+    """A merged weight or quantized layer: what it replaced (put back by unmerge) and what merge installed."""
+
+    site: str
+    adapters: tuple[str, ...]
+    original: Slot
+    merged: Slot
+    version: int = -1  # a tensor's merged._version when installed: a later in-place change shows up here
+
+    @property
+    def is_layer(self) -> bool:
+        return isinstance(self.merged, nn.Module)
+
+    def __deepcopy__(self, memo: dict) -> "Folded":
+        merged = copy.deepcopy(self.merged, memo)  # a copy of a tensor starts a fresh version counter
+        version = merged._version if not self.is_layer and self.merged._version == self.version else -1
+        return Folded(self.site, self.adapters, copy.deepcopy(self.original, memo), merged, version)
 
 
 @dataclass
 class _Fold:
-    """One weight to fold: its qualified name, its site (first call) and the adapters added to it."""
+    """One weight to fold: its qualified name, its site (first call), the adapters added to it and, for
+    ``merge_into``, the unmerged layer of a bitsandbytes site merged before."""
 
     weight: str
     site: Site
     adapters: tuple[str, ...]
+    original: Optional[nn.Module] = None
+
+    @property
+    def layer(self) -> bool:
+        return self.site.kind in QUANTIZED_KINDS
 
 
 def _check_names(gm: GraphModule, adapter_names: Optional[Iterable[str]]) -> tuple[str, ...]:
@@ -69,15 +148,15 @@ def _unmergeable(readers: dict[str, list[Node]], calls: list[Site], adapters: tu
     """Why the weight of a site (all its calls) cannot take ``adapters``, or None; ``readers``: get_attr target ->
     the nodes that use it."""
     site = calls[0]
-    if site.kind not in _DENSE_KINDS and not is_layer_site(site):
+    if site.kind not in LINEAR_KINDS:
         return f"its kind {site.kind!r} has no weight vera_fx can merge into"
     if site.weight is None or any(c.weight != site.weight for c in calls):
         return "its weight is computed in the graph, not read from a parameter"
     missing = [a for a in adapters for c in calls if a not in c.adapters]
     if missing:
         return f"adapter(s) {sorted(set(missing))} are attached to only some of its calls"
-    if is_layer_site(site):
-        return None  # merged into a new bitsandbytes layer at its path (merge_layers.py)
+    if site.kind in QUANTIZED_KINDS:
+        return None  # merged into a new bitsandbytes layer at its path
     bases = {c.base for c in calls}
     others = [u.name for u in readers.get(site.weight, []) if u not in bases and not u.meta.get(ADAPTER_KEY)]
     if others:
@@ -116,29 +195,70 @@ def _plan(gm: GraphModule, names: tuple[str, ...]) -> tuple[list[_Fold], dict[st
     return folds, skipped
 
 
-def _folded_weights(gm: GraphModule, folds: list[_Fold], safe_merge: bool) -> dict[str, torch.Tensor]:
-    """Weight qualname -> ``W + sum(ΔW)`` (computed in float32, in the weight's dtype) for every dense fold."""
-    new = {}
+def _merged(gm: GraphModule, folds: list[_Fold], safe_merge: bool, templates: Optional[dict[str, nn.Module]] = None,
+            biases: Optional[dict[str, torch.Tensor]] = None) -> dict[str, Slot]:
+    """Weight qualname -> what replaces it, nothing installed: ``W + sum(ΔW)`` (in float32, then in the weight's
+    dtype) for a tensor; for a bitsandbytes site a new layer, quantized like ``templates[path]`` (default: the
+    fold's layer) with ``biases[path]``, whose rounding errors are logged (the largest at INFO, each at DEBUG)."""
+    out: dict[str, Slot] = {}
+    worst: tuple[float, float, str] = (-1.0, 0.0, "")
+    layers = sum(f.layer for f in folds)
     for f in folds:
-        if not is_layer_site(f.site):
-            weight = get_tensor(gm, f.weight)
-            acc = add_deltas(weight.detach().to(torch.float32, copy=True), gm, f.site, f.adapters)
-            if safe_merge:
-                check_finite(acc, f.site, f.adapters, repr(f.weight))
-            new[f.weight] = acc.to(weight.dtype)
-    return new
+        site, old = f.site, f.original if f.original is not None else _slot(gm, f.weight, f.layer)
+        if not f.layer:
+            acc = add_deltas(old.detach().to(torch.float32, copy=True), gm, site, f.adapters)
+            _check_finite(safe_merge, acc, site, f.adapters, repr(f.weight))
+            out[f.weight] = _like(old, acc.to(old.dtype))
+            continue
+        path, dense = _layer_path(f.weight), dequantized_weight(old).to(torch.float32)
+        delta = add_deltas(torch.zeros(site.out_features, site.in_features, device=dense.device), gm, site, f.adapters)
+        dense += delta
+        _check_finite(safe_merge, dense, site, f.adapters, f"its dequantized {site.kind} weight")
+        out[f.weight] = requantized((templates or {}).get(path, old), dense, (biases or {}).get(path))
+        error, update = rounding_error(old, out[f.weight], delta)
+        logger.debug("merge: %s (%s): requantized; rounding error %.3g (update at most %.3g)", site.name, site.kind,
+                     error, update)
+        worst = max(worst, (error, update, site.name))
+    if layers:
+        logger.info("merge: requantized %d bitsandbytes site(s); rounding error (max |merged - unmerged| output on "
+                    "a probe) %.3g at %r, where the update is at most %.3g", layers, worst[0], worst[2], worst[1])
+    return out
 
 
-def _layer_plans(gm: GraphModule, folds: list[_Fold]) -> list[tuple[Site, tuple[str, ...], nn.Module]]:
-    return [(f.site, f.adapters, gm.get_submodule(layer_path(f.weight))) for f in folds if is_layer_site(f.site)]
+def _check_finite(safe_merge: bool, merged: torch.Tensor, site: Site, adapters: tuple[str, ...], what: str) -> None:
+    """``safe_merge``'s check: a ValueError naming the site and adapters when ``merged`` is not finite."""
+    if safe_merge and not bool(torch.isfinite(merged).all()):
+        raise ValueError(f"safe_merge=True: merging adapter(s) {list(adapters)} into site {site.name!r} gives "
+                         f"non-finite values in {what}; nothing was changed. Check that adapter's lambdas "
+                         "(vera_fx_adapters.<adapter>.sites.<site>) for NaN/inf, e.g. from a diverged run")
 
 
-class _GraphPass(PassBase):
-    def ensures(self, graph_module: GraphModule) -> None:
-        graph_module.graph.lint()
+class Rollback:
+    """Restores ``gm``'s graphs, the slots of the given weights and the merge records when the block raises."""
+
+    def __init__(self, gm: GraphModule, slots: Iterable[tuple[str, bool]]) -> None:
+        self.gm, self.slots = gm, list(slots)
+
+    def __enter__(self) -> "Rollback":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's pytree spec deprecation inside deepcopy
+            self.graphs = [(g, copy.deepcopy(g.graph)) for g in graph_modules(self.gm)]
+        self.saved = {w: _slot(self.gm, w, layer) for w, layer in self.slots}
+        self.flags = adapter_flags(self.gm)
+        self.records = (dict(self.flags.merged), dict(self.flags.folded))
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> bool:
+        if exc_type is not None:
+            for g, graph in self.graphs:
+                g.graph = graph  # the setter recompiles
+            for w, value in self.saved.items():
+                _install(self.gm, w, value)
+            self.flags.merged, self.flags.folded = self.records
+        return False
 
 
-class MergePass(_GraphPass):
+class MergePass(PassBase):
     """Fold ``adapter_names`` (default: the active adapters) into their sites' weights; erase their nodes."""
 
     def __init__(self, adapter_names: Optional[Iterable[str]] = None, safe_merge: bool = False) -> None:
@@ -170,32 +290,21 @@ class MergePass(_GraphPass):
             else:
                 logger.info(msg)
             return PassResult(gm, False)
-        new = _folded_weights(gm, folds, self.safe_merge)
-        plans = _layer_plans(gm, folds)
-        layers = merged_layers(gm, plans, self.safe_merge)
-        with Rollback(gm, new, map(layer_path, layers)):
+        new = _merged(gm, folds, self.safe_merge)
+        with Rollback(gm, [(f.weight, f.layer) for f in folds]):
             flags = adapter_flags(gm)
-            merged_meta: dict[str, tuple[str, ...]] = dict(flags.merged)
-            folded = dict(flags.folded)
-            for site, adapters, _ in plans:
-                old = set_layer(gm, layer_path(site.weight), layers[site.weight])
-                record_fold(folded, site.weight, site.name, adapters, old, layers[site.weight])
+            merged_meta, folded = dict(flags.merged), dict(flags.folded)
             for f in folds:
+                value = new[f.weight]
+                old = _install(gm, f.weight, value)
+                prev = folded.get(f.weight)  # a site merged before keeps its first original: the graph's own
+                folded[f.weight] = Folded(f.site.name, (prev.adapters if prev else ()) + f.adapters,
+                                          prev.original if prev else old, value, -1 if f.layer else value._version)
                 merged_meta[f.site.name] = merged_meta.get(f.site.name, ()) + f.adapters
-                if f.weight in new:
-                    old = get_tensor(gm, f.weight)
-                    value = like(old, new[f.weight])
-                    set_tensor(gm, f.weight, value)
-                    record_fold(folded, f.weight, f.site.name, f.adapters, old, value)
             for a in names:
                 sites = {f.site.name for f in folds if a in f.adapters}
                 if sites:
                     remove_adapter_nodes(gm, a, sites)
-            for g in graph_modules(gm):  # the training / adapter-mode flags nothing reads any more
-                for n in list(g.graph.nodes):
-                    if n.op == "get_attr" and n.target in ("training", ADAPTER_MODE_FLAG) and not n.users:
-                        g.graph.erase_node(n)
-                g.recompile()
             flags.merged, flags.folded = merged_meta, folded
             gm.graph.lint()
             gm.recompile()
@@ -203,7 +312,7 @@ class MergePass(_GraphPass):
         return PassResult(gm, True)
 
 
-class UnmergePass(_GraphPass):
+class UnmergePass(PassBase):
     """Put back every merged weight and re-emit the merged adapters' nodes."""
 
     def requires(self, graph_module: GraphModule) -> None:
@@ -216,14 +325,11 @@ class UnmergePass(_GraphPass):
         if not folded:
             logger.info("unmerge: nothing is merged")
             return PassResult(gm, False)
-        layers = {q: rec for q, rec in folded.items() if rec.is_layer}
-        restored = {q: self._restored(gm, q, rec) for q, rec in folded.items() if q not in layers}
+        restored = {q: rec.original if rec.is_layer else self._restored(gm, q, rec) for q, rec in folded.items()}
         merged_meta = dict(flags.merged)
-        with Rollback(gm, restored, map(layer_path, layers)):
+        with Rollback(gm, [(q, rec.is_layer) for q, rec in folded.items()]):
             for q, value in restored.items():
-                set_tensor(gm, q, value)
-            for q, rec in layers.items():
-                set_layer(gm, layer_path(q), rec.original)
+                _install(gm, q, value)
             for a in getattr(gm, CONTAINER):
                 sites = {s for s, ads in merged_meta.items() if a in ads}
                 if sites:
@@ -231,23 +337,24 @@ class UnmergePass(_GraphPass):
             flags.merged, flags.folded = {}, {}
             gm.graph.lint()
             gm.recompile()
-        logger.info("unmerge: restored %d weights and %d quantized layers", len(restored), len(layers))
+        layers = sum(rec.is_layer for rec in folded.values())
+        logger.info("unmerge: restored %d weights and %d quantized layers", len(folded) - layers, layers)
         return PassResult(gm, True)
 
     @staticmethod
-    def _restored(gm: GraphModule, qualname: str, rec) -> torch.Tensor:  # noqa: ANN001 (a merge_layers.Folded)
+    def _restored(gm: GraphModule, qualname: str, rec: Folded) -> torch.Tensor:
         """The original tensor when the merged one is untouched; else the current one minus the deltas."""
         current, orig = get_tensor(gm, qualname), rec.original
         if current is rec.merged and current._version == rec.version and orig.shape == current.shape:
             if orig.dtype == current.dtype and orig.device == current.device:
                 return orig
-            return like(current, orig.detach().to(device=current.device, dtype=current.dtype))
+            return _like(current, orig.detach().to(device=current.device, dtype=current.dtype))
         warnings.warn(f"unmerge: the merged weight {qualname!r} (site {rec.site!r}) was changed after merge; "
                       "restoring it by subtracting the adapters' current delta (exact only up to rounding)",
                       UserWarning, stacklevel=_USER_LEVEL + 1)
         site = next(s for s in read_sites(gm) if s.name == rec.site)
         acc = add_deltas(current.detach().to(torch.float32, copy=True), gm, site, rec.adapters, sign=-1.0)
-        return like(current, acc.to(current.dtype))
+        return _like(current, acc.to(current.dtype))
 
 
 @mutation
@@ -269,21 +376,18 @@ def unmerge(gm: GraphModule) -> GraphModule:
     weight changed in the meantime is restored by subtraction instead, with a warning."""
     UnmergePass()(as_graph_module(gm, "unmerge"))
     return gm
-
-
 def _graph_reads(gm: GraphModule) -> dict[str, str]:
     """Model parameter name -> the name of the tensor the graph reads in its place, for every parameter the
     base graph reads (a ``modules_to_save`` copy stands in for the parameter it was copied from)."""
     reads: dict[str, str] = {}
-    for g, n, target in ((g, n, qualified_name(g, str(n.target))) for g in graph_modules(gm) for n in g.graph.nodes):
-        if n.op != "get_attr" or n.meta.get(ADAPTER_KEY) or n.target in ("training", ADAPTER_MODE_FLAG):
-            continue
-        mts = n.meta.get(MTS_TAG)
-        try:
-            if isinstance(get_tensor(gm, target), nn.Parameter):
-                reads[qualified_name(g, str(mts["target"])) if mts else target] = target
-        except AttributeError:
-            continue  # not a tensor attribute
+    for g in graph_modules(gm):
+        for n in g.graph.find_nodes(op="get_attr"):
+            target, mts = qualified_name(g, str(n.target)), n.meta.get(MTS_TAG)
+            try:
+                if not n.meta.get(ADAPTER_KEY) and isinstance(get_tensor(gm, target), nn.Parameter):
+                    reads[qualified_name(g, str(mts["target"])) if mts else target] = target
+            except AttributeError:
+                continue  # not a tensor attribute (the ``training`` flags)
     return reads
 
 
@@ -314,6 +418,42 @@ def _baked_tensors(model: nn.Module, gm: GraphModule, folded: dict[str, torch.Te
     return new
 
 
+def _baked_layers(model: nn.Module, gm: GraphModule, folds: list[_Fold], safe_merge: bool,
+                  problems: list[str]) -> dict[str, nn.Module]:
+    """For ``merge_into``: layer path -> new layer for ``model``, problems appended. Every quantized site merged or
+    planned gets the graph's unmerged layer plus all its adapters' update (one rounding), like ``model``'s layer."""
+    plans = {f.weight: f for f in folds if f.layer}
+    records = {w: rec for w, rec in adapter_flags(gm).folded.items() if rec.is_layer}
+    sites = {s.weight: s for s in read_sites(gm)} if records else {}
+    for weight, rec in records.items():
+        planned = plans.get(weight)
+        plans[weight] = _Fold(weight, planned.site if planned else sites[weight],
+                              rec.adapters + (planned.adapters if planned else ()), rec.original)
+    templates: dict[str, nn.Module] = {}
+    biases: dict[str, torch.Tensor] = {}
+    for weight, f in plans.items():
+        path = _layer_path(weight)
+        layer = f.original if f.original is not None else gm.get_submodule(path)
+        try:
+            mine = model.get_submodule(path)
+        except AttributeError:
+            problems.append(f"{path!r}: no such layer on {type(model).__name__}")
+            continue
+        if type(mine) is not type(layer) or (mine.out_features, mine.in_features) != (layer.out_features,
+                                                                                        layer.in_features):
+            problems.append(f"{path!r}: a {type(mine).__name__} on the model, a {type(layer).__name__} "
+                            f"{layer.out_features}x{layer.in_features} on the graph")
+            continue
+        templates[path] = mine
+        bias = gm.get_submodule(path).bias
+        if bias is not None and mine.bias is not None and bias is not mine.bias:
+            biases[path] = nn.Parameter(bias.detach().clone(), requires_grad=mine.bias.requires_grad)
+    if problems:
+        return {}
+    new = _merged(gm, list(plans.values()), safe_merge, templates, biases)
+    return {_layer_path(w): m for w, m in new.items()}
+
+
 def merge_into(model: nn.Module, gm: GraphModule, safe_merge: bool = False) -> nn.Module:
     """Write ``gm``'s adapted weights into ``model`` (the module ``gm`` was captured from); returns ``model``.
 
@@ -334,9 +474,9 @@ def merge_into(model: nn.Module, gm: GraphModule, safe_merge: bool = False) -> n
     if skipped:  # baking the rest would return a model without the adapter at these sites
         raise ValueError(f"merge_into cannot bake the adapters into {len(skipped)} site(s); nothing was written: "
                          + "; ".join(f"{name!r}: {why}" for name, why in skipped.items()))
-    folded = _folded_weights(gm, folds, safe_merge)
-    layers, problems = baked_layers(model, gm, _layer_plans(gm, folds), safe_merge)
-    new = _baked_tensors(model, gm, folded, problems)
+    problems: list[str] = []
+    layers = _baked_layers(model, gm, folds, safe_merge, problems)
+    new = _baked_tensors(model, gm, _merged(gm, [f for f in folds if not f.layer], safe_merge), problems)
     if problems:
         captured_from = model_info(gm).get("class")
         raise ValueError(f"merge_into: the graph (captured from {captured_from}) does not fit "
