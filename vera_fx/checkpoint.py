@@ -282,24 +282,22 @@ def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
     gm = as_graph_module(gm, "load_adapter")
     config, tensors = read_checkpoint(directory)
     source = str(Path(directory) / WEIGHTS_NAME)
-    container = adapters_of(gm)
-    if adapter_name in container:
-        have = container[adapter_name].config
-        if type(have) is not type(config):
-            raise ValueError(f"{directory}: peft_type={config.peft_type!r}, but adapter {adapter_name!r} on this "
-                             f"graph is {have.peft_type!r}: load it under another adapter_name")
-        check_same_fields(have, config, source, adapter_name,
-                          container[adapter_name].method.peft_projection_key("A") in tensors)
-        load_checked(gm, adapter_name, config, tensors, source)
-    else:
-        old_active = adapter_flags(gm).active
+    have = adapters_of(gm)[adapter_name] if adapter_name in adapters_of(gm) else None
+    old_active = adapter_flags(gm).active
+    if have is None:
         add_adapter(gm, adapter_name, config)
-        try:
-            load_checked(gm, adapter_name, config, tensors, source)
-        except Exception:
+    elif type(have.config) is not type(config):
+        raise ValueError(f"{directory}: peft_type={config.peft_type!r}, but adapter {adapter_name!r} on this "
+                         f"graph is {have.config.peft_type!r}: load it under another adapter_name")
+    else:
+        check_same_fields(have.config, config, source, adapter_name, have.method.peft_projection_key("A") in tensors)
+    try:
+        load_checked(gm, adapter_name, config, tensors, source)
+    except Exception:
+        if have is None:  # the adapter this load added goes again
             remove_adapter(gm, adapter_name)
             restore_active(gm, old_active)
-            raise
+        raise
     logger.info("loaded adapter %r from %s", adapter_name, directory)
 
 
@@ -309,9 +307,7 @@ def peft_target_modules(gm: GraphModule, state: AdapterState) -> Union[list[str]
     """``target_modules`` for adapter_config.json that PEFT resolves to exactly the adapter's sites: the config's
     own value when PEFT's rules select the same modules, else (our extensions, 'all-linear', which PEFT also
     writes expanded) the sorted adapted paths, which PEFT matches whatever ``layers_to_transform`` says."""
-    sites = set(state.site_names)
-    info = model_info(gm)
-    targets = state.config.target_modules
+    sites, info, targets = set(state.site_names), model_info(gm), state.config.target_modules
     if targets is None:  # PEFT writes the targets it resolved
         targets = sorted({s.rpartition(".")[2] for s in sites})
     if isinstance(targets, str) and targets.lower() == "all-linear":

@@ -115,7 +115,7 @@ class _BaseConfig:
     def __post_init__(self) -> None:
         # Sets and tuples are read as lists; PEFT's TaskType enum as its value.
         for name in ("target_modules", "modules_to_save"):
-            if isinstance(getattr(self, name), (set, tuple)):
+            if isinstance(getattr(self, name), (set, frozenset, tuple)):
                 setattr(self, name, sorted(getattr(self, name)))
         if isinstance(self.layers_to_transform, tuple):
             self.layers_to_transform = list(self.layers_to_transform)
@@ -218,8 +218,7 @@ def as_config(config: Any) -> AdapterConfig:
             raise TypeError(f"config is a {type(config).__module__}.{name} (peft_type={peft_type!r}): vera_fx adds "
                             "VeRA and PVeRA adapters only; pass vera_fx.VeraConfig(...) / vera_fx.PveraConfig(...) "
                             "or PEFT's VeraConfig / PveraConfig")
-        data = {k: _plain(v) for k, v in to_dict().items()}
-        data["peft_type"] = peft_type
+        data = {**to_dict(), "peft_type": peft_type}  # sets and enums: as __post_init__ reads them
         try:
             return config_from_dict(data)
         except (ValueError, TypeError) as e:
@@ -227,10 +226,3 @@ def as_config(config: Any) -> AdapterConfig:
                           f"{e}") from e
     raise TypeError(f"config must be a vera_fx.VeraConfig or vera_fx.PveraConfig (or PEFT's VeraConfig / "
                     f"PveraConfig), got {type(config).__module__}.{name}")
-
-
-def _plain(value: Any) -> Any:
-    """A PEFT config value as JSON-like data: enums as their values, sets as sorted lists."""
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    return value if isinstance(value, (bool, int, float, str)) else getattr(value, "value", value)

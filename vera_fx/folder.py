@@ -84,7 +84,7 @@ def _siblings(path: Path, kind: str) -> list[Path]:
 def _move_extras(old: Path, path: Path, keep: set[str]) -> None:
     """Move entries of ``old`` that a save does not write (and ``path`` lacks) into ``path``."""
     for entry in sorted(old.iterdir()):
-        if entry.name not in keep and not entry.name.endswith(".tmp") and not (path / entry.name).exists():
+        if entry.name not in keep and not (path / entry.name).exists():
             os.rename(entry, path / entry.name)
 
 
@@ -102,9 +102,6 @@ def _recover_locked(path: Path, keep: set[str]) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for new in news:  # killed while writing: incomplete
         shutil.rmtree(new, ignore_errors=True)
-    if path.is_dir():
-        for tmp in path.glob(".*.tmp"):  # per-file temporaries of older vera_fx saves
-            tmp.unlink(missing_ok=True)
     if olds or news:
         logger.info("%s: cleaned up after %d interrupted save(s)", path, len(olds) + len(news))
         _fsync_dir(path.parent)
@@ -129,7 +126,7 @@ def _write_new(path: Path, files: dict[str, bytes]) -> Path:
 
 
 def write_folder(directory: os.PathLike | str, files: dict[str, bytes]) -> None:
-    """Replace the folder's ``files`` all at once; other entries are kept."""
+    """Replace the folder's ``files`` all at once; other entries are kept (``directory`` created if missing)."""
     path = Path(os.path.abspath(directory))
     if path.exists() and not path.is_dir():
         raise ValueError(f"directory={str(directory)!r} is a file; give a folder to write the adapter into")
