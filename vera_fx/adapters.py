@@ -194,27 +194,22 @@ def remove_adapter(gm: GraphModule, adapter_name: str) -> None:
 
 def set_adapters_disabled(gm: GraphModule, disabled: bool) -> None:
     """Disable (``True``) or enable (``False``) every adapter until the next call, keeping the active list:
-    PEFT's ``disable_adapter_layers`` / ``enable_adapter_layers``. Trained biases stay (with a warning)."""
+    PEFT's ``disable_adapter_layers`` / ``enable_adapter_layers``."""
     gm = as_graph_module(gm, "set_adapters_disabled")
     if not isinstance(disabled, bool):
         raise TypeError(f"disabled={disabled!r}: expected True or False")
-    if disabled == adapters_disabled(gm):
-        return
-    if disabled and (note := _bias_note(gm)):
-        warnings.warn(note, UserWarning, stacklevel=2)
-    _set_disabled(gm, disabled)
-    logger.info("adapters %s", "disabled" if disabled else "enabled")
+    if disabled != adapters_disabled(gm):
+        _set_disabled(gm, disabled)
+        logger.info("adapters %s", "disabled" if disabled else "enabled")
 
 
 @contextmanager
 def disable_adapters(gm: GraphModule) -> Iterator[GraphModule]:
-    """Inside the block the graph computes the base model (trained biases stay, as in PEFT)."""
+    """Inside the block the graph computes the base model."""
     gm = as_graph_module(gm, "disable_adapters")
     if adapters_disabled(gm):
         yield gm
         return
-    if note := _bias_note(gm):
-        logger.warning(note)
     _set_disabled(gm, True)
     try:
         yield gm
@@ -222,17 +217,15 @@ def disable_adapters(gm: GraphModule) -> Iterator[GraphModule]:
         _set_disabled(gm, False)
 
 
-def _bias_note(gm: GraphModule) -> str:
-    """The warning that the active adapters train biases, which disabling keeps ('' when none does)."""
-    biased = [n for n in active_adapters(gm) if adapters_of(gm)[n].config.bias != "none"]
-    return f"adapters {biased} train biases; disabling adapters keeps the trained biases, so outputs are not " \
-        "the base model's" if biased else ""
-
-
 @mutation
 def _set_disabled(gm: GraphModule, disabled: bool) -> None:
+    """Trained biases stay when the adapters are disabled, as in PEFT (with PEFT's warning)."""
     if disabled:
         _check_not_merged(gm, active_adapters(gm), "disable adapters")
+        biased = [n for n in active_adapters(gm) if adapters_of(gm)[n].config.bias != "none"]
+        if biased:
+            warnings.warn(f"adapters {biased} train biases; disabling adapters keeps the trained biases, so outputs "
+                          "are not the base model's", UserWarning, stacklevel=4)
     before = state_fingerprint(gm)
     try:
         with _setting(gm, "disabled", disabled):
