@@ -319,7 +319,6 @@ def peft_target_modules(gm: GraphModule, state: AdapterState) -> Union[list[str]
 
 def peft_config_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str, Any]:
     """adapter_config.json's content for ``adapter_name``, with PEFT's keys (no others)."""
-    gm = as_graph_module(gm, "peft_config_dict")
     state = adapter_state(gm, adapter_name)
     cfg, info = state.config, model_info(gm)
     data = config_to_dict(cfg)

@@ -7,7 +7,6 @@ seen in any form. Prints accuracy before and after, the trainable-parameter coun
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import random
 import time
@@ -17,8 +16,6 @@ from typing import Optional
 import torch
 
 import vera_fx
-
-logger = logging.getLogger(__name__)
 
 
 def load_reviews() -> list[tuple[str, int]]:
