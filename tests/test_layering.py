@@ -29,19 +29,17 @@ LAYERS: dict[str, int] = {
     "vera_fx.block_export": 1, "vera_fx.signatures": 1,
     "vera_fx.state": 2,
     "vera_fx.passes": 3, "vera_fx.passes.": 3,
-    "vera_fx.adapters": 4, "vera_fx.peft_keys": 4, "vera_fx.checkpoint": 4, "vera_fx.sampling": 4,
-    "vera_fx.uncertainty": 4,
+    "vera_fx.adapters": 4, "vera_fx.checkpoint": 4, "vera_fx.sampling": 4, "vera_fx.uncertainty": 4,
     "vera_fx.model": 4, "vera_fx.generation": 4, "vera_fx.serving": 4, "vera_fx.blockwise": 4,
-    "vera_fx.distributed": 4, "vera_fx.surface": 4, "vera_fx.eager_generation": 4,
-    "vera_fx.variants": 4, "vera_fx.state_dict": 4,
+    "vera_fx.distributed": 4, "vera_fx.surface": 4, "vera_fx.eager_generation": 4, "vera_fx.variants": 4,
     "vera_fx.inspect": 5,
     "vera_fx.cli": 6, "vera_fx.demo": 6, "vera_fx": 6,
 }
 LAYER_NAMES = ["config, sites, runtime, versions, compat, folder",
                "methods, quantized, capture, signatures, blocks, block_export, checks",
                "state", "passes",
-               "adapters, peft_keys, checkpoint, sampling, uncertainty, model, generation, eager_generation, variants, "
-               "serving, blockwise, distributed, surface, state_dict",
+               "adapters, checkpoint, sampling, uncertainty, model, generation, eager_generation, variants, "
+               "serving, blockwise, distributed, surface",
                "inspect", "cli, demo, vera_fx"]
 
 

@@ -1,5 +1,5 @@
 """The error paths of the object's call signatures (vera_fx/signatures.py) and its adapter-only state dict and
-Trainer checkpoints (vera_fx/state_dict.py): each refusal names the field and the fix, and changes nothing."""
+Trainer checkpoints (vera_fx/checkpoint.py): each refusal names the field and the fix, and changes nothing."""
 
 from __future__ import annotations
 

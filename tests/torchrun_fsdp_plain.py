@@ -20,7 +20,7 @@ from torch.distributed.fsdp import fully_shard
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import torchrun_fsdp as ex  # noqa: E402
 
-from vera_fx.peft_keys import state_dict_targets  # noqa: E402
+from vera_fx.checkpoint import state_dict_targets  # noqa: E402
 from vera_fx.distributed import fsdp2_sums_gradients, full_tensor, mean_gradients  # noqa: E402
 
 

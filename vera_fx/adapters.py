@@ -1,8 +1,7 @@
 """Several adapters on one graph: add, switch, delete and disable them without re-capture.
 
 An inactive adapter has no nodes, so it costs nothing at run time and ``torch.compile`` sees a plain graph (a
-switch to a state not seen before recompiles; none graph-breaks). Active adapters add up, as in PEFT. The
-state switched here lives in vera_fx/state.py, below the passes.
+switch to a state not seen before recompiles; none graph-breaks). Active adapters add up, as in PEFT.
 """
 
 from __future__ import annotations
@@ -60,8 +59,8 @@ def _bias_params(gm: GraphModule, state: AdapterState) -> list[nn.Parameter]:
 
 
 def _sync(gm: GraphModule, before: Optional[tuple] = None) -> None:
-    """Make the graph and ``requires_grad`` follow the active list and the disabled flag; a tree built before for
-    the new state is put back (``GraphVersions``). ``before``: ``state_fingerprint`` before the change."""
+    """Make the graph and ``requires_grad`` follow the active list and the disabled flag (a tree built before for
+    the new state is put back); ``before``: ``state_fingerprint`` before the change."""
     container = adapters_of(gm)
     active = active_adapters(gm)
     live = [] if adapters_disabled(gm) else active
@@ -176,10 +175,9 @@ def remove_adapter(gm: GraphModule, adapter_name: str) -> None:
     if state.config.bias != "none":
         for p in _bias_params(gm, state):
             p.requires_grad_(False)
-    if _has_nodes(gm, adapter_name):
-        remove_adapter_nodes(gm, adapter_name)
-        for other in container:  # the others are re-emitted (_sync): their lowering may have followed this one
-            if other != adapter_name and other not in merged_adapters(gm) and _has_nodes(gm, other):
+    if _has_nodes(gm, adapter_name):  # the others are re-emitted (_sync): their lowering may have followed it
+        for other in [adapter_name, *(n for n in container if n != adapter_name and n not in merged_adapters(gm))]:
+            if _has_nodes(gm, other):
                 remove_adapter_nodes(gm, other)
     flags = container.flags
     if flags.active is not None:
@@ -196,27 +194,22 @@ def remove_adapter(gm: GraphModule, adapter_name: str) -> None:
 
 def set_adapters_disabled(gm: GraphModule, disabled: bool) -> None:
     """Disable (``True``) or enable (``False``) every adapter until the next call, keeping the active list:
-    PEFT's ``disable_adapter_layers`` / ``enable_adapter_layers``. Trained biases stay (with a warning)."""
+    PEFT's ``disable_adapter_layers`` / ``enable_adapter_layers``."""
     gm = as_graph_module(gm, "set_adapters_disabled")
     if not isinstance(disabled, bool):
         raise TypeError(f"disabled={disabled!r}: expected True or False")
-    if disabled == adapters_disabled(gm):
-        return
-    if disabled and _bias_note(gm):
-        warnings.warn(_bias_note(gm), UserWarning, stacklevel=2)
-    _set_disabled(gm, disabled)
-    logger.info("adapters %s", "disabled" if disabled else "enabled")
+    if disabled != adapters_disabled(gm):
+        _set_disabled(gm, disabled)
+        logger.info("adapters %s", "disabled" if disabled else "enabled")
 
 
 @contextmanager
 def disable_adapters(gm: GraphModule) -> Iterator[GraphModule]:
-    """Inside the block the graph computes the base model (trained biases stay, as in PEFT)."""
+    """Inside the block the graph computes the base model."""
     gm = as_graph_module(gm, "disable_adapters")
     if adapters_disabled(gm):
         yield gm
         return
-    if _bias_note(gm):
-        logger.warning(_bias_note(gm))
     _set_disabled(gm, True)
     try:
         yield gm
@@ -224,17 +217,15 @@ def disable_adapters(gm: GraphModule) -> Iterator[GraphModule]:
         _set_disabled(gm, False)
 
 
-def _bias_note(gm: GraphModule) -> str:
-    """The warning that the active adapters train biases, which disabling keeps ('' when none does)."""
-    biased = [n for n in active_adapters(gm) if adapters_of(gm)[n].config.bias != "none"]
-    return f"adapters {biased} train biases; disabling adapters keeps the trained biases, so outputs are not " \
-        "the base model's" if biased else ""
-
-
 @mutation
 def _set_disabled(gm: GraphModule, disabled: bool) -> None:
+    """Trained biases stay when the adapters are disabled, as in PEFT (with PEFT's warning)."""
     if disabled:
         _check_not_merged(gm, active_adapters(gm), "disable adapters")
+        biased = [n for n in active_adapters(gm) if adapters_of(gm)[n].config.bias != "none"]
+        if biased:
+            warnings.warn(f"adapters {biased} train biases; disabling adapters keeps the trained biases, so outputs "
+                          "are not the base model's", UserWarning, stacklevel=4)
     before = state_fingerprint(gm)
     try:
         with _setting(gm, "disabled", disabled):
@@ -252,13 +243,13 @@ def set_lowering(gm: GraphModule, lowering: Union[str, dict] = "auto", tokens: O
     inner = as_graph_module(gm, "set_lowering")
     setting = check_lowering(lowering, tokens)
     with_nodes: dict[str, set[str]] = {}
+    for tag in (n.meta[ADAPTER_KEY] for n in adapter_nodes(inner)):
+        if tag.get("role") == "output" and tag.get("adapter"):
+            with_nodes.setdefault(tag["adapter"], set()).add(tag["site"])
     graphs = graph_modules(inner)
-    for n in adapter_nodes(inner):
-        if n.meta[ADAPTER_KEY].get("role") == "output" and n.meta[ADAPTER_KEY].get("adapter"):
-            with_nodes.setdefault(n.meta[ADAPTER_KEY]["adapter"], set()).add(n.meta[ADAPTER_KEY]["site"])
     saved = [copy.deepcopy(g.graph) for g in graphs]
-    order = [a for a in active_adapters(inner) if a in with_nodes] + [a for a in with_nodes
-                                                                       if a not in active_adapters(inner)]
+    active = active_adapters(inner)
+    order = [a for a in active if a in with_nodes] + [a for a in with_nodes if a not in active]
     try:
         with _setting(inner, "lowering", setting):
             for name in order:

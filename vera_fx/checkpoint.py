@@ -1,8 +1,13 @@
-"""Adapter checkpoints in PEFT's layout: adapter_model.safetensors + adapter_config.json.
+"""Adapter checkpoints in PEFT's layout (adapter_model.safetensors + adapter_config.json), and the model object's
+adapter-only state dict.
 
-Keys map to PEFT's by a rename (vera_fx/peft_keys.py); a folder is written all at once and read as one version
-(vera_fx/folder.py), safetensors only. Loading checks the folder, the JSON, the header, every value (finite),
-r against the shapes (vera_fx/checks.py) and every key and shape before it changes anything.
+Keys are a rename of ours: ``vera_fx_adapters.<adapter>.sites.<site>.<p>`` is ``base_model.model.<site>.<p>``,
+``vera_fx_adapters.<adapter>.<prefix>_A`` is ``base_model.<prefix>_A``; biases, ``modules_to_save`` copies and the
+base weights PEFT saves beside them take PEFT's names too. A folder is written all at once and read as one version
+(vera_fx/folder.py), safetensors only. Loading checks the folder, the JSON, the header, every value (finite), r
+against the shapes (vera_fx/checks.py) and every key and shape before it changes anything. The object's
+``state_dict`` (a Trainer checkpoint's model.safetensors) holds ``vera_fx.<adapter>.<PEFT key>`` tensors and
+``vera_fx_config.<adapter>``, the config as UTF-8 JSON in a uint8 tensor, so it says which adapters it holds.
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -19,38 +26,118 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .adapters import add_adapter, remove_adapter
+from .checks import check_file_shapes, check_same_fields
+from .compat import IncompatibleKeys
 from .config import AdapterConfig, config_from_dict, config_to_dict
 from .distributed import full_tensor, gathered, needs_gather, placed_like, save_role, unwrap_parallel
 from .folder import open_folder, read_safetensors, serialise, write_folder
-from .checks import check_file_shapes, check_same_fields
 from .methods import CONTAINER, AdapterState
 from .passes.match import peft_selection
 from .passes.merge import merge, unmerge
-from .peft_keys import (adapter_state, adapter_state_dict, base_qualname, normalise_peft_key,
-                        state_dict_targets)
 from .sites import as_graph_module, model_info, read_sites
+from .state import (PEFT_ROOT, adapters_of, bias_targets, merged_adapters, modules_to_save_copy, mutation,
+                    restore_active, state_lock)
 from .versions import adapter_flags
-from .state import adapters_of, merged_adapters, mutation, restore_active
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+STATE_KEY_PREFIX = "vera_fx."
+CONFIG_KEY_PREFIX = "vera_fx_config."
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's names for save_embedding_layers="auto"
 
 PathLike = Union[str, os.PathLike]
+Slot = tuple[nn.Module, str]  # (module, attribute) of a tensor
+Plan = list[tuple[nn.Module, str, torch.Tensor, bool]]  # (module, attribute, value, replaces a base tensor)
 
+
+# --- PEFT's keys ---------------------------------------------------------------------------------------------
+
+def adapter_state(gm: GraphModule, adapter_name: str = "default") -> AdapterState:
+    container = adapters_of(gm)
+    if len(container) == 0:
+        raise ValueError("this graph has no adapter: create one with vera_fx.transform(model, config)")
+    if adapter_name not in container:
+        raise ValueError(f"adapter_name={adapter_name!r} is not on this graph; adapters: {sorted(container)}")
+    return container[adapter_name]
+
+
+def state_dict_targets(gm: GraphModule, adapter_name: str = "default") -> dict[str, Slot]:
+    """PEFT key -> (module, attribute) of every tensor the adapter's checkpoint holds, in PEFT's order."""
+    gm = as_graph_module(gm, "state_dict_targets")
+    state = adapter_state(gm, adapter_name)
+    method = state.method
+    targets: dict[str, Slot] = {}
+    for site in state.site_names:
+        mod = state.site_module(site)
+        targets.update({method.peft_site_key(site, pname): (mod, pname) for pname in mod._parameters})
+    targets.update(bias_targets(gm, state))
+    if state.config.save_projection:
+        targets.update({method.peft_projection_key(w): (state, f"{method.prefix}_{w}") for w in ("A", "B")})
+    for path in getattr(state, "modules_to_save_paths", []):
+        copy = modules_to_save_copy(state, path)
+        for pname, _ in copy.named_parameters():
+            sub, _, leaf = pname.rpartition(".")
+            targets[f"{PEFT_ROOT}{path}.{pname}"] = (copy.get_submodule(sub) if sub else copy, leaf)
+    return targets
+
+
+def base_slot(gm: GraphModule, key: str) -> Optional[Slot]:
+    """The graph's base parameter or buffer a PEFT key (``base_model.model.<path>[.base_layer].<leaf>``) names;
+    None for adapter state and missing names."""
+    qualname = key.removeprefix(PEFT_ROOT).replace(".base_layer.", ".")
+    if not key.startswith(PEFT_ROOT) or qualname.startswith(CONTAINER + "."):
+        return None
+    path, _, leaf = qualname.rpartition(".")
+    try:
+        mod = gm.get_submodule(path)
+    except AttributeError:
+        return None
+    value = mod._parameters.get(leaf) if leaf in mod._parameters else mod._buffers.get(leaf)
+    return (mod, leaf) if isinstance(value, torch.Tensor) else None
+
+
+def base_layer_targets(gm: GraphModule, adapter_name: str = "default") -> dict[str, Slot]:
+    """The base weights PEFT saves beside the adapter (save_embedding_layers='auto': the output head's
+    ``base_layer.weight`` / ``.bias`` when an embedding-layer name is among the targets)."""
+    state, info = adapter_state(gm, adapter_name), model_info(gm)
+    head, targets = info.get("output_head"), state.config.target_modules
+    if isinstance(targets, str):
+        embedding = targets.lower() != "all-linear" and any(
+            re.fullmatch(targets, k) for k in info.get("modules", {})
+            if any(re.match(rf"(.*\.)?{e}$", k) for e in EMBEDDING_LAYER_NAMES))
+    else:
+        embedding = bool(targets) and any(e in targets for e in EMBEDDING_LAYER_NAMES)
+    if not head or head not in state.site_names or not embedding:
+        return {}
+    keys = [f"{PEFT_ROOT}{head}.base_layer.{leaf}" for leaf in ("weight", "bias")]
+    return {k: slot for k in keys if (slot := base_slot(gm, k)) is not None}
+
+
+def adapter_state_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors PEFT writes to adapter_model.safetensors for this adapter, under PEFT's keys, full: FSDP2
+    shards are gathered (a collective: call it on every rank)."""
+    gm = as_graph_module(gm, "adapter_state_dict")
+    targets = state_dict_targets(gm, adapter_name)
+    targets.update({k: s for k, s in base_layer_targets(gm, adapter_name).items() if k not in targets})
+    return {k: full_tensor(getattr(mod, attr).detach()) for k, (mod, attr) in targets.items()}
+
+
+# --- loading -------------------------------------------------------------------------------------------------
 
 def _fmt_keys(keys: list[str]) -> str:
     return f"{keys[:5] or 'none'}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
 
 
 def _incoming(state_dict: dict[str, Any], adapter_name: str, projection_keys: dict[str, str]) -> dict[str, Any]:
-    """``state_dict`` under our key names (PEFT's in-memory adapter suffixes dropped), DTensors gathered."""
+    """``state_dict`` under our key names (PEFT's ``modules_to_save`` wrapper level and in-memory adapter suffixes
+    dropped, the wrapped original modules left out), DTensors gathered."""
     incoming: dict[str, Any] = {}
     for key, value in state_dict.items():
-        norm = normalise_peft_key(str(key))
-        if norm is None:
+        if ".original_module." in str(key):
             continue
+        norm = str(key).replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
         base, _, last = norm.rpartition(".")
         if last == adapter_name and base in projection_keys:  # PEFT's in-memory "base_model.vera_A.<adapter>"
             norm = base
@@ -58,7 +145,7 @@ def _incoming(state_dict: dict[str, Any], adapter_name: str, projection_keys: di
     return incoming
 
 
-def _check_values(state: Any, incoming: dict[str, Any], targets: dict[str, tuple[nn.Module, str]],
+def _check_values(state: Any, incoming: dict[str, Any], targets: dict[str, Slot],
                   projection_keys: dict[str, str], peers: list[str], adapter_name: str, source: str) -> None:
     """ValueError naming the incoming values that do not fit what they replace (type, shape, dtype), then one
     for projections shared with ``peers`` that differ from the shared ones (checked, never written)."""
@@ -88,8 +175,7 @@ def _check_values(state: Any, incoming: dict[str, Any], targets: dict[str, tuple
                                  "into a graph of its own (vera_fx.from_pretrained)")
 
 
-def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
-              source: str) -> tuple[list[tuple[nn.Module, str, torch.Tensor, bool]], list[str]]:
+def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str, source: str) -> tuple[Plan, list[str]]:
     """The copies to make and the projection keys ``state_dict`` lacks; ValueError naming every problem."""
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
@@ -101,10 +187,8 @@ def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
         if key in incoming:  # save_projection=False but the file has them: use them, as PEFT does
             targets[key] = (state, attr)
     # Base weights PEFT saves beside the adapter (save_embedding_layers): they apply to the graph only.
-    base_keys = {k: q for k in incoming if k not in targets and (q := base_qualname(gm, k)) is not None}
-    for key, qualname in base_keys.items():
-        path, _, leaf = qualname.rpartition(".")
-        targets[key] = (gm.get_submodule(path), leaf)
+    base_keys = {k: slot for k in incoming if k not in targets and (slot := base_slot(gm, k)) is not None}
+    targets.update(base_keys)
     missing = [k for k in targets if k not in incoming and k not in projection_keys]
     unexpected = [k for k in incoming if k not in targets]
     if missing or unexpected:
@@ -123,47 +207,40 @@ def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str,
 
 
 @mutation
-def apply_plan(gm: GraphModule, plan: list[tuple[nn.Module, str, torch.Tensor, bool]],
-               adapter_names: Sequence[str] = ()) -> None:
+def apply_plan(gm: GraphModule, plan: Plan, adapter_names: Sequence[str] = ()) -> None:
     """Copy adapter tensors in place; base weights become new tensors in every slot holding the old one (tied
     weights stay tied; the user's model is never written). A merged adapter of ``adapter_names`` is unmerged
     first and merged again after, so the weights carry the new values (on failure the old ones)."""
     merged = merged_adapters(gm)
-    if not merged & set(adapter_names):
-        _apply_plan(gm, plan)
-        return
-    logger.info("adapters %s are merged: unmerging, loading, merging again", sorted(merged))
-    unmerge(gm)
+    remerge = sorted(merged) if merged & set(adapter_names) else []
+    if remerge:
+        logger.info("adapters %s are merged: unmerging, loading, merging again", remerge)
+        unmerge(gm)
     try:
-        _apply_plan(gm, plan)
-    finally:
-        merge(gm, sorted(merged))
-
-
-def _apply_plan(gm: GraphModule, plan: list[tuple[nn.Module, str, torch.Tensor, bool]]) -> None:
-    sharded = [attr for mod, attr, _, replace in plan if replace and hasattr(getattr(mod, attr), "device_mesh")]
-    if sharded:
-        raise ValueError(f"the checkpoint replaces base weights ({sharded[:3]}) of a graph sharded with FSDP2: "
-                         "load it before vera_fx.distributed.shard(...)")
-    slots: dict[int, list[tuple[nn.Module, str]]] = {}
-    if any(replace for *_, replace in plan):
-        for path, mod in gm.named_modules(remove_duplicate=False):
-            if path == CONTAINER or path.startswith(CONTAINER + "."):
-                continue
-            for leaf, t in list(mod._parameters.items()) + list(mod._buffers.items()):
-                if t is not None:
+        sharded = [a for mod, a, _, replace in plan if replace and hasattr(getattr(mod, a), "device_mesh")]
+        if sharded:
+            raise ValueError(f"the checkpoint replaces base weights ({sharded[:3]}) of a graph sharded with FSDP2: "
+                             "load it before vera_fx.distributed.shard(...)")
+        slots: dict[int, list[Slot]] = {}
+        modules = gm.named_modules(remove_duplicate=False) if any(replace for *_, replace in plan) else ()
+        for path, mod in modules:
+            for leaf, t in [*mod._parameters.items(), *mod._buffers.items()]:
+                if t is not None and path.split(".")[0] != CONTAINER:
                     slots.setdefault(id(t), []).append((mod, leaf))
-    with torch.no_grad():
-        for mod, attr, value, replace in plan:
-            current = getattr(mod, attr)
-            data = value.detach().to(device=current.device, dtype=current.dtype).clone()
-            if not replace:
-                current.copy_(placed_like(data, current))  # an FSDP2-sharded lambda gets this rank's shard
-                continue
-            new = nn.Parameter(data, requires_grad=current.requires_grad) if isinstance(current, nn.Parameter) \
-                else data
-            for owner, leaf in slots.get(id(current), [(mod, attr)]):
-                (owner._parameters if leaf in owner._parameters else owner._buffers)[leaf] = new
+        with torch.no_grad():
+            for mod, attr, value, replace in plan:
+                current = getattr(mod, attr)
+                data = value.detach().to(device=current.device, dtype=current.dtype).clone()
+                if not replace:
+                    current.copy_(placed_like(data, current))  # an FSDP2-sharded lambda gets this rank's shard
+                    continue
+                new = nn.Parameter(data, requires_grad=current.requires_grad) \
+                    if isinstance(current, nn.Parameter) else data
+                for owner, leaf in slots.get(id(current), [(mod, attr)]):
+                    (owner._parameters if leaf in owner._parameters else owner._buffers)[leaf] = new
+    finally:
+        if remerge:
+            merge(gm, remerge)
 
 
 @mutation
@@ -175,15 +252,62 @@ def load_adapter_state_dict(gm: GraphModule, state_dict: dict[str, torch.Tensor]
     load_checked(gm, adapter_name, adapter_state(gm, adapter_name).config, state_dict, "state dict", file=False)
 
 
+def load_checked(gm: GraphModule, adapter_name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor],
+                 source: str, file: bool = True) -> None:
+    """Check then copy ``tensors`` into the adapter, with PEFT's rules for absent projections (a state dict,
+    ``file=False``, may lack them)."""
+    plan, missing_proj = plan_load(gm, tensors, adapter_name, source)
+    if missing_proj and config.save_projection:
+        if file:
+            raise ValueError(f"{source}: save_projection=True but the file has no {missing_proj}; the checkpoint "
+                             "is incomplete: save it again")
+        logger.warning("adapter %r: the state dict has no %s; keeping the projections regenerated from "
+                       "projection_prng_key=%d", adapter_name, missing_proj, config.projection_prng_key)
+    if missing_proj:
+        warnings.warn(f"{source} has no projections (save_projection=False): adapter {adapter_name!r} uses those "
+                      f"regenerated from projection_prng_key={config.projection_prng_key}, which may differ across "
+                      "platforms", UserWarning, stacklevel=3)
+        if _standalone_projections_differ(gm, adapter_state(gm, adapter_name)):
+            warnings.warn(f"adapter {adapter_name!r} shares projections with a larger adapter of this graph, which "
+                          "differ from those its checkpoint was trained with; load it into a graph of its own "
+                          "(vera_fx.from_pretrained)", UserWarning, stacklevel=3)
+    apply_plan(gm, plan, [adapter_name])
+
+
+@mutation
+def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "default") -> None:
+    """Load the adapter saved in ``directory`` (by vera_fx or PEFT) into ``adapter_name`` of ``gm``, adding it
+    from the saved config when missing (inactive if the graph had an adapter, as ``add_adapter``). Everything
+    is checked first; on any error the graph is left as it was."""
+    gm = as_graph_module(gm, "load_adapter")
+    config, tensors = read_checkpoint(directory)
+    source = str(Path(directory) / WEIGHTS_NAME)
+    have = adapters_of(gm)[adapter_name] if adapter_name in adapters_of(gm) else None
+    old_active = adapter_flags(gm).active
+    if have is None:
+        add_adapter(gm, adapter_name, config)
+    elif type(have.config) is not type(config):
+        raise ValueError(f"{directory}: peft_type={config.peft_type!r}, but adapter {adapter_name!r} on this "
+                         f"graph is {have.config.peft_type!r}: load it under another adapter_name")
+    else:
+        check_same_fields(have.config, config, source, adapter_name, have.method.peft_projection_key("A") in tensors)
+    try:
+        load_checked(gm, adapter_name, config, tensors, source)
+    except Exception:
+        if have is None:  # the adapter this load added goes again
+            remove_adapter(gm, adapter_name)
+            restore_active(gm, old_active)
+        raise
+    logger.info("loaded adapter %r from %s", adapter_name, directory)
+
+
 # --- files ---------------------------------------------------------------------------------------------------
 
 def peft_target_modules(gm: GraphModule, state: AdapterState) -> Union[list[str], str]:
     """``target_modules`` for adapter_config.json that PEFT resolves to exactly the adapter's sites: the config's
     own value when PEFT's rules select the same modules, else (our extensions, 'all-linear', which PEFT also
     writes expanded) the sorted adapted paths, which PEFT matches whatever ``layers_to_transform`` says."""
-    sites = set(state.site_names)
-    info = model_info(gm)
-    targets = state.config.target_modules
+    sites, info, targets = set(state.site_names), model_info(gm), state.config.target_modules
     if targets is None:  # PEFT writes the targets it resolved
         targets = sorted({s.rpartition(".")[2] for s in sites})
     if isinstance(targets, str) and targets.lower() == "all-linear":
@@ -195,19 +319,17 @@ def peft_target_modules(gm: GraphModule, state: AdapterState) -> Union[list[str]
 
 def peft_config_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str, Any]:
     """adapter_config.json's content for ``adapter_name``, with PEFT's keys (no others)."""
-    gm = as_graph_module(gm, "peft_config_dict")
     state = adapter_state(gm, adapter_name)
-    data = config_to_dict(state.config)
+    cfg, info = state.config, model_info(gm)
+    data = config_to_dict(cfg)
     data.pop("vera_fx_version", None)
     data["target_modules"] = peft_target_modules(gm, state)
     kinds = {s.fan_in_fan_out for s in read_sites(gm) if s.name in set(state.site_names)}
     if len(kinds) == 1:  # what the sites store, as PEFT writes it after correcting the config
         data["fan_in_fan_out"] = kinds.pop()
-    info = model_info(gm)
     # As PEFT's save_pretrained: inference_mode true, the model's name_or_path when the config has none, and
     # without a task type the model's class (PEFT's auto_mapping); peft_version stays the config's (None unless
     # the config came from PEFT: vera_fx does not claim a PEFT version).
-    cfg = state.config
     auto = cfg.auto_mapping if cfg.task_type is not None else (
         {"base_model_class": info["class"], "parent_library": info.get("module")} if info.get("class") else None)
     data.update(peft_type=cfg.peft_type, inference_mode=True, auto_mapping=auto,
@@ -239,9 +361,6 @@ def save_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
     wrapper, gm = gm, unwrap_parallel(gm)  # a DDP / FSDP1 wrapper first, then the model object or compile
     gm = as_graph_module(gm, "save_adapter")
     state = adapter_state(gm, adapter_name)
-    path = Path(directory)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"directory={str(path)!r} is a file; give a folder to write the adapter into")
     targets = [getattr(mod, attr) for mod, attr in state_dict_targets(gm, adapter_name).values()]
     gather = needs_gather(wrapper, targets)
     writes = save_role(gather, is_main_process, "save_adapter")
@@ -257,8 +376,8 @@ def save_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
                    for k, v in adapter_state_dict(gm, adapter_name).items()}
     if writes:
         config = (json.dumps(peft_config_dict(gm, adapter_name), indent=2, sort_keys=True) + "\n").encode()
-        write_folder(path, {WEIGHTS_NAME: serialise(tensors), CONFIG_NAME: config})
-        logger.info("saved adapter %r to %s: %d tensors", adapter_name, path, len(tensors))
+        write_folder(directory, {WEIGHTS_NAME: serialise(tensors), CONFIG_NAME: config})
+        logger.info("saved adapter %r to %s: %d tensors", adapter_name, directory, len(tensors))
 
 
 def _read_config(data: bytes, path: Path) -> AdapterConfig:
@@ -272,15 +391,6 @@ def _read_config(data: bytes, path: Path) -> AdapterConfig:
         return config_from_dict(parsed)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: {e}") from e
-
-
-def read_weights(path: PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of one safetensors file (a Trainer checkpoint's model.safetensors), checked."""
-    try:
-        with open(path, "rb") as f:
-            return read_safetensors(f, str(path))
-    except FileNotFoundError as e:
-        raise ValueError(f"{path} does not exist") from e
 
 
 def read_checkpoint(directory: PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
@@ -305,54 +415,63 @@ def read_checkpoint(directory: PathLike) -> tuple[AdapterConfig, dict[str, torch
     return config, tensors
 
 
-def load_checked(gm: GraphModule, adapter_name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor],
-                 source: str, file: bool = True) -> None:
-    """Check then copy ``tensors`` into the adapter, with PEFT's rules for absent projections (a state dict,
-    ``file=False``, may lack them)."""
-    plan, missing_proj = plan_load(gm, tensors, adapter_name, source)
-    state = adapter_state(gm, adapter_name)
-    if missing_proj and not file:
-        if config.save_projection:
-            logger.warning("adapter %r: the state dict has no %s; keeping the projections regenerated from "
-                           "projection_prng_key=%d", adapter_name, missing_proj, config.projection_prng_key)
-    elif missing_proj and config.save_projection:
-        raise ValueError(f"{source}: save_projection=True but the file has no {missing_proj}; the checkpoint is "
-                         "incomplete: save it again")
-    if missing_proj:
-        warnings.warn(f"{source} has no projections (save_projection=False): adapter {adapter_name!r} uses those "
-                      f"regenerated from projection_prng_key={config.projection_prng_key}, which may differ across "
-                      "platforms", UserWarning, stacklevel=3)
-        if _standalone_projections_differ(gm, state):
-            warnings.warn(f"adapter {adapter_name!r} shares projections with a larger adapter of this graph, which "
-                          "differ from those its checkpoint was trained with; load it into a graph of its own "
-                          "(vera_fx.from_pretrained)", UserWarning, stacklevel=3)
-    apply_plan(gm, plan, [adapter_name])
+# --- the model object's state dict (Trainer checkpoints) -----------------------------------------------------
+
+def adapters_state_dict(source: GraphModule, destination: Optional[dict] = None, prefix: str = "",
+                        keep_vars: bool = False) -> dict[str, torch.Tensor]:
+    """Every adapter's tensors under PEFT's keys (cloned: safetensors refuses shared storage) and its config."""
+    out: dict[str, torch.Tensor] = OrderedDict() if destination is None else destination
+    for name in adapters_of(source):
+        for key, t in adapter_state_dict(source, name).items():
+            out[f"{prefix}{STATE_KEY_PREFIX}{name}.{key}"] = t if keep_vars else t.detach().clone()
+        data = json.dumps(peft_config_dict(source, name), sort_keys=True).encode()
+        out[f"{prefix}{CONFIG_KEY_PREFIX}{name}"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return out
 
 
-@mutation
-def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "default") -> None:
-    """Load the adapter saved in ``directory`` (by vera_fx or PEFT) into ``adapter_name`` of ``gm``, adding it
-    from the saved config when missing (inactive if the graph had an adapter, as ``add_adapter``). Everything
-    is checked first; on any error the graph is left as it was."""
-    gm = as_graph_module(gm, "load_adapter")
-    config, tensors = read_checkpoint(directory)
-    source = str(Path(directory) / WEIGHTS_NAME)
-    container = adapters_of(gm)
-    if adapter_name in container:
-        have = container[adapter_name].config
-        if type(have) is not type(config):
-            raise ValueError(f"{directory}: peft_type={config.peft_type!r}, but adapter {adapter_name!r} on this "
-                             f"graph is {have.peft_type!r}: load it under another adapter_name")
-        check_same_fields(have, config, source, adapter_name,
-                          container[adapter_name].method.peft_projection_key("A") in tensors)
-        load_checked(gm, adapter_name, config, tensors, source)
-    else:
-        old_active = adapter_flags(gm).active
-        add_adapter(gm, adapter_name, config)
+def load_adapters_state_dict(source: GraphModule, state_dict: Any, strict: bool = True) -> IncompatibleKeys:
+    """Load what ``adapters_state_dict`` gives (every adapter checked before anything changes)."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"load_state_dict: state_dict={state_dict!r:.60} is a {type(state_dict).__name__}; "
+                        "give the dict m.state_dict() returns (a folder loads with vera_fx.load_adapter)")
+    names = list(adapters_of(source))
+    per_adapter: dict[str, dict[str, Any]] = {}
+    unexpected: list[str] = []
+    for key, value in state_dict.items():
+        adapter, _, rest = key.removeprefix(STATE_KEY_PREFIX).partition(".")
+        if key.startswith(STATE_KEY_PREFIX) and adapter in names and rest:
+            per_adapter.setdefault(adapter, {})[rest] = value
+        elif not (key.startswith(CONFIG_KEY_PREFIX) and key.removeprefix(CONFIG_KEY_PREFIX) in names):
+            unexpected.append(key)
+    missing = [f"{STATE_KEY_PREFIX}{n}.*" for n in names if n not in per_adapter]
+    if strict and (missing or unexpected):
+        raise ValueError(f"load_state_dict: the state dict does not fit this model's adapters {names}; missing: "
+                         f"{missing or 'none'}, unexpected: {unexpected[:5] or 'none'}. Give it what "
+                         "state_dict() returns (or load a PEFT folder with vera_fx.load_adapter)")
+    plans = [(name, plan_load(source, sd, name, f"state dict of adapter {name!r}")[0])
+             for name, sd in per_adapter.items()]
+    with state_lock(source).write():
+        for name, plan in plans:
+            apply_plan(source, plan, [name])
+    return IncompatibleKeys(missing, unexpected)
+
+
+def read_trainer_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, AdapterConfig]]:
+    """``path/model.safetensors`` of a Trainer checkpoint: its tensors and each adapter's config."""
+    try:
+        with open(path / "model.safetensors", "rb") as f:
+            state = read_safetensors(f, str(path / "model.safetensors"))
+    except FileNotFoundError as e:
+        raise ValueError(f"{path / 'model.safetensors'} does not exist") from e
+    configs = {k.removeprefix(CONFIG_KEY_PREFIX): v for k, v in state.items() if k.startswith(CONFIG_KEY_PREFIX)}
+    if not configs:
+        raise ValueError(f"{path}/model.safetensors holds no vera_fx adapter (no {CONFIG_KEY_PREFIX}* entry): "
+                         "give an adapter folder (adapter_config.json + adapter_model.safetensors) or a Trainer "
+                         "checkpoint of a vera_fx model")
+    parsed = {}
+    for name, blob in configs.items():
         try:
-            load_checked(gm, adapter_name, config, tensors, source)
-        except Exception:
-            remove_adapter(gm, adapter_name)
-            restore_active(gm, old_active)
-            raise
-    logger.info("loaded adapter %r from %s", adapter_name, directory)
+            parsed[name] = config_from_dict(json.loads(bytes(blob.tolist()).decode("utf-8")))
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}/model.safetensors: the config of adapter {name!r} is unreadable: {e}") from e
+    return state, parsed

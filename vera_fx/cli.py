@@ -170,15 +170,14 @@ def _merge(args: argparse.Namespace) -> int:
     model = _load_model(args.model_dir)
     gm = vera_fx.from_pretrained(model, args.adapter_dir)
     n_sites = len(vera_fx.sites(gm))
-    merged = vera_fx.merge_into(model, gm)
-    merged = merged if merged is not None and hasattr(merged, "save_pretrained") else model
+    vera_fx.merge_into(model, gm)  # in place: model now holds W + ΔW
     out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
+    model.save_pretrained(out)
     copied = [name for name in _TOKENIZER_FILES
               if (Path(args.model_dir) / name).is_file() and not (out / name).exists()]
     for name in copied:
         shutil.copy2(Path(args.model_dir) / name, out / name)
-    print(f"merged the adapter of {args.adapter_dir} ({n_sites} sites) into {type(merged).__name__}; "
+    print(f"merged the adapter of {args.adapter_dir} ({n_sites} sites) into {type(model).__name__}; "
           f"wrote {out} (safetensors{', tokenizer' if copied else ''})")
     return 0
 
@@ -190,9 +189,8 @@ def _one_line_warning(message: Any, category: type, filename: str, lineno: int, 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``vera-fx`` with ``argv`` (default: the process arguments); returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(argv)  # None: the process arguments
     if rest and args.command != "demo":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

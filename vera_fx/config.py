@@ -32,6 +32,10 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _is_str_list(v: Any, non_empty: bool = False) -> bool:
     return isinstance(v, list) and (len(v) > 0 or not non_empty) and all(isinstance(t, str) and t for t in v)
 
@@ -50,8 +54,7 @@ _Check = tuple[str, Callable[[Any], bool], str]
 _CHECKS: tuple[_Check, ...] = (
     ("r", lambda v: _is_int(v) and v > 0, "expected a positive int, e.g. r=256"),
     ("projection_prng_key", _is_int, "expected an int seed"),
-    ("d_initial", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-     "expected a finite float, e.g. 0.1"),
+    ("d_initial", lambda v: _is_number(v) and math.isfinite(v), "expected a finite float, e.g. 0.1"),
     ("save_projection fan_in_fan_out init_weights inference_mode", lambda v: isinstance(v, bool),
      "expected True or False"),
     ("target_modules", _is_target_modules,
@@ -72,9 +75,11 @@ _CHECKS: tuple[_Check, ...] = (
 )
 
 
-def _check(cond: bool, field_name: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ValueError(f"{field_name}={value!r} is invalid: {allowed}")
+def _method_checks(prefix: str) -> tuple[_Check, ...]:
+    """The rows of a method's own fields: its dropout, and its bias modes (``<prefix>_only``: its sites' biases)."""
+    modes = ("none", "all", f"{prefix}_only")
+    return ((f"{prefix}_dropout", lambda p: _is_number(p) and 0.0 <= p < 1.0, "expected a float in [0, 1)"),
+            ("bias", lambda v: v in modes, f"allowed values are {', '.join(map(repr, modes))}"))
 
 
 @dataclass
@@ -101,12 +106,10 @@ class _BaseConfig:
     auto_mapping: Optional[dict] = dataclasses.field(default=None, kw_only=True)
     peft_version: Optional[str] = dataclasses.field(default=None, kw_only=True)
 
-    # What the method calls its dropout field and its "only adapter biases" bias mode.
     _dropout_field = "vera_dropout"
-    _method_bias = "vera_only"
     peft_type = "VERA"
 
-    _checks: ClassVar[tuple[_Check, ...]] = _CHECKS  # subclasses add rows for their own fields
+    _checks: ClassVar[tuple[_Check, ...]] = (*_method_checks("vera"), *_CHECKS)  # PVeRA adds its own rows
 
     @property
     def dropout(self) -> float:
@@ -115,19 +118,15 @@ class _BaseConfig:
     def __post_init__(self) -> None:
         # Sets and tuples are read as lists; PEFT's TaskType enum as its value.
         for name in ("target_modules", "modules_to_save"):
-            if isinstance(getattr(self, name), (set, tuple)):
+            if isinstance(getattr(self, name), (set, frozenset, tuple)):
                 setattr(self, name, sorted(getattr(self, name)))
         if isinstance(self.layers_to_transform, tuple):
             self.layers_to_transform = list(self.layers_to_transform)
         self.task_type = getattr(self.task_type, "value", self.task_type)
-        p = getattr(self, self._dropout_field)
-        _check(isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= p < 1.0,
-               self._dropout_field, p, "expected a float in [0, 1)")
-        modes = ("none", "all", self._method_bias)
-        _check(self.bias in modes, "bias", self.bias, f"allowed values are {', '.join(map(repr, modes))}")
         for names, valid, expected in self._checks:
             for name in names.split():
-                _check(valid(getattr(self, name)), name, getattr(self, name), expected)
+                if not valid(getattr(self, name)):
+                    raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {expected}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(f"layers_pattern={self.layers_pattern!r} needs layers_to_transform: set the layer "
                              "indices to adapt, or drop layers_pattern")
@@ -155,10 +154,9 @@ class PveraConfig(_BaseConfig):
     generator_seed: Optional[int] = None
 
     _dropout_field = "pvera_dropout"
-    _method_bias = "pvera_only"
     peft_type = "PVERA"
 
-    _checks: ClassVar[tuple[_Check, ...]] = (*_CHECKS, (
+    _checks: ClassVar[tuple[_Check, ...]] = (*_method_checks("pvera"), *_CHECKS, (
         "sample_at_inference", lambda s: isinstance(s, bool) or (isinstance(s, dict) and all(
             isinstance(k, str) and isinstance(v, bool) for k, v in s.items())),
         "expected True, False or a dict {site name: bool}"),
@@ -218,8 +216,7 @@ def as_config(config: Any) -> AdapterConfig:
             raise TypeError(f"config is a {type(config).__module__}.{name} (peft_type={peft_type!r}): vera_fx adds "
                             "VeRA and PVeRA adapters only; pass vera_fx.VeraConfig(...) / vera_fx.PveraConfig(...) "
                             "or PEFT's VeraConfig / PveraConfig")
-        data = {k: _plain(v) for k, v in to_dict().items()}
-        data["peft_type"] = peft_type
+        data = {**to_dict(), "peft_type": peft_type}  # sets and enums: as __post_init__ reads them
         try:
             return config_from_dict(data)
         except (ValueError, TypeError) as e:
@@ -227,10 +224,3 @@ def as_config(config: Any) -> AdapterConfig:
                           f"{e}") from e
     raise TypeError(f"config must be a vera_fx.VeraConfig or vera_fx.PveraConfig (or PEFT's VeraConfig / "
                     f"PveraConfig), got {type(config).__module__}.{name}")
-
-
-def _plain(value: Any) -> Any:
-    """A PEFT config value as JSON-like data: enums as their values, sets as sorted lists."""
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    return value if isinstance(value, (bool, int, float, str)) else getattr(value, "value", value)

@@ -7,7 +7,6 @@ seen in any form. Prints accuracy before and after, the trainable-parameter coun
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import random
 import time
@@ -17,8 +16,6 @@ from typing import Optional
 import torch
 
 import vera_fx
-
-logger = logging.getLogger(__name__)
 
 
 def load_reviews() -> list[tuple[str, int]]:
@@ -83,8 +80,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     start = time.perf_counter()
     config = vera_fx.VeraConfig(r=args.r, target_modules=["query", "value"], modules_to_save=["classifier"])
     gm = vera_fx.transform(model, config)
-    trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in gm.parameters())
+    trainable, total = gm.get_nb_trainable_parameters()
     print(f"all-MiniLM-L6-v2 + VeRA (r={args.r}, query/value, classifier head trained): "
           f"{len(vera_fx.sites(gm))} sites, trainable params: {trainable:,} of {total:,} "
           f"({100 * trainable / total:.2f}%)")

@@ -35,7 +35,7 @@ from .serving import mixed_adapter_forward
 from .signatures import (CallKey, ExampleInputs, call_key, capture_example, example_call, forward_parameters,
                          normalise_call, swapped_in)
 from .state import state_lock
-from .state_dict import adapters_state_dict, load_adapters_state_dict, read_trainer_checkpoint
+from .checkpoint import adapters_state_dict, load_adapters_state_dict, read_trainer_checkpoint
 from .passes.pipeline import run_passes, transform as transform_graph
 from .compat import eager_frame, eval_frame_callback
 from .surface import PeftSurface, check_is_trainable

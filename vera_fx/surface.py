@@ -1,7 +1,6 @@
-"""PEFT's ``PeftModel`` surface on the object ``transform`` returns: PEFT's names, signatures and semantics,
-each method delegating to the module-level function that does the work (a docstring says where vera_fx
-differs). A mixin of ``VeraFxModel``: as class attributes its methods win over the wrapped transformers model's
-same-named PEFT integration, which ``VeraFxModel.__getattr__`` refuses.
+"""PEFT's ``PeftModel`` surface on the object ``transform`` returns, with PEFT's names, signatures and semantics
+(a docstring says where vera_fx differs). A mixin of ``VeraFxModel``: as class attributes its methods win over
+the wrapped transformers model's same-named PEFT integration, which ``VeraFxModel.__getattr__`` refuses.
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, ContextManager, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -49,7 +48,7 @@ def check_is_trainable(is_trainable: Any) -> bool:
 
 class PeftSurface:
     """PEFT's model methods over ``self._source`` (the graph holding the adapter state) and ``self._base_model``
-    (the user's model, never changed), plus the transformers surface the Trainer reads."""
+    (the user's model, never changed), and the transformers surface the Trainer reads."""
 
     _source: Any
     _base_model: nn.Module
@@ -118,7 +117,7 @@ class PeftSurface:
             adapter_ops.add_adapter(self, adapter_name, peft_config)
 
     def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
-        """Its lambdas (a block's live in the block) and modules_to_save copies."""
+        """Its lambdas (a block's live in the block) and ``modules_to_save`` copies."""
         state = self._source.get_submodule(f"{CONTAINER}.{adapter_name}")
         return list({id(p): p for p in [*state.parameters(), *state.lambda_parameters()]}.values())
 
@@ -158,10 +157,8 @@ class PeftSurface:
             raise ValueError(f"Adapter {adapter_name} does not exist; adapters: {list(self.peft_config) or 'none'}")
         adapter_ops.delete_adapter(self, adapter_name)
 
-    @contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        with adapter_ops.disable_adapters(self):
-            yield
+    def disable_adapter(self) -> ContextManager[Any]:
+        return adapter_ops.disable_adapters(self)
 
     def disable_adapter_layers(self) -> None:
         adapter_ops.set_adapters_disabled(self, True)
@@ -198,7 +195,7 @@ class PeftSurface:
         return self._base_model
 
     def get_base_model(self) -> nn.Module:
-        """The model ``transform`` was given; unlike PEFT's, it runs without adapters (they live in the graphs)."""
+        """Unlike PEFT's, it runs without adapters (they live in the graphs)."""
         return self._base_model
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
