@@ -1,6 +1,6 @@
 """Generation through transformers' own ``generate`` loop with the adapters hooked at their sites, and what both
-generation paths share: the inputs, the live layout, the weight binding (``bind_parameters``, through attach's
-``bind_tensors``), the adapter nodes for inference (``emit_for_inference``), the KL terms kept (``kl_terms_kept``).
+generation paths share: the inputs, the weight binding (``bind_parameters``, through attach's ``bind_tensors``)
+and the KL terms kept (``kl_terms_kept``).
 
 For what the decode graph (generation.py) does not cover: encoder-decoder models (T5, BART, Whisper),
 bitsandbytes models, sliding windows past the window. Each site module with a live adapter gets a forward hook
@@ -22,11 +22,9 @@ from .capture import model_flags_kept
 from .methods import CONTAINER
 from .methods.pvera import KLRecord
 from .passes.infer import DEFAULT_FORM, INFERENCE_KEY
-from .passes.inject import emit_adapter
-from .passes.attach import bind_tensors, strip_adapters
+from .passes.attach import bind_tensors, emit_layout, live_layout
 from .sites import LINEAR_KINDS, SITE_KEY, Site, graph_modules, read_sites
-from .versions import adapter_flags
-from .state import active_adapters, adapters_disabled, adapters_of, modules_to_save_copy, set_adapters_training
+from .state import adapters_of, modules_to_save_copy, set_adapters_training
 
 logger = logging.getLogger(__name__)
 Layout = Sequence[tuple[str, Sequence[str]]]
@@ -35,26 +33,6 @@ Layout = Sequence[tuple[str, Sequence[str]]]
 def site_base(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The site call of a site graph: the module's output ``y`` (``x``: the site's input)."""
     return y
-
-
-def live_layout(gm: GraphModule) -> list[tuple[str, tuple[str, ...]]]:
-    """(adapter, sites to emit) for every live adapter of ``gm``: active, not disabled, not merged there."""
-    container = adapters_of(gm)
-    if not len(container) or adapters_disabled(gm):
-        return []
-    merged = adapter_flags(gm).merged
-    layout = [(name, tuple(s for s in container[name].site_names if name not in merged.get(s, ())))
-              for name in active_adapters(gm)]
-    return [(name, sites) for name, sites in layout if sites]
-
-
-def emit_for_inference(gm: GraphModule, layout: Layout) -> None:
-    """Give ``gm`` the nodes of ``layout``'s adapters only, in the inference form of ``gm.meta`` and in eval mode
-    (PVeRA samples only where ``sample_at_inference`` is on)."""
-    strip_adapters(gm)
-    for name, sites in layout:
-        emit_adapter(gm, name, set(sites))
-    set_adapters_training(gm, False)
 
 
 @contextlib.contextmanager
@@ -110,7 +88,8 @@ def site_graph(container: nn.Module, site: Site, adapters: Sequence[str], x_dtyp
     gm = GraphModule(nn.Module(), graph, class_name="SiteGraph")
     gm.meta[INFERENCE_KEY] = DEFAULT_FORM
     gm._modules[CONTAINER] = container  # the training graph's own adapter states (registered, not copied)
-    emit_for_inference(gm, [(name, (site.name,)) for name in adapters])
+    emit_layout(gm, [(name, (site.name,)) for name in adapters])
+    set_adapters_training(gm, False)
     return gm
 
 

@@ -25,13 +25,13 @@ if TYPE_CHECKING:
     from transformers.generation.logits_process import LogitsProcessorList
 
 from .capture import SOURCE_MODEL_KEY, CaptureError, model_flags_kept
-from .eager_generation import (bind_parameters, eager_reason, emit_for_inference, generate_eager, kl_terms_kept,
-                               live_layout, model_inputs)
+from .eager_generation import bind_parameters, eager_reason, generate_eager, kl_terms_kept, model_inputs
 from .linear_like import linear_forwards
 from .methods import CONTAINER
-from .passes.infer import DEFAULT_FORM, INFERENCE_KEY, bind_flat_reads, flatten_reads
+from .passes.attach import emit_layout, live_layout
+from .passes.infer import DEFAULT_FORM, INFERENCE_KEY, bind_flat_reads
 from .passes.match import MatchPass
-from .state import adapter_container, reads_state
+from .state import adapter_container, reads_state, set_adapters_training
 from .sites import MODEL_INFO_KEY, SITE_KEY, as_graph_module, model_info, read_sites
 
 logger = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def _source_model(gm: GraphModule, model: Optional[nn.Module]) -> PreTrainedMode
 def decode_graph(gm: nn.Module, batch_size: int, max_cache_len: int, model: Optional[nn.Module] = None,
                  compile: bool = False) -> tuple[GraphModule, Any]:
     """The decode graph of ``gm`` for ``batch_size`` x ``max_cache_len`` with the live adapters' nodes
-    (``emit_for_inference``; a live layout seen before puts its built graph back), and its step (the graph, or
+    (``emit_layout``; a live layout seen before puts its built graph back), and its step (the graph, or
     with ``compile`` its compiled form), both kept by the adapter set. ``generate`` binds its tensors."""
     inner = as_graph_module(gm, "generate")
     source = _source_model(inner, model)
@@ -199,7 +199,7 @@ def decode_graph(gm: nn.Module, batch_size: int, max_cache_len: int, model: Opti
                                  "transformed from")
         decode._modules[CONTAINER] = container  # the training graph's AdapterState objects and parameters
         container.versions.switch(decode, [decode], None, key,
-                                  lambda: (emit_for_inference(decode, layout), flatten_reads(decode)))
+                                  lambda: (emit_layout(decode, layout), set_adapters_training(decode, False)))
         bind_flat_reads(decode)
         logger.debug("decode graph bound to adapters %s", [name for name, _ in layout])
     if not compile:

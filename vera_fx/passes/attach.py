@@ -19,9 +19,10 @@ from torch.fx import GraphModule
 
 from ..methods import CONTAINER
 from ..quantized import rebind_layers
-from ..sites import ADAPTER_KEY, block_prefix, graph_modules, read_sites
+from ..sites import ADAPTER_KEY, block_prefix, graph_modules
 from ..versions import adapter_flags
-from ..state import MTS_TAG, adapters_of, adapters_training, attach_state, set_adapters_training
+from ..state import (MTS_TAG, active_adapters, adapters_disabled, adapters_of, adapters_training, attach_state,
+                     set_adapters_training)
 from .infer import INFERENCE_KEY, bind_flat_reads, flatten_reads
 from .inject import emit_adapter, remove_adapter_nodes
 
@@ -145,17 +146,30 @@ def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple
 
 
 def _emit_like(gm: GraphModule, source: GraphModule) -> None:
-    """Give ``gm``'s tree the adapter nodes the source's tree has, site by site, in the same order."""
-    strip_adapters(gm)
+    """Give ``gm``'s tree the source's ``modules_to_save`` routing and adapter nodes."""
     _route_modules_to_save(gm, source)
-    # adapter by adapter in first-seen order: the same chain (and summation order) at every site
-    order: dict[str, set[str]] = {}
-    for site in read_sites(source):
-        for name in site.adapters:
-            order.setdefault(name, set()).add(site.name)
-    for name, sites in order.items():
-        emit_adapter(gm, name, sites)
-    gm.graph.lint()
-    gm.recompile()
-    if INFERENCE_KEY in gm.meta:  # an inference tree: its deep reads through one lookup (the version kept)
+    gm.recompile()  # the routed get_attr targets, where no emission below recompiles
+    emit_layout(gm, live_layout(source))
+
+
+def live_layout(gm: GraphModule) -> list[tuple[str, tuple[str, ...]]]:
+    """(adapter, sites to emit) for every live adapter of ``gm``: active, not disabled, not merged there. The source
+    graph holds these nodes, in this order (the active list's: the sum's order at every site)."""
+    container = adapters_of(gm)
+    if not len(container) or adapters_disabled(gm):
+        return []
+    merged = adapter_flags(gm).merged
+    layout = [(name, tuple(s for s in container[name].site_names if name not in merged.get(s, ())))
+              for name in active_adapters(gm)]
+    return [(name, sites) for name, sites in layout if sites]
+
+
+def emit_layout(gm: GraphModule, layout: Iterable[tuple[str, Iterable[str]]]) -> None:
+    """The one emission of every graph built from a template (signature graphs, twins, decode and site graphs):
+    exactly ``layout``'s adapter nodes, in the form ``gm`` is built for (an inference tree: its deep reads then
+    through one lookup, ``flatten_reads``)."""
+    strip_adapters(gm)
+    for name, sites in layout:
+        emit_adapter(gm, name, set(sites))
+    if INFERENCE_KEY in gm.meta:
         flatten_reads(gm)
