@@ -32,7 +32,7 @@ LAYERS: dict[str, int] = {
     "vera_fx.adapters": 4, "vera_fx.peft_keys": 4, "vera_fx.checkpoint": 4, "vera_fx.sampling": 4,
     "vera_fx.uncertainty": 4,
     "vera_fx.model": 4, "vera_fx.generation": 4, "vera_fx.serving": 4, "vera_fx.blockwise": 4,
-    "vera_fx.distributed": 4, "vera_fx.surface": 4, "vera_fx.eager_generation": 4,
+    "vera_fx.distributed": 4, "vera_fx.surface": 4,
     "vera_fx.variants": 4, "vera_fx.state_dict": 4,
     "vera_fx.inspect": 5,
     "vera_fx.cli": 6, "vera_fx.demo": 6, "vera_fx": 6,
@@ -40,7 +40,7 @@ LAYERS: dict[str, int] = {
 LAYER_NAMES = ["config, sites, runtime, versions, compat, folder",
                "methods, quantized, capture, signatures, blocks, block_export, linear_like, checks",
                "state", "passes",
-               "adapters, peft_keys, checkpoint, sampling, uncertainty, model, generation, eager_generation, variants, "
+               "adapters, peft_keys, checkpoint, sampling, uncertainty, model, generation, variants, "
                "serving, blockwise, distributed, surface, state_dict",
                "inspect", "cli, demo, vera_fx"]
 

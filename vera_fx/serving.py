@@ -26,18 +26,17 @@ from torch.fx import Graph, GraphModule, Node
 from tqdm.auto import tqdm
 
 from .adapters import set_adapter, set_lowering
-from .signatures import InputCheck, clone_inputs, dynamic_shapes_of, remove_input_check
+from .signatures import InputCheck, clone_inputs, dynamic_shapes_of
 from .checkpoint import WEIGHTS_NAME, PathLike, apply_plan, plan_load, read_checkpoint
 from .config import AdapterConfig
-from .eager_generation import kl_terms_kept
+from .generation import kl_terms_kept
 from .compat import add_keyword_input
 from .methods import CONTAINER, AdapterState, Emitter, method_for
-from .passes.attach import strip_adapters
 from .passes.inject import new_state, share_projections, training_node
 from .passes.match import MatchPass, select_sites
 from .sites import (ADAPTER_KEY, BLOCK_CALL_KEY, SITE_KEY, Site, as_graph_module, block_prefix, graph_modules,
-                    read_graph_sites, sampling_by_site)
-from .variants import FINGERPRINT_KEY, INFERENCE_FORM, inference_twin
+                    read_graph_sites)
+from .variants import INFERENCE_FORM, inference_twin, strip_adapters
 from .versions import adapter_flags
 from .state import (adapter_container, adapters_of, attach_state, block_site_names, detach_state, merged_adapters,
                     mutation, reads_state, restore_active, shared_projections)
@@ -145,8 +144,7 @@ def _mode_tag(name: str) -> dict[str, Any]:
     return {"site": None, "adapter": None, "role": "mode", "base": None, "name": name}
 
 
-def _emit_banks(mixed: GraphModule, index: Node, batch: Any, order: list[str], groups: dict[str, list[str]],
-                merged: dict, sampling: dict) -> int:
+def _emit_banks(mixed: GraphModule, index: Node, batch: Any, order: list[str], groups: dict[str, list[str]]) -> int:
     """Bank every site of one graph of the tree (the root or a block); returns the site calls."""
     graph, states = mixed.graph, adapters_of(mixed)  # the root's states, or a block's views of them
     device = next((p.device for p in mixed.parameters()), torch.device("cpu"))
@@ -167,7 +165,7 @@ def _emit_banks(mixed: GraphModule, index: Node, batch: Any, order: list[str], g
         return tables[table]
 
     training = training_node(mixed)
-    sites = read_graph_sites(mixed, merged, sampling)
+    sites = read_graph_sites(mixed)  # (no merged adapter: check_bankable)
     for site in sites:
         x_val = site.input.meta.get("val")
         ndim = x_val.dim() if isinstance(x_val, torch.Tensor) else 3
@@ -195,15 +193,16 @@ def _emit_banks(mixed: GraphModule, index: Node, batch: Any, order: list[str], g
     return len(sites)
 
 
-def bank_tree(mixed: GraphModule) -> GraphModule:
-    """Make ``mixed`` (an adapted tree's inference twin stripped of its adapter nodes, whose adapters pass
-    ``check_bankable``) the mixed-adapter graph: its inputs plus ``vera_fx_adapter_index`` (int64, one per row),
-    one more argument of each block call. ValueError when a site's input does not start with the batch."""
+def bank_tree(inner: GraphModule) -> GraphModule:
+    """The mixed-adapter graph of ``inner`` (whose adapters pass ``check_bankable``): its inference twin stripped of
+    its adapter nodes, plus the input ``vera_fx_adapter_index`` (int64, one per row; one more argument of each
+    block call) and the banks' nodes. ValueError when a site's input does not start with the batch."""
+    mixed = inference_twin(inner, INFERENCE_FORM, checked=False)  # ``_filled`` checks the inputs, less the index
+    strip_adapters(mixed)
     order = list(adapters_of(mixed))
     groups: dict[str, list[str]] = {}  # bank label "<method>_r<r>" -> its members, in index order
     for name, state in adapters_of(mixed).items():
         groups.setdefault(f"{state.method_name}_r{state.config.r}", []).append(name)
-    merged, sampling = adapter_flags(mixed).merged, sampling_by_site(mixed)
     index = _add_index(mixed.graph)
     batch = _batch_size(mixed.graph)
     blocks = {block_prefix(b): b for b in graph_modules(mixed)[1:]}
@@ -214,34 +213,25 @@ def bank_tree(mixed: GraphModule) -> GraphModule:
             continue
         b_index = _add_index(block.graph)
         if CONTAINER in block._modules:  # the block's views of the states
-            count += _emit_banks(block, b_index, _batch_of_block(node, block.graph, batch), order, groups, merged,
-                                 sampling)
+            count += _emit_banks(block, b_index, _batch_of_block(node, block.graph, batch), order, groups)
         else:
             block.recompile()
             block.training = False
         node.args = (*node.args, index)
-    count += _emit_banks(mixed, index, batch, order, groups, merged, sampling)
+    count += _emit_banks(mixed, index, batch, order, groups)
     logger.info("mixed-adapter graph: %d adapters in %d banks, %d site calls", len(order), len(groups), count)
     return mixed
 
 
 def mixed_graph(gm: nn.Module) -> GraphModule:
-    """The mixed-adapter graph of ``gm`` (inputs + ``vera_fx_adapter_index``): the bank pass over ``gm``'s inference
-    twin stripped of its adapter nodes, built once per adapter structure (it stacks the adapters' own lambdas at
-    call time, so training needs no rebuild); ValueError: ``check_bankable``."""
+    """``bank_tree`` of ``gm``, built once per adapter structure (it stacks the adapters' own lambdas at call time:
+    training needs no rebuild); ValueError: ``check_bankable``."""
     inner = as_graph_module(gm)
     check_bankable(inner)
     container = adapters_of(inner)
     key = (id(container),) + tuple((name, state.method_name, state.config.r, tuple(state.site_names))
                                    for name, state in container.items())
-    return container.versions.derived(inner, "mixed", key, lambda: _build_mixed(inner))
-
-
-def _build_mixed(inner: GraphModule) -> GraphModule:
-    twin = inference_twin(inner, INFERENCE_FORM, (FINGERPRINT_KEY,))
-    remove_input_check(twin)  # the caller fills the inputs (``_filled``), the index is one more
-    strip_adapters(twin)
-    return bank_tree(twin)
+    return container.versions.derived(inner, "mixed", key, lambda: bank_tree(inner))
 
 
 def adapter_index(gm: nn.Module, adapter_names: Sequence[str]) -> torch.Tensor:
@@ -410,9 +400,10 @@ def export(gm: nn.Module, example_inputs: Any, *, adapter_names: Optional[Sequen
     as are the mode and the sampling switches. ``dynamic``: every tensor dimension ``Dim.AUTO``.
     ``plain_outputs``: a transformers output comes back as a plain dict (loading needs no transformers)."""
     inner = as_graph_module(gm)
-    lowered = any((n.meta.get(ADAPTER_KEY) or {}).get("path") not in (None, "activation")
-                  for g in graph_modules(inner) for n in g.graph.nodes)
-    if lowered:  # the lean / weight paths only change backward: a program runs the plain nodes (torch + runtime)
+    lowered = adapter_names is None and any((n.meta.get(ADAPTER_KEY) or {}).get("path") not in (None, "activation")
+                                            for g in graph_modules(inner) for n in g.graph.nodes)
+    if lowered:  # the lean / weight paths only change backward: a program runs the plain nodes (torch + runtime);
+        # the mixed graph has plain nodes whatever the lowering
         setting = adapter_flags(inner).lowering
         set_lowering(inner, "activation")
         try:
