@@ -2,14 +2,13 @@
 
 ``mixed_adapter_forward`` runs a batch in which row ``i`` uses adapter ``adapter_names[i]``, through the *mixed
 graph* (``bank_tree``): the signature graph's inference twin stripped of its adapter nodes, plus an input
-``vera_fx_adapter_index`` (one int64 per row: ``k`` is the ``k``-th adapter, their number the base model), built
-once per adapter structure. Adapters are grouped into banks by (method, r), whose members share projections: at
-every site a bank emits its method's nodes once over the batch, each lambda read a gather from the members'
-lambdas stacked at call time (the very parameters, so training changes the mixed graph too) plus a zero row for
-rows outside the bank; other per-site state (PVeRA's switches and noise streams) goes to ``per_row_function`` as
-one value per member. ``load_adapters`` loads many folders at once (each checked as ``load_adapter`` does, no graph
-rewrite per adapter, all or nothing); ``export`` gives an ``ExportedProgram`` of the adapted, merged or mixed graph
-that runs with torch and ``vera_fx/runtime.py`` alone.
+``vera_fx_adapter_index`` (one int64 per row: ``k`` the ``k``-th adapter, their number the base model). Adapters
+are grouped into banks by (method, r), whose members share projections: at every site a bank emits its method's
+nodes once over the batch, each lambda read a gather from the members' lambdas stacked at call time (the very
+parameters: training changes the mixed graph too) plus a zero row for rows outside the bank; other per-site state
+(PVeRA's switches and noise streams) goes to ``per_row_function``, one value per member. ``load_adapters`` loads
+many folders at once (no graph rewrite per adapter, all or nothing); ``export`` gives an ``ExportedProgram`` that
+runs with torch and ``vera_fx/runtime.py`` alone.
 """
 
 from __future__ import annotations
@@ -67,9 +66,8 @@ def check_bankable(gm: GraphModule) -> None:
 
 
 class BankEmitter(Emitter):
-    """An Emitter turning a method's per-adapter reads into per-row reads over a bank's members: lambdas gathered
-    from their stack, other per-site state a list with a node (or None) per member, calls through
-    ``per_row_function`` with the rows' index as ``index=``."""
+    """An Emitter reading per row over a bank's members: lambdas gathered from their stack, other per-site state a
+    list with a node (or None) per member, calls through ``per_row_function`` with the rows' index (``index=``)."""
 
     def __init__(self, graph: Graph, after: Node, site: Site, label: str, states: dict[str, AdapterState],
                  members: list[str], index: Node, ndim: int) -> None:
@@ -129,8 +127,8 @@ def _batch_size(graph: Graph) -> Any:
 
 
 def _batch_of_block(call: Node, block_graph: Graph, batch: Any) -> Any:
-    """The batch dimension as the block sees it: the first dimension of the block input at the position of
-    the first call argument whose first dimension is the caller's batch (blocks export with fresh symbols)."""
+    """The batch dimension as the block sees it (blocks export with fresh symbols): that of the block input of the
+    first call argument whose first dimension is the caller's batch."""
     placeholders = [n for n in block_graph.nodes if n.op == "placeholder"]
     for arg, ph in zip(call.args, placeholders):
         val, own = (arg.meta.get("val") if isinstance(arg, Node) else None), ph.meta.get("val")
@@ -272,10 +270,9 @@ def _mixed_inputs(inner: GraphModule, adapter_names: Sequence[str], args: tuple,
 
 @reads_state
 def mixed_adapter_forward(gm: nn.Module, adapter_names: Sequence[str], *args: Any, **kwargs: Any) -> Any:
-    """One eval-mode forward of a batch in which row ``i`` uses adapter ``adapter_names[i]`` (``"__base__"``: the
-    base model), as ``m(**inputs, adapter_names=[...])``; each row equals that row run alone with its adapter
-    active (PVeRA rows sample with their adapter's switches and noise stream, in row order). The active list
-    is ignored."""
+    """An eval-mode forward of a batch whose row ``i`` uses adapter ``adapter_names[i]`` (``"__base__"``: the base
+    model), as ``m(**inputs, adapter_names=[...])``: each row equals that row run alone with its adapter active
+    (PVeRA rows sample with their adapter's switches and noise stream). The active list is ignored."""
     inner = as_graph_module(gm)
     if inner.training:
         raise ValueError("adapter_names= runs a mixed-adapter batch, which is for inference (as in PEFT): call "
@@ -326,9 +323,9 @@ def _load_one(inner: GraphModule, name: str, folder: PathLike, caches: tuple[dic
 
 @mutation
 def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool = True) -> list[str]:
-    """Load ``{adapter name: folder}`` (PEFT or vera_fx) at once, each checked as ``load_adapter`` does and added
-    inactive without graph nodes (a graph with no adapter activates the first); returns the names. Lambdas only
-    (no ``modules_to_save``, ``bias="none"``). All or nothing: on an error the ValueError names the folder."""
+    """Load ``{adapter name: folder}`` (PEFT or vera_fx), each checked as ``load_adapter`` does and added inactive
+    without graph nodes (a graph with no adapter activates the first); returns the names. Lambdas only (no
+    ``modules_to_save``, ``bias="none"``). All or nothing: the ValueError names the folder."""
     inner = as_graph_module(gm)
     if not isinstance(folders, Mapping) or not folders:
         raise TypeError(f"folders must be a non-empty dict {{adapter name: folder}}, got {folders!r}")
