@@ -1,4 +1,4 @@
-"""Generation through transformers' loop with hooked sites (vera_fx/eager_generation.py) vs PEFT and the base.
+"""Generation through transformers' loop with hooked sites (vera_fx/generation.py) vs PEFT and the base.
 
 The hooked path serves encoder-decoder, bitsandbytes and past-the-window sliding models. Two models with the
 same random adapter state in vera_fx and PEFT (VeRA on q/v, greedy, N new tokens, batch 2, prompt 32):
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import llama_like, print_table  # noqa: E402
 
 import vera_fx  # noqa: E402
-from vera_fx.eager_generation import generate_eager  # noqa: E402
+from vera_fx.generation import generate_eager  # noqa: E402
 from vera_fx.sites import as_graph_module  # noqa: E402
 
 

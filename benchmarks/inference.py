@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import peft_with_random_lambdas, print_table  # noqa: E402
 
 import vera_fx  # noqa: E402
-from vera_fx.passes.attach import attach_adapters  # noqa: E402
+from vera_fx.variants import attach_adapters  # noqa: E402
 from vera_fx.variants import inference_twin  # noqa: E402
 
 CASES = {"vera-all": ("vera", "all-linear"), "vera-qv": ("vera", ["q_proj", "v_proj"]),

@@ -285,7 +285,7 @@ def test_errors_name_the_problem(pairs):
         vera_fx.generate(encoder, ids)
 
 
-# ------------------------------------------------ transformers' loop with hooked sites (eager_generation.py)
+# ------------------------------------------------ transformers' loop with hooked sites (generation.py)
 
 def tiny_t5():
     from transformers import T5Config, T5ForConditionalGeneration
@@ -408,7 +408,7 @@ def test_hooked_generation_errors_name_the_problem(seq2seq):
 
 
 def test_hooks_refuse_a_functional_site():
-    from vera_fx.eager_generation import adapter_hooks
+    from vera_fx.generation import adapter_hooks
     from vera_fx.sites import as_graph_module
 
     class Scaled(torch.nn.Module):
@@ -438,7 +438,7 @@ def test_hooks_refuse_a_functional_site():
 def test_both_paths_read_a_modules_to_save_copy():
     """The decode graph and transformers' hooked loop both compute the head with the adapter's trained copy
     (the hooked loop once swapped in the copy's parameter holder, which has no forward, and raised)."""
-    from vera_fx.eager_generation import generate_eager, model_inputs
+    from vera_fx.generation import generate_eager, model_inputs
     from vera_fx.sites import as_graph_module
 
     torch.manual_seed(0)

@@ -31,14 +31,14 @@ LAYERS: dict[str, int] = {
     "vera_fx.passes": 3, "vera_fx.passes.": 3,
     "vera_fx.adapters": 4, "vera_fx.checkpoint": 4, "vera_fx.sampling": 4, "vera_fx.uncertainty": 4,
     "vera_fx.model": 4, "vera_fx.generation": 4, "vera_fx.serving": 4, "vera_fx.blockwise": 4,
-    "vera_fx.distributed": 4, "vera_fx.surface": 4, "vera_fx.eager_generation": 4, "vera_fx.variants": 4,
+    "vera_fx.distributed": 4, "vera_fx.surface": 4, "vera_fx.variants": 4,
     "vera_fx.inspect": 5,
     "vera_fx.cli": 6, "vera_fx.demo": 6, "vera_fx": 6,
 }
 LAYER_NAMES = ["config, sites, runtime, versions, compat, folder",
                "methods, quantized, capture, signatures, blocks, block_export, checks",
                "state", "passes",
-               "adapters, checkpoint, sampling, uncertainty, model, generation, eager_generation, variants, "
+               "adapters, checkpoint, sampling, uncertainty, model, generation, variants, "
                "serving, blockwise, distributed, surface",
                "inspect", "cli, demo, vera_fx"]
 

@@ -1,4 +1,4 @@
-"""Mixed-adapter batches (passes/bank.py, serving.py) and loading many adapters at once.
+"""Mixed-adapter batches (serving.py) and loading many adapters at once.
 
 Every mixed row is checked against that row run alone with its adapter active (set_adapter), and
 "__base__" rows against the base model (disable_adapters).

@@ -17,7 +17,7 @@ from torch.fx import GraphModule
 
 from .config import AdapterConfig, as_config
 from .methods import AdapterState, method_for
-from .passes.attach import state_fingerprint
+from .variants import state_fingerprint
 from .passes.inject import InjectPass, emit_adapter, remove_adapter_nodes
 from .passes.lower import check_lowering
 from .passes.match import MatchPass

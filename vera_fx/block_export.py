@@ -2,12 +2,12 @@
 
 Each distinct layer (class, call structure, parameter shapes) is exported once as a function of its tensor
 inputs, its graph cleaned (export's guards and metadata asserts dropped, no-grad / disabled-autocast regions
-inlined, dropout made to follow the mode) and copied for every layer of its group, each copy a GraphModule bound
-to its own layer's weights. Both top levels use them: the exported one (vera_fx/blocks.py), and the eager one
-(``capture_eager_top``) for a model whose head or loss export cannot capture (DeBERTa-v2's loss branches on the
-label values): the root graph calls an ``EagerTop``, which runs the model's own ``forward`` on a copy of the
-model whose layers (and top-level linear modules, so they remain sites) are blocks. Nothing that needs the root
-graph works there (checkpointing through its block calls, mixed-adapter batches, ``torch.export``)."""
+inlined, dropout following the mode) and copied for every layer of its group, each copy bound to its own layer's
+weights. Both top levels use them: the exported one (vera_fx/blocks.py), and the eager one (``capture_eager_top``)
+for a model whose head or loss export cannot capture (DeBERTa-v2's loss branches on the label values): the root
+graph calls an ``EagerTop``, running the model's own ``forward`` on a copy whose layers (and top-level linear
+modules, so they remain sites) are blocks. What needs the root graph does not work there (checkpointing through
+its block calls, mixed-adapter batches, ``torch.export``)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,7 @@ from .sites import BLOCK_KEY
 
 logger = logging.getLogger(__name__)
 
-# gm.meta key of a root graph whose top level runs eagerly: the reason export gave.
-EAGER_TOP = "vera_fx_eager_top"
+EAGER_TOP = "vera_fx_eager_top"  # gm.meta of a root graph whose top level runs eagerly: the reason export gave
 
 # group id -> (template graph, member indices, mode-dependent dropout nodes, lifted constants)
 Groups = dict[int, tuple[Graph, list[int], int, dict[str, torch.Tensor]]]
@@ -50,9 +49,9 @@ def block_key(model: nn.Module, path: str, call: ExportCall) -> tuple:
 
 
 def export_block(layer: nn.Module, call: ExportCall, record: LayerCall) -> ExportedProgram:
-    """Export ``layer`` as a function of its tensor inputs (the call's constants baked in, ``Dim.AUTO`` on every
-    dimension), from the eager values where they fit what export saw, else zeros (ones for bool). Its ``forward``
-    is shadowed meanwhile, so module paths in the graph stay relative to the layer."""
+    """Export ``layer`` as a function of its tensor inputs (constants baked in, ``Dim.AUTO`` on every dimension),
+    from the eager values where they fit what export saw, else zeros (ones for bool). Its ``forward`` is shadowed
+    meanwhile, so module paths in the graph stay relative to the layer."""
     eager = {pytree.keystr(p): v for p, v in pytree.tree_flatten_with_path((record.args, record.kwargs))[0]}
     device = next((t.device for t in eager.values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
     tensors = []
@@ -74,8 +73,7 @@ def export_block(layer: nn.Module, call: ExportCall, record: LayerCall) -> Expor
 
     shapes = {"inputs": dynamic_shapes_of(tuple(tensors), {})[0]}
     layer.forward = flat_forward
-    # export notes every input dimension of size 1 it specialises (a broadcast mask head, the rotary batch):
-    # expected for a block, so those notes are silenced
+    # export notes every input dimension of size 1 it specialises: expected for a block (a mask's head dim)
     quiet = logging.getLogger(EXPORT_NOTES_LOGGER)
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -141,11 +139,13 @@ def remaining_wrappers(gm: GraphModule) -> list[Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, HigherOrderOperator)]
 
 
-def strip_metadata_asserts(gm: GraphModule) -> int:
+def strip_metadata_asserts(gm: GraphModule, guards: bool = False) -> int:
     """Erase export's ``aten._assert_tensor_metadata`` checks (they fail under autocast or with a mask of another
-    dtype; the object keys graphs by dtypes and autocast state instead); returns how many."""
+    dtype; the object keys graphs by dtypes and autocast state instead) and, with ``guards``, its guard call (for
+    a graph whose caller checked the inputs); returns how many."""
     target = torch.ops.aten._assert_tensor_metadata.default
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target and not n.users]
+    nodes = [n for n in gm.graph.nodes if not n.users and ((n.op == "call_function" and n.target is target) or (
+        guards and n.op == "call_module" and str(n.target).startswith("_guards")))]
     for n in nodes:
         gm.graph.erase_node(n)
     return len(nodes)
@@ -204,14 +204,12 @@ def export_groups(model: nn.Module, layer_paths: list[str], calls: dict[int, Exp
         first = layer_paths[members[0]]
         layer = model.get_submodule(first)
         b_mod = export_block(layer, calls[members[0]], records[first]).module()
-        for n in [n for n in b_mod.graph.nodes if n.op == "call_module" and str(n.target).startswith("_guards")]:
-            b_mod.graph.erase_node(n)  # export's input checks: the root graph's inputs passed the root's
         inline_wrappers(b_mod)
         left = remaining_wrappers(b_mod)
         if left:
             raise BlockCaptureError(f"block {first!r} keeps {left[:1]}")
         constants = _lift_constants(layer, b_mod, first)
-        strip_metadata_asserts(b_mod)  # on the template, before restore_quantized, as the flat path does
+        strip_metadata_asserts(b_mod, guards=True)  # before restore_quantized; the root's inputs passed its checks
         flags = rewrite_mode_flags(b_mod)  # on the template: every copy reads its own block's flag
         graphs[gid] = (b_mod.graph, members, flags, constants)
     return graphs
@@ -236,7 +234,7 @@ def _lift_constants(layer: nn.Module, exported: GraphModule, path: str) -> dict[
 
 def bind_layers(model: nn.Module, graphs: Groups, paths: list[str],
                 qlayers: dict[str, nn.Module]) -> dict[str, GraphModule]:
-    """A block per layer: a copy of its group's graph on the layer's own weights, quantized layers restored inside."""
+    """A block per layer: its group's graph on the layer's own weights, quantized layers restored inside."""
     bound: dict[str, GraphModule] = {}
     for gid, (graph, members, flags, constants) in graphs.items():
         for path in [paths[i] for i in members]:
@@ -334,7 +332,7 @@ def _shell(model: nn.Module, blocks: dict[str, GraphModule]) -> nn.Module:
                 block.__dict__[key] = value
         memo[id(layer)] = block
     shell = copy.deepcopy(model, memo)
-    for module in model.modules():  # capture-time forwards (linear_like.linear_forwards) stay with the model
+    for module in model.modules():  # capture-time forwards (quantized.linear_forwards) stay with the model
         copied = memo.get(id(module))
         if isinstance(copied, nn.Module) and copied is not module and copied not in blocks.values():
             copied.__dict__.pop("forward", None)

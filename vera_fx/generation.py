@@ -1,52 +1,52 @@
-"""Text generation through the adapted graph, with a KV cache.
-
-``generate`` runs a *decode graph*: the user's causal LM with a transformers ``StaticCache`` held as buffers,
-exported once per batch size and cache length (a bucket) with the query length dynamic (one graph serves the
-prefill and every step; a 2D mask over the cache makes left padding work), rooted at the model so that its
-tensors have the training graph's names. It gets the live adapters' nodes over the training graph's adapter
-state and, for each ``generate``, the training graph's tensors (``bind_parameters``), so training or a switch is
-seen without re-capturing. The model is the one ``capture`` recorded or ``generate(..., model=...)``; only its
-architecture is used. Models the decode graph cannot cover run transformers' own loop (eager_generation.py).
+"""``generate``: through a *decode graph*, the user's causal LM with a ``StaticCache`` as buffers, exported once
+per batch size and cache length (a bucket) with the query length dynamic (one graph for the prefill and every step;
+a 2D mask over the cache makes left padding work), rooted at the model so its tensors have the training graph's
+names. It gets the live adapters' nodes over the training graph's adapter state and, per call, its tensors
+(``bind_parameters``): training or a switch is seen without re-capturing. Encoder-decoder and bitsandbytes models
+and sliding windows past the window run transformers' loop instead, each live site module hooked to a *site
+graph* ``(x, y) -> y + adapter(x)`` over the same state, on the training graph's weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from torch.export import Dim
-from torch.fx import GraphModule
+from torch.fx import Graph, GraphModule
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
     from transformers.generation.logits_process import LogitsProcessorList
 
+from .block_export import strip_metadata_asserts
 from .capture import SOURCE_MODEL_KEY, CaptureError, model_flags_kept
-from .eager_generation import (bind_parameters, eager_reason, emit_for_inference, generate_eager, kl_terms_kept,
-                               live_layout, model_inputs)
-from .quantized import linear_forwards
+from .quantized import linear_forwards, no_cpu_packing
 from .methods import CONTAINER
-from .passes.infer import DEFAULT_FORM, INFERENCE_KEY, bind_flat_reads, flatten_reads
+from .methods.pvera import KLRecord
+from .variants import bind_tensors, emit_layout, live_layout
+from .passes.infer import DEFAULT_FORM, INFERENCE_KEY, bind_flat_reads
 from .passes.match import MatchPass
-from .state import adapter_container, reads_state
-from .sites import MODEL_INFO_KEY, SITE_KEY, as_graph_module, model_info, read_sites
+from .state import adapter_container, adapters_of, modules_to_save_copy, reads_state, set_adapters_training
+from .sites import (LINEAR_KINDS, MODEL_INFO_KEY, SITE_KEY, Site, as_graph_module, graph_modules, model_info,
+                    read_sites)
 
 logger = logging.getLogger(__name__)
 
 _PREFIX = "model."  # the user's model sits at ``model`` inside the decode wrapper
 _MIN_BUCKET = 64
 _CACHE_TENSORS = ("keys", "values", "cumulative_length")  # of each cache layer, registered as buffers
-# transformers' cache and generation modules are imported where used (about 2.7 s on a first import)
 
 
 class _DecodeModule(nn.Module):
-    """The user's causal LM with a ``StaticCache`` registered as buffers (the export recipe of transformers'
-    ``TorchExportableModuleWithStaticCache``, plus a 2D mask and position ids so left padding works)."""
+    """The user's causal LM with a ``StaticCache`` as buffers (transformers' ``TorchExportableModuleWithStaticCache``
+    recipe, plus a 2D mask and position ids for left padding)."""
 
     def __init__(self, model: PreTrainedModel, batch_size: int, max_cache_len: int) -> None:
-        from transformers import StaticCache
+        from transformers import StaticCache  # transformers' cache: about 2.7 s on a first import
         from transformers.cache_utils import DummyLayer, StaticLayer, StaticSlidingWindowLayer
         from transformers.configuration_utils import get_head_shapes
 
@@ -55,13 +55,8 @@ class _DecodeModule(nn.Module):
         config = model.config.get_text_config()
         self.cache = StaticCache(max_cache_len=max_cache_len, config=config)
         for i, layer in enumerate(self.cache.layers):
-            if isinstance(layer, StaticSlidingWindowLayer):
-                window = getattr(config, "sliding_window", None)
-                if window is not None and max_cache_len > window:
-                    raise ValueError(f"prompt length + max_new_tokens needs a cache of {max_cache_len} positions, "
-                                     f"beyond the model's sliding_window={window}: vera_fx.generate keeps every "
-                                     f"position; use at most {window} positions in all")
-                self.cache.layers[i] = StaticLayer(max_cache_len)  # exact while the window never slides
+            if isinstance(layer, StaticSlidingWindowLayer):  # exact while the window never slides (eager_reason)
+                self.cache.layers[i] = StaticLayer(max_cache_len)
             elif isinstance(layer, DummyLayer):
                 self.cache.layers[i] = StaticLayer(0)
         num_heads, head_dim = get_head_shapes(config)
@@ -82,11 +77,17 @@ class _DecodeModule(nn.Module):
         return out.logits
 
 
-def check_can_generate(model: nn.Module) -> None:
-    """ValueError unless ``model`` is a decoder-only transformers causal LM vera_fx can generate with."""
+def _source_model(gm: GraphModule, model: Optional[nn.Module]) -> PreTrainedModel:
+    """``model`` or the one ``gm`` was captured from; ValueError unless it is a transformers model that generates."""
     from transformers import PreTrainedModel
     from transformers.configuration_utils import get_head_shapes
 
+    if model is None:
+        ref = gm.meta.get(SOURCE_MODEL_KEY)
+        model = ref.model if ref is not None else None
+        if model is None:
+            raise ValueError("this graph holds no reference to the model it was captured from (it was pickled, "
+                             "or made by an older vera_fx): pass generate(..., model=<that model>)")
     name = type(model).__name__
     if not isinstance(model, PreTrainedModel):
         raise ValueError(f"generate needs a transformers causal LM (…ForCausalLM / …LMHeadModel), got {name}")
@@ -95,12 +96,13 @@ def check_can_generate(model: nn.Module) -> None:
                          "classifier). generate supports causal LMs (…ForCausalLM / …LMHeadModel, e.g. Llama, "
                          "GPT-2, Mistral) and encoder-decoder models (…ForConditionalGeneration: T5, BART, Whisper)")
     if getattr(model.config, "is_encoder_decoder", False):
-        return
+        return model
     try:
         get_head_shapes(model.config.get_text_config())
     except Exception as e:  # configs without attention head counts
         raise ValueError(f"{name}: cannot size a key/value cache from its config ({e}); generate supports "
                          "attention decoders such as Llama, GPT-2, OPT, Mistral, Qwen2") from e
+    return model
 
 
 def cache_bucket(length: int) -> int:
@@ -113,13 +115,10 @@ def cache_bucket(length: int) -> int:
 
 
 def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len: int) -> GraphModule:
-    """Export ``model`` with a static KV cache of ``batch_size`` x ``max_cache_len``, its sites and tensors under the
-    model's own names (the training graph's); the model's flags are left as they were."""
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise ValueError(f"{type(model).__name__} is an encoder-decoder model: the decode graph is for decoder-only "
-                         "causal LMs; vera_fx.generate runs transformers' loop with the adapters hooked for it")
+    """Export ``model`` (a decoder-only causal LM: ``eager_reason`` is None) with a static KV cache of
+    ``batch_size`` x ``max_cache_len``, under the model's own names."""
     device = next(p.device for p in model.parameters())
-    with model_flags_kept(model), linear_forwards(model):  # Falcon-style linears stay sites (linear_like)
+    with model_flags_kept(model), linear_forwards(model):  # Falcon-style linears stay sites (quantized)
         try:
             model.eval()
             for p in model.parameters():
@@ -132,25 +131,19 @@ def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len:
             dynamic = {"input_ids": {1: q}, "attention_mask": None, "position_ids": {1: q}, "cache_position": {0: q}}
             ep = torch.export.export(_DecodeModule(model, batch_size, max_cache_len), (), example, strict=False,
                                      dynamic_shapes=dynamic)
-        except ValueError:
-            raise
         except Exception as e:
             raise CaptureError(f"torch.export could not capture {type(model).__name__} with a static KV cache: "
                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     decode = ep.module()
     root = decode._modules["model"]  # the new root: the model's tensors get the names they have in training
-    for node in list(decode.graph.nodes):
-        # generate builds every input itself: no guard call, metadata assertions or input checks (a noticeable
-        # share of a one-token step)
-        if not node.users and ((node.op == "call_module" and node.target == "_guards_fn") or (
-                node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default)):
-            decode.graph.erase_node(node)
-        elif node.op == "get_attr" and node.target.startswith(_PREFIX):
+    strip_metadata_asserts(decode, guards=True)  # generate builds every input itself: checks cost a share of a step
+    for node in decode.graph.nodes:
+        if node.op == "get_attr" and node.target.startswith(_PREFIX):
             node.target = node.target[len(_PREFIX):]
         elif node.op == "get_attr":  # the cache buffers
             setattr(root, node.target, getattr(decode, node.target))
-    decode = GraphModule(root, decode.graph)  # a plain GraphModule: no input checks
-    decode.training = False  # the base model's dropout: generation is inference
+    decode = GraphModule(root, decode.graph)  # a plain GraphModule (no input checks), in eval mode
+    decode.training = False
     MatchPass()(decode)
     for node in decode.graph.nodes:
         tag = node.meta.get(SITE_KEY)
@@ -163,24 +156,10 @@ def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len:
     return decode
 
 
-def _source_model(gm: GraphModule, model: Optional[nn.Module]) -> PreTrainedModel:
-    if model is None:
-        ref = gm.meta.get(SOURCE_MODEL_KEY)
-        model = ref.model if ref is not None else None
-        if model is None:
-            raise ValueError("this graph holds no reference to the model it was captured from (it was pickled, "
-                             "or made by an older vera_fx): pass generate(..., model=<that model>)")
-    check_can_generate(model)
-    return model
-
-
-def decode_graph(gm: nn.Module, batch_size: int, max_cache_len: int, model: Optional[nn.Module] = None,
+def decode_graph(inner: GraphModule, source: PreTrainedModel, batch_size: int, max_cache_len: int,
                  compile: bool = False) -> tuple[GraphModule, Any]:
-    """The decode graph of ``gm`` for ``batch_size`` x ``max_cache_len`` with the live adapters' nodes
-    (``emit_for_inference``; a live layout seen before puts its built graph back), and its step (the graph, or
-    with ``compile`` its compiled form), both kept by the adapter set. ``generate`` binds its tensors."""
-    inner = as_graph_module(gm, "generate")
-    source = _source_model(inner, model)
+    """The decode graph of ``source`` for ``batch_size`` x ``max_cache_len`` with the live layout's nodes of
+    ``inner`` (one seen before is put back) and its step (with ``compile``, compiled), kept by the adapter set."""
     container = adapter_container(inner)
     weight = next(p for p in source.parameters() if p.is_floating_point())
     kind = ("decode", batch_size, max_cache_len, weight.dtype, weight.device, id(source))
@@ -198,7 +177,7 @@ def decode_graph(gm: nn.Module, batch_size: int, max_cache_len: int, model: Opti
                                  "transformed from")
         decode._modules[CONTAINER] = container  # the training graph's AdapterState objects and parameters
         container.versions.switch(decode, [decode], None, key,
-                                  lambda: (emit_for_inference(decode, layout), flatten_reads(decode)))
+                                  lambda: (emit_layout(decode, layout), set_adapters_training(decode, False)))
         bind_flat_reads(decode)
         logger.debug("decode graph bound to adapters %s", [name for name, _ in layout])
     if not compile:
@@ -210,8 +189,7 @@ def decode_graph(gm: nn.Module, batch_size: int, max_cache_len: int, model: Opti
 def decode_graphs(gm: nn.Module) -> list[GraphModule]:
     """The decode graphs ``gm`` holds now, one per decode shape."""
     inner = as_graph_module(gm, "generate")
-    derived = adapter_container(inner).versions.derived_of(inner)
-    return [graph for kind, graph in derived.items() if isinstance(kind, tuple) and kind[0] == "decode"]
+    return [g for kind, g in adapter_container(inner).versions.derived_of(inner).items() if kind[0] == "decode"]
 
 
 def _token_ids(value: Any, name: str) -> Optional[list[int]]:
@@ -230,14 +208,12 @@ def generate(gm: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[to
              eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
              generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
              model: Optional[nn.Module] = None, compile: bool = False, **kwargs: Any) -> torch.Tensor:
-    """Up to ``max_new_tokens`` tokens per sequence from the adapted graph ``gm`` with a KV cache, returned after
-    the (possibly left-padded) prompt as transformers' ``generate`` does. Greedy, or ``do_sample`` with
-    ``temperature`` / ``top_k`` / ``top_p`` from ``generator``, a generator seeded with ``seed`` or torch's (unset
-    values, ``max_new_tokens`` too: the model's ``generation_config``, else transformers' defaults). Finished
-    sequences (``eos_token_id``) get ``pad_token_id``. ``compile=True`` compiles the decode step. Any other keyword of
-    transformers' ``generate`` (beam search, penalties, ``max_length``, ``generation_config``, streamers, ...)
-    runs transformers' own loop with the adapters hooked at their sites. No dropout; PVeRA samples where
-    ``sample_at_inference`` is on."""
+    """Up to ``max_new_tokens`` tokens per sequence from ``gm`` with a KV cache, after the (left-padded) prompt as
+    transformers' ``generate`` returns them. Greedy, or ``do_sample`` with ``temperature`` / ``top_k`` / ``top_p``
+    from ``generator``, ``seed`` or torch's (unset: the model's ``generation_config``, else transformers'
+    defaults); finished sequences (``eos_token_id``) get ``pad_token_id``. Any other keyword of transformers'
+    ``generate`` (beams, penalties, ``generation_config``, ...) runs its own loop with the adapters hooked. No
+    dropout; PVeRA samples where ``sample_at_inference`` is on."""
     inner = as_graph_module(gm, "generate")
     source = _source_model(inner, model)
     if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
@@ -276,7 +252,7 @@ def generate(gm: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[to
     if do_sample and generator is None and seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(int(seed))
     max_len = cache_bucket(input_ids.shape[1] + new_tokens)
-    graph, step = decode_graph(inner, input_ids.shape[0], max_len, model=source, compile=compile)
+    graph, step = decode_graph(inner, source, input_ids.shape[0], max_len, compile=compile)
     device = next(p.device for p in source.parameters())
     ids, mask = inputs["input_ids"].to(device=device, dtype=torch.long), inputs["attention_mask"].to(device)
     bind_parameters(graph, inner)  # kept bound: a generate in another thread may be running it
@@ -286,28 +262,21 @@ def generate(gm: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[to
 
 
 def _new_tokens(max_new_tokens: Optional[int], gen_cfg: Any, source: nn.Module, prompt_len: int) -> Optional[int]:
-    """How many tokens transformers' ``generate`` would add at most: ``max_new_tokens``, else the model's
-    ``generation_config`` (``max_new_tokens``, or ``max_length`` less the prompt), else 20 within
-    ``max_position_embeddings``; None where that leaves no token (transformers' loop decides, and warns)."""
-    if max_new_tokens is not None:
-        return max_new_tokens
-    if getattr(gen_cfg, "max_new_tokens", None) is not None:
-        return int(gen_cfg.max_new_tokens)
-    if getattr(gen_cfg, "max_length", None) is not None:
-        return int(gen_cfg.max_length) - prompt_len if int(gen_cfg.max_length) > prompt_len else None
-    limit = getattr(source.config.get_text_config(), "max_position_embeddings", None)
-    if not isinstance(limit, int):
-        return 20
-    return min(20, limit - prompt_len) if limit > prompt_len else None
+    """The most tokens transformers' ``generate`` adds: ``max_new_tokens``, else the ``generation_config``'s (or its
+    ``max_length`` less the prompt), else 20 within ``max_position_embeddings``; None: none (its loop warns)."""
+    given = max_new_tokens if max_new_tokens is not None else getattr(gen_cfg, "max_new_tokens", None)
+    if given is not None:
+        return int(given)
+    limit = getattr(gen_cfg, "max_length", None) or min(
+        prompt_len + 20, getattr(source.config.get_text_config(), "max_position_embeddings", None) or 1 << 62)
+    return int(limit) - prompt_len if int(limit) > prompt_len else None
 
 
 def _decode_loop(graph: GraphModule, step: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
                  max_len: int, processors: Optional[LogitsProcessorList], generator: Optional[torch.Generator],
                  eos: Optional[list[int]], pad: Optional[int]) -> torch.Tensor:
-    """Prefill the prompt through ``graph``, then one token per ``step`` call (greedy, or sampled through
-    ``processors``); finished sequences get ``pad``."""
-    batch, prompt_len = ids.shape
-    device = ids.device
+    """Prefill through ``graph``, then a token per ``step`` call (greedy, or sampled through ``processors``)."""
+    (batch, prompt_len), device = ids.shape, ids.device
     cache_mask = torch.zeros(batch, max_len, dtype=torch.long, device=device)
     cache_mask[:, :prompt_len] = mask
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # transformers' rule (left padding)
@@ -338,8 +307,7 @@ def _decode_loop(graph: GraphModule, step: Any, ids: torch.Tensor, mask: torch.T
 
 def _warpers(temperature: Optional[float], top_k: Optional[int], top_p: Optional[float],
              gen_cfg: Any) -> LogitsProcessorList:
-    """transformers' sampling warpers in its order (temperature, top-k, top-p); unset values from the
-    model's generation_config."""
+    """transformers' sampling warpers in its order; unset values from the model's generation_config."""
     from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
                                                         TopKLogitsWarper, TopPLogitsWarper)
 
@@ -361,3 +329,168 @@ def _warpers(temperature: Optional[float], top_k: Optional[int], top_p: Optional
     if top_p is not None and top_p < 1.0:
         processors.append(TopPLogitsWarper(top_p=float(top_p), min_tokens_to_keep=1))
     return processors
+
+
+# ------------------------------------------------------------------- transformers' loop with hooked sites
+
+def site_base(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A site graph's site call: the module's output ``y`` (``x``: its input)."""
+    return y
+
+
+@contextlib.contextmanager
+def kl_terms_kept(gm: GraphModule) -> Iterator[None]:
+    """The PVeRA KL terms of ``gm``'s tree put back on exit (tracing and generation keep the last forward's)."""
+    records = {id(v): (v, dict(v.values)) for g in graph_modules(gm) for state in adapters_of(g).values()
+               for v in vars(state).values() if isinstance(v, KLRecord)}
+    try:
+        yield
+    finally:
+        for record, values in records.values():
+            record.values = values
+
+
+def bind_parameters(model: nn.Module, gm: GraphModule, undo: Optional[list] = None) -> None:
+    """Bind every parameter of ``model`` (the eager model, or a decode graph) to ``gm``'s of that name or, in a live
+    adapter's ``modules_to_save`` module, its copy's (``bind_tensors``; changes appended to ``undo``)."""
+    container = adapters_of(gm)
+    theirs = dict(gm.named_parameters(remove_duplicate=False))
+    for name, _ in live_layout(gm):
+        for path in getattr(container[name], "modules_to_save_paths", []):
+            copy = modules_to_save_copy(container[name], path)
+            theirs.update((f"{path}.{n}", p) for n, p in copy.named_parameters(remove_duplicate=False))
+    bind_tensors(model, theirs.items(), undo)
+
+
+@contextlib.contextmanager
+def weights_bound(model: nn.Module, gm: GraphModule) -> Iterator[None]:
+    """While inside, ``model`` computes with ``gm``'s parameters (``bind_parameters``); put back on exit."""
+    undo: list[tuple[dict, str, Optional[torch.Tensor]]] = []
+    try:
+        bind_parameters(model, gm, undo)
+        yield
+    finally:
+        for store, leaf, old in reversed(undo):
+            store[leaf] = old
+
+
+def site_graph(container: nn.Module, site: Site, adapters: Sequence[str], x_dtype: torch.dtype,
+               y_dtype: torch.dtype) -> GraphModule:
+    """``(x, y) -> y + sum of the adapters at site``, reading ``container``'s state."""
+    graph = Graph()
+    x, y = graph.placeholder("x"), graph.placeholder("y")
+    x.meta["val"] = torch.empty(1, site.in_features, dtype=x_dtype, device="meta")
+    y.meta["val"] = torch.empty(1, site.out_features, dtype=y_dtype, device="meta")
+    base = graph.call_function(site_base, (x, y))
+    base.meta["val"] = y.meta["val"]
+    base.meta[SITE_KEY] = {"name": site.name, "kind": "linear", "in_features": site.in_features,
+                           "out_features": site.out_features, "weight": None, "bias": None, "owner_type": "module"}
+    graph.output(base)
+    gm = GraphModule(nn.Module(), graph, class_name="SiteGraph")
+    gm.meta[INFERENCE_KEY] = DEFAULT_FORM
+    gm._modules[CONTAINER] = container  # the training graph's own adapter states (registered, not copied)
+    emit_layout(gm, [(name, (site.name,)) for name in adapters])
+    set_adapters_training(gm, False)
+    return gm
+
+
+def _site_hook(container: nn.Module, site: Site, adapters: Sequence[str]) -> Callable[..., Any]:
+    """Forward hook adding the live adapters to a site module's output (a site graph per dtype pair)."""
+    graphs: dict[tuple[torch.dtype, torch.dtype], GraphModule] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        x = args[0] if args else next(iter(kwargs.values()))
+        if not isinstance(output, torch.Tensor) or not isinstance(x, torch.Tensor):
+            raise TypeError(f"site {site.name!r}: {type(module).__name__} takes or returns something other "
+                            f"than one tensor ({type(x).__name__} -> {type(output).__name__}); generate adds "
+                            "adapters to linear-like modules only")
+        if (x.dtype, output.dtype) not in graphs:
+            graphs[x.dtype, output.dtype] = site_graph(container, site, adapters, x.dtype, output.dtype)
+        return graphs[x.dtype, output.dtype](x, output)
+
+    return hook
+
+
+def _site_module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.Linear) and type(module).__name__ != "Conv1D":
+        what = "no module" if module is None else f"a {type(module).__name__}, not a linear layer"
+        raise ValueError(f"site {name!r} is {what} of {type(model).__name__} (a functional linear call inside "
+                         "a module): generate adds adapters at linear layers' outputs for this model; leave "
+                         "that site out of target_modules, or merge it first (vera_fx.merge)")
+    return module
+
+
+@contextlib.contextmanager
+def adapter_hooks(gm: GraphModule, model: nn.Module) -> Iterator[int]:
+    """Hook every live adapter site of ``gm`` onto its module in ``model`` while inside; yields their number."""
+    per_site: dict[str, list[str]] = {}
+    for name, sites in live_layout(gm):
+        for s in sites:
+            per_site.setdefault(s, []).append(name)
+    records = {s.name: s for s in read_sites(gm) if s.name in per_site}
+    modules = {name: _site_module(model, name) for name in records}
+    handles = []
+    try:
+        for name, module in modules.items():
+            hook = _site_hook(getattr(gm, CONTAINER, None), records[name], per_site[name])
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        yield len(handles)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def model_inputs(source: nn.Module, input_ids: Any, attention_mask: Any) -> dict[str, torch.Tensor]:
+    """The model's inputs from generate's first two arguments (a mask of ones when None; Whisper: its features)."""
+    main = getattr(source, "main_input_name", "input_ids")
+    if main != "input_ids":
+        if not isinstance(input_ids, torch.Tensor) or not input_ids.is_floating_point() or input_ids.dim() != 3:
+            raise ValueError(f"{type(source).__name__} generates from {main} (batch, channels, frames), a float "
+                             f"tensor given as the first argument; got {type(input_ids).__name__}"
+                             f"{tuple(getattr(input_ids, 'shape', ()))}")
+        return {main: input_ids, **({"attention_mask": attention_mask} if attention_mask is not None else {})}
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
+            torch.long, torch.int32):
+        raise ValueError(f"input_ids must be an integer tensor of shape (batch, length), got "
+                         f"{type(input_ids).__name__}{tuple(getattr(input_ids, 'shape', ()))}")
+    if 0 in input_ids.shape:
+        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: give at least one token per sequence")
+    if attention_mask is None:
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids, dtype=torch.long)}
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, got "
+                         f"{tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask).__name__}")
+    return {"input_ids": input_ids, "attention_mask": attention_mask.to(dtype=torch.long)}
+
+
+def eager_reason(source: nn.Module, gm: GraphModule, cache_length: Optional[int]) -> Optional[str]:
+    """Why ``generate`` runs transformers' loop (a static cache cannot slide, for instance), or None."""
+    cfg = source.config
+    if getattr(cfg, "is_encoder_decoder", False):
+        return "an encoder-decoder model"
+    quantized = sorted({s.kind for s in read_sites(gm) if s.kind in set(LINEAR_KINDS) - {"linear", "conv1d"}})
+    if quantized:
+        return f"bitsandbytes {'/'.join(quantized)} layers"
+    window = getattr(cfg.get_text_config(), "sliding_window", None)
+    if cache_length is not None and isinstance(window, int) and window > 0 and cache_length > window:
+        return f"sliding_window={window} is shorter than the cache of {cache_length} positions"
+    return None
+
+
+def generate_eager(gm: GraphModule, model: nn.Module, inputs: dict[str, torch.Tensor], *,
+                   seed: Optional[int] = None, **generate_kwargs: Any) -> torch.Tensor:
+    """``model.generate(**inputs, **generate_kwargs)`` with ``gm``'s live adapters hooked and weights bound, in eval
+    mode (restored after); ``seed`` seeds sampling inside ``fork_rng``."""
+    device = next(p.device for p in model.parameters())
+    with model_flags_kept(model), weights_bound(model, gm), adapter_hooks(gm, model) as hooked, \
+            no_cpu_packing(model), kl_terms_kept(gm), \
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
+        model.eval()
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        logger.debug("generate through %s.generate with %d hooked sites", type(model).__name__, hooked)
+        return model.generate(**inputs, **generate_kwargs)

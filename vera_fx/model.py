@@ -2,7 +2,7 @@
 
 It owns the *source graph* (the first captured graph, holding the adapter state; the object's parameter, buffer
 and submodule dicts are the source's) and a bounded cache of graphs per call signature, like torch.compile's
-guards: a new signature is captured on first use and bound to the source's state (vera_fx/passes/attach.py).
+guards: a new signature is captured on first use and bound to the source's state (vera_fx/variants.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from .capture import CaptureError, capture
 from .config import AdapterConfig, as_config
 from .methods import CONTAINER, method_for
 from .checks import describe_key, say_constant_changes
-from .passes.attach import attach_adapters, base_stamp, state_fingerprint
 from .passes.match import MatchPass
 from .serving import mixed_adapter_forward
 from .signatures import (CallKey, ExampleInputs, call_key, capture_example, example_call, forward_parameters,
@@ -39,7 +38,7 @@ from .checkpoint import adapters_state_dict, load_adapters_state_dict, read_trai
 from .passes.pipeline import run_passes, transform as transform_graph
 from .compat import eager_frame, eval_frame_callback
 from .surface import PeftSurface, check_is_trainable
-from .variants import FINGERPRINT_KEY, INFERENCE_FORM, GraphVariants
+from .variants import FINGERPRINT_KEY, INFERENCE_FORM, GraphVariants, attach_adapters, base_stamp, state_fingerprint
 
 logger = logging.getLogger(__name__)
 

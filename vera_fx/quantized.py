@@ -392,3 +392,17 @@ def _linear_forward(module: nn.Module) -> Optional[Callable]:
 def linear_forwards(model: nn.Module) -> contextlib.AbstractContextManager:
     """``forwards`` with ``nn.Linear.forward`` for every ``nn.Linear`` subclass computing a linear map."""
     return forwards(model, _linear_forward)
+
+
+@contextlib.contextmanager
+def no_cpu_packing(model: nn.Module) -> Iterator[None]:
+    """Keep bitsandbytes from packing 4-bit weights for its CPU kernel in an eval forward (the captured graph
+    shares them in their canonical layout)."""
+    layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.support_avx512bf16_for_cpu = True

@@ -1,7 +1,14 @@
-"""Serving many adapters: ``mixed_adapter_forward`` (row ``i`` runs adapter ``adapter_names[i]``: the bank pass over
-the inference twin, built once per adapter set), ``load_adapters`` (many folders at once, each checked as
-``load_adapter`` does, no graph rewrite per adapter, all or nothing) and ``export`` (an ``ExportedProgram`` of the
-adapted, merged or mixed graph that runs with torch and ``vera_fx/runtime.py`` alone).
+"""Serving many adapters: mixed-adapter batches, ``load_adapters`` and ``export``.
+
+``mixed_adapter_forward`` runs a batch in which row ``i`` uses adapter ``adapter_names[i]``, through the *mixed
+graph* (``bank_tree``): the signature graph's inference twin stripped of its adapter nodes, plus an input
+``vera_fx_adapter_index`` (one int64 per row: ``k`` the ``k``-th adapter, their number the base model). Adapters
+are grouped into banks by (method, r), whose members share projections: at every site a bank emits its method's
+nodes once over the batch, each lambda read a gather from the members' lambdas stacked at call time (the very
+parameters: training changes the mixed graph too) plus a zero row for rows outside the bank; other per-site state
+(PVeRA's switches and noise streams) goes to ``per_row_function``, one value per member. ``load_adapters`` loads
+many folders at once (no graph rewrite per adapter, all or nothing); ``export`` gives an ``ExportedProgram`` that
+runs with torch and ``vera_fx/runtime.py`` alone.
 """
 
 from __future__ import annotations
@@ -10,49 +17,219 @@ import gc
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import Graph, GraphModule, Node
 from tqdm.auto import tqdm
 
 from .adapters import set_adapter, set_lowering
-from .signatures import InputCheck, clone_inputs, dynamic_shapes_of, remove_input_check
+from .signatures import InputCheck, clone_inputs, dynamic_shapes_of
 from .checkpoint import WEIGHTS_NAME, PathLike, apply_plan, plan_load, read_checkpoint
 from .config import AdapterConfig
-from .eager_generation import kl_terms_kept
-from .methods import CONTAINER, AdapterState, method_for
-from .passes.attach import strip_adapters
-from .passes.bank import BASE_ADAPTER, INDEX_INPUT, bank_order, bank_tree, check_bankable
-from .passes.inject import new_state
+from .generation import kl_terms_kept
+from .compat import add_keyword_input
+from .methods import CONTAINER, AdapterState, Emitter, method_for
+from .passes.inject import new_state, share_projections, training_node
 from .passes.match import MatchPass, select_sites
-from .sites import ADAPTER_KEY, SITE_KEY, as_graph_module, graph_modules
-from .variants import FINGERPRINT_KEY, INFERENCE_FORM, inference_twin
+from .sites import (ADAPTER_KEY, BLOCK_CALL_KEY, SITE_KEY, Site, as_graph_module, block_prefix, graph_modules,
+                    read_graph_sites)
+from .variants import INFERENCE_FORM, inference_twin, strip_adapters
 from .versions import adapter_flags
-from .state import (adapter_container, adapters_of, attach_state, block_site_names, detach_state, mutation,
-                    reads_state, restore_active, shared_projections)
+from .state import (adapter_container, adapters_of, attach_state, block_site_names, detach_state, merged_adapters,
+                    mutation, reads_state, restore_active, shared_projections)
 
 logger = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+BASE_ADAPTER = "__base__"  # PEFT's name for rows that run the base model
+INDEX_INPUT = "vera_fx_adapter_index"  # the mixed graph's extra input: one adapter index per row
+
+
+def check_bankable(gm: GraphModule) -> None:
+    """ValueError when the adapters of ``gm`` cannot run as a mixed batch."""
+    states = adapters_of(gm)
+    if not len(states):
+        raise ValueError("this graph has no adapter: load some with vera_fx.load_adapter / load_adapters first")
+    merged = sorted(merged_adapters(gm))
+    if merged:
+        raise ValueError(f"adapters {merged} are merged into the base weights, so rows cannot choose their "
+                         "adapter: call vera_fx.unmerge(gm) before a mixed-adapter batch")
+    for name, state in states.items():
+        if getattr(state, "modules_to_save_paths", None):
+            raise ValueError(f"adapter {name!r} has modules_to_save copies {state.modules_to_save_paths}, which "
+                             "cannot differ per row: run it with set_adapter, or delete it for mixed batches")
+        if state.config.bias != "none":
+            raise ValueError(f"adapter {name!r} trains biases (bias={state.config.bias!r}), which every row would "
+                             "share: run it with set_adapter, or delete it for mixed batches")
+
+
+class BankEmitter(Emitter):
+    """An Emitter reading per row over a bank's members: lambdas gathered from their stack, other per-site state a
+    list with a node (or None) per member, calls through ``per_row_function`` with the rows' index (``index=``)."""
+
+    def __init__(self, graph: Graph, after: Node, site: Site, label: str, states: dict[str, AdapterState],
+                 members: list[str], index: Node, ndim: int) -> None:
+        super().__init__(graph, after, site, label)
+        self.states, self.members, self.index, self.ndim, self.rep = states, members, index, ndim, members[0]
+        self.method = states[self.rep].method
+
+    def get_attr(self, target: str, role: str, name: str) -> Any:
+        # The method names targets after ``em.adapter`` (the bank's label): read them from the members.
+        rest = next((target[len(p):] for p in (f"{CONTAINER}.{self.adapter}.", f"{CONTAINER}.{self.rep}.")
+                     if target.startswith(p)), None)
+        if rest is None:
+            return super().get_attr(target, role, name)
+        if not rest.startswith("sites."):  # shared projections and per-adapter scalars: the first member's
+            return super().get_attr(f"{CONTAINER}.{self.rep}.{rest}", role, name)
+        if role == "lambda":
+            nodes = [super(BankEmitter, self).get_attr(f"{CONTAINER}.{m}.{rest}", role, f"{name}_{m}")
+                     for m in self.members]
+            zero = self.call(aten.zeros_like.default, (nodes[0],), role, f"{name}_zero")
+            stacked = self.call(aten.stack.default, ([*nodes, zero], 0), role, f"{name}_bank")
+            rows = self.call(aten.index_select.default, (stacked, 0, self.index), role, f"{name}_rows")
+            for _ in range(self.ndim - 2):
+                rows = self.call(aten.unsqueeze.default, (rows, 1), role, f"{name}_rows")
+            return rows
+        site_path, _, attr = rest[len("sites."):].rpartition(".")
+        out: list[Optional[Node]] = []
+        for m in self.members:
+            mod = self.states[m].sites.get_submodule(site_path)
+            has = attr in mod._buffers or attr in mod._parameters or attr in mod.__dict__
+            out.append(super(BankEmitter, self).get_attr(f"{CONTAINER}.{m}.{rest}", role, f"{name}_{m}")
+                       if has else None)
+        return out
+
+    def call(self, fn: Callable[..., Any], args: tuple, role: str, name: str,
+             kwargs: Optional[dict[str, Any]] = None) -> Node:
+        per_row = self.method.per_row_function(fn)
+        if per_row is None:
+            return self.cursor
+        if per_row is not fn:
+            kwargs = {**(kwargs or {}), "index": self.index}
+        return super().call(per_row, args, role, name, kwargs)
+
+
+def _add_index(graph: Graph) -> Node:
+    """The index input, after the last placeholder (the graph's last keyword input; get_attr nodes may come first)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(list(graph.nodes)[-1]):
+        index = graph.placeholder(INDEX_INPUT)
+    index.meta[ADAPTER_KEY] = _mode_tag(INDEX_INPUT)
+    add_keyword_input(graph, INDEX_INPUT)
+    return index
+
+
+def _batch_size(graph: Graph) -> Any:
+    vals = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
+    return next((v.shape[0] for v in vals if isinstance(v, torch.Tensor) and v.dim() >= 1), None)
+
+
+def _batch_of_block(call: Node, block_graph: Graph, batch: Any) -> Any:
+    """The batch dimension as the block sees it (blocks export with fresh symbols): that of the block input of the
+    first call argument whose first dimension is the caller's batch."""
+    placeholders = [n for n in block_graph.nodes if n.op == "placeholder"]
+    for arg, ph in zip(call.args, placeholders):
+        val, own = (arg.meta.get("val") if isinstance(arg, Node) else None), ph.meta.get("val")
+        if isinstance(val, torch.Tensor) and isinstance(own, torch.Tensor) and val.dim() >= 1 and own.dim() >= 1 \
+                and str(val.shape[0]) == str(batch):
+            return own.shape[0]
+    return None
+
+
+def _mode_tag(name: str) -> dict[str, Any]:
+    return {"site": None, "adapter": None, "role": "mode", "base": None, "name": name}
+
+
+def _emit_banks(mixed: GraphModule, index: Node, batch: Any, order: list[str], groups: dict[str, list[str]]) -> int:
+    """Bank every site of one graph of the tree (the root or a block); returns the site calls."""
+    graph, states = mixed.graph, adapters_of(mixed)  # the root's states, or a block's views of them
+    device = next((p.device for p in mixed.parameters()), torch.device("cpu"))
+    first_op = index.next  # the bank index nodes go right after the index input
+    tables: dict[tuple[int, ...], Node] = {}
+
+    def rows_of(members: list[str]) -> Node:
+        """The rows' index into the bank of ``members`` (``len(members)``: the zero row)."""
+        table = tuple(members.index(a) if a in members else len(members) for a in order) + (len(members),)
+        if table not in tables:
+            buf = f"vera_fx_bank_map_{len(tables)}"
+            mixed.register_buffer(buf, torch.tensor(table, dtype=torch.long, device=device), persistent=False)
+            with graph.inserting_before(first_op):
+                mapping = graph.get_attr(buf)
+                tables[table] = graph.call_function(aten.index_select.default, (mapping, 0, index))
+            for node in (mapping, tables[table]):
+                node.meta[ADAPTER_KEY] = _mode_tag("bank_index")
+        return tables[table]
+
+    training = training_node(mixed)
+    sites = read_graph_sites(mixed)  # (no merged adapter: check_bankable)
+    for site in sites:
+        x_val = site.input.meta.get("val")
+        ndim = x_val.dim() if isinstance(x_val, torch.Tensor) else 3
+        if isinstance(x_val, torch.Tensor) and batch is not None and (ndim < 2 or str(x_val.shape[0]) != str(batch)):
+            raise ValueError(f"site {site.name!r} reads a tensor of shape {tuple(x_val.shape)} whose first "
+                             f"dimension is not the batch ({batch}), so its rows cannot choose an adapter; leave "
+                             "it out of target_modules for mixed-adapter batches")
+        cur = site.output
+        for label, names in groups.items():
+            members = [a for a in names if a in states and site.name in states[a].site_names]
+            if not members:
+                continue
+            own = f"bank_{label}"
+            state = states[members[0]]
+            out = state.method.emit(BankEmitter(graph, cur, site, own, states, members, rows_of(members), ndim),
+                                    state, site.input, cur, training)
+            cur.replace_all_uses_with(out, delete_user_cb=lambda u, out=out, s=site.name, own=own: u is not out
+                                      and not ((u.meta.get(ADAPTER_KEY) or {}).get("adapter") == own
+                                               and u.meta[ADAPTER_KEY].get("site") == s))
+            cur = out
+    share_projections(mixed, recompile=False)
+    graph.lint()
+    mixed.recompile()
+    mixed.training = False  # the flag the graph reads; the shared submodules keep theirs
+    return len(sites)
+
+
+def bank_tree(inner: GraphModule) -> GraphModule:
+    """The mixed-adapter graph of ``inner`` (whose adapters pass ``check_bankable``): its inference twin stripped of
+    its adapter nodes, plus the input ``vera_fx_adapter_index`` (int64, one per row; one more argument of each
+    block call) and the banks' nodes. ValueError when a site's input does not start with the batch."""
+    mixed = inference_twin(inner, INFERENCE_FORM, checked=False)  # ``_filled`` checks the inputs, less the index
+    strip_adapters(mixed)
+    order = list(adapters_of(mixed))
+    groups: dict[str, list[str]] = {}  # bank label "<method>_r<r>" -> its members, in index order
+    for name, state in adapters_of(mixed).items():
+        groups.setdefault(f"{state.method_name}_r{state.config.r}", []).append(name)
+    index = _add_index(mixed.graph)
+    batch = _batch_size(mixed.graph)
+    blocks = {block_prefix(b): b for b in graph_modules(mixed)[1:]}
+    count = 0
+    for node in list(mixed.graph.nodes):
+        block = blocks.pop(node.meta.get(BLOCK_CALL_KEY), None) if node.op == "call_module" else None
+        if block is None:
+            continue
+        b_index = _add_index(block.graph)
+        if CONTAINER in block._modules:  # the block's views of the states
+            count += _emit_banks(block, b_index, _batch_of_block(node, block.graph, batch), order, groups)
+        else:
+            block.recompile()
+            block.training = False
+        node.args = (*node.args, index)
+    count += _emit_banks(mixed, index, batch, order, groups)
+    logger.info("mixed-adapter graph: %d adapters in %d banks, %d site calls", len(order), len(groups), count)
+    return mixed
 
 
 def mixed_graph(gm: nn.Module) -> GraphModule:
-    """The mixed-adapter graph of ``gm`` (inputs + ``vera_fx_adapter_index``): the bank pass over ``gm``'s inference
-    twin stripped of its adapter nodes, built once per adapter structure (it stacks the adapters' own lambdas at
-    call time, so training needs no rebuild); ValueError: ``check_bankable``."""
+    """``bank_tree`` of ``gm``, built once per adapter structure (it stacks the adapters' own lambdas at call time:
+    training needs no rebuild); ValueError: ``check_bankable``."""
     inner = as_graph_module(gm)
     check_bankable(inner)
     container = adapters_of(inner)
     key = (id(container),) + tuple((name, state.method_name, state.config.r, tuple(state.site_names))
                                    for name, state in container.items())
-    return container.versions.derived(inner, "mixed", key, lambda: _build_mixed(inner))
-
-
-def _build_mixed(inner: GraphModule) -> GraphModule:
-    twin = inference_twin(inner, INFERENCE_FORM, (FINGERPRINT_KEY,))
-    remove_input_check(twin)  # the caller fills the inputs (``_filled``), the index is one more
-    strip_adapters(twin)
-    return bank_tree(twin)
+    return container.versions.derived(inner, "mixed", key, lambda: bank_tree(inner))
 
 
 def adapter_index(gm: nn.Module, adapter_names: Sequence[str]) -> torch.Tensor:
@@ -61,7 +238,7 @@ def adapter_index(gm: nn.Module, adapter_names: Sequence[str]) -> torch.Tensor:
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not all(
             isinstance(n, str) for n in adapter_names):
         raise TypeError(f"adapter_names={adapter_names!r}: expected a list of adapter names, one per row")
-    order = bank_order(inner)
+    order = list(adapters_of(inner))
     position = {name: k for k, name in enumerate([*order, BASE_ADAPTER])}
     unknown = sorted({n for n in adapter_names if n not in position})
     if unknown:
@@ -93,10 +270,9 @@ def _mixed_inputs(inner: GraphModule, adapter_names: Sequence[str], args: tuple,
 
 @reads_state
 def mixed_adapter_forward(gm: nn.Module, adapter_names: Sequence[str], *args: Any, **kwargs: Any) -> Any:
-    """One eval-mode forward of a batch in which row ``i`` uses adapter ``adapter_names[i]`` (``"__base__"``: the
-    base model), as ``m(**inputs, adapter_names=[...])``; each row equals that row run alone with its adapter
-    active (PVeRA rows sample with their adapter's switches and noise stream, in row order). The active list
-    is ignored."""
+    """An eval-mode forward of a batch whose row ``i`` uses adapter ``adapter_names[i]`` (``"__base__"``: the base
+    model), as ``m(**inputs, adapter_names=[...])``: each row equals that row run alone with its adapter active
+    (PVeRA rows sample with their adapter's switches and noise stream). The active list is ignored."""
     inner = as_graph_module(gm)
     if inner.training:
         raise ValueError("adapter_names= runs a mixed-adapter batch, which is for inference (as in PEFT): call "
@@ -147,9 +323,9 @@ def _load_one(inner: GraphModule, name: str, folder: PathLike, caches: tuple[dic
 
 @mutation
 def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool = True) -> list[str]:
-    """Load ``{adapter name: folder}`` (PEFT or vera_fx) at once, each checked as ``load_adapter`` does and added
-    inactive without graph nodes (a graph with no adapter activates the first); returns the names. Lambdas only
-    (no ``modules_to_save``, ``bias="none"``). All or nothing: on an error the ValueError names the folder."""
+    """Load ``{adapter name: folder}`` (PEFT or vera_fx), each checked as ``load_adapter`` does and added inactive
+    without graph nodes (a graph with no adapter activates the first); returns the names. Lambdas only (no
+    ``modules_to_save``, ``bias="none"``). All or nothing: the ValueError names the folder."""
     inner = as_graph_module(gm)
     if not isinstance(folders, Mapping) or not folders:
         raise TypeError(f"folders must be a non-empty dict {{adapter name: folder}}, got {folders!r}")
@@ -221,9 +397,10 @@ def export(gm: nn.Module, example_inputs: Any, *, adapter_names: Optional[Sequen
     as are the mode and the sampling switches. ``dynamic``: every tensor dimension ``Dim.AUTO``.
     ``plain_outputs``: a transformers output comes back as a plain dict (loading needs no transformers)."""
     inner = as_graph_module(gm)
-    lowered = any((n.meta.get(ADAPTER_KEY) or {}).get("path") not in (None, "activation")
-                  for g in graph_modules(inner) for n in g.graph.nodes)
-    if lowered:  # the lean / weight paths only change backward: a program runs the plain nodes (torch + runtime)
+    lowered = adapter_names is None and any((n.meta.get(ADAPTER_KEY) or {}).get("path") not in (None, "activation")
+                                            for g in graph_modules(inner) for n in g.graph.nodes)
+    if lowered:  # the lean / weight paths only change backward: a program runs the plain nodes (torch + runtime);
+        # the mixed graph has plain nodes whatever the lowering
         setting = adapter_flags(inner).lowering
         set_lowering(inner, "activation")
         try:

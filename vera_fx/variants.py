@@ -1,13 +1,17 @@
-"""The graph variants the model object runs: the inference twin of each captured graph, and the LRU bound.
+"""Graph variants: every graph the model object runs, built from a captured template and bound to the adapter
+state of the source graph (the first captured graph, which holds it).
 
-A call under ``no_grad`` / ``inference_mode``, or in eval mode with the adapters in eval too (PEFT's recipe
-trains the adapters of a model left in eval mode), runs its graph's *inference twin*: a copy of the graph tree
-(own Graphs and code; the same tensors, adapter state and leaf modules) with the adapters in the inference form
-(vera_fx/passes/infer.py: nothing kept for backward), built once per graph, form and adapter structure.
+``attach_adapters`` makes a graph of another signature compute what the source computes: the source's base
+tensors and bitsandbytes layers (``bind_tensors``, the one tensor binder), adapter container, ``modules_to_save``
+routing and adapter nodes (``emit_layout``, the one emission: signature graphs, twins, decode and site graphs).
+A switch puts back the tree's version for the new state (vera_fx/versions.py); tensors are bound again only when
+a base tensor or module was replaced (``base_stamp``).
 
-The bound: past ``max_graphs`` captured graphs the least recently used one is evicted (never the source, which
-holds the adapter state), with one warning, as torch.compile does past its recompile limit. The per-call path
-keeps the graph a call runs per signature with the ``state_stamp`` it was chosen at (a dictionary lookup).
+A call under ``no_grad`` / ``inference_mode``, or in eval mode with the adapters in eval too (PEFT's recipe trains
+the adapters of a model left in eval mode), runs its graph's *inference twin*: a copy of the tree (own Graphs and
+code; the same tensors, state and leaf modules) with the adapters in the inference form (vera_fx/passes/infer.py).
+Past ``max_graphs`` captured graphs the least recently used one is evicted (never the source), with one warning,
+as torch.compile does past its recompile limit.
 """
 
 from __future__ import annotations
@@ -15,16 +19,23 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+import weakref
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Iterable, Optional
 
 import torch
 from torch.fx import GraphModule
 
-from .passes.infer import DEFAULT_FORM, FORMS, INFERENCE_KEY
 from .checks import describe_key
 from .methods import CONTAINER
-from .state import ADAPTER_MODE, adapters_training, set_adapters_training
+from .passes.infer import DEFAULT_FORM, FORMS, INFERENCE_KEY, bind_flat_reads, flatten_reads
+from .passes.inject import emit_adapter, remove_adapter_nodes
+from .quantized import rebind_layers
+from .signatures import remove_input_check
+from .sites import ADAPTER_KEY, block_prefix, graph_modules
+from .state import (ADAPTER_MODE, MTS_TAG, active_adapters, adapters_disabled, adapters_of, adapters_training,
+                    attach_state, set_adapters_training)
+from .versions import adapter_flags
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +46,8 @@ FINGERPRINT_KEY = "vera_fx_fingerprint"  # gm.meta: the source's state_fingerpri
 
 
 def state_stamp(source: GraphModule) -> tuple:
-    """What the graph a call runs depends on besides its signature, cheap to read: the adapter set (compared by
-    identity) and its lock's version (every mutation bumps it), the base and adapter train / eval modes, and
-    grad mode (``no_grad`` / ``inference_mode`` choose the inference twin)."""
+    """What the graph a call runs depends on besides its signature, cheap to read: the adapter set and its lock's
+    version (every mutation bumps it), the base and adapter modes, and grad mode (which chooses the twin)."""
     container = source._modules.get(CONTAINER)
     mode = source._modules.get(ADAPTER_MODE)
     return (container, container.lock.version if container is not None else -1, source.training,
@@ -57,10 +67,10 @@ def check_form(form: Any) -> str:
     return form
 
 
-def inference_twin(gm: GraphModule, form: str, drop_meta: tuple[str, ...] = ()) -> GraphModule:
+def inference_twin(gm: GraphModule, form: str, checked: bool = True) -> GraphModule:
     """A copy of ``gm``'s graph tree marked for the inference ``form`` (new GraphModules, Graphs and adapter mode
-    flags; the same tensors and other submodules), less the meta keys ``drop_meta``. The caller binds it to the
-    adapter state (its adapter nodes are re-emitted then)."""
+    flags; the same tensors and other submodules), not yet attached; ``checked=False``: without the keyword check
+    (a caller that fills the inputs itself)."""
     modules = dict(gm.named_modules())
     graphs = [name for name, mod in modules.items() if isinstance(mod, GraphModule)]
     memo: dict[int, Any] = {}
@@ -72,20 +82,20 @@ def inference_twin(gm: GraphModule, form: str, drop_meta: tuple[str, ...] = ()) 
         if not on_path and name.rpartition(".")[2] != ADAPTER_MODE:
             memo[id(mod)] = mod
     twin = copy.deepcopy(gm, memo)
-    for key in drop_meta:
-        twin.meta.pop(key, None)
+    twin.meta.pop(FINGERPRINT_KEY, None)
     twin.meta[INFERENCE_KEY] = check_form(form)
+    if not checked:
+        remove_input_check(twin)
     return twin
 
 
 class GraphVariants:
-    """The model object's graph variants and bound (mixed into ``VeraFxModel``): its inference twins, the
-    inference form, the per-call cache and the LRU eviction past ``max_graphs``. Reads the object's ``_source``,
-    ``_graphs``, ``_order``, ``_twins``, ``_ready``, ``_build_lock`` and ``max_graphs``."""
+    """``VeraFxModel``'s inference twins, inference form, per-call cache and LRU bound. Reads the object's
+    ``_source``, ``_graphs``, ``_order``, ``_twins``, ``_ready``, ``_build_lock`` and ``max_graphs``."""
 
     def _check_room(self, key: tuple) -> None:
-        """Past ``max_graphs``, evict the least recently used signatures (oldest first) until one more graph fits,
-        never the source's; warns once."""
+        """Past ``max_graphs``, evict the least recently used signatures until one more graph fits (never the
+        source's); warns once."""
         while sum(len(v) for v in self._graphs.values()) >= self.max_graphs:
             victim = next((k for k, v in self._graphs.items() if all(g is not self._source for g in v)), None)
             if victim is None:  # only the source is left: it stays, the bound is exceeded by the new graph
@@ -107,8 +117,8 @@ class GraphVariants:
         self._ready.clear()
 
     def _ready_graph(self, key: tuple, gm: GraphModule, variant: bool = True) -> GraphModule:
-        """The graph a call of signature ``key`` (first graph ``gm``) runs: the last call's choice when the state
-        stamp is unchanged, else ``_fresh(gm, variant)`` (twin choice, re-attach), kept."""
+        """The graph a call of signature ``key`` (first graph ``gm``) runs: the last call's choice while the state
+        stamp is unchanged, else ``_fresh(gm, variant)``."""
         stamp = state_stamp(self._source)
         hit = self._ready.get(key)
         if hit is not None and hit[1] is gm and hit[0] == stamp:
@@ -119,8 +129,8 @@ class GraphVariants:
 
     @property
     def inference_form(self) -> str:
-        """The inference variant's form: ``"site"`` (per-site products, the default: it measured faster on the
-        CPU) or ``"batched"`` (a site group's products as one); set it to compare them (vera_fx/passes/infer.py)."""
+        """The inference form: ``"site"`` (per-site products; the default, faster on the CPU) or ``"batched"`` (a
+        site group's products as one)."""
         return self._inference_form
 
     @inference_form.setter
@@ -144,14 +154,147 @@ class GraphVariants:
                 if is_sharded(gm):
                     self._twins[gm] = _AS_IS
                     return gm
-                twin = inference_twin(gm, self._inference_form, (FINGERPRINT_KEY,))
+                twin = inference_twin(gm, self._inference_form)
                 built = self._twins.setdefault(gm, OrderedDict())
                 built[key] = twin
                 while len(built) > TWIN_LIMIT:
                     built.popitem(last=False)
         built.move_to_end(key)  # a structure seen before keeps its nodes (tensors rebound if the base changed)
-        if twin.training != self._source.training:  # the modes as the source's (the twin's flags are its own)
-            twin.train(self._source.training)
-        if adapters_training(twin) != adapters_train:
+        if adapters_training(twin) != adapters_train:  # the twin's flag is its own (its train mode: ``_fresh``)
             set_adapters_training(twin, adapters_train)
         return twin
+
+
+def state_fingerprint(gm: GraphModule) -> tuple:
+    """Changes whenever the adapter nodes ``gm`` should carry change (adapters added or deleted, the active list,
+    disabled, merged, lowering); sampling switches and values are read at run time."""
+    return tuple((n, id(s)) for n, s in adapters_of(gm).items()), adapter_flags(gm).key()
+
+
+_SLOTS: "weakref.WeakKeyDictionary[GraphModule, tuple[list[dict], tuple]]" = weakref.WeakKeyDictionary()
+
+
+def base_stamp(source: GraphModule) -> tuple:
+    """The identities of every module, parameter and buffer of ``source``'s tree but its adapter state (merge, load
+    and ``.to()`` replace them). Tens of microseconds; walks the tree only after a change."""
+    dicts, stamp = _SLOTS.get(source, ((), None))
+    now = tuple(id(v) for d in dicts for v in d.values())
+    if now == stamp:
+        return now
+    dicts, todo = [], [source]
+    while todo:  # every _modules / _parameters / _buffers dict of the tree, not those of adapter containers
+        mod = todo.pop()
+        dicts += [mod._modules, mod._parameters, mod._buffers]
+        todo += [c for k, c in mod._modules.items() if c is not None and k != CONTAINER]
+    _SLOTS[source] = (dicts, tuple(id(v) for d in dicts for v in d.values()))
+    return _SLOTS[source][1]
+
+
+def strip_adapters(gm: GraphModule) -> None:
+    """Remove every adapter's nodes (state or not) from ``gm``'s tree."""
+    for name in dict.fromkeys((n.meta.get(ADAPTER_KEY) or {}).get("adapter")
+                              for g in graph_modules(gm) for n in g.graph.nodes):
+        if name is not None:
+            remove_adapter_nodes(gm, name)
+
+
+def bind_tensors(dst: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
+                 undo: Optional[list] = None) -> int:
+    """Make ``dst``'s parameter or buffer of each name the given tensor where it has that name with no tensor or
+    one of the same type and shape; returns how many changed, each appended to ``undo`` as (store, name, old)."""
+    count = 0
+    for qualname, value in tensors:
+        path, _, leaf = qualname.rpartition(".")
+        try:
+            mod = dst.get_submodule(path)
+        except AttributeError:
+            continue
+        store = next((st for st in (mod._parameters, mod._buffers) if leaf in st), None)
+        old = None if store is None else store[leaf]
+        if store is None or old is value or (old is not None and (type(old) is not type(value)
+                                                                  or old.shape != value.shape)):
+            continue
+        if undo is not None:
+            undo.append((store, leaf, old))
+        store[leaf] = value
+        count += 1
+    return count
+
+
+def _route_modules_to_save(gm: GraphModule, source: GraphModule) -> None:
+    """Give the get_attr nodes of ``gm``'s tree the ``modules_to_save`` tags and current targets of the source's
+    graph at the same path (a block's targets are relative to the block)."""
+    routes: dict[tuple[str, str], tuple[dict, str]] = {}
+    for g in graph_modules(source):
+        for n in g.graph.nodes:
+            tag = n.meta.get(MTS_TAG)
+            if n.op == "get_attr" and tag is not None:
+                routes[(block_prefix(g), tag["target"])] = (tag, n.target)
+    if not routes:
+        return
+    for g in graph_modules(gm):
+        prefix = block_prefix(g)
+        for n in (n for n in g.graph.nodes if n.op == "get_attr"):
+            route = routes.get((prefix, (n.meta.get(MTS_TAG) or {}).get("target", n.target)))
+            if route is not None:
+                n.meta[MTS_TAG], n.target = dict(route[0]), route[1]
+        g.recompile()  # an emission may not touch this graph
+
+
+def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple] = None,
+                    rebind: bool = True) -> GraphModule:
+    """Make ``gm`` (captured and matched from the same model) compute what ``source`` computes, in place.
+    ``before``: the ``state_fingerprint`` ``gm`` was attached at (None: never); ``rebind=False``: no base tensor
+    was replaced since (``base_stamp``)."""
+    container = getattr(source, CONTAINER, None)
+    fp = state_fingerprint(source)
+    same_states = (before is not None and container is not None and before[0] == fp[0]
+                   and gm._modules.get(CONTAINER) is container)
+    rebound = 0
+    if rebind or before is None:  # base tensors and bitsandbytes layers: the source's (not its adapter state)
+        named = [*source.named_parameters(remove_duplicate=False), *source.named_buffers(remove_duplicate=False)]
+        rebound = rebind_layers(gm, source) + bind_tensors(gm, ((n, t) for n, t in named
+                                                                if CONTAINER not in n.split(".")))
+    if not same_states:
+        for g in graph_modules(gm)[1:]:  # stale block views of an earlier attach
+            g._modules.pop(CONTAINER, None)
+        if container is None:
+            gm._modules.pop(CONTAINER, None)
+            strip_adapters(gm)
+            gm.recompile()
+            return gm
+        gm.add_module(CONTAINER, container)
+        for name, state in container.items():  # the same states; views of them in gm's own blocks
+            attach_state(gm, name, state)
+    container.versions.switch(gm, graph_modules(gm), before, fp, lambda: (
+        _route_modules_to_save(gm, source), emit_layout(gm, live_layout(source))))
+    # the modes as the source's (new states: set on every module, even where the root agrees)
+    if not same_states or gm.training != source.training:
+        gm.train(source.training)
+    if not same_states or adapters_training(gm) != adapters_training(source):
+        set_adapters_training(gm, adapters_training(source))
+    bind_flat_reads(gm)
+    logger.debug("attach: %d tensors rebound", rebound)
+    return gm
+
+
+def live_layout(gm: GraphModule) -> list[tuple[str, tuple[str, ...]]]:
+    """(adapter, sites) of every live adapter of ``gm`` (active, not disabled, not merged there), in the active
+    list's order: the source graph's nodes and their sum's order at every site."""
+    container = adapters_of(gm)
+    if not len(container) or adapters_disabled(gm):
+        return []
+    merged = adapter_flags(gm).merged
+    layout = [(name, tuple(s for s in container[name].site_names if name not in merged.get(s, ())))
+              for name in active_adapters(gm)]
+    return [(name, sites) for name, sites in layout if sites]
+
+
+def emit_layout(gm: GraphModule, layout: Iterable[tuple[str, Iterable[str]]]) -> None:
+    """Give ``gm``'s tree exactly ``layout``'s adapter nodes, in its form (an inference tree's deep reads then
+    through one lookup, ``flatten_reads``)."""
+    strip_adapters(gm)
+    for name, sites in layout:
+        emit_adapter(gm, name, set(sites))
+    if INFERENCE_KEY in gm.meta:
+        flatten_reads(gm)

@@ -1,10 +1,10 @@
-"""One adapter state, many readers: the adapter set's flags, the state lock (forwards read the state, switches
-write it) and the graph versions built for each adapter state.
+"""One adapter state, many readers: the adapter set's flags, the state lock (forwards read, switches write) and
+the graph versions built per adapter state.
 
-Emitting a switch's adapter nodes and generating code costs milliseconds per graph, and torch.fx keeps every
-source it ever executed (a leak per switch). So each tree keeps the versions it was built in, per adapter-state
-key: a key seen before puts the built ``Graph`` and ``forward`` back; a new key is built once, on a copy. A tree
-edited outside (e.g. gradient checkpointing rewrites block calls) is noticed by its code and its versions dropped.
+Emitting a switch's nodes and generating code costs milliseconds per graph, and torch.fx keeps every source it
+ever executed (a leak per switch). So each tree keeps its versions per adapter-state key: a key seen before puts
+the built ``Graph`` and ``forward`` back, a new key is built once, on a copy. A tree edited outside (gradient
+checkpointing rewrites block calls) is noticed by its code and its versions dropped.
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ CONTAINER = "vera_fx_adapters"  # the attribute of every graph holding its adapt
 
 @dataclass
 class AdapterFlags:
-    """The adapter set's run-time state, held once by the adapter set every graph of a model shares (never in
-    ``gm.meta``): the active list (None: every adapter), disabled, the merged adapters per site with the
-    merge pass's originals, and the lowering setting (None: ``auto``)."""
+    """The adapter set's run-time state (never in ``gm.meta``): the active list (None: every adapter), disabled,
+    the merged adapters per site with the merge pass's originals, the lowering setting (None: ``auto``)."""
 
     active: Optional[list[str]] = None
     disabled: bool = False
@@ -42,16 +41,15 @@ class AdapterFlags:
 
 
 def adapter_flags(gm: Any) -> AdapterFlags:
-    """The flags of the adapter set ``gm`` (a root graph) holds; a graph without adapters reads the defaults
-    (a fresh object: write through the adapter set itself, ``state.adapter_container(gm).flags``)."""
+    """The flags of ``gm``'s adapter set; a graph without adapters reads fresh defaults (write through
+    ``state.adapter_container(gm).flags``)."""
     flags = getattr(getattr(gm, CONTAINER, None), "flags", None)
     return flags if flags is not None else AdapterFlags()
 
 
 class StateLock:
-    """A readers-writer lock: many forwards at once, one switch at a time, writers first. Reentrant: a writing
-    thread may read and write again; a reading thread may read again (a forward inside a forward), but writing
-    would wait for itself: RuntimeError."""
+    """A readers-writer lock: many forwards at once, one switch at a time, writers first. Reentrant, but a reading
+    thread that writes would wait for itself: RuntimeError."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
@@ -66,8 +64,7 @@ class StateLock:
         return (StateLock, ())
 
     def read(self) -> "StateLock":
-        """``with lock.read():`` holds the state unchanged (a forward). The lock is its own read side: a generator
-        context manager would cost every forward more."""
+        """``with lock.read():`` holds the state unchanged (the lock is its own read side: cheaper per forward)."""
         return self
 
     def __enter__(self) -> None:
@@ -120,8 +117,7 @@ class StateLock:
 
 
 def _on_tree(codes: list[GeneratedCode], graphs: list[GraphModule], check: Callable[[GeneratedCode], bool]) -> bool:
-    """Whether ``codes`` (a version: each graph's Graph and generated code) are of the tree ``graphs`` and each
-    passes ``check`` (``current``: left as built; ``restorable``: can be put back)."""
+    """Whether the version ``codes`` is of the tree ``graphs`` and each passes ``check``."""
     return len(graphs) == len(codes) and all(g is c.gm and check(c) for g, c in zip(graphs, codes))
 
 
@@ -132,8 +128,8 @@ class _Tree:
 
 
 class GraphVersions:
-    """The versions of each graph tree per adapter-state key (the ``limit`` most recent per tree), and the graphs
-    derived from a source graph per kind."""
+    """Each graph tree's versions per adapter-state key (the ``limit`` most recent), and the graphs derived from a
+    source graph per kind."""
 
     def __init__(self, limit: int = 16) -> None:
         self.limit = limit
@@ -144,9 +140,9 @@ class GraphVersions:
         return (GraphVersions, (self.limit,))
 
     def derived(self, source: GraphModule, kind: str, key: Hashable, build: Callable[[], Any]) -> Any:
-        """The graph of ``kind`` (e.g. "mixed", or a decode shape) derived from ``source`` for ``key`` (the adapter
-        structure it depends on): built by ``build()`` when ``key`` changed, kept while ``source`` lives. One
-        per kind: a stale one is dropped, so it keeps no deleted adapter alive."""
+        """The graph of ``kind`` (e.g. "mixed", a decode shape) derived from ``source`` for ``key`` (the adapter
+        structure): ``build()`` when ``key`` changed, kept while ``source`` lives; one per kind, so a stale one
+        keeps no deleted adapter alive."""
         cache = self._derived.setdefault(source, {})
         found = cache.get(kind)
         if found is None or found[0] != key:
@@ -164,9 +160,8 @@ class GraphVersions:
 
     def switch(self, root: GraphModule, graphs: list[GraphModule], before: Hashable, after: Hashable,
                build: Callable[[], None]) -> None:
-        """Make the tree (``root`` and its ``graphs``, root first) the version for ``after``: put back if it was
-        built before, else ``build()`` it on copies of the graphs. ``before`` is the key the tree is built for
-        now (None: unknown)."""
+        """Make the tree (``root``; ``graphs``, root first) the version for ``after``: put back, or ``build()`` on
+        copies of the graphs. ``before``: the key the tree is built for now (None: unknown)."""
         tree = self._trees.setdefault(root, _Tree())
         built = tree.built
         codes = built.get(tree.current)
