@@ -39,24 +39,6 @@ def site_add(y: Tensor, u: Union[Tensor, tuple[Tensor, ...]], k: Optional[int], 
     return y + delta * lambda_b
 
 
-class InputKL(LazyKL):
-    """A PVeRA site's KL term in the mean-only form, computed on first read from the site's input: ``h = x @
-    A[:2r, :in].T``, then the term of ``h * lambda_d`` (the forward computed only the mean's r rows)."""
-
-    __slots__ = ("_x", "_a")
-
-    def __init__(self, x: Tensor, a: Tensor, lambda_d: Tensor, r: int) -> None:
-        super().__init__(None, lambda_d, r)  # type: ignore[arg-type]
-        self._x: Optional[Tensor] = x
-        self._a: Optional[Tensor] = a
-
-    def value(self) -> Tensor:
-        if self._value is None and self._h is None:
-            self._h = torch.nn.functional.linear(self._x, self._a)
-            self._x = self._a = None
-        return super().value()
-
-
 def pvera_group_h(x: Tensor, a: Tensor, r: int, training: bool, *samples: bool) -> Tensor:
     """``h`` of the PVeRA sites reading one ``x``: the mean's rows only, ``x @ A[:r, :in].T``, when none of them
     samples (eval mode, every ``sample_at_inference`` switch off, read now), else all 2r rows."""
@@ -66,11 +48,11 @@ def pvera_group_h(x: Tensor, a: Tensor, r: int, training: bool, *samples: bool) 
 def pvera_latent(h: Tensor, lambda_d: Tensor, r: int, training: bool, sample: bool, generator_state: Optional[Tensor],
                  groups: int, record: Optional[KLRecord], key: str, x: Tensor, a: Tensor) -> Tensor:
     """One PVeRA site's latent at inference from its group's ``h``: the mean ``h * lambda_d[:r]`` when ``h`` holds
-    the mean's rows only (its KL term recorded from ``x``, computed when read: ``InputKL``), else the plain
+    the mean's rows only (its KL term recorded from ``x``, computed when read: ``LazyKL``), else the plain
     chain's ``mu + eps * exp(logvar / 2)`` or ``mu`` and its KL term (none with ``record=None``: generation)."""
     if h.shape[-1] == r:
         if record is not None:
-            record.values[key] = InputKL(x, a, lambda_d.clone(), r)
+            record.values[key] = LazyKL(None, lambda_d.clone(), r, x, a)
         return h * lambda_d[:r]
     hd = h * lambda_d
     mu, logvar = hd[..., :r], hd[..., r:]

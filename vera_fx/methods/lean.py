@@ -1,5 +1,13 @@
-"""The memory-lean adapter tail, ``vera_fx::lean_add``, and PVeRA's KL term, ``vera_fx::pvera_kl``: custom ops with
-their own backward (and the adapter math the fused and weight paths share).
+"""The training-path tails of a site (custom autograd, each keeping less than the plain chain): the fused tail
+``fused_site``, the memory-lean op ``vera_fx::lean_add`` and PVeRA's KL term ``vera_fx::pvera_kl`` (and the adapter
+math the weight path shares).
+
+``fused_site`` runs ``u = (h * lambda_d) @ B.T`` or ``h @ (B * lambda_d).T``, whichever scales fewer values (PVeRA
+hands its sampled ``z``), and ``y += u * lambda_b`` (``addcmul_``, in place where the lower pass found no other
+reader and the tensor allows it); backward: ``d lambda_b = sum_t g * u``, ``gz = g @ (lambda_b * B)`` (or ``(g *
+lambda_b) @ B``), VeRA ``d lambda_d = sum_t gz * h``, ``d h = gz * lambda_d``, PVeRA ``d z = gz``. It keeps ``u``
+and VeRA's ``h`` (what the plain path keeps) with about half the plain chain's elementwise passes over tokens x
+out. Under torch.compile and autocast, and for mixed dtypes or broadcasting, it is the plain chain's own ops.
 
 ``lean_add`` computes a site's ``y + lambda_b * (z @ B.T)`` as one ``addmm`` against ``lambda_b * B`` (VeRA's
 ``lambda_d`` scales ``h`` or that matrix, whichever is smaller) and keeps only ``h = x @ A.T`` (stored once per
@@ -44,6 +52,59 @@ def scale_smaller(z: Tensor, m: Tensor, lambda_d: Tensor) -> tuple[Tensor, Tenso
     if z.numel() < m.numel():
         return z * lambda_d, m
     return z, m * lambda_d
+
+
+class _FusedTail(torch.autograd.Function):
+    """``y + lambda_b * (z @ B.T)`` (``z = h * lambda_d`` when ``lambda_d`` is given)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, z: Tensor, lambda_d: Optional[Tensor], b: Tensor, lambda_b: Tensor,  # noqa: ANN001
+                inplace: bool) -> Tensor:
+        out = b.shape[0]
+        z2 = z.reshape(-1, z.shape[-1])
+        z2, m = (z2, b) if lambda_d is None else scale_smaller(z2, b, lambda_d)
+        u = z2 @ m.T  # (tokens, out)
+        # PVeRA's z is not needed (d z = g @ (lambda_b * B)): only VeRA's h, which the group keeps anyway
+        ctx.save_for_backward(z if lambda_d is not None else None, u, lambda_d, b, lambda_b)
+        ctx.z_shape = z.shape
+        if inplace:
+            y.view(-1, out).addcmul_(u, lambda_b)
+            ctx.mark_dirty(y)
+            return y
+        return torch.addcmul(y, u.view(y.shape), lambda_b)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        z, u, lambda_d, b, lambda_b = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g = grad.reshape(u.shape)
+        grad_lambda_b = (g * u).sum(0) if need[4] else None
+        grad_z = grad_lambda_d = None
+        if need[1] or need[2]:
+            # (tokens, r): d (h * lambda_d), or d z; lambda_b scales whichever of g and B is smaller
+            gz = (g * lambda_b) @ b if g.numel() < b.numel() else g @ (lambda_b.unsqueeze(-1) * b)
+            if lambda_d is None:
+                grad_z = gz.view(ctx.z_shape)
+            else:
+                if need[2]:
+                    grad_lambda_d = (gz * z.reshape(gz.shape)).sum(0)
+                if need[1]:
+                    grad_z = gz.mul_(lambda_d).view(z.shape)
+        return grad if need[0] else None, grad_z, grad_lambda_d, None, grad_lambda_b, None
+
+
+def fused_site(y: Tensor, z: Tensor, lambda_d: Optional[Tensor], b: Tensor, lambda_b: Tensor,
+               inplace: bool = False) -> Tensor:
+    """A fused site's graph node: ``y + lambda_b * ((z * lambda_d) @ B.T)`` (VeRA: ``z`` is the group's ``h``;
+    PVeRA: the sampled latent, ``lambda_d`` None); ``inplace``: ``y`` has no other reader."""
+    dtype = y.dtype
+    same = z.dtype == dtype and b.dtype == dtype and lambda_b.dtype == dtype and (
+        lambda_d is None or lambda_d.dtype == dtype)
+    if (not same or torch.compiler.is_compiling() or torch.is_autocast_enabled(y.device.type)
+            or y.shape != (*z.shape[:-1], b.shape[0])):
+        return plain_tail(y, z, lambda_d, b, lambda_b)
+    inplace = inplace and y.is_contiguous() and y._base is None and not (y.is_leaf and y.requires_grad)
+    return _FusedTail.apply(y, z, lambda_d, b, lambda_b, inplace)
 
 
 def vera_grads(g: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, b_scaled: Tensor, want_h: bool,
@@ -101,17 +162,14 @@ def _lean_forward(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: T
     return y + torch.nn.functional.linear(z.to(m.dtype), m), es
 
 
-@torch.library.custom_op("vera_fx::lean_add", mutates_args=())
-def lean_add(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor], r: int,
-             probabilistic: bool) -> Tensor:
+def _lean_value(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor], r: int,
+                probabilistic: bool) -> Tensor:
     """``y + lambda_b * (z @ B.T)``, ``z`` from ``h * lambda_d`` (VeRA) or its reparametrised sample (PVeRA)."""
     return _lean_forward(y, h, lambda_d, b, lambda_b, eps, r, probabilistic)[0]
 
 
-@lean_add.register_fake
-def _lean_add_fake(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor],
-                   r: int, probabilistic: bool) -> Tensor:
-    return _lean_forward(y, h, lambda_d, b, lambda_b, eps, r, probabilistic)[0]
+lean_add = torch.library.custom_op("vera_fx::lean_add", mutates_args=())(_lean_value)
+lean_add.register_fake(_lean_value)
 
 
 def _lean_setup(ctx, inputs, output) -> None:  # noqa: ANN001 (torch.library's context object)
@@ -214,7 +272,11 @@ def lean_site(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tenso
 def pvera_kl(h: Tensor, lambda_d: Tensor, r: int) -> Tensor:
     """``mean(-0.5 * (1 + lv - mu^2 - exp(lv)))`` in float32 for ``mu, lv`` the halves of ``h * lambda_d``."""
     hd = h * lambda_d
-    mu, lv = hd[..., :r].float(), hd[..., r:].float()
+    return kl_term(hd[..., :r].float(), hd[..., r:].float())
+
+
+def kl_term(mu: Tensor, lv: Tensor) -> Tensor:
+    """``-0.5 * mean(1 + lv - mu^2 - exp(lv))``: the KL term of N(mu, exp(lv)) against N(0, 1)."""
     return -0.5 * torch.mean(1.0 + lv - mu.pow(2) - lv.exp())
 
 
@@ -249,4 +311,3 @@ def _kl_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
 
 
 pvera_kl.register_autograd(_kl_backward, setup_context=_kl_setup)
-

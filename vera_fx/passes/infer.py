@@ -16,7 +16,7 @@ from torch.fx import GraphModule, Node
 
 from ..methods.infer import group_products, pvera_group_h, pvera_latent, site_add, site_apply
 from ..sites import ADAPTER_KEY, graph_modules
-from .chains import Chain, hoist, inplace_target, tag_node
+from .chains import Chain, hoist, inplace_target, retarget, tag_node
 
 logger = logging.getLogger(__name__)
 
@@ -46,26 +46,23 @@ def inference_plan(tokens: int, r: int, out: int, n: int, form: str = "batched")
 
 def _tail(gm: GraphModule, members: list[Chain], h: Node, lambdas: list[Node], plan: str) -> None:
     """The group's products from ``h`` (each site's ``lambda_d`` node in ``lambdas``): ``plan="batched"``, one
-    ``group_products`` then a ``site_add`` per site; else a ``site_apply`` per site. Each site's add node becomes
-    its tail (name and tags kept: walkers read y as its args[0])."""
+    ``group_products`` then a ``site_add`` per site; else a ``site_apply`` per site, in place of its add."""
     graph, b = gm.graph, members[0].nodes["xAB"].args[1]
     u: Optional[Node] = None
     if plan == "batched":
         order = {n: k for k, n in enumerate(graph.nodes)}
         first = min((c.add for c in members), key=order.__getitem__)
-        moved: set[Node] = set()
-        for n in (h, b, *lambdas):
-            hoist(n, first, order, moved)
+        hoist((h, b, *lambdas), first)
         with graph.inserting_before(first):
             u = graph.call_function(group_products, (h, b, *lambdas))
         tag_node(u, members[0], "adapter", "products", "inference")
         u.meta[ADAPTER_KEY]["bases"] = [c.site.base.name for c in members]
     for k, (c, lam_d) in enumerate(zip(members, lambdas)):
-        add, lam_b = c.add, c.nodes["scale_b"].args[1]
-        y = add.args[0]
-        add.target, add.kwargs = (site_add if u is not None else site_apply), {}
-        add.args = (y, u, k, lam_b, inplace_target(y)) if u is not None else (y, h, b, lam_d, lam_b, inplace_target(y))
-        add.meta[ADAPTER_KEY]["path"] = "inference"
+        y, lam_b = c.add.args[0], c.nodes["scale_b"].args[1]
+        if u is not None:
+            retarget(c.add, site_add, (y, u, k, lam_b, inplace_target(y)), "inference")
+        else:
+            retarget(c.add, site_apply, (y, h, b, lam_d, lam_b, inplace_target(y)), "inference")
 
 
 def _erase(gm: GraphModule, nodes: list[Node]) -> None:
@@ -86,12 +83,8 @@ def _lower_pvera(gm: GraphModule, chains: list[Chain]) -> None:
     graph, h, r = gm.graph, chains[0].h, chains[0].state.config.r
     (x, a), training = h.args[:2], chains[0].nodes["sample"].args[2]
     switches = [c.nodes["sample"].args[3] for c in chains]
-    order = {n: k for k, n in enumerate(graph.nodes)}
-    moved: set[Node] = set()
-    for n in (training, *switches):
-        hoist(n, h, order, moved)
-    h.target, h.args, h.kwargs = pvera_group_h, (x, a, r, training, *switches), {}
-    h.meta[ADAPTER_KEY]["path"] = "inference"
+    hoist((training, *switches), h)
+    retarget(h, pvera_group_h, (x, a, r, training, *switches), "inference")
     for c in chains:
         nd = c.nodes
         with graph.inserting_before(nd["xAB"]):  # after the KL record's inputs
