@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-from torch.fx import Node
+from torch.fx import Graph, Node
 
 from ..methods.fold import weight_site, weight_site_t
 from ..methods.lean import fused_site, lean_site
@@ -40,6 +40,22 @@ class Chain:
     @property
     def add(self) -> Node:
         return next(iter(self.nodes["scale_b"].users))
+
+    @property
+    def operands(self) -> tuple[Node, Node, Node, Node]:
+        """``h``, ``lambda_d``, ``B`` and ``lambda_b``."""
+        return (*self.nodes["scale_d"].args, self.nodes["xAB"].args[1], self.nodes["scale_b"].args[1])
+
+    def erase(self, graph: Graph, names: Iterable[str]) -> None:
+        """Erase the chain's nodes ``names`` (users first), then the sampling switches left without a reader."""
+        inputs: list[Node] = []
+        for name in names:
+            inputs += [a for a in self.nodes[name].all_input_nodes
+                       if a.op == "get_attr" and (a.meta.get(ADAPTER_KEY) or {}).get("role") == "sampling"]
+            graph.erase_node(self.nodes[name])
+        for a in dict.fromkeys(inputs):
+            if not a.users:
+                graph.erase_node(a)
 
 
 def emitted_chain(site: Site, adapter: str, state: Any, nodes: dict[str, Node]) -> Optional[Chain]:

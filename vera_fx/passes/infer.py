@@ -44,12 +44,12 @@ def inference_plan(tokens: int, r: int, out: int, n: int, form: str = "batched")
     return "site" if form == "site" or n < 2 or costs["batched"] >= costs["site"] else "batched"
 
 
-def _tail(gm: GraphModule, members: list[Chain], h: Node, lambdas: list[Node], plan: str) -> None:
-    """The group's products from ``h`` (each site's ``lambda_d`` node in ``lambdas``): ``plan="batched"``, one
-    ``group_products`` then a ``site_add`` per site; else a ``site_apply`` per site, in place of its add."""
-    graph, b = gm.graph, members[0].nodes["xAB"].args[1]
-    u: Optional[Node] = None
+def _tail(gm: GraphModule, members: list[Chain], plan: str) -> None:
+    """A VeRA group's products from its ``h``: ``plan="batched"``, one ``group_products`` then a ``site_add`` per
+    site; else a ``site_apply`` per site, each in place of its site's add."""
+    graph, (h, _, b, _) = gm.graph, members[0].operands
     if plan == "batched":
+        lambdas = [c.operands[1] for c in members]
         order = {n: k for k, n in enumerate(graph.nodes)}
         first = min((c.add for c in members), key=order.__getitem__)
         hoist((h, b, *lambdas), first)
@@ -57,24 +57,20 @@ def _tail(gm: GraphModule, members: list[Chain], h: Node, lambdas: list[Node], p
             u = graph.call_function(group_products, (h, b, *lambdas))
         tag_node(u, members[0], "adapter", "products", "inference")
         u.meta[ADAPTER_KEY]["bases"] = [c.site.base.name for c in members]
-    for k, (c, lam_d) in enumerate(zip(members, lambdas)):
-        y, lam_b = c.add.args[0], c.nodes["scale_b"].args[1]
-        if u is not None:
-            retarget(c.add, site_add, (y, u, k, lam_b, inplace_target(y)), "inference")
-        else:
-            retarget(c.add, site_apply, (y, h, b, lam_d, lam_b, inplace_target(y)), "inference")
+        for k, c in enumerate(members):
+            y = c.add.args[0]
+            retarget(c.add, site_add, (y, u, k, c.operands[3], inplace_target(y)), "inference")
+    else:
+        for c in members:
+            _site_apply(c, h, c.operands[1])
+    for c in members:
+        c.erase(graph, ("scale_b", "xAB", "scale_d"))
 
 
-def _erase(gm: GraphModule, nodes: list[Node]) -> None:
-    """Erase ``nodes`` (users first) and then the sampling switches they read, left without a reader."""
-    inputs: list[Node] = []
-    for n in nodes:
-        inputs += [a for a in n.all_input_nodes
-                   if a.op == "get_attr" and (a.meta.get(ADAPTER_KEY) or {}).get("role") == "sampling"]
-        gm.graph.erase_node(n)
-    for a in dict.fromkeys(inputs):
-        if not a.users:
-            gm.graph.erase_node(a)
+def _site_apply(c: Chain, h: Node, lam_d: Optional[Node]) -> None:
+    """Chain ``c``'s add becomes one ``site_apply`` from ``h`` (and ``lambda_d``, None for PVeRA's latent)."""
+    y, (_, _, b, lam_b) = c.add.args[0], c.operands
+    retarget(c.add, site_apply, (y, h, b, lam_d, lam_b, inplace_target(y)), "inference")
 
 
 def _lower_pvera(gm: GraphModule, chains: list[Chain]) -> None:
@@ -88,12 +84,12 @@ def _lower_pvera(gm: GraphModule, chains: list[Chain]) -> None:
     for c in chains:
         nd = c.nodes
         with graph.inserting_before(nd["xAB"]):  # after the KL record's inputs
-            z = graph.call_function(pvera_latent, (h, nd["scale_d"].args[1], r, *nd["sample"].args[2:6],
+            z = graph.call_function(pvera_latent, (h, c.operands[1], r, *nd["sample"].args[2:6],
                                                    *nd["kl"].args[2:4], x, a))
         tag_node(z, c, "sampling", "latent", "inference")
         nd["sample"].replace_all_uses_with(z)
-        _tail(gm, [c], z, [None], "site")  # type: ignore[list-item]
-        _erase(gm, [nd[k] for k in ("kl", "scale_b", "xAB", "sample", "mu", "logvar", "scale_d")])
+        _site_apply(c, z, None)
+        c.erase(graph, ("kl", "scale_b", "xAB", "sample", "mu", "logvar", "scale_d"))
 
 
 def lower_for_inference(gm: GraphModule, chains: list[Chain], form: str = "batched",
@@ -104,7 +100,7 @@ def lower_for_inference(gm: GraphModule, chains: list[Chain], form: str = "batch
         raise ValueError(f"inference form {form!r} is not one of {list(FORMS)}")
     groups: dict[tuple, list[Chain]] = {}
     for c in chains:  # a group: one h, one adapter, one B slice (PVeRA: one h)
-        b = c.nodes["xAB"].args[1]
+        b = c.operands[2]
         key: tuple = (c.h.name, c.adapter)
         if not c.state.method.probabilistic:
             key += (b.name if isinstance(b, Node) else repr(b),)
@@ -116,8 +112,7 @@ def lower_for_inference(gm: GraphModule, chains: list[Chain], form: str = "batch
             plan = "site"
         else:
             plan = inference_plan(tokens or 1, st.config.r, members[0].site.out_features, len(members), form)
-            _tail(gm, members, members[0].h, [c.nodes["scale_d"].args[1] for c in members], plan)
-            _erase(gm, [c.nodes[k] for c in members for k in ("scale_b", "xAB", "scale_d")])
+            _tail(gm, members, plan)
         logger.debug("lower (inference): %s at %s (%d sites): %s", members[0].adapter, members[0].site.name,
                      len(members), plan)
     return len(chains)

@@ -302,17 +302,11 @@ def _weight_blocker(gm: GraphModule, c: Chain) -> Optional[str]:
     return None
 
 
-def _operands(c: Chain) -> tuple[Node, Node, Node, Node]:
-    """``h``, ``lambda_d``, ``B`` and ``lambda_b`` of a plain chain."""
-    h, lam_d = c.nodes["scale_d"].args
-    return h, lam_d, c.nodes["xAB"].args[1], c.nodes["scale_b"].args[1]
-
-
 def _lower_tail(gm: GraphModule, c: Chain, path: str, traced_when_compiled: bool = False) -> None:
     """The chain's add node becomes one ``lean_site`` or ``fused_site`` call; PVeRA's KL node records the term
     from ``h``, computed when read (LazyKL)."""
     nd, add, method, r = c.nodes, c.add, c.state.method, c.state.config.r
-    h, lam_d, b, lam_b = _operands(c)
+    h, lam_d, b, lam_b = c.operands
     y, erase = add.args[0], ["scale_b", "xAB"]
     if method.probabilistic:
         retarget(nd["kl"], nd["kl"].target, (h, lam_d, *nd["kl"].args[2:4], r), path)
@@ -329,13 +323,12 @@ def _lower_tail(gm: GraphModule, c: Chain, path: str, traced_when_compiled: bool
             erase += ["logvar", "mu"]
         retarget(add, lean_site, (y, h, lam_d, b, lam_b, eps, r, method.probabilistic, traced_when_compiled), path)
         erase.append("scale_d")
-    for name in erase:
-        gm.graph.erase_node(nd[name])
+    c.erase(gm.graph, erase)
 
 
 def _lower_weight(gm: GraphModule, c: Chain, keep: bool = False) -> None:
     graph, base, add = gm.graph, c.site.base, c.add
-    h, lam_d, b, lam_b = _operands(c)
+    h, lam_d, b, lam_b = c.operands
     hoist((h, b, lam_d, lam_b), base)  # emitted after the base call (h after the group's first site): its inputs
     conv1d = c.site.kind == "conv1d"  # addmm(bias, view(x), W) with W stored (in, out)
     with graph.inserting_before(base):
@@ -349,8 +342,8 @@ def _lower_weight(gm: GraphModule, c: Chain, keep: bool = False) -> None:
         retarget(base, weight_site, (base.args[0], fold, base.args[2] if len(base.args) > 2
                                      else base.kwargs.get("bias")))
     add.replace_all_uses_with(add.args[0])
-    for n in (add, *(c.nodes[name] for name in ("scale_b", "xAB", "scale_d"))):
-        graph.erase_node(n)
+    graph.erase_node(add)
+    c.erase(graph, ("scale_b", "xAB", "scale_d"))
 
 
 def lower_adapters(gm: GraphModule, chains: list[Chain], setting: Optional[dict[str, Any]] = None,
