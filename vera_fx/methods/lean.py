@@ -1,6 +1,8 @@
-"""The training-path tails of a site (custom autograd, each keeping less than the plain chain): the fused tail
-``fused_site``, the memory-lean op ``vera_fx::lean_add`` and PVeRA's KL term ``vera_fx::pvera_kl`` (and the adapter
-math the weight path shares).
+"""A site's tail ``y + lambda_b * (z @ B.T)`` in the forms the lowerings emit: at inference ``site_apply`` /
+``group_products`` + ``site_add`` (plain ops, only vectors scaled: what counts is how often ``B`` is read and how
+many calls a site makes); in training, with custom backward each keeping less than the plain chain, the fused
+tail ``fused_site`` and the memory-lean op ``vera_fx::lean_add``; PVeRA's KL term ``vera_fx::pvera_kl``; and the
+adapter math the weight path shares.
 
 ``fused_site`` runs ``u = (h * lambda_d) @ B.T`` or ``h @ (B * lambda_d).T``, whichever scales fewer values (PVeRA
 hands its sampled ``z``), and ``y += u * lambda_b`` (``addcmul_``, in place where the lower pass found no other
@@ -32,18 +34,37 @@ without an exp) and for the sites ``auto`` lowered under torch.compile (traced, 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 
-def plain_tail(y: Tensor, z: Tensor, lambda_d: Optional[Tensor], b: Tensor, lambda_b: Tensor) -> Tensor:
-    """The plain chain's own ops, ``y + linear(z * lambda_d, B) * lambda_b`` (where autocast or torch.compile
-    should see them)."""
-    if lambda_d is not None:
-        z = z * lambda_d
-    return y + torch.nn.functional.linear(z, b) * lambda_b
+def group_products(h: Tensor, b: Tensor, *lambda_d: Tensor) -> tuple[Tensor, ...]:
+    """``(h * lambda_d_k) @ B.T`` for every ``k`` (each ``(*h.shape[:-1], out)``): one broadcast product over the
+    stacked ``lambda_d`` and one ``linear`` over the ``n x tokens`` rows, so ``B`` is read once."""
+    scales = torch.stack(lambda_d).view(len(lambda_d), *([1] * (h.dim() - 1)), h.shape[-1])
+    return torch.nn.functional.linear(h * scales, b).unbind(0)
+
+
+def site_apply(y: Tensor, h: Tensor, b: Tensor, lambda_d: Optional[Tensor], lambda_b: Tensor,
+               inplace: bool) -> Tensor:
+    """One site's whole tail as one call: ``y + ((h * lambda_d) @ B.T) * lambda_b`` (VeRA), or with
+    ``lambda_d=None`` ``y + (h @ B.T) * lambda_b`` (PVeRA's sampled or mean latent ``h``); three torch ops. Not
+    ``inplace``: the plain chain's own ops (where autocast or torch.compile should see them)."""
+    u = torch.nn.functional.linear(h if lambda_d is None else h * lambda_d, b)
+    return site_add(y, u, None, lambda_b, inplace)
+
+
+def site_add(y: Tensor, u: Union[Tensor, tuple[Tensor, ...]], k: Optional[int], lambda_b: Tensor,
+             inplace: bool) -> Tensor:
+    """``y + u[k] * lambda_b`` (``u`` itself when ``k`` is None): one ``addcmul_`` into ``y`` when ``inplace`` (no
+    other reader of ``y``) and the sum keeps its dtype and shape, else the plain chain's ops."""
+    delta = u if k is None else u[k]
+    if inplace and y.dtype == delta.dtype == lambda_b.dtype and y.shape == delta.shape and not (
+            y.requires_grad and y.is_leaf):
+        return y.addcmul_(delta, lambda_b)
+    return y + delta * lambda_b
 
 
 def scale_smaller(z: Tensor, m: Tensor, lambda_d: Tensor) -> tuple[Tensor, Tensor]:
@@ -102,7 +123,7 @@ def fused_site(y: Tensor, z: Tensor, lambda_d: Optional[Tensor], b: Tensor, lamb
         lambda_d is None or lambda_d.dtype == dtype)
     if (not same or torch.compiler.is_compiling() or torch.is_autocast_enabled(y.device.type)
             or y.shape != (*z.shape[:-1], b.shape[0])):
-        return plain_tail(y, z, lambda_d, b, lambda_b)
+        return site_apply(y, z, b, lambda_d, lambda_b, False)
     inplace = inplace and y.is_contiguous() and y._base is None and not (y.is_leaf and y.requires_grad)
     return _FusedTail.apply(y, z, lambda_d, b, lambda_b, inplace)
 
@@ -145,11 +166,11 @@ def _lean_forward(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: T
     """The op's output and, for PVeRA with noise outside autocast, ``es = eps * exp(lv / 2)``."""
     if torch.is_autocast_enabled(h.device.type):  # the plain ops, so autocast casts them alike (out of place)
         if not probabilistic:
-            return plain_tail(y, h, lambda_d, b, lambda_b), None
+            return site_apply(y, h, b, lambda_d, lambda_b, False), None
         z = h[..., :r] * lambda_d[:r]
         if eps is not None:
             z = z + torch.exp(h[..., r:] * (0.5 * lambda_d[r:])) * eps
-        return plain_tail(y, z, None, b, lambda_b), None
+        return site_apply(y, z, b, None, lambda_b, False), None
     es = None
     m = b * lambda_b.unsqueeze(-1)  # (out, r): the scales fold into the small matrix, not the token tensors
     if probabilistic:

@@ -268,3 +268,26 @@ def reseed_state(state: AdapterState, seed: int) -> None:
         mod: nn.Module = state.site_module(site)
         if GENERATOR_STATE in mod._buffers:
             mod._buffers[GENERATOR_STATE].copy_(_stream_state(seed, site))
+
+
+def pvera_group_h(x: Tensor, a: Tensor, r: int, training: bool, *samples: bool) -> Tensor:
+    """``h`` of the PVeRA sites reading one ``x``: the mean's rows only, ``x @ A[:r, :in].T``, when none of them
+    samples (eval mode, every ``sample_at_inference`` switch off, read now), else all 2r rows."""
+    return torch.nn.functional.linear(x, a if training or any(samples) else a[:r])
+
+
+def pvera_latent(h: Tensor, lambda_d: Tensor, r: int, training: bool, sample: bool, generator_state: Optional[Tensor],
+                 groups: int, record: Optional[KLRecord], key: str, x: Tensor, a: Tensor) -> Tensor:
+    """One PVeRA site's latent at inference from its group's ``h``: the mean ``h * lambda_d[:r]`` when ``h`` holds
+    the mean's rows only (its KL term recorded from ``x``, computed when read: ``LazyKL``), else the plain
+    chain's ``mu + eps * exp(logvar / 2)`` or ``mu`` and its KL term (none with ``record=None``: generation)."""
+    if h.shape[-1] == r:
+        if record is not None:
+            record.values[key] = LazyKL(None, lambda_d.clone(), r, x, a)
+        return h * lambda_d[:r]
+    hd = h * lambda_d
+    mu, logvar = hd[..., :r], hd[..., r:]
+    z = pvera_reparametrize(mu, logvar, training, sample, generator_state, groups)
+    if record is not None:
+        pvera_record_kl(mu, logvar, record, key)
+    return z

@@ -2,7 +2,7 @@
 
 A graph built for inference (root ``gm.meta["vera_fx_inference"]`` names the form: the model object's twins and
 generation's decode graphs) keeps nothing for backward. Per site group (one adapter's sites reading one
-``h = x @ A.T`` and one slice of ``B``) it calls vera_fx/methods/infer.py: a ``site_apply`` per site (the
+``h = x @ A.T`` and one slice of ``B``) it calls vera_fx/methods/lean.py: a ``site_apply`` per site (the
 default), or ``form="batched"``, one ``group_products`` (``B`` read once) and a ``site_add`` per site. PVeRA's
 sites reading one ``x`` share ``pvera_group_h`` and take ``pvera_latent`` each.
 """
@@ -14,7 +14,8 @@ from typing import Optional
 
 from torch.fx import GraphModule, Node
 
-from ..methods.infer import group_products, pvera_group_h, pvera_latent, site_add, site_apply
+from ..methods.lean import group_products, site_add, site_apply
+from ..methods.pvera import pvera_group_h, pvera_latent
 from ..sites import ADAPTER_KEY, graph_modules
 from .chains import Chain, hoist, inplace_target, retarget, tag_node
 
