@@ -223,12 +223,9 @@ def _pvera_grads(ctx, g: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, b_scale
                  noise: Optional[Tensor], need: tuple) -> tuple[Optional[Tensor], ...]:
     """PVeRA's ``(d h, d lambda_d, d lambda_b)``; ``noise`` is ``eps``, or ``es`` where the forward kept it."""
     r = ctx.r
-    if ctx.scaled_noise:  # the forward's own eps * exp(lv / 2): z without an exp
-        es = noise
-        z, _ = _pvera_latent(h, lambda_d, None, r, again=True)
-        z = z if es is None else z.add_(es)
-    else:
-        z, es = _pvera_latent(h, lambda_d, noise, r, again=True)
+    z, es = _pvera_latent(h, lambda_d, None if ctx.scaled_noise else noise, r, again=True)
+    if ctx.scaled_noise and noise is not None:  # the forward's own eps * exp(lv / 2): z without an exp
+        z, es = z.add_(noise), noise
     g2 = g.reshape(-1, g.shape[-1])
     grad_lambda_b = _scaled(g2.T @ z.reshape(-1, r), b).sum(1) if need[4] else None  # the one extra product
     del z
