@@ -1,20 +1,14 @@
 """Lower pass: per site group (the sites that read one ``x`` with one adapter and share ``h = x @ A.T``: q/k/v,
-gate/up), how the adapter is computed in a training step: ``activation`` (the emitter's plain nodes: autograd
-keeps ``u = z @ B.T`` per site), ``fused`` (one ``fused_site`` call: half the elementwise passes, the same
-memory), ``lean`` (one ``vera_fx::lean_add`` per site: keeps only ``h`` and PVeRA's noise, for one extra tokens x
-r x out product) or ``weight`` (the base call folding ``W' = W + (lambda_b * B * lambda_d) @ A`` when ``T >=
-in``, ``"kept"``: keeping ``W'`` for backward; else the lean op with the base call inside; VeRA without dropout
-on a dense site with a frozen weight only).
-
-The cost model counts a step's multiply-adds (forward + backward) for ``T`` tokens, the group's ``in``, its
-sites' ``out``, A's ``rows`` (r; 2r for PVeRA) and rank ``r`` (``path_costs``), plus the elementwise passes a
-path skips, a fold's pass over ``W'`` and the passes over out x r tensors a path makes, in multiply-add
-equivalents per value (measured constants below).
-``auto`` keeps the step within PEFT's work, spending what the share pass saves against PEFT on memory: per
-group one of its Pareto-best plans (``group_options``), chosen by an exact multiple-choice knapsack
-(``choose_options``); ``fast`` takes each group's least work. The setting lives in ``AdapterFlags.lowering``
-(never in adapter_config.json); lowered nodes keep their tags plus ``"path"``. The pass rewrites only the chains
-the emitter hands it; another setting re-emits (``vera_fx.set_lowering``). Details: docs/architecture.md.
+gate/up), how the adapter is computed in a training step: ``activation`` (the emitter's plain nodes), ``fused``
+(``fused_site``), ``lean`` (``vera_fx::lean_add``) or ``weight`` (the base call folding ``W' = W + (lambda_b * B *
+lambda_d) @ A`` when ``T >= in``, ``"kept"``: keeping ``W'`` for backward), chosen by a cost model of a step's
+multiply-adds (``path_costs``) plus, in multiply-add equivalents per value (measured constants below), the
+elementwise passes a path skips, a fold's pass over ``W'`` and the passes over out x r tensors a path makes.
+``auto`` keeps the step within PEFT's work and spends what the share pass saves on memory (per group one of its
+Pareto-best plans, ``group_options``, by an exact multiple-choice knapsack, ``choose_options``); ``fast`` takes
+each group's least work. The setting lives in ``AdapterFlags.lowering`` (never in adapter_config.json); lowered
+nodes keep their tags plus ``"path"``; another setting re-emits (``vera_fx.set_lowering``). What each path keeps
+and costs: docs/architecture.md ("Lowering").
 """
 
 from __future__ import annotations
