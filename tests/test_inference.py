@@ -1,4 +1,4 @@
-"""Inference as its own variant (vera_fx/variants.py, vera_fx/passes/infer.py, vera_fx/methods/infer.py): the
+"""Inference as its own variant (vera_fx/variants.py, vera_fx/passes/infer.py, the ops in vera_fx/methods/lean.py): the
 graph an eval / no-grad call runs, its forms against PEFT, the per-call probe, and the LRU bound on graphs."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import vera_fx
 import vera_fx.state
 from conftest import peft_pair, tiny_llama
-from vera_fx.methods.infer import group_products, site_add, site_apply
+from vera_fx.methods.lean import group_products, site_add, site_apply
 from vera_fx.passes.infer import INFERENCE_KEY, inference_costs, inference_plan, lower_for_inference
 from vera_fx.sites import ADAPTER_KEY, graph_modules
 from vera_fx.variants import check_form, inference_twin, is_sharded

@@ -16,8 +16,7 @@ from torch import nn
 import vera_fx
 from conftest import text_inputs, tiny_llama
 from vera_fx.methods.fold import weight_fold, weight_site
-from vera_fx.methods.fused import fused_site
-from vera_fx.methods.lean import lean_site
+from vera_fx.methods.lean import fused_site, lean_site
 from vera_fx.sites import as_graph_module, graph_modules, read_sites
 from vera_fx.passes.lower import (CACHE_BYTES, DEFAULT_TOKENS, PASS_COST, PASS_COST_CACHED,
                                   PASS_COST_FUSED, PASS_COST_FUSED_CACHED, GroupShape, choose_options,

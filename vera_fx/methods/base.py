@@ -198,24 +198,21 @@ class Emitter:
         self.ident = f"{rel.replace('.', '_').replace('-', '_') or 'root'}_{adapter}"
         self.nodes: dict[str, Node] = {}  # the nodes emitted, by name: what the lower pass rewrites
 
-    def _tag(self, node: Node, role: str, name: str = "") -> Node:
-        node.meta[ADAPTER_KEY] = {"site": self.site.name, "adapter": self.adapter, "role": role,
-                                  "base": self.site.base.name, "name": name}
-        self.cursor = node
-        if name:
-            self.nodes[name] = node
-        return node
-
     def get_attr(self, target: str, role: str, name: str) -> Node:
-        with self.graph.inserting_after(self.cursor):
-            node = self.graph.create_node("get_attr", target, name=f"{self.ident}_{name}")
-        return self._tag(node, role, name)
+        return self._create("get_attr", target, (), {}, role, name)
 
     def call(self, fn: Callable[..., Any], args: tuple, role: str, name: str,
              kwargs: Optional[dict[str, Any]] = None) -> Node:
+        return self._create("call_function", fn, args, kwargs or {}, role, name)
+
+    def _create(self, op: str, target: Any, args: tuple, kwargs: dict[str, Any], role: str, name: str) -> Node:
+        """A node after the cursor, tagged with the site, adapter, ``role`` and ``name``; the cursor moves to it."""
         with self.graph.inserting_after(self.cursor):
-            node = self.graph.create_node("call_function", fn, args, kwargs or {}, name=f"{self.ident}_{name}")
-        return self._tag(node, role, name)
+            node = self.graph.create_node(op, target, args, kwargs, name=f"{self.ident}_{name}")
+        node.meta[ADAPTER_KEY] = {"site": self.site.name, "adapter": self.adapter, "role": role,
+                                  "base": self.site.base.name, "name": name}
+        self.cursor = self.nodes[name] = node
+        return node
 
 
 class Method:

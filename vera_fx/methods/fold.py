@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.fx import Node
 
-from .lean import plain_tail, scale_smaller, vera_grads
+from .lean import scale_smaller, site_apply, vera_grads
 
 Fold = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool]
 
@@ -57,11 +57,11 @@ class _FoldedLinear(torch.autograd.Function):
         ctx.fold = cast is None and w.dtype in (torch.float32, torch.float64) and x.numel() >= fan_in * fan_in
         ctx.cast, ctx.x_shape, ctx.x_dtype, ctx.has_bias = cast, x.shape, x.dtype, bias is not None
         keep_x = w.requires_grad or (bias is not None and bias.requires_grad)
-        folded = torch.addmm(w, b * lambda_b.unsqueeze(-1) * lambda_d, a) if ctx.fold and cast is None else None
+        folded = torch.addmm(w, b * lambda_b.unsqueeze(-1) * lambda_d, a) if ctx.fold else None
         ctx.save_for_backward(h, w, a, b, lambda_d, lambda_b, x if keep_x else None, folded if keep else None)
         if cast is not None:  # h has the site input's shape, x may be a Conv1D's flattened view of it
-            return plain_tail(torch.nn.functional.linear(x, w, bias), h.reshape(*x.shape[:-1], h.shape[-1]),
-                              lambda_d, b, lambda_b)
+            return site_apply(torch.nn.functional.linear(x, w, bias), h.reshape(*x.shape[:-1], h.shape[-1]), b,
+                              lambda_d, lambda_b, False)
         if folded is not None:
             return _linear_owned(x, folded, bias)
         y = _linear_owned(x, w, bias)
@@ -80,16 +80,12 @@ class _FoldedLinear(torch.autograd.Function):
         gc = g.to(dtype)
         grad_x = grad_w = grad_bias = None
         b_scaled = lambda_b.unsqueeze(-1) * b  # operands in another order than the forward's (see lean.py)
-        if need[0]:
-            if ctx.cast is not None:  # the base's input gradient in the autocast dtype, as for the plain linear
-                grad_x = (g.to(ctx.cast) @ w.to(ctx.cast)).to(ctx.x_dtype)
-            elif ctx.fold:  # through W' (kept, or folded again): the adapter's share of d x included
-                if folded is None:
-                    folded = torch.addmm(w, lambda_d * b_scaled, a)
-                grad_x = (gc @ folded).to(ctx.x_dtype)
-            else:
-                grad_x = (gc @ w).to(ctx.x_dtype)
-            grad_x = grad_x.view(ctx.x_shape)
+        if need[0]:  # folding: through W' (kept, or folded again), the adapter's share of d x included
+            if ctx.fold and folded is None:
+                folded = torch.addmm(w, lambda_d * b_scaled, a)
+            # under autocast the base's input gradient in the autocast dtype, as for the plain linear
+            gx, wx = (g.to(ctx.cast), w.to(ctx.cast)) if ctx.cast is not None else (gc, folded if ctx.fold else w)
+            grad_x = (gx @ wx).to(ctx.x_dtype).view(ctx.x_shape)
         grad_h, grad_ld, grad_lb = vera_grads(gc, h.reshape(-1, h.shape[-1]).to(dtype), lambda_d, b, lambda_b,
                                               b_scaled, need[3] and not ctx.fold, need[6], need[7])
         if need[1]:
@@ -106,16 +102,14 @@ def weight_site(x: Tensor, fold: Union[Fold, Tensor], bias: Optional[Tensor] = N
     weight (its adapter was removed)."""
     if isinstance(fold, Tensor):
         return torch.nn.functional.linear(x, fold, bias)
-    w, h, a, b, lambda_d, lambda_b, keep = fold
-    return _FoldedLinear.apply(x, w, bias, h, a, b, lambda_d, lambda_b, keep)
+    return _FoldedLinear.apply(x, fold[0], bias, *fold[1:])
 
 
 def weight_site_t(bias: Tensor, x: Tensor, fold: Union[Fold, Tensor]) -> Tensor:
     """``weight_site`` for a weight stored (in, out) (GPT-2's Conv1D: ``addmm(bias, x, W)``, ``x`` 2-D)."""
     if isinstance(fold, Tensor):
         return torch.addmm(bias, x, fold)
-    w, h, a, b, lambda_d, lambda_b, keep = fold
-    return _FoldedLinear.apply(x, w.T, bias, h, a, b, lambda_d, lambda_b, keep)
+    return _FoldedLinear.apply(x, fold[0].T, bias, *fold[1:])
 
 
 def fold_argument(node: Node) -> Optional[object]:

@@ -1,5 +1,15 @@
-"""The memory-lean adapter tail, ``vera_fx::lean_add``, and PVeRA's KL term, ``vera_fx::pvera_kl``: custom ops with
-their own backward (and the adapter math the fused and weight paths share).
+"""A site's tail ``y + lambda_b * (z @ B.T)`` in the forms the lowerings emit: at inference ``site_apply`` /
+``group_products`` + ``site_add`` (plain ops, only vectors scaled: what counts is how often ``B`` is read and how
+many calls a site makes); in training, with custom backward each keeping less than the plain chain, the fused
+tail ``fused_site`` and the memory-lean op ``vera_fx::lean_add``; PVeRA's KL term ``vera_fx::pvera_kl``; and the
+adapter math the weight path shares.
+
+``fused_site`` runs ``u = (h * lambda_d) @ B.T`` or ``h @ (B * lambda_d).T``, whichever scales fewer values (PVeRA
+hands its sampled ``z``), and ``y += u * lambda_b`` (``addcmul_``, in place where the lower pass found no other
+reader and the tensor allows it); backward: ``d lambda_b = sum_t g * u``, ``gz = g @ (lambda_b * B)`` (or ``(g *
+lambda_b) @ B``), VeRA ``d lambda_d = sum_t gz * h``, ``d h = gz * lambda_d``, PVeRA ``d z = gz``. It keeps ``u``
+and VeRA's ``h`` (what the plain path keeps) with about half the plain chain's elementwise passes over tokens x
+out. Under torch.compile and autocast, and for mixed dtypes or broadcasting, it is the plain chain's own ops.
 
 ``lean_add`` computes a site's ``y + lambda_b * (z @ B.T)`` as one ``addmm`` against ``lambda_b * B`` (VeRA's
 ``lambda_d`` scales ``h`` or that matrix, whichever is smaller) and keeps only ``h = x @ A.T`` (stored once per
@@ -24,18 +34,37 @@ without an exp) and for the sites ``auto`` lowered under torch.compile (traced, 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 
-def plain_tail(y: Tensor, z: Tensor, lambda_d: Optional[Tensor], b: Tensor, lambda_b: Tensor) -> Tensor:
-    """The plain chain's own ops, ``y + linear(z * lambda_d, B) * lambda_b`` (where autocast or torch.compile
-    should see them)."""
-    if lambda_d is not None:
-        z = z * lambda_d
-    return y + torch.nn.functional.linear(z, b) * lambda_b
+def group_products(h: Tensor, b: Tensor, *lambda_d: Tensor) -> tuple[Tensor, ...]:
+    """``(h * lambda_d_k) @ B.T`` for every ``k`` (each ``(*h.shape[:-1], out)``): one broadcast product over the
+    stacked ``lambda_d`` and one ``linear`` over the ``n x tokens`` rows, so ``B`` is read once."""
+    scales = torch.stack(lambda_d).view(len(lambda_d), *([1] * (h.dim() - 1)), h.shape[-1])
+    return torch.nn.functional.linear(h * scales, b).unbind(0)
+
+
+def site_apply(y: Tensor, h: Tensor, b: Tensor, lambda_d: Optional[Tensor], lambda_b: Tensor,
+               inplace: bool) -> Tensor:
+    """One site's whole tail as one call: ``y + ((h * lambda_d) @ B.T) * lambda_b`` (VeRA), or with
+    ``lambda_d=None`` ``y + (h @ B.T) * lambda_b`` (PVeRA's sampled or mean latent ``h``); three torch ops. Not
+    ``inplace``: the plain chain's own ops (where autocast or torch.compile should see them)."""
+    u = torch.nn.functional.linear(h if lambda_d is None else h * lambda_d, b)
+    return site_add(y, u, None, lambda_b, inplace)
+
+
+def site_add(y: Tensor, u: Union[Tensor, tuple[Tensor, ...]], k: Optional[int], lambda_b: Tensor,
+             inplace: bool) -> Tensor:
+    """``y + u[k] * lambda_b`` (``u`` itself when ``k`` is None): one ``addcmul_`` into ``y`` when ``inplace`` (no
+    other reader of ``y``) and the sum keeps its dtype and shape, else the plain chain's ops."""
+    delta = u if k is None else u[k]
+    if inplace and y.dtype == delta.dtype == lambda_b.dtype and y.shape == delta.shape and not (
+            y.requires_grad and y.is_leaf):
+        return y.addcmul_(delta, lambda_b)
+    return y + delta * lambda_b
 
 
 def scale_smaller(z: Tensor, m: Tensor, lambda_d: Tensor) -> tuple[Tensor, Tensor]:
@@ -44,6 +73,59 @@ def scale_smaller(z: Tensor, m: Tensor, lambda_d: Tensor) -> tuple[Tensor, Tenso
     if z.numel() < m.numel():
         return z * lambda_d, m
     return z, m * lambda_d
+
+
+class _FusedTail(torch.autograd.Function):
+    """``y + lambda_b * (z @ B.T)`` (``z = h * lambda_d`` when ``lambda_d`` is given)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, z: Tensor, lambda_d: Optional[Tensor], b: Tensor, lambda_b: Tensor,  # noqa: ANN001
+                inplace: bool) -> Tensor:
+        out = b.shape[0]
+        z2 = z.reshape(-1, z.shape[-1])
+        z2, m = (z2, b) if lambda_d is None else scale_smaller(z2, b, lambda_d)
+        u = z2 @ m.T  # (tokens, out)
+        # PVeRA's z is not needed (d z = g @ (lambda_b * B)): only VeRA's h, which the group keeps anyway
+        ctx.save_for_backward(z if lambda_d is not None else None, u, lambda_d, b, lambda_b)
+        ctx.z_shape = z.shape
+        if inplace:
+            y.view(-1, out).addcmul_(u, lambda_b)
+            ctx.mark_dirty(y)
+            return y
+        return torch.addcmul(y, u.view(y.shape), lambda_b)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        z, u, lambda_d, b, lambda_b = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g = grad.reshape(u.shape)
+        grad_lambda_b = (g * u).sum(0) if need[4] else None
+        grad_z = grad_lambda_d = None
+        if need[1] or need[2]:
+            # (tokens, r): d (h * lambda_d), or d z; lambda_b scales whichever of g and B is smaller
+            gz = (g * lambda_b) @ b if g.numel() < b.numel() else g @ (lambda_b.unsqueeze(-1) * b)
+            if lambda_d is None:
+                grad_z = gz.view(ctx.z_shape)
+            else:
+                if need[2]:
+                    grad_lambda_d = (gz * z.reshape(gz.shape)).sum(0)
+                if need[1]:
+                    grad_z = gz.mul_(lambda_d).view(z.shape)
+        return grad if need[0] else None, grad_z, grad_lambda_d, None, grad_lambda_b, None
+
+
+def fused_site(y: Tensor, z: Tensor, lambda_d: Optional[Tensor], b: Tensor, lambda_b: Tensor,
+               inplace: bool = False) -> Tensor:
+    """A fused site's graph node: ``y + lambda_b * ((z * lambda_d) @ B.T)`` (VeRA: ``z`` is the group's ``h``;
+    PVeRA: the sampled latent, ``lambda_d`` None); ``inplace``: ``y`` has no other reader."""
+    dtype = y.dtype
+    same = z.dtype == dtype and b.dtype == dtype and lambda_b.dtype == dtype and (
+        lambda_d is None or lambda_d.dtype == dtype)
+    if (not same or torch.compiler.is_compiling() or torch.is_autocast_enabled(y.device.type)
+            or y.shape != (*z.shape[:-1], b.shape[0])):
+        return site_apply(y, z, b, lambda_d, lambda_b, False)
+    inplace = inplace and y.is_contiguous() and y._base is None and not (y.is_leaf and y.requires_grad)
+    return _FusedTail.apply(y, z, lambda_d, b, lambda_b, inplace)
 
 
 def vera_grads(g: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, b_scaled: Tensor, want_h: bool,
@@ -84,11 +166,11 @@ def _lean_forward(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: T
     """The op's output and, for PVeRA with noise outside autocast, ``es = eps * exp(lv / 2)``."""
     if torch.is_autocast_enabled(h.device.type):  # the plain ops, so autocast casts them alike (out of place)
         if not probabilistic:
-            return plain_tail(y, h, lambda_d, b, lambda_b), None
+            return site_apply(y, h, b, lambda_d, lambda_b, False), None
         z = h[..., :r] * lambda_d[:r]
         if eps is not None:
             z = z + torch.exp(h[..., r:] * (0.5 * lambda_d[r:])) * eps
-        return plain_tail(y, z, None, b, lambda_b), None
+        return site_apply(y, z, b, None, lambda_b, False), None
     es = None
     m = b * lambda_b.unsqueeze(-1)  # (out, r): the scales fold into the small matrix, not the token tensors
     if probabilistic:
@@ -101,17 +183,14 @@ def _lean_forward(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: T
     return y + torch.nn.functional.linear(z.to(m.dtype), m), es
 
 
-@torch.library.custom_op("vera_fx::lean_add", mutates_args=())
-def lean_add(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor], r: int,
-             probabilistic: bool) -> Tensor:
+def _lean_value(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor], r: int,
+                probabilistic: bool) -> Tensor:
     """``y + lambda_b * (z @ B.T)``, ``z`` from ``h * lambda_d`` (VeRA) or its reparametrised sample (PVeRA)."""
     return _lean_forward(y, h, lambda_d, b, lambda_b, eps, r, probabilistic)[0]
 
 
-@lean_add.register_fake
-def _lean_add_fake(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tensor, eps: Optional[Tensor],
-                   r: int, probabilistic: bool) -> Tensor:
-    return _lean_forward(y, h, lambda_d, b, lambda_b, eps, r, probabilistic)[0]
+lean_add = torch.library.custom_op("vera_fx::lean_add", mutates_args=())(_lean_value)
+lean_add.register_fake(_lean_value)
 
 
 def _lean_setup(ctx, inputs, output) -> None:  # noqa: ANN001 (torch.library's context object)
@@ -144,12 +223,9 @@ def _pvera_grads(ctx, g: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, b_scale
                  noise: Optional[Tensor], need: tuple) -> tuple[Optional[Tensor], ...]:
     """PVeRA's ``(d h, d lambda_d, d lambda_b)``; ``noise`` is ``eps``, or ``es`` where the forward kept it."""
     r = ctx.r
-    if ctx.scaled_noise:  # the forward's own eps * exp(lv / 2): z without an exp
-        es = noise
-        z, _ = _pvera_latent(h, lambda_d, None, r, again=True)
-        z = z if es is None else z.add_(es)
-    else:
-        z, es = _pvera_latent(h, lambda_d, noise, r, again=True)
+    z, es = _pvera_latent(h, lambda_d, None if ctx.scaled_noise else noise, r, again=True)
+    if ctx.scaled_noise and noise is not None:  # the forward's own eps * exp(lv / 2): z without an exp
+        z, es = z.add_(noise), noise
     g2 = g.reshape(-1, g.shape[-1])
     grad_lambda_b = _scaled(g2.T @ z.reshape(-1, r), b).sum(1) if need[4] else None  # the one extra product
     del z
@@ -214,7 +290,11 @@ def lean_site(y: Tensor, h: Tensor, lambda_d: Tensor, b: Tensor, lambda_b: Tenso
 def pvera_kl(h: Tensor, lambda_d: Tensor, r: int) -> Tensor:
     """``mean(-0.5 * (1 + lv - mu^2 - exp(lv)))`` in float32 for ``mu, lv`` the halves of ``h * lambda_d``."""
     hd = h * lambda_d
-    mu, lv = hd[..., :r].float(), hd[..., r:].float()
+    return kl_term(hd[..., :r].float(), hd[..., r:].float())
+
+
+def kl_term(mu: Tensor, lv: Tensor) -> Tensor:
+    """``-0.5 * mean(1 + lv - mu^2 - exp(lv))``: the KL term of N(mu, exp(lv)) against N(0, 1)."""
     return -0.5 * torch.mean(1.0 + lv - mu.pow(2) - lv.exp())
 
 
@@ -249,4 +329,3 @@ def _kl_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
 
 
 pvera_kl.register_autograd(_kl_backward, setup_context=_kl_setup)
-

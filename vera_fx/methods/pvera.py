@@ -28,7 +28,7 @@ from ..config import PveraConfig
 from ..runtime import pvera_bank_noise, pvera_noise  # noqa: F401  (the ops the graph calls)
 from ..sites import ADAPTER_KEY
 from .base import CONTAINER, AdapterState, AdapterView, Emitter, Method
-from .lean import pvera_kl
+from .lean import kl_term, pvera_kl
 
 SAMPLE_SWITCH = "pvera_sample_at_inference"
 GENERATOR_STATE = "pvera_generator_state"
@@ -154,19 +154,24 @@ def pvera_bank_reparametrize(mu: Tensor, logvar: Tensor, training: bool, samples
 
 class LazyKL:
     """A lean site's KL term, ``vera_fx::pvera_kl`` of ``h`` (kept for backward anyway) and a copy of
-    ``lambda_d`` (a sharded trainer may free the parameter's storage) on first read. A value computed with
-    gradients on replaces them (one under ``no_grad`` leaves them for a later differentiable read)."""
+    ``lambda_d`` (a sharded trainer may free the parameter's storage) on first read; at inference with ``h=None``
+    it forms ``h = x @ a.T`` from the site's input then (the forward computed only the mean's r rows). A value
+    computed with gradients on replaces them (one under ``no_grad`` leaves them for a later differentiable read)."""
 
-    __slots__ = ("_h", "_lambda_d", "_r", "_value", "__weakref__")
+    __slots__ = ("_h", "_lambda_d", "_r", "_value", "_x", "_a", "__weakref__")
 
-    def __init__(self, h: Tensor, lambda_d: Tensor, r: int) -> None:
-        self._h: Optional[Tensor] = h
+    def __init__(self, h: Optional[Tensor], lambda_d: Tensor, r: int, x: Optional[Tensor] = None,
+                 a: Optional[Tensor] = None) -> None:
+        self._h, self._x, self._a = h, x, a
         self._lambda_d: Optional[Tensor] = lambda_d
         self._r, self._value = r, None
 
     def value(self) -> Tensor:
         if self._value is not None:
             return self._value
+        if self._h is None:
+            self._h = torch.nn.functional.linear(self._x, self._a)
+            self._x = self._a = None
         h, lambda_d = self._h, self._lambda_d  # set until a value is kept
         value = pvera_kl(h, lambda_d, self._r)
         if torch.is_grad_enabled() or not (h.requires_grad or lambda_d.requires_grad):
@@ -187,8 +192,7 @@ def pvera_record_kl(mu: Tensor, logvar: Tensor, record: KLRecord, key: str, lean
         now = torch.compiler.is_compiling() or saved_tensors_hooks_active() or backward_running()
         record.values[key] = pvera_kl(mu, logvar, lean_r) if now else LazyKL(mu, logvar.clone(), lean_r)
         return
-    mu, logvar = mu.float(), logvar.float()
-    record.values[key] = -0.5 * torch.mean(1.0 + logvar - mu.pow(2) - logvar.exp())
+    record.values[key] = kl_term(mu.float(), logvar.float())
 
 
 class PveraMethod(Method):
@@ -264,3 +268,26 @@ def reseed_state(state: AdapterState, seed: int) -> None:
         mod: nn.Module = state.site_module(site)
         if GENERATOR_STATE in mod._buffers:
             mod._buffers[GENERATOR_STATE].copy_(_stream_state(seed, site))
+
+
+def pvera_group_h(x: Tensor, a: Tensor, r: int, training: bool, *samples: bool) -> Tensor:
+    """``h`` of the PVeRA sites reading one ``x``: the mean's rows only, ``x @ A[:r, :in].T``, when none of them
+    samples (eval mode, every ``sample_at_inference`` switch off, read now), else all 2r rows."""
+    return torch.nn.functional.linear(x, a if training or any(samples) else a[:r])
+
+
+def pvera_latent(h: Tensor, lambda_d: Tensor, r: int, training: bool, sample: bool, generator_state: Optional[Tensor],
+                 groups: int, record: Optional[KLRecord], key: str, x: Tensor, a: Tensor) -> Tensor:
+    """One PVeRA site's latent at inference from its group's ``h``: the mean ``h * lambda_d[:r]`` when ``h`` holds
+    the mean's rows only (its KL term recorded from ``x``, computed when read: ``LazyKL``), else the plain
+    chain's ``mu + eps * exp(logvar / 2)`` or ``mu`` and its KL term (none with ``record=None``: generation)."""
+    if h.shape[-1] == r:
+        if record is not None:
+            record.values[key] = LazyKL(None, lambda_d.clone(), r, x, a)
+        return h * lambda_d[:r]
+    hd = h * lambda_d
+    mu, logvar = hd[..., :r], hd[..., r:]
+    z = pvera_reparametrize(mu, logvar, training, sample, generator_state, groups)
+    if record is not None:
+        pvera_record_kl(mu, logvar, record, key)
+    return z

@@ -4,14 +4,13 @@ call's emitted nodes after ``h``, handed over by the emitter (never searched for
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
-from torch.fx import Node
+from torch.fx import Graph, Node
 
 from ..methods.fold import weight_site, weight_site_t
-from ..methods.fused import fused_site
-from ..methods.lean import lean_site
+from ..methods.lean import fused_site, lean_site
 from ..sites import ADAPTER_KEY, Site
 
 aten = torch.ops.aten
@@ -42,6 +41,22 @@ class Chain:
     def add(self) -> Node:
         return next(iter(self.nodes["scale_b"].users))
 
+    @property
+    def operands(self) -> tuple[Node, Node, Node, Node]:
+        """``h``, ``lambda_d``, ``B`` and ``lambda_b``."""
+        return (*self.nodes["scale_d"].args, self.nodes["xAB"].args[1], self.nodes["scale_b"].args[1])
+
+    def erase(self, graph: Graph, names: Iterable[str]) -> None:
+        """Erase the chain's nodes ``names`` (users first), then the sampling switches left without a reader."""
+        inputs: list[Node] = []
+        for name in names:
+            inputs += [a for a in self.nodes[name].all_input_nodes
+                       if a.op == "get_attr" and (a.meta.get(ADAPTER_KEY) or {}).get("role") == "sampling"]
+            graph.erase_node(self.nodes[name])
+        for a in dict.fromkeys(inputs):
+            if not a.users:
+                graph.erase_node(a)
+
 
 def emitted_chain(site: Site, adapter: str, state: Any, nodes: dict[str, Node]) -> Optional[Chain]:
     """The chain of one site call's nodes as the emitter made them (``Emitter.nodes``), or None when they are
@@ -64,12 +79,26 @@ def tag_node(node: Node, c: Chain, role: str, name: str, path: str) -> Node:
     return node
 
 
-def hoist(node: Node, before: Node, order: dict[Node, int], moved: set[Node]) -> None:
-    """Move ``node`` (and the inputs it needs) in front of ``before`` when it comes after it (``order``: the
-    graph's node positions before any move; ``moved``: the nodes moved since)."""
-    if order[node] < order[before] or node in moved:
-        return
-    for arg in node.all_input_nodes:
-        hoist(arg, before, order, moved)
-    before.prepend(node)
-    moved.add(node)
+def retarget(node: Node, fn: Callable[..., Any], args: tuple, path: Optional[str] = None) -> None:
+    """Make ``node`` a call of ``fn`` on ``args`` (its name and tags stay: walkers read ``y`` as an add's
+    args[0]), tagged with the lowering ``path`` when given."""
+    node.target, node.args, node.kwargs = fn, args, {}
+    if path is not None:
+        node.meta[ADAPTER_KEY]["path"] = path
+
+
+def hoist(nodes: Iterable[Node], before: Node) -> None:
+    """Move ``nodes`` (and the inputs they need) in front of ``before`` where they come after it."""
+    order = {n: k for k, n in enumerate(before.graph.nodes)}  # the positions before any move
+    moved: set[Node] = set()
+
+    def move(node: Node) -> None:
+        if order[node] < order[before] or node in moved:
+            return
+        for arg in node.all_input_nodes:
+            move(arg)
+        before.prepend(node)
+        moved.add(node)
+
+    for n in nodes:
+        move(n)

@@ -2,7 +2,7 @@
 
 A graph built for inference (root ``gm.meta["vera_fx_inference"]`` names the form: the model object's twins and
 generation's decode graphs) keeps nothing for backward. Per site group (one adapter's sites reading one
-``h = x @ A.T`` and one slice of ``B``) it calls vera_fx/methods/infer.py: a ``site_apply`` per site (the
+``h = x @ A.T`` and one slice of ``B``) it calls vera_fx/methods/lean.py: a ``site_apply`` per site (the
 default), or ``form="batched"``, one ``group_products`` (``B`` read once) and a ``site_add`` per site. PVeRA's
 sites reading one ``x`` share ``pvera_group_h`` and take ``pvera_latent`` each.
 """
@@ -14,9 +14,10 @@ from typing import Optional
 
 from torch.fx import GraphModule, Node
 
-from ..methods.infer import group_products, pvera_group_h, pvera_latent, site_add, site_apply
+from ..methods.lean import group_products, site_add, site_apply
+from ..methods.pvera import pvera_group_h, pvera_latent
 from ..sites import ADAPTER_KEY, graph_modules
-from .chains import Chain, hoist, inplace_target, tag_node
+from .chains import Chain, hoist, inplace_target, retarget, tag_node
 
 logger = logging.getLogger(__name__)
 
@@ -44,40 +45,33 @@ def inference_plan(tokens: int, r: int, out: int, n: int, form: str = "batched")
     return "site" if form == "site" or n < 2 or costs["batched"] >= costs["site"] else "batched"
 
 
-def _tail(gm: GraphModule, members: list[Chain], h: Node, lambdas: list[Node], plan: str) -> None:
-    """The group's products from ``h`` (each site's ``lambda_d`` node in ``lambdas``): ``plan="batched"``, one
-    ``group_products`` then a ``site_add`` per site; else a ``site_apply`` per site. Each site's add node becomes
-    its tail (name and tags kept: walkers read y as its args[0])."""
-    graph, b = gm.graph, members[0].nodes["xAB"].args[1]
-    u: Optional[Node] = None
+def _tail(gm: GraphModule, members: list[Chain], plan: str) -> None:
+    """A VeRA group's products from its ``h``: ``plan="batched"``, one ``group_products`` then a ``site_add`` per
+    site; else a ``site_apply`` per site, each in place of its site's add."""
+    graph, (h, _, b, _) = gm.graph, members[0].operands
     if plan == "batched":
+        lambdas = [c.operands[1] for c in members]
         order = {n: k for k, n in enumerate(graph.nodes)}
         first = min((c.add for c in members), key=order.__getitem__)
-        moved: set[Node] = set()
-        for n in (h, b, *lambdas):
-            hoist(n, first, order, moved)
+        hoist((h, b, *lambdas), first)
         with graph.inserting_before(first):
             u = graph.call_function(group_products, (h, b, *lambdas))
         tag_node(u, members[0], "adapter", "products", "inference")
         u.meta[ADAPTER_KEY]["bases"] = [c.site.base.name for c in members]
-    for k, (c, lam_d) in enumerate(zip(members, lambdas)):
-        add, lam_b = c.add, c.nodes["scale_b"].args[1]
-        y = add.args[0]
-        add.target, add.kwargs = (site_add if u is not None else site_apply), {}
-        add.args = (y, u, k, lam_b, inplace_target(y)) if u is not None else (y, h, b, lam_d, lam_b, inplace_target(y))
-        add.meta[ADAPTER_KEY]["path"] = "inference"
+        for k, c in enumerate(members):
+            y = c.add.args[0]
+            retarget(c.add, site_add, (y, u, k, c.operands[3], inplace_target(y)), "inference")
+    else:
+        for c in members:
+            _site_apply(c, h, c.operands[1])
+    for c in members:
+        c.erase(graph, ("scale_b", "xAB", "scale_d"))
 
 
-def _erase(gm: GraphModule, nodes: list[Node]) -> None:
-    """Erase ``nodes`` (users first) and then the sampling switches they read, left without a reader."""
-    inputs: list[Node] = []
-    for n in nodes:
-        inputs += [a for a in n.all_input_nodes
-                   if a.op == "get_attr" and (a.meta.get(ADAPTER_KEY) or {}).get("role") == "sampling"]
-        gm.graph.erase_node(n)
-    for a in dict.fromkeys(inputs):
-        if not a.users:
-            gm.graph.erase_node(a)
+def _site_apply(c: Chain, h: Node, lam_d: Optional[Node]) -> None:
+    """Chain ``c``'s add becomes one ``site_apply`` from ``h`` (and ``lambda_d``, None for PVeRA's latent)."""
+    y, (_, _, b, lam_b) = c.add.args[0], c.operands
+    retarget(c.add, site_apply, (y, h, b, lam_d, lam_b, inplace_target(y)), "inference")
 
 
 def _lower_pvera(gm: GraphModule, chains: list[Chain]) -> None:
@@ -86,21 +80,17 @@ def _lower_pvera(gm: GraphModule, chains: list[Chain]) -> None:
     graph, h, r = gm.graph, chains[0].h, chains[0].state.config.r
     (x, a), training = h.args[:2], chains[0].nodes["sample"].args[2]
     switches = [c.nodes["sample"].args[3] for c in chains]
-    order = {n: k for k, n in enumerate(graph.nodes)}
-    moved: set[Node] = set()
-    for n in (training, *switches):
-        hoist(n, h, order, moved)
-    h.target, h.args, h.kwargs = pvera_group_h, (x, a, r, training, *switches), {}
-    h.meta[ADAPTER_KEY]["path"] = "inference"
+    hoist((training, *switches), h)
+    retarget(h, pvera_group_h, (x, a, r, training, *switches), "inference")
     for c in chains:
         nd = c.nodes
         with graph.inserting_before(nd["xAB"]):  # after the KL record's inputs
-            z = graph.call_function(pvera_latent, (h, nd["scale_d"].args[1], r, *nd["sample"].args[2:6],
+            z = graph.call_function(pvera_latent, (h, c.operands[1], r, *nd["sample"].args[2:6],
                                                    *nd["kl"].args[2:4], x, a))
         tag_node(z, c, "sampling", "latent", "inference")
         nd["sample"].replace_all_uses_with(z)
-        _tail(gm, [c], z, [None], "site")  # type: ignore[list-item]
-        _erase(gm, [nd[k] for k in ("kl", "scale_b", "xAB", "sample", "mu", "logvar", "scale_d")])
+        _site_apply(c, z, None)
+        c.erase(graph, ("kl", "scale_b", "xAB", "sample", "mu", "logvar", "scale_d"))
 
 
 def lower_for_inference(gm: GraphModule, chains: list[Chain], form: str = "batched",
@@ -111,7 +101,7 @@ def lower_for_inference(gm: GraphModule, chains: list[Chain], form: str = "batch
         raise ValueError(f"inference form {form!r} is not one of {list(FORMS)}")
     groups: dict[tuple, list[Chain]] = {}
     for c in chains:  # a group: one h, one adapter, one B slice (PVeRA: one h)
-        b = c.nodes["xAB"].args[1]
+        b = c.operands[2]
         key: tuple = (c.h.name, c.adapter)
         if not c.state.method.probabilistic:
             key += (b.name if isinstance(b, Node) else repr(b),)
@@ -123,8 +113,7 @@ def lower_for_inference(gm: GraphModule, chains: list[Chain], form: str = "batch
             plan = "site"
         else:
             plan = inference_plan(tokens or 1, st.config.r, members[0].site.out_features, len(members), form)
-            _tail(gm, members, members[0].h, [c.nodes["scale_d"].args[1] for c in members], plan)
-            _erase(gm, [c.nodes[k] for c in members for k in ("scale_b", "xAB", "scale_d")])
+            _tail(gm, members, plan)
         logger.debug("lower (inference): %s at %s (%d sites): %s", members[0].adapter, members[0].site.name,
                      len(members), plan)
     return len(chains)

@@ -1,20 +1,14 @@
 """Lower pass: per site group (the sites that read one ``x`` with one adapter and share ``h = x @ A.T``: q/k/v,
-gate/up), how the adapter is computed in a training step: ``activation`` (the emitter's plain nodes: autograd
-keeps ``u = z @ B.T`` per site), ``fused`` (one ``fused_site`` call: half the elementwise passes, the same
-memory), ``lean`` (one ``vera_fx::lean_add`` per site: keeps only ``h`` and PVeRA's noise, for one extra tokens x
-r x out product) or ``weight`` (the base call folding ``W' = W + (lambda_b * B * lambda_d) @ A`` when ``T >=
-in``, ``"kept"``: keeping ``W'`` for backward; else the lean op with the base call inside; VeRA without dropout
-on a dense site with a frozen weight only).
-
-The cost model counts a step's multiply-adds (forward + backward) for ``T`` tokens, the group's ``in``, its
-sites' ``out``, A's ``rows`` (r; 2r for PVeRA) and rank ``r`` (``path_costs``), plus the elementwise passes a
-path skips, a fold's pass over ``W'`` and the passes over out x r tensors a path makes, in multiply-add
-equivalents per value (measured constants below).
-``auto`` keeps the step within PEFT's work, spending what the share pass saves against PEFT on memory: per
-group one of its Pareto-best plans (``group_options``), chosen by an exact multiple-choice knapsack
-(``choose_options``); ``fast`` takes each group's least work. The setting lives in ``AdapterFlags.lowering``
-(never in adapter_config.json); lowered nodes keep their tags plus ``"path"``. The pass rewrites only the chains
-the emitter hands it; another setting re-emits (``vera_fx.set_lowering``). Details: docs/architecture.md.
+gate/up), how the adapter is computed in a training step: ``activation`` (the emitter's plain nodes), ``fused``
+(``fused_site``), ``lean`` (``vera_fx::lean_add``) or ``weight`` (the base call folding ``W' = W + (lambda_b * B *
+lambda_d) @ A`` when ``T >= in``, ``"kept"``: keeping ``W'`` for backward), chosen by a cost model of a step's
+multiply-adds (``path_costs``) plus, in multiply-add equivalents per value (measured constants below), the
+elementwise passes a path skips, a fold's pass over ``W'`` and the passes over out x r tensors a path makes.
+``auto`` keeps the step within PEFT's work and spends what the share pass saves on memory (per group one of its
+Pareto-best plans, ``group_options``, by an exact multiple-choice knapsack, ``choose_options``); ``fast`` takes
+each group's least work. The setting lives in ``AdapterFlags.lowering`` (never in adapter_config.json); lowered
+nodes keep their tags plus ``"path"``; another setting re-emits (``vera_fx.set_lowering``). What each path keeps
+and costs: docs/architecture.md ("Lowering").
 """
 
 from __future__ import annotations
@@ -28,12 +22,11 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..methods.fold import fold_argument, weight_fold, weight_site, weight_site_t
-from ..methods.fused import fused_site
-from ..methods.lean import lean_site
+from ..methods.lean import fused_site, lean_site
 from ..methods.pvera import pvera_lean_noise
 from ..sites import ADAPTER_KEY, SITE_KEY, relative_name
 from ..versions import adapter_flags
-from .chains import Chain, hoist, inplace_target, tag_node
+from .chains import Chain, hoist, inplace_target, retarget, tag_node
 from .infer import INFERENCE_KEY, lower_for_inference
 
 logger = logging.getLogger(__name__)
@@ -303,49 +296,34 @@ def _weight_blocker(gm: GraphModule, c: Chain) -> Optional[str]:
     return None
 
 
-def _operands(c: Chain) -> tuple[Node, Node, Node, Node]:
-    """``h``, ``lambda_d``, ``B`` and ``lambda_b`` of a plain chain."""
-    h, lam_d = c.nodes["scale_d"].args
-    return h, lam_d, c.nodes["xAB"].args[1], c.nodes["scale_b"].args[1]
-
-
 def _lower_tail(gm: GraphModule, c: Chain, path: str, traced_when_compiled: bool = False) -> None:
-    """The chain's add node becomes one ``lean_site`` or ``fused_site`` call (its name and tags stay: walkers read
-    ``y`` as its args[0]); PVeRA's KL node records the term from ``h``, computed when read (LazyKL)."""
+    """The chain's add node becomes one ``lean_site`` or ``fused_site`` call; PVeRA's KL node records the term
+    from ``h``, computed when read (LazyKL)."""
     nd, add, method, r = c.nodes, c.add, c.state.method, c.state.config.r
-    h, lam_d, b, lam_b = _operands(c)
-    y, retag, erase = add.args[0], [add], ["scale_b", "xAB"]
+    h, lam_d, b, lam_b = c.operands
+    y, erase = add.args[0], ["scale_b", "xAB"]
     if method.probabilistic:
-        nd["kl"].args = (h, lam_d, *nd["kl"].args[2:4], r)
-        retag.append(nd["kl"])
+        retarget(nd["kl"], nd["kl"].target, (h, lam_d, *nd["kl"].args[2:4], r), path)
     if path == "fused":  # PVeRA: from the sampled latent (the sampling nodes stay)
         z, ld = (nd["xAB"].args[0], None) if method.probabilistic else (h, lam_d)
-        add.target, add.args = fused_site, (y, z, ld, b, lam_b, inplace_target(y))
+        retarget(add, fused_site, (y, z, ld, b, lam_b, inplace_target(y)), path)
         erase += [] if method.probabilistic else ["scale_d"]
     else:
         eps: Optional[Node] = None
         if method.probabilistic:  # the sample node is retargeted in place: same name, same place in the RNG order
             eps = nd["sample"]
             _, _, training, switch, gen, groups = eps.args
-            eps.target, eps.args = pvera_lean_noise, (h, r, training, switch, gen, groups)
-            retag.append(eps)
+            retarget(eps, pvera_lean_noise, (h, r, training, switch, gen, groups), path)
             erase += ["logvar", "mu"]
-        add.target = lean_site
-        add.args = (y, h, lam_d, b, lam_b, eps, r, method.probabilistic, traced_when_compiled)
+        retarget(add, lean_site, (y, h, lam_d, b, lam_b, eps, r, method.probabilistic, traced_when_compiled), path)
         erase.append("scale_d")
-    add.kwargs = {}
-    for n in retag:
-        n.meta[ADAPTER_KEY]["path"] = path
-    for name in erase:
-        gm.graph.erase_node(nd[name])
+    c.erase(gm.graph, erase)
 
 
 def _lower_weight(gm: GraphModule, c: Chain, keep: bool = False) -> None:
     graph, base, add = gm.graph, c.site.base, c.add
-    h, lam_d, b, lam_b = _operands(c)
-    order, moved = {n: k for k, n in enumerate(graph.nodes)}, set()
-    for n in (h, b, lam_d, lam_b):  # emitted after the base call (h after the group's first site): now its inputs
-        hoist(n, base, order, moved)
+    h, lam_d, b, lam_b = c.operands
+    hoist((h, b, lam_d, lam_b), base)  # emitted after the base call (h after the group's first site): its inputs
     conv1d = c.site.kind == "conv1d"  # addmm(bias, view(x), W) with W stored (in, out)
     with graph.inserting_before(base):
         fold = graph.call_function(weight_fold, (base.args[2] if conv1d else base.args[1], h, h.args[1], b, lam_d,
@@ -353,14 +331,13 @@ def _lower_weight(gm: GraphModule, c: Chain, keep: bool = False) -> None:
     tag_node(fold, c, "output", "add", "weight")
     fold.meta[ADAPTER_KEY]["keep"] = keep
     if conv1d:
-        base.target, base.args, base.kwargs = weight_site_t, (base.args[0], base.args[1], fold), {}
+        retarget(base, weight_site_t, (base.args[0], base.args[1], fold))
     else:
-        bias = base.args[2] if len(base.args) > 2 else base.kwargs.get("bias")
-        base.target, base.args, base.kwargs = weight_site, (base.args[0], fold, bias), {}
+        retarget(base, weight_site, (base.args[0], fold, base.args[2] if len(base.args) > 2
+                                     else base.kwargs.get("bias")))
     add.replace_all_uses_with(add.args[0])
     graph.erase_node(add)
-    for name in ("scale_b", "xAB", "scale_d"):
-        graph.erase_node(c.nodes[name])
+    c.erase(graph, ("scale_b", "xAB", "scale_d"))
 
 
 def lower_adapters(gm: GraphModule, chains: list[Chain], setting: Optional[dict[str, Any]] = None,
