@@ -304,7 +304,7 @@ class Method:
         return ()
 
     def per_row_function(self, fn: Callable[..., Any]) -> Optional[Callable[..., Any]]:
-        """For mixed-adapter batches (passes/bank.py): the per-row version of a function ``emit`` calls (it gets
+        """For mixed-adapter batches (serving.py): the per-row version of a function ``emit`` calls (it gets
         lists of the bank members' values and ``index=``), None to leave the call out, or ``fn`` itself."""
         return fn
 
