@@ -284,13 +284,15 @@ def read_pickle(f: IO[bytes], source: str) -> dict[str, torch.Tensor]:
     f.seek(0)
     try:
         loaded = torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's text advises weights_only=False: keep only its reason
-        reason = next((p.strip() for p in str(e).split("\n\n")[1:] if p.strip()), str(e)[:200])
-        raise ValueError(f"{source} holds something other than tensors, which vera_fx does not load (its pickle "
-                         f"could run code: {reason}). Save the adapter with safetensors (PEFT's default, "
-                         "safe_serialization=True) from a source you trust") from None
-    except Exception as e:  # a damaged archive or pickle
-        raise ValueError(f"{source} is not a valid torch.save file ({type(e).__name__}: {e}): {_HINT}") from e
+    except Exception as e:  # torch's text advises weights_only=False: keep only its reason
+        text = str(e)
+        reason = next((p.strip() for p in text.split("\n\n")[1:] if p.strip()), text[:200]) \
+            if isinstance(e, pickle.UnpicklingError) else f"{type(e).__name__}: {text.split('. ')[0][:200]}"
+        if "global" in reason.lower():  # the restricted unpickler refused to import a name
+            raise ValueError(f"{source} holds something other than tensors, which vera_fx does not load (its "
+                             f"pickle could run code: {reason}). Save the adapter with safetensors (PEFT's default, "
+                             "safe_serialization=True) from a source you trust") from None
+        raise ValueError(f"{source} is not a valid torch.save file ({reason}): {_HINT}") from None
     if not isinstance(loaded, dict):
         raise ValueError(f"{source} holds a {type(loaded).__name__}, not a dict of tensors: save the adapter again")
     bad = [f"{k!r}: {type(v).__name__}" for k, v in loaded.items()
