@@ -278,14 +278,19 @@ def test_num_parameters_equals_peft_s(pair, only_trainable, exclude_embeddings):
     assert m.num_parameters(only_trainable=True) == m.get_nb_trainable_parameters()[0] > 0
 
 
-def test_num_parameters_excludes_tied_embeddings_as_peft():
-    from conftest import tiny_gpt2  # GPT-2 ties lm_head to wte: counted once, excluded with it
+@pytest.mark.parametrize("case", ["gpt2", "bert"])
+def test_num_parameters_with_tied_embeddings_and_modules_to_save_as_peft(case):
+    """GPT-2 ties lm_head to wte (counted once, excluded with it); BERT has three embeddings and a classifier
+    copy (modules_to_save: PEFT counts the original and the copy)."""
+    from conftest import tiny_bert, tiny_gpt2
 
-    x = text_inputs(tiny_gpt2(), labels=False)
+    factory, kw = {"gpt2": (tiny_gpt2, dict(target_modules=["c_attn"])),
+                   "bert": (tiny_bert, dict(target_modules=["query", "value"], modules_to_save=["classifier"]))}[case]
+    x = text_inputs(factory(), labels=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fan_in_fan_out notes
-        m = vera_fx.transform(tiny_gpt2(), vera_fx.VeraConfig(r=4, target_modules=["c_attn"]), example_inputs=x)
-        pm = peft.get_peft_model(tiny_gpt2(), peft.VeraConfig(r=4, target_modules=["c_attn"]))
+        m = vera_fx.transform(factory(), vera_fx.VeraConfig(r=4, **kw), example_inputs=x)
+        pm = peft.get_peft_model(factory(), peft.VeraConfig(r=4, **kw))
     for flags in [(False, False), (False, True), (True, False), (True, True)]:
         assert m.num_parameters(*flags) == pm.num_parameters(*flags), flags
 
