@@ -9,7 +9,7 @@ import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ContextManager, Iterator, Optional, Sequence, Union
+from typing import AbstractSet, Any, ContextManager, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from .state import active_adapters, adapters_of, merged_adapters, state_lock
 logger = logging.getLogger(__name__)
 
 
-def count_parameters(module: nn.Module, skip: frozenset[int] = frozenset()) -> tuple[int, int]:
+def count_parameters(module: nn.Module, skip: AbstractSet[int] = frozenset()) -> tuple[int, int]:
     """(trainable, all) parameter counts as PEFT reports them: shared tensors once, buffers not at all, and a
     4-bit bitsandbytes weight as the parameters it packs (two per byte of its storage type); parameters whose
     ``id`` is in ``skip`` left out."""
@@ -231,12 +231,11 @@ class PeftSurface:
         """transformers' count over what this object computes with: the base weights and the adapters' trainable
         tensors (PEFT's number); ``exclude_embeddings`` leaves out the model's ``nn.Embedding`` weights (and the
         weights tied to them)."""
-        skip: set[int] = set()
-        if exclude_embeddings:
-            names = {f"{n}.weight" for n, mod in self._base_model.named_modules() if isinstance(mod, nn.Embedding)}
-            skip = {id(p) for n, p in self.named_parameters(remove_duplicate=False)  # type: ignore[attr-defined]
-                    if n in names}
-        trainable, total = count_parameters(self, frozenset(skip))  # type: ignore[arg-type]
+        names = {f"{n}.weight" for n, mod in self._base_model.named_modules() if isinstance(mod, nn.Embedding)} \
+            if exclude_embeddings else set()
+        skip = {id(p) for n, p in self.named_parameters(remove_duplicate=False)  # type: ignore[attr-defined]
+                if n in names}
+        trainable, total = count_parameters(self, skip)  # type: ignore[arg-type]
         return trainable if only_trainable else total
 
     def get_input_embeddings(self) -> nn.Module:
