@@ -267,3 +267,96 @@ def test_interrupted_save_keeps_previous_checkpoint(env, tmp_path, monkeypatch):
     assert torch.equal(env.run(), second)
     vera_fx.load_adapter(env.gm, tmp_path)
     assert torch.equal(env.run(), first)
+
+
+# --- PEFT's adapter_model.bin (safe_serialization=False) --------------------------------------------------------
+
+class _RunsCode:
+    """A pickle that would run a shell command when loaded by an unrestricted unpickler."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def bin_folder(tmp_path_factory):
+    """A PEFT adapter saved with safe_serialization=False, its inputs and PEFT's logits."""
+    d = tmp_path_factory.mktemp("peft_bin")
+    pm = peft.get_peft_model(tiny_llama(), peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomise(pm, seed=6)
+    x = text_inputs(tiny_llama(), labels=False)
+    with torch.no_grad():
+        ref = _out(pm.eval()(**x))
+    pm.save_pretrained(str(d), safe_serialization=False)
+    assert (d / "adapter_model.bin").is_file() and not (d / "adapter_model.safetensors").exists()
+    return d, x, ref
+
+
+def test_peft_bin_folder_loads_like_peft(bin_folder, tmp_path):
+    d, x, ref = bin_folder
+    m = vera_fx.from_pretrained(tiny_llama(), d, example_inputs=x)
+    with torch.no_grad():
+        torch.testing.assert_close(_out(m(**x)), ref, atol=1e-5, rtol=0)
+    m2 = vera_fx.transform(tiny_llama(), vera_fx.VeraConfig(r=4, target_modules=["q_proj"]), example_inputs=x)
+    m2.load_adapter(d, "from_bin")
+    m2.set_adapter("from_bin")
+    with torch.no_grad():
+        torch.testing.assert_close(_out(m2.eval()(**x)), ref, atol=1e-5, rtol=0)
+    m3 = vera_fx.transform(tiny_llama(), vera_fx.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                           example_inputs=x)
+    vera_fx.load_adapters(m3, {"from_bin": d}, progress=False)
+    m3.set_adapter("from_bin")
+    with torch.no_grad():
+        torch.testing.assert_close(_out(m3.eval()(**x)), ref, atol=1e-5, rtol=0)
+    # Both files: the safetensors file wins, as in PEFT (here the .bin is garbage and never read).
+    both = tmp_path / "both"
+    m.save_pretrained(both)
+    (both / "adapter_model.bin").write_bytes(b"not read")
+    with torch.no_grad():
+        torch.testing.assert_close(_out(vera_fx.from_pretrained(tiny_llama(), both, example_inputs=x)(**x)), ref,
+                                   atol=1e-5, rtol=0)
+
+
+def _spoil_bin(d, value) -> None:
+    torch.save(value, d / "adapter_model.bin")
+
+
+def test_bad_bin_files_are_refused_clearly(bin_folder, tmp_path, monkeypatch):
+    d, x, _ = bin_folder
+    good = torch.load(d / "adapter_model.bin", weights_only=True)
+    lam = _first_lambda(good)
+    marker = tmp_path / "ran"
+    cases = {
+        "runs code": (lambda p: _spoil_bin(p, {**good, lam: _RunsCode(marker)}), "something other than tensors.*could "
+                      "run code"),
+        "a list": (lambda p: _spoil_bin(p, list(good.values())), "holds a list, not a dict of tensors"),
+        "a non-tensor value": (lambda p: _spoil_bin(p, {**good, lam: [1.0, 2.0]}), "not a dict of str -> tensor"),
+        "a non-str key": (lambda p: _spoil_bin(p, {**good, 3: good[lam]}), "not a dict of str -> tensor"),
+        "NaN": (lambda p: _spoil_bin(p, {**good, lam: torch.full_like(good[lam], float("nan"))}), "NaN or Inf"),
+        "garbage": (lambda p: (p / "adapter_model.bin").write_bytes(b"\x80\x02garbage" * 100), "not a valid torch"),
+        "truncated zip": (lambda p: (p / "adapter_model.bin").write_bytes((d / "adapter_model.bin").read_bytes()[:300]),
+                          "not a valid torch.save file"),
+    }
+    for case, (spoil, message) in cases.items():
+        folder = tmp_path / case.replace(" ", "_")
+        shutil.copytree(d, folder)
+        spoil(folder)
+        with pytest.raises(ValueError, match=message) as info:
+            vera_fx.from_pretrained(tiny_llama(), folder, example_inputs=x)
+        assert str(folder / "adapter_model.bin") in str(info.value), case
+        assert "weights_only=False" not in str(info.value), case  # never advise the unsafe load
+    assert not marker.exists()  # the pickle's code never ran
+    # A large file that is neither a zip nor a pickle is refused from its first bytes, before torch reads it.
+    big = tmp_path / "big"
+    shutil.copytree(d, big)
+    (big / "adapter_model.bin").write_bytes(b"GARBAGE!" * 2_000_000)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("torch.load read a file that is not a zip or a pickle")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    with pytest.raises(ValueError, match="neither a torch.save zip archive nor a pickle"):
+        vera_fx.checkpoint.read_checkpoint(big)

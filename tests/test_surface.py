@@ -251,3 +251,94 @@ def test_save_pretrained_config_matches_peft_s(pair, tmp_path):
     differ = {k for k in theirs if ours[k] != theirs[k]}
     assert differ == {"peft_version"}, {k: (ours[k], theirs[k]) for k in differ}
     assert ours["peft_version"] is None
+
+
+def test_save_pretrained_unsafe_serialization_writes_safetensors_and_says_so(pair, tmp_path, caplog):
+    m, _, _ = pair
+    m.add_adapter("other", vera_fx.VeraConfig(r=8, target_modules=TARGETS))
+    with caplog.at_level("WARNING", logger="vera_fx.surface"):
+        m.save_pretrained(tmp_path, safe_serialization=False)
+    warned = [r.getMessage() for r in caplog.records if "safe_serialization=False" in r.getMessage()]
+    assert len(warned) == 1 and str(tmp_path / "adapter_model.safetensors") in warned[0]
+    assert str(tmp_path / "other" / "adapter_model.safetensors") in warned[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "other"]
+    peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))  # PEFT reads what was written
+    caplog.clear()
+    m.save_pretrained(tmp_path / "safe")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize("only_trainable", [False, True])
+@pytest.mark.parametrize("exclude_embeddings", [False, True])
+def test_num_parameters_equals_peft_s(pair, only_trainable, exclude_embeddings):
+    m, pm, _ = pair
+    kw = dict(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+    assert m.num_parameters(**kw) == pm.num_parameters(**kw)
+    assert m.num_parameters() == m.get_nb_trainable_parameters()[1]
+    assert m.num_parameters(only_trainable=True) == m.get_nb_trainable_parameters()[0] > 0
+
+
+@pytest.mark.parametrize("case", ["gpt2", "bert"])
+def test_num_parameters_with_tied_embeddings_and_modules_to_save_as_peft(case):
+    """GPT-2 ties lm_head to wte (counted once, excluded with it); BERT has three embeddings and a classifier
+    copy (modules_to_save: PEFT counts the original and the copy)."""
+    from conftest import tiny_bert, tiny_gpt2
+
+    factory, kw = {"gpt2": (tiny_gpt2, dict(target_modules=["c_attn"])),
+                   "bert": (tiny_bert, dict(target_modules=["query", "value"], modules_to_save=["classifier"]))}[case]
+    x = text_inputs(factory(), labels=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fan_in_fan_out notes
+        m = vera_fx.transform(factory(), vera_fx.VeraConfig(r=4, **kw), example_inputs=x)
+        pm = peft.get_peft_model(factory(), peft.VeraConfig(r=4, **kw))
+    for flags in [(False, False), (False, True), (True, False), (True, True)]:
+        assert m.num_parameters(*flags) == pm.num_parameters(*flags), flags
+
+
+def test_embeddings_are_the_model_s_modules(pair):
+    m, pm, x = pair
+    emb, head = m.get_input_embeddings(), m.get_output_embeddings()
+    assert emb is m.base_model.model.embed_tokens and head is m.base_model.lm_head
+    assert type(emb) is type(pm.get_input_embeddings()) and type(head) is type(pm.get_output_embeddings())
+    assert torch.equal(emb.weight, pm.get_input_embeddings().weight)
+    before = logits(m.eval(), x)
+    with torch.no_grad():
+        emb.weight.mul_(2)  # the graphs share the weight's storage
+    assert not torch.allclose(logits(m, x), before)
+    m.to(torch.float64)  # the graphs now hold converted copies; the model's module keeps its own tensors
+    assert m.get_input_embeddings() is emb and emb.weight.dtype == torch.float32
+    assert logits(m, x).dtype == torch.float64
+
+
+def test_input_require_grads_is_a_no_op_and_training_is_unchanged(caplog):
+    x = text_inputs(tiny_llama())
+    steps = []
+    for call in (False, True):
+        m = vera_fx.transform(tiny_llama(), vera_fx.VeraConfig(r=8, target_modules=TARGETS), example_inputs=x)
+        m.train()
+        if call:
+            with caplog.at_level("DEBUG", logger="vera_fx.surface"):
+                m.enable_input_require_grads()
+            assert any("enable_input_require_grads" in r.getMessage() for r in caplog.records)
+        m(**x).loss.backward()
+        steps.append([p.grad.clone() for p in m.parameters() if p.requires_grad])
+        if call:
+            m.disable_input_require_grads()
+    assert all(torch.equal(a, b) for a, b in zip(*steps)) and len(steps[0]) == len(steps[1]) > 0
+    pm = peft.get_peft_model(tiny_llama(), peft.VeraConfig(r=8, target_modules=TARGETS))
+    pm.enable_input_require_grads()  # PEFT accepts both too
+    pm.disable_input_require_grads()
+
+
+def test_active_peft_config_like_peft(pair):
+    m, pm, _ = pair
+    assert m.active_peft_config is m.peft_config["default"]
+    assert m.active_peft_config.r == pm.active_peft_config.r and m.active_peft_config.peft_type == "VERA"
+    m.add_adapter("other", vera_fx.VeraConfig(r=4, target_modules=TARGETS))
+    pm.add_adapter("other", peft.VeraConfig(r=4, target_modules=TARGETS))
+    m.set_adapter("other")
+    pm.set_adapter("other")
+    assert m.active_peft_config.r == pm.active_peft_config.r == 4
+    m.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match="not one"):
+        m.active_peft_config

@@ -4,7 +4,8 @@ adapter-only state dict.
 Keys are a rename of ours: ``vera_fx_adapters.<adapter>.sites.<site>.<p>`` is ``base_model.model.<site>.<p>``,
 ``vera_fx_adapters.<adapter>.<prefix>_A`` is ``base_model.<prefix>_A``; biases, ``modules_to_save`` copies and the
 base weights PEFT saves beside them take PEFT's names too. A folder is written all at once and read as one version
-(vera_fx/folder.py), safetensors only. Loading checks the folder, the JSON, the header, every value (finite), r
+(vera_fx/folder.py); it is written as safetensors, and read from PEFT's adapter_model.bin too when it has no
+safetensors file. Loading checks the folder, the JSON, the header, every value (finite), r
 against the shapes (vera_fx/checks.py) and every key and shape before it changes anything. The object's
 ``state_dict`` (a Trainer checkpoint's model.safetensors) holds ``vera_fx.<adapter>.<PEFT key>`` tensors and
 ``vera_fx_config.<adapter>``, the config as UTF-8 JSON in a uint8 tensor, so it says which adapters it holds.
@@ -30,7 +31,7 @@ from .checks import check_file_shapes, check_same_fields
 from .compat import IncompatibleKeys
 from .config import AdapterConfig, config_from_dict, config_to_dict
 from .distributed import full_tensor, gathered, needs_gather, placed_like, save_role, unwrap_parallel
-from .folder import open_folder, read_safetensors, serialise, write_folder
+from .folder import open_folder, read_pickle, read_safetensors, serialise, write_folder
 from .methods import CONTAINER, AdapterState
 from .passes.match import peft_selection
 from .passes.merge import merge, unmerge
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"  # PEFT's safe_serialization=False: read (torch's restricted unpickler), never written
 STATE_KEY_PREFIX = "vera_fx."
 CONFIG_KEY_PREFIX = "vera_fx_config."
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's names for save_embedding_layers="auto"
@@ -281,7 +283,7 @@ def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
     is checked first; on any error the graph is left as it was."""
     gm = as_graph_module(gm, "load_adapter")
     config, tensors = read_checkpoint(directory)
-    source = str(Path(directory) / WEIGHTS_NAME)
+    source = str(weights_file(directory))
     have = adapters_of(gm)[adapter_name] if adapter_name in adapters_of(gm) else None
     old_active = adapter_flags(gm).active
     if have is None:
@@ -400,19 +402,24 @@ def read_checkpoint(directory: PathLike) -> tuple[AdapterConfig, dict[str, torch
     if path.is_file():
         raise ValueError(f"{str(path)!r} is a file, not an adapter folder (one holding {CONFIG_NAME} and "
                          f"{WEIGHTS_NAME})")
-    with open_folder(path, (CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin"), {CONFIG_NAME, WEIGHTS_NAME}) as files:
+    with open_folder(path, (CONFIG_NAME, WEIGHTS_NAME, BIN_NAME), {CONFIG_NAME, WEIGHTS_NAME}) as files:
         if files[CONFIG_NAME] is None:
             raise ValueError(f"{path} has no {CONFIG_NAME}: not an adapter folder (write one with "
                              "vera_fx.save_adapter or PEFT's save_pretrained)")
-        if files[WEIGHTS_NAME] is None:
-            if files["adapter_model.bin"] is not None:
-                raise ValueError(f"{path} holds adapter_model.bin, a pickle, which vera_fx does not read: save it "
-                                 "again with safe_serialization=True (PEFT's default) to get adapter_model.safetensors")
-            raise ValueError(f"{path} has no {WEIGHTS_NAME}; the adapter's weights are missing")
+        if files[WEIGHTS_NAME] is None and files[BIN_NAME] is None:
+            raise ValueError(f"{path} has no {WEIGHTS_NAME} (nor PEFT's {BIN_NAME}); the adapter's weights are "
+                             "missing")
         config = _read_config(files[CONFIG_NAME].read(), path / CONFIG_NAME)
-        tensors = read_safetensors(files[WEIGHTS_NAME], str(path / WEIGHTS_NAME))
-    check_file_shapes(config, tensors, str(path / WEIGHTS_NAME))
+        name = WEIGHTS_NAME if files[WEIGHTS_NAME] is not None else BIN_NAME  # safetensors first, as PEFT
+        tensors = (read_safetensors if name == WEIGHTS_NAME else read_pickle)(files[name], str(path / name))
+    check_file_shapes(config, tensors, str(path / name))
     return config, tensors
+
+
+def weights_file(directory: PathLike) -> Path:
+    """The weights file ``read_checkpoint`` reads in ``directory`` (for messages): safetensors, else the .bin."""
+    path = Path(directory)
+    return path / (BIN_NAME if not (path / WEIGHTS_NAME).exists() and (path / BIN_NAME).exists() else WEIGHTS_NAME)
 
 
 # --- the model object's state dict (Trainer checkpoints) -----------------------------------------------------

@@ -5,7 +5,8 @@ aside (``.<name>.old-<id>``), renames the new one in, moves the old folder's oth
 A kill at any point leaves one complete folder, and the next save or read finishes what it left. Saves into one
 parent are serialised with ``flock`` where the platform has it. A read opens its files relative to one
 directory handle, so it never mixes two saves. ``read_safetensors`` checks the header's length and JSON before
-reading the data (a large garbage file costs no memory) and refuses non-finite values.
+reading the data (a large garbage file costs no memory) and refuses non-finite values; ``read_pickle`` reads
+PEFT's ``adapter_model.bin`` with torch's restricted unpickler under the same rules.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import time
 import uuid
@@ -267,6 +269,40 @@ def read_safetensors(f: IO[bytes], source: str) -> dict[str, torch.Tensor]:
         tensors = safetensors.torch.load(n.to_bytes(8, "little") + raw + data)
     except Exception as e:  # safetensors raises its own error type; report it as a bad file
         raise ValueError(f"{source} is not a valid safetensors file ({type(e).__name__}: {e}): {_HINT}") from e
+    return _finite(tensors, source)
+
+
+def read_pickle(f: IO[bytes], source: str) -> dict[str, torch.Tensor]:
+    """The tensors of an open ``torch.save`` file (PEFT's adapter_model.bin); ValueError naming ``source``
+    otherwise. Its first bytes must be a zip or pickle signature (a large garbage file is refused unread); torch's
+    restricted unpickler (``weights_only=True``) then builds tensors and plain containers only, never running code
+    the file names; the result must be a dict of str -> tensor with finite values."""
+    head = f.read(4)
+    if not (head == b"PK\x03\x04" or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5)):
+        raise ValueError(f"{source} is neither a torch.save zip archive nor a pickle (it starts with {head!r}): "
+                         f"{_HINT}")
+    f.seek(0)
+    try:
+        loaded = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's text advises weights_only=False: keep only its reason
+        text = str(e)
+        reason = next((p.strip() for p in text.split("\n\n")[1:] if p.strip()), text[:200]) \
+            if isinstance(e, pickle.UnpicklingError) else f"{type(e).__name__}: {text.split('. ')[0][:200]}"
+        if "global" in reason.lower():  # the restricted unpickler refused to import a name
+            raise ValueError(f"{source} holds something other than tensors, which vera_fx does not load (its "
+                             f"pickle could run code: {reason}). Save the adapter with safetensors (PEFT's default, "
+                             "safe_serialization=True) from a source you trust") from None
+        raise ValueError(f"{source} is not a valid torch.save file ({reason}): {_HINT}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{source} holds a {type(loaded).__name__}, not a dict of tensors: save the adapter again")
+    bad = [f"{k!r}: {type(v).__name__}" for k, v in loaded.items()
+           if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{source} is not a dict of str -> tensor ({', '.join(bad[:5])}): save the adapter again")
+    return _finite(loaded, source)
+
+
+def _finite(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     for key, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{source}: tensor {key!r} holds NaN or Inf values; an adapter must be finite. Save "

@@ -25,7 +25,7 @@ from .compat import OpOverload, OpOverloadPacket
 from .sites import (ADAPTER_KEY, BLOCK_CALL_KEY, SITE_KEY, Site, as_graph_module, block_groups, block_prefix,
                     model_info, read_sites, site_owners)
 from .state import active_adapters, adapters_disabled, adapters_of
-from .surface import count_parameters as trainable_parameters
+from .surface import count_parameters as trainable_parameters, trainable_line
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +36,9 @@ ROLE_COLORS: dict[str, str] = {"base": "#9ecae1", "projection": "#c7e9c0", "lamb
 
 # --------------------------------------------------------------------------------------------- parameters
 
-def _trainable_line(gm: torch.nn.Module) -> str:
-    trainable, total = trainable_parameters(gm)
-    pct = 100.0 * trainable / total if total else 0.0
-    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
-
-
 def print_trainable_parameters(gm: torch.nn.Module) -> None:
     """Print PEFT's one-line report: ``trainable params: X || all params: Y || trainable%: Z``."""
-    print(_trainable_line(gm))
+    print(trainable_line(gm))
 
 
 # --------------------------------------------------------------------------------------------- summary
@@ -127,7 +121,7 @@ def _site_table(gm: GraphModule, include_unadapted: bool) -> tuple[str, list[lis
         notes.append(f"block {type(members[0]).__name__}: {len(paths)} x ({span}), "
                      f"{len(members[0].graph.nodes)} nodes each")
     title = f"vera_fx summary of {model_info(gm).get('class', type(gm).__name__)}: {adapted} adapted site(s)"
-    return title, table, [*notes, _trainable_line(gm)]
+    return title, table, [*notes, trainable_line(gm)]
 
 
 def summary(gm: GraphModule, include_unadapted: bool = False) -> str:

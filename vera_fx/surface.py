@@ -9,7 +9,7 @@ import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ContextManager, Iterator, Optional, Sequence, Union
+from typing import AbstractSet, Any, ContextManager, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -26,16 +26,24 @@ from .state import active_adapters, adapters_of, merged_adapters, state_lock
 logger = logging.getLogger(__name__)
 
 
-def count_parameters(module: nn.Module) -> tuple[int, int]:
+def count_parameters(module: nn.Module, skip: AbstractSet[int] = frozenset()) -> tuple[int, int]:
     """(trainable, all) parameter counts as PEFT reports them: shared tensors once, buffers not at all, and a
-    4-bit bitsandbytes weight as the parameters it packs (two per byte of its storage type)."""
+    4-bit bitsandbytes weight as the parameters it packs (two per byte of its storage type); parameters whose
+    ``id`` is in ``skip`` left out."""
     def size(p: nn.Parameter) -> int:
         storage = getattr(p, "quant_storage", None)
         packed = 2 * (storage.itemsize if isinstance(storage, torch.dtype) else 1)
         return p.numel() * (packed if p.__class__.__name__ == "Params4bit" else 1)
 
-    sizes = [(size(p), p.requires_grad) for p in module.parameters()]
+    sizes = [(size(p), p.requires_grad) for p in module.parameters() if id(p) not in skip]
     return sum(n for n, trains in sizes if trains), sum(n for n, _ in sizes)
+
+
+def trainable_line(module: nn.Module) -> str:
+    """PEFT's ``print_trainable_parameters`` line: ``trainable params: X || all params: Y || trainable%: Z``."""
+    trainable, total = count_parameters(module)
+    pct = 100.0 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
 
 
 def check_is_trainable(is_trainable: Any) -> bool:
@@ -217,15 +225,52 @@ class PeftSurface:
         return count_parameters(self)  # type: ignore[arg-type]
 
     def print_trainable_parameters(self) -> None:
-        """PEFT's line: ``trainable params: X || all params: Y || trainable%: Z``."""
-        trainable, total = count_parameters(self)  # type: ignore[arg-type]
-        pct = 100.0 * trainable / total if total else 0.0
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
+        print(trainable_line(self))  # type: ignore[arg-type]
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """transformers' count over what this object computes with: the base weights and the adapters' trainable
+        tensors (PEFT's number); ``exclude_embeddings`` leaves out the model's ``nn.Embedding`` weights (and the
+        weights tied to them)."""
+        names = {f"{n}.weight" for n, mod in self._base_model.named_modules() if isinstance(mod, nn.Embedding)} \
+            if exclude_embeddings else set()
+        skip = {id(p) for n, p in self.named_parameters(remove_duplicate=False)  # type: ignore[attr-defined]
+                if n in names}
+        trainable, total = count_parameters(self, skip)  # type: ignore[arg-type]
+        return trainable if only_trainable else total
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The model's input embedding module. The graphs share its weight's storage, so an in-place write to it
+        reaches them; after ``m.to(dtype)`` (or a device) the graphs hold converted copies and this module keeps
+        the model's own tensors, which the graphs no longer read."""
+        return self._base_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> Optional[nn.Module]:
+        """The model's output head (the base module, not the adapted one), with ``get_input_embeddings``' rule."""
+        return self._base_model.get_output_embeddings()
+
+    def enable_input_require_grads(self) -> None:
+        """Accepted as a no-op: transformers' hook makes the embeddings' output require grad so reentrant gradient
+        checkpointing of a frozen model has something to differentiate; the graphs checkpoint non-reentrantly and
+        the adapters' vectors get gradients without it (and the graphs never run the model's modules)."""
+        logger.debug("enable_input_require_grads: not needed (non-reentrant checkpointing); nothing done")
+
+    def disable_input_require_grads(self) -> None:
+        """A no-op, as ``enable_input_require_grads``."""
+        logger.debug("disable_input_require_grads: nothing to undo")
+
+    @property
+    def active_peft_config(self) -> AdapterConfig:
+        """The active adapter's config (PEFT's property); ValueError when several adapters are active."""
+        names = active_adapters(self._source)
+        if len(names) != 1:
+            raise ValueError(f"active_peft_config: adapters {names} are active, not one: read m.peft_config[name]")
+        return self.peft_config[names[0]]
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], selected_adapters: Optional[list[str]] = None,
                         is_main_process: Optional[bool] = None, **kwargs: Any) -> None:
         """Write ``default`` in ``save_directory`` and any other adapter in a subfolder of its name, as PEFT does;
         sharded with FSDP2, call it on every rank with ``is_main_process`` set."""
+        safe = kwargs.pop("safe_serialization", True)
         if kwargs:
             logger.info("save_pretrained: ignored %s (vera_fx writes safetensors only)", sorted(kwargs))
         names = list(self.peft_config)
@@ -233,6 +278,9 @@ class PeftSurface:
         unknown = [n for n in chosen if n not in names]
         if unknown:
             raise ValueError(f"selected_adapters={chosen!r}: {unknown} are not adapters of this model ({names})")
-        for name in chosen:
-            ckpt.save_adapter(self._source, save_directory if name == "default" else Path(save_directory) / name,
-                              name, is_main_process=is_main_process)
+        folders = [Path(save_directory) / ("" if name == "default" else name) for name in chosen]
+        if not safe and is_main_process is not False:
+            logger.warning("save_pretrained: safe_serialization=False, but vera_fx writes safetensors only (PEFT "
+                           "reads them): %s", ", ".join(str(f / ckpt.WEIGHTS_NAME) for f in folders))
+        for name, folder in zip(chosen, folders):
+            ckpt.save_adapter(self._source, folder, name, is_main_process=is_main_process)
