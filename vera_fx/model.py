@@ -34,9 +34,10 @@ from .passes.match import MatchPass
 from .serving import mixed_adapter_forward
 from .signatures import (CallKey, ExampleInputs, call_key, capture_example, example_call, forward_parameters,
                          normalise_call, swapped_in)
-from .state import state_lock
+from .state import adapter_container, state_lock
 from .state_dict import adapters_state_dict, load_adapters_state_dict, read_trainer_checkpoint
-from .passes.pipeline import run_passes, transform as transform_graph
+from .passes.lower import check_lowering
+from .passes.pipeline import add_adapter_passes, run_passes
 from .compat import eager_frame, eval_frame_callback
 from .surface import PeftSurface, check_is_trainable
 from .variants import FINGERPRINT_KEY, INFERENCE_FORM, GraphVariants
@@ -44,7 +45,6 @@ from .variants import FINGERPRINT_KEY, INFERENCE_FORM, GraphVariants
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_GRAPHS = 8
-_GUARD_ERRORS = ("Guard failed", "guard", "Expected input at")
 # dynamo skips ``forward`` (runs it eagerly) and compiles the frames it calls: each graph's generated forward
 _EAGER_REASON = ("a VeraFxModel runs its own work eagerly and torch.compile compiles each captured graph's "
                  "forward: compile the object itself (torch.compile(m)), or m.graph_module, rather than code that "
@@ -79,15 +79,12 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
 
     @property
     def training(self) -> bool:  # type: ignore[override]
-        src = self.__dict__.get("_source")
-        return src.training if src is not None else self.__dict__.get("_training", True)
+        return self._source.training  # the object's mode is its source graph's
 
     @training.setter
     def training(self, value: bool) -> None:
-        self.__dict__["_training"] = value
-        src = self.__dict__.get("_source")
-        if src is not None:
-            src.training = value
+        if "_source" in self.__dict__:  # (nn.Module.__init__ sets it before there is a source)
+            self._source.training = value
 
     def train(self, mode: bool = True) -> "VeraFxModel":
         super().train(mode)  # (raises ValueError for a mode that is not a bool)
@@ -248,16 +245,6 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         self._store(key, gm)
         return gm
 
-    def _graph_for(self, key: CallKey, call: dict[str, Any]) -> GraphModule:
-        """The first graph of ``key``, captured when there is none: once, whichever threads ask at once."""
-        graphs = self._graphs.get(key)
-        if graphs is None:
-            with self._build_lock:
-                graphs = self._graphs.get(key)
-                if graphs is None:
-                    return self._capture(key, call)
-        return self._ready_graph((key, "first"), graphs[0], variant=False)  # bound once per state stamp
-
     def _binding(self, gm: GraphModule, fp: tuple) -> tuple:
         """What ``gm`` is attached again when it changes: the adapter structure and the base tensors' identities
         in the source and in ``gm`` (twins share leaf modules: binding one can change another's)."""
@@ -284,51 +271,56 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
             gm.train(self._source.training)
         return gm
 
-    def _select(self, args: tuple, kwargs: dict) -> tuple[Callable[..., Any], dict[str, Any]]:
-        """What runs this call (``adapter_names``: the mixed-adapter graph) and the call as its keywords."""
+    def _select(self, args: tuple, kwargs: dict) -> tuple[Callable[..., Any], dict[str, Any], CallKey]:
+        """What runs this call (``adapter_names``: the mixed-adapter graph), the call as its keywords and its key.
+        The signature's first graph is captured when there is none: once, whichever threads ask at once."""
         adapter_names = kwargs.pop("adapter_names", None)
         call = self._normalise_call(args, kwargs)
         key = call_key(call, self._weights_state())
         graphs = self._graphs.get(key)
-        if graphs is not None:
+        if graphs is None:
+            with self._build_lock:
+                graphs = self._graphs.get(key) or [self._capture(key, call)]
+        else:
             try:
                 self._graphs.move_to_end(key)  # least recently used first (eviction order)
             except KeyError:  # evicted by another thread meanwhile: this call still runs the graph it got
                 pass
-        if adapter_names is not None:  # one adapter per row: the mixed graph of this signature's graph
-            return functools.partial(mixed_adapter_forward, self._graph_for(key, call), adapter_names), call
-        if graphs is None or len(graphs) == 1:
-            return self._ready_graph(key, graphs[0] if graphs else self._graph_for(key, call)), call
-        return functools.partial(self._call_siblings, key, graphs), call
+        if adapter_names is not None:  # one adapter per row: the mixed graph of this signature's first graph
+            first = self._ready_graph((key, "first"), graphs[0], variant=False)
+            return functools.partial(mixed_adapter_forward, first, adapter_names), call, key
+        if len(graphs) == 1:
+            return self._ready_graph(key, graphs[0]), call, key
+        return functools.partial(self._call_siblings, key, graphs), call, key
 
     def _call_siblings(self, key: CallKey, graphs: list[GraphModule], /, **call: Any) -> Any:
-        """Run the first of the signature's graphs whose guards accept the call, the last one to take it first."""
-        last = self._ready.get((key, "sibling"))
+        """Run the first of the signature's graphs whose export guards accept the call (the last one to take it
+        first); when all reject it (a shape export specialised), capture another."""
+        last, rejected = self._ready.get((key, "sibling")), None
         for gm in ([last] if last in graphs else []) + [g for g in graphs if g is not last]:
             try:
                 out = self._ready_graph((key, id(gm)), gm)(**call)
-            except AssertionError as e:  # an export guard (a shape export specialised) rejected the call
-                if not any(s in str(e) for s in _GUARD_ERRORS):
+            except AssertionError as e:
+                if not _guard_failed(e):
                     raise
+                rejected = e
                 continue
             self._ready[(key, "sibling")] = gm
             return out
+        logger.info("vera_fx: the graph for %s rejected the call (%s); capturing another", describe_key(key),
+                    str(rejected).splitlines()[0][:200])
         with self._build_lock:
             return self._capture(key, call)(**call)
 
     def _run(self, args: tuple, kwargs: dict) -> Any:
-        """An eager call (the caller holds the read lock); a graph whose export guard rejects it gets a sibling."""
-        run, call = self._select(args, kwargs)
+        """An eager call (the caller holds the read lock)."""
+        run, call, key = self._select(args, kwargs)
         try:
             return run(**call)
         except AssertionError as e:
-            if not isinstance(run, GraphModule) or not any(s in str(e) for s in _GUARD_ERRORS):
+            if not isinstance(run, GraphModule) or not _guard_failed(e):
                 raise
-            key = call_key(call, self._weights_state())
-            logger.info("vera_fx: the graph for %s rejected the call (%s); capturing another",
-                        describe_key(key), str(e).splitlines()[0][:200])
-            with self._build_lock:
-                return self._capture(key, call)(**call)
+        return self._call_siblings(key, self._graphs.get(key, []), **call)
 
     @torch.compiler.disable
     def _enter_compiled(self, args: tuple, kwargs: dict) -> tuple[Callable[..., Any], dict[str, Any], Any]:
@@ -337,7 +329,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         held = state_lock(self._source).read()
         held.__enter__()
         try:
-            run, call = self._select(args, kwargs)
+            run, call, _ = self._select(args, kwargs)
         except BaseException:
             held.__exit__(None, None, None)
             raise
@@ -357,6 +349,11 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
             _leave(held)
 
     forward = eager_frame(forward, _EAGER_REASON)
+
+
+def _guard_failed(e: AssertionError) -> bool:
+    """Whether ``e`` is an export guard rejecting a call (a size or value the graph was specialised to)."""
+    return any(s in str(e) for s in ("Guard failed", "guard", "Expected input at"))
 
 
 @torch.compiler.disable
@@ -386,7 +383,10 @@ def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleIn
               adapter_name: str = "default", max_graphs: int = DEFAULT_MAX_GRAPHS, lowering: Any = "auto",
               tokens: Optional[int] = None) -> VeraFxModel:
     """Capture ``model`` and attach a VeRA / PVeRA adapter to every linear-like call ``config`` targets, as a
-    ``VeraFxModel`` (``model`` is left as it was, on failure too; ``lowering``: vera_fx/passes/lower.py)."""
+    ``VeraFxModel`` whose only trainable parameters are the adapter's (``model`` is left as it was, on failure
+    too). ``lowering`` ("auto", "fast", "activation", "fused", "lean", "weight" or ``{site: mode}``) and ``tokens``
+    (per step, for the cost model) choose how each site group is computed (vera_fx/passes/lower.py): the graph's
+    setting, not the adapter's (``vera_fx.set_lowering`` changes it)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, VeraFxModel):
@@ -395,9 +395,12 @@ def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleIn
     if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
         raise ValueError(f"max_graphs={max_graphs!r} is invalid: expected an int >= 1, e.g. max_graphs=8")
     config = as_config(config)  # ours, or PEFT's VeraConfig / PveraConfig read by its fields
-    method_for(config)
+    method_for(config)  # type check before the (slow) capture
+    setting = check_lowering(lowering, tokens)
     call = example_call(model, example_inputs)
-    gm = transform_graph(model, config, call, adapter_name, lowering, tokens)
+    gm = capture(model, call)
+    adapter_container(gm).flags.lowering = setting
+    gm = run_passes(gm, add_adapter_passes(config, adapter_name))
     obj = _model_class(type(model))(model, gm, max_graphs)
     obj._store(call_key(obj._normalise_call((), call), obj._weights_state()), gm)
     return obj

@@ -53,7 +53,7 @@ def positional_names(model: nn.Module, n: int) -> tuple[str, ...]:
 
 def default_example_inputs(model: nn.Module, batch: int = 2, length: int = 8) -> dict[str, Any]:
     """A small input for a transformers model from its config, with ``labels`` for language-modelling and
-    classification heads (so the graph returns a loss) and ``use_cache=False``."""
+    classification heads (so the graph returns a loss)."""
     if not is_pretrained(model):
         raise ValueError(f"example_inputs=None needs a transformers PreTrainedModel, got {type(model).__name__}: "
                          "pass example_inputs as a tuple of positional arguments or a dict of keyword arguments")
@@ -89,8 +89,6 @@ def default_example_inputs(model: nn.Module, batch: int = 2, length: int = 8) ->
             kw["labels"] = torch.arange(batch, device=device) % n_labels
     else:
         raise ValueError(f"cannot build an example for {cls} with main input {main!r}: pass example_inputs")
-    if "use_cache" in params and (getattr(cfg, "is_decoder", False) or hasattr(cfg, "use_cache")):
-        kw["use_cache"] = False
     return kw
 
 
@@ -112,11 +110,9 @@ def dynamic_shapes_of(args: tuple, kwargs: dict, batch_only: bool = False) -> tu
 
 
 def export_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, batch_only: bool = False) -> Any:
-    """``dynamic_shapes_of`` as export takes it: keyed by argument name when both args and kwargs are given."""
+    """``dynamic_shapes_of`` as export takes it, for ``normalise_example``'s positional or keyword arguments."""
     dyn_args, dyn_kwargs = dynamic_shapes_of(args, kwargs, batch_only)
-    if args and kwargs:
-        return {**dict(zip(positional_names(model, len(args)), dyn_args)), **dyn_kwargs}
-    return dyn_kwargs if not args else dyn_args
+    return dyn_args if args else dyn_kwargs
 
 
 @contextmanager
@@ -147,22 +143,20 @@ def explicit_keywords(model: nn.Module, kwargs: dict[str, Any]) -> Iterator[None
 
 
 def normalise_example(model: nn.Module, example_inputs: ExampleInputs) -> tuple[tuple, dict]:
-    """``example_inputs`` as (args, kwargs); ``use_cache=False`` added where the model caches by default (a KV
-    cache object cannot leave an exported graph)."""
-    if example_inputs is None:
-        return (), default_example_inputs(model)
-    if isinstance(example_inputs, dict):
-        kwargs = dict(example_inputs)
-        if is_pretrained(model) and "use_cache" in forward_parameters(model) and "use_cache" not in kwargs \
-                and getattr(model.config, "use_cache", False):
-            kwargs["use_cache"] = False
-        return (), kwargs
+    """``example_inputs`` as (args, kwargs): positional or keyword arguments, never both. A keyword example gets
+    ``use_cache=False`` where the forward takes it, as every call of the object has it (a KV cache object cannot
+    leave an exported graph)."""
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs), {}
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
-    raise TypeError(f"example_inputs must be a tuple of positional arguments or a dict of keyword arguments, "
-                    f"got {type(example_inputs).__name__}")
+    if example_inputs is not None and not isinstance(example_inputs, dict):
+        raise TypeError(f"example_inputs must be a tuple of positional arguments or a dict of keyword arguments, "
+                        f"got {type(example_inputs).__name__}")
+    kwargs = default_example_inputs(model) if example_inputs is None else dict(example_inputs)
+    if "use_cache" in forward_parameters(model):
+        kwargs.setdefault("use_cache", False)
+    return (), kwargs
 
 
 def warn_unit_dims(args: tuple, kwargs: dict) -> None:
