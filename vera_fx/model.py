@@ -16,8 +16,9 @@ import threading
 import types
 import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -29,11 +30,11 @@ from .capture import CaptureError, capture
 from .config import AdapterConfig, as_config
 from .methods import CONTAINER, method_for
 from .checks import describe_key, say_constant_changes
-from .passes.attach import attach_adapters, base_stamp, state_fingerprint
+from .passes.attach import attach_adapters, base_stamp, bind_tensors, state_fingerprint
 from .passes.match import MatchPass
 from .serving import mixed_adapter_forward
-from .signatures import (CallKey, ExampleInputs, call_key, capture_example, example_call, forward_parameters,
-                         normalise_call, swapped_in)
+from .signatures import (CallKey, ExampleInputs, call_key, capture_example, forward_parameters, normalise_call,
+                         normalise_example)
 from .state import adapter_container, state_lock
 from .state_dict import adapters_state_dict, load_adapters_state_dict, read_trainer_checkpoint
 from .passes.lower import check_lowering
@@ -232,7 +233,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
                              self.max_graphs)
         logger.info("vera_fx: capturing a graph for a new call signature (%s)", describe_key(key))
         try:
-            with torch.enable_grad(), swapped_in(self._base_model, self._source):
+            with torch.enable_grad(), _swapped_in(self._base_model, self._source):
                 gm = capture(self._base_model, capture_example(call))
         except CaptureError as e:
             raise CaptureError(f"a call with a new signature ({describe_key(key)}) needs a new graph, and {e}. "
@@ -351,6 +352,23 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
     forward = eager_frame(forward, _EAGER_REASON)
 
 
+@contextmanager
+def _swapped_in(model: nn.Module, source: GraphModule) -> Iterator[None]:
+    """Meanwhile, ``model`` holds the source graph's tensors where they differ (after ``.to()`` on the object, or a
+    merge), so a new capture sees what the object computes with (tied names are bound each)."""
+    def named(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        return [*m.named_parameters(remove_duplicate=False), *m.named_buffers(remove_duplicate=False)]
+
+    mine, undo = dict(named(model)), []
+    try:
+        bind_tensors(model, [(n, t) for n, t in named(source) if n in mine and (t.dtype, t.device, t.data_ptr()) != (
+            mine[n].dtype, mine[n].device, mine[n].data_ptr())], undo)
+        yield
+    finally:
+        for store, leaf, t in reversed(undo):
+            store[leaf] = t
+
+
 def _guard_failed(e: AssertionError) -> bool:
     """Whether ``e`` is an export guard rejecting a call (a size or value the graph was specialised to)."""
     return any(s in str(e) for s in ("Guard failed", "guard", "Expected input at"))
@@ -397,12 +415,14 @@ def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleIn
     config = as_config(config)  # ours, or PEFT's VeraConfig / PveraConfig read by its fields
     method_for(config)  # type check before the (slow) capture
     setting = check_lowering(lowering, tokens)
-    call = example_call(model, example_inputs)
+    # the example normalised as every call is, so the graph is captured for the signature it is stored under
+    call, _ = normalise_call(forward_parameters(model), type(model).__name__, None,
+                             *normalise_example(model, example_inputs))
     gm = capture(model, call)
     adapter_container(gm).flags.lowering = setting
     gm = run_passes(gm, add_adapter_passes(config, adapter_name))
     obj = _model_class(type(model))(model, gm, max_graphs)
-    obj._store(call_key(obj._normalise_call((), call), obj._weights_state()), gm)
+    obj._store(call_key(call, obj._weights_state()), gm)
     return obj
 
 

@@ -74,21 +74,19 @@ def default_example_inputs(model: nn.Module, batch: int = 2, length: int = 8) ->
             kw["token_type_ids"] = torch.zeros_like(ids)  # tokenizers of such models return it
         if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
             kw["decoder_input_ids"] = ids.clone()
-        if "labels" in params:
-            if cls.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration")):
-                kw["labels"] = ids.clone()
-            elif cls.endswith("ForSequenceClassification") and getattr(cfg, "problem_type", None) in (
-                    None, "single_label_classification") and n_labels > 1:
-                kw["labels"] = torch.arange(batch, device=device) % n_labels
+        if "labels" in params and cls.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM",
+                                                 "ForConditionalGeneration")):
+            kw["labels"] = ids.clone()
     elif main == "pixel_values":
         size = getattr(cfg, "image_size", 224)
         size = size if isinstance(size, int) else size[0]
         channels = int(getattr(cfg, "num_channels", 3))
         kw["pixel_values"] = torch.randn(batch, channels, size, size, generator=gen).to(device)
-        if "labels" in params and cls.endswith("ForImageClassification") and n_labels > 1:
-            kw["labels"] = torch.arange(batch, device=device) % n_labels
     else:
         raise ValueError(f"cannot build an example for {cls} with main input {main!r}: pass example_inputs")
+    if "labels" in params and cls.endswith(("ForSequenceClassification", "ForImageClassification")) and getattr(
+            cfg, "problem_type", None) in (None, "single_label_classification") and n_labels > 1:
+        kw["labels"] = torch.arange(batch, device=device) % n_labels
     return kw
 
 
@@ -248,38 +246,6 @@ def _expand_unit_dims(v: Any) -> Any:
 def capture_example(call: dict[str, Any]) -> dict[str, Any]:
     """The example a call's new graph is captured from: the call with its unit dimensions widened."""
     return {k: _expand_unit_dims(v) for k, v in call.items()}
-
-
-def example_call(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, Any]:
-    """``transform``'s example as the keyword call the object normalises it to."""
-    args, kwargs = normalise_example(model, example_inputs)
-    return {**dict(zip(positional(forward_parameters(model)), args)), **kwargs}
-
-
-@contextmanager
-def swapped_in(model: nn.Module, source: GraphModule) -> Iterator[None]:
-    """Meanwhile, ``model`` holds the source graph's tensors where they differ (after ``.to()`` on the object, or
-    a merge), so a new capture sees what the object computes with."""
-    theirs = {**dict(source.named_parameters(remove_duplicate=False)), **dict(source.named_buffers(
-        remove_duplicate=False))}
-    by_id: dict[int, torch.Tensor] = {}  # id of a tensor of the model -> the source's tensor of that name
-    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        new = theirs.get(name)
-        if new is not None and new is not t and type(new) is type(t) and new.shape == t.shape and (
-                new.dtype != t.dtype or new.device != t.device or new.data_ptr() != t.data_ptr()):
-            by_id[id(t)] = new
-    undo: list[tuple[dict, str, Any]] = []
-    try:
-        stores = [s for mod in model.modules() for s in (mod._parameters, mod._buffers)] if by_id else []
-        for store in stores:
-            for leaf, t in list(store.items()):
-                if t is not None and id(t) in by_id:
-                    undo.append((store, leaf, t))
-                    store[leaf] = by_id[id(t)]
-        yield
-    finally:
-        for store, leaf, t in reversed(undo):
-            store[leaf] = t
 
 
 @dataclass(frozen=True)
