@@ -49,7 +49,7 @@ def mean_gradients(model: nn.Module, mesh: Any = None) -> bool:
     _require_group("mean_gradients")
     from torch.distributed.fsdp import FSDPModule
 
-    sharded = [mod for mod in {id(m): m for m in [model, *model.modules()]}.values() if isinstance(mod, FSDPModule)]
+    sharded = [mod for mod in model.modules() if isinstance(mod, FSDPModule)]  # (the first is model itself)
     if not sharded:
         raise ValueError(f"mean_gradients: no module of this {type(model).__name__} is sharded with FSDP2; call "
                          "fully_shard(layer) for each layer and fully_shard(model) first")

@@ -297,19 +297,18 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
     def _call_siblings(self, key: CallKey, graphs: list[GraphModule], /, **call: Any) -> Any:
         """Run the first of the signature's graphs whose export guards accept the call (the last one to take it
         first); when all reject it (a shape export specialised), capture another."""
-        last, rejected = self._ready.get((key, "sibling")), None
+        last, why = self._ready.get((key, "sibling")), "evicted meanwhile"
         for gm in ([last] if last in graphs else []) + [g for g in graphs if g is not last]:
             try:
                 out = self._ready_graph((key, id(gm)), gm)(**call)
             except AssertionError as e:
                 if not _guard_failed(e):
                     raise
-                rejected = e
+                why = str(e).splitlines()[0][:200]
                 continue
             self._ready[(key, "sibling")] = gm
             return out
-        logger.info("vera_fx: the graph for %s rejected the call (%s); capturing another", describe_key(key),
-                    str(rejected).splitlines()[0][:200])
+        logger.info("vera_fx: the graph for %s rejected the call (%s); capturing another", describe_key(key), why)
         with self._build_lock:
             return self._capture(key, call)(**call)
 
@@ -417,7 +416,7 @@ def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleIn
     setting = check_lowering(lowering, tokens)
     # the example normalised as every call is, so the graph is captured for the signature it is stored under
     call, _ = normalise_call(forward_parameters(model), type(model).__name__, None,
-                             *normalise_example(model, example_inputs))
+                             *normalise_example(model, example_inputs), set())
     gm = capture(model, call)
     adapter_container(gm).flags.lowering = setting
     gm = run_passes(gm, add_adapter_passes(config, adapter_name))

@@ -168,7 +168,7 @@ def warn_unit_dims(args: tuple, kwargs: dict) -> None:
 # --------------------------------------------------------------------------------------------- call signatures
 
 def normalise_call(params: dict[str, inspect.Parameter], model_name: str, signature: Any, args: tuple,
-                   kwargs: dict, checked: Optional[set] = None) -> tuple[dict[str, Any], bool]:
+                   kwargs: dict, checked: set) -> tuple[dict[str, Any], bool]:
     """The call as the keywords of one graph, and whether it asked for ``use_cache=True`` (run without a KV cache).
     The source graph's ``signature.defaults`` (the masks the model fills when left out) are filled, so one graph
     serves both; ``checked``: keyword sets already accepted (names are checked once per set)."""
@@ -177,10 +177,9 @@ def normalise_call(params: dict[str, inspect.Parameter], model_name: str, signat
         raise TypeError(f"{model_name}.forward takes {len(names)} positional arguments ({names}); "
                         f"{len(args)} were given")
     call = dict(zip(names, args))
-    if checked is None or tuple(kwargs) not in checked:
-        check_keywords(params, [k for k in kwargs if k != "adapter_names"], model_name)
-        if checked is not None:
-            checked.add(tuple(kwargs))
+    if tuple(kwargs) not in checked:
+        check_keywords(params, kwargs, model_name)
+        checked.add(tuple(kwargs))
     for k, v in kwargs.items():
         if k in call:
             raise TypeError(f"forward got multiple values for argument {k!r}")
