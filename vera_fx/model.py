@@ -354,14 +354,15 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
 @contextmanager
 def _swapped_in(model: nn.Module, source: GraphModule) -> Iterator[None]:
     """Meanwhile, ``model`` holds the source graph's tensors where they differ (after ``.to()`` on the object, or a
-    merge), so a new capture sees what the object computes with (tied names are bound each)."""
+    merge), so a new capture sees what the object computes with (each name of a tied tensor is bound)."""
     def named(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
         return [*m.named_parameters(remove_duplicate=False), *m.named_buffers(remove_duplicate=False)]
 
     mine, undo = dict(named(model)), []
+    differ = [(n, t) for n, t in named(source)
+              if n in mine and (t.dtype, t.device, t.data_ptr()) != (mine[n].dtype, mine[n].device, mine[n].data_ptr())]
     try:
-        bind_tensors(model, [(n, t) for n, t in named(source) if n in mine and (t.dtype, t.device, t.data_ptr()) != (
-            mine[n].dtype, mine[n].device, mine[n].data_ptr())], undo)
+        bind_tensors(model, differ, undo)
         yield
     finally:
         for store, leaf, t in reversed(undo):
