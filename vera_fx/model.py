@@ -29,7 +29,7 @@ from .adapters import add_adapter
 from .capture import CaptureError, capture
 from .config import AdapterConfig, as_config
 from .methods import CONTAINER, method_for
-from .checks import describe_key, say_constant_changes
+from .checks import describe_key
 from .passes.attach import attach_adapters, base_stamp, bind_tensors, state_fingerprint
 from .passes.match import MatchPass
 from .serving import mixed_adapter_forward
@@ -229,8 +229,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
 
     def _capture(self, key: CallKey, call: dict[str, Any]) -> GraphModule:
         self._check_room(key)
-        say_constant_changes([k[0] for k in self._order], key[0], self._warned_constants, self.num_graphs,
-                             self.max_graphs)
+        self._say_constant_changes(key[0])
         logger.info("vera_fx: capturing a graph for a new call signature (%s)", describe_key(key))
         try:
             with torch.enable_grad(), _swapped_in(self._base_model, self._source):
@@ -245,6 +244,22 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         self._fresh(gm, variant=False)  # attached to the source's state
         self._store(key, gm)
         return gm
+
+    def _say_constant_changes(self, inputs: tuple) -> None:
+        """Log once per keyword that a new signature's ``inputs`` differ from a cached one's (same names and tensor
+        kinds) only by a constant's value, which needs a graph of its own."""
+        items = {item[0]: item for item in inputs}
+        names: set[str] = set()
+        for theirs in ({item[0]: item for item in key[0]} for key in self._order):
+            diff = [n for n in items if items[n] != theirs.get(n)] if theirs.keys() == items.keys() else []
+            if diff and all(items[n][1] == "constant" and theirs[n][1] == "constant" for n in diff):
+                names.update(diff)
+        names -= self._warned_constants
+        if names:
+            self._warned_constants.update(names)
+            logger.warning("vera_fx: %s changed value, and each value of a constant keyword needs a graph of its own "
+                           "(%d of max_graphs=%d slots left after this one); pass one value, or make it a tensor",
+                           ", ".join(sorted(names)), self.max_graphs - self.num_graphs - 1, self.max_graphs)
 
     def _binding(self, gm: GraphModule, fp: tuple) -> tuple:
         """What ``gm`` is attached again when it changes: the adapter structure and the base tensors' identities
