@@ -107,6 +107,16 @@ def test_a_signature_is_captured_once_and_logged(caplog):
     assert ours.num_graphs == 2 and len(ours.signatures()) == 2
 
 
+def test_a_model_configured_without_cache_takes_calls_from_a_keyword_example():
+    """config.use_cache=False: the example still gets use_cache=False, as every call of the object does (the
+    graph refused each call with 'unexpected: use_cache' before)."""
+    model = tiny_llama(use_cache=False)
+    ids = _ids()
+    ours = vera_fx.transform(model, vera_fx.VeraConfig(r=4, **LLAMA_KW), example_inputs={"input_ids": ids})
+    torch.testing.assert_close(ours(input_ids=ids).logits, model(input_ids=ids).logits)  # lambdas start at zero
+    assert ours.num_graphs == 1
+
+
 def test_every_graph_shares_the_adapter_state():
     model = tiny_llama()
     ours = vera_fx.transform(model, vera_fx.VeraConfig(r=4, **LLAMA_KW)).train()

@@ -1,7 +1,7 @@
 """Checks that run before any work, each raising ValueError / TypeError naming the field or key, the value and
 the fix: a call's keywords (an unknown one would capture a graph of its own) and attention mask, r against the
 targeted layers and memory, a file's tensors against its config, a folder's fields against the adapter it is
-loaded into. Also call signatures in words, and the warning that a constant keyword's new value costs a graph.
+loaded into. Also call signatures in words.
 """
 
 from __future__ import annotations
@@ -70,24 +70,6 @@ def check_mask(call: Mapping[str, Any]) -> None:
         raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(ids.shape)}: "
                          "give one mask value per token (attention_mask of input_ids' shape, 1 for tokens to "
                          "attend to, 0 for padding)")
-
-
-def say_constant_changes(seen: list[tuple], key: tuple, warned: set[str], graphs: int, max_graphs: int) -> None:
-    """Log once per keyword (``warned`` remembers them) that the call ``key`` differs from a signature in ``seen``
-    (same names and tensor kinds) only by a constant's value, which needs a graph of its own. Keys as the model
-    builds them: ``((name, "tensor" | "constant", ...), ...)``."""
-    items = {item[0]: item for item in key}
-    names: set[str] = set()
-    for theirs in ({item[0]: item for item in other} for other in seen):
-        diff = [n for n in items if items[n] != theirs.get(n)] if theirs.keys() == items.keys() else []
-        if diff and all(items[n][1] == "constant" and theirs[n][1] == "constant" for n in diff):
-            names.update(diff)
-    names -= warned
-    if names:
-        warned.update(names)
-        logger.warning("vera_fx: %s changed value, and each value of a constant keyword needs a graph of its own "
-                       "(%d of max_graphs=%d slots left after this one); pass one value, or make it a tensor",
-                       ", ".join(sorted(names)), max_graphs - graphs - 1, max_graphs)
 
 
 def describe_key(key: tuple) -> str:

@@ -1,14 +1,6 @@
-"""Data-parallel and sharded training of a block-structured graph: FSDP2 per block, DDP, FSDP1.
-
-Every tensor is registered once (a block's lambdas belong to the block), so PEFT's / accelerate's FSDP2 recipe
-works: ``fully_shard(layer)`` for each layer, then ``fully_shard(m)``; ``shard(gm, mesh)`` does exactly that.
-Each rank keeps 1/world of every block's weights between forwards. FSDP2 on gloo summed gradients instead of
-averaging them on some torch builds (pytorch issue 162338; torch 2.13 averages): ``mean_gradients`` measures
-it once and corrects it. DDP needs no helper (only the lambdas require grad); FSDP1 works with
-``use_orig_params=True``.
-
-Saving never waits on a collective it does not need: unsharded state saves from whichever process calls; a
-sharded graph (``needs_gather``) is gathered with ``full_tensor``, so ``save_role`` asks for
+"""Data-parallel and sharded training of a block-structured graph: FSDP2 per block (``shard``: every block, then
+the root, as PEFT's / accelerate's recipe does; each tensor is registered once), DDP (no helper needed), FSDP1
+(``use_orig_params=True``). Saving gathers only a sharded graph (``needs_gather``), so ``save_role`` asks for
 ``is_main_process`` on every rank and refuses a call without it at once (one rank alone would wait forever).
 """
 
@@ -51,13 +43,13 @@ def fsdp2_sums_gradients(mesh: Any = None) -> bool:
 
 
 def mean_gradients(model: nn.Module, mesh: Any = None) -> bool:
-    """Make every FSDP2 module of ``model``'s tree (what was sharded) average gradients over the ranks, as DDP
-    does: where gloo sums (a probe, a collective) each gets the divide factor ``world``. Returns whether it
-    changed anything (False on NCCL and on torch 2.13)."""
+    """Make every FSDP2 module of ``model``'s tree average gradients over the ranks, as DDP does, where FSDP2 on
+    gloo sums them (some torch builds, pytorch issue 162338; a probe, a collective): each gets the divide factor
+    ``world``. Returns whether it changed anything (False on NCCL and on torch 2.13)."""
     _require_group("mean_gradients")
     from torch.distributed.fsdp import FSDPModule
 
-    sharded = [mod for mod in {id(m): m for m in [model, *model.modules()]}.values() if isinstance(mod, FSDPModule)]
+    sharded = [mod for mod in model.modules() if isinstance(mod, FSDPModule)]  # (the first is model itself)
     if not sharded:
         raise ValueError(f"mean_gradients: no module of this {type(model).__name__} is sharded with FSDP2; call "
                          "fully_shard(layer) for each layer and fully_shard(model) first")
@@ -141,12 +133,6 @@ def save_role(gather: bool, is_main_process: Optional[bool], fn: str) -> bool:
                          f"is_main_process=(rank == 0), e.g. vera_fx.save_adapter(m, d, is_main_process="
                          "dist.get_rank() == 0) or m.save_pretrained(d, is_main_process=dist.get_rank() == 0)")
     return (not grouped or dist.get_rank() == 0) if is_main_process is None else is_main_process
-
-
-def barrier() -> None:
-    """``dist.barrier()`` when a process group is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def sharded_fraction(gm: nn.Module, frozen_only: bool = True) -> Optional[float]:

@@ -16,8 +16,9 @@ import threading
 import types
 import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -28,22 +29,23 @@ from .adapters import add_adapter
 from .capture import CaptureError, capture
 from .config import AdapterConfig, as_config
 from .methods import CONTAINER, method_for
-from .checks import describe_key, say_constant_changes
+from .checks import describe_key
 from .passes.match import MatchPass
 from .serving import mixed_adapter_forward
-from .signatures import (CallKey, ExampleInputs, call_key, capture_example, example_call, forward_parameters,
-                         normalise_call, swapped_in)
-from .state import state_lock
+from .signatures import (CallKey, ExampleInputs, call_key, capture_example, forward_parameters, normalise_call,
+                         normalise_example)
+from .state import adapter_container, state_lock
 from .checkpoint import adapters_state_dict, load_adapters_state_dict, read_trainer_checkpoint
-from .passes.pipeline import run_passes, transform as transform_graph
+from .passes.lower import check_lowering
+from .passes.pipeline import add_adapter_passes, run_passes
 from .compat import eager_frame, eval_frame_callback
 from .surface import PeftSurface, check_is_trainable
-from .variants import FINGERPRINT_KEY, INFERENCE_FORM, GraphVariants, attach_adapters, base_stamp, state_fingerprint
+from .variants import (FINGERPRINT_KEY, INFERENCE_FORM, GraphVariants, attach_adapters, base_stamp, bind_tensors,
+                       state_fingerprint)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_GRAPHS = 8
-_GUARD_ERRORS = ("Guard failed", "guard", "Expected input at")
 # dynamo skips ``forward`` (runs it eagerly) and compiles the frames it calls: each graph's generated forward
 _EAGER_REASON = ("a VeraFxModel runs its own work eagerly and torch.compile compiles each captured graph's "
                  "forward: compile the object itself (torch.compile(m)), or m.graph_module, rather than code that "
@@ -78,15 +80,12 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
 
     @property
     def training(self) -> bool:  # type: ignore[override]
-        src = self.__dict__.get("_source")
-        return src.training if src is not None else self.__dict__.get("_training", True)
+        return self._source.training  # the object's mode is its source graph's
 
     @training.setter
     def training(self, value: bool) -> None:
-        self.__dict__["_training"] = value
-        src = self.__dict__.get("_source")
-        if src is not None:
-            src.training = value
+        if "_source" in self.__dict__:  # (nn.Module.__init__ sets it before there is a source)
+            self._source.training = value
 
     def train(self, mode: bool = True) -> "VeraFxModel":
         super().train(mode)  # (raises ValueError for a mode that is not a bool)
@@ -230,11 +229,10 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
 
     def _capture(self, key: CallKey, call: dict[str, Any]) -> GraphModule:
         self._check_room(key)
-        say_constant_changes([k[0] for k in self._order], key[0], self._warned_constants, self.num_graphs,
-                             self.max_graphs)
+        self._say_constant_changes(key[0])
         logger.info("vera_fx: capturing a graph for a new call signature (%s)", describe_key(key))
         try:
-            with torch.enable_grad(), swapped_in(self._base_model, self._source):
+            with torch.enable_grad(), _swapped_in(self._base_model, self._source):
                 gm = capture(self._base_model, capture_example(call))
         except CaptureError as e:
             raise CaptureError(f"a call with a new signature ({describe_key(key)}) needs a new graph, and {e}. "
@@ -247,15 +245,21 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         self._store(key, gm)
         return gm
 
-    def _graph_for(self, key: CallKey, call: dict[str, Any]) -> GraphModule:
-        """The first graph of ``key``, captured when there is none: once, whichever threads ask at once."""
-        graphs = self._graphs.get(key)
-        if graphs is None:
-            with self._build_lock:
-                graphs = self._graphs.get(key)
-                if graphs is None:
-                    return self._capture(key, call)
-        return self._ready_graph((key, "first"), graphs[0], variant=False)  # bound once per state stamp
+    def _say_constant_changes(self, inputs: tuple) -> None:
+        """Log once per keyword that a new signature's ``inputs`` differ from a cached one's (same names and tensor
+        kinds) only by a constant's value, which needs a graph of its own."""
+        items = {item[0]: item for item in inputs}
+        names: set[str] = set()
+        for theirs in ({item[0]: item for item in key[0]} for key in self._order):
+            diff = [n for n in items if items[n] != theirs.get(n)] if theirs.keys() == items.keys() else []
+            if diff and all(items[n][1] == "constant" and theirs[n][1] == "constant" for n in diff):
+                names.update(diff)
+        names -= self._warned_constants
+        if names:
+            self._warned_constants.update(names)
+            logger.warning("vera_fx: %s changed value, and each value of a constant keyword needs a graph of its own "
+                           "(%d of max_graphs=%d slots left after this one); pass one value, or make it a tensor",
+                           ", ".join(sorted(names)), self.max_graphs - self.num_graphs - 1, self.max_graphs)
 
     def _binding(self, gm: GraphModule, fp: tuple) -> tuple:
         """What ``gm`` is attached again when it changes: the adapter structure and the base tensors' identities
@@ -283,51 +287,55 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
             gm.train(self._source.training)
         return gm
 
-    def _select(self, args: tuple, kwargs: dict) -> tuple[Callable[..., Any], dict[str, Any]]:
-        """What runs this call (``adapter_names``: the mixed-adapter graph) and the call as its keywords."""
+    def _select(self, args: tuple, kwargs: dict) -> tuple[Callable[..., Any], dict[str, Any], CallKey]:
+        """What runs this call (``adapter_names``: the mixed-adapter graph), the call as its keywords and its key.
+        The signature's first graph is captured when there is none: once, whichever threads ask at once."""
         adapter_names = kwargs.pop("adapter_names", None)
         call = self._normalise_call(args, kwargs)
         key = call_key(call, self._weights_state())
         graphs = self._graphs.get(key)
-        if graphs is not None:
+        if graphs is None:
+            with self._build_lock:
+                graphs = self._graphs.get(key) or [self._capture(key, call)]
+        else:
             try:
                 self._graphs.move_to_end(key)  # least recently used first (eviction order)
             except KeyError:  # evicted by another thread meanwhile: this call still runs the graph it got
                 pass
-        if adapter_names is not None:  # one adapter per row: the mixed graph of this signature's graph
-            return functools.partial(mixed_adapter_forward, self._graph_for(key, call), adapter_names), call
-        if graphs is None or len(graphs) == 1:
-            return self._ready_graph(key, graphs[0] if graphs else self._graph_for(key, call)), call
-        return functools.partial(self._call_siblings, key, graphs), call
+        if adapter_names is not None:  # one adapter per row: the mixed graph of this signature's first graph
+            first = self._ready_graph((key, "first"), graphs[0], variant=False)
+            return functools.partial(mixed_adapter_forward, first, adapter_names), call, key
+        if len(graphs) == 1:
+            return self._ready_graph(key, graphs[0]), call, key
+        return functools.partial(self._call_siblings, key, graphs), call, key
 
     def _call_siblings(self, key: CallKey, graphs: list[GraphModule], /, **call: Any) -> Any:
-        """Run the first of the signature's graphs whose guards accept the call, the last one to take it first."""
-        last = self._ready.get((key, "sibling"))
+        """Run the first of the signature's graphs whose export guards accept the call (the last one to take it
+        first); when all reject it (a shape export specialised), capture another."""
+        last, why = self._ready.get((key, "sibling")), "evicted meanwhile"
         for gm in ([last] if last in graphs else []) + [g for g in graphs if g is not last]:
             try:
                 out = self._ready_graph((key, id(gm)), gm)(**call)
-            except AssertionError as e:  # an export guard (a shape export specialised) rejected the call
-                if not any(s in str(e) for s in _GUARD_ERRORS):
+            except AssertionError as e:
+                if not _guard_failed(e):
                     raise
+                why = str(e).splitlines()[0][:200]
                 continue
             self._ready[(key, "sibling")] = gm
             return out
+        logger.info("vera_fx: the graph for %s rejected the call (%s); capturing another", describe_key(key), why)
         with self._build_lock:
             return self._capture(key, call)(**call)
 
     def _run(self, args: tuple, kwargs: dict) -> Any:
-        """An eager call (the caller holds the read lock); a graph whose export guard rejects it gets a sibling."""
-        run, call = self._select(args, kwargs)
+        """An eager call (the caller holds the read lock)."""
+        run, call, key = self._select(args, kwargs)
         try:
             return run(**call)
         except AssertionError as e:
-            if not isinstance(run, GraphModule) or not any(s in str(e) for s in _GUARD_ERRORS):
+            if not isinstance(run, GraphModule) or not _guard_failed(e):
                 raise
-            key = call_key(call, self._weights_state())
-            logger.info("vera_fx: the graph for %s rejected the call (%s); capturing another",
-                        describe_key(key), str(e).splitlines()[0][:200])
-            with self._build_lock:
-                return self._capture(key, call)(**call)
+        return self._call_siblings(key, self._graphs.get(key, []), **call)
 
     @torch.compiler.disable
     def _enter_compiled(self, args: tuple, kwargs: dict) -> tuple[Callable[..., Any], dict[str, Any], Any]:
@@ -336,7 +344,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         held = state_lock(self._source).read()
         held.__enter__()
         try:
-            run, call = self._select(args, kwargs)
+            run, call, _ = self._select(args, kwargs)
         except BaseException:
             held.__exit__(None, None, None)
             raise
@@ -356,6 +364,29 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
             _leave(held)
 
     forward = eager_frame(forward, _EAGER_REASON)
+
+
+@contextmanager
+def _swapped_in(model: nn.Module, source: GraphModule) -> Iterator[None]:
+    """Meanwhile, ``model`` holds the source graph's tensors where they differ (after ``.to()`` on the object, or a
+    merge), so a new capture sees what the object computes with (each name of a tied tensor is bound)."""
+    def named(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        return [*m.named_parameters(remove_duplicate=False), *m.named_buffers(remove_duplicate=False)]
+
+    mine, undo = dict(named(model)), []
+    differ = [(n, t) for n, t in named(source)
+              if n in mine and (t.dtype, t.device, t.data_ptr()) != (mine[n].dtype, mine[n].device, mine[n].data_ptr())]
+    try:
+        bind_tensors(model, differ, undo)
+        yield
+    finally:
+        for store, leaf, t in reversed(undo):
+            store[leaf] = t
+
+
+def _guard_failed(e: AssertionError) -> bool:
+    """Whether ``e`` is an export guard rejecting a call (a size or value the graph was specialised to)."""
+    return any(s in str(e) for s in ("Guard failed", "guard", "Expected input at"))
 
 
 @torch.compiler.disable
@@ -385,7 +416,10 @@ def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleIn
               adapter_name: str = "default", max_graphs: int = DEFAULT_MAX_GRAPHS, lowering: Any = "auto",
               tokens: Optional[int] = None) -> VeraFxModel:
     """Capture ``model`` and attach a VeRA / PVeRA adapter to every linear-like call ``config`` targets, as a
-    ``VeraFxModel`` (``model`` is left as it was, on failure too; ``lowering``: vera_fx/passes/lower.py)."""
+    ``VeraFxModel`` whose only trainable parameters are the adapter's (``model`` is left as it was, on failure
+    too). ``lowering`` ("auto", "fast", "activation", "fused", "lean", "weight" or ``{site: mode}``) and ``tokens``
+    (per step, for the cost model) choose how each site group is computed (vera_fx/passes/lower.py): the graph's
+    setting, not the adapter's (``vera_fx.set_lowering`` changes it)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, VeraFxModel):
@@ -394,11 +428,16 @@ def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleIn
     if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
         raise ValueError(f"max_graphs={max_graphs!r} is invalid: expected an int >= 1, e.g. max_graphs=8")
     config = as_config(config)  # ours, or PEFT's VeraConfig / PveraConfig read by its fields
-    method_for(config)
-    call = example_call(model, example_inputs)
-    gm = transform_graph(model, config, call, adapter_name, lowering, tokens)
+    method_for(config)  # type check before the (slow) capture
+    setting = check_lowering(lowering, tokens)
+    # the example normalised as every call is, so the graph is captured for the signature it is stored under
+    call, _ = normalise_call(forward_parameters(model), type(model).__name__, None,
+                             *normalise_example(model, example_inputs), set())
+    gm = capture(model, call)
+    adapter_container(gm).flags.lowering = setting
+    gm = run_passes(gm, add_adapter_passes(config, adapter_name))
     obj = _model_class(type(model))(model, gm, max_graphs)
-    obj._store(call_key(obj._normalise_call((), call), obj._weights_state()), gm)
+    obj._store(call_key(call, obj._weights_state()), gm)
     return obj
 
 
@@ -413,7 +452,7 @@ def from_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, exa
     if (path / ckpt.CONFIG_NAME).is_file() or not (path / "model.safetensors").is_file():
         config, tensors = ckpt.read_checkpoint(directory)
         obj = transform(model, config, example_inputs, adapter_name, max_graphs)
-        ckpt.load_checked(obj.graph_module, adapter_name, config, tensors, str(path / ckpt.WEIGHTS_NAME))
+        ckpt.load_checked(obj.graph_module, adapter_name, config, tensors, str(ckpt.weights_file(path)))
     else:
         state, parsed = read_trainer_checkpoint(path)
         first = adapter_name if adapter_name in parsed else next(iter(parsed))

@@ -93,9 +93,7 @@ def kl_divergence(gm: nn.Module, adapter_name: Optional[str] = None) -> torch.Te
     missing = []
     for g in graph_modules(inner):
         container = adapters_of(g)
-        for node in g.graph.nodes:
-            if node.op != "call_function" or node.target is not pvera_record_kl:
-                continue
+        for node in g.graph.find_nodes(op="call_function", target=pvera_record_kl):
             tag = node.meta.get(ADAPTER_KEY) or {}
             name = tag.get("adapter")
             if name not in states or name not in container:
@@ -115,5 +113,4 @@ def kl_divergence(gm: nn.Module, adapter_name: Optional[str] = None) -> torch.Te
         why = (f" at sites {sorted(set(missing))[:5]}; run a forward pass first" if missing else
                ": it has no nodes in the graph (inactive or merged adapters have no KL term)")
         raise ValueError(f"kl_divergence: no KL term recorded for adapter {which}{why}")
-    terms = [torch.stack(v).mean() if len(v) > 1 else v[0] for v in per_site.values()]
-    return torch.stack(terms).sum() if len(terms) > 1 else terms[0]
+    return torch.stack([torch.stack(v).mean() for v in per_site.values()]).sum()

@@ -53,7 +53,7 @@ def positional_names(model: nn.Module, n: int) -> tuple[str, ...]:
 
 def default_example_inputs(model: nn.Module, batch: int = 2, length: int = 8) -> dict[str, Any]:
     """A small input for a transformers model from its config, with ``labels`` for language-modelling and
-    classification heads (so the graph returns a loss) and ``use_cache=False``."""
+    classification heads (so the graph returns a loss)."""
     if not is_pretrained(model):
         raise ValueError(f"example_inputs=None needs a transformers PreTrainedModel, got {type(model).__name__}: "
                          "pass example_inputs as a tuple of positional arguments or a dict of keyword arguments")
@@ -74,23 +74,19 @@ def default_example_inputs(model: nn.Module, batch: int = 2, length: int = 8) ->
             kw["token_type_ids"] = torch.zeros_like(ids)  # tokenizers of such models return it
         if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
             kw["decoder_input_ids"] = ids.clone()
-        if "labels" in params:
-            if cls.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration")):
-                kw["labels"] = ids.clone()
-            elif cls.endswith("ForSequenceClassification") and getattr(cfg, "problem_type", None) in (
-                    None, "single_label_classification") and n_labels > 1:
-                kw["labels"] = torch.arange(batch, device=device) % n_labels
+        if "labels" in params and cls.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM",
+                                                 "ForConditionalGeneration")):
+            kw["labels"] = ids.clone()
     elif main == "pixel_values":
         size = getattr(cfg, "image_size", 224)
         size = size if isinstance(size, int) else size[0]
         channels = int(getattr(cfg, "num_channels", 3))
         kw["pixel_values"] = torch.randn(batch, channels, size, size, generator=gen).to(device)
-        if "labels" in params and cls.endswith("ForImageClassification") and n_labels > 1:
-            kw["labels"] = torch.arange(batch, device=device) % n_labels
     else:
         raise ValueError(f"cannot build an example for {cls} with main input {main!r}: pass example_inputs")
-    if "use_cache" in params and (getattr(cfg, "is_decoder", False) or hasattr(cfg, "use_cache")):
-        kw["use_cache"] = False
+    if "labels" in params and cls.endswith(("ForSequenceClassification", "ForImageClassification")) and getattr(
+            cfg, "problem_type", None) in (None, "single_label_classification") and n_labels > 1:
+        kw["labels"] = torch.arange(batch, device=device) % n_labels
     return kw
 
 
@@ -112,11 +108,9 @@ def dynamic_shapes_of(args: tuple, kwargs: dict, batch_only: bool = False) -> tu
 
 
 def export_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, batch_only: bool = False) -> Any:
-    """``dynamic_shapes_of`` as export takes it: keyed by argument name when both args and kwargs are given."""
+    """``dynamic_shapes_of`` as export takes it, for ``normalise_example``'s positional or keyword arguments."""
     dyn_args, dyn_kwargs = dynamic_shapes_of(args, kwargs, batch_only)
-    if args and kwargs:
-        return {**dict(zip(positional_names(model, len(args)), dyn_args)), **dyn_kwargs}
-    return dyn_kwargs if not args else dyn_args
+    return dyn_args if args else dyn_kwargs
 
 
 @contextmanager
@@ -147,22 +141,20 @@ def explicit_keywords(model: nn.Module, kwargs: dict[str, Any]) -> Iterator[None
 
 
 def normalise_example(model: nn.Module, example_inputs: ExampleInputs) -> tuple[tuple, dict]:
-    """``example_inputs`` as (args, kwargs); ``use_cache=False`` added where the model caches by default (a KV
-    cache object cannot leave an exported graph)."""
-    if example_inputs is None:
-        return (), default_example_inputs(model)
-    if isinstance(example_inputs, dict):
-        kwargs = dict(example_inputs)
-        if is_pretrained(model) and "use_cache" in forward_parameters(model) and "use_cache" not in kwargs \
-                and getattr(model.config, "use_cache", False):
-            kwargs["use_cache"] = False
-        return (), kwargs
+    """``example_inputs`` as (args, kwargs): positional or keyword arguments, never both. A keyword example gets
+    ``use_cache=False`` where the forward takes it, as every call of the object has it (a KV cache object cannot
+    leave an exported graph)."""
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs), {}
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
-    raise TypeError(f"example_inputs must be a tuple of positional arguments or a dict of keyword arguments, "
-                    f"got {type(example_inputs).__name__}")
+    if example_inputs is not None and not isinstance(example_inputs, dict):
+        raise TypeError(f"example_inputs must be a tuple of positional arguments or a dict of keyword arguments, "
+                        f"got {type(example_inputs).__name__}")
+    kwargs = default_example_inputs(model) if example_inputs is None else dict(example_inputs)
+    if "use_cache" in forward_parameters(model):
+        kwargs.setdefault("use_cache", False)
+    return (), kwargs
 
 
 def warn_unit_dims(args: tuple, kwargs: dict) -> None:
@@ -176,7 +168,7 @@ def warn_unit_dims(args: tuple, kwargs: dict) -> None:
 # --------------------------------------------------------------------------------------------- call signatures
 
 def normalise_call(params: dict[str, inspect.Parameter], model_name: str, signature: Any, args: tuple,
-                   kwargs: dict, checked: Optional[set] = None) -> tuple[dict[str, Any], bool]:
+                   kwargs: dict, checked: set) -> tuple[dict[str, Any], bool]:
     """The call as the keywords of one graph, and whether it asked for ``use_cache=True`` (run without a KV cache).
     The source graph's ``signature.defaults`` (the masks the model fills when left out) are filled, so one graph
     serves both; ``checked``: keyword sets already accepted (names are checked once per set)."""
@@ -185,10 +177,9 @@ def normalise_call(params: dict[str, inspect.Parameter], model_name: str, signat
         raise TypeError(f"{model_name}.forward takes {len(names)} positional arguments ({names}); "
                         f"{len(args)} were given")
     call = dict(zip(names, args))
-    if checked is None or tuple(kwargs) not in checked:
-        check_keywords(params, [k for k in kwargs if k != "adapter_names"], model_name)
-        if checked is not None:
-            checked.add(tuple(kwargs))
+    if tuple(kwargs) not in checked:
+        check_keywords(params, kwargs, model_name)
+        checked.add(tuple(kwargs))
     for k, v in kwargs.items():
         if k in call:
             raise TypeError(f"forward got multiple values for argument {k!r}")
@@ -254,38 +245,6 @@ def _expand_unit_dims(v: Any) -> Any:
 def capture_example(call: dict[str, Any]) -> dict[str, Any]:
     """The example a call's new graph is captured from: the call with its unit dimensions widened."""
     return {k: _expand_unit_dims(v) for k, v in call.items()}
-
-
-def example_call(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, Any]:
-    """``transform``'s example as the keyword call the object normalises it to."""
-    args, kwargs = normalise_example(model, example_inputs)
-    return {**dict(zip(positional(forward_parameters(model)), args)), **kwargs}
-
-
-@contextmanager
-def swapped_in(model: nn.Module, source: GraphModule) -> Iterator[None]:
-    """Meanwhile, ``model`` holds the source graph's tensors where they differ (after ``.to()`` on the object, or
-    a merge), so a new capture sees what the object computes with."""
-    theirs = {**dict(source.named_parameters(remove_duplicate=False)), **dict(source.named_buffers(
-        remove_duplicate=False))}
-    by_id: dict[int, torch.Tensor] = {}  # id of a tensor of the model -> the source's tensor of that name
-    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        new = theirs.get(name)
-        if new is not None and new is not t and type(new) is type(t) and new.shape == t.shape and (
-                new.dtype != t.dtype or new.device != t.device or new.data_ptr() != t.data_ptr()):
-            by_id[id(t)] = new
-    undo: list[tuple[dict, str, Any]] = []
-    try:
-        stores = [s for mod in model.modules() for s in (mod._parameters, mod._buffers)] if by_id else []
-        for store in stores:
-            for leaf, t in list(store.items()):
-                if t is not None and id(t) in by_id:
-                    undo.append((store, leaf, t))
-                    store[leaf] = by_id[id(t)]
-        yield
-    finally:
-        for store, leaf, t in reversed(undo):
-            store[leaf] = t
 
 
 @dataclass(frozen=True)
