@@ -27,7 +27,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from .compat import unpack_cpu_4bit
-from .sites import Candidate, graph_modules, qualified_name
+from .sites import Candidate
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -309,25 +309,6 @@ def rounding_error(original: nn.Module, merged: nn.Module, delta: torch.Tensor, 
         reference = original(x).to(torch.float32) + update
         error = (merged(x).to(torch.float32) - reference).abs().max()
     return float(error), float(update.abs().max())
-
-
-def rebind_layers(gm: GraphModule, source: GraphModule) -> int:
-    """Give every graph of ``gm``'s tree the source tree's bitsandbytes layer at each quantized call's path (a
-    merge replaces those layers in the source); returns how many were replaced."""
-    count = 0
-    for g in graph_modules(gm):
-        for n in g.graph.nodes:
-            if n.op != "call_module" or QUANT_KEY not in n.meta:
-                continue
-            path = qualified_name(g, str(n.target))
-            try:
-                theirs = source.get_submodule(path)
-            except AttributeError:
-                continue
-            if theirs is not gm.get_submodule(path) and is_quantized_layer(theirs):
-                set_layer(gm, path, theirs)
-                count += 1
-    return count
 
 
 def is_linear_module(module: nn.Module) -> bool:
