@@ -31,11 +31,11 @@ from .config import AdapterConfig
 from .generation import kl_terms_kept
 from .compat import add_keyword_input
 from .methods import CONTAINER, AdapterState, Emitter, method_for
-from .passes.inject import new_state, share_projections, training_node
+from .passes.inject import new_state, remove_adapter_nodes, share_projections, training_node
 from .passes.match import MatchPass, select_sites
 from .sites import (ADAPTER_KEY, BLOCK_CALL_KEY, SITE_KEY, Site, as_graph_module, block_prefix, graph_modules,
                     read_graph_sites)
-from .variants import INFERENCE_FORM, inference_twin, strip_adapters
+from .variants import INFERENCE_FORM, inference_twin
 from .versions import adapter_flags
 from .state import (adapter_container, adapters_of, attach_state, block_site_names, detach_state, merged_adapters,
                     mutation, reads_state, restore_active, shared_projections)
@@ -196,7 +196,7 @@ def bank_tree(inner: GraphModule) -> GraphModule:
     its adapter nodes, plus the input ``vera_fx_adapter_index`` (int64, one per row; one more argument of each
     block call) and the banks' nodes. ValueError when a site's input does not start with the batch."""
     mixed = inference_twin(inner, INFERENCE_FORM, checked=False)  # ``_filled`` checks the inputs, less the index
-    strip_adapters(mixed)
+    remove_adapter_nodes(mixed, None)
     order = list(adapters_of(mixed))
     groups: dict[str, list[str]] = {}  # bank label "<method>_r<r>" -> its members, in index order
     for name, state in adapters_of(mixed).items():

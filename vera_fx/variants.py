@@ -32,7 +32,7 @@ from .passes.infer import DEFAULT_FORM, FORMS, INFERENCE_KEY, bind_flat_reads, f
 from .passes.inject import emit_adapter, remove_adapter_nodes
 from .quantized import is_quantized_layer
 from .signatures import remove_input_check
-from .sites import ADAPTER_KEY, block_prefix, graph_modules
+from .sites import block_prefix, graph_modules
 from .state import (ADAPTER_MODE, MTS_TAG, active_adapters, adapters_disabled, adapters_of, adapters_training,
                     attach_state, set_adapters_training)
 from .versions import adapter_flags
@@ -190,14 +190,6 @@ def base_stamp(source: GraphModule) -> tuple:
     return _SLOTS[source][1]
 
 
-def strip_adapters(gm: GraphModule) -> None:
-    """Remove every adapter's nodes (state or not) from ``gm``'s tree."""
-    for name in dict.fromkeys((n.meta.get(ADAPTER_KEY) or {}).get("adapter")
-                              for g in graph_modules(gm) for n in g.graph.nodes):
-        if name is not None:
-            remove_adapter_nodes(gm, name)
-
-
 def bind_tensors(dst: torch.nn.Module, named: Iterable[tuple[str, Any]], undo: Optional[list] = None) -> int:
     """The one binder: make ``dst``'s parameter, buffer or submodule of each name the given tensor or module
     where it has that name with no value or one of the same type (and shape); returns how many changed, each
@@ -260,7 +252,7 @@ def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple
             g._modules.pop(CONTAINER, None)
         if container is None:
             gm._modules.pop(CONTAINER, None)
-            strip_adapters(gm)
+            remove_adapter_nodes(gm, None)
             gm.recompile()
             return gm
         gm.add_module(CONTAINER, container)
@@ -293,7 +285,7 @@ def live_layout(gm: GraphModule) -> list[tuple[str, tuple[str, ...]]]:
 def emit_layout(gm: GraphModule, layout: Iterable[tuple[str, Iterable[str]]]) -> None:
     """Give ``gm``'s tree exactly ``layout``'s adapter nodes, in its form (an inference tree's deep reads then
     through one lookup, ``flatten_reads``)."""
-    strip_adapters(gm)
+    remove_adapter_nodes(gm, None)
     for name, sites in layout:
         emit_adapter(gm, name, set(sites))
     if INFERENCE_KEY in gm.meta:
