@@ -28,8 +28,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     **{n: ("uncertainty", n) for n in ("confidence_interval", "monte_carlo")},
     "generate": ("generation", "generate"),
     **{n: ("serving", n) for n in ("adapter_index", "export", "load_adapters", "mixed_adapter_forward")},
-    **{n: ("inspect", n) for n in ("print_trainable_parameters", "summary", "to_dot", "to_networkx",
-                                    "trainable_parameters", "view")},
+    **{n: ("inspect", n) for n in ("print_trainable_parameters", "summary", "to_dot", "to_networkx", "view")},
+    "trainable_parameters": ("surface", "count_parameters"),
 }
 
 __all__ = [n for n in _EXPORTS if n != "read_sites"]  # read_sites: as vera_fx.read_sites only

@@ -23,7 +23,7 @@ from torch.export import ExportedProgram
 from torch.fx import Graph, GraphModule, Node
 
 from . import quantized
-from .blocks import BlockCaptureError, ExportCall, LayerCall, attach_blocks, record_calls
+from .blocks import BlockCaptureError, ExportCall, LayerCall, record_calls
 from .compat import EXPORT_NOTES_LOGGER, HigherOrderOperator, copy_codegen, pytree, register_deepcopy_hook
 from .quantized import linear_module_paths
 from .signatures import dynamic_shapes_of
@@ -258,15 +258,6 @@ def bind_layers(model: nn.Module, graphs: Groups, paths: list[str],
                 block.recompile()
             bound[path] = block
     return bound
-
-
-def assemble(model: nn.Module, gm: GraphModule, graphs: Groups, paths: list[str], records: dict[str, LayerCall],
-             qlayers: dict[str, nn.Module]) -> GraphModule:
-    """Bind each block graph to its layers, restore quantized layers, attach the blocks to ``gm``."""
-    bound = bind_layers(model, graphs, paths, qlayers)
-    quantized.restore_quantized(gm, {q: m for q, m in qlayers.items() if not any(q.startswith(p + ".") for p in paths)})
-    attach_blocks(gm, bound, paths, records)
-    return gm
 
 
 # --------------------------------------------------------------------------------------------- eager top level

@@ -21,9 +21,9 @@ from torch import nn
 from torch.fx import GraphModule
 
 from . import quantized
-from .block_export import (assemble, capture_eager_top, export_groups, inline_wrappers, remaining_wrappers,
+from .block_export import (bind_layers, capture_eager_top, export_groups, inline_wrappers, remaining_wrappers,
                            rewrite_mode_flags, strip_metadata_asserts)
-from .blocks import BlockCaptureError, SymbolicArgumentError, export_top, find_layer_paths
+from .blocks import BlockCaptureError, SymbolicArgumentError, attach_blocks, export_top, find_layer_paths
 from .compat import register_deepcopy_hook
 from .signatures import (ExampleInputs, Signature, clone_inputs, explicit_keywords, export_dynamic_shapes,
                          install_input_check, is_pretrained, model_filled_inputs, normalise_example, positional_names,
@@ -275,8 +275,12 @@ def _capture_blocks(model: nn.Module, args: tuple, kwargs: dict, layer_paths: li
                     "the batch static (another size captures another graph)", type(model).__name__, e)
         shapes = export_dynamic_shapes(model, args, kwargs, batch_only=True)
         ep, records, calls = export_top(model, args, kwargs, shapes, layer_paths)
-    graphs = export_groups(model, layer_paths, calls, records)
-    return assemble(model, _graph_of(ep), graphs, layer_paths, records, qlayers)
+    blocks = bind_layers(model, export_groups(model, layer_paths, calls, records), layer_paths, qlayers)
+    gm = _graph_of(ep)
+    quantized.restore_quantized(gm, {q: m for q, m in qlayers.items() if not any(q.startswith(p + ".")
+                                                                                 for p in layer_paths)})
+    attach_blocks(gm, blocks, layer_paths, records)
+    return gm
 
 
 def _model_info(model: nn.Module) -> dict[str, Any]:

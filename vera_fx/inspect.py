@@ -25,7 +25,7 @@ from .compat import OpOverload, OpOverloadPacket
 from .sites import (ADAPTER_KEY, BLOCK_CALL_KEY, SITE_KEY, Site, as_graph_module, block_groups, block_prefix,
                     model_info, read_sites, site_owners)
 from .state import active_adapters, adapters_disabled, adapters_of
-from .surface import count_parameters as trainable_parameters, trainable_line
+from .surface import trainable_line
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from .compat import unpack_cpu_4bit
-from .sites import Candidate, graph_modules, qualified_name
+from .sites import Candidate
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -116,12 +116,14 @@ class _StandIn(nn.Module):
         return nn.functional.linear(x, w)
 
 
-def set_layer(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
-    """Put ``module`` at ``path`` of ``root`` (no hooks, no checks); returns the module that was there."""
-    parent_path, _, leaf = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    old = parent._modules.get(leaf)
-    parent._modules[leaf] = module
+def set_slot(root: nn.Module, qualname: str, value: Any) -> Any:
+    """Put ``value`` in the parameter, buffer or (else) submodule slot ``qualname`` of ``root`` (no hooks, no
+    checks); returns what was there."""
+    path, _, leaf = qualname.rpartition(".")
+    parent = root.get_submodule(path)
+    store = next((st for st in (parent._parameters, parent._buffers) if leaf in st), parent._modules)
+    old = store.get(leaf)
+    store[leaf] = value
     return old
 
 
@@ -131,11 +133,11 @@ def swapped(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
     originals: dict[str, nn.Module] = {}
     try:
         for path, module in modules.items():
-            originals[path] = set_layer(model, path, module)
+            originals[path] = set_slot(model, path, module)
         yield
     finally:
         for path, module in originals.items():
-            set_layer(model, path, module)
+            set_slot(model, path, module)
 
 
 def stand_ins(model: nn.Module, layers: dict[str, nn.Module]) -> contextlib.AbstractContextManager:
@@ -238,7 +240,7 @@ def restore_quantized(gm: GraphModule, layers: dict[str, nn.Module]) -> int:
                              "quantized layers that are called as modules, so keep this layer unquantized "
                              "(BitsAndBytesConfig(llm_int8_skip_modules=[...]))")
     for path, layer in layers.items():
-        set_layer(gm, path, _graph_copy(path, layer))
+        set_slot(gm, path, _graph_copy(path, layer))
     graph.lint()
     logger.info("quantized: %d bitsandbytes calls kept opaque (%d layers)", len(dead), len(layers))
     return len(dead)
@@ -309,25 +311,6 @@ def rounding_error(original: nn.Module, merged: nn.Module, delta: torch.Tensor, 
         reference = original(x).to(torch.float32) + update
         error = (merged(x).to(torch.float32) - reference).abs().max()
     return float(error), float(update.abs().max())
-
-
-def rebind_layers(gm: GraphModule, source: GraphModule) -> int:
-    """Give every graph of ``gm``'s tree the source tree's bitsandbytes layer at each quantized call's path (a
-    merge replaces those layers in the source); returns how many were replaced."""
-    count = 0
-    for g in graph_modules(gm):
-        for n in g.graph.nodes:
-            if n.op != "call_module" or QUANT_KEY not in n.meta:
-                continue
-            path = qualified_name(g, str(n.target))
-            try:
-                theirs = source.get_submodule(path)
-            except AttributeError:
-                continue
-            if theirs is not gm.get_submodule(path) and is_quantized_layer(theirs):
-                set_layer(gm, path, theirs)
-                count += 1
-    return count
 
 
 def is_linear_module(module: nn.Module) -> bool:

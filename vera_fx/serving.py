@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -26,16 +25,16 @@ from tqdm.auto import tqdm
 
 from .adapters import set_adapter, set_lowering
 from .signatures import InputCheck, clone_inputs, dynamic_shapes_of
-from .checkpoint import WEIGHTS_NAME, PathLike, apply_plan, plan_load, read_checkpoint
+from .checkpoint import PathLike, apply_plan, plan_load, read_checkpoint, weights_file
 from .config import AdapterConfig
 from .generation import kl_terms_kept
 from .compat import add_keyword_input
 from .methods import CONTAINER, AdapterState, Emitter, method_for
-from .passes.inject import new_state, share_projections, training_node
+from .passes.inject import new_state, remove_adapter_nodes, share_projections, training_node
 from .passes.match import MatchPass, select_sites
 from .sites import (ADAPTER_KEY, BLOCK_CALL_KEY, SITE_KEY, Site, as_graph_module, block_prefix, graph_modules,
                     read_graph_sites)
-from .variants import INFERENCE_FORM, inference_twin, strip_adapters
+from .variants import INFERENCE_FORM, inference_twin
 from .versions import adapter_flags
 from .state import (adapter_container, adapters_of, attach_state, block_site_names, detach_state, merged_adapters,
                     mutation, reads_state, restore_active, shared_projections)
@@ -196,7 +195,7 @@ def bank_tree(inner: GraphModule) -> GraphModule:
     its adapter nodes, plus the input ``vera_fx_adapter_index`` (int64, one per row; one more argument of each
     block call) and the banks' nodes. ValueError when a site's input does not start with the batch."""
     mixed = inference_twin(inner, INFERENCE_FORM, checked=False)  # ``_filled`` checks the inputs, less the index
-    strip_adapters(mixed)
+    remove_adapter_nodes(mixed, None)
     order = list(adapters_of(mixed))
     groups: dict[str, list[str]] = {}  # bank label "<method>_r<r>" -> its members, in index order
     for name, state in adapters_of(mixed).items():
@@ -301,7 +300,7 @@ def _new_state(gm: GraphModule, config: AdapterConfig, sites_cache: dict, projec
 def _load_one(inner: GraphModule, name: str, folder: PathLike, caches: tuple[dict, dict],
               blocks: Any, added: list[str]) -> None:
     config, tensors = read_checkpoint(folder)
-    source = str(Path(folder) / WEIGHTS_NAME)
+    source = str(weights_file(folder))
     if config.modules_to_save or config.bias != "none":
         raise ValueError(f"{folder}: modules_to_save={config.modules_to_save!r}, bias={config.bias!r}: "
                          "load_adapters takes adapters of lambdas only; load this one with vera_fx.load_adapter")

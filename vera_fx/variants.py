@@ -2,7 +2,7 @@
 state of the source graph (the first captured graph, which holds it).
 
 ``attach_adapters`` makes a graph of another signature compute what the source computes: the source's base
-tensors and bitsandbytes layers (``bind_tensors``, the one tensor binder), adapter container, ``modules_to_save``
+tensors and bitsandbytes layers (``bind_tensors``, the one binder), adapter container, ``modules_to_save``
 routing and adapter nodes (``emit_layout``, the one emission: signature graphs, twins, decode and site graphs).
 A switch puts back the tree's version for the new state (vera_fx/versions.py); tensors are bound again only when
 a base tensor or module was replaced (``base_stamp``).
@@ -30,9 +30,9 @@ from .checks import describe_key
 from .methods import CONTAINER
 from .passes.infer import DEFAULT_FORM, FORMS, INFERENCE_KEY, bind_flat_reads, flatten_reads
 from .passes.inject import emit_adapter, remove_adapter_nodes
-from .quantized import rebind_layers
+from .quantized import is_quantized_layer
 from .signatures import remove_input_check
-from .sites import ADAPTER_KEY, block_prefix, graph_modules
+from .sites import block_prefix, graph_modules
 from .state import (ADAPTER_MODE, MTS_TAG, active_adapters, adapters_disabled, adapters_of, adapters_training,
                     attach_state, set_adapters_training)
 from .versions import adapter_flags
@@ -190,29 +190,21 @@ def base_stamp(source: GraphModule) -> tuple:
     return _SLOTS[source][1]
 
 
-def strip_adapters(gm: GraphModule) -> None:
-    """Remove every adapter's nodes (state or not) from ``gm``'s tree."""
-    for name in dict.fromkeys((n.meta.get(ADAPTER_KEY) or {}).get("adapter")
-                              for g in graph_modules(gm) for n in g.graph.nodes):
-        if name is not None:
-            remove_adapter_nodes(gm, name)
-
-
-def bind_tensors(dst: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
-                 undo: Optional[list] = None) -> int:
-    """Make ``dst``'s parameter or buffer of each name the given tensor where it has that name with no tensor or
-    one of the same type and shape; returns how many changed, each appended to ``undo`` as (store, name, old)."""
+def bind_tensors(dst: torch.nn.Module, named: Iterable[tuple[str, Any]], undo: Optional[list] = None) -> int:
+    """The one binder: make ``dst``'s parameter, buffer or submodule of each name the given tensor or module
+    where it has that name with no value or one of the same type (and shape); returns how many changed, each
+    appended to ``undo`` as (store, name, old)."""
     count = 0
-    for qualname, value in tensors:
+    for qualname, value in named:
         path, _, leaf = qualname.rpartition(".")
         try:
             mod = dst.get_submodule(path)
         except AttributeError:
             continue
-        store = next((st for st in (mod._parameters, mod._buffers) if leaf in st), None)
+        store = next((st for st in (mod._parameters, mod._buffers, mod._modules) if leaf in st), None)
         old = None if store is None else store[leaf]
-        if store is None or old is value or (old is not None and (type(old) is not type(value)
-                                                                  or old.shape != value.shape)):
+        if store is None or old is value or (old is not None and (
+                type(old) is not type(value) or getattr(old, "shape", None) != getattr(value, "shape", None))):
             continue
         if undo is not None:
             undo.append((store, leaf, old))
@@ -251,16 +243,16 @@ def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple
     same_states = (before is not None and container is not None and before[0] == fp[0]
                    and gm._modules.get(CONTAINER) is container)
     rebound = 0
-    if rebind or before is None:  # base tensors and bitsandbytes layers: the source's (not its adapter state)
-        named = [*source.named_parameters(remove_duplicate=False), *source.named_buffers(remove_duplicate=False)]
-        rebound = rebind_layers(gm, source) + bind_tensors(gm, ((n, t) for n, t in named
-                                                                if CONTAINER not in n.split(".")))
+    if rebind or before is None:  # bitsandbytes layers (a merge replaces them), then base tensors: the source's
+        named = [*((p, m) for p, m in source.named_modules(remove_duplicate=False) if is_quantized_layer(m)),
+                 *source.named_parameters(remove_duplicate=False), *source.named_buffers(remove_duplicate=False)]
+        rebound = bind_tensors(gm, ((n, t) for n, t in named if CONTAINER not in n.split(".")))
     if not same_states:
         for g in graph_modules(gm)[1:]:  # stale block views of an earlier attach
             g._modules.pop(CONTAINER, None)
         if container is None:
             gm._modules.pop(CONTAINER, None)
-            strip_adapters(gm)
+            remove_adapter_nodes(gm, None)
             gm.recompile()
             return gm
         gm.add_module(CONTAINER, container)
@@ -293,7 +285,7 @@ def live_layout(gm: GraphModule) -> list[tuple[str, tuple[str, ...]]]:
 def emit_layout(gm: GraphModule, layout: Iterable[tuple[str, Iterable[str]]]) -> None:
     """Give ``gm``'s tree exactly ``layout``'s adapter nodes, in its form (an inference tree's deep reads then
     through one lookup, ``flatten_reads``)."""
-    strip_adapters(gm)
+    remove_adapter_nodes(gm, None)
     for name, sites in layout:
         emit_adapter(gm, name, set(sites))
     if INFERENCE_KEY in gm.meta:

@@ -235,16 +235,20 @@ class SharePass(PassBase):
         return PassResult(graph_module, removed > 0)
 
 
-def remove_adapter_nodes(gm: GraphModule, adapter_name: str, site_names: Optional[set[str]] = None) -> int:
-    """Erase ``adapter_name``'s nodes (at ``site_names`` only, when given) in every graph of the tree, rewiring each
-    site's users to the output the adapter was added to; returns the number of calls cleared."""
-    return sum(_remove_graph(g, adapter_name, site_names) for g in graph_modules(gm))
+def remove_adapter_nodes(gm: GraphModule, adapter_name: Optional[str], site_names: Optional[set[str]] = None) -> int:
+    """Erase ``adapter_name``'s nodes (None: every adapter's; at ``site_names`` only, when given) in every graph of
+    the tree, rewiring each site's users to the output the adapter was added to; returns the calls cleared."""
+    return sum(_remove_graph(g, adapter_name, site_names) for g in graph_modules(gm)
+               if adapter_name is not None or any(_tag(n).get("adapter") for n in g.graph.nodes))
 
 
-def _remove_graph(gm: GraphModule, adapter_name: str, site_names: Optional[set[str]]) -> int:
+def _remove_graph(gm: GraphModule, adapter_name: Optional[str], site_names: Optional[set[str]]) -> int:
     """``remove_adapter_nodes`` on one graph."""
+    def mine(tag: dict[str, Any]) -> bool:
+        return tag.get("adapter") is not None and adapter_name in (None, tag["adapter"])
+
     graph = gm.graph
-    outputs = [n for n in graph.nodes if _tag(n).get("role") == "output" and _tag(n)["adapter"] == adapter_name
+    outputs = [n for n in graph.nodes if _tag(n).get("role") == "output" and mine(_tag(n))
                and (site_names is None or _tag(n)["site"] in site_names)]
     for out in outputs:
         base = _tag(out)["base"]
@@ -257,7 +261,7 @@ def _remove_graph(gm: GraphModule, adapter_name: str, site_names: Optional[set[s
         out.replace_all_uses_with(y)
         for u in users:  # a weight-path call reads its weight again: the plain linear
             restore_linear(u)
-        for n in reversed([n for n in graph.nodes if _tag(n).get("adapter") == adapter_name
+        for n in reversed([n for n in graph.nodes if _tag(n).get("adapter") == _tag(out)["adapter"]
                            and base in _bases(_tag(n))]):
             if n.users:  # shared with another site (share pass): that site still reads it
                 n.meta[ADAPTER_KEY]["bases"] = [b for b in _bases(_tag(n)) if b != base]

@@ -24,7 +24,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..methods import CONTAINER
-from ..quantized import QUANTIZED_KINDS, dequantized_weight, requantized, rounding_error, set_layer
+from ..quantized import QUANTIZED_KINDS, dequantized_weight, requantized, rounding_error, set_slot
 from ..sites import (ADAPTER_KEY, LINEAR_KINDS, Site, as_graph_module, graph_modules, model_info, qualified_name,
                      read_sites)
 from ..state import MTS_TAG, active_adapters, adapters_disabled, adapters_of, merged_adapters, mutation
@@ -59,13 +59,7 @@ def _slot(module: nn.Module, weight: str, layer: bool) -> Slot:
 def _install(module: nn.Module, weight: str, value: Slot) -> Slot:
     """Put ``value`` (a new object: whatever else held the old one keeps it) in the slot of ``weight``; returns
     what was there."""
-    if isinstance(value, nn.Module):
-        return set_layer(module, _layer_path(weight), value)
-    path, _, name = weight.rpartition(".")
-    mod = module.get_submodule(path)
-    where = mod._parameters if name in mod._parameters else mod._buffers
-    old, where[name] = where[name], value
-    return old
+    return set_slot(module, _layer_path(weight) if isinstance(value, nn.Module) else weight, value)
 
 
 def _like(old: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
@@ -487,7 +481,7 @@ def merge_into(model: nn.Module, gm: GraphModule, safe_merge: bool = False) -> n
             mp = model.get_parameter(model_name)
             mp.data = value.detach().to(device=mp.device, dtype=mp.dtype, copy=True)
     for path, layer in layers.items():
-        set_layer(model, path, layer)
+        set_slot(model, path, layer)
     logger.info("merge_into: wrote %d parameters and %d quantized layers into %s (%d folded from adapters %s)",
                 len(new), len(layers), type(model).__name__, len(folds), list(names))
     return model
