@@ -3,7 +3,7 @@ gate/up), how the adapter is computed in a training step: ``activation`` (the em
 (``fused_site``), ``lean`` (``vera_fx::lean_add``) or ``weight`` (the base call folding ``W' = W + (lambda_b * B *
 lambda_d) @ A`` when ``T >= in``, ``"kept"``: keeping ``W'`` for backward), chosen by a cost model of a step's
 multiply-adds (``path_costs``) plus, in multiply-add equivalents per value (measured constants below), the
-elementwise passes a path skips, a fold's pass over ``W'`` and the passes over out x r tensors a path makes.
+elementwise passes a path skips and a fold's pass over ``W'``.
 ``auto`` keeps the step within PEFT's work and spends what the share pass saves on memory (per group one of its
 Pareto-best plans, ``group_options``, by an exact multiple-choice knapsack, ``choose_options``); ``fast`` takes
 each group's least work. The setting lives in ``AdapterFlags.lowering`` (never in adapter_config.json); lowered
@@ -65,13 +65,6 @@ CACHE_BYTES = 4 << 20
 # A fold reads W and writes W' besides its product: measured 40-165 per value of W' (a fold costs about 1.3x its
 # product); 32 (a step of today's benchmark shape planned with 0, 16, 32 and 64 measured 0.96-1.02x PEFT).
 FOLD_PASS_COST = 32
-# Passes over a site's out x r tensors a path makes (the activation path none): the fused tail scales B once
-# forward and once backward, the lean op and the folding call form lambda_b * B * lambda_d forward and, backward,
-# (gᵀh) * B and its two matrix-vector products (kept: one scaling less). A pass costs a quarter of the passes'
-# cost per tokens x out value (one tensor read and written; the pass costs above span four). At r ≈ tokens an
-# out x r pass costs what a tokens x out one does: without this term auto planned a realistic r=1024 step at
-# 1.02-1.03x PEFT's time, with it 0.98x (benchmarks/RESULTS.md).
-OUT_R_PASSES = {"fused": 2, "lean": 4, "weight": 4, "kept": 3}
 
 
 State = TypeVar("State", bound=tuple)  # (work, saved, ...)
@@ -152,12 +145,6 @@ def pass_cost(g: GroupShape, out: int, path: str = "weight") -> int:
     return 0 if path == "lean" else PASS_COST_CACHED
 
 
-def out_r_cost(g: GroupShape, out: int, path: str) -> int:
-    """Multiply-add equivalents of ``path``'s passes over one site's out x r tensors (``OUT_R_PASSES``)."""
-    per_value = (PASS_COST_CACHED if out * g.r * g.value_bytes <= CACHE_BYTES else PASS_COST) // 4
-    return OUT_R_PASSES[path] * per_value * out * g.r
-
-
 def extra_products(g: GroupShape, out: int, path: str) -> int:
     """Multiply-adds one site adds on ``path`` over the activation path: none fused, the lean op's ``gᵀ z``, a
     folding call's folds (one ``kept``) and ``gᵀ h`` for ``z·Bᵀ`` and its gradient (the group's skipped ``d h @ A``
@@ -199,7 +186,7 @@ def site_choices(g: GroupShape, out: int, weight_allowed: bool) -> list[tuple[st
         latent = 5 * r if g.rows > r else 0
         choices.append(("lean", extra_products(g, out, "lean") - pass_cost(g, out, "lean") * t * out,
                         t * (out + latent)))
-    return [(path, work + out_r_cost(g, out, path), saved) for path, work, saved in choices]
+    return choices
 
 
 def _pareto(plans: list[Plan]) -> list[Plan]:
