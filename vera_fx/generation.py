@@ -2,7 +2,7 @@
 per batch size and cache length (a bucket) with the query length dynamic (one graph for the prefill and every step;
 a 2D mask over the cache makes left padding work), rooted at the model so its tensors have the training graph's
 names. It gets the live adapters' nodes over the training graph's adapter state and, per call, its tensors
-(``bind_parameters``): training or a switch is seen without re-capturing. Encoder-decoder and bitsandbytes models
+(``graph_parameters``): training or a switch is seen without re-capturing. Encoder-decoder and bitsandbytes models
 and sliding windows past the window run transformers' loop instead, each live site module hooked to a *site
 graph* ``(x, y) -> y + adapter(x)`` over the same state, on the training graph's weights.
 """
@@ -27,7 +27,7 @@ from .capture import SOURCE_MODEL_KEY, CaptureError, model_flags_kept
 from .quantized import linear_forwards, no_cpu_packing
 from .methods import CONTAINER
 from .methods.pvera import KLRecord
-from .variants import bind_tensors, emit_layout, live_layout
+from .variants import bind_tensors, emit_layout, live_layout, tensors_bound
 from .passes.infer import DEFAULT_FORM, INFERENCE_KEY, bind_flat_reads
 from .passes.match import MatchPass
 from .state import adapter_container, adapters_of, modules_to_save_copy, reads_state, set_adapters_training
@@ -255,7 +255,7 @@ def generate(gm: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[to
     graph, step = decode_graph(inner, source, input_ids.shape[0], max_len, compile=compile)
     device = next(p.device for p in source.parameters())
     ids, mask = inputs["input_ids"].to(device=device, dtype=torch.long), inputs["attention_mask"].to(device)
-    bind_parameters(graph, inner)  # kept bound: a generate in another thread may be running it
+    bind_tensors(graph, graph_parameters(inner))  # kept bound: a generate in another thread may run it
     with kl_terms_kept(inner):  # a step records PVeRA's KL terms: not kept
         return _decode_loop(graph, step, ids, mask, new_tokens, max_len, processors, generator, eos,
                             pad if pad is not None or eos is None else eos[0])
@@ -350,28 +350,16 @@ def kl_terms_kept(gm: GraphModule) -> Iterator[None]:
             record.values = values
 
 
-def bind_parameters(model: nn.Module, gm: GraphModule, undo: Optional[list] = None) -> None:
-    """Bind every parameter of ``model`` (the eager model, or a decode graph) to ``gm``'s of that name or, in a live
-    adapter's ``modules_to_save`` module, its copy's (``bind_tensors``; changes appended to ``undo``)."""
+def graph_parameters(gm: GraphModule) -> list[tuple[str, nn.Parameter]]:
+    """``gm``'s parameters by name, a live adapter's ``modules_to_save`` copy's under the copied module's path:
+    what the eager model or a decode graph binds (``bind_tensors``) to compute as ``gm`` does."""
     container = adapters_of(gm)
     theirs = dict(gm.named_parameters(remove_duplicate=False))
     for name, _ in live_layout(gm):
         for path in getattr(container[name], "modules_to_save_paths", []):
             copy = modules_to_save_copy(container[name], path)
             theirs.update((f"{path}.{n}", p) for n, p in copy.named_parameters(remove_duplicate=False))
-    bind_tensors(model, theirs.items(), undo)
-
-
-@contextlib.contextmanager
-def weights_bound(model: nn.Module, gm: GraphModule) -> Iterator[None]:
-    """While inside, ``model`` computes with ``gm``'s parameters (``bind_parameters``); put back on exit."""
-    undo: list[tuple[dict, str, Optional[torch.Tensor]]] = []
-    try:
-        bind_parameters(model, gm, undo)
-        yield
-    finally:
-        for store, leaf, old in reversed(undo):
-            store[leaf] = old
+    return list(theirs.items())
 
 
 def site_graph(container: nn.Module, site: Site, adapters: Sequence[str], x_dtype: torch.dtype,
@@ -486,7 +474,7 @@ def generate_eager(gm: GraphModule, model: nn.Module, inputs: dict[str, torch.Te
     """``model.generate(**inputs, **generate_kwargs)`` with ``gm``'s live adapters hooked and weights bound, in eval
     mode (restored after); ``seed`` seeds sampling inside ``fork_rng``."""
     device = next(p.device for p in model.parameters())
-    with model_flags_kept(model), weights_bound(model, gm), adapter_hooks(gm, model) as hooked, \
+    with model_flags_kept(model), tensors_bound(model, graph_parameters(gm)), adapter_hooks(gm, model) as hooked, \
             no_cpu_packing(model), kl_terms_kept(gm), \
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
         model.eval()

@@ -40,8 +40,8 @@ from .passes.lower import check_lowering
 from .passes.pipeline import add_adapter_passes, run_passes
 from .compat import eager_frame, eval_frame_callback
 from .surface import PeftSurface, check_is_trainable
-from .variants import (FINGERPRINT_KEY, INFERENCE_FORM, GraphVariants, attach_adapters, base_stamp, bind_tensors,
-                       state_fingerprint)
+from .variants import (FINGERPRINT_KEY, INFERENCE_FORM, GraphVariants, attach_adapters, base_stamp, state_fingerprint,
+                       tensors_bound)
 
 logger = logging.getLogger(__name__)
 
@@ -373,15 +373,11 @@ def _swapped_in(model: nn.Module, source: GraphModule) -> Iterator[None]:
     def named(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
         return [*m.named_parameters(remove_duplicate=False), *m.named_buffers(remove_duplicate=False)]
 
-    mine, undo = dict(named(model)), []
+    mine = dict(named(model))
     differ = [(n, t) for n, t in named(source)
               if n in mine and (t.dtype, t.device, t.data_ptr()) != (mine[n].dtype, mine[n].device, mine[n].data_ptr())]
-    try:
-        bind_tensors(model, differ, undo)
+    with tensors_bound(model, differ):
         yield
-    finally:
-        for store, leaf, t in reversed(undo):
-            store[leaf] = t
 
 
 def _guard_failed(e: AssertionError) -> bool:

@@ -16,12 +16,13 @@ as torch.compile does past its recompile limit.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
 import weakref
 from collections import OrderedDict
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from torch.fx import GraphModule
@@ -211,6 +212,18 @@ def bind_tensors(dst: torch.nn.Module, named: Iterable[tuple[str, Any]], undo: O
         store[leaf] = value
         count += 1
     return count
+
+
+@contextlib.contextmanager
+def tensors_bound(dst: torch.nn.Module, named: Iterable[tuple[str, Any]]) -> Iterator[None]:
+    """While inside, ``dst`` holds ``named``'s tensors (``bind_tensors``); what they replaced is put back on exit."""
+    undo: list[tuple[dict, str, Any]] = []
+    try:
+        bind_tensors(dst, named, undo)
+        yield
+    finally:
+        for store, leaf, old in reversed(undo):
+            store[leaf] = old
 
 
 def _route_modules_to_save(gm: GraphModule, source: GraphModule) -> None:
