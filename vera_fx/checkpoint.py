@@ -197,7 +197,7 @@ def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str, so
         raise ValueError(f"{source}: does not fit adapter {adapter_name!r} of this graph; missing keys: "
                          f"{_fmt_keys(missing)}, unexpected keys: {_fmt_keys(unexpected)}. Check target_modules, "
                          "modules_to_save, bias and the model")
-    peers = [n for n, s in getattr(gm, CONTAINER).items() if n != adapter_name and s.method_name == state.method_name]
+    peers = [n for n, s in adapters_of(gm).items() if n != adapter_name and s.method_name == state.method_name]
     _check_values(state, incoming, targets, projection_keys, peers, adapter_name, source)
     merged = sorted(adapter_flags(gm).merged)
     if base_keys and merged:

@@ -424,7 +424,7 @@ def adapter_hooks(gm: GraphModule, model: nn.Module) -> Iterator[int]:
     handles = []
     try:
         for name, module in modules.items():
-            hook = _site_hook(getattr(gm, CONTAINER, None), records[name], per_site[name])
+            hook = _site_hook(adapters_of(gm), records[name], per_site[name])
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
         yield len(handles)
     finally:

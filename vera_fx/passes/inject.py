@@ -26,7 +26,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..config import AdapterConfig, as_config
 from ..checks import check_rank
-from ..methods import CONTAINER, AdapterState, Emitter, method_for
+from ..methods import AdapterState, Emitter, method_for
 from ..methods.fold import restore_linear
 from ..sites import ADAPTER_KEY, Site, graph_modules, model_info, read_graph_sites, registration_order
 from ..state import (ADAPTER_MODE, adapter_mode_module, adapters_of, attach_modules_to_save, attach_state, bias_targets,
@@ -165,7 +165,7 @@ def emit_adapter(gm: GraphModule, adapter_name: str, site_names: Optional[set[st
 def _emit_graph(gm: GraphModule, adapter_name: str, site_names: Optional[set[str]], setting: Optional[dict],
                 training: bool) -> int:
     """``emit_adapter`` on one graph (its own nodes only)."""
-    state = getattr(gm, CONTAINER)[adapter_name]
+    state = adapters_of(gm)[adapter_name]
     wanted = set(state.site_names) if site_names is None else set(site_names) & set(state.site_names)
     if not wanted:
         return 0

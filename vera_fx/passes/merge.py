@@ -23,7 +23,6 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..methods import CONTAINER
 from ..quantized import QUANTIZED_KINDS, dequantized_weight, requantized, rounding_error, set_slot
 from ..sites import (ADAPTER_KEY, LINEAR_KINDS, Site, as_graph_module, graph_modules, model_info, qualified_name,
                      read_sites)
@@ -71,7 +70,7 @@ def add_deltas(acc: torch.Tensor, gm: GraphModule, site: Site, adapters: tuple[s
                sign: float = 1.0) -> torch.Tensor:
     """``acc += sign * ΔW`` of each adapter at ``site`` in place (float32, in the weight's layout: transposed for
     Conv1D)."""
-    container = getattr(gm, CONTAINER)
+    container = adapters_of(gm)
     for a in adapters:
         with torch.no_grad():
             delta = container[a].method.delta_weight(container[a], site).detach()
@@ -161,7 +160,7 @@ def _unmergeable(readers: dict[str, list[Node]], calls: list[Site], adapters: tu
 
 def _plan(gm: GraphModule, names: tuple[str, ...]) -> tuple[list[_Fold], dict[str, str]]:
     """The weights to fold for ``names`` (adapters attached and not sampling), and skipped site -> reason."""
-    container = getattr(gm, CONTAINER)
+    container = adapters_of(gm)
     calls_by_site: dict[str, list[Site]] = {}
     for s in read_sites(gm):
         calls_by_site.setdefault(s.name, []).append(s)
@@ -324,7 +323,7 @@ class UnmergePass(PassBase):
         with Rollback(gm, [(q, rec.is_layer) for q, rec in folded.items()]):
             for q, value in restored.items():
                 _install(gm, q, value)
-            for a in getattr(gm, CONTAINER):
+            for a in adapters_of(gm):
                 sites = {s for s, ads in merged_meta.items() if a in ads}
                 if sites:
                     emit_adapter(gm, a, sites)
