@@ -182,6 +182,30 @@ def test_concurrent_reader_never_sees_a_mixed_pair(tmp_path):
     assert reads >= 50 and seen == {8, 16} and int(out) > 10, (reads, seen, out)
 
 
+def test_a_read_while_the_old_version_is_set_aside_gets_the_old_version(tmp_path):
+    """Between "old aside" and "new in" the folder exists only as the set-aside copy: a read there (here from a
+    step hook, in the saving process) gets that whole old version, though it has no adapter_model.bin (an
+    optional name: only a missing required file means a save is deleting it)."""
+    from vera_fx import folder
+
+    path = tmp_path / "live"
+    vera_fx.save_adapter(adapted(8), path)
+    seen = []
+
+    def read_when_aside(step):
+        if step == "old aside":
+            config, tensors = read_checkpoint(path)
+            seen.append((config.r, {tuple(v.shape) for k, v in tensors.items() if k.endswith("lambda_d")}))
+
+    folder.STEP_HOOKS.append(read_when_aside)
+    try:
+        vera_fx.save_adapter(adapted(16), path)
+    finally:
+        folder.STEP_HOOKS.remove(read_when_aside)
+    assert seen == [(8, {(8,)})]
+    assert read_checkpoint(path)[0].r == 16
+
+
 # --- 2. distributed saves: conventions, no hang --------------------------------------------------------
 
 @needs_torchrun

@@ -111,13 +111,13 @@ def test_any_transformers_option_runs_its_loop_with_the_adapters(pairs, options)
     ids, mask = _left_padded()
     ours = gm.generate(input_ids=ids, attention_mask=mask, pad_token_id=1, **options)
     theirs = pm.generate(input_ids=ids, attention_mask=mask, pad_token_id=1, **options)
+    base = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=1, **options)
     if options.get("return_dict_in_generate"):
-        assert type(ours) is type(theirs) and torch.equal(ours.sequences, theirs.sequences)
+        assert type(ours) is type(theirs) and len(ours.scores) == len(theirs.scores) == 4
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours.scores, theirs.scores))
-        ours, theirs = ours.sequences, theirs.sequences
+        ours, theirs, base = ours.sequences, theirs.sequences, base.sequences
     assert torch.equal(ours, theirs)
-    assert not torch.equal(theirs, model.generate(input_ids=ids, attention_mask=mask, pad_token_id=1, **options)
-                           if not options.get("return_dict_in_generate") else theirs.clone() + 1)
+    assert not torch.equal(theirs, base)  # the adapter changes the tokens: the hooks ran
 
 
 def test_generation_config_sets_what_is_left_unset(pairs):
@@ -458,6 +458,42 @@ def test_both_paths_read_a_modules_to_save_copy():
     hooked = generate_eager(inner, model, model_inputs(model, ids, None), max_new_tokens=4, do_sample=False)
     assert torch.equal(hooked, decoded)
     assert model.lm_head.weight is head  # the model's own head is back
+    # merged: the adapter has no nodes left, but its copy of the head is still what the model computes with
+    vera_fx.merge(m)
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=ids).logits[:, -1].argmax(-1), decoded[:, 5])
+    assert torch.equal(vera_fx.generate(m, ids, max_new_tokens=4), decoded)
+    assert torch.equal(generate_eager(inner, model, model_inputs(model, ids, None), max_new_tokens=4,
+                                      do_sample=False), decoded)
+
+
+@pytest.mark.parametrize("options", [{}, {"repetition_penalty": 1.3}], ids=["decode-graph", "hooked-loop"])
+def test_generations_in_several_threads_equal_one_at_a_time(pairs, options):
+    """Four threads generating at once through one decode graph (its KV cache is its buffers) or through the hooked
+    loop (which binds and hooks the user's model) get what each gets alone."""
+    import threading
+
+    model, gm, pm = pairs("llama")
+    prompts = [_left_padded(seed=s) for s in range(4)]
+    alone = [gm.generate(input_ids=i, attention_mask=k, max_new_tokens=6, pad_token_id=1, **options)
+             for i, k in prompts]
+    together: list = [None] * 4
+    errors: list = []
+
+    def run(j):
+        try:
+            i, k = prompts[j]
+            together[j] = gm.generate(input_ids=i, attention_mask=k, max_new_tokens=6, pad_token_id=1, **options)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(j,)) for j in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
 
 
 def test_sliding_window_past_the_window_matches_peft():

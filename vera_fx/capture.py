@@ -202,7 +202,7 @@ def _export_whole(model: nn.Module, args: tuple, kwargs: dict, why_not_blocks: s
     try:
         with _time_budget(budget):
             ep = torch.export.export(model, args, kwargs, strict=False,
-                                     dynamic_shapes=export_dynamic_shapes(model, args, kwargs))
+                                     dynamic_shapes=export_dynamic_shapes(args, kwargs))
             return _graph_of(ep)
     except _OverBudget:
         raise CaptureError(
@@ -269,11 +269,11 @@ def _capture_blocks(model: nn.Module, args: tuple, kwargs: dict, layer_paths: li
             getattr(model, "config", None), "output_attentions", False) is True):
         raise BlockCaptureError("output_attentions=True records modules inside the layers with hooks")
     try:
-        ep, records, calls = export_top(model, args, kwargs, export_dynamic_shapes(model, args, kwargs), layer_paths)
+        ep, records, calls = export_top(model, args, kwargs, export_dynamic_shapes(args, kwargs), layer_paths)
     except SymbolicArgumentError as e:
         logger.info("capture: a layer of %s takes a size as a Python number (%s); capturing with every size but "
                     "the batch static (another size captures another graph)", type(model).__name__, e)
-        shapes = export_dynamic_shapes(model, args, kwargs, batch_only=True)
+        shapes = export_dynamic_shapes(args, kwargs, batch_only=True)
         ep, records, calls = export_top(model, args, kwargs, shapes, layer_paths)
     blocks = bind_layers(model, export_groups(model, layer_paths, calls, records), layer_paths, qlayers)
     gm = _graph_of(ep)

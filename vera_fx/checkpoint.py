@@ -34,7 +34,8 @@ from .distributed import full_tensor, gathered, needs_gather, placed_like, save_
 from .folder import open_folder, read_pickle, read_safetensors, serialise, write_folder
 from .methods import CONTAINER, AdapterState
 from .passes.match import peft_selection
-from .passes.merge import merge, unmerge
+from .passes.merge import like, merge, unmerge
+from .quantized import set_slot
 from .sites import as_graph_module, model_info, read_sites
 from .state import (PEFT_ROOT, adapters_of, bias_targets, merged_adapters, modules_to_save_copy, mutation,
                     restore_active, state_lock)
@@ -236,10 +237,9 @@ def apply_plan(gm: GraphModule, plan: Plan, adapter_names: Sequence[str] = ()) -
                 if not replace:
                     current.copy_(placed_like(data, current))  # an FSDP2-sharded lambda gets this rank's shard
                     continue
-                new = nn.Parameter(data, requires_grad=current.requires_grad) \
-                    if isinstance(current, nn.Parameter) else data
+                new = like(current, data)
                 for owner, leaf in slots.get(id(current), [(mod, attr)]):
-                    (owner._parameters if leaf in owner._parameters else owner._buffers)[leaf] = new
+                    set_slot(owner, leaf, new)
     finally:
         if remerge:
             merge(gm, remerge)
@@ -282,8 +282,7 @@ def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
     from the saved config when missing (inactive if the graph had an adapter, as ``add_adapter``). Everything
     is checked first; on any error the graph is left as it was."""
     gm = as_graph_module(gm, "load_adapter")
-    config, tensors = read_checkpoint(directory)
-    source = str(weights_file(directory))
+    config, tensors, source = read_folder(directory)
     have = adapters_of(gm)[adapter_name] if adapter_name in adapters_of(gm) else None
     old_active = adapter_flags(gm).active
     if have is None:
@@ -398,6 +397,11 @@ def _read_config(data: bytes, path: Path) -> AdapterConfig:
 def read_checkpoint(directory: PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """The config and tensors of a PEFT / vera_fx adapter folder, both of one version, checked (header before
     data, finite values, r against the shapes); ValueError naming any problem."""
+    return read_folder(directory)[:2]
+
+
+def read_folder(directory: PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor], str]:
+    """``read_checkpoint``, and the weights file it read (safetensors, else PEFT's .bin) for later messages."""
     path = Path(directory)
     if path.is_file():
         raise ValueError(f"{str(path)!r} is a file, not an adapter folder (one holding {CONFIG_NAME} and "
@@ -413,13 +417,7 @@ def read_checkpoint(directory: PathLike) -> tuple[AdapterConfig, dict[str, torch
         name = WEIGHTS_NAME if files[WEIGHTS_NAME] is not None else BIN_NAME  # safetensors first, as PEFT
         tensors = (read_safetensors if name == WEIGHTS_NAME else read_pickle)(files[name], str(path / name))
     check_file_shapes(config, tensors, str(path / name))
-    return config, tensors
-
-
-def weights_file(directory: PathLike) -> Path:
-    """The weights file ``read_checkpoint`` reads in ``directory`` (for messages): safetensors, else the .bin."""
-    path = Path(directory)
-    return path / (BIN_NAME if not (path / WEIGHTS_NAME).exists() and (path / BIN_NAME).exists() else WEIGHTS_NAME)
+    return config, tensors, str(path / name)
 
 
 # --- the model object's state dict (Trainer checkpoints) -----------------------------------------------------

@@ -161,7 +161,8 @@ def _swap(path: Path, new: Path, keep: set[str]) -> None:
 @contextlib.contextmanager
 def open_folder(directory: os.PathLike | str, names: tuple[str, ...],
                 keep: set[str]) -> Iterator[dict[str, Optional[IO[bytes]]]]:
-    """The files ``names`` of one version of the folder, open for reading (None for a missing one)."""
+    """The files ``names`` of one version of the folder, open for reading (None for a missing one); ``keep``: the
+    files a complete folder holds (what recovery keeps, and what a read waits for while a save swaps)."""
     path = Path(os.path.abspath(directory))
     try:  # finish what killed saves left, unless a save holds the lock (it will)
         if path.parent.is_dir():
@@ -175,7 +176,7 @@ def open_folder(directory: os.PathLike | str, names: tuple[str, ...],
         if where is None:
             raise ValueError(f"adapter folder {str(directory)!r} does not exist")
         try:
-            with _open_files(where, names, set_aside=where != path) as files:
+            with _open_files(where, names, keep & set(names), set_aside=where != path) as files:
                 yield files
             return
         except _Retry:
@@ -190,10 +191,11 @@ class _Retry(Exception):
 
 
 @contextlib.contextmanager
-def _open_files(where: Path, names: tuple[str, ...],
+def _open_files(where: Path, names: tuple[str, ...], required: set[str],
                 set_aside: bool = False) -> Iterator[dict[str, Optional[IO[bytes]]]]:
-    """``names`` opened relative to one handle of ``where``; _Retry when one is missing because a save swapped
-    the folder or ``where`` is a folder a save set aside (and deletes file by file)."""
+    """``names`` opened relative to one handle of ``where``; _Retry when one of ``required`` (what a complete
+    folder holds) is missing because a save swapped the folder or ``where`` is a folder a save set aside (and
+    deletes file by file). A missing optional name is just missing."""
     dir_fd = None
     if os.open in os.supports_dir_fd:
         try:
@@ -211,7 +213,7 @@ def _open_files(where: Path, names: tuple[str, ...],
             except FileNotFoundError:
                 fd = None
             files[name] = os.fdopen(fd, "rb") if fd is not None else None
-        if any(f is None for f in files.values()) and (set_aside or _swapped(where, dir_fd)):
+        if any(files[n] is None for n in required) and (set_aside or _swapped(where, dir_fd)):
             raise _Retry
         yield files
     finally:

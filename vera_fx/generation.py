@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -24,14 +26,15 @@ if TYPE_CHECKING:
 
 from .block_export import strip_metadata_asserts
 from .capture import SOURCE_MODEL_KEY, CaptureError, model_flags_kept
-from .quantized import linear_forwards, no_cpu_packing
+from .quantized import QUANTIZED_KINDS, linear_forwards, no_cpu_packing
 from .methods import CONTAINER
 from .methods.pvera import KLRecord
 from .variants import bind_tensors, emit_layout, live_layout, tensors_bound
 from .passes.infer import DEFAULT_FORM, INFERENCE_KEY, bind_flat_reads
 from .passes.match import MatchPass
-from .state import adapter_container, adapters_of, modules_to_save_copy, reads_state, set_adapters_training
-from .sites import (LINEAR_KINDS, MODEL_INFO_KEY, SITE_KEY, Site, as_graph_module, graph_modules, model_info,
+from .state import (active_adapters, adapter_container, adapters_disabled, adapters_of, modules_to_save_copy,
+                    modules_to_save_owners, reads_state, set_adapters_training)
+from .sites import (MODEL_INFO_KEY, SITE_KEY, Site, as_graph_module, graph_modules, model_info,
                     read_sites)
 
 logger = logging.getLogger(__name__)
@@ -234,7 +237,7 @@ def generate(gm: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[to
     if kwargs:
         reason: Optional[str] = f"keywords the decode graph's loop does not take: {', '.join(sorted(kwargs))}"
     elif prompt is not None and new_tokens is None:
-        reason = "the model's generation_config sets a max_length the prompt reaches"
+        reason = "the prompt reaches the generation_config's max_length or the model's max_position_embeddings"
     else:
         reason = eager_reason(source, inner, cache_bucket(prompt + new_tokens) if new_tokens else None)
     if reason is not None:
@@ -249,16 +252,25 @@ def generate(gm: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[to
         return generate_eager(inner, source, inputs, seed=seed, **{k: v for k, v in given.items() if v is not None},
                               **kwargs)
     pad = pad_token_id if pad_token_id is not None else getattr(gen_cfg, "pad_token_id", None)
+    device = next(p.device for p in source.parameters())
     if do_sample and generator is None and seed is not None:
-        generator = torch.Generator(device=input_ids.device).manual_seed(int(seed))
+        generator = torch.Generator(device=device).manual_seed(int(seed))
     max_len = cache_bucket(input_ids.shape[1] + new_tokens)
     graph, step = decode_graph(inner, source, input_ids.shape[0], max_len, compile=compile)
-    device = next(p.device for p in source.parameters())
     ids, mask = inputs["input_ids"].to(device=device, dtype=torch.long), inputs["attention_mask"].to(device)
-    bind_tensors(graph, graph_parameters(inner))  # kept bound: a generate in another thread may run it
-    with kl_terms_kept(inner):  # a step records PVeRA's KL terms: not kept
+    with one_at_a_time(graph), kl_terms_kept(inner):  # its KV cache is the graph's buffers; KL terms: not kept
+        bind_tensors(graph, graph_parameters(inner))  # kept bound after: nothing else holds these names
         return _decode_loop(graph, step, ids, mask, new_tokens, max_len, processors, generator, eos,
                             pad if pad is not None or eos is None else eos[0])
+
+
+_RUNNING: "weakref.WeakKeyDictionary[nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
+
+
+def one_at_a_time(owner: nn.Module) -> threading.Lock:
+    """The lock that runs one generation at a time through ``owner`` (a decode graph, whose KV cache is its
+    buffers, or the user's model, which the hooked loop changes); other threads' forwards are not held up."""
+    return _RUNNING.setdefault(owner, threading.Lock())
 
 
 def _new_tokens(max_new_tokens: Optional[int], gen_cfg: Any, source: nn.Module, prompt_len: int) -> Optional[int]:
@@ -355,10 +367,10 @@ def graph_parameters(gm: GraphModule) -> list[tuple[str, nn.Parameter]]:
     what the eager model or a decode graph binds (``bind_tensors``) to compute as ``gm`` does."""
     container = adapters_of(gm)
     theirs = dict(gm.named_parameters(remove_duplicate=False))
-    for name, _ in live_layout(gm):
-        for path in getattr(container[name], "modules_to_save_paths", []):
-            copy = modules_to_save_copy(container[name], path)
-            theirs.update((f"{path}.{n}", p) for n, p in copy.named_parameters(remove_duplicate=False))
+    live = [] if adapters_disabled(gm) else active_adapters(gm)  # merged ones too: the graphs route their copies
+    for path, name in modules_to_save_owners(gm, live).items():
+        copy = modules_to_save_copy(container[name], path)
+        theirs.update((f"{path}.{n}", p) for n, p in copy.named_parameters(remove_duplicate=False))
     return list(theirs.items())
 
 
@@ -460,7 +472,7 @@ def eager_reason(source: nn.Module, gm: GraphModule, cache_length: Optional[int]
     cfg = source.config
     if getattr(cfg, "is_encoder_decoder", False):
         return "an encoder-decoder model"
-    quantized = sorted({s.kind for s in read_sites(gm) if s.kind in set(LINEAR_KINDS) - {"linear", "conv1d"}})
+    quantized = sorted({s.kind for s in read_sites(gm) if s.kind in QUANTIZED_KINDS})
     if quantized:
         return f"bitsandbytes {'/'.join(quantized)} layers"
     window = getattr(cfg.get_text_config(), "sliding_window", None)
@@ -474,8 +486,8 @@ def generate_eager(gm: GraphModule, model: nn.Module, inputs: dict[str, torch.Te
     """``model.generate(**inputs, **generate_kwargs)`` with ``gm``'s live adapters hooked and weights bound, in eval
     mode (restored after); ``seed`` seeds sampling inside ``fork_rng``."""
     device = next(p.device for p in model.parameters())
-    with model_flags_kept(model), tensors_bound(model, graph_parameters(gm)), adapter_hooks(gm, model) as hooked, \
-            no_cpu_packing(model), kl_terms_kept(gm), \
+    with one_at_a_time(model), model_flags_kept(model), tensors_bound(model, graph_parameters(gm)), \
+            adapter_hooks(gm, model) as hooked, no_cpu_packing(model), kl_terms_kept(gm), \
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
         model.eval()
         if seed is not None:

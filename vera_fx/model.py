@@ -446,9 +446,9 @@ def from_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, exa
     check_is_trainable(is_trainable)
     path = Path(directory)
     if (path / ckpt.CONFIG_NAME).is_file() or not (path / "model.safetensors").is_file():
-        config, tensors = ckpt.read_checkpoint(directory)
+        config, tensors, source = ckpt.read_folder(directory)
         obj = transform(model, config, example_inputs, adapter_name, max_graphs)
-        ckpt.load_checked(obj.graph_module, adapter_name, config, tensors, str(ckpt.weights_file(path)))
+        ckpt.load_checked(obj.graph_module, adapter_name, config, tensors, source)
     else:
         state, parsed = read_trainer_checkpoint(path)
         first = adapter_name if adapter_name in parsed else next(iter(parsed))

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .adapters import set_adapter, set_lowering
 from .signatures import InputCheck, clone_inputs, dynamic_shapes_of
-from .checkpoint import PathLike, apply_plan, plan_load, read_checkpoint, weights_file
+from .checkpoint import PathLike, apply_plan, plan_load, read_folder
 from .config import AdapterConfig
 from .generation import kl_terms_kept
 from .compat import add_keyword_input
@@ -299,8 +299,7 @@ def _new_state(gm: GraphModule, config: AdapterConfig, sites_cache: dict, projec
 
 def _load_one(inner: GraphModule, name: str, folder: PathLike, caches: tuple[dict, dict],
               blocks: Any, added: list[str]) -> None:
-    config, tensors = read_checkpoint(folder)
-    source = str(weights_file(folder))
+    config, tensors, source = read_folder(folder)
     if config.modules_to_save or config.bias != "none":
         raise ValueError(f"{folder}: modules_to_save={config.modules_to_save!r}, bias={config.bias!r}: "
                          "load_adapters takes adapters of lambdas only; load this one with vera_fx.load_adapter")

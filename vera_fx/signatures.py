@@ -107,7 +107,7 @@ def dynamic_shapes_of(args: tuple, kwargs: dict, batch_only: bool = False) -> tu
     return tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}
 
 
-def export_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, batch_only: bool = False) -> Any:
+def export_dynamic_shapes(args: tuple, kwargs: dict, batch_only: bool = False) -> Any:
     """``dynamic_shapes_of`` as export takes it, for ``normalise_example``'s positional or keyword arguments."""
     dyn_args, dyn_kwargs = dynamic_shapes_of(args, kwargs, batch_only)
     return dyn_args if args else dyn_kwargs

@@ -19,7 +19,6 @@ from . import blockwise
 from . import checkpoint as ckpt
 from .config import AdapterConfig
 from .generation import generate
-from .methods import CONTAINER
 from .passes.merge import merge, merge_into, unmerge
 from .state import active_adapters, adapters_of, merged_adapters, state_lock
 
@@ -126,7 +125,7 @@ class PeftSurface:
 
     def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         """Its lambdas (a block's live in the block) and ``modules_to_save`` copies."""
-        state = self._source.get_submodule(f"{CONTAINER}.{adapter_name}")
+        state = adapters_of(self._source)[adapter_name]
         return list({id(p): p for p in [*state.parameters(), *state.lambda_parameters()]}.values())
 
     def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:

@@ -61,7 +61,7 @@ def _install(module: nn.Module, weight: str, value: Slot) -> Slot:
     return set_slot(module, _layer_path(weight) if isinstance(value, nn.Module) else weight, value)
 
 
-def _like(old: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+def like(old: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     """``data`` wrapped as ``old`` is: a Parameter with its requires_grad, or a plain tensor."""
     return nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else data
 
@@ -201,7 +201,7 @@ def _merged(gm: GraphModule, folds: list[_Fold], safe_merge: bool, templates: Op
         if not f.layer:
             acc = add_deltas(old.detach().to(torch.float32, copy=True), gm, site, f.adapters)
             _check_finite(safe_merge, acc, site, f.adapters, repr(f.weight))
-            out[f.weight] = _like(old, acc.to(old.dtype))
+            out[f.weight] = like(old, acc.to(old.dtype))
             continue
         path, dense = _layer_path(f.weight), dequantized_weight(old).to(torch.float32)
         delta = add_deltas(torch.zeros(site.out_features, site.in_features, device=dense.device), gm, site, f.adapters)
@@ -341,13 +341,13 @@ class UnmergePass(PassBase):
         if current is rec.merged and current._version == rec.version and orig.shape == current.shape:
             if orig.dtype == current.dtype and orig.device == current.device:
                 return orig
-            return _like(current, orig.detach().to(device=current.device, dtype=current.dtype))
+            return like(current, orig.detach().to(device=current.device, dtype=current.dtype))
         warnings.warn(f"unmerge: the merged weight {qualname!r} (site {rec.site!r}) was changed after merge; "
                       "restoring it by subtracting the adapters' current delta (exact only up to rounding)",
                       UserWarning, stacklevel=_USER_LEVEL + 1)
         site = next(s for s in read_sites(gm) if s.name == rec.site)
         acc = add_deltas(current.detach().to(torch.float32, copy=True), gm, site, rec.adapters, sign=-1.0)
-        return _like(current, acc.to(current.dtype))
+        return like(current, acc.to(current.dtype))
 
 
 @mutation
