@@ -124,6 +124,30 @@ def run_case(name: str, models: dict[str, torch.nn.Module], rows: list[tuple[str
     return out
 
 
+SHARED_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})  # Llama's sites that read one x
+
+
+def work_floor(model: torch.nn.Module, targets, r: int) -> list[list[str]]:
+    """Per token, the multiply-adds and the weight values read by the base's linears and by each adapter form,
+    and the ratio to the base that they set (what the timings approach where the linears dominate)."""
+    base = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    groups: dict[tuple[str, int], list[torch.nn.Linear]] = {}
+    for name, m in model.named_modules():
+        parent, _, leaf = name.rpartition(".")
+        if isinstance(m, torch.nn.Linear) and leaf != "lm_head" and (targets == "all-linear" or leaf in targets):
+            key = next((i for i, s in enumerate(SHARED_INPUT) if leaf in s), leaf)
+            groups.setdefault((parent, key), []).append(m)
+    a_shared = sum(r * g[0].in_features for g in groups.values())
+    b_site = sum(r * m.out_features for g in groups.values() for m in g)
+    b_group = sum(r * max(m.out_features for m in g) for g in groups.values())
+    peft_work = sum(r * (m.in_features + m.out_features) for g in groups.values() for m in g)
+    rows = [("PEFT (A and B per site)", peft_work, peft_work), ("vera_fx (x A.T per input, B per site)",
+            a_shared + b_site, a_shared + b_site), ("vera_fx batched (B once per group)", a_shared + b_site,
+            a_shared + b_group)]
+    return [[form, f"{macs / 1e6:.2f} M", f"{1 + macs / base:.3f}", f"{reads / 1e6:.2f} M", f"{1 + reads / base:.3f}"]
+            for form, macs, reads in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small model, few rounds (a smoke run)")
@@ -150,6 +174,10 @@ def main() -> None:
     table = []
     for case in args.cases.split(","):
         method, targets = CASES[case]
+        if method == "vera":
+            print_table(f"{case}: adapter work per token against the base's linears ({r=})",
+                        ["form", "multiply-adds", "floor x base (prefill)", "values read", "floor x base (decode)"],
+                        work_floor(model, targets, r))
         rows_of_case = run_case(case, variants(model, method, targets, r, args.compile), rows, rounds, vocab)
         print_table(f"{case} (as it finishes)", ["case", "row", "batch", "variant", "ms", "x peft", "x base", "diff"],
                     rows_of_case)

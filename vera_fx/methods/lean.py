@@ -1,34 +1,12 @@
-"""A site's tail ``y + lambda_b * (z @ B.T)`` in the forms the lowerings emit: at inference ``site_apply`` /
-``group_products`` + ``site_add`` (plain ops, only vectors scaled: what counts is how often ``B`` is read and how
-many calls a site makes); in training, with custom backward each keeping less than the plain chain, the fused
-tail ``fused_site`` and the memory-lean op ``vera_fx::lean_add``; PVeRA's KL term ``vera_fx::pvera_kl``; and the
-adapter math the weight path shares.
+"""A site's tail ``y + lambda_b * (z @ B.T)`` in the forms the lowerings emit.
 
-``fused_site`` runs ``u = (h * lambda_d) @ B.T`` or ``h @ (B * lambda_d).T``, whichever scales fewer values (PVeRA
-hands its sampled ``z``), and ``y += u * lambda_b`` (``addcmul_``, in place where the lower pass found no other
-reader and the tensor allows it); backward: ``d lambda_b = sum_t g * u``, ``gz = g @ (lambda_b * B)`` (or ``(g *
-lambda_b) @ B``), VeRA ``d lambda_d = sum_t gz * h``, ``d h = gz * lambda_d``, PVeRA ``d z = gz``. It keeps ``u``
-and VeRA's ``h`` (what the plain path keeps) with about half the plain chain's elementwise passes over tokens x
-out. Under torch.compile and autocast, and for mixed dtypes or broadcasting, it is the plain chain's own ops.
-
-``lean_add`` computes a site's ``y + lambda_b * (z @ B.T)`` as one ``addmm`` against ``lambda_b * B`` (VeRA's
-``lambda_d`` scales ``h`` or that matrix, whichever is smaller) and keeps only ``h = x @ A.T`` (stored once per
-group) and PVeRA's noise ``eps``, where the plain path keeps ``h * lambda_d``, ``z`` and ``u = z @ B.T`` per site.
-Backward, with ``g = d loss / d output`` summed over the token dimensions and ``hd = h * lambda_d``:
-
-- VeRA: ``z = hd``. PVeRA: ``mu, lv = hd[..., :r], hd[..., r:]``, ``s = exp(lv / 2)``, ``z = mu + eps * s``;
-- ``d lambda_b[o] = sum_k B[o, k] * M[o, k]`` with ``M = g.T @ z`` (out x r): one extra token x r x out product
-  instead of keeping ``u`` (VeRA: ``M = g.T @ h`` against ``B * lambda_d``);
-- ``gz = g @ (lambda_b * B)``; ``d hd = gz`` (VeRA); ``d mu = gz``, ``d lv = gz * eps * s / 2`` (PVeRA);
-- ``d lambda_d = sum_t d hd * h``, ``d h = d hd * lambda_d``; for VeRA ``M * B`` (one out x r pass) gives ``d
-  lambda_b = (M * B) @ lambda_d`` and ``d lambda_d = lambda_b @ (M * B)``, and ``d h = (g @ (lambda_b * B)) *
-  lambda_d``.
-
-``pvera_kl`` = ``-0.5 * mean(1 + lv - mu^2 - exp(lv))`` in float32, ``d mu = g * mu / N``, ``d lv = -0.5 * g * (1 -
-exp(lv)) / N``: it keeps ``h`` and ``lambda_d`` where the plain path keeps ``hd`` and ``exp(lv)``. With
-``register_autograd`` both stay single nodes under torch.compile(fullgraph=True); ``lean_site`` runs the same
-forward and backward as an autograd.Function in an eager step (keeping ``es = eps * s``, so backward forms ``z``
-without an exp) and for the sites ``auto`` lowered under torch.compile (traced, so inductor fuses them).
+At inference: ``site_apply``, or ``group_products`` + ``site_add`` (plain ops, only vectors scaled; what counts
+is how often ``B`` is read and how many calls a site makes). In training, custom backwards that keep less than
+the plain chain: ``fused_site`` (keeps ``u`` and VeRA's ``h``, half the plain chain's elementwise passes),
+``vera_fx::lean_add`` (one ``addmm`` against ``lambda_b * B``; keeps only ``h`` and PVeRA's noise, and recomputes
+``M = g.T @ z`` (out x r) for ``d lambda_b`` in backward instead of keeping ``u``) and PVeRA's KL term
+``vera_fx::pvera_kl`` (float32; keeps ``h`` and ``lambda_d``). The custom ops stay single nodes under
+torch.compile(fullgraph=True); ``lean_site`` runs them as an autograd.Function in an eager step.
 """
 
 from __future__ import annotations
