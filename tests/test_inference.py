@@ -63,7 +63,10 @@ def test_every_inference_form_equals_peft(kw, lowering):
         twin = _twin(ours)
         assert twin.meta[INFERENCE_KEY] == form and _paths(twin) == {"inference"}
         # gate / up share one B slice (q and v differ in width here: 2 key-value heads)
-        assert ("group_products" in _targets(twin)) == (form == "batched" and kw is ALL)
+        products = [n for g in graph_modules(twin) for n in g.graph.nodes if n.target is group_products]
+        assert bool(products) == (kw is ALL)  # a lone site (q and v here) takes one site_apply
+        stacked = {n.kwargs["stacked"] for n in products}  # batched: where the cost model finds it cheaper
+        assert not products or stacked == ({False} if form == "site" else {True, False})
     assert _paths(ours.graph_module) != {"inference"}  # the training graph is untouched
 
 
@@ -168,6 +171,8 @@ def test_inference_ops_equal_the_plain_chain():
     lds, lbs = [torch.randn(4) for _ in range(3)], [torch.randn(5) for _ in range(3)]
     u = group_products(h, b, *lds)
     assert len(u) == 3 and all(t.shape == (2, 3, 5) for t in u)
+    for one, other in zip(u, group_products(h, b, *lds, stacked=False)):
+        _close(one, other)
     for k in range(3):
         y = torch.randn(2, 3, 5)
         plain = y + torch.nn.functional.linear(h * lds[k], b) * lbs[k]
@@ -184,10 +189,10 @@ def test_inference_ops_equal_the_plain_chain():
 def test_cost_model_batches_groups_only():
     assert inference_plan(1, 256, 1024, 3) == "batched"
     assert inference_plan(512, 256, 1024, 2) == "batched"
-    assert inference_plan(1, 8, 48, 2) == "site"  # B smaller than a call: two calls more cost more
+    assert inference_plan(1, 8, 48, 2) == "adjacent"  # B smaller than a call: the stacked product's calls cost more
     assert inference_plan(1, 8, 48, 3) == "batched"
     assert inference_plan(1, 256, 1024, 1) == "site"
-    assert inference_plan(1, 256, 1024, 3, form="site") == "site"
+    assert inference_plan(1, 256, 1024, 3, form="site") == "adjacent"
     costs = inference_costs(1, 256, 1024, 3)
     assert costs["batched"] < costs["site"]
 

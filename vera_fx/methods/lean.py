@@ -18,9 +18,12 @@ import torch
 from torch import Tensor
 
 
-def group_products(h: Tensor, b: Tensor, *lambda_d: Tensor) -> tuple[Tensor, ...]:
-    """``(h * lambda_d_k) @ B.T`` for every ``k`` (each ``(*h.shape[:-1], out)``): one broadcast product over the
-    stacked ``lambda_d`` and one ``linear`` over the ``n x tokens`` rows, so ``B`` is read once."""
+def group_products(h: Tensor, b: Tensor, *lambda_d: Tensor, stacked: bool = True) -> tuple[Tensor, ...]:
+    """``(h * lambda_d_k) @ B.T`` for every ``k`` (each ``(*h.shape[:-1], out)``): ``stacked``, one broadcast
+    product over the stacked ``lambda_d`` and one ``linear`` over the ``n x tokens`` rows (``B`` read once); else
+    one ``linear`` per site, back to back, so ``B`` is read again while it is in cache."""
+    if not stacked:
+        return tuple(torch.nn.functional.linear(h * d, b) for d in lambda_d)
     scales = torch.stack(lambda_d).view(len(lambda_d), *([1] * (h.dim() - 1)), h.shape[-1])
     return torch.nn.functional.linear(h * scales, b).unbind(0)
 

@@ -2,9 +2,11 @@
 
 A graph built for inference (root ``gm.meta["vera_fx_inference"]`` names the form: the model object's twins and
 generation's decode graphs) keeps nothing for backward. Per site group (one adapter's sites reading one
-``h = x @ A.T`` and one slice of ``B``) it calls vera_fx/methods/lean.py: a ``site_apply`` per site (the
-default), or ``form="batched"``, one ``group_products`` (``B`` read once) and a ``site_add`` per site. PVeRA's
-sites reading one ``x`` share ``pvera_group_h`` and take ``pvera_latent`` each.
+``h = x @ A.T`` and one slice of ``B``) it calls vera_fx/methods/lean.py: one ``group_products`` before the
+group's first add and a ``site_add`` per site (a lone site: one ``site_apply``). The products are per site, back to
+back, so ``B`` is read again from cache (the default ``form="site"``), or with ``form="batched"`` one product over
+the stacked rows (``B`` read once). PVeRA's sites reading one ``x`` share ``pvera_group_h`` and take
+``pvera_latent`` each.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ logger = logging.getLogger(__name__)
 INFERENCE_KEY = "vera_fx_inference"  # root gm.meta: the inference form this graph tree is built in
 FLAT_KEY = "vera_fx_flat_reads"  # each graph's meta in an inference tree: {flat name: owner module path}
 FORMS = ("batched", "site")
-# ``m.inference_form``'s default: on the 2-core CPU (hidden 1024, r=256) both forms measured the same (decode
-# 1.35x the base); the batched form stays selectable (devices with costlier calls).
+# ``m.inference_form``'s default: on the 2-core CPU (hidden 1024, r=256, decode) a group's per-site products back
+# to back measured 0.89-0.94x PEFT, the stacked product 0.91-0.95x, each product at its site's add 0.93-0.94x.
 DEFAULT_FORM = "site"
 CALL_COST = 4096  # multiply-add equivalents of one eager op call (~5-10 us on the 2-core CPU, ~1 GMAC/s/core)
 
@@ -40,22 +42,25 @@ def inference_costs(tokens: int, r: int, out: int, n: int) -> dict[str, int]:
 
 
 def inference_plan(tokens: int, r: int, out: int, n: int, form: str = "batched") -> str:
-    """The form of one group: ``"site"`` when asked or when batching does not cost less (a single site)."""
+    """The plan of one group: ``"site"`` for a lone site; ``"batched"`` (one stacked product) when asked and it
+    costs less; else ``"adjacent"`` (per-site products, back to back)."""
+    if n < 2:
+        return "site"
     costs = inference_costs(tokens, r, out, n)
-    return "site" if form == "site" or n < 2 or costs["batched"] >= costs["site"] else "batched"
+    return "batched" if form == "batched" and costs["batched"] < costs["site"] else "adjacent"
 
 
 def _tail(gm: GraphModule, members: list[Chain], plan: str) -> None:
-    """A VeRA group's products from its ``h``: ``plan="batched"``, one ``group_products`` then a ``site_add`` per
-    site; else a ``site_apply`` per site, each in place of its site's add."""
+    """A VeRA group's products from its ``h``: one ``group_products`` (``stacked`` for ``plan="batched"``) then a
+    ``site_add`` per site; a lone site's one ``site_apply`` in place of its add."""
     graph, (h, _, b, _) = gm.graph, members[0].operands
-    if plan == "batched":
+    if plan != "site":
         lambdas = [c.operands[1] for c in members]
         order = {n: k for k, n in enumerate(graph.nodes)}
         first = min((c.add for c in members), key=order.__getitem__)
         hoist((h, b, *lambdas), first)
         with graph.inserting_before(first):
-            u = graph.call_function(group_products, (h, b, *lambdas))
+            u = graph.call_function(group_products, (h, b, *lambdas), {"stacked": plan == "batched"})
         tag_node(u, members[0], "adapter", "products", "inference")
         u.meta[ADAPTER_KEY]["bases"] = [c.site.base.name for c in members]
         for k, c in enumerate(members):
