@@ -1,8 +1,7 @@
 """The ``vera-fx`` command: inspect a model's adapter sites, run the demo, merge an adapter into a model.
 
-Bad paths and arguments end with a one-line error on stderr and exit status 2 (never a traceback);
-``-v`` shows progress logs. Arguments are parsed before torch is imported: ``--help``, ``--version`` and usage
-errors answer at once.
+Bad paths and arguments end with a one-line error on stderr and exit status 2 (never a traceback). Arguments are
+parsed before torch is imported, so ``--help``, ``--version`` and usage errors answer at once.
 """
 
 from __future__ import annotations
@@ -25,10 +24,8 @@ logger = logging.getLogger(__name__)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                     "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
                     "sentencepiece.bpe.model", "chat_template.jinja", "generation_config.json")
-
-
-# The user's input (status 2): bad folders and files (OSError), configs that do not fit the model, missing
-# optional packages. Any other RuntimeError (a CaptureError) ends with status 1.
+# The user's input (status 2): bad folders and files, configs that do not fit the model, missing optional
+# packages. Any other RuntimeError (a CaptureError) ends with status 1.
 _USER_ERRORS = (OSError, ValueError, TypeError, KeyError, ImportError)
 
 
@@ -106,10 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _first_line(e: BaseException) -> str:
-    return next(iter(str(e).strip().splitlines()), "") or type(e).__name__
-
-
 def _check_dir(label: str, path: str, must_have: Optional[str] = None) -> Path:
     p = Path(path)
     if not p.exists():
@@ -182,11 +175,6 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _one_line_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
-                      line: Optional[str] = None) -> None:
-    print(f"vera-fx: warning: {message}", file=sys.stderr)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``vera-fx`` with ``argv`` (default: the process arguments); returns the exit status."""
     parser = build_parser()
@@ -200,7 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.showwarning = _one_line_warning
+        warnings.showwarning = lambda message, *_, **__: print(f"vera-fx: warning: {message}", file=sys.stderr)
         try:
             if args.command == "demo":  # imported for this command only (it imports torch)
                 return int(importlib.import_module("vera_fx.demo").main(rest) or 0)
@@ -212,8 +200,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.verbose:
                 raise
             internal = not isinstance(e, _USER_ERRORS)  # a CaptureError: not the user's input
-            print(f"{prog}: error: {_first_line(e)}{' (run with -v for details)' if internal else ''}",
-                  file=sys.stderr)
+            first = next(iter(str(e).strip().splitlines()), "") or type(e).__name__
+            print(f"{prog}: error: {first}{' (run with -v for details)' if internal else ''}", file=sys.stderr)
             return 1 if internal else 2
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr)

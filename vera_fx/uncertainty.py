@@ -1,8 +1,7 @@
 """Monte Carlo predictions from PVeRA's learned distribution, and Student-t confidence intervals.
 
 ``monte_carlo`` runs a few large forwards of the repeated inputs instead of many small ones (a small forward's
-cost is mostly per-call overhead). With ``generator_seed`` each sample draws its own block of each site's
-noise stream, so the samples equal ``n_samples`` sequential sampled forwards whatever ``max_batch`` is.
+cost is mostly per-call overhead); with ``generator_seed`` the samples equal sequential sampled forwards.
 """
 
 from __future__ import annotations
@@ -51,8 +50,8 @@ def _chunks(n_samples: int, max_batch: Optional[int], batch: int) -> list[int]:
 
 
 def _stacked(outputs: list[list[Any]], n_samples: int, batch: int) -> list[Any]:
-    """The flattened outputs of every forward (``(leaf, samples)`` pairs) joined per leaf, each tensor shaped
-    (n_samples, batch, ...); a tensor without the batch dimension becomes None (with a warning)."""
+    """The flattened outputs of every forward joined per leaf, each tensor shaped (n_samples, batch, ...); a
+    tensor without the batch dimension becomes None."""
     combined: list[Any] = []
     dropped = 0
     for i, (leaf, _) in enumerate(outputs[0]):
@@ -73,14 +72,10 @@ def _stacked(outputs: list[list[Any]], n_samples: int, batch: int) -> list[Any]:
 
 def monte_carlo(gm: nn.Module, *args: Any, n_samples: int = 16, max_batch: Optional[int] = None,
                 **kwargs: Any) -> Any:
-    """``n_samples`` sampled predictions for one input, in the model's output structure with every tensor
-    stacked along a new first dimension of size ``n_samples``.
+    """``n_samples`` sampled predictions for one input, every output tensor stacked along a new first dimension.
 
-    The inputs are repeated along dim 0 and run in as few forwards as ``max_batch`` (rows per forward) allows,
-    in eval mode without gradients. Sites whose ``sample_at_inference`` is on sample; when none is, every PVeRA
-    site does. Modes, switches and KL records are restored afterwards, on error too. Outputs without the batch
-    dimension (a scalar ``loss``) come back as None (capture without ``labels`` to avoid them).
-    """
+    Runs in eval mode without gradients, in as few forwards as ``max_batch`` (rows per forward) allows. Sites whose
+    ``sample_at_inference`` is on sample; when none is, every PVeRA site does."""
     if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
         raise ValueError(f"n_samples={n_samples!r} is invalid: expected an int >= 1, e.g. n_samples=16")
     inner = as_graph_module(gm)
@@ -143,8 +138,8 @@ def _betainc(a: float, b: float, x: float) -> float:
 
 @functools.lru_cache(maxsize=256)
 def student_t_quantile(p: float, df: float) -> float:
-    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (float64, relative error ~1e-12).
-    torch.distributions.StudentT has no icdf: this bisects the t distribution's mass (closed forms for df 1, 2)."""
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (relative error ~1e-12), by bisection:
+    torch.distributions.StudentT has no icdf."""
     if not isinstance(p, (int, float)) or not 0.0 < p < 1.0:
         raise ValueError(f"p={p!r} is invalid: expected a probability strictly between 0 and 1")
     if not isinstance(df, (int, float)) or not df > 0:
@@ -168,10 +163,8 @@ def student_t_quantile(p: float, df: float) -> float:
     return 0.5 * (lo + hi)
 
 
-def confidence_interval(samples: torch.Tensor, level: float = 0.95, dim: int = 0) -> tuple[torch.Tensor,
-                                                                                           torch.Tensor]:
-    """The Student-t confidence interval of the mean along ``dim``: ``mean -+ sem * t((1 + level) / 2, n - 1)``
-    with ``sem = std / sqrt(n)`` (unbiased std). Returns ``(low, high)`` without ``dim``."""
+def confidence_interval(samples: torch.Tensor, level: float = 0.95, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Student-t confidence interval ``(low, high)`` of the mean along ``dim``."""
     if not isinstance(samples, torch.Tensor):
         raise TypeError(f"samples must be a torch.Tensor (e.g. one field of monte_carlo's output), got "
                         f"{type(samples).__name__}")
