@@ -48,8 +48,6 @@ Slot = tuple[nn.Module, str]  # (module, attribute) of a tensor
 Plan = list[tuple[nn.Module, str, torch.Tensor, bool]]  # (module, attribute, value, replaces a base tensor)
 
 
-# --- PEFT's keys ---------------------------------------------------------------------------------------------
-
 def adapter_state(gm: GraphModule, adapter_name: str = "default") -> AdapterState:
     container = adapters_of(gm)
     if len(container) == 0:
@@ -113,8 +111,6 @@ def adapter_state_dict(gm: GraphModule, adapter_name: str = "default") -> dict[s
     return {k: full_tensor(getattr(mod, attr).detach()) for k, (mod, attr) in targets.items()}
 
 
-# --- loading -------------------------------------------------------------------------------------------------
-
 def _fmt_keys(keys: list[str]) -> str:
     return f"{keys[:5] or 'none'}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
 
@@ -133,19 +129,21 @@ def _incoming(state_dict: dict[str, Any], adapter_name: str, projection_keys: di
     return incoming
 
 
-def _check_values(state: Any, incoming: dict[str, Any], targets: dict[str, Slot],
-                  projection_keys: dict[str, str], peers: list[str], adapter_name: str, source: str) -> None:
-    """ValueError naming values that do not fit what they replace, or that differ from projections shared with
-    ``peers`` (checked, never written)."""
-    bad = []
+def _check_values(incoming: dict[str, Any], targets: dict[str, Slot], shared: set[str], peers: list[str],
+                  adapter_name: str, source: str) -> None:
+    """ValueError naming values that do not fit what they replace, or that differ from the projections (keys
+    ``shared``) the adapter shares with ``peers`` (checked, never written)."""
+    bad, differ = [], []
     for key, value in incoming.items():
         mod, attr = targets[key]
         current = getattr(mod, attr)
         if not isinstance(value, torch.Tensor):
             bad.append(f"{key}: not a tensor ({type(value).__name__})")
-        elif key in projection_keys and peers and value.dim() == current.dim() and \
-                all(a <= b for a, b in zip(value.shape, current.shape)):
-            pass  # PEFT drew this adapter's own projections for its smaller layers: the shared ones' corner
+        elif key in shared and value.dim() == current.dim() and all(a <= b for a, b in zip(value.shape, current.shape)):
+            # PEFT drew this adapter's own projections for its smaller layers: the shared ones' corner
+            corner = current[tuple(slice(0, n) for n in value.shape)]
+            if not torch.equal(value.to(device=corner.device, dtype=corner.dtype), corner):
+                differ.append(key)
         elif tuple(value.shape) != tuple(current.shape):
             bad.append(f"{key}: shape {tuple(value.shape)} in the checkpoint, {tuple(current.shape)} on the graph")
         elif not value.is_floating_point():
@@ -153,14 +151,10 @@ def _check_values(state: Any, incoming: dict[str, Any], targets: dict[str, Slot]
     if bad:
         raise ValueError(f"{source}: does not fit adapter {adapter_name!r}: " + "; ".join(bad[:5]) +
                          (" ..." if len(bad) > 5 else "") + ". Check r and the model the adapter was trained on")
-    for key, attr in projection_keys.items():
-        if key in incoming and peers:
-            value = incoming[key]
-            current = getattr(state, attr)[tuple(slice(0, n) for n in value.shape)]
-            if not torch.equal(value.to(device=current.device, dtype=current.dtype), current):
-                raise ValueError(f"{source}: {key} differs from the projections adapter {adapter_name!r} shares "
-                                 f"with {peers}; loading it would change those adapters. Load this checkpoint "
-                                 "into a graph of its own (vera_fx.from_pretrained)")
+    if differ:
+        raise ValueError(f"{source}: {differ[0]} differs from the projections adapter {adapter_name!r} shares with "
+                         f"{peers}; loading it would change those adapters. Load this checkpoint into a graph of its "
+                         "own (vera_fx.from_pretrained)")
 
 
 def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str, source: str) -> tuple[Plan, list[str]]:
@@ -184,12 +178,12 @@ def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str, so
                          f"{_fmt_keys(missing)}, unexpected keys: {_fmt_keys(unexpected)}. Check target_modules, "
                          "modules_to_save, bias and the model")
     peers = [n for n, s in adapters_of(gm).items() if n != adapter_name and s.method_name == state.method_name]
-    _check_values(state, incoming, targets, projection_keys, peers, adapter_name, source)
+    shared = set(projection_keys) if peers else set()
+    _check_values(incoming, targets, shared, peers, adapter_name, source)
     merged = sorted(adapter_flags(gm).merged)
     if base_keys and merged:
         raise ValueError(f"{source}: holds base weights ({_fmt_keys(sorted(base_keys))}) but sites {merged[:3]} are "
                          "merged; vera_fx.unmerge(gm) first, then load")
-    shared = set(projection_keys) if peers else set()
     plan = [(*targets[k], v, k in base_keys) for k, v in incoming.items() if k not in shared]
     return plan, [k for k in projection_keys if k not in incoming]
 
@@ -283,8 +277,6 @@ def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
     logger.info("loaded adapter %r from %s", adapter_name, directory)
 
 
-# --- files ---------------------------------------------------------------------------------------------------
-
 def peft_config_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str, Any]:
     """adapter_config.json's content for ``adapter_name``, with PEFT's keys (no others)."""
     state = adapter_state(gm, adapter_name)
@@ -327,8 +319,7 @@ def save_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
                  is_main_process: Optional[bool] = None) -> None:
     """Write ``adapter_name`` to ``directory`` as PEFT does, both files at once. A sharded graph gathers its
     tensors, a collective: call it on every rank with ``is_main_process=(rank == 0)``."""
-    wrapper, gm = gm, unwrap_parallel(gm)  # a DDP / FSDP1 wrapper first, then the model object or compile
-    gm = as_graph_module(gm, "save_adapter")
+    wrapper, gm = gm, as_graph_module(unwrap_parallel(gm), "save_adapter")  # a DDP / FSDP1 wrapper first
     state = adapter_state(gm, adapter_name)
     targets = [getattr(mod, attr) for mod, attr in state_dict_targets(gm, adapter_name).values()]
     gather = needs_gather(wrapper, targets)
@@ -375,16 +366,13 @@ def read_folder(directory: PathLike) -> tuple[AdapterConfig, dict[str, torch.Ten
             raise ValueError(f"{path} has no {CONFIG_NAME}: not an adapter folder (write one with "
                              "vera_fx.save_adapter or PEFT's save_pretrained)")
         if files[WEIGHTS_NAME] is None and files[BIN_NAME] is None:
-            raise ValueError(f"{path} has no {WEIGHTS_NAME} (nor PEFT's {BIN_NAME}); the adapter's weights are "
-                             "missing")
+            raise ValueError(f"{path} has no {WEIGHTS_NAME} (nor PEFT's {BIN_NAME}): the adapter's weights are missing")
         config = _read_config(files[CONFIG_NAME].read(), str(path / CONFIG_NAME))
         name = WEIGHTS_NAME if files[WEIGHTS_NAME] is not None else BIN_NAME  # safetensors first, as PEFT
         tensors = (read_safetensors if name == WEIGHTS_NAME else read_pickle)(files[name], str(path / name))
     check_file_shapes(config, tensors, str(path / name))
     return config, tensors, str(path / name)
 
-
-# --- the model object's state dict (Trainer checkpoints) -----------------------------------------------------
 
 def adapters_state_dict(source: GraphModule, destination: Optional[dict] = None, prefix: str = "",
                         keep_vars: bool = False) -> dict[str, torch.Tensor]:

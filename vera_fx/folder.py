@@ -105,7 +105,7 @@ def _recover_locked(path: Path, keep: set[str]) -> None:
 
 def _folder_path(directory: os.PathLike | str) -> Path:
     path = Path(os.path.abspath(directory))
-    if path.exists() and not path.is_dir():
+    if path.is_file():  # one stat: a folder that a save renames meanwhile is no file
         raise ValueError(f"{str(directory)!r} is a file, not an adapter folder: give a folder")
     return path
 
@@ -168,34 +168,27 @@ def open_folder(directory: os.PathLike | str, names: tuple[str, ...],
         where = path if path.is_dir() else next(iter(_siblings(path, "old")), None)
         if where is None:
             raise ValueError(f"adapter folder {str(directory)!r} does not exist")
-        try:
-            with _open_files(where, names, keep & set(names), set_aside=where != path) as files:
+        with _open_files(where, names, keep & set(names), set_aside=where != path) as files:
+            if files is not None:
                 yield files
-            return
-        except _Retry:
-            if attempt == 7:
-                raise ValueError(f"{path}: the folder kept changing while it was read (saves in a loop?); "
-                                 "read it again") from None
-            time.sleep(0.001 * 2 ** attempt)  # a save is swapping it: let the swap finish
-
-
-class _Retry(Exception):
-    """The folder was swapped or removed while its files were opened."""
+                return
+        if attempt == 7:
+            raise ValueError(f"{path}: the folder kept changing while it was read (saves in a loop?); read it again")
+        time.sleep(0.001 * 2 ** attempt)  # a save is swapping it: let the swap finish
 
 
 @contextlib.contextmanager
 def _open_files(where: Path, names: tuple[str, ...], required: set[str],
-                set_aside: bool = False) -> Iterator[dict[str, Optional[IO[bytes]]]]:
-    """``names`` opened relative to one handle of ``where`` (None when missing); _Retry when one of ``required``
-    is missing because a save swapped the folder or is deleting ``where``, a folder it set aside."""
-    dir_fd = None
-    if os.open in os.supports_dir_fd:
-        try:
-            dir_fd = os.open(where, os.O_RDONLY)
-        except FileNotFoundError:
-            raise _Retry from None
-        except OSError:
-            dir_fd = None
+                set_aside: bool) -> Iterator[Optional[dict[str, Optional[IO[bytes]]]]]:
+    """``names`` opened relative to one handle of ``where`` (None when missing); None instead when one of
+    ``required`` is missing because a save swapped the folder or is deleting ``where``, a folder it set aside."""
+    try:
+        dir_fd = os.open(where, os.O_RDONLY) if os.open in os.supports_dir_fd else None
+    except FileNotFoundError:  # swapped or removed meanwhile
+        yield None
+        return
+    except OSError:
+        dir_fd = None
     files: dict[str, Optional[IO[bytes]]] = {}
     try:
         for name in names:
@@ -205,9 +198,8 @@ def _open_files(where: Path, names: tuple[str, ...], required: set[str],
             except FileNotFoundError:
                 fd = None
             files[name] = os.fdopen(fd, "rb") if fd is not None else None
-        if any(files[n] is None for n in required) and (set_aside or _swapped(where, dir_fd)):
-            raise _Retry
-        yield files
+        swapped = any(files[n] is None for n in required) and (set_aside or _swapped(where, dir_fd))
+        yield None if swapped else files
     finally:
         for f in files.values():
             if f is not None:

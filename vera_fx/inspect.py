@@ -190,8 +190,7 @@ def _node_stmt(name: str, attrs: dict[str, Any], context: bool) -> str:
         lines.append(target if len(target) <= 48 else "..." + ".".join(target.split(".")[-2:])[-45:])
     if attrs["shape"] is not None:
         lines.append(f"{'x'.join(map(str, attrs['shape'])) or 'scalar'} {attrs['dtype']}")
-    label = "\n".join(lines)
-    parts = [f"label={_q(label)}"]
+    parts = ["label=" + _q("\n".join(lines))]
     role = attrs["role"]
     if role in ROLE_COLORS:
         tip = role + (f": {attrs['site']}" if attrs["site"] else "") + (
@@ -261,8 +260,7 @@ class GraphView:
         if exe is None:
             return None
         try:
-            done = subprocess.run([exe, "-Tsvg"], input=self.source.encode(), capture_output=True, timeout=120.0,
-                                  check=False)
+            done = subprocess.run([exe, "-Tsvg"], input=self.source.encode(), capture_output=True, timeout=120.0)
         except (OSError, subprocess.TimeoutExpired) as e:
             logger.warning("graphviz dot failed (%s); showing the summary table instead", e)
             return None
@@ -296,5 +294,4 @@ class GraphView:
 def view(gm: GraphModule, adapters_only: bool = True) -> GraphView:
     """A notebook view of ``gm``: the graph (adapter part by default) and the site table."""
     gm = as_graph_module(gm, "view")
-    return GraphView(source=to_dot(gm, adapters_only=adapters_only), text=summary(gm),
-                     html_table=summary_html(gm))
+    return GraphView(source=to_dot(gm, adapters_only=adapters_only), text=summary(gm), html_table=summary_html(gm))

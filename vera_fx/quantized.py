@@ -97,12 +97,11 @@ class _StandIn(nn.Module):
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        bias, compute = getattr(layer, "bias", None), getattr(layer, "compute_dtype", None)
+        bias, dtype = getattr(layer, "bias", None), getattr(layer, "compute_dtype", None)
         if isinstance(bias, torch.Tensor) and bias.is_floating_point():
             dtype = bias.dtype
-        else:
-            dtype = compute if isinstance(compute, torch.dtype) else torch.get_default_dtype()
-        zero = torch.zeros((), dtype=dtype, device=layer.weight.device).expand(self.out_features, self.in_features)
+        zero = torch.zeros((), dtype=dtype if isinstance(dtype, torch.dtype) else torch.get_default_dtype(),
+                           device=layer.weight.device).expand(self.out_features, self.in_features)
         self.weight = nn.Parameter(zero, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,11 +146,10 @@ def _refuse_packed_weight(path: str, module: nn.Module, args: tuple) -> None:
     x = args[0] if args else None
     if (isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()
             and _is_cpu_packed(module.weight)):
-        raise RuntimeError(
-            f"site {path!r}: its bitsandbytes 4-bit weight is packed for CPU inference, because the original "
-            "model ran in eval mode after vera_fx captured it; "
-            "bitsandbytes' packed kernel has no backward, so gradients would stop here. Do not run the original "
-            "model in eval mode while training the graph, or capture the model again")
+        raise RuntimeError(f"site {path!r}: its bitsandbytes 4-bit weight is packed for CPU inference, because the "
+                           "original model ran in eval mode after vera_fx captured it; bitsandbytes' packed kernel has "
+                           "no backward, so gradients would stop here. Do not run the original model in eval mode "
+                           "while training the graph, or capture the model again")
 
 
 def _own_dicts(layer: nn.Module) -> nn.Module:
@@ -256,8 +254,7 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
         scb = weight.SCB if getattr(weight, "SCB", None) is not None else getattr(layer.state, "SCB", None)
         if scb is None:
             raise ValueError(f"bitsandbytes int8 layer ({type(layer).__name__}, {layer.out_features}x"
-                             f"{layer.in_features}) has no row scales (SCB): it was never quantized; call .to(device) "
-                             "on it first")
+                             f"{layer.in_features}) has no row scales (SCB): it was never quantized; call .to(device)")
         return bnb_functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device))
     data, quant_state = weight.data, weight.quant_state
     if _is_cpu_packed(weight):

@@ -17,6 +17,7 @@ ADAPTER_KEY = "vera_fx"
 MODEL_INFO_KEY = "vera_fx_model"  # root gm.meta: what capture recorded of the model (class, modules, output head)
 BLOCK_KEY = "vera_fx_block"  # gm.meta of a block graph (a repeated layer as a submodule): {"path", "group"}
 BLOCK_CALL_KEY = "vera_fx_block_call"  # node.meta of the root's node that calls a block: the block's path
+ADAPTERS = "vera_fx_adapters"  # a graph's adapter set (methods.CONTAINER; sites reads it without importing methods)
 LINEAR_KINDS = ("linear", "conv1d", "int8", "nf4", "fp4")
 
 
@@ -134,7 +135,7 @@ def read_sites(gm: GraphModule) -> list[Site]:
     """Every tagged site of ``gm``'s tree in call order, with its adapters (merge state and sampling: the root's)."""
     merged = adapter_flags(gm).merged
     sampling: dict[str, tuple[str, ...]] = {}
-    for adapter_name, state in _adapter_states(gm):
+    for adapter_name, state in (getattr(gm, ADAPTERS, None) or {}).items():
         for site_name in state.method.sampling_sites(state):
             sampling[site_name] = sampling.get(site_name, ()) + (adapter_name,)
     blocks = {block_prefix(g): g for g in graph_modules(gm)[1:]}
@@ -172,15 +173,10 @@ def read_graph_sites(gm: GraphModule, merged: Optional[dict] = None, sampling: O
     return sites
 
 
-def _adapter_states(gm: GraphModule) -> list[tuple[str, Any]]:
-    container = getattr(gm, "vera_fx_adapters", None)
-    return list(container.items()) if container is not None else []
-
-
 def site_owners(gm: GraphModule) -> dict[str, list[str]]:
     """Site name -> the adapters holding state there (active, inactive: no nodes while switched off, or merged)."""
     owners: dict[str, list[str]] = {}
-    for name, state in _adapter_states(gm):
+    for name, state in (getattr(gm, ADAPTERS, None) or {}).items():
         for site_name in state.site_names:
             owners.setdefault(site_name, []).append(name)
     return owners

@@ -23,7 +23,10 @@ from .sites import as_graph_module
 logger = logging.getLogger(__name__)
 
 
-def _batch_size(args: tuple, kwargs: dict) -> int:
+def _chunks(args: tuple, kwargs: dict, n_samples: Any, max_batch: Any) -> tuple[int, list[int]]:
+    """(the inputs' batch size, samples per forward: all at once, or as many as ``max_batch`` rows hold)."""
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+        raise ValueError(f"n_samples={n_samples!r} is invalid: expected an int >= 1, e.g. n_samples=16")
     sizes = {pytree.keystr(path): leaf.shape[0] for path, leaf in pytree.tree_flatten_with_path((args, kwargs))[0]
              if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1}
     if not sizes:
@@ -31,22 +34,12 @@ def _batch_size(args: tuple, kwargs: dict) -> int:
     if len(set(sizes.values())) > 1:
         raise ValueError(f"monte_carlo repeats every tensor input along dim 0, so all must share the batch size; "
                          f"got {sizes}")
-    return next(iter(sizes.values()))
-
-
-def _repeat(obj: Any, k: int) -> Any:
-    """Every tensor of ``obj`` repeated ``k`` times along dim 0."""
-    return pytree.tree_map(lambda t: t.repeat(k, *([1] * (t.dim() - 1)))
-                           if isinstance(t, torch.Tensor) and t.dim() >= 1 and k > 1 else t, obj)
-
-
-def _chunks(n_samples: int, max_batch: Optional[int], batch: int) -> list[int]:
-    """Samples per forward: all at once, or as many as ``max_batch`` rows hold."""
+    batch = next(iter(sizes.values()))
     if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < batch):
         raise ValueError(f"max_batch={max_batch!r} is invalid: one sample needs the input's {batch} rows, so "
                          f"max_batch must be an int >= {batch}")
     per_chunk = n_samples if max_batch is None else min(n_samples, max_batch // batch)
-    return [min(per_chunk, n_samples - i) for i in range(0, n_samples, per_chunk)]
+    return batch, [min(per_chunk, n_samples - i) for i in range(0, n_samples, per_chunk)]
 
 
 def _stacked(outputs: list[list[Any]], n_samples: int, batch: int) -> list[Any]:
@@ -76,12 +69,9 @@ def monte_carlo(gm: nn.Module, *args: Any, n_samples: int = 16, max_batch: Optio
 
     Runs in eval mode without gradients, in as few forwards as ``max_batch`` (rows per forward) allows. Sites whose
     ``sample_at_inference`` is on sample; when none is, every PVeRA site does."""
-    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
-        raise ValueError(f"n_samples={n_samples!r} is invalid: expected an int >= 1, e.g. n_samples=16")
+    batch, chunks = _chunks(args, kwargs, n_samples, max_batch)
     inner = as_graph_module(gm)
     states = pvera_states(inner)
-    batch = _batch_size(args, kwargs)
-    chunks = _chunks(n_samples, max_batch, batch)
     modes = {name: m.training for name, m in inner.named_modules()}
     switches = {(st, s): getattr(st.site_module(s), SAMPLE_SWITCH) for st in states.values() for s in st.site_names}
     records = {st: dict(getattr(st, KL_RECORD).values) for st in states.values()}
@@ -96,7 +86,8 @@ def monte_carlo(gm: nn.Module, *args: Any, n_samples: int = 16, max_batch: Optio
                           disable=True if len(chunks) < 2 else None):
                 for st in states.values():
                     setattr(st, NOISE_GROUPS, k)
-                rep_args, rep_kwargs = _repeat((args, kwargs), k)
+                rep_args, rep_kwargs = pytree.tree_map(lambda t: t.repeat(k, *([1] * (t.dim() - 1))) if isinstance(
+                    t, torch.Tensor) and t.dim() >= 1 and k > 1 else t, (args, kwargs))  # along dim 0
                 leaves, spec = pytree.tree_flatten(gm(*rep_args, **rep_kwargs))
                 outputs.append([(leaf, k) for leaf in leaves])
     finally:
