@@ -291,9 +291,8 @@ def peft_config_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str
     kinds = {s.fan_in_fan_out for s in read_sites(gm) if s.name in sites}
     if len(kinds) == 1:  # what the sites store, as PEFT writes it after correcting the config
         data["fan_in_fan_out"] = kinds.pop()
-    # As PEFT's save_pretrained: inference_mode true, the model's name_or_path when the config has none, and
-    # without a task type the model's class (PEFT's auto_mapping); peft_version stays the config's (None unless
-    # the config came from PEFT: vera_fx does not claim a PEFT version).
+    # As PEFT's save_pretrained: inference_mode true, the model's name_or_path and (without a task type) class
+    # unless the config has them; peft_version stays the config's (vera_fx claims no PEFT version).
     auto = cfg.auto_mapping if cfg.task_type is not None else (
         {"base_model_class": info["class"], "parent_library": info.get("module")} if info.get("class") else None)
     data.update(peft_type=cfg.peft_type, inference_mode=True, auto_mapping=auto,

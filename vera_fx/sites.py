@@ -37,8 +37,8 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Site:
-    """A linear-like call that an adapter can attach to, named by its module path; ``weight``: the weight's
-    qualname when the graph reads it directly (needed to merge)."""
+    """A linear-like call an adapter can attach to, named by its module path (a functional call's owner, plus the
+    weight's name when the owner makes several); ``weight``: the weight's qualname when the graph reads it."""
 
     name: str
     kind: str
