@@ -1,14 +1,7 @@
 """Adapter checkpoints in PEFT's layout (adapter_model.safetensors + adapter_config.json), and the model object's
-adapter-only state dict.
-
-Keys are a rename of ours: ``vera_fx_adapters.<adapter>.sites.<site>.<p>`` is ``base_model.model.<site>.<p>``,
-``vera_fx_adapters.<adapter>.<prefix>_A`` is ``base_model.<prefix>_A``; biases, ``modules_to_save`` copies and the
-base weights PEFT saves beside them take PEFT's names too. A folder is written all at once and read as one version
-(vera_fx/folder.py); it is written as safetensors, and read from PEFT's adapter_model.bin too when it has no
-safetensors file. Loading checks the folder, the JSON, the header, every value (finite), r
-against the shapes (vera_fx/checks.py) and every key and shape before it changes anything. The object's
-``state_dict`` (a Trainer checkpoint's model.safetensors) holds ``vera_fx.<adapter>.<PEFT key>`` tensors and
-``vera_fx_config.<adapter>``, the config as UTF-8 JSON in a uint8 tensor, so it says which adapters it holds.
+adapter-only state dict (``vera_fx.<adapter>.<PEFT key>`` tensors, plus ``vera_fx_config.<adapter>``: the config as
+JSON in a uint8 tensor). PEFT's keys are a rename of ours (``base_model.model.<site>.<p>``,
+``base_model.<prefix>_A``). Loading checks every key, shape and value before it changes anything.
 """
 
 from __future__ import annotations
@@ -55,8 +48,6 @@ Slot = tuple[nn.Module, str]  # (module, attribute) of a tensor
 Plan = list[tuple[nn.Module, str, torch.Tensor, bool]]  # (module, attribute, value, replaces a base tensor)
 
 
-# --- PEFT's keys ---------------------------------------------------------------------------------------------
-
 def adapter_state(gm: GraphModule, adapter_name: str = "default") -> AdapterState:
     container = adapters_of(gm)
     if len(container) == 0:
@@ -87,8 +78,7 @@ def state_dict_targets(gm: GraphModule, adapter_name: str = "default") -> dict[s
 
 
 def base_slot(gm: GraphModule, key: str) -> Optional[Slot]:
-    """The graph's base parameter or buffer a PEFT key (``base_model.model.<path>[.base_layer].<leaf>``) names;
-    None for adapter state and missing names."""
+    """The base parameter or buffer ``base_model.model.<path>[.base_layer].<leaf>`` names, else None."""
     qualname = key.removeprefix(PEFT_ROOT).replace(".base_layer.", ".")
     if not key.startswith(PEFT_ROOT) or qualname.startswith(CONTAINER + "."):
         return None
@@ -101,41 +91,32 @@ def base_slot(gm: GraphModule, key: str) -> Optional[Slot]:
     return (mod, leaf) if isinstance(value, torch.Tensor) else None
 
 
-def base_layer_targets(gm: GraphModule, adapter_name: str = "default") -> dict[str, Slot]:
-    """The base weights PEFT saves beside the adapter (save_embedding_layers='auto': the output head's
-    ``base_layer.weight`` / ``.bias`` when an embedding-layer name is among the targets)."""
-    state, info = adapter_state(gm, adapter_name), model_info(gm)
-    head, targets = info.get("output_head"), state.config.target_modules
-    if isinstance(targets, str):
-        embedding = targets.lower() != "all-linear" and any(
-            re.fullmatch(targets, k) for k in info.get("modules", {})
+def adapter_state_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's keys, FSDP2 shards gathered (a collective: call it on every rank)."""
+    gm = as_graph_module(gm, "adapter_state_dict")
+    state, info, targets = adapter_state(gm, adapter_name), model_info(gm), state_dict_targets(gm, adapter_name)
+    # PEFT's save_embedding_layers='auto': the output head's base weights, when an embedding name is targeted
+    head, names = info.get("output_head"), state.config.target_modules
+    if isinstance(names, str):
+        embedding = names.lower() != "all-linear" and any(
+            re.fullmatch(names, k) for k in info.get("modules", {})
             if any(re.match(rf"(.*\.)?{e}$", k) for e in EMBEDDING_LAYER_NAMES))
     else:
-        embedding = bool(targets) and any(e in targets for e in EMBEDDING_LAYER_NAMES)
-    if not head or head not in state.site_names or not embedding:
-        return {}
-    keys = [f"{PEFT_ROOT}{head}.base_layer.{leaf}" for leaf in ("weight", "bias")]
-    return {k: slot for k in keys if (slot := base_slot(gm, k)) is not None}
-
-
-def adapter_state_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The tensors PEFT writes to adapter_model.safetensors for this adapter, under PEFT's keys, full: FSDP2
-    shards are gathered (a collective: call it on every rank)."""
-    gm = as_graph_module(gm, "adapter_state_dict")
-    targets = state_dict_targets(gm, adapter_name)
-    targets.update({k: s for k, s in base_layer_targets(gm, adapter_name).items() if k not in targets})
+        embedding = bool(names) and any(e in names for e in EMBEDDING_LAYER_NAMES)
+    if head and head in state.site_names and embedding:
+        for leaf in ("weight", "bias"):
+            key = f"{PEFT_ROOT}{head}.base_layer.{leaf}"
+            if key not in targets and (slot := base_slot(gm, key)) is not None:
+                targets[key] = slot
     return {k: full_tensor(getattr(mod, attr).detach()) for k, (mod, attr) in targets.items()}
 
-
-# --- loading -------------------------------------------------------------------------------------------------
 
 def _fmt_keys(keys: list[str]) -> str:
     return f"{keys[:5] or 'none'}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
 
 
 def _incoming(state_dict: dict[str, Any], adapter_name: str, projection_keys: dict[str, str]) -> dict[str, Any]:
-    """``state_dict`` under our key names (PEFT's ``modules_to_save`` wrapper level and in-memory adapter suffixes
-    dropped, the wrapped original modules left out), DTensors gathered."""
+    """``state_dict`` without PEFT's ``modules_to_save`` wrapper levels and in-memory adapter suffixes."""
     incoming: dict[str, Any] = {}
     for key, value in state_dict.items():
         if ".original_module." in str(key):
@@ -148,19 +129,21 @@ def _incoming(state_dict: dict[str, Any], adapter_name: str, projection_keys: di
     return incoming
 
 
-def _check_values(state: Any, incoming: dict[str, Any], targets: dict[str, Slot],
-                  projection_keys: dict[str, str], peers: list[str], adapter_name: str, source: str) -> None:
-    """ValueError naming the incoming values that do not fit what they replace (type, shape, dtype), then one
-    for projections shared with ``peers`` that differ from the shared ones (checked, never written)."""
-    bad = []
+def _check_values(incoming: dict[str, Any], targets: dict[str, Slot], shared: set[str], peers: list[str],
+                  adapter_name: str, source: str) -> None:
+    """ValueError naming values that do not fit what they replace, or that differ from the projections (keys
+    ``shared``) the adapter shares with ``peers`` (checked, never written)."""
+    bad, differ = [], []
     for key, value in incoming.items():
         mod, attr = targets[key]
         current = getattr(mod, attr)
         if not isinstance(value, torch.Tensor):
             bad.append(f"{key}: not a tensor ({type(value).__name__})")
-        elif key in projection_keys and peers and value.dim() == current.dim() and \
-                all(a <= b for a, b in zip(value.shape, current.shape)):
-            pass  # PEFT drew this adapter's own projections for its smaller layers: the shared ones' corner
+        elif key in shared and value.dim() == current.dim() and all(a <= b for a, b in zip(value.shape, current.shape)):
+            # PEFT drew this adapter's own projections for its smaller layers: the shared ones' corner
+            corner = current[tuple(slice(0, n) for n in value.shape)]
+            if not torch.equal(value.to(device=corner.device, dtype=corner.dtype), corner):
+                differ.append(key)
         elif tuple(value.shape) != tuple(current.shape):
             bad.append(f"{key}: shape {tuple(value.shape)} in the checkpoint, {tuple(current.shape)} on the graph")
         elif not value.is_floating_point():
@@ -168,14 +151,10 @@ def _check_values(state: Any, incoming: dict[str, Any], targets: dict[str, Slot]
     if bad:
         raise ValueError(f"{source}: does not fit adapter {adapter_name!r}: " + "; ".join(bad[:5]) +
                          (" ..." if len(bad) > 5 else "") + ". Check r and the model the adapter was trained on")
-    for key, attr in projection_keys.items():
-        if key in incoming and peers:
-            value = incoming[key]
-            current = getattr(state, attr)[tuple(slice(0, n) for n in value.shape)]
-            if not torch.equal(value.to(device=current.device, dtype=current.dtype), current):
-                raise ValueError(f"{source}: {key} differs from the projections adapter {adapter_name!r} shares "
-                                 f"with {peers}; loading it would change those adapters. Load this checkpoint "
-                                 "into a graph of its own (vera_fx.from_pretrained)")
+    if differ:
+        raise ValueError(f"{source}: {differ[0]} differs from the projections adapter {adapter_name!r} shares with "
+                         f"{peers}; loading it would change those adapters. Load this checkpoint into a graph of its "
+                         "own (vera_fx.from_pretrained)")
 
 
 def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str, source: str) -> tuple[Plan, list[str]]:
@@ -199,12 +178,12 @@ def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str, so
                          f"{_fmt_keys(missing)}, unexpected keys: {_fmt_keys(unexpected)}. Check target_modules, "
                          "modules_to_save, bias and the model")
     peers = [n for n, s in adapters_of(gm).items() if n != adapter_name and s.method_name == state.method_name]
-    _check_values(state, incoming, targets, projection_keys, peers, adapter_name, source)
+    shared = set(projection_keys) if peers else set()
+    _check_values(incoming, targets, shared, peers, adapter_name, source)
     merged = sorted(adapter_flags(gm).merged)
     if base_keys and merged:
         raise ValueError(f"{source}: holds base weights ({_fmt_keys(sorted(base_keys))}) but sites {merged[:3]} are "
                          "merged; vera_fx.unmerge(gm) first, then load")
-    shared = set(projection_keys) if peers else set()
     plan = [(*targets[k], v, k in base_keys) for k, v in incoming.items() if k not in shared]
     return plan, [k for k in projection_keys if k not in incoming]
 
@@ -212,8 +191,7 @@ def plan_load(gm: GraphModule, state_dict: dict[str, Any], adapter_name: str, so
 @mutation
 def apply_plan(gm: GraphModule, plan: Plan, adapter_names: Sequence[str] = ()) -> None:
     """Copy adapter tensors in place; base weights become new tensors in every slot holding the old one (tied
-    weights stay tied; the user's model is never written). A merged adapter of ``adapter_names`` is unmerged
-    first and merged again after, so the weights carry the new values (on failure the old ones)."""
+    weights stay tied). A merged adapter of ``adapter_names`` is unmerged first and merged again after."""
     merged = merged_adapters(gm)
     remerge = sorted(merged) if merged & set(adapter_names) else []
     if remerge:
@@ -248,16 +226,14 @@ def apply_plan(gm: GraphModule, plan: Plan, adapter_names: Sequence[str] = ()) -
 @mutation
 def load_adapter_state_dict(gm: GraphModule, state_dict: dict[str, torch.Tensor],
                             adapter_name: str = "default") -> None:
-    """Copy ``state_dict`` (PEFT's keys) into the adapter, every key and shape checked first (ValueError naming
-    them; nothing changes then). Without projections the adapter keeps those from ``projection_prng_key``."""
+    """Copy ``state_dict`` (PEFT's keys) into the adapter, every key and shape checked first."""
     gm = as_graph_module(gm, "load_adapter_state_dict")
     load_checked(gm, adapter_name, adapter_state(gm, adapter_name).config, state_dict, "state dict", file=False)
 
 
 def load_checked(gm: GraphModule, adapter_name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor],
                  source: str, file: bool = True) -> None:
-    """Check then copy ``tensors`` into the adapter, with PEFT's rules for absent projections (a state dict,
-    ``file=False``, may lack them)."""
+    """Check then copy ``tensors`` into the adapter; a state dict (``file=False``) may lack the projections."""
     plan, missing_proj = plan_load(gm, tensors, adapter_name, source)
     if missing_proj and config.save_projection:
         if file:
@@ -278,12 +254,11 @@ def load_checked(gm: GraphModule, adapter_name: str, config: AdapterConfig, tens
 
 @mutation
 def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "default") -> None:
-    """Load the adapter saved in ``directory`` (by vera_fx or PEFT) into ``adapter_name`` of ``gm``, adding it
-    from the saved config when missing (inactive if the graph had an adapter, as ``add_adapter``). Everything
-    is checked first; on any error the graph is left as it was."""
+    """Load the adapter saved in ``directory`` (by vera_fx or PEFT) into ``adapter_name``, added from the saved
+    config when missing; on any error the graph is left as it was."""
     gm = as_graph_module(gm, "load_adapter")
     config, tensors, source = read_folder(directory)
-    have = adapters_of(gm)[adapter_name] if adapter_name in adapters_of(gm) else None
+    have = dict(adapters_of(gm)).get(adapter_name)
     old_active = adapter_flags(gm).active
     if have is None:
         add_adapter(gm, adapter_name, config)
@@ -302,35 +277,22 @@ def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
     logger.info("loaded adapter %r from %s", adapter_name, directory)
 
 
-# --- files ---------------------------------------------------------------------------------------------------
-
-def peft_target_modules(gm: GraphModule, state: AdapterState) -> Union[list[str], str]:
-    """``target_modules`` for adapter_config.json that PEFT resolves to exactly the adapter's sites: the config's
-    own value when PEFT's rules select the same modules, else (our extensions, 'all-linear', which PEFT also
-    writes expanded) the sorted adapted paths, which PEFT matches whatever ``layers_to_transform`` says."""
-    sites, info, targets = set(state.site_names), model_info(gm), state.config.target_modules
-    if targets is None:  # PEFT writes the targets it resolved
-        targets = sorted({s.rpartition(".")[2] for s in sites})
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        return sorted(sites)
-    if not info.get("modules") or peft_selection(info, targets, state.config) == sites:
-        return targets
-    return sorted(sites)
-
-
 def peft_config_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str, Any]:
     """adapter_config.json's content for ``adapter_name``, with PEFT's keys (no others)."""
     state = adapter_state(gm, adapter_name)
-    cfg, info = state.config, model_info(gm)
+    cfg, info, sites = state.config, model_info(gm), set(state.site_names)
     data = config_to_dict(cfg)
     data.pop("vera_fx_version", None)
-    data["target_modules"] = peft_target_modules(gm, state)
-    kinds = {s.fan_in_fan_out for s in read_sites(gm) if s.name in set(state.site_names)}
+    # target_modules that PEFT resolves to exactly the adapter's sites: the config's own, else the adapted paths
+    targets = sorted({s.rpartition(".")[2] for s in sites}) if cfg.target_modules is None else cfg.target_modules
+    all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
+    own = not all_linear and (not info.get("modules") or peft_selection(info, targets, cfg) == sites)
+    data["target_modules"] = targets if own else sorted(sites)
+    kinds = {s.fan_in_fan_out for s in read_sites(gm) if s.name in sites}
     if len(kinds) == 1:  # what the sites store, as PEFT writes it after correcting the config
         data["fan_in_fan_out"] = kinds.pop()
-    # As PEFT's save_pretrained: inference_mode true, the model's name_or_path when the config has none, and
-    # without a task type the model's class (PEFT's auto_mapping); peft_version stays the config's (None unless
-    # the config came from PEFT: vera_fx does not claim a PEFT version).
+    # As PEFT's save_pretrained: inference_mode true, the model's name_or_path and (without a task type) class
+    # unless the config has them; peft_version stays the config's (vera_fx claims no PEFT version).
     auto = cfg.auto_mapping if cfg.task_type is not None else (
         {"base_model_class": info["class"], "parent_library": info.get("module")} if info.get("class") else None)
     data.update(peft_type=cfg.peft_type, inference_mode=True, auto_mapping=auto,
@@ -339,8 +301,7 @@ def peft_config_dict(gm: GraphModule, adapter_name: str = "default") -> dict[str
 
 
 def _standalone_projections_differ(gm: GraphModule, state: AdapterState) -> bool:
-    """True when the adapter's projections are not what its PRNG key gives it alone (it shares a larger
-    adapter's), so a checkpoint without them would not rebuild it."""
+    """True when the adapter's projections are not what its PRNG key alone gives (it shares a larger one's)."""
     sites = [s for s in read_sites(gm) if s.name in set(state.site_names)]
     if not sites:
         return False
@@ -355,12 +316,9 @@ def _standalone_projections_differ(gm: GraphModule, state: AdapterState) -> bool
 
 def save_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "default", *,
                  is_main_process: Optional[bool] = None) -> None:
-    """Write ``adapter_name`` to ``directory`` as PEFT does (``PeftModel.from_pretrained`` loads it), both files
-    at once (vera_fx/folder.py); ``save_projection=False`` leaves the projections out. Unsharded state saves
-    from any rank (rank 0 writes unless ``is_main_process`` says otherwise); a sharded graph gathers its
+    """Write ``adapter_name`` to ``directory`` as PEFT does, both files at once. A sharded graph gathers its
     tensors, a collective: call it on every rank with ``is_main_process=(rank == 0)``."""
-    wrapper, gm = gm, unwrap_parallel(gm)  # a DDP / FSDP1 wrapper first, then the model object or compile
-    gm = as_graph_module(gm, "save_adapter")
+    wrapper, gm = gm, as_graph_module(unwrap_parallel(gm), "save_adapter")  # a DDP / FSDP1 wrapper first
     state = adapter_state(gm, adapter_name)
     targets = [getattr(mod, attr) for mod, attr in state_dict_targets(gm, adapter_name).values()]
     gather = needs_gather(wrapper, targets)
@@ -373,54 +331,47 @@ def save_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
                       "vera_fx.from_pretrained) regenerates other projections. Save with save_projection=True, or "
                       "from a graph where it is the first adapter", UserWarning, stacklevel=2)
     with gathered(wrapper):  # FSDP1: full parameters; FSDP2: full_tensor() gathers each shard
-        tensors = {k: full_tensor(v.detach()).to("cpu").contiguous().clone()
-                   for k, v in adapter_state_dict(gm, adapter_name).items()}
+        tensors = {k: v.to("cpu").contiguous().clone() for k, v in adapter_state_dict(gm, adapter_name).items()}
     if writes:
         config = (json.dumps(peft_config_dict(gm, adapter_name), indent=2, sort_keys=True) + "\n").encode()
         write_folder(directory, {WEIGHTS_NAME: serialise(tensors), CONFIG_NAME: config})
         logger.info("saved adapter %r to %s: %d tensors", adapter_name, directory, len(tensors))
 
 
-def _read_config(data: bytes, path: Path) -> AdapterConfig:
+def _read_config(data: bytes, source: str) -> AdapterConfig:
+    """The config of adapter_config.json's bytes; ValueError naming ``source`` for bad UTF-8, JSON or fields."""
     try:
         parsed = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e}); write it again with vera_fx.save_adapter") from e
+        raise ValueError(f"{source} is not UTF-8 text ({e}); write it again with vera_fx.save_adapter") from e
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from e
+        raise ValueError(f"{source} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from e
     try:
         return config_from_dict(parsed)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise ValueError(f"{source}: {e}") from e
 
 
 def read_checkpoint(directory: PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-    """The config and tensors of a PEFT / vera_fx adapter folder, both of one version, checked (header before
-    data, finite values, r against the shapes); ValueError naming any problem."""
+    """The config and tensors of one version of an adapter folder, checked; ValueError naming any problem."""
     return read_folder(directory)[:2]
 
 
 def read_folder(directory: PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor], str]:
-    """``read_checkpoint``, and the weights file it read (safetensors, else PEFT's .bin) for later messages."""
+    """``read_checkpoint``, and the weights file it read (safetensors, else PEFT's .bin)."""
     path = Path(directory)
-    if path.is_file():
-        raise ValueError(f"{str(path)!r} is a file, not an adapter folder (one holding {CONFIG_NAME} and "
-                         f"{WEIGHTS_NAME})")
     with open_folder(path, (CONFIG_NAME, WEIGHTS_NAME, BIN_NAME), {CONFIG_NAME, WEIGHTS_NAME}) as files:
         if files[CONFIG_NAME] is None:
             raise ValueError(f"{path} has no {CONFIG_NAME}: not an adapter folder (write one with "
                              "vera_fx.save_adapter or PEFT's save_pretrained)")
         if files[WEIGHTS_NAME] is None and files[BIN_NAME] is None:
-            raise ValueError(f"{path} has no {WEIGHTS_NAME} (nor PEFT's {BIN_NAME}); the adapter's weights are "
-                             "missing")
-        config = _read_config(files[CONFIG_NAME].read(), path / CONFIG_NAME)
+            raise ValueError(f"{path} has no {WEIGHTS_NAME} (nor PEFT's {BIN_NAME}): the adapter's weights are missing")
+        config = _read_config(files[CONFIG_NAME].read(), str(path / CONFIG_NAME))
         name = WEIGHTS_NAME if files[WEIGHTS_NAME] is not None else BIN_NAME  # safetensors first, as PEFT
         tensors = (read_safetensors if name == WEIGHTS_NAME else read_pickle)(files[name], str(path / name))
     check_file_shapes(config, tensors, str(path / name))
     return config, tensors, str(path / name)
 
-
-# --- the model object's state dict (Trainer checkpoints) -----------------------------------------------------
 
 def adapters_state_dict(source: GraphModule, destination: Optional[dict] = None, prefix: str = "",
                         keep_vars: bool = False) -> dict[str, torch.Tensor]:
@@ -473,10 +424,5 @@ def read_trainer_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[s
         raise ValueError(f"{path}/model.safetensors holds no vera_fx adapter (no {CONFIG_KEY_PREFIX}* entry): "
                          "give an adapter folder (adapter_config.json + adapter_model.safetensors) or a Trainer "
                          "checkpoint of a vera_fx model")
-    parsed = {}
-    for name, blob in configs.items():
-        try:
-            parsed[name] = config_from_dict(json.loads(bytes(blob.tolist()).decode("utf-8")))
-        except (ValueError, TypeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}/model.safetensors: the config of adapter {name!r} is unreadable: {e}") from e
-    return state, parsed
+    return state, {name: _read_config(bytes(blob.tolist()), f"{path}/model.safetensors: the config of adapter "
+                                                             f"{name!r}") for name, blob in configs.items()}

@@ -1,8 +1,7 @@
 """The ``vera-fx`` command: inspect a model's adapter sites, run the demo, merge an adapter into a model.
 
-Bad paths and arguments end with a one-line error on stderr and exit status 2 (never a traceback);
-``-v`` shows progress logs. Arguments are parsed before torch is imported: ``--help``, ``--version`` and usage
-errors answer at once.
+Bad paths and arguments end with a one-line error on stderr and exit status 2 (never a traceback). Arguments are
+parsed before torch is imported, so ``--help``, ``--version`` and usage errors answer at once.
 """
 
 from __future__ import annotations
@@ -25,10 +24,8 @@ logger = logging.getLogger(__name__)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                     "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
                     "sentencepiece.bpe.model", "chat_template.jinja", "generation_config.json")
-
-
-# The user's input (status 2): bad folders and files (OSError), configs that do not fit the model, missing
-# optional packages. Any other RuntimeError (a CaptureError) ends with status 1.
+# The user's input (status 2): bad folders and files, configs that do not fit the model, missing optional
+# packages. Any other RuntimeError (a CaptureError) ends with status 1.
 _USER_ERRORS = (OSError, ValueError, TypeError, KeyError, ImportError)
 
 
@@ -106,24 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _first_line(e: BaseException) -> str:
-    return next(iter(str(e).strip().splitlines()), "") or type(e).__name__
-
-
-def _check_dir(label: str, path: str, must_have: Optional[str] = None) -> Path:
+def _check_dir(label: str, path: str, must_have: str) -> Path:
     p = Path(path)
     if not p.exists():
         raise UsageError(f"{label}={path!r} does not exist: give the path of a local folder")
     if not p.is_dir():
         raise UsageError(f"{label}={path!r} is not a folder: give the folder that holds the files, not a file")
-    if must_have is not None and not (p / must_have).is_file():
+    if not (p / must_have).is_file():
         raise UsageError(f"{label}={path!r} has no {must_have}: give a folder written by save_pretrained")
     return p
 
 
-def _load_model(model_dir: str) -> Any:
-    """The model saved in ``model_dir``, as the class its config.json names (AutoModel otherwise)."""
-    path = _check_dir("MODEL_DIR", model_dir, "config.json")
+def _load_model(path: Path) -> Any:
+    """The model saved in the folder ``path``, as the class its config.json names (AutoModel otherwise)."""
     import transformers
     from transformers import AutoConfig, AutoModel
 
@@ -146,7 +138,7 @@ def _inspect(args: argparse.Namespace) -> int:
         if dot.suffix.lower() == ".svg" and shutil.which("dot") is None:
             raise UsageError(f"--dot={args.dot!r} asks for SVG, but graphviz's dot binary is not installed: "
                              "install graphviz, or write a .dot file")
-    model = _load_model(args.model_dir)
+    model = _load_model(_check_dir("MODEL_DIR", args.model_dir, "config.json"))
     config_cls = vera_fx.PveraConfig if args.method == "pvera" else vera_fx.VeraConfig
     config = config_cls(r=args.r, target_modules=args.target_modules)
     gm = vera_fx.transform(model, config)
@@ -158,33 +150,27 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    _check_dir("MODEL_DIR", args.model_dir, "config.json")
+    src = _check_dir("MODEL_DIR", args.model_dir, "config.json")
     _check_dir("ADAPTER_DIR", args.adapter_dir, "adapter_config.json")
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"OUT_DIR={args.out_dir!r} is a file: give a new or empty folder")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"OUT_DIR={args.out_dir!r} is not empty: choose a new folder or pass --overwrite")
-    if Path(args.model_dir).resolve() == out.resolve():
+    if src.resolve() == out.resolve():
         raise UsageError(f"OUT_DIR={args.out_dir!r} is MODEL_DIR: write the merged model to another folder")
-    model = _load_model(args.model_dir)
+    model = _load_model(src)
     gm = vera_fx.from_pretrained(model, args.adapter_dir)
     n_sites = len(vera_fx.sites(gm))
     vera_fx.merge_into(model, gm)  # in place: model now holds W + ΔW
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    copied = [name for name in _TOKENIZER_FILES
-              if (Path(args.model_dir) / name).is_file() and not (out / name).exists()]
+    copied = [name for name in _TOKENIZER_FILES if (src / name).is_file() and not (out / name).exists()]
     for name in copied:
-        shutil.copy2(Path(args.model_dir) / name, out / name)
+        shutil.copy2(src / name, out / name)
     print(f"merged the adapter of {args.adapter_dir} ({n_sites} sites) into {type(model).__name__}; "
           f"wrote {out} (safetensors{', tokenizer' if copied else ''})")
     return 0
-
-
-def _one_line_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
-                      line: Optional[str] = None) -> None:
-    print(f"vera-fx: warning: {message}", file=sys.stderr)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -200,7 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.showwarning = _one_line_warning
+        warnings.showwarning = lambda message, *_, **__: print(f"vera-fx: warning: {message}", file=sys.stderr)
         try:
             if args.command == "demo":  # imported for this command only (it imports torch)
                 return int(importlib.import_module("vera_fx.demo").main(rest) or 0)
@@ -212,8 +198,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.verbose:
                 raise
             internal = not isinstance(e, _USER_ERRORS)  # a CaptureError: not the user's input
-            print(f"{prog}: error: {_first_line(e)}{' (run with -v for details)' if internal else ''}",
-                  file=sys.stderr)
+            first = next(iter(str(e).strip().splitlines()), "") or type(e).__name__
+            print(f"{prog}: error: {first}{' (run with -v for details)' if internal else ''}", file=sys.stderr)
             return 1 if internal else 2
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr)

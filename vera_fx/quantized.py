@@ -1,15 +1,11 @@
 """Linear-like layers export does not show as one plain linear call, and the modules PEFT's ``"all-linear"`` takes.
 
-bitsandbytes' 8-bit / 4-bit linears: export cannot trace inside them, so capture swaps each for a stand-in (a
-linear whose weight is one zero expanded to the layer's shape), then turns every stand-in call into a
-``call_module`` node of a graph-owned shallow copy of the layer (same quantized weights, its own dicts and hooks:
-the user's model is never touched), a site of kind ``"int8"``, ``"nf4"`` or ``"fp4"``. Merging (as PEFT does):
-``dequantized_weight``, the update added in float32, ``requantized`` into a NEW layer; ``rounding_error`` measures
-what that costs. 4-bit copies never take bitsandbytes' CPU inference packing (an eval forward applies it to the
-shared weight in place: it rounds the scales to bfloat16, fails when in_features is not a multiple of the
-blocksize, and has no backward). bitsandbytes is imported only for a model that holds such a layer.
-``nn.Linear`` subclasses whose own forward is a linear map (Falcon's ``FalconLinear``) export as one ``linear``
-call under ``linear_forwards``, so they are sites.
+Export cannot trace inside bitsandbytes' 8-bit / 4-bit linears: capture swaps each for a stand-in, then turns
+every stand-in call into a ``call_module`` node of a graph-owned shallow copy of the layer (a site of kind
+``"int8"``, ``"nf4"`` or ``"fp4"``). Merging dequantizes, adds the update in float32 and requantizes into a new
+layer, as PEFT does. 4-bit copies never take bitsandbytes' CPU inference packing (applied in place by an eval
+forward: it rounds the scales to bfloat16 and has no backward). bitsandbytes is imported only for a model that
+holds such a layer.
 """
 
 from __future__ import annotations
@@ -70,8 +66,7 @@ def layer_kind(module: nn.Module, path: str = "") -> str:
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Module path -> bitsandbytes linear layer of ``model``; ImportError when bitsandbytes is missing, ValueError
-    (naming the layer and the fix) for a layer the graph cannot run as a frozen quantized base."""
+    """Module path -> bitsandbytes linear layer of ``model``; ValueError for one that is no frozen quantized base."""
     layers = {path: m for path, m in model.named_modules(remove_duplicate=False) if path and is_quantized_layer(m)}
     if not layers:
         return layers
@@ -97,18 +92,16 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 class _StandIn(nn.Module):
-    """A linear of the bnb layer's shape and compute dtype, for export only: its weight is a stride-0 view of
-    one zero."""
+    """A linear of the bnb layer's shape and compute dtype for export; its weight is one zero, expanded."""
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        bias, compute = getattr(layer, "bias", None), getattr(layer, "compute_dtype", None)
+        bias, dtype = getattr(layer, "bias", None), getattr(layer, "compute_dtype", None)
         if isinstance(bias, torch.Tensor) and bias.is_floating_point():
             dtype = bias.dtype
-        else:
-            dtype = compute if isinstance(compute, torch.dtype) else torch.get_default_dtype()
-        zero = torch.zeros((), dtype=dtype, device=layer.weight.device).expand(self.out_features, self.in_features)
+        zero = torch.zeros((), dtype=dtype if isinstance(dtype, torch.dtype) else torch.get_default_dtype(),
+                           device=layer.weight.device).expand(self.out_features, self.in_features)
         self.weight = nn.Parameter(zero, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,8 +110,7 @@ class _StandIn(nn.Module):
 
 
 def set_slot(root: nn.Module, qualname: str, value: Any) -> Any:
-    """Put ``value`` in the parameter, buffer or (else) submodule slot ``qualname`` of ``root`` (no hooks, no
-    checks); returns what was there."""
+    """Put ``value`` in the parameter, buffer or (else) submodule slot ``qualname`` of ``root``; returns the old."""
     path, _, leaf = qualname.rpartition(".")
     parent = root.get_submodule(path)
     store = next((st for st in (parent._parameters, parent._buffers) if leaf in st), parent._modules)
@@ -150,16 +142,14 @@ def _is_cpu_packed(weight: Any) -> bool:
 
 
 def _refuse_packed_weight(path: str, module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook of graph-owned 4-bit layers: a weight packed since (bnb's packed kernel has no backward)
-    would silently stop gradients here."""
+    """Forward pre-hook of graph-owned 4-bit layers: a weight packed since would silently stop gradients."""
     x = args[0] if args else None
     if (isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()
             and _is_cpu_packed(module.weight)):
-        raise RuntimeError(
-            f"site {path!r}: its bitsandbytes 4-bit weight is packed for CPU inference, because the original "
-            "model ran in eval mode after vera_fx captured it; "
-            "bitsandbytes' packed kernel has no backward, so gradients would stop here. Do not run the original "
-            "model in eval mode while training the graph, or capture the model again")
+        raise RuntimeError(f"site {path!r}: its bitsandbytes 4-bit weight is packed for CPU inference, because the "
+                           "original model ran in eval mode after vera_fx captured it; bitsandbytes' packed kernel has "
+                           "no backward, so gradients would stop here. Do not run the original model in eval mode "
+                           "while training the graph, or capture the model again")
 
 
 def _own_dicts(layer: nn.Module) -> nn.Module:
@@ -170,8 +160,7 @@ def _own_dicts(layer: nn.Module) -> nn.Module:
 
 
 def _graph_copy(path: str, layer: nn.Module) -> nn.Module:
-    """A shallow copy of a bnb layer sharing its weight objects, with dicts of its own (the graph freezes or
-    replaces entries independently); 4-bit copies never pack for CPU (see the module docstring)."""
+    """A shallow copy of a bnb layer sharing its weights, with dicts of its own; 4-bit copies never pack for CPU."""
     new = _own_dicts(layer)
     if _bnb_base(type(layer), ("Linear4bit",)) is not None:
         weight = layer.weight
@@ -194,8 +183,8 @@ def _weight_path(node: Node) -> Optional[str]:
 
 
 def restore_quantized(gm: GraphModule, layers: dict[str, nn.Module]) -> int:
-    """Replace each stand-in's ``aten.linear`` node of ``gm`` by a ``call_module`` node of a graph-owned copy
-    of the bnb layer, and drop the stand-ins' weights. Returns the number of calls rewritten."""
+    """Replace each stand-in's ``aten.linear`` node by a ``call_module`` node of a graph-owned copy of the bnb
+    layer; returns the number of calls rewritten."""
     if not layers:
         return 0
     graph = gm.graph
@@ -257,8 +246,7 @@ def recognise(node: Node) -> Optional[Candidate]:
 
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
-    """The (out, in) weight a bitsandbytes layer computes with, as a new float tensor (int8: float32; 4-bit: the
-    quantized weight's dtype, a CPU-packed weight unpacked on a copy); ``layer`` is not changed."""
+    """The (out, in) weight a bitsandbytes layer computes with, as a new float tensor; ``layer`` is not changed."""
     import bitsandbytes.functional as bnb_functional
 
     weight = layer.weight
@@ -266,8 +254,7 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
         scb = weight.SCB if getattr(weight, "SCB", None) is not None else getattr(layer.state, "SCB", None)
         if scb is None:
             raise ValueError(f"bitsandbytes int8 layer ({type(layer).__name__}, {layer.out_features}x"
-                             f"{layer.in_features}) has no row scales (SCB): it was never quantized; call .to(device) "
-                             "on it first")
+                             f"{layer.in_features}) has no row scales (SCB): it was never quantized; call .to(device)")
         return bnb_functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device))
     data, quant_state = weight.data, weight.quant_state
     if _is_cpu_packed(weight):
@@ -276,9 +263,8 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
 
 
 def requantized(layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> nn.Module:
-    """A new layer like ``layer`` (class, settings, hooks; ``bias`` replaces its bias) holding ``weight`` (out, in)
-    quantized as bitsandbytes quantizes a loaded weight (int8 by rows; 4-bit with the layer's blocksize, quant
-    type, nested statistics and storage); ``layer`` and its weight and state objects are not changed."""
+    """A new layer like ``layer`` (``bias`` replacing its bias) holding ``weight`` (out, in) quantized with the
+    layer's settings, as bitsandbytes quantizes a loaded weight; ``layer`` is not changed."""
     import bitsandbytes as bnb
 
     old = layer.weight
@@ -302,8 +288,8 @@ def requantized(layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Ten
 
 
 def rounding_error(original: nn.Module, merged: nn.Module, delta: torch.Tensor, rows: int = 16) -> tuple[float, float]:
-    """(max |merged(x) - (original(x) + x deltaᵀ)|, max |x deltaᵀ|) on a seeded float32 probe of ``rows`` rows:
-    what requantizing cost, next to the size of the update."""
+    """(max |merged(x) - (original(x) + x deltaᵀ)|, max |x deltaᵀ|) on a seeded float32 probe: what requantizing
+    cost, next to the size of the update."""
     x = torch.randn(rows, original.in_features, generator=torch.Generator().manual_seed(0)).to(delta.device)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # int8: "inputs will be cast from float32 to float16"
@@ -313,20 +299,14 @@ def rounding_error(original: nn.Module, merged: nn.Module, delta: torch.Tensor, 
     return float(error), float(update.abs().max())
 
 
-def is_linear_module(module: nn.Module) -> bool:
-    """True for what PEFT's ``"all-linear"`` takes: ``nn.Linear`` (bitsandbytes' linears included) and
-    subclasses, and transformers' ``Conv1D`` (recognised by class name and package, never imported)."""
-    return isinstance(module, nn.Linear) or _bnb_base(type(module), ("Conv1D",), "transformers") is not None
-
-
 def linear_module_paths(model: nn.Module) -> list[str]:
-    """Paths of the linear modules of ``model`` (``is_linear_module``), in registration order."""
-    return [path for path, m in model.named_modules() if path and is_linear_module(m)]
+    """Paths of what PEFT's ``"all-linear"`` takes: ``nn.Linear`` and subclasses, transformers' ``Conv1D``."""
+    return [path for path, m in model.named_modules() if path and (
+        isinstance(m, nn.Linear) or _bnb_base(type(m), ("Conv1D",), "transformers") is not None)]
 
 
 def computes_linear(module: nn.Linear) -> bool:
-    """Whether ``module``'s own forward computes ``F.linear(x, weight, bias)`` (a probe on a random input,
-    without autograd, RNG forked); False when it raises or differs."""
+    """Whether ``module``'s own forward computes ``F.linear(x, weight, bias)`` (probed on a random input)."""
     weight = module.weight
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point() \
             or weight.device.type == "meta":
@@ -346,8 +326,7 @@ def computes_linear(module: nn.Linear) -> bool:
 
 @contextlib.contextmanager
 def forwards(model: nn.Module, forward_of: Callable[[nn.Module], Optional[Callable]]) -> Iterator[list[str]]:
-    """While inside, every module of ``model`` without an instance ``forward`` of its own for which ``forward_of``
-    gives a function runs that function. Yields the paths changed."""
+    """While inside, every module of ``model`` for which ``forward_of`` gives a function runs it; yields the paths."""
     changed: list[tuple[str, nn.Module]] = []
     try:
         for path, module in model.named_modules():
@@ -364,8 +343,7 @@ def forwards(model: nn.Module, forward_of: Callable[[nn.Module], Optional[Callab
 
 
 def _linear_forward(module: nn.Module) -> Optional[Callable]:
-    """``nn.Linear.forward`` for an ``nn.Linear`` subclass whose own forward computes a linear map (one ``linear``
-    call in the graph: a site)."""
+    """``nn.Linear.forward`` for an ``nn.Linear`` subclass whose own forward is a linear map (Falcon's)."""
     if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward \
             and not is_quantized_layer(module) and computes_linear(module):
         return nn.Linear.forward.__get__(module)
@@ -379,8 +357,7 @@ def linear_forwards(model: nn.Module) -> contextlib.AbstractContextManager:
 
 @contextlib.contextmanager
 def no_cpu_packing(model: nn.Module) -> Iterator[None]:
-    """Keep bitsandbytes from packing 4-bit weights for its CPU kernel in an eval forward (the captured graph
-    shares them in their canonical layout)."""
+    """Keep bitsandbytes from packing 4-bit weights for its CPU kernel in an eval forward (the graph shares them)."""
     layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
     for m in layers:
         m.support_avx512bf16_for_cpu = False

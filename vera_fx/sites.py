@@ -1,8 +1,5 @@
-"""The Site record: one linear-like call in the graph, and how to read sites back from a graph.
-
-The match pass tags each site's base call node with ``node.meta["vera_fx_site"]`` (plain values: it survives
-``Graph.node_copy``); the rest is derived from the graph, so a Site is always in step with its graph. Adapter
-nodes carry ``node.meta["vera_fx"] = {"site", "adapter", "role"}``.
+"""The Site record: one linear-like call in the graph, read back from the ``node.meta`` tags of the match pass
+(plain values: they survive ``Graph.node_copy``), so a Site is always in step with its graph.
 """
 
 from __future__ import annotations
@@ -20,13 +17,13 @@ ADAPTER_KEY = "vera_fx"
 MODEL_INFO_KEY = "vera_fx_model"  # root gm.meta: what capture recorded of the model (class, modules, output head)
 BLOCK_KEY = "vera_fx_block"  # gm.meta of a block graph (a repeated layer as a submodule): {"path", "group"}
 BLOCK_CALL_KEY = "vera_fx_block_call"  # node.meta of the root's node that calls a block: the block's path
+ADAPTERS = "vera_fx_adapters"  # a graph's adapter set (methods.CONTAINER; sites reads it without importing methods)
 LINEAR_KINDS = ("linear", "conv1d", "int8", "nf4", "fp4")
 
 
 @dataclass
 class Candidate:
-    """A linear-like call found by a recogniser of the match pass (``RECOGNISERS``), before it is named; here so
-    that a recogniser outside the passes (vera_fx/quantized.py) needs nothing from them."""
+    """A linear-like call a recogniser of the match pass found, before it is named."""
 
     node: Node
     kind: str
@@ -40,9 +37,8 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Site:
-    """A linear-like call that an adapter can attach to. ``name``: the module path (a functional call's owner,
-    plus the weight's name when the owner makes several); ``weight``: the weight's qualname when the graph
-    reads it directly (needed to merge)."""
+    """A linear-like call an adapter can attach to, named by its module path (a functional call's owner, plus the
+    weight's name when the owner makes several); ``weight``: the weight's qualname when the graph reads it."""
 
     name: str
     kind: str
@@ -58,22 +54,12 @@ class Site:
 
     @property
     def input(self) -> Node:
-        """The tensor the site reads *now* (after an upstream adapter rewired the base call, the adapted value):
-        the argument before Conv1D's flattening view, else the first argument."""
+        """The tensor the site reads now (after an upstream adapter rewired the base call, the adapted value)."""
         return self.base.args[1].args[0] if self.kind == "conv1d" else self.base.args[0]  # addmm(bias, view(x), w)
 
     @property
     def fan_in_fan_out(self) -> bool:
         return self.kind == "conv1d"
-
-
-def site_output(base: Node, kind: str) -> Node:
-    """The node whose value is the site's output (before any adapter is added)."""
-    if kind == "conv1d":
-        users = list(base.users)
-        if len(users) == 1 and users[0].target is torch.ops.aten.view.default:
-            return users[0]
-    return base
 
 
 def module_path(node: Node) -> tuple[str, str]:
@@ -88,8 +74,8 @@ def module_path(node: Node) -> tuple[str, str]:
 
 
 def registration_order(names: list[str], modules: list[str]) -> list[str]:
-    """Site ``names`` in their modules' registration order (PEFT's order of creating layers and drawing their
-    random values); a functional call's site goes where its caller is. Ties keep ``names``' order."""
+    """Site ``names`` in their modules' registration order (PEFT's order of drawing random values); a functional
+    call's site goes where its caller is."""
     index = {path: i for i, path in enumerate(modules)}
 
     def key(name: str) -> int:
@@ -112,7 +98,7 @@ def block_prefix(gm: GraphModule) -> str:
 
 
 def graph_modules(gm: torch.nn.Module) -> list[GraphModule]:
-    """Every graph of the tree (of the source graph for a model object): the root, then its blocks in order."""
+    """Every graph of the tree (of the model object's source graph): the root, then its blocks in order."""
     if not isinstance(gm, GraphModule) and getattr(type(gm), "_vera_fx_source_graph", None) is not None:
         gm = gm._vera_fx_source_graph
     blocks = [m for _, m in gm.named_modules() if m is not gm and isinstance(m, GraphModule) and BLOCK_KEY in m.meta]
@@ -148,7 +134,10 @@ def relative_name(g: GraphModule, name: str) -> str:
 def read_sites(gm: GraphModule) -> list[Site]:
     """Every tagged site of ``gm``'s tree in call order, with its adapters (merge state and sampling: the root's)."""
     merged = adapter_flags(gm).merged
-    sampling = sampling_by_site(gm)
+    sampling: dict[str, tuple[str, ...]] = {}
+    for adapter_name, state in (getattr(gm, ADAPTERS, None) or {}).items():
+        for site_name in state.method.sampling_sites(state):
+            sampling[site_name] = sampling.get(site_name, ()) + (adapter_name,)
     blocks = {block_prefix(g): g for g in graph_modules(gm)[1:]}
     own = {s.base: s for s in read_graph_sites(gm, merged, sampling)}
     result: list[Site] = []
@@ -171,31 +160,23 @@ def read_graph_sites(gm: GraphModule, merged: Optional[dict] = None, sampling: O
         tag = n.meta.get(ADAPTER_KEY)
         if tag and tag.get("role") == "output":
             attached.setdefault(tag["site"], []).append(tag["adapter"])
-    return [Site(name=tag["name"], kind=tag["kind"], in_features=tag["in_features"], out_features=tag["out_features"],
-                 weight=tag.get("weight"), bias=tag.get("bias"), base=n, output=site_output(n, tag["kind"]),
-                 adapters=tuple(attached.get(tag["name"], ())), merged=tuple(merged.get(tag["name"], ())),
-                 sampling=sampling.get(tag["name"], ()))
-            for n in gm.graph.nodes if (tag := n.meta.get(SITE_KEY)) is not None]
-
-
-def sampling_by_site(gm: GraphModule) -> dict[str, tuple[str, ...]]:
-    """Site name -> the adapters of ``gm`` that sample there at inference (``Site.sampling``)."""
-    sampling: dict[str, tuple[str, ...]] = {}
-    for adapter_name, state in _adapter_states(gm):
-        for site_name in state.method.sampling_sites(state):
-            sampling[site_name] = sampling.get(site_name, ()) + (adapter_name,)
-    return sampling
-
-
-def _adapter_states(gm: GraphModule) -> list[tuple[str, Any]]:
-    container = getattr(gm, "vera_fx_adapters", None)
-    return list(container.items()) if container is not None else []
+    sites = []
+    for n in gm.graph.nodes:
+        if (tag := n.meta.get(SITE_KEY)) is None:
+            continue
+        users = list(n.users)  # Conv1D's output is the view after its addmm
+        view = tag["kind"] == "conv1d" and len(users) == 1 and users[0].target is torch.ops.aten.view.default
+        sites.append(Site(name=tag["name"], kind=tag["kind"], in_features=tag["in_features"],
+                          out_features=tag["out_features"], weight=tag.get("weight"), bias=tag.get("bias"), base=n,
+                          output=users[0] if view else n, adapters=tuple(attached.get(tag["name"], ())),
+                          merged=tuple(merged.get(tag["name"], ())), sampling=sampling.get(tag["name"], ())))
+    return sites
 
 
 def site_owners(gm: GraphModule) -> dict[str, list[str]]:
     """Site name -> the adapters holding state there (active, inactive: no nodes while switched off, or merged)."""
     owners: dict[str, list[str]] = {}
-    for name, state in _adapter_states(gm):
+    for name, state in (getattr(gm, ADAPTERS, None) or {}).items():
         for site_name in state.site_names:
             owners.setdefault(site_name, []).append(name)
     return owners
@@ -213,8 +194,8 @@ def adapted_sites(gm: GraphModule, adapter_name: Optional[str] = None) -> list[S
 
 
 def as_graph_module(obj: Any, fn: str = "this function") -> GraphModule:
-    """The GraphModule that holds the adapter state of ``obj``: ``obj`` itself, the GraphModule inside a
-    ``torch.compile`` wrapper, or the source graph of the model object ``vera_fx.transform`` returns."""
+    """The GraphModule holding ``obj``'s adapter state: ``obj``, the one inside ``torch.compile``, or the model
+    object's source graph."""
     inner = getattr(obj, "_orig_mod", obj)
     if not isinstance(inner, GraphModule):
         inner = getattr(type(inner), "_vera_fx_source_graph", None) is not None and inner._vera_fx_source_graph

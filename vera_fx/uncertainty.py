@@ -1,8 +1,7 @@
 """Monte Carlo predictions from PVeRA's learned distribution, and Student-t confidence intervals.
 
 ``monte_carlo`` runs a few large forwards of the repeated inputs instead of many small ones (a small forward's
-cost is mostly per-call overhead). With ``generator_seed`` each sample draws its own block of each site's
-noise stream, so the samples equal ``n_samples`` sequential sampled forwards whatever ``max_batch`` is.
+cost is mostly per-call overhead); with ``generator_seed`` the samples equal sequential sampled forwards.
 """
 
 from __future__ import annotations
@@ -24,7 +23,10 @@ from .sites import as_graph_module
 logger = logging.getLogger(__name__)
 
 
-def _batch_size(args: tuple, kwargs: dict) -> int:
+def _chunks(args: tuple, kwargs: dict, n_samples: Any, max_batch: Any) -> tuple[int, list[int]]:
+    """(the inputs' batch size, samples per forward: all at once, or as many as ``max_batch`` rows hold)."""
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+        raise ValueError(f"n_samples={n_samples!r} is invalid: expected an int >= 1, e.g. n_samples=16")
     sizes = {pytree.keystr(path): leaf.shape[0] for path, leaf in pytree.tree_flatten_with_path((args, kwargs))[0]
              if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1}
     if not sizes:
@@ -32,27 +34,17 @@ def _batch_size(args: tuple, kwargs: dict) -> int:
     if len(set(sizes.values())) > 1:
         raise ValueError(f"monte_carlo repeats every tensor input along dim 0, so all must share the batch size; "
                          f"got {sizes}")
-    return next(iter(sizes.values()))
-
-
-def _repeat(obj: Any, k: int) -> Any:
-    """Every tensor of ``obj`` repeated ``k`` times along dim 0."""
-    return pytree.tree_map(lambda t: t.repeat(k, *([1] * (t.dim() - 1)))
-                           if isinstance(t, torch.Tensor) and t.dim() >= 1 and k > 1 else t, obj)
-
-
-def _chunks(n_samples: int, max_batch: Optional[int], batch: int) -> list[int]:
-    """Samples per forward: all at once, or as many as ``max_batch`` rows hold."""
+    batch = next(iter(sizes.values()))
     if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < batch):
         raise ValueError(f"max_batch={max_batch!r} is invalid: one sample needs the input's {batch} rows, so "
                          f"max_batch must be an int >= {batch}")
     per_chunk = n_samples if max_batch is None else min(n_samples, max_batch // batch)
-    return [min(per_chunk, n_samples - i) for i in range(0, n_samples, per_chunk)]
+    return batch, [min(per_chunk, n_samples - i) for i in range(0, n_samples, per_chunk)]
 
 
 def _stacked(outputs: list[list[Any]], n_samples: int, batch: int) -> list[Any]:
-    """The flattened outputs of every forward (``(leaf, samples)`` pairs) joined per leaf, each tensor shaped
-    (n_samples, batch, ...); a tensor without the batch dimension becomes None (with a warning)."""
+    """The flattened outputs of every forward joined per leaf, each tensor shaped (n_samples, batch, ...); a
+    tensor without the batch dimension becomes None."""
     combined: list[Any] = []
     dropped = 0
     for i, (leaf, _) in enumerate(outputs[0]):
@@ -73,20 +65,13 @@ def _stacked(outputs: list[list[Any]], n_samples: int, batch: int) -> list[Any]:
 
 def monte_carlo(gm: nn.Module, *args: Any, n_samples: int = 16, max_batch: Optional[int] = None,
                 **kwargs: Any) -> Any:
-    """``n_samples`` sampled predictions for one input, in the model's output structure with every tensor
-    stacked along a new first dimension of size ``n_samples``.
+    """``n_samples`` sampled predictions for one input, every output tensor stacked along a new first dimension.
 
-    The inputs are repeated along dim 0 and run in as few forwards as ``max_batch`` (rows per forward) allows,
-    in eval mode without gradients. Sites whose ``sample_at_inference`` is on sample; when none is, every PVeRA
-    site does. Modes, switches and KL records are restored afterwards, on error too. Outputs without the batch
-    dimension (a scalar ``loss``) come back as None (capture without ``labels`` to avoid them).
-    """
-    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
-        raise ValueError(f"n_samples={n_samples!r} is invalid: expected an int >= 1, e.g. n_samples=16")
+    Runs in eval mode without gradients, in as few forwards as ``max_batch`` (rows per forward) allows. Sites whose
+    ``sample_at_inference`` is on sample; when none is, every PVeRA site does."""
+    batch, chunks = _chunks(args, kwargs, n_samples, max_batch)
     inner = as_graph_module(gm)
     states = pvera_states(inner)
-    batch = _batch_size(args, kwargs)
-    chunks = _chunks(n_samples, max_batch, batch)
     modes = {name: m.training for name, m in inner.named_modules()}
     switches = {(st, s): getattr(st.site_module(s), SAMPLE_SWITCH) for st in states.values() for s in st.site_names}
     records = {st: dict(getattr(st, KL_RECORD).values) for st in states.values()}
@@ -101,7 +86,8 @@ def monte_carlo(gm: nn.Module, *args: Any, n_samples: int = 16, max_batch: Optio
                           disable=True if len(chunks) < 2 else None):
                 for st in states.values():
                     setattr(st, NOISE_GROUPS, k)
-                rep_args, rep_kwargs = _repeat((args, kwargs), k)
+                rep_args, rep_kwargs = pytree.tree_map(lambda t: t.repeat(k, *([1] * (t.dim() - 1))) if isinstance(
+                    t, torch.Tensor) and t.dim() >= 1 and k > 1 else t, (args, kwargs))  # along dim 0
                 leaves, spec = pytree.tree_flatten(gm(*rep_args, **rep_kwargs))
                 outputs.append([(leaf, k) for leaf in leaves])
     finally:
@@ -143,8 +129,8 @@ def _betainc(a: float, b: float, x: float) -> float:
 
 @functools.lru_cache(maxsize=256)
 def student_t_quantile(p: float, df: float) -> float:
-    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (float64, relative error ~1e-12).
-    torch.distributions.StudentT has no icdf: this bisects the t distribution's mass (closed forms for df 1, 2)."""
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (relative error ~1e-12), by bisection:
+    torch.distributions.StudentT has no icdf."""
     if not isinstance(p, (int, float)) or not 0.0 < p < 1.0:
         raise ValueError(f"p={p!r} is invalid: expected a probability strictly between 0 and 1")
     if not isinstance(df, (int, float)) or not df > 0:
@@ -168,10 +154,8 @@ def student_t_quantile(p: float, df: float) -> float:
     return 0.5 * (lo + hi)
 
 
-def confidence_interval(samples: torch.Tensor, level: float = 0.95, dim: int = 0) -> tuple[torch.Tensor,
-                                                                                           torch.Tensor]:
-    """The Student-t confidence interval of the mean along ``dim``: ``mean -+ sem * t((1 + level) / 2, n - 1)``
-    with ``sem = std / sqrt(n)`` (unbiased std). Returns ``(low, high)`` without ``dim``."""
+def confidence_interval(samples: torch.Tensor, level: float = 0.95, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Student-t confidence interval ``(low, high)`` of the mean along ``dim``."""
     if not isinstance(samples, torch.Tensor):
         raise TypeError(f"samples must be a torch.Tensor (e.g. one field of monte_carlo's output), got "
                         f"{type(samples).__name__}")
