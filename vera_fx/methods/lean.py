@@ -28,6 +28,11 @@ def group_products(h: Tensor, b: Tensor, *lambda_d: Tensor, stacked: bool = True
     return torch.nn.functional.linear(h * scales, b).unbind(0)
 
 
+def latent_products(b: Tensor, *z: Tensor) -> tuple[Tensor, ...]:
+    """``z_k @ B.T`` for every PVeRA latent ``z_k`` of a group, back to back (``B`` read again from cache)."""
+    return tuple(torch.nn.functional.linear(t, b) for t in z)
+
+
 def site_apply(y: Tensor, h: Tensor, b: Tensor, lambda_d: Optional[Tensor], lambda_b: Tensor,
                inplace: bool) -> Tensor:
     """One site's whole tail as one call: ``y + ((h * lambda_d) @ B.T) * lambda_b`` (VeRA), or with

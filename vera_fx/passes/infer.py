@@ -12,11 +12,11 @@ the stacked rows (``B`` read once). PVeRA's sites reading one ``x`` share ``pver
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from torch.fx import GraphModule, Node
 
-from ..methods.lean import group_products, site_add, site_apply
+from ..methods.lean import group_products, latent_products, site_add, site_apply
 from ..methods.pvera import pvera_group_h, pvera_latent
 from ..sites import ADAPTER_KEY, graph_modules
 from .chains import Chain, hoist, inplace_target, retarget, tag_node
@@ -53,24 +53,31 @@ def inference_plan(tokens: int, r: int, out: int, n: int, form: str = "batched")
 def _tail(gm: GraphModule, members: list[Chain], plan: str) -> None:
     """A VeRA group's products from its ``h``: one ``group_products`` (``stacked`` for ``plan="batched"``) then a
     ``site_add`` per site; a lone site's one ``site_apply`` in place of its add."""
-    graph, (h, _, b, _) = gm.graph, members[0].operands
-    if plan != "site":
-        lambdas = [c.operands[1] for c in members]
-        order = {n: k for k, n in enumerate(graph.nodes)}
-        first = min((c.add for c in members), key=order.__getitem__)
-        hoist((h, b, *lambdas), first)
-        with graph.inserting_before(first):
-            u = graph.call_function(group_products, (h, b, *lambdas), {"stacked": plan == "batched"})
-        tag_node(u, members[0], "adapter", "products", "inference")
-        u.meta[ADAPTER_KEY]["bases"] = [c.site.base.name for c in members]
-        for k, c in enumerate(members):
-            y = c.add.args[0]
-            retarget(c.add, site_add, (y, u, k, c.operands[3], inplace_target(y)), "inference")
-    else:
+    h, _, b, _ = members[0].operands
+    if plan == "site":
         for c in members:
             _site_apply(c, h, c.operands[1])
+    else:
+        _products(gm, members, group_products, (h, b, *[c.operands[1] for c in members]),
+                  {"stacked": plan == "batched"})
     for c in members:
-        c.erase(graph, ("scale_b", "xAB", "scale_d"))
+        c.erase(gm.graph, ("scale_b", "xAB", "scale_d"))
+
+
+def _products(gm: GraphModule, members: list[Chain], target: Callable, args: tuple, kwargs: dict) -> None:
+    """One ``target(*args)`` node before the first of the members' adds (its inputs moved up where they come
+    later): the members' products as a tuple, each add one ``site_add`` of its element."""
+    graph = gm.graph
+    order = {n: k for k, n in enumerate(graph.nodes)}
+    first = min((c.add for c in members), key=order.__getitem__)
+    hoist([a for a in args if isinstance(a, Node)], first)
+    with graph.inserting_before(first):
+        u = graph.call_function(target, args, kwargs)
+    tag_node(u, members[0], "adapter", "products", "inference")
+    u.meta[ADAPTER_KEY]["bases"] = [c.site.base.name for c in members]
+    for k, c in enumerate(members):
+        y = c.add.args[0]
+        retarget(c.add, site_add, (y, u, k, c.operands[3], inplace_target(y)), "inference")
 
 
 def _site_apply(c: Chain, h: Node, lam_d: Optional[Node]) -> None:
@@ -81,12 +88,14 @@ def _site_apply(c: Chain, h: Node, lam_d: Optional[Node]) -> None:
 
 def _lower_pvera(gm: GraphModule, chains: list[Chain]) -> None:
     """PVeRA's sites reading one ``h``: ``h`` becomes ``pvera_group_h`` (no other graph for sampling switches),
-    each site's sampling one ``pvera_latent`` and its tail one ``site_apply``."""
+    each site's sampling one ``pvera_latent``; the products of sites reading one ``B`` slice back to back
+    (``latent_products``), a lone site's one ``site_apply``."""
     graph, h, r = gm.graph, chains[0].h, chains[0].state.config.r
     (x, a), training = h.args[:2], chains[0].nodes["sample"].args[2]
     switches = [c.nodes["sample"].args[3] for c in chains]
     hoist((training, *switches), h)
     retarget(h, pvera_group_h, (x, a, r, training, *switches), "inference")
+    by_b: dict[str, list[tuple[Chain, Node]]] = {}
     for c in chains:
         nd = c.nodes
         with graph.inserting_before(nd["xAB"]):  # after the KL record's inputs
@@ -94,8 +103,20 @@ def _lower_pvera(gm: GraphModule, chains: list[Chain]) -> None:
                                                    *nd["kl"].args[2:4], x, a))
         tag_node(z, c, "sampling", "latent", "inference")
         nd["sample"].replace_all_uses_with(z)
-        _site_apply(c, z, None)
+        by_b.setdefault(_key(c.operands[2]), []).append((c, z))
+    for pairs in by_b.values():
+        if len(pairs) == 1:
+            _site_apply(*pairs[0], None)
+        else:
+            members = [c for c, _ in pairs]
+            _products(gm, members, latent_products, (members[0].operands[2], *[z for _, z in pairs]), {})
+    for c in chains:
         c.erase(graph, ("kl", "scale_b", "xAB", "sample", "mu", "logvar", "scale_d"))
+
+
+def _key(b: Any) -> str:
+    """A ``B`` slice operand as a grouping key (a node, or a constant)."""
+    return b.name if isinstance(b, Node) else repr(b)
 
 
 def lower_for_inference(gm: GraphModule, chains: list[Chain], form: str = "batched",
@@ -106,10 +127,9 @@ def lower_for_inference(gm: GraphModule, chains: list[Chain], form: str = "batch
         raise ValueError(f"inference form {form!r} is not one of {list(FORMS)}")
     groups: dict[tuple, list[Chain]] = {}
     for c in chains:  # a group: one h, one adapter, one B slice (PVeRA: one h)
-        b = c.operands[2]
         key: tuple = (c.h.name, c.adapter)
         if not c.state.method.probabilistic:
-            key += (b.name if isinstance(b, Node) else repr(b),)
+            key += (_key(c.operands[2]),)
         groups.setdefault(key, []).append(c)
     for members in groups.values():
         st = members[0].state
