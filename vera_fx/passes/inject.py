@@ -1,14 +1,7 @@
-"""Inject pass: add one adapter's state to the GraphModule and its nodes after every targeted site; then share
-and lower what it emitted.
-
-State: one ``AdapterState`` at ``gm.vera_fx_adapters[adapter_name]``: the projections (sized to the largest
-site, sliced per site; later adapters of a method share the first one's) and per-site lambdas. Only the lambdas
-(plus biases for ``bias="all"`` / ``"<method>_only"``, cloned first, and ``modules_to_save`` copies, which belong
-to the adapter) train, so training never writes into the user's model.
-
-Share: sites reading one tensor (q/k/v, gate/up) each emit ``get_attr A -> slice -> linear(x, A)``; the first
-of each identical deterministic adapter node is kept, so x·Aᵀ (and its input gradient) is computed once per
-input and adapter. Dropout and sampling stay per site.
+"""Inject pass: add one adapter's state (``AdapterState`` at ``gm.vera_fx_adapters[name]``) and its nodes after
+every targeted site, then share x·Aᵀ (once per input and adapter) and lower what it emitted. Only the lambdas,
+the biases of ``bias="all"`` / ``"<method>_only"`` (cloned first) and ``modules_to_save`` copies train, so
+training never writes into the user's model.
 """
 
 from __future__ import annotations
@@ -17,11 +10,11 @@ import logging
 import operator
 import re
 import warnings
-from typing import Any, Hashable, Optional
+from typing import Any, Hashable, Optional, Union
 
 import torch
 from torch import nn
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..config import AdapterConfig, as_config
@@ -187,8 +180,8 @@ def _emit_graph(gm: GraphModule, adapter_name: str, site_names: Optional[set[str
         chain = emitted_chain(site, adapter_name, state, em.nodes)
         chains += [chain] if chain is not None else []
         count += 1
-    share_projections(gm, recompile=False)  # linted and recompiled below
-    lower_adapters(gm, chains, setting, recompile=False)  # what was just emitted
+    share_projections(gm)
+    lower_adapters(gm, chains, setting)  # what was just emitted
     gm.graph.lint()
     gm.recompile()
     return count
@@ -202,9 +195,9 @@ def _freeze(a: Any) -> Hashable:
     return str(a) if isinstance(a, torch.dtype) else a
 
 
-def share_projections(gm: GraphModule, recompile: bool = True) -> int:
+def share_projections(gm: GraphModule) -> int:
     """Merge identical deterministic adapter nodes of ``gm``'s own graph (of the products, only x·Aᵀ); returns how
-    many were removed. ``recompile=False`` leaves linting and recompiling to the caller."""
+    many were removed. Dropout and sampling stay per site; the caller lints and recompiles."""
     seen: dict[Hashable, Node] = {}
     removed = 0
     for node in list(gm.graph.nodes):
@@ -220,38 +213,41 @@ def share_projections(gm: GraphModule, recompile: bool = True) -> int:
             node.replace_all_uses_with(first)
             gm.graph.erase_node(node)
             removed += 1
-    if removed and recompile:
-        gm.graph.lint()
-        gm.recompile()
     logger.debug("share: %d duplicate adapter nodes removed", removed)
     return removed
 
 
-class SharePass(PassBase):
-    """The share pass as a torch.fx pass (inject runs it on what it emits)."""
+def remove_adapter_nodes(gm: GraphModule, adapters: Union[str, None, dict[str, set[str]]],
+                         site_names: Optional[set[str]] = None) -> int:
+    """Erase adapter nodes in every graph of the tree, rewiring each site's users to the output the adapter was
+    added to: ``adapters``' (None: every adapter's; a dict: each adapter's at its sites), at ``site_names`` only
+    when given, and the mode flags left unread. One pass per graph; a graph left as it was is not recompiled.
+    Returns the calls cleared."""
+    wanted = adapters if isinstance(adapters, dict) or adapters is None else {adapters: site_names}
 
-    def call(self, graph_module: GraphModule) -> PassResult:
-        removed = sum(share_projections(g) for g in graph_modules(graph_module))
-        return PassResult(graph_module, removed > 0)
-
-
-def remove_adapter_nodes(gm: GraphModule, adapter_name: Optional[str], site_names: Optional[set[str]] = None) -> int:
-    """Erase ``adapter_name``'s nodes (None: every adapter's; at ``site_names`` only, when given) in every graph of
-    the tree, rewiring each site's users to the output the adapter was added to; returns the calls cleared."""
-    return sum(_remove_graph(g, adapter_name, site_names) for g in graph_modules(gm)
-               if adapter_name is not None or any(_tag(n).get("adapter") for n in g.graph.nodes))
-
-
-def _remove_graph(gm: GraphModule, adapter_name: Optional[str], site_names: Optional[set[str]]) -> int:
-    """``remove_adapter_nodes`` on one graph."""
     def mine(tag: dict[str, Any]) -> bool:
-        return tag.get("adapter") is not None and adapter_name in (None, tag["adapter"])
+        a = tag.get("adapter")
+        return a is not None and tag.get("role") == "output" and (
+            wanted is None or (a in wanted and (wanted[a] is None or tag["site"] in wanted[a])))
 
-    graph = gm.graph
-    outputs = [n for n in graph.nodes if _tag(n).get("role") == "output" and mine(_tag(n))
-               and (site_names is None or _tag(n)["site"] in site_names)]
+    cleared = 0
+    for g in graph_modules(gm):
+        outputs = [n for n in g.graph.nodes if mine(_tag(n))]
+        _remove_outputs(g.graph, outputs)
+        unread = [n for n in g.graph.nodes if _tag(n).get("role") == "mode" and not n.users]
+        for n in unread:  # the flags the adapters added (``training``, the adapter mode)
+            g.graph.erase_node(n)
+        if outputs or unread:
+            g.graph.lint()
+            g.recompile()
+        cleared += len(outputs)
+    return cleared
+
+
+def _remove_outputs(graph: Graph, outputs: list[Node]) -> None:
+    """Erase the adapter nodes behind each of ``outputs`` (shared ones once no other site reads them)."""
     for out in outputs:
-        base = _tag(out)["base"]
+        base, adapter = _tag(out)["base"], _tag(out)["adapter"]
         add = out
         while _tag(add) and _tag(add).get("name") != "add":
             add = add.args[0]
@@ -261,15 +257,8 @@ def _remove_graph(gm: GraphModule, adapter_name: Optional[str], site_names: Opti
         out.replace_all_uses_with(y)
         for u in users:  # a weight-path call reads its weight again: the plain linear
             restore_linear(u)
-        for n in reversed([n for n in graph.nodes if _tag(n).get("adapter") == _tag(out)["adapter"]
-                           and base in _bases(_tag(n))]):
+        for n in reversed([n for n in graph.nodes if _tag(n).get("adapter") == adapter and base in _bases(_tag(n))]):
             if n.users:  # shared with another site (share pass): that site still reads it
                 n.meta[ADAPTER_KEY]["bases"] = [b for b in _bases(_tag(n)) if b != base]
             else:
                 graph.erase_node(n)
-    for n in list(graph.nodes):  # the flags the adapters added (``training``, the adapter mode) once unread
-        if _tag(n).get("role") == "mode" and not n.users:
-            graph.erase_node(n)
-    graph.lint()
-    gm.recompile()
-    return len(outputs)
