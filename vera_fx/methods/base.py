@@ -68,6 +68,8 @@ class AdapterState(nn.Module):
     parameters (a PEFT key is a prefix rename). A site inside a block is registered in that block's
     ``AdapterView`` only; ``site_module`` and ``named_site_parameters`` reach every site wherever it is."""
 
+    prefix = ""  # a view's block path (AdapterView)
+
     def __init__(self, config: AdapterConfig, method: "Method") -> None:
         super().__init__()
         self.config = config
@@ -125,7 +127,13 @@ class AdapterState(nn.Module):
         return {k: v for k, v in self.site_module(site)._parameters.items() if v is not None}
 
     def site_target(self, adapter_name: str, site: str, param: str) -> str:
-        return f"{CONTAINER}.{adapter_name}.sites.{site or '_root'}.{param}"
+        return f"{CONTAINER}.{adapter_name}.sites.{self._relative(site) or '_root'}.{param}"
+
+    def _relative(self, site: str) -> str:
+        """A site's path inside the view's block (so every layer's code is the same)."""
+        if site == self.prefix:
+            return ""
+        return site[len(self.prefix) + 1:] if site.startswith(self.prefix + ".") else site
 
     def projection(self, which: str) -> torch.Tensor:
         return getattr(self, f"{self.method.prefix}_{which}")
@@ -158,17 +166,8 @@ class AdapterView(AdapterState):
             parent.add_module(leaf, root.site_module(site))
         root.method.init_view(self, root)
 
-    def _relative(self, site: str) -> str:
-        """A site's path inside the block (so every layer's code is the same)."""
-        if site == self.prefix:
-            return ""
-        return site[len(self.prefix) + 1:] if site.startswith(self.prefix + ".") else site
-
     def site_module(self, site: str, create: bool = False) -> nn.Module:
         return self._root_state.site_module(site, create)
-
-    def site_target(self, adapter_name: str, site: str, param: str) -> str:
-        return f"{CONTAINER}.{adapter_name}.sites.{self._relative(site) or '_root'}.{param}"
 
     def __getattr__(self, name: str) -> Any:
         try:

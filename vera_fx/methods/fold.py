@@ -1,12 +1,8 @@
-"""The weight path's site call: the base linear and its VeRA adapter as one autograd function,
-``y = x (W + M @ A).T + bias`` with ``M = lambda_b * B * lambda_d`` (out x r) and ``h = x @ A.T``.
-
-With ``T >= in`` tokens (float32 / float64) forward folds ``W' = W + M @ A`` (out r in multiply-adds instead of T r
-out) and backward folds again or reuses ``W'`` (``keep``), so ``d x = g @ W'`` carries the adapter's share of the
-input gradient and the group's ``d h @ A`` is skipped; with fewer tokens (decoding) it is the base linear plus one
-``addmm``. Backward keeps ``h`` (and ``x`` where W or the bias trains). Under autocast it is the plain ops (a half
-precision fold would round ``dW`` away). In the graph: ``fold = weight_fold(W, h, A, B, lambda_d, lambda_b, keep)``
-(the adapter's output node) and ``y = weight_site(x, fold, bias)`` (Conv1D: ``weight_site_t(bias, view(x), fold)``).
+"""The weight path's site call, ``y = x (W + M @ A).T + bias`` with ``M = lambda_b * B * lambda_d``, as one autograd
+function: with ``T >= in`` tokens it folds ``W'`` in forward and backward (or keeps it), so ``d x = g @ W'`` carries
+the adapter's share and the group's ``d h @ A`` is skipped; with fewer it is the base linear plus one ``addmm``;
+under autocast the plain ops (a half-precision fold would round ``dW`` away). In the graph: ``fold = weight_fold(W,
+h, A, B, lambda_d, lambda_b, keep)`` then ``weight_site(x, fold, bias)`` (Conv1D: ``weight_site_t``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """PVeRA, the probabilistic VeRA: ``h = lambda_d * (A[:, :in] @ dropout(x))`` has 2r rows, halves ``mu, logvar``;
 the latent is ``mu + eps * exp(logvar / 2)`` in training mode or where the site samples at inference, else ``mu``.
-Run-time state the graph reads, never saved: per site the sampling switch and a seeded noise stream (a uint8
-buffer drawn by ``vera_fx::pvera_noise``: a ``torch.Generator`` would graph-break; seeded per site, where PEFT
-gives same-shaped layers the same noise); the Monte Carlo sample count; the last forward's KL terms.
+Per site a seeded noise stream (a uint8 buffer for ``vera_fx::pvera_noise``, where a ``torch.Generator`` would
+graph-break; PEFT gives same-shaped layers the same noise) and the last forward's KL terms, never saved.
 """
 
 from __future__ import annotations

@@ -26,12 +26,16 @@ _INPLACE_BASES = {aten.linear.default, aten.addmm.default, aten.add.Tensor, weig
 
 @dataclass
 class Chain:
-    """One site call's plain adapter nodes after h, by tag name, with its site record and adapter state."""
+    """One site call's plain adapter nodes after h, by tag name (from ``Emitter.nodes``), with its site record and
+    adapter state."""
 
     site: Site
     adapter: str
     state: Any
     nodes: dict[str, Node]
+
+    def __post_init__(self) -> None:
+        self.nodes = {k: v for k, v in self.nodes.items() if k in CHAIN_NAMES}
 
     @property
     def h(self) -> Node:
@@ -56,14 +60,6 @@ class Chain:
         for a in dict.fromkeys(inputs):
             if not a.users:
                 graph.erase_node(a)
-
-
-def emitted_chain(site: Site, adapter: str, state: Any, nodes: dict[str, Node]) -> Optional[Chain]:
-    """The chain of one site call's emitted nodes (``Emitter.nodes``), or None when a lowering cannot rewrite it
-    (its product read by more than the site's add)."""
-    if not {"scale_d", "xAB", "scale_b"} <= set(nodes) or len(nodes["scale_b"].users) != 1:
-        return None
-    return Chain(site, adapter, state, {k: v for k, v in nodes.items() if k in CHAIN_NAMES})
 
 
 def inplace_target(y: Node) -> bool:

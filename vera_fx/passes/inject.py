@@ -1,7 +1,6 @@
-"""Inject pass: add one adapter's state (``AdapterState`` at ``gm.vera_fx_adapters[name]``) and its nodes after
-every targeted site, then share x·Aᵀ (once per input and adapter) and lower what it emitted. Only the lambdas,
-the biases of ``bias="all"`` / ``"<method>_only"`` (cloned first) and ``modules_to_save`` copies train, so
-training never writes into the user's model.
+"""Inject pass: add one adapter's state (``gm.vera_fx_adapters[name]``) and its nodes after every targeted site,
+then share x·Aᵀ and lower what it emitted. Only the lambdas, biases (``bias="all"`` / ``"<method>_only"``, cloned)
+and ``modules_to_save`` copies train, so training never writes into the user's model.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from ..methods.fold import restore_linear
 from ..sites import ADAPTER_KEY, Site, graph_modules, model_info, read_graph_sites, registration_order
 from ..state import (ADAPTER_MODE, adapter_mode_module, adapters_of, attach_modules_to_save, attach_state, bias_targets,
                      shared_projections)
-from .chains import emitted_chain
+from .chains import Chain
 from .lower import lower_adapters, lowering_setting
 from .match import select_sites
 
@@ -45,8 +44,8 @@ def _bases(tag: dict[str, Any]) -> list[str]:
 
 
 def training_node(gm: GraphModule, module: str = "") -> Node:
-    """The graph's node reading ``<module>.training`` (the base model's ``training`` by default), created before
-    the first non-input node if missing, tagged so that it goes with the last adapter node."""
+    """The graph's node reading ``<module>.training`` (default: the base model's), created if missing, tagged so
+    that it goes with the last adapter node."""
     target = f"{module}.training" if module else "training"
     found = gm.graph.find_nodes(op="get_attr", target=target)
     if found:
@@ -98,7 +97,7 @@ class InjectPass(PassBase):
     def call(self, graph_module: GraphModule) -> PassResult:
         gm, cfg, method, name = graph_module, self.config, self.method, self.adapter_name
         chosen = select_sites(gm, cfg)
-        check_rank(cfg, chosen, _placement(gm, chosen[0])[0] if chosen else None)  # before anything is allocated
+        check_rank(cfg, chosen, _placement(gm, chosen[0])[0])  # before anything is allocated (chosen: never empty)
         odd = next((s for s in chosen if s.fan_in_fan_out != cfg.fan_in_fan_out), None)
         if odd is not None:
             warnings.warn(f"fan_in_fan_out={cfg.fan_in_fan_out} does not fit site {odd.name!r} (kind {odd.kind!r} "
@@ -124,9 +123,8 @@ class InjectPass(PassBase):
 
 def new_state(gm: GraphModule, config: AdapterConfig, chosen: list[Site],
               shared: Optional[tuple[torch.Tensor, torch.Tensor]], trainable: bool) -> AdapterState:
-    """An adapter's state over the sites ``chosen`` (projections ``shared`` or drawn from the config's seed,
-    lambdas with ``requires_grad=trainable``, the method's switches), on the sites' device and float dtype.
-    Registers and emits nothing."""
+    """An adapter's state over ``chosen`` (projections ``shared`` or drawn from the config's seed), on the sites'
+    device and float dtype; registers and emits nothing."""
     method = method_for(config)
     a, b = shared if shared is not None else method.init_projections(config, *_max_shape(chosen))
     device, dtype = _placement(gm, chosen[0])
@@ -148,8 +146,7 @@ def new_state(gm: GraphModule, config: AdapterConfig, chosen: list[Site],
 
 def emit_adapter(gm: GraphModule, adapter_name: str, site_names: Optional[set[str]] = None) -> int:
     """Emit ``adapter_name``'s nodes after every call of its sites (or of ``site_names`` only) that lacks them, in
-    every graph of the tree holding its state, with the root's lowering setting and adapter train / eval flag.
-    Returns the number of calls adapted; recompiles the graphs it changed."""
+    every graph of the tree, by the root's lowering setting; returns the number of calls adapted."""
     setting, training = lowering_setting(gm), adapter_mode_module(gm).training  # a first adapter trains (PEFT)
     return sum(_emit_graph(g, adapter_name, site_names, setting, training)
                for g in graph_modules(gm) if adapter_name in adapters_of(g))
@@ -177,8 +174,7 @@ def _emit_graph(gm: GraphModule, adapter_name: str, site_names: Optional[set[str
         out = state.method.emit(em, state, site.input, y, mode)
         y.replace_all_uses_with(out, delete_user_cb=lambda u, out=out, s=site.name: u is not out and not (
             _tag(u).get("site") == s and _tag(u).get("adapter") == adapter_name))
-        chain = emitted_chain(site, adapter_name, state, em.nodes)
-        chains += [chain] if chain is not None else []
+        chains.append(Chain(site, adapter_name, state, em.nodes))
         count += 1
     share_projections(gm)
     lower_adapters(gm, chains, setting)  # what was just emitted

@@ -1,10 +1,7 @@
-"""Lower pass: per site group (the sites sharing ``h = x @ A.T`` for one adapter: q/k/v, gate/up), how a training
-step computes the adapter: ``activation`` (the plain nodes), ``fused`` (``fused_site``), ``lean``
-(``vera_fx::lean_add``) or ``weight`` (the base call folding ``W' = W + (lambda_b * B * lambda_d) @ A`` when
-``T >= in``; ``"kept"`` keeps ``W'``), chosen by a cost model of multiply-adds plus measured per-value constants.
-``auto`` keeps the step within PEFT's work and spends the share pass's saving on memory (an exact multiple-choice
-knapsack over each group's Pareto-best plans); ``fast`` takes each group's least work. What each path keeps and
-costs: docs/architecture.md ("Lowering").
+"""Lower pass: per site group (the sites sharing ``h = x @ A.T``: q/k/v, gate/up), how a training step computes
+the adapter (``activation``, ``fused``, ``lean`` or ``weight``; ``kept`` keeps the folded ``W'``), chosen by a cost
+model of multiply-adds plus measured per-value constants: ``auto`` keeps the step within PEFT's work and saves the
+most memory, ``fast`` takes the least work. What each path keeps and costs: docs/architecture.md ("Lowering").
 """
 
 from __future__ import annotations
@@ -272,25 +269,22 @@ def _weight_blocker(gm: GraphModule, c: Chain) -> Optional[str]:
 
 def _lower_tail(gm: GraphModule, c: Chain, path: str, traced_when_compiled: bool = False) -> None:
     """The chain's add node becomes one ``lean_site`` or ``fused_site`` call (PVeRA's KL term: a LazyKL of ``h``)."""
-    nd, add, method, r = c.nodes, c.add, c.state.method, c.state.config.r
+    nd, add, r, pvera = c.nodes, c.add, c.state.config.r, c.state.method.probabilistic
     h, lam_d, b, lam_b = c.operands
-    y, erase = add.args[0], ["scale_b", "xAB"]
-    if method.probabilistic:
+    y, eps, erase = add.args[0], None, ["scale_b", "xAB"]
+    if pvera:  # lean: the sample node becomes the noise's (same name, same place in the RNG order)
         retarget(nd["kl"], nd["kl"].target, (h, lam_d, *nd["kl"].args[2:4], r), path)
-    if path == "fused":  # PVeRA: from the sampled latent (the sampling nodes stay)
-        z, ld = (nd["xAB"].args[0], None) if method.probabilistic else (h, lam_d)
-        retarget(add, fused_site, (y, z, ld, b, lam_b, inplace_target(y)), path)
-        erase += [] if method.probabilistic else ["scale_d"]
-    else:
-        eps: Optional[Node] = None
-        if method.probabilistic:  # the sample node is retargeted in place: same name, same place in the RNG order
+        if path != "fused":
             eps = nd["sample"]
             _, _, training, switch, gen, groups = eps.args
             retarget(eps, pvera_lean_noise, (h, r, training, switch, gen, groups), path)
             erase += ["logvar", "mu"]
-        retarget(add, lean_site, (y, h, lam_d, b, lam_b, eps, r, method.probabilistic, traced_when_compiled), path)
-        erase.append("scale_d")
-    c.erase(gm.graph, erase)
+    if path == "fused":  # PVeRA: from the sampled latent (the sampling nodes stay)
+        z, ld = (nd["xAB"].args[0], None) if pvera else (h, lam_d)
+        retarget(add, fused_site, (y, z, ld, b, lam_b, inplace_target(y)), path)
+    else:
+        retarget(add, lean_site, (y, h, lam_d, b, lam_b, eps, r, pvera, traced_when_compiled), path)
+    c.erase(gm.graph, erase if pvera and path == "fused" else erase + ["scale_d"])
 
 
 def _lower_weight(gm: GraphModule, c: Chain, keep: bool = False) -> None:

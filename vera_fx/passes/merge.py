@@ -1,17 +1,17 @@
-"""Merge pass: fold deterministic adapters into their sites' base weights (``W + ΔW``, float32, then the
-weight's dtype) and erase their nodes; unmerge; ``merge_into`` bakes them into the model. Copy-on-merge: the graph
-shares storage with the user's model, so merge installs new tensors (a bitsandbytes site: a new requantized layer,
-its rounding error logged) and keeps the originals in ``flags.folded`` for an exact unmerge. Atomic: everything is
-computed and checked first, and a failure while rewriting restores graphs, weights and layers (``Rollback``).
+"""Merge pass: fold deterministic adapters into their sites' weights and erase their nodes; unmerge; bake them
+into the model (``merge_into``). Copy-on-merge: merge installs new tensors (a bitsandbytes site: a new requantized
+layer) and keeps the originals in ``flags.folded`` for an exact unmerge. Atomic: all is computed and checked first,
+and a failure while rewriting restores graphs, weights and layers (``rollback``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Optional, Union
+from typing import Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -157,9 +157,8 @@ def _plan(gm: GraphModule, names: tuple[str, ...]) -> tuple[list[_Fold], dict[st
         calls_by_site.setdefault(s.name, []).append(s)
     readers: dict[str, list[Node]] = {}
     for g in graph_modules(gm):
-        for n in g.graph.nodes:
-            if n.op == "get_attr":
-                readers.setdefault(qualified_name(g, str(n.target)), []).extend(n.users)
+        for n in g.graph.find_nodes(op="get_attr"):
+            readers.setdefault(qualified_name(g, str(n.target)), []).extend(n.users)
     folds: list[_Fold] = []
     skipped: dict[str, str] = {}
     for name, calls in calls_by_site.items():
@@ -215,29 +214,24 @@ def _check_finite(safe_merge: bool, merged: torch.Tensor, site: Site, adapters: 
                          "(vera_fx_adapters.<adapter>.sites.<site>) for NaN/inf, e.g. from a diverged run")
 
 
-class Rollback:
-    """Restores ``gm``'s graphs, the slots of the given weights and the merge records when the block raises."""
-
-    def __init__(self, gm: GraphModule, slots: Iterable[tuple[str, bool]]) -> None:
-        self.gm, self.slots = gm, list(slots)
-
-    def __enter__(self) -> "Rollback":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch's pytree spec deprecation inside deepcopy
-            self.graphs = [(g, copy.deepcopy(g.graph)) for g in graph_modules(self.gm)]
-        self.saved = {w: _slot(self.gm, w, layer) for w, layer in self.slots}
-        self.flags = adapter_flags(self.gm)
-        self.records = (dict(self.flags.merged), dict(self.flags.folded))
-        return self
-
-    def __exit__(self, exc_type: object, *_: object) -> bool:
-        if exc_type is not None:
-            for g, graph in self.graphs:
-                g.graph = graph  # the setter recompiles
-            for w, value in self.saved.items():
-                _install(self.gm, w, value)
-            self.flags.merged, self.flags.folded = self.records
-        return False
+@contextlib.contextmanager
+def rollback(gm: GraphModule, slots: Iterable[tuple[str, bool]]) -> Iterator[None]:
+    """Put ``gm``'s graphs, the ``(weight, layer)`` slots and the merge records back if the block raises."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's pytree spec deprecation inside deepcopy
+        graphs = [(g, copy.deepcopy(g.graph)) for g in graph_modules(gm)]
+    saved = {w: _slot(gm, w, layer) for w, layer in slots}
+    flags = adapter_flags(gm)
+    records = (dict(flags.merged), dict(flags.folded))
+    try:
+        yield
+    except BaseException:
+        for g, graph in graphs:
+            g.graph = graph  # the setter recompiles
+        for w, value in saved.items():
+            _install(gm, w, value)
+        flags.merged, flags.folded = records
+        raise
 
 
 class MergePass(PassBase):
@@ -267,7 +261,7 @@ class MergePass(PassBase):
                 logger.info(msg)
             return PassResult(gm, False)
         new = _merged(gm, folds, self.safe_merge)
-        with Rollback(gm, [(f.weight, f.layer) for f in folds]):
+        with rollback(gm, [(f.weight, f.layer) for f in folds]):
             flags = adapter_flags(gm)
             merged_meta, folded = dict(flags.merged), dict(flags.folded)
             for f in folds:
@@ -295,7 +289,7 @@ class UnmergePass(PassBase):
             return PassResult(gm, False)
         restored = {q: rec.original if rec.is_layer else self._restored(gm, q, rec) for q, rec in folded.items()}
         merged_meta = dict(flags.merged)
-        with Rollback(gm, [(q, rec.is_layer) for q, rec in folded.items()]):
+        with rollback(gm, [(q, rec.is_layer) for q, rec in folded.items()]):
             for q, value in restored.items():
                 _install(gm, q, value)
             for a in adapters_of(gm):
