@@ -301,20 +301,18 @@ class Method:
         return fn
 
 
-_BY_CONFIG: dict[type, Method] = {}
-_BY_NAME: dict[str, Method] = {}
+_METHODS: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
-    """Register a method instance for its config type."""
-    _BY_CONFIG[method.config_type] = method
-    _BY_NAME[method.name] = method
+    """Register a method instance (by name, for its config type)."""
+    _METHODS[method.name] = method
     return method
 
 
 def method_for(config: AdapterConfig) -> Method:
     """The method registered for ``config``'s type; TypeError for any other object."""
-    method = _BY_CONFIG.get(type(config))
+    method = next((m for m in _METHODS.values() if type(config) is m.config_type), None)
     if method is None:
         raise TypeError(f"config must be a vera_fx.VeraConfig or vera_fx.PveraConfig, got "
                         f"{type(config).__module__}.{type(config).__name__}; a PEFT config is converted by "
@@ -324,4 +322,4 @@ def method_for(config: AdapterConfig) -> Method:
 
 def method_by_name(name: str) -> Method:
     """The method registered under ``name`` ('vera', 'pvera')."""
-    return _BY_NAME[name]
+    return _METHODS[name]

@@ -28,7 +28,6 @@ aten = torch.ops.aten
 MODES = ("auto", "fast", "activation", "fused", "lean", "weight")
 DEFAULT_TOKENS = 1024
 
-Lowering = Union[str, dict]
 Plan = tuple[int, int, tuple[str, ...]]  # (work, saved, path per site)
 
 
@@ -57,6 +56,7 @@ CACHE_BYTES = 4 << 20
 # A fold reads W and writes W' besides its product: measured 40-165 per value of W' (a fold costs about 1.3x its
 # product); 32 (a step of today's benchmark shape planned with 0, 16, 32 and 64 measured 0.96-1.02x PEFT).
 FOLD_PASS_COST = 32
+MAX_STATES = 4096  # the knapsack's frontier size per stage
 
 
 State = TypeVar("State", bound=tuple)  # (work, saved, ...)
@@ -71,7 +71,7 @@ def pareto(states: list[State], key: Callable[[State], Any]) -> list[State]:
     return best
 
 
-def _frontier(groups: list[list[tuple[int, int]]], limit: int, max_states: int
+def _frontier(groups: list[list[tuple[int, int]]], limit: int
               ) -> tuple[list[tuple[int, int, int, int]], list[list[tuple[int, int, int, int]]]]:
     """The Pareto frontier of ``(work, saved)`` over one option per group within ``limit``, and every stage's
     states ``(work, saved, parent state, option)`` to read a choice back."""
@@ -84,8 +84,8 @@ def _frontier(groups: list[list[tuple[int, int]]], limit: int, max_states: int
         grown = [(w + ow, s + os, si, oi) for si, (w, s, _, _) in enumerate(frontier)
                  for oi, (ow, os) in enumerate(options) if w + ow + rest[k + 1] <= limit]
         frontier = pareto(grown, lambda st: (st[0], -st[1]))
-        if len(frontier) > max_states:  # a pathological case: an even thinning of the frontier (the best kept)
-            frontier = frontier[::-(-len(frontier) // max_states)] + frontier[-1:]
+        if len(frontier) > MAX_STATES:  # a pathological case: an even thinning of the frontier (the best kept)
+            frontier = frontier[::-(-len(frontier) // MAX_STATES)] + frontier[-1:]
         stages.append(frontier)
     return frontier, stages
 
@@ -98,7 +98,7 @@ def _read_back(stages: list[list[tuple[int, int, int, int]]], best: int) -> list
     return picks
 
 
-def choose_options(groups: list[list[tuple[int, int]]], budget: int, max_states: int = 4096) -> list[int]:
+def choose_options(groups: list[list[tuple[int, int]]], budget: int) -> list[int]:
     """One option index per group (options ``(work, saved)``) that saves the most within ``budget`` of work: an
     exact multiple-choice knapsack. Groups with the same options (one per layer) are combined per kind first;
     ties go to less work, then to earlier options."""
@@ -111,10 +111,10 @@ def choose_options(groups: list[list[tuple[int, int]]], budget: int, max_states:
     combined = []  # per kind: its frontier over its copies and the stages to read each copy's option back
     for key, members in kinds.items():
         limit = budget - sum(v for other, v in least.items() if other != key)
-        combined.append(_frontier([list(key)] * len(members), limit, max_states))
+        combined.append(_frontier([list(key)] * len(members), limit))
     if any(not final for final, _ in combined):  # nothing fits the budget: the least work
         return [min(range(len(options)), key=lambda j: (options[j][0], j)) for options in groups]
-    top, top_stages = _frontier([[(w, s) for w, s, _, _ in final] for final, _ in combined], budget, max_states)
+    top, top_stages = _frontier([[(w, s) for w, s, _, _ in final] for final, _ in combined], budget)
     best = max(range(len(top)), key=lambda j: (top[j][1], -top[j][0]))
     picks = [0] * len(groups)
     for (key, members), (_, stages), point in zip(kinds.items(), combined, _read_back(top_stages, best)):
@@ -126,13 +126,10 @@ def choose_options(groups: list[list[tuple[int, int]]], budget: int, max_states:
 def pass_cost(g: GroupShape, out: int, path: str = "weight") -> int:
     """Multiply-add equivalents ``path`` saves per tokens x out value against the activation path's passes."""
     cached = g.tokens * out * g.value_bytes <= CACHE_BYTES
-    if path in ("weight", "kept") and g.tokens < g.in_features:
-        path = "lean"  # a call that does not fold is the lean op with the base call inside
     if path == "fused":
         return PASS_COST_FUSED_CACHED if cached else PASS_COST_FUSED
-    if not cached:
-        return PASS_COST
-    return 0 if path == "lean" else PASS_COST_CACHED
+    folds = path in ("weight", "kept") and g.tokens >= g.in_features  # else the lean op (with the base call inside)
+    return (PASS_COST_CACHED if folds else 0) if cached else PASS_COST
 
 
 def extra_products(g: GroupShape, out: int, path: str) -> int:
@@ -209,7 +206,7 @@ def plan_auto(shapes: list[GroupShape], weight_allowed: list[bool], objective: s
     return [list(opts[k][2]) for opts, k in zip(options, picks)]
 
 
-def check_lowering(lowering: Lowering, tokens: Optional[int] = None) -> dict[str, Any]:
+def check_lowering(lowering: Union[str, dict], tokens: Optional[int] = None) -> dict[str, Any]:
     """Validate a lowering setting: a mode in ``MODES`` or a dict ``{site name: mode}`` (others ``auto``)."""
     if isinstance(lowering, str):
         if lowering not in MODES:

@@ -261,18 +261,17 @@ class MergePass(PassBase):
                 logger.info(msg)
             return PassResult(gm, False)
         new = _merged(gm, folds, self.safe_merge)
-        with rollback(gm, [(f.weight, f.layer) for f in folds]):
-            flags = adapter_flags(gm)
-            merged_meta, folded = dict(flags.merged), dict(flags.folded)
+        flags = adapter_flags(gm)
+        with rollback(gm, [(f.weight, f.layer) for f in folds]):  # which puts the records back too
             for f in folds:
                 value = new[f.weight]
                 old = _install(gm, f.weight, value)
-                prev = folded.get(f.weight)  # a site merged before keeps its first original: the graph's own
-                folded[f.weight] = Folded(f.site.name, (prev.adapters if prev else ()) + f.adapters,
-                                          prev.original if prev else old, value, -1 if f.layer else value._version)
-                merged_meta[f.site.name] = merged_meta.get(f.site.name, ()) + f.adapters
+                prev = flags.folded.get(f.weight)  # a site merged before keeps its first original: the graph's own
+                flags.folded[f.weight] = Folded(f.site.name, (prev.adapters if prev else ()) + f.adapters,
+                                                prev.original if prev else old, value,
+                                                -1 if f.layer else value._version)
+                flags.merged[f.site.name] = flags.merged.get(f.site.name, ()) + f.adapters
             remove_adapter_nodes(gm, {a: {f.site.name for f in folds if a in f.adapters} for a in names})
-            flags.merged, flags.folded = merged_meta, folded
         logger.info("merge: folded %s into %d weights", sorted({a for f in folds for a in f.adapters}), len(folds))
         return PassResult(gm, True)
 
