@@ -7,7 +7,7 @@ h, A, B, lambda_d, lambda_b, keep)`` then ``weight_site(x, fold, bias)`` (Conv1D
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -88,22 +88,18 @@ class _FoldedLinear(torch.autograd.Function):
                 None if grad_lb is None else grad_lb.to(lambda_b.dtype), None)
 
 
-def weight_site(x: Tensor, fold: Union[Fold, Tensor], bias: Optional[Tensor] = None) -> Tensor:
-    """A weight-path site's call; the plain linear when ``fold`` is a weight (its adapter was removed)."""
-    if isinstance(fold, Tensor):
-        return torch.nn.functional.linear(x, fold, bias)
+def weight_site(x: Tensor, fold: Fold, bias: Optional[Tensor] = None) -> Tensor:
+    """A weight-path site's call (an adapter's removal makes it the plain linear again: ``restore_linear``)."""
     return _FoldedLinear.apply(x, fold[0], bias, *fold[1:])
 
 
-def weight_site_t(bias: Tensor, x: Tensor, fold: Union[Fold, Tensor]) -> Tensor:
+def weight_site_t(bias: Tensor, x: Tensor, fold: Fold) -> Tensor:
     """``weight_site`` for a weight stored (in, out) (GPT-2's Conv1D: ``addmm(bias, x, W)``, ``x`` 2-D)."""
-    if isinstance(fold, Tensor):
-        return torch.addmm(bias, x, fold)
     return _FoldedLinear.apply(x, fold[0].T, bias, *fold[1:])
 
 
 def fold_argument(node: Node) -> Optional[object]:
-    """The fold (or, its adapter removed, the weight) a weight-path call reads; None for any other node."""
+    """The fold (or, while its adapter is removed, the weight) a weight-path call reads; None for any other node."""
     if node.op != "call_function" or node.target not in (weight_site, weight_site_t):
         return None
     return node.args[2] if node.target is weight_site_t else node.args[1]

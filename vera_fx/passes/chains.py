@@ -26,8 +26,7 @@ _INPLACE_BASES = {aten.linear.default, aten.addmm.default, aten.add.Tensor, weig
 
 @dataclass
 class Chain:
-    """One site call's plain adapter nodes after h, by tag name (from ``Emitter.nodes``), with its site record and
-    adapter state."""
+    """One site call's plain adapter nodes after h by tag name (``Emitter.nodes``), with its site and adapter state."""
 
     site: Site
     adapter: str

@@ -44,8 +44,7 @@ def _bases(tag: dict[str, Any]) -> list[str]:
 
 
 def training_node(gm: GraphModule, module: str = "") -> Node:
-    """The graph's node reading ``<module>.training`` (default: the base model's), created if missing, tagged so
-    that it goes with the last adapter node."""
+    """The graph's node reading ``<module>.training`` (default: the base model's), created (a mode node) if missing."""
     target = f"{module}.training" if module else "training"
     found = gm.graph.find_nodes(op="get_attr", target=target)
     if found:
@@ -123,8 +122,7 @@ class InjectPass(PassBase):
 
 def new_state(gm: GraphModule, config: AdapterConfig, chosen: list[Site],
               shared: Optional[tuple[torch.Tensor, torch.Tensor]], trainable: bool) -> AdapterState:
-    """An adapter's state over ``chosen`` (projections ``shared`` or drawn from the config's seed), on the sites'
-    device and float dtype; registers and emits nothing."""
+    """An adapter's state over ``chosen`` (projections ``shared`` or drawn), on the sites' device; registers nothing."""
     method = method_for(config)
     a, b = shared if shared is not None else method.init_projections(config, *_max_shape(chosen))
     device, dtype = _placement(gm, chosen[0])
@@ -165,7 +163,7 @@ def _emit_graph(gm: GraphModule, adapter_name: str, site_names: Optional[set[str
     for n in gm.graph.nodes:
         if _tag(n).get("role") == "output" and _tag(n).get("path") != "weight":
             outputs[_tag(n)["base"]] = n
-    count, chains = 0, []
+    chains: list[Chain] = []  # one per site call adapted
     for site in read_graph_sites(gm):  # every call of a chosen site, shared layers included
         if site.name not in wanted or adapter_name in site.adapters:
             continue
@@ -175,12 +173,11 @@ def _emit_graph(gm: GraphModule, adapter_name: str, site_names: Optional[set[str
         y.replace_all_uses_with(out, delete_user_cb=lambda u, out=out, s=site.name: u is not out and not (
             _tag(u).get("site") == s and _tag(u).get("adapter") == adapter_name))
         chains.append(Chain(site, adapter_name, state, em.nodes))
-        count += 1
-    share_projections(gm)
+    share_projections(gm, recompile=False)
     lower_adapters(gm, chains, setting)  # what was just emitted
     gm.graph.lint()
     gm.recompile()
-    return count
+    return len(chains)
 
 
 def _freeze(a: Any) -> Hashable:
@@ -191,9 +188,8 @@ def _freeze(a: Any) -> Hashable:
     return str(a) if isinstance(a, torch.dtype) else a
 
 
-def share_projections(gm: GraphModule) -> int:
-    """Merge identical deterministic adapter nodes of ``gm``'s own graph (of the products, only x·Aᵀ); returns how
-    many were removed. Dropout and sampling stay per site; the caller lints and recompiles."""
+def share_projections(gm: GraphModule, recompile: bool = True) -> int:
+    """Merge identical deterministic adapter nodes of ``gm``'s own graph (products: x·Aᵀ only); returns how many."""
     seen: dict[Hashable, Node] = {}
     removed = 0
     for node in list(gm.graph.nodes):
@@ -209,16 +205,18 @@ def share_projections(gm: GraphModule) -> int:
             node.replace_all_uses_with(first)
             gm.graph.erase_node(node)
             removed += 1
+    if removed and recompile:
+        gm.graph.lint()
+        gm.recompile()
     logger.debug("share: %d duplicate adapter nodes removed", removed)
     return removed
 
 
 def remove_adapter_nodes(gm: GraphModule, adapters: Union[str, None, dict[str, set[str]]],
                          site_names: Optional[set[str]] = None) -> int:
-    """Erase adapter nodes in every graph of the tree, rewiring each site's users to the output the adapter was
-    added to: ``adapters``' (None: every adapter's; a dict: each adapter's at its sites), at ``site_names`` only
-    when given, and the mode flags left unread. One pass per graph; a graph left as it was is not recompiled.
-    Returns the calls cleared."""
+    """Erase the nodes of ``adapters`` (None: all; a dict: each adapter's at its sites; a name: at ``site_names``
+    when given) and the mode flags left unread, rewiring each site's users to the output the adapter was added to;
+    one pass per graph, a graph left as it was is not recompiled. Returns the calls cleared."""
     wanted = adapters if isinstance(adapters, dict) or adapters is None else {adapters: site_names}
 
     def mine(tag: dict[str, Any]) -> bool:

@@ -102,8 +102,6 @@ def choose_options(groups: list[list[tuple[int, int]]], budget: int) -> list[int
     """One option index per group (options ``(work, saved)``) that saves the most within ``budget`` of work: an
     exact multiple-choice knapsack. Groups with the same options (one per layer) are combined per kind first;
     ties go to less work, then to earlier options."""
-    if not groups:
-        return []
     kinds: dict[tuple[tuple[int, int], ...], list[int]] = {}
     for k, options in enumerate(groups):
         kinds.setdefault(tuple(options), []).append(k)
@@ -305,9 +303,8 @@ def _lower_weight(gm: GraphModule, c: Chain, keep: bool = False) -> None:
 
 
 def lower_adapters(gm: GraphModule, chains: list[Chain], setting: Optional[dict[str, Any]] = None) -> int:
-    """Lower ``chains`` (just emitted into ``gm``'s own graph) by ``setting`` (default: ``gm``'s; a block gets its
-    root's), in the inference form for a graph built for inference; returns the site calls changed. The caller
-    lints and recompiles."""
+    """Lower ``chains`` (just emitted into ``gm``'s own graph) by ``setting`` (default: ``gm``'s), in the inference
+    form for a graph built for inference; returns the site calls changed. The caller recompiles."""
     if not chains:
         return 0
     setting = setting or lowering_setting(gm)

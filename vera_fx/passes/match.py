@@ -207,8 +207,7 @@ def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]
 
 
 def _pick(info: dict, names: list[str], targets: Union[str, list], config: AdapterConfig) -> set[str]:
-    """The site names a regex or a list selects, containers included; of a list, an entry naming a module that
-    holds no linear layer is refused, one matching nothing skipped with a warning."""
+    """The site names a regex or a list selects (containers too); a list entry matching nothing warns or raises."""
     containers: dict[str, list[str]] = {}
     sites = set(names)
     for path in info.get("modules", {}):

@@ -98,8 +98,7 @@ class Folded:
 
 @dataclass
 class _Fold:
-    """One weight to fold: its site (first call), its adapters and (``merge_into``) a merged bitsandbytes site's
-    unmerged layer."""
+    """One weight to fold, its site (first call) and adapters; ``original``: a merged quantized site's own layer."""
 
     weight: str
     site: Site
