@@ -1,6 +1,5 @@
-"""What every adapter method provides (projections and their init, per-site parameters, the nodes it emits,
-its merge delta, its checkpoint keys: passes only ask the method), the per-adapter state modules, the node
-emitter and the method registry."""
+"""The adapter-method interface (projections and their init, per-site parameters, the nodes it emits, its merge
+delta, its checkpoint keys), the per-adapter state modules, the node emitter and the method registry."""
 
 from __future__ import annotations
 
@@ -26,8 +25,8 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch
 
 
 class AdapterSet(nn.ModuleDict):
-    """A graph's adapters by name (AdapterViews in a block) with the lock forwards read and switches write, the
-    run-time flags and the graph versions per adapter state; every graph over these adapters holds this object."""
+    """A graph's adapters by name (AdapterViews in a block), with the state lock, the run-time flags and the graph
+    versions; every graph over these adapters holds this one object."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -68,6 +67,8 @@ class AdapterState(nn.Module):
     """One adapter's state: ``<prefix>_A`` / ``<prefix>_B`` buffers and ``sites.<site path>.<prefix>_lambda_b|d``
     parameters (a PEFT key is a prefix rename). A site inside a block is registered in that block's
     ``AdapterView`` only; ``site_module`` and ``named_site_parameters`` reach every site wherever it is."""
+
+    prefix = ""  # a view's block path (AdapterView)
 
     def __init__(self, config: AdapterConfig, method: "Method") -> None:
         super().__init__()
@@ -126,7 +127,13 @@ class AdapterState(nn.Module):
         return {k: v for k, v in self.site_module(site)._parameters.items() if v is not None}
 
     def site_target(self, adapter_name: str, site: str, param: str) -> str:
-        return f"{CONTAINER}.{adapter_name}.sites.{site or '_root'}.{param}"
+        return f"{CONTAINER}.{adapter_name}.sites.{self._relative(site) or '_root'}.{param}"
+
+    def _relative(self, site: str) -> str:
+        """A site's path inside the view's block (so every layer's code is the same)."""
+        if site == self.prefix:
+            return ""
+        return site[len(self.prefix) + 1:] if site.startswith(self.prefix + ".") else site
 
     def projection(self, which: str) -> torch.Tensor:
         return getattr(self, f"{self.method.prefix}_{which}")
@@ -159,17 +166,8 @@ class AdapterView(AdapterState):
             parent.add_module(leaf, root.site_module(site))
         root.method.init_view(self, root)
 
-    def _relative(self, site: str) -> str:
-        """A site's path inside the block (so every layer's code is the same)."""
-        if site == self.prefix:
-            return ""
-        return site[len(self.prefix) + 1:] if site.startswith(self.prefix + ".") else site
-
     def site_module(self, site: str, create: bool = False) -> nn.Module:
         return self._root_state.site_module(site, create)
-
-    def site_target(self, adapter_name: str, site: str, param: str) -> str:
-        return f"{CONTAINER}.{adapter_name}.sites.{self._relative(site) or '_root'}.{param}"
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -180,9 +178,6 @@ class AdapterView(AdapterState):
                 raise
             return getattr(root, name)
 
-    def extra_repr(self) -> str:
-        return f"view of {self.method_name}, sites={len(self.site_names)}"
-
 
 class Emitter:
     """Creates adapter nodes after a point in the graph, tagged with their site, adapter and role."""
@@ -192,9 +187,9 @@ class Emitter:
         self.cursor = after
         self.site = site
         self.adapter = adapter
-        # node names relative to the block (if any), so every layer's generated code is the same
+        # the site's path inside its block: node names every layer's generated code shares
         rel = relative_name(graph.owning_module, site.name) if graph.owning_module is not None else site.name
-        self.relative_site = rel  # the site's path inside its block
+        self.relative_site = rel
         self.ident = f"{rel.replace('.', '_').replace('-', '_') or 'root'}_{adapter}"
         self.nodes: dict[str, Node] = {}  # the nodes emitted, by name: what the lower pass rewrites
 
@@ -206,7 +201,6 @@ class Emitter:
         return self._create("call_function", fn, args, kwargs or {}, role, name)
 
     def _create(self, op: str, target: Any, args: tuple, kwargs: dict[str, Any], role: str, name: str) -> Node:
-        """A node after the cursor, tagged with the site, adapter, ``role`` and ``name``; the cursor moves to it."""
         with self.graph.inserting_after(self.cursor):
             node = self.graph.create_node(op, target, args, kwargs, name=f"{self.ident}_{name}")
         node.meta[ADAPTER_KEY] = {"site": self.site.name, "adapter": self.adapter, "role": role,
@@ -245,8 +239,7 @@ class Method:
         return {f"{self.prefix}_lambda_b": lam_b.to(dtype), f"{self.prefix}_lambda_d": lam_d.to(dtype)}
 
     def emit(self, em: Emitter, state: AdapterState, x: Node, y: Node, training: Node) -> Node:
-        """Emit the site's nodes (cast, dropout, ``h = x @ A[:, :in].T``, ``h * lambda_d``, the latent,
-        ``@ B[:out].T``, ``* lambda_b``, ``y +``, cast back) and return the node holding ``y + delta``."""
+        """Emit the site's plain nodes after ``y`` and return the one holding ``y + delta``."""
         site, p = em.site, self.prefix
         lam_d = em.get_attr(state.site_target(em.adapter, site.name, f"{p}_lambda_d"), "lambda", "lambda_d")
         lam_b = em.get_attr(state.site_target(em.adapter, site.name, f"{p}_lambda_b"), "lambda", "lambda_b")
@@ -278,8 +271,7 @@ class Method:
         return hd
 
     def delta_weight(self, state: AdapterState, site: Site) -> torch.Tensor:
-        """The deterministic path's (out, in) update ``(lambda_b * B[:out]) @ (lambda_d[:r] * A[:r, :in])``,
-        float32 (PVeRA: its mean half)."""
+        """The (out, in) update ``(lambda_b * B[:out]) @ (lambda_d[:r] * A[:r, :in])`` in float32 (PVeRA: the mean)."""
         r = state.config.r
         params = state.site_parameters(site.name)
         lam_b, lam_d = params[f"{self.prefix}_lambda_b"], params[f"{self.prefix}_lambda_d"][:r]
@@ -304,27 +296,23 @@ class Method:
         return ()
 
     def per_row_function(self, fn: Callable[..., Any]) -> Optional[Callable[..., Any]]:
-        """For mixed-adapter batches (serving.py): the per-row version of a function ``emit`` calls (it gets
-        lists of the bank members' values and ``index=``), None to leave the call out, or ``fn`` itself."""
+        """For mixed-adapter batches: the per-row version of a function ``emit`` calls (it gets lists of the members'
+        values and ``index=``), None to leave the call out, or ``fn`` itself."""
         return fn
 
 
-# the registry (vera_fx/methods/__init__.py registers the built-ins)
-
-_BY_CONFIG: dict[type, Method] = {}
-_BY_NAME: dict[str, Method] = {}
+_METHODS: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
-    """Register a method instance for its config type."""
-    _BY_CONFIG[method.config_type] = method
-    _BY_NAME[method.name] = method
+    """Register a method instance (by name, for its config type)."""
+    _METHODS[method.name] = method
     return method
 
 
 def method_for(config: AdapterConfig) -> Method:
     """The method registered for ``config``'s type; TypeError for any other object."""
-    method = _BY_CONFIG.get(type(config))
+    method = next((m for m in _METHODS.values() if type(config) is m.config_type), None)
     if method is None:
         raise TypeError(f"config must be a vera_fx.VeraConfig or vera_fx.PveraConfig, got "
                         f"{type(config).__module__}.{type(config).__name__}; a PEFT config is converted by "
@@ -334,4 +322,4 @@ def method_for(config: AdapterConfig) -> Method:
 
 def method_by_name(name: str) -> Method:
     """The method registered under ``name`` ('vera', 'pvera')."""
-    return _BY_NAME[name]
+    return _METHODS[name]

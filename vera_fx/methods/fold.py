@@ -1,22 +1,13 @@
-"""The weight path's site call: the base linear and its VeRA adapter as one autograd function.
-
-``y = x W.T + bias + (h * lambda_d) @ (lambda_b * B).T`` with ``h = x @ A.T`` is ``x (W + M @ A).T + bias`` with ``M
-= lambda_b * B * lambda_d`` (out x r). With ``T >= in`` tokens (float32 / float64 weights) forward folds ``W' = W +
-M @ A`` (out r in multiply-adds instead of T r out) and backward folds again, or reuses ``W'`` (``keep``), for
-``d x = g @ W'``: the adapter's share of the input gradient is free and the group's ``d h @ A`` is skipped. With
-fewer tokens (decoding) it is the base linear plus one ``addmm`` of ``h * lambda_d`` against ``(lambda_b * B).T``
-(or ``h`` against ``M.T``, whichever scales fewer values). Backward keeps only
-``h`` (and ``x`` where the base weight or bias trains); the lambdas' gradients come from one ``g.T @ h`` product.
-Under autocast it is the plain ops (a fold in half precision would round ``dW`` away against ``W``).
-
-In the graph: ``fold = weight_fold(W, h, A, B, lambda_d, lambda_b, keep)`` (the adapter's output node, a bundle),
-``y = weight_site(x, fold, bias)`` (GPT-2's Conv1D: ``weight_site_t(bias, view(x), fold)`` on ``W.T``); with the
-fold replaced by ``W`` (adapter removed) it is the plain linear, and ``restore_linear`` gives the node it back.
+"""The weight path's site call, ``y = x (W + M @ A).T + bias`` with ``M = lambda_b * B * lambda_d``, as one autograd
+function: with ``T >= in`` tokens it folds ``W'`` in forward and backward (or keeps it), so ``d x = g @ W'`` carries
+the adapter's share and the group's ``d h @ A`` is skipped; with fewer it is the base linear plus one ``addmm``;
+under autocast the plain ops (a half-precision fold would round ``dW`` away). In the graph: ``fold = weight_fold(W,
+h, A, B, lambda_d, lambda_b, keep)`` then ``weight_site(x, fold, bias)`` (Conv1D: ``weight_site_t``).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -34,8 +25,8 @@ def weight_fold(w: Tensor, h: Tensor, a: Tensor, b: Tensor, lambda_d: Tensor, la
 
 
 def _linear_owned(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``F.linear(x, w, bias)`` into a tensor of its own: F.linear returns a view for a 3-D input, and a custom
-    Function's view output cannot be modified in place (Falcon's ``mlp_output +=``)."""
+    """``F.linear(x, w, bias)`` into a tensor of its own: a custom Function's view output (F.linear's for a 3-D
+    input) cannot be modified in place (Falcon's ``mlp_output +=``)."""
     out = x.new_empty((*x.shape[:-1], w.shape[0]))
     flat, x2 = out.view(-1, w.shape[0]), x.reshape(-1, x.shape[-1])
     if bias is None:
@@ -97,39 +88,31 @@ class _FoldedLinear(torch.autograd.Function):
                 None if grad_lb is None else grad_lb.to(lambda_b.dtype), None)
 
 
-def weight_site(x: Tensor, fold: Union[Fold, Tensor], bias: Optional[Tensor] = None) -> Tensor:
-    """A weight-path site's call: ``_FoldedLinear`` on ``fold``'s bundle; the plain linear when ``fold`` is a
-    weight (its adapter was removed)."""
-    if isinstance(fold, Tensor):
-        return torch.nn.functional.linear(x, fold, bias)
+def weight_site(x: Tensor, fold: Fold, bias: Optional[Tensor] = None) -> Tensor:
+    """A weight-path site's call (an adapter's removal makes it the plain linear again: ``restore_linear``)."""
     return _FoldedLinear.apply(x, fold[0], bias, *fold[1:])
 
 
-def weight_site_t(bias: Tensor, x: Tensor, fold: Union[Fold, Tensor]) -> Tensor:
+def weight_site_t(bias: Tensor, x: Tensor, fold: Fold) -> Tensor:
     """``weight_site`` for a weight stored (in, out) (GPT-2's Conv1D: ``addmm(bias, x, W)``, ``x`` 2-D)."""
-    if isinstance(fold, Tensor):
-        return torch.addmm(bias, x, fold)
     return _FoldedLinear.apply(x, fold[0].T, bias, *fold[1:])
 
 
 def fold_argument(node: Node) -> Optional[object]:
-    """The fold (or, once its adapter is removed, the weight) a ``weight_site`` / ``weight_site_t`` call reads;
-    None for any other node."""
+    """The fold (or, while its adapter is removed, the weight) a weight-path call reads; None for any other node."""
     if node.op != "call_function" or node.target not in (weight_site, weight_site_t):
         return None
     return node.args[2] if node.target is weight_site_t else node.args[1]
 
 
-def restore_linear(node: Node) -> bool:
-    """Give a weight-path call whose fold was replaced by its weight its ``aten.linear`` / ``aten.addmm`` back;
-    returns whether it did."""
+def restore_linear(node: Node) -> None:
+    """Give a weight-path call whose fold was replaced by its weight its ``aten.linear`` / ``aten.addmm`` back."""
     fold = fold_argument(node)
     if fold is None or (isinstance(fold, Node) and fold.target is weight_fold):
-        return False
+        return
     if node.target is weight_site_t:
         node.target, node.args = torch.ops.aten.addmm.default, (node.args[0], node.args[1], fold)
-        return True
-    bias = node.args[2] if len(node.args) > 2 else None
-    node.target = torch.ops.aten.linear.default
-    node.args = (node.args[0], fold) if bias is None else (node.args[0], fold, bias)
-    return True
+    else:
+        bias = node.args[2] if len(node.args) > 2 else None
+        node.target = torch.ops.aten.linear.default
+        node.args = (node.args[0], fold) if bias is None else (node.args[0], fold, bias)

@@ -1,15 +1,7 @@
-"""PVeRA, the probabilistic VeRA: ``h = lambda_d * (A[:, :in] @ dropout(x))`` has 2r rows, ``mu, logvar`` its
-halves; the latent is ``z = mu + eps * exp(logvar / 2)`` in training mode or where the site samples at
-inference, else ``mu``; the output is ``y + lambda_b * (B[:out] @ z)``.
-
-Run-time state the graph reads (flipping it never re-captures; torch.compile recompiles once per value):
-``sites.<site>.pvera_sample_at_inference`` (a bool per site); ``sites.<site>.pvera_generator_state`` (with
-``generator_seed``: the site's CPU noise stream as a non-persistent uint8 buffer, drawn by the custom op
-``vera_fx::pvera_noise``, one opaque node for torch.compile where a ``torch.Generator`` would graph-break, and
-seeded from ``(generator_seed, site name)`` so sites draw independent noise, where PEFT gives every same-shaped
-layer the same noise); ``pvera_noise_groups`` (Monte Carlo samples in the batch, each drawn separately, so
-chunking does not change results); ``pvera_kl`` (the last forward's KL scalars; a lean or fused site records a
-``LazyKL``, computed from ``h`` when first read, so a loss without a KL term does not pay for one).
+"""PVeRA, the probabilistic VeRA: ``h = lambda_d * (A[:, :in] @ dropout(x))`` has 2r rows, halves ``mu, logvar``;
+the latent is ``mu + eps * exp(logvar / 2)`` in training mode or where the site samples at inference, else ``mu``.
+Per site a seeded noise stream (a uint8 buffer for ``vera_fx::pvera_noise``, where a ``torch.Generator`` would
+graph-break; PEFT gives same-shaped layers the same noise) and the last forward's KL terms, never saved.
 """
 
 from __future__ import annotations
@@ -44,8 +36,7 @@ def _stream_state(seed: int, site: str) -> Tensor:
 
 
 class KLRecord:
-    """Per-call KL scalars of the last forward by ``"<site>#<call index>"`` (overwritten every forward). Copies
-    and pickles start empty: the tensors carry an autograd graph."""
+    """The last forward's KL scalars by ``"<site>#<call index>"``; copies start empty (the tensors hold a graph)."""
 
     def __init__(self) -> None:
         self.values: dict[str, "Tensor | LazyKL"] = {}
@@ -79,8 +70,7 @@ def pvera_reparametrize(mu: Tensor, logvar: Tensor, training: bool, sample: bool
 
 
 def _noise(like: Tensor, generator_state: Optional[Tensor], groups: int, shape: Optional[tuple] = None) -> Tensor:
-    """Standard normal noise of ``like``'s dtype and device and ``shape`` (default: ``like``'s), contiguous: the
-    site's seeded stream, or torch's."""
+    """Standard normal noise like ``like`` (of ``shape``): the site's seeded stream, or torch's."""
     shape = like.shape if shape is None else shape
     if generator_state is None:
         return torch.randn(shape, dtype=like.dtype, device=like.device)
@@ -90,14 +80,13 @@ def _noise(like: Tensor, generator_state: Optional[Tensor], groups: int, shape: 
 @has_side_effect
 def pvera_lean_noise(h: Tensor, r: int, training: bool, sample: bool, generator_state: Optional[Tensor],
                      groups: int) -> Optional[Tensor]:
-    """The noise ``pvera_reparametrize`` would draw at a lean site (same stream, shape and dtype), or None when
-    the site uses the mean."""
+    """The noise ``pvera_reparametrize`` would draw at a lean site, or None where it uses the mean."""
     return _noise(h, generator_state, groups, (*h.shape[:-1], r)) if training or sample else None
 
 
 def _halves_of(mu: Tensor, logvar: Tensor) -> Optional[Tensor]:
-    """The tensor ``mu`` and ``logvar`` are the two halves of (its last dim, as the emitted slices make them) when
-    the eager reparametrisation applies: gradients on, not traced, no autocast, plain tensors."""
+    """The tensor whose last-dim halves are ``mu`` and ``logvar``, where the eager reparametrisation applies
+    (gradients on, not traced, no autocast, plain tensors); else None."""
     base = mu._base
     if (base is None or logvar._base is not base or not torch.is_grad_enabled() or not base.requires_grad
             or torch.compiler.is_compiling() or torch.is_autocast_enabled(base.device.type)
@@ -111,9 +100,8 @@ def _halves_of(mu: Tensor, logvar: Tensor) -> Optional[Tensor]:
 
 
 class _Reparametrize(torch.autograd.Function):
-    """``z = mu + es`` with ``es = eps * exp(logvar / 2)`` from ``hd = [mu, logvar]`` (the scaled latent): keeps
-    ``es`` only (autograd's ops would keep ``exp(logvar / 2)`` and ``eps``) and returns ``d hd = [g, g * es / 2]``
-    as one tensor, where the two slices' backward would each write a zero-filled copy of ``hd`` and add them."""
+    """``z = mu + es``, ``es = eps * exp(logvar / 2)``, from ``hd = [mu, logvar]``: keeps only ``es`` and returns
+    ``d hd = [g, g * es / 2]`` as one tensor (the slices' backward would write and add two zero-filled copies)."""
 
     @staticmethod
     def forward(ctx, hd: Tensor, eps: Tensor) -> Tensor:  # noqa: ANN001
@@ -136,9 +124,8 @@ class _Reparametrize(torch.autograd.Function):
 def pvera_bank_reparametrize(mu: Tensor, logvar: Tensor, training: bool, samples: Sequence[bool],
                              generator_states: Optional[Sequence[Optional[Tensor]]], groups: int, *,
                              index: Tensor) -> Tensor:
-    """``pvera_reparametrize`` for a mixed batch: row ``i`` belongs to member ``index[i]`` (past the members: none)
-    and samples when training or that member's switch is on; with every member seeded each row draws from its
-    adapter's own stream (so it equals the row run alone), else from torch's global generator."""
+    """``pvera_reparametrize`` for a mixed batch: row ``i`` is member ``index[i]``'s (past the members: none); with
+    every member seeded each row draws from its adapter's stream (as if run alone), else from torch's."""
     flags = [bool(training or s) for s in samples]
     if not any(flags):
         return mu
@@ -153,10 +140,9 @@ def pvera_bank_reparametrize(mu: Tensor, logvar: Tensor, training: bool, samples
 
 
 class LazyKL:
-    """A lean site's KL term, ``vera_fx::pvera_kl`` of ``h`` (kept for backward anyway) and a copy of
-    ``lambda_d`` (a sharded trainer may free the parameter's storage) on first read; at inference with ``h=None``
-    it forms ``h = x @ a.T`` from the site's input then (the forward computed only the mean's r rows). A value
-    computed with gradients on replaces them (one under ``no_grad`` leaves them for a later differentiable read)."""
+    """A lean site's KL term, computed on first read from ``h`` (kept for backward anyway; at inference ``h = x @
+    a.T`` then) and a copy of ``lambda_d`` (a sharded trainer may free its storage). Only a value computed with
+    gradients on is kept (a ``no_grad`` read leaves the inputs for a later differentiable one)."""
 
     __slots__ = ("_h", "_lambda_d", "_r", "_value", "_x", "_a", "__weakref__")
 
@@ -184,10 +170,9 @@ class LazyKL:
 
 @has_side_effect
 def pvera_record_kl(mu: Tensor, logvar: Tensor, record: KLRecord, key: str, lean_r: Optional[int] = None) -> None:
-    """Store ``mean(-0.5 * (1 + logvar - mu^2 - exp(logvar)))`` (float32) for this call. With ``lean_r`` (lean and
-    fused sites) the arguments are ``h`` and ``lambda_d`` (``mu, logvar``: halves of their product) and the term
-    a ``LazyKL``, except where it is computed now: while torch.compile traces, when saved tensors go through
-    hooks (checkpointing, offloading: a lazy term would keep the ``h`` they drop) or inside backward."""
+    """Record this call's KL term (float32). With ``lean_r`` (lean and fused sites) the arguments are ``h`` and
+    ``lambda_d`` and the term a ``LazyKL``, except while compiling, under saved-tensor hooks (a lazy term would
+    keep the ``h`` they drop) or in backward."""
     if lean_r is not None:
         now = torch.compiler.is_compiling() or saved_tensors_hooks_active() or backward_running()
         record.values[key] = pvera_kl(mu, logvar, lean_r) if now else LazyKL(mu, logvar.clone(), lean_r)
@@ -216,12 +201,11 @@ class PveraMethod(Method):
             gen = em.get_attr(state.site_target(adapter, site.name, GENERATOR_STATE), "sampling", "generator")
         groups = em.get_attr(f"{CONTAINER}.{adapter}.{NOISE_GROUPS}", "sampling", "noise_groups")
         z = em.call(pvera_reparametrize, (mu, logvar, training, sample, gen, groups), "sampling", "sample")
-        # One record slot per call of the site (a shared layer is called several times), keyed by the call's
-        # index (re-emission reuses the slots) and the site's path inside its block (every layer's block runs
-        # the same code and writes its own record, init_view)
-        calls = sum(1 for n in em.graph.nodes if n.op == "call_function" and n.target is pvera_record_kl
-                    and (n.meta.get(ADAPTER_KEY) or {}).get("adapter") == adapter
-                    and n.meta[ADAPTER_KEY].get("site") == site.name)
+        # a slot per call of the site (a shared layer), keyed by its path inside the block (init_view: a record
+        # per block) and the call's index (re-emission reuses the slots)
+        calls = sum(1 for n in em.graph.find_nodes(op="call_function", target=pvera_record_kl)
+                    if (n.meta.get(ADAPTER_KEY) or {}).get("adapter") == adapter
+                    and n.meta[ADAPTER_KEY]["site"] == site.name)
         record = em.get_attr(f"{CONTAINER}.{adapter}.{KL_RECORD}", "sampling", "kl_record")
         em.call(pvera_record_kl, (mu, logvar, record, f"{em.relative_site or '_root'}#{calls}"), "sampling", "kl")
         return z
@@ -235,20 +219,18 @@ class PveraMethod(Method):
             if unknown:
                 raise ValueError(f"sample_at_inference names unknown sites {unknown}; the adapted sites are "
                                  f"{state.site_names}")
+        switches = state.switches["sample_at_inference"] = {}
         for site in state.site_names:
             mod = state.site_module(site)
-            on = wanted.get(site, False) if isinstance(wanted, dict) else bool(wanted)
-            setattr(mod, SAMPLE_SWITCH, on)
+            switches[site] = wanted.get(site, False) if isinstance(wanted, dict) else bool(wanted)
+            setattr(mod, SAMPLE_SWITCH, switches[site])
             if cfg.generator_seed is not None:
                 mod.register_buffer(GENERATOR_STATE, _stream_state(cfg.generator_seed, site), persistent=False)
         setattr(state, NOISE_GROUPS, 1)
         setattr(state, KL_RECORD, KLRecord())
-        state.switches["sample_at_inference"] = {s: getattr(state.site_module(s), SAMPLE_SWITCH)
-                                                 for s in state.site_names}
 
     def init_view(self, view: AdapterView, root: AdapterState) -> None:
-        """A block's KL record, one per block path kept by the root state, so every graph of that block writes the
-        record ``kl_divergence`` reads."""
+        """The block's KL record, one per block path on the root state (what ``kl_divergence`` reads)."""
         records = root.__dict__.setdefault(BLOCK_KL_RECORDS, {})
         setattr(view, KL_RECORD, records.setdefault(view.prefix, KLRecord()))
 
@@ -271,16 +253,14 @@ def reseed_state(state: AdapterState, seed: int) -> None:
 
 
 def pvera_group_h(x: Tensor, a: Tensor, r: int, training: bool, *samples: bool) -> Tensor:
-    """``h`` of the PVeRA sites reading one ``x``: the mean's rows only, ``x @ A[:r, :in].T``, when none of them
-    samples (eval mode, every ``sample_at_inference`` switch off, read now), else all 2r rows."""
+    """``h`` of the PVeRA sites reading one ``x``: the mean's r rows only when none of them samples, else 2r."""
     return torch.nn.functional.linear(x, a if training or any(samples) else a[:r])
 
 
 def pvera_latent(h: Tensor, lambda_d: Tensor, r: int, training: bool, sample: bool, generator_state: Optional[Tensor],
                  groups: int, record: Optional[KLRecord], key: str, x: Tensor, a: Tensor) -> Tensor:
-    """One PVeRA site's latent at inference from its group's ``h``: the mean ``h * lambda_d[:r]`` when ``h`` holds
-    the mean's rows only (its KL term recorded from ``x``, computed when read: ``LazyKL``), else the plain
-    chain's ``mu + eps * exp(logvar / 2)`` or ``mu`` and its KL term (none with ``record=None``: generation)."""
+    """One PVeRA site's latent at inference from its group's ``h`` (the mean where ``h`` has r rows, its KL term then
+    a ``LazyKL`` of ``x``); no KL term with ``record=None`` (generation)."""
     if h.shape[-1] == r:
         if record is not None:
             record.values[key] = LazyKL(None, lambda_d.clone(), r, x, a)

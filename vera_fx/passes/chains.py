@@ -1,5 +1,5 @@
-"""The plain adapter chains the training lowering (lower.py) and the inference form (infer.py) rewrite: one site
-call's emitted nodes after ``h``, handed over by the emitter (never searched for by tag), and the node moves."""
+"""The plain adapter chains that the lower pass and the inference form rewrite (one site call's nodes after
+``h``, handed over by the emitter, never searched for by tag), and the node surgery they share."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ..sites import ADAPTER_KEY, Site
 
 aten = torch.ops.aten
 
-# Tag names of the emitter's per-site chain after h (vera_fx/methods/{vera,pvera}.py).
+# Tag names of the emitter's per-site chain after h (Method.emit, PVeRA's emit_latent).
 CHAIN_NAMES = frozenset({"scale_d", "mu", "logvar", "sample", "kl", "xAB", "scale_b"})
 
 # Calls whose output a site's tail may write into: their backward does not read their output (the base linear
@@ -26,12 +26,15 @@ _INPLACE_BASES = {aten.linear.default, aten.addmm.default, aten.add.Tensor, weig
 
 @dataclass
 class Chain:
-    """One site call's plain adapter nodes after h, by tag name, with its site record and adapter state."""
+    """One site call's plain adapter nodes after h by tag name (``Emitter.nodes``), with its site and adapter state."""
 
     site: Site
     adapter: str
     state: Any
     nodes: dict[str, Node]
+
+    def __post_init__(self) -> None:
+        self.nodes = {k: v for k, v in self.nodes.items() if k in CHAIN_NAMES}
 
     @property
     def h(self) -> Node:
@@ -58,15 +61,6 @@ class Chain:
                 graph.erase_node(a)
 
 
-def emitted_chain(site: Site, adapter: str, state: Any, nodes: dict[str, Node]) -> Optional[Chain]:
-    """The chain of one site call's nodes as the emitter made them (``Emitter.nodes``), or None when they are
-    not a plain chain a lowering can rewrite (an output read by more than the site's add)."""
-    need = {"scale_d", "xAB", "scale_b"} | ({"mu", "logvar", "sample", "kl"} if state.method.probabilistic else set())
-    if not need <= set(nodes) or len(nodes["scale_b"].users) != 1:
-        return None
-    return Chain(site, adapter, state, {k: v for k, v in nodes.items() if k in CHAIN_NAMES})
-
-
 def inplace_target(y: Node) -> bool:
     """Whether a site's tail may add in place into ``y``: its only reader, of a call whose backward ignores it."""
     return len(y.users) == 1 and y.op == "call_function" and y.target in _INPLACE_BASES
@@ -80,8 +74,8 @@ def tag_node(node: Node, c: Chain, role: str, name: str, path: str) -> Node:
 
 
 def retarget(node: Node, fn: Callable[..., Any], args: tuple, path: Optional[str] = None) -> None:
-    """Make ``node`` a call of ``fn`` on ``args`` (its name and tags stay: walkers read ``y`` as an add's
-    args[0]), tagged with the lowering ``path`` when given."""
+    """Make ``node`` a call of ``fn`` on ``args``, tagged with the lowering ``path`` when given (its name and tags
+    stay: node removal reads ``y`` as an add's ``args[0]``)."""
     node.target, node.args, node.kwargs = fn, args, {}
     if path is not None:
         node.meta[ADAPTER_KEY]["path"] = path

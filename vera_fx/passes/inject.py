@@ -1,14 +1,6 @@
-"""Inject pass: add one adapter's state to the GraphModule and its nodes after every targeted site; then share
-and lower what it emitted.
-
-State: one ``AdapterState`` at ``gm.vera_fx_adapters[adapter_name]``: the projections (sized to the largest
-site, sliced per site; later adapters of a method share the first one's) and per-site lambdas. Only the lambdas
-(plus biases for ``bias="all"`` / ``"<method>_only"``, cloned first, and ``modules_to_save`` copies, which belong
-to the adapter) train, so training never writes into the user's model.
-
-Share: sites reading one tensor (q/k/v, gate/up) each emit ``get_attr A -> slice -> linear(x, A)``; the first
-of each identical deterministic adapter node is kept, so x·Aᵀ (and its input gradient) is computed once per
-input and adapter. Dropout and sampling stay per site.
+"""Inject pass: add one adapter's state (``gm.vera_fx_adapters[name]``) and its nodes after every targeted site,
+then share x·Aᵀ and lower what it emitted. Only the lambdas, biases (``bias="all"`` / ``"<method>_only"``, cloned)
+and ``modules_to_save`` copies train, so training never writes into the user's model.
 """
 
 from __future__ import annotations
@@ -17,11 +9,11 @@ import logging
 import operator
 import re
 import warnings
-from typing import Any, Hashable, Optional
+from typing import Any, Hashable, Optional, Union
 
 import torch
 from torch import nn
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..config import AdapterConfig, as_config
@@ -31,7 +23,7 @@ from ..methods.fold import restore_linear
 from ..sites import ADAPTER_KEY, Site, graph_modules, model_info, read_graph_sites, registration_order
 from ..state import (ADAPTER_MODE, adapter_mode_module, adapters_of, attach_modules_to_save, attach_state, bias_targets,
                      shared_projections)
-from .chains import emitted_chain
+from .chains import Chain
 from .lower import lower_adapters, lowering_setting
 from .match import select_sites
 
@@ -52,8 +44,7 @@ def _bases(tag: dict[str, Any]) -> list[str]:
 
 
 def training_node(gm: GraphModule, module: str = "") -> Node:
-    """The graph's node reading ``<module>.training`` (the base model's ``training`` by default), created before
-    the first non-input node if missing, tagged so that it goes with the last adapter node."""
+    """The graph's node reading ``<module>.training`` (default: the base model's), created (a mode node) if missing."""
     target = f"{module}.training" if module else "training"
     found = gm.graph.find_nodes(op="get_attr", target=target)
     if found:
@@ -105,7 +96,7 @@ class InjectPass(PassBase):
     def call(self, graph_module: GraphModule) -> PassResult:
         gm, cfg, method, name = graph_module, self.config, self.method, self.adapter_name
         chosen = select_sites(gm, cfg)
-        check_rank(cfg, chosen, _placement(gm, chosen[0])[0] if chosen else None)  # before anything is allocated
+        check_rank(cfg, chosen, _placement(gm, chosen[0])[0])  # before anything is allocated (chosen: never empty)
         odd = next((s for s in chosen if s.fan_in_fan_out != cfg.fan_in_fan_out), None)
         if odd is not None:
             warnings.warn(f"fan_in_fan_out={cfg.fan_in_fan_out} does not fit site {odd.name!r} (kind {odd.kind!r} "
@@ -131,9 +122,7 @@ class InjectPass(PassBase):
 
 def new_state(gm: GraphModule, config: AdapterConfig, chosen: list[Site],
               shared: Optional[tuple[torch.Tensor, torch.Tensor]], trainable: bool) -> AdapterState:
-    """An adapter's state over the sites ``chosen`` (projections ``shared`` or drawn from the config's seed,
-    lambdas with ``requires_grad=trainable``, the method's switches), on the sites' device and float dtype.
-    Registers and emits nothing."""
+    """An adapter's state over ``chosen`` (projections ``shared`` or drawn), on the sites' device; registers nothing."""
     method = method_for(config)
     a, b = shared if shared is not None else method.init_projections(config, *_max_shape(chosen))
     device, dtype = _placement(gm, chosen[0])
@@ -155,8 +144,7 @@ def new_state(gm: GraphModule, config: AdapterConfig, chosen: list[Site],
 
 def emit_adapter(gm: GraphModule, adapter_name: str, site_names: Optional[set[str]] = None) -> int:
     """Emit ``adapter_name``'s nodes after every call of its sites (or of ``site_names`` only) that lacks them, in
-    every graph of the tree holding its state, with the root's lowering setting and adapter train / eval flag.
-    Returns the number of calls adapted; recompiles the graphs it changed."""
+    every graph of the tree, by the root's lowering setting; returns the number of calls adapted."""
     setting, training = lowering_setting(gm), adapter_mode_module(gm).training  # a first adapter trains (PEFT)
     return sum(_emit_graph(g, adapter_name, site_names, setting, training)
                for g in graph_modules(gm) if adapter_name in adapters_of(g))
@@ -175,7 +163,7 @@ def _emit_graph(gm: GraphModule, adapter_name: str, site_names: Optional[set[str
     for n in gm.graph.nodes:
         if _tag(n).get("role") == "output" and _tag(n).get("path") != "weight":
             outputs[_tag(n)["base"]] = n
-    count, chains = 0, []
+    chains: list[Chain] = []  # one per site call adapted
     for site in read_graph_sites(gm):  # every call of a chosen site, shared layers included
         if site.name not in wanted or adapter_name in site.adapters:
             continue
@@ -184,14 +172,12 @@ def _emit_graph(gm: GraphModule, adapter_name: str, site_names: Optional[set[str
         out = state.method.emit(em, state, site.input, y, mode)
         y.replace_all_uses_with(out, delete_user_cb=lambda u, out=out, s=site.name: u is not out and not (
             _tag(u).get("site") == s and _tag(u).get("adapter") == adapter_name))
-        chain = emitted_chain(site, adapter_name, state, em.nodes)
-        chains += [chain] if chain is not None else []
-        count += 1
-    share_projections(gm, recompile=False)  # linted and recompiled below
-    lower_adapters(gm, chains, setting, recompile=False)  # what was just emitted
+        chains.append(Chain(site, adapter_name, state, em.nodes))
+    share_projections(gm, recompile=False)
+    lower_adapters(gm, chains, setting)  # what was just emitted
     gm.graph.lint()
     gm.recompile()
-    return count
+    return len(chains)
 
 
 def _freeze(a: Any) -> Hashable:
@@ -203,8 +189,7 @@ def _freeze(a: Any) -> Hashable:
 
 
 def share_projections(gm: GraphModule, recompile: bool = True) -> int:
-    """Merge identical deterministic adapter nodes of ``gm``'s own graph (of the products, only x·Aᵀ); returns how
-    many were removed. ``recompile=False`` leaves linting and recompiling to the caller."""
+    """Merge identical deterministic adapter nodes of ``gm``'s own graph (products: x·Aᵀ only); returns how many."""
     seen: dict[Hashable, Node] = {}
     removed = 0
     for node in list(gm.graph.nodes):
@@ -227,31 +212,36 @@ def share_projections(gm: GraphModule, recompile: bool = True) -> int:
     return removed
 
 
-class SharePass(PassBase):
-    """The share pass as a torch.fx pass (inject runs it on what it emits)."""
+def remove_adapter_nodes(gm: GraphModule, adapters: Union[str, None, dict[str, set[str]]],
+                         site_names: Optional[set[str]] = None) -> int:
+    """Erase the nodes of ``adapters`` (None: all; a dict: each adapter's at its sites; a name: at ``site_names``
+    when given) and the mode flags left unread, rewiring each site's users to the output the adapter was added to;
+    one pass per graph, a graph left as it was is not recompiled. Returns the calls cleared."""
+    wanted = adapters if isinstance(adapters, dict) or adapters is None else {adapters: site_names}
 
-    def call(self, graph_module: GraphModule) -> PassResult:
-        removed = sum(share_projections(g) for g in graph_modules(graph_module))
-        return PassResult(graph_module, removed > 0)
-
-
-def remove_adapter_nodes(gm: GraphModule, adapter_name: Optional[str], site_names: Optional[set[str]] = None) -> int:
-    """Erase ``adapter_name``'s nodes (None: every adapter's; at ``site_names`` only, when given) in every graph of
-    the tree, rewiring each site's users to the output the adapter was added to; returns the calls cleared."""
-    return sum(_remove_graph(g, adapter_name, site_names) for g in graph_modules(gm)
-               if adapter_name is not None or any(_tag(n).get("adapter") for n in g.graph.nodes))
-
-
-def _remove_graph(gm: GraphModule, adapter_name: Optional[str], site_names: Optional[set[str]]) -> int:
-    """``remove_adapter_nodes`` on one graph."""
     def mine(tag: dict[str, Any]) -> bool:
-        return tag.get("adapter") is not None and adapter_name in (None, tag["adapter"])
+        a = tag.get("adapter")
+        return a is not None and tag.get("role") == "output" and (
+            wanted is None or (a in wanted and (wanted[a] is None or tag["site"] in wanted[a])))
 
-    graph = gm.graph
-    outputs = [n for n in graph.nodes if _tag(n).get("role") == "output" and mine(_tag(n))
-               and (site_names is None or _tag(n)["site"] in site_names)]
+    cleared = 0
+    for g in graph_modules(gm):
+        outputs = [n for n in g.graph.nodes if mine(_tag(n))]
+        _remove_outputs(g.graph, outputs)
+        unread = [n for n in g.graph.nodes if _tag(n).get("role") == "mode" and not n.users]
+        for n in unread:  # the flags the adapters added (``training``, the adapter mode)
+            g.graph.erase_node(n)
+        if outputs or unread:
+            g.graph.lint()
+            g.recompile()
+        cleared += len(outputs)
+    return cleared
+
+
+def _remove_outputs(graph: Graph, outputs: list[Node]) -> None:
+    """Erase the adapter nodes behind each of ``outputs`` (shared ones once no other site reads them)."""
     for out in outputs:
-        base = _tag(out)["base"]
+        base, adapter = _tag(out)["base"], _tag(out)["adapter"]
         add = out
         while _tag(add) and _tag(add).get("name") != "add":
             add = add.args[0]
@@ -261,15 +251,8 @@ def _remove_graph(gm: GraphModule, adapter_name: Optional[str], site_names: Opti
         out.replace_all_uses_with(y)
         for u in users:  # a weight-path call reads its weight again: the plain linear
             restore_linear(u)
-        for n in reversed([n for n in graph.nodes if _tag(n).get("adapter") == _tag(out)["adapter"]
-                           and base in _bases(_tag(n))]):
+        for n in reversed([n for n in graph.nodes if _tag(n).get("adapter") == adapter and base in _bases(_tag(n))]):
             if n.users:  # shared with another site (share pass): that site still reads it
                 n.meta[ADAPTER_KEY]["bases"] = [b for b in _bases(_tag(n)) if b != base]
             else:
                 graph.erase_node(n)
-    for n in list(graph.nodes):  # the flags the adapters added (``training``, the adapter mode) once unread
-        if _tag(n).get("role") == "mode" and not n.users:
-            graph.erase_node(n)
-    graph.lint()
-    gm.recompile()
-    return len(outputs)

@@ -1,14 +1,7 @@
-"""Lower pass: per site group (the sites that read one ``x`` with one adapter and share ``h = x @ A.T``: q/k/v,
-gate/up), how the adapter is computed in a training step: ``activation`` (the emitter's plain nodes), ``fused``
-(``fused_site``), ``lean`` (``vera_fx::lean_add``) or ``weight`` (the base call folding ``W' = W + (lambda_b * B *
-lambda_d) @ A`` when ``T >= in``, ``"kept"``: keeping ``W'`` for backward), chosen by a cost model of a step's
-multiply-adds (``path_costs``) plus, in multiply-add equivalents per value (measured constants below), the
-elementwise passes a path skips and a fold's pass over ``W'``.
-``auto`` keeps the step within PEFT's work and spends what the share pass saves on memory (per group one of its
-Pareto-best plans, ``group_options``, by an exact multiple-choice knapsack, ``choose_options``); ``fast`` takes
-each group's least work. The setting lives in ``AdapterFlags.lowering`` (never in adapter_config.json); lowered
-nodes keep their tags plus ``"path"``; another setting re-emits (``vera_fx.set_lowering``). What each path keeps
-and costs: docs/architecture.md ("Lowering").
+"""Lower pass: per site group (the sites sharing ``h = x @ A.T``: q/k/v, gate/up), how a training step computes
+the adapter (``activation``, ``fused``, ``lean`` or ``weight``; ``kept`` keeps the folded ``W'``), chosen by a cost
+model of multiply-adds plus measured per-value constants: ``auto`` keeps the step within PEFT's work and saves the
+most memory, ``fast`` takes the least work. What each path keeps and costs: docs/architecture.md ("Lowering").
 """
 
 from __future__ import annotations
@@ -35,14 +28,12 @@ aten = torch.ops.aten
 MODES = ("auto", "fast", "activation", "fused", "lean", "weight")
 DEFAULT_TOKENS = 1024
 
-Lowering = Union[str, dict]
 Plan = tuple[int, int, tuple[str, ...]]  # (work, saved, path per site)
 
 
 @dataclass(frozen=True)
 class GroupShape:
-    """What the cost model sees of a site group: tokens, the shared input width, A's rows, the rank, each
-    site's output width and the bytes per value."""
+    """What the cost model sees of a site group (``rows``: A's; ``outs``: each site's output width)."""
 
     tokens: int
     in_features: int
@@ -65,6 +56,7 @@ CACHE_BYTES = 4 << 20
 # A fold reads W and writes W' besides its product: measured 40-165 per value of W' (a fold costs about 1.3x its
 # product); 32 (a step of today's benchmark shape planned with 0, 16, 32 and 64 measured 0.96-1.02x PEFT).
 FOLD_PASS_COST = 32
+MAX_STATES = 4096  # the knapsack's frontier size per stage
 
 
 State = TypeVar("State", bound=tuple)  # (work, saved, ...)
@@ -79,10 +71,10 @@ def pareto(states: list[State], key: Callable[[State], Any]) -> list[State]:
     return best
 
 
-def _frontier(groups: list[list[tuple[int, int]]], limit: int, max_states: int
+def _frontier(groups: list[list[tuple[int, int]]], limit: int
               ) -> tuple[list[tuple[int, int, int, int]], list[list[tuple[int, int, int, int]]]]:
-    """The Pareto frontier of ``(work, saved)`` over one option per group with the work at most ``limit``, and
-    the states of every stage (``(work, saved, parent state, option)``) to read a choice back."""
+    """The Pareto frontier of ``(work, saved)`` over one option per group within ``limit``, and every stage's
+    states ``(work, saved, parent state, option)`` to read a choice back."""
     rest = [0] * (len(groups) + 1)  # the least work the groups after each one can add (options may save work)
     for k in range(len(groups) - 1, -1, -1):
         rest[k] = rest[k + 1] + min(w for w, _ in groups[k])
@@ -92,8 +84,8 @@ def _frontier(groups: list[list[tuple[int, int]]], limit: int, max_states: int
         grown = [(w + ow, s + os, si, oi) for si, (w, s, _, _) in enumerate(frontier)
                  for oi, (ow, os) in enumerate(options) if w + ow + rest[k + 1] <= limit]
         frontier = pareto(grown, lambda st: (st[0], -st[1]))
-        if len(frontier) > max_states:  # a pathological case: an even thinning of the frontier (the best kept)
-            frontier = frontier[::-(-len(frontier) // max_states)] + frontier[-1:]
+        if len(frontier) > MAX_STATES:  # a pathological case: an even thinning of the frontier (the best kept)
+            frontier = frontier[::-(-len(frontier) // MAX_STATES)] + frontier[-1:]
         stages.append(frontier)
     return frontier, stages
 
@@ -106,13 +98,10 @@ def _read_back(stages: list[list[tuple[int, int, int, int]]], best: int) -> list
     return picks
 
 
-def choose_options(groups: list[list[tuple[int, int]]], budget: int, max_states: int = 4096) -> list[int]:
-    """One option index per group (options ``(work, saved)``) that keeps the most saved values with the summed
-    work at most ``budget``: a multiple-choice knapsack, solved exactly by Pareto frontiers of (work, saved)
-    states. Groups with the same options (a layer's groups repeat per layer) are first combined into one
-    frontier per kind, then the kinds; ties go to less work, then to earlier options."""
-    if not groups:
-        return []
+def choose_options(groups: list[list[tuple[int, int]]], budget: int) -> list[int]:
+    """One option index per group (options ``(work, saved)``) that saves the most within ``budget`` of work: an
+    exact multiple-choice knapsack. Groups with the same options (one per layer) are combined per kind first;
+    ties go to less work, then to earlier options."""
     kinds: dict[tuple[tuple[int, int], ...], list[int]] = {}
     for k, options in enumerate(groups):
         kinds.setdefault(tuple(options), []).append(k)
@@ -120,10 +109,10 @@ def choose_options(groups: list[list[tuple[int, int]]], budget: int, max_states:
     combined = []  # per kind: its frontier over its copies and the stages to read each copy's option back
     for key, members in kinds.items():
         limit = budget - sum(v for other, v in least.items() if other != key)
-        combined.append(_frontier([list(key)] * len(members), limit, max_states))
+        combined.append(_frontier([list(key)] * len(members), limit))
     if any(not final for final, _ in combined):  # nothing fits the budget: the least work
         return [min(range(len(options)), key=lambda j: (options[j][0], j)) for options in groups]
-    top, top_stages = _frontier([[(w, s) for w, s, _, _ in final] for final, _ in combined], budget, max_states)
+    top, top_stages = _frontier([[(w, s) for w, s, _, _ in final] for final, _ in combined], budget)
     best = max(range(len(top)), key=lambda j: (top[j][1], -top[j][0]))
     picks = [0] * len(groups)
     for (key, members), (_, stages), point in zip(kinds.items(), combined, _read_back(top_stages, best)):
@@ -133,22 +122,17 @@ def choose_options(groups: list[list[tuple[int, int]]], budget: int, max_states:
 
 
 def pass_cost(g: GroupShape, out: int, path: str = "weight") -> int:
-    """Multiply-add equivalents ``path`` (``fused``, ``lean``, ``weight`` or ``kept``) saves per value of a site's
-    tokens x out tensor against the activation path's elementwise passes."""
+    """Multiply-add equivalents ``path`` saves per tokens x out value against the activation path's passes."""
     cached = g.tokens * out * g.value_bytes <= CACHE_BYTES
-    if path in ("weight", "kept") and g.tokens < g.in_features:
-        path = "lean"  # a call that does not fold is the lean op with the base call inside
     if path == "fused":
         return PASS_COST_FUSED_CACHED if cached else PASS_COST_FUSED
-    if not cached:
-        return PASS_COST
-    return 0 if path == "lean" else PASS_COST_CACHED
+    folds = path in ("weight", "kept") and g.tokens >= g.in_features  # else the lean op (with the base call inside)
+    return (PASS_COST_CACHED if folds else 0) if cached else PASS_COST
 
 
 def extra_products(g: GroupShape, out: int, path: str) -> int:
-    """Multiply-adds one site adds on ``path`` over the activation path: none fused, the lean op's ``gᵀ z``, a
-    folding call's folds (one ``kept``) and ``gᵀ h`` for ``z·Bᵀ`` and its gradient (the group's skipped ``d h @ A``
-    is not counted here)."""
+    """Multiply-adds one site adds on ``path`` over the activation path (a folding call's skipped ``d h @ A`` is
+    the group's, not counted here)."""
     t, i, r = g.tokens, g.in_features, g.r
     if path in ("weight", "kept") and t >= i:
         return (1 if path == "kept" else 2) * out * r * i + t * out * r - 2 * t * r * out
@@ -156,9 +140,8 @@ def extra_products(g: GroupShape, out: int, path: str) -> int:
 
 
 def path_costs(g: GroupShape) -> dict[str, int]:
-    """Multiply-adds of one step of the group's adapter work per path (every site on it) and PEFT's: ``peft`` ``sum
-    (2 T in rows + 2 T r out)``; activation and fused ``2 T in rows + sum 2 T r out`` (x·Aᵀ once per group); lean
-    ``+ sum T r out``; weight with ``T >= in`` ``T in rows + sum (2 out r in + T out r)`` (``kept``: one fold less)."""
+    """Multiply-adds of one step of the group's adapter work per path (every site on it), and PEFT's (``peft``: x·Aᵀ
+    per site, not once per group)."""
     t, i, rows, r = g.tokens, g.in_features, g.rows, g.r
     b_side = sum(2 * t * r * o for o in g.outs)
     activation = 2 * t * i * rows + b_side
@@ -171,9 +154,8 @@ def path_costs(g: GroupShape) -> dict[str, int]:
 
 
 def site_choices(g: GroupShape, out: int, weight_allowed: bool) -> list[tuple[str, int, int]]:
-    """One site's ``(path, work, saved)``: work over the activation path less the passes skipped, values kept off
-    the saved tensors. Fused saves nothing, weight its ``u``, kept ``u`` less ``W'``, lean ``u`` (PVeRA also its
-    ``5 r`` latent, noise and KL values per token); where the weight path is allowed it replaces lean."""
+    """One site's ``(path, work, saved)``: work over the activation path, values kept off the saved tensors (lean:
+    PVeRA's ``5 r`` latent, noise and KL values per token too); where the weight path is allowed it replaces lean."""
     t, i, r = g.tokens, g.in_features, g.r
     choices = [("fused", -pass_cost(g, out, "fused") * t * out, 0)]
     if weight_allowed:
@@ -195,9 +177,8 @@ def _pareto(plans: list[Plan]) -> list[Plan]:
 
 
 def group_options(g: GroupShape, weight_allowed: bool) -> list[Plan]:
-    """A group's Pareto-best plans ``(work, saved, path per site)``, cheapest first; a group whose every site folds
-    (``T >= in``) also skips ``d h @ A`` (``T in rows``). Exact: one frontier per site, kept apart for the plans
-    in which every site so far folds."""
+    """A group's Pareto-best plans ``(work, saved, path per site)``, cheapest first; the plans in which every site
+    folds (``T >= in``) are kept apart: they also skip ``d h @ A``."""
     t, i, rows = g.tokens, g.in_features, g.rows
     folding = {"weight", "kept"} if t >= i else set()
     states: dict[bool, list[Plan]] = {True: [(0, 0, ())], False: []}
@@ -213,9 +194,8 @@ def group_options(g: GroupShape, weight_allowed: bool) -> list[Plan]:
 
 
 def plan_auto(shapes: list[GroupShape], weight_allowed: list[bool], objective: str = "memory") -> list[list[str]]:
-    """Every planned site's path (``shapes[i].outs`` order): ``"memory"`` (``auto``) the most values kept off the
-    saved tensors within the budget of what the activation path saves against PEFT; ``"time"`` (``fast``) per
-    group the least work."""
+    """Every planned site's path: ``"memory"`` (``auto``) saves the most within the work the activation path saves
+    against PEFT; ``"time"`` (``fast``) takes each group's least work."""
     options = [group_options(g, allowed) for g, allowed in zip(shapes, weight_allowed)]
     if objective == "time":
         return [list(opts[0][2]) for opts in options]
@@ -224,7 +204,7 @@ def plan_auto(shapes: list[GroupShape], weight_allowed: list[bool], objective: s
     return [list(opts[k][2]) for opts, k in zip(options, picks)]
 
 
-def check_lowering(lowering: Lowering, tokens: Optional[int] = None) -> dict[str, Any]:
+def check_lowering(lowering: Union[str, dict], tokens: Optional[int] = None) -> dict[str, Any]:
     """Validate a lowering setting: a mode in ``MODES`` or a dict ``{site name: mode}`` (others ``auto``)."""
     if isinstance(lowering, str):
         if lowering not in MODES:
@@ -241,8 +221,7 @@ def check_lowering(lowering: Lowering, tokens: Optional[int] = None) -> dict[str
 
 
 def lowering_setting(gm: GraphModule) -> dict[str, Any]:
-    """The graph's lowering setting (default ``{"mode": "auto", "tokens": None}``), with the ``"inference"`` form
-    of a graph built for inference (``gm.meta["vera_fx_inference"]``)."""
+    """The graph's lowering setting, with the ``"inference"`` form of a graph built for inference."""
     setting = adapter_flags(gm).lowering or {"mode": "auto", "tokens": None}
     form = gm.meta.get(INFERENCE_KEY)
     return {**setting, "inference": form} if form else setting
@@ -284,27 +263,23 @@ def _weight_blocker(gm: GraphModule, c: Chain) -> Optional[str]:
 
 
 def _lower_tail(gm: GraphModule, c: Chain, path: str, traced_when_compiled: bool = False) -> None:
-    """The chain's add node becomes one ``lean_site`` or ``fused_site`` call; PVeRA's KL node records the term
-    from ``h``, computed when read (LazyKL)."""
-    nd, add, method, r = c.nodes, c.add, c.state.method, c.state.config.r
+    """The chain's add node becomes one ``lean_site`` or ``fused_site`` call (PVeRA's KL term: a LazyKL of ``h``)."""
+    nd, add, r, pvera = c.nodes, c.add, c.state.config.r, c.state.method.probabilistic
     h, lam_d, b, lam_b = c.operands
-    y, erase = add.args[0], ["scale_b", "xAB"]
-    if method.probabilistic:
+    y, eps, erase = add.args[0], None, ["scale_b", "xAB"]
+    if pvera:  # lean: the sample node becomes the noise's (same name, same place in the RNG order)
         retarget(nd["kl"], nd["kl"].target, (h, lam_d, *nd["kl"].args[2:4], r), path)
-    if path == "fused":  # PVeRA: from the sampled latent (the sampling nodes stay)
-        z, ld = (nd["xAB"].args[0], None) if method.probabilistic else (h, lam_d)
-        retarget(add, fused_site, (y, z, ld, b, lam_b, inplace_target(y)), path)
-        erase += [] if method.probabilistic else ["scale_d"]
-    else:
-        eps: Optional[Node] = None
-        if method.probabilistic:  # the sample node is retargeted in place: same name, same place in the RNG order
+        if path != "fused":
             eps = nd["sample"]
             _, _, training, switch, gen, groups = eps.args
             retarget(eps, pvera_lean_noise, (h, r, training, switch, gen, groups), path)
             erase += ["logvar", "mu"]
-        retarget(add, lean_site, (y, h, lam_d, b, lam_b, eps, r, method.probabilistic, traced_when_compiled), path)
-        erase.append("scale_d")
-    c.erase(gm.graph, erase)
+    if path == "fused":  # PVeRA: from the sampled latent (the sampling nodes stay)
+        z, ld = (nd["xAB"].args[0], None) if pvera else (h, lam_d)
+        retarget(add, fused_site, (y, z, ld, b, lam_b, inplace_target(y)), path)
+    else:
+        retarget(add, lean_site, (y, h, lam_d, b, lam_b, eps, r, pvera, traced_when_compiled), path)
+    c.erase(gm.graph, erase if pvera and path == "fused" else erase + ["scale_d"])
 
 
 def _lower_weight(gm: GraphModule, c: Chain, keep: bool = False) -> None:
@@ -327,22 +302,15 @@ def _lower_weight(gm: GraphModule, c: Chain, keep: bool = False) -> None:
     c.erase(graph, ("scale_b", "xAB", "scale_d"))
 
 
-def lower_adapters(gm: GraphModule, chains: list[Chain], setting: Optional[dict[str, Any]] = None,
-                   recompile: bool = True) -> int:
-    """Lower ``chains`` (just emitted into ``gm``'s own graph) by their groups' paths; returns the site calls changed.
-    ``setting``: the root's unless given (a block gets its root's); a graph built for inference gets the inference
-    form (passes/infer.py). Recompiles ``gm`` when anything changed, unless ``recompile=False``."""
+def lower_adapters(gm: GraphModule, chains: list[Chain], setting: Optional[dict[str, Any]] = None) -> int:
+    """Lower ``chains`` (just emitted into ``gm``'s own graph) by ``setting`` (default: ``gm``'s), in the inference
+    form for a graph built for inference; returns the site calls changed. The caller recompiles."""
     if not chains:
         return 0
     setting = setting or lowering_setting(gm)
     if setting.get("inference"):
-        changed = lower_for_inference(gm, chains, setting["inference"])
-    else:
-        changed = _lower_training(gm, chains, setting)
-    if changed and recompile:
-        gm.graph.lint()
-        gm.recompile()
-    return changed
+        return lower_for_inference(gm, chains, setting["inference"])
+    return _lower_training(gm, chains, setting)
 
 
 def _lower_training(gm: GraphModule, chains: list[Chain], setting: dict[str, Any]) -> int:

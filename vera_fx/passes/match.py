@@ -1,8 +1,5 @@
-"""Match pass: tag every linear-like call as a site, and select the sites a config targets.
-
-A recogniser per site kind maps a node to a ``Candidate`` (vera_fx/sites.py) or None; ``RECOGNISERS`` is the
-seam, where the quantized kinds plug in theirs. Module paths come from ``node.meta["nn_module_stack"]``.
-"""
+"""Match pass: tag every linear-like call as a site (one recogniser per site kind, ``RECOGNISERS``: the seam the
+quantized kinds plug into), and select the sites a config targets by PEFT's rules."""
 
 from __future__ import annotations
 
@@ -66,8 +63,8 @@ RECOGNISERS: list[Callable[[Node], Optional[Candidate]]] = [_linear, _conv1d, qu
 
 
 def _name_candidates(cands: list[Candidate]) -> dict[Node, str]:
-    """Site names: the module path of a linear layer; for functional calls, the owner's path, plus the
-    weight's attribute name when the owner calls several weights."""
+    """Site names: a linear layer's module path; a functional call's owner path, plus the weight's attribute name
+    when the owner calls several weights."""
     by_owner: dict[str, list[Candidate]] = {}
     for c in cands:
         by_owner.setdefault(c.owner, []).append(c)
@@ -92,7 +89,6 @@ class MatchPass(PassBase):
     """Tag every linear-like call with ``node.meta[SITE_KEY]`` (name, kind, shapes, weight, bias)."""
 
     def call(self, graph_module: GraphModule) -> PassResult:
-        """Tag the sites of every graph of the tree (a block's sites get the block's path in front)."""
         return PassResult(graph_module, any([self._match_graph(g) for g in graph_modules(graph_module)]))
 
     @staticmethod
@@ -132,9 +128,8 @@ def _saved(key: str, config: AdapterConfig) -> bool:
 
 
 def _targets(config: AdapterConfig, info: dict, names: list[str]) -> object:
-    """The effective target_modules: the config's, or the architecture's default when None. Architectures rename
-    their projections across transformers releases (ViT's query/value became q_proj/v_proj): a default takes the
-    first naming of the attention projections the model has."""
+    """The config's target_modules, or the architecture's default: the first naming of the attention projections
+    the model has (releases rename them: ViT's query/value became q_proj/v_proj)."""
     if config.target_modules is not None:
         return config.target_modules
     model_type = info.get("model_type")
@@ -171,37 +166,24 @@ def _layer_filter(config: AdapterConfig) -> Optional[set[int]]:
     return set(ltt) if ltt else None
 
 
-def _list_matches(key: str, targets: list[str], config: AdapterConfig) -> bool:
-    """PEFT's rule for a list: an exact name is targeted whatever the layer filter says; a suffix match
-    only in the layers ``layers_to_transform`` keeps."""
-    if key in targets:
-        return True
-    if not any(_named(key, t) for t in targets):
-        return False
-    layers = _layer_filter(config)
-    return layers is None or layer_index(key, config.layers_pattern) in layers
-
-
 def _selected(keys: Iterable[str], targets: object, config: AdapterConfig) -> set[str]:
-    """The ``keys`` PEFT's rules select for ``targets``: a regex fully matched, or a list (``_list_matches``)."""
+    """The ``keys`` PEFT's rules select for ``targets``: a regex fully matched; of a list, an exact name whatever
+    the layer filter says, a suffix match in the layers ``layers_to_transform`` keeps."""
     if isinstance(targets, str):
         return {k for k in keys if re.fullmatch(targets, k)}
-    return {k for k in keys if _list_matches(k, list(targets), config)}
+    layers = _layer_filter(config)
+    return {k for k in keys if k in targets or (any(_named(k, t) for t in targets) and (
+        layers is None or layer_index(k, config.layers_pattern) in layers))}
 
 
 def peft_selection(info: dict, targets: object, config: AdapterConfig) -> set[str]:
-    """The module paths PEFT's own rules select for ``targets`` (a list or a regex; not 'all-linear') over the
-    model's modules, without our extensions: what PEFT adapts, or refuses when one of them is not linear."""
+    """The module paths PEFT's own rules (no extension) select for ``targets`` (a list or a regex)."""
     return _selected([k for k in info.get("modules", {}) if not _saved(k, config)], targets, config)
 
 
 def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]:
-    """The sites of ``graph_module`` that ``config`` targets, in graph order (one entry per site name).
-
-    PEFT's rules: a list entry is a module name or path suffix (one matching nothing next to ones that do is
-    skipped with a warning); a string is a regex fully matched against module paths, or 'all-linear'. Our
-    extension: a name or regex matching a module that holds linear layers (which PEFT refuses) adapts those.
-    """
+    """The sites of ``graph_module`` that ``config`` targets, in graph order (one per site name): PEFT's rules,
+    plus a name or regex matching a module that holds linear layers (which PEFT refuses) adapts those."""
     info = model_info(graph_module)
     _check_eager_modules_to_save(graph_module, info, config)
     all_sites = read_sites(graph_module)
@@ -225,9 +207,7 @@ def select_sites(graph_module: GraphModule, config: AdapterConfig) -> list[Site]
 
 
 def _pick(info: dict, names: list[str], targets: Union[str, list], config: AdapterConfig) -> set[str]:
-    """The site names a regex or a list selects: PEFT's rules, plus containers (a module that is no site selects
-    the sites inside it). Of a list, an entry naming a module that is no linear layer and holds none is refused,
-    entries matching nothing are skipped with a warning."""
+    """The site names a regex or a list selects (containers too); a list entry matching nothing warns or raises."""
     containers: dict[str, list[str]] = {}
     sites = set(names)
     for path in info.get("modules", {}):
@@ -259,9 +239,8 @@ def _pick(info: dict, names: list[str], targets: Union[str, list], config: Adapt
 
 
 def _refuse_non_linear(info: dict, picked: set[str], targets: object) -> None:
-    """On a transformers model, refuse a selected site that is a module PEFT cannot adapt (a MoE router:
-    ``MixtralTopKRouter`` calls ``F.linear`` but is no ``nn.Linear``), so that every folder loads into PEFT.
-    Plain models keep our extension (a module's functional ``F.linear`` call is a site)."""
+    """On a transformers model, refuse a selected site PEFT cannot adapt (a MoE router calls ``F.linear`` but is
+    no ``nn.Linear``), so every folder loads into PEFT; plain models keep functional calls as sites."""
     linear = info.get("linear_modules")
     if linear is None or not str(info.get("module", "")).startswith("transformers."):
         return
@@ -277,8 +256,7 @@ def _refuse_non_linear(info: dict, picked: set[str], targets: object) -> None:
 
 
 def _check_eager_modules_to_save(gm: GraphModule, info: dict, config: AdapterConfig) -> None:
-    """Refuse ``modules_to_save`` naming a module of an eager top level (vera_fx/block_export.py): the graph reads
-    trainable copies only inside its blocks, so the copy would train with nothing reading it."""
+    """Refuse ``modules_to_save`` naming a module of an eager top level: the graph reads copies only in blocks."""
     reason = gm.meta.get(EAGER_TOP)
     if reason is None or not config.modules_to_save:
         return
@@ -295,8 +273,8 @@ def _check_eager_modules_to_save(gm: GraphModule, info: dict, config: AdapterCon
 
 
 def _all_linear(info: dict, names: list[str], config: AdapterConfig) -> set[str]:
-    """PEFT's "all-linear": the sites that are ``nn.Linear`` / ``Conv1D`` modules (no MoE router's ``F.linear``)
-    but the output head; every site but the head of a graph captured without the module list (older pickles)."""
+    """PEFT's "all-linear": the ``nn.Linear`` / ``Conv1D`` sites but the output head (every site but the head of a
+    graph captured without the module list)."""
     head = info.get("output_head")
     linear = info.get("linear_modules")
     allowed = set(linear) if linear is not None else set(names)

@@ -1,22 +1,17 @@
-"""Merge pass: fold deterministic adapters into their sites' base weights; unmerge; write into the model.
-
-``MergePass`` computes ``W + ΔW`` for every site it folds (``Method.delta_weight`` in float32, cast back to the
-weight's dtype), swaps the new weights in and erases the adapter nodes, so the graph is node for node the
-captured base graph. Copy-on-merge: the graph shares weight storage with the user's model, so merge installs new
-tensors and keeps the originals (in ``flags.folded``), which ``UnmergePass`` puts back exactly; a bitsandbytes site,
-as in PEFT, gets a NEW layer: the graph's layer dequantized, plus ΔW in float32, quantized again (each site's
-rounding error is logged next to the size of the update). ``merge_into`` is the explicit way to bake the adapters
-into the model. Both passes are atomic: everything is computed (and, with ``safe_merge``, checked) before anything
-changes, and a failure while rewriting restores the previous graphs, weights and layers (``Rollback``).
+"""Merge pass: fold deterministic adapters into their sites' weights and erase their nodes; unmerge; bake them
+into the model (``merge_into``). Copy-on-merge: merge installs new tensors (a bitsandbytes site: a new requantized
+layer) and keeps the originals in ``flags.folded`` for an exact unmerge. Atomic: all is computed and checked first,
+and a failure while rewriting restores graphs, weights and layers (``rollback``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Optional, Union
+from typing import Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -56,8 +51,7 @@ def _slot(module: nn.Module, weight: str, layer: bool) -> Slot:
 
 
 def _install(module: nn.Module, weight: str, value: Slot) -> Slot:
-    """Put ``value`` (a new object: whatever else held the old one keeps it) in the slot of ``weight``; returns
-    what was there."""
+    """Put ``value`` (a new object: other holders keep the old one) in the slot of ``weight``; returns the old."""
     return set_slot(module, _layer_path(weight) if isinstance(value, nn.Module) else weight, value)
 
 
@@ -68,8 +62,7 @@ def like(old: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
 
 def add_deltas(acc: torch.Tensor, gm: GraphModule, site: Site, adapters: tuple[str, ...],
                sign: float = 1.0) -> torch.Tensor:
-    """``acc += sign * ΔW`` of each adapter at ``site`` in place (float32, in the weight's layout: transposed for
-    Conv1D)."""
+    """``acc += sign * ΔW`` of each adapter at ``site``, in place, float32, in the weight's layout."""
     container = adapters_of(gm)
     for a in adapters:
         with torch.no_grad():
@@ -105,8 +98,7 @@ class Folded:
 
 @dataclass
 class _Fold:
-    """One weight to fold: its qualified name, its site (first call), the adapters added to it and, for
-    ``merge_into``, the unmerged layer of a bitsandbytes site merged before."""
+    """One weight to fold, its site (first call) and adapters; ``original``: a merged quantized site's own layer."""
 
     weight: str
     site: Site
@@ -138,8 +130,7 @@ def _check_names(gm: GraphModule, adapter_names: Optional[Iterable[str]]) -> tup
 
 
 def _unmergeable(readers: dict[str, list[Node]], calls: list[Site], adapters: tuple[str, ...]) -> Optional[str]:
-    """Why the weight of a site (all its calls) cannot take ``adapters``, or None; ``readers``: get_attr target ->
-    the nodes that use it."""
+    """Why the weight of a site (all its calls) cannot take ``adapters``, or None (``readers``: by get_attr target)."""
     site = calls[0]
     if site.kind not in LINEAR_KINDS:
         return f"its kind {site.kind!r} has no weight vera_fx can merge into"
@@ -160,21 +151,18 @@ def _unmergeable(readers: dict[str, list[Node]], calls: list[Site], adapters: tu
 
 def _plan(gm: GraphModule, names: tuple[str, ...]) -> tuple[list[_Fold], dict[str, str]]:
     """The weights to fold for ``names`` (adapters attached and not sampling), and skipped site -> reason."""
-    container = adapters_of(gm)
     calls_by_site: dict[str, list[Site]] = {}
     for s in read_sites(gm):
         calls_by_site.setdefault(s.name, []).append(s)
-    sampling = {a: set(container[a].method.sampling_sites(container[a])) for a in names}
     readers: dict[str, list[Node]] = {}
     for g in graph_modules(gm):
-        for n in g.graph.nodes:
-            if n.op == "get_attr":
-                readers.setdefault(qualified_name(g, str(n.target)), []).extend(n.users)
+        for n in g.graph.find_nodes(op="get_attr"):
+            readers.setdefault(qualified_name(g, str(n.target)), []).extend(n.users)
     folds: list[_Fold] = []
     skipped: dict[str, str] = {}
     for name, calls in calls_by_site.items():
         attached = tuple(a for a in names if any(a in c.adapters for c in calls))
-        samples = tuple(a for a in attached if name in sampling[a])
+        samples = tuple(a for a in attached if a in calls[0].sampling)
         if samples:
             skipped[name] = f"adapter(s) {list(samples)} sample at inference"
         deterministic = tuple(a for a in attached if a not in samples)
@@ -190,9 +178,8 @@ def _plan(gm: GraphModule, names: tuple[str, ...]) -> tuple[list[_Fold], dict[st
 
 def _merged(gm: GraphModule, folds: list[_Fold], safe_merge: bool, templates: Optional[dict[str, nn.Module]] = None,
             biases: Optional[dict[str, torch.Tensor]] = None) -> dict[str, Slot]:
-    """Weight qualname -> what replaces it, nothing installed: ``W + sum(ΔW)`` (in float32, then in the weight's
-    dtype) for a tensor; for a bitsandbytes site a new layer, quantized like ``templates[path]`` (default: the
-    fold's layer) with ``biases[path]``, whose rounding errors are logged (the largest at INFO, each at DEBUG)."""
+    """Weight qualname -> what replaces it, nothing installed: ``W + sum(ΔW)``; for a bitsandbytes site a new layer,
+    quantized like ``templates[path]`` (default: its own) with ``biases[path]``, its rounding error logged."""
     out: dict[str, Slot] = {}
     worst: tuple[float, float, str] = (-1.0, 0.0, "")
     layers = sum(f.layer for f in folds)
@@ -219,36 +206,31 @@ def _merged(gm: GraphModule, folds: list[_Fold], safe_merge: bool, templates: Op
 
 
 def _check_finite(safe_merge: bool, merged: torch.Tensor, site: Site, adapters: tuple[str, ...], what: str) -> None:
-    """``safe_merge``'s check: a ValueError naming the site and adapters when ``merged`` is not finite."""
+    """``safe_merge``'s check."""
     if safe_merge and not bool(torch.isfinite(merged).all()):
         raise ValueError(f"safe_merge=True: merging adapter(s) {list(adapters)} into site {site.name!r} gives "
                          f"non-finite values in {what}; nothing was changed. Check that adapter's lambdas "
                          "(vera_fx_adapters.<adapter>.sites.<site>) for NaN/inf, e.g. from a diverged run")
 
 
-class Rollback:
-    """Restores ``gm``'s graphs, the slots of the given weights and the merge records when the block raises."""
-
-    def __init__(self, gm: GraphModule, slots: Iterable[tuple[str, bool]]) -> None:
-        self.gm, self.slots = gm, list(slots)
-
-    def __enter__(self) -> "Rollback":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch's pytree spec deprecation inside deepcopy
-            self.graphs = [(g, copy.deepcopy(g.graph)) for g in graph_modules(self.gm)]
-        self.saved = {w: _slot(self.gm, w, layer) for w, layer in self.slots}
-        self.flags = adapter_flags(self.gm)
-        self.records = (dict(self.flags.merged), dict(self.flags.folded))
-        return self
-
-    def __exit__(self, exc_type: object, *_: object) -> bool:
-        if exc_type is not None:
-            for g, graph in self.graphs:
-                g.graph = graph  # the setter recompiles
-            for w, value in self.saved.items():
-                _install(self.gm, w, value)
-            self.flags.merged, self.flags.folded = self.records
-        return False
+@contextlib.contextmanager
+def rollback(gm: GraphModule, slots: Iterable[tuple[str, bool]]) -> Iterator[None]:
+    """Put ``gm``'s graphs, the ``(weight, layer)`` slots and the merge records back if the block raises."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's pytree spec deprecation inside deepcopy
+        graphs = [(g, copy.deepcopy(g.graph)) for g in graph_modules(gm)]
+    saved = {w: _slot(gm, w, layer) for w, layer in slots}
+    flags = adapter_flags(gm)
+    records = (dict(flags.merged), dict(flags.folded))
+    try:
+        yield
+    except BaseException:
+        for g, graph in graphs:
+            g.graph = graph  # the setter recompiles
+        for w, value in saved.items():
+            _install(gm, w, value)
+        flags.merged, flags.folded = records
+        raise
 
 
 class MergePass(PassBase):
@@ -258,12 +240,6 @@ class MergePass(PassBase):
         super().__init__()
         self.adapter_names = adapter_names
         self.safe_merge = safe_merge
-
-    def requires(self, graph_module: GraphModule) -> None:
-        as_graph_module(graph_module, "merge")
-        if not isinstance(self.safe_merge, bool):
-            raise TypeError(f"safe_merge must be a bool, got {self.safe_merge!r}")
-        _check_names(graph_module, self.adapter_names)
 
     def call(self, graph_module: GraphModule) -> PassResult:
         gm = graph_module
@@ -284,32 +260,23 @@ class MergePass(PassBase):
                 logger.info(msg)
             return PassResult(gm, False)
         new = _merged(gm, folds, self.safe_merge)
-        with Rollback(gm, [(f.weight, f.layer) for f in folds]):
-            flags = adapter_flags(gm)
-            merged_meta, folded = dict(flags.merged), dict(flags.folded)
+        flags = adapter_flags(gm)
+        with rollback(gm, [(f.weight, f.layer) for f in folds]):  # which puts the records back too
             for f in folds:
                 value = new[f.weight]
                 old = _install(gm, f.weight, value)
-                prev = folded.get(f.weight)  # a site merged before keeps its first original: the graph's own
-                folded[f.weight] = Folded(f.site.name, (prev.adapters if prev else ()) + f.adapters,
-                                          prev.original if prev else old, value, -1 if f.layer else value._version)
-                merged_meta[f.site.name] = merged_meta.get(f.site.name, ()) + f.adapters
-            for a in names:
-                sites = {f.site.name for f in folds if a in f.adapters}
-                if sites:
-                    remove_adapter_nodes(gm, a, sites)
-            flags.merged, flags.folded = merged_meta, folded
-            gm.graph.lint()
-            gm.recompile()
+                prev = flags.folded.get(f.weight)  # a site merged before keeps its first original: the graph's own
+                flags.folded[f.weight] = Folded(f.site.name, (prev.adapters if prev else ()) + f.adapters,
+                                                prev.original if prev else old, value,
+                                                -1 if f.layer else value._version)
+                flags.merged[f.site.name] = flags.merged.get(f.site.name, ()) + f.adapters
+            remove_adapter_nodes(gm, {a: {f.site.name for f in folds if a in f.adapters} for a in names})
         logger.info("merge: folded %s into %d weights", sorted({a for f in folds for a in f.adapters}), len(folds))
         return PassResult(gm, True)
 
 
 class UnmergePass(PassBase):
     """Put back every merged weight and re-emit the merged adapters' nodes."""
-
-    def requires(self, graph_module: GraphModule) -> None:
-        as_graph_module(graph_module, "unmerge")
 
     def call(self, graph_module: GraphModule) -> PassResult:
         gm = graph_module
@@ -320,7 +287,7 @@ class UnmergePass(PassBase):
             return PassResult(gm, False)
         restored = {q: rec.original if rec.is_layer else self._restored(gm, q, rec) for q, rec in folded.items()}
         merged_meta = dict(flags.merged)
-        with Rollback(gm, [(q, rec.is_layer) for q, rec in folded.items()]):
+        with rollback(gm, [(q, rec.is_layer) for q, rec in folded.items()]):
             for q, value in restored.items():
                 _install(gm, q, value)
             for a in adapters_of(gm):
@@ -328,8 +295,6 @@ class UnmergePass(PassBase):
                 if sites:
                     emit_adapter(gm, a, sites)
             flags.merged, flags.folded = {}, {}
-            gm.graph.lint()
-            gm.recompile()
         layers = sum(rec.is_layer for rec in folded.values())
         logger.info("unmerge: restored %d weights and %d quantized layers", len(folded) - layers, layers)
         return PassResult(gm, True)
@@ -352,27 +317,25 @@ class UnmergePass(PassBase):
 
 @mutation
 def merge(gm: GraphModule, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> GraphModule:
-    """Fold the active (or the named) deterministic adapters into the base weights; returns ``gm`` changed.
-
-    Sites that sample at inference and tied weights stay as adapter nodes, with a warning naming them. A
-    bitsandbytes site gets a new requantized layer (its rounding error is logged); the model ``gm`` was captured
-    from is never changed. ``safe_merge=True`` raises ValueError naming the site when a merged weight is not
-    finite. Atomic; merging an already merged adapter is a no-op.
-    """
+    """Fold the active (or the named) deterministic adapters into the base weights; returns ``gm``. Sites that
+    sample at inference and tied weights stay as adapter nodes, with a warning; the captured model is never
+    changed; ``safe_merge=True`` refuses a non-finite merged weight. Atomic; merging a merged adapter is a no-op."""
+    if not isinstance(safe_merge, bool):
+        raise TypeError(f"safe_merge must be a bool, got {safe_merge!r}")
     MergePass(adapter_names, safe_merge)(as_graph_module(gm, "merge"))
     return gm
 
 
 @mutation
 def unmerge(gm: GraphModule) -> GraphModule:
-    """Undo every merge: the original weight tensors go back (exact) and the adapter nodes are re-emitted. A merged
-    weight changed in the meantime is restored by subtraction instead, with a warning."""
+    """Undo every merge: the original weights go back (exact; one changed since, by subtraction, with a warning)
+    and the adapter nodes are re-emitted."""
     UnmergePass()(as_graph_module(gm, "unmerge"))
     return gm
-def _graph_reads(gm: GraphModule) -> dict[str, str]:
-    """Model parameter name -> the name of the tensor the graph reads in its place, for every parameter the
-    base graph reads (a ``modules_to_save`` copy stands in for the parameter it was copied from)."""
-    reads: dict[str, str] = {}
+def _baked_tensors(model: nn.Module, gm: GraphModule, folded: dict[str, torch.Tensor],
+                   problems: list[str]) -> dict[str, torch.Tensor]:
+    """Model parameter name -> the value ``merge_into`` writes (folded, trained or converted), problems appended."""
+    reads: dict[str, str] = {}  # model parameter -> the tensor the base graph reads for it (modules_to_save copies)
     for g in graph_modules(gm):
         for n in g.graph.find_nodes(op="get_attr"):
             target, mts = qualified_name(g, str(n.target)), n.meta.get(MTS_TAG)
@@ -381,14 +344,8 @@ def _graph_reads(gm: GraphModule) -> dict[str, str]:
                     reads[qualified_name(g, str(mts["target"])) if mts else target] = target
             except AttributeError:
                 continue  # not a tensor attribute (the ``training`` flags)
-    return reads
-
-
-def _baked_tensors(model: nn.Module, gm: GraphModule, folded: dict[str, torch.Tensor],
-                   problems: list[str]) -> dict[str, torch.Tensor]:
-    """Model parameter name -> the value ``merge_into`` writes (folded, trained or converted), problems appended."""
     new: dict[str, torch.Tensor] = {}
-    for model_name, graph_name in _graph_reads(gm).items():
+    for model_name, graph_name in reads.items():
         value = folded[graph_name] if graph_name in folded else get_tensor(gm, graph_name).detach()
         try:
             mp = model.get_parameter(model_name)
@@ -413,8 +370,8 @@ def _baked_tensors(model: nn.Module, gm: GraphModule, folded: dict[str, torch.Te
 
 def _baked_layers(model: nn.Module, gm: GraphModule, folds: list[_Fold], safe_merge: bool,
                   problems: list[str]) -> dict[str, nn.Module]:
-    """For ``merge_into``: layer path -> new layer for ``model``, problems appended. Every quantized site merged or
-    planned gets the graph's unmerged layer plus all its adapters' update (one rounding), like ``model``'s layer."""
+    """For ``merge_into``: layer path -> new layer for ``model`` (the graph's unmerged layer plus every adapter's
+    update, one rounding, quantized like ``model``'s layer), problems appended."""
     plans = {f.weight: f for f in folds if f.layer}
     records = {w: rec for w, rec in adapter_flags(gm).folded.items() if rec.is_layer}
     sites = {s.weight: s for s in read_sites(gm)} if records else {}
@@ -448,15 +405,10 @@ def _baked_layers(model: nn.Module, gm: GraphModule, folds: list[_Fold], safe_me
 
 
 def merge_into(model: nn.Module, gm: GraphModule, safe_merge: bool = False) -> nn.Module:
-    """Write ``gm``'s adapted weights into ``model`` (the module ``gm`` was captured from); returns ``model``.
-
-    Afterwards ``model`` alone computes what ``gm`` computes in eval mode (``generate()`` and ``save_pretrained()``
-    carry the adapters): merged weights are copied, active adapters not merged in ``gm`` are folded on the way
-    (``gm`` is not changed), trained base parameters (``bias``, ``modules_to_save``) are copied too. Every name,
-    shape and tie is checked before anything is written; the model keeps its Parameter objects, with new storage;
-    a bitsandbytes site gets a new quantized layer. A site that cannot be baked (it samples at inference, tied
-    weights) raises ValueError naming it: the model never comes back without an adapter.
-    """
+    """Write ``gm``'s adapted weights into ``model`` (the module ``gm`` was captured from), so ``model`` alone
+    computes what ``gm`` computes in eval mode; returns ``model``. Active adapters not merged in ``gm`` are folded
+    on the way (``gm`` is not changed); trained base parameters are copied too; the model keeps its Parameter
+    objects. Everything is checked first; a site that cannot be baked raises ValueError naming it."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"merge_into takes the nn.Module gm was captured from as model, got {type(model).__name__}")
     gm = as_graph_module(gm, "merge_into")

@@ -1,5 +1,4 @@
-"""The pipeline: match and inject (which shares x·Aᵀ and lowers what it emits) composed with torch.fx's
-PassManager; ``vera_fx.transform`` (vera_fx/model.py) runs it on a captured graph."""
+"""The pipeline: match and inject (which shares and lowers what it emits) under torch.fx's PassManager."""
 
 from __future__ import annotations
 
@@ -14,8 +13,7 @@ from .match import MatchPass
 
 
 def run_passes(gm: GraphModule, passes: list[Any]) -> GraphModule:
-    """Run ``passes`` on ``gm`` with torch.fx's PassManager, re-raising our ValueError / TypeError as is (the
-    manager wraps them in a generic Exception)."""
+    """Run ``passes`` on ``gm``, re-raising our ValueError / TypeError as is (the manager wraps them)."""
     try:
         return PassManager(passes=passes, run_checks_after_each_pass=False)(gm).graph_module
     except Exception as e:
@@ -26,5 +24,5 @@ def run_passes(gm: GraphModule, passes: list[Any]) -> GraphModule:
 
 
 def add_adapter_passes(config: AdapterConfig, adapter_name: str) -> list[Any]:
-    """Match, then inject (which shares x·Aᵀ and lowers what it emits, by the adapter set's lowering setting)."""
+    """Match, then inject."""
     return [MatchPass(), InjectPass(config, adapter_name)]
