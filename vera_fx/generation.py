@@ -1,11 +1,7 @@
-"""``generate``: through a *decode graph*, the user's causal LM with a ``StaticCache`` as buffers, exported once
-per batch size and cache length (a bucket) with the query length dynamic (one graph for the prefill and every step;
-a 2D mask over the cache makes left padding work), rooted at the model so its tensors have the training graph's
-names. It gets the live adapters' nodes over the training graph's adapter state and, per call, its tensors
-(``graph_parameters``): training or a switch is seen without re-capturing. Encoder-decoder and bitsandbytes models
-and sliding windows past the window run transformers' loop instead, each live site module hooked to a *site
-graph* ``(x, y) -> y + adapter(x)`` over the same state, on the training graph's weights.
-"""
+"""``generate`` through a *decode graph*: the user's causal LM with a ``StaticCache`` as buffers, exported once per
+batch size, cache bucket, dtype and device with the query length dynamic, rooted at the model so its tensors have
+the training graph's names, which it reads per call (``graph_parameters``). What it cannot cover runs transformers'
+loop instead, each live site module hooked to a *site graph* ``(x, y) -> y + adapter(x)`` over the same state."""
 
 from __future__ import annotations
 
@@ -118,8 +114,7 @@ def cache_bucket(length: int) -> int:
 
 
 def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len: int) -> GraphModule:
-    """Export ``model`` (a decoder-only causal LM: ``eager_reason`` is None) with a static KV cache of
-    ``batch_size`` x ``max_cache_len``, under the model's own names."""
+    """Export ``model`` (``eager_reason`` is None) with a static KV cache of ``batch_size`` x ``max_cache_len``."""
     device = next(p.device for p in model.parameters())
     with model_flags_kept(model), linear_forwards(model):  # Falcon-style linears stay sites (quantized)
         try:
@@ -161,13 +156,18 @@ def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len:
 
 def decode_graph(inner: GraphModule, source: PreTrainedModel, batch_size: int, max_cache_len: int,
                  compile: bool = False) -> tuple[GraphModule, Any]:
-    """The decode graph of ``source`` for ``batch_size`` x ``max_cache_len`` with the live layout's nodes of
-    ``inner`` (one seen before is put back) and its step (with ``compile``, compiled), kept by the adapter set."""
-    container = adapter_container(inner)
-    weight = next(p for p in source.parameters() if p.is_floating_point())
+    """The decode graph of ``source`` for ``batch_size`` x ``max_cache_len``, captured with ``inner``'s tensors
+    bound in (the object's dtype and device), with the live layout's nodes (one seen before is put back), and its
+    step (with ``compile``, compiled); kept by the adapter set."""
+    container, named = adapter_container(inner), graph_parameters(inner)
+    weight = next(p for n, p in named if not n.startswith(CONTAINER) and p.is_floating_point())
     kind = ("decode", batch_size, max_cache_len, weight.dtype, weight.device, id(source))
-    decode = container.versions.derived(
-        inner, kind, None, lambda: capture_decode_graph(source, batch_size, max_cache_len))
+
+    def capture() -> GraphModule:
+        with tensors_bound(source, named):
+            return capture_decode_graph(source, batch_size, max_cache_len)
+
+    decode = container.versions.derived(inner, kind, None, capture)
     layout = live_layout(inner)
     key = ("decode", tuple((name, id(container[name]), sites) for name, sites in layout))
     if container.versions.current(decode) != key:
@@ -252,11 +252,11 @@ def generate(gm: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[to
         return generate_eager(inner, source, inputs, seed=seed, **{k: v for k, v in given.items() if v is not None},
                               **kwargs)
     pad = pad_token_id if pad_token_id is not None else getattr(gen_cfg, "pad_token_id", None)
-    device = next(p.device for p in source.parameters())
-    if do_sample and generator is None and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(int(seed))
     max_len = cache_bucket(input_ids.shape[1] + new_tokens)
     graph, step = decode_graph(inner, source, input_ids.shape[0], max_len, compile=compile)
+    device = next(graph.parameters()).device
+    if do_sample and generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(int(seed))
     ids, mask = inputs["input_ids"].to(device=device, dtype=torch.long), inputs["attention_mask"].to(device)
     with one_at_a_time(graph), kl_terms_kept(inner):  # its KV cache is the graph's buffers; KL terms: not kept
         bind_tensors(graph, graph_parameters(inner))  # kept bound after: nothing else holds these names

@@ -1,18 +1,8 @@
-"""Graph variants: every graph the model object runs, built from a captured template and bound to the adapter
-state of the source graph (the first captured graph, which holds it).
-
-``attach_adapters`` makes a graph of another signature compute what the source computes: the source's base
-tensors and bitsandbytes layers (``bind_tensors``, the one binder), adapter container, ``modules_to_save``
-routing and adapter nodes (``emit_layout``, the one emission: signature graphs, twins, decode and site graphs).
-A switch puts back the tree's version for the new state (vera_fx/versions.py); tensors are bound again only when
-a base tensor or module was replaced (``base_stamp``).
-
-A call under ``no_grad`` / ``inference_mode``, or in eval mode with the adapters in eval too (PEFT's recipe trains
-the adapters of a model left in eval mode), runs its graph's *inference twin*: a copy of the tree (own Graphs and
-code; the same tensors, state and leaf modules) with the adapters in the inference form (vera_fx/passes/infer.py).
-Past ``max_graphs`` captured graphs the least recently used one is evicted (never the source), with one warning,
-as torch.compile does past its recompile limit.
-"""
+"""Graph variants: every graph the model object runs, built from a captured template and bound to the source
+graph's adapter state (``attach_adapters``; ``bind_tensors`` the one binder, ``emit_layout`` the one emission). A
+call under ``no_grad`` / ``inference_mode``, or in eval mode with the adapters in eval too (PEFT's recipe trains
+the adapters of a model left in eval mode), runs its graph's *inference twin*: a copy of the tree sharing its
+tensors, with the adapters in the inference form (vera_fx/passes/infer.py)."""
 
 from __future__ import annotations
 
@@ -47,8 +37,8 @@ FINGERPRINT_KEY = "vera_fx_fingerprint"  # gm.meta: the source's state_fingerpri
 
 
 def state_stamp(source: GraphModule) -> tuple:
-    """What the graph a call runs depends on besides its signature, cheap to read: the adapter set and its lock's
-    version (every mutation bumps it), the base and adapter modes, and grad mode (which chooses the twin)."""
+    """What the graph a call runs depends on besides its signature, cheap to read (the lock's version changes on
+    every mutation)."""
     container = source._modules.get(CONTAINER)
     mode = source._modules.get(ADAPTER_MODE)
     return (container, container.lock.version if container is not None else -1, source.training,
@@ -70,8 +60,7 @@ def check_form(form: Any) -> str:
 
 def inference_twin(gm: GraphModule, form: str, checked: bool = True) -> GraphModule:
     """A copy of ``gm``'s graph tree marked for the inference ``form`` (new GraphModules, Graphs and adapter mode
-    flags; the same tensors and other submodules), not yet attached; ``checked=False``: without the keyword check
-    (a caller that fills the inputs itself)."""
+    flags; the same tensors and other submodules), not yet attached; ``checked=False``: no keyword check."""
     modules = dict(gm.named_modules())
     graphs = [name for name, mod in modules.items() if isinstance(mod, GraphModule)]
     memo: dict[int, Any] = {}
@@ -91,12 +80,11 @@ def inference_twin(gm: GraphModule, form: str, checked: bool = True) -> GraphMod
 
 
 class GraphVariants:
-    """``VeraFxModel``'s inference twins, inference form, per-call cache and LRU bound. Reads the object's
-    ``_source``, ``_graphs``, ``_order``, ``_twins``, ``_ready``, ``_build_lock`` and ``max_graphs``."""
+    """``VeraFxModel``'s inference twins, inference form, per-call cache and LRU bound (its attributes)."""
 
     def _check_room(self, key: tuple) -> None:
-        """Past ``max_graphs``, evict the least recently used signatures until one more graph fits (never the
-        source's); warns once."""
+        """Past ``max_graphs``, evict the least recently used signatures (never the source's), warning once, as
+        torch.compile does past its recompile limit."""
         while sum(len(v) for v in self._graphs.values()) >= self.max_graphs:
             victim = next((k for k, v in self._graphs.items() if all(g is not self._source for g in v)), None)
             if victim is None:  # only the source is left: it stays, the bound is exceeded by the new graph
@@ -118,8 +106,8 @@ class GraphVariants:
         self._ready.clear()
 
     def _ready_graph(self, key: tuple, gm: GraphModule, variant: bool = True) -> GraphModule:
-        """The graph a call of signature ``key`` (first graph ``gm``) runs: the last call's choice while the state
-        stamp is unchanged, else ``_fresh(gm, variant)``."""
+        """The graph a call of signature ``key`` (first graph ``gm``) runs: the last call's while the state stamp
+        holds."""
         stamp = state_stamp(self._source)
         hit = self._ready.get(key)
         if hit is not None and hit[1] is gm and hit[0] == stamp:
@@ -177,7 +165,7 @@ _SLOTS: "weakref.WeakKeyDictionary[GraphModule, tuple[list[dict], tuple]]" = wea
 
 def base_stamp(source: GraphModule) -> tuple:
     """The identities of every module, parameter and buffer of ``source``'s tree but its adapter state (merge, load
-    and ``.to()`` replace them). Tens of microseconds; walks the tree only after a change."""
+    and ``.to()`` replace them); walks the tree only after a change."""
     dicts, stamp = _SLOTS.get(source, ((), None))
     now = tuple(id(v) for d in dicts for v in d.values())
     if now == stamp:
@@ -192,9 +180,8 @@ def base_stamp(source: GraphModule) -> tuple:
 
 
 def bind_tensors(dst: torch.nn.Module, named: Iterable[tuple[str, Any]], undo: Optional[list] = None) -> int:
-    """The one binder: make ``dst``'s parameter, buffer or submodule of each name the given tensor or module
-    where it has that name with no value or one of the same type (and shape); returns how many changed, each
-    appended to ``undo`` as (store, name, old)."""
+    """The one binder: make ``dst``'s parameter, buffer or submodule of each name the given value where it holds
+    None or a value of the same type and shape; returns how many changed (each appended to ``undo``)."""
     count = 0
     for qualname, value in named:
         path, _, leaf = qualname.rpartition(".")
@@ -248,9 +235,8 @@ def _route_modules_to_save(gm: GraphModule, source: GraphModule) -> None:
 
 def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple] = None,
                     rebind: bool = True) -> GraphModule:
-    """Make ``gm`` (captured and matched from the same model) compute what ``source`` computes, in place.
-    ``before``: the ``state_fingerprint`` ``gm`` was attached at (None: never); ``rebind=False``: no base tensor
-    was replaced since (``base_stamp``)."""
+    """Make ``gm`` (captured from the same model) compute what ``source`` computes, in place. ``before``: the
+    ``state_fingerprint`` ``gm`` was attached at (None: never); ``rebind=False``: no base tensor was replaced."""
     container = getattr(source, CONTAINER, None)
     fp = state_fingerprint(source)
     same_states = (before is not None and container is not None and before[0] == fp[0]
@@ -285,7 +271,7 @@ def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple
 
 def live_layout(gm: GraphModule) -> list[tuple[str, tuple[str, ...]]]:
     """(adapter, sites) of every live adapter of ``gm`` (active, not disabled, not merged there), in the active
-    list's order: the source graph's nodes and their sum's order at every site."""
+    list's order."""
     container = adapters_of(gm)
     if not len(container) or adapters_disabled(gm):
         return []
@@ -296,8 +282,7 @@ def live_layout(gm: GraphModule) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def emit_layout(gm: GraphModule, layout: Iterable[tuple[str, Iterable[str]]]) -> None:
-    """Give ``gm``'s tree exactly ``layout``'s adapter nodes, in its form (an inference tree's deep reads then
-    through one lookup, ``flatten_reads``)."""
+    """Give ``gm``'s tree exactly ``layout``'s adapter nodes, in its form."""
     remove_adapter_nodes(gm, None)
     for name, sites in layout:
         emit_adapter(gm, name, set(sites))
