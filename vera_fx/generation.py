@@ -41,8 +41,8 @@ _CACHE_TENSORS = ("keys", "values", "cumulative_length")  # of each cache layer,
 
 
 class _DecodeModule(nn.Module):
-    """The user's causal LM with a ``StaticCache`` as buffers (transformers' ``TorchExportableModuleWithStaticCache``
-    recipe, plus a 2D mask and position ids for left padding)."""
+    """The user's causal LM with a ``StaticCache`` as buffers (transformers' export recipe, plus a 2D mask and
+    position ids for left padding)."""
 
     def __init__(self, model: PreTrainedModel, batch_size: int, max_cache_len: int) -> None:
         from transformers import StaticCache  # transformers' cache: about 2.7 s on a first import
@@ -105,8 +105,7 @@ def _source_model(gm: GraphModule, model: Optional[nn.Module]) -> PreTrainedMode
 
 
 def cache_bucket(length: int) -> int:
-    """The cache length used for ``length`` positions: the next of 64, 96, 128, 192, 256, 384, ... (powers of
-    two and 1.5x them), so at most a third of the cache is unused and few lengths need their own graph."""
+    """The cache length for ``length`` positions: the next of 64, 96, 128, 192, ... (at most a third unused)."""
     size = _MIN_BUCKET
     while size < length:
         size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
@@ -211,12 +210,10 @@ def generate(gm: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[to
              eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
              generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
              model: Optional[nn.Module] = None, compile: bool = False, **kwargs: Any) -> torch.Tensor:
-    """Up to ``max_new_tokens`` tokens per sequence from ``gm`` with a KV cache, after the (left-padded) prompt as
-    transformers' ``generate`` returns them. Greedy, or ``do_sample`` with ``temperature`` / ``top_k`` / ``top_p``
-    from ``generator``, ``seed`` or torch's (unset: the model's ``generation_config``, else transformers'
-    defaults); finished sequences (``eos_token_id``) get ``pad_token_id``. Any other keyword of transformers'
-    ``generate`` (beams, penalties, ``generation_config``, ...) runs its own loop with the adapters hooked. No
-    dropout; PVeRA samples where ``sample_at_inference`` is on."""
+    """The (left-padded) prompt and up to ``max_new_tokens`` tokens per sequence, as transformers' ``generate``
+    returns them, greedy or sampled (unset options: the model's ``generation_config``). Any other keyword of
+    transformers' ``generate`` runs its own loop with the adapters hooked. No dropout; PVeRA samples where
+    ``sample_at_inference`` is on."""
     inner = as_graph_module(gm, "generate")
     source = _source_model(inner, model)
     if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
@@ -269,13 +266,12 @@ _RUNNING: "weakref.WeakKeyDictionary[nn.Module, threading.Lock]" = weakref.WeakK
 
 def one_at_a_time(owner: nn.Module) -> threading.Lock:
     """The lock that runs one generation at a time through ``owner`` (a decode graph, whose KV cache is its
-    buffers, or the user's model, which the hooked loop changes); other threads' forwards are not held up."""
+    buffers, or the user's model, which the hooked loop changes)."""
     return _RUNNING.setdefault(owner, threading.Lock())
 
 
 def _new_tokens(max_new_tokens: Optional[int], gen_cfg: Any, source: nn.Module, prompt_len: int) -> Optional[int]:
-    """The most tokens transformers' ``generate`` adds: ``max_new_tokens``, else the ``generation_config``'s (or its
-    ``max_length`` less the prompt), else 20 within ``max_position_embeddings``; None: none (its loop warns)."""
+    """The most tokens transformers' ``generate`` adds (None: none, its loop warns)."""
     given = max_new_tokens if max_new_tokens is not None else getattr(gen_cfg, "max_new_tokens", None)
     if given is not None:
         return int(given)
@@ -364,7 +360,7 @@ def kl_terms_kept(gm: GraphModule) -> Iterator[None]:
 
 def graph_parameters(gm: GraphModule) -> list[tuple[str, nn.Parameter]]:
     """``gm``'s parameters by name, a live adapter's ``modules_to_save`` copy's under the copied module's path:
-    what the eager model or a decode graph binds (``bind_tensors``) to compute as ``gm`` does."""
+    what the eager model or a decode graph binds to compute as ``gm`` does."""
     container = adapters_of(gm)
     theirs = dict(gm.named_parameters(remove_duplicate=False))
     live = [] if adapters_disabled(gm) else active_adapters(gm)  # merged ones too: the graphs route their copies
@@ -484,7 +480,7 @@ def eager_reason(source: nn.Module, gm: GraphModule, cache_length: Optional[int]
 def generate_eager(gm: GraphModule, model: nn.Module, inputs: dict[str, torch.Tensor], *,
                    seed: Optional[int] = None, **generate_kwargs: Any) -> torch.Tensor:
     """``model.generate(**inputs, **generate_kwargs)`` with ``gm``'s live adapters hooked and weights bound, in eval
-    mode (restored after); ``seed`` seeds sampling inside ``fork_rng``."""
+    mode; ``seed`` seeds sampling inside ``fork_rng``."""
     device = next(p.device for p in model.parameters())
     with one_at_a_time(model), model_flags_kept(model), tensors_bound(model, graph_parameters(gm)), \
             adapter_hooks(gm, model) as hooked, no_cpu_packing(model), kl_terms_kept(gm), \

@@ -58,9 +58,10 @@ def check_form(form: Any) -> str:
     return form
 
 
-def inference_twin(gm: GraphModule, form: str, checked: bool = True) -> GraphModule:
-    """A copy of ``gm``'s graph tree marked for the inference ``form`` (new GraphModules, Graphs and adapter mode
-    flags; the same tensors and other submodules), not yet attached; ``checked=False``: no keyword check."""
+def inference_twin(gm: GraphModule, form: Optional[str], checked: bool = True) -> GraphModule:
+    """A copy of ``gm``'s graph tree (new GraphModules, Graphs and adapter mode flags; the same tensors and other
+    submodules) marked for the inference ``form`` (None: as ``gm``), not yet attached; ``checked=False``: no
+    keyword check."""
     modules = dict(gm.named_modules())
     graphs = [name for name, mod in modules.items() if isinstance(mod, GraphModule)]
     memo: dict[int, Any] = {}
@@ -73,7 +74,8 @@ def inference_twin(gm: GraphModule, form: str, checked: bool = True) -> GraphMod
             memo[id(mod)] = mod
     twin = copy.deepcopy(gm, memo)
     twin.meta.pop(FINGERPRINT_KEY, None)
-    twin.meta[INFERENCE_KEY] = check_form(form)
+    if form is not None:
+        twin.meta[INFERENCE_KEY] = check_form(form)
     if not checked:
         remove_input_check(twin)
     return twin
