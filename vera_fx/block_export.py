@@ -185,8 +185,7 @@ def rewrite_mode_flags(gm: GraphModule) -> int:
 
 def export_blocks(model: nn.Module, layer_paths: list[str], calls: dict[int, ExportCall],
                   records: dict[str, LayerCall], qlayers: dict[str, nn.Module]) -> dict[str, GraphModule]:
-    """A block per layer: the first layer of each ``block_key`` group exported once, its graph copied onto every
-    member's own weights (quantized layers restored inside)."""
+    """A block per layer: each ``block_key`` group's first layer exported once, copied onto every member's weights."""
     groups: dict[tuple, list[str]] = {}
     for i, path in enumerate(layer_paths):
         groups.setdefault(block_key(model, path, calls[i]), []).append(path)
@@ -223,8 +222,7 @@ def export_blocks(model: nn.Module, layer_paths: list[str], calls: dict[int, Exp
 
 
 def _lift_constants(layer: nn.Module, exported: GraphModule, path: str) -> dict[str, torch.Tensor]:
-    """Tensor constants export lifted out of the layer's code (DeBERTa's ``torch.tensor(head_size)``), renamed
-    ``vera_fx_constant_<i>`` for every block of the group."""
+    """Tensor constants export lifted out of the layer's code (DeBERTa's ``torch.tensor(head_size)``), renamed."""
     constants: dict[str, torch.Tensor] = {}
     for node in [n for n in exported.graph.nodes if n.op == "get_attr"]:
         try:

@@ -48,8 +48,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.in
 @torch.library.custom_op("vera_fx::block_call_n", mutates_args=())
 def block_call_n(tensors: list[Tensor], index: int, sizes: list[int], ranks: list[int],
                  dtypes: list[int]) -> list[Tensor]:
-    """``block_call`` of a layer returning several tensors (or one shaped unlike its inputs), their sizes and dtypes
-    as arguments."""
+    """``block_call`` of a layer returning several tensors (or one shaped unlike its inputs)."""
     raise RuntimeError("vera_fx::block_call_n is a capture-time placeholder and never runs")
 
 
@@ -149,8 +148,7 @@ def single_output(record: LayerCall) -> Optional[Tensor]:
 
 
 class _StandIn(nn.Module):
-    """Takes a layer's place while the top level is exported (the layer unregistered, its parameters out of the top
-    graph)."""
+    """Takes a layer's place while the top level is exported (unregistered: its parameters stay out)."""
 
     def __init__(self, index: int, record: LayerCall, calls: dict[int, ExportCall], layer: nn.Module) -> None:
         super().__init__()
@@ -200,8 +198,7 @@ class _StandIn(nn.Module):
 
 def stand_ins(model: nn.Module, paths: list[str], records: dict[str, LayerCall],
               calls: dict[int, ExportCall]) -> contextlib.AbstractContextManager:
-    """Swap every layer at ``paths`` for a stand-in meanwhile, with its transformers output-capturing hooks
-    (``output_hidden_states``)."""
+    """Swap every layer at ``paths`` for a stand-in meanwhile, with its output-capturing hooks (hidden states)."""
     swaps = {}
     for i, path in enumerate(paths):
         layer = model.get_submodule(path)

@@ -82,8 +82,7 @@ def is_gradient_checkpointing(gm: nn.Module) -> bool:
 
 
 def _unsharing_recompile(self: GraphModule) -> Any:
-    """``GraphModule.recompile`` for a block of a shared class: first a class of its own (a subclass, so FSDP's
-    wrapping class stays)."""
+    """``GraphModule.recompile`` for a block of a shared class: first a subclass of its own (FSDP's stays)."""
     cls = type(self)
     if cls.__dict__.get("_vera_fx_shared"):
         cls = self.__class__ = type(cls.__name__, (cls,), {"_vera_fx_shared": False})
@@ -101,8 +100,7 @@ def _drop_generated_call(cls: type) -> None:
 
 
 def share_block_code(gm: nn.Module) -> int:
-    """Make blocks with identical generated code instances of one class (torch.compile guards on the class);
-    returns how many now share another block's class."""
+    """Make blocks with identical generated code instances of one class (torch.compile guards on the class)."""
     root = _root(gm, "share_block_code")
     by_code: dict[str, list[GraphModule]] = {}
     for block in graph_modules(root)[1:]:

@@ -101,8 +101,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Opti
 
 
 def _finish(gm: GraphModule, model: nn.Module, args: tuple, kwargs: dict, names: list[str]) -> GraphModule:
-    """The captured tree made ready: dropout following the mode, own frozen parameters, input names, the call
-    signature and its keyword check."""
+    """The captured tree made ready: mode flags, own frozen parameters, input names, signature and keyword check."""
     n_flags = rewrite_mode_flags(gm) + sum(g.meta.pop("vera_fx_flags", 0) for g in graph_modules(gm)[1:])
     if any(n.op == "call_function" and "wrap_with_set_grad_enabled" in str(n.target)
            for g in graph_modules(gm) for n in g.graph.nodes):  # torch.compile would graph-break on recompiles
@@ -208,8 +207,7 @@ def _export_whole(model: nn.Module, args: tuple, kwargs: dict, why_not_blocks: s
 
 
 def _graph_of(ep: torch.export.ExportedProgram) -> GraphModule:
-    """The exported program as a GraphModule, its wrapper regions inlined; ``run_decompositions`` (as costly as
-    export) only when one stays (an enabled autocast)."""
+    """The exported program as a GraphModule, its wrapper regions inlined (else decomposed: an enabled autocast)."""
     exported = ep.module()
     gm = GraphModule(exported, exported.graph)
     inline_wrappers(gm)

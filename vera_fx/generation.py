@@ -41,8 +41,7 @@ _CACHE_TENSORS = ("keys", "values", "cumulative_length")  # of each cache layer,
 
 
 class _DecodeModule(nn.Module):
-    """The user's causal LM with a ``StaticCache`` as buffers (transformers' export recipe, plus a 2D mask and
-    position ids for left padding)."""
+    """The user's causal LM with a ``StaticCache`` as buffers, a 2D mask and position ids (left padding)."""
 
     def __init__(self, model: PreTrainedModel, batch_size: int, max_cache_len: int) -> None:
         from transformers import StaticCache  # transformers' cache: about 2.7 s on a first import
@@ -479,8 +478,8 @@ def eager_reason(source: nn.Module, gm: GraphModule, cache_length: Optional[int]
 
 def generate_eager(gm: GraphModule, model: nn.Module, inputs: dict[str, torch.Tensor], *,
                    seed: Optional[int] = None, **generate_kwargs: Any) -> torch.Tensor:
-    """``model.generate(**inputs, **generate_kwargs)`` with ``gm``'s live adapters hooked and weights bound, in eval
-    mode; ``seed`` seeds sampling inside ``fork_rng``."""
+    """``model.generate(**inputs, **generate_kwargs)`` in eval mode with ``gm``'s live adapters hooked and weights
+    bound; ``seed`` seeds sampling inside ``fork_rng``."""
     device = next(p.device for p in model.parameters())
     with one_at_a_time(model), model_flags_kept(model), tensors_bound(model, graph_parameters(gm)), \
             adapter_hooks(gm, model) as hooked, no_cpu_packing(model), kl_terms_kept(gm), \

@@ -179,8 +179,7 @@ def _emit_banks(mixed: GraphModule, index: Node, batch: Any, order: list[str], g
 
 
 def bank_tree(inner: GraphModule) -> GraphModule:
-    """The mixed-adapter graph of ``inner`` (whose adapters pass ``check_bankable``); ValueError when a site's input
-    does not start with the batch."""
+    """The mixed-adapter graph of ``inner``; ValueError when a site's input does not start with the batch."""
     mixed = inference_twin(inner, INFERENCE_FORM, checked=False)  # ``_filled`` checks the inputs, less the index
     remove_adapter_nodes(mixed, None)
     order = list(adapters_of(mixed))

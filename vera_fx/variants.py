@@ -23,9 +23,9 @@ from .passes.infer import DEFAULT_FORM, FORMS, INFERENCE_KEY, bind_flat_reads, f
 from .passes.inject import emit_adapter, remove_adapter_nodes
 from .quantized import is_quantized_layer
 from .signatures import remove_input_check
-from .sites import block_prefix, graph_modules
+from .sites import graph_modules, qualified_name
 from .state import (ADAPTER_MODE, MTS_TAG, active_adapters, adapters_disabled, adapters_of, adapters_training,
-                    attach_state, set_adapters_training)
+                    attach_state, route_modules_to_save, set_adapters_training)
 from .versions import adapter_flags
 
 logger = logging.getLogger(__name__)
@@ -37,8 +37,7 @@ FINGERPRINT_KEY = "vera_fx_fingerprint"  # gm.meta: the source's state_fingerpri
 
 
 def state_stamp(source: GraphModule) -> tuple:
-    """What the graph a call runs depends on besides its signature, cheap to read (the lock's version changes on
-    every mutation)."""
+    """What the graph a call runs depends on besides its signature (the lock's version changes on every write)."""
     container = source._modules.get(CONTAINER)
     mode = source._modules.get(ADAPTER_MODE)
     return (container, container.lock.version if container is not None else -1, source.training,
@@ -108,8 +107,7 @@ class GraphVariants:
         self._ready.clear()
 
     def _ready_graph(self, key: tuple, gm: GraphModule, variant: bool = True) -> GraphModule:
-        """The graph a call of signature ``key`` (first graph ``gm``) runs: the last call's while the state stamp
-        holds."""
+        """The graph a call of signature ``key`` runs: the last call's while the state stamp holds."""
         stamp = state_stamp(self._source)
         hit = self._ready.get(key)
         if hit is not None and hit[1] is gm and hit[0] == stamp:
@@ -120,8 +118,7 @@ class GraphVariants:
 
     @property
     def inference_form(self) -> str:
-        """The inference form: ``"site"`` (per-site products; the default, faster on the CPU) or ``"batched"`` (a
-        site group's products as one)."""
+        """The inference form: ``"site"`` (per-site products, the default) or ``"batched"`` (one per site group)."""
         return self._inference_form
 
     @inference_form.setter
@@ -215,24 +212,16 @@ def tensors_bound(dst: torch.nn.Module, named: Iterable[tuple[str, Any]]) -> Ite
             store[leaf] = old
 
 
-def _route_modules_to_save(gm: GraphModule, source: GraphModule) -> None:
-    """Give the get_attr nodes of ``gm``'s tree the ``modules_to_save`` tags and current targets of the source's
-    graph at the same path (a block's targets are relative to the block)."""
-    routes: dict[tuple[str, str], tuple[dict, str]] = {}
-    for g in graph_modules(source):
-        for n in g.graph.nodes:
-            tag = n.meta.get(MTS_TAG)
-            if n.op == "get_attr" and tag is not None:
-                routes[(block_prefix(g), tag["target"])] = (tag, n.target)
-    if not routes:
-        return
-    for g in graph_modules(gm):
-        prefix = block_prefix(g)
-        for n in (n for n in g.graph.nodes if n.op == "get_attr"):
-            route = routes.get((prefix, (n.meta.get(MTS_TAG) or {}).get("target", n.target)))
-            if route is not None:
-                n.meta[MTS_TAG], n.target = dict(route[0]), route[1]
-        g.recompile()  # an emission may not touch this graph
+def _route_modules_to_save(gm: GraphModule) -> None:
+    """Tag the get_attr nodes of ``gm``'s tree that read a module an adapter copies (``modules_to_save``), then point
+    them at the live adapters' copies, as in the source graph."""
+    paths = [p for state in adapters_of(gm).values() for p in getattr(state, "modules_to_save_paths", None) or []]
+    for g in graph_modules(gm) if paths else []:
+        for node in (n for n in g.graph.nodes if n.op == "get_attr" and MTS_TAG not in n.meta):
+            if any(qualified_name(g, str(node.target)).startswith(p + ".") for p in paths):
+                node.meta[MTS_TAG] = {"target": node.target}
+    if route_modules_to_save(gm, [] if adapters_disabled(gm) else active_adapters(gm)):
+        gm.recompile()
 
 
 def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple] = None,
@@ -260,7 +249,7 @@ def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple
         for name, state in container.items():  # the same states; views of them in gm's own blocks
             attach_state(gm, name, state)
     container.versions.switch(gm, graph_modules(gm), before, fp, lambda: (
-        _route_modules_to_save(gm, source), emit_layout(gm, live_layout(source))))
+        _route_modules_to_save(gm), emit_layout(gm, live_layout(source))))
     # the modes as the source's (new states: set on every module, even where the root agrees)
     if not same_states or gm.training != source.training:
         gm.train(source.training)
@@ -272,8 +261,7 @@ def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple
 
 
 def live_layout(gm: GraphModule) -> list[tuple[str, tuple[str, ...]]]:
-    """(adapter, sites) of every live adapter of ``gm`` (active, not disabled, not merged there), in the active
-    list's order."""
+    """(adapter, sites) of every live adapter of ``gm`` (active, not disabled, not merged), in the active order."""
     container = adapters_of(gm)
     if not len(container) or adapters_disabled(gm):
         return []
