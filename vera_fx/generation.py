@@ -6,10 +6,11 @@ loop instead, each live site module hooked to a *site graph* ``(x, y) -> y + ada
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -389,23 +390,6 @@ def site_graph(container: nn.Module, site: Site, adapters: Sequence[str], x_dtyp
     return gm
 
 
-def _site_hook(container: nn.Module, site: Site, adapters: Sequence[str]) -> Callable[..., Any]:
-    """Forward hook adding the live adapters to a site module's output (a site graph per dtype pair)."""
-    graphs: dict[tuple[torch.dtype, torch.dtype], GraphModule] = {}
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        x = args[0] if args else next(iter(kwargs.values()))
-        if not isinstance(output, torch.Tensor) or not isinstance(x, torch.Tensor):
-            raise TypeError(f"site {site.name!r}: {type(module).__name__} takes or returns something other "
-                            f"than one tensor ({type(x).__name__} -> {type(output).__name__}); generate adds "
-                            "adapters to linear-like modules only")
-        if (x.dtype, output.dtype) not in graphs:
-            graphs[x.dtype, output.dtype] = site_graph(container, site, adapters, x.dtype, output.dtype)
-        return graphs[x.dtype, output.dtype](x, output)
-
-    return hook
-
-
 def _site_module(model: nn.Module, name: str) -> nn.Module:
     try:
         module = model.get_submodule(name)
@@ -421,18 +405,29 @@ def _site_module(model: nn.Module, name: str) -> nn.Module:
 
 @contextlib.contextmanager
 def adapter_hooks(gm: GraphModule, model: nn.Module) -> Iterator[int]:
-    """Hook every live adapter site of ``gm`` onto its module in ``model`` while inside; yields their number."""
+    """Hook every live adapter site of ``gm`` onto its module in ``model`` while inside, adding the adapters to its
+    output through a site graph per dtype pair; yields their number."""
     per_site: dict[str, list[str]] = {}
     for name, sites in live_layout(gm):
         for s in sites:
             per_site.setdefault(s, []).append(name)
-    records = {s.name: s for s in read_sites(gm) if s.name in per_site}
-    modules = {name: _site_module(model, name) for name in records}
-    handles = []
+
+    def hook(site: Site, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        x = args[0] if args else next(iter(kwargs.values()))
+        if not isinstance(output, torch.Tensor) or not isinstance(x, torch.Tensor):
+            raise TypeError(f"site {site.name!r}: {type(module).__name__} takes or returns something other "
+                            f"than one tensor ({type(x).__name__} -> {type(output).__name__}); generate adds "
+                            "adapters to linear-like modules only")
+        key = (site.name, x.dtype, output.dtype)
+        if key not in graphs:
+            graphs[key] = site_graph(adapters_of(gm), site, per_site[site.name], x.dtype, output.dtype)
+        return graphs[key](x, output)
+
+    graphs: dict[tuple[str, torch.dtype, torch.dtype], GraphModule] = {}
+    sites = list({s.name: s for s in read_sites(gm) if s.name in per_site}.values())
+    modules = [_site_module(model, s.name) for s in sites]
+    handles = [m.register_forward_hook(functools.partial(hook, s), with_kwargs=True) for s, m in zip(sites, modules)]
     try:
-        for name, module in modules.items():
-            hook = _site_hook(adapters_of(gm), records[name], per_site[name])
-            handles.append(module.register_forward_hook(hook, with_kwargs=True))
         yield len(handles)
     finally:
         for h in handles:

@@ -117,22 +117,22 @@ def _on_tree(codes: list[GeneratedCode], graphs: list[GraphModule], check: Calla
 
 
 class GraphVersions:
-    """Each graph tree's versions per adapter-state key (the ``limit`` most recent), and the graphs derived from a
+    """Each graph tree's versions per adapter-state key (the ``LIMIT`` most recent), and the graphs derived from a
     source graph per kind."""
 
-    def __init__(self, limit: int = 16) -> None:
-        self.limit = limit
+    LIMIT = 16
+
+    def __init__(self) -> None:
         self._built: "weakref.WeakKeyDictionary[GraphModule, OrderedDict]" = weakref.WeakKeyDictionary()
         self._current: "weakref.WeakKeyDictionary[GraphModule, Hashable]" = weakref.WeakKeyDictionary()
         self._derived: "weakref.WeakKeyDictionary[GraphModule, dict]" = weakref.WeakKeyDictionary()
 
     def __reduce__(self) -> Any:  # a copy (deepcopy, pickle) starts empty
-        return (GraphVersions, (self.limit,))
+        return (GraphVersions, ())
 
     def derived(self, source: GraphModule, kind: str, key: Hashable, build: Callable[[], Any]) -> Any:
         """The graph of ``kind`` (e.g. "mixed", a decode shape) derived from ``source`` for ``key`` (the adapter
-        structure): ``build()`` when ``key`` changed, kept while ``source`` lives; one per kind, so a stale one
-        keeps no deleted adapter alive."""
+        structure), built again when ``key`` changed: one per kind keeps no deleted adapter alive."""
         cache = self._derived.setdefault(source, {})
         found = cache.get(kind)
         if found is None or found[0] != key:
@@ -167,6 +167,6 @@ class GraphVersions:
                 replace_with_copy(g)
             build()
             built[after] = [GeneratedCode(g) for g in graphs]
-            while len(built) > self.limit:
+            while len(built) > self.LIMIT:
                 built.popitem(last=False)
         self._current[root] = after
