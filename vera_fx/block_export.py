@@ -88,8 +88,7 @@ def _inlinable(node: Node) -> Optional[tuple[int, tuple]]:
 
 
 def inline_wrappers(gm: GraphModule) -> int:
-    """Inline ``wrap_with_set_grad_enabled`` and disabled ``wrap_with_autocast`` regions (the rotary embedding's,
-    computed from inputs that need no gradient); returns how many."""
+    """Inline ``wrap_with_set_grad_enabled`` and disabled ``wrap_with_autocast`` regions (the rotary embedding's)."""
     graph, count = gm.graph, 0
     while (node := next((n for n in graph.nodes if _inlinable(n)), None)) is not None:
         sub_at, operands = _inlinable(node)
@@ -289,8 +288,7 @@ _PLAIN = (str, int, float, bool, type(None))
 
 
 def _shell(model: nn.Module, blocks: dict[str, GraphModule]) -> nn.Module:
-    """A copy of ``model`` sharing its tensors, each layer replaced by its block (given the layer's plain attributes,
-    e.g. ``attention_type``)."""
+    """A copy of ``model`` sharing its tensors, each layer replaced by its block (with the layer's plain attributes)."""
     memo: dict[int, Any] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     for path, block in blocks.items():
         layer = model.get_submodule(path)

@@ -4,7 +4,6 @@ become ``call_module`` nodes of the blocks (vera_fx/block_export.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import operator
 from dataclasses import dataclass, field
@@ -196,26 +195,20 @@ class _StandIn(nn.Module):
                                               [t.dim() for t in outs], [_DTYPES.index(t.dtype) for t in outs])
 
 
-def stand_ins(model: nn.Module, paths: list[str], records: dict[str, LayerCall],
-              calls: dict[int, ExportCall]) -> contextlib.AbstractContextManager:
-    """Swap every layer at ``paths`` for a stand-in meanwhile, with its output-capturing hooks (hidden states)."""
-    swaps = {}
-    for i, path in enumerate(paths):
-        layer = model.get_submodule(path)
-        swaps[path] = _StandIn(i, records[path], calls, layer)
-        for key, hook in layer._forward_hooks.items():
-            if getattr(hook, "__name__", "") == "output_capturing_hook":
-                copy_forward_hook(layer, swaps[path], key)
-    return swapped(model, swaps)
-
-
 def export_top(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
                layer_paths: list[str]) -> tuple[ExportedProgram, dict[str, LayerCall], dict[int, ExportCall]]:
     """Export the top level with stand-in layers: (program, eager records, calls as export saw them)."""
     records = record_calls(model, layer_paths, args, kwargs)
     check_records(model, layer_paths, records)
     calls: dict[int, ExportCall] = {}
-    with stand_ins(model, layer_paths, records, calls):
+    swaps = {}  # stand-ins carry the layers' transformers output-capturing hooks (output_hidden_states)
+    for i, path in enumerate(layer_paths):
+        layer = model.get_submodule(path)
+        swaps[path] = _StandIn(i, records[path], calls, layer)
+        for key, hook in layer._forward_hooks.items():
+            if getattr(hook, "__name__", "") == "output_capturing_hook":
+                copy_forward_hook(layer, swaps[path], key)
+    with swapped(model, swaps):
         ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     missing = [p for i, p in enumerate(layer_paths) if i not in calls]
     if missing:
@@ -225,8 +218,7 @@ def export_top(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
 
 def attach_blocks(gm: GraphModule, blocks: dict[str, GraphModule], paths: list[str],
                   records: dict[str, LayerCall]) -> None:
-    """Register every block at its layer path (under an ``nn.ModuleList``, as in the model: the FSDP2 recipe) and
-    turn the ``block_call`` nodes into ``call_module`` nodes."""
+    """Register every block at its layer path (as in the model: the FSDP2 recipe); ``block_call`` -> ``call_module``."""
     for list_path in dict.fromkeys(path.rpartition(".")[0] for path in blocks):
         try:
             held = gm.get_submodule(list_path)

@@ -35,8 +35,7 @@ def block_calls(gm: GraphModule) -> list[Node]:
 
 
 def gradient_checkpointing_enable(gm: nn.Module) -> nn.Module:
-    """Checkpoint every block: backward keeps the block inputs and recomputes each block once (dropout replays its
-    random state). Returns ``gm``."""
+    """Checkpoint every block (dropout replays its random state); returns ``gm``."""
     root = _root(gm, "gradient_checkpointing_enable")
     if not block_calls(root):
         raise ValueError("gradient_checkpointing_enable: this graph has no blocks (the model was captured as one "

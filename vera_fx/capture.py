@@ -139,8 +139,7 @@ def _drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def _drop_path_forward(module: nn.Module) -> Optional[Callable]:
-    """While exporting, transformers' ``*DropPath`` modules (Swin, BEiT, ConvNeXt) run ``_drop_path``: their
-    forward tests ``self.training`` in Python, which export would bake in."""
+    """``_drop_path`` for transformers' ``*DropPath`` modules, whose ``self.training`` test export would bake in."""
     p = getattr(module, "drop_prob", None)
     if type(module).__name__.endswith("DropPath") and isinstance(p, float) and p > 0:
         return functools.partial(_drop_path, p=p)
@@ -253,10 +252,9 @@ def _export_tree(model: nn.Module, args: tuple, kwargs: dict, layer_paths: list[
 
 def _capture_blocks(model: nn.Module, args: tuple, kwargs: dict, layer_paths: list[str],
                     qlayers: dict[str, nn.Module]) -> GraphModule:
-    """Blocks under an exported top level; again with every size but the batch static when a layer takes a size
-    as a Python number (Swin's patch grid)."""
+    """Blocks under an exported top level (static sizes but the batch when a layer takes a size as a number)."""
     # transformers collects attention weights with hooks on modules inside the layers, which a block hides
-    # (hidden states come from hooks on the layers themselves: the stand-ins carry those, see blocks.stand_ins)
+    # (hidden states come from hooks on the layers themselves: the stand-ins carry those, blocks.export_top)
     if kwargs.get("output_attentions") or (kwargs.get("output_attentions") is None and getattr(
             getattr(model, "config", None), "output_attentions", False) is True):
         raise BlockCaptureError("output_attentions=True records modules inside the layers with hooks")

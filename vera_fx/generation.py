@@ -156,8 +156,7 @@ def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len:
 def decode_graph(inner: GraphModule, source: PreTrainedModel, batch_size: int, max_cache_len: int,
                  compile: bool = False) -> tuple[GraphModule, Any]:
     """The decode graph of ``source`` for ``batch_size`` x ``max_cache_len``, captured with ``inner``'s tensors
-    bound in (the object's dtype and device), with the live layout's nodes (one seen before is put back), and its
-    step (with ``compile``, compiled); kept by the adapter set."""
+    bound in (their dtype and device) with the live layout's nodes, and its step (``compile``: compiled)."""
     container, named = adapter_container(inner), graph_parameters(inner)
     weight = next(p for n, p in named if not n.startswith(CONTAINER) and p.is_floating_point())
     kind = ("decode", batch_size, max_cache_len, weight.dtype, weight.device, id(source))
@@ -265,8 +264,7 @@ _RUNNING: "weakref.WeakKeyDictionary[nn.Module, threading.Lock]" = weakref.WeakK
 
 
 def one_at_a_time(owner: nn.Module) -> threading.Lock:
-    """The lock that runs one generation at a time through ``owner`` (a decode graph, whose KV cache is its
-    buffers, or the user's model, which the hooked loop changes)."""
+    """The lock that runs one generation at a time through ``owner`` (a decode graph's KV cache is its buffers)."""
     return _RUNNING.setdefault(owner, threading.Lock())
 
 

@@ -59,7 +59,7 @@ def check_bankable(gm: GraphModule) -> None:
 
 class BankEmitter(Emitter):
     """An Emitter reading per row over a bank's members: lambdas gathered from their stack, other per-site state a
-    list with a node (or None) per member, calls through ``per_row_function``."""
+    node (or None) per member."""
 
     def __init__(self, graph: Graph, after: Node, site: Site, label: str, states: dict[str, AdapterState],
                  members: list[str], index: Node, ndim: int) -> None:
@@ -114,8 +114,7 @@ def _add_index(graph: Graph) -> Node:
 
 
 def _batch_of_block(call: Node, block_graph: Graph, batch: Any) -> Any:
-    """The batch dimension as the block sees it (blocks export with fresh symbols): that of the block input of the
-    first call argument whose first dimension is the caller's batch."""
+    """The batch dimension as the block sees it (blocks export with fresh symbols)."""
     placeholders = [n for n in block_graph.nodes if n.op == "placeholder"]
     for arg, ph in zip(call.args, placeholders):
         val, own = (arg.meta.get("val") if isinstance(arg, Node) else None), ph.meta.get("val")

@@ -58,9 +58,8 @@ def check_form(form: Any) -> str:
 
 
 def inference_twin(gm: GraphModule, form: Optional[str], checked: bool = True) -> GraphModule:
-    """A copy of ``gm``'s graph tree (new GraphModules, Graphs and adapter mode flags; the same tensors and other
-    submodules) marked for the inference ``form`` (None: as ``gm``), not yet attached; ``checked=False``: no
-    keyword check."""
+    """A copy of ``gm``'s graph tree sharing its tensors and leaf modules, for the inference ``form`` (None: as
+    ``gm``), not yet attached; ``checked=False``: no keyword check."""
     modules = dict(gm.named_modules())
     graphs = [name for name, mod in modules.items() if isinstance(mod, GraphModule)]
     memo: dict[int, Any] = {}
@@ -84,8 +83,7 @@ class GraphVariants:
     """``VeraFxModel``'s inference twins, inference form, per-call cache and LRU bound (its attributes)."""
 
     def _check_room(self, key: tuple) -> None:
-        """Past ``max_graphs``, evict the least recently used signatures (never the source's), warning once, as
-        torch.compile does past its recompile limit."""
+        """Past ``max_graphs``, evict the least recently used signatures (never the source's), warning once."""
         while sum(len(v) for v in self._graphs.values()) >= self.max_graphs:
             victim = next((k for k, v in self._graphs.items() if all(g is not self._source for g in v)), None)
             if victim is None:  # only the source is left: it stays, the bound is exceeded by the new graph
@@ -154,8 +152,7 @@ class GraphVariants:
 
 
 def state_fingerprint(gm: GraphModule) -> tuple:
-    """Changes whenever the adapter nodes ``gm`` should carry change (adapters added or deleted, the active list,
-    disabled, merged, lowering); sampling switches and values are read at run time."""
+    """Changes whenever the adapter nodes ``gm`` should carry change (sampling switches are read at run time)."""
     return tuple((n, id(s)) for n, s in adapters_of(gm).items()), adapter_flags(gm).key()
 
 
