@@ -235,6 +235,19 @@ def test_disable_adapters_generates_the_base_model(pairs):
                        _hf(pm, ids, mask, 8, pad_token_id=1))
 
 
+def test_generate_after_to_dtype_runs_in_the_objects_dtype():
+    """``m.to(torch.float64)`` converts the object's tensors only: the decode graph is captured in float64 (the
+    user's model stays float32) and generates what PEFT's float64 model does."""
+    model, gm, pm = _pair("llama")
+    ids, mask = _left_padded()
+    gm.to(torch.float64)
+    pm.to(torch.float64)
+    assert next(model.parameters()).dtype == torch.float32
+    ours = vera_fx.generate(gm, ids, mask, max_new_tokens=6, pad_token_id=1)
+    assert torch.equal(ours, _hf(pm, ids, mask, 6, pad_token_id=1))
+    assert next(model.parameters()).dtype == torch.float32
+
+
 def test_decode_graphs_are_cached_by_bucket(pairs):
     model, gm, _ = pairs("gpt2")
     ids, mask = _left_padded()

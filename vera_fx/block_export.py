@@ -1,13 +1,7 @@
-"""Block export and the eager top level.
-
-Each distinct layer (class, call structure, parameter shapes) is exported once as a function of its tensor
-inputs, its graph cleaned (export's guards and metadata asserts dropped, no-grad / disabled-autocast regions
-inlined, dropout following the mode) and copied for every layer of its group, each copy bound to its own layer's
-weights. Both top levels use them: the exported one (vera_fx/blocks.py), and the eager one (``capture_eager_top``)
-for a model whose head or loss export cannot capture (DeBERTa-v2's loss branches on the label values): the root
-graph calls an ``EagerTop``, running the model's own ``forward`` on a copy whose layers (and top-level linear
-modules, so they remain sites) are blocks. What needs the root graph does not work there (checkpointing through
-its block calls, mixed-adapter batches, ``torch.export``)."""
+"""Block export (each distinct layer exported once, its graph cleaned and copied onto every layer of its group) and
+the eager top level (``capture_eager_top``) for a model whose head or loss export cannot capture (DeBERTa-v2's loss
+branches on the label values): the model's own ``forward`` runs on a copy whose layers and top-level linear
+modules are blocks; what needs the root graph (checkpointing, mixed batches, ``torch.export``) does not work there."""
 
 from __future__ import annotations
 
@@ -33,8 +27,6 @@ logger = logging.getLogger(__name__)
 
 EAGER_TOP = "vera_fx_eager_top"  # gm.meta of a root graph whose top level runs eagerly: the reason export gave
 
-# group id -> (template graph, member indices, mode-dependent dropout nodes, lifted constants)
-Groups = dict[int, tuple[Graph, list[int], int, dict[str, torch.Tensor]]]
 _DROPOUTS = ("native_dropout", "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout")
 
 
@@ -50,8 +42,7 @@ def block_key(model: nn.Module, path: str, call: ExportCall) -> tuple:
 
 def export_block(layer: nn.Module, call: ExportCall, record: LayerCall) -> ExportedProgram:
     """Export ``layer`` as a function of its tensor inputs (constants baked in, ``Dim.AUTO`` on every dimension),
-    from the eager values where they fit what export saw, else zeros (ones for bool). Its ``forward`` is shadowed
-    meanwhile, so module paths in the graph stay relative to the layer."""
+    from the eager values where they fit what export saw, else zeros (ones for bool)."""
     eager = {pytree.keystr(p): v for p, v in pytree.tree_flatten_with_path((record.args, record.kwargs))[0]}
     device = next((t.device for t in eager.values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
     tensors = []
@@ -97,8 +88,7 @@ def _inlinable(node: Node) -> Optional[tuple[int, tuple]]:
 
 
 def inline_wrappers(gm: GraphModule) -> int:
-    """Inline ``wrap_with_set_grad_enabled`` and disabled ``wrap_with_autocast`` regions (the rotary embedding's);
-    returns how many. Their bodies compute from inputs that need no gradient: values and gradients are kept."""
+    """Inline ``wrap_with_set_grad_enabled`` and disabled ``wrap_with_autocast`` regions (the rotary embedding's)."""
     graph, count = gm.graph, 0
     while (node := next((n for n in graph.nodes if _inlinable(n)), None)) is not None:
         sub_at, operands = _inlinable(node)
@@ -140,9 +130,8 @@ def remaining_wrappers(gm: GraphModule) -> list[Node]:
 
 
 def strip_metadata_asserts(gm: GraphModule, guards: bool = False) -> int:
-    """Erase export's ``aten._assert_tensor_metadata`` checks (they fail under autocast or with a mask of another
-    dtype; the object keys graphs by dtypes and autocast state instead) and, with ``guards``, its guard call (for
-    a graph whose caller checked the inputs); returns how many."""
+    """Erase export's ``aten._assert_tensor_metadata`` checks (they fail under autocast; graphs are keyed by dtype
+    and autocast instead) and, with ``guards``, its guard call (the caller checked the inputs)."""
     target = torch.ops.aten._assert_tensor_metadata.default
     nodes = [n for n in gm.graph.nodes if not n.users and ((n.op == "call_function" and n.target is target) or (
         guards and n.op == "call_module" and str(n.target).startswith("_guards")))]
@@ -193,31 +182,46 @@ def rewrite_mode_flags(gm: GraphModule) -> int:
     return count
 
 
-def export_groups(model: nn.Module, layer_paths: list[str], calls: dict[int, ExportCall],
-                  records: dict[str, LayerCall]) -> Groups:
-    """Group the layers by ``block_key`` and export the first of each group once."""
-    groups: dict[tuple, list[int]] = {}
+def export_blocks(model: nn.Module, layer_paths: list[str], calls: dict[int, ExportCall],
+                  records: dict[str, LayerCall], qlayers: dict[str, nn.Module]) -> dict[str, GraphModule]:
+    """A block per layer: each ``block_key`` group's first layer exported once, copied onto every member's weights."""
+    groups: dict[tuple, list[str]] = {}
     for i, path in enumerate(layer_paths):
-        groups.setdefault(block_key(model, path, calls[i]), []).append(i)
-    graphs: Groups = {}
+        groups.setdefault(block_key(model, path, calls[i]), []).append(path)
+    bound: dict[str, GraphModule] = {}
     for gid, members in enumerate(groups.values()):
-        first = layer_paths[members[0]]
-        layer = model.get_submodule(first)
-        b_mod = export_block(layer, calls[members[0]], records[first]).module()
+        layer = model.get_submodule(members[0])
+        b_mod = export_block(layer, calls[layer_paths.index(members[0])], records[members[0]]).module()
         inline_wrappers(b_mod)
         left = remaining_wrappers(b_mod)
         if left:
-            raise BlockCaptureError(f"block {first!r} keeps {left[:1]}")
-        constants = _lift_constants(layer, b_mod, first)
+            raise BlockCaptureError(f"block {members[0]!r} keeps {left[:1]}")
+        constants = _lift_constants(layer, b_mod, members[0])
         strip_metadata_asserts(b_mod, guards=True)  # before restore_quantized; the root's inputs passed its checks
         flags = rewrite_mode_flags(b_mod)  # on the template: every copy reads its own block's flag
-        graphs[gid] = (b_mod.graph, members, flags, constants)
-    return graphs
+        for path in members:
+            layer = model.get_submodule(path)
+            for name, value in constants.items():  # held by the layer only while its block is bound
+                layer.register_buffer(name, value, persistent=False)
+            try:
+                g = Graph()
+                g.output(g.graph_copy(b_mod.graph, {}))
+                copy_codegen(b_mod.graph, g)
+                block = bound[path] = GraphModule(layer, g, class_name=type(layer).__name__ + "Block")
+            finally:
+                for name in constants:
+                    del layer._buffers[name]
+            block.meta[BLOCK_KEY], block.meta["vera_fx_flags"] = {"path": path, "group": gid}, flags
+            block.train(layer.training)
+            inner = {q[len(path) + 1:]: m for q, m in qlayers.items() if q.startswith(path + ".")}
+            if inner:
+                quantized.restore_quantized(block, inner)
+                block.recompile()
+    return bound
 
 
 def _lift_constants(layer: nn.Module, exported: GraphModule, path: str) -> dict[str, torch.Tensor]:
-    """Tensor constants export lifted out of the layer's code (DeBERTa's ``torch.tensor(head_size)``), renamed
-    ``vera_fx_constant_<i>``: every block of the group gets them as buffers."""
+    """Tensor constants export lifted out of the layer's code (DeBERTa's ``torch.tensor(head_size)``), renamed."""
     constants: dict[str, torch.Tensor] = {}
     for node in [n for n in exported.graph.nodes if n.op == "get_attr"]:
         try:
@@ -232,34 +236,6 @@ def _lift_constants(layer: nn.Module, exported: GraphModule, path: str) -> dict[
     return constants
 
 
-def bind_layers(model: nn.Module, graphs: Groups, paths: list[str],
-                qlayers: dict[str, nn.Module]) -> dict[str, GraphModule]:
-    """A block per layer: its group's graph on the layer's own weights, quantized layers restored inside."""
-    bound: dict[str, GraphModule] = {}
-    for gid, (graph, members, flags, constants) in graphs.items():
-        for path in [paths[i] for i in members]:
-            layer = model.get_submodule(path)
-            for name, value in constants.items():  # held by the layer only while its block is bound
-                layer.register_buffer(name, value, persistent=False)
-            try:
-                g = Graph()
-                g.output(g.graph_copy(graph, {}))
-                copy_codegen(graph, g)
-                block = GraphModule(layer, g, class_name=type(layer).__name__ + "Block")
-            finally:
-                for name in constants:
-                    del layer._buffers[name]
-            block.meta[BLOCK_KEY] = {"path": path, "group": gid}
-            block.meta["vera_fx_flags"] = flags
-            block.train(layer.training)
-            inner = {q[len(path) + 1:]: m for q, m in qlayers.items() if q.startswith(path + ".")}
-            if inner:
-                quantized.restore_quantized(block, inner)
-                block.recompile()
-            bound[path] = block
-    return bound
-
-
 # --------------------------------------------------------------------------------------------- eager top level
 
 class FlatCall:
@@ -271,7 +247,7 @@ class FlatCall:
         self.constants = [(i, m[1]) for i, m in enumerate(call.leaves) if m[0] == "c"]
 
     def install(self, block: GraphModule) -> None:
-        """Register on ``block`` (once) and on its deep copies (GraphModule copies drop hooks)."""
+        """Register on ``block`` (once) and on its deep copies."""
         if not any(isinstance(h, FlatCall) for h in block._forward_pre_hooks.values()):
             block.register_forward_pre_hook(self, with_kwargs=True)
         if self.install not in getattr(block, "_deepcopy_hooks", []):
@@ -296,8 +272,7 @@ class FlatCall:
 
 
 class EagerTop(nn.Module):
-    """Runs the model's own ``forward`` on ``shell``, a copy of the model whose modules are the root graph's
-    children (so not registered here) and whose layers are their blocks."""
+    """Runs the model's own ``forward`` on ``shell``, a copy of the model whose layers are their blocks."""
 
     def __init__(self, shell: nn.Module) -> None:
         super().__init__()
@@ -313,8 +288,7 @@ _PLAIN = (str, int, float, bool, type(None))
 
 
 def _shell(model: nn.Module, blocks: dict[str, GraphModule]) -> nn.Module:
-    """A copy of ``model`` sharing its tensors, each layer replaced by its block (which gets the layer's plain
-    attributes the top level may read, e.g. ``attention_type``)."""
+    """A copy of ``model`` sharing its tensors, each layer replaced by its block (with the layer's plain attributes)."""
     memo: dict[int, Any] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     for path, block in blocks.items():
         layer = model.get_submodule(path)
@@ -332,8 +306,8 @@ def _shell(model: nn.Module, blocks: dict[str, GraphModule]) -> nn.Module:
 
 def capture_eager_top(model: nn.Module, layer_paths: list[str], args: tuple, kwargs: dict,
                       names: list[str], qlayers: dict[str, nn.Module], reason: str) -> GraphModule:
-    """The root graph for ``model`` with its layers as exported blocks and its top level run eagerly; raises
-    BlockCaptureError when the layers cannot be blocks. ``names``: the inputs' names, positional first."""
+    """The root graph for ``model`` with its layers as exported blocks and its top level run eagerly
+    (BlockCaptureError when the layers cannot be blocks); ``names``: the inputs', positional first."""
     if qlayers:
         raise BlockCaptureError("bitsandbytes layers are not supported with an eager top level")
     if any(t is not None for t in [*model._parameters.values(), *model._buffers.values()]):
@@ -346,7 +320,7 @@ def capture_eager_top(model: nn.Module, layer_paths: list[str], args: tuple, kwa
         raise BlockCaptureError(f"layers {missing[:3]} are not called by the forward")
     layer_paths = layer_paths + [p for p in outside if p in records]
     calls = {i: ExportCall.of(records[p].args, records[p].kwargs) for i, p in enumerate(layer_paths)}
-    blocks = bind_layers(model, export_groups(model, layer_paths, calls, records), layer_paths, {})
+    blocks = export_blocks(model, layer_paths, calls, records, {})
     for i, path in enumerate(layer_paths):
         FlatCall(path, calls[i]).install(blocks[path])
     shell = _shell(model, blocks)

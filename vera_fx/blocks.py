@@ -1,12 +1,9 @@
-"""Blocks: the model's repeated layers (the entries of its layer ``nn.ModuleList``) as GraphModule submodules.
-
-One eager forward records each layer's call; the top level is exported with every layer swapped for a stand-in
-whose call is one opaque custom-op node (``vera_fx::block_call``) and which records the call as export sees it;
-each distinct layer is exported once (vera_fx/block_export.py); ``block_call`` nodes become ``call_module`` nodes."""
+"""Blocks: the model's layers (its layer ``nn.ModuleList``'s entries) as GraphModule submodules. The top level is
+exported with each layer swapped for a stand-in whose call is one opaque ``vera_fx::block_call`` node; those
+become ``call_module`` nodes of the blocks (vera_fx/block_export.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import operator
 from dataclasses import dataclass, field
@@ -50,8 +47,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.in
 @torch.library.custom_op("vera_fx::block_call_n", mutates_args=())
 def block_call_n(tensors: list[Tensor], index: int, sizes: list[int], ranks: list[int],
                  dtypes: list[int]) -> list[Tensor]:
-    """``block_call`` of a layer returning several tensors (or one shaped unlike its inputs): the outputs' sizes
-    (symbolic while exporting) and dtypes are arguments."""
+    """``block_call`` of a layer returning several tensors (or one shaped unlike its inputs)."""
     raise RuntimeError("vera_fx::block_call_n is a capture-time placeholder and never runs")
 
 
@@ -124,8 +120,8 @@ def _hint(s: Any) -> int:
 
 @dataclass
 class ExportCall:
-    """A layer call as export sees it: the argument structure, its leaves (``("t", dtype, shape)`` for a tensor,
-    ``("c", value)`` for a constant) and the key path of every leaf."""
+    """A layer call as export sees it: the argument structure, its leaves (``("t", dtype, shape)`` or ``("c",
+    value)``) and their key paths."""
     spec: Any
     leaves: list
     paths: list
@@ -151,8 +147,7 @@ def single_output(record: LayerCall) -> Optional[Tensor]:
 
 
 class _StandIn(nn.Module):
-    """Takes a layer's place while the top level is exported: one ``block_call`` (or ``block_call_n``) node per
-    call. The layer is not registered, so its parameters stay out of the top graph."""
+    """Takes a layer's place while the top level is exported (unregistered: its parameters stay out)."""
 
     def __init__(self, index: int, record: LayerCall, calls: dict[int, ExportCall], layer: nn.Module) -> None:
         super().__init__()
@@ -200,27 +195,20 @@ class _StandIn(nn.Module):
                                               [t.dim() for t in outs], [_DTYPES.index(t.dtype) for t in outs])
 
 
-def stand_ins(model: nn.Module, paths: list[str], records: dict[str, LayerCall],
-              calls: dict[int, ExportCall]) -> contextlib.AbstractContextManager:
-    """Swap every layer at ``paths`` for a stand-in meanwhile. A stand-in takes its layer's transformers
-    output-capturing hooks (``output_hidden_states``), so the block call's output is recorded."""
-    swaps = {}
-    for i, path in enumerate(paths):
-        layer = model.get_submodule(path)
-        swaps[path] = _StandIn(i, records[path], calls, layer)
-        for key, hook in layer._forward_hooks.items():
-            if getattr(hook, "__name__", "") == "output_capturing_hook":
-                copy_forward_hook(layer, swaps[path], key)
-    return swapped(model, swaps)
-
-
 def export_top(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
                layer_paths: list[str]) -> tuple[ExportedProgram, dict[str, LayerCall], dict[int, ExportCall]]:
     """Export the top level with stand-in layers: (program, eager records, calls as export saw them)."""
     records = record_calls(model, layer_paths, args, kwargs)
     check_records(model, layer_paths, records)
     calls: dict[int, ExportCall] = {}
-    with stand_ins(model, layer_paths, records, calls):
+    swaps = {}  # stand-ins carry the layers' transformers output-capturing hooks (output_hidden_states)
+    for i, path in enumerate(layer_paths):
+        layer = model.get_submodule(path)
+        swaps[path] = _StandIn(i, records[path], calls, layer)
+        for key, hook in layer._forward_hooks.items():
+            if getattr(hook, "__name__", "") == "output_capturing_hook":
+                copy_forward_hook(layer, swaps[path], key)
+    with swapped(model, swaps):
         ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     missing = [p for i, p in enumerate(layer_paths) if i not in calls]
     if missing:
@@ -230,8 +218,7 @@ def export_top(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
 
 def attach_blocks(gm: GraphModule, blocks: dict[str, GraphModule], paths: list[str],
                   records: dict[str, LayerCall]) -> None:
-    """Register every block at its layer path (under an ``nn.ModuleList``, as in the model, so the FSDP2 recipe
-    reads as on the model) and turn the ``block_call`` nodes into ``call_module`` nodes."""
+    """Register every block at its layer path (as in the model: the FSDP2 recipe); ``block_call`` -> ``call_module``."""
     for list_path in dict.fromkeys(path.rpartition(".")[0] for path in blocks):
         try:
             held = gm.get_submodule(list_path)

@@ -1,6 +1,5 @@
-"""Per-block run-time choices on a block-structured graph: activation checkpointing through
-``torch.utils.checkpoint`` (the block is still called as a module, so FSDP2's per-block hooks fire) and regional
-compile (blocks with identical generated code share one class, so a signature compiles once for all)."""
+"""Per-block run-time choices on a block tree: activation checkpointing (the block still called as a module, so
+FSDP2's per-block hooks fire) and regional compile (blocks with identical code share one class and compile once)."""
 
 from __future__ import annotations
 
@@ -36,8 +35,7 @@ def block_calls(gm: GraphModule) -> list[Node]:
 
 
 def gradient_checkpointing_enable(gm: nn.Module) -> nn.Module:
-    """Checkpoint every block: backward keeps the block inputs and recomputes each block once (gradients are
-    unchanged: dropout replays its random state). A graph without blocks raises ValueError. Returns ``gm``."""
+    """Checkpoint every block (dropout replays its random state); returns ``gm``."""
     root = _root(gm, "gradient_checkpointing_enable")
     if not block_calls(root):
         raise ValueError("gradient_checkpointing_enable: this graph has no blocks (the model was captured as one "
@@ -83,8 +81,7 @@ def is_gradient_checkpointing(gm: nn.Module) -> bool:
 
 
 def _unsharing_recompile(self: GraphModule) -> Any:
-    """``GraphModule.recompile`` for a block of a shared class: first a class of its own (a subclass, so FSDP's
-    wrapping class stays), so that new code never reaches the other blocks."""
+    """``GraphModule.recompile`` for a block of a shared class: first a subclass of its own (FSDP's stays)."""
     cls = type(self)
     if cls.__dict__.get("_vera_fx_shared"):
         cls = self.__class__ = type(cls.__name__, (cls,), {"_vera_fx_shared": False})
@@ -102,8 +99,7 @@ def _drop_generated_call(cls: type) -> None:
 
 
 def share_block_code(gm: nn.Module) -> int:
-    """Make blocks with identical generated code instances of one class (torch.compile guards on the class and
-    caches by code object); returns how many now share another block's class."""
+    """Make blocks with identical generated code instances of one class (torch.compile guards on the class)."""
     root = _root(gm, "share_block_code")
     by_code: dict[str, list[GraphModule]] = {}
     for block in graph_modules(root)[1:]:
@@ -122,21 +118,16 @@ def share_block_code(gm: nn.Module) -> int:
     return shared
 
 
-def _call_block(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    return call_impl(block, *args, **kwargs)
-
-
 def compile_blocks(gm: nn.Module, **compile_kwargs: Any) -> nn.Module:
-    """Regional compile: ``torch.compile`` (with these keyword arguments) every block in place, one compilation
-    per distinct block code; the small top graph stays eager. Blocks a later rewrite (adapter switch, merge,
-    unmerge) builds or recompiles run eagerly: call ``compile_blocks`` again after it. Returns ``gm``."""
+    """Regional compile: ``torch.compile`` every block in place, once per distinct block code; the top graph stays
+    eager, as do blocks a later rewrite recompiles (call ``compile_blocks`` again). Returns ``gm``."""
     root = _root(gm, "compile_blocks")
     blocks = graph_modules(root)[1:]
     if not blocks:
         raise ValueError("compile_blocks: this graph has no blocks (captured as one graph); use "
                          "torch.compile(gm) on the whole graph instead")
     n = share_block_code(root)
-    compiled = torch.compile(_call_block, **compile_kwargs)  # one wrapper: one cache for every block
+    compiled = torch.compile(call_impl, **compile_kwargs)  # one wrapper: one cache for every block
     for block in blocks:
         set_compiled_call(block, compiled)
     logger.info("compile_blocks: %d blocks, %d distinct codes", len(blocks), len(blocks) - n)

@@ -1,8 +1,5 @@
-"""Capture: nn.Module -> torch.fx.GraphModule tree through torch.export (non-strict).
-
-The graph has a dynamic size on every dimension of every tensor input, keeps the model's output structure,
-follows ``.train()`` / ``.eval()`` (dropout reads the module's ``training`` flag), owns frozen ``nn.Parameter``
-objects over the model's storage and takes the example's keywords (left-out constants are filled in)."""
+"""Capture: nn.Module -> torch.fx.GraphModule tree through torch.export (non-strict), with dynamic sizes, the
+model's output structure, dropout following ``.train()`` / ``.eval()`` and frozen parameters over its storage."""
 
 from __future__ import annotations
 
@@ -21,8 +18,8 @@ from torch import nn
 from torch.fx import GraphModule
 
 from . import quantized
-from .block_export import (bind_layers, capture_eager_top, export_groups, inline_wrappers, remaining_wrappers,
-                           rewrite_mode_flags, strip_metadata_asserts)
+from .block_export import (capture_eager_top, export_blocks, inline_wrappers, remaining_wrappers, rewrite_mode_flags,
+                           strip_metadata_asserts)
 from .blocks import BlockCaptureError, SymbolicArgumentError, attach_blocks, export_top, find_layer_paths
 from .compat import register_deepcopy_hook
 from .signatures import (ExampleInputs, Signature, clone_inputs, explicit_keywords, export_dynamic_shapes,
@@ -74,13 +71,10 @@ def model_flags_kept(model: nn.Module) -> Iterator[None]:
 def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Optional[bool] = None) -> GraphModule:
     """Capture ``model`` as a GraphModule with dynamic shapes and train/eval support; no adapters.
 
-    ``example_inputs``: positional arguments (a tuple) or keyword arguments (a dict), cloned before export; may be
-    left out for a transformers model. The model is left as it was. ``blocks``: keep the layers of the model's
-    layer list as GraphModule submodules, each distinct layer exported once; ``None`` (default) does so for
-    transformers models, falling back to one graph when the layers cannot be blocks (``True`` raises then), and
-    ``False`` captures one graph. When export cannot capture the code around the layers (a data-dependent loss),
-    the blocks run under the model's own top level, eagerly. A whole-model export past ``whole_model_budget_s()``
-    seconds is stopped with a CaptureError."""
+    ``example_inputs``: a tuple or a dict (optional for a transformers model). ``blocks``: keep the layers of the
+    model's layer list as GraphModule submodules; ``None`` (default) does so for transformers models, falling back
+    to one graph when the layers cannot be blocks (``True`` raises then); ``False``: one graph. A whole-model export
+    past ``whole_model_budget_s()`` seconds is stopped with a CaptureError."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if blocks not in (None, True, False):
@@ -107,8 +101,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Opti
 
 
 def _finish(gm: GraphModule, model: nn.Module, args: tuple, kwargs: dict, names: list[str]) -> GraphModule:
-    """The captured tree made ready: dropout following the mode, own frozen parameters, the model's input names,
-    the call signature and its keyword check, what the passes need to know of the model."""
+    """The captured tree made ready: mode flags, own frozen parameters, input names, signature and keyword check."""
     n_flags = rewrite_mode_flags(gm) + sum(g.meta.pop("vera_fx_flags", 0) for g in graph_modules(gm)[1:])
     if any(n.op == "call_function" and "wrap_with_set_grad_enabled" in str(n.target)
            for g in graph_modules(gm) for n in g.graph.nodes):  # torch.compile would graph-break on recompiles
@@ -146,8 +139,7 @@ def _drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def _drop_path_forward(module: nn.Module) -> Optional[Callable]:
-    """While exporting, transformers' ``*DropPath`` modules with ``drop_prob`` > 0 (Swin, BEiT, ConvNeXt) run
-    ``_drop_path``: their forward tests ``self.training`` in Python, which export would bake in."""
+    """``_drop_path`` for transformers' ``*DropPath`` modules, whose ``self.training`` test export would bake in."""
     p = getattr(module, "drop_prob", None)
     if type(module).__name__.endswith("DropPath") and isinstance(p, float) and p > 0:
         return functools.partial(_drop_path, p=p)
@@ -174,8 +166,8 @@ class _OverBudget(BaseException):
 
 @contextlib.contextmanager
 def _time_budget(seconds: float) -> Iterator[None]:
-    """Raise ``_OverBudget`` inside once ``seconds`` have passed (SIGALRM: only in the main thread of a Unix
-    process). An outer timer keeps its remaining time."""
+    """Raise ``_OverBudget`` inside once ``seconds`` have passed (SIGALRM: the main thread of a Unix process only);
+    an outer timer keeps its remaining time."""
     if seconds <= 0 or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -214,8 +206,7 @@ def _export_whole(model: nn.Module, args: tuple, kwargs: dict, why_not_blocks: s
 
 
 def _graph_of(ep: torch.export.ExportedProgram) -> GraphModule:
-    """The exported program as a GraphModule, its wrapper regions inlined; ``run_decompositions`` (it costs as much
-    as export) only when one stays (an enabled autocast), since torch.compile would break on it."""
+    """The exported program as a GraphModule, its wrapper regions inlined (else decomposed: an enabled autocast)."""
     exported = ep.module()
     gm = GraphModule(exported, exported.graph)
     inline_wrappers(gm)
@@ -261,10 +252,9 @@ def _export_tree(model: nn.Module, args: tuple, kwargs: dict, layer_paths: list[
 
 def _capture_blocks(model: nn.Module, args: tuple, kwargs: dict, layer_paths: list[str],
                     qlayers: dict[str, nn.Module]) -> GraphModule:
-    """Blocks under an exported top level; when a layer takes a size as a Python number (Swin's stages: the patch
-    grid), again with every size but the batch static."""
+    """Blocks under an exported top level (static sizes but the batch when a layer takes a size as a number)."""
     # transformers collects attention weights with hooks on modules inside the layers, which a block hides
-    # (hidden states come from hooks on the layers themselves: the stand-ins carry those, see blocks.stand_ins)
+    # (hidden states come from hooks on the layers themselves: the stand-ins carry those, blocks.export_top)
     if kwargs.get("output_attentions") or (kwargs.get("output_attentions") is None and getattr(
             getattr(model, "config", None), "output_attentions", False) is True):
         raise BlockCaptureError("output_attentions=True records modules inside the layers with hooks")
@@ -275,7 +265,7 @@ def _capture_blocks(model: nn.Module, args: tuple, kwargs: dict, layer_paths: li
                     "the batch static (another size captures another graph)", type(model).__name__, e)
         shapes = export_dynamic_shapes(args, kwargs, batch_only=True)
         ep, records, calls = export_top(model, args, kwargs, shapes, layer_paths)
-    blocks = bind_layers(model, export_groups(model, layer_paths, calls, records), layer_paths, qlayers)
+    blocks = export_blocks(model, layer_paths, calls, records, qlayers)
     gm = _graph_of(ep)
     quantized.restore_quantized(gm, {q: m for q, m in qlayers.items() if not any(q.startswith(p + ".")
                                                                                  for p in layer_paths)})

@@ -1,19 +1,16 @@
-"""``generate``: through a *decode graph*, the user's causal LM with a ``StaticCache`` as buffers, exported once
-per batch size and cache length (a bucket) with the query length dynamic (one graph for the prefill and every step;
-a 2D mask over the cache makes left padding work), rooted at the model so its tensors have the training graph's
-names. It gets the live adapters' nodes over the training graph's adapter state and, per call, its tensors
-(``graph_parameters``): training or a switch is seen without re-capturing. Encoder-decoder and bitsandbytes models
-and sliding windows past the window run transformers' loop instead, each live site module hooked to a *site
-graph* ``(x, y) -> y + adapter(x)`` over the same state, on the training graph's weights.
-"""
+"""``generate`` through a *decode graph*: the user's causal LM with a ``StaticCache`` as buffers, exported once per
+batch size, cache bucket, dtype and device with the query length dynamic, rooted at the model so its tensors have
+the training graph's names, which it reads per call (``graph_parameters``). What it cannot cover runs transformers'
+loop instead, each live site module hooked to a *site graph* ``(x, y) -> y + adapter(x)`` over the same state."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -45,8 +42,7 @@ _CACHE_TENSORS = ("keys", "values", "cumulative_length")  # of each cache layer,
 
 
 class _DecodeModule(nn.Module):
-    """The user's causal LM with a ``StaticCache`` as buffers (transformers' ``TorchExportableModuleWithStaticCache``
-    recipe, plus a 2D mask and position ids for left padding)."""
+    """The user's causal LM with a ``StaticCache`` as buffers, a 2D mask and position ids (left padding)."""
 
     def __init__(self, model: PreTrainedModel, batch_size: int, max_cache_len: int) -> None:
         from transformers import StaticCache  # transformers' cache: about 2.7 s on a first import
@@ -109,8 +105,7 @@ def _source_model(gm: GraphModule, model: Optional[nn.Module]) -> PreTrainedMode
 
 
 def cache_bucket(length: int) -> int:
-    """The cache length used for ``length`` positions: the next of 64, 96, 128, 192, 256, 384, ... (powers of
-    two and 1.5x them), so at most a third of the cache is unused and few lengths need their own graph."""
+    """The cache length for ``length`` positions: the next of 64, 96, 128, 192, ... (at most a third unused)."""
     size = _MIN_BUCKET
     while size < length:
         size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
@@ -118,8 +113,7 @@ def cache_bucket(length: int) -> int:
 
 
 def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len: int) -> GraphModule:
-    """Export ``model`` (a decoder-only causal LM: ``eager_reason`` is None) with a static KV cache of
-    ``batch_size`` x ``max_cache_len``, under the model's own names."""
+    """Export ``model`` (``eager_reason`` is None) with a static KV cache of ``batch_size`` x ``max_cache_len``."""
     device = next(p.device for p in model.parameters())
     with model_flags_kept(model), linear_forwards(model):  # Falcon-style linears stay sites (quantized)
         try:
@@ -161,13 +155,17 @@ def capture_decode_graph(model: PreTrainedModel, batch_size: int, max_cache_len:
 
 def decode_graph(inner: GraphModule, source: PreTrainedModel, batch_size: int, max_cache_len: int,
                  compile: bool = False) -> tuple[GraphModule, Any]:
-    """The decode graph of ``source`` for ``batch_size`` x ``max_cache_len`` with the live layout's nodes of
-    ``inner`` (one seen before is put back) and its step (with ``compile``, compiled), kept by the adapter set."""
-    container = adapter_container(inner)
-    weight = next(p for p in source.parameters() if p.is_floating_point())
+    """The decode graph of ``source`` for ``batch_size`` x ``max_cache_len``, captured with ``inner``'s tensors
+    bound in (their dtype and device) with the live layout's nodes, and its step (``compile``: compiled)."""
+    container, named = adapter_container(inner), graph_parameters(inner)
+    weight = next(p for n, p in named if not n.startswith(CONTAINER) and p.is_floating_point())
     kind = ("decode", batch_size, max_cache_len, weight.dtype, weight.device, id(source))
-    decode = container.versions.derived(
-        inner, kind, None, lambda: capture_decode_graph(source, batch_size, max_cache_len))
+
+    def capture() -> GraphModule:
+        with tensors_bound(source, named):
+            return capture_decode_graph(source, batch_size, max_cache_len)
+
+    decode = container.versions.derived(inner, kind, None, capture)
     layout = live_layout(inner)
     key = ("decode", tuple((name, id(container[name]), sites) for name, sites in layout))
     if container.versions.current(decode) != key:
@@ -211,12 +209,10 @@ def generate(gm: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[to
              eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
              generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
              model: Optional[nn.Module] = None, compile: bool = False, **kwargs: Any) -> torch.Tensor:
-    """Up to ``max_new_tokens`` tokens per sequence from ``gm`` with a KV cache, after the (left-padded) prompt as
-    transformers' ``generate`` returns them. Greedy, or ``do_sample`` with ``temperature`` / ``top_k`` / ``top_p``
-    from ``generator``, ``seed`` or torch's (unset: the model's ``generation_config``, else transformers'
-    defaults); finished sequences (``eos_token_id``) get ``pad_token_id``. Any other keyword of transformers'
-    ``generate`` (beams, penalties, ``generation_config``, ...) runs its own loop with the adapters hooked. No
-    dropout; PVeRA samples where ``sample_at_inference`` is on."""
+    """The (left-padded) prompt and up to ``max_new_tokens`` tokens per sequence, as transformers' ``generate``
+    returns them, greedy or sampled (unset options: the model's ``generation_config``). Any other keyword of
+    transformers' ``generate`` runs its own loop with the adapters hooked. No dropout; PVeRA samples where
+    ``sample_at_inference`` is on."""
     inner = as_graph_module(gm, "generate")
     source = _source_model(inner, model)
     if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
@@ -252,11 +248,11 @@ def generate(gm: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[to
         return generate_eager(inner, source, inputs, seed=seed, **{k: v for k, v in given.items() if v is not None},
                               **kwargs)
     pad = pad_token_id if pad_token_id is not None else getattr(gen_cfg, "pad_token_id", None)
-    device = next(p.device for p in source.parameters())
-    if do_sample and generator is None and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(int(seed))
     max_len = cache_bucket(input_ids.shape[1] + new_tokens)
     graph, step = decode_graph(inner, source, input_ids.shape[0], max_len, compile=compile)
+    device = next(graph.parameters()).device
+    if do_sample and generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(int(seed))
     ids, mask = inputs["input_ids"].to(device=device, dtype=torch.long), inputs["attention_mask"].to(device)
     with one_at_a_time(graph), kl_terms_kept(inner):  # its KV cache is the graph's buffers; KL terms: not kept
         bind_tensors(graph, graph_parameters(inner))  # kept bound after: nothing else holds these names
@@ -268,14 +264,12 @@ _RUNNING: "weakref.WeakKeyDictionary[nn.Module, threading.Lock]" = weakref.WeakK
 
 
 def one_at_a_time(owner: nn.Module) -> threading.Lock:
-    """The lock that runs one generation at a time through ``owner`` (a decode graph, whose KV cache is its
-    buffers, or the user's model, which the hooked loop changes); other threads' forwards are not held up."""
+    """The lock that runs one generation at a time through ``owner`` (a decode graph's KV cache is its buffers)."""
     return _RUNNING.setdefault(owner, threading.Lock())
 
 
 def _new_tokens(max_new_tokens: Optional[int], gen_cfg: Any, source: nn.Module, prompt_len: int) -> Optional[int]:
-    """The most tokens transformers' ``generate`` adds: ``max_new_tokens``, else the ``generation_config``'s (or its
-    ``max_length`` less the prompt), else 20 within ``max_position_embeddings``; None: none (its loop warns)."""
+    """The most tokens transformers' ``generate`` adds (None: none, its loop warns)."""
     given = max_new_tokens if max_new_tokens is not None else getattr(gen_cfg, "max_new_tokens", None)
     if given is not None:
         return int(given)
@@ -364,7 +358,7 @@ def kl_terms_kept(gm: GraphModule) -> Iterator[None]:
 
 def graph_parameters(gm: GraphModule) -> list[tuple[str, nn.Parameter]]:
     """``gm``'s parameters by name, a live adapter's ``modules_to_save`` copy's under the copied module's path:
-    what the eager model or a decode graph binds (``bind_tensors``) to compute as ``gm`` does."""
+    what the eager model or a decode graph binds to compute as ``gm`` does."""
     container = adapters_of(gm)
     theirs = dict(gm.named_parameters(remove_duplicate=False))
     live = [] if adapters_disabled(gm) else active_adapters(gm)  # merged ones too: the graphs route their copies
@@ -394,23 +388,6 @@ def site_graph(container: nn.Module, site: Site, adapters: Sequence[str], x_dtyp
     return gm
 
 
-def _site_hook(container: nn.Module, site: Site, adapters: Sequence[str]) -> Callable[..., Any]:
-    """Forward hook adding the live adapters to a site module's output (a site graph per dtype pair)."""
-    graphs: dict[tuple[torch.dtype, torch.dtype], GraphModule] = {}
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        x = args[0] if args else next(iter(kwargs.values()))
-        if not isinstance(output, torch.Tensor) or not isinstance(x, torch.Tensor):
-            raise TypeError(f"site {site.name!r}: {type(module).__name__} takes or returns something other "
-                            f"than one tensor ({type(x).__name__} -> {type(output).__name__}); generate adds "
-                            "adapters to linear-like modules only")
-        if (x.dtype, output.dtype) not in graphs:
-            graphs[x.dtype, output.dtype] = site_graph(container, site, adapters, x.dtype, output.dtype)
-        return graphs[x.dtype, output.dtype](x, output)
-
-    return hook
-
-
 def _site_module(model: nn.Module, name: str) -> nn.Module:
     try:
         module = model.get_submodule(name)
@@ -426,18 +403,29 @@ def _site_module(model: nn.Module, name: str) -> nn.Module:
 
 @contextlib.contextmanager
 def adapter_hooks(gm: GraphModule, model: nn.Module) -> Iterator[int]:
-    """Hook every live adapter site of ``gm`` onto its module in ``model`` while inside; yields their number."""
+    """Hook every live adapter site of ``gm`` onto its module in ``model`` while inside, adding the adapters to its
+    output through a site graph per dtype pair; yields their number."""
     per_site: dict[str, list[str]] = {}
     for name, sites in live_layout(gm):
         for s in sites:
             per_site.setdefault(s, []).append(name)
-    records = {s.name: s for s in read_sites(gm) if s.name in per_site}
-    modules = {name: _site_module(model, name) for name in records}
-    handles = []
+
+    def hook(site: Site, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        x = args[0] if args else next(iter(kwargs.values()))
+        if not isinstance(output, torch.Tensor) or not isinstance(x, torch.Tensor):
+            raise TypeError(f"site {site.name!r}: {type(module).__name__} takes or returns something other "
+                            f"than one tensor ({type(x).__name__} -> {type(output).__name__}); generate adds "
+                            "adapters to linear-like modules only")
+        key = (site.name, x.dtype, output.dtype)
+        if key not in graphs:
+            graphs[key] = site_graph(adapters_of(gm), site, per_site[site.name], x.dtype, output.dtype)
+        return graphs[key](x, output)
+
+    graphs: dict[tuple[str, torch.dtype, torch.dtype], GraphModule] = {}
+    sites = list({s.name: s for s in read_sites(gm) if s.name in per_site}.values())
+    modules = [_site_module(model, s.name) for s in sites]
+    handles = [m.register_forward_hook(functools.partial(hook, s), with_kwargs=True) for s, m in zip(sites, modules)]
     try:
-        for name, module in modules.items():
-            hook = _site_hook(adapters_of(gm), records[name], per_site[name])
-            handles.append(module.register_forward_hook(hook, with_kwargs=True))
         yield len(handles)
     finally:
         for h in handles:
@@ -483,8 +471,8 @@ def eager_reason(source: nn.Module, gm: GraphModule, cache_length: Optional[int]
 
 def generate_eager(gm: GraphModule, model: nn.Module, inputs: dict[str, torch.Tensor], *,
                    seed: Optional[int] = None, **generate_kwargs: Any) -> torch.Tensor:
-    """``model.generate(**inputs, **generate_kwargs)`` with ``gm``'s live adapters hooked and weights bound, in eval
-    mode (restored after); ``seed`` seeds sampling inside ``fork_rng``."""
+    """``model.generate(**inputs, **generate_kwargs)`` in eval mode with ``gm``'s live adapters hooked and weights
+    bound; ``seed`` seeds sampling inside ``fork_rng``."""
     device = next(p.device for p in model.parameters())
     with one_at_a_time(model), model_flags_kept(model), tensors_bound(model, graph_parameters(gm)), \
             adapter_hooks(gm, model) as hooked, no_cpu_packing(model), kl_terms_kept(gm), \

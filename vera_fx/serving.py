@@ -1,15 +1,8 @@
-"""Serving many adapters: mixed-adapter batches, ``load_adapters`` and ``export``.
-
-``mixed_adapter_forward`` runs a batch in which row ``i`` uses adapter ``adapter_names[i]``, through the *mixed
-graph* (``bank_tree``): the signature graph's inference twin stripped of its adapter nodes, plus an input
-``vera_fx_adapter_index`` (one int64 per row: ``k`` the ``k``-th adapter, their number the base model). Adapters
-are grouped into banks by (method, r), whose members share projections: at every site a bank emits its method's
-nodes once over the batch, each lambda read a gather from the members' lambdas stacked at call time (the very
-parameters: training changes the mixed graph too) plus a zero row for rows outside the bank; other per-site state
-(PVeRA's switches and noise streams) goes to ``per_row_function``, one value per member. ``load_adapters`` loads
-many folders at once (no graph rewrite per adapter, all or nothing); ``export`` gives an ``ExportedProgram`` that
-runs with torch and ``vera_fx/runtime.py`` alone.
-"""
+"""Serving many adapters: mixed-adapter batches (row ``i`` runs adapter ``adapter_names[i]``), ``load_adapters``
+and ``export``. The *mixed graph* is the inference twin without adapter nodes plus an input
+``vera_fx_adapter_index``; per site, each bank (adapters of one method and r, sharing projections) emits its
+method's nodes once, each lambda read a gather from the members' lambdas stacked at call time (so training needs
+no rebuild) plus a zero row for rows outside the bank."""
 
 from __future__ import annotations
 
@@ -23,9 +16,9 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 from tqdm.auto import tqdm
 
-from .adapters import set_adapter, set_lowering
+from .adapters import set_adapter
 from .signatures import InputCheck, clone_inputs, dynamic_shapes_of
-from .checkpoint import PathLike, apply_plan, plan_load, read_folder
+from .checkpoint import PathLike, load_checked, plan_load, read_folder
 from .config import AdapterConfig
 from .generation import kl_terms_kept
 from .compat import add_keyword_input
@@ -34,10 +27,10 @@ from .passes.inject import new_state, remove_adapter_nodes, share_projections, t
 from .passes.match import MatchPass, select_sites
 from .sites import (ADAPTER_KEY, BLOCK_CALL_KEY, SITE_KEY, Site, as_graph_module, block_prefix, graph_modules,
                     read_graph_sites)
-from .variants import INFERENCE_FORM, inference_twin
+from .variants import INFERENCE_FORM, emit_layout, inference_twin, live_layout
 from .versions import adapter_flags
 from .state import (adapter_container, adapters_of, attach_state, block_site_names, detach_state, merged_adapters,
-                    mutation, reads_state, restore_active, shared_projections)
+                    mutation, reads_state, restore_active, shared_projections, state_lock)
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -66,7 +59,7 @@ def check_bankable(gm: GraphModule) -> None:
 
 class BankEmitter(Emitter):
     """An Emitter reading per row over a bank's members: lambdas gathered from their stack, other per-site state a
-    list with a node (or None) per member, calls through ``per_row_function`` with the rows' index (``index=``)."""
+    node (or None) per member."""
 
     def __init__(self, graph: Graph, after: Node, site: Site, label: str, states: dict[str, AdapterState],
                  members: list[str], index: Node, ndim: int) -> None:
@@ -120,14 +113,8 @@ def _add_index(graph: Graph) -> Node:
     return index
 
 
-def _batch_size(graph: Graph) -> Any:
-    vals = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
-    return next((v.shape[0] for v in vals if isinstance(v, torch.Tensor) and v.dim() >= 1), None)
-
-
 def _batch_of_block(call: Node, block_graph: Graph, batch: Any) -> Any:
-    """The batch dimension as the block sees it (blocks export with fresh symbols): that of the block input of the
-    first call argument whose first dimension is the caller's batch."""
+    """The batch dimension as the block sees it (blocks export with fresh symbols)."""
     placeholders = [n for n in block_graph.nodes if n.op == "placeholder"]
     for arg, ph in zip(call.args, placeholders):
         val, own = (arg.meta.get("val") if isinstance(arg, Node) else None), ph.meta.get("val")
@@ -191,9 +178,7 @@ def _emit_banks(mixed: GraphModule, index: Node, batch: Any, order: list[str], g
 
 
 def bank_tree(inner: GraphModule) -> GraphModule:
-    """The mixed-adapter graph of ``inner`` (whose adapters pass ``check_bankable``): its inference twin stripped of
-    its adapter nodes, plus the input ``vera_fx_adapter_index`` (int64, one per row; one more argument of each
-    block call) and the banks' nodes. ValueError when a site's input does not start with the batch."""
+    """The mixed-adapter graph of ``inner``; ValueError when a site's input does not start with the batch."""
     mixed = inference_twin(inner, INFERENCE_FORM, checked=False)  # ``_filled`` checks the inputs, less the index
     remove_adapter_nodes(mixed, None)
     order = list(adapters_of(mixed))
@@ -201,7 +186,8 @@ def bank_tree(inner: GraphModule) -> GraphModule:
     for name, state in adapters_of(mixed).items():
         groups.setdefault(f"{state.method_name}_r{state.config.r}", []).append(name)
     index = _add_index(mixed.graph)
-    batch = _batch_size(mixed.graph)
+    vals = [n.meta.get("val") for n in mixed.graph.nodes if n.op == "placeholder"]
+    batch = next((v.shape[0] for v in vals if isinstance(v, torch.Tensor) and v.dim() >= 1), None)
     blocks = {block_prefix(b): b for b in graph_modules(mixed)[1:]}
     count = 0
     for node in list(mixed.graph.nodes):
@@ -221,8 +207,7 @@ def bank_tree(inner: GraphModule) -> GraphModule:
 
 
 def mixed_graph(gm: nn.Module) -> GraphModule:
-    """``bank_tree`` of ``gm``, built once per adapter structure (it stacks the adapters' own lambdas at call time:
-    training needs no rebuild); ValueError: ``check_bankable``."""
+    """``bank_tree`` of ``gm``, built once per adapter structure."""
     inner = as_graph_module(gm)
     check_bankable(inner)
     container = adapters_of(inner)
@@ -270,8 +255,7 @@ def _mixed_inputs(inner: GraphModule, adapter_names: Sequence[str], args: tuple,
 @reads_state
 def mixed_adapter_forward(gm: nn.Module, adapter_names: Sequence[str], *args: Any, **kwargs: Any) -> Any:
     """An eval-mode forward of a batch whose row ``i`` uses adapter ``adapter_names[i]`` (``"__base__"``: the base
-    model), as ``m(**inputs, adapter_names=[...])``: each row equals that row run alone with its adapter active
-    (PVeRA rows sample with their adapter's switches and noise stream). The active list is ignored."""
+    model), each row as if run alone with its adapter active (PVeRA: its switches and noise stream)."""
     inner = as_graph_module(gm)
     if inner.training:
         raise ValueError("adapter_names= runs a mixed-adapter batch, which is for inference (as in PEFT): call "
@@ -309,21 +293,16 @@ def _load_one(inner: GraphModule, name: str, folder: PathLike, caches: tuple[dic
         raise ValueError(f"{folder}: {e}") from e
     attach_state(inner, name, state, blocks)  # the root's state and the blocks' views of it
     added.append(name)
-    plan, missing = plan_load(inner, tensors, name, source)
-    if missing and config.save_projection:
-        raise ValueError(f"{source}: save_projection=True but the file has no {missing}; the checkpoint "
-                         "is incomplete: save it again")
-    if any(replace for *_, replace in plan):
+    if any(replace for *_, replace in plan_load(inner, tensors, name, source)[0]):
         raise ValueError(f"{source} holds base-model weights besides the adapter; load_adapters takes "
                          "adapters of lambdas only: load this one with vera_fx.load_adapter")
-    apply_plan(inner, plan)  # writes only the new adapter (shared projections were checked to be equal)
+    load_checked(inner, name, config, tensors, source)  # writes only the new adapter (projections checked equal)
 
 
 @mutation
 def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool = True) -> list[str]:
-    """Load ``{adapter name: folder}`` (PEFT or vera_fx), each checked as ``load_adapter`` does and added inactive
-    without graph nodes (a graph with no adapter activates the first); returns the names. Lambdas only (no
-    ``modules_to_save``, ``bias="none"``). All or nothing: the ValueError names the folder."""
+    """Load ``{adapter name: folder}`` (lambdas only), each checked as ``load_adapter`` does and added inactive
+    without graph nodes (a graph with no adapter activates the first); all or nothing. Returns the names."""
     inner = as_graph_module(gm)
     if not isinstance(folders, Mapping) or not folders:
         raise TypeError(f"folders must be a non-empty dict {{adapter name: folder}}, got {folders!r}")
@@ -367,8 +346,7 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
 
 
 class _Constants(nn.Module):
-    """``inner`` with its non-tensor keywords (``use_cache=False``) fixed, through a forward with one named
-    parameter per tensor input: the exported program takes the tensor inputs only."""
+    """``inner`` with its non-tensor keywords fixed, through a forward with one named parameter per tensor input."""
 
     def __init__(self, inner: nn.Module, n_args: int, names: Sequence[str], constants: dict[str, Any],
                  plain: bool) -> None:
@@ -389,23 +367,20 @@ class _Constants(nn.Module):
 def export(gm: nn.Module, example_inputs: Any, *, adapter_names: Optional[Sequence[str]] = None,
            dynamic: bool = True, plain_outputs: bool = True) -> torch.export.ExportedProgram:
     """A ``torch.export.ExportedProgram`` of ``gm`` as it is now: adapted, merged, or (with ``adapter_names``, one
-    per example row) its mixed-adapter graph, which takes the keyword ``vera_fx_adapter_index``.
-
-    ``example_inputs``: a dict of keyword inputs or a tuple; non-tensor inputs (``use_cache=False``) are fixed,
-    as are the mode and the sampling switches. ``dynamic``: every tensor dimension ``Dim.AUTO``.
-    ``plain_outputs``: a transformers output comes back as a plain dict (loading needs no transformers)."""
+    per example row) its mixed-adapter graph. Non-tensor inputs, the mode and sampling switches are fixed;
+    ``dynamic``: every tensor dimension ``Dim.AUTO``; ``plain_outputs``: a plain dict for a transformers output."""
     inner = as_graph_module(gm)
-    lowered = adapter_names is None and any((n.meta.get(ADAPTER_KEY) or {}).get("path") not in (None, "activation")
-                                            for g in graph_modules(inner) for n in g.graph.nodes)
-    if lowered:  # the lean / weight paths only change backward: a program runs the plain nodes (torch + runtime);
-        # the mixed graph has plain nodes whatever the lowering
-        setting = adapter_flags(inner).lowering
-        set_lowering(inner, "activation")
-        try:
-            return export(inner, example_inputs, adapter_names=adapter_names, dynamic=dynamic,
-                          plain_outputs=plain_outputs)
-        finally:
-            set_lowering(inner, setting["mode"] if setting else "auto", setting.get("tokens") if setting else None)
+    if adapter_names is None and any((n.meta.get(ADAPTER_KEY) or {}).get("path") not in (None, "activation")
+                                     for g in graph_modules(inner) for n in g.graph.nodes):
+        # the lean / weight paths only change backward: the program runs a copy with plain nodes (torch + runtime)
+        flags, copied = adapter_flags(inner), inference_twin(inner, None)
+        with state_lock(inner).write():
+            setting, flags.lowering = flags.lowering, {"mode": "activation", "tokens": None}
+            try:
+                emit_layout(copied, live_layout(inner))
+            finally:
+                flags.lowering = setting
+        inner = copied
     if not isinstance(example_inputs, (dict, tuple, list)):
         raise TypeError(f"example_inputs must be a dict of keyword inputs or a tuple, got "
                         f"{type(example_inputs).__name__}")

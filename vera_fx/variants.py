@@ -1,18 +1,8 @@
-"""Graph variants: every graph the model object runs, built from a captured template and bound to the adapter
-state of the source graph (the first captured graph, which holds it).
-
-``attach_adapters`` makes a graph of another signature compute what the source computes: the source's base
-tensors and bitsandbytes layers (``bind_tensors``, the one binder), adapter container, ``modules_to_save``
-routing and adapter nodes (``emit_layout``, the one emission: signature graphs, twins, decode and site graphs).
-A switch puts back the tree's version for the new state (vera_fx/versions.py); tensors are bound again only when
-a base tensor or module was replaced (``base_stamp``).
-
-A call under ``no_grad`` / ``inference_mode``, or in eval mode with the adapters in eval too (PEFT's recipe trains
-the adapters of a model left in eval mode), runs its graph's *inference twin*: a copy of the tree (own Graphs and
-code; the same tensors, state and leaf modules) with the adapters in the inference form (vera_fx/passes/infer.py).
-Past ``max_graphs`` captured graphs the least recently used one is evicted (never the source), with one warning,
-as torch.compile does past its recompile limit.
-"""
+"""Graph variants: every graph the model object runs, built from a captured template and bound to the source
+graph's adapter state (``attach_adapters``; ``bind_tensors`` the one binder, ``emit_layout`` the one emission). A
+call under ``no_grad`` / ``inference_mode``, or in eval mode with the adapters in eval too (PEFT's recipe trains
+the adapters of a model left in eval mode), runs its graph's *inference twin*: a copy of the tree sharing its
+tensors, with the adapters in the inference form (vera_fx/passes/infer.py)."""
 
 from __future__ import annotations
 
@@ -33,9 +23,9 @@ from .passes.infer import DEFAULT_FORM, FORMS, INFERENCE_KEY, bind_flat_reads, f
 from .passes.inject import emit_adapter, remove_adapter_nodes
 from .quantized import is_quantized_layer
 from .signatures import remove_input_check
-from .sites import block_prefix, graph_modules
+from .sites import graph_modules, qualified_name
 from .state import (ADAPTER_MODE, MTS_TAG, active_adapters, adapters_disabled, adapters_of, adapters_training,
-                    attach_state, set_adapters_training)
+                    attach_state, route_modules_to_save, set_adapters_training)
 from .versions import adapter_flags
 
 logger = logging.getLogger(__name__)
@@ -47,8 +37,7 @@ FINGERPRINT_KEY = "vera_fx_fingerprint"  # gm.meta: the source's state_fingerpri
 
 
 def state_stamp(source: GraphModule) -> tuple:
-    """What the graph a call runs depends on besides its signature, cheap to read: the adapter set and its lock's
-    version (every mutation bumps it), the base and adapter modes, and grad mode (which chooses the twin)."""
+    """What the graph a call runs depends on besides its signature (the lock's version changes on every write)."""
     container = source._modules.get(CONTAINER)
     mode = source._modules.get(ADAPTER_MODE)
     return (container, container.lock.version if container is not None else -1, source.training,
@@ -68,10 +57,9 @@ def check_form(form: Any) -> str:
     return form
 
 
-def inference_twin(gm: GraphModule, form: str, checked: bool = True) -> GraphModule:
-    """A copy of ``gm``'s graph tree marked for the inference ``form`` (new GraphModules, Graphs and adapter mode
-    flags; the same tensors and other submodules), not yet attached; ``checked=False``: without the keyword check
-    (a caller that fills the inputs itself)."""
+def inference_twin(gm: GraphModule, form: Optional[str], checked: bool = True) -> GraphModule:
+    """A copy of ``gm``'s graph tree sharing its tensors and leaf modules, for the inference ``form`` (None: as
+    ``gm``), not yet attached; ``checked=False``: no keyword check."""
     modules = dict(gm.named_modules())
     graphs = [name for name, mod in modules.items() if isinstance(mod, GraphModule)]
     memo: dict[int, Any] = {}
@@ -84,19 +72,18 @@ def inference_twin(gm: GraphModule, form: str, checked: bool = True) -> GraphMod
             memo[id(mod)] = mod
     twin = copy.deepcopy(gm, memo)
     twin.meta.pop(FINGERPRINT_KEY, None)
-    twin.meta[INFERENCE_KEY] = check_form(form)
+    if form is not None:
+        twin.meta[INFERENCE_KEY] = check_form(form)
     if not checked:
         remove_input_check(twin)
     return twin
 
 
 class GraphVariants:
-    """``VeraFxModel``'s inference twins, inference form, per-call cache and LRU bound. Reads the object's
-    ``_source``, ``_graphs``, ``_order``, ``_twins``, ``_ready``, ``_build_lock`` and ``max_graphs``."""
+    """``VeraFxModel``'s inference twins, inference form, per-call cache and LRU bound (its attributes)."""
 
     def _check_room(self, key: tuple) -> None:
-        """Past ``max_graphs``, evict the least recently used signatures until one more graph fits (never the
-        source's); warns once."""
+        """Past ``max_graphs``, evict the least recently used signatures (never the source's), warning once."""
         while sum(len(v) for v in self._graphs.values()) >= self.max_graphs:
             victim = next((k for k, v in self._graphs.items() if all(g is not self._source for g in v)), None)
             if victim is None:  # only the source is left: it stays, the bound is exceeded by the new graph
@@ -118,8 +105,7 @@ class GraphVariants:
         self._ready.clear()
 
     def _ready_graph(self, key: tuple, gm: GraphModule, variant: bool = True) -> GraphModule:
-        """The graph a call of signature ``key`` (first graph ``gm``) runs: the last call's choice while the state
-        stamp is unchanged, else ``_fresh(gm, variant)``."""
+        """The graph a call of signature ``key`` runs: the last call's while the state stamp holds."""
         stamp = state_stamp(self._source)
         hit = self._ready.get(key)
         if hit is not None and hit[1] is gm and hit[0] == stamp:
@@ -130,8 +116,7 @@ class GraphVariants:
 
     @property
     def inference_form(self) -> str:
-        """The inference form: ``"site"`` (per-site products; the default, faster on the CPU) or ``"batched"`` (a
-        site group's products as one)."""
+        """The inference form: ``"site"`` (per-site products, the default) or ``"batched"`` (one per site group)."""
         return self._inference_form
 
     @inference_form.setter
@@ -167,8 +152,7 @@ class GraphVariants:
 
 
 def state_fingerprint(gm: GraphModule) -> tuple:
-    """Changes whenever the adapter nodes ``gm`` should carry change (adapters added or deleted, the active list,
-    disabled, merged, lowering); sampling switches and values are read at run time."""
+    """Changes whenever the adapter nodes ``gm`` should carry change (sampling switches are read at run time)."""
     return tuple((n, id(s)) for n, s in adapters_of(gm).items()), adapter_flags(gm).key()
 
 
@@ -177,7 +161,7 @@ _SLOTS: "weakref.WeakKeyDictionary[GraphModule, tuple[list[dict], tuple]]" = wea
 
 def base_stamp(source: GraphModule) -> tuple:
     """The identities of every module, parameter and buffer of ``source``'s tree but its adapter state (merge, load
-    and ``.to()`` replace them). Tens of microseconds; walks the tree only after a change."""
+    and ``.to()`` replace them); walks the tree only after a change."""
     dicts, stamp = _SLOTS.get(source, ((), None))
     now = tuple(id(v) for d in dicts for v in d.values())
     if now == stamp:
@@ -192,9 +176,8 @@ def base_stamp(source: GraphModule) -> tuple:
 
 
 def bind_tensors(dst: torch.nn.Module, named: Iterable[tuple[str, Any]], undo: Optional[list] = None) -> int:
-    """The one binder: make ``dst``'s parameter, buffer or submodule of each name the given tensor or module
-    where it has that name with no value or one of the same type (and shape); returns how many changed, each
-    appended to ``undo`` as (store, name, old)."""
+    """The one binder: make ``dst``'s parameter, buffer or submodule of each name the given value where it holds
+    None or a value of the same type and shape; returns how many changed (each appended to ``undo``)."""
     count = 0
     for qualname, value in named:
         path, _, leaf = qualname.rpartition(".")
@@ -226,31 +209,22 @@ def tensors_bound(dst: torch.nn.Module, named: Iterable[tuple[str, Any]]) -> Ite
             store[leaf] = old
 
 
-def _route_modules_to_save(gm: GraphModule, source: GraphModule) -> None:
-    """Give the get_attr nodes of ``gm``'s tree the ``modules_to_save`` tags and current targets of the source's
-    graph at the same path (a block's targets are relative to the block)."""
-    routes: dict[tuple[str, str], tuple[dict, str]] = {}
-    for g in graph_modules(source):
-        for n in g.graph.nodes:
-            tag = n.meta.get(MTS_TAG)
-            if n.op == "get_attr" and tag is not None:
-                routes[(block_prefix(g), tag["target"])] = (tag, n.target)
-    if not routes:
-        return
-    for g in graph_modules(gm):
-        prefix = block_prefix(g)
-        for n in (n for n in g.graph.nodes if n.op == "get_attr"):
-            route = routes.get((prefix, (n.meta.get(MTS_TAG) or {}).get("target", n.target)))
-            if route is not None:
-                n.meta[MTS_TAG], n.target = dict(route[0]), route[1]
-        g.recompile()  # an emission may not touch this graph
+def _route_modules_to_save(gm: GraphModule) -> None:
+    """Tag the get_attr nodes of ``gm``'s tree that read a module an adapter copies (``modules_to_save``), then point
+    them at the live adapters' copies, as in the source graph."""
+    paths = [p for state in adapters_of(gm).values() for p in getattr(state, "modules_to_save_paths", None) or []]
+    for g in graph_modules(gm) if paths else []:
+        for node in (n for n in g.graph.nodes if n.op == "get_attr" and MTS_TAG not in n.meta):
+            if any(qualified_name(g, str(node.target)).startswith(p + ".") for p in paths):
+                node.meta[MTS_TAG] = {"target": node.target}
+    if route_modules_to_save(gm, [] if adapters_disabled(gm) else active_adapters(gm)):
+        gm.recompile()
 
 
 def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple] = None,
                     rebind: bool = True) -> GraphModule:
-    """Make ``gm`` (captured and matched from the same model) compute what ``source`` computes, in place.
-    ``before``: the ``state_fingerprint`` ``gm`` was attached at (None: never); ``rebind=False``: no base tensor
-    was replaced since (``base_stamp``)."""
+    """Make ``gm`` (captured from the same model) compute what ``source`` computes, in place. ``before``: the
+    ``state_fingerprint`` ``gm`` was attached at (None: never); ``rebind=False``: no base tensor was replaced."""
     container = getattr(source, CONTAINER, None)
     fp = state_fingerprint(source)
     same_states = (before is not None and container is not None and before[0] == fp[0]
@@ -272,7 +246,7 @@ def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple
         for name, state in container.items():  # the same states; views of them in gm's own blocks
             attach_state(gm, name, state)
     container.versions.switch(gm, graph_modules(gm), before, fp, lambda: (
-        _route_modules_to_save(gm, source), emit_layout(gm, live_layout(source))))
+        _route_modules_to_save(gm), emit_layout(gm, live_layout(source))))
     # the modes as the source's (new states: set on every module, even where the root agrees)
     if not same_states or gm.training != source.training:
         gm.train(source.training)
@@ -284,8 +258,7 @@ def attach_adapters(gm: GraphModule, source: GraphModule, before: Optional[tuple
 
 
 def live_layout(gm: GraphModule) -> list[tuple[str, tuple[str, ...]]]:
-    """(adapter, sites) of every live adapter of ``gm`` (active, not disabled, not merged there), in the active
-    list's order: the source graph's nodes and their sum's order at every site."""
+    """(adapter, sites) of every live adapter of ``gm`` (active, not disabled, not merged), in the active order."""
     container = adapters_of(gm)
     if not len(container) or adapters_disabled(gm):
         return []
@@ -296,8 +269,7 @@ def live_layout(gm: GraphModule) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def emit_layout(gm: GraphModule, layout: Iterable[tuple[str, Iterable[str]]]) -> None:
-    """Give ``gm``'s tree exactly ``layout``'s adapter nodes, in its form (an inference tree's deep reads then
-    through one lookup, ``flatten_reads``)."""
+    """Give ``gm``'s tree exactly ``layout``'s adapter nodes, in its form."""
     remove_adapter_nodes(gm, None)
     for name, sites in layout:
         emit_adapter(gm, name, set(sites))

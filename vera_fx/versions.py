@@ -1,11 +1,7 @@
-"""One adapter state, many readers: the adapter set's flags, the state lock (forwards read, switches write) and
-the graph versions built per adapter state.
-
-Emitting a switch's nodes and generating code costs milliseconds per graph, and torch.fx keeps every source it
-ever executed (a leak per switch). So each tree keeps its versions per adapter-state key: a key seen before puts
-the built ``Graph`` and ``forward`` back, a new key is built once, on a copy. A tree edited outside (gradient
-checkpointing rewrites block calls) is noticed by its code and its versions dropped.
-"""
+"""The adapter set's flags, its state lock (forwards read, switches write) and the graph versions built per adapter
+state: emitting a switch's nodes costs milliseconds per graph and torch.fx keeps every source it executed, so a
+state seen before puts the built ``Graph`` and ``forward`` back, and a tree edited outside (gradient checkpointing)
+drops its versions."""
 
 from __future__ import annotations
 
@@ -25,8 +21,8 @@ CONTAINER = "vera_fx_adapters"  # the attribute of every graph holding its adapt
 
 @dataclass
 class AdapterFlags:
-    """The adapter set's run-time state (never in ``gm.meta``): the active list (None: every adapter), disabled,
-    the merged adapters per site with the merge pass's originals, the lowering setting (None: ``auto``)."""
+    """The adapter set's run-time state (never in ``gm.meta``); ``active`` None: every adapter; ``lowering`` None:
+    ``auto``; ``folded``: the merge pass's originals."""
 
     active: Optional[list[str]] = None
     disabled: bool = False
@@ -41,8 +37,7 @@ class AdapterFlags:
 
 
 def adapter_flags(gm: Any) -> AdapterFlags:
-    """The flags of ``gm``'s adapter set; a graph without adapters reads fresh defaults (write through
-    ``state.adapter_container(gm).flags``)."""
+    """The flags of ``gm``'s adapter set; a graph without adapters reads fresh defaults."""
     flags = getattr(getattr(gm, CONTAINER, None), "flags", None)
     return flags if flags is not None else AdapterFlags()
 
@@ -121,28 +116,23 @@ def _on_tree(codes: list[GeneratedCode], graphs: list[GraphModule], check: Calla
     return len(graphs) == len(codes) and all(g is c.gm and check(c) for g, c in zip(graphs, codes))
 
 
-@dataclass
-class _Tree:
-    current: Optional[Hashable] = None  # the key the tree was last switched to
-    built: "OrderedDict[Hashable, list[GeneratedCode]]" = field(default_factory=OrderedDict)
-
-
 class GraphVersions:
-    """Each graph tree's versions per adapter-state key (the ``limit`` most recent), and the graphs derived from a
+    """Each graph tree's versions per adapter-state key (the ``LIMIT`` most recent), and the graphs derived from a
     source graph per kind."""
 
-    def __init__(self, limit: int = 16) -> None:
-        self.limit = limit
-        self._trees: "weakref.WeakKeyDictionary[GraphModule, _Tree]" = weakref.WeakKeyDictionary()
+    LIMIT = 16
+
+    def __init__(self) -> None:
+        self._built: "weakref.WeakKeyDictionary[GraphModule, OrderedDict]" = weakref.WeakKeyDictionary()
+        self._current: "weakref.WeakKeyDictionary[GraphModule, Hashable]" = weakref.WeakKeyDictionary()
         self._derived: "weakref.WeakKeyDictionary[GraphModule, dict]" = weakref.WeakKeyDictionary()
 
     def __reduce__(self) -> Any:  # a copy (deepcopy, pickle) starts empty
-        return (GraphVersions, (self.limit,))
+        return (GraphVersions, ())
 
     def derived(self, source: GraphModule, kind: str, key: Hashable, build: Callable[[], Any]) -> Any:
         """The graph of ``kind`` (e.g. "mixed", a decode shape) derived from ``source`` for ``key`` (the adapter
-        structure): ``build()`` when ``key`` changed, kept while ``source`` lives; one per kind, so a stale one
-        keeps no deleted adapter alive."""
+        structure), built again when ``key`` changed: one per kind keeps no deleted adapter alive."""
         cache = self._derived.setdefault(source, {})
         found = cache.get(kind)
         if found is None or found[0] != key:
@@ -155,19 +145,17 @@ class GraphVersions:
 
     def current(self, root: GraphModule) -> Optional[Hashable]:
         """The key the tree of ``root`` was last switched to (None: never)."""
-        tree = self._trees.get(root)
-        return tree.current if tree is not None else None
+        return self._current.get(root)
 
     def switch(self, root: GraphModule, graphs: list[GraphModule], before: Hashable, after: Hashable,
                build: Callable[[], None]) -> None:
         """Make the tree (``root``; ``graphs``, root first) the version for ``after``: put back, or ``build()`` on
         copies of the graphs. ``before``: the key the tree is built for now (None: unknown)."""
-        tree = self._trees.setdefault(root, _Tree())
-        built = tree.built
-        codes = built.get(tree.current)
+        built, current = self._built.setdefault(root, OrderedDict()), self._current.get(root)
+        codes = built.get(current)
         if codes is not None and not _on_tree(codes, graphs, GeneratedCode.current):
             built.clear()  # edited outside the versions: whatever was built may be stale
-        elif codes is None and tree.current is None and before is not None:
+        elif codes is None and current is None and before is not None:
             built[before] = [GeneratedCode(g) for g in graphs]  # the tree as it is: built for ``before``
         codes = built.get(after)
         if codes is not None and _on_tree(codes, graphs, GeneratedCode.restorable):
@@ -179,6 +167,6 @@ class GraphVersions:
                 replace_with_copy(g)
             build()
             built[after] = [GeneratedCode(g) for g in graphs]
-            while len(built) > self.limit:
+            while len(built) > self.LIMIT:
                 built.popitem(last=False)
-        tree.current = after
+        self._current[root] = after
