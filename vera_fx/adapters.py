@@ -1,8 +1,5 @@
-"""Several adapters on one graph: add, switch, delete and disable them without re-capture.
-
-An inactive adapter has no nodes, so it costs nothing at run time and ``torch.compile`` sees a plain graph (a
-switch to a state not seen before recompiles; none graph-breaks). Active adapters add up, as in PEFT.
-"""
+"""Several adapters on one graph: add, switch, delete and disable them without re-capture. An inactive adapter has
+no nodes (it costs nothing at run time); active adapters add up, as in PEFT."""
 
 from __future__ import annotations
 
@@ -16,7 +13,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .config import AdapterConfig, as_config
-from .methods import AdapterState, method_for
+from .methods import AdapterState
 from .variants import state_fingerprint
 from .passes.inject import InjectPass, emit_adapter, remove_adapter_nodes
 from .passes.lower import check_lowering
@@ -59,8 +56,8 @@ def _bias_params(gm: GraphModule, state: AdapterState) -> list[nn.Parameter]:
 
 
 def _sync(gm: GraphModule, before: Optional[tuple] = None) -> None:
-    """Make the graph and ``requires_grad`` follow the active list and the disabled flag (a tree built before for
-    the new state is put back); ``before``: ``state_fingerprint`` before the change."""
+    """Make the graph tree and ``requires_grad`` follow the active list and the disabled flag; ``before``: the
+    ``state_fingerprint`` before the change."""
     container = adapters_of(gm)
     active = active_adapters(gm)
     live = [] if adapters_disabled(gm) else active
@@ -132,7 +129,6 @@ def add_adapter(gm: GraphModule, adapter_name: str, config: AdapterConfig) -> No
     inactive when the graph already has one; it shares the existing adapters' projections."""
     gm = as_graph_module(gm, "add_adapter")
     config = as_config(config)
-    method_for(config)
     if config.modules_to_save:
         resolve_modules_to_save(gm, config.modules_to_save)  # fail before anything changes
     passes: list = [InjectPass(config, adapter_name)]
@@ -169,7 +165,7 @@ def delete_adapter(gm: GraphModule, adapter_name: str) -> None:
 
 
 def remove_adapter(gm: GraphModule, adapter_name: str) -> None:
-    """``delete_adapter`` without checks or messages (also undoes a failed ``load_adapter``)."""
+    """``delete_adapter`` without checks or messages (undoes a failed ``load_adapter`` too)."""
     container = adapters_of(gm)
     state = container[adapter_name]
     if state.config.bias != "none":
@@ -192,34 +188,27 @@ def remove_adapter(gm: GraphModule, adapter_name: str) -> None:
     _sync(gm)
 
 
-def set_adapters_disabled(gm: GraphModule, disabled: bool) -> None:
-    """Disable (``True``) or enable (``False``) every adapter until the next call, keeping the active list:
-    PEFT's ``disable_adapter_layers`` / ``enable_adapter_layers``."""
-    gm = as_graph_module(gm, "set_adapters_disabled")
-    if not isinstance(disabled, bool):
-        raise TypeError(f"disabled={disabled!r}: expected True or False")
-    if disabled != adapters_disabled(gm):
-        _set_disabled(gm, disabled)
-        logger.info("adapters %s", "disabled" if disabled else "enabled")
-
-
 @contextmanager
 def disable_adapters(gm: GraphModule) -> Iterator[GraphModule]:
     """Inside the block the graph computes the base model."""
     gm = as_graph_module(gm, "disable_adapters")
-    if adapters_disabled(gm):
-        yield gm
-        return
-    _set_disabled(gm, True)
+    was = adapters_disabled(gm)
+    set_adapters_disabled(gm, True)
     try:
         yield gm
     finally:
-        _set_disabled(gm, False)
+        set_adapters_disabled(gm, was)
 
 
 @mutation
-def _set_disabled(gm: GraphModule, disabled: bool) -> None:
-    """Trained biases stay when the adapters are disabled, as in PEFT (with PEFT's warning)."""
+def set_adapters_disabled(gm: GraphModule, disabled: bool) -> None:
+    """Disable (``True``) or enable (``False``) every adapter, keeping the active list: PEFT's
+    ``disable_adapter_layers`` / ``enable_adapter_layers``. Trained biases stay, as in PEFT (with its warning)."""
+    gm = as_graph_module(gm, "set_adapters_disabled")
+    if not isinstance(disabled, bool):
+        raise TypeError(f"disabled={disabled!r}: expected True or False")
+    if disabled == adapters_disabled(gm):
+        return
     if disabled:
         _check_not_merged(gm, active_adapters(gm), "disable adapters")
         biased = [n for n in active_adapters(gm) if adapters_of(gm)[n].config.bias != "none"]
@@ -233,13 +222,13 @@ def _set_disabled(gm: GraphModule, disabled: bool) -> None:
     except Exception:
         _sync(gm)
         raise
+    logger.info("adapters %s", "disabled" if disabled else "enabled")
 
 
 @mutation
 def set_lowering(gm: GraphModule, lowering: Union[str, dict] = "auto", tokens: Optional[int] = None) -> GraphModule:
-    """Choose how the adapters are computed: ``"auto"``, ``"activation"``, ``"lean"``, ``"weight"`` or
-    ``{site name: mode}`` (others ``auto``), ``tokens`` per step for the cost model (vera_fx/passes/lower.py).
-    Every adapter with nodes is re-emitted (outputs equal up to rounding). Returns ``gm``."""
+    """Choose how the adapters are computed (``transform``'s ``lowering`` and ``tokens``, vera_fx/passes/lower.py):
+    every adapter with nodes is re-emitted (outputs equal up to rounding). Returns ``gm``."""
     inner = as_graph_module(gm, "set_lowering")
     setting = check_lowering(lowering, tokens)
     with_nodes: dict[str, set[str]] = {}
