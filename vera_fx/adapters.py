@@ -33,11 +33,6 @@ def _check_not_merged(gm: GraphModule, names: Sequence[str], action: str) -> Non
                          "first (vera_fx.unmerge)")
 
 
-def _has_nodes(gm: GraphModule, name: str) -> bool:
-    return any((n.meta.get(ADAPTER_KEY) or {}).get("adapter") == name
-               for g in graph_modules(gm) for n in g.graph.nodes)
-
-
 @contextmanager
 def _setting(gm: GraphModule, flag: str, value: object) -> Iterator[None]:
     """Set one of the adapter set's flags for the block's work; put back the old value when it fails."""
@@ -64,32 +59,29 @@ def _sync(gm: GraphModule, before: Optional[tuple] = None) -> None:
     modules_to_save_owners(gm, live)  # conflicts raise before anything changes
     adapter_container(gm).versions.switch(gm, graph_modules(gm), before, state_fingerprint(gm),
                                           lambda: _emit_live(gm, live))
-    trainable_bias = {id(p) for name in active if container[name].config.bias != "none"
-                      for p in _bias_params(gm, container[name])}
+    trainable_bias = {id(p) for name in active for p in _bias_params(gm, container[name])}
     for name, state in container.items():
-        on = name in active
         mts = getattr(state, "modules_to_save", None)
         for p in [*state.lambda_parameters(), *(mts.parameters() if mts is not None else ())]:
-            p.requires_grad_(on)
-        if state.config.bias != "none":
-            for p in _bias_params(gm, state):
-                p.requires_grad_(id(p) in trainable_bias)
+            p.requires_grad_(name in active)
+        for p in _bias_params(gm, state):  # (none unless the adapter trains biases)
+            p.requires_grad_(id(p) in trainable_bias)
 
 
 def _emit_live(gm: GraphModule, live: list[str]) -> None:
     """Give the graph tree the nodes of exactly the live adapters that are not merged."""
     container, merged, changed = adapters_of(gm), merged_adapters(gm), False
-    missing = [n for n in live if n not in merged and not _has_nodes(gm, n)]
-    leaving = [n for n in container if n not in merged and n not in live and _has_nodes(gm, n)]
+    missing = [n for n in live if n not in merged and not adapter_nodes(gm, adapter=n)]
+    leaving = [n for n in container if n not in merged and n not in live and adapter_nodes(gm, adapter=n)]
     for name in container:
         # Re-emitting every live adapter when one is missing or leaves keeps the sum in the active list's order
         # and each adapter's lowering what the list gives it (a call folds its first adapter only), so one
         # active list always gives one graph (and bit-identical outputs).
-        if name not in merged and (name not in live or missing or leaving) and _has_nodes(gm, name):
+        if name not in merged and (name not in live or missing or leaving) and adapter_nodes(gm, adapter=name):
             remove_adapter_nodes(gm, name)
             changed = True
     for name in live:
-        if name not in merged and not _has_nodes(gm, name):
+        if name not in merged and not adapter_nodes(gm, adapter=name):
             emit_adapter(gm, name)
             changed = True
     if route_modules_to_save(gm, live) or changed:
@@ -167,13 +159,11 @@ def delete_adapter(gm: GraphModule, adapter_name: str) -> None:
 def remove_adapter(gm: GraphModule, adapter_name: str) -> None:
     """``delete_adapter`` without checks or messages (undoes a failed ``load_adapter`` too)."""
     container = adapters_of(gm)
-    state = container[adapter_name]
-    if state.config.bias != "none":
-        for p in _bias_params(gm, state):
-            p.requires_grad_(False)
-    if _has_nodes(gm, adapter_name):  # the others are re-emitted (_sync): their lowering may have followed it
+    for p in _bias_params(gm, container[adapter_name]):
+        p.requires_grad_(False)
+    if adapter_nodes(gm, adapter=adapter_name):  # the others are re-emitted (_sync): their lowering may follow it
         for other in [adapter_name, *(n for n in container if n != adapter_name and n not in merged_adapters(gm))]:
-            if _has_nodes(gm, other):
+            if adapter_nodes(gm, adapter=other):
                 remove_adapter_nodes(gm, other)
     flags = container.flags
     if flags.active is not None:

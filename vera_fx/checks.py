@@ -91,17 +91,16 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} {('KB', 'MB', 'GB', 'TB')[unit - 1]}" if unit else f"{int(n)} B"
 
 
-def check_rank(config: AdapterConfig, sites: Sequence[Site], device: Optional[torch.device] = None,
-               itemsize: int = 4) -> None:
+def check_rank(config: AdapterConfig, sites: Sequence[Site], device: Optional[torch.device] = None) -> None:
     """ValueError when ``config.r`` is more than ``RANK_FACTOR`` x the targeted layers' widest dimension, or the
     adapter would take more than half of the device's memory (a GPU's, else the machine's)."""
     if not sites:
         return
     widest = max(max(s.in_features, s.out_features) for s in sites)
     rank_cap = min(min(s.in_features, s.out_features) for s in sites)
-    rows = method_for(config).latent_rows(config)  # the bytes of the shared A and B and every site's lambdas:
+    rows = method_for(config).latent_rows(config)  # the float32 bytes of the shared A and B and every site's lambdas:
     in_max, out_max = max(s.in_features for s in sites), max(s.out_features for s in sites)
-    need = itemsize * (rows * in_max + out_max * config.r + sum(rows + s.out_features for s in sites))
+    need = 4 * (rows * in_max + out_max * config.r + sum(rows + s.out_features for s in sites))
     if config.r > RANK_FACTOR * widest:
         raise ValueError(f"r={config.r} is more than the targeted layers can use: their update's rank is at most "
                          f"{rank_cap} and the widest has {widest} features, and the adapter would take "

@@ -125,10 +125,10 @@ def save_role(gather: bool, is_main_process: Optional[bool], fn: str) -> bool:
     return (not grouped or dist.get_rank() == 0) if is_main_process is None else is_main_process
 
 
-def sharded_fraction(gm: nn.Module, frozen_only: bool = True) -> Optional[float]:
-    """The fraction of the blocks' (frozen) parameter elements this rank holds (None without blocks)."""
+def sharded_fraction(gm: nn.Module) -> Optional[float]:
+    """The fraction of the blocks' frozen parameter elements this rank holds (None without blocks)."""
     blocks = graph_modules(unwrap_parallel(gm))[1:]
-    params = [p for p in {p for b in blocks for p in b.parameters()} if not (frozen_only and p.requires_grad)]
+    params = [p for p in {p for b in blocks for p in b.parameters()} if not p.requires_grad]
     full = sum(p.numel() for p in params)
     local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
     return local / full if full else None

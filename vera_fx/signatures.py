@@ -33,11 +33,8 @@ def is_pretrained(model: nn.Module) -> bool:
 
 
 def forward_parameters(model: nn.Module) -> dict[str, inspect.Parameter]:
-    """The parameters of ``model.forward`` by name (empty for a forward without a signature)."""
-    try:
-        return dict(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        return {}
+    """The parameters of ``model.forward`` by name."""
+    return dict(inspect.signature(model.forward).parameters)
 
 
 def positional(params: dict[str, inspect.Parameter]) -> list[str]:
@@ -178,16 +175,14 @@ def normalise_call(params: dict[str, inspect.Parameter], model_name: str, signat
     if tuple(kwargs) not in checked:
         check_keywords(params, kwargs, model_name)
         checked.add(tuple(kwargs))
-    for k, v in kwargs.items():
-        if k in call:
-            raise TypeError(f"forward got multiple values for argument {k!r}")
-        call[k] = v
+    twice = [k for k in kwargs if k in call]
+    if twice:
+        raise TypeError(f"forward got multiple values for argument {twice[0]!r}")
     out = {}
-    for k, v in call.items():
+    for k, v in {**call, **kwargs}.items():
         p = params.get(k)
-        if v is None and (p is None or p.default is None or p.kind is p.VAR_KEYWORD):
-            continue  # the model treats None as absent
-        out[k] = v
+        if v is not None or (p is not None and p.default is not None and p.kind is not p.VAR_KEYWORD):
+            out[k] = v  # a None the model treats as absent is left out
     asked_cache = False
     if "use_cache" in params and out.get("use_cache") is not False:
         asked_cache = out.get("use_cache") is True
