@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-import logging
 import os
 import typing
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -17,8 +16,6 @@ from .config import AdapterConfig
 from .methods import method_for
 from .sites import Site
 
-logger = logging.getLogger(__name__)
-
 # Keywords transformers takes out of **kwargs before the model sees them (return_dict, deprecated cache names)
 _DECORATOR_KEYWORDS = frozenset({"return_dict", "past_key_values", "cache_params"})
 
@@ -28,11 +25,8 @@ def _typed_kwargs(param: inspect.Parameter) -> Optional[frozenset[str]]:
     ann = param.annotation
     if ann is inspect.Parameter.empty or (isinstance(ann, str) and "TransformersKwargs" not in ann):
         return None
-    if isinstance(ann, str):  # postponed annotations: transformers' documented keywords by name
-        try:
-            from transformers.utils import TransformersKwargs
-        except ImportError:
-            return None
+    if isinstance(ann, str):  # postponed annotations: transformers' documented keywords (every 5.x has them)
+        from transformers.utils import TransformersKwargs
         ann = TransformersKwargs
     args = typing.get_args(ann)
     typed = args[0] if args else ann
@@ -133,8 +127,7 @@ def check_file_shapes(config: AdapterConfig, tensors: dict[str, Any], source: st
 
 def check_same_fields(have: AdapterConfig, config: AdapterConfig, source: str, adapter_name: str,
                       has_projections: bool) -> None:
-    """ValueError naming every field of the folder's ``config`` that differs from ``have`` (adapter
-    ``adapter_name``'s) and that loading tensors cannot change."""
+    """ValueError naming each field of the folder's ``config`` that differs from ``have`` and loading cannot change."""
     fields = ["r", "bias", have._dropout_field, *([] if has_projections else ["projection_prng_key"])]
     names = {f.name for f in dataclasses.fields(have)}
     diff = [f"{f}={getattr(config, f)!r} (the adapter has {getattr(have, f)!r})" for f in fields

@@ -79,8 +79,7 @@ _GENERATED = ("_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec"
 
 
 class GeneratedCode:
-    """A GraphModule's Graph and generated code, to be put back without generating again (torch.fx keeps every
-    source it ever executed)."""
+    """A GraphModule's Graph and generated code, to put back without generating again (torch.fx leaks each source)."""
 
     def __init__(self, gm: GraphModule) -> None:
         self.gm, self.cls, self.graph = gm, type(gm), gm._graph
@@ -166,8 +165,7 @@ def call_impl(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 def set_compiled_call(module: nn.Module, compiled: Callable[..., Any]) -> None:
-    """Make ``module(...)`` run ``compiled(module, ...)``: ``nn.Module.compile`` with one shared callable, so
-    modules of one class share its compile cache."""
+    """Make ``module(...)`` run ``compiled(module, ...)`` (one callable: modules of a class share a compile cache)."""
     module._compiled_call_impl = functools.partial(compiled, module)
 
 

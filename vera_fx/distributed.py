@@ -37,8 +37,7 @@ def fsdp2_sums_gradients(mesh: Any = None) -> bool:
 
 
 def mean_gradients(model: nn.Module, mesh: Any = None) -> bool:
-    """Make every FSDP2 module of ``model`` average gradients, as DDP does, where FSDP2 on gloo sums them (pytorch
-    issue 162338; a collective). Returns whether it changed anything."""
+    """Make FSDP2 modules of ``model`` average gradients where gloo sums them (pytorch 162338; a collective)."""
     _require_group("mean_gradients")
     from torch.distributed.fsdp import FSDPModule
 
@@ -96,8 +95,7 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def placed_like(value: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-    """``value`` (the same full tensor on every rank) laid out as ``current``: this rank's shard of a DTensor
-    (sliced locally), else ``value``."""
+    """``value`` (a full tensor, the same on every rank) as this rank's shard when ``current`` is a DTensor."""
     if not hasattr(current, "device_mesh"):
         return value
     from torch.distributed.tensor import distribute_tensor

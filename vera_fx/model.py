@@ -32,7 +32,6 @@ from .serving import mixed_adapter_forward
 from .signatures import (CallKey, ExampleInputs, call_key, capture_example, forward_parameters, normalise_call,
                          normalise_example)
 from .state import adapter_container, state_lock
-from .checkpoint import adapters_state_dict, load_adapters_state_dict, read_trainer_checkpoint
 from .passes.lower import check_lowering
 from .passes.pipeline import add_adapter_passes, run_passes
 from .compat import eager_frame, eval_frame_callback
@@ -199,11 +198,11 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
     def state_dict(self, *args: Any, destination: Optional[dict] = None, prefix: str = "",
                    keep_vars: bool = False) -> dict[str, torch.Tensor]:
         """The adapters only (Trainer saves it): ``vera_fx.<adapter>.<PEFT key>``, ``vera_fx_config.<adapter>``."""
-        return adapters_state_dict(self._source, destination, prefix, keep_vars)
+        return ckpt.adapters_state_dict(self._source, destination, prefix, keep_vars)
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load what ``state_dict()`` gives (all checked before anything changes)."""
-        return load_adapters_state_dict(self._source, state_dict, strict)
+        return ckpt.load_adapters_state_dict(self._source, state_dict, strict)
 
     def _all_graphs(self) -> list[GraphModule]:
         return [g for v in self._graphs.values() for g in v]
@@ -299,8 +298,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         return functools.partial(self._call_siblings, key, graphs), call, key
 
     def _call_siblings(self, key: CallKey, graphs: list[GraphModule], /, **call: Any) -> Any:
-        """Run the first graph of the signature whose export guards accept the call (last winner first), else
-        capture another."""
+        """Run the signature's first graph whose export guards accept the call (last winner first), else capture one."""
         last, why = self._ready.get((key, "sibling")), "evicted meanwhile"
         for gm in ([last] if last in graphs else []) + [g for g in graphs if g is not last]:
             try:
@@ -328,8 +326,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
 
     @torch.compiler.disable
     def _enter_compiled(self, args: tuple, kwargs: dict) -> tuple[Callable[..., Any], dict[str, Any], Any]:
-        """Under torch.compile, all but the graph's generated ``forward`` (one compile cache per graph) runs here,
-        eagerly; returns the read lock held for the call."""
+        """Under torch.compile, the call's eager part (all but the graph's ``forward``); returns the read lock held."""
         held = state_lock(self._source).read()
         held.__enter__()
         try:
@@ -357,8 +354,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
 
 @contextlib.contextmanager
 def _swapped_in(model: nn.Module, source: GraphModule) -> Iterator[None]:
-    """Meanwhile, ``model`` holds the source graph's tensors where they differ (after ``.to()`` or a merge), so a
-    new capture sees what the object computes with."""
+    """Meanwhile, ``model`` holds the source graph's tensors where they differ (after ``.to()`` or a merge)."""
     def named(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
         return [*m.named_parameters(remove_duplicate=False), *m.named_buffers(remove_duplicate=False)]
 
@@ -382,10 +378,7 @@ def _leave(held: Any) -> None:
 @functools.lru_cache(maxsize=None)
 def _model_class(base_cls: type) -> type:
     """A VeraFxModel subclass whose ``forward`` has the base model's signature (read by transformers' Trainer)."""
-    try:
-        params = inspect.signature(base_cls.forward)
-    except (TypeError, ValueError, AttributeError):
-        return VeraFxModel
+    params = inspect.signature(base_cls.forward)
     if "self" not in params.parameters:
         return VeraFxModel
     base = VeraFxModel.forward  # a function of its own (same code, which dynamo skips): the signature is the class's
@@ -393,8 +386,7 @@ def _model_class(base_cls: type) -> type:
     forward.__dict__.update(base.__dict__)  # dynamo's markers
     forward.__qualname__, forward.__doc__ = base.__qualname__, base.__doc__
     forward.__signature__ = params  # type: ignore[attr-defined]
-    return type(f"VeraFx{base_cls.__name__}", (VeraFxModel,), {"forward": forward, "__module__": __name__,
-                                                                "__reduce_ex__": VeraFxModel.__reduce_ex__})
+    return type(f"VeraFx{base_cls.__name__}", (VeraFxModel,), {"forward": forward, "__module__": __name__})
 
 
 def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleInputs = None,
@@ -436,7 +428,7 @@ def from_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, exa
         obj = transform(model, config, example_inputs, adapter_name, max_graphs)
         ckpt.load_checked(obj.graph_module, adapter_name, config, tensors, source)
     else:
-        state, parsed = read_trainer_checkpoint(path)
+        state, parsed = ckpt.read_trainer_checkpoint(path)
         first = adapter_name if adapter_name in parsed else next(iter(parsed))
         obj = transform(model, parsed[first], example_inputs, first, max_graphs)
         for name, cfg in parsed.items():

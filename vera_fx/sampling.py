@@ -62,8 +62,7 @@ def set_sample_at_inference(gm: nn.Module, value: Union[bool, dict[str, bool]],
 
 @mutation
 def reseed(gm: nn.Module, seed: Optional[int] = None, adapter_name: str = "default") -> None:
-    """Restart a seeded adapter's noise streams from ``seed`` (default: its ``generator_seed``), as in a fresh
-    transform."""
+    """Restart a seeded adapter's noise streams from ``seed`` (default: its ``generator_seed``)."""
     state = pvera_states(gm, adapter_name)[adapter_name]
     if not any(GENERATOR_STATE in state.site_module(s)._buffers for s in state.site_names):
         raise ValueError(f"adapter {adapter_name!r} was created with generator_seed=None and samples from torch's "

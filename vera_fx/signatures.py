@@ -49,8 +49,7 @@ def positional_names(model: nn.Module, n: int) -> tuple[str, ...]:
 
 
 def default_example_inputs(model: nn.Module, batch: int = 2, length: int = 8) -> dict[str, Any]:
-    """A small input for a transformers model from its config, with ``labels`` for language-modelling and
-    classification heads (so the graph returns a loss)."""
+    """A small input for a transformers model from its config (``labels`` for LM and classification heads)."""
     if not is_pretrained(model):
         raise ValueError(f"example_inputs=None needs a transformers PreTrainedModel, got {type(model).__name__}: "
                          "pass example_inputs as a tuple of positional arguments or a dict of keyword arguments")
@@ -112,8 +111,7 @@ def export_dynamic_shapes(args: tuple, kwargs: dict, batch_only: bool = False) -
 
 @contextmanager
 def explicit_keywords(model: nn.Module, kwargs: dict[str, Any]) -> Iterator[None]:
-    """Meanwhile, ``model.forward`` names the keywords it takes through ``**kwargs`` (export's dynamic-shape check
-    mis-orders them)."""
+    """Meanwhile, ``model.forward`` names its ``**kwargs`` keywords (export's dynamic-shape check mis-orders them)."""
     params = inspect.signature(model.forward).parameters
     extra = [k for k in kwargs if k not in params]
     if not extra or not any(p.kind is p.VAR_KEYWORD for p in params.values()):

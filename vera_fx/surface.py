@@ -12,9 +12,7 @@ from typing import AbstractSet, Any, ContextManager, Iterator, Optional, Sequenc
 import torch
 from torch import nn
 
-from . import adapters as adapter_ops
-from . import blockwise
-from . import checkpoint as ckpt
+from . import adapters as adapter_ops, blockwise, checkpoint as ckpt
 from .config import AdapterConfig
 from .generation import generate
 from .passes.merge import merge, merge_into, unmerge
@@ -110,8 +108,8 @@ class PeftSurface:
 
     def add_adapter(self, adapter_name: str, peft_config: Any, low_cpu_mem_usage: bool = False,
                     autocast_adapter_dtype: bool = True) -> None:
-        """Add an adapter (vera_fx's or PEFT's config), not made active; the last two keywords have no effect (the
-        lambdas take the weights' dtype)."""
+        """Add an adapter (vera_fx's or PEFT's config), inactive; ``low_cpu_mem_usage`` / ``autocast_adapter_dtype``
+        do nothing (the lambdas take the weights' dtype)."""
         if adapter_name in self.peft_config:  # PEFT's check and words
             raise ValueError(f"Adapter with name '{adapter_name}' already exists: choose another adapter_name or "
                              f"delete_adapter('{adapter_name}') first")
@@ -256,8 +254,7 @@ class PeftSurface:
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], selected_adapters: Optional[list[str]] = None,
                         is_main_process: Optional[bool] = None, **kwargs: Any) -> None:
-        """Write ``default`` in ``save_directory`` and any other adapter in a subfolder of its name, as PEFT does
-        (sharded: on every rank, with ``is_main_process``)."""
+        """Write ``default`` in ``save_directory`` and other adapters in subfolders of their names, as PEFT does."""
         safe = kwargs.pop("safe_serialization", True)
         if kwargs:
             logger.info("save_pretrained: ignored %s (vera_fx writes safetensors only)", sorted(kwargs))
