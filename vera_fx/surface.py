@@ -137,14 +137,12 @@ class PeftSurface:
     @contextmanager
     def _keeping_trainability(self) -> Iterator[None]:
         """The adapters present on entry keep their ``requires_grad`` (adding an adapter re-syncs them)."""
-        kept = {name: [(p, p.requires_grad) for p in self._adapter_parameters(name)] for name in self.peft_config}
+        kept = [(p, p.requires_grad) for name in self.peft_config for p in self._adapter_parameters(name)]
         try:
             yield
         finally:
-            for name, flags in kept.items():
-                if name in self.peft_config:
-                    for p, flag in flags:
-                        p.requires_grad_(flag)
+            for p, flag in kept:
+                p.requires_grad_(flag)
 
     def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
         """Make ``adapter_name`` (or a list: they add up) active; only they train, none with ``inference_mode``."""
