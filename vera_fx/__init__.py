@@ -1,8 +1,5 @@
-"""vera_fx: VeRA and PVeRA adapters as a torch.fx graph-rewriting pass.
-
-The public names are loaded on first use (PEP 562): ``import vera_fx`` costs no torch import, so the
-``vera-fx`` command answers ``--help`` / ``--version`` at once, and ``vera_fx.transform`` imports what it needs.
-"""
+"""vera_fx: VeRA and PVeRA adapters as a torch.fx graph-rewriting pass. The public names load on first use
+(PEP 562), so ``import vera_fx`` imports no torch and the ``vera-fx`` command answers ``--help`` at once."""
 
 from __future__ import annotations
 
@@ -61,8 +58,8 @@ _SHADOWED = {name for name, (module, _) in _EXPORTS.items() if module == name}  
 
 
 class _Package(types.ModuleType):
-    """The package module: a submodule named as a public function (``capture``, ``sites``) does not replace
-    the function when it is imported (the import system sets the package attribute)."""
+    """The package module: importing a submodule named as a public function (``capture``, ``sites``) keeps the
+    function."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _SHADOWED and isinstance(value, types.ModuleType):

@@ -1,8 +1,5 @@
-"""Several adapters on one graph: add, switch, delete and disable them without re-capture.
-
-An inactive adapter has no nodes, so it costs nothing at run time and ``torch.compile`` sees a plain graph (a
-switch to a state not seen before recompiles; none graph-breaks). Active adapters add up, as in PEFT.
-"""
+"""Several adapters on one graph: add, switch, delete and disable them without re-capture. An inactive adapter has
+no nodes (it costs nothing at run time); active adapters add up, as in PEFT."""
 
 from __future__ import annotations
 
@@ -16,7 +13,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .config import AdapterConfig, as_config
-from .methods import AdapterState, method_for
+from .methods import AdapterState
 from .variants import state_fingerprint
 from .passes.inject import InjectPass, emit_adapter, remove_adapter_nodes
 from .passes.lower import check_lowering
@@ -34,11 +31,6 @@ def _check_not_merged(gm: GraphModule, names: Sequence[str], action: str) -> Non
     if merged:
         raise ValueError(f"cannot {action}: adapters {merged} are merged into the base weights; unmerge them "
                          "first (vera_fx.unmerge)")
-
-
-def _has_nodes(gm: GraphModule, name: str) -> bool:
-    return any((n.meta.get(ADAPTER_KEY) or {}).get("adapter") == name
-               for g in graph_modules(gm) for n in g.graph.nodes)
 
 
 @contextmanager
@@ -59,40 +51,37 @@ def _bias_params(gm: GraphModule, state: AdapterState) -> list[nn.Parameter]:
 
 
 def _sync(gm: GraphModule, before: Optional[tuple] = None) -> None:
-    """Make the graph and ``requires_grad`` follow the active list and the disabled flag (a tree built before for
-    the new state is put back); ``before``: ``state_fingerprint`` before the change."""
+    """Make the graph tree and ``requires_grad`` follow the active list and the disabled flag; ``before``: the
+    ``state_fingerprint`` before the change."""
     container = adapters_of(gm)
     active = active_adapters(gm)
     live = [] if adapters_disabled(gm) else active
     modules_to_save_owners(gm, live)  # conflicts raise before anything changes
     adapter_container(gm).versions.switch(gm, graph_modules(gm), before, state_fingerprint(gm),
                                           lambda: _emit_live(gm, live))
-    trainable_bias = {id(p) for name in active if container[name].config.bias != "none"
-                      for p in _bias_params(gm, container[name])}
+    trainable_bias = {id(p) for name in active for p in _bias_params(gm, container[name])}
     for name, state in container.items():
-        on = name in active
         mts = getattr(state, "modules_to_save", None)
         for p in [*state.lambda_parameters(), *(mts.parameters() if mts is not None else ())]:
-            p.requires_grad_(on)
-        if state.config.bias != "none":
-            for p in _bias_params(gm, state):
-                p.requires_grad_(id(p) in trainable_bias)
+            p.requires_grad_(name in active)
+        for p in _bias_params(gm, state):  # (none unless the adapter trains biases)
+            p.requires_grad_(id(p) in trainable_bias)
 
 
 def _emit_live(gm: GraphModule, live: list[str]) -> None:
     """Give the graph tree the nodes of exactly the live adapters that are not merged."""
     container, merged, changed = adapters_of(gm), merged_adapters(gm), False
-    missing = [n for n in live if n not in merged and not _has_nodes(gm, n)]
-    leaving = [n for n in container if n not in merged and n not in live and _has_nodes(gm, n)]
+    missing = [n for n in live if n not in merged and not adapter_nodes(gm, adapter=n)]
+    leaving = [n for n in container if n not in merged and n not in live and adapter_nodes(gm, adapter=n)]
     for name in container:
         # Re-emitting every live adapter when one is missing or leaves keeps the sum in the active list's order
         # and each adapter's lowering what the list gives it (a call folds its first adapter only), so one
         # active list always gives one graph (and bit-identical outputs).
-        if name not in merged and (name not in live or missing or leaving) and _has_nodes(gm, name):
+        if name not in merged and (name not in live or missing or leaving) and adapter_nodes(gm, adapter=name):
             remove_adapter_nodes(gm, name)
             changed = True
     for name in live:
-        if name not in merged and not _has_nodes(gm, name):
+        if name not in merged and not adapter_nodes(gm, adapter=name):
             emit_adapter(gm, name)
             changed = True
     if route_modules_to_save(gm, live) or changed:
@@ -132,7 +121,6 @@ def add_adapter(gm: GraphModule, adapter_name: str, config: AdapterConfig) -> No
     inactive when the graph already has one; it shares the existing adapters' projections."""
     gm = as_graph_module(gm, "add_adapter")
     config = as_config(config)
-    method_for(config)
     if config.modules_to_save:
         resolve_modules_to_save(gm, config.modules_to_save)  # fail before anything changes
     passes: list = [InjectPass(config, adapter_name)]
@@ -169,15 +157,13 @@ def delete_adapter(gm: GraphModule, adapter_name: str) -> None:
 
 
 def remove_adapter(gm: GraphModule, adapter_name: str) -> None:
-    """``delete_adapter`` without checks or messages (also undoes a failed ``load_adapter``)."""
+    """``delete_adapter`` without checks or messages (undoes a failed ``load_adapter`` too)."""
     container = adapters_of(gm)
-    state = container[adapter_name]
-    if state.config.bias != "none":
-        for p in _bias_params(gm, state):
-            p.requires_grad_(False)
-    if _has_nodes(gm, adapter_name):  # the others are re-emitted (_sync): their lowering may have followed it
+    for p in _bias_params(gm, container[adapter_name]):
+        p.requires_grad_(False)
+    if adapter_nodes(gm, adapter=adapter_name):  # the others are re-emitted (_sync): their lowering may follow it
         for other in [adapter_name, *(n for n in container if n != adapter_name and n not in merged_adapters(gm))]:
-            if _has_nodes(gm, other):
+            if adapter_nodes(gm, adapter=other):
                 remove_adapter_nodes(gm, other)
     flags = container.flags
     if flags.active is not None:
@@ -192,34 +178,27 @@ def remove_adapter(gm: GraphModule, adapter_name: str) -> None:
     _sync(gm)
 
 
-def set_adapters_disabled(gm: GraphModule, disabled: bool) -> None:
-    """Disable (``True``) or enable (``False``) every adapter until the next call, keeping the active list:
-    PEFT's ``disable_adapter_layers`` / ``enable_adapter_layers``."""
-    gm = as_graph_module(gm, "set_adapters_disabled")
-    if not isinstance(disabled, bool):
-        raise TypeError(f"disabled={disabled!r}: expected True or False")
-    if disabled != adapters_disabled(gm):
-        _set_disabled(gm, disabled)
-        logger.info("adapters %s", "disabled" if disabled else "enabled")
-
-
 @contextmanager
 def disable_adapters(gm: GraphModule) -> Iterator[GraphModule]:
     """Inside the block the graph computes the base model."""
     gm = as_graph_module(gm, "disable_adapters")
-    if adapters_disabled(gm):
-        yield gm
-        return
-    _set_disabled(gm, True)
+    was = adapters_disabled(gm)
+    set_adapters_disabled(gm, True)
     try:
         yield gm
     finally:
-        _set_disabled(gm, False)
+        set_adapters_disabled(gm, was)
 
 
 @mutation
-def _set_disabled(gm: GraphModule, disabled: bool) -> None:
-    """Trained biases stay when the adapters are disabled, as in PEFT (with PEFT's warning)."""
+def set_adapters_disabled(gm: GraphModule, disabled: bool) -> None:
+    """Disable (``True``) or enable (``False``) every adapter, keeping the active list: PEFT's
+    ``disable_adapter_layers`` / ``enable_adapter_layers``. Trained biases stay, as in PEFT (with its warning)."""
+    gm = as_graph_module(gm, "set_adapters_disabled")
+    if not isinstance(disabled, bool):
+        raise TypeError(f"disabled={disabled!r}: expected True or False")
+    if disabled == adapters_disabled(gm):
+        return
     if disabled:
         _check_not_merged(gm, active_adapters(gm), "disable adapters")
         biased = [n for n in active_adapters(gm) if adapters_of(gm)[n].config.bias != "none"]
@@ -233,13 +212,13 @@ def _set_disabled(gm: GraphModule, disabled: bool) -> None:
     except Exception:
         _sync(gm)
         raise
+    logger.info("adapters %s", "disabled" if disabled else "enabled")
 
 
 @mutation
 def set_lowering(gm: GraphModule, lowering: Union[str, dict] = "auto", tokens: Optional[int] = None) -> GraphModule:
-    """Choose how the adapters are computed: ``"auto"``, ``"activation"``, ``"lean"``, ``"weight"`` or
-    ``{site name: mode}`` (others ``auto``), ``tokens`` per step for the cost model (vera_fx/passes/lower.py).
-    Every adapter with nodes is re-emitted (outputs equal up to rounding). Returns ``gm``."""
+    """Choose how the adapters are computed (``transform``'s ``lowering`` and ``tokens``, vera_fx/passes/lower.py):
+    every adapter with nodes is re-emitted (outputs equal up to rounding). Returns ``gm``."""
     inner = as_graph_module(gm, "set_lowering")
     setting = check_lowering(lowering, tokens)
     with_nodes: dict[str, set[str]] = {}

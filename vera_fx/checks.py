@@ -1,15 +1,11 @@
-"""Checks that run before any work, each raising ValueError / TypeError naming the field or key, the value and
-the fix: a call's keywords (an unknown one would capture a graph of its own) and attention mask, r against the
-targeted layers and memory, a file's tensors against its config, a folder's fields against the adapter it is
-loaded into. Also call signatures in words.
-"""
+"""Checks that run before any work, each raising ValueError / TypeError naming the field, the value and the fix:
+a call's keywords and mask, r against the targeted layers and memory, a folder against its adapter."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import inspect
-import logging
 import os
 import typing
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -20,8 +16,6 @@ from .config import AdapterConfig
 from .methods import method_for
 from .sites import Site
 
-logger = logging.getLogger(__name__)
-
 # Keywords transformers takes out of **kwargs before the model sees them (return_dict, deprecated cache names)
 _DECORATOR_KEYWORDS = frozenset({"return_dict", "past_key_values", "cache_params"})
 
@@ -31,11 +25,8 @@ def _typed_kwargs(param: inspect.Parameter) -> Optional[frozenset[str]]:
     ann = param.annotation
     if ann is inspect.Parameter.empty or (isinstance(ann, str) and "TransformersKwargs" not in ann):
         return None
-    if isinstance(ann, str):  # postponed annotations: transformers' documented keywords by name
-        try:
-            from transformers.utils import TransformersKwargs
-        except ImportError:
-            return None
+    if isinstance(ann, str):  # postponed annotations: transformers' documented keywords (every 5.x has them)
+        from transformers.utils import TransformersKwargs
         ann = TransformersKwargs
     args = typing.get_args(ann)
     typed = args[0] if args else ann
@@ -73,8 +64,7 @@ def check_mask(call: Mapping[str, Any]) -> None:
 
 
 def describe_key(key: tuple) -> str:
-    """A call signature (a graph cache key) in words: ``input_ids: int64[2d], labels: int64[2d],
-    use_cache=False; autocast cpu/bfloat16; weights float32 on cpu``."""
+    """A call signature in words: ``(input_ids: int64[2d], use_cache=False); autocast off; weights float32 on cpu``."""
     inputs, autocast, weights = key
     parts = [f"{item[0]}: {str(item[2]).replace('torch.', '')}[{item[3]}d]" if item[1] == "tensor"
              else f"{item[0]}={item[2]!r}" for item in inputs]
@@ -95,33 +85,25 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} {('KB', 'MB', 'GB', 'TB')[unit - 1]}" if unit else f"{int(n)} B"
 
 
-def memory_bytes(device: Optional[torch.device] = None) -> Optional[int]:
-    """The memory of ``device``: a GPU's total, else the machine's physical memory (None when unknown)."""
-    if device is not None and device.type == "cuda" and torch.cuda.is_available():
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_rank(config: AdapterConfig, sites: Sequence[Site], device: Optional[torch.device] = None,
-               itemsize: int = 4) -> None:
-    """ValueError when ``config.r`` is more than the targeted layers can use (``RANK_FACTOR`` x their widest
-    dimension) or when the adapter would take more than half of the device's memory."""
+def check_rank(config: AdapterConfig, sites: Sequence[Site], device: Optional[torch.device] = None) -> None:
+    """ValueError when ``config.r`` is more than ``RANK_FACTOR`` x the targeted layers' widest dimension, or the
+    adapter would take more than half of the device's memory (a GPU's, else the machine's)."""
     if not sites:
         return
     widest = max(max(s.in_features, s.out_features) for s in sites)
     rank_cap = min(min(s.in_features, s.out_features) for s in sites)
-    rows = method_for(config).latent_rows(config)  # the bytes of the shared A and B and every site's lambdas:
+    rows = method_for(config).latent_rows(config)  # the float32 bytes of the shared A and B and every site's lambdas:
     in_max, out_max = max(s.in_features for s in sites), max(s.out_features for s in sites)
-    need = itemsize * (rows * in_max + out_max * config.r + sum(rows + s.out_features for s in sites))
+    need = 4 * (rows * in_max + out_max * config.r + sum(rows + s.out_features for s in sites))
     if config.r > RANK_FACTOR * widest:
         raise ValueError(f"r={config.r} is more than the targeted layers can use: their update's rank is at most "
                          f"{rank_cap} and the widest has {widest} features, and the adapter would take "
                          f"{_fmt_bytes(need)} ({need} bytes). Choose r <= {RANK_FACTOR * widest} (VeRA usually "
                          "uses r=256 to 1024)")
-    total = memory_bytes(device)
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        total: Optional[int] = int(torch.cuda.get_device_properties(device).total_memory)
+    else:  # the machine's memory (POSIX; unknown elsewhere)
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
     if total is not None and need > total // 2:
         raise ValueError(f"r={config.r} needs {_fmt_bytes(need)} ({need} bytes) for the projections and lambdas "
                          f"of {len(sites)} targeted layers, more than half of the {_fmt_bytes(total)} this device "
@@ -145,8 +127,7 @@ def check_file_shapes(config: AdapterConfig, tensors: dict[str, Any], source: st
 
 def check_same_fields(have: AdapterConfig, config: AdapterConfig, source: str, adapter_name: str,
                       has_projections: bool) -> None:
-    """ValueError naming every field of the folder's ``config`` that differs from ``have`` (adapter
-    ``adapter_name``'s) and that loading tensors cannot apply (built into the graph or the projections)."""
+    """ValueError naming each field of the folder's ``config`` that differs from ``have`` and loading cannot change."""
     fields = ["r", "bias", have._dropout_field, *([] if has_projections else ["projection_prng_key"])]
     names = {f.name for f in dataclasses.fields(have)}
     diff = [f"{f}={getattr(config, f)!r} (the adapter has {getattr(have, f)!r})" for f in fields

@@ -1,10 +1,6 @@
-"""What differs between the torch releases vera_fx supports, and every private torch / bitsandbytes name it uses.
-
-Layer 0: torch and the standard library only (bitsandbytes inside the one function that needs it). A release
-that moves a private name is fixed here; ``scripts/test-torch.sh VERSION`` tells which. Long-stable internals
-stay in the library: ``nn.Module``'s ``_parameters`` / ``_buffers`` / ``_modules`` and ``_apply``,
-``Tensor._version`` / ``_base``, and the aten overloads of export's IR.
-"""
+"""Every private torch / bitsandbytes name vera_fx uses (but long-stable ones: ``nn.Module._parameters`` /
+``_buffers`` / ``_modules`` / ``_apply``, ``Tensor._version`` / ``_base``, export's aten overloads), and the tested
+torch range; ``scripts/test-torch.sh VERSION`` tells what a release moved."""
 
 from __future__ import annotations
 
@@ -20,11 +16,9 @@ from torch.fx import Graph, GraphModule
 
 # torch.fx and torch.export flatten with this module (their TreeSpec type); torch 2.13 has no public one.
 from torch.utils import _pytree as pytree
-from torch._ops import HigherOrderOperator, OpOverload, OpOverloadPacket
+from torch._ops import HigherOrderOperator, OpOverload, OpOverloadPacket  # noqa: F401 (re-exported)
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
-from torch.nn.modules.module import _IncompatibleKeys as IncompatibleKeys
-
-__all__ = ["HigherOrderOperator", "IncompatibleKeys", "OpOverload", "OpOverloadPacket", "pytree"]  # re-exported
+from torch.nn.modules.module import _IncompatibleKeys as IncompatibleKeys  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +79,7 @@ _GENERATED = ("_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec"
 
 
 class GeneratedCode:
-    """A GraphModule's Graph and the code ``recompile`` generated from it, to be put back without generating
-    again (torch.fx keeps every source it ever executed)."""
+    """A GraphModule's Graph and generated code, to put back without generating again (torch.fx leaks each source)."""
 
     def __init__(self, gm: GraphModule) -> None:
         self.gm, self.cls, self.graph = gm, type(gm), gm._graph
@@ -110,8 +103,8 @@ class GeneratedCode:
 
 
 def replace_with_copy(gm: GraphModule) -> None:
-    """Give ``gm`` a copy of its Graph without generating code (the code is the same), with copies of the
-    ``vera_fx*`` node tags, which passes edit in place; the old Graph stays untouched."""
+    """Give ``gm`` a copy of its Graph (and of the ``vera_fx*`` node tags passes edit in place) without generating
+    code; the old Graph stays untouched."""
     graph = gm._graph
     new = Graph(tracer_cls=graph._tracer_cls)
     copied = new.graph_copy(graph, val_map={}, return_output_node=True)
@@ -135,19 +128,13 @@ def register_deepcopy_hook(gm: GraphModule, hook: Callable[[GraphModule], Any]) 
 
 
 def saved_tensors_hooks_active() -> bool:
-    """Whether autograd's saved tensors go through hooks now (checkpointing, offloading); True if unknown."""
-    try:
-        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-    except (AttributeError, TypeError, RuntimeError):
-        return True
+    """Whether autograd's saved tensors go through hooks now (checkpointing, offloading)."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 def backward_running() -> bool:
-    """Whether this thread runs inside a backward pass (a reentrant checkpoint's recompute); True if unknown."""
-    try:
-        return torch._C._current_graph_task_id() != -1
-    except (AttributeError, TypeError, RuntimeError):
-        return True
+    """Whether this thread runs inside a backward pass (a reentrant checkpoint's recompute)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 # dynamo's frame callback, None unless torch.compile runs around the caller (then every Python frame called
@@ -156,10 +143,9 @@ eval_frame_callback: Callable[[], Any] = torch._C._dynamo.eval_frame.get_eval_fr
 
 
 def eager_frame(fn: Callable[..., Any], reason: str) -> Callable[..., Any]:
-    """``fn`` itself, its own frame run eagerly under torch.compile while the frames it calls are compiled
-    (dynamo's ``skip``), and a graph break with ``reason`` where traced code calls it. Unlike
-    ``torch.compiler.disable(recursive=False)`` no wrapper is added: that wrapper refuses every call while any
-    thread runs torch.export (a global flag), so one thread capturing a signature broke the others' calls."""
+    """``fn`` itself, its frame run eagerly under torch.compile while the frames it calls are compiled (dynamo's
+    ``skip``; a graph break with ``reason`` in traced code). No wrapper, unlike ``torch.compiler.disable``, whose
+    wrapper refuses every call while any thread runs torch.export."""
     fn = torch._dynamo.decorators.skip(fn)
     fn._torchdynamo_disable_msg = reason
     return fn
@@ -179,8 +165,7 @@ def call_impl(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 def set_compiled_call(module: nn.Module, compiled: Callable[..., Any]) -> None:
-    """Make ``module(...)`` run ``compiled(module, ...)``: ``nn.Module.compile`` with one shared callable, so
-    modules of one class share its compile cache."""
+    """Make ``module(...)`` run ``compiled(module, ...)`` (one callable: modules of a class share a compile cache)."""
     module._compiled_call_impl = functools.partial(compiled, module)
 
 

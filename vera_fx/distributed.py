@@ -1,8 +1,5 @@
-"""Data-parallel and sharded training of a block-structured graph: FSDP2 per block (``shard``: every block, then
-the root, as PEFT's / accelerate's recipe does; each tensor is registered once), DDP (no helper needed), FSDP1
-(``use_orig_params=True``). Saving gathers only a sharded graph (``needs_gather``), so ``save_role`` asks for
-``is_main_process`` on every rank and refuses a call without it at once (one rank alone would wait forever).
-"""
+"""FSDP2 per block (``shard``), DDP and FSDP1 helpers, and what saving a sharded graph needs (a gather on every
+rank, with ``is_main_process``). torch.distributed.fsdp / .tensor are imported where used (a second to import)."""
 
 from __future__ import annotations
 
@@ -18,8 +15,6 @@ from .sites import as_graph_module, graph_modules
 
 logger = logging.getLogger(__name__)
 
-# torch.distributed.fsdp / .tensor take about a second to import: imported inside the functions that need them.
-
 
 def _require_group(fn: str) -> None:
     if not dist.is_available() or not dist.is_initialized():
@@ -28,8 +23,7 @@ def _require_group(fn: str) -> None:
 
 
 def fsdp2_sums_gradients(mesh: Any = None) -> bool:
-    """Whether FSDP2's gradient reduction on this process group sums instead of averaging, measured with one
-    tiny sharded Linear (every rank's gradient 1). A collective: call it on every rank."""
+    """Whether FSDP2 on this process group sums gradients instead of averaging (a collective: every rank)."""
     _require_group("fsdp2_sums_gradients")
     from torch.distributed.fsdp import fully_shard
 
@@ -43,9 +37,7 @@ def fsdp2_sums_gradients(mesh: Any = None) -> bool:
 
 
 def mean_gradients(model: nn.Module, mesh: Any = None) -> bool:
-    """Make every FSDP2 module of ``model``'s tree average gradients over the ranks, as DDP does, where FSDP2 on
-    gloo sums them (some torch builds, pytorch issue 162338; a probe, a collective): each gets the divide factor
-    ``world``. Returns whether it changed anything (False on NCCL and on torch 2.13)."""
+    """Make FSDP2 modules of ``model`` average gradients where gloo sums them (pytorch 162338; a collective)."""
     _require_group("mean_gradients")
     from torch.distributed.fsdp import FSDPModule
 
@@ -64,9 +56,8 @@ def mean_gradients(model: nn.Module, mesh: Any = None) -> bool:
 
 
 def shard(gm: nn.Module, mesh: Any = None, **fsdp_kwargs: Any) -> nn.Module:
-    """FSDP2 per block: ``fully_shard`` every block of ``gm`` (the model object or a GraphModule), then ``gm``
-    itself, then ``mean_gradients``; returns ``gm``. ``mesh`` (default: the world) and ``fsdp_kwargs`` go to
-    every ``fully_shard`` call. A graph without blocks is sharded as one unit, with a warning."""
+    """``fully_shard`` every block of ``gm`` (the model object or a graph), then its root, then ``mean_gradients``;
+    ``mesh`` and ``fsdp_kwargs`` go to every ``fully_shard``. Returns ``gm``."""
     _require_group("shard")
     from torch.distributed.fsdp import fully_shard
 
@@ -92,8 +83,7 @@ def unwrap_parallel(gm: nn.Module) -> nn.Module:
 
 
 def gathered(wrapper: nn.Module) -> ContextManager[Any]:
-    """Full parameters inside the block for an FSDP1 wrapper (``summon_full_params``, collective: every rank
-    must enter); a no-op for anything else."""
+    """Full parameters inside the block for an FSDP1 wrapper (a collective); a no-op for anything else."""
     if type(wrapper).__name__ == "FullyShardedDataParallel":
         return type(wrapper).summon_full_params(wrapper, writeback=False, rank0_only=False)
     return contextlib.nullcontext()
@@ -105,8 +95,7 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def placed_like(value: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-    """``value`` (a full tensor, the same on every rank) laid out as ``current``: this rank's shard when
-    ``current`` is a DTensor (FSDP2; sliced locally, no communication), else ``value`` itself."""
+    """``value`` (a full tensor, the same on every rank) as this rank's shard when ``current`` is a DTensor."""
     if not hasattr(current, "device_mesh"):
         return value
     from torch.distributed.tensor import distribute_tensor
@@ -115,14 +104,13 @@ def placed_like(value: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
 
 
 def needs_gather(wrapper: nn.Module, tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether saving needs a collective: an FSDP1 wrapper, or any of ``tensors`` a DTensor (FSDP2); looked up
-    locally, so a call on one rank can refuse at once."""
+    """Whether saving needs a collective (an FSDP1 wrapper or a DTensor); local, so one rank can refuse at once."""
     return type(wrapper).__name__ == "FullyShardedDataParallel" or any(hasattr(t, "device_mesh") for t in tensors)
 
 
 def save_role(gather: bool, is_main_process: Optional[bool], fn: str) -> bool:
-    """Whether this process writes the folder (transformers' ``is_main_process``: the given value, else rank 0).
-    ValueError at once when a gather across ranks is needed and ``is_main_process`` is not given."""
+    """Whether this process writes the folder (``is_main_process``, else rank 0); ValueError when a gather is
+    needed and ``is_main_process`` is not given (one rank alone would wait forever)."""
     if is_main_process is not None and not isinstance(is_main_process, bool):
         raise TypeError(f"is_main_process={is_main_process!r} must be True, False or None (rank 0 writes)")
     grouped = dist.is_available() and dist.is_initialized()
@@ -135,11 +123,10 @@ def save_role(gather: bool, is_main_process: Optional[bool], fn: str) -> bool:
     return (not grouped or dist.get_rank() == 0) if is_main_process is None else is_main_process
 
 
-def sharded_fraction(gm: nn.Module, frozen_only: bool = True) -> Optional[float]:
-    """The fraction of the blocks' (frozen) parameter elements this rank holds locally (1/world when every
-    block is sharded); None for a graph without blocks."""
+def sharded_fraction(gm: nn.Module) -> Optional[float]:
+    """The fraction of the blocks' frozen parameter elements this rank holds (None without blocks)."""
     blocks = graph_modules(unwrap_parallel(gm))[1:]
-    params = [p for p in {p for b in blocks for p in b.parameters()} if not (frozen_only and p.requires_grad)]
+    params = [p for p in {p for b in blocks for p in b.parameters()} if not p.requires_grad]
     full = sum(p.numel() for p in params)
     local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
     return local / full if full else None

@@ -1,12 +1,10 @@
-"""The object users hold: ``VeraFxModel``, one model-like nn.Module over a cache of captured graphs.
-
-It owns the *source graph* (the first captured graph, holding the adapter state; the object's parameter, buffer
-and submodule dicts are the source's) and a bounded cache of graphs per call signature, like torch.compile's
-guards: a new signature is captured on first use and bound to the source's state (vera_fx/variants.py).
+"""The object users hold: ``VeraFxModel``, a model-like nn.Module over the *source graph* (which holds the adapter
+state; the object's parameter, buffer and submodule dicts are its) and a bounded cache of graphs per call signature.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -16,7 +14,6 @@ import threading
 import types
 import weakref
 from collections import OrderedDict
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -35,7 +32,6 @@ from .serving import mixed_adapter_forward
 from .signatures import (CallKey, ExampleInputs, call_key, capture_example, forward_parameters, normalise_call,
                          normalise_example)
 from .state import adapter_container, state_lock
-from .checkpoint import adapters_state_dict, load_adapters_state_dict, read_trainer_checkpoint
 from .passes.lower import check_lowering
 from .passes.pipeline import add_adapter_passes, run_passes
 from .compat import eager_frame, eval_frame_callback
@@ -202,21 +198,11 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
     def state_dict(self, *args: Any, destination: Optional[dict] = None, prefix: str = "",
                    keep_vars: bool = False) -> dict[str, torch.Tensor]:
         """The adapters only (Trainer saves it): ``vera_fx.<adapter>.<PEFT key>``, ``vera_fx_config.<adapter>``."""
-        return adapters_state_dict(self._source, destination, prefix, keep_vars)
+        return ckpt.adapters_state_dict(self._source, destination, prefix, keep_vars)
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load what ``state_dict()`` gives (all checked before anything changes)."""
-        return load_adapters_state_dict(self._source, state_dict, strict)
-
-    def _normalise_call(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        call, asked_cache = normalise_call(self._forward_params, type(self._base_model).__name__,
-                                           self._source.meta.get("vera_fx_signature"), args, kwargs,
-                                           self._keywords_ok)
-        if asked_cache and not self._warned_cache:
-            logger.warning("use_cache=True: vera_fx graphs run without a KV cache and return no past_key_values; "
-                           "outputs are otherwise the model's")
-            self.__dict__["_warned_cache"] = True
-        return call
+        return ckpt.load_adapters_state_dict(self._source, state_dict, strict)
 
     def _all_graphs(self) -> list[GraphModule]:
         return [g for v in self._graphs.values() for g in v]
@@ -246,8 +232,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         return gm
 
     def _say_constant_changes(self, inputs: tuple) -> None:
-        """Log once per keyword that a new signature's ``inputs`` differ from a cached one's (same names and tensor
-        kinds) only by a constant's value, which needs a graph of its own."""
+        """Warn once per keyword whose value alone (a constant's) makes ``inputs`` a new signature."""
         items = {item[0]: item for item in inputs}
         names: set[str] = set()
         for theirs in ({item[0]: item for item in key[0]} for key in self._order):
@@ -262,8 +247,8 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
                            ", ".join(sorted(names)), self.max_graphs - self.num_graphs - 1, self.max_graphs)
 
     def _binding(self, gm: GraphModule, fp: tuple) -> tuple:
-        """What ``gm`` is attached again when it changes: the adapter structure and the base tensors' identities
-        in the source and in ``gm`` (twins share leaf modules: binding one can change another's)."""
+        """What ``gm`` is attached again on a change of: the adapter structure, the base tensors of source and ``gm``
+        (twins share leaf modules: binding one can change another's)."""
         return fp, base_stamp(self._source), base_stamp(gm)
 
     def _fresh(self, gm: GraphModule, variant: bool = True) -> GraphModule:
@@ -288,20 +273,23 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         return gm
 
     def _select(self, args: tuple, kwargs: dict) -> tuple[Callable[..., Any], dict[str, Any], CallKey]:
-        """What runs this call (``adapter_names``: the mixed-adapter graph), the call as its keywords and its key.
-        The signature's first graph is captured when there is none: once, whichever threads ask at once."""
+        """What runs this call (``adapter_names``: the mixed-adapter graph), the call's keywords and its key; a new
+        signature's graph is captured once, whichever threads ask at once."""
         adapter_names = kwargs.pop("adapter_names", None)
-        call = self._normalise_call(args, kwargs)
+        call, asked_cache = normalise_call(self._forward_params, type(self._base_model).__name__,
+                                           self._source.meta.get("vera_fx_signature"), args, kwargs, self._keywords_ok)
+        if asked_cache and not self._warned_cache:
+            logger.warning("use_cache=True: vera_fx graphs run without a KV cache and return no past_key_values; "
+                           "outputs are otherwise the model's")
+            self.__dict__["_warned_cache"] = True
         key = call_key(call, self._weights_state())
         graphs = self._graphs.get(key)
         if graphs is None:
             with self._build_lock:
                 graphs = self._graphs.get(key) or [self._capture(key, call)]
-        else:
-            try:
-                self._graphs.move_to_end(key)  # least recently used first (eviction order)
-            except KeyError:  # evicted by another thread meanwhile: this call still runs the graph it got
-                pass
+        else:  # least recently used first; a key another thread evicted meanwhile: the call runs the graph it got
+            with contextlib.suppress(KeyError):
+                self._graphs.move_to_end(key)
         if adapter_names is not None:  # one adapter per row: the mixed graph of this signature's first graph
             first = self._ready_graph((key, "first"), graphs[0], variant=False)
             return functools.partial(mixed_adapter_forward, first, adapter_names), call, key
@@ -310,8 +298,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         return functools.partial(self._call_siblings, key, graphs), call, key
 
     def _call_siblings(self, key: CallKey, graphs: list[GraphModule], /, **call: Any) -> Any:
-        """Run the first of the signature's graphs whose export guards accept the call (the last one to take it
-        first); when all reject it (a shape export specialised), capture another."""
+        """Run the signature's first graph whose export guards accept the call (last winner first), else capture one."""
         last, why = self._ready.get((key, "sibling")), "evicted meanwhile"
         for gm in ([last] if last in graphs else []) + [g for g in graphs if g is not last]:
             try:
@@ -339,8 +326,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
 
     @torch.compiler.disable
     def _enter_compiled(self, args: tuple, kwargs: dict) -> tuple[Callable[..., Any], dict[str, Any], Any]:
-        """Under torch.compile, everything but the graph's own generated ``forward`` (one code object, so one
-        compile cache, per graph) runs here, eagerly. Returns the read lock held for the call."""
+        """Under torch.compile, the call's eager part (all but the graph's ``forward``); returns the read lock held."""
         held = state_lock(self._source).read()
         held.__enter__()
         try:
@@ -366,10 +352,9 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
     forward = eager_frame(forward, _EAGER_REASON)
 
 
-@contextmanager
+@contextlib.contextmanager
 def _swapped_in(model: nn.Module, source: GraphModule) -> Iterator[None]:
-    """Meanwhile, ``model`` holds the source graph's tensors where they differ (after ``.to()`` on the object, or a
-    merge), so a new capture sees what the object computes with (each name of a tied tensor is bound)."""
+    """Meanwhile, ``model`` holds the source graph's tensors where they differ (after ``.to()`` or a merge)."""
     def named(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
         return [*m.named_parameters(remove_duplicate=False), *m.named_buffers(remove_duplicate=False)]
 
@@ -393,10 +378,7 @@ def _leave(held: Any) -> None:
 @functools.lru_cache(maxsize=None)
 def _model_class(base_cls: type) -> type:
     """A VeraFxModel subclass whose ``forward`` has the base model's signature (read by transformers' Trainer)."""
-    try:
-        params = inspect.signature(base_cls.forward)
-    except (TypeError, ValueError, AttributeError):
-        return VeraFxModel
+    params = inspect.signature(base_cls.forward)
     if "self" not in params.parameters:
         return VeraFxModel
     base = VeraFxModel.forward  # a function of its own (same code, which dynamo skips): the signature is the class's
@@ -404,18 +386,15 @@ def _model_class(base_cls: type) -> type:
     forward.__dict__.update(base.__dict__)  # dynamo's markers
     forward.__qualname__, forward.__doc__ = base.__qualname__, base.__doc__
     forward.__signature__ = params  # type: ignore[attr-defined]
-    return type(f"VeraFx{base_cls.__name__}", (VeraFxModel,), {"forward": forward, "__module__": __name__,
-                                                                "__reduce_ex__": VeraFxModel.__reduce_ex__})
+    return type(f"VeraFx{base_cls.__name__}", (VeraFxModel,), {"forward": forward, "__module__": __name__})
 
 
 def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleInputs = None,
               adapter_name: str = "default", max_graphs: int = DEFAULT_MAX_GRAPHS, lowering: Any = "auto",
               tokens: Optional[int] = None) -> VeraFxModel:
-    """Capture ``model`` and attach a VeRA / PVeRA adapter to every linear-like call ``config`` targets, as a
-    ``VeraFxModel`` whose only trainable parameters are the adapter's (``model`` is left as it was, on failure
-    too). ``lowering`` ("auto", "fast", "activation", "fused", "lean", "weight" or ``{site: mode}``) and ``tokens``
-    (per step, for the cost model) choose how each site group is computed (vera_fx/passes/lower.py): the graph's
-    setting, not the adapter's (``vera_fx.set_lowering`` changes it)."""
+    """Capture ``model`` (left as it was) and attach a VeRA / PVeRA adapter to every linear-like call ``config``
+    targets. ``lowering`` and ``tokens`` (per step) choose how each site group is computed (vera_fx/passes/lower.py;
+    a setting of the graph, not of the adapter)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, VeraFxModel):
@@ -440,9 +419,8 @@ def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleIn
 def from_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, example_inputs: Any = None,
                     adapter_name: str = "default", max_graphs: int = DEFAULT_MAX_GRAPHS,
                     is_trainable: bool = False) -> VeraFxModel:
-    """Capture ``model`` and attach the adapter saved in ``directory`` (a PEFT / vera_fx folder, or a Trainer
-    checkpoint of ``state_dict()``), checked before the capture. As PEFT's: for inference (frozen, eval mode)
-    unless ``is_trainable=True`` (then the model's train / eval mode is kept)."""
+    """Capture ``model`` with the adapter saved in ``directory`` (a PEFT / vera_fx folder or a Trainer checkpoint),
+    checked first; frozen, in eval mode, unless ``is_trainable=True``, as PEFT's."""
     check_is_trainable(is_trainable)
     path = Path(directory)
     if (path / ckpt.CONFIG_NAME).is_file() or not (path / "model.safetensors").is_file():
@@ -450,7 +428,7 @@ def from_pretrained(model: nn.Module, directory: Union[str, os.PathLike], *, exa
         obj = transform(model, config, example_inputs, adapter_name, max_graphs)
         ckpt.load_checked(obj.graph_module, adapter_name, config, tensors, source)
     else:
-        state, parsed = read_trainer_checkpoint(path)
+        state, parsed = ckpt.read_trainer_checkpoint(path)
         first = adapter_name if adapter_name in parsed else next(iter(parsed))
         obj = transform(model, parsed[first], example_inputs, first, max_graphs)
         for name, cfg in parsed.items():

@@ -1,9 +1,6 @@
-"""vera_fx's run-time: the custom ops its graphs call, importing nothing but torch.
-
-An exported program that samples PVeRA noise calls these ops, so serving needs torch and this file only (it
-loads on its own). Both draw standard normal noise on CPU from a generator state kept in a uint8 tensor and
-write it back: one opaque, state-mutating node where a ``torch.Generator`` argument would break the graph.
-"""
+"""The custom ops vera_fx's graphs call (an exported PVeRA program needs torch and this file only): standard
+normal noise on CPU from a generator state kept in a uint8 tensor and written back, one opaque state-mutating
+node where a ``torch.Generator`` argument would break the graph."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""PVeRA's run-time sampling switches (per-site bools the graph's sampling nodes read: no re-capture) and its
-KL term (the sum of the scalars the graph recorded in the last forward, so it is differentiable).
-"""
+"""PVeRA's run-time sampling switches (per-site bools the graph reads) and its KL term (recorded by the last
+forward, so differentiable)."""
 
 from __future__ import annotations
 
@@ -19,8 +18,7 @@ logger = logging.getLogger(__name__)
 
 
 def pvera_states(gm: nn.Module, adapter_name: Optional[str] = None) -> dict[str, AdapterState]:
-    """The PVeRA adapters of ``gm`` by name (only ``adapter_name`` when given); ValueError when there is none,
-    or ``adapter_name`` is missing or not a PVeRA adapter."""
+    """The PVeRA adapters of ``gm`` by name (only ``adapter_name`` when given); ValueError when there is none."""
     states = dict(adapters_of(as_graph_module(gm)).items())
     pvera = {k: s for k, s in states.items() if isinstance(s.method, PveraMethod)}
     if adapter_name is not None:
@@ -39,9 +37,8 @@ def pvera_states(gm: nn.Module, adapter_name: Optional[str] = None) -> dict[str,
 @mutation
 def set_sample_at_inference(gm: nn.Module, value: Union[bool, dict[str, bool]],
                             adapter_name: str = "default") -> None:
-    """Switch sampling at inference on or off for every site (``True`` / ``False``) or for the named sites
-    (``{site name: bool}``; the others keep theirs). Training mode always samples. The graph reads the switches
-    at run time (a compiled graph recompiles once per combination); all is checked before anything changes."""
+    """Switch sampling at inference on or off for every site (a bool) or the named sites (``{site name: bool}``);
+    training mode always samples. Read at run time (a compiled graph recompiles once per combination)."""
     state = pvera_states(gm, adapter_name)[adapter_name]
     sites = state.site_names
     wanted = {s: value for s in sites} if isinstance(value, bool) else value
@@ -65,8 +62,7 @@ def set_sample_at_inference(gm: nn.Module, value: Union[bool, dict[str, bool]],
 
 @mutation
 def reseed(gm: nn.Module, seed: Optional[int] = None, adapter_name: str = "default") -> None:
-    """Restart the noise streams of a seeded adapter (``generator_seed`` set), from ``seed`` or from the
-    config's ``generator_seed``: the next sampled forwards repeat those of a fresh transform."""
+    """Restart a seeded adapter's noise streams from ``seed`` (default: its ``generator_seed``)."""
     state = pvera_states(gm, adapter_name)[adapter_name]
     if not any(GENERATOR_STATE in state.site_module(s)._buffers for s in state.site_names):
         raise ValueError(f"adapter {adapter_name!r} was created with generator_seed=None and samples from torch's "
@@ -80,10 +76,9 @@ def reseed(gm: nn.Module, seed: Optional[int] = None, adapter_name: str = "defau
 
 
 def kl_divergence(gm: nn.Module, adapter_name: Optional[str] = None) -> torch.Tensor:
-    """The KL term of the last forward: per site the mean over every element of ``-0.5 * (1 + logvar - mu^2 -
-    exp(logvar))`` (the mean over a shared layer's calls), summed over sites and PVeRA adapters (only
-    ``adapter_name``'s when given). Differentiable when the forward ran with gradients (add
-    ``beta * kl_divergence(gm)`` to the loss); each forward replaces the recorded scalars, so memory is flat."""
+    """The KL term of the last forward: per site the mean of ``-0.5 * (1 + logvar - mu^2 - exp(logvar))`` (over a
+    shared layer's calls too), summed over sites and PVeRA adapters (``adapter_name``'s only when given);
+    differentiable when the forward ran with gradients."""
     inner = as_graph_module(gm)
     states = pvera_states(inner, adapter_name)
     per_site: dict[tuple[str, str], list[torch.Tensor]] = {}

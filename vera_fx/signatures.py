@@ -1,5 +1,5 @@
-"""Example inputs for capture, and call signatures: a captured graph's ``Signature`` with its input check, and
-the model object's key for a call (one graph per call signature, like torch.compile's guards)."""
+"""Example inputs for capture, a captured graph's ``Signature`` and input check, and the model object's key per
+call signature."""
 
 from __future__ import annotations
 
@@ -33,11 +33,8 @@ def is_pretrained(model: nn.Module) -> bool:
 
 
 def forward_parameters(model: nn.Module) -> dict[str, inspect.Parameter]:
-    """The parameters of ``model.forward`` by name (empty for a forward without a signature)."""
-    try:
-        return dict(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        return {}
+    """The parameters of ``model.forward`` by name."""
+    return dict(inspect.signature(model.forward).parameters)
 
 
 def positional(params: dict[str, inspect.Parameter]) -> list[str]:
@@ -52,8 +49,7 @@ def positional_names(model: nn.Module, n: int) -> tuple[str, ...]:
 
 
 def default_example_inputs(model: nn.Module, batch: int = 2, length: int = 8) -> dict[str, Any]:
-    """A small input for a transformers model from its config, with ``labels`` for language-modelling and
-    classification heads (so the graph returns a loss)."""
+    """A small input for a transformers model from its config (``labels`` for LM and classification heads)."""
     if not is_pretrained(model):
         raise ValueError(f"example_inputs=None needs a transformers PreTrainedModel, got {type(model).__name__}: "
                          "pass example_inputs as a tuple of positional arguments or a dict of keyword arguments")
@@ -115,8 +111,7 @@ def export_dynamic_shapes(args: tuple, kwargs: dict, batch_only: bool = False) -
 
 @contextmanager
 def explicit_keywords(model: nn.Module, kwargs: dict[str, Any]) -> Iterator[None]:
-    """Meanwhile, ``model.forward`` (an instance attribute) names the keywords it takes through ``**kwargs``
-    (``output_hidden_states``, the Trainer's ``num_items_in_batch``): export's dynamic-shape check mis-orders them."""
+    """Meanwhile, ``model.forward`` names its ``**kwargs`` keywords (export's dynamic-shape check mis-orders them)."""
     params = inspect.signature(model.forward).parameters
     extra = [k for k in kwargs if k not in params]
     if not extra or not any(p.kind is p.VAR_KEYWORD for p in params.values()):
@@ -141,9 +136,8 @@ def explicit_keywords(model: nn.Module, kwargs: dict[str, Any]) -> Iterator[None
 
 
 def normalise_example(model: nn.Module, example_inputs: ExampleInputs) -> tuple[tuple, dict]:
-    """``example_inputs`` as (args, kwargs): positional or keyword arguments, never both. A keyword example gets
-    ``use_cache=False`` where the forward takes it, as every call of the object has it (a KV cache object cannot
-    leave an exported graph)."""
+    """``example_inputs`` as (args, kwargs), never both; a keyword example gets ``use_cache=False`` where the forward
+    takes it, as every call of the object does (a KV cache cannot leave an exported graph)."""
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs), {}
     if isinstance(example_inputs, torch.Tensor):
@@ -169,9 +163,8 @@ def warn_unit_dims(args: tuple, kwargs: dict) -> None:
 
 def normalise_call(params: dict[str, inspect.Parameter], model_name: str, signature: Any, args: tuple,
                    kwargs: dict, checked: set) -> tuple[dict[str, Any], bool]:
-    """The call as the keywords of one graph, and whether it asked for ``use_cache=True`` (run without a KV cache).
-    The source graph's ``signature.defaults`` (the masks the model fills when left out) are filled, so one graph
-    serves both; ``checked``: keyword sets already accepted (names are checked once per set)."""
+    """The call as one graph's keywords (``signature.defaults`` filled, so one graph serves both), and whether it
+    asked for ``use_cache=True``; ``checked``: the keyword sets already accepted."""
     names = positional(params)
     if len(args) > len(names):
         raise TypeError(f"{model_name}.forward takes {len(names)} positional arguments ({names}); "
@@ -180,16 +173,14 @@ def normalise_call(params: dict[str, inspect.Parameter], model_name: str, signat
     if tuple(kwargs) not in checked:
         check_keywords(params, kwargs, model_name)
         checked.add(tuple(kwargs))
-    for k, v in kwargs.items():
-        if k in call:
-            raise TypeError(f"forward got multiple values for argument {k!r}")
-        call[k] = v
+    twice = [k for k in kwargs if k in call]
+    if twice:
+        raise TypeError(f"forward got multiple values for argument {twice[0]!r}")
     out = {}
-    for k, v in call.items():
+    for k, v in {**call, **kwargs}.items():
         p = params.get(k)
-        if v is None and (p is None or p.default is None or p.kind is p.VAR_KEYWORD):
-            continue  # the model treats None as absent
-        out[k] = v
+        if v is not None or (p is not None and p.default is not None and p.kind is not p.VAR_KEYWORD):
+            out[k] = v  # a None the model treats as absent is left out
     asked_cache = False
     if "use_cache" in params and out.get("use_cache") is not False:
         asked_cache = out.get("use_cache") is True
@@ -229,22 +220,18 @@ def call_key(call: dict[str, Any], weights_state: tuple) -> CallKey:
     return tuple(_value_key(k, call[k]) for k in sorted(call)), autocast, weights_state
 
 
-def _expand_unit_dims(v: Any) -> Any:
-    """Without dimensions of size 1 (export fixes them): the batch dim, and the sequence dim of (batch, seq) /
-    (batch, seq, hidden) tensors, repeated to size 2."""
-    if not isinstance(v, torch.Tensor) or v.dim() == 0:
-        return v
-    reps = [1] * v.dim()
-    if v.shape[0] == 1:
-        reps[0] = 2
-    if v.dim() in (2, 3) and v.shape[1] == 1:
-        reps[1] = 2
-    return v.repeat(*reps) if any(r > 1 for r in reps) else v.clone()
-
-
 def capture_example(call: dict[str, Any]) -> dict[str, Any]:
-    """The example a call's new graph is captured from: the call with its unit dimensions widened."""
-    return {k: _expand_unit_dims(v) for k, v in call.items()}
+    """The example a call's new graph is captured from: copies of its tensors with a batch dim, and the sequence
+    dim of (batch, seq) / (batch, seq, hidden) tensors, of size 1 repeated to 2 (export fixes a size of 1)."""
+    def widened(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            return v
+        reps = [2 if v.shape[0] == 1 else 1] + [1] * (v.dim() - 1)
+        if v.dim() in (2, 3) and v.shape[1] == 1:
+            reps[1] = 2
+        return v.repeat(*reps)  # a copy even when nothing is repeated
+
+    return {k: widened(v) for k, v in call.items()}
 
 
 @dataclass(frozen=True)
@@ -325,8 +312,8 @@ def model_filled_inputs(model: nn.Module, placeholders: tuple[str, ...], args: t
 
 
 def probe(gm: GraphModule) -> Optional[tuple[str, torch.dtype, str]]:
-    """Of a graph tree that hard-codes a floating dtype or a device (export bakes in casts, dtype assertions and
-    factory devices): its first floating parameter, dtype and device type."""
+    """(name, dtype, device type) of the first floating parameter of a graph tree that hard-codes a floating dtype
+    or a device (export bakes in casts and factory devices); else None."""
     if not any(isinstance(a, torch.device) or (isinstance(a, torch.dtype) and a.is_floating_point)
                for g in graph_modules(gm) for n in g.graph.nodes for a in (*n.args, *n.kwargs.values())):
         return None

@@ -1,9 +1,5 @@
-"""Adapter state on a graph, below the passes (which, the adapter API and checkpoints all read and write it).
-
-The container of ``AdapterState`` modules at ``gm.vera_fx_adapters`` with its lock and run-time flags
-(vera_fx/versions.py: active list, disabled, merged, lowering; every graph of the model holds the same
-container); the adapters' own train / eval flag per graph (``AdapterMode``); the shared projections; and the
-trainable extras besides the lambdas: ``modules_to_save`` copies and the base biases ``bias`` trains.
+"""Adapter state on a graph, below the passes: the adapter set at ``gm.vera_fx_adapters`` (its lock and flags),
+the adapters' train / eval flag, the shared projections, ``modules_to_save`` copies and the biases ``bias`` trains.
 """
 
 from __future__ import annotations
@@ -19,7 +15,7 @@ from torch.fx import GraphModule
 
 from .config import AdapterConfig
 from .methods import CONTAINER, AdapterSet, AdapterState, AdapterView, Method
-from .versions import StateLock, adapter_flags
+from .versions import StateLock
 from .sites import as_graph_module, block_prefix, graph_modules, qualified_name, read_graph_sites, read_sites
 
 logger = logging.getLogger(__name__)
@@ -32,9 +28,8 @@ _PLACED = "_vera_fx_placed"  # AdapterState.__dict__: its sites have their owner
 
 
 class AdapterMode(nn.Module):
-    """The adapters' train / eval flag of one graph (its ``training``, read by dropout and sampling nodes): a
-    submodule, so ``gm.train()`` / ``.eval()`` set it, yet it starts in training mode in a model in eval mode,
-    as PEFT's new adapter layers do. Never called."""
+    """The adapters' train / eval flag of one graph: a submodule, so ``gm.train()`` / ``.eval()`` set it, yet it
+    starts in training mode in a model in eval mode, as PEFT's new adapter layers do."""
 
 
 def adapter_mode_module(gm: GraphModule, training: bool = True) -> AdapterMode:
@@ -46,8 +41,7 @@ def adapter_mode_module(gm: GraphModule, training: bool = True) -> AdapterMode:
 
 
 def adapters_training(gm: nn.Module) -> bool:
-    """Whether the adapters of ``gm`` (a graph or the model object) train: its root's AdapterMode flag, or the
-    graph's own ``training`` when no adapter was ever emitted."""
+    """Whether the adapters of ``gm`` (a graph or the model object) train (the graph's mode before any adapter)."""
     gm = as_graph_module(gm, "adapters_training")
     mode = gm._modules.get(ADAPTER_MODE)
     return bool(mode.training) if mode is not None else bool(gm.training)
@@ -63,10 +57,10 @@ def set_adapters_training(gm: nn.Module, training: bool) -> None:
             mode.training = training
 
 
-def adapters_of(gm: GraphModule) -> nn.ModuleDict:
-    """The graph's adapter set, or an empty ModuleDict when it has none (read-only use)."""
+def adapters_of(gm: GraphModule) -> AdapterSet:
+    """The graph's adapter set with its lock and flags, or an empty one when it has none (read-only use)."""
     container = getattr(gm, CONTAINER, None)
-    return container if container is not None else nn.ModuleDict()
+    return container if container is not None else AdapterSet()
 
 
 def adapter_container(gm: GraphModule) -> AdapterSet:
@@ -78,8 +72,7 @@ def adapter_container(gm: GraphModule) -> AdapterSet:
 
 def state_lock(gm: Any, fn: str = "state_lock") -> StateLock:
     """The lock of the adapter state ``gm`` (a model object or its graph) computes over (``fn``: for errors)."""
-    container = getattr(as_graph_module(gm, fn), CONTAINER, None)
-    return container.lock if container is not None else StateLock()  # no adapter state yet: nothing to share
+    return adapters_of(as_graph_module(gm, fn)).lock
 
 
 def _holding(side: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
@@ -98,25 +91,25 @@ reads_state = _holding("read")  # several forwards (``generate``) on one adapter
 
 def active_adapters(gm: GraphModule) -> list[str]:
     """The active adapters in the order they were set (default: all); unchanged inside ``disable_adapters``."""
-    gm = as_graph_module(gm, "active_adapters")
-    names, chosen = list(adapters_of(gm).keys()), adapter_flags(gm).active
-    return names if chosen is None else [n for n in chosen if n in names]
+    container = adapters_of(as_graph_module(gm, "active_adapters"))
+    chosen = container.flags.active
+    return list(container) if chosen is None else [n for n in chosen if n in container]
 
 
 def adapters_disabled(gm: GraphModule) -> bool:
     """True inside ``with disable_adapters(gm):``."""
-    return adapter_flags(as_graph_module(gm, "adapters_disabled")).disabled
+    return adapters_of(as_graph_module(gm, "adapters_disabled")).flags.disabled
 
 
 def merged_adapters(gm: GraphModule) -> set[str]:
     """Adapters merged into the base weights at one site or more."""
-    return {a for names in adapter_flags(gm).merged.values() for a in names}
+    return {a for names in adapters_of(gm).flags.merged.values() for a in names}
 
 
 def shared_projections(gm: GraphModule, config: AdapterConfig, method: Method, in_max: int,
                        out_max: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """The views of the largest existing adapter's A and B a new adapter of ``method`` uses (None for the first
-    of its method); ValueError, before anything changes, when they cannot be shared."""
+    """Views of the largest existing adapter's A and B for a new adapter of ``method`` (None for the first of its
+    method); ValueError, before anything changes, when they cannot be shared."""
     others = list(adapters_of(gm).items())
     for name, state in others:
         if config.bias != "none" and state.config.bias != "none":
@@ -152,8 +145,8 @@ def block_site_names(gm: GraphModule) -> list[tuple[GraphModule, str, set[str]]]
 def attach_state(gm: GraphModule, adapter_name: str, state: AdapterState,
                  blocks: Optional[list[tuple[GraphModule, str, set[str]]]] = None) -> None:
     """Register ``state`` at the root of ``gm``'s tree and an ``AdapterView`` in every block holding some of its
-    sites or ``modules_to_save`` copies. In the first graph attached, a block's sites are registered in its view
-    only (the root links to them): ``named_parameters()``, ``state_dict()`` and FSDP2 see each tensor once."""
+    sites or ``modules_to_save`` copies. In the first graph attached a block's sites live in its view only (the
+    root links to them), so ``named_parameters()``, ``state_dict()`` and FSDP2 see each tensor once."""
     adapter_container(gm)[adapter_name] = state
     mods = gm._modules  # the container first (``named_parameters()`` order, for optimizers); the object shares it
     if next(iter(mods)) != CONTAINER:
@@ -172,9 +165,8 @@ def attach_state(gm: GraphModule, adapter_name: str, state: AdapterState,
 
 def detach_state(gm: GraphModule, adapter_name: str) -> None:
     """Remove ``adapter_name``'s state from the root and its views from the blocks."""
-    for g in graph_modules(gm):
-        container = getattr(g, CONTAINER, None)
-        if container is not None and adapter_name in container:
+    for container in (adapters_of(g) for g in graph_modules(gm)):
+        if adapter_name in container:
             del container[adapter_name]
 
 
@@ -184,8 +176,8 @@ def restore_active(gm: GraphModule, old: Optional[list[str]]) -> None:
 
 
 def resolve_modules_to_save(gm: GraphModule, module_names: Sequence[str]) -> list[str]:
-    """Module paths of ``gm`` named by ``modules_to_save`` (a path or its last components). A name that matches
-    nothing is skipped with a warning (PEFT's task types add names such as 'score'); ValueError when none does."""
+    """Module paths of ``gm`` named by ``modules_to_save`` (a path or its last components); a name matching nothing
+    is skipped with a warning (PEFT's task types add names such as 'score'), ValueError when none matches."""
     found: list[str] = []
     for module_name in module_names:
         paths = [n for n, _ in gm.named_modules() if n and CONTAINER not in n.split(".")
@@ -245,8 +237,8 @@ def modules_to_save_owners(gm: GraphModule, live: Sequence[str]) -> dict[str, st
 
 
 def route_modules_to_save(gm: GraphModule, live: Sequence[str]) -> bool:
-    """Point the graph's modules_to_save get_attr nodes at the copies of the ``live`` adapters (else at the
-    base parameters). Returns whether a target changed; the caller recompiles."""
+    """Point the modules_to_save get_attr nodes at the ``live`` adapters' copies (else at the base parameters);
+    returns whether a target changed (the caller recompiles the root)."""
     owners = modules_to_save_owners(gm, live)
     changed = False
     for g in graph_modules(gm):

@@ -1,7 +1,5 @@
-"""PEFT's ``PeftModel`` surface on the object ``transform`` returns, with PEFT's names, signatures and semantics
-(a docstring says where vera_fx differs). A mixin of ``VeraFxModel``: as class attributes its methods win over
-the wrapped transformers model's same-named PEFT integration, which ``VeraFxModel.__getattr__`` refuses.
-"""
+"""PEFT's ``PeftModel`` surface (names, signatures, semantics; a docstring says where vera_fx differs) as a mixin of
+``VeraFxModel``, whose class attributes win over the wrapped model's same-named PEFT integration."""
 
 from __future__ import annotations
 
@@ -14,9 +12,7 @@ from typing import AbstractSet, Any, ContextManager, Iterator, Optional, Sequenc
 import torch
 from torch import nn
 
-from . import adapters as adapter_ops
-from . import blockwise
-from . import checkpoint as ckpt
+from . import adapters as adapter_ops, blockwise, checkpoint as ckpt
 from .config import AdapterConfig
 from .generation import generate
 from .passes.merge import merge, merge_into, unmerge
@@ -26,9 +22,8 @@ logger = logging.getLogger(__name__)
 
 
 def count_parameters(module: nn.Module, skip: AbstractSet[int] = frozenset()) -> tuple[int, int]:
-    """(trainable, all) parameter counts as PEFT reports them: shared tensors once, buffers not at all, and a
-    4-bit bitsandbytes weight as the parameters it packs (two per byte of its storage type); parameters whose
-    ``id`` is in ``skip`` left out."""
+    """(trainable, all) parameter counts as PEFT reports them: shared tensors once, no buffers, a 4-bit
+    bitsandbytes weight as the parameters it packs; parameters whose ``id`` is in ``skip`` left out."""
     def size(p: nn.Parameter) -> int:
         storage = getattr(p, "quant_storage", None)
         packed = 2 * (storage.itemsize if isinstance(storage, torch.dtype) else 1)
@@ -45,17 +40,15 @@ def trainable_line(module: nn.Module) -> str:
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
 
 
-def check_is_trainable(is_trainable: Any) -> bool:
-    """``is_trainable`` of ``from_pretrained`` / ``load_adapter``: a bool, else a TypeError saying so."""
+def check_is_trainable(is_trainable: Any) -> None:
+    """TypeError unless ``is_trainable`` (of ``from_pretrained`` / ``load_adapter``) is a bool."""
     if not isinstance(is_trainable, bool):
         raise TypeError(f"is_trainable={is_trainable!r} must be True or False: False (the default) loads the "
                         "adapter frozen for inference, True keeps it trainable")
-    return is_trainable
 
 
 class PeftSurface:
-    """PEFT's model methods over ``self._source`` (the graph holding the adapter state) and ``self._base_model``
-    (the user's model, never changed), and the transformers surface the Trainer reads."""
+    """PEFT's model methods over ``self._source`` and ``self._base_model``, and the surface the Trainer reads."""
 
     _source: Any
     _base_model: nn.Module
@@ -87,8 +80,8 @@ class PeftSurface:
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None,
                                       **kwargs: Any) -> None:
-        """Checkpoint every block call of every graph, also those captured later (a model without blocks raises
-        ValueError). ``gradient_checkpointing_kwargs`` are ignored: blocks always use non-reentrant checkpointing."""
+        """Checkpoint every block call of every graph, also those captured later (ValueError without blocks); always
+        non-reentrant, so ``gradient_checkpointing_kwargs`` are ignored."""
         blockwise.gradient_checkpointing_enable(self._source)
         for gm in self._all_graphs():
             if gm is not self._source and blockwise.block_calls(gm):
@@ -115,8 +108,8 @@ class PeftSurface:
 
     def add_adapter(self, adapter_name: str, peft_config: Any, low_cpu_mem_usage: bool = False,
                     autocast_adapter_dtype: bool = True) -> None:
-        """Add an adapter (vera_fx's or PEFT's config), not made active; the last two keywords have no effect (the
-        lambdas take the weights' dtype)."""
+        """Add an adapter (vera_fx's or PEFT's config), inactive; ``low_cpu_mem_usage`` / ``autocast_adapter_dtype``
+        do nothing (the lambdas take the weights' dtype)."""
         if adapter_name in self.peft_config:  # PEFT's check and words
             raise ValueError(f"Adapter with name '{adapter_name}' already exists: choose another adapter_name or "
                              f"delete_adapter('{adapter_name}') first")
@@ -124,7 +117,7 @@ class PeftSurface:
             adapter_ops.add_adapter(self, adapter_name, peft_config)
 
     def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
-        """Its lambdas (a block's live in the block) and ``modules_to_save`` copies."""
+        """Its lambdas and ``modules_to_save`` copies."""
         state = adapters_of(self._source)[adapter_name]
         return list({id(p): p for p in [*state.parameters(), *state.lambda_parameters()]}.values())
 
@@ -144,14 +137,12 @@ class PeftSurface:
     @contextmanager
     def _keeping_trainability(self) -> Iterator[None]:
         """The adapters present on entry keep their ``requires_grad`` (adding an adapter re-syncs them)."""
-        kept = {name: [(p, p.requires_grad) for p in self._adapter_parameters(name)] for name in self.peft_config}
+        kept = [(p, p.requires_grad) for name in self.peft_config for p in self._adapter_parameters(name)]
         try:
             yield
         finally:
-            for name, flags in kept.items():
-                if name in self.peft_config:
-                    for p, flag in flags:
-                        p.requires_grad_(flag)
+            for p, flag in kept:
+                p.requires_grad_(flag)
 
     def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
         """Make ``adapter_name`` (or a list: they add up) active; only they train, none with ``inference_mode``."""
@@ -207,9 +198,8 @@ class PeftSurface:
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
                      torch_device: Optional[str] = None, **kwargs: Any) -> None:
-        """Load a local adapter folder as ``adapter_name``, not made active; frozen (inference_mode, eval mode)
-        unless ``is_trainable``, then it trains even while inactive. ``torch_device`` and PEFT's other keywords
-        are ignored (the weights' device is used)."""
+        """Load a local adapter folder as ``adapter_name``, inactive; frozen (eval mode) unless ``is_trainable``, then
+        it trains even while inactive. ``torch_device`` and PEFT's other keywords are ignored."""
         check_is_trainable(is_trainable)
         if kwargs:
             logger.info("load_adapter: ignored %s", sorted(kwargs))
@@ -227,9 +217,8 @@ class PeftSurface:
         print(trainable_line(self))  # type: ignore[arg-type]
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-        """transformers' count over what this object computes with: the base weights and the adapters' trainable
-        tensors (PEFT's number); ``exclude_embeddings`` leaves out the model's ``nn.Embedding`` weights (and the
-        weights tied to them)."""
+        """transformers' count over the base weights and the adapters' trainable tensors (PEFT's number);
+        ``exclude_embeddings`` leaves out ``nn.Embedding`` weights and the weights tied to them."""
         names = {f"{n}.weight" for n, mod in self._base_model.named_modules() if isinstance(mod, nn.Embedding)} \
             if exclude_embeddings else set()
         skip = {id(p) for n, p in self.named_parameters(remove_duplicate=False)  # type: ignore[attr-defined]
@@ -238,19 +227,15 @@ class PeftSurface:
         return trainable if only_trainable else total
 
     def get_input_embeddings(self) -> nn.Module:
-        """The model's input embedding module. The graphs share its weight's storage, so an in-place write to it
-        reaches them; after ``m.to(dtype)`` (or a device) the graphs hold converted copies and this module keeps
-        the model's own tensors, which the graphs no longer read."""
+        """The model's input embedding module: the graphs share its weight's storage until ``m.to(...)`` converts it."""
         return self._base_model.get_input_embeddings()
 
     def get_output_embeddings(self) -> Optional[nn.Module]:
-        """The model's output head (the base module, not the adapted one), with ``get_input_embeddings``' rule."""
+        """The model's (base) output head, as ``get_input_embeddings``."""
         return self._base_model.get_output_embeddings()
 
     def enable_input_require_grads(self) -> None:
-        """Accepted as a no-op: transformers' hook makes the embeddings' output require grad so reentrant gradient
-        checkpointing of a frozen model has something to differentiate; the graphs checkpoint non-reentrantly and
-        the adapters' vectors get gradients without it (and the graphs never run the model's modules)."""
+        """A no-op: the graphs checkpoint non-reentrantly, which needs no input that requires grad."""
         logger.debug("enable_input_require_grads: not needed (non-reentrant checkpointing); nothing done")
 
     def disable_input_require_grads(self) -> None:
@@ -267,8 +252,7 @@ class PeftSurface:
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], selected_adapters: Optional[list[str]] = None,
                         is_main_process: Optional[bool] = None, **kwargs: Any) -> None:
-        """Write ``default`` in ``save_directory`` and any other adapter in a subfolder of its name, as PEFT does;
-        sharded with FSDP2, call it on every rank with ``is_main_process`` set."""
+        """Write ``default`` in ``save_directory`` and other adapters in subfolders of their names, as PEFT does."""
         safe = kwargs.pop("safe_serialization", True)
         if kwargs:
             logger.info("save_pretrained: ignored %s (vera_fx writes safetensors only)", sorted(kwargs))
