@@ -139,6 +139,15 @@ def test_no_projections_warns_and_regenerates(tmp_path):
         torch.testing.assert_close(_out(gm.eval()(**x)), ref, atol=1e-5, rtol=0)
 
 
+def test_state_dict_without_projections_names_the_real_setting():
+    m = tiny_llama()
+    gm = vera_fx.transform(m, vera_fx.VeraConfig(r=4, target_modules=["q_proj"], save_projection=True))
+    sd = {k: v for k, v in vera_fx.adapter_state_dict(gm).items() if "vera_A" not in k and "vera_B" not in k}
+    with pytest.warns(UserWarning, match="state dict has no projections: ") as caught:
+        vera_fx.load_adapter_state_dict(gm, sd)
+    assert not any("save_projection=False" in str(w.message) for w in caught)
+
+
 @pytest.mark.parametrize("bias", ["vera_only", "all"])
 @pytest.mark.parametrize("env", ["bert"], indirect=True)
 def test_modules_to_save_and_bias_round_trip(env, bias, tmp_path):

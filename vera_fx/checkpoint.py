@@ -242,7 +242,8 @@ def load_checked(gm: GraphModule, adapter_name: str, config: AdapterConfig, tens
         logger.warning("adapter %r: the state dict has no %s; keeping the projections regenerated from "
                        "projection_prng_key=%d", adapter_name, missing_proj, config.projection_prng_key)
     if missing_proj:
-        warnings.warn(f"{source} has no projections (save_projection=False): adapter {adapter_name!r} uses those "
+        why = "" if config.save_projection else " (save_projection=False)"
+        warnings.warn(f"{source} has no projections{why}: adapter {adapter_name!r} uses those "
                       f"regenerated from projection_prng_key={config.projection_prng_key}, which may differ across "
                       "platforms", UserWarning, stacklevel=3)
         if _standalone_projections_differ(gm, adapter_state(gm, adapter_name)):
