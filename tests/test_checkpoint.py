@@ -148,6 +148,15 @@ def test_state_dict_without_projections_names_the_real_setting():
     assert not any("save_projection=False" in str(w.message) for w in caught)
 
 
+def test_a_config_that_differs_names_the_config_file(tmp_path):
+    m = tiny_llama()
+    gm = vera_fx.transform(m, vera_fx.VeraConfig(r=4, target_modules=["q_proj"]))
+    vera_fx.save_adapter(vera_fx.transform(tiny_llama(), vera_fx.VeraConfig(r=4, target_modules=["q_proj"],
+                                                                            vera_dropout=0.1)), tmp_path)
+    with pytest.raises(ValueError, match=r"adapter_config\.json: its config differs from adapter 'default'"):
+        vera_fx.load_adapter(gm, tmp_path)
+
+
 @pytest.mark.parametrize("bias", ["vera_only", "all"])
 @pytest.mark.parametrize("env", ["bert"], indirect=True)
 def test_modules_to_save_and_bias_round_trip(env, bias, tmp_path):

@@ -267,7 +267,8 @@ def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
         raise ValueError(f"{directory}: peft_type={config.peft_type!r}, but adapter {adapter_name!r} on this "
                          f"graph is {have.config.peft_type!r}: load it under another adapter_name")
     else:
-        check_same_fields(have.config, config, source, adapter_name, have.method.peft_projection_key("A") in tensors)
+        check_same_fields(have.config, config, str(Path(directory) / CONFIG_NAME), adapter_name,
+                          have.method.peft_projection_key("A") in tensors)
     try:
         load_checked(gm, adapter_name, config, tensors, source)
     except Exception:
