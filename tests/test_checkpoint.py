@@ -157,6 +157,19 @@ def test_a_config_that_differs_names_the_config_file(tmp_path):
         vera_fx.load_adapter(gm, tmp_path)
 
 
+def test_a_save_through_a_symlink_writes_into_its_target(tmp_path):
+    gm = vera_fx.transform(tiny_llama(), vera_fx.VeraConfig(r=4, target_modules=["q_proj"]))
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    for _ in range(2):  # the second save replaces the first
+        vera_fx.save_adapter(gm, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    assert sorted(os.listdir(tmp_path)) == ["link", "real"]
+    assert sorted(os.listdir(tmp_path / "real")) == ["adapter_config.json", "adapter_model.safetensors", "notes.txt"]
+    vera_fx.load_adapter(gm, tmp_path / "link")
+
+
 @pytest.mark.parametrize("bias", ["vera_only", "all"])
 @pytest.mark.parametrize("env", ["bert"], indirect=True)
 def test_modules_to_save_and_bias_round_trip(env, bias, tmp_path):
