@@ -170,6 +170,13 @@ def test_a_save_through_a_symlink_writes_into_its_target(tmp_path):
     vera_fx.load_adapter(gm, tmp_path / "link")
 
 
+def test_a_folder_of_named_adapters_says_which_to_give(tmp_path):
+    gm = vera_fx.transform(tiny_llama(), vera_fx.VeraConfig(r=4, target_modules=["q_proj"]))
+    vera_fx.save_adapter(gm, tmp_path / "task_b")  # PEFT's save_pretrained(selected_adapters=["task_b"]) layout
+    with pytest.raises(ValueError, match=r"has no adapter_config\.json.*adapter folders \['task_b'\]: give one"):
+        vera_fx.load_adapter(gm, tmp_path)
+
+
 @pytest.mark.parametrize("bias", ["vera_only", "all"])
 @pytest.mark.parametrize("env", ["bert"], indirect=True)
 def test_modules_to_save_and_bias_round_trip(env, bias, tmp_path):

@@ -364,8 +364,10 @@ def read_folder(directory: PathLike) -> tuple[AdapterConfig, dict[str, torch.Ten
     path = Path(directory)
     with open_folder(path, (CONFIG_NAME, WEIGHTS_NAME, BIN_NAME), {CONFIG_NAME, WEIGHTS_NAME}) as files:
         if files[CONFIG_NAME] is None:
+            inner = sorted(f.parent.name for f in path.glob(f"*/{CONFIG_NAME}"))  # PEFT's named adapters
+            hint = f"; it holds the adapter folders {inner}: give one of them" if inner else ""
             raise ValueError(f"{path} has no {CONFIG_NAME}: not an adapter folder (write one with "
-                             "vera_fx.save_adapter or PEFT's save_pretrained)")
+                             f"vera_fx.save_adapter or PEFT's save_pretrained){hint}")
         if files[WEIGHTS_NAME] is None and files[BIN_NAME] is None:
             raise ValueError(f"{path} has no {WEIGHTS_NAME} (nor PEFT's {BIN_NAME}): the adapter's weights are missing")
         config = _read_config(files[CONFIG_NAME].read(), str(path / CONFIG_NAME))
