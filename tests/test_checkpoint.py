@@ -139,6 +139,44 @@ def test_no_projections_warns_and_regenerates(tmp_path):
         torch.testing.assert_close(_out(gm.eval()(**x)), ref, atol=1e-5, rtol=0)
 
 
+def test_state_dict_without_projections_names_the_real_setting():
+    m = tiny_llama()
+    gm = vera_fx.transform(m, vera_fx.VeraConfig(r=4, target_modules=["q_proj"], save_projection=True))
+    sd = {k: v for k, v in vera_fx.adapter_state_dict(gm).items() if "vera_A" not in k and "vera_B" not in k}
+    with pytest.warns(UserWarning, match="state dict has no projections: ") as caught:
+        vera_fx.load_adapter_state_dict(gm, sd)
+    assert not any("save_projection=False" in str(w.message) for w in caught)
+
+
+def test_a_config_that_differs_names_the_config_file(tmp_path):
+    m = tiny_llama()
+    gm = vera_fx.transform(m, vera_fx.VeraConfig(r=4, target_modules=["q_proj"]))
+    vera_fx.save_adapter(vera_fx.transform(tiny_llama(), vera_fx.VeraConfig(r=4, target_modules=["q_proj"],
+                                                                            vera_dropout=0.1)), tmp_path)
+    with pytest.raises(ValueError, match=r"adapter_config\.json: its config differs from adapter 'default'"):
+        vera_fx.load_adapter(gm, tmp_path)
+
+
+def test_a_save_through_a_symlink_writes_into_its_target(tmp_path):
+    gm = vera_fx.transform(tiny_llama(), vera_fx.VeraConfig(r=4, target_modules=["q_proj"]))
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    for _ in range(2):  # the second save replaces the first
+        vera_fx.save_adapter(gm, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    assert sorted(os.listdir(tmp_path)) == ["link", "real"]
+    assert sorted(os.listdir(tmp_path / "real")) == ["adapter_config.json", "adapter_model.safetensors", "notes.txt"]
+    vera_fx.load_adapter(gm, tmp_path / "link")
+
+
+def test_a_folder_of_named_adapters_says_which_to_give(tmp_path):
+    gm = vera_fx.transform(tiny_llama(), vera_fx.VeraConfig(r=4, target_modules=["q_proj"]))
+    vera_fx.save_adapter(gm, tmp_path / "task_b")  # PEFT's save_pretrained(selected_adapters=["task_b"]) layout
+    with pytest.raises(ValueError, match=r"has no adapter_config\.json.*adapter folders \['task_b'\]: give one"):
+        vera_fx.load_adapter(gm, tmp_path)
+
+
 @pytest.mark.parametrize("bias", ["vera_only", "all"])
 @pytest.mark.parametrize("env", ["bert"], indirect=True)
 def test_modules_to_save_and_bias_round_trip(env, bias, tmp_path):

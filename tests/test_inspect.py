@@ -175,6 +175,16 @@ def test_view_shows_in_a_notebook(gpt2, tmp_path):
     assert out.read_text() == v.source and v.source.startswith("digraph")
 
 
+def test_view_builds_the_site_table_once(gpt2, monkeypatch):
+    _, gm, _, _ = gpt2
+    calls = []
+    real = vera_fx.inspect.summary_rows
+    monkeypatch.setattr(vera_fx.inspect, "summary_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    v = vera_fx.view(gm)
+    assert len(calls) == 1
+    assert v.text == vera_fx.summary(gm) and v.html_table == vera_fx.inspect.summary_html(gm)
+
+
 def test_states_follow_sampling_and_adapter_switches():
     gm = _transform(tiny_llama(), vera_fx.PveraConfig(r=R, sample_at_inference=True))
     vera_fx.add_adapter(gm, "other", vera_fx.VeraConfig(r=4, target_modules=["k_proj"]))

@@ -242,7 +242,8 @@ def load_checked(gm: GraphModule, adapter_name: str, config: AdapterConfig, tens
         logger.warning("adapter %r: the state dict has no %s; keeping the projections regenerated from "
                        "projection_prng_key=%d", adapter_name, missing_proj, config.projection_prng_key)
     if missing_proj:
-        warnings.warn(f"{source} has no projections (save_projection=False): adapter {adapter_name!r} uses those "
+        why = "" if config.save_projection else " (save_projection=False)"
+        warnings.warn(f"{source} has no projections{why}: adapter {adapter_name!r} uses those "
                       f"regenerated from projection_prng_key={config.projection_prng_key}, which may differ across "
                       "platforms", UserWarning, stacklevel=3)
         if _standalone_projections_differ(gm, adapter_state(gm, adapter_name)):
@@ -266,7 +267,8 @@ def load_adapter(gm: GraphModule, directory: PathLike, adapter_name: str = "defa
         raise ValueError(f"{directory}: peft_type={config.peft_type!r}, but adapter {adapter_name!r} on this "
                          f"graph is {have.config.peft_type!r}: load it under another adapter_name")
     else:
-        check_same_fields(have.config, config, source, adapter_name, have.method.peft_projection_key("A") in tensors)
+        check_same_fields(have.config, config, str(Path(directory) / CONFIG_NAME), adapter_name,
+                          have.method.peft_projection_key("A") in tensors)
     try:
         load_checked(gm, adapter_name, config, tensors, source)
     except Exception:
@@ -362,8 +364,10 @@ def read_folder(directory: PathLike) -> tuple[AdapterConfig, dict[str, torch.Ten
     path = Path(directory)
     with open_folder(path, (CONFIG_NAME, WEIGHTS_NAME, BIN_NAME), {CONFIG_NAME, WEIGHTS_NAME}) as files:
         if files[CONFIG_NAME] is None:
+            inner = sorted(f.parent.name for f in path.glob(f"*/{CONFIG_NAME}"))  # PEFT's named adapters
+            hint = f"; it holds the adapter folders {inner}: give one of them" if inner else ""
             raise ValueError(f"{path} has no {CONFIG_NAME}: not an adapter folder (write one with "
-                             "vera_fx.save_adapter or PEFT's save_pretrained)")
+                             f"vera_fx.save_adapter or PEFT's save_pretrained){hint}")
         if files[WEIGHTS_NAME] is None and files[BIN_NAME] is None:
             raise ValueError(f"{path} has no {WEIGHTS_NAME} (nor PEFT's {BIN_NAME}): the adapter's weights are missing")
         config = _read_config(files[CONFIG_NAME].read(), str(path / CONFIG_NAME))

@@ -104,7 +104,7 @@ def _recover_locked(path: Path, keep: set[str]) -> None:
 
 
 def _folder_path(directory: os.PathLike | str) -> Path:
-    path = Path(os.path.abspath(directory))
+    path = Path(os.path.realpath(directory))  # a symlinked folder: the save swaps its target, the link stays
     if path.is_file():  # one stat: a folder that a save renames meanwhile is no file
         raise ValueError(f"{str(directory)!r} is a file, not an adapter folder: give a folder")
     return path

@@ -117,10 +117,7 @@ def _site_table(gm: GraphModule, include_unadapted: bool) -> tuple[str, list[lis
     return title, table, [*notes, trainable_line(gm)]
 
 
-def summary(gm: GraphModule, include_unadapted: bool = False) -> str:
-    """A text table of the adapted sites (every linear-like call with ``include_unadapted``) with totals; a state
-    is ``active``, ``sampling`` (PVeRA at inference), ``inactive``, ``disabled`` or ``merged``."""
-    title, table, notes = _site_table(as_graph_module(gm, "summary"), include_unadapted)
+def _text(title: str, table: list[list[str]], notes: list[str]) -> str:
     widths = [max(len(c) for c in col) for col in zip(*table)]
     rule = "  ".join("-" * w for w in widths)
     lines = ["  ".join(c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
@@ -128,13 +125,22 @@ def summary(gm: GraphModule, include_unadapted: bool = False) -> str:
     return "\n".join([title, lines[0], rule, *lines[1:], rule, *notes])
 
 
-def summary_html(gm: GraphModule, include_unadapted: bool = False) -> str:
-    """The summary as an HTML table (for notebooks)."""
-    title, table, notes = _site_table(as_graph_module(gm, "summary_html"), include_unadapted)
+def _html(title: str, table: list[list[str]], notes: list[str]) -> str:
     rows = ["<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>"
             for tag, cells in zip(["th"] + ["td"] * (len(table) - 1), table)]
     return "\n".join(["<table>", f"<thead>{rows[0]}</thead>", "<tbody>", *rows[1:], "</tbody></table>",
                       "<pre>" + html.escape("\n".join([title, *notes])) + "</pre>"])
+
+
+def summary(gm: GraphModule, include_unadapted: bool = False) -> str:
+    """A text table of the adapted sites (every linear-like call with ``include_unadapted``) with totals; a state
+    is ``active``, ``sampling`` (PVeRA at inference), ``inactive``, ``disabled`` or ``merged``."""
+    return _text(*_site_table(as_graph_module(gm, "summary"), include_unadapted))
+
+
+def summary_html(gm: GraphModule, include_unadapted: bool = False) -> str:
+    """The summary as an HTML table (for notebooks)."""
+    return _html(*_site_table(as_graph_module(gm, "summary_html"), include_unadapted))
 
 
 def _target_str(node: Node) -> str:
@@ -294,4 +300,5 @@ class GraphView:
 def view(gm: GraphModule, adapters_only: bool = True) -> GraphView:
     """A notebook view of ``gm``: the graph (adapter part by default) and the site table."""
     gm = as_graph_module(gm, "view")
-    return GraphView(source=to_dot(gm, adapters_only=adapters_only), text=summary(gm), html_table=summary_html(gm))
+    table = _site_table(gm, False)
+    return GraphView(source=to_dot(gm, adapters_only=adapters_only), text=_text(*table), html_table=_html(*table))
