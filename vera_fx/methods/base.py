@@ -49,6 +49,22 @@ class SiteTree(nn.Module):
                 return links[name]
             raise
 
+    def subtree(self, parts: list[str], create: bool = True) -> nn.Module:
+        """The module at path ``parts`` below this tree, links followed, SiteTrees created on the way when
+        ``create`` (else KeyError)."""
+        mod: nn.Module = self
+        for part in parts:
+            child = mod._modules.get(part)
+            if child is None:
+                child = (mod.__dict__.get("_links") or {}).get(part)
+            if child is None:
+                if not create:
+                    raise KeyError(".".join(parts))
+                child = SiteTree()
+                mod.add_module(part, child)
+            mod = child
+        return mod
+
     def link(self, name: str, module: nn.Module) -> None:
         """Reach ``module`` as attribute ``name`` without registering it (it is registered elsewhere)."""
         self._modules.pop(name, None)
@@ -86,30 +102,14 @@ class AdapterState(nn.Module):
     def site_module(self, site: str, create: bool = False) -> nn.Module:
         """The module holding ``site``'s parameters (created, registered in ``sites``, when ``create``)."""
         index = self.__dict__.setdefault("_site_index", {})
-        found = index.get(site)
-        if found is not None:
-            return found
-        mod: nn.Module = self.sites
-        for part in site.split(".") if site else ["_root"]:
-            child = mod._modules.get(part)
-            if child is None:
-                child = (mod.__dict__.get("_links") or {}).get(part)
-            if child is None:
-                if not create:
-                    raise KeyError(site)
-                child = SiteTree()
-                mod.add_module(part, child)
-            mod = child
-        index[site] = mod
-        return mod
+        if site not in index:
+            index[site] = self.sites.subtree(site.split(".") if site else ["_root"], create)
+        return index[site]
 
     def unregister_site(self, site: str) -> None:
         """Keep ``site``'s module out of this state's registered tree (a block's view registers it); a link stays."""
         parts = site.split(".") if site else ["_root"]
-        mod = self.site_module(site)
-        parent: nn.Module = self.sites
-        for part in parts[:-1]:
-            parent = getattr(parent, part)
+        mod, parent = self.site_module(site), self.sites.subtree(parts[:-1], create=False)
         if isinstance(parent, SiteTree) and parent._modules.get(parts[-1]) is mod:
             parent.link(parts[-1], mod)
 
@@ -154,16 +154,11 @@ class AdapterView(AdapterState):
         self.method_name = root.method_name
         self.switches = root.switches
         self.prefix = prefix
-        self.sites = nn.Module()
+        self.sites = SiteTree()
         self.site_names = [s for s in root.site_names if s in set(site_names)]
         for site in self.site_names:
             *path, leaf = (self._relative(site) or "_root").split(".")
-            parent = self.sites
-            for part in path:
-                if part not in parent._modules:
-                    parent.add_module(part, nn.Module())
-                parent = parent._modules[part]
-            parent.add_module(leaf, root.site_module(site))
+            self.sites.subtree(path).add_module(leaf, root.site_module(site))
         root.method.init_view(self, root)
 
     def site_module(self, site: str, create: bool = False) -> nn.Module:

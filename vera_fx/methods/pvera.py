@@ -46,11 +46,8 @@ class KLRecord:
         value = self.values.get(key)
         return value.value() if isinstance(value, LazyKL) else value
 
-    def __deepcopy__(self, memo: dict) -> "KLRecord":
-        return KLRecord()
-
-    def __getstate__(self) -> dict:
-        return {"values": {}}
+    def __reduce__(self) -> tuple:  # a copy (deepcopy, pickle) starts empty
+        return (KLRecord, ())
 
     def __repr__(self) -> str:
         return f"KLRecord({len(self.values)} calls)"

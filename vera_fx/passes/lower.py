@@ -310,11 +310,6 @@ def lower_adapters(gm: GraphModule, chains: list[Chain], setting: Optional[dict[
     setting = setting or lowering_setting(gm)
     if setting.get("inference"):
         return lower_for_inference(gm, chains, setting["inference"])
-    return _lower_training(gm, chains, setting)
-
-
-def _lower_training(gm: GraphModule, chains: list[Chain], setting: dict[str, Any]) -> int:
-    """The training plan of ``chains`` by ``setting``; returns the sites changed."""
     mode, tokens = setting["mode"], setting.get("tokens") or DEFAULT_TOKENS
     groups: dict[tuple[str, str, str], list[Chain]] = {}
     for c in chains:  # a per-site override splits its group: each part is decided on its own

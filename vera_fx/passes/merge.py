@@ -33,12 +33,10 @@ Slot = Union[torch.Tensor, nn.Module]  # what a merge replaces: a weight tensor,
 
 def get_tensor(module: nn.Module, qualname: str) -> torch.Tensor:
     """The parameter or buffer at ``qualname``; AttributeError when it is neither."""
-    path, _, name = qualname.rpartition(".")
-    mod = module.get_submodule(path)
-    for where in (mod._parameters, mod._buffers):
-        if where.get(name) is not None:
-            return where[name]
-    raise AttributeError(f"{qualname!r} is neither a parameter nor a buffer")
+    try:
+        return module.get_parameter(qualname)
+    except AttributeError:
+        return module.get_buffer(qualname)
 
 
 def _layer_path(weight: str) -> str:
