@@ -69,12 +69,10 @@ def model_flags_kept(model: nn.Module) -> Iterator[None]:
 
 
 def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Optional[bool] = None) -> GraphModule:
-    """Capture ``model`` as a GraphModule with dynamic shapes and train/eval support; no adapters.
-
-    ``example_inputs``: a tuple or a dict (optional for a transformers model). ``blocks``: keep the layers of the
-    model's layer list as GraphModule submodules; ``None`` (default) does so for transformers models, falling back
-    to one graph when the layers cannot be blocks (``True`` raises then); ``False``: one graph. A whole-model export
-    past ``whole_model_budget_s()`` seconds is stopped with a CaptureError."""
+    """Capture ``model`` (``example_inputs``: a tuple or a dict, optional for a transformers model) as a GraphModule
+    with dynamic shapes and train/eval support, no adapters. ``blocks``: the layer list's layers as GraphModule
+    submodules (``None``: for transformers models, else one graph; ``True``: or raise); a whole-model export past
+    ``whole_model_budget_s()`` seconds raises CaptureError."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if blocks not in (None, True, False):

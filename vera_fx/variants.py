@@ -1,8 +1,7 @@
-"""Graph variants: every graph the model object runs, built from a captured template and bound to the source
-graph's adapter state (``attach_adapters``; ``bind_tensors`` the one binder, ``emit_layout`` the one emission). A
-call under ``no_grad`` / ``inference_mode``, or in eval mode with the adapters in eval too (PEFT's recipe trains
-the adapters of a model left in eval mode), runs its graph's *inference twin*: a copy of the tree sharing its
-tensors, with the adapters in the inference form (vera_fx/passes/infer.py)."""
+"""Graph variants: every graph the model object runs, bound to the source graph's adapter state
+(``attach_adapters``). A call without grad, or in eval mode with the adapters in eval too (PEFT trains the adapters
+of a model left in eval mode), runs its graph's *inference twin*: a copy of the tree sharing its tensors, adapters in
+the inference form (vera_fx/passes/infer.py)."""
 
 from __future__ import annotations
 
@@ -83,12 +82,11 @@ class GraphVariants:
 
     def _check_room(self, key: tuple) -> None:
         """Past ``max_graphs``, evict the least recently used signatures (never the source's), warning once."""
-        while sum(len(v) for v in self._graphs.values()) >= self.max_graphs:
+        while self.num_graphs >= self.max_graphs:
             victim = next((k for k, v in self._graphs.items() if all(g is not self._source for g in v)), None)
             if victim is None:  # only the source is left: it stays, the bound is exceeded by the new graph
                 break
             del self._graphs[victim]
-            self._order.remove(victim)
             logger.info("vera_fx: evicted the least recently used graph (%s)", describe_key(victim))
             if not self._warned_evict:
                 warnings.warn(f"this model holds max_graphs={self.max_graphs} captured graphs, one per call signature; "
