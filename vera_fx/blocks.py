@@ -120,8 +120,7 @@ def _hint(s: Any) -> int:
 
 @dataclass
 class ExportCall:
-    """A layer call as export sees it: the argument structure, its leaves (``("t", dtype, shape)`` or ``("c",
-    value)``) and their key paths."""
+    """A layer call as export sees it: its pytree spec, leaves (``("t", dtype, shape)`` / ``("c", value)``), paths."""
     spec: Any
     leaves: list
     paths: list

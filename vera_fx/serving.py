@@ -57,8 +57,7 @@ def check_bankable(gm: GraphModule) -> None:
 
 
 class BankEmitter(Emitter):
-    """An Emitter reading per row over a bank's members: lambdas gathered from their stack, other per-site state a
-    node (or None) per member."""
+    """An Emitter over a bank's members: lambdas gathered per row, other per-site state a node (or None) per member."""
 
     def __init__(self, graph: Graph, after: Node, site: Site, label: str, states: dict[str, AdapterState],
                  members: list[str], index: Node, ndim: int) -> None:

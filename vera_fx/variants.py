@@ -207,8 +207,7 @@ def tensors_bound(dst: torch.nn.Module, named: Iterable[tuple[str, Any]]) -> Ite
 
 
 def _route_modules_to_save(gm: GraphModule) -> None:
-    """Tag the get_attr nodes of ``gm``'s tree that read a module an adapter copies (``modules_to_save``), then point
-    them at the live adapters' copies, as in the source graph."""
+    """Tag and route ``gm``'s reads of modules the adapters copy (``modules_to_save``), as in the source graph."""
     tag_modules_to_save(gm, [p for state in adapters_of(gm).values()
                              for p in getattr(state, "modules_to_save_paths", None) or []])
     if route_modules_to_save(gm, [] if adapters_disabled(gm) else active_adapters(gm)):
