@@ -330,8 +330,8 @@ def test_multi_output_records_and_placeholder():
     pair = LayerCall((x,), {}, out_leaves=[x.clone(), torch.zeros(4)], calls=1)
     assert single_output(pair) is None  # two tensors: a block_call_n node stands for the call
     assert single_output(LayerCall((x,), {}, out_leaves=[x.clone(), None], calls=1)) is not None
-    check_records(None, ["a"], {"a": pair})
+    check_records(["a"], {"a": pair})
     with pytest.raises(vera_fx.blocks.BlockCaptureError, match="layer 'a' returns no tensor"):
-        check_records(None, ["a"], {"a": LayerCall((x,), {}, out_leaves=[None, 3], calls=1)})
+        check_records(["a"], {"a": LayerCall((x,), {}, out_leaves=[None, 3], calls=1)})
     with pytest.raises(RuntimeError, match="capture-time placeholder"):
         block_call_n([x], 0, [2, 3], [2], [0])

@@ -100,7 +100,7 @@ def record_calls(model: nn.Module, layer_paths: list[str], args: tuple, kwargs: 
     return records
 
 
-def check_records(model: nn.Module, paths: list[str], records: dict[str, LayerCall]) -> None:
+def check_records(paths: list[str], records: dict[str, LayerCall]) -> None:
     """Blocks need every layer called exactly once, returning at least one tensor."""
     for path in paths:
         rec = records.get(path)
@@ -120,8 +120,7 @@ def _hint(s: Any) -> int:
 
 @dataclass
 class ExportCall:
-    """A layer call as export sees it: the argument structure, its leaves (``("t", dtype, shape)`` or ``("c",
-    value)``) and their key paths."""
+    """A layer call as export sees it: its pytree spec, leaves (``("t", dtype, shape)`` / ``("c", value)``), paths."""
     spec: Any
     leaves: list
     paths: list
@@ -199,7 +198,7 @@ def export_top(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
                layer_paths: list[str]) -> tuple[ExportedProgram, dict[str, LayerCall], dict[int, ExportCall]]:
     """Export the top level with stand-in layers: (program, eager records, calls as export saw them)."""
     records = record_calls(model, layer_paths, args, kwargs)
-    check_records(model, layer_paths, records)
+    check_records(layer_paths, records)
     calls: dict[int, ExportCall] = {}
     swaps = {}  # stand-ins carry the layers' transformers output-capturing hooks (output_hidden_states)
     for i, path in enumerate(layer_paths):

@@ -11,6 +11,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from .compat import call_impl, set_compiled_call
+from .distributed import unwrap_parallel
 from .sites import BLOCK_CALL_KEY, as_graph_module, graph_modules
 
 logger = logging.getLogger(__name__)
@@ -23,12 +24,6 @@ def checkpoint_block(block: nn.Module, *args: Any) -> Any:
     return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
 
 
-def _root(gm: nn.Module, fn: str) -> GraphModule:
-    """The source graph of ``gm``, also inside a torch.compile or DistributedDataParallel wrapper."""
-    inner = getattr(gm, "_orig_mod", gm)
-    return as_graph_module(getattr(inner, "module", inner), fn)
-
-
 def block_calls(gm: GraphModule) -> list[Node]:
     """The root graph's nodes that call a block (checkpointed or not)."""
     return [n for n in gm.graph.nodes if n.meta.get(BLOCK_CALL_KEY) is not None]
@@ -36,7 +31,7 @@ def block_calls(gm: GraphModule) -> list[Node]:
 
 def gradient_checkpointing_enable(gm: nn.Module) -> nn.Module:
     """Checkpoint every block (dropout replays its random state); returns ``gm``."""
-    root = _root(gm, "gradient_checkpointing_enable")
+    root = as_graph_module(unwrap_parallel(gm), "gradient_checkpointing_enable")
     if not block_calls(root):
         raise ValueError("gradient_checkpointing_enable: this graph has no blocks (the model was captured as one "
                          "graph, e.g. a plain nn.Module or capture(..., blocks=False)); capture a model with a layer "
@@ -47,7 +42,7 @@ def gradient_checkpointing_enable(gm: nn.Module) -> nn.Module:
 
 def gradient_checkpointing_disable(gm: nn.Module) -> nn.Module:
     """Undo ``gradient_checkpointing_enable``. Returns ``gm``."""
-    _set_checkpointing(_root(gm, "gradient_checkpointing_disable"), False)
+    _set_checkpointing(as_graph_module(unwrap_parallel(gm), "gradient_checkpointing_disable"), False)
     return gm
 
 
@@ -77,7 +72,8 @@ def _set_checkpointing(root: GraphModule, on: bool) -> int:
 
 def is_gradient_checkpointing(gm: nn.Module) -> bool:
     """Whether the graph's block calls are checkpointed."""
-    return any(n.meta.get(_CKPT_KEY) for n in block_calls(_root(gm, "is_gradient_checkpointing")))
+    root = as_graph_module(unwrap_parallel(gm), "is_gradient_checkpointing")
+    return any(n.meta.get(_CKPT_KEY) for n in block_calls(root))
 
 
 def _unsharing_recompile(self: GraphModule) -> Any:
@@ -100,7 +96,7 @@ def _drop_generated_call(cls: type) -> None:
 
 def share_block_code(gm: nn.Module) -> int:
     """Make blocks with identical generated code instances of one class (torch.compile guards on the class)."""
-    root = _root(gm, "share_block_code")
+    root = as_graph_module(unwrap_parallel(gm), "share_block_code")
     by_code: dict[str, list[GraphModule]] = {}
     for block in graph_modules(root)[1:]:
         by_code.setdefault(block.code, []).append(block)
@@ -121,7 +117,7 @@ def share_block_code(gm: nn.Module) -> int:
 def compile_blocks(gm: nn.Module, **compile_kwargs: Any) -> nn.Module:
     """Regional compile: ``torch.compile`` every block in place, once per distinct block code; the top graph stays
     eager, as do blocks a later rewrite recompiles (call ``compile_blocks`` again). Returns ``gm``."""
-    root = _root(gm, "compile_blocks")
+    root = as_graph_module(unwrap_parallel(gm), "compile_blocks")
     blocks = graph_modules(root)[1:]
     if not blocks:
         raise ValueError("compile_blocks: this graph has no blocks (captured as one graph); use "

@@ -22,7 +22,7 @@ from .block_export import (capture_eager_top, export_blocks, inline_wrappers, re
                            strip_metadata_asserts)
 from .blocks import BlockCaptureError, SymbolicArgumentError, attach_blocks, export_top, find_layer_paths
 from .compat import register_deepcopy_hook
-from .signatures import (ExampleInputs, Signature, clone_inputs, explicit_keywords, export_dynamic_shapes,
+from .signatures import (ExampleInputs, Signature, clone_inputs, dynamic_shapes_of, explicit_keywords,
                          install_input_check, is_pretrained, model_filled_inputs, normalise_example, positional_names,
                          probe, restore_input_names, warn_unit_dims)
 from .sites import MODEL_INFO_KEY, graph_modules
@@ -69,12 +69,10 @@ def model_flags_kept(model: nn.Module) -> Iterator[None]:
 
 
 def capture(model: nn.Module, example_inputs: ExampleInputs = None, blocks: Optional[bool] = None) -> GraphModule:
-    """Capture ``model`` as a GraphModule with dynamic shapes and train/eval support; no adapters.
-
-    ``example_inputs``: a tuple or a dict (optional for a transformers model). ``blocks``: keep the layers of the
-    model's layer list as GraphModule submodules; ``None`` (default) does so for transformers models, falling back
-    to one graph when the layers cannot be blocks (``True`` raises then); ``False``: one graph. A whole-model export
-    past ``whole_model_budget_s()`` seconds is stopped with a CaptureError."""
+    """Capture ``model`` (``example_inputs``: a tuple or a dict, optional for a transformers model) as a GraphModule
+    with dynamic shapes and train/eval support, no adapters. ``blocks``: the layer list's layers as GraphModule
+    submodules (``None``: for transformers models, else one graph; ``True``: or raise); a whole-model export past
+    ``whole_model_budget_s()`` seconds raises CaptureError."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if blocks not in (None, True, False):
@@ -194,7 +192,7 @@ def _export_whole(model: nn.Module, args: tuple, kwargs: dict, why_not_blocks: s
     try:
         with _time_budget(budget):
             ep = torch.export.export(model, args, kwargs, strict=False,
-                                     dynamic_shapes=export_dynamic_shapes(args, kwargs))
+                                     dynamic_shapes=dynamic_shapes_of(args, kwargs)[0 if args else 1])
             return _graph_of(ep)
     except _OverBudget:
         raise CaptureError(
@@ -258,12 +256,13 @@ def _capture_blocks(model: nn.Module, args: tuple, kwargs: dict, layer_paths: li
     if kwargs.get("output_attentions") or (kwargs.get("output_attentions") is None and getattr(
             getattr(model, "config", None), "output_attentions", False) is True):
         raise BlockCaptureError("output_attentions=True records modules inside the layers with hooks")
+    shapes = dynamic_shapes_of(args, kwargs)[0 if args else 1]  # export takes one of the two
     try:
-        ep, records, calls = export_top(model, args, kwargs, export_dynamic_shapes(args, kwargs), layer_paths)
+        ep, records, calls = export_top(model, args, kwargs, shapes, layer_paths)
     except SymbolicArgumentError as e:
         logger.info("capture: a layer of %s takes a size as a Python number (%s); capturing with every size but "
                     "the batch static (another size captures another graph)", type(model).__name__, e)
-        shapes = export_dynamic_shapes(args, kwargs, batch_only=True)
+        shapes = dynamic_shapes_of(args, kwargs, batch_only=True)[0 if args else 1]
         ep, records, calls = export_top(model, args, kwargs, shapes, layer_paths)
     blocks = export_blocks(model, layer_paths, calls, records, qlayers)
     gm = _graph_of(ep)

@@ -471,8 +471,7 @@ def eager_reason(source: nn.Module, gm: GraphModule, cache_length: Optional[int]
 
 def generate_eager(gm: GraphModule, model: nn.Module, inputs: dict[str, torch.Tensor], *,
                    seed: Optional[int] = None, **generate_kwargs: Any) -> torch.Tensor:
-    """``model.generate(**inputs, **generate_kwargs)`` in eval mode with ``gm``'s live adapters hooked and weights
-    bound; ``seed`` seeds sampling inside ``fork_rng``."""
+    """``model.generate`` in eval mode with ``gm``'s live adapters hooked and weights bound (``seed``: in fork_rng)."""
     device = next(p.device for p in model.parameters())
     with one_at_a_time(model), model_flags_kept(model), tensors_bound(model, graph_parameters(gm)), \
             adapter_hooks(gm, model) as hooked, no_cpu_packing(model), kl_terms_kept(gm), \

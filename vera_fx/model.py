@@ -61,7 +61,6 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         d["_source"] = source
         d["_parameters"], d["_buffers"], d["_modules"] = source._parameters, source._buffers, source._modules
         d["_graphs"] = OrderedDict()  # CallKey -> GraphModules (siblings: an export guard rejected a call), LRU order
-        d["_order"] = []  # keys in capture order, for messages
         d["_twins"] = weakref.WeakKeyDictionary()  # graph -> its inference twin (vera_fx/variants.py)
         d["_ready"] = {}  # CallKey -> (state stamp, graph, the graph a call runs) (variants.py); siblings' last
         d["_keywords_ok"] = set()  # keyword sets check_keywords accepted
@@ -72,7 +71,7 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         d["_build_lock"] = threading.RLock()  # captures and re-attaches of this object's graphs, one at a time
         self.max_graphs = max_graphs
         if source_key is not None:
-            self._store(source_key, source)
+            self._graphs[source_key] = [source]
 
     @property
     def training(self) -> bool:  # type: ignore[override]
@@ -99,7 +98,6 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         for key in list(self._graphs):
             if key[2] != after:  # specialised to the old dtype / device: dropped, captured again on use
                 del self._graphs[key]
-                self._order.remove(key)
             else:  # buffers are new objects after _apply: re-attach on next use
                 for gm in self._graphs[key]:
                     gm.meta.pop(FINGERPRINT_KEY, None)
@@ -167,8 +165,8 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         return self._base_model
 
     def signatures(self) -> list[str]:
-        """The cached call signatures, readable, in capture order."""
-        return [describe_key(k) for k in self._order]
+        """The cached call signatures, readable, least recently used first."""
+        return [describe_key(k) for k in list(self._graphs)]
 
     def _probe(self) -> Optional[torch.Tensor]:
         at = self._probe_at
@@ -207,12 +205,6 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
     def _all_graphs(self) -> list[GraphModule]:
         return [g for v in self._graphs.values() for g in v]
 
-    def _store(self, key: CallKey, gm: GraphModule) -> None:
-        if key not in self._graphs:
-            self._graphs[key] = []
-            self._order.append(key)
-        self._graphs[key].append(gm)
-
     def _capture(self, key: CallKey, call: dict[str, Any]) -> GraphModule:
         self._check_room(key)
         self._say_constant_changes(key[0])
@@ -228,14 +220,14 @@ class VeraFxModel(PeftSurface, GraphVariants, nn.Module):
         if blockwise.is_gradient_checkpointing(self._source) and blockwise.block_calls(gm):
             blockwise.gradient_checkpointing_enable(gm)
         self._fresh(gm, variant=False)  # attached to the source's state
-        self._store(key, gm)
+        self._graphs.setdefault(key, []).append(gm)
         return gm
 
     def _say_constant_changes(self, inputs: tuple) -> None:
         """Warn once per keyword whose value alone (a constant's) makes ``inputs`` a new signature."""
         items = {item[0]: item for item in inputs}
         names: set[str] = set()
-        for theirs in ({item[0]: item for item in key[0]} for key in self._order):
+        for theirs in ({item[0]: item for item in key[0]} for key in list(self._graphs)):
             diff = [n for n in items if items[n] != theirs.get(n)] if theirs.keys() == items.keys() else []
             if diff and all(items[n][1] == "constant" and theirs[n][1] == "constant" for n in diff):
                 names.update(diff)
@@ -412,7 +404,7 @@ def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleIn
     adapter_container(gm).flags.lowering = setting
     gm = run_passes(gm, add_adapter_passes(config, adapter_name))
     obj = _model_class(type(model))(model, gm, max_graphs)
-    obj._store(call_key(call, obj._weights_state()), gm)
+    obj._graphs[call_key(call, obj._weights_state())] = [gm]
     return obj
 
 

@@ -28,9 +28,8 @@ from .passes.match import MatchPass, select_sites
 from .sites import (ADAPTER_KEY, BLOCK_CALL_KEY, SITE_KEY, Site, as_graph_module, block_prefix, graph_modules,
                     read_graph_sites)
 from .variants import INFERENCE_FORM, emit_layout, inference_twin, live_layout
-from .versions import adapter_flags
 from .state import (adapter_container, adapters_of, attach_state, block_site_names, detach_state, merged_adapters,
-                    mutation, reads_state, restore_active, shared_projections, state_lock)
+                    mutation, reads_state, shared_projections, state_lock)
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -58,8 +57,7 @@ def check_bankable(gm: GraphModule) -> None:
 
 
 class BankEmitter(Emitter):
-    """An Emitter reading per row over a bank's members: lambdas gathered from their stack, other per-site state a
-    node (or None) per member."""
+    """An Emitter over a bank's members: lambdas gathered per row, other per-site state a node (or None) per member."""
 
     def __init__(self, graph: Graph, after: Node, site: Site, label: str, states: dict[str, AdapterState],
                  members: list[str], index: Node, ndim: int) -> None:
@@ -317,7 +315,7 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
                              "or delete it first")
     if not any(SITE_KEY in n.meta for g in graph_modules(inner) for n in g.graph.nodes):
         MatchPass()(inner)
-    old_active = adapter_flags(inner).active
+    old_active = container.flags.active
     added: list[str] = []
     caches: tuple[dict, dict] = ({}, {})  # sites per selection, shared projections per request
     blocks = block_site_names(inner)  # one walk of the blocks for every adapter loaded
@@ -329,7 +327,7 @@ def load_adapters(gm: nn.Module, folders: Mapping[str, PathLike], progress: bool
     except Exception:
         for name in added:
             detach_state(inner, name)
-        restore_active(inner, old_active)
+        container.flags.active = old_active
         for g in graph_modules(inner) if not had_container else []:
             g._modules.pop(CONTAINER, None)
         raise
@@ -373,7 +371,7 @@ def export(gm: nn.Module, example_inputs: Any, *, adapter_names: Optional[Sequen
     if adapter_names is None and any((n.meta.get(ADAPTER_KEY) or {}).get("path") not in (None, "activation")
                                      for g in graph_modules(inner) for n in g.graph.nodes):
         # the lean / weight paths only change backward: the program runs a copy with plain nodes (torch + runtime)
-        flags, copied = adapter_flags(inner), inference_twin(inner, None)
+        flags, copied = adapters_of(inner).flags, inference_twin(inner, None)
         with state_lock(inner).write():
             setting, flags.lowering = flags.lowering, {"mode": "activation", "tokens": None}
             try:

@@ -103,12 +103,6 @@ def dynamic_shapes_of(args: tuple, kwargs: dict, batch_only: bool = False) -> tu
     return tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}
 
 
-def export_dynamic_shapes(args: tuple, kwargs: dict, batch_only: bool = False) -> Any:
-    """``dynamic_shapes_of`` as export takes it, for ``normalise_example``'s positional or keyword arguments."""
-    dyn_args, dyn_kwargs = dynamic_shapes_of(args, kwargs, batch_only)
-    return dyn_args if args else dyn_kwargs
-
-
 @contextmanager
 def explicit_keywords(model: nn.Module, kwargs: dict[str, Any]) -> Iterator[None]:
     """Meanwhile, ``model.forward`` names its ``**kwargs`` keywords (export's dynamic-shape check mis-orders them)."""

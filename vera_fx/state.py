@@ -204,14 +204,18 @@ def attach_modules_to_save(gm: GraphModule, adapter_name: str, module_names: Seq
     state.modules_to_save = nn.ModuleDict({_mts_key(p): copy.deepcopy(gm.get_submodule(p)).requires_grad_(True)
                                            for p in paths})
     state.modules_to_save_paths = paths
-    for g in graph_modules(gm):  # the root graph and its blocks (a block's targets are relative to it)
-        for node in (n for n in g.graph.nodes if n.op == "get_attr" and MTS_TAG not in n.meta):
-            full = qualified_name(g, str(node.target))
-            if any(full.startswith(p + ".") for p in paths):  # the owning path is found when routed
-                node.meta[MTS_TAG] = {"target": node.target}
+    tag_modules_to_save(gm, paths)
     attach_state(gm, adapter_name, state)  # a block holding a copied module reads it through a view
     route_modules_to_save(gm, [] if adapters_disabled(gm) else active_adapters(gm))
     return paths
+
+
+def tag_modules_to_save(gm: GraphModule, paths: Sequence[str]) -> None:
+    """Tag the get_attr nodes of ``gm``'s tree (blocks' targets are relative to them) reading inside ``paths``."""
+    for g in graph_modules(gm) if paths else []:
+        for node in (n for n in g.graph.nodes if n.op == "get_attr" and MTS_TAG not in n.meta):
+            if any(qualified_name(g, str(node.target)).startswith(p + ".") for p in paths):
+                node.meta[MTS_TAG] = {"target": node.target}  # the owning path is found when routed
 
 
 def modules_to_save_copy(state: AdapterState, path: str) -> nn.Module:

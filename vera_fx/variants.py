@@ -1,8 +1,7 @@
-"""Graph variants: every graph the model object runs, built from a captured template and bound to the source
-graph's adapter state (``attach_adapters``; ``bind_tensors`` the one binder, ``emit_layout`` the one emission). A
-call under ``no_grad`` / ``inference_mode``, or in eval mode with the adapters in eval too (PEFT's recipe trains
-the adapters of a model left in eval mode), runs its graph's *inference twin*: a copy of the tree sharing its
-tensors, with the adapters in the inference form (vera_fx/passes/infer.py)."""
+"""Graph variants: every graph the model object runs, bound to the source graph's adapter state
+(``attach_adapters``). A call without grad, or in eval mode with the adapters in eval too (PEFT trains the adapters
+of a model left in eval mode), runs its graph's *inference twin*: a copy of the tree sharing its tensors, adapters in
+the inference form (vera_fx/passes/infer.py)."""
 
 from __future__ import annotations
 
@@ -23,10 +22,9 @@ from .passes.infer import DEFAULT_FORM, FORMS, INFERENCE_KEY, bind_flat_reads, f
 from .passes.inject import emit_adapter, remove_adapter_nodes
 from .quantized import is_quantized_layer
 from .signatures import remove_input_check
-from .sites import graph_modules, qualified_name
-from .state import (ADAPTER_MODE, MTS_TAG, active_adapters, adapters_disabled, adapters_of, adapters_training,
-                    attach_state, route_modules_to_save, set_adapters_training)
-from .versions import adapter_flags
+from .sites import graph_modules
+from .state import (ADAPTER_MODE, active_adapters, adapters_disabled, adapters_of, adapters_training, attach_state,
+                    route_modules_to_save, set_adapters_training, tag_modules_to_save)
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +82,11 @@ class GraphVariants:
 
     def _check_room(self, key: tuple) -> None:
         """Past ``max_graphs``, evict the least recently used signatures (never the source's), warning once."""
-        while sum(len(v) for v in self._graphs.values()) >= self.max_graphs:
+        while self.num_graphs >= self.max_graphs:
             victim = next((k for k, v in self._graphs.items() if all(g is not self._source for g in v)), None)
             if victim is None:  # only the source is left: it stays, the bound is exceeded by the new graph
                 break
             del self._graphs[victim]
-            self._order.remove(victim)
             logger.info("vera_fx: evicted the least recently used graph (%s)", describe_key(victim))
             if not self._warned_evict:
                 warnings.warn(f"this model holds max_graphs={self.max_graphs} captured graphs, one per call signature; "
@@ -153,7 +150,7 @@ class GraphVariants:
 
 def state_fingerprint(gm: GraphModule) -> tuple:
     """Changes whenever the adapter nodes ``gm`` should carry change (sampling switches are read at run time)."""
-    return tuple((n, id(s)) for n, s in adapters_of(gm).items()), adapter_flags(gm).key()
+    return tuple((n, id(s)) for n, s in adapters_of(gm).items()), adapters_of(gm).flags.key()
 
 
 _SLOTS: "weakref.WeakKeyDictionary[GraphModule, tuple[list[dict], tuple]]" = weakref.WeakKeyDictionary()
@@ -210,13 +207,9 @@ def tensors_bound(dst: torch.nn.Module, named: Iterable[tuple[str, Any]]) -> Ite
 
 
 def _route_modules_to_save(gm: GraphModule) -> None:
-    """Tag the get_attr nodes of ``gm``'s tree that read a module an adapter copies (``modules_to_save``), then point
-    them at the live adapters' copies, as in the source graph."""
-    paths = [p for state in adapters_of(gm).values() for p in getattr(state, "modules_to_save_paths", None) or []]
-    for g in graph_modules(gm) if paths else []:
-        for node in (n for n in g.graph.nodes if n.op == "get_attr" and MTS_TAG not in n.meta):
-            if any(qualified_name(g, str(node.target)).startswith(p + ".") for p in paths):
-                node.meta[MTS_TAG] = {"target": node.target}
+    """Tag and route ``gm``'s reads of modules the adapters copy (``modules_to_save``), as in the source graph."""
+    tag_modules_to_save(gm, [p for state in adapters_of(gm).values()
+                             for p in getattr(state, "modules_to_save_paths", None) or []])
     if route_modules_to_save(gm, [] if adapters_disabled(gm) else active_adapters(gm)):
         gm.recompile()
 
@@ -262,7 +255,7 @@ def live_layout(gm: GraphModule) -> list[tuple[str, tuple[str, ...]]]:
     container = adapters_of(gm)
     if not len(container) or adapters_disabled(gm):
         return []
-    merged = adapter_flags(gm).merged
+    merged = container.flags.merged
     layout = [(name, tuple(s for s in container[name].site_names if name not in merged.get(s, ())))
               for name in active_adapters(gm)]
     return [(name, sites) for name, sites in layout if sites]
