@@ -87,6 +87,8 @@ def test_unmatched_target_names_close_modules(graphs):
     assert "'qproj' matched no linear layer" in msg and "q_proj" in msg
     with pytest.raises(ValueError, match="LlamaRMSNorm, not a linear layer, and holds none"):
         _names(gm, vera_fx.VeraConfig(r=4, target_modules=["q_proj", "input_layernorm"]))
+    with pytest.raises(ValueError, match="'model.embed_tokens' is an Embedding, not a linear layer"):
+        _names(gm, vera_fx.VeraConfig(r=4, target_modules=["embed_tokens"]))
     # A container module (PEFT refuses it): our extension adapts the linear layers inside it.
     assert _names(gm, vera_fx.VeraConfig(r=4, target_modules=["mlp"]))[:3] == [
         "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]

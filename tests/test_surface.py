@@ -342,3 +342,22 @@ def test_active_peft_config_like_peft(pair):
     m.set_adapter(["default", "other"])
     with pytest.raises(ValueError, match="not one"):
         m.active_peft_config
+
+
+def test_user_mistakes_get_named_errors(tmp_path, caplog):
+    """A PEFT model given to transform, a save with no adapter left, and BERT's SEQ_CLS task type (PEFT adds
+    'classifier' and 'score' to modules_to_save; BERT has no 'score': no warning, as PEFT)."""
+    from conftest import tiny_bert
+
+    pm = peft.get_peft_model(tiny_llama(), peft.VeraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match=r"PEFT model \(PeftModel\).*get_base_model\(\)"):
+        vera_fx.transform(pm, vera_fx.VeraConfig(r=4))
+    m = vera_fx.transform(tiny_llama(), vera_fx.VeraConfig(r=4, target_modules=["q_proj"]))
+    m.delete_adapter("default")
+    with pytest.raises(ValueError, match="has no adapter to save"):
+        m.save_pretrained(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    with caplog.at_level("WARNING", logger="vera_fx"):
+        b = vera_fx.transform(tiny_bert(), vera_fx.VeraConfig(r=4, task_type="SEQ_CLS", target_modules=["query"]))
+    assert "classifier" in b.peft_config["default"].modules_to_save
+    assert not [r for r in caplog.records if "modules_to_save" in r.getMessage()]

@@ -65,5 +65,5 @@ def test_a_checkpoint_without_adapters_or_with_an_unreadable_config_is_refused(t
     (tmp_path / "bad").mkdir()
     save_file({"vera_fx_config.default": torch.tensor(list(b"{not json"), dtype=torch.uint8)},
               tmp_path / "bad" / "model.safetensors")
-    with pytest.raises(ValueError, match=r"the config of adapter 'default' is unreadable"):
+    with pytest.raises(ValueError, match=r"model.safetensors: the config of adapter 'default' is not valid JSON"):
         vera_fx.from_pretrained(tiny_llama(), tmp_path / "bad")

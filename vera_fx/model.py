@@ -392,6 +392,9 @@ def transform(model: nn.Module, config: AdapterConfig, example_inputs: ExampleIn
     if isinstance(model, VeraFxModel):
         raise TypeError(f"model is already transformed ({type(model).__name__}): add another adapter with "
                         "m.add_adapter(name, config), or transform the original model (m.base_model)")
+    if type(model).__name__.startswith("Peft") and callable(getattr(model, "get_base_model", None)):
+        raise TypeError(f"model is a PEFT model ({type(model).__name__}): vera_fx adapts the base model itself; "
+                        "pass model.get_base_model() (PEFT's adapters would be captured too) or the original model")
     if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
         raise ValueError(f"max_graphs={max_graphs!r} is invalid: expected an int >= 1, e.g. max_graphs=8")
     config = as_config(config)  # ours, or PEFT's VeraConfig / PveraConfig read by its fields

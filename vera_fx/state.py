@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .config import AdapterConfig
+from .config import TASK_MODULES_TO_SAVE, AdapterConfig
 from .methods import CONTAINER, AdapterSet, AdapterState, AdapterView, Method
 from .versions import StateLock
 from .sites import as_graph_module, block_prefix, graph_modules, qualified_name, read_graph_sites, read_sites
@@ -175,6 +175,9 @@ def restore_active(gm: GraphModule, old: Optional[list[str]]) -> None:
     adapter_container(gm).flags.active = old
 
 
+TASK_NAMES = {name for names in TASK_MODULES_TO_SAVE.values() for name in names}
+
+
 def resolve_modules_to_save(gm: GraphModule, module_names: Sequence[str]) -> list[str]:
     """Module paths of ``gm`` named by ``modules_to_save`` (a path or its last components); a name matching nothing
     is skipped with a warning (PEFT's task types add names such as 'score'), ValueError when none matches."""
@@ -182,8 +185,9 @@ def resolve_modules_to_save(gm: GraphModule, module_names: Sequence[str]) -> lis
     for module_name in module_names:
         paths = [n for n, _ in gm.named_modules() if n and CONTAINER not in n.split(".")
                  and (n == module_name or n.endswith("." + module_name))]
-        if not paths:
-            logger.warning("modules_to_save: %r names no module of the graph; skipped", module_name)
+        if not paths:  # a task type's default name the model lacks (BERT has no 'score') is no news
+            logger.log(logging.DEBUG if module_name in TASK_NAMES else logging.WARNING,
+                       "modules_to_save: %r names no module of the graph; skipped", module_name)
         found.extend(p for p in paths if p not in found)
     if module_names and not found:
         raise ValueError(f"modules_to_save={list(module_names)!r} names no module of the graph; give module "

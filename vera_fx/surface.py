@@ -258,6 +258,9 @@ class PeftSurface:
             logger.info("save_pretrained: ignored %s (vera_fx writes safetensors only)", sorted(kwargs))
         names = list(self.peft_config)
         chosen = names if selected_adapters is None else list(selected_adapters)
+        if not chosen:
+            raise ValueError(f"save_pretrained({str(save_directory)!r}): this model has no adapter to save; add one "
+                             "with m.add_adapter(name, config) or m.load_adapter(folder, name) first")
         unknown = [n for n in chosen if n not in names]
         if unknown:
             raise ValueError(f"selected_adapters={chosen!r}: {unknown} are not adapters of this model ({names})")

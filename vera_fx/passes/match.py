@@ -290,12 +290,14 @@ def _all_linear(info: dict, names: list[str], config: AdapterConfig) -> set[str]
 def _unmatched_message(target: str, targets: list, names: list[str], info: dict) -> str:
     named = [(n, t) for n, t in info.get("modules", {}).items() if _named(n, target)]
     msg = f"target_modules={targets!r}: {target!r} matched no linear layer"
-    if named and named[0][0] in set(info.get("linear_modules") or ()):
-        msg += (f" ({named[0][0]!r} is a {named[0][1]}, a linear layer PEFT adapts, but the captured forward makes no "
-                "linear call of it vera_fx can adapt: it is not called with these inputs, or its own forward is not "
+    path, kind = named[0] if named else ("", "")
+    what = f"{path!r} is {'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
+    if named and path in set(info.get("linear_modules") or ()):
+        msg += (f" ({what}, a linear layer PEFT adapts, but the captured forward makes no linear call "
+                "of it vera_fx can adapt: it is not called with these inputs, or its own forward is not "
                 "weight @ x + bias; drop it from target_modules)")
     elif named:
-        msg += (f" ({named[0][0]!r} is a {named[0][1]}, not a linear layer, and holds none; PEFT refuses it too: "
+        msg += (f" ({what}, not a linear layer, and holds none; PEFT refuses it too: "
                 "drop it or target linear layers instead)")
     leaves = {n.rsplit(".", 1)[-1] for n in names}
     close = difflib.get_close_matches(target, sorted(leaves | set(names)), n=5, cutoff=0.5)
