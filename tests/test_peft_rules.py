@@ -59,7 +59,7 @@ def _our_sites(model: nn.Module, example=None, **kw) -> list[str]:
     return sorted(s.name for s in vera_fx.sites(gm))
 
 
-_X = (torch.randn(2, 3, 6),)
+_X = (torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(0)),)  # not the import order's RNG
 
 
 def test_unmatched_entry_next_to_matching_ones_warns_as_peft_adapts_the_rest():
@@ -265,8 +265,8 @@ def test_linear_subclass_with_its_own_forward_is_a_site_as_in_peft(targets):
     model = _mixed()
     ours, pm = _pair(model, targets)
     assert sorted(s.name for s in vera_fx.sites(ours)) == _peft_sites(model, target_modules=targets)
-    x = torch.randn(2, 3, 6)
-    assert torch.allclose(ours(x), pm(x), atol=1e-6)
+    x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(ours(x), pm(x), atol=1e-5)
     assert "forward" not in model.proj.__dict__  # the user's module keeps its own forward
 
 
@@ -289,7 +289,8 @@ def test_all_linear_leaves_out_routers_as_peft_does(tmp_path):
     assert "gate" not in names and names == _peft_sites(model, target_modules="all-linear")
     ours.save_pretrained(tmp_path)
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path)  # PEFT loads every folder we save
-    assert torch.allclose(loaded(_X[0]), ours(_X[0]), atol=1e-6)
+    # 1e-5 as everywhere against PEFT: the folded weight W + dW rounds differently (2.4e-6 here, by the input)
+    assert torch.allclose(loaded(_X[0]), ours(_X[0]), atol=1e-5)
 
 
 def test_linear_module_that_computes_something_else_is_named_truthfully():
