@@ -209,3 +209,40 @@ def test_a_projection_that_is_not_the_shared_corner_is_refused(folders, tmp_path
     with pytest.raises(ValueError, match="vera_B differs from the projections"):
         ours.load_adapter(str(tmp_path / "t2"), adapter_name="kv")
     assert ours.peft_config.keys() == {"default"}
+
+
+def test_an_adapter_deleted_and_added_again_gets_its_own_graphs():
+    """Versions are keyed by the adapter states' identities: one deleted and added again under its name, with
+    another structure each time (r, sites), must never get a graph built for the one before (whose id the new
+    state may reuse). Each cycle equals a fresh object with the same adapters, in train and eval mode."""
+    import gc
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    ids = torch.randint(0, 100, (2, 8))
+    first = vera_fx.VeraConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False)
+    m = vera_fx.transform(model, first)
+    for i in range(6):
+        cfg = vera_fx.VeraConfig(r=4 if i % 2 else 2, target_modules=["q_proj", "v_proj"][: 1 + i % 2],
+                                 init_weights=False)
+        m.add_adapter("x", cfg)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if ".x." in n and "lambda" in n:
+                    p.normal_()
+        m.set_adapter("x")
+        ref = vera_fx.transform(model, first)
+        ref.add_adapter("x", cfg)
+        ref.set_adapter("x")
+        ours = dict(m.named_parameters())
+        with torch.no_grad():
+            for n, p in ref.named_parameters():
+                if ".x." in n and "lambda" in n:
+                    p.copy_(ours[n])
+            want = ref.eval()(input_ids=ids).logits
+            for mode in (True, False):
+                m.train(mode)
+                torch.testing.assert_close(m(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+        m.set_adapter("default")
+        m.delete_adapter("x")
+        gc.collect()
