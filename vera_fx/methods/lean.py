@@ -23,7 +23,7 @@ def group_products(h: Tensor, b: Tensor, *lambda_d: Tensor, stacked: bool = True
     product over the stacked ``lambda_d`` and one ``linear`` over the ``n x tokens`` rows (``B`` read once); else
     one ``linear`` per site, back to back, so ``B`` is read again while it is in cache."""
     if not stacked:
-        return tuple(torch.nn.functional.linear(h * d, b) for d in lambda_d)
+        return latent_products(b, *(h * d for d in lambda_d))
     scales = torch.stack(lambda_d).view(len(lambda_d), *([1] * (h.dim() - 1)), h.shape[-1])
     return torch.nn.functional.linear(h * scales, b).unbind(0)
 
